@@ -1,0 +1,1 @@
+"""Chains: specs, sandboxed templates, the hop graph runner, runs and the context store."""

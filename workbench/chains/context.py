@@ -1,0 +1,93 @@
+"""Run records and the context store that keeps a session's history between runs."""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, overload
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What a session remembers of one run."""
+
+    run_id: str
+    chain: str
+    inputs: dict[str, Any]
+    outputs: dict[str, Any]
+    output: Any
+    started_at: float
+    duration_ms: float
+    status: str = "ok"
+    error: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class History(Sequence[RunRecord]):
+    """A session's past runs as a template sees them: iterable, and readable as plain text."""
+
+    def __init__(self, records: Sequence[RunRecord]) -> None:
+        self._records = list(records)
+
+    @overload
+    def __getitem__(self, index: int) -> RunRecord: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[RunRecord]: ...
+    def __getitem__(self, index: int | slice) -> RunRecord | Sequence[RunRecord]:
+        return self._records[index]
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __iter__(self) -> Iterator[RunRecord]:
+        return iter(self._records)
+
+    def __str__(self) -> str:
+        turns = []
+        for record in self._records:
+            lines = [f"{key}: {value}" for key, value in record.inputs.items()]
+            lines.append(f"output: {record.output}")
+            turns.append("\n".join(lines))
+        return "\n\n".join(turns)
+
+
+class ContextStore(ABC):
+    """Where sessions keep their run history; in memory here, SQLite-backed later."""
+
+    @abstractmethod
+    def append(self, session: str, record: RunRecord) -> None:
+        """Add a finished run to a session."""
+
+    @abstractmethod
+    def history(self, session: str, limit: int | None = None) -> list[RunRecord]:
+        """A session's runs, oldest first; the last ``limit`` if given."""
+
+    @abstractmethod
+    def sessions(self) -> list[str]:
+        """Every session with at least one run."""
+
+
+class InMemoryContextStore(ContextStore):
+    """A thread-safe store that lives as long as the workbench."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._runs: dict[str, list[RunRecord]] = defaultdict(list)
+
+    def append(self, session: str, record: RunRecord) -> None:
+        with self._lock:
+            self._runs[session].append(record)
+
+    def history(self, session: str, limit: int | None = None) -> list[RunRecord]:
+        with self._lock:
+            runs = list(self._runs.get(session, ()))
+        if limit is None:
+            return runs
+        return runs[-limit:] if limit > 0 else []
+
+    def sessions(self) -> list[str]:
+        with self._lock:
+            return sorted(s for s, runs in self._runs.items() if runs)

@@ -1,0 +1,59 @@
+"""A finished (or failed) chain run: its outputs, and the trace it left."""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from workbench.tracing import Trace
+
+if TYPE_CHECKING:
+    from workbench.errors import HopFailed
+    from workbench.tracing.provider import SpanIndex
+
+
+@dataclass
+class Run:
+    """One execution of a chain: ``output``, per-hop ``outputs``, and ``trace``."""
+
+    id: str
+    chain: str
+    inputs: dict[str, Any]
+    outputs: dict[str, Any]
+    output: Any
+    trace_id: int
+    started_at: float
+    duration_ms: float
+    session: str | None = None
+    error: HopFailed | None = None
+    _index: SpanIndex | None = field(default=None, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def status(self) -> str:
+        return "ok" if self.error is None else "error"
+
+    @property
+    def trace(self) -> Trace:
+        """The run's spans: chain, hops, model calls (read from the workbench's span index)."""
+        return Trace(self._index.spans(self.trace_id) if self._index is not None else [])
+
+    def __repr__(self) -> str:
+        detail = repr(self.output) if self.ok else f"failed at hop {self.error.hop!r}"  # type: ignore[union-attr]
+        if len(detail) > 80:
+            detail = detail[:77] + "..."
+        return f"<Run {self.id} of {self.chain!r} in {self.duration_ms:.1f} ms: {detail}>"
+
+    def _repr_html_(self) -> str:
+        rows = "".join(
+            f"<tr><td><b>{html.escape(str(k))}</b></td><td><pre style='margin:0'>{html.escape(str(v))}</pre></td></tr>"
+            for k, v in self.outputs.items()
+        )
+        head = f"Run <code>{self.id}</code> of <b>{html.escape(self.chain)}</b>, {self.duration_ms:.1f} ms"
+        if not self.ok:
+            head += f" &mdash; <span style='color:#c00'>{html.escape(str(self.error))}</span>"
+        return f"<div><p>{head}</p><table>{rows}</table></div>"

@@ -1,0 +1,7 @@
+"""Engine: the transformers backend, per-model workers, batching policies."""
+
+from workbench.engine.batching import BatchingPolicy, NoBatching
+from workbench.engine.engine import Engine
+from workbench.engine.requests import GenerationParams, GenerationRequest, GenerationResult
+
+__all__ = ["BatchingPolicy", "Engine", "GenerationParams", "GenerationRequest", "GenerationResult", "NoBatching"]

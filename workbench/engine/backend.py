@@ -1,0 +1,161 @@
+"""The local transformers backend: tokenize one prompt, generate one padded batch, time it honestly."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from workbench.engine.requests import GenerationParams, GenerationRequest, GenerationResult
+from workbench.errors import ContextWindowExceeded
+from workbench.models.registry import LoadedModel
+
+_batch_ids = itertools.count(1)
+
+
+class _StepClock(BaseStreamer):
+    """Reads the clock at each ``put`` of ``generate``: once for the prompt, then once per step.
+
+    The first put after the prompt is the first token (prefill done); each later one is a
+    decode step. It also notes, per row, the step at which the row emitted EOS. ``put`` gets
+    tokens already copied to the host, so on CUDA its clock reads are synchronised.
+    """
+
+    def __init__(self, batch_size: int, eos_ids: set[int]) -> None:
+        self.step_times: list[float] = []
+        self.finished_at: list[int | None] = [None] * batch_size
+        self._eos = torch.tensor(sorted(eos_ids)) if eos_ids else None
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        now = time.perf_counter()
+        step = len(self.step_times)
+        self.step_times.append(now)
+        if self._eos is not None:
+            hits = torch.isin(value.reshape(-1), self._eos).tolist()
+            for row, hit in enumerate(hits):
+                if hit and self.finished_at[row] is None:
+                    self.finished_at[row] = step
+
+    def end(self) -> None:
+        pass
+
+
+@dataclass
+class BatchTiming:
+    """What one executed batch cost, for the batch span."""
+
+    batch_id: int
+    size: int
+    padded_len: int
+    padding_tokens: int
+    started: float
+    prefill_ms: float
+    decode_ms: float
+    detokenize_ms: float
+    steps: int
+
+
+class TransformersBackend:
+    """Runs left-padded batched ``generate`` for one loaded model."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        tokenizer = loaded.tokenizer
+        eos = loaded.model.generation_config.eos_token_id
+        if eos is None:
+            eos = tokenizer.eos_token_id
+        self.eos_ids: set[int] = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.pad_id: int = tokenizer.pad_token_id
+
+    def tokenize(self, prompt: str, params: GenerationParams, hop: str | None = None) -> tuple[list[int], int]:
+        """Token ids for ``prompt`` and how many were dropped to fit the context window."""
+        ids: list[int] = self.loaded.tokenizer(prompt)["input_ids"]
+        window = self.loaded.context_window
+        if window is None or len(ids) + params.max_new_tokens <= window:
+            return ids, 0
+        room = window - params.max_new_tokens
+        where = f"hop {hop!r}" if hop else "the prompt"
+        if params.truncate == "left" and room > 0:
+            return ids[-room:], len(ids) - room
+        raise ContextWindowExceeded(
+            f"{where}: the prompt is {len(ids)} tokens and asks for {params.max_new_tokens} new ones, "
+            f"but model {self.loaded.name!r} has a context window of {window} tokens",
+            hint="shorten the prompt, lower max_new_tokens, or set truncate: left on the hop",
+        )
+
+    def generate(self, batch: list[GenerationRequest]) -> tuple[list[GenerationResult], BatchTiming]:
+        """Generate for every request of ``batch`` (equal params) in one padded call."""
+        params = batch[0].params
+        model, device = self.loaded.model, self.loaded.device
+        width = max(r.tokens_in for r in batch)
+        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, request in enumerate(batch):
+            input_ids[row, width - request.tokens_in :] = torch.tensor(request.input_ids, dtype=torch.long)
+            attention[row, width - request.tokens_in :] = 1
+        clock = _StepClock(len(batch), self.eos_ids)
+        started = time.perf_counter()
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        with torch.inference_mode():
+            output = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention.to(device),
+                pad_token_id=self.pad_id,
+                eos_token_id=sorted(self.eos_ids) or None,
+                streamer=clock,
+                **params.generate_kwargs(),
+            )
+        ended = time.perf_counter()
+        generated = output[:, width:].tolist()
+        first = clock.step_times[0] if clock.step_times else ended
+        batch_id = next(_batch_ids)
+        results = []
+        detok_start = time.perf_counter()
+        for row, request in enumerate(batch):
+            stop_step = clock.finished_at[row]
+            if stop_step is not None:
+                tokens = generated[row][: stop_step + 1]
+                finished = clock.step_times[stop_step]
+            else:
+                tokens = generated[row][: params.max_new_tokens]
+                finished = clock.step_times[len(tokens) - 1] if tokens else first
+            text = self.loaded.tokenizer.decode(
+                [t for t in tokens if t not in self.eos_ids], skip_special_tokens=True
+            )
+            results.append(
+                GenerationResult(
+                    text=text.strip(),
+                    token_ids=tokens,
+                    tokens_in=request.tokens_in,
+                    tokens_out=len(tokens),
+                    finish_reason="stop" if stop_step is not None else "length",
+                    queue_ms=(started - request.submitted) * 1e3,
+                    prefill_ms=(first - started) * 1e3,
+                    ttft_ms=(first - request.submitted) * 1e3,
+                    decode_ms=(finished - first) * 1e3,
+                    e2e_ms=(time.perf_counter() - request.submitted) * 1e3,
+                    batch_id=batch_id,
+                    batch_size=len(batch),
+                    padding_tokens=width - request.tokens_in,
+                )
+            )
+        timing = BatchTiming(
+            batch_id=batch_id,
+            size=len(batch),
+            padded_len=width,
+            padding_tokens=sum(width - r.tokens_in for r in batch),
+            started=started,
+            prefill_ms=(first - started) * 1e3,
+            decode_ms=(ended - first) * 1e3,
+            detokenize_ms=(time.perf_counter() - detok_start) * 1e3,
+            steps=len(clock.step_times),
+        )
+        return results, timing
+

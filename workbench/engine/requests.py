@@ -1,0 +1,84 @@
+"""What flows through the engine: generation parameters, requests, results."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from opentelemetry.trace import Span
+
+_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Generation settings of one request; requests share a batch only if these are equal.
+
+    ``temperature == 0`` is greedy decoding. ``seed`` makes sampling repeatable for a given
+    batch. ``truncate="left"`` drops the oldest prompt tokens instead of raising when a prompt
+    does not fit the context window (the trace records how many were dropped).
+    """
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    truncate: Literal["error", "left"] = "error"
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": not self.greedy}
+        if not self.greedy:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or None)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+
+@dataclass
+class GenerationResult:
+    """One request's output and honest timings, in milliseconds."""
+
+    text: str
+    token_ids: list[int]
+    tokens_in: int
+    tokens_out: int
+    finish_reason: Literal["stop", "length"]
+    queue_ms: float
+    prefill_ms: float
+    ttft_ms: float
+    decode_ms: float
+    e2e_ms: float
+    batch_id: int
+    batch_size: int
+    padding_tokens: int
+
+    @property
+    def tpot_ms(self) -> float | None:
+        return self.decode_ms / (self.tokens_out - 1) if self.tokens_out > 1 else None
+
+
+@dataclass(eq=False)
+class GenerationRequest:
+    """A tokenized prompt waiting for a model, with the span that will record its life."""
+
+    model: str
+    input_ids: list[int]
+    params: GenerationParams
+    span: Span
+    hop: str | None = None
+    truncated_tokens: int = 0
+    id: int = field(default_factory=lambda: next(_ids))
+    submitted: float = field(default_factory=time.perf_counter)
+    future: Future[GenerationResult] = field(default_factory=Future)
+
+    @property
+    def tokens_in(self) -> int:
+        return len(self.input_ids)

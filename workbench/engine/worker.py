@@ -1,0 +1,121 @@
+"""A model's worker thread: drains its queue through a batching policy into the backend."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from opentelemetry.trace import Link, Status, StatusCode
+
+from workbench.engine.backend import TransformersBackend
+from workbench.engine.batching import BatchingPolicy
+from workbench.engine.queue import RequestQueue
+from workbench.engine.requests import GenerationRequest
+from workbench.errors import WorkerStopped
+from workbench.tracing import Tracing, mark_error
+from workbench.tracing import attributes as attr
+
+log = logging.getLogger(__name__)
+
+
+class ModelWorker:
+    """Owns one model's queue and thread; the policy can be swapped while it runs."""
+
+    def __init__(self, name: str, backend: TransformersBackend, policy: BatchingPolicy, tracing: Tracing) -> None:
+        self.name = name
+        self.backend = backend
+        self.policy = policy
+        self.queue = RequestQueue()
+        self._tracing = tracing
+        self._thread = threading.Thread(target=self._loop, name=f"workbench-worker-{name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def submit(self, request: GenerationRequest) -> None:
+        try:
+            self.queue.put(request)
+        except RuntimeError:
+            raise WorkerStopped(f"model {self.name!r} was unloaded", hint=f"bench.load({self.name!r}, ...) again") from None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Refuse new work, fail what is still queued, and wait for the batch in flight."""
+        for request in self.queue.close():
+            self._fail([request], WorkerStopped(f"model {self.name!r} was unloaded before this request ran"))
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            policy = self.policy
+            try:
+                batch = policy.next_batch(self.queue)
+            except Exception:  # a policy bug must not strand the requests behind it
+                log.exception("batching policy %r failed", policy)
+                batch = self.queue.take(1, lambda *_: False)
+                self._fail(batch, RuntimeError(f"batching policy {policy!r} failed; see the log"))
+                continue
+            if not batch:
+                if self.queue.closed:
+                    return
+                continue
+            self._execute(batch, policy)
+
+    def _execute(self, batch: list[GenerationRequest], policy: BatchingPolicy) -> None:
+        span = self._tracing.start_span(
+            f"batch {self.name}",
+            attributes={
+                attr.SPAN_KIND: "BATCH",
+                attr.MODEL_NAME: self.name,
+                attr.BATCH_SIZE: len(batch),
+                attr.BATCH_POLICY: policy.name,
+            },
+            links=[Link(r.span.get_span_context()) for r in batch],
+        )
+        try:
+            results, timing = self.backend.generate(batch)
+        except BaseException as exc:  # an error in one batch fails its requests, never the worker
+            mark_error(span, exc)
+            span.end()
+            self._fail(batch, exc)
+            return
+        span.set_attributes(
+            {
+                attr.BATCH_ID: timing.batch_id,
+                attr.PADDING_TOKENS: timing.padding_tokens,
+                "workbench.batch.padded_len": timing.padded_len,
+                attr.PREFILL_MS: timing.prefill_ms,
+                attr.DECODE_MS: timing.decode_ms,
+                attr.DETOKENIZE_MS: timing.detokenize_ms,
+                "workbench.batch.steps": timing.steps,
+            }
+        )
+        span.end()
+        for request, result in zip(batch, results):
+            request.span.set_attributes(
+                {
+                    attr.USAGE_OUTPUT_TOKENS: result.tokens_out,
+                    attr.RESPONSE_FINISH_REASONS: [result.finish_reason],
+                    attr.QUEUE_MS: result.queue_ms,
+                    attr.PREFILL_MS: result.prefill_ms,
+                    attr.TTFT_MS: result.ttft_ms,
+                    attr.DECODE_MS: result.decode_ms,
+                    attr.BATCH_ID: result.batch_id,
+                    attr.BATCH_SIZE: result.batch_size,
+                    attr.BATCH_POLICY: policy.name,
+                    attr.PADDING_TOKENS: result.padding_tokens,
+                    attr.OUTPUT_VALUE: result.text,
+                }
+            )
+            request.span.set_status(Status(StatusCode.OK))
+            request.span.end()
+            request.future.set_result(result)
+
+    def _fail(self, batch: list[GenerationRequest], exc: BaseException) -> None:
+        for request in batch:
+            mark_error(request.span, exc)
+            request.span.end()
+            if not request.future.done():
+                request.future.set_exception(exc)
+

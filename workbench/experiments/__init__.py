@@ -1,0 +1,1 @@
+"""Experiments: workloads and the strategy comparison harness."""

@@ -1,0 +1,1 @@
+"""Model registry, device and dtype choice, and the offline tiny model."""

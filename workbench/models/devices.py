@@ -1,0 +1,77 @@
+"""Device and dtype choice: what ``"auto"`` means here, and clear errors for what cannot work."""
+
+from __future__ import annotations
+
+import torch
+
+from workbench.errors import ModelLoadError
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def available_devices() -> list[str]:
+    """The devices a model can be placed on in this process, CPU first."""
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` is the first CUDA device if there is one, else MPS, else the CPU."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    name = device.strip().lower()
+    if name == "auto":
+        return torch.device(available_devices()[1] if len(available_devices()) > 1 else "cpu")
+    if name == "cuda":
+        name = "cuda:0"
+    try:
+        resolved = torch.device(name)
+    except RuntimeError:
+        raise ModelLoadError(
+            f"unknown device {device!r}",
+            hint=f"use 'auto' or one of: {', '.join(available_devices())}",
+        ) from None
+    if resolved.type == "cpu":
+        return torch.device("cpu")
+    if str(resolved) not in available_devices():
+        raise ModelLoadError(
+            f"device {device!r} is not available on this machine",
+            hint=f"available: {', '.join(available_devices())} (or 'auto')",
+        )
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """``"auto"`` is bfloat16 on a CUDA device that supports it, float16 on other GPUs, float32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = dtype.strip().lower().removeprefix("torch.")
+    if name == "auto":
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "mps":
+            return torch.float16
+        return torch.float32
+    if name not in _DTYPES:
+        raise ModelLoadError(
+            f"unknown dtype {dtype!r}", hint="use 'auto', 'float32', 'float16' or 'bfloat16'"
+        )
+    return _DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -1,0 +1,296 @@
+"""The model registry: load, register, unload and describe local causal LMs."""
+
+from __future__ import annotations
+
+import difflib
+import gc
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from workbench.errors import ModelLoadError, UnknownModelError
+from workbench.models.devices import dtype_name, resolve_device, resolve_dtype
+from workbench.tracing import Tracing
+from workbench.tracing import attributes as attr_names
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+@dataclass
+class LoadSettings:
+    """How to load a model: where from, onto what, and which risks the user opted into."""
+
+    source: str
+    device: str = "auto"
+    dtype: str = "auto"
+    adapter: str | None = None
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    revision: str | None = None
+
+
+@dataclass
+class LoadedModel:
+    """A model in memory with its tokenizer, and what it cost to get it there."""
+
+    name: str
+    settings: LoadSettings
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+    params: int
+    memory_bytes: int
+    load_s: float
+    context_window: int | None
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def source(self) -> str:
+        return self.settings.source
+
+
+class ModelRegistry:
+    """Models by name: loaded ones in memory, registered ones known but not loaded yet."""
+
+    def __init__(self, tracing: Tracing) -> None:
+        self._tracing = tracing
+        self._lock = threading.RLock()
+        self._loaded: dict[str, LoadedModel] = {}
+        self._registered: dict[str, LoadSettings] = {}
+
+    # -- queries -----------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        """Every name a chain may use: loaded and registered models."""
+        with self._lock:
+            return sorted({*self._loaded, *self._registered})
+
+    def is_loaded(self, name: str) -> bool:
+        with self._lock:
+            return name in self._loaded
+
+    def get(self, name: str) -> LoadedModel:
+        """The loaded model called ``name``; a clear error (with near names) if there is none."""
+        with self._lock:
+            if name in self._loaded:
+                return self._loaded[name]
+            if name in self._registered:
+                raise UnknownModelError(
+                    f"model {name!r} is registered but not loaded", hint=f"load it: bench.load({name!r})"
+                )
+        raise self.unknown(name)
+
+    def unknown(self, name: str) -> UnknownModelError:
+        known = self.names()
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        hint += f"known models: {', '.join(known)}" if known else "no model is loaded yet: bench.load(NAME, PATH)"
+        return UnknownModelError(f"no model named {name!r}", hint=hint)
+
+    def settings(self, name: str) -> LoadSettings:
+        with self._lock:
+            if name in self._loaded:
+                return self._loaded[name].settings
+            if name in self._registered:
+                return self._registered[name]
+        raise self.unknown(name)
+
+    def table(self) -> pd.DataFrame:
+        """One row per known model: name, source, device, dtype, params, memory, load_s, state."""
+        import pandas as pd
+
+        columns = ["name", "source", "adapter", "device", "dtype", "params", "memory_mb", "load_s", "state"]
+        with self._lock:
+            rows = [
+                {
+                    "name": m.name,
+                    "source": m.source,
+                    "adapter": m.settings.adapter,
+                    "device": str(m.device),
+                    "dtype": dtype_name(m.dtype),
+                    "params": m.params,
+                    "memory_mb": round(m.memory_bytes / 2**20, 2),
+                    "load_s": round(m.load_s, 3),
+                    "state": "loaded",
+                }
+                for m in self._loaded.values()
+            ]
+            rows += [
+                {"name": n, "source": s.source, "adapter": s.adapter, "device": s.device, "dtype": s.dtype,
+                 "params": None, "memory_mb": None, "load_s": None, "state": "registered"}
+                for n, s in self._registered.items()
+                if n not in self._loaded
+            ]
+        return pd.DataFrame(rows, columns=columns)
+
+    # -- changes -----------------------------------------------------------------------------
+
+    def register(self, name: str, settings: LoadSettings) -> None:
+        """Make ``name`` known to chains without loading it yet."""
+        with self._lock:
+            if name in self._loaded:
+                raise ModelLoadError(f"a model named {name!r} is already loaded", hint=f"bench.unload({name!r}) first")
+            self._registered[name] = settings
+
+    def load(self, name: str, settings: LoadSettings) -> LoadedModel:
+        """Load ``settings.source`` under ``name``; loading is a span of its own in the trace."""
+        with self._lock:
+            if name in self._loaded:
+                raise ModelLoadError(
+                    f"a model named {name!r} is already loaded (from {self._loaded[name].source})",
+                    hint=f"pick another name, or bench.unload({name!r}) first",
+                )
+        device = resolve_device(settings.device)
+        dtype = resolve_dtype(settings.dtype, device)
+        _check_source(settings)
+        span_attrs = {
+            attr_names.SPAN_KIND: "MODEL",
+            attr_names.MODEL_NAME: name,
+            attr_names.MODEL_SOURCE: settings.source,
+            attr_names.MODEL_DEVICE: str(device),
+            attr_names.MODEL_DTYPE: dtype_name(dtype),
+        }
+        with self._tracing.span(f"load {name}", attributes=span_attrs) as span:
+            started = time.perf_counter()
+            before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+            model, tokenizer = _from_pretrained(settings, device, dtype)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                memory = torch.cuda.memory_allocated(device) - before
+            else:
+                memory = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+            load_s = time.perf_counter() - started
+            params = sum(p.numel() for p in model.parameters())
+            span.set_attributes(
+                {attr_names.MODEL_PARAMS: params, attr_names.MODEL_MEMORY_BYTES: memory, "workbench.load_s": load_s}
+            )
+            if settings.adapter:
+                span.set_attribute(attr_names.MODEL_ADAPTER, settings.adapter)
+        loaded = LoadedModel(
+            name=name,
+            settings=settings,
+            model=model,
+            tokenizer=tokenizer,
+            device=device,
+            dtype=dtype,
+            params=params,
+            memory_bytes=memory,
+            load_s=load_s,
+            context_window=_context_window(model, tokenizer),
+        )
+        with self._lock:
+            if name in self._loaded:  # another thread won the race; keep theirs, free ours
+                del loaded
+                _free(device)
+                raise ModelLoadError(f"a model named {name!r} was loaded meanwhile", hint="use a different name")
+            self._loaded[name] = loaded
+            self._registered.pop(name, None)
+        return loaded
+
+    def unload(self, name: str) -> int:
+        """Drop ``name`` from memory; returns the bytes its weights held."""
+        with self._lock:
+            loaded = self._loaded.pop(name, None)
+            if loaded is None:
+                if self._registered.pop(name, None) is None:
+                    raise self.unknown(name)
+                return 0
+        freed, device = loaded.memory_bytes, loaded.device
+        loaded.model = loaded.tokenizer = None
+        del loaded
+        _free(device)
+        return freed
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _check_source(settings: LoadSettings) -> None:
+    """Refuse what is clearly not a model, and pickle weights unless the user opted in."""
+    path = Path(os.path.expanduser(settings.source))
+    looks_local = path.exists() or settings.source.startswith((".", "/", "~")) or settings.source.count("/") > 1
+    if not looks_local:
+        return  # a hub id; from_pretrained reports what is wrong with it
+    if not path.is_dir():
+        raise ModelLoadError(
+            f"{settings.source!r} is not a directory",
+            hint="give the directory that holds config.json and the weights, or a hub id like 'org/name'",
+        )
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"{settings.source!r} is not a model directory: it has no config.json",
+            hint="point at the folder that save_pretrained wrote",
+        )
+    has_safetensors = any(path.glob("*.safetensors"))
+    has_pickle = any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth"))
+    if not has_safetensors and has_pickle and not settings.allow_pickle:
+        raise ModelLoadError(
+            f"{settings.source!r} has only pickle weights (.bin/.pt), which can run code when loaded",
+            hint="convert them to safetensors, or pass allow_pickle=True if you trust their author",
+        )
+    if not has_safetensors and not has_pickle:
+        raise ModelLoadError(f"{settings.source!r} has a config.json but no weights", hint="is the download complete?")
+
+
+def _from_pretrained(settings: LoadSettings, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    source = os.path.expanduser(settings.source)
+    common: dict[str, Any] = {"trust_remote_code": settings.trust_remote_code, "revision": settings.revision}
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **common)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, use_safetensors=None if settings.allow_pickle else True, **common
+        )
+        if settings.adapter:
+            model = _with_adapter(model, settings.adapter)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        raise ModelLoadError(
+            f"could not load {settings.source!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+            hint="check the path or hub id; on an offline machine, hub ids must already be in the HF cache",
+        ) from exc
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    model.to(device)
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        # Many causal LMs ship without a pad token; EOS is the conventional stand-in.
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return model, tokenizer
+
+
+def _with_adapter(model: Any, adapter: str) -> Any:
+    try:
+        from peft import PeftModel
+    except ImportError as exc:  # pragma: no cover - peft is a declared dependency
+        raise ModelLoadError("LoRA adapters need peft", hint="pip install peft") from exc
+    path = Path(os.path.expanduser(adapter))
+    if path.exists() and not (path / "adapter_config.json").is_file():
+        raise ModelLoadError(f"{adapter!r} is not a PEFT adapter directory: no adapter_config.json")
+    return PeftModel.from_pretrained(model, str(path) if path.exists() else adapter)
+
+
+def _context_window(model: Any, tokenizer: Any) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(model.config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < 10**7 else None

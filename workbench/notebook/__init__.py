@@ -1,0 +1,1 @@
+"""Notebook front: the %autoglm magics (parsing apart from behaviour) and display helpers."""

@@ -1,0 +1,56 @@
+"""Span attribute names: the OpenTelemetry GenAI semantic conventions we follow, and our own.
+
+We follow the GenAI semantic conventions as of semconv 1.37.0 (the release that introduced
+``gen_ai.provider.name``). Names are spelled out here rather than imported from the
+incubating semconv package, whose module layout changes between releases.
+"""
+
+from __future__ import annotations
+
+SEMCONV_VERSION = "1.37.0"
+SCHEMA_URL = f"https://opentelemetry.io/schemas/{SEMCONV_VERSION}"
+
+# GenAI semantic conventions (in-process model calls use span kind INTERNAL).
+OPERATION_NAME = "gen_ai.operation.name"
+PROVIDER_NAME = "gen_ai.provider.name"
+REQUEST_MODEL = "gen_ai.request.model"
+REQUEST_MAX_TOKENS = "gen_ai.request.max_tokens"
+REQUEST_TEMPERATURE = "gen_ai.request.temperature"
+REQUEST_TOP_P = "gen_ai.request.top_p"
+REQUEST_TOP_K = "gen_ai.request.top_k"
+REQUEST_SEED = "gen_ai.request.seed"
+USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
+USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
+RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
+TEXT_COMPLETION = "text_completion"
+PROVIDER = "transformers"
+
+# OpenInference span kinds, so Phoenix renders exported traces natively.
+SPAN_KIND = "openinference.span.kind"
+INPUT_VALUE = "input.value"
+OUTPUT_VALUE = "output.value"
+
+# Workbench-specific attributes.
+RUN_ID = "workbench.run.id"
+CHAIN_NAME = "workbench.chain.name"
+SESSION_ID = "workbench.session.id"
+HOP_NAME = "workbench.hop.name"
+HOP_KIND = "workbench.hop.kind"
+MODEL_NAME = "workbench.model.name"
+MODEL_SOURCE = "workbench.model.source"
+MODEL_DEVICE = "workbench.model.device"
+MODEL_DTYPE = "workbench.model.dtype"
+MODEL_PARAMS = "workbench.model.params"
+MODEL_MEMORY_BYTES = "workbench.model.memory_bytes"
+MODEL_ADAPTER = "workbench.model.adapter"
+QUEUE_MS = "workbench.queue_ms"
+TOKENIZE_MS = "workbench.tokenize_ms"
+PREFILL_MS = "workbench.prefill_ms"
+TTFT_MS = "workbench.ttft_ms"
+DECODE_MS = "workbench.decode_ms"
+DETOKENIZE_MS = "workbench.detokenize_ms"
+TRUNCATED_TOKENS = "workbench.truncated_tokens"
+BATCH_ID = "workbench.batch.id"
+BATCH_SIZE = "workbench.batch.size"
+BATCH_POLICY = "workbench.batch.policy"
+PADDING_TOKENS = "workbench.batch.padding_tokens"

@@ -1,0 +1,243 @@
+"""A trace as a researcher reads it: a pandas table, a per-hop summary, a waterfall plot."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry.sdk.trace import ReadableSpan
+
+from workbench.tracing import attributes as attr
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+# Columns every table has, in this order; span attributes follow as ``attributes.*``.
+COLUMNS = [
+    "name",
+    "span_kind",
+    "parent_id",
+    "start_time",
+    "end_time",
+    "status_code",
+    "status_message",
+    "context.span_id",
+    "context.trace_id",
+    "depth",
+    "hop",
+    "model",
+    "offset_ms",
+    "duration_ms",
+    "self_ms",
+    "queue_ms",
+    "ttft_ms",
+    "decode_ms",
+    "tpot_ms",
+    "tokens_in",
+    "tokens_out",
+    "batch_size",
+]
+
+_KIND_COLOURS = {"CHAIN": "#4c72b0", "LLM": "#dd8452", "TOOL": "#55a868", "MODEL": "#8172b3", "BATCH": "#937860"}
+
+
+def _hex(value: int, width: int) -> str:
+    return format(value, f"0{width}x")
+
+
+def _ms(ns: int) -> float:
+    return ns / 1e6
+
+
+def _covered_ns(intervals: list[tuple[int, int]]) -> int:
+    """Total length of the union of ``intervals``."""
+    total, end = 0, None
+    for lo, hi in sorted(intervals):
+        if end is None or lo > end:
+            total += hi - lo
+            end = hi
+        elif hi > end:
+            total += hi - end
+            end = hi
+    return total
+
+
+class Trace:
+    """The finished spans of one run (or of many runs), readable as tables and plots."""
+
+    def __init__(self, spans: Iterable[ReadableSpan]) -> None:
+        self.spans: list[ReadableSpan] = [s for s in spans if s.end_time is not None]
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    def __repr__(self) -> str:
+        traces = len({s.context.trace_id for s in self.spans})
+        return f"<Trace {len(self.spans)} spans in {traces} trace(s)>"
+
+    def _repr_html_(self) -> str:
+        return f"<p>{self!r}</p>" + self.table()[["name", "offset_ms", "duration_ms", "status_code"]].to_html()
+
+    def ordered(self) -> list[tuple[ReadableSpan, int]]:
+        """Spans in tree order (each parent before its children, siblings by start), with depth."""
+        by_id = {s.context.span_id: s for s in self.spans}
+        children: dict[int | None, list[ReadableSpan]] = defaultdict(list)
+        for span in self.spans:
+            parent = span.parent.span_id if span.parent is not None else None
+            children[parent if parent in by_id else None].append(span)
+        out: list[tuple[ReadableSpan, int]] = []
+        stack = [(s, 0) for s in sorted(children[None], key=lambda s: s.start_time or 0, reverse=True)]
+        while stack:
+            span, depth = stack.pop()
+            out.append((span, depth))
+            kids = sorted(children.get(span.context.span_id, ()), key=lambda s: s.start_time or 0, reverse=True)
+            stack.extend((k, depth + 1) for k in kids)
+        return out
+
+    def table(self) -> pd.DataFrame:
+        """One row per span, in tree order; column names follow Phoenix's spans DataFrame."""
+        import pandas as pd
+
+        ordered = self.ordered()
+        trace_start: dict[int, int] = {}
+        child_intervals: dict[int, list[tuple[int, int]]] = defaultdict(list)
+        for span, _ in ordered:
+            tid = span.context.trace_id
+            trace_start[tid] = min(trace_start.get(tid, span.start_time or 0), span.start_time or 0)
+            if span.parent is not None:
+                child_intervals[span.parent.span_id].append((span.start_time or 0, span.end_time or 0))
+        rows = []
+        for span, depth in ordered:
+            start, end = span.start_time or 0, span.end_time or 0
+            a = dict(span.attributes or {})
+            clipped = [(max(lo, start), min(hi, end)) for lo, hi in child_intervals.get(span.context.span_id, [])]
+            tokens_out = a.get(attr.USAGE_OUTPUT_TOKENS)
+            decode_ms = a.get(attr.DECODE_MS)
+            tpot = (
+                float(decode_ms) / (int(tokens_out) - 1)  # type: ignore[arg-type]
+                if decode_ms is not None and tokens_out is not None and int(tokens_out) > 1  # type: ignore[call-overload]
+                else None
+            )
+            row: dict[str, Any] = {
+                "name": span.name,
+                "span_kind": a.get(attr.SPAN_KIND, span.kind.name),
+                "parent_id": _hex(span.parent.span_id, 16) if span.parent is not None else None,
+                "start_time": pd.Timestamp(start, unit="ns", tz="UTC"),
+                "end_time": pd.Timestamp(end, unit="ns", tz="UTC"),
+                "status_code": span.status.status_code.name,
+                "status_message": span.status.description,
+                "context.span_id": _hex(span.context.span_id, 16),
+                "context.trace_id": _hex(span.context.trace_id, 32),
+                "depth": depth,
+                "hop": a.get(attr.HOP_NAME),
+                "model": a.get(attr.MODEL_NAME),
+                "offset_ms": _ms(start - trace_start[span.context.trace_id]),
+                "duration_ms": _ms(end - start),
+                "self_ms": _ms(end - start - _covered_ns([iv for iv in clipped if iv[1] > iv[0]])),
+                "queue_ms": a.get(attr.QUEUE_MS),
+                "ttft_ms": a.get(attr.TTFT_MS),
+                "decode_ms": decode_ms,
+                "tpot_ms": tpot,
+                "tokens_in": a.get(attr.USAGE_INPUT_TOKENS),
+                "tokens_out": tokens_out,
+                "batch_size": a.get(attr.BATCH_SIZE),
+            }
+            for key, value in a.items():
+                row[f"attributes.{key}"] = list(value) if isinstance(value, tuple) else value
+            rows.append(row)
+        frame = pd.DataFrame(rows)
+        if frame.empty:
+            return pd.DataFrame(columns=COLUMNS)
+        extra = sorted(c for c in frame.columns if c not in COLUMNS)
+        frame = frame[COLUMNS + extra]
+        numeric = ["queue_ms", "ttft_ms", "decode_ms", "tpot_ms"]
+        frame[numeric] = frame[numeric].astype("float64")
+        for col in ("tokens_in", "tokens_out", "batch_size"):
+            frame[col] = frame[col].astype("Int64")
+        return frame
+
+    def summary(self) -> pd.DataFrame:
+        """Per-hop latency: count, errors, mean / p50 / p95 of duration, TTFT p50, output tokens/s."""
+        import pandas as pd
+
+        table = self.table()
+        columns = ["count", "errors", "mean_ms", "p50_ms", "p95_ms", "ttft_p50_ms", "tokens_out", "tokens_per_s"]
+        if table.empty:
+            return pd.DataFrame(columns=columns)
+        hops = table[table["name"].str.startswith("hop ") & table["hop"].notna()]
+        calls = table[table["name"].str.startswith(attr.TEXT_COMPLETION)]
+        chains = table[table["name"].str.startswith("chain ")]
+        rows = {}
+        groups: list[tuple[str, pd.DataFrame, pd.DataFrame]] = [
+            (str(hop), frame, calls[calls["hop"] == hop]) for hop, frame in hops.groupby("hop", sort=False)
+        ]
+        if not chains.empty:
+            groups.append(("(chain)", chains, calls))
+        for label, frame, llm in groups:
+            duration = frame["duration_ms"]
+            tokens = int(llm["tokens_out"].fillna(0).sum())
+            seconds = duration.sum() / 1e3
+            rows[label] = {
+                "count": len(frame),
+                "errors": int((frame["status_code"] == "ERROR").sum()),
+                "mean_ms": duration.mean(),
+                "p50_ms": duration.quantile(0.5),
+                "p95_ms": duration.quantile(0.95),
+                "ttft_p50_ms": llm["ttft_ms"].quantile(0.5) if not llm.empty else float("nan"),
+                "tokens_out": tokens,
+                "tokens_per_s": tokens / seconds if tokens and seconds > 0 else float("nan"),
+            }
+        out = pd.DataFrame.from_dict(rows, orient="index", columns=columns)
+        out.index.name = "hop"
+        return out
+
+    def waterfall(self, max_spans: int = 400) -> Figure:
+        """A matplotlib Figure: one bar per span, nested by depth, queue wait drawn hatched."""
+        from matplotlib.figure import Figure
+        from matplotlib.patches import Patch
+
+        ordered = self.ordered()[:max_spans]
+        fig = Figure(figsize=(10, max(2.0, 0.32 * len(ordered) + 1.0)), layout="constrained")
+        ax = fig.add_subplot()
+        if not ordered:
+            ax.set_title("empty trace")
+            return fig
+        origin = min(s.start_time or 0 for s, _ in ordered)
+        labels = []
+        for y, (span, depth) in enumerate(ordered):
+            a = span.attributes or {}
+            kind = str(a.get(attr.SPAN_KIND, "CHAIN"))
+            start = _ms((span.start_time or 0) - origin)
+            width = _ms((span.end_time or 0) - (span.start_time or 0))
+            colour = _KIND_COLOURS.get(kind, "#999999")
+            queue = float(a.get(attr.QUEUE_MS, 0.0) or 0.0)  # type: ignore[arg-type]
+            if queue > 0:
+                ax.barh(y, queue, left=start, color="white", edgecolor=colour, hatch="///", height=0.7)
+                ax.barh(y, max(width - queue, 0.0), left=start + queue, color=colour, height=0.7)
+            else:
+                ax.barh(y, width, left=start, color=colour, height=0.7)
+            if span.status.status_code.name == "ERROR":
+                ax.barh(y, width, left=start, fill=False, edgecolor="red", linewidth=1.5, height=0.7)
+            ax.text(start + width, y, f" {width:.1f} ms", va="center", fontsize=7)
+            labels.append("  " * depth + span.name)
+        ax.set_yticks(range(len(labels)), labels, fontsize=8, family="monospace")
+        widest = max(len(label) for label in labels)
+        ax.tick_params(axis="y", pad=widest * 5.2 + 4)
+        for tick in ax.get_yticklabels():
+            tick.set_horizontalalignment("left")
+        ax.invert_yaxis()
+        ax.set_xlabel("ms since trace start")
+        kinds = sorted({str((s.attributes or {}).get(attr.SPAN_KIND, "CHAIN")) for s, _ in ordered})
+        handles = [Patch(color=_KIND_COLOURS.get(k, "#999999"), label=k) for k in kinds]
+        handles.append(Patch(facecolor="white", edgecolor="grey", hatch="///", label="queue wait"))
+        fig.legend(handles=handles, loc="outside upper right", fontsize=7, ncols=len(handles))
+        chains = sorted({s.name for s, d in ordered if d == 0 and s.name.startswith("chain ")})
+        ax.set_title(f"{', '.join(chains[:3]) or 'spans'}: {len(ordered)} spans", loc="left", fontsize=9)
+        return fig
+
+
+def merge(traces: Sequence[Trace]) -> Trace:
+    """One Trace holding the spans of several."""
+    return Trace(span for t in traces for span in t.spans)
