@@ -9,7 +9,15 @@ __version__ = "0.1.0"
 from workbench.bench import Session, Workbench, current, set_current  # noqa: E402
 from workbench.chains.chain import Chain  # noqa: E402
 from workbench.chains.run import Run  # noqa: E402
-from workbench.engine import BatchingPolicy, GenerationParams, GenerationResult, NoBatching  # noqa: E402
+from workbench.engine import (  # noqa: E402
+    BatchingPolicy,
+    ContinuousBatching,
+    DynamicBatching,
+    GenerationParams,
+    GenerationResult,
+    NoBatching,
+    StaticBatching,
+)
 from workbench.errors import (  # noqa: E402
     ContextWindowExceeded,
     HopFailed,
@@ -27,6 +35,8 @@ __all__ = [
     "BatchingPolicy",
     "Chain",
     "ContextWindowExceeded",
+    "ContinuousBatching",
+    "DynamicBatching",
     "GenerationParams",
     "GenerationResult",
     "HopFailed",
@@ -36,6 +46,7 @@ __all__ = [
     "Run",
     "Session",
     "SpecError",
+    "StaticBatching",
     "TemplateError",
     "Trace",
     "UnknownModelError",

@@ -107,7 +107,11 @@ class Workbench:
                 revision=revision,
             )
         loaded = self.registry.load(name, settings)
-        self.engine.start(name, batching)
+        try:
+            self.engine.start(name, batching)
+        except BaseException:  # a policy that cannot serve this model: leave nothing half-loaded
+            self.registry.unload(name)
+            raise
         return loaded
 
     def register(self, name: str, source: str | os.PathLike[str], **settings: Any) -> None:

@@ -91,10 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except WorkbenchError as exc:
-        print(f"autoglm: {exc}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as exc:
+    except (WorkbenchError, OSError) as exc:  # OSError: a spec path that is missing, a directory, unreadable
         print(f"autoglm: {exc}", file=sys.stderr)
         return 2
 

@@ -25,14 +25,18 @@ if TYPE_CHECKING:
 def check_inputs(spec: ChainSpec, inputs: Mapping[str, Any]) -> None:
     """Refuse a run before any hop starts if an input is missing or misspelt."""
     missing = [name for name in spec.inputs if name not in inputs]
+    extra = [name for name in inputs if name not in spec.inputs]
     if missing:
         users = {m: [h.name for h in spec.hops if m in h.inputs] for m in missing}
         detail = "; ".join(f"{m!r} (used by {', '.join(users[m]) or 'the spec'})" for m in missing)
+        # A misspelt input shows up both as missing and as extra; name the likely typo.
+        typos = [(e, close[0]) for e in extra if (close := difflib.get_close_matches(e, missing, n=1))]
+        if typos:
+            detail += f"; got {typos[0][0]!r} (did you mean {typos[0][1]!r}?)"
         raise MissingInputError(
             f"chain {spec.name!r} needs input {detail}",
             hint=f"run it as chain.run({', '.join(f'{n}=...' for n in spec.inputs)})",
         )
-    extra = [name for name in inputs if name not in spec.inputs]
     if extra:
         close = difflib.get_close_matches(extra[0], spec.inputs, n=1)
         raise MissingInputError(

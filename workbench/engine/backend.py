@@ -19,28 +19,20 @@ class _StepClock(BaseStreamer):
     """Reads the clock at each ``put`` of ``generate``: once for the prompt, then once per step.
 
     The first put after the prompt is the first token (prefill done); each later one is a
-    decode step. It also notes, per row, the step at which the row emitted EOS. ``put`` gets
-    tokens already copied to the host, so on CUDA its clock reads are synchronised.
+    decode step. ``put`` gets tokens already copied to the host, so on CUDA its clock reads
+    are synchronised. It only reads the clock: which step ended a row is read from the
+    generated tokens afterwards, so a step costs no tensor work here.
     """
 
-    def __init__(self, batch_size: int, eos_ids: set[int]) -> None:
+    def __init__(self) -> None:
         self.step_times: list[float] = []
-        self.finished_at: list[int | None] = [None] * batch_size
-        self._eos = torch.tensor(sorted(eos_ids)) if eos_ids else None
         self._prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:
+        if self._prompt_seen:
+            self.step_times.append(time.perf_counter())
+        else:
             self._prompt_seen = True
-            return
-        now = time.perf_counter()
-        step = len(self.step_times)
-        self.step_times.append(now)
-        if self._eos is not None:
-            hits = torch.isin(value.reshape(-1), self._eos).tolist()
-            for row, hit in enumerate(hits):
-                if hit and self.finished_at[row] is None:
-                    self.finished_at[row] = step
 
     def end(self) -> None:
         pass
@@ -94,12 +86,10 @@ class TransformersBackend:
         params = batch[0].params
         model, device = self.loaded.model, self.loaded.device
         width = max(r.tokens_in for r in batch)
-        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, request in enumerate(batch):
-            input_ids[row, width - request.tokens_in :] = torch.tensor(request.input_ids, dtype=torch.long)
-            attention[row, width - request.tokens_in :] = 1
-        clock = _StepClock(len(batch), self.eos_ids)
+        # Padded rows built as lists: two tensor constructions, however large the batch.
+        input_ids = torch.tensor([[self.pad_id] * (width - r.tokens_in) + r.input_ids for r in batch], dtype=torch.long)
+        attention = torch.tensor([[0] * (width - r.tokens_in) + [1] * r.tokens_in for r in batch], dtype=torch.long)
+        clock = _StepClock()
         started = time.perf_counter()
         if params.seed is not None:
             torch.manual_seed(params.seed)
@@ -119,7 +109,8 @@ class TransformersBackend:
         results = []
         detok_start = time.perf_counter()
         for row, request in enumerate(batch):
-            stop_step = clock.finished_at[row]
+            # A finished row is padded from then on, so its first EOS is the step that ended it.
+            stop_step = next((step for step, t in enumerate(generated[row]) if t in self.eos_ids), None)
             if stop_step is not None:
                 tokens = generated[row][: stop_step + 1]
                 finished = clock.step_times[stop_step]

@@ -2,25 +2,55 @@
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from workbench.engine.queue import RequestQueue
-from workbench.engine.requests import GenerationRequest
+from workbench.engine.queue import RequestQueue, select
+from workbench.engine.requests import GenerationParams, GenerationRequest
+from workbench.errors import WorkbenchError
+
+if TYPE_CHECKING:
+    from workbench.models.registry import LoadedModel
 
 
 def same_params(request: GenerationRequest, taken: list[GenerationRequest]) -> bool:
-    """Requests share a batch only when their generation parameters are identical."""
+    """Requests share a padded batch only when their generation parameters are identical."""
     return request.params == taken[0].params
 
 
+def _check(ok: bool, policy: str, message: str) -> None:
+    if not ok:
+        raise WorkbenchError(f"{policy}: {message}", hint="help(wb.DynamicBatching) and its siblings list the settings")
+
+
+def _ms(value: float) -> str:
+    return f"{value:g}ms"
+
+
 class BatchingPolicy(ABC):
-    """Decides which queued requests run together; ``name`` appears on every batch span."""
+    """Decides which queued requests run together; ``name`` appears on every batch and request span.
+
+    A policy only chooses; the model's worker runs what it chose, so one policy object may
+    serve several models. ``continuous`` policies hand their requests to an iteration-level
+    scheduler instead of one padded ``generate`` per batch.
+    """
 
     name: str = "policy"
+    continuous: bool = False
 
     @abstractmethod
     def next_batch(self, queue: RequestQueue) -> list[GenerationRequest]:
-        """Block until a batch is ready and return it; an empty list means the queue closed."""
+        """Block until a batch is ready and return it.
+
+        An empty list means "nothing to run now": the queue closed, or the worker's policy
+        was swapped (``queue.interrupted``) and the worker should read it again.
+        """
+
+    def check(self, loaded: LoadedModel) -> None:
+        """Raise a WorkbenchError if this policy cannot serve ``loaded``; called before it is put in place."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -32,6 +62,189 @@ class NoBatching(BatchingPolicy):
     name = "none"
 
     def next_batch(self, queue: RequestQueue) -> list[GenerationRequest]:
-        if not queue.wait():
+        if not queue.wait() or queue.interrupted:
             return []
         return queue.take(1, same_params)
+
+
+def _compatible(head: GenerationRequest, queued: Sequence[GenerationRequest]) -> int:
+    """How many queued requests could share a padded batch with ``head`` (itself included)."""
+    return sum(1 for r in queued if r.params == head.params)
+
+
+@dataclass(frozen=True)
+class StaticBatching(BatchingPolicy):
+    """Wait for ``size`` requests with equal parameters, or ``timeout_ms`` after the oldest arrived.
+
+    The timeout runs from the arrival of the oldest queued request, so a lone request waits
+    ``timeout_ms`` at most and then runs as a partial batch. Requests whose generation
+    parameters differ never share a batch: they wait for a batch of their own.
+    """
+
+    size: int = 8
+    timeout_ms: float = 50.0
+
+    def __post_init__(self) -> None:
+        _check(self.size >= 1, repr(self), "size must be at least 1")
+        _check(self.timeout_ms >= 0, repr(self), "timeout_ms must be >= 0")
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"static:{self.size}:{_ms(self.timeout_ms)}"
+
+    def next_batch(self, queue: RequestQueue) -> list[GenerationRequest]:
+        if not queue.wait() or queue.interrupted:
+            return []
+        head = queue.peek()
+        if head is None:  # closed meanwhile
+            return []
+        remaining = head.submitted + self.timeout_ms / 1e3 - time.perf_counter()
+        if remaining > 0:
+            queue.wait_until(lambda queued: _compatible(head, queued) >= self.size, remaining)
+        if queue.interrupted:
+            return []
+        return queue.take(self.size, same_params)
+
+
+@dataclass(frozen=True)
+class DynamicBatching(BatchingPolicy):
+    """Run what is queued as soon as the worker is free, waiting at most ``max_wait_ms`` for company.
+
+    When the worker asks for a batch it takes every queued request with the oldest one's
+    generation parameters, up to ``max_batch``. If fewer are queued it waits for more, but
+    never past ``max_wait_ms`` after the oldest request arrived (a request that already waited
+    that long while the worker was busy goes at once), and it stops waiting as soon as the
+    batch is full.
+
+    ``max_batch_tokens`` caps the padded size of a batch: batch size x longest prompt, in
+    tokens. A request that would push the batch over the cap waits for a later batch, except
+    the oldest one, which always runs (alone, if it is longer than the cap by itself).
+
+    ``max_length_ratio`` groups requests by prompt length to cut padding: a request joins the
+    batch only while the longest prompt in it stays within ``max_length_ratio`` times the
+    shortest (e.g. 1.5). The batch forms around the oldest request, scanning the queue in
+    arrival order, so a short prompt never pads up to a long one; requests of other lengths
+    form the next batches. ``None`` mixes all lengths (fewest batches, most padding).
+    """
+
+    max_batch: int = 16
+    max_wait_ms: float = 5.0
+    max_batch_tokens: int | None = None
+    max_length_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.max_batch >= 1, repr(self), "max_batch must be at least 1")
+        _check(self.max_wait_ms >= 0, repr(self), "max_wait_ms must be >= 0")
+        _check(self.max_batch_tokens is None or self.max_batch_tokens >= 1, repr(self), "max_batch_tokens must be >= 1")
+        _check(
+            self.max_length_ratio is None or self.max_length_ratio >= 1, repr(self), "max_length_ratio must be >= 1"
+        )
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        name = f"dynamic:{self.max_batch}:{_ms(self.max_wait_ms)}"
+        if self.max_batch_tokens is not None:
+            name += f":{self.max_batch_tokens}tok"
+        if self.max_length_ratio is not None:
+            name += f":len{self.max_length_ratio:g}"
+        return name
+
+    def admits(self, request: GenerationRequest, taken: list[GenerationRequest]) -> bool:
+        """Whether ``request`` may join the batch ``taken`` (same parameters, within the token and length limits)."""
+        if request.params != taken[0].params:
+            return False
+        if self.max_batch_tokens is None and self.max_length_ratio is None:
+            return True
+        lengths = [r.tokens_in for r in taken]
+        longest = max(request.tokens_in, *lengths)
+        if self.max_batch_tokens is not None and (len(taken) + 1) * longest > self.max_batch_tokens:
+            return False
+        return self.max_length_ratio is None or longest <= self.max_length_ratio * min(request.tokens_in, *lengths)
+
+    def _full(self, queued: Sequence[GenerationRequest]) -> bool:
+        """Whether the batch the queue holds now cannot grow: ``max_batch`` reached, or no room for one more row."""
+        batch = select(queued, self.max_batch, self.admits)
+        if len(batch) >= self.max_batch:
+            return True
+        if self.max_batch_tokens is not None and batch:
+            return (len(batch) + 1) * max(r.tokens_in for r in batch) > self.max_batch_tokens
+        return False
+
+    def next_batch(self, queue: RequestQueue) -> list[GenerationRequest]:
+        if not queue.wait() or queue.interrupted:
+            return []
+        head = queue.peek()
+        if head is None:
+            return []
+        remaining = head.submitted + self.max_wait_ms / 1e3 - time.perf_counter()
+        if remaining > 0:
+            queue.wait_until(self._full, remaining)
+        if queue.interrupted:
+            return []
+        return queue.take(self.max_batch, self.admits)
+
+
+def sampling_settings(params: GenerationParams) -> tuple[float, float, int, int | None]:
+    """What requests in one continuous-batching scheduler must share; max_new_tokens may differ."""
+    return (params.temperature, params.top_p, params.top_k, params.seed)
+
+
+def same_sampling(request: GenerationRequest, taken: list[GenerationRequest]) -> bool:
+    """Requests share one continuous-batching scheduler when their sampling settings are equal."""
+    return sampling_settings(request.params) == sampling_settings(taken[0].params)
+
+
+@dataclass(frozen=True)
+class ContinuousBatching(BatchingPolicy):
+    """Iteration-level scheduling with transformers' own continuous batching (paged KV cache).
+
+    Requests join and leave the running batch at every decode step, so a short answer never
+    waits for a long one and nothing is padded. The worker hands every queued request to
+    transformers' ``ContinuousBatchingManager`` as soon as it arrives; each hand-off is one
+    batch span (``workbench.batch.size`` = requests admitted together,
+    ``workbench.batch.inflight`` = requests in the scheduler just after), which ends when the
+    last of them finishes, while the scheduler runs them alongside the requests already in it.
+    ``max_new_tokens`` is per request; requests with other sampling settings (temperature,
+    top_p, top_k, seed) wait until the running ones finish and the scheduler restarts with
+    theirs. The scheduler keeps its paged KV cache while the policy is in place; swapping to
+    another policy lets the running requests finish, then frees it.
+
+    ``max_batch`` caps the requests in one forward pass, ``max_batch_tokens`` the tokens in one
+    (prefill chunks included), ``num_blocks`` x ``page_size`` the paged KV cache. Left at
+    ``None``, on a CPU the cache holds ``max_batch`` requests of up to 1024 tokens and a pass
+    512 tokens; on a GPU transformers sizes both from free memory.
+
+    Needs a transformers with ``ContinuousBatchingManager`` (5.24 works); constructing the
+    policy raises a WorkbenchError on one without.
+    """
+
+    max_batch: int = 64
+    max_batch_tokens: int | None = None
+    num_blocks: int | None = None
+    page_size: int | None = None
+
+    continuous = True
+
+    def __post_init__(self) -> None:
+        _check(self.max_batch >= 1, repr(self), "max_batch must be at least 1")
+        _check(self.max_batch_tokens is None or self.max_batch_tokens >= 1, repr(self), "max_batch_tokens must be >= 1")
+        _check(self.num_blocks is None or self.num_blocks >= 1, repr(self), "num_blocks must be >= 1")
+        _check(self.page_size is None or self.page_size >= 4, repr(self), "page_size must be >= 4")
+        from workbench.engine.continuous import check_transformers
+
+        check_transformers()
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"continuous:{self.max_batch}"
+
+    def check(self, loaded: LoadedModel) -> None:
+        from workbench.engine.continuous import check_model
+
+        check_model(loaded)
+
+    def next_batch(self, queue: RequestQueue) -> list[GenerationRequest]:
+        if not queue.wait() or queue.interrupted:
+            return []
+        return queue.take(len(queue) or 1, same_sampling)
+

@@ -28,7 +28,9 @@ class Engine:
     def start(self, name: str, policy: BatchingPolicy | None = None) -> ModelWorker:
         """Start the worker of the loaded model ``name``."""
         loaded = self._registry.get(name)
-        worker = ModelWorker(name, TransformersBackend(loaded), policy or NoBatching(), self._tracing)
+        policy = policy or NoBatching()
+        policy.check(loaded)
+        worker = ModelWorker(name, TransformersBackend(loaded), policy, self._tracing)
         with self._lock:
             self._workers[name] = worker
         return worker
@@ -52,8 +54,10 @@ class Engine:
         return worker
 
     def set_policy(self, name: str, policy: BatchingPolicy) -> None:
-        """Swap the batching policy of a running worker; it applies from the next batch."""
-        self.worker(name).policy = policy
+        """Swap the batching policy of a running worker, live: a worker waiting inside the old one gives way at once."""
+        worker = self.worker(name)
+        policy.check(worker.backend.loaded)
+        worker.set_policy(policy)
 
     def policy(self, name: str) -> BatchingPolicy:
         return self.worker(name).policy

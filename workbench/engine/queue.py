@@ -5,18 +5,37 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 
 from workbench.engine.requests import GenerationRequest
 
+Accept = Callable[[GenerationRequest, list[GenerationRequest]], bool]
+
+
+def select(items: Iterable[GenerationRequest], limit: int, accept: Accept) -> list[GenerationRequest]:
+    """The requests :meth:`RequestQueue.take` would remove from ``items``, without removing them."""
+    taken: list[GenerationRequest] = []
+    for item in items:
+        if len(taken) >= limit:
+            break
+        if not taken or accept(item, taken):
+            taken.append(item)
+    return taken
+
 
 class RequestQueue:
-    """A FIFO of requests that a policy can wait on, scan and take from selectively."""
+    """A FIFO of requests that a policy can wait on, scan and take from selectively.
+
+    ``interrupt()`` wakes every waiter and makes waits return at once until ``resume()``:
+    the worker resumes before it reads its policy, so a policy swapped in while the old one
+    was waiting (for a timeout, say) takes over at once.
+    """
 
     def __init__(self) -> None:
         self._items: deque[GenerationRequest] = deque()
         self._cond = threading.Condition()
         self.closed = False
+        self.interrupted = False
 
     def __len__(self) -> int:
         with self._cond:
@@ -29,18 +48,31 @@ class RequestQueue:
             self._items.append(request)
             self._cond.notify_all()
 
+    def peek(self) -> GenerationRequest | None:
+        """The oldest queued request, left in place; None when the queue is empty."""
+        with self._cond:
+            return self._items[0] if self._items else None
+
     def wait(self, timeout: float | None = None, count: int = 1) -> bool:
-        """Block until at least ``count`` requests are queued, or the timeout, or close."""
+        """Block until at least ``count`` requests are queued, or the timeout, close or interrupt."""
+        return self.wait_until(lambda items: len(items) >= count, timeout)
+
+    def wait_until(self, ready: Callable[[Sequence[GenerationRequest]], bool], timeout: float | None = None) -> bool:
+        """Block until ``ready(queued)`` holds, or the timeout, close or interrupt; returns ``ready``'s last answer.
+
+        ``ready`` runs under the queue's lock after every arrival, so it must be quick and must
+        not call back into the queue.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while len(self._items) < count and not self.closed:
+            while not (done := ready(self._items)) and not self.closed and not self.interrupted:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     break
                 self._cond.wait(remaining)
-            return len(self._items) >= count
+            return done
 
-    def take(self, limit: int, accept: Callable[[GenerationRequest, list[GenerationRequest]], bool]) -> list[GenerationRequest]:
+    def take(self, limit: int, accept: Accept) -> list[GenerationRequest]:
         """Remove and return, in FIFO order, up to ``limit`` requests that ``accept`` admits.
 
         ``accept(request, taken_so_far)`` sees the requests already chosen, so a policy can
@@ -48,17 +80,22 @@ class RequestQueue:
         so no request can starve.
         """
         with self._cond:
-            taken: list[GenerationRequest] = []
-            kept: deque[GenerationRequest] = deque()
-            while self._items and len(taken) < limit:
-                item = self._items.popleft()
-                if not taken or accept(item, taken):
-                    taken.append(item)
-                else:
-                    kept.append(item)
-            kept.extend(self._items)
-            self._items = kept
+            taken = select(self._items, limit, accept)
+            if taken:
+                chosen = {id(r) for r in taken}
+                self._items = deque(r for r in self._items if id(r) not in chosen)
             return taken
+
+    def interrupt(self) -> None:
+        """Wake every waiter now and keep waits from blocking until :meth:`resume`."""
+        with self._cond:
+            self.interrupted = True
+            self._cond.notify_all()
+
+    def resume(self) -> None:
+        """Let waits block again; the worker calls this before it reads its policy."""
+        with self._cond:
+            self.interrupted = False
 
     def close(self) -> list[GenerationRequest]:
         """Refuse new requests, wake waiters, and hand back what was still queued."""

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import threading
 
-from opentelemetry.trace import Link, Status, StatusCode
+from opentelemetry.trace import Link, Span, Status, StatusCode
 
 from workbench.engine.backend import TransformersBackend
-from workbench.engine.batching import BatchingPolicy
+from workbench.engine.batching import BatchingPolicy, ContinuousBatching
+from workbench.engine.continuous import ContinuousBackend
 from workbench.engine.queue import RequestQueue
-from workbench.engine.requests import GenerationRequest
+from workbench.engine.requests import GenerationRequest, GenerationResult
 from workbench.errors import WorkerStopped
 from workbench.tracing import Tracing, mark_error
 from workbench.tracing import attributes as attr
@@ -27,6 +28,7 @@ class ModelWorker:
         self.policy = policy
         self.queue = RequestQueue()
         self._tracing = tracing
+        self._continuous: ContinuousBackend | None = None
         self._thread = threading.Thread(target=self._loop, name=f"workbench-worker-{name}", daemon=True)
         self._thread.start()
 
@@ -46,8 +48,14 @@ class ModelWorker:
             self._fail([request], WorkerStopped(f"model {self.name!r} was unloaded before this request ran"))
         self._thread.join(timeout)
 
+    def set_policy(self, policy: BatchingPolicy) -> None:
+        """Swap the policy; one waiting inside the old policy (for a timeout, say) gives way at once."""
+        self.policy = policy
+        self.queue.interrupt()
+
     def _loop(self) -> None:
         while True:
+            self.queue.resume()  # before reading the policy, so a swap from here on interrupts its wait
             policy = self.policy
             try:
                 batch = policy.next_batch(self.queue)
@@ -58,12 +66,17 @@ class ModelWorker:
                 continue
             if not batch:
                 if self.queue.closed:
+                    self._end_continuous()
                     return
                 continue
-            self._execute(batch, policy)
+            if isinstance(policy, ContinuousBatching):
+                self._stream(batch, policy)
+            else:
+                self._end_continuous()
+                self._execute(batch, policy)
 
-    def _execute(self, batch: list[GenerationRequest], policy: BatchingPolicy) -> None:
-        span = self._tracing.start_span(
+    def _batch_span(self, batch: list[GenerationRequest], policy: BatchingPolicy) -> Span:
+        return self._tracing.start_span(
             f"batch {self.name}",
             attributes={
                 attr.SPAN_KIND: "BATCH",
@@ -73,6 +86,30 @@ class ModelWorker:
             },
             links=[Link(r.span.get_span_context()) for r in batch],
         )
+
+    def _stream(self, batch: list[GenerationRequest], policy: ContinuousBatching) -> None:
+        """Admit ``batch`` into the continuous-batching scheduler; its requests finish on the scheduler's side."""
+        span = self._batch_span(batch, policy)
+        try:
+            if self._continuous is None or self._continuous.policy != policy:
+                self._end_continuous()
+                self._continuous = ContinuousBackend(
+                    self.backend, policy, lambda request, result: self._complete(request, result, policy), self._fail
+                )
+            self._continuous.submit(batch, span)
+        except BaseException as exc:
+            mark_error(span, exc)
+            span.end()
+            self._fail([r for r in batch if not r.future.done()], exc)
+
+    def _end_continuous(self) -> None:
+        """Let the continuous scheduler finish what it holds and give the model back to padded generate."""
+        if self._continuous is not None:
+            self._continuous.close()
+            self._continuous = None
+
+    def _execute(self, batch: list[GenerationRequest], policy: BatchingPolicy) -> None:
+        span = self._batch_span(batch, policy)
         try:
             results, timing = self.backend.generate(batch)
         except BaseException as exc:  # an error in one batch fails its requests, never the worker
@@ -93,24 +130,27 @@ class ModelWorker:
         )
         span.end()
         for request, result in zip(batch, results):
-            request.span.set_attributes(
-                {
-                    attr.USAGE_OUTPUT_TOKENS: result.tokens_out,
-                    attr.RESPONSE_FINISH_REASONS: [result.finish_reason],
-                    attr.QUEUE_MS: result.queue_ms,
-                    attr.PREFILL_MS: result.prefill_ms,
-                    attr.TTFT_MS: result.ttft_ms,
-                    attr.DECODE_MS: result.decode_ms,
-                    attr.BATCH_ID: result.batch_id,
-                    attr.BATCH_SIZE: result.batch_size,
-                    attr.BATCH_POLICY: policy.name,
-                    attr.PADDING_TOKENS: result.padding_tokens,
-                    attr.OUTPUT_VALUE: result.text,
-                }
-            )
-            request.span.set_status(Status(StatusCode.OK))
-            request.span.end()
-            request.future.set_result(result)
+            self._complete(request, result, policy)
+
+    def _complete(self, request: GenerationRequest, result: GenerationResult, policy: BatchingPolicy) -> None:
+        request.span.set_attributes(
+            {
+                attr.USAGE_OUTPUT_TOKENS: result.tokens_out,
+                attr.RESPONSE_FINISH_REASONS: [result.finish_reason],
+                attr.QUEUE_MS: result.queue_ms,
+                attr.PREFILL_MS: result.prefill_ms,
+                attr.TTFT_MS: result.ttft_ms,
+                attr.DECODE_MS: result.decode_ms,
+                attr.BATCH_ID: result.batch_id,
+                attr.BATCH_SIZE: result.batch_size,
+                attr.BATCH_POLICY: policy.name,
+                attr.PADDING_TOKENS: result.padding_tokens,
+                attr.OUTPUT_VALUE: result.text,
+            }
+        )
+        request.span.set_status(Status(StatusCode.OK))
+        request.span.end()
+        request.future.set_result(result)
 
     def _fail(self, batch: list[GenerationRequest], exc: BaseException) -> None:
         for request in batch:

@@ -1,0 +1,204 @@
+"""Orchestration overhead: the demo chain through the workbench against the same three calls made by hand.
+
+The workbench runs the three-hop demo chain (plan and answer on the model, then the Python
+hop ``answer_stats``) with tracing on, as ``chain.run`` does it: templates, spans, the
+model's worker thread. By hand is the floor: the same two prompts formatted with f-strings,
+tokenized, ``model.generate`` with the same greedy settings, decoded, then the same Python
+function. Both must write the same tokens; the script stops if they do not.
+
+The two run interleaved in one process, the order alternating within each pair (A B, B A,
+...), after one warm-up pair that is reported apart as cold start. Latency is end to end per
+chain; the headline is the median over pairs of workbench / by hand, with min and max.
+
+On a shared machine the median still wanders by a few percent from run to run; more pairs,
+or pinning the process to one core with one torch thread, give a steadier figure.
+
+    python benchmarks/overhead.py                      # tiny model, CPU, 100 pairs
+    taskset -c 0 python benchmarks/overhead.py --threads 1 --pairs 200
+    python benchmarks/overhead.py --device cuda --model /path/to/checkpoint --pairs 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import transformers
+import yaml
+
+import workbench as wb
+from workbench.demo import DEMO_QUESTION, DEMO_SPEC, answer_stats
+from workbench.models.registry import LoadedModel
+from workbench.tracing import attributes as attr
+
+
+@dataclass
+class Outcome:
+    """What one chain produced: each hop's output and the model tokens it generated (EOS included)."""
+
+    outputs: dict[str, Any]
+    tokens: dict[str, int]
+
+
+def demo_spec(max_new_tokens: int | None) -> dict[str, Any]:
+    """The demo chain as a dict, with every LLM hop's ``max_new_tokens`` overridden if given."""
+    spec = yaml.safe_load(DEMO_SPEC)
+    if max_new_tokens is not None:
+        for hop in spec["hops"]:
+            if "model" in hop:
+                hop["max_new_tokens"] = max_new_tokens
+    return spec
+
+
+def plan_prompt(question: str) -> str:
+    return f"Question: {question}\nPlan:"
+
+
+def answer_prompt(plan: str, question: str) -> str:
+    return f"{plan}\nQuestion: {question}\nAnswer:"
+
+
+def by_hand(loaded: LoadedModel, max_new_tokens: dict[str, int]) -> Callable[[str], Outcome]:
+    """The chain's work without the workbench: format, tokenize, generate, decode; twice; then the Python hop."""
+    model, tokenizer, device = loaded.model, loaded.tokenizer, loaded.device
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos])
+
+    def call(prompt: str, max_new_tokens: int) -> tuple[str, int]:
+        encoded = tokenizer(prompt, return_tensors="pt").to(device)
+        with torch.inference_mode():
+            output = model.generate(
+                **encoded,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        row = output[0, encoded["input_ids"].shape[1] :].tolist()  # copies to the host: synchronised on CUDA
+        stop = next((i for i, t in enumerate(row) if t in eos_ids), None)
+        row = row[: stop + 1] if stop is not None else row
+        text = tokenizer.decode([t for t in row if t not in eos_ids], skip_special_tokens=True).strip()
+        return text, len(row)
+
+    def chain(question: str) -> Outcome:
+        plan, plan_n = call(plan_prompt(question), max_new_tokens["plan"])
+        answer, answer_n = call(answer_prompt(plan, question), max_new_tokens["answer"])
+        stats = answer_stats(plan=plan, answer=answer)
+        return Outcome({"plan": plan, "answer": answer, "stats": stats}, {"plan": plan_n, "answer": answer_n})
+
+    return chain
+
+
+def outcome_of(run: wb.Run) -> Outcome:
+    """What the workbench's run produced, read from its outputs and its ``text_completion`` spans."""
+    calls = [s.attributes for s in run.trace.spans if s.name.startswith(attr.TEXT_COMPLETION)]
+    tokens = {str(a[attr.HOP_NAME]): int(a[attr.USAGE_OUTPUT_TOKENS]) for a in calls}  # type: ignore[call-overload]
+    return Outcome(dict(run.outputs), tokens)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """Seconds ``fn`` took, synchronised on CUDA at both ends, and what it returned."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    outcome = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started, outcome
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (fewer than the machine's under ``taskset``)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto (default cpu)")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--model", default=None, help="a checkpoint directory or hub id (default: the tiny model)")
+    parser.add_argument("--pairs", type=int, default=100, help="measured pairs, after one warm-up pair (default 100)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="for both LLM hops (default: the demo's)")
+    parser.add_argument("--question", default=DEMO_QUESTION)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    with wb.Workbench() as bench:
+        loaded = bench.load("tiny", args.model or wb.tiny_model(), device=args.device, dtype=args.dtype)
+        chain = bench.chain(demo_spec(args.max_new_tokens))
+        for hop, prompt in (("plan", plan_prompt("Q?")), ("answer", answer_prompt("P.", "Q?"))):
+            template = chain.spec.hop(hop).template
+            if template is None or template.render({"question": "Q?", "plan": "P."}) != prompt:
+                raise SystemExit(f"the by-hand prompt of hop {hop!r} is not the one the chain renders; fix it first")
+        max_new_tokens = {h.name: h.params.max_new_tokens for h in chain.spec.hops if h.model}
+        print(
+            f"model {args.model or 'tiny'} ({loaded.params:,} params) on {loaded.device},"
+            f" dtype {str(loaded.dtype).removeprefix('torch.')}; policy {bench.engine.policy('tiny').name};"
+            f" greedy, max_new_tokens {max_new_tokens}; tracing on; {args.pairs} pairs after 1 warm-up pair;"
+            f" torch {torch.__version__} ({torch.get_num_threads()} threads),"
+            f" transformers {transformers.__version__}, {usable_cpus()} of {os.cpu_count()} CPUs"
+        )
+        hand = by_hand(loaded, max_new_tokens)
+        # Only the call is timed; reading the workbench's outcome off its trace comes after the clock.
+        variants: dict[str, tuple[Callable[[], Any], Callable[[Any], Outcome]]] = {
+            "workbench": (lambda: chain.run(question=args.question), outcome_of),
+            "by hand": (lambda: hand(args.question), lambda outcome: outcome),
+        }
+        seconds: dict[str, list[float]] = {name: [] for name in variants}
+        reference: Outcome | None = None
+        for pair in range(args.pairs + 1):
+            order = list(variants) if pair % 2 == 0 else list(reversed(variants))
+            for name in order:
+                call, read = variants[name]
+                took, result = timed(call, loaded.device)
+                outcome = read(result)
+                reference = reference or outcome
+                if outcome != reference:
+                    raise SystemExit(
+                        f"{name} (pair {pair}) wrote other tokens than the workbench's first run; the comparison"
+                        f" would be unfair:\n  {outcome}\n  {reference}"
+                    )
+                seconds[name].append(took)
+        assert reference is not None
+        cold = {name: runs.pop(0) for name, runs in seconds.items()}
+        print(
+            "cold start (first call of each, excluded; the workbench's is the model's first call): "
+            + ", ".join(f"{name} {s * 1e3:.1f} ms" for name, s in cold.items())
+        )
+        print(
+            f"outputs equal in all {2 * (args.pairs + 1)} calls: {sum(reference.tokens.values())} model tokens"
+            f" per chain {reference.tokens}"
+        )
+
+        print(f"\n{'variant':<10} {'n':>4} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'min ms':>8}")
+        for name, runs in seconds.items():
+            ms = [s * 1e3 for s in runs]
+            print(
+                f"{name:<10} {len(ms):>4} {percentile(ms, 0.5):8.2f} {percentile(ms, 0.95):8.2f}"
+                f" {percentile(ms, 0.99):8.2f} {min(ms):8.2f}"
+            )
+        ratios = [w / h for w, h in zip(seconds["workbench"], seconds["by hand"])]
+        print(f"pairwise ratio quartiles: {percentile(ratios, 0.25):.3f} / {percentile(ratios, 0.75):.3f}")
+        print(
+            f"\noverhead ratio (workbench / by hand): median {statistics.median(ratios):.3f}"
+            f" [min {min(ratios):.2f}, max {max(ratios):.2f}] over {len(ratios)} pairs"
+        )
+
+
+if __name__ == "__main__":
+    main()

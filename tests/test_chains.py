@@ -1,0 +1,361 @@
+"""Chains: spec validation that says where, the hop graph, Python hops, failures, map, sessions, sandbox."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from textwrap import dedent
+from typing import Any
+
+import pytest
+
+import workbench as wb
+from workbench.demo import DEMO_SPEC
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tiny_path: Path) -> Iterator[wb.Workbench]:
+    """One workbench with 'tiny' on the CPU; chains built on it do not change it."""
+    with wb.Workbench() as bench:
+        bench.load("tiny", tiny_path, device="cpu")
+        yield bench
+
+
+def _hop_spans(run: wb.Run) -> dict[str, Any]:
+    return {s.attributes["workbench.hop.name"]: s for s in run.trace.spans if s.name.startswith("hop ")}
+
+
+# -- loading specs -----------------------------------------------------------------------------
+
+
+def test_yaml_and_dict_specs_load_the_same_chain(tiny_bench: wb.Workbench) -> None:
+    from_yaml = tiny_bench.chain(DEMO_SPEC)
+    as_dict = {
+        "name": "qa",
+        "hops": [
+            {"name": "plan", "model": "tiny", "prompt": "Question: {{ question }}\nPlan:", "max_new_tokens": 24},
+            {"name": "answer", "model": "tiny", "prompt": "{{ plan }}\nQuestion: {{ question }}\nAnswer:",
+             "max_new_tokens": 32},
+            {"name": "stats", "call": "workbench.demo:answer_stats"},
+        ],
+        "output": "answer",
+    }
+    from_dict = tiny_bench.chain(as_dict)
+    for chain in (from_yaml, from_dict):
+        assert chain.hops == ["plan", "answer", "stats"]
+        assert chain.inputs == ("question",)
+        assert chain.graph() == {"plan": (), "answer": ("plan",), "stats": ("plan", "answer")}
+        assert chain.spec.hop("answer").params.max_new_tokens == 32
+    assert from_yaml.run(question="hi").outputs == from_dict.run(question="hi").outputs
+
+
+# -- spec errors: each names the hop, the field and the YAML line ------------------------------
+
+HOP_HEAD = """\
+name: qa
+hops:
+  - name: plan
+    model: tiny
+    prompt: "Question: {{ question }}"
+"""
+
+
+@pytest.mark.parametrize(
+    ("spec", "hop", "field", "line", "words"),
+    [
+        pytest.param(HOP_HEAD.replace("model: tiny", "model: tinny"), "plan", "model", 4,
+                     ["unknown model 'tinny'", "did you mean 'tiny'"], id="unknown-model"),
+        pytest.param(HOP_HEAD + '  - name: plan\n    model: tiny\n    prompt: "again"\n', "plan", "name", 6,
+                     ["two hops are named 'plan'", "first on line 3"], id="duplicate-hop"),
+        pytest.param(HOP_HEAD.replace("hops:", "inputs: [question]\nhops:").replace("}}", "}} {{ questoin }}"),
+                     "plan", "prompt", 6, ["'questoin' is used but is neither a chain input nor a hop",
+                                           "did you mean 'question'"], id="undefined-variable"),
+        pytest.param(HOP_HEAD + "    max_new_tokens: ten\n", "plan", "max_new_tokens", 6,
+                     ["max_new_tokens must be an integer >= 1", "'ten'"], id="tokens-not-int"),
+        pytest.param(HOP_HEAD + "    max_new_tokens: true\n", "plan", "max_new_tokens", 6,
+                     ["max_new_tokens must be an integer"], id="tokens-bool"),
+        pytest.param(HOP_HEAD + "    temperature: -1\n", "plan", "temperature", 6,
+                     ["temperature must be a number >= 0"], id="negative-temperature"),
+        pytest.param(HOP_HEAD + "    top_p: 2\n", "plan", "top_p", 6, ["top_p must be a number in (0, 1]"],
+                     id="top-p-above-one"),
+        pytest.param(HOP_HEAD + "    seed: yes\n", "plan", "seed", 6, ["seed must be an integer"], id="seed-bool"),
+        pytest.param(HOP_HEAD + "    max_new_token: 5\n", "plan", "max_new_token", 6,
+                     ["unknown field 'max_new_token'", "did you mean 'max_new_tokens'"], id="unknown-hop-field"),
+        pytest.param(HOP_HEAD + "ouptut: plan\n", None, "ouptut", 6,
+                     ["unknown field 'ouptut'", "did you mean 'output'"], id="unknown-chain-field"),
+        pytest.param(HOP_HEAD + "output: plna\n", None, "output", 6, ["output 'plna' is not a hop",
+                                                                       "did you mean 'plan'"], id="unknown-output"),
+        pytest.param(HOP_HEAD.replace("{{ question }}", "{{ question "), "plan", "prompt", 5,
+                     ["does not parse"], id="template-syntax"),
+        pytest.param("name: qa\nhops:\n  name: plan\n  model: tiny\n", None, "hops", 2,
+                     ["'hops' must be a non-empty list"], id="hops-not-a-list"),
+        pytest.param(HOP_HEAD + "  - name: count\n    call: no_such_module_xyz:count\n", "count", "call", 7,
+                     ["cannot import module 'no_such_module_xyz'"], id="call-module-missing"),
+        pytest.param(HOP_HEAD + "  - name: count\n    call: workbench.demo:no_such_function\n", "count", "call", 7,
+                     ["has no function 'no_such_function'"], id="call-function-missing"),
+        pytest.param(HOP_HEAD + "  - name: count\n    call: \"os.system('ls')\"\n", "count", "call", 7,
+                     ["is not a dotted path"], id="call-not-a-path"),
+        pytest.param(HOP_HEAD.replace("name: plan", "name: history"), "history", "name", 3,
+                     ["'history' is reserved"], id="reserved-hop-name"),
+        pytest.param(HOP_HEAD.replace("hops:", "inputs: [session]\nhops:"), None, "inputs", 2,
+                     ["'session' is reserved"], id="reserved-input"),
+    ],
+)
+def test_spec_errors_say_where(
+    tiny_bench: wb.Workbench, spec: str, hop: str | None, field: str, line: int, words: list[str]
+) -> None:
+    with pytest.raises(wb.SpecError) as info:
+        tiny_bench.chain(spec)
+    error = info.value
+    assert (error.hop, error.field, error.line) == (hop, field, line)
+    for word in words:
+        assert word in str(error)
+    assert f"line {line}" in str(error)
+
+
+def test_template_syntax_error_is_a_template_error(tiny_bench: wb.Workbench) -> None:
+    with pytest.raises(wb.TemplateError, match="does not parse"):
+        tiny_bench.chain(HOP_HEAD.replace("{{ question }}", "{% for x in %}"))
+
+
+def test_a_cycle_is_refused_naming_a_hop_on_it(tiny_bench: wb.Workbench) -> None:
+    spec = dedent(
+        """\
+        name: loop
+        hops:
+          - name: a
+            model: tiny
+            prompt: "{{ b }}"
+          - name: b
+            model: tiny
+            prompt: "{{ a }}"
+        """
+    )
+    with pytest.raises(wb.SpecError, match="cycle") as info:
+        tiny_bench.chain(spec)
+    assert info.value.hop in ("a", "b")
+    assert info.value.line == {"a": 3, "b": 6}[info.value.hop]
+    assert "a -> b" in str(info.value) or "b -> a" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "words"),
+    [
+        ("name: qa\nhops:\n  - name: plan\n   model: tiny\n", 4, "not valid YAML"),
+        ('name: qa\nhops:\n  - name: plan\n    prompt: "open\n', 5, "not valid YAML"),
+        ("name: qa\nname: qb\nhops: []\n", 2, "'name' appears twice"),
+        ("", None, "empty"),
+        ("# only a comment\n", None, "empty"),
+        ("- plan\n- answer\n", None, "a mapping with 'name' and 'hops'"),
+    ],
+)
+def test_malformed_yaml_says_which_line(tiny_bench: wb.Workbench, text: str, line: int | None, words: str) -> None:
+    with pytest.raises(wb.SpecError, match=words) as info:
+        tiny_bench.chain(text)
+    assert info.value.line == line
+
+
+def test_dict_spec_errors_name_hop_and_field_without_a_line(tiny_bench: wb.Workbench) -> None:
+    with pytest.raises(wb.SpecError, match="top_p") as info:
+        tiny_bench.chain({"name": "d", "hops": [{"name": "say", "model": "tiny", "prompt": "x", "top_p": 0}]})
+    assert (info.value.hop, info.value.field, info.value.line) == ("say", "top_p", None)
+
+
+# -- the graph and what a run returns ----------------------------------------------------------
+
+
+def slow_left(question: str) -> str:
+    time.sleep(0.2)
+    return f"left:{question}"
+
+
+def slow_right(question: str) -> str:
+    time.sleep(0.2)
+    return f"right:{question}"
+
+
+def join(slow_left: str, slow_right: str) -> str:
+    return f"{slow_left}+{slow_right}"
+
+
+def test_independent_hops_run_concurrently(tiny_bench: wb.Workbench) -> None:
+    chain = tiny_bench.chain({"name": "fan", "hops": [
+        {"name": "slow_left", "call": slow_left},
+        {"name": "slow_right", "call": slow_right},
+        {"name": "join", "call": join},
+    ]})
+    assert chain.graph() == {"slow_left": (), "slow_right": (), "join": ("slow_left", "slow_right")}
+    run = chain.run(question="q")
+    assert run.output == "left:q+right:q"
+    spans = _hop_spans(run)
+    left, right, last = spans["slow_left"], spans["slow_right"], spans["join"]
+    assert max(left.start_time, right.start_time) < min(left.end_time, right.end_time)  # they overlapped
+    assert last.start_time >= max(left.end_time, right.end_time)  # join waited for both
+
+
+def test_llm_hop_dependencies_come_from_template_variables(tiny_bench: wb.Workbench) -> None:
+    chain = tiny_bench.chain(dedent(
+        """\
+        name: fan
+        hops:
+          - name: left
+            model: tiny
+            prompt: "Question: {{ question }}\\nPlan:"
+            max_new_tokens: 6
+          - name: right
+            model: tiny
+            prompt: "Answer: {{ question }}"
+            max_new_tokens: 6
+          - name: both
+            model: tiny
+            prompt: "{{ right }} {{ left }}"
+            max_new_tokens: 6
+        output: left
+        """
+    ))
+    assert chain.graph() == {"left": (), "right": (), "both": ("left", "right")}
+    assert chain.inputs == ("question",)
+    run = chain.run(question="What is the capital of France?")
+    assert set(run.outputs) == {"left", "right", "both"}
+    assert run.output == run.outputs["left"]
+    prompt = _hop_spans(run)["both"].attributes["input.value"]
+    assert prompt == f"{run.outputs['right']} {run.outputs['left']}"
+
+
+def test_output_defaults_to_the_last_hop(tiny_bench: wb.Workbench) -> None:
+    chain = tiny_bench.chain({"name": "two", "hops": [
+        {"name": "first", "call": lambda word: word.upper()},
+        {"name": "second", "call": lambda first: first + "!"},
+    ]})
+    run = chain.run(word="hi")
+    assert run.outputs == {"first": "HI", "second": "HI!"}
+    assert run.output == "HI!"
+
+
+def whole_context(context: dict[str, Any]) -> list[str]:
+    return sorted(context)
+
+
+def test_python_hops_by_callable_by_dotted_path_by_name_and_whole_context(tiny_bench: wb.Workbench) -> None:
+    chain = tiny_bench.chain({"name": "py", "hops": [
+        {"name": "plan", "call": lambda question: f"plan for {question}"},
+        {"name": "answer", "call": lambda plan, question: f"{plan} answers {question} here"},
+        {"name": "stats", "call": "workbench.demo:answer_stats"},
+        {"name": "stats_dotted", "call": "workbench.demo.answer_stats"},
+        {"name": "everything", "call": whole_context},
+    ], "output": "stats"})
+    assert chain.graph()["everything"] == ("plan", "answer", "stats", "stats_dotted")  # all earlier hops
+    run = chain.run(question="why")
+    assert run.outputs["answer"] == "plan for why answers why here"
+    assert run.output == {"plan_words": 3, "answer_words": 6}
+    assert run.outputs["stats_dotted"] == run.output
+    assert run.outputs["everything"] == ["answer", "history", "plan", "question", "stats", "stats_dotted"]
+
+
+# -- inputs and failures -----------------------------------------------------------------------
+
+
+def test_missing_input_is_refused_before_any_hop_runs(tiny_bench: wb.Workbench) -> None:
+    chain = tiny_bench.chain(DEMO_SPEC)
+    spans_before = len(tiny_bench.traces())
+    with pytest.raises(wb.MissingInputError, match="needs input 'question'") as info:
+        chain.run()
+    assert "plan, answer" in str(info.value)
+    with pytest.raises(wb.MissingInputError, match="did you mean 'question'"):
+        chain.run(questoin="What?")
+    with pytest.raises(wb.MissingInputError, match="takes no input 'quest'"):
+        chain.run(question="What?", quest="x")
+    with pytest.raises(wb.MissingInputError):
+        chain.map([{"question": "ok"}, {"questoin": "typo"}])
+    assert len(tiny_bench.traces()) == spans_before  # no chain, hop or model span was started
+
+
+def _explode(plan: str) -> str:
+    raise ValueError(f"cannot use {plan!r}")
+
+
+def test_failing_hop_raises_hop_failed_keeping_finished_outputs(tiny_bench: wb.Workbench) -> None:
+    chain = tiny_bench.chain({"name": "breaks", "hops": [
+        {"name": "plan", "call": lambda question: f"plan:{question}"},
+        {"name": "boom", "call": _explode},
+        {"name": "after", "call": lambda boom: boom},
+    ]})
+    with pytest.raises(wb.HopFailed) as info:
+        chain.run(question="q")
+    error = info.value
+    assert error.hop == "boom"
+    assert isinstance(error.cause, ValueError)
+    assert "hop 'boom' failed: ValueError: cannot use 'plan:q'" in str(error)
+    assert error.run is not None and error.run.outputs == {"plan": "plan:q"}
+    assert error.run.status == "error"
+    table = error.run.trace.table().set_index("name")
+    assert table.loc["hop boom", "status_code"] == "ERROR"
+    assert "cannot use" in table.loc["hop boom", "status_message"]
+    assert table.loc["chain breaks", "status_code"] == "ERROR"
+    assert table.loc["hop plan", "status_code"] == "OK"
+    assert "hop after" not in table.index
+
+
+def _double_or_fail(n: str) -> str:
+    time.sleep(0.02 * (6 - int(n)))  # early inputs finish last
+    if n == "3":
+        raise RuntimeError("three is unlucky")
+    return n * 2
+
+
+def test_map_keeps_input_order_and_failures_do_not_lose_the_others(tiny_bench: wb.Workbench) -> None:
+    chain = tiny_bench.chain({"name": "m", "hops": [{"name": "double", "call": _double_or_fail}]})
+    runs = chain.map([{"n": str(i)} for i in range(6)], concurrency=4)
+    assert [r.inputs["n"] for r in runs] == [str(i) for i in range(6)]
+    assert [r.output for r in runs] == ["00", "11", "22", None, "44", "55"]
+    assert [r.ok for r in runs] == [True, True, True, False, True, True]
+    assert runs[3].error is not None and runs[3].error.hop == "double"
+    assert "three is unlucky" in str(runs[3].error)
+    assert len({r.id for r in runs}) == len({r.trace_id for r in runs}) == 6
+    assert chain.map([]) == []
+
+
+# -- sessions and the sandbox ------------------------------------------------------------------
+
+
+def test_session_history_reaches_the_next_runs_template(tiny_bench: wb.Workbench) -> None:
+    chain = tiny_bench.chain(dedent(
+        """\
+        name: chat
+        hops:
+          - name: reply
+            model: tiny
+            prompt: "{{ history }}\\nQuestion: {{ question }}\\nAnswer:"
+            max_new_tokens: 12
+        """
+    ))
+    first = chain.run(session="s1", question="What is the capital of France?")
+    assert first.output
+    assert _hop_spans(first)["reply"].attributes["input.value"].startswith("\nQuestion:")  # no history yet
+    second = chain.run(session="s1", question="How many hops does this chain have?")
+    prompt = _hop_spans(second)["reply"].attributes["input.value"]
+    assert "question: What is the capital of France?" in prompt
+    assert f"output: {first.output}" in prompt
+
+    history = tiny_bench.session("s1").history()
+    assert list(history["run_id"]) == [first.id, second.id]
+    assert list(history["output"]) == [first.output, second.output]
+    assert list(history["input.question"]) == ["What is the capital of France?", "How many hops does this chain have?"]
+    assert tiny_bench.session("other").history().empty
+    alone = chain.run(question="What is the capital of France?")  # no session: no history
+    assert _hop_spans(alone)["reply"].attributes["input.value"].startswith("\nQuestion:")
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    ["{{ ''.__class__.__mro__ }}", "{{ cycler.__init__.__globals__ }}", "{{ lipsum.__globals__['os'] }}"],
+)
+def test_templates_are_sandboxed(tiny_bench: wb.Workbench, prompt: str) -> None:
+    chain = tiny_bench.chain({"name": "escape", "hops": [{"name": "probe", "model": "tiny", "prompt": prompt}]})
+    with pytest.raises(wb.HopFailed, match="sandbox refused") as info:
+        chain.run()
+    assert info.value.hop == "probe"
+    assert isinstance(info.value.cause, wb.TemplateError)
+    names = [s.name for s in info.value.run.trace.spans]
+    assert "text_completion tiny" not in names  # nothing reached the model

@@ -1,0 +1,166 @@
+"""The engine: batched generation that matches single requests, finish reasons, timings, the queue."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from opentelemetry.trace import INVALID_SPAN
+
+import workbench as wb
+from workbench.engine import GenerationParams, GenerationRequest
+from workbench.errors import WorkerStopped
+
+PROMPTS = [
+    "Question: What is the capital of France?\nPlan:",
+    "A chain",
+    "Latency is measured per span: queue wait, prefill, decode, and the time to first token. Question: How many?",
+    "Tokens in, tokens out",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tiny_path: Path) -> Iterator[wb.Workbench]:
+    """One workbench with 'tiny' on the CPU, one request at a time, shared by the tests that do not unload it."""
+    with wb.Workbench() as bench:
+        bench.load("tiny", tiny_path, device="cpu", batching=wb.NoBatching())
+        yield bench
+
+
+def _requests(bench: wb.Workbench, prompts: list[str], params: GenerationParams) -> list[GenerationRequest]:
+    backend = bench.engine.worker("tiny").backend
+    return [GenerationRequest("tiny", backend.tokenize(p, params)[0], params, INVALID_SPAN) for p in prompts]
+
+
+def test_greedy_output_is_the_same_alone_or_in_a_padded_batch(tiny_bench: wb.Workbench) -> None:
+    backend = tiny_bench.engine.worker("tiny").backend
+    params = GenerationParams(max_new_tokens=20)
+    alone = [backend.generate(_requests(tiny_bench, [p], params))[0][0] for p in PROMPTS]
+    together, timing = backend.generate(_requests(tiny_bench, PROMPTS, params))
+
+    assert timing.size == len(PROMPTS)
+    assert timing.padding_tokens > 0  # the prompts differ in length, so rows were padded
+    assert [r.batch_size for r in together] == [len(PROMPTS)] * len(PROMPTS)
+    assert len({r.tokens_in for r in together}) > 1
+    for single, batched in zip(alone, together, strict=True):
+        assert batched.token_ids == single.token_ids
+        assert batched.text == single.text
+        assert batched.finish_reason == single.finish_reason
+    assert any(r.tokens_out != together[0].tokens_out for r in together)  # rows stopped at different steps
+
+
+def test_finish_reason_and_token_counts(tiny_bench: wb.Workbench) -> None:
+    eos = tiny_bench.engine.worker("tiny").backend.eos_ids
+    stopped = tiny_bench.generate("tiny", PROMPTS[0], max_new_tokens=32)
+    assert stopped.finish_reason == "stop"
+    assert stopped.token_ids[-1] in eos
+    assert stopped.tokens_out == len(stopped.token_ids) < 32
+    assert stopped.text and "</s>" not in stopped.text
+
+    cut = tiny_bench.generate("tiny", PROMPTS[0], max_new_tokens=3)
+    assert cut.finish_reason == "length"
+    assert cut.tokens_out == len(cut.token_ids) == 3
+    assert cut.token_ids == stopped.token_ids[:3]
+    assert cut.tokens_in == stopped.tokens_in == len(tiny_bench.registry.get("tiny").tokenizer(PROMPTS[0]).input_ids)
+
+
+def test_seeded_sampling_is_repeatable(tiny_bench: wb.Workbench) -> None:
+    def sample(seed: int) -> list[int]:
+        return tiny_bench.generate("tiny", "A chain", max_new_tokens=16, temperature=1.5, seed=seed).token_ids
+
+    assert sample(7) == sample(7)
+    assert len({tuple(sample(seed)) for seed in range(1, 6)}) > 1  # it really samples
+
+
+def test_timings_are_consistent(tiny_bench: wb.Workbench) -> None:
+    for max_new_tokens in (1, 6, 32):
+        result = tiny_bench.generate("tiny", PROMPTS[0], max_new_tokens=max_new_tokens)
+        assert result.prefill_ms > 0
+        assert result.queue_ms >= 0
+        assert result.ttft_ms >= result.queue_ms
+        assert result.ttft_ms == pytest.approx(result.queue_ms + result.prefill_ms)
+        assert result.decode_ms >= 0
+        assert result.e2e_ms >= result.ttft_ms + result.decode_ms
+        if result.tokens_out > 1:
+            assert result.tpot_ms == pytest.approx(result.decode_ms / (result.tokens_out - 1))
+        else:
+            assert result.tpot_ms is None
+            assert result.decode_ms == 0
+
+
+def _long_text(bench: wb.Workbench) -> tuple[str, int]:
+    text = "Tokens in, tokens out, padding, batch size, throughput in tokens per second. " * 40
+    return text, len(bench.registry.get("tiny").tokenizer(text).input_ids)
+
+
+def test_prompt_longer_than_the_window_names_the_hop(tiny_bench: wb.Workbench) -> None:
+    text, tokens = _long_text(tiny_bench)
+    assert tokens > 512
+    chain = tiny_bench.chain({"name": "long", "hops": [{"name": "digest", "model": "tiny", "prompt": "{{ text }}",
+                                                        "max_new_tokens": 8}]})
+    with pytest.raises(wb.HopFailed) as info:
+        chain.run(text=text)
+    assert info.value.hop == "digest"
+    assert isinstance(info.value.cause, wb.ContextWindowExceeded)
+    message = str(info.value.cause)
+    assert "hop 'digest'" in message and f"{tokens} tokens" in message and "512" in message
+    assert "truncate: left" in message
+    with pytest.raises(wb.ContextWindowExceeded, match="the prompt"):
+        tiny_bench.generate("tiny", text, max_new_tokens=8)
+
+
+def test_truncate_left_keeps_the_newest_tokens_and_records_how_many_went(tiny_bench: wb.Workbench) -> None:
+    text, tokens = _long_text(tiny_bench)
+    chain = tiny_bench.chain({"name": "long", "hops": [{"name": "digest", "model": "tiny", "prompt": "{{ text }}",
+                                                        "max_new_tokens": 8, "truncate": "left"}]})
+    run = chain.run(text=text)
+    call = run.trace.table().query("name == 'text_completion tiny'").iloc[0]
+    assert call["tokens_in"] == 512 - 8
+    assert call["attributes.workbench.truncated_tokens"] == tokens - (512 - 8)
+    assert call["status_code"] == "OK"
+    assert run.outputs["digest"] == call["attributes.output.value"]
+
+
+def test_concurrent_submissions_from_many_threads_all_complete(tiny_bench: wb.Workbench) -> None:
+    expected = {p: tiny_bench.generate("tiny", p, max_new_tokens=6).text for p in PROMPTS}
+    results: dict[int, wb.GenerationResult] = {}
+    errors: list[BaseException] = []
+
+    def call(i: int) -> None:
+        try:
+            results[i] = tiny_bench.generate("tiny", PROMPTS[i % len(PROMPTS)], max_new_tokens=6)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assert below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(24)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors
+    assert sorted(results) == list(range(24))
+    for i, result in results.items():
+        assert result.text == expected[PROMPTS[i % len(PROMPTS)]]  # each caller got its own prompt's answer
+    assert len({r.batch_id for r in results.values()}) == 24  # one at a time, through the queue
+
+
+def test_unloading_fails_queued_requests_instead_of_hanging(bench: wb.Workbench, tiny_path: Path) -> None:
+    bench.load("tiny", tiny_path, device="cpu", batching=wb.NoBatching())
+    params = GenerationParams(max_new_tokens=48)
+    requests = [bench.engine.submit("tiny", PROMPTS[2], params) for _ in range(8)]
+    bench.unload("tiny")
+
+    outcomes = []
+    for request in requests:
+        error = request.future.exception(timeout=60)
+        outcomes.append(error)
+        assert error is None or isinstance(error, WorkerStopped)
+    stopped = [e for e in outcomes if e is not None]
+    assert stopped, "the queue held requests when the model was unloaded"
+    assert "'tiny' was unloaded" in str(stopped[0])
+    failed_spans = [s for s in bench.traces().spans if s.name == "text_completion tiny" and not s.status.is_ok]
+    assert len(failed_spans) == len(stopped)
+    with pytest.raises(wb.UnknownModelError):
+        bench.generate("tiny", PROMPTS[0])

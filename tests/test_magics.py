@@ -1,0 +1,250 @@
+"""The %autoglm magics, driven through a real IPython shell and the real tiny model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.utils.capture import CapturedIO, capture_output
+
+import workbench as wb
+import workbench.bench
+from workbench.notebook.parsers import COMMANDS, ModelsCommand, ParseError, RunCommand, TraceCommand, parse_command
+
+# Line 1 of the cell is "%%autoglm chain qa", so `model` sits on line 4 and the prompts on 5 and 9.
+SPEC = """\
+hops:
+  - name: plan
+    model: tiny
+    prompt: "Question: {{ question }}\\nPlan:"
+    max_new_tokens: 8
+  - name: answer
+    model: tiny
+    prompt: "{{ plan }}\\nAnswer:"
+    max_new_tokens: 8
+"""
+
+
+@pytest.fixture
+def shell(monkeypatch: pytest.MonkeyPatch) -> Iterator[InteractiveShell]:
+    """A real shell with the extension loaded, and a fresh default workbench closed after the test."""
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "workbench")
+    # Put back whatever default workbench there was, so no later test inherits this closed one.
+    monkeypatch.setattr(workbench.bench, "_current", workbench.bench._current)
+    bench = wb.set_current(wb.Workbench())
+    try:
+        yield ip
+    finally:
+        bench.close()
+        ip.reset(new_session=False)
+
+
+@pytest.fixture
+def with_tiny(shell: InteractiveShell, tiny_path: Path) -> InteractiveShell:
+    """The shell, with the tiny model loaded on the CPU as 'tiny' in the default workbench."""
+    wb.current().load("tiny", tiny_path, device="cpu")
+    return shell
+
+
+@pytest.fixture
+def with_qa(with_tiny: InteractiveShell) -> InteractiveShell:
+    """The shell, with the two-hop chain 'qa' built by the cell magic."""
+    with capture_output():
+        with_tiny.run_cell_magic("autoglm", "chain qa", SPEC)
+    return with_tiny
+
+
+def shown(captured: CapturedIO, mime: str = "text/plain") -> list[str]:
+    """What display() published, one entry per displayed object, in the given MIME type."""
+    return [str(out.data[mime]) for out in captured.outputs if mime in out.data]
+
+
+def magic(shell: InteractiveShell, line: str) -> CapturedIO:
+    with capture_output() as captured:
+        assert shell.run_line_magic("autoglm", line) is None  # nothing echoed as Out[n]
+    return captured
+
+
+# -- help ---------------------------------------------------------------------------------------
+
+
+def test_bare_magic_prints_every_subcommand_with_an_example(shell: InteractiveShell) -> None:
+    out = magic(shell, "").stdout
+    for name, command in COMMANDS.items():
+        assert f"autoglm {name}" in out
+        assert f"e.g. {command.example}" in out
+    assert "_autoglm_run" in out  # where a run's result goes is documented
+    assert magic(shell, "help").stdout == out
+
+
+def test_dash_h_shows_the_subcommands_options_even_without_its_arguments(shell: InteractiveShell) -> None:
+    captured = magic(shell, "run -h")
+    assert "--session" in captured.stdout
+    assert 'question="What is 2 + 2?"' in captured.stdout
+    assert captured.stderr == ""
+
+
+# -- models -------------------------------------------------------------------------------------
+
+
+def test_load_tiny_then_models_shows_it(
+    shell: InteractiveShell, tiny_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SOURCE 'tiny' means wb.tiny_model(); point its cache at the one already built.
+    monkeypatch.setenv("AUTOGLM_CACHE_DIR", str(tiny_path.parent))
+    loaded = magic(shell, "load tiny tiny --device cpu --dtype float32")
+    assert loaded.stderr == ""
+    assert "loaded 'tiny' on cpu in float32" in loaded.stdout
+
+    tables = shown(magic(shell, "models"))
+    assert len(tables) == 1
+    assert "tiny" in tables[0] and "loaded" in tables[0]
+    assert wb.current().models()["source"].tolist() == [str(tiny_path)]
+
+
+def test_unload_frees_the_model(with_tiny: InteractiveShell) -> None:
+    captured = magic(with_tiny, "unload tiny")
+    assert "unloaded 'tiny'" in captured.stdout
+    assert wb.current().registry.names() == []
+    assert "no models yet" in magic(with_tiny, "models").stdout
+
+
+# -- chains and runs ----------------------------------------------------------------------------
+
+
+def test_chain_cell_builds_the_chain_and_binds_its_name(with_tiny: InteractiveShell) -> None:
+    with capture_output() as captured:
+        with_tiny.run_cell_magic("autoglm", "chain qa", SPEC)
+    chain = with_tiny.user_ns["qa"]
+    assert isinstance(chain, wb.Chain)
+    assert chain.hops == ["plan", "answer"] and chain.inputs == ("question",)
+    assert wb.current().chains()["qa"] is chain
+    assert "Chain 'qa'" in shown(captured)[0]
+    assert "prompt" in shown(captured, "text/html")[0]
+
+
+def test_run_with_quoted_values_shows_output_and_span_table(with_qa: InteractiveShell) -> None:
+    with_qa.user_ns["x"] = "EXPANDED"
+    captured = magic(with_qa, """run qa question="What is {x} in $HOME?" """)
+    assert captured.stderr == ""
+    run = with_qa.user_ns["_autoglm_run"]
+    assert isinstance(run, wb.Run) and run.ok
+    # Quotes group the words, and braces and dollars stay literal: no IPython variable expansion.
+    assert run.inputs == {"question": "What is {x} in $HOME?"}
+    assert set(run.outputs) == {"plan", "answer"}
+    run_repr, table = shown(captured)
+    assert run.id in run_repr
+    for span in ("chain qa", "hop plan", "hop answer", "text_completion tiny"):
+        assert span in table
+    html_table = shown(captured, "text/html")[1]
+    assert "ttft_ms" in html_table and "tokens_out" in html_table
+    # Each span is marked with its depth under the chain, in the notebook's HTML too.
+    assert "<td>· hop plan" in html_table and "<td>· · text_completion tiny" in html_table
+
+
+def test_run_finds_a_chain_variable_and_keeps_the_session(with_qa: InteractiveShell) -> None:
+    with_qa.user_ns["other"] = wb.current().chain(SPEC, name="other_qa")
+    captured = magic(with_qa, "run other --session s1 question=hello")
+    assert captured.stderr == ""
+    assert with_qa.user_ns["_autoglm_run"].chain == "other_qa"
+    assert [r.chain for r in wb.current().session("s1").records()] == ["other_qa"]
+
+
+def test_a_failed_hop_prints_a_short_error_and_keeps_the_partial_run(with_qa: InteractiveShell) -> None:
+    wb.current().unload("tiny")
+    captured = magic(with_qa, "run qa question=hi")
+    assert captured.stderr.startswith("autoglm: hop 'plan' failed: no model named 'tiny'")
+    assert "Traceback" not in captured.stderr + captured.stdout
+    partial = with_qa.user_ns["_autoglm_run"]
+    assert not partial.ok and partial.outputs == {}
+
+
+# -- traces -------------------------------------------------------------------------------------
+
+
+def test_trace_summary_has_a_row_per_hop(with_qa: InteractiveShell) -> None:
+    magic(with_qa, "run qa question=hi")
+    summaries = shown(magic(with_qa, "trace --summary"), "text/html")
+    assert len(summaries) == 1
+    assert all(f"<th>{label}</th>" in summaries[0] for label in ("plan", "answer", "(chain)", "p95_ms", "ttft_p50_ms"))
+
+
+def test_trace_of_a_run_id_and_of_every_span(with_qa: InteractiveShell) -> None:
+    magic(with_qa, "run qa question=one")
+    first = with_qa.user_ns["_autoglm_run"]
+    magic(with_qa, "run qa question=two")
+    one = shown(magic(with_qa, f"trace {first.id[:6]}"))[0]
+    assert one.count("chain qa") == 1
+    every = shown(magic(with_qa, "trace --all"))[0]
+    assert every.count("chain qa") == 2 and "load tiny" in every
+
+
+def test_trace_waterfall_displays_the_figure_as_an_image(with_qa: InteractiveShell) -> None:
+    magic(with_qa, "run qa question=hi")
+    captured = magic(with_qa, "trace last --waterfall")
+    (png,) = [out.data["image/png"] for out in captured.outputs if "image/png" in out.data]
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Figure" in shown(captured)[0]
+
+
+def test_unload_ext_removes_the_magic(shell: InteractiveShell) -> None:
+    shell.run_line_magic("unload_ext", "workbench")
+    assert shell.find_line_magic("autoglm") is None and shell.find_cell_magic("autoglm") is None
+    shell.run_line_magic("load_ext", "workbench")
+    assert shell.find_line_magic("autoglm") is not None and shell.find_cell_magic("autoglm") is not None
+
+
+# -- mistakes -----------------------------------------------------------------------------------
+
+BAD_YAML = "%%autoglm chain qa\nhops:\n  - name: plan\n    prompt: {{ question }}\n    model: tiny\n"
+UNKNOWN_MODEL = "%%autoglm chain qa\nhops:\n  - name: plan\n    model: nope\n    prompt: hi\n"
+
+
+@pytest.mark.parametrize(
+    ("cell", "expected"),
+    [
+        pytest.param("%autoglm lod tiny tiny", "unknown subcommand 'lod' (did you mean 'load'?)", id="unknown-sub"),
+        pytest.param("%autoglm load tiny", "load: the following arguments are required: SOURCE", id="load-no-source"),
+        pytest.param("%autoglm run nope question=x", "no chain named 'nope'", id="run-unknown-chain"),
+        pytest.param("%autoglm run qa question", "input 'question' is not key=value", id="run-no-equals"),
+        pytest.param("%autoglm run qa session=s1", "'session' is not an input", id="run-session-as-input"),
+        pytest.param("%autoglm run qa 'question=x", "No closing quotation", id="unclosed-quote"),
+        pytest.param(BAD_YAML, "chain spec, line 4: not valid YAML", id="bad-yaml-names-the-cell-line"),
+        pytest.param(UNKNOWN_MODEL, "hop 'plan', field 'model', line 4: unknown model 'nope'", id="unknown-model"),
+        pytest.param("%autoglm chain qa", "chain is a cell magic", id="chain-as-line-magic"),
+        pytest.param("%autoglm load x /nonexistent", "'/nonexistent' is not a directory", id="load-missing-dir"),
+        pytest.param("%autoglm trace", "no chain has run yet", id="trace-before-any-run"),
+        pytest.param("%autoglm trace abc --all", "a run id or --all, not both", id="trace-id-and-all"),
+        pytest.param("%autoglm unload nope", "no model named 'nope'", id="unload-unknown"),
+    ],
+)
+def test_a_mistake_prints_a_short_message_and_no_traceback(shell: InteractiveShell, cell: str, expected: str) -> None:
+    with capture_output() as captured:
+        result = shell.run_cell(cell)  # the path a notebook cell takes, where a raise would print a traceback
+    assert result.error_in_exec is None
+    first, *rest = captured.stderr.splitlines()
+    assert first.startswith("autoglm: ") and expected in first
+    assert all(line.startswith("hint: ") for line in rest) and len(rest) <= 1
+    assert "Traceback" not in captured.stdout + captured.stderr
+    assert "qa" not in shell.user_ns  # a spec that failed binds nothing
+
+
+# -- parsing ------------------------------------------------------------------------------------
+
+
+def test_run_parses_into_typed_inputs_with_flags_anywhere() -> None:
+    command = parse_command("run qa --session s1 question='a b' topic=c")
+    assert command == RunCommand(chain="qa", inputs={"question": "a b", "topic": "c"}, session="s1")
+
+
+def test_trace_defaults_to_the_last_run() -> None:
+    assert parse_command("trace --summary") == TraceCommand(run="last", summary=True)
+
+
+def test_a_line_subcommand_refuses_a_cell_body_but_not_a_blank_one() -> None:
+    with pytest.raises(ParseError, match="run takes no cell body"):
+        parse_command("run qa question=x", "hops: []")
+    assert parse_command("models", "\n") == ModelsCommand()

@@ -1,0 +1,342 @@
+"""The model registry and the tiny model: building, loading, refusing, unloading, adapters."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import subprocess
+import sys
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import workbench as wb
+from workbench.models.registry import LoadSettings
+
+PROMPT = "Question: What is the capital of France?\nPlan:"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tiny_path: Path) -> Iterator[wb.Workbench]:
+    """One workbench with 'tiny' on the CPU for the tests that only read it or add other names."""
+    with wb.Workbench() as bench:
+        bench.load("tiny", tiny_path, device="cpu", dtype="auto")
+        yield bench
+
+
+# -- the tiny model ----------------------------------------------------------------------------
+
+_BUILD = "import sys, workbench; print(workbench.tiny_model(seed=int(sys.argv[1]), cache_dir=sys.argv[2]))"
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """Builds, side by side: two processes race on one fresh cache; this process builds seeds 0 and 1."""
+    shared = tmp_path_factory.mktemp("shared-cache")
+    racers = [
+        subprocess.Popen([sys.executable, "-c", _BUILD, "0", str(shared)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    try:
+        seed0 = wb.tiny_model(seed=0, cache_dir=tmp_path_factory.mktemp("seed0-cache"))
+        seed1 = wb.tiny_model(seed=1, cache_dir=tmp_path_factory.mktemp("seed1-cache"))
+        raced = []
+        for proc in racers:
+            out, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, err
+            raced.append(Path(out.strip().splitlines()[-1]))
+    finally:
+        for proc in racers:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return {"shared": shared, "raced": raced, "seed0": seed0, "seed1": seed1}
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+@pytest.mark.slow
+def test_same_seed_builds_identical_model_and_other_seed_differs(builds: dict) -> None:
+    seed0, seed1, raced = builds["seed0"], builds["seed1"], builds["raced"][0]
+    assert _files(seed0) == _files(raced)  # built in another process, from scratch
+    assert seed0.name == raced.name
+    assert (seed0 / "model.safetensors").read_bytes() != (seed1 / "model.safetensors").read_bytes()
+    assert seed0.name != seed1.name
+
+
+@pytest.mark.slow
+def test_concurrent_builders_share_one_valid_directory(builds: dict) -> None:
+    first, second = builds["raced"]
+    assert first == second
+    assert first.parent == builds["shared"]
+    assert sorted(p.name for p in builds["shared"].iterdir()) == [first.name]  # no .build-* left behind
+    assert {"config.json", "model.safetensors", *TOKENIZER_FILES} <= set(_files(first))
+    with wb.Workbench() as bench:
+        assert bench.load("raced", first, device="cpu").params > 0
+
+
+@pytest.mark.slow
+def test_second_call_returns_the_cached_directory_without_building(builds: dict) -> None:
+    built: Path = builds["seed0"]
+    root = built.parent
+
+    def state() -> tuple[int, list[str], int]:
+        return root.stat().st_mtime_ns, sorted(os.listdir(root)), (built / "model.safetensors").stat().st_mtime_ns
+
+    before = state()
+    assert wb.tiny_model(seed=0, cache_dir=root) == built
+    assert state() == before  # a rebuild would have created (and removed) a .build-* directory in the root
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+
+def test_load_records_size_memory_time_device_and_dtype(tiny_bench: wb.Workbench, tiny_path: Path) -> None:
+    loaded = tiny_bench.registry.get("tiny")
+    assert loaded.device == torch.device("cpu")
+    assert loaded.dtype == torch.float32  # what "auto" means on the CPU
+    assert loaded.params == sum(p.numel() for p in loaded.model.parameters()) > 0
+    assert loaded.memory_bytes >= loaded.params * 4
+    assert loaded.load_s > 0
+    assert loaded.context_window == 512
+
+    row = tiny_bench.models().set_index("name").loc["tiny"]
+    assert row["source"] == str(tiny_path)
+    assert (row["device"], row["dtype"], row["state"]) == ("cpu", "float32", "loaded")
+    assert row["params"] == loaded.params
+    assert row["memory_mb"] == pytest.approx(loaded.memory_bytes / 2**20, abs=0.01)
+    assert row["load_s"] == pytest.approx(loaded.load_s, abs=1e-3)
+
+
+def test_models_table_lists_loaded_and_registered_models(tiny_bench: wb.Workbench, tiny_path: Path) -> None:
+    tiny_bench.register("later", tiny_path, device="cpu")
+    try:
+        table = tiny_bench.models()
+        assert list(table.columns) == ["name", "source", "adapter", "device", "dtype", "params", "memory_mb",
+                                       "load_s", "state"]
+        states = dict(zip(table["name"], table["state"], strict=True))
+        assert states == {"tiny": "loaded", "later": "registered"}
+        later = table.set_index("name").loc["later"]
+        assert later["source"] == str(tiny_path)
+        assert pd.isna(later["params"]) and pd.isna(later["memory_mb"])  # not loaded: nothing measured yet
+    finally:
+        tiny_bench.unload("later")
+    assert list(tiny_bench.models()["name"]) == ["tiny"]
+
+
+@pytest.fixture
+def pickle_dir(tiny_bench: wb.Workbench, tiny_path: Path, tmp_path: Path) -> Path:
+    """The tiny model with its weights saved as a pickle (pytorch_model.bin) instead of safetensors."""
+    target = tmp_path / "pickled"
+    target.mkdir()
+    for name in ("config.json", *TOKENIZER_FILES):
+        shutil.copy(tiny_path / name, target / name)
+    torch.save(tiny_bench.registry.get("tiny").model.state_dict(), target / "pytorch_model.bin")
+    return target
+
+
+def test_pickle_weights_are_refused_unless_allowed(tiny_bench: wb.Workbench, pickle_dir: Path) -> None:
+    with pytest.raises(wb.ModelLoadError, match="pickle") as info:
+        tiny_bench.load("pickled", pickle_dir, device="cpu")
+    assert "allow_pickle=True" in str(info.value)
+    assert "pickled" not in tiny_bench.registry.names()
+
+    tiny_bench.load("pickled", pickle_dir, device="cpu", allow_pickle=True)
+    try:
+        same = tiny_bench.generate("pickled", PROMPT, max_new_tokens=12)
+        assert same.token_ids == tiny_bench.generate("tiny", PROMPT, max_new_tokens=12).token_ids
+    finally:
+        tiny_bench.unload("pickled")
+
+
+def _no_config_dir(tmp_path: Path, tiny_path: Path) -> Path:
+    target = tmp_path / "no-config"
+    target.mkdir()
+    shutil.copy(tiny_path / "model.safetensors", target / "model.safetensors")
+    return target
+
+
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        ("not-a-directory", "is not a directory"),
+        ("no-config", "no config.json"),
+        ("unknown-device", "unknown device 'gpu0'"),
+        ("unknown-dtype", "unknown dtype 'int3'"),
+        ("name-taken", "'tiny' is already loaded"),
+    ],
+)
+def test_clear_load_errors(
+    case: str, match: str, tiny_bench: wb.Workbench, tiny_path: Path, tmp_path: Path
+) -> None:
+    source: Path = tiny_path
+    kwargs: dict[str, str] = {"device": "cpu"}
+    name = "other"
+    if case == "not-a-directory":
+        source = tiny_path / "config.json"
+    elif case == "no-config":
+        source = _no_config_dir(tmp_path, tiny_path)
+    elif case == "unknown-device":
+        kwargs["device"] = "gpu0"
+    elif case == "unknown-dtype":
+        kwargs["dtype"] = "int3"
+    elif case == "name-taken":
+        name = "tiny"
+    with pytest.raises(wb.ModelLoadError, match=match) as info:
+        tiny_bench.load(name, source, **kwargs)
+    assert info.value.hint  # says what to do
+    assert sorted(tiny_bench.registry.names()) == ["tiny"]
+    assert tiny_bench.generate("tiny", PROMPT, max_new_tokens=2).tokens_out == 2  # the loaded one is untouched
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_without_cuda_is_a_clear_error(tiny_bench: wb.Workbench, tiny_path: Path) -> None:
+    with pytest.raises(wb.ModelLoadError, match="'cuda' is not available") as info:
+        tiny_bench.load("gpu", tiny_path, device="cuda")
+    assert "cpu" in str(info.value.hint)
+    assert "gpu" not in tiny_bench.registry.names()
+
+
+def test_unload_frees_the_model_and_later_use_fails_clearly(loaded: wb.Workbench) -> None:
+    bench = loaded
+    chain = bench.chain({"name": "c", "hops": [{"name": "say", "model": "tiny", "prompt": "Q: {{ q }}"}]})
+    model_ref = weakref.ref(bench.registry.get("tiny").model)
+    memory = bench.registry.get("tiny").memory_bytes
+
+    assert bench.unload("tiny") == memory
+    assert model_ref() is None  # nothing keeps the weights alive
+    assert bench.models().empty
+
+    with pytest.raises(wb.HopFailed) as info:
+        chain.run(q="hi")
+    assert info.value.hop == "say"
+    assert isinstance(info.value.cause, wb.UnknownModelError)
+    assert "no model named 'tiny'" in str(info.value)
+    for lookup in (bench.registry.get, bench.engine.worker, bench.unload):
+        with pytest.raises(wb.UnknownModelError, match="no model named 'tiny'"):
+            lookup("tiny")
+    with pytest.raises(wb.SpecError, match="unknown model 'tiny'"):
+        bench.chain({"name": "again", "hops": [{"name": "say", "model": "tiny", "prompt": "Q: {{ q }}"}]})
+
+
+def test_registered_model_validates_in_chains_but_must_be_loaded_to_run(bench: wb.Workbench, tiny_path: Path) -> None:
+    bench.register("later", tiny_path, device="cpu")
+    chain = bench.chain({"name": "c", "hops": [{"name": "say", "model": "later", "prompt": "Q: {{ q }}",
+                                                "max_new_tokens": 3}]})
+    with pytest.raises(wb.HopFailed, match="registered but not loaded") as info:
+        chain.run(q="hi")
+    assert info.value.hop == "say"
+    assert "bench.load('later')" in str(info.value)
+
+    bench.load("later")  # from the registered settings
+    assert bench.models().set_index("name").loc["later", "state"] == "loaded"
+    assert chain.run(q="hi").outputs["say"] == bench.generate("later", "Q: hi", max_new_tokens=3).text
+
+
+# -- remote code -------------------------------------------------------------------------------
+
+
+def _remote_code_dir(tmp_path: Path, tiny_path: Path, custom_type: bool) -> tuple[Path, Path]:
+    """The tiny model plus repository code (auto_map) that writes a marker file when imported."""
+    target, marker = tmp_path / "remote", tmp_path / "code-ran"
+    shutil.copytree(tiny_path, target)
+    (target / "modeling_marker.py").write_text(
+        "import pathlib\n"
+        f"pathlib.Path({str(marker)!r}).write_text('executed')\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "class MarkerConfig(LlamaConfig):\n"
+        "    model_type = 'marker_llama'\n"
+        "class MarkerForCausalLM(LlamaForCausalLM):\n"
+        "    config_class = MarkerConfig\n"
+    )
+    config = json.loads((target / "config.json").read_text())
+    config["auto_map"] = {
+        "AutoConfig": "modeling_marker.MarkerConfig",
+        "AutoModelForCausalLM": "modeling_marker.MarkerForCausalLM",
+    }
+    if custom_type:
+        config.update(model_type="marker_llama", architectures=["MarkerForCausalLM"])
+    (target / "config.json").write_text(json.dumps(config))
+    return target, marker
+
+
+def test_trust_remote_code_is_off_by_default() -> None:
+    assert LoadSettings(source="x").trust_remote_code is False
+    assert inspect.signature(wb.Workbench.load).parameters["trust_remote_code"].default is False
+
+
+def test_repository_code_of_an_unknown_architecture_is_not_run(
+    tiny_bench: wb.Workbench, tiny_path: Path, tmp_path: Path
+) -> None:
+    source, marker = _remote_code_dir(tmp_path, tiny_path, custom_type=True)
+    with pytest.raises(wb.ModelLoadError, match="custom code"):
+        tiny_bench.load("remote", source, device="cpu")
+    assert not marker.exists()
+    assert "remote" not in tiny_bench.registry.names()
+
+
+def test_repository_code_of_a_known_architecture_is_ignored(
+    tiny_bench: wb.Workbench, tiny_path: Path, tmp_path: Path
+) -> None:
+    source, marker = _remote_code_dir(tmp_path, tiny_path, custom_type=False)
+    loaded = tiny_bench.load("remote", source, device="cpu")
+    try:
+        assert type(loaded.model).__name__ == "LlamaForCausalLM"  # the library's class, not the repository's
+        assert not marker.exists()
+    finally:
+        tiny_bench.unload("remote")
+
+
+# -- adapters ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def lora_dir(tiny_path: Path, tmp_path: Path) -> Path:
+    """A real LoRA adapter for the tiny model whose B matrices are non-zero, so it changes outputs."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_path)
+    tuned = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in tuned.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    target = tmp_path / "adapter"
+    tuned.save_pretrained(target)
+    return target
+
+
+def test_lora_adapter_loads_and_changes_outputs(tiny_bench: wb.Workbench, tiny_path: Path, lora_dir: Path) -> None:
+    base_before = tiny_bench.generate("tiny", PROMPT, max_new_tokens=12)
+    tiny_bench.load("tuned", tiny_path, adapter=lora_dir, device="cpu")
+    try:
+        row = tiny_bench.models().set_index("name").loc["tuned"]
+        assert row["adapter"] == str(lora_dir)
+        assert row["source"] == str(tiny_path)
+        assert row["params"] > tiny_bench.registry.get("tiny").params  # the LoRA matrices are counted
+
+        tuned = tiny_bench.generate("tuned", PROMPT, max_new_tokens=12)
+        assert tuned.token_ids != base_before.token_ids
+        # The base model loaded from the same directory is not affected by the adapter.
+        assert tiny_bench.generate("tiny", PROMPT, max_new_tokens=12).token_ids == base_before.token_ids
+    finally:
+        tiny_bench.unload("tuned")
+
+
+def test_adapter_directory_without_adapter_config_is_refused(tiny_bench: wb.Workbench, tiny_path: Path,
+                                                             tmp_path: Path) -> None:
+    with pytest.raises(wb.ModelLoadError, match="not a PEFT adapter directory"):
+        tiny_bench.load("tuned", tiny_path, adapter=tmp_path, device="cpu")
+    assert "tuned" not in tiny_bench.registry.names()

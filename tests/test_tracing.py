@@ -1,0 +1,197 @@
+"""Tracing: one trace per run with the right parentage, GenAI attributes, batch links, tables and plots."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from textwrap import dedent
+
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+from opentelemetry.trace import SpanKind
+
+import workbench as wb
+from workbench.tracing.trace import COLUMNS
+
+FAN_SPEC = dedent(
+    """\
+    name: fan
+    hops:
+      - name: plan
+        model: tiny
+        prompt: "Question: {{ question }}\\nPlan:"
+        max_new_tokens: 6
+      - name: answer
+        model: tiny
+        prompt: "Answer: {{ question }}"
+        max_new_tokens: 6
+      - name: both
+        model: tiny
+        prompt: "{{ plan }} {{ answer }}"
+        max_new_tokens: 6
+      - name: stats
+        call: workbench.demo:answer_stats
+    """
+)
+QUESTIONS = ["What is the capital of France?", "How many hops?", "A chain", "Tokens in", "Latency", "Plan"]
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tiny_path: Path) -> Iterator[wb.Workbench]:
+    """One workbench with 'tiny' on the CPU, shared by tests that only run chains on it."""
+    with wb.Workbench() as bench:
+        bench.load("tiny", tiny_path, device="cpu")
+        yield bench
+
+
+@pytest.fixture(scope="module")
+def fan_runs(tiny_bench: wb.Workbench) -> list[wb.Run]:
+    """One run on its own, then six through map with four at a time: hops on pool threads, calls on the worker."""
+    chain = tiny_bench.chain(FAN_SPEC)
+    assert chain.graph() == {"plan": (), "answer": (), "both": ("answer", "plan"), "stats": ("plan", "answer")}
+    return [chain.run(question=QUESTIONS[0]), *chain.map([{"question": q} for q in QUESTIONS], concurrency=4)]
+
+
+def test_a_run_is_one_trace_of_chain_hop_and_model_spans(fan_runs: list[wb.Run]) -> None:
+    for run in fan_runs:
+        table = run.trace.table()
+        assert set(table["context.trace_id"]) == {format(run.trace_id, "032x")}
+        chains = table[table["name"] == "chain fan"]
+        hops = table[table["name"].str.startswith("hop ")]
+        calls = table[table["name"] == "text_completion tiny"]
+        assert len(table) == len(chains) + len(hops) + len(calls)
+        assert len(chains) == 1 and chains["parent_id"].isna().all()
+        assert sorted(hops["hop"]) == ["answer", "both", "plan", "stats"]
+        assert (hops["parent_id"] == chains["context.span_id"].iloc[0]).all()
+        assert len(calls) == 3
+        hop_ids = dict(zip(hops["hop"], hops["context.span_id"], strict=True))
+        for _, call in calls.iterrows():
+            assert call["parent_id"] == hop_ids[call["hop"]]
+        assert list(table["depth"]) == [0 if n.startswith("chain") else 1 if n.startswith("hop") else 2
+                                        for n in table["name"]]
+
+
+def test_model_call_spans_carry_genai_attributes(tiny_bench: wb.Workbench, fan_runs: list[wb.Run]) -> None:
+    run = fan_runs[0]
+    calls = [s for s in run.trace.spans if s.name == "text_completion tiny"]
+    assert len(calls) == 3
+    tokenizer = tiny_bench.registry.get("tiny").tokenizer
+    for span in calls:
+        a = span.attributes
+        assert span.kind == SpanKind.INTERNAL
+        assert a["gen_ai.operation.name"] == "text_completion"
+        assert a["gen_ai.provider.name"] == "transformers"
+        assert a["gen_ai.request.model"] == "tiny"
+        assert a["gen_ai.request.max_tokens"] == 6
+        assert a["gen_ai.usage.input_tokens"] == len(tokenizer(a["input.value"]).input_ids)
+        assert 1 <= a["gen_ai.usage.output_tokens"] <= 6
+        assert list(a["gen_ai.response.finish_reasons"]) in (["stop"], ["length"])
+        assert a["output.value"] == run.outputs[a["workbench.hop.name"]]
+    assert run.trace.table().set_index("name").loc["chain fan", "span_kind"] == "CHAIN"
+
+
+def test_each_batch_span_links_to_the_requests_it_served(tiny_bench: wb.Workbench, fan_runs: list[wb.Run]) -> None:
+    batches = [s for s in tiny_bench.traces().spans if s.name == "batch tiny"]
+    served = {link.context.span_id: batch for batch in batches for link in batch.links}
+    for run in fan_runs:
+        calls = [s for s in run.trace.spans if s.name == "text_completion tiny"]
+        assert len(calls) == 3
+        for call in calls:
+            batch = served[call.context.span_id]
+            assert batch.attributes["workbench.batch.id"] == call.attributes["workbench.batch.id"]
+            assert batch.attributes["workbench.batch.size"] == len(batch.links)
+            assert batch.start_time >= call.start_time and batch.end_time <= call.end_time
+
+
+def test_table_has_the_documented_columns_and_types(fan_runs: list[wb.Run]) -> None:
+    run = fan_runs[0]
+    table = run.trace.table()
+    assert list(table.columns[: len(COLUMNS)]) == COLUMNS
+    assert len(table) == len(run.trace.spans) == table["context.span_id"].nunique()
+    for column in ("start_time", "end_time"):
+        assert str(table[column].dtype) == "datetime64[ns, UTC]"
+    for column in ("offset_ms", "duration_ms", "self_ms", "queue_ms", "ttft_ms", "decode_ms", "tpot_ms"):
+        assert table[column].dtype == "float64", column
+    for column in ("tokens_in", "tokens_out", "batch_size"):
+        assert table[column].dtype == "Int64", column
+    assert pd.api.types.is_integer_dtype(table["depth"])
+    assert (table["offset_ms"] >= 0).all() and table["offset_ms"].iloc[0] == 0
+    assert (table["self_ms"] >= 0).all()
+    assert (table["self_ms"] <= table["duration_ms"]).all()
+    assert (table["end_time"] >= table["start_time"]).all()
+
+    calls = table[table["name"] == "text_completion tiny"]
+    assert calls[["queue_ms", "ttft_ms", "decode_ms", "tokens_in", "tokens_out", "batch_size"]].notna().all().all()
+    assert (calls["ttft_ms"] >= calls["queue_ms"]).all()
+    several = calls[calls["tokens_out"] > 1]
+    assert (several["tpot_ms"] - several["decode_ms"] / (several["tokens_out"] - 1)).abs().max() < 1e-9
+    assert table.loc[table["name"] == "chain fan", "tokens_out"].isna().all()
+
+
+def test_summary_has_a_row_per_hop_and_the_chain(fan_runs: list[wb.Run]) -> None:
+    run = fan_runs[0]
+    summary = run.trace.summary()
+    assert set(summary.index) == {"plan", "answer", "both", "stats", "(chain)"}
+    assert (summary["count"] == 1).all()
+    assert (summary["errors"] == 0).all()
+    table = run.trace.table()
+    for hop in ("plan", "answer", "both"):
+        call = table[(table["name"] == "text_completion tiny") & (table["hop"] == hop)]
+        assert summary.loc[hop, "tokens_out"] == call["tokens_out"].sum()
+    assert summary.loc["stats", "tokens_out"] == 0
+    assert summary.loc["(chain)", "tokens_out"] == table["tokens_out"].sum()
+    chain_ms = table.loc[table["name"] == "chain fan", "duration_ms"].iloc[0]
+    assert summary.loc["(chain)", "p50_ms"] == pytest.approx(chain_ms)
+
+    merged = wb.Trace([s for r in fan_runs[1:] for s in r.trace.spans]).summary()
+    assert (merged["count"] == len(fan_runs) - 1).all()  # six runs of every hop
+
+
+def test_waterfall_draws_one_bar_row_per_span(fan_runs: list[wb.Run]) -> None:
+    run = fan_runs[0]
+    figure = run.trace.waterfall()
+    assert isinstance(figure, Figure)
+    (axes,) = figure.axes
+    labels = [label.get_text().strip() for label in axes.get_yticklabels()]
+    assert labels == [name for name in run.trace.table()["name"]]
+    assert len(labels) == len(run.trace.spans) == 8  # chain, four hops, three model calls
+
+
+def test_workbench_traces_hold_every_run_load_and_batch(tiny_bench: wb.Workbench, fan_runs: list[wb.Run]) -> None:
+    everything = tiny_bench.traces()
+    trace_ids = {s.context.trace_id for s in everything.spans}
+    assert {r.trace_id for r in fan_runs} <= trace_ids
+    names = [s.name for s in everything.spans]
+    assert names.count("chain fan") >= len(fan_runs)
+    assert names.count("text_completion tiny") >= 3 * len(fan_runs)
+
+    (load,) = [s for s in everything.spans if s.name == "load tiny"]
+    loaded = tiny_bench.registry.get("tiny")
+    assert load.attributes["workbench.model.name"] == "tiny"
+    assert load.attributes["workbench.model.source"] == loaded.source
+    assert load.attributes["workbench.model.device"] == "cpu"
+    assert load.attributes["workbench.model.dtype"] == "float32"
+    assert load.attributes["workbench.model.params"] == loaded.params
+    assert load.attributes["workbench.model.memory_bytes"] == loaded.memory_bytes
+    assert load.status.is_ok
+
+
+def test_failed_load_leaves_an_error_span(bench: wb.Workbench, tiny_path: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(wb.ModelLoadError):
+        bench.load("broken", broken, device="cpu")
+    (load,) = [s for s in bench.traces().spans if s.name == "load broken"]
+    assert load.status.status_code.name == "ERROR"
+
+
+def test_otlp_without_the_exporter_package_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    # None in sys.modules makes the import fail exactly as it does when the package is not installed.
+    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.http.trace_exporter", None)
+    with pytest.raises(wb.WorkbenchError, match="OTLP export needs the exporter package") as info:
+        wb.Workbench(otlp_endpoint="http://127.0.0.1:4318")
+    assert "pip install 'autoglm-workbench[otlp]'" in str(info.value)

@@ -1,0 +1,251 @@
+"""Continuous (iteration-level) batching through transformers' ``ContinuousBatchingManager``."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from opentelemetry.trace import Span, Status, StatusCode
+
+from workbench.engine.backend import TransformersBackend, _batch_ids
+from workbench.engine.batching import ContinuousBatching, sampling_settings
+from workbench.engine.requests import GenerationParams, GenerationRequest, GenerationResult
+from workbench.errors import WorkbenchError
+from workbench.tracing import attributes as attr
+
+if TYPE_CHECKING:
+    from workbench.models.registry import LoadedModel
+
+# On a CPU, transformers sizes the paged cache and its static attention mask from free RAM,
+# which takes seconds and gigabytes; these bounds keep a CPU scheduler small and quick to start.
+CPU_MAX_BATCH_TOKENS = 512
+CPU_TOKENS_PER_REQUEST = 1024
+_NEEDED_ARGS = {"request_id", "max_new_tokens", "record_timestamps", "eos_token_id"}
+
+
+def check_transformers() -> None:
+    """Raise a WorkbenchError unless the installed transformers has the continuous-batching API we use."""
+    import transformers
+
+    try:
+        from transformers import ContinuousBatchingConfig  # noqa: F401
+        from transformers.generation.continuous_batching import ContinuousBatchingManager
+    except ImportError:
+        found = False
+    else:
+        found = _NEEDED_ARGS <= inspect.signature(ContinuousBatchingManager.add_request).parameters.keys()
+    if not found:
+        raise WorkbenchError(
+            f"ContinuousBatching needs transformers' ContinuousBatchingConfig and ContinuousBatchingManager with "
+            f"per-request max_new_tokens and token timestamps; transformers {transformers.__version__} has not",
+            hint="upgrade transformers (5.24 works), or use DynamicBatching",
+        )
+
+
+def check_model(loaded: LoadedModel) -> None:
+    """Raise a WorkbenchError unless ``loaded`` can run under transformers' continuous batching."""
+    check_transformers()
+    model = loaded.model
+    if not callable(getattr(model, "init_continuous_batching", None)):
+        raise WorkbenchError(
+            f"model {loaded.name!r} ({type(model).__name__}) has no init_continuous_batching",
+            hint="continuous batching needs a transformers causal LM; use DynamicBatching for this model",
+        )
+    impl = str(getattr(model.config, "_attn_implementation", None))
+    if impl not in ("eager", "sdpa", "paged|eager", "paged|sdpa") and "flash" not in impl:
+        raise WorkbenchError(
+            f"model {loaded.name!r} uses attention implementation {impl!r}, which continuous batching cannot page",
+            hint="load it with sdpa, eager or a flash attention implementation, or use DynamicBatching",
+        )
+
+
+@dataclass
+class _Group:
+    """The requests admitted together: one batch span, ended when the last of them finishes."""
+
+    span: Span
+    batch_id: int
+    size: int
+    left: int
+    failed: bool = False
+
+
+OnResult = Callable[[GenerationRequest, GenerationResult], None]
+OnError = Callable[[list[GenerationRequest], BaseException], None]
+
+
+class ContinuousBackend:
+    """Feeds one model's requests to a running ``ContinuousBatchingManager`` and reports each as it finishes.
+
+    The worker thread calls :meth:`submit`; a collector thread reads the manager's results and
+    calls ``on_result`` (or ``on_error``) per request. Timings come from the manager's own clock
+    reads (``time.perf_counter``, the clock ``GenerationRequest.submitted`` uses): queue wait
+    ends when the scheduler first schedules the request, TTFT at its first token's timestamp,
+    decode at its last. The manager holds the model (it may switch its attention to a paged
+    kernel), so the worker calls :meth:`close` before any padded ``generate``.
+    """
+
+    def __init__(
+        self, backend: TransformersBackend, policy: ContinuousBatching, on_result: OnResult, on_error: OnError
+    ) -> None:
+        self.backend = backend
+        self.policy = policy
+        self._on_result = on_result
+        self._on_error = on_error
+        self._manager: Any = None
+        self._collector: threading.Thread | None = None
+        self._sampling: tuple[Any, ...] | None = None
+        self._inflight: dict[str, tuple[GenerationRequest, _Group]] = {}
+        self._changed = threading.Condition()
+
+    def submit(self, batch: list[GenerationRequest], span: Span) -> None:
+        """Admit ``batch`` (equal sampling settings) into the running scheduler; ``span`` ends with its last request."""
+        key = sampling_settings(batch[0].params)
+        if self._manager is None or key != self._sampling or not self._manager.is_running():
+            self.close()
+            self._start(batch[0].params)
+        with self._changed:
+            inflight = len(self._inflight) + len(batch)
+        group = _Group(span, next(_batch_ids), len(batch), len(batch))
+        span.set_attributes(
+            {attr.BATCH_ID: group.batch_id, attr.PADDING_TOKENS: 0, "workbench.batch.mode": "continuous",
+             "workbench.batch.inflight": inflight}
+        )
+        eos = sorted(self.backend.eos_ids) or -1
+        for request in batch:
+            request_id = f"wb-{request.id}"
+            with self._changed:
+                self._inflight[request_id] = (request, group)
+            accepted = self._manager.add_request(
+                request.input_ids,
+                request_id=request_id,
+                max_new_tokens=request.params.max_new_tokens,
+                record_timestamps=True,
+                eos_token_id=eos,
+            )
+            if accepted is None:  # refused: the manager is stopping after a fatal error
+                self._finish(request_id, RuntimeError("the continuous batching scheduler stopped before this request"))
+
+    def close(self) -> None:
+        """Wait for every admitted request to finish, then stop the scheduler and give the model back."""
+        manager, collector = self._manager, self._collector
+        if manager is None:
+            return
+        with self._changed:
+            self._changed.wait_for(lambda: not self._inflight or not manager.is_running())
+        manager.stop(block=True)
+        manager.destroy()
+        if collector is not None:
+            collector.join()
+        self._manager = self._collector = self._sampling = None
+
+    # -- the scheduler -------------------------------------------------------------------------
+
+    def _start(self, params: GenerationParams) -> None:
+        from transformers import ContinuousBatchingConfig
+
+        loaded = self.backend.loaded
+        generation = copy.deepcopy(loaded.model.generation_config)
+        generation.update(**params.generate_kwargs())
+        generation.eos_token_id = sorted(self.backend.eos_ids) or None
+        generation.pad_token_id = self.backend.pad_id
+        policy = self.policy
+        settings: dict[str, Any] = {
+            "max_requests_per_batch": policy.max_batch,
+            "max_batch_tokens": policy.max_batch_tokens,
+            "num_blocks": policy.num_blocks,
+            "seed": params.seed,
+        }
+        if policy.page_size is not None:
+            settings["page_size"] = policy.page_size
+        if loaded.device.type == "cpu":
+            page = policy.page_size or ContinuousBatchingConfig.page_size
+            per_request = min(loaded.context_window or CPU_TOKENS_PER_REQUEST, CPU_TOKENS_PER_REQUEST)
+            settings["num_blocks"] = policy.num_blocks or math.ceil(policy.max_batch * per_request / page)
+            settings["max_batch_tokens"] = policy.max_batch_tokens or CPU_MAX_BATCH_TOKENS
+        try:
+            manager = loaded.model.init_continuous_batching(
+                generation_config=generation, continuous_batching_config=ContinuousBatchingConfig(**settings)
+            )
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise WorkbenchError(
+                f"continuous batching could not start for model {loaded.name!r}: {exc}",
+                hint="check the ContinuousBatching settings, or use DynamicBatching",
+            ) from exc
+        with torch.inference_mode():  # the manager's loop runs in its starter's inference mode
+            manager.start()
+        self._manager, self._sampling = manager, sampling_settings(params)
+        self._collector = threading.Thread(
+            target=self._collect, args=(manager,), name=f"workbench-continuous-{loaded.name}", daemon=True
+        )
+        self._collector.start()
+
+    def _collect(self, manager: Any) -> None:
+        """Turn the manager's finished outputs into results until it stops."""
+        while True:
+            output = manager.get_result(timeout=0.1)
+            if output is None:
+                if not manager.is_running():
+                    with self._changed:
+                        left = list(self._inflight)
+                    for request_id in left:
+                        self._finish(request_id, RuntimeError("the continuous batching scheduler stopped"))
+                    return
+                continue
+            if output.is_finished():
+                self._finish(output.request_id, output)
+
+    def _finish(self, request_id: str, outcome: Any) -> None:
+        failed = isinstance(outcome, BaseException) or outcome.error is not None
+        with self._changed:
+            entry = self._inflight.pop(request_id, None)
+            if entry is not None:
+                group = entry[1]
+                group.left -= 1
+                group.failed |= failed
+                last = group.left == 0
+            self._changed.notify_all()
+        if entry is None:
+            return
+        request = entry[0]
+        if last:  # as with a padded batch, the batch span ends before its requests report back
+            group.span.set_status(Status(StatusCode.ERROR if group.failed else StatusCode.OK))
+            group.span.end()
+        if isinstance(outcome, BaseException):
+            self._on_error([request], outcome)
+        elif failed:
+            self._on_error([request], RuntimeError(f"continuous batching failed this request: {outcome.error}"))
+        else:
+            self._on_result(request, self._result(request, group, outcome))
+
+    def _result(self, request: GenerationRequest, group: _Group, output: Any) -> GenerationResult:
+        tokens = list(output.generated_tokens)
+        started, ended = output.lifespan
+        stamps = output.timestamps or [ended]
+        first, last = stamps[0], stamps[-1]
+        stopped = bool(tokens) and tokens[-1] in self.backend.eos_ids
+        text = self.backend.loaded.tokenizer.decode(
+            [t for t in tokens if t not in self.backend.eos_ids], skip_special_tokens=True
+        )
+        return GenerationResult(
+            text=text.strip(),
+            token_ids=tokens,
+            tokens_in=request.tokens_in,
+            tokens_out=len(tokens),
+            finish_reason="stop" if stopped else "length",
+            queue_ms=(started - request.submitted) * 1e3,
+            prefill_ms=(first - started) * 1e3,
+            ttft_ms=(first - request.submitted) * 1e3,
+            decode_ms=(last - first) * 1e3,
+            e2e_ms=(time.perf_counter() - request.submitted) * 1e3,
+            batch_id=group.batch_id,
+            batch_size=group.size,
+            padding_tokens=0,
+        )

@@ -1,0 +1,193 @@
+"""The ``%autoglm`` line and cell magics: what each parsed subcommand does to the current workbench."""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from IPython.core.magic import Magics, line_cell_magic, magics_class, no_var_expand
+from IPython.core.pylabtools import print_figure
+from IPython.display import display
+
+from workbench.bench import current
+from workbench.chains.chain import Chain
+from workbench.cli import TABLE_COLUMNS
+from workbench.errors import HopFailed, WorkbenchError
+from workbench.models.tiny import tiny_model
+from workbench.notebook.parsers import (
+    ChainCommand,
+    Command,
+    HelpCommand,
+    LoadCommand,
+    ModelsCommand,
+    RunCommand,
+    TraceCommand,
+    UnloadCommand,
+    help_text,
+    parse_command,
+)
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from IPython.core.interactiveshell import InteractiveShell
+    from matplotlib.figure import Figure
+
+    from workbench.tracing import Trace
+
+RUN_VARIABLE = "_autoglm_run"
+# A visible mark per level: pandas' HTML strips leading whitespace (non-breaking too), which
+# would flatten the span tree in a notebook.
+_INDENT = "· "
+
+
+def report(error: WorkbenchError) -> None:
+    """Print a user's mistake the short way: ``autoglm: message`` and its hint, no traceback."""
+    print(f"autoglm: {error.message}", file=sys.stderr)
+    if error.hint:
+        print(f"hint: {error.hint}", file=sys.stderr)
+
+
+def span_table(trace: Trace) -> pd.DataFrame:
+    """The columns a latency reader wants first, names indented by depth in the span tree."""
+    table = trace.table()
+    names = table["depth"].map(lambda d: _INDENT * int(d)) + table["name"]
+    # Padding to one width keeps the text repr left-aligned, so the indentation stays visible.
+    return table.assign(name=names.str.ljust(int(names.str.len().max())))[TABLE_COLUMNS].reset_index(drop=True)
+
+
+@magics_class
+class AutoglmMagics(Magics):
+    """``%autoglm SUBCOMMAND ...`` and ``%%autoglm chain NAME``, acting on ``workbench.current()``."""
+
+    def __init__(self, shell: InteractiveShell) -> None:
+        super().__init__(shell)
+        # Keyed by subcommand name, like parsers.COMMANDS; a new subcommand adds one entry to each.
+        self._handlers: dict[str, Callable[[Any], None]] = {
+            HelpCommand.subcommand: self._help,
+            LoadCommand.subcommand: self._load,
+            ModelsCommand.subcommand: self._models,
+            UnloadCommand.subcommand: self._unload,
+            ChainCommand.subcommand: self._chain,
+            RunCommand.subcommand: self._run,
+            TraceCommand.subcommand: self._trace,
+        }
+
+    # No $var / {var} expansion: prompts and questions hold braces and dollars that must stay literal.
+    @no_var_expand
+    @line_cell_magic
+    def autoglm(self, line: str, cell: str | None = None) -> None:
+        """Load models, build and run chains, read traces; ``%autoglm help`` lists the subcommands."""
+        try:
+            command: Command = parse_command(line, cell)
+            self._handlers[command.subcommand](command)
+        except WorkbenchError as error:
+            report(error)
+
+    @property
+    def _user_ns(self) -> dict[str, Any]:
+        assert self.shell is not None
+        return self.shell.user_ns
+
+    def _help(self, command: HelpCommand) -> None:
+        print(help_text(command.topic), end="")
+
+    def _load(self, command: LoadCommand) -> None:
+        source = str(tiny_model()) if command.source == "tiny" else command.source
+        model = current().load(
+            command.name,
+            source,
+            device=command.device,
+            dtype=command.dtype,
+            adapter=command.adapter,
+            trust_remote_code=command.trust_remote_code,
+            allow_pickle=command.allow_pickle,
+        )
+        dtype = str(model.dtype).removeprefix("torch.")
+        print(
+            f"loaded {command.name!r} on {model.device} in {dtype} ({model.params:,} parameters)"
+            f" in {model.load_s:.2f} s"
+        )
+
+    def _models(self, command: ModelsCommand) -> None:
+        table = current().models()
+        if table.empty:
+            print("no models yet; load one with %autoglm load NAME SOURCE")
+        else:
+            display(table)
+
+    def _unload(self, command: UnloadCommand) -> None:
+        freed = current().unload(command.name)
+        print(f"unloaded {command.name!r}, freed {freed / 2**20:.1f} MiB")
+
+    def _chain(self, command: ChainCommand) -> None:
+        # A leading newline makes the spec's line numbers the cell's: line 1 is the %%autoglm line.
+        chain = current().chain("\n" + command.spec, name=command.name)
+        self._user_ns[command.name] = chain
+        display(chain)
+
+    def _find_chain(self, name: str) -> Chain:
+        chains = current().chains()
+        if name in chains:
+            return chains[name]
+        candidate = self._user_ns.get(name)
+        if isinstance(candidate, Chain):
+            return candidate
+        known = sorted(
+            set(chains) | {k for k, v in self._user_ns.items() if isinstance(v, Chain) and not k.startswith("_")}
+        )
+        close = difflib.get_close_matches(name, known, n=1)
+        raise WorkbenchError(
+            f"no chain named {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
+            hint=f"chains: {', '.join(known)}" if known else "build one in a cell starting with %%autoglm chain NAME",
+        )
+
+    def _run(self, command: RunCommand) -> None:
+        chain = self._find_chain(command.chain)
+        try:
+            run = chain.run(session=command.session, **command.inputs)
+        except HopFailed as failed:
+            # The partial run keeps the outputs that finished; bind it so it can be read and traced.
+            if failed.run is not None:
+                self._user_ns[RUN_VARIABLE] = failed.run
+            raise
+        self._user_ns[RUN_VARIABLE] = run
+        display(run)
+        display(span_table(run.trace))
+
+    def _trace(self, command: TraceCommand) -> None:
+        bench = current()
+        trace = bench.traces() if command.all else bench.run(command.run).trace
+        if not len(trace):
+            print("no spans recorded yet")
+            return
+        if command.summary:
+            display(trace.summary())
+        if command.waterfall:
+            self._show_figure(trace.waterfall())
+        if not (command.summary or command.waterfall):
+            display(span_table(trace))
+
+    def _show_figure(self, figure: Figure) -> None:
+        assert self.shell is not None
+        data, metadata = self.shell.display_formatter.format(figure)
+        # A Figure made without pyplot has no image formatter unless %matplotlib inline registered one;
+        # without this it would show as "<Figure size ...>" text.
+        if not any(mime.startswith("image/") for mime in data):
+            data["image/png"] = print_figure(figure, "png")
+        display(data, metadata=metadata, raw=True)
+
+
+def register(ipython: InteractiveShell) -> None:
+    """Add ``%autoglm`` / ``%%autoglm`` to ``ipython`` (called by ``%load_ext workbench``)."""
+    ipython.register_magics(AutoglmMagics(ipython))
+
+
+def unregister(ipython: InteractiveShell) -> None:
+    """Remove what :func:`register` added (called by ``%unload_ext workbench``)."""
+    # IPython has no unregister_magics; dropping the entries makes %autoglm unknown again.
+    manager = ipython.magics_manager
+    for kind in ("line", "cell"):
+        manager.magics[kind].pop("autoglm", None)
+    manager.registry.pop(AutoglmMagics.__name__, None)

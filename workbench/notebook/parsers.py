@@ -1,0 +1,332 @@
+"""Parsing of ``%autoglm`` lines and cells into typed commands; no behaviour lives here."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, NoReturn
+
+from workbench.errors import WorkbenchError
+
+PROG = "%autoglm"
+
+
+class ParseError(WorkbenchError):
+    """A ``%autoglm`` line or cell that does not parse: unknown subcommand, missing or bad argument."""
+
+
+class MagicArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser that raises ParseError where argparse would print and exit the kernel."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ParseError(f"{self.prog.split()[-1]}: {message}", hint=self.format_usage().strip())
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        raise ParseError((message or f"{self.prog} stopped").strip(), hint=self.format_usage().strip())
+
+
+class _HelpRequested(Exception):
+    """Raised by ``-h`` inside parsing, so that ``load -h`` means ``help load`` even without NAME SOURCE."""
+
+    def __init__(self, topic: str) -> None:
+        super().__init__(topic)
+        self.topic = topic
+
+
+class _HelpAction(argparse.Action):
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> NoReturn:
+        raise _HelpRequested(parser.prog.split()[-1])
+
+
+@dataclass(frozen=True)
+class Command:
+    """Base of the parsed subcommands: each names itself and says how it is used, with an example."""
+
+    subcommand: ClassVar[str]
+    usage: ClassVar[str]
+    about: ClassVar[str]
+    example: ClassVar[str]
+    takes_cell: ClassVar[bool] = False
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Declare the subcommand's arguments (none by default)."""
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, cell: str | None) -> Command:
+        return cls(**vars(args))
+
+
+@dataclass(frozen=True)
+class HelpCommand(Command):
+    subcommand = "help"
+    usage = "help [SUBCOMMAND]"
+    about = "this summary, or every option of one subcommand"
+    example = "%autoglm help run"
+
+    topic: str | None = None
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("topic", nargs="?", metavar="SUBCOMMAND")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, cell: str | None) -> Command:
+        if args.topic is not None:
+            _check_subcommand(args.topic)
+        return cls(topic=args.topic)
+
+
+@dataclass(frozen=True)
+class LoadCommand(Command):
+    subcommand = "load"
+    usage = "load NAME SOURCE [--device D] [--dtype T] [--adapter PATH] [--trust-remote-code] [--allow-pickle]"
+    about = "load a model directory or hub id as NAME; SOURCE 'tiny' is the offline tiny model"
+    example = "%autoglm load tiny tiny --device cpu"
+
+    name: str
+    source: str
+    device: str = "auto"
+    dtype: str = "auto"
+    adapter: str | None = None
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("name", metavar="NAME", help="the name chain specs use for this model")
+        parser.add_argument("source", metavar="SOURCE", help="a local directory, a hub id, or 'tiny'")
+        parser.add_argument("--device", default="auto", metavar="D", help="auto (default), cpu, cuda, cuda:1, mps")
+        parser.add_argument("--dtype", default="auto", metavar="T", help="auto (default), float32, bfloat16, float16")
+        parser.add_argument("--adapter", metavar="PATH", help="a PEFT (LoRA) adapter directory")
+        parser.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the model")
+        parser.add_argument("--allow-pickle", action="store_true", help="accept pickled (.bin) weights")
+
+
+@dataclass(frozen=True)
+class ModelsCommand(Command):
+    subcommand = "models"
+    usage = "models"
+    about = "the table of known models: device, dtype, parameters, memory, load time, state"
+    example = "%autoglm models"
+
+
+@dataclass(frozen=True)
+class UnloadCommand(Command):
+    subcommand = "unload"
+    usage = "unload NAME"
+    about = "stop a model's worker and free its memory"
+    example = "%autoglm unload tiny"
+
+    name: str
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("name", metavar="NAME")
+
+
+@dataclass(frozen=True)
+class ChainCommand(Command):
+    subcommand = "chain"
+    usage = "chain NAME"
+    about = "(cell magic) build a chain from the YAML spec in the cell and bind it to NAME in the notebook"
+    example = "%%autoglm chain qa"
+    takes_cell = True
+
+    name: str
+    spec: str
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("name", metavar="NAME")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, cell: str | None) -> Command:
+        if cell is None:
+            raise ParseError(
+                "chain is a cell magic: its spec is the body of the cell",
+                hint="start a cell with  %%autoglm chain " + args.name + "  and write the YAML spec below it",
+            )
+        # The chain becomes a notebook variable, so its name must be one.
+        if not args.name.isidentifier():
+            raise ParseError(
+                f"chain name {args.name!r} is not a Python identifier",
+                hint="use letters, digits and underscores, e.g. %%autoglm chain my_chain",
+            )
+        if not cell.strip():
+            raise ParseError(
+                "the cell holds no chain spec",
+                hint="under %%autoglm chain NAME write  hops:  and a list of hops (model + prompt, or call)",
+            )
+        return cls(name=args.name, spec=cell)
+
+
+@dataclass(frozen=True)
+class RunCommand(Command):
+    subcommand = "run"
+    usage = "run CHAIN key=value ... [--session S]"
+    about = "run a chain; shows its output and span table, and binds the Run to _autoglm_run"
+    example = '%autoglm run qa question="What is 2 + 2?"'
+
+    chain: str
+    inputs: dict[str, str] = field(default_factory=dict)
+    session: str | None = None
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("chain", metavar="CHAIN", help="a chain built on this workbench, or a Chain variable")
+        parser.add_argument("inputs", nargs="*", metavar="key=value", help="chain inputs; quote values with spaces")
+        parser.add_argument("--session", metavar="S", help="a session id: runs in one session share history")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, cell: str | None) -> Command:
+        return cls(chain=args.chain, inputs=parse_inputs(args.inputs), session=args.session)
+
+
+@dataclass(frozen=True)
+class TraceCommand(Command):
+    subcommand = "trace"
+    usage = "trace [last|RUN_ID] [--summary] [--waterfall] [--all]"
+    about = "a run's span table (the last run by default), its per-hop summary or its waterfall"
+    example = "%autoglm trace --summary"
+
+    run: str = "last"
+    summary: bool = False
+    waterfall: bool = False
+    all: bool = False
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("run", nargs="?", metavar="last|RUN_ID", help="a run id (a unique prefix will do)")
+        parser.add_argument("--summary", action="store_true", help="per-hop latency summary")
+        parser.add_argument("--waterfall", action="store_true", help="draw the spans as a waterfall")
+        parser.add_argument("--all", action="store_true", help="every span the workbench recorded, not one run's")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, cell: str | None) -> Command:
+        if args.all and args.run is not None:
+            raise ParseError(
+                f"trace: give a run id or --all, not both (got {args.run!r} and --all)",
+                hint=f"usage: {PROG} {cls.usage}",
+            )
+        return cls(run=args.run or "last", summary=args.summary, waterfall=args.waterfall, all=args.all)
+
+
+# The dispatch order of `help`; a later subcommand (compare, builder) is one more Command subclass here.
+COMMANDS: dict[str, type[Command]] = {
+    c.subcommand: c
+    for c in (HelpCommand, LoadCommand, ModelsCommand, UnloadCommand, ChainCommand, RunCommand, TraceCommand)
+}
+
+
+def magic_name(command: type[Command]) -> str:
+    """``%%autoglm`` for a subcommand whose input is the cell, ``%autoglm`` for the others."""
+    return "%" + PROG if command.takes_cell else PROG
+
+
+def _build_parsers() -> dict[str, MagicArgumentParser]:
+    # Each line is parsed by its subcommand's parser directly, after _check_subcommand has had the
+    # first word: that gives a did-you-mean, and lets parse_intermixed_args (no subparser support) run.
+    root = MagicArgumentParser(prog=PROG, add_help=False)
+    sub = root.add_subparsers(dest="subcommand", parser_class=MagicArgumentParser)
+    parsers: dict[str, MagicArgumentParser] = {}
+    for name, command in COMMANDS.items():
+        prog = f"{magic_name(command)} {name}"
+        # argparse %-formats usage strings, and every magic name starts with a percent sign.
+        usage = f"{magic_name(command)} {command.usage}".replace("%", "%%")
+        parser = sub.add_parser(name, prog=prog, usage=usage, description=command.about, add_help=False)
+        parser.add_argument("-h", "--help", action=_HelpAction, help="show this subcommand's options")
+        command.add_arguments(parser)
+        parsers[name] = parser
+    return parsers
+
+
+PARSERS = _build_parsers()
+
+
+def _check_subcommand(word: str) -> None:
+    if word in COMMANDS:
+        return
+    close = difflib.get_close_matches(word, COMMANDS, n=1)
+    suggestion = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ParseError(
+        f"unknown subcommand {word!r}{suggestion}",
+        hint=f"the subcommands are {', '.join(COMMANDS)}; %autoglm help shows an example of each",
+    )
+
+
+def parse_inputs(pairs: Sequence[str]) -> dict[str, str]:
+    """Chain inputs from ``key=value`` words (already unquoted by shlex); values stay strings."""
+    inputs: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            example = pair if pair.isidentifier() else "question"
+            raise ParseError(
+                f"input {pair!r} is not key=value",
+                hint=f'quote values that hold spaces, e.g. {example}="What is 2 + 2?"',
+            )
+        if not key.isidentifier():
+            raise ParseError(f"input name {key!r} is not an identifier", hint='e.g. question="What is 2 + 2?"')
+        if key == "session":
+            raise ParseError("'session' is not an input: it names the session", hint="use --session S")
+        if key in inputs:
+            raise ParseError(f"input {key!r} is given twice", hint="give each input once")
+        inputs[key] = value
+    return inputs
+
+
+def parse_command(line: str, cell: str | None = None) -> Command:
+    """Parse a magic's line (and, for ``%%autoglm``, its cell body) into a Command, or raise ParseError."""
+    try:
+        # shlex, not str.split: a quoted value such as question="What is 2 + 2?" is one word.
+        words = shlex.split(line)
+    except ValueError as exc:
+        raise ParseError(f"cannot split the line: {exc}", hint="close every quote you open") from exc
+    if not words:
+        if cell is not None:
+            raise ParseError("%%autoglm needs a subcommand", hint="e.g. %%autoglm chain qa")
+        return HelpCommand()
+    name, rest = words[0], words[1:]
+    _check_subcommand(name)
+    command = COMMANDS[name]
+    try:
+        # intermixed: `run qa --session s1 question=x` must work as well as flags at the end.
+        args = PARSERS[name].parse_intermixed_args(rest)
+    except _HelpRequested as requested:
+        return HelpCommand(topic=requested.topic)
+    # A blank body is harmless (a cell holding only `%%autoglm models`); anything else would be lost.
+    if cell is not None and cell.strip() and not command.takes_cell:
+        raise ParseError(
+            f"{name} takes no cell body",
+            hint=f"use the line magic: {PROG} {command.usage}",
+        )
+    return command.from_args(args, cell)
+
+
+def help_text(topic: str | None = None) -> str:
+    """The usage summary of every subcommand with an example each, or one subcommand's full options."""
+    if topic is not None:
+        command = COMMANDS[topic]
+        return f"{PARSERS[topic].format_help().rstrip()}\n\nexample:\n  {command.example}\n"
+    lines = [
+        "%autoglm: load models, build and run chains, read their traces.",
+        "The magics and Python share one workbench: workbench.current().",
+        "",
+    ]
+    for command in COMMANDS.values():
+        lines += [f"  {magic_name(command)} {command.usage}", f"      {command.about}", f"      e.g. {command.example}"]
+    lines += [
+        "",
+        "%%autoglm chain NAME binds the Chain to NAME; %autoglm run binds the Run (even a failed",
+        "one, with the outputs that finished) to _autoglm_run. Values are taken literally: no",
+        "$var or {var} expansion, so prompts may hold braces and dollars. Mistakes print a short",
+        "'autoglm:' message. %autoglm SUBCOMMAND -h lists every option.",
+    ]
+    return "\n".join(lines) + "\n"
