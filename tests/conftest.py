@@ -3,12 +3,53 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import workbench as wb
+
+DATA_DIR = "AUTOGLM_DATA_DIR"
+_run_data_dir = pytest.StashKey["str | None"]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Point the workbench's data directory (where sessions persist) away from the real home.
+
+    Set for the whole run, before anything starts, so subprocesses (the CLI tests) and notebook
+    kernels under nbval inherit it; the fixtures below narrow it to a module and a test.
+    """
+    config.stash[_run_data_dir] = os.environ.get(DATA_DIR)
+    os.environ[DATA_DIR] = tempfile.mkdtemp(prefix="autoglm-data-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(os.environ[DATA_DIR], ignore_errors=True)
+    previous = config.stash.get(_run_data_dir, None)
+    if previous is None:
+        del os.environ[DATA_DIR]
+    else:
+        os.environ[DATA_DIR] = previous
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A data directory per test module, so module-wide workbenches share no sessions across modules."""
+    path = tmp_path_factory.mktemp("autoglm-data")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(DATA_DIR, str(path))
+        yield path
+
+
+@pytest.fixture(autouse=True)
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The data directory of a test's workbenches (their session store lives here); empty until used."""
+    path = tmp_path / "autoglm-data"
+    monkeypatch.setenv(DATA_DIR, str(path))
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +63,14 @@ def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def bench() -> Iterator[wb.Workbench]:
     """An empty workbench, closed after the test (workers stopped, models freed)."""
     with wb.Workbench() as b:
+        yield b
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tiny_path: Path) -> Iterator[wb.Workbench]:
+    """One workbench per test module with 'tiny' on the CPU (no batching), for tests that do not change it."""
+    with wb.Workbench() as b:
+        b.load("tiny", tiny_path, device="cpu")
         yield b
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from textwrap import dedent
 from typing import Any
 
@@ -12,14 +10,6 @@ import pytest
 
 import workbench as wb
 from workbench.demo import DEMO_SPEC
-
-
-@pytest.fixture(scope="module")
-def tiny_bench(tiny_path: Path) -> Iterator[wb.Workbench]:
-    """One workbench with 'tiny' on the CPU; chains built on it do not change it."""
-    with wb.Workbench() as bench:
-        bench.load("tiny", tiny_path, device="cpu")
-        yield bench
 
 
 def _hop_spans(run: wb.Run) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,14 +18,6 @@ PROMPTS = [
     "Latency is measured per span: queue wait, prefill, decode, and the time to first token. Question: How many?",
     "Tokens in, tokens out",
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny_bench(tiny_path: Path) -> Iterator[wb.Workbench]:
-    """One workbench with 'tiny' on the CPU, one request at a time, shared by the tests that do not unload it."""
-    with wb.Workbench() as bench:
-        bench.load("tiny", tiny_path, device="cpu", batching=wb.NoBatching())
-        yield bench
 
 
 def _requests(bench: wb.Workbench, prompts: list[str], params: GenerationParams) -> list[GenerationRequest]:

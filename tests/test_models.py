@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import weakref
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -21,14 +20,6 @@ from workbench.models.registry import LoadSettings
 
 PROMPT = "Question: What is the capital of France?\nPlan:"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
-
-
-@pytest.fixture(scope="module")
-def tiny_bench(tiny_path: Path) -> Iterator[wb.Workbench]:
-    """One workbench with 'tiny' on the CPU for the tests that only read it or add other names."""
-    with wb.Workbench() as bench:
-        bench.load("tiny", tiny_path, device="cpu", dtype="auto")
-        yield bench
 
 
 # -- the tiny model ----------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from textwrap import dedent
 
@@ -36,14 +35,6 @@ FAN_SPEC = dedent(
     """
 )
 QUESTIONS = ["What is the capital of France?", "How many hops?", "A chain", "Tokens in", "Latency", "Plan"]
-
-
-@pytest.fixture(scope="module")
-def tiny_bench(tiny_path: Path) -> Iterator[wb.Workbench]:
-    """One workbench with 'tiny' on the CPU, shared by tests that only run chains on it."""
-    with wb.Workbench() as bench:
-        bench.load("tiny", tiny_path, device="cpu")
-        yield bench
 
 
 @pytest.fixture(scope="module")

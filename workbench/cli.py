@@ -10,9 +10,6 @@ from collections.abc import Sequence
 from workbench.demo import DEMO_QUESTION
 from workbench.errors import WorkbenchError
 
-TABLE_COLUMNS = ["name", "offset_ms", "duration_ms", "queue_ms", "ttft_ms", "decode_ms", "tokens_in", "tokens_out",
-                 "status_code"]
-
 
 def _print_run(run: object) -> None:
     import pandas as pd
@@ -20,10 +17,7 @@ def _print_run(run: object) -> None:
     from workbench.chains.run import Run
 
     assert isinstance(run, Run)
-    table = run.trace.table()
-    indent = table["depth"].map(lambda d: "  " * int(d))
-    names = indent + table["name"]
-    table = table.assign(name=names.str.ljust(int(names.str.len().max())))[TABLE_COLUMNS]
+    table = run.trace.compact()
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.2f}".format):
         print(f"\nrun {run.id} of chain {run.chain!r} in {run.duration_ms:.1f} ms")
         for hop, value in run.outputs.items():

@@ -15,6 +15,11 @@ from workbench.models.registry import LoadedModel
 _batch_ids = itertools.count(1)
 
 
+def next_batch_id() -> int:
+    """A process-wide batch number, shared by every backend so batch ids never collide in a trace."""
+    return next(_batch_ids)
+
+
 class _StepClock(BaseStreamer):
     """Reads the clock at each ``put`` of ``generate``: once for the prompt, then once per step.
 
@@ -81,6 +86,10 @@ class TransformersBackend:
             hint="shorten the prompt, lower max_new_tokens, or set truncate: left on the hop",
         )
 
+    def detokenize(self, tokens: list[int]) -> str:
+        """The text of generated ``tokens``, end-of-sequence and special tokens dropped."""
+        return self.loaded.tokenizer.decode([t for t in tokens if t not in self.eos_ids], skip_special_tokens=True).strip()
+
     def generate(self, batch: list[GenerationRequest]) -> tuple[list[GenerationResult], BatchTiming]:
         """Generate for every request of ``batch`` (equal params) in one padded call."""
         params = batch[0].params
@@ -105,7 +114,7 @@ class TransformersBackend:
         ended = time.perf_counter()
         generated = output[:, width:].tolist()
         first = clock.step_times[0] if clock.step_times else ended
-        batch_id = next(_batch_ids)
+        batch_id = next_batch_id()
         results = []
         detok_start = time.perf_counter()
         for row, request in enumerate(batch):
@@ -117,12 +126,9 @@ class TransformersBackend:
             else:
                 tokens = generated[row][: params.max_new_tokens]
                 finished = clock.step_times[len(tokens) - 1] if tokens else first
-            text = self.loaded.tokenizer.decode(
-                [t for t in tokens if t not in self.eos_ids], skip_special_tokens=True
-            )
             results.append(
                 GenerationResult(
-                    text=text.strip(),
+                    text=self.detokenize(tokens),
                     token_ids=tokens,
                     tokens_in=request.tokens_in,
                     tokens_out=len(tokens),

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from opentelemetry.trace import Span, Status, StatusCode
 
-from workbench.engine.backend import TransformersBackend, _batch_ids
+from workbench.engine.backend import TransformersBackend, next_batch_id
 from workbench.engine.batching import ContinuousBatching, sampling_settings
 from workbench.engine.requests import GenerationParams, GenerationRequest, GenerationResult
 from workbench.errors import WorkbenchError
@@ -113,7 +113,7 @@ class ContinuousBackend:
             self._start(batch[0].params)
         with self._changed:
             inflight = len(self._inflight) + len(batch)
-        group = _Group(span, next(_batch_ids), len(batch), len(batch))
+        group = _Group(span, next_batch_id(), len(batch), len(batch))
         span.set_attributes(
             {attr.BATCH_ID: group.batch_id, attr.PADDING_TOKENS: 0, "workbench.batch.mode": "continuous",
              "workbench.batch.inflight": inflight}
@@ -231,11 +231,8 @@ class ContinuousBackend:
         stamps = output.timestamps or [ended]
         first, last = stamps[0], stamps[-1]
         stopped = bool(tokens) and tokens[-1] in self.backend.eos_ids
-        text = self.backend.loaded.tokenizer.decode(
-            [t for t in tokens if t not in self.backend.eos_ids], skip_special_tokens=True
-        )
         return GenerationResult(
-            text=text.strip(),
+            text=self.backend.detokenize(tokens),
             token_ids=tokens,
             tokens_in=request.tokens_in,
             tokens_out=len(tokens),

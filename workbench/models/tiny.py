@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 # A few paragraphs for the byte-level BPE tokenizer to learn merges from. The model's weights
@@ -25,6 +27,7 @@ Tokens in, tokens out, padding, batch size, throughput in tokens per second.
 """
 
 BUILD_VERSION = 1
+_BUILD_LOCK = threading.Lock()
 FIT_STEPS = 300
 DEFAULT_SEED = 0
 TINY_CONFIG = {
@@ -63,6 +66,16 @@ def tiny_model(seed: int = DEFAULT_SEED, cache_dir: str | os.PathLike[str] | Non
     if (final / "config.json").is_file() and (final / "model.safetensors").is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)
+    # One build at a time in this process: the fit sets torch's global thread count.
+    with _BUILD_LOCK:
+        if not (final / "model.safetensors").is_file():
+            _build_into(root, final, seed)
+    return final
+
+
+def _build_into(root: Path, final: Path, seed: int) -> None:
+    """Build in a scratch directory next to ``final`` and rename it into place (atomic)."""
+    _remove_stale_scratch(root)
     scratch = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
     try:
         _build(scratch, seed)
@@ -75,7 +88,17 @@ def tiny_model(seed: int = DEFAULT_SEED, cache_dir: str | os.PathLike[str] | Non
     finally:
         if scratch.exists():
             shutil.rmtree(scratch, ignore_errors=True)
-    return final
+
+
+def _remove_stale_scratch(root: Path, older_than_s: float = 3600.0) -> None:
+    """Scratch directories of builds that were killed part-way; a live build is never this old."""
+    cutoff = time.time() - older_than_s
+    for stale in root.glob(".build-*"):
+        try:
+            if stale.stat().st_mtime < cutoff:
+                shutil.rmtree(stale, ignore_errors=True)
+        except FileNotFoundError:
+            pass
 
 
 def _fit(model, tokenizer, generator) -> None:  # type: ignore[no-untyped-def]
@@ -165,4 +188,13 @@ def _build(target: Path, seed: int) -> None:
         pad_token_id=tokenizer.pad_token_id,
         do_sample=False,
     )
-    model.save_pretrained(target)
+    from transformers.utils import logging as hf_logging
+
+    # A one-shard "Writing model shards" bar is noise in a demo's or a notebook's output.
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(target)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()

@@ -8,15 +8,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from IPython.core.magic import Magics, line_cell_magic, magics_class, no_var_expand
-from IPython.core.pylabtools import print_figure
 from IPython.display import display
 
 from workbench.bench import current
 from workbench.chains.chain import Chain
-from workbench.cli import TABLE_COLUMNS
-from workbench.errors import HopFailed, WorkbenchError
+from workbench.errors import HopFailed, MissingInputError, WorkbenchError
 from workbench.models.tiny import tiny_model
 from workbench.notebook.parsers import (
+    PROG,
     ChainCommand,
     Command,
     HelpCommand,
@@ -32,7 +31,6 @@ from workbench.notebook.parsers import (
 if TYPE_CHECKING:
     import pandas as pd
     from IPython.core.interactiveshell import InteractiveShell
-    from matplotlib.figure import Figure
 
     from workbench.tracing import Trace
 
@@ -51,10 +49,7 @@ def report(error: WorkbenchError) -> None:
 
 def span_table(trace: Trace) -> pd.DataFrame:
     """The columns a latency reader wants first, names indented by depth in the span tree."""
-    table = trace.table()
-    names = table["depth"].map(lambda d: _INDENT * int(d)) + table["name"]
-    # Padding to one width keeps the text repr left-aligned, so the indentation stays visible.
-    return table.assign(name=names.str.ljust(int(names.str.len().max())))[TABLE_COLUMNS].reset_index(drop=True)
+    return trace.compact(indent=_INDENT)
 
 
 @magics_class
@@ -147,6 +142,9 @@ class AutoglmMagics(Magics):
         chain = self._find_chain(command.chain)
         try:
             run = chain.run(session=command.session, **command.inputs)
+        except MissingInputError as missing:
+            example = " ".join(f"{name}=..." for name in chain.inputs)
+            raise MissingInputError(missing.message, hint=f"{PROG} run {command.chain} {example}") from None
         except HopFailed as failed:
             # The partial run keeps the outputs that finished; bind it so it can be read and traced.
             if failed.run is not None:
@@ -165,18 +163,9 @@ class AutoglmMagics(Magics):
         if command.summary:
             display(trace.summary())
         if command.waterfall:
-            self._show_figure(trace.waterfall())
+            display(trace.waterfall())
         if not (command.summary or command.waterfall):
             display(span_table(trace))
-
-    def _show_figure(self, figure: Figure) -> None:
-        assert self.shell is not None
-        data, metadata = self.shell.display_formatter.format(figure)
-        # A Figure made without pyplot has no image formatter unless %matplotlib inline registered one;
-        # without this it would show as "<Figure size ...>" text.
-        if not any(mime.startswith("image/") for mime in data):
-            data["image/png"] = print_figure(figure, "png")
-        display(data, metadata=metadata, raw=True)
 
 
 def register(ipython: InteractiveShell) -> None:

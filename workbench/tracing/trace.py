@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry.sdk.trace import ReadableSpan
@@ -13,6 +13,11 @@ from workbench.tracing import attributes as attr
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
+
+# The subset ``Trace.compact`` shows (the CLI and the magics print it).
+COMPACT_COLUMNS = [
+    "name", "offset_ms", "duration_ms", "queue_ms", "ttft_ms", "decode_ms", "tokens_in", "tokens_out", "status_code",
+]
 
 # Columns every table has, in this order; span attributes follow as ``attributes.*``.
 COLUMNS = [
@@ -158,6 +163,14 @@ class Trace:
             frame[col] = frame[col].astype("Int64")
         return frame
 
+    def compact(self, indent: str = "  ") -> pd.DataFrame:
+        """The columns a latency reader wants first, span names indented by depth in the tree."""
+        table = self.table()
+        names = table["depth"].map(lambda d: indent * int(d)) + table["name"]
+        # Padding to one width keeps the text repr left-aligned, so the indentation stays visible.
+        names = names.str.ljust(int(names.str.len().max())) if len(names) else names
+        return table.assign(name=names)[COMPACT_COLUMNS].reset_index(drop=True)
+
     def summary(self) -> pd.DataFrame:
         """Per-hop latency: count, errors, mean / p50 / p95 of duration, TTFT p50, output tokens/s."""
         import pandas as pd
@@ -195,11 +208,12 @@ class Trace:
 
     def waterfall(self, max_spans: int = 400) -> Figure:
         """A matplotlib Figure: one bar per span, nested by depth, queue wait drawn hatched."""
-        from matplotlib.figure import Figure
         from matplotlib.patches import Patch
 
+        from workbench.tracing.figure import DisplayFigure
+
         ordered = self.ordered()[:max_spans]
-        fig = Figure(figsize=(10, max(2.0, 0.32 * len(ordered) + 1.0)), layout="constrained")
+        fig = DisplayFigure(figsize=(10, max(2.0, 0.32 * len(ordered) + 1.0)), layout="constrained")
         ax = fig.add_subplot()
         if not ordered:
             ax.set_title("empty trace")
@@ -237,7 +251,3 @@ class Trace:
         ax.set_title(f"{', '.join(chains[:3]) or 'spans'}: {len(ordered)} spans", loc="left", fontsize=9)
         return fig
 
-
-def merge(traces: Sequence[Trace]) -> Trace:
-    """One Trace holding the spans of several."""
-    return Trace(span for t in traces for span in t.spans)

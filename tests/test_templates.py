@@ -1,0 +1,63 @@
+"""Prompt templates: the plain-text fast path renders exactly what Jinja's sandbox renders."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from workbench.chains.templates import _ENV, PromptTemplate
+from workbench.errors import TemplateError
+
+NAMES = ["question", "plan", "answer", "history"]
+# Text between variables: anything but the characters that open Jinja syntax.
+TEXT = st.text(st.characters(blacklist_characters="{}%#", blacklist_categories=("Cs",)), max_size=30)
+VALUES = st.one_of(
+    st.text(max_size=20),
+    st.integers(),
+    st.floats(allow_nan=False),
+    st.none(),
+    st.lists(st.integers(), max_size=3),
+    st.dictionaries(st.sampled_from(NAMES), st.integers(), max_size=2),
+)
+
+
+@st.composite
+def plain_templates(draw: st.DrawFn) -> str:
+    parts = [draw(TEXT)]
+    for _ in range(draw(st.integers(0, 4))):
+        name = draw(st.sampled_from(NAMES))
+        spaces = draw(st.sampled_from(["", " ", "  "]))
+        parts += [f"{{{{{spaces}{name}{spaces}}}}}", draw(TEXT)]
+    return "".join(parts)
+
+
+@settings(max_examples=300, deadline=None)
+@given(source=plain_templates(), values=st.fixed_dictionaries({n: VALUES for n in NAMES}))
+def test_fast_path_renders_what_jinja_renders(source: str, values: dict[str, Any]) -> None:
+    template = PromptTemplate(source, hop="h")
+    assert template.render(values) == _ENV.from_string(source).render(**values)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{{ question | upper }}",
+        "{% for r in history %}{{ r }};{% endfor %}{{ question }}",
+        "{{ question }}{# a comment #}!",
+        "{{ range(3) | list }} {{ question }}",
+        "{{ plan.title() }}",
+    ],
+)
+def test_templates_beyond_plain_text_render_through_jinja(source: str) -> None:
+    values = {"question": "why?", "history": ["a", "b"], "plan": "first step"}
+    assert PromptTemplate(source, hop="h").render(values) == _ENV.from_string(source).render(**values)
+
+
+def test_a_missing_value_names_the_hop_and_what_is_available() -> None:
+    with pytest.raises(TemplateError) as err:
+        PromptTemplate("{{ plan }} then {{ question }}", hop="answer").render({"question": "q"})
+    message = str(err.value)
+    assert "answer" in message and "plan" in message and "question" in message
