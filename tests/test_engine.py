@@ -141,7 +141,7 @@ def test_unloading_fails_queued_requests_instead_of_hanging(bench: wb.Workbench,
     bench.load("tiny", tiny_path, device="cpu", batching=wb.NoBatching())
     params = GenerationParams(max_new_tokens=48)
     requests = [bench.engine.submit("tiny", PROMPTS[2], params) for _ in range(8)]
-    bench.unload("tiny")
+    bench.unload("tiny", forget=True)
 
     outcomes = []
     for request in requests:

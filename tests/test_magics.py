@@ -99,17 +99,17 @@ def test_load_tiny_then_models_shows_it(
     assert loaded.stderr == ""
     assert "loaded 'tiny' on cpu in float32" in loaded.stdout
 
-    tables = shown(magic(shell, "models"))
+    tables = shown(magic(shell, "models"), "text/html")  # what a notebook shows: every column
     assert len(tables) == 1
     assert "tiny" in tables[0] and "loaded" in tables[0]
     assert wb.current().models()["source"].tolist() == [str(tiny_path)]
 
 
-def test_unload_frees_the_model(with_tiny: InteractiveShell) -> None:
+def test_unload_frees_the_model_and_keeps_it_registered(with_tiny: InteractiveShell) -> None:
     captured = magic(with_tiny, "unload tiny")
     assert "unloaded 'tiny'" in captured.stdout
-    assert wb.current().registry.names() == []
-    assert "no models yet" in magic(with_tiny, "models").stdout
+    assert not wb.current().registry.is_loaded("tiny")
+    assert wb.current().models()["state"].tolist() == ["registered"]  # it loads again on first use
 
 
 # -- chains and runs ----------------------------------------------------------------------------
@@ -154,7 +154,7 @@ def test_run_finds_a_chain_variable_and_keeps_the_session(with_qa: InteractiveSh
 
 
 def test_a_failed_hop_prints_a_short_error_and_keeps_the_partial_run(with_qa: InteractiveShell) -> None:
-    wb.current().unload("tiny")
+    wb.current().unload("tiny", forget=True)
     captured = magic(with_qa, "run qa question=hi")
     assert captured.stderr.startswith("autoglm: hop 'plan' failed: no model named 'tiny'")
     assert "Traceback" not in captured.stderr + captured.stdout

@@ -114,14 +114,15 @@ def test_models_table_lists_loaded_and_registered_models(tiny_bench: wb.Workbenc
     try:
         table = tiny_bench.models()
         assert list(table.columns) == ["name", "source", "adapter", "device", "dtype", "params", "memory_mb",
-                                       "load_s", "state"]
+                                       "load_s", "state", "cold_start_s", "last_used", "health", "batch_limit"]
         states = dict(zip(table["name"], table["state"], strict=True))
         assert states == {"tiny": "loaded", "later": "registered"}
         later = table.set_index("name").loc["later"]
         assert later["source"] == str(tiny_path)
         assert pd.isna(later["params"]) and pd.isna(later["memory_mb"])  # not loaded: nothing measured yet
+        assert pd.isna(later["cold_start_s"]) and pd.isna(later["last_used"])
     finally:
-        tiny_bench.unload("later")
+        tiny_bench.unload("later", forget=True)
     assert list(tiny_bench.models()["name"]) == ["tiny"]
 
 
@@ -147,7 +148,7 @@ def test_pickle_weights_are_refused_unless_allowed(tiny_bench: wb.Workbench, pic
         same = tiny_bench.generate("pickled", PROMPT, max_new_tokens=12)
         assert same.token_ids == tiny_bench.generate("tiny", PROMPT, max_new_tokens=12).token_ids
     finally:
-        tiny_bench.unload("pickled")
+        tiny_bench.unload("pickled", forget=True)
 
 
 def _no_config_dir(tmp_path: Path, tiny_path: Path) -> Path:
@@ -198,13 +199,13 @@ def test_cuda_without_cuda_is_a_clear_error(tiny_bench: wb.Workbench, tiny_path:
     assert "gpu" not in tiny_bench.registry.names()
 
 
-def test_unload_frees_the_model_and_later_use_fails_clearly(loaded: wb.Workbench) -> None:
+def test_forgetting_frees_the_model_and_later_use_fails_clearly(loaded: wb.Workbench) -> None:
     bench = loaded
     chain = bench.chain({"name": "c", "hops": [{"name": "say", "model": "tiny", "prompt": "Q: {{ q }}"}]})
     model_ref = weakref.ref(bench.registry.get("tiny").model)
     memory = bench.registry.get("tiny").memory_bytes
 
-    assert bench.unload("tiny") == memory
+    assert bench.unload("tiny", forget=True) == memory
     assert model_ref() is None  # nothing keeps the weights alive
     assert bench.models().empty
 
@@ -220,18 +221,18 @@ def test_unload_frees_the_model_and_later_use_fails_clearly(loaded: wb.Workbench
         bench.chain({"name": "again", "hops": [{"name": "say", "model": "tiny", "prompt": "Q: {{ q }}"}]})
 
 
-def test_registered_model_validates_in_chains_but_must_be_loaded_to_run(bench: wb.Workbench, tiny_path: Path) -> None:
+def test_registered_model_validates_in_chains_and_loads_on_first_use(bench: wb.Workbench, tiny_path: Path) -> None:
     bench.register("later", tiny_path, device="cpu")
     chain = bench.chain({"name": "c", "hops": [{"name": "say", "model": "later", "prompt": "Q: {{ q }}",
                                                 "max_new_tokens": 3}]})
-    with pytest.raises(wb.HopFailed, match="registered but not loaded") as info:
-        chain.run(q="hi")
-    assert info.value.hop == "say"
-    assert "bench.load('later')" in str(info.value)
-
-    bench.load("later")  # from the registered settings
+    assert bench.models().set_index("name").loc["later", "state"] == "registered"
+    run = chain.run(q="hi")
     assert bench.models().set_index("name").loc["later", "state"] == "loaded"
-    assert chain.run(q="hi").outputs["say"] == bench.generate("later", "Q: hi", max_new_tokens=3).text
+    assert run.outputs["say"] == bench.generate("later", "Q: hi", max_new_tokens=3).text
+
+    bench.unload("later")
+    bench.load("later")  # explicitly, from the registered settings
+    assert bench.models().set_index("name").loc["later", "state"] == "loaded"
 
 
 # -- remote code -------------------------------------------------------------------------------
@@ -285,7 +286,7 @@ def test_repository_code_of_a_known_architecture_is_ignored(
         assert type(loaded.model).__name__ == "LlamaForCausalLM"  # the library's class, not the repository's
         assert not marker.exists()
     finally:
-        tiny_bench.unload("remote")
+        tiny_bench.unload("remote", forget=True)
 
 
 # -- adapters ----------------------------------------------------------------------------------
@@ -323,7 +324,7 @@ def test_lora_adapter_loads_and_changes_outputs(tiny_bench: wb.Workbench, tiny_p
         # The base model loaded from the same directory is not affected by the adapter.
         assert tiny_bench.generate("tiny", PROMPT, max_new_tokens=12).token_ids == base_before.token_ids
     finally:
-        tiny_bench.unload("tuned")
+        tiny_bench.unload("tuned", forget=True)
 
 
 def test_adapter_directory_without_adapter_config_is_refused(tiny_bench: wb.Workbench, tiny_path: Path,

@@ -19,7 +19,7 @@ class _Collector(BaseHTTPRequestHandler):
 
     received: list[tuple[str, object]] = []
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
         request = trace_service.ExportTraceServiceRequest()
         request.ParseFromString(body)

@@ -6,58 +6,117 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from workbench.bench import Session, Workbench, current, set_current  # noqa: E402
-from workbench.chains.chain import Chain  # noqa: E402
-from workbench.chains.run import Run  # noqa: E402
-from workbench.engine import (  # noqa: E402
+from workbench.bench import Session, Workbench, current, set_current
+from workbench.chains.batch import MapInterrupted, RunBatch
+from workbench.chains.chain import Chain
+from workbench.chains.context import ContextStore, InMemoryContextStore, RunRecord
+from workbench.chains.run import Run
+from workbench.chains.sqlite_store import SQLiteContextStore
+from workbench.engine import (
     BatchingPolicy,
     ContinuousBatching,
     DynamicBatching,
+    Faults,
     GenerationParams,
     GenerationResult,
+    InjectedFault,
     NoBatching,
+    RetryPolicy,
     StaticBatching,
 )
-from workbench.errors import (  # noqa: E402
+from workbench.errors import (
+    CircuitOpen,
     ContextWindowExceeded,
     HopFailed,
+    HopTimeout,
     MissingInputError,
     ModelLoadError,
+    ModelOutOfMemory,
+    ModelUnhealthy,
+    RetriesExhausted,
     SpecError,
+    StoreError,
+    StrategyError,
     TemplateError,
     UnknownModelError,
     WorkbenchError,
+    WorkloadError,
 )
-from workbench.models.tiny import tiny_model  # noqa: E402
-from workbench.tracing import Trace  # noqa: E402
+from workbench.experiments import ClosedLoop, Comparison, PoissonArrivals, compare
+from workbench.models.preloading import Eager, KeepWarm, Lazy, Prefetch, PreloadingStrategy
+from workbench.models.tiny import tiny_model
+from workbench.tracing import Trace
 
 __all__ = [
     "BatchingPolicy",
     "Chain",
+    "ChainBuilder",
+    "CircuitOpen",
+    "ClosedLoop",
+    "Comparison",
+    "ComparisonDashboard",
+    "ContextStore",
     "ContextWindowExceeded",
     "ContinuousBatching",
     "DynamicBatching",
+    "Eager",
+    "Faults",
     "GenerationParams",
     "GenerationResult",
     "HopFailed",
+    "HopTimeout",
+    "InMemoryContextStore",
+    "InjectedFault",
+    "KeepWarm",
+    "Lazy",
+    "MapInterrupted",
     "MissingInputError",
     "ModelLoadError",
+    "ModelManager",
+    "ModelOutOfMemory",
+    "ModelUnhealthy",
     "NoBatching",
+    "PoissonArrivals",
+    "Prefetch",
+    "PreloadingStrategy",
+    "RetriesExhausted",
+    "RetryPolicy",
     "Run",
+    "RunBatch",
+    "RunRecord",
+    "SQLiteContextStore",
     "Session",
     "SpecError",
     "StaticBatching",
+    "StoreError",
+    "StrategyError",
     "TemplateError",
     "Trace",
+    "TraceViewer",
     "UnknownModelError",
     "Workbench",
     "WorkbenchError",
+    "WorkloadError",
     "__version__",
+    "compare",
     "current",
     "load_ipython_extension",
     "set_current",
     "tiny_model",
 ]
+
+
+# The widgets bring in ipywidgets and anywidget: they import on first use, so a script or a
+# worker process that never shows one does not pay for them.
+_WIDGETS = frozenset({"ChainBuilder", "ComparisonDashboard", "ModelManager", "TraceViewer"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WIDGETS:
+        from workbench.notebook import widgets
+
+        return getattr(widgets, name)
+    raise AttributeError(f"module 'workbench' has no attribute {name!r}")
 
 
 def load_ipython_extension(ipython: Any) -> None:

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from workbench.chains.chain import Chain
-from workbench.chains.context import ContextStore, InMemoryContextStore, RunRecord
+from workbench.chains.context import ContextStore, RunRecord
 from workbench.chains.run import Run
 from workbench.chains.runner import Runner, check_inputs
 from workbench.chains.spec import ChainSpec, parse_spec
-from workbench.engine import BatchingPolicy, Engine, GenerationParams, GenerationResult
+from workbench.chains.sqlite_store import SESSIONS_FILE, SQLiteContextStore, data_root
+from workbench.engine import BatchingPolicy, Engine, GenerationParams, GenerationResult, NoBatching
+from workbench.engine.breaker import CircuitBreaker
+from workbench.engine.faults import FaultInjector, Faults
+from workbench.engine.health import HealthChecks
 from workbench.errors import WorkbenchError
+from workbench.models.preloading import Eager, PreloadingStrategy, parse_preloading
 from workbench.models.registry import LoadedModel, LoadSettings, ModelRegistry
 from workbench.tracing import Trace, Tracing
 
@@ -54,6 +61,11 @@ class Workbench:
     """Loads models, builds chains, runs them, and keeps every run's trace.
 
     ``otlp_endpoint`` also exports spans to an OTLP/HTTP collector such as Phoenix or Jaeger.
+    Sessions persist in ``data_dir`` (default ``$AUTOGLM_DATA_DIR``, else
+    ``~/.local/share/autoglm-workbench``), in the SQLite file ``sessions.sqlite3``, so a kernel
+    restart keeps them; ``store=InMemoryContextStore()`` keeps them in memory instead.
+    ``health_interval_s`` probes every loaded model that often (off by default; see
+    :meth:`set_health_checks`).
     """
 
     def __init__(
@@ -61,17 +73,23 @@ class Workbench:
         *,
         otlp_endpoint: str | None = None,
         store: ContextStore | None = None,
+        data_dir: str | os.PathLike[str] | None = None,
         hop_threads: int = 64,
+        health_interval_s: float | None = None,
     ) -> None:
         self.tracing = Tracing(otlp_endpoint)
         self.registry = ModelRegistry(self.tracing)
         self.engine = Engine(self.registry, self.tracing)
-        self.store = store if store is not None else InMemoryContextStore()
+        self.data_dir = Path(data_dir).expanduser() if data_dir is not None else data_root()
+        self.store = store if store is not None else SQLiteContextStore(self.data_dir / SESSIONS_FILE)
         self._hop_pool = ThreadPoolExecutor(max_workers=hop_threads, thread_name_prefix="workbench-hop")
         self._runner = Runner(self.engine, self.tracing, self.store, self._hop_pool)
         self._runs: OrderedDict[str, Run] = OrderedDict()
         self._runs_lock = threading.Lock()
         self._chains: dict[str, Chain] = {}
+        self.health = HealthChecks(self.engine, self.tracing)
+        if health_interval_s is not None:
+            self.health.configure(health_interval_s)
 
     # -- models --------------------------------------------------------------------------------
 
@@ -87,15 +105,20 @@ class Workbench:
         trust_remote_code: bool = False,
         allow_pickle: bool = False,
         revision: str | None = None,
+        warmup: bool = False,
     ) -> LoadedModel:
         """Load a local directory or hub id as ``name`` and start its worker.
 
         Weights must be safetensors unless ``allow_pickle=True``; repository code never runs
         unless ``trust_remote_code=True``. ``adapter`` is a PEFT (LoRA) adapter directory.
-        Without ``source``, loads a model registered earlier with :meth:`register`.
+        ``warmup=True`` runs a tiny generate after loading, reported as part of the cold start.
+        Without ``source``, loads a model registered earlier with :meth:`register`, with its
+        registered settings and batching policy.
         """
         if source is None:
             settings = self.registry.settings(name)
+            if warmup:
+                settings = dataclasses.replace(settings, warmup=True)
         else:
             settings = LoadSettings(
                 source=str(source),
@@ -105,27 +128,66 @@ class Workbench:
                 trust_remote_code=trust_remote_code,
                 allow_pickle=allow_pickle,
                 revision=revision,
+                warmup=warmup,
             )
-        loaded = self.registry.load(name, settings)
-        try:
-            self.engine.start(name, batching)
-        except BaseException:  # a policy that cannot serve this model: leave nothing half-loaded
-            self.registry.unload(name)
-            raise
-        return loaded
+            batching = batching or NoBatching()  # a fresh load does not inherit an earlier one's policy
+        return self.engine.preloader.load(name, settings, policy=batching)
 
-    def register(self, name: str, source: str | os.PathLike[str], **settings: Any) -> None:
-        """Make a model known to chains without loading it yet (see :meth:`load`)."""
+    def register(
+        self, name: str, source: str | os.PathLike[str], *, batching: BatchingPolicy | None = None, **settings: Any
+    ) -> None:
+        """Make a model known to chains without loading it yet; it loads on first use, or as the preloading
+        strategy says (see :meth:`set_preloading`). Takes the settings of :meth:`load`, ``warmup`` included."""
         self.registry.register(name, LoadSettings(source=str(source), **settings))
+        if batching is not None:
+            self.engine.set_policy(name, batching)
 
-    def unload(self, name: str) -> int:
-        """Stop the model's worker (failing what is still queued) and free its memory; returns bytes freed."""
-        self.engine.stop(name)
-        return self.registry.unload(name)
+    def unload(self, name: str, *, forget: bool = False) -> int:
+        """Stop the model's worker (failing what is still queued) and free its memory; returns bytes freed.
+
+        The model stays registered, so it loads again on use; ``forget=True`` drops it entirely.
+        """
+        freed = self.engine.preloader.unload(name, forget=forget)
+        if forget:
+            self.engine.forget(name)
+        return freed
+
+    @property
+    def preloading(self) -> PreloadingStrategy:
+        """The preloading strategy in force (lazy unless :meth:`set_preloading` chose another)."""
+        return self.engine.preloader.strategy
+
+    def set_preloading(self, strategy: str | PreloadingStrategy) -> None:
+        """Choose when registered models load: ``"lazy"``, ``"eager"``, ``"prefetch"``, ``"keep_warm:20GiB"``,
+        or ``wb.Lazy()``, ``wb.Eager()``, ``wb.Prefetch()``, ``wb.KeepWarm("20GiB")``.
+
+        Under every strategy a model that is not loaded loads on its first request. Eager also
+        loads a chain's models before its first run; prefetch loads the models of later hops
+        while earlier ones run; keep-warm evicts the least recently used model to stay within
+        its budget (at once, if the loaded models exceed it now).
+        """
+        self.engine.preloader.set_strategy(parse_preloading(strategy))
+
+    def prepare(self, chain: Chain | ChainSpec) -> dict[str, float]:
+        """Under eager preloading, load every model ``chain`` names, in parallel; a no-op under other strategies.
+
+        Runs by itself at the start of each run under eager; call it first to keep the loads out of
+        a timed run. Returns the cold start (load + warm-up, seconds) of each model it loaded.
+        """
+        spec = chain.spec if isinstance(chain, Chain) else chain
+        return self.engine.preloader.prepare(spec.models(), label=spec.name)
 
     def models(self) -> pd.DataFrame:
-        """One row per known model: name, source, device, dtype, params, memory, load time, state."""
-        return self.registry.table()
+        """One row per known model: name, source, device, dtype, params, memory, load time, state, health,
+        and ``batch_limit``, the largest batch it runs since one ran out of memory (None: no limit)."""
+        import pandas as pd
+
+        table = self.registry.table()
+        workers = self.engine.workers()
+        table["health"] = [workers[n].health.state if n in workers else None for n in table["name"]]
+        limits = [workers[n].queue.batch_limit if n in workers else None for n in table["name"]]
+        table["batch_limit"] = pd.array(limits, dtype="Int64")
+        return table
 
     def set_batching(self, name: str, policy: BatchingPolicy) -> None:
         """Change a loaded model's batching policy live; no reload."""
@@ -134,6 +196,68 @@ class Workbench:
     def generate(self, model: str, prompt: str, **params: Any) -> GenerationResult:
         """One direct model call, outside any chain (traced as its own text_completion span)."""
         return self.engine.generate(model, prompt, GenerationParams(**params))
+
+    # -- resilience ----------------------------------------------------------------------------
+
+    def inject(
+        self,
+        model: str,
+        *,
+        error_rate: float = 0.0,
+        latency_ms: float | tuple[float, float] = 0.0,
+        oom_every: int | None = None,
+        oom_above: int | None = None,
+        seed: int | None = None,
+    ) -> Faults:
+        """Inject faults into a loaded model's batches, for studying retries and fallbacks; replaces earlier ones.
+
+        Each batch first waits ``latency_ms`` (or a ``(low, high)`` range drawn per batch), each
+        request then fails with probability ``error_rate``, and every ``oom_every``-th batch and
+        every batch of more than ``oom_above`` requests raises a fake out-of-memory error. ``seed``
+        makes the draws repeatable. Spans say what was injected (``workbench.fault.*``).
+        """
+        faults = Faults(model, error_rate, latency_ms, oom_every, oom_above, seed)
+        self.engine.worker(model).faults = FaultInjector(faults)
+        return faults
+
+    def clear_faults(self, model: str | None = None) -> None:
+        """Stop injecting faults into ``model``, or into every model."""
+        workers = self.engine.workers() if model is None else {model: self.engine.worker(model)}
+        for worker in workers.values():
+            worker.faults = None
+
+    def faults(self) -> dict[str, Faults]:
+        """The faults injected now, by model."""
+        return {name: w.faults.faults for name, w in self.engine.workers().items() if w.faults is not None}
+
+    def set_breaker(self, model: str, *, failure_threshold: int = 5, reset_timeout_s: float = 5.0) -> None:
+        """Give ``model`` a fresh circuit breaker: open after ``failure_threshold`` failures in a row, try again
+        ``reset_timeout_s`` later. Every loaded model has one (5 failures, 5 s) until told otherwise."""
+        self.engine.worker(model).breaker = CircuitBreaker(model, failure_threshold, reset_timeout_s)
+
+    def breakers(self) -> pd.DataFrame:
+        """The circuit breaker of each loaded model: state, failures in a row, settings, times opened, last error."""
+        import pandas as pd
+
+        columns = ["model", "state", "failures", "failure_threshold", "reset_timeout_s", "opened", "since_s",
+                   "last_error"]
+        return pd.DataFrame([w.breaker.row() for w in self.engine.workers().values()], columns=columns)
+
+    def set_health_checks(self, interval_s: float | None, *, timeout_s: float = 5.0, failures: int = 1) -> None:
+        """Probe every loaded model every ``interval_s`` seconds (None turns it off) with a one-token generation.
+
+        A model whose probe fails (an error, or no answer in ``timeout_s``) ``failures`` times in a
+        row is out of rotation: its requests fail fast with ModelUnhealthy, so hops go to their
+        fallbacks. The next probe that passes puts it back. ``models()`` shows each model's health.
+        """
+        self.health.configure(interval_s, timeout_s, failures)
+
+    def check_health(self, model: str | None = None) -> pd.DataFrame:
+        """Probe ``model`` (or every loaded model) now; one row per model: health, failures, probe_ms, error."""
+        import pandas as pd
+
+        rows = self.health.check(None if model is None else [model])
+        return pd.DataFrame(rows, columns=["name", "health", "failures", "probe_ms", "error"])
 
     # -- chains --------------------------------------------------------------------------------
 
@@ -154,6 +278,11 @@ class Workbench:
         check_inputs(spec, inputs)
 
     def _execute(self, spec: ChainSpec, inputs: Mapping[str, Any], session: str | None) -> Run:
+        if isinstance(self.preloading, Eager):
+            try:
+                self.prepare(spec)
+            except WorkbenchError:
+                pass  # the hop whose model failed to load tries again and fails as a HopFailed on its Run
         run = self._runner.run(spec, inputs, session)
         with self._runs_lock:
             self._runs[run.id] = run
@@ -190,16 +319,23 @@ class Workbench:
     def session(self, session_id: str) -> Session:
         return Session(self.store, session_id)
 
+    def sessions(self) -> list[str]:
+        """Every session with a run in this workbench's store, including those of earlier kernels."""
+        return self.store.sessions()
+
     # -- lifetime ------------------------------------------------------------------------------
 
     def close(self) -> None:
         """Stop every worker and free every model."""
+        self.health.stop()
+        self.engine.preloader.close()  # no background load may start once models are being freed
         for name in self.registry.names():
             try:
-                self.unload(name)
+                self.unload(name, forget=True)
             except WorkbenchError:
                 pass
         self._hop_pool.shutdown(wait=False, cancel_futures=True)
+        self.store.close()
         self.tracing.shutdown()
 
     def __enter__(self) -> Workbench:

@@ -25,3 +25,8 @@ DEMO_QUESTION = "What is the capital of France?"
 def answer_stats(plan: str, answer: str) -> dict[str, int]:
     """A Python hop: word counts of the plan and the answer."""
     return {"plan_words": len(plan.split()), "answer_words": len(answer.split())}
+
+
+def canned_answer(question: str) -> str:
+    """A Python hop for degraded answers: a fixed reply that names the question, for a fallback when models fail."""
+    return f"(no model could answer {question!r} just now)"

@@ -25,6 +25,11 @@ class WorkbenchError(Exception):
         return super().__str__()
 
 
+def describe(exc: BaseException) -> str:
+    """One line saying what ``exc`` was: a WorkbenchError's message, else its type and text."""
+    return exc.message if isinstance(exc, WorkbenchError) else f"{type(exc).__name__}: {exc}"
+
+
 class SpecError(WorkbenchError):
     """A chain spec is malformed; names the hop, the field and (for YAML) the line."""
 
@@ -74,13 +79,60 @@ class HopFailed(WorkbenchError):
 
     def __init__(self, hop: str, cause: BaseException, run: object | None = None) -> None:
         self.hop, self.cause, self.run = hop, cause, run
-        detail = cause.message if isinstance(cause, WorkbenchError) else f"{type(cause).__name__}: {cause}"
         hint = cause.hint if isinstance(cause, WorkbenchError) else None
         super().__init__(
-            f"hop {hop!r} failed: {detail}",
+            f"hop {hop!r} failed: {describe(cause)}",
             hint=hint or "the outputs of hops that finished are kept on the error's .run",
         )
 
 
 class WorkerStopped(WorkbenchError):
     """A request reached a model worker that was stopped (the model was unloaded)."""
+
+
+class StrategyError(WorkbenchError):
+    """A batching or preloading strategy that does not parse, or a comparison of strategies that cannot run."""
+
+
+class StoreError(WorkbenchError):
+    """The session store cannot be opened, read or written (a bad data directory, a newer schema)."""
+
+
+class WorkloadError(WorkbenchError):
+    """A workload that cannot run: no inputs, a bad concurrency or arrival rate, an unreadable inputs file."""
+
+
+class HopTimeout(WorkbenchError):
+    """A model call outlived its hop's ``timeout_s``; the request was cancelled (dropped from the queue, or its
+    row stopped in the running batch)."""
+
+
+class CircuitOpen(WorkbenchError):
+    """A model's circuit breaker is open after repeated failures: its requests fail fast until a trial succeeds."""
+
+
+class ModelUnhealthy(WorkbenchError):
+    """A model failed its health probe and is out of rotation until a probe passes again."""
+
+
+class ModelOutOfMemory(WorkbenchError):
+    """A model ran out of memory on a batch of one request, after its larger batches were split."""
+
+
+class RetriesExhausted(WorkbenchError):
+    """Every attempt of a hop failed, retries and fallbacks alike; ``failures`` lists (attempt, route, error)."""
+
+    def __init__(self, failures: list[tuple[int, str, BaseException]]) -> None:
+        self.failures = failures
+        by_route: dict[str, list[BaseException]] = {}
+        for _, route, error in failures:
+            by_route.setdefault(route, []).append(error)
+        parts = [
+            f"{route} failed {len(errors)} attempt{'s' * (len(errors) != 1)} (last: {describe(errors[-1])})"
+            for route, errors in by_route.items()
+        ]
+        super().__init__(
+            f"all {len(failures)} attempts failed: " + "; ".join(parts),
+            hint="run.trace.events() lists every attempt; raise retry attempts or timeout_s, add a fallback, "
+            "or bench.clear_faults() if faults were injected",
+        )

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import html
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from workbench.chains.batch import Errors, RunBatch, reuse, run_all
 from workbench.chains.run import Run
 from workbench.chains.spec import ChainSpec
+from workbench.errors import WorkbenchError
 
 if TYPE_CHECKING:
     from workbench.bench import Workbench
@@ -20,10 +22,16 @@ class Chain:
     def __init__(self, spec: ChainSpec, bench: Workbench) -> None:
         self.spec = spec
         self._bench = bench
+        self.last_batch: RunBatch | None = None  # the latest map's runs, filled in as they finish
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def bench(self) -> Workbench:
+        """The workbench this chain runs on."""
+        return self._bench
 
     @property
     def hops(self) -> list[str]:
@@ -49,20 +57,31 @@ class Chain:
         inputs: Iterable[Mapping[str, Any]],
         concurrency: int = 8,
         session: str | None = None,
-    ) -> list[Run]:
-        """Run once per input mapping, ``concurrency`` at a time; Runs come back in input order.
+        *,
+        errors: Errors = "keep",
+        resume: Iterable[Run | None] | None = None,
+    ) -> RunBatch:
+        """Run once per input mapping, ``concurrency`` at a time; the RunBatch lists Runs in input order.
 
-        A failing run does not stop the others: its Run has ``error`` set and keeps the
-        outputs of the hops that finished.
+        ``errors="keep"``: a failing run does not stop the others; its Run has ``error`` set and
+        keeps the outputs of the hops that finished. ``errors="raise"``: the first failure
+        cancels the inputs not yet started and raises its HopFailed.
+
+        Each run is kept as it finishes, in ``chain.last_batch``: a Ctrl-C raises MapInterrupted
+        (a KeyboardInterrupt) whose ``.batch`` is that batch, with ``None`` for inputs not run.
+        ``resume=`` a previous batch (or any Runs, e.g. ``bench.runs()``) reuses the successful
+        runs of equal inputs and runs only the others.
         """
+        if errors not in ("keep", "raise"):
+            raise WorkbenchError(f"errors={errors!r} is not a choice", hint="errors='keep' (default) or 'raise'")
         items = [dict(i) for i in inputs]
-        if not items:
-            return []
         for item in items:  # refuse bad input before any run starts
             self._bench._check_inputs(self.spec, item)
-        with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix=f"chain-{self.name}") as pool:
-            futures = [pool.submit(self._bench._execute, self.spec, item, session) for item in items]
-            return [f.result() for f in futures]
+        batch = RunBatch(self.name, items)
+        if resume is not None:
+            reuse(batch, resume)
+        self.last_batch = batch
+        return run_all(batch, partial(self._bench._execute, self.spec, session=session), concurrency, errors)
 
     def __repr__(self) -> str:
         arrows = ", ".join(f"{h.name}<-[{','.join(h.deps)}]" if h.deps else h.name for h in self.spec.hops)

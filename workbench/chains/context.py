@@ -55,7 +55,7 @@ class History(Sequence[RunRecord]):
 
 
 class ContextStore(ABC):
-    """Where sessions keep their run history; in memory here, SQLite-backed later."""
+    """Where sessions keep their run history: SQLite by default (sqlite_store.py), or in memory."""
 
     @abstractmethod
     def append(self, session: str, record: RunRecord) -> None:
@@ -68,6 +68,9 @@ class ContextStore(ABC):
     @abstractmethod
     def sessions(self) -> list[str]:
         """Every session with at least one run."""
+
+    def close(self) -> None:
+        """Release what the store holds open (the workbench calls it on close); a later use reopens."""
 
 
 class InMemoryContextStore(ContextStore):

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from workbench.tracing import Trace
+from workbench.tracing import attributes as attr
 
 if TYPE_CHECKING:
     from workbench.errors import HopFailed
@@ -41,6 +42,27 @@ class Run:
     def trace(self) -> Trace:
         """The run's spans: chain, hops, model calls (read from the workbench's span index)."""
         return Trace(self._index.spans(self.trace_id) if self._index is not None else [])
+
+    @property
+    def served_by(self) -> dict[str, str]:
+        """Which path served each finished hop: ``model:NAME`` or ``hop:NAME`` (read from the hop spans)."""
+        return {hop: str(a[attr.SERVED_BY]) for hop, a in self._hop_attributes()}
+
+    @property
+    def fallbacks(self) -> dict[str, str]:
+        """The hops that a fallback served (a degraded answer), and which fallback."""
+        return {hop: str(a[attr.SERVED_BY]) for hop, a in self._hop_attributes() if a.get(attr.FALLBACK)}
+
+    def _hop_attributes(self) -> list[tuple[str, dict[str, Any]]]:
+        spans = self._index.spans(self.trace_id) if self._index is not None else []
+        found = []
+        for span in spans:
+            a = dict(span.attributes or {})
+            hop = a.get(attr.HOP_NAME)
+            # A fallback hop's own span is named after it, not after the hop it served, so it is left out.
+            if span.name == f"hop {hop}" and hop in self.outputs and attr.SERVED_BY in a:
+                found.append((str(hop), a))
+        return found
 
     def __repr__(self) -> str:
         detail = repr(self.output) if self.ok else f"failed at hop {self.error.hop!r}"  # type: ignore[union-attr]

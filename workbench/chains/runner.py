@@ -14,6 +14,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 from workbench.chains.context import ContextStore, History, RunRecord
 from workbench.chains.run import Run
 from workbench.chains.spec import ChainSpec, HopSpec
+from workbench.engine.resilience import Route, serve
 from workbench.errors import HopFailed, MissingInputError
 from workbench.tracing import Tracing
 from workbench.tracing import attributes as attr
@@ -133,7 +134,7 @@ class Runner:
         run_id: str,
     ) -> HopFailed | None:
         """Start each hop once its dependencies are done; the first failure stops new starts."""
-        pending = list(spec.hops)
+        pending = [h for h in spec.hops if not h.standby]  # standby hops run only in place of a failed hop
         running: dict[Future[Any], HopSpec] = {}
         failure: HopFailed | None = None
         while pending or running:
@@ -184,17 +185,51 @@ class Runner:
         if hop.model:
             attributes[attr.MODEL_NAME] = hop.model
         with self.tracing.span(f"hop {hop.name}", root, attributes) as span:
-            if hop.kind == "llm":
-                assert hop.template is not None and hop.model is not None
-                prompt = hop.template.render(values)
-                span.set_attribute(attr.INPUT_VALUE, _preview(prompt))
-                request = self.engine.submit(hop.model, prompt, hop.params, parent=span, hop=hop.name)
-                value: Any = request.future.result().text
-            else:
-                value = _call(hop, values)
+            if self.engine.preloader.prefetching:  # load what later hops need while this one runs
+                self.engine.preloader.hop_started(hop.model, spec.models_after(hop.name), span, root)
+            routes = self._routes(hop, spec, values, inputs, history, outputs, span, run_id)
+            value = serve(routes, hop.resilience, span)
             span.set_attribute(attr.OUTPUT_VALUE, _preview(value))
             span.set_status(Status(StatusCode.OK))
             return value
+
+
+    def _routes(
+        self,
+        hop: HopSpec,
+        spec: ChainSpec,
+        values: dict[str, Any],
+        inputs: dict[str, Any],
+        history: History,
+        outputs: dict[str, Any],
+        span: Span,
+        run_id: str,
+    ) -> list[Route]:
+        """The ways to serve ``hop``, in the order to try them: its own model or call, then its fallbacks."""
+        prompt = ""
+        if hop.kind == "llm":
+            assert hop.template is not None and hop.model is not None
+            prompt = hop.template.render(values)
+            span.set_attribute(attr.INPUT_VALUE, _preview(prompt))
+
+        def model(name: str) -> Route:
+            label = f"model:{name}"
+            return Route(label, lambda attempt, timeout: self.engine.call(
+                name, prompt, hop.params, span, hop.name, timeout_s=timeout,
+                attributes={attr.ATTEMPT: attempt, attr.ROUTE: label},
+            ).text)
+
+        def standby(name: str) -> Route:
+            # In place of the failed hop: a child of its span, reading the same values.
+            fallback = spec.hop(name)
+            return Route(f"hop:{name}", lambda attempt, timeout: self._hop(
+                fallback, spec, inputs, history, outputs, span, run_id
+            ))
+
+        own = model(hop.model) if hop.model else Route(f"hop:{hop.name}", lambda attempt, timeout: _call(hop, values))
+        routes = [own]
+        routes += [model(f.name) if f.kind == "model" else standby(f.name) for f in hop.resilience.fallback]
+        return routes
 
 
 def _call(hop: HopSpec, values: dict[str, Any]) -> Any:

@@ -15,11 +15,14 @@ import yaml
 
 from workbench.chains.templates import PromptTemplate
 from workbench.engine.requests import GenerationParams
+from workbench.engine.resilience import ERROR_KINDS, NO_RESILIENCE, Fallback, Resilience, RetryPolicy
 from workbench.errors import SpecError
 
 CHAIN_FIELDS = ("name", "description", "inputs", "hops", "output", "history")
-LLM_FIELDS = ("name", "kind", "model", "prompt", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "truncate")
-PYTHON_FIELDS = ("name", "kind", "call", "uses")
+LLM_FIELDS = ("name", "kind", "model", "prompt", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "truncate",
+              "retry", "timeout_s", "fallback")
+PYTHON_FIELDS = ("name", "kind", "call", "uses", "retry", "fallback")
+RETRY_FIELDS = ("attempts", "backoff_ms", "max_backoff_ms", "jitter", "max_total_s", "on")
 RESERVED = frozenset({"history", "session"})
 DEFAULT_HISTORY = 5
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -39,6 +42,9 @@ class HopSpec:
     call: Callable[..., Any] | None = None
     call_by_name: tuple[str, ...] | None = None  # parameter names, or None to pass the context
     line: int | None = None
+    resilience: Resilience = NO_RESILIENCE
+    # A fallback of another hop: it runs only when that hop fails, never in the normal walk.
+    standby: bool = False
 
     @property
     def prompt(self) -> str | None:
@@ -70,6 +76,26 @@ class ChainSpec:
     def models(self) -> list[str]:
         return sorted({h.model for h in self.hops if h.model})
 
+    def models_after(self, name: str) -> list[str]:
+        """Models of the hops downstream of hop ``name`` (reading its output, directly or not), nearest first."""
+        readers: dict[str, list[str]] = {}
+        for hop in self.hops:
+            for dep in hop.deps:
+                readers.setdefault(dep, []).append(hop.name)
+        models: list[str] = []
+        seen, frontier = {name}, [name]
+        while frontier:  # breadth first, so the models needed soonest come first
+            next_frontier = []
+            for reader in (r for n in frontier for r in readers.get(n, ())):
+                if reader not in seen:
+                    seen.add(reader)
+                    next_frontier.append(reader)
+                    model = self.hop(reader).model
+                    if model and model not in models:
+                        models.append(model)
+            frontier = next_frontier
+        return models
+
 
 class _Lines:
     """YAML line numbers by path, e.g. ("hops", 1, "model") -> 7."""
@@ -84,24 +110,32 @@ class _Lines:
             path = path[:-1]
         return None
 
-    def walk(self, node: yaml.Node, path: tuple[Any, ...] = ()) -> None:
-        if isinstance(node, yaml.MappingNode):
-            seen: dict[Any, int] = {}
-            for key, value in node.value:
-                line = key.start_mark.line + 1
-                if key.value in seen:
-                    raise SpecError(
-                        f"key {key.value!r} appears twice (first on line {seen[key.value]})",
-                        field=str(key.value),
-                        line=line,
-                    )
-                seen[key.value] = line
-                self.by_path[(*path, key.value)] = line
-                self.walk(value, (*path, key.value))
-        elif isinstance(node, yaml.SequenceNode):
-            for index, item in enumerate(node.value):
-                self.by_path[(*path, index)] = item.start_mark.line + 1
-                self.walk(item, (*path, index))
+    def walk(self, root: yaml.Node) -> None:
+        """Record the line of every key and item; iterative, and each node once, so aliases cannot blow it up."""
+        seen_nodes: set[int] = set()
+        stack: list[tuple[yaml.Node, tuple[Any, ...]]] = [(root, ())]
+        while stack:
+            node, path = stack.pop()
+            if id(node) in seen_nodes:  # an alias of a node already walked (or of one that contains it)
+                continue
+            seen_nodes.add(id(node))
+            if isinstance(node, yaml.MappingNode):
+                seen: dict[Any, int] = {}
+                for key, value in node.value:
+                    line = key.start_mark.line + 1
+                    if key.value in seen:
+                        raise SpecError(
+                            f"key {key.value!r} appears twice (first on line {seen[key.value]})",
+                            field=str(key.value),
+                            line=line,
+                        )
+                    seen[key.value] = line
+                    self.by_path.setdefault((*path, key.value), line)
+                    stack.append((value, (*path, key.value)))
+            elif isinstance(node, yaml.SequenceNode):
+                for index, item in enumerate(node.value):
+                    self.by_path.setdefault((*path, index), item.start_mark.line + 1)
+                    stack.append((item, (*path, index)))
 
 
 def parse_spec(
@@ -142,13 +176,21 @@ def parse_spec(
         for index, raw in enumerate(hops_data)
     ]
     _check_graph(hops, lines)
-    output = data.get("output", hops[-1].name)
+    _check_fallbacks(hops, hops_data, lines)
+    output = data.get("output", [h for h in hops if not h.standby][-1].name)
     if output not in hop_names:
         raise SpecError(
             f"output {output!r} is not a hop{_did_you_mean(output, hop_names)}",
             field="output",
             line=lines.of("output"),
             hint=f"hops: {', '.join(hop_names)}",
+        )
+    if next(h for h in hops if h.name == output).standby:
+        raise SpecError(
+            f"output {output!r} is a fallback hop, which runs only when the hop it stands in for fails",
+            field="output",
+            line=lines.of("output"),
+            hint="make the chain's output the hop that names it as a fallback",
         )
     history = data.get("history", DEFAULT_HISTORY)
     if not _is_int(history) or history < 0:
@@ -172,18 +214,42 @@ def _load_yaml(text: str, lines: _Lines) -> Any:
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise SpecError(
+            "the YAML nests too deeply to read",
+            line=_deep_line(text),
+            hint="a chain spec needs only a few levels: name, hops, their fields",
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        problem = getattr(exc, "problem", None) or str(exc)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        line = mark.line + 1 if mark is not None else None
+        position = getattr(exc, "position", None)  # a ReaderError (a character YAML does not allow) has no mark
+        if line is None and isinstance(position, int):
+            line = text.count("\n", 0, position) + 1
         raise SpecError(
             f"not valid YAML: {problem}",
-            line=mark.line + 1 if mark is not None else None,
+            line=line,
             hint="check indentation and quote prompts that contain ': ' or start with '{'",
         ) from None
     if node is None:
         raise SpecError("the chain spec is empty", hint="start with  name: my_chain  and  hops:")
     lines.walk(node)
     return data
+
+
+def _deep_line(text: str, depth: int = 100) -> int | None:
+    """The line on which flow brackets or indentation first nest ``depth`` deep, if any."""
+    open_brackets = 0
+    for number, line in enumerate(text.splitlines(), 1):
+        if len(line) - len(line.lstrip(" -")) >= depth:
+            return number
+        for char in line:
+            open_brackets += char in "[{"
+            open_brackets -= char in "]}"
+            if open_brackets >= depth:
+                return number
+    return None
 
 
 def _is_int(value: Any) -> bool:
@@ -269,6 +335,10 @@ def _parse_hop(
     if kind not in ("llm", "python"):
         raise SpecError(f"kind must be 'llm' or 'python', not {kind!r}", hop=name, field="kind",
                         line=lines.of(*path, "kind"))
+    if kind == "python" and "timeout_s" in raw:
+        raise SpecError("timeout_s applies to model calls; a Python hop cannot be cancelled once it runs", hop=name,
+                        field="timeout_s", line=lines.of(*path, "timeout_s"),
+                        hint="put the timeout inside the function, or give the hop retry and a fallback hop")
     _reject_unknown(raw, LLM_FIELDS if kind == "llm" else PYTHON_FIELDS, lines, name, path)
     available = set(hop_names) | RESERVED | set(declared or ())
     if kind == "llm":
@@ -276,6 +346,7 @@ def _parse_hop(
     else:
         hop = _parse_python_hop(raw, name, path, hop_names, lines)
     hop.line = lines.of(*path)
+    hop.resilience = _resilience(raw, name, kind, path, hop_names, known_models, lines)
     missing = sorted(hop.inputs - available) if declared is not None else []
     if missing:
         variable = missing[0]
@@ -359,6 +430,168 @@ def _generation_params(raw: Mapping[str, Any], name: str, path: tuple[Any, ...],
             raise bad("truncate", "'error' or 'left'")
         values["truncate"] = raw["truncate"]
     return GenerationParams(**values)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _resilience(
+    raw: Mapping[str, Any],
+    name: str,
+    kind: str,
+    path: tuple[Any, ...],
+    hop_names: list[str],
+    known_models: Collection[str] | None,
+    lines: _Lines,
+) -> Resilience:
+    """The hop's ``retry``, ``timeout_s`` and ``fallback`` keys, checked."""
+    retry = _retry(raw["retry"], name, path, lines) if raw.get("retry") is not None else None
+    timeout = raw.get("timeout_s")
+    if timeout is not None and (not _number(timeout) or timeout <= 0):
+        raise SpecError(f"timeout_s must be a number of seconds > 0, got {timeout!r}", hop=name, field="timeout_s",
+                        line=lines.of(*path, "timeout_s"), hint="it bounds each attempt of the hop's model call")
+    fallback = _fallbacks(raw.get("fallback"), name, kind, path, hop_names, known_models, lines)
+    if retry is None and timeout is None and not fallback:
+        return NO_RESILIENCE
+    return Resilience(retry=retry, timeout_s=float(timeout) if timeout is not None else None, fallback=fallback)
+
+
+def _retry(value: Any, name: str, path: tuple[Any, ...], lines: _Lines) -> RetryPolicy:
+    line = lines.of(*path, "retry")
+    if _is_int(value):
+        value = {"attempts": value}
+    if not isinstance(value, Mapping):
+        raise SpecError(f"retry must be a number of attempts or a mapping, got {value!r}", hop=name, field="retry",
+                        line=line, hint="e.g. retry: {attempts: 4, backoff_ms: 50, on: [error, timeout]}")
+    # YAML 1.1 (PyYAML's) reads an unquoted key ``on`` as the boolean true.
+    value = {("on" if key is True else key): item for key, item in value.items()}
+    _reject_unknown(value, RETRY_FIELDS, lines, name, (*path, "retry"))
+
+    def bad(key: str, what: str) -> SpecError:
+        return SpecError(f"retry.{key} must be {what}, got {value[key]!r}", hop=name, field=f"retry.{key}",
+                         line=lines.of(*path, "retry", key))
+
+    settings: dict[str, Any] = {}
+    if "attempts" in value:
+        if not _is_int(value["attempts"]) or value["attempts"] < 1:
+            raise bad("attempts", "an integer >= 1 (every try, the first included)")
+        settings["attempts"] = value["attempts"]
+    for key in ("backoff_ms", "max_backoff_ms"):
+        if key in value:
+            if not _number(value[key]) or value[key] < 0:
+                raise bad(key, "a number of milliseconds >= 0")
+            settings[key] = float(value[key])
+    backoff = settings.get("backoff_ms", RetryPolicy.backoff_ms)
+    if settings.setdefault("max_backoff_ms", max(backoff, RetryPolicy.max_backoff_ms)) < backoff:
+        raise bad("max_backoff_ms", f"at least backoff_ms ({backoff:g})")
+    if "jitter" in value:
+        if not isinstance(value["jitter"], bool):
+            raise bad("jitter", "true or false")
+        settings["jitter"] = value["jitter"]
+    if "max_total_s" in value:
+        if not _number(value["max_total_s"]) or value["max_total_s"] <= 0:
+            raise bad("max_total_s", "a number of seconds > 0")
+        settings["max_total_s"] = float(value["max_total_s"])
+    if "on" in value:
+        kinds = [value["on"]] if isinstance(value["on"], str) else value["on"]
+        if not isinstance(kinds, list) or not kinds or not all(isinstance(k, str) for k in kinds):
+            raise bad("on", f"a list of failure kinds from {', '.join(ERROR_KINDS)}")
+        for kind in kinds:
+            if kind not in ERROR_KINDS:
+                raise SpecError(
+                    f"retry.on names {kind!r}, which is not a kind of failure{_did_you_mean(kind, ERROR_KINDS)}",
+                    hop=name, field="retry.on", line=lines.of(*path, "retry", "on"),
+                    hint=f"kinds: {', '.join(ERROR_KINDS)}",
+                )
+        settings["on"] = tuple(dict.fromkeys(kinds))
+    return RetryPolicy(**settings)
+
+
+def _fallbacks(
+    value: Any,
+    name: str,
+    kind: str,
+    path: tuple[Any, ...],
+    hop_names: list[str],
+    known_models: Collection[str] | None,
+    lines: _Lines,
+) -> tuple[Fallback, ...]:
+    if value is None:
+        return ()
+    line = lines.of(*path, "fallback")
+    targets = [value] if isinstance(value, str) else value
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
+        raise SpecError(f"fallback must be a model or hop name, or a list of them, got {value!r}", hop=name,
+                        field="fallback", line=line, hint="e.g. fallback: [small_model, canned_answer]")
+    fallbacks = []
+    for index, target in enumerate(targets):
+        is_hop, is_model = target in hop_names, known_models is not None and target in known_models
+        if target == name:
+            raise SpecError("a hop cannot be its own fallback", hop=name, field="fallback", line=line)
+        if target in targets[:index]:
+            raise SpecError(f"fallback names {target!r} twice", hop=name, field="fallback", line=line)
+        if is_hop and is_model:
+            raise SpecError(f"fallback {target!r} names both a hop and a model", hop=name, field="fallback", line=line,
+                            hint="rename the hop, so the fallback says which it means")
+        if not is_hop and known_models is not None and not is_model:
+            choices = [*hop_names, *known_models]
+            raise SpecError(f"fallback {target!r} is neither a hop nor a known model{_did_you_mean(target, choices)}",
+                            hop=name, field="fallback", line=line,
+                            hint=f"hops: {', '.join(hop_names)}; models: {', '.join(sorted(known_models)) or 'none'}")
+        if not is_hop and kind == "python":
+            raise SpecError(f"fallback {target!r} is a model, but a Python hop has no prompt to send it", hop=name,
+                            field="fallback", line=line, hint="name a fallback hop instead")
+        fallbacks.append(Fallback("hop" if is_hop else "model", target))
+    return tuple(fallbacks)
+
+
+def _check_fallbacks(hops: list[HopSpec], hops_data: list[Any], lines: _Lines) -> None:
+    """Mark fallback hops as standby and refuse what could not run: they see only what the failed hop saw.
+
+    A standby hop runs in place of the hop that failed, with that hop's values, so it may read
+    only chain inputs and the hops that hop reads; no hop may read a standby hop's output. A
+    Python hop that takes the whole context (no ``uses``, no named parameters) needs nothing in
+    particular: as a standby it reads what its hop reads, and otherwise it no longer waits for
+    standby hops.
+    """
+    by_name = {h.name: h for h in hops}
+    whole_context = {
+        h.name for h, raw in zip(hops, hops_data) if h.kind == "python" and h.call_by_name is None and "uses" not in raw
+    }
+    standby: set[str] = set()
+    for index, hop in enumerate(hops):
+        for fallback in hop.resilience.fallback:
+            if fallback.kind != "hop":
+                continue
+            target = by_name[fallback.name]
+            if any(f.kind == "hop" for f in target.resilience.fallback):
+                raise SpecError(f"{target.name!r} is a fallback of hop {hop.name!r}, so it cannot name fallback hops "
+                                "of its own", hop=target.name, field="fallback",
+                                line=lines.of("hops", hops.index(target), "fallback"),
+                                hint="list every fallback on the first hop, in the order to try them")
+            if target.name in whole_context and target.name not in standby:
+                target.deps = hop.deps
+            unseen = sorted(set(target.deps) - set(hop.deps))
+            if unseen:
+                raise SpecError(
+                    f"fallback hop {target.name!r} reads {unseen[0]!r}, which hop {hop.name!r} does not read",
+                    hop=hop.name, field="fallback", line=lines.of("hops", index, "fallback"),
+                    hint="a fallback hop runs in place of the failed hop and sees only the values that hop sees",
+                )
+            target.standby = True
+            standby.add(target.name)
+    for hop in hops:
+        if hop.name in whole_context and not hop.standby:
+            hop.deps = tuple(d for d in hop.deps if d not in standby)
+        readers = sorted(standby.intersection(hop.deps))
+        if readers:
+            raise SpecError(
+                f"the hop reads {readers[0]!r}, a fallback hop that runs only when the hop it stands in for fails",
+                hop=hop.name, field="prompt" if hop.kind == "llm" else "uses",
+                line=lines.of("hops", hops.index(hop)),
+                hint="read the output of the hop that names it as a fallback instead",
+            )
 
 
 def _parse_python_hop(

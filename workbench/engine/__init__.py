@@ -1,4 +1,4 @@
-"""Engine: the transformers backend, per-model workers, batching policies."""
+"""Engine: the transformers backend, per-model workers, batching policies, resilience."""
 
 from workbench.engine.batching import (
     BatchingPolicy,
@@ -8,16 +8,22 @@ from workbench.engine.batching import (
     StaticBatching,
 )
 from workbench.engine.engine import Engine
+from workbench.engine.faults import Faults, InjectedFault, InjectedOutOfMemory
 from workbench.engine.requests import GenerationParams, GenerationRequest, GenerationResult
+from workbench.engine.resilience import RetryPolicy
 
 __all__ = [
     "BatchingPolicy",
     "ContinuousBatching",
     "DynamicBatching",
     "Engine",
+    "Faults",
     "GenerationParams",
     "GenerationRequest",
     "GenerationResult",
+    "InjectedFault",
+    "InjectedOutOfMemory",
     "NoBatching",
+    "RetryPolicy",
     "StaticBatching",
 ]

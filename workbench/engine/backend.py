@@ -5,7 +5,9 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
+
 import torch
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from workbench.engine.requests import GenerationParams, GenerationRequest, GenerationResult
@@ -41,6 +43,16 @@ class _StepClock(BaseStreamer):
 
     def end(self) -> None:
         pass
+
+
+class _CancelledRows(StoppingCriteria):
+    """Stops the rows of requests cancelled mid-batch (their timeout ran out) while batch-mates go on."""
+
+    def __init__(self, batch: list[GenerationRequest]) -> None:
+        self.batch = batch
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> torch.BoolTensor:
+        return torch.tensor([r.cancelled for r in self.batch], dtype=torch.bool, device=input_ids.device)
 
 
 @dataclass
@@ -99,6 +111,7 @@ class TransformersBackend:
         input_ids = torch.tensor([[self.pad_id] * (width - r.tokens_in) + r.input_ids for r in batch], dtype=torch.long)
         attention = torch.tensor([[0] * (width - r.tokens_in) + [1] * r.tokens_in for r in batch], dtype=torch.long)
         clock = _StepClock()
+        cancellable = any(r.cancellable for r in batch)
         started = time.perf_counter()
         if params.seed is not None:
             torch.manual_seed(params.seed)
@@ -109,6 +122,8 @@ class TransformersBackend:
                 pad_token_id=self.pad_id,
                 eos_token_id=sorted(self.eos_ids) or None,
                 streamer=clock,
+                # Only requests with a timeout can be cancelled; others skip the per-step check.
+                stopping_criteria=StoppingCriteriaList([_CancelledRows(batch)] if cancellable else []),
                 **params.generate_kwargs(),
             )
         ended = time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from workbench.engine.queue import RequestQueue, select
 from workbench.engine.requests import GenerationParams, GenerationRequest
-from workbench.errors import WorkbenchError
+from workbench.errors import StrategyError, WorkbenchError
 
 if TYPE_CHECKING:
     from workbench.models.registry import LoadedModel
@@ -100,7 +101,8 @@ class StaticBatching(BatchingPolicy):
             return []
         remaining = head.submitted + self.timeout_ms / 1e3 - time.perf_counter()
         if remaining > 0:
-            queue.wait_until(lambda queued: _compatible(head, queued) >= self.size, remaining)
+            size = queue.limited(self.size)  # after an out-of-memory split, a full batch is a smaller one
+            queue.wait_until(lambda queued: _compatible(head, queued) >= size, remaining)
         if queue.interrupted:
             return []
         return queue.take(self.size, same_params)
@@ -161,10 +163,10 @@ class DynamicBatching(BatchingPolicy):
             return False
         return self.max_length_ratio is None or longest <= self.max_length_ratio * min(request.tokens_in, *lengths)
 
-    def _full(self, queued: Sequence[GenerationRequest]) -> bool:
+    def _full(self, queued: Sequence[GenerationRequest], max_batch: int) -> bool:
         """Whether the batch the queue holds now cannot grow: ``max_batch`` reached, or no room for one more row."""
-        batch = select(queued, self.max_batch, self.admits)
-        if len(batch) >= self.max_batch:
+        batch = select(queued, max_batch, self.admits)
+        if len(batch) >= max_batch:
             return True
         if self.max_batch_tokens is not None and batch:
             return (len(batch) + 1) * max(r.tokens_in for r in batch) > self.max_batch_tokens
@@ -178,7 +180,8 @@ class DynamicBatching(BatchingPolicy):
             return []
         remaining = head.submitted + self.max_wait_ms / 1e3 - time.perf_counter()
         if remaining > 0:
-            queue.wait_until(self._full, remaining)
+            max_batch = queue.limited(self.max_batch)  # after an out-of-memory split, a full batch is a smaller one
+            queue.wait_until(lambda queued: self._full(queued, max_batch), remaining)
         if queue.interrupted:
             return []
         return queue.take(self.max_batch, self.admits)
@@ -248,3 +251,73 @@ class ContinuousBatching(BatchingPolicy):
             return []
         return queue.take(len(queue) or 1, same_sampling)
 
+
+
+POLICY_FORMS = "none, static:SIZE[:TIMEOUT], dynamic:MAX_BATCH[:MAX_WAIT][:Ntok][:lenR], continuous[:MAX_BATCH]"
+
+
+def parse_policy(text: str) -> BatchingPolicy:
+    """A policy from its short name, the inverse of ``policy.name``.
+
+    ``none``, ``static:8`` (50 ms timeout), ``static:8:20ms``, ``dynamic:16:5ms``,
+    ``dynamic:32:5ms:512tok:len1.5`` (token budget, length grouping), ``continuous``,
+    ``continuous:32``. Times take ``ms`` or ``s``; a bare number is milliseconds.
+    """
+    kind, *fields = text.strip().lower().split(":")
+
+    def fail(message: str) -> StrategyError:
+        return StrategyError(f"batching {text!r}: {message}", hint=f"the forms are {POLICY_FORMS}")
+
+    def whole(value: str, what: str) -> int:
+        if not value.isdigit():
+            raise fail(f"{what} {value!r} is not a whole number")
+        return int(value)
+
+    def millis(value: str, what: str) -> float:
+        number, scale = value, 1.0
+        if value.endswith("ms"):
+            number = value[:-2]
+        elif value.endswith("s"):
+            number, scale = value[:-1], 1e3
+        try:
+            return float(number) * scale
+        except ValueError:
+            raise fail(f"{what} {value!r} is not a time such as 5ms or 0.5s") from None
+
+    def arity(most: int) -> None:
+        if len(fields) > most:
+            allowed = f"at most {most} setting{'s' * (most != 1)}" if most else "no settings"
+            raise fail(f"{kind} takes {allowed}, got {len(fields)}")
+
+    if kind == "none":
+        arity(0)
+        return NoBatching()
+    if kind == "static":
+        arity(2)
+        if not fields:
+            return StaticBatching()
+        size = whole(fields[0], "size")
+        return StaticBatching(size, *(millis(v, "timeout") for v in fields[1:]))
+    if kind == "dynamic":
+        arity(4)
+        settings: dict[str, float | int] = {}
+        for index, value in enumerate(fields):
+            if index == 0:
+                settings["max_batch"] = whole(value, "max_batch")
+            elif value.endswith("tok"):
+                settings["max_batch_tokens"] = whole(value[:-3], "token budget")
+            elif value.startswith("len"):
+                try:
+                    settings["max_length_ratio"] = float(value[3:])
+                except ValueError:
+                    raise fail(f"length ratio {value!r} is not len followed by a number, e.g. len1.5") from None
+            elif index == 1:
+                settings["max_wait_ms"] = millis(value, "max_wait")
+            else:
+                raise fail(f"setting {value!r} is neither a token budget (512tok) nor a length ratio (len1.5)")
+        return DynamicBatching(**settings)  # type: ignore[arg-type]
+    if kind == "continuous":
+        arity(1)
+        return ContinuousBatching(*(whole(v, "max_batch") for v in fields))
+    close = difflib.get_close_matches(kind, ["none", "static", "dynamic", "continuous"], n=1)
+    raise fail(f"unknown policy {kind!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))

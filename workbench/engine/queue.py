@@ -36,6 +36,8 @@ class RequestQueue:
         self._cond = threading.Condition()
         self.closed = False
         self.interrupted = False
+        # The largest batch the model ran without running out of memory; ``take`` never exceeds it.
+        self.batch_limit: int | None = None
 
     def __len__(self) -> int:
         with self._cond:
@@ -80,11 +82,25 @@ class RequestQueue:
         so no request can starve.
         """
         with self._cond:
-            taken = select(self._items, limit, accept)
+            taken = select(self._items, self.limited(limit), accept)
             if taken:
                 chosen = {id(r) for r in taken}
                 self._items = deque(r for r in self._items if id(r) not in chosen)
             return taken
+
+    def limited(self, size: int) -> int:
+        """``size``, or the batch limit if that is smaller."""
+        limit = self.batch_limit
+        return size if limit is None else min(size, limit)
+
+    def remove(self, request: GenerationRequest) -> bool:
+        """Take ``request`` out of the queue; False if it is no longer queued (a batch took it)."""
+        with self._cond:
+            try:
+                self._items.remove(request)
+            except ValueError:
+                return False
+            return True
 
     def interrupt(self) -> None:
         """Wake every waiter now and keep waits from blocking until :meth:`resume`."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -78,7 +79,26 @@ class GenerationRequest:
     id: int = field(default_factory=lambda: next(_ids))
     submitted: float = field(default_factory=time.perf_counter)
     future: Future[GenerationResult] = field(default_factory=Future)
+    # A health probe passes an open breaker and an unhealthy mark, and counts for neither.
+    probe: bool = False
+    # Has a timeout, so a padded batch checks at each step whether to stop its row.
+    cancellable: bool = False
+    cancelled: bool = False
+    # The circuit breaker's half-open trial, whose outcome decides the breaker's state.
+    trial: bool = False
+    _settle_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _settled: bool = field(default=False, repr=False)
 
     @property
     def tokens_in(self) -> int:
         return len(self.input_ids)
+
+    def settle(self) -> bool:
+        """Claim the right to end this request's span and set its future: True for the first caller only.
+
+        The worker (with a result or an error) and a caller whose timeout ran out may race to
+        finish a request; the loser leaves it alone, so the span ends once and the future is set once.
+        """
+        with self._settle_lock:
+            first, self._settled = not self._settled, True
+            return first

@@ -5,14 +5,19 @@ from __future__ import annotations
 import logging
 import threading
 
+import torch
 from opentelemetry.trace import Link, Span, Status, StatusCode
 
 from workbench.engine.backend import TransformersBackend
 from workbench.engine.batching import BatchingPolicy, ContinuousBatching
+from workbench.engine.breaker import CircuitBreaker
 from workbench.engine.continuous import ContinuousBackend
+from workbench.engine.faults import FaultInjector
+from workbench.engine.health import ModelHealth
 from workbench.engine.queue import RequestQueue
 from workbench.engine.requests import GenerationRequest, GenerationResult
-from workbench.errors import WorkerStopped
+from workbench.engine.resilience import error_kind, is_out_of_memory
+from workbench.errors import ModelOutOfMemory, WorkerStopped, describe
 from workbench.tracing import Tracing, mark_error
 from workbench.tracing import attributes as attr
 
@@ -20,7 +25,11 @@ log = logging.getLogger(__name__)
 
 
 class ModelWorker:
-    """Owns one model's queue and thread; the policy can be swapped while it runs."""
+    """Owns one model's queue and thread; the policy can be swapped while it runs.
+
+    Also the model's resilience state: its circuit breaker, its health as probes found it, and
+    the faults injected into its batches (None when there are none).
+    """
 
     def __init__(self, name: str, backend: TransformersBackend, policy: BatchingPolicy, tracing: Tracing) -> None:
         self.name = name
@@ -29,6 +38,9 @@ class ModelWorker:
         self.queue = RequestQueue()
         self._tracing = tracing
         self._continuous: ContinuousBackend | None = None
+        self.breaker = CircuitBreaker(name)
+        self.health = ModelHealth(name)
+        self.faults: FaultInjector | None = None
         self._thread = threading.Thread(target=self._loop, name=f"workbench-worker-{name}", daemon=True)
         self._thread.start()
 
@@ -47,6 +59,19 @@ class ModelWorker:
         for request in self.queue.close():
             self._fail([request], WorkerStopped(f"model {self.name!r} was unloaded before this request ran"))
         self._thread.join(timeout)
+
+    def cancel(self, request: GenerationRequest, error: BaseException) -> bool:
+        """Fail ``request`` with ``error`` now: drop it from the queue, or stop its row in the running batch.
+
+        Its batch-mates finish as if it had never been there. False if it had already finished.
+        """
+        request.cancelled = True
+        where = "queued" if self.queue.remove(request) else "running"
+        if not request.settle():
+            return False
+        request.span.set_attribute(attr.CANCELLED, where)
+        self._error(request, error)
+        return True
 
     def set_policy(self, policy: BatchingPolicy) -> None:
         """Swap the policy; one waiting inside the old policy (for a timeout, say) gives way at once."""
@@ -69,6 +94,11 @@ class ModelWorker:
                     self._end_continuous()
                     return
                 continue
+            faults = self.faults
+            if faults is not None:
+                batch = faults.apply(batch, self._fail)
+                if not batch:
+                    continue
             if isinstance(policy, ContinuousBatching):
                 self._stream(batch, policy)
             else:
@@ -109,11 +139,20 @@ class ModelWorker:
             self._continuous = None
 
     def _execute(self, batch: list[GenerationRequest], policy: BatchingPolicy) -> None:
+        batch = [r for r in batch if not r.cancelled]  # timed out while the batch formed
+        if not batch:
+            return
         span = self._batch_span(batch, policy)
         try:
+            faults = self.faults
+            if faults is not None:
+                faults.check_memory(batch, span)
             results, timing = self.backend.generate(batch)
         except BaseException as exc:  # an error in one batch fails its requests, never the worker
             mark_error(span, exc)
+            if is_out_of_memory(exc):
+                self._split(batch, policy, span, exc)
+                return
             span.end()
             self._fail(batch, exc)
             return
@@ -132,7 +171,35 @@ class ModelWorker:
         for request, result in zip(batch, results):
             self._complete(request, result, policy)
 
+    def _split(self, batch: list[GenerationRequest], policy: BatchingPolicy, span: Span, exc: BaseException) -> None:
+        """Out of memory: run the batch again as two halves, and from now on take no batch larger than a half."""
+        if self.backend.loaded.device.type == "cuda":
+            torch.cuda.empty_cache()  # give back what the failed batch's allocations left cached
+        if len(batch) == 1:
+            span.end()
+            request = batch[0]
+            self._fail(batch, ModelOutOfMemory(
+                f"model {self.name!r} ran out of memory on a single request ({request.tokens_in} prompt tokens, "
+                f"max_new_tokens {request.params.max_new_tokens}): {describe(exc)}",
+                hint="shorten the prompt or max_new_tokens, or load the model with a smaller dtype or elsewhere",
+            ))
+            return
+        half = (len(batch) + 1) // 2
+        limit = self.queue.batch_limit
+        self.queue.batch_limit = half if limit is None else min(limit, half)
+        span.add_event("oom.split", {"workbench.batch.halves": [half, len(batch) - half],
+                                     "workbench.batch.limit": self.queue.batch_limit})
+        span.end()
+        for request in batch:
+            request.span.set_attribute(attr.OOM_SPLIT, True)
+        self._execute(batch[:half], policy)
+        self._execute(batch[half:], policy)
+
     def _complete(self, request: GenerationRequest, result: GenerationResult, policy: BatchingPolicy) -> None:
+        if not request.settle():
+            return  # cancelled meanwhile: its caller has moved on
+        if not request.probe:
+            self.breaker.record(None, request.span, request.trial)
         request.span.set_attributes(
             {
                 attr.USAGE_OUTPUT_TOKENS: result.tokens_out,
@@ -154,8 +221,15 @@ class ModelWorker:
 
     def _fail(self, batch: list[GenerationRequest], exc: BaseException) -> None:
         for request in batch:
-            mark_error(request.span, exc)
-            request.span.end()
-            if not request.future.done():
-                request.future.set_exception(exc)
+            if request.settle():
+                self._error(request, exc)
+
+    def _error(self, request: GenerationRequest, exc: BaseException) -> None:
+        """End a settled request with ``exc``, counting it against the breaker if the model was at fault."""
+        if not request.probe:
+            self.breaker.record(exc, request.span, request.trial)
+        request.span.set_attribute(attr.ERROR_KIND, error_kind(exc) or "other")
+        mark_error(request.span, exc)
+        request.span.end()
+        request.future.set_exception(exc)
 

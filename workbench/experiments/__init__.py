@@ -1,1 +1,6 @@
 """Experiments: workloads and the strategy comparison harness."""
+
+from workbench.experiments.compare import Comparison, compare
+from workbench.experiments.workloads import ClosedLoop, PoissonArrivals, Workload, WorkloadResult, read_inputs
+
+__all__ = ["ClosedLoop", "Comparison", "PoissonArrivals", "Workload", "WorkloadResult", "compare", "read_inputs"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from workbench.errors import ModelLoadError
@@ -26,6 +28,31 @@ def available_devices() -> list[str]:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         devices.append("mps")
     return devices
+
+
+def supported_dtypes(device: str) -> list[str]:
+    """The dtypes worth offering for ``device`` ("auto" first): bfloat16 only where the GPU has it."""
+    resolved = resolve_device(device)
+    if resolved.type == "cuda":
+        with torch.cuda.device(resolved):
+            half = ["bfloat16", "float16"] if torch.cuda.is_bf16_supported() else ["float16"]
+        return ["auto", *half, "float32"]
+    if resolved.type == "mps":
+        return ["auto", "float16", "float32"]
+    return ["auto", "float32", "bfloat16", "float16"]
+
+
+def device_capacity(device: str) -> int | None:
+    """Total memory of ``device`` in bytes (physical RAM for the CPU), or None where it cannot be read."""
+    resolved = resolve_device(device)
+    if resolved.type == "cuda":
+        return int(torch.cuda.mem_get_info(resolved)[1])
+    if resolved.type == "cpu" and hasattr(os, "sysconf"):
+        try:
+            return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        except (ValueError, OSError):
+            return None
+    return None
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

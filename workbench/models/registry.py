@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import difflib
 import gc
+import json
+import math
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from opentelemetry.trace import Span
 
 from workbench.errors import ModelLoadError, UnknownModelError
 from workbench.models.devices import dtype_name, resolve_device, resolve_dtype
+from workbench.models.preloading import UsageClock
 from workbench.tracing import Tracing
 from workbench.tracing import attributes as attr_names
 
@@ -33,6 +39,7 @@ class LoadSettings:
     trust_remote_code: bool = False
     allow_pickle: bool = False
     revision: str | None = None
+    warmup: bool = False  # run a tiny generate after loading; its time counts as cold start
 
 
 @dataclass
@@ -49,21 +56,29 @@ class LoadedModel:
     memory_bytes: int
     load_s: float
     context_window: int | None
+    warmup_s: float = 0.0
     loaded_at: float = field(default_factory=time.time)
 
     @property
     def source(self) -> str:
         return self.settings.source
 
+    @property
+    def cold_start_s(self) -> float:
+        """What the model cost before it could serve at full speed: load plus warm-up."""
+        return self.load_s + self.warmup_s
+
 
 class ModelRegistry:
-    """Models by name: loaded ones in memory, registered ones known but not loaded yet."""
+    """Models by name: every known one with its settings, and the loaded ones in memory."""
 
     def __init__(self, tracing: Tracing) -> None:
         self._tracing = tracing
         self._lock = threading.RLock()
         self._loaded: dict[str, LoadedModel] = {}
-        self._registered: dict[str, LoadSettings] = {}
+        self._registered: dict[str, LoadSettings] = {}  # every known model, loaded or not
+        self._measured: dict[str, tuple[LoadSettings, int]] = {}  # bytes each model took when last loaded
+        self.usage = UsageClock()
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -75,6 +90,37 @@ class ModelRegistry:
     def is_loaded(self, name: str) -> bool:
         with self._lock:
             return name in self._loaded
+
+    def loaded(self) -> list[LoadedModel]:
+        """The models in memory, in load order."""
+        with self._lock:
+            return list(self._loaded.values())
+
+    def check_free(self, name: str) -> None:
+        """Refuse to load a second model under a name that is loaded."""
+        with self._lock:
+            if name in self._loaded:
+                raise ModelLoadError(
+                    f"a model named {name!r} is already loaded (from {self._loaded[name].source})",
+                    hint=f"pick another name, or bench.unload({name!r}) first",
+                )
+
+    def estimate_bytes(self, name: str, settings: LoadSettings) -> int:
+        """Bytes ``settings`` will take once loaded: as measured last time, else from the safetensors headers.
+
+        A header estimate counts weights only, not buffers or an adapter; 0 when neither is
+        known (a hub id not loaded yet). Keep-warm settles the difference after the load.
+        """
+        with self._lock:
+            measured = self._measured.get(name)
+        if measured is not None and measured[0] == settings:
+            return measured[1]
+        path = Path(os.path.expanduser(settings.source))
+        files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+        if not files:
+            return 0
+        itemsize = torch.empty((), dtype=resolve_dtype(settings.dtype, resolve_device(settings.device))).element_size()
+        return sum(_safetensors_numel(f) for f in files) * itemsize
 
     def get(self, name: str) -> LoadedModel:
         """The loaded model called ``name``; a clear error (with near names) if there is none."""
@@ -103,10 +149,16 @@ class ModelRegistry:
         raise self.unknown(name)
 
     def table(self) -> pd.DataFrame:
-        """One row per known model: name, source, device, dtype, params, memory, load_s, state."""
+        """One row per known model: name, source, device, dtype, params, memory, load_s, state, cold start, last use."""
         import pandas as pd
 
-        columns = ["name", "source", "adapter", "device", "dtype", "params", "memory_mb", "load_s", "state"]
+        columns = ["name", "source", "adapter", "device", "dtype", "params", "memory_mb", "load_s", "state",
+                   "cold_start_s", "last_used"]
+
+        def last_used(name: str) -> pd.Timestamp | None:
+            used = self.usage.last_used(name)
+            return None if used is None else pd.Timestamp(used, unit="s", tz="UTC")
+
         with self._lock:
             rows = [
                 {
@@ -119,12 +171,15 @@ class ModelRegistry:
                     "memory_mb": round(m.memory_bytes / 2**20, 2),
                     "load_s": round(m.load_s, 3),
                     "state": "loaded",
+                    "cold_start_s": round(m.cold_start_s, 3),
+                    "last_used": last_used(m.name),
                 }
                 for m in self._loaded.values()
             ]
             rows += [
                 {"name": n, "source": s.source, "adapter": s.adapter, "device": s.device, "dtype": s.dtype,
-                 "params": None, "memory_mb": None, "load_s": None, "state": "registered"}
+                 "params": None, "memory_mb": None, "load_s": None, "state": "registered", "cold_start_s": None,
+                 "last_used": last_used(n)}
                 for n, s in self._registered.items()
                 if n not in self._loaded
             ]
@@ -139,14 +194,14 @@ class ModelRegistry:
                 raise ModelLoadError(f"a model named {name!r} is already loaded", hint=f"bench.unload({name!r}) first")
             self._registered[name] = settings
 
-    def load(self, name: str, settings: LoadSettings) -> LoadedModel:
-        """Load ``settings.source`` under ``name``; loading is a span of its own in the trace."""
-        with self._lock:
-            if name in self._loaded:
-                raise ModelLoadError(
-                    f"a model named {name!r} is already loaded (from {self._loaded[name].source})",
-                    hint=f"pick another name, or bench.unload({name!r}) first",
-                )
+    def load(
+        self, name: str, settings: LoadSettings, parent: Span | None = None, trigger: str = "explicit"
+    ) -> LoadedModel:
+        """Load ``settings.source`` under ``name``; loading is a span, a child of ``parent`` where given.
+
+        ``trigger`` says on the span why it loaded: explicit, on_use, prefetch or eager.
+        """
+        self.check_free(name)
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
         _check_source(settings)
@@ -156,8 +211,9 @@ class ModelRegistry:
             attr_names.MODEL_SOURCE: settings.source,
             attr_names.MODEL_DEVICE: str(device),
             attr_names.MODEL_DTYPE: dtype_name(dtype),
+            attr_names.LOAD_TRIGGER: trigger,
         }
-        with self._tracing.span(f"load {name}", attributes=span_attrs) as span:
+        with self._tracing.span(f"load {name}", parent, span_attrs) as span:
             started = time.perf_counter()
             before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
             model, tokenizer = _from_pretrained(settings, device, dtype)
@@ -168,8 +224,15 @@ class ModelRegistry:
                 memory = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
             load_s = time.perf_counter() - started
             params = sum(p.numel() for p in model.parameters())
+            warmup_s = _warm_up(model, tokenizer, device) if settings.warmup else 0.0
             span.set_attributes(
-                {attr_names.MODEL_PARAMS: params, attr_names.MODEL_MEMORY_BYTES: memory, "workbench.load_s": load_s}
+                {
+                    attr_names.MODEL_PARAMS: params,
+                    attr_names.MODEL_MEMORY_BYTES: memory,
+                    attr_names.LOAD_S: load_s,
+                    attr_names.WARMUP_S: warmup_s,
+                    attr_names.COLD_START_S: load_s + warmup_s,
+                }
             )
             if settings.adapter:
                 span.set_attribute(attr_names.MODEL_ADAPTER, settings.adapter)
@@ -183,6 +246,7 @@ class ModelRegistry:
             params=params,
             memory_bytes=memory,
             load_s=load_s,
+            warmup_s=warmup_s,
             context_window=_context_window(model, tokenizer),
         )
         with self._lock:
@@ -191,16 +255,21 @@ class ModelRegistry:
                 _free(device)
                 raise ModelLoadError(f"a model named {name!r} was loaded meanwhile", hint="use a different name")
             self._loaded[name] = loaded
-            self._registered.pop(name, None)
+            self._registered[name] = settings
+            self._measured[name] = (settings, memory)
         return loaded
 
-    def unload(self, name: str) -> int:
-        """Drop ``name`` from memory; returns the bytes its weights held."""
+    def unload(self, name: str, forget: bool = False) -> int:
+        """Drop ``name`` from memory, keeping it registered unless ``forget``; returns the bytes its weights held."""
         with self._lock:
+            if name not in self._registered:
+                raise self.unknown(name)
             loaded = self._loaded.pop(name, None)
+            if forget:
+                del self._registered[name]
+                self._measured.pop(name, None)
+                self.usage.forget(name)
             if loaded is None:
-                if self._registered.pop(name, None) is None:
-                    raise self.unknown(name)
                 return 0
         freed, device = loaded.memory_bytes, loaded.device
         loaded.model = loaded.tokenizer = None
@@ -213,6 +282,33 @@ def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def _safetensors_numel(path: Path) -> int:
+    """How many weights a safetensors file holds, read from its header alone."""
+    with open(path, "rb") as handle:
+        header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+    return sum(math.prod(t["shape"]) for key, t in header.items() if key != "__metadata__")
+
+
+def _warm_up(model: Any, tokenizer: Any, device: torch.device) -> float:
+    """One tiny greedy generate, so allocator growth and kernel selection happen before the first request."""
+    started = time.perf_counter()
+    encoded = tokenizer("Hello", return_tensors="pt")
+    with torch.inference_mode():
+        model.generate(
+            input_ids=encoded["input_ids"].to(device),
+            attention_mask=encoded["attention_mask"].to(device),
+            max_new_tokens=2,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
 
 
 def _check_source(settings: LoadSettings) -> None:
@@ -242,21 +338,44 @@ def _check_source(settings: LoadSettings) -> None:
         raise ModelLoadError(f"{settings.source!r} has a config.json but no weights", hint="is the download complete?")
 
 
+_bars_lock = threading.Lock()
+_quiet_loads = 0  # loads running now; the last one to finish turns the bars back on
+_bars_were_on = False
+
+
+@contextmanager
+def _progress_bars_off() -> Iterator[None]:
+    """Hide transformers' progress bars while any load runs; loads in parallel threads share one switch."""
+    from transformers.utils import logging as hf_logging
+
+    global _quiet_loads, _bars_were_on
+    with _bars_lock:
+        if _quiet_loads == 0:
+            _bars_were_on = hf_logging.is_progress_bar_enabled()
+            hf_logging.disable_progress_bar()
+        _quiet_loads += 1
+    try:
+        yield
+    finally:
+        with _bars_lock:
+            _quiet_loads -= 1
+            if _quiet_loads == 0 and _bars_were_on:
+                hf_logging.enable_progress_bar()
+
+
 def _from_pretrained(settings: LoadSettings, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     source = os.path.expanduser(settings.source)
     common: dict[str, Any] = {"trust_remote_code": settings.trust_remote_code, "revision": settings.revision}
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **common)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, use_safetensors=None if settings.allow_pickle else True, **common
-        )
-        if settings.adapter:
-            model = _with_adapter(model, settings.adapter)
+        with _progress_bars_off():
+            tokenizer = AutoTokenizer.from_pretrained(source, **common)
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype, use_safetensors=None if settings.allow_pickle else True, **common
+            )
+            if settings.adapter:
+                model = _with_adapter(model, settings.adapter)
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError, ImportError) as exc:
@@ -264,9 +383,6 @@ def _from_pretrained(settings: LoadSettings, device: torch.device, dtype: torch.
             f"could not load {settings.source!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
             hint="check the path or hub id; on an offline machine, hub ids must already be in the HF cache",
         ) from exc
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
     model.to(device)
     model.eval()
     if tokenizer.pad_token_id is None:

@@ -13,11 +13,15 @@ from IPython.display import display
 from workbench.bench import current
 from workbench.chains.chain import Chain
 from workbench.errors import HopFailed, MissingInputError, WorkbenchError
+from workbench.experiments import compare
+from workbench.experiments.workloads import read_inputs
 from workbench.models.tiny import tiny_model
 from workbench.notebook.parsers import (
     PROG,
+    BuilderCommand,
     ChainCommand,
     Command,
+    CompareCommand,
     HelpCommand,
     LoadCommand,
     ModelsCommand,
@@ -27,6 +31,7 @@ from workbench.notebook.parsers import (
     help_text,
     parse_command,
 )
+from workbench.notebook.widgets import ChainBuilder, ComparisonDashboard, ModelManager, TraceViewer
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -35,6 +40,8 @@ if TYPE_CHECKING:
     from workbench.tracing import Trace
 
 RUN_VARIABLE = "_autoglm_run"
+COMPARE_VARIABLE = "_autoglm_compare"
+WIDGET_VARIABLE = "_autoglm_widget"
 # A visible mark per level: pandas' HTML strips leading whitespace (non-breaking too), which
 # would flatten the span tree in a notebook.
 _INDENT = "· "
@@ -67,6 +74,8 @@ class AutoglmMagics(Magics):
             ChainCommand.subcommand: self._chain,
             RunCommand.subcommand: self._run,
             TraceCommand.subcommand: self._trace,
+            CompareCommand.subcommand: self._compare,
+            BuilderCommand.subcommand: self._builder,
         }
 
     # No $var / {var} expansion: prompts and questions hold braces and dollars that must stay literal.
@@ -106,6 +115,9 @@ class AutoglmMagics(Magics):
         )
 
     def _models(self, command: ModelsCommand) -> None:
+        if command.ui:
+            self._show_widget(ModelManager(current()))
+            return
         table = current().models()
         if table.empty:
             print("no models yet; load one with %autoglm load NAME SOURCE")
@@ -164,8 +176,53 @@ class AutoglmMagics(Magics):
             display(trace.summary())
         if command.waterfall:
             display(trace.waterfall())
-        if not (command.summary or command.waterfall):
+        if command.ui:
+            self._show_widget(TraceViewer(trace))
+        elif not (command.summary or command.waterfall):
             display(span_table(trace))
+
+    def _compare(self, command: CompareCommand) -> None:
+        chain = self._find_chain(command.chain)
+        if command.ui:
+            dashboard = ComparisonDashboard(
+                chain,
+                read_inputs(command.inputs),
+                batching=[policy.name for policy in command.batching or ()],
+                preloading=command.preload or (),
+                concurrency=command.concurrency,
+                repeats=command.repeats,
+                warmup=command.warmup,
+                arrival_rate=command.rate,
+                seed=command.seed,
+                save=command.save,
+            )
+            self._show_widget(dashboard)
+            dashboard.run()
+            return
+        comparison = compare(
+            chain,
+            read_inputs(command.inputs),
+            batching=command.batching,
+            preloading=command.preload,
+            concurrency=command.concurrency,
+            repeats=command.repeats,
+            warmup=command.warmup,
+            arrival_rate=command.rate,
+            seed=command.seed,
+        )
+        self._user_ns[COMPARE_VARIABLE] = comparison
+        display(comparison)
+        if command.save is not None:
+            print(f"saved to {comparison.save(command.save)}")
+
+    def _builder(self, command: BuilderCommand) -> None:
+        chain = self._find_chain(command.chain) if command.chain is not None else None
+        self._show_widget(ChainBuilder(current(), chain=chain))
+
+    def _show_widget(self, widget: Any) -> None:
+        """Display a widget and bind it to _autoglm_widget, where cells (and tests) can read its state."""
+        self._user_ns[WIDGET_VARIABLE] = widget
+        display(widget)
 
 
 def register(ipython: InteractiveShell) -> None:

@@ -9,7 +9,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NoReturn
 
+from workbench.engine.batching import POLICY_FORMS, BatchingPolicy, parse_policy
 from workbench.errors import WorkbenchError
+from workbench.models.preloading import PRELOADING_FORMS, PreloadingStrategy, parse_preloading
 
 PROG = "%autoglm"
 
@@ -112,9 +114,15 @@ class LoadCommand(Command):
 @dataclass(frozen=True)
 class ModelsCommand(Command):
     subcommand = "models"
-    usage = "models"
+    usage = "models [--ui]"
     about = "the table of known models: device, dtype, parameters, memory, load time, state"
-    example = "%autoglm models"
+    example = "%autoglm models --ui"
+
+    ui: bool = False
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--ui", action="store_true", help="the model manager widget: load, unload, memory bars")
 
 
 @dataclass(frozen=True)
@@ -192,7 +200,7 @@ class RunCommand(Command):
 @dataclass(frozen=True)
 class TraceCommand(Command):
     subcommand = "trace"
-    usage = "trace [last|RUN_ID] [--summary] [--waterfall] [--all]"
+    usage = "trace [last|RUN_ID] [--summary] [--waterfall] [--all] [--ui]"
     about = "a run's span table (the last run by default), its per-hop summary or its waterfall"
     example = "%autoglm trace --summary"
 
@@ -200,6 +208,7 @@ class TraceCommand(Command):
     summary: bool = False
     waterfall: bool = False
     all: bool = False
+    ui: bool = False
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -207,6 +216,7 @@ class TraceCommand(Command):
         parser.add_argument("--summary", action="store_true", help="per-hop latency summary")
         parser.add_argument("--waterfall", action="store_true", help="draw the spans as a waterfall")
         parser.add_argument("--all", action="store_true", help="every span the workbench recorded, not one run's")
+        parser.add_argument("--ui", action="store_true", help="the interactive waterfall and span table widget")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, cell: str | None) -> Command:
@@ -215,13 +225,108 @@ class TraceCommand(Command):
                 f"trace: give a run id or --all, not both (got {args.run!r} and --all)",
                 hint=f"usage: {PROG} {cls.usage}",
             )
-        return cls(run=args.run or "last", summary=args.summary, waterfall=args.waterfall, all=args.all)
+        return cls(run=args.run or "last", summary=args.summary, waterfall=args.waterfall, all=args.all, ui=args.ui)
 
 
-# The dispatch order of `help`; a later subcommand (compare, builder) is one more Command subclass here.
+def _strategy_list(text: str, option: str) -> tuple[str, ...]:
+    names = tuple(part.strip() for part in text.split(","))
+    if not all(names):
+        raise ParseError(
+            f"compare: {option} {text!r} has an empty item", hint=f"separate names by single commas: {option} a,b"
+        )
+    return names
+
+
+@dataclass(frozen=True)
+class CompareCommand(Command):
+    subcommand = "compare"
+    usage = (
+        "compare CHAIN --inputs FILE.jsonl [--batching P,...] [--preload S,...] [--concurrency N] [--rate R]"
+        " [--repeats N] [--warmup N] [--seed N] [--save PATH] [--ui]"
+    )
+    about = "compare batching and preloading strategies on a chain; binds the Comparison to _autoglm_compare"
+    example = "%autoglm compare qa --inputs q.jsonl --batching none,static:8,dynamic:16:5ms --preload lazy,eager"
+
+    chain: str
+    inputs: str
+    batching: tuple[BatchingPolicy, ...] | None = None
+    preload: tuple[PreloadingStrategy, ...] | None = None
+    concurrency: int = 8
+    rate: float | None = None
+    repeats: int = 3
+    warmup: int = 1
+    seed: int = 0
+    save: str | None = None
+    ui: bool = False
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("chain", metavar="CHAIN", help="a chain built on this workbench, or a Chain variable")
+        parser.add_argument("--inputs", required=True, metavar="FILE.jsonl", help="one JSON object of inputs per line")
+        parser.add_argument("--batching", metavar="P,...", help=f"policies to compare: {POLICY_FORMS}")
+        parser.add_argument("--preload", metavar="S,...", help=f"preloading strategies to compare: {PRELOADING_FORMS}")
+        parser.add_argument("--concurrency", type=int, default=8, metavar="N", help="runs in flight (closed loop)")
+        parser.add_argument("--rate", type=float, metavar="R", help="open loop instead: Poisson arrivals, runs/s")
+        parser.add_argument("--repeats", type=int, default=3, metavar="N", help="passes per strategy, interleaved")
+        parser.add_argument("--warmup", type=int, default=1, metavar="N", help="unmeasured runs before each pass")
+        parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the Poisson arrivals")
+        parser.add_argument("--save", metavar="PATH", help="write the table to a .csv or .parquet file")
+        parser.add_argument("--ui", action="store_true", help="run in the dashboard widget; the kernel stays free")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, cell: str | None) -> Command:
+        for option in ("concurrency", "repeats"):
+            value = getattr(args, option)
+            if value < 1:
+                raise ParseError(f"compare: --{option} must be at least 1, not {value}", hint=cls.example)
+        if args.warmup < 0:
+            raise ParseError(
+                f"compare: --warmup must be 0 or more, not {args.warmup}", hint="--warmup 0 measures every run"
+            )
+        if args.rate is not None and not args.rate > 0:
+            raise ParseError(f"compare: --rate must be above 0 runs/s, not {args.rate:g}", hint="e.g. --rate 20")
+        if args.save is not None and not args.save.lower().endswith((".csv", ".parquet")):
+            raise ParseError(
+                f"compare: --save {args.save!r}: the file must end in .csv or .parquet", hint="e.g. --save out.csv"
+            )
+        batching = args.batching and tuple(parse_policy(n) for n in _strategy_list(args.batching, "--batching"))
+        preload = args.preload and tuple(parse_preloading(n) for n in _strategy_list(args.preload, "--preload"))
+        return cls(
+            chain=args.chain,
+            inputs=args.inputs,
+            batching=batching or None,
+            preload=preload or None,
+            concurrency=args.concurrency,
+            rate=args.rate,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            seed=args.seed,
+            save=args.save,
+            ui=args.ui,
+        )
+
+
+@dataclass(frozen=True)
+class BuilderCommand(Command):
+    subcommand = "builder"
+    usage = "builder [CHAIN]"
+    about = "the chain builder widget: edit hops, see the hop graph, run, read output and spans in place"
+    example = "%autoglm builder qa"
+
+    chain: str | None = None
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("chain", nargs="?", metavar="CHAIN", help="start from this chain (else from one blank hop)")
+
+
+# The dispatch order of `help`; a later subcommand is one more Command subclass here.
 COMMANDS: dict[str, type[Command]] = {
     c.subcommand: c
-    for c in (HelpCommand, LoadCommand, ModelsCommand, UnloadCommand, ChainCommand, RunCommand, TraceCommand)
+    for c in (
+        HelpCommand, LoadCommand, ModelsCommand, UnloadCommand, ChainCommand, RunCommand, TraceCommand, CompareCommand,
+        BuilderCommand,
+    )
 }
 
 
@@ -327,6 +432,7 @@ def help_text(topic: str | None = None) -> str:
         "%%autoglm chain NAME binds the Chain to NAME; %autoglm run binds the Run (even a failed",
         "one, with the outputs that finished) to _autoglm_run. Values are taken literally: no",
         "$var or {var} expansion, so prompts may hold braces and dollars. Mistakes print a short",
-        "'autoglm:' message. %autoglm SUBCOMMAND -h lists every option.",
+        "'autoglm:' message. %autoglm SUBCOMMAND -h lists every option. A widget opened with --ui",
+        "(or by builder) is bound to _autoglm_widget; it works off the kernel's thread.",
     ]
     return "\n".join(lines) + "\n"

@@ -206,6 +206,41 @@ class Trace:
         out.index.name = "hop"
         return out
 
+    def events(self) -> pd.DataFrame:
+        """One row per span event, in time order: retries, fallbacks, breaker and health changes, faults, exceptions.
+
+        Columns: ``event``, ``offset_ms`` (from its trace's start), ``span`` (the span's name),
+        ``hop``, ``model``, ``context.span_id``, ``context.trace_id``, then ``attributes.*``.
+        """
+        import pandas as pd
+
+        columns = ["event", "offset_ms", "span", "hop", "model", "context.span_id", "context.trace_id"]
+        trace_start: dict[int, int] = {}
+        for span in self.spans:
+            tid = span.context.trace_id
+            trace_start[tid] = min(trace_start.get(tid, span.start_time or 0), span.start_time or 0)
+        rows = []
+        for span in self.spans:
+            a = span.attributes or {}
+            for event in span.events:
+                row: dict[str, Any] = {
+                    "event": event.name,
+                    "offset_ms": _ms(event.timestamp - trace_start[span.context.trace_id]),
+                    "span": span.name,
+                    "hop": a.get(attr.HOP_NAME),
+                    "model": a.get(attr.MODEL_NAME),
+                    "context.span_id": _hex(span.context.span_id, 16),
+                    "context.trace_id": _hex(span.context.trace_id, 32),
+                    "_at": event.timestamp,
+                }
+                for key, value in (event.attributes or {}).items():
+                    row[f"attributes.{key}"] = list(value) if isinstance(value, tuple) else value
+                rows.append(row)
+        if not rows:
+            return pd.DataFrame(columns=columns)
+        frame = pd.DataFrame(rows).sort_values("_at", kind="stable").drop(columns="_at").reset_index(drop=True)
+        return frame[columns + sorted(c for c in frame.columns if c not in columns)]
+
     def waterfall(self, max_spans: int = 400) -> Figure:
         """A matplotlib Figure: one bar per span, nested by depth, queue wait drawn hatched."""
         from matplotlib.patches import Patch

@@ -1,0 +1,425 @@
+"""Workloads and the strategy comparison harness, on the real tiny model and real traces."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.utils.capture import capture_output
+
+import workbench as wb
+import workbench.bench
+from workbench.engine.batching import parse_policy
+from workbench.experiments import read_inputs
+from workbench.experiments.compare import TABLE_COLUMNS
+from workbench.notebook.parsers import CompareCommand, ParseError, parse_command
+
+SPEC = {
+    "name": "qa",
+    "hops": [
+        {"name": "plan", "model": "tiny", "prompt": "Question: {{ question }}\nPlan:", "max_new_tokens": 4},
+        {"name": "answer", "model": "tiny", "prompt": "{{ plan }}\nAnswer:", "max_new_tokens": 4},
+    ],
+    "output": "answer",
+}
+# Questions of different lengths, so padded batches pad.
+QUESTIONS = [{"question": f"What is {i} + {i}?" + " Explain it step by step." * (i % 3)} for i in range(4)]
+ENVIRONMENT = ["chain", "model", "model_source", "device", "dtype", "torch_version", "transformers_version",
+               "workbench_version", "repeats", "platform"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_path: Path) -> Iterator[wb.Workbench]:
+    """One workbench with 'tiny' on the CPU, shared by the module; comparisons put its policy back."""
+    with wb.Workbench() as bench:
+        bench.load("tiny", tiny_path, device="cpu")
+        yield bench
+
+
+@pytest.fixture(scope="module")
+def qa(tiny: wb.Workbench) -> wb.Chain:
+    return tiny.chain(SPEC)
+
+
+# -- workloads ----------------------------------------------------------------------------------
+
+
+def test_poisson_arrivals_are_seeded_and_reproducible() -> None:
+    inputs = [{"question": "q"}] * 2000
+    arrivals = wb.PoissonArrivals(inputs, rate=50.0, seed=7).arrival_times()
+    assert np.array_equal(arrivals, wb.PoissonArrivals(inputs, rate=50.0, seed=7).arrival_times())
+    assert not np.array_equal(arrivals, wb.PoissonArrivals(inputs, rate=50.0, seed=8).arrival_times())
+    assert arrivals[0] == 0.0 and np.all(np.diff(arrivals) > 0)
+    # 2000 exponential gaps of mean 1/50 s: the seeded draw lands within a few percent of the rate.
+    assert 1999 / arrivals[-1] == pytest.approx(50.0, rel=0.05)
+    gaps = np.diff(arrivals)
+    assert np.std(gaps) == pytest.approx(np.mean(gaps), rel=0.1)  # exponential: std equals mean
+
+
+def test_closed_loop_leaves_the_warmup_runs_out(qa: wb.Chain) -> None:
+    result = wb.ClosedLoop(QUESTIONS, concurrency=2, warmup=3).run(qa)
+    assert [r.inputs for r in result.runs] == QUESTIONS
+    assert [r.inputs for r in result.warmup_runs] == [QUESTIONS[0], QUESTIONS[1], QUESTIONS[2]]
+    assert all(r.ok for r in result.runs + result.warmup_runs)
+    assert {r.id for r in result.runs}.isdisjoint({r.id for r in result.warmup_runs})
+    # The measurement starts after the warm-up: no measured run began before it.
+    assert all(arrival >= result.started_ns for arrival in result.arrivals_ns)
+    assert result.wall_s > 0
+
+
+def test_open_loop_runs_arrive_on_their_poisson_schedule(qa: wb.Chain) -> None:
+    workload = wb.PoissonArrivals(QUESTIONS, rate=40.0, seed=3)
+    result = workload.run(qa)
+    assert [r.inputs for r in result.runs] == QUESTIONS and not result.warmup_runs
+    offsets = (np.array(result.arrivals_ns) - result.started_ns) / 1e9
+    assert np.allclose(offsets, workload.arrival_times(), atol=1e-6)
+    # A run never starts before its arrival.
+    assert all(r.started_at * 1e9 >= a - 1e6 for r, a in zip(result.runs, result.arrivals_ns))
+
+
+def test_read_inputs_names_the_bad_line(tmp_path: Path) -> None:
+    good = tmp_path / "q.jsonl"
+    good.write_text('{"question": "a"}\n\n{"question": "b"}\n')
+    assert read_inputs(good) == [{"question": "a"}, {"question": "b"}]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "a"}\n["not", "an", "object"]\n')
+    with pytest.raises(wb.WorkloadError, match=r"bad.jsonl, line 2: a JSON list, not an object"):
+        read_inputs(bad)
+    with pytest.raises(wb.WorkloadError, match="cannot read inputs file"):
+        read_inputs(tmp_path / "missing.jsonl")
+
+
+# -- compare ------------------------------------------------------------------------------------
+
+POLICIES = ["none", "static:4:2s", "dynamic:4:300ms", "dynamic:8:300ms:len1.5", "continuous:4"]
+
+
+@pytest.fixture(scope="module")
+def comparison(tiny: wb.Workbench, qa: wb.Chain) -> wb.Comparison:
+    """Every policy kind, two interleaved repeats, no warm-up (so every batch is a measured one)."""
+    tiny.set_batching("tiny", wb.DynamicBatching(max_batch=2, max_wait_ms=1))
+    return wb.compare(qa, QUESTIONS, batching=POLICIES, concurrency=4, repeats=2, warmup=0, progress=False)
+
+
+def test_the_table_has_a_row_per_strategy_and_the_documented_columns(comparison: wb.Comparison) -> None:
+    table = comparison.table()
+    assert list(table.columns) == TABLE_COLUMNS
+    assert [parse_policy(p).name for p in POLICIES] == table["batching"].tolist()
+    assert set(table["preloading"]) == {"(as set)"}
+    assert table["n"].tolist() == [len(QUESTIONS) * 2] * len(POLICIES)
+    assert table["errors"].tolist() == [0] * len(POLICIES) and table["repeats"].tolist() == [2] * len(POLICIES)
+    assert (table["e2e_p50_ms"] <= table["e2e_p95_ms"]).all() and (table["e2e_p95_ms"] <= table["e2e_p99_ms"]).all()
+    assert (table["requests_per_s"] > 0).all() and (table["output_tokens_per_s"] > 0).all()
+    assert (table["peak_weights_mb"] > 0).all() and table["peak_cuda_mb"].isna().all()
+
+
+def test_repeats_are_interleaved(comparison: wb.Comparison) -> None:
+    passes = comparison.passes()
+    # Every strategy's first pass comes before any strategy's second.
+    assert passes["repeat"].tolist() == [0] * len(POLICIES) + [1] * len(POLICIES)
+    assert set(passes.loc[passes["repeat"] == 1, "batching"]) == set(passes.loc[passes["repeat"] == 0, "batching"])
+
+
+def test_every_policy_gives_the_greedy_outputs_of_no_batching(comparison: wb.Comparison) -> None:
+    samples = comparison.samples()
+    outputs = {name: frame.sort_values(["repeat", "input"])["output"].tolist() for name, frame in
+               samples.groupby("batching")}
+    assert all(isinstance(o, str) for o in outputs["none"])
+    for name in outputs:
+        assert outputs[name] == outputs["none"], name
+
+
+def test_batching_shows_in_batch_size_and_padding(comparison: wb.Comparison) -> None:
+    table = comparison.table().set_index("batching")
+    assert table.loc["none", "mean_batch_size"] == 1 and table.loc["none", "padding_fraction"] == 0
+    # Four runs in lockstep, and a 2 s timeout: static batches fill up, and different prompt lengths pad.
+    assert table.loc["static:4:2000ms", "mean_batch_size"] > 1
+    assert table.loc["static:4:2000ms", "padding_fraction"] > 0
+    assert table.loc["continuous:4", "padding_fraction"] == 0
+
+
+def test_the_workbench_gets_its_policy_back(tiny: wb.Workbench, comparison: wb.Comparison) -> None:
+    assert tiny.engine.policy("tiny") == wb.DynamicBatching(max_batch=2, max_wait_ms=1)
+
+
+def test_policy_and_preloading_come_back_after_an_interrupt(tiny: wb.Workbench) -> None:
+    calls = []
+
+    def interrupt_on_third(answer: str) -> str:
+        calls.append(answer)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # what Ctrl-C raises, from inside a run
+        return answer
+
+    spec = {**SPEC, "name": "interrupted", "hops": [*SPEC["hops"], {"name": "check", "call": interrupt_on_third}]}
+    chain = tiny.chain(spec)
+    before = wb.StaticBatching(size=3, timeout_ms=1)
+    tiny.set_batching("tiny", before)
+    tiny.set_preloading("prefetch")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            wb.compare(chain, QUESTIONS, batching=["none", "dynamic:4:1ms"], preloading="eager", concurrency=1,
+                       repeats=2, warmup=0, progress=False)
+        assert tiny.engine.policy("tiny") is before
+        assert tiny.preloading == wb.Prefetch()
+    finally:
+        tiny.set_preloading("lazy")
+
+
+def test_open_loop_comparison(qa: wb.Chain) -> None:
+    cmp = wb.compare(qa, QUESTIONS, batching="dynamic:4:5ms", arrival_rate=50, repeats=1, warmup=1, progress=False)
+    table = cmp.table()
+    assert table["n"].tolist() == [len(QUESTIONS)]
+    assert cmp.environment["arrival_rate"] == 50 and cmp.environment["concurrency"] is None
+    assert "Poisson arrivals at 50/s" in repr(cmp)
+
+
+def test_a_failing_run_is_counted_not_raised(tiny: wb.Workbench) -> None:
+    def refuse_sevens(question: str) -> str:
+        if "7" in question:
+            raise ValueError("no sevens")
+        return question
+
+    chain = tiny.chain({"name": "picky", "hops": [{"name": "check", "call": refuse_sevens},
+                                                 {"name": "answer", "model": "tiny", "prompt": "{{ check }}",
+                                                  "max_new_tokens": 2}]})
+    inputs = [{"question": q} for q in ("1 + 1", "7 + 7", "2 + 2")]
+    table = wb.compare(chain, inputs, batching="none", repeats=1, warmup=0, progress=False).table()
+    assert table[["n", "errors"]].values.tolist() == [[2, 1]]
+
+
+def test_save_round_trips_csv_and_parquet_with_the_environment(comparison: wb.Comparison, tmp_path: Path) -> None:
+    expected = comparison.table()
+    for name in ("cmp.csv", "cmp.parquet"):
+        path = comparison.save(tmp_path / name)
+        back = pd.read_csv(path) if name.endswith(".csv") else pd.read_parquet(path)
+        assert list(back.columns[: len(TABLE_COLUMNS)]) == TABLE_COLUMNS
+        assert set(ENVIRONMENT) <= set(back.columns)
+        assert back["batching"].tolist() == expected["batching"].tolist()
+        assert np.allclose(back["e2e_p95_ms"], expected["e2e_p95_ms"])
+        first = back.iloc[0]
+        assert (first["device"], first["dtype"], first["model"]) == ("cpu", "float32", "tiny")
+        assert first["torch_version"] == torch.__version__ and first["workbench_version"] == wb.__version__
+        assert first["repeats"] == 2 and first["chain"] == "qa"
+    with pytest.raises(wb.StrategyError, match="unknown file type '.xlsx'"):
+        comparison.save(tmp_path / "cmp.xlsx")
+
+
+def test_plot_draws_the_scatter_and_the_cdfs(comparison: wb.Comparison) -> None:
+    fig = comparison.plot()
+    scatter, cdf = fig.axes
+    assert scatter.get_xlabel() == "E2E p95 latency (ms)" and "throughput" in scatter.get_ylabel()
+    assert [t.get_text() for t in scatter.texts] == comparison.table()["batching"].tolist()
+    assert len(cdf.get_lines()) == len(POLICIES)
+    assert fig._repr_png_()[:8] == b"\x89PNG\r\n\x1a\n"  # draws itself in a notebook, no pyplot needed
+
+
+def test_html_repr_shows_the_workload_and_the_table(comparison: wb.Comparison) -> None:
+    page = comparison._repr_html_()
+    assert "closed loop at concurrency 4" in page and "2 repeats" in page
+    assert all(f"<td>{parse_policy(p).name}</td>" in page for p in POLICIES)
+
+
+# -- preloading --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def two_models(bench: wb.Workbench, tiny_path: Path) -> wb.Chain:
+    """A chain whose hops use two models (the tiny one, loaded under two names), so loads can overlap."""
+    bench.load("first", tiny_path, device="cpu")
+    bench.load("second", tiny_path, device="cpu")
+    return bench.chain({
+        "name": "two",
+        "hops": [
+            {"name": "plan", "model": "first", "prompt": "Question: {{ question }}\nPlan:", "max_new_tokens": 3},
+            {"name": "answer", "model": "second", "prompt": "{{ plan }}\nAnswer:", "max_new_tokens": 3},
+        ],
+    })
+
+
+def test_every_preloading_pass_starts_cold(bench: wb.Workbench, two_models: wb.Chain) -> None:
+    one_model_mb = bench.registry.get("first").memory_bytes / 2**20
+    budget = wb.KeepWarm(int(1.5 * bench.registry.get("first").memory_bytes))  # room for one model, not two
+    bench.set_preloading(wb.Prefetch(threads=1))
+    bench.set_batching("second", wb.StaticBatching(size=2, timeout_ms=5))
+    cmp = wb.compare(two_models, QUESTIONS[:2], batching=["none", "dynamic:2:5ms"],
+                     preloading=["lazy", "eager", "prefetch", budget], repeats=1, warmup=0, progress=False)
+    table = cmp.table()
+    assert table[["preloading", "batching"]].values.tolist() == [
+        [p, b] for p in ("lazy", "eager", "prefetch", budget.name) for b in ("none", "dynamic:2:5ms")
+    ]
+    assert table["errors"].tolist() == [0] * 8 and table["n"].tolist() == [2] * 8
+    # The models were unloaded before every pass, so every pass paid for loading them again.
+    assert (table["cold_start_s"] > 0).all() and (table["first_result_s"] > 0).all()
+    peak = table.set_index(["preloading", "batching"])["peak_weights_mb"]
+    assert peak["eager", "none"] == pytest.approx(2 * one_model_mb)
+    assert peak[budget.name, "none"] == pytest.approx(one_model_mb)  # keep-warm evicted one to load the other
+    # What the workbench had before comes back: its preloading strategy and each model's policy.
+    assert bench.preloading == wb.Prefetch(threads=1)
+    assert bench.engine.policy("first").name == "none"
+    assert bench.engine.policy("second") == wb.StaticBatching(size=2, timeout_ms=5)
+
+
+def test_eager_passes_load_before_the_first_run(bench: wb.Workbench, two_models: wb.Chain) -> None:
+    cmp = wb.compare(two_models, QUESTIONS[:2], preloading=["eager", "lazy"], repeats=1, warmup=0, progress=False)
+    loads = bench.traces().table().query("name.str.startswith('load ')", engine="python")
+    triggers = loads["attributes.workbench.load.trigger"].tolist()
+    assert triggers[:2] == ["explicit", "explicit"]  # the fixture's own loads
+    assert sorted(triggers[2:]) == ["eager", "eager", "on_use", "on_use"]
+    assert cmp.table()["batching"].tolist() == ["(as set)", "(as set)"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_the_table_reports_torchs_peak_allocation(bench: wb.Workbench, tiny_path: Path) -> None:
+    bench.load("tiny", tiny_path, device="cuda")
+    cmp = wb.compare(bench.chain(SPEC), QUESTIONS, batching=["none", "dynamic:4:5ms"], repeats=1, progress=False)
+    table = cmp.table()
+    assert (table["peak_cuda_mb"] >= table["peak_weights_mb"]).all()
+    assert cmp.environment["device"] == "cuda:0"
+    assert cmp.environment["accelerator"] == torch.cuda.get_device_name()
+
+
+# -- mistakes -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("stat:8", "unknown policy 'stat' (did you mean 'static'?)"),
+        ("static:x", "size 'x' is not a whole number"),
+        ("dynamic:8:soon", "max_wait 'soon' is not a time such as 5ms or 0.5s"),
+        ("dynamic:8:5ms:big", "setting 'big' is neither a token budget (512tok) nor a length ratio (len1.5)"),
+        ("none:4", "none takes no settings, got 1"),
+        ("static:8:5ms:9", "static takes at most 2 settings, got 3"),
+    ],
+)
+def test_a_bad_policy_name_says_what_is_wrong(text: str, message: str) -> None:
+    with pytest.raises(wb.StrategyError) as raised:
+        parse_policy(text)
+    assert raised.value.message == f"batching {text!r}: {message}"
+    assert "static:SIZE[:TIMEOUT]" in str(raised.value.hint)
+
+
+def test_compare_refuses_bad_strategies_and_inputs_before_running(tiny: wb.Workbench, qa: wb.Chain) -> None:
+    runs = len(tiny.runs())
+    with pytest.raises(wb.StrategyError, match="unknown policy 'dynamc'"):
+        wb.compare(qa, QUESTIONS, batching=["none", "dynamc:8"], progress=False)
+    with pytest.raises(wb.StrategyError, match="'dynamic:16:5ms' is listed twice"):
+        wb.compare(qa, QUESTIONS, batching=["dynamic", "dynamic:16:5ms"], progress=False)
+    with pytest.raises(wb.StrategyError, match="unknown strategy 'lazzy' \\(did you mean 'lazy'\\?\\)"):
+        wb.compare(qa, QUESTIONS, preloading=["eager", "lazzy"], progress=False)
+    with pytest.raises(wb.StrategyError, match="not a policy"):
+        wb.compare(qa, QUESTIONS, batching=[16], progress=False)  # type: ignore[list-item]
+    with pytest.raises(wb.MissingInputError, match="needs input 'question'"):
+        wb.compare(qa, [{"query": "hi"}], batching="none", progress=False)
+    with pytest.raises(wb.WorkloadError, match="concurrency must be at least 1"):
+        wb.compare(qa, QUESTIONS, batching="none", concurrency=0, progress=False)
+    assert len(tiny.runs()) == runs
+
+
+@given(
+    size=st.integers(1, 512),
+    wait=st.sampled_from([0.0, 0.5, 5.0, 20.0, 1500.0]),
+    tokens=st.one_of(st.none(), st.integers(1, 10_000)),
+    ratio=st.one_of(st.none(), st.sampled_from([1.0, 1.25, 1.5, 3.0])),
+)
+def test_every_policy_name_parses_back_to_the_policy(
+    size: int, wait: float, tokens: int | None, ratio: float | None
+) -> None:
+    for policy in (
+        wb.StaticBatching(size, wait),
+        wb.DynamicBatching(size, wait, max_batch_tokens=tokens, max_length_ratio=ratio),
+        wb.ContinuousBatching(max_batch=size),
+    ):
+        assert parse_policy(policy.name) == policy
+
+
+# -- the magic ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def shell(monkeypatch: pytest.MonkeyPatch, tiny_path: Path) -> Iterator[InteractiveShell]:
+    """A real shell with the extension loaded and a default workbench holding 'tiny' and the chain 'qa'."""
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "workbench")
+    monkeypatch.setattr(workbench.bench, "_current", workbench.bench._current)
+    bench = wb.set_current(wb.Workbench())
+    bench.load("tiny", tiny_path, device="cpu")
+    bench.chain(SPEC)
+    try:
+        yield ip
+    finally:
+        bench.close()
+        ip.reset(new_session=False)
+
+
+def _jsonl(path: Path, items: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(i) + "\n" for i in items))
+    return path
+
+
+def test_compare_magic_parses_into_a_typed_command() -> None:
+    command = parse_command("compare qa --inputs q.jsonl --batching none,static:8,dynamic:16:5ms --preload lazy,eager")
+    assert command == CompareCommand(
+        chain="qa",
+        inputs="q.jsonl",
+        batching=(command.batching[0], wb.StaticBatching(8), wb.DynamicBatching(16, 5)),  # type: ignore[index]
+        preload=(wb.Lazy(), wb.Eager()),
+    )
+    assert isinstance(command.batching[0], wb.NoBatching)  # type: ignore[index]
+
+
+def test_compare_magic_runs_shows_binds_and_saves(shell: InteractiveShell, tmp_path: Path) -> None:
+    inputs = _jsonl(tmp_path / "questions.jsonl", QUESTIONS[:2])
+    out = tmp_path / "result.csv"
+    with capture_output() as captured:
+        shell.run_line_magic(
+            "autoglm", f"compare qa --inputs {inputs} --batching none,dynamic:4:5ms --repeats 1 --warmup 0 --save {out}"
+        )
+    assert "autoglm:" not in captured.stderr
+    comparison = shell.user_ns["_autoglm_compare"]
+    assert isinstance(comparison, wb.Comparison)
+    assert comparison.table()["batching"].tolist() == ["none", "dynamic:4:5ms"]
+    (page,) = [o.data["text/html"] for o in captured.outputs if "text/html" in o.data]
+    assert "<td>dynamic:4:5ms</td>" in page
+    assert f"saved to {out}" in captured.stdout
+    assert pd.read_csv(out)["n"].tolist() == [2, 2]
+    assert wb.current().engine.policy("tiny").name == "none"  # the policy it had before
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("compare qa", "compare: the following arguments are required: --inputs"),
+        ("compare qa --inputs q.jsonl --batching none,stattic:8", "batching 'stattic:8': unknown policy 'stattic'"),
+        ("compare qa --inputs q.jsonl --batching none,,static", "compare: --batching 'none,,static' has an empty item"),
+        ("compare qa --inputs q.jsonl --concurrency 0", "compare: --concurrency must be at least 1, not 0"),
+        ("compare qa --inputs q.jsonl --repeats many", "argument --repeats: invalid int value: 'many'"),
+        ("compare qa --inputs q.jsonl --save out.xlsx", "compare: --save 'out.xlsx': the file must end in .csv"),
+        ("compare qa --inputs /nonexistent/q.jsonl", "cannot read inputs file '/nonexistent/q.jsonl'"),
+        ("compare nope --inputs q.jsonl", "no chain named 'nope'"),
+    ],
+)
+def test_a_bad_compare_line_prints_a_short_message(shell: InteractiveShell, line: str, expected: str) -> None:
+    with capture_output() as captured:
+        result = shell.run_cell(f"%autoglm {line}")
+    assert result.error_in_exec is None
+    first, *rest = captured.stderr.splitlines()
+    assert first.startswith("autoglm: ") and expected in first
+    assert all(r.startswith("hint: ") for r in rest) and len(rest) <= 1
+    assert "Traceback" not in captured.stdout + captured.stderr
+
+
+def test_parse_errors_are_parse_errors() -> None:
+    with pytest.raises(ParseError, match="--warmup must be 0 or more"):
+        parse_command("compare qa --inputs q.jsonl --warmup -1")

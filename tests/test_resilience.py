@@ -1,0 +1,578 @@
+"""Resilience on the real tiny model: retries, timeouts, the circuit breaker, fallbacks, health checks, OOM, faults."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import torch
+
+import workbench as wb
+from workbench.engine import GenerationParams, GenerationRequest, InjectedFault
+from workbench.engine.breaker import CircuitBreaker
+from workbench.errors import ContextWindowExceeded
+from workbench.tracing import Tracing
+from workbench.tracing import attributes as attr
+
+QUESTION = "What is the capital of France?"
+PROMPT = "Question: {{ question }}\nAnswer:"
+FAST_RETRY = {"attempts": 4, "backoff_ms": 1, "jitter": False}
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_path: Path) -> Iterator[wb.Workbench]:
+    """One workbench with the tiny model loaded twice: 'tiny' (the primary) and 'backup' (a fallback)."""
+    with wb.Workbench(store=wb.InMemoryContextStore()) as bench:
+        bench.load("tiny", tiny_path, device="cpu")
+        bench.load("backup", tiny_path, device="cpu")
+        yield bench
+
+
+@pytest.fixture
+def models(pair: wb.Workbench) -> Iterator[wb.Workbench]:
+    """The shared pair with no faults, healthy, and breakers that open only when a test asks them to."""
+    for name in ("tiny", "backup"):
+        pair.set_breaker(name, failure_threshold=1_000)  # a run of injected failures must not open one by chance
+    yield pair
+    pair.clear_faults()
+    pair.check_health()
+
+
+@pytest.fixture(scope="module")
+def reference(pair: wb.Workbench) -> str:
+    """The fault-free greedy answer to QUESTION (both models have the same weights)."""
+    return pair.generate("tiny", f"Question: {QUESTION}\nAnswer:", max_new_tokens=8).text
+
+
+def qa(bench: wb.Workbench, canned: bool = False, **settings: Any) -> wb.Chain:
+    """A one-hop chain on 'tiny' with the given resilience settings; ``canned`` adds a standby Python hop."""
+    hops: list[dict[str, Any]] = [
+        {"name": "answer", "model": "tiny", "prompt": PROMPT, "max_new_tokens": 8, **settings}
+    ]
+    if canned:
+        hops.append({"name": "canned", "call": "workbench.demo:canned_answer"})
+    return bench.chain({"name": "qa", "hops": hops, "output": "answer"})
+
+
+def spans(run: wb.Run, name: str) -> list[Any]:
+    table = run.trace.table()
+    return [row for _, row in table[table["name"] == name].iterrows()]
+
+
+# -- chain spec keys --------------------------------------------------------------------------------
+
+
+def test_resilience_keys_are_read_from_the_spec(pair: wb.Workbench) -> None:
+    chain = pair.chain(
+        """
+name: qa
+hops:
+  - name: answer
+    model: tiny
+    prompt: "Q: {{ question }}"
+    retry: {attempts: 5, backoff_ms: 20, max_backoff_ms: 200, jitter: false, max_total_s: 3, on: [error, breaker]}
+    timeout_s: 2.5
+    fallback: [backup, canned]
+  - name: canned
+    call: workbench.demo:canned_answer
+  - name: short
+    model: tiny
+    prompt: "{{ answer }}"
+    retry: 3
+"""
+    )
+    answer, canned, short = chain.spec.hops
+    policy = answer.resilience
+    assert policy.retry == wb.RetryPolicy(
+        attempts=5, backoff_ms=20, max_backoff_ms=200, jitter=False, max_total_s=3, on=("error", "breaker")
+    )
+    assert policy.timeout_s == 2.5
+    assert [f.label for f in policy.fallback] == ["model:backup", "hop:canned"]
+    assert canned.standby and not answer.standby
+    assert short.resilience.retry == wb.RetryPolicy(attempts=3)
+    assert chain.spec.output == "short"  # the last hop that is not a standby
+
+
+BAD_HOPS = [
+    ("retry: {attempts: 0}", "retry.attempts", "an integer >= 1"),
+    ("retry: {attmpts: 3}", "attmpts", "did you mean 'attempts'"),
+    ("retry: {on: [timout]}", "retry.on", "did you mean 'timeout'"),
+    ("retry: {backoff_ms: 500, max_backoff_ms: 100}", "retry.max_backoff_ms", "at least backoff_ms"),
+    ("retry: {jitter: maybe}", "retry.jitter", "true or false"),
+    ("retry: many", "retry", "a number of attempts or a mapping"),
+    ("timeout_s: -1", "timeout_s", "> 0"),
+    ("fallback: bakup", "fallback", "did you mean 'backup'"),
+    ("fallback: answer", "fallback", "its own fallback"),
+    ("fallback: [backup, backup]", "fallback", "twice"),
+]
+
+
+@pytest.mark.parametrize(("line", "field", "message"), BAD_HOPS)
+def test_bad_resilience_keys_name_the_hop_field_and_line(
+    pair: wb.Workbench, line: str, field: str, message: str
+) -> None:
+    spec = f'name: qa\nhops:\n  - name: answer\n    model: tiny\n    prompt: "Q: {{{{ q }}}}"\n    {line}\n'
+    with pytest.raises(wb.SpecError) as info:
+        pair.chain(spec)
+    error = info.value
+    assert (error.hop, error.field, error.line) == ("answer", field, 6)
+    assert message in str(error)
+
+
+def test_fallback_hops_are_checked_against_what_the_failed_hop_sees(pair: wb.Workbench) -> None:
+    def chain(hops: list[dict[str, Any]], **spec: Any) -> wb.Chain:
+        return pair.chain({"name": "c", "hops": hops, **spec})
+
+    plan = {"name": "plan", "model": "tiny", "prompt": "{{ q }}"}
+    reads_plan = {"name": "summary", "model": "backup", "prompt": "{{ plan }}"}
+    with pytest.raises(wb.SpecError, match="'summary' reads 'plan', which hop 'plan' does not read") as info:
+        chain([{**plan, "fallback": "summary"}, reads_plan])
+    assert (info.value.hop, info.value.field) == ("plan", "fallback")
+    with pytest.raises(wb.SpecError, match="a Python hop has no prompt") as info:
+        chain([plan, {"name": "stats", "call": "workbench.demo:canned_answer", "fallback": "backup"}])
+    assert info.value.hop == "stats"
+    with pytest.raises(wb.SpecError, match="a Python hop cannot be cancelled") as info:
+        chain([plan, {"name": "stats", "call": "workbench.demo:canned_answer", "timeout_s": 1}])
+    assert info.value.field == "timeout_s"
+    standby = {"name": "canned", "call": "workbench.demo:canned_answer"}
+    with pytest.raises(wb.SpecError, match="output 'canned' is a fallback hop"):
+        chain([{**plan, "fallback": "canned"}, standby], output="canned")
+    with pytest.raises(wb.SpecError, match="reads 'canned', a fallback hop") as info:
+        chain([{**plan, "fallback": "canned"}, standby, {"name": "after", "model": "tiny", "prompt": "{{ canned }}"}])
+    assert info.value.hop == "after"
+
+
+# -- retries ----------------------------------------------------------------------------------------
+
+
+def test_retries_recover_from_injected_errors_and_every_attempt_is_in_the_trace(
+    models: wb.Workbench, reference: str
+) -> None:
+    models.inject("tiny", error_rate=0.6, seed=3)
+    runs = [qa(models, retry=FAST_RETRY).run(question=QUESTION) for _ in range(4)]
+
+    assert [r.output for r in runs] == [reference] * 4  # retried to the same answer a fault-free call gives
+    retried = [r for r in runs if len(spans(r, "text_completion tiny")) > 1]
+    assert retried, "seed 3 makes some first attempts fail"
+    for run in retried:
+        calls = spans(run, "text_completion tiny")
+        assert [c["attributes.workbench.attempt"] for c in calls] == list(range(1, len(calls) + 1))
+        assert [c["status_code"] for c in calls] == ["ERROR"] * (len(calls) - 1) + ["OK"]
+        assert all(c["attributes.workbench.fault.error"] is True for c in calls[:-1])
+        events = run.trace.events()
+        assert list(events["event"]).count("attempt.failed") == len(calls) - 1
+        assert list(events["event"]).count("retry") == len(calls) - 1
+        hop = spans(run, "hop answer")[0]
+        assert hop["attributes.workbench.served_by"] == "model:tiny"
+        assert hop["attributes.workbench.attempts"] == len(calls)
+        assert run.served_by == {"answer": "model:tiny"} and run.fallbacks == {}
+
+
+def test_when_retries_run_out_the_error_lists_every_attempt(models: wb.Workbench) -> None:
+    models.inject("tiny", error_rate=1.0)
+    with pytest.raises(wb.HopFailed) as info:
+        qa(models, retry={"attempts": 3, "backoff_ms": 5, "max_backoff_ms": 8}).run(question=QUESTION)
+    cause = info.value.cause
+    assert isinstance(cause, wb.RetriesExhausted)
+    assert [(n, route, type(e)) for n, route, e in cause.failures] == [
+        (1, "model:tiny", InjectedFault), (2, "model:tiny", InjectedFault), (3, "model:tiny", InjectedFault)
+    ]
+    assert "all 3 attempts failed: model:tiny failed 3 attempts (last: InjectedFault: injected fault" in str(cause)
+    assert str(info.value).startswith("hop 'answer' failed: all 3 attempts failed")
+    run = info.value.run
+    events = run.trace.events()
+    waits = events.loc[events["event"] == "retry", "attributes.workbench.retry.wait_ms"]
+    assert len(waits) == 2 and all(0 <= w <= 8 for w in waits)  # jittered, capped at max_backoff_ms
+    assert all(c["attributes.workbench.error.kind"] == "error" for c in spans(run, "text_completion tiny"))
+
+
+def test_retry_on_names_the_failures_worth_retrying(models: wb.Workbench) -> None:
+    models.inject("tiny", error_rate=1.0)
+    with pytest.raises(wb.HopFailed) as info:
+        qa(models, retry={"attempts": 4, "backoff_ms": 1, "on": ["timeout"]}).run(question=QUESTION)
+    assert isinstance(info.value.cause, InjectedFault)  # an error is not a timeout: one attempt, raised as it was
+    assert len(spans(info.value.run, "text_completion tiny")) == 1
+
+
+def test_a_caller_mistake_is_never_retried(models: wb.Workbench) -> None:
+    chain = qa(models, retry=FAST_RETRY)
+    with pytest.raises(wb.HopFailed) as info:
+        chain.run(question="too long " * 400)
+    assert isinstance(info.value.cause, ContextWindowExceeded)
+    assert len(spans(info.value.run, "text_completion tiny")) == 1
+
+
+def test_max_total_s_stops_retrying_before_the_budget_runs_out(models: wb.Workbench) -> None:
+    models.inject("tiny", error_rate=1.0)
+    retry = {"attempts": 50, "backoff_ms": 100, "jitter": False, "max_total_s": 1.0}
+    with pytest.raises(wb.HopFailed) as info:
+        qa(models, retry=retry).run(question=QUESTION)
+    failures = info.value.cause.failures if isinstance(info.value.cause, wb.RetriesExhausted) else [info.value.cause]
+    assert 1 <= len(failures) < 50
+    events = info.value.run.trace.events()
+    assert events.loc[events["event"] == "retry", "attributes.workbench.retry.wait_ms"].sum() < 1000
+
+
+def test_python_hops_retry_too(models: wb.Workbench) -> None:
+    calls: list[int] = []
+
+    def flaky(question: str) -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("the tool's server hung up")
+        return f"looked up {question}"
+
+    chain = models.chain({"name": "tool", "hops": [{"name": "lookup", "call": flaky, "retry": FAST_RETRY}]})
+    run = chain.run(question="x")
+    assert run.output == "looked up x" and len(calls) == 3
+    hop = spans(run, "hop lookup")[0]
+    assert hop["attributes.workbench.attempts"] == 3 and hop["attributes.workbench.served_by"] == "hop:lookup"
+    failed = run.trace.events().query("event == 'attempt.failed'")
+    assert list(failed["attributes.exception.type"]) == ["ConnectionError", "ConnectionError"]
+
+
+# -- timeouts ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def long_answers(bench: wb.Workbench, tiny_path: Path) -> tuple[wb.Workbench, GenerationParams, float]:
+    """A fresh 'tiny' that writes exactly 64 tokens per request, and how long one such request takes alone."""
+    bench.load("tiny", tiny_path, device="cpu")
+    # A real generation setting (no fake): no row ends before 64 tokens, so a batch runs long enough to time out in.
+    bench.registry.get("tiny").model.generation_config.min_new_tokens = 64
+    params = GenerationParams(max_new_tokens=64)
+    bench.engine.generate("tiny", "A chain", params)  # warm-up, so the timing below is a warm request's
+    started = time.perf_counter()
+    assert bench.engine.generate("tiny", "A chain", params).tokens_out == 64
+    return bench, params, time.perf_counter() - started
+
+
+def test_a_queued_request_that_times_out_leaves_the_queue(
+    long_answers: tuple[wb.Workbench, GenerationParams, float],
+) -> None:
+    bench, params, alone_s = long_answers
+    ahead = [bench.engine.submit("tiny", "A chain", params) for _ in range(3)]  # one at a time: these run first
+    chain = bench.chain({"name": "slow", "hops": [{"name": "answer", "model": "tiny", "prompt": "{{ q }}",
+                                                   "max_new_tokens": 64, "timeout_s": alone_s / 2}]})
+    with pytest.raises(wb.HopFailed) as info:
+        chain.run(q="Paris")
+    cause = info.value.cause
+    assert isinstance(cause, wb.HopTimeout)
+    assert "hop 'answer': model 'tiny' gave no answer within" in str(cause) and "cancelled" in str(cause)
+    call = spans(info.value.run, "text_completion tiny")[0]
+    assert call["attributes.workbench.cancelled"] == "queued"
+    assert call["attributes.workbench.error.kind"] == "timeout"
+    assert pd_missing(call, "attributes.workbench.batch.id")  # it never ran
+    assert [r.future.result(timeout=120).tokens_out for r in ahead] == [64, 64, 64]
+    assert len(bench.engine.worker("tiny").queue) == 0
+
+
+def pd_missing(row: Any, column: str) -> bool:
+    return column not in row.index or row[column] != row[column] or row[column] is None
+
+
+def test_a_running_request_that_times_out_stops_its_row_and_its_batch_mates_finish(
+    long_answers: tuple[wb.Workbench, GenerationParams, float],
+) -> None:
+    bench, params, alone_s = long_answers
+    prompts = ["A chain", "Paris", "Tokens in, tokens out"]
+    expected = [bench.engine.generate("tiny", p, params).token_ids for p in prompts[:2]]
+    # The batch forms when the third request arrives, so the one with the timeout is running when it fires.
+    bench.set_batching("tiny", wb.DynamicBatching(max_batch=3, max_wait_ms=60_000))
+    mates = [bench.engine.submit("tiny", p, params) for p in prompts[:2]]
+    with pytest.raises(wb.HopTimeout, match="the request: model 'tiny' gave no answer"):
+        bench.engine.call("tiny", prompts[2], params, timeout_s=alone_s / 3)
+    assert [m.future.result(timeout=120).token_ids for m in mates] == expected  # as if it had never been there
+    assert {m.future.result().batch_size for m in mates} == {3}
+    cancelled = [s for s in bench.traces().spans if (s.attributes or {}).get(attr.CANCELLED)]
+    assert [s.attributes[attr.CANCELLED] for s in cancelled] == ["running"]
+    assert batch_of(bench, cancelled[0]).attributes["workbench.batch.steps"] == 64  # the mates ran to the end
+
+    # Alone in its batch, a timed-out request ends the batch early: its row was the last one running.
+    bench.set_batching("tiny", wb.NoBatching())
+    with pytest.raises(wb.HopTimeout):
+        bench.engine.call("tiny", prompts[0], params, timeout_s=alone_s / 3)
+    bench.engine.generate("tiny", prompts[0], params)  # queued behind it, so the timed-out one has ended
+    alone = [s for s in bench.traces().spans if (s.attributes or {}).get(attr.CANCELLED)][-1]
+    assert batch_of(bench, alone).attributes["workbench.batch.steps"] < 64
+
+
+def batch_of(bench: wb.Workbench, request_span: Any) -> Any:
+    """The batch span linked to a request's span."""
+    span_id = request_span.context.span_id
+    return next(s for s in bench.traces().spans if s.name.startswith("batch ")
+                and any(link.context.span_id == span_id for link in s.links))
+
+
+# -- the circuit breaker ----------------------------------------------------------------------------
+
+
+def test_breaker_opens_fails_fast_lets_one_trial_through_and_closes() -> None:
+    tracing = Tracing()
+    now = [0.0]
+    breaker = CircuitBreaker("m", failure_threshold=2, reset_timeout_s=10, clock=lambda: now[0])
+    fault = InjectedFault("boom")
+
+    def outcome(error: BaseException | None) -> bool:
+        span = tracing.start_span("request")
+        trial = breaker.admit(span)
+        breaker.record(error, span, trial)
+        span.end()
+        return trial
+
+    outcome(fault)
+    outcome(None)  # a success resets the count
+    outcome(fault)
+    outcome(ContextWindowExceeded("too long"))  # the caller's mistake: not the model's failure
+    assert (breaker.state, breaker.failures) == ("closed", 1)
+    outcome(fault)
+    assert (breaker.state, breaker.opened) == ("open", 1)
+    with pytest.raises(wb.CircuitOpen, match="circuit breaker is open; it opened .* after 2 failures in a row"):
+        breaker.admit(tracing.start_span("refused"))
+
+    now[0] = 10.0
+    trial_span = tracing.start_span("trial")
+    assert breaker.admit(trial_span) is True and breaker.state == "half_open"
+    with pytest.raises(wb.CircuitOpen, match="half-open; a trial request is in flight"):
+        breaker.admit(tracing.start_span("refused"))
+    breaker.record(fault, trial_span, True)
+    trial_span.end()
+    assert (breaker.state, breaker.opened) == ("open", 2)
+
+    now[0] = 20.0
+    assert outcome(None) is True
+    assert breaker.state == "closed" and breaker.row()["opened"] == 2
+    changes = [e.name for s in tracing.index.spans() for e in s.events if e.name.startswith("breaker.")]
+    assert changes == ["breaker.open", "breaker.half_open", "breaker.open", "breaker.half_open", "breaker.closed"]
+
+
+def test_an_open_breaker_sends_hops_to_their_fallback_and_shows_in_breakers(
+    models: wb.Workbench, reference: str
+) -> None:
+    models.set_breaker("tiny", failure_threshold=2, reset_timeout_s=600)
+    models.inject("tiny", error_rate=1.0)
+    chain = qa(models, fallback="backup")
+    for _ in range(2):
+        assert chain.run(question=QUESTION).fallbacks == {"answer": "model:backup"}
+    table = models.breakers().set_index("model")
+    assert table.loc["tiny", "state"] == "open" and table.loc["backup", "state"] == "closed"
+    assert table.loc["tiny", "opened"] == 1 and "injected fault" in table.loc["tiny", "last_error"]
+
+    run = chain.run(question=QUESTION)  # fails fast at the breaker: the fault injector never sees it
+    assert run.output == reference and run.served_by == {"answer": "model:backup"}
+    refused = spans(run, "text_completion tiny")[0]
+    assert "circuit breaker is open" in refused["status_message"]
+    assert pd_missing(refused, "attributes.workbench.fault.error")
+    with pytest.raises(wb.CircuitOpen):
+        models.generate("tiny", "A chain")
+    opened = models.traces().events().query("event == 'breaker.open'")
+    assert list(opened["model"]) == ["tiny"]
+
+    # A breaker that resets quickly: after reset_timeout_s the next request is the trial, and closes it.
+    models.set_breaker("tiny", failure_threshold=1, reset_timeout_s=0.2)
+    assert chain.run(question=QUESTION).fallbacks == {"answer": "model:backup"}
+    assert models.breakers().set_index("model").loc["tiny", "state"] == "open"
+    models.clear_faults()
+    time.sleep(0.25)
+    assert chain.run(question=QUESTION).served_by == {"answer": "model:tiny"}
+    assert models.breakers().set_index("model").loc["tiny", "state"] == "closed"
+
+
+# -- fallbacks --------------------------------------------------------------------------------------
+
+
+def test_fallback_model_then_fallback_hop_serve_a_degraded_answer(models: wb.Workbench, reference: str) -> None:
+    chain = qa(models, canned=True, retry={"attempts": 2, "backoff_ms": 1}, fallback=["backup", "canned"])
+    healthy = chain.run(question=QUESTION)
+    assert healthy.output == reference and healthy.served_by == {"answer": "model:tiny"}
+    assert not spans(healthy, "hop canned")  # a standby hop runs only in place of a failed one
+
+    models.inject("tiny", error_rate=1.0)
+    run = chain.run(question=QUESTION)
+    assert run.output == reference and run.fallbacks == {"answer": "model:backup"}
+    events = run.trace.events()
+    assert list(events.query("event == 'fallback'")["attributes.workbench.route"]) == ["model:backup"]
+    hop = spans(run, "hop answer")[0]
+    assert hop["attributes.workbench.fallback"] is True and hop["attributes.workbench.attempts"] == 3
+
+    models.inject("backup", error_rate=1.0)
+    run = chain.run(question=QUESTION)
+    assert run.output == f"(no model could answer {QUESTION!r} just now)"
+    assert run.fallbacks == {"answer": "hop:canned"} and run.outputs == {"answer": run.output}
+    canned = spans(run, "hop canned")[0]
+    assert canned["parent_id"] == spans(run, "hop answer")[0]["context.span_id"]
+    assert [c["attributes.workbench.route"] for c in spans(run, "text_completion tiny")] == ["model:tiny"] * 2
+    assert list(run.trace.events().query("event == 'fallback'")["attributes.workbench.route"]) == [
+        "model:backup", "hop:canned"
+    ]
+
+
+def test_when_every_path_fails_the_run_records_why(models: wb.Workbench) -> None:
+    models.inject("tiny", error_rate=1.0)
+    models.inject("backup", error_rate=1.0)
+    runs = qa(models, fallback="backup").map([{"question": QUESTION}] * 3, concurrency=3)
+    for run in runs:
+        assert not run.ok and run.output is None
+        assert isinstance(run.error.cause, wb.RetriesExhausted)
+        assert "model:tiny failed 1 attempt" in str(run.error) and "model:backup failed 1 attempt" in str(run.error)
+
+
+# -- health checks ----------------------------------------------------------------------------------
+
+
+def test_an_unhealthy_model_leaves_rotation_until_a_probe_passes(models: wb.Workbench, reference: str) -> None:
+    checked = models.check_health().set_index("name")
+    assert list(checked["health"]) == ["healthy", "healthy"]
+    assert models.models().set_index("name").loc["tiny", "health"] == "healthy"
+
+    models.inject("tiny", error_rate=1.0)
+    assert models.check_health("tiny").loc[0, "health"] == "unhealthy"
+    assert models.models().set_index("name")["health"].to_dict() == {"backup": "healthy", "tiny": "unhealthy"}
+    with pytest.raises(wb.ModelUnhealthy, match="model 'tiny' is out of rotation: its last health probe failed"):
+        models.generate("tiny", "A chain")
+    run = qa(models, fallback="backup").run(question=QUESTION)
+    assert run.output == reference and run.fallbacks == {"answer": "model:backup"}
+    assert pd_missing(spans(run, "text_completion tiny")[0], "attributes.workbench.fault.error")  # failed fast
+
+    models.clear_faults("tiny")
+    assert models.check_health("tiny").loc[0, "health"] == "healthy"
+    assert qa(models, fallback="backup").run(question=QUESTION).served_by == {"answer": "model:tiny"}
+    probes = [s for s in models.traces().spans if s.name == "health_check tiny"]
+    assert [s.attributes["workbench.health"] for s in probes[-3:]] == ["healthy", "unhealthy", "healthy"]
+    changes = [e.name for s in probes for e in s.events if e.name.startswith("health.")]
+    assert changes[-2:] == ["health.unhealthy", "health.healthy"]
+
+
+def test_periodic_health_checks_run_in_the_background_until_turned_off(models: wb.Workbench) -> None:
+    def probes() -> int:
+        return sum(1 for s in models.traces().spans if s.name.startswith("health_check"))
+
+    before = probes()
+    models.set_health_checks(0.05, timeout_s=30)
+    try:
+        deadline = time.monotonic() + 60
+        while probes() < before + 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert probes() >= before + 4  # both models, at least twice
+    finally:
+        models.set_health_checks(None)
+    assert not [t for t in threading.enumerate() if t.name == "workbench-health"]
+    with pytest.raises(wb.WorkbenchError, match="interval_s must be a number of seconds > 0"):
+        models.set_health_checks(0)
+
+
+# -- out of memory ----------------------------------------------------------------------------------
+
+
+def test_an_out_of_memory_batch_is_split_and_the_safe_size_remembered(bench: wb.Workbench, tiny_path: Path) -> None:
+    bench.load("tiny", tiny_path, device="cpu")
+    prompts = [f"Question {i}: what is a chain?" for i in range(8)]
+    params = GenerationParams(max_new_tokens=6)
+    expected = [bench.engine.generate("tiny", p, params).text for p in prompts]
+    bench.set_batching("tiny", wb.StaticBatching(size=8, timeout_ms=60_000))
+    bench.inject("tiny", oom_above=2)  # a fake CUDA OOM for any batch of more than 2
+
+    requests = [bench.engine.submit("tiny", p, params) for p in prompts]
+    results = [r.future.result(timeout=120) for r in requests]
+    assert [r.text for r in results] == expected
+    assert [r.batch_size for r in results] == [2] * 8
+    assert bench.models().set_index("name").loc["tiny", "batch_limit"] == 2
+    batches = [s for s in bench.traces().spans if s.name == "batch tiny"]
+    failed = [s for s in batches if not s.status.is_ok]
+    assert [s.attributes["workbench.batch.size"] for s in failed] == [8, 4, 4]
+    assert all("out-of-memory" in (s.status.description or "") for s in failed)
+    assert [e.name for e in failed[0].events] == ["fault.injected", "exception", "oom.split"]
+    assert all(r.span.attributes[attr.OOM_SPLIT] for r in requests)
+
+    bench.clear_faults()  # the limit stays: the policy asks for 8, the queue gives 2
+    more = [bench.engine.submit("tiny", p, params) for p in prompts]
+    assert {r.future.result(timeout=120).batch_size for r in more} == {2}
+
+
+def test_out_of_memory_on_a_single_request_fails_it_and_the_model_serves_on(models: wb.Workbench) -> None:
+    models.inject("tiny", oom_every=1)
+    with pytest.raises(wb.HopFailed) as info:
+        qa(models).run(question=QUESTION)
+    cause = info.value.cause
+    assert isinstance(cause, wb.ModelOutOfMemory)
+    assert "model 'tiny' ran out of memory on a single request" in str(cause) and "max_new_tokens 8" in str(cause)
+    assert cause.hint and "smaller dtype" in cause.hint
+    models.clear_faults()
+    assert qa(models).run(question=QUESTION).ok
+    assert models.engine.worker("tiny").alive
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_real_cuda_out_of_memory_is_split_away(bench: wb.Workbench, tiny_path: Path) -> None:
+    bench.load("tiny", tiny_path, device="cuda", batching=wb.StaticBatching(size=256, timeout_ms=60_000))
+    device = torch.device("cuda")
+    torch.cuda.synchronize(device)
+    total = torch.cuda.get_device_properties(device).total_memory
+    # Cap this process at what it holds now plus 64 MiB: one row fits, 256 rows of 400 tokens do not.
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved(device) + 64 * 2**20) / total, device)
+    try:
+        prompt = "Tokens in, tokens out, padding, batch size. " * 40
+        params = GenerationParams(max_new_tokens=4, truncate="left")
+        requests = [bench.engine.submit("tiny", prompt, params) for _ in range(256)]
+        results = [r.future.result(timeout=300) for r in requests]
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+    assert all(r.tokens_out >= 1 for r in results)
+    limit = bench.models().set_index("name").loc["tiny", "batch_limit"]
+    assert not pd.isna(limit) and limit < 256  # it learned a batch size that fits
+    assert any(s.name == "batch tiny" and not s.status.is_ok for s in bench.traces().spans)
+
+
+# -- fault injection --------------------------------------------------------------------------------
+
+
+def test_faults_are_seeded_visible_and_removable(models: wb.Workbench) -> None:
+    def pattern(seed: int) -> list[bool]:
+        models.inject("tiny", error_rate=0.5, latency_ms=(1, 3), seed=seed)
+        outcomes = []
+        for _ in range(12):
+            try:
+                models.generate("tiny", "A chain", max_new_tokens=2)
+                outcomes.append(True)
+            except InjectedFault:
+                outcomes.append(False)
+        return outcomes
+
+    first = pattern(7)
+    assert pattern(7) == first and True in first and False in first
+    assert pattern(8) != first
+    assert models.faults()["tiny"] == wb.Faults("tiny", error_rate=0.5, latency_ms=(1, 3), seed=8)
+    calls = [s for s in models.traces().spans if s.name == "text_completion tiny"][-12:]
+    assert all(1 <= s.attributes[attr.FAULT_LATENCY_MS] <= 3 for s in calls)
+    assert {bool(s.attributes.get(attr.FAULT_ERROR)) for s in calls} == {True, False}
+
+    models.clear_faults("tiny")
+    assert models.faults() == {}
+    assert all(models.generate("tiny", "A chain", max_new_tokens=2).tokens_out for _ in range(5))
+
+
+def test_bad_fault_settings_say_what_is_wrong(models: wb.Workbench) -> None:
+    with pytest.raises(wb.WorkbenchError, match=r"bench.inject\('tiny', ...\): error_rate must be a probability"):
+        models.inject("tiny", error_rate=1.5)
+    with pytest.raises(wb.WorkbenchError, match="latency_ms must be a number >= 0 or a"):
+        models.inject("tiny", latency_ms=(5, 1))
+    with pytest.raises(wb.WorkbenchError, match="oom_every must be an integer >= 1"):
+        models.inject("tiny", oom_every=0)
+    with pytest.raises(wb.UnknownModelError):
+        models.inject("tinny", error_rate=0.1)
+    assert models.faults() == {}
+
+
+def test_a_request_finishes_once_even_when_its_worker_and_its_caller_race(models: wb.Workbench) -> None:
+    request = models.engine.submit("tiny", "A chain", GenerationParams(max_new_tokens=2))
+    request.future.result(timeout=60)
+    assert models.engine.worker("tiny").cancel(request, wb.HopTimeout("late")) is False
+    assert request.future.exception() is None
+    stray = GenerationRequest("tiny", [1], GenerationParams(), models.tracing.start_span("stray"))
+    assert stray.settle() is True and stray.settle() is False

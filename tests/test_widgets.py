@@ -1,0 +1,380 @@
+"""The widgets' Python side: traits, button handlers and magics, with the real tiny model and no browser."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.utils.capture import capture_output
+
+import workbench as wb
+import workbench.bench
+from workbench.demo import DEMO_SPEC
+from workbench.models.devices import available_devices
+from workbench.notebook.parsers import BuilderCommand, ModelsCommand, TraceCommand, parse_command
+from workbench.notebook.widgets import ChainBuilder, ComparisonDashboard, ModelManager, TraceViewer
+from workbench.tracing import attributes as attr
+
+REPO = Path(__file__).resolve().parents[1]
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+SHORT_SPEC = {
+    "name": "short",
+    "hops": [{"name": "answer", "model": "tiny", "prompt": "Question: {{ question }}\nAnswer:", "max_new_tokens": 4}],
+}
+
+# A Python hop the tests hold open: the chain builder's run must return while it waits.
+GATE = threading.Event()
+
+
+def wait_for_gate(question: str) -> str:
+    if not GATE.wait(timeout=60):
+        raise TimeoutError("the test never opened the gate")
+    return f"passed: {question}"
+
+
+def explode(question: str) -> str:
+    raise ValueError(f"cannot handle {question!r}")
+
+
+def cells(manager: ModelManager) -> list[str]:
+    """The model table's text, cell by cell (header first)."""
+    return [getattr(child, "value", "") for child in manager.table.children]
+
+
+# -- model manager -------------------------------------------------------------------------------
+
+
+def test_manager_lists_loaded_models_with_device_dtype_memory_and_state(loaded: wb.Workbench) -> None:
+    manager = ModelManager(loaded)
+    text = cells(manager)
+    header = [c for c in text if c.startswith("<b>")]
+    expected = [c for c in ("name", "device", "dtype", "params", "memory_mb", "health", "state")
+                if c in loaded.models().columns]
+    assert header == [f"<b>{c}</b>" for c in expected]
+    assert {"tiny", "cpu", "float32", "loaded"} <= set(text)
+    assert manager.actions["tiny"].description == "unload"
+    cpu_bar, label = manager.memory.children[0].children
+    assert cpu_bar.description == "cpu" and cpu_bar.value > 0
+    assert "(1 loaded)" in label.value
+
+
+def test_device_and_dtype_pickers_offer_what_this_machine_has(bench: wb.Workbench) -> None:
+    manager = ModelManager(bench)
+    assert list(manager.device.options) == ["auto", *available_devices()]
+    assert [bar.children[0].description for bar in manager.memory.children] == available_devices()
+    manager.device.value = "cpu"
+    assert list(manager.dtype.options) == ["auto", "float32", "bfloat16", "float16"]
+    assert manager.dtype.value == "auto"
+
+
+def test_load_button_loads_the_model_and_the_table_follows(bench: wb.Workbench, tiny_path: Path) -> None:
+    manager = ModelManager(bench)
+    assert manager.actions == {}
+    manager.name.value, manager.source.value = "m1", str(tiny_path)
+    manager.device.value, manager.dtype.value = "cpu", "bfloat16"
+    manager.load_button.click()
+    manager.wait(120)
+    assert manager.error == ""
+    assert "loaded 'm1' on cpu" in manager.status
+    row = bench.models().set_index("name").loc["m1"]
+    assert (row["device"], row["dtype"], row["state"]) == ("cpu", "bfloat16", "loaded")
+    assert manager.actions["m1"].description == "unload"
+    assert not manager.busy and not manager.load_button.disabled
+
+
+def test_unload_button_frees_the_model(loaded: wb.Workbench) -> None:
+    manager = ModelManager(loaded)
+    manager.actions["tiny"].click()
+    manager.wait(60)
+    assert not loaded.registry.is_loaded("tiny")
+    assert "unloaded 'tiny'" in manager.status
+    # Unloaded models stay registered: the row stays, with a button that loads it again.
+    assert manager.actions["tiny"].description == "load"
+    assert "loaded" not in cells(manager)
+
+
+def test_registered_model_gets_a_load_button(bench: wb.Workbench, tiny_path: Path) -> None:
+    bench.register("later", tiny_path, device="cpu")
+    manager = ModelManager(bench)
+    assert manager.actions["later"].description == "load"
+    manager.actions["later"].click()
+    manager.wait(120)
+    assert bench.registry.is_loaded("later")
+    assert manager.actions["later"].description == "unload"
+
+
+def test_failed_load_shows_its_error_in_the_widget(bench: wb.Workbench, tmp_path: Path) -> None:
+    manager = ModelManager(bench)
+    manager.source.value = str(tmp_path / "missing")
+    manager.load_button.click()  # must not raise: the error belongs in the widget
+    manager.wait(60)
+    assert "is not a directory" in manager.error and "hint:" in manager.error
+    assert "is not a directory" in manager._error.value
+    assert manager.status == "" and bench.registry.names() == []
+
+
+# -- chain builder -------------------------------------------------------------------------------
+
+
+def test_builder_starts_from_a_chain_and_round_trips_its_spec(loaded: wb.Workbench) -> None:
+    chain = loaded.chain(DEMO_SPEC)
+    builder = ChainBuilder(loaded, chain=chain)
+    rebuilt = loaded.chain(builder.spec())
+    assert rebuilt.hops == chain.hops == ["plan", "answer", "stats"]
+    assert rebuilt.graph() == chain.graph()
+    assert rebuilt.spec.output == "answer"
+    for old, new in zip(chain.spec.hops, rebuilt.spec.hops):
+        assert (new.prompt, new.params, new.model) == (old.prompt, old.params, old.model)
+    assert list(builder.inputs) == ["question"]
+    graph = builder.graph.value
+    assert re.findall(r"data-hop='(\w+)'", graph) == ["plan", "answer", "stats"]
+    assert graph.count("<line") == sum(len(d) for d in chain.graph().values())
+
+
+def test_fields_the_form_does_not_edit_ride_along(loaded: wb.Workbench) -> None:
+    spec = {**SHORT_SPEC, "description": "kept", "hops": [{**SHORT_SPEC["hops"][0], "seed": 3, "truncate": "left"}]}
+    builder = ChainBuilder(loaded, chain=loaded.chain(spec))
+    builder.hop_editors[0].temperature.value = 0.5
+    rebuilt = loaded.chain(builder.spec())
+    assert rebuilt.spec.description == "kept"
+    params = rebuilt.spec.hops[0].params
+    assert (params.seed, params.truncate, params.temperature) == (3, "left", 0.5)
+
+
+def test_add_move_and_remove_hops_keep_graph_and_inputs_in_step(loaded: wb.Workbench) -> None:
+    builder = ChainBuilder(loaded)
+    assert [e.hop_name.value for e in builder.hop_editors] == ["hop1"]
+    builder.add_button.click()
+    second = builder.hop_editors[1]
+    assert second.hop_name.value == "hop2" and "{{ hop1 }}" in second.prompt.value
+    assert builder.output_hop.value == "hop2"  # the output follows the last hop
+    assert "<line" in builder.graph.value  # hop2 reads hop1
+    second.prompt.value = "{{ hop1 }} and {{ topic }}"
+    assert list(builder.inputs) == ["question", "topic"]
+    second.up.click()
+    assert [e.hop_name.value for e in builder.hop_editors] == ["hop2", "hop1"]
+    second.remove.click()
+    assert [e.hop_name.value for e in builder.hop_editors] == ["hop1"]
+    assert list(builder.inputs) == ["question"]
+    assert re.findall(r"data-hop='(\w+)'", builder.graph.value) == ["hop1"]
+
+
+def test_an_invalid_spec_is_reported_in_the_widget_and_does_not_run(loaded: wb.Workbench) -> None:
+    builder = ChainBuilder(loaded)
+    builder.hop_editors[0].prompt.value = "{{ unclosed"
+    shown = html.unescape(builder._check.value)
+    assert "hop 'hop1'" in shown and "'prompt'" in shown
+    assert builder.run() is False
+    assert "hop 'hop1'" in builder.error
+    assert builder.last_run is None
+
+
+def test_run_shows_output_and_spans_and_sliders_apply_without_reloading(loaded: wb.Workbench) -> None:
+    model_before = loaded.registry.get("tiny").model
+    builder = ChainBuilder(loaded, chain=loaded.chain(SHORT_SPEC))
+    builder.inputs["question"].value = "What is 2 + 2?"
+    editor = builder.hop_editors[0]
+    for temperature, max_tokens in ((0.0, 4), (0.7, 6)):
+        editor.temperature.value, editor.max_new_tokens.value = temperature, max_tokens
+        assert builder.run() is True
+        builder.wait(120)
+        assert builder.error == "" and builder.last_run is not None and builder.last_run.ok
+        calls = [s for s in builder.last_run.trace.spans if s.name == "text_completion tiny"]
+        assert len(calls) == 1
+        recorded = calls[0].attributes or {}
+        assert recorded[attr.REQUEST_TEMPERATURE] == temperature
+        assert recorded[attr.REQUEST_MAX_TOKENS] == max_tokens
+    assert loaded.registry.get("tiny").model is model_before  # no reload between runs
+    assert builder.last_run.id in builder.output.value
+    assert "text_completion tiny" in builder.span_table.value
+    assert builder.status.startswith(f"run {builder.last_run.id}")
+
+
+def test_run_returns_at_once_while_the_chain_runs_in_the_background(loaded: wb.Workbench) -> None:
+    builder = ChainBuilder(loaded)
+    builder.hop_editors[0].kind.value = "python"
+    builder.hop_editors[0].call.value = "test_widgets:wait_for_gate"
+    builder.inputs["question"].value = "hi"
+    GATE.clear()
+    try:
+        assert builder.run() is True
+        # The hop is still waiting on the gate, so run() came back before the chain finished.
+        assert builder.running and builder.last_run is None
+        assert builder.run_button.disabled
+        assert builder.run() is False and "still going" in builder.error
+    finally:
+        GATE.set()
+    builder.wait(60)
+    assert not builder.running and not builder.run_button.disabled
+    assert builder.last_run is not None and builder.last_run.output == "passed: hi"
+
+
+def test_a_failing_run_shows_its_error_and_partial_trace_in_the_widget(loaded: wb.Workbench) -> None:
+    builder = ChainBuilder(loaded, chain=loaded.chain(SHORT_SPEC))
+    boom = builder.add_hop("boom", kind="python", call="test_widgets:explode")
+    assert boom.kind.value == "python"
+    builder.inputs["question"].value = "x"
+    builder.output_hop.value = "boom"
+    assert builder.run() is True  # the failure comes later, in the background, and stays in the widget
+    builder.wait(120)
+    assert "hop 'boom' failed: ValueError: cannot handle 'x'" in builder.error
+    assert builder.last_run is not None and not builder.last_run.ok
+    assert "answer" in builder.last_run.outputs  # the hop that finished is kept
+    assert "hop boom" in builder.span_table.value and "ERROR" in builder.span_table.value
+
+
+# -- trace viewer --------------------------------------------------------------------------------
+
+
+def test_viewer_has_one_span_per_span_of_the_run_nested_by_parent(loaded: wb.Workbench) -> None:
+    run = loaded.chain(DEMO_SPEC).run(question="What is the capital of France?")
+    viewer = TraceViewer(run)
+    assert len(viewer.spans) == len(run.trace) == len(run.trace.table())
+    ids = {s["id"] for s in viewer.spans}
+    assert len(ids) == len(viewer.spans)
+    roots = [s for s in viewer.spans if s["parent"] is None]
+    assert [r["name"] for r in roots] == ["chain qa"]
+    assert all(s["parent"] in ids for s in viewer.spans if s["parent"] is not None)
+    assert {s["kind"] for s in viewer.spans} >= {"CHAIN", "LLM", "TOOL"}
+    assert set(viewer.colours) >= {s["kind"] for s in viewer.spans}
+    assert min(s["start_ms"] for s in viewer.spans) == 0.0
+    assert viewer.title == f"{len(run.trace)} spans in 1 trace"
+    call = next(s for s in viewer.spans if s["name"] == "text_completion tiny")
+    assert call["attributes"][attr.REQUEST_MAX_TOKENS] == 24  # an int stays an int
+    json.dumps(viewer.spans)  # what goes to the browser is plain JSON
+
+
+def test_selecting_a_span_exposes_it_to_the_kernel(loaded: wb.Workbench) -> None:
+    run = loaded.chain(SHORT_SPEC).run(question="hi")
+    viewer = TraceViewer(run)
+    assert viewer.selected_span is None
+    call = next(s for s in viewer.spans if s["kind"] == "LLM")
+    viewer.selected = call["id"]  # what a click in the browser sets
+    assert viewer.selected_span is not None and viewer.selected_span["name"] == "text_completion tiny"
+    viewer.show(loaded.chain(SHORT_SPEC).run(question="again"))
+    assert viewer.selected == "" and viewer.selected_span is None
+
+
+def test_viewer_draws_dozens_of_concurrent_runs(loaded: wb.Workbench) -> None:
+    runs = loaded.chain(SHORT_SPEC).map([{"question": f"q{i}"} for i in range(24)], concurrency=12)
+    viewer = TraceViewer(runs)
+    assert len(viewer.spans) == sum(len(r.trace) for r in runs)
+    assert len({s["trace"] for s in viewer.spans}) == 24
+    assert viewer.title.endswith("in 24 traces")
+    assert len([s for s in viewer.spans if s["parent"] is None]) == 24
+
+
+def test_viewer_front_end_is_shipped_and_imports_nothing() -> None:
+    shipped = TraceViewer()._esm
+    assert shipped == (REPO / "extensions" / "trace_viewer.js").read_text()
+    assert re.search(r"^\s*import\b", shipped, re.MULTILINE) is None  # no CDN, no bundle: runs offline
+    assert "export default" in shipped
+    assert TraceViewer()._css == (REPO / "extensions" / "trace_viewer.css").read_text()
+
+
+# -- comparison dashboard ------------------------------------------------------------------------
+
+
+def test_dashboard_fills_in_table_and_plot_as_passes_finish(loaded: wb.Workbench) -> None:
+    chain = loaded.chain(SHORT_SPEC)
+    dashboard = ComparisonDashboard(chain, [{"question": f"q{i}"} for i in range(4)],
+                                    batching=["none", "static:4"], repeats=1, warmup=0)
+    seen: list[tuple[int, str]] = []
+    dashboard.progress.observe(lambda change: seen.append((change["new"], dashboard.table.value)), "value")
+    assert dashboard.run() is True
+    dashboard.wait(300)
+    assert dashboard.error == ""
+    assert dashboard.progress.max == 2 and dashboard.progress.bar_style == "success"
+    passes = [value for value, _ in seen if value > 0]
+    assert passes == [1, 2]
+    first_table = next(table for value, table in seen if value == 1)
+    assert "none" in first_table and "static:4" in first_table  # both rows show while one is still to run
+    assert dashboard.comparison is not None
+    assert list(dashboard.comparison.table()["batching"]) == ["none", "static:4:50ms"]
+    assert dashboard.plot.value[:8] == b"\x89PNG\r\n\x1a\n"
+    assert dashboard.status == "done"
+
+
+def test_dashboard_shows_a_failing_comparison_as_an_error(loaded: wb.Workbench) -> None:
+    dashboard = ComparisonDashboard(loaded.chain(SHORT_SPEC), [{"topic": "x"}], repeats=1, warmup=0)
+    assert dashboard.run() is True
+    dashboard.wait(60)
+    assert "needs input 'question'" in dashboard.error
+    assert dashboard.progress.bar_style == "danger"
+    assert dashboard.comparison is None and not dashboard.run_button.disabled
+
+
+# -- magics --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def shell(monkeypatch: pytest.MonkeyPatch, loaded: wb.Workbench) -> Iterator[InteractiveShell]:
+    """A real shell with the extension loaded and the `loaded` workbench as the default one."""
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "workbench")
+    monkeypatch.setattr(workbench.bench, "_current", loaded)
+    try:
+        yield ip
+    finally:
+        ip.reset(new_session=False)
+
+
+def magic_widget(shell: InteractiveShell, line: str) -> Any:
+    """Run ``%autoglm line``; return the widget it bound, after checking that it was displayed."""
+    with capture_output() as captured:
+        shell.run_line_magic("autoglm", line)
+    assert captured.stderr == ""
+    widget = shell.user_ns["_autoglm_widget"]
+    assert [out.data[WIDGET_MIME]["model_id"] for out in captured.outputs if WIDGET_MIME in out.data] == [
+        widget.model_id
+    ]
+    return widget
+
+
+def test_ui_flags_and_builder_parse() -> None:
+    assert parse_command("models --ui") == ModelsCommand(ui=True)
+    assert parse_command("trace abc --ui") == TraceCommand(run="abc", ui=True)
+    assert parse_command("builder") == BuilderCommand()
+    assert parse_command("builder qa") == BuilderCommand(chain="qa")
+    assert parse_command("compare qa --inputs q.jsonl --ui").ui is True
+
+
+def test_models_ui_magic_opens_the_model_manager(shell: InteractiveShell) -> None:
+    manager = magic_widget(shell, "models --ui")
+    assert isinstance(manager, ModelManager) and list(manager.actions) == ["tiny"]
+
+
+def test_builder_magic_opens_the_builder_on_a_chain(shell: InteractiveShell, loaded: wb.Workbench) -> None:
+    loaded.chain(DEMO_SPEC)
+    builder = magic_widget(shell, "builder qa")
+    assert isinstance(builder, ChainBuilder)
+    assert [e.hop_name.value for e in builder.hop_editors] == ["plan", "answer", "stats"]
+    with capture_output() as captured:
+        shell.run_line_magic("autoglm", "builder nope")
+    assert "no chain named 'nope'" in captured.stderr and "Traceback" not in captured.stderr
+
+
+def test_trace_ui_magic_opens_the_viewer_on_the_last_run(shell: InteractiveShell, loaded: wb.Workbench) -> None:
+    run = loaded.chain(SHORT_SPEC).run(question="hi")
+    viewer = magic_widget(shell, "trace --ui")
+    assert isinstance(viewer, TraceViewer) and len(viewer.spans) == len(run.trace)
+
+
+def test_compare_ui_magic_runs_in_the_dashboard(
+    shell: InteractiveShell, loaded: wb.Workbench, tmp_path: Path
+) -> None:
+    loaded.chain(SHORT_SPEC)
+    inputs = tmp_path / "questions.jsonl"
+    inputs.write_text("".join(json.dumps({"question": f"q{i}"}) + "\n" for i in range(3)))
+    dashboard = magic_widget(shell, f"compare short --inputs {inputs} --batching none --repeats 1 --warmup 0 --ui")
+    assert isinstance(dashboard, ComparisonDashboard)
+    dashboard.wait(300)
+    assert dashboard.error == "" and dashboard.comparison is not None
+    assert list(dashboard.comparison.table()["batching"]) == ["none"]

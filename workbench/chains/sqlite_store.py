@@ -1,0 +1,210 @@
+"""The default context store: session history in one SQLite file that outlives the kernel."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from workbench.chains.context import ContextStore, RunRecord
+from workbench.errors import StoreError
+
+SESSIONS_FILE = "sessions.sqlite3"
+# Where a value that JSON cannot hold was kept as its repr: meta[STORED_AS_REPR] lists the fields.
+STORED_AS_REPR = "stored_as_repr"
+
+# Each entry takes the schema from version N to N + 1 (PRAGMA user_version). A change to the
+# schema appends an entry; one that was released is never edited, so every older file upgrades.
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """
+        CREATE TABLE runs (
+            seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+            session     TEXT NOT NULL,
+            run_id      TEXT NOT NULL,
+            chain       TEXT NOT NULL,
+            inputs      TEXT NOT NULL,
+            outputs     TEXT NOT NULL,
+            output      TEXT NOT NULL,
+            started_at  REAL NOT NULL,
+            duration_ms REAL NOT NULL,
+            status      TEXT NOT NULL,
+            error       TEXT,
+            meta        TEXT NOT NULL
+        )
+        """,
+        "CREATE INDEX runs_by_session ON runs (session, seq)",
+    ),
+)
+SCHEMA_VERSION = len(_MIGRATIONS)
+_COLUMNS = "run_id, chain, inputs, outputs, output, started_at, duration_ms, status, error, meta"
+
+
+def data_root() -> Path:
+    """Where the workbench keeps what outlives a kernel: ``$AUTOGLM_DATA_DIR``, else the XDG data directory."""
+    explicit = os.environ.get("AUTOGLM_DATA_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
+    return Path(xdg) / "autoglm-workbench"
+
+
+class SQLiteContextStore(ContextStore):
+    """Sessions in one SQLite file, in WAL mode: safe across threads, processes and a kill mid-write.
+
+    Every value is stored as JSON; one that JSON cannot hold is stored as its ``repr`` and the
+    record's ``meta["stored_as_repr"]`` names the field (``"outputs.stats"``, ``"output"``).
+    The file is opened on first use, so a workbench that never uses sessions never touches it.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], timeout_s: float = 30.0) -> None:
+        self.path = Path(path).expanduser()
+        self._timeout_s = timeout_s
+        # One connection, used under a lock: SQLite serialises writers anyway, and a lock is
+        # simpler to close than a connection per thread. Other processes wait on SQLite's own lock.
+        self._lock = threading.Lock()
+        self._connection: sqlite3.Connection | None = None
+
+    def append(self, session: str, record: RunRecord) -> None:
+        row = (session, *_encode(record))
+        # One INSERT is one transaction: a run is in the file whole, or not at all.
+        self._execute(f"INSERT INTO runs (session, {_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+
+    def history(self, session: str, limit: int | None = None) -> list[RunRecord]:
+        if limit is not None and limit <= 0:
+            return []
+        rows = self._execute(
+            f"SELECT {_COLUMNS} FROM runs WHERE session = ? ORDER BY seq DESC LIMIT ?",
+            (session, -1 if limit is None else limit),
+        )
+        return [_decode(row) for row in reversed(rows)]
+
+    def sessions(self) -> list[str]:
+        return [row[0] for row in self._execute("SELECT DISTINCT session FROM runs ORDER BY session", ())]
+
+    def close(self) -> None:
+        with self._lock:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
+
+    def __repr__(self) -> str:
+        return f"<SQLiteContextStore {str(self.path)!r}>"
+
+    def _execute(self, sql: str, parameters: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        with self._lock:
+            if self._connection is None:
+                self._connection = self._open()
+            try:
+                return self._connection.execute(sql, parameters).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(
+                    f"the session store {str(self.path)!r} failed: {exc}",
+                    hint="another process may hold it locked for long, or the disk is full",
+                ) from exc
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: no implicit transactions; each statement commits, BEGIN is explicit.
+            connection = sqlite3.connect(
+                self.path, timeout=self._timeout_s, isolation_level=None, check_same_thread=False
+            )
+            try:
+                connection.execute("PRAGMA journal_mode=WAL")
+                # In WAL mode NORMAL loses no committed transaction when a process dies, only on power loss.
+                connection.execute("PRAGMA synchronous=NORMAL")
+                _migrate(connection, self.path)
+            except BaseException:
+                connection.close()
+                raise
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(
+                f"cannot open the session store {str(self.path)!r}: {exc}",
+                hint="Workbench(data_dir=...) or $AUTOGLM_DATA_DIR picks a writable directory;"
+                " Workbench(store=InMemoryContextStore()) keeps sessions in memory only",
+            ) from exc
+        return connection
+
+
+def _migrate(connection: sqlite3.Connection, path: Path) -> None:
+    """Bring the file's schema to SCHEMA_VERSION, in one transaction that another process cannot race."""
+    if _version(connection) == SCHEMA_VERSION:
+        return
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        version = _version(connection)  # read again under the write lock: another process may have won
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"the session store {str(path)!r} has schema version {version}, newer than this"
+                f" workbench's {SCHEMA_VERSION}",
+                hint="upgrade autoglm-workbench, or point Workbench(data_dir=...) at another directory",
+            )
+        for statements in _MIGRATIONS[version:]:
+            for statement in statements:
+                connection.execute(statement)
+        connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        connection.execute("COMMIT")
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+
+
+def _version(connection: sqlite3.Connection) -> int:
+    return int(connection.execute("PRAGMA user_version").fetchone()[0])
+
+
+def _encode(record: RunRecord) -> tuple[Any, ...]:
+    as_repr: list[str] = []
+    inputs = _json_values(record.inputs, "inputs", as_repr)
+    outputs = _json_values(record.outputs, "outputs", as_repr)
+    output = _json_value(record.output, "output", as_repr)
+    meta = _json_values(record.meta, "meta", as_repr)
+    if as_repr:
+        meta[STORED_AS_REPR] = as_repr
+    return (
+        record.run_id,
+        record.chain,
+        json.dumps(inputs, ensure_ascii=False),
+        json.dumps(outputs, ensure_ascii=False),
+        json.dumps(output, ensure_ascii=False),
+        record.started_at,
+        record.duration_ms,
+        record.status,
+        record.error,
+        json.dumps(meta, ensure_ascii=False),
+    )
+
+
+def _json_values(values: Mapping[str, Any], where: str, as_repr: list[str]) -> dict[str, Any]:
+    return {str(key): _json_value(value, f"{where}.{key}", as_repr) for key, value in values.items()}
+
+
+def _json_value(value: Any, where: str, as_repr: list[str]) -> Any:
+    """``value`` if JSON holds it as it is, else its repr (never pickle: reading a store runs no code)."""
+    try:
+        json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):
+        as_repr.append(where)
+        return repr(value)
+    return value
+
+
+def _decode(row: tuple[Any, ...]) -> RunRecord:
+    run_id, chain, inputs, outputs, output, started_at, duration_ms, status, error, meta = row
+    return RunRecord(
+        run_id=run_id,
+        chain=chain,
+        inputs=json.loads(inputs),
+        outputs=json.loads(outputs),
+        output=json.loads(output),
+        started_at=started_at,
+        duration_ms=duration_ms,
+        status=status,
+        error=error,
+        meta=json.loads(meta),
+    )

@@ -1,0 +1,191 @@
+"""A hop's resilience policy: retries with backoff (through tenacity), a per-attempt timeout, and fallbacks."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import tenacity
+import torch
+from opentelemetry.trace import Span
+
+from workbench.errors import (
+    CircuitOpen,
+    HopTimeout,
+    ModelOutOfMemory,
+    ModelUnhealthy,
+    RetriesExhausted,
+    WorkbenchError,
+    describe,
+)
+from workbench.tracing import attributes as attr
+
+# The kinds of failure a retry policy's ``on`` can name; see ``error_kind``.
+ERROR_KINDS = ("error", "timeout", "oom", "breaker", "unhealthy")
+DEFAULT_RETRY_ON = ("error", "timeout", "oom")
+# The kinds that count against a model's circuit breaker: the model failed, not the caller.
+MODEL_FAILURES = frozenset({"error", "timeout", "oom"})
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an out-of-memory error: CUDA's (or a fake one), ours, or an allocator's RuntimeError."""
+    if isinstance(exc, (torch.OutOfMemoryError, ModelOutOfMemory)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def error_kind(exc: BaseException) -> str | None:
+    """Which kind of failure ``exc`` is, as ``RetryPolicy.on`` names them; None for a mistake no retry can fix.
+
+    ``timeout``: the call outlived ``timeout_s``; ``oom``: out of memory even after batch splitting;
+    ``breaker``: the model's circuit breaker is open; ``unhealthy``: the model failed its health probe;
+    ``error``: any other failure of the call (an injected fault, a CUDA error, a Python hop raising).
+    A WorkbenchError outside these (a prompt too long for the window, an unloaded model) is the caller's
+    to fix, and a KeyboardInterrupt is the user stopping: neither is retried.
+    """
+    if isinstance(exc, HopTimeout):
+        return "timeout"
+    if isinstance(exc, CircuitOpen):
+        return "breaker"
+    if isinstance(exc, ModelUnhealthy):
+        return "unhealthy"
+    if is_out_of_memory(exc):
+        return "oom"
+    if isinstance(exc, WorkbenchError) or not isinstance(exc, Exception):
+        return None
+    return "error"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a hop retries its primary model (or Python call) before it falls back.
+
+    ``attempts`` counts every try, the first included. The wait before retry n is ``backoff_ms``
+    x 2^(n-1), capped at ``max_backoff_ms``; with ``jitter`` each wait is drawn uniformly between 0
+    and that ("full jitter"), so many runs retrying at once spread out instead of arriving together.
+    ``max_total_s`` caps the time from the first attempt: no retry starts whose wait would end past
+    it, and an attempt's timeout is cut to what is left. ``on`` names the kinds of failure worth
+    retrying (see ``error_kind``).
+    """
+
+    attempts: int = 3
+    backoff_ms: float = 50.0
+    max_backoff_ms: float = 2000.0
+    jitter: bool = True
+    max_total_s: float | None = None
+    on: tuple[str, ...] = DEFAULT_RETRY_ON
+
+    def retrying(self, before_sleep: Callable[[tenacity.RetryCallState], None]) -> tenacity.Retrying:
+        """A tenacity ``Retrying`` that follows this policy and re-raises the last error when it gives up."""
+        stop: tenacity.stop.stop_base = tenacity.stop_after_attempt(self.attempts)
+        if self.max_total_s is not None:
+            stop = stop | tenacity.stop_before_delay(self.max_total_s)
+        backoff, cap = self.backoff_ms / 1e3, self.max_backoff_ms / 1e3
+        wait = (
+            tenacity.wait_random_exponential(multiplier=backoff, max=cap)
+            if self.jitter
+            else tenacity.wait_exponential(multiplier=backoff, max=cap)
+        )
+        kinds = frozenset(self.on)
+        return tenacity.Retrying(
+            stop=stop,
+            wait=wait,
+            retry=tenacity.retry_if_exception(lambda exc: error_kind(exc) in kinds),
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """Where a hop turns when its primary path fails: another loaded model, or a standby hop of the chain."""
+
+    kind: Literal["model", "hop"]
+    name: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}:{self.name}"
+
+
+@dataclass(frozen=True)
+class Resilience:
+    """A hop's ``retry``, ``timeout_s`` (per attempt, model calls only) and ``fallback`` settings from its spec."""
+
+    retry: RetryPolicy | None = None
+    timeout_s: float | None = None
+    fallback: tuple[Fallback, ...] = ()
+
+
+NO_RESILIENCE = Resilience()
+
+
+@dataclass(frozen=True)
+class Route:
+    """One way to serve a hop: ``call(attempt, timeout_s)`` returns its value or raises."""
+
+    label: str
+    call: Callable[[int, float | None], Any]
+
+
+def serve(routes: Sequence[Route], policy: Resilience, span: Span) -> Any:
+    """Serve a hop down ``routes``: the first (primary) with the policy's retries, then each fallback once.
+
+    Every failed attempt is an ``attempt.failed`` event on ``span`` (the hop's), every wait a
+    ``retry`` event, every switch of route a ``fallback`` event; the route that answered is
+    ``workbench.served_by``. When the only attempt fails its error is raised as it was; when
+    several did, RetriesExhausted lists them all.
+    """
+    failures: list[tuple[int, str, BaseException]] = []
+    numbers = itertools.count(1)
+    started = time.monotonic()
+    retry = policy.retry if policy.retry is not None and policy.retry.attempts > 1 else None
+
+    def attempt(route: Route, capped: bool) -> Any:
+        number = next(numbers)
+        timeout = policy.timeout_s
+        if capped and retry is not None and retry.max_total_s is not None:
+            left = max(retry.max_total_s - (time.monotonic() - started), 1e-3)
+            timeout = left if timeout is None else min(timeout, left)
+        try:
+            return route.call(number, timeout)
+        except Exception as exc:
+            failures.append((number, route.label, exc))
+            span.add_event(
+                "attempt.failed",
+                {
+                    attr.ATTEMPT: number,
+                    attr.ROUTE: route.label,
+                    attr.ERROR_KIND: error_kind(exc) or "not retryable",
+                    "exception.type": type(exc).__name__,
+                    "exception.message": describe(exc),
+                },
+            )
+            raise
+
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        wait_ms = state.upcoming_sleep * 1e3
+        span.add_event("retry", {attr.ATTEMPT: state.attempt_number + 1, "workbench.retry.wait_ms": wait_ms})
+
+    for index, route in enumerate(routes):
+        if index:
+            reason = describe(failures[-1][2])
+            span.add_event("fallback", {attr.ROUTE: route.label, "workbench.fallback.reason": reason})
+        try:
+            if index == 0 and retry is not None:
+                value = retry.retrying(before_sleep)(attempt, route, True)
+            else:
+                value = attempt(route, False)
+        except Exception as exc:
+            if index + 1 < len(routes):
+                continue
+            if len(failures) == 1:
+                raise
+            raise RetriesExhausted(failures) from exc
+        span.set_attributes({attr.SERVED_BY: route.label, attr.ATTEMPTS: len(failures) + 1, attr.FALLBACK: index > 0})
+        return value
+    raise ValueError("serve() needs at least one route")

@@ -1,0 +1,543 @@
+"""The strategy comparison harness: every batching x preloading combination, run interleaved, read from traces."""
+
+from __future__ import annotations
+
+import html
+import platform
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from workbench.engine.batching import BatchingPolicy, parse_policy
+from workbench.errors import StrategyError, UnknownModelError
+from workbench.experiments.workloads import ClosedLoop, PoissonArrivals, Workload, WorkloadResult, as_inputs
+from workbench.models.devices import dtype_name, resolve_device, resolve_dtype
+from workbench.models.preloading import PreloadingStrategy, parse_preloading
+from workbench.tracing import Trace
+from workbench.tracing import attributes as attr
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from workbench.bench import Workbench
+    from workbench.chains.chain import Chain
+
+# What the label columns hold when a comparison leaves that axis as the workbench has it.
+UNCHANGED = "(as set)"
+
+TABLE_COLUMNS = [
+    "batching",
+    "preloading",
+    "requests_per_s",
+    "output_tokens_per_s",
+    "e2e_p50_ms",
+    "e2e_p95_ms",
+    "e2e_p99_ms",
+    "ttft_p50_ms",
+    "ttft_p95_ms",
+    "tpot_ms",
+    "mean_batch_size",
+    "padding_fraction",
+    "cold_start_s",
+    "first_result_s",
+    "peak_weights_mb",
+    "peak_cuda_mb",
+    "n",
+    "errors",
+    "repeats",
+]
+
+@dataclass(frozen=True)
+class Strategy:
+    """One combination under comparison; ``None`` on an axis leaves it as the workbench has it."""
+
+    batching: BatchingPolicy | None
+    preloading: PreloadingStrategy | None
+
+    @property
+    def labels(self) -> tuple[str, str]:
+        return (
+            self.batching.name if self.batching is not None else UNCHANGED,
+            self.preloading.name if self.preloading is not None else UNCHANGED,
+        )
+
+
+def _policies(batching: Iterable[BatchingPolicy | str] | BatchingPolicy | str | None) -> list[BatchingPolicy | None]:
+    if batching is None:
+        return [None]
+    if isinstance(batching, (str, BatchingPolicy)):
+        batching = [batching]
+    policies: list[BatchingPolicy | None] = []
+    for item in batching:
+        if isinstance(item, str):
+            policies.append(parse_policy(item))
+        elif isinstance(item, BatchingPolicy):
+            policies.append(item)
+        else:
+            raise StrategyError(
+                f"batching {item!r} is a {type(item).__name__}, not a policy",
+                hint='give policy objects such as wb.DynamicBatching(16, 5) or names such as "dynamic:16:5ms"',
+            )
+    return _distinct(policies, "batching")
+
+
+def _preloadings(
+    preloading: Iterable[PreloadingStrategy | str] | PreloadingStrategy | str | None,
+) -> list[PreloadingStrategy | None]:
+    if preloading is None:
+        return [None]
+    if isinstance(preloading, (str, PreloadingStrategy)):
+        preloading = [preloading]
+    return _distinct([parse_preloading(p) for p in preloading], "preloading")
+
+
+def _distinct(items: list[Any], axis: str) -> list[Any]:
+    if not items:
+        raise StrategyError(f"{axis}=[] leaves nothing to compare", hint=f"list at least one, or leave {axis}=None")
+    labels = [item.name for item in items]
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:
+        raise StrategyError(f"{axis} {twice[0]!r} is listed twice", hint="each strategy is one row: list it once")
+    return items
+
+
+def _label(batching: str, preloading: str) -> str:
+    """A strategy's name in plots and the progress bar: the axes that were set, joined."""
+    return " + ".join(part for part in (batching, preloading) if part != UNCHANGED) or UNCHANGED
+
+
+def _percentile(values: pd.Series, q: float) -> float:
+    return float(values.quantile(q)) if len(values) else float("nan")
+
+
+class _MemoryWatch:
+    """Peak memory while the block runs: model weights held (sampled every few ms) and torch's CUDA peak.
+
+    ``cuda_peak`` is the sum over CUDA devices of ``torch.cuda.max_memory_allocated`` (weights,
+    KV cache and activations), NaN on a machine without CUDA.
+    """
+
+    def __init__(self, bench: Workbench, every_s: float = 0.005) -> None:
+        self._bench = bench
+        self._every_s = every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="workbench-memory-watch", daemon=True)
+        self.weights_peak = _resident_bytes(bench)
+        self.cuda_peak = float("nan")
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self._every_s):
+            self.weights_peak = max(self.weights_peak, _resident_bytes(self._bench))
+
+    def __enter__(self) -> _MemoryWatch:
+        import torch
+
+        if torch.cuda.is_available():
+            for device in range(torch.cuda.device_count()):
+                torch.cuda.reset_peak_memory_stats(device)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        self._stop.set()
+        self._thread.join()
+        self.weights_peak = max(self.weights_peak, _resident_bytes(self._bench))
+        if torch.cuda.is_available():
+            self.cuda_peak = float(sum(torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count())))
+
+
+def _resident_bytes(bench: Workbench) -> int:
+    return sum(model.memory_bytes for model in bench.registry.loaded())
+
+
+class Comparison:
+    """What :func:`compare` measured: one row per strategy in :meth:`table`, every run in :meth:`samples`.
+
+    ``samples()`` has one row per measured chain run, ``calls()`` one per model call, and
+    ``passes()`` one per strategy and repeat (throughput, cold start, first result, memory).
+    """
+
+    def __init__(
+        self,
+        chain: str,
+        strategies: Sequence[tuple[str, str]],
+        samples: pd.DataFrame,
+        calls: pd.DataFrame,
+        passes: pd.DataFrame,
+        environment: Mapping[str, Any],
+    ) -> None:
+        self.chain = chain
+        self.strategies = list(strategies)
+        self._samples, self._calls, self._passes = samples, calls, passes
+        self.environment = dict(environment)
+
+    def samples(self) -> pd.DataFrame:
+        """One row per measured chain run: strategy, repeat, input index, ok, E2E latency, output."""
+        return self._samples.copy()
+
+    def calls(self) -> pd.DataFrame:
+        """One row per model call of the measured runs: TTFT, TPOT, tokens, batch id and size, padding."""
+        return self._calls.copy()
+
+    def passes(self) -> pd.DataFrame:
+        """One row per strategy and repeat: wall time, requests/s, tokens/s, cold start, first result, memory."""
+        return self._passes.copy()
+
+    def table(self) -> pd.DataFrame:
+        """One row per strategy: throughput, latency percentiles, batching, cold start, memory.
+
+        Latency percentiles pool the runs of every repeat; throughput, cold start and time to
+        first result are medians over repeats; peak memory is the largest of any repeat.
+        ``tpot_ms`` is the median time per output token over model calls, ``mean_batch_size``
+        the mean size of the batches the calls ran in, ``padding_fraction`` the share of
+        padded prompt cells that were padding.
+        """
+        import pandas as pd
+
+        rows = []
+        for batching, preloading in self.strategies:
+            runs = self._of(self._samples, batching, preloading)
+            calls = self._of(self._calls, batching, preloading)
+            passes = self._of(self._passes, batching, preloading)
+            ok = runs[runs["ok"]]
+            batches = calls.drop_duplicates(["repeat", "batch_id"])
+            cells = float((calls["tokens_in"] + calls["padding_tokens"]).sum())
+            rows.append(
+                {
+                    "batching": batching,
+                    "preloading": preloading,
+                    "requests_per_s": passes["requests_per_s"].median(),
+                    "output_tokens_per_s": passes["output_tokens_per_s"].median(),
+                    "e2e_p50_ms": _percentile(ok["e2e_ms"], 0.50),
+                    "e2e_p95_ms": _percentile(ok["e2e_ms"], 0.95),
+                    "e2e_p99_ms": _percentile(ok["e2e_ms"], 0.99),
+                    "ttft_p50_ms": _percentile(calls["ttft_ms"], 0.50),
+                    "ttft_p95_ms": _percentile(calls["ttft_ms"], 0.95),
+                    "tpot_ms": _percentile(calls["tpot_ms"].dropna(), 0.50),
+                    "mean_batch_size": float(batches["batch_size"].mean()) if len(batches) else float("nan"),
+                    "padding_fraction": float(calls["padding_tokens"].sum()) / cells if cells else float("nan"),
+                    "cold_start_s": passes["cold_start_s"].median(),
+                    "first_result_s": passes["first_result_s"].median(),
+                    "peak_weights_mb": passes["peak_weights_mb"].max(),
+                    "peak_cuda_mb": passes["peak_cuda_mb"].max(),
+                    "n": len(ok),
+                    "errors": int((~runs["ok"]).sum()),
+                    "repeats": len(passes),
+                }
+            )
+        return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
+    @staticmethod
+    def _of(frame: pd.DataFrame, batching: str, preloading: str) -> pd.DataFrame:
+        return frame[(frame["batching"] == batching) & (frame["preloading"] == preloading)]
+
+    def plot(self) -> Figure:
+        """Throughput against p95 latency (one point per strategy), and each strategy's E2E latency CDF."""
+        import numpy as np
+        from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+        from workbench.tracing.figure import DisplayFigure
+
+        table = self.table()
+        fig = DisplayFigure(figsize=(11, 4.2), layout="constrained")
+        scatter, cdf = fig.subplots(1, 2)
+        colours = [f"C{i % 10}" for i in range(len(table))]
+        for index, (colour, row) in enumerate(zip(colours, table.itertuples())):
+            label = _label(row.batching, row.preloading)
+            scatter.scatter(row.e2e_p95_ms, row.requests_per_s, color=colour, s=40, zorder=3)
+            # Alternate above and below: strategies that perform alike would print their labels on top of each other.
+            scatter.annotate(label, (row.e2e_p95_ms, row.requests_per_s), xytext=(4, 4 if index % 2 == 0 else -11),
+                             textcoords="offset points", fontsize=8)
+            runs = self._of(self._samples, row.batching, row.preloading)
+            latencies = np.sort(runs.loc[runs["ok"], "e2e_ms"].to_numpy(dtype=float))
+            if len(latencies):
+                cdf.step(latencies, np.arange(1, len(latencies) + 1) / len(latencies), where="post", color=colour,
+                         label=label)
+        scatter.set_xlabel("E2E p95 latency (ms)")
+        scatter.set_ylabel("throughput (chain runs/s)")
+        scatter.set_title("throughput vs tail latency (up and left is better)", loc="left", fontsize=9)
+        scatter.grid(alpha=0.3)
+        cdf.set_xlabel("E2E latency per chain run (ms)")
+        cdf.set_ylabel("fraction of runs")
+        cdf.set_xscale("log")  # strategies often differ by orders of magnitude in latency
+        cdf.xaxis.set_major_formatter(ScalarFormatter())
+        cdf.xaxis.set_minor_formatter(NullFormatter())
+        cdf.set_ylim(0, 1.02)
+        cdf.set_title("latency CDF (left is better)", loc="left", fontsize=9)
+        cdf.grid(alpha=0.3)
+        if len(table):
+            cdf.legend(fontsize=7, loc="lower right")
+        fig.suptitle(f"chain {self.chain}: {self._workload_text()}", fontsize=10)
+        return fig
+
+    def save(self, path: str | Path) -> Path:
+        """Write :meth:`table` with the environment as extra columns, to ``.csv`` or ``.parquet``."""
+        path = Path(path).expanduser()
+        table = self.table().assign(**{key: value for key, value in self.environment.items()})
+        suffix = path.suffix.lower()
+        if suffix == ".csv":
+            table.to_csv(path, index=False)
+        elif suffix == ".parquet":
+            table.to_parquet(path, index=False)
+        else:
+            raise StrategyError(
+                f"cannot save a comparison as {path.name!r}: unknown file type {suffix or '(none)'!r}",
+                hint="end the path with .csv or .parquet",
+            )
+        return path
+
+    def _workload_text(self) -> str:
+        env = self.environment
+        load = (
+            f"Poisson arrivals at {env['arrival_rate']:g}/s"
+            if env.get("arrival_rate")
+            else f"closed loop at concurrency {env.get('concurrency')}"
+        )
+        return (
+            f"{env.get('inputs')} inputs, {load}, {env.get('warmup')} warm-up, "
+            f"{env.get('repeats')} repeat{'s' * (env.get('repeats') != 1)}; "
+            f"{env.get('model')} on {env.get('device')} ({env.get('dtype')})"
+        )
+
+    def __repr__(self) -> str:
+        return f"<Comparison of {len(self.strategies)} strategies on chain {self.chain!r}: {self._workload_text()}>"
+
+    def _repr_html_(self) -> str:
+        head = (
+            f"<p>Comparison of {len(self.strategies)} strategies on chain <b>{html.escape(self.chain)}</b>: "
+            f"{html.escape(self._workload_text())}</p>"
+        )
+        return head + self.table().to_html(index=False, float_format=lambda v: f"{v:.3g}", na_rep="—")
+
+
+def _environment(bench: Workbench, chain: Chain, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Say what ran: device, dtype and source of the chain's models, versions, platform, workload settings."""
+    import torch
+    import transformers
+
+    import workbench
+
+    devices, dtypes, sources = [], [], []
+    for name in chain.spec.models():
+        try:
+            loaded = bench.registry.get(name)
+            device, dtype, source = str(loaded.device), dtype_name(loaded.dtype), loaded.source
+        except UnknownModelError:  # registered, not loaded now: what it loads as
+            planned = bench.registry.settings(name)
+            resolved = resolve_device(planned.device)
+            device, dtype = str(resolved), dtype_name(resolve_dtype(planned.dtype, resolved))
+            source = planned.source
+        devices.append(device)
+        dtypes.append(dtype)
+        sources.append(source)
+    accelerator = torch.cuda.get_device_name() if any(d.startswith("cuda") for d in devices) else platform.processor()
+    return {
+        "chain": chain.name,
+        "model": ",".join(chain.spec.models()),
+        "model_source": ",".join(sources),
+        "device": ",".join(sorted(set(devices))),
+        "dtype": ",".join(sorted(set(dtypes))),
+        "accelerator": accelerator or platform.machine(),
+        **settings,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "workbench_version": workbench.__version__,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def _measure(
+    bench: Workbench, chain: Chain, result: WorkloadResult, started_ns: int
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, float]]:
+    """Per-run, per-call and per-pass figures of one workload pass, read from its spans."""
+    import pandas as pd
+
+    table = Trace(span for run in result.runs for span in run.trace.spans).table()
+    roots = table[(table["depth"] == 0) & table["name"].str.startswith("chain ")]
+    ends = dict(zip(roots["context.trace_id"], roots["end_time"].map(lambda t: t.value)))
+    runs = pd.DataFrame(
+        {
+            "input": range(len(result.runs)),
+            "ok": [run.ok for run in result.runs],
+            # From arrival, not start: in an open loop a run that starts late was still due.
+            "e2e_ms": [
+                (ends[format(run.trace_id, "032x")] - arrival) / 1e6
+                for run, arrival in zip(result.runs, result.arrivals_ns)
+            ],
+            "output": [run.output if run.ok else None for run in result.runs],
+        }
+    )
+    llm = table[table["name"].str.startswith(attr.TEXT_COMPLETION) & (table["status_code"] == "OK")]
+    calls = pd.DataFrame(
+        {
+            "hop": llm["hop"],
+            "ttft_ms": llm["ttft_ms"],
+            "tpot_ms": llm["tpot_ms"],
+            "tokens_in": llm["tokens_in"],
+            "tokens_out": llm["tokens_out"],
+            "batch_id": llm.get(f"attributes.{attr.BATCH_ID}"),
+            "batch_size": llm["batch_size"],
+            "padding_tokens": llm.get(f"attributes.{attr.PADDING_TOKENS}"),
+        }
+    ).reset_index(drop=True)
+    calls = calls.astype({c: "Int64" for c in ("tokens_in", "tokens_out", "batch_id", "batch_size", "padding_tokens")})
+    wall = result.wall_s
+    models = set(chain.spec.models())
+    cold = [
+        float(a[attr.COLD_START_S])  # type: ignore[arg-type]
+        for s in bench.traces().spans
+        if attr.COLD_START_S in (a := s.attributes or {})
+        and a.get(attr.MODEL_NAME) in models
+        and started_ns <= (s.start_time or 0) <= result.ended_ns
+    ]
+    first = result.first_result_ns
+    figures = {
+        "wall_s": wall,
+        "requests_per_s": int(runs["ok"].sum()) / wall if wall > 0 else float("nan"),
+        "output_tokens_per_s": float(calls["tokens_out"].sum()) / wall if wall > 0 else float("nan"),
+        "cold_start_s": sum(cold),
+        "first_result_s": (first - started_ns) / 1e9 if first is not None else float("nan"),
+    }
+    return runs, calls, figures
+
+
+def compare(
+    chain: Chain,
+    inputs: Iterable[Mapping[str, Any]],
+    batching: Iterable[BatchingPolicy | str] | BatchingPolicy | str | None = None,
+    preloading: Iterable[PreloadingStrategy | str] | PreloadingStrategy | str | None = None,
+    *,
+    concurrency: int = 8,
+    repeats: int = 3,
+    warmup: int = 1,
+    arrival_rate: float | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    on_pass: Callable[[Comparison], None] | None = None,
+) -> Comparison:
+    """Run ``inputs`` through ``chain`` under every batching x preloading combination and compare them.
+
+    ``batching`` items are policies or their names (``"none"``, ``"static:8"``,
+    ``"dynamic:16:5ms"``, ``"continuous"``, ...); ``preloading`` items are what
+    ``bench.set_preloading`` takes (``"lazy"``, ``"eager"``, ``"prefetch"``, ...). ``None``
+    leaves that axis as the workbench has it. Each pass runs every input once, closed loop
+    at ``concurrency`` runs in flight, or open loop with Poisson arrivals at ``arrival_rate``
+    runs/s (seeded by ``seed``); ``warmup`` runs before each pass are left out of its figures.
+
+    Repeats are interleaved (every strategy's first pass, then every strategy's second, the
+    order rotating each time) so that drift on a shared machine hits all of them alike. Before
+    each pass under a preloading strategy the chain's models are unloaded, so its cold start
+    is real, and ``bench.prepare(chain)`` runs as part of the pass. The workbench's batching
+    policies and preloading are put back afterwards, also on error or Ctrl-C.
+
+    ``on_pass``, if given, is called after every pass with a Comparison of the passes so far
+    (strategies not run yet have rows without figures): a dashboard fills in from it.
+    """
+    bench = chain.bench
+    items = as_inputs(inputs)
+    workload: Workload
+    if arrival_rate is not None:
+        workload = PoissonArrivals(items, rate=arrival_rate, seed=seed, warmup=warmup)
+    else:
+        workload = ClosedLoop(items, concurrency=concurrency, warmup=warmup)
+    workload.check(chain)  # refuse bad input before any model is touched
+    if repeats < 1:
+        raise StrategyError(f"repeats must be at least 1, not {repeats}", hint="repeats=3 is a good start")
+    strategies = [Strategy(b, p) for p in _preloadings(preloading) for b in _policies(batching)]
+    environment = _environment(
+        bench,
+        chain,
+        {"inputs": len(items), "concurrency": None if arrival_rate else concurrency, "arrival_rate": arrival_rate,
+         "warmup": warmup, "repeats": repeats, "seed": seed},
+    )
+    runs: list[pd.DataFrame] = []
+    calls: list[pd.DataFrame] = []
+    passes: list[dict[str, Any]] = []
+    from tqdm.auto import tqdm
+
+    with _restored(bench, chain), tqdm(
+        total=repeats * len(strategies), desc=f"compare {chain.name}", unit="pass", disable=not progress
+    ) as bar:
+        for repeat in range(repeats):
+            shift = repeat % len(strategies)
+            for strategy in strategies[shift:] + strategies[:shift]:
+                bar.set_postfix_str(_label(*strategy.labels), refresh=False)
+                started_ns, result, weights, cuda = _one_pass(bench, chain, strategy, workload)
+                pass_runs, pass_calls, figures = _measure(bench, chain, result, started_ns)
+                labels = dict(zip(("batching", "preloading"), strategy.labels), repeat=repeat)
+                runs.append(pass_runs.assign(**labels))
+                calls.append(pass_calls.assign(**labels))
+                passes.append({**labels, **figures, "peak_weights_mb": weights / 2**20, "peak_cuda_mb": cuda / 2**20})
+                bar.update()
+                if on_pass is not None:
+                    on_pass(_assemble(chain.name, strategies, runs, calls, passes, environment))
+    return _assemble(chain.name, strategies, runs, calls, passes, environment)
+
+
+def _assemble(
+    chain: str,
+    strategies: Sequence[Strategy],
+    runs: list[pd.DataFrame],
+    calls: list[pd.DataFrame],
+    passes: list[dict[str, Any]],
+    environment: Mapping[str, Any],
+) -> Comparison:
+    """A Comparison of the passes measured so far."""
+    import pandas as pd
+
+    order = ["batching", "preloading", "repeat"]
+    return Comparison(
+        chain,
+        [s.labels for s in strategies],
+        _front(pd.concat(runs, ignore_index=True), order),
+        _front(pd.concat(calls, ignore_index=True), order),
+        _front(pd.DataFrame(passes), order),
+        environment,
+    )
+
+
+def _front(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """``frame`` with ``columns`` moved to the front."""
+    return frame[columns + [c for c in frame.columns if c not in columns]]
+
+
+def _one_pass(
+    bench: Workbench, chain: Chain, strategy: Strategy, workload: Workload
+) -> tuple[int, WorkloadResult, int, float]:
+    """Put ``strategy`` in place and run one workload pass; returns its start, result and memory peaks."""
+    models = chain.spec.models()
+    if strategy.preloading is not None:
+        for name in models:
+            if bench.registry.is_loaded(name):
+                bench.unload(name)
+        bench.set_preloading(strategy.preloading)
+    if strategy.batching is not None:
+        for name in models:
+            bench.set_batching(name, strategy.batching)
+    with _MemoryWatch(bench) as memory:
+        started_ns = time.time_ns()
+        if strategy.preloading is not None:
+            bench.prepare(chain)
+        result = workload.run(chain)
+    return started_ns, result, memory.weights_peak, memory.cuda_peak
+
+
+@contextmanager
+def _restored(bench: Workbench, chain: Chain) -> Iterator[None]:
+    """Put the preloading strategy and the chain's models' batching policies back, however the block ends."""
+    preloading = bench.preloading
+    policies = {name: bench.engine.policy(name) for name in chain.spec.models()}
+    try:
+        yield
+    finally:
+        bench.set_preloading(preloading)
+        for name, policy in policies.items():
+            bench.set_batching(name, policy)  # kept for its next load if a pass left the model unloaded

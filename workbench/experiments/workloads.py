@@ -1,0 +1,257 @@
+"""Workloads that drive a chain: closed loop at a fixed concurrency, or open loop with Poisson arrivals."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+from workbench.chains.runner import check_inputs
+from workbench.errors import HopFailed, WorkloadError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from workbench.chains.chain import Chain
+    from workbench.chains.run import Run
+
+
+_JSONL_HINT = 'one JSON object of chain inputs per line, e.g. {"question": "What is 2 + 2?"}'
+
+
+def as_inputs(inputs: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """A list of input dicts from any iterable of mappings; a clear error for anything else."""
+    items = []
+    for index, item in enumerate(inputs):
+        if not isinstance(item, Mapping):
+            raise WorkloadError(
+                f"input {index} is a {type(item).__name__}, not a mapping of chain inputs",
+                hint='inputs are dicts, e.g. [{"question": "What is 2 + 2?"}]',
+            )
+        items.append(dict(item))
+    return items
+
+
+def read_inputs(path: str | Path) -> list[dict[str, Any]]:
+    """Chain inputs from a JSON Lines file: one JSON object per line, blank lines skipped."""
+    path = Path(path).expanduser()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise WorkloadError(f"cannot read inputs file {str(path)!r}: {exc.strerror}", hint=_JSONL_HINT) from exc
+    items: list[dict[str, Any]] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise WorkloadError(f"{path.name}, line {number}: not JSON ({exc.msg})", hint=_JSONL_HINT) from exc
+        if not isinstance(item, dict):
+            raise WorkloadError(
+                f"{path.name}, line {number}: a JSON {type(item).__name__}, not an object of chain inputs",
+                hint=_JSONL_HINT,
+            )
+        items.append(item)
+    if not items:
+        raise WorkloadError(f"inputs file {str(path)!r} holds no inputs", hint=_JSONL_HINT)
+    return items
+
+
+@dataclass
+class WorkloadResult:
+    """The measured runs of one workload pass, with the times a latency reader needs.
+
+    Times are ``time.time_ns()`` values, the clock OpenTelemetry stamps spans with, so they
+    compare directly with span start and end times. ``arrivals_ns[i]`` is when ``runs[i]``
+    was due: its start in a closed loop, its scheduled arrival in an open loop (a run that
+    starts late because the machine is saturated still counts its latency from arrival).
+    ``first_result_ns`` is when the first run of the pass, warm-up included, finished without error.
+    """
+
+    runs: list[Run]
+    arrivals_ns: list[int]
+    started_ns: int
+    ended_ns: int
+    warmup_runs: list[Run] = field(default_factory=list)
+    first_result_ns: int | None = None
+
+    @property
+    def wall_s(self) -> float:
+        """Seconds from the first measured arrival to the last measured completion."""
+        return (self.ended_ns - self.started_ns) / 1e9
+
+
+def _run_once(chain: Chain, inputs: Mapping[str, Any]) -> Run:
+    """Run the chain; a failed run is kept (with its error), not raised, as ``Chain.map`` does."""
+    try:
+        return chain.run(**inputs)
+    except HopFailed as failed:
+        if failed.run is None:
+            raise
+        return cast("Run", failed.run)
+
+
+class _Pass:
+    """One pass of a workload: a thread pool, and the time of the first result of any run in it."""
+
+    def __init__(self, chain: Chain, threads: int) -> None:
+        self.chain = chain
+        self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix=f"workload-{chain.name}")
+        self.first_result_ns: int | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, inputs: Mapping[str, Any]) -> Future[Run]:
+        return self.pool.submit(self._timed, inputs)
+
+    def _timed(self, inputs: Mapping[str, Any]) -> Run:
+        run = _run_once(self.chain, inputs)
+        now = time.time_ns()
+        with self._lock:
+            if run.ok and self.first_result_ns is None:
+                self.first_result_ns = now
+        return run
+
+    def gather(self, futures: Sequence[Future[Run]]) -> list[Run]:
+        wait(futures)
+        return [f.result() for f in futures]
+
+    def close(self, interrupted: bool) -> None:
+        # On Ctrl-C, runs not yet started are dropped; the ones running finish in the background.
+        self.pool.shutdown(wait=not interrupted, cancel_futures=interrupted)
+
+
+class Workload(ABC):
+    """Chain inputs and how they arrive; ``warmup`` extra runs go first and are left out of the results."""
+
+    inputs: list[dict[str, Any]]
+    warmup: int
+
+    def check(self, chain: Chain) -> None:
+        """Refuse a workload that cannot run on ``chain`` (no inputs, a missing or misspelt input) before it starts."""
+        if not self.inputs:
+            raise WorkloadError("a workload needs at least one input", hint="pass a list of dicts of chain inputs")
+        if self.warmup < 0:
+            raise WorkloadError(f"warmup must be >= 0, not {self.warmup}", hint="warmup=0 measures from the first run")
+        for item in self.inputs:
+            check_inputs(chain.spec, item)
+
+    def warmup_inputs(self) -> list[dict[str, Any]]:
+        """The warm-up runs' inputs: the workload's own, from the start, cycled as needed."""
+        return [self.inputs[i % len(self.inputs)] for i in range(self.warmup)]
+
+    @abstractmethod
+    def _threads(self) -> int:
+        """How many runs may be in flight at once."""
+
+    @abstractmethod
+    def _measure(self, runs: _Pass) -> tuple[list[Run], list[int], int]:
+        """Submit the measured runs; return them, their arrival times, and when the measurement began."""
+
+    def run(self, chain: Chain) -> WorkloadResult:
+        """Run the warm-up, then the measured runs; a failing run is kept with its error, not raised."""
+        self.check(chain)
+        runs = _Pass(chain, self._threads())
+        interrupted = True
+        try:
+            warm = runs.gather([runs.submit(i) for i in self.warmup_inputs()])
+            measured, arrivals, started = self._measure(runs)
+            interrupted = False
+        finally:
+            runs.close(interrupted)
+        return WorkloadResult(
+            runs=measured,
+            arrivals_ns=arrivals,
+            started_ns=started,
+            ended_ns=max((_end_ns(r) for r in measured), default=started),
+            warmup_runs=warm,
+            first_result_ns=runs.first_result_ns,
+        )
+
+
+def _end_ns(run: Run) -> int:
+    return int(run.started_at * 1e9 + run.duration_ms * 1e6)
+
+
+def _start_ns(run: Run) -> int:
+    return int(run.started_at * 1e9)
+
+
+@dataclass
+class ClosedLoop(Workload):
+    """Every input once, ``concurrency`` runs in flight: a new run starts as soon as one finishes."""
+
+    inputs: list[dict[str, Any]]
+    concurrency: int = 8
+    warmup: int = 0
+
+    def __post_init__(self) -> None:
+        self.inputs = as_inputs(self.inputs)
+        if self.concurrency < 1:
+            raise WorkloadError(
+                f"concurrency must be at least 1, not {self.concurrency}", hint="the number of chain runs in flight"
+            )
+
+    def _threads(self) -> int:
+        return self.concurrency
+
+    def _measure(self, runs: _Pass) -> tuple[list[Run], list[int], int]:
+        started = time.time_ns()
+        done = runs.gather([runs.submit(i) for i in self.inputs])
+        # In a closed loop a run is due when a slot frees up, which is when it starts.
+        return done, [_start_ns(r) for r in done], started
+
+
+@dataclass
+class PoissonArrivals(Workload):
+    """Every input once, arriving at random at ``rate`` runs per second on average (an open loop).
+
+    Gaps between arrivals are exponential with mean ``1 / rate``, drawn from
+    ``numpy.random.default_rng(seed)``, so one seed gives the same arrival times on every
+    pass. Runs start when they arrive whether or not earlier ones have finished, up to
+    ``max_in_flight`` at once; latency counts from the scheduled arrival, so a saturated
+    machine shows up as latency rather than as a slower arrival rate.
+    """
+
+    inputs: list[dict[str, Any]]
+    rate: float = 1.0
+    seed: int = 0
+    warmup: int = 0
+    max_in_flight: int = 256
+
+    def __post_init__(self) -> None:
+        self.inputs = as_inputs(self.inputs)
+        if not self.rate > 0:
+            raise WorkloadError(f"arrival rate must be > 0 runs/s, not {self.rate}", hint="e.g. arrival_rate=20")
+        if self.max_in_flight < 1:
+            raise WorkloadError(f"max_in_flight must be at least 1, not {self.max_in_flight}")
+
+    def arrival_times(self) -> np.ndarray:
+        """Seconds from the start of the measured runs at which each input arrives (the first at 0)."""
+        import numpy as np
+
+        gaps = np.random.default_rng(self.seed).exponential(1.0 / self.rate, size=len(self.inputs))
+        gaps[0] = 0.0
+        return np.cumsum(gaps)
+
+    def _threads(self) -> int:
+        return min(len(self.inputs), self.max_in_flight)
+
+    def _measure(self, runs: _Pass) -> tuple[list[Run], list[int], int]:
+        offsets = self.arrival_times()
+        started = time.time_ns()
+        origin = time.perf_counter()
+        futures = []
+        for inputs, offset in zip(self.inputs, offsets):
+            delay = origin + float(offset) - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            futures.append(runs.submit(inputs))
+        arrivals = [started + int(float(o) * 1e9) for o in offsets]
+        return runs.gather(futures), arrivals, started

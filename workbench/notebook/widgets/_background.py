@@ -1,0 +1,59 @@
+"""One job at a time off the kernel's thread, with its error turned into a line a widget can show."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from workbench.errors import WorkbenchError
+
+
+def describe(error: BaseException) -> str:
+    """A failure as the widget shows it: the message and hint of a user's mistake, else type and message."""
+    if isinstance(error, WorkbenchError):
+        return error.message + (f" (hint: {error.hint})" if error.hint else "")
+    return f"{type(error).__name__}: {error}"
+
+
+class Background:
+    """Runs a widget's long job (a load, a chain run, a comparison) in a daemon thread.
+
+    The kernel stays free while the job runs; ipywidgets traits may be set from that thread
+    and reach the browser as they change. A job that raises reports ``describe(error)`` to
+    ``on_error`` instead of printing a traceback.
+    """
+
+    def __init__(self, name: str, on_error: Callable[[str], None]) -> None:
+        self._name = name
+        self._on_error = on_error
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self, job: Callable[[], Any], on_done: Callable[[], None] | None = None) -> bool:
+        """Start ``job`` unless one is still running (then returns False: a double click does nothing)."""
+        with self._lock:
+            if self.running:
+                return False
+            self._thread = threading.Thread(target=self._main, args=(job, on_done), name=self._name, daemon=True)
+            self._thread.start()
+            return True
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the running job (if any) has finished; for scripts, tests and notebook cells."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def _main(self, job: Callable[[], Any], on_done: Callable[[], None] | None) -> None:
+        try:
+            job()
+        except Exception as error:  # noqa: BLE001 - every failure belongs in the widget, not on stderr
+            self._on_error(describe(error))
+        finally:
+            if on_done is not None:
+                on_done()

@@ -1,0 +1,390 @@
+"""The chain builder: edit hops in forms, see the hop graph, run with inputs and read the result in place."""
+
+from __future__ import annotations
+
+import graphlib
+import html
+from collections.abc import Mapping
+from typing import Any
+
+import ipywidgets as w
+import traitlets
+import yaml
+
+from workbench.bench import Workbench, current
+from workbench.chains.chain import Chain
+from workbench.chains.run import Run
+from workbench.chains.spec import ChainSpec, HopSpec, parse_spec
+from workbench.engine.requests import GenerationParams
+from workbench.errors import HopFailed, WorkbenchError
+from workbench.notebook.widgets._background import Background, describe
+
+_DEFAULTS = GenerationParams()
+# What the hop form edits; any other field of a hop loaded from a chain is kept as it was.
+_FORM_FIELDS = frozenset({"name", "kind", "model", "prompt", "max_new_tokens", "temperature", "top_p", "top_k", "call"})
+_LLM_ONLY = frozenset({"seed", "truncate"})
+_SPAN_INDENT = "· "
+_NODE_W, _NODE_H, _GAP_X, _GAP_Y = 120, 34, 60, 14
+
+
+def call_path(hop: HopSpec) -> str:
+    """The dotted path of a Python hop's function, as a spec's ``call`` field writes it."""
+    call = hop.call
+    return f"{getattr(call, '__module__', '?')}:{getattr(call, '__qualname__', '?')}"
+
+
+class HopEditor(w.VBox):
+    """One hop of the builder: its name and kind, then model, prompt and sliders, or a Python call."""
+
+    def __init__(
+        self,
+        name: str,
+        models: list[str],
+        *,
+        kind: str = "llm",
+        model: str | None = None,
+        prompt: str = "",
+        params: GenerationParams = _DEFAULTS,
+        call: str = "",
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.hop_name = w.Text(value=name, description="hop", continuous_update=False, layout=w.Layout(width="16em"))
+        self.kind = w.ToggleButtons(options=["llm", "python"], value=kind, style={"button_width": "6em"})
+        options = list(dict.fromkeys([*models, *([model] if model else [])]))
+        self.model = w.Dropdown(options=options, value=model if model else (options[0] if options else None),
+                                description="model", layout=w.Layout(width="14em"))
+        self.prompt = w.Textarea(value=prompt, description="prompt", continuous_update=False,
+                                 placeholder="Question: {{ question }}\\nAnswer:",
+                                 layout=w.Layout(width="46em", height="4.5em"))
+        self.max_new_tokens = w.IntSlider(value=params.max_new_tokens, min=1, max=256, description="max_new_tokens",
+                                          continuous_update=False, style={"description_width": "9em"})
+        self.temperature = w.FloatSlider(value=params.temperature, min=0.0, max=2.0, step=0.05,
+                                         description="temperature", continuous_update=False,
+                                         style={"description_width": "9em"})
+        self.top_p = w.FloatSlider(value=params.top_p, min=0.05, max=1.0, step=0.05, description="top_p",
+                                   continuous_update=False, style={"description_width": "9em"})
+        self.top_k = w.IntSlider(value=params.top_k, min=0, max=200, description="top_k",
+                                 continuous_update=False, style={"description_width": "9em"})
+        # Spec fields the form has no control for (seed, retry, fallback, ...) ride along unchanged.
+        self.extra = dict(extra or {})
+        self.call = w.Text(value=call, description="call", placeholder="package.module:function",
+                           continuous_update=False, layout=w.Layout(width="30em"))
+        self.up = w.Button(icon="arrow-up", tooltip="move up", layout=w.Layout(width="3em"))
+        self.down = w.Button(icon="arrow-down", tooltip="move down", layout=w.Layout(width="3em"))
+        self.remove = w.Button(icon="trash", tooltip="remove this hop", button_style="danger",
+                               layout=w.Layout(width="3em"))
+        self._llm = w.VBox([self.model, self.prompt,
+                            w.HBox([self.max_new_tokens, self.temperature]), w.HBox([self.top_p, self.top_k])])
+        self._python = w.VBox([self.call])
+        super().__init__(layout=w.Layout(border="1px solid #ddd", padding="4px", margin="2px 0"))
+        self.kind.observe(lambda _: self._show_kind(), "value")
+        self._show_kind()
+
+    @property
+    def controls(self) -> list[w.Widget]:
+        """The value widgets whose changes alter the spec."""
+        return [self.hop_name, self.kind, self.model, self.prompt, self.max_new_tokens, self.temperature,
+                self.top_p, self.top_k, self.call]
+
+    def spec(self) -> dict[str, Any]:
+        """This hop as a chain spec entry."""
+        name = self.hop_name.value.strip()
+        if self.kind.value == "python":
+            kept = {k: v for k, v in self.extra.items() if k not in _LLM_ONLY}
+            return {"name": name, "call": self.call.value.strip(), **kept}
+        return {
+            "name": name,
+            "model": self.model.value,
+            "prompt": self.prompt.value,
+            "max_new_tokens": self.max_new_tokens.value,
+            "temperature": round(self.temperature.value, 4),
+            "top_p": round(self.top_p.value, 4),
+            "top_k": self.top_k.value,
+            **{k: v for k, v in self.extra.items() if k != "uses"},
+        }
+
+    def set_models(self, models: list[str]) -> None:
+        current_model = self.model.value
+        self.model.options = list(dict.fromkeys([*models, *([current_model] if current_model else [])]))
+        self.model.value = current_model if current_model else (models[0] if models else None)
+
+    def _show_kind(self) -> None:
+        head = w.HBox([self.hop_name, self.kind, self.up, self.down, self.remove])
+        self.children = [head, self._llm if self.kind.value == "llm" else self._python]
+
+
+def graph_svg(spec: ChainSpec) -> str:
+    """The hop graph as SVG: hops in columns by dependency depth, arrows from the hops they read."""
+    deps = spec.deps()
+    depth: dict[str, int] = {}
+    for name in graphlib.TopologicalSorter(deps).static_order():
+        depth[name] = 1 + max((depth[d] for d in deps[name]), default=-1)
+    columns: dict[int, list[str]] = {}
+    for hop in spec.hops:
+        columns.setdefault(depth[hop.name], []).append(hop.name)
+    position = {
+        name: (10 + col * (_NODE_W + _GAP_X), 10 + row * (_NODE_H + _GAP_Y))
+        for col, names in columns.items()
+        for row, name in enumerate(names)
+    }
+    width = 20 + len(columns) * (_NODE_W + _GAP_X) - _GAP_X
+    height = 20 + max(len(n) for n in columns.values()) * (_NODE_H + _GAP_Y) - _GAP_Y
+    parts = [
+        f"<svg class='autoglm-hop-graph' xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}'>",
+        (
+            "<defs><marker id='arrow' viewBox='0 0 10 10' refX='10' refY='5' markerWidth='7' markerHeight='7' "
+            "orient='auto-start-reverse'><path d='M0,0 L10,5 L0,10 z' fill='#555'/></marker></defs>"
+        ),
+    ]
+    for hop in spec.hops:
+        x2, y2 = position[hop.name]
+        for dep in hop.deps:
+            x1, y1 = position[dep]
+            parts.append(
+                f"<line x1='{x1 + _NODE_W}' y1='{y1 + _NODE_H / 2}' x2='{x2}' y2='{y2 + _NODE_H / 2}' "
+                "stroke='#555' marker-end='url(#arrow)'/>"
+            )
+    for hop in spec.hops:
+        x, y = position[hop.name]
+        fill = "#dbe5f3" if hop.kind == "llm" else "#dcefe0"
+        stroke = "stroke='#000' stroke-width='2'" if hop.name == spec.output else "stroke='#888'"
+        detail = hop.model if hop.kind == "llm" else "python"
+        parts.append(
+            f"<g class='autoglm-hop' data-hop='{html.escape(hop.name)}'>"
+            f"<rect x='{x}' y='{y}' width='{_NODE_W}' height='{_NODE_H}' rx='5' fill='{fill}' {stroke}/>"
+            f"<text x='{x + _NODE_W / 2}' y='{y + 14}' text-anchor='middle' font-size='12' font-weight='600'>"
+            f"{html.escape(hop.name)}</text>"
+            f"<text x='{x + _NODE_W / 2}' y='{y + 27}' text-anchor='middle' font-size='10' fill='#555'>"
+            f"{html.escape(str(detail))}</text></g>"
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+class ChainBuilder(w.VBox):
+    """Build a chain in forms and run it, without leaving the notebook.
+
+    Add, remove, reorder and edit hops (model, prompt template, generation parameters); the hop
+    graph and the spec check follow every edit. ``run()`` (the run button) builds the chain
+    from the forms and runs it off the kernel's thread; the output and span table then update
+    in place. Slider values apply to the next run without reloading any model, and each
+    request's span records the values it ran with (``gen_ai.request.temperature``, ...).
+    Start from an existing chain with ``ChainBuilder(chain=qa)``.
+    """
+
+    status = traitlets.Unicode("")
+    error = traitlets.Unicode("")
+    running = traitlets.Bool(False)
+
+    def __init__(self, bench: Workbench | None = None, chain: Chain | None = None, **kwargs: Any) -> None:
+        self.bench = bench if bench is not None else current()
+        self.last_run: Run | None = None
+        self.chain: Chain | None = None
+        self._last_hop: str | None = None
+        self._chain_extra: dict[str, Any] = {}
+        self._job = Background("workbench-chain-builder", self._fail)
+        self.chain_name = w.Text(value=chain.name if chain else "my_chain", description="chain",
+                                 continuous_update=False, layout=w.Layout(width="18em"))
+        self.output_hop = w.Dropdown(description="output", layout=w.Layout(width="14em"))
+        self.hops = w.VBox()
+        self.add_button = w.Button(description="add hop", icon="plus")
+        self.run_button = w.Button(description="run", icon="play", button_style="success")
+        self.inputs: dict[str, w.Text] = {}
+        self._inputs_box = w.HBox(layout=w.Layout(flex_flow="row wrap"))
+        self.graph = w.HTML()
+        self._check = w.HTML()
+        self._status = w.HTML()
+        self._error = w.HTML()
+        self.output = w.HTML()
+        self.span_table = w.HTML()
+        self.add_button.on_click(lambda _: self.add_hop())
+        self.run_button.on_click(lambda _: self.run())
+        self.chain_name.observe(lambda _: self._changed(), "value")
+        self.output_hop.observe(lambda _: self._changed(), "value")
+        super().__init__(
+            [
+                w.HBox([self.chain_name, self.output_hop]),
+                self.hops,
+                self.add_button,
+                w.HTML("<b>Hop graph</b>"),
+                self.graph,
+                self._check,
+                w.HTML("<b>Inputs</b>"),
+                self._inputs_box,
+                w.HBox([self.run_button, self._status]),
+                self._error,
+                self.output,
+                self.span_table,
+            ],
+            **kwargs,
+        )
+        self.add_class("autoglm-chain-builder")
+        if chain is not None:
+            self._load_chain(chain)
+        else:
+            self.add_hop()
+
+    # -- editing -------------------------------------------------------------------------------
+
+    @property
+    def hop_editors(self) -> list[HopEditor]:
+        return list(self.hops.children)  # type: ignore[arg-type]
+
+    def add_hop(self, name: str | None = None, **fields: Any) -> HopEditor:
+        """Append a hop; by default an LLM hop on the first model, reading the hop above it."""
+        editors = self.hop_editors
+        taken = {e.hop_name.value for e in editors}
+        if name is None:
+            name = next(f"hop{i}" for i in range(1, len(editors) + 2) if f"hop{i}" not in taken)
+        if "prompt" not in fields and fields.get("kind", "llm") == "llm":
+            above = editors[-1].hop_name.value if editors else None
+            fields["prompt"] = f"{{{{ {above} }}}}\nAnswer:" if above else "Question: {{ question }}\nAnswer:"
+        editor = HopEditor(name, self.bench.registry.names(), **fields)
+        editor.up.on_click(lambda _: self.move_hop(editor, -1))
+        editor.down.on_click(lambda _: self.move_hop(editor, +1))
+        editor.remove.on_click(lambda _: self.remove_hop(editor))
+        for control in editor.controls:
+            control.observe(lambda _: self._changed(), "value")
+        self.hops.children = [*editors, editor]
+        self._changed()
+        return editor
+
+    def remove_hop(self, editor: HopEditor) -> None:
+        self.hops.children = [e for e in self.hop_editors if e is not editor]
+        self._changed()
+
+    def move_hop(self, editor: HopEditor, offset: int) -> None:
+        """Move a hop up (-1) or down (+1) in spec order."""
+        editors = self.hop_editors
+        index = editors.index(editor)
+        target = min(max(index + offset, 0), len(editors) - 1)
+        editors.insert(target, editors.pop(index))
+        self.hops.children = editors
+        self._changed()
+
+    def spec(self) -> dict[str, Any]:
+        """The chain spec the forms describe, as a dict ``bench.chain`` accepts."""
+        hops = [e.spec() for e in self.hop_editors]
+        spec: dict[str, Any] = {**self._chain_extra, "name": self.chain_name.value.strip(), "hops": hops}
+        names = [h["name"] for h in hops]
+        if self.output_hop.value in names:
+            spec["output"] = self.output_hop.value
+        return spec
+
+    def refresh_models(self) -> None:
+        """Offer the models loaded since the builder was made in every hop's model picker."""
+        models = self.bench.registry.names()
+        for editor in self.hop_editors:
+            editor.set_models(models)
+
+    # -- running -------------------------------------------------------------------------------
+
+    def run(self) -> bool:
+        """Build the chain from the forms and run it with the inputs off the kernel's thread.
+
+        Returns False (and shows why) if the spec does not validate or a run is still going.
+        """
+        if self._job.running:
+            self.error = "a run is still going; wait for it to finish"
+            return False
+        try:
+            chain = self.bench.chain(self.spec())
+        except WorkbenchError as error:
+            self.error = describe(error)
+            return False
+        self.chain = chain
+        inputs = {name: self.inputs[name].value for name in chain.inputs if name in self.inputs}
+        self.error = ""
+        self.status = f"running {chain.name!r} ..."
+        self.running = True
+
+        def job() -> None:
+            try:
+                run = chain.run(**inputs)
+            except HopFailed as failed:
+                if isinstance(failed.run, Run):
+                    self._show_run(failed.run)
+                raise
+            self._show_run(run)
+            self.status = f"run {run.id}: {run.duration_ms:.1f} ms, {len(run.trace)} spans"
+
+        return self._job.start(job, on_done=self._done)
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait for a run started from the widget to finish."""
+        self._job.wait(timeout)
+
+    def _show_run(self, run: Run) -> None:
+        self.last_run = run
+        self.output.value = run._repr_html_()
+        # Blank, not "<NA>", where a span has no such figure (tokens of a hop span, say).
+        table = run.trace.compact(indent=_SPAN_INDENT).round(2).astype(object).fillna("")
+        self.span_table.value = table.to_html(index=False, classes="autoglm-span-table")
+
+    def _done(self) -> None:
+        self.running = False
+
+    def _fail(self, message: str) -> None:
+        self.status = ""
+        self.error = message
+
+    # -- keeping the views in step ---------------------------------------------------------------
+
+    def _load_chain(self, chain: Chain) -> None:
+        source = chain.spec.source
+        raw = yaml.safe_load(source) if isinstance(source, str) else source
+        raw = raw if isinstance(raw, Mapping) else {}
+        self._chain_extra = {k: v for k, v in raw.items() if k not in ("name", "hops", "output")}
+        raw_hops = {h.get("name"): h for h in raw.get("hops", []) if isinstance(h, Mapping)}
+        for hop in chain.spec.hops:
+            extra = {k: v for k, v in raw_hops.get(hop.name, {}).items() if k not in _FORM_FIELDS}
+            if hop.kind == "llm":
+                self.add_hop(hop.name, kind="llm", model=hop.model, prompt=hop.prompt or "", params=hop.params,
+                             extra=extra)
+            else:
+                self.add_hop(hop.name, kind="python", call=call_path(hop), extra=extra)
+        self._changed()
+        self.output_hop.value = chain.spec.output
+
+    def _changed(self) -> None:
+        names = [e.hop_name.value.strip() for e in self.hop_editors]
+        chosen = self.output_hop.value
+        # The output follows the last hop (the spec's default) until the user picks another one.
+        follow = chosen not in names or chosen == self._last_hop
+        self._last_hop = names[-1] if names else None
+        self.output_hop.options = names
+        self.output_hop.value = self._last_hop if follow else chosen
+        try:
+            parsed = parse_spec(self.spec(), known_models=self.bench.registry.names())
+        except WorkbenchError as error:
+            self._check.value = f"<span style='color:#c00'>{html.escape(describe(error))}</span>"
+            return
+        self._check.value = (
+            f"<span style='color:#2a7a2a'>spec ok: {len(parsed.hops)} hops, "
+            f"inputs {html.escape(', '.join(parsed.inputs) or 'none')}, output {html.escape(parsed.output)}</span>"
+        )
+        self.graph.value = graph_svg(parsed)
+        self._sync_inputs(parsed.inputs)
+
+    def _sync_inputs(self, names: tuple[str, ...]) -> None:
+        if list(self.inputs) == list(names):
+            return
+        self.inputs = {
+            name: self.inputs.get(name) or w.Text(description=name, placeholder=f"value of {name}",
+                                                  layout=w.Layout(width="32em"))
+            for name in names
+        }
+        self._inputs_box.children = list(self.inputs.values())
+
+    @traitlets.observe("status")
+    def _show_status(self, change: dict[str, Any]) -> None:
+        self._status.value = html.escape(change["new"])
+
+    @traitlets.observe("error")
+    def _show_error(self, change: dict[str, Any]) -> None:
+        message = change["new"]
+        self._error.value = f"<span style='color:#c00'>{html.escape(message)}</span>" if message else ""
+
+    @traitlets.observe("running")
+    def _disable_while_running(self, change: dict[str, Any]) -> None:
+        self.run_button.disabled = change["new"]

@@ -1,0 +1,152 @@
+"""The comparison dashboard: pick strategies, run them with a progress bar, watch the table and plot fill in."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import ipywidgets as w
+import traitlets
+
+from workbench.experiments import Comparison, compare
+from workbench.experiments.workloads import as_inputs
+from workbench.notebook.widgets._background import Background
+
+if TYPE_CHECKING:
+    from workbench.chains.chain import Chain
+
+# Offered by default; any name parse_policy or set_preloading reads may be passed in instead.
+BATCHING_CHOICES = ("none", "static:8", "dynamic:16:5ms", "continuous")
+PRELOADING_CHOICES = ("lazy", "eager", "prefetch")
+
+
+class ComparisonDashboard(w.VBox):
+    """Compare batching policies and preloading strategies on a chain, from a form.
+
+    Pick strategies and the workload, press run: :func:`workbench.compare` runs off the
+    kernel's thread, the progress bar counts passes, and the table and the throughput/latency
+    plot redraw after every pass. The finished :class:`Comparison` is ``comparison``.
+    ``arrival_rate`` and ``seed`` go to :func:`workbench.compare` as they are (open loop);
+    ``save`` is a ``.csv`` or ``.parquet`` path the finished table is written to.
+    """
+
+    status = traitlets.Unicode("")
+    error = traitlets.Unicode("")
+    running = traitlets.Bool(False)
+
+    def __init__(
+        self,
+        chain: Chain,
+        inputs: Iterable[Mapping[str, Any]],
+        *,
+        batching: Sequence[str] = ("none", "dynamic:16:5ms"),
+        preloading: Sequence[str] = (),
+        concurrency: int = 8,
+        repeats: int = 2,
+        warmup: int = 1,
+        arrival_rate: float | None = None,
+        seed: int = 0,
+        save: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.chain = chain
+        self.inputs = as_inputs(inputs)
+        self._open_loop = {"arrival_rate": arrival_rate, "seed": seed}
+        self._save = save
+        self.comparison: Comparison | None = None
+        self._job = Background("workbench-compare", self._fail)
+        has_preloading = hasattr(chain.bench, "set_preloading")
+        self.batching = w.SelectMultiple(options=list(dict.fromkeys([*BATCHING_CHOICES, *batching])),
+                                         value=tuple(batching), description="batching", rows=5)
+        self.preloading = w.SelectMultiple(options=list(dict.fromkeys([*PRELOADING_CHOICES, *preloading])),
+                                           value=tuple(preloading), description="preloading", rows=5,
+                                           disabled=not has_preloading,
+                                           tooltip="none picked: leave preloading as the workbench has it")
+        self.concurrency = w.IntSlider(value=concurrency, min=1, max=64, description="concurrency")
+        self.repeats = w.IntSlider(value=repeats, min=1, max=10, description="repeats")
+        self.warmup = w.IntSlider(value=warmup, min=0, max=10, description="warm-up")
+        self.run_button = w.Button(description="run comparison", icon="play", button_style="success",
+                                   layout=w.Layout(width="12em"))
+        self.progress = w.IntProgress(value=0, min=0, max=1, description="passes", bar_style="info")
+        self.table = w.HTML(layout=w.Layout(overflow="auto", max_width="100%"))
+        self.plot = w.Image(format="png", layout=w.Layout(max_width="100%"))
+        self._status = w.HTML()
+        self._error = w.HTML()
+        self.run_button.on_click(lambda _: self.run())
+        load = f", Poisson arrivals at {arrival_rate:g}/s" if arrival_rate else ""
+        header = w.HTML(f"<b>Compare strategies on chain {html.escape(chain.name)}</b>: {len(self.inputs)} inputs{load}")
+        super().__init__(
+            [
+                header,
+                w.HBox([self.batching, self.preloading]),
+                w.HBox([self.concurrency, self.repeats, self.warmup], layout=w.Layout(flex_flow="row wrap")),
+                w.HBox([self.run_button, self.progress, self._status]),
+                self._error,
+                self.table,
+                self.plot,
+            ],
+            **kwargs,
+        )
+        self.add_class("autoglm-comparison")
+
+    def run(self) -> bool:
+        """Start the comparison off the kernel's thread; False (and a message) if one is still running."""
+        if self._job.running:
+            self.error = "a comparison is still running; wait for it to finish"
+            return False
+        batching = list(self.batching.value) or None
+        preloading = list(self.preloading.value) or None
+        strategies = len(batching or [None]) * len(preloading or [None])
+        self.progress.max = strategies * self.repeats.value
+        self.progress.value = 0
+        self.progress.bar_style = "info"
+        self.comparison = None
+        self.error = ""
+        self.status = f"running {strategies} strategies x {self.repeats.value} repeats ..."
+        self.running = True
+        settings = {"concurrency": self.concurrency.value, "repeats": self.repeats.value, "warmup": self.warmup.value,
+                    **self._open_loop}
+
+        def job() -> None:
+            comparison = compare(self.chain, self.inputs, batching=batching, preloading=preloading, progress=False,
+                                 on_pass=self._show, **settings)
+            self._show(comparison)
+            self.comparison = comparison
+            self.progress.bar_style = "success"
+            self.status = f"done; saved to {comparison.save(self._save)}" if self._save else "done"
+
+        return self._job.start(job, on_done=self._done)
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait for a comparison started from the widget to finish."""
+        self._job.wait(timeout)
+
+    def _show(self, partial: Comparison) -> None:
+        # Table and plot first: whoever watches the progress bar then sees them include this pass.
+        self.table.value = partial.table().to_html(index=False, float_format=lambda v: f"{v:.3g}", na_rep="—",
+                                                   classes="autoglm-comparison-table")
+        self.plot.value = partial.plot()._repr_png_()
+        self.progress.value = len(partial.passes())
+        self.status = f"{self.progress.value} of {self.progress.max} passes"
+
+    def _done(self) -> None:
+        self.running = False
+
+    def _fail(self, message: str) -> None:
+        self.progress.bar_style = "danger"
+        self.status = ""
+        self.error = message
+
+    @traitlets.observe("status")
+    def _show_status(self, change: dict[str, Any]) -> None:
+        self._status.value = html.escape(change["new"])
+
+    @traitlets.observe("error")
+    def _show_error(self, change: dict[str, Any]) -> None:
+        message = change["new"]
+        self._error.value = f"<span style='color:#c00'>{html.escape(message)}</span>" if message else ""
+
+    @traitlets.observe("running")
+    def _disable_while_running(self, change: dict[str, Any]) -> None:
+        self.run_button.disabled = change["new"]

@@ -1,0 +1,110 @@
+"""The trace viewer: an interactive waterfall beside the span table, drawn by an anywidget ES module."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import anywidget
+import pandas as pd
+import traitlets
+
+from workbench.chains.run import Run
+from workbench.tracing import Trace
+from workbench.tracing.trace import _KIND_COLOURS
+
+# The front-end sources live in the repository's extensions/ folder; the package links to it so
+# that the wheel carries them (see pyproject's package-data).
+FRONTEND = Path(__file__).with_name("_extensions")
+ATTRIBUTE_TEXT_LIMIT = 600
+MAX_SPANS = 1500
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-safe copy of a table cell, or None for a missing one."""
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, str):
+        return value if len(value) <= ATTRIBUTE_TEXT_LIMIT else value[:ATTRIBUTE_TEXT_LIMIT] + "…"
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    return value
+
+
+def as_trace(source: Trace | Run | Iterable[Run]) -> Trace:
+    """A Trace from a Trace, a Run, or several Runs (say, the result of ``chain.map``)."""
+    if isinstance(source, Trace):
+        return source
+    if isinstance(source, Run):
+        return source.trace
+    return Trace(span for run in source for span in run.trace.spans)
+
+
+def span_payload(trace: Trace, max_spans: int = MAX_SPANS) -> list[dict[str, Any]]:
+    """The spans as the front end draws them: tree order, times in ms from the earliest span's start."""
+    table = trace.table().head(max_spans)
+    if table.empty:
+        return []
+    origin = table["start_time"].min()
+    # Attributes come from the spans themselves: the table's columns widen integers to floats.
+    raw = {format(s.context.span_id, "016x"): s.attributes or {} for s in trace.spans}
+    spans = []
+    for row in table.to_dict("records"):
+        attributes = {key: _plain(value) for key, value in raw[row["context.span_id"]].items()}
+        spans.append(
+            {
+                "id": row["context.span_id"],
+                "parent": _plain(row["parent_id"]),
+                "trace": row["context.trace_id"],
+                "name": row["name"],
+                "kind": str(row["span_kind"]),
+                "depth": int(row["depth"]),
+                "start_ms": (row["start_time"] - origin) / pd.Timedelta(milliseconds=1),
+                "duration_ms": float(row["duration_ms"]),
+                "queue_ms": _plain(row["queue_ms"]) or 0.0,
+                "status": row["status_code"],
+                "attributes": attributes,
+            }
+        )
+    return spans
+
+
+class TraceViewer(anywidget.AnyWidget):
+    """An interactive waterfall of one run, or of many concurrent runs, with the span table beside it.
+
+    Bars nest by parent and are coloured by span kind; hovering shows a span's attributes;
+    clicking a bar (or a row) selects the span, whose id the kernel reads as ``selected``
+    and whose fields as ``selected_span``. ``show()`` draws another trace in place.
+    """
+
+    _esm = FRONTEND / "trace_viewer.js"
+    _css = FRONTEND / "trace_viewer.css"
+
+    spans = traitlets.List(traitlets.Dict()).tag(sync=True)
+    colours = traitlets.Dict(dict(_KIND_COLOURS)).tag(sync=True)
+    selected = traitlets.Unicode("").tag(sync=True)
+    title = traitlets.Unicode("").tag(sync=True)
+
+    def __init__(self, source: Trace | Run | Iterable[Run] | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if source is not None:
+            self.show(source)
+
+    def show(self, source: Trace | Run | Iterable[Run]) -> None:
+        """Draw ``source`` (a Trace, a Run, or Runs) in place of what the viewer shows now."""
+        trace = as_trace(source)
+        spans = span_payload(trace)
+        runs = len({s["trace"] for s in spans})
+        shown = f"the first {len(spans)} of {len(trace)}" if len(spans) < len(trace) else f"{len(spans)}"
+        self.selected = ""
+        self.title = f"{shown} spans in {runs} trace{'s' if runs != 1 else ''}"
+        self.spans = spans
+
+    @property
+    def selected_span(self) -> dict[str, Any] | None:
+        """The span the user clicked (its name, kind, times and attributes), or None."""
+        return next((s for s in self.spans if s["id"] == self.selected), None)
