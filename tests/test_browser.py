@@ -1,8 +1,9 @@
-"""The widgets in a real browser: JupyterLab serves a notebook, headless Chromium runs it and clicks.
+"""The widgets in a real browser: JupyterLab and Notebook 7 serve a notebook, headless Chromium runs it and clicks.
 
 Needs Chromium (Debian's ``chromium``, or ``AUTOGLM_CHROMIUM`` naming an executable) and the
-``playwright`` package from the dev extra; Playwright's own browser download is not used.
-Screenshots go to ``$AUTOGLM_ARTIFACTS_DIR/browser`` (a temporary directory by default).
+``playwright`` and ``notebook`` packages from the dev extra; Playwright's own browser download is
+not used. Screenshots go to ``$AUTOGLM_ARTIFACTS_DIR/browser/<front end>`` (a temporary directory
+by default).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,9 @@ CELLS = [
     ),
 ]
 VIEWER, BUILDER, DASHBOARD, MANAGER, PROBE = 1, 3, 5, 6, 7
+# Each front end and where it opens a notebook. One server serves both: Notebook 7 is a server
+# extension that a running JupyterLab server loads too.
+FRONT_ENDS = {"jupyterlab": "lab/tree", "notebook7": "notebooks"}
 
 pytestmark = pytest.mark.slow
 
@@ -96,13 +101,31 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@dataclass(frozen=True)
+class JupyterServer:
+    """A running Jupyter server: its address and token."""
+
+    base: str
+    token: str
+
+    def notebook_page(self, front_end: str) -> str:
+        """The page that opens this front end's copy of the widgets notebook in that front end."""
+        return f"{self.base}/{FRONT_ENDS[front_end]}/{notebook_name(front_end)}?token={self.token}"
+
+
+def notebook_name(front_end: str) -> str:
+    # A copy per front end, so that each runs the cells in a kernel of its own from the start.
+    return f"widgets-{front_end}.ipynb"
+
+
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory, tiny_path: Path) -> Iterator[str]:
-    """A headless JupyterLab on a free local port with a token; yields the notebook's URL."""
-    root = tmp_path_factory.mktemp("lab")
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_path: Path) -> Iterator[JupyterServer]:
+    """A headless Jupyter server (JupyterLab and Notebook 7) on a free local port with a token."""
+    root = tmp_path_factory.mktemp("jupyter")
     notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in CELLS])
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(notebook, root / "widgets.ipynb")
+    for front_end in FRONT_ENDS:
+        nbformat.write(notebook, root / notebook_name(front_end))
     # No "get Jupyter news?" toast over the widgets' buttons.
     labconfig = root / "config" / "labconfig"
     labconfig.mkdir(parents=True)
@@ -120,6 +143,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory, tiny_path: Path) -> Iterator[s
     command = [
         sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}", "--ServerApp.ip=127.0.0.1",
         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--LabApp.expose_app_in_browser=True",
+        "--JupyterNotebookApp.expose_app_in_browser=True",
         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate", "--LabApp.news_url=None",
         "--LabApp.extension_manager=readonly", "--ServerApp.terminals_enabled=False", "--allow-root",
     ]
@@ -136,9 +160,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory, tiny_path: Path) -> Iterator[s
             except OSError:
                 pass
             if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"JupyterLab did not start:\n{(root / 'server.log').read_text()[-3000:]}")
+                raise RuntimeError(f"The Jupyter server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
             time.sleep(0.5)
-        yield f"{base}/lab/tree/widgets.ipynb?token={token}"
+        yield JupyterServer(base, token)
     finally:
         server.terminate()
         try:
@@ -154,21 +178,28 @@ def button(scope: Any, label: str) -> Any:
     return scope.locator("button", has_text=re.compile(rf"^\s*{re.escape(label)}\s*$"))
 
 
-def test_widgets_render_and_clicks_reach_the_kernel(chromium: str, lab: str, artifacts: Path) -> None:
+@pytest.mark.parametrize("front_end", FRONT_ENDS)
+def test_widgets_render_and_clicks_reach_the_kernel(
+    front_end: str, chromium: str, server: JupyterServer, artifacts: Path
+) -> None:
     sync_api = pytest.importorskip("playwright.sync_api", reason="the dev extra installs playwright")
+    if front_end == "notebook7":
+        pytest.importorskip("notebook", minversion="7", reason="the dev extra installs Notebook 7")
+    shots = artifacts / front_end
+    shots.mkdir(exist_ok=True)
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(90_000)
         sync_api.expect.set_options(timeout=90_000)
         try:
-            run_and_click(page, sync_api.expect, lab, artifacts)
+            run_and_click(page, sync_api.expect, server.notebook_page(front_end), shots)
         finally:
-            page.screenshot(path=str(artifacts / "notebook.png"), full_page=True)
+            page.screenshot(path=str(shots / "notebook.png"), full_page=True)
             browser.close()
 
 
-def run_and_click(page: Any, expect: Any, url: str, artifacts: Path) -> None:
+def run_and_click(page: Any, expect: Any, url: str, shots: Path) -> None:
     page.goto(url)
     page.wait_for_function(
         "() => window.jupyterapp?.shell.currentWidget?.sessionContext?.session?.kernel?.status === 'idle'"
@@ -189,14 +220,14 @@ def run_and_click(page: Any, expect: Any, url: str, artifacts: Path) -> None:
     call.click()
     clicked = call.get_attribute("data-span-id")
     expect(viewer.locator(".wb-span-table tr.wb-selected")).to_have_attribute("data-span-id", clicked)
-    viewer.screenshot(path=str(artifacts / "trace_viewer.png"))
+    viewer.screenshot(path=str(shots / "trace_viewer.png"))
 
     # Chain builder: the hop graph is drawn; the run button runs the chain in the kernel.
     builder = cells.nth(BUILDER)
     expect(builder.locator(".autoglm-hop")).to_have_count(3)
     button(builder, "run").click()
     expect(builder.locator(".autoglm-span-table")).to_contain_text("text_completion tiny")
-    builder.screenshot(path=str(artifacts / "chain_builder.png"))
+    builder.screenshot(path=str(shots / "chain_builder.png"))
 
     # Comparison dashboard: the run fills in the progress bar, table and plot.
     dashboard = cells.nth(DASHBOARD)
@@ -204,14 +235,14 @@ def run_and_click(page: Any, expect: Any, url: str, artifacts: Path) -> None:
     expect(dashboard.locator(".autoglm-comparison")).to_contain_text("done")
     expect(dashboard.locator(".autoglm-comparison-table")).to_contain_text("none")
     expect(dashboard.locator("img")).to_be_visible()
-    dashboard.screenshot(path=str(artifacts / "comparison_dashboard.png"))
+    dashboard.screenshot(path=str(shots / "comparison_dashboard.png"))
 
     # Model manager: the unload button unloads the model in the kernel.
     manager = cells.nth(MANAGER)
     expect(manager.locator(".autoglm-model-manager")).to_contain_text("loaded")
     button(manager, "unload").click()
     expect(manager.locator(".autoglm-model-manager")).to_contain_text("unloaded 'tiny'")
-    manager.screenshot(path=str(artifacts / "model_manager.png"))
+    manager.screenshot(path=str(shots / "model_manager.png"))
 
     # The kernel saw every click: ask it, by running the probe cell again.
     page.evaluate(

@@ -201,6 +201,12 @@ def test_unload_ext_removes_the_magic(shell: InteractiveShell) -> None:
 
 BAD_YAML = "%%autoglm chain qa\nhops:\n  - name: plan\n    prompt: {{ question }}\n    model: tiny\n"
 UNKNOWN_MODEL = "%%autoglm chain qa\nhops:\n  - name: plan\n    model: nope\n    prompt: hi\n"
+# A cell that builds a model-free chain 'echo' in Python before its magic line.
+ECHO_CHAIN = (
+    "import workbench\n"
+    "echo = workbench.current().chain({'name': 'echo',"
+    " 'hops': [{'name': 'say', 'call': 'workbench.demo:canned_answer'}]})\n"
+)
 
 
 @pytest.mark.parametrize(
@@ -219,6 +225,20 @@ UNKNOWN_MODEL = "%%autoglm chain qa\nhops:\n  - name: plan\n    model: nope\n   
         pytest.param("%autoglm trace", "no chain has run yet", id="trace-before-any-run"),
         pytest.param("%autoglm trace abc --all", "a run id or --all, not both", id="trace-id-and-all"),
         pytest.param("%autoglm unload nope", "no model named 'nope'", id="unload-unknown"),
+        pytest.param("%autoglm compare qa", "compare: the following arguments are required: --inputs",
+                     id="compare-without-inputs"),
+        pytest.param("%autoglm compare qa --inputs q.jsonl --batching none,dynamic:16:soon",
+                     "batching 'dynamic:16:soon': max_wait 'soon' is not a time", id="compare-bad-batching"),
+        pytest.param("%autoglm compare qa --inputs q.jsonl --preload lazy,sometimes",
+                     "preloading 'sometimes': unknown strategy 'sometimes'", id="compare-bad-preload"),
+        pytest.param("%autoglm compare qa --inputs q.jsonl --ui --rate 0", "compare: --rate must be above 0",
+                     id="compare-ui-bad-rate"),
+        pytest.param(ECHO_CHAIN + "%autoglm compare echo --inputs /nonexistent/q.jsonl",
+                     "cannot read inputs file '/nonexistent/q.jsonl'", id="compare-missing-inputs-file"),
+        pytest.param("%autoglm builder nope", "no chain named 'nope'", id="builder-unknown-chain"),
+        pytest.param("%autoglm builder qa other", "builder: unrecognized arguments: other", id="builder-two-chains"),
+        pytest.param("%autoglm models --ui all", "models: unrecognized arguments: all", id="models-ui-extra"),
+        pytest.param("%autoglm trace --ui", "no chain has run yet", id="trace-ui-before-any-run"),
     ],
 )
 def test_a_mistake_prints_a_short_message_and_no_traceback(shell: InteractiveShell, cell: str, expected: str) -> None:
@@ -248,3 +268,20 @@ def test_a_line_subcommand_refuses_a_cell_body_but_not_a_blank_one() -> None:
     with pytest.raises(ParseError, match="run takes no cell body"):
         parse_command("run qa question=x", "hops: []")
     assert parse_command("models", "\n") == ModelsCommand()
+
+
+def test_a_compare_that_cannot_save_keeps_its_result_and_says_so(shell: InteractiveShell, tmp_path: Path) -> None:
+    (tmp_path / "q.jsonl").write_text('{"question": "a"}\n{"question": "b"}\n')
+    wb.current().chain({"name": "echo", "hops": [{"name": "say", "call": "workbench.demo:canned_answer"}]})
+    missing = tmp_path / "no-such-dir" / "out.csv"
+    with capture_output() as captured:
+        result = shell.run_cell(f"%autoglm compare echo --inputs {tmp_path / 'q.jsonl'} --repeats 1 --warmup 0"
+                                f" --save {missing}")
+    assert result.error_in_exec is None
+    assert "Traceback" not in captured.stdout + captured.stderr
+    ours = [line for line in captured.stderr.splitlines() if line.startswith(("autoglm: ", "hint: "))]
+    assert len(ours) == 2 and ours[0].startswith(f"autoglm: compare: cannot save to {str(missing)!r}: ")
+    assert ours[1] == "hint: the comparison is kept in _autoglm_compare; _autoglm_compare.save(PATH) writes it"
+    comparison = shell.user_ns["_autoglm_compare"]
+    assert isinstance(comparison, wb.Comparison) and list(comparison.table()["n"]) == [2]
+    assert not missing.parent.exists()

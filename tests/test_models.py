@@ -289,6 +289,43 @@ def test_repository_code_of_a_known_architecture_is_ignored(
         tiny_bench.unload("remote", forget=True)
 
 
+def test_refused_repository_code_says_how_to_opt_in(tiny_bench: wb.Workbench, tiny_path: Path, tmp_path: Path) -> None:
+    source, marker = _remote_code_dir(tmp_path, tiny_path, custom_type=True)
+    with pytest.raises(wb.ModelLoadError) as info:
+        tiny_bench.load("remote", source, device="cpu")
+    assert "trust_remote_code=True" in str(info.value.hint) and "trust its author" in str(info.value.hint)
+    assert not marker.exists()
+
+
+# -- Python hops -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        "os.system('touch {marker}')",
+        "pathlib:Path('{marker}').touch",
+        "__import__('pathlib').Path('{marker}').touch()",
+        "exec(\"open('{marker}', 'w')\")",
+        "lambda question: open('{marker}', 'w')",
+        "workbench.demo:canned_answer; open('{marker}', 'w')",
+    ],
+)
+def test_python_hops_are_imported_by_dotted_path_never_evaluated(
+    tiny_bench: wb.Workbench, tmp_path: Path, call: str
+) -> None:
+    marker = tmp_path / "evaluated"
+    spec = {"name": "py", "hops": [{"name": "step", "call": call.format(marker=marker)}]}
+    for given in (spec, f"name: py\nhops:\n  - name: step\n    call: {json.dumps(spec['hops'][0]['call'])}\n"):
+        with pytest.raises(wb.SpecError, match="is not a dotted path to a function") as info:
+            tiny_bench.chain(given)
+        assert info.value.hop == "step" and info.value.field == "call"
+    assert not marker.exists()
+    # A dotted path is imported, and only ever names a function.
+    imported = tiny_bench.chain({"name": "py", "hops": [{"name": "step", "call": "workbench.demo:canned_answer"}]})
+    assert imported.run(question="q").output == "(no model could answer 'q' just now)"
+
+
 # -- adapters ----------------------------------------------------------------------------------
 
 

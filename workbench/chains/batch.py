@@ -138,12 +138,13 @@ def run_all(batch: RunBatch, execute: Callable[[dict[str, Any]], Run], concurren
         return batch
     workers = max(1, min(concurrency, len(todo)))
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"chain-{batch.chain}")
+    futures: dict[Future[Run], int] = {}
     try:
-        pending: set[Future[Run]] = set()
         for index in todo:
             future = pool.submit(execute, batch.inputs[index])
             future.add_done_callback(partial(batch._keep, index))
-            pending.add(future)
+            futures[future] = index
+        pending = set(futures)
         while pending:
             done, pending = wait(pending, timeout=_POLL_S, return_when=FIRST_COMPLETED)
             for future in done:
@@ -152,10 +153,23 @@ def run_all(batch: RunBatch, execute: Callable[[dict[str, Any]], Run], concurren
                     raise run.error
     except KeyboardInterrupt:
         pool.shutdown(wait=False, cancel_futures=True)
+        _keep_finished(batch, futures)
         batch.interrupted = True
         raise MapInterrupted(batch) from None
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
+        _keep_finished(batch, futures)
         raise
     pool.shutdown()
     return batch
+
+
+def _keep_finished(batch: RunBatch, futures: dict[Future[Run], int]) -> None:
+    """Put every run that has ended into ``batch`` now, before map raises.
+
+    A future wakes its waiters before it calls its done-callbacks, so without this a run that had
+    finished (the failure that ``errors="raise"`` raises, say) could still be missing when the caller looks.
+    """
+    for future, index in futures.items():
+        if future.done():
+            batch._keep(index, future)

@@ -169,15 +169,28 @@ def _encode(record: RunRecord) -> tuple[Any, ...]:
     return (
         record.run_id,
         record.chain,
-        json.dumps(inputs, ensure_ascii=False),
-        json.dumps(outputs, ensure_ascii=False),
-        json.dumps(output, ensure_ascii=False),
+        _dumps(inputs),
+        _dumps(outputs),
+        _dumps(output),
         record.started_at,
         record.duration_ms,
         record.status,
-        record.error,
-        json.dumps(meta, ensure_ascii=False),
+        # A message for people, not a value: a character UTF-8 cannot hold is shown as its escape.
+        None if record.error is None else record.error.encode("utf-8", "backslashreplace").decode("utf-8"),
+        _dumps(meta),
     )
+
+
+def _dumps(value: Any) -> str:
+    """JSON text that SQLite can store as UTF-8: readable as written, or \\u-escaped where UTF-8 cannot hold it."""
+    text = json.dumps(value, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate (what surrogateescape makes of bytes that are not UTF-8) has no UTF-8 form;
+        # JSON's \u escape keeps it, and the value reads back exactly.
+        return json.dumps(value)
+    return text
 
 
 def _json_values(values: Mapping[str, Any], where: str, as_repr: list[str]) -> dict[str, Any]:

@@ -379,9 +379,15 @@ def _from_pretrained(settings: LoadSettings, device: torch.device, dtype: torch.
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError, ImportError) as exc:
+        hint = "check the path or hub id; on an offline machine, hub ids must already be in the HF cache"
+        if "trust_remote_code" in str(exc):  # transformers refused to run the repository's own Python code
+            hint = (
+                "the model needs its repository's Python code; read it, and pass trust_remote_code=True"
+                " (--trust-remote-code) only if you trust its author"
+            )
         raise ModelLoadError(
             f"could not load {settings.source!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
-            hint="check the path or hub id; on an offline machine, hub ids must already be in the HF cache",
+            hint=hint,
         ) from exc
     model.to(device)
     model.eval()

@@ -213,7 +213,14 @@ class AutoglmMagics(Magics):
         self._user_ns[COMPARE_VARIABLE] = comparison
         display(comparison)
         if command.save is not None:
-            print(f"saved to {comparison.save(command.save)}")
+            try:
+                saved = comparison.save(command.save)
+            except OSError as exc:  # a missing directory, no permission, a full disk: the results stay bound
+                raise WorkbenchError(
+                    f"compare: cannot save to {command.save!r}: {exc.strerror or exc}",
+                    hint=f"the comparison is kept in {COMPARE_VARIABLE}; {COMPARE_VARIABLE}.save(PATH) writes it",
+                ) from None
+            print(f"saved to {saved}")
 
     def _builder(self, command: BuilderCommand) -> None:
         chain = self._find_chain(command.chain) if command.chain is not None else None

@@ -1,0 +1,293 @@
+"""chain.map: runs kept as they finish, interrupts that lose nothing, resume, and failures among many runs."""
+
+from __future__ import annotations
+
+import _thread
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+import workbench as wb
+
+WAIT_S = 60  # a generous bound on waits for another thread; no test expects to come near it
+
+
+def eventually(condition: Callable[[], bool], what: str) -> None:
+    """Wait until ``condition()`` holds, polling; fail naming ``what`` if it never does."""
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+class Calls:
+    """A thread-safe tally of the inputs a Python hop was called with."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.seen: list[str] = []
+
+    def add(self, n: str) -> None:
+        with self._lock:
+            self.seen.append(n)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self.seen)
+
+    def counts(self) -> Counter[str]:
+        with self._lock:
+            return Counter(self.seen)
+
+
+def inputs(count: int) -> list[dict[str, str]]:
+    return [{"n": str(i)} for i in range(count)]
+
+
+def model_calls(bench: wb.Workbench) -> int:
+    return sum(1 for span in bench.traces().spans if span.name == "text_completion tiny")
+
+
+@pytest.fixture
+def release() -> Iterator[threading.Event]:
+    """An event that gated hops wait on; set at the end whatever happens, so no thread outlives the test."""
+    event = threading.Event()
+    yield event
+    event.set()
+
+
+@pytest.fixture
+def no_leaked_threads() -> Iterator[None]:
+    """Fail the test if a thread it started (other than the workbench's long-lived pools) is still alive."""
+    before = set(threading.enumerate())
+    yield
+    started = [t for t in threading.enumerate() if t not in before and not t.name.startswith("workbench-hop")]
+    for thread in started:
+        thread.join(timeout=WAIT_S)
+    assert not [t.name for t in started if t.is_alive()]
+
+
+# -- kept as each run finishes ---------------------------------------------------------------
+
+
+def test_each_run_is_kept_as_it_finishes(tiny_bench: wb.Workbench, no_leaked_threads: None) -> None:
+    gates = {str(i): threading.Event() for i in range(4)}
+
+    def gated(n: str) -> str:
+        gates[n].wait(WAIT_S)
+        return f"done {n}"
+
+    chain = tiny_bench.chain({"name": "gated", "hops": [{"name": "work", "call": gated}]})
+    returned: list[wb.RunBatch] = []
+    mapper = threading.Thread(target=lambda: returned.append(chain.map(inputs(4), concurrency=4, session="kept")))
+    mapper.start()
+    eventually(lambda: chain.last_batch is not None, "the map to start")
+    batch = chain.last_batch
+    assert batch is not None and batch.missing == [0, 1, 2, 3]
+    released: list[int] = []
+    for index in (2, 0, 3):  # each finishes while the others still run
+        gates[str(index)].set()
+        released.append(index)
+        eventually(lambda: len(batch.finished) == len(released), f"run {index} to be kept")
+        assert sorted(i for i, run in enumerate(batch) if run is not None) == sorted(released)
+        assert len(tiny_bench.session("kept").records()) == len(released)  # and in the session store
+        assert not batch.complete and batch[1] is None
+    gates["1"].set()
+    mapper.join(WAIT_S)
+    assert returned == [batch] and returned[0] is batch
+    assert batch.complete and [run.output for run in batch] == ["done 0", "done 1", "done 2", "done 3"]
+    assert batch.summary() == "4 inputs: 4 ok, 0 failed, 0 not run"
+
+
+# -- interrupts ------------------------------------------------------------------------------
+
+
+def test_ctrl_c_returns_what_finished_and_resume_runs_only_the_rest(
+    tiny_bench: wb.Workbench, release: threading.Event, no_leaked_threads: None
+) -> None:
+    calls = Calls()
+
+    def work(n: str) -> str:
+        calls.add(n)
+        if int(n) >= 3:  # the first three finish at once; the next two hold their workers until released
+            release.wait(WAIT_S)
+        return f"work {n}"
+
+    chain = tiny_bench.chain({"name": "interrupted", "hops": [
+        {"name": "work", "call": work},
+        {"name": "tag", "call": lambda n: n.upper()},  # runs beside 'work', on the hop pool
+        {"name": "say", "model": "tiny", "prompt": "{{ work }} {{ tag }}", "max_new_tokens": 2},
+    ]})
+
+    def ctrl_c() -> None:  # what the notebook's stop button does: a KeyboardInterrupt in the main thread
+        eventually(lambda: chain.last_batch is not None and len(chain.last_batch.finished) == 3, "three runs")
+        eventually(lambda: len(calls) == 5, "two runs to be in flight")
+        _thread.interrupt_main()
+
+    threading.Thread(target=ctrl_c, daemon=True).start()
+    with pytest.raises(wb.MapInterrupted) as info:
+        chain.map(inputs(10), concurrency=2)
+    batch = info.value.batch
+    assert isinstance(info.value, KeyboardInterrupt)
+    assert batch is chain.last_batch and batch.interrupted
+    assert "interrupted with 3 of 10 inputs run" in str(info.value)
+    assert "resume=chain.last_batch" in str(info.value)
+    assert [i for i, run in enumerate(batch) if run is not None] == [0, 1, 2]  # returned at once: two still run
+    assert batch.summary() == "10 inputs: 3 ok, 0 failed, 7 not run (interrupted)"
+    assert list(batch.table()["status"]) == ["ok"] * 3 + ["not run"] * 7
+
+    release.set()  # the runs in flight finish in the background and land in the batch
+    eventually(lambda: batch[3] is not None and batch[4] is not None, "the runs in flight to land")
+    assert batch[3].ok and batch[4].ok and batch[4].outputs["tag"] == "4"
+    assert batch.missing == [5, 6, 7, 8, 9]
+    assert calls.counts() == Counter(str(i) for i in range(5))  # inputs not started never start
+
+    models_before = model_calls(tiny_bench)
+    again = chain.map(inputs(10), concurrency=2, resume=batch)
+    assert again.complete and not again.interrupted
+    assert all(again[i] is batch[i] for i in range(5))  # the same runs, not re-runs
+    assert calls.counts() == Counter(str(i) for i in range(10))  # each input ran exactly once
+    assert model_calls(tiny_bench) == models_before + 5
+    assert tiny_bench.generate("tiny", "still answering?", max_new_tokens=2).tokens_out == 2
+
+
+def test_a_keyboard_interrupt_raised_in_a_hop_stops_the_map_and_keeps_the_rest(
+    tiny_bench: wb.Workbench, release: threading.Event, no_leaked_threads: None
+) -> None:
+    calls = Calls()
+
+    def work(n: str) -> str:
+        calls.add(n)
+        if n == "3":
+            raise KeyboardInterrupt
+        if int(n) > 3:
+            release.wait(WAIT_S)
+        return f"work {n}"
+
+    chain = tiny_bench.chain({"name": "stops", "hops": [{"name": "work", "call": work}]})
+    with pytest.raises(wb.MapInterrupted) as info:
+        chain.map(inputs(8), concurrency=1, session="stops")
+    batch = info.value.batch
+    assert batch is chain.last_batch and batch.interrupted
+    assert [run.output for run in batch[:3]] == ["work 0", "work 1", "work 2"]
+    assert batch[3] is None  # the interrupted run has no result
+    release.set()
+    eventually(lambda: len(calls) == 4 or batch[4] is not None, "the map's worker to settle")
+    assert len(calls) <= 5  # at most the run that had started beside the interrupt; the rest were cancelled
+    # The interrupted run's trace is closed, and says so.
+    chains = tiny_bench.traces().table().query("name == 'chain stops'")
+    assert list(chains["status_code"]).count("ERROR") == 1
+    assert chains["status_message"].str.contains("interrupted: KeyboardInterrupt").any()
+    assert [r.output for r in tiny_bench.session("stops").records()][:3] == ["work 0", "work 1", "work 2"]
+
+
+# -- resume ----------------------------------------------------------------------------------
+
+
+def test_resume_reuses_finished_runs_and_makes_no_model_call_for_them(tiny_bench: wb.Workbench) -> None:
+    chain = tiny_bench.chain({"name": "resumable", "hops": [
+        {"name": "say", "model": "tiny", "prompt": "Q: {{ q }}\nA:", "max_new_tokens": 2},
+    ]})
+    first = chain.map([{"q": q} for q in ("a", "b", "c")], concurrency=3)
+    before = model_calls(tiny_bench)
+    more = [{"q": q} for q in ("c", "a", "d", "b", "e")]
+    second = chain.map(more, concurrency=3, resume=first)
+    assert model_calls(tiny_bench) == before + 2  # only 'd' and 'e' ran
+    assert [run.inputs["q"] for run in second] == ["c", "a", "d", "b", "e"]
+    assert second[0] is first[2] and second[1] is first[0] and second[3] is first[1]
+
+    before = model_calls(tiny_bench)
+    from_history = chain.map(more, resume=tiny_bench.runs())  # any Runs will do, e.g. the workbench's
+    assert model_calls(tiny_bench) == before and [r.id for r in from_history] == [r.id for r in second]
+
+    other = tiny_bench.chain({"name": "other", "hops": [
+        {"name": "say", "model": "tiny", "prompt": "Q: {{ q }}\nA:", "max_new_tokens": 2},
+    ]})
+    before = model_calls(tiny_bench)
+    other.map([{"q": "a"}], resume=first)  # same inputs, another chain: not reused
+    assert model_calls(tiny_bench) == before + 1
+
+
+def test_resume_reruns_failed_runs_and_counts_repeated_inputs(tiny_bench: wb.Workbench) -> None:
+    calls = Calls()
+    flaky = {"fails": True}
+
+    def work(n: str) -> str:
+        calls.add(n)
+        if n == "2" and flaky["fails"]:
+            raise RuntimeError("not this time")
+        return f"work {n}"
+
+    chain = tiny_bench.chain({"name": "flaky", "hops": [{"name": "work", "call": work}]})
+    first = chain.map([{"n": "1"}, {"n": "2"}, {"n": "1"}], concurrency=2)
+    assert [run.ok for run in first] == [True, False, True]
+    flaky["fails"] = False
+    second = chain.map([{"n": "1"}, {"n": "2"}, {"n": "1"}, {"n": "1"}], resume=first)
+    assert [run.ok for run in second] == [True, True, True, True]
+    assert second[0] is first[0] and second[2] is first[2]  # each earlier run is reused once
+    assert second[1] is not first[1]
+    assert calls.counts() == Counter({"1": 3, "2": 2})  # the failed input and the third '1' ran again
+
+
+# -- failures among many runs ----------------------------------------------------------------
+
+
+def _fails_on_two(n: str) -> str:
+    if n == "2":
+        raise ValueError(f"cannot use {n}")
+    return f"work {n}"
+
+
+def test_errors_keep_records_the_failure_and_finishes_every_other_run(tiny_bench: wb.Workbench) -> None:
+    chain = tiny_bench.chain({"name": "keeps", "hops": [{"name": "work", "call": _fails_on_two}]})
+    batch = chain.map(inputs(5), concurrency=3, session="keeps")  # errors="keep" is the default
+    assert batch.complete and not batch.interrupted
+    assert [run.ok for run in batch] == [True, True, False, True, True]
+    assert batch.failed == [batch[2]] and batch[2].error is not None and batch[2].error.hop == "work"
+    assert batch.summary() == "5 inputs: 4 ok, 1 failed, 0 not run"
+    table = batch.table()
+    assert list(table["status"]) == ["ok", "ok", "error", "ok", "ok"]
+    assert "cannot use 2" in table["error"][2]
+    records = {r.run_id: r for r in tiny_bench.session("keeps").records()}
+    assert records[batch[2].id].status == "error" and "cannot use 2" in str(records[batch[2].id].error)
+    assert sorted(records) == sorted(run.id for run in batch)
+
+
+def test_errors_raise_stops_at_the_first_failure_and_keeps_what_finished(
+    tiny_bench: wb.Workbench, release: threading.Event, no_leaked_threads: None
+) -> None:
+    calls = Calls()
+
+    def work(n: str) -> str:
+        calls.add(n)
+        if int(n) > 2:
+            release.wait(WAIT_S)  # nothing after the failure can finish before map has raised
+        return _fails_on_two(n)
+
+    chain = tiny_bench.chain({"name": "raises", "hops": [{"name": "work", "call": work}]})
+    with pytest.raises(wb.HopFailed, match="hop 'work' failed: ValueError: cannot use 2") as info:
+        chain.map(inputs(6), concurrency=1, errors="raise")
+    batch = chain.last_batch
+    assert batch is not None and not batch.interrupted
+    assert info.value.run is batch[2] and batch[2].outputs == {}
+    assert [run.output for run in batch[:2]] == ["work 0", "work 1"]
+    assert batch[4] is None and batch[5] is None  # cancelled: at most input 3 had started
+    release.set()
+    eventually(lambda: len(calls) == 3 or batch[3] is not None, "the map's worker to settle")
+    assert calls.counts()["4"] == calls.counts()["5"] == 0
+
+    with pytest.raises(wb.WorkbenchError, match="errors='skip' is not a choice"):
+        chain.map(inputs(1), errors="skip")  # type: ignore[arg-type]
+
+
+def test_an_interrupted_batch_shows_itself() -> None:
+    batch = wb.RunBatch("qa", [{"question": "a"}, {"question": "b"}])
+    batch.interrupted = True
+    assert repr(batch) == "<RunBatch of 'qa', 2 inputs: 0 ok, 0 failed, 2 not run (interrupted)>"
+    page: Any = batch._repr_html_()
+    assert "RunBatch of <b>qa</b>" in page and page.count("not run") == 3

@@ -1,0 +1,343 @@
+"""Durable sessions: the SQLite store across restarts, threads, processes and a kill mid-write."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+from textwrap import dedent
+from typing import Any
+
+import pytest
+
+import workbench as wb
+from workbench.chains.sqlite_store import SCHEMA_VERSION, SESSIONS_FILE
+
+CHAT = dedent(
+    """\
+    name: chat
+    hops:
+      - name: reply
+        model: tiny
+        prompt: "{{ history }}\\nQuestion: {{ question }}\\nAnswer:"
+        max_new_tokens: 4
+    """
+)
+
+
+def record(run_id: str, **fields: Any) -> wb.RunRecord:
+    values: dict[str, Any] = {"chain": "c", "inputs": {"q": run_id}, "outputs": {"a": f"answer {run_id}"},
+                              "output": f"answer {run_id}", "started_at": time.time(), "duration_ms": 1.5}
+    return wb.RunRecord(run_id=run_id, **{**values, **fields})
+
+
+def reply_prompt(run: wb.Run) -> str:
+    """The prompt the 'reply' hop rendered, as its span recorded it."""
+    (span,) = [s for s in run.trace.spans if s.name == "hop reply"]
+    return str(span.attributes["input.value"])
+
+
+# -- across a restart ---------------------------------------------------------------------------
+
+
+def test_sessions_survive_a_restart_on_the_same_data_dir(tiny_path: Path, tmp_path: Path) -> None:
+    with wb.Workbench(data_dir=tmp_path) as first_kernel:
+        first_kernel.load("tiny", tiny_path, device="cpu")
+        chat = first_kernel.chain(CHAT)
+        earlier = [chat.run(session="s1", question=q) for q in ("What is the capital of France?", "And of Italy?")]
+        chat.run(session="other", question="Unrelated?")
+        kept = first_kernel.session("s1").records()
+    assert (tmp_path / SESSIONS_FILE).is_file()
+
+    with wb.Workbench(data_dir=tmp_path) as second_kernel:
+        assert second_kernel.sessions() == ["other", "s1"]
+        assert second_kernel.session("s1").records() == kept  # every field, exactly as written
+        history = second_kernel.session("s1").history()
+        assert list(history["run_id"]) == [run.id for run in earlier]
+        assert list(history["input.question"]) == ["What is the capital of France?", "And of Italy?"]
+        assert list(history["output"]) == [run.output for run in earlier]
+        assert list(history["status"]) == ["ok", "ok"]
+
+        # The next run's template reads the history that the earlier kernel left.
+        second_kernel.load("tiny", tiny_path, device="cpu")
+        later = second_kernel.chain(CHAT).run(session="s1", question="And of Spain?")
+        prompt = reply_prompt(later)
+        assert prompt.index("question: What is the capital of France?") < prompt.index("question: And of Italy?")
+        assert f"output: {earlier[1].output}" in prompt
+        assert "Unrelated?" not in prompt  # another session's runs stay out
+        assert [r.run_id for r in second_kernel.session("s1").records()] == [*(run.id for run in earlier), later.id]
+
+
+def test_the_file_is_created_on_first_use_in_wal_mode_with_its_schema_version(tmp_path: Path) -> None:
+    path = tmp_path / SESSIONS_FILE
+    with wb.Workbench(data_dir=tmp_path) as bench:
+        assert isinstance(bench.store, wb.SQLiteContextStore)
+        chain = bench.chain({"name": "py", "hops": [{"name": "echo", "call": lambda q: q}]})
+        chain.run(q="no session")
+        assert not path.exists()  # nothing asked for a session yet
+        chain.run(session="s", q="hi")
+    with closing(sqlite3.connect(path)) as raw:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION >= 1
+        assert raw.execute("SELECT session, chain, output FROM runs").fetchall() == [("s", "py", '"hi"')]
+
+
+def test_a_store_from_a_newer_workbench_is_refused_untouched(tmp_path: Path) -> None:
+    path = tmp_path / SESSIONS_FILE
+    with closing(sqlite3.connect(path)) as raw:
+        raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with wb.Workbench(data_dir=tmp_path) as bench:
+        with pytest.raises(wb.StoreError, match=f"schema version {SCHEMA_VERSION + 1}, newer than") as info:
+            bench.session("s1").records()
+        assert "upgrade autoglm-workbench" in str(info.value.hint)
+    with closing(sqlite3.connect(path)) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
+        assert raw.execute("SELECT name FROM sqlite_master").fetchall() == []  # no table was added
+
+
+def test_an_unusable_data_dir_is_a_store_error_before_any_hop_runs(tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "a-file"
+    not_a_dir.write_text("")
+    calls: list[str] = []
+    with wb.Workbench(data_dir=not_a_dir) as bench:
+        chain = bench.chain({"name": "py", "hops": [{"name": "echo", "call": lambda q: calls.append(q) or q}]})
+        with pytest.raises(wb.StoreError, match="cannot open the session store") as info:
+            chain.run(session="s1", q="lost?")
+        assert "InMemoryContextStore" in str(info.value.hint)
+        assert calls == []
+        assert chain.run(q="no session needs no store").output == "no session needs no store"
+
+
+# -- the store contract, for both stores ----------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "memory"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[wb.ContextStore]:
+    made = wb.SQLiteContextStore(tmp_path / SESSIONS_FILE) if request.param == "sqlite" else wb.InMemoryContextStore()
+    yield made
+    made.close()
+
+
+def test_history_is_oldest_first_and_limit_keeps_the_latest(store: wb.ContextStore) -> None:
+    for index in range(5):
+        store.append("a", record(f"a{index}"))
+        if index % 2:
+            store.append("b", record(f"b{index}"))
+    assert [r.run_id for r in store.history("a")] == ["a0", "a1", "a2", "a3", "a4"]
+    assert [r.run_id for r in store.history("a", limit=2)] == ["a3", "a4"]
+    assert [r.run_id for r in store.history("a", limit=50)] == ["a0", "a1", "a2", "a3", "a4"]
+    assert store.history("a", limit=0) == []
+    assert [r.run_id for r in store.history("b")] == ["b1", "b3"]
+    assert store.history("nobody") == []
+    assert store.sessions() == ["a", "b"]
+    store.close()  # a later use reopens
+    assert store.history("a", limit=1) == [store.history("a")[-1]]
+
+
+def test_in_memory_store_keeps_sessions_in_memory_only(tmp_path: Path) -> None:
+    with wb.Workbench(data_dir=tmp_path, store=wb.InMemoryContextStore()) as bench:
+        counted = {"name": "echo", "call": lambda history, q: f"{len(history)}:{q}"}  # history: earlier runs
+        chain = bench.chain({"name": "py", "hops": [counted]})
+        assert [chain.run(session="s1", q=q).output for q in ("a", "b", "c")] == ["0:a", "1:b", "2:c"]
+        assert list(bench.session("s1").history()["output"]) == ["0:a", "1:b", "2:c"]
+        assert bench.sessions() == ["s1"]
+    assert list(tmp_path.iterdir()) == []  # no file written
+    with wb.Workbench(data_dir=tmp_path) as later:
+        assert later.sessions() == []
+
+
+# -- what JSON cannot hold --------------------------------------------------------------------------
+
+
+class Opaque:
+    """A value JSON cannot hold, that refuses to be pickled: the store must keep its repr instead."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __repr__(self) -> str:
+        return f"Opaque({self.n})"
+
+    def __reduce__(self) -> Any:
+        raise AssertionError("the session store tried to pickle a value")
+
+
+def test_values_json_cannot_hold_are_stored_as_their_repr_with_a_note(tmp_path: Path) -> None:
+    with wb.Workbench(data_dir=tmp_path) as bench:
+        chain = bench.chain({"name": "odd", "hops": [
+            {"name": "text", "call": lambda q: f"about {q!r}"},
+            {"name": "stats", "call": lambda text: {"words": len(text.split()), "raw": Opaque(7)}},
+        ], "output": "stats"})
+        run = chain.run(session="s1", q=Opaque(1))
+        assert isinstance(run.output["raw"], Opaque)  # the Run itself keeps the real objects
+        chain.run(session="s1", q="plain")
+    with wb.Workbench(data_dir=tmp_path) as restarted:
+        odd, plain = restarted.session("s1").records()
+    assert odd.inputs == {"q": "Opaque(1)"}
+    assert odd.outputs == {"text": "about Opaque(1)", "stats": "{'words': 2, 'raw': Opaque(7)}"}
+    assert odd.output == "{'words': 2, 'raw': Opaque(7)}"
+    assert odd.meta == {"stored_as_repr": ["inputs.q", "outputs.stats", "output"]}
+    assert plain.inputs == {"q": "plain"} and plain.outputs["text"] == "about 'plain'"  # JSON values stay JSON
+    assert plain.meta == {"stored_as_repr": ["outputs.stats", "output"]}
+    with closing(sqlite3.connect(tmp_path / SESSIONS_FILE)) as raw:  # every column is JSON text: nothing runs on read
+        for row in raw.execute("SELECT typeof(inputs), typeof(outputs), typeof(output), typeof(meta),"
+                               " inputs, outputs, output, meta FROM runs"):
+            assert row[:4] == ("text",) * 4
+            for column in row[4:]:
+                json.loads(column)
+
+
+def test_text_that_utf8_cannot_encode_round_trips(tmp_path: Path) -> None:
+    # A lone surrogate is what os.fsdecode and surrogateescape make of bytes that are not UTF-8.
+    odd = "name \udcff from a file" + " 中文"
+    store = wb.SQLiteContextStore(tmp_path / SESSIONS_FILE)
+    try:
+        store.append("s", record("r1", inputs={"path": odd}, output=odd, status="error", error=f"no file {odd}"))
+        (kept,) = store.history("s")
+        assert kept.inputs == {"path": odd} and kept.output == odd and kept.meta == {}
+        assert kept.error == "no file name \\udcff from a file 中文"  # a message: the escape shows what was there
+    finally:
+        store.close()
+
+
+# -- concurrency ---------------------------------------------------------------------------------
+
+
+def test_concurrent_appends_from_many_threads_and_two_connections_lose_nothing(tmp_path: Path) -> None:
+    path = tmp_path / SESSIONS_FILE
+    stores = [wb.SQLiteContextStore(path), wb.SQLiteContextStore(path)]  # as two workbenches on one data_dir
+    threads, per_thread = 8, 30
+    start = threading.Barrier(threads)
+
+    def writer(index: int) -> None:
+        start.wait()
+        for n in range(per_thread):
+            stores[index % 2].append(f"s{index % 3}", record(f"t{index}-{n}", inputs={"thread": index, "n": n}))
+
+    try:
+        pool = [threading.Thread(target=writer, args=(i,)) for i in range(threads)]
+        for thread in pool:
+            thread.start()
+        for thread in pool:
+            thread.join(timeout=120)
+        assert not any(thread.is_alive() for thread in pool)
+        everything = [r for session in stores[0].sessions() for r in stores[1].history(session)]
+        assert len(everything) == threads * per_thread
+        assert len({r.run_id for r in everything}) == threads * per_thread
+        for index in range(threads):  # each thread's runs, in the order it wrote them, in its session
+            mine = [r for r in stores[0].history(f"s{index % 3}") if r.inputs["thread"] == index]
+            assert [r.inputs["n"] for r in mine] == list(range(per_thread))
+    finally:
+        for made in stores:
+            made.close()
+
+
+def test_concurrent_chain_runs_in_one_session_all_land(tiny_path: Path, tmp_path: Path) -> None:
+    with wb.Workbench(data_dir=tmp_path) as bench:
+        bench.load("tiny", tiny_path, device="cpu", batching=wb.DynamicBatching(max_batch=8, max_wait_ms=2))
+        chat = bench.chain(CHAT)
+        results: dict[int, list[wb.Run]] = {}
+
+        def mapper(index: int) -> None:
+            batch = chat.map([{"question": f"m{index} q{i}"} for i in range(8)], concurrency=4, session="shared")
+            results[index] = list(batch)
+
+        pool = [threading.Thread(target=mapper, args=(i,)) for i in range(3)]
+        for thread in pool:
+            thread.start()
+        for thread in pool:
+            thread.join(timeout=300)
+        runs = [run for batch in results.values() for run in batch]
+        assert len(runs) == 24 and all(run.ok for run in runs)
+        records = bench.session("shared").records()
+        assert sorted(r.run_id for r in records) == sorted(run.id for run in runs)
+        by_id = {run.id: run for run in runs}
+        assert all(r.output == by_id[r.run_id].output and r.inputs == by_id[r.run_id].inputs for r in records)
+
+
+# -- a writer killed mid-write ---------------------------------------------------------------------
+
+WRITER = dedent(
+    """\
+    import sys, time
+    from workbench.chains.context import RunRecord
+    from workbench.chains.sqlite_store import SQLiteContextStore
+
+    store, name, payload = SQLiteContextStore(sys.argv[1]), sys.argv[2], "x" * 50_000
+    n = 0
+    while True:
+        text = f"{payload}{name}-{n}"
+        store.append("killed", RunRecord(run_id=f"{name}-{n}", chain="writer", inputs={"writer": name, "n": n},
+                                         outputs={"text": text}, output=text, started_at=time.time(),
+                                         duration_ms=float(n)))
+        print(n, flush=True)  # acknowledged: append returned
+        n += 1
+    """
+)
+
+
+def _acknowledge(writer: subprocess.Popen[str], at_least: int) -> int:
+    """Read the writer's acknowledgements until ``at_least`` appends returned; the count read."""
+    assert writer.stdout is not None
+    acknowledged = 0
+    while acknowledged < at_least:
+        line = writer.stdout.readline()
+        if not line:
+            raise AssertionError(f"the writer stopped early: {writer.communicate()[1]}")
+        acknowledged = int(line) + 1
+    return acknowledged
+
+
+def test_writers_killed_mid_write_leave_the_store_readable_and_whole(tmp_path: Path) -> None:
+    path = tmp_path / SESSIONS_FILE
+    writers = {
+        name: subprocess.Popen([sys.executable, "-c", WRITER, str(path), name], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        for name in ("A", "B")  # two processes at once, so each also contends with the other for the lock
+    }
+    acknowledged: dict[str, int] = {}
+    try:
+        for name, writer in writers.items():
+            acknowledged[name] = _acknowledge(writer, at_least=30)
+            os.kill(writer.pid, signal.SIGKILL)  # while it is writing its next record
+    finally:
+        for writer in writers.values():
+            if writer.poll() is None:
+                writer.kill()
+            writer.communicate()
+    assert all(writer.returncode == -signal.SIGKILL for writer in writers.values())
+
+    store = wb.SQLiteContextStore(path)
+    try:
+        records = store.history("killed")
+        for name, count in acknowledged.items():
+            mine = [r for r in records if r.inputs["writer"] == name]
+            assert len(mine) >= count  # nothing acknowledged was lost
+            for n, kept in enumerate(mine):  # and every record is whole, in order, with no gap
+                text = f"{'x' * 50_000}{name}-{n}"
+                assert (kept.run_id, kept.inputs, kept.outputs, kept.output) == (
+                    f"{name}-{n}", {"writer": name, "n": n}, {"text": text}, text)
+        store.append("killed", record("after"))  # and it takes writes again
+        assert store.history("killed", limit=1)[0].run_id == "after"
+    finally:
+        store.close()
+    with closing(sqlite3.connect(path)) as raw:
+        assert raw.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+
+
+def test_a_reader_in_another_workbench_sees_runs_as_they_are_written(tmp_path: Path) -> None:
+    with wb.Workbench(data_dir=tmp_path) as writer, wb.Workbench(data_dir=tmp_path) as reader:
+        chain = writer.chain({"name": "py", "hops": [{"name": "echo", "call": lambda q: q}]})
+        assert reader.session("s1").records() == []
+        chain.run(session="s1", q="one")
+        assert [r.output for r in reader.session("s1").records()] == ["one"]
+        chain.run(session="s1", q="two")
+        assert [r.output for r in reader.session("s1").records()] == ["one", "two"]
