@@ -221,6 +221,10 @@ def test_plot_draws_the_scatter_and_the_cdfs(comparison: wb.Comparison) -> None:
     assert [t.get_text() for t in scatter.texts] == comparison.table()["batching"].tolist()
     assert len(cdf.get_lines()) == len(POLICIES)
     assert fig._repr_png_()[:8] == b"\x89PNG\r\n\x1a\n"  # draws itself in a notebook, no pyplot needed
+    # After drawing, the latency axis has labelled ticks, whether its range spans a decade (log) or not (linear).
+    labels = [t.get_text() for t in cdf.get_xticklabels() if t.get_text()]
+    lo, hi = cdf.dataLim.intervalx
+    assert len(labels) >= 2 and cdf.get_xscale() == ("log" if hi / lo >= 10 else "linear")
 
 
 def test_html_repr_shows_the_workload_and_the_table(comparison: wb.Comparison) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import inspect
 import json
 import os
@@ -219,6 +220,29 @@ def test_forgetting_frees_the_model_and_later_use_fails_clearly(loaded: wb.Workb
             lookup("tiny")
     with pytest.raises(wb.SpecError, match="unknown model 'tiny'"):
         bench.chain({"name": "again", "hops": [{"name": "say", "model": "tiny", "prompt": "Q: {{ q }}"}]})
+
+
+def test_loaded_objects_leave_full_collections_and_still_free_on_unload(tiny_path: Path, tmp_path: Path) -> None:
+    with wb.Workbench(data_dir=tmp_path) as bench:
+        bench.load("tiny", tiny_path, device="cpu")
+        model = bench.registry.get("tiny").model
+        assert gc.get_freeze_count() > 0  # the model and everything alive at load are out of full collections
+        # A reference cycle through the model: only the cycle collector can free it, and it skips frozen objects.
+        model.cycle = {"model": model}
+        model_ref = weakref.ref(model)
+        del model
+        bench.unload("tiny", forget=True)
+        assert model_ref() is None  # unload thawed, collected and froze again
+        assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0  # closing hands everything back to the collector
+
+
+def test_freezing_can_be_turned_off(tiny_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUTOGLM_GC_FREEZE", "0")
+    gc.unfreeze()
+    with wb.Workbench(data_dir=tmp_path) as bench:
+        bench.load("tiny", tiny_path, device="cpu")
+        assert gc.get_freeze_count() == 0
 
 
 def test_registered_model_validates_in_chains_and_loads_on_first_use(bench: wb.Workbench, tiny_path: Path) -> None:

@@ -21,6 +21,7 @@ from workbench.engine.breaker import CircuitBreaker
 from workbench.engine.faults import FaultInjector, Faults
 from workbench.engine.health import HealthChecks
 from workbench.errors import WorkbenchError
+from workbench.models import heap
 from workbench.models.preloading import Eager, PreloadingStrategy, parse_preloading
 from workbench.models.registry import LoadedModel, LoadSettings, ModelRegistry
 from workbench.tracing import Trace, Tracing
@@ -337,6 +338,7 @@ class Workbench:
         self._hop_pool.shutdown(wait=False, cancel_futures=True)
         self.store.close()
         self.tracing.shutdown()
+        heap.thaw()  # what this workbench held can go now; the next load anywhere freezes again
 
     def __enter__(self) -> Workbench:
         return self

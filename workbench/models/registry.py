@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import gc
 import json
 import math
 import os
@@ -19,6 +18,7 @@ import torch
 from opentelemetry.trace import Span
 
 from workbench.errors import ModelLoadError, UnknownModelError
+from workbench.models import heap
 from workbench.models.devices import dtype_name, resolve_device, resolve_dtype
 from workbench.models.preloading import UsageClock
 from workbench.tracing import Tracing
@@ -257,6 +257,7 @@ class ModelRegistry:
             self._loaded[name] = loaded
             self._registered[name] = settings
             self._measured[name] = (settings, memory)
+        heap.settle()
         return loaded
 
     def unload(self, name: str, forget: bool = False) -> int:
@@ -279,7 +280,7 @@ class ModelRegistry:
 
 
 def _free(device: torch.device) -> None:
-    gc.collect()
+    heap.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
