@@ -1,7 +1,7 @@
 // Trace viewer: an interactive waterfall of spans beside their table (an anywidget ES module).
 //
 // The Python side (workbench.notebook.widgets.TraceViewer) sends `spans`, already in tree order,
-// each {id, parent, trace, name, kind, depth, start_ms, duration_ms, queue_ms, status, attributes},
+// each {id, parent, trace, name, kind, depth, start_ms, duration_ms, queue_ms, gc_ms, status, attributes},
 // and `colours` by span kind. Clicking a bar or a row sets `selected` (a span id) for the kernel.
 // No imports and no build step: the module runs as it is, offline.
 
@@ -49,6 +49,8 @@ export function describe(span) {
     `${span.name}  [${span.kind}]  ${span.status}`,
     `start ${span.start_ms.toFixed(2)} ms, duration ${span.duration_ms.toFixed(2)} ms`,
   ];
+  // Time the garbage collector stopped every thread while this span was open.
+  if (span.gc_ms > 0.005) lines.push(`garbage collection ${span.gc_ms.toFixed(2)} ms of it`);
   for (const [key, value] of Object.entries(span.attributes || {})) {
     const text = typeof value === "string" ? value : JSON.stringify(value);
     lines.push(`${key} = ${text.length > 160 ? text.slice(0, 157) + "..." : text}`);

@@ -103,7 +103,7 @@ def test_table_has_the_documented_columns_and_types(fan_runs: list[wb.Run]) -> N
     assert len(table) == len(run.trace.spans) == table["context.span_id"].nunique()
     for column in ("start_time", "end_time"):
         assert str(table[column].dtype) == "datetime64[ns, UTC]"
-    for column in ("offset_ms", "duration_ms", "self_ms", "queue_ms", "ttft_ms", "decode_ms", "tpot_ms"):
+    for column in ("offset_ms", "duration_ms", "self_ms", "gc_ms", "queue_ms", "ttft_ms", "decode_ms", "tpot_ms"):
         assert table[column].dtype == "float64", column
     for column in ("tokens_in", "tokens_out", "batch_size"):
         assert table[column].dtype == "Int64", column
@@ -111,6 +111,7 @@ def test_table_has_the_documented_columns_and_types(fan_runs: list[wb.Run]) -> N
     assert (table["offset_ms"] >= 0).all() and table["offset_ms"].iloc[0] == 0
     assert (table["self_ms"] >= 0).all()
     assert (table["self_ms"] <= table["duration_ms"]).all()
+    assert ((table["gc_ms"] >= 0) & (table["gc_ms"] <= table["duration_ms"])).all()
     assert (table["end_time"] >= table["start_time"]).all()
 
     calls = table[table["name"] == "text_completion tiny"]
@@ -186,3 +187,20 @@ def test_otlp_without_the_exporter_package_says_what_to_install(monkeypatch: pyt
     with pytest.raises(wb.WorkbenchError, match="OTLP export needs the exporter package") as info:
         wb.Workbench(otlp_endpoint="http://127.0.0.1:4318")
     assert "pip install 'autoglm-workbench[otlp]'" in str(info.value)
+
+
+def test_a_garbage_collection_inside_a_span_shows_as_its_gc_ms(tmp_path: Path) -> None:
+    with wb.Workbench(data_dir=tmp_path) as bench:
+        # A Python hop that runs a full collection (the builtin gc.collect, imported by dotted path).
+        chain = bench.chain({"name": "g", "hops": [{"name": "collect", "call": "gc:collect"},
+                                                   {"name": "after", "call": "workbench.demo:canned_answer"}]})
+        run = chain.run(question="q")
+    table = run.trace.table().set_index("name")
+    hop = table.loc["hop collect"]
+    full = wb.gc_pauses()
+    full = full[(full["generation"] == 2) & (full["start_time"] >= hop["start_time"])
+                & (full["start_time"] <= hop["end_time"])]
+    assert len(full) == 1  # the log saw the collection the hop ran, inside the hop's span
+    assert full["duration_ms"].iloc[0] <= hop["gc_ms"] <= hop["duration_ms"]
+    assert table.loc["chain g", "gc_ms"] >= hop["gc_ms"]  # the run's root span was open throughout
+    assert list(full.columns) == ["start_time", "duration_ms", "generation", "collected", "uncollectable", "thread"]

@@ -248,6 +248,8 @@ def test_viewer_has_one_span_per_span_of_the_run_nested_by_parent(loaded: wb.Wor
     assert viewer.title == f"{len(run.trace)} spans in 1 trace"
     call = next(s for s in viewer.spans if s["name"] == "text_completion tiny")
     assert call["attributes"][attr.REQUEST_MAX_TOKENS] == 24  # an int stays an int
+    table = run.trace.table()
+    assert [s["gc_ms"] for s in viewer.spans] == table["gc_ms"].tolist()  # the hover text's collector time
     json.dumps(viewer.spans)  # what goes to the browser is plain JSON
 
 

@@ -46,6 +46,7 @@ from workbench.experiments import ClosedLoop, Comparison, PoissonArrivals, compa
 from workbench.models.preloading import Eager, KeepWarm, Lazy, Prefetch, PreloadingStrategy
 from workbench.models.tiny import tiny_model
 from workbench.tracing import Trace
+from workbench.tracing.gcpauses import pauses as gc_pauses
 
 __all__ = [
     "BatchingPolicy",
@@ -100,6 +101,7 @@ __all__ = [
     "__version__",
     "compare",
     "current",
+    "gc_pauses",
     "load_ipython_extension",
     "set_current",
     "tiny_model",

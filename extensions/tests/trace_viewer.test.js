@@ -61,4 +61,10 @@ test("the hover text names the span and lists its attributes, long values cut", 
   assert.match(text, /gen_ai\.request\.temperature = 0\.7/);
   assert.match(text, /tags = \["stop"\]/);
   assert.ok(text.split("\n").every((line) => line.length < 200));
+  assert.doesNotMatch(text, /garbage collection/);  // no pause touched it
+});
+
+test("the hover text says how much of the span the garbage collector took", () => {
+  const text = describe(span("a", 0, 1.5, 40, { gc_ms: 12.5 }));
+  assert.match(text, /^garbage collection 12\.50 ms of it$/m);
 });

@@ -16,6 +16,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 
 from workbench.errors import WorkbenchError
 from workbench.tracing import attributes as attr
+from workbench.tracing import gcpauses
 
 
 class SpanIndex(SpanProcessor):
@@ -69,6 +70,7 @@ class Tracing:
         if otlp_endpoint:
             self.provider.add_span_processor(BatchSpanProcessor(_otlp_exporter(otlp_endpoint)))
         self.tracer = self.provider.get_tracer("workbench", __version__, schema_url=attr.SCHEMA_URL)
+        gcpauses.install()  # so a trace can say how much of each span the garbage collector took
 
     def start_span(
         self,

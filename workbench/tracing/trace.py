@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry.sdk.trace import ReadableSpan
 
 from workbench.tracing import attributes as attr
+from workbench.tracing import gcpauses
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -36,6 +37,7 @@ COLUMNS = [
     "offset_ms",
     "duration_ms",
     "self_ms",
+    "gc_ms",
     "queue_ms",
     "ttft_ms",
     "decode_ms",
@@ -114,6 +116,7 @@ class Trace:
             if span.parent is not None:
                 child_intervals[span.parent.span_id].append((span.start_time or 0, span.end_time or 0))
         rows = []
+        in_gc = gcpauses.Overlaps()
         for span, depth in ordered:
             start, end = span.start_time or 0, span.end_time or 0
             a = dict(span.attributes or {})
@@ -141,6 +144,7 @@ class Trace:
                 "offset_ms": _ms(start - trace_start[span.context.trace_id]),
                 "duration_ms": _ms(end - start),
                 "self_ms": _ms(end - start - _covered_ns([iv for iv in clipped if iv[1] > iv[0]])),
+                "gc_ms": _ms(in_gc(start, end)),  # every thread stops for a collection, so each open span pays it
                 "queue_ms": a.get(attr.QUEUE_MS),
                 "ttft_ms": a.get(attr.TTFT_MS),
                 "decode_ms": decode_ms,
