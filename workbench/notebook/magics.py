@@ -183,33 +183,27 @@ class AutoglmMagics(Magics):
 
     def _compare(self, command: CompareCommand) -> None:
         chain = self._find_chain(command.chain)
+        inputs = read_inputs(command.inputs)
+        workload = {
+            "concurrency": command.concurrency,
+            "repeats": command.repeats,
+            "warmup": command.warmup,
+            "arrival_rate": command.rate,
+            "seed": command.seed,
+        }
         if command.ui:
             dashboard = ComparisonDashboard(
                 chain,
-                read_inputs(command.inputs),
+                inputs,
                 batching=[policy.name for policy in command.batching or ()],
                 preloading=command.preload or (),
-                concurrency=command.concurrency,
-                repeats=command.repeats,
-                warmup=command.warmup,
-                arrival_rate=command.rate,
-                seed=command.seed,
                 save=command.save,
+                **workload,
             )
             self._show_widget(dashboard)
             dashboard.run()
             return
-        comparison = compare(
-            chain,
-            read_inputs(command.inputs),
-            batching=command.batching,
-            preloading=command.preload,
-            concurrency=command.concurrency,
-            repeats=command.repeats,
-            warmup=command.warmup,
-            arrival_rate=command.rate,
-            seed=command.seed,
-        )
+        comparison = compare(chain, inputs, batching=command.batching, preloading=command.preload, **workload)
         self._user_ns[COMPARE_VARIABLE] = comparison
         display(comparison)
         if command.save is not None:

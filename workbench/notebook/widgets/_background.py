@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import html
 import threading
 from collections.abc import Callable
 from typing import Any
+
+import ipywidgets as w
+import traitlets
 
 from workbench.errors import WorkbenchError
 
@@ -57,3 +61,24 @@ class Background:
         finally:
             if on_done is not None:
                 on_done()
+
+
+class StatusBox(w.VBox):
+    """A widget with a status line and an error line: set ``status`` or ``error`` and the line shows it.
+
+    Subclasses create ``self._status`` and ``self._error`` (``w.HTML``) where their layout wants them.
+    """
+
+    status = traitlets.Unicode("")
+    error = traitlets.Unicode("")
+    _status: w.HTML
+    _error: w.HTML
+
+    @traitlets.observe("status")
+    def _show_status(self, change: dict[str, Any]) -> None:
+        self._status.value = html.escape(change["new"])
+
+    @traitlets.observe("error")
+    def _show_error(self, change: dict[str, Any]) -> None:
+        message = change["new"]
+        self._error.value = f"<span style='color:#c00'>{html.escape(message)}</span>" if message else ""

@@ -17,7 +17,7 @@ from workbench.chains.run import Run
 from workbench.chains.spec import ChainSpec, HopSpec, parse_spec
 from workbench.engine.requests import GenerationParams
 from workbench.errors import HopFailed, WorkbenchError
-from workbench.notebook.widgets._background import Background, describe
+from workbench.notebook.widgets._background import Background, StatusBox, describe
 
 _DEFAULTS = GenerationParams()
 # What the hop form edits; any other field of a hop loaded from a chain is kept as it was.
@@ -161,7 +161,7 @@ def graph_svg(spec: ChainSpec) -> str:
     return "".join(parts)
 
 
-class ChainBuilder(w.VBox):
+class ChainBuilder(StatusBox):
     """Build a chain in forms and run it, without leaving the notebook.
 
     Add, remove, reorder and edit hops (model, prompt template, generation parameters); the hop
@@ -172,8 +172,6 @@ class ChainBuilder(w.VBox):
     Start from an existing chain with ``ChainBuilder(chain=qa)``.
     """
 
-    status = traitlets.Unicode("")
-    error = traitlets.Unicode("")
     running = traitlets.Bool(False)
 
     def __init__(self, bench: Workbench | None = None, chain: Chain | None = None, **kwargs: Any) -> None:
@@ -375,15 +373,6 @@ class ChainBuilder(w.VBox):
             for name in names
         }
         self._inputs_box.children = list(self.inputs.values())
-
-    @traitlets.observe("status")
-    def _show_status(self, change: dict[str, Any]) -> None:
-        self._status.value = html.escape(change["new"])
-
-    @traitlets.observe("error")
-    def _show_error(self, change: dict[str, Any]) -> None:
-        message = change["new"]
-        self._error.value = f"<span style='color:#c00'>{html.escape(message)}</span>" if message else ""
 
     @traitlets.observe("running")
     def _disable_while_running(self, change: dict[str, Any]) -> None:

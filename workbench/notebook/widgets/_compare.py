@@ -11,7 +11,7 @@ import traitlets
 
 from workbench.experiments import Comparison, compare
 from workbench.experiments.workloads import as_inputs
-from workbench.notebook.widgets._background import Background
+from workbench.notebook.widgets._background import Background, StatusBox
 
 if TYPE_CHECKING:
     from workbench.chains.chain import Chain
@@ -21,7 +21,7 @@ BATCHING_CHOICES = ("none", "static:8", "dynamic:16:5ms", "continuous")
 PRELOADING_CHOICES = ("lazy", "eager", "prefetch")
 
 
-class ComparisonDashboard(w.VBox):
+class ComparisonDashboard(StatusBox):
     """Compare batching policies and preloading strategies on a chain, from a form.
 
     Pick strategies and the workload, press run: :func:`workbench.compare` runs off the
@@ -31,8 +31,6 @@ class ComparisonDashboard(w.VBox):
     ``save`` is a ``.csv`` or ``.parquet`` path the finished table is written to.
     """
 
-    status = traitlets.Unicode("")
-    error = traitlets.Unicode("")
     running = traitlets.Bool(False)
 
     def __init__(
@@ -137,15 +135,6 @@ class ComparisonDashboard(w.VBox):
         self.progress.bar_style = "danger"
         self.status = ""
         self.error = message
-
-    @traitlets.observe("status")
-    def _show_status(self, change: dict[str, Any]) -> None:
-        self._status.value = html.escape(change["new"])
-
-    @traitlets.observe("error")
-    def _show_error(self, change: dict[str, Any]) -> None:
-        message = change["new"]
-        self._error.value = f"<span style='color:#c00'>{html.escape(message)}</span>" if message else ""
 
     @traitlets.observe("running")
     def _disable_while_running(self, change: dict[str, Any]) -> None:

@@ -12,7 +12,7 @@ import traitlets
 from workbench.bench import Workbench, current
 from workbench.models.devices import available_devices, device_capacity, supported_dtypes
 from workbench.models.tiny import tiny_model
-from workbench.notebook.widgets._background import Background
+from workbench.notebook.widgets._background import Background, StatusBox
 
 # Columns of bench.models() shown in the table, in order; "health" appears when the engine reports it.
 COLUMNS = ("name", "device", "dtype", "params", "memory_mb", "health", "state")
@@ -27,7 +27,7 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-class ModelManager(w.VBox):
+class ModelManager(StatusBox):
     """Known models with their device, dtype, memory, health and state, and the means to change them.
 
     ``bench`` defaults to ``wb.current()``. Loading runs off the kernel's thread; a failure shows
@@ -35,8 +35,6 @@ class ModelManager(w.VBox):
     elsewhere (the refresh button does the same).
     """
 
-    status = traitlets.Unicode("")
-    error = traitlets.Unicode("")
     busy = traitlets.Bool(False)
 
     def __init__(self, bench: Workbench | None = None, **kwargs: Any) -> None:
@@ -178,15 +176,6 @@ class ModelManager(w.VBox):
     def _fail(self, message: str) -> None:
         self.status = ""
         self.error = message
-
-    @traitlets.observe("status")
-    def _show_status(self, change: dict[str, Any]) -> None:
-        self._status.value = html.escape(change["new"])
-
-    @traitlets.observe("error")
-    def _show_error(self, change: dict[str, Any]) -> None:
-        message = change["new"]
-        self._error.value = f"<span style='color:#c00'>{html.escape(message)}</span>" if message else ""
 
     @traitlets.observe("busy")
     def _disable_while_busy(self, change: dict[str, Any]) -> None:
