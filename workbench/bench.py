@@ -16,6 +16,7 @@ from workbench.chains.run import Run
 from workbench.chains.runner import Runner, check_inputs
 from workbench.chains.spec import ChainSpec, parse_spec
 from workbench.chains.sqlite_store import SESSIONS_FILE, SQLiteContextStore, data_root
+from workbench.chains.threads import ChainThreads
 from workbench.engine import BatchingPolicy, Engine, GenerationParams, GenerationResult, NoBatching
 from workbench.engine.breaker import CircuitBreaker
 from workbench.engine.faults import FaultInjector, Faults
@@ -85,6 +86,7 @@ class Workbench:
         self.store = store if store is not None else SQLiteContextStore(self.data_dir / SESSIONS_FILE)
         self._hop_pool = ThreadPoolExecutor(max_workers=hop_threads, thread_name_prefix="workbench-hop")
         self._runner = Runner(self.engine, self.tracing, self.store, self._hop_pool)
+        self._chain_threads = ChainThreads()  # walk the runs of chain.map and of workloads; kept between them
         self._runs: OrderedDict[str, Run] = OrderedDict()
         self._runs_lock = threading.Lock()
         self._chains: dict[str, Chain] = {}
@@ -336,6 +338,7 @@ class Workbench:
             except WorkbenchError:
                 pass
         self._hop_pool.shutdown(wait=False, cancel_futures=True)
+        self._chain_threads.close()
         self.store.close()
         self.tracing.shutdown()
         heap.thaw()  # what this workbench held can go now; the next load anywhere freezes again

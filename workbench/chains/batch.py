@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import html
 import json
+import queue
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 from workbench.chains.run import Run
+from workbench.chains.threads import ChainThreads
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -88,11 +89,6 @@ class RunBatch(list["Run | None"]):
         head = f"<p>RunBatch of <b>{html.escape(self.chain)}</b>, {self.summary()}</p>"
         return f"<div>{head}{self.table().to_html()}</div>"
 
-    def _keep(self, index: int, future: Future[Run]) -> None:
-        # Runs in the worker thread as the run ends, so a result is kept even if nobody waits for it.
-        if not future.cancelled() and future.exception() is None:
-            self[index] = future.result()
-
 
 class MapInterrupted(KeyboardInterrupt):
     """``chain.map`` was interrupted (Ctrl-C, the notebook's stop button); ``batch`` holds what finished.
@@ -127,49 +123,76 @@ def _key(inputs: dict[str, Any]) -> str:
     return json.dumps(inputs, sort_keys=True, default=repr)
 
 
-def run_all(batch: RunBatch, execute: Callable[[dict[str, Any]], Run], concurrency: int, errors: Errors) -> RunBatch:
+def run_all(
+    batch: RunBatch,
+    execute: Callable[[dict[str, Any]], Run],
+    concurrency: int,
+    errors: Errors,
+    threads: ChainThreads,
+) -> RunBatch:
     """Run every input of ``batch`` that has no run yet, ``concurrency`` at a time.
 
-    On KeyboardInterrupt, inputs not yet started are cancelled, runs in flight finish in the
-    background (and land in the batch), and MapInterrupted is raised at once.
+    ``concurrency`` lanes on ``threads`` each take the next input not yet started, run it and
+    keep its run in ``batch``, until none is left or the map stops. On KeyboardInterrupt no
+    lane starts another input, runs in flight finish in the background (and land in the
+    batch), and MapInterrupted is raised at once.
     """
     todo = batch.missing
     if not todo:
         return batch
-    workers = max(1, min(concurrency, len(todo)))
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"chain-{batch.chain}")
-    futures: dict[Future[Run], int] = {}
+    lanes = _Lanes(batch, execute, todo)
     try:
-        for index in todo:
-            future = pool.submit(execute, batch.inputs[index])
-            future.add_done_callback(partial(batch._keep, index))
-            futures[future] = index
-        pending = set(futures)
-        while pending:
-            done, pending = wait(pending, timeout=_POLL_S, return_when=FIRST_COMPLETED)
-            for future in done:
-                run = future.result()  # raises only for what failed outside every hop (or an interrupt)
-                if errors == "raise" and run.error is not None:
-                    raise run.error
+        for _ in range(max(1, min(concurrency, len(todo)))):
+            threads.submit(lanes.run)
+        for _ in todo:
+            while True:
+                try:
+                    run, error = lanes.ended.get(timeout=_POLL_S)
+                    break
+                except queue.Empty:
+                    continue
+            if error is not None:
+                raise error  # what failed outside every hop (or an interrupt raised by a hop)
+            assert run is not None
+            if errors == "raise" and run.error is not None:
+                raise run.error
     except KeyboardInterrupt:
-        pool.shutdown(wait=False, cancel_futures=True)
-        _keep_finished(batch, futures)
+        lanes.stop()
         batch.interrupted = True
         raise MapInterrupted(batch) from None
     except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
-        _keep_finished(batch, futures)
+        lanes.stop()
         raise
-    pool.shutdown()
     return batch
 
 
-def _keep_finished(batch: RunBatch, futures: dict[Future[Run], int]) -> None:
-    """Put every run that has ended into ``batch`` now, before map raises.
+class _Lanes:
+    """What the lanes of one map share: the inputs left to start, and a queue of how each run ended."""
 
-    A future wakes its waiters before it calls its done-callbacks, so without this a run that had
-    finished (the failure that ``errors="raise"`` raises, say) could still be missing when the caller looks.
-    """
-    for future, index in futures.items():
-        if future.done():
-            batch._keep(index, future)
+    def __init__(self, batch: RunBatch, execute: Callable[[dict[str, Any]], Run], todo: list[int]) -> None:
+        self.batch = batch
+        self.execute = execute
+        self.ended: queue.SimpleQueue[tuple[Run | None, BaseException | None]] = queue.SimpleQueue()
+        self._todo = iter(todo)
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    def stop(self) -> None:
+        """Start no further input; runs in flight still finish and are kept."""
+        with self._lock:
+            self._stopped = True
+
+    def _take(self) -> int | None:
+        with self._lock:
+            return None if self._stopped else next(self._todo, None)
+
+    def run(self) -> None:
+        while (index := self._take()) is not None:
+            try:
+                run = self.execute(self.batch.inputs[index])
+            except BaseException as exc:
+                self.stop()  # the map raises this; nothing new should start behind it
+                self.ended.put((None, exc))
+                return
+            self.batch[index] = run  # kept before the map hears of it, so a raise never outruns it
+            self.ended.put((run, None))

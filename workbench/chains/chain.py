@@ -81,7 +81,8 @@ class Chain:
         if resume is not None:
             reuse(batch, resume)
         self.last_batch = batch
-        return run_all(batch, partial(self._bench._execute, self.spec, session=session), concurrency, errors)
+        execute = partial(self._bench._execute, self.spec, session=session)
+        return run_all(batch, execute, concurrency, errors, self._bench._chain_threads)
 
     def __repr__(self) -> str:
         arrows = ", ".join(f"{h.name}<-[{','.join(h.deps)}]" if h.deps else h.name for h in self.spec.hops)

@@ -7,7 +7,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -99,11 +99,15 @@ def _run_once(chain: Chain, inputs: Mapping[str, Any]) -> Run:
 
 
 class _Pass:
-    """One pass of a workload: a thread pool, and the time of the first result of any run in it."""
+    """One pass of a workload: its runs, ``threads`` at a time, and the time of the first result of any of them.
+
+    Runs go on the workbench's chain threads (the ones ``chain.map`` uses, kept between passes),
+    so no pass pays for starting threads while it is being measured.
+    """
 
     def __init__(self, chain: Chain, threads: int) -> None:
         self.chain = chain
-        self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix=f"workload-{chain.name}")
+        self.pool = chain.bench._chain_threads.limited(threads)
         self.first_result_ns: int | None = None
         self._lock = threading.Lock()
 
@@ -124,7 +128,8 @@ class _Pass:
 
     def close(self, interrupted: bool) -> None:
         # On Ctrl-C, runs not yet started are dropped; the ones running finish in the background.
-        self.pool.shutdown(wait=not interrupted, cancel_futures=interrupted)
+        if interrupted:
+            self.pool.cancel_queued()
 
 
 class Workload(ABC):
