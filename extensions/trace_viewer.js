@@ -88,9 +88,10 @@ function draw(model, el) {
   const plotWidth = 560;
   const { total, bars, height } = layout(spans, plotWidth);
   const axisHeight = 20;
+  const chartWidth = LABEL_WIDTH + plotWidth + 60;
   const chart = svg("svg", {
     class: "wb-waterfall",
-    width: LABEL_WIDTH + plotWidth + 60,
+    width: chartWidth,
     height: height + axisHeight,
     role: "img",
   });
@@ -125,6 +126,9 @@ function draw(model, el) {
     const y = axisHeight + bar.y;
     const colour = colours[span.kind] || FALLBACK_COLOUR;
     const group = svg("g", { class: "wb-bar", "data-span-id": span.id, "data-kind": span.kind });
+    // The whole row answers the pointer, not only the painted bits: a short bar is a sliver, and
+    // between the name and the bar there would be nothing to hover or click.
+    group.appendChild(svg("rect", { class: "wb-hit", x: 0, y, width: chartWidth, height: ROW_HEIGHT }));
     const name = svg("text", { class: "wb-label", x: 4 + bar.indent, y: y + ROW_HEIGHT / 2 + 4 });
     name.textContent = span.name;
     group.appendChild(name);

@@ -129,14 +129,24 @@ def test_ctrl_c_returns_what_finished_and_resume_runs_only_the_rest(
         {"name": "say", "model": "tiny", "prompt": "{{ work }} {{ tag }}", "max_new_tokens": 2},
     ]})
 
+    missed: list[str] = []
+
     def ctrl_c() -> None:  # what the notebook's stop button does: a KeyboardInterrupt in the main thread
-        eventually(lambda: chain.last_batch is not None and len(chain.last_batch.finished) == 3, "three runs")
-        eventually(lambda: len(calls) == 5, "two runs to be in flight")
+        try:
+            eventually(lambda: chain.last_batch is not None and len(chain.last_batch.finished) == 3, "three runs")
+            eventually(lambda: len(calls) == 5, "two runs to be in flight")
+        except AssertionError as exc:  # say so, and let the map finish instead of waiting out every gate
+            missed.append(f"{exc}; calls so far: {calls.counts()}")
+            release.set()
+            return
         _thread.interrupt_main()
 
     threading.Thread(target=ctrl_c, daemon=True).start()
-    with pytest.raises(wb.MapInterrupted) as info:
-        chain.map(inputs(10), concurrency=2)
+    try:
+        with pytest.raises(wb.MapInterrupted) as info:
+            chain.map(inputs(10), concurrency=2)
+    finally:
+        assert not missed, missed[0]  # the interrupt was never sent: this, not the map, is what went wrong
     batch = info.value.batch
     assert isinstance(info.value, KeyboardInterrupt)
     assert batch is chain.last_batch and batch.interrupted

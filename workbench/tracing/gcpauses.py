@@ -7,11 +7,14 @@ collection, with its generation and what it freed, in a bounded ring. ``Trace.ta
 for its ``gc_ms`` column (the pause time inside each span) and ``wb.gc_pauses()`` lists it.
 
 The callback only reads the clock and appends to a deque: no lock (a collection can start while
-the thread that triggered it holds any lock), no span calls.
+the thread that triggered it holds any lock), no span calls. Python checks for signals inside it,
+so a Ctrl-C that arrives during a collection is raised there, where gc can only drop it; the
+callback catches it and re-sends it to the main thread instead (see ``_callback``).
 """
 
 from __future__ import annotations
 
+import _thread
 import bisect
 import gc
 import threading
@@ -33,6 +36,18 @@ _install_lock = threading.Lock()
 
 
 def _callback(phase: str, info: dict[str, Any]) -> None:
+    try:
+        _record(phase, info)
+    except KeyboardInterrupt:
+        # Ctrl-C (or the notebook's stop button) landed during a collection in the main thread,
+        # and Python ran its handler here, where an exception can only be printed and dropped:
+        # the interrupt would be lost. Hand it back: a bare thread re-sends it to the main thread,
+        # once it gets the GIL, i.e. after this returns (should it land in a callback again, it
+        # is caught and re-sent again).
+        _thread.start_new_thread(_thread.interrupt_main, ())
+
+
+def _record(phase: str, info: dict[str, Any]) -> None:
     now = time.time_ns()
     ident = threading.get_ident()
     if phase == "start":
