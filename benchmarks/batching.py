@@ -13,6 +13,11 @@ were padding: sum of padding tokens / sum of batch size x padded length.
 
     python benchmarks/batching.py                      # tiny model, CPU, 3 repeats
     python benchmarks/batching.py --device cuda --model /path/to/checkpoint --repeats 5
+    python benchmarks/batching.py --device cuda --random large   # a random-weight 0.36B Qwen2-0.5B shape
+
+``--random small|large`` builds a random-weight Llama-shape checkpoint (the shapes of
+``preloading.py``, the tiny model's tokenizer) once, next to the tiny model's cache; random
+weights rarely emit EOS, so every hop generates exactly ``--max-new-tokens`` tokens.
 """
 
 from __future__ import annotations
@@ -23,12 +28,14 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
 
 import workbench as wb
+from workbench.models.tiny import cache_root
 from workbench.tracing import attributes as attr
 
 TOPICS = [
@@ -147,6 +154,14 @@ def run_ceiling(bench: wb.Workbench, chain: wb.Chain, inputs: list[dict[str, str
     return Sample(seconds, len(values), tokens, outputs=[v["answer"] for v in values])
 
 
+def random_model(size: str, device: str, dtype: str) -> Path:
+    from preloading import LARGE, SMALL, build_models  # this folder is the script's, so first on sys.path
+
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    return build_models(LARGE if size == "large" else SMALL, dtype, cache_root() / "bench-preloading", count=1)[0]
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -161,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto (default cpu)")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--model", default=None, help="a checkpoint directory or hub id (default: the tiny model)")
+    parser.add_argument("--random", choices=["small", "large"], default=None,
+                        help="a random-weight model of preloading.py's shapes: small 24M, large 0.36B parameters")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--chains", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=16)
@@ -187,12 +204,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"continuous batching skipped: {exc.message}", file=sys.stderr)
 
     with wb.Workbench() as bench:
-        source = args.model or wb.tiny_model()
+        source = args.model or (random_model(args.random, args.device, args.dtype) if args.random else wb.tiny_model())
         loaded = bench.load("m", source, device=args.device, dtype=args.dtype)
         chain = bench.chain(chain_spec(args.max_new_tokens))
         inputs = questions(n)
         print(
-            f"model {args.model or 'tiny'} ({loaded.params:,} params) on {loaded.device},"
+            f"model {args.model or (f'random {args.random}' if args.random else 'tiny')} ({loaded.params:,} params) on {loaded.device},"
             f" dtype {str(loaded.dtype).removeprefix('torch.')}, greedy, max_new_tokens {args.max_new_tokens};"
             f" {n} concurrent two-hop chains; {args.repeats} repeats; torch {torch.__version__}"
             f" ({torch.get_num_threads()} threads, {os.cpu_count()} CPUs), transformers {transformers.__version__}"

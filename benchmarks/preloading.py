@@ -53,8 +53,8 @@ LARGE = {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def build_models(config: dict[str, int], dtype: str, root: Path) -> list[Path]:
-    """Three random-weight checkpoints of ``config`` (seeds 0, 1, 2), built once and cached under ``root``."""
+def build_models(config: dict[str, int], dtype: str, root: Path, count: int = len(MODELS)) -> list[Path]:
+    """``count`` random-weight checkpoints of ``config`` (seeds 0, 1, ...), built once and cached under ``root``."""
     from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -63,7 +63,7 @@ def build_models(config: dict[str, int], dtype: str, root: Path) -> list[Path]:
     tokenizer = AutoTokenizer.from_pretrained(tiny)
     key = hashlib.sha256(json.dumps({"config": config, "dtype": dtype, "tiny": tiny.name}, sort_keys=True).encode())
     paths = []
-    for seed in range(len(MODELS)):
+    for seed in range(count):
         final = root / f"llama-{key.hexdigest()[:10]}-{seed}"
         paths.append(final)
         if (final / "model.safetensors").is_file() or any(final.glob("model-*.safetensors")):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,3 +80,15 @@ def loaded(bench: wb.Workbench, tiny_path: Path) -> wb.Workbench:
     """A workbench with the tiny model loaded as 'tiny' on the CPU."""
     bench.load("tiny", tiny_path, device="cpu")
     return bench
+
+
+@pytest.fixture
+def ctrl_c_raises() -> Iterator[None]:
+    """Ctrl-C (``_thread.interrupt_main``) raises KeyboardInterrupt in the main thread, as in a terminal or a kernel.
+
+    However this process was started: a shell's background job starts with SIGINT ignored, and
+    then Python leaves it ignored and ``interrupt_main`` does nothing at all.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

@@ -113,7 +113,7 @@ def test_each_run_is_kept_as_it_finishes(tiny_bench: wb.Workbench, no_leaked_thr
 
 
 def test_ctrl_c_returns_what_finished_and_resume_runs_only_the_rest(
-    tiny_bench: wb.Workbench, release: threading.Event, no_leaked_threads: None
+    tiny_bench: wb.Workbench, release: threading.Event, no_leaked_threads: None, ctrl_c_raises: None
 ) -> None:
     calls = Calls()
 

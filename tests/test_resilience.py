@@ -507,28 +507,6 @@ def test_out_of_memory_on_a_single_request_fails_it_and_the_model_serves_on(mode
     assert models.engine.worker("tiny").alive
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_a_real_cuda_out_of_memory_is_split_away(bench: wb.Workbench, tiny_path: Path) -> None:
-    bench.load("tiny", tiny_path, device="cuda", batching=wb.StaticBatching(size=256, timeout_ms=60_000))
-    device = torch.device("cuda")
-    torch.cuda.synchronize(device)
-    total = torch.cuda.get_device_properties(device).total_memory
-    # Cap this process at what it holds now plus 64 MiB: one row fits, 256 rows of 400 tokens do not.
-    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved(device) + 64 * 2**20) / total, device)
-    try:
-        prompt = "Tokens in, tokens out, padding, batch size. " * 40
-        params = GenerationParams(max_new_tokens=4, truncate="left")
-        requests = [bench.engine.submit("tiny", prompt, params) for _ in range(256)]
-        results = [r.future.result(timeout=300) for r in requests]
-    finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
-    assert all(r.tokens_out >= 1 for r in results)
-    limit = bench.models().set_index("name").loc["tiny", "batch_limit"]
-    assert not pd.isna(limit) and limit < 256  # it learned a batch size that fits
-    assert any(s.name == "batch tiny" and not s.status.is_ok for s in bench.traces().spans)
-
-
 # -- fault injection --------------------------------------------------------------------------------
 
 

@@ -234,7 +234,7 @@ def ctrl_c_during_collections() -> list[float]:
             got.append(time.monotonic())
 
 
-def test_a_ctrl_c_during_a_garbage_collection_still_interrupts() -> None:
+def test_a_ctrl_c_during_a_garbage_collection_still_interrupts(ctrl_c_raises: None) -> None:
     # The gc-pause log runs Python inside every collection, and Python handles a pending Ctrl-C
     # there, where gc can only drop the KeyboardInterrupt: a stop button pressed during a
     # collection in the main thread went unheard (a chain.map test saw it once in CI).

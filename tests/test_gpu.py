@@ -1,0 +1,87 @@
+"""What only a CUDA GPU shows: placement and dtype, peak memory in a comparison, a real out-of-memory split.
+
+Every test here skips without CUDA (CI has none). The module imports nothing beyond torch,
+pandas and the workbench, so it runs on a bare GPU machine with only the workbench's own
+runtime dependencies: ``bash benchmarks/gpu_check.sh`` runs it there, with the benchmarks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import workbench as wb
+from workbench.engine import GenerationParams
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+SPEC = {
+    "name": "qa",
+    "hops": [
+        {"name": "plan", "model": "tiny", "prompt": "Question: {{ question }}\nPlan:", "max_new_tokens": 4},
+        {"name": "answer", "model": "tiny", "prompt": "{{ plan }}\nAnswer:", "max_new_tokens": 4},
+    ],
+    "output": "answer",
+}
+# Questions of different lengths, so padded batches pad.
+QUESTIONS = [{"question": f"What is {i} + {i}?" + " Explain it step by step." * (i % 3)} for i in range(4)]
+
+
+def test_auto_places_the_model_on_the_gpu_in_its_half_precision(bench: wb.Workbench, tiny_path: Path) -> None:
+    loaded = bench.load("tiny", tiny_path, device="auto", dtype="auto")
+    expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    assert str(loaded.device) == "cuda:0" and loaded.dtype == expected
+    assert all(p.device.type == "cuda" and p.dtype == expected for p in loaded.model.parameters())
+    row = bench.models().set_index("name").loc["tiny"]
+    assert row["device"] == "cuda:0" and row["dtype"] == str(expected).removeprefix("torch.")
+    result = bench.generate("tiny", "Where do the weights live?", max_new_tokens=4)
+    assert result.tokens_out >= 1
+    span = [s for s in bench.traces().spans if s.name == "text_completion tiny"][-1]
+    assert span.attributes["workbench.model.device"] == "cuda:0"
+
+
+def test_batched_greedy_outputs_match_one_at_a_time_in_float32(bench: wb.Workbench, tiny_path: Path) -> None:
+    # float32, so that batching (padding, other rows) cannot change a greedy argmax through rounding.
+    bench.load("tiny", tiny_path, device="cuda", dtype="float32")
+    chain = bench.chain(SPEC)
+    alone = [run.output for run in chain.map(QUESTIONS, concurrency=1)]
+    bench.set_batching("tiny", wb.DynamicBatching(max_batch=4, max_wait_ms=50))
+    together = [run.output for run in chain.map(QUESTIONS, concurrency=4)]
+    assert together == alone
+    sizes = [s.attributes["workbench.batch.size"] for s in bench.traces().spans if s.name == "batch tiny"]
+    assert max(sizes) > 1  # they really shared batches
+
+
+def test_on_a_gpu_the_table_reports_torchs_peak_allocation(bench: wb.Workbench, tiny_path: Path) -> None:
+    bench.load("tiny", tiny_path, device="cuda")
+    cmp = wb.compare(bench.chain(SPEC), QUESTIONS, batching=["none", "dynamic:4:5ms"], repeats=1, progress=False)
+    table = cmp.table()
+    assert (table["peak_cuda_mb"] >= table["peak_weights_mb"]).all()
+    assert cmp.environment["device"] == "cuda:0"
+    assert cmp.environment["accelerator"] == torch.cuda.get_device_name()
+
+
+def test_a_real_cuda_out_of_memory_is_split_away(bench: wb.Workbench, tiny_path: Path) -> None:
+    bench.load("tiny", tiny_path, device="cuda", batching=wb.StaticBatching(size=256, timeout_ms=60_000))
+    device = torch.device("cuda")
+    torch.cuda.synchronize(device)
+    total = torch.cuda.get_device_properties(device).total_memory
+    # Cap this process at what it holds now plus 64 MiB: one row fits, 256 rows of 400 tokens do not.
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved(device) + 64 * 2**20) / total, device)
+    try:
+        prompt = "Tokens in, tokens out, padding, batch size. " * 40
+        params = GenerationParams(max_new_tokens=4, truncate="left")
+        requests = [bench.engine.submit("tiny", prompt, params) for _ in range(256)]
+        results = [r.future.result(timeout=300) for r in requests]
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+    assert all(r.tokens_out >= 1 for r in results)
+    limit = bench.models().set_index("name").loc["tiny", "batch_limit"]
+    assert not pd.isna(limit) and limit < 256  # it learned a batch size that fits
+    assert any(s.name == "batch tiny" and not s.status.is_ok for s in bench.traces().spans)
