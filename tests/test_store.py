@@ -265,6 +265,27 @@ def test_concurrent_chain_runs_in_one_session_all_land(tiny_path: Path, tmp_path
 
 # -- a writer killed mid-write ---------------------------------------------------------------------
 
+def test_opening_waits_for_another_process_that_holds_the_file_mid_write(tmp_path: Path) -> None:
+    # A fresh file in rollback-journal mode, another connection in the middle of a write: switching
+    # to WAL then fails at once with "database is locked" (SQLite's deadlock avoidance, which skips
+    # the busy timeout), which two kernels opening one data_dir together ran into.
+    path = tmp_path / SESSIONS_FILE
+    with closing(sqlite3.connect(path, isolation_level=None, check_same_thread=False)) as other:
+        other.execute("CREATE TABLE scratch (x)")
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("INSERT INTO scratch VALUES (1)")
+        finish = threading.Timer(0.3, other.execute, args=("COMMIT",))
+        finish.start()
+        try:
+            with wb.Workbench(data_dir=tmp_path) as bench:
+                bench.store.append("s", record("r1"))
+                assert [r.run_id for r in bench.session("s").records()] == ["r1"]
+        finally:
+            finish.join()
+    with closing(sqlite3.connect(path)) as check:
+        assert check.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
 WRITER = dedent(
     """\
     import sys, time

@@ -6,7 +6,8 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -115,10 +116,13 @@ class SQLiteContextStore(ContextStore):
                 self.path, timeout=self._timeout_s, isolation_level=None, check_same_thread=False
             )
             try:
-                connection.execute("PRAGMA journal_mode=WAL")
+                # Another process opening or checkpointing the same file can make these fail at once
+                # with "database is locked", without waiting out the busy timeout: wait here instead.
+                deadline = time.monotonic() + self._timeout_s
+                _while_busy(lambda: connection.execute("PRAGMA journal_mode=WAL"), deadline)
                 # In WAL mode NORMAL loses no committed transaction when a process dies, only on power loss.
                 connection.execute("PRAGMA synchronous=NORMAL")
-                _migrate(connection, self.path)
+                _while_busy(lambda: _migrate(connection, self.path), deadline)
             except BaseException:
                 connection.close()
                 raise
@@ -129,6 +133,23 @@ class SQLiteContextStore(ContextStore):
                 " Workbench(store=InMemoryContextStore()) keeps sessions in memory only",
             ) from exc
         return connection
+
+
+def _while_busy(action: Callable[[], object], deadline: float) -> None:
+    """Run ``action``, again after a short sleep while SQLite answers busy or locked, until ``deadline``."""
+    delay = 0.005
+    while True:
+        try:
+            action()
+            return
+        except sqlite3.OperationalError as exc:
+            code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+            busy = code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) if code is not None else (
+                "locked" in str(exc) or "busy" in str(exc))
+            if not busy or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
 
 
 def _migrate(connection: sqlite3.Connection, path: Path) -> None:
