@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import QA_SPEC as SPEC
+from helpers import QUESTIONS
 from hypothesis import given
 from hypothesis import strategies as st
 from IPython.core.interactiveshell import InteractiveShell
@@ -23,16 +25,6 @@ from workbench.experiments import read_inputs
 from workbench.experiments.compare import TABLE_COLUMNS
 from workbench.notebook.parsers import CompareCommand, ParseError, parse_command
 
-SPEC = {
-    "name": "qa",
-    "hops": [
-        {"name": "plan", "model": "tiny", "prompt": "Question: {{ question }}\nPlan:", "max_new_tokens": 4},
-        {"name": "answer", "model": "tiny", "prompt": "{{ plan }}\nAnswer:", "max_new_tokens": 4},
-    ],
-    "output": "answer",
-}
-# Questions of different lengths, so padded batches pad.
-QUESTIONS = [{"question": f"What is {i} + {i}?" + " Explain it step by step." * (i % 3)} for i in range(4)]
 ENVIRONMENT = ["chain", "model", "model_source", "device", "dtype", "torch_version", "transformers_version",
                "workbench_version", "repeats", "platform"]
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from helpers import QA_SPEC, QUESTIONS
 
 import workbench as wb
 from workbench.engine import GenerationParams
@@ -21,16 +22,6 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
-SPEC = {
-    "name": "qa",
-    "hops": [
-        {"name": "plan", "model": "tiny", "prompt": "Question: {{ question }}\nPlan:", "max_new_tokens": 4},
-        {"name": "answer", "model": "tiny", "prompt": "{{ plan }}\nAnswer:", "max_new_tokens": 4},
-    ],
-    "output": "answer",
-}
-# Questions of different lengths, so padded batches pad.
-QUESTIONS = [{"question": f"What is {i} + {i}?" + " Explain it step by step." * (i % 3)} for i in range(4)]
 
 
 def test_auto_places_the_model_on_the_gpu_in_its_half_precision(bench: wb.Workbench, tiny_path: Path) -> None:
@@ -49,7 +40,7 @@ def test_auto_places_the_model_on_the_gpu_in_its_half_precision(bench: wb.Workbe
 def test_batched_greedy_outputs_match_one_at_a_time_in_float32(bench: wb.Workbench, tiny_path: Path) -> None:
     # float32, so that batching (padding, other rows) cannot change a greedy argmax through rounding.
     bench.load("tiny", tiny_path, device="cuda", dtype="float32")
-    chain = bench.chain(SPEC)
+    chain = bench.chain(QA_SPEC)
     alone = [run.output for run in chain.map(QUESTIONS, concurrency=1)]
     bench.set_batching("tiny", wb.DynamicBatching(max_batch=4, max_wait_ms=50))
     together = [run.output for run in chain.map(QUESTIONS, concurrency=4)]
@@ -60,7 +51,7 @@ def test_batched_greedy_outputs_match_one_at_a_time_in_float32(bench: wb.Workben
 
 def test_on_a_gpu_the_table_reports_torchs_peak_allocation(bench: wb.Workbench, tiny_path: Path) -> None:
     bench.load("tiny", tiny_path, device="cuda")
-    cmp = wb.compare(bench.chain(SPEC), QUESTIONS, batching=["none", "dynamic:4:5ms"], repeats=1, progress=False)
+    cmp = wb.compare(bench.chain(QA_SPEC), QUESTIONS, batching=["none", "dynamic:4:5ms"], repeats=1, progress=False)
     table = cmp.table()
     assert (table["peak_cuda_mb"] >= table["peak_weights_mb"]).all()
     assert cmp.environment["device"] == "cuda:0"

@@ -6,23 +6,13 @@ import _thread
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from helpers import WAIT_S, eventually
 
 import workbench as wb
-
-WAIT_S = 60  # a generous bound on waits for another thread; no test expects to come near it
-
-
-def eventually(condition: Callable[[], bool], what: str) -> None:
-    """Wait until ``condition()`` holds, polling; fail naming ``what`` if it never does."""
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 class Calls:

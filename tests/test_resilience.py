@@ -8,9 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import pytest
-import torch
 
 import workbench as wb
 from workbench.engine import GenerationParams, GenerationRequest, InjectedFault

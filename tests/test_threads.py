@@ -4,22 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 
 import pytest
+from helpers import WAIT_S, eventually
 
 import workbench as wb
 from workbench.chains.threads import ChainThreads
-
-WAIT_S = 60  # a generous bound on waits for another thread; no test expects to come near it
-
-
-def eventually(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 def test_a_finished_thread_takes_the_next_task_instead_of_a_new_one_starting() -> None:
