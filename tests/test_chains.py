@@ -349,3 +349,40 @@ def test_templates_are_sandboxed(tiny_bench: wb.Workbench, prompt: str) -> None:
     assert isinstance(info.value.cause, wb.TemplateError)
     names = [s.name for s in info.value.run.trace.spans]
     assert "text_completion tiny" not in names  # nothing reached the model
+
+
+def test_a_closed_workbench_says_so_for_every_way_in(tiny_path: Any, tmp_path: Any) -> None:
+    bench = wb.Workbench(data_dir=tmp_path)
+    bench.load("tiny", tiny_path, device="cpu")
+    chain = bench.chain({"name": "after", "hops": [{"name": "say", "model": "tiny", "prompt": "{{ q }}",
+                                                     "max_new_tokens": 2}]})
+    chain.run(q="before", session="kept")
+    bench.close()
+    bench.close()  # twice is harmless
+    assert bench.closed
+    attempts = {
+        "run chain 'after'": lambda: chain.run(q="a"),
+        "run chain 'after' ": lambda: chain.map([{"q": "a"}, {"q": "b"}]),
+        "load 'tiny'": lambda: bench.load("tiny", tiny_path, device="cpu"),
+        "register 'other'": lambda: bench.register("other", tiny_path),
+        "generate": lambda: bench.generate("tiny", "a"),
+        "compare strategies on chain 'after'": lambda: wb.compare(chain, [{"q": "a"}], progress=False),
+    }
+    for doing, attempt in attempts.items():
+        with pytest.raises(wb.WorkbenchClosed) as info:
+            attempt()
+        assert info.value.message == f"this workbench is closed, so it cannot {doing.strip()}"
+        assert "wb.Workbench()" in str(info.value.hint)
+    # What it wrote stays for the next one on the same data_dir.
+    with wb.Workbench(data_dir=tmp_path) as again:
+        assert len(again.session("kept").records()) == 1
+
+
+def test_the_default_workbench_comes_back_after_it_was_closed() -> None:
+    first = wb.current()
+    first.close()
+    second = wb.current()
+    try:
+        assert second is not first and not second.closed
+    finally:
+        second.close()

@@ -70,7 +70,7 @@ def test_close_lets_idle_threads_go_now_and_busy_ones_after_their_task() -> None
     eventually(lambda: threads.busy == 1 and threads.threads == 2, "one busy thread and one idle")
     threads.close()
     eventually(lambda: threads.threads == 1, "the idle thread to leave")
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(wb.WorkbenchClosed, match="closed"):
         threads.submit(lambda: None)
     gate.set()
     assert slow.result(WAIT_S) is True  # the task in flight finished

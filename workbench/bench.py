@@ -21,7 +21,7 @@ from workbench.engine import BatchingPolicy, Engine, GenerationParams, Generatio
 from workbench.engine.breaker import CircuitBreaker
 from workbench.engine.faults import FaultInjector, Faults
 from workbench.engine.health import HealthChecks
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchClosed, WorkbenchError
 from workbench.models import heap
 from workbench.models.preloading import Eager, PreloadingStrategy, parse_preloading
 from workbench.models.registry import LoadedModel, LoadSettings, ModelRegistry
@@ -87,6 +87,7 @@ class Workbench:
         self._hop_pool = ThreadPoolExecutor(max_workers=hop_threads, thread_name_prefix="workbench-hop")
         self._runner = Runner(self.engine, self.tracing, self.store, self._hop_pool)
         self._chain_threads = ChainThreads()  # walk the runs of chain.map and of workloads; kept between them
+        self._closed = False
         self._runs: OrderedDict[str, Run] = OrderedDict()
         self._runs_lock = threading.Lock()
         self._chains: dict[str, Chain] = {}
@@ -118,6 +119,7 @@ class Workbench:
         Without ``source``, loads a model registered earlier with :meth:`register`, with its
         registered settings and batching policy.
         """
+        self._check_open(f"load {name!r}")
         if source is None:
             settings = self.registry.settings(name)
             if warmup:
@@ -141,6 +143,7 @@ class Workbench:
     ) -> None:
         """Make a model known to chains without loading it yet; it loads on first use, or as the preloading
         strategy says (see :meth:`set_preloading`). Takes the settings of :meth:`load`, ``warmup`` included."""
+        self._check_open(f"register {name!r}")
         self.registry.register(name, LoadSettings(source=str(source), **settings))
         if batching is not None:
             self.engine.set_policy(name, batching)
@@ -198,6 +201,7 @@ class Workbench:
 
     def generate(self, model: str, prompt: str, **params: Any) -> GenerationResult:
         """One direct model call, outside any chain (traced as its own text_completion span)."""
+        self._check_open("generate")
         return self.engine.generate(model, prompt, GenerationParams(**params))
 
     # -- resilience ----------------------------------------------------------------------------
@@ -281,6 +285,7 @@ class Workbench:
         check_inputs(spec, inputs)
 
     def _execute(self, spec: ChainSpec, inputs: Mapping[str, Any], session: str | None) -> Run:
+        self._check_open(f"run chain {spec.name!r}")
         if isinstance(self.preloading, Eager):
             try:
                 self.prepare(spec)
@@ -328,8 +333,23 @@ class Workbench:
 
     # -- lifetime ------------------------------------------------------------------------------
 
+    def _check_open(self, doing: str) -> None:
+        if self._closed:
+            raise WorkbenchClosed(
+                f"this workbench is closed, so it cannot {doing}",
+                hint="start another (bench = wb.Workbench()) and load the models again; sessions in its data_dir stay",
+            )
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran: the workbench loads and runs nothing more."""
+        return self._closed
+
     def close(self) -> None:
-        """Stop every worker and free every model."""
+        """Stop every worker and free every model; closing twice is harmless."""
+        if self._closed:
+            return
+        self._closed = True
         self.health.stop()
         self.engine.preloader.close()  # no background load may start once models are being freed
         for name in self.registry.names():
@@ -358,10 +378,10 @@ _current_lock = threading.Lock()
 
 
 def current() -> Workbench:
-    """The kernel's default Workbench, created on first use; the magics use it too."""
+    """The kernel's default Workbench, created on first use (and again after it was closed); the magics use it too."""
     global _current
     with _current_lock:
-        if _current is None:
+        if _current is None or _current.closed:
             _current = Workbench()
         return _current
 

@@ -86,6 +86,10 @@ class HopFailed(WorkbenchError):
         )
 
 
+class WorkbenchClosed(WorkbenchError):
+    """The workbench was closed (``bench.close()``, or the end of its ``with`` block): it loads and runs nothing more."""
+
+
 class WorkerStopped(WorkbenchError):
     """A request reached a model worker that was stopped (the model was unloaded)."""
 

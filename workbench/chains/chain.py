@@ -74,6 +74,7 @@ class Chain:
         """
         if errors not in ("keep", "raise"):
             raise WorkbenchError(f"errors={errors!r} is not a choice", hint="errors='keep' (default) or 'raise'")
+        self._bench._check_open(f"run chain {self.name!r}")
         items = [dict(i) for i in inputs]
         for item in items:  # refuse bad input before any run starts
             self._bench._check_inputs(self.spec, item)

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+from workbench.errors import WorkbenchClosed
+
 Task = tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]
 
 
@@ -52,7 +54,10 @@ class ChainThreads:
         task = (future, fn, args)
         with self._lock:
             if self._closed:
-                raise RuntimeError("the workbench is closed")
+                raise WorkbenchClosed(
+                    "this workbench is closed, so it starts no more runs",
+                    hint="start another (bench = wb.Workbench()) and load the models again",
+                )
             if self._idle:
                 self._idle -= 1
                 self._tasks.put(task)

@@ -451,6 +451,7 @@ def compare(
         workload = PoissonArrivals(items, rate=arrival_rate, seed=seed, warmup=warmup)
     else:
         workload = ClosedLoop(items, concurrency=concurrency, warmup=warmup)
+    bench._check_open(f"compare strategies on chain {chain.name!r}")
     workload.check(chain)  # refuse bad input before any model is touched
     if repeats < 1:
         raise StrategyError(f"repeats must be at least 1, not {repeats}", hint="repeats=3 is a good start")
