@@ -335,10 +335,7 @@ class Workbench:
 
     def _check_open(self, doing: str) -> None:
         if self._closed:
-            raise WorkbenchClosed(
-                f"this workbench is closed, so it cannot {doing}",
-                hint="start another (bench = wb.Workbench()) and load the models again; sessions in its data_dir stay",
-            )
+            raise WorkbenchClosed(doing)
 
     @property
     def closed(self) -> bool:

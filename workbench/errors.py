@@ -89,6 +89,12 @@ class HopFailed(WorkbenchError):
 class WorkbenchClosed(WorkbenchError):
     """The workbench was closed (``bench.close()``, or the end of its ``with`` block): it loads and runs nothing more."""
 
+    def __init__(self, doing: str) -> None:
+        super().__init__(
+            f"this workbench is closed, so it cannot {doing}",
+            hint="start another (bench = wb.Workbench()) and load the models again; sessions in its data_dir stay",
+        )
+
 
 class WorkerStopped(WorkbenchError):
     """A request reached a model worker that was stopped (the model was unloaded)."""

@@ -54,10 +54,7 @@ class ChainThreads:
         task = (future, fn, args)
         with self._lock:
             if self._closed:
-                raise WorkbenchClosed(
-                    "this workbench is closed, so it starts no more runs",
-                    hint="start another (bench = wb.Workbench()) and load the models again",
-                )
+                raise WorkbenchClosed("start another run")
             if self._idle:
                 self._idle -= 1
                 self._tasks.put(task)
