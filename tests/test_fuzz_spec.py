@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import yaml
@@ -54,6 +55,9 @@ JSON_VALUES = st.recursive(
 )
 
 
+YAML_LINE_BREAKS = re.compile("\r\n|[\r\n\x85\u2028\u2029]")
+
+
 def assert_loads_or_says_where(spec: Any) -> ChainSpec | None:
     """The property: a ChainSpec, or a SpecError whose message names the hop, the field or the line."""
     try:
@@ -70,7 +74,8 @@ def assert_loads_or_says_where(spec: Any) -> ChainSpec | None:
         if error.line is not None:
             assert f"line {error.line}" in error.message
             if isinstance(spec, str):
-                assert 1 <= error.line <= spec.count("\n") + 1, f"line {error.line} is outside the text"
+                breaks = len(YAML_LINE_BREAKS.findall(spec))  # YAML counts CR, CR LF, NEL, LS, PS as line breaks too
+                assert 1 <= error.line <= breaks + 1, f"line {error.line} is outside the text"
         return None
     assert isinstance(parsed, ChainSpec) and parsed.hops
     assert parsed.output in [h.name for h in parsed.hops]

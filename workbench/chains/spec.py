@@ -210,7 +210,13 @@ def parse_spec(
     )
 
 
+# The line breaks YAML reads as a newline in every context: CR LF, a lone CR (old Mac files), NEL.
+_NEWLINES = re.compile("\r\n?|\x85")
+
+
 def _load_yaml(text: str, lines: _Lines) -> Any:
+    # As "\n", so a line number counted here (a ReaderError's position) is the line YAML and an editor name.
+    text = _NEWLINES.sub("\n", text)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
