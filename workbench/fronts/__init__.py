@@ -1,0 +1,1 @@
+"""The front ends: the ``%autoglm`` magics and the ``autoglm`` command line, and what they parse alike."""
