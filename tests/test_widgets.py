@@ -390,7 +390,8 @@ def test_compare_ui_magic_hands_the_dashboard_strategy_names(
     inputs = tmp_path / "questions.jsonl"
     inputs.write_text(json.dumps({"question": "q"}) + "\n")
     dashboard = magic_widget(
-        shell, f"compare short --inputs {inputs} --batching none,static:2 --preload lazy,eager --repeats 1 --warmup 0 --ui"
+        shell,
+        f"compare short --inputs {inputs} --batching none,static:2 --preload lazy,eager --repeats 1 --warmup 0 --ui",
     )
     # The pickers list names, the ones asked for picked, as when the dashboard is built by hand.
     assert dashboard.batching.value == ("none", "static:2:50ms")

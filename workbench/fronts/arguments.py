@@ -25,7 +25,7 @@ class ParseError(WorkbenchError):
 
 
 def parse_key_values(words: Sequence[str]) -> dict[str, str]:
-    """Chain inputs from ``key=value`` words, already split (and unquoted) by shlex or the shell; values stay strings."""
+    """Chain inputs from ``key=value`` words, split and unquoted by shlex or by the shell; values stay strings."""
     inputs: dict[str, str] = {}
     for word in words:
         key, sep, value = word.partition("=")

@@ -101,7 +101,8 @@ class ComparisonDashboard(StatusBox):
 
     def __repr__(self) -> str:
         inputs = f"{len(self.inputs)} input{'s' if len(self.inputs) != 1 else ''}"
-        picked = [f"{axis.description} {', '.join(axis.value)}" for axis in (self.batching, self.preloading) if axis.value]
+        axes = (self.batching, self.preloading)
+        picked = [f"{axis.description} {', '.join(axis.value)}" for axis in axes if axis.value]
         return text_fallback(self, "; ".join([f"chain {self.chain.name!r}, {inputs}", *picked]))
 
     def run(self) -> bool:
