@@ -137,6 +137,19 @@ def test_mistakes_exit_2_with_a_short_message_and_a_hint_in_command_line_terms(
     assert captured.out == ""
 
 
+def test_a_failed_hop_prints_what_finished_and_a_short_message(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    spec = tmp_path / "parse.yaml"
+    spec.write_text("name: parse\nhops:\n  - name: decode\n    call: json:loads\n", encoding="utf-8")
+    assert main(["run", str(spec), "s=not json"]) == 2
+    captured = capsys.readouterr()
+    assert [" ".join(r[:2]) for r in _span_rows(captured.out)] == ["chain parse", "hop decode"]
+    assert captured.err.splitlines() == [
+        "autoglm: hop 'decode' failed: JSONDecodeError: Expecting value: line 1 column 1 (char 0)",
+        "hint: the spans above show the hops that finished",
+    ]
+
+
 # -- the command line itself ----------------------------------------------------------------------
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 # inside the commands that need them.
 from workbench import __version__
 from workbench.demo import DEMO_QUESTION
-from workbench.errors import MissingInputError, SpecError, WorkbenchError
+from workbench.errors import HopFailed, MissingInputError, SpecError, WorkbenchError
 from workbench.fronts.arguments import (
     LOAD_HELP,
     ParseError,
@@ -119,6 +119,14 @@ def _run(args: argparse.Namespace) -> int:
             run = chain.run(session=args.session, **inputs)
         except MissingInputError as error:
             error.hint = f"autoglm run {args.spec} " + " ".join(f"{name}=..." for name in chain.inputs)
+            raise
+        except HopFailed as error:
+            # The hops that finished, and the spans up to the failure, are what there is to read here.
+            if error.run is not None and not args.json:
+                _print_run(error.run)
+            if not (isinstance(error.cause, WorkbenchError) and error.cause.hint):
+                error.hint = ("run without --json to see the spans of the hops that finished" if args.json
+                              else "the spans above show the hops that finished")
             raise
         if args.json:
             print(json.dumps({"id": run.id, "output": run.output, "outputs": run.outputs}, default=str, indent=2))
