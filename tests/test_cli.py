@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import workbench as wb
-from workbench.cli import build_parser, main
+from workbench.fronts.cli import build_parser, main
 
 SPEC = """\
 name: hello
@@ -199,7 +199,7 @@ def test_help_imports_neither_torch_nor_transformers() -> None:
     # `autoglm --help` must answer at once; importing torch alone takes seconds.
     script = (
         "import sys\n"
-        "from workbench.cli import main\n"
+        "from workbench.fronts.cli import main\n"
         "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
         "print(sorted(m for m in ('torch', 'transformers', 'pandas') if m in sys.modules))\n"
     )

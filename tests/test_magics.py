@@ -13,8 +13,7 @@ from IPython.utils.capture import CapturedIO, capture_output
 
 import workbench as wb
 import workbench.bench
-from workbench.models.settings import LoadSettings
-from workbench.notebook.parsers import (
+from workbench.fronts.notebook.parsers import (
     COMMANDS,
     LoadCommand,
     ModelsCommand,
@@ -24,6 +23,7 @@ from workbench.notebook.parsers import (
     help_text,
     parse_command,
 )
+from workbench.models.settings import LoadSettings
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from workbench._version import __version__
 
 if TYPE_CHECKING:
     from workbench.bench import Session, Workbench, current, set_current
     from workbench.chains.batch import MapInterrupted, RunBatch
     from workbench.chains.chain import Chain
+    from workbench.chains.resilience import RetryPolicy
     from workbench.chains.context import ContextStore, InMemoryContextStore, RunRecord
     from workbench.chains.run import Run
     from workbench.chains.sqlite_store import SQLiteContextStore
@@ -23,7 +24,6 @@ if TYPE_CHECKING:
         GenerationResult,
         InjectedFault,
         NoBatching,
-        RetryPolicy,
         StaticBatching,
     )
     from workbench.errors import (
@@ -32,10 +32,16 @@ if TYPE_CHECKING:
         HopFailed,
         HopTimeout,
         MissingInputError,
+        ModelError,
         ModelLoadError,
         ModelOutOfMemory,
         ModelUnhealthy,
+        ParseError,
         RetriesExhausted,
+        RunCancelled,
+        RunError,
+        ServingError,
+        SettingsError,
         SpecError,
         StoreError,
         WorkbenchClosed,
@@ -46,11 +52,11 @@ if TYPE_CHECKING:
         WorkloadError,
     )
     from workbench.experiments import ClosedLoop, Comparison, PoissonArrivals, compare
-    from workbench.models.preloading import Eager, KeepWarm, Lazy, Prefetch, PreloadingStrategy
+    from workbench.engine.preloading import Eager, KeepWarm, Lazy, Prefetch, PreloadingStrategy
     from workbench.models.tiny import tiny_model
     from workbench.tracing import Trace
     from workbench.tracing.gcpauses import pauses as gc_pauses
-    from workbench.notebook.widgets import ChainBuilder, ComparisonDashboard, ModelManager, TraceViewer
+    from workbench.fronts.notebook.widgets import ChainBuilder, ComparisonDashboard, ModelManager, TraceViewer
 
 __all__ = [
     "BatchingPolicy",
@@ -76,6 +82,7 @@ __all__ = [
     "Lazy",
     "MapInterrupted",
     "MissingInputError",
+    "ModelError",
     "ModelLoadError",
     "ModelManager",
     "ModelOutOfMemory",
@@ -84,13 +91,18 @@ __all__ = [
     "PoissonArrivals",
     "Prefetch",
     "PreloadingStrategy",
+    "ParseError",
     "RetriesExhausted",
     "RetryPolicy",
     "Run",
     "RunBatch",
+    "RunCancelled",
+    "RunError",
     "RunRecord",
     "SQLiteContextStore",
+    "ServingError",
     "Session",
+    "SettingsError",
     "SpecError",
     "StaticBatching",
     "StoreError",
@@ -119,23 +131,26 @@ _HOMES = {
     "workbench.bench": ("Session", "Workbench", "current", "set_current"),
     "workbench.chains.batch": ("MapInterrupted", "RunBatch"),
     "workbench.chains.chain": ("Chain",),
+    "workbench.chains.resilience": ("RetryPolicy",),
     "workbench.chains.context": ("ContextStore", "InMemoryContextStore", "RunRecord"),
     "workbench.chains.run": ("Run",),
     "workbench.chains.sqlite_store": ("SQLiteContextStore",),
     "workbench.engine": (
         "BatchingPolicy", "ContinuousBatching", "DynamicBatching", "Faults", "GenerationParams", "GenerationResult",
-        "InjectedFault", "NoBatching", "RetryPolicy", "StaticBatching",
+        "InjectedFault", "NoBatching", "StaticBatching",
     ),
     "workbench.errors": (
-        "CircuitOpen", "ContextWindowExceeded", "HopFailed", "HopTimeout", "MissingInputError", "ModelLoadError",
-        "ModelOutOfMemory", "ModelUnhealthy", "RetriesExhausted", "SpecError", "StoreError", "WorkbenchClosed",
-        "StrategyError", "TemplateError", "UnknownModelError", "WorkbenchError", "WorkloadError",
+        "CircuitOpen", "ContextWindowExceeded", "HopFailed", "HopTimeout", "MissingInputError", "ModelError",
+        "ModelLoadError", "ModelOutOfMemory", "ModelUnhealthy", "ParseError", "RetriesExhausted", "RunCancelled",
+        "RunError", "ServingError", "SettingsError", "SpecError", "StoreError", "WorkbenchClosed", "StrategyError",
+        "TemplateError", "UnknownModelError", "WorkbenchError", "WorkloadError",
     ),
     "workbench.experiments": ("ClosedLoop", "Comparison", "PoissonArrivals", "compare"),
-    "workbench.models.preloading": ("Eager", "KeepWarm", "Lazy", "Prefetch", "PreloadingStrategy"),
+    "workbench.engine.preloading": ("Eager", "KeepWarm", "Lazy", "Prefetch", "PreloadingStrategy"),
     "workbench.models.tiny": ("tiny_model",),
     "workbench.tracing": ("Trace",),
-    "workbench.notebook.widgets": ("ChainBuilder", "ComparisonDashboard", "ModelManager", "TraceViewer"),
+    # The widgets bring in ipywidgets and anywidget: a script or a worker that shows none never pays for them.
+    "workbench.fronts.notebook.widgets": ("ChainBuilder", "ComparisonDashboard", "ModelManager", "TraceViewer"),
 }
 _HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
 _RENAMED = {"gc_pauses": ("workbench.tracing.gcpauses", "pauses")}
@@ -159,12 +174,12 @@ def __dir__() -> list[str]:
 
 def load_ipython_extension(ipython: Any) -> None:
     """``%load_ext workbench``: register the ``%autoglm`` line and cell magics."""
-    from workbench.notebook.magics import register
+    from workbench.fronts.notebook.magics import register
 
     register(ipython)
 
 
 def unload_ipython_extension(ipython: Any) -> None:
-    from workbench.notebook.magics import unregister
+    from workbench.fronts.notebook.magics import unregister
 
     unregister(ipython)

@@ -1,1 +1,1 @@
-"""The front ends: the ``%autoglm`` magics and the ``autoglm`` command line, and what they parse alike."""
+"""The front ends, side by side: the notebook (magics and widgets) and the command line, and what they parse alike."""

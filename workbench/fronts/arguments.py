@@ -7,7 +7,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from workbench.errors import WorkbenchError
+from workbench.errors import ParseError
 from workbench.models.settings import LoadSettings
 from workbench.models.tiny import resolve_source
 
@@ -18,10 +18,6 @@ if TYPE_CHECKING:
 # Every LoadSettings field but the source, which each front end takes its own way (SOURCE, --model NAME=PATH).
 LOAD_OPTIONS = tuple(f for f in dataclasses.fields(LoadSettings) if f.name != "source")
 LOAD_HELP = {option.name: option.metadata["help"] for option in LOAD_OPTIONS}
-
-
-class ParseError(WorkbenchError):
-    """Words that do not parse, on the command line or a magic's line: an unknown subcommand, a bad argument."""
 
 
 def parse_key_values(words: Sequence[str]) -> dict[str, str]:

@@ -10,14 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, NoReturn
 
 from workbench.engine.batching import POLICY_FORMS, BatchingPolicy, parse_policy
-from workbench.fronts.arguments import (
-    ParseError,
-    add_load_options,
-    load_options_usage,
-    load_settings,
-    parse_key_values,
-)
-from workbench.models.preloading import PRELOADING_FORMS, PreloadingStrategy, parse_preloading
+from workbench.engine.preloading import PRELOADING_FORMS, PreloadingStrategy, parse_preloading
+from workbench.errors import ParseError
+from workbench.fronts.arguments import add_load_options, load_options_usage, load_settings, parse_key_values
 from workbench.models.settings import LoadSettings
 
 PROG = "%autoglm"

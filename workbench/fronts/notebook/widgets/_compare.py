@@ -11,12 +11,12 @@ import traitlets
 
 from workbench.experiments import Comparison, compare
 from workbench.experiments.workloads import as_inputs
-from workbench.notebook.widgets._background import Background, StatusBox, text_fallback
+from workbench.fronts.notebook.widgets._background import Background, StatusBox, text_fallback
 
 if TYPE_CHECKING:
     from workbench.chains.chain import Chain
     from workbench.engine.batching import BatchingPolicy
-    from workbench.models.preloading import PreloadingStrategy
+    from workbench.engine.preloading import PreloadingStrategy
 
 # Offered by default; any name parse_policy or set_preloading reads may be passed in instead.
 BATCHING_CHOICES = ("none", "static:8", "dynamic:16:5ms", "continuous")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 # Only light modules here: `autoglm --help` must answer at once, so torch and transformers load
 # inside the commands that need them.
-from workbench import __version__
+from workbench._version import __version__
 from workbench.demo import DEMO_QUESTION
 from workbench.errors import HopFailed, MissingInputError, SpecError, WorkbenchError
 from workbench.fronts.arguments import (
@@ -56,12 +56,13 @@ def _print_run(run: Run) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import workbench as wb
+    from workbench.bench import Workbench
     from workbench.demo import DEMO_SPEC
+    from workbench.models.tiny import tiny_model
 
-    path = wb.tiny_model()
+    path = tiny_model()
     print(f"tiny model: {path}")
-    with wb.Workbench() as bench:
+    with Workbench() as bench:
         model = bench.load("tiny", path, device=args.device)
         print(f"loaded 'tiny' on {model.device} ({model.params:,} parameters) in {model.load_s:.2f} s")
         chain = bench.chain(DEMO_SPEC)
@@ -101,12 +102,12 @@ def _models(items: Sequence[str]) -> dict[str, str]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import workbench as wb
+    from workbench.bench import Workbench
 
     inputs = parse_key_values(args.inputs)
     models = _models(args.model)
     spec = _read_spec(args.spec)
-    with wb.Workbench() as bench:
+    with Workbench() as bench:
         for name, source in models.items():
             load_model(bench, name, load_settings(args, source))
         try:

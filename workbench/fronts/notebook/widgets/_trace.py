@@ -12,7 +12,7 @@ import pandas as pd
 import traitlets
 
 from workbench.chains.run import Run
-from workbench.notebook.widgets._background import text_fallback
+from workbench.fronts.notebook.widgets._background import text_fallback
 from workbench.tracing import Trace
 from workbench.tracing.trace import _KIND_COLOURS
 
