@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import nbformat
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
@@ -380,3 +381,55 @@ def test_compare_ui_magic_runs_in_the_dashboard(
     dashboard.wait(300)
     assert dashboard.error == "" and dashboard.comparison is not None
     assert list(dashboard.comparison.table()["batching"]) == ["none"]
+
+
+def test_compare_ui_magic_hands_the_dashboard_strategy_names(
+    shell: InteractiveShell, loaded: wb.Workbench, tmp_path: Path
+) -> None:
+    loaded.chain(SHORT_SPEC)
+    inputs = tmp_path / "questions.jsonl"
+    inputs.write_text(json.dumps({"question": "q"}) + "\n")
+    dashboard = magic_widget(
+        shell,
+        f"compare short --inputs {inputs} --batching none,static:2 --preload lazy,eager --repeats 1 --warmup 0 --ui",
+    )
+    # The pickers list names, the ones asked for picked, as when the dashboard is built by hand.
+    assert dashboard.batching.value == ("none", "static:2:50ms")
+    assert dashboard.preloading.value == ("lazy", "eager")
+    assert all(isinstance(option, str) for option in (*dashboard.batching.options, *dashboard.preloading.options))
+    dashboard.wait(300)
+    assert dashboard.error == "" and dashboard.comparison is not None
+    table = dashboard.comparison.table()
+    assert sorted(zip(table["batching"], table["preloading"])) == [
+        ("none", "eager"), ("none", "lazy"), ("static:2:50ms", "eager"), ("static:2:50ms", "lazy")
+    ]
+
+
+# -- text fallback -------------------------------------------------------------------------------
+
+
+def test_each_widget_reads_as_text_where_it_cannot_be_drawn(loaded: wb.Workbench) -> None:
+    chain = loaded.chain(DEMO_SPEC)
+    run = chain.run(question="hi")
+    widgets = {
+        ModelManager(loaded): "ModelManager widget: tiny loaded on cpu",
+        ChainBuilder(loaded, chain=chain): "ChainBuilder widget: chain 'qa': plan -> answer -> stats",
+        TraceViewer(run): f"TraceViewer widget: {len(run.trace)} spans in 1 trace",
+        ComparisonDashboard(chain, [{"question": "q"}], batching=[wb.NoBatching()], preloading=["lazy"]):
+            "ComparisonDashboard widget: chain 'qa', 1 input; batching none; preloading lazy",
+    }
+    for widget, text in widgets.items():
+        bundle = widget._repr_mimebundle_()
+        plain = (bundle[0] if isinstance(bundle, tuple) else bundle)["text/plain"]
+        assert plain.startswith(text), plain
+        assert "object at 0x" not in plain and "children=" not in plain
+
+
+def test_the_widget_notebook_as_shipped_shows_readable_text_before_it_runs() -> None:
+    notebook = nbformat.read(REPO / "notebooks" / "04-widgets.ipynb", as_version=4)
+    outputs = [output for cell in notebook.cells for output in cell.get("outputs", [])]
+    plain = [output.get("data", {}).get("text/plain", "") for output in outputs]
+    widgets = [output["data"]["text/plain"] for output in outputs if WIDGET_MIME in output.get("data", {})]
+    assert len(widgets) >= 4
+    assert all(re.match(r"\w+ widget: ", text) for text in widgets), widgets
+    assert not [text for text in plain if "object at 0x" in text or "(children=" in text]

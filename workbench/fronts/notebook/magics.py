@@ -15,7 +15,7 @@ from workbench.chains.chain import Chain
 from workbench.errors import HopFailed, MissingInputError, WorkbenchError
 from workbench.experiments import compare
 from workbench.experiments.workloads import read_inputs
-from workbench.models.tiny import tiny_model
+from workbench.fronts.arguments import load_model
 from workbench.fronts.notebook.parsers import (
     PROG,
     BuilderCommand,
@@ -98,16 +98,7 @@ class AutoglmMagics(Magics):
         print(help_text(command.topic), end="")
 
     def _load(self, command: LoadCommand) -> None:
-        source = str(tiny_model()) if command.source == "tiny" else command.source
-        model = current().load(
-            command.name,
-            source,
-            device=command.device,
-            dtype=command.dtype,
-            adapter=command.adapter,
-            trust_remote_code=command.trust_remote_code,
-            allow_pickle=command.allow_pickle,
-        )
+        model = load_model(current(), command.name, command.settings)
         dtype = str(model.dtype).removeprefix("torch.")
         print(
             f"loaded {command.name!r} on {model.device} in {dtype} ({model.params:,} parameters)"
@@ -195,7 +186,7 @@ class AutoglmMagics(Magics):
             dashboard = ComparisonDashboard(
                 chain,
                 inputs,
-                batching=[policy.name for policy in command.batching or ()],
+                batching=command.batching or (),
                 preloading=command.preload or (),
                 save=command.save,
                 **workload,

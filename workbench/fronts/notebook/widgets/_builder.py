@@ -17,7 +17,7 @@ from workbench.chains.run import Run
 from workbench.chains.spec import ChainSpec, HopSpec, parse_spec
 from workbench.engine.requests import GenerationParams
 from workbench.errors import HopFailed, WorkbenchError
-from workbench.fronts.notebook.widgets._background import Background, StatusBox, describe
+from workbench.fronts.notebook.widgets._background import Background, StatusBox, describe, text_fallback
 
 _DEFAULTS = GenerationParams()
 # What the hop form edits; any other field of a hop loaded from a chain is kept as it was.
@@ -221,6 +221,10 @@ class ChainBuilder(StatusBox):
             self._load_chain(chain)
         else:
             self.add_hop()
+
+    def __repr__(self) -> str:
+        hops = " -> ".join(e.hop_name.value for e in self.hop_editors) or "no hops"
+        return text_fallback(self, f"chain {self.chain_name.value!r}: {hops}")
 
     # -- editing -------------------------------------------------------------------------------
 

@@ -11,8 +11,8 @@ import traitlets
 
 from workbench.bench import Workbench, current
 from workbench.models.devices import available_devices, device_capacity, supported_dtypes
-from workbench.models.tiny import tiny_model
-from workbench.fronts.notebook.widgets._background import Background, StatusBox
+from workbench.fronts.notebook.widgets._background import Background, StatusBox, text_fallback
+from workbench.models.tiny import resolve_source
 
 # Columns of bench.models() shown in the table, in order; "health" appears when the engine reports it.
 COLUMNS = ("name", "device", "dtype", "params", "memory_mb", "health", "state")
@@ -77,8 +77,7 @@ class ModelManager(StatusBox):
         device, dtype = self.device.value, self.dtype.value
 
         def job() -> None:
-            path = str(tiny_model()) if source == "tiny" else source
-            model = self.bench.load(name, path, device=device, dtype=dtype)
+            model = self.bench.load(name, resolve_source(source), device=device, dtype=dtype)
             self.status = f"loaded {name!r} on {model.device} in {model.load_s:.2f} s"
 
         return self._start(job, f"loading {name!r} from {source} ...")
@@ -108,6 +107,10 @@ class ModelManager(StatusBox):
     def refresh(self) -> None:
         """Redraw the table and the memory bars from the workbench's current models."""
         models = self.bench.models()
+        self._summary = ", ".join(
+            f"{row['name']} {row['state']}" + (f" on {row['device']}" if row["state"] == "loaded" else "")
+            for row in models.to_dict("records")
+        ) or "no models yet"
         columns = [c for c in COLUMNS if c in models.columns]
         header = [w.HTML(f"<b>{c}</b>") for c in columns]
         cells: list[w.Widget] = [*header, *[w.HTML("") for _ in range(len(COLUMNS) - len(columns))], w.HTML("")]
@@ -123,6 +126,9 @@ class ModelManager(StatusBox):
                                 layout=w.Layout(grid_column="1 / -1")))
         self.table.children = cells
         self._draw_memory(models)
+
+    def __repr__(self) -> str:
+        return text_fallback(self, self._summary)
 
     # -- drawing -------------------------------------------------------------------------------
 
