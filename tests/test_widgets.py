@@ -319,6 +319,22 @@ def test_dashboard_fills_in_table_and_plot_as_passes_finish(loaded: wb.Workbench
     assert list(dashboard.comparison.table()["batching"]) == ["none", "static:4:50ms"]
     assert dashboard.plot.value[:8] == b"\x89PNG\r\n\x1a\n"
     assert dashboard.status == "done"
+    # One repeat: the table says there is no spread to rank by, rather than ranking noise.
+    assert "one repeat gives no spread" in dashboard.table.value
+    assert html.escape(dashboard.comparison.readable().column("e2e_p50_ms")[0]) in dashboard.table.value
+
+
+def test_dashboard_shows_intervals_and_ranks_after_repeats(loaded: wb.Workbench) -> None:
+    dashboard = ComparisonDashboard(loaded.chain(SHORT_SPEC), [{"question": f"q{i}"} for i in range(3)],
+                                    batching=["none", "dynamic:4:5ms"], repeats=2, warmup=0)
+    dashboard.run()
+    dashboard.wait(300)
+    assert dashboard.error == "" and dashboard.comparison is not None
+    shown = dashboard.comparison.readable()
+    assert all(re.fullmatch(r".+ \(.+–.+\)", cell) for cell in shown.column("requests_per_s"))
+    assert sorted(rank.split()[0] for rank in shown.column("rank")) == ["1", "2"]
+    for cell in shown.column("requests_per_s") + shown.column("rank"):
+        assert f">{html.escape(cell)}</td>" in dashboard.table.value
 
 
 def test_dashboard_shows_a_failing_comparison_as_an_error(loaded: wb.Workbench) -> None:
