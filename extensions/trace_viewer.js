@@ -43,6 +43,11 @@ export function layout(spans, width) {
   return { total, scale, bars, height: spans.length * ROW_HEIGHT };
 }
 
+/** Milliseconds as the tables show them: one decimal, thousands separated (1,290.5). */
+export function ms(value) {
+  return value.toLocaleString("en-US", { minimumFractionDigits: 1, maximumFractionDigits: 1 });
+}
+
 /** A number as the tables show it: ms to one decimal, seconds to three, others to three significant digits. */
 export function roundFor(key, value) {
   if (typeof value !== "number" || !Number.isFinite(value) || Number.isInteger(value)) return value;
@@ -55,10 +60,10 @@ export function roundFor(key, value) {
 export function describe(span) {
   const lines = [
     `${span.name}  [${span.kind}]  ${span.status}`,
-    `start ${span.start_ms.toFixed(1)} ms, duration ${span.duration_ms.toFixed(1)} ms`,
+    `start ${ms(span.start_ms)} ms, duration ${ms(span.duration_ms)} ms`,
   ];
   // Time the garbage collector stopped every thread while this span was open.
-  if (span.gc_ms >= 0.05) lines.push(`garbage collection ${span.gc_ms.toFixed(1)} ms of it`);
+  if (span.gc_ms >= 0.05) lines.push(`garbage collection ${ms(span.gc_ms)} ms of it`);
   for (const [key, raw] of Object.entries(span.attributes || {})) {
     const value = Array.isArray(raw) ? raw.map((v) => roundFor(key, v)) : roundFor(key, raw);
     const text = typeof value === "string" ? value : JSON.stringify(value);
@@ -153,7 +158,7 @@ function draw(model, el) {
       width: Math.max(bar.width - bar.queueWidth, 1.5), height: ROW_HEIGHT - 6, fill: colour,
     }));
     const duration = svg("text", { class: "wb-duration", x: LABEL_WIDTH + bar.x + bar.width + 3, y: y + ROW_HEIGHT / 2 + 4 });
-    duration.textContent = `${span.duration_ms.toFixed(1)} ms`;
+    duration.textContent = `${ms(span.duration_ms)} ms`;
     group.appendChild(duration);
     group.addEventListener("mouseenter", (event) => {
       tooltip.textContent = describe(span);
@@ -172,8 +177,8 @@ function draw(model, el) {
     row.append(
       cell,
       html("td", "", span.kind),
-      html("td", "wb-num", span.start_ms.toFixed(2)),
-      html("td", "wb-num", span.duration_ms.toFixed(2)),
+      html("td", "wb-num", ms(span.start_ms)),
+      html("td", "wb-num", ms(span.duration_ms)),
       html("td", span.status === "ERROR" ? "wb-status-error" : "", span.status),
     );
     row.addEventListener("click", () => select(span.id));

@@ -2,7 +2,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
-import viewer, { ROW_HEIGHT, describe, layout, tickStep, tooltipPosition } from "../trace_viewer.js";
+import viewer, { ROW_HEIGHT, describe, layout, ms, tickStep, tooltipPosition } from "../trace_viewer.js";
 
 const span = (id, depth, start_ms, duration_ms, extra = {}) => ({
   id, parent: null, trace: "t", name: `span ${id}`, kind: "CHAIN", depth, start_ms, duration_ms,
@@ -83,6 +83,13 @@ test("the hover text rounds numbers as the tables do and leaves whole numbers an
   assert.match(text, /^gen_ai\.usage\.output_tokens = 123456$/m);
   assert.match(text, /^workbench\.latencies_ms = \[1\.2,20\.6\]$/m);
   assert.match(text, /^output\.value = 3\.14159265$/m);  // text is what the model said: never rounded
+});
+
+test("milliseconds read as in the tables: one decimal, thousands separated, never in exponent form", () => {
+  assert.equal(ms(1290.4567), "1,290.5");
+  assert.equal(ms(0.04), "0.0");
+  assert.equal(ms(12), "12.0");
+  assert.equal(ms(1.5e7), "15,000,000.0");
 });
 
 test("the tooltip goes below the pointer, above it near the window's bottom, never above the chart's top", () => {
