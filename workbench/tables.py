@@ -104,10 +104,7 @@ class Readable:
     the table.
     """
 
-    def __init__(
-        self, frame: pd.DataFrame, *, caption: str = "", numeric: Sequence[str] = (), notes: Sequence[str] = ()
-    ) -> None:
-        self.caption = caption
+    def __init__(self, frame: pd.DataFrame, *, numeric: Sequence[str] = (), notes: Sequence[str] = ()) -> None:
         self.notes = list(notes)
         shown = frame.reset_index() if any(name is not None for name in frame.index.names) else frame
         self.columns = [str(c) for c in shown.columns]
@@ -137,9 +134,8 @@ class Readable:
             + "</tr>"
             for i in range(self.rows)
         )
-        caption = f"<caption style=\"{_LEFT}\">{html.escape(self.caption)}</caption>" if self.caption else ""
         notes = "".join(f"<div><small>{html.escape(n)}</small></div>" for n in self.notes)
-        table = f"{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody>"
+        table = f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody>"
         return f'<table class="{html.escape(classes)}">{table}</table>{notes}'
 
     def _repr_html_(self) -> str:
@@ -151,7 +147,6 @@ class Readable:
         def line(texts: Sequence[str]) -> str:
             return "  ".join(t.rjust(w) if r else t.ljust(w) for t, w, r in zip(texts, widths, self.right)).rstrip()
 
-        lines = [self.caption] if self.caption else []
-        lines.append(line(self.columns))
+        lines = [line(self.columns)]
         lines += [line([cells[i] for cells in self.cells]) for i in range(self.rows)]
         return "\n".join(lines + self.notes)
