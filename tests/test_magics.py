@@ -157,8 +157,9 @@ def test_run_with_quoted_values_shows_output_and_span_table(with_qa: Interactive
         assert span in table
     html_table = shown(captured, "text/html")[1]
     assert "ttft_ms" in html_table and "tokens_out" in html_table
-    # Each span is marked with its depth under the chain, in the notebook's HTML too.
-    assert "<td>· hop plan" in html_table and "<td>· · text_completion tiny" in html_table
+    # Each span is marked with its depth under the chain, in the notebook's HTML too, and left-aligned.
+    assert 'left; white-space: nowrap">· hop plan</td>' in html_table
+    assert 'left; white-space: nowrap">· · text_completion tiny</td>' in html_table
 
 
 def test_run_finds_a_chain_variable_and_keeps_the_session(with_qa: InteractiveShell) -> None:
@@ -185,7 +186,8 @@ def test_trace_summary_has_a_row_per_hop(with_qa: InteractiveShell) -> None:
     magic(with_qa, "run qa question=hi")
     summaries = shown(magic(with_qa, "trace --summary"), "text/html")
     assert len(summaries) == 1
-    assert all(f"<th>{label}</th>" in summaries[0] for label in ("plan", "answer", "(chain)", "p95_ms", "ttft_p50_ms"))
+    assert all(f">{label}</td>" in summaries[0] for label in ("plan", "answer", "(chain)"))
+    assert all(f">{label}</th>" in summaries[0] for label in ("hop", "p95_ms", "ttft_p50_ms"))
 
 
 def test_trace_of_a_run_id_and_of_every_span(with_qa: InteractiveShell) -> None:

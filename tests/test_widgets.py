@@ -21,6 +21,7 @@ from workbench.demo import DEMO_SPEC
 from workbench.models.devices import available_devices
 from workbench.fronts.notebook.parsers import BuilderCommand, ModelsCommand, TraceCommand, parse_command
 from workbench.fronts.notebook.widgets import ChainBuilder, ComparisonDashboard, ModelManager, TraceViewer
+from workbench.tables import Readable
 from workbench.tracing import attributes as attr
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,6 +100,19 @@ def test_unload_button_frees_the_model(loaded: wb.Workbench) -> None:
     # Unloaded models stay registered: the row stays, with a button that loads it again.
     assert manager.actions["tiny"].description == "load"
     assert "loaded" not in cells(manager)
+
+
+def test_model_table_reads_at_a_glance(bench: wb.Workbench, tiny_path: Path) -> None:
+    bench.load("tiny", tiny_path, device="cpu")
+    bench.register("later", tiny_path, device="cpu")
+    params = bench.registry.get("tiny").params
+    text = cells(ModelManager(bench))
+    # A registered model has no parameter count yet; the loaded one's stays a whole number.
+    assert f"{params:,}" in text and f"{params}.0" not in text and "—" in text
+    shown = Readable(bench.models())
+    assert shown.column("params") == [f"{params:,}", "—"]
+    assert re.fullmatch(r"\d\d:\d\d:\d\d\.\d{3}", shown.column("last_used")[0])  # a time, not a full timestamp
+    assert re.fullmatch(r"\d+\.\d{3}", shown.column("load_s")[0])
 
 
 def test_registered_model_gets_a_load_button(bench: wb.Workbench, tiny_path: Path) -> None:
@@ -194,7 +208,10 @@ def test_run_shows_output_and_spans_and_sliders_apply_without_reloading(loaded: 
         assert recorded[attr.REQUEST_MAX_TOKENS] == max_tokens
     assert loaded.registry.get("tiny").model is model_before  # no reload between runs
     assert builder.last_run.id in builder.output.value
-    assert "text_completion tiny" in builder.span_table.value
+    # Span names left-aligned under their depth marks, milliseconds to one decimal.
+    assert re.search(r'text-align: left[^"]*">· · text_completion tiny</td>', builder.span_table.value)
+    duration = Readable(builder.last_run.trace.compact()).column("duration_ms")[0]
+    assert re.fullmatch(r"\d{1,3}(,\d{3})*\.\d", duration) and f">{duration}</td>" in builder.span_table.value
     assert builder.status.startswith(f"run {builder.last_run.id}")
 
 
@@ -303,6 +320,22 @@ def test_dashboard_fills_in_table_and_plot_as_passes_finish(loaded: wb.Workbench
     assert list(dashboard.comparison.table()["batching"]) == ["none", "static:4:50ms"]
     assert dashboard.plot.value[:8] == b"\x89PNG\r\n\x1a\n"
     assert dashboard.status == "done"
+    # One repeat: the table says there is no spread to rank by, rather than ranking noise.
+    assert "one repeat gives no spread" in dashboard.table.value
+    assert html.escape(dashboard.comparison.readable().column("e2e_p50_ms")[0]) in dashboard.table.value
+
+
+def test_dashboard_shows_intervals_and_ranks_after_repeats(loaded: wb.Workbench) -> None:
+    dashboard = ComparisonDashboard(loaded.chain(SHORT_SPEC), [{"question": f"q{i}"} for i in range(3)],
+                                    batching=["none", "dynamic:4:5ms"], repeats=2, warmup=0)
+    dashboard.run()
+    dashboard.wait(300)
+    assert dashboard.error == "" and dashboard.comparison is not None
+    shown = dashboard.comparison.readable()
+    assert all(re.fullmatch(r".+ \(.+–.+\)", cell) for cell in shown.column("requests_per_s"))
+    assert sorted(rank.split()[0] for rank in shown.column("rank")) == ["1", "2"]
+    for cell in shown.column("requests_per_s") + shown.column("rank"):
+        assert f">{html.escape(cell)}</td>" in dashboard.table.value
 
 
 def test_dashboard_shows_a_failing_comparison_as_an_error(loaded: wb.Workbench) -> None:

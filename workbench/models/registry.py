@@ -197,7 +197,8 @@ class ModelRegistry:
                 for n, s in self._registered.items()
                 if n not in self._loaded
             ]
-        return pd.DataFrame(rows, columns=columns)
+        # Whole numbers stay whole when a registered model has none yet.
+        return pd.DataFrame(rows, columns=columns).astype({"params": "Int64"})
 
     # -- changes -----------------------------------------------------------------------------
 

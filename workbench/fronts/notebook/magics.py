@@ -32,9 +32,9 @@ from workbench.fronts.notebook.parsers import (
     parse_command,
 )
 from workbench.fronts.notebook.widgets import ChainBuilder, ComparisonDashboard, ModelManager, TraceViewer
+from workbench.tables import Readable
 
 if TYPE_CHECKING:
-    import pandas as pd
     from IPython.core.interactiveshell import InteractiveShell
 
     from workbench.tracing import Trace
@@ -54,9 +54,9 @@ def report(error: WorkbenchError) -> None:
         print(f"hint: {error.hint}", file=sys.stderr)
 
 
-def span_table(trace: Trace) -> pd.DataFrame:
-    """The columns a latency reader wants first, names indented by depth in the span tree."""
-    return trace.compact(indent=_INDENT)
+def span_table(trace: Trace) -> Readable:
+    """The columns a latency reader wants first, names indented by depth in the span tree, read at a glance."""
+    return Readable(trace.compact(indent=_INDENT))
 
 
 @magics_class
@@ -113,7 +113,7 @@ class AutoglmMagics(Magics):
         if table.empty:
             print("no models yet; load one with %autoglm load NAME SOURCE")
         else:
-            display(table)
+            display(Readable(table))
 
     def _unload(self, command: UnloadCommand) -> None:
         freed = current().unload(command.name)
@@ -164,7 +164,7 @@ class AutoglmMagics(Magics):
             print("no spans recorded yet")
             return
         if command.summary:
-            display(trace.summary())
+            display(Readable(trace.summary()))
         if command.waterfall:
             display(trace.waterfall())
         if command.ui:

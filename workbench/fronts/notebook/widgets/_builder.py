@@ -16,8 +16,9 @@ from workbench.chains.chain import Chain
 from workbench.chains.run import Run
 from workbench.chains.spec import ChainSpec, HopSpec, parse_spec
 from workbench.engine.requests import GenerationParams
-from workbench.errors import HopFailed, WorkbenchError
-from workbench.fronts.notebook.widgets._background import Background, StatusBox, describe, text_fallback
+from workbench.errors import HopFailed, WorkbenchError, describe
+from workbench.fronts.notebook.widgets._background import Background, StatusBox, text_fallback
+from workbench.tables import Readable
 
 _DEFAULTS = GenerationParams()
 # What the hop form edits; any other field of a hop loaded from a chain is kept as it was.
@@ -319,9 +320,7 @@ class ChainBuilder(StatusBox):
     def _show_run(self, run: Run) -> None:
         self.last_run = run
         self.output.value = run._repr_html_()
-        # Blank, not "<NA>", where a span has no such figure (tokens of a hop span, say).
-        table = run.trace.compact(indent=_SPAN_INDENT).round(2).astype(object).fillna("")
-        self.span_table.value = table.to_html(index=False, classes="autoglm-span-table")
+        self.span_table.value = Readable(run.trace.compact(indent=_SPAN_INDENT)).to_html("autoglm-span-table")
 
     def _done(self) -> None:
         self.running = False

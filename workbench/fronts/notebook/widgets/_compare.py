@@ -139,8 +139,7 @@ class ComparisonDashboard(StatusBox):
 
     def _show(self, partial: Comparison) -> None:
         # Table and plot first: whoever watches the progress bar then sees them include this pass.
-        self.table.value = partial.table().to_html(index=False, float_format=lambda v: f"{v:.3g}", na_rep="—",
-                                                   classes="autoglm-comparison-table")
+        self.table.value = partial.readable().to_html("autoglm-comparison-table")
         self.plot.value = partial.plot()._repr_png_()
         self.progress.value = len(partial.passes())
         self.status = f"{self.progress.value} of {self.progress.max} passes"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-import math
 from typing import Any
 
 import ipywidgets as w
@@ -13,18 +12,11 @@ from workbench.bench import Workbench, current
 from workbench.models.devices import available_devices, device_capacity, supported_dtypes
 from workbench.fronts.notebook.widgets._background import Background, StatusBox, text_fallback
 from workbench.models.tiny import resolve_source
+from workbench.tables import Readable
 
 # Columns of bench.models() shown in the table, in order; "health" appears when the engine reports it.
 COLUMNS = ("name", "device", "dtype", "params", "memory_mb", "health", "state")
 _GRID = "minmax(6em, 1.2fr) 0.8fr 0.8fr 0.9fr 0.9fr 0.8fr 0.8fr 6.5em"
-
-
-def _cell(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    if isinstance(value, int) and not isinstance(value, bool):
-        return f"{value:,}"
-    return str(value)
 
 
 class ModelManager(StatusBox):
@@ -115,8 +107,9 @@ class ModelManager(StatusBox):
         header = [w.HTML(f"<b>{c}</b>") for c in columns]
         cells: list[w.Widget] = [*header, *[w.HTML("") for _ in range(len(COLUMNS) - len(columns))], w.HTML("")]
         self.actions = {}
-        for row in models.to_dict("records"):
-            cells += [w.HTML(html.escape(_cell(row[c]))) for c in columns]
+        shown = Readable(models[columns])
+        for index, row in enumerate(models.to_dict("records")):
+            cells += [w.HTML(html.escape(text)) for text in shown.row(index).values()]
             cells += [w.HTML("") for _ in range(len(COLUMNS) - len(columns))]
             button = self._action_button(row["name"], row["state"])
             self.actions[row["name"]] = button
