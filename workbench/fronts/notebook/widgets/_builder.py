@@ -293,7 +293,7 @@ class ChainBuilder(StatusBox):
         try:
             chain = self.bench.chain(self.spec())
         except WorkbenchError as error:
-            self.error = describe(error)
+            self.error = describe(error, hint=True)
             return False
         self.chain = chain
         inputs = {name: self.inputs[name].value for name in chain.inputs if name in self.inputs}
@@ -358,7 +358,7 @@ class ChainBuilder(StatusBox):
         try:
             parsed = parse_spec(self.spec(), known_models=self.bench.registry.names())
         except WorkbenchError as error:
-            self._check.value = f"<span style='color:#c00'>{html.escape(describe(error))}</span>"
+            self._check.value = f"<span style='color:#c00'>{html.escape(describe(error, hint=True))}</span>"
             return
         self._check.value = (
             f"<span style='color:#2a7a2a'>spec ok: {len(parsed.hops)} hops, "
