@@ -30,6 +30,8 @@ def test_the_transformers_backend_is_a_backend_and_tokenizes_a_batch_as_one_by_o
     backend = tiny_bench.engine.worker("tiny").backend
     assert isinstance(backend, Backend)
     assert backend.tokenize(PROMPTS) == [backend.tokenize([p])[0] for p in PROMPTS]
+    tokenizer = tiny_bench.registry.get("tiny").tokenizer
+    assert backend.tokenize(PROMPTS) == [tokenizer(p)["input_ids"] for p in PROMPTS]  # what the model would be given
     assert (backend.device, backend.dtype) == ("cpu", "float32")
 
 

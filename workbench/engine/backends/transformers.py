@@ -87,8 +87,14 @@ class TransformersBackend:
             eos = tokenizer.eos_token_id
         self.eos_ids: set[int] = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.pad_id: int = tokenizer.pad_token_id
+        # A fast tokenizer's Rust core encodes a batch in one call; going to it directly skips the
+        # per-row BatchEncoding the Python wrapper builds, which cost as much as the encoding itself.
+        core = getattr(tokenizer, "_tokenizer", None)
+        self._encode_batch = core.encode_batch if callable(getattr(core, "encode_batch", None)) else None
 
     def tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
+        if self._encode_batch is not None:
+            return [encoding.ids for encoding in self._encode_batch(list(prompts), add_special_tokens=True)]
         ids: list[list[int]] = self.loaded.tokenizer(list(prompts))["input_ids"]
         return ids
 
