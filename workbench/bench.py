@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,7 +67,8 @@ class Workbench:
     ``~/.local/share/autoglm-workbench``), in the SQLite file ``sessions.sqlite3``, so a kernel
     restart keeps them; ``store=InMemoryContextStore()`` keeps them in memory instead.
     ``health_interval_s`` probes every loaded model that often (off by default; see
-    :meth:`set_health_checks`).
+    :meth:`set_health_checks`). ``allow_modules`` lets chain specs call into these modules
+    (and their submodules) besides your own code; see :meth:`allow_modules`.
     """
 
     def __init__(
@@ -78,6 +79,7 @@ class Workbench:
         data_dir: str | os.PathLike[str] | None = None,
         hop_threads: int = 64,
         health_interval_s: float | None = None,
+        allow_modules: Collection[str] = (),
     ) -> None:
         self.tracing = Tracing(otlp_endpoint)
         self.registry = ModelRegistry(self.tracing)
@@ -91,6 +93,8 @@ class Workbench:
         self._runs: OrderedDict[str, Run] = OrderedDict()
         self._runs_lock = threading.Lock()
         self._chains: dict[str, Chain] = {}
+        self._allowed_modules: tuple[str, ...] = ()
+        self.allow_modules(*allow_modules)
         self.health = HealthChecks(self.engine, self.tracing)
         if health_interval_s is not None:
             self.health.configure(health_interval_s)
@@ -268,9 +272,23 @@ class Workbench:
 
     # -- chains --------------------------------------------------------------------------------
 
+    def allow_modules(self, *modules: str) -> tuple[str, ...]:
+        """Let chain specs' ``call:`` name functions in ``modules`` (and their submodules); returns all allowed.
+
+        Without this a spec may call only your own code: the notebook and modules outside the
+        standard library and site-packages. Allow a module only if you trust every spec you run
+        with it, since a spec may then call any function in it.
+        """
+        for module in modules:
+            if not isinstance(module, str) or not all(part.isidentifier() for part in module.split(".")):
+                raise WorkbenchError(f"{module!r} is not a module name", hint="e.g. bench.allow_modules('numpy')")
+        self._allowed_modules = tuple(dict.fromkeys((*self._allowed_modules, *modules)))
+        return self._allowed_modules
+
     def chain(self, spec: str | Mapping[str, Any], name: str | None = None) -> Chain:
         """Validate a chain spec (YAML text or dict) against the models this workbench knows."""
-        parsed = parse_spec(spec, known_models=self.registry.names(), default_name=name)
+        parsed = parse_spec(spec, known_models=self.registry.names(), default_name=name,
+                            allowed_modules=self._allowed_modules)
         if name is not None and parsed.name != name:
             parsed.name = name
         chain = Chain(parsed, self)

@@ -54,7 +54,7 @@ def _run(args: argparse.Namespace) -> int:
         inputs[key] = value
     with open(args.spec, encoding="utf-8") as handle:
         spec = handle.read()
-    with wb.Workbench() as bench:
+    with wb.Workbench(allow_modules=args.allow_module) as bench:
         for item in args.model:
             name, sep, source = item.partition("=")
             if not sep:
@@ -81,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--model", action="append", default=[], help="NAME=PATH (PATH 'tiny' is the tiny model)")
     run.add_argument("--device", default="auto")
     run.add_argument("--json", action="store_true", help="print the outputs as JSON")
+    run.add_argument("--allow-module", action="append", default=[], metavar="MODULE",
+                     help="let the spec's call: name functions in MODULE (besides your own code); repeatable")
     run.set_defaults(func=_run)
     args = parser.parse_args(argv)
     try:

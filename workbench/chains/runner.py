@@ -209,7 +209,7 @@ class Runner:
         prompt = ""
         if hop.kind == "llm":
             assert hop.template is not None and hop.model is not None
-            prompt = hop.template.render(values)
+            prompt = hop.template.render(values, timeout_s=hop.resilience.timeout_s)  # the timeout bounds rendering too
             span.set_attribute(attr.INPUT_VALUE, _preview(prompt))
 
         def model(name: str) -> Route:

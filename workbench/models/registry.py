@@ -313,7 +313,13 @@ def _warm_up(model: Any, tokenizer: Any, device: torch.device) -> float:
 
 
 def _check_source(settings: LoadSettings) -> None:
-    """Refuse what is clearly not a model, and pickle weights unless the user opted in."""
+    """Refuse what is clearly not a model, and pickle weights (the model's or its adapter's) unless allowed."""
+    adapter = Path(os.path.expanduser(settings.adapter)) if settings.adapter else None
+    if adapter is not None and adapter.is_dir() and not settings.allow_pickle and _only_pickle(adapter):
+        raise ModelLoadError(
+            f"adapter {settings.adapter!r} has only pickle weights (.bin/.pt), which can run code when loaded",
+            hint="convert them to safetensors, or pass allow_pickle=True if you trust their author",
+        )
     path = Path(os.path.expanduser(settings.source))
     looks_local = path.exists() or settings.source.startswith((".", "/", "~")) or settings.source.count("/") > 1
     if not looks_local:
@@ -329,14 +335,22 @@ def _check_source(settings: LoadSettings) -> None:
             hint="point at the folder that save_pretrained wrote",
         )
     has_safetensors = any(path.glob("*.safetensors"))
-    has_pickle = any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth"))
-    if not has_safetensors and has_pickle and not settings.allow_pickle:
+    has_pickle = _pickle_files(path)
+    if _only_pickle(path) and not settings.allow_pickle:
         raise ModelLoadError(
             f"{settings.source!r} has only pickle weights (.bin/.pt), which can run code when loaded",
             hint="convert them to safetensors, or pass allow_pickle=True if you trust their author",
         )
     if not has_safetensors and not has_pickle:
         raise ModelLoadError(f"{settings.source!r} has a config.json but no weights", hint="is the download complete?")
+
+
+def _pickle_files(path: Path) -> bool:
+    return any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth"))
+
+
+def _only_pickle(path: Path) -> bool:
+    return _pickle_files(path) and not any(path.glob("*.safetensors"))
 
 
 _bars_lock = threading.Lock()
