@@ -21,7 +21,7 @@ from workbench.engine import BatchingPolicy, Engine, GenerationParams, Generatio
 from workbench.engine.breaker import CircuitBreaker
 from workbench.engine.faults import FaultInjector, Faults
 from workbench.engine.health import HealthChecks
-from workbench.errors import WorkbenchClosed, WorkbenchError
+from workbench.errors import HopFailed, WorkbenchClosed, WorkbenchError
 from workbench.models import heap
 from workbench.models.preloading import Eager, PreloadingStrategy, parse_preloading
 from workbench.models.registry import LoadedModel, LoadSettings, ModelRegistry
@@ -310,6 +310,9 @@ class Workbench:
             except WorkbenchError:
                 pass  # the hop whose model failed to load tries again and fails as a HopFailed on its Run
         run = self._runner.run(spec, inputs, session)
+        if self._closed and run.error is not None:
+            # close() took the models from under this run: say that, not the engine's "no model named ...".
+            run.error = HopFailed(run.error.hop, WorkbenchClosed(f"finish running chain {spec.name!r}"), run)
         with self._runs_lock:
             self._runs[run.id] = run
             while len(self._runs) > MAX_RUNS_KEPT:

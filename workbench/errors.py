@@ -62,6 +62,11 @@ class MissingInputError(WorkbenchError):
     """A chain was run without an input that one of its templates uses."""
 
 
+class InvalidInput(WorkbenchError):
+    """A chain input, a map's list of inputs or a session id that cannot be used: not a mapping, or text that is not
+    valid Unicode."""
+
+
 class ModelLoadError(WorkbenchError):
     """A model could not be loaded: not a model, unsafe weights, bad device or dtype, name taken."""
 

@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 from workbench.chains.batch import Errors, RunBatch, reuse, run_all
 from workbench.chains.run import Run
+from workbench.chains.runner import check_session
 from workbench.chains.spec import ChainSpec
-from workbench.errors import WorkbenchError
+from workbench.errors import InvalidInput, WorkbenchError, WorkloadError
 
 if TYPE_CHECKING:
     from workbench.bench import Workbench
@@ -74,10 +75,22 @@ class Chain:
         """
         if errors not in ("keep", "raise"):
             raise WorkbenchError(f"errors={errors!r} is not a choice", hint="errors='keep' (default) or 'raise'")
+        if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
+            raise WorkloadError(f"concurrency must be a whole number >= 1, not {concurrency!r:.80}",
+                                hint="the number of runs in flight at once, e.g. concurrency=8")
         self._bench._check_open(f"run chain {self.name!r}")
-        items = [dict(i) for i in inputs]
-        for item in items:  # refuse bad input before any run starts
-            self._bench._check_inputs(self.spec, item)
+        check_session(session)
+        items = []
+        for position, item in enumerate(inputs):  # refuse bad input before any run starts
+            if not isinstance(item, Mapping):
+                example = ", ".join(f"{name!r}: ..." for name in self.inputs) or "..."
+                raise InvalidInput(
+                    f"chain.map takes one mapping of inputs per run; item {position} is {type(item).__name__} "
+                    f"{item!r:.80}",
+                    hint=f"e.g. chain.map([{{{example}}}, ...])",
+                )
+            items.append(dict(item))
+            self._bench._check_inputs(self.spec, items[-1])
         batch = RunBatch(self.name, items)
         if resume is not None:
             reuse(batch, resume)

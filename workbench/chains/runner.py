@@ -15,6 +15,7 @@ from workbench.chains.context import ContextStore, History, RunRecord
 from workbench.chains.run import Run
 from workbench.chains.spec import ChainSpec, HopSpec
 from workbench.engine.resilience import Route, serve
+from workbench.engine.requests import check_text
 from workbench.errors import HopFailed, MissingInputError
 from workbench.tracing import Tracing
 from workbench.tracing import attributes as attr
@@ -23,8 +24,8 @@ if TYPE_CHECKING:
     from workbench.engine import Engine
 
 
-def check_inputs(spec: ChainSpec, inputs: Mapping[str, Any]) -> None:
-    """Refuse a run before any hop starts if an input is missing or misspelt."""
+def check_inputs(spec: ChainSpec, inputs: Mapping[str, Any], session: str | None = None) -> None:
+    """Refuse a run before any hop starts if an input is missing, misspelt or not valid text, or its session id is."""
     missing = [name for name in spec.inputs if name not in inputs]
     extra = [name for name in inputs if name not in spec.inputs]
     if missing:
@@ -44,6 +45,15 @@ def check_inputs(spec: ChainSpec, inputs: Mapping[str, Any]) -> None:
             f"chain {spec.name!r} takes no input {extra[0]!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
             hint=f"its inputs: {', '.join(spec.inputs) or 'none'}",
         )
+    for name, value in inputs.items():
+        if isinstance(value, str):
+            check_text(value, f"input {name!r} of chain {spec.name!r}")
+    check_session(session)
+
+
+def check_session(session: Any) -> None:
+    if isinstance(session, str):
+        check_text(session, "the session id")
 
 
 def _preview(value: Any, limit: int = 4000) -> str:
@@ -62,7 +72,7 @@ class Runner:
 
     def run(self, spec: ChainSpec, inputs: Mapping[str, Any], session: str | None = None) -> Run:
         """Run once; a failing hop gives a Run whose ``error`` is HopFailed and whose finished outputs stay."""
-        check_inputs(spec, inputs)
+        check_inputs(spec, inputs, session)
         run_id = uuid.uuid4().hex[:12]
         history = History(self.store.history(session, spec.history) if session else [])
         started_at, started = time.time(), time.perf_counter()

@@ -10,7 +10,7 @@ import torch
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from workbench.engine.requests import GenerationParams, GenerationRequest, GenerationResult
+from workbench.engine.requests import GenerationParams, GenerationRequest, GenerationResult, check_text
 from workbench.errors import ContextWindowExceeded
 from workbench.models.registry import LoadedModel
 
@@ -84,7 +84,11 @@ class TransformersBackend:
 
     def tokenize(self, prompt: str, params: GenerationParams, hop: str | None = None) -> tuple[list[int], int]:
         """Token ids for ``prompt`` and how many were dropped to fit the context window."""
-        ids: list[int] = self.loaded.tokenizer(prompt)["input_ids"]
+        try:
+            ids: list[int] = self.loaded.tokenizer(prompt)["input_ids"]
+        except TypeError:  # how a fast tokenizer refuses text with a lone surrogate; say which
+            check_text(prompt, f"the prompt of hop {hop!r}" if hop else "the prompt")
+            raise
         window = self.loaded.context_window
         if window is None or len(ids) + params.max_new_tokens <= window:
             return ids, 0
