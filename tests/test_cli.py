@@ -97,17 +97,21 @@ def test_model_path_tiny_means_the_tiny_model(cached_tiny: Path, spec_file: Path
         (["run", "{spec}", "question=hi"], "unknown model 'tiny'"),
         (["run", "{spec}", "question=hi", "--model", "tiny={missing}"], "is not a directory"),
         (["run", "{spec}", "questoin=hi", "--model", "tiny={tiny}"], "did you mean 'question'"),
+        (["run", "{latin1}", "question=hi"], "line 1: {latin1} is not UTF-8 text: byte 0xe9 cannot be read"),
     ],
-    ids=["missing-file", "directory", "no-equals", "model-no-equals", "no-model", "bad-model-path", "typo-input"],
+    ids=["missing-file", "directory", "no-equals", "model-no-equals", "no-model", "bad-model-path", "typo-input",
+         "not-utf8"],
 )
 def test_mistakes_exit_2_with_a_short_message(
     args: list[str], message: str, spec_file: Path, tiny_path: Path, tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    paths = {"missing": tmp_path / "nope.yaml", "dir": tmp_path, "spec": spec_file, "tiny": tiny_path}
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(SPEC.replace("name: hello", "name: héllo").encode("latin-1"))
+    paths = {"missing": tmp_path / "nope.yaml", "dir": tmp_path, "spec": spec_file, "tiny": tiny_path, "latin1": latin1}
     assert main([a.format(**paths) for a in args]) == 2
     captured = capsys.readouterr()
     assert captured.err.startswith("autoglm: ")
-    assert message in captured.err
+    assert message.format(**paths) in captured.err
     assert "Traceback" not in captured.err
     assert captured.out == ""

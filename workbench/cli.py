@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from workbench.demo import DEMO_QUESTION
-from workbench.errors import WorkbenchError
+from workbench.errors import SpecError, WorkbenchError
 
 
 def _print_run(run: object) -> None:
@@ -52,8 +52,13 @@ def _run(args: argparse.Namespace) -> int:
         if not sep:
             raise WorkbenchError(f"input {pair!r} is not key=value", hint="e.g. question='What is 2+2?'")
         inputs[key] = value
-    with open(args.spec, encoding="utf-8") as handle:
-        spec = handle.read()
+    with open(args.spec, "rb") as handle:
+        raw = handle.read()
+    try:
+        spec = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{args.spec} is not UTF-8 text: byte {raw[exc.start]:#04x} cannot be read",
+                        line=raw.count(b"\n", 0, exc.start) + 1, hint="save the spec as UTF-8") from None
     with wb.Workbench(allow_modules=args.allow_module) as bench:
         for item in args.model:
             name, sep, source = item.partition("=")
