@@ -98,11 +98,18 @@ def _bounded_iter(iterable: Iterable[Any]) -> Iterator[Any]:
 
 
 def _bounded_concat(parts: Iterable[str]) -> str:
-    """Joins the output of macros and ``{% set %}`` blocks, which Jinja buffers rather than streams."""
-    parts = list(parts)
+    """Joins a template's output as it streams in, and that of macros and ``{% set %}`` blocks: stops at the bound.
+
+    Only the size is checked per part; the time is, in the loops and calls that make the parts.
+    """
+    joined, size = [], 0
+    for part in parts:
+        size += len(part)
+        if size > MAX_PROMPT_CHARS:
+            _check_chars(size)
+        joined.append(part)
     _tick()
-    _check_chars(sum(map(len, parts)))
-    return "".join(parts)
+    return "".join(joined)
 
 
 # Filters whose output can dwarf their input: each checks what it would make before making it.
@@ -176,7 +183,7 @@ _STR_METHODS_WITH_WIDTH = frozenset({"center", "ljust", "rjust", "zfill", "expan
 
 
 class _BoundedSandbox(SandboxedEnvironment):
-    """Jinja's sandbox, with a clock and a size check on each operator, call, attribute, loop step and block.
+    """Jinja's sandbox, with a clock on each loop step, call and operator, and a size check on what they make.
 
     A template is text from a spec, perhaps someone else's: the sandbox already keeps it from
     Python's internals, and this keeps it from running forever or filling memory before the
@@ -236,11 +243,9 @@ class _BoundedSandbox(SandboxedEnvironment):
         return _check_size(super().call(__context, __obj, *args, **kwargs))
 
     def getattr(self, obj: Any, attribute: str) -> Any:
-        _tick()
         return _check_size(super().getattr(obj, attribute))
 
     def getitem(self, obj: Any, argument: Any) -> Any:
-        _tick()
         return _check_size(super().getitem(obj, argument))
 
 
@@ -339,13 +344,7 @@ class PromptTemplate:
         previous = _budget.deadline, _budget.seconds
         _budget.deadline, _budget.seconds = time.monotonic() + seconds, seconds
         try:
-            chunks, size = [], 0
-            for chunk in self._template.generate(**values):
-                size += len(chunk)
-                _check_chars(size)
-                _tick()
-                chunks.append(chunk)
-            return "".join(chunks)
+            return self._template.render(**values)  # joined by _bounded_concat as it streams
         finally:
             _budget.deadline, _budget.seconds = previous
 
