@@ -329,8 +329,9 @@ def _check_source(settings: LoadSettings) -> None:
         _check_hub_id(settings)
         return
     if not path.is_dir():
+        relative = "" if path.is_absolute() else f" (relative paths start at {os.getcwd()})"
         raise ModelLoadError(
-            f"{settings.source!r} is not a directory (relative paths start at {os.getcwd()})",
+            f"{settings.source!r} is not a directory{relative}",
             hint="give the directory that holds config.json and the weights, or a hub id like 'org/name'",
         )
     if not (path / "config.json").is_file():
