@@ -439,3 +439,5 @@ def test_a_hop_output_that_is_not_valid_unicode_fails_its_reader_clearly(tiny_be
     with pytest.raises(wb.HopFailed, match="the prompt of hop 'ask' is not valid text") as info:
         chain.run(question="q")
     assert info.value.hop == "ask" and isinstance(info.value.cause, wb.InvalidInput)
+    with pytest.raises(wb.InvalidInput, match="the prompt is not valid text"):  # a direct call says so too
+        tiny_bench.generate("tiny", "caf\udce9")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from workbench.cli import main
+from workbench.fronts.cli import main
 
 SPEC = """\
 name: hello

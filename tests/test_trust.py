@@ -12,7 +12,7 @@ import pytest
 
 import workbench as wb
 from workbench.chains.templates import PromptTemplate
-from workbench.cli import main
+from workbench.fronts.cli import main
 
 
 def _python_hop(call: Any) -> dict[str, Any]:

@@ -18,8 +18,8 @@ import workbench as wb
 import workbench.bench
 from workbench.demo import DEMO_SPEC
 from workbench.models.devices import available_devices
-from workbench.notebook.parsers import BuilderCommand, ModelsCommand, TraceCommand, parse_command
-from workbench.notebook.widgets import ChainBuilder, ComparisonDashboard, ModelManager, TraceViewer
+from workbench.fronts.notebook.parsers import BuilderCommand, ModelsCommand, TraceCommand, parse_command
+from workbench.fronts.notebook.widgets import ChainBuilder, ComparisonDashboard, ModelManager, TraceViewer
 from workbench.tracing import attributes as attr
 
 REPO = Path(__file__).resolve().parents[1]

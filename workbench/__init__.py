@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from workbench._version import __version__
 
 from workbench.bench import Session, Workbench, current, set_current
 from workbench.chains.batch import MapInterrupted, RunBatch
 from workbench.chains.chain import Chain
+from workbench.chains.resilience import RetryPolicy
 from workbench.chains.context import ContextStore, InMemoryContextStore, RunRecord
 from workbench.chains.run import Run
 from workbench.chains.sqlite_store import SQLiteContextStore
@@ -21,7 +22,6 @@ from workbench.engine import (
     GenerationResult,
     InjectedFault,
     NoBatching,
-    RetryPolicy,
     StaticBatching,
 )
 from workbench.errors import (
@@ -31,10 +31,16 @@ from workbench.errors import (
     HopTimeout,
     InvalidInput,
     MissingInputError,
+    ModelError,
     ModelLoadError,
     ModelOutOfMemory,
     ModelUnhealthy,
+    ParseError,
     RetriesExhausted,
+    RunCancelled,
+    RunError,
+    ServingError,
+    SettingsError,
     SpecError,
     StoreError,
     WorkbenchClosed,
@@ -45,7 +51,7 @@ from workbench.errors import (
     WorkloadError,
 )
 from workbench.experiments import ClosedLoop, Comparison, PoissonArrivals, compare
-from workbench.models.preloading import Eager, KeepWarm, Lazy, Prefetch, PreloadingStrategy
+from workbench.engine.preloading import Eager, KeepWarm, Lazy, Prefetch, PreloadingStrategy
 from workbench.models.tiny import tiny_model
 from workbench.tracing import Trace
 from workbench.tracing.gcpauses import pauses as gc_pauses
@@ -75,6 +81,7 @@ __all__ = [
     "Lazy",
     "MapInterrupted",
     "MissingInputError",
+    "ModelError",
     "ModelLoadError",
     "ModelManager",
     "ModelOutOfMemory",
@@ -83,13 +90,18 @@ __all__ = [
     "PoissonArrivals",
     "Prefetch",
     "PreloadingStrategy",
+    "ParseError",
     "RetriesExhausted",
     "RetryPolicy",
     "Run",
     "RunBatch",
+    "RunCancelled",
+    "RunError",
     "RunRecord",
     "SQLiteContextStore",
+    "ServingError",
     "Session",
+    "SettingsError",
     "SpecError",
     "StaticBatching",
     "StoreError",
@@ -119,7 +131,7 @@ _WIDGETS = frozenset({"ChainBuilder", "ComparisonDashboard", "ModelManager", "Tr
 
 def __getattr__(name: str) -> Any:
     if name in _WIDGETS:
-        from workbench.notebook import widgets
+        from workbench.fronts.notebook import widgets
 
         return getattr(widgets, name)
     raise AttributeError(f"module 'workbench' has no attribute {name!r}")
@@ -127,12 +139,12 @@ def __getattr__(name: str) -> Any:
 
 def load_ipython_extension(ipython: Any) -> None:
     """``%load_ext workbench``: register the ``%autoglm`` line and cell magics."""
-    from workbench.notebook.magics import register
+    from workbench.fronts.notebook.magics import register
 
     register(ipython)
 
 
 def unload_ipython_extension(ipython: Any) -> None:
-    from workbench.notebook.magics import unregister
+    from workbench.fronts.notebook.magics import unregister
 
     unregister(ipython)

@@ -16,7 +16,7 @@ from workbench.engine.batching import BatchingPolicy, parse_policy
 from workbench.errors import StrategyError, UnknownModelError
 from workbench.experiments.workloads import ClosedLoop, PoissonArrivals, Workload, WorkloadResult, as_inputs
 from workbench.models.devices import dtype_name, resolve_device, resolve_dtype
-from workbench.models.preloading import PreloadingStrategy, parse_preloading
+from workbench.engine.preloading import PreloadingStrategy, parse_preloading
 from workbench.tracing import Trace
 from workbench.tracing import attributes as attr
 
@@ -325,7 +325,7 @@ def _environment(bench: Workbench, chain: Chain, settings: Mapping[str, Any]) ->
     import torch
     import transformers
 
-    import workbench
+    from workbench._version import __version__
 
     devices, dtypes, sources = [], [], []
     for name in chain.spec.models():
@@ -351,7 +351,7 @@ def _environment(bench: Workbench, chain: Chain, settings: Mapping[str, Any]) ->
         **settings,
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
-        "workbench_version": workbench.__version__,
+        "workbench_version": __version__,
         "python_version": platform.python_version(),
         "platform": platform.platform(),
     }
@@ -451,7 +451,7 @@ def compare(
         workload = PoissonArrivals(items, rate=arrival_rate, seed=seed, warmup=warmup)
     else:
         workload = ClosedLoop(items, concurrency=concurrency, warmup=warmup)
-    bench._check_open(f"compare strategies on chain {chain.name!r}")
+    bench.check_open(f"compare strategies on chain {chain.name!r}")
     workload.check(chain)  # refuse bad input before any model is touched
     if repeats < 1:
         raise StrategyError(f"repeats must be at least 1, not {repeats}", hint="repeats=3 is a good start")

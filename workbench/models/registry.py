@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import difflib
+import itertools
 import json
 import math
 import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,6 @@ from opentelemetry.trace import Span
 from workbench.errors import ModelLoadError, UnknownModelError
 from workbench.models import heap
 from workbench.models.devices import dtype_name, resolve_device, resolve_dtype
-from workbench.models.preloading import UsageClock
 from workbench.tracing import Tracing
 from workbench.tracing import attributes as attr_names
 
@@ -69,6 +69,33 @@ class LoadedModel:
     def cold_start_s(self) -> float:
         """What the model cost before it could serve at full speed: load plus warm-up."""
         return self.load_s + self.warmup_s
+
+
+class UsageClock:
+    """When each model last served a request: keep-warm evicts the least recent first."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ticks = itertools.count()  # orders touches that the wall clock cannot tell apart
+        self._last: dict[str, tuple[int, float]] = {}
+
+    def touch(self, name: str) -> None:
+        with self._lock:
+            self._last[name] = (next(self._ticks), time.time())
+
+    def last_used(self, name: str) -> float | None:
+        """Wall-clock time (seconds since the epoch) of the last use, or None if never used."""
+        with self._lock:
+            entry = self._last.get(name)
+        return entry[1] if entry else None
+
+    def least_recent_first(self, names: Iterable[str]) -> list[str]:
+        with self._lock:
+            return sorted(names, key=lambda n: self._last.get(n, (-1, 0.0))[0])
+
+    def forget(self, name: str) -> None:
+        with self._lock:
+            self._last.pop(name, None)
 
 
 class ModelRegistry:

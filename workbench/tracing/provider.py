@@ -62,7 +62,7 @@ class Tracing:
     """
 
     def __init__(self, otlp_endpoint: str | None = None, service_name: str = "autoglm-workbench") -> None:
-        from workbench import __version__
+        from workbench._version import __version__
 
         self.provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
         self.index = SpanIndex()

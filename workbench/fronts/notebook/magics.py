@@ -16,7 +16,7 @@ from workbench.errors import HopFailed, MissingInputError, WorkbenchError
 from workbench.experiments import compare
 from workbench.experiments.workloads import read_inputs
 from workbench.models.tiny import tiny_model
-from workbench.notebook.parsers import (
+from workbench.fronts.notebook.parsers import (
     PROG,
     BuilderCommand,
     ChainCommand,
@@ -31,7 +31,7 @@ from workbench.notebook.parsers import (
     help_text,
     parse_command,
 )
-from workbench.notebook.widgets import ChainBuilder, ComparisonDashboard, ModelManager, TraceViewer
+from workbench.fronts.notebook.widgets import ChainBuilder, ComparisonDashboard, ModelManager, TraceViewer
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -10,14 +10,7 @@ from typing import Any
 import ipywidgets as w
 import traitlets
 
-from workbench.errors import WorkbenchError
-
-
-def describe(error: BaseException) -> str:
-    """A failure as the widget shows it: the message and hint of a user's mistake, else type and message."""
-    if isinstance(error, WorkbenchError):
-        return error.message + (f" (hint: {error.hint})" if error.hint else "")
-    return f"{type(error).__name__}: {error}"
+from workbench.errors import describe
 
 
 class Background:
@@ -57,7 +50,7 @@ class Background:
         try:
             job()
         except Exception as error:  # noqa: BLE001 - every failure belongs in the widget, not on stderr
-            self._on_error(describe(error))
+            self._on_error(describe(error, hint=True))
         finally:
             if on_done is not None:
                 on_done()

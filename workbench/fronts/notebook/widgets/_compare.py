@@ -11,7 +11,7 @@ import traitlets
 
 from workbench.experiments import Comparison, compare
 from workbench.experiments.workloads import as_inputs
-from workbench.notebook.widgets._background import Background, StatusBox
+from workbench.fronts.notebook.widgets._background import Background, StatusBox
 
 if TYPE_CHECKING:
     from workbench.chains.chain import Chain

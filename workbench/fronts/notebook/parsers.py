@@ -10,14 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, NoReturn
 
 from workbench.engine.batching import POLICY_FORMS, BatchingPolicy, parse_policy
-from workbench.errors import WorkbenchError
-from workbench.models.preloading import PRELOADING_FORMS, PreloadingStrategy, parse_preloading
+from workbench.errors import ParseError, WorkbenchError
+from workbench.engine.preloading import PRELOADING_FORMS, PreloadingStrategy, parse_preloading
 
 PROG = "%autoglm"
-
-
-class ParseError(WorkbenchError):
-    """A ``%autoglm`` line or cell that does not parse: unknown subcommand, missing or bad argument."""
 
 
 class MagicArgumentParser(argparse.ArgumentParser):

@@ -17,7 +17,7 @@ from workbench.chains.run import Run
 from workbench.chains.spec import ChainSpec, HopSpec, parse_spec
 from workbench.engine.requests import GenerationParams
 from workbench.errors import HopFailed, WorkbenchError
-from workbench.notebook.widgets._background import Background, StatusBox, describe
+from workbench.fronts.notebook.widgets._background import Background, StatusBox, describe
 
 _DEFAULTS = GenerationParams()
 # What the hop form edits; any other field of a hop loaded from a chain is kept as it was.

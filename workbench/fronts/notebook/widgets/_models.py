@@ -12,7 +12,7 @@ import traitlets
 from workbench.bench import Workbench, current
 from workbench.models.devices import available_devices, device_capacity, supported_dtypes
 from workbench.models.tiny import tiny_model
-from workbench.notebook.widgets._background import Background, StatusBox
+from workbench.fronts.notebook.widgets._background import Background, StatusBox
 
 # Columns of bench.models() shown in the table, in order; "health" appears when the engine reports it.
 COLUMNS = ("name", "device", "dtype", "params", "memory_mb", "health", "state")

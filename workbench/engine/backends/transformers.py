@@ -1,0 +1,218 @@
+"""The in-process transformers backend: tokenize a batch, generate one left-padded batch, time it honestly."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from workbench.engine.backends.base import (
+    BackendOutOfMemory,
+    BatchTiming,
+    OnError,
+    OnResult,
+    Scheduler,
+    TokenSink,
+    next_batch_id,
+    result_from_stamps,
+)
+from workbench.engine.requests import GenerationRequest, GenerationResult, check_text
+from workbench.models.devices import dtype_name
+from workbench.models.registry import LoadedModel
+
+if TYPE_CHECKING:
+    from workbench.engine.batching import BatchingPolicy
+
+
+def is_torch_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is torch running out of memory: CUDA's error (or a fake one), or an allocator's RuntimeError."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+class _StepClock(BaseStreamer):
+    """Reads the clock at each ``put`` of ``generate``: once for the prompt, then once per step.
+
+    The first put after the prompt is the first token (prefill done); each later one is a
+    decode step. ``put`` gets tokens already copied to the host, so on CUDA its clock reads
+    are synchronised. It only reads the clock: which step ended a row is read from the
+    generated tokens afterwards, so a step costs no tensor work here.
+    """
+
+    def __init__(self, on_step: Callable[[torch.Tensor], None] | None = None) -> None:
+        self.step_times: list[float] = []
+        self._prompt_seen = False
+        self._on_step = on_step
+
+    def put(self, value: torch.Tensor) -> None:
+        if self._prompt_seen:
+            self.step_times.append(time.perf_counter())
+            if self._on_step is not None:
+                self._on_step(value)
+        else:
+            self._prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
+class _CancelledRows(StoppingCriteria):
+    """Stops the rows of requests cancelled mid-batch (their timeout ran out) while batch-mates go on."""
+
+    def __init__(self, batch: list[GenerationRequest]) -> None:
+        self.batch = batch
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> torch.BoolTensor:
+        return torch.tensor([r.cancelled for r in self.batch], dtype=torch.bool, device=input_ids.device)
+
+
+class TransformersBackend:
+    """Runs left-padded batched ``generate`` for one model loaded in this process (a :class:`Backend`)."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self.model = loaded.name
+        self.device = str(loaded.device)
+        self.dtype = dtype_name(loaded.dtype)
+        self.context_window = loaded.context_window
+        tokenizer = loaded.tokenizer
+        eos = loaded.model.generation_config.eos_token_id
+        if eos is None:
+            eos = tokenizer.eos_token_id
+        self.eos_ids: set[int] = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.pad_id: int = tokenizer.pad_token_id
+
+    def tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
+        try:
+            ids: list[list[int]] = self.loaded.tokenizer(list(prompts))["input_ids"]
+        except TypeError:  # how a fast tokenizer refuses text with a lone surrogate; say which prompt
+            for index, prompt in enumerate(prompts):
+                check_text(prompt, "the prompt" if len(prompts) == 1 else f"prompt {index + 1} of {len(prompts)}")
+            raise
+        return ids
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.loaded.tokenizer.decode([t for t in tokens if t not in self.eos_ids], skip_special_tokens=True).strip()
+
+    def check(self, policy: BatchingPolicy) -> None:
+        if policy.continuous:
+            from workbench.engine.backends.continuous import check_model
+
+            check_model(self.loaded)
+
+    def scheduler(self, policy: BatchingPolicy, on_result: OnResult, on_error: OnError) -> Scheduler:
+        from workbench.engine.backends.continuous import ContinuousBackend
+
+        return ContinuousBackend(self, policy.settings(), on_result, on_error)  # type: ignore[attr-defined]
+
+    def release_memory(self) -> None:
+        if self.loaded.device.type == "cuda":
+            torch.cuda.empty_cache()  # give back what the failed batch's allocations left cached
+
+    def memory_bytes(self) -> int:
+        return self.loaded.memory_bytes
+
+    def close(self) -> None:
+        pass  # the registry owns the weights and frees them on unload
+
+    def generate(
+        self, batch: list[GenerationRequest], on_token: TokenSink | None = None
+    ) -> tuple[list[GenerationResult], BatchTiming]:
+        try:
+            return self._generate(batch, on_token)
+        except BaseException as exc:
+            if is_torch_out_of_memory(exc):
+                raise BackendOutOfMemory(str(exc)) from exc
+            raise
+
+    def _streamer(self, batch: list[GenerationRequest], on_token: TokenSink) -> Callable[[torch.Tensor], None]:
+        """Forward each step's token of every streaming row to ``on_token``, with the text it adds."""
+        rows = [(row, request) for row, request in enumerate(batch) if request.stream]
+        generated: dict[int, list[int]] = {row: [] for row, _ in rows}
+        texts: dict[int, str] = {row: "" for row, _ in rows}
+        done: set[int] = set()
+
+        def on_step(value: torch.Tensor) -> None:
+            step = value.tolist()
+            for row, request in rows:
+                if row in done:
+                    continue
+                token = step[row] if isinstance(step, list) else step
+                if token in self.eos_ids:
+                    done.add(row)
+                    continue
+                generated[row].append(token)
+                text = self.detokenize(generated[row])
+                delta, texts[row] = text[len(texts[row]):], text
+                on_token(request, token, delta)
+
+        return on_step
+
+    def _generate(
+        self, batch: list[GenerationRequest], on_token: TokenSink | None
+    ) -> tuple[list[GenerationResult], BatchTiming]:
+        """Generate for every request of ``batch`` (equal params) in one padded call."""
+        params = batch[0].params
+        model, device = self.loaded.model, self.loaded.device
+        width = max(r.tokens_in for r in batch)
+        # Padded rows built as lists: two tensor constructions, however large the batch.
+        input_ids = torch.tensor([[self.pad_id] * (width - r.tokens_in) + r.input_ids for r in batch], dtype=torch.long)
+        attention = torch.tensor([[0] * (width - r.tokens_in) + [1] * r.tokens_in for r in batch], dtype=torch.long)
+        streaming = on_token is not None and any(r.stream for r in batch)
+        clock = _StepClock(self._streamer(batch, on_token) if streaming else None)  # type: ignore[arg-type]
+        cancellable = any(r.cancellable for r in batch)
+        started = time.perf_counter()
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        with torch.inference_mode():
+            output = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention.to(device),
+                pad_token_id=self.pad_id,
+                eos_token_id=sorted(self.eos_ids) or None,
+                streamer=clock,
+                # Only requests with a timeout can be cancelled; others skip the per-step check.
+                stopping_criteria=StoppingCriteriaList([_CancelledRows(batch)] if cancellable else []),
+                **params.generate_kwargs(),
+            )
+        ended = time.perf_counter()
+        generated = output[:, width:].tolist()
+        first = clock.step_times[0] if clock.step_times else ended
+        batch_id = next_batch_id()
+        results = []
+        detok_start = time.perf_counter()
+        for row, request in enumerate(batch):
+            # A finished row is padded from then on, so its first EOS is the step that ended it.
+            stop_step = next((step for step, t in enumerate(generated[row]) if t in self.eos_ids), None)
+            if stop_step is not None:
+                tokens = generated[row][: stop_step + 1]
+                finished = clock.step_times[stop_step]
+            else:
+                tokens = generated[row][: params.max_new_tokens]
+                finished = clock.step_times[len(tokens) - 1] if tokens else first
+            results.append(
+                result_from_stamps(
+                    request, tokens, self.detokenize(tokens), "stop" if stop_step is not None else "length",
+                    started=started, first=first, last=finished, batch_id=batch_id, batch_size=len(batch),
+                    padding_tokens=width - request.tokens_in,
+                )
+            )
+        timing = BatchTiming(
+            batch_id=batch_id,
+            size=len(batch),
+            padded_len=width,
+            padding_tokens=sum(width - r.tokens_in for r in batch),
+            started=started,
+            prefill_ms=(first - started) * 1e3,
+            decode_ms=(ended - first) * 1e3,
+            detokenize_ms=(time.perf_counter() - detok_start) * 1e3,
+            steps=len(clock.step_times),
+        )
+        return results, timing
+
