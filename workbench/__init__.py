@@ -2,139 +2,114 @@
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from workbench._version import __version__
 
-from workbench.bench import Session, Workbench, current, set_current
-from workbench.chains.batch import MapInterrupted, RunBatch
-from workbench.chains.chain import Chain
-from workbench.chains.resilience import RetryPolicy
-from workbench.chains.context import ContextStore, InMemoryContextStore, RunRecord
-from workbench.chains.run import Run
-from workbench.chains.sqlite_store import SQLiteContextStore
-from workbench.engine import (
-    BatchingPolicy,
-    ContinuousBatching,
-    DynamicBatching,
-    Faults,
-    GenerationParams,
-    GenerationResult,
-    InjectedFault,
-    NoBatching,
-    StaticBatching,
-)
-from workbench.errors import (
-    CircuitOpen,
-    ContextWindowExceeded,
-    HopFailed,
-    HopTimeout,
-    InvalidInput,
-    MissingInputError,
-    ModelError,
-    ModelLoadError,
-    ModelOutOfMemory,
-    ModelUnhealthy,
-    ParseError,
-    RetriesExhausted,
-    RunCancelled,
-    RunError,
-    ServingError,
-    SettingsError,
-    SpecError,
-    StoreError,
-    WorkbenchClosed,
-    StrategyError,
-    TemplateError,
-    UnknownModelError,
-    WorkbenchError,
-    WorkloadError,
-)
-from workbench.experiments import ClosedLoop, Comparison, PoissonArrivals, compare
-from workbench.engine.preloading import Eager, KeepWarm, Lazy, Prefetch, PreloadingStrategy
-from workbench.models.tiny import tiny_model
-from workbench.tracing import Trace
-from workbench.tracing.gcpauses import pauses as gc_pauses
-
-__all__ = [
-    "BatchingPolicy",
-    "Chain",
-    "ChainBuilder",
-    "CircuitOpen",
-    "ClosedLoop",
-    "Comparison",
-    "ComparisonDashboard",
-    "ContextStore",
-    "ContextWindowExceeded",
-    "ContinuousBatching",
-    "DynamicBatching",
-    "Eager",
-    "Faults",
-    "GenerationParams",
-    "GenerationResult",
-    "HopFailed",
-    "HopTimeout",
-    "InMemoryContextStore",
-    "InjectedFault",
-    "InvalidInput",
-    "KeepWarm",
-    "Lazy",
-    "MapInterrupted",
-    "MissingInputError",
-    "ModelError",
-    "ModelLoadError",
-    "ModelManager",
-    "ModelOutOfMemory",
-    "ModelUnhealthy",
-    "NoBatching",
-    "PoissonArrivals",
-    "Prefetch",
-    "PreloadingStrategy",
-    "ParseError",
-    "RetriesExhausted",
-    "RetryPolicy",
-    "Run",
-    "RunBatch",
-    "RunCancelled",
-    "RunError",
-    "RunRecord",
-    "SQLiteContextStore",
-    "ServingError",
-    "Session",
-    "SettingsError",
-    "SpecError",
-    "StaticBatching",
-    "StoreError",
-    "WorkbenchClosed",
-    "StrategyError",
-    "TemplateError",
-    "Trace",
-    "TraceViewer",
-    "UnknownModelError",
-    "Workbench",
-    "WorkbenchError",
-    "WorkloadError",
-    "__version__",
-    "compare",
-    "current",
-    "gc_pauses",
-    "load_ipython_extension",
-    "set_current",
-    "tiny_model",
-]
+if TYPE_CHECKING:
+    from workbench.bench import Session, Workbench, current, set_current
+    from workbench.chains.batch import MapInterrupted, RunBatch
+    from workbench.chains.chain import Chain
+    from workbench.chains.events import HopFinished, HopStarted, RunFinished, Token
+    from workbench.chains.resilience import RetryPolicy
+    from workbench.chains.context import ContextStore, InMemoryContextStore, RunRecord
+    from workbench.chains.run import Run
+    from workbench.chains.sqlite_store import SQLiteContextStore
+    from workbench.engine import (
+        BatchingPolicy,
+        ContinuousBatching,
+        DynamicBatching,
+        Faults,
+        GenerationParams,
+        GenerationResult,
+        InjectedFault,
+        NoBatching,
+        StaticBatching,
+    )
+    from workbench.errors import (
+        CircuitOpen,
+        ContextWindowExceeded,
+        HopFailed,
+        HopTimeout,
+        InvalidInput,
+        MissingInputError,
+        ModelError,
+        ModelLoadError,
+        ModelOutOfMemory,
+        ModelUnhealthy,
+        ParseError,
+        RetriesExhausted,
+        RunCancelled,
+        RunError,
+        ServingError,
+        SettingsError,
+        SpecError,
+        StoreError,
+        WorkbenchClosed,
+        StrategyError,
+        TemplateError,
+        UnknownModelError,
+        WorkbenchError,
+        WorkloadError,
+    )
+    from workbench.experiments import ClosedLoop, Comparison, PoissonArrivals, compare
+    from workbench.engine.preloading import Eager, KeepWarm, Lazy, Prefetch, PreloadingStrategy
+    from workbench.models.tiny import tiny_model
+    from workbench.tracing import Trace
+    from workbench.tracing.gcpauses import pauses as gc_pauses
+    from workbench.fronts.notebook.widgets import ChainBuilder, ComparisonDashboard, ModelManager, TraceViewer
 
 
-# The widgets bring in ipywidgets and anywidget: they import on first use, so a script or a
-# worker process that never shows one does not pay for them.
-_WIDGETS = frozenset({"ChainBuilder", "ComparisonDashboard", "ModelManager", "TraceViewer"})
+# Where each public name lives (the imports above, for type checkers, say the same). Names import on
+# first use: `import workbench` stays cheap, so `autoglm --help` answers at once and torch and
+# transformers load only when something that needs them is touched.
+_HOMES = {
+    "workbench.bench": ("Session", "Workbench", "current", "set_current"),
+    "workbench.chains.batch": ("MapInterrupted", "RunBatch"),
+    "workbench.chains.chain": ("Chain",),
+    "workbench.chains.events": ("HopFinished", "HopStarted", "RunFinished", "Token"),
+    "workbench.chains.resilience": ("RetryPolicy",),
+    "workbench.chains.context": ("ContextStore", "InMemoryContextStore", "RunRecord"),
+    "workbench.chains.run": ("Run",),
+    "workbench.chains.sqlite_store": ("SQLiteContextStore",),
+    "workbench.engine": (
+        "BatchingPolicy", "ContinuousBatching", "DynamicBatching", "Faults", "GenerationParams", "GenerationResult",
+        "InjectedFault", "NoBatching", "StaticBatching",
+    ),
+    "workbench.errors": (
+        "CircuitOpen", "ContextWindowExceeded", "HopFailed", "HopTimeout", "InvalidInput", "MissingInputError",
+        "ModelError",
+        "ModelLoadError", "ModelOutOfMemory", "ModelUnhealthy", "ParseError", "RetriesExhausted", "RunCancelled",
+        "RunError", "ServingError", "SettingsError", "SpecError", "StoreError", "WorkbenchClosed", "StrategyError",
+        "TemplateError", "UnknownModelError", "WorkbenchError", "WorkloadError",
+    ),
+    "workbench.experiments": ("ClosedLoop", "Comparison", "PoissonArrivals", "compare"),
+    "workbench.engine.preloading": ("Eager", "KeepWarm", "Lazy", "Prefetch", "PreloadingStrategy"),
+    "workbench.models.tiny": ("tiny_model",),
+    "workbench.tracing": ("Trace",),
+    # The widgets bring in ipywidgets and anywidget: a script or a worker that shows none never pays for them.
+    "workbench.fronts.notebook.widgets": ("ChainBuilder", "ComparisonDashboard", "ModelManager", "TraceViewer"),
+}
+_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
+_RENAMED = {"gc_pauses": ("workbench.tracing.gcpauses", "pauses")}
+__all__ = sorted([*_HOME_OF, *_RENAMED, "__version__", "load_ipython_extension"])
 
 
 def __getattr__(name: str) -> Any:
-    if name in _WIDGETS:
-        from workbench.fronts.notebook import widgets
+    if name in _HOME_OF:
+        module, attribute = _HOME_OF[name], name
+    elif name in _RENAMED:
+        module, attribute = _RENAMED[name]
+    else:
+        raise AttributeError(f"module 'workbench' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), attribute)
+    globals()[name] = value  # later lookups skip this function
+    return value
 
-        return getattr(widgets, name)
-    raise AttributeError(f"module 'workbench' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
 
 
 def load_ipython_extension(ipython: Any) -> None:

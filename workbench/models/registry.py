@@ -23,25 +23,12 @@ from opentelemetry.trace import Span
 from workbench.errors import ModelLoadError, UnknownModelError
 from workbench.models import heap
 from workbench.models.devices import dtype_name, resolve_device, resolve_dtype
+from workbench.models.settings import LoadSettings
 from workbench.tracing import Tracing
 from workbench.tracing import attributes as attr_names
 
 if TYPE_CHECKING:
     import pandas as pd
-
-
-@dataclass
-class LoadSettings:
-    """How to load a model: where from, onto what, and which risks the user opted into."""
-
-    source: str
-    device: str = "auto"
-    dtype: str = "auto"
-    adapter: str | None = None
-    trust_remote_code: bool = False
-    allow_pickle: bool = False
-    revision: str | None = None
-    warmup: bool = False  # run a tiny generate after loading; its time counts as cold start
 
 
 @dataclass
@@ -212,7 +199,8 @@ class ModelRegistry:
                 for n, s in self._registered.items()
                 if n not in self._loaded
             ]
-        return pd.DataFrame(rows, columns=columns)
+        # Whole numbers stay whole when a registered model has none yet.
+        return pd.DataFrame(rows, columns=columns).astype({"params": "Int64"})
 
     # -- changes -----------------------------------------------------------------------------
 
@@ -371,7 +359,7 @@ def _check_source(settings: LoadSettings) -> None:
     if _only_pickle(path) and not settings.allow_pickle:
         raise ModelLoadError(
             f"{settings.source!r} has only pickle weights (.bin/.pt), which can run code when loaded",
-            hint="convert them to safetensors, or pass allow_pickle=True if you trust their author",
+            hint="convert them to safetensors, or pass allow_pickle=True (--allow-pickle) if you trust their author",
         )
     if not has_safetensors and not has_pickle:
         raise ModelLoadError(f"{settings.source!r} has a config.json but no weights", hint="is the download complete?")

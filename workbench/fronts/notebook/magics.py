@@ -12,10 +12,12 @@ from IPython.display import display
 
 from workbench.bench import current
 from workbench.chains.chain import Chain
+from workbench.chains.events import HopFinished, HopStarted, RunFinished, Token
+from workbench.chains.run import Run
 from workbench.errors import HopFailed, MissingInputError, WorkbenchError
 from workbench.experiments import compare
 from workbench.experiments.workloads import read_inputs
-from workbench.models.tiny import tiny_model
+from workbench.fronts.arguments import load_model
 from workbench.fronts.notebook.parsers import (
     PROG,
     BuilderCommand,
@@ -32,9 +34,9 @@ from workbench.fronts.notebook.parsers import (
     parse_command,
 )
 from workbench.fronts.notebook.widgets import ChainBuilder, ComparisonDashboard, ModelManager, TraceViewer
+from workbench.tables import Readable
 
 if TYPE_CHECKING:
-    import pandas as pd
     from IPython.core.interactiveshell import InteractiveShell
 
     from workbench.tracing import Trace
@@ -54,9 +56,9 @@ def report(error: WorkbenchError) -> None:
         print(f"hint: {error.hint}", file=sys.stderr)
 
 
-def span_table(trace: Trace) -> pd.DataFrame:
-    """The columns a latency reader wants first, names indented by depth in the span tree."""
-    return trace.compact(indent=_INDENT)
+def span_table(trace: Trace) -> Readable:
+    """The columns a latency reader wants first, names indented by depth in the span tree, read at a glance."""
+    return Readable(trace.compact(indent=_INDENT))
 
 
 @magics_class
@@ -98,16 +100,7 @@ class AutoglmMagics(Magics):
         print(help_text(command.topic), end="")
 
     def _load(self, command: LoadCommand) -> None:
-        source = str(tiny_model()) if command.source == "tiny" else command.source
-        model = current().load(
-            command.name,
-            source,
-            device=command.device,
-            dtype=command.dtype,
-            adapter=command.adapter,
-            trust_remote_code=command.trust_remote_code,
-            allow_pickle=command.allow_pickle,
-        )
+        model = load_model(current(), command.name, command.settings)
         dtype = str(model.dtype).removeprefix("torch.")
         print(
             f"loaded {command.name!r} on {model.device} in {dtype} ({model.params:,} parameters)"
@@ -122,7 +115,7 @@ class AutoglmMagics(Magics):
         if table.empty:
             print("no models yet; load one with %autoglm load NAME SOURCE")
         else:
-            display(table)
+            display(Readable(table))
 
     def _unload(self, command: UnloadCommand) -> None:
         freed = current().unload(command.name)
@@ -153,7 +146,7 @@ class AutoglmMagics(Magics):
     def _run(self, command: RunCommand) -> None:
         chain = self._find_chain(command.chain)
         try:
-            run = chain.run(session=command.session, **command.inputs)
+            run = self._stream(chain, command) if command.stream else chain.run(session=command.session, **command.inputs)
         except MissingInputError as missing:
             example = " ".join(f"{name}=..." for name in chain.inputs)
             raise MissingInputError(missing.message, hint=f"{PROG} run {command.chain} {example}") from None
@@ -166,6 +159,22 @@ class AutoglmMagics(Magics):
         display(run)
         display(span_table(run.trace))
 
+    @staticmethod
+    def _stream(chain: Chain, command: RunCommand) -> Run:
+        """Run ``chain``, printing each LLM hop's tokens as they arrive under a ``[hop]`` heading."""
+        for event in chain.stream(session=command.session, **command.inputs):
+            if isinstance(event, HopStarted):
+                print(f"[{event.hop}] ", end="", flush=True)
+            elif isinstance(event, Token):
+                print(event.text, end="", flush=True)
+            elif isinstance(event, HopFinished):
+                print(flush=True)
+            elif isinstance(event, RunFinished):
+                if event.run.error is not None:
+                    raise event.run.error
+                return event.run
+        raise AssertionError("a stream ends with its run")
+
     def _trace(self, command: TraceCommand) -> None:
         bench = current()
         trace = bench.traces() if command.all else bench.run(command.run).trace
@@ -173,7 +182,7 @@ class AutoglmMagics(Magics):
             print("no spans recorded yet")
             return
         if command.summary:
-            display(trace.summary())
+            display(Readable(trace.summary()))
         if command.waterfall:
             display(trace.waterfall())
         if command.ui:
@@ -195,7 +204,7 @@ class AutoglmMagics(Magics):
             dashboard = ComparisonDashboard(
                 chain,
                 inputs,
-                batching=[policy.name for policy in command.batching or ()],
+                batching=command.batching or (),
                 preloading=command.preload or (),
                 save=command.save,
                 **workload,

@@ -1,4 +1,4 @@
-"""One job at a time off the kernel's thread, with its error turned into a line a widget can show."""
+"""What the widgets share: one job at a time off the kernel's thread, status and error lines, a text fallback."""
 
 from __future__ import annotations
 
@@ -11,6 +11,12 @@ import ipywidgets as w
 import traitlets
 
 from workbench.errors import describe
+
+
+def text_fallback(widget: object, summary: str) -> str:
+    """What a widget shows where no widget can be drawn: a saved notebook not yet run, a terminal."""
+    # ipywidgets and anywidget put repr() in the text/plain output, which a notebook keeps when saved.
+    return f"{type(widget).__name__} widget: {summary} (run the cell to see it)"
 
 
 class Background:

@@ -13,11 +13,13 @@ import yaml
 
 from workbench.bench import Workbench, current
 from workbench.chains.chain import Chain
+from workbench.chains.events import HopStarted, RunFinished, Token
 from workbench.chains.run import Run
 from workbench.chains.spec import ChainSpec, HopSpec, parse_spec
 from workbench.engine.requests import GenerationParams
-from workbench.errors import HopFailed, WorkbenchError
-from workbench.fronts.notebook.widgets._background import Background, StatusBox, describe
+from workbench.errors import WorkbenchError, describe
+from workbench.fronts.notebook.widgets._background import Background, StatusBox, text_fallback
+from workbench.tables import Readable
 
 _DEFAULTS = GenerationParams()
 # What the hop form edits; any other field of a hop loaded from a chain is kept as it was.
@@ -222,6 +224,10 @@ class ChainBuilder(StatusBox):
         else:
             self.add_hop()
 
+    def __repr__(self) -> str:
+        hops = " -> ".join(e.hop_name.value for e in self.hop_editors) or "no hops"
+        return text_fallback(self, f"chain {self.chain_name.value!r}: {hops}")
+
     # -- editing -------------------------------------------------------------------------------
 
     @property
@@ -288,7 +294,7 @@ class ChainBuilder(StatusBox):
         try:
             chain = self.bench.chain(self.spec())
         except WorkbenchError as error:
-            self.error = describe(error)
+            self.error = describe(error, hint=True)
             return False
         self.chain = chain
         inputs = {name: self.inputs[name].value for name in chain.inputs if name in self.inputs}
@@ -297,13 +303,10 @@ class ChainBuilder(StatusBox):
         self.running = True
 
         def job() -> None:
-            try:
-                run = chain.run(**inputs)
-            except HopFailed as failed:
-                if isinstance(failed.run, Run):
-                    self._show_run(failed.run)
-                raise
+            run = self._stream(chain, inputs)
             self._show_run(run)
+            if run.error is not None:
+                raise run.error
             self.status = f"run {run.id}: {run.duration_ms:.1f} ms, {len(run.trace)} spans"
 
         return self._job.start(job, on_done=self._done)
@@ -312,12 +315,26 @@ class ChainBuilder(StatusBox):
         """Wait for a run started from the widget to finish."""
         self._job.wait(timeout)
 
+    def _stream(self, chain: Chain, inputs: dict[str, Any]) -> Run:
+        """Run ``chain``, showing each hop's answer in the output area token by token as it arrives."""
+        texts: dict[str, str] = {}
+        for event in chain.stream(**inputs):
+            if isinstance(event, HopStarted):
+                texts[event.hop] = ""
+                self.status = f"running {chain.name!r}: hop {event.hop!r} ..."
+            elif isinstance(event, Token):
+                texts[event.hop] += event.text
+                self.output.value = "".join(
+                    f"<div><b>{html.escape(hop)}</b> <span>{html.escape(text)}</span></div>" for hop, text in texts.items()
+                )
+            elif isinstance(event, RunFinished):
+                return event.run
+        raise AssertionError("a stream ends with its run")
+
     def _show_run(self, run: Run) -> None:
         self.last_run = run
         self.output.value = run._repr_html_()
-        # Blank, not "<NA>", where a span has no such figure (tokens of a hop span, say).
-        table = run.trace.compact(indent=_SPAN_INDENT).round(2).astype(object).fillna("")
-        self.span_table.value = table.to_html(index=False, classes="autoglm-span-table")
+        self.span_table.value = Readable(run.trace.compact(indent=_SPAN_INDENT)).to_html("autoglm-span-table")
 
     def _done(self) -> None:
         self.running = False
@@ -356,7 +373,7 @@ class ChainBuilder(StatusBox):
             parsed = parse_spec(self.spec(), known_models=self.bench.registry.names(),
                                 allowed_modules=self.bench.allow_modules())
         except WorkbenchError as error:
-            self._check.value = f"<span style='color:#c00'>{html.escape(describe(error))}</span>"
+            self._check.value = f"<span style='color:#c00'>{html.escape(describe(error, hint=True))}</span>"
             return
         self._check.value = (
             f"<span style='color:#2a7a2a'>spec ok: {len(parsed.hops)} hops, "
