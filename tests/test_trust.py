@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from pathlib import Path
 from textwrap import dedent
 from typing import Any
 
 import pytest
+from helpers import WAIT_S
 
 import workbench as wb
 from workbench.chains.templates import PromptTemplate
@@ -268,3 +270,33 @@ def test_a_lora_adapter_with_only_pickle_weights_is_refused_unless_allowed(
         assert tiny_bench.generate("tuned", "Hello", max_new_tokens=2).tokens_out == 2
     finally:
         tiny_bench.unload("tuned", forget=True)
+
+
+def test_a_slow_template_does_not_hold_up_other_runs(tiny_path: Path, tmp_path: Path) -> None:
+    class Gate:
+        """Blocks the template that calls it until the test lets it go; says whether it was let go or gave up."""
+
+        def __init__(self) -> None:
+            self.entered, self.released = threading.Event(), threading.Event()
+            self.outcome = ""
+
+        def wait(self) -> str:
+            self.entered.set()
+            self.outcome = "released" if self.released.wait(WAIT_S) else "gave up"
+            return self.outcome
+
+    gate = Gate()
+    with wb.Workbench(data_dir=tmp_path) as bench:
+        bench.load("tiny", tiny_path, device="cpu")
+        slow = bench.chain({"name": "slow", "hops": [{"name": "ask", "model": "tiny", "max_new_tokens": 2,
+                                                      "prompt": "{{ gate.wait() }}: {{ question }}"}]})
+        quick = _llm_chain(bench, "Q: {{ question }}")
+        slow_runs: list[wb.Run] = []
+        runner = threading.Thread(target=lambda: slow_runs.append(slow.run(question="q", gate=gate)))
+        runner.start()
+        assert gate.entered.wait(WAIT_S)
+        # Were the slow template rendering on the loop every run walks on, this run would wait for the gate.
+        assert quick.run(question="hi").ok
+        gate.released.set()
+        runner.join(WAIT_S)
+    assert gate.outcome == "released" and slow_runs[0].ok

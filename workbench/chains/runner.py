@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from opentelemetry.trace import Span, Status, StatusCode
@@ -215,20 +216,35 @@ class Runner:
         with self.tracing.span(f"hop {hop.name}", parent, attributes) as span:
             if self.engine.preloader.prefetching:  # load what later hops need while this one runs
                 self.engine.preloader.hop_started(hop.model, spec.models_after(hop.name), span, parent)
-            value = await serve(self._routes(hop, state, values, span), hop.resilience, span)
+            prompt = await self._prompt(hop, values, span)
+            value = await serve(self._routes(hop, state, values, span, prompt), hop.resilience, span)
             span.set_attribute(attr.OUTPUT_VALUE, _preview(value))
             span.set_status(Status(StatusCode.OK))
         state.emit(HopFinished(hop.name, value, (time.perf_counter() - started) * 1e3))
         return value
 
-    def _routes(self, hop: HopSpec, state: RunState, values: dict[str, Any], span: Span) -> list[Route]:
+    async def _prompt(self, hop: HopSpec, values: dict[str, Any], span: Span) -> str:
+        """An LLM hop's prompt ("" for a Python hop), bounded by the hop's timeout_s.
+
+        A template that is more than text and ``{{ name }}``s renders in the hop pool: a slow one
+        (a spec may be someone else's) must not hold up the loop every run walks on.
+        """
+        if hop.kind != "llm":
+            return ""
+        assert hop.template is not None
+        render = partial(hop.template.render, values, timeout_s=hop.resilience.timeout_s)
+        if hop.template.plain:
+            prompt = render()
+        else:
+            prompt = await asyncio.get_running_loop().run_in_executor(self.hop_pool, render)
+        check_text(prompt, f"the prompt of hop {hop.name!r}")  # a hop's output may carry a lone surrogate
+        span.set_attribute(attr.INPUT_VALUE, _preview(prompt))
+        return prompt
+
+    def _routes(
+        self, hop: HopSpec, state: RunState, values: dict[str, Any], span: Span, prompt: str
+    ) -> list[Route]:
         """The ways to serve ``hop``, in the order to try them: its own model or call, then its fallbacks."""
-        prompt = ""
-        if hop.kind == "llm":
-            assert hop.template is not None and hop.model is not None
-            prompt = hop.template.render(values, timeout_s=hop.resilience.timeout_s)  # the timeout bounds rendering too
-            check_text(prompt, f"the prompt of hop {hop.name!r}")  # a hop's output may carry a lone surrogate
-            span.set_attribute(attr.INPUT_VALUE, _preview(prompt))
         on_token = _token_sink(state, hop.name) if state.events is not None else None
 
         def model(name: str) -> Route:

@@ -307,6 +307,11 @@ class PromptTemplate:
         self._parts = _plain_parts(parsed, self.variables)
         self._template = _ENV.from_string(_WithChecks().visit(parsed))
 
+    @property
+    def plain(self) -> bool:
+        """True if the template is only text and ``{{ name }}``s: it renders at once, without Jinja's runtime."""
+        return self._parts is not None
+
     def render(self, values: Mapping[str, Any], timeout_s: float | None = None) -> str:
         """The prompt for ``values``; a template that runs past ``timeout_s`` (default 10 s) or makes more than
         MAX_PROMPT_CHARS characters raises TemplateError."""
