@@ -70,6 +70,22 @@ hops:
         pytest.param(HOP_HEAD + "    top_p: 2\n", "plan", "top_p", 6, ["top_p must be a number in (0, 1]"],
                      id="top-p-above-one"),
         pytest.param(HOP_HEAD + "    seed: yes\n", "plan", "seed", 6, ["seed must be an integer"], id="seed-bool"),
+        pytest.param(HOP_HEAD + f"    seed: {10**30}\n", "plan", "seed", 6,
+                     ["seed must be an integer from 0 to 2**63 - 1", str(10**30)], id="seed-too-big"),
+        pytest.param(HOP_HEAD + "    temperature: .nan\n", "plan", "temperature", 6,
+                     ["temperature must be a number >= 0", "nan"], id="temperature-nan"),
+        pytest.param(HOP_HEAD + "    timeout_s: .inf\n", "plan", "timeout_s", 6,
+                     ["timeout_s must be a number of seconds > 0 and at most 86400", "inf"], id="timeout-inf"),
+        pytest.param(HOP_HEAD + "    timeout_s: .nan\n", "plan", "timeout_s", 6,
+                     ["timeout_s must be a number of seconds > 0", "nan"], id="timeout-nan"),
+        pytest.param(HOP_HEAD + "    retry: {attempts: 2, backoff_ms: .inf}\n", "plan", "retry.backoff_ms", 6,
+                     ["retry.backoff_ms must be a number of milliseconds >= 0 and at most"], id="backoff-inf"),
+        pytest.param(HOP_HEAD + "    retry: {attempts: 2, backoff_ms: .nan}\n", "plan", "retry.backoff_ms", 6,
+                     ["retry.backoff_ms must be a number of milliseconds"], id="backoff-nan"),
+        pytest.param(HOP_HEAD + "    retry:\n      max_total_s: .nan\n", "plan", "retry.max_total_s", 7,
+                     ["retry.max_total_s must be a number of seconds > 0", "nan"], id="max-total-nan"),
+        pytest.param(HOP_HEAD + "    retry:\n      max_total_s: .inf\n", "plan", "retry.max_total_s", 7,
+                     ["retry.max_total_s must be a number of seconds > 0", "inf"], id="max-total-inf"),
         pytest.param(HOP_HEAD + "    max_new_token: 5\n", "plan", "max_new_token", 6,
                      ["unknown field 'max_new_token'", "did you mean 'max_new_tokens'"], id="unknown-hop-field"),
         pytest.param(HOP_HEAD + "ouptut: plan\n", None, "ouptut", 6,
@@ -386,3 +402,42 @@ def test_the_default_workbench_comes_back_after_it_was_closed() -> None:
         assert second is not first and not second.closed
     finally:
         second.close()
+
+
+def test_a_refused_nan_retry_budget_leaves_the_models_breaker_closed(tiny_bench: wb.Workbench) -> None:
+    with pytest.raises(wb.SpecError, match="retry.max_total_s must be a number"):
+        tiny_bench.chain(HOP_HEAD + "    retry:\n      max_total_s: .nan\n")
+    assert tiny_bench.breakers().set_index("model").loc["tiny", "state"] == "closed"
+    assert tiny_bench.chain(HOP_HEAD).run(question="still fine?").ok  # an unrelated chain still runs
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        ({"question": "caf\udce9"}, "input 'question' of chain 'qa' is not valid text: it holds a lone surrogate"),
+        ({"question": "q", "session": "s\ud800"}, "the session id is not valid text: it holds a lone surrogate"),
+    ],
+    ids=["input", "session"],
+)
+def test_text_that_is_not_valid_unicode_is_refused_before_any_hop(
+    tiny_bench: wb.Workbench, inputs: dict[str, str], message: str
+) -> None:
+    chain = tiny_bench.chain(HOP_HEAD)
+    with pytest.raises(wb.InvalidInput, match=message) as info:
+        chain.run(**inputs)
+    assert "errors='replace'" in str(info.value.hint)
+    with pytest.raises(wb.InvalidInput, match=message):
+        chain.map([{"question": inputs["question"]}], session=inputs.get("session"))
+    assert chain.run(question="café").ok
+
+
+def test_a_hop_output_that_is_not_valid_unicode_fails_its_reader_clearly(tiny_bench: wb.Workbench) -> None:
+    chain = tiny_bench.chain({"name": "bad", "hops": [
+        {"name": "decode", "call": lambda question: b"caf\xe9".decode("utf-8", "surrogateescape")},
+        {"name": "ask", "model": "tiny", "prompt": "{{ decode }}?", "max_new_tokens": 2},
+    ]})
+    with pytest.raises(wb.HopFailed, match="the prompt of hop 'ask' is not valid text") as info:
+        chain.run(question="q")
+    assert info.value.hop == "ask" and isinstance(info.value.cause, wb.InvalidInput)
+    with pytest.raises(wb.InvalidInput, match="the prompt is not valid text"):  # a direct call says so too
+        tiny_bench.generate("tiny", "caf\udce9")

@@ -118,19 +118,24 @@ def test_session_keeps_the_history_of_runs_across_invocations(spec_file: Path, t
         (["run", "{spec}", "question=hi", "--model", "tiny={missing}"], "is not a directory", "config.json"),
         (["run", "{spec}", "questoin=hi", "--model", "tiny={tiny}"], "did you mean 'question'",
          "autoglm run {spec} question=..."),
+        (["run", "{latin1}", "question=hi"], "line 1: {latin1} is not UTF-8 text: byte 0xe9 cannot be read",
+         "save the spec as UTF-8"),
     ],
     ids=["missing-file", "directory", "no-spec-near", "no-equals", "session-as-input", "model-no-equals",
-         "model-twice", "no-model", "bad-model-path", "typo-input"],
+         "model-twice", "no-model", "bad-model-path", "typo-input", "not-utf8"],
 )
 def test_mistakes_exit_2_with_a_short_message_and_a_hint_in_command_line_terms(
     args: list[str], message: str, hint: str, spec_file: Path, tiny_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
+    latin1 = spec_file.parent / "encodings" / "latin1.yaml"  # apart, so the directory case lists hello.yaml alone
+    latin1.parent.mkdir(exist_ok=True)
+    latin1.write_bytes(SPEC.replace("name: hello", "name: héllo").encode("latin-1"))
     paths = {"missing": spec_file.with_name("helo.yaml"), "dir": spec_file.parent, "spec": spec_file,
-             "tiny": tiny_path}
+             "tiny": tiny_path, "latin1": latin1}
     assert main([a.format(**paths) for a in args]) == 2
     captured = capsys.readouterr()
     first, second = captured.err.splitlines()
-    assert first.startswith("autoglm: ") and message in first
+    assert first.startswith("autoglm: ") and message.format(**paths) in first
     assert second.startswith("hint: ") and hint.format(**paths) in second
     # The hint names what to type here, not the Python API or the magics.
     assert "bench." not in second and "chain.run" not in second and "%autoglm" not in second
@@ -141,7 +146,7 @@ def test_a_failed_hop_prints_what_finished_and_a_short_message(tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     spec = tmp_path / "parse.yaml"
     spec.write_text("name: parse\nhops:\n  - name: decode\n    call: json:loads\n", encoding="utf-8")
-    assert main(["run", str(spec), "s=not json"]) == 2
+    assert main(["run", str(spec), "s=not json", "--allow-module", "json"]) == 2
     captured = capsys.readouterr()
     assert [" ".join(r[:2]) for r in _span_rows(captured.out)] == ["chain parse", "hop decode"]
     assert captured.err.splitlines() == [

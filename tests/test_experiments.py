@@ -412,6 +412,8 @@ def test_eager_passes_load_before_the_first_run(bench: wb.Workbench, two_models:
         ("stat:8", "unknown policy 'stat' (did you mean 'static'?)"),
         ("static:x", "size 'x' is not a whole number"),
         ("dynamic:8:soon", "max_wait 'soon' is not a time such as 5ms or 0.5s"),
+        ("dynamic:16:infms", "max_wait 'infms' is not a time such as 5ms or 0.5s"),
+        ("static:8:nan", "timeout 'nan' is not a time such as 5ms or 0.5s"),
         ("dynamic:8:5ms:big", "setting 'big' is neither a token budget (512tok) nor a length ratio (len1.5)"),
         ("none:4", "none takes no settings, got 1"),
         ("static:8:5ms:9", "static takes at most 2 settings, got 3"),

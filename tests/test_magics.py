@@ -259,6 +259,8 @@ ECHO_CHAIN = (
                      id="compare-without-inputs"),
         pytest.param("%autoglm compare qa --inputs q.jsonl --batching none,dynamic:16:soon",
                      "batching 'dynamic:16:soon': max_wait 'soon' is not a time", id="compare-bad-batching"),
+        pytest.param("%autoglm compare qa --inputs q.jsonl --batching dynamic:16:infms",
+                     "batching 'dynamic:16:infms': max_wait 'infms' is not a time", id="compare-infinite-wait"),
         pytest.param("%autoglm compare qa --inputs q.jsonl --preload lazy,sometimes",
                      "preloading 'sometimes': unknown strategy 'sometimes'", id="compare-bad-preload"),
         pytest.param("%autoglm compare qa --inputs q.jsonl --ui --rate 0", "compare: --rate must be above 0",

@@ -296,3 +296,66 @@ def test_an_interrupted_batch_shows_itself() -> None:
     assert repr(batch) == "<RunBatch of 'qa', 2 inputs: 0 ok, 0 failed, 2 not run (interrupted)>"
     page: Any = batch._repr_html_()
     assert "RunBatch of <b>qa</b>" in page and page.count("not run") == 3
+
+
+# -- mistakes and closing ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda chain: chain.map(["q1", "q2"]), wb.InvalidInput,
+         "chain.map takes one mapping of inputs per run; item 0 is str 'q1'"),
+        (lambda chain: chain.map(inputs(2), concurrency="8"), wb.WorkloadError,
+         "concurrency must be a whole number >= 1, not '8'"),
+        (lambda chain: chain.map(inputs(2), concurrency=0), wb.WorkloadError, "concurrency must be a whole number"),
+    ],
+    ids=["strings-not-mappings", "concurrency-text", "concurrency-zero"],
+)
+def test_map_mistakes_are_refused_before_any_run(
+    tiny_bench: wb.Workbench, call: Any, error: type, message: str
+) -> None:
+    chain = tiny_bench.chain({"name": "echo", "hops": [{"name": "echo", "call": lambda n: n}]})
+    with pytest.raises(error, match=message) as info:
+        call(chain)
+    assert info.value.hint
+    assert chain.last_batch is None  # nothing started
+    assert [run.output for run in chain.map(inputs(2), concurrency=2)] == ["0", "1"]
+
+
+def test_closing_the_workbench_during_a_map_says_so_on_the_runs_in_flight(tiny_path: Any, tmp_path: Any) -> None:
+    bench = wb.Workbench(data_dir=tmp_path)
+    bench.load("tiny", tiny_path, device="cpu")
+    gate, waiting = threading.Event(), Calls()
+
+    def held(n: str) -> str:
+        waiting.add(n)
+        gate.wait(WAIT_S)
+        return n
+
+    chain = bench.chain({"name": "held", "hops": [
+        {"name": "hold", "call": held},
+        {"name": "ask", "model": "tiny", "prompt": "{{ hold }}", "max_new_tokens": 2},
+    ]})
+    outcome: list[BaseException] = []
+
+    def mapping() -> None:
+        try:
+            chain.map(inputs(6), concurrency=2)
+        except wb.WorkbenchError as exc:
+            outcome.append(exc)
+
+    mapper = threading.Thread(target=mapping)
+    mapper.start()
+    try:
+        eventually(lambda: len(waiting) == 2, "two runs to be in flight")
+        bench.close()
+    finally:
+        gate.set()
+        mapper.join(WAIT_S)
+    assert len(outcome) == 1 and isinstance(outcome[0], wb.WorkbenchClosed)  # the map says why it stopped
+    assert "this workbench is closed" in str(outcome[0])
+    batch = chain.last_batch
+    assert batch is not None and not any(run.ok for run in batch.finished)
+    for run in batch.finished:  # a run that ended as the models went says so too, not "no model named 'tiny'"
+        assert isinstance(run.error, wb.HopFailed) and isinstance(run.error.cause, wb.WorkbenchClosed)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import weakref
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -167,15 +168,39 @@ def _no_config_dir(tmp_path: Path, tiny_path: Path) -> Path:
         ("unknown-device", "unknown device 'gpu0'"),
         ("unknown-dtype", "unknown dtype 'int3'"),
         ("name-taken", "'tiny' is already loaded"),
+        ("device-none", "device must be a name such as 'cpu' or 'cuda:0', not None"),
+        ("device-number", "not 0 \\(for GPU 0, 'cuda:0'\\)"),
+        ("dtype-none", "dtype must be a name such as 'float32', not None"),
+        ("bad-config", "StrictDataclassFieldValidationError: .*'hidden_size' expected int, got str"),
+        ("truncated-weights", "SafetensorError"),
+        ("relative-missing", "'models/tiny' is not a directory \\(relative paths start at "),
+        ("relative-unknown", "'modles/tiny' is not a local directory, and as a hub id it is not in the Hugging Face"),
     ],
 )
 def test_clear_load_errors(
-    case: str, match: str, tiny_bench: wb.Workbench, tiny_path: Path, tmp_path: Path
+    case: str, match: str, tiny_bench: wb.Workbench, tiny_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    source: Path = tiny_path
-    kwargs: dict[str, str] = {"device": "cpu"}
+    source: Path | str = tiny_path
+    kwargs: dict[str, Any] = {"device": "cpu"}
     name = "other"
-    if case == "not-a-directory":
+    if case.startswith("relative"):
+        (tmp_path / "models").mkdir()
+        monkeypatch.chdir(tmp_path)
+        # Offline, as CI is; on a machine that reaches the hub the check would look there instead.
+        monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+        source = "models/tiny" if case == "relative-missing" else "modles/tiny"
+    elif case in ("bad-config", "truncated-weights"):
+        source = tmp_path / case
+        shutil.copytree(tiny_path, source)
+        if case == "bad-config":
+            config = json.loads((source / "config.json").read_text())
+            (source / "config.json").write_text(json.dumps({**config, "hidden_size": "wide"}))
+        else:
+            weights = (source / "model.safetensors").read_bytes()
+            (source / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    elif case in ("device-none", "device-number", "dtype-none"):
+        kwargs = {"device-none": {"device": None}, "device-number": {"device": 0}, "dtype-none": {"dtype": None}}[case]
+    elif case == "not-a-directory":
         source = tiny_path / "config.json"
     elif case == "no-config":
         source = _no_config_dir(tmp_path, tiny_path)

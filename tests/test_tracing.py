@@ -247,8 +247,8 @@ def test_otlp_without_the_exporter_package_says_what_to_install(monkeypatch: pyt
 
 
 def test_a_garbage_collection_inside_a_span_shows_as_its_gc_ms(tmp_path: Path) -> None:
-    with wb.Workbench(data_dir=tmp_path) as bench:
-        # A Python hop that runs a full collection (the builtin gc.collect, imported by dotted path).
+    with wb.Workbench(data_dir=tmp_path, allow_modules=["gc"]) as bench:
+        # A Python hop that runs a full collection (the builtin gc.collect, imported by dotted path once allowed).
         chain = bench.chain({"name": "g", "hops": [{"name": "collect", "call": "gc:collect"},
                                                    {"name": "after", "call": "workbench.demo:canned_answer"}]})
         run = chain.run(question="q")

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
         ContextWindowExceeded,
         HopFailed,
         HopTimeout,
+        InvalidInput,
         MissingInputError,
         ModelError,
         ModelLoadError,
@@ -77,7 +78,8 @@ _HOMES = {
         "InjectedFault", "NoBatching", "StaticBatching",
     ),
     "workbench.errors": (
-        "CircuitOpen", "ContextWindowExceeded", "HopFailed", "HopTimeout", "MissingInputError", "ModelError",
+        "CircuitOpen", "ContextWindowExceeded", "HopFailed", "HopTimeout", "InvalidInput", "MissingInputError",
+        "ModelError",
         "ModelLoadError", "ModelOutOfMemory", "ModelUnhealthy", "ParseError", "RetriesExhausted", "RunCancelled",
         "RunError", "ServingError", "SettingsError", "SpecError", "StoreError", "WorkbenchClosed", "StrategyError",
         "TemplateError", "UnknownModelError", "WorkbenchError", "WorkloadError",

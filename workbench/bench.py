@@ -6,9 +6,9 @@ import asyncio
 import dataclasses
 import threading
 from collections.abc import Callable, Coroutine
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -24,7 +24,7 @@ from workbench.chains.threads import ChainThreads
 from workbench.engine import BatchingPolicy, Engine, GenerationParams, GenerationResult, NoBatching
 from workbench.engine.faults import Faults
 from workbench.engine.prober import HealthChecks
-from workbench.errors import WorkbenchClosed, WorkbenchError
+from workbench.errors import HopFailed, WorkbenchClosed, WorkbenchError
 from workbench.models import heap
 from workbench.engine.preloading import Eager, PreloadingStrategy, parse_preloading
 from workbench.models.registry import LoadedModel, LoadSettings, ModelRegistry
@@ -74,7 +74,8 @@ class Workbench:
     ``~/.local/share/autoglm-workbench``), in the SQLite file ``sessions.sqlite3``, so a kernel
     restart keeps them; ``store=InMemoryContextStore()`` keeps them in memory instead.
     ``health_interval_s`` probes every loaded model that often (off by default; see
-    :meth:`set_health_checks`).
+    :meth:`set_health_checks`). ``allow_modules`` lets chain specs call into these modules
+    (and their submodules) besides your own code; see :meth:`allow_modules`.
     """
 
     def __init__(
@@ -85,6 +86,7 @@ class Workbench:
         data_dir: str | os.PathLike[str] | None = None,
         hop_threads: int = 64,
         health_interval_s: float | None = None,
+        allow_modules: Collection[str] = (),
     ) -> None:
         self.tracing = Tracing(otlp_endpoint)
         self.registry = ModelRegistry(self.tracing)
@@ -101,6 +103,8 @@ class Workbench:
         self._runs: OrderedDict[str, Run] = OrderedDict()
         self._runs_lock = threading.Lock()
         self._chains: dict[str, Chain] = {}
+        self._allowed_modules: tuple[str, ...] = ()
+        self.allow_modules(*allow_modules)
         self.health = HealthChecks(self.engine, self.tracing)
         if health_interval_s is not None:
             self.health.configure(health_interval_s)
@@ -276,9 +280,23 @@ class Workbench:
 
     # -- chains --------------------------------------------------------------------------------
 
+    def allow_modules(self, *modules: str) -> tuple[str, ...]:
+        """Let chain specs' ``call:`` name functions in ``modules`` (and their submodules); returns all allowed.
+
+        Without this a spec may call only your own code: the notebook and modules outside the
+        standard library and site-packages. Allow a module only if you trust every spec you run
+        with it, since a spec may then call any function in it.
+        """
+        for module in modules:
+            if not isinstance(module, str) or not all(part.isidentifier() for part in module.split(".")):
+                raise WorkbenchError(f"{module!r} is not a module name", hint="e.g. bench.allow_modules('numpy')")
+        self._allowed_modules = tuple(dict.fromkeys((*self._allowed_modules, *modules)))
+        return self._allowed_modules
+
     def chain(self, spec: str | Mapping[str, Any], name: str | None = None) -> Chain:
         """Validate a chain spec (YAML text or dict) against the models this workbench knows."""
-        parsed = parse_spec(spec, known_models=self.registry.names(), default_name=name)
+        parsed = parse_spec(spec, known_models=self.registry.names(), default_name=name,
+                            allowed_modules=self._allowed_modules)
         if name is not None and parsed.name != name:
             parsed.name = name
         chain = Chain(parsed, self)
@@ -325,6 +343,10 @@ class Workbench:
                     return future.result(timeout=_POLL_S)  # wakes for a Ctrl-C between waits
                 except TimeoutError:
                     continue
+        except CancelledError:
+            if self._closed:  # close() stopped the loop under it: say so, not a bare CancelledError
+                raise WorkbenchClosed("finish what it was running") from None
+            raise
         except KeyboardInterrupt:
             if on_interrupt is not None:
                 on_interrupt()
@@ -363,6 +385,9 @@ class Workbench:
             except WorkbenchError:
                 pass  # the hop whose model failed to load tries again and fails as a HopFailed on its Run
         run = await self._runner.arun(spec, inputs, session, events)
+        if self._closed and run.error is not None:
+            # close() took the models from under this run: say that, not the engine's "no model named ...".
+            run.error = HopFailed(run.error.hop, WorkbenchClosed(f"finish running chain {spec.name!r}"), run)
         with self._runs_lock:
             self._runs[run.id] = run
             while len(self._runs) > MAX_RUNS_KEPT:

@@ -217,6 +217,11 @@ class MissingInputError(RunError):
     """A chain was run without an input that one of its templates uses."""
 
 
+class InvalidInput(RunError):
+    """A chain input, a map's list of inputs or a session id that cannot be used: not a mapping, or text that is not
+    valid Unicode."""
+
+
 class ContextWindowExceeded(RunError):
     """A prompt plus its new tokens does not fit the model's context window."""
 

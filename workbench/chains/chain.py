@@ -12,9 +12,9 @@ from workbench.chains.batch import Errors, MapInterrupted, MapState, RunBatch, r
 from workbench.chains.events import Event, RunFinished
 from workbench.chains.host import ChainHost
 from workbench.chains.run import Run
-from workbench.chains.runner import Interrupted, check_inputs
+from workbench.chains.runner import Interrupted, check_inputs, check_session
 from workbench.chains.spec import ChainSpec
-from workbench.errors import WorkbenchError
+from workbench.errors import InvalidInput, WorkbenchError, WorkloadError
 
 
 class Chain:
@@ -96,7 +96,7 @@ class Chain:
         (runs in flight still land in it). ``resume=`` a previous batch (or any Runs, e.g.
         ``bench.runs()``) reuses the successful runs of equal inputs and runs only the others.
         """
-        batch = self._batch(inputs, errors, resume)
+        batch = self._batch(inputs, errors, resume, concurrency, session)
         state = MapState(batch, batch.missing)
         try:
             return self._host.run_sync(self._map(batch, concurrency, session, errors, state), on_interrupt=state.stop)
@@ -114,20 +114,39 @@ class Chain:
         resume: Iterable[Run | None] | None = None,
     ) -> RunBatch:
         """``await chain.amap(...)``: :meth:`map` awaited; cancelling it stops new starts and keeps what finished."""
-        batch = self._batch(inputs, errors, resume)
+        batch = self._batch(inputs, errors, resume, concurrency, session)
         try:
             return await self._host.run_async(self._map(batch, concurrency, session, errors, None))
         except Interrupted:
             raise MapInterrupted(batch) from None
 
-    def _batch(self, inputs: Iterable[Mapping[str, Any]], errors: Errors, resume: Iterable[Run | None] | None) -> RunBatch:
+    def _batch(
+        self,
+        inputs: Iterable[Mapping[str, Any]],
+        errors: Errors,
+        resume: Iterable[Run | None] | None,
+        concurrency: int,
+        session: str | None,
+    ) -> RunBatch:
         """Check a map's arguments and inputs before any run starts; its batch, with resumed runs filled in."""
         if errors not in ("keep", "raise"):
             raise WorkbenchError(f"errors={errors!r} is not a choice", hint="errors='keep' (default) or 'raise'")
+        if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
+            raise WorkloadError(f"concurrency must be a whole number >= 1, not {concurrency!r:.80}",
+                                hint="the number of runs in flight at once, e.g. concurrency=8")
         self._host.check_open(f"run chain {self.name!r}")
-        items = [dict(i) for i in inputs]
-        for item in items:  # refuse bad input before any run starts
-            check_inputs(self.spec, item)
+        check_session(session)
+        items = []
+        for position, item in enumerate(inputs):  # refuse bad input before any run starts
+            if not isinstance(item, Mapping):
+                example = ", ".join(f"{name!r}: ..." for name in self.inputs) or "..."
+                raise InvalidInput(
+                    f"chain.map takes one mapping of inputs per run; item {position} is {type(item).__name__} "
+                    f"{item!r:.80}",
+                    hint=f"e.g. chain.map([{{{example}}}, ...])",
+                )
+            items.append(dict(item))
+            check_inputs(self.spec, items[-1])
         batch = RunBatch(self.name, items)
         if resume is not None:
             reuse(batch, resume)

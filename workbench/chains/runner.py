@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from opentelemetry.trace import Span, Status, StatusCode
@@ -24,6 +25,7 @@ from workbench.chains.resilience import Route, serve
 from workbench.chains.run import Run
 from workbench.chains.spec import ChainSpec, HopSpec
 from workbench.engine import Call, Engine
+from workbench.engine.requests import check_text
 from workbench.errors import HopFailed, MissingInputError
 from workbench.tracing import Tracing
 from workbench.tracing import attributes as attr
@@ -35,8 +37,8 @@ class Interrupted(Exception):
     """A KeyboardInterrupt raised inside a hop, carried out of the event loop (which must not stop) to the caller."""
 
 
-def check_inputs(spec: ChainSpec, inputs: Mapping[str, Any]) -> None:
-    """Refuse a run before any hop starts if an input is missing or misspelt."""
+def check_inputs(spec: ChainSpec, inputs: Mapping[str, Any], session: str | None = None) -> None:
+    """Refuse a run before any hop starts if an input is missing, misspelt or not valid text, or its session id is."""
     missing = [name for name in spec.inputs if name not in inputs]
     extra = [name for name in inputs if name not in spec.inputs]
     if missing:
@@ -56,6 +58,15 @@ def check_inputs(spec: ChainSpec, inputs: Mapping[str, Any]) -> None:
             f"chain {spec.name!r} takes no input {extra[0]!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
             hint=f"its inputs: {', '.join(spec.inputs) or 'none'}",
         )
+    for name, value in inputs.items():
+        if isinstance(value, str):
+            check_text(value, f"input {name!r} of chain {spec.name!r}")
+    check_session(session)
+
+
+def check_session(session: Any) -> None:
+    if isinstance(session, str):
+        check_text(session, "the session id")
 
 
 def _preview(value: Any, limit: int = 4000) -> str:
@@ -96,7 +107,7 @@ class Runner:
 
         ``events`` hears the run as it goes: hops starting and finishing, tokens of LLM hops, the end.
         """
-        check_inputs(spec, inputs)
+        check_inputs(spec, inputs, session)
         loop = asyncio.get_running_loop()
         run_id = uuid.uuid4().hex[:12]
         records = await loop.run_in_executor(self.hop_pool, self.store.history, session, spec.history) if session else []
@@ -205,19 +216,35 @@ class Runner:
         with self.tracing.span(f"hop {hop.name}", parent, attributes) as span:
             if self.engine.preloader.prefetching:  # load what later hops need while this one runs
                 self.engine.preloader.hop_started(hop.model, spec.models_after(hop.name), span, parent)
-            value = await serve(self._routes(hop, state, values, span), hop.resilience, span)
+            prompt = await self._prompt(hop, values, span)
+            value = await serve(self._routes(hop, state, values, span, prompt), hop.resilience, span)
             span.set_attribute(attr.OUTPUT_VALUE, _preview(value))
             span.set_status(Status(StatusCode.OK))
         state.emit(HopFinished(hop.name, value, (time.perf_counter() - started) * 1e3))
         return value
 
-    def _routes(self, hop: HopSpec, state: RunState, values: dict[str, Any], span: Span) -> list[Route]:
+    async def _prompt(self, hop: HopSpec, values: dict[str, Any], span: Span) -> str:
+        """An LLM hop's prompt ("" for a Python hop), bounded by the hop's timeout_s.
+
+        A template that is more than text and ``{{ name }}``s renders in the hop pool: a slow one
+        (a spec may be someone else's) must not hold up the loop every run walks on.
+        """
+        if hop.kind != "llm":
+            return ""
+        assert hop.template is not None
+        render = partial(hop.template.render, values, timeout_s=hop.resilience.timeout_s)
+        if hop.template.plain:
+            prompt = render()
+        else:
+            prompt = await asyncio.get_running_loop().run_in_executor(self.hop_pool, render)
+        check_text(prompt, f"the prompt of hop {hop.name!r}")  # a hop's output may carry a lone surrogate
+        span.set_attribute(attr.INPUT_VALUE, _preview(prompt))
+        return prompt
+
+    def _routes(
+        self, hop: HopSpec, state: RunState, values: dict[str, Any], span: Span, prompt: str
+    ) -> list[Route]:
         """The ways to serve ``hop``, in the order to try them: its own model or call, then its fallbacks."""
-        prompt = ""
-        if hop.kind == "llm":
-            assert hop.template is not None and hop.model is not None
-            prompt = hop.template.render(values)
-            span.set_attribute(attr.INPUT_VALUE, _preview(prompt))
         on_token = _token_sink(state, hop.name) if state.events is not None else None
 
         def model(name: str) -> Route:

@@ -6,13 +6,16 @@ import difflib
 import graphlib
 import importlib
 import inspect
+import math
 import re
+import reprlib
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import yaml
 
+from workbench.chains import trust
 from workbench.chains.templates import PromptTemplate
 from workbench.engine.requests import GenerationParams
 from workbench.chains.resilience import NO_RESILIENCE, Fallback, Resilience, RetryPolicy
@@ -27,6 +30,20 @@ RETRY_FIELDS = ("attempts", "backoff_ms", "max_backoff_ms", "jitter", "max_total
 RESERVED = frozenset({"history", "session"})
 DEFAULT_HISTORY = 5
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# YAML aliases let a few bytes stand for a nest of billions of values ("billion laughs"); a spec
+# has tens of values, so past this many the loader refuses rather than building them.
+MAX_SPEC_VALUES = 100_000
+MAX_SECONDS = 86_400  # a timeout or retry budget longer than a day is a typo, and past TIMEOUT_MAX Python refuses it
+MAX_SEED = 2**63 - 1  # what torch.manual_seed takes
+# Values in error messages are shown cut short: a value may be a deep or shared nest that a full repr never finishes.
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 2, 120, 120, 40
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 4
+
+
+def _show(value: Any) -> str:
+    text = _SHORT.repr(value)
+    return text if len(text) <= 160 else text[:159] + "…"
 
 
 @dataclass
@@ -143,8 +160,12 @@ def parse_spec(
     spec: str | Mapping[str, Any],
     known_models: Collection[str] | None = None,
     default_name: str | None = None,
+    allowed_modules: Collection[str] = (),
 ) -> ChainSpec:
-    """Validate ``spec`` (YAML text or a dict) into a ChainSpec, or raise SpecError saying where."""
+    """Validate ``spec`` (YAML text or a dict) into a ChainSpec, or raise SpecError saying where.
+
+    ``allowed_modules``: modules a ``call:`` may name besides the user's own (see ``chains/trust.py``).
+    """
     lines = _Lines()
     if isinstance(spec, str):
         data = _load_yaml(spec, lines)
@@ -173,7 +194,7 @@ def parse_spec(
     declared = _declared_inputs(data, lines)
     hop_names = _hop_names(hops_data, lines)
     hops = [
-        _parse_hop(raw, index, hop_names, known_models, lines, declared)
+        _parse_hop(raw, index, hop_names, known_models, lines, declared, allowed_modules)
         for index, raw in enumerate(hops_data)
     ]
     _check_graph(hops, lines)
@@ -181,7 +202,7 @@ def parse_spec(
     output = data.get("output", [h for h in hops if not h.standby][-1].name)
     if output not in hop_names:
         raise SpecError(
-            f"output {output!r} is not a hop{_did_you_mean(output, hop_names)}",
+            f"output {_show(output)} is not a hop{_did_you_mean(output, hop_names)}",
             field="output",
             line=lines.of("output"),
             hint=f"hops: {', '.join(hop_names)}",
@@ -200,13 +221,16 @@ def parse_spec(
     inferred = sorted({v for h in hops for v in h.inputs} - RESERVED)
     inputs = tuple(declared) if declared is not None else tuple(inferred)
     description = data.get("description", "")
+    if not isinstance(description, str):
+        raise SpecError(f"'description' must be text, got {_show(description)}", field="description",
+                        line=lines.of("description"))
     return ChainSpec(
         name=name.strip(),
         hops=hops,
         output=output,
         inputs=inputs,
         history=history,
-        description=str(description),
+        description=description,
         source=spec,
     )
 
@@ -220,6 +244,8 @@ def _load_yaml(text: str, lines: _Lines) -> Any:
     text = _NEWLINES.sub("\n", text)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None:
+            _check_expansion(node)
         data = yaml.safe_load(text)
     except RecursionError:
         raise SpecError(
@@ -245,6 +271,46 @@ def _load_yaml(text: str, lines: _Lines) -> Any:
     return data
 
 
+def _check_expansion(root: yaml.Node) -> None:
+    """Refuse aliases that would expand to more than MAX_SPEC_VALUES values, or that contain themselves.
+
+    Counts each node once, with the size of what it stands for, so a bomb costs as many steps as
+    it has lines.
+    """
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()  # nodes whose children are still being counted: their ancestors' chain
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_counted = stack.pop()
+        children = (
+            node.value if isinstance(node, yaml.SequenceNode)
+            else [part for pair in node.value for part in pair] if isinstance(node, yaml.MappingNode) else []
+        )
+        if children_counted:
+            open_nodes.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(child)] for child in children)
+            if sizes[id(node)] > MAX_SPEC_VALUES:
+                raise SpecError(
+                    f"the YAML's aliases (*name) expand to more than {MAX_SPEC_VALUES:,} values",
+                    line=node.start_mark.line + 1,
+                    hint="a chain spec needs a few dozen values; write them out instead of nesting aliases",
+                )
+            continue
+        if id(node) in sizes:
+            continue
+        open_nodes.add(id(node))
+        stack.append((node, True))
+        for child in children:
+            if id(child) in open_nodes:
+                raise SpecError(
+                    "a YAML alias (*name) refers to a value that contains it, so it never ends",
+                    line=child.start_mark.line + 1,
+                    hint="an alias may repeat an earlier value, not the one it sits in",
+                )
+            if id(child) not in sizes:
+                stack.append((child, False))
+
+
 def _deep_line(text: str, depth: int = 100) -> int | None:
     """The line on which flow brackets or indentation first nest ``depth`` deep, if any."""
     open_brackets = 0
@@ -264,7 +330,7 @@ def _is_int(value: Any) -> bool:
 
 
 def _did_you_mean(word: Any, choices: Collection[str]) -> str:
-    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    close = difflib.get_close_matches(word, list(choices), n=1) if isinstance(word, str) else []
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
@@ -309,7 +375,7 @@ def _hop_names(hops_data: list[Any], lines: _Lines) -> list[str]:
         line = lines.of("hops", index, "name")
         if not isinstance(name, str) or not _NAME.match(name):
             raise SpecError(
-                f"hop #{index + 1} needs a name that is an identifier (letters, digits, _), got {name!r}",
+                f"hop #{index + 1} needs a name that is an identifier (letters, digits, _), got {_show(name)}",
                 field="name",
                 line=line,
                 hint="templates refer to a hop's output by its name, as {{ name }}",
@@ -335,12 +401,13 @@ def _parse_hop(
     known_models: Collection[str] | None,
     lines: _Lines,
     declared: list[str] | None,
+    allowed_modules: Collection[str],
 ) -> HopSpec:
     name = raw["name"]
     path = ("hops", index)
     kind = raw.get("kind") or ("python" if "call" in raw else "llm")
     if kind not in ("llm", "python"):
-        raise SpecError(f"kind must be 'llm' or 'python', not {kind!r}", hop=name, field="kind",
+        raise SpecError(f"kind must be 'llm' or 'python', not {_show(kind)}", hop=name, field="kind",
                         line=lines.of(*path, "kind"))
     if kind == "python" and "timeout_s" in raw:
         raise SpecError("timeout_s applies to model calls; a Python hop cannot be cancelled once it runs", hop=name,
@@ -351,7 +418,7 @@ def _parse_hop(
     if kind == "llm":
         hop = _parse_llm_hop(raw, name, path, known_models, lines)
     else:
-        hop = _parse_python_hop(raw, name, path, hop_names, lines)
+        hop = _parse_python_hop(raw, name, path, hop_names, lines, allowed_modules)
     hop.line = lines.of(*path)
     hop.resilience = _resilience(raw, name, kind, path, hop_names, known_models, lines)
     missing = sorted(hop.inputs - available) if declared is not None else []
@@ -407,7 +474,8 @@ def _parse_llm_hop(
 
 def _generation_params(raw: Mapping[str, Any], name: str, path: tuple[Any, ...], lines: _Lines) -> GenerationParams:
     def bad(key: str, what: str) -> SpecError:
-        return SpecError(f"{key} must be {what}, got {raw[key]!r}", hop=name, field=key, line=lines.of(*path, key))
+        return SpecError(f"{key} must be {what}, got {_show(raw[key])}", hop=name, field=key,
+                         line=lines.of(*path, key))
 
     values: dict[str, Any] = {}
     if "max_new_tokens" in raw:
@@ -416,12 +484,12 @@ def _generation_params(raw: Mapping[str, Any], name: str, path: tuple[Any, ...],
         values["max_new_tokens"] = raw["max_new_tokens"]
     if "temperature" in raw:
         t = raw["temperature"]
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or t < 0:
+        if not _number(t) or t < 0:
             raise bad("temperature", "a number >= 0 (0 is greedy)")
         values["temperature"] = float(t)
     if "top_p" in raw:
         p = raw["top_p"]
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+        if not _number(p) or not 0 < p <= 1:
             raise bad("top_p", "a number in (0, 1]")
         values["top_p"] = float(p)
     if "top_k" in raw:
@@ -429,8 +497,8 @@ def _generation_params(raw: Mapping[str, Any], name: str, path: tuple[Any, ...],
             raise bad("top_k", "an integer >= 0 (0 turns it off)")
         values["top_k"] = raw["top_k"]
     if "seed" in raw:
-        if not _is_int(raw["seed"]):
-            raise bad("seed", "an integer")
+        if not _is_int(raw["seed"]) or not 0 <= raw["seed"] <= MAX_SEED:
+            raise bad("seed", f"an integer from 0 to 2**63 - 1 ({MAX_SEED})")
         values["seed"] = raw["seed"]
     if "truncate" in raw:
         if raw["truncate"] not in ("error", "left"):
@@ -440,7 +508,8 @@ def _generation_params(raw: Mapping[str, Any], name: str, path: tuple[Any, ...],
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float: YAML's .inf and .nan are floats, but no setting means them."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _resilience(
@@ -455,8 +524,9 @@ def _resilience(
     """The hop's ``retry``, ``timeout_s`` and ``fallback`` keys, checked."""
     retry = _retry(raw["retry"], name, path, lines) if raw.get("retry") is not None else None
     timeout = raw.get("timeout_s")
-    if timeout is not None and (not _number(timeout) or timeout <= 0):
-        raise SpecError(f"timeout_s must be a number of seconds > 0, got {timeout!r}", hop=name, field="timeout_s",
+    if timeout is not None and (not _number(timeout) or not 0 < timeout <= MAX_SECONDS):
+        raise SpecError(f"timeout_s must be a number of seconds > 0 and at most {MAX_SECONDS} (a day), "
+                        f"got {_show(timeout)}", hop=name, field="timeout_s",
                         line=lines.of(*path, "timeout_s"), hint="it bounds each attempt of the hop's model call")
     fallback = _fallbacks(raw.get("fallback"), name, kind, path, hop_names, known_models, lines)
     if retry is None and timeout is None and not fallback:
@@ -469,14 +539,14 @@ def _retry(value: Any, name: str, path: tuple[Any, ...], lines: _Lines) -> Retry
     if _is_int(value):
         value = {"attempts": value}
     if not isinstance(value, Mapping):
-        raise SpecError(f"retry must be a number of attempts or a mapping, got {value!r}", hop=name, field="retry",
+        raise SpecError(f"retry must be a number of attempts or a mapping, got {_show(value)}", hop=name, field="retry",
                         line=line, hint="e.g. retry: {attempts: 4, backoff_ms: 50, on: [error, timeout]}")
     # YAML 1.1 (PyYAML's) reads an unquoted key ``on`` as the boolean true.
     value = {("on" if key is True else key): item for key, item in value.items()}
     _reject_unknown(value, RETRY_FIELDS, lines, name, (*path, "retry"))
 
     def bad(key: str, what: str) -> SpecError:
-        return SpecError(f"retry.{key} must be {what}, got {value[key]!r}", hop=name, field=f"retry.{key}",
+        return SpecError(f"retry.{key} must be {what}, got {_show(value[key])}", hop=name, field=f"retry.{key}",
                          line=lines.of(*path, "retry", key))
 
     settings: dict[str, Any] = {}
@@ -486,8 +556,8 @@ def _retry(value: Any, name: str, path: tuple[Any, ...], lines: _Lines) -> Retry
         settings["attempts"] = value["attempts"]
     for key in ("backoff_ms", "max_backoff_ms"):
         if key in value:
-            if not _number(value[key]) or value[key] < 0:
-                raise bad(key, "a number of milliseconds >= 0")
+            if not _number(value[key]) or not 0 <= value[key] <= MAX_SECONDS * 1e3:
+                raise bad(key, f"a number of milliseconds >= 0 and at most {MAX_SECONDS * 1000} (a day)")
             settings[key] = float(value[key])
     backoff = settings.get("backoff_ms", RetryPolicy.backoff_ms)
     if settings.setdefault("max_backoff_ms", max(backoff, RetryPolicy.max_backoff_ms)) < backoff:
@@ -497,8 +567,8 @@ def _retry(value: Any, name: str, path: tuple[Any, ...], lines: _Lines) -> Retry
             raise bad("jitter", "true or false")
         settings["jitter"] = value["jitter"]
     if "max_total_s" in value:
-        if not _number(value["max_total_s"]) or value["max_total_s"] <= 0:
-            raise bad("max_total_s", "a number of seconds > 0")
+        if not _number(value["max_total_s"]) or not 0 < value["max_total_s"] <= MAX_SECONDS:
+            raise bad("max_total_s", f"a number of seconds > 0 and at most {MAX_SECONDS} (a day)")
         settings["max_total_s"] = float(value["max_total_s"])
     if "on" in value:
         kinds = [value["on"]] if isinstance(value["on"], str) else value["on"]
@@ -529,7 +599,7 @@ def _fallbacks(
     line = lines.of(*path, "fallback")
     targets = [value] if isinstance(value, str) else value
     if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
-        raise SpecError(f"fallback must be a model or hop name, or a list of them, got {value!r}", hop=name,
+        raise SpecError(f"fallback must be a model or hop name, or a list of them, got {_show(value)}", hop=name,
                         field="fallback", line=line, hint="e.g. fallback: [small_model, canned_answer]")
     fallbacks = []
     for index, target in enumerate(targets):
@@ -602,12 +672,17 @@ def _check_fallbacks(hops: list[HopSpec], hops_data: list[Any], lines: _Lines) -
 
 
 def _parse_python_hop(
-    raw: Mapping[str, Any], name: str, path: tuple[Any, ...], hop_names: list[str], lines: _Lines
+    raw: Mapping[str, Any],
+    name: str,
+    path: tuple[Any, ...],
+    hop_names: list[str],
+    lines: _Lines,
+    allowed_modules: Collection[str],
 ) -> HopSpec:
     call = raw.get("call")
     line = lines.of(*path, "call")
     if isinstance(call, str):
-        call = import_callable(call, hop=name, line=line)
+        call = import_callable(call, hop=name, line=line, allowed=allowed_modules)
     if not callable(call):
         raise SpecError(
             "a Python hop needs 'call': a function, or its dotted path like 'package.module:function'",
@@ -634,8 +709,14 @@ def _parse_python_hop(
     return HopSpec(name=name, kind="python", call=call, call_by_name=by_name, deps=deps, inputs=names)
 
 
-def import_callable(path: str, hop: str | None = None, line: int | None = None) -> Callable[..., Any]:
-    """Import ``package.module:function`` or ``package.module.function``; never evaluates code."""
+def import_callable(
+    path: str, hop: str | None = None, line: int | None = None, allowed: Collection[str] = ()
+) -> Callable[..., Any]:
+    """Import ``package.module:function`` or ``package.module.function`` from a module the user may call into.
+
+    Never evaluates code from the string; a module that ``trust.refusal`` refuses is not even imported.
+    ``allowed`` lists the modules (and packages) the user opened besides their own code.
+    """
     module_name, _, attribute = path.partition(":") if ":" in path else path.rpartition(".")
     if not module_name or not attribute or not all(_NAME.match(p) for p in (*module_name.split("."), attribute)):
         raise SpecError(
@@ -645,14 +726,50 @@ def import_callable(path: str, hop: str | None = None, line: int | None = None) 
             line=line,
             hint="write it as 'package.module:function'",
         )
+    _check_trusted(path, module_name, allowed, hop, line)
+    if attribute.startswith("__"):
+        raise SpecError(f"{path!r} names {attribute!r}, a module's internals, not a function", hop=hop, field="call",
+                        line=line)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise SpecError(f"cannot import module {module_name!r}: {exc}", hop=hop, field="call", line=line) from None
+    except Exception as exc:  # the module's own code failed as it ran: a SyntaxError, or any raise at import
+        raise SpecError(
+            f"importing module {module_name!r} failed: {type(exc).__name__}: {exc}",
+            hop=hop,
+            field="call",
+            line=line,
+            hint=f"fix the module (python -c 'import {module_name}' shows the traceback), then build the chain again",
+        ) from None
     target = getattr(module, attribute, None)
     if target is None or not callable(target):
         raise SpecError(f"module {module_name!r} has no function {attribute!r}", hop=hop, field="call", line=line)
+    owner = getattr(target, "__module__", None)
+    if (inspect.isroutine(target) or inspect.isclass(target)) and isinstance(owner, str) and owner != module_name \
+            and not trust.listed(module_name, allowed):
+        # Your module may import os.system; naming it through your module does not make it yours.
+        _check_trusted(path, owner, allowed, hop, line, via=module_name)
     return target  # type: ignore[no-any-return]
+
+
+def _check_trusted(
+    path: str, module: str, allowed: Collection[str], hop: str | None, line: int | None, via: str | None = None
+) -> None:
+    reason = trust.refusal(module, allowed)
+    if reason is None:
+        return
+    top = module.partition(".")[0]
+    found = f"{path!r} comes from module {module!r} (imported into {via!r})" if via else \
+        f"{path!r} is in module {module!r}"
+    raise SpecError(
+        f"{found}, and {reason}: a spec may call only your own code",
+        hop=hop,
+        field="call",
+        line=line,
+        hint=f"if you trust every spec you run to call into {top!r}, allow it: "
+        f"wb.Workbench(allow_modules=[{top!r}]), bench.allow_modules({top!r}) or autoglm run --allow-module {top}",
+    )
 
 
 def _parameter_names(call: Callable[..., Any]) -> tuple[tuple[str, ...] | None, tuple[str, ...]]:

@@ -1,18 +1,289 @@
-"""Prompt templates: Jinja2 rendered in its sandbox, with the variables each template needs."""
+"""Prompt templates: Jinja2 rendered in its sandbox, bounded in time and size, and the variables each one reads."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+import re
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError, meta, nodes
+from jinja2 import (
+    StrictUndefined,
+    TemplateSyntaxError,
+    UndefinedError,
+    meta,
+    nodes,
+    pass_environment,
+    pass_eval_context,
+)
+from jinja2.filters import (
+    do_batch,
+    do_center,
+    do_format,
+    do_indent,
+    do_replace,
+    do_wordwrap,
+    make_attrgetter,
+    sync_do_join,
+    sync_do_slice,
+)
 from jinja2.sandbox import SandboxedEnvironment, SecurityError
+from jinja2.visitor import NodeTransformer
 
 from workbench.errors import TemplateError
 
+# A prompt is text for a context window; ten million characters is past any model's, and far
+# below what would strain the machine. Lists built in a template stay within MAX_ITEMS (Jinja's
+# own cap on range), and integers within MAX_INT_BITS.
+MAX_PROMPT_CHARS = 10_000_000
+MAX_ITEMS = 100_000
+MAX_INT_BITS = 100_000
+DEFAULT_RENDER_S = 10.0  # the time a template may take to render when its hop has no timeout_s
+_CHECK_EVERY = 1024  # loop iterations between looks at the clock
+
+# Format widths: '%20s', '%*s', '{:>20}', '{:{}}' (a width taken from the arguments).
+_PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[#0\- +]*(\*|\d+)?(?:\.(\*|\d+))?")
+_BRACE_SPEC = re.compile(r"\{[^{}]*?:((?:[^{}]|\{[^{}]*\})*)\}")
+
+
+class _Exceeded(Exception):
+    """A template went past a bound; PromptTemplate.render turns it into a TemplateError naming the hop."""
+
+
+class _Budget(threading.local):
+    """The deadline of the render running on this thread (hops render on many threads at once)."""
+
+    deadline: float = math.inf
+    seconds: float = DEFAULT_RENDER_S
+
+
+_budget = _Budget()
+
+
+def _tick() -> None:
+    if time.monotonic() > _budget.deadline:
+        raise _Exceeded(f"the prompt template ran longer than its {_budget.seconds:g} s")
+
+
+def _check_size(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > MAX_PROMPT_CHARS:
+        raise _Exceeded(f"the prompt template made a text longer than {MAX_PROMPT_CHARS:,} characters")
+    if isinstance(value, (list, tuple, dict, set)) and len(value) > MAX_ITEMS:
+        raise _Exceeded(f"the prompt template made a collection of more than {MAX_ITEMS:,} items")
+    return value
+
+
+def _check_chars(count: int) -> None:
+    if count > MAX_PROMPT_CHARS:
+        raise _Exceeded(f"the prompt template would make a text longer than {MAX_PROMPT_CHARS:,} characters")
+
+
+def _check_format(text: str, args: Iterable[Any]) -> None:
+    """Refuse a format string whose widths (written, or taken from ``args``) would pad past the bound."""
+    widths = [w for m in _PERCENT_SPEC.finditer(text) for w in m.groups() if w]
+    for spec in _BRACE_SPEC.findall(text):
+        widths += re.findall(r"\d+", spec) + (["*"] if "{" in spec else [])
+    for width in widths:
+        _check_chars(max((a for a in args if _is_int(a)), default=0) if width == "*" else int(width))
+
+
+def _bounded_iter(iterable: Iterable[Any]) -> Iterator[Any]:
+    """What every ``{% for %}`` loops over: the same items, with a look at the clock every so often."""
+    for index, item in enumerate(iterable):
+        if index % _CHECK_EVERY == 0:
+            _tick()
+        yield item
+
+
+def _bounded_concat(parts: Iterable[str]) -> str:
+    """Joins a template's output as it streams in, and that of macros and ``{% set %}`` blocks: stops at the bound.
+
+    Only the size is checked per part; the time is, in the loops and calls that make the parts.
+    """
+    joined, size = [], 0
+    for part in parts:
+        size += len(part)
+        if size > MAX_PROMPT_CHARS:
+            _check_chars(size)
+        joined.append(part)
+    _tick()
+    return "".join(joined)
+
+
+# Filters whose output can dwarf their input: each checks what it would make before making it.
+def _center(value: Any, width: int = 80) -> str:
+    _check_chars(width)
+    return do_center(value, width)
+
+
+def _indent(s: Any, width: int | str = 4, first: bool = False, blank: bool = False) -> str:
+    prefix = width if isinstance(width, int) else len(str(width))
+    _check_chars(len(str(s)) + prefix * (str(s).count("\n") + 1))
+    return do_indent(s, width, first, blank)
+
+
+def _batch(value: Iterable[Any], linecount: int, fill_with: Any = None) -> Iterator[list[Any]]:
+    if linecount > MAX_ITEMS:
+        raise _Exceeded(f"batch({linecount}) is past the {MAX_ITEMS:,} items a template may make")
+    return do_batch(value, linecount, fill_with)
+
+
+def _slice(value: Any, slices: int, fill_with: Any = None) -> Iterator[list[Any]]:
+    if slices > MAX_ITEMS:
+        raise _Exceeded(f"slice({slices}) is past the {MAX_ITEMS:,} items a template may make")
+    return sync_do_slice(value, slices, fill_with)
+
+
+@pass_eval_context
+def _join(eval_ctx: Any, value: Iterable[Any], d: str = "", attribute: Any = None) -> str:
+    items = list(value)
+    _check_chars(len(str(d)) * max(len(items) - 1, 0) + sum(len(x) for x in items if isinstance(x, str)))
+    return _check_size(sync_do_join(eval_ctx, items, d, attribute))
+
+
+@pass_eval_context
+def _replace(eval_ctx: Any, s: Any, old: Any, new: Any, count: int | None = None) -> str:
+    text, old_text, new_text = str(s), str(old), str(new)
+    times = text.count(old_text) if old_text else len(text) + 1
+    if count is not None:
+        times = min(times, max(count, 0))
+    _check_chars(len(text) + times * max(len(new_text) - len(old_text), 0))
+    return do_replace(eval_ctx, s, old, new, count)
+
+
+def _format(value: Any, *args: Any, **kwargs: Any) -> str:
+    _check_format(str(value), [*args, *kwargs.values()])
+    return do_format(value, *args, **kwargs)
+
+
+@pass_environment
+def _wordwrap(environment: Any, s: str, width: int = 79, break_long_words: bool = True, wrapstring: str | None = None,
+              break_on_hyphens: bool = True) -> str:
+    breaks = len(s) // max(width, 1) + s.count(" ") + 1
+    _check_chars(len(s) + breaks * len(wrapstring or environment.newline_sequence))
+    return do_wordwrap(environment, s, width, break_long_words, wrapstring, break_on_hyphens)
+
+
+@pass_environment
+def _sum(environment: Any, iterable: Iterable[Any], attribute: Any = None, start: Any = 0) -> Any:
+    # Summing lists or strings copies the total at every step: quadratic time in a C loop no clock can stop.
+    if not isinstance(start, (int, float)) or isinstance(start, bool):
+        raise _Exceeded("sum adds numbers; join text with |join")
+    items = list(iterable)
+    if attribute is not None:
+        items = list(map(make_attrgetter(environment, attribute), items))
+    if any(not isinstance(x, (int, float)) for x in items):
+        raise _Exceeded("sum adds numbers; join text with |join")
+    return sum(items, start)
+
+
+_STR_METHODS_WITH_WIDTH = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs"})
+
+
+class _BoundedSandbox(SandboxedEnvironment):
+    """Jinja's sandbox, with a clock on each loop step, call and operator, and a size check on what they make.
+
+    A template is text from a spec, perhaps someone else's: the sandbox already keeps it from
+    Python's internals, and this keeps it from running forever or filling memory before the
+    context-window check could refuse the prompt.
+    """
+
+    intercepted_binops = frozenset({"*", "+", "%", "**"})
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.concat = _bounded_concat  # type: ignore[assignment]
+        self.filters.update(center=_center, indent=_indent, batch=_batch, slice=_slice, join=_join, replace=_replace,
+                            format=_format, wordwrap=_wordwrap, sum=_sum)
+
+    # What _WithChecks makes templates call: environment attributes, so no template variable can shadow them.
+    bounded_iter = staticmethod(_bounded_iter)
+
+    @staticmethod
+    def bounded_tilde(*parts: Any) -> str:
+        return _bounded_concat(str(part) for part in parts)
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        _tick()
+        if operator == "*":
+            for seq, times in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(times, int):
+                    (_check_chars if isinstance(seq, str) else _check_items)(len(seq) * times)
+            if _is_int(left) and _is_int(right):
+                _check_bits(abs(left).bit_length() + abs(right).bit_length())
+        elif operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
+            (_check_chars if isinstance(left, str) else _check_items)(len(left) + len(right))
+        elif operator == "**" and _is_int(left) and _is_int(right) and abs(left) > 1 and right > 0:
+            _check_bits(abs(left).bit_length() * right)
+        elif operator == "%" and isinstance(left, str):
+            _check_format(left, right if isinstance(right, tuple) else [right])
+        return _check_size(super().call_binop(context, operator, left, right))
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 - as Jinja names it
+        _tick()
+        name = getattr(__obj, "__name__", None)
+        owner = getattr(__obj, "__self__", None)
+        if isinstance(owner, str) and name in _STR_METHODS_WITH_WIDTH:
+            tab = owner.count("\t") + 1 if name == "expandtabs" else 1
+            _check_chars(len(owner) + tab * max([a for a in (*args, *kwargs.values()) if _is_int(a)], default=0))
+        elif isinstance(owner, str) and name == "join" and args:
+            items = list(args[0])
+            _check_chars(len(owner) * max(len(items) - 1, 0) + sum(len(x) for x in items if isinstance(x, str)))
+            args = (items, *args[1:])
+        elif isinstance(owner, str) and name == "replace" and len(args) >= 2:
+            times = owner.count(str(args[0])) if args[0] else len(owner) + 1
+            _check_chars(len(owner) + times * max(len(str(args[1])) - len(str(args[0])), 0))
+        elif name in ("format", "format_map"):  # the sandbox's wrapper of str.format; the text is what it wraps
+            text = getattr(getattr(__obj, "__wrapped__", None), "__self__", None)
+            if isinstance(text, str):
+                _check_format(text, [*args, *kwargs.values(), *(v for a in args if isinstance(a, Mapping)
+                                                                 for v in a.values())])
+        return _check_size(super().call(__context, __obj, *args, **kwargs))
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        return _check_size(super().getattr(obj, attribute))
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        return _check_size(super().getitem(obj, argument))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_items(count: int) -> None:
+    if count > MAX_ITEMS:
+        raise _Exceeded(f"the prompt template would make a list of more than {MAX_ITEMS:,} items")
+
+
+def _check_bits(bits: int) -> None:
+    if bits > MAX_INT_BITS:
+        raise _Exceeded(f"the prompt template would make an integer of more than {MAX_INT_BITS:,} bits")
+
+
+class _WithChecks(NodeTransformer):
+    """Loops and ``~`` as calls the sandbox sees: ``{% for x in environment.bounded_iter(xs) %}``, and
+    ``environment.bounded_tilde(a, b)`` for ``a ~ b``, which Jinja would otherwise join unchecked."""
+
+    def visit_For(self, node: nodes.For) -> nodes.For:
+        self.generic_visit(node)
+        node.iter = _environment_call("bounded_iter", [node.iter], node.lineno)
+        return node
+
+    def visit_Concat(self, node: nodes.Concat) -> nodes.Call:
+        self.generic_visit(node)
+        return _environment_call("bounded_tilde", node.nodes, node.lineno)
+
+
+def _environment_call(name: str, args: list[nodes.Expr], lineno: int) -> nodes.Call:
+    return nodes.Call(nodes.EnvironmentAttribute(name, lineno=lineno), args, [], None, None, lineno=lineno)
+
+
 # One sandboxed environment for every template: attribute access to internals, code
 # execution through format strings and similar escapes are refused by the sandbox.
-_ENV = SandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True, autoescape=False)
+_ENV = _BoundedSandbox(undefined=StrictUndefined, keep_trailing_newline=True, autoescape=False)
 
 
 class PromptTemplate:
@@ -33,16 +304,23 @@ class PromptTemplate:
                 hint="variables are written {{ name }}; blocks {% for x in xs %}...{% endfor %}",
             ) from None
         self.variables: frozenset[str] = frozenset(meta.find_undeclared_variables(parsed))
-        self._template = _ENV.from_string(source)
         self._parts = _plain_parts(parsed, self.variables)
+        self._template = _ENV.from_string(_WithChecks().visit(parsed))
 
-    def render(self, values: Mapping[str, Any]) -> str:
+    @property
+    def plain(self) -> bool:
+        """True if the template is only text and ``{{ name }}``s: it renders at once, without Jinja's runtime."""
+        return self._parts is not None
+
+    def render(self, values: Mapping[str, Any], timeout_s: float | None = None) -> str:
+        """The prompt for ``values``; a template that runs past ``timeout_s`` (default 10 s) or makes more than
+        MAX_PROMPT_CHARS characters raises TemplateError."""
         try:
             if self._parts is not None and self.variables <= values.keys():
                 # Text and bare {{ name }}s render as Jinja renders them (str of each value),
                 # without the cost of its runtime on every hop of every run.
                 return "".join(str(values[part]) if is_name else part for part, is_name in self._parts)
-            return self._template.render(**values)
+            return self._render_bounded(values, timeout_s or DEFAULT_RENDER_S)
         except UndefinedError as exc:
             raise TemplateError(
                 f"the prompt needs a value that is missing: {exc.message}",
@@ -52,6 +330,28 @@ class PromptTemplate:
             ) from None
         except SecurityError as exc:
             raise TemplateError(f"the sandbox refused the template: {exc}", hop=self.hop, field="prompt") from None
+        except _Exceeded as exc:
+            raise TemplateError(
+                str(exc),
+                hop=self.hop,
+                field="prompt",
+                hint="the hop's timeout_s (10 s without one) bounds rendering; a prompt is at most "
+                f"{MAX_PROMPT_CHARS:,} characters: build large or repeated text in a Python hop",
+            ) from None
+        except RecursionError:
+            raise TemplateError("the prompt template recurses too deeply (a macro that calls itself?)",
+                                hop=self.hop, field="prompt") from None
+        except Exception as exc:  # the template's own arithmetic or a value's method failed: 1/0, int('x')
+            raise TemplateError(f"rendering the prompt failed: {type(exc).__name__}: {exc}", hop=self.hop,
+                                field="prompt") from None
+
+    def _render_bounded(self, values: Mapping[str, Any], seconds: float) -> str:
+        previous = _budget.deadline, _budget.seconds
+        _budget.deadline, _budget.seconds = time.monotonic() + seconds, seconds
+        try:
+            return self._template.render(**values)  # joined by _bounded_concat as it streams
+        finally:
+            _budget.deadline, _budget.seconds = previous
 
 
 def _plain_parts(parsed: nodes.Template, variables: frozenset[str]) -> tuple[tuple[str, bool], ...] | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -109,7 +110,7 @@ class StaticBatching(BatchingPolicy):
 
     def __post_init__(self) -> None:
         _check(self.size >= 1, repr(self), "size must be at least 1")
-        _check(self.timeout_ms >= 0, repr(self), "timeout_ms must be >= 0")
+        _check(0 <= self.timeout_ms < math.inf, repr(self), "timeout_ms must be a finite number >= 0")
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -148,7 +149,7 @@ class DynamicBatching(BatchingPolicy):
 
     def __post_init__(self) -> None:
         _check(self.max_batch >= 1, repr(self), "max_batch must be at least 1")
-        _check(self.max_wait_ms >= 0, repr(self), "max_wait_ms must be >= 0")
+        _check(0 <= self.max_wait_ms < math.inf, repr(self), "max_wait_ms must be a finite number >= 0")
         _check(self.max_batch_tokens is None or self.max_batch_tokens >= 1, repr(self), "max_batch_tokens must be >= 1")
         _check(
             self.max_length_ratio is None or self.max_length_ratio >= 1, repr(self), "max_length_ratio must be >= 1"
@@ -306,9 +307,12 @@ def parse_policy(text: str) -> BatchingPolicy:
         elif value.endswith("s"):
             number, scale = value[:-1], 1e3
         try:
-            return float(number) * scale
+            millis = float(number) * scale
         except ValueError:
-            raise fail(f"{what} {value!r} is not a time such as 5ms or 0.5s") from None
+            millis = math.nan
+        if not math.isfinite(millis):  # float() also reads inf and nan, which no wait means
+            raise fail(f"{what} {value!r} is not a time such as 5ms or 0.5s")
+        return millis
 
     def arity(most: int) -> None:
         if len(fields) > most:

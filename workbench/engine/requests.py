@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -12,7 +13,21 @@ from typing import Any, Literal
 
 from opentelemetry.trace import Span
 
+from workbench.errors import InvalidInput
+
 _ids = itertools.count(1)
+# Half of a UTF-16 pair on its own: what a bad decode (errors="surrogateescape") leaves in a str.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(text: str, what: str) -> None:
+    """Refuse text that is not valid Unicode, which tokenizers and SQLite cannot take; ``what`` names it."""
+    bad = None if text.isascii() else _LONE_SURROGATE.search(text)
+    if bad is not None:
+        raise InvalidInput(
+            f"{what} is not valid text: it holds a lone surrogate ({bad.group()!r}) at character {bad.start()}",
+            hint="decode the bytes it came from with their real encoding, or with errors='replace'",
+        )
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,7 @@ def _read_spec(name: str) -> str:
     """The spec file's text; a path that is not a readable file says what is near it."""
     path = Path(name)
     try:
-        return path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as exc:
         folder = path if path.is_dir() else path.parent
         nearby = sorted(p.name for p in folder.glob("*.y*ml")) if folder.is_dir() else []
@@ -87,6 +87,11 @@ def _read_spec(name: str) -> str:
         else:
             hint = "give the path of a YAML chain spec file (a list of hops); autoglm demo runs one without a file"
         raise WorkbenchError(f"cannot read spec file {name!r}: {exc.strerror or exc}", hint=hint) from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{name} is not UTF-8 text: byte {raw[exc.start]:#04x} cannot be read",
+                        line=raw.count(b"\n", 0, exc.start) + 1, hint="save the spec as UTF-8") from None
 
 
 def _models(items: Sequence[str]) -> dict[str, str]:
@@ -107,7 +112,7 @@ def _run(args: argparse.Namespace) -> int:
     inputs = parse_key_values(args.inputs)
     models = _models(args.model)
     spec = _read_spec(args.spec)
-    with Workbench() as bench:
+    with Workbench(allow_modules=args.allow_module) as bench:
         for name, source in models.items():
             load_model(bench, name, load_settings(args, source))
         try:
@@ -161,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"a model the spec names: a directory, a hub id, or '{TINY_SOURCE}'; repeat for each model")
     run.add_argument("--session", metavar="S", help="a session id: runs in one session share history")
     run.add_argument("--json", action="store_true", help="print the outputs as JSON instead of the span table")
+    run.add_argument("--allow-module", action="append", default=[], metavar="MODULE",
+                     help="let the spec's call: name functions in MODULE (besides your own code); repeat for each")
     add_load_options(run, "load options (for every --model)")
     run.set_defaults(func=_run)
     return parser

@@ -59,6 +59,11 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``"auto"`` is the first CUDA device if there is one, else MPS, else the CPU."""
     if isinstance(device, torch.device):
         device = str(device)
+    if not isinstance(device, str):
+        number = isinstance(device, int) and not isinstance(device, bool)
+        example = f" (for GPU {device}, 'cuda:{device}')" if number else ""
+        raise ModelLoadError(f"device must be a name such as 'cpu' or 'cuda:0', not {device!r}{example}",
+                             hint=f"use 'auto' or one of: {', '.join(available_devices())}")
     name = device.strip().lower()
     if name == "auto":
         return torch.device(available_devices()[1] if len(available_devices()) > 1 else "cpu")
@@ -85,6 +90,9 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     """``"auto"`` is bfloat16 on a CUDA device that supports it, float16 on other GPUs, float32 on CPU."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if not isinstance(dtype, str):
+        raise ModelLoadError(f"dtype must be a name such as 'float32', not {dtype!r}",
+                             hint="use 'auto', 'float32', 'float16' or 'bfloat16'")
     name = dtype.strip().lower().removeprefix("torch.")
     if name == "auto":
         if device.type == "cuda":

@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -14,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
 
 import torch
 from opentelemetry.trace import Span
@@ -328,14 +330,23 @@ def _warm_up(model: Any, tokenizer: Any, device: torch.device) -> float:
 
 
 def _check_source(settings: LoadSettings) -> None:
-    """Refuse what is clearly not a model, and pickle weights unless the user opted in."""
-    path = Path(os.path.expanduser(settings.source))
-    looks_local = path.exists() or settings.source.startswith((".", "/", "~")) or settings.source.count("/") > 1
-    if not looks_local:
-        return  # a hub id; from_pretrained reports what is wrong with it
-    if not path.is_dir():
+    """Refuse what is clearly not a model, and pickle weights (the model's or its adapter's) unless allowed."""
+    adapter = Path(os.path.expanduser(settings.adapter)) if settings.adapter else None
+    if adapter is not None and adapter.is_dir() and not settings.allow_pickle and _only_pickle(adapter):
         raise ModelLoadError(
-            f"{settings.source!r} is not a directory",
+            f"adapter {settings.adapter!r} has only pickle weights (.bin/.pt), which can run code when loaded",
+            hint="convert them to safetensors, or pass allow_pickle=True if you trust their author",
+        )
+    path = Path(os.path.expanduser(settings.source))
+    looks_local = (path.exists() or settings.source.startswith((".", "/", "~")) or settings.source.count("/") > 1
+                   or Path(path.parts[0]).is_dir())  # 'models/x' where ./models exists means a folder, not a hub id
+    if not looks_local:
+        _check_hub_id(settings)
+        return
+    if not path.is_dir():
+        relative = "" if path.is_absolute() else f" (relative paths start at {os.getcwd()})"
+        raise ModelLoadError(
+            f"{settings.source!r} is not a directory{relative}",
             hint="give the directory that holds config.json and the weights, or a hub id like 'org/name'",
         )
     if not (path / "config.json").is_file():
@@ -344,14 +355,52 @@ def _check_source(settings: LoadSettings) -> None:
             hint="point at the folder that save_pretrained wrote",
         )
     has_safetensors = any(path.glob("*.safetensors"))
-    has_pickle = any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth"))
-    if not has_safetensors and has_pickle and not settings.allow_pickle:
+    has_pickle = _pickle_files(path)
+    if _only_pickle(path) and not settings.allow_pickle:
         raise ModelLoadError(
             f"{settings.source!r} has only pickle weights (.bin/.pt), which can run code when loaded",
             hint="convert them to safetensors, or pass allow_pickle=True (--allow-pickle) if you trust their author",
         )
     if not has_safetensors and not has_pickle:
         raise ModelLoadError(f"{settings.source!r} has a config.json but no weights", hint="is the download complete?")
+
+
+def _check_hub_id(settings: LoadSettings) -> None:
+    """Refuse at once a hub id that is not in the local cache while the hub cannot be reached.
+
+    Otherwise huggingface_hub retries for most of a minute before saying so, and a mistyped
+    relative path ('model/tiny' for 'models/tiny') looks exactly like a hub id.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    source = settings.source
+    try:
+        if isinstance(try_to_load_from_cache(source, "config.json", revision=settings.revision), str):
+            return
+    except HFValidationError:
+        raise ModelLoadError(f"{source!r} is neither a local directory nor a hub id like 'org/name'",
+                             hint=f"check the path (relative paths start at {os.getcwd()})") from None
+    host = urlparse(constants.ENDPOINT)
+    reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else None
+    if reason is None:
+        try:
+            socket.create_connection((host.hostname, host.port or 443), timeout=3).close()
+        except OSError as exc:
+            reason = f"{host.hostname} cannot be reached ({exc.strerror or exc})"
+    if reason is not None:
+        raise ModelLoadError(
+            f"{source!r} is not a local directory, and as a hub id it is not in the Hugging Face cache while {reason}",
+            hint=f"check the path (relative paths start at {os.getcwd()}); a hub model must be downloaded once online",
+        )
+
+
+def _pickle_files(path: Path) -> bool:
+    return any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth"))
+
+
+def _only_pickle(path: Path) -> bool:
+    return _pickle_files(path) and not any(path.glob("*.safetensors"))
 
 
 _bars_lock = threading.Lock()
@@ -394,17 +443,21 @@ def _from_pretrained(settings: LoadSettings, device: torch.device, dtype: torch.
                 model = _with_adapter(model, settings.adapter)
     except ModelLoadError:
         raise
-    except (OSError, ValueError, KeyError, ImportError) as exc:
+    except Exception as exc:  # transformers, safetensors and peft each raise their own kinds; all end here
+        kind = type(exc).__name__
         hint = "check the path or hub id; on an offline machine, hub ids must already be in the HF cache"
         if "trust_remote_code" in str(exc):  # transformers refused to run the repository's own Python code
             hint = (
                 "the model needs its repository's Python code; read it, and pass trust_remote_code=True"
                 " (--trust-remote-code) only if you trust its author"
             )
-        raise ModelLoadError(
-            f"could not load {settings.source!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
-            hint=hint,
-        ) from exc
+        elif "Safetensor" in kind:
+            hint = "a weights file is incomplete or damaged (an interrupted download or copy?): fetch or save it again"
+        elif "Validation" in kind or isinstance(exc, TypeError):
+            hint = "config.json holds a value of the wrong type: compare it with the model's original config.json"
+        said = " ".join(line.strip() for line in str(exc).splitlines()[:2] if line.strip())[:400]
+        raise ModelLoadError(f"could not load {settings.source!r}: {kind}: {said}" if said else
+                             f"could not load {settings.source!r}: {kind}", hint=hint) from exc
     model.to(device)
     model.eval()
     if tokenizer.pad_token_id is None:

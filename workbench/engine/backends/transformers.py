@@ -20,7 +20,7 @@ from workbench.engine.backends.base import (
     next_batch_id,
     result_from_stamps,
 )
-from workbench.engine.requests import GenerationRequest, GenerationResult
+from workbench.engine.requests import GenerationRequest, GenerationResult, check_text
 from workbench.models.devices import dtype_name
 from workbench.models.registry import LoadedModel
 
@@ -93,9 +93,14 @@ class TransformersBackend:
         self._encode_batch = core.encode_batch if callable(getattr(core, "encode_batch", None)) else None
 
     def tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
-        if self._encode_batch is not None:
-            return [encoding.ids for encoding in self._encode_batch(list(prompts), add_special_tokens=True)]
-        ids: list[list[int]] = self.loaded.tokenizer(list(prompts))["input_ids"]
+        try:
+            if self._encode_batch is not None:
+                return [encoding.ids for encoding in self._encode_batch(list(prompts), add_special_tokens=True)]
+            ids: list[list[int]] = self.loaded.tokenizer(list(prompts))["input_ids"]
+        except TypeError:  # how a fast tokenizer refuses text with a lone surrogate; say which prompt
+            for index, prompt in enumerate(prompts):
+                check_text(prompt, "the prompt" if len(prompts) == 1 else f"prompt {index + 1} of {len(prompts)}")
+            raise
         return ids
 
     def detokenize(self, tokens: Sequence[int]) -> str:

@@ -1,0 +1,302 @@
+"""A chain spec cannot hurt whoever runs it: no calls into modules they did not open, no bombs, bounded templates."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from pathlib import Path
+from textwrap import dedent
+from typing import Any
+
+import pytest
+from helpers import WAIT_S
+
+import workbench as wb
+from workbench.chains.templates import PromptTemplate
+from workbench.fronts.cli import main
+
+
+def _python_hop(call: Any) -> dict[str, Any]:
+    return {"name": "py", "hops": [{"name": "step", "call": call}]}
+
+
+@pytest.fixture
+def own_modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A folder of the user's own modules on sys.path, as a project directory or PYTHONPATH entry is."""
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "myhops.py").write_text(dedent("""\
+        from os import system
+
+
+        def shout(question):
+            return question.upper()
+    """))
+    (folder / "broken_syntax.py").write_text("def shout(question:\n    return question\n")
+    (folder / "raises_on_import.py").write_text("raise RuntimeError('no database configured')\n")
+    monkeypatch.syspath_prepend(str(folder))
+    for name in ("myhops", "broken_syntax", "raises_on_import"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    return folder
+
+
+# -- which modules a spec may call into ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("call", "reason"),
+    [
+        ("os:system", "standard library"),
+        ("subprocess:getoutput", "standard library"),
+        ("builtins:open", "standard library"),
+        ("shutil:rmtree", "standard library"),
+        ("importlib:import_module", "standard library"),
+        ("numpy:save", "an installed package"),
+        ("workbench.bench:current", "part of the workbench itself"),
+    ],
+)
+def test_a_spec_cannot_call_into_the_standard_library_or_installed_packages(
+    tiny_bench: wb.Workbench, call: str, reason: str
+) -> None:
+    for spec in (_python_hop(call), f"name: py\nhops:\n  - name: step\n    call: {call}\n"):
+        with pytest.raises(wb.SpecError, match=reason) as info:
+            tiny_bench.chain(spec)
+        assert info.value.hop == "step" and info.value.field == "call"
+        assert f"bench.allow_modules({call.split(':')[0].split('.')[0]!r})" in str(info.value.hint)
+        assert isinstance(spec, dict) or info.value.line == 4
+
+
+def test_a_refused_module_is_not_even_imported(tiny_bench: wb.Workbench, capsys: pytest.CaptureFixture[str]) -> None:
+    # Importing 'this' prints the Zen of Python: a side effect anyone would see.
+    was_imported = "this" in sys.modules
+    with pytest.raises(wb.SpecError, match="standard library"):
+        tiny_bench.chain(_python_hop("this:s"))
+    assert ("this" in sys.modules) == was_imported
+    assert "Beautiful is better than ugly" not in capsys.readouterr().out
+
+
+def test_your_own_modules_the_notebook_and_passed_functions_work_as_before(
+    tiny_bench: wb.Workbench, own_modules: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert tiny_bench.chain(_python_hop("myhops:shout")).run(question="hi").output == "HI"
+    # A function defined in the notebook lives in __main__.
+    monkeypatch.setattr(sys.modules["__main__"], "whisper", lambda question: question.lower(), raising=False)
+    assert tiny_bench.chain(_python_hop("__main__:whisper")).run(question="HI").output == "hi"
+    # A function object in a dict spec is the user's own choice, wherever it comes from.
+    assert tiny_bench.chain(_python_hop(len)).run().output == 1  # the whole context: just history
+    demo = tiny_bench.chain(_python_hop("workbench.demo:canned_answer"))
+    assert demo.run(question="q").output.startswith("(no model")
+
+
+def test_a_function_imported_into_your_module_is_judged_by_where_it_comes_from(
+    tiny_bench: wb.Workbench, own_modules: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(wb.SpecError, match="imported into 'myhops'") as info:
+        tiny_bench.chain(_python_hop("myhops:system"))
+    assert "standard library" in str(info.value)
+
+
+def test_allowed_modules_open_a_package_and_its_submodules(tiny_path: Path, tmp_path: Path) -> None:
+    with wb.Workbench(data_dir=tmp_path, allow_modules=["json"]) as bench:
+        assert bench.chain(_python_hop("json.decoder:JSONDecoder")).hops == ["step"]
+        with pytest.raises(wb.SpecError, match="'gc:collect' is in module 'gc'"):
+            bench.chain(_python_hop("gc:collect"))
+        assert bench.allow_modules("gc") == ("json", "gc")
+        assert isinstance(bench.chain(_python_hop("gc:collect")).run().output, int)
+        with pytest.raises(wb.WorkbenchError, match="'os system' is not a module name"):
+            bench.allow_modules("os system")
+
+
+def test_the_command_line_allows_a_module_only_when_told(
+    tmp_path: Path, tiny_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = tmp_path / "collect.yaml"
+    spec.write_text("name: collect\nhops:\n  - name: sweep\n    call: gc:collect\n", encoding="utf-8")
+    assert main(["run", str(spec), "--json"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("autoglm: chain spec, hop 'sweep', field 'call', line 4:") and "--allow-module gc" in err
+    assert main(["run", str(spec), "--json", "--allow-module", "gc"]) == 0
+    assert isinstance(json.loads(capsys.readouterr().out)["output"], int)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        ("broken_syntax:shout", "importing module 'broken_syntax' failed: SyntaxError"),
+        ("raises_on_import:shout", "importing module 'raises_on_import' failed: RuntimeError: no database configured"),
+    ],
+)
+def test_a_hop_module_that_fails_to_import_is_a_spec_error(
+    tiny_bench: wb.Workbench, own_modules: Path, call: str, message: str
+) -> None:
+    with pytest.raises(wb.SpecError, match=message) as info:
+        tiny_bench.chain(_python_hop(call))
+    assert info.value.hop == "step" and info.value.field == "call"
+    assert tiny_bench.chain(_python_hop("myhops:shout")).run(question="ok").output == "OK"  # nothing else broke
+
+
+# -- specs that would take the loader's memory -------------------------------------------------
+
+# Nine levels of nine: a few hundred bytes that stand for 9**9 (387 million) values.
+_ANCHORS = "description: [&a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol], " + ", ".join(
+    f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)
+) + "]\n"
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        "description: *a8\n",
+        "hops:\n  - {name: h, model: tiny, prompt: hi, max_new_tokens: *a8}\n",
+        "hops:\n  - {name: *a8, model: tiny, prompt: hi}\n",
+        "hops:\n  - {name: h, model: tiny, prompt: hi, fallback: *a8}\n",
+        "output: *a8\n",
+    ],
+    ids=["description", "max_new_tokens", "hop-name", "fallback", "output"],
+)
+def test_a_yaml_alias_bomb_is_refused(tiny_bench: wb.Workbench, where: str) -> None:
+    head = "name: bomb\n" + (_ANCHORS if where.startswith("description") else _ANCHORS.replace("description", "x"))
+    text = head + ("" if where.startswith("hops") else "hops:\n  - {name: h, model: tiny, prompt: hi}\n") + where
+    with pytest.raises(wb.SpecError, match=r"aliases \(\*name\) expand to more than 100,000 values") as info:
+        tiny_bench.chain(text)
+    assert info.value.line == 2
+
+
+def test_shared_or_deep_nests_in_a_dict_spec_give_short_errors(tiny_bench: wb.Workbench) -> None:
+    shared: list[Any] = ["lol"] * 9
+    for _ in range(9):
+        shared = [shared] * 9
+    deep: list[Any] = []
+    for _ in range(200_000):
+        deep = [deep]
+    for nest in (shared, deep):
+        for field, spec in [
+            ("description", {"name": "x", "description": nest,
+                             "hops": [{"name": "h", "model": "tiny", "prompt": "hi"}]}),
+            ("max_new_tokens", {"name": "x", "hops": [{"name": "h", "model": "tiny", "prompt": "hi",
+                                                        "max_new_tokens": nest}]}),
+            ("output", {"name": "x", "hops": [{"name": "h", "model": "tiny", "prompt": "hi"}], "output": nest}),
+        ]:
+            with pytest.raises(wb.SpecError) as info:
+                tiny_bench.chain(spec)
+            assert info.value.field == field and len(str(info.value)) < 400
+
+
+# -- templates ----------------------------------------------------------------------------------
+
+
+def _llm_chain(bench: wb.Workbench, prompt: str, **hop: Any) -> wb.Chain:
+    return bench.chain({"name": "t", "inputs": ["question"],
+                        "hops": [{"name": "ask", "model": "tiny", "prompt": prompt, "max_new_tokens": 2, **hop}]})
+
+
+def test_a_template_that_loops_for_ever_stops_at_the_hops_timeout(tiny_bench: wb.Workbench) -> None:
+    chain = _llm_chain(tiny_bench, "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
+                                   "{% endfor %}{{ question }}", timeout_s=1)
+    with pytest.raises(wb.HopFailed) as info:
+        chain.run(question="q")
+    assert info.value.hop == "ask" and isinstance(info.value.cause, wb.TemplateError)
+    assert "the prompt template ran longer than its 1 s" in str(info.value)
+    assert "timeout_s" in str(info.value.hint)
+    assert _llm_chain(tiny_bench, "Q: {% if question %}{{ question }}{% endif %}").run(question="q").ok
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "{{ 'x' * 10**8 }}",
+        "{{ question|center(10**9) }}",
+        "{{ question.ljust(10**9) }}",
+        "{{ '%1000000000s'|format(question) }}",
+        "{{ '{:>1000000000}'.format(question) }}",
+        "{{ range(100000)|join('x' * 1000000) }}",
+        "{% set ns = namespace(s=question) %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+        "{% set s = question * 1000 %}" + "{% set s = s ~ s ~ s ~ s %}" * 12 + "{{ s|length }}",
+        "{% set block %}{% for i in range(100000) %}{{ question * 1000 }}{% endfor %}{% endset %}{{ block|length }}",
+        "{% for i in range(100000) %}{{ question * 1000 }}{% endfor %}",
+    ],
+    ids=["repeat", "center", "ljust", "format", "str-format", "join", "doubling", "tilde", "set-block", "output"],
+)
+def test_a_template_cannot_make_more_than_ten_million_characters(tiny_bench: wb.Workbench, prompt: str) -> None:
+    with pytest.raises(wb.HopFailed) as info:
+        _llm_chain(tiny_bench, prompt).run(question="q")
+    assert isinstance(info.value.cause, wb.TemplateError) and info.value.cause.hop == "ask"
+    assert "10,000,000 characters" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "message"),
+    [
+        ("{{ 2 ** (10**8) }}", "an integer of more than 100,000 bits"),
+        ("{{ range(3)|batch(10**9, question)|list }}", "past the 100,000 items"),
+        ("{% macro again() %}{{ again() }}{% endmacro %}{{ again() }}", "recurses too deeply"),
+        ("{{ question|int / 0 }}", "rendering the prompt failed: ZeroDivisionError"),
+    ],
+)
+def test_other_runaway_templates_are_template_errors(tiny_bench: wb.Workbench, prompt: str, message: str) -> None:
+    with pytest.raises(wb.HopFailed, match=message) as info:
+        _llm_chain(tiny_bench, prompt).run(question="7")
+    assert isinstance(info.value.cause, wb.TemplateError)
+
+
+def test_loops_and_joins_render_as_jinja_renders_them(tiny_bench: wb.Workbench) -> None:
+    prompt = ("{% for x in items %}{{ loop.index }}/{{ loop.length }}={{ x ~ '!' }} {% else %}none{% endfor %}"
+              "|{{ items|join(',') }}|{{ 'ab'|center(6) }}|{{ '%3d'|format(7) }}")
+    template = PromptTemplate(prompt, hop="h")
+    assert template.render({"items": ["a", "b"]}) == "1/2=a! 2/2=b! |a,b|  ab  |  7"
+    assert template.render({"items": []}) == "none||  ab  |  7"
+
+
+# -- adapters -----------------------------------------------------------------------------------
+
+
+def test_a_lora_adapter_with_only_pickle_weights_is_refused_unless_allowed(
+    tiny_bench: wb.Workbench, tiny_path: Path, tmp_path: Path
+) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    adapter = tmp_path / "pickled-adapter"
+    tuned = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_path), LoraConfig(r=4, target_modules=["q_proj"]))
+    tuned.save_pretrained(adapter, safe_serialization=False)
+    assert (adapter / "adapter_model.bin").is_file()
+    with pytest.raises(wb.ModelLoadError, match="adapter .* has only pickle weights") as info:
+        tiny_bench.load("tuned", tiny_path, adapter=adapter, device="cpu")
+    assert "allow_pickle=True" in str(info.value.hint)
+    assert "tuned" not in tiny_bench.registry.names()
+    tiny_bench.load("tuned", tiny_path, adapter=adapter, device="cpu", allow_pickle=True)
+    try:
+        assert tiny_bench.generate("tuned", "Hello", max_new_tokens=2).tokens_out == 2
+    finally:
+        tiny_bench.unload("tuned", forget=True)
+
+
+def test_a_slow_template_does_not_hold_up_other_runs(tiny_path: Path, tmp_path: Path) -> None:
+    class Gate:
+        """Blocks the template that calls it until the test lets it go; says whether it was let go or gave up."""
+
+        def __init__(self) -> None:
+            self.entered, self.released = threading.Event(), threading.Event()
+            self.outcome = ""
+
+        def wait(self) -> str:
+            self.entered.set()
+            self.outcome = "released" if self.released.wait(WAIT_S) else "gave up"
+            return self.outcome
+
+    gate = Gate()
+    with wb.Workbench(data_dir=tmp_path) as bench:
+        bench.load("tiny", tiny_path, device="cpu")
+        slow = bench.chain({"name": "slow", "hops": [{"name": "ask", "model": "tiny", "max_new_tokens": 2,
+                                                      "prompt": "{{ gate.wait() }}: {{ question }}"}]})
+        quick = _llm_chain(bench, "Q: {{ question }}")
+        slow_runs: list[wb.Run] = []
+        runner = threading.Thread(target=lambda: slow_runs.append(slow.run(question="q", gate=gate)))
+        runner.start()
+        assert gate.entered.wait(WAIT_S)
+        # Were the slow template rendering on the loop every run walks on, this run would wait for the gate.
+        assert quick.run(question="hi").ok
+        gate.released.set()
+        runner.join(WAIT_S)
+    assert gate.outcome == "released" and slow_runs[0].ok
