@@ -18,6 +18,7 @@ from workbench.engine.resilience import Route, serve
 from workbench.errors import HopFailed, MissingInputError
 from workbench.tracing import Tracing
 from workbench.tracing import attributes as attr
+from workbench.tracing import openinference
 
 if TYPE_CHECKING:
     from workbench.engine import Engine
@@ -46,11 +47,6 @@ def check_inputs(spec: ChainSpec, inputs: Mapping[str, Any]) -> None:
         )
 
 
-def _preview(value: Any, limit: int = 4000) -> str:
-    text = value if isinstance(value, str) else repr(value)
-    return text if len(text) <= limit else text[:limit] + "…"
-
-
 class Runner:
     """Runs chains against an engine, a tracer, a context store and a pool for concurrent hops."""
 
@@ -69,12 +65,13 @@ class Runner:
         root = self.tracing.start_span(
             f"chain {spec.name}",
             attributes={
-                attr.SPAN_KIND: "CHAIN",
+                attr.SPAN_KIND: attr.KIND_CHAIN,
                 attr.CHAIN_NAME: spec.name,
                 attr.RUN_ID: run_id,
-                attr.INPUT_VALUE: _preview(dict(inputs)),
-                **({attr.SESSION_ID: session} if session else {}),
+                **openinference.input_value(dict(inputs)),
+                **({attr.SESSION_ID: session, attr.OI_SESSION_ID: session} if session else {}),
             },
+            run=True,
         )
         outputs: dict[str, Any] = {}
         failure: HopFailed | None = None
@@ -87,7 +84,7 @@ class Runner:
             raise
         output = outputs.get(spec.output)
         if failure is None:
-            root.set_attribute(attr.OUTPUT_VALUE, _preview(output))
+            root.set_attributes(openinference.output_value(output))
             root.set_status(Status(StatusCode.OK))
         else:
             root.set_status(Status(StatusCode.ERROR, failure.message))
@@ -176,7 +173,7 @@ class Runner:
         values: dict[str, Any] = {**inputs, "history": history}
         values.update({d: outputs[d] for d in hop.deps})
         attributes: dict[str, object] = {
-            attr.SPAN_KIND: "CHAIN" if hop.kind == "llm" else "TOOL",
+            attr.SPAN_KIND: attr.KIND_CHAIN if hop.kind == "llm" else attr.KIND_TOOL,
             attr.HOP_NAME: hop.name,
             attr.HOP_KIND: hop.kind,
             attr.CHAIN_NAME: spec.name,
@@ -184,12 +181,14 @@ class Runner:
         }
         if hop.model:
             attributes[attr.MODEL_NAME] = hop.model
+        if hop.call:
+            attributes[attr.TOOL_NAME] = openinference.tool_name(hop.call)
         with self.tracing.span(f"hop {hop.name}", root, attributes) as span:
             if self.engine.preloader.prefetching:  # load what later hops need while this one runs
                 self.engine.preloader.hop_started(hop.model, spec.models_after(hop.name), span, root)
             routes = self._routes(hop, spec, values, inputs, history, outputs, span, run_id)
             value = serve(routes, hop.resilience, span)
-            span.set_attribute(attr.OUTPUT_VALUE, _preview(value))
+            span.set_attributes(openinference.output_value(value))
             span.set_status(Status(StatusCode.OK))
             return value
 
@@ -210,7 +209,7 @@ class Runner:
         if hop.kind == "llm":
             assert hop.template is not None and hop.model is not None
             prompt = hop.template.render(values)
-            span.set_attribute(attr.INPUT_VALUE, _preview(prompt))
+            span.set_attributes(openinference.input_value(prompt))
 
         def model(name: str) -> Route:
             label = f"model:{name}"
@@ -226,15 +225,25 @@ class Runner:
                 fallback, spec, inputs, history, outputs, span, run_id
             ))
 
-        own = model(hop.model) if hop.model else Route(f"hop:{hop.name}", lambda attempt, timeout: _call(hop, values))
+        if hop.model:
+            own = model(hop.model)
+        else:
+            arguments = _arguments(hop, values)
+            span.set_attributes(openinference.input_value(arguments))
+            own = Route(f"hop:{hop.name}", lambda attempt, timeout: _call(hop, arguments))
         routes = [own]
         routes += [model(f.name) if f.kind == "model" else standby(f.name) for f in hop.resilience.fallback]
         return routes
 
 
-def _call(hop: HopSpec, values: dict[str, Any]) -> Any:
-    """Call a Python hop: by parameter name where it names them, else with the whole context."""
-    assert hop.call is not None
+def _arguments(hop: HopSpec, values: dict[str, Any]) -> dict[str, Any]:
+    """What a Python hop is called with: the parameters it names, else the whole context."""
     if hop.call_by_name is None:
-        return hop.call(dict(values))
-    return hop.call(**{name: values[name] for name in hop.call_by_name if name in values})
+        return dict(values)
+    return {name: values[name] for name in hop.call_by_name if name in values}
+
+
+def _call(hop: HopSpec, arguments: dict[str, Any]) -> Any:
+    """Call a Python hop: by parameter name where it names them, else with the whole context (a copy per attempt)."""
+    assert hop.call is not None
+    return hop.call(dict(arguments)) if hop.call_by_name is None else hop.call(**arguments)

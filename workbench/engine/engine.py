@@ -18,6 +18,7 @@ from workbench.models.preloading import Preloader
 from workbench.models.registry import ModelRegistry
 from workbench.tracing import Tracing, mark_error
 from workbench.tracing import attributes as attr
+from workbench.tracing import openinference
 
 
 class Engine:
@@ -129,12 +130,13 @@ class Engine:
         ``cancellable`` lets a timeout stop the request's row mid-batch (see :meth:`call`);
         a ``probe`` (health check) passes both gates and counts for neither.
         """
-        self._registry.settings(model)  # an unknown model fails here, before any span
+        settings = self._registry.settings(model)  # an unknown model fails here, before any span
         span = self._tracing.start_span(
             f"{attr.TEXT_COMPLETION} {model}",
             parent,
             attributes={
-                attr.SPAN_KIND: "LLM",
+                attr.SPAN_KIND: attr.KIND_LLM,
+                **openinference.request(settings.source, params),
                 attr.OPERATION_NAME: attr.TEXT_COMPLETION,
                 attr.PROVIDER_NAME: attr.PROVIDER,
                 attr.REQUEST_MODEL: model,
@@ -142,13 +144,14 @@ class Engine:
                 attr.REQUEST_TEMPERATURE: params.temperature,
                 attr.REQUEST_TOP_P: params.top_p,
                 attr.MODEL_NAME: model,
-                attr.INPUT_VALUE: prompt,
+                **openinference.input_value(prompt),
                 **({attr.HOP_NAME: hop} if hop else {}),
                 **({attr.REQUEST_TOP_K: params.top_k} if params.top_k else {}),
                 **({attr.REQUEST_SEED: params.seed} if params.seed is not None else {}),
                 **({attr.PROBE: True} if probe else {}),
                 **(attributes or {}),
             },
+            run=True,  # without a parent, a request asked for directly (bench.generate) is a run of its own
         )
         self.preloader.begin_use(model)  # from here until served, keep-warm will not evict it
         try:
@@ -167,6 +170,7 @@ class Engine:
                 attr.MODEL_DEVICE: str(loaded.device),
                 attr.MODEL_DTYPE: str(loaded.dtype).removeprefix("torch."),
                 attr.USAGE_INPUT_TOKENS: len(input_ids),
+                **openinference.token_counts(len(input_ids)),
                 attr.TOKENIZE_MS: (time.perf_counter() - started) * 1e3,
                 **({attr.TRUNCATED_TOKENS: truncated} if truncated else {}),
             }
