@@ -187,6 +187,9 @@ def main(argv: list[str] | None = None) -> None:
         " costs when fewer than --chains requests come)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--policies", default="none,static,dynamic,dynamic+len,continuous",
+                        help="which policies run beside the ceiling, comma-separated (none is always kept: the"
+                        " 'vs none' column divides by it unless it is left out, then that column reads 'vs ceiling')")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -198,10 +201,13 @@ def main(argv: list[str] | None = None) -> None:
         "dynamic": wb.DynamicBatching(max_batch=n, max_wait_ms=args.max_wait_ms),
         "dynamic+len": wb.DynamicBatching(max_batch=n, max_wait_ms=args.max_wait_ms, max_length_ratio=1.5),
     }
-    try:
-        policies["continuous"] = wb.ContinuousBatching(max_batch=n)
-    except wb.WorkbenchError as exc:
-        print(f"continuous batching skipped: {exc.message}", file=sys.stderr)
+    wanted = set(args.policies.split(","))
+    if "continuous" in wanted:
+        try:
+            policies["continuous"] = wb.ContinuousBatching(max_batch=n)
+        except wb.WorkbenchError as exc:
+            print(f"continuous batching skipped: {exc.message}", file=sys.stderr)
+    policies = {label: policy for label, policy in policies.items() if label in wanted}
 
     with wb.Workbench() as bench:
         source = args.model or (random_model(args.random, args.device, args.dtype) if args.random else wb.tiny_model())
@@ -240,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         ratio: dict[str, dict[str, list[float]]] = {}
         for label in labels:
             runs = samples[label]
-            vs_none = [s.rps / b.rps for s, b in zip(runs, samples["none"])]
+            vs_none = [s.rps / b.rps for s, b in zip(runs, samples["none" if "none" in samples else "ceiling"])]
             vs_ceiling = [s.rps / c.rps for s, c in zip(runs, samples["ceiling"])]
             ratio[label] = {"none": vs_none, "ceiling": vs_ceiling}
             batches = [len(s.batches) for s in runs if s.batches]

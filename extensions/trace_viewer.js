@@ -43,15 +43,29 @@ export function layout(spans, width) {
   return { total, scale, bars, height: spans.length * ROW_HEIGHT };
 }
 
-/** The hover text of a span: its name, timing and every attribute, one per line. */
+/** Milliseconds as the tables show them: one decimal, thousands separated (1,290.5). */
+export function ms(value) {
+  return value.toLocaleString("en-US", { minimumFractionDigits: 1, maximumFractionDigits: 1 });
+}
+
+/** A number as the tables show it: ms to one decimal, seconds to three, others to three significant digits. */
+export function roundFor(key, value) {
+  if (typeof value !== "number" || !Number.isFinite(value) || Number.isInteger(value)) return value;
+  if (key.endsWith("_ms")) return +value.toFixed(1);
+  if (key.endsWith("_s")) return +value.toFixed(3);
+  return Math.abs(value) >= 100 ? Math.round(value) : +value.toPrecision(3);
+}
+
+/** The hover text of a span: its name, timing and every attribute, one per line, numbers rounded. */
 export function describe(span) {
   const lines = [
     `${span.name}  [${span.kind}]  ${span.status}`,
-    `start ${span.start_ms.toFixed(2)} ms, duration ${span.duration_ms.toFixed(2)} ms`,
+    `start ${ms(span.start_ms)} ms, duration ${ms(span.duration_ms)} ms`,
   ];
   // Time the garbage collector stopped every thread while this span was open.
-  if (span.gc_ms > 0.005) lines.push(`garbage collection ${span.gc_ms.toFixed(2)} ms of it`);
-  for (const [key, value] of Object.entries(span.attributes || {})) {
+  if (span.gc_ms >= 0.05) lines.push(`garbage collection ${ms(span.gc_ms)} ms of it`);
+  for (const [key, raw] of Object.entries(span.attributes || {})) {
+    const value = Array.isArray(raw) ? raw.map((v) => roundFor(key, v)) : roundFor(key, raw);
     const text = typeof value === "string" ? value : JSON.stringify(value);
     lines.push(`${key} = ${text.length > 160 ? text.slice(0, 157) + "..." : text}`);
   }
@@ -144,7 +158,7 @@ function draw(model, el) {
       width: Math.max(bar.width - bar.queueWidth, 1.5), height: ROW_HEIGHT - 6, fill: colour,
     }));
     const duration = svg("text", { class: "wb-duration", x: LABEL_WIDTH + bar.x + bar.width + 3, y: y + ROW_HEIGHT / 2 + 4 });
-    duration.textContent = `${span.duration_ms.toFixed(1)} ms`;
+    duration.textContent = `${ms(span.duration_ms)} ms`;
     group.appendChild(duration);
     group.addEventListener("mouseenter", (event) => {
       tooltip.textContent = describe(span);
@@ -163,8 +177,8 @@ function draw(model, el) {
     row.append(
       cell,
       html("td", "", span.kind),
-      html("td", "wb-num", span.start_ms.toFixed(2)),
-      html("td", "wb-num", span.duration_ms.toFixed(2)),
+      html("td", "wb-num", ms(span.start_ms)),
+      html("td", "wb-num", ms(span.duration_ms)),
       html("td", span.status === "ERROR" ? "wb-status-error" : "", span.status),
     );
     row.addEventListener("click", () => select(span.id));
@@ -190,14 +204,23 @@ function draw(model, el) {
   return () => model.off("change:selected", highlight);
 }
 
-/** Put the tooltip below the pointer, or above it where the window has no room below. */
+/**
+ * Where the tooltip goes, in the chart's coordinates: below the pointer, or above it where the
+ * window has no room below and the chart has room above. Never above the chart's top: the output
+ * area scrolls sideways, so it also clips whatever sticks out at its top, while below it grows.
+ */
+export function tooltipPosition(pointer, tooltip, chartWidth, windowHeight) {
+  const left = Math.max(0, Math.min(pointer.x + 16, chartWidth - tooltip.width));
+  const roomBelow = pointer.clientY + 16 + tooltip.height <= windowHeight;
+  const above = pointer.y - tooltip.height - 8;
+  return { left, top: roomBelow || above < 0 ? pointer.y + 16 : above };
+}
+
 function placeTooltip(tooltip, wrap, event) {
   const box = wrap.getBoundingClientRect();
-  const x = event.clientX - box.left;
-  const y = event.clientY - box.top;
-  const left = Math.max(0, Math.min(x + 16, box.width - tooltip.offsetWidth));
-  const roomBelow = event.clientY + 16 + tooltip.offsetHeight <= window.innerHeight;
-  const top = roomBelow ? y + 16 : y - tooltip.offsetHeight - 8;
+  const pointer = { x: event.clientX - box.left, y: event.clientY - box.top, clientY: event.clientY };
+  const size = { width: tooltip.offsetWidth, height: tooltip.offsetHeight };
+  const { left, top } = tooltipPosition(pointer, size, box.width, window.innerHeight);
   tooltip.style.left = `${left}px`;
   tooltip.style.top = `${top}px`;
 }

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
+import ast
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from workbench.cli import main
+import workbench as wb
+from workbench.fronts.cli import build_parser, main
 
 SPEC = """\
 name: hello
@@ -87,27 +92,128 @@ def test_model_path_tiny_means_the_tiny_model(cached_tiny: Path, spec_file: Path
     assert outputs[0] == outputs[1]
 
 
+def test_session_keeps_the_history_of_runs_across_invocations(spec_file: Path, tiny_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    for question in ("one", "two"):
+        assert main(["run", str(spec_file), f"question={question}", "--model", f"tiny={tiny_path}",
+                     "--session", "s1", "--json"]) == 0
+    capsys.readouterr()
+    with wb.Workbench() as bench:  # the same data directory: sessions persist in its SQLite file
+        assert [record.inputs["question"] for record in bench.session("s1").records()] == ["one", "two"]
+
+
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("args", "message", "hint"),
     [
-        (["run", "{missing}", "question=hi"], "No such file"),
-        (["run", "{dir}", "question=hi"], "Is a directory"),
-        (["run", "{spec}", "question"], "input 'question' is not key=value"),
-        (["run", "{spec}", "question=hi", "--model", "tiny"], "--model 'tiny' is not NAME=PATH"),
-        (["run", "{spec}", "question=hi"], "unknown model 'tiny'"),
-        (["run", "{spec}", "question=hi", "--model", "tiny={missing}"], "is not a directory"),
-        (["run", "{spec}", "questoin=hi", "--model", "tiny={tiny}"], "did you mean 'question'"),
+        (["run", "{missing}", "question=hi"], "cannot read spec file", "did you mean {spec}?"),
+        (["run", "{dir}", "question=hi"], "Is a directory", "spec files in {dir}: hello.yaml"),
+        (["run", "{dir}/sub/x.yaml"], "No such file", "give the path of a YAML chain spec file"),
+        (["run", "{spec}", "question"], "input 'question' is not key=value", 'question="What is 2 + 2?"'),
+        (["run", "{spec}", "session=s1"], "'session' is not an input", "--session S"),
+        (["run", "{spec}", "question=hi", "--model", "tiny"], "--model 'tiny' is not NAME=PATH",
+         "--model tiny=tiny"),
+        (["run", "{spec}", "question=hi", "--model", "tiny=tiny", "--model", "tiny=x"], "--model 'tiny' is given twice",
+         "one --model NAME=PATH"),
+        (["run", "{spec}", "question=hi"], "unknown model 'tiny'", "--model NAME=PATH"),
+        (["run", "{spec}", "question=hi", "--model", "tiny={missing}"], "is not a directory", "config.json"),
+        (["run", "{spec}", "questoin=hi", "--model", "tiny={tiny}"], "did you mean 'question'",
+         "autoglm run {spec} question=..."),
     ],
-    ids=["missing-file", "directory", "no-equals", "model-no-equals", "no-model", "bad-model-path", "typo-input"],
+    ids=["missing-file", "directory", "no-spec-near", "no-equals", "session-as-input", "model-no-equals",
+         "model-twice", "no-model", "bad-model-path", "typo-input"],
 )
-def test_mistakes_exit_2_with_a_short_message(
-    args: list[str], message: str, spec_file: Path, tiny_path: Path, tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
+def test_mistakes_exit_2_with_a_short_message_and_a_hint_in_command_line_terms(
+    args: list[str], message: str, hint: str, spec_file: Path, tiny_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
-    paths = {"missing": tmp_path / "nope.yaml", "dir": tmp_path, "spec": spec_file, "tiny": tiny_path}
+    paths = {"missing": spec_file.with_name("helo.yaml"), "dir": spec_file.parent, "spec": spec_file,
+             "tiny": tiny_path}
     assert main([a.format(**paths) for a in args]) == 2
     captured = capsys.readouterr()
-    assert captured.err.startswith("autoglm: ")
-    assert message in captured.err
-    assert "Traceback" not in captured.err
+    first, second = captured.err.splitlines()
+    assert first.startswith("autoglm: ") and message in first
+    assert second.startswith("hint: ") and hint.format(**paths) in second
+    # The hint names what to type here, not the Python API or the magics.
+    assert "bench." not in second and "chain.run" not in second and "%autoglm" not in second
     assert captured.out == ""
+
+
+def test_a_failed_hop_prints_what_finished_and_a_short_message(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    spec = tmp_path / "parse.yaml"
+    spec.write_text("name: parse\nhops:\n  - name: decode\n    call: json:loads\n", encoding="utf-8")
+    assert main(["run", str(spec), "s=not json"]) == 2
+    captured = capsys.readouterr()
+    assert [" ".join(r[:2]) for r in _span_rows(captured.out)] == ["chain parse", "hop decode"]
+    assert captured.err.splitlines() == [
+        "autoglm: hop 'decode' failed: JSONDecodeError: Expecting value: line 1 column 1 (char 0)",
+        "hint: the spans above show the hops that finished",
+    ]
+
+
+# -- the command line itself ----------------------------------------------------------------------
+
+
+def test_bare_autoglm_prints_help_with_examples(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: autoglm")
+    assert "demo" in out and "run" in out and "examples:" in out
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0
+    assert capsys.readouterr().out == f"autoglm {wb.__version__}\n"
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["run"]], ids=["autoglm", "demo", "run"])
+def test_help_explains_every_option_in_plain_text(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    out = capsys.readouterr().out
+    assert "``" not in out and ":func:" not in out  # reST markup is for docstrings, not a terminal
+    parser = build_parser()
+    if not command:
+        for name in ("demo", "run"):
+            assert f"\n    {name} " in out  # each command with its one-line help
+    else:
+        (subparsers,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        parser = subparsers.choices[command[0]]
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):  # its commands' help is checked above
+            assert action.help, f"{action.option_strings or action.dest} has no help"
+            assert action.help in " ".join(out.split())
+
+
+def test_run_offers_every_load_setting_as_an_option(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = capsys.readouterr().out
+    for setting in ("--device", "--dtype", "--adapter", "--trust-remote-code", "--allow-pickle", "--revision",
+                    "--warmup"):
+        assert setting in out
+
+
+def test_help_imports_neither_torch_nor_transformers() -> None:
+    # `autoglm --help` must answer at once; importing torch alone takes seconds.
+    script = (
+        "import sys\n"
+        "from workbench.fronts.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'pandas') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                          cwd=Path(wb.__file__).parents[1])
+    assert "usage: autoglm" in done.stdout
+    assert done.stdout.splitlines()[-1] == "[]"
+
+
+def test_every_public_name_resolves_and_type_checkers_see_the_same_names() -> None:
+    for name in wb.__all__:
+        assert getattr(wb, name) is not None
+    # The names imported under TYPE_CHECKING are what type checkers and IDEs know of the package.
+    tree = ast.parse(Path(wb.__file__).read_text(encoding="utf-8"))
+    (block,) = [node for node in tree.body if isinstance(node, ast.If)]
+    typed = {alias.asname or alias.name for node in block.body for alias in node.names}  # type: ignore[attr-defined]
+    assert typed == set(wb.__all__) - {"__version__", "load_ipython_extension"}

@@ -10,6 +10,7 @@ from opentelemetry.trace import INVALID_SPAN
 
 import workbench as wb
 from workbench.engine import GenerationParams, GenerationRequest
+from workbench.engine.backends import Backend
 from workbench.errors import WorkerStopped
 
 PROMPTS = [
@@ -22,7 +23,23 @@ PROMPTS = [
 
 def _requests(bench: wb.Workbench, prompts: list[str], params: GenerationParams) -> list[GenerationRequest]:
     backend = bench.engine.worker("tiny").backend
-    return [GenerationRequest("tiny", backend.tokenize(p, params)[0], params, INVALID_SPAN) for p in prompts]
+    return [GenerationRequest("tiny", ids, params, INVALID_SPAN) for ids in backend.tokenize(prompts)]
+
+
+def test_the_transformers_backend_is_a_backend_and_tokenizes_a_batch_as_one_by_one(tiny_bench: wb.Workbench) -> None:
+    backend = tiny_bench.engine.worker("tiny").backend
+    assert isinstance(backend, Backend)
+    assert backend.tokenize(PROMPTS) == [backend.tokenize([p])[0] for p in PROMPTS]
+    assert (backend.device, backend.dtype) == ("cpu", "float32")
+
+
+def test_the_worker_loop_and_the_seam_import_no_torch() -> None:
+    # The backend seam keeps torch behind it: the worker, queue, policies and failure kinds run without it,
+    # so a process-isolated or remote backend's parent side need not load it.
+    for module in ("workbench/engine/worker.py", "workbench/engine/failures.py", "workbench/engine/queue.py",
+                   "workbench/engine/batching.py", "workbench/engine/backends/base.py", "workbench/engine/faults.py"):
+        source = (Path(__file__).parent.parent / module).read_text()
+        assert "import torch" not in source, module
 
 
 def test_greedy_output_is_the_same_alone_or_in_a_padded_batch(tiny_bench: wb.Workbench) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,13 +18,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 import workbench as wb
 import workbench.bench
 from workbench.engine.batching import parse_policy
 from workbench.experiments import read_inputs
 from workbench.experiments.compare import TABLE_COLUMNS
-from workbench.notebook.parsers import CompareCommand, ParseError, parse_command
+from workbench.fronts.notebook.parsers import CompareCommand, ParseError, parse_command
 
 ENVIRONMENT = ["chain", "model", "model_source", "device", "dtype", "torch_version", "transformers_version",
                "workbench_version", "repeats", "platform"]
@@ -206,13 +208,33 @@ def test_save_round_trips_csv_and_parquet_with_the_environment(comparison: wb.Co
         comparison.save(tmp_path / "cmp.xlsx")
 
 
-def test_plot_draws_the_scatter_and_the_cdfs(comparison: wb.Comparison) -> None:
+def test_plot_draws_the_scatter_with_error_bars_and_the_cdfs(comparison: wb.Comparison) -> None:
     fig = comparison.plot()
     scatter, cdf = fig.axes
     assert scatter.get_xlabel() == "E2E p95 latency (ms)" and "throughput" in scatter.get_ylabel()
-    assert [t.get_text() for t in scatter.texts] == comparison.table()["batching"].tolist()
     assert len(cdf.get_lines()) == len(POLICIES)
     assert fig._repr_png_()[:8] == b"\x89PNG\r\n\x1a\n"  # draws itself in a notebook, no pyplot needed
+    # Each strategy's point carries its two intervals as bars, drawn from the table's bounds.
+    table = comparison.table()
+    bars = [c for c in scatter.containers if c.has_xerr and c.has_yerr]
+    assert len(bars) == len(POLICIES)
+    (x_segments, y_segments) = bars[0].lines[2]
+    (x_lo, _), (x_hi, _) = x_segments.get_segments()[0]
+    (_, y_lo), (_, y_hi) = y_segments.get_segments()[0]
+    first = table.iloc[0]
+    assert (x_lo, x_hi) == pytest.approx((first["e2e_p95_ms_lo"], first["e2e_p95_ms_hi"]))
+    assert (y_lo, y_hi) == pytest.approx((first["requests_per_s_lo"], first["requests_per_s_hi"]))
+    # Names go in one legend beside the panels: inside the figure, over neither panel, no two on each other.
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == table["batching"].tolist()
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()  # lays the figure out as a notebook draws it
+    renderer = canvas.get_renderer()
+    page, box = fig.bbox, legend.get_window_extent(renderer)
+    assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1
+    assert not any(box.overlaps(axes.get_window_extent(renderer)) for axes in (scatter, cdf))
+    texts = [t.get_window_extent(renderer) for t in legend.get_texts()]
+    assert not any(a.overlaps(b) for i, a in enumerate(texts) for b in texts[i + 1:])
     # After drawing, the latency axis has labelled ticks, whether its range spans a decade (log) or not (linear).
     labels = [t.get_text() for t in cdf.get_xticklabels() if t.get_text()]
     lo, hi = cdf.dataLim.intervalx
@@ -222,7 +244,114 @@ def test_plot_draws_the_scatter_and_the_cdfs(comparison: wb.Comparison) -> None:
 def test_html_repr_shows_the_workload_and_the_table(comparison: wb.Comparison) -> None:
     page = comparison._repr_html_()
     assert "closed loop at concurrency 4" in page and "2 repeats" in page
-    assert all(f"<td>{parse_policy(p).name}</td>" in page for p in POLICIES)
+    assert all(f'left; white-space: nowrap">{parse_policy(p).name}</td>' in page for p in POLICIES)
+    assert "bootstrap" in page and "min–max over repeats" in page  # the interval is named where it shows
+
+
+# -- spread -------------------------------------------------------------------------------------
+
+BOUNDED = [c.removesuffix("_lo") for c in TABLE_COLUMNS if c.endswith("_lo")]
+
+
+def test_every_figure_has_an_interval_that_holds_it(comparison: wb.Comparison) -> None:
+    table = comparison.table()
+    assert set(BOUNDED) == {"requests_per_s", "output_tokens_per_s", "e2e_p50_ms", "e2e_p95_ms", "e2e_p99_ms",
+                            "ttft_p50_ms", "ttft_p95_ms", "tpot_ms", "cold_start_s", "first_result_s"}
+    for column in BOUNDED:
+        lo, point, hi = table[f"{column}_lo"], table[column], table[f"{column}_hi"]
+        assert lo.notna().all() and hi.notna().all(), column
+        assert ((lo <= point) & (point <= hi)).all(), column
+    # Throughput's interval is the min-max of the passes, one per repeat.
+    passes = comparison.passes().groupby("batching")["requests_per_s"]
+    by_policy = table.set_index("batching")
+    assert by_policy["requests_per_s_lo"].to_dict() == passes.min().to_dict()
+    assert by_policy["requests_per_s_hi"].to_dict() == passes.max().to_dict()
+    # The bootstrap is seeded: the same runs give the same intervals every time the table is read.
+    pd.testing.assert_frame_equal(table, comparison.table())
+
+
+def test_each_percentile_comes_with_its_sample_count_and_a_small_p99_is_flagged(comparison: wb.Comparison) -> None:
+    table = comparison.table()
+    runs = len(QUESTIONS) * 2
+    assert table["n"].tolist() == [runs] * len(POLICIES)
+    assert table["ttft_n"].tolist() == [2 * runs] * len(POLICIES)  # two model calls per run
+    assert (table["tpot_n"] <= table["ttft_n"]).all() and (table["tpot_n"] > 0).all()
+    assert table["p99_few_samples"].tolist() == [True] * len(POLICIES)  # 8 runs: far from the 100 a p99 needs
+    shown = comparison.readable()
+    assert all(cell.endswith(" *") for cell in shown.column("e2e_p99_ms"))
+    assert any("* p99 from fewer than 100 runs" in note for note in shown.notes)
+    assert shown.columns.index("n") == shown.columns.index("e2e_p99_ms") + 1  # the count beside its percentiles
+
+
+def test_the_readable_table_shows_each_figure_with_its_interval(comparison: wb.Comparison) -> None:
+    shown = comparison.readable()
+    number = r"\d{1,3}(,\d{3})*"
+    for column in ("requests_per_s", "e2e_p50_ms", "ttft_p95_ms", "tpot_ms"):
+        for cell in shown.column(column):
+            assert re.fullmatch(rf"{number}\.\d \({number}\.\d–{number}\.\d\)( \*)?", cell), (column, cell)
+    assert all(re.fullmatch(rf"{number}\.\d{{3}} \(.+–.+\)", c) for c in shown.column("first_result_s"))
+    assert all(re.fullmatch(r"\d+\.\d%", c) for c in shown.column("padding_fraction"))
+    assert shown.column("peak_cuda_mb") == ["—"] * len(POLICIES)  # no GPU here: said, not NaN
+    assert "e+" not in repr(shown) and "nan" not in repr(shown).lower()
+
+
+def measured(throughputs: dict[str, list[float]], runs: int = 12) -> wb.Comparison:
+    """A Comparison of known figures (the real class, fed numbers instead of a machine's noise), one row per name.
+
+    Each strategy gets one pass per throughput given and ``runs`` runs of latency 100..100+runs-1 ms.
+    """
+    names = list(throughputs)
+    passes = pd.DataFrame([
+        {"batching": name, "preloading": "(as set)", "repeat": repeat, "wall_s": 1.0, "requests_per_s": value,
+         "output_tokens_per_s": 10 * value, "cold_start_s": 0.0, "first_result_s": 0.1, "peak_weights_mb": 1.0,
+         "peak_cuda_mb": float("nan")}
+        for name in names for repeat, value in enumerate(throughputs[name])
+    ])
+    samples = pd.DataFrame([
+        {"batching": name, "preloading": "(as set)", "repeat": 0, "input": i, "ok": True, "e2e_ms": 100.0 + i,
+         "output": "x"}
+        for name in names for i in range(runs)
+    ])
+    calls = pd.DataFrame([
+        {"batching": name, "preloading": "(as set)", "repeat": 0, "hop": "answer", "ttft_ms": 10.0 + i,
+         "tpot_ms": 1.0, "tokens_in": 5, "tokens_out": 4, "batch_id": i, "batch_size": 1, "padding_tokens": 0}
+        for name in names for i in range(runs)
+    ])
+    return wb.Comparison("known", [(name, "(as set)") for name in names], samples, calls, passes,
+                         {"inputs": runs, "repeats": len(next(iter(throughputs.values())))})
+
+
+def test_overlapping_intervals_are_not_a_ranking() -> None:
+    cmp = measured({"slow": [10.0, 11.0, 12.0], "close": [11.5, 13.0, 14.0], "fast": [30.0, 31.0, 33.0]})
+    table = cmp.table().set_index("batching")
+    assert table["rank"].to_dict() == {"fast": 1, "close": 2, "slow": 3}
+    # slow and close overlap (11.5-12): one group, neither told apart; fast stands alone.
+    assert table["rank_group"].to_dict() == {"fast": 1, "close": 2, "slow": 2}
+    assert table["distinguishable"].to_dict() == {"fast": True, "close": False, "slow": False}
+    shown = cmp.readable()
+    ranks = dict(zip(shown.column("batching"), shown.column("rank")))
+    assert ranks == {"slow": "3 ≈2", "close": "2 ≈3", "fast": "1"}
+    assert any("not distinguishable" in note for note in shown.notes)
+
+
+def test_one_repeat_gives_no_interval_and_so_no_ranking() -> None:
+    cmp = measured({"a": [10.0], "b": [40.0]})
+    table = cmp.table()
+    assert table[["requests_per_s_lo", "requests_per_s_hi", "first_result_s_lo"]].isna().all().all()
+    assert table["rank"].tolist() == [2, 1]  # the order of the medians is still there to read
+    assert table["rank_group"].isna().all() and table["distinguishable"].isna().all()
+    shown = cmp.readable()
+    assert shown.column("rank") == ["—", "—"] and shown.column("requests_per_s") == ["10.0", "40.0"]
+    assert any("one repeat gives no spread" in note for note in shown.notes)
+
+
+def test_a_p99_of_enough_runs_is_not_flagged_and_its_interval_narrows() -> None:
+    few, many = measured({"a": [1.0, 2.0]}, runs=20).table(), measured({"a": [1.0, 2.0]}, runs=400).table()
+    assert few["p99_few_samples"].tolist() == [True] and many["p99_few_samples"].tolist() == [False]
+    assert "*" not in measured({"a": [1.0, 2.0]}, runs=400).readable().column("e2e_p99_ms")[0]
+    # Latencies 100..499 ms: the p50's interval holds the true median and is a few percent of it wide.
+    lo, hi = many.loc[0, "e2e_p50_ms_lo"], many.loc[0, "e2e_p50_ms_hi"]
+    assert lo <= 299.5 <= hi and hi - lo < 0.15 * 299.5
 
 
 # -- preloading --------------------------------------------------------------------------------
@@ -376,7 +505,7 @@ def test_compare_magic_runs_shows_binds_and_saves(shell: InteractiveShell, tmp_p
     assert isinstance(comparison, wb.Comparison)
     assert comparison.table()["batching"].tolist() == ["none", "dynamic:4:5ms"]
     (page,) = [o.data["text/html"] for o in captured.outputs if "text/html" in o.data]
-    assert "<td>dynamic:4:5ms</td>" in page
+    assert ">dynamic:4:5ms</td>" in page
     assert f"saved to {out}" in captured.stdout
     assert pd.read_csv(out)["n"].tolist() == [2, 2]
     assert wb.current().engine.policy("tiny").name == "none"  # the policy it had before

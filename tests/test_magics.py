@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +13,19 @@ from IPython.utils.capture import CapturedIO, capture_output
 
 import workbench as wb
 import workbench.bench
-from workbench.notebook.parsers import COMMANDS, ModelsCommand, ParseError, RunCommand, TraceCommand, parse_command
+from workbench.fronts.notebook.parsers import (
+    COMMANDS,
+    LoadCommand,
+    ModelsCommand,
+    ParseError,
+    RunCommand,
+    TraceCommand,
+    help_text,
+    parse_command,
+)
+from workbench.models.settings import LoadSettings
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Line 1 of the cell is "%%autoglm chain qa", so `model` sits on line 4 and the prompts on 5 and 9.
 SPEC = """\
@@ -95,9 +109,11 @@ def test_load_tiny_then_models_shows_it(
 ) -> None:
     # SOURCE 'tiny' means wb.tiny_model(); point its cache at the one already built.
     monkeypatch.setenv("AUTOGLM_CACHE_DIR", str(tiny_path.parent))
-    loaded = magic(shell, "load tiny tiny --device cpu --dtype float32")
+    # As the README writes it, with a comment after the arguments.
+    loaded = magic(shell, "load tiny tiny --device cpu --dtype float32 --warmup  # NAME SOURCE; 'tiny' is ...")
     assert loaded.stderr == ""
     assert "loaded 'tiny' on cpu in float32" in loaded.stdout
+    assert wb.current().registry.settings("tiny").warmup is True
 
     tables = shown(magic(shell, "models"), "text/html")  # what a notebook shows: every column
     assert len(tables) == 1
@@ -141,8 +157,9 @@ def test_run_with_quoted_values_shows_output_and_span_table(with_qa: Interactive
         assert span in table
     html_table = shown(captured, "text/html")[1]
     assert "ttft_ms" in html_table and "tokens_out" in html_table
-    # Each span is marked with its depth under the chain, in the notebook's HTML too.
-    assert "<td>· hop plan" in html_table and "<td>· · text_completion tiny" in html_table
+    # Each span is marked with its depth under the chain, in the notebook's HTML too, and left-aligned.
+    assert 'left; white-space: nowrap">· hop plan</td>' in html_table
+    assert 'left; white-space: nowrap">· · text_completion tiny</td>' in html_table
 
 
 def test_run_finds_a_chain_variable_and_keeps_the_session(with_qa: InteractiveShell) -> None:
@@ -169,7 +186,8 @@ def test_trace_summary_has_a_row_per_hop(with_qa: InteractiveShell) -> None:
     magic(with_qa, "run qa question=hi")
     summaries = shown(magic(with_qa, "trace --summary"), "text/html")
     assert len(summaries) == 1
-    assert all(f"<th>{label}</th>" in summaries[0] for label in ("plan", "answer", "(chain)", "p95_ms", "ttft_p50_ms"))
+    assert all(f">{label}</td>" in summaries[0] for label in ("plan", "answer", "(chain)"))
+    assert all(f">{label}</th>" in summaries[0] for label in ("hop", "p95_ms", "ttft_p50_ms"))
 
 
 def test_trace_of_a_run_id_and_of_every_span(with_qa: InteractiveShell) -> None:
@@ -262,6 +280,41 @@ def test_run_parses_into_typed_inputs_with_flags_anywhere() -> None:
 
 def test_trace_defaults_to_the_last_run() -> None:
     assert parse_command("trace --summary") == TraceCommand(run="last", summary=True)
+
+
+def test_a_word_starting_with_a_hash_starts_a_comment_as_in_a_shell() -> None:
+    assert parse_command("run qa question='a # b' topic=C#  # the rest is a comment 'unclosed") == RunCommand(
+        chain="qa", inputs={"question": "a # b", "topic": "C#"}
+    )
+    assert parse_command("trace --summary # per hop") == TraceCommand(summary=True)
+
+
+def test_every_magic_line_of_the_readme_pastes_as_written() -> None:
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    lines = [line for line in readme.splitlines() if line.startswith("%autoglm") or line.startswith("%%autoglm")]
+    assert len(lines) >= 10
+    for line in lines:
+        cell = "hops: []" if line.startswith("%%") else None
+        command = parse_command(line.removeprefix("%%autoglm").removeprefix("%autoglm"), cell)
+        assert command.subcommand in COMMANDS
+        # IPython reads a line ending in ? as a request for help and never runs the magic.
+        assert not re.sub(r"\s+#.*$", "", line).rstrip().endswith("?"), line
+
+
+def test_load_takes_every_load_setting_as_an_option() -> None:
+    command = parse_command("load big org/big --device cuda:1 --dtype bfloat16 --adapter /a --trust-remote-code"
+                            " --allow-pickle --revision v2 --warmup")
+    assert command == LoadCommand(
+        name="big",
+        settings=LoadSettings(source="org/big", device="cuda:1", dtype="bfloat16", adapter="/a",
+                              trust_remote_code=True, allow_pickle=True, revision="v2", warmup=True),
+    )
+    assert parse_command("load tiny tiny") == LoadCommand(name="tiny", settings=LoadSettings(source="tiny"))
+    options = help_text("load")
+    for setting in dataclasses.fields(LoadSettings)[1:]:
+        flag = "--" + setting.name.replace("_", "-")
+        assert flag in options and flag in LoadCommand.usage
+        assert " ".join(setting.metadata["help"].split()) in " ".join(options.split())
 
 
 def test_a_line_subcommand_refuses_a_cell_body_but_not_a_blank_one() -> None:

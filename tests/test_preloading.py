@@ -14,7 +14,7 @@ import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 
 import workbench as wb
-from workbench.models.preloading import format_bytes, parse_bytes, parse_preloading
+from workbench.engine.preloading import format_bytes, parse_bytes, parse_preloading
 from workbench.tracing import attributes as attr
 
 PROMPT = "Question: What is the capital of France?\nPlan:"

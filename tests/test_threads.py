@@ -153,13 +153,13 @@ def test_maps_reuse_the_workbench_threads_and_never_exceed_their_concurrency(tin
         {"name": "bounded", "hops": [{"name": "work", "call": tracked}, {"name": "after", "call": walk, "uses": ["work"]}]}
     )
     first = chain.map([{"n": str(i)} for i in range(12)], concurrency=3)
-    eventually(lambda: tiny_bench._chain_threads.busy == 0, "the map's threads to go idle")
-    pooled = tiny_bench._chain_threads.threads
+    eventually(lambda: tiny_bench.chain_threads.busy == 0, "the map's threads to go idle")
+    pooled = tiny_bench.chain_threads.threads
     second = chain.map([{"n": str(i)} for i in range(12, 24)], concurrency=3)
     assert [run.output for run in first] == [str(i) for i in range(12)]
     assert [run.output for run in second] == [str(i) for i in range(12, 24)]
     assert 1 <= peak[0] <= 3
-    assert tiny_bench._chain_threads.threads <= pooled + 1  # the second map ran on the threads the first left
+    assert tiny_bench.chain_threads.threads <= pooled + 1  # the second map ran on the threads the first left
     assert walkers and all(name.startswith(("workbench-map-", "workbench-hop")) for name in walkers)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import _thread
 import gc
 import json
+import re
 import sys
 import threading
 import time
@@ -18,6 +19,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
 
 import workbench as wb
+from workbench.tables import Readable
 from workbench.tracing.trace import COLUMNS
 
 WAIT_S = 10  # a generous bound on how long an interrupt may take to arrive
@@ -209,6 +211,55 @@ def test_summary_has_a_row_per_hop_and_the_chain(fan_runs: list[wb.Run]) -> None
 
     merged = wb.Trace([s for r in fan_runs[1:] for s in r.trace.spans]).summary()
     assert (merged["count"] == len(fan_runs) - 1).all()  # six runs of every hop
+
+
+ONE_DECIMAL = r"\d{1,3}(,\d{3})*\.\d"
+
+
+def test_the_summary_reads_at_a_glance(fan_runs: list[wb.Run]) -> None:
+    summary = wb.Trace([s for r in fan_runs for s in r.trace.spans]).summary()
+    shown = Readable(summary)
+    assert shown.columns[0] == "hop" and shown.column("hop") == list(summary.index)
+    for column in ("mean_ms", "p50_ms", "p95_ms", "ttft_p50_ms", "tokens_per_s"):
+        assert all(re.fullmatch(ONE_DECIMAL, cell) or cell == "—" for cell in shown.column(column)), column
+    assert shown.column("ttft_p50_ms")[shown.column("hop").index("stats")] == "—"  # a Python hop has no TTFT
+    assert shown.column("count") == ["7"] * len(summary)
+    page = repr(shown) + shown.to_html()
+    assert "e+" not in page and "nan" not in page.lower()
+
+
+def test_span_names_are_left_aligned_so_the_depth_markers_line_up(fan_runs: list[wb.Run]) -> None:
+    trace = fan_runs[0].trace
+    shown = Readable(trace.compact(indent="· "))
+    depths = trace.table()["depth"].tolist()
+    lines = repr(shown).splitlines()
+    assert lines[0].startswith("name ")
+    for line, depth in zip(lines[1:], depths, strict=True):
+        assert line.startswith("· " * depth) and line[2 * depth] not in "· ", line  # the name starts after its marks
+    page = shown.to_html()
+    assert re.search(r'<td style="text-align: left[^"]*">· · text_completion tiny</td>', page)
+    assert re.search(rf'<td style="text-align: right[^"]*">{ONE_DECIMAL}</td>', page)  # figures right-aligned
+
+
+def test_figures_read_as_people_write_them(fan_runs: list[wb.Run]) -> None:
+    table = fan_runs[0].trace.table().head(3)
+    # The values a long run or a gap in a column gives: ms in the thousands, counts widened to floats.
+    frame = table[["name", "start_time", "duration_ms", "tokens_out"]].assign(
+        duration_ms=[1290.4567, 0.04, float("nan")],
+        tokens_out=[158016.0, float("nan"), 3.0],
+        temperature=[0.000123, 2.5, 1234.6],
+        padding_fraction=[0.0, 0.125, 1.0],
+        load_s=[0.0371234, 12.0, float("nan")],
+    )
+    shown = Readable(frame)
+    assert shown.column("duration_ms") == ["1,290.5", "0.0", "—"]  # not 1.29e+03
+    assert shown.column("tokens_out") == ["158,016", "—", "3"]  # not 158016.0
+    assert shown.column("temperature") == ["0.000123", "2.5", "1,235"]
+    assert shown.column("padding_fraction") == ["0.0%", "12.5%", "100.0%"]
+    assert shown.column("load_s") == ["0.037", "12.000", "—"]
+    # A time of day, on this machine's clock, to the millisecond.
+    started = table["start_time"].iloc[0].floor("us").to_pydatetime().astimezone()
+    assert shown.column("start_time")[0] == started.strftime("%H:%M:%S.%f")[:-3]
 
 
 def test_waterfall_draws_one_bar_row_per_span(fan_runs: list[wb.Run]) -> None:

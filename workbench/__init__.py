@@ -2,52 +2,61 @@
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from workbench._version import __version__
 
-from workbench.bench import Session, Workbench, current, set_current
-from workbench.chains.batch import MapInterrupted, RunBatch
-from workbench.chains.chain import Chain
-from workbench.chains.context import ContextStore, InMemoryContextStore, RunRecord
-from workbench.chains.run import Run
-from workbench.chains.sqlite_store import SQLiteContextStore
-from workbench.engine import (
-    BatchingPolicy,
-    ContinuousBatching,
-    DynamicBatching,
-    Faults,
-    GenerationParams,
-    GenerationResult,
-    InjectedFault,
-    NoBatching,
-    RetryPolicy,
-    StaticBatching,
-)
-from workbench.errors import (
-    CircuitOpen,
-    ContextWindowExceeded,
-    HopFailed,
-    HopTimeout,
-    MissingInputError,
-    ModelLoadError,
-    ModelOutOfMemory,
-    ModelUnhealthy,
-    RetriesExhausted,
-    SpecError,
-    StoreError,
-    WorkbenchClosed,
-    StrategyError,
-    TemplateError,
-    UnknownModelError,
-    WorkbenchError,
-    WorkloadError,
-)
-from workbench.experiments import ClosedLoop, Comparison, PoissonArrivals, compare
-from workbench.models.preloading import Eager, KeepWarm, Lazy, Prefetch, PreloadingStrategy
-from workbench.models.tiny import tiny_model
-from workbench.tracing import Trace
-from workbench.tracing.gcpauses import pauses as gc_pauses
+if TYPE_CHECKING:
+    from workbench.bench import Session, Workbench, current, set_current
+    from workbench.chains.batch import MapInterrupted, RunBatch
+    from workbench.chains.chain import Chain
+    from workbench.chains.resilience import RetryPolicy
+    from workbench.chains.context import ContextStore, InMemoryContextStore, RunRecord
+    from workbench.chains.run import Run
+    from workbench.chains.sqlite_store import SQLiteContextStore
+    from workbench.engine import (
+        BatchingPolicy,
+        ContinuousBatching,
+        DynamicBatching,
+        Faults,
+        GenerationParams,
+        GenerationResult,
+        InjectedFault,
+        NoBatching,
+        StaticBatching,
+    )
+    from workbench.errors import (
+        CircuitOpen,
+        ContextWindowExceeded,
+        HopFailed,
+        HopTimeout,
+        MissingInputError,
+        ModelError,
+        ModelLoadError,
+        ModelOutOfMemory,
+        ModelUnhealthy,
+        ParseError,
+        RetriesExhausted,
+        RunCancelled,
+        RunError,
+        ServingError,
+        SettingsError,
+        SpecError,
+        StoreError,
+        WorkbenchClosed,
+        StrategyError,
+        TemplateError,
+        UnknownModelError,
+        WorkbenchError,
+        WorkloadError,
+    )
+    from workbench.experiments import ClosedLoop, Comparison, PoissonArrivals, compare
+    from workbench.engine.preloading import Eager, KeepWarm, Lazy, Prefetch, PreloadingStrategy
+    from workbench.models.tiny import tiny_model
+    from workbench.tracing import Trace
+    from workbench.tracing.gcpauses import pauses as gc_pauses
+    from workbench.fronts.notebook.widgets import ChainBuilder, ComparisonDashboard, ModelManager, TraceViewer
 
 __all__ = [
     "BatchingPolicy",
@@ -73,6 +82,7 @@ __all__ = [
     "Lazy",
     "MapInterrupted",
     "MissingInputError",
+    "ModelError",
     "ModelLoadError",
     "ModelManager",
     "ModelOutOfMemory",
@@ -81,13 +91,18 @@ __all__ = [
     "PoissonArrivals",
     "Prefetch",
     "PreloadingStrategy",
+    "ParseError",
     "RetriesExhausted",
     "RetryPolicy",
     "Run",
     "RunBatch",
+    "RunCancelled",
+    "RunError",
     "RunRecord",
     "SQLiteContextStore",
+    "ServingError",
     "Session",
+    "SettingsError",
     "SpecError",
     "StaticBatching",
     "StoreError",
@@ -109,28 +124,62 @@ __all__ = [
     "tiny_model",
 ]
 
-
-# The widgets bring in ipywidgets and anywidget: they import on first use, so a script or a
-# worker process that never shows one does not pay for them.
-_WIDGETS = frozenset({"ChainBuilder", "ComparisonDashboard", "ModelManager", "TraceViewer"})
+# Where each public name lives (the imports above, for type checkers, say the same). Names import on
+# first use: `import workbench` stays cheap, so `autoglm --help` answers at once and torch and
+# transformers load only when something that needs them is touched.
+_HOMES = {
+    "workbench.bench": ("Session", "Workbench", "current", "set_current"),
+    "workbench.chains.batch": ("MapInterrupted", "RunBatch"),
+    "workbench.chains.chain": ("Chain",),
+    "workbench.chains.resilience": ("RetryPolicy",),
+    "workbench.chains.context": ("ContextStore", "InMemoryContextStore", "RunRecord"),
+    "workbench.chains.run": ("Run",),
+    "workbench.chains.sqlite_store": ("SQLiteContextStore",),
+    "workbench.engine": (
+        "BatchingPolicy", "ContinuousBatching", "DynamicBatching", "Faults", "GenerationParams", "GenerationResult",
+        "InjectedFault", "NoBatching", "StaticBatching",
+    ),
+    "workbench.errors": (
+        "CircuitOpen", "ContextWindowExceeded", "HopFailed", "HopTimeout", "MissingInputError", "ModelError",
+        "ModelLoadError", "ModelOutOfMemory", "ModelUnhealthy", "ParseError", "RetriesExhausted", "RunCancelled",
+        "RunError", "ServingError", "SettingsError", "SpecError", "StoreError", "WorkbenchClosed", "StrategyError",
+        "TemplateError", "UnknownModelError", "WorkbenchError", "WorkloadError",
+    ),
+    "workbench.experiments": ("ClosedLoop", "Comparison", "PoissonArrivals", "compare"),
+    "workbench.engine.preloading": ("Eager", "KeepWarm", "Lazy", "Prefetch", "PreloadingStrategy"),
+    "workbench.models.tiny": ("tiny_model",),
+    "workbench.tracing": ("Trace",),
+    # The widgets bring in ipywidgets and anywidget: a script or a worker that shows none never pays for them.
+    "workbench.fronts.notebook.widgets": ("ChainBuilder", "ComparisonDashboard", "ModelManager", "TraceViewer"),
+}
+_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
+_RENAMED = {"gc_pauses": ("workbench.tracing.gcpauses", "pauses")}
 
 
 def __getattr__(name: str) -> Any:
-    if name in _WIDGETS:
-        from workbench.notebook import widgets
+    if name in _HOME_OF:
+        module, attribute = _HOME_OF[name], name
+    elif name in _RENAMED:
+        module, attribute = _RENAMED[name]
+    else:
+        raise AttributeError(f"module 'workbench' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), attribute)
+    globals()[name] = value  # later lookups skip this function
+    return value
 
-        return getattr(widgets, name)
-    raise AttributeError(f"module 'workbench' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
 
 
 def load_ipython_extension(ipython: Any) -> None:
     """``%load_ext workbench``: register the ``%autoglm`` line and cell magics."""
-    from workbench.notebook.magics import register
+    from workbench.fronts.notebook.magics import register
 
     register(ipython)
 
 
 def unload_ipython_extension(ipython: Any) -> None:
-    from workbench.notebook.magics import unregister
+    from workbench.fronts.notebook.magics import unregister
 
     unregister(ipython)

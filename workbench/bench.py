@@ -1,29 +1,32 @@
-"""The Workbench: one registry, engine, tracer and context store, and the kernel's default one."""
+"""The Workbench: one registry, engine, tracer, context store and event loop, and the kernel's default one."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import threading
+from collections.abc import Callable, Coroutine
+from concurrent.futures import Future
 from collections import OrderedDict
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from workbench.chains.chain import Chain
 from workbench.chains.context import ContextStore, RunRecord
 from workbench.chains.run import Run
-from workbench.chains.runner import Runner, check_inputs
+from workbench.chains.events import Event
+from workbench.chains.runner import Runner
 from workbench.chains.spec import ChainSpec, parse_spec
 from workbench.chains.sqlite_store import SESSIONS_FILE, SQLiteContextStore, data_root
 from workbench.chains.threads import ChainThreads
 from workbench.engine import BatchingPolicy, Engine, GenerationParams, GenerationResult, NoBatching
-from workbench.engine.breaker import CircuitBreaker
-from workbench.engine.faults import FaultInjector, Faults
-from workbench.engine.health import HealthChecks
+from workbench.engine.faults import Faults
+from workbench.engine.prober import HealthChecks
 from workbench.errors import WorkbenchClosed, WorkbenchError
 from workbench.models import heap
-from workbench.models.preloading import Eager, PreloadingStrategy, parse_preloading
+from workbench.engine.preloading import Eager, PreloadingStrategy, parse_preloading
 from workbench.models.registry import LoadedModel, LoadSettings, ModelRegistry
 from workbench.tracing import Trace, Tracing
 
@@ -33,6 +36,10 @@ if TYPE_CHECKING:
     import pandas as pd
 
 MAX_RUNS_KEPT = 10_000
+# How often a thread waiting on the loop returns to Python: a Ctrl-C is only seen between bytecodes.
+_POLL_S = 0.1
+
+T = TypeVar("T")
 
 
 class Session:
@@ -89,7 +96,10 @@ class Workbench:
         self.store = store if store is not None else SQLiteContextStore(self.data_dir / SESSIONS_FILE)
         self._hop_pool = ThreadPoolExecutor(max_workers=hop_threads, thread_name_prefix="workbench-hop")
         self._runner = Runner(self.engine, self.tracing, self.store, self._hop_pool)
-        self._chain_threads = ChainThreads()  # walk the runs of chain.map and of workloads; kept between them
+        self.chain_threads = ChainThreads()  # threads for workloads that call the blocking API; kept between them
+        self._loop: asyncio.AbstractEventLoop | None = None  # chains walk here, on its own thread, from first use
+        self._loop_thread: threading.Thread | None = None
+        self._loop_lock = threading.Lock()
         self._closed = False
         self._runs: OrderedDict[str, Run] = OrderedDict()
         self._runs_lock = threading.Lock()
@@ -122,7 +132,7 @@ class Workbench:
         Without ``source``, loads a model registered earlier with :meth:`register`, with its
         registered settings and batching policy.
         """
-        self._check_open(f"load {name!r}")
+        self.check_open(f"load {name!r}")
         if source is None:
             settings = self.registry.settings(name)
             if warmup:
@@ -146,7 +156,7 @@ class Workbench:
     ) -> None:
         """Make a model known to chains without loading it yet; it loads on first use, or as the preloading
         strategy says (see :meth:`set_preloading`). Takes the settings of :meth:`load`, ``warmup`` included."""
-        self._check_open(f"register {name!r}")
+        self.check_open(f"register {name!r}")
         self.registry.register(name, LoadSettings(source=str(source), **settings))
         if batching is not None:
             self.engine.set_policy(name, batching)
@@ -204,7 +214,7 @@ class Workbench:
 
     def generate(self, model: str, prompt: str, **params: Any) -> GenerationResult:
         """One direct model call, outside any chain (traced as its own text_completion span)."""
-        self._check_open("generate")
+        self.check_open("generate")
         return self.engine.generate(model, prompt, GenerationParams(**params))
 
     # -- resilience ----------------------------------------------------------------------------
@@ -227,23 +237,21 @@ class Workbench:
         makes the draws repeatable. Spans say what was injected (``workbench.fault.*``).
         """
         faults = Faults(model, error_rate, latency_ms, oom_every, oom_above, seed)
-        self.engine.worker(model).faults = FaultInjector(faults)
+        self.engine.inject(faults)
         return faults
 
     def clear_faults(self, model: str | None = None) -> None:
         """Stop injecting faults into ``model``, or into every model."""
-        workers = self.engine.workers() if model is None else {model: self.engine.worker(model)}
-        for worker in workers.values():
-            worker.faults = None
+        self.engine.clear_faults(model)
 
     def faults(self) -> dict[str, Faults]:
         """The faults injected now, by model."""
-        return {name: w.faults.faults for name, w in self.engine.workers().items() if w.faults is not None}
+        return self.engine.faults()
 
     def set_breaker(self, model: str, *, failure_threshold: int = 5, reset_timeout_s: float = 5.0) -> None:
         """Give ``model`` a fresh circuit breaker: open after ``failure_threshold`` failures in a row, try again
         ``reset_timeout_s`` later. Every loaded model has one (5 failures, 5 s) until told otherwise."""
-        self.engine.worker(model).breaker = CircuitBreaker(model, failure_threshold, reset_timeout_s)
+        self.engine.set_breaker(model, failure_threshold, reset_timeout_s)
 
     def breakers(self) -> pd.DataFrame:
         """The circuit breaker of each loaded model: state, failures in a row, settings, times opened, last error."""
@@ -284,17 +292,80 @@ class Workbench:
         """Chains built on this workbench, by name (the latest of each name)."""
         return dict(self._chains)
 
-    def _check_inputs(self, spec: ChainSpec, inputs: Mapping[str, Any]) -> None:
-        check_inputs(spec, inputs)
+    # -- the event loop chains walk on (the ChainHost protocol) -------------------------------------
 
-    def _execute(self, spec: ChainSpec, inputs: Mapping[str, Any], session: str | None) -> Run:
-        self._check_open(f"run chain {spec.name!r}")
+    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
+        with self._loop_lock:
+            if self._loop is None:
+                self.check_open("run a chain")
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=_serve, args=(loop,), name="workbench-loop", daemon=True)
+                thread.start()
+                self._loop, self._loop_thread = loop, thread
+            return self._loop
+
+    def start(self, coroutine: Coroutine[Any, Any, T]) -> Future[T]:
+        """Start ``coroutine`` on the workbench's event loop; the future answers when it ends."""
+        try:
+            loop = self._ensure_loop()
+        except BaseException:
+            coroutine.close()
+            raise
+        return asyncio.run_coroutine_threadsafe(coroutine, loop)
+
+    def run_sync(self, coroutine: Coroutine[Any, Any, T], on_interrupt: Callable[[], None] | None = None) -> T:
+        """Run ``coroutine`` on the workbench's loop and wait here; a Ctrl-C calls ``on_interrupt`` (or cancels it)."""
+        if self._loop is not None and threading.current_thread() is self._loop_thread:
+            coroutine.close()
+            raise WorkbenchError(
+                "a blocking chain call (run, map, stream) was made on the workbench's own event loop, where it "
+                "would wait for itself", hint="inside an async def hop, await chain.arun(...) or chain.amap(...)",
+            )
+        future = self.start(coroutine)
+        try:
+            while True:
+                try:
+                    return future.result(timeout=_POLL_S)  # wakes for a Ctrl-C between waits
+                except TimeoutError:
+                    continue
+        except KeyboardInterrupt:
+            if on_interrupt is not None:
+                on_interrupt()
+            else:
+                future.cancel()
+                try:  # let the run close its trace before the interrupt goes on
+                    future.exception(timeout=1.0)
+                except BaseException:
+                    pass
+            raise
+
+    async def run_async(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run ``coroutine`` on the workbench's loop, awaited from whichever loop the caller is on."""
+        loop = self._ensure_loop()
+        if asyncio.get_running_loop() is loop:
+            return await coroutine
+        return await asyncio.wrap_future(self.start(coroutine))
+
+    async def arun_spec(
+        self,
+        spec: ChainSpec,
+        inputs: Mapping[str, Any],
+        session: str | None = None,
+        events: Callable[[Event], None] | None = None,
+    ) -> Run:
+        """Run ``spec`` once on the workbench's loop (awaited from any loop); the Run is kept in :meth:`runs`."""
+        return await self.run_async(self._execute(spec, inputs, session, events))
+
+    async def _execute(
+        self, spec: ChainSpec, inputs: Mapping[str, Any], session: str | None, events: Callable[[Event], None] | None
+    ) -> Run:
+        self.check_open(f"run chain {spec.name!r}")
         if isinstance(self.preloading, Eager):
             try:
-                self.prepare(spec)
+                await asyncio.get_running_loop().run_in_executor(self._hop_pool, self.prepare, spec)
             except WorkbenchError:
                 pass  # the hop whose model failed to load tries again and fails as a HopFailed on its Run
-        run = self._runner.run(spec, inputs, session)
+        run = await self._runner.arun(spec, inputs, session, events)
         with self._runs_lock:
             self._runs[run.id] = run
             while len(self._runs) > MAX_RUNS_KEPT:
@@ -336,9 +407,11 @@ class Workbench:
 
     # -- lifetime ------------------------------------------------------------------------------
 
-    def _check_open(self, doing: str) -> None:
+    def check_open(self, doing: str) -> None:
+        """Raise WorkbenchClosed, saying what could not be done (``doing``), once the workbench is closed."""
         if self._closed:
             raise WorkbenchClosed(doing)
+
 
     @property
     def closed(self) -> bool:
@@ -358,7 +431,11 @@ class Workbench:
             except WorkbenchError:
                 pass
         self._hop_pool.shutdown(wait=False, cancel_futures=True)
-        self._chain_threads.close()
+        self.chain_threads.close()
+        if self._loop is not None and self._loop_thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            if threading.current_thread() is not self._loop_thread:
+                self._loop_thread.join(5.0)
         self.store.close()
         self.tracing.shutdown()
         heap.thaw()  # what this workbench held can go now; the next load anywhere freezes again
@@ -371,6 +448,21 @@ class Workbench:
 
     def __repr__(self) -> str:
         return f"<Workbench models={self.registry.names()} runs={len(self._runs)}>"
+
+
+def _serve(loop: asyncio.AbstractEventLoop) -> None:
+    """The loop thread: run until the workbench closes, then cancel what is left and close the loop."""
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_forever()
+    finally:
+        left = asyncio.all_tasks(loop)
+        for task in left:
+            task.cancel()
+        if left:
+            loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
 
 
 _current: Workbench | None = None

@@ -1,4 +1,17 @@
-"""The exceptions a user can cause, rooted in one base class."""
+"""The exceptions a user can cause: one tree rooted in WorkbenchError, with branches a caller can catch as a group.
+
+    WorkbenchError
+    ├── SpecError          the chain spec or a command line is wrong: TemplateError, ParseError
+    ├── SettingsError      a strategy, workload or store setting is wrong: StrategyError, WorkloadError, StoreError
+    ├── ModelError         a model is unknown, will not load, ran out of memory: UnknownModelError,
+    │                      ModelLoadError, ModelOutOfMemory
+    ├── ServingError       a model refused to serve now: CircuitOpen, ModelUnhealthy, HopTimeout,
+    │                      RetriesExhausted, WorkerStopped, RunCancelled
+    ├── RunError           a run could not go on: HopFailed, MissingInputError, ContextWindowExceeded
+    └── WorkbenchClosed    the workbench was closed
+
+Each class carries ``http_status``, the status a gateway answers with for it.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +23,7 @@ class WorkbenchError(Exception):
     """
 
     hint: str | None = None
+    http_status: int = 400
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)
@@ -25,13 +39,23 @@ class WorkbenchError(Exception):
         return super().__str__()
 
 
-def describe(exc: BaseException) -> str:
-    """One line saying what ``exc`` was: a WorkbenchError's message, else its type and text."""
-    return exc.message if isinstance(exc, WorkbenchError) else f"{type(exc).__name__}: {exc}"
+def describe(exc: BaseException, *, hint: bool = False) -> str:
+    """One line saying what ``exc`` was: a WorkbenchError's message, else its type and text.
+
+    ``hint=True`` adds a WorkbenchError's hint in brackets, as the widgets show a failure.
+    """
+    if not isinstance(exc, WorkbenchError):
+        return f"{type(exc).__name__}: {exc}"
+    return exc.message + (f" (hint: {exc.hint})" if hint and exc.hint else "")
+
+
+# -- the branches --------------------------------------------------------------------------------
 
 
 class SpecError(WorkbenchError):
     """A chain spec is malformed; names the hop, the field and (for YAML) the line."""
+
+    http_status = 422
 
     def __init__(
         self,
@@ -54,40 +78,32 @@ class SpecError(WorkbenchError):
         super().__init__(prefix + message, hint=hint)
 
 
-class TemplateError(SpecError):
-    """A prompt template does not parse, or a variable it needs has no value at run time."""
+class SettingsError(WorkbenchError):
+    """A setting that does not parse or cannot apply: a batching or preloading strategy, a workload, a store."""
 
 
-class MissingInputError(WorkbenchError):
-    """A chain was run without an input that one of its templates uses."""
+class ModelError(WorkbenchError):
+    """A model is unknown, does not load, or ran out of memory."""
+
+    http_status = 500
 
 
-class ModelLoadError(WorkbenchError):
-    """A model could not be loaded: not a model, unsafe weights, bad device or dtype, name taken."""
+class ServingError(WorkbenchError):
+    """A model refused to serve now (breaker open, unhealthy, timed out, retries spent); trying later may work."""
+
+    http_status = 503
 
 
-class UnknownModelError(WorkbenchError):
-    """A name that no loaded or registered model has."""
+class RunError(WorkbenchError):
+    """A run could not go on: a hop failed, an input is missing, a prompt does not fit."""
 
-
-class ContextWindowExceeded(WorkbenchError):
-    """A prompt plus its new tokens does not fit the model's context window."""
-
-
-class HopFailed(WorkbenchError):
-    """A hop raised; ``run`` holds the partial run with every output that did finish."""
-
-    def __init__(self, hop: str, cause: BaseException, run: object | None = None) -> None:
-        self.hop, self.cause, self.run = hop, cause, run
-        hint = cause.hint if isinstance(cause, WorkbenchError) else None
-        super().__init__(
-            f"hop {hop!r} failed: {describe(cause)}",
-            hint=hint or "the outputs of hops that finished are kept on the error's .run",
-        )
+    http_status = 422
 
 
 class WorkbenchClosed(WorkbenchError):
     """The workbench was closed (``bench.close()``, or the end of its ``with`` block): it loads and runs nothing more."""
+
+    http_status = 503
 
     def __init__(self, doing: str) -> None:
         super().__init__(
@@ -96,40 +112,86 @@ class WorkbenchClosed(WorkbenchError):
         )
 
 
-class WorkerStopped(WorkbenchError):
-    """A request reached a model worker that was stopped (the model was unloaded)."""
+# -- spec mistakes -------------------------------------------------------------------------------
 
 
-class StrategyError(WorkbenchError):
+class TemplateError(SpecError):
+    """A prompt template does not parse, or a variable it needs has no value at run time."""
+
+
+class ParseError(SpecError):
+    """A ``%autoglm`` line or an ``autoglm`` command line that does not parse: unknown subcommand, bad argument."""
+
+    http_status = 400
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        self.hop = self.field = self.line = None
+        WorkbenchError.__init__(self, message, hint=hint)
+
+
+# -- settings ------------------------------------------------------------------------------------
+
+
+class StrategyError(SettingsError):
     """A batching or preloading strategy that does not parse, or a comparison of strategies that cannot run."""
 
 
-class StoreError(WorkbenchError):
+class StoreError(SettingsError):
     """The session store cannot be opened, read or written (a bad data directory, a newer schema)."""
 
+    http_status = 500
 
-class WorkloadError(WorkbenchError):
+
+class WorkloadError(SettingsError):
     """A workload that cannot run: no inputs, a bad concurrency or arrival rate, an unreadable inputs file."""
 
 
-class HopTimeout(WorkbenchError):
+# -- models --------------------------------------------------------------------------------------
+
+
+class UnknownModelError(ModelError):
+    """A name that no loaded or registered model has."""
+
+    http_status = 404
+
+
+class ModelLoadError(ModelError):
+    """A model could not be loaded: not a model, unsafe weights, bad device or dtype, name taken."""
+
+
+class ModelOutOfMemory(ModelError):
+    """A model ran out of memory on a batch of one request, after its larger batches were split."""
+
+    http_status = 507
+
+
+# -- serving refusals ----------------------------------------------------------------------------
+
+
+class WorkerStopped(ServingError):
+    """A request reached a model worker that was stopped (the model was unloaded)."""
+
+
+class RunCancelled(ServingError):
+    """A run was cancelled (Ctrl-C, a map stopped by an error, a cancelled task) while its model call waited or ran."""
+
+
+class HopTimeout(ServingError):
     """A model call outlived its hop's ``timeout_s``; the request was cancelled (dropped from the queue, or its
     row stopped in the running batch)."""
 
+    http_status = 504
 
-class CircuitOpen(WorkbenchError):
+
+class CircuitOpen(ServingError):
     """A model's circuit breaker is open after repeated failures: its requests fail fast until a trial succeeds."""
 
 
-class ModelUnhealthy(WorkbenchError):
+class ModelUnhealthy(ServingError):
     """A model failed its health probe and is out of rotation until a probe passes again."""
 
 
-class ModelOutOfMemory(WorkbenchError):
-    """A model ran out of memory on a batch of one request, after its larger batches were split."""
-
-
-class RetriesExhausted(WorkbenchError):
+class RetriesExhausted(ServingError):
     """Every attempt of a hop failed, retries and fallbacks alike; ``failures`` lists (attempt, route, error)."""
 
     def __init__(self, failures: list[tuple[int, str, BaseException]]) -> None:
@@ -145,4 +207,27 @@ class RetriesExhausted(WorkbenchError):
             f"all {len(failures)} attempts failed: " + "; ".join(parts),
             hint="run.trace.events() lists every attempt; raise retry attempts or timeout_s, add a fallback, "
             "or bench.clear_faults() if faults were injected",
+        )
+
+
+# -- run problems --------------------------------------------------------------------------------
+
+
+class MissingInputError(RunError):
+    """A chain was run without an input that one of its templates uses."""
+
+
+class ContextWindowExceeded(RunError):
+    """A prompt plus its new tokens does not fit the model's context window."""
+
+
+class HopFailed(RunError):
+    """A hop raised; ``run`` holds the partial run with every output that did finish."""
+
+    def __init__(self, hop: str, cause: BaseException, run: object | None = None) -> None:
+        self.hop, self.cause, self.run = hop, cause, run
+        hint = cause.hint if isinstance(cause, WorkbenchError) else None
+        super().__init__(
+            f"hop {hop!r} failed: {describe(cause)}",
+            hint=hint or "the outputs of hops that finished are kept on the error's .run",
         )

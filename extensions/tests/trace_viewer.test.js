@@ -2,7 +2,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
-import viewer, { ROW_HEIGHT, describe, layout, tickStep } from "../trace_viewer.js";
+import viewer, { ROW_HEIGHT, describe, layout, ms, tickStep, tooltipPosition } from "../trace_viewer.js";
 
 const span = (id, depth, start_ms, duration_ms, extra = {}) => ({
   id, parent: null, trace: "t", name: `span ${id}`, kind: "CHAIN", depth, start_ms, duration_ms,
@@ -66,5 +66,43 @@ test("the hover text names the span and lists its attributes, long values cut", 
 
 test("the hover text says how much of the span the garbage collector took", () => {
   const text = describe(span("a", 0, 1.5, 40, { gc_ms: 12.5 }));
-  assert.match(text, /^garbage collection 12\.50 ms of it$/m);
+  assert.match(text, /^garbage collection 12\.5 ms of it$/m);
+});
+
+test("the hover text rounds numbers as the tables do and leaves whole numbers and text alone", () => {
+  const text = describe(span("a", 0, 1.23456, 40.06789, { attributes: {
+    "workbench.queue_ms": 12.345678, "workbench.cold_start_s": 0.0371234567, "gen_ai.request.top_p": 0.912345,
+    "workbench.batch.size": 7, "gen_ai.usage.output_tokens": 123456, "workbench.latencies_ms": [1.2345, 20.55],
+    "output.value": "3.14159265",
+  } }));
+  assert.match(text, /^start 1\.2 ms, duration 40\.1 ms$/m);
+  assert.match(text, /^workbench\.queue_ms = 12\.3$/m);
+  assert.match(text, /^workbench\.cold_start_s = 0\.037$/m);
+  assert.match(text, /^gen_ai\.request\.top_p = 0\.912$/m);
+  assert.match(text, /^workbench\.batch\.size = 7$/m);
+  assert.match(text, /^gen_ai\.usage\.output_tokens = 123456$/m);
+  assert.match(text, /^workbench\.latencies_ms = \[1\.2,20\.6\]$/m);
+  assert.match(text, /^output\.value = 3\.14159265$/m);  // text is what the model said: never rounded
+});
+
+test("milliseconds read as in the tables: one decimal, thousands separated, never in exponent form", () => {
+  assert.equal(ms(1290.4567), "1,290.5");
+  assert.equal(ms(0.04), "0.0");
+  assert.equal(ms(12), "12.0");
+  assert.equal(ms(1.5e7), "15,000,000.0");
+});
+
+test("the tooltip goes below the pointer, above it near the window's bottom, never above the chart's top", () => {
+  const size = { width: 200, height: 120 };
+  // Room below in the window: below the pointer.
+  assert.deepEqual(tooltipPosition({ x: 50, y: 300, clientY: 300 }, size, 800, 900), { left: 66, top: 316 });
+  // Near the window's bottom, with room above in the chart: above the pointer.
+  assert.deepEqual(tooltipPosition({ x: 50, y: 300, clientY: 850 }, size, 800, 900), { left: 66, top: 172 });
+  // Near the bottom of a short window but at the chart's top row: below, where the output area grows,
+  // not above the chart's top, where the output area would cut it off.
+  const top = tooltipPosition({ x: 50, y: 30, clientY: 850 }, size, 800, 900).top;
+  assert.ok(top >= 0);
+  assert.equal(top, 46);
+  // Near the right edge: pulled left to stay inside the chart.
+  assert.equal(tooltipPosition({ x: 780, y: 300, clientY: 300 }, size, 800, 900).left, 600);
 });

@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import html
 import json
-import queue
-import threading
+import asyncio
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, Literal
 
 from workbench.chains.run import Run
-from workbench.chains.threads import ChainThreads
+from workbench.chains.runner import Interrupted
 
 if TYPE_CHECKING:
     import pandas as pd
 
 Errors = Literal["keep", "raise"]
-# How often the waiting thread returns to Python: a Ctrl-C is only seen between bytecodes, and a
-# signal that lands on another thread would otherwise wait for the next run to finish.
-_POLL_S = 0.1
 
 
 class RunBatch(list["Run | None"]):
@@ -123,76 +119,62 @@ def _key(inputs: dict[str, Any]) -> str:
     return json.dumps(inputs, sort_keys=True, default=repr)
 
 
-def run_all(
-    batch: RunBatch,
-    execute: Callable[[dict[str, Any]], Run],
-    concurrency: int,
-    errors: Errors,
-    threads: ChainThreads,
-) -> RunBatch:
-    """Run every input of ``batch`` that has no run yet, ``concurrency`` at a time.
+class MapState:
+    """One map's lanes: the inputs left to start, and whether to start more (a Ctrl-C or an error stops them)."""
 
-    ``concurrency`` lanes on ``threads`` each take the next input not yet started, run it and
-    keep its run in ``batch``, until none is left or the map stops. On KeyboardInterrupt no
-    lane starts another input, runs in flight finish in the background (and land in the
-    batch), and MapInterrupted is raised at once.
-    """
-    todo = batch.missing
-    if not todo:
-        return batch
-    lanes = _Lanes(batch, execute, todo)
-    try:
-        for _ in range(max(1, min(concurrency, len(todo)))):
-            threads.submit(lanes.run)
-        for _ in todo:
-            while True:
-                try:
-                    run, error = lanes.ended.get(timeout=_POLL_S)
-                    break
-                except queue.Empty:
-                    continue
-            if error is not None:
-                raise error  # what failed outside every hop (or an interrupt raised by a hop)
-            assert run is not None
-            if errors == "raise" and run.error is not None:
-                raise run.error
-    except KeyboardInterrupt:
-        lanes.stop()
-        batch.interrupted = True
-        raise MapInterrupted(batch) from None
-    except BaseException:
-        lanes.stop()
-        raise
-    return batch
-
-
-class _Lanes:
-    """What the lanes of one map share: the inputs left to start, and a queue of how each run ended."""
-
-    def __init__(self, batch: RunBatch, execute: Callable[[dict[str, Any]], Run], todo: list[int]) -> None:
+    def __init__(self, batch: RunBatch, todo: list[int]) -> None:
         self.batch = batch
-        self.execute = execute
-        self.ended: queue.SimpleQueue[tuple[Run | None, BaseException | None]] = queue.SimpleQueue()
         self._todo = iter(todo)
-        self._lock = threading.Lock()
-        self._stopped = False
+        self.stopped = False
 
     def stop(self) -> None:
-        """Start no further input; runs in flight still finish and are kept."""
-        with self._lock:
-            self._stopped = True
+        """Start no further input; runs in flight still finish and are kept. Safe to call from any thread."""
+        self.stopped = True
 
-    def _take(self) -> int | None:
-        with self._lock:
-            return None if self._stopped else next(self._todo, None)
+    def next(self) -> int | None:
+        return None if self.stopped else next(self._todo, None)
 
-    def run(self) -> None:
-        while (index := self._take()) is not None:
+
+async def run_all(
+    batch: RunBatch,
+    execute: Callable[[dict[str, Any]], Awaitable[Run]],
+    concurrency: int,
+    errors: Errors,
+    state: MapState | None = None,
+) -> RunBatch:
+    """Run every input of ``batch`` that has no run yet, ``concurrency`` at a time, on the running loop.
+
+    ``concurrency`` lanes each take the next input not yet started, run it and keep its run in
+    ``batch``, until none is left or the map stops. With ``errors="raise"`` the first failed run
+    stops new starts and its HopFailed is raised; runs in flight still land in the batch. A hop
+    that raised KeyboardInterrupt stops the map the same way and raises Interrupted (never a
+    KeyboardInterrupt on the loop: it would stop the loop); the caller turns it into MapInterrupted.
+    """
+    state = state or MapState(batch, batch.missing)
+    lanes_wanted = max(1, min(concurrency, len(batch.missing)))
+    if not batch.missing:
+        return batch
+
+    async def lane() -> None:
+        while (index := state.next()) is not None:
             try:
-                run = self.execute(self.batch.inputs[index])
-            except BaseException as exc:
-                self.stop()  # the map raises this; nothing new should start behind it
-                self.ended.put((None, exc))
-                return
-            self.batch[index] = run  # kept before the map hears of it, so a raise never outruns it
-            self.ended.put((run, None))
+                run = await execute(batch.inputs[index])
+            except BaseException:
+                state.stop()
+                raise
+            batch[index] = run
+            if errors == "raise" and run.error is not None:
+                state.stop()
+                raise run.error
+
+    lanes = [asyncio.ensure_future(lane()) for _ in range(lanes_wanted)]
+    try:
+        await asyncio.gather(*lanes)
+    except Interrupted:
+        batch.interrupted = True
+        raise
+    except asyncio.CancelledError:
+        state.stop()  # cancelled by the caller: lanes finish their runs in flight, start none
+        batch.interrupted = True
+        raise
+    return batch

@@ -1,27 +1,32 @@
-"""A chain bound to a workbench: run it once, or map it over many inputs."""
+"""A chain bound to its host: run it once, map it over many inputs, or stream it; blocking or awaited."""
 
 from __future__ import annotations
 
+import asyncio
 import html
-from collections.abc import Iterable, Mapping
-from functools import partial
-from typing import TYPE_CHECKING, Any
+import queue
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from typing import Any
 
-from workbench.chains.batch import Errors, RunBatch, reuse, run_all
+from workbench.chains.batch import Errors, MapInterrupted, MapState, RunBatch, reuse, run_all
+from workbench.chains.events import Event, RunFinished
+from workbench.chains.host import ChainHost
 from workbench.chains.run import Run
+from workbench.chains.runner import Interrupted, check_inputs
 from workbench.chains.spec import ChainSpec
 from workbench.errors import WorkbenchError
 
-if TYPE_CHECKING:
-    from workbench.bench import Workbench
-
 
 class Chain:
-    """A validated chain spec plus the workbench that runs it."""
+    """A validated chain spec plus the host (a Workbench) that runs it.
 
-    def __init__(self, spec: ChainSpec, bench: Workbench) -> None:
+    Every way to run it has a blocking and an awaited form with the same behaviour:
+    ``run``/``arun``, ``map``/``amap``, ``stream``/``astream``.
+    """
+
+    def __init__(self, spec: ChainSpec, host: ChainHost) -> None:
         self.spec = spec
-        self._bench = bench
+        self._host = host
         self.last_batch: RunBatch | None = None  # the latest map's runs, filled in as they finish
 
     @property
@@ -29,9 +34,9 @@ class Chain:
         return self.spec.name
 
     @property
-    def bench(self) -> Workbench:
+    def bench(self) -> ChainHost:
         """The workbench this chain runs on."""
-        return self._bench
+        return self._host
 
     @property
     def hops(self) -> list[str]:
@@ -45,12 +50,31 @@ class Chain:
         """Each hop and the hops whose outputs it reads."""
         return self.spec.deps()
 
+    # -- one run -------------------------------------------------------------------------------
+
     def run(self, session: str | None = None, **inputs: Any) -> Run:
         """Run the chain once; raises HopFailed (holding the partial run) if a hop fails."""
-        run = self._bench._execute(self.spec, inputs, session)
+        self._host.check_open(f"run chain {self.name!r}")
+        try:
+            run = self._host.run_sync(self._host.arun_spec(self.spec, inputs, session))
+        except Interrupted:
+            raise KeyboardInterrupt from None  # a hop raised it; the run's trace says so
         if run.error is not None:
             raise run.error
         return run
+
+    async def arun(self, session: str | None = None, **inputs: Any) -> Run:
+        """``await chain.arun(...)``: :meth:`run` for a notebook cell's top-level await or any asyncio program."""
+        self._host.check_open(f"run chain {self.name!r}")
+        try:
+            run = await self._host.arun_spec(self.spec, inputs, session)
+        except Interrupted:
+            raise KeyboardInterrupt from None
+        if run.error is not None:
+            raise run.error
+        return run
+
+    # -- many runs -----------------------------------------------------------------------------
 
     def map(
         self,
@@ -65,25 +89,107 @@ class Chain:
 
         ``errors="keep"``: a failing run does not stop the others; its Run has ``error`` set and
         keeps the outputs of the hops that finished. ``errors="raise"``: the first failure
-        cancels the inputs not yet started and raises its HopFailed.
+        stops the inputs not yet started and raises its HopFailed.
 
         Each run is kept as it finishes, in ``chain.last_batch``: a Ctrl-C raises MapInterrupted
-        (a KeyboardInterrupt) whose ``.batch`` is that batch, with ``None`` for inputs not run.
-        ``resume=`` a previous batch (or any Runs, e.g. ``bench.runs()``) reuses the successful
-        runs of equal inputs and runs only the others.
+        (a KeyboardInterrupt) whose ``.batch`` is that batch, with ``None`` for inputs not run
+        (runs in flight still land in it). ``resume=`` a previous batch (or any Runs, e.g.
+        ``bench.runs()``) reuses the successful runs of equal inputs and runs only the others.
         """
+        batch = self._batch(inputs, errors, resume)
+        state = MapState(batch, batch.missing)
+        try:
+            return self._host.run_sync(self._map(batch, concurrency, session, errors, state), on_interrupt=state.stop)
+        except (KeyboardInterrupt, Interrupted):
+            batch.interrupted = True
+            raise MapInterrupted(batch) from None
+
+    async def amap(
+        self,
+        inputs: Iterable[Mapping[str, Any]],
+        concurrency: int = 8,
+        session: str | None = None,
+        *,
+        errors: Errors = "keep",
+        resume: Iterable[Run | None] | None = None,
+    ) -> RunBatch:
+        """``await chain.amap(...)``: :meth:`map` awaited; cancelling it stops new starts and keeps what finished."""
+        batch = self._batch(inputs, errors, resume)
+        try:
+            return await self._host.run_async(self._map(batch, concurrency, session, errors, None))
+        except Interrupted:
+            raise MapInterrupted(batch) from None
+
+    def _batch(self, inputs: Iterable[Mapping[str, Any]], errors: Errors, resume: Iterable[Run | None] | None) -> RunBatch:
+        """Check a map's arguments and inputs before any run starts; its batch, with resumed runs filled in."""
         if errors not in ("keep", "raise"):
             raise WorkbenchError(f"errors={errors!r} is not a choice", hint="errors='keep' (default) or 'raise'")
-        self._bench._check_open(f"run chain {self.name!r}")
+        self._host.check_open(f"run chain {self.name!r}")
         items = [dict(i) for i in inputs]
         for item in items:  # refuse bad input before any run starts
-            self._bench._check_inputs(self.spec, item)
+            check_inputs(self.spec, item)
         batch = RunBatch(self.name, items)
         if resume is not None:
             reuse(batch, resume)
         self.last_batch = batch
-        execute = partial(self._bench._execute, self.spec, session=session)
-        return run_all(batch, execute, concurrency, errors, self._bench._chain_threads)
+        return batch
+
+    async def _map(
+        self, batch: RunBatch, concurrency: int, session: str | None, errors: Errors, state: MapState | None
+    ) -> RunBatch:
+        async def execute(item: dict[str, Any]) -> Run:
+            return await self._host.arun_spec(self.spec, item, session)
+
+        return await run_all(batch, execute, concurrency, errors, state)
+
+    # -- streaming -----------------------------------------------------------------------------
+
+    def stream(self, session: str | None = None, **inputs: Any) -> Iterator[Event]:
+        """Run once, yielding what happens as it happens: HopStarted, Token (LLM hops), HopFinished, RunFinished.
+
+        The last event is RunFinished with the Run (a failed hop leaves ``run.error`` set; nothing is
+        raised). Leaving the loop early, or a Ctrl-C, cancels the run.
+        """
+        self._host.check_open(f"run chain {self.name!r}")
+        events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        future = self._host.start(self._host.arun_spec(self.spec, inputs, session, events.put))
+        try:
+            while True:
+                try:
+                    event = events.get(timeout=_POLL_S)  # wakes for a Ctrl-C between waits
+                except queue.Empty:
+                    if future.done():
+                        _raise_failure(future.exception())
+                    continue
+                yield event
+                if isinstance(event, RunFinished):
+                    return
+        finally:
+            future.cancel()
+
+    async def astream(self, session: str | None = None, **inputs: Any) -> AsyncIterator[Event]:
+        """``async for event in chain.astream(...)``: :meth:`stream` for asyncio programs and notebook cells."""
+        self._host.check_open(f"run chain {self.name!r}")
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+
+        def put(event: Event) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        future = asyncio.wrap_future(self._host.start(self._host.arun_spec(self.spec, inputs, session, put)))
+        try:
+            while True:
+                getter = asyncio.ensure_future(events.get())
+                await asyncio.wait({getter, future}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():  # the run ended without its last event: it failed outside every hop
+                    getter.cancel()
+                    _raise_failure(future.exception())
+                event = getter.result()
+                yield event
+                if isinstance(event, RunFinished):
+                    return
+        finally:
+            future.cancel()
 
     def __repr__(self) -> str:
         arrows = ", ".join(f"{h.name}<-[{','.join(h.deps)}]" if h.deps else h.name for h in self.spec.hops)
@@ -104,3 +210,14 @@ class Chain:
             "<table><tr><th>hop</th><th>kind</th><th>model</th><th>uses</th><th>prompt / call</th></tr>"
             f"{rows}</table></div>"
         )
+
+
+# How often a waiting thread returns to Python: a Ctrl-C is only seen between bytecodes.
+_POLL_S = 0.1
+
+
+def _raise_failure(exc: BaseException | None) -> None:
+    if isinstance(exc, Interrupted):
+        raise KeyboardInterrupt from None
+    if exc is not None:
+        raise exc

@@ -7,7 +7,10 @@ from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
+
+if TYPE_CHECKING:
+    from workbench.chains.run import Run
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,15 @@ class RunRecord:
     status: str = "ok"
     error: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, run: Run) -> RunRecord:
+        """What a session keeps of ``run``."""
+        return cls(
+            run_id=run.id, chain=run.chain, inputs=run.inputs, outputs=dict(run.outputs), output=run.output,
+            started_at=run.started_at, duration_ms=run.duration_ms, status=run.status,
+            error=run.error.message if run.error is not None else None,
+        )
 
 
 class History(Sequence[RunRecord]):

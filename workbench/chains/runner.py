@@ -1,27 +1,39 @@
-"""Walks a chain's hop graph for one set of inputs; hops whose inputs are ready run concurrently."""
+"""Walks a chain's hop graph for one set of inputs on an event loop; hops whose inputs are ready run together.
+
+LLM hops await the engine; a Python hop runs in the hop thread pool, or on the loop itself when
+it is ``async def``. Every coroutine here runs on the workbench's loop; the sync API waits on it.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import difflib
+import inspect
 import time
 import uuid
-from collections.abc import Mapping
-from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
 
 from opentelemetry.trace import Span, Status, StatusCode
 
 from workbench.chains.context import ContextStore, History, RunRecord
+from workbench.chains.events import Event, HopFinished, HopStarted, RunFinished, Token
+from workbench.chains.resilience import Route, serve
 from workbench.chains.run import Run
 from workbench.chains.spec import ChainSpec, HopSpec
-from workbench.engine.resilience import Route, serve
+from workbench.engine import Call, Engine
 from workbench.errors import HopFailed, MissingInputError
 from workbench.tracing import Tracing
 from workbench.tracing import attributes as attr
 from workbench.tracing import openinference
 
-if TYPE_CHECKING:
-    from workbench.engine import Engine
+EventSink = Callable[[Event], None]
+
+
+class Interrupted(Exception):
+    """A KeyboardInterrupt raised inside a hop, carried out of the event loop (which must not stop) to the caller."""
 
 
 def check_inputs(spec: ChainSpec, inputs: Mapping[str, Any]) -> None:
@@ -47,8 +59,25 @@ def check_inputs(spec: ChainSpec, inputs: Mapping[str, Any]) -> None:
         )
 
 
+@dataclass
+class RunState:
+    """What one run's hops share as it walks: its spec, inputs, history, the outputs so far, its root span."""
+
+    spec: ChainSpec
+    inputs: dict[str, Any]
+    history: History
+    root: Span
+    run_id: str
+    events: EventSink | None = None
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+    def emit(self, event: Event) -> None:
+        if self.events is not None:
+            self.events(event)
+
+
 class Runner:
-    """Runs chains against an engine, a tracer, a context store and a pool for concurrent hops."""
+    """Runs chains against an engine, a tracer, a context store and a pool for Python hops."""
 
     def __init__(self, engine: Engine, tracing: Tracing, store: ContextStore, hop_pool: Executor) -> None:
         self.engine = engine
@@ -56,11 +85,17 @@ class Runner:
         self.store = store
         self.hop_pool = hop_pool
 
-    def run(self, spec: ChainSpec, inputs: Mapping[str, Any], session: str | None = None) -> Run:
-        """Run once; a failing hop gives a Run whose ``error`` is HopFailed and whose finished outputs stay."""
+    async def arun(
+        self, spec: ChainSpec, inputs: Mapping[str, Any], session: str | None = None, events: EventSink | None = None
+    ) -> Run:
+        """Run once; a failing hop gives a Run whose ``error`` is HopFailed and whose finished outputs stay.
+
+        ``events`` hears the run as it goes: hops starting and finishing, tokens of LLM hops, the end.
+        """
         check_inputs(spec, inputs)
+        loop = asyncio.get_running_loop()
         run_id = uuid.uuid4().hex[:12]
-        history = History(self.store.history(session, spec.history) if session else [])
+        records = await loop.run_in_executor(self.hop_pool, self.store.history, session, spec.history) if session else []
         started_at, started = time.time(), time.perf_counter()
         root = self.tracing.start_span(
             f"chain {spec.name}",
@@ -73,16 +108,16 @@ class Runner:
             },
             run=True,
         )
-        outputs: dict[str, Any] = {}
-        failure: HopFailed | None = None
+        state = RunState(spec, dict(inputs), History(records), root, run_id, events)
         try:
-            failure = self._walk(spec, dict(inputs), history, outputs, root, run_id)
-        except BaseException as exc:  # KeyboardInterrupt included: the trace must still close
+            failure = await self._walk(state)
+        except BaseException as exc:  # an interrupt or a cancel included: the trace must still close
+            cause = exc.__cause__ if isinstance(exc, Interrupted) else exc
             root.record_exception(exc)
-            root.set_status(Status(StatusCode.ERROR, f"interrupted: {type(exc).__name__}"))
+            root.set_status(Status(StatusCode.ERROR, f"interrupted: {type(cause).__name__}"))
             root.end()
             raise
-        output = outputs.get(spec.output)
+        output = state.outputs.get(spec.output)
         if failure is None:
             root.set_attributes(openinference.output_value(output))
             root.set_status(Status(StatusCode.OK))
@@ -92,8 +127,8 @@ class Runner:
         run = Run(
             id=run_id,
             chain=spec.name,
-            inputs=dict(inputs),
-            outputs=outputs,
+            inputs=state.inputs,
+            outputs=state.outputs,
             output=output,
             trace_id=root.get_span_context().trace_id,
             started_at=started_at,
@@ -105,145 +140,144 @@ class Runner:
         if failure is not None:
             failure.run = run
         if session:
-            self.store.append(
-                session,
-                RunRecord(
-                    run_id=run.id,
-                    chain=run.chain,
-                    inputs=run.inputs,
-                    outputs=dict(outputs),
-                    output=output,
-                    started_at=started_at,
-                    duration_ms=run.duration_ms,
-                    status=run.status,
-                    error=failure.message if failure else None,
-                ),
-            )
+            await loop.run_in_executor(self.hop_pool, self.store.append, session, RunRecord.of(run))
+        state.emit(RunFinished(run))
         return run
 
-    def _walk(
-        self,
-        spec: ChainSpec,
-        inputs: dict[str, Any],
-        history: History,
-        outputs: dict[str, Any],
-        root: Span,
-        run_id: str,
-    ) -> HopFailed | None:
+    async def _walk(self, state: RunState) -> HopFailed | None:
         """Start each hop once its dependencies are done; the first failure stops new starts."""
-        pending = [h for h in spec.hops if not h.standby]  # standby hops run only in place of a failed hop
-        running: dict[Future[Any], HopSpec] = {}
+        outputs = state.outputs
+        pending = [h for h in state.spec.hops if not h.standby]  # standby hops run only in place of a failed hop
+        running: dict[asyncio.Future[Any], HopSpec] = {}
         failure: HopFailed | None = None
-        while pending or running:
-            ready = [h for h in pending if all(d in outputs for d in h.deps)] if failure is None else []
-            for hop in ready:
-                pending.remove(hop)
-            if len(ready) == 1 and not running:
-                # The common sequential step: run it here and skip a thread hand-off.
-                hop = ready[0]
-                try:
-                    outputs[hop.name] = self._hop(hop, spec, inputs, history, outputs, root, run_id)
-                except Exception as exc:
-                    failure = HopFailed(hop.name, exc)
-                continue
-            for hop in ready:
-                running[self.hop_pool.submit(self._hop, hop, spec, inputs, history, outputs, root, run_id)] = hop
-            if not running:
-                break  # nothing runs and nothing can start: a failure stopped the walk
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                hop = running.pop(future)
-                exc = future.exception()
-                if exc is None:
-                    outputs[hop.name] = future.result()
-                elif failure is None:
-                    failure = HopFailed(hop.name, exc)
+        try:
+            while pending or running:
+                ready = [h for h in pending if all(d in outputs for d in h.deps)] if failure is None else []
+                for hop in ready:
+                    pending.remove(hop)
+                if len(ready) == 1 and not running:
+                    # The common sequential step: await it here, without a task of its own.
+                    hop = ready[0]
+                    try:
+                        outputs[hop.name] = await self._hop(hop, state, state.root)
+                    except Exception as exc:
+                        if isinstance(exc, Interrupted):
+                            raise
+                        failure = HopFailed(hop.name, exc)
+                    continue
+                for hop in ready:
+                    running[asyncio.ensure_future(self._hop(hop, state, state.root))] = hop
+                if not running:
+                    break  # nothing runs and nothing can start: a failure stopped the walk
+                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for future in done:
+                    hop = running.pop(future)
+                    exc = future.exception()
+                    if isinstance(exc, Interrupted):
+                        raise exc
+                    if exc is None:
+                        outputs[hop.name] = future.result()
+                    elif failure is None:
+                        failure = HopFailed(hop.name, exc)
+        finally:
+            for future in running:  # an interrupt or a cancel: hops still running stop too
+                future.cancel()
         return failure
 
-    def _hop(
-        self,
-        hop: HopSpec,
-        spec: ChainSpec,
-        inputs: dict[str, Any],
-        history: History,
-        outputs: dict[str, Any],
-        root: Span,
-        run_id: str,
-    ) -> Any:
-        values: dict[str, Any] = {**inputs, "history": history}
-        values.update({d: outputs[d] for d in hop.deps})
+    async def _hop(self, hop: HopSpec, state: RunState, parent: Span) -> Any:
+        spec = state.spec
+        values: dict[str, Any] = {**state.inputs, "history": state.history}
+        values.update({d: state.outputs[d] for d in hop.deps})
         attributes: dict[str, object] = {
             attr.SPAN_KIND: attr.KIND_CHAIN if hop.kind == "llm" else attr.KIND_TOOL,
             attr.HOP_NAME: hop.name,
             attr.HOP_KIND: hop.kind,
             attr.CHAIN_NAME: spec.name,
-            attr.RUN_ID: run_id,
+            attr.RUN_ID: state.run_id,
         }
         if hop.model:
             attributes[attr.MODEL_NAME] = hop.model
         if hop.call:
             attributes[attr.TOOL_NAME] = openinference.tool_name(hop.call)
-        with self.tracing.span(f"hop {hop.name}", root, attributes) as span:
+        state.emit(HopStarted(hop.name))
+        started = time.perf_counter()
+        with self.tracing.span(f"hop {hop.name}", parent, attributes) as span:
             if self.engine.preloader.prefetching:  # load what later hops need while this one runs
-                self.engine.preloader.hop_started(hop.model, spec.models_after(hop.name), span, root)
-            routes = self._routes(hop, spec, values, inputs, history, outputs, span, run_id)
-            value = serve(routes, hop.resilience, span)
+                self.engine.preloader.hop_started(hop.model, spec.models_after(hop.name), span, parent)
+            value = await serve(self._routes(hop, state, values, span), hop.resilience, span)
             span.set_attributes(openinference.output_value(value))
             span.set_status(Status(StatusCode.OK))
-            return value
+        state.emit(HopFinished(hop.name, value, (time.perf_counter() - started) * 1e3))
+        return value
 
-
-    def _routes(
-        self,
-        hop: HopSpec,
-        spec: ChainSpec,
-        values: dict[str, Any],
-        inputs: dict[str, Any],
-        history: History,
-        outputs: dict[str, Any],
-        span: Span,
-        run_id: str,
-    ) -> list[Route]:
+    def _routes(self, hop: HopSpec, state: RunState, values: dict[str, Any], span: Span) -> list[Route]:
         """The ways to serve ``hop``, in the order to try them: its own model or call, then its fallbacks."""
         prompt = ""
         if hop.kind == "llm":
             assert hop.template is not None and hop.model is not None
             prompt = hop.template.render(values)
             span.set_attributes(openinference.input_value(prompt))
+        on_token = _token_sink(state, hop.name) if state.events is not None else None
 
         def model(name: str) -> Route:
             label = f"model:{name}"
-            return Route(label, lambda attempt, timeout: self.engine.call(
-                name, prompt, hop.params, span, hop.name, timeout_s=timeout,
-                attributes={attr.ATTEMPT: attempt, attr.ROUTE: label},
-            ).text)
+
+            async def call(attempt: int, timeout: float | None) -> Any:
+                call = Call(name, prompt, hop.params, span, hop.name, {attr.ATTEMPT: attempt, attr.ROUTE: label},
+                            timeout, on_token=on_token)
+                return (await self.engine.acall(call)).text
+
+            return Route(label, call)
 
         def standby(name: str) -> Route:
             # In place of the failed hop: a child of its span, reading the same values.
-            fallback = spec.hop(name)
-            return Route(f"hop:{name}", lambda attempt, timeout: self._hop(
-                fallback, spec, inputs, history, outputs, span, run_id
-            ))
+            fallback = state.spec.hop(name)
+            return Route(f"hop:{name}", lambda attempt, timeout: self._hop(fallback, state, span))
 
         if hop.model:
             own = model(hop.model)
         else:
-            arguments = _arguments(hop, values)
-            span.set_attributes(openinference.input_value(arguments))
-            own = Route(f"hop:{hop.name}", lambda attempt, timeout: _call(hop, arguments))
+            span.set_attributes(openinference.input_value(_arguments(hop, values)))
+            own = Route(f"hop:{hop.name}", lambda attempt, timeout: self._call(hop, values))
         routes = [own]
         routes += [model(f.name) if f.kind == "model" else standby(f.name) for f in hop.resilience.fallback]
         return routes
 
+    async def _call(self, hop: HopSpec, values: dict[str, Any]) -> Any:
+        """Call a Python hop: by parameter name where it names them, else with the whole context.
+
+        An ``async def`` hop is awaited on the loop; any other runs in the hop pool, so it may block.
+        """
+        assert hop.call is not None
+        arguments = _arguments(hop, values)
+        args, kwargs = ((arguments,), {}) if hop.call_by_name is None else ((), arguments)
+        if inspect.iscoroutinefunction(hop.call):
+            return await hop.call(*args, **kwargs)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.hop_pool, _interruptible, hop.call, args, kwargs)
+
+
+def _interruptible(function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Call a Python hop in a pool thread; a KeyboardInterrupt it raises travels as Interrupted."""
+    try:
+        return function(*args, **kwargs)
+    except KeyboardInterrupt as exc:
+        raise Interrupted("a hop raised KeyboardInterrupt") from exc
+
+
+def _token_sink(state: RunState, hop: str) -> Callable[[int, str], None]:
+    """Hand each token of ``hop`` (from a worker thread) to the run's events, on the run's loop."""
+    loop = asyncio.get_running_loop()
+    emit = state.emit
+
+    def on_token(token: int, text: str) -> None:
+        loop.call_soon_threadsafe(emit, Token(hop, text, token))
+
+    return on_token
+
 
 def _arguments(hop: HopSpec, values: dict[str, Any]) -> dict[str, Any]:
-    """What a Python hop is called with: the parameters it names, else the whole context."""
+    """What a Python hop is called with (a fresh dict each time): the parameters it names, else the whole context."""
     if hop.call_by_name is None:
         return dict(values)
     return {name: values[name] for name in hop.call_by_name if name in values}
-
-
-def _call(hop: HopSpec, arguments: dict[str, Any]) -> Any:
-    """Call a Python hop: by parameter name where it names them, else with the whole context (a copy per attempt)."""
-    assert hop.call is not None
-    return hop.call(dict(arguments)) if hop.call_by_name is None else hop.call(**arguments)

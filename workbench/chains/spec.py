@@ -15,7 +15,8 @@ import yaml
 
 from workbench.chains.templates import PromptTemplate
 from workbench.engine.requests import GenerationParams
-from workbench.engine.resilience import ERROR_KINDS, NO_RESILIENCE, Fallback, Resilience, RetryPolicy
+from workbench.chains.resilience import NO_RESILIENCE, Fallback, Resilience, RetryPolicy
+from workbench.engine.failures import ERROR_KINDS
 from workbench.errors import SpecError
 
 CHAIN_FIELDS = ("name", "description", "inputs", "hops", "output", "history")

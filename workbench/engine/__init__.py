@@ -1,4 +1,4 @@
-"""Engine: the transformers backend, per-model workers, batching policies, resilience."""
+"""Engine: per-model workers over backends, batching policies, preloading, breakers, health, faults."""
 
 from workbench.engine.batching import (
     BatchingPolicy,
@@ -7,13 +7,13 @@ from workbench.engine.batching import (
     NoBatching,
     StaticBatching,
 )
-from workbench.engine.engine import Engine
+from workbench.engine.engine import Call, Engine
 from workbench.engine.faults import Faults, InjectedFault, InjectedOutOfMemory
 from workbench.engine.requests import GenerationParams, GenerationRequest, GenerationResult
-from workbench.engine.resilience import RetryPolicy
 
 __all__ = [
     "BatchingPolicy",
+    "Call",
     "ContinuousBatching",
     "DynamicBatching",
     "Engine",
@@ -24,6 +24,5 @@ __all__ = [
     "InjectedFault",
     "InjectedOutOfMemory",
     "NoBatching",
-    "RetryPolicy",
     "StaticBatching",
 ]

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from workbench.engine.queue import RequestQueue, select
+from workbench.engine.queue import Accept, RequestQueue, select
 from workbench.engine.requests import GenerationParams, GenerationRequest
 from workbench.errors import StrategyError, WorkbenchError
 
-if TYPE_CHECKING:
-    from workbench.models.registry import LoadedModel
 
 
 def same_params(request: GenerationRequest, taken: list[GenerationRequest]) -> bool:
@@ -50,9 +48,6 @@ class BatchingPolicy(ABC):
         was swapped (``queue.interrupted``) and the worker should read it again.
         """
 
-    def check(self, loaded: LoadedModel) -> None:
-        """Raise a WorkbenchError if this policy cannot serve ``loaded``; called before it is put in place."""
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -66,6 +61,33 @@ class NoBatching(BatchingPolicy):
         if not queue.wait() or queue.interrupted:
             return []
         return queue.take(1, same_params)
+
+
+def _gather(
+    queue: RequestQueue,
+    wait_ms: float,
+    limit: int,
+    full: Callable[[GenerationRequest, Sequence[GenerationRequest], int], bool],
+    accept: Accept,
+) -> list[GenerationRequest]:
+    """Wait until ``full(oldest, queued, limit)`` or the oldest request is ``wait_ms`` old, then take up to ``limit``.
+
+    The wait runs from the arrival of the oldest queued request, so one that already waited
+    that long while the worker was busy goes at once. After an out-of-memory split, a full
+    batch is a smaller one (``queue.limited``).
+    """
+    if not queue.wait() or queue.interrupted:
+        return []
+    head = queue.peek()
+    if head is None:  # closed meanwhile
+        return []
+    remaining = head.submitted + wait_ms / 1e3 - time.perf_counter()
+    if remaining > 0:
+        size = queue.limited(limit)
+        queue.wait_until(lambda queued: full(head, queued, size), remaining)
+    if queue.interrupted:
+        return []
+    return queue.take(limit, accept)
 
 
 def _compatible(head: GenerationRequest, queued: Sequence[GenerationRequest]) -> int:
@@ -94,18 +116,8 @@ class StaticBatching(BatchingPolicy):
         return f"static:{self.size}:{_ms(self.timeout_ms)}"
 
     def next_batch(self, queue: RequestQueue) -> list[GenerationRequest]:
-        if not queue.wait() or queue.interrupted:
-            return []
-        head = queue.peek()
-        if head is None:  # closed meanwhile
-            return []
-        remaining = head.submitted + self.timeout_ms / 1e3 - time.perf_counter()
-        if remaining > 0:
-            size = queue.limited(self.size)  # after an out-of-memory split, a full batch is a smaller one
-            queue.wait_until(lambda queued: _compatible(head, queued) >= size, remaining)
-        if queue.interrupted:
-            return []
-        return queue.take(self.size, same_params)
+        return _gather(queue, self.timeout_ms, self.size, lambda head, queued, size: _compatible(head, queued) >= size,
+                       same_params)
 
 
 @dataclass(frozen=True)
@@ -173,28 +185,45 @@ class DynamicBatching(BatchingPolicy):
         return False
 
     def next_batch(self, queue: RequestQueue) -> list[GenerationRequest]:
-        if not queue.wait() or queue.interrupted:
-            return []
-        head = queue.peek()
-        if head is None:
-            return []
-        remaining = head.submitted + self.max_wait_ms / 1e3 - time.perf_counter()
-        if remaining > 0:
-            max_batch = queue.limited(self.max_batch)  # after an out-of-memory split, a full batch is a smaller one
-            queue.wait_until(lambda queued: self._full(queued, max_batch), remaining)
-        if queue.interrupted:
-            return []
-        return queue.take(self.max_batch, self.admits)
-
-
-def sampling_settings(params: GenerationParams) -> tuple[float, float, int, int | None]:
-    """What requests in one continuous-batching scheduler must share; max_new_tokens may differ."""
-    return (params.temperature, params.top_p, params.top_k, params.seed)
+        return _gather(queue, self.max_wait_ms, self.max_batch, lambda _, queued, size: self._full(queued, size),
+                       self.admits)
 
 
 def same_sampling(request: GenerationRequest, taken: list[GenerationRequest]) -> bool:
     """Requests share one continuous-batching scheduler when their sampling settings are equal."""
-    return sampling_settings(request.params) == sampling_settings(taken[0].params)
+    return request.params.sampling == taken[0].params.sampling
+
+
+_NEEDED_ARGS = {"request_id", "max_new_tokens", "record_timestamps", "eos_token_id"}
+
+
+def check_transformers() -> None:
+    """Raise a WorkbenchError unless the installed transformers has the continuous-batching API we use."""
+    import transformers
+
+    try:
+        from transformers import ContinuousBatchingConfig  # noqa: F401
+        from transformers.generation.continuous_batching import ContinuousBatchingManager
+    except ImportError:
+        found = False
+    else:
+        found = _NEEDED_ARGS <= inspect.signature(ContinuousBatchingManager.add_request).parameters.keys()
+    if not found:
+        raise WorkbenchError(
+            f"ContinuousBatching needs transformers' ContinuousBatchingConfig and ContinuousBatchingManager with "
+            f"per-request max_new_tokens and token timestamps; transformers {transformers.__version__} has not",
+            hint="upgrade transformers (5.24 works), or use DynamicBatching",
+        )
+
+
+@dataclass(frozen=True)
+class ContinuousSettings:
+    """The scheduler's sizes, from a ContinuousBatching policy (None: sized by transformers, or by the CPU bounds)."""
+
+    max_batch: int
+    max_batch_tokens: int | None = None
+    num_blocks: int | None = None
+    page_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -233,18 +262,15 @@ class ContinuousBatching(BatchingPolicy):
         _check(self.max_batch_tokens is None or self.max_batch_tokens >= 1, repr(self), "max_batch_tokens must be >= 1")
         _check(self.num_blocks is None or self.num_blocks >= 1, repr(self), "num_blocks must be >= 1")
         _check(self.page_size is None or self.page_size >= 4, repr(self), "page_size must be >= 4")
-        from workbench.engine.continuous import check_transformers
-
         check_transformers()
 
     @property
     def name(self) -> str:  # type: ignore[override]
         return f"continuous:{self.max_batch}"
 
-    def check(self, loaded: LoadedModel) -> None:
-        from workbench.engine.continuous import check_model
-
-        check_model(loaded)
+    def settings(self) -> ContinuousSettings:
+        """The sizes the backend's scheduler runs with."""
+        return ContinuousSettings(self.max_batch, self.max_batch_tokens, self.num_blocks, self.page_size)
 
     def next_batch(self, queue: RequestQueue) -> list[GenerationRequest]:
         if not queue.wait() or queue.interrupted:

@@ -15,7 +15,7 @@ from typing import Any
 
 from opentelemetry.trace import Span
 
-from workbench.engine.resilience import MODEL_FAILURES, error_kind
+from workbench.engine.failures import MODEL_FAILURES, error_kind
 from workbench.errors import CircuitOpen, WorkbenchError, describe
 from workbench.tracing import attributes as attr
 

@@ -1,28 +1,72 @@
-"""The engine: one worker per loaded model, and the door requests come in through."""
+"""The engine: one worker per loaded model, and the door requests come in through (blocking or awaited)."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
 
 from opentelemetry.trace import Span
 
-from workbench.engine.backend import TransformersBackend
+from workbench.engine.backends.base import Backend, fit_window
+from workbench.engine.backends.transformers import TransformersBackend
 from workbench.engine.batching import BatchingPolicy, NoBatching
+from workbench.engine.breaker import CircuitBreaker
+from workbench.engine.faults import FaultInjector, Faults
+from workbench.engine.preloading import Preloader
 from workbench.engine.requests import GenerationParams, GenerationRequest, GenerationResult
 from workbench.engine.worker import ModelWorker
-from workbench.errors import HopTimeout, ModelUnhealthy
-from workbench.models.preloading import Preloader
-from workbench.models.registry import ModelRegistry
+from workbench.errors import HopTimeout, ModelUnhealthy, RunCancelled
+from workbench.models.registry import LoadedModel, ModelRegistry
 from workbench.tracing import Tracing, mark_error
 from workbench.tracing import attributes as attr
 from workbench.tracing import openinference
 
 
+@dataclass
+class Call:
+    """One model call asked of the engine: the prompt, its settings, and where its span goes."""
+
+    model: str
+    prompt: str
+    params: GenerationParams
+    parent: Span | None = None
+    hop: str | None = None
+    attributes: Mapping[str, object] | None = None
+    timeout_s: float | None = None
+    probe: bool = False
+    # Hears each token with the text it adds, from the worker's thread (None: not streamed).
+    on_token: Callable[[int, str], None] | None = None
+
+
+@dataclass(eq=False)
+class _Pending:
+    """A call awaiting the next flush of its event loop: its span is open, its request not queued yet."""
+
+    call: Call
+    span: Span
+    done: asyncio.Future[GenerationResult]
+    request: GenerationRequest | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+
+def backend_for(loaded: LoadedModel) -> Backend:
+    """The backend that runs ``loaded``: transformers, in this process."""
+    return TransformersBackend(loaded)
+
+
 class Engine:
-    """Routes generation requests to the worker of the model they name."""
+    """Routes generation requests to the worker of the model they name.
+
+    Two doors: :meth:`call` blocks its thread, :meth:`acall` is awaited on an event loop. Calls
+    awaited in one tick of a loop reach the model together: they are tokenized in one call and
+    queued with one wake-up of the worker, so the hops that a finished batch made ready form the
+    next batch at once.
+    """
 
     def __init__(self, registry: ModelRegistry, tracing: Tracing) -> None:
         self._registry = registry
@@ -30,14 +74,17 @@ class Engine:
         self._lock = threading.Lock()
         self._workers: dict[str, ModelWorker] = {}
         self._policies: dict[str, BatchingPolicy] = {}  # kept across unloads, so a reload batches the same way
+        self._pending: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}
         self.preloader = Preloader(registry, tracing, self.start, self.stop)
+
+    # -- workers -------------------------------------------------------------------------------
 
     def start(self, name: str, policy: BatchingPolicy | None = None) -> ModelWorker:
         """Start the worker of the loaded model ``name``, under ``policy`` or the one configured for it."""
-        loaded = self._registry.get(name)
+        backend = backend_for(self._registry.get(name))
         policy = policy or self._policies.get(name) or NoBatching()
-        policy.check(loaded)
-        worker = ModelWorker(name, TransformersBackend(loaded), policy, self._tracing)
+        backend.check(policy)
+        worker = ModelWorker(name, backend, policy, self._tracing)
         with self._lock:
             self._workers[name] = worker
             self._policies[name] = policy
@@ -53,6 +100,7 @@ class Engine:
             worker = self._workers.pop(name, None)
         if worker is not None:
             worker.stop()
+            worker.backend.close()
 
     def close(self) -> None:
         for name in list(self._workers):
@@ -83,7 +131,7 @@ class Engine:
             with self._lock:
                 self._policies[name] = policy
             return
-        policy.check(worker.backend.loaded)
+        worker.backend.check(policy)
         worker.set_policy(policy)
         with self._lock:
             self._policies[name] = policy
@@ -98,6 +146,24 @@ class Engine:
         self._registry.settings(name)  # an unknown model is a clear error
         return configured or NoBatching()
 
+    # -- resilience state ----------------------------------------------------------------------
+
+    def inject(self, faults: Faults) -> None:
+        """Inject ``faults`` into their model's batches, replacing earlier ones."""
+        self.worker(faults.model).faults = FaultInjector(faults)
+
+    def clear_faults(self, model: str | None = None) -> None:
+        for worker in (self.workers().values() if model is None else [self.worker(model)]):
+            worker.faults = None
+
+    def faults(self) -> dict[str, Faults]:
+        return {name: w.faults.faults for name, w in self.workers().items() if w.faults is not None}
+
+    def set_breaker(self, model: str, failure_threshold: int, reset_timeout_s: float) -> None:
+        self.worker(model).breaker = CircuitBreaker(model, failure_threshold, reset_timeout_s)
+
+    # -- requests ------------------------------------------------------------------------------
+
     def _ready(self, name: str, parent: Span) -> ModelWorker:
         """The worker of ``name``, loading the model first if it is registered but not loaded (lazy on use)."""
         with self._lock:
@@ -106,6 +172,101 @@ class Engine:
             self.preloader.load(name, parent=parent, trigger="on_use")
             worker = self.worker(name)
         return worker
+
+    def _open(self, call: Call) -> Span:
+        """Start the request's span (``text_completion {model}``); the worker ends it, so it spans the whole request."""
+        settings = self._registry.settings(call.model)  # an unknown model fails here, before any span
+        params = call.params
+        attributes: dict[str, object] = {
+            attr.SPAN_KIND: attr.KIND_LLM,
+            **openinference.request(settings.source, params),
+            attr.OPERATION_NAME: attr.TEXT_COMPLETION,
+            attr.PROVIDER_NAME: attr.PROVIDER,
+            attr.REQUEST_MODEL: call.model,
+            attr.REQUEST_MAX_TOKENS: params.max_new_tokens,
+            attr.REQUEST_TEMPERATURE: params.temperature,
+            attr.REQUEST_TOP_P: params.top_p,
+            attr.MODEL_NAME: call.model,
+            **openinference.input_value(call.prompt),
+        }
+        if call.hop:
+            attributes[attr.HOP_NAME] = call.hop
+        if params.top_k:
+            attributes[attr.REQUEST_TOP_K] = params.top_k
+        if params.seed is not None:
+            attributes[attr.REQUEST_SEED] = params.seed
+        if call.probe:
+            attributes[attr.PROBE] = True
+        if call.attributes:
+            attributes.update(call.attributes)
+        # Without a parent, a request asked for directly (bench.generate) is a run of its own.
+        span = self._tracing.start_span(
+            f"{attr.TEXT_COMPLETION} {call.model}", call.parent, attributes=attributes, run=True
+        )
+        self.preloader.begin_use(call.model)  # from here until served, keep-warm will not evict it
+        return span
+
+    def _enqueue(
+        self, worker: ModelWorker, calls: list[tuple[Call, Span]], started: float
+    ) -> list[GenerationRequest | BaseException]:
+        """Tokenize ``calls`` in one backend call and queue those that may run with one wake-up of the worker.
+
+        Each slot of the answer is the queued request, or the error that kept it out (its span
+        then ended with that error).
+        """
+        backend = worker.backend
+        model = worker.name
+        try:
+            token_ids = backend.tokenize([call.prompt for call, _ in calls])
+        except BaseException as exc:
+            for call, span in calls:
+                self._refuse(model, span, exc)
+            raise
+        tokenize_ms = (time.perf_counter() - started) * 1e3
+        answers: list[GenerationRequest | BaseException] = []
+        queued: list[GenerationRequest] = []
+        for (call, span), ids in zip(calls, token_ids):
+            try:
+                ids, truncated = fit_window(ids, call.params, backend.context_window, model, call.hop)
+                trial = False if call.probe else _admit(worker, span)
+            except Exception as exc:
+                self._refuse(model, span, exc)
+                answers.append(exc)
+                continue
+            span.set_attributes(
+                {
+                    attr.MODEL_DEVICE: backend.device,
+                    attr.MODEL_DTYPE: backend.dtype,
+                    attr.USAGE_INPUT_TOKENS: len(ids),
+                    **openinference.token_counts(len(ids)),
+                    attr.TOKENIZE_MS: tokenize_ms,
+                    **({attr.TRUNCATED_TOKENS: truncated} if truncated else {}),
+                }
+            )
+            request = GenerationRequest(
+                model, ids, call.params, span, hop=call.hop, truncated_tokens=truncated, probe=call.probe,
+                cancellable=call.timeout_s is not None, trial=trial, on_token=call.on_token,
+            )
+            request.future.add_done_callback(lambda _: self.preloader.end_use(model))
+            queued.append(request)
+            answers.append(request)
+        if queued:
+            try:
+                worker.submit_many(queued)
+            except BaseException as exc:
+                for request in queued:
+                    if request.trial:
+                        worker.breaker.record(exc, request.span, True)  # never ran: hand the trial on
+                    mark_error(request.span, exc)
+                    request.span.end()
+                    self.preloader.end_use(model)  # never queued, so the future's callback never runs
+                answers = [exc if isinstance(a, GenerationRequest) else a for a in answers]
+        return answers
+
+    def _refuse(self, model: str, span: Span, exc: BaseException) -> None:
+        self.preloader.end_use(model)
+        mark_error(span, exc)
+        span.end()
 
     def submit(
         self,
@@ -119,77 +280,27 @@ class Engine:
         cancellable: bool = False,
         probe: bool = False,
     ) -> GenerationRequest:
-        """Tokenize ``prompt`` here, in the caller's thread, and queue it for ``model``.
+        """Tokenize ``prompt`` here, in the caller's thread, and queue it for ``model``; the request's future answers.
 
-        The request's span (``text_completion {model}``) starts now, as a child of ``parent``,
-        and the worker ends it, so its duration is the request's end-to-end latency. A registered
-        model that is not loaded loads first, in a ``load`` span under the request's.
-
-        A model out of rotation fails fast: ModelUnhealthy after a failed health probe,
-        CircuitOpen while its breaker is open. ``attributes`` go on the request's span;
-        ``cancellable`` lets a timeout stop the request's row mid-batch (see :meth:`call`);
-        a ``probe`` (health check) passes both gates and counts for neither.
+        The request's span starts now, as a child of ``parent``, and the worker ends it, so its
+        duration is the request's end-to-end latency. A registered model that is not loaded
+        loads first, in a ``load`` span under the request's. A model out of rotation fails fast:
+        ModelUnhealthy after a failed health probe, CircuitOpen while its breaker is open. A
+        ``probe`` (health check) passes both gates and counts for neither; ``cancellable`` lets
+        a timeout stop the request's row mid-batch.
         """
-        settings = self._registry.settings(model)  # an unknown model fails here, before any span
-        span = self._tracing.start_span(
-            f"{attr.TEXT_COMPLETION} {model}",
-            parent,
-            attributes={
-                attr.SPAN_KIND: attr.KIND_LLM,
-                **openinference.request(settings.source, params),
-                attr.OPERATION_NAME: attr.TEXT_COMPLETION,
-                attr.PROVIDER_NAME: attr.PROVIDER,
-                attr.REQUEST_MODEL: model,
-                attr.REQUEST_MAX_TOKENS: params.max_new_tokens,
-                attr.REQUEST_TEMPERATURE: params.temperature,
-                attr.REQUEST_TOP_P: params.top_p,
-                attr.MODEL_NAME: model,
-                **openinference.input_value(prompt),
-                **({attr.HOP_NAME: hop} if hop else {}),
-                **({attr.REQUEST_TOP_K: params.top_k} if params.top_k else {}),
-                **({attr.REQUEST_SEED: params.seed} if params.seed is not None else {}),
-                **({attr.PROBE: True} if probe else {}),
-                **(attributes or {}),
-            },
-            run=True,  # without a parent, a request asked for directly (bench.generate) is a run of its own
-        )
-        self.preloader.begin_use(model)  # from here until served, keep-warm will not evict it
+        call = Call(model, prompt, params, parent, hop, attributes, 0.0 if cancellable else None, probe)
+        span = self._open(call)
+        started = time.perf_counter()
         try:
             worker = self._ready(model, span)
-            started = time.perf_counter()
-            input_ids, truncated = worker.backend.tokenize(prompt, params, hop)
-            trial = False if probe else _admit(worker, span)
         except BaseException as exc:
-            self.preloader.end_use(model)
-            mark_error(span, exc)
-            span.end()
+            self._refuse(model, span, exc)
             raise
-        loaded = worker.backend.loaded
-        span.set_attributes(
-            {
-                attr.MODEL_DEVICE: str(loaded.device),
-                attr.MODEL_DTYPE: str(loaded.dtype).removeprefix("torch."),
-                attr.USAGE_INPUT_TOKENS: len(input_ids),
-                **openinference.token_counts(len(input_ids)),
-                attr.TOKENIZE_MS: (time.perf_counter() - started) * 1e3,
-                **({attr.TRUNCATED_TOKENS: truncated} if truncated else {}),
-            }
-        )
-        request = GenerationRequest(
-            model, input_ids, params, span, hop=hop, truncated_tokens=truncated,
-            probe=probe, cancellable=cancellable, trial=trial,
-        )
-        request.future.add_done_callback(lambda _: self.preloader.end_use(model))
-        try:
-            worker.submit(request)
-        except BaseException as exc:
-            if trial:
-                worker.breaker.record(exc, span, trial)  # never ran: hand the half-open trial to the next request
-            mark_error(span, exc)
-            span.end()
-            self.preloader.end_use(model)  # never queued, so the future's callback never runs
-            raise
-        return request
+        (answer,) = self._enqueue(worker, [(call, span)], started)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
 
     def call(
         self,
@@ -203,7 +314,7 @@ class Engine:
         attributes: Mapping[str, object] | None = None,
         probe: bool = False,
     ) -> GenerationResult:
-        """Submit one prompt and wait for its result, at most ``timeout_s`` seconds.
+        """Submit one prompt and wait for its result in this thread, at most ``timeout_s`` seconds.
 
         On timeout the request is cancelled, dropped from the queue if no batch took it yet, or
         its row stopped in the running padded batch while its batch-mates finish (under
@@ -215,18 +326,129 @@ class Engine:
         try:
             return request.future.result(timeout=timeout_s)
         except FutureTimeout:
-            where = f"hop {hop!r}" if hop else "the request"
-            error = HopTimeout(
-                f"{where}: model {model!r} gave no answer within {timeout_s:g} s, so the request was cancelled",
-                hint="raise the hop's timeout_s, or give the hop retry or a fallback",
-            )
-            if self.worker(model).cancel(request, error):
+            error = _timeout(model, hop, timeout_s)
+            if self._cancel(request, error):
                 raise error from None
             return request.future.result()  # it finished just as the wait ran out
 
     def generate(self, model: str, prompt: str, params: GenerationParams | None = None) -> GenerationResult:
         """Submit one prompt and wait for its result (a convenience for scripts and tests)."""
         return self.submit(model, prompt, params or GenerationParams()).future.result()
+
+    async def acall(self, call: Call) -> GenerationResult:
+        """Await one model call on the running event loop; the same gates, spans and timeout as :meth:`call`.
+
+        The call is queued at the end of this tick of the loop together with every other call
+        made in it. Cancelling the awaiting task cancels the request (RunCancelled on its span).
+        """
+        loop = asyncio.get_running_loop()
+        span = self._open(call)
+        pending = _Pending(call, span, loop.create_future())
+        batch = self._pending.get(loop)
+        if batch is None:
+            batch = self._pending[loop] = []
+            loop.call_soon(self._flush, loop)
+        batch.append(pending)
+        try:
+            return await asyncio.wait_for(pending.done, call.timeout_s)
+        except asyncio.TimeoutError:
+            error = _timeout(call.model, call.hop, call.timeout_s)
+            if pending.request is None or self._cancel(pending.request, error):
+                raise error from None
+            return pending.request.future.result()
+        except asyncio.CancelledError:
+            if pending.request is not None:
+                self._cancel(pending.request, RunCancelled(f"the run was cancelled while model {call.model!r} ran"))
+            raise
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Queue every call awaited in the loop's last tick: per model, one tokenization and one wake-up."""
+        batch = self._pending.pop(loop, [])
+        by_model: dict[str, list[_Pending]] = {}
+        for pending in batch:
+            if pending.done.done():  # cancelled (or timed out) before it was queued
+                self._refuse(pending.call.model, pending.span, RunCancelled("the call was cancelled before it ran"))
+            else:
+                by_model.setdefault(pending.call.model, []).append(pending)
+        for model, pendings in by_model.items():
+            with self._lock:
+                worker = self._workers.get(model)
+            if worker is None:  # registered, not loaded: load off the loop, then queue
+                loop.run_in_executor(None, self._load_and_enqueue, loop, model, pendings)
+            else:
+                self._queue(loop, worker, pendings)
+
+    def _load_and_enqueue(self, loop: asyncio.AbstractEventLoop, model: str, pendings: list[_Pending]) -> None:
+        try:
+            worker = self._ready(model, pendings[0].span)
+        except BaseException as exc:
+            loop.call_soon_threadsafe(self._fail_pending, pendings, exc)
+            return
+        loop.call_soon_threadsafe(self._queue, loop, worker, pendings)
+
+    def _fail_pending(self, pendings: list[_Pending], exc: BaseException) -> None:
+        for pending in pendings:
+            self._refuse(pending.call.model, pending.span, exc)
+            if not pending.done.done():
+                pending.done.set_exception(exc)
+
+    def _queue(self, loop: asyncio.AbstractEventLoop, worker: ModelWorker, pendings: list[_Pending]) -> None:
+        live = [p for p in pendings if not p.done.done()]
+        for pending in pendings:
+            if pending.done.done():
+                self._refuse(pending.call.model, pending.span, RunCancelled("the call was cancelled before it ran"))
+        if not live:
+            return
+        try:
+            answers = self._enqueue(worker, [(p.call, p.span) for p in live], min(p.started for p in live))
+        except BaseException as exc:  # the backend could not tokenize: every call of the batch fails alike
+            for pending in live:
+                pending.done.set_exception(exc)
+            return
+        for pending, answer in zip(live, answers):
+            if isinstance(answer, BaseException):
+                pending.done.set_exception(answer)
+            else:
+                pending.request = answer
+                answer.future.add_done_callback(_resolver(loop, pending.done))
+
+    def _cancel(self, request: GenerationRequest, error: BaseException) -> bool:
+        """Fail ``request`` with ``error`` now (its worker drops or stops it); False if it had finished."""
+        with self._lock:
+            worker = self._workers.get(request.model)
+        if worker is None:
+            return False
+        return worker.cancel(request, error)
+
+
+def _timeout(model: str, hop: str | None, timeout_s: float | None) -> HopTimeout:
+    where = f"hop {hop!r}" if hop else "the request"
+    return HopTimeout(
+        f"{where}: model {model!r} gave no answer within {timeout_s:g} s, so the request was cancelled",
+        hint="raise the hop's timeout_s, or give the hop retry or a fallback",
+    )
+
+
+def _resolver(
+    loop: asyncio.AbstractEventLoop, done: asyncio.Future[GenerationResult]
+) -> Callable[[Future[GenerationResult]], None]:
+    """A done-callback (run in the worker's thread) that hands a request's outcome to its awaiting task."""
+
+    def settle(future: Future[GenerationResult]) -> None:
+        if not done.done():
+            exc = future.exception()
+            if exc is None:
+                done.set_result(future.result())
+            else:
+                done.set_exception(exc)
+
+    def resolve(future: Future[GenerationResult]) -> None:
+        try:
+            loop.call_soon_threadsafe(settle, future)
+        except RuntimeError:
+            pass  # the loop closed (the workbench closed): nobody awaits this any more
+
+    return resolve
 
 
 def _admit(worker: ModelWorker, span: Span) -> bool:

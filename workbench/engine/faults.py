@@ -7,9 +7,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from opentelemetry.trace import Span
 
+from workbench.engine.backends.base import BackendOutOfMemory
 from workbench.engine.requests import GenerationRequest
 from workbench.errors import WorkbenchError
 from workbench.tracing import attributes as attr
@@ -19,11 +19,12 @@ class InjectedFault(RuntimeError):
     """A failure made up by ``bench.inject(error_rate=...)``; it stands in for a model error."""
 
 
-class InjectedOutOfMemory(torch.OutOfMemoryError):
-    """A fake CUDA out-of-memory error made up by ``bench.inject(oom_every=..., oom_above=...)``.
+class InjectedOutOfMemory(BackendOutOfMemory):
+    """A fake out-of-memory error made up by ``bench.inject(oom_every=..., oom_above=...)``.
 
-    A fake because a CPU cannot run out of GPU memory on demand; it subclasses the real
-    ``torch.OutOfMemoryError`` so the worker's batch splitting treats both alike.
+    A fake because a CPU cannot run out of GPU memory on demand; it is the error a backend
+    raises for a real one (torch's OutOfMemoryError, translated at the backend seam), so the
+    worker's batch splitting treats both alike.
     """
 
 

@@ -44,10 +44,14 @@ class RequestQueue:
             return len(self._items)
 
     def put(self, request: GenerationRequest) -> None:
+        self.put_many([request])
+
+    def put_many(self, requests: Sequence[GenerationRequest]) -> None:
+        """Queue ``requests`` together: the worker wakes once for all of them, not once each."""
         with self._cond:
             if self.closed:
                 raise RuntimeError("queue closed")
-            self._items.append(request)
+            self._items.extend(requests)
             self._cond.notify_all()
 
     def peek(self) -> GenerationRequest | None:

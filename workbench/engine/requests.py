@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -33,6 +34,11 @@ class GenerationParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def sampling(self) -> tuple[float, float, int, int | None]:
+        """What requests in one continuous-batching scheduler must share; max_new_tokens may differ."""
+        return (self.temperature, self.top_p, self.top_k, self.seed)
 
     def generate_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": not self.greedy}
@@ -86,12 +92,18 @@ class GenerationRequest:
     cancelled: bool = False
     # The circuit breaker's half-open trial, whose outcome decides the breaker's state.
     trial: bool = False
+    # Hears each generated token with the text it adds, from the worker's thread (None: not streamed).
+    on_token: Callable[[int, str], None] | None = None
     _settle_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _settled: bool = field(default=False, repr=False)
 
     @property
     def tokens_in(self) -> int:
         return len(self.input_ids)
+
+    @property
+    def stream(self) -> bool:
+        return self.on_token is not None
 
     def settle(self) -> bool:
         """Claim the right to end this request's span and set its future: True for the first caller only.

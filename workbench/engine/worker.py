@@ -1,22 +1,20 @@
-"""A model's worker thread: drains its queue through a batching policy into the backend."""
+"""A model's worker thread: drains its queue through a batching policy into its backend (no torch here)."""
 
 from __future__ import annotations
 
 import logging
 import threading
 
-import torch
 from opentelemetry.trace import Link, Span, Status, StatusCode
 
-from workbench.engine.backend import TransformersBackend
-from workbench.engine.batching import BatchingPolicy, ContinuousBatching
+from workbench.engine.backends.base import Backend, Scheduler
+from workbench.engine.batching import BatchingPolicy
 from workbench.engine.breaker import CircuitBreaker
-from workbench.engine.continuous import ContinuousBackend
 from workbench.engine.faults import FaultInjector
 from workbench.engine.health import ModelHealth
 from workbench.engine.queue import RequestQueue
 from workbench.engine.requests import GenerationRequest, GenerationResult
-from workbench.engine.resilience import error_kind, is_out_of_memory
+from workbench.engine.failures import error_kind, is_out_of_memory
 from workbench.errors import ModelOutOfMemory, WorkerStopped, describe
 from workbench.tracing import Tracing, mark_error
 from workbench.tracing import attributes as attr
@@ -32,13 +30,14 @@ class ModelWorker:
     the faults injected into its batches (None when there are none).
     """
 
-    def __init__(self, name: str, backend: TransformersBackend, policy: BatchingPolicy, tracing: Tracing) -> None:
+    def __init__(self, name: str, backend: Backend, policy: BatchingPolicy, tracing: Tracing) -> None:
         self.name = name
         self.backend = backend
         self.policy = policy
         self.queue = RequestQueue()
         self._tracing = tracing
-        self._continuous: ContinuousBackend | None = None
+        self._continuous: Scheduler | None = None
+        self._continuous_policy: BatchingPolicy | None = None
         self.breaker = CircuitBreaker(name)
         self.health = ModelHealth(name)
         self.faults: FaultInjector | None = None
@@ -50,8 +49,11 @@ class ModelWorker:
         return self._thread.is_alive()
 
     def submit(self, request: GenerationRequest) -> None:
+        self.submit_many([request])
+
+    def submit_many(self, requests: list[GenerationRequest]) -> None:
         try:
-            self.queue.put(request)
+            self.queue.put_many(requests)
         except RuntimeError:
             raise WorkerStopped(f"model {self.name!r} was unloaded", hint=f"bench.load({self.name!r}, ...) again") from None
 
@@ -100,7 +102,7 @@ class ModelWorker:
                 batch = faults.apply(batch, self._fail)
                 if not batch:
                     continue
-            if isinstance(policy, ContinuousBatching):
+            if policy.continuous:
                 self._stream(batch, policy)
             else:
                 self._end_continuous()
@@ -111,7 +113,7 @@ class ModelWorker:
             f"batch {self.name}",
             attributes={
                 attr.SPAN_KIND: attr.KIND_LLM,  # one generate call of the model, for every request in it
-                **openinference.model(self.backend.loaded.source),
+                **openinference.model(self.backend.source),
                 attr.MODEL_NAME: self.name,
                 attr.BATCH_SIZE: len(batch),
                 attr.BATCH_POLICY: policy.name,
@@ -119,15 +121,16 @@ class ModelWorker:
             links=[Link(r.span.get_span_context()) for r in batch],
         )
 
-    def _stream(self, batch: list[GenerationRequest], policy: ContinuousBatching) -> None:
+    def _stream(self, batch: list[GenerationRequest], policy: BatchingPolicy) -> None:
         """Admit ``batch`` into the continuous-batching scheduler; its requests finish on the scheduler's side."""
         span = self._batch_span(batch, policy)
         try:
-            if self._continuous is None or self._continuous.policy != policy:
+            if self._continuous is None or self._continuous_policy != policy:
                 self._end_continuous()
-                self._continuous = ContinuousBackend(
-                    self.backend, policy, lambda request, result: self._complete(request, result, policy), self._fail
+                self._continuous = self.backend.scheduler(
+                    policy, lambda request, result: self._complete(request, result, policy), self._fail
                 )
+                self._continuous_policy = policy
             self._continuous.submit(batch, span)
         except BaseException as exc:
             mark_error(span, exc)
@@ -138,7 +141,7 @@ class ModelWorker:
         """Let the continuous scheduler finish what it holds and give the model back to padded generate."""
         if self._continuous is not None:
             self._continuous.close()
-            self._continuous = None
+            self._continuous = self._continuous_policy = None
 
     def _execute(self, batch: list[GenerationRequest], policy: BatchingPolicy) -> None:
         batch = [r for r in batch if not r.cancelled]  # timed out while the batch formed
@@ -149,7 +152,8 @@ class ModelWorker:
             faults = self.faults
             if faults is not None:
                 faults.check_memory(batch, span)
-            results, timing = self.backend.generate(batch)
+            streaming = any(r.stream for r in batch)
+            results, timing = self.backend.generate(batch, _on_token if streaming else None)
         except BaseException as exc:  # an error in one batch fails its requests, never the worker
             mark_error(span, exc)
             if is_out_of_memory(exc):
@@ -176,8 +180,7 @@ class ModelWorker:
 
     def _split(self, batch: list[GenerationRequest], policy: BatchingPolicy, span: Span, exc: BaseException) -> None:
         """Out of memory: run the batch again as two halves, and from now on take no batch larger than a half."""
-        if self.backend.loaded.device.type == "cuda":
-            torch.cuda.empty_cache()  # give back what the failed batch's allocations left cached
+        self.backend.release_memory()
         if len(batch) == 1:
             span.end()
             request = batch[0]
@@ -237,3 +240,7 @@ class ModelWorker:
         request.span.end()
         request.future.set_exception(exc)
 
+
+def _on_token(request: GenerationRequest, token: int, text: str) -> None:
+    if request.on_token is not None and not request.cancelled:
+        request.on_token(token, text)

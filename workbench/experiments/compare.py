@@ -16,7 +16,8 @@ from workbench.engine.batching import BatchingPolicy, parse_policy
 from workbench.errors import StrategyError, UnknownModelError
 from workbench.experiments.workloads import ClosedLoop, PoissonArrivals, Workload, WorkloadResult, as_inputs
 from workbench.models.devices import dtype_name, resolve_device, resolve_dtype
-from workbench.models.preloading import PreloadingStrategy, parse_preloading
+from workbench.engine.preloading import PreloadingStrategy, parse_preloading
+from workbench.tables import MISSING, Readable, float_format
 from workbench.tracing import Trace
 from workbench.tracing import attributes as attr
 
@@ -30,27 +31,53 @@ if TYPE_CHECKING:
 # What the label columns hold when a comparison leaves that axis as the workbench has it.
 UNCHANGED = "(as set)"
 
-TABLE_COLUMNS = [
+# Figures given with an interval get ``_lo`` and ``_hi`` columns after them.
+_OVER_REPEATS = ("requests_per_s", "output_tokens_per_s", "cold_start_s", "first_result_s")  # min-max over repeats
+_BOOTSTRAPPED = ("e2e_p50_ms", "e2e_p95_ms", "e2e_p99_ms", "ttft_p50_ms", "ttft_p95_ms", "tpot_ms")
+
+
+def _with_bounds(*columns: str) -> list[str]:
+    return [name for column in columns for name in
+            ((column, f"{column}_lo", f"{column}_hi") if column in _OVER_REPEATS + _BOOTSTRAPPED else (column,))]
+
+
+TABLE_COLUMNS = _with_bounds(
     "batching",
     "preloading",
     "requests_per_s",
+    "rank",
+    "rank_group",
+    "distinguishable",
     "output_tokens_per_s",
     "e2e_p50_ms",
     "e2e_p95_ms",
     "e2e_p99_ms",
+    "p99_few_samples",
+    "n",
     "ttft_p50_ms",
     "ttft_p95_ms",
+    "ttft_n",
     "tpot_ms",
+    "tpot_n",
     "mean_batch_size",
     "padding_fraction",
     "cold_start_s",
     "first_result_s",
     "peak_weights_mb",
     "peak_cuda_mb",
-    "n",
     "errors",
     "repeats",
-]
+)
+
+# Spread: latency percentiles get a percentile-bootstrap interval over the runs (or model calls)
+# of every repeat, seeded so the same samples give the same interval; throughput, cold start and
+# first result are one figure per pass, so their spread is the min-max over repeats.
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_LEVEL = 0.95
+BOOTSTRAP_SEED = 0
+# A p99 needs about 100 samples before it says anything the largest sample does not.
+FEW_FOR_P99 = 100
+
 
 @dataclass(frozen=True)
 class Strategy:
@@ -111,8 +138,84 @@ def _label(batching: str, preloading: str) -> str:
     return " + ".join(part for part in (batching, preloading) if part != UNCHANGED) or UNCHANGED
 
 
-def _percentile(values: pd.Series, q: float) -> float:
-    return float(values.quantile(q)) if len(values) else float("nan")
+def _percentiles(values: pd.Series, name: str, qs: dict[str, float]) -> dict[str, float]:
+    """Each quantile of ``values`` as ``{column: value}``, with its bootstrap interval as ``column_lo/_hi``.
+
+    The interval is the central ``BOOTSTRAP_LEVEL`` of the quantile over ``BOOTSTRAP_RESAMPLES``
+    resamples drawn with replacement (``numpy.random.default_rng(BOOTSTRAP_SEED)``), widened to
+    take in the estimate itself where a small sample's resamples miss it; NaN with fewer than
+    two samples, which say nothing about spread.
+    """
+    import numpy as np
+
+    data = values.dropna().to_numpy(dtype=float)
+    columns = [f"{name}_{label}" if label else name for label in qs]
+    if not len(data):
+        return {f"{c}{end}": float("nan") for c in columns for end in ("", "_lo", "_hi")}
+    points = np.quantile(data, list(qs.values()))
+    figures = dict(zip(columns, map(float, points)))
+    if len(data) < 2:
+        return figures | {f"{c}{end}": float("nan") for c in columns for end in ("_lo", "_hi")}
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    estimates = np.empty((BOOTSTRAP_RESAMPLES, len(qs)))
+    chunk = max(1, 2_000_000 // len(data))  # resample in chunks: memory stays small for long runs
+    for start in range(0, BOOTSTRAP_RESAMPLES, chunk):
+        rows = min(chunk, BOOTSTRAP_RESAMPLES - start)
+        draws = data[rng.integers(0, len(data), size=(rows, len(data)))]
+        estimates[start:start + rows] = np.quantile(draws, list(qs.values()), axis=1).T
+    tail = (1 - BOOTSTRAP_LEVEL) / 2
+    low, high = np.quantile(estimates, [tail, 1 - tail], axis=0)
+    for column, point, lo, hi in zip(columns, points, low, high):
+        figures[f"{column}_lo"] = float(min(lo, point))
+        figures[f"{column}_hi"] = float(max(hi, point))
+    return figures
+
+
+def _over_repeats(passes: pd.DataFrame, column: str) -> dict[str, float]:
+    """The median of a per-pass figure, and its min-max over repeats (NaN from one repeat: no spread seen)."""
+    values = passes[column].dropna()
+    spread = len(values) >= 2
+    return {
+        column: float(values.median()) if len(values) else float("nan"),
+        f"{column}_lo": float(values.min()) if spread else float("nan"),
+        f"{column}_hi": float(values.max()) if spread else float("nan"),
+    }
+
+
+def _overlapping(table: pd.DataFrame) -> dict[Any, list[Any]] | None:
+    """For each row, the other rows whose throughput interval overlaps its own; None without intervals."""
+    lo, hi = table["requests_per_s_lo"], table["requests_per_s_hi"]
+    if not len(table) or lo.isna().any() or hi.isna().any():
+        return None
+    return {i: [j for j in table.index if j != i and lo[i] <= hi[j] and lo[j] <= hi[i]] for i in table.index}
+
+
+def _rank(table: pd.DataFrame) -> pd.DataFrame:
+    """Rank strategies by throughput, grouping those whose throughput intervals overlap.
+
+    ``rank`` orders by the median requests/s (1 is the highest). Going down that order, a
+    strategy whose interval overlaps the interval of its group's best stays in the group;
+    one below it starts the next ``rank_group``. ``distinguishable`` is True where a
+    strategy's interval overlaps no other strategy's. Without intervals (one repeat) there
+    are no groups and nothing is told apart: both are missing.
+    """
+    import pandas as pd
+
+    point, lo, hi = (table[f"requests_per_s{end}"] for end in ("", "_lo", "_hi"))
+    table["rank"] = point.rank(ascending=False, method="first").astype("Int64")
+    groups = pd.Series(pd.NA, index=table.index, dtype="Int64")
+    apart = pd.Series(pd.NA, index=table.index, dtype="boolean")
+    overlapping = _overlapping(table)
+    if overlapping is not None:
+        group, leader = 0, None
+        for i in point.sort_values(ascending=False, kind="stable").index:
+            if leader is None or hi[i] < lo[leader]:
+                group, leader = group + 1, i
+            groups[i] = group
+            apart[i] = not overlapping[i]
+    table["rank_group"] = groups
+    table["distinguishable"] = apart
+    return table
 
 
 class _MemoryWatch:
@@ -191,13 +294,18 @@ class Comparison:
         return self._passes.copy()
 
     def table(self) -> pd.DataFrame:
-        """One row per strategy: throughput, latency percentiles, batching, cold start, memory.
+        """One row per strategy: throughput, latency percentiles with their spread, batching, cold start, memory.
 
-        Latency percentiles pool the runs of every repeat; throughput, cold start and time to
-        first result are medians over repeats; peak memory is the largest of any repeat.
-        ``tpot_ms`` is the median time per output token over model calls, ``mean_batch_size``
-        the mean size of the batches the calls ran in, ``padding_fraction`` the share of
-        padded prompt cells that were padding.
+        Latency percentiles pool the runs of every repeat, each with a 95% bootstrap interval
+        over those runs (``_lo`` / ``_hi``; 1000 resamples, seed 0); ``n`` runs finished, and
+        ``p99_few_samples`` flags a p99 taken from fewer than 100 of them. TTFT and ``tpot_ms``
+        (the median time per output token) are over model calls, counted in ``ttft_n`` and
+        ``tpot_n``. Throughput, cold start and time to first result are medians over repeats,
+        their interval the min-max over repeats (missing after one repeat). ``rank``,
+        ``rank_group`` and ``distinguishable`` rank throughput: strategies in one group have
+        overlapping intervals, so the measurement does not tell them apart. ``mean_batch_size``
+        is the mean size of the batches the calls ran in, ``padding_fraction`` the share of
+        padded prompt cells that were padding; peak memory is the largest of any repeat.
         """
         import pandas as pd
 
@@ -213,56 +321,109 @@ class Comparison:
                 {
                     "batching": batching,
                     "preloading": preloading,
-                    "requests_per_s": passes["requests_per_s"].median(),
-                    "output_tokens_per_s": passes["output_tokens_per_s"].median(),
-                    "e2e_p50_ms": _percentile(ok["e2e_ms"], 0.50),
-                    "e2e_p95_ms": _percentile(ok["e2e_ms"], 0.95),
-                    "e2e_p99_ms": _percentile(ok["e2e_ms"], 0.99),
-                    "ttft_p50_ms": _percentile(calls["ttft_ms"], 0.50),
-                    "ttft_p95_ms": _percentile(calls["ttft_ms"], 0.95),
-                    "tpot_ms": _percentile(calls["tpot_ms"].dropna(), 0.50),
+                    **_over_repeats(passes, "requests_per_s"),
+                    **_over_repeats(passes, "output_tokens_per_s"),
+                    **_percentiles(ok["e2e_ms"], "e2e", {"p50_ms": 0.50, "p95_ms": 0.95, "p99_ms": 0.99}),
+                    "p99_few_samples": len(ok) < FEW_FOR_P99,
+                    "n": len(ok),
+                    **_percentiles(calls["ttft_ms"], "ttft", {"p50_ms": 0.50, "p95_ms": 0.95}),
+                    "ttft_n": int(calls["ttft_ms"].notna().sum()),
+                    **_percentiles(calls["tpot_ms"], "tpot_ms", {"": 0.50}),
+                    "tpot_n": int(calls["tpot_ms"].notna().sum()),
                     "mean_batch_size": float(batches["batch_size"].mean()) if len(batches) else float("nan"),
                     "padding_fraction": float(calls["padding_tokens"].sum()) / cells if cells else float("nan"),
-                    "cold_start_s": passes["cold_start_s"].median(),
-                    "first_result_s": passes["first_result_s"].median(),
+                    **_over_repeats(passes, "cold_start_s"),
+                    **_over_repeats(passes, "first_result_s"),
                     "peak_weights_mb": passes["peak_weights_mb"].max(),
                     "peak_cuda_mb": passes["peak_cuda_mb"].max(),
-                    "n": len(ok),
                     "errors": int((~runs["ok"]).sum()),
                     "repeats": len(passes),
                 }
             )
-        return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+        return _rank(pd.DataFrame(rows))[TABLE_COLUMNS]
+
+    def readable(self) -> Readable:
+        """:meth:`table` as a person reads it: each figure with its interval in brackets, flags and ranks marked."""
+        import pandas as pd
+
+        table = self.table()
+        shown = pd.DataFrame({"batching": table["batching"], "preloading": table["preloading"]})
+        overlapping = _overlapping(table)
+        # "2 ≈1,3": second by throughput, not told apart from the first and the third.
+        shown["rank"] = [
+            MISSING if overlapping is None or pd.isna(table.at[i, "rank"]) else
+            f"{table.at[i, 'rank']}" + (" ≈" + ",".join(str(r) for r in sorted(table.loc[overlapping[i], "rank"]))
+                                        if overlapping[i] else "")
+            for i in table.index
+        ]
+        figures = [c for c in TABLE_COLUMNS[2:] if c not in ("rank", "rank_group", "distinguishable",
+                   "p99_few_samples") and not c.endswith(("_lo", "_hi"))]
+        for column in figures:
+            values = table[column]
+            if not pd.api.types.is_float_dtype(values.dtype):
+                shown[column] = Readable(values.to_frame()).column(column)
+                continue
+            fmt = float_format(column, values.dropna())
+            texts = []
+            for i in table.index:
+                value = values[i]
+                text = MISSING if pd.isna(value) else fmt(value)
+                if column in _OVER_REPEATS + _BOOTSTRAPPED and not pd.isna(table.at[i, f"{column}_lo"]):
+                    text += f" ({fmt(table.at[i, f'{column}_lo'])}–{fmt(table.at[i, f'{column}_hi'])})"
+                if column == "e2e_p99_ms" and table.at[i, "p99_few_samples"] and not pd.isna(value):
+                    text += " *"
+                texts.append(text)
+            shown[column] = texts
+        notes = [
+            "(lo–hi): latency percentiles pool every repeat's runs, with a 95% bootstrap interval "
+            f"({BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}); throughput, cold start and first "
+            "result are medians over repeats, with their min–max over repeats.",
+            "rank: by requests_per_s; ≈ names the ranks whose intervals overlap its own: not distinguishable.",
+        ]
+        if (table["repeats"] < 2).any():
+            notes.append("one repeat gives no spread in throughput, so no ranking: use repeats >= 2.")
+        if (table["p99_few_samples"] & table["e2e_p99_ms"].notna()).any():
+            notes.append(f"* p99 from fewer than {FEW_FOR_P99} runs: little more than the slowest run.")
+        return Readable(shown, numeric=["rank", *figures], notes=notes)
 
     @staticmethod
     def _of(frame: pd.DataFrame, batching: str, preloading: str) -> pd.DataFrame:
         return frame[(frame["batching"] == batching) & (frame["preloading"] == preloading)]
 
     def plot(self) -> Figure:
-        """Throughput against p95 latency (one point per strategy), and each strategy's E2E latency CDF."""
+        """Throughput against p95 latency with error bars (one point per strategy), and each strategy's latency CDF.
+
+        The bars are the intervals of :meth:`table`: min-max over repeats for throughput, the
+        bootstrap interval for p95. Strategies are named in one legend beside both panels, so
+        no label sits on a point or on another label, and none is cut off at an edge.
+        """
         import numpy as np
         from matplotlib.ticker import NullFormatter, ScalarFormatter
 
         from workbench.tracing.figure import DisplayFigure
 
         table = self.table()
-        fig = DisplayFigure(figsize=(11, 4.2), layout="constrained")
+        fig = DisplayFigure(figsize=(12, 4.2), layout="constrained")
         scatter, cdf = fig.subplots(1, 2)
-        colours = [f"C{i % 10}" for i in range(len(table))]
-        for index, (colour, row) in enumerate(zip(colours, table.itertuples())):
+        for index, row in enumerate(table.itertuples()):
+            # Ten colours, then the next marker: every strategy keeps a look of its own.
+            colour, marker = f"C{index % 10}", "osD^v<>"[index // 10 % 7]
             label = _label(row.batching, row.preloading)
-            scatter.scatter(row.e2e_p95_ms, row.requests_per_s, color=colour, s=40, zorder=3)
-            # Alternate above and below: strategies that perform alike would print their labels on top of each other.
-            scatter.annotate(label, (row.e2e_p95_ms, row.requests_per_s), xytext=(4, 4 if index % 2 == 0 else -11),
-                             textcoords="offset points", fontsize=8)
+            x, y = row.e2e_p95_ms, row.requests_per_s
+            x_lo, x_hi, y_lo, y_hi = row.e2e_p95_ms_lo, row.e2e_p95_ms_hi, row.requests_per_s_lo, row.requests_per_s_hi
+            # No bar where there is no interval (one repeat, one run): a bar of zero would claim no spread.
+            xerr = None if np.isnan(x_lo) else [[x - x_lo], [x_hi - x]]
+            yerr = None if np.isnan(y_lo) else [[y - y_lo], [y_hi - y]]
+            scatter.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=marker, color=colour, markersize=6, capsize=3,
+                             elinewidth=1, zorder=3, label=label)
             runs = self._of(self._samples, row.batching, row.preloading)
             latencies = np.sort(runs.loc[runs["ok"], "e2e_ms"].to_numpy(dtype=float))
             if len(latencies):
-                cdf.step(latencies, np.arange(1, len(latencies) + 1) / len(latencies), where="post", color=colour,
-                         label=label)
+                cdf.step(latencies, np.arange(1, len(latencies) + 1) / len(latencies), where="post", color=colour)
         scatter.set_xlabel("E2E p95 latency (ms)")
         scatter.set_ylabel("throughput (chain runs/s)")
-        scatter.set_title("throughput vs tail latency (up and left is better)", loc="left", fontsize=9)
+        scatter.set_title("throughput vs tail latency (up and left is better)\n"
+                          "bars: min–max over repeats (runs/s), 95% bootstrap (p95)", loc="left", fontsize=9)
         scatter.grid(alpha=0.3)
         cdf.set_xlabel("E2E latency per chain run (ms)")
         cdf.set_ylabel("fraction of runs")
@@ -276,7 +437,9 @@ class Comparison:
         cdf.set_title("latency CDF (left is better)", loc="left", fontsize=9)
         cdf.grid(alpha=0.3)
         if len(table):
-            cdf.legend(fontsize=7, loc="lower right")
+            # Outside the axes, in the constrained layout: it takes its own room instead of covering data.
+            fig.legend(*scatter.get_legend_handles_labels(), loc="outside right upper", fontsize=8,
+                       title="strategy", title_fontsize=8)
         fig.suptitle(f"chain {self.chain}: {self._workload_text()}", fontsize=10)
         return fig
 
@@ -317,7 +480,7 @@ class Comparison:
             f"<p>Comparison of {len(self.strategies)} strategies on chain <b>{html.escape(self.chain)}</b>: "
             f"{html.escape(self._workload_text())}</p>"
         )
-        return head + self.table().to_html(index=False, float_format=lambda v: f"{v:.3g}", na_rep="—")
+        return head + self.readable().to_html()
 
 
 def _environment(bench: Workbench, chain: Chain, settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -325,7 +488,7 @@ def _environment(bench: Workbench, chain: Chain, settings: Mapping[str, Any]) ->
     import torch
     import transformers
 
-    import workbench
+    from workbench._version import __version__
 
     devices, dtypes, sources = [], [], []
     for name in chain.spec.models():
@@ -351,7 +514,7 @@ def _environment(bench: Workbench, chain: Chain, settings: Mapping[str, Any]) ->
         **settings,
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
-        "workbench_version": workbench.__version__,
+        "workbench_version": __version__,
         "python_version": platform.python_version(),
         "platform": platform.platform(),
     }
@@ -451,7 +614,7 @@ def compare(
         workload = PoissonArrivals(items, rate=arrival_rate, seed=seed, warmup=warmup)
     else:
         workload = ClosedLoop(items, concurrency=concurrency, warmup=warmup)
-    bench._check_open(f"compare strategies on chain {chain.name!r}")
+    bench.check_open(f"compare strategies on chain {chain.name!r}")
     workload.check(chain)  # refuse bad input before any model is touched
     if repeats < 1:
         raise StrategyError(f"repeats must be at least 1, not {repeats}", hint="repeats=3 is a good start")

@@ -107,7 +107,7 @@ class _Pass:
 
     def __init__(self, chain: Chain, threads: int) -> None:
         self.chain = chain
-        self.pool = chain.bench._chain_threads.limited(threads)
+        self.pool = chain.bench.chain_threads.limited(threads)  # type: ignore[attr-defined]
         self.first_result_ns: int | None = None
         self._lock = threading.Lock()
 

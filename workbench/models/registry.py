@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import difflib
+import itertools
 import json
 import math
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,26 +21,12 @@ from opentelemetry.trace import Span
 from workbench.errors import ModelLoadError, UnknownModelError
 from workbench.models import heap
 from workbench.models.devices import dtype_name, resolve_device, resolve_dtype
-from workbench.models.preloading import UsageClock
+from workbench.models.settings import LoadSettings
 from workbench.tracing import Tracing
 from workbench.tracing import attributes as attr_names
 
 if TYPE_CHECKING:
     import pandas as pd
-
-
-@dataclass
-class LoadSettings:
-    """How to load a model: where from, onto what, and which risks the user opted into."""
-
-    source: str
-    device: str = "auto"
-    dtype: str = "auto"
-    adapter: str | None = None
-    trust_remote_code: bool = False
-    allow_pickle: bool = False
-    revision: str | None = None
-    warmup: bool = False  # run a tiny generate after loading; its time counts as cold start
 
 
 @dataclass
@@ -67,6 +54,33 @@ class LoadedModel:
     def cold_start_s(self) -> float:
         """What the model cost before it could serve at full speed: load plus warm-up."""
         return self.load_s + self.warmup_s
+
+
+class UsageClock:
+    """When each model last served a request: keep-warm evicts the least recent first."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ticks = itertools.count()  # orders touches that the wall clock cannot tell apart
+        self._last: dict[str, tuple[int, float]] = {}
+
+    def touch(self, name: str) -> None:
+        with self._lock:
+            self._last[name] = (next(self._ticks), time.time())
+
+    def last_used(self, name: str) -> float | None:
+        """Wall-clock time (seconds since the epoch) of the last use, or None if never used."""
+        with self._lock:
+            entry = self._last.get(name)
+        return entry[1] if entry else None
+
+    def least_recent_first(self, names: Iterable[str]) -> list[str]:
+        with self._lock:
+            return sorted(names, key=lambda n: self._last.get(n, (-1, 0.0))[0])
+
+    def forget(self, name: str) -> None:
+        with self._lock:
+            self._last.pop(name, None)
 
 
 class ModelRegistry:
@@ -183,7 +197,8 @@ class ModelRegistry:
                 for n, s in self._registered.items()
                 if n not in self._loaded
             ]
-        return pd.DataFrame(rows, columns=columns)
+        # Whole numbers stay whole when a registered model has none yet.
+        return pd.DataFrame(rows, columns=columns).astype({"params": "Int64"})
 
     # -- changes -----------------------------------------------------------------------------
 
@@ -333,7 +348,7 @@ def _check_source(settings: LoadSettings) -> None:
     if not has_safetensors and has_pickle and not settings.allow_pickle:
         raise ModelLoadError(
             f"{settings.source!r} has only pickle weights (.bin/.pt), which can run code when loaded",
-            hint="convert them to safetensors, or pass allow_pickle=True if you trust their author",
+            hint="convert them to safetensors, or pass allow_pickle=True (--allow-pickle) if you trust their author",
         )
     if not has_safetensors and not has_pickle:
         raise ModelLoadError(f"{settings.source!r} has a config.json but no weights", hint="is the download complete?")

@@ -73,6 +73,14 @@ def tiny_model(seed: int = DEFAULT_SEED, cache_dir: str | os.PathLike[str] | Non
     return final
 
 
+TINY_SOURCE = "tiny"
+
+
+def resolve_source(source: str) -> str:
+    """A model source as a front end takes it: the word ``tiny`` means the offline tiny model's directory."""
+    return str(tiny_model()) if source == TINY_SOURCE else source
+
+
 def _build_into(root: Path, final: Path, seed: int) -> None:
     """Build in a scratch directory next to ``final`` and rename it into place (atomic)."""
     _remove_stale_scratch(root)

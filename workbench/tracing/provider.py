@@ -72,7 +72,7 @@ class Tracing:
         service_name: str = "autoglm-workbench",
         project_name: str = "autoglm-workbench",
     ) -> None:
-        from workbench import __version__
+        from workbench._version import __version__
 
         self.project_name = project_name
         self.index = SpanIndex()

@@ -85,7 +85,10 @@ class Trace:
         return f"<Trace {len(self.spans)} spans in {traces} trace(s)>"
 
     def _repr_html_(self) -> str:
-        return f"<p>{self!r}</p>" + self.table()[["name", "offset_ms", "duration_ms", "status_code"]].to_html()
+        from workbench.tables import Readable
+
+        shown = Readable(self.table()[["name", "offset_ms", "duration_ms", "status_code"]])
+        return f"<p>{self!r}</p>" + shown.to_html()
 
     def ordered(self) -> list[tuple[ReadableSpan, int]]:
         """Spans in tree order (each parent before its children, siblings by start), with depth."""

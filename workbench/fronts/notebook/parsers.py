@@ -10,14 +10,12 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, NoReturn
 
 from workbench.engine.batching import POLICY_FORMS, BatchingPolicy, parse_policy
-from workbench.errors import WorkbenchError
-from workbench.models.preloading import PRELOADING_FORMS, PreloadingStrategy, parse_preloading
+from workbench.engine.preloading import PRELOADING_FORMS, PreloadingStrategy, parse_preloading
+from workbench.errors import ParseError
+from workbench.fronts.arguments import add_load_options, load_options_usage, load_settings, parse_key_values
+from workbench.models.settings import LoadSettings
 
 PROG = "%autoglm"
-
-
-class ParseError(WorkbenchError):
-    """A ``%autoglm`` line or cell that does not parse: unknown subcommand, missing or bad argument."""
 
 
 class MagicArgumentParser(argparse.ArgumentParser):
@@ -88,27 +86,22 @@ class HelpCommand(Command):
 @dataclass(frozen=True)
 class LoadCommand(Command):
     subcommand = "load"
-    usage = "load NAME SOURCE [--device D] [--dtype T] [--adapter PATH] [--trust-remote-code] [--allow-pickle]"
+    usage = "load NAME SOURCE " + load_options_usage()
     about = "load a model directory or hub id as NAME; SOURCE 'tiny' is the offline tiny model"
     example = "%autoglm load tiny tiny --device cpu"
 
     name: str
-    source: str
-    device: str = "auto"
-    dtype: str = "auto"
-    adapter: str | None = None
-    trust_remote_code: bool = False
-    allow_pickle: bool = False
+    settings: LoadSettings
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("name", metavar="NAME", help="the name chain specs use for this model")
         parser.add_argument("source", metavar="SOURCE", help="a local directory, a hub id, or 'tiny'")
-        parser.add_argument("--device", default="auto", metavar="D", help="auto (default), cpu, cuda, cuda:1, mps")
-        parser.add_argument("--dtype", default="auto", metavar="T", help="auto (default), float32, bfloat16, float16")
-        parser.add_argument("--adapter", metavar="PATH", help="a PEFT (LoRA) adapter directory")
-        parser.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the model")
-        parser.add_argument("--allow-pickle", action="store_true", help="accept pickled (.bin) weights")
+        add_load_options(parser)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, cell: str | None) -> Command:
+        return cls(name=args.name, settings=load_settings(args, args.source))
 
 
 @dataclass(frozen=True)
@@ -194,7 +187,7 @@ class RunCommand(Command):
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, cell: str | None) -> Command:
-        return cls(chain=args.chain, inputs=parse_inputs(args.inputs), session=args.session)
+        return cls(chain=args.chain, inputs=parse_key_values(args.inputs), session=args.session)
 
 
 @dataclass(frozen=True)
@@ -366,34 +359,28 @@ def _check_subcommand(word: str) -> None:
     )
 
 
-def parse_inputs(pairs: Sequence[str]) -> dict[str, str]:
-    """Chain inputs from ``key=value`` words (already unquoted by shlex); values stay strings."""
-    inputs: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            example = pair if pair.isidentifier() else "question"
-            raise ParseError(
-                f"input {pair!r} is not key=value",
-                hint=f'quote values that hold spaces, e.g. {example}="What is 2 + 2?"',
-            )
-        if not key.isidentifier():
-            raise ParseError(f"input name {key!r} is not an identifier", hint='e.g. question="What is 2 + 2?"')
-        if key == "session":
-            raise ParseError("'session' is not an input: it names the session", hint="use --session S")
-        if key in inputs:
-            raise ParseError(f"input {key!r} is given twice", hint="give each input once")
-        inputs[key] = value
-    return inputs
+def split_line(line: str) -> list[str]:
+    """A magic's line as a shell splits it: quotes group words, and a word starting with ``#`` starts a comment."""
+    # shlex, not str.split: a quoted value such as question="What is 2 + 2?" is one word. shlex's own
+    # comments would also cut `C#` short; a shell, and this, only take a `#` that starts a word.
+    lexer = shlex.shlex(line, posix=True)
+    lexer.whitespace_split = True
+    lexer.commenters = ""
+    words: list[str] = []
+    try:
+        while True:
+            start = lexer.instream.tell()
+            word = lexer.get_token()
+            if word is None or line[start:].lstrip().startswith("#"):
+                return words
+            words.append(word)
+    except ValueError as exc:
+        raise ParseError(f"cannot split the line: {exc}", hint="close every quote you open") from exc
 
 
 def parse_command(line: str, cell: str | None = None) -> Command:
     """Parse a magic's line (and, for ``%%autoglm``, its cell body) into a Command, or raise ParseError."""
-    try:
-        # shlex, not str.split: a quoted value such as question="What is 2 + 2?" is one word.
-        words = shlex.split(line)
-    except ValueError as exc:
-        raise ParseError(f"cannot split the line: {exc}", hint="close every quote you open") from exc
+    words = split_line(line)
     if not words:
         if cell is not None:
             raise ParseError("%%autoglm needs a subcommand", hint="e.g. %%autoglm chain qa")
@@ -431,8 +418,10 @@ def help_text(topic: str | None = None) -> str:
         "",
         "%%autoglm chain NAME binds the Chain to NAME; %autoglm run binds the Run (even a failed",
         "one, with the outputs that finished) to _autoglm_run. Values are taken literally: no",
-        "$var or {var} expansion, so prompts may hold braces and dollars. Mistakes print a short",
-        "'autoglm:' message. %autoglm SUBCOMMAND -h lists every option. A widget opened with --ui",
-        "(or by builder) is bound to _autoglm_widget; it works off the kernel's thread.",
+        "$var or {var} expansion, so prompts may hold braces and dollars. Quote values that hold",
+        "spaces, ? or # (a line ending in ? asks IPython for help instead); a # that starts a word",
+        "starts a comment. Mistakes print a short 'autoglm:' message. %autoglm SUBCOMMAND -h lists",
+        "every option. A widget opened with --ui (or by builder) is bound to _autoglm_widget; it",
+        "works off the kernel's thread.",
     ]
     return "\n".join(lines) + "\n"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-import math
 from typing import Any
 
 import ipywidgets as w
@@ -11,20 +10,13 @@ import traitlets
 
 from workbench.bench import Workbench, current
 from workbench.models.devices import available_devices, device_capacity, supported_dtypes
-from workbench.models.tiny import tiny_model
-from workbench.notebook.widgets._background import Background, StatusBox
+from workbench.fronts.notebook.widgets._background import Background, StatusBox, text_fallback
+from workbench.models.tiny import resolve_source
+from workbench.tables import Readable
 
 # Columns of bench.models() shown in the table, in order; "health" appears when the engine reports it.
 COLUMNS = ("name", "device", "dtype", "params", "memory_mb", "health", "state")
 _GRID = "minmax(6em, 1.2fr) 0.8fr 0.8fr 0.9fr 0.9fr 0.8fr 0.8fr 6.5em"
-
-
-def _cell(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    if isinstance(value, int) and not isinstance(value, bool):
-        return f"{value:,}"
-    return str(value)
 
 
 class ModelManager(StatusBox):
@@ -77,8 +69,7 @@ class ModelManager(StatusBox):
         device, dtype = self.device.value, self.dtype.value
 
         def job() -> None:
-            path = str(tiny_model()) if source == "tiny" else source
-            model = self.bench.load(name, path, device=device, dtype=dtype)
+            model = self.bench.load(name, resolve_source(source), device=device, dtype=dtype)
             self.status = f"loaded {name!r} on {model.device} in {model.load_s:.2f} s"
 
         return self._start(job, f"loading {name!r} from {source} ...")
@@ -108,12 +99,17 @@ class ModelManager(StatusBox):
     def refresh(self) -> None:
         """Redraw the table and the memory bars from the workbench's current models."""
         models = self.bench.models()
+        self._summary = ", ".join(
+            f"{row['name']} {row['state']}" + (f" on {row['device']}" if row["state"] == "loaded" else "")
+            for row in models.to_dict("records")
+        ) or "no models yet"
         columns = [c for c in COLUMNS if c in models.columns]
         header = [w.HTML(f"<b>{c}</b>") for c in columns]
         cells: list[w.Widget] = [*header, *[w.HTML("") for _ in range(len(COLUMNS) - len(columns))], w.HTML("")]
         self.actions = {}
-        for row in models.to_dict("records"):
-            cells += [w.HTML(html.escape(_cell(row[c]))) for c in columns]
+        shown = Readable(models[columns])
+        for index, row in enumerate(models.to_dict("records")):
+            cells += [w.HTML(html.escape(text)) for text in shown.row(index).values()]
             cells += [w.HTML("") for _ in range(len(COLUMNS) - len(columns))]
             button = self._action_button(row["name"], row["state"])
             self.actions[row["name"]] = button
@@ -123,6 +119,9 @@ class ModelManager(StatusBox):
                                 layout=w.Layout(grid_column="1 / -1")))
         self.table.children = cells
         self._draw_memory(models)
+
+    def __repr__(self) -> str:
+        return text_fallback(self, self._summary)
 
     # -- drawing -------------------------------------------------------------------------------
 

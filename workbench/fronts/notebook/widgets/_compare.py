@@ -11,14 +11,21 @@ import traitlets
 
 from workbench.experiments import Comparison, compare
 from workbench.experiments.workloads import as_inputs
-from workbench.notebook.widgets._background import Background, StatusBox
+from workbench.fronts.notebook.widgets._background import Background, StatusBox, text_fallback
 
 if TYPE_CHECKING:
     from workbench.chains.chain import Chain
+    from workbench.engine.batching import BatchingPolicy
+    from workbench.engine.preloading import PreloadingStrategy
 
 # Offered by default; any name parse_policy or set_preloading reads may be passed in instead.
 BATCHING_CHOICES = ("none", "static:8", "dynamic:16:5ms", "continuous")
 PRELOADING_CHOICES = ("lazy", "eager", "prefetch")
+
+
+def _name(strategy: BatchingPolicy | PreloadingStrategy | str) -> str:
+    """The short name a picker lists: a strategy object's ``name``, or the name as given."""
+    return strategy if isinstance(strategy, str) else strategy.name
 
 
 class ComparisonDashboard(StatusBox):
@@ -27,6 +34,8 @@ class ComparisonDashboard(StatusBox):
     Pick strategies and the workload, press run: :func:`workbench.compare` runs off the
     kernel's thread, the progress bar counts passes, and the table and the throughput/latency
     plot redraw after every pass. The finished :class:`Comparison` is ``comparison``.
+    ``batching`` and ``preloading`` are picked at first; like :func:`workbench.compare`, they
+    take strategy objects or names.
     ``arrival_rate`` and ``seed`` go to :func:`workbench.compare` as they are (open loop);
     ``save`` is a ``.csv`` or ``.parquet`` path the finished table is written to.
     """
@@ -38,8 +47,8 @@ class ComparisonDashboard(StatusBox):
         chain: Chain,
         inputs: Iterable[Mapping[str, Any]],
         *,
-        batching: Sequence[str] = ("none", "dynamic:16:5ms"),
-        preloading: Sequence[str] = (),
+        batching: Sequence[BatchingPolicy | str] = ("none", "dynamic:16:5ms"),
+        preloading: Sequence[PreloadingStrategy | str] = (),
         concurrency: int = 8,
         repeats: int = 2,
         warmup: int = 1,
@@ -55,6 +64,8 @@ class ComparisonDashboard(StatusBox):
         self.comparison: Comparison | None = None
         self._job = Background("workbench-compare", self._fail)
         has_preloading = hasattr(chain.bench, "set_preloading")
+        # As wb.compare takes them: objects or names; the pickers list names.
+        batching, preloading = [_name(b) for b in batching], [_name(p) for p in preloading]
         self.batching = w.SelectMultiple(options=list(dict.fromkeys([*BATCHING_CHOICES, *batching])),
                                          value=tuple(batching), description="batching", rows=5)
         self.preloading = w.SelectMultiple(options=list(dict.fromkeys([*PRELOADING_CHOICES, *preloading])),
@@ -87,6 +98,12 @@ class ComparisonDashboard(StatusBox):
             **kwargs,
         )
         self.add_class("autoglm-comparison")
+
+    def __repr__(self) -> str:
+        inputs = f"{len(self.inputs)} input{'s' if len(self.inputs) != 1 else ''}"
+        axes = (self.batching, self.preloading)
+        picked = [f"{axis.description} {', '.join(axis.value)}" for axis in axes if axis.value]
+        return text_fallback(self, "; ".join([f"chain {self.chain.name!r}, {inputs}", *picked]))
 
     def run(self) -> bool:
         """Start the comparison off the kernel's thread; False (and a message) if one is still running."""
@@ -122,8 +139,7 @@ class ComparisonDashboard(StatusBox):
 
     def _show(self, partial: Comparison) -> None:
         # Table and plot first: whoever watches the progress bar then sees them include this pass.
-        self.table.value = partial.table().to_html(index=False, float_format=lambda v: f"{v:.3g}", na_rep="—",
-                                                   classes="autoglm-comparison-table")
+        self.table.value = partial.readable().to_html("autoglm-comparison-table")
         self.plot.value = partial.plot()._repr_png_()
         self.progress.value = len(partial.passes())
         self.status = f"{self.progress.value} of {self.progress.max} passes"

@@ -15,8 +15,8 @@ from workbench.chains.chain import Chain
 from workbench.errors import HopFailed, MissingInputError, WorkbenchError
 from workbench.experiments import compare
 from workbench.experiments.workloads import read_inputs
-from workbench.models.tiny import tiny_model
-from workbench.notebook.parsers import (
+from workbench.fronts.arguments import load_model
+from workbench.fronts.notebook.parsers import (
     PROG,
     BuilderCommand,
     ChainCommand,
@@ -31,10 +31,10 @@ from workbench.notebook.parsers import (
     help_text,
     parse_command,
 )
-from workbench.notebook.widgets import ChainBuilder, ComparisonDashboard, ModelManager, TraceViewer
+from workbench.fronts.notebook.widgets import ChainBuilder, ComparisonDashboard, ModelManager, TraceViewer
+from workbench.tables import Readable
 
 if TYPE_CHECKING:
-    import pandas as pd
     from IPython.core.interactiveshell import InteractiveShell
 
     from workbench.tracing import Trace
@@ -54,9 +54,9 @@ def report(error: WorkbenchError) -> None:
         print(f"hint: {error.hint}", file=sys.stderr)
 
 
-def span_table(trace: Trace) -> pd.DataFrame:
-    """The columns a latency reader wants first, names indented by depth in the span tree."""
-    return trace.compact(indent=_INDENT)
+def span_table(trace: Trace) -> Readable:
+    """The columns a latency reader wants first, names indented by depth in the span tree, read at a glance."""
+    return Readable(trace.compact(indent=_INDENT))
 
 
 @magics_class
@@ -98,16 +98,7 @@ class AutoglmMagics(Magics):
         print(help_text(command.topic), end="")
 
     def _load(self, command: LoadCommand) -> None:
-        source = str(tiny_model()) if command.source == "tiny" else command.source
-        model = current().load(
-            command.name,
-            source,
-            device=command.device,
-            dtype=command.dtype,
-            adapter=command.adapter,
-            trust_remote_code=command.trust_remote_code,
-            allow_pickle=command.allow_pickle,
-        )
+        model = load_model(current(), command.name, command.settings)
         dtype = str(model.dtype).removeprefix("torch.")
         print(
             f"loaded {command.name!r} on {model.device} in {dtype} ({model.params:,} parameters)"
@@ -122,7 +113,7 @@ class AutoglmMagics(Magics):
         if table.empty:
             print("no models yet; load one with %autoglm load NAME SOURCE")
         else:
-            display(table)
+            display(Readable(table))
 
     def _unload(self, command: UnloadCommand) -> None:
         freed = current().unload(command.name)
@@ -173,7 +164,7 @@ class AutoglmMagics(Magics):
             print("no spans recorded yet")
             return
         if command.summary:
-            display(trace.summary())
+            display(Readable(trace.summary()))
         if command.waterfall:
             display(trace.waterfall())
         if command.ui:
@@ -195,7 +186,7 @@ class AutoglmMagics(Magics):
             dashboard = ComparisonDashboard(
                 chain,
                 inputs,
-                batching=[policy.name for policy in command.batching or ()],
+                batching=command.batching or (),
                 preloading=command.preload or (),
                 save=command.save,
                 **workload,

@@ -1,63 +1,19 @@
-"""A hop's resilience policy: retries with backoff (through tenacity), a per-attempt timeout, and fallbacks."""
+"""A hop's resilience: retries with backoff (through tenacity), a per-attempt timeout, and fallbacks."""
 
 from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import tenacity
-import torch
 from opentelemetry.trace import Span
 
-from workbench.errors import (
-    CircuitOpen,
-    HopTimeout,
-    ModelOutOfMemory,
-    ModelUnhealthy,
-    RetriesExhausted,
-    WorkbenchError,
-    describe,
-)
+from workbench.engine.failures import DEFAULT_RETRY_ON, error_kind
+from workbench.errors import RetriesExhausted, describe
 from workbench.tracing import attributes as attr
-
-# The kinds of failure a retry policy's ``on`` can name; see ``error_kind``.
-ERROR_KINDS = ("error", "timeout", "oom", "breaker", "unhealthy")
-DEFAULT_RETRY_ON = ("error", "timeout", "oom")
-# The kinds that count against a model's circuit breaker: the model failed, not the caller.
-MODEL_FAILURES = frozenset({"error", "timeout", "oom"})
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` is an out-of-memory error: CUDA's (or a fake one), ours, or an allocator's RuntimeError."""
-    if isinstance(exc, (torch.OutOfMemoryError, ModelOutOfMemory)):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
-def error_kind(exc: BaseException) -> str | None:
-    """Which kind of failure ``exc`` is, as ``RetryPolicy.on`` names them; None for a mistake no retry can fix.
-
-    ``timeout``: the call outlived ``timeout_s``; ``oom``: out of memory even after batch splitting;
-    ``breaker``: the model's circuit breaker is open; ``unhealthy``: the model failed its health probe;
-    ``error``: any other failure of the call (an injected fault, a CUDA error, a Python hop raising).
-    A WorkbenchError outside these (a prompt too long for the window, an unloaded model) is the caller's
-    to fix, and a KeyboardInterrupt is the user stopping: neither is retried.
-    """
-    if isinstance(exc, HopTimeout):
-        return "timeout"
-    if isinstance(exc, CircuitOpen):
-        return "breaker"
-    if isinstance(exc, ModelUnhealthy):
-        return "unhealthy"
-    if is_out_of_memory(exc):
-        return "oom"
-    if isinstance(exc, WorkbenchError) or not isinstance(exc, Exception):
-        return None
-    return "error"
 
 
 @dataclass(frozen=True)
@@ -79,8 +35,8 @@ class RetryPolicy:
     max_total_s: float | None = None
     on: tuple[str, ...] = DEFAULT_RETRY_ON
 
-    def retrying(self, before_sleep: Callable[[tenacity.RetryCallState], None]) -> tenacity.Retrying:
-        """A tenacity ``Retrying`` that follows this policy and re-raises the last error when it gives up."""
+    def retrying(self, before_sleep: Callable[[tenacity.RetryCallState], None]) -> tenacity.AsyncRetrying:
+        """A tenacity ``AsyncRetrying`` that follows this policy and re-raises the last error when it gives up."""
         stop: tenacity.stop.stop_base = tenacity.stop_after_attempt(self.attempts)
         if self.max_total_s is not None:
             stop = stop | tenacity.stop_before_delay(self.max_total_s)
@@ -91,7 +47,7 @@ class RetryPolicy:
             else tenacity.wait_exponential(multiplier=backoff, max=cap)
         )
         kinds = frozenset(self.on)
-        return tenacity.Retrying(
+        return tenacity.AsyncRetrying(
             stop=stop,
             wait=wait,
             retry=tenacity.retry_if_exception(lambda exc: error_kind(exc) in kinds),
@@ -126,13 +82,13 @@ NO_RESILIENCE = Resilience()
 
 @dataclass(frozen=True)
 class Route:
-    """One way to serve a hop: ``call(attempt, timeout_s)`` returns its value or raises."""
+    """One way to serve a hop: ``await call(attempt, timeout_s)`` returns its value or raises."""
 
     label: str
-    call: Callable[[int, float | None], Any]
+    call: Callable[[int, float | None], Awaitable[Any]]
 
 
-def serve(routes: Sequence[Route], policy: Resilience, span: Span) -> Any:
+async def serve(routes: Sequence[Route], policy: Resilience, span: Span) -> Any:
     """Serve a hop down ``routes``: the first (primary) with the policy's retries, then each fallback once.
 
     Every failed attempt is an ``attempt.failed`` event on ``span`` (the hop's), every wait a
@@ -145,14 +101,14 @@ def serve(routes: Sequence[Route], policy: Resilience, span: Span) -> Any:
     started = time.monotonic()
     retry = policy.retry if policy.retry is not None and policy.retry.attempts > 1 else None
 
-    def attempt(route: Route, capped: bool) -> Any:
+    async def attempt(route: Route, capped: bool) -> Any:
         number = next(numbers)
         timeout = policy.timeout_s
         if capped and retry is not None and retry.max_total_s is not None:
             left = max(retry.max_total_s - (time.monotonic() - started), 1e-3)
             timeout = left if timeout is None else min(timeout, left)
         try:
-            return route.call(number, timeout)
+            return await route.call(number, timeout)
         except Exception as exc:
             failures.append((number, route.label, exc))
             span.add_event(
@@ -177,9 +133,9 @@ def serve(routes: Sequence[Route], policy: Resilience, span: Span) -> Any:
             span.add_event("fallback", {attr.ROUTE: route.label, "workbench.fallback.reason": reason})
         try:
             if index == 0 and retry is not None:
-                value = retry.retrying(before_sleep)(attempt, route, True)
+                value = await retry.retrying(before_sleep)(attempt, route, True)
             else:
-                value = attempt(route, False)
+                value = await attempt(route, False)
         except Exception as exc:
             if index + 1 < len(routes):
                 continue

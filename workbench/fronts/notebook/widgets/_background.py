@@ -1,4 +1,4 @@
-"""One job at a time off the kernel's thread, with its error turned into a line a widget can show."""
+"""What the widgets share: one job at a time off the kernel's thread, status and error lines, a text fallback."""
 
 from __future__ import annotations
 
@@ -10,14 +10,13 @@ from typing import Any
 import ipywidgets as w
 import traitlets
 
-from workbench.errors import WorkbenchError
+from workbench.errors import describe
 
 
-def describe(error: BaseException) -> str:
-    """A failure as the widget shows it: the message and hint of a user's mistake, else type and message."""
-    if isinstance(error, WorkbenchError):
-        return error.message + (f" (hint: {error.hint})" if error.hint else "")
-    return f"{type(error).__name__}: {error}"
+def text_fallback(widget: object, summary: str) -> str:
+    """What a widget shows where no widget can be drawn: a saved notebook not yet run, a terminal."""
+    # ipywidgets and anywidget put repr() in the text/plain output, which a notebook keeps when saved.
+    return f"{type(widget).__name__} widget: {summary} (run the cell to see it)"
 
 
 class Background:
@@ -57,7 +56,7 @@ class Background:
         try:
             job()
         except Exception as error:  # noqa: BLE001 - every failure belongs in the widget, not on stderr
-            self._on_error(describe(error))
+            self._on_error(describe(error, hint=True))
         finally:
             if on_done is not None:
                 on_done()

@@ -6,16 +6,15 @@ import copy
 import inspect
 import math
 import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from opentelemetry.trace import Span, Status, StatusCode
 
-from workbench.engine.backend import TransformersBackend, next_batch_id
-from workbench.engine.batching import ContinuousBatching, sampling_settings
+from workbench.engine.batching import ContinuousSettings, check_transformers
+from workbench.engine.backends.base import OnError, OnResult, next_batch_id, result_from_stamps
 from workbench.engine.requests import GenerationParams, GenerationRequest, GenerationResult
 from workbench.errors import WorkbenchError
 from workbench.tracing import attributes as attr
@@ -23,30 +22,20 @@ from workbench.tracing import attributes as attr
 if TYPE_CHECKING:
     from workbench.models.registry import LoadedModel
 
+
+class ModelSide(Protocol):
+    """What the scheduler reads of the in-process backend that starts it: the model, its special tokens, its text."""
+
+    loaded: LoadedModel
+    eos_ids: set[int]
+    pad_id: int
+
+    def detokenize(self, tokens: Sequence[int]) -> str: ...
+
 # On a CPU, transformers sizes the paged cache and its static attention mask from free RAM,
 # which takes seconds and gigabytes; these bounds keep a CPU scheduler small and quick to start.
 CPU_MAX_BATCH_TOKENS = 512
 CPU_TOKENS_PER_REQUEST = 1024
-_NEEDED_ARGS = {"request_id", "max_new_tokens", "record_timestamps", "eos_token_id"}
-
-
-def check_transformers() -> None:
-    """Raise a WorkbenchError unless the installed transformers has the continuous-batching API we use."""
-    import transformers
-
-    try:
-        from transformers import ContinuousBatchingConfig  # noqa: F401
-        from transformers.generation.continuous_batching import ContinuousBatchingManager
-    except ImportError:
-        found = False
-    else:
-        found = _NEEDED_ARGS <= inspect.signature(ContinuousBatchingManager.add_request).parameters.keys()
-    if not found:
-        raise WorkbenchError(
-            f"ContinuousBatching needs transformers' ContinuousBatchingConfig and ContinuousBatchingManager with "
-            f"per-request max_new_tokens and token timestamps; transformers {transformers.__version__} has not",
-            hint="upgrade transformers (5.24 works), or use DynamicBatching",
-        )
 
 
 def check_model(loaded: LoadedModel) -> None:
@@ -77,10 +66,6 @@ class _Group:
     failed: bool = False
 
 
-OnResult = Callable[[GenerationRequest, GenerationResult], None]
-OnError = Callable[[list[GenerationRequest], BaseException], None]
-
-
 class ContinuousBackend:
     """Feeds one model's requests to a running ``ContinuousBatchingManager`` and reports each as it finishes.
 
@@ -93,10 +78,10 @@ class ContinuousBackend:
     """
 
     def __init__(
-        self, backend: TransformersBackend, policy: ContinuousBatching, on_result: OnResult, on_error: OnError
+        self, backend: ModelSide, settings: ContinuousSettings, on_result: OnResult, on_error: OnError
     ) -> None:
         self.backend = backend
-        self.policy = policy
+        self.settings = settings
         self._on_result = on_result
         self._on_error = on_error
         self._manager: Any = None
@@ -107,7 +92,7 @@ class ContinuousBackend:
 
     def submit(self, batch: list[GenerationRequest], span: Span) -> None:
         """Admit ``batch`` (equal sampling settings) into the running scheduler; ``span`` ends with its last request."""
-        key = sampling_settings(batch[0].params)
+        key = batch[0].params.sampling
         if self._manager is None or key != self._sampling or not self._manager.is_running():
             self.close()
             self._start(batch[0].params)
@@ -156,7 +141,7 @@ class ContinuousBackend:
         generation.update(**params.generate_kwargs())
         generation.eos_token_id = sorted(self.backend.eos_ids) or None
         generation.pad_token_id = self.backend.pad_id
-        policy = self.policy
+        policy = self.settings
         settings: dict[str, Any] = {
             "max_requests_per_batch": policy.max_batch,
             "max_batch_tokens": policy.max_batch_tokens,
@@ -181,7 +166,7 @@ class ContinuousBackend:
             ) from exc
         with torch.inference_mode():  # the manager's loop runs in its starter's inference mode
             manager.start()
-        self._manager, self._sampling = manager, sampling_settings(params)
+        self._manager, self._sampling = manager, params.sampling
         self._collector = threading.Thread(
             target=self._collect, args=(manager,), name=f"workbench-continuous-{loaded.name}", daemon=True
         )
@@ -229,20 +214,8 @@ class ContinuousBackend:
         tokens = list(output.generated_tokens)
         started, ended = output.lifespan
         stamps = output.timestamps or [ended]
-        first, last = stamps[0], stamps[-1]
         stopped = bool(tokens) and tokens[-1] in self.backend.eos_ids
-        return GenerationResult(
-            text=self.backend.detokenize(tokens),
-            token_ids=tokens,
-            tokens_in=request.tokens_in,
-            tokens_out=len(tokens),
-            finish_reason="stop" if stopped else "length",
-            queue_ms=(started - request.submitted) * 1e3,
-            prefill_ms=(first - started) * 1e3,
-            ttft_ms=(first - request.submitted) * 1e3,
-            decode_ms=(last - first) * 1e3,
-            e2e_ms=(time.perf_counter() - request.submitted) * 1e3,
-            batch_id=group.batch_id,
-            batch_size=group.size,
-            padding_tokens=0,
+        return result_from_stamps(
+            request, tokens, self.backend.detokenize(tokens), "stop" if stopped else "length",
+            started=started, first=stamps[0], last=stamps[-1], batch_id=group.batch_id, batch_size=group.size,
         )

@@ -12,6 +12,7 @@ import pandas as pd
 import traitlets
 
 from workbench.chains.run import Run
+from workbench.fronts.notebook.widgets._background import text_fallback
 from workbench.tracing import Trace
 from workbench.tracing.trace import _KIND_COLOURS
 
@@ -104,6 +105,9 @@ class TraceViewer(anywidget.AnyWidget):
         self.selected = ""
         self.title = f"{shown} spans in {runs} trace{'s' if runs != 1 else ''}"
         self.spans = spans
+
+    def __repr__(self) -> str:
+        return text_fallback(self, self.title or "no spans yet")
 
     @property
     def selected_span(self) -> dict[str, Any] | None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import itertools
 import logging
 import re
 import threading
@@ -12,10 +11,11 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from opentelemetry.trace import Span
 
+from workbench.engine.batching import BatchingPolicy
 from workbench.errors import ModelLoadError, StrategyError
 from workbench.tracing import Tracing
 from workbench.tracing import attributes as attr
@@ -177,38 +177,11 @@ def parse_preloading(text: str | PreloadingStrategy) -> PreloadingStrategy:
     raise fail(f"unknown strategy {kind!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
 
 
-class UsageClock:
-    """When each model last served a request: keep-warm evicts the least recent first."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._ticks = itertools.count()  # orders touches that the wall clock cannot tell apart
-        self._last: dict[str, tuple[int, float]] = {}
-
-    def touch(self, name: str) -> None:
-        with self._lock:
-            self._last[name] = (next(self._ticks), time.time())
-
-    def last_used(self, name: str) -> float | None:
-        """Wall-clock time (seconds since the epoch) of the last use, or None if never used."""
-        with self._lock:
-            entry = self._last.get(name)
-        return entry[1] if entry else None
-
-    def least_recent_first(self, names: Iterable[str]) -> list[str]:
-        with self._lock:
-            return sorted(names, key=lambda n: self._last.get(n, (-1, 0.0))[0])
-
-    def forget(self, name: str) -> None:
-        with self._lock:
-            self._last.pop(name, None)
-
-
 class Preloader:
     """Applies the preloading strategy to a registry: loads on use, ahead of use or up front, within a budget.
 
-    ``start(name, policy)`` and ``stop(name)`` start and stop a model's worker; the engine
-    supplies them, so this layer never imports the engine. One load per model runs at a time:
+    ``start(name, policy)`` and ``stop(name)`` start and stop a model's worker; the engine that
+    owns this preloader supplies them (it holds the workers). One load per model runs at a time:
     concurrent first uses of a model wait for one load instead of starting their own.
     """
 
@@ -216,7 +189,7 @@ class Preloader:
         self,
         registry: ModelRegistry,
         tracing: Tracing,
-        start: Callable[[str, Any], object],
+        start: Callable[[str, BatchingPolicy | None], object],
         stop: Callable[[str], None],
     ) -> None:
         self.registry = registry
@@ -261,7 +234,7 @@ class Preloader:
         *,
         parent: Span | None = None,
         trigger: str = "explicit",
-        policy: Any = None,
+        policy: BatchingPolicy | None = None,
     ) -> LoadedModel:
         """Load ``name`` and start its worker; without ``settings``, the registered model, if not loaded already.
 
@@ -280,7 +253,7 @@ class Preloader:
                 self._urgent_done.notify_all()
 
     def _load(
-        self, name: str, settings: LoadSettings | None, parent: Span | None, trigger: str, policy: Any
+        self, name: str, settings: LoadSettings | None, parent: Span | None, trigger: str, policy: BatchingPolicy | None
     ) -> LoadedModel:
         with self._lock_for(name):
             if settings is None:

@@ -1,25 +1,39 @@
-"""The local transformers backend: tokenize one prompt, generate one padded batch, time it honestly."""
+"""The in-process transformers backend: tokenize a batch, generate one left-padded batch, time it honestly."""
 
 from __future__ import annotations
 
-import itertools
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from workbench.engine.requests import GenerationParams, GenerationRequest, GenerationResult
-from workbench.errors import ContextWindowExceeded
+from workbench.engine.backends.base import (
+    BackendOutOfMemory,
+    BatchTiming,
+    OnError,
+    OnResult,
+    Scheduler,
+    TokenSink,
+    next_batch_id,
+    result_from_stamps,
+)
+from workbench.engine.requests import GenerationRequest, GenerationResult
+from workbench.models.devices import dtype_name
 from workbench.models.registry import LoadedModel
 
-_batch_ids = itertools.count(1)
+if TYPE_CHECKING:
+    from workbench.engine.batching import BatchingPolicy
 
 
-def next_batch_id() -> int:
-    """A process-wide batch number, shared by every backend so batch ids never collide in a trace."""
-    return next(_batch_ids)
+def is_torch_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is torch running out of memory: CUDA's error (or a fake one), or an allocator's RuntimeError."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 class _StepClock(BaseStreamer):
@@ -31,13 +45,16 @@ class _StepClock(BaseStreamer):
     generated tokens afterwards, so a step costs no tensor work here.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_step: Callable[[torch.Tensor], None] | None = None) -> None:
         self.step_times: list[float] = []
         self._prompt_seen = False
+        self._on_step = on_step
 
     def put(self, value: torch.Tensor) -> None:
         if self._prompt_seen:
             self.step_times.append(time.perf_counter())
+            if self._on_step is not None:
+                self._on_step(value)
         else:
             self._prompt_seen = True
 
@@ -55,26 +72,16 @@ class _CancelledRows(StoppingCriteria):
         return torch.tensor([r.cancelled for r in self.batch], dtype=torch.bool, device=input_ids.device)
 
 
-@dataclass
-class BatchTiming:
-    """What one executed batch cost, for the batch span."""
-
-    batch_id: int
-    size: int
-    padded_len: int
-    padding_tokens: int
-    started: float
-    prefill_ms: float
-    decode_ms: float
-    detokenize_ms: float
-    steps: int
-
-
 class TransformersBackend:
-    """Runs left-padded batched ``generate`` for one loaded model."""
+    """Runs left-padded batched ``generate`` for one model loaded in this process (a :class:`Backend`)."""
 
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
+        self.model = loaded.name
+        self.source = loaded.source
+        self.device = str(loaded.device)
+        self.dtype = dtype_name(loaded.dtype)
+        self.context_window = loaded.context_window
         tokenizer = loaded.tokenizer
         eos = loaded.model.generation_config.eos_token_id
         if eos is None:
@@ -82,27 +89,70 @@ class TransformersBackend:
         self.eos_ids: set[int] = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.pad_id: int = tokenizer.pad_token_id
 
-    def tokenize(self, prompt: str, params: GenerationParams, hop: str | None = None) -> tuple[list[int], int]:
-        """Token ids for ``prompt`` and how many were dropped to fit the context window."""
-        ids: list[int] = self.loaded.tokenizer(prompt)["input_ids"]
-        window = self.loaded.context_window
-        if window is None or len(ids) + params.max_new_tokens <= window:
-            return ids, 0
-        room = window - params.max_new_tokens
-        where = f"hop {hop!r}" if hop else "the prompt"
-        if params.truncate == "left" and room > 0:
-            return ids[-room:], len(ids) - room
-        raise ContextWindowExceeded(
-            f"{where}: the prompt is {len(ids)} tokens and asks for {params.max_new_tokens} new ones, "
-            f"but model {self.loaded.name!r} has a context window of {window} tokens",
-            hint="shorten the prompt, lower max_new_tokens, or set truncate: left on the hop",
-        )
+    def tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
+        ids: list[list[int]] = self.loaded.tokenizer(list(prompts))["input_ids"]
+        return ids
 
-    def detokenize(self, tokens: list[int]) -> str:
-        """The text of generated ``tokens``, end-of-sequence and special tokens dropped."""
+    def detokenize(self, tokens: Sequence[int]) -> str:
         return self.loaded.tokenizer.decode([t for t in tokens if t not in self.eos_ids], skip_special_tokens=True).strip()
 
-    def generate(self, batch: list[GenerationRequest]) -> tuple[list[GenerationResult], BatchTiming]:
+    def check(self, policy: BatchingPolicy) -> None:
+        if policy.continuous:
+            from workbench.engine.backends.continuous import check_model
+
+            check_model(self.loaded)
+
+    def scheduler(self, policy: BatchingPolicy, on_result: OnResult, on_error: OnError) -> Scheduler:
+        from workbench.engine.backends.continuous import ContinuousBackend
+
+        return ContinuousBackend(self, policy.settings(), on_result, on_error)  # type: ignore[attr-defined]
+
+    def release_memory(self) -> None:
+        if self.loaded.device.type == "cuda":
+            torch.cuda.empty_cache()  # give back what the failed batch's allocations left cached
+
+    def memory_bytes(self) -> int:
+        return self.loaded.memory_bytes
+
+    def close(self) -> None:
+        pass  # the registry owns the weights and frees them on unload
+
+    def generate(
+        self, batch: list[GenerationRequest], on_token: TokenSink | None = None
+    ) -> tuple[list[GenerationResult], BatchTiming]:
+        try:
+            return self._generate(batch, on_token)
+        except BaseException as exc:
+            if is_torch_out_of_memory(exc):
+                raise BackendOutOfMemory(str(exc)) from exc
+            raise
+
+    def _streamer(self, batch: list[GenerationRequest], on_token: TokenSink) -> Callable[[torch.Tensor], None]:
+        """Forward each step's token of every streaming row to ``on_token``, with the text it adds."""
+        rows = [(row, request) for row, request in enumerate(batch) if request.stream]
+        generated: dict[int, list[int]] = {row: [] for row, _ in rows}
+        texts: dict[int, str] = {row: "" for row, _ in rows}
+        done: set[int] = set()
+
+        def on_step(value: torch.Tensor) -> None:
+            step = value.tolist()
+            for row, request in rows:
+                if row in done:
+                    continue
+                token = step[row] if isinstance(step, list) else step
+                if token in self.eos_ids:
+                    done.add(row)
+                    continue
+                generated[row].append(token)
+                text = self.detokenize(generated[row])
+                delta, texts[row] = text[len(texts[row]):], text
+                on_token(request, token, delta)
+
+        return on_step
+
+    def _generate(
+        self, batch: list[GenerationRequest], on_token: TokenSink | None
+    ) -> tuple[list[GenerationResult], BatchTiming]:
         """Generate for every request of ``batch`` (equal params) in one padded call."""
         params = batch[0].params
         model, device = self.loaded.model, self.loaded.device
@@ -110,7 +160,8 @@ class TransformersBackend:
         # Padded rows built as lists: two tensor constructions, however large the batch.
         input_ids = torch.tensor([[self.pad_id] * (width - r.tokens_in) + r.input_ids for r in batch], dtype=torch.long)
         attention = torch.tensor([[0] * (width - r.tokens_in) + [1] * r.tokens_in for r in batch], dtype=torch.long)
-        clock = _StepClock()
+        streaming = on_token is not None and any(r.stream for r in batch)
+        clock = _StepClock(self._streamer(batch, on_token) if streaming else None)  # type: ignore[arg-type]
         cancellable = any(r.cancellable for r in batch)
         started = time.perf_counter()
         if params.seed is not None:
@@ -142,19 +193,9 @@ class TransformersBackend:
                 tokens = generated[row][: params.max_new_tokens]
                 finished = clock.step_times[len(tokens) - 1] if tokens else first
             results.append(
-                GenerationResult(
-                    text=self.detokenize(tokens),
-                    token_ids=tokens,
-                    tokens_in=request.tokens_in,
-                    tokens_out=len(tokens),
-                    finish_reason="stop" if stop_step is not None else "length",
-                    queue_ms=(started - request.submitted) * 1e3,
-                    prefill_ms=(first - started) * 1e3,
-                    ttft_ms=(first - request.submitted) * 1e3,
-                    decode_ms=(finished - first) * 1e3,
-                    e2e_ms=(time.perf_counter() - request.submitted) * 1e3,
-                    batch_id=batch_id,
-                    batch_size=len(batch),
+                result_from_stamps(
+                    request, tokens, self.detokenize(tokens), "stop" if stop_step is not None else "length",
+                    started=started, first=first, last=finished, batch_id=batch_id, batch_size=len(batch),
                     padding_tokens=width - request.tokens_in,
                 )
             )

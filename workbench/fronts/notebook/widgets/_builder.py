@@ -16,8 +16,9 @@ from workbench.chains.chain import Chain
 from workbench.chains.run import Run
 from workbench.chains.spec import ChainSpec, HopSpec, parse_spec
 from workbench.engine.requests import GenerationParams
-from workbench.errors import HopFailed, WorkbenchError
-from workbench.notebook.widgets._background import Background, StatusBox, describe
+from workbench.errors import HopFailed, WorkbenchError, describe
+from workbench.fronts.notebook.widgets._background import Background, StatusBox, text_fallback
+from workbench.tables import Readable
 
 _DEFAULTS = GenerationParams()
 # What the hop form edits; any other field of a hop loaded from a chain is kept as it was.
@@ -222,6 +223,10 @@ class ChainBuilder(StatusBox):
         else:
             self.add_hop()
 
+    def __repr__(self) -> str:
+        hops = " -> ".join(e.hop_name.value for e in self.hop_editors) or "no hops"
+        return text_fallback(self, f"chain {self.chain_name.value!r}: {hops}")
+
     # -- editing -------------------------------------------------------------------------------
 
     @property
@@ -288,7 +293,7 @@ class ChainBuilder(StatusBox):
         try:
             chain = self.bench.chain(self.spec())
         except WorkbenchError as error:
-            self.error = describe(error)
+            self.error = describe(error, hint=True)
             return False
         self.chain = chain
         inputs = {name: self.inputs[name].value for name in chain.inputs if name in self.inputs}
@@ -315,9 +320,7 @@ class ChainBuilder(StatusBox):
     def _show_run(self, run: Run) -> None:
         self.last_run = run
         self.output.value = run._repr_html_()
-        # Blank, not "<NA>", where a span has no such figure (tokens of a hop span, say).
-        table = run.trace.compact(indent=_SPAN_INDENT).round(2).astype(object).fillna("")
-        self.span_table.value = table.to_html(index=False, classes="autoglm-span-table")
+        self.span_table.value = Readable(run.trace.compact(indent=_SPAN_INDENT)).to_html("autoglm-span-table")
 
     def _done(self) -> None:
         self.running = False
@@ -355,7 +358,7 @@ class ChainBuilder(StatusBox):
         try:
             parsed = parse_spec(self.spec(), known_models=self.bench.registry.names())
         except WorkbenchError as error:
-            self._check.value = f"<span style='color:#c00'>{html.escape(describe(error))}</span>"
+            self._check.value = f"<span style='color:#c00'>{html.escape(describe(error, hint=True))}</span>"
             return
         self._check.value = (
             f"<span style='color:#2a7a2a'>spec ok: {len(parsed.hops)} hops, "

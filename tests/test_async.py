@@ -1,0 +1,129 @@
+"""The async core: chains walk on the workbench's event loop; arun, amap and astream beside run, map and stream."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+import workbench as wb
+from workbench.chains.events import HopFinished, HopStarted, RunFinished, Token
+from workbench.demo import DEMO_QUESTION
+from tests.helpers import QA_SPEC, QUESTIONS
+
+
+@pytest.fixture
+def qa(tiny_bench: wb.Workbench) -> wb.Chain:
+    return tiny_bench.chain(QA_SPEC)
+
+
+def test_arun_gives_the_same_run_as_run(qa: wb.Chain) -> None:
+    blocking = qa.run(question=DEMO_QUESTION)
+    awaited = asyncio.run(qa.arun(question=DEMO_QUESTION))
+    assert awaited.output == blocking.output and awaited.outputs == blocking.outputs
+    assert awaited.id != blocking.id
+    assert [s.name for s in awaited.trace.spans] == [s.name for s in blocking.trace.spans]
+    assert qa.bench.run("last") is awaited  # awaited runs are kept like the others
+
+
+def test_amap_keeps_input_order_and_matches_map(qa: wb.Chain) -> None:
+    mapped = qa.map(QUESTIONS, concurrency=4)
+    awaited = asyncio.run(qa.amap(QUESTIONS, concurrency=4))
+    assert [r.output for r in awaited] == [r.output for r in mapped]
+    assert [r.inputs for r in awaited] == QUESTIONS
+
+
+def test_runs_awaited_together_from_another_loop_share_batches(tiny_bench: wb.Workbench, qa: wb.Chain) -> None:
+    tiny_bench.set_batching("tiny", wb.DynamicBatching(max_batch=8, max_wait_ms=50))
+
+    async def main() -> list[wb.Run]:
+        return await asyncio.gather(*(qa.arun(**q) for q in QUESTIONS))
+
+    runs = asyncio.run(main())
+    sizes = {row for run in runs for row in run.trace.table()["batch_size"].dropna()}
+    assert max(sizes) > 1  # the hops of the four runs reached the model together
+
+
+def test_an_async_hop_is_awaited_on_the_loop_and_a_blocking_hop_runs_in_the_pool(tiny_bench: wb.Workbench) -> None:
+    seen: dict[str, str] = {}
+
+    async def shout(answer: str) -> str:
+        seen["async"] = threading.current_thread().name
+        await asyncio.sleep(0)
+        return answer.upper()
+
+    def count(shout: str) -> int:
+        seen["sync"] = threading.current_thread().name
+        return len(shout)
+
+    chain = tiny_bench.chain({**QA_SPEC, "name": "loud", "hops": [
+        *QA_SPEC["hops"], {"name": "shout", "call": shout}, {"name": "count", "call": count}], "output": "count"})
+    run = chain.run(question="hi")
+    assert run.outputs["shout"] == run.outputs["answer"].upper() and run.output == len(run.outputs["shout"])
+    assert seen["async"] == "workbench-loop"
+    assert seen["sync"].startswith("workbench-hop")
+
+
+def test_a_blocking_call_from_an_async_hop_says_to_await(tiny_bench: wb.Workbench, qa: wb.Chain) -> None:
+    async def nested(question: str) -> str:
+        return qa.run(question=question).output  # would wait for the loop it runs on
+
+    chain = tiny_bench.chain({"name": "nested", "hops": [{"name": "inner", "call": nested}]})
+    with pytest.raises(wb.HopFailed, match="await chain.arun"):
+        chain.run(question="hi")
+
+    async def awaited(question: str) -> str:
+        return (await qa.arun(question=question)).output
+
+    fixed = tiny_bench.chain({"name": "awaited", "hops": [{"name": "inner", "call": awaited}]})
+    assert fixed.run(question="hi").output == qa.run(question="hi").output
+
+
+def test_stream_yields_hops_tokens_and_the_run(qa: wb.Chain) -> None:
+    events = list(qa.stream(question=DEMO_QUESTION))
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "hop_started" and kinds[-1] == "run_finished"
+    run = events[-1].run
+    assert isinstance(events[-1], RunFinished) and run.output == qa.run(question=DEMO_QUESTION).output
+    for hop in ("plan", "answer"):
+        tokens = [e for e in events if isinstance(e, Token) and e.hop == hop]
+        assert "".join(t.text for t in tokens).strip() == run.outputs[hop]
+        started = next(i for i, e in enumerate(events) if isinstance(e, HopStarted) and e.hop == hop)
+        finished = next(i for i, e in enumerate(events) if isinstance(e, HopFinished) and e.hop == hop)
+        assert started < events.index(tokens[0]) < finished  # tokens arrive while the hop runs
+
+
+def test_astream_matches_stream(qa: wb.Chain) -> None:
+    async def collect() -> list[object]:
+        return [e async for e in qa.astream(question=DEMO_QUESTION)]
+
+    awaited = asyncio.run(collect())
+    blocking = list(qa.stream(question=DEMO_QUESTION))
+    assert [(e.kind, getattr(e, "text", None)) for e in awaited] == [(e.kind, getattr(e, "text", None)) for e in blocking]
+
+
+def test_a_timeout_cancels_an_awaited_request_and_the_model_goes_on(tiny_bench: wb.Workbench) -> None:
+    tiny_bench.inject("tiny", latency_ms=400)
+    chain = tiny_bench.chain({"name": "slow", "hops": [
+        {"name": "say", "model": "tiny", "prompt": "hi", "max_new_tokens": 2, "timeout_s": 0.05}]})
+    with pytest.raises(wb.HopFailed) as info:
+        asyncio.run(chain.arun())
+    assert isinstance(info.value.cause, wb.HopTimeout)
+    tiny_bench.clear_faults()
+    assert tiny_bench.generate("tiny", "still there?", max_new_tokens=2).finish_reason in ("stop", "length")
+
+
+def test_errors_form_a_tree_a_caller_can_catch_by_branch() -> None:
+    assert issubclass(wb.HopTimeout, wb.ServingError) and issubclass(wb.CircuitOpen, wb.ServingError)
+    assert issubclass(wb.RetriesExhausted, wb.ServingError) and issubclass(wb.ModelUnhealthy, wb.ServingError)
+    assert issubclass(wb.UnknownModelError, wb.ModelError) and issubclass(wb.ModelOutOfMemory, wb.ModelError)
+    assert issubclass(wb.HopFailed, wb.RunError) and issubclass(wb.MissingInputError, wb.RunError)
+    assert issubclass(wb.ContextWindowExceeded, wb.RunError)
+    assert issubclass(wb.TemplateError, wb.SpecError) and issubclass(wb.ParseError, wb.SpecError)
+    assert issubclass(wb.StrategyError, wb.SettingsError) and issubclass(wb.WorkloadError, wb.SettingsError)
+    statuses = {cls: cls.http_status for cls in (wb.SpecError, wb.UnknownModelError, wb.HopTimeout, wb.CircuitOpen,
+                                                 wb.WorkbenchClosed, wb.ModelOutOfMemory)}
+    assert statuses == {wb.SpecError: 422, wb.UnknownModelError: 404, wb.HopTimeout: 504, wb.CircuitOpen: 503,
+                        wb.WorkbenchClosed: 503, wb.ModelOutOfMemory: 507}
+    assert str(wb.ParseError("load: bad", hint="%autoglm load NAME SOURCE")) == "load: bad\nhint: %autoglm load NAME SOURCE"

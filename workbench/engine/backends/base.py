@@ -1,0 +1,153 @@
+"""The backend seam: what the engine asks of a model, whatever runs it (in-process, a child process, a server, Ray).
+
+Token ids, texts and timings cross this seam, never tensors, so a backend can live anywhere
+a request can travel. A backend translates its library's errors here (out of memory becomes
+:class:`BackendOutOfMemory`), so the engine's worker loop imports no torch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+
+from workbench.engine.requests import GenerationParams, GenerationRequest, GenerationResult
+from workbench.errors import ContextWindowExceeded
+
+if TYPE_CHECKING:
+    from workbench.engine.batching import BatchingPolicy
+
+_batch_ids = itertools.count(1)
+
+
+def next_batch_id() -> int:
+    """A process-wide batch number, shared by every backend so batch ids never collide in a trace."""
+    return next(_batch_ids)
+
+
+class BackendOutOfMemory(RuntimeError):
+    """A backend ran out of device memory on a batch; the worker splits the batch and tries the halves."""
+
+
+@dataclass
+class BatchTiming:
+    """What one executed batch cost, for the batch span."""
+
+    batch_id: int
+    size: int
+    padded_len: int
+    padding_tokens: int
+    started: float
+    prefill_ms: float
+    decode_ms: float
+    detokenize_ms: float
+    steps: int
+
+
+# Called by a backend after each decode step with (request, new token id, text delta) per streaming row.
+TokenSink = Callable[[GenerationRequest, int, str], None]
+OnResult = Callable[[GenerationRequest, GenerationResult], None]
+OnError = Callable[[list[GenerationRequest], BaseException], None]
+
+
+class Scheduler(Protocol):
+    """An iteration-level scheduler a backend runs for continuous batching: requests join while others decode."""
+
+    def submit(self, batch: list[GenerationRequest], span: object) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """One loaded model as the engine sees it: tokenize, generate a batch (streaming tokens), memory, close."""
+
+    model: str
+    source: str  # the hub id or directory it came from (traces name the model by it, not only by ``model``)
+    device: str  # "cpu", "cuda:0", or where a remote backend runs
+    dtype: str
+    context_window: int | None
+
+    def tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each prompt, in one call (a batch tokenizes together)."""
+        ...
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """The text of generated ``tokens``, end-of-sequence and special tokens dropped."""
+        ...
+
+    def generate(
+        self, batch: list[GenerationRequest], on_token: TokenSink | None = None
+    ) -> tuple[list[GenerationResult], BatchTiming]:
+        """Generate for every request of ``batch`` (equal params); ``on_token`` hears each streaming row's tokens."""
+        ...
+
+    def check(self, policy: BatchingPolicy) -> None:
+        """Raise a WorkbenchError if this backend cannot run under ``policy``."""
+        ...
+
+    def scheduler(self, policy: BatchingPolicy, on_result: OnResult, on_error: OnError) -> Scheduler:
+        """A continuous-batching scheduler for ``policy`` (only asked for when ``policy.continuous``)."""
+        ...
+
+    def release_memory(self) -> None:
+        """Give back what a failed batch left cached on the device."""
+        ...
+
+    def memory_bytes(self) -> int:
+        """Bytes the model holds now."""
+        ...
+
+    def close(self) -> None:
+        """Free what the backend holds; it serves nothing more."""
+        ...
+
+
+def fit_window(
+    ids: list[int], params: GenerationParams, window: int | None, model: str, hop: str | None = None
+) -> tuple[list[int], int]:
+    """``ids`` cut to fit ``window`` with the request's new tokens, and how many were dropped; or ContextWindowExceeded."""
+    if window is None or len(ids) + params.max_new_tokens <= window:
+        return ids, 0
+    room = window - params.max_new_tokens
+    if params.truncate == "left" and room > 0:
+        return ids[-room:], len(ids) - room
+    where = f"hop {hop!r}" if hop else "the prompt"
+    raise ContextWindowExceeded(
+        f"{where}: the prompt is {len(ids)} tokens and asks for {params.max_new_tokens} new ones, "
+        f"but model {model!r} has a context window of {window} tokens",
+        hint="shorten the prompt, lower max_new_tokens, or set truncate: left on the hop",
+    )
+
+
+def result_from_stamps(
+    request: GenerationRequest,
+    tokens: list[int],
+    text: str,
+    finish_reason: Literal["stop", "length"],
+    *,
+    started: float,
+    first: float,
+    last: float,
+    batch_id: int,
+    batch_size: int,
+    padding_tokens: int = 0,
+) -> GenerationResult:
+    """A request's result from the clock reads of its batch: scheduled at ``started``, first token, last token."""
+    return GenerationResult(
+        text=text,
+        token_ids=tokens,
+        tokens_in=request.tokens_in,
+        tokens_out=len(tokens),
+        finish_reason=finish_reason,
+        queue_ms=(started - request.submitted) * 1e3,
+        prefill_ms=(first - started) * 1e3,
+        ttft_ms=(first - request.submitted) * 1e3,
+        decode_ms=(last - first) * 1e3,
+        e2e_ms=(time.perf_counter() - request.submitted) * 1e3,
+        batch_id=batch_id,
+        batch_size=batch_size,
+        padding_tokens=padding_tokens,
+    )

@@ -1,0 +1,39 @@
+"""Failure classification: which kind of failure an exception is, for retries, breakers and spans."""
+
+from __future__ import annotations
+
+from workbench.engine.backends.base import BackendOutOfMemory
+from workbench.errors import CircuitOpen, HopTimeout, ModelOutOfMemory, ModelUnhealthy, WorkbenchError
+
+# The kinds of failure a retry policy's ``on`` can name; see ``error_kind``.
+ERROR_KINDS = ("error", "timeout", "oom", "breaker", "unhealthy")
+DEFAULT_RETRY_ON = ("error", "timeout", "oom")
+# The kinds that count against a model's circuit breaker: the model failed, not the caller.
+MODEL_FAILURES = frozenset({"error", "timeout", "oom"})
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an out-of-memory error: a backend's (translated at its seam, or injected), or ours."""
+    return isinstance(exc, (BackendOutOfMemory, ModelOutOfMemory))
+
+
+def error_kind(exc: BaseException) -> str | None:
+    """Which kind of failure ``exc`` is, as ``RetryPolicy.on`` names them; None for a mistake no retry can fix.
+
+    ``timeout``: the call outlived ``timeout_s``; ``oom``: out of memory even after batch splitting;
+    ``breaker``: the model's circuit breaker is open; ``unhealthy``: the model failed its health probe;
+    ``error``: any other failure of the call (an injected fault, a CUDA error, a Python hop raising).
+    A WorkbenchError outside these (a prompt too long for the window, an unloaded model) is the caller's
+    to fix, and a KeyboardInterrupt is the user stopping: neither is retried.
+    """
+    if isinstance(exc, HopTimeout):
+        return "timeout"
+    if isinstance(exc, CircuitOpen):
+        return "breaker"
+    if isinstance(exc, ModelUnhealthy):
+        return "unhealthy"
+    if is_out_of_memory(exc):
+        return "oom"
+    if isinstance(exc, WorkbenchError) or not isinstance(exc, Exception):
+        return None
+    return "error"

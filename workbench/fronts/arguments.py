@@ -1,0 +1,72 @@
+"""What the command line and the ``%autoglm`` magics parse alike: chain inputs as key=value, and load options."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from workbench.errors import ParseError
+from workbench.models.settings import LoadSettings
+from workbench.models.tiny import resolve_source
+
+if TYPE_CHECKING:
+    from workbench.bench import Workbench
+    from workbench.models.registry import LoadedModel
+
+# Every LoadSettings field but the source, which each front end takes its own way (SOURCE, --model NAME=PATH).
+LOAD_OPTIONS = tuple(f for f in dataclasses.fields(LoadSettings) if f.name != "source")
+LOAD_HELP = {option.name: option.metadata["help"] for option in LOAD_OPTIONS}
+
+
+def parse_key_values(words: Sequence[str]) -> dict[str, str]:
+    """Chain inputs from ``key=value`` words, split and unquoted by shlex or by the shell; values stay strings."""
+    inputs: dict[str, str] = {}
+    for word in words:
+        key, sep, value = word.partition("=")
+        if not sep:
+            example = word if word.isidentifier() else "question"
+            raise ParseError(
+                f"input {word!r} is not key=value",
+                hint=f'quote values that hold spaces, e.g. {example}="What is 2 + 2?"',
+            )
+        if not key.isidentifier():
+            raise ParseError(f"input name {key!r} is not an identifier", hint='e.g. question="What is 2 + 2?"')
+        if key == "session":
+            raise ParseError("'session' is not an input: it names the session", hint="use --session S")
+        if key in inputs:
+            raise ParseError(f"input {key!r} is given twice", hint="give each input once")
+        inputs[key] = value
+    return inputs
+
+
+def _flag(option: dataclasses.Field[Any]) -> str:
+    return "--" + option.name.replace("_", "-")
+
+
+def add_load_options(parser: argparse.ArgumentParser, title: str = "load options") -> None:
+    """One flag per load setting (``--device D``, ``--allow-pickle``, ...), with its help, from LoadSettings."""
+    group = parser.add_argument_group(title)
+    for option in LOAD_OPTIONS:
+        if isinstance(option.default, bool):
+            group.add_argument(_flag(option), action="store_true", help=LOAD_HELP[option.name])
+        else:
+            group.add_argument(_flag(option), default=option.default, metavar=option.metadata["metavar"],
+                               help=LOAD_HELP[option.name])
+
+
+def load_options_usage() -> str:
+    """The load flags as a usage line writes them: ``[--device D] [--dtype T] ... [--allow-pickle]``."""
+    metavars = (option.metadata["metavar"] for option in LOAD_OPTIONS)
+    return " ".join(f"[{_flag(o)} {m}]" if m else f"[{_flag(o)}]" for o, m in zip(LOAD_OPTIONS, metavars))
+
+
+def load_settings(args: argparse.Namespace, source: str) -> LoadSettings:
+    """The LoadSettings of ``source`` with the load flags parsed into ``args``."""
+    return LoadSettings(source=source, **{option.name: getattr(args, option.name) for option in LOAD_OPTIONS})
+
+
+def load_model(bench: Workbench, name: str, settings: LoadSettings) -> LoadedModel:
+    """Load ``settings`` as ``name``, where a front end's SOURCE ``tiny`` means the offline tiny model."""
+    return bench.load(name, **(dataclasses.asdict(settings) | {"source": resolve_source(settings.source)}))

@@ -1,0 +1,185 @@
+"""The autoglm command line: the demo, and running a chain spec file; each prints the run's span table."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+# Only light modules here: `autoglm --help` must answer at once, so torch and transformers load
+# inside the commands that need them.
+from workbench._version import __version__
+from workbench.demo import DEMO_QUESTION
+from workbench.errors import HopFailed, MissingInputError, SpecError, WorkbenchError
+from workbench.fronts.arguments import (
+    LOAD_HELP,
+    ParseError,
+    add_load_options,
+    load_model,
+    load_settings,
+    parse_key_values,
+)
+from workbench.models.tiny import TINY_SOURCE
+
+if TYPE_CHECKING:
+    from workbench.chains.run import Run
+
+EXAMPLES = f"""\
+examples:
+  autoglm demo
+  autoglm run chain.yaml question="What is 2 + 2?" --model tiny={TINY_SOURCE}
+  autoglm run chain.yaml question=hi --model tiny=/models/tiny --device cpu --json
+"""
+MODEL_HINT = f"give each model the spec names as --model NAME=PATH (PATH '{TINY_SOURCE}' is the offline tiny model)"
+DESCRIPTION = """\
+Run the demo chain, or a chain spec file, on local models, and print the run's
+outputs, its span table (queue wait, TTFT, decode time, tokens) and a per-hop summary.
+"""
+
+
+def _print_run(run: Run) -> None:
+    import pandas as pd
+
+    table = run.trace.compact()
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.2f}".format):
+        print(f"\nrun {run.id} of chain {run.chain!r} in {run.duration_ms:.1f} ms")
+        for hop, value in run.outputs.items():
+            print(f"  {hop}: {value!r}")
+        print("\nspans:")
+        print(table.to_string(index=False))
+        print("\nper hop:")
+        print(run.trace.summary().to_string())
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from workbench.bench import Workbench
+    from workbench.demo import DEMO_SPEC
+    from workbench.models.tiny import tiny_model
+
+    path = tiny_model()
+    print(f"tiny model: {path}")
+    with Workbench() as bench:
+        model = bench.load("tiny", path, device=args.device)
+        print(f"loaded 'tiny' on {model.device} ({model.params:,} parameters) in {model.load_s:.2f} s")
+        chain = bench.chain(DEMO_SPEC)
+        chain.run(question=args.question)  # warm-up: the first call pays one-off costs
+        _print_run(chain.run(question=args.question))
+    return 0
+
+
+def _read_spec(name: str) -> str:
+    """The spec file's text; a path that is not a readable file says what is near it."""
+    path = Path(name)
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        folder = path if path.is_dir() else path.parent
+        nearby = sorted(p.name for p in folder.glob("*.y*ml")) if folder.is_dir() else []
+        close = difflib.get_close_matches(path.name, nearby, n=1, cutoff=0.8)
+        if close:
+            hint = f"did you mean {folder / close[0]}?"
+        elif nearby:
+            hint = f"spec files in {folder}: {', '.join(nearby[:5])}"
+        else:
+            hint = "give the path of a YAML chain spec file (a list of hops); autoglm demo runs one without a file"
+        raise WorkbenchError(f"cannot read spec file {name!r}: {exc.strerror or exc}", hint=hint) from None
+
+
+def _models(items: Sequence[str]) -> dict[str, str]:
+    models: dict[str, str] = {}
+    for item in items:
+        name, sep, source = item.partition("=")
+        if not sep or not name or not source:
+            raise ParseError(f"--model {item!r} is not NAME=PATH", hint=f"e.g. --model tiny={TINY_SOURCE}")
+        if name in models:
+            raise ParseError(f"--model {name!r} is given twice", hint="give each model one --model NAME=PATH")
+        models[name] = source
+    return models
+
+
+def _run(args: argparse.Namespace) -> int:
+    from workbench.bench import Workbench
+
+    inputs = parse_key_values(args.inputs)
+    models = _models(args.model)
+    spec = _read_spec(args.spec)
+    with Workbench() as bench:
+        for name, source in models.items():
+            load_model(bench, name, load_settings(args, source))
+        try:
+            chain = bench.chain(spec)
+        except SpecError as error:
+            if error.field == "model":  # the spec's own hint speaks of bench.load and %autoglm load
+                error.hint = MODEL_HINT + (f"; given: {', '.join(models)}" if models else "")
+            raise
+        try:
+            run = chain.run(session=args.session, **inputs)
+        except MissingInputError as error:
+            error.hint = f"autoglm run {args.spec} " + " ".join(f"{name}=..." for name in chain.inputs)
+            raise
+        except HopFailed as error:
+            # The hops that finished, and the spans up to the failure, are what there is to read here.
+            if error.run is not None and not args.json:
+                _print_run(error.run)
+            if not (isinstance(error.cause, WorkbenchError) and error.cause.hint):
+                error.hint = ("run without --json to see the spans of the hops that finished" if args.json
+                              else "the spans above show the hops that finished")
+            raise
+        if args.json:
+            print(json.dumps({"id": run.id, "output": run.output, "outputs": run.outputs}, default=str, indent=2))
+        else:
+            _print_run(run)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `autoglm` argument parser: its commands, options and help."""
+    parser = argparse.ArgumentParser(
+        prog="autoglm", description=DESCRIPTION, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+    demo = sub.add_parser(
+        "demo", help="run the three-hop demo chain on the offline tiny model and print its spans",
+        description="Run the three-hop demo chain on the offline tiny model and print its output and spans.",
+    )
+    demo.add_argument("--question", default=DEMO_QUESTION, help=f"the question to ask (default: {DEMO_QUESTION!r})")
+    demo.add_argument("--device", default="auto", metavar="D", help=LOAD_HELP["device"])
+    demo.set_defaults(func=_demo)
+    run = sub.add_parser(
+        "run", help="run a chain spec file and print its outputs and spans", epilog=EXAMPLES,
+        description="Run the chain in a YAML spec file, with the models it names, and print its outputs and spans.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("spec", metavar="SPEC", help="a YAML chain spec file")
+    run.add_argument("inputs", nargs="*", metavar="key=value", help="chain inputs; quote values that hold spaces")
+    run.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
+                     help=f"a model the spec names: a directory, a hub id, or '{TINY_SOURCE}'; repeat for each model")
+    run.add_argument("--session", metavar="S", help="a session id: runs in one session share history")
+    run.add_argument("--json", action="store_true", help="print the outputs as JSON instead of the span table")
+    add_load_options(run, "load options (for every --model)")
+    run.set_defaults(func=_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args))
+    except WorkbenchError as error:
+        print(f"autoglm: {error.message}", file=sys.stderr)
+        if error.hint:
+            print(f"hint: {error.hint}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
