@@ -162,6 +162,18 @@ def test_run_with_quoted_values_shows_output_and_span_table(with_qa: Interactive
     assert 'left; white-space: nowrap">· · text_completion tiny</td>' in html_table
 
 
+def test_run_stream_prints_each_hops_tokens_as_they_arrive(with_qa: InteractiveShell) -> None:
+    captured = magic(with_qa, "run qa question=hello --stream")
+    assert captured.stderr == ""
+    run = with_qa.user_ns["_autoglm_run"]
+    assert isinstance(run, wb.Run) and run.ok
+    lines = captured.stdout.splitlines()
+    # One line per LLM hop, its tokens joined into its output; then the run and its span table as without --stream.
+    assert f"[plan] {run.outputs['plan']}" in [line.rstrip() for line in lines]
+    assert f"[answer] {run.outputs['answer']}" in [line.rstrip() for line in lines]
+    assert run.id in shown(captured)[0]
+
+
 def test_run_finds_a_chain_variable_and_keeps_the_session(with_qa: InteractiveShell) -> None:
     with_qa.user_ns["other"] = wb.current().chain(SPEC, name="other_qa")
     captured = magic(with_qa, "run other --session s1 question=hello")

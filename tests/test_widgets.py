@@ -16,6 +16,7 @@ from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
 import workbench as wb
+from tests.helpers import QA_SPEC
 import workbench.bench
 from workbench.demo import DEMO_SPEC
 from workbench.models.devices import available_devices
@@ -213,6 +214,21 @@ def test_run_shows_output_and_spans_and_sliders_apply_without_reloading(loaded: 
     duration = Readable(builder.last_run.trace.compact()).column("duration_ms")[0]
     assert re.fullmatch(r"\d{1,3}(,\d{3})*\.\d", duration) and f">{duration}</td>" in builder.span_table.value
     assert builder.status.startswith(f"run {builder.last_run.id}")
+
+
+def test_run_shows_each_hops_tokens_while_they_arrive(loaded: wb.Workbench) -> None:
+    builder = ChainBuilder(loaded, chain=loaded.chain(QA_SPEC))
+    builder.inputs["question"].value = "What is 2 + 2?"
+    seen: list[str] = []
+    builder.output.observe(lambda change: seen.append(change["new"]), "value")
+    assert builder.run() is True
+    builder.wait(120)
+    run = builder.last_run
+    assert run is not None and run.ok
+    growing = [value for value in seen if "<b>plan</b>" in value]
+    assert len(growing) > 1  # the first hop's answer was shown as it grew, token by token
+    assert run.outputs["plan"] in growing[-1]
+    assert builder.output.value == run._repr_html_()  # and the run replaced it at the end
 
 
 def test_run_returns_at_once_while_the_chain_runs_in_the_background(loaded: wb.Workbench) -> None:

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from workbench.bench import Session, Workbench, current, set_current
     from workbench.chains.batch import MapInterrupted, RunBatch
     from workbench.chains.chain import Chain
+    from workbench.chains.events import HopFinished, HopStarted, RunFinished, Token
     from workbench.chains.resilience import RetryPolicy
     from workbench.chains.context import ContextStore, InMemoryContextStore, RunRecord
     from workbench.chains.run import Run
@@ -58,71 +59,6 @@ if TYPE_CHECKING:
     from workbench.tracing.gcpauses import pauses as gc_pauses
     from workbench.fronts.notebook.widgets import ChainBuilder, ComparisonDashboard, ModelManager, TraceViewer
 
-__all__ = [
-    "BatchingPolicy",
-    "Chain",
-    "ChainBuilder",
-    "CircuitOpen",
-    "ClosedLoop",
-    "Comparison",
-    "ComparisonDashboard",
-    "ContextStore",
-    "ContextWindowExceeded",
-    "ContinuousBatching",
-    "DynamicBatching",
-    "Eager",
-    "Faults",
-    "GenerationParams",
-    "GenerationResult",
-    "HopFailed",
-    "HopTimeout",
-    "InMemoryContextStore",
-    "InjectedFault",
-    "KeepWarm",
-    "Lazy",
-    "MapInterrupted",
-    "MissingInputError",
-    "ModelError",
-    "ModelLoadError",
-    "ModelManager",
-    "ModelOutOfMemory",
-    "ModelUnhealthy",
-    "NoBatching",
-    "PoissonArrivals",
-    "Prefetch",
-    "PreloadingStrategy",
-    "ParseError",
-    "RetriesExhausted",
-    "RetryPolicy",
-    "Run",
-    "RunBatch",
-    "RunCancelled",
-    "RunError",
-    "RunRecord",
-    "SQLiteContextStore",
-    "ServingError",
-    "Session",
-    "SettingsError",
-    "SpecError",
-    "StaticBatching",
-    "StoreError",
-    "WorkbenchClosed",
-    "StrategyError",
-    "TemplateError",
-    "Trace",
-    "TraceViewer",
-    "UnknownModelError",
-    "Workbench",
-    "WorkbenchError",
-    "WorkloadError",
-    "__version__",
-    "compare",
-    "current",
-    "gc_pauses",
-    "load_ipython_extension",
-    "set_current",
-    "tiny_model",
-]
 
 # Where each public name lives (the imports above, for type checkers, say the same). Names import on
 # first use: `import workbench` stays cheap, so `autoglm --help` answers at once and torch and
@@ -131,6 +67,7 @@ _HOMES = {
     "workbench.bench": ("Session", "Workbench", "current", "set_current"),
     "workbench.chains.batch": ("MapInterrupted", "RunBatch"),
     "workbench.chains.chain": ("Chain",),
+    "workbench.chains.events": ("HopFinished", "HopStarted", "RunFinished", "Token"),
     "workbench.chains.resilience": ("RetryPolicy",),
     "workbench.chains.context": ("ContextStore", "InMemoryContextStore", "RunRecord"),
     "workbench.chains.run": ("Run",),
@@ -154,6 +91,7 @@ _HOMES = {
 }
 _HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
 _RENAMED = {"gc_pauses": ("workbench.tracing.gcpauses", "pauses")}
+__all__ = sorted([*_HOME_OF, *_RENAMED, "__version__", "load_ipython_extension"])
 
 
 def __getattr__(name: str) -> Any:

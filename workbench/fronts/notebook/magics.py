@@ -12,6 +12,8 @@ from IPython.display import display
 
 from workbench.bench import current
 from workbench.chains.chain import Chain
+from workbench.chains.events import HopFinished, HopStarted, RunFinished, Token
+from workbench.chains.run import Run
 from workbench.errors import HopFailed, MissingInputError, WorkbenchError
 from workbench.experiments import compare
 from workbench.experiments.workloads import read_inputs
@@ -144,7 +146,7 @@ class AutoglmMagics(Magics):
     def _run(self, command: RunCommand) -> None:
         chain = self._find_chain(command.chain)
         try:
-            run = chain.run(session=command.session, **command.inputs)
+            run = self._stream(chain, command) if command.stream else chain.run(session=command.session, **command.inputs)
         except MissingInputError as missing:
             example = " ".join(f"{name}=..." for name in chain.inputs)
             raise MissingInputError(missing.message, hint=f"{PROG} run {command.chain} {example}") from None
@@ -156,6 +158,22 @@ class AutoglmMagics(Magics):
         self._user_ns[RUN_VARIABLE] = run
         display(run)
         display(span_table(run.trace))
+
+    @staticmethod
+    def _stream(chain: Chain, command: RunCommand) -> Run:
+        """Run ``chain``, printing each LLM hop's tokens as they arrive under a ``[hop]`` heading."""
+        for event in chain.stream(session=command.session, **command.inputs):
+            if isinstance(event, HopStarted):
+                print(f"[{event.hop}] ", end="", flush=True)
+            elif isinstance(event, Token):
+                print(event.text, end="", flush=True)
+            elif isinstance(event, HopFinished):
+                print(flush=True)
+            elif isinstance(event, RunFinished):
+                if event.run.error is not None:
+                    raise event.run.error
+                return event.run
+        raise AssertionError("a stream ends with its run")
 
     def _trace(self, command: TraceCommand) -> None:
         bench = current()

@@ -171,23 +171,25 @@ class ChainCommand(Command):
 @dataclass(frozen=True)
 class RunCommand(Command):
     subcommand = "run"
-    usage = "run CHAIN key=value ... [--session S]"
+    usage = "run CHAIN key=value ... [--session S] [--stream]"
     about = "run a chain; shows its output and span table, and binds the Run to _autoglm_run"
     example = '%autoglm run qa question="What is 2 + 2?"'
 
     chain: str
     inputs: dict[str, str] = field(default_factory=dict)
     session: str | None = None
+    stream: bool = False
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("chain", metavar="CHAIN", help="a chain built on this workbench, or a Chain variable")
         parser.add_argument("inputs", nargs="*", metavar="key=value", help="chain inputs; quote values with spaces")
         parser.add_argument("--session", metavar="S", help="a session id: runs in one session share history")
+        parser.add_argument("--stream", action="store_true", help="print each hop's tokens as they arrive")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, cell: str | None) -> Command:
-        return cls(chain=args.chain, inputs=parse_key_values(args.inputs), session=args.session)
+        return cls(chain=args.chain, inputs=parse_key_values(args.inputs), session=args.session, stream=args.stream)
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,11 @@ import yaml
 
 from workbench.bench import Workbench, current
 from workbench.chains.chain import Chain
+from workbench.chains.events import HopStarted, RunFinished, Token
 from workbench.chains.run import Run
 from workbench.chains.spec import ChainSpec, HopSpec, parse_spec
 from workbench.engine.requests import GenerationParams
-from workbench.errors import HopFailed, WorkbenchError, describe
+from workbench.errors import WorkbenchError, describe
 from workbench.fronts.notebook.widgets._background import Background, StatusBox, text_fallback
 from workbench.tables import Readable
 
@@ -302,13 +303,10 @@ class ChainBuilder(StatusBox):
         self.running = True
 
         def job() -> None:
-            try:
-                run = chain.run(**inputs)
-            except HopFailed as failed:
-                if isinstance(failed.run, Run):
-                    self._show_run(failed.run)
-                raise
+            run = self._stream(chain, inputs)
             self._show_run(run)
+            if run.error is not None:
+                raise run.error
             self.status = f"run {run.id}: {run.duration_ms:.1f} ms, {len(run.trace)} spans"
 
         return self._job.start(job, on_done=self._done)
@@ -316,6 +314,22 @@ class ChainBuilder(StatusBox):
     def wait(self, timeout: float | None = None) -> None:
         """Wait for a run started from the widget to finish."""
         self._job.wait(timeout)
+
+    def _stream(self, chain: Chain, inputs: dict[str, Any]) -> Run:
+        """Run ``chain``, showing each hop's answer in the output area token by token as it arrives."""
+        texts: dict[str, str] = {}
+        for event in chain.stream(**inputs):
+            if isinstance(event, HopStarted):
+                texts[event.hop] = ""
+                self.status = f"running {chain.name!r}: hop {event.hop!r} ..."
+            elif isinstance(event, Token):
+                texts[event.hop] += event.text
+                self.output.value = "".join(
+                    f"<div><b>{html.escape(hop)}</b> <span>{html.escape(text)}</span></div>" for hop, text in texts.items()
+                )
+            elif isinstance(event, RunFinished):
+                return event.run
+        raise AssertionError("a stream ends with its run")
 
     def _show_run(self, run: Run) -> None:
         self.last_run = run
