@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import _thread
 import gc
+import json
 import re
 import sys
 import threading
@@ -14,7 +15,8 @@ from textwrap import dedent
 import pandas as pd
 import pytest
 from matplotlib.figure import Figure
-from opentelemetry.trace import SpanKind
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import SpanKind, StatusCode
 
 import workbench as wb
 from workbench.tables import Readable
@@ -89,6 +91,68 @@ def test_model_call_spans_carry_genai_attributes(tiny_bench: wb.Workbench, fan_r
         assert list(a["gen_ai.response.finish_reasons"]) in (["stop"], ["length"])
         assert a["output.value"] == run.outputs[a["workbench.hop.name"]]
     assert run.trace.table().set_index("name").loc["chain fan", "span_kind"] == "CHAIN"
+
+
+def test_spans_carry_openinference_attributes_phoenix_reads(tiny_bench: wb.Workbench, fan_runs: list[wb.Run]) -> None:
+    run = fan_runs[0]
+    source = tiny_bench.registry.get("tiny").source
+    spans = {s.name: s for s in run.trace.spans if not s.name.startswith("text_completion")}
+    root = spans["chain fan"].attributes
+    assert root["openinference.span.kind"] == "CHAIN"
+    assert root["input.mime_type"] == "application/json"
+    assert json.loads(root["input.value"]) == {"question": QUESTIONS[0]}
+    assert "session.id" not in root  # a run outside any session
+
+    for span in (s for s in run.trace.spans if s.name == "text_completion tiny"):
+        a = span.attributes
+        assert a["openinference.span.kind"] == "LLM"
+        assert a["llm.model_name"] == source  # the model itself, not only the workbench's alias for it
+        assert (a["llm.system"], a["llm.provider"]) == ("transformers", "local")
+        assert json.loads(a["llm.invocation_parameters"])["max_new_tokens"] == 6
+        assert a["llm.token_count.prompt"] == a["gen_ai.usage.input_tokens"]
+        assert a["llm.token_count.completion"] == a["gen_ai.usage.output_tokens"]
+        assert a["llm.token_count.total"] == a["llm.token_count.prompt"] + a["llm.token_count.completion"]
+        assert (a["input.mime_type"], a["output.mime_type"]) == ("text/plain", "text/plain")
+
+    hop = spans["hop both"].attributes
+    assert (hop["openinference.span.kind"], hop["input.mime_type"]) == ("CHAIN", "text/plain")
+    assert hop["input.value"].startswith(run.outputs["plan"])  # the rendered prompt
+
+    tool = spans["hop stats"].attributes
+    assert tool["openinference.span.kind"] == "TOOL"
+    assert tool["tool.name"] == "workbench.demo:answer_stats"
+    assert tool["input.mime_type"] == tool["output.mime_type"] == "application/json"
+    assert json.loads(tool["input.value"]) == {"plan": run.outputs["plan"], "answer": run.outputs["answer"]}
+    assert json.loads(tool["output.value"]) == run.outputs["stats"]
+    assert run.output == run.outputs["stats"] and json.loads(root["output.value"]) == run.output
+
+
+def test_a_run_in_a_session_names_it_for_phoenix(tiny_bench: wb.Workbench) -> None:
+    run = tiny_bench.chain(FAN_SPEC).run(question="q", session="phoenix-session")
+    root = next(s for s in run.trace.spans if s.name == "chain fan")
+    assert root.attributes["session.id"] == root.attributes["workbench.session.id"] == "phoenix-session"
+
+
+def test_runs_and_engine_work_go_to_two_phoenix_projects(tiny_path: Path) -> None:
+    with wb.Workbench(project_name="study") as bench:
+        bench.load("tiny", tiny_path, device="cpu")
+        run = bench.chain(FAN_SPEC).run(question="q")
+        direct = bench.generate("tiny", "hello", max_new_tokens=2)
+        spans = bench.traces().spans
+
+    def project(span: ReadableSpan) -> object:
+        return span.resource.attributes["openinference.project.name"]
+
+    assert {project(s) for s in run.trace.spans} == {"study"}
+    (asked,) = [s for s in spans if s.name == "text_completion tiny" and s.parent is None]
+    assert project(asked) == "study" and asked.attributes["output.value"] == direct.text  # a request of its own
+    engine = [s for s in spans if s.name in ("load tiny", "batch tiny")]
+    assert {project(s) for s in engine} == {"study-engine"}
+    assert {s.name for s in engine} == {"load tiny", "batch tiny"}
+    for span in engine:  # each a trace of its own in the engine project, with a kind and a status Phoenix shows
+        assert span.parent is None
+        assert span.attributes["openinference.span.kind"] == ("LLM" if span.name == "batch tiny" else "CHAIN")
+        assert span.status.status_code is StatusCode.OK
 
 
 def test_each_batch_span_links_to_the_requests_it_served(tiny_bench: wb.Workbench, fan_runs: list[wb.Run]) -> None:

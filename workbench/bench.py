@@ -69,7 +69,9 @@ class Session:
 class Workbench:
     """Loads models, builds chains, runs them, and keeps every run's trace.
 
-    ``otlp_endpoint`` also exports spans to an OTLP/HTTP collector such as Phoenix or Jaeger.
+    ``otlp_endpoint`` also exports spans to an OTLP/HTTP collector such as Phoenix or Jaeger; in
+    Phoenix, runs land in the project ``project_name`` and the engine's loads, batches and health
+    probes in ``{project_name}-engine``.
     Sessions persist in ``data_dir`` (default ``$AUTOGLM_DATA_DIR``, else
     ``~/.local/share/autoglm-workbench``), in the SQLite file ``sessions.sqlite3``, so a kernel
     restart keeps them; ``store=InMemoryContextStore()`` keeps them in memory instead.
@@ -82,13 +84,14 @@ class Workbench:
         self,
         *,
         otlp_endpoint: str | None = None,
+        project_name: str = "autoglm-workbench",
         store: ContextStore | None = None,
         data_dir: str | os.PathLike[str] | None = None,
         hop_threads: int = 64,
         health_interval_s: float | None = None,
         allow_modules: Collection[str] = (),
     ) -> None:
-        self.tracing = Tracing(otlp_endpoint)
+        self.tracing = Tracing(otlp_endpoint, project_name=project_name)
         self.registry = ModelRegistry(self.tracing)
         self.engine = Engine(self.registry, self.tracing)
         self.data_dir = Path(data_dir).expanduser() if data_dir is not None else data_root()

@@ -29,6 +29,7 @@ from workbench.engine.requests import check_text
 from workbench.errors import HopFailed, MissingInputError
 from workbench.tracing import Tracing
 from workbench.tracing import attributes as attr
+from workbench.tracing import openinference
 
 EventSink = Callable[[Event], None]
 
@@ -67,11 +68,6 @@ def check_inputs(spec: ChainSpec, inputs: Mapping[str, Any], session: str | None
 def check_session(session: Any) -> None:
     if isinstance(session, str):
         check_text(session, "the session id")
-
-
-def _preview(value: Any, limit: int = 4000) -> str:
-    text = value if isinstance(value, str) else repr(value)
-    return text if len(text) <= limit else text[:limit] + "…"
 
 
 @dataclass
@@ -115,12 +111,13 @@ class Runner:
         root = self.tracing.start_span(
             f"chain {spec.name}",
             attributes={
-                attr.SPAN_KIND: "CHAIN",
+                attr.SPAN_KIND: attr.KIND_CHAIN,
                 attr.CHAIN_NAME: spec.name,
                 attr.RUN_ID: run_id,
-                attr.INPUT_VALUE: _preview(dict(inputs)),
-                **({attr.SESSION_ID: session} if session else {}),
+                **openinference.input_value(dict(inputs)),
+                **({attr.SESSION_ID: session, attr.OI_SESSION_ID: session} if session else {}),
             },
+            run=True,
         )
         state = RunState(spec, dict(inputs), History(records), root, run_id, events)
         try:
@@ -133,7 +130,7 @@ class Runner:
             raise
         output = state.outputs.get(spec.output)
         if failure is None:
-            root.set_attribute(attr.OUTPUT_VALUE, _preview(output))
+            root.set_attributes(openinference.output_value(output))
             root.set_status(Status(StatusCode.OK))
         else:
             root.set_status(Status(StatusCode.ERROR, failure.message))
@@ -203,7 +200,7 @@ class Runner:
         values: dict[str, Any] = {**state.inputs, "history": state.history}
         values.update({d: state.outputs[d] for d in hop.deps})
         attributes: dict[str, object] = {
-            attr.SPAN_KIND: "CHAIN" if hop.kind == "llm" else "TOOL",
+            attr.SPAN_KIND: attr.KIND_CHAIN if hop.kind == "llm" else attr.KIND_TOOL,
             attr.HOP_NAME: hop.name,
             attr.HOP_KIND: hop.kind,
             attr.CHAIN_NAME: spec.name,
@@ -211,6 +208,8 @@ class Runner:
         }
         if hop.model:
             attributes[attr.MODEL_NAME] = hop.model
+        if hop.call:
+            attributes[attr.TOOL_NAME] = openinference.tool_name(hop.call)
         state.emit(HopStarted(hop.name))
         started = time.perf_counter()
         with self.tracing.span(f"hop {hop.name}", parent, attributes) as span:
@@ -218,7 +217,7 @@ class Runner:
                 self.engine.preloader.hop_started(hop.model, spec.models_after(hop.name), span, parent)
             prompt = await self._prompt(hop, values, span)
             value = await serve(self._routes(hop, state, values, span, prompt), hop.resilience, span)
-            span.set_attribute(attr.OUTPUT_VALUE, _preview(value))
+            span.set_attributes(openinference.output_value(value))
             span.set_status(Status(StatusCode.OK))
         state.emit(HopFinished(hop.name, value, (time.perf_counter() - started) * 1e3))
         return value
@@ -238,7 +237,7 @@ class Runner:
         else:
             prompt = await asyncio.get_running_loop().run_in_executor(self.hop_pool, render)
         check_text(prompt, f"the prompt of hop {hop.name!r}")  # a hop's output may carry a lone surrogate
-        span.set_attribute(attr.INPUT_VALUE, _preview(prompt))
+        span.set_attributes(openinference.input_value(prompt))
         return prompt
 
     def _routes(
@@ -265,6 +264,7 @@ class Runner:
         if hop.model:
             own = model(hop.model)
         else:
+            span.set_attributes(openinference.input_value(_arguments(hop, values)))
             own = Route(f"hop:{hop.name}", lambda attempt, timeout: self._call(hop, values))
         routes = [own]
         routes += [model(f.name) if f.kind == "model" else standby(f.name) for f in hop.resilience.fallback]
@@ -276,11 +276,8 @@ class Runner:
         An ``async def`` hop is awaited on the loop; any other runs in the hop pool, so it may block.
         """
         assert hop.call is not None
-        if hop.call_by_name is None:
-            args: tuple[Any, ...] = (dict(values),)
-            kwargs: dict[str, Any] = {}
-        else:
-            args, kwargs = (), {name: values[name] for name in hop.call_by_name if name in values}
+        arguments = _arguments(hop, values)
+        args, kwargs = ((arguments,), {}) if hop.call_by_name is None else ((), arguments)
         if inspect.iscoroutinefunction(hop.call):
             return await hop.call(*args, **kwargs)
         loop = asyncio.get_running_loop()
@@ -304,3 +301,10 @@ def _token_sink(state: RunState, hop: str) -> Callable[[int, str], None]:
         loop.call_soon_threadsafe(emit, Token(hop, text, token))
 
     return on_token
+
+
+def _arguments(hop: HopSpec, values: dict[str, Any]) -> dict[str, Any]:
+    """What a Python hop is called with (a fresh dict each time): the parameters it names, else the whole context."""
+    if hop.call_by_name is None:
+        return dict(values)
+    return {name: values[name] for name in hop.call_by_name if name in values}

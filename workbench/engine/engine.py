@@ -24,6 +24,7 @@ from workbench.errors import HopTimeout, ModelUnhealthy, RunCancelled
 from workbench.models.registry import LoadedModel, ModelRegistry
 from workbench.tracing import Tracing, mark_error
 from workbench.tracing import attributes as attr
+from workbench.tracing import openinference
 
 
 @dataclass
@@ -174,10 +175,11 @@ class Engine:
 
     def _open(self, call: Call) -> Span:
         """Start the request's span (``text_completion {model}``); the worker ends it, so it spans the whole request."""
-        self._registry.settings(call.model)  # an unknown model fails here, before any span
+        settings = self._registry.settings(call.model)  # an unknown model fails here, before any span
         params = call.params
         attributes: dict[str, object] = {
-            attr.SPAN_KIND: "LLM",
+            attr.SPAN_KIND: attr.KIND_LLM,
+            **openinference.request(settings.source, params),
             attr.OPERATION_NAME: attr.TEXT_COMPLETION,
             attr.PROVIDER_NAME: attr.PROVIDER,
             attr.REQUEST_MODEL: call.model,
@@ -185,7 +187,7 @@ class Engine:
             attr.REQUEST_TEMPERATURE: params.temperature,
             attr.REQUEST_TOP_P: params.top_p,
             attr.MODEL_NAME: call.model,
-            attr.INPUT_VALUE: call.prompt,
+            **openinference.input_value(call.prompt),
         }
         if call.hop:
             attributes[attr.HOP_NAME] = call.hop
@@ -197,7 +199,10 @@ class Engine:
             attributes[attr.PROBE] = True
         if call.attributes:
             attributes.update(call.attributes)
-        span = self._tracing.start_span(f"{attr.TEXT_COMPLETION} {call.model}", call.parent, attributes=attributes)
+        # Without a parent, a request asked for directly (bench.generate) is a run of its own.
+        span = self._tracing.start_span(
+            f"{attr.TEXT_COMPLETION} {call.model}", call.parent, attributes=attributes, run=True
+        )
         self.preloader.begin_use(call.model)  # from here until served, keep-warm will not evict it
         return span
 
@@ -233,6 +238,7 @@ class Engine:
                     attr.MODEL_DEVICE: backend.device,
                     attr.MODEL_DTYPE: backend.dtype,
                     attr.USAGE_INPUT_TOKENS: len(ids),
+                    **openinference.token_counts(len(ids)),
                     attr.TOKENIZE_MS: tokenize_ms,
                     **({attr.TRUNCATED_TOKENS: truncated} if truncated else {}),
                 }

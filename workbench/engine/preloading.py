@@ -306,7 +306,7 @@ class Preloader:
         if not todo:
             return {}
         with self._tracing.span(
-            f"prepare {label}", attributes={attr.SPAN_KIND: "MODEL", attr.PRELOADING: self.strategy.name}
+            f"prepare {label}", attributes={attr.SPAN_KIND: attr.KIND_CHAIN, attr.PRELOADING: self.strategy.name}
         ) as span:
             if len(todo) == 1:
                 loaded = [self.load(todo[0], parent=span, trigger="eager")]
@@ -442,7 +442,7 @@ class Preloader:
 
     def _evict(self, name: str, budget: int, for_model: str | None, parent: Span | None) -> None:
         attributes: dict[str, object] = {
-            attr.SPAN_KIND: "MODEL",
+            attr.SPAN_KIND: attr.KIND_CHAIN,
             attr.MODEL_NAME: name,
             attr.PRELOADING: self.strategy.name,
             attr.BUDGET_BYTES: budget,

@@ -72,7 +72,7 @@ class HealthChecks:
                     self._probe(name, worker)
 
     def _probe(self, name: str, worker: ModelWorker) -> dict[str, Any]:
-        attributes = {attr.SPAN_KIND: "HEALTH", attr.MODEL_NAME: name, attr.PROBE: True}
+        attributes = {attr.SPAN_KIND: attr.KIND_CHAIN, attr.MODEL_NAME: name, attr.PROBE: True}
         with self._tracing.span(f"health_check {name}", attributes=attributes) as span:
             started = time.perf_counter()
             try:

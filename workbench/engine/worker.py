@@ -18,6 +18,7 @@ from workbench.engine.failures import error_kind, is_out_of_memory
 from workbench.errors import ModelOutOfMemory, WorkerStopped, describe
 from workbench.tracing import Tracing, mark_error
 from workbench.tracing import attributes as attr
+from workbench.tracing import openinference
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,8 @@ class ModelWorker:
         return self._tracing.start_span(
             f"batch {self.name}",
             attributes={
-                attr.SPAN_KIND: "BATCH",
+                attr.SPAN_KIND: attr.KIND_LLM,  # one generate call of the model, for every request in it
+                **openinference.model(self.backend.source),
                 attr.MODEL_NAME: self.name,
                 attr.BATCH_SIZE: len(batch),
                 attr.BATCH_POLICY: policy.name,
@@ -171,6 +173,7 @@ class ModelWorker:
                 "workbench.batch.steps": timing.steps,
             }
         )
+        span.set_status(Status(StatusCode.OK))
         span.end()
         for request, result in zip(batch, results):
             self._complete(request, result, policy)
@@ -215,7 +218,8 @@ class ModelWorker:
                 attr.BATCH_SIZE: result.batch_size,
                 attr.BATCH_POLICY: policy.name,
                 attr.PADDING_TOKENS: result.padding_tokens,
-                attr.OUTPUT_VALUE: result.text,
+                **openinference.output_value(result.text),
+                **openinference.token_counts(request.tokens_in, result.tokens_out),
             }
         )
         request.span.set_status(Status(StatusCode.OK))

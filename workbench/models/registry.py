@@ -223,7 +223,7 @@ class ModelRegistry:
         dtype = resolve_dtype(settings.dtype, device)
         _check_source(settings)
         span_attrs = {
-            attr_names.SPAN_KIND: "MODEL",
+            attr_names.SPAN_KIND: attr_names.KIND_CHAIN,
             attr_names.MODEL_NAME: name,
             attr_names.MODEL_SOURCE: settings.source,
             attr_names.MODEL_DEVICE: str(device),

@@ -25,10 +25,30 @@ RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
 TEXT_COMPLETION = "text_completion"
 PROVIDER = "transformers"
 
-# OpenInference span kinds, so Phoenix renders exported traces natively.
+# OpenInference semantic conventions (openinference-semantic-conventions 0.1.x), so Phoenix reads
+# exported traces natively, whether or not it translates gen_ai.* (Phoenix 20 does, 15.9 does not).
 SPAN_KIND = "openinference.span.kind"
+KIND_CHAIN = "CHAIN"  # a run, a hop of an LLM call, and the engine's loads, evictions and probes
+KIND_LLM = "LLM"  # a request to a model, and the batch that served it
+KIND_TOOL = "TOOL"  # a Python hop
 INPUT_VALUE = "input.value"
+INPUT_MIME_TYPE = "input.mime_type"
 OUTPUT_VALUE = "output.value"
+OUTPUT_MIME_TYPE = "output.mime_type"
+MIME_TEXT = "text/plain"
+MIME_JSON = "application/json"
+LLM_MODEL_NAME = "llm.model_name"
+LLM_PROVIDER = "llm.provider"
+LLM_SYSTEM = "llm.system"
+LLM_INVOCATION_PARAMETERS = "llm.invocation_parameters"
+LLM_TOKEN_COUNT_PROMPT = "llm.token_count.prompt"
+LLM_TOKEN_COUNT_COMPLETION = "llm.token_count.completion"
+LLM_TOKEN_COUNT_TOTAL = "llm.token_count.total"
+TOOL_NAME = "tool.name"
+OI_SESSION_ID = "session.id"
+PROJECT_NAME = "openinference.project.name"  # a resource attribute: the Phoenix project spans land in
+# OpenInference names only hosted providers (openai, azure, ...); a model in this process has none of them.
+LOCAL_PROVIDER = "local"
 
 # Workbench-specific attributes.
 RUN_ID = "workbench.run.id"

@@ -18,6 +18,9 @@ from workbench.errors import WorkbenchError
 from workbench.tracing import attributes as attr
 from workbench.tracing import gcpauses
 
+# The Phoenix project of the engine's own traces is the run project's name with this suffix.
+ENGINE_PROJECT_SUFFIX = "-engine"
+
 
 class SpanIndex(SpanProcessor):
     """Keeps finished spans grouped by trace id, oldest trace first, up to ``max_traces``."""
@@ -55,22 +58,37 @@ class SpanIndex(SpanProcessor):
 
 
 class Tracing:
-    """A TracerProvider owned by one workbench (never the global one), plus its span index.
+    """Two TracerProviders owned by one workbench (never the global one), plus their span index.
 
     ``otlp_endpoint`` sends the same spans to an OTLP/HTTP collector (Phoenix, Jaeger, ...);
-    it needs the ``otlp`` extra.
+    it needs the ``otlp`` extra. Runs go to the Phoenix project ``project_name``; what the
+    engine does outside any run (loads, batches, health probes) to ``{project_name}-engine``,
+    so the run project lists runs only. Both land in the one local index.
     """
 
-    def __init__(self, otlp_endpoint: str | None = None, service_name: str = "autoglm-workbench") -> None:
+    def __init__(
+        self,
+        otlp_endpoint: str | None = None,
+        service_name: str = "autoglm-workbench",
+        project_name: str = "autoglm-workbench",
+    ) -> None:
         from workbench._version import __version__
 
-        self.provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+        self.project_name = project_name
         self.index = SpanIndex()
-        self.provider.add_span_processor(self.index)
-        if otlp_endpoint:
-            self.provider.add_span_processor(BatchSpanProcessor(_otlp_exporter(otlp_endpoint)))
+        self.provider = self._provider(service_name, project_name, otlp_endpoint)
+        self.engine_provider = self._provider(service_name, f"{project_name}{ENGINE_PROJECT_SUFFIX}", otlp_endpoint)
         self.tracer = self.provider.get_tracer("workbench", __version__, schema_url=attr.SCHEMA_URL)
+        self._engine_tracer = self.engine_provider.get_tracer("workbench", __version__, schema_url=attr.SCHEMA_URL)
         gcpauses.install()  # so a trace can say how much of each span the garbage collector took
+
+    def _provider(self, service_name: str, project_name: str, otlp_endpoint: str | None) -> TracerProvider:
+        resource = Resource.create({"service.name": service_name, attr.PROJECT_NAME: project_name})
+        provider = TracerProvider(resource=resource)
+        provider.add_span_processor(self.index)
+        if otlp_endpoint:
+            provider.add_span_processor(BatchSpanProcessor(_otlp_exporter(otlp_endpoint)))
+        return provider
 
     def start_span(
         self,
@@ -79,15 +97,26 @@ class Tracing:
         attributes: dict[str, object] | None = None,
         links: Sequence[trace.Link] = (),
         start_time: int | None = None,
+        *,
+        run: bool = False,
     ) -> Span:
-        """Start a span under ``parent`` (a span or a context); None starts a new trace."""
+        """Start a span under ``parent`` (a span or a context); None starts a new trace.
+
+        A new trace is the engine's unless ``run`` (a chain run's root); a child joins its parent's.
+        """
         if isinstance(parent, Span):
             context: Context | None = trace.set_span_in_context(parent)
         elif parent is None:
             context = Context()  # a fresh root, whatever is ambient in this thread
         else:
             context = parent
-        return self.tracer.start_span(
+        if parent is None:
+            tracer = self.tracer if run else self._engine_tracer
+        else:
+            # A remote parent (no resource of ours) came with a request: that is a run's trace.
+            resource = getattr(trace.get_current_span(context), "resource", None)
+            tracer = self._engine_tracer if resource is self.engine_provider.resource else self.tracer
+        return tracer.start_span(
             name, context=context, attributes=attributes, links=links, start_time=start_time  # type: ignore[arg-type]
         )
 
@@ -95,18 +124,22 @@ class Tracing:
     def span(
         self, name: str, parent: Span | Context | None = None, attributes: dict[str, object] | None = None
     ) -> Iterator[Span]:
-        """A span that records an escaping exception as its error status, then re-raises."""
+        """A span whose status is OK, or ERROR with an escaping exception recorded (then re-raised)."""
         span = self.start_span(name, parent, attributes)
         try:
             yield span
         except BaseException as exc:
             mark_error(span, exc)
             raise
+        else:
+            if span.status.status_code is StatusCode.UNSET:  # type: ignore[attr-defined]  # an SDK span
+                span.set_status(Status(StatusCode.OK))  # unless the body recorded an error it did not raise
         finally:
             span.end()
 
     def shutdown(self) -> None:
         self.provider.shutdown()
+        self.engine_provider.shutdown()
 
 
 def mark_error(span: Span, exc: BaseException) -> None:

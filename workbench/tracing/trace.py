@@ -47,7 +47,7 @@ COLUMNS = [
     "batch_size",
 ]
 
-_KIND_COLOURS = {"CHAIN": "#4c72b0", "LLM": "#dd8452", "TOOL": "#55a868", "MODEL": "#8172b3", "BATCH": "#937860"}
+_KIND_COLOURS = {"CHAIN": "#4c72b0", "LLM": "#dd8452", "TOOL": "#55a868"}  # OpenInference span kinds
 
 
 def _hex(value: int, width: int) -> str:

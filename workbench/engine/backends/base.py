@@ -65,6 +65,7 @@ class Backend(Protocol):
     """One loaded model as the engine sees it: tokenize, generate a batch (streaming tokens), memory, close."""
 
     model: str
+    source: str  # the hub id or directory it came from (traces name the model by it, not only by ``model``)
     device: str  # "cpu", "cuda:0", or where a remote backend runs
     dtype: str
     context_window: int | None

@@ -78,6 +78,7 @@ class TransformersBackend:
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
         self.model = loaded.name
+        self.source = loaded.source
         self.device = str(loaded.device)
         self.dtype = dtype_name(loaded.dtype)
         self.context_window = loaded.context_window

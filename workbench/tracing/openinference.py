@@ -1,0 +1,60 @@
+"""OpenInference attribute values: inputs and outputs with their mime types, model requests, token counts."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from typing import Any
+
+from workbench.tracing import attributes as attr
+
+# Spans travel whole to every exporter; a long context or a big Python value would bloat each one.
+PREVIEW_CHARS = 4000
+
+
+def _value(value_key: str, mime_key: str, value: Any) -> dict[str, object]:
+    """A string as plain text, anything else as JSON (values JSON cannot hold as their ``str``)."""
+    if isinstance(value, str):
+        text, mime = value, attr.MIME_TEXT
+    else:
+        text, mime = json.dumps(value, default=str, ensure_ascii=False), attr.MIME_JSON
+    if len(text) > PREVIEW_CHARS:
+        text, mime = text[:PREVIEW_CHARS] + "…", attr.MIME_TEXT  # cut JSON no longer parses
+    return {value_key: text, mime_key: mime}
+
+
+def input_value(value: Any) -> dict[str, object]:
+    """``input.value`` and ``input.mime_type`` for ``value``."""
+    return _value(attr.INPUT_VALUE, attr.INPUT_MIME_TYPE, value)
+
+
+def output_value(value: Any) -> dict[str, object]:
+    """``output.value`` and ``output.mime_type`` for ``value``."""
+    return _value(attr.OUTPUT_VALUE, attr.OUTPUT_MIME_TYPE, value)
+
+
+def model(source: str) -> dict[str, object]:
+    """The model a span ran: its source (hub id or directory), which says more than the workbench's alias for it."""
+    return {attr.LLM_MODEL_NAME: source, attr.LLM_SYSTEM: attr.PROVIDER, attr.LLM_PROVIDER: attr.LOCAL_PROVIDER}
+
+
+def request(source: str, params: Any) -> dict[str, object]:
+    """A model request's model and its generation settings (a dataclass) as ``llm.invocation_parameters``."""
+    return {**model(source), attr.LLM_INVOCATION_PARAMETERS: json.dumps(dataclasses.asdict(params))}
+
+
+def token_counts(prompt: int, completion: int | None = None) -> dict[str, object]:
+    """``llm.token_count.*``; the total only once the completion is known."""
+    counts: dict[str, object] = {attr.LLM_TOKEN_COUNT_PROMPT: prompt}
+    if completion is not None:
+        counts[attr.LLM_TOKEN_COUNT_COMPLETION] = completion
+        counts[attr.LLM_TOKEN_COUNT_TOTAL] = prompt + completion
+    return counts
+
+
+def tool_name(call: Callable[..., Any]) -> str:
+    """A Python hop's function as its dotted path, ``package.module:function``, as a spec names it."""
+    # A callable object (a functools.partial, say) has no name of its own: its class names it.
+    module = getattr(call, "__module__", None) or type(call).__module__
+    return f"{module}:{getattr(call, '__qualname__', type(call).__qualname__)}"
