@@ -244,7 +244,8 @@ class Engine:
                 }
             )
             request = GenerationRequest(
-                model, ids, call.params, span, hop=call.hop, truncated_tokens=truncated, probe=call.probe,
+                model, ids, call.params, span, hop=call.hop, truncated_tokens=truncated, prompt=call.prompt,
+                probe=call.probe,
                 cancellable=call.timeout_s is not None, trial=trial, on_token=call.on_token,
             )
             request.future.add_done_callback(lambda _: self.preloader.end_use(model))

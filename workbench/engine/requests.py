@@ -97,6 +97,8 @@ class GenerationRequest:
     span: Span
     hop: str | None = None
     truncated_tokens: int = 0
+    # The prompt's text, for backends that send text rather than token ids (a remote server).
+    prompt: str = ""
     id: int = field(default_factory=lambda: next(_ids))
     submitted: float = field(default_factory=time.perf_counter)
     future: Future[GenerationResult] = field(default_factory=Future)
