@@ -123,7 +123,6 @@ class Load:
     index: int
     name: str
     in_flight: int = 0
-    served: int = 0
 
 
 def test_weighted_draws_match_the_weights_with_a_seeded_generator() -> None:
@@ -143,6 +142,9 @@ def test_power_of_two_and_least_loaded_pick_the_emptier_replica() -> None:
     replicas = [Load(0, "m#0", in_flight=3), Load(1, "m#1", in_flight=0)]
     assert wb.LeastLoaded().choose(replicas, None).name == "m#1"
     assert wb.PowerOfTwo(seed=0).choose(replicas, None).name == "m#1"
+    idle = [Load(0, "m#0"), Load(1, "m#1"), Load(2, "m#2")]
+    policy = wb.LeastLoaded()
+    assert [policy.choose(idle, None).name for _ in range(4)] == ["m#0", "m#1", "m#2", "m#0"]  # ties in turn
 
 
 def test_policies_parse_by_name_and_round_trip() -> None:
@@ -226,3 +228,7 @@ def test_replica_mistakes_say_what_and_where(bench: wb.Workbench, tiny_path: Pat
     with pytest.raises(wb.StrategyError, match="unknown policy"):
         bench.set_balance("m", "fastest")
     assert "other" not in bench.registry.names()  # nothing half-made by the refused loads
+    with pytest.raises(wb.StrategyError, match="share one copy of the model") as refused:
+        bench.set_batching("m", wb.ContinuousBatching())
+    assert "DynamicBatching" in str(refused.value.hint)
+    assert bench.engine.policy("m").name == "none"  # the replicas run on as they were

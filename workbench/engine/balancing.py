@@ -6,7 +6,6 @@ import difflib
 import random
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 from workbench.errors import StrategyError
@@ -15,12 +14,11 @@ BALANCE_FORMS = "round_robin, least_loaded, power_of_two, session_hash, weighted
 
 
 class ReplicaLoad(Protocol):
-    """What a policy reads of a replica: its place in the set, its name, and the requests it holds and served."""
+    """What a policy reads of a replica: its place in the set, its name, and the requests it holds now."""
 
     index: int
     name: str
     in_flight: int
-    served: int
 
 
 class BalancePolicy:
@@ -63,27 +61,44 @@ class RoundRobin(BalancePolicy):
         return hash(RoundRobin)
 
 
-def _least(replicas: Sequence[ReplicaLoad]) -> ReplicaLoad:
-    # Ties go to the replica that served fewer, so an idle set still spreads its requests.
-    return min(replicas, key=lambda r: (r.in_flight, r.served, r.index))
+def _least(replicas: Sequence[ReplicaLoad], after: int = -1) -> ReplicaLoad:
+    """The replica with the fewest requests in flight; among equals, the first in turn after index ``after``.
+
+    Ties go round in turn rather than by how much each replica served so far: a slow replica has
+    served less, and a tie-break on that would send it more just when its queue empties.
+    """
+    fewest = min(r.in_flight for r in replicas)
+    tied = [r for r in replicas if r.in_flight == fewest]
+    return next((r for r in tied if r.index > after), tied[0])
 
 
-@dataclass(frozen=True, eq=True)
 class LeastLoaded(BalancePolicy):
     """The replica with the fewest requests in flight (queued or running): a slow replica holds more, so gets fewer."""
+
+    def __init__(self) -> None:
+        self._last = -1
 
     @property
     def name(self) -> str:
         return "least_loaded"
 
     def choose(self, healthy: Sequence[ReplicaLoad], session: str | None) -> ReplicaLoad:
-        return _least(healthy)
+        chosen = _least(healthy, self._last)
+        self._last = chosen.index
+        return chosen
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LeastLoaded)
+
+    def __hash__(self) -> int:
+        return hash(LeastLoaded)
 
 
 class PowerOfTwo(BalancePolicy):
     """Two replicas drawn at random (``seed`` makes the draws repeatable), and the less loaded of them.
 
-    Close to least-loaded while reading only two counts, which matters once replicas are remote.
+    Close to least-loaded while reading only two counts, which matters once replicas are many or
+    remote; with two replicas it is least-loaded, ties going either way at random.
     """
 
     def __init__(self, seed: int | None = None) -> None:
@@ -95,9 +110,10 @@ class PowerOfTwo(BalancePolicy):
         return "power_of_two" if self.seed is None else f"power_of_two:{self.seed}"
 
     def choose(self, healthy: Sequence[ReplicaLoad], session: str | None) -> ReplicaLoad:
-        if len(healthy) <= 2:
-            return _least(healthy)
-        return _least(self._rng.sample(list(healthy), 2))
+        if len(healthy) == 1:
+            return healthy[0]
+        first, second = self._rng.sample(list(healthy), 2)  # drawn in random order, so a tie goes either way
+        return second if second.in_flight < first.in_flight else first
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, PowerOfTwo) and other.seed == self.seed
@@ -106,7 +122,6 @@ class PowerOfTwo(BalancePolicy):
         return hash((PowerOfTwo, self.seed))
 
 
-@dataclass(frozen=True, eq=True)
 class SessionHash(BalancePolicy):
     """Every request of a session on the same replica (its cache stays warm); requests without a session: least loaded.
 
@@ -114,14 +129,23 @@ class SessionHash(BalancePolicy):
     replica name), so a replica leaving moves only its own sessions, which come back when it returns.
     """
 
+    def __init__(self) -> None:
+        self._without = LeastLoaded()
+
     @property
     def name(self) -> str:
         return "session_hash"
 
     def choose(self, healthy: Sequence[ReplicaLoad], session: str | None) -> ReplicaLoad:
         if session is None:
-            return _least(healthy)
+            return self._without.choose(healthy, None)
         return max(healthy, key=lambda r: zlib.crc32(f"{session}\x00{r.name}".encode()))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SessionHash)
+
+    def __hash__(self) -> int:
+        return hash(SessionHash)
 
 
 class Weighted(BalancePolicy):

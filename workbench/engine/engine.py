@@ -20,7 +20,7 @@ from workbench.engine.batching import BatchingPolicy, NoBatching
 from workbench.engine.breaker import CircuitBreaker
 from workbench.engine.faults import FaultInjector, Faults
 from workbench.engine.preloading import Preloader
-from workbench.engine.replicas import Replica, ReplicaSet, replica_devices, replica_name
+from workbench.engine.replicas import Replica, ReplicaSet, continuous_on_shared, replica_devices, replica_name
 from workbench.engine.requests import GenerationParams, GenerationRequest, GenerationResult
 from workbench.engine.worker import ModelWorker
 from workbench.errors import HopTimeout, ModelUnhealthy, RunCancelled, UnknownModelError
@@ -106,14 +106,18 @@ class Engine:
         with self._lock:
             devices = self._replicas.get(name, (None,))
             balance = self._balance.get(name) or RoundRobin()
-        backends = [backend_for(loaded if device is None else on_device(loaded, device)) for device in devices]
+        models = [loaded if device is None else on_device(loaded, device) for device in devices]
+        shared = len({id(m) for m in models}) < len(models)
+        if shared and policy.continuous:
+            raise continuous_on_shared(name)
+        backends = [backend_for(m) for m in models]
         for backend in backends:
             backend.check(policy)
         workers = [
             ModelWorker(replica_name(name, i, len(backends)), backend, policy, self._tracing)
             for i, backend in enumerate(backends)
         ]
-        replicas = ReplicaSet(name, workers, balance)
+        replicas = ReplicaSet(name, workers, balance, shared)
         with self._lock:
             self._sets[name] = replicas
             self._policies[name] = policy
@@ -206,6 +210,7 @@ class Engine:
             with self._lock:
                 self._policies[name] = policy
             return
+        replicas.check(policy)
         for worker in replicas.workers:
             worker.backend.check(policy)
         for worker in replicas.workers:

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from workbench.engine.balancing import BalancePolicy
+from workbench.engine.batching import BatchingPolicy
 from workbench.engine.worker import ModelWorker
-from workbench.errors import SettingsError
+from workbench.errors import SettingsError, StrategyError
 
 
 def replica_name(model: str, index: int, count: int) -> str:
@@ -33,6 +34,15 @@ def replica_devices(model: str, replicas: int | Sequence[str]) -> tuple[str | No
         raise SettingsError(f"model {model!r}: replicas lists no devices, or a device that is not a name: {replicas!r}",
                             hint='e.g. replicas=["cpu", "cpu"] or ["cuda:0", "cuda:1"]')
     return tuple(d.strip() for d in replicas)
+
+
+def continuous_on_shared(model: str) -> StrategyError:
+    return StrategyError(
+        f"model {model!r}: continuous batching cannot run on replicas that share one copy of the model, because "
+        "its scheduler switches the model's attention implementation under the other replicas' feet",
+        hint="use DynamicBatching with replicas on one device, or give each replica a device of its own "
+        '(replicas=["cuda:0", "cuda:1"])',
+    )
 
 
 @dataclass(eq=False)
@@ -64,11 +74,19 @@ class ReplicaSet:
     the request fails fast with that replica's own error (CircuitOpen, ModelUnhealthy).
     """
 
-    def __init__(self, model: str, workers: Sequence[ModelWorker], policy: BalancePolicy) -> None:
+    def __init__(
+        self, model: str, workers: Sequence[ModelWorker], policy: BalancePolicy, shared_weights: bool = False
+    ) -> None:
         self.model = model
         self.replicas = [Replica(i, worker) for i, worker in enumerate(workers)]
         self.policy = policy
+        self.shared_weights = shared_weights  # some replicas run one model object between them
         self._lock = threading.Lock()
+
+    def check(self, policy: BatchingPolicy) -> None:
+        """Raise StrategyError if the replicas cannot all run under ``policy``."""
+        if self.shared_weights and policy.continuous:
+            raise continuous_on_shared(self.model)
 
     @property
     def workers(self) -> list[ModelWorker]:
