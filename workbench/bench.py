@@ -361,7 +361,8 @@ class Workbench:
         self.health.configure(interval_s, timeout_s, failures)
 
     def check_health(self, model: str | None = None) -> pd.DataFrame:
-        """Probe ``model`` (or every loaded model) now; one row per model: health, failures, probe_ms, error."""
+        """Probe ``model`` (or every loaded model) now; one row per model (per replica, ``m#0``, ``m#1``, for a model
+        with replicas, each probed on its own): health, failures, probe_ms, error."""
         import pandas as pd
 
         rows = self.health.check(None if model is None else [model])
