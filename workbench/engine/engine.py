@@ -91,6 +91,7 @@ class Engine:
         self._replicas: dict[str, tuple[str | None, ...]] = {}
         self._balance: dict[str, BalancePolicy] = {}
         self._pending: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}
+        self._wakeups: dict[asyncio.AbstractEventLoop, _Wakeups] = {}
         self.preloader = Preloader(registry, tracing, self.start, self.stop)
 
     # -- workers -------------------------------------------------------------------------------
@@ -539,7 +540,13 @@ class Engine:
                 pending.done.set_exception(answer)
             else:
                 pending.request = answer
-                answer.future.add_done_callback(_resolver(loop, pending.done))
+                answer.future.add_done_callback(self._wakeups_for(loop).resolver(pending.done))
+
+    def _wakeups_for(self, loop: asyncio.AbstractEventLoop) -> _Wakeups:
+        wakeups = self._wakeups.get(loop)  # only the loop's own thread adds its entry
+        if wakeups is None:
+            wakeups = self._wakeups[loop] = _Wakeups(loop)
+        return wakeups
 
     def _cancel(self, request: GenerationRequest, error: BaseException) -> bool:
         """Fail ``request`` with ``error`` now (its worker drops or stops it); False if it had finished."""
@@ -566,26 +573,45 @@ def _timeout(model: str, hop: str | None, timeout_s: float | None) -> HopTimeout
     )
 
 
-def _resolver(
-    loop: asyncio.AbstractEventLoop, done: asyncio.Future[GenerationResult]
-) -> Callable[[Future[GenerationResult]], None]:
-    """A done-callback (run in the worker's thread) that hands a request's outcome to its awaiting task."""
+class _Wakeups:
+    """Hands finished requests (from worker threads) to the tasks awaiting them on one event loop, in bunches.
 
-    def settle(future: Future[GenerationResult]) -> None:
-        if not done.done():
-            exc = future.exception()
-            if exc is None:
-                done.set_result(future.result())
-            else:
-                done.set_exception(exc)
+    One loop wake-up carries every request that finished since the last: a batch's answers then
+    reach their runs in one tick, so their next hops are queued together and form the next batch
+    whole, where one wake-up per request would let the loop start on the first few and queue the
+    rest a tick later, splitting the next batch.
+    """
 
-    def resolve(future: Future[GenerationResult]) -> None:
-        try:
-            loop.call_soon_threadsafe(settle, future)
-        except RuntimeError:
-            pass  # the loop closed (the workbench closed): nobody awaits this any more
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._finished: list[tuple[asyncio.Future[GenerationResult], Future[GenerationResult]]] = []
 
-    return resolve
+    def resolver(self, done: asyncio.Future[GenerationResult]) -> Callable[[Future[GenerationResult]], None]:
+        """A done-callback for a request's future (run in the worker's thread) that wakes ``done``'s task."""
+
+        def resolve(future: Future[GenerationResult]) -> None:
+            with self._lock:
+                self._finished.append((done, future))
+                if len(self._finished) > 1:
+                    return  # a wake-up is already on its way and will take this one too
+            try:
+                self._loop.call_soon_threadsafe(self._settle)
+            except RuntimeError:
+                pass  # the loop closed (the workbench closed): nobody awaits this any more
+
+        return resolve
+
+    def _settle(self) -> None:
+        with self._lock:
+            finished, self._finished = self._finished, []
+        for done, future in finished:
+            if not done.done():
+                exc = future.exception()
+                if exc is None:
+                    done.set_result(future.result())
+                else:
+                    done.set_exception(exc)
 
 
 def _admit(worker: ModelWorker, span: Span) -> bool:
