@@ -14,7 +14,7 @@ from opentelemetry.trace import Span
 
 from workbench.engine.backends.base import Backend, fit_window
 from workbench.engine.backends.transformers import TransformersBackend
-from workbench.engine.batching import BatchingPolicy, NoBatching
+from workbench.engine.batching import BatchingPolicy, NoBatching, default_policy
 from workbench.engine.breaker import CircuitBreaker
 from workbench.engine.faults import FaultInjector, Faults
 from workbench.engine.preloading import Preloader
@@ -55,7 +55,11 @@ class _Pending:
 
 
 def backend_for(loaded: LoadedModel) -> Backend:
-    """The backend that runs ``loaded``: transformers, in this process."""
+    """The backend that runs ``loaded``: a model server's over HTTP, else transformers, in this process."""
+    if loaded.settings.remote:
+        from workbench.engine.backends.openai import RemoteBackend  # httpx is needed for servers only
+
+        return RemoteBackend(loaded)
     return TransformersBackend(loaded)
 
 
@@ -81,9 +85,14 @@ class Engine:
 
     def start(self, name: str, policy: BatchingPolicy | None = None) -> ModelWorker:
         """Start the worker of the loaded model ``name``, under ``policy`` or the one configured for it."""
-        backend = backend_for(self._registry.get(name))
-        policy = policy or self._policies.get(name) or NoBatching()
-        backend.check(policy)
+        loaded = self._registry.get(name)
+        backend = backend_for(loaded)
+        policy = policy or self._policies.get(name) or default_policy(loaded.settings)
+        try:
+            backend.check(policy)
+        except BaseException:
+            backend.close()
+            raise
         worker = ModelWorker(name, backend, policy, self._tracing)
         with self._lock:
             self._workers[name] = worker
@@ -143,8 +152,8 @@ class Engine:
             configured = self._policies.get(name)
         if worker is not None:
             return worker.policy
-        self._registry.settings(name)  # an unknown model is a clear error
-        return configured or NoBatching()
+        settings = self._registry.settings(name)  # an unknown model is a clear error
+        return configured or default_policy(settings)
 
     # -- resilience state ----------------------------------------------------------------------
 
