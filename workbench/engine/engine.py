@@ -14,13 +14,13 @@ from opentelemetry.trace import Span
 
 from workbench.engine.backends.base import Backend, fit_window
 from workbench.engine.backends.transformers import TransformersBackend
-from workbench.engine.batching import BatchingPolicy, NoBatching, default_policy
+from workbench.engine.batching import BatchingPolicy, default_policy
 from workbench.engine.breaker import CircuitBreaker
 from workbench.engine.faults import FaultInjector, Faults
 from workbench.engine.preloading import Preloader
 from workbench.engine.requests import GenerationParams, GenerationRequest, GenerationResult
 from workbench.engine.worker import ModelWorker
-from workbench.errors import HopTimeout, ModelUnhealthy, RunCancelled
+from workbench.errors import HopTimeout, ModelLoadError, ModelUnhealthy, RunCancelled
 from workbench.models.registry import LoadedModel, ModelRegistry
 from workbench.tracing import Tracing, mark_error
 from workbench.tracing import attributes as attr
@@ -57,8 +57,11 @@ class _Pending:
 def backend_for(loaded: LoadedModel) -> Backend:
     """The backend that runs ``loaded``: a model server's over HTTP, else transformers, in this process."""
     if loaded.settings.remote:
-        from workbench.engine.backends.openai import RemoteBackend  # httpx is needed for servers only
-
+        try:
+            from workbench.engine.backends.openai import RemoteBackend  # httpx is needed for servers only
+        except ImportError as exc:
+            raise ModelLoadError(f"model {loaded.name!r} is on a server, and talking to one needs {exc.name}",
+                                 hint="pip install 'autoglm-workbench[remote]'") from None
         return RemoteBackend(loaded)
     return TransformersBackend(loaded)
 
