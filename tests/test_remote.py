@@ -364,3 +364,11 @@ def test_a_refused_connection_fails_over_to_the_local_model(tiny_path: Path) -> 
         events = run.trace.events()
         assert "remote.refused" in list(events["event"]) and "fallback" in list(events["event"])
         assert bench.check_health("gone").loc[0, "health"] == "unhealthy"
+
+
+def test_the_load_magic_takes_a_server_and_its_settings() -> None:
+    from workbench.fronts.notebook.parsers import parse_command
+
+    command = parse_command("load other http://127.0.0.1:8000/v1 --served-model m --api-key secret")
+    assert command.settings.served_model == "m" and command.settings.api_key == "secret"  # type: ignore[attr-defined]
+    assert command.settings.remote and "secret" not in repr(command.settings)  # type: ignore[attr-defined]
