@@ -8,7 +8,8 @@
 #
 # It runs tests/test_gpu.py (placement and dtype, batched vs one-at-a-time greedy outputs, peak
 # memory in a comparison, a real CUDA out-of-memory split), then benchmarks/batching.py and
-# benchmarks/preloading.py on random-weight 0.36B Qwen2-0.5B-shaped models. Logs go to $OUT (the
+# benchmarks/preloading.py on random-weight 0.36B Qwen2-0.5B-shaped models (batching at 16 and 24 new
+# tokens, 100 ms and 5 ms waits). Logs go to $OUT (the
 # device tool's folder that comes back) or artifacts/gpu/. About 6-8 minutes on an H200.
 # GPU_CHECK_DEVICE=cpu runs the same steps small on a CPU, to check the script itself.
 set -uo pipefail
@@ -58,6 +59,13 @@ step() {  # step NAME SECONDS COMMAND...: run one check with a time limit, its o
 
 # The project's ini turns warnings into errors; another transformers version may warn, which is no failure here.
 step gpu_tests 180 "$PY" -m pytest -o addopts="" -W default -p no:cacheprovider -q -rs tests/test_gpu.py
-step batching 240 "$PY" benchmarks/batching.py --device "$device" "${size[@]}" --repeats "$repeats" --chains "$chains"
-step preloading 200 "$PY" benchmarks/preloading.py --device "$device" "${preload[@]}" --repeats "$repeats"
+# The async core's workload (64 concurrent two-hop chains, dynamic batching against the hand-batched
+# ceiling) at both waits and both answer lengths; then the preloader on real load times.
+for tokens in 16 24; do
+  for wait in 100 5; do
+    step "batching-${tokens}tok-${wait}ms" 150 "$PY" benchmarks/batching.py --device "$device" "${size[@]}" \
+      --repeats "$repeats" --chains "$chains" --policies none,dynamic --max-new-tokens "$tokens" --max-wait-ms "$wait"
+  done
+done
+step preloading 150 "$PY" benchmarks/preloading.py --device "$device" "${preload[@]}" --repeats 1
 exit "$status"

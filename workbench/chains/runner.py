@@ -80,6 +80,7 @@ class RunState:
     root: Span
     run_id: str
     events: EventSink | None = None
+    session: str | None = None
     outputs: dict[str, Any] = field(default_factory=dict)
 
     def emit(self, event: Event) -> None:
@@ -119,7 +120,7 @@ class Runner:
             },
             run=True,
         )
-        state = RunState(spec, dict(inputs), History(records), root, run_id, events)
+        state = RunState(spec, dict(inputs), History(records), root, run_id, events, session)
         try:
             failure = await self._walk(state)
         except BaseException as exc:  # an interrupt or a cancel included: the trace must still close
@@ -251,7 +252,7 @@ class Runner:
 
             async def call(attempt: int, timeout: float | None) -> Any:
                 call = Call(name, prompt, hop.params, span, hop.name, {attr.ATTEMPT: attempt, attr.ROUTE: label},
-                            timeout, on_token=on_token)
+                            timeout, on_token=on_token, session=state.session)
                 return (await self.engine.acall(call)).text
 
             return Route(label, call)
@@ -279,7 +280,10 @@ class Runner:
         arguments = _arguments(hop, values)
         args, kwargs = ((arguments,), {}) if hop.call_by_name is None else ((), arguments)
         if inspect.iscoroutinefunction(hop.call):
-            return await hop.call(*args, **kwargs)
+            try:
+                return await hop.call(*args, **kwargs)
+            except KeyboardInterrupt as exc:  # on the loop it would stop every run: carry it out instead
+                raise Interrupted("a hop raised KeyboardInterrupt") from exc
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.hop_pool, _interruptible, hop.call, args, kwargs)
 

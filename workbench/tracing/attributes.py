@@ -74,6 +74,9 @@ BATCH_ID = "workbench.batch.id"
 BATCH_SIZE = "workbench.batch.size"
 BATCH_POLICY = "workbench.batch.policy"
 PADDING_TOKENS = "workbench.batch.padding_tokens"
+# Replicas: which replica of its model served a request (``m#1``), and the set's balance policy.
+REPLICA = "workbench.replica"
+BALANCE_POLICY = "workbench.balance.policy"
 
 # Resilience: attempts, the path that served a hop, breakers, health probes, injected faults.
 ATTEMPT = "workbench.attempt"
@@ -117,3 +120,19 @@ REMOTE_CHUNKS = "workbench.remote.chunks"
 REMOTE_TOKENS_FROM = "workbench.remote.tokens_from"
 REMOTE_FAILURE = "workbench.remote.failure"  # the kind of a RemoteError
 REMOTE_RETRY_AFTER_S = "workbench.remote.retry_after_s"
+
+# Batch spans beyond size and policy; events of breakers, health, retries and fallbacks.
+BATCH_PADDED_LEN = "workbench.batch.padded_len"
+BATCH_STEPS = "workbench.batch.steps"
+BATCH_HALVES = "workbench.batch.halves"
+BATCH_LIMIT = "workbench.batch.limit"
+BATCH_MODE = "workbench.batch.mode"
+BATCH_INFLIGHT = "workbench.batch.inflight"
+FAULT_KIND = "workbench.fault.kind"
+HEALTH = "workbench.health"
+HEALTH_PREVIOUS = "workbench.health.previous"
+BREAKER_PREVIOUS = "workbench.breaker.previous"
+BREAKER_FAILURES = "workbench.breaker.failures"
+BREAKER_LAST_ERROR = "workbench.breaker.last_error"
+RETRY_WAIT_MS = "workbench.retry.wait_ms"
+FALLBACK_REASON = "workbench.fallback.reason"

@@ -391,8 +391,8 @@ class _Streams:
         with self._idle:
             self._inflight += len(batch)
             inflight = self._inflight
-        span.set_attributes({attr.BATCH_ID: batch_id, attr.PADDING_TOKENS: 0, "workbench.batch.mode": "continuous",
-                             "workbench.batch.inflight": inflight})
+        span.set_attributes({attr.BATCH_ID: batch_id, attr.PADDING_TOKENS: 0, attr.BATCH_MODE: "continuous",
+                             attr.BATCH_INFLIGHT: inflight})
         left = [len(batch)]
         failed = [False]
         lock = threading.Lock()
