@@ -352,6 +352,17 @@ def test_a_first_byte_that_never_comes_times_out_and_falls_back(faulty: wb.Workb
     assert isinstance(_failure(alone), HopTimeout)
 
 
+def test_without_a_hop_timeout_the_read_timeout_names_the_missing_first_byte(
+    bench: wb.Workbench, faults: FaultServer
+) -> None:
+    bench.load("stuck", f"{faults.url}/silent/v1", read_timeout_s=0.5)
+    run = _failed(_chain(bench, "stuck"), prompt="hi")
+    error = _failure(run)
+    assert isinstance(error, RemoteError) and error.kind == "no_first_byte"
+    assert "sent no first token within 0.5 s" in str(error) and "read_timeout_s" in str(error)
+    assert _remote_events(run) == ["remote.no_first_byte"]
+
+
 def test_a_refused_connection_fails_over_to_the_local_model(tiny_path: Path) -> None:
     server = FaultServer()
     with wb.Workbench(store=wb.InMemoryContextStore()) as bench:
@@ -369,6 +380,7 @@ def test_a_refused_connection_fails_over_to_the_local_model(tiny_path: Path) -> 
 def test_the_load_magic_takes_a_server_and_its_settings() -> None:
     from workbench.fronts.notebook.parsers import parse_command
 
-    command = parse_command("load other http://127.0.0.1:8000/v1 --served-model m --api-key secret")
+    command = parse_command("load other http://127.0.0.1:8000/v1 --served-model m --api-key secret --read-timeout-s 5")
     assert command.settings.served_model == "m" and command.settings.api_key == "secret"  # type: ignore[attr-defined]
     assert command.settings.remote and "secret" not in repr(command.settings)  # type: ignore[attr-defined]
+    assert command.settings.read_timeout_s == 5.0  # type: ignore[attr-defined]

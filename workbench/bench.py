@@ -132,6 +132,7 @@ class Workbench:
         balance: str | BalancePolicy | None = None,
         served_model: str | None = None,
         api_key: str | None = None,
+        read_timeout_s: float = 60.0,
     ) -> LoadedModel:
         """Load a local directory or hub id as ``name`` and start its worker (one per replica).
 
@@ -139,7 +140,8 @@ class Workbench:
         Ollama, ``transformers serve``): ``bench.load("remote", "http://127.0.0.1:8000/v1",
         served_model="m")``. Nothing loads here; hops call it like a local model, each request a
         streamed POST. ``served_model`` defaults to the one model the server lists; ``api_key``
-        goes in the Authorization header. A server's default batching is ``ContinuousBatching()``:
+        goes in the Authorization header; a stream that goes ``read_timeout_s`` without a byte (the first
+        included) fails with RemoteError. A server's default batching is ``ContinuousBatching()``:
         each request is sent as it comes, up to 64 in flight.
 
         Weights must be safetensors unless ``allow_pickle=True``; repository code never runs
@@ -176,6 +178,7 @@ class Workbench:
                 warmup=warmup,
                 served_model=served_model,
                 api_key=api_key,
+                read_timeout_s=read_timeout_s,
             )
             batching = batching or default_policy(settings)  # a fresh load does not inherit an earlier one's policy
         return self.engine.preloader.load(name, settings, policy=batching)

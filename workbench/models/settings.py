@@ -32,6 +32,8 @@ class LoadSettings:
         None, "for a server URL: the model's name on the server (default: the one model it lists)", "M")
     # Kept out of repr, so a settings object shown in a notebook or a log does not print the key.
     api_key: str | None = _option(None, "for a server URL: sent as 'Authorization: Bearer KEY'", "KEY", repr=False)
+    read_timeout_s: float = _option(
+        60.0, "for a server URL: how long a stream may go without a byte, the first included (default 60)", "S")
 
     @property
     def remote(self) -> bool:

@@ -48,8 +48,6 @@ from workbench.tracing import attributes as attr
 if TYPE_CHECKING:
     from workbench.engine.batching import BatchingPolicy
 
-# Between two chunks (the first included) a server may think this long before we call it stuck.
-READ_TIMEOUT_S = 60.0
 CONNECT_TIMEOUT_S = 5.0
 # A token id the server does not send: streamed chunks carry text only.
 NO_TOKEN_ID = -1
@@ -101,7 +99,8 @@ class _Clients:
     def _new_client(self) -> httpx.AsyncClient:
         # Called under the lock with the loop running; httpx binds the pool to the loop on first use.
         return httpx.AsyncClient(
-            timeout=httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S, pool=None),
+            # The read timeout is each model's own (its read_timeout_s), given per request.
+            timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT_S, pool=None),
             # The batching policy bounds the streams in flight; the pool must not queue them a second time.
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=512),
         )
@@ -143,6 +142,8 @@ class RemoteBackend:
         self.served_model = str(settings.served_model)
         self.url = f"{remote.base_url(settings)}/completions"
         self.headers = remote.headers(settings)
+        self.read_timeout_s = settings.read_timeout_s
+        self._timeout = httpx.Timeout(None, connect=CONNECT_TIMEOUT_S, read=settings.read_timeout_s, pool=None)
         self._loop, self._client = _clients.acquire(self.url)
         self._closed = False
 
@@ -246,7 +247,8 @@ class RemoteBackend:
         itl: list[float] = []
         stamps = _Stamps(posted=time.perf_counter())
         try:
-            async with self._client.stream("POST", self.url, json=body, headers=self.headers) as response:
+            async with self._client.stream("POST", self.url, json=body, headers=self.headers,
+                                          timeout=self._timeout) as response:
                 stamps.status = response.status_code
                 span.set_attribute(attr.HTTP_STATUS, response.status_code)
                 if response.status_code >= 400:
@@ -360,9 +362,10 @@ class RemoteBackend:
                                kind="refused", url=self.url, hint="is the host reachable? is the server overloaded?")
         if isinstance(exc, httpx.ReadTimeout) and stamps.first is None:
             return RemoteError(
-                f"{where} took the request but sent no first token within {READ_TIMEOUT_S:g} s",
+                f"{where} took the request but sent no first token within {self.read_timeout_s:g} s",
                 kind="no_first_byte", url=self.url, status=stamps.status,
-                hint="the server may be stuck or overloaded; give the hop a timeout_s and a fallback",
+                hint="the server may be stuck or overloaded: give the hop a fallback, or load the model with a "
+                "longer read_timeout_s if its queue is long",
             )
         return self._broken(stamps, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
 
