@@ -145,6 +145,15 @@ def test_the_request_span_records_what_a_serving_researcher_reads(remote: wb.Wor
     assert row["tokens_out"] == tokens and row["tpot_ms"] > 0
 
 
+def test_a_prompt_cut_to_fit_the_window_is_sent_cut(remote: wb.Workbench) -> None:
+    long = "word " * 600  # the tiny model's window is 512 tokens
+    run = _chain(remote, truncate="left").run(prompt=long)
+    span = _request_span(run)
+    assert span[attr.TRUNCATED_TOKENS] > 0
+    assert span[attr.USAGE_INPUT_TOKENS] + 12 <= 512 + 1  # what the server read; it adds back a BOS
+    assert isinstance(run.output, str)
+
+
 def test_every_batching_policy_gives_the_same_answers(remote: wb.Workbench) -> None:
     chain = _chain(remote)
     inputs = [{"prompt": p} for p in PROMPTS * 2]

@@ -221,9 +221,12 @@ class RemoteBackend:
 
     def _body(self, request: GenerationRequest) -> dict[str, Any]:
         params = request.params
+        prompt = request.prompt
+        if request.truncated_tokens:  # cut to fit the window (truncate: left): send the text of what was kept
+            prompt = self.tokenizer.decode(request.input_ids, skip_special_tokens=True)
         body: dict[str, Any] = {
             "model": self.served_model,
-            "prompt": request.prompt,
+            "prompt": prompt,
             "max_tokens": params.max_new_tokens,
             "temperature": params.temperature,
             "top_p": params.top_p,
