@@ -128,7 +128,8 @@ def main() -> None:
                             measured[side] = (float(span.attributes[attr.TTFT_MS]), e2e, run.output)
                             inside = e2e - float(span.attributes[attr.REMOTE_E2E_MS])
                     if measured["hand"][2] != measured["wb"][2]:
-                        raise SystemExit(f"different text: by hand {measured['hand'][2]!r}, workbench {measured['wb'][2]!r}")
+                        hand, ours = measured["hand"][2], measured["wb"][2]
+                        raise SystemExit(f"different text: by hand {hand!r}, workbench {ours!r}")
                     if index < args.warmup:
                         continue
                     hand_ttft.append(measured["hand"][0])

@@ -189,8 +189,8 @@ class FaultServer:
     """A real HTTP/1.1 server on 127.0.0.1 (asyncio streams) that misbehaves as its URL says: an imitation of a
     failing model server, for failures `transformers serve` cannot produce on demand.
 
-    ``{url}/{mode}/v1`` is an OpenAI base URL; ``mode`` is ``ok`` (a good stream), ``error500``, ``busy``
-    (429 with Retry-After: 1 on the first request, then good), ``broken`` (one chunk, then the connection
+    ``{url}/{mode}/v1`` is an OpenAI base URL; ``mode`` is ``ok`` (a good stream), ``error500``, ``reject``
+    (400), ``busy`` (429 with Retry-After: 1 on the first request, then good), ``broken`` (one chunk, then the connection
     drops), ``silent`` (takes the request and never answers).
     """
 
@@ -245,8 +245,9 @@ class FaultServer:
             await writer.drain()
             return
         self.hits[mode] += 1
-        if mode == "error500" or (mode == "busy" and self.hits[mode] == 1):
-            status = "500 Internal Server Error" if mode == "error500" else "429 Too Many Requests\r\nretry-after: 1"
+        if mode in ("error500", "reject") or (mode == "busy" and self.hits[mode] == 1):
+            status = {"error500": "500 Internal Server Error", "reject": "400 Bad Request",
+                      "busy": "429 Too Many Requests\r\nretry-after: 1"}[mode]
             body = b'{"error": "made to fail"}'
             writer.write(f"HTTP/1.1 {status}\r\nconnection: close\r\ncontent-length: {len(body)}\r\n\r\n".encode()
                          + body)
@@ -283,7 +284,7 @@ def faults() -> Iterator[FaultServer]:
 @pytest.fixture
 def faulty(bench: wb.Workbench, faults: FaultServer, tiny_path: Path) -> wb.Workbench:
     """A workbench with one model per fault mode ('ok', 'error500', ...) on the FaultServer, and 'tiny' here."""
-    for mode in ("ok", "error500", "busy", "broken", "silent"):
+    for mode in ("ok", "error500", "reject", "busy", "broken", "silent"):
         bench.load(mode, f"{faults.url}/{mode}/v1")
     bench.load("tiny", tiny_path, device="cpu")
     return bench
@@ -322,6 +323,13 @@ def test_a_5xx_is_a_remote_error_with_its_status_and_an_event(faulty: wb.Workben
     assert "HTTP 500" in str(error) and "made to fail" in str(error)
     assert _request_span(run)[attr.HTTP_STATUS] == 500
     assert _remote_events(run) == ["remote.status"]
+
+
+def test_a_request_the_server_rejects_is_not_retried(faulty: wb.Workbench) -> None:
+    run = _failed(_chain(faulty, "reject", retry={"attempts": 3, "backoff_ms": 1}), prompt="hi")
+    error = _failure(run)
+    assert isinstance(error, RemoteError) and error.kind == "rejected" and error.status == 400
+    assert len(run.trace.events().query("event == 'attempt.failed'")) == 1  # a 400 stays a 400: no retry
 
 
 def test_a_429_retry_waits_as_long_as_retry_after_asks(faulty: wb.Workbench) -> None:
