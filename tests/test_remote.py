@@ -190,8 +190,8 @@ class FaultServer:
     failing model server, for failures `transformers serve` cannot produce on demand.
 
     ``{url}/{mode}/v1`` is an OpenAI base URL; ``mode`` is ``ok`` (a good stream), ``error500``, ``reject``
-    (400), ``busy`` (429 with Retry-After: 1 on the first request, then good), ``broken`` (one chunk, then the connection
-    drops), ``silent`` (takes the request and never answers).
+    (400), ``busy`` (429 with Retry-After: 1 on the first request, then good), ``broken`` (one chunk, then the
+    connection drops), ``silent`` (takes the request and never answers).
     """
 
     def __init__(self) -> None:
@@ -356,7 +356,12 @@ def test_a_stream_broken_half_way_fails_with_what_arrived(faulty: wb.Workbench) 
     assert _remote_events(run) == ["remote.broken_stream"]
 
 
-def test_a_first_byte_that_never_comes_times_out_and_falls_back(faulty: wb.Workbench) -> None:
+@pytest.mark.parametrize("policy", [wb.ContinuousBatching(), wb.DynamicBatching(max_batch=4, max_wait_ms=1)],
+                         ids=["continuous", "dynamic"])
+def test_a_first_byte_that_never_comes_times_out_and_falls_back(
+    faulty: wb.Workbench, policy: wb.BatchingPolicy
+) -> None:
+    faulty.set_batching("silent", policy)  # a stream on its own, or one of a wave the worker waits for
     chain = _chain(faulty, "silent", timeout_s=1.5, fallback="tiny")
     run = chain.run(prompt=PROMPTS[0])
     assert run.error is None and run.served_by["answer"] == "model:tiny"
