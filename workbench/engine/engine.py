@@ -16,14 +16,14 @@ from opentelemetry.trace import Span
 from workbench.engine.backends.base import Backend, fit_window
 from workbench.engine.backends.transformers import TransformersBackend
 from workbench.engine.balancing import BalancePolicy, RoundRobin
-from workbench.engine.batching import BatchingPolicy, NoBatching
+from workbench.engine.batching import BatchingPolicy, default_policy
 from workbench.engine.breaker import CircuitBreaker
 from workbench.engine.faults import FaultInjector, Faults
 from workbench.engine.preloading import Preloader
 from workbench.engine.replicas import Replica, ReplicaSet, continuous_on_shared, replica_devices, replica_name
 from workbench.engine.requests import GenerationParams, GenerationRequest, GenerationResult
 from workbench.engine.worker import ModelWorker
-from workbench.errors import HopTimeout, ModelUnhealthy, RunCancelled, UnknownModelError
+from workbench.errors import HopTimeout, ModelLoadError, ModelUnhealthy, RunCancelled, UnknownModelError
 from workbench.models.registry import LoadedModel, ModelRegistry, on_device
 from workbench.tracing import Tracing, mark_error
 from workbench.tracing import attributes as attr
@@ -62,7 +62,14 @@ class _Pending:
 
 
 def backend_for(loaded: LoadedModel) -> Backend:
-    """The backend that runs ``loaded``: transformers, in this process."""
+    """The backend that runs ``loaded``: a model server's over HTTP, else transformers, in this process."""
+    if loaded.settings.remote:
+        try:
+            from workbench.engine.backends.openai import RemoteBackend  # httpx is needed for servers only
+        except ImportError as exc:
+            raise ModelLoadError(f"model {loaded.name!r} is on a server, and talking to one needs {exc.name}",
+                                 hint="pip install 'autoglm-workbench[remote]'") from None
+        return RemoteBackend(loaded)
     return TransformersBackend(loaded)
 
 
@@ -103,17 +110,25 @@ class Engine:
         copy serves every worker thread); a replica on another device gets a copy there.
         """
         loaded = self._registry.get(name)
-        policy = policy or self._policies.get(name) or NoBatching()
+        policy = policy or self._policies.get(name) or default_policy(loaded.settings)
         with self._lock:
             devices = self._replicas.get(name, (None,))
             balance = self._balance.get(name) or RoundRobin()
-        models = [loaded if device is None else on_device(loaded, device) for device in devices]
+        # A model on a server has no weights here to place: its replicas are workers sending to the same server.
+        remote = loaded.settings.remote
+        models = [loaded if device is None or remote else on_device(loaded, device) for device in devices]
         shared = len({id(m) for m in models}) < len(models)
-        if shared and policy.continuous:
+        if shared and policy.continuous and not remote:
             raise continuous_on_shared(name)
-        backends = [backend_for(m) for m in models]
-        for backend in backends:
-            backend.check(policy)
+        backends: list[Backend] = []
+        try:
+            backends += [backend_for(m) for m in models]
+            for backend in backends:
+                backend.check(policy)
+        except BaseException:
+            for backend in backends:  # a remote backend holds a client of its server's pool
+                backend.close()
+            raise
         workers = [
             ModelWorker(replica_name(name, i, len(backends)), backend, policy, self._tracing)
             for i, backend in enumerate(backends)
@@ -226,8 +241,8 @@ class Engine:
             configured = self._policies.get(name)
         if replicas is not None:
             return replicas.workers[0].policy
-        self._registry.settings(name)  # an unknown model is a clear error
-        return configured or NoBatching()
+        settings = self._registry.settings(name)  # an unknown model is a clear error
+        return configured or default_policy(settings)
 
     def set_balance(self, name: str, policy: BalancePolicy) -> None:
         """Change how ``name``'s replicas are picked, live; for a model not loaded, from its next load."""

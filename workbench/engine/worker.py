@@ -227,7 +227,8 @@ class ModelWorker:
                 attr.BATCH_POLICY: policy.name,
                 attr.PADDING_TOKENS: result.padding_tokens,
                 **openinference.output_value(result.text),
-                **openinference.token_counts(request.tokens_in, result.tokens_out),
+                # The result's count: a server's usage may know the prompt's length better than this machine.
+                **openinference.token_counts(result.tokens_in, result.tokens_out),
             }
         )
         request.span.set_status(Status(StatusCode.OK))
