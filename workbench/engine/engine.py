@@ -22,6 +22,7 @@ from workbench.engine.faults import FaultInjector, Faults
 from workbench.engine.preloading import Preloader
 from workbench.engine.replicas import Replica, ReplicaSet, continuous_on_shared, replica_devices, replica_name
 from workbench.engine.requests import GenerationParams, GenerationRequest, GenerationResult
+from workbench.engine.wakeups import Wakeups
 from workbench.engine.worker import ModelWorker
 from workbench.errors import HopTimeout, ModelLoadError, ModelUnhealthy, RunCancelled, UnknownModelError
 from workbench.models.registry import LoadedModel, ModelRegistry, on_device
@@ -98,7 +99,7 @@ class Engine:
         self._replicas: dict[str, tuple[str | None, ...]] = {}
         self._balance: dict[str, BalancePolicy] = {}
         self._pending: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}
-        self._wakeups: dict[asyncio.AbstractEventLoop, _Wakeups] = {}
+        self._wakeups: dict[asyncio.AbstractEventLoop, Wakeups] = {}
         self.preloader = Preloader(registry, tracing, self.start, self.stop)
 
     # -- workers -------------------------------------------------------------------------------
@@ -557,10 +558,10 @@ class Engine:
                 pending.request = answer
                 answer.future.add_done_callback(self._wakeups_for(loop).resolver(pending.done))
 
-    def _wakeups_for(self, loop: asyncio.AbstractEventLoop) -> _Wakeups:
+    def _wakeups_for(self, loop: asyncio.AbstractEventLoop) -> Wakeups:
         wakeups = self._wakeups.get(loop)  # only the loop's own thread adds its entry
         if wakeups is None:
-            wakeups = self._wakeups[loop] = _Wakeups(loop)
+            wakeups = self._wakeups[loop] = Wakeups(loop)
         return wakeups
 
     def _cancel(self, request: GenerationRequest, error: BaseException) -> bool:
@@ -586,47 +587,6 @@ def _timeout(model: str, hop: str | None, timeout_s: float | None) -> HopTimeout
         f"{where}: model {model!r} gave no answer within {timeout_s:g} s, so the request was cancelled",
         hint="raise the hop's timeout_s, or give the hop retry or a fallback",
     )
-
-
-class _Wakeups:
-    """Hands finished requests (from worker threads) to the tasks awaiting them on one event loop, in bunches.
-
-    One loop wake-up carries every request that finished since the last: a batch's answers then
-    reach their runs in one tick, so their next hops are queued together and form the next batch
-    whole, where one wake-up per request would let the loop start on the first few and queue the
-    rest a tick later, splitting the next batch.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._lock = threading.Lock()
-        self._finished: list[tuple[asyncio.Future[GenerationResult], Future[GenerationResult]]] = []
-
-    def resolver(self, done: asyncio.Future[GenerationResult]) -> Callable[[Future[GenerationResult]], None]:
-        """A done-callback for a request's future (run in the worker's thread) that wakes ``done``'s task."""
-
-        def resolve(future: Future[GenerationResult]) -> None:
-            with self._lock:
-                self._finished.append((done, future))
-                if len(self._finished) > 1:
-                    return  # a wake-up is already on its way and will take this one too
-            try:
-                self._loop.call_soon_threadsafe(self._settle)
-            except RuntimeError:
-                pass  # the loop closed (the workbench closed): nobody awaits this any more
-
-        return resolve
-
-    def _settle(self) -> None:
-        with self._lock:
-            finished, self._finished = self._finished, []
-        for done, future in finished:
-            if not done.done():
-                exc = future.exception()
-                if exc is None:
-                    done.set_result(future.result())
-                else:
-                    done.set_exception(exc)
 
 
 def _admit(worker: ModelWorker, span: Span) -> bool:

@@ -14,6 +14,7 @@ from workbench.engine.faults import FaultInjector
 from workbench.engine.health import ModelHealth
 from workbench.engine.queue import RequestQueue
 from workbench.engine.requests import GenerationRequest, GenerationResult
+from workbench.engine.wakeups import together
 from workbench.engine.failures import error_kind, is_out_of_memory
 from workbench.errors import ModelOutOfMemory, WorkerStopped, describe
 from workbench.tracing import Tracing, mark_error
@@ -177,9 +178,11 @@ class ModelWorker:
         span.end()
         # Spans first, answers after, in a tight loop: the awaiting runs then wake together and send
         # their next hops in one tick of their loop, so the next batch forms whole instead of in pieces.
-        finished = [(request, result) for request, result in zip(batch, results) if self._record(request, result, policy)]
-        for request, result in finished:
-            request.future.set_result(result)
+        finished = [(request, result) for request, result in zip(batch, results)
+                    if self._record(request, result, policy)]
+        with together():
+            for request, result in finished:
+                request.future.set_result(result)
 
     def _split(self, batch: list[GenerationRequest], policy: BatchingPolicy, span: Span, exc: BaseException) -> None:
         """Out of memory: run the batch again as two halves, and from now on take no batch larger than a half."""
