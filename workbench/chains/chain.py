@@ -13,7 +13,7 @@ from workbench.chains.events import Event, RunFinished
 from workbench.chains.host import ChainHost
 from workbench.chains.run import Run
 from workbench.chains.runner import Interrupted, check_inputs, check_session
-from workbench.chains.spec import ChainSpec
+from workbench.chains.spec import ChainSpec, HopSpec
 from workbench.errors import InvalidInput, WorkbenchError, WorkloadError
 
 
@@ -219,7 +219,7 @@ class Chain:
             "<tr>"
             f"<td><b>{html.escape(h.name)}</b></td><td>{h.kind}</td><td>{html.escape(h.model or '')}</td>"
             f"<td>{html.escape(', '.join(h.deps) or '—')}</td>"
-            f"<td><pre style='margin:0'>{html.escape(h.prompt or getattr(h.call, '__qualname__', ''))}</pre></td>"
+            f"<td><pre style='margin:0'>{html.escape(_shown(h))}</pre></td>"
             "</tr>"
             for h in self.spec.hops
         )
@@ -229,6 +229,13 @@ class Chain:
             "<table><tr><th>hop</th><th>kind</th><th>model</th><th>uses</th><th>prompt / call</th></tr>"
             f"{rows}</table></div>"
         )
+
+
+def _shown(hop: HopSpec) -> str:
+    """What a hop does, as the chain's table shows it: its prompt, its messages a line each, or its function."""
+    if hop.messages is not None:
+        return "\n".join(f"{role}: {template.source}" for role, template in hop.messages)
+    return hop.prompt or getattr(hop.call, "__qualname__", "")
 
 
 # How often a waiting thread returns to Python: a Ctrl-C is only seen between bytecodes.

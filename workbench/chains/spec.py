@@ -23,9 +23,11 @@ from workbench.engine.failures import ERROR_KINDS
 from workbench.errors import SpecError
 
 CHAIN_FIELDS = ("name", "description", "inputs", "hops", "output", "history")
-LLM_FIELDS = ("name", "kind", "model", "prompt", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "truncate",
-              "retry", "timeout_s", "fallback")
+LLM_FIELDS = ("name", "kind", "model", "prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "seed",
+              "truncate", "retry", "timeout_s", "fallback")
 PYTHON_FIELDS = ("name", "kind", "call", "uses", "retry", "fallback")
+MESSAGE_FIELDS = ("role", "content")
+ROLES = ("system", "user", "assistant")
 RETRY_FIELDS = ("attempts", "backoff_ms", "max_backoff_ms", "jitter", "max_total_s", "on")
 RESERVED = frozenset({"history", "session"})
 DEFAULT_HISTORY = 5
@@ -56,6 +58,8 @@ class HopSpec:
     inputs: frozenset[str] = frozenset()
     model: str | None = None
     template: PromptTemplate | None = None
+    # A chat hop's messages instead of a prompt: (role, content template) each.
+    messages: tuple[tuple[str, PromptTemplate], ...] | None = None
     params: GenerationParams = field(default_factory=GenerationParams)
     call: Callable[..., Any] | None = None
     call_by_name: tuple[str, ...] | None = None  # parameter names, or None to pass the context
@@ -67,6 +71,11 @@ class HopSpec:
     @property
     def prompt(self) -> str | None:
         return self.template.source if self.template else None
+
+    @property
+    def text_field(self) -> str:
+        """The spec field an LLM hop's text and the names it reads come from: ``prompt`` or ``messages``."""
+        return "messages" if self.messages is not None else "prompt"
 
     def needs(self) -> frozenset[str]:
         """Every name this hop reads: chain inputs, upstream hop outputs, ``history``."""
@@ -424,11 +433,12 @@ def _parse_hop(
     missing = sorted(hop.inputs - available) if declared is not None else []
     if missing:
         variable = missing[0]
+        field = hop.text_field if kind == "llm" else "call"
         raise SpecError(
             f"{variable!r} is used but is neither a chain input nor a hop{_did_you_mean(variable, available)}",
             hop=name,
-            field="prompt" if kind == "llm" else "call",
-            line=lines.of(*path, "prompt" if kind == "llm" else "call"),
+            field=field,
+            line=lines.of(*path, field),
             hint=f"inputs: {', '.join(declared or ()) or 'none'}; hops: {', '.join(hop_names)}",
         )
     return hop
@@ -454,22 +464,66 @@ def _parse_llm_hop(
             hint=f"known models: {', '.join(sorted(known_models))}" if known_models
             else "no model is loaded: bench.load(NAME, PATH) or %autoglm load NAME PATH",
         )
-    prompt = raw.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise SpecError("an LLM hop needs 'prompt', a template string", hop=name, field="prompt",
-                        line=lines.of(*path, "prompt"))
-    template = PromptTemplate(prompt, hop=name, line=lines.of(*path, "prompt"))
+    if "prompt" in raw and "messages" in raw:
+        raise SpecError("a hop takes 'prompt' or 'messages', not both", hop=name, field="messages",
+                        line=lines.of(*path, "messages"),
+                        hint="'prompt' is one template sent as text; 'messages' is a chat, a list of {role, content}")
+    template, messages = None, None
+    if "messages" in raw:
+        messages = _messages(raw["messages"], name, path, lines)
+        hop_vars = {v for _, content in messages for v in content.variables}
+    else:
+        prompt = raw.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise SpecError("an LLM hop needs 'prompt', a template string, or 'messages', a list of chat messages",
+                            hop=name, field="prompt", line=lines.of(*path, "prompt"),
+                            hint='e.g. prompt: "Question: {{ question }}\\nAnswer:"  or  '
+                            'messages: [{role: user, content: "{{ question }}"}]')
+        template = PromptTemplate(prompt, hop=name, line=lines.of(*path, "prompt"))
+        hop_vars = set(template.variables)
     params = _generation_params(raw, name, path, lines)
-    hop_vars = set(template.variables)
+    if messages is not None and params.truncate == "left":
+        # The cut would fall in the chat template's own text (its role markers), not in what a message says.
+        raise SpecError("truncate: left cuts a prompt's oldest tokens, and a chat's messages cannot be cut that way",
+                        hop=name, field="truncate", line=lines.of(*path, "truncate"),
+                        hint="shorten the messages, or lower max_new_tokens")
     return HopSpec(
         name=name,
         kind="llm",
         model=model,
         template=template,
+        messages=messages,
         params=params,
         deps=(),  # resolved once every hop name is known, in _check_graph
         inputs=frozenset(hop_vars),
     )
+
+
+def _messages(value: Any, name: str, path: tuple[Any, ...], lines: _Lines) -> tuple[tuple[str, PromptTemplate], ...]:
+    """A chat hop's ``messages``: each a role and a content template, checked like a prompt."""
+    example = 'e.g. messages: [{role: system, content: "You answer briefly."}, {role: user, content: "{{ question }}"}]'
+    if not isinstance(value, list) or not value:
+        raise SpecError(f"'messages' must be a non-empty list of {{role, content}}, got {_show(value)}", hop=name,
+                        field="messages", line=lines.of(*path, "messages"), hint=example)
+    messages = []
+    for index, message in enumerate(value):
+        where = (*path, "messages", index)
+        field = f"messages[{index}]"
+        if not isinstance(message, Mapping):
+            raise SpecError(f"message #{index + 1} must be a mapping with role and content, got {_show(message)}",
+                            hop=name, field=field, line=lines.of(*where), hint=example)
+        _reject_unknown(message, MESSAGE_FIELDS, lines, name, where)
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise SpecError(f"message #{index + 1} needs a role: {', '.join(ROLES)}; got {_show(role)}"
+                            f"{_did_you_mean(role, ROLES)}", hop=name, field=f"{field}.role",
+                            line=lines.of(*where, "role"))
+        if not isinstance(content, str) or not content.strip():
+            raise SpecError(f"message #{index + 1} needs 'content', a template string, got {_show(content)}",
+                            hop=name, field=f"{field}.content", line=lines.of(*where, "content"))
+        template = PromptTemplate(content, hop=name, line=lines.of(*where, "content"), field=f"{field}.content")
+        messages.append((role, template))
+    return tuple(messages)
 
 
 def _generation_params(raw: Mapping[str, Any], name: str, path: tuple[Any, ...], lines: _Lines) -> GenerationParams:
@@ -665,7 +719,7 @@ def _check_fallbacks(hops: list[HopSpec], hops_data: list[Any], lines: _Lines) -
         if readers:
             raise SpecError(
                 f"the hop reads {readers[0]!r}, a fallback hop that runs only when the hop it stands in for fails",
-                hop=hop.name, field="prompt" if hop.kind == "llm" else "uses",
+                hop=hop.name, field=hop.text_field if hop.kind == "llm" else "uses",
                 line=lines.of("hops", hops.index(hop)),
                 hint="read the output of the hop that names it as a fallback instead",
             )
@@ -793,7 +847,7 @@ def _check_graph(hops: list[HopSpec], lines: _Lines) -> None:
             hop.inputs = frozenset(hop.inputs - names)
         if hop.name in hop.deps:
             raise SpecError(
-                "the hop uses its own output", hop=hop.name, field="prompt" if hop.kind == "llm" else "uses",
+                "the hop uses its own output", hop=hop.name, field=hop.text_field if hop.kind == "llm" else "uses",
                 line=lines.of("hops", index),
             )
     sorter = graphlib.TopologicalSorter({h.name: h.deps for h in hops})

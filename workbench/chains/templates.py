@@ -289,9 +289,10 @@ _ENV = _BoundedSandbox(undefined=StrictUndefined, keep_trailing_newline=True, au
 class PromptTemplate:
     """A compiled prompt template and the names it reads."""
 
-    def __init__(self, source: str, hop: str, line: int | None = None) -> None:
+    def __init__(self, source: str, hop: str, line: int | None = None, field: str = "prompt") -> None:
         self.source = source
         self.hop = hop
+        self.field = field  # where the spec wrote it: "prompt", or a chat message's "messages[1].content"
         try:
             parsed = _ENV.parse(source)
         except TemplateSyntaxError as exc:
@@ -299,7 +300,7 @@ class PromptTemplate:
             raise TemplateError(
                 f"the prompt template does not parse: {where}",
                 hop=hop,
-                field="prompt",
+                field=field,
                 line=line,
                 hint="variables are written {{ name }}; blocks {% for x in xs %}...{% endfor %}",
             ) from None
@@ -325,25 +326,25 @@ class PromptTemplate:
             raise TemplateError(
                 f"the prompt needs a value that is missing: {exc.message}",
                 hop=self.hop,
-                field="prompt",
+                field=self.field,
                 hint=f"values available to this hop: {', '.join(sorted(values)) or 'none'}",
             ) from None
         except SecurityError as exc:
-            raise TemplateError(f"the sandbox refused the template: {exc}", hop=self.hop, field="prompt") from None
+            raise TemplateError(f"the sandbox refused the template: {exc}", hop=self.hop, field=self.field) from None
         except _Exceeded as exc:
             raise TemplateError(
                 str(exc),
                 hop=self.hop,
-                field="prompt",
+                field=self.field,
                 hint="the hop's timeout_s (10 s without one) bounds rendering; a prompt is at most "
                 f"{MAX_PROMPT_CHARS:,} characters: build large or repeated text in a Python hop",
             ) from None
         except RecursionError:
             raise TemplateError("the prompt template recurses too deeply (a macro that calls itself?)",
-                                hop=self.hop, field="prompt") from None
+                                hop=self.hop, field=self.field) from None
         except Exception as exc:  # the template's own arithmetic or a value's method failed: 1/0, int('x')
             raise TemplateError(f"rendering the prompt failed: {type(exc).__name__}: {exc}", hop=self.hop,
-                                field="prompt") from None
+                                field=self.field) from None
 
     def _render_bounded(self, values: Mapping[str, Any], seconds: float) -> str:
         previous = _budget.deadline, _budget.seconds
