@@ -4,8 +4,8 @@
     ├── SpecError          the chain spec or a command line is wrong: TemplateError, ParseError
     ├── SettingsError      a strategy, replicas, workload or store setting is wrong: StrategyError, WorkloadError,
     │                      StoreError
-    ├── ModelError         a model is unknown, will not load, ran out of memory: UnknownModelError,
-    │                      ModelLoadError, ModelOutOfMemory
+    ├── ModelError         a model is unknown, will not load, ran out of memory, cannot take a chat:
+    │                      UnknownModelError, ModelLoadError, ModelOutOfMemory, ChatTemplateError
     ├── ServingError       a model refused to serve now: CircuitOpen, ModelUnhealthy, HopTimeout,
     │                      RetriesExhausted, WorkerStopped, RunCancelled, RemoteError (RemoteRateLimited)
     ├── RunError           a run could not go on: HopFailed, MissingInputError, ContextWindowExceeded
@@ -165,6 +165,12 @@ class ModelOutOfMemory(ModelError):
     """A model ran out of memory on a batch of one request, after its larger batches were split."""
 
     http_status = 507
+
+
+class ChatTemplateError(ModelError):
+    """A chat hop's model has no chat template to turn its messages into a prompt, or its template refused them."""
+
+    http_status = 422
 
 
 # -- serving refusals ----------------------------------------------------------------------------

@@ -24,8 +24,9 @@ from workbench.chains.events import Event, HopFinished, HopStarted, RunFinished,
 from workbench.chains.resilience import Route, serve
 from workbench.chains.run import Run
 from workbench.chains.spec import ChainSpec, HopSpec
+from workbench.chains.templates import PromptTemplate
 from workbench.engine import Call, Engine
-from workbench.engine.requests import check_text
+from workbench.engine.requests import Messages, check_text
 from workbench.errors import HopFailed, MissingInputError
 from workbench.tracing import Tracing
 from workbench.tracing import attributes as attr
@@ -216,33 +217,43 @@ class Runner:
         with self.tracing.span(f"hop {hop.name}", parent, attributes) as span:
             if self.engine.preloader.prefetching:  # load what later hops need while this one runs
                 self.engine.preloader.hop_started(hop.model, spec.models_after(hop.name), span, parent)
-            prompt = await self._prompt(hop, values, span)
-            value = await serve(self._routes(hop, state, values, span, prompt), hop.resilience, span)
+            prompt, messages = await self._prompt(hop, values, span)
+            value = await serve(self._routes(hop, state, values, span, prompt, messages), hop.resilience, span)
             span.set_attributes(openinference.output_value(value))
             span.set_status(Status(StatusCode.OK))
         state.emit(HopFinished(hop.name, value, (time.perf_counter() - started) * 1e3))
         return value
 
-    async def _prompt(self, hop: HopSpec, values: dict[str, Any], span: Span) -> str:
-        """An LLM hop's prompt ("" for a Python hop), bounded by the hop's timeout_s.
+    async def _prompt(self, hop: HopSpec, values: dict[str, Any], span: Span) -> tuple[str, Messages | None]:
+        """An LLM hop's prompt, or a chat hop's messages ("" and None for a Python hop), bounded by the hop's timeout_s.
 
         A template that is more than text and ``{{ name }}``s renders in the hop pool: a slow one
         (a spec may be someone else's) must not hold up the loop every run walks on.
         """
         if hop.kind != "llm":
-            return ""
-        assert hop.template is not None
-        render = partial(hop.template.render, values, timeout_s=hop.resilience.timeout_s)
-        if hop.template.plain:
-            prompt = render()
-        else:
-            prompt = await asyncio.get_running_loop().run_in_executor(self.hop_pool, render)
-        check_text(prompt, f"the prompt of hop {hop.name!r}")  # a hop's output may carry a lone surrogate
-        span.set_attributes(openinference.input_value(prompt))
-        return prompt
+            return "", None
+        if hop.messages is None:
+            assert hop.template is not None
+            prompt = await self._render(hop.template, values, hop.resilience.timeout_s)
+            check_text(prompt, f"the prompt of hop {hop.name!r}")  # a hop's output may carry a lone surrogate
+            span.set_attributes(openinference.input_value(prompt))
+            return prompt, None
+        messages = []
+        for index, (role, template) in enumerate(hop.messages):
+            content = await self._render(template, values, hop.resilience.timeout_s)
+            check_text(content, f"message #{index + 1} of hop {hop.name!r}")
+            messages.append({"role": role, "content": content})
+        span.set_attributes(openinference.input_value(messages))
+        return "", messages
+
+    async def _render(self, template: PromptTemplate, values: dict[str, Any], timeout_s: float | None) -> str:
+        render = partial(template.render, values, timeout_s=timeout_s)
+        if template.plain:
+            return render()
+        return await asyncio.get_running_loop().run_in_executor(self.hop_pool, render)
 
     def _routes(
-        self, hop: HopSpec, state: RunState, values: dict[str, Any], span: Span, prompt: str
+        self, hop: HopSpec, state: RunState, values: dict[str, Any], span: Span, prompt: str, messages: Messages | None
     ) -> list[Route]:
         """The ways to serve ``hop``, in the order to try them: its own model or call, then its fallbacks."""
         on_token = _token_sink(state, hop.name) if state.events is not None else None
@@ -252,7 +263,7 @@ class Runner:
 
             async def call(attempt: int, timeout: float | None) -> Any:
                 call = Call(name, prompt, hop.params, span, hop.name, {attr.ATTEMPT: attempt, attr.ROUTE: label},
-                            timeout, on_token=on_token, session=state.session)
+                            timeout, on_token=on_token, session=state.session, messages=messages)
                 return (await self.engine.acall(call)).text
 
             return Route(label, call)

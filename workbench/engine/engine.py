@@ -21,7 +21,7 @@ from workbench.engine.breaker import CircuitBreaker
 from workbench.engine.faults import FaultInjector, Faults
 from workbench.engine.preloading import Preloader
 from workbench.engine.replicas import Replica, ReplicaSet, continuous_on_shared, replica_devices, replica_name
-from workbench.engine.requests import GenerationParams, GenerationRequest, GenerationResult
+from workbench.engine.requests import GenerationParams, GenerationRequest, GenerationResult, Messages
 from workbench.engine.wakeups import Wakeups
 from workbench.engine.worker import ModelWorker
 from workbench.errors import HopTimeout, ModelLoadError, ModelUnhealthy, RunCancelled, UnknownModelError
@@ -33,7 +33,7 @@ from workbench.tracing import openinference
 
 @dataclass
 class Call:
-    """One model call asked of the engine: the prompt, its settings, and where its span goes."""
+    """One model call asked of the engine: the prompt (or a chat's messages), its settings, and where its span goes."""
 
     model: str
     prompt: str
@@ -47,6 +47,8 @@ class Call:
     on_token: Callable[[int, str], None] | None = None
     # The run's session: the session_hash balance policy keeps a session's calls on one replica.
     session: str | None = None
+    # A chat, sent instead of ``prompt`` (left ""): the model's chat template, or its server, makes the prompt.
+    messages: Messages | None = None
 
 
 @dataclass(eq=False)
@@ -300,15 +302,17 @@ class Engine:
         attributes: dict[str, object] = {
             attr.SPAN_KIND: attr.KIND_LLM,
             **openinference.request(settings.source, params),
-            attr.OPERATION_NAME: attr.TEXT_COMPLETION,
+            attr.OPERATION_NAME: attr.TEXT_COMPLETION if call.messages is None else attr.CHAT,
             attr.PROVIDER_NAME: attr.PROVIDER,
             attr.REQUEST_MODEL: model,
             attr.REQUEST_MAX_TOKENS: params.max_new_tokens,
             attr.REQUEST_TEMPERATURE: params.temperature,
             attr.REQUEST_TOP_P: params.top_p,
             attr.MODEL_NAME: model,
-            **openinference.input_value(call.prompt),
+            **openinference.input_value(call.prompt if call.messages is None else call.messages),
         }
+        if call.messages is not None:
+            attributes.update(openinference.input_messages(call.messages))
         if call.hop:
             attributes[attr.HOP_NAME] = call.hop
         if params.top_k:
@@ -364,7 +368,7 @@ class Engine:
         """
         backend = worker.backend
         try:
-            token_ids = backend.tokenize([call.prompt for call, _ in calls])
+            prompts = _prompts(backend, [call for call, _ in calls])
         except BaseException as exc:
             for call, span in calls:
                 self._refuse(model, span, exc)
@@ -372,8 +376,11 @@ class Engine:
         tokenize_ms = (time.perf_counter() - started) * 1e3
         answers: list[GenerationRequest | BaseException] = []
         queued: list[GenerationRequest] = []
-        for (call, span), ids in zip(calls, token_ids):
+        for (call, span), prompt in zip(calls, prompts):
             try:
+                if isinstance(prompt, BaseException):
+                    raise prompt
+                text, ids = prompt
                 ids, truncated = fit_window(ids, call.params, backend.context_window, model, call.hop)
                 trial = False if call.probe else _admit(worker, span)
             except Exception as exc:
@@ -391,8 +398,8 @@ class Engine:
                 }
             )
             request = GenerationRequest(
-                worker.name, ids, call.params, span, hop=call.hop, truncated_tokens=truncated, prompt=call.prompt,
-                probe=call.probe,
+                worker.name, ids, call.params, span, hop=call.hop, truncated_tokens=truncated, prompt=text,
+                messages=call.messages, probe=call.probe,
                 cancellable=call.timeout_s is not None, trial=trial, on_token=call.on_token,
             )
             request.future.add_done_callback(lambda _: self.preloader.end_use(model))
@@ -570,6 +577,33 @@ class Engine:
         if worker is None:
             return False
         return worker.cancel(request, error)
+
+
+def _prompts(backend: Backend, calls: list[Call]) -> list[tuple[str, list[int]] | BaseException]:
+    """Each call's prompt text and token ids, or the error that keeps it out: a chat's by the model's chat template.
+
+    Plain prompts tokenize in one backend call, chats in another (their template writes the special tokens).
+    A chat its template refuses fails alone; a failed tokenization raises, failing every call alike.
+    """
+    if all(call.messages is None for call in calls):  # the common case, in one pass
+        prompts = [call.prompt for call in calls]
+        return list(zip(prompts, backend.tokenize(prompts)))
+    answers: list[tuple[str, list[int]] | BaseException] = []
+    for call in calls:
+        try:
+            text = call.prompt if call.messages is None else backend.chat_prompt(call.messages, call.hop)
+        except Exception as exc:
+            answers.append(exc)
+            continue
+        answers.append((text if text is not None else "", []))  # None: the server renders the chat; it counts too
+    for chat in (False, True):
+        slots = [i for i, (call, answer) in enumerate(zip(calls, answers))
+                 if (call.messages is not None) == chat and isinstance(answer, tuple) and (answer[0] or not chat)]
+        if slots:
+            texts = [answers[i][0] for i in slots]  # type: ignore[index]
+            for i, text, ids in zip(slots, texts, backend.tokenize(texts, special_tokens=not chat)):
+                answers[i] = (text, ids)
+    return answers
 
 
 def _finisher(replicas: ReplicaSet, replica: Replica) -> Callable[[Future[GenerationResult]], None]:

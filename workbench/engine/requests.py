@@ -20,6 +20,10 @@ _ids = itertools.count(1)
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+# A chat's messages as OpenAI's API and ``apply_chat_template`` take them: {"role": ..., "content": ...} each.
+Messages = list[dict[str, str]]
+
+
 def check_text(text: str, what: str) -> None:
     """Refuse text that is not valid Unicode, which tokenizers and SQLite cannot take; ``what`` names it."""
     bad = None if text.isascii() else _LONE_SURROGATE.search(text)
@@ -97,8 +101,11 @@ class GenerationRequest:
     span: Span
     hop: str | None = None
     truncated_tokens: int = 0
-    # The prompt's text, for backends that send text rather than token ids (a remote server).
+    # The prompt's text, for backends that send text rather than token ids (a remote server). For a chat, the
+    # text its model's chat template made of ``messages`` ("" where the server renders them).
     prompt: str = ""
+    # A chat (a hop with ``messages:``): a server is sent these, not the prompt (None: a plain prompt).
+    messages: Messages | None = None
     id: int = field(default_factory=lambda: next(_ids))
     submitted: float = field(default_factory=time.perf_counter)
     future: Future[GenerationResult] = field(default_factory=Future)

@@ -23,6 +23,7 @@ USAGE_INPUT_TOKENS = "gen_ai.usage.input_tokens"
 USAGE_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
 RESPONSE_FINISH_REASONS = "gen_ai.response.finish_reasons"
 TEXT_COMPLETION = "text_completion"
+CHAT = "chat"  # the operation of a request with messages; its span keeps the name text_completion, as tables find it
 PROVIDER = "transformers"
 
 # OpenInference semantic conventions (openinference-semantic-conventions 0.1.x), so Phoenix reads
@@ -41,6 +42,7 @@ LLM_MODEL_NAME = "llm.model_name"
 LLM_PROVIDER = "llm.provider"
 LLM_SYSTEM = "llm.system"
 LLM_INVOCATION_PARAMETERS = "llm.invocation_parameters"
+LLM_INPUT_MESSAGES = "llm.input_messages"  # flattened: llm.input_messages.0.message.role, ...content
 LLM_TOKEN_COUNT_PROMPT = "llm.token_count.prompt"
 LLM_TOKEN_COUNT_COMPLETION = "llm.token_count.completion"
 LLM_TOKEN_COUNT_TOTAL = "llm.token_count.total"

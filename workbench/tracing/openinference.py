@@ -35,6 +35,17 @@ def output_value(value: Any) -> dict[str, object]:
     return _value(attr.OUTPUT_VALUE, attr.OUTPUT_MIME_TYPE, value)
 
 
+def input_messages(messages: list[dict[str, str]]) -> dict[str, object]:
+    """A chat's messages as OpenInference flattens them: ``llm.input_messages.{i}.message.role`` and ``.content``."""
+    attributes: dict[str, object] = {}
+    for index, message in enumerate(messages):
+        prefix = f"{attr.LLM_INPUT_MESSAGES}.{index}.message"
+        content = message["content"]
+        attributes[f"{prefix}.role"] = message["role"]
+        attributes[f"{prefix}.content"] = content if len(content) <= PREVIEW_CHARS else content[:PREVIEW_CHARS] + "…"
+    return attributes
+
+
 def model(source: str) -> dict[str, object]:
     """The model a span ran: its source (hub id or directory), which says more than the workbench's alias for it."""
     return {attr.LLM_MODEL_NAME: source, attr.LLM_SYSTEM: attr.PROVIDER, attr.LLM_PROVIDER: attr.LOCAL_PROVIDER}

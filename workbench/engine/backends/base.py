@@ -11,10 +11,10 @@ import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
-from workbench.engine.requests import GenerationParams, GenerationRequest, GenerationResult
-from workbench.errors import ContextWindowExceeded
+from workbench.engine.requests import GenerationParams, GenerationRequest, GenerationResult, Messages
+from workbench.errors import ChatTemplateError, ContextWindowExceeded
 
 if TYPE_CHECKING:
     from workbench.engine.batching import BatchingPolicy
@@ -70,8 +70,18 @@ class Backend(Protocol):
     dtype: str
     context_window: int | None
 
-    def tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
-        """Token ids of each prompt, in one call (a batch tokenizes together)."""
+    def tokenize(self, prompts: Sequence[str], special_tokens: bool = True) -> list[list[int]]:
+        """Token ids of each prompt, in one call (a batch tokenizes together).
+
+        ``special_tokens=False`` adds none (no BOS): a chat template's text carries its own.
+        """
+        ...
+
+    def chat_prompt(self, messages: Messages, hop: str | None = None) -> str | None:
+        """The prompt ``messages`` make by this model's chat template; None where a server renders them itself.
+
+        Raises ChatTemplateError where the model has no chat template, or its template refuses the messages.
+        """
         ...
 
     def detokenize(self, tokens: Sequence[int]) -> str:
@@ -120,6 +130,27 @@ def fit_window(
         f"but model {model!r} has a context window of {window} tokens",
         hint="shorten the prompt, lower max_new_tokens, or set truncate: left on the hop",
     )
+
+
+def render_chat(tokenizer: Any, messages: Messages, model: str, hop: str | None = None) -> str:
+    """``messages`` as the prompt ``tokenizer``'s chat template makes of them, ready for the assistant's answer.
+
+    Without a template this refuses, as ``transformers serve`` does (HTTP 500): no default template is guessed.
+    """
+    where = f"hop {hop!r}: " if hop else ""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ChatTemplateError(
+            f"{where}model {model!r} has no chat template, so it cannot take messages",
+            hint="give the hop prompt: instead of messages:, or use a chat model (one whose tokenizer has a chat "
+            "template)",
+        )
+    try:
+        return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    except Exception as exc:  # jinja2's errors, and what a template's raise_exception(...) says
+        raise ChatTemplateError(
+            f"{where}the chat template of model {model!r} refused the messages: {type(exc).__name__}: {exc}",
+            hint="many templates want one system message first, then user and assistant in turn, ending with user",
+        ) from None
 
 
 def result_from_stamps(

@@ -12,6 +12,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from workbench.engine.backends.base import (
     BackendOutOfMemory,
+    render_chat,
     BatchTiming,
     OnError,
     OnResult,
@@ -20,7 +21,7 @@ from workbench.engine.backends.base import (
     next_batch_id,
     result_from_stamps,
 )
-from workbench.engine.requests import GenerationRequest, GenerationResult, check_text
+from workbench.engine.requests import GenerationRequest, GenerationResult, Messages, check_text
 from workbench.models.devices import dtype_name
 from workbench.models.registry import LoadedModel
 
@@ -93,16 +94,20 @@ class TransformersBackend:
         core = getattr(tokenizer, "_tokenizer", None)
         self._encode_batch = core.encode_batch if callable(getattr(core, "encode_batch", None)) else None
 
-    def tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
+    def tokenize(self, prompts: Sequence[str], special_tokens: bool = True) -> list[list[int]]:
         try:
             if self._encode_batch is not None:
-                return [encoding.ids for encoding in self._encode_batch(list(prompts), add_special_tokens=True)]
-            ids: list[list[int]] = self.loaded.tokenizer(list(prompts))["input_ids"]
+                encodings = self._encode_batch(list(prompts), add_special_tokens=special_tokens)
+                return [encoding.ids for encoding in encodings]
+            ids: list[list[int]] = self.loaded.tokenizer(list(prompts), add_special_tokens=special_tokens)["input_ids"]
         except TypeError:  # how a fast tokenizer refuses text with a lone surrogate; say which prompt
             for index, prompt in enumerate(prompts):
                 check_text(prompt, "the prompt" if len(prompts) == 1 else f"prompt {index + 1} of {len(prompts)}")
             raise
         return ids
+
+    def chat_prompt(self, messages: Messages, hop: str | None = None) -> str:
+        return render_chat(self.loaded.tokenizer, messages, self.model, hop)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self.loaded.tokenizer.decode([t for t in tokens if t not in self.eos_ids], skip_special_tokens=True).strip()
