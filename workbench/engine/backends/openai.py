@@ -1,8 +1,10 @@
 """A model behind an OpenAI-compatible server (vLLM, SGLang, llama.cpp, Ollama, ``transformers serve``): streamed HTTP.
 
-Each request is one streamed ``POST /completions``, timed on the client as vLLM's serving
-benchmark times it: the clock starts just before the POST, TTFT is the first chunk that carries
-a choice, each later chunk with text is one inter-token latency, and TPOT is
+Each request is one streamed ``POST /completions`` (a prompt) or ``POST /chat/completions`` (a chat
+hop's messages), timed on the client as vLLM's serving benchmark times it: the clock starts just
+before the POST, TTFT is the first chunk that carries a choice (for a chat, the first with content:
+a chat stream opens with a chunk that carries only the role), each later chunk with text is one
+inter-token latency, and TPOT is
 (E2E - TTFT) / (tokens - 1) with the tokens the server's ``usage`` reports. What the batching
 policy means here: how many requests are in flight at once. ``ContinuousBatching(max_batch=N)``
 (the default for a server) sends each request as it arrives, up to N at a time, and completes
@@ -37,9 +39,10 @@ from workbench.engine.backends.base import (
     Scheduler,
     TokenSink,
     next_batch_id,
+    render_chat,
     result_from_stamps,
 )
-from workbench.engine.requests import GenerationRequest, GenerationResult
+from workbench.engine.requests import GenerationRequest, GenerationResult, Messages
 from workbench.errors import RemoteError, RemoteRateLimited
 from workbench.models import remote
 from workbench.models.registry import LoadedModel
@@ -141,6 +144,7 @@ class RemoteBackend:
         self.tokenizer = loaded.tokenizer
         self.served_model = str(settings.served_model)
         self.url = f"{remote.base_url(settings)}/completions"
+        self.chat_url = f"{remote.base_url(settings)}/chat/completions"
         self.headers = remote.headers(settings)
         self.read_timeout_s = settings.read_timeout_s
         self._timeout = httpx.Timeout(None, connect=CONNECT_TIMEOUT_S, read=settings.read_timeout_s, pool=None)
@@ -149,12 +153,19 @@ class RemoteBackend:
 
     # -- the Backend protocol ------------------------------------------------------------------
 
-    def tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
+    def tokenize(self, prompts: Sequence[str], special_tokens: bool = True) -> list[list[int]]:
         """Token ids by the served model's own tokenizer where it is here; else none (the server counts)."""
         if self.tokenizer is None:
             return [[] for _ in prompts]
-        ids: list[list[int]] = self.tokenizer(list(prompts))["input_ids"]
+        ids: list[list[int]] = self.tokenizer(list(prompts), add_special_tokens=special_tokens)["input_ids"]
         return ids
+
+    def chat_prompt(self, messages: Messages, hop: str | None = None) -> str | None:
+        """The prompt the served model's chat template makes, where its tokenizer is here with one (to count and fit
+        the window); else None, and the server renders the messages (or refuses them)."""
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            return None
+        return render_chat(self.tokenizer, messages, self.model, hop)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         if self.tokenizer is None:
@@ -221,18 +232,21 @@ class RemoteBackend:
 
     def _body(self, request: GenerationRequest) -> dict[str, Any]:
         params = request.params
-        prompt = request.prompt
-        if request.truncated_tokens:  # cut to fit the window (truncate: left): send the text of what was kept
-            prompt = self.tokenizer.decode(request.input_ids, skip_special_tokens=True)
-        body: dict[str, Any] = {
-            "model": self.served_model,
-            "prompt": prompt,
+        body: dict[str, Any] = {"model": self.served_model}
+        if request.messages is not None:
+            body["messages"] = request.messages  # never cut: a spec refuses truncate: left on a chat hop
+        elif request.truncated_tokens:  # cut to fit the window (truncate: left): send the text of what was kept
+            body["prompt"] = self.tokenizer.decode(request.input_ids, skip_special_tokens=True)
+        else:
+            body["prompt"] = request.prompt
+        body.update({
             "max_tokens": params.max_new_tokens,
             "temperature": params.temperature,
             "top_p": params.top_p,
             "stream": True,
-            "stream_options": {"include_usage": True},  # the server's token counts, in the last chunk
-        }
+            # The server's token counts, in the last chunk; a server that does not know the option ignores it.
+            "stream_options": {"include_usage": True},
+        })
         if params.top_k:
             body["top_k"] = params.top_k  # vLLM, SGLang and llama.cpp take it; OpenAI itself does not
         if params.seed is not None:
@@ -243,19 +257,22 @@ class RemoteBackend:
         self, request: GenerationRequest, on_token: TokenSink | None, batch_id: int, batch_size: int
     ) -> tuple[GenerationResult, _Stamps]:
         span = request.span
-        span.set_attributes({attr.REMOTE_URL: self.url, attr.REMOTE_SERVED_MODEL: self.served_model,
-                             attr.REMOTE_ENDPOINT: "/completions", attr.SERVER_ADDRESS: _server(self.url)})
+        chat = request.messages is not None
+        url = self.chat_url if chat else self.url
+        span.set_attributes({attr.REMOTE_URL: url, attr.REMOTE_SERVED_MODEL: self.served_model,
+                             attr.REMOTE_ENDPOINT: "/chat/completions" if chat else "/completions",
+                             attr.SERVER_ADDRESS: _server(url)})
         body = self._body(request)
         texts: list[str] = []
         itl: list[float] = []
         stamps = _Stamps(posted=time.perf_counter())
         try:
-            async with self._client.stream("POST", self.url, json=body, headers=self.headers,
+            async with self._client.stream("POST", url, json=body, headers=self.headers,
                                           timeout=self._timeout) as response:
                 stamps.status = response.status_code
                 span.set_attribute(attr.HTTP_STATUS, response.status_code)
                 if response.status_code >= 400:
-                    raise self._status_error(response, (await response.aread()).decode("utf-8", "replace"))
+                    raise self._status_error(url, response, (await response.aread()).decode("utf-8", "replace"))
                 async for line in response.aiter_lines():
                     if not line.startswith("data:"):
                         continue  # blank separators, comments, event names
@@ -263,17 +280,17 @@ class RemoteBackend:
                     if data == "[DONE]":
                         break
                     now = time.perf_counter()
-                    chunk = _parse(data, self.url)
+                    chunk = _parse(data, url)
                     if "error" in chunk:  # an error the server reports inside a stream it had begun
-                        raise self._broken(stamps, f"the server reported an error mid-stream: {chunk['error']}")
+                        raise self._broken(url, stamps, f"the server reported an error mid-stream: {chunk['error']}")
                     if chunk.get("usage"):
                         stamps.usage = chunk["usage"]
                     choices = chunk.get("choices")
                     if not choices:
                         continue
                     choice = choices[0]
-                    text = choice.get("text") or ""
-                    if stamps.first is None:
+                    text = _text(choice, chat)
+                    if stamps.first is None and (text or not chat):
                         stamps.first = now
                         # Now, not at the end: a span its timeout ended says by this whether a first token came.
                         span.set_attribute(attr.REMOTE_TTFT_MS, (now - stamps.posted) * 1e3)
@@ -290,11 +307,11 @@ class RemoteBackend:
             _event(span, exc)
             raise
         except httpx.HTTPError as exc:
-            error = self._translate(exc, stamps)
+            error = self._translate(url, exc, stamps)
             _event(span, error)
             raise error from exc
         if stamps.finish_reason is None:
-            error = self._broken(stamps, "the stream ended without a finish reason")
+            error = self._broken(url, stamps, "the stream ended without a finish reason")
             _event(span, error)
             raise error
         return self._result(request, stamps, "".join(texts), itl, batch_id, batch_size), stamps
@@ -333,49 +350,53 @@ class RemoteBackend:
 
     # -- errors at the seam ----------------------------------------------------------------
 
-    def _status_error(self, response: httpx.Response, text: str) -> RemoteError:
+    def _status_error(self, url: str, response: httpx.Response, text: str) -> RemoteError:
         status = response.status_code
         said = " ".join(text.split())[:300]
-        where = f"model server {self.url} ({self.served_model!r})"
+        where = f"model server {url} ({self.served_model!r})"
+        # transformers serve answers a chat for a model without a chat template with a bare HTTP 500.
+        chat = " (a model without a chat template cannot take messages: give the hop prompt: instead)" \
+            if url == self.chat_url else ""
         if status == 429:
             retry_after = _retry_after(response.headers.get("retry-after"))
             return RemoteRateLimited(
                 f"{where} is rate limiting: HTTP 429" + (f", retry after {retry_after:g} s" if retry_after else "")
                 + (f": {said}" if said else ""),
-                url=self.url, retry_after_s=retry_after,
+                url=url, retry_after_s=retry_after,
                 hint="give the hop retry (its waits honour Retry-After), lower the concurrency, or add a fallback",
             )
         if status >= 500:
             return RemoteError(f"{where} failed the request: HTTP {status}" + (f": {said}" if said else ""),
-                               kind="status", url=self.url, status=status,
-                               hint="the server's log says why; give the hop retry or a fallback")
+                               kind="status", url=url, status=status,
+                               hint=f"the server's log says why{chat}; give the hop retry or a fallback")
         hint = {401: "pass api_key=... when loading", 403: "check the api_key",
                 404: f"check served_model ({self.served_model!r}) and that the URL ends in /v1"}.get(
             status, "the server refused the request as sent: its message above says why")
         return RemoteError(f"{where} refused the request: HTTP {status}" + (f": {said}" if said else ""),
-                           kind="rejected", url=self.url, status=status, hint=hint)
+                           kind="rejected", url=url, status=status, hint=hint)
 
-    def _translate(self, exc: httpx.HTTPError, stamps: _Stamps) -> RemoteError:
-        where = f"model server {self.url}"
+    def _translate(self, url: str, exc: httpx.HTTPError, stamps: _Stamps) -> RemoteError:
+        where = f"model server {url}"
         if isinstance(exc, httpx.ConnectError):
             return RemoteError(f"{where} refused the connection: {exc or type(exc).__name__}", kind="refused",
-                               url=self.url, hint="is the server running? a fallback model can answer meanwhile")
+                               url=url, hint="is the server running? a fallback model can answer meanwhile")
         if isinstance(exc, httpx.ConnectTimeout):
             return RemoteError(f"{where} did not accept the connection within {CONNECT_TIMEOUT_S:g} s",
-                               kind="refused", url=self.url, hint="is the host reachable? is the server overloaded?")
+                               kind="refused", url=url, hint="is the host reachable? is the server overloaded?")
         if isinstance(exc, httpx.ReadTimeout) and stamps.first is None:
             return RemoteError(
                 f"{where} took the request but sent no first token within {self.read_timeout_s:g} s",
-                kind="no_first_byte", url=self.url, status=stamps.status,
+                kind="no_first_byte", url=url, status=stamps.status,
                 hint="the server may be stuck or overloaded: give the hop a fallback, or load the model with a "
                 "longer read_timeout_s if its queue is long",
             )
-        return self._broken(stamps, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        return self._broken(url, stamps, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
 
-    def _broken(self, stamps: _Stamps, why: str) -> RemoteError:
+    @staticmethod
+    def _broken(url: str, stamps: _Stamps, why: str) -> RemoteError:
         return RemoteError(
-            f"model server {self.url} broke off the stream after {stamps.chunks} chunks: {why}",
-            kind="broken_stream", url=self.url, status=stamps.status,
+            f"model server {url} broke off the stream after {stamps.chunks} chunks: {why}",
+            kind="broken_stream", url=url, status=stamps.status,
             hint="the server's log says why; give the hop retry or a fallback",
         )
 
@@ -437,6 +458,14 @@ class _Streams:
 def _on_token(request: GenerationRequest, token: int, text: str) -> None:
     if request.on_token is not None:
         request.on_token(token, text)
+
+
+def _text(choice: dict[str, Any], chat: bool) -> str:
+    """The text a streamed choice adds: a completion's ``text``, a chat's ``delta.content``."""
+    if not chat:
+        return choice.get("text") or ""
+    delta = choice.get("delta")
+    return (delta.get("content") or "") if isinstance(delta, dict) else ""
 
 
 def _parse(data: str, url: str) -> dict[str, Any]:
