@@ -101,6 +101,18 @@ def test_a_prompt_cut_to_fit_the_window_is_sent_cut(remote: wb.Workbench) -> Non
     assert isinstance(run.output, str)
 
 
+def test_a_chat_for_a_served_model_without_a_chat_template_fails_saying_so(remote: wb.Workbench) -> None:
+    # The tiny model has none; transformers serve answers HTTP 500, and the hint says why that may be.
+    chain = remote.chain({"name": "chat", "hops": [
+        {"name": "answer", "model": "remote", "messages": [{"role": "user", "content": "{{ prompt }}"}]}]})
+    with pytest.raises(HopFailed) as caught:
+        chain.run(prompt=PROMPTS[1])
+    error = caught.value.cause
+    assert isinstance(error, RemoteError) and (error.kind, error.status) == ("status", 500)
+    assert error.url.endswith("/v1/chat/completions")
+    assert "without a chat template" in (error.hint or "")
+
+
 def test_every_batching_policy_gives_the_same_answers(remote: wb.Workbench) -> None:
     chain = _chain(remote)
     inputs = [{"prompt": p} for p in PROMPTS * 2]
