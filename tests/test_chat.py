@@ -19,7 +19,9 @@ from workbench.tracing import attributes as attr
 
 # The tiny model's tokenizer has no chat template, and `transformers serve` answers a chat for it with HTTP 500;
 # the tests give a copy of it this one.
-CHAT_TEMPLATE = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+)
 QUESTIONS = ["What is the capital of France?", "What is the sea?", "Why?"]
 
 CHAT = """\
@@ -183,7 +185,8 @@ def test_a_served_chat_posts_to_chat_completions_and_records_its_messages(chats:
     chain = chats.chain({"name": "c", "hops": [
         {"name": "plan", "model": "remote", "prompt": "Plan for {{ question }}:", "max_new_tokens": 4},
         {"name": "answer", "model": "remote", "max_new_tokens": 8, "messages": [
-            {"role": "system", "content": "Follow the plan: {{ plan }}"}, {"role": "user", "content": "{{ question }}"}]},
+            {"role": "system", "content": "Follow the plan: {{ plan }}"},
+            {"role": "user", "content": "{{ question }}"}]},
     ]})
     run = chain.run(question=QUESTIONS[0])
     plan, answer = (dict(s.attributes or {}) for s in run.trace.spans if s.name.startswith("text_completion"))
@@ -196,7 +199,7 @@ def test_a_served_chat_posts_to_chat_completions_and_records_its_messages(chats:
     assert _hop_span(run, "answer")[attr.INPUT_MIME_TYPE] == attr.MIME_JSON
     # The server's own count of the prompt its template made is the count made here by the same template.
     assert answer[attr.REMOTE_TOKENS_FROM] == "server"
-    assert answer[attr.USAGE_INPUT_TOKENS] == _request_span(chats.chain({"name": "l", "hops": [
-        {"name": "answer", "model": "local", "max_new_tokens": 8, "messages": messages}]}).run())[attr.USAGE_INPUT_TOKENS]
+    local = chats.chain({"name": "l", "hops": [{"name": "answer", "model": "local", "messages": messages}]}).run()
+    assert answer[attr.USAGE_INPUT_TOKENS] == _request_span(local)[attr.USAGE_INPUT_TOKENS]
     ttft, e2e = answer[attr.REMOTE_TTFT_MS], answer[attr.REMOTE_E2E_MS]
     assert 0 < ttft <= e2e  # type: ignore[operator]

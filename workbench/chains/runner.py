@@ -225,7 +225,7 @@ class Runner:
         return value
 
     async def _prompt(self, hop: HopSpec, values: dict[str, Any], span: Span) -> tuple[str, Messages | None]:
-        """An LLM hop's prompt, or a chat hop's messages ("" and None for a Python hop), bounded by the hop's timeout_s.
+        """An LLM hop's prompt, or a chat hop's messages ("" and None for a Python hop), bounded by its timeout_s.
 
         A template that is more than text and ``{{ name }}``s renders in the hop pool: a slow one
         (a spec may be someone else's) must not hold up the loop every run walks on.

@@ -4,9 +4,8 @@ Each request is one streamed ``POST /completions`` (a prompt) or ``POST /chat/co
 hop's messages), timed on the client as vLLM's serving benchmark times it: the clock starts just
 before the POST, TTFT is the first chunk that carries a choice (for a chat, the first with content:
 a chat stream opens with a chunk that carries only the role), each later chunk with text is one
-inter-token latency, and TPOT is
-(E2E - TTFT) / (tokens - 1) with the tokens the server's ``usage`` reports. What the batching
-policy means here: how many requests are in flight at once. ``ContinuousBatching(max_batch=N)``
+inter-token latency, and TPOT is (E2E - TTFT) / (tokens - 1) with the tokens the server's ``usage`` reports.
+What the batching policy means here: how many requests are in flight at once. ``ContinuousBatching(max_batch=N)``
 (the default for a server) sends each request as it arrives, up to N at a time, and completes
 each as its stream ends, so a fast answer never waits for a slow one; ``NoBatching`` sends one
 at a time; a static or dynamic batch of B is B streams sent together, done when the last ends
