@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import threading
 from collections.abc import Callable, Coroutine
 from concurrent.futures import CancelledError, Future
@@ -22,6 +23,8 @@ from workbench.chains.spec import ChainSpec, parse_spec
 from workbench.chains.sqlite_store import SESSIONS_FILE, SQLiteContextStore, data_root
 from workbench.chains.threads import ChainThreads
 from workbench.engine import BatchingPolicy, Engine, GenerationParams, GenerationResult, NoBatching
+from workbench.engine.backends.process import ProcessBackend
+from workbench.engine.backends.transformers import TransformersBackend
 from workbench.engine.faults import Faults
 from workbench.engine.prober import HealthChecks
 from workbench.errors import HopFailed, WorkbenchClosed, WorkbenchError
@@ -31,8 +34,6 @@ from workbench.models.registry import LoadedModel, LoadSettings, ModelRegistry
 from workbench.tracing import Trace, Tracing
 
 if TYPE_CHECKING:
-    import os
-
     import pandas as pd
 
 MAX_RUNS_KEPT = 10_000
@@ -127,12 +128,17 @@ class Workbench:
         allow_pickle: bool = False,
         revision: str | None = None,
         warmup: bool = False,
+        isolation: str = "thread",
+        restarts: int = 3,
     ) -> LoadedModel:
         """Load a local directory or hub id as ``name`` and start its worker.
 
         Weights must be safetensors unless ``allow_pickle=True``; repository code never runs
         unless ``trust_remote_code=True``. ``adapter`` is a PEFT (LoRA) adapter directory.
         ``warmup=True`` runs a tiny generate after loading, reported as part of the cold start.
+        ``isolation="process"`` loads the model in a child process of its own, which a crash there
+        (SIGKILL, a segfault, a CUDA fatal error) takes down alone: the requests it ran fail with
+        ModelProcessDied, and it starts again, up to ``restarts`` times.
         Without ``source``, loads a model registered earlier with :meth:`register`, with its
         registered settings and batching policy.
         """
@@ -151,6 +157,8 @@ class Workbench:
                 allow_pickle=allow_pickle,
                 revision=revision,
                 warmup=warmup,
+                isolation=isolation,
+                restarts=restarts,
             )
             batching = batching or NoBatching()  # a fresh load does not inherit an earlier one's policy
         return self.engine.preloader.load(name, settings, policy=batching)
@@ -201,8 +209,10 @@ class Workbench:
         return self.engine.preloader.prepare(spec.models(), label=spec.name)
 
     def models(self) -> pd.DataFrame:
-        """One row per known model: name, source, device, dtype, params, memory, load time, state, health,
-        and ``batch_limit``, the largest batch it runs since one ran out of memory (None: no limit)."""
+        """One row per known model: name, source, device, dtype, isolation, params, memory, load time, state,
+        health, ``batch_limit``, the largest batch it runs since one ran out of memory (None: no limit), ``pid``,
+        the process it runs in (None while a model process restarts), and ``restarts``, how often its model
+        process was started again after dying (None for a model in this process)."""
         import pandas as pd
 
         table = self.registry.table()
@@ -210,6 +220,11 @@ class Workbench:
         table["health"] = [workers[n].health.state if n in workers else None for n in table["name"]]
         limits = [workers[n].queue.batch_limit if n in workers else None for n in table["name"]]
         table["batch_limit"] = pd.array(limits, dtype="Int64")
+        backends = [workers[n].backend if n in workers else None for n in table["name"]]
+        table["pid"] = pd.array([_pid(b) for b in backends], dtype="Int64")
+        table["restarts"] = pd.array(
+            [b.restarts if isinstance(b, ProcessBackend) else None for b in backends], dtype="Int64"
+        )
         return table
 
     def set_batching(self, name: str, policy: BatchingPolicy) -> None:
@@ -473,6 +488,13 @@ class Workbench:
 
     def __repr__(self) -> str:
         return f"<Workbench models={self.registry.names()} runs={len(self._runs)}>"
+
+
+def _pid(backend: object) -> int | None:
+    """The process a model's backend runs it in: its child's, or this one."""
+    if isinstance(backend, ProcessBackend):
+        return backend.pid
+    return os.getpid() if isinstance(backend, TransformersBackend) else None
 
 
 def _serve(loop: asyncio.AbstractEventLoop) -> None:

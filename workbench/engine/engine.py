@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from opentelemetry.trace import Span
 
 from workbench.engine.backends.base import Backend, fit_window
+from workbench.engine.backends.process import ModelProcess, ProcessBackend
 from workbench.engine.backends.transformers import TransformersBackend
 from workbench.engine.batching import BatchingPolicy, NoBatching
 from workbench.engine.breaker import CircuitBreaker
@@ -55,7 +56,9 @@ class _Pending:
 
 
 def backend_for(loaded: LoadedModel) -> Backend:
-    """The backend that runs ``loaded``: transformers, in this process."""
+    """The backend that runs ``loaded``: transformers in this process, or in the child process that loaded it."""
+    if loaded.settings.isolation == "process":
+        return ProcessBackend(loaded)
     return TransformersBackend(loaded)
 
 
@@ -70,6 +73,7 @@ class Engine:
 
     def __init__(self, registry: ModelRegistry, tracing: Tracing) -> None:
         self._registry = registry
+        registry.spawner = ModelProcess  # isolation="process": the registry loads through a child process
         self._tracing = tracing
         self._lock = threading.Lock()
         self._workers: dict[str, ModelWorker] = {}

@@ -171,6 +171,7 @@ class ModelWorker:
                 attr.DECODE_MS: timing.decode_ms,
                 attr.DETOKENIZE_MS: timing.detokenize_ms,
                 "workbench.batch.steps": timing.steps,
+                **timing.attributes,
             }
         )
         span.set_status(Status(StatusCode.OK))

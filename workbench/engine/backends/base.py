@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 from workbench.engine.requests import GenerationParams, GenerationRequest, GenerationResult
@@ -44,6 +44,8 @@ class BatchTiming:
     decode_ms: float
     detokenize_ms: float
     steps: int
+    # What the backend adds to the batch span about where the batch ran (a child's pid, its IPC time).
+    attributes: dict[str, object] = field(default_factory=dict)
 
 
 # Called by a backend after each decode step with (request, new token id, text delta) per streaming row.

@@ -1,0 +1,98 @@
+"""The model process of ``isolation="process"``: loads one model with the registry's code, serves batches on a pipe.
+
+Run as ``python -m workbench.engine.backends._child FD`` by :class:`~workbench.engine.backends.process.ModelProcess`,
+with FD its end of a socket pair. The first frame names the model and its LoadSettings; the
+answer is ``ready`` (what loaded, and where) or ``failed``. Then each ``generate`` frame is one
+batch, answered by ``token`` frames for streaming rows and one ``done`` (or ``error``) frame.
+End-of-file on the pipe (the parent closed it, or died) ends the process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import faulthandler
+import os
+import sys
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+from opentelemetry.trace import INVALID_SPAN
+
+from workbench.engine.backends.base import BackendOutOfMemory
+from workbench.engine.backends.process import pack, unpack
+from workbench.engine.backends.transformers import TransformersBackend
+from workbench.engine.requests import GenerationParams, GenerationRequest
+from workbench.errors import WorkbenchError, describe
+from workbench.models.registry import ModelRegistry
+from workbench.models.settings import LoadSettings
+from workbench.tracing import Tracing
+
+
+def _is_fatal(exc: BaseException) -> bool:
+    """Whether ``exc`` left the device unusable for this process: a CUDA error other than out-of-memory.
+
+    After a device-side assert or an illegal memory access every later CUDA call fails too, so
+    the process ends and the parent starts a fresh one.
+    """
+    return "CUDA error" in str(exc) or type(exc).__name__ == "AcceleratorError"
+
+
+def _serve(conn: Connection, backend: TransformersBackend, frame: dict[str, Any]) -> None:
+    started = time.perf_counter()
+    params = GenerationParams(**frame["params"])
+    batch = [
+        GenerationRequest(backend.model, ids, params, INVALID_SPAN, submitted=submitted,
+                          on_token=(lambda *_: None) if stream else None)  # marks the row as streaming
+        for ids, submitted, stream in frame["rows"]
+    ]
+    rows = {request.id: row for row, request in enumerate(batch)}
+
+    def on_token(request: GenerationRequest, token: int, text: str) -> None:
+        conn.send_bytes(pack({"op": "token", "row": rows[request.id], "token": token, "text": text}))
+
+    try:
+        results, timing = backend.generate(batch, on_token if any(r.stream for r in batch) else None)
+    except Exception as exc:
+        oom = isinstance(exc, BackendOutOfMemory)
+        if oom:
+            backend.release_memory()
+        fatal = not oom and _is_fatal(exc)
+        conn.send_bytes(pack({"op": "error", "oom": oom, "fatal": fatal, "message": describe(exc)}))
+        if fatal:
+            os._exit(70)  # nothing this process holds can be trusted now; the parent restarts it
+        return
+    conn.send_bytes(pack({
+        "op": "done",
+        "results": [[r.text, r.token_ids, r.finish_reason, r.queue_ms, r.prefill_ms, r.ttft_ms, r.decode_ms,
+                     r.padding_tokens] for r in results],
+        "timing": {k: v for k, v in dataclasses.asdict(timing).items() if k not in ("batch_id", "attributes")},
+        "busy_ms": (time.perf_counter() - started) * 1e3,
+    }))
+
+
+def main() -> None:
+    faulthandler.enable()  # a segfault prints where it happened, on the stderr shared with the parent
+    conn = Connection(int(sys.argv[1]))
+    hello = unpack(conn.recv_bytes())
+    try:
+        loaded = ModelRegistry(Tracing()).load(hello["name"], LoadSettings(**hello["settings"]))
+    except WorkbenchError as exc:
+        conn.send_bytes(pack({"op": "failed", "message": exc.message, "hint": exc.hint}))
+        return
+    backend = TransformersBackend(loaded)
+    conn.send_bytes(pack({
+        "op": "ready", "pid": os.getpid(), "device": backend.device, "dtype": backend.dtype, "params": loaded.params,
+        "memory_bytes": loaded.memory_bytes, "warmup_s": loaded.warmup_s, "context_window": loaded.context_window,
+        "eos_ids": sorted(backend.eos_ids),
+    }))
+    while True:
+        try:
+            frame = conn.recv_bytes()
+        except EOFError:  # the parent closed the pipe (the model was unloaded) or died
+            return
+        _serve(conn, backend, unpack(frame))
+
+
+if __name__ == "__main__":
+    main()
