@@ -217,7 +217,8 @@ class ModelRegistry:
             ]
             rows += [
                 {"name": n, "source": s.source, "adapter": s.adapter, "device": s.device, "dtype": s.dtype,
-                 "isolation": s.isolation, "params": None, "memory_mb": None, "load_s": None, "state": "registered", "cold_start_s": None,
+                 "isolation": s.isolation, "params": None, "memory_mb": None, "load_s": None, "state": "registered",
+                 "cold_start_s": None,
                  "last_used": last_used(n)}
                 for n, s in self._registered.items()
                 if n not in self._loaded

@@ -28,7 +28,15 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from workbench.engine.backends.base import BackendOutOfMemory, BatchTiming, OnError, OnResult, Scheduler, TokenSink, next_batch_id
+from workbench.engine.backends.base import (
+    BackendOutOfMemory,
+    BatchTiming,
+    OnError,
+    OnResult,
+    Scheduler,
+    TokenSink,
+    next_batch_id,
+)
 from workbench.engine.backends.transformers import TextCodec
 from workbench.engine.requests import GenerationRequest, GenerationResult
 from workbench.errors import ModelLoadError, ModelProcessDied, StrategyError

@@ -1,0 +1,189 @@
+"""Process isolation on the real tiny model: a model in a child process serves alike, and its crash is survivable."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+
+import workbench as wb
+from workbench.engine import GenerationParams
+from workbench.fronts.arguments import add_load_options, load_settings
+
+from helpers import WAIT_S, eventually
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the model process is started with pass_fds (POSIX)")
+
+PROMPT = "Question: {{ question }}\nAnswer:"
+QUESTION = "What is the capital of France?"
+
+
+class BatchStarts(SpanProcessor):
+    """Hears a model's batch span start: the worker has taken the batch and is about to hand it to the backend."""
+
+    def __init__(self, model: str) -> None:
+        self.name = f"batch {model}"
+        self.started = threading.Event()
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        if span.name == self.name:
+            self.started.set()
+
+    def on_end(self, span: ReadableSpan) -> None:
+        pass
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def shm() -> set[str]:
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+@pytest.fixture
+def pair(bench: wb.Workbench, tiny_path: Path) -> wb.Workbench:
+    """'iso' (the tiny model in a child process) and 'tiny' (the same weights in this one)."""
+    bench.load("iso", tiny_path, device="cpu", isolation="process")
+    bench.load("tiny", tiny_path, device="cpu")
+    return bench
+
+
+def pid_of(bench: wb.Workbench, name: str) -> int | None:
+    """The process ``name`` runs in, as bench.models() shows it; None while it has none."""
+    value = bench.models().set_index("name").loc[name, "pid"]
+    return None if pd.isna(value) else int(value)
+
+
+def test_an_isolated_model_answers_as_in_process_from_a_process_of_its_own(pair: wb.Workbench) -> None:
+    prompt = f"Question: {QUESTION}\nPlan:"
+    isolated = pair.generate("iso", prompt, max_new_tokens=16)
+    local = pair.generate("tiny", prompt, max_new_tokens=16)
+    assert isolated.text == local.text and isolated.token_ids == local.token_ids
+    assert isolated.tokens_out > 1 and isolated.ttft_ms > 0
+
+    models = pair.models().set_index("name")
+    assert models.loc["iso", "isolation"] == "process" and models.loc["tiny", "isolation"] == "thread"
+    child = int(models.loc["iso", "pid"])
+    assert child != os.getpid() and int(models.loc["tiny", "pid"]) == os.getpid() and alive(child)
+    assert models.loc["iso", "restarts"] == 0 and pd.isna(models.loc["tiny", "restarts"])
+    # The weights live in the child: this process holds no module for 'iso', and never touched CUDA for it.
+    assert models.loc["iso", "memory_mb"] == models.loc["tiny", "memory_mb"] > 0
+    assert not isinstance(pair.registry.get("iso").model, torch.nn.Module)
+    assert not torch.cuda.is_initialized()
+
+    # Streamed tokens cross the pipe as they are made; the batch span says which process ran it.
+    chain = pair.chain({"name": "s", "hops": [{"name": "answer", "model": "iso", "prompt": PROMPT,
+                                                "max_new_tokens": 12}]})
+    events = list(chain.stream(question=QUESTION))
+    streamed = "".join(e.text for e in events if e.kind == "token")
+    run = events[-1].run
+    assert streamed.strip() == run.output == pair.generate("tiny", f"Question: {QUESTION}\nAnswer:",
+                                                            max_new_tokens=12).text
+    batch = pair.traces().table().query("name == 'batch iso'").iloc[-1]
+    assert batch["attributes.workbench.process.pid"] == child
+    with pytest.raises(wb.StrategyError, match="child process"):
+        pair.set_batching("iso", wb.ContinuousBatching())
+
+
+def test_a_killed_model_process_fails_its_batch_clearly_a_fallback_serves_and_it_restarts(
+    pair: wb.Workbench,
+) -> None:
+    pair.set_breaker("iso", failure_threshold=5, reset_timeout_s=0.2)
+    chain = pair.chain({"name": "qa", "hops": [
+        {"name": "answer", "model": "iso", "prompt": PROMPT, "max_new_tokens": 8, "fallback": ["tiny"]}]})
+    expected = chain.run(question=QUESTION)
+    assert expected.served_by["answer"] == "model:iso"
+    child = pid_of(pair, "iso")
+    assert child is not None
+    shm_before = shm()
+
+    starts = BatchStarts("iso")
+    pair.tracing.engine_provider.add_span_processor(starts)
+    pair.tracing.provider.add_span_processor(starts)
+    os.kill(child, signal.SIGSTOP)  # the child takes the batch but cannot answer it: the request is in flight
+    running = pair.start(chain.arun(question=QUESTION))
+    assert starts.started.wait(WAIT_S)
+    os.kill(child, signal.SIGKILL)
+    run = running.result(WAIT_S)
+
+    assert run.output == expected.output and run.served_by["answer"] == "model:tiny"
+    events = run.trace.events()
+    fallback = events.query("event == 'fallback'")
+    reason = fallback["attributes.workbench.fallback.reason"].iloc[0]
+    assert f"pid {child}" in reason and "killed by SIGKILL" in reason
+    assert "breaker.open" in set(events["event"])  # a dead process opens the breaker at once
+
+    eventually(lambda: pid_of(pair, "iso") not in (None, child), "the model process to start again")
+    assert pair.models().set_index("name").loc["iso", "restarts"] == 1 and not alive(child)
+    after = chain.run(question=QUESTION)  # the breaker's trial goes to the new process and closes it
+    assert after.served_by["answer"] == "model:iso" and after.output == expected.output
+    assert pair.breakers().set_index("model").loc["iso", "state"] == "closed"
+    assert shm() == shm_before
+
+
+@pytest.mark.parametrize(("sig", "said"), [(signal.SIGSEGV, "SIGSEGV (a segfault)"), (signal.SIGKILL, "SIGKILL")])
+def test_with_no_restarts_left_a_dead_model_process_stays_down_and_says_so(
+    bench: wb.Workbench, tiny_path: Path, sig: signal.Signals, said: str
+) -> None:
+    bench.load("iso", tiny_path, device="cpu", isolation="process", restarts=0)
+    child = pid_of(bench, "iso")
+    assert child is not None
+    os.kill(child, sig)
+    killed = re.escape(f"its process (pid {child}) was killed by {said}")
+    with pytest.raises(wb.ModelProcessDied, match=killed) as died:
+        bench.generate("iso", "Hello", max_new_tokens=2)
+    assert "stays down" in str(died.value) and "raise restarts" in str(died.value)
+    with pytest.raises(wb.ServingError, match="stays down"):
+        bench.engine.submit("iso", "Hello", GenerationParams(max_new_tokens=2)).future.result(WAIT_S)
+    assert pid_of(bench, "iso") is None
+
+
+def test_closing_the_workbench_ends_the_model_process(tiny_path: Path) -> None:
+    with wb.Workbench() as bench:
+        bench.load("iso", tiny_path, device="cpu", isolation="process")
+        child = pid_of(bench, "iso")
+        assert child is not None and alive(child)
+        bench.unload("iso")
+        assert not alive(child)
+        bench.load("iso")  # registered, so it loads again with its settings: a new process
+        again = pid_of(bench, "iso")
+        assert again is not None and again != child
+    assert not alive(again)
+
+
+def test_a_model_the_child_cannot_load_is_a_load_error_here(bench: wb.Workbench, tiny_path: Path) -> None:
+    with pytest.raises(wb.ModelLoadError, match="float8") as error:
+        bench.load("iso", tiny_path, device="cpu", dtype="float8", isolation="process")
+    assert error.value.hint
+    with pytest.raises(wb.ModelLoadError, match="isolation must be one of 'thread', 'process'"):
+        bench.load("iso", tiny_path, isolation="container")
+    with pytest.raises(wb.ModelLoadError, match="restarts must be a whole number"):
+        bench.load("iso", tiny_path, isolation="process", restarts=-1)
+    assert "iso" not in set(bench.models()["name"])
+
+
+def test_the_load_flags_of_the_magics_and_the_command_line_take_isolation_and_restarts() -> None:
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_load_options(parser)
+    settings = load_settings(parser.parse_args(["--isolation", "process", "--restarts", "5"]), "tiny")
+    assert (settings.isolation, settings.restarts) == ("process", 5)
+    defaults = load_settings(parser.parse_args([]), "tiny")
+    assert (defaults.isolation, defaults.restarts) == ("thread", 3)
+    with pytest.raises(argparse.ArgumentError, match="invalid int value"):
+        parser.parse_args(["--restarts", "many"])
