@@ -108,13 +108,13 @@ def run_chains(bench: wb.Workbench, chain: wb.Chain, inputs: list[dict[str, str]
     call_spans = [s for s in spans if s.name.startswith(attr.TEXT_COMPLETION)]
     calls = [s.attributes for s in call_spans]
     batches = [s.attributes for s in spans if s.name.startswith("batch ")]
-    padded = [b for b in batches if "workbench.batch.padded_len" in b]
+    padded = [b for b in batches if attr.BATCH_PADDED_LEN in b]
     return Sample(
         seconds=seconds,
         requests=len(runs),
         tokens=sum(int(a[attr.USAGE_OUTPUT_TOKENS]) for a in calls),
         padding=sum(int(b[attr.PADDING_TOKENS]) for b in padded),
-        cells=sum(int(b[attr.BATCH_SIZE]) * int(b["workbench.batch.padded_len"]) for b in padded),
+        cells=sum(int(b[attr.BATCH_SIZE]) * int(b[attr.BATCH_PADDED_LEN]) for b in padded),
         batches=[int(b[attr.BATCH_SIZE]) for b in batches],
         outputs=[r.output for r in runs],
         latencies_ms=[(s.end_time - s.start_time) / 1e6 for s in call_spans],

@@ -67,3 +67,19 @@ def test_no_module_sits_in_an_import_circle() -> None:
             if graph.direct_import_exists(importer=package, imported=child):
                 graph.remove_import(importer=package, imported=child)
     assert _cycles(graph) == []
+
+
+def test_every_workbench_attribute_name_lives_in_tracing_attributes() -> None:
+    # A span attribute spelt out elsewhere drifts from the one readers query; module paths are not attributes.
+    import ast
+
+    modules = set(grimp.build_graph("workbench").modules)
+    stray = []
+    for path in (ROOT / "workbench").rglob("*.py"):
+        if path.name == "attributes.py" and path.parent.name == "tracing":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("workbench."):
+                if node.value not in modules and not any(node.value.startswith(m + ":") for m in modules):
+                    stray.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.value}")
+    assert stray == []

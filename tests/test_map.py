@@ -56,15 +56,15 @@ def no_leaked_threads(tiny_bench: wb.Workbench) -> Iterator[None]:
     """Fail the test if a thread it started is still alive, or if one of the workbench's pooled threads is still at work."""
     before = set(threading.enumerate())
     yield
-    pooled = ("workbench-hop", "workbench-map-", "workbench-loop")  # the workbench's long-lived pools: idle is fine, busy is not
+    pooled = ("workbench-hop", "workbench-loop")  # the workbench's long-lived threads: idle is fine, busy is not
     started = [t for t in threading.enumerate() if t not in before and not t.name.startswith(pooled)]
     for thread in started:
         thread.join(timeout=WAIT_S)
     assert not [t.name for t in started if t.is_alive()]
     deadline = time.monotonic() + WAIT_S
-    while tiny_bench.chain_threads.busy and time.monotonic() < deadline:
+    while tiny_bench.runs_in_flight and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert tiny_bench.chain_threads.busy == 0
+    assert tiny_bench.runs_in_flight == 0
 
 
 # -- kept as each run finishes ---------------------------------------------------------------

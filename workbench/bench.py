@@ -21,7 +21,6 @@ from workbench.chains.events import Event
 from workbench.chains.runner import Runner
 from workbench.chains.spec import ChainSpec, parse_spec
 from workbench.chains.sqlite_store import SESSIONS_FILE, SQLiteContextStore, data_root
-from workbench.chains.threads import ChainThreads
 from workbench.engine import BatchingPolicy, Engine, GenerationParams, GenerationResult, NoBatching
 from workbench.engine.backends.process import ProcessBackend
 from workbench.engine.backends.transformers import TransformersBackend
@@ -99,7 +98,7 @@ class Workbench:
         self.store = store if store is not None else SQLiteContextStore(self.data_dir / SESSIONS_FILE)
         self._hop_pool = ThreadPoolExecutor(max_workers=hop_threads, thread_name_prefix="workbench-hop")
         self._runner = Runner(self.engine, self.tracing, self.store, self._hop_pool)
-        self.chain_threads = ChainThreads()  # threads for workloads that call the blocking API; kept between them
+        self._in_flight = 0  # runs walking on the loop now (only the loop thread changes it)
         self._loop: asyncio.AbstractEventLoop | None = None  # chains walk here, on its own thread, from first use
         self._loop_thread: threading.Thread | None = None
         self._loop_lock = threading.Lock()
@@ -454,6 +453,11 @@ class Workbench:
 
 
     @property
+    def runs_in_flight(self) -> int:
+        """Chain runs walking on the workbench's event loop right now (a map's, a stream's, an awaited one)."""
+        return self._in_flight
+
+    @property
     def closed(self) -> bool:
         """True once :meth:`close` ran: the workbench loads and runs nothing more."""
         return self._closed
@@ -471,7 +475,6 @@ class Workbench:
             except WorkbenchError:
                 pass
         self._hop_pool.shutdown(wait=False, cancel_futures=True)
-        self.chain_threads.close()
         if self._loop is not None and self._loop_thread is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
             if threading.current_thread() is not self._loop_thread:

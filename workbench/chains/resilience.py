@@ -125,12 +125,12 @@ async def serve(routes: Sequence[Route], policy: Resilience, span: Span) -> Any:
 
     def before_sleep(state: tenacity.RetryCallState) -> None:
         wait_ms = state.upcoming_sleep * 1e3
-        span.add_event("retry", {attr.ATTEMPT: state.attempt_number + 1, "workbench.retry.wait_ms": wait_ms})
+        span.add_event("retry", {attr.ATTEMPT: state.attempt_number + 1, attr.RETRY_WAIT_MS: wait_ms})
 
     for index, route in enumerate(routes):
         if index:
             reason = describe(failures[-1][2])
-            span.add_event("fallback", {attr.ROUTE: route.label, "workbench.fallback.reason": reason})
+            span.add_event("fallback", {attr.ROUTE: route.label, attr.FALLBACK_REASON: reason})
         try:
             if index == 0 and retry is not None:
                 value = await retry.retrying(before_sleep)(attempt, route, True)

@@ -279,7 +279,10 @@ class Runner:
         arguments = _arguments(hop, values)
         args, kwargs = ((arguments,), {}) if hop.call_by_name is None else ((), arguments)
         if inspect.iscoroutinefunction(hop.call):
-            return await hop.call(*args, **kwargs)
+            try:
+                return await hop.call(*args, **kwargs)
+            except KeyboardInterrupt as exc:  # on the loop it would stop every run: carry it out instead
+                raise Interrupted("a hop raised KeyboardInterrupt") from exc
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.hop_pool, _interruptible, hop.call, args, kwargs)
 

@@ -124,9 +124,9 @@ class CircuitBreaker:
             {
                 attr.MODEL_NAME: self.model,
                 attr.BREAKER_STATE: state,
-                "workbench.breaker.previous": self.state,
-                "workbench.breaker.failures": self.failures,
-                **({"workbench.breaker.last_error": self.last_error} if self.last_error else {}),
+                attr.BREAKER_PREVIOUS: self.state,
+                attr.BREAKER_FAILURES: self.failures,
+                **({attr.BREAKER_LAST_ERROR: self.last_error} if self.last_error else {}),
             },
         )
         self.state = state

@@ -116,7 +116,7 @@ class FaultInjector:
         self._batches += 1
         every, above = self.faults.oom_every, self.faults.oom_above
         if (every is not None and self._batches % every == 0) or (above is not None and len(batch) > above):
-            span.add_event("fault.injected", {"workbench.fault.kind": "oom", attr.BATCH_SIZE: len(batch)})
+            span.add_event("fault.injected", {attr.FAULT_KIND: "oom", attr.BATCH_SIZE: len(batch)})
             for request in batch:
                 request.span.set_attribute(attr.FAULT_OOM, True)
             raise InjectedOutOfMemory(

@@ -43,7 +43,7 @@ class ModelHealth:
                 self.error = describe(error)
                 new = UNHEALTHY if self.failures >= failures_to_fail else self.state
             if new != self.state:
-                span.add_event(f"health.{new}", {attr.MODEL_NAME: self.model, "workbench.health.previous": self.state})
+                span.add_event(f"health.{new}", {attr.MODEL_NAME: self.model, attr.HEALTH_PREVIOUS: self.state})
                 self.state = new
 
     def row(self) -> dict[str, Any]:

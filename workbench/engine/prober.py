@@ -82,5 +82,5 @@ class HealthChecks:
                 error = exc
                 mark_error(span, exc)
             worker.health.record(error, (time.perf_counter() - started) * 1e3, self.failures, span)
-            span.set_attribute("workbench.health", worker.health.state)
+            span.set_attribute(attr.HEALTH, worker.health.state)
         return worker.health.row()

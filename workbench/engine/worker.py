@@ -166,11 +166,11 @@ class ModelWorker:
             {
                 attr.BATCH_ID: timing.batch_id,
                 attr.PADDING_TOKENS: timing.padding_tokens,
-                "workbench.batch.padded_len": timing.padded_len,
+                attr.BATCH_PADDED_LEN: timing.padded_len,
                 attr.PREFILL_MS: timing.prefill_ms,
                 attr.DECODE_MS: timing.decode_ms,
                 attr.DETOKENIZE_MS: timing.detokenize_ms,
-                "workbench.batch.steps": timing.steps,
+                attr.BATCH_STEPS: timing.steps,
                 **timing.attributes,
             }
         )
@@ -194,8 +194,8 @@ class ModelWorker:
         half = (len(batch) + 1) // 2
         limit = self.queue.batch_limit
         self.queue.batch_limit = half if limit is None else min(limit, half)
-        span.add_event("oom.split", {"workbench.batch.halves": [half, len(batch) - half],
-                                     "workbench.batch.limit": self.queue.batch_limit})
+        span.add_event("oom.split", {attr.BATCH_HALVES: [half, len(batch) - half],
+                                     attr.BATCH_LIMIT: self.queue.batch_limit})
         span.end()
         for request in batch:
             request.span.set_attribute(attr.OOM_SPLIT, True)

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import Future, wait
+from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
-from workbench.chains.runner import check_inputs
-from workbench.errors import HopFailed, WorkloadError
+from workbench.chains.runner import Interrupted, check_inputs
+from workbench.errors import WorkloadError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -88,48 +87,37 @@ class WorkloadResult:
         return (self.ended_ns - self.started_ns) / 1e9
 
 
-def _run_once(chain: Chain, inputs: Mapping[str, Any]) -> Run:
-    """Run the chain; a failed run is kept (with its error), not raised, as ``Chain.map`` does."""
-    try:
-        return chain.run(**inputs)
-    except HopFailed as failed:
-        if failed.run is None:
-            raise
-        return cast("Run", failed.run)
-
-
 class _Pass:
-    """One pass of a workload: its runs, ``threads`` at a time, and the time of the first result of any of them.
+    """One pass of a workload on the workbench's event loop: its runs, ``limit`` at a time, and its first result.
 
-    Runs go on the workbench's chain threads (the ones ``chain.map`` uses, kept between passes),
-    so no pass pays for starting threads while it is being measured.
+    A failed run is kept (with its error), not raised, as ``Chain.map`` does. After :meth:`stop`
+    (a Ctrl-C) no further run starts; the ones running finish in the background.
     """
 
-    def __init__(self, chain: Chain, threads: int) -> None:
+    def __init__(self, chain: Chain, limit: int) -> None:
         self.chain = chain
-        self.pool = chain.bench.chain_threads.limited(threads)  # type: ignore[attr-defined]
+        self.limit = limit
         self.first_result_ns: int | None = None
-        self._lock = threading.Lock()
+        self.stopped = False
+        self._slots: asyncio.Semaphore | None = None
 
-    def submit(self, inputs: Mapping[str, Any]) -> Future[Run]:
-        return self.pool.submit(self._timed, inputs)
+    def stop(self) -> None:
+        self.stopped = True
 
-    def _timed(self, inputs: Mapping[str, Any]) -> Run:
-        run = _run_once(self.chain, inputs)
-        now = time.time_ns()
-        with self._lock:
-            if run.ok and self.first_result_ns is None:
-                self.first_result_ns = now
+    async def one(self, inputs: Mapping[str, Any]) -> Run | None:
+        if self._slots is None:  # made on the loop the pass runs on
+            self._slots = asyncio.Semaphore(self.limit)
+        async with self._slots:
+            if self.stopped:
+                return None
+            run = await self.chain.bench.arun_spec(self.chain.spec, inputs)
+        if run.ok and self.first_result_ns is None:
+            self.first_result_ns = time.time_ns()
         return run
 
-    def gather(self, futures: Sequence[Future[Run]]) -> list[Run]:
-        wait(futures)
-        return [f.result() for f in futures]
-
-    def close(self, interrupted: bool) -> None:
-        # On Ctrl-C, runs not yet started are dropped; the ones running finish in the background.
-        if interrupted:
-            self.pool.cancel_queued()
+    @staticmethod
+    async def gather(runs: Iterable[Awaitable[Run | None]]) -> list[Run]:
+        return [run for run in await asyncio.gather(*runs) if run is not None]
 
 
 class Workload(ABC):
@@ -156,20 +144,28 @@ class Workload(ABC):
         """How many runs may be in flight at once."""
 
     @abstractmethod
-    def _measure(self, runs: _Pass) -> tuple[list[Run], list[int], int]:
-        """Submit the measured runs; return them, their arrival times, and when the measurement began."""
+    async def _measure(self, runs: _Pass) -> tuple[list[Run], list[int], int]:
+        """Start the measured runs; return them, their arrival times, and when the measurement began."""
 
     def run(self, chain: Chain) -> WorkloadResult:
-        """Run the warm-up, then the measured runs; a failing run is kept with its error, not raised."""
+        """Run the warm-up, then the measured runs; a failing run is kept with its error, not raised.
+
+        The runs walk on the workbench's event loop; a Ctrl-C starts no further run and raises at once.
+        """
         self.check(chain)
         runs = _Pass(chain, self._threads())
-        interrupted = True
         try:
-            warm = runs.gather([runs.submit(i) for i in self.warmup_inputs()])
-            measured, arrivals, started = self._measure(runs)
-            interrupted = False
-        finally:
-            runs.close(interrupted)
+            return chain.bench.run_sync(self._run(runs), on_interrupt=runs.stop)  # type: ignore[attr-defined]
+        except Interrupted:  # a hop raised KeyboardInterrupt
+            raise KeyboardInterrupt from None
+
+    async def _run(self, runs: _Pass) -> WorkloadResult:
+        try:
+            warm = await runs.gather(runs.one(i) for i in self.warmup_inputs())
+            measured, arrivals, started = await self._measure(runs)
+        except BaseException:
+            runs.stop()  # the runs still queued behind this one start no more
+            raise
         return WorkloadResult(
             runs=measured,
             arrivals_ns=arrivals,
@@ -206,9 +202,9 @@ class ClosedLoop(Workload):
     def _threads(self) -> int:
         return self.concurrency
 
-    def _measure(self, runs: _Pass) -> tuple[list[Run], list[int], int]:
+    async def _measure(self, runs: _Pass) -> tuple[list[Run], list[int], int]:
         started = time.time_ns()
-        done = runs.gather([runs.submit(i) for i in self.inputs])
+        done = await runs.gather(runs.one(i) for i in self.inputs)
         # In a closed loop a run is due when a slot frees up, which is when it starts.
         return done, [_start_ns(r) for r in done], started
 
@@ -248,15 +244,15 @@ class PoissonArrivals(Workload):
     def _threads(self) -> int:
         return min(len(self.inputs), self.max_in_flight)
 
-    def _measure(self, runs: _Pass) -> tuple[list[Run], list[int], int]:
+    async def _measure(self, runs: _Pass) -> tuple[list[Run], list[int], int]:
         offsets = self.arrival_times()
         started = time.time_ns()
         origin = time.perf_counter()
-        futures = []
+        arrived = []
         for inputs, offset in zip(self.inputs, offsets):
             delay = origin + float(offset) - time.perf_counter()
             if delay > 0:
-                time.sleep(delay)
-            futures.append(runs.submit(inputs))
+                await asyncio.sleep(delay)
+            arrived.append(asyncio.ensure_future(runs.one(inputs)))
         arrivals = [started + int(float(o) * 1e9) for o in offsets]
-        return runs.gather(futures), arrivals, started
+        return await runs.gather(arrived), arrivals, started

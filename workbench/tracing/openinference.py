@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Callable
 from typing import Any
@@ -40,8 +41,14 @@ def model(source: str) -> dict[str, object]:
 
 
 def request(source: str, params: Any) -> dict[str, object]:
-    """A model request's model and its generation settings (a dataclass) as ``llm.invocation_parameters``."""
-    return {**model(source), attr.LLM_INVOCATION_PARAMETERS: json.dumps(dataclasses.asdict(params))}
+    """A model request's model and its generation settings (a frozen dataclass) as ``llm.invocation_parameters``."""
+    return {**model(source), attr.LLM_INVOCATION_PARAMETERS: _invocation_parameters(params)}
+
+
+@functools.lru_cache(maxsize=256)
+def _invocation_parameters(params: Any) -> str:
+    # Every request of a hop shares its settings; asdict deep-copies them, which cost more than the span itself.
+    return json.dumps(dataclasses.asdict(params))
 
 
 def token_counts(prompt: int, completion: int | None = None) -> dict[str, object]:

@@ -12,6 +12,7 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import Span, Status, StatusCode
 
 from workbench.errors import WorkbenchError
@@ -84,7 +85,8 @@ class Tracing:
 
     def _provider(self, service_name: str, project_name: str, otlp_endpoint: str | None) -> TracerProvider:
         resource = Resource.create({"service.name": service_name, attr.PROJECT_NAME: project_name})
-        provider = TracerProvider(resource=resource)
+        # Every span is kept, so the default parent-based sampler's per-span lookups buy nothing.
+        provider = TracerProvider(resource=resource, sampler=ALWAYS_ON)
         provider.add_span_processor(self.index)
         if otlp_endpoint:
             provider.add_span_processor(BatchSpanProcessor(_otlp_exporter(otlp_endpoint)))

@@ -100,8 +100,8 @@ class ContinuousBackend:
             inflight = len(self._inflight) + len(batch)
         group = _Group(span, next_batch_id(), len(batch), len(batch))
         span.set_attributes(
-            {attr.BATCH_ID: group.batch_id, attr.PADDING_TOKENS: 0, "workbench.batch.mode": "continuous",
-             "workbench.batch.inflight": inflight}
+            {attr.BATCH_ID: group.batch_id, attr.PADDING_TOKENS: 0, attr.BATCH_MODE: "continuous",
+             attr.BATCH_INFLIGHT: inflight}
         )
         eos = sorted(self.backend.eos_ids) or -1
         for request in batch:
