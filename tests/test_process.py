@@ -24,6 +24,7 @@ from workbench.fronts.arguments import add_load_options, load_settings
 from helpers import WAIT_S, eventually
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the model process is started with pass_fds (POSIX)")
+pytest.importorskip("msgpack", reason="isolation='process' needs the process extra (pip install -e '.[dev]')")
 
 PROMPT = "Question: {{ question }}\nAnswer:"
 QUESTION = "What is the capital of France?"

@@ -26,7 +26,10 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import msgpack
+try:
+    import msgpack
+except ImportError:  # the "process" extra is not installed: only isolation="process" needs it, and says so
+    msgpack = None  # type: ignore[assignment]
 
 from workbench.engine.backends.base import (
     BackendOutOfMemory,
@@ -85,6 +88,11 @@ class ModelProcess:
     """
 
     def __init__(self, name: str, settings: LoadSettings) -> None:
+        if msgpack is None:
+            raise ModelLoadError(
+                f"model {name!r}: isolation='process' frames its messages with msgpack, which is not installed",
+                hint="pip install 'autoglm-workbench[process]' (or pip install msgpack)",
+            )
         self.name = name
         self.settings = settings
         self.restarts = 0
