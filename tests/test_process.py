@@ -16,9 +16,10 @@ import pytest
 import torch
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+from opentelemetry.trace import INVALID_SPAN
 
 import workbench as wb
-from workbench.engine import GenerationParams
+from workbench.engine import GenerationParams, GenerationRequest
 from workbench.fronts.arguments import add_load_options, load_settings
 
 from helpers import WAIT_S, eventually
@@ -188,3 +189,26 @@ def test_the_load_flags_of_the_magics_and_the_command_line_take_isolation_and_re
     assert (defaults.isolation, defaults.restarts) == ("thread", 3)
     with pytest.raises(argparse.ArgumentError, match="invalid int value"):
         parser.parse_args(["--restarts", "many"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_cuda_lives_in_the_child_and_a_cuda_fatal_error_restarts_it(
+    bench: wb.Workbench, tiny_path: Path
+) -> None:
+    bench.load("iso", tiny_path, device="cuda", dtype="float32", isolation="process")
+    assert bench.models().set_index("name").loc["iso", "device"] == "cuda:0"
+    assert not torch.cuda.is_initialized()  # the weights and the CUDA context are the child's alone
+    isolated = bench.generate("iso", f"Question: {QUESTION}\nPlan:", max_new_tokens=16)
+    bench.load("tiny", tiny_path, device="cuda", dtype="float32")
+    assert isolated.text == bench.generate("tiny", f"Question: {QUESTION}\nPlan:", max_new_tokens=16).text
+
+    # A token id past the vocabulary trips a device-side assert: a real CUDA fatal error, in the child only.
+    child = pid_of(bench, "iso")
+    request = GenerationRequest("iso", [10**7], GenerationParams(max_new_tokens=2), INVALID_SPAN)
+    bench.engine.worker("iso").submit(request)
+    error = request.future.exception(WAIT_S)
+    assert isinstance(error, wb.ModelProcessDied) and "CUDA" in str(error) and f"pid {child}" in str(error)
+    eventually(lambda: pid_of(bench, "iso") not in (None, child), "the model process to start again")
+    bench.set_breaker("iso", failure_threshold=5, reset_timeout_s=0)
+    assert bench.generate("iso", f"Question: {QUESTION}\nPlan:", max_new_tokens=16).text == isolated.text
