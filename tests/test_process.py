@@ -21,6 +21,7 @@ from opentelemetry.trace import INVALID_SPAN
 import workbench as wb
 from workbench.engine import GenerationParams, GenerationRequest
 from workbench.fronts.arguments import add_load_options, load_settings
+from workbench.tracing import attributes as attr
 
 from helpers import WAIT_S, eventually
 
@@ -137,6 +138,28 @@ def test_a_killed_model_process_fails_its_batch_clearly_a_fallback_serves_and_it
     assert after.served_by["answer"] == "model:iso" and after.output == expected.output
     assert pair.breakers().set_index("model").loc["iso", "state"] == "closed"
     assert shm() == shm_before
+
+
+def test_a_request_that_times_out_while_the_child_runs_it_stops_its_row_there(
+    bench: wb.Workbench, tiny_path: Path
+) -> None:
+    bench.load("iso", tiny_path, device="cpu", isolation="process")
+    params = GenerationParams(max_new_tokens=64, temperature=5.0, seed=0)  # seeded so that it runs to 64 tokens
+    assert bench.engine.generate("iso", "A chain", params).tokens_out == 64
+    child = pid_of(bench, "iso")
+    assert child is not None
+    os.kill(child, signal.SIGSTOP)  # the batch reaches the child, which cannot start it before the timeout fires
+    try:
+        with pytest.raises(wb.HopTimeout, match="gave no answer within"):
+            bench.engine.call("iso", "A chain", params, timeout_s=1.0)
+    finally:
+        os.kill(child, signal.SIGCONT)
+    bench.engine.generate("iso", "Paris", GenerationParams(max_new_tokens=2))  # queued behind: the row has ended
+    spans = bench.traces().spans
+    cancelled = [s.attributes[attr.CANCELLED] for s in spans if (s.attributes or {}).get(attr.CANCELLED)]
+    assert cancelled == ["running"]
+    steps = [s.attributes[attr.BATCH_STEPS] for s in spans if s.name == "batch iso"]
+    assert steps[0] == 64 and steps[1] < 64  # stopped in the child, not run to the end for nobody
 
 
 @pytest.mark.parametrize(("sig", "said"), [(signal.SIGSEGV, "SIGSEGV (a segfault)"), (signal.SIGKILL, "SIGKILL")])

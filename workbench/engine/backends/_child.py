@@ -3,7 +3,8 @@
 Run as ``python -m workbench.engine.backends._child FD`` by :class:`~workbench.engine.backends.process.ModelProcess`,
 with FD its end of a socket pair. The first frame names the model and its LoadSettings; the
 answer is ``ready`` (what loaded, and where) or ``failed``. Then each ``generate`` frame is one
-batch, answered by ``token`` frames for streaming rows and one ``done`` (or ``error``) frame.
+batch, answered by ``token`` frames for streaming rows and one ``done`` (or ``error``) frame;
+a ``cancel`` frame stops rows of the running batch (their requests timed out in the parent).
 End-of-file on the pipe (the parent closed it, or died) ends the process.
 """
 
@@ -12,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 import faulthandler
 import os
+import queue
 import sys
+import threading
 import time
 from multiprocessing.connection import Connection
 from typing import Any
@@ -38,14 +41,17 @@ def _is_fatal(exc: BaseException) -> bool:
     return "CUDA error" in str(exc) or type(exc).__name__ == "AcceleratorError"
 
 
-def _serve(conn: Connection, backend: TransformersBackend, frame: dict[str, Any]) -> None:
-    started = time.perf_counter()
+def _batch(backend: TransformersBackend, frame: dict[str, Any]) -> list[GenerationRequest]:
     params = GenerationParams(**frame["params"])
-    batch = [
-        GenerationRequest(backend.model, ids, params, INVALID_SPAN, submitted=submitted,
+    return [
+        GenerationRequest(backend.model, ids, params, INVALID_SPAN, submitted=submitted, cancellable=cancellable,
                           on_token=(lambda *_: None) if stream else None)  # marks the row as streaming
-        for ids, submitted, stream in frame["rows"]
+        for ids, submitted, stream, cancellable in frame["rows"]
     ]
+
+
+def _serve(conn: Connection, backend: TransformersBackend, batch: list[GenerationRequest]) -> None:
+    started = time.perf_counter()
     rows = {request.id: row for row, request in enumerate(batch)}
 
     def on_token(request: GenerationRequest, token: int, text: str) -> None:
@@ -86,12 +92,27 @@ def main() -> None:
         "memory_bytes": loaded.memory_bytes, "warmup_s": loaded.warmup_s, "context_window": loaded.context_window,
         "eos_ids": sorted(backend.eos_ids),
     }))
+    batches: queue.SimpleQueue[list[GenerationRequest] | None] = queue.SimpleQueue()
+    threading.Thread(target=_read, args=(conn, backend, batches), name="workbench-child-reader", daemon=True).start()
+    while (batch := batches.get()) is not None:
+        _serve(conn, backend, batch)
+
+
+def _read(conn: Connection, backend: TransformersBackend, batches: queue.SimpleQueue[Any]) -> None:
+    """Read frames while a batch runs: a ``cancel`` stops rows of the running batch at their next step."""
+    running: dict[int, list[GenerationRequest]] = {}  # by batch number; the parent numbers them
     while True:
         try:
-            frame = conn.recv_bytes()
+            frame = unpack(conn.recv_bytes())
         except EOFError:  # the parent closed the pipe (the model was unloaded) or died
+            batches.put(None)
             return
-        _serve(conn, backend, unpack(frame))
+        if frame["op"] == "generate":
+            running = {frame["seq"]: _batch(backend, frame)}  # the batch before it has been answered
+            batches.put(running[frame["seq"]])
+        else:
+            for row in frame["rows"]:
+                running.get(frame["seq"], [])[row].cancelled = True
 
 
 if __name__ == "__main__":

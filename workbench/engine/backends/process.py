@@ -53,6 +53,8 @@ if TYPE_CHECKING:
 CHILD_MODULE = "workbench.engine.backends._child"
 # How long a child that was asked to stop (its pipe closed) may take to exit before it is killed.
 _STOP_S = 10.0
+# How often a batch with a timeout looks for rows to stop while it waits for the child.
+_CANCEL_POLL_S = 0.02
 
 
 def pack(frame: dict[str, Any]) -> bytes:
@@ -97,6 +99,7 @@ class ModelProcess:
         self.settings = settings
         self.restarts = 0
         self.pid: int | None = None
+        self._batches = 0  # batches sent; a cancel names its batch, so it never stops a row of the next one
         self._lock = threading.Lock()
         self._closed = False
         self._proc: subprocess.Popen[bytes] | None = None
@@ -224,11 +227,22 @@ class ModelProcess:
         params = dataclasses.asdict(batch[0].params)
         # Both processes read one system-wide monotonic clock (perf_counter is CLOCK_MONOTONIC on Linux
         # and mach_absolute_time on macOS), so the child times queue and TTFT from the parent's stamps.
-        rows = [[r.input_ids, r.submitted, r.stream and on_token is not None] for r in batch]
+        rows = [[r.input_ids, r.submitted, r.stream and on_token is not None, r.cancellable] for r in batch]
+        seq = self._batches = self._batches + 1
+        cancellable = any(r.cancellable for r in batch)
+        told: set[int] = set()
         sent = time.perf_counter()
         try:
-            conn.send_bytes(pack({"op": "generate", "params": params, "rows": rows}))
+            conn.send_bytes(pack({"op": "generate", "seq": seq, "params": params, "rows": rows}))
             while True:
+                # A row whose request timed out here is stopped in the child too, as in-process; only a
+                # batch with a timeout on some row wakes up to look (poll returns at once when a frame comes).
+                if cancellable and not conn.poll(_CANCEL_POLL_S):
+                    stopped = [row for row, r in enumerate(batch) if r.cancelled and row not in told]
+                    if stopped:
+                        conn.send_bytes(pack({"op": "cancel", "seq": seq, "rows": stopped}))
+                        told.update(stopped)
+                    continue
                 frame = unpack(conn.recv_bytes())
                 if frame["op"] != "token":
                     break
