@@ -84,6 +84,7 @@ def test_an_isolated_model_answers_as_in_process_from_a_process_of_its_own(pair:
     assert models.loc["iso", "isolation"] == "process" and models.loc["tiny", "isolation"] == "thread"
     child = int(models.loc["iso", "pid"])
     assert child != os.getpid() and int(models.loc["tiny", "pid"]) == os.getpid() and alive(child)
+    assert os.getpgid(child) != os.getpgrp()  # a Ctrl-C in a terminal reaches this process group, not the child
     assert models.loc["iso", "restarts"] == 0 and pd.isna(models.loc["tiny", "restarts"])
     # The weights live in the child: this process holds no module for 'iso', and never touched CUDA for it.
     assert models.loc["iso", "memory_mb"] == models.loc["tiny", "memory_mb"] > 0

@@ -66,9 +66,7 @@ def unpack(data: bytes) -> dict[str, Any]:
     return frame
 
 
-def _how_it_ended(code: int | None) -> str:
-    if code is None:
-        return "did not exit"
+def _how_it_ended(code: int) -> str:
     if code < 0:
         name = signal.Signals(-code).name
         return f"was killed by {name}" + (" (a segfault)" if name == "SIGSEGV" else "")
@@ -90,6 +88,11 @@ class ModelProcess:
     """
 
     def __init__(self, name: str, settings: LoadSettings) -> None:
+        if os.name != "posix":
+            raise ModelLoadError(
+                f"model {name!r}: isolation='process' needs a POSIX system (Linux, macOS): the pipe to the "
+                "child is handed over as a file descriptor", hint="load it with isolation='thread'",
+            )
         if msgpack is None:
             raise ModelLoadError(
                 f"model {name!r}: isolation='process' frames its messages with msgpack, which is not installed",
@@ -117,6 +120,8 @@ class ModelProcess:
             proc = subprocess.Popen(
                 [sys.executable, "-m", CHILD_MODULE, str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),), env=_child_env(), stdin=subprocess.DEVNULL,
+                # Its own session: a Ctrl-C in the terminal interrupts this process, not the model's.
+                start_new_session=True,
             )
         conn = Connection(ours.detach())
         with self._lock:
@@ -167,40 +172,37 @@ class ModelProcess:
             # A serving child sees its pipe close and exits; one still loading (a restart) is killed,
             # so the restart sees end-of-file and gives up.
             _stop(proc, grace=conn is not None)
-        if restart is not None and restart is not threading.current_thread():
+        if restart is not None:
             restart.join()
 
     def _died(self, doing: str) -> ModelProcessDied:
-        """The child is gone: reap it, start a restart if any are left, and say what happened."""
+        """The child is gone: reap it, start it again if restarts are left, and say what happened."""
         with self._lock:
-            conn, proc, pid = self._conn, self._proc, self.pid
+            conn, proc, pid, closed = self._conn, self._proc, self.pid, self._closed
             self._conn, self.pid = None, None
-            closed = self._closed
-            restart = not closed and self.restarts < self.settings.restarts
-            if restart:
+            restart = None
+            if not closed and self.restarts < self.settings.restarts:
                 self.restarts += 1
-                self._restart = threading.Thread(target=self._start_again, name=f"workbench-restart-{self.name}",
-                                                 daemon=True)
+                restart = self._restart = threading.Thread(
+                    target=self._start_again, name=f"workbench-restart-{self.name}", daemon=True
+                )
+                restart.start()  # under the lock, so close() never finds a restart it cannot join
         if conn is not None:
             conn.close()
-        how = _how_it_ended(_stop(proc) if proc is not None else None)
-        message = f"model {self.name!r}: its process (pid {pid}) {how} while {doing}"
+        assert proc is not None  # a child that served a batch was started
+        message = f"model {self.name!r}: its process (pid {pid}) {_how_it_ended(_stop(proc))} while {doing}"
         if closed:
             return ModelProcessDied(message + "; the model was unloaded", hint=f"bench.load({self.name!r}, ...) again")
-        if restart:
-            error = ModelProcessDied(
+        if restart is not None:
+            return ModelProcessDied(
                 message, hint=f"it is starting again (restart {self.restarts} of {self.settings.restarts}); "
                 "give the hop retry or a fallback to ride this out"
             )
-            assert self._restart is not None
-            self._restart.start()
-        else:
-            error = ModelProcessDied(
-                message + f"; it was restarted {self.restarts} times already, so it stays down",
-                hint=f"load it again (bench.unload({self.name!r}) then bench.load), or raise restarts",
-            )
-            self._gone = error
-        return error
+        self._gone = ModelProcessDied(
+            message + f"; it was restarted {self.restarts} times already, so it stays down",
+            hint=f"load it again (bench.unload({self.name!r}) then bench.load), or raise restarts",
+        )
+        return self._gone
 
     def _start_again(self) -> None:
         try:
@@ -275,7 +277,7 @@ class ModelProcess:
         return results, timing
 
 
-def _stop(proc: subprocess.Popen[bytes], grace: bool = True) -> int | None:
+def _stop(proc: subprocess.Popen[bytes], grace: bool = True) -> int:
     """Wait for ``proc`` to exit (its pipe is closed, or it died), killing it if it lingers; its exit code."""
     if grace:
         try:
