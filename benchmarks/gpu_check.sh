@@ -8,7 +8,8 @@
 #
 # It runs tests/test_gpu.py (placement and dtype, batched vs one-at-a-time greedy outputs, peak
 # memory in a comparison, a real CUDA out-of-memory split), then benchmarks/batching.py and
-# benchmarks/preloading.py on random-weight 0.36B Qwen2-0.5B-shaped models. Logs go to $OUT (the
+# benchmarks/preloading.py on random-weight 0.36B Qwen2-0.5B-shaped models (batching at 16 and 24 new
+# tokens, 100 ms and 5 ms waits). Logs go to $OUT (the
 # device tool's folder that comes back) or artifacts/gpu/. About 6-8 minutes on an H200.
 # Name steps to run only those: bash benchmarks/gpu_check.sh isolation (tests/test_process.py, CUDA in
 # the child and a real CUDA fatal error there; then benchmarks/isolation.py on the GPU).
@@ -48,7 +49,7 @@ wanted=("$@")
 step() {  # step NAME SECONDS COMMAND...: run one check with a time limit, its output also in $out/NAME.log
   local name=$1 limit=$2
   shift 2
-  if [ ${#wanted[@]} -gt 0 ] && [[ " ${wanted[*]} " != *" ${name%%_*} "* ]]; then return; fi
+  if [ ${#wanted[@]} -gt 0 ] && [[ " ${wanted[*]} " != *" ${name%%[-_]*} "* ]]; then return; fi
   echo "== $name: $*"
   timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
   local rc=${PIPESTATUS[0]}
@@ -63,8 +64,15 @@ step() {  # step NAME SECONDS COMMAND...: run one check with a time limit, its o
 
 # The project's ini turns warnings into errors; another transformers version may warn, which is no failure here.
 step gpu_tests 180 "$PY" -m pytest -o addopts="" -W default -p no:cacheprovider -q -rs tests/test_gpu.py
-step batching 240 "$PY" benchmarks/batching.py --device "$device" "${size[@]}" --repeats "$repeats" --chains "$chains"
-step preloading 200 "$PY" benchmarks/preloading.py --device "$device" "${preload[@]}" --repeats "$repeats"
+# The async core's workload (64 concurrent two-hop chains, dynamic batching against the hand-batched
+# ceiling) at both waits and both answer lengths; then the preloader on real load times.
+for tokens in 16 24; do
+  for wait in 100 5; do
+    step "batching-${tokens}tok-${wait}ms" 150 "$PY" benchmarks/batching.py --device "$device" "${size[@]}" \
+      --repeats "$repeats" --chains "$chains" --policies none,dynamic --max-new-tokens "$tokens" --max-wait-ms "$wait"
+  done
+done
+step preloading 150 "$PY" benchmarks/preloading.py --device "$device" "${preload[@]}" --repeats 1
 if [ ${#wanted[@]} -gt 0 ]; then
   step isolation_tests 240 "$PY" -m pytest -o addopts="" -W default -p no:cacheprovider -q -rs tests/test_process.py
   step isolation_hops 200 "$PY" benchmarks/isolation.py --device "$device" --pairs 40

@@ -302,22 +302,23 @@ def measured(throughputs: dict[str, list[float]], runs: int = 12) -> wb.Comparis
     """
     names = list(throughputs)
     passes = pd.DataFrame([
-        {"batching": name, "preloading": "(as set)", "repeat": repeat, "wall_s": 1.0, "requests_per_s": value,
+        {"batching": name, "preloading": "(as set)", "balance": "(as set)", "repeat": repeat, "wall_s": 1.0, "requests_per_s": value,
          "output_tokens_per_s": 10 * value, "cold_start_s": 0.0, "first_result_s": 0.1, "peak_weights_mb": 1.0,
          "peak_cuda_mb": float("nan")}
         for name in names for repeat, value in enumerate(throughputs[name])
     ])
     samples = pd.DataFrame([
-        {"batching": name, "preloading": "(as set)", "repeat": 0, "input": i, "ok": True, "e2e_ms": 100.0 + i,
+        {"batching": name, "preloading": "(as set)", "balance": "(as set)", "repeat": 0, "input": i, "ok": True, "e2e_ms": 100.0 + i,
          "output": "x"}
         for name in names for i in range(runs)
     ])
     calls = pd.DataFrame([
-        {"batching": name, "preloading": "(as set)", "repeat": 0, "hop": "answer", "ttft_ms": 10.0 + i,
-         "tpot_ms": 1.0, "tokens_in": 5, "tokens_out": 4, "batch_id": i, "batch_size": 1, "padding_tokens": 0}
+        {"batching": name, "preloading": "(as set)", "balance": "(as set)", "repeat": 0, "hop": "answer",
+         "ttft_ms": 10.0 + i, "tpot_ms": 1.0, "tokens_in": 5, "tokens_out": 4, "batch_id": i, "batch_size": 1,
+         "padding_tokens": 0, "replica": None, "e2e_ms": 20.0 + i}
         for name in names for i in range(runs)
     ])
-    return wb.Comparison("known", [(name, "(as set)") for name in names], samples, calls, passes,
+    return wb.Comparison("known", [(name, "(as set)", "(as set)") for name in names], samples, calls, passes,
                          {"inputs": runs, "repeats": len(next(iter(throughputs.values())))})
 
 

@@ -76,3 +76,23 @@ def test_a_real_cuda_out_of_memory_is_split_away(bench: wb.Workbench, tiny_path:
     limit = bench.models().set_index("name").loc["tiny", "batch_limit"]
     assert not pd.isna(limit) and limit < 256  # it learned a batch size that fits
     assert any(s.name == "batch tiny" and not s.status.is_ok for s in bench.traces().spans)
+
+
+def test_awaited_and_streamed_runs_on_the_gpu_match_the_blocking_run(bench: wb.Workbench, tiny_path: Path) -> None:
+    # The async core and the token stream on CUDA: the worker's generate runs on the GPU while the
+    # event loop walks the chains; every form gives the same greedy text.
+    import asyncio
+
+    bench.load("tiny", tiny_path, device="cuda", dtype="float32",
+               batching=wb.DynamicBatching(max_batch=8, max_wait_ms=20))
+    chain = bench.chain(QA_SPEC)
+    blocking = [chain.run(**q).output for q in QUESTIONS]
+
+    async def awaited() -> list[str]:
+        runs = await asyncio.gather(*(chain.arun(**q) for q in QUESTIONS))
+        return [run.output for run in runs]
+
+    assert asyncio.run(awaited()) == blocking
+    events = list(chain.stream(**QUESTIONS[0]))
+    tokens = "".join(e.text for e in events if e.kind == "token" and e.hop == "answer")
+    assert tokens.strip() == events[-1].run.output == blocking[0]

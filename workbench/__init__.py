@@ -56,6 +56,14 @@ if TYPE_CHECKING:
     )
     from workbench.experiments import ClosedLoop, Comparison, PoissonArrivals, compare
     from workbench.engine.preloading import Eager, KeepWarm, Lazy, Prefetch, PreloadingStrategy
+    from workbench.engine.balancing import (
+        BalancePolicy,
+        LeastLoaded,
+        PowerOfTwo,
+        RoundRobin,
+        SessionHash,
+        Weighted,
+    )
     from workbench.models.tiny import tiny_model
     from workbench.tracing import Trace
     from workbench.tracing.gcpauses import pauses as gc_pauses
@@ -87,6 +95,7 @@ _HOMES = {
     ),
     "workbench.experiments": ("ClosedLoop", "Comparison", "PoissonArrivals", "compare"),
     "workbench.engine.preloading": ("Eager", "KeepWarm", "Lazy", "Prefetch", "PreloadingStrategy"),
+    "workbench.engine.balancing": ("BalancePolicy", "LeastLoaded", "PowerOfTwo", "RoundRobin", "SessionHash", "Weighted"),
     "workbench.models.tiny": ("tiny_model",),
     "workbench.tracing": ("Trace",),
     # The widgets bring in ipywidgets and anywidget: a script or a worker that shows none never pays for them.

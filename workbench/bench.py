@@ -24,6 +24,7 @@ from workbench.chains.sqlite_store import SESSIONS_FILE, SQLiteContextStore, dat
 from workbench.engine import BatchingPolicy, Engine, GenerationParams, GenerationResult, NoBatching
 from workbench.engine.backends.process import ProcessBackend
 from workbench.engine.backends.transformers import TransformersBackend
+from workbench.engine.balancing import BalancePolicy, parse_balance
 from workbench.engine.faults import Faults
 from workbench.engine.prober import HealthChecks
 from workbench.errors import HopFailed, WorkbenchClosed, WorkbenchError
@@ -129,8 +130,10 @@ class Workbench:
         warmup: bool = False,
         isolation: str = "thread",
         restarts: int = 3,
+        replicas: int | list[str] | None = None,
+        balance: str | BalancePolicy | None = None,
     ) -> LoadedModel:
-        """Load a local directory or hub id as ``name`` and start its worker.
+        """Load a local directory or hub id as ``name`` and start its worker (one per replica).
 
         Weights must be safetensors unless ``allow_pickle=True``; repository code never runs
         unless ``trust_remote_code=True``. ``adapter`` is a PEFT (LoRA) adapter directory.
@@ -138,10 +141,21 @@ class Workbench:
         ``isolation="process"`` loads the model in a child process of its own, which a crash there
         (SIGKILL, a segfault, a CUDA fatal error) takes down alone: the requests it ran fail with
         ModelProcessDied, and it starts again, up to ``restarts`` times.
-        Without ``source``, loads a model registered earlier with :meth:`register`, with its
-        registered settings and batching policy.
+        ``replicas=2`` serves the model from two workers on its device (sharing its weights),
+        ``replicas=["cuda:0", "cuda:1"]`` from one per device listed (the first is where it
+        loads); ``balance`` picks a replica per request (see :meth:`set_balance`; round robin by
+        default). Without ``source``, loads a model registered earlier with :meth:`register`,
+        with its registered settings, batching policy and replicas.
         """
         self.check_open(f"load {name!r}")
+        if source is not None:
+            self.registry.check_free(name)  # before the replicas of the model loaded under that name change
+            # A fresh load does not inherit an earlier one's replicas or balance policy either.
+            self._replicate(name, 1 if replicas is None else replicas, balance or "round_robin")
+            if isinstance(replicas, list):
+                device = replicas[0]  # checked by _replicate: a list of device names
+        else:
+            self._replicate(name, replicas, balance)
         if source is None:
             settings = self.registry.settings(name)
             if warmup:
@@ -162,12 +176,28 @@ class Workbench:
             batching = batching or NoBatching()  # a fresh load does not inherit an earlier one's policy
         return self.engine.preloader.load(name, settings, policy=batching)
 
+    def _replicate(self, name: str, replicas: int | list[str] | None, balance: str | BalancePolicy | None) -> None:
+        """Configure ``name``'s replicas and balance policy for its next load (each checked before any load)."""
+        policy = parse_balance(balance) if balance is not None else None
+        self.engine.configure(name, replicas, policy)
+
     def register(
-        self, name: str, source: str | os.PathLike[str], *, batching: BatchingPolicy | None = None, **settings: Any
+        self,
+        name: str,
+        source: str | os.PathLike[str],
+        *,
+        batching: BatchingPolicy | None = None,
+        replicas: int | list[str] | None = None,
+        balance: str | BalancePolicy | None = None,
+        **settings: Any,
     ) -> None:
         """Make a model known to chains without loading it yet; it loads on first use, or as the preloading
-        strategy says (see :meth:`set_preloading`). Takes the settings of :meth:`load`, ``warmup`` included."""
+        strategy says (see :meth:`set_preloading`). Takes the settings of :meth:`load`, ``warmup`` and
+        ``replicas`` included."""
         self.check_open(f"register {name!r}")
+        self._replicate(name, replicas, balance)  # a bad value fails before the model is known
+        if isinstance(replicas, list):
+            settings["device"] = replicas[0]
         self.registry.register(name, LoadSettings(source=str(source), **settings))
         if batching is not None:
             self.engine.set_policy(name, batching)
@@ -209,22 +239,68 @@ class Workbench:
 
     def models(self) -> pd.DataFrame:
         """One row per known model: name, source, device, dtype, isolation, params, memory, load time, state,
-        health, ``batch_limit``, the largest batch it runs since one ran out of memory (None: no limit), ``pid``,
-        the process it runs in (None while a model process restarts), and ``restarts``, how often its model
-        process was started again after dying (None for a model in this process)."""
+        health, ``batch_limit``, the largest batch it runs since one ran out of memory (None: no limit), its
+        ``replicas`` with the requests they hold (``in_flight``) and served (:meth:`replicas` has one row
+        each), ``pid``, the process it runs in (None while a model process restarts), and ``restarts``, how
+        often its model process was started again after dying (None for a model in this process).
+
+        A model with replicas is ``healthy`` while every replica is, ``unhealthy`` when none is, else
+        ``degraded``; its ``batch_limit`` is the smallest of its replicas'.
+        """
         import pandas as pd
 
         table = self.registry.table()
-        workers = self.engine.workers()
-        table["health"] = [workers[n].health.state if n in workers else None for n in table["name"]]
-        limits = [workers[n].queue.batch_limit if n in workers else None for n in table["name"]]
-        table["batch_limit"] = pd.array(limits, dtype="Int64")
-        backends = [workers[n].backend if n in workers else None for n in table["name"]]
+        sets = self.engine.replica_sets()
+
+        def health(name: str) -> str | None:
+            if name not in sets:
+                return None
+            states = {w.health.state for w in sets[name].workers}
+            if len(states) == 1:
+                return states.pop()
+            return "unhealthy" if states == {"unhealthy"} else "degraded"
+
+        def limit(name: str) -> int | None:
+            limits = [w.queue.batch_limit for w in sets[name].workers] if name in sets else []
+            return min((n for n in limits if n is not None), default=None)
+
+        def count(name: str, key: str) -> int | None:
+            return sum(getattr(r, key) for r in sets[name].replicas) if name in sets else None
+
+        table["health"] = [health(n) for n in table["name"]]
+        table["batch_limit"] = pd.array([limit(n) for n in table["name"]], dtype="Int64")
+        table["replicas"] = pd.array([len(sets[n].replicas) if n in sets else None for n in table["name"]],
+                                     dtype="Int64")
+        table["in_flight"] = pd.array([count(n, "in_flight") for n in table["name"]], dtype="Int64")
+        table["served"] = pd.array([count(n, "served") for n in table["name"]], dtype="Int64")
+        # Every replica of a model in this process runs here; a model in a child process has one replica.
+        backends = [sets[n].workers[0].backend if n in sets else None for n in table["name"]]
         table["pid"] = pd.array([_pid(b) for b in backends], dtype="Int64")
         table["restarts"] = pd.array(
             [b.restarts if isinstance(b, ProcessBackend) else None for b in backends], dtype="Int64"
         )
         return table
+
+    def replicas(self, name: str | None = None) -> pd.DataFrame:
+        """One row per replica of ``name`` (or of every loaded model): its worker's name (``m#1``), device, the
+        balance policy, requests in flight, served and failed, health, breaker state, and whether faults are injected."""
+        import pandas as pd
+
+        columns = ["model", "replica", "index", "device", "balance", "in_flight", "served", "failed", "health",
+                   "breaker", "faults"]
+        sets = self.engine.replica_sets()
+        if name is not None:
+            self.registry.get(name)  # unknown, or not loaded: a clear error
+            sets = {name: sets[name]}
+        return pd.DataFrame([row for replicas in sets.values() for row in replicas.rows()], columns=columns)
+
+    def set_balance(self, name: str, policy: str | BalancePolicy) -> None:
+        """Change how ``name``'s replicas are picked, live: ``"round_robin"``, ``"least_loaded"``, ``"power_of_two"``,
+        ``"session_hash"``, ``"weighted:3,1"``, or a policy object such as ``wb.Weighted({"m#0": 3, "m#1": 1})``.
+
+        Every policy picks among the healthy replicas only (health serving, breaker not open).
+        """
+        self.engine.set_balance(name, parse_balance(policy))
 
     def set_batching(self, name: str, policy: BatchingPolicy) -> None:
         """Change a loaded model's batching policy live; no reload."""
@@ -246,14 +322,23 @@ class Workbench:
         oom_every: int | None = None,
         oom_above: int | None = None,
         seed: int | None = None,
+        replica: int | None = None,
     ) -> Faults:
         """Inject faults into a loaded model's batches, for studying retries and fallbacks; replaces earlier ones.
+
+        A model with replicas takes the faults on every replica, or on one: ``replica=1``, or the
+        replica's name, ``bench.inject("m#1", ...)``; each replica draws from its own generator.
 
         Each batch first waits ``latency_ms`` (or a ``(low, high)`` range drawn per batch), each
         request then fails with probability ``error_rate``, and every ``oom_every``-th batch and
         every batch of more than ``oom_above`` requests raises a fake out-of-memory error. ``seed``
         makes the draws repeatable. Spans say what was injected (``workbench.fault.*``).
         """
+        if replica is not None:
+            if isinstance(replica, bool) or not isinstance(replica, int) or replica < 0:
+                raise WorkbenchError(f"bench.inject({model!r}, replica={replica!r}): replica is an index >= 0",
+                                     hint=f"e.g. replica=1, or name the replica: bench.inject('{model}#1', ...)")
+            model = f"{model}#{replica}"
         faults = Faults(model, error_rate, latency_ms, oom_every, oom_above, seed)
         self.engine.inject(faults)
         return faults
@@ -263,16 +348,18 @@ class Workbench:
         self.engine.clear_faults(model)
 
     def faults(self) -> dict[str, Faults]:
-        """The faults injected now, by model."""
+        """The faults injected now, by model (by replica, ``m#1``, for a model with replicas)."""
         return self.engine.faults()
 
     def set_breaker(self, model: str, *, failure_threshold: int = 5, reset_timeout_s: float = 5.0) -> None:
         """Give ``model`` a fresh circuit breaker: open after ``failure_threshold`` failures in a row, try again
-        ``reset_timeout_s`` later. Every loaded model has one (5 failures, 5 s) until told otherwise."""
+        ``reset_timeout_s`` later. Every loaded model has one (5 failures, 5 s) until told otherwise; each
+        replica has its own, and ``model`` may name one (``m#1``) or mean all of them."""
         self.engine.set_breaker(model, failure_threshold, reset_timeout_s)
 
     def breakers(self) -> pd.DataFrame:
-        """The circuit breaker of each loaded model: state, failures in a row, settings, times opened, last error."""
+        """The circuit breaker of each loaded model (of each replica, ``m#0``, ``m#1``, for a model with replicas):
+        state, failures in a row, settings, times opened, last error."""
         import pandas as pd
 
         columns = ["model", "state", "failures", "failure_threshold", "reset_timeout_s", "opened", "since_s",
@@ -289,7 +376,8 @@ class Workbench:
         self.health.configure(interval_s, timeout_s, failures)
 
     def check_health(self, model: str | None = None) -> pd.DataFrame:
-        """Probe ``model`` (or every loaded model) now; one row per model: health, failures, probe_ms, error."""
+        """Probe ``model`` (or every loaded model) now; one row per model (per replica, ``m#0``, ``m#1``, for a model
+        with replicas, each probed on its own): health, failures, probe_ms, error."""
         import pandas as pd
 
         rows = self.health.check(None if model is None else [model])

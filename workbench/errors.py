@@ -2,7 +2,8 @@
 
     WorkbenchError
     ├── SpecError          the chain spec or a command line is wrong: TemplateError, ParseError
-    ├── SettingsError      a strategy, workload or store setting is wrong: StrategyError, WorkloadError, StoreError
+    ├── SettingsError      a strategy, replicas, workload or store setting is wrong: StrategyError, WorkloadError,
+    │                      StoreError
     ├── ModelError         a model is unknown, will not load, ran out of memory: UnknownModelError,
     │                      ModelLoadError, ModelOutOfMemory
     ├── ServingError       a model refused to serve now: CircuitOpen, ModelUnhealthy, HopTimeout,
@@ -79,7 +80,8 @@ class SpecError(WorkbenchError):
 
 
 class SettingsError(WorkbenchError):
-    """A setting that does not parse or cannot apply: a batching or preloading strategy, a workload, a store."""
+    """A setting that does not parse or cannot apply: a batching, preloading or balance policy, replicas, a workload,
+    a store."""
 
 
 class ModelError(WorkbenchError):

@@ -80,6 +80,7 @@ class RunState:
     root: Span
     run_id: str
     events: EventSink | None = None
+    session: str | None = None
     outputs: dict[str, Any] = field(default_factory=dict)
 
     def emit(self, event: Event) -> None:
@@ -119,7 +120,7 @@ class Runner:
             },
             run=True,
         )
-        state = RunState(spec, dict(inputs), History(records), root, run_id, events)
+        state = RunState(spec, dict(inputs), History(records), root, run_id, events, session)
         try:
             failure = await self._walk(state)
         except BaseException as exc:  # an interrupt or a cancel included: the trace must still close
@@ -251,7 +252,7 @@ class Runner:
 
             async def call(attempt: int, timeout: float | None) -> Any:
                 call = Call(name, prompt, hop.params, span, hop.name, {attr.ATTEMPT: attempt, attr.ROUTE: label},
-                            timeout, on_token=on_token)
+                            timeout, on_token=on_token, session=state.session)
                 return (await self.engine.acall(call)).text
 
             return Route(label, call)

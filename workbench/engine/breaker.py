@@ -60,6 +60,14 @@ class CircuitBreaker:
         self._changed_at = clock()
         self._trial_out = False
 
+    @property
+    def available(self) -> bool:
+        """Whether :meth:`admit` would let a request through now; reading it changes nothing."""
+        with self._lock:
+            if self.state == OPEN:
+                return self._clock() - self._changed_at >= self.reset_timeout_s
+            return self.state == CLOSED or not self._trial_out
+
     def admit(self, span: Span) -> bool:
         """Let a request through, or raise CircuitOpen; True when it is the half-open trial."""
         with self._lock:

@@ -1,11 +1,12 @@
-"""The engine: one worker per loaded model, and the door requests come in through (blocking or awaited)."""
+"""The engine: a replica set of workers per loaded model, and the door requests come in through (blocking or awaited)."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -15,14 +16,16 @@ from opentelemetry.trace import Span
 from workbench.engine.backends.base import Backend, fit_window
 from workbench.engine.backends.process import ModelProcess, ProcessBackend
 from workbench.engine.backends.transformers import TransformersBackend
+from workbench.engine.balancing import BalancePolicy, RoundRobin
 from workbench.engine.batching import BatchingPolicy, NoBatching
 from workbench.engine.breaker import CircuitBreaker
 from workbench.engine.faults import FaultInjector, Faults
 from workbench.engine.preloading import Preloader
+from workbench.engine.replicas import Replica, ReplicaSet, continuous_on_shared, replica_devices, replica_name
 from workbench.engine.requests import GenerationParams, GenerationRequest, GenerationResult
 from workbench.engine.worker import ModelWorker
-from workbench.errors import HopTimeout, ModelUnhealthy, RunCancelled
-from workbench.models.registry import LoadedModel, ModelRegistry
+from workbench.errors import HopTimeout, ModelLoadError, ModelUnhealthy, RunCancelled, UnknownModelError
+from workbench.models.registry import LoadedModel, ModelRegistry, on_device
 from workbench.tracing import Tracing, mark_error
 from workbench.tracing import attributes as attr
 from workbench.tracing import openinference
@@ -42,6 +45,8 @@ class Call:
     probe: bool = False
     # Hears each token with the text it adds, from the worker's thread (None: not streamed).
     on_token: Callable[[int, str], None] | None = None
+    # The run's session: the session_hash balance policy keeps a session's calls on one replica.
+    session: str | None = None
 
 
 @dataclass(eq=False)
@@ -51,6 +56,8 @@ class _Pending:
     call: Call
     span: Span
     done: asyncio.Future[GenerationResult]
+    model: str  # the model the call names, without a replica
+    index: int | None  # the replica the call pins (``m#1``), or None for the balancer to pick
     request: GenerationRequest | None = None
     started: float = field(default_factory=time.perf_counter)
 
@@ -62,12 +69,18 @@ def backend_for(loaded: LoadedModel) -> Backend:
     return TransformersBackend(loaded)
 
 
-class Engine:
-    """Routes generation requests to the worker of the model they name.
+# Where a name points at one replica of a replicated model: "m#1" is replica 1 of model "m".
+_REPLICA = re.compile(r"^(?P<model>.+)#(?P<index>\d+)$")
 
+
+class Engine:
+    """Routes generation requests to a replica of the model they name, and the replica's worker.
+
+    A model has a replica set: one worker (``replicas=1``, the default) or several, each with its
+    own backend, queue, breaker, health and faults; its balance policy picks one per request.
     Two doors: :meth:`call` blocks its thread, :meth:`acall` is awaited on an event loop. Calls
     awaited in one tick of a loop reach the model together: they are tokenized in one call and
-    queued with one wake-up of the worker, so the hops that a finished batch made ready form the
+    queued with one wake-up of each worker, so the hops that a finished batch made ready form the
     next batch at once.
     """
 
@@ -76,121 +89,217 @@ class Engine:
         registry.spawner = ModelProcess  # isolation="process": the registry loads through a child process
         self._tracing = tracing
         self._lock = threading.Lock()
-        self._workers: dict[str, ModelWorker] = {}
-        self._policies: dict[str, BatchingPolicy] = {}  # kept across unloads, so a reload batches the same way
+        self._sets: dict[str, ReplicaSet] = {}
+        # Kept across unloads, so a reload batches, replicates and balances the same way.
+        self._policies: dict[str, BatchingPolicy] = {}
+        self._replicas: dict[str, tuple[str | None, ...]] = {}
+        self._balance: dict[str, BalancePolicy] = {}
         self._pending: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}
         self.preloader = Preloader(registry, tracing, self.start, self.stop)
 
     # -- workers -------------------------------------------------------------------------------
 
-    def start(self, name: str, policy: BatchingPolicy | None = None) -> ModelWorker:
-        """Start the worker of the loaded model ``name``, under ``policy`` or the one configured for it."""
-        backend = backend_for(self._registry.get(name))
+    def start(self, name: str, policy: BatchingPolicy | None = None) -> ReplicaSet:
+        """Start the workers of the loaded model ``name``, one per replica, under ``policy`` or the one configured.
+
+        Replicas on the model's own device share its weights (read-only at inference, so one
+        copy serves every worker thread); a replica on another device gets a copy there.
+        """
+        loaded = self._registry.get(name)
         policy = policy or self._policies.get(name) or NoBatching()
-        backend.check(policy)
-        worker = ModelWorker(name, backend, policy, self._tracing)
         with self._lock:
-            self._workers[name] = worker
+            devices = self._replicas.get(name, (None,))
+            balance = self._balance.get(name) or RoundRobin()
+        if loaded.settings.isolation == "process" and len(devices) > 1:
+            raise ModelLoadError(
+                f"model {name!r} runs in a child process (isolation='process'), which serves one replica: "
+                f"{len(devices)} were asked for",
+                hint="load it with replicas=1, or with isolation='thread' to replicate it",
+            )
+        models = [loaded if device is None else on_device(loaded, device) for device in devices]
+        shared = len({id(m) for m in models}) < len(models)
+        if shared and policy.continuous:
+            raise continuous_on_shared(name)
+        backends = [backend_for(m) for m in models]
+        for backend in backends:
+            backend.check(policy)
+        workers = [
+            ModelWorker(replica_name(name, i, len(backends)), backend, policy, self._tracing)
+            for i, backend in enumerate(backends)
+        ]
+        replicas = ReplicaSet(name, workers, balance, shared)
+        with self._lock:
+            self._sets[name] = replicas
             self._policies[name] = policy
-        return worker
+            self._balance[name] = balance
+        return replicas
+
+    def configure(self, name: str, replicas: int | Sequence[str] | None, balance: BalancePolicy | None) -> None:
+        """How many replicas ``name`` runs (or on which devices) from its next load, and how they are balanced.
+
+        None leaves that setting as it is.
+        """
+        devices = replica_devices(name, replicas) if replicas is not None else None
+        with self._lock:
+            if devices is not None:
+                self._replicas[name] = devices
+            if balance is not None:
+                self._balance[name] = balance
 
     def forget(self, name: str) -> None:
-        """Drop the batching policy configured for ``name`` (the model is no longer known)."""
+        """Drop the policies and replicas configured for ``name`` (the model is no longer known)."""
         with self._lock:
             self._policies.pop(name, None)
+            self._replicas.pop(name, None)
+            self._balance.pop(name, None)
 
     def stop(self, name: str) -> None:
         with self._lock:
-            worker = self._workers.pop(name, None)
-        if worker is not None:
-            worker.stop()
-            worker.backend.close()
+            replicas = self._sets.pop(name, None)
+        if replicas is not None:
+            for worker in replicas.workers:
+                worker.stop()
+                worker.backend.close()
 
     def close(self) -> None:
-        for name in list(self._workers):
+        for name in list(self._sets):
             self.stop(name)
 
-    def workers(self) -> dict[str, ModelWorker]:
-        """The running workers by model name (a snapshot)."""
+    def replica_sets(self) -> dict[str, ReplicaSet]:
+        """The running replica sets by model name (a snapshot)."""
         with self._lock:
-            return dict(self._workers)
+            return dict(self._sets)
+
+    def workers(self) -> dict[str, ModelWorker]:
+        """Every running worker by its name (``m``, or ``m#0``, ``m#1`` for replicas; a snapshot)."""
+        return {w.name: w for replicas in self.replica_sets().values() for w in replicas.workers}
+
+    def _resolve(self, name: str) -> tuple[str, int | None]:
+        """The model ``name`` names, and the replica it pins (``m#1``), or None for any replica."""
+        match = _REPLICA.match(name)
+        if match is None or name in self._registry.names():
+            return name, None
+        model, index = match["model"], int(match["index"])
+        with self._lock:
+            replicas = self._sets.get(model)
+        count = len(replicas.replicas) if replicas is not None else len(self._replicas.get(model, (None,)))
+        if model not in self._registry.names() or count == 1:
+            return name, None  # not a replica after all: the registry says the name is unknown
+        if index >= count:
+            raise UnknownModelError(f"model {model!r} has no replica {index}: it has {count}",
+                                    hint=f"its replicas are {model}#0 to {model}#{count - 1}")
+        return model, index
+
+    def replicas_of(self, name: str) -> list[ModelWorker]:
+        """The workers ``name`` stands for: every replica of a model, or the one replica ``m#1`` names."""
+        model, index = self._resolve(name)
+        with self._lock:
+            replicas = self._sets.get(model)
+        if replicas is None:
+            self._registry.get(model)  # raises the user-facing error: unknown, or registered but not loaded
+            raise RuntimeError(f"model {model!r} is loaded but has no workers")
+        return replicas.workers if index is None else [replicas.workers[index]]
 
     def worker(self, name: str) -> ModelWorker:
-        with self._lock:
-            worker = self._workers.get(name)
-        if worker is None:
-            self._registry.get(name)  # raises the user-facing error: unknown, or registered but not loaded
-            raise RuntimeError(f"model {name!r} is loaded but has no worker")
-        return worker
+        """The worker of a model with one replica, or of the replica ``name`` pins (``m#1``)."""
+        workers = self.replicas_of(name)
+        if len(workers) > 1:
+            raise UnknownModelError(f"model {name!r} has {len(workers)} replicas: name one",
+                                    hint=f"{name}#0 to {name}#{len(workers) - 1}")
+        return workers[0]
 
     def set_policy(self, name: str, policy: BatchingPolicy) -> None:
-        """Swap the batching policy of a running worker, live: a worker waiting inside the old one gives way at once.
+        """Swap the batching policy of a model's workers, live: a worker waiting inside the old one gives way at once.
 
         For a registered model that is not loaded, the policy is kept for when it loads.
         """
         with self._lock:
-            worker = self._workers.get(name)
-        if worker is None:
+            replicas = self._sets.get(name)
+        if replicas is None:
             self._registry.settings(name)  # an unknown model is a clear error
             with self._lock:
                 self._policies[name] = policy
             return
-        worker.backend.check(policy)
-        worker.set_policy(policy)
+        replicas.check(policy)
+        for worker in replicas.workers:
+            worker.backend.check(policy)
+        for worker in replicas.workers:
+            worker.set_policy(policy)
         with self._lock:
             self._policies[name] = policy
 
     def policy(self, name: str) -> BatchingPolicy:
         """The policy ``name`` runs under, or will once it loads."""
         with self._lock:
-            worker = self._workers.get(name)
+            replicas = self._sets.get(name)
             configured = self._policies.get(name)
-        if worker is not None:
-            return worker.policy
+        if replicas is not None:
+            return replicas.workers[0].policy
         self._registry.settings(name)  # an unknown model is a clear error
         return configured or NoBatching()
+
+    def set_balance(self, name: str, policy: BalancePolicy) -> None:
+        """Change how ``name``'s replicas are picked, live; for a model not loaded, from its next load."""
+        self._registry.settings(name)  # an unknown model is a clear error
+        with self._lock:
+            self._balance[name] = policy
+            replicas = self._sets.get(name)
+            if replicas is not None:
+                replicas.policy = policy
+
+    def balance(self, name: str) -> BalancePolicy:
+        """The balance policy ``name``'s replicas are picked by, or will be once it loads."""
+        self._registry.settings(name)
+        with self._lock:
+            return self._balance.get(name) or RoundRobin()
 
     # -- resilience state ----------------------------------------------------------------------
 
     def inject(self, faults: Faults) -> None:
-        """Inject ``faults`` into their model's batches, replacing earlier ones."""
-        self.worker(faults.model).faults = FaultInjector(faults)
+        """Inject ``faults`` into the batches of their model's replicas (or the one replica named), replacing earlier ones."""
+        for worker in self.replicas_of(faults.model):
+            worker.faults = FaultInjector(faults)
 
     def clear_faults(self, model: str | None = None) -> None:
-        for worker in (self.workers().values() if model is None else [self.worker(model)]):
+        for worker in (self.workers().values() if model is None else self.replicas_of(model)):
             worker.faults = None
 
     def faults(self) -> dict[str, Faults]:
         return {name: w.faults.faults for name, w in self.workers().items() if w.faults is not None}
 
     def set_breaker(self, model: str, failure_threshold: int, reset_timeout_s: float) -> None:
-        self.worker(model).breaker = CircuitBreaker(model, failure_threshold, reset_timeout_s)
+        for worker in self.replicas_of(model):
+            worker.breaker = CircuitBreaker(worker.name, failure_threshold, reset_timeout_s)
 
     # -- requests ------------------------------------------------------------------------------
 
-    def _ready(self, name: str, parent: Span) -> ModelWorker:
-        """The worker of ``name``, loading the model first if it is registered but not loaded (lazy on use)."""
+    def _ready(self, name: str, parent: Span) -> ReplicaSet:
+        """The replica set of ``name``, loading the model first if it is registered but not loaded (lazy on use)."""
         with self._lock:
-            worker = self._workers.get(name)
-        if worker is None:
+            replicas = self._sets.get(name)
+        if replicas is None:
             self.preloader.load(name, parent=parent, trigger="on_use")
-            worker = self.worker(name)
-        return worker
+            with self._lock:
+                replicas = self._sets.get(name)
+            if replicas is None:
+                self._registry.get(name)  # unloaded again meanwhile: the user-facing error
+                raise RuntimeError(f"model {name!r} is loaded but has no workers")
+        return replicas
 
-    def _open(self, call: Call) -> Span:
+    def _open(self, call: Call, model: str) -> Span:
         """Start the request's span (``text_completion {model}``); the worker ends it, so it spans the whole request."""
-        settings = self._registry.settings(call.model)  # an unknown model fails here, before any span
+        settings = self._registry.settings(model)  # an unknown model fails here, before any span
         params = call.params
         attributes: dict[str, object] = {
             attr.SPAN_KIND: attr.KIND_LLM,
             **openinference.request(settings.source, params),
             attr.OPERATION_NAME: attr.TEXT_COMPLETION,
             attr.PROVIDER_NAME: attr.PROVIDER,
-            attr.REQUEST_MODEL: call.model,
+            attr.REQUEST_MODEL: model,
             attr.REQUEST_MAX_TOKENS: params.max_new_tokens,
             attr.REQUEST_TEMPERATURE: params.temperature,
             attr.REQUEST_TOP_P: params.top_p,
-            attr.MODEL_NAME: call.model,
+            attr.MODEL_NAME: model,
             **openinference.input_value(call.prompt),
         }
         if call.hop:
@@ -207,19 +316,46 @@ class Engine:
         span = self._tracing.start_span(
             f"{attr.TEXT_COMPLETION} {call.model}", call.parent, attributes=attributes, run=True
         )
-        self.preloader.begin_use(call.model)  # from here until served, keep-warm will not evict it
+        self.preloader.begin_use(model)  # from here until served, keep-warm will not evict it
         return span
 
-    def _enqueue(
-        self, worker: ModelWorker, calls: list[tuple[Call, Span]], started: float
+    def _place(
+        self, replicas: ReplicaSet, calls: list[tuple[Call, Span, int | None]], started: float
     ) -> list[GenerationRequest | BaseException]:
-        """Tokenize ``calls`` in one backend call and queue those that may run with one wake-up of the worker.
+        """Pick a replica for each call (or the one it pins) and queue each replica's calls with one wake-up.
+
+        Each call is counted in flight on its replica as it is picked, so the next pick of the
+        same tick already sees it. Answers in the order of ``calls``, as :meth:`_enqueue` does.
+        """
+        groups: dict[int, tuple[Replica, list[int]]] = {}
+        for slot, (call, span, index) in enumerate(calls):
+            replica = replicas.pick(call.session, index)
+            if len(replicas.replicas) > 1:
+                span.set_attributes({attr.REPLICA: replica.name, attr.BALANCE_POLICY: replicas.policy.name})
+            groups.setdefault(replica.index, (replica, []))[1].append(slot)
+        answers: list[GenerationRequest | BaseException | None] = [None] * len(calls)
+        for replica, slots in groups.values():
+            try:
+                placed = self._enqueue(replicas.model, replica.worker, [calls[i][:2] for i in slots], started)
+            except BaseException as exc:  # the backend could not tokenize: every call of the group fails alike
+                placed = [exc] * len(slots)
+            for slot, answer in zip(slots, placed):
+                answers[slot] = answer
+                if isinstance(answer, GenerationRequest):
+                    answer.future.add_done_callback(_finisher(replicas, replica))
+                else:
+                    replicas.finished(replica, ok=False)
+        return answers  # type: ignore[return-value]  # every slot is filled: each call is in one group
+
+    def _enqueue(
+        self, model: str, worker: ModelWorker, calls: list[tuple[Call, Span]], started: float
+    ) -> list[GenerationRequest | BaseException]:
+        """Tokenize ``calls`` in one backend call and queue those that may run with one wake-up of ``model``'s worker.
 
         Each slot of the answer is the queued request, or the error that kept it out (its span
         then ended with that error).
         """
         backend = worker.backend
-        model = worker.name
         try:
             token_ids = backend.tokenize([call.prompt for call, _ in calls])
         except BaseException as exc:
@@ -248,7 +384,7 @@ class Engine:
                 }
             )
             request = GenerationRequest(
-                model, ids, call.params, span, hop=call.hop, truncated_tokens=truncated, prompt=call.prompt,
+                worker.name, ids, call.params, span, hop=call.hop, truncated_tokens=truncated, prompt=call.prompt,
                 probe=call.probe,
                 cancellable=call.timeout_s is not None, trial=trial, on_token=call.on_token,
             )
@@ -295,14 +431,15 @@ class Engine:
         a timeout stop the request's row mid-batch.
         """
         call = Call(model, prompt, params, parent, hop, attributes, 0.0 if cancellable else None, probe)
-        span = self._open(call)
+        model, index = self._resolve(model)
+        span = self._open(call, model)
         started = time.perf_counter()
         try:
-            worker = self._ready(model, span)
+            replicas = self._ready(model, span)
         except BaseException as exc:
             self._refuse(model, span, exc)
             raise
-        (answer,) = self._enqueue(worker, [(call, span)], started)
+        (answer,) = self._place(replicas, [(call, span, index)], started)
         if isinstance(answer, BaseException):
             raise answer
         return answer
@@ -347,8 +484,9 @@ class Engine:
         made in it. Cancelling the awaiting task cancels the request (RunCancelled on its span).
         """
         loop = asyncio.get_running_loop()
-        span = self._open(call)
-        pending = _Pending(call, span, loop.create_future())
+        model, index = self._resolve(call.model)
+        span = self._open(call, model)
+        pending = _Pending(call, span, loop.create_future(), model, index)
         batch = self._pending.get(loop)
         if batch is None:
             batch = self._pending[loop] = []
@@ -367,49 +505,45 @@ class Engine:
             raise
 
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Queue every call awaited in the loop's last tick: per model, one tokenization and one wake-up."""
+        """Queue every call awaited in the loop's last tick: per replica, one tokenization and one wake-up."""
         batch = self._pending.pop(loop, [])
         by_model: dict[str, list[_Pending]] = {}
         for pending in batch:
             if pending.done.done():  # cancelled (or timed out) before it was queued
-                self._refuse(pending.call.model, pending.span, RunCancelled("the call was cancelled before it ran"))
+                self._refuse(pending.model, pending.span, RunCancelled("the call was cancelled before it ran"))
             else:
-                by_model.setdefault(pending.call.model, []).append(pending)
+                by_model.setdefault(pending.model, []).append(pending)
         for model, pendings in by_model.items():
             with self._lock:
-                worker = self._workers.get(model)
-            if worker is None:  # registered, not loaded: load off the loop, then queue
+                replicas = self._sets.get(model)
+            if replicas is None:  # registered, not loaded: load off the loop, then queue
                 loop.run_in_executor(None, self._load_and_enqueue, loop, model, pendings)
             else:
-                self._queue(loop, worker, pendings)
+                self._queue(loop, replicas, pendings)
 
     def _load_and_enqueue(self, loop: asyncio.AbstractEventLoop, model: str, pendings: list[_Pending]) -> None:
         try:
-            worker = self._ready(model, pendings[0].span)
+            replicas = self._ready(model, pendings[0].span)
         except BaseException as exc:
             loop.call_soon_threadsafe(self._fail_pending, pendings, exc)
             return
-        loop.call_soon_threadsafe(self._queue, loop, worker, pendings)
+        loop.call_soon_threadsafe(self._queue, loop, replicas, pendings)
 
     def _fail_pending(self, pendings: list[_Pending], exc: BaseException) -> None:
         for pending in pendings:
-            self._refuse(pending.call.model, pending.span, exc)
+            self._refuse(pending.model, pending.span, exc)
             if not pending.done.done():
                 pending.done.set_exception(exc)
 
-    def _queue(self, loop: asyncio.AbstractEventLoop, worker: ModelWorker, pendings: list[_Pending]) -> None:
+    def _queue(self, loop: asyncio.AbstractEventLoop, replicas: ReplicaSet, pendings: list[_Pending]) -> None:
         live = [p for p in pendings if not p.done.done()]
         for pending in pendings:
             if pending.done.done():
-                self._refuse(pending.call.model, pending.span, RunCancelled("the call was cancelled before it ran"))
+                self._refuse(pending.model, pending.span, RunCancelled("the call was cancelled before it ran"))
         if not live:
             return
-        try:
-            answers = self._enqueue(worker, [(p.call, p.span) for p in live], min(p.started for p in live))
-        except BaseException as exc:  # the backend could not tokenize: every call of the batch fails alike
-            for pending in live:
-                pending.done.set_exception(exc)
-            return
+        calls = [(p.call, p.span, p.index) for p in live]
+        answers = self._place(replicas, calls, min(p.started for p in live))
         for pending, answer in zip(live, answers):
             if isinstance(answer, BaseException):
                 pending.done.set_exception(answer)
@@ -419,11 +553,19 @@ class Engine:
 
     def _cancel(self, request: GenerationRequest, error: BaseException) -> bool:
         """Fail ``request`` with ``error`` now (its worker drops or stops it); False if it had finished."""
-        with self._lock:
-            worker = self._workers.get(request.model)
+        worker = self.workers().get(request.model)  # the request names the replica that holds it
         if worker is None:
             return False
         return worker.cancel(request, error)
+
+
+def _finisher(replicas: ReplicaSet, replica: Replica) -> Callable[[Future[GenerationResult]], None]:
+    """A done-callback that takes a finished request off its replica's in-flight count."""
+
+    def finished(future: Future[GenerationResult]) -> None:
+        replicas.finished(replica, ok=future.exception() is None)
+
+    return finished
 
 
 def _timeout(model: str, hop: str | None, timeout_s: float | None) -> HopTimeout:

@@ -54,8 +54,10 @@ class HealthChecks:
             self._thread.start()
 
     def check(self, names: list[str] | None = None) -> list[dict[str, Any]]:
-        """Probe ``names`` (every loaded model by default) now, one after another; their health rows."""
-        workers = self._engine.workers() if names is None else {name: self._engine.worker(name) for name in names}
+        """Probe ``names`` (every loaded model by default) now, one after another; a health row per replica."""
+        workers = self._engine.workers() if names is None else {
+            worker.name: worker for name in names for worker in self._engine.replicas_of(name)  # each replica
+        }
         return [self._probe(name, worker) for name, worker in workers.items()]
 
     def stop(self) -> None:

@@ -1,4 +1,4 @@
-"""The strategy comparison harness: every batching x preloading combination, run interleaved, read from traces."""
+"""The strategy comparison harness: every batching x preloading x balance combination, run interleaved, read from traces."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from workbench.engine.balancing import BalancePolicy, parse_balance
 from workbench.engine.batching import BatchingPolicy, parse_policy
 from workbench.errors import StrategyError, UnknownModelError
 from workbench.experiments.workloads import ClosedLoop, PoissonArrivals, Workload, WorkloadResult, as_inputs
@@ -41,9 +42,11 @@ def _with_bounds(*columns: str) -> list[str]:
             ((column, f"{column}_lo", f"{column}_hi") if column in _OVER_REPEATS + _BOOTSTRAPPED else (column,))]
 
 
+# The axes a comparison may vary; each strategy is one value on each.
+AXES = ("batching", "preloading", "balance")
+
 TABLE_COLUMNS = _with_bounds(
-    "batching",
-    "preloading",
+    *AXES,
     "requests_per_s",
     "rank",
     "rank_group",
@@ -65,6 +68,7 @@ TABLE_COLUMNS = _with_bounds(
     "first_result_s",
     "peak_weights_mb",
     "peak_cuda_mb",
+    "replica_load",
     "errors",
     "repeats",
 )
@@ -85,12 +89,14 @@ class Strategy:
 
     batching: BatchingPolicy | None
     preloading: PreloadingStrategy | None
+    balance: BalancePolicy | None = None
 
     @property
-    def labels(self) -> tuple[str, str]:
+    def labels(self) -> tuple[str, str, str]:
         return (
             self.batching.name if self.batching is not None else UNCHANGED,
             self.preloading.name if self.preloading is not None else UNCHANGED,
+            self.balance.name if self.balance is not None else UNCHANGED,
         )
 
 
@@ -123,6 +129,14 @@ def _preloadings(
     return _distinct([parse_preloading(p) for p in preloading], "preloading")
 
 
+def _balances(balance: Iterable[BalancePolicy | str] | BalancePolicy | str | None) -> list[BalancePolicy | None]:
+    if balance is None:
+        return [None]
+    if isinstance(balance, (str, BalancePolicy)):
+        balance = [balance]
+    return _distinct([parse_balance(b) for b in balance], "balance")
+
+
 def _distinct(items: list[Any], axis: str) -> list[Any]:
     if not items:
         raise StrategyError(f"{axis}=[] leaves nothing to compare", hint=f"list at least one, or leave {axis}=None")
@@ -133,9 +147,18 @@ def _distinct(items: list[Any], axis: str) -> list[Any]:
     return items
 
 
-def _label(batching: str, preloading: str) -> str:
+def _label(*labels: str) -> str:
     """A strategy's name in plots and the progress bar: the axes that were set, joined."""
-    return " + ".join(part for part in (batching, preloading) if part != UNCHANGED) or UNCHANGED
+    return " + ".join(part for part in labels if part != UNCHANGED) or UNCHANGED
+
+
+def _replica_load(calls: pd.DataFrame) -> str | None:
+    """Each replica's share of a strategy's model calls, as ``m#0 62% · m#1 38%`` (None without replicas)."""
+    served = calls["replica"].dropna()
+    if served.empty:
+        return None
+    shares = served.value_counts(normalize=True).sort_index()
+    return " · ".join(f"{replica} {share:.0%}" for replica, share in shares.items())
 
 
 def _percentiles(values: pd.Series, name: str, qs: dict[str, float]) -> dict[str, float]:
@@ -270,7 +293,7 @@ class Comparison:
     def __init__(
         self,
         chain: str,
-        strategies: Sequence[tuple[str, str]],
+        strategies: Sequence[tuple[str, str, str]],
         samples: pd.DataFrame,
         calls: pd.DataFrame,
         passes: pd.DataFrame,
@@ -286,7 +309,7 @@ class Comparison:
         return self._samples.copy()
 
     def calls(self) -> pd.DataFrame:
-        """One row per model call of the measured runs: TTFT, TPOT, tokens, batch id and size, padding."""
+        """One row per model call of the measured runs: TTFT, TPOT, tokens, batch id and size, padding, replica."""
         return self._calls.copy()
 
     def passes(self) -> pd.DataFrame:
@@ -310,17 +333,16 @@ class Comparison:
         import pandas as pd
 
         rows = []
-        for batching, preloading in self.strategies:
-            runs = self._of(self._samples, batching, preloading)
-            calls = self._of(self._calls, batching, preloading)
-            passes = self._of(self._passes, batching, preloading)
+        for labels in self.strategies:
+            runs = self._of(self._samples, labels)
+            calls = self._of(self._calls, labels)
+            passes = self._of(self._passes, labels)
             ok = runs[runs["ok"]]
             batches = calls.drop_duplicates(["repeat", "batch_id"])
             cells = float((calls["tokens_in"] + calls["padding_tokens"]).sum())
             rows.append(
                 {
-                    "batching": batching,
-                    "preloading": preloading,
+                    **dict(zip(AXES, labels)),
                     **_over_repeats(passes, "requests_per_s"),
                     **_over_repeats(passes, "output_tokens_per_s"),
                     **_percentiles(ok["e2e_ms"], "e2e", {"p50_ms": 0.50, "p95_ms": 0.95, "p99_ms": 0.99}),
@@ -336,6 +358,7 @@ class Comparison:
                     **_over_repeats(passes, "first_result_s"),
                     "peak_weights_mb": passes["peak_weights_mb"].max(),
                     "peak_cuda_mb": passes["peak_cuda_mb"].max(),
+                    "replica_load": _replica_load(calls),
                     "errors": int((~runs["ok"]).sum()),
                     "repeats": len(passes),
                 }
@@ -347,7 +370,9 @@ class Comparison:
         import pandas as pd
 
         table = self.table()
-        shown = pd.DataFrame({"batching": table["batching"], "preloading": table["preloading"]})
+        # The balance axis and the load per replica only where the comparison had replicas to speak of.
+        axes = [a for a in AXES if a != "balance" or (table["balance"] != UNCHANGED).any()]
+        shown = pd.DataFrame({axis: table[axis] for axis in axes})
         overlapping = _overlapping(table)
         # "2 ≈1,3": second by throughput, not told apart from the first and the third.
         shown["rank"] = [
@@ -356,8 +381,8 @@ class Comparison:
                                         if overlapping[i] else "")
             for i in table.index
         ]
-        figures = [c for c in TABLE_COLUMNS[2:] if c not in ("rank", "rank_group", "distinguishable",
-                   "p99_few_samples") and not c.endswith(("_lo", "_hi"))]
+        figures = [c for c in TABLE_COLUMNS[len(AXES):] if c not in ("rank", "rank_group", "distinguishable",
+                   "p99_few_samples", "replica_load") and not c.endswith(("_lo", "_hi"))]
         for column in figures:
             values = table[column]
             if not pd.api.types.is_float_dtype(values.dtype):
@@ -374,6 +399,8 @@ class Comparison:
                     text += " *"
                 texts.append(text)
             shown[column] = texts
+        if table["replica_load"].notna().any():
+            shown.insert(len(axes) + 1, "replica_load", table["replica_load"].fillna(MISSING))
         notes = [
             "(lo–hi): latency percentiles pool every repeat's runs, with a 95% bootstrap interval "
             f"({BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}); throughput, cold start and first "
@@ -387,8 +414,30 @@ class Comparison:
         return Readable(shown, numeric=["rank", *figures], notes=notes)
 
     @staticmethod
-    def _of(frame: pd.DataFrame, batching: str, preloading: str) -> pd.DataFrame:
-        return frame[(frame["batching"] == batching) & (frame["preloading"] == preloading)]
+    def _of(frame: pd.DataFrame, labels: Sequence[str]) -> pd.DataFrame:
+        keep = frame[AXES[0]] == labels[0]
+        for axis, label in zip(AXES[1:], labels[1:]):
+            keep &= frame[axis] == label
+        return frame[keep]
+
+    def replica_load(self) -> pd.DataFrame:
+        """One row per strategy and replica: the model calls it served, its share of them, and their latency.
+
+        ``calls`` counts successful calls over every repeat; ``share`` is of the strategy's calls
+        to replicated models; ``e2e_p50_ms`` / ``e2e_p95_ms`` are the calls' own latency (queue
+        included), so a slow replica shows here even when the policy sends it little.
+        """
+        import pandas as pd
+
+        columns = [*AXES, "replica", "calls", "share", "e2e_p50_ms", "e2e_p95_ms"]
+        rows = []
+        for labels in self.strategies:
+            calls = self._of(self._calls, labels).dropna(subset=["replica"])
+            for replica, group in calls.groupby("replica", sort=True):
+                rows.append({**dict(zip(AXES, labels)), "replica": replica, "calls": len(group),
+                             "share": len(group) / len(calls), "e2e_p50_ms": group["e2e_ms"].quantile(0.50),
+                             "e2e_p95_ms": group["e2e_ms"].quantile(0.95)})
+        return pd.DataFrame(rows, columns=columns)
 
     def plot(self) -> Figure:
         """Throughput against p95 latency with error bars (one point per strategy), and each strategy's latency CDF.
@@ -408,7 +457,8 @@ class Comparison:
         for index, row in enumerate(table.itertuples()):
             # Ten colours, then the next marker: every strategy keeps a look of its own.
             colour, marker = f"C{index % 10}", "osD^v<>"[index // 10 % 7]
-            label = _label(row.batching, row.preloading)
+            labels = tuple(getattr(row, axis) for axis in AXES)
+            label = _label(*labels)
             x, y = row.e2e_p95_ms, row.requests_per_s
             x_lo, x_hi, y_lo, y_hi = row.e2e_p95_ms_lo, row.e2e_p95_ms_hi, row.requests_per_s_lo, row.requests_per_s_hi
             # No bar where there is no interval (one repeat, one run): a bar of zero would claim no spread.
@@ -416,7 +466,7 @@ class Comparison:
             yerr = None if np.isnan(y_lo) else [[y - y_lo], [y_hi - y]]
             scatter.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=marker, color=colour, markersize=6, capsize=3,
                              elinewidth=1, zorder=3, label=label)
-            runs = self._of(self._samples, row.batching, row.preloading)
+            runs = self._of(self._samples, labels)
             latencies = np.sort(runs.loc[runs["ok"], "e2e_ms"].to_numpy(dtype=float))
             if len(latencies):
                 cdf.step(latencies, np.arange(1, len(latencies) + 1) / len(latencies), where="post", color=colour)
@@ -552,6 +602,8 @@ def _measure(
             "batch_id": llm.get(f"attributes.{attr.BATCH_ID}"),
             "batch_size": llm["batch_size"],
             "padding_tokens": llm.get(f"attributes.{attr.PADDING_TOKENS}"),
+            "replica": llm.get(f"attributes.{attr.REPLICA}"),
+            "e2e_ms": llm["duration_ms"],
         }
     ).reset_index(drop=True)
     calls = calls.astype({c: "Int64" for c in ("tokens_in", "tokens_out", "batch_id", "batch_size", "padding_tokens")})
@@ -581,6 +633,7 @@ def compare(
     batching: Iterable[BatchingPolicy | str] | BatchingPolicy | str | None = None,
     preloading: Iterable[PreloadingStrategy | str] | PreloadingStrategy | str | None = None,
     *,
+    balance: Iterable[BalancePolicy | str] | BalancePolicy | str | None = None,
     concurrency: int = 8,
     repeats: int = 3,
     warmup: int = 1,
@@ -589,12 +642,14 @@ def compare(
     progress: bool = True,
     on_pass: Callable[[Comparison], None] | None = None,
 ) -> Comparison:
-    """Run ``inputs`` through ``chain`` under every batching x preloading combination and compare them.
+    """Run ``inputs`` through ``chain`` under every batching x preloading x balance combination and compare them.
 
     ``batching`` items are policies or their names (``"none"``, ``"static:8"``,
     ``"dynamic:16:5ms"``, ``"continuous"``, ...); ``preloading`` items are what
-    ``bench.set_preloading`` takes (``"lazy"``, ``"eager"``, ``"prefetch"``, ...). ``None``
-    leaves that axis as the workbench has it. Each pass runs every input once, closed loop
+    ``bench.set_preloading`` takes (``"lazy"``, ``"eager"``, ``"prefetch"``, ...); ``balance``
+    items are what ``bench.set_balance`` takes (``"round_robin"``, ``"least_loaded"``, ...), for
+    the chain's models with replicas (the table's ``replica_load`` and :meth:`Comparison.replica_load`
+    say how each policy spread the calls). ``None`` leaves that axis as the workbench has it. Each pass runs every input once, closed loop
     at ``concurrency`` runs in flight, or open loop with Poisson arrivals at ``arrival_rate``
     runs/s (seeded by ``seed``); ``warmup`` runs before each pass are left out of its figures.
 
@@ -602,7 +657,7 @@ def compare(
     order rotating each time) so that drift on a shared machine hits all of them alike. Before
     each pass under a preloading strategy the chain's models are unloaded, so its cold start
     is real, and ``bench.prepare(chain)`` runs as part of the pass. The workbench's batching
-    policies and preloading are put back afterwards, also on error or Ctrl-C.
+    policies, balance policies and preloading are put back afterwards, also on error or Ctrl-C.
 
     ``on_pass``, if given, is called after every pass with a Comparison of the passes so far
     (strategies not run yet have rows without figures): a dashboard fills in from it.
@@ -618,7 +673,9 @@ def compare(
     workload.check(chain)  # refuse bad input before any model is touched
     if repeats < 1:
         raise StrategyError(f"repeats must be at least 1, not {repeats}", hint="repeats=3 is a good start")
-    strategies = [Strategy(b, p) for p in _preloadings(preloading) for b in _policies(batching)]
+    strategies = [
+        Strategy(b, p, r) for p in _preloadings(preloading) for b in _policies(batching) for r in _balances(balance)
+    ]
     environment = _environment(
         bench,
         chain,
@@ -639,7 +696,7 @@ def compare(
                 bar.set_postfix_str(_label(*strategy.labels), refresh=False)
                 started_ns, result, weights, cuda = _one_pass(bench, chain, strategy, workload)
                 pass_runs, pass_calls, figures = _measure(bench, chain, result, started_ns)
-                labels = dict(zip(("batching", "preloading"), strategy.labels), repeat=repeat)
+                labels = dict(zip(AXES, strategy.labels), repeat=repeat)
                 runs.append(pass_runs.assign(**labels))
                 calls.append(pass_calls.assign(**labels))
                 passes.append({**labels, **figures, "peak_weights_mb": weights / 2**20, "peak_cuda_mb": cuda / 2**20})
@@ -660,7 +717,7 @@ def _assemble(
     """A Comparison of the passes measured so far."""
     import pandas as pd
 
-    order = ["batching", "preloading", "repeat"]
+    order = [*AXES, "repeat"]
     return Comparison(
         chain,
         [s.labels for s in strategies],
@@ -689,6 +746,9 @@ def _one_pass(
     if strategy.batching is not None:
         for name in models:
             bench.set_batching(name, strategy.batching)
+    if strategy.balance is not None:
+        for name in models:
+            bench.set_balance(name, strategy.balance)
     with _MemoryWatch(bench) as memory:
         started_ns = time.time_ns()
         if strategy.preloading is not None:
@@ -699,12 +759,15 @@ def _one_pass(
 
 @contextmanager
 def _restored(bench: Workbench, chain: Chain) -> Iterator[None]:
-    """Put the preloading strategy and the chain's models' batching policies back, however the block ends."""
+    """Put the preloading strategy and the chain's models' batching and balance policies back, however the block ends."""
     preloading = bench.preloading
     policies = {name: bench.engine.policy(name) for name in chain.spec.models()}
+    balances = {name: bench.engine.balance(name) for name in chain.spec.models()}
     try:
         yield
     finally:
         bench.set_preloading(preloading)
         for name, policy in policies.items():
             bench.set_batching(name, policy)  # kept for its next load if a pass left the model unloaded
+        for name, balance in balances.items():
+            bench.set_balance(name, balance)

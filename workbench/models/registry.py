@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import itertools
 import json
@@ -77,6 +78,23 @@ class LoadedModel:
     def cold_start_s(self) -> float:
         """What the model cost before it could serve at full speed: load plus warm-up."""
         return self.load_s + self.warmup_s
+
+
+def on_device(loaded: LoadedModel, device: str) -> LoadedModel:
+    """``loaded`` as a replica on ``device``: the same model where it already is, else a copy of its weights there.
+
+    Replicas on one device share one model: inference only reads the weights, so worker threads
+    may run it at once, and a second copy would only take memory. The copy's memory is not in
+    the registry's count (keep-warm budgets see one copy per model).
+    """
+    import copy
+
+    target = resolve_device(device)
+    if target == loaded.device:
+        return loaded
+    model = copy.deepcopy(loaded.model).to(target)
+    model.eval()
+    return dataclasses.replace(loaded, model=model, device=target)
 
 
 class UsageClock:

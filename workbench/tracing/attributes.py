@@ -78,6 +78,9 @@ BATCH_ID = "workbench.batch.id"
 BATCH_SIZE = "workbench.batch.size"
 BATCH_POLICY = "workbench.batch.policy"
 PADDING_TOKENS = "workbench.batch.padding_tokens"
+# Replicas: which replica of its model served a request (``m#1``), and the set's balance policy.
+REPLICA = "workbench.replica"
+BALANCE_POLICY = "workbench.balance.policy"
 
 # Resilience: attempts, the path that served a hop, breakers, health probes, injected faults.
 ATTEMPT = "workbench.attempt"

@@ -1,0 +1,234 @@
+"""Replicas and load balancing on the real tiny model: each policy's choice, sick replicas skipped, compare by balance."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import workbench as wb
+from workbench.engine.balancing import parse_balance
+from workbench.tracing import attributes as attr
+
+from helpers import eventually
+
+ONE_HOP = {
+    "name": "qa",
+    "hops": [{"name": "answer", "model": "m", "prompt": "Question: {{ question }}\nAnswer:", "max_new_tokens": 2}],
+    "output": "answer",
+}
+
+
+@pytest.fixture(scope="module")
+def replicated(tiny_path: Path) -> Iterator[wb.Workbench]:
+    """One workbench with the tiny model loaded as 'm' with two replicas on the CPU (sharing its weights)."""
+    with wb.Workbench(store=wb.InMemoryContextStore()) as bench:
+        bench.load("m", tiny_path, device="cpu", replicas=2)
+        yield bench
+
+
+@pytest.fixture
+def bench(replicated: wb.Workbench) -> Iterator[wb.Workbench]:
+    """The shared workbench, round robin, fresh breakers, no faults, and both replicas healthy."""
+    replicated.set_balance("m", "round_robin")
+    replicated.set_breaker("m", failure_threshold=5, reset_timeout_s=5)
+    yield replicated
+    replicated.clear_faults()
+    replicated.check_health()
+
+
+def served_by(run: wb.Run) -> str:
+    """The replica that served the run's one model call, as its span records it."""
+    (span,) = [s for s in run.trace.spans if s.name.startswith(attr.TEXT_COMPLETION)]
+    return str(span.attributes[attr.REPLICA])
+
+
+def attempt(chain: wb.Chain, **inputs: str) -> wb.Run:
+    """Run ``chain`` once; a failed run is returned too (its trace says which replica failed it)."""
+    try:
+        return chain.run(**inputs)
+    except wb.HopFailed as exc:
+        return exc.run  # type: ignore[return-value]
+
+
+def test_round_robin_alternates_and_every_request_span_names_its_replica(bench: wb.Workbench) -> None:
+    chain = bench.chain(ONE_HOP)
+    runs = [chain.run(question=f"q{i}") for i in range(4)]
+    first = served_by(runs[0])
+    other = "m#1" if first == "m#0" else "m#0"
+    assert [served_by(r) for r in runs] == [first, other, first, other]
+    table = runs[0].trace.table()
+    request = table[table["name"] == f"{attr.TEXT_COMPLETION} m"].iloc[0]
+    assert request[f"attributes.{attr.REPLICA}"] == first
+    assert request[f"attributes.{attr.BALANCE_POLICY}"] == "round_robin"
+    assert request[f"attributes.{attr.MODEL_NAME}"] == "m"  # the model's own name, for per-model summaries
+    batches = [s.name for s in bench.traces().spans if s.name.startswith("batch m")]
+    assert {"batch m#0", "batch m#1"} <= set(batches)  # each replica runs batches of its own
+
+
+def test_models_and_replicas_tables_count_per_replica(bench: wb.Workbench) -> None:
+    before = bench.replicas("m").set_index("replica")["served"]
+    chain = bench.chain(ONE_HOP)
+    for i in range(4):
+        chain.run(question=f"q{i}")
+    table = bench.replicas("m").set_index("replica")
+    assert list(table.index) == ["m#0", "m#1"]
+    assert (table["served"] - before).tolist() == [2, 2]
+    assert table["in_flight"].tolist() == [0, 0]
+    assert table["device"].tolist() == ["cpu", "cpu"]
+    row = bench.models().set_index("name").loc["m"]
+    assert (row["replicas"], row["in_flight"], row["served"]) == (2, 0, table["served"].sum())
+    assert sorted(bench.breakers()["model"]) == ["m#0", "m#1"]  # a breaker per replica
+
+
+def test_least_loaded_sends_less_to_the_replica_slowed_by_faults(bench: wb.Workbench) -> None:
+    bench.inject("m", replica=1, latency_ms=300)
+    chain = bench.chain(ONE_HOP)
+    inputs = [{"question": f"q{i}"} for i in range(8)]
+    batch = chain.map(inputs, concurrency=4)
+    round_robin = Counter(served_by(run) for run in batch.finished)
+    bench.set_balance("m", "least_loaded")
+    batch = chain.map(inputs, concurrency=4)
+    least_loaded = Counter(served_by(run) for run in batch.finished)
+    assert round_robin["m#0"] == round_robin["m#1"] == 4  # blind to load: half to the slow one
+    assert least_loaded["m#1"] < least_loaded["m#0"]  # the slow one holds its requests longer, so gets fewer
+    assert sum(least_loaded.values()) == 8
+
+
+def test_session_hash_keeps_each_session_on_one_replica(bench: wb.Workbench) -> None:
+    bench.set_balance("m", "session_hash")
+    chain = bench.chain(ONE_HOP)
+    sessions = [f"user-{i}" for i in range(6)]
+    seen: dict[str, set[str]] = {s: set() for s in sessions}
+    for _ in range(3):
+        for session in sessions:
+            seen[session].add(served_by(chain.run(question="hi", session=session)))
+    assert all(len(replicas) == 1 for replicas in seen.values()), seen
+    assert set.union(*seen.values()) == {"m#0", "m#1"}  # sessions spread over both replicas
+
+
+def test_weighted_sends_only_to_weighted_replicas(bench: wb.Workbench) -> None:
+    bench.set_balance("m", wb.Weighted({"m#1": 1}))
+    chain = bench.chain(ONE_HOP)
+    assert {served_by(chain.run(question=f"q{i}")) for i in range(6)} == {"m#1"}
+
+
+@dataclass
+class Load:
+    """A replica as a policy reads it (the policy's input, not an imitation of a worker)."""
+
+    index: int
+    name: str
+    in_flight: int = 0
+
+
+def test_weighted_draws_match_the_weights_with_a_seeded_generator() -> None:
+    replicas = [Load(0, "m#0"), Load(1, "m#1"), Load(2, "m#2")]
+    policy = wb.Weighted([6, 3, 1], seed=7)
+    picks = [policy.choose(replicas, None).name for _ in range(5000)]
+    counts = Counter(picks)
+    assert counts["m#0"] / 5000 == pytest.approx(0.6, abs=0.03)
+    assert counts["m#1"] / 5000 == pytest.approx(0.3, abs=0.03)
+    assert counts["m#2"] / 5000 == pytest.approx(0.1, abs=0.03)
+    again = wb.Weighted([6, 3, 1], seed=7)
+    assert [again.choose(replicas, None).name for _ in range(5000)] == picks  # the same seed draws the same
+    assert wb.Weighted([6, 3, 1], seed=7).choose(replicas[1:], None).name in {"m#1", "m#2"}  # healthy ones only
+
+
+def test_power_of_two_and_least_loaded_pick_the_emptier_replica() -> None:
+    replicas = [Load(0, "m#0", in_flight=3), Load(1, "m#1", in_flight=0)]
+    assert wb.LeastLoaded().choose(replicas, None).name == "m#1"
+    assert wb.PowerOfTwo(seed=0).choose(replicas, None).name == "m#1"
+    idle = [Load(0, "m#0"), Load(1, "m#1"), Load(2, "m#2")]
+    policy = wb.LeastLoaded()
+    assert [policy.choose(idle, None).name for _ in range(4)] == ["m#0", "m#1", "m#2", "m#0"]  # ties in turn
+
+
+def test_policies_parse_by_name_and_round_trip() -> None:
+    for text in ("round_robin", "least_loaded", "power_of_two", "power_of_two:3", "session_hash", "weighted:3,1"):
+        assert parse_balance(text).name == text
+    assert parse_balance("weighted:3,1") == wb.Weighted([3, 1])
+    with pytest.raises(wb.StrategyError, match="did you mean 'least_loaded'"):
+        parse_balance("least_lodaed")
+    with pytest.raises(wb.StrategyError, match="weight"):
+        parse_balance("weighted:3,x")
+    with pytest.raises(wb.StrategyError, match="more than 0"):
+        wb.Weighted([0, 0])
+
+
+def test_a_replica_whose_breaker_opened_is_skipped_until_it_recovers(bench: wb.Workbench) -> None:
+    bench.set_breaker("m", failure_threshold=2, reset_timeout_s=0.3)
+    bench.inject("m#1", error_rate=1.0, seed=0)
+    chain = bench.chain(ONE_HOP)
+    runs = [attempt(chain, question=f"q{i}") for i in range(4)]
+    failed = [served_by(r) for r in runs if not r.ok]
+    assert failed == ["m#1", "m#1"]  # two failures in a row open its breaker
+    assert bench.breakers().set_index("model").loc["m#1", "state"] == "open"
+    later = [chain.run(question=f"q{i}") for i in range(4)]
+    assert all(r.ok for r in later) and {served_by(r) for r in later} == {"m#0"}  # skipped, so nothing fails
+    bench.clear_faults("m#1")
+    eventually(lambda: served_by(chain.run(question="again")) == "m#1", "the healed replica to serve again")
+    assert bench.breakers().set_index("model").loc["m#1", "state"] == "closed"  # its trial request passed
+
+
+def test_a_replica_that_fails_its_health_probe_is_skipped_until_one_passes(bench: wb.Workbench) -> None:
+    bench.inject("m", replica=0, error_rate=1.0)
+    health = bench.check_health("m").set_index("name")["health"]
+    assert health.to_dict() == {"m#0": "unhealthy", "m#1": "healthy"}
+    assert bench.models().set_index("name").loc["m", "health"] == "degraded"
+    chain = bench.chain(ONE_HOP)
+    runs = [chain.run(question=f"q{i}") for i in range(3)]
+    assert all(r.ok for r in runs) and {served_by(r) for r in runs} == {"m#1"}
+    bench.clear_faults()
+    bench.check_health("m#0")
+    assert {served_by(chain.run(question=f"q{i}")) for i in range(2)} == {"m#0", "m#1"}
+
+
+def test_compare_puts_balance_policies_side_by_side_with_the_load_per_replica(bench: wb.Workbench) -> None:
+    bench.inject("m#1", latency_ms=200)
+    chain = bench.chain(ONE_HOP)
+    inputs = [{"question": f"q{i}"} for i in range(6)]
+    cmp = wb.compare(chain, inputs, balance=["round_robin", "least_loaded"], concurrency=3, repeats=1, warmup=0,
+                     progress=False)
+    table = cmp.table().set_index("balance")
+    assert list(table.index) == ["round_robin", "least_loaded"]
+    assert table.loc["round_robin", "replica_load"] == "m#0 50% · m#1 50%"
+    load = cmp.replica_load().set_index(["balance", "replica"])
+    assert load.loc[("round_robin", "m#0"), "calls"] == load.loc[("round_robin", "m#1"), "calls"] == 3
+    assert load.loc[("least_loaded", "m#1"), "calls"] < load.loc[("least_loaded", "m#0"), "calls"]
+    assert "replica_load" in cmp.readable().columns
+    assert bench.engine.balance("m").name == "round_robin"  # put back afterwards
+
+
+def test_replicas_may_be_listed_by_device_and_load_lazily(bench: wb.Workbench, tiny_path: Path) -> None:
+    with wb.Workbench(store=wb.InMemoryContextStore()) as other:
+        other.register("r", tiny_path, replicas=["cpu", "cpu"], balance="least_loaded")
+        assert other.models().set_index("name").loc["r", "state"] == "registered"
+        other.generate("r", "hello", max_new_tokens=1)  # loads on use, with its replicas
+        table = other.replicas("r")
+        assert table["replica"].tolist() == ["r#0", "r#1"]
+        assert set(table["balance"]) == {"least_loaded"}
+        assert other.generate("r#1", "hello", max_new_tokens=1).tokens_out == 1  # a replica by name
+        assert other.replicas("r").set_index("replica").loc["r#1", "served"] == 1
+
+
+def test_replica_mistakes_say_what_and_where(bench: wb.Workbench, tiny_path: Path) -> None:
+    with pytest.raises(wb.SettingsError, match="replicas must be at least 1") as info:
+        bench.load("other", tiny_path, replicas=0)
+    assert "'other'" in str(info.value) and info.value.hint
+    with pytest.raises(wb.SettingsError, match="list of devices"):
+        bench.load("other", tiny_path, replicas="two")  # type: ignore[arg-type]
+    with pytest.raises(wb.UnknownModelError, match="no replica 5: it has 2"):
+        bench.inject("m", replica=5, latency_ms=1)
+    with pytest.raises(wb.UnknownModelError, match="no model named 'mm'"):
+        bench.set_balance("mm", "least_loaded")
+    with pytest.raises(wb.StrategyError, match="unknown policy"):
+        bench.set_balance("m", "fastest")
+    assert "other" not in bench.registry.names()  # nothing half-made by the refused loads
+    with pytest.raises(wb.StrategyError, match="share one copy of the model") as refused:
+        bench.set_batching("m", wb.ContinuousBatching())
+    assert "DynamicBatching" in str(refused.value.hint)
+    assert bench.engine.policy("m").name == "none"  # the replicas run on as they were

@@ -1,0 +1,242 @@
+"""Balance policies: which replica of a model serves the next request, chosen among the healthy ones by name."""
+
+from __future__ import annotations
+
+import difflib
+import random
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
+
+from workbench.errors import StrategyError
+
+BALANCE_FORMS = "round_robin, least_loaded, power_of_two, session_hash, weighted:W0,W1,... (one weight per replica)"
+
+
+class ReplicaLoad(Protocol):
+    """What a policy reads of a replica: its place in the set, its name, and the requests it holds now."""
+
+    index: int
+    name: str
+    in_flight: int
+
+
+class BalancePolicy:
+    """Picks one of the healthy replicas (never an empty list) for a request of ``session`` (None: no session).
+
+    ``name`` is the short form :func:`parse_balance` reads back. A policy is called under its
+    replica set's lock, so its own state (a counter, a random generator) needs no lock of its own.
+    """
+
+    @property
+    def name(self) -> str:
+        raise NotImplementedError
+
+    def choose(self, healthy: Sequence[ReplicaLoad], session: str | None) -> ReplicaLoad:
+        raise NotImplementedError
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class RoundRobin(BalancePolicy):
+    """Each replica in turn; a sick one is passed over, and the turn goes on from the one chosen."""
+
+    def __init__(self) -> None:
+        self._last = -1
+
+    @property
+    def name(self) -> str:
+        return "round_robin"
+
+    def choose(self, healthy: Sequence[ReplicaLoad], session: str | None) -> ReplicaLoad:
+        chosen = next((r for r in healthy if r.index > self._last), healthy[0])
+        self._last = chosen.index
+        return chosen
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RoundRobin)
+
+    def __hash__(self) -> int:
+        return hash(RoundRobin)
+
+
+def _least(replicas: Sequence[ReplicaLoad], after: int = -1) -> ReplicaLoad:
+    """The replica with the fewest requests in flight; among equals, the first in turn after index ``after``.
+
+    Ties go round in turn rather than by how much each replica served so far: a slow replica has
+    served less, and a tie-break on that would send it more just when its queue empties.
+    """
+    fewest = min(r.in_flight for r in replicas)
+    tied = [r for r in replicas if r.in_flight == fewest]
+    return next((r for r in tied if r.index > after), tied[0])
+
+
+class LeastLoaded(BalancePolicy):
+    """The replica with the fewest requests in flight (queued or running): a slow replica holds more, so gets fewer."""
+
+    def __init__(self) -> None:
+        self._last = -1
+
+    @property
+    def name(self) -> str:
+        return "least_loaded"
+
+    def choose(self, healthy: Sequence[ReplicaLoad], session: str | None) -> ReplicaLoad:
+        chosen = _least(healthy, self._last)
+        self._last = chosen.index
+        return chosen
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LeastLoaded)
+
+    def __hash__(self) -> int:
+        return hash(LeastLoaded)
+
+
+class PowerOfTwo(BalancePolicy):
+    """Two replicas drawn at random (``seed`` makes the draws repeatable), and the less loaded of them.
+
+    Close to least-loaded while reading only two counts, which matters once replicas are many or
+    remote; with two replicas it is least-loaded, ties going either way at random.
+    """
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.seed = seed
+        self._rng = random.Random(seed)
+
+    @property
+    def name(self) -> str:
+        return "power_of_two" if self.seed is None else f"power_of_two:{self.seed}"
+
+    def choose(self, healthy: Sequence[ReplicaLoad], session: str | None) -> ReplicaLoad:
+        if len(healthy) == 1:
+            return healthy[0]
+        first, second = self._rng.sample(list(healthy), 2)  # drawn in random order, so a tie goes either way
+        return second if second.in_flight < first.in_flight else first
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PowerOfTwo) and other.seed == self.seed
+
+    def __hash__(self) -> int:
+        return hash((PowerOfTwo, self.seed))
+
+
+class SessionHash(BalancePolicy):
+    """Every request of a session on the same replica (its cache stays warm); requests without a session: least loaded.
+
+    Rendezvous hashing: a session goes to the healthy replica with the highest hash of (session,
+    replica name), so a replica leaving moves only its own sessions, which come back when it returns.
+    """
+
+    def __init__(self) -> None:
+        self._without = LeastLoaded()
+
+    @property
+    def name(self) -> str:
+        return "session_hash"
+
+    def choose(self, healthy: Sequence[ReplicaLoad], session: str | None) -> ReplicaLoad:
+        if session is None:
+            return self._without.choose(healthy, None)
+        return max(healthy, key=lambda r: zlib.crc32(f"{session}\x00{r.name}".encode()))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SessionHash)
+
+    def __hash__(self) -> int:
+        return hash(SessionHash)
+
+
+class Weighted(BalancePolicy):
+    """Replicas drawn in proportion to their weights: ``wb.Weighted([3, 1])`` or ``wb.Weighted({"m#0": 3, "m#1": 1})``.
+
+    Weights are by replica index (a list, or a mapping of ints) or replica name; a replica not
+    named weighs 0 and never serves unless every named one is sick. ``seed`` makes the draws repeatable.
+    """
+
+    def __init__(self, weights: Sequence[float] | Mapping[int | str, float], seed: int | None = 0) -> None:
+        items = list(weights.items()) if isinstance(weights, Mapping) else list(enumerate(weights))
+        for key, weight in items:
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+                raise StrategyError(f"Weighted: the weight of replica {key!r} must be a number >= 0, got {weight!r}",
+                                    hint="e.g. wb.Weighted([3, 1]): three requests to replica 0 for one to replica 1")
+        if not any(weight > 0 for _, weight in items):
+            raise StrategyError("Weighted: at least one weight must be more than 0",
+                                hint="e.g. wb.Weighted([3, 1]): three requests to replica 0 for one to replica 1")
+        self.weights: dict[int | str, float] = {key: float(weight) for key, weight in items}
+        self.seed = seed
+        self._rng = random.Random(seed)
+
+    def weight(self, replica: ReplicaLoad) -> float:
+        return self.weights.get(replica.index, self.weights.get(replica.name, 0.0))
+
+    @property
+    def name(self) -> str:
+        if all(isinstance(key, int) for key in self.weights) and sorted(self.weights) == list(range(len(self.weights))):
+            return "weighted:" + ",".join(f"{self.weights[i]:g}" for i in range(len(self.weights)))
+        return "weighted:" + ",".join(f"{key}={weight:g}" for key, weight in self.weights.items())
+
+    def choose(self, healthy: Sequence[ReplicaLoad], session: str | None) -> ReplicaLoad:
+        weights = [self.weight(r) for r in healthy]
+        if not any(weights):  # only replicas of weight 0 are healthy: better served by them than not at all
+            return _least(healthy)
+        return self._rng.choices(list(healthy), weights)[0]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Weighted) and (other.weights, other.seed) == (self.weights, self.seed)
+
+    def __hash__(self) -> int:
+        return hash((Weighted, tuple(self.weights.items()), self.seed))
+
+    def __repr__(self) -> str:
+        return f"Weighted({self.weights!r}, seed={self.seed!r})"
+
+
+def _weighted(setting: str) -> Weighted:
+    weights: dict[int | str, float] = {}
+    for index, part in enumerate(p.strip() for p in setting.split(",")):
+        key, sep, value = part.rpartition("=")
+        try:
+            weights[key if sep else index] = float(value)
+        except ValueError:
+            raise StrategyError(f"weight {value!r} is not a number", hint=f"the forms are {BALANCE_FORMS}") from None
+    return Weighted(weights)
+
+
+# The registry of policies by name: a factory per name, given the text after the colon ("" for none).
+BALANCE_POLICIES: dict[str, Callable[[str], BalancePolicy]] = {
+    "round_robin": lambda setting: RoundRobin(),
+    "least_loaded": lambda setting: LeastLoaded(),
+    "power_of_two": lambda setting: PowerOfTwo(int(setting) if setting else None),
+    "session_hash": lambda setting: SessionHash(),
+    "weighted": _weighted,
+}
+_TAKES_SETTING = {"power_of_two", "weighted"}
+
+
+def parse_balance(text: str | BalancePolicy) -> BalancePolicy:
+    """A policy from its short name, the inverse of ``policy.name``; a policy object passes through unchanged."""
+    if isinstance(text, BalancePolicy):
+        return text
+    if not isinstance(text, str):
+        raise StrategyError(f"a balance policy is a name or a policy object, not {type(text).__name__}",
+                            hint=f"the forms are {BALANCE_FORMS}")
+    kind, _, setting = text.strip().partition(":")
+    kind = kind.strip().lower().replace("-", "_")
+    if kind not in BALANCE_POLICIES:
+        close = difflib.get_close_matches(kind, list(BALANCE_POLICIES), n=1)
+        raise StrategyError(f"balance {text!r}: unknown policy {kind!r}" + (f" (did you mean {close[0]!r}?)" if close
+                            else ""), hint=f"the forms are {BALANCE_FORMS}")
+    if setting and kind not in _TAKES_SETTING:
+        raise StrategyError(f"balance {text!r}: {kind} takes no setting", hint=f"the forms are {BALANCE_FORMS}")
+    if kind == "weighted" and not setting:
+        raise StrategyError(f"balance {text!r}: weighted needs a weight per replica, e.g. weighted:3,1",
+                            hint=f"the forms are {BALANCE_FORMS}")
+    try:
+        return BALANCE_POLICIES[kind](setting.strip())
+    except ValueError:
+        raise StrategyError(f"balance {text!r}: {setting!r} is not a whole-number seed",
+                            hint=f"the forms are {BALANCE_FORMS}") from None
+    except StrategyError as exc:
+        raise StrategyError(f"balance {text!r}: {exc.message}", hint=exc.hint) from None

@@ -1,0 +1,126 @@
+"""A model's replicas: one worker each (its own backend, queue, breaker, health and faults), and the policy that picks."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from workbench.engine.balancing import BalancePolicy
+from workbench.engine.batching import BatchingPolicy
+from workbench.engine.worker import ModelWorker
+from workbench.errors import SettingsError, StrategyError
+
+
+def replica_name(model: str, index: int, count: int) -> str:
+    """What a replica's worker is called: the model's own name when it has one replica, else ``model#index``."""
+    return model if count == 1 else f"{model}#{index}"
+
+
+def replica_devices(model: str, replicas: int | Sequence[str]) -> tuple[str | None, ...]:
+    """Where each replica of ``model`` runs: None for the device the model loads on, else a device name."""
+    if isinstance(replicas, bool) or not isinstance(replicas, (int, list, tuple)):
+        raise SettingsError(
+            f"model {model!r}: replicas must be a count or a list of devices, got {replicas!r}",
+            hint='e.g. replicas=2 (both on the model\'s device) or replicas=["cuda:0", "cuda:1"]',
+        )
+    if isinstance(replicas, int):
+        if replicas < 1:
+            raise SettingsError(f"model {model!r}: replicas must be at least 1, got {replicas}",
+                                hint="replicas=1 (the default) serves from one worker")
+        return (None,) * replicas
+    if not replicas or not all(isinstance(d, str) and d.strip() for d in replicas):
+        raise SettingsError(f"model {model!r}: replicas lists no devices, or a device that is not a name: {replicas!r}",
+                            hint='e.g. replicas=["cpu", "cpu"] or ["cuda:0", "cuda:1"]')
+    return tuple(d.strip() for d in replicas)
+
+
+def continuous_on_shared(model: str) -> StrategyError:
+    return StrategyError(
+        f"model {model!r}: continuous batching cannot run on replicas that share one copy of the model, because "
+        "its scheduler switches the model's attention implementation under the other replicas' feet",
+        hint="use DynamicBatching with replicas on one device, or give each replica a device of its own "
+        '(replicas=["cuda:0", "cuda:1"])',
+    )
+
+
+@dataclass(eq=False)
+class Replica:
+    """One replica of a model as the balancer sees it: its worker and the requests it holds and served."""
+
+    index: int
+    worker: ModelWorker
+    in_flight: int = 0  # picked and not finished yet: queued, in a batch, or being admitted
+    served: int = 0  # finished without error
+    failed: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.worker.name
+
+    @property
+    def available(self) -> bool:
+        """Whether it may take requests: health serving and breaker letting requests through."""
+        return self.worker.health.serving and self.worker.breaker.available
+
+
+class ReplicaSet:
+    """A model's replicas and its balance policy: picks a replica per request, skipping sick ones until they recover.
+
+    A replica is sick while its last health probe failed or its circuit breaker is open; once
+    the breaker's reset timeout passes, it is offered again, and the request it gets is the
+    breaker's half-open trial. When every replica is sick, the policy picks among them all, so
+    the request fails fast with that replica's own error (CircuitOpen, ModelUnhealthy).
+    """
+
+    def __init__(
+        self, model: str, workers: Sequence[ModelWorker], policy: BalancePolicy, shared_weights: bool = False
+    ) -> None:
+        self.model = model
+        self.replicas = [Replica(i, worker) for i, worker in enumerate(workers)]
+        self.policy = policy
+        self.shared_weights = shared_weights  # some replicas run one model object between them
+        self._lock = threading.Lock()
+
+    def check(self, policy: BatchingPolicy) -> None:
+        """Raise StrategyError if the replicas cannot all run under ``policy``."""
+        if self.shared_weights and policy.continuous:
+            raise continuous_on_shared(self.model)
+
+    @property
+    def workers(self) -> list[ModelWorker]:
+        return [r.worker for r in self.replicas]
+
+    def pick(self, session: str | None, index: int | None = None) -> Replica:
+        """The replica for one request (``index`` pins one); it counts as in flight until :meth:`finished`."""
+        with self._lock:
+            if index is not None:
+                chosen = self.replicas[index]
+            elif len(self.replicas) == 1:
+                chosen = self.replicas[0]
+            else:
+                healthy = [r for r in self.replicas if r.available]
+                chosen = self.policy.choose(healthy or self.replicas, session)
+            chosen.in_flight += 1
+            return chosen
+
+    def finished(self, replica: Replica, ok: bool) -> None:
+        with self._lock:
+            replica.in_flight -= 1
+            if ok:
+                replica.served += 1
+            else:
+                replica.failed += 1
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per replica for ``bench.replicas()``."""
+        with self._lock:
+            loads = [(r.index, r.worker, r.in_flight, r.served, r.failed) for r in self.replicas]
+        return [
+            {"model": self.model, "replica": worker.name, "index": index, "device": worker.backend.device,
+             "balance": self.policy.name, "in_flight": in_flight, "served": served, "failed": failed,
+             "health": worker.health.state, "breaker": worker.breaker.state,
+             "faults": worker.faults is not None}
+            for index, worker, in_flight, served, failed in loads
+        ]
