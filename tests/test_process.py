@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import signal
@@ -21,6 +22,7 @@ from opentelemetry.trace import INVALID_SPAN
 import workbench as wb
 from workbench.engine import GenerationParams, GenerationRequest
 from workbench.fronts.arguments import add_load_options, load_settings
+from workbench.fronts.cli import main
 from workbench.tracing import attributes as attr
 
 from helpers import WAIT_S, eventually
@@ -238,3 +240,16 @@ def test_on_a_gpu_cuda_lives_in_the_child_and_a_cuda_fatal_error_restarts_it(
     eventually(lambda: pid_of(bench, "iso") not in (None, child), "the model process to start again")
     bench.set_breaker("iso", failure_threshold=5, reset_timeout_s=0)
     assert bench.generate("iso", f"Question: {QUESTION}\nPlan:", max_new_tokens=16).text == isolated.text
+
+
+def test_the_command_line_runs_a_chain_on_an_isolated_model(
+    tmp_path: Path, tiny_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    spec = tmp_path / "qa.yaml"
+    spec.write_text("name: qa\nhops:\n  - name: answer\n    model: iso\n    prompt: 'Question: {{ question }}\\nAnswer:'\n"
+                    "    max_new_tokens: 8\n", encoding="utf-8")
+    args = ["run", str(spec), f"question={QUESTION}", "--model", f"iso={tiny_path}", "--device", "cpu", "--json"]
+    assert main([*args, "--isolation", "process", "--restarts", "1"]) == 0
+    isolated = json.loads(capfd.readouterr().out)  # the child printed nothing into the JSON on stdout
+    assert main(args) == 0
+    assert isolated["outputs"] == json.loads(capfd.readouterr().out)["outputs"]

@@ -120,6 +120,8 @@ class ModelProcess:
             proc = subprocess.Popen(
                 [sys.executable, "-m", CHILD_MODULE, str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),), env=_child_env(), stdin=subprocess.DEVNULL,
+                # Anything the child prints goes to stderr, so this process's stdout (autoglm run --json) stays ours.
+                stdout=sys.__stderr__.fileno() if sys.__stderr__ is not None else subprocess.DEVNULL,
                 # Its own session: a Ctrl-C in the terminal interrupts this process, not the model's.
                 start_new_session=True,
             )
