@@ -38,7 +38,7 @@ ISOLATIONS = ("thread", "process")
 class IsolatedModel(Protocol):
     """A model loaded in a child process, as the registry keeps it: what the child reported, and how to end it."""
 
-    pid: int
+    pid: int | None  # None while a restarted child loads
     device: str
     dtype: str
     params: int
