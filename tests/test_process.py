@@ -101,8 +101,15 @@ def test_an_isolated_model_answers_as_in_process_from_a_process_of_its_own(pair:
     run = events[-1].run
     assert streamed.strip() == run.output == pair.generate("tiny", f"Question: {QUESTION}\nAnswer:",
                                                             max_new_tokens=12).text
-    batch = pair.traces().table().query("name == 'batch iso'").iloc[-1]
+    table = pair.traces().table()
+    batch = table.query("name == 'batch iso'").iloc[-1]
     assert batch["attributes.workbench.process.pid"] == child
+    # The child's prefill and decode join the trace under the batch span that sent them.
+    inside = table[table["parent_id"] == batch["context.span_id"]].set_index("name")
+    assert sorted(inside.index) == ["decode iso", "prefill iso"]
+    assert set(inside["attributes.workbench.process.pid"]) == {child}
+    assert inside.loc["prefill iso", "end_time"] == inside.loc["decode iso", "start_time"]
+    assert inside.loc["decode iso", "attributes.workbench.batch.steps"] == batch["attributes.workbench.batch.steps"]
     with pytest.raises(wb.StrategyError, match="child process"):
         pair.set_batching("iso", wb.ContinuousBatching())
 

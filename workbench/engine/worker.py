@@ -174,6 +174,10 @@ class ModelWorker:
                 **timing.attributes,
             }
         )
+        for remote in timing.spans:
+            self._tracing.start_span(remote.name, span, remote.attributes, start_time=remote.start_ns).end(
+                end_time=remote.end_ns
+            )
         span.set_status(Status(StatusCode.OK))
         span.end()
         for request, result in zip(batch, results):

@@ -22,7 +22,7 @@ from typing import Any
 
 from opentelemetry.trace import INVALID_SPAN
 
-from workbench.engine.backends.base import BackendOutOfMemory
+from workbench.engine.backends.base import BackendOutOfMemory, BatchTiming
 from workbench.engine.backends.process import pack, unpack
 from workbench.engine.backends.transformers import TransformersBackend
 from workbench.engine.requests import GenerationParams, GenerationRequest
@@ -30,6 +30,7 @@ from workbench.errors import WorkbenchError, describe
 from workbench.models.registry import ModelRegistry
 from workbench.models.settings import LoadSettings
 from workbench.tracing import Tracing
+from workbench.tracing import attributes as attr
 
 
 def _is_fatal(exc: BaseException) -> bool:
@@ -52,6 +53,7 @@ def _batch(backend: TransformersBackend, frame: dict[str, Any]) -> list[Generati
 
 def _serve(conn: Connection, backend: TransformersBackend, batch: list[GenerationRequest]) -> None:
     started = time.perf_counter()
+    wall = time.time_ns()  # spans are stamped in epoch time; this maps the batch's perf_counter reads onto it
     rows = {request.id: row for row, request in enumerate(batch)}
 
     def on_token(request: GenerationRequest, token: int, text: str) -> None:
@@ -72,9 +74,25 @@ def _serve(conn: Connection, backend: TransformersBackend, batch: list[Generatio
         "op": "done",
         "results": [[r.text, r.token_ids, r.finish_reason, r.queue_ms, r.prefill_ms, r.ttft_ms, r.decode_ms,
                      r.padding_tokens] for r in results],
-        "timing": {k: v for k, v in dataclasses.asdict(timing).items() if k not in ("batch_id", "attributes")},
+        "timing": {k: v for k, v in dataclasses.asdict(timing).items() if k not in ("batch_id", "attributes", "spans")},
         "busy_ms": (time.perf_counter() - started) * 1e3,
+        "spans": _spans(backend, timing, started, wall),
     }))
+
+
+def _spans(backend: TransformersBackend, timing: BatchTiming, started: float, wall: int) -> list[list[Any]]:
+    """The batch's prefill and decode as spans (name, start and end in epoch ns, attributes) for the parent's trace."""
+
+    def at(stamp: float) -> int:
+        return wall + round((stamp - started) * 1e9)
+
+    first = timing.started + timing.prefill_ms / 1e3
+    ended = first + timing.decode_ms / 1e3
+    where = {attr.SPAN_KIND: attr.KIND_LLM, attr.PROCESS_PID: os.getpid(), attr.BATCH_SIZE: timing.size}
+    return [
+        [f"prefill {backend.model}", at(timing.started), at(first), where],
+        [f"decode {backend.model}", at(first), at(ended), {**where, attr.BATCH_STEPS: timing.steps}],
+    ]
 
 
 def main() -> None:

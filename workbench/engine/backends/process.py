@@ -36,6 +36,7 @@ from workbench.engine.backends.base import (
     BatchTiming,
     OnError,
     OnResult,
+    RemoteSpan,
     Scheduler,
     TokenSink,
     next_batch_id,
@@ -272,7 +273,8 @@ class ModelProcess:
             for request, (text, tokens, finish, queue_ms, prefill_ms, ttft_ms, decode_ms, padding)
             in zip(batch, frame["results"])
         ]
-        timing = BatchTiming(**(frame["timing"] | {"batch_id": batch_id}))
+        timing = BatchTiming(**(frame["timing"] | {"batch_id": batch_id}),
+                             spans=[RemoteSpan(*span) for span in frame["spans"]])
         child_ms = frame["busy_ms"]
         timing.attributes = {attr.PROCESS_PID: self.pid or 0, attr.PROCESS_RESTARTS: self.restarts,
                              attr.IPC_MS: max((received - sent) * 1e3 - child_ms, 0.0)}
