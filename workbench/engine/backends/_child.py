@@ -1,10 +1,10 @@
 """The model process of ``isolation="process"``: loads one model with the registry's code, serves batches on a pipe.
 
-Run as ``python -m workbench.engine.backends._child FD`` by :class:`~workbench.engine.backends.process.ModelProcess`,
-with FD its end of a socket pair. The first frame names the model and its LoadSettings; the
-answer is ``ready`` (what loaded, and where) or ``failed``. Then each ``generate`` frame is one
-batch, answered by ``token`` frames for streaming rows and one ``done`` (or ``error``) frame;
-a ``cancel`` frame stops rows of the running batch (their requests timed out in the parent).
+Run as ``python -m workbench.engine.backends._child FD CONTROL_FD`` by
+:class:`~workbench.engine.backends.process.ModelProcess`, with its ends of two socket pairs. The
+first frame names the model and its LoadSettings; the answer is ``ready`` (what loaded, and where)
+or ``failed``. Then each ``generate`` frame is one batch, answered by ``token`` frames for streaming rows and one ``done`` (or ``error``) frame;
+a ``cancel`` frame on the control pipe stops rows of a batch (their requests timed out in the parent).
 End-of-file on the pipe (the parent closed it, or died) ends the process.
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import faulthandler
 import os
-import queue
 import sys
 import threading
 import time
@@ -97,7 +96,9 @@ def _spans(backend: TransformersBackend, timing: BatchTiming, started: float, wa
 
 def main() -> None:
     faulthandler.enable()  # a segfault prints where it happened, on the stderr shared with the parent
-    conn = Connection(int(sys.argv[1]))
+    # Batches come and go on one pipe, read by this thread with no hand-off; cancels on another, heard
+    # by a thread of their own while a batch runs.
+    conn, control = Connection(int(sys.argv[1])), Connection(int(sys.argv[2]))
     hello = unpack(conn.recv_bytes())
     try:
         loaded = ModelRegistry(Tracing()).load(hello["name"], LoadSettings(**hello["settings"]))
@@ -110,27 +111,50 @@ def main() -> None:
         "memory_bytes": loaded.memory_bytes, "warmup_s": loaded.warmup_s, "context_window": loaded.context_window,
         "eos_ids": sorted(backend.eos_ids),
     }))
-    batches: queue.SimpleQueue[list[GenerationRequest] | None] = queue.SimpleQueue()
-    threading.Thread(target=_read, args=(conn, backend, batches), name="workbench-child-reader", daemon=True).start()
-    while (batch := batches.get()) is not None:
-        _serve(conn, backend, batch)
-
-
-def _read(conn: Connection, backend: TransformersBackend, batches: queue.SimpleQueue[Any]) -> None:
-    """Read frames while a batch runs: a ``cancel`` stops rows of the running batch at their next step."""
-    running: dict[int, list[GenerationRequest]] = {}  # by batch number; the parent numbers them
+    cancels = _Cancels()
+    threading.Thread(target=_listen, args=(control, cancels), name="workbench-child-cancels", daemon=True).start()
     while True:
         try:
             frame = unpack(conn.recv_bytes())
         except EOFError:  # the parent closed the pipe (the model was unloaded) or died
-            batches.put(None)
             return
-        if frame["op"] == "generate":
-            running = {frame["seq"]: _batch(backend, frame)}  # the batch before it has been answered
-            batches.put(running[frame["seq"]])
-        else:
-            for row in frame["rows"]:
-                running.get(frame["seq"], [])[row].cancelled = True
+        batch = _batch(backend, frame)
+        cancels.running(frame["seq"], batch)
+        _serve(conn, backend, batch)
+
+
+class _Cancels:
+    """Rows the parent stopped (their requests timed out), heard on the control pipe while a batch runs."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._batch: list[GenerationRequest] = []
+        self._early: dict[int, set[int]] = {}  # for a batch this process has not read yet
+
+    def running(self, seq: int, batch: list[GenerationRequest]) -> None:
+        with self._lock:
+            self._seq, self._batch = seq, batch
+            for row in self._early.pop(seq, ()):
+                batch[row].cancelled = True
+            self._early = {later: rows for later, rows in self._early.items() if later > seq}
+
+    def cancel(self, seq: int, rows: list[int]) -> None:
+        with self._lock:
+            if seq == self._seq:
+                for row in rows:
+                    self._batch[row].cancelled = True  # _CancelledRows stops the row at its next step
+            elif seq > self._seq:
+                self._early.setdefault(seq, set()).update(rows)
+
+
+def _listen(control: Connection, cancels: _Cancels) -> None:
+    while True:
+        try:
+            frame = unpack(control.recv_bytes())
+        except EOFError:
+            return
+        cancels.cancel(frame["seq"], frame["rows"])
 
 
 if __name__ == "__main__":

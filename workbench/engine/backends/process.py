@@ -107,7 +107,8 @@ class ModelProcess:
         self._lock = threading.Lock()
         self._closed = False
         self._proc: subprocess.Popen[bytes] | None = None
-        self._conn: Connection | None = None
+        self._conn: Connection | None = None  # batches out, tokens and results back
+        self._cancels: Connection | None = None  # rows to stop, out
         self._restart: threading.Thread | None = None
         self._gone: ModelProcessDied | None = None  # dead, with no restart left or coming
         self._start()
@@ -117,19 +118,22 @@ class ModelProcess:
     def _start(self) -> None:
         """Start a child, hand it the settings, and wait until it has loaded the model (or says why not)."""
         ours, theirs = socket.socketpair()
-        with theirs:
+        control, their_control = socket.socketpair()  # cancels, heard while the child's main thread generates
+        with theirs, their_control:
+            fds = (theirs.fileno(), their_control.fileno())
             proc = subprocess.Popen(
-                [sys.executable, "-m", CHILD_MODULE, str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),), env=_child_env(), stdin=subprocess.DEVNULL,
+                [sys.executable, "-m", CHILD_MODULE, *map(str, fds)],
+                pass_fds=fds, env=_child_env(), stdin=subprocess.DEVNULL,
                 # Anything the child prints goes to stderr, so this process's stdout (autoglm run --json) stays ours.
                 stdout=sys.__stderr__.fileno() if sys.__stderr__ is not None else subprocess.DEVNULL,
                 # Its own session: a Ctrl-C in the terminal interrupts this process, not the model's.
                 start_new_session=True,
             )
-        conn = Connection(ours.detach())
+        conn, cancels = Connection(ours.detach()), Connection(control.detach())
         with self._lock:
             if self._closed:  # closed while a restart began: start nothing more
                 conn.close()
+                cancels.close()
                 _stop(proc)
                 return
             self._proc = proc  # close() may end a child that is still loading
@@ -139,6 +143,7 @@ class ModelProcess:
             ready = unpack(conn.recv_bytes())
         except (EOFError, OSError):
             conn.close()
+            cancels.close()
             code = _stop(proc)
             raise ModelLoadError(
                 f"the process loading model {self.name!r} {_how_it_ended(code)} before the model was ready",
@@ -146,14 +151,16 @@ class ModelProcess:
             ) from None
         if ready["op"] == "failed":
             conn.close()
+            cancels.close()
             _stop(proc)
             raise ModelLoadError(ready["message"], hint=ready["hint"])
         with self._lock:
             if self._closed:  # closed while this restart loaded
                 conn.close()
+                cancels.close()
                 _stop(proc)
                 return
-            self._conn = conn
+            self._conn, self._cancels = conn, cancels
             self.pid = ready["pid"]
         self.device: str = ready["device"]
         self.dtype: str = ready["dtype"]
@@ -167,10 +174,12 @@ class ModelProcess:
         """End the child (its pipe closes, so it exits; killed if it does not) and any restart under way."""
         with self._lock:
             self._closed = True
-            conn, proc, restart = self._conn, self._proc, self._restart
-            self._conn = None
+            conn, cancels, proc, restart = self._conn, self._cancels, self._proc, self._restart
+            self._conn = self._cancels = None
         if conn is not None:
             conn.close()
+        if cancels is not None:
+            cancels.close()
         if proc is not None:
             # A serving child sees its pipe close and exits; one still loading (a restart) is killed,
             # so the restart sees end-of-file and gives up.
@@ -181,8 +190,8 @@ class ModelProcess:
     def _died(self, doing: str) -> ModelProcessDied:
         """The child is gone: reap it, start it again if restarts are left, and say what happened."""
         with self._lock:
-            conn, proc, pid, closed = self._conn, self._proc, self.pid, self._closed
-            self._conn, self.pid = None, None
+            conn, cancels, proc, pid, closed = self._conn, self._cancels, self._proc, self.pid, self._closed
+            self._conn = self._cancels = self.pid = None
             restart = None
             if not closed and self.restarts < self.settings.restarts:
                 self.restarts += 1
@@ -190,8 +199,9 @@ class ModelProcess:
                     target=self._start_again, name=f"workbench-restart-{self.name}", daemon=True
                 )
                 restart.start()  # under the lock, so close() never finds a restart it cannot join
-        if conn is not None:
-            conn.close()
+        for pipe in (conn, cancels):
+            if pipe is not None:
+                pipe.close()
         assert proc is not None  # a child that served a batch was started
         message = f"model {self.name!r}: its process (pid {pid}) {_how_it_ended(_stop(proc))} while {doing}"
         if closed:
@@ -226,8 +236,8 @@ class ModelProcess:
         if restart is not None:
             restart.join()  # a batch that arrives while the child restarts waits for it
         with self._lock:
-            conn, gone = self._conn, self._gone
-        if conn is None:
+            conn, cancels, gone = self._conn, self._cancels, self._gone
+        if conn is None or cancels is None:
             raise gone or ModelProcessDied(f"model {self.name!r} was unloaded", hint=f"bench.load({self.name!r}) again")
         params = dataclasses.asdict(batch[0].params)
         # Both processes read one system-wide monotonic clock (perf_counter is CLOCK_MONOTONIC on Linux
@@ -245,7 +255,7 @@ class ModelProcess:
                 if cancellable and not conn.poll(_CANCEL_POLL_S):
                     stopped = [row for row, r in enumerate(batch) if r.cancelled and row not in told]
                     if stopped:
-                        conn.send_bytes(pack({"op": "cancel", "seq": seq, "rows": stopped}))
+                        cancels.send_bytes(pack({"seq": seq, "rows": stopped}))
                         told.update(stopped)
                     continue
                 frame = unpack(conn.recv_bytes())
