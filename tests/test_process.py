@@ -57,6 +57,20 @@ def alive(pid: int) -> bool:
     return True
 
 
+def model_children() -> list[int]:
+    """This process's children that run the model process's module (read from /proc: Linux)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat, command = (entry / "stat").read_text(), (entry / "cmdline").read_bytes()
+        except OSError:  # it ended while we looked
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if parent == os.getpid() and b"workbench.engine.backends._child" in command:
+            found.append(int(entry.name))
+    return found
+
+
 def shm() -> set[str]:
     return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
 
@@ -200,6 +214,21 @@ def test_closing_the_workbench_ends_the_model_process(tiny_path: Path) -> None:
         again = pid_of(bench, "iso")
         assert again is not None and again != child
     assert not alive(again)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="lists child processes from /proc (Linux)")
+def test_unloading_while_the_model_process_restarts_leaves_no_process_behind(
+    bench: wb.Workbench, tiny_path: Path
+) -> None:
+    bench.load("iso", tiny_path, device="cpu", isolation="process")
+    child = pid_of(bench, "iso")
+    assert child is not None and model_children() == [child]
+    os.kill(child, signal.SIGKILL)
+    with pytest.raises(wb.ModelProcessDied, match="it is starting again") as died:
+        bench.generate("iso", "Hello", max_new_tokens=2)
+    assert "restart 1 of 3" in str(died.value)
+    bench.unload("iso")  # while the new process loads: it is ended, not left to finish and linger
+    assert model_children() == [] and not alive(child)
 
 
 def test_a_model_the_child_cannot_load_is_a_load_error_here(bench: wb.Workbench, tiny_path: Path) -> None:
