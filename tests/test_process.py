@@ -156,8 +156,12 @@ def test_a_killed_model_process_fails_its_batch_clearly_a_fallback_serves_and_it
     assert f"pid {child}" in reason and "killed by SIGKILL" in reason
     assert "breaker.open" in set(events["event"])  # a dead process opens the breaker at once
 
-    eventually(lambda: pid_of(pair, "iso") not in (None, child), "the model process to start again")
+    # The restart is a span of the engine's trace, which ends once the new process serves.
+    eventually(lambda: any(s.name == "restart iso" for s in pair.traces().spans), "the model process to restart")
     assert pair.models().set_index("name").loc["iso", "restarts"] == 1 and not alive(child)
+    (restart,) = [s for s in pair.traces().spans if s.name == "restart iso"]
+    assert restart.attributes[attr.PROCESS_PREVIOUS_PID] == child
+    assert restart.attributes[attr.PROCESS_PID] == pid_of(pair, "iso")
     after = chain.run(question=QUESTION)  # the breaker's trial goes to the new process and closes it
     assert after.served_by["answer"] == "model:iso" and after.output == expected.output
     assert pair.breakers().set_index("model").loc["iso", "state"] == "closed"

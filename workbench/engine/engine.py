@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import threading
 import time
@@ -86,7 +87,8 @@ class Engine:
 
     def __init__(self, registry: ModelRegistry, tracing: Tracing) -> None:
         self._registry = registry
-        registry.spawner = ModelProcess  # isolation="process": the registry loads through a child process
+        # isolation="process": the registry loads through a child process, whose restarts are engine spans.
+        registry.spawner = functools.partial(ModelProcess, tracing=tracing)
         self._tracing = tracing
         self._lock = threading.Lock()
         self._sets: dict[str, ReplicaSet] = {}

@@ -66,6 +66,7 @@ MODEL_ADAPTER = "workbench.model.adapter"
 MODEL_ISOLATION = "workbench.model.isolation"  # thread (in this process) or process (a child of its own)
 PROCESS_PID = "workbench.process.pid"  # the process a model runs in, when that is a child process
 PROCESS_RESTARTS = "workbench.process.restarts"  # how often that child process was started again after dying
+PROCESS_PREVIOUS_PID = "workbench.process.previous_pid"  # on a restart span: the child process that died
 IPC_MS = "workbench.ipc_ms"  # a batch's round trip to the model process, less the time the child spent on it
 QUEUE_MS = "workbench.queue_ms"
 TOKENIZE_MS = "workbench.tokenize_ms"

@@ -46,6 +46,7 @@ from workbench.engine.requests import GenerationRequest, GenerationResult
 from workbench.errors import ModelLoadError, ModelProcessDied, StrategyError
 from workbench.models.registry import LoadedModel
 from workbench.models.settings import LoadSettings
+from workbench.tracing import Tracing, mark_error
 from workbench.tracing import attributes as attr
 
 if TYPE_CHECKING:
@@ -88,7 +89,7 @@ class ModelProcess:
     reported once its model had loaded. ``pid`` is None while a restarted child loads.
     """
 
-    def __init__(self, name: str, settings: LoadSettings) -> None:
+    def __init__(self, name: str, settings: LoadSettings, tracing: Tracing) -> None:
         if os.name != "posix":
             raise ModelLoadError(
                 f"model {name!r}: isolation='process' needs a POSIX system (Linux, macOS): the pipe to the "
@@ -101,6 +102,7 @@ class ModelProcess:
             )
         self.name = name
         self.settings = settings
+        self._tracing = tracing  # a restart is a span of the engine's
         self.restarts = 0
         self.pid: int | None = None
         self._batches = 0  # batches sent; a cancel names its batch, so it never stops a row of the next one
@@ -196,7 +198,7 @@ class ModelProcess:
             if not closed and self.restarts < self.settings.restarts:
                 self.restarts += 1
                 restart = self._restart = threading.Thread(
-                    target=self._start_again, name=f"workbench-restart-{self.name}", daemon=True
+                    target=self._start_again, args=(pid,), name=f"workbench-restart-{self.name}", daemon=True
                 )
                 restart.start()  # under the lock, so close() never finds a restart it cannot join
         for pipe in (conn, cancels):
@@ -217,14 +219,24 @@ class ModelProcess:
         )
         return self._gone
 
-    def _start_again(self) -> None:
+    def _start_again(self, died: int | None) -> None:
+        """Start a fresh child in place of ``died``, in a ``restart NAME`` span of the engine's trace."""
+        span = self._tracing.start_span(f"restart {self.name}", attributes={
+            attr.SPAN_KIND: attr.KIND_CHAIN, attr.MODEL_NAME: self.name, attr.PROCESS_RESTARTS: self.restarts,
+            attr.PROCESS_PREVIOUS_PID: died or 0,
+        })
         try:
             self._start()
         except ModelLoadError as exc:
+            mark_error(span, exc)
             self._gone = ModelProcessDied(
                 f"model {self.name!r}: its process died and could not be started again: {exc.message}",
                 hint=exc.hint or f"load it again: bench.load({self.name!r}, ...)",
             )
+        else:
+            span.set_attribute(attr.PROCESS_PID, self.pid or 0)
+        finally:
+            span.end()
 
     # -- serving ---------------------------------------------------------------------------------
 
