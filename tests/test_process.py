@@ -243,6 +243,8 @@ def test_a_model_the_child_cannot_load_is_a_load_error_here(bench: wb.Workbench,
         bench.load("iso", tiny_path, isolation="container")
     with pytest.raises(wb.ModelLoadError, match="restarts must be a whole number"):
         bench.load("iso", tiny_path, isolation="process", restarts=-1)
+    with pytest.raises(wb.ModelLoadError, match="runs in the server's process"):
+        bench.load("iso", "http://127.0.0.1:9/v1", isolation="process")
     with pytest.raises(wb.ModelLoadError, match="serves one replica: 2 were asked for"):
         bench.load("iso", tiny_path, device="cpu", isolation="process", replicas=2)
     assert "iso" not in set(bench.models()["name"])

@@ -22,7 +22,8 @@ import torch
 from opentelemetry.trace import Span
 
 from workbench.errors import ModelLoadError, UnknownModelError
-from workbench.models import heap
+from workbench.models import heap, remote
+from workbench.models.remote import REMOTE_DEVICE
 from workbench.models.devices import dtype_name, resolve_device, resolve_dtype
 from workbench.models.settings import LoadSettings
 from workbench.tracing import Tracing
@@ -55,15 +56,20 @@ Spawner = Callable[[str, LoadSettings], IsolatedModel]
 
 @dataclass
 class LoadedModel:
-    """A model in memory with its tokenizer, and what it cost to get it there."""
+    """A model in memory with its tokenizer, and what it cost to get it there.
+
+    A model behind a server (``settings.remote``) has no weights here: ``model`` is None, ``device``
+    is ``"remote"``, ``dtype`` and ``params`` are unknown (None), ``memory_bytes`` 0 (none of this
+    machine's), and ``tokenizer`` is the served model's own where one is on this machine, else None.
+    """
 
     name: str
     settings: LoadSettings
     model: Any
     tokenizer: Any
-    device: torch.device
-    dtype: torch.dtype
-    params: int
+    device: torch.device | str
+    dtype: torch.dtype | None
+    params: int | None
     memory_bytes: int
     load_s: float
     context_window: int | None
@@ -222,10 +228,10 @@ class ModelRegistry:
                     "source": m.source,
                     "adapter": m.settings.adapter,
                     "device": str(m.device),
-                    "dtype": dtype_name(m.dtype),
+                    "dtype": dtype_name(m.dtype) if m.dtype is not None else None,
                     "isolation": m.settings.isolation,
                     "params": m.params,
-                    "memory_mb": round(m.memory_bytes / 2**20, 2),
+                    "memory_mb": None if m.settings.remote else round(m.memory_bytes / 2**20, 2),
                     "load_s": round(m.load_s, 3),
                     "state": "loaded",
                     "cold_start_s": round(m.cold_start_s, 3),
@@ -264,6 +270,8 @@ class ModelRegistry:
         _check_isolation(settings)
         if settings.isolation == "process":
             return self._load_isolated(name, settings, parent, trigger)
+        if settings.remote:
+            return self._keep(name, settings, self._connect(name, settings, parent, trigger))
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
         _check_source(settings)
@@ -303,9 +311,9 @@ class ModelRegistry:
             memory_bytes=memory,
             load_s=load_s,
             warmup_s=warmup_s,
-            context_window=_context_window(model, tokenizer),
+            context_window=_context_window(model.config, tokenizer),
         )
-        return self._keep(loaded)
+        return self._keep(name, settings, loaded)
 
     def _load_span_attributes(self, name: str, settings: LoadSettings, trigger: str) -> dict[str, Any]:
         return {
@@ -356,14 +364,13 @@ class ModelRegistry:
             context_window=process.context_window,
         )
         try:
-            return self._keep(loaded)
+            return self._keep(name, settings, loaded)
         except BaseException:
             process.close()
             raise
 
-    def _keep(self, loaded: LoadedModel) -> LoadedModel:
-        """Make ``loaded`` the model of its name, unless another thread loaded one under that name meanwhile."""
-        name, settings = loaded.name, loaded.settings
+    def _keep(self, name: str, settings: LoadSettings, loaded: LoadedModel) -> LoadedModel:
+        """Make ``loaded`` the model of ``name``, unless another thread loaded one under that name meanwhile."""
         with self._lock:
             if name in self._loaded:  # another thread won the race; keep theirs, free ours
                 device = loaded.device
@@ -376,6 +383,34 @@ class ModelRegistry:
             self._measured[name] = (settings, loaded.memory_bytes)
         heap.settle()
         return loaded
+
+    def _connect(self, name: str, settings: LoadSettings, parent: Span | None, trigger: str) -> LoadedModel:
+        """A model behind an OpenAI-compatible server: ask the server what it serves; load no weights.
+
+        The served model's tokenizer and config load from this machine where they are here (a
+        directory, or a hub id in the Hugging Face cache), for the context-window check and token
+        counts; without them the server's usage counts tokens and the window is what the server lists.
+        """
+        span_attrs = {
+            attr_names.SPAN_KIND: attr_names.KIND_CHAIN,
+            attr_names.MODEL_NAME: name,
+            attr_names.MODEL_SOURCE: settings.source,
+            attr_names.MODEL_DEVICE: REMOTE_DEVICE,
+            attr_names.LOAD_TRIGGER: trigger,
+        }
+        with self._tracing.span(f"load {name}", parent, span_attrs) as span:
+            started = time.perf_counter()
+            listed = remote.list_models(settings)
+            served = remote.pick_model(settings, listed)
+            tokenizer, config = remote.local_tokenizer(served, settings)
+            load_s = time.perf_counter() - started
+            window = remote.listed_window(listed, served) or (_context_window(config, tokenizer) if tokenizer else None)
+            span.set_attributes({attr_names.REMOTE_SERVED_MODEL: served, attr_names.LOAD_S: load_s,
+                                 attr_names.COLD_START_S: load_s})
+        return LoadedModel(
+            name=name, settings=dataclasses.replace(settings, served_model=served), model=None, tokenizer=tokenizer,
+            device=REMOTE_DEVICE, dtype=None, params=None, memory_bytes=0, load_s=load_s, context_window=window,
+        )
 
     def unload(self, name: str, forget: bool = False) -> int:
         """Drop ``name`` from memory, keeping it registered unless ``forget``; returns the bytes its weights held."""
@@ -410,6 +445,11 @@ def _check_isolation(settings: LoadSettings) -> None:
             hint="'thread' runs the model in this process; 'process' in a child process a crash cannot take this "
             "one down with",
         )
+    if settings.isolation == "process" and settings.remote:
+        raise ModelLoadError(
+            f"{settings.source!r} is a model server: it runs in the server's process, not in one of ours",
+            hint="drop isolation='process' for a server URL",
+        )
     if isinstance(settings.restarts, bool) or not isinstance(settings.restarts, int) or settings.restarts < 0:
         raise ModelLoadError(
             f"restarts must be a whole number >= 0, got {settings.restarts!r}",
@@ -417,9 +457,9 @@ def _check_isolation(settings: LoadSettings) -> None:
         )
 
 
-def _free(device: torch.device) -> None:
+def _free(device: torch.device | str) -> None:
     heap.collect()
-    if device.type == "cuda":
+    if isinstance(device, torch.device) and device.type == "cuda":
         torch.cuda.empty_cache()
 
 
@@ -623,9 +663,9 @@ def _with_adapter(model: Any, adapter: str) -> Any:
     return PeftModel.from_pretrained(model, str(path) if path.exists() else adapter)
 
 
-def _context_window(model: Any, tokenizer: Any) -> int | None:
+def _context_window(config: Any, tokenizer: Any) -> int | None:
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(model.config, key, None)
+        value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
             return value
     limit = getattr(tokenizer, "model_max_length", None)

@@ -6,15 +6,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-def _option(default: Any, help: str, metavar: str | None = None) -> Any:
+def _option(default: Any, help: str, metavar: str | None = None, *, repr: bool = True) -> Any:
     # The metadata is each option's help: the magics and the command line build their flags from it,
     # so a new load setting is written here once and shows up in every front end.
-    return field(default=default, metadata={"help": help, "metavar": metavar})
+    return field(default=default, repr=repr, metadata={"help": help, "metavar": metavar})
 
 
 @dataclass(frozen=True)
 class LoadSettings:
-    """How to load a model: where from, onto what, and which risks the user opted into."""
+    """How to load a model: where from, onto what, and which risks the user opted into.
+
+    A ``source`` that is an http(s) URL is an OpenAI-compatible server (``http://127.0.0.1:8000/v1``):
+    ``served_model`` names the model on it, ``api_key`` goes in its Authorization header.
+    """
 
     source: str
     device: str = _option("auto", "auto (default), cpu, cuda, cuda:1, mps", "D")
@@ -27,3 +31,14 @@ class LoadSettings:
     isolation: str = _option("thread", "thread (default: in this process) or process (a child process of its own)", "I")
     restarts: int = _option(3, "process isolation: how often a model process that died is started again (default 3)",
                             "N")
+    served_model: str | None = _option(
+        None, "for a server URL: the model's name on the server (default: the one model it lists)", "M")
+    # Kept out of repr, so a settings object shown in a notebook or a log does not print the key.
+    api_key: str | None = _option(None, "for a server URL: sent as 'Authorization: Bearer KEY'", "KEY", repr=False)
+    read_timeout_s: float = _option(
+        60.0, "for a server URL: how long a stream may go without a byte, the first included (default 60)", "S")
+
+    @property
+    def remote(self) -> bool:
+        """Whether ``source`` is a model server (an http or https URL) rather than weights to load here."""
+        return self.source.lower().startswith(("http://", "https://"))
