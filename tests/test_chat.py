@@ -164,6 +164,16 @@ def test_a_message_missing_a_value_at_run_time_names_its_field(chats: wb.Workben
     assert isinstance(cause, TemplateError) and cause.field == "messages[1].content"
 
 
+def test_a_model_in_a_child_process_takes_a_chat_as_in_process(chats: wb.Workbench, chat_path: Path) -> None:
+    pytest.importorskip("msgpack", reason="isolation='process' needs the process extra (pip install -e '.[dev]')")
+    with wb.Workbench(store=wb.InMemoryContextStore()) as bench:
+        bench.load("local", chat_path, device="cpu", isolation="process")
+        isolated = bench.chain(CHAT.format(model="local"))
+        local = chats.chain(CHAT.format(model="local"))
+        for question in QUESTIONS[:2]:
+            assert isolated.run(question=question).output == local.run(question=question).output
+
+
 # -- on a server ---------------------------------------------------------------------------------
 
 
