@@ -1,9 +1,22 @@
-"""Shared by several test modules: waiting on other threads, and the two-hop chain the comparison tests run."""
+"""Shared by several test modules: waiting on other threads, the two-hop chain the comparison tests run, and a real
+`transformers serve` on the tiny model."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
 
 WAIT_S = 60  # a generous bound on waits for another thread; no test expects to come near it
 
@@ -27,3 +40,72 @@ QA_SPEC = {
 }
 # Questions of different lengths, so padded batches pad.
 QUESTIONS = [{"question": f"What is {i} + {i}?" + " Explain it step by step." * (i % 3)} for i in range(4)]
+
+
+SERVE_START_S = 180  # transformers serve imports torch and fastapi, then loads the model: ~20 s here
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (now)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def serve_command() -> list[str] | None:
+    """How to start `transformers serve`, or None where transformers' serving extra is not installed."""
+    if not all(importlib.util.find_spec(name) for name in ("fastapi", "uvicorn")):
+        return None
+    script = Path(sys.executable).parent / "transformers"
+    found = str(script) if script.exists() else shutil.which("transformers")
+    return [found, "serve"] if found else None
+
+
+@dataclass
+class Server:
+    """A running `transformers serve`: its OpenAI base URL, and its process to pause (a stalled server) and resume."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+    log: IO[str]
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Stop the server's process (SIGSTOP): it takes connections and answers nothing until the block ends."""
+        self.process.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self.process.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
+def start_server(command: list[str], model: Path, log: Path) -> Server:
+    """Start `transformers serve` on 127.0.0.1 serving ``model`` (a directory) and wait until it answers /health."""
+    port = free_port()
+    out = log.open("w")
+    process = subprocess.Popen(
+        [*command, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", str(model)],
+        stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    server = Server(f"http://127.0.0.1:{port}/v1", process, out)
+    deadline = time.monotonic() + SERVE_START_S
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    return server
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            server.stop()
+            raise RuntimeError(f"transformers serve did not come up: {log.read_text()[-2000:]}")
+        time.sleep(0.5)

@@ -4,16 +4,8 @@ real server cannot make on demand, a tiny real HTTP server written here that mis
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
 import threading
-import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,67 +17,16 @@ import workbench as wb
 from workbench.errors import HopFailed, HopTimeout, ModelLoadError, RemoteError, RemoteRateLimited
 from workbench.tracing import attributes as attr
 
+from helpers import Server, free_port
+
 PROMPTS = ["Question: What is the capital of France?\nAnswer:", "The sea is", "Plan:"]
-SERVE_START_S = 180  # transformers serve imports torch and fastapi, then loads the model: ~20 s here
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _serve_command() -> list[str] | None:
-    """How to start `transformers serve`, or None where transformers' serving extra is not installed."""
-    if not all(importlib.util.find_spec(name) for name in ("fastapi", "uvicorn")):
-        return None
-    script = Path(sys.executable).parent / "transformers"
-    found = str(script) if script.exists() else shutil.which("transformers")
-    return [found, "serve"] if found else None
 
 
 @pytest.fixture(scope="module")
-def server(tiny_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real `transformers serve` on 127.0.0.1 serving the tiny model's directory; its OpenAI base URL."""
-    command = _serve_command()
-    if command is None:
-        pytest.skip("`transformers serve` needs transformers[serving] (fastapi, uvicorn): pip install -e '.[dev]'")
-    port = _free_port()
-    log = (tmp_path_factory.mktemp("serve") / "serve.log").open("w")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen(
-        [*command, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", str(tiny_path)],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
-    )
-    try:
-        deadline = time.monotonic() + SERVE_START_S
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                pytest.fail(f"transformers serve did not come up: {Path(log.name).read_text()[-2000:]}")
-            time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
-
-
-@pytest.fixture(scope="module")
-def remote(server: str, tiny_path: Path) -> Iterator[wb.Workbench]:
+def remote(server: Server, tiny_path: Path) -> Iterator[wb.Workbench]:
     """A workbench with the served tiny model as 'remote' and the same model in process as 'tiny'."""
     with wb.Workbench(store=wb.InMemoryContextStore()) as bench:
-        bench.load("remote", server)
+        bench.load("remote", server.url)
         bench.load("tiny", tiny_path, device="cpu")
         yield bench
 
@@ -177,7 +118,7 @@ def test_health_probes_and_injected_faults_reach_a_served_model(remote: wb.Workb
 
 def test_a_url_where_no_server_listens_does_not_load(bench: wb.Workbench) -> None:
     with pytest.raises(ModelLoadError, match="cannot reach a model server") as info:
-        bench.load("gone", f"http://127.0.0.1:{_free_port()}/v1")
+        bench.load("gone", f"http://127.0.0.1:{free_port()}/v1")
     assert "start the server" in str(info.value)
     assert "gone" not in bench.registry.names()
 
