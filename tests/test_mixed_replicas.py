@@ -152,6 +152,17 @@ def test_a_model_on_a_server_lists_its_servers_and_batches_continuously(bench: w
         bench.unload("r", forget=True)
 
 
+def test_a_registered_mixed_set_connects_its_server_replica_on_first_use(server: Server, tiny_path: Path) -> None:
+    with wb.Workbench(store=wb.InMemoryContextStore()) as bench:
+        bench.register("lazy", tiny_path, replicas=["cpu", server.url])
+        result = bench.generate("lazy#1", PROMPTS[1], max_new_tokens=12)  # loads on use, with its replicas
+        assert result.text == bench.generate("lazy#0", PROMPTS[1], max_new_tokens=12).text
+        (load,) = [s for s in bench.traces().spans if s.name == "load lazy#1"]  # connecting to the server
+        assert load.attributes[attr.LOAD_TRIGGER] == "on_use"
+        assert load.attributes[attr.MODEL_DEVICE] == "remote"
+        assert bench.replicas("lazy")["kind"].tolist() == ["local", "remote"]
+
+
 def test_a_bad_replica_entry_says_what_and_where(bench: wb.Workbench, tiny_path: Path) -> None:
     with pytest.raises(wb.SettingsError, match=r"'x': replicas\[1\] 'htp://127.0.0.1:8000/v1' is neither") as info:
         bench.load("x", tiny_path, replicas=["cpu", "htp://127.0.0.1:8000/v1"])
