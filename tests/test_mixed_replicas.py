@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -161,6 +162,19 @@ def test_a_registered_mixed_set_connects_its_server_replica_on_first_use(server:
         assert load.attributes[attr.LOAD_TRIGGER] == "on_use"
         assert load.attributes[attr.MODEL_DEVICE] == "remote"
         assert bench.replicas("lazy")["kind"].tolist() == ["local", "remote"]
+
+
+def test_weights_in_a_child_process_may_have_a_server_replica_beside_them(server: Server, tiny_path: Path) -> None:
+    with wb.Workbench(store=wb.InMemoryContextStore()) as bench:
+        bench.load("iso", tiny_path, replicas=["cpu", server.url], isolation="process")
+        assert bench.replicas("iso")["kind"].tolist() == ["local", "remote"]
+        texts = {bench.generate(replica, PROMPTS[0], max_new_tokens=12).text for replica in ("iso#0", "iso#1")}
+        assert len(texts) == 1
+        row = bench.models().set_index("name").loc["iso"]
+        assert row["pid"] not in (None, os.getpid()) and row["restarts"] == 0  # the child's, not the server's
+        with pytest.raises(wb.ModelLoadError, match="serves one replica: 2 were asked for") as info:
+            bench.load("iso2", tiny_path, replicas=["cpu", "cpu", server.url], isolation="process")
+        assert "servers may be listed beside it" in str(info.value.hint)
 
 
 def test_a_bad_replica_entry_says_what_and_where(bench: wb.Workbench, tiny_path: Path) -> None:

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
         ModelError,
         ModelLoadError,
         ModelOutOfMemory,
+        ModelProcessDied,
         ModelUnhealthy,
         ParseError,
         RetriesExhausted,
@@ -88,7 +89,7 @@ _HOMES = {
     "workbench.errors": (
         "CircuitOpen", "ContextWindowExceeded", "HopFailed", "HopTimeout", "InvalidInput", "MissingInputError",
         "ModelError",
-        "ModelLoadError", "ModelOutOfMemory", "ModelUnhealthy", "ParseError", "RetriesExhausted", "RunCancelled",
+        "ModelLoadError", "ModelOutOfMemory", "ModelProcessDied", "ModelUnhealthy", "ParseError", "RetriesExhausted", "RunCancelled",
         "RunError", "ServingError", "SettingsError", "SpecError", "StoreError", "WorkbenchClosed", "StrategyError",
         "TemplateError", "UnknownModelError", "WorkbenchError", "WorkloadError",
     ),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import threading
 import time
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from opentelemetry.trace import Span
 
 from workbench.engine.backends.base import Backend, fit_window
+from workbench.engine.backends.process import ModelProcess, ProcessBackend
 from workbench.engine.backends.transformers import TransformersBackend
 from workbench.engine.balancing import BalancePolicy, RoundRobin
 from workbench.engine.batching import BatchingPolicy, default_policy
@@ -26,6 +28,7 @@ from workbench.engine.wakeups import Wakeups
 from workbench.engine.worker import ModelWorker
 from workbench.errors import HopTimeout, ModelLoadError, ModelUnhealthy, RunCancelled, UnknownModelError
 from workbench.models.registry import LoadedModel, ModelRegistry
+from workbench.models.settings import is_server_url
 from workbench.tracing import Tracing, mark_error
 from workbench.tracing import attributes as attr
 from workbench.tracing import openinference
@@ -63,7 +66,10 @@ class _Pending:
 
 
 def backend_for(loaded: LoadedModel) -> Backend:
-    """The backend that runs ``loaded``: a model server's over HTTP, else transformers, in this process."""
+    """The backend that runs ``loaded``: a model server's over HTTP, transformers in the child process that
+    loaded it, else transformers in this process."""
+    if loaded.settings.isolation == "process":
+        return ProcessBackend(loaded)
     if loaded.settings.remote:
         try:
             from workbench.engine.backends.openai import RemoteBackend  # httpx is needed for servers only
@@ -91,6 +97,8 @@ class Engine:
 
     def __init__(self, registry: ModelRegistry, tracing: Tracing) -> None:
         self._registry = registry
+        # isolation="process": the registry loads through a child process, whose restarts are engine spans.
+        registry.spawner = functools.partial(ModelProcess, tracing=tracing)
         self._tracing = tracing
         self._lock = threading.Lock()
         self._sets: dict[str, ReplicaSet] = {}
@@ -118,13 +126,21 @@ class Engine:
         with self._lock:
             places = self._replicas.get(name, (None,))
             balance = self._balance.get(name) or RoundRobin()
+        local = [place for place in places if place is None or not is_server_url(place)]
+        if loaded.settings.isolation == "process" and len(local) > 1:
+            raise ModelLoadError(
+                f"model {name!r} runs in a child process (isolation='process'), which serves one replica: "
+                f"{len(local)} were asked for",
+                hint="load it with replicas=1 (servers may be listed beside it: replicas=['cpu', URL]), or with "
+                "isolation='thread' to replicate it",
+            )
         models = [
             self._registry.replica(loaded, place, replica_name(name, i, len(places)), parent, trigger)
             for i, place in enumerate(places)
         ]
         # Weights that serve more than one replica (servers hold none here).
-        local = [id(m.model) for m in models if m.model is not None]
-        shared = len(set(local)) < len(local)
+        weights = [id(m.model) for m in models if m.model is not None]
+        shared = len(set(weights)) < len(weights)
         if shared and policy.continuous:
             raise continuous_on_shared(name)
         backends: list[Backend] = []

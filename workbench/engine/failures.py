@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from workbench.engine.backends.base import BackendOutOfMemory
-from workbench.errors import CircuitOpen, HopTimeout, ModelOutOfMemory, ModelUnhealthy, RemoteError, WorkbenchError
+from workbench.errors import (
+    CircuitOpen,
+    HopTimeout,
+    ModelOutOfMemory,
+    ModelProcessDied,
+    ModelUnhealthy,
+    RemoteError,
+    WorkbenchError,
+)
 
 # The kinds of failure a retry policy's ``on`` can name; see ``error_kind``.
 ERROR_KINDS = ("error", "timeout", "oom", "breaker", "unhealthy")
@@ -23,8 +31,9 @@ def error_kind(exc: BaseException) -> str | None:
     ``timeout``: the call outlived ``timeout_s``; ``oom``: out of memory even after batch splitting;
     ``breaker``: the model's circuit breaker is open; ``unhealthy``: the model failed its health probe;
     ``error``: any other failure of the call (an injected fault, a CUDA error, a Python hop raising, a
-    model server failing: refused, 5xx, 429, a broken stream); a server that took the request and
-    never answered is a ``timeout``, and one that rejected it as sent (a 4xx) is the caller's to fix.
+    model process that died: it is starting again, so a retry may find it back; a model server failing:
+    refused, 5xx, 429, a broken stream); a server that took the request and never answered is a
+    ``timeout``, and one that rejected it as sent (a 4xx) is the caller's to fix.
     A WorkbenchError outside these (a prompt too long for the window, an unloaded model) is the caller's
     to fix, and a KeyboardInterrupt is the user stopping: neither is retried.
     """
@@ -36,6 +45,8 @@ def error_kind(exc: BaseException) -> str | None:
         return "unhealthy"
     if is_out_of_memory(exc):
         return "oom"
+    if isinstance(exc, ModelProcessDied):
+        return "error"
     if isinstance(exc, RemoteError):
         return {"no_first_byte": "timeout", "rejected": None}.get(exc.kind, "error")
     if isinstance(exc, WorkbenchError) or not isinstance(exc, Exception):
