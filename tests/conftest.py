@@ -13,6 +13,8 @@ import pytest
 
 import workbench as wb
 
+from helpers import Server, serve_command, start_server
+
 DATA_DIR = "AUTOGLM_DATA_DIR"
 _run_data_dir = pytest.StashKey["str | None"]()
 
@@ -58,6 +60,20 @@ def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model, built through the same code users run, into the session's cache."""
     cache = os.environ.get("AUTOGLM_CACHE_DIR") or str(tmp_path_factory.mktemp("autoglm-cache"))
     return wb.tiny_model(cache_dir=cache)
+
+
+@pytest.fixture(scope="session")
+def server(tiny_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A real `transformers serve` on 127.0.0.1 serving the tiny model's directory, started once per test session."""
+    command = serve_command()
+    if command is None:
+        pytest.skip("`transformers serve` needs transformers[serving] (fastapi, uvicorn): pip install -e '.[dev]'")
+    try:
+        served = start_server(command, tiny_path, tmp_path_factory.mktemp("serve") / "serve.log")
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    yield served
+    served.stop()
 
 
 @pytest.fixture

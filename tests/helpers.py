@@ -1,19 +1,22 @@
 """Shared by several test modules: waiting on other threads, the two-hop chain the comparison tests run, and a real
-`transformers serve`."""
+`transformers serve` on the tiny model."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -45,12 +48,13 @@ SERVE_START_S = 180  # transformers serve imports torch and fastapi, then loads 
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (now)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-def _serve_command() -> list[str] | None:
+def serve_command() -> list[str] | None:
     """How to start `transformers serve`, or None where transformers' serving extra is not installed."""
     if not all(importlib.util.find_spec(name) for name in ("fastapi", "uvicorn")):
         return None
@@ -59,41 +63,70 @@ def _serve_command() -> list[str] | None:
     return [found, "serve"] if found else None
 
 
-@contextlib.contextmanager
+@dataclass
+class Server:
+    """A running `transformers serve`: its OpenAI base URL, and its process to pause (a stalled server) and resume."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+    log: IO[str]
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Stop the server's process (SIGSTOP): it takes connections and answers nothing until the block ends."""
+        self.process.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self.process.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
+def start_server(command: list[str], model: Path, log: Path) -> Server:
+    """Start `transformers serve` on 127.0.0.1 serving ``model`` (a directory) and wait until it answers /health."""
+    port = free_port()
+    out = log.open("w")
+    process = subprocess.Popen(
+        [*command, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", str(model)],
+        stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    server = Server(f"http://127.0.0.1:{port}/v1", process, out)
+    deadline = time.monotonic() + SERVE_START_S
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    return server
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            server.stop()
+            raise RuntimeError(f"transformers serve did not come up: {log.read_text()[-2000:]}")
+        time.sleep(0.5)
+
+
+@contextmanager
 def transformers_serve(model: Path, log_dir: Path) -> Iterator[str]:
-    """A real `transformers serve` on 127.0.0.1 serving the model directory ``model``; its OpenAI base URL.
+    """A real `transformers serve` on 127.0.0.1 serving the model directory ``model``, for one test module; its URL.
 
     Skips the test where transformers' serving extra is not installed; its log goes to ``log_dir``.
     """
-    command = _serve_command()
+    command = serve_command()
     if command is None:
         pytest.skip("`transformers serve` needs transformers[serving] (fastapi, uvicorn): pip install -e '.[dev]'")
-    port = free_port()
-    log = (log_dir / "serve.log").open("w")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen(
-        [*command, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", str(model)],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
-    )
     try:
-        deadline = time.monotonic() + SERVE_START_S
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                pytest.fail(f"transformers serve did not come up: {Path(log.name).read_text()[-2000:]}")
-            time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}/v1"
+        server = start_server(command, model, log_dir / "serve.log")
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    try:
+        yield server.url
     finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
+        server.stop()

@@ -14,25 +14,19 @@ import pandas as pd
 import pytest
 
 import workbench as wb
-from tests.helpers import free_port, transformers_serve
 from workbench.errors import HopFailed, HopTimeout, ModelLoadError, RemoteError, RemoteRateLimited
 from workbench.tracing import attributes as attr
+
+from helpers import Server, free_port
 
 PROMPTS = ["Question: What is the capital of France?\nAnswer:", "The sea is", "Plan:"]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real `transformers serve` on 127.0.0.1 serving the tiny model's directory; its OpenAI base URL."""
-    with transformers_serve(tiny_path, tmp_path_factory.mktemp("serve")) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def remote(server: str, tiny_path: Path) -> Iterator[wb.Workbench]:
+def remote(server: Server, tiny_path: Path) -> Iterator[wb.Workbench]:
     """A workbench with the served tiny model as 'remote' and the same model in process as 'tiny'."""
     with wb.Workbench(store=wb.InMemoryContextStore()) as bench:
-        bench.load("remote", server)
+        bench.load("remote", server.url)
         bench.load("tiny", tiny_path, device="cpu")
         yield bench
 

@@ -32,6 +32,8 @@ from workbench.errors import HopFailed, WorkbenchClosed, WorkbenchError
 from workbench.models import heap
 from workbench.engine.preloading import Eager, PreloadingStrategy, parse_preloading
 from workbench.models.registry import LoadedModel, LoadSettings, ModelRegistry
+from workbench.models.remote import REMOTE_DEVICE
+from workbench.models.settings import is_server_url
 from workbench.tracing import Trace, Tracing
 
 if TYPE_CHECKING:
@@ -155,19 +157,21 @@ class Workbench:
         ModelProcessDied, and it starts again, up to ``restarts`` times.
         ``replicas=2`` serves the model from two workers on its device (sharing its weights),
         ``replicas=["cuda:0", "cuda:1"]`` from one per device listed (the first is where it
-        loads); ``balance`` picks a replica per request (see :meth:`set_balance`; round robin by
-        default). Without ``source``, loads a model registered earlier with :meth:`register`,
-        with its registered settings, batching policy and replicas.
+        loads); an http(s) URL in the list is a replica on that server, serving the same model
+        (``replicas=["cpu", "cpu", "http://127.0.0.1:8000/v1"]``; ``served_model``, ``api_key`` and
+        ``read_timeout_s`` apply to it). ``balance`` picks a replica per request (see
+        :meth:`set_balance`; round robin by default). Without ``source``, loads a model registered
+        earlier with :meth:`register`, with its registered settings, batching policy and replicas.
         """
         self.check_open(f"load {name!r}")
         if source is not None:
             self.registry.check_free(name)  # before the replicas of the model loaded under that name change
             # A fresh load does not inherit an earlier one's replicas or balance policy either.
-            self._replicate(name, 1 if replicas is None else replicas, balance or "round_robin")
-            if isinstance(replicas, list):
-                device = replicas[0]  # checked by _replicate: a list of device names
+            places = self._replicate(name, 1 if replicas is None else replicas, balance or "round_robin",
+                                     is_server_url(str(source)))
+            device = _first_device(places) or device
         else:
-            self._replicate(name, replicas, balance)
+            self._replicate(name, replicas, balance, replicas is not None and self.registry.settings(name).remote)
         if source is None:
             settings = self.registry.settings(name)
             if warmup:
@@ -191,10 +195,13 @@ class Workbench:
             batching = batching or default_policy(settings)  # a fresh load does not inherit an earlier one's policy
         return self.engine.preloader.load(name, settings, policy=batching)
 
-    def _replicate(self, name: str, replicas: int | list[str] | None, balance: str | BalancePolicy | None) -> None:
-        """Configure ``name``'s replicas and balance policy for its next load (each checked before any load)."""
+    def _replicate(
+        self, name: str, replicas: int | list[str] | None, balance: str | BalancePolicy | None, remote: bool
+    ) -> tuple[str | None, ...] | None:
+        """Configure ``name``'s replicas and balance policy for its next load (each checked before any load);
+        ``remote`` says the model loads from a server. Returns where each replica runs, as configured."""
         policy = parse_balance(balance) if balance is not None else None
-        self.engine.configure(name, replicas, policy)
+        return self.engine.configure(name, replicas, policy, remote)
 
     def register(
         self,
@@ -210,9 +217,9 @@ class Workbench:
         strategy says (see :meth:`set_preloading`). Takes the settings of :meth:`load`, ``warmup`` and
         ``replicas`` included."""
         self.check_open(f"register {name!r}")
-        self._replicate(name, replicas, balance)  # a bad value fails before the model is known
-        if isinstance(replicas, list):
-            settings["device"] = replicas[0]
+        # A bad value fails before the model is known.
+        places = self._replicate(name, replicas, balance, is_server_url(str(source)))
+        settings["device"] = _first_device(places) or settings.get("device", "auto")
         self.registry.register(name, LoadSettings(source=str(source), **settings))
         if batching is not None:
             self.engine.set_policy(name, batching)
@@ -288,8 +295,10 @@ class Workbench:
                                      dtype="Int64")
         table["in_flight"] = pd.array([count(n, "in_flight") for n in table["name"]], dtype="Int64")
         table["served"] = pd.array([count(n, "served") for n in table["name"]], dtype="Int64")
-        # Every replica of a model in this process runs here; a model in a child process has one replica.
-        backends = [sets[n].workers[0].backend if n in sets else None for n in table["name"]]
+        # Every local replica of a model runs in this process, or in its one child process (which serves one
+        # replica); a replica on a server runs in none of ours.
+        backends = [next((w.backend for w in sets[n].workers if w.backend.device != REMOTE_DEVICE), None)
+                    if n in sets else None for n in table["name"]]
         table["pid"] = pd.array([_pid(b) for b in backends], dtype="Int64")
         table["restarts"] = pd.array(
             [b.restarts if isinstance(b, ProcessBackend) else None for b in backends], dtype="Int64"
@@ -297,12 +306,14 @@ class Workbench:
         return table
 
     def replicas(self, name: str | None = None) -> pd.DataFrame:
-        """One row per replica of ``name`` (or of every loaded model): its worker's name (``m#1``), device, the
-        balance policy, requests in flight, served and failed, health, breaker state, and whether faults are injected."""
+        """One row per replica of ``name`` (or of every loaded model): its worker's name (``m#1``), its ``kind``
+        (``local``, or ``remote`` for a replica on a server), device (``remote`` on a server) and the server's ``url``,
+        the balance policy, requests in flight, served and failed, health, breaker state, and whether faults are
+        injected."""
         import pandas as pd
 
-        columns = ["model", "replica", "index", "device", "balance", "in_flight", "served", "failed", "health",
-                   "breaker", "faults"]
+        columns = ["model", "replica", "index", "kind", "device", "url", "balance", "in_flight", "served", "failed",
+                   "health", "breaker", "faults"]
         sets = self.engine.replica_sets()
         if name is not None:
             self.registry.get(name)  # unknown, or not loaded: a clear error
@@ -594,6 +605,11 @@ class Workbench:
 
     def __repr__(self) -> str:
         return f"<Workbench models={self.registry.names()} runs={len(self._runs)}>"
+
+
+def _first_device(places: tuple[str | None, ...] | None) -> str | None:
+    """The first device a replicas list names: where the model's weights load."""
+    return next((p for p in places or () if p is not None and not is_server_url(p)), None)
 
 
 def _pid(backend: object) -> int | None:

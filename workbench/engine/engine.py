@@ -22,12 +22,13 @@ from workbench.engine.batching import BatchingPolicy, default_policy
 from workbench.engine.breaker import CircuitBreaker
 from workbench.engine.faults import FaultInjector, Faults
 from workbench.engine.preloading import Preloader
-from workbench.engine.replicas import Replica, ReplicaSet, continuous_on_shared, replica_devices, replica_name
+from workbench.engine.replicas import Replica, ReplicaSet, continuous_on_shared, replica_name, replica_places
 from workbench.engine.requests import GenerationParams, GenerationRequest, GenerationResult, Messages
 from workbench.engine.wakeups import Wakeups
 from workbench.engine.worker import ModelWorker
 from workbench.errors import HopTimeout, ModelLoadError, ModelUnhealthy, RunCancelled, UnknownModelError
-from workbench.models.registry import LoadedModel, ModelRegistry, on_device
+from workbench.models.registry import LoadedModel, ModelRegistry
+from workbench.models.settings import is_server_url
 from workbench.tracing import Tracing, mark_error
 from workbench.tracing import attributes as attr
 from workbench.tracing import openinference
@@ -113,28 +114,36 @@ class Engine:
 
     # -- workers -------------------------------------------------------------------------------
 
-    def start(self, name: str, policy: BatchingPolicy | None = None) -> ReplicaSet:
+    def start(
+        self, name: str, policy: BatchingPolicy | None = None, parent: Span | None = None, trigger: str = "explicit"
+    ) -> ReplicaSet:
         """Start the workers of the loaded model ``name``, one per replica, under ``policy`` or the one configured.
 
         Replicas on the model's own device share its weights (read-only at inference, so one
-        copy serves every worker thread); a replica on another device gets a copy there.
+        copy serves every worker thread); a replica on another device gets a copy there, and a
+        replica on a server connects to it (a ``load`` span under ``parent``, for ``trigger``).
         """
         loaded = self._registry.get(name)
         policy = policy or self._policies.get(name) or default_policy(loaded.settings)
         with self._lock:
-            devices = self._replicas.get(name, (None,))
+            places = self._replicas.get(name, (None,))
             balance = self._balance.get(name) or RoundRobin()
-        if loaded.settings.isolation == "process" and len(devices) > 1:
+        local = [place for place in places if place is None or not is_server_url(place)]
+        if loaded.settings.isolation == "process" and len(local) > 1:
             raise ModelLoadError(
                 f"model {name!r} runs in a child process (isolation='process'), which serves one replica: "
-                f"{len(devices)} were asked for",
-                hint="load it with replicas=1, or with isolation='thread' to replicate it",
+                f"{len(local)} were asked for",
+                hint="load it with replicas=1 (servers may be listed beside it: replicas=['cpu', URL]), or with "
+                "isolation='thread' to replicate it",
             )
-        # A model on a server has no weights here to place: its replicas are workers sending to the same server.
-        remote = loaded.settings.remote
-        models = [loaded if device is None or remote else on_device(loaded, device) for device in devices]
-        shared = len({id(m) for m in models}) < len(models)
-        if shared and policy.continuous and not remote:
+        models = [
+            self._registry.replica(loaded, place, replica_name(name, i, len(places)), parent, trigger)
+            for i, place in enumerate(places)
+        ]
+        # Weights that serve more than one replica (servers hold none here).
+        weights = [id(m.model) for m in models if m.model is not None]
+        shared = len(set(weights)) < len(weights)
+        if shared and policy.continuous:
             raise continuous_on_shared(name)
         backends: list[Backend] = []
         try:
@@ -156,17 +165,21 @@ class Engine:
             self._balance[name] = balance
         return replicas
 
-    def configure(self, name: str, replicas: int | Sequence[str] | None, balance: BalancePolicy | None) -> None:
-        """How many replicas ``name`` runs (or on which devices) from its next load, and how they are balanced.
+    def configure(
+        self, name: str, replicas: int | Sequence[str] | None, balance: BalancePolicy | None, remote: bool = False
+    ) -> tuple[str | None, ...] | None:
+        """How many replicas ``name`` runs (or where: devices and server URLs) from its next load, and how they are
+        balanced; ``remote`` says the model loads from a server. None leaves a setting as it is.
 
-        None leaves that setting as it is.
+        Returns where each replica will run (None: where the model loads), or None if ``replicas`` was.
         """
-        devices = replica_devices(name, replicas) if replicas is not None else None
+        places = replica_places(name, replicas, remote) if replicas is not None else None
         with self._lock:
-            if devices is not None:
-                self._replicas[name] = devices
+            if places is not None:
+                self._replicas[name] = places
             if balance is not None:
                 self._balance[name] = balance
+        return places
 
     def forget(self, name: str) -> None:
         """Drop the policies and replicas configured for ``name`` (the model is no longer known)."""

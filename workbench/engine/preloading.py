@@ -180,7 +180,7 @@ def parse_preloading(text: str | PreloadingStrategy) -> PreloadingStrategy:
 class Preloader:
     """Applies the preloading strategy to a registry: loads on use, ahead of use or up front, within a budget.
 
-    ``start(name, policy)`` and ``stop(name)`` start and stop a model's worker; the engine that
+    ``start(name, policy, parent, trigger)`` and ``stop(name)`` start and stop a model's workers; the engine that
     owns this preloader supplies them (it holds the workers). One load per model runs at a time:
     concurrent first uses of a model wait for one load instead of starting their own.
     """
@@ -189,7 +189,7 @@ class Preloader:
         self,
         registry: ModelRegistry,
         tracing: Tracing,
-        start: Callable[[str, BatchingPolicy | None], object],
+        start: Callable[[str, BatchingPolicy | None, Span | None, str], object],
         stop: Callable[[str], None],
     ) -> None:
         self.registry = registry
@@ -274,7 +274,7 @@ class Preloader:
                         self._reserved.pop(name, None)
                         self._room.notify_all()
             try:
-                self._start(name, policy)
+                self._start(name, policy, parent, trigger)
             except BaseException:  # a worker that cannot serve this model: leave nothing half-loaded
                 self.registry.unload(name, forget=not known)
                 raise

@@ -6,11 +6,15 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from workbench.engine.balancing import BalancePolicy
 from workbench.engine.batching import BatchingPolicy
 from workbench.engine.worker import ModelWorker
-from workbench.errors import SettingsError, StrategyError
+from workbench.errors import ModelLoadError, SettingsError, StrategyError
+from workbench.models.devices import resolve_device
+from workbench.models.remote import REMOTE_DEVICE
+from workbench.models.settings import is_server_url
 
 
 def replica_name(model: str, index: int, count: int) -> str:
@@ -18,11 +22,19 @@ def replica_name(model: str, index: int, count: int) -> str:
     return model if count == 1 else f"{model}#{index}"
 
 
-def replica_devices(model: str, replicas: int | Sequence[str]) -> tuple[str | None, ...]:
-    """Where each replica of ``model`` runs: None for the device the model loads on, else a device name."""
+_EXAMPLE = 'e.g. replicas=["cpu", "cpu"], ["cuda:0", "cuda:1"], or ["cpu", "http://127.0.0.1:8000/v1"] (a server)'
+
+
+def replica_places(model: str, replicas: int | Sequence[str], remote_source: bool = False) -> tuple[str | None, ...]:
+    """Where each replica of ``model`` runs: None where the model loads, a device name, or a server's URL.
+
+    A list may mix devices and servers (``["cpu", "cpu", "http://127.0.0.1:8000/v1"]``): a device
+    runs the model's weights here, a URL is the same model on that OpenAI-compatible server.
+    ``remote_source`` says the model itself loads from a server, so it has no weights here.
+    """
     if isinstance(replicas, bool) or not isinstance(replicas, (int, list, tuple)):
         raise SettingsError(
-            f"model {model!r}: replicas must be a count or a list of devices, got {replicas!r}",
+            f"model {model!r}: replicas must be a count or a list of devices and server URLs, got {replicas!r}",
             hint='e.g. replicas=2 (both on the model\'s device) or replicas=["cuda:0", "cuda:1"]',
         )
     if isinstance(replicas, int):
@@ -30,10 +42,46 @@ def replica_devices(model: str, replicas: int | Sequence[str]) -> tuple[str | No
             raise SettingsError(f"model {model!r}: replicas must be at least 1, got {replicas}",
                                 hint="replicas=1 (the default) serves from one worker")
         return (None,) * replicas
-    if not replicas or not all(isinstance(d, str) and d.strip() for d in replicas):
-        raise SettingsError(f"model {model!r}: replicas lists no devices, or a device that is not a name: {replicas!r}",
-                            hint='e.g. replicas=["cpu", "cpu"] or ["cuda:0", "cuda:1"]')
-    return tuple(d.strip() for d in replicas)
+    if not replicas:
+        raise SettingsError(f"model {model!r}: replicas lists no devices or servers", hint=_EXAMPLE)
+    places = tuple(_place(model, index, entry) for index, entry in enumerate(replicas))
+    devices = [place for place in places if not is_server_url(place)]
+    if remote_source and devices:
+        raise SettingsError(
+            f"model {model!r} loads from a server, so it has no weights here for a replica on {devices[0]!r}",
+            hint="load the model's weights (a directory or hub id) to mix local replicas with servers: "
+            'bench.load(NAME, PATH, replicas=["cpu", "http://127.0.0.1:8000/v1"])',
+        )
+    if not remote_source and not devices:
+        raise SettingsError(
+            f"model {model!r}: replicas lists only servers, so the weights it loads here would serve nothing",
+            hint='list a device for them too (replicas=["cpu", URL]), or load from a server URL as the source: '
+            "bench.load(NAME, URL, replicas=[URL, OTHER_URL])",
+        )
+    return places
+
+
+def _place(model: str, index: int, entry: object) -> str:
+    """One entry of a replicas list, checked: a device this machine has, or an http(s) URL with a host."""
+    where = f"model {model!r}: replicas[{index}]"
+    if not isinstance(entry, str) or not entry.strip():
+        raise SettingsError(f"{where} is {entry!r}, neither a device nor a server URL", hint=_EXAMPLE)
+    entry = entry.strip()
+    if is_server_url(entry):
+        try:
+            host = urlsplit(entry).hostname
+        except ValueError:
+            host = None
+        if not host:
+            raise SettingsError(f"{where} {entry!r} names no host to reach a server at",
+                                hint='a server\'s OpenAI base URL, e.g. "http://127.0.0.1:8000/v1"')
+        return entry
+    try:
+        resolve_device(entry)
+    except ModelLoadError as exc:
+        raise SettingsError(f"{where} {entry!r} is neither a device here nor a server URL: {exc.message}",
+                            hint=f"{exc.hint}; a server is an http(s) URL, e.g. \"http://127.0.0.1:8000/v1\"") from None
+    return entry
 
 
 def continuous_on_shared(model: str) -> StrategyError:
@@ -114,13 +162,21 @@ class ReplicaSet:
                 replica.failed += 1
 
     def rows(self) -> list[dict[str, Any]]:
-        """One row per replica for ``bench.replicas()``."""
+        """One row per replica for ``bench.replicas()``: kind ``local`` (a device here) or ``remote`` (a server)."""
         with self._lock:
             loads = [(r.index, r.worker, r.in_flight, r.served, r.failed) for r in self.replicas]
         return [
-            {"model": self.model, "replica": worker.name, "index": index, "device": worker.backend.device,
+            {"model": self.model, "replica": worker.name, "index": index, **_where(worker),
              "balance": self.policy.name, "in_flight": in_flight, "served": served, "failed": failed,
              "health": worker.health.state, "breaker": worker.breaker.state,
              "faults": worker.faults is not None}
             for index, worker, in_flight, served, failed in loads
         ]
+
+
+def _where(worker: ModelWorker) -> dict[str, str | None]:
+    """Where a replica runs: a device here, or the server it sends to."""
+    backend = worker.backend
+    if backend.device == REMOTE_DEVICE:
+        return {"kind": "remote", "device": backend.device, "url": backend.source}
+    return {"kind": "local", "device": backend.device, "url": None}

@@ -25,7 +25,7 @@ from workbench.errors import ModelLoadError, UnknownModelError
 from workbench.models import heap, remote
 from workbench.models.remote import REMOTE_DEVICE
 from workbench.models.devices import dtype_name, resolve_device, resolve_dtype
-from workbench.models.settings import LoadSettings
+from workbench.models.settings import LoadSettings, is_server_url
 from workbench.tracing import Tracing
 from workbench.tracing import attributes as attr_names
 
@@ -411,6 +411,33 @@ class ModelRegistry:
             name=name, settings=dataclasses.replace(settings, served_model=served), model=None, tokenizer=tokenizer,
             device=REMOTE_DEVICE, dtype=None, params=None, memory_bytes=0, load_s=load_s, context_window=window,
         )
+
+    def replica(
+        self, loaded: LoadedModel, place: str | None, name: str, parent: Span | None = None, trigger: str = "explicit"
+    ) -> LoadedModel:
+        """``loaded`` as its replica ``name`` at ``place``: itself (None), on a device here, or on a server (a URL).
+
+        A server replica is the same model there: asked for with the load's ``served_model``, else
+        the one model the server lists, and connected in a ``load {name}`` span as any server is.
+        Where the server's model has no tokenizer on this machine, the loaded model's own counts its
+        prompts. Neither a copy nor a server is in the registry's count of memory.
+        """
+        if place is None:
+            return loaded
+        if not is_server_url(place):
+            # A child process loaded the weights on its one device (the first listed); it serves one replica.
+            return loaded if loaded.settings.isolation == "process" else on_device(loaded, place)
+        if loaded.settings.remote and remote.base_url(loaded.settings) == place.rstrip("/"):
+            return loaded
+        with self._lock:
+            asked = self._registered.get(loaded.name, loaded.settings)  # served_model as given, not as found
+        # The server runs the model in its own process, whatever isolation the weights here have.
+        settings = dataclasses.replace(asked, source=place, isolation="thread")
+        served = self._connect(name, settings, parent, trigger)
+        if served.tokenizer is None and loaded.tokenizer is not None:
+            served = dataclasses.replace(served, tokenizer=loaded.tokenizer,
+                                         context_window=served.context_window or loaded.context_window)
+        return served
 
     def unload(self, name: str, forget: bool = False) -> int:
         """Drop ``name`` from memory, keeping it registered unless ``forget``; returns the bytes its weights held."""

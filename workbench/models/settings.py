@@ -6,6 +6,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def is_server_url(text: str) -> bool:
+    """Whether ``text`` names a model server (an http or https URL) rather than weights or a device."""
+    return text.strip().lower().startswith(("http://", "https://"))
+
+
 def _option(default: Any, help: str, metavar: str | None = None, *, repr: bool = True) -> Any:
     # The metadata is each option's help: the magics and the command line build their flags from it,
     # so a new load setting is written here once and shows up in every front end.
@@ -41,4 +46,4 @@ class LoadSettings:
     @property
     def remote(self) -> bool:
         """Whether ``source`` is a model server (an http or https URL) rather than weights to load here."""
-        return self.source.lower().startswith(("http://", "https://"))
+        return is_server_url(self.source)
