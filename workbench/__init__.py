@@ -35,6 +35,7 @@ if TYPE_CHECKING:
         InvalidInput,
         MissingInputError,
         ModelError,
+        ModelActorDied,
         ModelLoadError,
         ModelOutOfMemory,
         ModelUnhealthy,
@@ -87,7 +88,7 @@ _HOMES = {
     ),
     "workbench.errors": (
         "CircuitOpen", "ContextWindowExceeded", "HopFailed", "HopTimeout", "InvalidInput", "MissingInputError",
-        "ModelError",
+        "ModelActorDied", "ModelError",
         "ModelLoadError", "ModelOutOfMemory", "ModelUnhealthy", "ParseError", "RetriesExhausted", "RunCancelled",
         "RunError", "ServingError", "SettingsError", "SpecError", "StoreError", "WorkbenchClosed", "StrategyError",
         "TemplateError", "UnknownModelError", "WorkbenchError", "WorkloadError",

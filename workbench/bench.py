@@ -129,6 +129,9 @@ class Workbench:
         warmup: bool = False,
         replicas: int | list[str] | None = None,
         balance: str | BalancePolicy | None = None,
+        engine: str = "local",
+        address: str | None = None,
+        num_gpus: float = 0,
     ) -> LoadedModel:
         """Load a local directory or hub id as ``name`` and start its worker (one per replica).
 
@@ -140,6 +143,10 @@ class Workbench:
         loads); ``balance`` picks a replica per request (see :meth:`set_balance`; round robin by
         default). Without ``source``, loads a model registered earlier with :meth:`register`,
         with its registered settings, batching policy and replicas.
+
+        ``engine="ray"`` runs each replica as a Ray actor that loads its own copy of the model, spread
+        over the nodes of a Ray cluster: a local one started here, or the one at ``address``
+        (``ray://head:10001``, or ``auto``); ``num_gpus`` is what each actor asks the cluster for.
         """
         self.check_open(f"load {name!r}")
         if source is not None:
@@ -164,6 +171,9 @@ class Workbench:
                 allow_pickle=allow_pickle,
                 revision=revision,
                 warmup=warmup,
+                engine=engine,
+                address=address,
+                num_gpus=num_gpus,
             )
             batching = batching or NoBatching()  # a fresh load does not inherit an earlier one's policy
         return self.engine.preloader.load(name, settings, policy=batching)
@@ -270,7 +280,7 @@ class Workbench:
         balance policy, requests in flight, served and failed, health, breaker state, and whether faults are injected."""
         import pandas as pd
 
-        columns = ["model", "replica", "index", "device", "balance", "in_flight", "served", "failed", "health",
+        columns = ["model", "replica", "index", "device", "node", "balance", "in_flight", "served", "failed", "health",
                    "breaker", "faults"]
         sets = self.engine.replica_sets()
         if name is not None:

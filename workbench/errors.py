@@ -7,7 +7,7 @@
     ├── ModelError         a model is unknown, will not load, ran out of memory: UnknownModelError,
     │                      ModelLoadError, ModelOutOfMemory
     ├── ServingError       a model refused to serve now: CircuitOpen, ModelUnhealthy, HopTimeout,
-    │                      RetriesExhausted, WorkerStopped, RunCancelled
+    │                      RetriesExhausted, WorkerStopped, RunCancelled, ModelActorDied
     ├── RunError           a run could not go on: HopFailed, MissingInputError, ContextWindowExceeded
     └── WorkbenchClosed    the workbench was closed
 
@@ -172,6 +172,11 @@ class ModelOutOfMemory(ModelError):
 
 class WorkerStopped(ServingError):
     """A request reached a model worker that was stopped (the model was unloaded)."""
+
+
+class ModelActorDied(ServingError):
+    """The Ray actor of a model loaded with ``engine="ray"`` died, or its node left the cluster, while it ran a batch;
+    the batch's requests fail with this, the replica leaves rotation, and a retry goes to another replica."""
 
 
 class RunCancelled(ServingError):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from opentelemetry.trace import Span
 
 from workbench.engine.backends.base import Backend, fit_window
+from workbench.engine.backends.ray import RayBackend
 from workbench.engine.backends.transformers import TransformersBackend
 from workbench.engine.balancing import BalancePolicy, RoundRobin
 from workbench.engine.batching import BatchingPolicy, NoBatching
@@ -23,7 +24,7 @@ from workbench.engine.preloading import Preloader
 from workbench.engine.replicas import Replica, ReplicaSet, continuous_on_shared, replica_devices, replica_name
 from workbench.engine.requests import GenerationParams, GenerationRequest, GenerationResult
 from workbench.engine.worker import ModelWorker
-from workbench.errors import HopTimeout, ModelUnhealthy, RunCancelled, UnknownModelError
+from workbench.errors import HopTimeout, ModelUnhealthy, RunCancelled, SettingsError, UnknownModelError
 from workbench.models.registry import LoadedModel, ModelRegistry, on_device
 from workbench.tracing import Tracing, mark_error
 from workbench.tracing import attributes as attr
@@ -62,7 +63,9 @@ class _Pending:
 
 
 def backend_for(loaded: LoadedModel) -> Backend:
-    """The backend that runs ``loaded``: transformers, in this process."""
+    """The backend that runs ``loaded``: transformers in this process, or in a Ray actor (``engine="ray"``)."""
+    if loaded.settings.engine == "ray":
+        return RayBackend(loaded)  # each call starts one more actor: one per replica
     return TransformersBackend(loaded)
 
 
@@ -106,13 +109,22 @@ class Engine:
         with self._lock:
             devices = self._replicas.get(name, (None,))
             balance = self._balance.get(name) or RoundRobin()
+        ray = loaded.settings.engine == "ray"
+        if ray and any(device is not None for device in devices):
+            raise SettingsError(f"model {name!r}: engine='ray' takes a count of replicas, not a list of devices",
+                                hint="replicas=4 with num_gpus=1 gives each replica's actor a GPU of its own")
         models = [loaded if device is None else on_device(loaded, device) for device in devices]
-        shared = len({id(m) for m in models}) < len(models)
+        shared = not ray and len({id(m) for m in models}) < len(models)  # each Ray actor loads its own copy
         if shared and policy.continuous:
             raise continuous_on_shared(name)
         backends = [backend_for(m) for m in models]
-        for backend in backends:
-            backend.check(policy)
+        try:
+            for backend in backends:
+                backend.check(policy)
+        except BaseException:  # leave nothing running for a model that will not serve (Ray actors, say)
+            for backend in backends:
+                backend.close()
+            raise
         workers = [
             ModelWorker(replica_name(name, i, len(backends)), backend, policy, self._tracing)
             for i, backend in enumerate(backends)

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from workbench.engine.backends.base import BackendOutOfMemory
-from workbench.errors import CircuitOpen, HopTimeout, ModelOutOfMemory, ModelUnhealthy, WorkbenchError
+from workbench.errors import (
+    CircuitOpen,
+    HopTimeout,
+    ModelActorDied,
+    ModelOutOfMemory,
+    ModelUnhealthy,
+    WorkbenchError,
+)
 
 # The kinds of failure a retry policy's ``on`` can name; see ``error_kind``.
 ERROR_KINDS = ("error", "timeout", "oom", "breaker", "unhealthy")
@@ -22,7 +29,8 @@ def error_kind(exc: BaseException) -> str | None:
 
     ``timeout``: the call outlived ``timeout_s``; ``oom``: out of memory even after batch splitting;
     ``breaker``: the model's circuit breaker is open; ``unhealthy``: the model failed its health probe;
-    ``error``: any other failure of the call (an injected fault, a CUDA error, a Python hop raising).
+    ``error``: any other failure of the call (an injected fault, a CUDA error, a Python hop raising, a Ray
+    actor that died with its node: another replica can serve the retry).
     A WorkbenchError outside these (a prompt too long for the window, an unloaded model) is the caller's
     to fix, and a KeyboardInterrupt is the user stopping: neither is retried.
     """
@@ -34,6 +42,8 @@ def error_kind(exc: BaseException) -> str | None:
         return "unhealthy"
     if is_out_of_memory(exc):
         return "oom"
+    if isinstance(exc, ModelActorDied):
+        return "error"
     if isinstance(exc, WorkbenchError) or not isinstance(exc, Exception):
         return None
     return "error"

@@ -118,7 +118,9 @@ class ReplicaSet:
         with self._lock:
             loads = [(r.index, r.worker, r.in_flight, r.served, r.failed) for r in self.replicas]
         return [
+            # node: the Ray node a replica's actor runs on (engine="ray"); None in this process.
             {"model": self.model, "replica": worker.name, "index": index, "device": worker.backend.device,
+             "node": getattr(worker.backend, "node", None),
              "balance": self.policy.name, "in_flight": in_flight, "served": served, "failed": failed,
              "health": worker.health.state, "breaker": worker.breaker.state,
              "faults": worker.faults is not None}

@@ -145,6 +145,8 @@ class ModelRegistry:
         A header estimate counts weights only, not buffers or an adapter; 0 when neither is
         known (a hub id not loaded yet). Keep-warm settles the difference after the load.
         """
+        if settings.engine == "ray":
+            return 0  # the weights live in the Ray actors, not in this process
         with self._lock:
             measured = self._measured.get(name)
         if measured is not None and measured[0] == settings:
@@ -199,8 +201,9 @@ class ModelRegistry:
                     "name": m.name,
                     "source": m.source,
                     "adapter": m.settings.adapter,
-                    "device": str(m.device),
-                    "dtype": dtype_name(m.dtype),
+                    # A Ray model's weights are in its actors: which devices, bench.replicas() says.
+                    "device": "ray" if m.settings.engine == "ray" else str(m.device),
+                    "dtype": m.settings.dtype if m.settings.engine == "ray" else dtype_name(m.dtype),
                     "params": m.params,
                     "memory_mb": round(m.memory_bytes / 2**20, 2),
                     "load_s": round(m.load_s, 3),
@@ -237,6 +240,9 @@ class ModelRegistry:
         ``trigger`` says on the span why it loaded: explicit, on_use, prefetch or eager.
         """
         self.check_free(name)
+        _check_engine(settings)
+        if settings.engine == "ray":
+            return self._load_tokenizer_only(name, settings, parent, trigger)
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
         _check_source(settings)
@@ -284,14 +290,43 @@ class ModelRegistry:
             warmup_s=warmup_s,
             context_window=_context_window(model, tokenizer),
         )
+        return self._keep(loaded)
+
+    def _load_tokenizer_only(self, name: str, settings: LoadSettings, parent: Span | None, trigger: str) -> LoadedModel:
+        """Keep only the tokenizer of a model whose replicas load elsewhere (``engine="ray"``: Ray actors).
+
+        Prompts are tokenized here and only token ids travel; the weights, their device and their
+        memory are the actors' (``bench.replicas()`` shows each), so this process counts none.
+        """
+        _check_source(settings)
+        span_attrs = {
+            attr_names.SPAN_KIND: attr_names.KIND_CHAIN,
+            attr_names.MODEL_NAME: name,
+            attr_names.MODEL_SOURCE: settings.source,
+            attr_names.MODEL_ENGINE: settings.engine,
+            attr_names.LOAD_TRIGGER: trigger,
+        }
+        with self._tracing.span(f"load {name}", parent, span_attrs) as span:
+            started = time.perf_counter()
+            tokenizer = _load_tokenizer(settings)
+            load_s = time.perf_counter() - started
+            span.set_attribute(attr_names.LOAD_S, load_s)
+        # The meta device holds no data: no weights of this model live in this process.
+        return self._keep(LoadedModel(name=name, settings=settings, model=None, tokenizer=tokenizer,
+                                      device=torch.device("meta"), dtype=torch.float32, params=0, memory_bytes=0, load_s=load_s, context_window=None))
+
+    def _keep(self, loaded: LoadedModel) -> LoadedModel:
+        """Make ``loaded`` the model of its name, unless another thread loaded one under that name meanwhile."""
+        name, settings = loaded.name, loaded.settings
         with self._lock:
             if name in self._loaded:  # another thread won the race; keep theirs, free ours
+                device = loaded.device
                 del loaded
                 _free(device)
                 raise ModelLoadError(f"a model named {name!r} was loaded meanwhile", hint="use a different name")
             self._loaded[name] = loaded
             self._registered[name] = settings
-            self._measured[name] = (settings, memory)
+            self._measured[name] = (settings, loaded.memory_bytes)
         heap.settle()
         return loaded
 
@@ -312,6 +347,31 @@ class ModelRegistry:
         del loaded
         _free(device)
         return freed
+
+
+# Where a model's replicas run: workers in this process, or Ray actors (engine/backends/ray.py).
+ENGINES = ("local", "ray")
+
+
+def _check_engine(settings: LoadSettings) -> None:
+    if settings.engine not in ENGINES:
+        raise ModelLoadError(
+            f"engine must be one of {', '.join(map(repr, ENGINES))}, got {settings.engine!r}",
+            hint="'local' serves the model from this process; 'ray' from Ray actors (pip install "
+            "'autoglm-workbench[ray]')",
+        )
+    try:  # a front end's flag arrives as text
+        gpus = float(settings.num_gpus)
+    except (TypeError, ValueError):
+        gpus = -1.0
+    if isinstance(settings.num_gpus, bool) or not gpus >= 0:
+        raise ModelLoadError(f"num_gpus must be a number >= 0, got {settings.num_gpus!r}",
+                             hint="the GPUs each replica's Ray actor asks for: 1, or 0.5 to share one between two")
+    if settings.engine != "ray" and (settings.address is not None or gpus):
+        raise ModelLoadError(
+            f"address and num_gpus are settings of engine='ray', and this load has engine={settings.engine!r}",
+            hint="add engine='ray' (--engine ray), or drop address and num_gpus",
+        )
 
 
 def _free(device: torch.device) -> None:
@@ -453,7 +513,7 @@ def _from_pretrained(settings: LoadSettings, device: torch.device, dtype: torch.
     common: dict[str, Any] = {"trust_remote_code": settings.trust_remote_code, "revision": settings.revision}
     try:
         with _progress_bars_off():
-            tokenizer = AutoTokenizer.from_pretrained(source, **common)
+            tokenizer = _prepared_tokenizer(AutoTokenizer.from_pretrained(source, **common))
             model = AutoModelForCausalLM.from_pretrained(
                 source, dtype=dtype, use_safetensors=None if settings.allow_pickle else True, **common
             )
@@ -462,27 +522,51 @@ def _from_pretrained(settings: LoadSettings, device: torch.device, dtype: torch.
     except ModelLoadError:
         raise
     except Exception as exc:  # transformers, safetensors and peft each raise their own kinds; all end here
-        kind = type(exc).__name__
-        hint = "check the path or hub id; on an offline machine, hub ids must already be in the HF cache"
-        if "trust_remote_code" in str(exc):  # transformers refused to run the repository's own Python code
-            hint = (
-                "the model needs its repository's Python code; read it, and pass trust_remote_code=True"
-                " (--trust-remote-code) only if you trust its author"
-            )
-        elif "Safetensor" in kind:
-            hint = "a weights file is incomplete or damaged (an interrupted download or copy?): fetch or save it again"
-        elif "Validation" in kind or isinstance(exc, TypeError):
-            hint = "config.json holds a value of the wrong type: compare it with the model's original config.json"
-        said = " ".join(line.strip() for line in str(exc).splitlines()[:2] if line.strip())[:400]
-        raise ModelLoadError(f"could not load {settings.source!r}: {kind}: {said}" if said else
-                             f"could not load {settings.source!r}: {kind}", hint=hint) from exc
+        raise _load_error(settings, exc) from exc
     model.to(device)
     model.eval()
+    return model, tokenizer
+
+
+def _load_tokenizer(settings: LoadSettings) -> Any:
+    """Only the tokenizer of ``settings.source``: what a process needs to tokenize for a model loaded elsewhere."""
+    from transformers import AutoTokenizer
+
+    source = os.path.expanduser(settings.source)
+    try:
+        with _progress_bars_off():
+            tokenizer = AutoTokenizer.from_pretrained(
+                source, trust_remote_code=settings.trust_remote_code, revision=settings.revision
+            )
+    except Exception as exc:
+        raise _load_error(settings, exc) from exc
+    return _prepared_tokenizer(tokenizer)
+
+
+def _prepared_tokenizer(tokenizer: Any) -> Any:
     if tokenizer.pad_token_id is None:
         # Many causal LMs ship without a pad token; EOS is the conventional stand-in.
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    return model, tokenizer
+    return tokenizer
+
+
+def _load_error(settings: LoadSettings, exc: Exception) -> ModelLoadError:
+    """The ModelLoadError for whatever transformers, safetensors or peft raised while loading ``settings``."""
+    kind = type(exc).__name__
+    hint = "check the path or hub id; on an offline machine, hub ids must already be in the HF cache"
+    if "trust_remote_code" in str(exc):  # transformers refused to run the repository's own Python code
+        hint = (
+            "the model needs its repository's Python code; read it, and pass trust_remote_code=True"
+            " (--trust-remote-code) only if you trust its author"
+        )
+    elif "Safetensor" in kind:
+        hint = "a weights file is incomplete or damaged (an interrupted download or copy?): fetch or save it again"
+    elif "Validation" in kind or isinstance(exc, TypeError):
+        hint = "config.json holds a value of the wrong type: compare it with the model's original config.json"
+    said = " ".join(line.strip() for line in str(exc).splitlines()[:2] if line.strip())[:400]
+    return ModelLoadError(f"could not load {settings.source!r}: {kind}: {said}" if said else
+                          f"could not load {settings.source!r}: {kind}", hint=hint)
 
 
 def _with_adapter(model: Any, adapter: str) -> Any:

@@ -24,3 +24,7 @@ class LoadSettings:
     allow_pickle: bool = _option(False, "accept pickled (.bin, .pt) weights, which can run code")
     revision: str | None = _option(None, "a branch, tag or commit of a hub model", "REV")
     warmup: bool = _option(False, "run a tiny generate after loading; it counts as cold start")
+    engine: str = _option("local", "local (default: this process) or ray (each replica a Ray actor)", "E")
+    address: str | None = _option(None, "engine ray: an existing cluster (ray://head:10001, auto); default a local one",
+                                  "ADDR")
+    num_gpus: float = _option(0, "engine ray: GPUs each replica's actor asks of the cluster (default 0)", "N")

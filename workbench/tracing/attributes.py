@@ -63,6 +63,7 @@ MODEL_DTYPE = "workbench.model.dtype"
 MODEL_PARAMS = "workbench.model.params"
 MODEL_MEMORY_BYTES = "workbench.model.memory_bytes"
 MODEL_ADAPTER = "workbench.model.adapter"
+MODEL_ENGINE = "workbench.model.engine"
 QUEUE_MS = "workbench.queue_ms"
 TOKENIZE_MS = "workbench.tokenize_ms"
 PREFILL_MS = "workbench.prefill_ms"
@@ -77,6 +78,12 @@ PADDING_TOKENS = "workbench.batch.padding_tokens"
 # Replicas: which replica of its model served a request (``m#1``), and the set's balance policy.
 REPLICA = "workbench.replica"
 BALANCE_POLICY = "workbench.balance.policy"
+# Ray replicas (engine="ray"): the node and actor that ran a request, and what the actor call cost on top of
+# the batch's own work (the round trip, Ray's serialization, the actor's queue).
+RAY_NODE = "workbench.ray.node_id"
+RAY_ACTOR = "workbench.ray.actor_id"
+RAY_ACTOR_MS = "workbench.ray.actor_ms"
+RAY_OVERHEAD_MS = "workbench.ray.overhead_ms"
 
 # Resilience: attempts, the path that served a hop, breakers, health probes, injected faults.
 ATTEMPT = "workbench.attempt"

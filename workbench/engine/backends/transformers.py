@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
@@ -72,6 +72,43 @@ class _CancelledRows(StoppingCriteria):
         return torch.tensor([r.cancelled for r in self.batch], dtype=torch.bool, device=input_ids.device)
 
 
+class LocalTokenizer:
+    """A model's tokenizer in this process: prompts to token ids in one call, generated ids back to text.
+
+    Apart from the model, so a backend whose model runs elsewhere (a Ray actor) tokenizes here too.
+    """
+
+    def __init__(self, tokenizer: Any, eos_ids: set[int]) -> None:
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        # A fast tokenizer's Rust core encodes a batch in one call; going to it directly skips the
+        # per-row BatchEncoding the Python wrapper builds, which cost as much as the encoding itself.
+        core = getattr(tokenizer, "_tokenizer", None)
+        self._encode_batch = core.encode_batch if callable(getattr(core, "encode_batch", None)) else None
+
+    def tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
+        try:
+            if self._encode_batch is not None:
+                return [encoding.ids for encoding in self._encode_batch(list(prompts), add_special_tokens=True)]
+            ids: list[list[int]] = self.tokenizer(list(prompts))["input_ids"]
+        except TypeError:  # how a fast tokenizer refuses text with a lone surrogate; say which prompt
+            for index, prompt in enumerate(prompts):
+                check_text(prompt, "the prompt" if len(prompts) == 1 else f"prompt {index + 1} of {len(prompts)}")
+            raise
+        return ids
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode([t for t in tokens if t not in self.eos_ids], skip_special_tokens=True).strip()
+
+
+def eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """The token ids that end a generation: the model's generation config's, else the tokenizer's EOS."""
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+
+
 class TransformersBackend:
     """Runs left-padded batched ``generate`` for one model loaded in this process (a :class:`Backend`)."""
 
@@ -82,30 +119,15 @@ class TransformersBackend:
         self.device = str(loaded.device)
         self.dtype = dtype_name(loaded.dtype)
         self.context_window = loaded.context_window
-        tokenizer = loaded.tokenizer
-        eos = loaded.model.generation_config.eos_token_id
-        if eos is None:
-            eos = tokenizer.eos_token_id
-        self.eos_ids: set[int] = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        self.pad_id: int = tokenizer.pad_token_id
-        # A fast tokenizer's Rust core encodes a batch in one call; going to it directly skips the
-        # per-row BatchEncoding the Python wrapper builds, which cost as much as the encoding itself.
-        core = getattr(tokenizer, "_tokenizer", None)
-        self._encode_batch = core.encode_batch if callable(getattr(core, "encode_batch", None)) else None
+        self.eos_ids = eos_ids(loaded.model, loaded.tokenizer)
+        self.pad_id: int = loaded.tokenizer.pad_token_id
+        self._tokens = LocalTokenizer(loaded.tokenizer, self.eos_ids)
 
     def tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
-        try:
-            if self._encode_batch is not None:
-                return [encoding.ids for encoding in self._encode_batch(list(prompts), add_special_tokens=True)]
-            ids: list[list[int]] = self.loaded.tokenizer(list(prompts))["input_ids"]
-        except TypeError:  # how a fast tokenizer refuses text with a lone surrogate; say which prompt
-            for index, prompt in enumerate(prompts):
-                check_text(prompt, "the prompt" if len(prompts) == 1 else f"prompt {index + 1} of {len(prompts)}")
-            raise
-        return ids
+        return self._tokens.tokenize(prompts)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
-        return self.loaded.tokenizer.decode([t for t in tokens if t not in self.eos_ids], skip_special_tokens=True).strip()
+        return self._tokens.detokenize(tokens)
 
     def check(self, policy: BatchingPolicy) -> None:
         if policy.continuous:
