@@ -132,6 +132,7 @@ class Workbench:
         engine: str = "local",
         address: str | None = None,
         num_gpus: float = 0,
+        num_cpus: float = 1,
     ) -> LoadedModel:
         """Load a local directory or hub id as ``name`` and start its worker (one per replica).
 
@@ -146,7 +147,7 @@ class Workbench:
 
         ``engine="ray"`` runs each replica as a Ray actor that loads its own copy of the model, spread
         over the nodes of a Ray cluster: a local one started here, or the one at ``address``
-        (``ray://head:10001``, or ``auto``); ``num_gpus`` is what each actor asks the cluster for.
+        (``ray://head:10001``, or ``auto``); ``num_gpus`` and ``num_cpus`` are what each actor asks the cluster for.
         """
         self.check_open(f"load {name!r}")
         if source is not None:
@@ -174,6 +175,7 @@ class Workbench:
                 engine=engine,
                 address=address,
                 num_gpus=num_gpus,
+                num_cpus=num_cpus,
             )
             batching = batching or NoBatching()  # a fresh load does not inherit an earlier one's policy
         return self.engine.preloader.load(name, settings, policy=batching)

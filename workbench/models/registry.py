@@ -360,18 +360,25 @@ def _check_engine(settings: LoadSettings) -> None:
             hint="'local' serves the model from this process; 'ray' from Ray actors (pip install "
             "'autoglm-workbench[ray]')",
         )
-    try:  # a front end's flag arrives as text
-        gpus = float(settings.num_gpus)
-    except (TypeError, ValueError):
-        gpus = -1.0
-    if isinstance(settings.num_gpus, bool) or not gpus >= 0:
-        raise ModelLoadError(f"num_gpus must be a number >= 0, got {settings.num_gpus!r}",
-                             hint="the GPUs each replica's Ray actor asks for: 1, or 0.5 to share one between two")
-    if settings.engine != "ray" and (settings.address is not None or gpus):
+    gpus, cpus = _amount(settings, "num_gpus"), _amount(settings, "num_cpus")
+    if settings.engine != "ray" and (settings.address is not None or gpus or cpus != 1):
         raise ModelLoadError(
-            f"address and num_gpus are settings of engine='ray', and this load has engine={settings.engine!r}",
-            hint="add engine='ray' (--engine ray), or drop address and num_gpus",
+            f"address, num_gpus and num_cpus are settings of engine='ray', and this load has engine={settings.engine!r}",
+            hint="add engine='ray' (--engine ray), or drop them",
         )
+
+
+def _amount(settings: LoadSettings, name: str) -> float:
+    """A resource count of ``settings`` (``num_gpus``, ``num_cpus``) as a number >= 0; a front end's flag is text."""
+    value = getattr(settings, name)
+    try:
+        amount = float(value)
+    except (TypeError, ValueError):
+        amount = -1.0
+    if isinstance(value, bool) or not amount >= 0:
+        raise ModelLoadError(f"{name} must be a number >= 0, got {value!r}",
+                             hint="what each replica's Ray actor asks of the cluster: 1, or 0.5 to share one")
+    return amount
 
 
 def _free(device: torch.device) -> None:

@@ -28,3 +28,4 @@ class LoadSettings:
     address: str | None = _option(None, "engine ray: an existing cluster (ray://head:10001, auto); default a local one",
                                   "ADDR")
     num_gpus: float = _option(0, "engine ray: GPUs each replica's actor asks of the cluster (default 0)", "N")
+    num_cpus: float = _option(1, "engine ray: CPUs each replica's actor asks of the cluster (default 1)", "N")

@@ -93,7 +93,8 @@ class ModelActor:
 
         self._backend: TransformersBackend | None = None
         self._error: dict[str, str | None] | None = None
-        local = dataclasses.replace(LoadSettings(**settings), engine="local", address=None, num_gpus=0)
+        local = dataclasses.replace(LoadSettings(**settings), engine="local", address=None, num_gpus=0,
+                                    num_cpus=1)
         try:
             self._loaded = ModelRegistry(Tracing()).load(name, local)
         except WorkbenchError as exc:
@@ -195,6 +196,8 @@ class RayBackend:
         self._ray = connect(settings)
         actor = _actor_class(self._ray).options(
             num_gpus=float(settings.num_gpus),
+            # Ray Serve's default too: generating keeps a core busy, so each replica holds one while it lives.
+            num_cpus=float(settings.num_cpus),
             # Replicas go to different nodes where the cluster has several: scale-out, and one node lost
             # takes only its own replicas with it.
             scheduling_strategy="SPREAD",
@@ -217,7 +220,7 @@ class RayBackend:
             raise ModelLoadError(
                 f"a Ray replica of model {self.model!r} was not ready within {READY_TIMEOUT_S:g} s: it may be waiting "
                 "for resources the cluster does not have (ray.cluster_resources() lists them)",
-                hint="lower num_gpus or replicas, add nodes, or raise AUTOGLM_RAY_READY_TIMEOUT_S for a slow load",
+                hint="lower num_gpus, num_cpus or replicas, add nodes, or raise AUTOGLM_RAY_READY_TIMEOUT_S for a slow load",
             ) from None
         except ray.exceptions.RayError as exc:
             raise ModelLoadError(f"the Ray actor of a replica of model {self.model!r} failed to start: {exc}",
