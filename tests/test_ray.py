@@ -14,6 +14,8 @@ import pytest
 
 import workbench as wb
 from workbench.engine.backends import ray as ray_backend
+from workbench.fronts.arguments import load_model
+from workbench.fronts.notebook.parsers import LoadCommand, parse_command
 from workbench.tracing import attributes as attr
 
 from helpers import need_ray, ray_runtime_env
@@ -138,3 +140,18 @@ def test_without_ray_the_package_imports_and_engine_ray_says_how_to_install_it(t
                           env=os.environ | ray_runtime_env()["env_vars"])
     assert done.returncode == 0, done.stderr
     assert "needs Ray" in done.stdout and "pip install 'autoglm-workbench[ray]'" in done.stdout
+
+
+def test_the_magics_load_flags_put_a_model_on_ray(bench: wb.Workbench, tiny_path: Path) -> None:
+    # num-cpus 0: the two replicas of 'm' hold this Ray's two CPUs.
+    command = parse_command(f"load flagged {tiny_path} --device cpu --engine ray --num-cpus 0")
+    assert isinstance(command, LoadCommand)
+    load_model(bench, command.name, command.settings)
+    try:
+        (replica,) = bench.replicas("flagged").itertuples()
+        assert replica.node is not None and replica.device == "cpu"
+        assert bench.models().set_index("name").loc["flagged", "device"] == "ray"
+        assert bench.chain(spec("flagged")).run(question="Why?").output == bench.chain(spec("tiny")).run(
+            question="Why?").output
+    finally:
+        bench.unload("flagged", forget=True)
