@@ -263,10 +263,12 @@ def main(argv: list[str] | None = None) -> None:
                 f"   {spread(vs_none):<28} {spread(vs_ceiling):<22}"
             )
         dynamic = ratio["dynamic"]
+        versus_none = (
+            f" and {statistics.median(dynamic['none']):.1f}x the throughput of no batching" if "none" in policies else ""
+        )
         print(
-            f"\nheadline: {policies['dynamic'].name} reaches {statistics.median(dynamic['ceiling']):.2f} of the"
-            f" hand-built ceiling and {statistics.median(dynamic['none']):.1f}x the throughput of no batching"
-            f" (median of {args.repeats} interleaved repeats)"
+            f"\nheadline: {policies['dynamic'].name} reaches {spread(dynamic['ceiling']).strip()} of the"
+            f" hand-built ceiling{versus_none} (median [min, max] of {args.repeats} interleaved repeats)"
         )
 
 

@@ -116,7 +116,8 @@ def test_models_table_lists_loaded_and_registered_models(tiny_bench: wb.Workbenc
     try:
         table = tiny_bench.models()
         assert list(table.columns) == ["name", "source", "adapter", "device", "dtype", "params", "memory_mb",
-                                       "load_s", "state", "cold_start_s", "last_used", "health", "batch_limit"]
+                                       "load_s", "state", "cold_start_s", "last_used", "health", "batch_limit",
+                                       "replicas", "in_flight", "served"]
         states = dict(zip(table["name"], table["state"], strict=True))
         assert states == {"tiny": "loaded", "later": "registered"}
         later = table.set_index("name").loc["later"]

@@ -20,8 +20,9 @@ from workbench.chains.events import Event
 from workbench.chains.runner import Runner
 from workbench.chains.spec import ChainSpec, parse_spec
 from workbench.chains.sqlite_store import SESSIONS_FILE, SQLiteContextStore, data_root
-from workbench.engine import BatchingPolicy, Engine, GenerationParams, GenerationResult, NoBatching
+from workbench.engine import BatchingPolicy, Engine, GenerationParams, GenerationResult
 from workbench.engine.balancing import BalancePolicy, parse_balance
+from workbench.engine.batching import default_policy
 from workbench.engine.faults import Faults
 from workbench.engine.prober import HealthChecks
 from workbench.errors import HopFailed, WorkbenchClosed, WorkbenchError
@@ -129,12 +130,23 @@ class Workbench:
         warmup: bool = False,
         replicas: int | list[str] | None = None,
         balance: str | BalancePolicy | None = None,
+        served_model: str | None = None,
+        api_key: str | None = None,
+        read_timeout_s: float = 60.0,
         engine: str = "local",
         address: str | None = None,
         num_gpus: float = 0,
         num_cpus: float = 1,
     ) -> LoadedModel:
         """Load a local directory or hub id as ``name`` and start its worker (one per replica).
+
+        A ``source`` that is an http(s) URL is an OpenAI-compatible server (vLLM, SGLang, llama.cpp,
+        Ollama, ``transformers serve``): ``bench.load("remote", "http://127.0.0.1:8000/v1",
+        served_model="m")``. Nothing loads here; hops call it like a local model, each request a
+        streamed POST. ``served_model`` defaults to the one model the server lists; ``api_key``
+        goes in the Authorization header; a stream that goes ``read_timeout_s`` without a byte (the first
+        included) fails with RemoteError. A server's default batching is ``ContinuousBatching()``:
+        each request is sent as it comes, up to 64 in flight.
 
         Weights must be safetensors unless ``allow_pickle=True``; repository code never runs
         unless ``trust_remote_code=True``. ``adapter`` is a PEFT (LoRA) adapter directory.
@@ -172,12 +184,15 @@ class Workbench:
                 allow_pickle=allow_pickle,
                 revision=revision,
                 warmup=warmup,
+                served_model=served_model,
+                api_key=api_key,
+                read_timeout_s=read_timeout_s,
                 engine=engine,
                 address=address,
                 num_gpus=num_gpus,
                 num_cpus=num_cpus,
             )
-            batching = batching or NoBatching()  # a fresh load does not inherit an earlier one's policy
+            batching = batching or default_policy(settings)  # a fresh load does not inherit an earlier one's policy
         return self.engine.preloader.load(name, settings, policy=batching)
 
     def _replicate(self, name: str, replicas: int | list[str] | None, balance: str | BalancePolicy | None) -> None:

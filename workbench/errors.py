@@ -7,7 +7,8 @@
     ├── ModelError         a model is unknown, will not load, ran out of memory: UnknownModelError,
     │                      ModelLoadError, ModelOutOfMemory
     ├── ServingError       a model refused to serve now: CircuitOpen, ModelUnhealthy, HopTimeout,
-    │                      RetriesExhausted, WorkerStopped, RunCancelled, ModelActorDied
+    │                      RetriesExhausted, WorkerStopped, RunCancelled, RemoteError (RemoteRateLimited),
+    │                      ModelActorDied
     ├── RunError           a run could not go on: HopFailed, MissingInputError, ContextWindowExceeded
     └── WorkbenchClosed    the workbench was closed
 
@@ -215,6 +216,35 @@ class RetriesExhausted(ServingError):
             hint="run.trace.events() lists every attempt; raise retry attempts or timeout_s, add a fallback, "
             "or bench.clear_faults() if faults were injected",
         )
+
+
+class RemoteError(ServingError):
+    """A model server (an OpenAI-compatible URL) failed a request; ``kind`` says how, ``status`` is its HTTP status.
+
+    Kinds: ``refused`` (nothing listens there), ``status`` (a 5xx answer), ``rejected`` (a 4xx answer: the
+    request is wrong, so no retry can fix it), ``rate_limited`` (429), ``broken_stream`` (the stream stopped
+    half way), ``no_first_byte`` (the server took the request and never answered).
+    """
+
+    http_status = 502
+
+    def __init__(self, message: str, *, kind: str, url: str, status: int | None = None,
+                 hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.kind, self.url, self.status = kind, url, status
+
+
+class RemoteRateLimited(RemoteError):
+    """A model server answered 429; ``retry_after_s`` is how long its ``Retry-After`` asked to wait (None: not said).
+
+    A hop's retries wait at least that long before the next attempt.
+    """
+
+    http_status = 429
+
+    def __init__(self, message: str, *, url: str, retry_after_s: float | None, hint: str | None = None) -> None:
+        super().__init__(message, kind="rate_limited", url=url, status=429, hint=hint)
+        self.retry_after_s = retry_after_s
 
 
 # -- run problems --------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import tenacity
 from opentelemetry.trace import Span
 
 from workbench.engine.failures import DEFAULT_RETRY_ON, error_kind
-from workbench.errors import RetriesExhausted, describe
+from workbench.errors import RemoteRateLimited, RetriesExhausted, describe
 from workbench.tracing import attributes as attr
 
 
@@ -24,7 +24,8 @@ class RetryPolicy:
     x 2^(n-1), capped at ``max_backoff_ms``; with ``jitter`` each wait is drawn uniformly between 0
     and that ("full jitter"), so many runs retrying at once spread out instead of arriving together.
     ``max_total_s`` caps the time from the first attempt: no retry starts whose wait would end past
-    it, and an attempt's timeout is cut to what is left. ``on`` names the kinds of failure worth
+    it, and an attempt's timeout is cut to what is left. A model server's 429 with ``Retry-After``
+    makes that wait at least as long as the server asked. ``on`` names the kinds of failure worth
     retrying (see ``error_kind``).
     """
 
@@ -41,11 +42,18 @@ class RetryPolicy:
         if self.max_total_s is not None:
             stop = stop | tenacity.stop_before_delay(self.max_total_s)
         backoff, cap = self.backoff_ms / 1e3, self.max_backoff_ms / 1e3
-        wait = (
+        backoff_wait = (
             tenacity.wait_random_exponential(multiplier=backoff, max=cap)
             if self.jitter
             else tenacity.wait_exponential(multiplier=backoff, max=cap)
         )
+
+        def wait(state: tenacity.RetryCallState) -> float:
+            # A server that answered 429 with Retry-After said when to come back: never sooner.
+            failure = state.outcome.exception() if state.outcome is not None else None
+            asked = failure.retry_after_s if isinstance(failure, RemoteRateLimited) else None
+            return max(backoff_wait(state), asked or 0.0)
+
         kinds = frozenset(self.on)
         return tenacity.AsyncRetrying(
             stop=stop,

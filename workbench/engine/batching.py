@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from workbench.engine.queue import Accept, RequestQueue, select
 from workbench.engine.requests import GenerationParams, GenerationRequest
 from workbench.errors import StrategyError, WorkbenchError
+from workbench.models.settings import LoadSettings
 
 
 
@@ -278,6 +279,11 @@ class ContinuousBatching(BatchingPolicy):
             return []
         return queue.take(len(queue) or 1, same_sampling)
 
+
+def default_policy(settings: LoadSettings) -> BatchingPolicy:
+    """The policy a model runs under until told otherwise: one request at a time here; for a model server,
+    each request sent as it comes, up to 64 in flight (the server batches them its own way)."""
+    return ContinuousBatching() if settings.remote else NoBatching()
 
 
 POLICY_FORMS = "none, static:SIZE[:TIMEOUT], dynamic:MAX_BATCH[:MAX_WAIT][:Ntok][:lenR], continuous[:MAX_BATCH]"

@@ -17,14 +17,15 @@ from workbench.engine.backends.base import Backend, fit_window
 from workbench.engine.backends.ray import RayBackend
 from workbench.engine.backends.transformers import TransformersBackend
 from workbench.engine.balancing import BalancePolicy, RoundRobin
-from workbench.engine.batching import BatchingPolicy, NoBatching
+from workbench.engine.batching import BatchingPolicy, default_policy
 from workbench.engine.breaker import CircuitBreaker
 from workbench.engine.faults import FaultInjector, Faults
 from workbench.engine.preloading import Preloader
 from workbench.engine.replicas import Replica, ReplicaSet, continuous_on_shared, replica_devices, replica_name
 from workbench.engine.requests import GenerationParams, GenerationRequest, GenerationResult
+from workbench.engine.wakeups import Wakeups
 from workbench.engine.worker import ModelWorker
-from workbench.errors import HopTimeout, ModelUnhealthy, RunCancelled, SettingsError, UnknownModelError
+from workbench.errors import HopTimeout, ModelLoadError, ModelUnhealthy, RunCancelled, SettingsError, UnknownModelError
 from workbench.models.registry import LoadedModel, ModelRegistry, on_device
 from workbench.tracing import Tracing, mark_error
 from workbench.tracing import attributes as attr
@@ -63,7 +64,15 @@ class _Pending:
 
 
 def backend_for(loaded: LoadedModel) -> Backend:
-    """The backend that runs ``loaded``: transformers in this process, or in a Ray actor (``engine="ray"``)."""
+    """The backend that runs ``loaded``: a model server's over HTTP, a Ray actor's (``engine="ray"``), else
+    transformers, in this process."""
+    if loaded.settings.remote:
+        try:
+            from workbench.engine.backends.openai import RemoteBackend  # httpx is needed for servers only
+        except ImportError as exc:
+            raise ModelLoadError(f"model {loaded.name!r} is on a server, and talking to one needs {exc.name}",
+                                 hint="pip install 'autoglm-workbench[remote]'") from None
+        return RemoteBackend(loaded)
     if loaded.settings.engine == "ray":
         return RayBackend(loaded)  # each call starts one more actor: one per replica
     return TransformersBackend(loaded)
@@ -94,6 +103,7 @@ class Engine:
         self._replicas: dict[str, tuple[str | None, ...]] = {}
         self._balance: dict[str, BalancePolicy] = {}
         self._pending: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}
+        self._wakeups: dict[asyncio.AbstractEventLoop, Wakeups] = {}
         self.preloader = Preloader(registry, tracing, self.start, self.stop)
 
     # -- workers -------------------------------------------------------------------------------
@@ -105,7 +115,7 @@ class Engine:
         copy serves every worker thread); a replica on another device gets a copy there.
         """
         loaded = self._registry.get(name)
-        policy = policy or self._policies.get(name) or NoBatching()
+        policy = policy or self._policies.get(name) or default_policy(loaded.settings)
         with self._lock:
             devices = self._replicas.get(name, (None,))
             balance = self._balance.get(name) or RoundRobin()
@@ -113,15 +123,20 @@ class Engine:
         if ray and any(device is not None for device in devices):
             raise SettingsError(f"model {name!r}: engine='ray' takes a count of replicas, not a list of devices",
                                 hint="replicas=4 with num_gpus=1 gives each replica's actor a GPU of its own")
-        models = [loaded if device is None else on_device(loaded, device) for device in devices]
+        # A model on a server has no weights here to place: its replicas are workers sending to the same server.
+        remote = loaded.settings.remote
+        models = [loaded if device is None or remote else on_device(loaded, device) for device in devices]
         shared = not ray and len({id(m) for m in models}) < len(models)  # each Ray actor loads its own copy
-        if shared and policy.continuous:
+        if shared and policy.continuous and not remote:
             raise continuous_on_shared(name)
-        backends = [backend_for(m) for m in models]
+        backends: list[Backend] = []
         try:
+            backends += [backend_for(m) for m in models]
             for backend in backends:
                 backend.check(policy)
-        except BaseException:  # leave nothing running for a model that will not serve (Ray actors, say)
+        except BaseException:
+            # Leave nothing running for a model that will not serve: a remote backend holds a client of its
+            # server's pool, a Ray backend an actor.
             for backend in backends:
                 backend.close()
             raise
@@ -237,8 +252,8 @@ class Engine:
             configured = self._policies.get(name)
         if replicas is not None:
             return replicas.workers[0].policy
-        self._registry.settings(name)  # an unknown model is a clear error
-        return configured or NoBatching()
+        settings = self._registry.settings(name)  # an unknown model is a clear error
+        return configured or default_policy(settings)
 
     def set_balance(self, name: str, policy: BalancePolicy) -> None:
         """Change how ``name``'s replicas are picked, live; for a model not loaded, from its next load."""
@@ -551,7 +566,13 @@ class Engine:
                 pending.done.set_exception(answer)
             else:
                 pending.request = answer
-                answer.future.add_done_callback(_resolver(loop, pending.done))
+                answer.future.add_done_callback(self._wakeups_for(loop).resolver(pending.done))
+
+    def _wakeups_for(self, loop: asyncio.AbstractEventLoop) -> Wakeups:
+        wakeups = self._wakeups.get(loop)  # only the loop's own thread adds its entry
+        if wakeups is None:
+            wakeups = self._wakeups[loop] = Wakeups(loop)
+        return wakeups
 
     def _cancel(self, request: GenerationRequest, error: BaseException) -> bool:
         """Fail ``request`` with ``error`` now (its worker drops or stops it); False if it had finished."""
@@ -576,28 +597,6 @@ def _timeout(model: str, hop: str | None, timeout_s: float | None) -> HopTimeout
         f"{where}: model {model!r} gave no answer within {timeout_s:g} s, so the request was cancelled",
         hint="raise the hop's timeout_s, or give the hop retry or a fallback",
     )
-
-
-def _resolver(
-    loop: asyncio.AbstractEventLoop, done: asyncio.Future[GenerationResult]
-) -> Callable[[Future[GenerationResult]], None]:
-    """A done-callback (run in the worker's thread) that hands a request's outcome to its awaiting task."""
-
-    def settle(future: Future[GenerationResult]) -> None:
-        if not done.done():
-            exc = future.exception()
-            if exc is None:
-                done.set_result(future.result())
-            else:
-                done.set_exception(exc)
-
-    def resolve(future: Future[GenerationResult]) -> None:
-        try:
-            loop.call_soon_threadsafe(settle, future)
-        except RuntimeError:
-            pass  # the loop closed (the workbench closed): nobody awaits this any more
-
-    return resolve
 
 
 def _admit(worker: ModelWorker, span: Span) -> bool:

@@ -14,6 +14,7 @@ from workbench.engine.faults import FaultInjector
 from workbench.engine.health import ModelHealth
 from workbench.engine.queue import RequestQueue
 from workbench.engine.requests import GenerationRequest, GenerationResult
+from workbench.engine.wakeups import together
 from workbench.engine.failures import error_kind, is_out_of_memory
 from workbench.errors import ModelOutOfMemory, WorkerStopped, describe
 from workbench.tracing import Tracing, mark_error
@@ -175,8 +176,13 @@ class ModelWorker:
         )
         span.set_status(Status(StatusCode.OK))
         span.end()
-        for request, result in zip(batch, results):
-            self._complete(request, result, policy)
+        # Spans first, answers after, in a tight loop: the awaiting runs then wake together and send
+        # their next hops in one tick of their loop, so the next batch forms whole instead of in pieces.
+        finished = [(request, result) for request, result in zip(batch, results)
+                    if self._record(request, result, policy)]
+        with together():
+            for request, result in finished:
+                request.future.set_result(result)
 
     def _split(self, batch: list[GenerationRequest], policy: BatchingPolicy, span: Span, exc: BaseException) -> None:
         """Out of memory: run the batch again as two halves, and from now on take no batch larger than a half."""
@@ -202,8 +208,13 @@ class ModelWorker:
         self._execute(batch[half:], policy)
 
     def _complete(self, request: GenerationRequest, result: GenerationResult, policy: BatchingPolicy) -> None:
+        if self._record(request, result, policy):
+            request.future.set_result(result)
+
+    def _record(self, request: GenerationRequest, result: GenerationResult, policy: BatchingPolicy) -> bool:
+        """End ``request``'s span with its result; False if it was cancelled meanwhile (its caller moved on)."""
         if not request.settle():
-            return  # cancelled meanwhile: its caller has moved on
+            return False
         if not request.probe:
             self.breaker.record(None, request.span, request.trial)
         request.span.set_attributes(
@@ -219,12 +230,13 @@ class ModelWorker:
                 attr.BATCH_POLICY: policy.name,
                 attr.PADDING_TOKENS: result.padding_tokens,
                 **openinference.output_value(result.text),
-                **openinference.token_counts(request.tokens_in, result.tokens_out),
+                # The result's count: a server's usage may know the prompt's length better than this machine.
+                **openinference.token_counts(result.tokens_in, result.tokens_out),
             }
         )
         request.span.set_status(Status(StatusCode.OK))
         request.span.end()
-        request.future.set_result(result)
+        return True
 
     def _fail(self, batch: list[GenerationRequest], exc: BaseException) -> None:
         for request in batch:

@@ -52,7 +52,9 @@ def add_load_options(parser: argparse.ArgumentParser, title: str = "load options
         if isinstance(option.default, bool):
             group.add_argument(_flag(option), action="store_true", help=LOAD_HELP[option.name])
         else:
-            group.add_argument(_flag(option), default=option.default, metavar=option.metadata["metavar"],
+            # A number's flag parses as one; the other settings are text.
+            kind = float if isinstance(option.default, float) else None
+            group.add_argument(_flag(option), default=option.default, type=kind, metavar=option.metadata["metavar"],
                                help=LOAD_HELP[option.name])
 
 

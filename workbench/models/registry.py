@@ -22,7 +22,8 @@ import torch
 from opentelemetry.trace import Span
 
 from workbench.errors import ModelLoadError, UnknownModelError
-from workbench.models import heap
+from workbench.models import heap, remote
+from workbench.models.remote import REMOTE_DEVICE
 from workbench.models.devices import dtype_name, resolve_device, resolve_dtype
 from workbench.models.settings import LoadSettings
 from workbench.tracing import Tracing
@@ -34,15 +35,20 @@ if TYPE_CHECKING:
 
 @dataclass
 class LoadedModel:
-    """A model in memory with its tokenizer, and what it cost to get it there."""
+    """A model in memory with its tokenizer, and what it cost to get it there.
+
+    A model behind a server (``settings.remote``) has no weights here: ``model`` is None, ``device``
+    is ``"remote"``, ``dtype`` and ``params`` are unknown (None), ``memory_bytes`` 0 (none of this
+    machine's), and ``tokenizer`` is the served model's own where one is on this machine, else None.
+    """
 
     name: str
     settings: LoadSettings
     model: Any
     tokenizer: Any
-    device: torch.device
-    dtype: torch.dtype
-    params: int
+    device: torch.device | str
+    dtype: torch.dtype | None
+    params: int | None
     memory_bytes: int
     load_s: float
     context_window: int | None
@@ -201,11 +207,10 @@ class ModelRegistry:
                     "name": m.name,
                     "source": m.source,
                     "adapter": m.settings.adapter,
-                    # A Ray model's weights are in its actors: which devices, bench.replicas() says.
-                    "device": "ray" if m.settings.engine == "ray" else str(m.device),
-                    "dtype": m.settings.dtype if m.settings.engine == "ray" else dtype_name(m.dtype),
+                    "device": str(m.device),
+                    "dtype": dtype_name(m.dtype) if m.dtype is not None else None,
                     "params": m.params,
-                    "memory_mb": round(m.memory_bytes / 2**20, 2),
+                    "memory_mb": None if m.settings.remote else round(m.memory_bytes / 2**20, 2),
                     "load_s": round(m.load_s, 3),
                     "state": "loaded",
                     "cold_start_s": round(m.cold_start_s, 3),
@@ -241,8 +246,10 @@ class ModelRegistry:
         """
         self.check_free(name)
         _check_engine(settings)
+        if settings.remote:
+            return self._keep(name, settings, self._connect(name, settings, parent, trigger))
         if settings.engine == "ray":
-            return self._load_tokenizer_only(name, settings, parent, trigger)
+            return self._keep(name, settings, self._load_tokenizer_only(name, settings, parent, trigger))
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
         _check_source(settings)
@@ -288,12 +295,12 @@ class ModelRegistry:
             memory_bytes=memory,
             load_s=load_s,
             warmup_s=warmup_s,
-            context_window=_context_window(model, tokenizer),
+            context_window=_context_window(model.config, tokenizer),
         )
-        return self._keep(loaded)
+        return self._keep(name, settings, loaded)
 
     def _load_tokenizer_only(self, name: str, settings: LoadSettings, parent: Span | None, trigger: str) -> LoadedModel:
-        """Keep only the tokenizer of a model whose replicas load elsewhere (``engine="ray"``: Ray actors).
+        """Only the tokenizer of a model whose replicas load elsewhere (``engine="ray"``: Ray actors).
 
         Prompts are tokenized here and only token ids travel; the weights, their device and their
         memory are the actors' (``bench.replicas()`` shows each), so this process counts none.
@@ -303,7 +310,7 @@ class ModelRegistry:
             attr_names.SPAN_KIND: attr_names.KIND_CHAIN,
             attr_names.MODEL_NAME: name,
             attr_names.MODEL_SOURCE: settings.source,
-            attr_names.MODEL_ENGINE: settings.engine,
+            attr_names.MODEL_DEVICE: RAY_DEVICE,
             attr_names.LOAD_TRIGGER: trigger,
         }
         with self._tracing.span(f"load {name}", parent, span_attrs) as span:
@@ -311,13 +318,10 @@ class ModelRegistry:
             tokenizer = _load_tokenizer(settings)
             load_s = time.perf_counter() - started
             span.set_attribute(attr_names.LOAD_S, load_s)
-        # The meta device holds no data: no weights of this model live in this process.
-        return self._keep(LoadedModel(name=name, settings=settings, model=None, tokenizer=tokenizer,
-                                      device=torch.device("meta"), dtype=torch.float32, params=0, memory_bytes=0, load_s=load_s, context_window=None))
+        return LoadedModel(name=name, settings=settings, model=None, tokenizer=tokenizer, device=RAY_DEVICE, dtype=None,
+                           params=None, memory_bytes=0, load_s=load_s, context_window=None)
 
-    def _keep(self, loaded: LoadedModel) -> LoadedModel:
-        """Make ``loaded`` the model of its name, unless another thread loaded one under that name meanwhile."""
-        name, settings = loaded.name, loaded.settings
+    def _keep(self, name: str, settings: LoadSettings, loaded: LoadedModel) -> LoadedModel:
         with self._lock:
             if name in self._loaded:  # another thread won the race; keep theirs, free ours
                 device = loaded.device
@@ -329,6 +333,34 @@ class ModelRegistry:
             self._measured[name] = (settings, loaded.memory_bytes)
         heap.settle()
         return loaded
+
+    def _connect(self, name: str, settings: LoadSettings, parent: Span | None, trigger: str) -> LoadedModel:
+        """A model behind an OpenAI-compatible server: ask the server what it serves; load no weights.
+
+        The served model's tokenizer and config load from this machine where they are here (a
+        directory, or a hub id in the Hugging Face cache), for the context-window check and token
+        counts; without them the server's usage counts tokens and the window is what the server lists.
+        """
+        span_attrs = {
+            attr_names.SPAN_KIND: attr_names.KIND_CHAIN,
+            attr_names.MODEL_NAME: name,
+            attr_names.MODEL_SOURCE: settings.source,
+            attr_names.MODEL_DEVICE: REMOTE_DEVICE,
+            attr_names.LOAD_TRIGGER: trigger,
+        }
+        with self._tracing.span(f"load {name}", parent, span_attrs) as span:
+            started = time.perf_counter()
+            listed = remote.list_models(settings)
+            served = remote.pick_model(settings, listed)
+            tokenizer, config = remote.local_tokenizer(served, settings)
+            load_s = time.perf_counter() - started
+            window = remote.listed_window(listed, served) or (_context_window(config, tokenizer) if tokenizer else None)
+            span.set_attributes({attr_names.REMOTE_SERVED_MODEL: served, attr_names.LOAD_S: load_s,
+                                 attr_names.COLD_START_S: load_s})
+        return LoadedModel(
+            name=name, settings=dataclasses.replace(settings, served_model=served), model=None, tokenizer=tokenizer,
+            device=REMOTE_DEVICE, dtype=None, params=None, memory_bytes=0, load_s=load_s, context_window=window,
+        )
 
     def unload(self, name: str, forget: bool = False) -> int:
         """Drop ``name`` from memory, keeping it registered unless ``forget``; returns the bytes its weights held."""
@@ -351,6 +383,7 @@ class ModelRegistry:
 
 # Where a model's replicas run: workers in this process, or Ray actors (engine/backends/ray.py).
 ENGINES = ("local", "ray")
+RAY_DEVICE = "ray"  # a Ray model's device here: its weights are in its actors, each on a device bench.replicas() shows
 
 
 def _check_engine(settings: LoadSettings) -> None:
@@ -360,6 +393,9 @@ def _check_engine(settings: LoadSettings) -> None:
             hint="'local' serves the model from this process; 'ray' from Ray actors (pip install "
             "'autoglm-workbench[ray]')",
         )
+    if settings.engine == "ray" and settings.remote:
+        raise ModelLoadError(f"{settings.source!r} is a model server, which serves itself: engine='ray' cannot run it",
+                             hint="give engine='ray' a model directory or hub id, or drop it for the server")
     gpus, cpus = _amount(settings, "num_gpus"), _amount(settings, "num_cpus")
     if settings.engine != "ray" and (settings.address is not None or gpus or cpus != 1):
         raise ModelLoadError(
@@ -381,9 +417,9 @@ def _amount(settings: LoadSettings, name: str) -> float:
     return amount
 
 
-def _free(device: torch.device) -> None:
+def _free(device: torch.device | str) -> None:
     heap.collect()
-    if device.type == "cuda":
+    if isinstance(device, torch.device) and device.type == "cuda":
         torch.cuda.empty_cache()
 
 
@@ -587,9 +623,9 @@ def _with_adapter(model: Any, adapter: str) -> Any:
     return PeftModel.from_pretrained(model, str(path) if path.exists() else adapter)
 
 
-def _context_window(model: Any, tokenizer: Any) -> int | None:
+def _context_window(config: Any, tokenizer: Any) -> int | None:
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(model.config, key, None)
+        value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
             return value
     limit = getattr(tokenizer, "model_max_length", None)

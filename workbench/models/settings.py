@@ -6,15 +6,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-def _option(default: Any, help: str, metavar: str | None = None) -> Any:
+def _option(default: Any, help: str, metavar: str | None = None, *, repr: bool = True) -> Any:
     # The metadata is each option's help: the magics and the command line build their flags from it,
     # so a new load setting is written here once and shows up in every front end.
-    return field(default=default, metadata={"help": help, "metavar": metavar})
+    return field(default=default, repr=repr, metadata={"help": help, "metavar": metavar})
 
 
 @dataclass(frozen=True)
 class LoadSettings:
-    """How to load a model: where from, onto what, and which risks the user opted into."""
+    """How to load a model: where from, onto what, and which risks the user opted into.
+
+    A ``source`` that is an http(s) URL is an OpenAI-compatible server (``http://127.0.0.1:8000/v1``):
+    ``served_model`` names the model on it, ``api_key`` goes in its Authorization header.
+    ``engine="ray"`` serves each replica from a Ray actor, placed with ``num_gpus`` and ``num_cpus``
+    on the cluster at ``address`` (default: a local Ray).
+    """
 
     source: str
     device: str = _option("auto", "auto (default), cpu, cuda, cuda:1, mps", "D")
@@ -24,8 +30,20 @@ class LoadSettings:
     allow_pickle: bool = _option(False, "accept pickled (.bin, .pt) weights, which can run code")
     revision: str | None = _option(None, "a branch, tag or commit of a hub model", "REV")
     warmup: bool = _option(False, "run a tiny generate after loading; it counts as cold start")
+    served_model: str | None = _option(
+        None, "for a server URL: the model's name on the server (default: the one model it lists)", "M")
+    # Kept out of repr, so a settings object shown in a notebook or a log does not print the key.
+    api_key: str | None = _option(None, "for a server URL: sent as 'Authorization: Bearer KEY'", "KEY", repr=False)
+    read_timeout_s: float = _option(
+        60.0, "for a server URL: how long a stream may go without a byte, the first included (default 60)", "S")
+
     engine: str = _option("local", "local (default: this process) or ray (each replica a Ray actor)", "E")
     address: str | None = _option(None, "engine ray: an existing cluster (ray://head:10001, auto); default a local one",
                                   "ADDR")
     num_gpus: float = _option(0, "engine ray: GPUs each replica's actor asks of the cluster (default 0)", "N")
     num_cpus: float = _option(1, "engine ray: CPUs each replica's actor asks of the cluster (default 1)", "N")
+
+    @property
+    def remote(self) -> bool:
+        """Whether ``source`` is a model server (an http or https URL) rather than weights to load here."""
+        return self.source.lower().startswith(("http://", "https://"))

@@ -63,7 +63,6 @@ MODEL_DTYPE = "workbench.model.dtype"
 MODEL_PARAMS = "workbench.model.params"
 MODEL_MEMORY_BYTES = "workbench.model.memory_bytes"
 MODEL_ADAPTER = "workbench.model.adapter"
-MODEL_ENGINE = "workbench.model.engine"
 QUEUE_MS = "workbench.queue_ms"
 TOKENIZE_MS = "workbench.tokenize_ms"
 PREFILL_MS = "workbench.prefill_ms"
@@ -108,6 +107,25 @@ PRELOADING = "workbench.preloading"
 BUDGET_BYTES = "workbench.keep_warm.budget_bytes"
 EVICTED_FOR = "workbench.keep_warm.evicted_for"
 CANCELLED = "workbench.cancelled"
+
+# A model behind an OpenAI-compatible server, measured on the client as vLLM's serving benchmark does:
+# the clock starts just before the POST, TTFT at the first chunk that carries a choice, one inter-token
+# latency per later chunk that carries text. The request span's ttft_ms and decode_ms also count the
+# queue; these do not.
+HTTP_STATUS = "http.response.status_code"  # OpenTelemetry's HTTP semantic conventions
+SERVER_ADDRESS = "server.address"
+REMOTE_URL = "workbench.remote.url"
+REMOTE_SERVED_MODEL = "workbench.remote.served_model"
+REMOTE_ENDPOINT = "workbench.remote.endpoint"
+REMOTE_TTFT_MS = "workbench.remote.ttft_ms"
+REMOTE_E2E_MS = "workbench.remote.e2e_ms"
+REMOTE_TPOT_MS = "workbench.remote.tpot_ms"
+REMOTE_ITL_MS = "workbench.remote.itl_ms"  # a list: one per chunk after the first
+REMOTE_CHUNKS = "workbench.remote.chunks"
+# Who counted the tokens: "server" (its usage), "tokenizer" (the model's, here), or "chunks" (one per chunk).
+REMOTE_TOKENS_FROM = "workbench.remote.tokens_from"
+REMOTE_FAILURE = "workbench.remote.failure"  # the kind of a RemoteError
+REMOTE_RETRY_AFTER_S = "workbench.remote.retry_after_s"
 
 # Batch spans beyond size and policy; events of breakers, health, retries and fallbacks.
 BATCH_PADDED_LEN = "workbench.batch.padded_len"

@@ -134,13 +134,19 @@ def result_from_stamps(
     batch_id: int,
     batch_size: int,
     padding_tokens: int = 0,
+    tokens_in: int | None = None,
+    tokens_out: int | None = None,
 ) -> GenerationResult:
-    """A request's result from the clock reads of its batch: scheduled at ``started``, first token, last token."""
+    """A request's result from the clock reads of its batch: scheduled at ``started``, first token, last token.
+
+    ``tokens_in`` and ``tokens_out`` are for a backend that counts tokens it does not hold (a server's
+    usage); by default they are the prompt's and ``tokens``' lengths.
+    """
     return GenerationResult(
         text=text,
         token_ids=tokens,
-        tokens_in=request.tokens_in,
-        tokens_out=len(tokens),
+        tokens_in=request.tokens_in if tokens_in is None else tokens_in,
+        tokens_out=len(tokens) if tokens_out is None else tokens_out,
         finish_reason=finish_reason,
         queue_ms=(started - request.submitted) * 1e3,
         prefill_ms=(first - started) * 1e3,

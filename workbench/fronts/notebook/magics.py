@@ -101,6 +101,9 @@ class AutoglmMagics(Magics):
 
     def _load(self, command: LoadCommand) -> None:
         model = load_model(current(), command.name, command.settings)
+        if model.settings.remote:  # no weights here: say which server and model answer instead
+            print(f"loaded {command.name!r}: {model.settings.served_model!r} on {model.source} in {model.load_s:.2f} s")
+            return
         dtype = str(model.dtype).removeprefix("torch.")
         print(
             f"loaded {command.name!r} on {model.device} in {dtype} ({model.params:,} parameters)"

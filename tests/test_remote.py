@@ -1,0 +1,408 @@
+"""Models behind an OpenAI-compatible server: a real `transformers serve` on the tiny model, and for the failures a
+real server cannot make on demand, a tiny real HTTP server written here that misbehaves (named FaultServer)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import workbench as wb
+from workbench.errors import HopFailed, HopTimeout, ModelLoadError, RemoteError, RemoteRateLimited
+from workbench.tracing import attributes as attr
+
+PROMPTS = ["Question: What is the capital of France?\nAnswer:", "The sea is", "Plan:"]
+SERVE_START_S = 180  # transformers serve imports torch and fastapi, then loads the model: ~20 s here
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _serve_command() -> list[str] | None:
+    """How to start `transformers serve`, or None where transformers' serving extra is not installed."""
+    if not all(importlib.util.find_spec(name) for name in ("fastapi", "uvicorn")):
+        return None
+    script = Path(sys.executable).parent / "transformers"
+    found = str(script) if script.exists() else shutil.which("transformers")
+    return [found, "serve"] if found else None
+
+
+@pytest.fixture(scope="module")
+def server(tiny_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `transformers serve` on 127.0.0.1 serving the tiny model's directory; its OpenAI base URL."""
+    command = _serve_command()
+    if command is None:
+        pytest.skip("`transformers serve` needs transformers[serving] (fastapi, uvicorn): pip install -e '.[dev]'")
+    port = _free_port()
+    log = (tmp_path_factory.mktemp("serve") / "serve.log").open("w")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(
+        [*command, "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", str(tiny_path)],
+        stdout=log, stderr=subprocess.STDOUT, env=env,
+    )
+    try:
+        deadline = time.monotonic() + SERVE_START_S
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                log.flush()
+                pytest.fail(f"transformers serve did not come up: {Path(log.name).read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def remote(server: str, tiny_path: Path) -> Iterator[wb.Workbench]:
+    """A workbench with the served tiny model as 'remote' and the same model in process as 'tiny'."""
+    with wb.Workbench(store=wb.InMemoryContextStore()) as bench:
+        bench.load("remote", server)
+        bench.load("tiny", tiny_path, device="cpu")
+        yield bench
+
+
+def _chain(bench: wb.Workbench, model: str = "remote", **hop: object) -> wb.Chain:
+    spec = {"name": f"on-{model}", "hops": [{"name": "answer", "model": model, "prompt": "{{ prompt }}",
+                                             "max_new_tokens": 12, **hop}], "output": "answer"}
+    return bench.chain(spec)
+
+
+def _request_span(run: wb.Run) -> dict[str, object]:
+    (span,) = [s for s in run.trace.spans if s.name.startswith("text_completion")]
+    return dict(span.attributes or {})
+
+
+# -- the real server -----------------------------------------------------------------------------
+
+
+def test_a_served_model_writes_the_same_greedy_text_as_the_local_one(remote: wb.Workbench) -> None:
+    served, local = _chain(remote), _chain(remote, "tiny")
+    for prompt in PROMPTS:
+        assert served.run(prompt=prompt).output == local.run(prompt=prompt).output
+
+
+def test_loading_a_url_asks_the_server_and_shows_a_remote_row(remote: wb.Workbench, tiny_path: Path) -> None:
+    row = remote.models().set_index("name").loc["remote"]
+    assert row["device"] == "remote"
+    assert row["source"].startswith("http://127.0.0.1:")
+    assert pd.isna(row["params"]) and pd.isna(row["memory_mb"])  # not known of a model on a server
+    loaded = remote.registry.get("remote")
+    assert loaded.settings.served_model == str(tiny_path)  # the one model the server lists
+    assert loaded.context_window == 512  # from the served model's config, which is on this machine
+
+
+def test_streamed_tokens_reach_chain_stream(remote: wb.Workbench) -> None:
+    events = list(_chain(remote).stream(prompt=PROMPTS[0]))
+    tokens = [e.text for e in events if e.kind == "token"]
+    (finished,) = [e for e in events if e.kind == "run_finished"]
+    assert len(tokens) > 1
+    assert "".join(tokens).strip() == finished.run.output
+
+
+def test_the_request_span_records_what_a_serving_researcher_reads(remote: wb.Workbench) -> None:
+    run = _chain(remote).run(prompt=PROMPTS[0])
+    span = _request_span(run)
+    assert span[attr.HTTP_STATUS] == 200
+    assert span[attr.REMOTE_TOKENS_FROM] == "server"
+    tokens = span[attr.USAGE_OUTPUT_TOKENS]
+    assert isinstance(tokens, int) and tokens > 1
+    assert span[attr.RESPONSE_FINISH_REASONS] == ("length",) or span[attr.RESPONSE_FINISH_REASONS] == ("stop",)
+    ttft, e2e = span[attr.REMOTE_TTFT_MS], span[attr.REMOTE_E2E_MS]
+    assert 0 < ttft <= e2e  # type: ignore[operator]
+    assert span[attr.REMOTE_TPOT_MS] == pytest.approx((e2e - ttft) / (tokens - 1))  # type: ignore[operator]
+    assert len(span[attr.REMOTE_ITL_MS]) == span[attr.REMOTE_CHUNKS] - 1  # type: ignore[arg-type, operator]
+    assert span[attr.USAGE_INPUT_TOKENS] == len(remote.registry.get("tiny").tokenizer(PROMPTS[0])["input_ids"])
+    row = run.trace.table().query("name == 'text_completion remote'").iloc[0]
+    assert row["tokens_out"] == tokens and row["tpot_ms"] > 0
+
+
+def test_a_prompt_cut_to_fit_the_window_is_sent_cut(remote: wb.Workbench) -> None:
+    long = "word " * 600  # the tiny model's window is 512 tokens
+    run = _chain(remote, truncate="left").run(prompt=long)
+    span = _request_span(run)
+    assert span[attr.TRUNCATED_TOKENS] > 0
+    assert span[attr.USAGE_INPUT_TOKENS] + 12 <= 512 + 1  # what the server read; it adds back a BOS
+    assert isinstance(run.output, str)
+
+
+def test_every_batching_policy_gives_the_same_answers(remote: wb.Workbench) -> None:
+    chain = _chain(remote)
+    inputs = [{"prompt": p} for p in PROMPTS * 2]
+    answers = {}
+    for policy in (wb.NoBatching(), wb.DynamicBatching(max_batch=4, max_wait_ms=20), wb.ContinuousBatching(8)):
+        remote.set_batching("remote", policy)
+        answers[policy.name] = [run.output for run in chain.map(inputs, concurrency=6)]
+    remote.set_batching("remote", wb.ContinuousBatching())
+    assert len(set(map(tuple, answers.values()))) == 1, answers
+
+
+def test_health_probes_and_injected_faults_reach_a_served_model(remote: wb.Workbench) -> None:
+    assert remote.check_health("remote").loc[0, "health"] == "healthy"
+    remote.inject("remote", error_rate=1.0, seed=0)
+    try:
+        assert "injected fault" in str(_failed(_chain(remote), prompt=PROMPTS[1]).error)
+    finally:
+        remote.clear_faults("remote")
+    assert _chain(remote).run(prompt=PROMPTS[1]).error is None
+
+
+def test_a_url_where_no_server_listens_does_not_load(bench: wb.Workbench) -> None:
+    with pytest.raises(ModelLoadError, match="cannot reach a model server") as info:
+        bench.load("gone", f"http://127.0.0.1:{_free_port()}/v1")
+    assert "start the server" in str(info.value)
+    assert "gone" not in bench.registry.names()
+
+
+# -- failures a real server cannot make on demand: a tiny misbehaving HTTP server ------------------
+
+
+class FaultServer:
+    """A real HTTP/1.1 server on 127.0.0.1 (asyncio streams) that misbehaves as its URL says: an imitation of a
+    failing model server, for failures `transformers serve` cannot produce on demand.
+
+    ``{url}/{mode}/v1`` is an OpenAI base URL; ``mode`` is ``ok`` (a good stream), ``error500``, ``reject``
+    (400), ``busy`` (429 with Retry-After: 1 on the first request, then good), ``broken`` (one chunk, then the
+    connection drops), ``silent`` (takes the request and never answers).
+    """
+
+    def __init__(self) -> None:
+        self.hits: Counter[str] = Counter()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._server = self._run(asyncio.start_server(self._handle, "127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    def _run(self, coroutine):  # type: ignore[no-untyped-def]
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(10)
+
+    def close(self) -> None:
+        async def stop() -> None:
+            self._server.close()
+            for task in self._handlers:
+                task.cancel()
+            await asyncio.gather(*self._handlers, return_exceptions=True)
+            await self._server.wait_closed()
+
+        self._run(stop())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        try:
+            head = (await reader.readuntil(b"\r\n\r\n")).decode()
+            path = head.split(" ")[1]
+            length = next((int(line.split(":")[1]) for line in head.split("\r\n")
+                           if line.lower().startswith("content-length:")), 0)
+            await reader.readexactly(length)
+            await self._answer(path, writer)
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+            self._handlers.discard(task)
+
+    async def _answer(self, path: str, writer: asyncio.StreamWriter) -> None:
+        mode = path.split("/")[1]
+        if path.endswith("/models"):
+            body = json.dumps({"object": "list", "data": [{"id": "faulty", "object": "model"}]}).encode()
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                         + f"content-length: {len(body)}\r\n\r\n".encode() + body)
+            await writer.drain()
+            return
+        self.hits[mode] += 1
+        if mode in ("error500", "reject") or (mode == "busy" and self.hits[mode] == 1):
+            status = {"error500": "500 Internal Server Error", "reject": "400 Bad Request",
+                      "busy": "429 Too Many Requests\r\nretry-after: 1"}[mode]
+            body = b'{"error": "made to fail"}'
+            writer.write(f"HTTP/1.1 {status}\r\nconnection: close\r\ncontent-length: {len(body)}\r\n\r\n".encode()
+                         + body)
+            await writer.drain()
+            return
+        if mode == "silent":
+            await asyncio.Event().wait()  # until the client hangs up or the server closes
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n"
+                     b"transfer-encoding: chunked\r\n\r\n")
+        words = [" fine", " words"] if mode != "broken" else [" half"]
+        for index, word in enumerate(words):
+            chunk = {"choices": [{"index": 0, "text": word,
+                                  "finish_reason": "stop" if index == len(words) - 1 else None}]}
+            if mode == "broken" or index < len(words) - 1:
+                chunk["choices"][0].pop("finish_reason")
+            data = f"data: {json.dumps(chunk)}\n\n".encode()
+            writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            await writer.drain()
+        if mode == "broken":
+            writer.transport.abort()  # mid-body: no last chunk, the connection just drops
+            return
+        done = b"data: [DONE]\n\n"
+        writer.write(f"{len(done):x}\r\n".encode() + done + b"\r\n0\r\n\r\n")
+        await writer.drain()
+
+
+@pytest.fixture(scope="module")
+def faults() -> Iterator[FaultServer]:
+    server = FaultServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def faulty(bench: wb.Workbench, faults: FaultServer, tiny_path: Path) -> wb.Workbench:
+    """A workbench with one model per fault mode ('ok', 'error500', ...) on the FaultServer, and 'tiny' here."""
+    for mode in ("ok", "error500", "reject", "busy", "broken", "silent"):
+        bench.load(mode, f"{faults.url}/{mode}/v1")
+    bench.load("tiny", tiny_path, device="cpu")
+    return bench
+
+
+def _failed(chain: wb.Chain, **inputs: str) -> wb.Run:
+    """The run of ``chain`` that failed (``chain.run`` raises HopFailed, which holds it)."""
+    with pytest.raises(HopFailed) as info:
+        chain.run(**inputs)
+    run = info.value.run
+    assert isinstance(run, wb.Run)
+    return run
+
+
+def _failure(run: wb.Run) -> BaseException:
+    assert run.error is not None
+    return run.error.cause
+
+
+def _remote_events(run: wb.Run) -> list[str]:
+    return [name for name in run.trace.events()["event"] if name.startswith("remote.")]
+
+
+def test_a_server_without_usage_or_tokenizer_counts_chunks_and_says_so(faulty: wb.Workbench) -> None:
+    run = _chain(faulty, "ok").run(prompt="hi")
+    assert run.output == "fine words"
+    span = _request_span(run)
+    assert span[attr.REMOTE_TOKENS_FROM] == "chunks" and span[attr.USAGE_OUTPUT_TOKENS] == 2
+    assert faulty.registry.get("ok").settings.served_model == "faulty"
+
+
+def test_a_5xx_is_a_remote_error_with_its_status_and_an_event(faulty: wb.Workbench) -> None:
+    run = _failed(_chain(faulty, "error500"), prompt="hi")
+    error = _failure(run)
+    assert isinstance(error, RemoteError) and error.kind == "status" and error.status == 500
+    assert "HTTP 500" in str(error) and "made to fail" in str(error)
+    assert _request_span(run)[attr.HTTP_STATUS] == 500
+    assert _remote_events(run) == ["remote.status"]
+
+
+def test_a_request_the_server_rejects_is_not_retried(faulty: wb.Workbench) -> None:
+    run = _failed(_chain(faulty, "reject", retry={"attempts": 3, "backoff_ms": 1}), prompt="hi")
+    error = _failure(run)
+    assert isinstance(error, RemoteError) and error.kind == "rejected" and error.status == 400
+    assert len(run.trace.events().query("event == 'attempt.failed'")) == 1  # a 400 stays a 400: no retry
+
+
+def test_a_429_retry_waits_as_long_as_retry_after_asks(faulty: wb.Workbench) -> None:
+    run = _chain(faulty, "busy", retry={"attempts": 2, "backoff_ms": 1, "jitter": False}).run(prompt="hi")
+    assert run.error is None and run.output == "fine words"
+    events = run.trace.events()
+    assert "remote.rate_limited" in list(events["event"])
+    (wait,) = events.query("event == 'retry'")["attributes.workbench.retry.wait_ms"]
+    assert wait >= 1000  # the server said Retry-After: 1; the backoff alone would wait 1 ms
+
+
+def test_without_retries_a_429_says_how_long_to_wait(faulty: wb.Workbench, faults: FaultServer) -> None:
+    faults.hits["busy"] = 0
+    error = _failure(_failed(_chain(faulty, "busy"), prompt="hi"))
+    assert isinstance(error, RemoteRateLimited) and error.retry_after_s == 1.0
+    assert "retry after 1 s" in str(error)
+
+
+def test_a_stream_broken_half_way_fails_with_what_arrived(faulty: wb.Workbench) -> None:
+    run = _failed(_chain(faulty, "broken"), prompt="hi")
+    error = _failure(run)
+    assert isinstance(error, RemoteError) and error.kind == "broken_stream"
+    assert "after 1 chunks" in str(error)
+    assert _remote_events(run) == ["remote.broken_stream"]
+
+
+@pytest.mark.parametrize("policy", [wb.ContinuousBatching(), wb.DynamicBatching(max_batch=4, max_wait_ms=1)],
+                         ids=["continuous", "dynamic"])
+def test_a_first_byte_that_never_comes_times_out_and_falls_back(
+    faulty: wb.Workbench, policy: wb.BatchingPolicy
+) -> None:
+    faulty.set_batching("silent", policy)  # a stream on its own, or one of a wave the worker waits for
+    chain = _chain(faulty, "silent", timeout_s=1.5, fallback="tiny")
+    run = chain.run(prompt=PROMPTS[0])
+    assert run.error is None and run.served_by["answer"] == "model:tiny"
+    failed = run.trace.events().query("event == 'attempt.failed'")
+    assert list(failed["attributes.workbench.error.kind"]) == ["timeout"]
+    (span,) = [s for s in run.trace.spans if s.name == "text_completion silent"]
+    assert span.attributes[attr.CANCELLED] == "running"  # the stream was open...
+    assert attr.REMOTE_TTFT_MS not in span.attributes  # ...and no first token had come
+    alone = _failed(_chain(faulty, "silent", timeout_s=0.5), prompt="hi")
+    assert isinstance(_failure(alone), HopTimeout)
+
+
+def test_without_a_hop_timeout_the_read_timeout_names_the_missing_first_byte(
+    bench: wb.Workbench, faults: FaultServer
+) -> None:
+    bench.load("stuck", f"{faults.url}/silent/v1", read_timeout_s=0.5)
+    run = _failed(_chain(bench, "stuck"), prompt="hi")
+    error = _failure(run)
+    assert isinstance(error, RemoteError) and error.kind == "no_first_byte"
+    assert "sent no first token within 0.5 s" in str(error) and "read_timeout_s" in str(error)
+    assert _remote_events(run) == ["remote.no_first_byte"]
+
+
+def test_a_refused_connection_fails_over_to_the_local_model(tiny_path: Path) -> None:
+    server = FaultServer()
+    with wb.Workbench(store=wb.InMemoryContextStore()) as bench:
+        bench.load("gone", f"{server.url}/ok/v1")
+        bench.load("tiny", tiny_path, device="cpu")
+        server.close()  # the server goes away after the model loaded
+        run = _chain(bench, "gone", fallback="tiny").run(prompt=PROMPTS[0])
+        assert run.error is None
+        assert run.output == _chain(bench, "tiny").run(prompt=PROMPTS[0]).output
+        events = run.trace.events()
+        assert "remote.refused" in list(events["event"]) and "fallback" in list(events["event"])
+        assert bench.check_health("gone").loc[0, "health"] == "unhealthy"
+
+
+def test_the_load_magic_takes_a_server_and_its_settings() -> None:
+    from workbench.fronts.notebook.parsers import parse_command
+
+    command = parse_command("load other http://127.0.0.1:8000/v1 --served-model m --api-key secret --read-timeout-s 5")
+    assert command.settings.served_model == "m" and command.settings.api_key == "secret"  # type: ignore[attr-defined]
+    assert command.settings.remote and "secret" not in repr(command.settings)  # type: ignore[attr-defined]
+    assert command.settings.read_timeout_s == 5.0  # type: ignore[attr-defined]

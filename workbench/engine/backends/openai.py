@@ -1,0 +1,476 @@
+"""A model behind an OpenAI-compatible server (vLLM, SGLang, llama.cpp, Ollama, ``transformers serve``): streamed HTTP.
+
+Each request is one streamed ``POST /completions``, timed on the client as vLLM's serving
+benchmark times it: the clock starts just before the POST, TTFT is the first chunk that carries
+a choice, each later chunk with text is one inter-token latency, and TPOT is
+(E2E - TTFT) / (tokens - 1) with the tokens the server's ``usage`` reports. What the batching
+policy means here: how many requests are in flight at once. ``ContinuousBatching(max_batch=N)``
+(the default for a server) sends each request as it arrives, up to N at a time, and completes
+each as its stream ends, so a fast answer never waits for a slow one; ``NoBatching`` sends one
+at a time; a static or dynamic batch of B is B streams sent together, done when the last ends
+(and failed together, as a local batch is). The server batches on its own side either way.
+
+Every server's streams run on one event loop thread, with one pooled ``httpx.AsyncClient`` per
+server; HTTP errors become :class:`RemoteError` here, at the seam, with a span event each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import httpx
+from opentelemetry.trace import Span, Status, StatusCode
+
+from workbench.engine.backends.base import (
+    BatchTiming,
+    OnError,
+    OnResult,
+    Scheduler,
+    TokenSink,
+    next_batch_id,
+    result_from_stamps,
+)
+from workbench.engine.requests import GenerationRequest, GenerationResult
+from workbench.errors import RemoteError, RemoteRateLimited
+from workbench.models import remote
+from workbench.models.registry import LoadedModel
+from workbench.tracing import attributes as attr
+
+if TYPE_CHECKING:
+    from workbench.engine.batching import BatchingPolicy
+
+CONNECT_TIMEOUT_S = 5.0
+# A token id the server does not send: streamed chunks carry text only.
+NO_TOKEN_ID = -1
+
+
+class _Clients:
+    """The event loop every remote stream runs on, and one pooled client per server (scheme, host, port).
+
+    The loop thread starts with the first backend and stops when the last one closes, so a
+    closed workbench leaves no thread, socket or loop behind.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._clients: dict[str, tuple[httpx.AsyncClient, int]] = {}
+
+    def acquire(self, url: str) -> tuple[asyncio.AbstractEventLoop, httpx.AsyncClient]:
+        server = _server(url)
+        with self._lock:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                self._thread = threading.Thread(target=self._loop.run_forever, name="workbench-remote", daemon=True)
+                self._thread.start()
+            client, users = self._clients.get(server) or (self._new_client(), 0)
+            self._clients[server] = (client, users + 1)
+            return self._loop, client
+
+    def release(self, url: str) -> None:
+        server = _server(url)
+        with self._lock:
+            client, users = self._clients[server]
+            loop, thread = self._loop, self._thread
+            if users > 1:
+                self._clients[server] = (client, users - 1)
+                return
+            del self._clients[server]
+            last = not self._clients
+            if last:
+                self._loop = self._thread = None
+        assert loop is not None and thread is not None
+        asyncio.run_coroutine_threadsafe(client.aclose(), loop).result()
+        if last:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join()
+            loop.close()
+
+    def _new_client(self) -> httpx.AsyncClient:
+        # Called under the lock with the loop running; httpx binds the pool to the loop on first use.
+        return httpx.AsyncClient(
+            # The read timeout is each model's own (its read_timeout_s), given per request.
+            timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT_S, pool=None),
+            # The batching policy bounds the streams in flight; the pool must not queue them a second time.
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=512),
+        )
+
+
+_clients = _Clients()
+
+
+def _server(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+@dataclass
+class _Stamps:
+    """One stream's clock reads and what it carried."""
+
+    posted: float
+    first: float | None = None
+    last: float | None = None
+    status: int | None = None
+    chunks: int = 0
+    finish_reason: str | None = None
+    usage: dict[str, Any] | None = None
+
+
+class RemoteBackend:
+    """One model on an OpenAI-compatible server (a :class:`Backend`): tokenize here if it can, generate there."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        settings = loaded.settings
+        self.model = loaded.name
+        self.source = loaded.source
+        self.device = remote.REMOTE_DEVICE
+        self.dtype = "unknown"
+        # Without the served model's tokenizer here, the prompt's length is the server's to judge.
+        self.context_window = loaded.context_window if loaded.tokenizer is not None else None
+        self.tokenizer = loaded.tokenizer
+        self.served_model = str(settings.served_model)
+        self.url = f"{remote.base_url(settings)}/completions"
+        self.headers = remote.headers(settings)
+        self.read_timeout_s = settings.read_timeout_s
+        self._timeout = httpx.Timeout(None, connect=CONNECT_TIMEOUT_S, read=settings.read_timeout_s, pool=None)
+        self._loop, self._client = _clients.acquire(self.url)
+        self._closed = False
+
+    # -- the Backend protocol ------------------------------------------------------------------
+
+    def tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Token ids by the served model's own tokenizer where it is here; else none (the server counts)."""
+        if self.tokenizer is None:
+            return [[] for _ in prompts]
+        ids: list[list[int]] = self.tokenizer(list(prompts))["input_ids"]
+        return ids
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        if self.tokenizer is None:
+            raise NotImplementedError(f"model {self.model!r} has no tokenizer here; its server sends text")
+        return str(self.tokenizer.decode(list(tokens), skip_special_tokens=True)).strip()
+
+    def check(self, policy: BatchingPolicy) -> None:
+        pass  # every policy applies: it says how many requests are in flight at once
+
+    def scheduler(self, policy: BatchingPolicy, on_result: OnResult, on_error: OnError) -> Scheduler:
+        return _Streams(self, policy.settings().max_batch, on_result, on_error)  # type: ignore[attr-defined]
+
+    def release_memory(self) -> None:
+        pass  # nothing of this machine's
+
+    def memory_bytes(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            _clients.release(self.url)
+
+    def generate(
+        self, batch: list[GenerationRequest], on_token: TokenSink | None = None
+    ) -> tuple[list[GenerationResult], BatchTiming]:
+        """Send every request of ``batch`` at once, one stream each; return when the last stream ends."""
+        batch_id = next_batch_id()
+        started = time.perf_counter()
+        sent = [self.send(request, on_token, batch_id, len(batch)) for request in batch]
+        outcomes: list[tuple[GenerationResult, _Stamps]] = []
+        error: BaseException | None = None
+        for request, future in zip(batch, sent):
+            try:
+                outcomes.append(future.result())
+            except BaseException as exc:  # wait for every stream, so none outlives its batch
+                if not future.cancelled():
+                    error = error or exc
+                # Cancelled: its timeout ran out and its canceller settled it; the worker drops what stands here.
+                outcomes.append((result_from_stamps(request, [], "", "length", started=started, first=started,
+                                                    last=started, batch_id=batch_id, batch_size=len(batch)),
+                                 _Stamps(posted=started)))
+        if error is not None:
+            raise error
+        firsts = [stamps.first for _, stamps in outcomes if stamps.first is not None]
+        first = min(firsts, default=time.perf_counter())
+        ended = time.perf_counter()
+        timing = BatchTiming(
+            batch_id=batch_id, size=len(batch), padded_len=0, padding_tokens=0, started=started,
+            prefill_ms=(first - started) * 1e3, decode_ms=(ended - first) * 1e3, detokenize_ms=0.0,
+            steps=max((stamps.chunks for _, stamps in outcomes), default=0),
+        )
+        return [result for result, _ in outcomes], timing
+
+    # -- one request -----------------------------------------------------------------------
+
+    def send(
+        self, request: GenerationRequest, on_token: TokenSink | None, batch_id: int, batch_size: int
+    ) -> Future[tuple[GenerationResult, _Stamps]]:
+        """Start ``request``'s stream on the loop; cancelling the request (its timeout ran out) closes the stream."""
+        future = asyncio.run_coroutine_threadsafe(self._stream(request, on_token, batch_id, batch_size), self._loop)
+        request.future.add_done_callback(lambda _: future.cancel())
+        return future
+
+    def _body(self, request: GenerationRequest) -> dict[str, Any]:
+        params = request.params
+        prompt = request.prompt
+        if request.truncated_tokens:  # cut to fit the window (truncate: left): send the text of what was kept
+            prompt = self.tokenizer.decode(request.input_ids, skip_special_tokens=True)
+        body: dict[str, Any] = {
+            "model": self.served_model,
+            "prompt": prompt,
+            "max_tokens": params.max_new_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "stream": True,
+            "stream_options": {"include_usage": True},  # the server's token counts, in the last chunk
+        }
+        if params.top_k:
+            body["top_k"] = params.top_k  # vLLM, SGLang and llama.cpp take it; OpenAI itself does not
+        if params.seed is not None:
+            body["seed"] = params.seed
+        return body
+
+    async def _stream(
+        self, request: GenerationRequest, on_token: TokenSink | None, batch_id: int, batch_size: int
+    ) -> tuple[GenerationResult, _Stamps]:
+        span = request.span
+        span.set_attributes({attr.REMOTE_URL: self.url, attr.REMOTE_SERVED_MODEL: self.served_model,
+                             attr.REMOTE_ENDPOINT: "/completions", attr.SERVER_ADDRESS: _server(self.url)})
+        body = self._body(request)
+        texts: list[str] = []
+        itl: list[float] = []
+        stamps = _Stamps(posted=time.perf_counter())
+        try:
+            async with self._client.stream("POST", self.url, json=body, headers=self.headers,
+                                          timeout=self._timeout) as response:
+                stamps.status = response.status_code
+                span.set_attribute(attr.HTTP_STATUS, response.status_code)
+                if response.status_code >= 400:
+                    raise self._status_error(response, (await response.aread()).decode("utf-8", "replace"))
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue  # blank separators, comments, event names
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    now = time.perf_counter()
+                    chunk = _parse(data, self.url)
+                    if "error" in chunk:  # an error the server reports inside a stream it had begun
+                        raise self._broken(stamps, f"the server reported an error mid-stream: {chunk['error']}")
+                    if chunk.get("usage"):
+                        stamps.usage = chunk["usage"]
+                    choices = chunk.get("choices")
+                    if not choices:
+                        continue
+                    choice = choices[0]
+                    text = choice.get("text") or ""
+                    if stamps.first is None:
+                        stamps.first = now
+                        # Now, not at the end: a span its timeout ended says by this whether a first token came.
+                        span.set_attribute(attr.REMOTE_TTFT_MS, (now - stamps.posted) * 1e3)
+                    elif text and stamps.last is not None:
+                        itl.append((now - stamps.last) * 1e3)
+                    if text:
+                        stamps.last = now
+                        stamps.chunks += 1
+                        texts.append(text)
+                        if request.stream and not request.cancelled:
+                            (on_token or _on_token)(request, NO_TOKEN_ID, text)
+                    stamps.finish_reason = choice.get("finish_reason") or stamps.finish_reason
+        except RemoteError as exc:
+            _event(span, exc)
+            raise
+        except httpx.HTTPError as exc:
+            error = self._translate(exc, stamps)
+            _event(span, error)
+            raise error from exc
+        if stamps.finish_reason is None:
+            error = self._broken(stamps, "the stream ended without a finish reason")
+            _event(span, error)
+            raise error
+        return self._result(request, stamps, "".join(texts), itl, batch_id, batch_size), stamps
+
+    def _result(
+        self, request: GenerationRequest, stamps: _Stamps, text: str, itl: list[float], batch_id: int, batch_size: int
+    ) -> GenerationResult:
+        ended = time.perf_counter()
+        first = stamps.first if stamps.first is not None else ended
+        usage = stamps.usage or {}
+        tokens_in, tokens_out = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        counted_by = "server"
+        if not isinstance(tokens_out, int):
+            if self.tokenizer is not None:
+                tokens_out, counted_by = len(self.tokenizer(text, add_special_tokens=False)["input_ids"]), "tokenizer"
+            else:
+                tokens_out, counted_by = stamps.chunks, "chunks"
+        if not isinstance(tokens_in, int):
+            tokens_in = request.tokens_in
+        ttft_ms, e2e_ms = (first - stamps.posted) * 1e3, (ended - stamps.posted) * 1e3
+        attributes: dict[str, Any] = {
+            attr.REMOTE_E2E_MS: e2e_ms,
+            attr.REMOTE_ITL_MS: itl,
+            attr.REMOTE_CHUNKS: stamps.chunks,
+            attr.REMOTE_TOKENS_FROM: counted_by,
+            attr.USAGE_INPUT_TOKENS: tokens_in,
+        }
+        if tokens_out > 1:
+            attributes[attr.REMOTE_TPOT_MS] = (e2e_ms - ttft_ms) / (tokens_out - 1)
+        request.span.set_attributes(attributes)
+        return result_from_stamps(
+            request, [], text.strip(), stamps.finish_reason or "stop",  # type: ignore[arg-type]
+            started=stamps.posted, first=first, last=ended, batch_id=batch_id, batch_size=batch_size,
+            tokens_in=tokens_in, tokens_out=tokens_out,
+        )
+
+    # -- errors at the seam ----------------------------------------------------------------
+
+    def _status_error(self, response: httpx.Response, text: str) -> RemoteError:
+        status = response.status_code
+        said = " ".join(text.split())[:300]
+        where = f"model server {self.url} ({self.served_model!r})"
+        if status == 429:
+            retry_after = _retry_after(response.headers.get("retry-after"))
+            return RemoteRateLimited(
+                f"{where} is rate limiting: HTTP 429" + (f", retry after {retry_after:g} s" if retry_after else "")
+                + (f": {said}" if said else ""),
+                url=self.url, retry_after_s=retry_after,
+                hint="give the hop retry (its waits honour Retry-After), lower the concurrency, or add a fallback",
+            )
+        if status >= 500:
+            return RemoteError(f"{where} failed the request: HTTP {status}" + (f": {said}" if said else ""),
+                               kind="status", url=self.url, status=status,
+                               hint="the server's log says why; give the hop retry or a fallback")
+        hint = {401: "pass api_key=... when loading", 403: "check the api_key",
+                404: f"check served_model ({self.served_model!r}) and that the URL ends in /v1"}.get(
+            status, "the server refused the request as sent: its message above says why")
+        return RemoteError(f"{where} refused the request: HTTP {status}" + (f": {said}" if said else ""),
+                           kind="rejected", url=self.url, status=status, hint=hint)
+
+    def _translate(self, exc: httpx.HTTPError, stamps: _Stamps) -> RemoteError:
+        where = f"model server {self.url}"
+        if isinstance(exc, httpx.ConnectError):
+            return RemoteError(f"{where} refused the connection: {exc or type(exc).__name__}", kind="refused",
+                               url=self.url, hint="is the server running? a fallback model can answer meanwhile")
+        if isinstance(exc, httpx.ConnectTimeout):
+            return RemoteError(f"{where} did not accept the connection within {CONNECT_TIMEOUT_S:g} s",
+                               kind="refused", url=self.url, hint="is the host reachable? is the server overloaded?")
+        if isinstance(exc, httpx.ReadTimeout) and stamps.first is None:
+            return RemoteError(
+                f"{where} took the request but sent no first token within {self.read_timeout_s:g} s",
+                kind="no_first_byte", url=self.url, status=stamps.status,
+                hint="the server may be stuck or overloaded: give the hop a fallback, or load the model with a "
+                "longer read_timeout_s if its queue is long",
+            )
+        return self._broken(stamps, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+
+    def _broken(self, stamps: _Stamps, why: str) -> RemoteError:
+        return RemoteError(
+            f"model server {self.url} broke off the stream after {stamps.chunks} chunks: {why}",
+            kind="broken_stream", url=self.url, status=stamps.status,
+            hint="the server's log says why; give the hop retry or a fallback",
+        )
+
+
+class _Streams:
+    """The continuous path: each request goes out as the worker takes it, up to ``limit`` in flight, and
+    completes on its own. Each hand-off from the worker is one batch span, ended when its last request does."""
+
+    def __init__(self, backend: RemoteBackend, limit: int, on_result: OnResult, on_error: OnError) -> None:
+        self.backend = backend
+        self._on_result = on_result
+        self._on_error = on_error
+        self._slots = threading.BoundedSemaphore(limit)
+        self._inflight = 0
+        self._idle = threading.Condition()
+
+    def submit(self, batch: list[GenerationRequest], span: Span) -> None:
+        batch_id = next_batch_id()
+        with self._idle:
+            self._inflight += len(batch)
+            inflight = self._inflight
+        span.set_attributes({attr.BATCH_ID: batch_id, attr.PADDING_TOKENS: 0, attr.BATCH_MODE: "continuous",
+                             attr.BATCH_INFLIGHT: inflight})
+        left = [len(batch)]
+        failed = [False]
+        lock = threading.Lock()
+
+        def finished(request: GenerationRequest, future: Future[tuple[GenerationResult, _Stamps]]) -> None:
+            self._slots.release()
+            error = None if future.cancelled() else future.exception()
+            with lock:
+                left[0] -= 1
+                failed[0] |= error is not None
+                last = left[0] == 0
+            if last:
+                span.set_status(Status(StatusCode.ERROR if failed[0] else StatusCode.OK))
+                span.end()
+            if future.cancelled():
+                pass  # the request's timeout ran out: whoever cancelled it has settled it
+            elif error is not None:
+                self._on_error([request], error)
+            else:
+                self._on_result(request, future.result()[0])
+            with self._idle:
+                self._inflight -= 1
+                self._idle.notify_all()
+
+        for request in batch:
+            self._slots.acquire()  # the worker waits here while ``limit`` requests are in flight
+            future = self.backend.send(request, None, batch_id, len(batch))
+            future.add_done_callback(lambda f, r=request: finished(r, f))
+
+    def close(self) -> None:
+        """Wait until every request sent has finished."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._inflight == 0)
+
+
+def _on_token(request: GenerationRequest, token: int, text: str) -> None:
+    if request.on_token is not None:
+        request.on_token(token, text)
+
+
+def _parse(data: str, url: str) -> dict[str, Any]:
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        raise RemoteError(f"model server {url} sent a chunk that is not JSON: {data[:200]!r}", kind="broken_stream",
+                          url=url, hint="is this an OpenAI-compatible server?") from None
+    if not isinstance(chunk, dict):
+        raise RemoteError(f"model server {url} sent a chunk that is not a JSON object: {data[:200]!r}",
+                          kind="broken_stream", url=url, hint="is this an OpenAI-compatible server?")
+    return chunk
+
+
+def _retry_after(value: str | None) -> float | None:
+    """``Retry-After`` in seconds: a number of seconds, or an HTTP date; None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(when.timestamp() - time.time(), 0.0)
+
+
+def _event(span: Span, error: RemoteError) -> None:
+    event: dict[str, Any] = {attr.REMOTE_FAILURE: error.kind, "exception.message": error.message}
+    if error.status is not None:
+        event[attr.HTTP_STATUS] = error.status
+    if isinstance(error, RemoteRateLimited) and error.retry_after_s is not None:
+        event[attr.REMOTE_RETRY_AFTER_S] = error.retry_after_s
+    span.add_event(f"remote.{error.kind}", event)
+    span.set_attribute(attr.REMOTE_FAILURE, error.kind)
