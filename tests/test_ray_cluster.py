@@ -32,24 +32,31 @@ STORE = 80 * 2**20  # the smallest object store Ray accepts, per node: replicas 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[tuple[Any, list[Any]]]:
-    """A head that runs no replica (no CPU) and two worker nodes with two CPUs each; this process joins it."""
+    """A head that runs no replica (no CPU) and two worker nodes with two CPUs each.
+
+    Its raylets start from this process, so their workers import the workbench this test does
+    (PYTHONPATH set as for a local Ray), as a cluster's image would bring its own install.
+    """
     ray = need_ray()
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True,
-                      head_node_args={"num_cpus": 0, "object_store_memory": STORE, "include_dashboard": False})
-    workers = [cluster.add_node(num_cpus=2, object_store_memory=STORE) for _ in range(2)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", ray_runtime_env()["env_vars"]["PYTHONPATH"])
+        cluster = Cluster(initialize_head=True,
+                          head_node_args={"num_cpus": 0, "object_store_memory": STORE, "include_dashboard": False})
+        workers = [cluster.add_node(num_cpus=2, object_store_memory=STORE) for _ in range(2)]
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False, runtime_env=ray_runtime_env())
     yield cluster, workers
-    ray.shutdown()
+    ray.shutdown()  # the workbench connected this process to the cluster
     cluster.shutdown()
 
 
 @pytest.fixture(scope="module")
 def bench(cluster: tuple[Any, list[Any]], tiny_path: Path) -> Iterator[wb.Workbench]:
+    """'m' as two Ray replicas, the workbench joining the cluster by its address as it would a remote one."""
+    handle, _ = cluster
     with wb.Workbench(store=wb.InMemoryContextStore()) as bench:
-        bench.load("m", tiny_path, device="cpu", engine="ray", replicas=2)
+        bench.load("m", tiny_path, device="cpu", engine="ray", replicas=2, address=handle.address)
         yield bench
 
 

@@ -224,7 +224,8 @@ class RayBackend:
             ) from None
         except ray.exceptions.RayError as exc:
             raise ModelLoadError(f"the Ray actor of a replica of model {self.model!r} failed to start: {exc}",
-                                 hint="the actor's log under /tmp/ray/session_latest/logs says why") from exc
+                                 hint="on a cluster, each node needs autoglm-workbench installed (in its image) as "
+                                 "here; the actor's log (ray logs, or /tmp/ray/session_latest/logs) says why") from exc
         if info.get("error"):
             raise ModelLoadError(info["error"]["message"], hint=info["error"]["hint"])
         self.device, self.dtype = info["device"], info["dtype"]
