@@ -11,11 +11,14 @@
 # benchmarks/preloading.py on random-weight 0.36B Qwen2-0.5B-shaped models (batching at 16 and 24 new
 # tokens, 100 ms and 5 ms waits). Logs go to $OUT (the
 # device tool's folder that comes back) or artifacts/gpu/. About 6-8 minutes on an H200.
+# Name steps to run only those: bash benchmarks/gpu_check.sh isolation (tests/test_process.py, CUDA in
+# the child and a real CUDA fatal error there; then benchmarks/isolation.py on the GPU).
 # GPU_CHECK_DEVICE=cpu runs the same steps small on a CPU, to check the script itself.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-WHEELS=(opentelemetry-api==1.45.2 opentelemetry-sdk==1.45.2 opentelemetry-semantic-conventions==0.66b2 tenacity==9.2.1)
+WHEELS=(opentelemetry-api==1.45.2 opentelemetry-sdk==1.45.2 opentelemetry-semantic-conventions==0.66b2 tenacity==9.2.1
+        msgpack==1.1.1)
 PY="${GPU_CHECK_PYTHON:-python3}"
 
 if [ "${1:-}" = "--fetch" ]; then
@@ -42,9 +45,11 @@ else
 fi
 
 status=0
+wanted=("$@")
 step() {  # step NAME SECONDS COMMAND...: run one check with a time limit, its output also in $out/NAME.log
   local name=$1 limit=$2
   shift 2
+  if [ ${#wanted[@]} -gt 0 ] && [[ " ${wanted[*]} " != *" ${name%%[-_]*} "* ]]; then return; fi
   echo "== $name: $*"
   timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
   local rc=${PIPESTATUS[0]}
@@ -68,4 +73,8 @@ for tokens in 16 24; do
   done
 done
 step preloading 150 "$PY" benchmarks/preloading.py --device "$device" "${preload[@]}" --repeats 1
+if [ ${#wanted[@]} -gt 0 ]; then
+  step isolation_tests 240 "$PY" -m pytest -o addopts="" -W default -p no:cacheprovider -q -rs tests/test_process.py
+  step isolation_hops 200 "$PY" benchmarks/isolation.py --device "$device" --pairs 40
+fi
 exit "$status"

@@ -115,9 +115,9 @@ def test_models_table_lists_loaded_and_registered_models(tiny_bench: wb.Workbenc
     tiny_bench.register("later", tiny_path, device="cpu")
     try:
         table = tiny_bench.models()
-        assert list(table.columns) == ["name", "source", "adapter", "device", "dtype", "params", "memory_mb",
-                                       "load_s", "state", "cold_start_s", "last_used", "health", "batch_limit",
-                                       "replicas", "in_flight", "served"]
+        assert list(table.columns) == ["name", "source", "adapter", "device", "dtype", "isolation", "params",
+                                       "memory_mb", "load_s", "state", "cold_start_s", "last_used", "health",
+                                       "batch_limit", "replicas", "in_flight", "served", "pid", "restarts"]
         states = dict(zip(table["name"], table["state"], strict=True))
         assert states == {"tiny": "loaded", "later": "registered"}
         later = table.set_index("name").loc["later"]

@@ -144,7 +144,7 @@ def test_without_ray_the_package_imports_and_engine_ray_says_how_to_install_it(t
 
 def test_the_magics_load_flags_put_a_model_on_ray(bench: wb.Workbench, tiny_path: Path) -> None:
     # num-cpus 0: the two replicas of 'm' hold this Ray's two CPUs.
-    command = parse_command(f"load flagged {tiny_path} --device cpu --engine ray --num-cpus 0")
+    command = parse_command(f"load flagged {tiny_path} --device cpu --engine ray --num-cpus 0 --num-gpus 0.0")
     assert isinstance(command, LoadCommand)
     load_model(bench, command.name, command.settings)
     try:

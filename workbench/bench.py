@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import threading
 from collections.abc import Callable, Coroutine
 from concurrent.futures import CancelledError, Future
@@ -21,6 +22,8 @@ from workbench.chains.runner import Runner
 from workbench.chains.spec import ChainSpec, parse_spec
 from workbench.chains.sqlite_store import SESSIONS_FILE, SQLiteContextStore, data_root
 from workbench.engine import BatchingPolicy, Engine, GenerationParams, GenerationResult
+from workbench.engine.backends.process import ProcessBackend
+from workbench.engine.backends.transformers import TransformersBackend
 from workbench.engine.balancing import BalancePolicy, parse_balance
 from workbench.engine.batching import default_policy
 from workbench.engine.faults import Faults
@@ -32,8 +35,6 @@ from workbench.models.registry import LoadedModel, LoadSettings, ModelRegistry
 from workbench.tracing import Trace, Tracing
 
 if TYPE_CHECKING:
-    import os
-
     import pandas as pd
 
 MAX_RUNS_KEPT = 10_000
@@ -128,6 +129,8 @@ class Workbench:
         allow_pickle: bool = False,
         revision: str | None = None,
         warmup: bool = False,
+        isolation: str = "thread",
+        restarts: int = 3,
         replicas: int | list[str] | None = None,
         balance: str | BalancePolicy | None = None,
         served_model: str | None = None,
@@ -135,8 +138,8 @@ class Workbench:
         read_timeout_s: float = 60.0,
         engine: str = "local",
         address: str | None = None,
-        num_gpus: float = 0,
-        num_cpus: float = 1,
+        num_gpus: float = 0.0,
+        num_cpus: float = 1.0,
     ) -> LoadedModel:
         """Load a local directory or hub id as ``name`` and start its worker (one per replica).
 
@@ -151,6 +154,9 @@ class Workbench:
         Weights must be safetensors unless ``allow_pickle=True``; repository code never runs
         unless ``trust_remote_code=True``. ``adapter`` is a PEFT (LoRA) adapter directory.
         ``warmup=True`` runs a tiny generate after loading, reported as part of the cold start.
+        ``isolation="process"`` loads the model in a child process of its own, which a crash there
+        (SIGKILL, a segfault, a CUDA fatal error) takes down alone: the requests it ran fail with
+        ModelProcessDied, and it starts again, up to ``restarts`` times.
         ``replicas=2`` serves the model from two workers on its device (sharing its weights),
         ``replicas=["cuda:0", "cuda:1"]`` from one per device listed (the first is where it
         loads); ``balance`` picks a replica per request (see :meth:`set_balance`; round robin by
@@ -184,6 +190,8 @@ class Workbench:
                 allow_pickle=allow_pickle,
                 revision=revision,
                 warmup=warmup,
+                isolation=isolation,
+                restarts=restarts,
                 served_model=served_model,
                 api_key=api_key,
                 read_timeout_s=read_timeout_s,
@@ -257,9 +265,11 @@ class Workbench:
         return self.engine.preloader.prepare(spec.models(), label=spec.name)
 
     def models(self) -> pd.DataFrame:
-        """One row per known model: name, source, device, dtype, params, memory, load time, state, health,
-        ``batch_limit``, the largest batch it runs since one ran out of memory (None: no limit), and its
-        ``replicas`` with the requests they hold (``in_flight``) and served; :meth:`replicas` has one row each.
+        """One row per known model: name, source, device, dtype, isolation, params, memory, load time, state,
+        health, ``batch_limit``, the largest batch it runs since one ran out of memory (None: no limit), its
+        ``replicas`` with the requests they hold (``in_flight``) and served (:meth:`replicas` has one row
+        each), ``pid``, the process it runs in (None while a model process restarts), and ``restarts``, how
+        often its model process was started again after dying (None for a model in this process).
 
         A model with replicas is ``healthy`` while every replica is, ``unhealthy`` when none is, else
         ``degraded``; its ``batch_limit`` is the smallest of its replicas'.
@@ -290,6 +300,12 @@ class Workbench:
                                      dtype="Int64")
         table["in_flight"] = pd.array([count(n, "in_flight") for n in table["name"]], dtype="Int64")
         table["served"] = pd.array([count(n, "served") for n in table["name"]], dtype="Int64")
+        # Every replica of a model in this process runs here; a model in a child process has one replica.
+        backends = [sets[n].workers[0].backend if n in sets else None for n in table["name"]]
+        table["pid"] = pd.array([_pid(b) for b in backends], dtype="Int64")
+        table["restarts"] = pd.array(
+            [b.restarts if isinstance(b, ProcessBackend) else None for b in backends], dtype="Int64"
+        )
         return table
 
     def replicas(self, name: str | None = None) -> pd.DataFrame:
@@ -590,6 +606,13 @@ class Workbench:
 
     def __repr__(self) -> str:
         return f"<Workbench models={self.registry.names()} runs={len(self._runs)}>"
+
+
+def _pid(backend: object) -> int | None:
+    """The process a model's backend runs it in: its child's, or this one."""
+    if isinstance(backend, ProcessBackend):
+        return backend.pid
+    return os.getpid() if isinstance(backend, TransformersBackend) else None
 
 
 def _serve(loop: asyncio.AbstractEventLoop) -> None:

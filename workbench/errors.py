@@ -7,8 +7,8 @@
     ├── ModelError         a model is unknown, will not load, ran out of memory: UnknownModelError,
     │                      ModelLoadError, ModelOutOfMemory
     ├── ServingError       a model refused to serve now: CircuitOpen, ModelUnhealthy, HopTimeout,
-    │                      RetriesExhausted, WorkerStopped, RunCancelled, RemoteError (RemoteRateLimited),
-    │                      ModelActorDied
+    │                      RetriesExhausted, WorkerStopped, RunCancelled, ModelProcessDied, RemoteError
+    │                      (RemoteRateLimited), ModelActorDied
     ├── RunError           a run could not go on: HopFailed, MissingInputError, ContextWindowExceeded
     └── WorkbenchClosed    the workbench was closed
 
@@ -173,6 +173,11 @@ class ModelOutOfMemory(ModelError):
 
 class WorkerStopped(ServingError):
     """A request reached a model worker that was stopped (the model was unloaded)."""
+
+
+class ModelProcessDied(ServingError):
+    """The child process of a model loaded with ``isolation="process"`` died (killed, a segfault, a CUDA fatal
+    error) while it ran a batch, or stays dead; the batch's requests fail with this, and the process restarts."""
 
 
 class ModelActorDied(ServingError):

@@ -16,7 +16,7 @@ from typing import Any
 from opentelemetry.trace import Span
 
 from workbench.engine.failures import MODEL_FAILURES, error_kind
-from workbench.errors import CircuitOpen, ModelActorDied, WorkbenchError, describe
+from workbench.errors import CircuitOpen, ModelActorDied, ModelProcessDied, WorkbenchError, describe
 from workbench.tracing import attributes as attr
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
@@ -27,9 +27,9 @@ class CircuitBreaker:
 
     Closed: requests pass; a success resets the count. Open: requests fail fast with CircuitOpen
     for ``reset_timeout_s``. Half-open: the next request is let through as a trial while the
-    rest still fail fast; its success closes the breaker, its failure opens it again. Only the
-    model's own failures count (errors, timeouts, out-of-memory), never a caller's mistake. A Ray actor
-    that died (ModelActorDied) opens it at once: every later request would fail the same way.
+    rest still fail fast; its success closes the breaker, its failure opens it again. A model
+    process that died (ModelProcessDied) or a Ray actor that died (ModelActorDied) opens it at once. Only
+    the model's own failures count (errors, timeouts, out-of-memory), never a caller's mistake.
     """
 
     def __init__(
@@ -107,9 +107,10 @@ class CircuitBreaker:
                 return
             self.failures += 1
             self.last_error = describe(error)
-            # A dead actor fails everything sent to it: open now, so the balancer skips it, not after N more.
-            died = isinstance(error, ModelActorDied)
-            if self.state == HALF_OPEN or died or self.failures >= self.failure_threshold:
+            # A model process or Ray actor that died fails everything until it is back (or replaced): open
+            # now, not after N more, so the balancer sends the next requests to the other replicas.
+            crashed = isinstance(error, (ModelProcessDied, ModelActorDied))
+            if self.state == HALF_OPEN or crashed or self.failures >= self.failure_threshold:
                 self.opened += 1
                 self._change(OPEN, span)
 

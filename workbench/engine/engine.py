@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import threading
 import time
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from opentelemetry.trace import Span
 
 from workbench.engine.backends.base import Backend, fit_window
+from workbench.engine.backends.process import ModelProcess, ProcessBackend
 from workbench.engine.backends.ray import RayBackend
 from workbench.engine.backends.transformers import TransformersBackend
 from workbench.engine.balancing import BalancePolicy, RoundRobin
@@ -64,8 +66,10 @@ class _Pending:
 
 
 def backend_for(loaded: LoadedModel) -> Backend:
-    """The backend that runs ``loaded``: a model server's over HTTP, a Ray actor's (``engine="ray"``), else
-    transformers, in this process."""
+    """The backend that runs ``loaded``: transformers in the child process that loaded it, a model server's
+    over HTTP, a Ray actor's (``engine="ray"``), else transformers in this process."""
+    if loaded.settings.isolation == "process":
+        return ProcessBackend(loaded)
     if loaded.settings.remote:
         try:
             from workbench.engine.backends.openai import RemoteBackend  # httpx is needed for servers only
@@ -95,6 +99,8 @@ class Engine:
 
     def __init__(self, registry: ModelRegistry, tracing: Tracing) -> None:
         self._registry = registry
+        # isolation="process": the registry loads through a child process, whose restarts are engine spans.
+        registry.spawner = functools.partial(ModelProcess, tracing=tracing)
         self._tracing = tracing
         self._lock = threading.Lock()
         self._sets: dict[str, ReplicaSet] = {}
@@ -119,6 +125,12 @@ class Engine:
         with self._lock:
             devices = self._replicas.get(name, (None,))
             balance = self._balance.get(name) or RoundRobin()
+        if loaded.settings.isolation == "process" and len(devices) > 1:
+            raise ModelLoadError(
+                f"model {name!r} runs in a child process (isolation='process'), which serves one replica: "
+                f"{len(devices)} were asked for",
+                hint="load it with replicas=1, or with isolation='thread' to replicate it",
+            )
         ray = loaded.settings.engine == "ray"
         if ray and any(device is not None for device in devices):
             raise SettingsError(f"model {name!r}: engine='ray' takes a count of replicas, not a list of devices",

@@ -172,8 +172,13 @@ class ModelWorker:
                 attr.DECODE_MS: timing.decode_ms,
                 attr.DETOKENIZE_MS: timing.detokenize_ms,
                 attr.BATCH_STEPS: timing.steps,
+                **timing.attributes,
             }
         )
+        for remote in timing.spans:
+            self._tracing.start_span(remote.name, span, remote.attributes, start_time=remote.start_ns).end(
+                end_time=remote.end_ns
+            )
         span.set_status(Status(StatusCode.OK))
         span.end()
         # Spans first, answers after, in a tight loop: the awaiting runs then wake together and send

@@ -52,8 +52,9 @@ def add_load_options(parser: argparse.ArgumentParser, title: str = "load options
         if isinstance(option.default, bool):
             group.add_argument(_flag(option), action="store_true", help=LOAD_HELP[option.name])
         else:
-            # A number's flag parses as one; the other settings are text.
-            kind = float if isinstance(option.default, float) else None
+            # A number's flag parses as one (--restarts N, --read-timeout-s S), so a typo is argparse's clear
+            # error, not a load's; the other settings are text.
+            kind = type(option.default) if isinstance(option.default, (int, float)) else None
             group.add_argument(_flag(option), default=option.default, type=kind, metavar=option.metadata["metavar"],
                                help=LOAD_HELP[option.name])
 

@@ -11,11 +11,11 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlparse
 
 import torch
@@ -31,6 +31,27 @@ from workbench.tracing import attributes as attr_names
 
 if TYPE_CHECKING:
     import pandas as pd
+
+# Where a model runs: in this process (its worker is a thread), or in a child process of its own.
+ISOLATIONS = ("thread", "process")
+
+
+class IsolatedModel(Protocol):
+    """A model loaded in a child process, as the registry keeps it: what the child reported, and how to end it."""
+
+    pid: int | None  # None while a restarted child loads
+    device: str
+    dtype: str
+    params: int
+    memory_bytes: int
+    warmup_s: float
+    context_window: int | None
+
+    def close(self) -> None: ...
+
+
+# Starts a child process that loads ``settings`` as the model ``name``; the engine provides it.
+Spawner = Callable[[str, LoadSettings], IsolatedModel]
 
 
 @dataclass
@@ -114,6 +135,7 @@ class ModelRegistry:
 
     def __init__(self, tracing: Tracing) -> None:
         self._tracing = tracing
+        self.spawner: Spawner | None = None  # loads isolation="process" models; the engine sets it (it owns backends)
         self._lock = threading.RLock()
         self._loaded: dict[str, LoadedModel] = {}
         self._registered: dict[str, LoadSettings] = {}  # every known model, loaded or not
@@ -194,8 +216,8 @@ class ModelRegistry:
         """One row per known model: name, source, device, dtype, params, memory, load_s, state, cold start, last use."""
         import pandas as pd
 
-        columns = ["name", "source", "adapter", "device", "dtype", "params", "memory_mb", "load_s", "state",
-                   "cold_start_s", "last_used"]
+        columns = ["name", "source", "adapter", "device", "dtype", "isolation", "params", "memory_mb", "load_s",
+                   "state", "cold_start_s", "last_used"]
 
         def last_used(name: str) -> pd.Timestamp | None:
             used = self.usage.last_used(name)
@@ -209,6 +231,7 @@ class ModelRegistry:
                     "adapter": m.settings.adapter,
                     "device": str(m.device),
                     "dtype": dtype_name(m.dtype) if m.dtype is not None else None,
+                    "isolation": m.settings.isolation,
                     "params": m.params,
                     "memory_mb": None if m.settings.remote else round(m.memory_bytes / 2**20, 2),
                     "load_s": round(m.load_s, 3),
@@ -220,7 +243,8 @@ class ModelRegistry:
             ]
             rows += [
                 {"name": n, "source": s.source, "adapter": s.adapter, "device": s.device, "dtype": s.dtype,
-                 "params": None, "memory_mb": None, "load_s": None, "state": "registered", "cold_start_s": None,
+                 "isolation": s.isolation, "params": None, "memory_mb": None, "load_s": None, "state": "registered",
+                 "cold_start_s": None,
                  "last_used": last_used(n)}
                 for n, s in self._registered.items()
                 if n not in self._loaded
@@ -245,7 +269,10 @@ class ModelRegistry:
         ``trigger`` says on the span why it loaded: explicit, on_use, prefetch or eager.
         """
         self.check_free(name)
+        _check_isolation(settings)
         _check_engine(settings)
+        if settings.isolation == "process":
+            return self._load_isolated(name, settings, parent, trigger)
         if settings.remote:
             return self._keep(name, settings, self._connect(name, settings, parent, trigger))
         if settings.engine == "ray":
@@ -253,15 +280,9 @@ class ModelRegistry:
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
         _check_source(settings)
-        span_attrs = {
-            attr_names.SPAN_KIND: attr_names.KIND_CHAIN,
-            attr_names.MODEL_NAME: name,
-            attr_names.MODEL_SOURCE: settings.source,
-            attr_names.MODEL_DEVICE: str(device),
-            attr_names.MODEL_DTYPE: dtype_name(dtype),
-            attr_names.LOAD_TRIGGER: trigger,
-        }
+        span_attrs = self._load_span_attributes(name, settings, trigger)
         with self._tracing.span(f"load {name}", parent, span_attrs) as span:
+            span.set_attributes({attr_names.MODEL_DEVICE: str(device), attr_names.MODEL_DTYPE: dtype_name(dtype)})
             started = time.perf_counter()
             before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
             model, tokenizer = _from_pretrained(settings, device, dtype)
@@ -321,10 +342,66 @@ class ModelRegistry:
         return LoadedModel(name=name, settings=settings, model=None, tokenizer=tokenizer, device=RAY_DEVICE, dtype=None,
                            params=None, memory_bytes=0, load_s=load_s, context_window=None)
 
+    def _load_span_attributes(self, name: str, settings: LoadSettings, trigger: str) -> dict[str, Any]:
+        return {
+            attr_names.SPAN_KIND: attr_names.KIND_CHAIN,
+            attr_names.MODEL_NAME: name,
+            attr_names.MODEL_SOURCE: settings.source,
+            attr_names.LOAD_TRIGGER: trigger,
+            attr_names.MODEL_ISOLATION: settings.isolation,
+        }
+
+    def _load_isolated(self, name: str, settings: LoadSettings, parent: Span | None, trigger: str) -> LoadedModel:
+        """Load ``settings`` in a child process (the engine's spawner), and only its tokenizer here.
+
+        Device and dtype are resolved in the child, so this process never initialises CUDA. The
+        load time is the whole wait here: starting Python, importing torch, loading, warming up.
+        """
+        if self.spawner is None:
+            raise RuntimeError("isolation='process' needs the engine's spawner; load through a Workbench")
+        _check_source(settings)
+        with self._tracing.span(f"load {name}", parent, self._load_span_attributes(name, settings, trigger)) as span:
+            started = time.perf_counter()
+            tokenizer = _load_tokenizer(settings)
+            process = self.spawner(name, settings)
+            load_s = time.perf_counter() - started - process.warmup_s
+            span.set_attributes(
+                {
+                    attr_names.MODEL_DEVICE: process.device,
+                    attr_names.MODEL_DTYPE: process.dtype,
+                    attr_names.MODEL_PARAMS: process.params,
+                    attr_names.MODEL_MEMORY_BYTES: process.memory_bytes,
+                    attr_names.PROCESS_PID: process.pid,
+                    attr_names.LOAD_S: load_s,
+                    attr_names.WARMUP_S: process.warmup_s,
+                    attr_names.COLD_START_S: load_s + process.warmup_s,
+                }
+            )
+        loaded = LoadedModel(
+            name=name,
+            settings=settings,
+            model=process,
+            tokenizer=tokenizer,
+            device=torch.device(process.device),
+            dtype=getattr(torch, process.dtype),
+            params=process.params,
+            memory_bytes=process.memory_bytes,
+            load_s=load_s,
+            warmup_s=process.warmup_s,
+            context_window=process.context_window,
+        )
+        try:
+            return self._keep(name, settings, loaded)
+        except BaseException:
+            process.close()
+            raise
+
     def _keep(self, name: str, settings: LoadSettings, loaded: LoadedModel) -> LoadedModel:
+        """Make ``loaded`` the model of ``name``, unless another thread loaded one under that name meanwhile."""
         with self._lock:
             if name in self._loaded:  # another thread won the race; keep theirs, free ours
                 device = loaded.device
+                _release(loaded)
                 del loaded
                 _free(device)
                 raise ModelLoadError(f"a model named {name!r} was loaded meanwhile", hint="use a different name")
@@ -375,7 +452,7 @@ class ModelRegistry:
             if loaded is None:
                 return 0
         freed, device = loaded.memory_bytes, loaded.device
-        loaded.model = loaded.tokenizer = None
+        _release(loaded)
         del loaded
         _free(device)
         return freed
@@ -393,6 +470,10 @@ def _check_engine(settings: LoadSettings) -> None:
             hint="'local' serves the model from this process; 'ray' from Ray actors (pip install "
             "'autoglm-workbench[ray]')",
         )
+    if settings.engine == "ray" and settings.isolation == "process":
+        raise ModelLoadError("engine='ray' runs each replica in an actor, a process of its own already: "
+                             "isolation='process' has nothing to add",
+                             hint="drop isolation='process', or engine='ray' for a child process on this machine")
     if settings.engine == "ray" and settings.remote:
         raise ModelLoadError(f"{settings.source!r} is a model server, which serves itself: engine='ray' cannot run it",
                              hint="give engine='ray' a model directory or hub id, or drop it for the server")
@@ -415,6 +496,32 @@ def _amount(settings: LoadSettings, name: str) -> float:
         raise ModelLoadError(f"{name} must be a number >= 0, got {value!r}",
                              hint="what each replica's Ray actor asks of the cluster: 1, or 0.5 to share one")
     return amount
+
+
+def _release(loaded: LoadedModel) -> None:
+    """Let go of ``loaded``'s model: drop the references, or end the child process that holds it."""
+    if loaded.settings.isolation == "process":
+        loaded.model.close()
+    loaded.model = loaded.tokenizer = None
+
+
+def _check_isolation(settings: LoadSettings) -> None:
+    if settings.isolation not in ISOLATIONS:
+        raise ModelLoadError(
+            f"isolation must be one of {', '.join(map(repr, ISOLATIONS))}, got {settings.isolation!r}",
+            hint="'thread' runs the model in this process; 'process' in a child process a crash cannot take this "
+            "one down with",
+        )
+    if settings.isolation == "process" and settings.remote:
+        raise ModelLoadError(
+            f"{settings.source!r} is a model server: it runs in the server's process, not in one of ours",
+            hint="drop isolation='process' for a server URL",
+        )
+    if isinstance(settings.restarts, bool) or not isinstance(settings.restarts, int) or settings.restarts < 0:
+        raise ModelLoadError(
+            f"restarts must be a whole number >= 0, got {settings.restarts!r}",
+            hint="it is how often a model process that died is started again (0: never)",
+        )
 
 
 def _free(device: torch.device | str) -> None:

@@ -30,6 +30,9 @@ class LoadSettings:
     allow_pickle: bool = _option(False, "accept pickled (.bin, .pt) weights, which can run code")
     revision: str | None = _option(None, "a branch, tag or commit of a hub model", "REV")
     warmup: bool = _option(False, "run a tiny generate after loading; it counts as cold start")
+    isolation: str = _option("thread", "thread (default: in this process) or process (a child process of its own)", "I")
+    restarts: int = _option(3, "process isolation: how often a model process that died is started again (default 3)",
+                            "N")
     served_model: str | None = _option(
         None, "for a server URL: the model's name on the server (default: the one model it lists)", "M")
     # Kept out of repr, so a settings object shown in a notebook or a log does not print the key.
@@ -40,8 +43,9 @@ class LoadSettings:
     engine: str = _option("local", "local (default: this process) or ray (each replica a Ray actor)", "E")
     address: str | None = _option(None, "engine ray: an existing cluster (ray://head:10001, auto); default a local one",
                                   "ADDR")
-    num_gpus: float = _option(0, "engine ray: GPUs each replica's actor asks of the cluster (default 0)", "N")
-    num_cpus: float = _option(1, "engine ray: CPUs each replica's actor asks of the cluster (default 1)", "N")
+    # Floats, so their flags take fractions (--num-gpus 0.5: two replicas share a GPU).
+    num_gpus: float = _option(0.0, "engine ray: GPUs each replica's actor asks of the cluster (default 0)", "N")
+    num_cpus: float = _option(1.0, "engine ray: CPUs each replica's actor asks of the cluster (default 1)", "N")
 
     @property
     def remote(self) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 from workbench.engine.requests import GenerationParams, GenerationRequest, GenerationResult
@@ -32,6 +32,19 @@ class BackendOutOfMemory(RuntimeError):
 
 
 @dataclass
+class RemoteSpan:
+    """A span recorded where a batch ran (a child process, a server), as plain data that can cross a wire.
+
+    The worker re-creates it under the batch span, so work done elsewhere shows in the same trace.
+    """
+
+    name: str
+    start_ns: int  # epoch nanoseconds (time.time_ns), the clock OpenTelemetry spans are stamped with
+    end_ns: int
+    attributes: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass
 class BatchTiming:
     """What one executed batch cost, for the batch span."""
 
@@ -44,6 +57,10 @@ class BatchTiming:
     decode_ms: float
     detokenize_ms: float
     steps: int
+    # What the backend adds to the batch span about where the batch ran (a child's pid, its IPC time),
+    # and the spans recorded there, which join the trace under the batch span.
+    attributes: dict[str, object] = field(default_factory=dict)
+    spans: list[RemoteSpan] = field(default_factory=list)
 
 
 # Called by a backend after each decode step with (request, new token id, text delta) per streaming row.

@@ -31,7 +31,7 @@ from workbench.engine.backends.base import (
     TokenSink,
     next_batch_id,
 )
-from workbench.engine.backends.transformers import LocalTokenizer
+from workbench.engine.backends.transformers import TextCodec
 from workbench.engine.requests import GenerationParams, GenerationRequest, GenerationResult
 from workbench.errors import ModelActorDied, ModelLoadError, StrategyError, WorkbenchError
 from workbench.models.registry import LoadedModel
@@ -192,7 +192,7 @@ class RayBackend:
         self._memory = 0
         self._dead: str | None = None
         self._tokenizer = loaded.tokenizer
-        self._tokens: LocalTokenizer | None = None
+        self._tokens: TextCodec | None = None
         self._ray = connect(settings)
         actor = _actor_class(self._ray).options(
             num_gpus=float(settings.num_gpus),
@@ -231,7 +231,7 @@ class RayBackend:
         self.device, self.dtype = info["device"], info["dtype"]
         self.context_window, self._memory = info["context_window"], info["memory_bytes"]
         self.node, self.actor_id = info["node_id"], info["actor_id"]
-        self._tokens = LocalTokenizer(self._tokenizer, set(info["eos_ids"]))
+        self._tokens = TextCodec(self._tokenizer, set(info["eos_ids"]))
         self._ready = True
 
     def _call(self, ref: Any) -> Any:

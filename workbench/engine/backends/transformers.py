@@ -72,11 +72,8 @@ class _CancelledRows(StoppingCriteria):
         return torch.tensor([r.cancelled for r in self.batch], dtype=torch.bool, device=input_ids.device)
 
 
-class LocalTokenizer:
-    """A model's tokenizer in this process: prompts to token ids in one call, generated ids back to text.
-
-    Apart from the model, so a backend whose model runs elsewhere (a Ray actor) tokenizes here too.
-    """
+class TextCodec:
+    """Prompts to token ids and generated ids to text with one model's tokenizer, wherever the model itself runs."""
 
     def __init__(self, tokenizer: Any, eos_ids: set[int]) -> None:
         self.tokenizer = tokenizer
@@ -102,7 +99,7 @@ class LocalTokenizer:
 
 
 def eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    """The token ids that end a generation: the model's generation config's, else the tokenizer's EOS."""
+    """The token ids that end a generation: the model's generation config's, else the tokenizer's."""
     eos = model.generation_config.eos_token_id
     if eos is None:
         eos = tokenizer.eos_token_id
@@ -121,13 +118,13 @@ class TransformersBackend:
         self.context_window = loaded.context_window
         self.eos_ids = eos_ids(loaded.model, loaded.tokenizer)
         self.pad_id: int = loaded.tokenizer.pad_token_id
-        self._tokens = LocalTokenizer(loaded.tokenizer, self.eos_ids)
+        self.codec = TextCodec(loaded.tokenizer, self.eos_ids)
 
     def tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
-        return self._tokens.tokenize(prompts)
+        return self.codec.tokenize(prompts)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
-        return self._tokens.detokenize(tokens)
+        return self.codec.detokenize(tokens)
 
     def check(self, policy: BatchingPolicy) -> None:
         if policy.continuous:

@@ -1,0 +1,297 @@
+"""Process isolation on the real tiny model: a model in a child process serves alike, and its crash is survivable."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+from opentelemetry.trace import INVALID_SPAN
+
+import workbench as wb
+from workbench.engine import GenerationParams, GenerationRequest
+from workbench.fronts.arguments import add_load_options, load_settings
+from workbench.fronts.cli import main
+from workbench.tracing import attributes as attr
+
+from helpers import WAIT_S, eventually
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the model process is started with pass_fds (POSIX)")
+pytest.importorskip("msgpack", reason="isolation='process' needs the process extra (pip install -e '.[dev]')")
+
+PROMPT = "Question: {{ question }}\nAnswer:"
+QUESTION = "What is the capital of France?"
+
+
+class BatchStarts(SpanProcessor):
+    """Hears a model's batch span start: the worker has taken the batch and is about to hand it to the backend."""
+
+    def __init__(self, model: str) -> None:
+        self.name = f"batch {model}"
+        self.started = threading.Event()
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        if span.name == self.name:
+            self.started.set()
+
+    def on_end(self, span: ReadableSpan) -> None:
+        pass
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def model_children() -> list[int]:
+    """This process's children that run the model process's module (read from /proc: Linux)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat, command = (entry / "stat").read_text(), (entry / "cmdline").read_bytes()
+        except OSError:  # it ended while we looked
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if parent == os.getpid() and b"workbench.engine.backends._child" in command:
+            found.append(int(entry.name))
+    return found
+
+
+def shm() -> set[str]:
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+@pytest.fixture
+def pair(bench: wb.Workbench, tiny_path: Path) -> wb.Workbench:
+    """'iso' (the tiny model in a child process) and 'tiny' (the same weights in this one)."""
+    bench.load("iso", tiny_path, device="cpu", isolation="process")
+    bench.load("tiny", tiny_path, device="cpu")
+    return bench
+
+
+def pid_of(bench: wb.Workbench, name: str) -> int | None:
+    """The process ``name`` runs in, as bench.models() shows it; None while it has none."""
+    value = bench.models().set_index("name").loc[name, "pid"]
+    return None if pd.isna(value) else int(value)
+
+
+def test_an_isolated_model_answers_as_in_process_from_a_process_of_its_own(pair: wb.Workbench) -> None:
+    prompt = f"Question: {QUESTION}\nPlan:"
+    isolated = pair.generate("iso", prompt, max_new_tokens=16)
+    local = pair.generate("tiny", prompt, max_new_tokens=16)
+    assert isolated.text == local.text and isolated.token_ids == local.token_ids
+    assert isolated.tokens_out > 1 and isolated.ttft_ms > 0
+
+    models = pair.models().set_index("name")
+    assert models.loc["iso", "isolation"] == "process" and models.loc["tiny", "isolation"] == "thread"
+    child = int(models.loc["iso", "pid"])
+    assert child != os.getpid() and int(models.loc["tiny", "pid"]) == os.getpid() and alive(child)
+    assert os.getpgid(child) != os.getpgrp()  # a Ctrl-C in a terminal reaches this process group, not the child
+    assert models.loc["iso", "restarts"] == 0 and pd.isna(models.loc["tiny", "restarts"])
+    # The weights live in the child: this process holds no module for 'iso', and never touched CUDA for it.
+    assert models.loc["iso", "memory_mb"] == models.loc["tiny", "memory_mb"] > 0
+    assert not isinstance(pair.registry.get("iso").model, torch.nn.Module)
+    assert not torch.cuda.is_initialized()
+
+    # Streamed tokens cross the pipe as they are made; the batch span says which process ran it.
+    chain = pair.chain({"name": "s", "hops": [{"name": "answer", "model": "iso", "prompt": PROMPT,
+                                                "max_new_tokens": 12}]})
+    events = list(chain.stream(question=QUESTION))
+    streamed = "".join(e.text for e in events if e.kind == "token")
+    run = events[-1].run
+    assert streamed.strip() == run.output == pair.generate("tiny", f"Question: {QUESTION}\nAnswer:",
+                                                            max_new_tokens=12).text
+    table = pair.traces().table()
+    batch = table.query("name == 'batch iso'").iloc[-1]
+    assert batch["attributes.workbench.process.pid"] == child
+    # The child's prefill and decode join the trace under the batch span that sent them.
+    inside = table[table["parent_id"] == batch["context.span_id"]].set_index("name")
+    assert sorted(inside.index) == ["decode iso", "prefill iso"]
+    assert set(inside["attributes.workbench.process.pid"]) == {child}
+    assert inside.loc["prefill iso", "end_time"] == inside.loc["decode iso", "start_time"]
+    assert inside.loc["decode iso", "attributes.workbench.batch.steps"] == batch["attributes.workbench.batch.steps"]
+    with pytest.raises(wb.StrategyError, match="child process"):
+        pair.set_batching("iso", wb.ContinuousBatching())
+
+
+def test_a_killed_model_process_fails_its_batch_clearly_a_fallback_serves_and_it_restarts(
+    pair: wb.Workbench,
+) -> None:
+    pair.set_breaker("iso", failure_threshold=5, reset_timeout_s=0.2)
+    chain = pair.chain({"name": "qa", "hops": [
+        {"name": "answer", "model": "iso", "prompt": PROMPT, "max_new_tokens": 8, "fallback": ["tiny"]}]})
+    expected = chain.run(question=QUESTION)
+    assert expected.served_by["answer"] == "model:iso"
+    child = pid_of(pair, "iso")
+    assert child is not None
+    shm_before = shm()
+
+    starts = BatchStarts("iso")
+    pair.tracing.engine_provider.add_span_processor(starts)
+    pair.tracing.provider.add_span_processor(starts)
+    os.kill(child, signal.SIGSTOP)  # the child takes the batch but cannot answer it: the request is in flight
+    running = pair.start(chain.arun(question=QUESTION))
+    assert starts.started.wait(WAIT_S)
+    os.kill(child, signal.SIGKILL)
+    run = running.result(WAIT_S)
+
+    assert run.output == expected.output and run.served_by["answer"] == "model:tiny"
+    events = run.trace.events()
+    fallback = events.query("event == 'fallback'")
+    reason = fallback["attributes.workbench.fallback.reason"].iloc[0]
+    assert f"pid {child}" in reason and "killed by SIGKILL" in reason
+    assert "breaker.open" in set(events["event"])  # a dead process opens the breaker at once
+
+    # The restart is a span of the engine's trace, which ends once the new process serves.
+    eventually(lambda: any(s.name == "restart iso" for s in pair.traces().spans), "the model process to restart")
+    assert pair.models().set_index("name").loc["iso", "restarts"] == 1 and not alive(child)
+    (restart,) = [s for s in pair.traces().spans if s.name == "restart iso"]
+    assert restart.attributes[attr.PROCESS_PREVIOUS_PID] == child
+    assert restart.attributes[attr.PROCESS_PID] == pid_of(pair, "iso")
+    after = chain.run(question=QUESTION)  # the breaker's trial goes to the new process and closes it
+    assert after.served_by["answer"] == "model:iso" and after.output == expected.output
+    assert pair.breakers().set_index("model").loc["iso", "state"] == "closed"
+    assert shm() == shm_before
+
+
+def test_a_request_that_times_out_while_the_child_runs_it_stops_its_row_there(
+    bench: wb.Workbench, tiny_path: Path
+) -> None:
+    bench.load("iso", tiny_path, device="cpu", isolation="process")
+    params = GenerationParams(max_new_tokens=64, temperature=5.0, seed=0)  # seeded so that it runs to 64 tokens
+    assert bench.engine.generate("iso", "A chain", params).tokens_out == 64
+    child = pid_of(bench, "iso")
+    assert child is not None
+    os.kill(child, signal.SIGSTOP)  # the batch reaches the child, which cannot start it before the timeout fires
+    try:
+        with pytest.raises(wb.HopTimeout, match="gave no answer within"):
+            bench.engine.call("iso", "A chain", params, timeout_s=1.0)
+    finally:
+        os.kill(child, signal.SIGCONT)
+    bench.engine.generate("iso", "Paris", GenerationParams(max_new_tokens=2))  # queued behind: the row has ended
+    spans = bench.traces().spans
+    cancelled = [s.attributes[attr.CANCELLED] for s in spans if (s.attributes or {}).get(attr.CANCELLED)]
+    assert cancelled == ["running"]
+    steps = [s.attributes[attr.BATCH_STEPS] for s in spans if s.name == "batch iso"]
+    assert steps[0] == 64 and steps[1] < 64  # stopped in the child, not run to the end for nobody
+
+
+@pytest.mark.parametrize(("sig", "said"), [(signal.SIGSEGV, "SIGSEGV (a segfault)"), (signal.SIGKILL, "SIGKILL")])
+def test_with_no_restarts_left_a_dead_model_process_stays_down_and_says_so(
+    bench: wb.Workbench, tiny_path: Path, sig: signal.Signals, said: str
+) -> None:
+    bench.load("iso", tiny_path, device="cpu", isolation="process", restarts=0)
+    child = pid_of(bench, "iso")
+    assert child is not None
+    os.kill(child, sig)
+    killed = re.escape(f"its process (pid {child}) was killed by {said}")
+    with pytest.raises(wb.ModelProcessDied, match=killed) as died:
+        bench.generate("iso", "Hello", max_new_tokens=2)
+    assert "stays down" in str(died.value) and "raise restarts" in str(died.value)
+    with pytest.raises(wb.ServingError, match="stays down"):
+        bench.engine.submit("iso", "Hello", GenerationParams(max_new_tokens=2)).future.result(WAIT_S)
+    assert pid_of(bench, "iso") is None
+
+
+def test_closing_the_workbench_ends_the_model_process(tiny_path: Path) -> None:
+    with wb.Workbench() as bench:
+        bench.load("iso", tiny_path, device="cpu", isolation="process")
+        child = pid_of(bench, "iso")
+        assert child is not None and alive(child)
+        bench.unload("iso")
+        assert not alive(child)
+        bench.load("iso")  # registered, so it loads again with its settings: a new process
+        again = pid_of(bench, "iso")
+        assert again is not None and again != child
+    assert not alive(again)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="lists child processes from /proc (Linux)")
+def test_unloading_while_the_model_process_restarts_leaves_no_process_behind(
+    bench: wb.Workbench, tiny_path: Path
+) -> None:
+    bench.load("iso", tiny_path, device="cpu", isolation="process")
+    child = pid_of(bench, "iso")
+    assert child is not None and model_children() == [child]
+    os.kill(child, signal.SIGKILL)
+    with pytest.raises(wb.ModelProcessDied, match="it is starting again") as died:
+        bench.generate("iso", "Hello", max_new_tokens=2)
+    assert "restart 1 of 3" in str(died.value)
+    bench.unload("iso")  # while the new process loads: it is ended, not left to finish and linger
+    assert model_children() == [] and not alive(child)
+
+
+def test_a_model_the_child_cannot_load_is_a_load_error_here(bench: wb.Workbench, tiny_path: Path) -> None:
+    with pytest.raises(wb.ModelLoadError, match="float8") as error:
+        bench.load("iso", tiny_path, device="cpu", dtype="float8", isolation="process")
+    assert error.value.hint
+    with pytest.raises(wb.ModelLoadError, match="isolation must be one of 'thread', 'process'"):
+        bench.load("iso", tiny_path, isolation="container")
+    with pytest.raises(wb.ModelLoadError, match="restarts must be a whole number"):
+        bench.load("iso", tiny_path, isolation="process", restarts=-1)
+    with pytest.raises(wb.ModelLoadError, match="runs in the server's process"):
+        bench.load("iso", "http://127.0.0.1:9/v1", isolation="process")
+    with pytest.raises(wb.ModelLoadError, match="serves one replica: 2 were asked for"):
+        bench.load("iso", tiny_path, device="cpu", isolation="process", replicas=2)
+    assert "iso" not in set(bench.models()["name"])
+
+
+def test_the_load_flags_of_the_magics_and_the_command_line_take_isolation_and_restarts() -> None:
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_load_options(parser)
+    settings = load_settings(parser.parse_args(["--isolation", "process", "--restarts", "5"]), "tiny")
+    assert (settings.isolation, settings.restarts) == ("process", 5)
+    defaults = load_settings(parser.parse_args([]), "tiny")
+    assert (defaults.isolation, defaults.restarts) == ("thread", 3)
+    with pytest.raises(argparse.ArgumentError, match="invalid int value"):
+        parser.parse_args(["--restarts", "many"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_cuda_lives_in_the_child_and_a_cuda_fatal_error_restarts_it(
+    bench: wb.Workbench, tiny_path: Path
+) -> None:
+    bench.load("iso", tiny_path, device="cuda", dtype="float32", isolation="process")
+    assert bench.models().set_index("name").loc["iso", "device"] == "cuda:0"
+    assert not torch.cuda.is_initialized()  # the weights and the CUDA context are the child's alone
+    isolated = bench.generate("iso", f"Question: {QUESTION}\nPlan:", max_new_tokens=16)
+    bench.load("tiny", tiny_path, device="cuda", dtype="float32")
+    assert isolated.text == bench.generate("tiny", f"Question: {QUESTION}\nPlan:", max_new_tokens=16).text
+
+    # A token id past the vocabulary trips a device-side assert: a real CUDA fatal error, in the child only.
+    child = pid_of(bench, "iso")
+    request = GenerationRequest("iso", [10**7], GenerationParams(max_new_tokens=2), INVALID_SPAN)
+    bench.engine.worker("iso").submit(request)
+    error = request.future.exception(WAIT_S)
+    assert isinstance(error, wb.ModelProcessDied) and "CUDA" in str(error) and f"pid {child}" in str(error)
+    eventually(lambda: pid_of(bench, "iso") not in (None, child), "the model process to start again")
+    bench.set_breaker("iso", failure_threshold=5, reset_timeout_s=0)
+    assert bench.generate("iso", f"Question: {QUESTION}\nPlan:", max_new_tokens=16).text == isolated.text
+
+
+def test_the_command_line_runs_a_chain_on_an_isolated_model(
+    tmp_path: Path, tiny_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    spec = tmp_path / "qa.yaml"
+    spec.write_text("name: qa\nhops:\n  - name: answer\n    model: iso\n    prompt: 'Question: {{ question }}\\nAnswer:'\n"
+                    "    max_new_tokens: 8\n", encoding="utf-8")
+    args = ["run", str(spec), f"question={QUESTION}", "--model", f"iso={tiny_path}", "--device", "cpu", "--json"]
+    assert main([*args, "--isolation", "process", "--restarts", "1"]) == 0
+    isolated = json.loads(capfd.readouterr().out)  # the child printed nothing into the JSON on stdout
+    assert main(args) == 0
+    assert isolated["outputs"] == json.loads(capfd.readouterr().out)["outputs"]

@@ -1,0 +1,161 @@
+"""The model process of ``isolation="process"``: loads one model with the registry's code, serves batches on a pipe.
+
+Run as ``python -m workbench.engine.backends._child FD CONTROL_FD`` by
+:class:`~workbench.engine.backends.process.ModelProcess`, with its ends of two socket pairs. The
+first frame names the model and its LoadSettings; the answer is ``ready`` (what loaded, and where)
+or ``failed``. Then each ``generate`` frame is one batch, answered by ``token`` frames for streaming rows and one ``done`` (or ``error``) frame;
+a ``cancel`` frame on the control pipe stops rows of a batch (their requests timed out in the parent).
+End-of-file on the pipe (the parent closed it, or died) ends the process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import faulthandler
+import os
+import sys
+import threading
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+from opentelemetry.trace import INVALID_SPAN
+
+from workbench.engine.backends.base import BackendOutOfMemory, BatchTiming
+from workbench.engine.backends.process import pack, unpack
+from workbench.engine.backends.transformers import TransformersBackend
+from workbench.engine.requests import GenerationParams, GenerationRequest
+from workbench.errors import WorkbenchError, describe
+from workbench.models.registry import ModelRegistry
+from workbench.models.settings import LoadSettings
+from workbench.tracing import Tracing
+from workbench.tracing import attributes as attr
+
+
+def _is_fatal(exc: BaseException) -> bool:
+    """Whether ``exc`` left the device unusable for this process: a CUDA error other than out-of-memory.
+
+    After a device-side assert or an illegal memory access every later CUDA call fails too, so
+    the process ends and the parent starts a fresh one.
+    """
+    return "CUDA error" in str(exc) or type(exc).__name__ == "AcceleratorError"
+
+
+def _batch(backend: TransformersBackend, frame: dict[str, Any]) -> list[GenerationRequest]:
+    params = GenerationParams(**frame["params"])
+    return [
+        GenerationRequest(backend.model, ids, params, INVALID_SPAN, submitted=submitted, cancellable=cancellable,
+                          on_token=(lambda *_: None) if stream else None)  # marks the row as streaming
+        for ids, submitted, stream, cancellable in frame["rows"]
+    ]
+
+
+def _serve(conn: Connection, backend: TransformersBackend, batch: list[GenerationRequest]) -> None:
+    started = time.perf_counter()
+    wall = time.time_ns()  # spans are stamped in epoch time; this maps the batch's perf_counter reads onto it
+    rows = {request.id: row for row, request in enumerate(batch)}
+
+    def on_token(request: GenerationRequest, token: int, text: str) -> None:
+        conn.send_bytes(pack({"op": "token", "row": rows[request.id], "token": token, "text": text}))
+
+    try:
+        results, timing = backend.generate(batch, on_token if any(r.stream for r in batch) else None)
+    except Exception as exc:
+        oom = isinstance(exc, BackendOutOfMemory)
+        if oom:
+            backend.release_memory()
+        fatal = not oom and _is_fatal(exc)
+        conn.send_bytes(pack({"op": "error", "oom": oom, "fatal": fatal, "message": describe(exc)}))
+        if fatal:
+            os._exit(70)  # nothing this process holds can be trusted now; the parent restarts it
+        return
+    conn.send_bytes(pack({
+        "op": "done",
+        "results": [[r.text, r.token_ids, r.finish_reason, r.queue_ms, r.prefill_ms, r.ttft_ms, r.decode_ms,
+                     r.padding_tokens] for r in results],
+        "timing": {k: v for k, v in dataclasses.asdict(timing).items() if k not in ("batch_id", "attributes", "spans")},
+        "busy_ms": (time.perf_counter() - started) * 1e3,
+        "spans": _spans(backend, timing, started, wall),
+    }))
+
+
+def _spans(backend: TransformersBackend, timing: BatchTiming, started: float, wall: int) -> list[list[Any]]:
+    """The batch's prefill and decode as spans (name, start and end in epoch ns, attributes) for the parent's trace."""
+
+    def at(stamp: float) -> int:
+        return wall + round((stamp - started) * 1e9)
+
+    first = timing.started + timing.prefill_ms / 1e3
+    ended = first + timing.decode_ms / 1e3
+    where = {attr.SPAN_KIND: attr.KIND_LLM, attr.PROCESS_PID: os.getpid(), attr.BATCH_SIZE: timing.size}
+    return [
+        [f"prefill {backend.model}", at(timing.started), at(first), where],
+        [f"decode {backend.model}", at(first), at(ended), {**where, attr.BATCH_STEPS: timing.steps}],
+    ]
+
+
+def main() -> None:
+    faulthandler.enable()  # a segfault prints where it happened, on the stderr shared with the parent
+    # Batches come and go on one pipe, read by this thread with no hand-off; cancels on another, heard
+    # by a thread of their own while a batch runs.
+    conn, control = Connection(int(sys.argv[1])), Connection(int(sys.argv[2]))
+    hello = unpack(conn.recv_bytes())
+    try:
+        loaded = ModelRegistry(Tracing()).load(hello["name"], LoadSettings(**hello["settings"]))
+    except WorkbenchError as exc:
+        conn.send_bytes(pack({"op": "failed", "message": exc.message, "hint": exc.hint}))
+        return
+    backend = TransformersBackend(loaded)
+    conn.send_bytes(pack({
+        "op": "ready", "pid": os.getpid(), "device": backend.device, "dtype": backend.dtype, "params": loaded.params,
+        "memory_bytes": loaded.memory_bytes, "warmup_s": loaded.warmup_s, "context_window": loaded.context_window,
+        "eos_ids": sorted(backend.eos_ids),
+    }))
+    cancels = _Cancels()
+    threading.Thread(target=_listen, args=(control, cancels), name="workbench-child-cancels", daemon=True).start()
+    while True:
+        try:
+            frame = unpack(conn.recv_bytes())
+        except EOFError:  # the parent closed the pipe (the model was unloaded) or died
+            return
+        batch = _batch(backend, frame)
+        cancels.running(frame["seq"], batch)
+        _serve(conn, backend, batch)
+
+
+class _Cancels:
+    """Rows the parent stopped (their requests timed out), heard on the control pipe while a batch runs."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._batch: list[GenerationRequest] = []
+        self._early: dict[int, set[int]] = {}  # for a batch this process has not read yet
+
+    def running(self, seq: int, batch: list[GenerationRequest]) -> None:
+        with self._lock:
+            self._seq, self._batch = seq, batch
+            for row in self._early.pop(seq, ()):
+                batch[row].cancelled = True
+            self._early = {later: rows for later, rows in self._early.items() if later > seq}
+
+    def cancel(self, seq: int, rows: list[int]) -> None:
+        with self._lock:
+            if seq == self._seq:
+                for row in rows:
+                    self._batch[row].cancelled = True  # _CancelledRows stops the row at its next step
+            elif seq > self._seq:
+                self._early.setdefault(seq, set()).update(rows)
+
+
+def _listen(control: Connection, cancels: _Cancels) -> None:
+    while True:
+        try:
+            frame = unpack(control.recv_bytes())
+        except EOFError:
+            return
+        cancels.cancel(frame["seq"], frame["rows"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,367 @@
+"""Process isolation: a model in a child process of its own, driven over a pipe of msgpack frames.
+
+A crash in the child (SIGKILL, a segfault, a CUDA fatal error) ends that process only: the batch it
+ran fails with ModelProcessDied, which retries, fallbacks and the breaker handle, and the child is
+started again (up to the model's ``restarts``). Token ids, texts and timings cross the pipe, never
+tensors and never pickles: each frame is one msgpack map sent with ``Connection.send_bytes``.
+The parent keeps the tokenizer, so tokenize and detokenize stay local.
+
+Why a pipe: benchmarks/ipc.py measures it beside ZeroMQ and a shared-memory ring; it is as fast as
+either at the batch sizes a hop sends, needs no cleanup in /dev/shm, and a dead child shows at once
+as end-of-file on the pipe, with no heartbeat to tune.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+try:
+    import msgpack
+except ImportError:  # the "process" extra is not installed: only isolation="process" needs it, and says so
+    msgpack = None  # type: ignore[assignment]
+
+from workbench.engine.backends.base import (
+    BackendOutOfMemory,
+    BatchTiming,
+    OnError,
+    OnResult,
+    RemoteSpan,
+    Scheduler,
+    TokenSink,
+    next_batch_id,
+)
+from workbench.engine.backends.transformers import TextCodec
+from workbench.engine.requests import GenerationRequest, GenerationResult
+from workbench.errors import ModelLoadError, ModelProcessDied, StrategyError
+from workbench.models.registry import LoadedModel
+from workbench.models.settings import LoadSettings
+from workbench.tracing import Tracing, mark_error
+from workbench.tracing import attributes as attr
+
+if TYPE_CHECKING:
+    from workbench.engine.batching import BatchingPolicy
+
+CHILD_MODULE = "workbench.engine.backends._child"
+# How long a child that was asked to stop (its pipe closed) may take to exit before it is killed.
+_STOP_S = 10.0
+# How often a batch with a timeout looks for rows to stop while it waits for the child.
+_CANCEL_POLL_S = 0.02
+
+
+def pack(frame: dict[str, Any]) -> bytes:
+    return msgpack.packb(frame, use_bin_type=True)
+
+
+def unpack(data: bytes) -> dict[str, Any]:
+    frame: dict[str, Any] = msgpack.unpackb(data, raw=False)
+    return frame
+
+
+def _how_it_ended(code: int) -> str:
+    if code < 0:
+        name = signal.Signals(-code).name
+        return f"was killed by {name}" + (" (a segfault)" if name == "SIGSEGV" else "")
+    return f"exited with code {code}"
+
+
+def _child_env() -> dict[str, str]:
+    """The child's environment: this one, with this workbench's own package first on its path."""
+    root = str(Path(__file__).resolve().parents[3])
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
+
+
+class ModelProcess:
+    """One model loaded in a child process, and the pipe to it: start, ask for a batch, restart, close.
+
+    Made by the registry's spawner (``isolation="process"``); the attributes are what the child
+    reported once its model had loaded. ``pid`` is None while a restarted child loads.
+    """
+
+    def __init__(self, name: str, settings: LoadSettings, tracing: Tracing) -> None:
+        if os.name != "posix":
+            raise ModelLoadError(
+                f"model {name!r}: isolation='process' needs a POSIX system (Linux, macOS): the pipe to the "
+                "child is handed over as a file descriptor", hint="load it with isolation='thread'",
+            )
+        if msgpack is None:
+            raise ModelLoadError(
+                f"model {name!r}: isolation='process' frames its messages with msgpack, which is not installed",
+                hint="pip install 'autoglm-workbench[process]' (or pip install msgpack)",
+            )
+        self.name = name
+        self.settings = settings
+        self._tracing = tracing  # a restart is a span of the engine's
+        self.restarts = 0
+        self.pid: int | None = None
+        self._batches = 0  # batches sent; a cancel names its batch, so it never stops a row of the next one
+        self._lock = threading.Lock()
+        self._closed = False
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._conn: Connection | None = None  # batches out, tokens and results back
+        self._cancels: Connection | None = None  # rows to stop, out
+        self._restart: threading.Thread | None = None
+        self._gone: ModelProcessDied | None = None  # dead, with no restart left or coming
+        self._start()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        """Start a child, hand it the settings, and wait until it has loaded the model (or says why not)."""
+        ours, theirs = socket.socketpair()
+        control, their_control = socket.socketpair()  # cancels, heard while the child's main thread generates
+        with theirs, their_control:
+            fds = (theirs.fileno(), their_control.fileno())
+            proc = subprocess.Popen(
+                [sys.executable, "-m", CHILD_MODULE, *map(str, fds)],
+                pass_fds=fds, env=_child_env(), stdin=subprocess.DEVNULL,
+                # Anything the child prints goes to stderr, so this process's stdout (autoglm run --json) stays ours.
+                stdout=sys.__stderr__.fileno() if sys.__stderr__ is not None else subprocess.DEVNULL,
+                # Its own session: a Ctrl-C in the terminal interrupts this process, not the model's.
+                start_new_session=True,
+            )
+        conn, cancels = Connection(ours.detach()), Connection(control.detach())
+        with self._lock:
+            if self._closed:  # closed while a restart began: start nothing more
+                conn.close()
+                cancels.close()
+                _stop(proc)
+                return
+            self._proc = proc  # close() may end a child that is still loading
+        settings = dataclasses.replace(self.settings, isolation="thread")  # in the child, the model is local
+        try:
+            conn.send_bytes(pack({"name": self.name, "settings": dataclasses.asdict(settings)}))
+            ready = unpack(conn.recv_bytes())
+        except (EOFError, OSError):
+            conn.close()
+            cancels.close()
+            code = _stop(proc)
+            raise ModelLoadError(
+                f"the process loading model {self.name!r} {_how_it_ended(code)} before the model was ready",
+                hint="its messages on stderr say why; load it with isolation='thread' to see the error here",
+            ) from None
+        if ready["op"] == "failed":
+            conn.close()
+            cancels.close()
+            _stop(proc)
+            raise ModelLoadError(ready["message"], hint=ready["hint"])
+        with self._lock:
+            if self._closed:  # closed while this restart loaded
+                conn.close()
+                cancels.close()
+                _stop(proc)
+                return
+            self._conn, self._cancels = conn, cancels
+            self.pid = ready["pid"]
+        self.device: str = ready["device"]
+        self.dtype: str = ready["dtype"]
+        self.params: int = ready["params"]
+        self.memory_bytes: int = ready["memory_bytes"]
+        self.warmup_s: float = ready["warmup_s"]
+        self.context_window: int | None = ready["context_window"]
+        self.eos_ids: set[int] = set(ready["eos_ids"])
+
+    def close(self) -> None:
+        """End the child (its pipe closes, so it exits; killed if it does not) and any restart under way."""
+        with self._lock:
+            self._closed = True
+            conn, cancels, proc, restart = self._conn, self._cancels, self._proc, self._restart
+            self._conn = self._cancels = None
+        if conn is not None:
+            conn.close()
+        if cancels is not None:
+            cancels.close()
+        if proc is not None:
+            # A serving child sees its pipe close and exits; one still loading (a restart) is killed,
+            # so the restart sees end-of-file and gives up.
+            _stop(proc, grace=conn is not None)
+        if restart is not None:
+            restart.join()
+
+    def _died(self, doing: str) -> ModelProcessDied:
+        """The child is gone: reap it, start it again if restarts are left, and say what happened."""
+        with self._lock:
+            conn, cancels, proc, pid, closed = self._conn, self._cancels, self._proc, self.pid, self._closed
+            self._conn = self._cancels = self.pid = None
+            restart = None
+            if not closed and self.restarts < self.settings.restarts:
+                self.restarts += 1
+                restart = self._restart = threading.Thread(
+                    target=self._start_again, args=(pid,), name=f"workbench-restart-{self.name}", daemon=True
+                )
+                restart.start()  # under the lock, so close() never finds a restart it cannot join
+        for pipe in (conn, cancels):
+            if pipe is not None:
+                pipe.close()
+        assert proc is not None  # a child that served a batch was started
+        message = f"model {self.name!r}: its process (pid {pid}) {_how_it_ended(_stop(proc))} while {doing}"
+        if closed:
+            return ModelProcessDied(message + "; the model was unloaded", hint=f"bench.load({self.name!r}, ...) again")
+        if restart is not None:
+            return ModelProcessDied(
+                message, hint=f"it is starting again (restart {self.restarts} of {self.settings.restarts}); "
+                "give the hop retry or a fallback to ride this out"
+            )
+        self._gone = ModelProcessDied(
+            message + f"; it was restarted {self.restarts} times already, so it stays down",
+            hint=f"load it again (bench.unload({self.name!r}) then bench.load), or raise restarts",
+        )
+        return self._gone
+
+    def _start_again(self, died: int | None) -> None:
+        """Start a fresh child in place of ``died``, in a ``restart NAME`` span of the engine's trace."""
+        span = self._tracing.start_span(f"restart {self.name}", attributes={
+            attr.SPAN_KIND: attr.KIND_CHAIN, attr.MODEL_NAME: self.name, attr.PROCESS_RESTARTS: self.restarts,
+            attr.PROCESS_PREVIOUS_PID: died or 0,
+        })
+        try:
+            self._start()
+        except ModelLoadError as exc:
+            mark_error(span, exc)
+            self._gone = ModelProcessDied(
+                f"model {self.name!r}: its process died and could not be started again: {exc.message}",
+                hint=exc.hint or f"load it again: bench.load({self.name!r}, ...)",
+            )
+        else:
+            span.set_attribute(attr.PROCESS_PID, self.pid or 0)
+        finally:
+            span.end()
+
+    # -- serving ---------------------------------------------------------------------------------
+
+    def generate(
+        self, batch: list[GenerationRequest], on_token: TokenSink | None
+    ) -> tuple[list[GenerationResult], BatchTiming]:
+        """Run ``batch`` in the child, streaming its tokens to ``on_token``; ModelProcessDied if the child dies."""
+        restart = self._restart
+        if restart is not None:
+            restart.join()  # a batch that arrives while the child restarts waits for it
+        with self._lock:
+            conn, cancels, gone = self._conn, self._cancels, self._gone
+        if conn is None or cancels is None:
+            raise gone or ModelProcessDied(f"model {self.name!r} was unloaded", hint=f"bench.load({self.name!r}) again")
+        params = dataclasses.asdict(batch[0].params)
+        # Both processes read one system-wide monotonic clock (perf_counter is CLOCK_MONOTONIC on Linux
+        # and mach_absolute_time on macOS), so the child times queue and TTFT from the parent's stamps.
+        rows = [[r.input_ids, r.submitted, r.stream and on_token is not None, r.cancellable] for r in batch]
+        seq = self._batches = self._batches + 1
+        cancellable = any(r.cancellable for r in batch)
+        told: set[int] = set()
+        sent = time.perf_counter()
+        try:
+            conn.send_bytes(pack({"op": "generate", "seq": seq, "params": params, "rows": rows}))
+            while True:
+                # A row whose request timed out here is stopped in the child too, as in-process; only a
+                # batch with a timeout on some row wakes up to look (poll returns at once when a frame comes).
+                if cancellable and not conn.poll(_CANCEL_POLL_S):
+                    stopped = [row for row, r in enumerate(batch) if r.cancelled and row not in told]
+                    if stopped:
+                        cancels.send_bytes(pack({"seq": seq, "rows": stopped}))
+                        told.update(stopped)
+                    continue
+                frame = unpack(conn.recv_bytes())
+                if frame["op"] != "token":
+                    break
+                if on_token is not None:
+                    on_token(batch[frame["row"]], frame["token"], frame["text"])
+        except (EOFError, OSError):
+            raise self._died(f"it ran a batch of {len(batch)}") from None
+        received = time.perf_counter()
+        if frame["op"] == "error":
+            if frame["fatal"]:  # a CUDA fatal error leaves the child's device unusable: it exits, and restarts
+                raise self._died(f"it ran a batch of {len(batch)}: {frame['message']}")
+            raise (BackendOutOfMemory if frame["oom"] else RuntimeError)(
+                f"in model {self.name!r}'s process: {frame['message']}"
+            )
+        batch_id = next_batch_id()  # numbered here, so batch ids stay unique across the trace
+        results = [
+            GenerationResult(
+                text=text, token_ids=tokens, tokens_in=request.tokens_in, tokens_out=len(tokens),
+                finish_reason=finish, queue_ms=queue_ms, prefill_ms=prefill_ms, ttft_ms=ttft_ms, decode_ms=decode_ms,
+                e2e_ms=(received - request.submitted) * 1e3, batch_id=batch_id, batch_size=len(batch),
+                padding_tokens=padding,
+            )
+            for request, (text, tokens, finish, queue_ms, prefill_ms, ttft_ms, decode_ms, padding)
+            in zip(batch, frame["results"])
+        ]
+        timing = BatchTiming(**(frame["timing"] | {"batch_id": batch_id}),
+                             spans=[RemoteSpan(*span) for span in frame["spans"]])
+        child_ms = frame["busy_ms"]
+        timing.attributes = {attr.PROCESS_PID: self.pid or 0, attr.PROCESS_RESTARTS: self.restarts,
+                             attr.IPC_MS: max((received - sent) * 1e3 - child_ms, 0.0)}
+        return results, timing
+
+
+def _stop(proc: subprocess.Popen[bytes], grace: bool = True) -> int:
+    """Wait for ``proc`` to exit (its pipe is closed, or it died), killing it if it lingers; its exit code."""
+    if grace:
+        try:
+            return proc.wait(_STOP_S)
+        except subprocess.TimeoutExpired:
+            pass
+    proc.kill()
+    return proc.wait()
+
+
+class ProcessBackend:
+    """The :class:`Backend` of a model loaded with ``isolation="process"``: tokenizes here, generates in the child."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.process: ModelProcess = loaded.model
+        self.model = loaded.name
+        self.source = loaded.source
+        self.device = self.process.device
+        self.dtype = self.process.dtype
+        self.context_window = loaded.context_window
+        self.codec = TextCodec(loaded.tokenizer, self.process.eos_ids)
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id; None while it starts again."""
+        return self.process.pid
+
+    @property
+    def restarts(self) -> int:
+        return self.process.restarts
+
+    def tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
+        return self.codec.tokenize(prompts)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.codec.detokenize(tokens)
+
+    def generate(
+        self, batch: list[GenerationRequest], on_token: TokenSink | None = None
+    ) -> tuple[list[GenerationResult], BatchTiming]:
+        return self.process.generate(batch, on_token)
+
+    def check(self, policy: BatchingPolicy) -> None:
+        if policy.continuous:
+            raise StrategyError(
+                f"model {self.model!r} runs in a child process (isolation='process'), where continuous batching "
+                "is not available yet",
+                hint="use dynamic batching (wb.DynamicBatching) for it, or load it with isolation='thread'",
+            )
+
+    def scheduler(self, policy: BatchingPolicy, on_result: OnResult, on_error: OnError) -> Scheduler:
+        raise StrategyError(f"model {self.model!r}: no continuous batching in a child process")  # check refuses first
+
+    def release_memory(self) -> None:
+        pass  # the child gives back its cache itself when a batch runs out of memory
+
+    def memory_bytes(self) -> int:
+        return self.process.memory_bytes
+
+    def close(self) -> None:
+        self.process.close()
