@@ -1,5 +1,5 @@
-"""Shared by several test modules: waiting on other threads, the two-hop chain the comparison tests run, and a real
-`transformers serve` on the tiny model."""
+"""Shared by several test modules: waiting on other threads, the two-hop chain the comparison tests run, a real
+`transformers serve` on the tiny model, and Ray."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import pytest
 
@@ -130,3 +130,25 @@ def transformers_serve(model: Path, log_dir: Path) -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
+
+
+# CI sets this: there a Ray that is not installed is a failure, where a laptop without the extra skips.
+REQUIRE_RAY = "AUTOGLM_REQUIRE_RAY"
+
+
+def need_ray() -> Any:
+    """The ray module, or a skip (a failure where AUTOGLM_REQUIRE_RAY is set) when the ray extra is not installed."""
+    try:
+        import ray
+    except ImportError:
+        reason = "ray is not installed: pip install 'autoglm-workbench[ray]'"
+        if os.environ.get(REQUIRE_RAY):
+            pytest.fail(f"{reason} ({REQUIRE_RAY} is set)")
+        pytest.skip(reason)
+    return ray
+
+
+def ray_runtime_env() -> dict[str, Any]:
+    """What Ray's workers need to import this checkout's workbench: it on their PYTHONPATH."""
+    root = str(Path(__file__).resolve().parents[1])
+    return {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}}

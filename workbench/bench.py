@@ -138,6 +138,10 @@ class Workbench:
         served_model: str | None = None,
         api_key: str | None = None,
         read_timeout_s: float = 60.0,
+        engine: str = "local",
+        address: str | None = None,
+        num_gpus: float = 0.0,
+        num_cpus: float = 1.0,
     ) -> LoadedModel:
         """Load a local directory or hub id as ``name`` and start its worker (one per replica).
 
@@ -162,6 +166,10 @@ class Workbench:
         ``read_timeout_s`` apply to it). ``balance`` picks a replica per request (see
         :meth:`set_balance`; round robin by default). Without ``source``, loads a model registered
         earlier with :meth:`register`, with its registered settings, batching policy and replicas.
+
+        ``engine="ray"`` runs each replica as a Ray actor that loads its own copy of the model, spread
+        over the nodes of a Ray cluster: a local one started here, or the one at ``address``
+        (``ray://head:10001``, or ``auto``); ``num_gpus`` and ``num_cpus`` are what each actor asks the cluster for.
         """
         self.check_open(f"load {name!r}")
         if source is not None:
@@ -191,6 +199,10 @@ class Workbench:
                 served_model=served_model,
                 api_key=api_key,
                 read_timeout_s=read_timeout_s,
+                engine=engine,
+                address=address,
+                num_gpus=num_gpus,
+                num_cpus=num_cpus,
             )
             batching = batching or default_policy(settings)  # a fresh load does not inherit an earlier one's policy
         return self.engine.preloader.load(name, settings, policy=batching)
@@ -312,8 +324,8 @@ class Workbench:
         injected."""
         import pandas as pd
 
-        columns = ["model", "replica", "index", "kind", "device", "url", "balance", "in_flight", "served", "failed",
-                   "health", "breaker", "faults"]
+        columns = ["model", "replica", "index", "kind", "device", "url", "node", "balance", "in_flight", "served",
+                   "failed", "health", "breaker", "faults"]
         sets = self.engine.replica_sets()
         if name is not None:
             self.registry.get(name)  # unknown, or not loaded: a clear error

@@ -8,7 +8,7 @@
     │                      UnknownModelError, ModelLoadError, ModelOutOfMemory, ChatTemplateError
     ├── ServingError       a model refused to serve now: CircuitOpen, ModelUnhealthy, HopTimeout,
     │                      RetriesExhausted, WorkerStopped, RunCancelled, ModelProcessDied, RemoteError
-    │                      (RemoteRateLimited)
+    │                      (RemoteRateLimited), ModelActorDied
     ├── RunError           a run could not go on: HopFailed, MissingInputError, ContextWindowExceeded
     └── WorkbenchClosed    the workbench was closed
 
@@ -184,6 +184,11 @@ class WorkerStopped(ServingError):
 class ModelProcessDied(ServingError):
     """The child process of a model loaded with ``isolation="process"`` died (killed, a segfault, a CUDA fatal
     error) while it ran a batch, or stays dead; the batch's requests fail with this, and the process restarts."""
+
+
+class ModelActorDied(ServingError):
+    """The Ray actor of a model loaded with ``engine="ray"`` died, or its node left the cluster, while it ran a batch;
+    the batch's requests fail with this, the replica leaves rotation, and a retry goes to another replica."""
 
 
 class RunCancelled(ServingError):

@@ -16,7 +16,7 @@ from typing import Any
 from opentelemetry.trace import Span
 
 from workbench.engine.failures import MODEL_FAILURES, error_kind
-from workbench.errors import CircuitOpen, ModelProcessDied, WorkbenchError, describe
+from workbench.errors import CircuitOpen, ModelActorDied, ModelProcessDied, WorkbenchError, describe
 from workbench.tracing import attributes as attr
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
@@ -28,7 +28,8 @@ class CircuitBreaker:
     Closed: requests pass; a success resets the count. Open: requests fail fast with CircuitOpen
     for ``reset_timeout_s``. Half-open: the next request is let through as a trial while the
     rest still fail fast; its success closes the breaker, its failure opens it again. A model
-    process that died (ModelProcessDied) opens it at once. Only the model's own failures count (errors, timeouts, out-of-memory), never a caller's mistake.
+    process that died (ModelProcessDied) or a Ray actor that died (ModelActorDied) opens it at once. Only
+    the model's own failures count (errors, timeouts, out-of-memory), never a caller's mistake.
     """
 
     def __init__(
@@ -106,8 +107,9 @@ class CircuitBreaker:
                 return
             self.failures += 1
             self.last_error = describe(error)
-            # A model process that died fails everything until it is back: open now, not after N more.
-            crashed = isinstance(error, ModelProcessDied)
+            # A model process or Ray actor that died fails everything until it is back (or replaced): open
+            # now, not after N more, so the balancer sends the next requests to the other replicas.
+            crashed = isinstance(error, (ModelProcessDied, ModelActorDied))
             if self.state == HALF_OPEN or crashed or self.failures >= self.failure_threshold:
                 self.opened += 1
                 self._change(OPEN, span)

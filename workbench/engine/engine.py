@@ -16,6 +16,7 @@ from opentelemetry.trace import Span
 
 from workbench.engine.backends.base import Backend, fit_window
 from workbench.engine.backends.process import ModelProcess, ProcessBackend
+from workbench.engine.backends.ray import RayBackend
 from workbench.engine.backends.transformers import TransformersBackend
 from workbench.engine.balancing import BalancePolicy, RoundRobin
 from workbench.engine.batching import BatchingPolicy, default_policy
@@ -26,7 +27,7 @@ from workbench.engine.replicas import Replica, ReplicaSet, continuous_on_shared,
 from workbench.engine.requests import GenerationParams, GenerationRequest, GenerationResult, Messages
 from workbench.engine.wakeups import Wakeups
 from workbench.engine.worker import ModelWorker
-from workbench.errors import HopTimeout, ModelLoadError, ModelUnhealthy, RunCancelled, UnknownModelError
+from workbench.errors import HopTimeout, ModelLoadError, ModelUnhealthy, RunCancelled, SettingsError, UnknownModelError
 from workbench.models.registry import LoadedModel, ModelRegistry
 from workbench.models.settings import is_server_url
 from workbench.tracing import Tracing, mark_error
@@ -68,8 +69,8 @@ class _Pending:
 
 
 def backend_for(loaded: LoadedModel) -> Backend:
-    """The backend that runs ``loaded``: a model server's over HTTP, transformers in the child process that
-    loaded it, else transformers in this process."""
+    """The backend that runs ``loaded``: transformers in the child process that loaded it, a model server's
+    over HTTP, a Ray actor's (``engine="ray"``), else transformers in this process."""
     if loaded.settings.isolation == "process":
         return ProcessBackend(loaded)
     if loaded.settings.remote:
@@ -79,6 +80,8 @@ def backend_for(loaded: LoadedModel) -> Backend:
             raise ModelLoadError(f"model {loaded.name!r} is on a server, and talking to one needs {exc.name}",
                                  hint="pip install 'autoglm-workbench[remote]'") from None
         return RemoteBackend(loaded)
+    if loaded.settings.engine == "ray":
+        return RayBackend(loaded)  # each call starts one more actor: one per replica
     return TransformersBackend(loaded)
 
 
@@ -136,11 +139,14 @@ class Engine:
                 hint="load it with replicas=1 (servers may be listed beside it: replicas=['cpu', URL]), or with "
                 "isolation='thread' to replicate it",
             )
+        if loaded.settings.engine == "ray" and any(place is not None for place in places):
+            raise SettingsError(f"model {name!r}: engine='ray' takes a count of replicas, not a list of devices",
+                                hint="replicas=4 with num_gpus=1 gives each replica's actor a GPU of its own")
         models = [
             self._registry.replica(loaded, place, replica_name(name, i, len(places)), parent, trigger)
             for i, place in enumerate(places)
         ]
-        # Weights that serve more than one replica (servers hold none here).
+        # Weights that serve more than one replica (servers and Ray actors hold none here).
         weights = [id(m.model) for m in models if m.model is not None]
         shared = len(set(weights)) < len(weights)
         if shared and policy.continuous:
@@ -151,7 +157,9 @@ class Engine:
             for backend in backends:
                 backend.check(policy)
         except BaseException:
-            for backend in backends:  # a remote backend holds a client of its server's pool
+            # Leave nothing running for a model that will not serve: a remote backend holds a client of its
+            # server's pool, a Ray backend an actor.
+            for backend in backends:
                 backend.close()
             raise
         workers = [

@@ -6,6 +6,7 @@ from workbench.engine.backends.base import BackendOutOfMemory
 from workbench.errors import (
     CircuitOpen,
     HopTimeout,
+    ModelActorDied,
     ModelOutOfMemory,
     ModelProcessDied,
     ModelUnhealthy,
@@ -31,9 +32,10 @@ def error_kind(exc: BaseException) -> str | None:
     ``timeout``: the call outlived ``timeout_s``; ``oom``: out of memory even after batch splitting;
     ``breaker``: the model's circuit breaker is open; ``unhealthy``: the model failed its health probe;
     ``error``: any other failure of the call (an injected fault, a CUDA error, a Python hop raising, a
-    model process that died: it is starting again, so a retry may find it back; a model server failing:
-    refused, 5xx, 429, a broken stream); a server that took the request and never answered is a
-    ``timeout``, and one that rejected it as sent (a 4xx) is the caller's to fix.
+    model process that died: it is starting again, so a retry may find it back; a Ray actor that died with
+    its node: another replica can serve the retry; a model server failing: refused, 5xx, 429, a broken
+    stream); a server that took the request and never answered is a ``timeout``, and one that rejected it
+    as sent (a 4xx) is the caller's to fix.
     A WorkbenchError outside these (a prompt too long for the window, an unloaded model) is the caller's
     to fix, and a KeyboardInterrupt is the user stopping: neither is retried.
     """
@@ -45,7 +47,7 @@ def error_kind(exc: BaseException) -> str | None:
         return "unhealthy"
     if is_out_of_memory(exc):
         return "oom"
-    if isinstance(exc, ModelProcessDied):
+    if isinstance(exc, (ModelProcessDied, ModelActorDied)):
         return "error"
     if isinstance(exc, RemoteError):
         return {"no_first_byte": "timeout", "rejected": None}.get(exc.kind, "error")

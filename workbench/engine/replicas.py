@@ -167,6 +167,8 @@ class ReplicaSet:
             loads = [(r.index, r.worker, r.in_flight, r.served, r.failed) for r in self.replicas]
         return [
             {"model": self.model, "replica": worker.name, "index": index, **_where(worker),
+             # node: the Ray node a replica's actor runs on (engine="ray"); None in this process.
+             "node": getattr(worker.backend, "node", None),
              "balance": self.policy.name, "in_flight": in_flight, "served": served, "failed": failed,
              "health": worker.health.state, "breaker": worker.breaker.state,
              "faults": worker.faults is not None}
@@ -175,8 +177,9 @@ class ReplicaSet:
 
 
 def _where(worker: ModelWorker) -> dict[str, str | None]:
-    """Where a replica runs: a device here, or the server it sends to."""
+    """Where a replica runs: a device here, a Ray actor (its node says where), or the server it sends to."""
     backend = worker.backend
     if backend.device == REMOTE_DEVICE:
         return {"kind": "remote", "device": backend.device, "url": backend.source}
-    return {"kind": "local", "device": backend.device, "url": None}
+    kind = "ray" if getattr(backend, "node", None) is not None else "local"
+    return {"kind": kind, "device": backend.device, "url": None}

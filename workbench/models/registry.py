@@ -173,6 +173,8 @@ class ModelRegistry:
         A header estimate counts weights only, not buffers or an adapter; 0 when neither is
         known (a hub id not loaded yet). Keep-warm settles the difference after the load.
         """
+        if settings.engine == "ray":
+            return 0  # the weights live in the Ray actors, not in this process
         with self._lock:
             measured = self._measured.get(name)
         if measured is not None and measured[0] == settings:
@@ -268,10 +270,13 @@ class ModelRegistry:
         """
         self.check_free(name)
         _check_isolation(settings)
+        _check_engine(settings)
         if settings.isolation == "process":
             return self._load_isolated(name, settings, parent, trigger)
         if settings.remote:
             return self._keep(name, settings, self._connect(name, settings, parent, trigger))
+        if settings.engine == "ray":
+            return self._keep(name, settings, self._load_tokenizer_only(name, settings, parent, trigger))
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
         _check_source(settings)
@@ -314,6 +319,28 @@ class ModelRegistry:
             context_window=_context_window(model.config, tokenizer),
         )
         return self._keep(name, settings, loaded)
+
+    def _load_tokenizer_only(self, name: str, settings: LoadSettings, parent: Span | None, trigger: str) -> LoadedModel:
+        """Only the tokenizer of a model whose replicas load elsewhere (``engine="ray"``: Ray actors).
+
+        Prompts are tokenized here and only token ids travel; the weights, their device and their
+        memory are the actors' (``bench.replicas()`` shows each), so this process counts none.
+        """
+        _check_source(settings)
+        span_attrs = {
+            attr_names.SPAN_KIND: attr_names.KIND_CHAIN,
+            attr_names.MODEL_NAME: name,
+            attr_names.MODEL_SOURCE: settings.source,
+            attr_names.MODEL_DEVICE: RAY_DEVICE,
+            attr_names.LOAD_TRIGGER: trigger,
+        }
+        with self._tracing.span(f"load {name}", parent, span_attrs) as span:
+            started = time.perf_counter()
+            tokenizer = _load_tokenizer(settings)
+            load_s = time.perf_counter() - started
+            span.set_attribute(attr_names.LOAD_S, load_s)
+        return LoadedModel(name=name, settings=settings, model=None, tokenizer=tokenizer, device=RAY_DEVICE, dtype=None,
+                           params=None, memory_bytes=0, load_s=load_s, context_window=None)
 
     def _load_span_attributes(self, name: str, settings: LoadSettings, trigger: str) -> dict[str, Any]:
         return {
@@ -456,6 +483,46 @@ class ModelRegistry:
         del loaded
         _free(device)
         return freed
+
+
+# Where a model's replicas run: workers in this process, or Ray actors (engine/backends/ray.py).
+ENGINES = ("local", "ray")
+RAY_DEVICE = "ray"  # a Ray model's device here: its weights are in its actors, each on a device bench.replicas() shows
+
+
+def _check_engine(settings: LoadSettings) -> None:
+    if settings.engine not in ENGINES:
+        raise ModelLoadError(
+            f"engine must be one of {', '.join(map(repr, ENGINES))}, got {settings.engine!r}",
+            hint="'local' serves the model from this process; 'ray' from Ray actors (pip install "
+            "'autoglm-workbench[ray]')",
+        )
+    if settings.engine == "ray" and settings.isolation == "process":
+        raise ModelLoadError("engine='ray' runs each replica in an actor, a process of its own already: "
+                             "isolation='process' has nothing to add",
+                             hint="drop isolation='process', or engine='ray' for a child process on this machine")
+    if settings.engine == "ray" and settings.remote:
+        raise ModelLoadError(f"{settings.source!r} is a model server, which serves itself: engine='ray' cannot run it",
+                             hint="give engine='ray' a model directory or hub id, or drop it for the server")
+    gpus, cpus = _amount(settings, "num_gpus"), _amount(settings, "num_cpus")
+    if settings.engine != "ray" and (settings.address is not None or gpus or cpus != 1):
+        raise ModelLoadError(
+            f"address, num_gpus and num_cpus are settings of engine='ray', and this load has engine={settings.engine!r}",
+            hint="add engine='ray' (--engine ray), or drop them",
+        )
+
+
+def _amount(settings: LoadSettings, name: str) -> float:
+    """A resource count of ``settings`` (``num_gpus``, ``num_cpus``) as a number >= 0; a front end's flag is text."""
+    value = getattr(settings, name)
+    try:
+        amount = float(value)
+    except (TypeError, ValueError):
+        amount = -1.0
+    if isinstance(value, bool) or not amount >= 0:
+        raise ModelLoadError(f"{name} must be a number >= 0, got {value!r}",
+                             hint="what each replica's Ray actor asks of the cluster: 1, or 0.5 to share one")
+    return amount
 
 
 def _release(loaded: LoadedModel) -> None:

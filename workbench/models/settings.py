@@ -23,6 +23,8 @@ class LoadSettings:
 
     A ``source`` that is an http(s) URL is an OpenAI-compatible server (``http://127.0.0.1:8000/v1``):
     ``served_model`` names the model on it, ``api_key`` goes in its Authorization header.
+    ``engine="ray"`` serves each replica from a Ray actor, placed with ``num_gpus`` and ``num_cpus``
+    on the cluster at ``address`` (default: a local Ray).
     """
 
     source: str
@@ -42,6 +44,13 @@ class LoadSettings:
     api_key: str | None = _option(None, "for a server URL: sent as 'Authorization: Bearer KEY'", "KEY", repr=False)
     read_timeout_s: float = _option(
         60.0, "for a server URL: how long a stream may go without a byte, the first included (default 60)", "S")
+
+    engine: str = _option("local", "local (default: this process) or ray (each replica a Ray actor)", "E")
+    address: str | None = _option(None, "engine ray: an existing cluster (ray://head:10001, auto); default a local one",
+                                  "ADDR")
+    # Floats, so their flags take fractions (--num-gpus 0.5: two replicas share a GPU).
+    num_gpus: float = _option(0.0, "engine ray: GPUs each replica's actor asks of the cluster (default 0)", "N")
+    num_cpus: float = _option(1.0, "engine ray: CPUs each replica's actor asks of the cluster (default 1)", "N")
 
     @property
     def remote(self) -> bool:

@@ -84,6 +84,12 @@ PADDING_TOKENS = "workbench.batch.padding_tokens"
 # Replicas: which replica of its model served a request (``m#1``), and the set's balance policy.
 REPLICA = "workbench.replica"
 BALANCE_POLICY = "workbench.balance.policy"
+# Ray replicas (engine="ray"): the node and actor that ran a request, and what the actor call cost on top of
+# the batch's own work (the round trip, Ray's serialization, the actor's queue).
+RAY_NODE = "workbench.ray.node_id"
+RAY_ACTOR = "workbench.ray.actor_id"
+RAY_ACTOR_MS = "workbench.ray.actor_ms"
+RAY_OVERHEAD_MS = "workbench.ray.overhead_ms"
 
 # Resilience: attempts, the path that served a hop, breakers, health probes, injected faults.
 ATTEMPT = "workbench.attempt"

@@ -1,0 +1,157 @@
+"""engine="ray" on a real local two-CPU Ray: replicas as actors answer as the model does here, with their node on each span."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import workbench as wb
+from workbench.engine.backends import ray as ray_backend
+from workbench.fronts.arguments import load_model
+from workbench.fronts.notebook.parsers import LoadCommand, parse_command
+from workbench.tracing import attributes as attr
+
+from helpers import need_ray, ray_runtime_env
+
+QUESTIONS = [{"question": q} for q in ["What is 2 + 2?", "Why?", "Name a city.", "What is a batch?"]]
+
+
+def spec(model: str) -> dict[str, Any]:
+    return {
+        "name": f"qa-{model}",
+        "hops": [
+            {"name": "plan", "model": model, "prompt": "Question: {{ question }}\nPlan:", "max_new_tokens": 6},
+            {"name": "answer", "model": model, "prompt": "{{ plan }}\nAnswer:", "max_new_tokens": 6},
+        ],
+        "output": "answer",
+    }
+
+
+@pytest.fixture(scope="module")
+def ray() -> Iterator[Any]:
+    """One small local Ray for the module: two CPUs, a small object store, no dashboard."""
+    ray = need_ray()
+    ray.init(num_cpus=2, object_store_memory=80 * 2**20, include_dashboard=False, log_to_driver=False,
+             runtime_env=ray_runtime_env())
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def bench(ray: Any, tiny_path: Path) -> Iterator[wb.Workbench]:
+    """The tiny model twice: 'tiny' in this process, 'm' as two replicas in Ray actors."""
+    with wb.Workbench(store=wb.InMemoryContextStore()) as bench:
+        bench.load("tiny", tiny_path, device="cpu")
+        bench.load("m", tiny_path, device="cpu", engine="ray", replicas=2)
+        yield bench
+
+
+def test_ray_replicas_give_the_same_greedy_text_as_in_process(bench: wb.Workbench) -> None:
+    local = bench.chain(spec("tiny")).map(QUESTIONS, concurrency=4)
+    remote = bench.chain(spec("m")).map(QUESTIONS, concurrency=4)
+    assert not remote.failed
+    assert [r.outputs for r in remote] == [r.outputs for r in local]
+    assert all(run.output for run in remote)
+
+
+def test_each_request_span_names_its_replica_and_the_node_its_actor_runs_on(bench: wb.Workbench) -> None:
+    replicas = bench.replicas("m").set_index("replica")
+    assert list(replicas.index) == ["m#0", "m#1"]
+    assert set(replicas["device"]) == {"cpu"}  # where each actor loaded it, not "ray"
+    assert replicas["node"].notna().all()
+    runs = bench.chain(spec("m")).map(QUESTIONS, concurrency=4)
+    spans = [s for run in runs for s in run.trace.spans if s.name.startswith(attr.TEXT_COMPLETION)]
+    assert {s.attributes[attr.REPLICA] for s in spans} == {"m#0", "m#1"}  # round robin used both actors
+    for span in spans:
+        assert span.attributes[attr.RAY_NODE] == replicas.loc[span.attributes[attr.REPLICA], "node"]
+        assert isinstance(span.attributes[attr.RAY_ACTOR_MS], float)  # the actor's own time, measured in the actor
+        assert span.attributes[attr.MODEL_DEVICE] == "cpu"
+    table = bench.traces().table()
+    assert "attributes.workbench.ray.overhead_ms" in table.columns
+
+
+def test_streamed_tokens_from_an_actor_make_the_text_of_the_run(bench: wb.Workbench) -> None:
+    events = list(bench.chain(spec("m")).stream(question="Why?"))
+    (finished,) = [e for e in events if e.kind == "run_finished"]
+    tokens = [e for e in events if e.kind == "token" and e.hop == "answer"]
+    assert tokens, "the answer hop streamed no tokens from its actor"
+    assert "".join(t.text for t in tokens).strip() == finished.run.output
+    assert finished.run.output == bench.chain(spec("tiny")).run(question="Why?").output
+
+
+def test_a_load_the_actor_refuses_raises_its_model_load_error_here(bench: wb.Workbench, tiny_path: Path) -> None:
+    with pytest.raises(wb.ModelLoadError) as caught:
+        # num_cpus=0: the two replicas of 'm' hold this Ray's two CPUs.
+        bench.load("bad", tiny_path, dtype="float13", engine="ray", num_cpus=0)
+    assert "float13" in caught.value.message and caught.value.hint
+    assert "bad" not in set(bench.models()["name"])  # nothing half-loaded is left behind
+    assert set(bench.replicas()["model"]) == {"tiny", "m"}
+
+
+def test_a_replica_the_cluster_cannot_place_fails_the_load_instead_of_hanging(
+    bench: wb.Workbench, tiny_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ray_backend, "READY_TIMEOUT_S", 5.0)
+    with pytest.raises(wb.ModelLoadError, match="not ready within 5 s") as caught:
+        bench.load("gpu", tiny_path, engine="ray", num_gpus=1, num_cpus=0)  # this Ray has no GPU
+    assert "num_gpus" in (caught.value.hint or "")
+    assert "gpu" not in set(bench.models()["name"])
+
+
+@pytest.mark.parametrize(
+    ("settings", "error", "says"),
+    [
+        ({"engine": "rya"}, wb.ModelLoadError, "engine must be one of"),
+        ({"num_gpus": 1}, wb.ModelLoadError, "settings of engine='ray'"),
+        ({"address": "auto"}, wb.ModelLoadError, "settings of engine='ray'"),
+        ({"engine": "ray", "num_gpus": "lots"}, wb.ModelLoadError, "num_gpus must be a number"),
+        ({"engine": "ray", "num_cpus": -1}, wb.ModelLoadError, "num_cpus must be a number"),
+        ({"engine": "ray", "replicas": ["cpu", "cpu"]}, wb.SettingsError, "takes a count of replicas"),
+    ],
+)
+def test_ray_settings_mistakes_say_what_and_how_to_fix_them(
+    bench: wb.Workbench, tiny_path: Path, settings: dict[str, Any], error: type[Exception], says: str
+) -> None:
+    with pytest.raises(error, match=says) as caught:
+        bench.load("oops", tiny_path, **settings)
+    assert caught.value.hint  # type: ignore[attr-defined]
+    assert "oops" not in set(bench.models()["name"])
+
+
+def test_without_ray_the_package_imports_and_engine_ray_says_how_to_install_it(tiny_path: Path) -> None:
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["ray"] = None  # as if the ray extra were not installed: import ray fails
+        import workbench as wb
+        with wb.Workbench(store=wb.InMemoryContextStore()) as bench:
+            try:
+                bench.load("m", {str(tiny_path)!r}, engine="ray")
+            except wb.ModelLoadError as exc:
+                print(exc)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env=os.environ | ray_runtime_env()["env_vars"])
+    assert done.returncode == 0, done.stderr
+    assert "needs Ray" in done.stdout and "pip install 'autoglm-workbench[ray]'" in done.stdout
+
+
+def test_the_magics_load_flags_put_a_model_on_ray(bench: wb.Workbench, tiny_path: Path) -> None:
+    # num-cpus 0: the two replicas of 'm' hold this Ray's two CPUs.
+    command = parse_command(f"load flagged {tiny_path} --device cpu --engine ray --num-cpus 0 --num-gpus 0.0")
+    assert isinstance(command, LoadCommand)
+    load_model(bench, command.name, command.settings)
+    try:
+        (replica,) = bench.replicas("flagged").itertuples()
+        assert replica.node is not None and replica.device == "cpu"
+        assert bench.models().set_index("name").loc["flagged", "device"] == "ray"
+        assert bench.chain(spec("flagged")).run(question="Why?").output == bench.chain(spec("tiny")).run(
+            question="Why?").output
+    finally:
+        bench.unload("flagged", forget=True)

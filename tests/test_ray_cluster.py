@@ -1,0 +1,99 @@
+"""engine="ray" across machines, honestly on one: Ray's own multi-node test cluster (a head and two worker raylets).
+
+Replicas land on different nodes, and a node removed mid-map is a fault the chain survives: the
+lost replica's requests are retried on the other one and every run of the map succeeds.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import workbench as wb
+from workbench.tracing import attributes as attr
+
+from helpers import eventually, need_ray, ray_runtime_env
+
+SPEC = {
+    "name": "qa",
+    "hops": [
+        {"name": "answer", "model": "m", "prompt": "Question: {{ question }}\nAnswer:", "max_new_tokens": 4,
+         "retry": {"attempts": 4, "backoff_ms": 10}},
+    ],
+    "output": "answer",
+}
+QUESTIONS = [{"question": f"What is {i} + {i}?"} for i in range(16)]
+STORE = 80 * 2**20  # the smallest object store Ray accepts, per node: replicas send token ids, not tensors
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[tuple[Any, list[Any]]]:
+    """A head that runs no replica (no CPU) and two worker nodes with two CPUs each.
+
+    Its raylets start from this process, so their workers import the workbench this test does
+    (PYTHONPATH set as for a local Ray), as a cluster's image would bring its own install.
+    """
+    ray = need_ray()
+    from ray.cluster_utils import Cluster
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", ray_runtime_env()["env_vars"]["PYTHONPATH"])
+        cluster = Cluster(initialize_head=True,
+                          head_node_args={"num_cpus": 0, "object_store_memory": STORE, "include_dashboard": False})
+        workers = [cluster.add_node(num_cpus=2, object_store_memory=STORE) for _ in range(2)]
+    cluster.wait_for_nodes()
+    yield cluster, workers
+    ray.shutdown()  # the workbench connected this process to the cluster
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def bench(cluster: tuple[Any, list[Any]], tiny_path: Path) -> Iterator[wb.Workbench]:
+    """'m' as two Ray replicas, the workbench joining the cluster by its address as it would a remote one."""
+    handle, _ = cluster
+    with wb.Workbench(store=wb.InMemoryContextStore()) as bench:
+        bench.load("m", tiny_path, device="cpu", engine="ray", replicas=2, address=handle.address)
+        yield bench
+
+
+def test_replicas_land_on_different_nodes_and_their_spans_say_which(
+    cluster: tuple[Any, list[Any]], bench: wb.Workbench
+) -> None:
+    _, workers = cluster
+    replicas = bench.replicas("m").set_index("replica")
+    assert set(replicas["node"]) == {w.node_id for w in workers}  # one on each worker node, none on the head
+    run = bench.chain(SPEC).run(question="Why?")
+    (span,) = [s for s in run.trace.spans if s.name.startswith(attr.TEXT_COMPLETION)]
+    assert span.attributes[attr.RAY_NODE] == replicas.loc[span.attributes[attr.REPLICA], "node"]
+
+
+def test_a_node_removed_mid_map_loses_no_run(cluster: tuple[Any, list[Any]], bench: wb.Workbench) -> None:
+    handle, workers = cluster
+    replicas = bench.replicas("m").set_index("replica")
+    doomed = next(w for w in workers if w.node_id == replicas.loc["m#1", "node"])
+    chain = bench.chain(SPEC)
+    batches: list[wb.RunBatch] = []
+    mapping = threading.Thread(target=lambda: batches.append(chain.map(QUESTIONS, concurrency=2)))
+    served_before = int(replicas.loc["m#1", "served"])
+    mapping.start()
+    # Mid-map: once m#1 has served part of this map, its node goes, raylet, actor and all.
+    eventually(lambda: int(bench.replicas("m").set_index("replica").loc["m#1", "served"]) >= served_before + 2,
+               "m#1 to serve part of the map")
+    handle.remove_node(doomed, allow_graceful=False)
+    mapping.join()
+    (batch,) = batches
+    assert batch.complete and not batch.failed, batch.table()
+    assert all(run.output for run in batch)
+    after = bench.replicas("m").set_index("replica")
+    assert after.loc["m#1", "failed"] >= 1 and after.loc["m#1", "breaker"] == "open"  # out of rotation
+    errors = [s for run in batch for s in run.trace.spans
+              if s.name.startswith(attr.TEXT_COMPLETION) and s.attributes.get(attr.REPLICA) == "m#1"
+              and s.status.status_code.name == "ERROR"]
+    assert errors, "no request of the map reached the lost replica"
+    kinds = {str(e.attributes["exception.type"]).rpartition(".")[2] for s in errors for e in s.events
+             if e.name == "exception"}
+    assert kinds == {"ModelActorDied"}  # translated at the seam: no raw Ray error reached the chain

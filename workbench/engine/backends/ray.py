@@ -1,0 +1,334 @@
+"""Ray replicas (``engine="ray"``): each replica of a model is a Ray actor, on a local Ray or an existing cluster.
+
+The parent side (:class:`RayBackend`) tokenizes here with the model's tokenizer and sends token
+ids and generation settings; the actor (:class:`ModelActor`) loads the model with the
+registry's own loading code and runs a :class:`TransformersBackend`. Results, timings and
+streamed tokens come back as plain data (lists, dicts of numbers and strings), never tensors;
+Ray's actor calls carry them with Ray's own serialization. Ray is imported only when a model
+asks for it, so the package imports without it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry.trace import INVALID_SPAN
+
+from workbench.engine.backends.base import (
+    BackendOutOfMemory,
+    BatchTiming,
+    OnError,
+    OnResult,
+    Scheduler,
+    TokenSink,
+    next_batch_id,
+)
+from workbench.engine.backends.transformers import TextCodec
+from workbench.engine.requests import GenerationParams, GenerationRequest, GenerationResult
+from workbench.errors import ModelActorDied, ModelLoadError, StrategyError, WorkbenchError
+from workbench.models.registry import LoadedModel
+from workbench.models.settings import LoadSettings
+from workbench.tracing import attributes as attr
+
+if TYPE_CHECKING:
+    from workbench.engine.batching import BatchingPolicy
+
+RAY_HINT = "pip install 'autoglm-workbench[ray]'"
+# How long a replica's actor may take to be placed and load its model before the load fails. Placing
+# waits for resources the cluster may never have (num_gpus=1 on a CPU cluster), so it cannot wait forever.
+READY_TIMEOUT_S = float(os.environ.get("AUTOGLM_RAY_READY_TIMEOUT_S", "300"))
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ModelLoadError("engine='ray' needs Ray, which is not installed here", hint=RAY_HINT) from None
+    return ray
+
+
+def connect(settings: LoadSettings) -> Any:
+    """Ray, connected: this process's connection if it has one, else to ``settings.address``, else a new local Ray."""
+    ray = _ray()
+    if ray.is_initialized():
+        return ray  # the caller's own ray.init (a notebook's, a test cluster's) decides where replicas run
+    # A local Ray's workers start from this machine's files: point them at the workbench this process
+    # imports, wherever it lives (a checkout, a virtualenv). A cluster's image brings its own install.
+    runtime_env = None
+    if settings.address is None:
+        here = str(Path(__file__).resolve().parents[3])
+        runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}}
+    try:
+        ray.init(address=settings.address, include_dashboard=False, runtime_env=runtime_env,
+                 log_to_driver=False, configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = f"the Ray cluster at {settings.address!r}" if settings.address else "a local Ray"
+        raise ModelLoadError(
+            f"could not start or reach {where}: {type(exc).__name__}: {exc}",
+            hint="check the address (ray://HEAD:10001 for a remote cluster, 'auto' for one started with ray start "
+            "on this machine), or leave it out for a local Ray",
+        ) from exc
+    return ray
+
+
+class ModelActor:
+    """One replica of a model inside a Ray actor: loads it as the registry loads any model, generates for the parent.
+
+    Every method takes and returns plain data. A load that fails is kept and reported by
+    :meth:`info` (what, and the hint), so the parent raises the same ModelLoadError a local load would.
+    """
+
+    def __init__(self, name: str, settings: dict[str, Any]) -> None:
+        from workbench.engine.backends.transformers import TransformersBackend
+        from workbench.models.registry import ModelRegistry
+        from workbench.tracing import Tracing
+
+        self._backend: TransformersBackend | None = None
+        self._error: dict[str, str | None] | None = None
+        local = dataclasses.replace(LoadSettings(**settings), engine="local", address=None, num_gpus=0,
+                                    num_cpus=1)
+        try:
+            self._loaded = ModelRegistry(Tracing()).load(name, local)
+        except WorkbenchError as exc:
+            self._error = {"message": exc.message, "hint": exc.hint}
+            return
+        self._backend = TransformersBackend(self._loaded)
+
+    def info(self) -> dict[str, Any]:
+        """Where and what this replica is, or the error its load ended in."""
+        import ray
+
+        context = ray.get_runtime_context()
+        where = {"node_id": context.get_node_id(), "actor_id": context.get_actor_id(), "pid": os.getpid()}
+        if self._backend is None:
+            return {**where, "error": self._error}
+        loaded = self._loaded
+        return {**where, "device": self._backend.device, "dtype": self._backend.dtype, "params": loaded.params,
+                "memory_bytes": loaded.memory_bytes, "load_s": loaded.load_s, "warmup_s": loaded.warmup_s,
+                "context_window": loaded.context_window, "eos_ids": sorted(self._backend.eos_ids)}
+
+    def _batch(self, rows: list[dict[str, Any]], params: dict[str, Any], received: float,
+               on_token: Any = None) -> list[GenerationRequest]:
+        # The parent's clock is not ours: each request is dated back by the time it had waited there.
+        settings = GenerationParams(**params)
+        return [GenerationRequest(self._loaded.name, row["input_ids"], settings, INVALID_SPAN,
+                                  submitted=received - row["waited_s"], on_token=on_token if row["stream"] else None)
+                for row in rows]
+
+    def _run(self, batch: list[GenerationRequest], received: float, sink: TokenSink | None) -> dict[str, Any]:
+        assert self._backend is not None  # the parent sends batches only after info() reported a loaded model
+        try:
+            results, timing = self._backend.generate(batch, sink)
+        except BackendOutOfMemory as exc:
+            self._backend.release_memory()
+            return {"oom": str(exc)}
+        return {"results": [dataclasses.asdict(r) for r in results], "timing": dataclasses.asdict(timing),
+                "received": received, "returned": time.perf_counter()}
+
+    def generate(self, rows: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any]:
+        """Generate for one batch: each row's token ids and how long it waited in the parent; results and timings."""
+        received = time.perf_counter()
+        return self._run(self._batch(rows, params, received), received, None)
+
+    def stream(self, rows: list[dict[str, Any]], params: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """:meth:`generate`, yielding each decode step's tokens of the streaming rows first (``tokens``: row, id, text)."""
+        received = time.perf_counter()
+        steps: queue.Queue[dict[str, Any]] = queue.Queue()
+        batch = self._batch(rows, params, received, on_token=True)
+        index = {id(request): row for row, request in enumerate(batch)}
+
+        def sink(request: GenerationRequest, token: int, text: str) -> None:
+            steps.put({"tokens": [index[id(request)], token, text]})
+
+        def run() -> None:
+            try:
+                steps.put({"done": self._run(batch, received, sink)})
+            except BaseException as exc:  # re-raised in the generator, where Ray reports it to the parent
+                steps.put({"raised": exc})
+
+        threading.Thread(target=run, name="workbench-actor-generate", daemon=True).start()
+        while True:
+            item = steps.get()
+            if "raised" in item:
+                raise item["raised"]
+            yield item
+            if "done" in item:
+                return
+
+
+@functools.cache
+def _actor_class(ray: Any) -> Any:
+    """ModelActor as a Ray actor class, made once: Ray exports a class's definition to the cluster each time."""
+    return ray.remote(ModelActor)
+
+
+class RayBackend:
+    """A replica whose model runs in a Ray actor (a :class:`Backend`): tokenizes here, generates there.
+
+    The actor is created at once and loads in the background, so a model's replicas load in
+    parallel; :meth:`check` waits for it. When the actor dies (its node left the cluster, its
+    process was killed), its batch fails with ModelActorDied, which opens the replica's circuit
+    breaker at once, so the balancer sends retries to the other replicas. A dead actor is not
+    restarted: load the model again to replace it.
+    """
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        settings = loaded.settings
+        self.model = loaded.name
+        self.source = loaded.source
+        self.dtype = settings.dtype
+        self.device = "ray"  # until the actor says where it loaded
+        self.context_window: int | None = None
+        self.node: str | None = None
+        self.actor_id: str | None = None
+        self._memory = 0
+        self._dead: str | None = None
+        self._tokenizer = loaded.tokenizer
+        self._tokens: TextCodec | None = None
+        self._ray = connect(settings)
+        actor = _actor_class(self._ray).options(
+            num_gpus=float(settings.num_gpus),
+            # Ray Serve's default too: generating keeps a core busy, so each replica holds one while it lives.
+            num_cpus=float(settings.num_cpus),
+            # Replicas go to different nodes where the cluster has several: scale-out, and one node lost
+            # takes only its own replicas with it.
+            scheduling_strategy="SPREAD",
+            max_restarts=0,
+        )
+        self._actor = actor.remote(loaded.name, dataclasses.asdict(settings))
+        self._info = self._actor.info.remote()
+        self._ready = False
+
+    # -- the actor's state -----------------------------------------------------------------------
+
+    def _wait_ready(self) -> None:
+        """Wait for the actor to be placed and to load its model; a ModelLoadError if it cannot."""
+        if self._ready:
+            return
+        ray = self._ray
+        try:
+            info = ray.get(self._info, timeout=READY_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            raise ModelLoadError(
+                f"a Ray replica of model {self.model!r} was not ready within {READY_TIMEOUT_S:g} s: it may be waiting "
+                "for resources the cluster does not have (ray.cluster_resources() lists them)",
+                hint="lower num_gpus, num_cpus or replicas, add nodes, or raise AUTOGLM_RAY_READY_TIMEOUT_S for a slow load",
+            ) from None
+        except ray.exceptions.RayError as exc:
+            raise ModelLoadError(f"the Ray actor of a replica of model {self.model!r} failed to start: {exc}",
+                                 hint="on a cluster, each node needs autoglm-workbench installed (in its image) as "
+                                 "here; the actor's log (ray logs, or /tmp/ray/session_latest/logs) says why") from exc
+        if info.get("error"):
+            raise ModelLoadError(info["error"]["message"], hint=info["error"]["hint"])
+        self.device, self.dtype = info["device"], info["dtype"]
+        self.context_window, self._memory = info["context_window"], info["memory_bytes"]
+        self.node, self.actor_id = info["node_id"], info["actor_id"]
+        self._tokens = TextCodec(self._tokenizer, set(info["eos_ids"]))
+        self._ready = True
+
+    def _call(self, ref: Any) -> Any:
+        """The value of an actor call; a dead actor or a lost node becomes ModelActorDied here, at the seam."""
+        try:
+            return self._ray.get(ref)
+        except (self._ray.exceptions.RayActorError, self._ray.exceptions.WorkerCrashedError,
+                self._ray.exceptions.ObjectLostError) as exc:
+            self._dead = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            raise self._died() from None
+
+    def _died(self) -> ModelActorDied:
+        return ModelActorDied(
+            f"the Ray actor of model {self.model!r} on node {self.node} is gone ({self._dead})",
+            hint="its requests go to the other replicas (give hops retry); bench.load the model again to replace it",
+        )
+
+    # -- the Backend seam ------------------------------------------------------------------------
+
+    def tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
+        self._wait_ready()
+        assert self._tokens is not None
+        return self._tokens.tokenize(prompts)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        self._wait_ready()
+        assert self._tokens is not None
+        return self._tokens.detokenize(tokens)
+
+    def check(self, policy: BatchingPolicy) -> None:
+        """Wait until the actor has loaded its model (so replicas load in parallel), and refuse continuous batching."""
+        self._wait_ready()
+        if policy.continuous:
+            raise StrategyError(
+                f"model {self.model!r}: continuous batching runs in this process only, not in Ray actors",
+                hint="use DynamicBatching (e.g. wb.DynamicBatching(max_batch=16, max_wait_ms=5)) with engine='ray'",
+            )
+
+    def scheduler(self, policy: BatchingPolicy, on_result: OnResult, on_error: OnError) -> Scheduler:
+        raise AssertionError("check() refuses continuous batching, so no scheduler is ever asked for")
+
+    def release_memory(self) -> None:
+        pass  # the actor gives back what an out-of-memory batch left cached before it answers
+
+    def memory_bytes(self) -> int:
+        return self._memory
+
+    def close(self) -> None:
+        if self._dead is None:
+            self._ray.kill(self._actor)
+
+    def generate(
+        self, batch: list[GenerationRequest], on_token: TokenSink | None = None
+    ) -> tuple[list[GenerationResult], BatchTiming]:
+        if self._dead is not None:
+            raise self._died()
+        sent = time.perf_counter()
+        rows = [{"input_ids": r.input_ids, "waited_s": sent - r.submitted, "stream": on_token is not None and r.stream}
+                for r in batch]
+        params = dataclasses.asdict(batch[0].params)
+        if on_token is not None and any(r.stream for r in batch):
+            reply = self._streamed(self._actor.stream.remote(rows, params), batch, on_token)
+        else:
+            reply = self._call(self._actor.generate.remote(rows, params))
+        back = time.perf_counter()
+        if "oom" in reply:
+            raise BackendOutOfMemory(reply["oom"])
+        return self._results(batch, reply, sent, back)
+
+    def _streamed(self, replies: Any, batch: list[GenerationRequest], on_token: TokenSink) -> dict[str, Any]:
+        """Hand each streamed token to ``on_token`` as it arrives; the final reply."""
+        try:
+            for ref in replies:
+                item = self._call(ref)
+                if "done" in item:
+                    return item["done"]  # type: ignore[no-any-return]
+                row, token, text = item["tokens"]
+                on_token(batch[row], token, text)
+        except (self._ray.exceptions.RayActorError, self._ray.exceptions.WorkerCrashedError,
+                self._ray.exceptions.ObjectLostError):  # raised by the generator itself, between items
+            self._dead = "the actor died while it streamed"
+            raise self._died() from None
+        raise RuntimeError(f"the Ray actor of model {self.model!r} ended its stream without a result")
+
+    def _results(
+        self, batch: list[GenerationRequest], reply: dict[str, Any], sent: float, back: float
+    ) -> tuple[list[GenerationResult], BatchTiming]:
+        """The actor's results on this process's clock, numbered among this process's batches, with their cost."""
+        batch_id = next_batch_id()  # the actor's own count would collide with other replicas' in one trace
+        timing = BatchTiming(**{**reply["timing"], "batch_id": batch_id})
+        timing.started = sent + (timing.started - reply["received"])
+        actor_ms = (reply["returned"] - reply["received"]) * 1e3
+        attributes = {attr.RAY_NODE: self.node or "", attr.RAY_ACTOR: self.actor_id or "", attr.RAY_ACTOR_MS: actor_ms,
+                      attr.RAY_OVERHEAD_MS: (back - sent) * 1e3 - actor_ms}
+        results = []
+        for request, fields in zip(batch, reply["results"]):
+            # The actor timed end to end up to its reply; the way back counts too.
+            results.append(GenerationResult(**{**fields, "batch_id": batch_id, "e2e_ms": (back - request.submitted) * 1e3}))
+            request.span.set_attributes(attributes)
+        return results, timing
