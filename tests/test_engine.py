@@ -31,7 +31,11 @@ def test_the_transformers_backend_is_a_backend_and_tokenizes_a_batch_as_one_by_o
     assert isinstance(backend, Backend)
     assert backend.tokenize(PROMPTS) == [backend.tokenize([p])[0] for p in PROMPTS]
     tokenizer = tiny_bench.registry.get("tiny").tokenizer
-    assert backend.tokenize(PROMPTS) == [tokenizer(p)["input_ids"] for p in PROMPTS]  # what the model would be given
+    alone = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    assert backend.tokenize(PROMPTS) == alone  # what the model would be given
+    # A padded call elsewhere leaves padding switched on in the tokenizer's Rust core; the backend must not pad.
+    tokenizer(PROMPTS, padding=True)
+    assert backend.tokenize(PROMPTS) == alone
     assert (backend.device, backend.dtype) == ("cpu", "float32")
 
 

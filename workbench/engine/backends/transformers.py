@@ -79,17 +79,12 @@ class TextCodec:
     def __init__(self, tokenizer: Any, eos_ids: set[int]) -> None:
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
-        # A fast tokenizer's Rust core encodes a batch in one call; going to it directly skips the
-        # per-row BatchEncoding the Python wrapper builds, which cost as much as the encoding itself.
-        core = getattr(tokenizer, "_tokenizer", None)
-        self._encode_batch = core.encode_batch if callable(getattr(core, "encode_batch", None)) else None
 
     def tokenize(self, prompts: Sequence[str], special_tokens: bool = True) -> list[list[int]]:
         """Token ids of each prompt; ``special_tokens=False`` adds none (a chat template's text carries its own)."""
         try:
-            if self._encode_batch is not None:
-                encodings = self._encode_batch(list(prompts), add_special_tokens=special_tokens)
-                return [encoding.ids for encoding in encodings]
+            # Through the tokenizer's own call, not its Rust core: that core keeps whatever padding the last
+            # caller set (tokenizer(..., padding=True) elsewhere) and would pad these prompts with it.
             ids: list[list[int]] = self.tokenizer(list(prompts), add_special_tokens=special_tokens)["input_ids"]
         except TypeError:  # how a fast tokenizer refuses text with a lone surrogate; say which prompt
             for index, prompt in enumerate(prompts):
