@@ -327,13 +327,7 @@ class ModelRegistry:
         memory are the actors' (``bench.replicas()`` shows each), so this process counts none.
         """
         _check_source(settings)
-        span_attrs = {
-            attr_names.SPAN_KIND: attr_names.KIND_CHAIN,
-            attr_names.MODEL_NAME: name,
-            attr_names.MODEL_SOURCE: settings.source,
-            attr_names.MODEL_DEVICE: RAY_DEVICE,
-            attr_names.LOAD_TRIGGER: trigger,
-        }
+        span_attrs = {**self._load_span_attributes(name, settings, trigger), attr_names.MODEL_DEVICE: RAY_DEVICE}
         with self._tracing.span(f"load {name}", parent, span_attrs) as span:
             started = time.perf_counter()
             tokenizer = _load_tokenizer(settings)
@@ -418,13 +412,7 @@ class ModelRegistry:
         directory, or a hub id in the Hugging Face cache), for the context-window check and token
         counts; without them the server's usage counts tokens and the window is what the server lists.
         """
-        span_attrs = {
-            attr_names.SPAN_KIND: attr_names.KIND_CHAIN,
-            attr_names.MODEL_NAME: name,
-            attr_names.MODEL_SOURCE: settings.source,
-            attr_names.MODEL_DEVICE: REMOTE_DEVICE,
-            attr_names.LOAD_TRIGGER: trigger,
-        }
+        span_attrs = {**self._load_span_attributes(name, settings, trigger), attr_names.MODEL_DEVICE: REMOTE_DEVICE}
         with self._tracing.span(f"load {name}", parent, span_attrs) as span:
             started = time.perf_counter()
             listed = remote.list_models(settings)
