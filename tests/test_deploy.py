@@ -1,0 +1,359 @@
+"""deploy/: the Kubernetes manifests against Kubernetes' own schemas, and the Dockerfile read as a build would."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+
+kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install -e '.[dev]' (kubernetes-validate)")
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+# The Kubernetes version the manifests are written for (the oldest minor still under upstream support when
+# they were written); strict schemas, so a misspelt field is an error, not an ignored key.
+KUBERNETES_VERSION = "1.33"
+MANIFESTS = sorted(K8S.rglob("*.yaml"))
+NON_ROOT_UID = 10001
+
+
+def _documents(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def _resources() -> dict[str, dict[str, Any]]:
+    """Every manifest by 'folder/file:kind/name', e.g. 'gpu/deployment.yaml:deployment/autoglm'."""
+    found = {}
+    for path in MANIFESTS:
+        for doc in _documents(path):
+            found[f"{path.relative_to(K8S)}:{doc['kind'].lower()}/{doc['metadata']['name']}"] = doc
+    return found
+
+
+def _deployments() -> dict[str, dict[str, Any]]:
+    return {key: doc for key, doc in _resources().items() if doc["kind"] == "Deployment"}
+
+
+def _one(kind: str, folder: Path = K8S) -> dict[str, Any]:
+    [doc] = [doc for path in folder.glob("*.yaml") for doc in _documents(path) if doc["kind"] == kind]
+    return doc
+
+
+def _gateway(deployment: dict[str, Any]) -> dict[str, Any]:
+    [container] = [c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "gateway"]
+    return container
+
+
+# --- Kubernetes -------------------------------------------------------------------------------------------------
+
+
+def test_the_folder_holds_what_a_deployment_needs() -> None:
+    kinds = sorted(doc["kind"] for path in K8S.glob("*.yaml") for doc in _documents(path))
+    assert kinds == ["ConfigMap", "Deployment", "PersistentVolumeClaim", "Service"]
+    assert [doc["kind"] for doc in _documents(K8S / "gpu" / "deployment.yaml")] == ["Deployment"]
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: str(p.relative_to(K8S)))
+def test_every_manifest_passes_the_kubernetes_schema(path: Path) -> None:
+    for doc in _documents(path):
+        assert kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True) == KUBERNETES_VERSION
+
+
+def test_the_validator_catches_a_misspelt_field() -> None:
+    """The schema check above can fail: strict mode rejects a field Kubernetes does not know."""
+    deployment = _one("Deployment")
+    _gateway(deployment)["readinesProbe"] = _gateway(deployment).pop("readinessProbe")
+    with pytest.raises(kubernetes_validate.ValidationError, match="readinesProbe"):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("key", sorted(_deployments()))
+def test_probes_ask_health_on_the_served_port(key: str) -> None:
+    container = _gateway(_deployments()[key])
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    args = container["args"]
+    assert ports["http"] == int(args[args.index("--port") + 1])
+    assert ports["grpc"] == int(args[args.index("--grpc-port") + 1])
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        check = container[probe]["httpGet"]
+        assert check["path"] == "/health", probe
+        assert check["port"] in ("http", ports["http"]), probe
+
+
+@pytest.mark.parametrize("key", sorted(_deployments()))
+def test_the_service_reaches_the_container_ports(key: str) -> None:
+    deployment, service = _deployments()[key], _one("Service")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    container_ports = {port["name"]: port["containerPort"] for port in _gateway(deployment)["ports"]}
+    for port in service["spec"]["ports"]:
+        target = port["targetPort"]
+        assert target in container_ports or target in container_ports.values(), port
+
+
+@pytest.mark.parametrize("key", sorted(_deployments()))
+def test_pods_run_as_non_root_on_a_read_only_root(key: str) -> None:
+    pod = _deployments()[key]["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == NON_ROOT_UID
+    assert pod["automountServiceAccountToken"] is False
+    writable = {volume["name"] for volume in pod["volumes"] if "emptyDir" in volume}
+    for container in pod["containers"] + pod.get("initContainers", []):
+        context = container["securityContext"]
+        assert context["readOnlyRootFilesystem"] is True, container["name"]
+        assert context["allowPrivilegeEscalation"] is False, container["name"]
+        assert context["capabilities"]["drop"] == ["ALL"], container["name"]
+        # What the container writes must be a volume, the root filesystem being read-only.
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        assert "/data" in mounts and mounts["/data"]["name"] in writable, container["name"]
+    gateway_mounts = {m["mountPath"]: m for m in _gateway(_deployments()[key])["volumeMounts"]}
+    assert gateway_mounts["/tmp"]["name"] in writable  # the image points every cache under /tmp
+    assert gateway_mounts["/models"]["readOnly"] is True
+
+
+@pytest.mark.parametrize("key", sorted(_deployments()))
+def test_every_volume_and_reference_is_defined(key: str) -> None:
+    pod = _deployments()[key]["spec"]["template"]["spec"]
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    for container in pod["containers"] + pod.get("initContainers", []):
+        assert {m["name"] for m in container["volumeMounts"]} <= volumes.keys(), container["name"]
+    assert volumes["chain"]["configMap"]["name"] == _one("ConfigMap")["metadata"]["name"]
+    assert volumes["models"]["persistentVolumeClaim"]["claimName"] == _one("PersistentVolumeClaim")["metadata"]["name"]
+    # The Secret is made by hand (deploy/README.md), never committed: the manifests only name it.
+    assert volumes["auth"]["secret"]["secretName"] == "autoglm-auth"
+    [jwt] = [env for env in _gateway(_deployments()[key])["env"] if env["name"] == "AUTOGLM_JWT_SECRET"]
+    assert jwt["valueFrom"]["secretKeyRef"]["name"] == "autoglm-auth"
+    assert not any(doc["kind"] == "Secret" for doc in _resources().values())
+
+
+def test_the_key_copying_init_container_runs_python() -> None:
+    [init] = _one("Deployment")["spec"]["template"]["spec"]["initContainers"]
+    program, flag, source = init["command"]
+    assert (program, flag) == ("python", "-c")
+    compile(source, "initContainers[keys]", "exec")
+    assert "/secrets/auth/keys.sqlite3" in source and "/data/keys.sqlite3" in source
+
+
+def test_only_the_gpu_variant_asks_for_a_gpu() -> None:
+    cpu = _one("Deployment")
+    gpu = _one("Deployment", K8S / "gpu")
+    resources = _gateway(gpu)["resources"]
+    assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == "1"
+    assert "nvidia.com/gpu" not in json.dumps(_gateway(cpu)["resources"])
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in gpu["spec"]["template"]["spec"][
+        "tolerations"]
+    assert _gateway(gpu)["image"].endswith(":cuda") and _gateway(cpu)["image"].endswith(":cpu")
+    # Same Deployment otherwise: applying gpu/ after the folder replaces the CPU one, nothing else changes.
+    assert gpu["metadata"] == cpu["metadata"]
+    for deployment in (cpu, gpu):
+        _gateway(deployment).pop("resources")
+        _gateway(deployment).pop("image")
+        deployment["spec"]["template"]["spec"].pop("tolerations", None)
+        deployment["spec"]["template"]["spec"]["initContainers"][0].pop("image")
+    assert gpu == cpu
+
+
+def test_the_config_map_serves_the_spec_in_deploy() -> None:
+    from workbench.chains.spec import parse_spec
+
+    text = _one("ConfigMap")["data"]["chain.yaml"]
+    assert text == (DEPLOY / "chain.yaml").read_text()
+    spec = parse_spec(text, known_models={"tiny"})
+    args = _gateway(_one("Deployment"))["args"]
+    assert args[args.index("--spec") + 1] == "/config/chain.yaml"
+    assert {source.partition("=")[0] for flag, source in zip(args, args[1:]) if flag == "--model"} == set(spec.models())
+
+
+# --- the Dockerfile -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Instruction:
+    keyword: str
+    text: str
+    line: int
+
+    def exec_form(self) -> list[str]:
+        """The JSON array of an exec-form CMD, ENTRYPOINT or HEALTHCHECK CMD."""
+        text = self.text.split(" CMD ", 1)[-1] if self.keyword == "HEALTHCHECK" else self.text
+        value = json.loads(text)
+        assert isinstance(value, list), f"line {self.line}: {self.keyword} in shell form"
+        return value
+
+
+def _instructions(path: Path) -> list[Instruction]:
+    """A Dockerfile's instructions, continuation lines joined and comments dropped, as docker reads them."""
+    found: list[Instruction] = []
+    pending: list[str] = []
+    start = 0
+    for number, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if pending and line.startswith("#"):
+            continue  # a comment inside a continued instruction is dropped
+        if not pending:
+            start = number
+        continued = line.endswith("\\")
+        pending.append(line[:-1].strip() if continued else line)
+        if not continued:
+            keyword, _, rest = " ".join(pending).partition(" ")
+            found.append(Instruction(keyword.upper(), rest.strip(), start))
+            pending = []
+    assert not pending, f"{path}: the last instruction ends in a continuation"
+    return found
+
+
+def _dockerignore_regex(pattern: str) -> re.Pattern[str]:
+    # Go's filepath.Match, as Docker's patternmatcher uses it: * and ? stop at '/', ** crosses directories.
+    out = ""
+    for token in re.split(r"(\*\*/?|\*|\?)", pattern.strip("/")):
+        if token.startswith("**"):
+            out += "(.*/)?" if token.endswith("/") else ".*"
+        elif token == "*":
+            out += "[^/]*"
+        elif token == "?":
+            out += "[^/]"
+        else:
+            out += re.escape(token)
+    return re.compile(out + "(/.*)?")  # a directory's pattern covers what is inside it
+
+
+def _excluded(path: str, patterns: list[str]) -> bool:
+    excluded = False
+    for pattern in patterns:
+        negated = pattern.startswith("!")
+        if _dockerignore_regex(pattern.lstrip("!")).fullmatch(path):
+            excluded = not negated
+    return excluded
+
+
+def _dockerignore() -> list[str]:
+    lines = (line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def _tracked(source: str) -> list[str]:
+    listed = subprocess.run(["git", "ls-files", "--", source], cwd=ROOT, capture_output=True, text=True, check=True)
+    return listed.stdout.split()
+
+
+DOCKERFILE = _instructions(DEPLOY / "Dockerfile")
+
+
+def _keyword(keyword: str) -> list[Instruction]:
+    return [i for i in DOCKERFILE if i.keyword == keyword]
+
+
+def _command() -> list[str]:
+    """What the final image runs: ENTRYPOINT then CMD of the last stage."""
+    final = max(i for i, ins in enumerate(DOCKERFILE) if ins.keyword == "FROM")
+    last = {ins.keyword: ins for ins in DOCKERFILE[final:]}
+    return last["ENTRYPOINT"].exec_form() + last["CMD"].exec_form()
+
+
+def test_every_copy_source_is_in_the_build_context() -> None:
+    copies = [c for c in _keyword("COPY") if not c.text.startswith("--from=")]
+    assert copies
+    patterns = _dockerignore()
+    for copy in copies:
+        *sources, _ = shlex.split(copy.text)
+        for source in sources:
+            files = _tracked(source)
+            assert files, f"line {copy.line}: COPY {source}: no such file in the repository"
+            kept = [f for f in files if not _excluded(f, patterns)]
+            assert kept, f"line {copy.line}: COPY {source}: .dockerignore leaves it out of the build context"
+            if (ROOT / source).is_file():
+                assert kept == [source], f"line {copy.line}: .dockerignore leaves out {source}"
+
+
+def test_the_dockerignore_keeps_the_context_small() -> None:
+    patterns = _dockerignore()
+    for heavy in ("tests/test_deploy.py", "notebooks/01-quickstart.ipynb", ".venv/bin/python", "deploy/Dockerfile",
+                  "workbench/__pycache__/bench.cpython-311.pyc"):
+        assert _excluded(heavy, patterns), heavy
+    assert not _excluded("workbench/bench.py", patterns)
+
+
+def test_the_package_link_to_the_front_end_resolves_in_the_image() -> None:
+    """workbench's widgets link to extensions/; the files behind the link are copied beside the package."""
+    link = ROOT / "workbench/fronts/notebook/widgets/_extensions"
+    assert link.is_symlink()
+    target = link.resolve().relative_to(ROOT)
+    copied = {s for c in _keyword("COPY") for s in shlex.split(c.text)[:-1]}
+    for asset in ("trace_viewer.js", "trace_viewer.css"):
+        assert f"{target}/{asset}" in copied
+
+
+def test_the_image_runs_autoglm_serve_as_a_user_on_all_interfaces() -> None:
+    command = _command()
+    assert command[:2] == ["autoglm", "serve"]
+    assert command[command.index("--host") + 1] == "0.0.0.0"
+    port = command[command.index("--port") + 1]
+    assert _keyword("EXPOSE")[-1].text == port
+    assert command[command.index("--spec") + 1].startswith("/config/")
+    assert command[command.index("--model") + 1].partition("=")[2].startswith("/models/")
+    [user] = _keyword("USER")
+    uid = user.text.partition(":")[0]
+    assert uid.isdigit() and int(uid) == NON_ROOT_UID  # numeric, so runAsNonRoot can verify it
+    assert DOCKERFILE.index(user) > max(i for i, ins in enumerate(DOCKERFILE) if ins.keyword == "RUN")
+
+
+def test_the_healthcheck_asks_health_on_the_served_port() -> None:
+    [check] = _keyword("HEALTHCHECK")
+    probe = check.exec_form()
+    assert probe[:2] == ["python", "-c"]
+    compile(probe[2], "HEALTHCHECK", "exec")
+    [url] = re.findall(r"http://[^'\"]+", probe[2])
+    command = _command()
+    assert urlparse(url).path == "/health"
+    assert str(urlparse(url).port) == command[command.index("--port") + 1]
+
+
+def test_the_image_installs_cpu_torch_and_the_serve_extra_under_the_constraints() -> None:
+    [base] = [a for a in _keyword("ARG") if a.text.startswith("PYTHON_IMAGE=")]
+    assert base.text == "PYTHON_IMAGE=python:3.11-slim"
+    [index] = [a for a in _keyword("ARG") if a.text.startswith("TORCH_INDEX=")]
+    assert index.text == "TORCH_INDEX=https://download.pytorch.org/whl/cpu"
+    installs = [r.text for r in _keyword("RUN") if "pip install" in r.text]
+    assert any("-c constraints.txt" in i and '--index-url "${TORCH_INDEX}" torch' in i for i in installs)
+    assert any("-c constraints.txt" in i and '".[serve]"' in i for i in installs)
+    assert "torch==" in (ROOT / "constraints.txt").read_text()
+
+
+def test_the_kubernetes_args_are_the_image_command() -> None:
+    """The manifests spell out the image's CMD (adding the gRPC port), so the two cannot drift apart."""
+    args = _gateway(_one("Deployment"))["args"]
+    grpc = args.index("--grpc-port")
+    assert ["autoglm", *args[:grpc], *args[grpc + 2:]] == _command()
+
+
+def _docker_daemon() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    return subprocess.run(["docker", "info"], capture_output=True, timeout=30).returncode == 0
+
+
+@pytest.mark.slow
+def test_the_image_builds_and_runs_as_non_root() -> None:
+    if not _docker_daemon():
+        pytest.skip("no docker daemon to build deploy/Dockerfile with")
+    tag = "autoglm-workbench:test"
+    subprocess.run(["docker", "build", "-f", "deploy/Dockerfile", "-t", tag, "."], cwd=ROOT, check=True, timeout=1800)
+    whoami = subprocess.run(["docker", "run", "--rm", "--entrypoint", "id", tag, "-u"], capture_output=True,
+                            text=True, check=True, timeout=120)
+    assert whoami.stdout.strip() == str(NON_ROOT_UID)
+    usage = subprocess.run(["docker", "run", "--rm", tag, "serve", "--help"], capture_output=True, text=True,
+                           check=True, timeout=120)
+    assert "--spec" in usage.stdout
