@@ -222,3 +222,43 @@ def test_every_public_name_resolves_and_type_checkers_see_the_same_names() -> No
     (block,) = [node for node in tree.body if isinstance(node, ast.If)]
     typed = {alias.asname or alias.name for node in block.body for alias in node.names}  # type: ignore[attr-defined]
     assert typed == set(wb.__all__) - {"__version__", "load_ipython_extension"}
+
+
+# -- replicas -------------------------------------------------------------------------------------
+
+
+def test_run_loads_every_model_with_replicas_and_a_balance_policy(spec_file: Path, tiny_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", str(spec_file), "question=hi", "--model", f"tiny={tiny_path}", "--device", "cpu",
+                 "--replicas", "cpu,cpu", "--balance", "least_loaded"]) == 0
+    out = capsys.readouterr().out
+    assert "model 'tiny': 2 replicas (cpu, cpu), picked by least_loaded" in out
+    assert all(row[-1] == "OK" for row in _span_rows(out))
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--replicas", "0"], "--replicas 0: a model needs at least one replica"),
+        (["--replicas", "cpu,,cpu"], "--replicas 'cpu,,cpu' has an empty place"),
+        (["--balance", "fastest"], "balance 'fastest': unknown policy 'fastest'"),
+        (["--replicas", "2", "--balance", "weighted"], "weighted needs a weight per replica"),
+    ],
+    ids=["zero", "empty-place", "unknown-policy", "weighted-without-weights"],
+)
+def test_bad_replica_options_exit_2_before_anything_loads(flags: list[str], message: str, spec_file: Path,
+                                                          tiny_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", str(spec_file), "question=hi", "--model", f"tiny={tiny_path}", *flags]) == 2
+    captured = capsys.readouterr()
+    first, *rest = captured.err.splitlines()
+    assert first.startswith("autoglm: ") and message in first
+    assert [line.startswith("hint: ") for line in rest] == [True]
+    assert captured.out == ""
+
+
+def test_the_balance_help_names_every_policy() -> None:
+    from workbench.engine.balancing import BALANCE_FORMS, BALANCE_POLICIES
+    from workbench.fronts.arguments import BALANCE_HELP
+
+    assert " ".join(BALANCE_HELP.split()).replace(" (the default)", "").endswith(BALANCE_FORMS)
+    assert all(name in BALANCE_HELP for name in BALANCE_POLICIES)

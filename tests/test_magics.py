@@ -13,8 +13,11 @@ from IPython.utils.capture import CapturedIO, capture_output
 
 import workbench as wb
 import workbench.bench
+from workbench.engine.balancing import LeastLoaded, SessionHash, Weighted
+from workbench.fronts.arguments import ReplicaOptions
 from workbench.fronts.notebook.parsers import (
     COMMANDS,
+    BalanceCommand,
     LoadCommand,
     ModelsCommand,
     ParseError,
@@ -271,6 +274,16 @@ ECHO_CHAIN = (
         pytest.param("%autoglm builder qa other", "builder: unrecognized arguments: other", id="builder-two-chains"),
         pytest.param("%autoglm models --ui all", "models: unrecognized arguments: all", id="models-ui-extra"),
         pytest.param("%autoglm trace --ui", "no chain has run yet", id="trace-ui-before-any-run"),
+        pytest.param("%autoglm load m tiny --replicas 0", "--replicas 0: a model needs at least one replica",
+                     id="load-zero-replicas"),
+        pytest.param("%autoglm load m tiny --replicas cpu,", "--replicas 'cpu,' has an empty place",
+                     id="load-empty-place"),
+        pytest.param("%autoglm load m tiny --balance fastest", "unknown policy 'fastest'", id="load-unknown-balance"),
+        pytest.param("%autoglm balance m", "balance: the following arguments are required: POLICY",
+                     id="balance-no-policy"),
+        pytest.param("%autoglm balance m least_loded", "unknown policy 'least_loded' (did you mean 'least_loaded'?)",
+                     id="balance-typo"),
+        pytest.param("%autoglm balance nope round_robin", "no model named 'nope'", id="balance-unknown-model"),
     ],
 )
 def test_a_mistake_prints_a_short_message_and_no_traceback(shell: InteractiveShell, cell: str, expected: str) -> None:
@@ -352,3 +365,40 @@ def test_a_compare_that_cannot_save_keeps_its_result_and_says_so(shell: Interact
     comparison = shell.user_ns["_autoglm_compare"]
     assert isinstance(comparison, wb.Comparison) and list(comparison.table()["n"]) == [2]
     assert not missing.parent.exists()
+
+
+# -- replicas -----------------------------------------------------------------------------------
+
+
+def test_load_parses_replicas_as_a_count_or_places_and_a_balance_policy() -> None:
+    assert parse_command("load m tiny --replicas 2 --balance least_loaded") == LoadCommand(
+        name="m", settings=LoadSettings(source="tiny"), replicas=ReplicaOptions(replicas=2, balance=LeastLoaded()))
+    command = parse_command("load m tiny --replicas cpu,cuda:1,http://127.0.0.1:8000/v1 --balance weighted:3,1,1")
+    assert command.replicas == ReplicaOptions(replicas=["cpu", "cuda:1", "http://127.0.0.1:8000/v1"],
+                                              balance=Weighted([3, 1, 1]))
+    assert parse_command("balance m session_hash") == BalanceCommand(name="m", policy=SessionHash())
+    options = help_text("load")
+    assert "--replicas" in LoadCommand.usage and "--balance" in LoadCommand.usage
+    assert "--replicas N|PLACE,..." in options and "least_loaded" in options
+
+
+def test_load_with_replicas_then_balance_changes_the_policy_live(
+    shell: InteractiveShell, tiny_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AUTOGLM_CACHE_DIR", str(tiny_path.parent))
+    loaded = magic(shell, "load m tiny --device cpu --replicas 2 --balance least_loaded")
+    assert loaded.stderr == ""
+    assert loaded.stdout.rstrip().endswith(", 2 replicas (least_loaded)")
+    table = wb.current().replicas("m")
+    assert table["replica"].tolist() == ["m#0", "m#1"] and set(table["balance"]) == {"least_loaded"}
+
+    switched = magic(shell, "balance m session_hash")
+    assert switched.stdout == "'m': replicas picked by session_hash\n" and switched.stderr == ""
+    assert set(wb.current().replicas("m")["balance"]) == {"session_hash"}
+    # The model keeps serving under the new policy: a session's requests stay on one replica.
+    chain = wb.current().chain({"name": "ask", "hops": [{"name": "a", "model": "m", "prompt": "{{ q }}",
+                                                         "max_new_tokens": 2}]})
+    served = {chain.run(q="hi", session="alice").trace.table().loc[lambda t: t["name"] == "text_completion m",
+                                                                    "attributes.workbench.replica"].item()
+              for _ in range(3)}
+    assert len(served) == 1

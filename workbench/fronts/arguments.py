@@ -13,6 +13,7 @@ from workbench.models.tiny import resolve_source
 
 if TYPE_CHECKING:
     from workbench.bench import Workbench
+    from workbench.engine.balancing import BalancePolicy
     from workbench.models.registry import LoadedModel
 
 # Every LoadSettings field but the source, which each front end takes its own way (SOURCE, --model NAME=PATH).
@@ -70,6 +71,59 @@ def load_settings(args: argparse.Namespace, source: str) -> LoadSettings:
     return LoadSettings(source=source, **{option.name: getattr(args, option.name) for option in LOAD_OPTIONS})
 
 
-def load_model(bench: Workbench, name: str, settings: LoadSettings) -> LoadedModel:
-    """Load ``settings`` as ``name``, where a front end's SOURCE ``tiny`` means the offline tiny model."""
-    return bench.load(name, **(dataclasses.asdict(settings) | {"source": resolve_source(settings.source)}))
+def load_model(bench: Workbench, name: str, settings: LoadSettings, replicas: ReplicaOptions | None = None
+               ) -> LoadedModel:
+    """Load ``settings`` as ``name``, where a front end's SOURCE ``tiny`` means the offline tiny model, with
+    ``replicas`` (``--replicas``, ``--balance``) where given."""
+    options = {"replicas": replicas.replicas, "balance": replicas.balance} if replicas is not None else {}
+    return bench.load(name, **(dataclasses.asdict(settings) | {"source": resolve_source(settings.source)}), **options)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaOptions:
+    """``--replicas`` and ``--balance`` as bench.load takes them: None where the flag was not given."""
+
+    replicas: int | list[str] | None = None
+    balance: BalancePolicy | None = None
+
+
+REPLICAS_HELP = ("how many workers serve the model (N), or where each one runs (cpu,cuda:1,http://host:8000/v1); "
+                 "default one")
+# workbench.engine.balancing.BALANCE_FORMS, written out: importing the engine would import torch, and
+# `autoglm --help` must answer at once (tests/test_cli.py checks the two agree).
+BALANCE_HELP = ("which replica takes each request: round_robin (the default), least_loaded, power_of_two, "
+                "session_hash, weighted:W0,W1,... (one weight per replica)")
+
+
+def add_replica_options(parser: argparse.ArgumentParser, title: str = "replicas") -> None:
+    """``--replicas N|PLACE,PLACE`` and ``--balance POLICY``, the two load options bench.load takes beside LoadSettings."""
+    group = parser.add_argument_group(title)
+    group.add_argument("--replicas", metavar="N|PLACE,...", help=REPLICAS_HELP)
+    group.add_argument("--balance", metavar="POLICY", help=BALANCE_HELP)
+
+
+REPLICA_OPTIONS_USAGE = "[--replicas N|PLACE,...] [--balance POLICY]"
+
+
+def parse_replicas(text: str) -> int | list[str]:
+    """``--replicas``: a whole number of workers on the model's device, or a comma-separated list of places."""
+    text = text.strip()
+    if text.isdigit():
+        if int(text) < 1:
+            raise ParseError(f"--replicas {text}: a model needs at least one replica", hint="e.g. --replicas 2")
+        return int(text)
+    places = [place.strip() for place in text.split(",")]
+    if not all(places):
+        raise ParseError(f"--replicas {text!r} has an empty place",
+                         hint="give a number (--replicas 2) or places separated by single commas (--replicas cpu,cpu)")
+    return places
+
+
+def replica_options(args: argparse.Namespace) -> ReplicaOptions:
+    """The replica options parsed into ``args`` by :func:`add_replica_options`; a bad policy name fails here."""
+    from workbench.engine.balancing import parse_balance
+
+    return ReplicaOptions(
+        replicas=parse_replicas(args.replicas) if args.replicas is not None else None,
+        balance=parse_balance(args.balance) if args.balance is not None else None,
+    )

@@ -19,9 +19,11 @@ from workbench.fronts.arguments import (
     LOAD_HELP,
     ParseError,
     add_load_options,
+    add_replica_options,
     load_model,
     load_settings,
     parse_key_values,
+    replica_options,
 )
 from workbench.models.tiny import TINY_SOURCE
 
@@ -111,10 +113,15 @@ def _run(args: argparse.Namespace) -> int:
 
     inputs = parse_key_values(args.inputs)
     models = _models(args.model)
+    replicas = replica_options(args)
     spec = _read_spec(args.spec)
     with Workbench(allow_modules=args.allow_module) as bench:
         for name, source in models.items():
-            load_model(bench, name, load_settings(args, source))
+            load_model(bench, name, load_settings(args, source), replicas)
+            if replicas.replicas is not None and not args.json:
+                table = bench.replicas(name)
+                print(f"model {name!r}: {len(table)} replicas ({', '.join(table['device'])}),"
+                      f" picked by {table['balance'].iloc[0]}")
         try:
             chain = bench.chain(spec)
         except SpecError as error:
@@ -169,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--allow-module", action="append", default=[], metavar="MODULE",
                      help="let the spec's call: name functions in MODULE (besides your own code); repeat for each")
     add_load_options(run, "load options (for every --model)")
+    add_replica_options(run, "replicas (for every --model)")
     run.set_defaults(func=_run)
     return parser
 

@@ -20,6 +20,7 @@ from workbench.experiments.workloads import read_inputs
 from workbench.fronts.arguments import load_model
 from workbench.fronts.notebook.parsers import (
     PROG,
+    BalanceCommand,
     BuilderCommand,
     ChainCommand,
     Command,
@@ -78,6 +79,7 @@ class AutoglmMagics(Magics):
             TraceCommand.subcommand: self._trace,
             CompareCommand.subcommand: self._compare,
             BuilderCommand.subcommand: self._builder,
+            BalanceCommand.subcommand: self._balance,
         }
 
     # No $var / {var} expansion: prompts and questions hold braces and dollars that must stay literal.
@@ -100,15 +102,28 @@ class AutoglmMagics(Magics):
         print(help_text(command.topic), end="")
 
     def _load(self, command: LoadCommand) -> None:
-        model = load_model(current(), command.name, command.settings)
+        model = load_model(current(), command.name, command.settings, command.replicas)
         if model.settings.remote:  # no weights here: say which server and model answer instead
-            print(f"loaded {command.name!r}: {model.settings.served_model!r} on {model.source} in {model.load_s:.2f} s")
+            print(f"loaded {command.name!r}: {model.settings.served_model!r} on {model.source} in {model.load_s:.2f} s"
+                  + self._replica_note(command))
             return
         dtype = str(model.dtype).removeprefix("torch.")
         print(
             f"loaded {command.name!r} on {model.device} in {dtype} ({model.params:,} parameters)"
-            f" in {model.load_s:.2f} s"
+            f" in {model.load_s:.2f} s" + self._replica_note(command)
         )
+
+    @staticmethod
+    def _replica_note(command: LoadCommand) -> str:
+        """', 2 replicas (least_loaded)' after a load that asked for replicas; nothing after a plain load."""
+        if command.replicas.replicas is None and command.replicas.balance is None:
+            return ""
+        table = current().replicas(command.name)
+        return f", {len(table)} replica{'s' * (len(table) != 1)} ({table['balance'].iloc[0]})"
+
+    def _balance(self, command: BalanceCommand) -> None:
+        current().set_balance(command.name, command.policy)
+        print(f"{command.name!r}: replicas picked by {command.policy.name}")
 
     def _models(self, command: ModelsCommand) -> None:
         if command.ui:

@@ -9,10 +9,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NoReturn
 
+from workbench.engine.balancing import BALANCE_FORMS, BalancePolicy, parse_balance
 from workbench.engine.batching import POLICY_FORMS, BatchingPolicy, parse_policy
 from workbench.engine.preloading import PRELOADING_FORMS, PreloadingStrategy, parse_preloading
 from workbench.errors import ParseError
-from workbench.fronts.arguments import add_load_options, load_options_usage, load_settings, parse_key_values
+from workbench.fronts.arguments import (
+    REPLICA_OPTIONS_USAGE,
+    ReplicaOptions,
+    add_load_options,
+    add_replica_options,
+    load_options_usage,
+    load_settings,
+    parse_key_values,
+    replica_options,
+)
 from workbench.models.settings import LoadSettings
 
 PROG = "%autoglm"
@@ -86,22 +96,24 @@ class HelpCommand(Command):
 @dataclass(frozen=True)
 class LoadCommand(Command):
     subcommand = "load"
-    usage = "load NAME SOURCE " + load_options_usage()
+    usage = "load NAME SOURCE " + load_options_usage() + " " + REPLICA_OPTIONS_USAGE
     about = "load a model directory or hub id as NAME; SOURCE 'tiny' is the offline tiny model"
     example = "%autoglm load tiny tiny --device cpu"
 
     name: str
     settings: LoadSettings
+    replicas: ReplicaOptions = field(default_factory=ReplicaOptions)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("name", metavar="NAME", help="the name chain specs use for this model")
         parser.add_argument("source", metavar="SOURCE", help="a local directory, a hub id, or 'tiny'")
         add_load_options(parser)
+        add_replica_options(parser)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, cell: str | None) -> Command:
-        return cls(name=args.name, settings=load_settings(args, args.source))
+        return cls(name=args.name, settings=load_settings(args, args.source), replicas=replica_options(args))
 
 
 @dataclass(frozen=True)
@@ -315,12 +327,32 @@ class BuilderCommand(Command):
         parser.add_argument("chain", nargs="?", metavar="CHAIN", help="start from this chain (else from one blank hop)")
 
 
+@dataclass(frozen=True)
+class BalanceCommand(Command):
+    subcommand = "balance"
+    usage = "balance NAME POLICY"
+    about = "change how a loaded model's replicas are picked, live: " + BALANCE_FORMS
+    example = "%autoglm balance m least_loaded"
+
+    name: str
+    policy: BalancePolicy
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("name", metavar="NAME", help="a model loaded with replicas")
+        parser.add_argument("policy", metavar="POLICY", help=BALANCE_FORMS)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, cell: str | None) -> Command:
+        return cls(name=args.name, policy=parse_balance(args.policy))
+
+
 # The dispatch order of `help`; a later subcommand is one more Command subclass here.
 COMMANDS: dict[str, type[Command]] = {
     c.subcommand: c
     for c in (
         HelpCommand, LoadCommand, ModelsCommand, UnloadCommand, ChainCommand, RunCommand, TraceCommand, CompareCommand,
-        BuilderCommand,
+        BuilderCommand, BalanceCommand,
     )
 }
 
