@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 
 import workbench as wb
@@ -18,7 +19,7 @@ from workbench.fronts.arguments import load_model
 from workbench.fronts.notebook.parsers import LoadCommand, parse_command
 from workbench.tracing import attributes as attr
 
-from helpers import need_ray, ray_runtime_env
+from helpers import eventually, need_ray, ray_runtime_env
 
 QUESTIONS = [{"question": q} for q in ["What is 2 + 2?", "Why?", "Name a city.", "What is a batch?"]]
 
@@ -155,3 +156,77 @@ def test_the_magics_load_flags_put_a_model_on_ray(bench: wb.Workbench, tiny_path
             question="Why?").output
     finally:
         bench.unload("flagged", forget=True)
+
+
+def _replica(bench: wb.Workbench, name: str) -> Any:
+    """The Ray backend of replica ``name`` (``r#1``): the actor a test kills."""
+    model, _, index = name.partition("#")
+    return bench.engine.replica_sets()[model].workers[int(index or 0)].backend
+
+
+def test_a_killed_actor_fails_its_requests_clearly_they_retry_elsewhere_and_it_restarts(
+    ray: Any, bench: wb.Workbench, tiny_path: Path
+) -> None:
+    # num_cpus=0: the two replicas of 'm' hold this Ray's two CPUs.
+    bench.load("r", tiny_path, device="cpu", engine="ray", replicas=2, num_cpus=0)
+    try:
+        bench.set_breaker("r", failure_threshold=1, reset_timeout_s=0.5)
+        retrying = spec("r")
+        for hop in retrying["hops"]:
+            hop["retry"] = {"attempts": 3, "backoff_ms": 10}
+        chain = bench.chain(retrying)
+        before = bench.replicas("r").set_index("replica")
+        assert before["restarts"].tolist() == [0, 0]
+        doomed = _replica(bench, "r#1")
+        old_actor, old_id = doomed.actor, doomed.actor_id
+        ray.kill(old_actor)  # Ray's own restart is off after ray.kill: the workbench starts the new actor
+
+        runs = chain.map(QUESTIONS, concurrency=2)
+        assert not runs.failed and all(run.output for run in runs)  # nothing lost: retried on r#0
+        spans = [s for run in runs for s in run.trace.spans if s.name.startswith(attr.TEXT_COMPLETION)]
+        failed = [s for s in spans if s.status.status_code.name == "ERROR"]
+        assert failed and {s.attributes[attr.REPLICA] for s in failed} == {"r#1"}
+        kinds = {str(e.attributes["exception.type"]).rpartition(".")[2] for s in failed for e in s.events
+                 if e.name == "exception"}
+        assert kinds == {"ModelActorDied"}  # translated at the seam: no raw Ray error reached the chain
+        messages = [str(e.attributes["exception.message"]) for s in failed for e in s.events if e.name == "exception"]
+        assert any(m.startswith("the Ray actor of model 'r' on node ") and " is gone (" in m for m in messages)
+
+        # The restart is a span of the engine's trace, ended once the new actor has loaded.
+        eventually(lambda: any(s.name == "restart r" and s.end_time for s in bench.traces().spans),
+                   "the actor of r#1 to restart")
+        (restart,) = [s for s in bench.traces().spans if s.name == "restart r"]
+        assert restart.attributes[attr.RAY_RESTARTS] == 1
+        assert restart.attributes[attr.RAY_ACTOR] == doomed.actor_id != old_id
+        after = bench.replicas("r").set_index("replica")
+        assert after["restarts"].tolist() == [0, 1]
+        assert bench.models().set_index("name").loc["r", "restarts"] == 1
+        assert pd.isna(bench.models().set_index("name").loc["tiny", "restarts"])
+
+        # Back in rotation: once the breaker lets a trial through, the new actor serves, with the same text.
+        served = int(after.loc["r#1", "served"])
+        eventually(lambda: bool(chain.run(question="Why?").ok)
+                   and int(bench.replicas("r").set_index("replica").loc["r#1", "served"]) > served,
+                   "the restarted r#1 to serve again")
+        again = [s for s in bench.traces().spans if s.name.startswith(attr.TEXT_COMPLETION)
+                 and s.attributes.get(attr.REPLICA) == "r#1" and s.status.status_code.name != "ERROR"]
+        assert again[-1].attributes[attr.RAY_RESTARTS] == 1
+        assert again[-1].attributes[attr.RAY_ACTOR] == doomed.actor_id
+        assert chain.run(question="Why?").output == bench.chain(spec("tiny")).run(question="Why?").output
+    finally:
+        bench.unload("r", forget=True)
+
+
+def test_with_no_restarts_left_a_killed_actor_stays_down_and_says_so(
+    ray: Any, bench: wb.Workbench, tiny_path: Path
+) -> None:
+    bench.load("once", tiny_path, device="cpu", engine="ray", num_cpus=0, restarts=0)
+    try:
+        ray.kill(_replica(bench, "once").actor)
+        with pytest.raises(wb.ModelActorDied, match="stays down") as caught:
+            bench.generate("once", "Hello", max_new_tokens=2)
+        assert "raise restarts" in (caught.value.hint or "")
+        assert bench.replicas("once")["restarts"].tolist() == [0]
+        assert not any(s.name == "restart once" for s in bench.traces().spans)
+    finally:
+        bench.unload("once", forget=True)

@@ -23,6 +23,7 @@ from workbench.chains.spec import ChainSpec, parse_spec
 from workbench.chains.sqlite_store import SESSIONS_FILE, SQLiteContextStore, data_root
 from workbench.engine import BatchingPolicy, Engine, GenerationParams, GenerationResult
 from workbench.engine.backends.process import ProcessBackend
+from workbench.engine.backends.ray import RayBackend
 from workbench.engine.backends.transformers import TransformersBackend
 from workbench.engine.balancing import BalancePolicy, parse_balance
 from workbench.engine.batching import default_policy
@@ -38,6 +39,8 @@ from workbench.tracing import Trace, Tracing
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from workbench.engine.replicas import ReplicaSet
 
 MAX_RUNS_KEPT = 10_000
 # How often a thread waiting on the loop returns to Python: a Ctrl-C is only seen between bytecodes.
@@ -276,7 +279,8 @@ class Workbench:
         health, ``batch_limit``, the largest batch it runs since one ran out of memory (None: no limit), its
         ``replicas`` with the requests they hold (``in_flight``) and served (:meth:`replicas` has one row
         each), ``pid``, the process it runs in (None while a model process restarts), and ``restarts``, how
-        often its model process was started again after dying (None for a model in this process).
+        often its model process (or, summed over its replicas, its Ray actors) was started again after dying (None
+        for a model in this process).
 
         A model with replicas is ``healthy`` while every replica is, ``unhealthy`` when none is, else
         ``degraded``; its ``batch_limit`` is the smallest of its replicas'.
@@ -313,19 +317,21 @@ class Workbench:
                     if n in sets else None for n in table["name"]]
         table["pid"] = pd.array([_pid(b) for b in backends], dtype="Int64")
         table["restarts"] = pd.array(
-            [b.restarts if isinstance(b, ProcessBackend) else None for b in backends], dtype="Int64"
+            [b.restarts if isinstance(b, ProcessBackend) else _ray_restarts(sets.get(n)) for b, n in
+             zip(backends, table["name"])], dtype="Int64"
         )
         return table
 
     def replicas(self, name: str | None = None) -> pd.DataFrame:
         """One row per replica of ``name`` (or of every loaded model): its worker's name (``m#1``), its ``kind``
         (``local``, or ``remote`` for a replica on a server), device (``remote`` on a server) and the server's ``url``,
-        the balance policy, requests in flight, served and failed, health, breaker state, and whether faults are
-        injected."""
+        the balance policy, requests in flight, served and failed, health, breaker state, whether faults are
+        injected, and ``restarts``, how often its model process or Ray actor was started again after dying (None for
+        a replica in this process or on a server)."""
         import pandas as pd
 
         columns = ["model", "replica", "index", "kind", "device", "url", "node", "balance", "in_flight", "served",
-                   "failed", "health", "breaker", "faults"]
+                   "failed", "health", "breaker", "faults", "restarts"]
         sets = self.engine.replica_sets()
         if name is not None:
             self.registry.get(name)  # unknown, or not loaded: a clear error
@@ -622,6 +628,12 @@ class Workbench:
 def _first_device(places: tuple[str | None, ...] | None) -> str | None:
     """The first device a replicas list names: where the model's weights load."""
     return next((p for p in places or () if p is not None and not is_server_url(p)), None)
+
+
+def _ray_restarts(replicas: ReplicaSet | None) -> int | None:
+    """How often the Ray actors of a model's replicas were started again, all told; None for a model not on Ray."""
+    backends = [w.backend for w in replicas.workers if isinstance(w.backend, RayBackend)] if replicas else []
+    return sum(b.restarts for b in backends) if backends else None
 
 
 def _pid(backend: object) -> int | None:

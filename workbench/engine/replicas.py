@@ -171,7 +171,9 @@ class ReplicaSet:
              "node": getattr(worker.backend, "node", None),
              "balance": self.policy.name, "in_flight": in_flight, "served": served, "failed": failed,
              "health": worker.health.state, "breaker": worker.breaker.state,
-             "faults": worker.faults is not None}
+             "faults": worker.faults is not None,
+             # restarts: how often the replica's model process or Ray actor was started again after dying.
+             "restarts": getattr(worker.backend, "restarts", None)}
             for index, worker, in_flight, served, failed in loads
         ]
 

@@ -36,8 +36,9 @@ class LoadSettings:
     revision: str | None = _option(None, "a branch, tag or commit of a hub model", "REV")
     warmup: bool = _option(False, "run a tiny generate after loading; it counts as cold start")
     isolation: str = _option("thread", "thread (default: in this process) or process (a child process of its own)", "I")
-    restarts: int = _option(3, "process isolation: how often a model process that died is started again (default 3)",
-                            "N")
+    restarts: int = _option(
+        3, "process isolation or engine ray: how often a model process or Ray actor that died is started again "
+        "(default 3)", "N")
     served_model: str | None = _option(
         None, "for a server URL: the model's name on the server (default: the one model it lists)", "M")
     # Kept out of repr, so a settings object shown in a notebook or a log does not print the key.

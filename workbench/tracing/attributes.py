@@ -90,6 +90,8 @@ RAY_NODE = "workbench.ray.node_id"
 RAY_ACTOR = "workbench.ray.actor_id"
 RAY_ACTOR_MS = "workbench.ray.actor_ms"
 RAY_OVERHEAD_MS = "workbench.ray.overhead_ms"
+RAY_RESTARTS = "workbench.ray.restarts"  # how often the replica's actor was started again after dying
+RAY_PREVIOUS_NODE = "workbench.ray.previous_node_id"  # on a restart span: the node the actor that died ran on
 
 # Resilience: attempts, the path that served a hop, breakers, health probes, injected faults.
 ATTEMPT = "workbench.attempt"

@@ -36,6 +36,7 @@ from workbench.engine.requests import GenerationParams, GenerationRequest, Gener
 from workbench.errors import ModelActorDied, ModelLoadError, StrategyError, WorkbenchError
 from workbench.models.registry import LoadedModel
 from workbench.models.settings import LoadSettings
+from workbench.tracing import Tracing, mark_error
 from workbench.tracing import attributes as attr
 
 if TYPE_CHECKING:
@@ -175,12 +176,17 @@ class RayBackend:
 
     The actor is created at once and loads in the background, so a model's replicas load in
     parallel; :meth:`check` waits for it. When the actor dies (its node left the cluster, its
-    process was killed), its batch fails with ModelActorDied, which opens the replica's circuit
-    breaker at once, so the balancer sends retries to the other replicas. A dead actor is not
-    restarted: load the model again to replace it.
+    process was killed, ``ray.kill``), its batch fails with ModelActorDied, which opens the
+    replica's circuit breaker at once, so the balancer sends retries to the other replicas; and a
+    new actor starts in its place (a ``restart NAME`` span), up to the model's ``restarts`` times
+    (``restarts`` counts them). The breaker lets the replica back in once the new actor serves.
+
+    The workbench restarts the actor itself rather than through Ray's ``max_restarts``: ``ray.kill``
+    forbids Ray's own restart by default, and a restart here is counted, traced and capped the
+    same way as a model process's (isolation="process").
     """
 
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, tracing: Tracing | None = None) -> None:
         settings = loaded.settings
         self.model = loaded.name
         self.source = loaded.source
@@ -189,11 +195,31 @@ class RayBackend:
         self.context_window: int | None = None
         self.node: str | None = None
         self.actor_id: str | None = None
+        self.pid: int | None = None  # the actor's process, on its node
+        self.restarts = 0
         self._memory = 0
-        self._dead: str | None = None
+        self._dead: str | None = None  # why the last actor died
+        self._gone: ModelActorDied | None = None  # dead, with no restart left or the restart failed
+        self._closed = False
+        self._lock = threading.Lock()  # the actor handle, its readiness and the restart count change together
+        self._ready_lock = threading.Lock()  # held by the one caller that waits for the actor to load
+        self._tracing = tracing
+        self._settings = settings
         self._tokenizer = loaded.tokenizer
         self._tokens: TextCodec | None = None
         self._ray = connect(settings)
+        self._spawn()
+
+    # -- the actor's state -----------------------------------------------------------------------
+
+    @property
+    def actor(self) -> Any:
+        """The handle of the Ray actor this replica calls now (a new one after each restart)."""
+        return self._actor
+
+    def _spawn(self) -> None:
+        """Create the actor (it is placed and loads in the background) and ask for its info once it has loaded."""
+        settings = self._settings
         actor = _actor_class(self._ray).options(
             num_gpus=float(settings.num_gpus),
             # Ray Serve's default too: generating keeps a core busy, so each replica holds one while it lives.
@@ -201,21 +227,37 @@ class RayBackend:
             # Replicas go to different nodes where the cluster has several: scale-out, and one node lost
             # takes only its own replicas with it.
             scheduling_strategy="SPREAD",
-            max_restarts=0,
+            max_restarts=0,  # restarted by _lost, see the class docstring
         )
-        self._actor = actor.remote(loaded.name, dataclasses.asdict(settings))
+        self._actor = actor.remote(self.model, dataclasses.asdict(settings))
         self._info = self._actor.info.remote()
         self._ready = False
 
-    # -- the actor's state -----------------------------------------------------------------------
-
     def _wait_ready(self) -> None:
         """Wait for the actor to be placed and to load its model; a ModelLoadError if it cannot."""
-        if self._ready:
-            return
+        # One caller waits for the actor's info, the others for that caller; none holds the state lock while it
+        # waits, so close() and a death seen elsewhere never wait for a load.
+        with self._ready_lock:
+            while not self._ready:
+                with self._lock:
+                    if self._ready:
+                        return
+                    ref = self._info
+                info = self._wait_info(ref)
+                with self._lock:
+                    if ref is self._info:  # else the actor died and was replaced while it loaded: wait for the new one
+                        self.device, self.dtype = info["device"], info["dtype"]
+                        self.context_window, self._memory = info["context_window"], info["memory_bytes"]
+                        self.node, self.actor_id, self.pid = info["node_id"], info["actor_id"], info["pid"]
+                        if self._tokens is None:
+                            self._tokens = TextCodec(self._tokenizer, set(info["eos_ids"]))
+                        self._ready = True
+
+    def _wait_info(self, ref: Any) -> dict[str, Any]:
+        """What a loaded actor says of itself (``ref``, its info() call), or the ModelLoadError its load ended in."""
         ray = self._ray
         try:
-            info = ray.get(self._info, timeout=READY_TIMEOUT_S)
+            info: dict[str, Any] = ray.get(ref, timeout=READY_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
             raise ModelLoadError(
                 f"a Ray replica of model {self.model!r} was not ready within {READY_TIMEOUT_S:g} s: it may be waiting "
@@ -228,36 +270,80 @@ class RayBackend:
                                  "here; the actor's log (ray logs, or /tmp/ray/session_latest/logs) says why") from exc
         if info.get("error"):
             raise ModelLoadError(info["error"]["message"], hint=info["error"]["hint"])
-        self.device, self.dtype = info["device"], info["dtype"]
-        self.context_window, self._memory = info["context_window"], info["memory_bytes"]
-        self.node, self.actor_id = info["node_id"], info["actor_id"]
-        self._tokens = TextCodec(self._tokenizer, set(info["eos_ids"]))
-        self._ready = True
+        return info
 
-    def _call(self, ref: Any) -> Any:
-        """The value of an actor call; a dead actor or a lost node becomes ModelActorDied here, at the seam."""
+    def _call(self, ref: Any, actor: Any) -> Any:
+        """The value of a call to ``actor``; a dead actor or a lost node becomes ModelActorDied here, at the seam."""
         try:
             return self._ray.get(ref)
         except (self._ray.exceptions.RayActorError, self._ray.exceptions.WorkerCrashedError,
                 self._ray.exceptions.ObjectLostError) as exc:
-            self._dead = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            raise self._died() from None
+            raise self._lost(actor, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
 
-    def _died(self) -> ModelActorDied:
-        return ModelActorDied(
-            f"the Ray actor of model {self.model!r} on node {self.node} is gone ({self._dead})",
-            hint="its requests go to the other replicas (give hops retry); bench.load the model again to replace it",
-        )
+    def _lost(self, actor: Any, why: str) -> ModelActorDied:
+        """``actor`` died: start another in its place if restarts are left, and say what happened to its batch."""
+        with self._lock:
+            node = self.node
+            if actor is self._actor and self._gone is None and not self._closed:  # the first to see it go
+                self._dead = why
+                if self.restarts < self._settings.restarts:
+                    self.restarts += 1
+                    self._spawn()
+                    # Waited for off the worker's thread, so bench.replicas() shows the new actor once it loads;
+                    # the breaker keeps requests away meanwhile.
+                    threading.Thread(target=self._await_restart, args=(node,), daemon=True,
+                                     name=f"workbench-ray-restart-{self.model}").start()
+                else:
+                    self._gone = ModelActorDied(
+                        f"the Ray actor of model {self.model!r} on node {node} is gone ({why}); it was restarted "
+                        f"{self.restarts} times already, so it stays down",
+                        hint="its requests go to the other replicas (give hops retry); load the model again "
+                        "(bench.unload then bench.load), or raise restarts",
+                    )
+            if self._gone is not None:
+                return self._gone
+            return ModelActorDied(
+                f"the Ray actor of model {self.model!r} on node {node} is gone ({self._dead})",
+                hint=f"a new actor is starting in its place (restart {self.restarts} of {self._settings.restarts}); "
+                "meanwhile its requests go to the other replicas (give hops retry)",
+            )
+
+    def _await_restart(self, died_on: str | None) -> None:
+        """Wait for a restarted actor to load, in a ``restart NAME`` span of the engine's trace."""
+        span = None
+        if self._tracing is not None:
+            span = self._tracing.start_span(f"restart {self.model}", attributes={
+                attr.SPAN_KIND: attr.KIND_CHAIN, attr.MODEL_NAME: self.model, attr.RAY_RESTARTS: self.restarts,
+                attr.RAY_PREVIOUS_NODE: died_on or ""})
+        try:
+            self._wait_ready()
+        except ModelLoadError as exc:
+            with self._lock:
+                if not self._closed:
+                    self._gone = ModelActorDied(
+                        f"the Ray actor of model {self.model!r} died and could not be started again: {exc.message}",
+                        hint=exc.hint or f"load it again: bench.load({self.model!r}, ...)",
+                    )
+            if span is not None:
+                mark_error(span, exc)
+        else:
+            if span is not None:
+                span.set_attributes({attr.RAY_NODE: self.node or "", attr.RAY_ACTOR: self.actor_id or ""})
+        finally:
+            if span is not None:
+                span.end()
 
     # -- the Backend seam ------------------------------------------------------------------------
 
     def tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
-        self._wait_ready()
+        if self._tokens is None:  # the first actor's info gives the codec; a restart does not change it
+            self._wait_ready()
         assert self._tokens is not None
         return self._tokens.tokenize(prompts)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
-        self._wait_ready()
+        if self._tokens is None:
+            self._wait_ready()
         assert self._tokens is not None
         return self._tokens.detokenize(tokens)
 
@@ -280,40 +366,50 @@ class RayBackend:
         return self._memory
 
     def close(self) -> None:
-        if self._dead is None:
-            self._ray.kill(self._actor)
+        with self._lock:
+            self._closed = True
+            actor, gone = self._actor, self._gone
+        if gone is None:
+            self._ray.kill(actor)  # the live one, or the restart that is still loading
 
     def generate(
         self, batch: list[GenerationRequest], on_token: TokenSink | None = None
     ) -> tuple[list[GenerationResult], BatchTiming]:
-        if self._dead is not None:
-            raise self._died()
+        if self._gone is not None:
+            raise self._gone
+        try:
+            self._wait_ready()  # a batch that reaches a restarted replica waits for its new actor to load
+        except ModelLoadError:
+            if self._gone is not None:
+                raise self._gone from None
+            raise
+        actor = self._actor
         sent = time.perf_counter()
         rows = [{"input_ids": r.input_ids, "waited_s": sent - r.submitted, "stream": on_token is not None and r.stream}
                 for r in batch]
         params = dataclasses.asdict(batch[0].params)
         if on_token is not None and any(r.stream for r in batch):
-            reply = self._streamed(self._actor.stream.remote(rows, params), batch, on_token)
+            reply = self._streamed(actor.stream.remote(rows, params), actor, batch, on_token)
         else:
-            reply = self._call(self._actor.generate.remote(rows, params))
+            reply = self._call(actor.generate.remote(rows, params), actor)
         back = time.perf_counter()
         if "oom" in reply:
             raise BackendOutOfMemory(reply["oom"])
         return self._results(batch, reply, sent, back)
 
-    def _streamed(self, replies: Any, batch: list[GenerationRequest], on_token: TokenSink) -> dict[str, Any]:
+    def _streamed(self, replies: Any, actor: Any, batch: list[GenerationRequest], on_token: TokenSink
+                  ) -> dict[str, Any]:
         """Hand each streamed token to ``on_token`` as it arrives; the final reply."""
         try:
             for ref in replies:
-                item = self._call(ref)
+                item = self._call(ref, actor)
                 if "done" in item:
                     return item["done"]  # type: ignore[no-any-return]
                 row, token, text = item["tokens"]
                 on_token(batch[row], token, text)
         except (self._ray.exceptions.RayActorError, self._ray.exceptions.WorkerCrashedError,
                 self._ray.exceptions.ObjectLostError):  # raised by the generator itself, between items
-            self._dead = "the actor died while it streamed"
-            raise self._died() from None
+            raise self._lost(actor, "the actor died while it streamed") from None
         raise RuntimeError(f"the Ray actor of model {self.model!r} ended its stream without a result")
 
     def _results(
@@ -325,7 +421,7 @@ class RayBackend:
         timing.started = sent + (timing.started - reply["received"])
         actor_ms = (reply["returned"] - reply["received"]) * 1e3
         attributes = {attr.RAY_NODE: self.node or "", attr.RAY_ACTOR: self.actor_id or "", attr.RAY_ACTOR_MS: actor_ms,
-                      attr.RAY_OVERHEAD_MS: (back - sent) * 1e3 - actor_ms}
+                      attr.RAY_OVERHEAD_MS: (back - sent) * 1e3 - actor_ms, attr.RAY_RESTARTS: self.restarts}
         results = []
         for request, fields in zip(batch, reply["results"]):
             # The actor timed end to end up to its reply; the way back counts too.
