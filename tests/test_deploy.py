@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,17 +135,29 @@ def test_every_volume_and_reference_is_defined(key: str) -> None:
     assert volumes["models"]["persistentVolumeClaim"]["claimName"] == _one("PersistentVolumeClaim")["metadata"]["name"]
     # The Secret is made by hand (deploy/README.md), never committed: the manifests only name it.
     assert volumes["auth"]["secret"]["secretName"] == "autoglm-auth"
-    [jwt] = [env for env in _gateway(_deployments()[key])["env"] if env["name"] == "AUTOGLM_JWT_SECRET"]
-    assert jwt["valueFrom"]["secretKeyRef"]["name"] == "autoglm-auth"
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in _gateway(_deployments()[key])["env"]}
+    assert env == {"AUTOGLM_JWT_SECRET": {"name": "autoglm-auth", "key": "jwt-secret", "optional": True},
+                   "AUTOGLM_KEY_PEPPER": {"name": "autoglm-auth", "key": "key-pepper", "optional": True}}
     assert not any(doc["kind"] == "Secret" for doc in _resources().values())
 
 
-def test_the_key_copying_init_container_runs_python() -> None:
+def test_the_init_container_copies_the_keys_the_secret_holds(tmp_path: Path) -> None:
+    """Its one-line program, run with the Secret's and the data directory's paths pointed at temporary ones."""
     [init] = _one("Deployment")["spec"]["template"]["spec"]["initContainers"]
     program, flag, source = init["command"]
     assert (program, flag) == ("python", "-c")
-    compile(source, "initContainers[keys]", "exec")
-    assert "/secrets/auth/keys.sqlite3" in source and "/data/keys.sqlite3" in source
+    secret, data = tmp_path / "secret", tmp_path / "data"
+    secret.mkdir(), data.mkdir()
+    local = source.replace("/secrets/auth/", f"{secret}/").replace("/data/", f"{data}/")
+    assert local != source
+    subprocess.run([sys.executable, "-c", local], check=True)  # a Secret without keys: nothing to copy
+    assert list(data.iterdir()) == []
+    (secret / "keys.sqlite3").write_bytes(b"SQLite format 3\0")
+    (secret / "keys.pepper").write_text("cGVwcGVy")
+    (secret / "jwt-secret").write_text("not copied")
+    subprocess.run([sys.executable, "-c", local], check=True)
+    assert sorted(p.name for p in data.iterdir()) == ["keys.pepper", "keys.sqlite3"]
+    assert (data / "keys.sqlite3").read_bytes() == b"SQLite format 3\0"
 
 
 def test_only_the_gpu_variant_asks_for_a_gpu() -> None:
@@ -357,3 +372,101 @@ def test_the_image_builds_and_runs_as_non_root() -> None:
     usage = subprocess.run(["docker", "run", "--rm", tag, "serve", "--help"], capture_output=True, text=True,
                            check=True, timeout=120)
     assert "--spec" in usage.stdout
+
+
+def test_the_secret_names_are_the_ones_the_server_reads(tmp_path: Path) -> None:
+    """The env the manifests set is what the server's Auth reads: a JWT signed with AUTOGLM_JWT_SECRET gets in."""
+    jwt = pytest.importorskip("jwt")
+    from workbench.fronts.server.auth import PEPPER_ENV, Auth
+
+    names = {e["name"] for e in _gateway(_one("Deployment"))["env"]}
+    assert PEPPER_ENV in names
+    secret = "s" * 32
+    auth = Auth.from_env(tmp_path, environ={name: secret for name in names})
+    token = jwt.encode({"sub": "ci", "role": "runner", "exp": 4102444800}, secret, algorithm="HS256")
+    who = auth.authenticate({"authorization": f"Bearer {token}"})
+    assert (who.name, who.role, who.via) == ("ci", "runner", "jwt")
+
+
+def test_the_image_keeps_keys_and_sessions_in_the_data_volume() -> None:
+    env = " ".join(e.text for e in _keyword("ENV"))
+    assert "AUTOGLM_DATA_DIR=/data" in env  # so `docker run IMAGE keys add NAME` writes where serve reads
+    command = _command()
+    assert command[command.index("--data-dir") + 1] == "/data"
+    assert _keyword("VOLUME")[-1].exec_form() == ["/data"]
+
+
+def _serve_parser() -> Any:
+    import argparse
+
+    from workbench.fronts.cli import build_parser
+
+    [commands] = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    if "serve" not in commands.choices:
+        pytest.skip("this checkout's autoglm has no serve command yet (branch gw-core)")
+    return commands.choices["serve"]
+
+
+@pytest.mark.parametrize("where", ["Dockerfile", "deployment.yaml", "gpu/deployment.yaml"])
+def test_the_command_line_parses_with_the_real_autoglm_serve(where: str) -> None:
+    serve = _serve_parser()
+    if where == "Dockerfile":
+        args = _command()[2:]
+    else:
+        args = _gateway(_documents(K8S / where)[0])["args"][1:]
+    parsed = serve.parse_args(args)  # argparse exits (SystemExit 2) on a flag autoglm serve does not have
+    assert parsed.host == "0.0.0.0" and parsed.port == 8000
+
+
+@pytest.mark.slow
+def test_the_image_command_serves_and_passes_its_own_healthcheck(tiny_path: Path, tmp_path: Path) -> None:
+    """The image's command as a real child process, its container paths pointed at temporary directories and its
+    host at loopback: the HEALTHCHECK program passes, and a key made with `autoglm keys add` invokes the chain."""
+    _serve_parser()
+    import httpx
+
+    from helpers import free_port
+
+    models, config, data = tmp_path / "models", tmp_path / "config", tmp_path / "data"
+    models.mkdir(), config.mkdir()
+    (models / "tiny").symlink_to(tiny_path)
+    shutil.copyfile(DEPLOY / "chain.yaml", config / "chain.yaml")
+    port = str(free_port())
+    image_port = _command()[_command().index("--port") + 1]
+
+    def local(word: str) -> str:
+        word = word.replace("/models/", f"{models}/").replace("/config/", f"{config}/")
+        return {"/data": str(data), "0.0.0.0": "127.0.0.1", image_port: port}.get(word, word)
+
+    cli = [sys.executable, "-m", "workbench.fronts.cli"]
+    import workbench
+
+    # The child imports the workbench this test does (a checkout, or the installed package).
+    here = str(Path(workbench.__file__).resolve().parents[1])
+    env = {**os.environ, "AUTOGLM_DATA_DIR": str(data), "HF_HUB_OFFLINE": "1", "PYTHONPATH": here}
+    added = subprocess.run([*cli, "keys", "add", "ci", "--role", "runner"], env=env, capture_output=True, text=True,
+                           check=True, timeout=120)
+    [key] = re.findall(r"agw_\S+", added.stdout)
+    [check] = _keyword("HEALTHCHECK")
+    probe = [local(word) for word in check.exec_form()]
+    probe[2] = probe[2].replace(f":{image_port}/", f":{port}/")
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen([*cli, *[local(word) for word in _command()[1:]]], env=env, stdout=log,
+                              stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while subprocess.run(probe, capture_output=True, timeout=30).returncode != 0:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "the health check never passed"
+            time.sleep(0.5)
+        url = f"http://127.0.0.1:{port}/v1/chains/qa/invoke"
+        refused = httpx.post(url, json={"inputs": {"question": "Why?"}}, timeout=60)
+        assert refused.status_code == 401  # no key: no run
+        answered = httpx.post(url, json={"inputs": {"question": "Why?"}}, headers={"authorization": f"Bearer {key}"},
+                              timeout=60)
+        assert answered.status_code == 200, answered.text
+        assert answered.json()["status"] == "ok" and answered.json()["output"]
+    finally:
+        server.terminate()
+        server.wait(30)
+        log.close()
