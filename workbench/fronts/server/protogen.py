@@ -45,13 +45,14 @@ def generate(out_dir: Path) -> dict[str, str]:
     return {name: (where / name).read_text() for name in GENERATED}
 
 
-def stale() -> list[str]:
-    """The generated modules that differ from what chain.proto gives now (version stamps aside), with a diff each."""
+def stale(committed_dir: Path = HERE) -> list[str]:
+    """The generated modules in ``committed_dir`` that differ from what chain.proto gives now (version stamps
+    aside), each with the start of its diff."""
     with tempfile.TemporaryDirectory() as tmp:
         fresh = generate(Path(tmp))
     found = []
     for name, text in fresh.items():
-        committed_path = HERE / name
+        committed_path = committed_dir / name
         committed = committed_path.read_text() if committed_path.exists() else ""
         if _VERSION_STAMPS.sub("", committed) != _VERSION_STAMPS.sub("", text):
             diff = difflib.unified_diff(
