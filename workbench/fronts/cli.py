@@ -141,6 +141,60 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys(args: argparse.Namespace) -> int:
+    from workbench.fronts.server.auth import KeyStore
+
+    store = KeyStore(args.data_dir)
+    try:
+        if args.keys_command == "add":
+            chains = [c.strip() for c in args.chains.split(",") if c.strip()] if args.chains is not None else None
+            key = store.add(args.name, args.role, chains=chains)
+            print(key)
+            print(f"key {args.name!r} ({args.role}) stored hashed in {store.path}; this is the only time it is shown",
+                  file=sys.stderr)
+        elif args.keys_command == "revoke":
+            store.revoke(args.name)
+            print(f"revoked key {args.name!r}")
+        else:
+            rows = store.list()
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            for row in [] if args.json else rows:
+                chains = ",".join(row["chains"]) if row["chains"] is not None else "*"
+                state = "revoked" if row["revoked"] else "active"
+                print(f"{row['name']:<24} {row['role']:<8} {state:<8} id={row['id']} chains={chains}")
+            if not rows and not args.json:
+                print(f"no keys in {store.path}")
+    finally:
+        store.close()
+    return 0
+
+
+def _add_keys_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from workbench.fronts.server.auth import DEFAULT_ROLES
+
+    keys = sub.add_parser(
+        "keys", help="add, list and revoke the API keys a served chain takes",
+        description="Manage the API keys `autoglm serve` takes: stored hashed in keys.sqlite3 in the data directory.",
+    )
+    keys.add_argument("--data-dir", metavar="D", help="where keys.sqlite3 lives (default: $AUTOGLM_DATA_DIR, else "
+                      "~/.local/share/autoglm-workbench)")
+    keys.set_defaults(func=_keys)
+    actions = keys.add_subparsers(dest="keys_command", title="actions", metavar="ACTION", required=True)
+    add = actions.add_parser("add", help="make a key for NAME and print it once")
+    add.add_argument("name", metavar="NAME", help="who the key is for (letters, digits, _ . @ -)")
+    add.add_argument("--role", required=True, choices=sorted(DEFAULT_ROLES),
+                     help="viewer: list chains, read runs; runner: also invoke chains; admin: everything")
+    add.add_argument("--chains", metavar="A,B", help="limit the key to these chains (default: every chain)")
+    revoke = actions.add_parser("revoke", help="revoke NAME's key at once")
+    revoke.add_argument("name", metavar="NAME")
+    listing = actions.add_parser("list", help="list the keys (names, roles, ids; never the keys)")
+    listing.add_argument("--json", action="store_true", help="print the list as JSON")
+    # --data-dir after the action reads as well as before it.
+    for action in (add, revoke, listing):
+        action.add_argument("--data-dir", metavar="D", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `autoglm` argument parser: its commands, options and help."""
     parser = argparse.ArgumentParser(
@@ -170,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="let the spec's call: name functions in MODULE (besides your own code); repeat for each")
     add_load_options(run, "load options (for every --model)")
     run.set_defaults(func=_run)
+    _add_keys_parser(sub)
     return parser
 
 
