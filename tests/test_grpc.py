@@ -160,6 +160,13 @@ def test_a_message_over_the_size_limit_is_refused(chains: dict[str, wb.Chain], t
         assert invoke(served, invoke_request(question="small"), metadata).run_id  # and it keeps serving
 
 
+def test_an_open_server_listens_on_loopback_only(chains: dict[str, wb.Chain]) -> None:
+    with pytest.raises(wb.SettingsError, match="loopback"):
+        GrpcServer(chains, Auth.open(), host="0.0.0.0").start()
+    with GrpcServer(chains, Auth.open()) as served:  # no credentials needed there: the caller is admin "local"
+        assert invoke(served, invoke_request(question="hi")).run_id
+
+
 # -- traces --------------------------------------------------------------------------------------
 
 

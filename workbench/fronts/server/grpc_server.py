@@ -250,8 +250,10 @@ class GrpcServer:
         return f"{host}:{self.port}"
 
     def start(self) -> GrpcServer:
+        """Listen (on a thread of its own); an open Auth (no credentials) is refused off loopback."""
         if self._thread is not None:
             return self
+        self.auth.check_host(self.host)
         started = threading.Event()
         failure: list[BaseException] = []
 
@@ -399,7 +401,7 @@ def _check_envelope(envelope: pb.Envelope) -> None:
 
 
 def _session(who: Principal, session_id: str) -> str | None:
-    return f"{who.name}/{session_id}" if session_id else None  # TODO(gw-core merge): the gateway's namespacing
+    return f"{who.owner}/{session_id}" if session_id else None  # TODO(gw-core merge): the gateway's namespacing
 
 
 async def _arun(chain: Chain, session: str | None, inputs: dict[str, Any], parent: Context | None) -> Run:
