@@ -18,6 +18,7 @@ import workbench as wb
 from workbench.errors import CircuitOpen
 from workbench.fronts.server import chain_pb2 as pb
 from workbench.fronts.server import chain_pb2_grpc, protogen
+from workbench.fronts.server.app import Gateway
 from workbench.fronts.server.auth import Auth
 from workbench.fronts.server.grpc_server import GrpcServer, status_for
 from tests.helpers import QA_SPEC
@@ -53,7 +54,7 @@ def chains(tiny_bench: wb.Workbench) -> dict[str, wb.Chain]:
 
 @pytest.fixture(scope="module")
 def server(chains: dict[str, wb.Chain], auth: Auth) -> Iterator[GrpcServer]:
-    with GrpcServer(chains, auth, host="127.0.0.1", port=0) as served:
+    with GrpcServer(Gateway(chains["qa"].bench, chains.values(), auth), host="127.0.0.1", port=0) as served:
         yield served
 
 
@@ -61,11 +62,16 @@ def key(auth: Auth, role: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {auth.test_keys[role]}"),)  # type: ignore[attr-defined]
 
 
-def invoke_request(chain: str = "qa", session: str = "", blob: bytes = b"", **inputs: Any) -> pb.InvokeRequest:
+def invoke_request(chain: str = "qa", session: str = "", blob: bytes = b"", action: str = "invoke",
+                   **inputs: Any) -> pb.InvokeRequest:
     return pb.InvokeRequest(
-        envelope=pb.Envelope(context_blob=blob, action_type="chains.invoke"),
+        envelope=pb.Envelope(context_blob=blob, action_type=action),
         chain=chain, inputs_json=json.dumps(inputs), session_id=session,
     )
+
+
+def stream_request(request_id: str, chain: str = "qa", **inputs: Any) -> pb.StreamRequest:
+    return pb.StreamRequest(request_id=request_id, request=invoke_request(chain, action="stream", **inputs))
 
 
 async def _invoke(target: str, request: pb.InvokeRequest, metadata: Any) -> tuple[pb.InvokeResponse, Any]:
@@ -102,7 +108,7 @@ def test_invoke_answers_as_the_chain_runs_in_process(server: GrpcServer, chains:
     local = chains["qa"].run(question="What is 2 + 2?")
     assert json.loads(response.output_json) == local.output
     assert json.loads(response.outputs_json) == local.outputs
-    assert response.envelope.context_blob == b"\x00ctx" and response.envelope.action_type == "chains.invoke"
+    assert response.envelope.context_blob == b"\x00ctx" and response.envelope.action_type == "invoke"
     served = chains["qa"].bench.run(response.run_id)
     assert response.envelope.trace_id == format(served.trace_id, "032x")
     assert [s.name for s in served.trace.spans if s.name.startswith("hop")] == ["hop plan", "hop answer"]
@@ -142,7 +148,7 @@ def test_a_rate_limit_says_resource_exhausted_and_when_to_retry(chains: dict[str
     strict = Auth(tmp_path, rate_per_s=0.01, burst=1)
     runner = strict.keys.add("bob", "runner")
     metadata = (("x-api-key", runner),)
-    with GrpcServer(chains, strict) as served:
+    with GrpcServer(Gateway(chains["qa"].bench, chains.values(), strict)) as served:
         assert invoke(served, invoke_request(question="hi"), metadata).run_id
         before = len(chains["qa"].bench.runs())
         limited = refusal(served, invoke_request(question="hi"), metadata)
@@ -154,7 +160,7 @@ def test_a_rate_limit_says_resource_exhausted_and_when_to_retry(chains: dict[str
 def test_a_message_over_the_size_limit_is_refused(chains: dict[str, wb.Chain], tmp_path: Path) -> None:
     small = Auth(tmp_path, max_body_bytes=4096)
     metadata = (("x-api-key", small.keys.add("carol", "runner")),)
-    with GrpcServer(chains, small) as served:
+    with GrpcServer(Gateway(chains["qa"].bench, chains.values(), small)) as served:
         too_big = refusal(served, invoke_request(question="x" * 8192), metadata)
         assert too_big.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
         assert invoke(served, invoke_request(question="small"), metadata).run_id  # and it keeps serving
@@ -162,8 +168,8 @@ def test_a_message_over_the_size_limit_is_refused(chains: dict[str, wb.Chain], t
 
 def test_an_open_server_listens_on_loopback_only(chains: dict[str, wb.Chain]) -> None:
     with pytest.raises(wb.SettingsError, match="loopback"):
-        GrpcServer(chains, Auth.open(), host="0.0.0.0").start()
-    with GrpcServer(chains, Auth.open()) as served:  # no credentials needed there: the caller is admin "local"
+        GrpcServer(Gateway(chains["qa"].bench, chains.values(), Auth.open()), host="0.0.0.0").start()
+    with GrpcServer(Gateway(chains["qa"].bench, chains.values(), Auth.open())) as served:  # no credentials needed there: the caller is admin "local"
         assert invoke(served, invoke_request(question="hi")).run_id
 
 
@@ -234,8 +240,8 @@ def test_status_for_follows_the_error_tree() -> None:
 def test_one_stream_answers_two_requests_each_with_its_events(server: GrpcServer, chains: dict[str, wb.Chain],
                                                               auth: Auth) -> None:
     requests = [
-        pb.StreamRequest(request_id="a", request=invoke_request(question="What is 2 + 2?")),
-        pb.StreamRequest(request_id="b", request=invoke_request(question="And 3 + 3?")),
+        stream_request("a", question="What is 2 + 2?"),
+        stream_request("b", question="And 3 + 3?"),
     ]
     events = stream(server, requests, key(auth, "runner"))
     for request_id, question in (("a", "What is 2 + 2?"), ("b", "And 3 + 3?")):
@@ -257,7 +263,7 @@ def test_a_client_can_send_its_next_request_after_reading_the_last_answer(server
         async with grpc.aio.insecure_channel(server.target) as channel:
             call = chain_pb2_grpc.ChainServiceStub(channel).Stream(metadata=key(auth, "runner"), timeout=60)
             for request_id in ("first", "second"):
-                await call.write(pb.StreamRequest(request_id=request_id, request=invoke_request(question="hi")))
+                await call.write(stream_request(request_id, question="hi"))
                 while not (event := await call.read()).HasField("final"):
                     seen.append(event)
                 seen.append(event)
@@ -275,9 +281,9 @@ def test_a_client_can_send_its_next_request_after_reading_the_last_answer(server
 def test_a_refused_or_failed_request_on_a_stream_leaves_the_others_running(server: GrpcServer,
                                                                            auth: Auth) -> None:
     requests = [
-        pb.StreamRequest(request_id="bad", request=invoke_request(chain="nope", question="hi")),
-        pb.StreamRequest(request_id="fails", request=invoke_request(chain="fails", question="hi")),
-        pb.StreamRequest(request_id="good", request=invoke_request(question="hi")),
+        stream_request("bad", chain="nope", question="hi"),
+        stream_request("fails", chain="fails", question="hi"),
+        stream_request("good", question="hi"),
     ]
     events = {e.request_id: e for e in stream(server, requests, key(auth, "runner"))}  # the last of each
     assert events["bad"].error.code == grpc.StatusCode.NOT_FOUND.value[0]
@@ -290,9 +296,9 @@ def test_a_stream_without_credentials_ends_unauthenticated(server: GrpcServer, c
                                                            auth: Auth) -> None:
     before = len(chains["qa"].bench.runs())
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        stream(server, [pb.StreamRequest(request_id="a", request=invoke_request(question="hi"))], ())
+        stream(server, [stream_request("a", question="hi")], ())
     assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED
-    viewer = stream(server, [pb.StreamRequest(request_id="a", request=invoke_request(question="hi"))],
+    viewer = stream(server, [stream_request("a", question="hi")],
                     key(auth, "viewer"))
     assert [e.error.code for e in viewer] == [grpc.StatusCode.PERMISSION_DENIED.value[0]]
     assert len(chains["qa"].bench.runs()) == before
