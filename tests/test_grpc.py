@@ -318,3 +318,30 @@ def test_the_freshness_check_sees_a_stale_module(tmp_path: Path) -> None:
     stub.write_text(stub.read_text().replace("def Invoke(", "def Invoked("))
     problems = protogen.stale(tmp_path)
     assert len(problems) == 1 and problems[0].startswith("chain_pb2_grpc.py is out of date")
+
+
+# -- beside the REST front -----------------------------------------------------------------------
+
+
+def test_bench_serve_with_a_grpc_port_serves_both_fronts_on_one_gateway(chains: dict[str, wb.Chain],
+                                                                       auth: Auth) -> None:
+    import httpx
+
+    bench = chains["qa"].bench
+    with bench.serve(chains=[chains["qa"]], port=0, grpc_port=0, auth=auth) as served:
+        assert served.grpc is not None and served.grpc.port > 0
+        by_grpc = invoke(served.grpc, invoke_request(question="hi"), key(auth, "runner"))
+        headers = {"authorization": f"Bearer {auth.test_keys['runner']}"}  # type: ignore[attr-defined]
+        by_rest = httpx.post(f"{served.url}/v1/chains/qa/invoke", json={"inputs": {"question": "hi"}},
+                             headers=headers, timeout=60).json()
+        assert json.loads(by_grpc.output_json) == by_rest["output"]
+        # A run made over gRPC is its caller's over REST too, and nobody else's.
+        mine = httpx.get(f"{served.url}/v1/runs/{by_grpc.run_id}", headers=headers, timeout=60)
+        assert mine.status_code == 200 and mine.json()["trace_id"] == by_grpc.envelope.trace_id
+        viewer = {"authorization": f"Bearer {auth.test_keys['viewer']}"}  # type: ignore[attr-defined]
+        assert httpx.get(f"{served.url}/v1/runs/{by_grpc.run_id}", headers=viewer, timeout=60).status_code == 404
+        metrics = httpx.get(f"{served.url}/metrics", headers=headers, timeout=60).text
+        assert 'route="/autoglm.workbench.v1.ChainService/Invoke"' in metrics
+    with pytest.raises(grpc.aio.AioRpcError) as caught:  # stopped with the REST server
+        invoke(served.grpc, invoke_request(question="hi"), key(auth, "runner"))
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
