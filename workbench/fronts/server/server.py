@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from workbench.bench import Workbench
     from workbench.chains.chain import Chain
     from workbench.fronts.server.auth import Auth
+    from workbench.fronts.server.grpc_server import GrpcServer
 
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
@@ -64,6 +65,7 @@ class Server:
                                 timeout_keep_alive=5, timeout_graceful_shutdown=2)
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
+        self.grpc: GrpcServer | None = None  # the gRPC front on the same Gateway, when grpc_port was given
 
     @property
     def url(self) -> str:
@@ -77,6 +79,8 @@ class Server:
 
     def start(self) -> Server:
         """Serve from a daemon thread; returns once the server accepts connections."""
+        if self.grpc is not None:
+            self.grpc.start()
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
                                         name=f"workbench-server:{self.port}", daemon=True)
         self._thread.start()
@@ -90,10 +94,14 @@ class Server:
 
     def run(self) -> None:
         """Serve in this thread until interrupted (Ctrl-C, SIGTERM): the command line's way."""
+        if self.grpc is not None:
+            self.grpc.start()
         try:
             self._server.run(sockets=[self._socket])
         finally:
             self._socket.close()
+            if self.grpc is not None:
+                self.grpc.stop()
 
     def stop(self) -> None:
         """Stop serving: open streams get a moment to end, then connections close. Stopping twice is harmless."""
@@ -101,6 +109,8 @@ class Server:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(STOP_TIMEOUT_S)
         self._socket.close()
+        if self.grpc is not None:
+            self.grpc.stop()
 
     def __enter__(self) -> Server:
         return self
@@ -121,11 +131,17 @@ def build(
     host: str = "127.0.0.1",
     auth: Auth | bool | None = None,
     log_level: str = "warning",
+    grpc_port: int | None = None,
     **options: Any,
 ) -> Server:
     """A Server for ``chains`` on ``host:port``, not started yet (see :func:`serve`)."""
     app = create_app(bench, chains, resolve_auth(auth, host, bench.data_dir), **options)
-    return Server(app, host, port, log_level=log_level)
+    server = Server(app, host, port, log_level=log_level)
+    if grpc_port is not None:
+        from workbench.fronts.server.grpc_server import GrpcServer  # grpcio loads only when gRPC is asked for
+
+        server.grpc = GrpcServer(app.state.gateway, host=host, port=grpc_port)
+    return server
 
 
 def serve(bench: Workbench, chains: Collection[Chain] = (), **settings: Any) -> Server:
@@ -133,6 +149,7 @@ def serve(bench: Workbench, chains: Collection[Chain] = (), **settings: Any) -> 
 
     ``port`` (8000; 0 picks a free one), ``host`` (127.0.0.1: another host must be named), ``auth``
     (None: API keys from ``bench.data_dir``; an Auth; False: no credentials, loopback only),
-    ``max_in_flight`` runs at once, ``body_timeout_s``.
+    ``max_in_flight`` runs at once, ``body_timeout_s``; ``grpc_port`` also serves them over gRPC
+    (``server.grpc.target``; see grpc_server.py), same Auth, sessions and runs.
     """
     return build(bench, chains, **settings).start()
