@@ -7,6 +7,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -419,9 +420,10 @@ def test_the_command_line_parses_with_the_real_autoglm_serve(where: str) -> None
 
 
 @pytest.mark.slow
-def test_the_image_command_serves_and_passes_its_own_healthcheck(tiny_path: Path, tmp_path: Path) -> None:
-    """The image's command as a real child process, its container paths pointed at temporary directories and its
-    host at loopback: the HEALTHCHECK program passes, and a key made with `autoglm keys add` invokes the chain."""
+def test_the_pod_command_serves_and_passes_the_image_healthcheck(tiny_path: Path, tmp_path: Path) -> None:
+    """The Deployment's command (the image's, plus gRPC) as a real child process, its container paths pointed at
+    temporary directories and its host at loopback: the image's HEALTHCHECK program passes, a key made with
+    `autoglm keys add` invokes the chain, and the gRPC port takes connections."""
     _serve_parser()
     import httpx
 
@@ -431,12 +433,13 @@ def test_the_image_command_serves_and_passes_its_own_healthcheck(tiny_path: Path
     models.mkdir(), config.mkdir()
     (models / "tiny").symlink_to(tiny_path)
     shutil.copyfile(DEPLOY / "chain.yaml", config / "chain.yaml")
-    port = str(free_port())
-    image_port = _command()[_command().index("--port") + 1]
+    port, grpc_port = str(free_port()), str(free_port())
+    args = _gateway(_one("Deployment"))["args"]
+    image_port, image_grpc_port = args[args.index("--port") + 1], args[args.index("--grpc-port") + 1]
 
     def local(word: str) -> str:
         word = word.replace("/models/", f"{models}/").replace("/config/", f"{config}/")
-        return {"/data": str(data), "0.0.0.0": "127.0.0.1", image_port: port}.get(word, word)
+        return {"/data": str(data), "0.0.0.0": "127.0.0.1", image_port: port, image_grpc_port: grpc_port}.get(word, word)
 
     cli = [sys.executable, "-m", "workbench.fronts.cli"]
     import workbench
@@ -451,7 +454,7 @@ def test_the_image_command_serves_and_passes_its_own_healthcheck(tiny_path: Path
     probe = [local(word) for word in check.exec_form()]
     probe[2] = probe[2].replace(f":{image_port}/", f":{port}/")
     log = (tmp_path / "serve.log").open("w")
-    server = subprocess.Popen([*cli, *[local(word) for word in _command()[1:]]], env=env, stdout=log,
+    server = subprocess.Popen([*cli, *[local(word) for word in args]], env=env, stdout=log,
                               stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 180
@@ -466,6 +469,7 @@ def test_the_image_command_serves_and_passes_its_own_healthcheck(tiny_path: Path
                               timeout=60)
         assert answered.status_code == 200, answered.text
         assert answered.json()["status"] == "ok" and answered.json()["output"]
+        socket.create_connection(("127.0.0.1", int(grpc_port)), timeout=10).close()  # the gRPC front listens
     finally:
         server.terminate()
         server.wait(30)
