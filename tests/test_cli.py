@@ -262,3 +262,13 @@ def test_the_balance_help_names_every_policy() -> None:
 
     assert " ".join(BALANCE_HELP.split()).replace(" (the default)", "").endswith(BALANCE_FORMS)
     assert all(name in BALANCE_HELP for name in BALANCE_POLICIES)
+
+
+def test_serve_takes_the_replica_options_too() -> None:
+    from workbench.engine.balancing import LeastLoaded
+    from workbench.fronts.arguments import ReplicaOptions, replica_options
+
+    args = build_parser().parse_args(["serve", "--spec", "qa.yaml", "--model", "tiny=tiny", "--replicas", "cpu,cpu",
+                                      "--balance", "least_loaded", "--grpc-port", "50051"])
+    assert replica_options(args) == ReplicaOptions(replicas=["cpu", "cpu"], balance=LeastLoaded())
+    assert args.grpc_port == 50051

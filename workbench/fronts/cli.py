@@ -211,7 +211,7 @@ def _serve(args: argparse.Namespace) -> int:
     specs = [_read_spec(path) for path in args.spec]
     with Workbench(data_dir=args.data_dir, allow_modules=args.allow_module) as bench:
         for name, source in models.items():
-            load_model(bench, name, load_settings(args, source))
+            load_model(bench, name, load_settings(args, source), replica_options(args))
         chains = []
         for path, spec in zip(args.spec, specs):
             try:
@@ -260,6 +260,7 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     serve.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                        help="uvicorn's log level (default warning)")
     add_load_options(serve, "load options (for every --model)")
+    add_replica_options(serve, "replicas (for every --model)")
     serve.set_defaults(func=_serve)
 
 
