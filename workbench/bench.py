@@ -174,6 +174,7 @@ class Workbench:
         ``engine="ray"`` runs each replica as a Ray actor that loads its own copy of the model, spread
         over the nodes of a Ray cluster: a local one started here, or the one at ``address``
         (``ray://head:10001``, or ``auto``); ``num_gpus`` and ``num_cpus`` are what each actor asks the cluster for.
+        An actor that dies is started again, up to ``restarts`` times, as a model process is.
         """
         self.check_open(f"load {name!r}")
         if source is not None:
