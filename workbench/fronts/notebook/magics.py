@@ -33,6 +33,7 @@ from workbench.fronts.notebook.parsers import (
     help_text,
     parse_command,
 )
+from workbench.fronts.notebook.parsers import ServeCommand
 from workbench.fronts.notebook.widgets import ChainBuilder, ComparisonDashboard, ModelManager, TraceViewer
 from workbench.tables import Readable
 
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 RUN_VARIABLE = "_autoglm_run"
 COMPARE_VARIABLE = "_autoglm_compare"
 WIDGET_VARIABLE = "_autoglm_widget"
+SERVER_VARIABLE = "_autoglm_server"
 # A visible mark per level: pandas' HTML strips leading whitespace (non-breaking too), which
 # would flatten the span tree in a notebook.
 _INDENT = "· "
@@ -79,6 +81,8 @@ class AutoglmMagics(Magics):
             CompareCommand.subcommand: self._compare,
             BuilderCommand.subcommand: self._builder,
         }
+        self._handlers[ServeCommand.subcommand] = self._serve
+        self._servers: list[Any] = []  # started by %autoglm serve, stopped by %autoglm serve stop
 
     # No $var / {var} expansion: prompts and questions hold braces and dollars that must stay literal.
     @no_var_expand
@@ -231,6 +235,26 @@ class AutoglmMagics(Magics):
     def _builder(self, command: BuilderCommand) -> None:
         chain = self._find_chain(command.chain) if command.chain is not None else None
         self._show_widget(ChainBuilder(current(), chain=chain))
+
+    def _serve(self, command: ServeCommand) -> None:
+        from workbench.fronts.server import serve
+
+        if command.stop:
+            if not self._servers:
+                print("no server is running; start one with %autoglm serve CHAIN")
+            while self._servers:
+                server = self._servers.pop()
+                server.stop()
+                print(f"stopped {server.url}")
+            return
+        chains = [self._find_chain(name) for name in command.chains]
+        server = serve(current(), chains, port=command.port, host=command.host,
+                       auth=False if command.no_auth else None)
+        self._servers.append(server)
+        self._user_ns[SERVER_VARIABLE] = server
+        names = ", ".join(c.name for c in chains)
+        print(f"serving {names} on {server.url} (POST {server.url}/v1/chains/{chains[0].name}/invoke); "
+              f"%autoglm serve stop stops it")
 
     def _show_widget(self, widget: Any) -> None:
         """Display a widget and bind it to _autoglm_widget, where cells (and tests) can read its state."""

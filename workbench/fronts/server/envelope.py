@@ -12,6 +12,7 @@ above :data:`COMPRESS_ABOVE` bytes is zstd-compressed when the client sent ``Acc
 
 from __future__ import annotations
 
+import re
 from typing import Any, TypeVar
 
 import msgspec
@@ -29,6 +30,7 @@ MAX_CONCURRENCY = 64  # runs of one batch call in flight at once
 COMPRESS_ABOVE = 1024  # bytes: a smaller body costs more to compress than it saves
 
 T = TypeVar("T")
+_UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")
 
 
 class RequestError(WorkbenchError):
@@ -119,21 +121,28 @@ class RunResult(msgspec.Struct, kw_only=True, omit_defaults=True):
     error: ErrorDetail | None = None
 
 
-class InvokeResponse(RunResult, kw_only=True, omit_defaults=True):
+class InvokeResponse(RunResult, kw_only=True, omit_defaults=False):
+    """One run, with the envelope's fields always present (null where none)."""
+
     context_blob: str | None = None
     action_type: str = "invoke"
 
 
-class BatchResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
+class BatchResponse(msgspec.Struct, kw_only=True):
+    """Each run of a batch in input order; ``trace_id`` is the caller's trace, where it sent one."""
+
     runs: list[RunResult]
     trace_id: str | None = None
     context_blob: str | None = None
     action_type: str = "batch"
 
 
-class ErrorResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
+class ErrorResponse(msgspec.Struct, kw_only=True):
+    """A refused or failed request; ``error.field`` names the part of the request at fault where one is."""
+
     error: ErrorDetail
     trace_id: str | None = None
+    context_blob: str | None = None
     action_type: str | None = None
 
 
@@ -206,6 +215,9 @@ def decode(body: bytes, kind: type[T], codec: str) -> T:
     except msgspec.ValidationError as exc:
         message, _, where = str(exc).partition(" - at ")
         where = where.strip("`")
+        unknown = _UNKNOWN_FIELD.search(message)
+        if unknown:  # msgspec names the object; the field at fault is the unknown one inside it
+            where = f"{where or '$'}.{unknown.group(1)}"
         raise RequestError(f"the request's {where or 'body'} is wrong: {message}", field=where or None,
                            status=422, hint=_fields_hint(kind)) from None
     except msgspec.DecodeError as exc:

@@ -33,7 +33,7 @@ from workbench.fronts.server.envelope import ErrorResponse, RequestError, error_
 
 if TYPE_CHECKING:
     from workbench.engine import GenerationResult
-    from workbench.fronts.server.app import Gateway
+    from workbench.fronts.server.gateway import Gateway
     from workbench.fronts.server.auth import Principal
 
 OWNER = "autoglm-workbench"

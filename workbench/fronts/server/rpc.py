@@ -29,10 +29,11 @@ from starlette.responses import Response
 from workbench.errors import InvalidInput, MissingInputError, WorkbenchError
 from workbench.fronts.server import envelope as env
 from workbench.fronts.server.envelope import BatchRequest, RequestError, error_detail
+from workbench.fronts.server.gateway import run_json
 
 if TYPE_CHECKING:
-    from workbench.fronts.server.app import Gateway
     from workbench.fronts.server.auth import Principal
+    from workbench.fronts.server.gateway import Gateway
 
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
@@ -138,8 +139,6 @@ def endpoint(gateway: Gateway) -> Callable[[Request, Principal | None], Awaitabl
     async def get_run(raw: Any, who: Principal | None, request: Request) -> Any:
         p: RunParams = await params(raw, RunParams)
         gateway.auth.authorize(who, "runs.read", None)
-        from workbench.fronts.server.app import run_json
-
         return run_json(gateway.owned_run(p.run_id, who))
 
     methods: dict[str, Callable[[Any, Principal | None, Request], Awaitable[Any]]] = {
