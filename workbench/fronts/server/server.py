@@ -51,10 +51,7 @@ class Server:
         self.app = app
         self.host = host
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        # IPPROTO_TCP, not the default 0: asyncio turns Nagle off (TCP_NODELAY) only on sockets whose proto says
-        # TCP, and with Nagle on, a response written as headers then body waits out the client's delayed ACK:
-        # ~40 ms a request on loopback instead of ~3 (benchmarks/served_load.py).
-        self._socket = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        self._socket = socket.socket(family, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         # Accepted connections inherit it (Linux): a response goes out as headers, then body, in two writes, and
         # with Nagle on the second waited for the client's delayed ACK, 40 ms a request on loopback.
