@@ -220,6 +220,36 @@ def test_one_key_cannot_read_another_keys_run(served: Served) -> None:
     assert httpx.get(url, headers=served.headers(served.keys["other-runner"]), timeout=10).status_code == 404
 
 
+def test_jwt_callers_and_chain_limits_on_the_server(served: Served) -> None:
+    now = int(time.time())
+    claims = {"sub": "carol", "role": "runner", "iat": now, "exp": now + 600}
+    token = jwt.encode(claims, SECRET, algorithm="HS256")
+    body = {"inputs": {"question": "jwt"}}
+    answer = httpx.post(f"{served.url}/v1/chains/echo/invoke", json=body, headers=served.headers(token), timeout=30)
+    assert answer.status_code == 200, answer.text
+    by_header = httpx.post(f"{served.url}/v1/chains/echo/invoke", json=body, timeout=30,
+                           headers={"x-api-key": served.keys["runner"]})
+    assert by_header.status_code == 200, by_header.text
+    # A token or a key limited to the chain qa may not invoke echo, and starts nothing trying.
+    limited_token = jwt.encode(claims | {"chains": ["qa"]}, SECRET, algorithm="HS256")
+    limited_key = KeyStore(served.data_dir, roles=["runner"]).add("qa-only", "runner", chains=["qa"])
+    before = activity(served)
+    for credential in (limited_token, limited_key):
+        refused = httpx.post(f"{served.url}/v1/chains/echo/invoke", json=body, headers=served.headers(credential),
+                             timeout=30)
+        assert refused.status_code == 403, refused.text
+        assert "limited to chains: qa" in refused.json()["error"]["hint"]
+    assert activity(served) == before
+    # A token signed with another key, or with alg none, is a 401 like a bad key.
+    forged = jwt.encode(claims, SECRET[::-1], algorithm="HS256")
+    unsigned = jwt.encode(claims, None, algorithm="none")
+    for credential in (forged, unsigned):
+        refused = httpx.post(f"{served.url}/v1/chains/echo/invoke", json=body, headers=served.headers(credential),
+                             timeout=30)
+        assert refused.status_code == 401, refused.text
+    assert activity(served) == before
+
+
 # -- rate and size limits ---------------------------------------------------------------------------
 
 
