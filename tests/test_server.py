@@ -472,6 +472,31 @@ def test_admins_load_and_unload_models(client: httpx.Client, keys: dict[str, str
     assert client.delete("/v1/models/extra", headers=key(keys, "root")).status_code == 404
 
 
+def test_concurrent_calls_each_get_their_own_answer(client: httpx.Client, server: Server,
+                                                     keys: dict[str, str]) -> None:
+    import asyncio
+
+    from workbench.demo import canned_answer
+
+    spec = "name: echo\nhops:\n  - name: n\n    call: workbench.demo:canned_answer\n"
+    assert client.post("/v1/chains", headers=key(keys, "root"), json={"spec": spec}).status_code == 201
+    questions = [f"question number {i}" for i in range(200)]
+
+    async def load() -> list[httpx.Response]:
+        gate = asyncio.Semaphore(32)
+        async with httpx.AsyncClient(base_url=server.url, headers=key(keys, "alice"), timeout=60) as c:
+            async def one(q: str) -> httpx.Response:
+                async with gate:
+                    return await c.post("/v1/chains/echo/invoke", json={"inputs": {"question": q}})
+
+            return await asyncio.gather(*(one(q) for q in questions))
+
+    answers = asyncio.run(load())
+    assert [r.status_code for r in answers] == [200] * len(questions)
+    assert [r.json()["output"] for r in answers] == [canned_answer(q) for q in questions]
+    assert len({r.json()["run_id"] for r in answers}) == len(questions)
+
+
 # -- the fronts: the command line and the magics ---------------------------------------------------
 
 
@@ -503,7 +528,7 @@ def test_autoglm_serve_runs_as_a_child_process(tiny_path: Path, tmp_path: Path) 
         answer = httpx.post(f"{url}/v1/chains/qa/invoke", json=body, headers={"x-api-key": runner}, timeout=60)
         assert answer.status_code == 200 and answer.json()["status"] == "ok"
     finally:
-        child.send_signal(signal.SIGINT)
+        child.send_signal(signal.SIGTERM)  # what a container runtime sends; Ctrl-C stops it the same way
         code = child.wait(30)
         log.seek(0)
         said = log.read()

@@ -218,10 +218,8 @@ def _serve(args: argparse.Namespace) -> int:
         server = build(bench, chains, port=args.port, host=args.host, auth=auth, log_level=args.log_level)
         print(f"serving {', '.join(c.name for c in chains)} on {server.url} (auth: {auth!r}); Ctrl-C stops",
               flush=True)
-        try:
-            server.run()  # until SIGINT or SIGTERM; uvicorn closes connections, then passes the signal on
-        except KeyboardInterrupt:
-            print("stopped", flush=True)
+        server.run()  # until Ctrl-C or SIGTERM
+        print("stopped", flush=True)
     return 0
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import socket
 import threading
 import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
@@ -47,9 +51,10 @@ class Server:
     ``app`` is the ASGI app, ``app.state.gateway`` its Gateway (chains served, metrics).
     """
 
-    def __init__(self, app: Starlette, host: str, port: int, *, log_level: str = "warning") -> None:
+    def __init__(self, app: Starlette, host: str, port: int, bench: Workbench, *, log_level: str = "warning") -> None:
         self.app = app
         self.host = host
+        self._bench = bench
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._socket = socket.socket(family, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -66,7 +71,7 @@ class Server:
         config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="off",
                                 timeout_keep_alive=5, timeout_graceful_shutdown=2)
         self._server = uvicorn.Server(config)
-        self._thread: threading.Thread | None = None
+        self._serving: Future[None] | None = None
 
     @property
     def url(self) -> str:
@@ -76,33 +81,52 @@ class Server:
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._server.should_exit
+        return self._serving is not None and not self._serving.done() and not self._server.should_exit
 
     def start(self) -> Server:
-        """Serve from a daemon thread; returns once the server accepts connections."""
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
-                                        name=f"workbench-server:{self.port}", daemon=True)
-        self._thread.start()
+        """Serve on the workbench's own event loop; returns once the server accepts connections.
+
+        The loop the chains walk on serves their requests too, so a request's run starts and
+        answers without a hand-off between threads (see benchmarks/served.py).
+        """
+        self._serving = self._bench.start(self._server.serve(sockets=[self._socket]))
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
+            if self._serving.done() or time.monotonic() > deadline:
+                failure = self._serving.exception() if self._serving.done() else None
                 self.stop()
-                raise ServeError(f"the server on {self.url} did not start", hint="its log above says why")
+                raise ServeError(f"the server on {self.url} did not start" + (f": {failure}" if failure else ""),
+                                 hint="its log above says why")
             time.sleep(0.01)
         return self
 
     def run(self) -> None:
-        """Serve in this thread until interrupted (Ctrl-C, SIGTERM): the command line's way."""
+        """Serve until Ctrl-C or SIGTERM (the command line's way): this thread waits while the workbench's loop serves."""
+        previous = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() \
+            else None
         try:
-            self._server.run(sockets=[self._socket])
+            self.start()
+            assert self._serving is not None
+            while not self._serving.done():
+                try:
+                    self._serving.result(timeout=0.5)  # wakes for a Ctrl-C between waits
+                except FutureTimeout:
+                    continue
+        except KeyboardInterrupt:
+            pass
         finally:
-            self._socket.close()
+            self.stop()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     def stop(self) -> None:
         """Stop serving: open streams get a moment to end, then connections close. Stopping twice is harmless."""
         self._server.should_exit = True
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(STOP_TIMEOUT_S)
+        if self._serving is not None and not _on_a_loop():
+            try:
+                self._serving.result(STOP_TIMEOUT_S)
+            except BaseException:  # cancelled with a closed workbench, or it failed to start: stopped either way
+                pass
         self._socket.close()
 
     def __enter__(self) -> Server:
@@ -128,7 +152,7 @@ def build(
 ) -> Server:
     """A Server for ``chains`` on ``host:port``, not started yet (see :func:`serve`)."""
     app = create_app(bench, chains, resolve_auth(auth, host, bench.data_dir), **options)
-    return Server(app, host, port, log_level=log_level)
+    return Server(app, host, port, bench, log_level=log_level)
 
 
 def serve(bench: Workbench, chains: Collection[Chain] = (), **settings: Any) -> Server:
@@ -139,3 +163,16 @@ def serve(bench: Workbench, chains: Collection[Chain] = (), **settings: Any) -> 
     ``max_in_flight`` runs at once, ``body_timeout_s``.
     """
     return build(bench, chains, **settings).start()
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM (a container stopping) stops the server as Ctrl-C does
+
+
+def _on_a_loop() -> bool:
+    """True inside a running event loop (a hop, a handler), where waiting for the server to end would block it."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
