@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,16 @@ def _replica(bench: wb.Workbench, name: str) -> Any:
     return bench.engine.replica_sets()[model].workers[int(index or 0)].backend
 
 
+def _long_retrying(model: str) -> dict[str, Any]:
+    """spec(model) with hops that retry, and generate long enough to kill an actor under them."""
+    retrying = spec(model)
+    retrying["name"] += "-long"
+    for hop in retrying["hops"]:
+        hop["retry"] = {"attempts": 3, "backoff_ms": 10}
+        hop["max_new_tokens"] = 48
+    return retrying
+
+
 def test_a_killed_actor_fails_its_requests_clearly_they_retry_elsewhere_and_it_restarts(
     ray: Any, bench: wb.Workbench, tiny_path: Path
 ) -> None:
@@ -171,18 +182,22 @@ def test_a_killed_actor_fails_its_requests_clearly_they_retry_elsewhere_and_it_r
     bench.load("r", tiny_path, device="cpu", engine="ray", replicas=2, num_cpus=0)
     try:
         bench.set_breaker("r", failure_threshold=1, reset_timeout_s=0.5)
-        retrying = spec("r")
-        for hop in retrying["hops"]:
-            hop["retry"] = {"attempts": 3, "backoff_ms": 10}
-        chain = bench.chain(retrying)
+        chain = bench.chain(_long_retrying("r"))
         before = bench.replicas("r").set_index("replica")
         assert before["restarts"].tolist() == [0, 0]
         doomed = _replica(bench, "r#1")
-        old_actor, old_id = doomed.actor, doomed.actor_id
-        ray.kill(old_actor)  # Ray's own restart is off after ray.kill: the workbench starts the new actor
+        old_id = doomed.actor_id
 
-        runs = chain.map(QUESTIONS, concurrency=2)
-        assert not runs.failed and all(run.output for run in runs)  # nothing lost: retried on r#0
+        batches: list[wb.RunBatch] = []
+        mapping = threading.Thread(target=lambda: batches.append(chain.map(QUESTIONS * 2, concurrency=2)))
+        mapping.start()
+        # Mid-map, with a request of the map on r#1: Ray's own restart is off after ray.kill, the workbench's is not.
+        eventually(lambda: int(bench.replicas("r").set_index("replica").loc["r#1", "in_flight"]) >= 1,
+                   "a request on r#1")
+        ray.kill(doomed.actor)
+        mapping.join()
+        (runs,) = batches
+        assert runs.complete and not runs.failed and all(run.output for run in runs)  # nothing lost: retried
         spans = [s for run in runs for s in run.trace.spans if s.name.startswith(attr.TEXT_COMPLETION)]
         failed = [s for s in spans if s.status.status_code.name == "ERROR"]
         assert failed and {s.attributes[attr.REPLICA] for s in failed} == {"r#1"}
@@ -212,7 +227,7 @@ def test_a_killed_actor_fails_its_requests_clearly_they_retry_elsewhere_and_it_r
                  and s.attributes.get(attr.REPLICA) == "r#1" and s.status.status_code.name != "ERROR"]
         assert again[-1].attributes[attr.RAY_RESTARTS] == 1
         assert again[-1].attributes[attr.RAY_ACTOR] == doomed.actor_id
-        assert chain.run(question="Why?").output == bench.chain(spec("tiny")).run(question="Why?").output
+        assert chain.run(question="Why?").output == bench.chain(_long_retrying("tiny")).run(question="Why?").output
     finally:
         bench.unload("r", forget=True)
 
