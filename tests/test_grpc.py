@@ -18,7 +18,7 @@ import workbench as wb
 from workbench.errors import CircuitOpen
 from workbench.fronts.server import chain_pb2 as pb
 from workbench.fronts.server import chain_pb2_grpc, protogen
-from workbench.fronts.server.app import Gateway
+from workbench.fronts.server.gateway import Gateway
 from workbench.fronts.server.auth import Auth
 from workbench.fronts.server.grpc_server import GrpcServer, status_for
 from tests.helpers import QA_SPEC
