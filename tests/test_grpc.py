@@ -173,6 +173,11 @@ def test_an_open_server_listens_on_loopback_only(chains: dict[str, wb.Chain]) ->
         assert invoke(served, invoke_request(question="hi")).run_id
 
 
+def test_a_taken_port_is_refused_with_a_clear_error(server: GrpcServer) -> None:
+    with pytest.raises(wb.SettingsError, match="cannot listen"):
+        GrpcServer(server.gateway, port=server.port).start()
+
+
 # -- traces --------------------------------------------------------------------------------------
 
 

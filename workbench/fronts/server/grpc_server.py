@@ -26,13 +26,12 @@ import msgspec
 
 from workbench.chains.events import HopFinished, HopStarted, RunFinished, Token
 from workbench.chains.runner import TRACE_PARENT, check_inputs
-from workbench.errors import HopFailed, RateLimited, RunCancelled, WorkbenchError
+from workbench.errors import HopFailed, RateLimited, RunCancelled, SettingsError, WorkbenchError
 from workbench.fronts.server import chain_pb2 as pb
 from workbench.fronts.server import chain_pb2_grpc
 from workbench.fronts.server import envelope as env
 from workbench.fronts.server.app import _check_action
 from workbench.fronts.server.envelope import RequestError
-from workbench.fronts.server.server import START_TIMEOUT_S, STOP_TIMEOUT_S, ServeError, _on_a_loop
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -46,6 +45,8 @@ INVOKE_ACTION = "chains.invoke"  # the Auth's action for both methods
 SERVICE = "/autoglm.workbench.v1.ChainService"
 # Requests one Stream runs at once; the next waits (the stream stops reading) until one finishes.
 MAX_IN_FLIGHT = 64
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
 
 # The gateway's HTTP status of an error (its ``http_status``) as a gRPC status code, following the pairs of
 # Google's API design guide (AIP-193) read the other way.
@@ -268,8 +269,8 @@ class GrpcServer:
         except RuntimeError:
             bound = 0
         if bound == 0:
-            raise ServeError(f"the gRPC server cannot listen on {self.target}",
-                             hint="pick another port, or grpc_port=0 for any free one")
+            raise SettingsError(f"the gRPC server cannot listen on {self.target}",
+                                hint="pick another port, or grpc_port=0 for any free one")
         self.port = bound
         await server.start()
         self._server = server
@@ -280,7 +281,9 @@ class GrpcServer:
         if server is None or self.gateway.bench.closed:
             return  # a closed workbench's loop ended, and the server's calls with it
         stopping = self.gateway.bench.start(server.stop(grace))
-        if not _on_a_loop():
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # not inside a loop (a handler, a hop), where waiting would block it
             stopping.result(STOP_TIMEOUT_S)
 
     def __enter__(self) -> GrpcServer:
