@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,8 +24,8 @@ import workbench as wb
 from workbench.errors import CircuitOpen
 from workbench.fronts.server import chain_pb2 as pb
 from workbench.fronts.server import chain_pb2_grpc, protogen
-from workbench.fronts.server.app import Gateway
-from workbench.fronts.server.auth import Auth
+from workbench.fronts.server.gateway import Gateway
+from workbench.fronts.server.auth import Auth, KeyStore
 from workbench.fronts.server.grpc_server import GrpcServer, status_for
 from tests.helpers import QA_SPEC
 
@@ -171,6 +177,11 @@ def test_an_open_server_listens_on_loopback_only(chains: dict[str, wb.Chain]) ->
         GrpcServer(Gateway(chains["qa"].bench, chains.values(), Auth.open()), host="0.0.0.0").start()
     with GrpcServer(Gateway(chains["qa"].bench, chains.values(), Auth.open())) as served:  # no credentials needed there: the caller is admin "local"
         assert invoke(served, invoke_request(question="hi")).run_id
+
+
+def test_a_taken_port_is_refused_with_a_clear_error(server: GrpcServer) -> None:
+    with pytest.raises(wb.SettingsError, match="cannot listen"):
+        GrpcServer(server.gateway, port=server.port).start()
 
 
 # -- traces --------------------------------------------------------------------------------------
@@ -345,3 +356,39 @@ def test_bench_serve_with_a_grpc_port_serves_both_fronts_on_one_gateway(chains: 
     with pytest.raises(grpc.aio.AioRpcError) as caught:  # stopped with the REST server
         invoke(served.grpc, invoke_request(question="hi"), key(auth, "runner"))
     assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+
+
+def test_autoglm_serve_with_grpc_port_serves_grpc_from_a_child_process(tiny_path: Path, tmp_path: Path) -> None:
+    spec = tmp_path / "qa.yaml"
+    spec.write_text(json.dumps(QA_SPEC))  # JSON is YAML
+    data = tmp_path / "data"
+    runner = KeyStore(data).add("cli", "runner")
+    command = [sys.executable, "-m", "workbench.fronts.cli", "serve", "--spec", str(spec), "--model",
+               f"tiny={tiny_path}", "--device", "cpu", "--port", "0", "--grpc-port", "0", "--data-dir", str(data)]
+    log_path = tmp_path / "serve.log"
+    with log_path.open("w") as log:
+        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                 env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        deadline = time.monotonic() + 180
+        while (found := re.search(r"gRPC \(ChainService\) on (\S+)", log_path.read_text())) is None:
+            if child.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"autoglm serve --grpc-port did not come up:\n{log_path.read_text()}")
+            time.sleep(0.2)
+        target = found.group(1)
+
+        async def call(metadata: Any) -> pb.InvokeResponse:
+            async with grpc.aio.insecure_channel(target) as channel:
+                return await chain_pb2_grpc.ChainServiceStub(channel).Invoke(
+                    invoke_request(question="2 + 2?"), metadata=metadata, timeout=60)
+
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            asyncio.run(call(()))
+        assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        assert asyncio.run(call((("x-api-key", runner),))).run_id
+    finally:
+        child.send_signal(signal.SIGTERM)
+        code = child.wait(30)
+    said = log_path.read_text()
+    assert code == 0, said
+    assert said.rstrip().endswith("stopped")

@@ -226,6 +226,9 @@ def _serve(args: argparse.Namespace) -> int:
                        grpc_port=args.grpc_port)
         print(f"serving {', '.join(c.name for c in chains)} on {server.url} (auth: {auth!r}); Ctrl-C stops",
               flush=True)
+        if server.grpc is not None:
+            server.grpc.start()  # now, so its port (chosen by the system for --grpc-port 0) can be printed
+            print(f"gRPC (ChainService) on {server.grpc.target}", flush=True)
         server.run()  # until Ctrl-C or SIGTERM
         print("stopped", flush=True)
     return 0
@@ -244,8 +247,8 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     serve.add_argument("--model", action="append", default=[], metavar="NAME=SOURCE",
                        help=f"a model the specs name: a directory, a hub id, or '{TINY_SOURCE}'; repeat for each")
     serve.add_argument("--port", type=int, default=8000, help="the port to listen on (default 8000; 0: any free one)")
-    serve.add_argument("--grpc-port", type=int, metavar="PORT",
-                       help="also serve the chains over gRPC on this port (ChainService; same keys, runs and spans)")
+    serve.add_argument("--grpc-port", type=int, metavar="N",
+                       help="also serve the chains over gRPC on port N (ChainService; 0: any free one)")
     serve.add_argument("--host", default="127.0.0.1",
                        help="the address to listen on (default 127.0.0.1; name another to be reachable from it)")
     serve.add_argument("--data-dir", metavar="D", help="where keys and sessions live (default: $AUTOGLM_DATA_DIR, "

@@ -16,7 +16,6 @@ trailing metadata, errors included). Errors of the error tree map to status code
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from types import SimpleNamespace
@@ -27,13 +26,12 @@ import msgspec
 
 from workbench.chains.events import HopFinished, HopStarted, RunFinished, Token
 from workbench.chains.runner import TRACE_PARENT, check_inputs
-from workbench.errors import HopFailed, RateLimited, RunCancelled, WorkbenchError
+from workbench.errors import HopFailed, RateLimited, RunCancelled, SettingsError, WorkbenchError
 from workbench.fronts.server import chain_pb2 as pb
 from workbench.fronts.server import chain_pb2_grpc
 from workbench.fronts.server import envelope as env
-from workbench.fronts.server.app import Gateway, _check_action
+from workbench.fronts.server.app import _check_action
 from workbench.fronts.server.envelope import RequestError
-from workbench.fronts.server.server import ServeError
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -41,11 +39,14 @@ if TYPE_CHECKING:
     from workbench.chains.chain import Chain
     from workbench.chains.run import Run
     from workbench.fronts.server.auth import Principal
+    from workbench.fronts.server.gateway import Gateway
 
 INVOKE_ACTION = "chains.invoke"  # the Auth's action for both methods
 SERVICE = "/autoglm.workbench.v1.ChainService"
 # Requests one Stream runs at once; the next waits (the stream stops reading) until one finishes.
 MAX_IN_FLIGHT = 64
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
 
 # The gateway's HTTP status of an error (its ``http_status``) as a gRPC status code, following the pairs of
 # Google's API design guide (AIP-193) read the other way.
@@ -109,7 +110,8 @@ class ChainServicer(chain_pb2_grpc.ChainServiceServicer):
             who = self.gateway.auth.authenticate(metadata)
             chain, inputs, session = self._admit(who, request, "invoke")
             parent = self._parent(metadata, request.envelope.trace_id)
-            run = await self._run(chain, inputs, session, parent, who)
+            run = await self.gateway.run(chain, inputs, session, parent, who)
+            context.set_trailing_metadata(tuple(self.gateway.trace_headers(run).items()))
             if run.error is not None:
                 raise run.error
             return _response(run, request, "invoke")
@@ -180,18 +182,6 @@ class ChainServicer(chain_pb2_grpc.ChainServiceServicer):
         # Gateway.parent reads only a request's ``headers``; gRPC metadata is the same lower-case mapping.
         return self.gateway.parent(SimpleNamespace(headers=metadata), trace_id or None)  # type: ignore[arg-type]
 
-    async def _run(self, chain: Chain, inputs: dict[str, Any], session: str | None, parent: Context | None,
-                   who: Principal) -> Run:
-        TRACE_PARENT.set(parent)  # this call's task only
-        try:
-            run = await chain.arun(session, **inputs)
-        except HopFailed as failed:
-            if failed.run is None:
-                raise
-            run = failed.run  # type: ignore[assignment]
-        self.gateway.own(run, who)
-        return run
-
     async def _answer(self, who: Principal, item: pb.StreamRequest, metadata: Mapping[str, str],
                       put: Callable[[pb.StreamEvent], None]) -> None:
         """Run one request of a stream, putting its events (or its one Error) on the stream."""
@@ -199,6 +189,7 @@ class ChainServicer(chain_pb2_grpc.ChainServiceServicer):
         started = time.perf_counter()
         status = 200
         trace_id = ""
+        first_token = True
 
         def send(**event: Any) -> None:
             put(pb.StreamEvent(request_id=request_id, envelope=pb.Envelope(
@@ -207,27 +198,27 @@ class ChainServicer(chain_pb2_grpc.ChainServiceServicer):
         try:
             chain, inputs, session = self._admit(who, request, "stream")
             TRACE_PARENT.set(self._parent(metadata, request.envelope.trace_id))  # this request's task only
-            first_token = True
-            async for event in chain.astream(session, **inputs):
-                if isinstance(event, HopStarted):
-                    send(hop_started=pb.HopStarted(hop=event.hop))
-                elif isinstance(event, Token):
-                    if first_token:
-                        self.gateway.metrics.ttft.labels(chain.name).observe(time.perf_counter() - started)
-                        first_token = False
-                    send(token=pb.TokenDelta(hop=event.hop, text=event.text, token_id=event.token_id))
-                elif isinstance(event, HopFinished):
-                    send(hop_finished=pb.HopFinished(hop=event.hop, output_json=_json(event.output),
-                                                     duration_ms=event.duration_ms))
-                elif isinstance(event, RunFinished):
-                    run = event.run
-                    self.gateway.own(run, who)
-                    trace_id = f"{run.trace_id:032x}"
-                    if run.error is not None:
-                        status = _http_status(run.error)
-                        send(error=_error(run.error, run))
-                    else:
-                        send(final=pb.Final(response=_response(run, request, "stream")))
+            async with self.gateway.slot():
+                async for event in chain.astream(session, **inputs):
+                    if isinstance(event, HopStarted):
+                        send(hop_started=pb.HopStarted(hop=event.hop))
+                    elif isinstance(event, Token):
+                        if first_token:
+                            self.gateway.metrics.ttft.labels(chain.name).observe(time.perf_counter() - started)
+                            first_token = False
+                        send(token=pb.TokenDelta(hop=event.hop, text=event.text, token_id=event.token_id))
+                    elif isinstance(event, HopFinished):
+                        send(hop_finished=pb.HopFinished(hop=event.hop, output_json=_json(event.output),
+                                                         duration_ms=event.duration_ms))
+                    elif isinstance(event, RunFinished):
+                        run = event.run
+                        self.gateway.own(run, who)
+                        trace_id = f"{run.trace_id:032x}"
+                        if run.error is not None:
+                            status = _http_status(run.error)
+                            send(error=_error(run.error, run))
+                        else:
+                            send(final=pb.Final(response=_response(run, request, "stream")))
         except WorkbenchError as exc:  # refused, or the run failed outside every hop (the workbench closed, say)
             status = _http_status(exc)
             send(error=_error(exc))
@@ -236,85 +227,64 @@ class ChainServicer(chain_pb2_grpc.ChainServiceServicer):
 
 
 class GrpcServer:
-    """A Gateway's ChainService on ``host:port`` (port 0: a free one), on its own thread and event loop.
+    """A Gateway's ChainService on ``host:port`` (port 0: a free one), served on the workbench's own event loop.
 
-    ``start()`` returns once it listens; ``target`` is what a channel dials (``grpc.aio.insecure_channel``);
-    ``stop()`` lets calls in flight finish for ``grace`` seconds, then cancels them. Also a context manager.
-    Messages over the Auth's ``max_body_bytes`` are refused with RESOURCE_EXHAUSTED by gRPC itself.
-    ``bench.serve(..., grpc_port=N)`` starts one beside the REST server, on the same Gateway.
+    The loop the chains walk on serves the calls too (as the REST server does), so a call's run starts without a
+    hand-off between threads. ``start()`` returns once it listens; ``target`` is what a channel dials
+    (``grpc.aio.insecure_channel``); ``stop()`` lets calls in flight finish for ``grace`` seconds, then cancels
+    them. Also a context manager. Messages over the Auth's ``max_body_bytes`` are refused with RESOURCE_EXHAUSTED
+    by gRPC itself. ``bench.serve(..., grpc_port=N)`` starts one beside the REST server, on the same Gateway.
     """
 
     def __init__(self, gateway: Gateway, *, host: str = "127.0.0.1", port: int = 0,
                  max_in_flight: int = MAX_IN_FLIGHT) -> None:
         self.gateway = gateway
-        self.auth = gateway.auth
         self.host = host
         self.port = port
         self.servicer = ChainServicer(gateway, max_in_flight=max_in_flight)
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._server: grpc.aio.Server | None = None
-        self._thread: threading.Thread | None = None
 
     @property
     def target(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
     def start(self) -> GrpcServer:
-        """Listen (on a thread of its own); an open Auth (no credentials) is refused off loopback."""
-        if self._thread is not None:
-            return self
-        self.auth.check_host(self.host)
-        started = threading.Event()
-        failure: list[BaseException] = []
-
-        def serve() -> None:
-            loop = self._loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(loop)
-            try:
-                loop.run_until_complete(self._open())
-            except BaseException as exc:
-                failure.append(exc)
-                started.set()
-                loop.close()
-                return
-            started.set()
-            try:
-                loop.run_forever()
-            finally:
-                loop.close()
-
-        self._thread = threading.Thread(target=serve, name=f"workbench-grpc-{self.port}", daemon=True)
-        self._thread.start()
-        started.wait()
-        if failure:
-            self._thread = None
-            raise failure[0]
+        """Listen; an open Auth (no credentials) is refused off loopback."""
+        if self._server is None:
+            self.gateway.auth.check_host(self.host)
+            self.gateway.bench.start(self._open()).result(START_TIMEOUT_S)
         return self
 
     async def _open(self) -> None:
-        limit = self.auth.max_body_bytes
-        server = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", limit), ("grpc.so_reuseport", 0)],
-        )
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", self.gateway.auth.max_body_bytes),
+                                          ("grpc.so_reuseport", 0)])
         chain_pb2_grpc.add_ChainServiceServicer_to_server(self.servicer, server)
-        bound = server.add_insecure_port(self.target)
+        try:
+            bound = server.add_insecure_port(self.target)
+        except RuntimeError:
+            bound = 0
         if bound == 0:
-            raise ServeError(f"the gRPC server cannot listen on {self.target}",
-                             hint="pick another port, or grpc_port=0 for any free one")
+            raise SettingsError(f"the gRPC server cannot listen on {self.target}",
+                                hint="pick another port, or grpc_port=0 for any free one")
         self.port = bound
         await server.start()
         self._server = server
 
     def stop(self, grace: float = 1.0) -> None:
-        """Stop listening; calls in flight get ``grace`` seconds to finish."""
-        if self._thread is None or self._loop is None:
-            return
-        if self._server is not None:
-            asyncio.run_coroutine_threadsafe(self._server.stop(grace), self._loop).result()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._thread = self._server = self._loop = None
+        """Stop listening; calls in flight get ``grace`` seconds to finish. Stopping twice is harmless."""
+        server, self._server = self._server, None
+        if server is None or self.gateway.bench.closed:
+            return  # a closed workbench's loop ended, and the server's calls with it
+        stopping = self.gateway.bench.start(server.stop(grace))
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # not inside a loop (a handler, a hop), where waiting would block it
+            stopping.result(STOP_TIMEOUT_S)
 
     def __enter__(self) -> GrpcServer:
         return self.start()
@@ -323,7 +293,7 @@ class GrpcServer:
         self.stop()
 
     def __repr__(self) -> str:
-        state = "listening" if self._thread is not None else "stopped"
+        state = "listening" if self.running else "stopped"
         return f"<GrpcServer {self.target} {state}: chains={sorted(self.gateway.chains)}>"
 
 
