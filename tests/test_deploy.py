@@ -433,7 +433,8 @@ def test_the_pod_command_serves_and_passes_the_image_healthcheck(tiny_path: Path
     models.mkdir(), config.mkdir()
     (models / "tiny").symlink_to(tiny_path)
     shutil.copyfile(DEPLOY / "chain.yaml", config / "chain.yaml")
-    port, grpc_port = str(free_port()), str(free_port())
+    port = str(free_port())
+    grpc_port = next(p for p in iter(lambda: str(free_port()), None) if p != port)
     args = _gateway(_one("Deployment"))["args"]
     image_port, image_grpc_port = args[args.index("--port") + 1], args[args.index("--grpc-port") + 1]
 
