@@ -316,8 +316,8 @@ def test_the_image_runs_autoglm_serve_as_a_user_on_all_interfaces() -> None:
     command = _command()
     assert command[:2] == ["autoglm", "serve"]
     assert command[command.index("--host") + 1] == "0.0.0.0"
-    port = command[command.index("--port") + 1]
-    assert _keyword("EXPOSE")[-1].text == port
+    exposed = _keyword("EXPOSE")[-1].text.split()
+    assert exposed == [command[command.index("--port") + 1], command[command.index("--grpc-port") + 1]]
     assert command[command.index("--spec") + 1].startswith("/config/")
     assert command[command.index("--model") + 1].partition("=")[2].startswith("/models/")
     [user] = _keyword("USER")
@@ -348,11 +348,10 @@ def test_the_image_installs_cpu_torch_and_the_serve_extra_under_the_constraints(
     assert "torch==" in (ROOT / "constraints.txt").read_text()
 
 
-def test_the_kubernetes_args_are_the_image_command() -> None:
-    """The manifests spell out the image's CMD (adding the gRPC port), so the two cannot drift apart."""
-    args = _gateway(_one("Deployment"))["args"]
-    grpc = args.index("--grpc-port")
-    assert ["autoglm", *args[:grpc], *args[grpc + 2:]] == _command()
+@pytest.mark.parametrize("key", sorted(_deployments()))
+def test_the_kubernetes_args_are_the_image_command(key: str) -> None:
+    """The manifests spell out the image's CMD, so the two cannot drift apart."""
+    assert ["autoglm", *_gateway(_deployments()[key])["args"]] == _command()
 
 
 def _docker_daemon() -> bool:
