@@ -336,6 +336,18 @@ def test_the_rate_limit_is_per_principal_with_retry_after(tmp_path: Path) -> Non
     auth.admit(alice)
 
 
+def test_a_batch_can_cost_its_size(tmp_path: Path) -> None:
+    auth = Auth(tmp_path, rate_per_s=1.0, burst=10)
+    alice = Principal("alice", "runner", "key")
+    auth.admit(alice, cost=8)
+    with pytest.raises(RateLimited) as caught:
+        auth.admit(alice, cost=4)  # 2 left, 4 asked: 2 s until there are 4
+    assert 0 < caught.value.retry_after_s <= 2.0
+    auth.admit(alice, cost=2)
+    with pytest.raises(PayloadTooLarge, match="split it into batches of at most 10"):
+        auth.admit(alice, cost=11)  # no wait would ever let it in: not a 429
+
+
 def test_no_rate_limit_when_asked(tmp_path: Path) -> None:
     auth = Auth(tmp_path, rate_per_s=None)
     for _ in range(1000):

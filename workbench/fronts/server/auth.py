@@ -311,17 +311,17 @@ class _Buckets:
         self._lock = threading.Lock()
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # owner -> (tokens, at)
 
-    def take(self, owner: str) -> float:
-        """0.0 when a token was taken, else the seconds until one will be there."""
+    def take(self, owner: str, cost: float = 1.0) -> float:
+        """0.0 when ``cost`` tokens were taken, else the seconds until they will be there (``cost`` <= burst)."""
         now = time.monotonic()
         with self._lock:
             tokens, at = self._buckets.pop(owner, (float(self.burst), now))
             tokens = min(float(self.burst), tokens + (now - at) * self.rate_per_s)
             wait = 0.0
-            if tokens >= 1.0:
-                tokens -= 1.0
+            if tokens >= cost:
+                tokens -= cost
             else:
-                wait = (1.0 - tokens) / self.rate_per_s
+                wait = (cost - tokens) / self.rate_per_s
             self._buckets[owner] = (tokens, now)
             if len(self._buckets) > _MAX_BUCKETS:
                 self._buckets.popitem(last=False)
@@ -468,11 +468,15 @@ class Auth:
             raise Forbidden(f"{who.name!r} may not {action}{on}",
                             hint=f"its key is limited to chains: {', '.join(sorted(who.chains)) or '(none)'}")
 
-    def admit(self, who: Principal) -> None:
-        """Take one request from ``who``'s token bucket; raise RateLimited (with ``retry_after_s``) when empty."""
-        if self._buckets is None:
+    def admit(self, who: Principal, cost: int = 1) -> None:
+        """Take ``cost`` requests (1; a batch of N runs may count N) from ``who``'s token bucket; raise RateLimited
+        (with ``retry_after_s``) when it holds fewer, PayloadTooLarge when ``cost`` is more than it ever holds."""
+        if self._buckets is None or cost <= 0:
             return
-        wait = self._buckets.take(who.owner)
+        if cost > self._buckets.burst:
+            raise PayloadTooLarge(f"a batch of {cost} runs is more than the {self._buckets.burst} {who.name!r} may "
+                                  "start at once", hint=f"split it into batches of at most {self._buckets.burst}")
+        wait = self._buckets.take(who.owner, float(cost))
         if wait > 0:
             raise RateLimited(
                 f"{who.name!r} sent more than {self._buckets.rate_per_s:g} requests/s "
