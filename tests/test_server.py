@@ -123,6 +123,22 @@ def test_batch_answers_each_input_in_order(client: httpx.Client, keys: dict[str,
     assert [kept[r["run_id"]].inputs["question"] for r in runs] == questions
 
 
+def test_a_failed_run_answers_with_its_cause_status_and_the_hops_that_finished(
+        client: httpx.Client, keys: dict[str, str], bench: wb.Workbench) -> None:
+    bench.inject("tiny", error_rate=1.0, seed=0)
+    try:
+        response = client.post("/v1/chains/qa/invoke", headers=key(keys, "alice"), json={"inputs": {"question": "?"}})
+        rpc_answer = client.post("/rpc", headers=key(keys, "alice"), json={
+            "jsonrpc": "2.0", "method": "chain.invoke", "params": {"chain": "qa", "inputs": {"question": "?"}}, "id": 1})
+    finally:
+        bench.clear_faults()
+    body = response.json()
+    assert response.status_code == body["error"]["status"] == 500  # the model raised
+    assert body["status"] == "error" and body["error"]["hop"] == "plan" and body["outputs"] == {}
+    assert body["error"]["type"] == "HopFailed" and "injected fault" in body["error"]["message"]
+    assert rpc_answer.json()["result"]["status"] == "error"  # a failed run is a result, not a protocol error
+
+
 def test_stream_sends_hops_tokens_and_the_run_as_server_sent_events(client: httpx.Client,
                                                                     keys: dict[str, str]) -> None:
     with client.stream("POST", "/v1/chains/qa/stream", headers=key(keys, "alice"),
