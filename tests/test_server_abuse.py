@@ -26,6 +26,8 @@ import pytest
 import zstandard
 
 import workbench as wb
+from workbench.chains.events import RunFinished, Token
+from workbench.errors import HopFailed, RemoteError
 from workbench.fronts.server.auth import Auth, KeyStore
 
 from helpers import eventually, free_port
@@ -468,3 +470,40 @@ def test_a_server_killed_mid_stream_gives_a_clean_error_and_keeps_sessions(tiny_
     finally:
         restarted.terminate()
         restarted.wait(30)
+
+
+def test_a_workbench_whose_served_model_dies_mid_stream_gets_a_remote_error(tiny_path: Path, tmp_path: Path) -> None:
+    """The workbench's own OpenAI-compatible backend, calling a served model, sees the kill as a RemoteError."""
+    data_dir = tmp_path / "data"
+    key = KeyStore(data_dir).add("caller", "runner")
+    spec = tmp_path / "long.yaml"
+    spec.write_text(LONG_SPEC, encoding="utf-8")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    process = autoglm_serve(spec, tiny_path, data_dir, port, log)
+    try:
+        healthy(url, process, log)
+        with wb.Workbench(data_dir=tmp_path / "client") as client:
+            client.load("far", f"{url}/v1", served_model="tiny", api_key=key, read_timeout_s=30)
+            chain = client.chain({"name": "far", "hops": [{"name": "answer", "model": "far", "max_new_tokens": 400,
+                                                            "prompt": "Question: {{ question }}\nAnswer:"}],
+                                  "output": "answer"})
+            tokens = 0
+            for event in chain.stream(question="Tell me everything."):
+                if isinstance(event, Token):
+                    tokens += 1
+                    if process.poll() is None:
+                        process.send_signal(signal.SIGKILL)
+                        process.wait(30)
+                if isinstance(event, RunFinished):
+                    run = event.run
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(30)
+    assert tokens >= 1
+    assert isinstance(run.error, HopFailed) and run.error.hop == "answer"
+    cause = run.error.cause
+    assert isinstance(cause, RemoteError), cause
+    assert cause.kind in ("broken_stream", "refused"), cause.kind
