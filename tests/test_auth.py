@@ -168,6 +168,14 @@ def test_a_different_pepper_is_refused_rather_than_matching_nothing(tmp_path: Pa
         KeyStore(tmp_path).list()
 
 
+def test_a_key_store_from_a_newer_workbench_is_refused(tmp_path: Path) -> None:
+    KeyStore(tmp_path).add("alice", "runner")
+    with sqlite3.connect(tmp_path / KEYS_FILE) as db:
+        db.execute("PRAGMA user_version = 99")
+    with pytest.raises(StoreError, match="schema 99, newer"):
+        KeyStore(tmp_path).list()
+
+
 def test_a_pepper_from_the_environment_keeps_it_out_of_the_data_dir(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AUTOGLM_KEY_PEPPER", "pepper kept in a secret manager")

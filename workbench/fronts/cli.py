@@ -6,6 +6,7 @@ import argparse
 import difflib
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -162,7 +163,8 @@ def _keys(args: argparse.Namespace) -> int:
             for row in [] if args.json else rows:
                 chains = ",".join(row["chains"]) if row["chains"] is not None else "*"
                 state = "revoked" if row["revoked"] else "active"
-                print(f"{row['name']:<24} {row['role']:<8} {state:<8} id={row['id']} chains={chains}")
+                created = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(row["created_at"]))
+                print(f"{row['name']:<24} {row['role']:<8} {state:<8} {created}  id={row['id']} chains={chains}")
             if not rows and not args.json:
                 print(f"no keys in {store.path}")
     finally:

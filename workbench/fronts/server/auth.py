@@ -51,6 +51,7 @@ from workbench.errors import (
 )
 
 KEYS_FILE = "keys.sqlite3"
+KEYS_SCHEMA_VERSION = 1  # PRAGMA user_version; a later schema adds its upgrade beside the CREATEs in KeyStore._open
 PEPPER_FILE = "keys.pepper"
 PEPPER_ENV = "AUTOGLM_KEY_PEPPER"
 KEY_PREFIX = "agw_"
@@ -248,6 +249,11 @@ class KeyStore:
             with contextlib.suppress(OSError):  # the hashes are no one else's business either
                 os.chmod(self.path, 0o600)
             connection.execute("PRAGMA journal_mode=WAL")
+            (version,) = connection.execute("PRAGMA user_version").fetchone()
+            if version > KEYS_SCHEMA_VERSION:
+                connection.close()
+                raise StoreError(f"the key store {str(self.path)!r} has schema {version}, newer than this "
+                                 f"workbench's {KEYS_SCHEMA_VERSION}", hint="upgrade autoglm-workbench")
             connection.execute(
                 """CREATE TABLE IF NOT EXISTS keys (
                        id         TEXT PRIMARY KEY,
@@ -263,6 +269,7 @@ class KeyStore:
             # One active key per name; a revoked name can be given a new key.
             connection.execute("CREATE UNIQUE INDEX IF NOT EXISTS active_names ON keys (name) WHERE revoked_at IS NULL")
             connection.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL)")
+            connection.execute(f"PRAGMA user_version = {KEYS_SCHEMA_VERSION}")
             check = hmac.new(self._load_pepper(), b"autoglm key store", hashlib.sha256).digest()
             connection.execute("INSERT OR IGNORE INTO meta VALUES ('pepper_check', ?)", (check,))
             (stored,) = connection.execute("SELECT value FROM meta WHERE key = 'pepper_check'").fetchone()
