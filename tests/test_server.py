@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
 import workbench as wb
-from helpers import QA_SPEC, free_port
+from helpers import QA_SPEC, eventually, free_port
 from workbench.errors import SettingsError
 from workbench.fronts.server import Server
 from workbench.fronts.server.auth import Auth, KeyStore
@@ -155,6 +155,25 @@ def test_stream_sends_hops_tokens_and_the_run_as_server_sent_events(client: http
     assert final["status"] == "ok" and final["output"] == answer_tokens.strip()
     assert [d["output"] for k, d in events if k == "hop_finished"] == [final["outputs"]["plan"], final["output"]]
     assert len(final["trace_id"]) == 32
+
+
+def test_a_client_that_leaves_a_stream_cancels_its_run(client: httpx.Client, keys: dict[str, str],
+                                                       bench: wb.Workbench) -> None:
+    def interrupted() -> list[Any]:
+        return [s for s in bench.traces().spans if s.name == "chain qa"
+                and (s.status.description or "").startswith("interrupted")]
+
+    before = len(interrupted())
+    bench.inject("tiny", latency_ms=3000)  # the run cannot finish before the client has gone
+    try:
+        with client.stream("POST", "/v1/chains/qa/stream", headers=key(keys, "alice"),
+                           json={"inputs": {"question": "Long?"}}) as response:
+            first = next(response.iter_lines())
+            assert first == "event: hop_started"
+        eventually(lambda: len(interrupted()) == before + 1, "the left stream's run to be cancelled")
+    finally:
+        bench.clear_faults()
+    assert client.get("/health").json()["status"] == "ok"
 
 
 def test_chains_list_names_each_served_chain_with_its_inputs(client: httpx.Client, keys: dict[str, str]) -> None:
