@@ -28,7 +28,7 @@ from workbench.errors import (
     Unauthenticated,
     WorkbenchError,
 )
-from workbench.fronts.server.auth import ACTIONS, KEYS_FILE, PEPPER_FILE, Auth, KeyStore, Principal
+from workbench.fronts.server.auth import ACTIONS, KEYS_FILE, PEPPER_FILE, Auth, KeyStore, Principal, load_roles
 
 ROOT = Path(__file__).parent.parent
 SECRET = "s3cret-for-tests-only-" + "0123456789abcdef" * 3  # 70 bytes: HS512 (the wrong alg) wants 64
@@ -444,5 +444,34 @@ def test_autoglm_keys_add_prints_a_key_that_authenticates(tmp_path: Path) -> Non
 
 def test_autoglm_keys_refuses_an_unknown_role(tmp_path: Path) -> None:
     done = autoglm("keys", "add", "x", "--role", "root", "--data-dir", str(tmp_path))
-    assert done.returncode == 2 and "invalid choice: 'root'" in done.stderr
+    assert done.returncode == 2 and "autoglm: unknown role 'root'" in done.stderr
+    assert "hint: roles: admin, runner, viewer" in done.stderr
     assert not (tmp_path / KEYS_FILE).exists()
+
+
+def test_custom_roles_from_a_file_for_keys_and_the_server(tmp_path: Path) -> None:
+    roles = tmp_path / "roles.yaml"
+    roles.write_text("qa-runner:\n  actions: [chains.list, chains.invoke]\n  chains: [qa]\n", encoding="utf-8")
+    added = autoglm("keys", "add", "bot", "--role", "qa-runner", "--roles", str(roles), "--data-dir", str(tmp_path))
+    assert added.returncode == 0, added.stderr
+    auth = Auth.from_env(tmp_path, environ={"AUTOGLM_ROLES": str(roles)})
+    who = auth.authenticate(bearer(added.stdout.strip()))
+    assert who.role == "qa-runner"
+    auth.authorize(who, "chains.invoke", "qa")
+    with pytest.raises(Forbidden, match="on chain 'summarize'"):
+        auth.authorize(who, "chains.invoke", "summarize")
+    with pytest.raises(Forbidden):
+        auth.authorize(who, "runs.read")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("- viewer\n", "not a mapping"),
+    ("odd: [chains.delete]\n", "unknown action 'chains.delete'"),
+    ("odd: {actions: [chains.list], scope: all}\n", "unknown field 'scope'"),
+    ("odd: [unclosed\n", "not YAML"),
+], ids=["list", "bad-action", "bad-field", "bad-yaml"])
+def test_a_bad_roles_file_says_what_is_wrong(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "roles.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(SettingsError, match=message):
+        load_roles(path)

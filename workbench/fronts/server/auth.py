@@ -130,6 +130,29 @@ DEFAULT_ROLES: Mapping[str, Role] = {
 }
 
 
+def load_roles(path: str | os.PathLike[str]) -> dict[str, Role]:
+    """Roles from a YAML (or JSON) file: ``NAME: {actions: [...], chains: [...]}`` or ``NAME: [actions]``."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SettingsError(f"cannot read the roles file {str(path)!r}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"the roles file {str(path)!r} is not YAML: {exc}") from None
+    if not isinstance(raw, dict) or not all(isinstance(name, str) for name in raw):
+        raise SettingsError(f"the roles file {str(path)!r} is not a mapping of role names",
+                            hint="e.g. qa-runner: {actions: [chains.list, chains.invoke], chains: [qa]}")
+    try:
+        return {name: Role.of(name, spec if spec is not None else []) for name, spec in raw.items()}
+    except SettingsError as error:
+        error.hint = f"in {path}" + (f"; {error.hint}" if error.hint else "")
+        raise
+    except TypeError:
+        raise SettingsError(f"the roles file {str(path)!r}: each role is a list of actions or "
+                            "{actions: [...], chains: [...]}") from None
+
+
 def _check_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise SettingsError(f"key name {name!r} is not allowed",
@@ -392,8 +415,9 @@ class Auth:
                  environ: Mapping[str, str] | None = None) -> Auth:
         """An Auth configured from ``AUTOGLM_JWT_SECRET``, ``AUTOGLM_JWT_PUBLIC_KEY`` (a PEM file's path),
         ``AUTOGLM_JWT_ALGORITHMS`` (comma-separated), ``AUTOGLM_JWT_AUDIENCE``, ``AUTOGLM_JWT_ISSUER``,
-        ``AUTOGLM_RATE_PER_S`` (``0``: no limit), ``AUTOGLM_BURST`` and ``AUTOGLM_MAX_BODY_BYTES``: what a
-        container's secrets and settings give; keys come from ``data_dir``'s key store."""
+        ``AUTOGLM_RATE_PER_S`` (``0``: no limit), ``AUTOGLM_BURST``, ``AUTOGLM_MAX_BODY_BYTES`` and
+        ``AUTOGLM_ROLES`` (a roles file, see :func:`load_roles`): what a container's secrets and settings give;
+        keys come from ``data_dir``'s key store."""
         env = os.environ if environ is None else environ
         public_key = None
         if env.get("AUTOGLM_JWT_PUBLIC_KEY"):
@@ -417,6 +441,7 @@ class Auth:
             jwt_algorithms=algorithms or default_algorithms, jwt_audience=env.get("AUTOGLM_JWT_AUDIENCE") or None,
             jwt_issuer=env.get("AUTOGLM_JWT_ISSUER") or None, rate_per_s=rate if rate > 0 else None,
             burst=number("AUTOGLM_BURST", int, 100), max_body_bytes=number("AUTOGLM_MAX_BODY_BYTES", int, 1 << 20),
+            roles=load_roles(env["AUTOGLM_ROLES"]) if env.get("AUTOGLM_ROLES") else None,
         )
 
     def __repr__(self) -> str:
