@@ -15,9 +15,14 @@ database (``$AUTOGLM_KEY_PEPPER``, else the file ``keys.pepper`` beside it, mode
 random bits; it would cost every request milliseconds of CPU. The keyed hash means a copy of ``keys.sqlite3``
 alone cannot even check a guess, and hashes are compared with ``hmac.compare_digest`` (constant time).
 
-JWTs are checked with the algorithms pinned in the configuration, never the one the token's header names, so
-``alg: none`` and HS/RS confusion are refused; ``exp`` and ``sub`` are required, ``nbf``, ``aud`` and ``iss``
-are checked, and the role comes from the ``role`` claim.
+JWTs are checked with the algorithms pinned in the configuration, all of one family (HMAC or public key), with
+the key the configuration names: a token's header may only name one of those, so ``alg: none`` and HS/RS
+confusion are refused. ``exp`` and ``sub`` are required, ``nbf``, ``aud`` and ``iss`` are checked, the role comes
+from the ``role`` claim and an optional ``chains`` claim limits the caller to those chains.
+
+Roles: viewer (list chains and models, read runs and metrics), runner (viewer + invoke chains), admin (every
+action), and custom ones (``Auth(roles=...)``, or a YAML file: :func:`load_roles`, ``$AUTOGLM_ROLES``), each
+optionally limited to some chains; a key may be limited to some chains too (``autoglm keys add --chains``).
 """
 
 from __future__ import annotations
