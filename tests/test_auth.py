@@ -275,6 +275,9 @@ def test_jwt_settings_that_would_be_unsafe_are_refused(tmp_path: Path) -> None:
 def test_a_server_without_jwt_settings_takes_no_jwt(tmp_path: Path) -> None:
     with pytest.raises(Unauthenticated, match="takes no JWTs"):
         Auth(tmp_path).authenticate(bearer(token()))
+    key = KeyStore(tmp_path).add("alice", "runner")
+    with pytest.raises(Unauthenticated, match="takes no API keys"):  # no data dir: JWTs only
+        Auth(jwt_secret=SECRET).authenticate(bearer(key))
 
 
 # -- roles ----------------------------------------------------------------------------------------

@@ -477,7 +477,9 @@ class Auth:
                                   hint="send 'authorization: Bearer <key>' or 'x-api-key: <key>'; "
                                        "autoglm keys add NAME --role runner makes a key")
         if credential.startswith(KEY_PREFIX):
-            principal = self.keys.verify(credential) if self.keys is not None else None
+            if self.keys is None:
+                raise Unauthenticated("this server takes no API keys", hint="send a JWT")
+            principal = self.keys.verify(credential)
             if principal is None:
                 raise Unauthenticated("the API key is not valid: unknown, revoked or mistyped",
                                       hint="autoglm keys list shows the active keys")
