@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import os
 import threading
+import weakref
 from collections.abc import Callable, Coroutine
 from concurrent.futures import CancelledError, Future
 from collections import OrderedDict
@@ -15,7 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from workbench.chains.chain import Chain
+from workbench.chains.configfile import LiveConfig
 from workbench.chains.context import ContextStore, RunRecord
+from workbench.chains.live import DEFAULT_INTERVAL_S, read_text
 from workbench.chains.run import Run
 from workbench.chains.events import Event
 from workbench.chains.runner import Runner
@@ -110,6 +113,8 @@ class Workbench:
         self._runs: OrderedDict[str, Run] = OrderedDict()
         self._runs_lock = threading.Lock()
         self._chains: dict[str, Chain] = {}
+        self._built: weakref.WeakSet[Chain] = weakref.WeakSet()  # every chain, so close() stops their watchers
+        self._configs: list[LiveConfig] = []
         self._allowed_modules: tuple[str, ...] = ()
         self.allow_modules(*allow_modules)
         self.health = HealthChecks(self.engine, self.tracing)
@@ -436,15 +441,57 @@ class Workbench:
         self._allowed_modules = tuple(dict.fromkeys((*self._allowed_modules, *modules)))
         return self._allowed_modules
 
-    def chain(self, spec: str | Mapping[str, Any], name: str | None = None) -> Chain:
-        """Validate a chain spec (YAML text or dict) against the models this workbench knows."""
-        parsed = parse_spec(spec, known_models=self.registry.names(), default_name=name,
+    def chain(
+        self,
+        spec: str | os.PathLike[str] | Mapping[str, Any],
+        name: str | None = None,
+        *,
+        watch: bool = False,
+        interval_s: float = DEFAULT_INTERVAL_S,
+    ) -> Chain:
+        """Validate a chain spec (YAML text, a dict, or a ``pathlib.Path`` to a YAML file) against the models this
+        workbench knows.
+
+        ``watch=True``: ``spec`` is the path of a YAML file, followed live (see :meth:`Chain.watch`): an edit
+        that validates serves the runs that start after it (within about ``interval_s``); one that does not
+        is refused and the last good version keeps serving. Runs record the version they used.
+        """
+        path = None
+        if watch or isinstance(spec, os.PathLike):
+            path = Path(spec)  # type: ignore[arg-type]
+            spec = read_text(path, "chain spec file")
+        # A spec file without a name is named after the file (qa.yaml: qa).
+        parsed = self._parse_chain(spec, name, path.stem if path is not None else None)  # type: ignore[arg-type]
+        chain = Chain(parsed, self, parse=lambda source: self._parse_chain(source, parsed.name))
+        self._chains[parsed.name] = chain
+        self._built.add(chain)
+        if path is not None and watch:
+            chain.watch(path, interval_s)
+        return chain
+
+    def _parse_chain(self, spec: str | Mapping[str, Any], name: str | None, default: str | None = None) -> ChainSpec:
+        parsed = parse_spec(spec, known_models=self.registry.names(), default_name=name or default,
                             allowed_modules=self._allowed_modules)
         if name is not None and parsed.name != name:
             parsed.name = name
-        chain = Chain(parsed, self)
-        self._chains[parsed.name] = chain
-        return chain
+        return parsed
+
+    def configure(
+        self, path: str | os.PathLike[str], *, watch: bool = False, interval_s: float = DEFAULT_INTERVAL_S
+    ) -> LiveConfig:
+        """Load the models, policies and chains a workbench configuration file (YAML) names, and apply its overrides.
+
+        ``models: {NAME: {source, device, dtype, batching, balance, replicas, ...}}``, ``chains: {NAME: FILE}``
+        (relative to the file), ``overrides: {CHAIN.HOP.FIELD: VALUE}``. The file is validated whole first
+        (errors name its line and field). ``watch=True`` follows the file and the chain files live: a new
+        batching or balance policy applies at once, a changed source or load setting loads the model again,
+        and an edit that does not validate is refused while the last good configuration keeps serving
+        (see the returned object's ``version`` and ``errors``).
+        """
+        self.check_open(f"configure from {str(path)!r}")
+        config = LiveConfig(self, path, watch, interval_s).start()
+        self._configs.append(config)
+        return config
 
     def chains(self) -> dict[str, Chain]:
         """Chains built on this workbench, by name (the latest of each name)."""
@@ -593,6 +640,10 @@ class Workbench:
         if self._closed:
             return
         self._closed = True
+        for config in self._configs:
+            config.stop()
+        for chain in list(self._built):
+            chain.unwatch()
         self.health.stop()
         self.engine.preloader.close()  # no background load may start once models are being freed
         for name in self.registry.names():

@@ -132,6 +132,22 @@ class ParseError(SpecError):
         WorkbenchError.__init__(self, message, hint=hint)
 
 
+class ConfigError(SpecError):
+    """A workbench configuration file (models, chains, overrides) that does not validate; names the file, line, field."""
+
+    def __init__(
+        self, message: str, *, path: str | None = None, field: str | None = None, line: int | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.hop, self.field, self.line, self.path = None, field, line, path
+        where = [path or "workbench configuration"]
+        if line is not None:
+            where.append(f"line {line}")
+        if field is not None:
+            where.append(f"field {field!r}")
+        WorkbenchError.__init__(self, f"{', '.join(where)}: {message}", hint=hint)
+
+
 # -- settings ------------------------------------------------------------------------------------
 
 

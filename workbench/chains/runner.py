@@ -118,6 +118,8 @@ class Runner:
                 attr.RUN_ID: run_id,
                 **openinference.input_value(dict(inputs)),
                 **({attr.SESSION_ID: session, attr.OI_SESSION_ID: session} if session else {}),
+                **({attr.CONFIG_VERSION: spec.version.number, attr.CONFIG_HASH: spec.version.digest}
+                   if spec.version is not None else {}),
             },
             run=True,
         )
@@ -148,6 +150,7 @@ class Runner:
             duration_ms=(time.perf_counter() - started) * 1e3,
             session=session,
             error=failure,
+            config_version=spec.version,
             _index=self.tracing.index,
         )
         if failure is not None:

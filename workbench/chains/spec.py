@@ -93,6 +93,8 @@ class ChainSpec:
     history: int = DEFAULT_HISTORY
     description: str = ""
     source: Any = None
+    # Which configuration this is (chains/live.py): set when a chain starts serving it, read by every run.
+    version: Any = None
 
     def hop(self, name: str) -> HopSpec:
         return next(h for h in self.hops if h.name == name)

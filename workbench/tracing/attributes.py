@@ -91,6 +91,10 @@ RAY_ACTOR = "workbench.ray.actor_id"
 RAY_ACTOR_MS = "workbench.ray.actor_ms"
 RAY_OVERHEAD_MS = "workbench.ray.overhead_ms"
 
+# Live configuration: the version of the chain's configuration a run used (a counter) and its content hash.
+CONFIG_VERSION = "workbench.config.version"
+CONFIG_HASH = "workbench.config.hash"
+
 # Resilience: attempts, the path that served a hop, breakers, health probes, injected faults.
 ATTEMPT = "workbench.attempt"
 ATTEMPTS = "workbench.attempts"
