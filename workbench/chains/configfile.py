@@ -398,7 +398,7 @@ class LiveConfig:
             if old is None or old.load_key() != entry.load_key():
                 self._load(name, entry, old)
                 continue
-            if entry.batching != old.batching:
+            if not _same_policy(entry.batching, old.batching):
                 self._host.set_batching(name, entry.batching or NoBatching())
             if entry.balance != old.balance:
                 self._host.set_balance(name, entry.balance or "round_robin")
@@ -444,6 +444,13 @@ class LiveConfig:
                 chain.set(changed)
         for name in set(self._applied.chains) - set(config.chains):
             self._applied.chains.pop(name).unwatch()
+
+
+def _same_policy(a: BatchingPolicy | None, b: BatchingPolicy | None) -> bool:
+    """Whether two policies batch alike: the same kind with the same settings (NoBatching has none)."""
+    if a is None or b is None:
+        return a is b
+    return type(a) is type(b) and (a == b if dataclasses.is_dataclass(a) else True)
 
 
 def _load_arguments(entry: ModelEntry) -> dict[str, Any]:

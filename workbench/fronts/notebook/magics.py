@@ -28,6 +28,7 @@ from workbench.fronts.notebook.parsers import (
     LoadCommand,
     ModelsCommand,
     RunCommand,
+    SetCommand,
     TraceCommand,
     UnloadCommand,
     help_text,
@@ -78,6 +79,7 @@ class AutoglmMagics(Magics):
             TraceCommand.subcommand: self._trace,
             CompareCommand.subcommand: self._compare,
             BuilderCommand.subcommand: self._builder,
+            SetCommand.subcommand: self._set,
         }
 
     # No $var / {var} expansion: prompts and questions hold braces and dollars that must stay literal.
@@ -231,6 +233,15 @@ class AutoglmMagics(Magics):
     def _builder(self, command: BuilderCommand) -> None:
         chain = self._find_chain(command.chain) if command.chain is not None else None
         self._show_widget(ChainBuilder(current(), chain=chain))
+
+    def _set(self, command: SetCommand) -> None:
+        by_chain: dict[str, dict[str, Any]] = {}
+        for chain, path, value in command.assignments:
+            by_chain.setdefault(chain, {})[path] = value
+        chains = {name: self._find_chain(name) for name in by_chain}  # every chain known before any changes
+        for name, values in by_chain.items():
+            version = chains[name].set(values)  # all of a chain's values in one version, or none
+            print(f"{name}: {', '.join(f'{path} = {value!r}' for path, value in values.items())}; now {version}")
 
     def _show_widget(self, widget: Any) -> None:
         """Display a widget and bind it to _autoglm_widget, where cells (and tests) can read its state."""
