@@ -26,7 +26,7 @@ import yaml
 from workbench.chains.spec import CHAIN_FIELDS, LLM_FIELDS, RETRY_FIELDS, ChainSpec, parse_spec
 from workbench.errors import SpecError, WorkbenchError
 
-logger = logging.getLogger("workbench.config")
+logger = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL_S = 1.0
 MAX_REFUSALS_KEPT = 50
