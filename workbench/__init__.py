@@ -15,6 +15,9 @@ if TYPE_CHECKING:
     from workbench.chains.resilience import RetryPolicy
     from workbench.chains.context import ContextStore, InMemoryContextStore, RunRecord
     from workbench.chains.run import Run
+    from workbench.chains.live import ConfigRefusal, ConfigVersion, ConfigWarning
+    from workbench.chains.configfile import LiveConfig
+    from workbench.errors import ConfigError
     from workbench.chains.sqlite_store import SQLiteContextStore
     from workbench.engine import (
         BatchingPolicy,
@@ -82,6 +85,8 @@ _HOMES = {
     "workbench.chains.resilience": ("RetryPolicy",),
     "workbench.chains.context": ("ContextStore", "InMemoryContextStore", "RunRecord"),
     "workbench.chains.run": ("Run",),
+    "workbench.chains.live": ("ConfigRefusal", "ConfigVersion", "ConfigWarning"),
+    "workbench.chains.configfile": ("LiveConfig",),
     "workbench.chains.sqlite_store": ("SQLiteContextStore",),
     "workbench.engine": (
         "BatchingPolicy", "ContinuousBatching", "DynamicBatching", "Faults", "GenerationParams", "GenerationResult",
@@ -94,6 +99,7 @@ _HOMES = {
         "RunCancelled",
         "RunError", "ServingError", "SettingsError", "SpecError", "StoreError", "WorkbenchClosed", "StrategyError",
         "TemplateError", "UnknownModelError", "WorkbenchError", "WorkloadError",
+        "ConfigError",
     ),
     "workbench.experiments": ("ClosedLoop", "Comparison", "PoissonArrivals", "compare"),
     "workbench.engine.preloading": ("Eager", "KeepWarm", "Lazy", "Prefetch", "PreloadingStrategy"),

@@ -490,6 +490,9 @@ class Workbench:
         """
         self.check_open(f"configure from {str(path)!r}")
         config = LiveConfig(self, path, watch, interval_s).start()
+        for earlier in [c for c in self._configs if c.path.resolve() == config.path.resolve()]:
+            earlier.stop()  # the same file again: the new one follows it from now on
+            self._configs.remove(earlier)
         self._configs.append(config)
         return config
 

@@ -133,7 +133,7 @@ class ParseError(SpecError):
 
 
 class ConfigError(SpecError):
-    """A workbench configuration file (models, chains, overrides) that does not validate; names the file, line, field."""
+    """A workbench configuration file (models, chains, overrides) that does not validate; names file, line, field."""
 
     def __init__(
         self, message: str, *, path: str | None = None, field: str | None = None, line: int | None = None,

@@ -357,7 +357,7 @@ class FileWatcher:
         while not self._stop.wait(self.interval_s):
             try:
                 self.poll()
-            except SpecError:
+            except WorkbenchError:
                 pass  # refused: on_change recorded and warned about it; the last good version serves
             except Exception:  # a bug must not end the watching silently
                 logger.exception("watching %s failed; still watching", self.path)
