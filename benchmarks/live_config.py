@@ -4,7 +4,8 @@ Prints three things, measured in one run on the tiny model:
 
 1. the cost of one poll of an unchanged spec file (a stat), and of one whose mtime is recent
    (a stat, a read and a hash: the watcher's guard against coarse timestamps);
-2. the time from an edit being written to the new version serving, per poll interval;
+2. the time from an edit being written (at a random point between two polls) to the new version
+   serving, per poll interval: about half the interval plus the parse;
 3. chain runs of a watched chain against the same chain unwatched, interleaved (A B A B ...):
    the median of the pairwise ratios, which should sit at 1.0 (a run reads one attribute).
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import tempfile
 import time
@@ -60,7 +62,9 @@ def edit_latency(bench: wb.Workbench, directory: Path, interval_s: float, edits:
     path.write_text(SPEC)
     chain = bench.chain(path, name=f"qa_{str(interval_s).replace('.', '_')}", watch=True, interval_s=interval_s)
     latencies = []
+    phases = random.Random(0)
     for edit in range(edits):
+        time.sleep(phases.uniform(0, interval_s))  # an edit lands anywhere between two polls, as a person's does
         target = chain.version.number + 1
         started = time.perf_counter()
         path.write_text(SPEC.replace("max_new_tokens: 4", f"max_new_tokens: {5 + edit}"))

@@ -156,8 +156,10 @@ def test_a_bad_edit_is_refused_while_the_last_good_version_serves_then_a_good_on
     watched: wb.Chain, spec_file: Path
 ) -> None:
     good = watched.version
-    spec_file.write_text(SPEC.replace("temperature: 0", "temperature: -1"))
-    refusal = wait_for(lambda: watched.config_errors and watched.config_errors[-1], "the refusal")
+    # The watcher's thread warns (a notebook shows it under the cell that runs); the warning filters are global.
+    with pytest.warns(wb.ConfigWarning, match=f"{spec_file}: edit refused, chain 'qa' keeps serving v1"):
+        spec_file.write_text(SPEC.replace("temperature: 0", "temperature: -1"))
+        refusal = wait_for(lambda: watched.config_errors and watched.config_errors[-1], "the refusal")
     assert isinstance(refusal.error, SpecError)
     assert refusal.error.line == 7 and refusal.error.field == "temperature"
     assert refusal.origin == str(spec_file)
@@ -188,6 +190,16 @@ def test_an_editor_that_saves_by_renaming_a_new_file_over_the_old_is_followed(
         os.replace(scratch, spec_file)
         wait_for(lambda: watched.version.number == number, f"version {number} after a rename")
         assert watched.spec.hop("answer").params.max_new_tokens == tokens
+
+
+def test_a_spec_file_without_a_name_is_named_after_the_file(loaded: wb.Workbench, tmp_path: Path) -> None:
+    path = tmp_path / "ask.yaml"
+    path.write_text(SPEC.replace("name: qa\n", ""))
+    chain = loaded.chain(path)  # a Path is a file, watched or not
+    assert chain.name == "ask" and chain.watching is None
+    assert loaded.chain(str(path), watch=True, interval_s=POLL_S).watching == path
+    with pytest.raises(SpecError, match="does not exist"):
+        loaded.chain(tmp_path / "missing.yaml")
 
 
 def test_a_comment_or_reformat_is_no_new_version_and_close_stops_the_watcher(
@@ -345,6 +357,20 @@ def test_a_changed_model_source_loads_it_again(
     after = bench.registry.get("tiny")
     assert after is not before and after.settings.dtype == "float32"
     assert bench.chains()["qa"].run(question="q").ok
+
+
+def test_a_changed_balance_policy_applies_live_to_the_replicas(
+    bench: wb.Workbench, spec_file: Path, tiny_cache: None
+) -> None:
+    path = spec_file.with_name("workbench.yaml")
+    path.write_text(_config("  tiny: {source: tiny, device: cpu, replicas: 2, balance: round_robin}"))
+    config = bench.configure(path)
+    model = bench.registry.get("tiny")
+    assert bench.engine.balance("tiny").name == "round_robin"
+    assert config.apply(_config("  tiny: {source: tiny, device: cpu, replicas: 2, balance: least_loaded}")).number == 2
+    assert bench.engine.balance("tiny").name == "least_loaded"
+    assert bench.registry.get("tiny") is model and len(bench.replicas("tiny")) == 2
+    assert set(bench.replicas("tiny")["balance"]) == {"least_loaded"}
 
 
 def test_a_configuration_whose_chain_does_not_validate_changes_nothing(
