@@ -205,12 +205,16 @@ def test_a_spec_file_without_a_name_is_named_after_the_file(loaded: wb.Workbench
 def test_a_comment_or_reformat_is_no_new_version_and_close_stops_the_watcher(
     loaded: wb.Workbench, watched: wb.Chain, spec_file: Path
 ) -> None:
-    spec_file.write_text("# the same chain, reformatted\n" + SPEC.replace("    ", "    "))
     watcher = watched._watcher
     assert watcher is not None
-    polls = watcher.polls
-    wait_for(lambda: watcher.polls > polls + 3, "the watcher to look again")
+    wait_for(lambda: watcher.changes == 1, "the first look at the file")  # what the chain was built from
+    spec_file.write_text("# the same chain, reformatted\n" + SPEC.replace("max_new_tokens: 3", "max_new_tokens:    3"))
+    wait_for(lambda: watcher.changes == 2, "the watcher to read the reformatted file")
     assert watched.version.number == 1 and not watched.config_errors
+    # The next real change is version 2: the reformat took no number.
+    spec_file.write_text(SPEC.replace("max_new_tokens: 3", "max_new_tokens: 2"))
+    wait_for(lambda: watched.version.number > 1, "the real edit")
+    assert watched.version.number == 2
     assert watched.watching == spec_file
     loaded.close()
     assert watched.watching is None

@@ -49,6 +49,7 @@ from workbench.engine.batching import (
     DynamicBatching,
     NoBatching,
     StaticBatching,
+    default_policy,
     parse_policy,
 )
 from workbench.errors import ConfigError, SpecError, WorkbenchError
@@ -399,7 +400,7 @@ class LiveConfig:
                 self._load(name, entry, old)
                 continue
             if not _same_policy(entry.batching, old.batching):
-                self._host.set_batching(name, entry.batching or NoBatching())
+                self._host.set_batching(name, entry.batching or default_policy(entry.settings))
             if entry.balance != old.balance:
                 self._host.set_balance(name, entry.balance or "round_robin")
         for name in set(before) - set(config.models):

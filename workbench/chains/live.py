@@ -297,7 +297,8 @@ class FileWatcher:
         self._digest = _text_digest(text) if text is not None else None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.polls = 0  # how many times the file was looked at (for tests and the curious)
+        self.polls = 0  # how many times the file was looked at
+        self.changes = 0  # how many new contents it handed on (a refused one included)
 
     def start(self) -> FileWatcher:
         self._thread = threading.Thread(target=self._loop, name=f"workbench-watch:{self.path.name}", daemon=True)
@@ -338,6 +339,7 @@ class FileWatcher:
         if digest == self._digest:
             return False
         self._digest = digest
+        self.changes += 1
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
