@@ -200,6 +200,8 @@ def test_a_spec_file_without_a_name_is_named_after_the_file(loaded: wb.Workbench
     assert loaded.chain(str(path), watch=True, interval_s=POLL_S).watching == path
     with pytest.raises(SpecError, match="does not exist"):
         loaded.chain(tmp_path / "missing.yaml")
+    with pytest.raises(wb.WorkbenchError, match="watch=True follows a spec file"):
+        loaded.chain({"name": "d", "hops": [{"name": "a", "call": hold}]}, watch=True)
 
 
 def test_a_comment_or_reformat_is_no_new_version_and_close_stops_the_watcher(

@@ -457,8 +457,11 @@ class Workbench:
         is refused and the last good version keeps serving. Runs record the version they used.
         """
         path = None
+        if watch and not isinstance(spec, (str, os.PathLike)):
+            raise WorkbenchError(f"watch=True follows a spec file, and {type(spec).__name__} is not a path",
+                                 hint="bench.chain('qa.yaml', watch=True)")
         if watch or isinstance(spec, os.PathLike):
-            path = Path(spec)  # type: ignore[arg-type]
+            path = Path(spec)
             spec = read_text(path, "chain spec file")
         # A spec file without a name is named after the file (qa.yaml: qa).
         parsed = self._parse_chain(spec, name, path.stem if path is not None else None)  # type: ignore[arg-type]
