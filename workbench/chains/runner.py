@@ -2,7 +2,8 @@
 
 LLM hops await the engine; a Python hop runs in the hop thread pool, or on the loop itself when
 it is ``async def``; a knowledge hop looks up its graph on the loop (a short query against a
-loaded graph takes well under a millisecond) and loads a graph or reads a long query in the pool. Every coroutine here runs on the workbench's loop; the sync API waits on it.
+loaded graph takes well under a millisecond) and loads a graph or reads a long query in the pool.
+Every coroutine here runs on the workbench's loop; the sync API waits on it.
 """
 
 from __future__ import annotations
@@ -283,7 +284,8 @@ class Runner:
         if hop.model:
             own = model(hop.model)
         elif hop.knowledge is not None:
-            own = Route(f"graph:{hop.knowledge.source}", lambda attempt, timeout: self._look_up(hop, state, values, span))
+            own = Route(f"graph:{hop.knowledge.source}",
+                        lambda attempt, timeout: self._look_up(hop, state, values, span))
         else:
             span.set_attributes(openinference.input_value(_arguments(hop, values)))
             own = Route(f"hop:{hop.name}", lambda attempt, timeout: self._call(hop, values))
@@ -337,7 +339,8 @@ class Runner:
         return lookup.facts
 
     def _prompt_cost(self, lookup: Lookup, models: list[str]) -> dict[str, object]:
-        """What the facts add to the next prompt: characters, and tokens by the next LLM hop's tokenizer if it is here."""
+        """What the facts add to the next prompt: characters, and tokens by the next LLM hop's tokenizer if it is here.
+        """
         cost: dict[str, object] = {attr.KNOWLEDGE_PROMPT_CHARS: len(lookup.facts)}
         if not models:
             return cost

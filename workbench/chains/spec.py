@@ -891,7 +891,8 @@ def _check_graph(hops: list[HopSpec], lines: _Lines) -> None:
 
 
 def _parse_knowledge_hop(raw: Mapping[str, Any], name: str, path: tuple[Any, ...], lines: _Lines) -> HopSpec:
-    """A ``kind: knowledge`` hop: ``graph`` (a demo graph or a file), ``query`` (a template), ``hops``, ``max_triples``."""
+    """A ``kind: knowledge`` hop: ``graph`` (a demo graph or a file), ``query`` (a template), ``hops``,
+    ``max_triples``."""
     if "graph" not in raw:
         raise SpecError("a knowledge hop needs 'graph': a demo graph's name or a path to a .csv or .json file",
                         hop=name, field="graph", line=lines.of(*path), hint="e.g. graph: countries")

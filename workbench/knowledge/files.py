@@ -76,7 +76,7 @@ def _csv_rows(text: str, path: Path) -> Iterator[tuple[str, list[Any]]]:
         header = next(reader, None)
         if header is None or tuple(h.strip().lower() for h in header) != HEADER:
             raise GraphError(f"graph file {str(path)!r}, row 1: the header must be subject,relation,object, got "
-                             f"{_short(','.join(header or []))!r}", hint=_FORMAT_HINT)
+                             f"{_short(','.join(header or []))}", hint=_FORMAT_HINT)
         for row in reader:
             if row and any(cell.strip() for cell in row):
                 yield f"row {reader.line_num}", row
@@ -100,7 +100,7 @@ def _json_rows(text: str, path: Path) -> Iterator[tuple[str, list[Any]]]:
         if isinstance(item, Mapping):
             unknown = sorted(set(item) - set(HEADER), key=str)
             if unknown:
-                raise GraphError(f"graph file {str(path)!r}, item {index + 1}: unknown key {_short(unknown[0])!r}",
+                raise GraphError(f"graph file {str(path)!r}, item {index + 1}: unknown key {_short(unknown[0])}",
                                  hint="each triple has the keys subject, relation and object")
             item = [item.get(key) for key in HEADER]
         elif not isinstance(item, list):
@@ -121,7 +121,7 @@ def _build(rows: Iterator[tuple[str, list[Any]]], path: Path) -> KnowledgeGraph:
         for name, value in zip(HEADER, row):
             if not isinstance(value, str) or not value.strip():
                 raise GraphError(f"graph file {str(path)!r}, {where}: the {name} must be non-empty text, got "
-                                 f"{_short(value)!r}")
+                                 f"{_short(value)}")
             if len(value) > MAX_VALUE_CHARS:
                 raise GraphError(f"graph file {str(path)!r}, {where}: the {name} is {len(value):,} characters, over "
                                  f"the {MAX_VALUE_CHARS:,} a value may have")
@@ -142,5 +142,6 @@ def _build(rows: Iterator[tuple[str, list[Any]]], path: Path) -> KnowledgeGraph:
 
 
 def _short(value: Any) -> str:
-    text = str(value)
+    """``repr(value)``, cut short: a file's content echoed in an error stays a glimpse."""
+    text = repr(value)
     return text if len(text) <= 60 else text[:59] + "…"

@@ -8,9 +8,10 @@ import time
 import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import networkx as nx
+if TYPE_CHECKING:
+    import networkx as nx
 
 DEFAULT_MAX_TRIPLES = 50
 MAX_ALIAS_WORDS = 8  # the longest alias the linker tries, in words ("Democratic Republic of the Congo" is 6)
@@ -94,8 +95,10 @@ class KnowledgeGraph:
         codes: Mapping[str, str] | None = None,
         name: str = "graph",
     ) -> None:
+        import networkx  # on first use: a spec that names no graph, and the CLI's --help, never pay its 0.2 s
+
         self.name = name
-        self.graph = nx.MultiDiGraph()
+        self.graph: nx.MultiDiGraph = networkx.MultiDiGraph()
         for subject, relation, obj in triples:
             self.graph.add_edge(subject, obj, key=relation)
         self._aliases: dict[str, str] = {}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from workbench.errors import GraphError
 from workbench.knowledge.countries import countries
-from workbench.knowledge.files import SUFFIXES, check_path, load_file
+from workbench.knowledge.files import check_path, load_file
 from workbench.knowledge.graph import KnowledgeGraph
 
 # The graphs that ship with the workbench, built offline on first use.
@@ -37,8 +37,8 @@ def resolve(value: object) -> GraphSource:
     if not isinstance(value, str) or not value.strip():
         raise GraphError(f"graph must name a demo graph or a file, got {value!r}", hint=hint)
     text = value.strip()
-    looks_like_path = any(sep in text for sep in ("/", "\\")) or text.startswith(("~", ".")) or \
-        Path(text).suffix.lower() in SUFFIXES
+    # Demo graphs are plain words; anything with a folder, a home or a suffix (notes.txt) is a file.
+    looks_like_path = any(sep in text for sep in ("/", "\\")) or text.startswith(("~", ".")) or bool(Path(text).suffix)
     if not looks_like_path:
         if text not in DEMO_GRAPHS:
             close = difflib.get_close_matches(text, list(DEMO_GRAPHS), n=1)
