@@ -257,7 +257,8 @@ def test_knowledge_then_llm_runs_and_the_prompt_carries_the_facts(loaded: wb.Wor
     assert hop[f"attributes.{attr.KNOWLEDGE_TRIPLES}"] == len(facts.triples)
     assert hop[f"attributes.{attr.KNOWLEDGE_PROMPT_CHARS}"] == len(facts)
     tokenizer = AutoTokenizer.from_pretrained(tiny_path)
-    assert hop[f"attributes.{attr.KNOWLEDGE_PROMPT_TOKENS}"] == len(tokenizer(facts, add_special_tokens=False)["input_ids"])
+    tokens = len(tokenizer(facts, add_special_tokens=False)["input_ids"])
+    assert hop[f"attributes.{attr.KNOWLEDGE_PROMPT_TOKENS}"] == tokens
     assert hop[f"attributes.{attr.KNOWLEDGE_TOKENIZER}"] == "tiny"
     assert hop[f"attributes.{attr.KNOWLEDGE_LINK_MS}"] >= 0 and hop[f"attributes.{attr.KNOWLEDGE_TRAVERSE_MS}"] >= 0
     assert hop[f"attributes.{attr.KNOWLEDGE_GRAPH}"] == "countries"
@@ -280,12 +281,20 @@ def test_a_template_reads_the_triples_and_a_session_keeps_the_text(loaded: wb.Wo
     assert record.outputs["facts"] == str(run.outputs["facts"])
 
 
-def test_without_a_loaded_next_model_the_cost_is_in_characters(bench: wb.Workbench, tmp_path: Path) -> None:
+def test_a_model_not_loaded_yet_leaves_the_cost_in_characters(bench: wb.Workbench, tiny_path: Path) -> None:
+    bench.register("tiny", tiny_path)  # lazy: it loads when the answer hop calls it, after the facts hop
+    run = bench.chain(GEO_SPEC).run(question="Japan")
+    row = run.trace.table().set_index("name").loc["hop facts"]
+    assert row[f"attributes.{attr.KNOWLEDGE_PROMPT_CHARS}"] == len(run.outputs["facts"]) > 0
+    tokens = f"attributes.{attr.KNOWLEDGE_PROMPT_TOKENS}"
+    assert tokens not in row or row.isna()[tokens]  # counting never loads a model
+
+
+def test_the_cap_holds_on_a_knowledge_only_chain(bench: wb.Workbench) -> None:
     run = bench.chain(knowledge_spec("countries", hops=2, max_triples=5)).run(question="Japan")
     row = run.trace.table().set_index("name").loc["hop facts"]
     assert row[f"attributes.{attr.KNOWLEDGE_TRIPLES}"] == 5 and row[f"attributes.{attr.KNOWLEDGE_TRUNCATED}"]
-    assert row[f"attributes.{attr.KNOWLEDGE_PROMPT_CHARS}"] == len(run.output)
-    assert f"attributes.{attr.KNOWLEDGE_PROMPT_TOKENS}" not in row or row.isna()[f"attributes.{attr.KNOWLEDGE_PROMPT_TOKENS}"]
+    assert len(run.output.splitlines()) == 5
 
 
 def test_the_builder_round_trips_a_knowledge_hop(loaded: wb.Workbench) -> None:
@@ -301,3 +310,43 @@ def test_the_builder_round_trips_a_knowledge_hop(loaded: wb.Workbench) -> None:
     assert rebuilt.spec.hops[0].knowledge.hops == 2  # type: ignore[union-attr]
     assert "graph countries" in builder.graph.value
     assert "graph countries, 1 hop, at most 50 triples" in chain._repr_html_()
+
+
+def test_a_file_edited_after_the_chain_was_built_is_read_again_by_the_hop(bench: wb.Workbench, tmp_path: Path) -> None:
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps([["Ada", "wrote", "notes"]]), encoding="utf-8")
+    chain = bench.chain(knowledge_spec(str(path)))
+    first = chain.run(question="Ada?").trace.table().set_index("name").loc["hop facts"]
+    assert first[f"attributes.{attr.KNOWLEDGE_INLINE}"]  # loaded when the chain was built: looked up on the loop
+    assert f"attributes.{attr.KNOWLEDGE_LOAD_MS}" not in first or first.isna()[f"attributes.{attr.KNOWLEDGE_LOAD_MS}"]
+    path.write_text(json.dumps([["Ada", "wrote", "notes"], ["Ada", "knew", "Babbage"]]), encoding="utf-8")
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    run = chain.run(question="Ada?")
+    row = run.trace.table().set_index("name").loc["hop facts"]
+    assert run.output == "Ada — wrote — notes.\nAda — knew — Babbage."
+    assert row[f"attributes.{attr.KNOWLEDGE_LOAD_MS}"] >= 0 and not row[f"attributes.{attr.KNOWLEDGE_INLINE}"]
+
+
+def test_a_long_query_is_looked_up_in_the_hop_pool(bench: wb.Workbench) -> None:
+    run = bench.chain(knowledge_spec("countries")).run(question="Peru " + "and so on " * 500)
+    row = run.trace.table().set_index("name").loc["hop facts"]
+    assert not row[f"attributes.{attr.KNOWLEDGE_INLINE}"]
+    assert row[f"attributes.{attr.KNOWLEDGE_ENTITIES}"] == ["Peru"]
+
+
+def test_a_misspelt_input_in_the_query_is_named(tiny_bench: wb.Workbench) -> None:
+    spec = {**knowledge_spec("countries"), "inputs": ["question"]}
+    spec["hops"][0]["query"] = "{{ qestion }}"  # type: ignore[index]
+    with pytest.raises(wb.SpecError, match=r"'qestion' is used .* \(did you mean 'question'\?\)") as info:
+        tiny_bench.chain(spec)
+    assert (info.value.hop, info.value.field) == ("facts", "query")
+
+
+def test_a_knowledge_hop_reads_an_earlier_hops_output(tiny_bench: wb.Workbench) -> None:
+    spec = {"name": "two_step", "hops": [
+        {"name": "canned", "call": "workbench.demo:canned_answer"},
+        {"name": "facts", "graph": "countries", "query": "{{ canned }}", "max_triples": 1},
+    ]}
+    chain = tiny_bench.chain(spec)
+    assert chain.graph()["facts"] == ("canned",) and chain.inputs == ("question",)
+    assert chain.run(question="What about Peru?").output == "Peru — capital — Lima."
