@@ -350,3 +350,20 @@ def test_a_knowledge_hop_reads_an_earlier_hops_output(tiny_bench: wb.Workbench) 
     chain = tiny_bench.chain(spec)
     assert chain.graph()["facts"] == ("canned",) and chain.inputs == ("question",)
     assert chain.run(question="What about Peru?").output == "Peru — capital — Lima."
+
+
+def test_a_graph_past_the_triple_cap_is_refused_and_a_workbench_keeps_few_graphs(
+    bench: wb.Workbench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from workbench.knowledge import store
+
+    path = tmp_path / "many.csv"
+    path.write_text("subject,relation,object\n" + "".join(f"a{i},r,b{i}\n" for i in range(5)), encoding="utf-8")
+    monkeypatch.setattr(files, "MAX_TRIPLES", 3)
+    with pytest.raises(wb.GraphError, match=r"row 5: more than 3 triples"):
+        load_file(path)
+    monkeypatch.setattr(store, "MAX_GRAPHS_KEPT", 2)
+    for name in ("one", "two", "three"):
+        (tmp_path / f"{name}.json").write_text(json.dumps([[name, "is", "a graph"]]), encoding="utf-8")
+        bench.graph(tmp_path / f"{name}.json")
+    assert [Path(p).name for p in bench.graphs.loaded()] == ["two.json", "three.json"]

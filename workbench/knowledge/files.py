@@ -20,9 +20,10 @@ from typing import Any
 from workbench.errors import GraphError
 from workbench.knowledge.graph import KnowledgeGraph
 
-# A chain spec is untrusted input and may name a file: these bound what reading it can cost.
-MAX_GRAPH_BYTES = 64 * 1024 * 1024
-MAX_TRIPLES = 1_000_000
+# A chain spec is untrusted input and may name a file: these bound what reading it can cost. A graph of
+# 200,000 triples took ~10 s to build and ~200 MB on a busy 2-core machine (networkx keeps an edge twice).
+MAX_GRAPH_BYTES = 32 * 1024 * 1024
+MAX_TRIPLES = 250_000
 MAX_VALUE_CHARS = 1_000  # one subject, relation or object; a fact is a line of a prompt
 SUFFIXES = (".csv", ".json")
 ALIAS, CODE = "alias", "code"

@@ -15,6 +15,7 @@ from workbench.knowledge.graph import KnowledgeGraph
 
 # The graphs that ship with the workbench, built offline on first use.
 DEMO_GRAPHS: dict[str, Callable[[], KnowledgeGraph]] = {"countries": countries}
+MAX_GRAPHS_KEPT = 16  # per workbench; past it the graph loaded first goes (specs may name many files)
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,8 @@ class GraphStore:
                         k: g for k, g in self._graphs.items() if not (isinstance(k, tuple) and k[0] == source.path)
                     }
                 self._graphs[key] = graph
+                while len(self._graphs) > MAX_GRAPHS_KEPT:
+                    self._graphs = dict(list(self._graphs.items())[1:])
             return graph
 
     def loaded(self) -> dict[str, KnowledgeGraph]:
