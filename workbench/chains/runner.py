@@ -95,10 +95,15 @@ class RunState:
 
 
 class Runner:
-    """Runs chains against an engine, a tracer, a context store and a pool for Python hops."""
+    """Runs chains against an engine, a tracer, a context store, a pool for Python hops and knowledge hops' graphs."""
 
     def __init__(
-        self, engine: Engine, tracing: Tracing, store: ContextStore, hop_pool: Executor, graphs: GraphStore | None = None
+        self,
+        engine: Engine,
+        tracing: Tracing,
+        store: ContextStore,
+        hop_pool: Executor,
+        graphs: GraphStore | None = None,
     ) -> None:
         self.engine = engine
         self.tracing = tracing
@@ -308,7 +313,6 @@ class Runner:
                 raise Interrupted("a hop raised KeyboardInterrupt") from exc
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.hop_pool, _interruptible, hop.call, args, kwargs)
-
 
     async def _look_up(self, hop: HopSpec, state: RunState, values: dict[str, Any], span: Span) -> Facts:
         """A knowledge hop: render the query, link and walk the graph; the span gets the timings and the cost."""

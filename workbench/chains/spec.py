@@ -865,7 +865,7 @@ def _parameter_names(call: Callable[..., Any]) -> tuple[tuple[str, ...] | None, 
 
 
 def _check_graph(hops: list[HopSpec], lines: _Lines) -> None:
-    """Resolve LLM hops' dependencies from their templates, then refuse cycles."""
+    """Resolve LLM and knowledge hops' dependencies from their templates, then refuse cycles."""
     names = {h.name for h in hops}
     for index, hop in enumerate(hops):
         if hop.kind in ("llm", "knowledge"):
