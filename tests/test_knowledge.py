@@ -367,3 +367,9 @@ def test_a_graph_past_the_triple_cap_is_refused_and_a_workbench_keeps_few_graphs
         (tmp_path / f"{name}.json").write_text(json.dumps([[name, "is", "a graph"]]), encoding="utf-8")
         bench.graph(tmp_path / f"{name}.json")
     assert [Path(p).name for p in bench.graphs.loaded()] == ["two.json", "three.json"]
+
+
+def test_currency_codes_and_common_words_are_not_names(countries: wb.KnowledgeGraph) -> None:
+    assert countries.link("try all the top islands, a male Polish speaker") == []
+    assert countries.link("Is ALL the lek? TRY and EUR") == ["ALL", "TRY", "EUR"]
+    assert countries.link("Malé, Iceland and Poland") == ["Iceland", "Poland"]  # Malé is left out with "male"

@@ -12,6 +12,9 @@ from workbench.knowledge.graph import KnowledgeGraph
 
 # The relations the graph uses, as they read in a prompt.
 CAPITAL, BORDERS, CURRENCY, REGION, SUBREGION = "capital", "borders", "currency", "region", "subregion"
+# Names in the data that are more often plain English words: Iceland's native name (Ísland), the Maldives'
+# capital (Malé), Poland's demonym.
+NOT_NAMES = ("island", "male", "polish")
 
 
 def _is_code(text: str) -> bool:
@@ -60,4 +63,4 @@ def countries() -> KnowledgeGraph:
                 codes.setdefault(name, country)
             else:
                 aliases.setdefault(name, country)
-    return KnowledgeGraph(triples, aliases=aliases, codes=codes, name="countries")
+    return KnowledgeGraph(triples, aliases=aliases, codes=codes, name="countries", ignore=NOT_NAMES)

@@ -85,7 +85,9 @@ class KnowledgeGraph:
     ``aliases`` map other names to a node: matched in any case, without accents
     (``"french"`` -> France). ``codes`` map short codes to a node and match only as written
     (``"FR"`` -> France), so the words "us", "in" and "it" stay words. Every node's own name is
-    an alias of it.
+    an alias of it, but for a node that is a code of its own (``codes={"ALL": "ALL"}``, the
+    Albanian lek, must not link the word "all"). ``ignore`` lists words never to link, names
+    in the data that are more often plain words (the capital Malé and "male").
     """
 
     def __init__(
@@ -94,6 +96,7 @@ class KnowledgeGraph:
         aliases: Mapping[str, str] | None = None,
         codes: Mapping[str, str] | None = None,
         name: str = "graph",
+        ignore: Iterable[str] = (),
     ) -> None:
         import networkx  # on first use: a spec that names no graph, and the CLI's --help, never pay its 0.2 s
 
@@ -101,13 +104,16 @@ class KnowledgeGraph:
         self.graph: nx.MultiDiGraph = networkx.MultiDiGraph()
         for subject, relation, obj in triples:
             self.graph.add_edge(subject, obj, key=relation)
+        self._codes = {code: node for code, node in (codes or {}).items() if node in self.graph}
         self._aliases: dict[str, str] = {}
         for node in self.graph.nodes:  # a node's own name first: no alias of another node takes it
-            self._add_alias(node, node)
+            if self._codes.get(node) != node:
+                self._add_alias(node, node)
         for alias, node in (aliases or {}).items():
             if node in self.graph:
                 self._add_alias(alias, node)
-        self._codes = {code: node for code, node in (codes or {}).items() if node in self.graph}
+        for word in ignore:
+            self._aliases.pop(" ".join(normalise(word)), None)
         self._longest = min(MAX_ALIAS_WORDS, max((k.count(" ") + 1 for k in self._aliases), default=1))
 
     def _add_alias(self, alias: str, node: str) -> None:
