@@ -373,3 +373,15 @@ def test_currency_codes_and_common_words_are_not_names(countries: wb.KnowledgeGr
     assert countries.link("try all the top islands, a male Polish speaker") == []
     assert countries.link("Is ALL the lek? TRY and EUR") == ["ALL", "TRY", "EUR"]
     assert countries.link("Malé, Iceland and Poland") == ["Iceland", "Poland"]  # Malé is left out with "male"
+
+
+@pytest.mark.parametrize(("graph", "words"), [
+    ("a\x00b.csv", r"is not a path: embedded null byte"),
+    ("~no_such_user_here/g.csv", r"no home directory for '~no_such_user_here'"),
+    ("x" * 5000 + ".csv", r"graph file '.*…"),
+    (42, r"graph must name a demo graph or a file, got 42"),
+])
+def test_odd_graph_values_are_spec_errors(tiny_bench: wb.Workbench, graph: object, words: str) -> None:
+    with pytest.raises(wb.GraphError, match=words) as info:
+        tiny_bench.chain(knowledge_spec(graph))  # type: ignore[arg-type]
+    assert len(info.value.message) < 400 and info.value.hop == "facts"

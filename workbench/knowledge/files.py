@@ -35,18 +35,20 @@ _FORMAT_HINT = ("CSV: a header subject,relation,object then one triple a row; JS
 def check_path(path: Path) -> int:
     """Refuse a graph file that is not a readable .csv or .json regular file within MAX_GRAPH_BYTES; its size."""
     if path.suffix.lower() not in SUFFIXES:
-        raise GraphError(f"graph file {str(path)!r} is neither .csv nor .json", hint=_FORMAT_HINT)
+        raise GraphError(f"graph file {shown(path)} is neither .csv nor .json", hint=_FORMAT_HINT)
     try:
         info = path.stat()
     except FileNotFoundError:
-        raise GraphError(f"graph file {str(path)!r} does not exist",
+        raise GraphError(f"graph file {shown(path)} does not exist",
                          hint="a relative path is read from the working directory") from None
     except OSError as exc:
-        raise GraphError(f"graph file {str(path)!r} cannot be read: {exc.strerror}") from None
+        raise GraphError(f"graph file {shown(path)} cannot be read: {exc.strerror}") from None
+    except ValueError as exc:  # a NUL in the path
+        raise GraphError(f"graph file {shown(path)} is not a path: {exc}") from None
     if not stat.S_ISREG(info.st_mode):  # a FIFO or a device would block or never end
-        raise GraphError(f"graph file {str(path)!r} is not a regular file")
+        raise GraphError(f"graph file {shown(path)} is not a regular file")
     if info.st_size > MAX_GRAPH_BYTES:
-        raise GraphError(f"graph file {str(path)!r} is {info.st_size:,} bytes, over the {MAX_GRAPH_BYTES:,} a "
+        raise GraphError(f"graph file {shown(path)} is {info.st_size:,} bytes, over the {MAX_GRAPH_BYTES:,} a "
                          "graph may take", hint="keep the triples a chain needs, or split the graph")
     return info.st_size
 
@@ -59,14 +61,14 @@ def load_file(path: str | Path) -> KnowledgeGraph:
         with path.open("rb") as file:
             raw = file.read(MAX_GRAPH_BYTES + 1)
     except OSError as exc:
-        raise GraphError(f"graph file {str(path)!r} cannot be read: {exc.strerror}") from None
+        raise GraphError(f"graph file {shown(path)} cannot be read: {exc.strerror}") from None
     if len(raw) > MAX_GRAPH_BYTES:  # it grew since the check
-        raise GraphError(f"graph file {str(path)!r} is over the {MAX_GRAPH_BYTES:,} bytes a graph may take")
+        raise GraphError(f"graph file {shown(path)} is over the {MAX_GRAPH_BYTES:,} bytes a graph may take")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise GraphError(f"graph file {str(path)!r}, line {line}: not UTF-8 text", hint="save it as UTF-8") from None
+        raise GraphError(f"graph file {shown(path)}, line {line}: not UTF-8 text", hint="save it as UTF-8") from None
     rows = _csv_rows(text, path) if path.suffix.lower() == ".csv" else _json_rows(text, path)
     return _build(rows, path)
 
@@ -76,36 +78,36 @@ def _csv_rows(text: str, path: Path) -> Iterator[tuple[str, list[Any]]]:
     try:
         header = next(reader, None)
         if header is None or tuple(h.strip().lower() for h in header) != HEADER:
-            raise GraphError(f"graph file {str(path)!r}, row 1: the header must be subject,relation,object, got "
+            raise GraphError(f"graph file {shown(path)}, row 1: the header must be subject,relation,object, got "
                              f"{_short(','.join(header or []))}", hint=_FORMAT_HINT)
         for row in reader:
             if row and any(cell.strip() for cell in row):
                 yield f"row {reader.line_num}", row
     except csv.Error as exc:
-        raise GraphError(f"graph file {str(path)!r}, row {reader.line_num}: not valid CSV: {exc}") from None
+        raise GraphError(f"graph file {shown(path)}, row {reader.line_num}: not valid CSV: {exc}") from None
 
 
 def _json_rows(text: str, path: Path) -> Iterator[tuple[str, list[Any]]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise GraphError(f"graph file {str(path)!r}, line {exc.lineno}: not valid JSON: {exc.msg}") from None
+        raise GraphError(f"graph file {shown(path)}, line {exc.lineno}: not valid JSON: {exc.msg}") from None
     except RecursionError:
-        raise GraphError(f"graph file {str(path)!r}: the JSON nests too deeply", hint=_FORMAT_HINT) from None
+        raise GraphError(f"graph file {shown(path)}: the JSON nests too deeply", hint=_FORMAT_HINT) from None
     if isinstance(data, Mapping) and "triples" in data:
         data = data["triples"]
     if not isinstance(data, list):
-        raise GraphError(f"graph file {str(path)!r}: the JSON must be a list of triples, not "
+        raise GraphError(f"graph file {shown(path)}: the JSON must be a list of triples, not "
                          f"{type(data).__name__}", hint=_FORMAT_HINT)
     for index, item in enumerate(data):
         if isinstance(item, Mapping):
             unknown = sorted(set(item) - set(HEADER), key=str)
             if unknown:
-                raise GraphError(f"graph file {str(path)!r}, item {index + 1}: unknown key {_short(unknown[0])}",
+                raise GraphError(f"graph file {shown(path)}, item {index + 1}: unknown key {_short(unknown[0])}",
                                  hint="each triple has the keys subject, relation and object")
             item = [item.get(key) for key in HEADER]
         elif not isinstance(item, list):
-            raise GraphError(f"graph file {str(path)!r}, item {index + 1}: a triple is a list or an object, not "
+            raise GraphError(f"graph file {shown(path)}, item {index + 1}: a triple is a list or an object, not "
                              f"{type(item).__name__}", hint=_FORMAT_HINT)
         yield f"item {index + 1}", item
 
@@ -116,15 +118,15 @@ def _build(rows: Iterator[tuple[str, list[Any]]], path: Path) -> KnowledgeGraph:
     codes: dict[str, str] = {}
     for where, row in rows:
         if len(row) != 3:
-            raise GraphError(f"graph file {str(path)!r}, {where}: a triple has 3 values (subject, relation, "
+            raise GraphError(f"graph file {shown(path)}, {where}: a triple has 3 values (subject, relation, "
                              f"object), this has {len(row)}", hint=_FORMAT_HINT)
         values = []
         for name, value in zip(HEADER, row):
             if not isinstance(value, str) or not value.strip():
-                raise GraphError(f"graph file {str(path)!r}, {where}: the {name} must be non-empty text, got "
+                raise GraphError(f"graph file {shown(path)}, {where}: the {name} must be non-empty text, got "
                                  f"{_short(value)}")
             if len(value) > MAX_VALUE_CHARS:
-                raise GraphError(f"graph file {str(path)!r}, {where}: the {name} is {len(value):,} characters, over "
+                raise GraphError(f"graph file {shown(path)}, {where}: the {name} is {len(value):,} characters, over "
                                  f"the {MAX_VALUE_CHARS:,} a value may have")
             values.append(" ".join(value.split()))
         subject, relation, obj = values
@@ -135,11 +137,17 @@ def _build(rows: Iterator[tuple[str, list[Any]]], path: Path) -> KnowledgeGraph:
         else:
             triples.append((subject, relation, obj))
         if len(triples) + len(aliases) + len(codes) > MAX_TRIPLES:
-            raise GraphError(f"graph file {str(path)!r}, {where}: more than {MAX_TRIPLES:,} triples",
+            raise GraphError(f"graph file {shown(path)}, {where}: more than {MAX_TRIPLES:,} triples",
                              hint="keep the triples a chain needs, or split the graph")
     if not triples:
-        raise GraphError(f"graph file {str(path)!r} holds no triples", hint=_FORMAT_HINT)
+        raise GraphError(f"graph file {shown(path)} holds no triples", hint=_FORMAT_HINT)
     return KnowledgeGraph(triples, aliases=aliases, codes=codes, name=path.name)
+
+
+def shown(path: Path) -> str:
+    """A path as an error names it: quoted, and cut short if someone wrote a very long one."""
+    text = repr(str(path))
+    return text if len(text) <= 200 else text[:199] + "…"
 
 
 def _short(value: Any) -> str:

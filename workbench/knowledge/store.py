@@ -46,7 +46,11 @@ def resolve(value: object) -> GraphSource:
             raise GraphError(f"unknown graph {text!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
                              hint=hint)
         return GraphSource(name=text)
-    path = Path(text).expanduser().absolute()
+    try:
+        path = Path(text).expanduser().absolute()
+    except RuntimeError:  # ~someone, with no such user
+        raise GraphError(f"graph file {text[:200]!r}: no home directory for {text.partition('/')[0][:100]!r}",
+                         hint=hint) from None
     check_path(path)
     return GraphSource(path=path)
 
