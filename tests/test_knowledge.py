@@ -327,11 +327,14 @@ def test_a_file_edited_after_the_chain_was_built_is_read_again_by_the_hop(bench:
     assert row[f"attributes.{attr.KNOWLEDGE_LOAD_MS}"] >= 0 and not row[f"attributes.{attr.KNOWLEDGE_INLINE}"]
 
 
-def test_a_long_query_is_looked_up_in_the_hop_pool(bench: wb.Workbench) -> None:
+def test_a_long_query_or_a_big_walk_is_looked_up_in_the_hop_pool(bench: wb.Workbench) -> None:
     run = bench.chain(knowledge_spec("countries")).run(question="Peru " + "and so on " * 500)
     row = run.trace.table().set_index("name").loc["hop facts"]
     assert not row[f"attributes.{attr.KNOWLEDGE_INLINE}"]
     assert row[f"attributes.{attr.KNOWLEDGE_ENTITIES}"] == ["Peru"]
+    run = bench.chain(knowledge_spec("countries", hops=3, max_triples=1000)).run(question="Peru")
+    row = run.trace.table().set_index("name").loc["hop facts"]
+    assert not row[f"attributes.{attr.KNOWLEDGE_INLINE}"] and row[f"attributes.{attr.KNOWLEDGE_TRIPLES}"] > 200
 
 
 def test_a_misspelt_input_in_the_query_is_named(tiny_bench: wb.Workbench) -> None:

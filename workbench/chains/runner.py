@@ -2,7 +2,8 @@
 
 LLM hops await the engine; a Python hop runs in the hop thread pool, or on the loop itself when
 it is ``async def``; a knowledge hop looks up its graph on the loop (a short query against a
-loaded graph takes well under a millisecond) and loads a graph or reads a long query in the pool.
+loaded graph, for a few hundred triples at most, takes well under a millisecond) and loads a graph,
+reads a long query or walks for many triples in the pool.
 Every coroutine here runs on the workbench's loop; the sync API waits on it.
 """
 
@@ -36,8 +37,10 @@ from workbench.tracing import attributes as attr
 from workbench.tracing import openinference
 
 EventSink = Callable[[Event], None]
-# A knowledge hop's query up to this long is looked up on the loop; linking reads it word by word.
+# A knowledge hop is looked up on the loop when its query is at most this long (linking reads it word by word)
+# and it may return at most this many triples (the walk costs about 1 µs a triple, more past a few hundred).
 INLINE_QUERY_CHARS = 4_096
+INLINE_MAX_TRIPLES = 200
 
 
 class Interrupted(Exception):
@@ -324,7 +327,7 @@ class Runner:
         span.set_attributes({attr.KNOWLEDGE_GRAPH: str(knowledge.source), attr.KNOWLEDGE_HOPS: knowledge.hops,
                              attr.KNOWLEDGE_MAX_TRIPLES: knowledge.max_triples})
         graph = self.graphs.cached(knowledge.source)
-        inline = graph is not None and len(query) <= INLINE_QUERY_CHARS
+        inline = graph is not None and len(query) <= INLINE_QUERY_CHARS and knowledge.max_triples <= INLINE_MAX_TRIPLES
         if graph is None:
             started = time.perf_counter()
             graph = await asyncio.get_running_loop().run_in_executor(self.hop_pool, self.graphs.get, knowledge.source)
