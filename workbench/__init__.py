@@ -72,6 +72,7 @@ if TYPE_CHECKING:
     from workbench.tracing import Trace
     from workbench.tracing.gcpauses import pauses as gc_pauses
     from workbench.fronts.notebook.widgets import ChainBuilder, ComparisonDashboard, ModelManager, TraceViewer
+    from workbench.knowledge import Facts, GraphError, KnowledgeGraph
 
 
 # Where each public name lives (the imports above, for type checkers, say the same). Names import on
@@ -108,6 +109,7 @@ _HOMES = {
     "workbench.tracing": ("Trace",),
     # The widgets bring in ipywidgets and anywidget: a script or a worker that shows none never pays for them.
     "workbench.fronts.notebook.widgets": ("ChainBuilder", "ComparisonDashboard", "ModelManager", "TraceViewer"),
+    "workbench.knowledge": ("Facts", "GraphError", "KnowledgeGraph"),
 }
 _HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
 _RENAMED = {"gc_pauses": ("workbench.tracing.gcpauses", "pauses")}

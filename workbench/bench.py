@@ -32,6 +32,7 @@ from workbench.engine.batching import default_policy
 from workbench.engine.faults import Faults
 from workbench.engine.prober import HealthChecks
 from workbench.errors import HopFailed, WorkbenchClosed, WorkbenchError
+from workbench.knowledge import GraphStore, KnowledgeGraph, resolve
 from workbench.models import heap
 from workbench.engine.preloading import Eager, PreloadingStrategy, parse_preloading
 from workbench.models.registry import LoadedModel, LoadSettings, ModelRegistry
@@ -104,7 +105,8 @@ class Workbench:
         self.data_dir = Path(data_dir).expanduser() if data_dir is not None else data_root()
         self.store = store if store is not None else SQLiteContextStore(self.data_dir / SESSIONS_FILE)
         self._hop_pool = ThreadPoolExecutor(max_workers=hop_threads, thread_name_prefix="workbench-hop")
-        self._runner = Runner(self.engine, self.tracing, self.store, self._hop_pool)
+        self.graphs = GraphStore()  # knowledge hops' graphs, each loaded once
+        self._runner = Runner(self.engine, self.tracing, self.store, self._hop_pool, graphs=self.graphs)
         self._in_flight = 0  # runs walking on the loop now (only the loop thread changes it)
         self._loop: asyncio.AbstractEventLoop | None = None  # chains walk here, on its own thread, from first use
         self._loop_thread: threading.Thread | None = None
@@ -474,7 +476,7 @@ class Workbench:
 
     def _parse_chain(self, spec: str | Mapping[str, Any], name: str | None, default: str | None = None) -> ChainSpec:
         parsed = parse_spec(spec, known_models=self.registry.names(), default_name=name or default,
-                            allowed_modules=self._allowed_modules)
+                            allowed_modules=self._allowed_modules, graphs=self.graphs)
         if name is not None and parsed.name != name:
             parsed.name = name
         return parsed
@@ -502,6 +504,14 @@ class Workbench:
     def chains(self) -> dict[str, Chain]:
         """Chains built on this workbench, by name (the latest of each name)."""
         return dict(self._chains)
+
+    def graph(self, graph: str | os.PathLike[str]) -> KnowledgeGraph:
+        """The knowledge graph a hop's ``graph:`` names (a demo graph such as ``"countries"``, or a .csv/.json file).
+
+        Loaded once per workbench and kept; ``graph.lookup("What borders France?", hops=1)`` shows
+        what a knowledge hop would find.
+        """
+        return self.graphs.get(resolve(str(graph)))
 
     # -- the event loop chains walk on (the ChainHost protocol) -------------------------------------
 

@@ -1,7 +1,7 @@
 """The exceptions a user can cause: one tree rooted in WorkbenchError, with branches a caller can catch as a group.
 
     WorkbenchError
-    ├── SpecError          the chain spec or a command line is wrong: TemplateError, ParseError
+    ├── SpecError          the chain spec or a command line is wrong: TemplateError, ParseError, GraphError
     ├── SettingsError      a strategy, replicas, workload or store setting is wrong: StrategyError, WorkloadError,
     │                      StoreError
     ├── ModelError         a model is unknown, will not load, ran out of memory, cannot take a chat:
@@ -146,6 +146,28 @@ class ConfigError(SpecError):
         if field is not None:
             where.append(f"field {field!r}")
         WorkbenchError.__init__(self, f"{', '.join(where)}: {message}", hint=hint)
+
+
+class GraphError(SpecError):
+    """A knowledge hop's graph is unknown, or its file of triples is missing, too big or malformed.
+
+    The message names the file and the row; a hop's spec adds the hop, field and line.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        hop: str | None = None,
+        field: str | None = None,
+        line: int | None = None,
+        hint: str | None = None,
+    ) -> None:
+        if hop is None and field is None and line is None:  # read outside a chain spec: no spec to point at
+            self.hop = self.field = self.line = None
+            WorkbenchError.__init__(self, message, hint=hint)
+        else:
+            super().__init__(message, hop=hop, field=field, line=line, hint=hint)
 
 
 # -- settings ------------------------------------------------------------------------------------

@@ -315,9 +315,14 @@ class Chain:
 
 
 def _shown(hop: HopSpec) -> str:
-    """What a hop does, as the chain's table shows it: its prompt, its messages a line each, or its function."""
+    """What a hop does, as the chain's table shows it: its prompt, its messages a line each, its graph query, or its
+    function."""
     if hop.messages is not None:
         return "\n".join(f"{role}: {template.source}" for role, template in hop.messages)
+    if hop.knowledge is not None:
+        k = hop.knowledge
+        return f"graph {k.source}, {k.hops} hop{'s' if k.hops > 1 else ''}, at most {k.max_triples} triples: " \
+            f"{k.query.source}"
     return hop.prompt or getattr(hop.call, "__qualname__", "")
 
 
