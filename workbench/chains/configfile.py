@@ -53,6 +53,7 @@ from workbench.engine.batching import (
     parse_policy,
 )
 from workbench.errors import ConfigError, SpecError, WorkbenchError
+from workbench.knowledge import GraphStore
 from workbench.models.settings import LoadSettings
 from workbench.models.tiny import resolve_source
 
@@ -84,6 +85,8 @@ class ConfigHost(Protocol):
     def allow_modules(self, *modules: str) -> tuple[str, ...]: ...
     @property
     def registry(self) -> ModelRegistry: ...
+    @property
+    def graphs(self) -> GraphStore: ...
 
 
 @dataclass(frozen=True)
@@ -373,13 +376,14 @@ class LiveConfig:
             text = read_text(path, f"the spec file of chain {name!r}")
             try:
                 spec = parse_spec(text, known_models=models, default_name=name,
-                                  allowed_modules=self._host.allow_modules())
+                                  allowed_modules=self._host.allow_modules(), graphs=self._host.graphs)
                 overrides = config.overrides.get(name, {})
                 for key in overrides:
                     settable_path(key, spec)
                 if overrides:
                     parse_spec(apply_overrides(yaml.safe_load(text), overrides), known_models=models,
-                               default_name=name, allowed_modules=self._host.allow_modules())
+                               default_name=name, allowed_modules=self._host.allow_modules(),
+                               graphs=self._host.graphs)
             except ConfigError:
                 raise
             except SpecError as exc:

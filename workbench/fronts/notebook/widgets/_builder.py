@@ -394,7 +394,7 @@ class ChainBuilder(StatusBox):
         self.output_hop.value = self._last_hop if follow else chosen
         try:
             parsed = parse_spec(self.spec(), known_models=self.bench.registry.names(),
-                                allowed_modules=self.bench.allow_modules())
+                                allowed_modules=self.bench.allow_modules(), graphs=self.bench.graphs)
         except WorkbenchError as error:
             self._check.value = f"<span style='color:#c00'>{html.escape(describe(error, hint=True))}</span>"
             return
