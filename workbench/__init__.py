@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from workbench import _gateway
 from workbench._version import __version__
 
 if TYPE_CHECKING:
@@ -130,6 +131,16 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
+
+
+def _start_server(bench: Any, **options: Any) -> Any:
+    """``bench.serve(...)``: start the gateway (imported now, on first use) for ``bench``; see workbench/_gateway.py."""
+    from workbench.fronts.server import serve
+
+    return serve(bench, **options)
+
+
+_gateway.start_server = _start_server
 
 
 def load_ipython_extension(ipython: Any) -> None:

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from workbench import _gateway
 from workbench.chains.chain import Chain
 from workbench.chains.configfile import LiveConfig
 from workbench.chains.context import ContextStore, RunRecord
@@ -512,6 +513,31 @@ class Workbench:
         what a knowledge hop would find.
         """
         return self.graphs.get(resolve(str(graph)))
+
+    # -- serving -------------------------------------------------------------------------------
+
+    def serve(
+        self,
+        chains: Collection[Chain] | None = None,
+        *,
+        port: int = 8000,
+        host: str = "127.0.0.1",
+        auth: Any = None,
+        **options: Any,
+    ) -> Any:
+        """Serve ``chains`` (default: every chain built here) over HTTP from a background thread; returns the Server.
+
+        ``server.url``, ``server.stop()``; a ``with`` block stops it. ``port=0`` picks a free port.
+        ``auth``: None requires credentials (API keys in ``data_dir``, see ``autoglm keys add``), an
+        ``Auth`` object says how, and ``False`` lets anyone in, allowed only on a loopback host.
+        Other ``options`` go to the gateway (see ``workbench.fronts.server.serve``).
+        """
+        self.check_open("serve chains")
+        # The gateway lives in workbench.fronts, above this layer: the root package hands it over (see _gateway.py).
+        if _gateway.start_server is None:
+            raise WorkbenchError("the gateway is not available", hint="import workbench first")
+        served = list(self._chains.values()) if chains is None else list(chains)
+        return _gateway.start_server(self, chains=served, port=port, host=host, auth=auth, **options)
 
     # -- the event loop chains walk on (the ChainHost protocol) -------------------------------------
 

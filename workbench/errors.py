@@ -10,12 +10,16 @@
     │                      RetriesExhausted, WorkerStopped, RunCancelled, ModelProcessDied, RemoteError
     │                      (RemoteRateLimited), ModelActorDied
     ├── RunError           a run could not go on: HopFailed, MissingInputError, ContextWindowExceeded
-    └── WorkbenchClosed    the workbench was closed
+    ├── WorkbenchClosed    the workbench was closed
+    └── AccessError        a served call was refused before it ran: Unauthenticated, Forbidden, RateLimited,
+                           PayloadTooLarge
 
 Each class carries ``http_status``, the status a gateway answers with for it.
 """
 
 from __future__ import annotations
+
+import math
 
 
 class WorkbenchError(Exception):
@@ -322,3 +326,57 @@ class HopFailed(RunError):
             f"hop {hop!r} failed: {describe(cause)}",
             hint=hint or "the outputs of hops that finished are kept on the error's .run",
         )
+
+
+# -- access refusals (the gateway) ---------------------------------------------------------------
+
+
+class AccessError(WorkbenchError):
+    """A served call was refused before anything ran: no or bad credentials, a role without the permission, too
+    many calls, too large a body.
+
+    ``headers`` are the response headers a gateway sends with it (``WWW-Authenticate``, ``Retry-After``).
+    """
+
+    http_status = 403
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class Unauthenticated(AccessError):
+    """No credentials, or an API key or JWT that is unknown, revoked, expired, badly signed or for someone else."""
+
+    http_status = 401
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="autoglm"'}
+
+
+class Forbidden(AccessError):
+    """The caller is known, but its role may not do this action (or not on this chain)."""
+
+    http_status = 403
+
+
+class RateLimited(AccessError):
+    """The caller spent its request budget; ``retry_after_s`` is how long until its next request is admitted."""
+
+    http_status = 429
+
+    def __init__(self, message: str, *, retry_after_s: float, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.retry_after_s = retry_after_s
+
+    @property
+    def headers(self) -> dict[str, str]:
+        # Retry-After is whole seconds (RFC 9110); round up so a client that obeys it is admitted.
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+
+
+class PayloadTooLarge(AccessError):
+    """A request body is larger than the server's ``max_body_bytes``."""
+
+    http_status = 413

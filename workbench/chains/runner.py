@@ -16,10 +16,12 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from opentelemetry.context import Context
 from opentelemetry.trace import Span, Status, StatusCode
 
 from workbench.chains.context import ContextStore, History, RunRecord
@@ -41,6 +43,11 @@ EventSink = Callable[[Event], None]
 # and it may return at most this many triples (the walk costs about 1 µs a triple, more past a few hundred).
 INLINE_QUERY_CHARS = 4_096
 INLINE_MAX_TRIPLES = 200
+
+# The trace a run started in this context joins: a served request's caller's (read from its W3C traceparent);
+# None starts a new trace. A context variable, so it travels with the awaiting task onto the workbench's loop
+# (asyncio copies the caller's context there) without a parameter on every method in between.
+TRACE_PARENT: ContextVar[Context | None] = ContextVar("workbench_trace_parent", default=None)
 
 
 class Interrupted(Exception):
@@ -128,6 +135,7 @@ class Runner:
         started_at, started = time.time(), time.perf_counter()
         root = self.tracing.start_span(
             f"chain {spec.name}",
+            TRACE_PARENT.get(),
             attributes={
                 attr.SPAN_KIND: attr.KIND_CHAIN,
                 attr.CHAIN_NAME: spec.name,

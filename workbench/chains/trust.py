@@ -5,12 +5,30 @@ from __future__ import annotations
 import importlib.util
 import sys
 import sysconfig
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 # The workbench's own example hops, which the README's specs and the demo name.
 DEMO_MODULE = "workbench.demo"
 _INSTALLED_DIRS = frozenset({"site-packages", "dist-packages"})
+# True while a spec that came over the wire is parsed (a gateway's POST /v1/chains): see :func:`served_spec`.
+_SERVED: ContextVar[bool] = ContextVar("workbench_served_spec", default=False)
+
+
+@contextmanager
+def served_spec() -> Iterator[None]:
+    """Parse chain specs in this block as a server must: ``call:`` may name only the allowed modules.
+
+    A spec a client sent is not the server owner's code, so the server's own modules (its
+    ``__main__``, its working directory, PYTHONPATH) are refused too, not only installed packages.
+    """
+    token = _SERVED.set(True)
+    try:
+        yield
+    finally:
+        _SERVED.reset(token)
 
 
 def listed(module: str, allowed: Collection[str]) -> bool:
@@ -27,7 +45,11 @@ def refusal(module: str, allowed: Collection[str]) -> str | None:
     lists it or a package above it. Deciding by where a module lives, not by a list of dangerous
     names, means a module nobody thought of is refused too.
     """
-    if module in ("__main__", DEMO_MODULE) or listed(module, allowed):
+    if module == DEMO_MODULE or listed(module, allowed):
+        return None
+    if _SERVED.get():
+        return "a spec sent to a server may call only the modules the server allows (autoglm serve --allow-module)"
+    if module == "__main__":
         return None
     top = module.partition(".")[0]
     if top == "workbench":

@@ -141,6 +141,116 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys(args: argparse.Namespace) -> int:
+    from workbench.fronts.server.auth import KeyStore
+
+    store = KeyStore(args.data_dir)
+    try:
+        if args.keys_command == "add":
+            chains = [c.strip() for c in args.chains.split(",") if c.strip()] if args.chains is not None else None
+            key = store.add(args.name, args.role, chains=chains)
+            print(key)
+            print(f"key {args.name!r} ({args.role}) stored hashed in {store.path}; this is the only time it is shown",
+                  file=sys.stderr)
+        elif args.keys_command == "revoke":
+            store.revoke(args.name)
+            print(f"revoked key {args.name!r}")
+        else:
+            rows = store.list()
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            for row in [] if args.json else rows:
+                chains = ",".join(row["chains"]) if row["chains"] is not None else "*"
+                state = "revoked" if row["revoked"] else "active"
+                print(f"{row['name']:<24} {row['role']:<8} {state:<8} id={row['id']} chains={chains}")
+            if not rows and not args.json:
+                print(f"no keys in {store.path}")
+    finally:
+        store.close()
+    return 0
+
+
+def _add_keys_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from workbench.fronts.server.auth import DEFAULT_ROLES
+
+    keys = sub.add_parser(
+        "keys", help="add, list and revoke the API keys a served chain takes",
+        description="Manage the API keys `autoglm serve` takes: stored hashed in keys.sqlite3 in the data directory.",
+    )
+    keys.add_argument("--data-dir", metavar="D", help="where keys.sqlite3 lives (default: $AUTOGLM_DATA_DIR, else "
+                      "~/.local/share/autoglm-workbench)")
+    keys.set_defaults(func=_keys)
+    actions = keys.add_subparsers(dest="keys_command", title="actions", metavar="ACTION", required=True)
+    add = actions.add_parser("add", help="make a key for NAME and print it once")
+    add.add_argument("name", metavar="NAME", help="who the key is for (letters, digits, _ . @ -)")
+    add.add_argument("--role", required=True, choices=sorted(DEFAULT_ROLES),
+                     help="viewer: list chains, read runs; runner: also invoke chains; admin: everything")
+    add.add_argument("--chains", metavar="A,B", help="limit the key to these chains (default: every chain)")
+    revoke = actions.add_parser("revoke", help="revoke NAME's key at once")
+    revoke.add_argument("name", metavar="NAME")
+    listing = actions.add_parser("list", help="list the keys (names, roles, ids; never the keys)")
+    listing.add_argument("--json", action="store_true", help="print the list as JSON")
+    # --data-dir after the action reads as well as before it.
+    for action in (add, revoke, listing):
+        action.add_argument("--data-dir", metavar="D", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from workbench.bench import Workbench
+    from workbench.fronts.server.auth import Auth
+    from workbench.fronts.server.server import build
+
+    models = _models(args.model)
+    specs = [_read_spec(path) for path in args.spec]
+    with Workbench(data_dir=args.data_dir, allow_modules=args.allow_module) as bench:
+        for name, source in models.items():
+            load_model(bench, name, load_settings(args, source))
+        chains = []
+        for path, spec in zip(args.spec, specs):
+            try:
+                chains.append(bench.chain(spec))
+            except SpecError as error:
+                if error.field == "model":
+                    error.hint = MODEL_HINT + (f"; given: {', '.join(models)}" if models else "")
+                raise
+        # Keys live in the data directory; JWT settings and limits come from the environment (a container's secrets).
+        auth = Auth.open() if args.no_auth else Auth.from_env(bench.data_dir)
+        server = build(bench, chains, port=args.port, host=args.host, auth=auth, log_level=args.log_level)
+        print(f"serving {', '.join(c.name for c in chains)} on {server.url} (auth: {auth!r}); Ctrl-C stops",
+              flush=True)
+        server.run()  # until Ctrl-C or SIGTERM
+        print("stopped", flush=True)
+    return 0
+
+
+def _add_serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    serve = sub.add_parser(
+        "serve", help="serve chain spec files over HTTP: REST + SSE, JSON-RPC and OpenAI-compatible routes",
+        description="Load the models, build the chains in the spec files, and serve them until Ctrl-C. Callers "
+        "need an API key (autoglm keys add NAME --role runner) or a JWT (AUTOGLM_JWT_SECRET).",
+        epilog=f"example:\n  autoglm serve --spec qa.yaml --model tiny={TINY_SOURCE} --port 8000",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument("--spec", action="append", required=True, metavar="FILE",
+                       help="a YAML chain spec file to serve; repeat for each chain")
+    serve.add_argument("--model", action="append", default=[], metavar="NAME=SOURCE",
+                       help=f"a model the specs name: a directory, a hub id, or '{TINY_SOURCE}'; repeat for each")
+    serve.add_argument("--port", type=int, default=8000, help="the port to listen on (default 8000; 0: any free one)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="the address to listen on (default 127.0.0.1; name another to be reachable from it)")
+    serve.add_argument("--data-dir", metavar="D", help="where keys and sessions live (default: $AUTOGLM_DATA_DIR, "
+                       "else ~/.local/share/autoglm-workbench)")
+    serve.add_argument("--no-auth", action="store_true",
+                       help="take calls without credentials (every caller is an admin); loopback hosts only")
+    serve.add_argument("--allow-module", action="append", default=[], metavar="MODULE",
+                       help="let specs' call: name functions in MODULE; a spec an admin sends over the wire "
+                       "(POST /v1/chains) may call only these; repeat for each")
+    serve.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
+                       help="uvicorn's log level (default warning)")
+    add_load_options(serve, "load options (for every --model)")
+    serve.set_defaults(func=_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `autoglm` argument parser: its commands, options and help."""
     parser = argparse.ArgumentParser(
@@ -170,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="let the spec's call: name functions in MODULE (besides your own code); repeat for each")
     add_load_options(run, "load options (for every --model)")
     run.set_defaults(func=_run)
+    _add_keys_parser(sub)
+    _add_serve_parser(sub)
     return parser
 
 

@@ -34,6 +34,7 @@ from workbench.fronts.notebook.parsers import (
     help_text,
     parse_command,
 )
+from workbench.fronts.notebook.parsers import ServeCommand
 from workbench.fronts.notebook.widgets import ChainBuilder, ComparisonDashboard, ModelManager, TraceViewer
 from workbench.tables import Readable
 
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 RUN_VARIABLE = "_autoglm_run"
 COMPARE_VARIABLE = "_autoglm_compare"
 WIDGET_VARIABLE = "_autoglm_widget"
+SERVER_VARIABLE = "_autoglm_server"
 # A visible mark per level: pandas' HTML strips leading whitespace (non-breaking too), which
 # would flatten the span tree in a notebook.
 _INDENT = "· "
@@ -81,6 +83,8 @@ class AutoglmMagics(Magics):
             BuilderCommand.subcommand: self._builder,
             SetCommand.subcommand: self._set,
         }
+        self._handlers[ServeCommand.subcommand] = self._serve
+        self._servers: list[Any] = []  # started by %autoglm serve, stopped by %autoglm serve stop
 
     # No $var / {var} expansion: prompts and questions hold braces and dollars that must stay literal.
     @no_var_expand
@@ -242,6 +246,26 @@ class AutoglmMagics(Magics):
         for name, values in by_chain.items():
             version = chains[name].set(values)  # all of a chain's values in one version, or none
             print(f"{name}: {', '.join(f'{path} = {value!r}' for path, value in values.items())}; now {version}")
+
+    def _serve(self, command: ServeCommand) -> None:
+        from workbench.fronts.server import serve
+
+        if command.stop:
+            if not self._servers:
+                print("no server is running; start one with %autoglm serve CHAIN")
+            while self._servers:
+                server = self._servers.pop()
+                server.stop()
+                print(f"stopped {server.url}")
+            return
+        chains = [self._find_chain(name) for name in command.chains]
+        server = serve(current(), chains, port=command.port, host=command.host,
+                       auth=False if command.no_auth else None)
+        self._servers.append(server)
+        self._user_ns[SERVER_VARIABLE] = server
+        names = ", ".join(c.name for c in chains)
+        print(f"serving {names} on {server.url} (POST {server.url}/v1/chains/{chains[0].name}/invoke); "
+              f"%autoglm serve stop stops it")
 
     def _show_widget(self, widget: Any) -> None:
         """Display a widget and bind it to _autoglm_widget, where cells (and tests) can read its state."""

@@ -1,0 +1,597 @@
+"""The gateway on a real uvicorn server on 127.0.0.1: REST + SSE, JSON-RPC, OpenAI-compatible routes (and the
+workbench's own remote backend calling them), msgpack and zstd, traceparent, refusals, admin routes, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+import zstandard
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.utils.capture import capture_output
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from prometheus_client.parser import text_string_to_metric_families
+from transformers import AutoTokenizer
+
+import workbench as wb
+from helpers import QA_SPEC, eventually, free_port
+from workbench.errors import SettingsError
+from workbench.fronts.server import Server
+from workbench.fronts.server.auth import Auth, KeyStore
+from workbench.fronts.server.rpc import code_of
+from workbench.tracing import attributes as attr
+
+CHAT_TEMPLATE = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+BODY_LIMIT = 256 * 1024
+BODY_TIMEOUT_S = 1.0
+CLI_START_S = 180
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Real API keys in a real key store: two runners, a viewer, an admin."""
+    store = KeyStore(tmp_path_factory.mktemp("keys"))
+    made = {name: store.add(name, role) for name, role in
+            [("alice", "runner"), ("bob", "runner"), ("val", "viewer"), ("root", "admin")]}
+    made["_dir"] = str(store.path.parent)
+    store.close()
+    return made
+
+
+@pytest.fixture(scope="module")
+def bench(tiny_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[wb.Workbench]:
+    """A workbench with 'tiny', and 'chat' (the tiny model given a chat template), serving 'qa'."""
+    chat_dir = tmp_path_factory.mktemp("chat") / "tiny-chat"
+    shutil.copytree(tiny_path, chat_dir)
+    tokenizer = AutoTokenizer.from_pretrained(chat_dir)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(chat_dir)
+    with wb.Workbench() as b:
+        b.load("tiny", tiny_path, device="cpu")
+        b.load("chat", chat_dir, device="cpu")
+        yield b
+
+
+@pytest.fixture(scope="module")
+def server(bench: wb.Workbench, keys: dict[str, str]) -> Iterator[Server]:
+    """The module's one server: 'qa', keys required, no rate limit (one test makes its own limited server)."""
+    auth = Auth(keys["_dir"], rate_per_s=None, max_body_bytes=BODY_LIMIT)
+    with bench.serve(chains=[bench.chain(QA_SPEC)], port=0, auth=auth, body_timeout_s=BODY_TIMEOUT_S) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+def key(keys: dict[str, str], name: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {keys[name]}"}
+
+
+def sse(lines: Iterator[str]) -> list[tuple[str, Any]]:
+    """Server-sent events as (event, data) pairs."""
+    events, kind = [], None
+    for line in lines:
+        if line.startswith("event: "):
+            kind = line[7:]
+        elif line.startswith("data: "):
+            events.append((kind, json.loads(line[6:])))
+            kind = None
+    return events
+
+
+# -- REST ------------------------------------------------------------------------------------------
+
+
+def test_invoke_answers_with_the_run_and_names_its_trace(client: httpx.Client, keys: dict[str, str]) -> None:
+    response = client.post("/v1/chains/qa/invoke", headers=key(keys, "alice"),
+                           json={"inputs": {"question": "What is 2 + 2?"}, "context_blob": "turn=3"})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "ok" and body["chain"] == "qa"
+    assert body["output"] == body["outputs"]["answer"] and set(body["outputs"]) == {"plan", "answer"}
+    assert body["context_blob"] == "turn=3" and body["action_type"] == "invoke"
+    assert response.headers["x-trace-id"] == body["trace_id"]
+    assert response.headers["traceparent"].startswith(f"00-{body['trace_id']}-")
+
+
+def test_batch_answers_each_input_in_order(client: httpx.Client, keys: dict[str, str],
+                                           bench: wb.Workbench) -> None:
+    questions = ["What is 1 + 1?", "Why is the sea blue?", "Who?"]
+    response = client.post("/v1/chains/qa/batch", headers=key(keys, "alice"),
+                           json={"inputs": [{"question": q} for q in questions], "concurrency": 2})
+    assert response.status_code == 200
+    runs = response.json()["runs"]
+    assert [r["status"] for r in runs] == ["ok"] * 3
+    kept = {run.id: run for run in bench.runs()}
+    assert [kept[r["run_id"]].inputs["question"] for r in runs] == questions
+
+
+def test_a_failed_run_answers_with_its_cause_status_and_the_hops_that_finished(
+        client: httpx.Client, keys: dict[str, str], bench: wb.Workbench) -> None:
+    bench.inject("tiny", error_rate=1.0, seed=0)
+    try:
+        response = client.post("/v1/chains/qa/invoke", headers=key(keys, "alice"), json={"inputs": {"question": "?"}})
+        rpc_answer = client.post("/rpc", headers=key(keys, "alice"), json={
+            "jsonrpc": "2.0", "method": "chain.invoke", "params": {"chain": "qa", "inputs": {"question": "?"}}, "id": 1})
+    finally:
+        bench.clear_faults()
+    body = response.json()
+    assert response.status_code == body["error"]["status"] == 500  # the model raised
+    assert body["status"] == "error" and body["error"]["hop"] == "plan" and body["outputs"] == {}
+    assert body["error"]["type"] == "HopFailed" and "injected fault" in body["error"]["message"]
+    assert rpc_answer.json()["result"]["status"] == "error"  # a failed run is a result, not a protocol error
+
+
+def test_stream_sends_hops_tokens_and_the_run_as_server_sent_events(client: httpx.Client,
+                                                                    keys: dict[str, str]) -> None:
+    with client.stream("POST", "/v1/chains/qa/stream", headers=key(keys, "alice"),
+                       json={"inputs": {"question": "What is 2 + 2?"}}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse(response.iter_lines())
+    kinds = [kind for kind, _ in events]
+    assert kinds[0] == "hop_started" and kinds[-1] == "run_finished"
+    assert [d["hop"] for k, d in events if k == "hop_started"] == ["plan", "answer"]
+    assert kinds.index("token") < kinds.index("hop_finished")
+    final = events[-1][1]
+    answer_tokens = "".join(d["text"] for k, d in events if k == "token" and d["hop"] == "answer")
+    assert final["status"] == "ok" and final["output"] == answer_tokens.strip()
+    assert [d["output"] for k, d in events if k == "hop_finished"] == [final["outputs"]["plan"], final["output"]]
+    assert len(final["trace_id"]) == 32
+
+
+def test_a_client_that_leaves_a_stream_cancels_its_run(client: httpx.Client, keys: dict[str, str],
+                                                       bench: wb.Workbench) -> None:
+    def interrupted() -> list[Any]:
+        return [s for s in bench.traces().spans if s.name == "chain qa"
+                and (s.status.description or "").startswith("interrupted")]
+
+    before = len(interrupted())
+    bench.inject("tiny", latency_ms=3000)  # the run cannot finish before the client has gone
+    try:
+        with client.stream("POST", "/v1/chains/qa/stream", headers=key(keys, "alice"),
+                           json={"inputs": {"question": "Long?"}}) as response:
+            first = next(response.iter_lines())
+            assert first == "event: hop_started"
+        eventually(lambda: len(interrupted()) == before + 1, "the left stream's run to be cancelled")
+    finally:
+        bench.clear_faults()
+    assert client.get("/health").json()["status"] == "ok"
+
+
+def test_chains_list_names_each_served_chain_with_its_inputs(client: httpx.Client, keys: dict[str, str]) -> None:
+    response = client.get("/v1/chains", headers=key(keys, "val"))
+    assert response.status_code == 200
+    qa = next(c for c in response.json()["chains"] if c["name"] == "qa")
+    assert qa["inputs"] == ["question"] and qa["hops"] == ["plan", "answer"] and qa["output"] == "answer"
+
+
+def test_a_run_is_read_back_only_by_its_maker_or_an_admin(client: httpx.Client, keys: dict[str, str]) -> None:
+    made = client.post("/v1/chains/qa/invoke", headers=key(keys, "alice"), json={"inputs": {"question": "Hi?"}})
+    run_id = made.json()["run_id"]
+    mine = client.get(f"/v1/runs/{run_id}", headers=key(keys, "alice"))
+    assert mine.status_code == 200
+    run = mine.json()
+    assert run["run_id"] == run_id and run["output"] == made.json()["output"]
+    names = [s["name"] for s in run["spans"]]
+    assert "chain qa" in names and "hop plan" in names and "hop answer" in names
+    assert {s["trace_id"] for s in run["spans"]} == {made.json()["trace_id"]}
+    assert client.get(f"/v1/runs/{run_id}", headers=key(keys, "bob")).status_code == 404
+    assert client.get(f"/v1/runs/{run_id}", headers=key(keys, "val")).status_code == 404
+    assert client.get(f"/v1/runs/{run_id}", headers=key(keys, "root")).status_code == 200
+
+
+def test_sessions_are_kept_apart_per_caller(client: httpx.Client, keys: dict[str, str], server: Server,
+                                            bench: wb.Workbench) -> None:
+    for who in ("alice", "alice", "bob"):
+        response = client.post("/v1/chains/qa/invoke", headers=key(keys, who),
+                               json={"inputs": {"question": f"Who am I, {who}?"}, "session_id": "shared-name"})
+        assert response.status_code == 200
+    gateway = server.app.state.gateway
+    alice = bench.session(gateway.session(Auth(keys["_dir"]).authenticate(key(keys, "alice")), "shared-name"))
+    bob = bench.session(gateway.session(Auth(keys["_dir"]).authenticate(key(keys, "bob")), "shared-name"))
+    assert [r.inputs["question"] for r in alice.records()] == ["Who am I, alice?"] * 2
+    assert [r.inputs["question"] for r in bob.records()] == ["Who am I, bob?"]
+    assert "shared-name" not in bench.sessions()
+
+
+def test_health_is_open_and_metrics_parse_as_prometheus_text(client: httpx.Client, keys: dict[str, str]) -> None:
+    assert client.get("/health").json()["status"] == "ok"
+    client.post("/v1/chains/qa/invoke", headers=key(keys, "alice"), json={"inputs": {"question": "Hi?"}})
+    client.post("/v1/chains/qa/invoke", headers=key(keys, "alice"), content=b"{not json")
+    with client.stream("POST", "/v1/chains/qa/stream", headers=key(keys, "alice"),
+                       json={"inputs": {"question": "Hi?"}}) as response:
+        list(response.iter_lines())
+    assert client.get("/metrics").status_code == 401
+    text = client.get("/metrics", headers=key(keys, "val")).text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    invoke = "/v1/chains/{name}/invoke"
+    assert samples[("autoglm_gateway_requests_total", (("method", "POST"), ("route", invoke)))] >= 2
+    assert samples[("autoglm_gateway_errors_total", (("route", invoke), ("status", "400")))] >= 1
+    assert samples[("autoglm_gateway_request_seconds_count", (("route", invoke),))] >= 2
+    assert samples[("autoglm_gateway_ttft_seconds_count", (("target", "qa"),))] >= 1
+    assert samples[("autoglm_gateway_queue_wait_seconds_count", ())] >= 2
+
+
+# -- JSON-RPC --------------------------------------------------------------------------------------
+
+
+def rpc(method: str, params: Any = None, ident: Any = 1) -> dict[str, Any]:
+    call: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
+    if params is not None:
+        call["params"] = params
+    if ident is not None:
+        call["id"] = ident
+    return call
+
+
+def test_jsonrpc_single_call(client: httpx.Client, keys: dict[str, str]) -> None:
+    answer = client.post("/rpc", headers=key(keys, "alice"),
+                         json=rpc("chain.invoke", {"chain": "qa", "inputs": {"question": "2 + 2?"}}, "a1")).json()
+    assert answer["id"] == "a1" and answer["result"]["status"] == "ok"
+    run = client.post("/rpc", headers=key(keys, "alice"), json=rpc("runs.get", {"run_id": answer["result"]["run_id"]}))
+    assert run.json()["result"]["output"] == answer["result"]["output"]
+    models = client.post("/rpc", headers=key(keys, "val"), json=rpc("models.list")).json()["result"]
+    assert {m["name"] for m in models} >= {"tiny", "chat"}
+
+
+def test_jsonrpc_batch_answers_each_call_and_maps_errors(client: httpx.Client, keys: dict[str, str]) -> None:
+    calls = [
+        rpc("chain.batch", {"chain": "qa", "inputs": [{"question": "a?"}, {"question": "b?"}]}, 1),
+        rpc("no.such", {}, 2),
+        rpc("chain.invoke", {"chain": "qa", "inputs": {"questoin": "typo"}}, 3),
+        rpc("chain.invoke", {"chain": "qa", "inputs": "not a mapping"}, 4),
+        rpc("chain.invoke", {"chain": "nope", "inputs": {}}, 5),
+        rpc("models.list", None, None),  # a notification: no answer
+    ]
+    answers = {a["id"]: a for a in client.post("/rpc", headers=key(keys, "alice"), json=calls).json()}
+    assert set(answers) == {1, 2, 3, 4, 5}
+    assert [r["status"] for r in answers[1]["result"]["runs"]] == ["ok", "ok"]
+    assert answers[2]["error"]["code"] == -32601
+    assert answers[3]["error"]["code"] == -32602 and "did you mean 'question'" in answers[3]["error"]["message"]
+    assert answers[4]["error"]["code"] == -32602
+    assert answers[5]["error"]["code"] == -32004 and answers[5]["error"]["data"]["http_status"] == 404
+    viewer = client.post("/rpc", headers=key(keys, "val"),
+                         json=rpc("chain.invoke", {"chain": "qa", "inputs": {"question": "x"}})).json()
+    assert viewer["error"]["code"] == -32003 and viewer["error"]["data"]["type"] == "Forbidden"
+    broken = client.post("/rpc", headers=key(keys, "alice"), content=b"[{")
+    assert broken.status_code == 400 and broken.json()["error"]["code"] == -32700
+    invalid = client.post("/rpc", headers=key(keys, "alice"), json={"method": "models.list", "id": 9})
+    assert invalid.status_code == 400 and invalid.json()["error"]["code"] == -32600
+
+
+def test_jsonrpc_codes_follow_the_error_tree() -> None:
+    from workbench.errors import HopTimeout, ModelOutOfMemory, RateLimited, Unauthenticated, UnknownModelError
+
+    assert code_of(Unauthenticated("x")) == -32001
+    assert code_of(RateLimited("x", retry_after_s=1)) == -32029
+    assert code_of(UnknownModelError("x")) == -32004
+    assert code_of(HopTimeout("x")) == -32054
+    assert code_of(ModelOutOfMemory("x")) == -32057
+    assert code_of(RuntimeError("x")) == -32603
+
+
+# -- OpenAI-compatible -----------------------------------------------------------------------------
+
+
+def test_openai_completions_streamed_and_not(client: httpx.Client, keys: dict[str, str]) -> None:
+    listed = client.get("/v1/models", headers=key(keys, "val")).json()
+    assert {m["id"] for m in listed["data"]} >= {"tiny", "chat"}
+    whole = client.post("/v1/completions", headers=key(keys, "alice"),
+                        json={"model": "tiny", "prompt": "Question: why?\nAnswer:", "max_tokens": 5}).json()
+    assert whole["object"] == "text_completion" and whole["usage"]["completion_tokens"] == 5
+    with client.stream("POST", "/v1/completions", headers=key(keys, "alice"),
+                       json={"model": "tiny", "prompt": "Question: why?\nAnswer:", "max_tokens": 5, "stream": True,
+                             "stream_options": {"include_usage": True}}) as response:
+        lines = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    chunks = [json.loads(line) for line in lines[:-1]]
+    text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+    assert text.strip() == whole["choices"][0]["text"]
+    assert chunks[-1]["usage"]["completion_tokens"] == 5
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+
+
+def test_openai_chat_completions_streamed_and_not(client: httpx.Client, keys: dict[str, str]) -> None:
+    messages = [{"role": "user", "content": "What is the sea?"}]
+    whole = client.post("/v1/chat/completions", headers=key(keys, "alice"),
+                        json={"model": "chat", "messages": messages, "max_tokens": 4}).json()
+    assert whole["choices"][0]["message"]["role"] == "assistant" and whole["choices"][0]["message"]["content"]
+    with client.stream("POST", "/v1/chat/completions", headers=key(keys, "alice"),
+                       json={"model": "chat", "messages": messages, "max_tokens": 4, "stream": True}) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text.strip() == whole["choices"][0]["message"]["content"]
+    unknown = client.post("/v1/completions", headers=key(keys, "alice"), json={"model": "gpt-9", "prompt": "x"})
+    assert unknown.status_code == 404 and "tiny" in unknown.json()["error"]["hint"]
+
+
+def test_the_workbench_remote_backend_calls_the_served_models(server: Server, keys: dict[str, str],
+                                                              bench: wb.Workbench) -> None:
+    direct = bench.chain({"name": "direct", "hops": [{"name": "a", "model": "tiny", "prompt": "Q: {{ q }}\nA:",
+                                                      "max_new_tokens": 6}]})
+    expected = direct.run(q="Why is the sky blue?").output
+    with wb.Workbench() as caller:
+        caller.load("r", server.url + "/v1", served_model="tiny", api_key=keys["alice"])
+        chain = caller.chain({"name": "remote", "hops": [{"name": "a", "model": "r", "prompt": "Q: {{ q }}\nA:",
+                                                          "max_new_tokens": 6}]})
+        run = chain.run(q="Why is the sky blue?")
+        assert run.output == expected  # greedy: the same tokens, through HTTP and back
+        request = next(s for s in run.trace.spans if s.name == "text_completion r")
+        assert request.attributes[attr.REMOTE_URL] == server.url + "/v1/completions"
+        with pytest.raises(wb.ModelLoadError, match="401"):
+            caller.load("nokey", server.url + "/v1", served_model="tiny")
+
+
+# -- the envelope's encodings, and traces ----------------------------------------------------------
+
+
+def test_msgpack_and_zstd_both_ways(client: httpx.Client, keys: dict[str, str]) -> None:
+    blob = "session context " * 256  # echoed back: the answer is well over the compression threshold
+    request = {"inputs": [{"question": f"Question {i}: why is that so?"} for i in range(3)], "context_blob": blob}
+    body = zstandard.ZstdCompressor().compress(msgspec.msgpack.encode(request))
+    headers = {**key(keys, "alice"), "content-type": "application/msgpack", "content-encoding": "zstd",
+               "accept": "application/msgpack", "accept-encoding": "zstd"}
+    with client.stream("POST", "/v1/chains/qa/batch", headers=headers, content=body) as response:
+        raw = b"".join(response.iter_raw())
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/msgpack"
+    assert response.headers["content-encoding"] == "zstd"
+    answer = msgspec.msgpack.decode(zstandard.ZstdDecompressor().stream_reader(raw).read())
+    assert [r["status"] for r in answer["runs"]] == ["ok"] * 3 and answer["context_blob"] == blob
+    assert len(raw) < len(blob) / 4
+    small = client.get("/v1/chains", headers={**key(keys, "val"), "accept-encoding": "zstd"})
+    assert "content-encoding" not in small.headers  # too small to be worth it
+
+
+def test_traceparent_puts_the_run_in_the_callers_trace(client: httpx.Client, keys: dict[str, str]) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    from opentelemetry import trace
+
+    with provider.get_tracer("caller").start_as_current_span("caller asks") as span:
+        headers = dict(key(keys, "alice"))
+        TraceContextTextMapPropagator().inject(headers)
+        response = client.post("/v1/chains/qa/invoke", headers=headers, json={"inputs": {"question": "2 + 2?"}})
+        caller = span.get_span_context()
+    assert trace.get_current_span().get_span_context().is_valid is False
+    body = response.json()
+    assert body["trace_id"] == f"{caller.trace_id:032x}" == response.headers["x-trace-id"]
+    spans = client.get(f"/v1/runs/{body['run_id']}", headers=key(keys, "alice")).json()["spans"]
+    root = next(s for s in spans if s["name"] == "chain qa")
+    assert root["parent_id"] == f"{caller.span_id:016x}"
+    assert exporter.get_finished_spans()[0].name == "caller asks"
+    # The envelope's trace_id alone joins that trace too.
+    joined = client.post("/v1/chains/qa/invoke", headers=key(keys, "alice"),
+                         json={"inputs": {"question": "2 + 2?"}, "trace_id": "ab" * 16}).json()
+    assert joined["trace_id"] == "ab" * 16
+    bad = client.post("/v1/chains/qa/invoke", headers={**key(keys, "alice"), "traceparent": "00-zz"},
+                      json={"inputs": {"question": "2 + 2?"}})
+    assert bad.status_code == 400 and bad.json()["error"]["field"] == "traceparent"
+
+
+# -- refusals and bad bodies -----------------------------------------------------------------------
+
+
+def _run_count(bench: wb.Workbench) -> int:
+    return len(bench.runs())
+
+
+def test_bad_bodies_get_a_4xx_naming_the_fault_and_the_server_serves_on(client: httpx.Client,
+                                                                       keys: dict[str, str],
+                                                                       bench: wb.Workbench) -> None:
+    alice = key(keys, "alice")
+    before = _run_count(bench)
+
+    def slow() -> Iterator[bytes]:
+        yield b'{"inputs": '
+        time.sleep(BODY_TIMEOUT_S * 2)
+        yield b'{"question": "slow"}}'
+
+    cases: list[tuple[dict[str, Any], int, str]] = [
+        ({"content": b'{"inputs": {"question": '}, 400, "body"),
+        ({"content": b"\xc1\xc1", "headers": {"content-type": "application/msgpack"}}, 400, "body"),
+        ({"content": b"question=hi", "headers": {"content-type": "application/x-www-form-urlencoded"}}, 415,
+         "Content-Type"),
+        ({"json": {"inputs": {"question": "x"}, "session_id": 7}}, 422, "$.session_id"),
+        ({"json": {"inputs": {"question": "x"}, "colour": "red"}}, 422, "$.colour"),
+        ({"json": {"inputs": {"question": "x"}, "context_blob": "x" * 70_000}}, 413, "$.context_blob"),
+        ({"content": b"not zstd", "headers": {"content-encoding": "zstd"}}, 400, "Content-Encoding"),
+        ({"json": {"inputs": {"question": "x"}, "action_type": "batch"}}, 422, "$.action_type"),
+        ({"content": slow()}, 408, "body"),
+    ]
+    for request, status, field in cases:
+        response = client.post("/v1/chains/qa/invoke", **{**request, "headers": {**alice, **request.get("headers", {})}})
+        assert (response.status_code, response.json()["error"].get("field")) == (status, field), request
+        assert response.json()["error"]["message"]
+    big = client.post("/v1/chains/qa/invoke", headers=alice, content=b" " * (BODY_LIMIT + 1))
+    assert big.status_code == 413 and big.json()["error"]["type"] == "PayloadTooLarge"
+    missing = client.post("/v1/chains/qa/invoke", headers=alice, json={"inputs": {}})
+    assert missing.status_code == 422 and missing.json()["error"]["type"] == "MissingInputError"
+    assert client.post("/v1/chains/nope/invoke", headers=alice, json={"inputs": {}}).status_code == 404
+    assert _run_count(bench) == before  # none of these started a run
+    assert client.post("/v1/chains/qa/invoke", headers=alice, json={"inputs": {"question": "still there?"}}).json()[
+        "status"] == "ok"
+
+
+def test_refused_callers_start_no_run(client: httpx.Client, keys: dict[str, str], bench: wb.Workbench) -> None:
+    before = _run_count(bench)
+    body = {"inputs": {"question": "x"}}
+    none = client.post("/v1/chains/qa/invoke", json=body)
+    assert none.status_code == 401 and none.headers["www-authenticate"].startswith("Bearer")
+    assert client.post("/v1/chains/qa/invoke", json=body, headers={"x-api-key": "agw_nope_nope"}).status_code == 401
+    assert client.post("/v1/chains/qa/stream", json=body, headers=key(keys, "val")).status_code == 403
+    assert client.post("/v1/completions", headers=key(keys, "val"),
+                       json={"model": "tiny", "prompt": "x"}).status_code == 403
+    assert _run_count(bench) == before
+
+
+def test_rate_limited_callers_get_429_with_retry_after(bench: wb.Workbench, keys: dict[str, str]) -> None:
+    auth = Auth(keys["_dir"], rate_per_s=0.1, burst=1)
+    with bench.serve(chains=[bench.chains()["qa"]], port=0, auth=auth) as limited, \
+            httpx.Client(base_url=limited.url) as c:
+        assert c.get("/v1/chains", headers=key(keys, "val")).status_code == 200
+        refused = c.get("/v1/chains", headers=key(keys, "val"))
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+        assert c.get("/v1/chains", headers=key(keys, "root")).status_code == 200  # another caller's own bucket
+
+
+def test_serving_without_credentials_is_for_loopback_only(bench: wb.Workbench) -> None:
+    with pytest.raises(SettingsError, match="loopback"):
+        bench.serve(port=0, host="0.0.0.0", auth=False)
+    with bench.serve(port=0) as guarded, httpx.Client(base_url=guarded.url) as c:  # the default needs keys
+        assert c.get("/v1/chains").status_code == 401
+    with bench.serve(port=0, auth=False) as open_, httpx.Client(base_url=open_.url) as c:
+        assert c.get("/v1/chains").status_code == 200
+
+
+# -- admin routes ----------------------------------------------------------------------------------
+
+SERVED_SPEC = """\
+name: shout
+hops:
+  - name: say
+    model: tiny
+    prompt: "Say: {{ word }}"
+    max_new_tokens: 3
+"""
+
+
+def test_admins_register_chains_whose_python_hops_the_server_allows(client: httpx.Client,
+                                                                    keys: dict[str, str]) -> None:
+    yaml = {"content-type": "application/yaml"}
+    assert client.post("/v1/chains", headers={**key(keys, "alice"), **yaml}, content=SERVED_SPEC).status_code == 403
+    made = client.post("/v1/chains", headers={**key(keys, "root"), **yaml}, content=SERVED_SPEC)
+    assert made.status_code == 201 and made.json()["inputs"] == ["word"]
+    ran = client.post("/v1/chains/shout/invoke", headers=key(keys, "alice"), json={"inputs": {"word": "hi"}})
+    assert ran.json()["status"] == "ok"
+    for call in ("os:system", "helpers:free_port"):  # the standard library, and the server's own code
+        spec = f"name: evil\nhops:\n  - name: x\n    call: {call}\n"
+        refused = client.post("/v1/chains", headers=key(keys, "root"), json={"spec": spec})
+        assert refused.status_code == 422 and refused.json()["error"]["field"] == "call", call
+    demo = "name: canned\nhops:\n  - name: n\n    call: workbench.demo:canned_answer\n"  # the one module always open
+    assert client.post("/v1/chains", headers=key(keys, "root"), json={"spec": demo}).status_code == 201
+    canned = client.post("/v1/chains/canned/invoke", headers=key(keys, "alice"), json={"inputs": {"question": "?"}})
+    assert canned.json()["status"] == "ok"
+
+
+def test_admins_load_and_unload_models(client: httpx.Client, keys: dict[str, str], tiny_path: Path) -> None:
+    body = {"name": "extra", "source": str(tiny_path), "device": "cpu"}
+    assert client.post("/v1/models", headers=key(keys, "alice"), json=body).status_code == 403
+    loaded = client.post("/v1/models", headers=key(keys, "root"), json=body)
+    assert loaded.status_code == 201 and loaded.json()["device"] == "cpu"
+    assert "extra" in {m["id"] for m in client.get("/v1/models", headers=key(keys, "val")).json()["data"]}
+    assert client.delete("/v1/models/extra", headers=key(keys, "root")).status_code == 200
+    assert "extra" not in {m["id"] for m in client.get("/v1/models", headers=key(keys, "val")).json()["data"]}
+    assert client.delete("/v1/models/extra", headers=key(keys, "root")).status_code == 404
+
+
+def test_concurrent_calls_each_get_their_own_answer(client: httpx.Client, server: Server,
+                                                     keys: dict[str, str]) -> None:
+    import asyncio
+
+    from workbench.demo import canned_answer
+
+    spec = "name: echo\nhops:\n  - name: n\n    call: workbench.demo:canned_answer\n"
+    assert client.post("/v1/chains", headers=key(keys, "root"), json={"spec": spec}).status_code == 201
+    questions = [f"question number {i}" for i in range(200)]
+
+    async def load() -> list[httpx.Response]:
+        gate = asyncio.Semaphore(32)
+        async with httpx.AsyncClient(base_url=server.url, headers=key(keys, "alice"), timeout=60) as c:
+            async def one(q: str) -> httpx.Response:
+                async with gate:
+                    return await c.post("/v1/chains/echo/invoke", json={"inputs": {"question": q}})
+
+            return await asyncio.gather(*(one(q) for q in questions))
+
+    answers = asyncio.run(load())
+    assert [r.status_code for r in answers] == [200] * len(questions)
+    assert [r.json()["output"] for r in answers] == [canned_answer(q) for q in questions]
+    assert len({r.json()["run_id"] for r in answers}) == len(questions)
+
+
+# -- the fronts: the command line and the magics ---------------------------------------------------
+
+
+def test_autoglm_serve_runs_as_a_child_process(tiny_path: Path, tmp_path: Path) -> None:
+    spec = tmp_path / "qa.yaml"
+    spec.write_text(json.dumps(QA_SPEC))  # JSON is YAML
+    data = tmp_path / "data"
+    runner = KeyStore(data).add("cli", "runner")
+    port = free_port()
+    command = [sys.executable, "-m", "workbench.fronts.cli", "serve", "--spec", str(spec),
+               "--model", f"tiny={tiny_path}", "--device", "cpu", "--port", str(port), "--data-dir", str(data)]
+    log = (tmp_path / "serve.log").open("w+")
+    child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + CLI_START_S
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).json()["status"] == "ok":
+                    break
+            except httpx.HTTPError:
+                pass
+            if child.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                pytest.fail(f"autoglm serve did not come up:\n{log.read()}")
+            time.sleep(0.2)
+        body = {"inputs": {"question": "2 + 2?"}}
+        assert httpx.post(f"{url}/v1/chains/qa/invoke", json=body).status_code == 401
+        answer = httpx.post(f"{url}/v1/chains/qa/invoke", json=body, headers={"x-api-key": runner}, timeout=60)
+        assert answer.status_code == 200 and answer.json()["status"] == "ok"
+    finally:
+        child.send_signal(signal.SIGTERM)  # what a container runtime sends; Ctrl-C stops it the same way
+        code = child.wait(30)
+        log.seek(0)
+        said = log.read()
+        log.close()
+    assert code == 0, said
+    assert f"serving qa on http://127.0.0.1:{port}" in said and said.rstrip().endswith("stopped")
+
+
+def test_the_serve_magic_starts_and_stops_a_server(tiny_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import workbench.bench
+
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "workbench")
+    monkeypatch.setattr(workbench.bench, "_current", workbench.bench._current)
+    with wb.set_current(wb.Workbench()) as current:
+        current.load("tiny", tiny_path, device="cpu")
+        current.chain(QA_SPEC)
+        with capture_output() as started:
+            shell.run_line_magic("autoglm", "serve qa --port 0 --no-auth")
+        server = shell.user_ns["_autoglm_server"]
+        assert f"serving qa on {server.url}" in started.stdout
+        answer = httpx.post(f"{server.url}/v1/chains/qa/invoke", json={"inputs": {"question": "hi"}}, timeout=60)
+        assert answer.json()["status"] == "ok"
+        with capture_output() as stopped:
+            shell.run_line_magic("autoglm", "serve stop")
+        assert f"stopped {server.url}" in stopped.stdout
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{server.url}/health")
+        with capture_output() as unknown:
+            shell.run_line_magic("autoglm", "serve nope")
+        assert "no chain named 'nope'" in unknown.stderr

@@ -1,0 +1,220 @@
+"""The gateway app: a Workbench's chains over REST + server-sent events, JSON-RPC and OpenAI-compatible routes.
+
+Built on plain Starlette (the ASGI toolkit FastAPI sits on): bodies are decoded and validated by
+msgspec structs (see envelope.py), so FastAPI's pydantic layer and dependency injection would only
+add work on the hot path; ``benchmarks/served.py`` measures what the gateway adds to a run. The
+routes' shared steps (auth, bodies, replies, sessions, traces) live in gateway.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Collection
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from workbench._version import __version__
+from workbench.chains import trust
+from workbench.chains.chain import Chain
+from workbench.chains.events import HopFinished, HopStarted, RunFinished, Token
+from workbench.chains.runner import TRACE_PARENT, check_inputs
+from workbench.errors import UnknownModelError
+from workbench.fronts.server import envelope as env
+from workbench.fronts.server import openai_api, rpc
+from workbench.fronts.server.envelope import (
+    BatchRequest,
+    BatchResponse,
+    ErrorResponse,
+    InvokeRequest,
+    InvokeResponse,
+    LoadModelRequest,
+    RegisterChainRequest,
+    RequestError,
+    error_detail,
+)
+from workbench.fronts.server.gateway import (
+    AUTHENTICATED,
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_MAX_IN_FLIGHT,
+    Gateway,
+    allowed,
+    run_json,
+    run_status,
+)
+from workbench.fronts.server.metrics import CONTENT_TYPE
+from workbench.models.tiny import resolve_source
+
+if TYPE_CHECKING:
+    from workbench.bench import Workbench
+    from workbench.fronts.server.auth import Auth, Principal
+
+
+def create_app(
+    host: Workbench,
+    chains: Collection[Chain],
+    auth: Auth,
+    *,
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+) -> Starlette:
+    """The ASGI app serving ``chains`` (built on ``host``, a Workbench) behind ``auth``.
+
+    The app's Gateway (its chains, metrics and run owners) is ``app.state.gateway``.
+    """
+    gateway = Gateway(host, chains, auth, max_in_flight=max_in_flight, body_timeout_s=body_timeout_s)
+    r = gateway.route
+
+    async def health(request: Request, who: Principal | None) -> Response:
+        # Open, for load balancers and Kubernetes probes; it says nothing a caller could use.
+        if host.closed:
+            return gateway.reply(request, {"status": "closed", "version": __version__}, 503)
+        return gateway.reply(request, {"status": "ok", "version": __version__})
+
+    async def metrics(request: Request, who: Principal | None) -> Response:
+        return Response(gateway.metrics.text(), media_type=CONTENT_TYPE)
+
+    async def list_chains(request: Request, who: Principal | None) -> Response:
+        listed = []
+        for name, chain in sorted(gateway.chains.items()):
+            if who is not None and not allowed(auth, who, "chains.list", name):
+                continue
+            listed.append({"name": name, "inputs": list(chain.inputs), "hops": chain.hops,
+                           "output": chain.spec.output, "description": chain.spec.description})
+        return gateway.reply(request, {"chains": listed})
+
+    async def invoke(request: Request, who: Principal | None) -> Response:
+        chain = gateway.chain(request.path_params["name"])
+        body: InvokeRequest = await gateway.decode(request, InvokeRequest)
+        _check_action(body.action_type, "invoke")
+        run = await gateway.run(chain, body.inputs, gateway.session(who, body.session_id),
+                                gateway.parent(request, body.trace_id), who)
+        answer = gateway.result(run, InvokeResponse, context_blob=body.context_blob)
+        status = 200 if run.error is None else run_status(run.error)
+        return gateway.reply(request, answer, status, gateway.trace_headers(run))
+
+    async def batch(request: Request, who: Principal | None) -> Response:
+        chain = gateway.chain(request.path_params["name"])
+        body: BatchRequest = await gateway.decode(request, BatchRequest)
+        _check_action(body.action_type, "batch")
+        parent = gateway.parent(request, body.trace_id)
+        runs = await gateway.batch(chain, body, who, parent)
+        trace_id = f"{trace.get_current_span(parent).get_span_context().trace_id:032x}" if parent else None
+        answer = BatchResponse(runs=[gateway.result(run) for run in runs], trace_id=trace_id,
+                               context_blob=body.context_blob)
+        return gateway.reply(request, answer, headers={"x-trace-id": trace_id} if trace_id else None)
+
+    async def stream(request: Request, who: Principal | None) -> Response:
+        chain = gateway.chain(request.path_params["name"])
+        body: InvokeRequest = await gateway.decode(request, InvokeRequest)
+        _check_action(body.action_type, "stream")
+        check_inputs(chain.spec, body.inputs)
+        parent = gateway.parent(request, body.trace_id)
+        headers = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+        if parent is not None:
+            headers["x-trace-id"] = f"{trace.get_current_span(parent).get_span_context().trace_id:032x}"
+        events = _sse(gateway, request, chain, body, gateway.session(who, body.session_id), parent, who)
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+
+    async def get_run(request: Request, who: Principal | None) -> Response:
+        run = gateway.owned_run(request.path_params["run_id"], who)
+        return gateway.reply(request, run_json(run), headers=gateway.trace_headers(run))
+
+    async def register_chain(request: Request, who: Principal | None) -> Response:
+        kind = (request.headers.get("content-type") or "").split(";", 1)[0].strip().lower()
+        if kind in ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml"):
+            raw = await gateway.body(request)
+            try:
+                spec = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise RequestError("the YAML spec is not UTF-8 text", field="body") from None
+        else:
+            spec = (await gateway.decode(request, RegisterChainRequest)).spec
+        with trust.served_spec():  # a client's spec calls only the modules the server allows
+            chain = await asyncio.to_thread(host.chain, spec)
+        gateway.chains[chain.name] = chain
+        return gateway.reply(request, {"name": chain.name, "inputs": list(chain.inputs), "hops": chain.hops}, 201)
+
+    async def load_model(request: Request, who: Principal | None) -> Response:
+        body: LoadModelRequest = await gateway.decode(request, LoadModelRequest)
+        loaded = await asyncio.to_thread(host.load, body.name, resolve_source(body.source), device=body.device,
+                                         dtype=body.dtype, adapter=body.adapter, warmup=body.warmup)
+        return gateway.reply(request, {"name": loaded.name, "device": str(loaded.device),
+                                       "load_s": loaded.load_s}, 201)
+
+    async def unload_model(request: Request, who: Principal | None) -> Response:
+        name = request.path_params["model"]
+        if name not in host.registry.names():
+            raise UnknownModelError(f"no model named {name!r} is loaded here",
+                                    hint=f"models: {', '.join(host.registry.names()) or 'none'}")
+        freed = await asyncio.to_thread(host.unload, name, forget=True)
+        return gateway.reply(request, {"name": name, "freed_bytes": freed})
+
+    routes = [
+        r("/health", health, ["GET"], None),
+        r("/metrics", metrics, ["GET"], "metrics.read"),
+        r("/v1/chains", list_chains, ["GET"], "chains.list"),
+        r("/v1/chains", register_chain, ["POST"], "chains.register"),
+        r("/v1/chains/{name}/invoke", invoke, ["POST"], "chains.invoke", per_chain=True),
+        r("/v1/chains/{name}/batch", batch, ["POST"], "chains.invoke", per_chain=True),
+        r("/v1/chains/{name}/stream", stream, ["POST"], "chains.invoke", per_chain=True),
+        r("/v1/runs/{run_id}", get_run, ["GET"], "runs.read"),
+        r("/v1/models", load_model, ["POST"], "models.admin"),
+        r("/v1/models/{model}", unload_model, ["DELETE"], "models.admin"),
+        r("/rpc", rpc.endpoint(gateway), ["POST"], AUTHENTICATED),
+        *openai_api.routes(gateway),
+    ]
+    app = Starlette(routes=routes)
+    app.state.gateway = gateway
+    return app
+
+
+async def _sse(gateway: Gateway, request: Request, chain: Chain, body: InvokeRequest, session: str | None,
+               parent: Context | None, who: Principal | None) -> AsyncIterator[bytes]:
+    """A run's events as server-sent events: hop_started, token, hop_finished, then run_finished (or error)."""
+    started = request.state.started
+    status = 200
+    TRACE_PARENT.set(parent)  # the task that iterates this stream
+    first_token = True
+    try:
+        async with gateway.slot():
+            async for event in chain.astream(session, **body.inputs):
+                if isinstance(event, Token):
+                    if first_token:
+                        gateway.metrics.ttft.labels(chain.name).observe(time.perf_counter() - started)
+                        first_token = False
+                    yield _event("token", {"hop": event.hop, "text": event.text, "token_id": event.token_id})
+                elif isinstance(event, HopStarted):
+                    yield _event(event.kind, {"hop": event.hop})
+                elif isinstance(event, HopFinished):
+                    yield _event(event.kind, {"hop": event.hop, "output": event.output,
+                                              "duration_ms": event.duration_ms})
+                elif isinstance(event, RunFinished):
+                    gateway.own(event.run, who)
+                    if event.run.error is not None:
+                        status = run_status(event.run.error)
+                    yield _event(event.kind, gateway.result(event.run, InvokeResponse, context_blob=body.context_blob,
+                                                            action_type="stream"))
+    except Exception as exc:  # the run failed outside every hop: say so in the stream, which has begun
+        detail = error_detail(exc)
+        status = detail.status
+        yield _event("error", ErrorResponse(error=detail, action_type="stream"))
+    finally:
+        gateway.metrics.observe("/v1/chains/{name}/stream", "POST", status, time.perf_counter() - started)
+
+
+def _event(kind: str, data: Any) -> bytes:
+    return b"event: " + kind.encode() + b"\ndata: " + env.encode(data, env.JSON) + b"\n\n"
+
+
+def _check_action(action_type: str | None, expected: str) -> None:
+    if action_type is not None and action_type != expected:
+        raise RequestError(f"action_type {action_type!r} does not match this endpoint, which does {expected!r}",
+                           field="$.action_type", status=422, hint=f"send action_type {expected!r} or leave it out")
+
+

@@ -1,0 +1,585 @@
+"""Who may call the gateway, and how often: API keys (hashed at rest), JWT bearer tokens, roles, rate limits.
+
+The gateway (REST, JSON-RPC, OpenAI-compatible and gRPC alike) asks one ``Auth`` three questions per call::
+
+    who = auth.authenticate(headers)          # Unauthenticated (401): no, bad, revoked or expired credentials
+    auth.authorize(who, "chains.invoke", "qa")  # Forbidden (403): the role may not, or not on this chain
+    auth.admit(who)                           # RateLimited (429, retry_after_s): the caller's bucket is empty
+
+and refuses a body over ``auth.max_body_bytes`` (PayloadTooLarge, 413) before it reads the rest.
+
+API keys look like ``agw_<id>_<secret>``: ``id`` finds the row without scanning, ``secret`` is 256 random bits.
+At rest a key is ``HMAC-SHA256(pepper, salt || secret)`` with a per-key random salt and a pepper kept outside the
+database (``$AUTOGLM_KEY_PEPPER``, else the file ``keys.pepper`` beside it, mode 0600). A slow password hash
+(bcrypt, scrypt, Argon2) buys nothing here: it slows the guessing of low-entropy passwords, and nobody guesses 256
+random bits; it would cost every request milliseconds of CPU. The keyed hash means a copy of ``keys.sqlite3``
+alone cannot even check a guess, and hashes are compared with ``hmac.compare_digest`` (constant time).
+
+JWTs are checked with the algorithms pinned in the configuration, never the one the token's header names, so
+``alg: none`` and HS/RS confusion are refused; ``exp`` and ``sub`` are required, ``nbf``, ``aud`` and ``iss``
+are checked, and the role comes from the ``role`` claim.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import hashlib
+import hmac
+import ipaddress
+import json
+import os
+import re
+import secrets
+import sqlite3
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from workbench.chains.sqlite_store import data_root
+from workbench.errors import (
+    Forbidden,
+    PayloadTooLarge,
+    RateLimited,
+    SettingsError,
+    StoreError,
+    Unauthenticated,
+)
+
+KEYS_FILE = "keys.sqlite3"
+PEPPER_FILE = "keys.pepper"
+PEPPER_ENV = "AUTOGLM_KEY_PEPPER"
+KEY_PREFIX = "agw_"
+
+ACTIONS = frozenset(
+    {"chains.list", "chains.invoke", "runs.read", "models.list", "models.admin", "chains.register", "metrics.read"}
+)
+_VIEWER = frozenset({"chains.list", "runs.read", "models.list", "metrics.read"})
+
+# HMAC algorithms take a shared secret; the others a public key (and need the `cryptography` package).
+_HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+_ASYMMETRIC_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES256K", "ES384", "ES512", "EdDSA"}
+)
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
+# Buckets kept for this many principals at most; the least recently seen go first (and come back full).
+_MAX_BUCKETS = 10_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Principal:
+    """Who is calling: a key's name or a JWT's subject, its role, how it proved it, and the chains it is limited
+    to (None: every chain its role allows)."""
+
+    name: str
+    role: str
+    via: str  # "key" | "jwt" | "open"
+    chains: frozenset[str] | None = None
+
+    @property
+    def owner(self) -> str:
+        """What owns the sessions and runs this caller starts: ``key:NAME`` or ``jwt:SUBJECT``, never shared
+        between a key and a token that happen to have the same name."""
+        return f"{self.via}:{self.name}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Role:
+    """What a role may do: a set of actions, and optionally only on some chains (None: on every chain)."""
+
+    actions: frozenset[str]
+    chains: frozenset[str] | None = None
+
+    @classmethod
+    def of(cls, name: str, spec: Role | Iterable[str] | Mapping[str, Any]) -> Role:
+        """A Role from a Role, a list of actions, or ``{"actions": [...], "chains": [...]}``, checked."""
+        if isinstance(spec, Role):
+            role = spec
+        elif isinstance(spec, Mapping):
+            unknown = set(spec) - {"actions", "chains"}
+            if unknown:
+                raise SettingsError(f"role {name!r}: unknown field {sorted(unknown)[0]!r}",
+                                    hint='a role is {"actions": [...], "chains": [...]} (chains optional)')
+            chains = spec.get("chains")
+            role = cls(frozenset(spec.get("actions", ())), None if chains is None else frozenset(chains))
+        elif isinstance(spec, str):
+            raise SettingsError(f"role {name!r} is a string; give a list of actions", hint=f"e.g. [{spec!r}]")
+        else:
+            role = cls(frozenset(spec))
+        unknown_actions = role.actions - ACTIONS - {"*"}
+        if unknown_actions:
+            raise SettingsError(f"role {name!r}: unknown action {sorted(unknown_actions)[0]!r}",
+                                hint=f"actions: {', '.join(sorted(ACTIONS))}, or '*' for all")
+        return role
+
+    def allows(self, action: str, chain: str | None) -> bool:
+        if "*" not in self.actions and action not in self.actions:
+            return False
+        return chain is None or self.chains is None or chain in self.chains
+
+
+DEFAULT_ROLES: Mapping[str, Role] = {
+    "viewer": Role(_VIEWER),
+    "runner": Role(_VIEWER | {"chains.invoke"}),
+    "admin": Role(frozenset({"*"})),
+}
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise SettingsError(f"key name {name!r} is not allowed",
+                            hint="1 to 64 letters, digits, '_', '.', '@' or '-', starting with a letter or digit")
+    return name
+
+
+class KeyStore:
+    """API keys in the SQLite file ``keys.sqlite3`` of a data directory, stored as salted, peppered HMACs.
+
+    ``add`` returns the new key once; nothing can show it again. ``revoke`` takes effect on the next request.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike[str] | None = None, *, roles: Iterable[str] | None = None,
+                 pepper: bytes | None = None, timeout_s: float = 30.0) -> None:
+        self.data_dir = Path(data_dir).expanduser() if data_dir is not None else data_root()
+        self.path = self.data_dir / KEYS_FILE
+        self.roles = frozenset(roles) if roles is not None else frozenset(DEFAULT_ROLES)
+        self._pepper = pepper
+        self._timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._connection: sqlite3.Connection | None = None
+
+    def __repr__(self) -> str:
+        return f"<KeyStore {str(self.path)!r}>"
+
+    # -- the public API -------------------------------------------------------------------------
+
+    def add(self, name: str, role: str, *, chains: Iterable[str] | None = None) -> str:
+        """A new key for ``name`` with ``role`` (optionally limited to ``chains``); the key is returned only here."""
+        _check_name(name)
+        if role not in self.roles:
+            raise SettingsError(f"unknown role {role!r}", hint=f"roles: {', '.join(sorted(self.roles))}")
+        chain_list = None if chains is None else sorted(set(chains))
+        key_id = secrets.token_hex(6)
+        secret = secrets.token_urlsafe(32)
+        salt = secrets.token_bytes(16)
+        try:
+            self._execute(
+                "INSERT INTO keys (id, name, role, chains, salt, hash, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (key_id, name, role, None if chain_list is None else json.dumps(chain_list), salt,
+                 self._digest(salt, secret), time.time()),
+            )
+        except sqlite3.IntegrityError:
+            raise SettingsError(f"a key named {name!r} exists", hint=f"autoglm keys revoke {name} first, or pick "
+                                "another name") from None
+        return f"{KEY_PREFIX}{key_id}_{secret}"
+
+    def revoke(self, name: str) -> None:
+        """Revoke ``name``'s key: it authenticates nothing from now on, and the name is free again."""
+        rows = self._execute("UPDATE keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL RETURNING id",
+                             (time.time(), name))
+        if not rows:
+            names = [row["name"] for row in self.list() if not row["revoked"]]
+            raise SettingsError(f"no active key named {name!r}",
+                                hint=f"active keys: {', '.join(names)}" if names else "there are no active keys")
+
+    def list(self) -> list[dict[str, Any]]:
+        """Every key, oldest first: name, id, role, chains, created_at, revoked, revoked_at (never the key)."""
+        rows = self._execute("SELECT id, name, role, chains, created_at, revoked_at FROM keys ORDER BY created_at", ())
+        return [
+            {"name": name, "id": key_id, "role": role, "chains": None if chains is None else json.loads(chains),
+             "created_at": created_at, "revoked": revoked_at is not None, "revoked_at": revoked_at}
+            for key_id, name, role, chains, created_at, revoked_at in rows
+        ]
+
+    def verify(self, key: str) -> Principal | None:
+        """The principal ``key`` belongs to, or None: unknown, malformed, revoked or wrong."""
+        if not key.startswith(KEY_PREFIX):
+            return None
+        key_id, sep, secret = key[len(KEY_PREFIX):].partition("_")
+        if not sep or not secret:
+            return None
+        rows = self._execute(
+            "SELECT name, role, chains, salt, hash FROM keys WHERE id = ? AND revoked_at IS NULL", (key_id,)
+        )
+        if not rows:
+            return None
+        name, role, chains, salt, digest = rows[0]
+        if not hmac.compare_digest(self._digest(salt, secret), digest):
+            return None
+        return Principal(name, role, "key", None if chains is None else frozenset(json.loads(chains)))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
+
+    # -- storage --------------------------------------------------------------------------------
+
+    def _digest(self, salt: bytes, secret: str) -> bytes:
+        return hmac.new(self._load_pepper(), salt + secret.encode(), hashlib.sha256).digest()
+
+    def _load_pepper(self) -> bytes:
+        if self._pepper is None:
+            self._pepper = _pepper(self.data_dir)
+        return self._pepper
+
+    def _execute(self, sql: str, parameters: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        with self._lock:
+            if self._connection is None:
+                self._connection = self._open()
+            try:
+                return self._connection.execute(sql, parameters).fetchall()
+            except sqlite3.IntegrityError:
+                raise
+            except sqlite3.Error as exc:
+                raise StoreError(f"the key store {str(self.path)!r} failed: {exc}",
+                                 hint="another process may hold it locked for long, or the disk is full") from exc
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            connection = sqlite3.connect(self.path, timeout=self._timeout_s, isolation_level=None,
+                                         check_same_thread=False)
+            with contextlib.suppress(OSError):  # the hashes are no one else's business either
+                os.chmod(self.path, 0o600)
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute(
+                """CREATE TABLE IF NOT EXISTS keys (
+                       id         TEXT PRIMARY KEY,
+                       name       TEXT NOT NULL,
+                       role       TEXT NOT NULL,
+                       chains     TEXT,
+                       salt       BLOB NOT NULL,
+                       hash       BLOB NOT NULL,
+                       created_at REAL NOT NULL,
+                       revoked_at REAL
+                   )"""
+            )
+            # One active key per name; a revoked name can be given a new key.
+            connection.execute("CREATE UNIQUE INDEX IF NOT EXISTS active_names ON keys (name) WHERE revoked_at IS NULL")
+            connection.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL)")
+            check = hmac.new(self._load_pepper(), b"autoglm key store", hashlib.sha256).digest()
+            connection.execute("INSERT OR IGNORE INTO meta VALUES ('pepper_check', ?)", (check,))
+            (stored,) = connection.execute("SELECT value FROM meta WHERE key = 'pepper_check'").fetchone()
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open the key store {str(self.path)!r}: {exc}",
+                             hint="--data-dir D or $AUTOGLM_DATA_DIR picks a writable directory") from exc
+        if not hmac.compare_digest(stored, check):
+            connection.close()
+            raise StoreError(
+                f"the keys in {str(self.path)!r} were hashed with another pepper, so none of them would match",
+                hint=f"use the ${PEPPER_ENV} (or {PEPPER_FILE} file) they were made with, or start a new data dir",
+            )
+        return connection
+
+
+def _pepper(data_dir: Path) -> bytes:
+    """The pepper: ``$AUTOGLM_KEY_PEPPER`` (its text), else ``keys.pepper`` in ``data_dir``, made once."""
+    explicit = os.environ.get(PEPPER_ENV)
+    if explicit:
+        return explicit.encode()
+    path = data_dir / PEPPER_FILE
+    try:
+        return base64.b64decode(path.read_bytes(), validate=True)
+    except FileNotFoundError:
+        pass
+    data_dir.mkdir(parents=True, exist_ok=True)
+    # Written aside and linked into place: two processes making it at once agree on one pepper.
+    aside = data_dir / f".{PEPPER_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
+    fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        file.write(base64.b64encode(secrets.token_bytes(32)))
+    try:
+        os.link(aside, path)
+    except FileExistsError:
+        pass
+    finally:
+        aside.unlink()
+    return base64.b64decode(path.read_bytes(), validate=True)
+
+
+class _Buckets:
+    """A token bucket per principal: ``rate_per_s`` refill, ``burst`` capacity; thread-safe, bounded in size."""
+
+    def __init__(self, rate_per_s: float, burst: int) -> None:
+        self.rate_per_s, self.burst = rate_per_s, burst
+        self._lock = threading.Lock()
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # owner -> (tokens, at)
+
+    def take(self, owner: str) -> float:
+        """0.0 when a token was taken, else the seconds until one will be there."""
+        now = time.monotonic()
+        with self._lock:
+            tokens, at = self._buckets.pop(owner, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - at) * self.rate_per_s)
+            wait = 0.0
+            if tokens >= 1.0:
+                tokens -= 1.0
+            else:
+                wait = (1.0 - tokens) / self.rate_per_s
+            self._buckets[owner] = (tokens, now)
+            if len(self._buckets) > _MAX_BUCKETS:
+                self._buckets.popitem(last=False)
+            return wait
+
+
+class Auth:
+    """The gateway's checks: authenticate a caller, authorize an action, admit it under its rate limit.
+
+    ``data_dir`` holds the key store (``keys`` may give a KeyStore instead); ``jwt_secret`` (HS*) or
+    ``jwt_public_key`` (RS*, PS*, ES*, EdDSA) verifies bearer JWTs with ``jwt_algorithms``, all of one family;
+    ``roles`` adds or replaces roles (a list of actions, or ``{"actions": [...], "chains": [...]}``);
+    ``rate_per_s`` and ``burst`` size each caller's token bucket (``rate_per_s=None``: no limit).
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str] | None = None,
+        *,
+        keys: KeyStore | None = None,
+        jwt_secret: str | bytes | None = None,
+        jwt_public_key: str | bytes | None = None,
+        jwt_algorithms: Iterable[str] = ("HS256",),
+        jwt_audience: str | Iterable[str] | None = None,
+        jwt_issuer: str | None = None,
+        roles: Mapping[str, Role | Iterable[str] | Mapping[str, Any]] | None = None,
+        rate_per_s: float | None = 50.0,
+        burst: int = 100,
+        max_body_bytes: int = 1 << 20,
+    ) -> None:
+        self.roles: dict[str, Role] = dict(DEFAULT_ROLES)
+        for name, spec in (roles or {}).items():
+            self.roles[name] = Role.of(name, spec)
+        if keys is None and data_dir is not None:
+            keys = KeyStore(data_dir, roles=self.roles)
+        self.keys = keys
+        self.jwt_algorithms = tuple(jwt_algorithms)
+        self.jwt_audience = jwt_audience if jwt_audience is None or isinstance(jwt_audience, str) \
+            else list(jwt_audience)
+        self.jwt_issuer = jwt_issuer
+        self._jwt_key = self._jwt_key_for(jwt_secret, jwt_public_key)
+        if rate_per_s is not None and (not rate_per_s > 0 or burst < 1):
+            raise SettingsError(f"rate limit {rate_per_s}/s with burst {burst} admits nothing",
+                                hint="rate_per_s > 0 and burst >= 1, or rate_per_s=None for no limit")
+        self._buckets = _Buckets(rate_per_s, burst) if rate_per_s is not None else None
+        if max_body_bytes < 1:
+            raise SettingsError(f"max_body_bytes={max_body_bytes} admits no body", hint="e.g. 1 << 20 (1 MiB)")
+        self.max_body_bytes = max_body_bytes
+        self.is_open = False
+
+    @classmethod
+    def open(cls, *, rate_per_s: float | None = None, burst: int = 100, max_body_bytes: int = 1 << 20) -> Auth:
+        """No credentials needed: every caller is an admin named ``local``. For a server on loopback only
+        (``check_host`` refuses any other address)."""
+        auth = cls(rate_per_s=rate_per_s, burst=burst, max_body_bytes=max_body_bytes)
+        auth.is_open = True
+        return auth
+
+    @classmethod
+    def from_env(cls, data_dir: str | os.PathLike[str] | None = None,
+                 environ: Mapping[str, str] | None = None) -> Auth:
+        """An Auth configured from ``AUTOGLM_JWT_SECRET``, ``AUTOGLM_JWT_PUBLIC_KEY`` (a PEM file's path),
+        ``AUTOGLM_JWT_ALGORITHMS`` (comma-separated), ``AUTOGLM_JWT_AUDIENCE``, ``AUTOGLM_JWT_ISSUER``,
+        ``AUTOGLM_RATE_PER_S`` (``0``: no limit), ``AUTOGLM_BURST`` and ``AUTOGLM_MAX_BODY_BYTES``: what a
+        container's secrets and settings give; keys come from ``data_dir``'s key store."""
+        env = os.environ if environ is None else environ
+        public_key = None
+        if env.get("AUTOGLM_JWT_PUBLIC_KEY"):
+            try:
+                public_key = Path(env["AUTOGLM_JWT_PUBLIC_KEY"]).read_bytes()
+            except OSError as exc:
+                raise SettingsError(f"cannot read AUTOGLM_JWT_PUBLIC_KEY: {exc}",
+                                    hint="give the path of a PEM public key file") from None
+
+        def number(name: str, kind: type, default: Any) -> Any:
+            try:
+                return kind(env[name]) if env.get(name) else default
+            except ValueError:
+                raise SettingsError(f"{name}={env[name]!r} is not a number", hint=f"e.g. {name}={default}") from None
+
+        rate = number("AUTOGLM_RATE_PER_S", float, 50.0)
+        algorithms = [a.strip() for a in env.get("AUTOGLM_JWT_ALGORITHMS", "").split(",") if a.strip()]
+        default_algorithms = ("RS256",) if public_key is not None else ("HS256",)
+        return cls(
+            data_dir, jwt_secret=env.get("AUTOGLM_JWT_SECRET") or None, jwt_public_key=public_key,
+            jwt_algorithms=algorithms or default_algorithms, jwt_audience=env.get("AUTOGLM_JWT_AUDIENCE") or None,
+            jwt_issuer=env.get("AUTOGLM_JWT_ISSUER") or None, rate_per_s=rate if rate > 0 else None,
+            burst=number("AUTOGLM_BURST", int, 100), max_body_bytes=number("AUTOGLM_MAX_BODY_BYTES", int, 1 << 20),
+        )
+
+    def __repr__(self) -> str:
+        if self.is_open:
+            return "<Auth open: every caller is admin 'local'>"
+        ways = [repr(self.keys)] if self.keys is not None else []
+        if self._jwt_key is not None:
+            ways.append(f"JWT {'/'.join(self.jwt_algorithms)}")
+        return f"<Auth {' + '.join(ways) or 'no credentials accepted'}>"
+
+    # -- the three questions --------------------------------------------------------------------
+
+    def authenticate(self, headers: Mapping[str, str]) -> Principal:
+        """The caller named by ``authorization: Bearer <API key or JWT>`` or ``x-api-key: <API key>`` (lower-case
+        header names); raises Unauthenticated."""
+        if self.is_open:
+            return Principal("local", "admin", "open")
+        credential = headers.get("x-api-key")
+        authorization = headers.get("authorization")
+        if authorization is not None:
+            scheme, _, value = authorization.strip().partition(" ")
+            if scheme.lower() != "bearer" or not value.strip():
+                raise Unauthenticated("the authorization header is not 'Bearer <API key or JWT>'",
+                                      hint="send 'authorization: Bearer <key>' or 'x-api-key: <key>'")
+            credential = value.strip()
+        if not credential:
+            raise Unauthenticated("no credentials: this server needs an API key or a JWT",
+                                  hint="send 'authorization: Bearer <key>' or 'x-api-key: <key>'; "
+                                       "autoglm keys add NAME --role runner makes a key")
+        if credential.startswith(KEY_PREFIX):
+            principal = self.keys.verify(credential) if self.keys is not None else None
+            if principal is None:
+                raise Unauthenticated("the API key is not valid: unknown, revoked or mistyped",
+                                      hint="autoglm keys list shows the active keys")
+            return principal
+        if credential.count(".") == 2:
+            return self._verify_jwt(credential)
+        raise Unauthenticated("the credential is neither an API key (agw_...) nor a JWT",
+                              hint="autoglm keys add NAME --role runner makes a key")
+
+    def authorize(self, who: Principal, action: str, chain: str | None = None) -> None:
+        """Raise Forbidden unless ``who``'s role may do ``action`` (on ``chain``, when one is named)."""
+        if action not in ACTIONS:
+            raise ValueError(f"unknown action {action!r}; actions: {sorted(ACTIONS)}")  # a gateway bug, not a user's
+        role = self.roles.get(who.role)
+        if role is None:
+            raise Forbidden(f"{who.name!r} has role {who.role!r}, which this server does not define",
+                            hint=f"roles here: {', '.join(sorted(self.roles))}")
+        on = f" on chain {chain!r}" if chain is not None else ""
+        if not role.allows(action, chain):
+            can = sorted(role.actions)
+            raise Forbidden(f"role {who.role!r} may not {action}{on}",
+                            hint=f"role {who.role!r} may: {', '.join(can)}"
+                                 + (f" on chains {', '.join(sorted(role.chains))}" if role.chains is not None else ""))
+        if chain is not None and who.chains is not None and chain not in who.chains:
+            raise Forbidden(f"{who.name!r} may not {action}{on}",
+                            hint=f"its key is limited to chains: {', '.join(sorted(who.chains)) or '(none)'}")
+
+    def admit(self, who: Principal) -> None:
+        """Take one request from ``who``'s token bucket; raise RateLimited (with ``retry_after_s``) when empty."""
+        if self._buckets is None:
+            return
+        wait = self._buckets.take(who.owner)
+        if wait > 0:
+            raise RateLimited(
+                f"{who.name!r} sent more than {self._buckets.rate_per_s:g} requests/s "
+                f"(burst {self._buckets.burst}); retry in {wait:.2f} s",
+                retry_after_s=wait, hint="wait for the Retry-After seconds, or ask for a higher limit",
+            )
+
+    # -- limits the gateway applies -------------------------------------------------------------
+
+    def check_size(self, length: int | None) -> None:
+        """Raise PayloadTooLarge if a body of ``length`` bytes (a Content-Length, or what was read so far) is too
+        large."""
+        if length is not None and length > self.max_body_bytes:
+            raise PayloadTooLarge(f"the request body is {length:,} bytes; this server takes at most "
+                                  f"{self.max_body_bytes:,}", hint="send less, or split it into a batch of calls")
+
+    def check_host(self, host: str) -> None:
+        """Refuse to serve an open Auth (no credentials) on an address other machines can reach."""
+        if not self.is_open or host == "localhost":
+            return
+        with contextlib.suppress(ValueError):
+            if ipaddress.ip_address(host).is_loopback:
+                return
+        raise SettingsError(f"a server without credentials must listen on loopback only, not {host!r}",
+                            hint="serve on 127.0.0.1, or make keys (autoglm keys add NAME --role runner) and "
+                                 "serve with them")
+
+    # -- JWT ------------------------------------------------------------------------------------
+
+    def _jwt_key_for(self, secret: str | bytes | None, public_key: str | bytes | None) -> str | bytes | None:
+        if secret is None and public_key is None:
+            return None
+        algorithms = set(self.jwt_algorithms)
+        if not algorithms or "none" in {a.lower() for a in algorithms}:
+            raise SettingsError(f"jwt_algorithms={list(self.jwt_algorithms)} accepts unsigned tokens or none",
+                                hint="pin the algorithms you sign with, e.g. ('HS256',) or ('RS256',)")
+        unknown = algorithms - _HMAC_ALGORITHMS - _ASYMMETRIC_ALGORITHMS
+        if unknown:
+            raise SettingsError(f"unknown JWT algorithm {sorted(unknown)[0]!r}",
+                                hint=f"one of {', '.join(sorted(_HMAC_ALGORITHMS | _ASYMMETRIC_ALGORITHMS))}")
+        # One family only: with HS256 and RS256 both allowed, a token signed HS256 with the (public) RS key as its
+        # secret would be the classic confusion attack.
+        if algorithms <= _HMAC_ALGORITHMS:
+            if secret is None or public_key is not None:
+                raise SettingsError(f"JWT algorithms {sorted(algorithms)} need jwt_secret (and no jwt_public_key)",
+                                    hint="HS* tokens are checked with a shared secret")
+            key = secret.encode() if isinstance(secret, str) else secret
+            # RFC 7518 3.2: a key at least as long as the hash (PyJWT warns below that).
+            least = max(int(algorithm[2:]) // 8 for algorithm in algorithms)
+            if len(key) < least:
+                raise SettingsError(f"jwt_secret is {len(key)} bytes; {'/'.join(sorted(algorithms))} needs at "
+                                    f"least {least}",
+                                    hint=f"e.g. python -c 'import secrets; print(secrets.token_urlsafe({least}))'")
+            return key
+        if algorithms <= _ASYMMETRIC_ALGORITHMS:
+            if public_key is None or secret is not None:
+                raise SettingsError(f"JWT algorithms {sorted(algorithms)} need jwt_public_key (and no jwt_secret)",
+                                    hint="RS*/PS*/ES*/EdDSA tokens are checked with the issuer's public key")
+            from jwt.algorithms import has_crypto
+
+            if not has_crypto:
+                raise SettingsError(f"JWT algorithms {sorted(algorithms)} need the 'cryptography' package",
+                                    hint="pip install 'PyJWT[crypto]', or sign with HS256 and a shared secret")
+            return public_key
+        raise SettingsError(f"jwt_algorithms mixes HMAC and public-key algorithms: {sorted(algorithms)}",
+                            hint="pin one family, so a token cannot pick how it is checked")
+
+    def _verify_jwt(self, token: str) -> Principal:
+        import jwt
+
+        if self._jwt_key is None:
+            raise Unauthenticated("this server takes no JWTs", hint="send an API key (agw_...)")
+        required = ["exp", "sub"] + (["aud"] if self.jwt_audience is not None else []) \
+            + (["iss"] if self.jwt_issuer is not None else [])
+        try:
+            claims = jwt.decode(
+                token, self._jwt_key, algorithms=list(self.jwt_algorithms), audience=self.jwt_audience,
+                issuer=self.jwt_issuer, options={"require": required, "verify_signature": True},
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthenticated("the JWT has expired", hint="get a fresh token") from None
+        except jwt.ImmatureSignatureError:
+            raise Unauthenticated("the JWT is not valid yet (nbf or iat in the future)",
+                                  hint="check the clocks of the issuer and this server") from None
+        except jwt.InvalidAudienceError:
+            raise Unauthenticated(f"the JWT is not for this audience ({self.jwt_audience!r})",
+                                  hint="ask for a token with this server's audience") from None
+        except jwt.InvalidIssuerError:
+            raise Unauthenticated(f"the JWT is not from the trusted issuer ({self.jwt_issuer!r})") from None
+        except jwt.InvalidAlgorithmError:
+            raise Unauthenticated(f"the JWT is signed with an algorithm this server does not take (it takes "
+                                  f"{', '.join(self.jwt_algorithms)})") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise Unauthenticated(f"the JWT has no {exc.claim!r} claim",
+                                  hint=f"tokens here need: {', '.join(required)} and role") from None
+        except jwt.InvalidSignatureError:
+            raise Unauthenticated("the JWT's signature does not verify", hint="it was signed with another key") \
+                from None
+        except jwt.InvalidTokenError as exc:
+            raise Unauthenticated(f"the JWT is not valid: {exc}") from None
+        role, subject = claims.get("role"), claims.get("sub")
+        if not isinstance(role, str) or not role:
+            raise Unauthenticated("the JWT has no 'role' claim", hint=f"roles: {', '.join(sorted(self.roles))}")
+        if not isinstance(subject, str) or not subject:
+            raise Unauthenticated("the JWT's 'sub' claim is not a name")
+        chains = claims.get("chains")
+        if chains is not None and not (isinstance(chains, list) and all(isinstance(c, str) for c in chains)):
+            raise Unauthenticated("the JWT's 'chains' claim is not a list of chain names")
+        return Principal(subject, role, "jwt", None if chains is None else frozenset(chains))
+

@@ -1,0 +1,318 @@
+"""What one served app holds and every route shares: the auth steps, body reading, replies, run slots, sessions,
+run owners, and the caller's trace.
+
+Every route but ``/health`` goes through the Auth first, in this order, before a body is read or
+a run starts: who is calling (401), may they (403), within their rate (429, ``Retry-After``), and
+is the body small enough (413). Sessions are namespaced per principal, and a run can be read back
+only by the principal that made it, or an admin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from workbench.chains.chain import Chain
+from workbench.chains.run import Run
+from workbench.chains.runner import TRACE_PARENT, check_inputs
+from workbench.errors import AccessError, HopFailed, WorkbenchError
+from workbench.fronts.server import envelope as env
+from workbench.fronts.server.envelope import BatchRequest, ErrorResponse, RequestError, RunResult, error_detail
+from workbench.fronts.server.metrics import GatewayMetrics
+from workbench.tracing import attributes as attr
+
+if TYPE_CHECKING:
+    from workbench.bench import Workbench
+    from workbench.fronts.server.auth import Auth, Principal
+
+log = logging.getLogger(__name__)
+
+MAX_RUNS_OWNED = 100_000  # run ids remembered with their owner; older runs can no longer be read back
+DEFAULT_MAX_IN_FLIGHT = 64
+DEFAULT_BODY_TIMEOUT_S = 10.0
+ADMIN_ACTION = "models.admin"  # whoever may do this administers the server, and may read every run
+AUTHENTICATED = ""  # the action of a route open to any known caller, whose handler authorizes each call it makes
+_PROPAGATOR = TraceContextTextMapPropagator()
+
+Handler = Callable[[Request, "Principal | None"], Awaitable[Response]]
+
+
+class Gateway:
+    """What one served app holds: the workbench, the chains it serves, the Auth, metrics, and who owns which run.
+
+    ``max_in_flight`` runs at once (the rest wait for a slot: the queue-wait metric); a request
+    body that takes longer than ``body_timeout_s`` to arrive is refused with 408.
+    """
+
+    def __init__(
+        self,
+        bench: Workbench,
+        chains: Collection[Chain],
+        auth: Auth,
+        *,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+    ) -> None:
+        self.bench = bench
+        self.auth = auth
+        self.chains: dict[str, Chain] = {chain.name: chain for chain in chains}
+        self.metrics = GatewayMetrics()
+        self.body_timeout_s = body_timeout_s
+        self.max_in_flight = max_in_flight
+        self._slots: asyncio.Semaphore | None = None  # made on the server's loop, at its first run
+        self._owners: OrderedDict[str, str] = OrderedDict()
+        self._owners_lock = threading.Lock()
+
+    # -- the steps every request takes ------------------------------------------------------------
+
+    def route(self, path: str, handler: Handler, methods: list[str], action: str | None,
+              *, per_chain: bool = False) -> Route:
+        """``handler`` behind the Auth, timed and counted under ``path``.
+
+        ``action`` None: an open route; :data:`AUTHENTICATED`: any known caller (the handler authorizes each call).
+        """
+
+        async def endpoint(request: Request) -> Response:
+            started = time.perf_counter()
+            request.state.started = started
+            try:
+                who = None if action is None else self.admit(request, action, per_chain)
+                response = await handler(request, who)
+            except Exception as exc:  # every failure becomes an error body; the server serves on
+                response = self.error(request, exc)
+            if not isinstance(response, StreamingResponse):  # a stream counts itself as it ends
+                self.metrics.observe(path, request.method, response.status_code, time.perf_counter() - started)
+            return response
+
+        return Route(path, endpoint, methods=methods)
+
+    def admit(self, request: Request, action: str, per_chain: bool) -> Principal:
+        """401, 403, 429 and 413, in that order, before anything is read or run."""
+        who = self.auth.authenticate(request.headers)
+        if action != AUTHENTICATED:
+            self.auth.authorize(who, action, request.path_params.get("name") if per_chain else None)
+        self.auth.admit(who)
+        length = request.headers.get("content-length")
+        self.auth.check_size(int(length) if length is not None and length.isdigit() else None)
+        return who
+
+    async def body(self, request: Request) -> bytes:
+        """The request's body, decompressed; 413 past the Auth's size limit, 408 if it trickles in too slowly."""
+        limit = self.auth.max_body_bytes
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    self.auth.check_size(size)
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise RequestError(f"the request body did not arrive within {self.body_timeout_s:g} s", field="body",
+                               status=408, hint="send the whole body at once") from None
+        return env.decompress(b"".join(chunks), request.headers.get("content-encoding"), limit)
+
+    async def decode(self, request: Request, kind: type[Any]) -> Any:
+        codec = env.media_type(request.headers.get("content-type"))
+        return env.decode(await self.body(request), kind, codec)
+
+    def reply(self, request: Request, value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+        """``value`` in the codec the client accepts, zstd-compressed when it asked for that and it is worth it."""
+        codec = env.accepted(request.headers.get("accept"))
+        body, encoding = env.compress(env.encode(value, codec), request.headers.get("accept-encoding"))
+        headers = dict(headers or {})
+        if encoding is not None:
+            headers["content-encoding"] = encoding
+        return Response(body, status, headers=headers, media_type=codec)
+
+    def error(self, request: Request, exc: BaseException, action_type: str | None = None) -> Response:
+        detail = error_detail(exc)
+        if detail.status >= 500 and not isinstance(exc, WorkbenchError):
+            log.exception("%s %s failed", request.method, request.url.path, exc_info=exc)
+        headers = dict(exc.headers) if isinstance(exc, AccessError) else {}  # WWW-Authenticate, Retry-After
+        return self.reply(request, ErrorResponse(error=detail, action_type=action_type), detail.status, headers)
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """One of the ``max_in_flight`` run slots, for as long as the block runs; the wait is the queue-wait metric."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.max_in_flight)
+        waited = time.perf_counter()
+        async with self._slots:
+            self.metrics.queue_wait.observe(time.perf_counter() - waited)
+            self.metrics.in_flight.inc()
+            try:
+                yield
+            finally:
+                self.metrics.in_flight.dec()
+
+    # -- chains, sessions, runs ------------------------------------------------------------------
+
+    def chain(self, name: str) -> Chain:
+        chain = self.chains.get(name)
+        if chain is None:
+            raise RequestError(f"this server serves no chain {name!r}", field="name", status=404,
+                               hint=f"served chains: {', '.join(sorted(self.chains)) or 'none'} (GET /v1/chains)")
+        return chain
+
+    @staticmethod
+    def session(who: Principal | None, session_id: str | None) -> str | None:
+        """The store's session id for a principal's ``session_id``: prefixed by the principal, so no key reads another's.
+
+        The owner's length leads, so no choice of names and ids can make two principals' sessions meet.
+        """
+        if session_id is None:
+            return None
+        owner = who.owner if who is not None else ""
+        return f"@{len(owner)}:{owner}:{session_id}"
+
+    def own(self, run: Run, who: Principal | None) -> None:
+        with self._owners_lock:
+            self._owners[run.id] = who.owner if who is not None else ""
+            while len(self._owners) > MAX_RUNS_OWNED:
+                self._owners.popitem(last=False)
+
+    def owned_run(self, run_id: str, who: Principal | None) -> Run:
+        """The run ``run_id`` if ``who`` made it or is an admin; a 404 otherwise (another's run is not told apart)."""
+        with self._owners_lock:
+            owner = self._owners.get(run_id)
+        if owner is None or (who is not None and owner != who.owner and not allowed(self.auth, who, ADMIN_ACTION, None)):
+            raise RequestError(f"no run {run_id!r} of yours on this server", field="run_id", status=404,
+                               hint="runs are kept for the principal that made them")
+        runs = [r for r in self.bench.runs() if r.id == run_id]
+        if not runs:
+            raise RequestError(f"run {run_id!r} is no longer kept", field="run_id", status=404)
+        return runs[0]
+
+    async def run(self, chain: Chain, inputs: dict[str, Any], session: str | None, parent: Context | None,
+                  who: Principal | None) -> Run:
+        """One run of ``chain`` joined to ``parent``'s trace; a failed hop gives the failed Run, not an exception."""
+        check_inputs(chain.spec, inputs)  # before a slot is taken: a bad input waits for nothing
+        async with self.slot():
+            TRACE_PARENT.set(parent)  # this request's task only
+            try:
+                run = await chain.arun(session, **inputs)
+            except HopFailed as failed:
+                if not isinstance(failed.run, Run):
+                    raise
+                run = failed.run
+        self.own(run, who)
+        return run
+
+    async def batch(self, chain: Chain, request: BatchRequest, who: Principal | None,
+                    parent: Context | None) -> list[Run]:
+        for item in request.inputs:
+            check_inputs(chain.spec, item)
+        async with self.slot():
+            TRACE_PARENT.set(parent)
+            runs = await chain.amap(request.inputs, concurrency=request.concurrency,
+                                    session=self.session(who, request.session_id))
+        finished = [run for run in runs if run is not None]
+        for run in finished:
+            self.own(run, who)
+        return finished
+
+    # -- traces ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def parent(request: Request, trace_id: str | None = None) -> Context | None:
+        """The caller's trace: its W3C ``traceparent`` header, else the envelope's ``trace_id``; None for a new one."""
+        if "traceparent" in request.headers:
+            context = _PROPAGATOR.extract(request.headers)
+            if trace.get_current_span(context).get_span_context().is_valid:
+                return context
+            raise RequestError(f"the traceparent header {request.headers['traceparent']!r} is not a W3C trace context",
+                               field="traceparent", hint="00-<32 hex trace id>-<16 hex span id>-<2 hex flags>")
+        if trace_id is None:
+            return None
+        try:
+            number = int(trace_id, 16) if len(trace_id) == 32 else 0
+        except ValueError:
+            number = 0
+        if not number:
+            raise RequestError(f"trace_id {trace_id!r} is not 32 hex digits (not all zero)", field="$.trace_id",
+                               status=422)
+        # Join that trace under a parent we do not know: a remote span context with a fresh span id.
+        span = NonRecordingSpan(SpanContext(number, uuid.uuid4().int >> 64 or 1, is_remote=True,
+                                            trace_flags=TraceFlags(TraceFlags.SAMPLED)))
+        return trace.set_span_in_context(span, Context())
+
+    def trace_headers(self, run: Run) -> dict[str, str]:
+        """``x-trace-id`` and a ``traceparent`` naming the run's root span, so the caller can link to it."""
+        headers = {"x-trace-id": f"{run.trace_id:032x}"}
+        root = self._root_span_id(run)
+        if root is not None:
+            headers["traceparent"] = f"00-{run.trace_id:032x}-{root:016x}-01"
+        return headers
+
+    def _root_span_id(self, run: Run) -> int | None:
+        for span in self.bench.tracing.index.spans(run.trace_id):
+            if span.name == f"chain {run.chain}" and (span.attributes or {}).get(attr.RUN_ID) == run.id:
+                return span.context.span_id if span.context is not None else None
+        return None
+
+    # -- the envelope's view of a run ------------------------------------------------------------
+
+    @staticmethod
+    def result(run: Run, kind: type[RunResult] = RunResult, **extra: Any) -> Any:
+        error = None
+        if run.error is not None:
+            error = error_detail(run.error)
+            error.status = run_status(run.error)
+        return kind(run_id=run.id, chain=run.chain, status=run.status, output=run.output, outputs=run.outputs,
+                    trace_id=f"{run.trace_id:032x}", duration_ms=run.duration_ms, error=error, **extra)
+
+
+def run_json(run: Run) -> dict[str, Any]:
+    """A run and its spans (the server's part of its trace) as JSON-ready data."""
+    spans = []
+    for span in sorted(run.trace.spans, key=lambda s: s.start_time or 0):
+        context = span.context
+        spans.append({
+            "name": span.name,
+            "span_id": f"{context.span_id:016x}" if context else None,
+            "parent_id": f"{span.parent.span_id:016x}" if span.parent else None,
+            "trace_id": f"{context.trace_id:032x}" if context else None,
+            "start_time_ns": span.start_time,
+            "end_time_ns": span.end_time,
+            "duration_ms": ((span.end_time or 0) - (span.start_time or 0)) / 1e6,
+            "status": span.status.status_code.name,
+            "attributes": {k: list(v) if isinstance(v, tuple) else v for k, v in (span.attributes or {}).items()},
+        })
+    return {
+        "run_id": run.id, "chain": run.chain, "status": run.status, "inputs": run.inputs, "outputs": run.outputs,
+        "output": run.output, "trace_id": f"{run.trace_id:032x}", "started_at": run.started_at,
+        "duration_ms": run.duration_ms, "error": error_detail(run.error) if run.error is not None else None,
+        "spans": spans,
+    }
+
+
+def run_status(error: HopFailed) -> int:
+    """The HTTP status of a failed run: its cause's where the cause is the workbench's (422 for a template that
+    could not render, 503 for a refusing model, 504 for a timeout), else 500: the model or a Python hop raised."""
+    cause = error.cause
+    return int(cause.http_status) if isinstance(cause, WorkbenchError) else 500
+
+
+def allowed(auth: Auth, who: Principal, action: str, chain: str | None) -> bool:
+    """Whether ``who`` may do ``action`` (on ``chain``), without raising."""
+    try:
+        auth.authorize(who, action, chain)
+    except WorkbenchError:
+        return False
+    return True

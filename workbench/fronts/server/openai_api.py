@@ -1,0 +1,198 @@
+"""OpenAI-compatible routes for every model the served workbench has: ``GET /v1/models``, ``POST /v1/completions``
+and ``POST /v1/chat/completions``, streamed (server-sent events, ``data: [DONE]`` last) or not.
+
+Enough of the OpenAI API for other tools, and this workbench's own remote backend
+(``bench.load("r", "http://HOST:PORT/v1", api_key=KEY)``), to call the models here: ``model``,
+``prompt`` (one string) or ``messages``, ``max_tokens`` (``max_completion_tokens``),
+``temperature``, ``top_p``, ``top_k``, ``seed``, ``stream`` and ``stream_options.include_usage``.
+Unlike OpenAI, ``temperature`` defaults to 0 (greedy), the workbench's own default. Other fields are
+ignored, as OpenAI-compatible servers do. Each request goes through the engine as a direct model
+call (its own ``text_completion`` span, in the caller's trace when a ``traceparent`` came with it).
+Calling a model is the ``chains.invoke`` action; listing them is ``models.list``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from opentelemetry import trace
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from workbench.engine import GenerationParams
+from workbench.engine.engine import Call
+from workbench.errors import UnknownModelError
+from workbench.fronts.server import envelope as env
+from workbench.fronts.server.envelope import ErrorResponse, RequestError, error_detail
+
+if TYPE_CHECKING:
+    from workbench.engine import GenerationResult
+    from workbench.fronts.server.gateway import Gateway
+    from workbench.fronts.server.auth import Principal
+
+OWNER = "autoglm-workbench"
+MAX_TOKENS = 4096
+
+
+class StreamOptions(msgspec.Struct, kw_only=True):
+    include_usage: bool = False
+
+
+class Message(msgspec.Struct, kw_only=True):
+    role: str
+    content: str
+
+
+class CompletionRequest(msgspec.Struct, kw_only=True):
+    model: str
+    prompt: str | list[str] = ""
+    messages: list[Message] | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+def routes(gateway: Gateway) -> list[Route]:
+    """The OpenAI-compatible routes of ``gateway``."""
+
+    async def models(request: Request, who: Principal | None) -> Response:
+        listed = [{"id": name, "object": "model", "created": 0, "owned_by": OWNER}
+                  for name in gateway.bench.registry.names() if gateway.bench.registry.is_loaded(name)]
+        return gateway.reply(request, {"object": "list", "data": listed})
+
+    async def completions(request: Request, who: Principal | None) -> Response:
+        return await _complete(gateway, request, chat=False)
+
+    async def chat(request: Request, who: Principal | None) -> Response:
+        return await _complete(gateway, request, chat=True)
+
+    r = gateway.route
+    return [
+        r("/v1/models", models, ["GET"], "models.list"),
+        r("/v1/completions", completions, ["POST"], "chains.invoke"),
+        r("/v1/chat/completions", chat, ["POST"], "chains.invoke"),
+    ]
+
+
+async def _complete(gateway: Gateway, request: Request, chat: bool) -> Response:
+    body: CompletionRequest = await gateway.decode(request, CompletionRequest)
+    bench = gateway.bench
+    if not bench.registry.is_loaded(body.model):
+        loaded = [n for n in bench.registry.names() if bench.registry.is_loaded(n)]
+        raise UnknownModelError(f"this server has no model {body.model!r} loaded",
+                                hint=f"models: {', '.join(loaded) or 'none'} (GET /v1/models)")
+    messages = None
+    prompt = ""
+    if chat:
+        if not body.messages:
+            raise RequestError("a chat completion needs 'messages', a non-empty list", field="$.messages",
+                               status=422)
+        messages = [{"role": m.role, "content": m.content} for m in body.messages]
+    else:
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(prompts) != 1:
+            raise RequestError("this server takes one prompt per completion request", field="$.prompt",
+                               status=422, hint="send one request per prompt")
+        prompt = prompts[0]
+    max_tokens = body.max_completion_tokens or body.max_tokens or 16
+    if not 1 <= max_tokens <= MAX_TOKENS:
+        raise RequestError(f"max_tokens must be 1 to {MAX_TOKENS}, not {max_tokens}", field="$.max_tokens",
+                           status=422)
+    params = GenerationParams(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                              top_k=body.top_k, seed=body.seed)
+    parent = gateway.parent(request)
+    span = trace.get_current_span(parent) if parent is not None else None
+    ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    if not body.stream:
+        async with gateway.slot():
+            result = await bench.run_async(bench.engine.acall(Call(body.model, prompt, params, span,
+                                                                   messages=messages)))
+        return gateway.reply(request, _answer(ident, body.model, result, chat))
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    call = Call(body.model, prompt, params, span, messages=messages)
+    return StreamingResponse(_stream(gateway, request, call, ident, chat, include_usage),
+                             media_type="text/event-stream", headers={"cache-control": "no-cache"})
+
+
+async def _stream(gateway: Gateway, request: Request, call: Call, ident: str, chat: bool,
+                  include_usage: bool) -> AsyncIterator[bytes]:
+    """The call's tokens as OpenAI stream chunks, then one with the finish reason, the usage if asked, [DONE]."""
+    bench = gateway.bench
+    loop = asyncio.get_running_loop()
+    texts: asyncio.Queue[str] = asyncio.Queue()
+    call.on_token = lambda token, text: loop.call_soon_threadsafe(texts.put_nowait, text)
+    started = request.state.started
+    created = int(time.time())
+    route = "/v1/chat/completions" if chat else "/v1/completions"
+    status = 200
+
+    def chunk(choice: dict[str, Any], usage: dict[str, int] | None = None) -> bytes:
+        value: dict[str, Any] = {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion",
+                                 "created": created, "model": call.model, "choices": [choice] if choice else []}
+        if usage is not None:
+            value["usage"] = usage
+        return b"data: " + env.encode(value, env.JSON) + b"\n\n"
+
+    def piece(text: str, finish: str | None = None) -> dict[str, Any]:
+        if chat:
+            return {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}
+        return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+
+    try:
+        async with gateway.slot():
+            if chat:
+                yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+            task = asyncio.ensure_future(bench.run_async(bench.engine.acall(call)))
+            try:
+                first = True
+                while True:
+                    getter = asyncio.ensure_future(texts.get())
+                    await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                    if not getter.done():
+                        getter.cancel()
+                        break
+                    if first:
+                        gateway.metrics.ttft.labels(call.model).observe(time.perf_counter() - started)
+                        first = False
+                    yield chunk(piece(getter.result()))
+                while not texts.empty():  # tokens that landed as the call finished
+                    yield chunk(piece(texts.get_nowait()))
+                result: GenerationResult = task.result()
+            finally:
+                task.cancel()
+        yield chunk(piece("", result.finish_reason))
+        if include_usage:
+            yield chunk({}, _usage(result))
+        yield b"data: [DONE]\n\n"
+    except Exception as exc:  # the stream has begun: report the failure inside it, as OpenAI-compatible servers do
+        detail = error_detail(exc)
+        status = detail.status
+        yield b"data: " + env.encode(ErrorResponse(error=detail), env.JSON) + b"\n\n"
+    finally:
+        gateway.metrics.observe(route, "POST", status, time.perf_counter() - started)
+
+
+def _usage(result: GenerationResult) -> dict[str, int]:
+    return {"prompt_tokens": result.tokens_in, "completion_tokens": result.tokens_out,
+            "total_tokens": result.tokens_in + result.tokens_out}
+
+
+def _answer(ident: str, model: str, result: GenerationResult, chat: bool) -> dict[str, Any]:
+    if chat:
+        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": result.text},
+                                  "finish_reason": result.finish_reason}
+    else:
+        choice = {"index": 0, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None}
+    return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": model, "choices": [choice], "usage": _usage(result)}

@@ -1,0 +1,178 @@
+"""A gateway running on uvicorn: in a background thread (``bench.serve``, the magics) or in the foreground (the CLI)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Any
+
+import uvicorn
+
+from workbench.errors import WorkbenchError
+from workbench.fronts.server.app import create_app
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+
+    from workbench.bench import Workbench
+    from workbench.chains.chain import Chain
+    from workbench.fronts.server.auth import Auth
+
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+
+
+class ServeError(WorkbenchError):
+    """A gateway that cannot start: an unsafe host and auth pairing, a port in use."""
+
+
+def resolve_auth(auth: Auth | bool | None, host: str, data_dir: Any) -> Auth:
+    """The Auth a server on ``host`` uses: None requires API keys (kept in ``data_dir``), False lets anyone in,
+    which only a loopback host may do."""
+    from workbench.fronts.server.auth import Auth
+
+    if auth is False:
+        auth = Auth.open()
+    elif auth is None or auth is True:
+        auth = Auth(data_dir)
+    auth.check_host(host)  # an open Auth on an address other machines reach: refused
+    return auth
+
+
+class Server:
+    """A gateway serving on ``url`` until :meth:`stop` (or the end of a ``with`` block).
+
+    ``app`` is the ASGI app, ``app.state.gateway`` its Gateway (chains served, metrics).
+    """
+
+    def __init__(self, app: Starlette, host: str, port: int, bench: Workbench, *, log_level: str = "warning") -> None:
+        self.app = app
+        self.host = host
+        self._bench = bench
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._socket = socket.socket(family, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Accepted connections inherit it (Linux): a response goes out as headers, then body, in two writes, and
+        # with Nagle on the second waited for the client's delayed ACK, 40 ms a request on loopback.
+        self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            self._socket.bind((host, port))
+        except OSError as exc:
+            self._socket.close()
+            raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
+                             hint="pick another port, or port=0 for any free one") from None
+        self.port = int(self._socket.getsockname()[1])
+        config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="off",
+                                timeout_keep_alive=5, timeout_graceful_shutdown=2)
+        self._server = uvicorn.Server(config)
+        self._serving: Future[None] | None = None
+
+    @property
+    def url(self) -> str:
+        """The server's base URL, ``http://127.0.0.1:PORT``; its OpenAI base is ``url + "/v1"``."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._serving is not None and not self._serving.done() and not self._server.should_exit
+
+    def start(self) -> Server:
+        """Serve on the workbench's own event loop; returns once the server accepts connections.
+
+        The loop the chains walk on serves their requests too, so a request's run starts and
+        answers without a hand-off between threads (see benchmarks/served.py).
+        """
+        self._serving = self._bench.start(self._server.serve(sockets=[self._socket]))
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self._server.started:
+            if self._serving.done() or time.monotonic() > deadline:
+                failure = self._serving.exception() if self._serving.done() else None
+                self.stop()
+                raise ServeError(f"the server on {self.url} did not start" + (f": {failure}" if failure else ""),
+                                 hint="its log above says why")
+            time.sleep(0.01)
+        return self
+
+    def run(self) -> None:
+        """Serve until Ctrl-C or SIGTERM (the command line's way): this thread waits while the workbench's loop serves."""
+        previous = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() \
+            else None
+        try:
+            self.start()
+            assert self._serving is not None
+            while not self._serving.done():
+                try:
+                    self._serving.result(timeout=0.5)  # wakes for a Ctrl-C between waits
+                except FutureTimeout:
+                    continue
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.stop()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+    def stop(self) -> None:
+        """Stop serving: open streams get a moment to end, then connections close. Stopping twice is harmless."""
+        self._server.should_exit = True
+        if self._serving is not None and not _on_a_loop():
+            try:
+                self._serving.result(STOP_TIMEOUT_S)
+            except BaseException:  # cancelled with a closed workbench, or it failed to start: stopped either way
+                pass
+        self._socket.close()
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        chains = sorted(self.app.state.gateway.chains)
+        return f"<Server {self.url} chains={chains} {'running' if self.running else 'stopped'}>"
+
+
+def build(
+    bench: Workbench,
+    chains: Collection[Chain] = (),
+    *,
+    port: int = 8000,
+    host: str = "127.0.0.1",
+    auth: Auth | bool | None = None,
+    log_level: str = "warning",
+    **options: Any,
+) -> Server:
+    """A Server for ``chains`` on ``host:port``, not started yet (see :func:`serve`)."""
+    app = create_app(bench, chains, resolve_auth(auth, host, bench.data_dir), **options)
+    return Server(app, host, port, bench, log_level=log_level)
+
+
+def serve(bench: Workbench, chains: Collection[Chain] = (), **settings: Any) -> Server:
+    """``bench.serve(...)``: serve ``chains`` from a background thread; the running Server.
+
+    ``port`` (8000; 0 picks a free one), ``host`` (127.0.0.1: another host must be named), ``auth``
+    (None: API keys from ``bench.data_dir``; an Auth; False: no credentials, loopback only),
+    ``max_in_flight`` runs at once, ``body_timeout_s``.
+    """
+    return build(bench, chains, **settings).start()
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM (a container stopping) stops the server as Ctrl-C does
+
+
+def _on_a_loop() -> bool:
+    """True inside a running event loop (a hop, a handler), where waiting for the server to end would block it."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
