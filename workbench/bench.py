@@ -116,6 +116,7 @@ class Workbench:
         self._runs: OrderedDict[str, Run] = OrderedDict()
         self._runs_lock = threading.Lock()
         self._chains: dict[str, Chain] = {}
+        self._servers: list[Any] = []  # started by serve(); close() stops them
         self._built: weakref.WeakSet[Chain] = weakref.WeakSet()  # every chain, so close() stops their watchers
         self._configs: list[LiveConfig] = []
         self._allowed_modules: tuple[str, ...] = ()
@@ -537,7 +538,9 @@ class Workbench:
         if _gateway.start_server is None:
             raise WorkbenchError("the gateway is not available", hint="import workbench first")
         served = list(self._chains.values()) if chains is None else list(chains)
-        return _gateway.start_server(self, chains=served, port=port, host=host, auth=auth, **options)
+        server = _gateway.start_server(self, chains=served, port=port, host=host, auth=auth, **options)
+        self._servers.append(server)  # close() stops it before the loop it runs on
+        return server
 
     # -- the event loop chains walk on (the ChainHost protocol) -------------------------------------
 
@@ -682,6 +685,8 @@ class Workbench:
         if self._closed:
             return
         self._closed = True
+        for server in self._servers:
+            server.stop()  # stopping twice is harmless; open streams get a moment to end
         for config in self._configs:
             config.stop()
         for chain in list(self._built):
