@@ -149,3 +149,13 @@ BREAKER_FAILURES = "workbench.breaker.failures"
 BREAKER_LAST_ERROR = "workbench.breaker.last_error"
 RETRY_WAIT_MS = "workbench.retry.wait_ms"
 FALLBACK_REASON = "workbench.fallback.reason"
+
+# Caches (the hop's ``cache:``) and prefetch: the exact response cache's lookup on the hop span, the prefix
+# (KV) cache's reuse on the request span (and copied to the hop span), and whether a map prepared the hop ahead.
+CACHE_MODE = "workbench.cache.mode"  # off, exact, prefix, exact+prefix
+CACHE_HIT = "workbench.cache.hit"  # the exact cache answered (the engine was not called)
+CACHE_KEY = "workbench.cache.key"
+CACHE_SAVED_MS = "workbench.cache.saved_ms"  # on a hit: what the stored answer cost the model when it made it
+PREFIX_TOKENS = "workbench.cache.prefix_tokens"  # prompt tokens whose KV was reused, not prefilled
+PREFIX_SAVED_MS = "workbench.cache.prefix_ttft_saved_ms"  # estimate: the prefix's own prefill, measured once
+PREFETCHED = "workbench.prefetch.prepared"  # a map prepared this hop (rendered, tokenized, prefix warmed) ahead
