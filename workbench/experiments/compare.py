@@ -43,6 +43,18 @@ _BOOTSTRAPPED = ("e2e_p50_ms", "e2e_p95_ms", "e2e_p99_ms", "ttft_p50_ms", "ttft_
 _CACHE_FIGURES = ("cache_hit_rate", "prefix_tokens_reused", "prefix_kv_mb")
 
 
+def _cache_figures(passes: pd.DataFrame, calls: pd.DataFrame) -> dict[str, float]:
+    """A strategy's exact-cache hit rate (hits per lookup; 0 without lookups), prefix tokens reused per model call,
+    and the most prefix KV a pass ended with (frames from before these were measured have none)."""
+    lookups = passes["cache_lookups"].sum() if "cache_lookups" in passes else 0
+    prefix = calls["prefix_tokens"].astype("Float64").fillna(0) if "prefix_tokens" in calls else None
+    return {
+        "cache_hit_rate": float(passes["cache_hits"].sum() / lookups) if lookups else 0.0,
+        "prefix_tokens_reused": float(prefix.mean()) if prefix is not None and len(prefix) else float("nan"),
+        "prefix_kv_mb": float(passes["prefix_kv_mb"].max()) if "prefix_kv_mb" in passes else float("nan"),
+    }
+
+
 def _with_bounds(*columns: str) -> list[str]:
     return [name for column in columns for name in
             ((column, f"{column}_lo", f"{column}_hi") if column in _OVER_REPEATS + _BOOTSTRAPPED else (column,))]
@@ -336,7 +348,10 @@ class Comparison:
         environment: Mapping[str, Any],
     ) -> None:
         self.chain = chain
-        self.strategies = list(strategies)
+        # Strategies and frames made before an axis existed (a saved comparison) hold it as left unchanged.
+        self.strategies = [tuple(labels) + (UNCHANGED,) * (len(AXES) - len(labels)) for labels in strategies]
+        samples, calls, passes = (frame.assign(**{axis: UNCHANGED for axis in AXES if axis not in frame})
+                                  for frame in (samples, calls, passes))
         self._samples, self._calls, self._passes = samples, calls, passes
         self.environment = dict(environment)
 
@@ -397,11 +412,7 @@ class Comparison:
                     "replica_load": _replica_load(calls),
                     "errors": int((~runs["ok"]).sum()),
                     "repeats": len(passes),
-                    "cache_hit_rate": (float(passes["cache_hits"].sum() / passes["cache_lookups"].sum())
-                                       if passes["cache_lookups"].sum() else 0.0),
-                    "prefix_tokens_reused": (float(calls["prefix_tokens"].fillna(0).mean())
-                                             if len(calls) else float("nan")),
-                    "prefix_kv_mb": passes["prefix_kv_mb"].max(),
+                    **_cache_figures(passes, calls),
                 }
             )
         return _rank(pd.DataFrame(rows))[TABLE_COLUMNS]
