@@ -27,7 +27,11 @@ import pandas as pd
 import torch
 import transformers
 
+from opentelemetry.trace import INVALID_SPAN
+
 import workbench as wb
+from workbench.chains.spec import fixed_prefix as wb_fixed_prefix
+from workbench.engine.requests import GenerationRequest
 
 ARMS = ["off", "exact", "prefix"]
 WORDS = ("you answer questions about geography history and science in one short sentence without preamble "
@@ -92,11 +96,36 @@ def main() -> None:
         passes = cmp.passes().set_index(["repeat", "cache"])["requests_per_s"]
         calls = cmp.calls()
         ttft = calls.groupby(["repeat", "cache"])["ttft_ms"].median()
+        headline = {}
         for arm in ("exact", "prefix"):
             throughput = [passes[(r, arm)] / passes[(r, "off")] for r in range(args.repeats)]
-            print(f"{arm} / off throughput: {spread(throughput)}")
+            headline[arm] = spread(throughput)
+            print(f"{arm} / off throughput: {headline[arm]}")
         ratios = [ttft[(r, "prefix")] / ttft[(r, "off")] for r in range(args.repeats)]
         print(f"prefix / off TTFT p50 (model calls): {spread(ratios)}")
+
+        # The prefill alone: one batch of ``concurrency`` prompts straight to the backend, one new token,
+        # with the prefix KV reused (warm) and without, interleaved.
+        backend = bench.engine.worker("m").backend
+        template = chain.spec.hops[0].template
+        prompts = [template.render({"question": i["question"]}) for i in inputs[:args.concurrency]]
+        ids = backend.tokenize(prompts)
+        prefix_ids = backend.tokenize([wb_fixed_prefix(template)])[0][:-1]
+        one = wb.GenerationParams(max_new_tokens=1)
+
+        def batch(prefixed: bool) -> list[GenerationRequest]:
+            return [GenerationRequest("m", row, one, INVALID_SPAN, prefix_len=len(prefix_ids) if prefixed else 0)
+                    for row in ids]
+
+        backend.generate(batch(True))  # prefills the prefix once
+        prefill: dict[bool, list[float]] = {False: [], True: []}
+        for repeat in range(args.repeats * 10):
+            for prefixed in ((False, True) if repeat % 2 == 0 else (True, False)):
+                prefill[prefixed].append(backend.generate(batch(prefixed))[1].prefill_ms)
+        prefill_pairs = pairs = [warm / cold for warm, cold in zip(prefill[True], prefill[False])]
+        print(f"prefill of {len(ids)} prompts (~{len(ids[0])} tokens, {len(prefix_ids)} of them the prefix): "
+              f"without the prefix cache {spread(prefill[False])} ms, with it {spread(prefill[True])} ms; "
+              f"with / without: {spread(pairs)} ({len(pairs)} interleaved pairs)")
 
         # Prefetch: the same map with the prefix cache, without and with prefetch, interleaved.
         prefixed = spec(args.prefix_words, args.max_new_tokens)
@@ -116,6 +145,8 @@ def main() -> None:
         print(f"prefetch off wall: {spread(walls[False])} s; on: {spread(walls[True])} s "
               f"({len(pairs)} interleaved pairs, {args.inputs} distinct inputs, prefix cache on, cold each map)")
         print(f"prefetch on / off wall time: {spread(pairs)} (below 1 means prefetch helps)")
+        print(f"throughput vs off: exact {headline['exact']}, prefix {headline['prefix']}; prefill with / without "
+              f"the prefix cache {spread(prefill_pairs)}; prefetch on / off wall {spread(pairs)}")
 
 
 if __name__ == "__main__":

@@ -58,9 +58,11 @@ class PrefixCache:
         started = time.perf_counter()
         with torch.inference_mode():
             output = self._model(input_ids=torch.tensor([list(ids)], device=self._device), use_cache=True)
-        cache = getattr(output, "cache", None) or output.past_key_values
-        if self._device != "cpu" and torch.cuda.is_available() and str(self._device).startswith("cuda"):
-            torch.cuda.synchronize(self._device)
+        cache = getattr(output, "cache", None)
+        if cache is None:  # transformers before 5.x names it past_key_values
+            cache = output.past_key_values
+        if torch.device(self._device).type == "cuda":
+            torch.cuda.synchronize(self._device)  # else the clock reads the launch, not the prefill
         layers = [(layer.keys, layer.values) for layer in cache.layers]
         size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
         return PrefixEntry(ids, layers, (time.perf_counter() - started) * 1e3, size)
