@@ -64,7 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", help="a checkpoint directory (default: the offline tiny model)")
-    parser.add_argument("--prefix-words", type=int, default=150)
+    parser.add_argument("--prefix-words", type=int, default=100, help="the tiny model has a 512-token window")
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--inputs", type=int, default=32)
     parser.add_argument("--repeat-rate", type=float, default=0.5)
@@ -90,7 +90,7 @@ def main() -> None:
               f"concurrency {args.concurrency}, dynamic:{args.concurrency}:5ms, {args.repeats} repeats")
         columns = ["cache", "requests_per_s", "requests_per_s_lo", "requests_per_s_hi", "ttft_p50_ms", "e2e_p50_ms",
                    "e2e_p95_ms", "n", "ttft_n", "cache_hit_rate", "prefix_tokens_reused", "prefix_kv_mb",
-                   "peak_weights_mb"]
+                   "peak_weights_mb", "errors"]
         with pd.option_context("display.width", 220, "display.max_columns", 20):
             print(cmp.table()[columns].round(3).to_string(index=False))
         passes = cmp.passes().set_index(["repeat", "cache"])["requests_per_s"]

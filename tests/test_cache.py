@@ -360,3 +360,13 @@ def test_compare_measures_cache_arms_side_by_side(loaded: wb.Workbench) -> None:
     assert shown.column("cache") == ["off", "exact", "prefix"] and "cache_hit_rate" in shown.to_html()
     with pytest.raises(wb.WorkbenchError, match="cache"):
         wb.compare(chain, inputs, cache=["exactly"], repeats=1, progress=False)
+
+
+def test_the_compare_magic_takes_cache_arms() -> None:
+    from workbench.errors import ParseError
+    from workbench.fronts.notebook.parsers import CompareCommand, parse_command
+
+    command = parse_command("compare qa --inputs q.jsonl --cache off,exact,prefix")
+    assert isinstance(command, CompareCommand) and command.cache == ("off", "exact", "prefix")
+    with pytest.raises(ParseError, match="'exactly' is not a cache arm"):
+        parse_command("compare qa --inputs q.jsonl --cache off,exactly")
