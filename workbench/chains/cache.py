@@ -188,7 +188,7 @@ class ResponseCache:
         return int(count)
 
     def stats(self) -> pd.DataFrame:
-        """One row per hop and model: hits, misses, hit rate (this workbench's), entries and bytes stored, seconds saved.
+        """One row per hop and model: hits, misses, hit rate (this workbench's), entries and bytes stored, time saved.
 
         ``saved_s`` adds up, over the hits, what the stored answer cost when the model made it.
         """

@@ -598,7 +598,7 @@ def _cache(
     raw: Mapping[str, Any], name: str, path: tuple[Any, ...], lines: _Lines, params: GenerationParams,
     template: PromptTemplate | None,
 ) -> HopCache:
-    """The hop's ``cache:``: a mode (``off``, ``exact``, ``prefix``), a list of modes, or ``{mode: ..., force: ...}``."""
+    """The hop's ``cache:``: a mode (``off``, ``exact``, ``prefix``), a list of them, or ``{mode: ..., force: ...}``."""
     value, line = raw["cache"], lines.of(*path, "cache")
     example = "e.g. cache: exact, cache: prefix, cache: [exact, prefix] or cache: {mode: exact, force: true}"
     force = False

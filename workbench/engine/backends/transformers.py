@@ -197,7 +197,6 @@ class TransformersBackend:
         """Generate for every request of ``batch`` (equal params) in one padded call."""
         params = batch[0].params
         model, device = self.loaded.model, self.loaded.device
-        started = time.perf_counter()
         shared = _shared_prefix(batch)
         prefix: PrefixEntry | None = None
         cached: dict[str, Any] = {}
@@ -209,6 +208,7 @@ class TransformersBackend:
         else:
             # Every row starts with the same cached prefix: [prefix][padding][suffix]. The mask hides the padding,
             # and generate numbers positions by the mask's running count, so each suffix goes on from the prefix.
+            looked_up = time.perf_counter()
             prefix, hit = self.prefix_cache.get(shared)
             size = len(shared)
             width = max(r.tokens_in for r in batch)
@@ -219,6 +219,8 @@ class TransformersBackend:
                 prefix = None  # prefilled in this batch: nothing was saved this time
         input_ids = torch.tensor(rows, dtype=torch.long)
         attention = torch.tensor(masks, dtype=torch.long)
+        # A prefix prefilled for this batch (a miss) is part of its prefill.
+        started = looked_up if shared is not None and prefix is None else time.perf_counter()
         streaming = on_token is not None and any(r.stream for r in batch)
         clock = _StepClock(self._streamer(batch, on_token) if streaming else None)  # type: ignore[arg-type]
         cancellable = any(r.cancellable for r in batch)
@@ -274,6 +276,10 @@ class TransformersBackend:
         return results, timing
 
 
+# How many tokens short of the shortest prefix in a batch the common part may fall and still be reused.
+_PREFIX_SLACK = 4
+
+
 def _shared_prefix(batch: list[GenerationRequest]) -> tuple[int, ...] | None:
     """The prefix token ids every request of ``batch`` shares and may reuse from the prefix cache, or None.
 
@@ -291,7 +297,3 @@ def _shared_prefix(batch: list[GenerationRequest]) -> tuple[int, ...] | None:
         size = same
     # A few tokens in common (a BOS, a word) are not a shared prefix worth a cache entry.
     return tuple(shared[:size]) if size >= max(1, min(r.prefix_len for r in batch) - _PREFIX_SLACK) else None
-
-
-# How many tokens short of the shortest prefix in a batch the common part may fall and still be reused.
-_PREFIX_SLACK = 4
