@@ -280,10 +280,18 @@ def test_prefix_cache_output_equals_no_cache_output_token_for_token(loaded: wb.W
     prompts = [f"{LONG}Question: {q}\nAnswer:" for q in questions]
     plain, _ = backend.generate(_requests(loaded, prompts, None))
     cold, _ = backend.generate(_requests(loaded, prompts, LONG))  # prefills the prefix
-    warm, timing = backend.generate(_requests(loaded, prompts, LONG))  # reuses it
+    # What the model's first forward of a batch is given: the whole prompt, or the part after the prefix.
+    widths: list[int] = []
+    embeddings = loaded.registry.get("tiny").model.get_input_embeddings()
+    hook = embeddings.register_forward_hook(lambda module, args, output: widths.append(args[0].shape[1]))
+    try:
+        warm, timing = backend.generate(_requests(loaded, prompts, LONG))  # reuses it
+    finally:
+        hook.remove()
     assert [r.token_ids for r in cold] == [r.token_ids for r in plain]
     assert [r.token_ids for r in warm] == [r.token_ids for r in plain]
     assert all(r.prefix_tokens > 20 and r.prefix_saved_ms > 0 for r in warm)
+    assert widths[0] == timing.padded_len - warm[0].prefix_tokens  # the prefix was not prefilled again
     assert all(r.prefix_tokens == 0 for r in cold)
     assert timing.size == len(questions)
 
