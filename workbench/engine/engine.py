@@ -503,11 +503,14 @@ class Engine:
 
     def _tokens_of_prefix(self, worker: ModelWorker, prefix: str) -> list[int]:
         key = (worker.name, prefix)
-        ids = self._prefix_ids.get(key)
+        with self._lock:
+            ids = self._prefix_ids.get(key)
         if ids is None:
-            ids = self._prefix_ids[key] = worker.backend.tokenize([prefix])[0]
-            while len(self._prefix_ids) > _MAX_REMEMBERED:
-                self._prefix_ids.popitem(last=False)
+            ids = worker.backend.tokenize([prefix])[0]
+            with self._lock:  # the loop's thread and a map's prefetch (in the hop pool) both come here
+                self._prefix_ids[key] = ids
+                while len(self._prefix_ids) > _MAX_REMEMBERED:
+                    self._prefix_ids.popitem(last=False)
         return ids
 
     def prepare_prompt(self, model: str, prompt: str, prefix: str | None = None) -> None:
