@@ -21,7 +21,7 @@ from workbench.engine.requests import GenerationParams
 from workbench.chains.resilience import NO_RESILIENCE, Fallback, Resilience, RetryPolicy
 from workbench.engine.failures import ERROR_KINDS
 from workbench.errors import GraphError, SpecError
-from workbench.knowledge import DEFAULT_MAX_TRIPLES, GraphSource, GraphStore, resolve
+from workbench.knowledge import DEFAULT_MAX_TRIPLES, DEMO_GRAPHS, GraphSource, GraphStore, resolve
 
 CHAIN_FIELDS = ("name", "description", "inputs", "hops", "output", "history")
 LLM_FIELDS = ("name", "kind", "model", "prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "seed",
@@ -978,6 +978,11 @@ def _parse_knowledge_hop(raw: Mapping[str, Any], name: str, path: tuple[Any, ...
     if "graph" not in raw:
         raise SpecError("a knowledge hop needs 'graph': a demo graph's name or a path to a .csv or .json file",
                         hop=name, field="graph", line=lines.of(*path), hint="e.g. graph: countries")
+    if trust.serving() and not (isinstance(raw["graph"], str) and raw["graph"] in DEMO_GRAPHS):
+        # A client's spec must not read the server's files into a prompt (and its answer): only shipped graphs.
+        raise GraphError(f"a spec sent to a server may name only the shipped graphs ({', '.join(DEMO_GRAPHS)}), "
+                         f"not {_show(raw['graph'])}", hop=name, field="graph", line=lines.of(*path, "graph"),
+                         hint="load your own triples in the server's notebook or spec file instead")
     try:
         source = resolve(raw["graph"])
     except GraphError as exc:
