@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import html
+import os
 import queue
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from workbench.chains.batch import Errors, MapInterrupted, MapState, RunBatch, reuse, run_all
 from workbench.chains.events import Event, RunFinished
 from workbench.chains.host import ChainHost
+from workbench.chains.live import DEFAULT_INTERVAL_S, ConfigRefusal, ConfigVersion, FileWatcher, LiveSpec, refuse
 from workbench.chains.run import Run
 from workbench.chains.runner import Interrupted, check_inputs, check_session
 from workbench.chains.spec import ChainSpec, HopSpec
@@ -22,12 +25,24 @@ class Chain:
 
     Every way to run it has a blocking and an awaited form with the same behaviour:
     ``run``/``arun``, ``map``/``amap``, ``stream``/``astream``.
+
+    Its spec may change while it serves (:meth:`set`, :meth:`update`, :meth:`watch`): each run
+    uses the version that served when it started, and records it (``run.config_version``).
+    ``parse`` validates a changed spec as the host does (against the models it knows).
     """
 
-    def __init__(self, spec: ChainSpec, host: ChainHost) -> None:
-        self.spec = spec
+    def __init__(
+        self, spec: ChainSpec, host: ChainHost, parse: Callable[[str | Mapping[str, Any]], ChainSpec] | None = None
+    ) -> None:
+        self._live = LiveSpec(spec, parse)
+        self._watcher: FileWatcher | None = None
         self._host = host
         self.last_batch: RunBatch | None = None  # the latest map's runs, filled in as they finish
+
+    @property
+    def spec(self) -> ChainSpec:
+        """The spec serving now: what a run that starts now uses (an edit makes a new one; runs keep theirs)."""
+        return self._live.current
 
     @property
     def name(self) -> str:
@@ -84,6 +99,7 @@ class Chain:
         *,
         errors: Errors = "keep",
         resume: Iterable[Run | None] | None = None,
+        prefetch: bool = False,
     ) -> RunBatch:
         """Run once per input mapping, ``concurrency`` at a time; the RunBatch lists Runs in input order.
 
@@ -95,11 +111,16 @@ class Chain:
         (a KeyboardInterrupt) whose ``.batch`` is that batch, with ``None`` for inputs not run
         (runs in flight still land in it). ``resume=`` a previous batch (or any Runs, e.g.
         ``bench.runs()``) reuses the successful runs of equal inputs and runs only the others.
+
+        ``prefetch=True`` gets the next inputs' first hops ready while earlier runs go (their prompts
+        rendered and tokenized, the prefix KV of ``cache: prefix`` hops warmed), so each starts the
+        moment a lane frees. Not with a ``session`` (the history the prompts read is not known ahead).
         """
         batch = self._batch(inputs, errors, resume, concurrency, session)
         state = MapState(batch, batch.missing)
         try:
-            return self._host.run_sync(self._map(batch, concurrency, session, errors, state), on_interrupt=state.stop)
+            return self._host.run_sync(self._map(batch, concurrency, session, errors, state, prefetch),
+                                       on_interrupt=state.stop)
         except (KeyboardInterrupt, Interrupted):
             batch.interrupted = True
             raise MapInterrupted(batch) from None
@@ -112,11 +133,12 @@ class Chain:
         *,
         errors: Errors = "keep",
         resume: Iterable[Run | None] | None = None,
+        prefetch: bool = False,
     ) -> RunBatch:
         """``await chain.amap(...)``: :meth:`map` awaited; cancelling it stops new starts and keeps what finished."""
         batch = self._batch(inputs, errors, resume, concurrency, session)
         try:
-            return await self._host.run_async(self._map(batch, concurrency, session, errors, None))
+            return await self._host.run_async(self._map(batch, concurrency, session, errors, None, prefetch))
         except Interrupted:
             raise MapInterrupted(batch) from None
 
@@ -154,12 +176,23 @@ class Chain:
         return batch
 
     async def _map(
-        self, batch: RunBatch, concurrency: int, session: str | None, errors: Errors, state: MapState | None
+        self, batch: RunBatch, concurrency: int, session: str | None, errors: Errors, state: MapState | None,
+        prefetch: bool = False,
     ) -> RunBatch:
+        prepare = getattr(self._host, "aprepare_spec", None)
+        ahead = _Ahead(batch, concurrency, lambda item: prepare(self.spec, item)) \
+            if prefetch and session is None and prepare is not None else None
+
         async def execute(item: dict[str, Any]) -> Run:
+            if ahead is not None:
+                ahead.started()
             return await self._host.arun_spec(self.spec, item, session)
 
-        return await run_all(batch, execute, concurrency, errors, state)
+        try:
+            return await run_all(batch, execute, concurrency, errors, state)
+        finally:
+            if ahead is not None:
+                ahead.close()
 
     # -- streaming -----------------------------------------------------------------------------
 
@@ -210,6 +243,74 @@ class Chain:
         finally:
             future.cancel()
 
+    # -- live configuration --------------------------------------------------------------------
+
+    @property
+    def version(self) -> ConfigVersion:
+        """The serving configuration's version: ``number`` counts accepted versions from 1, ``digest`` hashes it."""
+        return self._live.version
+
+    @property
+    def config_errors(self) -> list[ConfigRefusal]:
+        """Edits that were refused (a watched file that did not validate, a bad :meth:`set`), oldest first."""
+        return list(self._live.refusals)
+
+    @property
+    def overrides(self) -> dict[str, Any]:
+        """Fields set live with :meth:`set`, by path; they stay over later edits of the spec until :meth:`unset`."""
+        return self._live.overrides
+
+    def set(self, path: str | Mapping[str, Any], value: Any = None) -> ConfigVersion:
+        """Change one field live, for runs that start from now on: ``chain.set("answer.temperature", 0.7)``;
+        or several at once, in one version: ``chain.set({"answer.temperature": 0.7, "plan.max_new_tokens": 8})``.
+
+        ``path`` is ``HOP.FIELD`` (``answer.prompt``, ``plan.max_new_tokens``, ``answer.retry.attempts``)
+        or a chain field (``history``, ``output``, ``description``). The whole spec is validated again
+        with the new value; a value the spec does not allow raises SpecError and nothing changes.
+        Code (a Python hop's ``call``), names and ``uses`` are not set live. Returns the new version.
+        """
+        return self._live.set(path if isinstance(path, Mapping) else {path: value})
+
+    def unset(self, *paths: str) -> ConfigVersion:
+        """Drop values set with :meth:`set`: the fields take the spec's own values again."""
+        return self._live.unset(paths)
+
+    def update(self, spec: str | Mapping[str, Any]) -> ConfigVersion:
+        """Replace the spec (YAML text or a dict) for runs that start from now on; SpecError refuses it whole.
+
+        The chain keeps its name; values set with :meth:`set` stay on top.
+        """
+        return self._live.update(spec)
+
+    def watch(self, path: str | os.PathLike[str], interval_s: float = DEFAULT_INTERVAL_S) -> None:
+        """Follow the spec file at ``path``: each edit that validates becomes the next version, within about
+        ``interval_s``; one that does not is refused (logged, warned about, kept in :attr:`config_errors`)
+        while the last good version keeps serving. Replaces an earlier watch; stops on ``bench.close()``.
+        """
+        self._host.check_open(f"watch {str(path)!r}")
+        origin = str(path)
+
+        def unreadable(error: WorkbenchError) -> None:
+            self._live.refusals.append(refuse(origin, error, self.version, f"chain {self.name!r}"))
+
+        # The first poll reads the file again: an edit made since the chain was built is not missed, and
+        # the same content again makes no new version.
+        watcher = FileWatcher(path, lambda text: self._live.update(text, origin), interval_s,
+                              on_unreadable=unreadable)
+        self.unwatch()
+        self._watcher = watcher.start()
+
+    def unwatch(self) -> None:
+        """Stop following the spec file; the version serving now stays."""
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.stop()
+
+    @property
+    def watching(self) -> Path | None:
+        """The spec file this chain follows, or None."""
+        return self._watcher.path if self._watcher is not None and self._watcher.running else None
+
     def __repr__(self) -> str:
         arrows = ", ".join(f"{h.name}<-[{','.join(h.deps)}]" if h.deps else h.name for h in self.spec.hops)
         return f"<Chain {self.name!r}: {arrows}; inputs {list(self.inputs)}; output {self.spec.output!r}>"
@@ -231,10 +332,49 @@ class Chain:
         )
 
 
+class _Ahead:
+    """A map's prefetch: while ``concurrency`` runs go, the inputs that start next get their first hops ready.
+
+    At the start the second wave (inputs ``concurrency`` to ``2 * concurrency - 1``) is prepared; each
+    run that starts then queues the input ``concurrency`` places after it. One task prepares them in order.
+    """
+
+    def __init__(self, batch: RunBatch, concurrency: int, prepare: Callable[[dict[str, Any]], Awaitable[Any]]) -> None:
+        self._order = batch.missing
+        self._items = batch.inputs
+        self._concurrency = concurrency
+        self._prepare = prepare
+        self._starts = 0
+        self._queue: asyncio.Queue[int] = asyncio.Queue()
+        for position in range(concurrency, min(2 * concurrency, len(self._order))):
+            self._queue.put_nowait(self._order[position])
+        self._task = asyncio.ensure_future(self._work())
+
+    def started(self) -> None:
+        """The next input in order started: queue the one ``concurrency`` places after it (the first wave's are)."""
+        position, self._starts = self._starts, self._starts + 1
+        ahead = position + self._concurrency
+        if position >= self._concurrency and ahead < len(self._order):
+            self._queue.put_nowait(self._order[ahead])
+
+    async def _work(self) -> None:
+        while True:
+            index = await self._queue.get()
+            await self._prepare(self._items[index])
+
+    def close(self) -> None:
+        self._task.cancel()
+
+
 def _shown(hop: HopSpec) -> str:
-    """What a hop does, as the chain's table shows it: its prompt, its messages a line each, or its function."""
+    """What a hop does, as the chain's table shows it: its prompt, its messages a line each, its graph query, or its
+    function."""
     if hop.messages is not None:
         return "\n".join(f"{role}: {template.source}" for role, template in hop.messages)
+    if hop.knowledge is not None:
+        k = hop.knowledge
+        return f"graph {k.source}, {k.hops} hop{'s' if k.hops > 1 else ''}, at most {k.max_triples} triples: " \
+            f"{k.query.source}"
     return hop.prompt or getattr(hop.call, "__qualname__", "")
 
 

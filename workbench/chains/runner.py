@@ -1,7 +1,10 @@
 """Walks a chain's hop graph for one set of inputs on an event loop; hops whose inputs are ready run together.
 
 LLM hops await the engine; a Python hop runs in the hop thread pool, or on the loop itself when
-it is ``async def``. Every coroutine here runs on the workbench's loop; the sync API waits on it.
+it is ``async def``; a knowledge hop looks up its graph on the loop (a short query against a
+loaded graph, for a few hundred triples at most, takes well under a millisecond) and loads a graph,
+reads a long query or walks for many triples in the pool.
+Every coroutine here runs on the workbench's loop; the sync API waits on it.
 """
 
 from __future__ import annotations
@@ -21,20 +24,26 @@ from typing import Any
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, Status, StatusCode
 
+from workbench.chains.cache import ResponseCache, response_key
 from workbench.chains.context import ContextStore, History, RunRecord
 from workbench.chains.events import Event, HopFinished, HopStarted, RunFinished, Token
 from workbench.chains.resilience import Route, serve
 from workbench.chains.run import Run
-from workbench.chains.spec import ChainSpec, HopSpec
+from workbench.chains.spec import ChainSpec, HopSpec, fixed_prefix
 from workbench.chains.templates import PromptTemplate
 from workbench.engine import Call, Engine
 from workbench.engine.requests import Messages, check_text
 from workbench.errors import HopFailed, MissingInputError
+from workbench.knowledge import Facts, GraphStore, Lookup
 from workbench.tracing import Tracing
 from workbench.tracing import attributes as attr
 from workbench.tracing import openinference
 
 EventSink = Callable[[Event], None]
+# A knowledge hop is looked up on the loop when its query is at most this long (linking reads it word by word)
+# and it may return at most this many triples (the walk costs about 1 µs a triple, more past a few hundred).
+INLINE_QUERY_CHARS = 4_096
+INLINE_MAX_TRIPLES = 200
 
 # The trace a run started in this context joins: a served request's caller's (read from its W3C traceparent);
 # None starts a new trace. A context variable, so it travels with the awaiting task onto the workbench's loop
@@ -97,13 +106,23 @@ class RunState:
 
 
 class Runner:
-    """Runs chains against an engine, a tracer, a context store and a pool for Python hops."""
+    """Runs chains against an engine, a tracer, a context store, a pool for Python hops and knowledge hops' graphs."""
 
-    def __init__(self, engine: Engine, tracing: Tracing, store: ContextStore, hop_pool: Executor) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        tracing: Tracing,
+        store: ContextStore,
+        hop_pool: Executor,
+        graphs: GraphStore | None = None,
+        cache: ResponseCache | None = None,
+    ) -> None:
         self.engine = engine
         self.tracing = tracing
         self.store = store
         self.hop_pool = hop_pool
+        self.graphs = graphs if graphs is not None else GraphStore()  # knowledge hops' graphs, loaded once
+        self.cache = cache  # the exact response cache of ``cache: exact`` hops (None: they call the model every time)
 
     async def arun(
         self, spec: ChainSpec, inputs: Mapping[str, Any], session: str | None = None, events: EventSink | None = None
@@ -126,6 +145,8 @@ class Runner:
                 attr.RUN_ID: run_id,
                 **openinference.input_value(dict(inputs)),
                 **({attr.SESSION_ID: session, attr.OI_SESSION_ID: session} if session else {}),
+                **({attr.CONFIG_VERSION: spec.version.number, attr.CONFIG_HASH: spec.version.digest}
+                   if spec.version is not None else {}),
             },
             run=True,
         )
@@ -156,6 +177,7 @@ class Runner:
             duration_ms=(time.perf_counter() - started) * 1e3,
             session=session,
             error=failure,
+            config_version=spec.version,
             _index=self.tracing.index,
         )
         if failure is not None:
@@ -210,7 +232,7 @@ class Runner:
         values: dict[str, Any] = {**state.inputs, "history": state.history}
         values.update({d: state.outputs[d] for d in hop.deps})
         attributes: dict[str, object] = {
-            attr.SPAN_KIND: attr.KIND_CHAIN if hop.kind == "llm" else attr.KIND_TOOL,
+            attr.SPAN_KIND: {"llm": attr.KIND_CHAIN, "knowledge": attr.KIND_RETRIEVER}.get(hop.kind, attr.KIND_TOOL),
             attr.HOP_NAME: hop.name,
             attr.HOP_KIND: hop.kind,
             attr.CHAIN_NAME: spec.name,
@@ -266,13 +288,28 @@ class Runner:
         """The ways to serve ``hop``, in the order to try them: its own model or call, then its fallbacks."""
         on_token = _token_sink(state, hop.name) if state.events is not None else None
 
+        prefix = fixed_prefix(hop.template) if hop.cache.prefix and hop.template is not None else None
+        if hop.kind == "llm":
+            span.set_attribute(attr.CACHE_MODE, hop.cache.mode)
+
         def model(name: str) -> Route:
             label = f"model:{name}"
 
             async def call(attempt: int, timeout: float | None) -> Any:
+                key = await self._cached(hop, name, prompt, messages, span) if hop.cache.exact else None
+                if isinstance(key, _Hit):
+                    return key.text
                 call = Call(name, prompt, hop.params, span, hop.name, {attr.ATTEMPT: attempt, attr.ROUTE: label},
-                            timeout, on_token=on_token, session=state.session, messages=messages)
-                return (await self.engine.acall(call)).text
+                            timeout, on_token=on_token, session=state.session, messages=messages, prefix=prefix)
+                result = await self.engine.acall(call)
+                if result.prefix_tokens:
+                    span.set_attributes({attr.PREFIX_TOKENS: result.prefix_tokens,
+                                         attr.PREFIX_SAVED_MS: result.prefix_saved_ms})
+                if key is not None and self.cache is not None:
+                    await asyncio.get_running_loop().run_in_executor(
+                        self.hop_pool, self.cache.put, key, state.spec.name, hop.name, name, result.text,
+                        result.tokens_out, result.e2e_ms)
+                return result.text
 
             return Route(label, call)
 
@@ -283,12 +320,55 @@ class Runner:
 
         if hop.model:
             own = model(hop.model)
+        elif hop.knowledge is not None:
+            own = Route(f"graph:{hop.knowledge.source}",
+                        lambda attempt, timeout: self._look_up(hop, state, values, span))
         else:
             span.set_attributes(openinference.input_value(_arguments(hop, values)))
             own = Route(f"hop:{hop.name}", lambda attempt, timeout: self._call(hop, values))
         routes = [own]
         routes += [model(f.name) if f.kind == "model" else standby(f.name) for f in hop.resilience.fallback]
         return routes
+
+    async def _cached(
+        self, hop: HopSpec, model: str, prompt: str, messages: Messages | None, span: Span
+    ) -> _Hit | str | None:
+        """Look the call up in the exact cache: a hit, else the key to store its answer under (None: no cache)."""
+        if self.cache is None:
+            return None
+        loop = asyncio.get_running_loop()
+        cache = self.cache
+
+        def look() -> _Hit | str:
+            key = response_key(self.engine.identity(model), prompt, messages, hop.params)
+            found = cache.get(key, hop.name, model)
+            return key if found is None else _Hit(key, found.text, found.cost_ms)
+
+        answer = await loop.run_in_executor(self.hop_pool, look)
+        if isinstance(answer, _Hit):
+            span.set_attributes({attr.CACHE_HIT: True, attr.CACHE_KEY: answer.key, attr.CACHE_SAVED_MS: answer.cost_ms})
+        else:
+            span.set_attributes({attr.CACHE_HIT: False, attr.CACHE_KEY: answer})
+        return answer
+
+    async def prepare(self, spec: ChainSpec, inputs: Mapping[str, Any]) -> int:
+        """Get a run's first hops ready before it starts (a map's prefetch): render their prompts, tokenize them,
+        and warm the prefix KV of ``cache: prefix`` hops. Best effort: a failure here is left for the run to meet.
+        Returns how many hops it prepared."""
+        loop = asyncio.get_running_loop()
+        values: dict[str, Any] = {**inputs, "history": History([])}
+        prepared = 0
+        for hop in spec.hops:
+            if hop.kind != "llm" or hop.deps or hop.standby or hop.template is None or hop.model is None:
+                continue
+            try:
+                prompt = await self._render(hop.template, values, hop.resilience.timeout_s)
+                prefix = fixed_prefix(hop.template) if hop.cache.prefix else None
+                await loop.run_in_executor(self.hop_pool, self.engine.prepare_prompt, hop.model, prompt, prefix)
+            except Exception:  # the run itself meets (and reports) whatever went wrong
+                continue
+            prepared += 1
+        return prepared
 
     async def _call(self, hop: HopSpec, values: dict[str, Any]) -> Any:
         """Call a Python hop: by parameter name where it names them, else with the whole context.
@@ -305,6 +385,58 @@ class Runner:
                 raise Interrupted("a hop raised KeyboardInterrupt") from exc
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.hop_pool, _interruptible, hop.call, args, kwargs)
+
+    async def _look_up(self, hop: HopSpec, state: RunState, values: dict[str, Any], span: Span) -> Facts:
+        """A knowledge hop: render the query, link and walk the graph; the span gets the timings and the cost."""
+        assert hop.knowledge is not None
+        knowledge = hop.knowledge
+        query = await self._render(knowledge.query, values, None)
+        check_text(query, f"the query of hop {hop.name!r}")
+        span.set_attributes(openinference.input_value(query))
+        span.set_attributes({attr.KNOWLEDGE_GRAPH: str(knowledge.source), attr.KNOWLEDGE_HOPS: knowledge.hops,
+                             attr.KNOWLEDGE_MAX_TRIPLES: knowledge.max_triples})
+        graph = self.graphs.cached(knowledge.source)
+        inline = graph is not None and len(query) <= INLINE_QUERY_CHARS and knowledge.max_triples <= INLINE_MAX_TRIPLES
+        if graph is None:
+            started = time.perf_counter()
+            graph = await asyncio.get_running_loop().run_in_executor(self.hop_pool, self.graphs.get, knowledge.source)
+            span.set_attribute(attr.KNOWLEDGE_LOAD_MS, (time.perf_counter() - started) * 1e3)
+        look_up = partial(graph.lookup, query, knowledge.hops, knowledge.max_triples)
+        lookup = look_up() if inline else await asyncio.get_running_loop().run_in_executor(self.hop_pool, look_up)
+        span.set_attributes({
+            attr.KNOWLEDGE_INLINE: inline,
+            attr.KNOWLEDGE_LINK_MS: lookup.link_ms,
+            attr.KNOWLEDGE_TRAVERSE_MS: lookup.traverse_ms,
+            attr.KNOWLEDGE_ENTITIES: list(lookup.entities),
+            attr.KNOWLEDGE_TRIPLES: len(lookup.triples),
+            attr.KNOWLEDGE_TRUNCATED: lookup.truncated,
+            **self._prompt_cost(lookup, state.spec.models_after(hop.name)),
+        })
+        return lookup.facts
+
+    def _prompt_cost(self, lookup: Lookup, models: list[str]) -> dict[str, object]:
+        """What the facts add to the next prompt: characters, and tokens by the next LLM hop's tokenizer if it is here.
+        """
+        cost: dict[str, object] = {attr.KNOWLEDGE_PROMPT_CHARS: len(lookup.facts)}
+        if not models:
+            return cost
+        try:
+            # The model's own backend counts (its tokenizer is on this machine for every backend but a bare server);
+            # a model not loaded yet is not loaded for this: the characters say it.
+            backend = self.engine.replicas_of(models[0])[0].backend
+            tokens = len(backend.tokenize([str(lookup.facts)], special_tokens=False)[0]) if lookup.facts else 0
+        except Exception:  # not loaded, no tokenizer here, or a fast tokenizer busy on another thread
+            return cost
+        return {**cost, attr.KNOWLEDGE_PROMPT_TOKENS: tokens, attr.KNOWLEDGE_TOKENIZER: models[0]}
+
+
+@dataclass(frozen=True)
+class _Hit:
+    """An exact-cache hit: the key it was found under, the stored answer, what it cost when the model made it."""
+
+    key: str
+    text: str
+    cost_ms: float
 
 
 def _interruptible(function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

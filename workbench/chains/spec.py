@@ -20,12 +20,17 @@ from workbench.chains.templates import PromptTemplate
 from workbench.engine.requests import GenerationParams
 from workbench.chains.resilience import NO_RESILIENCE, Fallback, Resilience, RetryPolicy
 from workbench.engine.failures import ERROR_KINDS
-from workbench.errors import SpecError
+from workbench.errors import GraphError, SpecError
+from workbench.knowledge import DEFAULT_MAX_TRIPLES, DEMO_GRAPHS, GraphSource, GraphStore, resolve
 
 CHAIN_FIELDS = ("name", "description", "inputs", "hops", "output", "history")
 LLM_FIELDS = ("name", "kind", "model", "prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "seed",
-              "truncate", "retry", "timeout_s", "fallback")
+              "truncate", "retry", "timeout_s", "fallback", "cache")
 PYTHON_FIELDS = ("name", "kind", "call", "uses", "retry", "fallback")
+KNOWLEDGE_FIELDS = ("name", "kind", "graph", "query", "hops", "max_triples")
+KINDS = ("llm", "python", "knowledge")
+MAX_KNOWLEDGE_HOPS = 4  # past four hops a walk reaches most of any small-world graph
+MAX_TRIPLES_PER_HOP = 1_000  # what one knowledge hop may put into a prompt: a spec is untrusted input
 MESSAGE_FIELDS = ("role", "content")
 ROLES = ("system", "user", "assistant")
 RETRY_FIELDS = ("attempts", "backoff_ms", "max_backoff_ms", "jitter", "max_total_s", "on")
@@ -48,12 +53,45 @@ def _show(value: Any) -> str:
     return text if len(text) <= 160 else text[:159] + "…"
 
 
+@dataclass(frozen=True)
+class KnowledgeQuery:
+    """A knowledge hop's settings: the graph, the query template, how many hops to walk, the cap on triples."""
+
+    source: GraphSource
+    query: PromptTemplate
+    hops: int = 1
+    max_triples: int = DEFAULT_MAX_TRIPLES
+
+
+CACHE_MODES = ("off", "exact", "prefix")
+CACHE_FIELDS = ("mode", "force")
+
+
+@dataclass(frozen=True)
+class HopCache:
+    """How an LLM hop is cached: ``exact`` answers a repeated request from the data directory's SQLite,
+    ``prefix`` reuses the KV of the prompt's fixed text (before its first ``{{``); ``force`` allows
+    ``exact`` on a sampling hop."""
+
+    exact: bool = False
+    prefix: bool = False
+    force: bool = False
+
+    @property
+    def mode(self) -> str:
+        """``off``, ``exact``, ``prefix`` or ``exact+prefix``."""
+        return "+".join(m for m, on in (("exact", self.exact), ("prefix", self.prefix)) if on) or "off"
+
+
+NO_CACHE = HopCache()
+
+
 @dataclass
 class HopSpec:
-    """One validated hop: an LLM call or a Python function, and the hops it depends on."""
+    """One validated hop: an LLM call, a Python function or a knowledge-graph lookup, and the hops it depends on."""
 
     name: str
-    kind: Literal["llm", "python"]
+    kind: Literal["llm", "python", "knowledge"]
     deps: tuple[str, ...] = ()
     inputs: frozenset[str] = frozenset()
     model: str | None = None
@@ -67,6 +105,9 @@ class HopSpec:
     resilience: Resilience = NO_RESILIENCE
     # A fallback of another hop: it runs only when that hop fails, never in the normal walk.
     standby: bool = False
+    knowledge: KnowledgeQuery | None = None  # a knowledge hop's graph, query and walk
+    # The hop's ``cache:``: an exact response cache, a prefix (KV) cache, both, or neither.
+    cache: HopCache = NO_CACHE
 
     @property
     def prompt(self) -> str | None:
@@ -74,7 +115,9 @@ class HopSpec:
 
     @property
     def text_field(self) -> str:
-        """The spec field an LLM hop's text and the names it reads come from: ``prompt`` or ``messages``."""
+        """The spec field a hop's template and the names it reads come from: ``prompt``, ``messages`` or ``query``."""
+        if self.kind == "knowledge":
+            return "query"
         return "messages" if self.messages is not None else "prompt"
 
     def needs(self) -> frozenset[str]:
@@ -93,6 +136,8 @@ class ChainSpec:
     history: int = DEFAULT_HISTORY
     description: str = ""
     source: Any = None
+    # Which configuration this is (chains/live.py): set when a chain starts serving it, read by every run.
+    version: Any = None
 
     def hop(self, name: str) -> HopSpec:
         return next(h for h in self.hops if h.name == name)
@@ -170,10 +215,13 @@ def parse_spec(
     known_models: Collection[str] | None = None,
     default_name: str | None = None,
     allowed_modules: Collection[str] = (),
+    graphs: GraphStore | None = None,
 ) -> ChainSpec:
     """Validate ``spec`` (YAML text or a dict) into a ChainSpec, or raise SpecError saying where.
 
     ``allowed_modules``: modules a ``call:`` may name besides the user's own (see ``chains/trust.py``).
+    ``graphs``: where knowledge hops' graphs load and stay; given, each is read now, so a bad file
+    of triples fails here (naming the hop and line) rather than at the first run.
     """
     lines = _Lines()
     if isinstance(spec, str):
@@ -208,6 +256,8 @@ def parse_spec(
     ]
     _check_graph(hops, lines)
     _check_fallbacks(hops, hops_data, lines)
+    if graphs is not None:
+        _load_graphs(hops, graphs, lines)
     output = data.get("output", [h for h in hops if not h.standby][-1].name)
     if output not in hop_names:
         raise SpecError(
@@ -414,18 +464,21 @@ def _parse_hop(
 ) -> HopSpec:
     name = raw["name"]
     path = ("hops", index)
-    kind = raw.get("kind") or ("python" if "call" in raw else "llm")
-    if kind not in ("llm", "python"):
-        raise SpecError(f"kind must be 'llm' or 'python', not {_show(kind)}", hop=name, field="kind",
-                        line=lines.of(*path, "kind"))
+    kind = raw.get("kind") or ("python" if "call" in raw else "knowledge" if "graph" in raw else "llm")
+    if kind not in KINDS:
+        raise SpecError(f"kind must be 'llm', 'python' or 'knowledge', not {_show(kind)}{_did_you_mean(kind, KINDS)}",
+                        hop=name, field="kind", line=lines.of(*path, "kind"))
     if kind == "python" and "timeout_s" in raw:
         raise SpecError("timeout_s applies to model calls; a Python hop cannot be cancelled once it runs", hop=name,
                         field="timeout_s", line=lines.of(*path, "timeout_s"),
                         hint="put the timeout inside the function, or give the hop retry and a fallback hop")
-    _reject_unknown(raw, LLM_FIELDS if kind == "llm" else PYTHON_FIELDS, lines, name, path)
+    fields = {"llm": LLM_FIELDS, "python": PYTHON_FIELDS, "knowledge": KNOWLEDGE_FIELDS}[kind]
+    _reject_unknown(raw, fields, lines, name, path)
     available = set(hop_names) | RESERVED | set(declared or ())
     if kind == "llm":
         hop = _parse_llm_hop(raw, name, path, known_models, lines)
+    elif kind == "knowledge":
+        hop = _parse_knowledge_hop(raw, name, path, lines)
     else:
         hop = _parse_python_hop(raw, name, path, hop_names, lines, allowed_modules)
     hop.line = lines.of(*path)
@@ -433,7 +486,7 @@ def _parse_hop(
     missing = sorted(hop.inputs - available) if declared is not None else []
     if missing:
         variable = missing[0]
-        field = hop.text_field if kind == "llm" else "call"
+        field = hop.text_field if kind != "python" else "call"
         raise SpecError(
             f"{variable!r} is used but is neither a chain input nor a hop{_did_you_mean(variable, available)}",
             hop=name,
@@ -482,6 +535,7 @@ def _parse_llm_hop(
         template = PromptTemplate(prompt, hop=name, line=lines.of(*path, "prompt"))
         hop_vars = set(template.variables)
     params = _generation_params(raw, name, path, lines)
+    cache = _cache(raw, name, path, lines, params, template) if "cache" in raw else NO_CACHE
     if messages is not None and params.truncate == "left":
         # The cut would fall in the chat template's own text (its role markers), not in what a message says.
         raise SpecError("truncate: left cuts a prompt's oldest tokens, and a chat's messages cannot be cut that way",
@@ -494,6 +548,7 @@ def _parse_llm_hop(
         template=template,
         messages=messages,
         params=params,
+        cache=cache,
         deps=(),  # resolved once every hop name is known, in _check_graph
         inputs=frozenset(hop_vars),
     )
@@ -559,6 +614,59 @@ def _generation_params(raw: Mapping[str, Any], name: str, path: tuple[Any, ...],
             raise bad("truncate", "'error' or 'left'")
         values["truncate"] = raw["truncate"]
     return GenerationParams(**values)
+
+
+def fixed_prefix(template: PromptTemplate) -> str:
+    """The text a prompt template renders the same for every input: what comes before its first tag."""
+    source = template.source
+    return source[:min((i for i in (source.find(t) for t in ("{{", "{%", "{#")) if i >= 0), default=len(source))]
+
+
+def _cache(
+    raw: Mapping[str, Any], name: str, path: tuple[Any, ...], lines: _Lines, params: GenerationParams,
+    template: PromptTemplate | None,
+) -> HopCache:
+    """The hop's ``cache:``: a mode (``off``, ``exact``, ``prefix``), a list of them, or ``{mode: ..., force: ...}``."""
+    value, line = raw["cache"], lines.of(*path, "cache")
+    example = "e.g. cache: exact, cache: prefix, cache: [exact, prefix] or cache: {mode: exact, force: true}"
+    force = False
+    if isinstance(value, Mapping):
+        _reject_unknown(value, CACHE_FIELDS, lines, name, (*path, "cache"))
+        force = value.get("force", False)
+        if not isinstance(force, bool):
+            raise SpecError(f"cache.force must be true or false, got {_show(force)}", hop=name, field="cache.force",
+                            line=lines.of(*path, "cache", "force"))
+        if "mode" not in value:
+            raise SpecError("cache needs a mode", hop=name, field="cache.mode", line=line, hint=example)
+        value = value["mode"]
+    modes = value if isinstance(value, list) else [value]
+    for mode in modes:
+        if mode is False or mode is None:  # YAML 1.1 reads an unquoted off as false
+            mode = "off"
+        if not isinstance(mode, str) or mode not in CACHE_MODES:
+            raise SpecError(f"cache mode must be one of {', '.join(CACHE_MODES)}, got {_show(mode)}"
+                            f"{_did_you_mean(mode, CACHE_MODES)}", hop=name, field="cache", line=line, hint=example)
+    chosen = {"off" if m is False or m is None else m for m in modes}
+    if "off" in chosen and len(chosen) > 1:
+        raise SpecError("cache: off cannot be listed with other modes", hop=name, field="cache", line=line)
+    cache = HopCache(exact="exact" in chosen, prefix="prefix" in chosen, force=force)
+    if cache.exact and not params.greedy and not force:
+        raise SpecError(
+            f"cache: exact on a sampling hop (temperature {params.temperature:g}) would give every later run the "
+            "first run's sample, where the hop asks for a fresh one each time",
+            hop=name, field="cache", line=line,
+            hint="set temperature: 0 (greedy, the same answer each time anyway), or cache: {mode: exact, force: true} "
+            "if one stored sample per prompt is what you want",
+        )
+    if cache.prefix:
+        if template is None:
+            raise SpecError("cache: prefix reuses a prompt's fixed text, and a chat hop (messages:) has none here",
+                            hop=name, field="cache", line=line, hint="give the hop prompt: instead, or cache: exact")
+        if not fixed_prefix(template).strip():
+            raise SpecError("cache: prefix needs fixed text before the prompt's first {{ ... }}, and this prompt "
+                            "starts with one", hop=name, field="cache", line=line,
+                            hint="put the instructions every input shares first, the {{ variables }} after them")
+    return cache
 
 
 def _number(value: Any) -> bool:
@@ -719,7 +827,7 @@ def _check_fallbacks(hops: list[HopSpec], hops_data: list[Any], lines: _Lines) -
         if readers:
             raise SpecError(
                 f"the hop reads {readers[0]!r}, a fallback hop that runs only when the hop it stands in for fails",
-                hop=hop.name, field=hop.text_field if hop.kind == "llm" else "uses",
+                hop=hop.name, field=hop.text_field if hop.kind != "python" else "uses",
                 line=lines.of("hops", hops.index(hop)),
                 hint="read the output of the hop that names it as a fallback instead",
             )
@@ -839,15 +947,15 @@ def _parameter_names(call: Callable[..., Any]) -> tuple[tuple[str, ...] | None, 
 
 
 def _check_graph(hops: list[HopSpec], lines: _Lines) -> None:
-    """Resolve LLM hops' dependencies from their templates, then refuse cycles."""
+    """Resolve LLM and knowledge hops' dependencies from their templates, then refuse cycles."""
     names = {h.name for h in hops}
     for index, hop in enumerate(hops):
-        if hop.kind == "llm":
+        if hop.kind in ("llm", "knowledge"):
             hop.deps = tuple(sorted(hop.inputs & names))
             hop.inputs = frozenset(hop.inputs - names)
         if hop.name in hop.deps:
             raise SpecError(
-                "the hop uses its own output", hop=hop.name, field=hop.text_field if hop.kind == "llm" else "uses",
+                "the hop uses its own output", hop=hop.name, field=hop.text_field if hop.kind != "python" else "uses",
                 line=lines.of("hops", index),
             )
     sorter = graphlib.TopologicalSorter({h.name: h.deps for h in hops})
@@ -862,3 +970,49 @@ def _check_graph(hops: list[HopSpec], lines: _Lines) -> None:
             line=lines.of("hops", [h.name for h in hops].index(first)),
             hint="a hop can only use the outputs of hops that do not, in turn, use it",
         ) from None
+
+
+def _parse_knowledge_hop(raw: Mapping[str, Any], name: str, path: tuple[Any, ...], lines: _Lines) -> HopSpec:
+    """A ``kind: knowledge`` hop: ``graph`` (a demo graph or a file), ``query`` (a template), ``hops``,
+    ``max_triples``."""
+    if "graph" not in raw:
+        raise SpecError("a knowledge hop needs 'graph': a demo graph's name or a path to a .csv or .json file",
+                        hop=name, field="graph", line=lines.of(*path), hint="e.g. graph: countries")
+    if trust.serving() and not (isinstance(raw["graph"], str) and raw["graph"] in DEMO_GRAPHS):
+        # A client's spec must not read the server's files into a prompt (and its answer): only shipped graphs.
+        raise GraphError(f"a spec sent to a server may name only the shipped graphs ({', '.join(DEMO_GRAPHS)}), "
+                         f"not {_show(raw['graph'])}", hop=name, field="graph", line=lines.of(*path, "graph"),
+                         hint="load your own triples in the server's notebook or spec file instead")
+    try:
+        source = resolve(raw["graph"])
+    except GraphError as exc:
+        raise GraphError(exc.message, hop=name, field="graph", line=lines.of(*path, "graph"), hint=exc.hint) from None
+    query = raw.get("query")
+    if not isinstance(query, str) or not query.strip():
+        raise SpecError("a knowledge hop needs 'query', a template whose text names the entities to look up",
+                        hop=name, field="query", line=lines.of(*path, "query"),
+                        hint='e.g. query: "{{ question }}"')
+    template = PromptTemplate(query, hop=name, line=lines.of(*path, "query"), field="query")
+    hops, max_triples = raw.get("hops", 1), raw.get("max_triples", DEFAULT_MAX_TRIPLES)
+    if not _is_int(hops) or not 1 <= hops <= MAX_KNOWLEDGE_HOPS:
+        raise SpecError(f"hops must be an integer from 1 to {MAX_KNOWLEDGE_HOPS}, got {_show(hops)}", hop=name,
+                        field="hops", line=lines.of(*path, "hops"),
+                        hint="1: the facts that name what the query mentions; 2: also the facts about those")
+    if not _is_int(max_triples) or not 1 <= max_triples <= MAX_TRIPLES_PER_HOP:
+        raise SpecError(f"max_triples must be an integer from 1 to {MAX_TRIPLES_PER_HOP}, got {_show(max_triples)}",
+                        hop=name, field="max_triples", line=lines.of(*path, "max_triples"),
+                        hint="it caps the facts (one line each) the hop hands the next prompt")
+    return HopSpec(name=name, kind="knowledge", inputs=frozenset(template.variables),
+                   knowledge=KnowledgeQuery(source, template, hops, max_triples))
+
+
+def _load_graphs(hops: list[HopSpec], graphs: GraphStore, lines: _Lines) -> None:
+    """Read each knowledge hop's graph into ``graphs``, so a malformed file fails with the hop that names it."""
+    for index, hop in enumerate(hops):
+        if hop.knowledge is None:
+            continue
+        try:
+            graphs.get(hop.knowledge.source)
+        except GraphError as exc:
+            raise GraphError(exc.message, hop=hop.name, field="graph", line=lines.of("hops", index, "graph"),
+                             hint=exc.hint) from None

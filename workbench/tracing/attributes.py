@@ -93,6 +93,10 @@ RAY_OVERHEAD_MS = "workbench.ray.overhead_ms"
 RAY_RESTARTS = "workbench.ray.restarts"  # how often the replica's actor was started again after dying
 RAY_PREVIOUS_NODE = "workbench.ray.previous_node_id"  # on a restart span: the node the actor that died ran on
 
+# Live configuration: the version of the chain's configuration a run used (a counter) and its content hash.
+CONFIG_VERSION = "workbench.config.version"
+CONFIG_HASH = "workbench.config.hash"
+
 # Resilience: attempts, the path that served a hop, breakers, health probes, injected faults.
 ATTEMPT = "workbench.attempt"
 ATTEMPTS = "workbench.attempts"
@@ -151,3 +155,30 @@ BREAKER_FAILURES = "workbench.breaker.failures"
 BREAKER_LAST_ERROR = "workbench.breaker.last_error"
 RETRY_WAIT_MS = "workbench.retry.wait_ms"
 FALLBACK_REASON = "workbench.fallback.reason"
+
+# Knowledge hops (kind: knowledge): the graph asked, what linking and the walk took and found, and what the
+# facts add to the next prompt (characters always; tokens when the next LLM hop's tokenizer is on this machine).
+KIND_RETRIEVER = "RETRIEVER"  # OpenInference's span kind for a lookup that feeds a prompt
+KNOWLEDGE_GRAPH = "workbench.knowledge.graph"
+KNOWLEDGE_HOPS = "workbench.knowledge.hops"
+KNOWLEDGE_MAX_TRIPLES = "workbench.knowledge.max_triples"
+KNOWLEDGE_LOAD_MS = "workbench.knowledge.load_ms"  # only on the hop that loaded the graph (its first use)
+KNOWLEDGE_LINK_MS = "workbench.knowledge.link_ms"
+KNOWLEDGE_TRAVERSE_MS = "workbench.knowledge.traverse_ms"
+KNOWLEDGE_ENTITIES = "workbench.knowledge.entities"  # a list: the graph's names for what the query mentioned
+KNOWLEDGE_TRIPLES = "workbench.knowledge.triples"  # how many facts the hop returned
+KNOWLEDGE_TRUNCATED = "workbench.knowledge.truncated"  # the walk stopped at max_triples with more to find
+KNOWLEDGE_PROMPT_CHARS = "workbench.knowledge.prompt_chars"
+KNOWLEDGE_PROMPT_TOKENS = "workbench.knowledge.prompt_tokens"
+KNOWLEDGE_TOKENIZER = "workbench.knowledge.tokenizer"  # the model whose tokenizer counted prompt_tokens
+KNOWLEDGE_INLINE = "workbench.knowledge.inline"  # looked up on the event loop (true) or in the hop pool
+
+# Caches (the hop's ``cache:``) and prefetch: the exact response cache's lookup on the hop span, the prefix
+# (KV) cache's reuse on the request span (and copied to the hop span), and whether a map prepared the hop ahead.
+CACHE_MODE = "workbench.cache.mode"  # off, exact, prefix, exact+prefix
+CACHE_HIT = "workbench.cache.hit"  # the exact cache answered (the engine was not called)
+CACHE_KEY = "workbench.cache.key"
+CACHE_SAVED_MS = "workbench.cache.saved_ms"  # on a hit: what the stored answer cost the model when it made it
+PREFIX_TOKENS = "workbench.cache.prefix_tokens"  # prompt tokens whose KV was reused, not prefilled
+PREFIX_SAVED_MS = "workbench.cache.prefix_ttft_saved_ms"  # estimate: the prefix's own prefill, measured once
+PREFETCHED = "workbench.prefetch.prepared"  # a map prepared this hop (rendered, tokenized, prefix warmed) ahead

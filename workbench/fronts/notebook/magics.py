@@ -29,6 +29,7 @@ from workbench.fronts.notebook.parsers import (
     LoadCommand,
     ModelsCommand,
     RunCommand,
+    SetCommand,
     TraceCommand,
     UnloadCommand,
     help_text,
@@ -82,6 +83,7 @@ class AutoglmMagics(Magics):
             CompareCommand.subcommand: self._compare,
             BuilderCommand.subcommand: self._builder,
             BalanceCommand.subcommand: self._balance,
+            SetCommand.subcommand: self._set,
         }
         self._handlers[ServeCommand.subcommand] = self._serve
         self._servers: list[Any] = []  # started by %autoglm serve, stopped by %autoglm serve stop
@@ -234,7 +236,8 @@ class AutoglmMagics(Magics):
             self._show_widget(dashboard)
             dashboard.run()
             return
-        comparison = compare(chain, inputs, batching=command.batching, preloading=command.preload, **workload)
+        comparison = compare(chain, inputs, batching=command.batching, preloading=command.preload,
+                             cache=command.cache, **workload)
         self._user_ns[COMPARE_VARIABLE] = comparison
         display(comparison)
         if command.save is not None:
@@ -250,6 +253,15 @@ class AutoglmMagics(Magics):
     def _builder(self, command: BuilderCommand) -> None:
         chain = self._find_chain(command.chain) if command.chain is not None else None
         self._show_widget(ChainBuilder(current(), chain=chain))
+
+    def _set(self, command: SetCommand) -> None:
+        by_chain: dict[str, dict[str, Any]] = {}
+        for chain, path, value in command.assignments:
+            by_chain.setdefault(chain, {})[path] = value
+        chains = {name: self._find_chain(name) for name in by_chain}  # every chain known before any changes
+        for name, values in by_chain.items():
+            version = chains[name].set(values)  # all of a chain's values in one version, or none
+            print(f"{name}: {', '.join(f'{path} = {value!r}' for path, value in values.items())}; now {version}")
 
     def _serve(self, command: ServeCommand) -> None:
         from workbench.fronts.server import serve

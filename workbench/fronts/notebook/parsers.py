@@ -13,6 +13,7 @@ from workbench.engine.balancing import BALANCE_FORMS, BalancePolicy, parse_balan
 from workbench.engine.batching import POLICY_FORMS, BatchingPolicy, parse_policy
 from workbench.engine.preloading import PRELOADING_FORMS, PreloadingStrategy, parse_preloading
 from workbench.errors import ParseError
+from workbench.experiments.compare import CACHE_ARMS
 from workbench.fronts.arguments import (
     REPLICA_OPTIONS_USAGE,
     ReplicaOptions,
@@ -20,6 +21,7 @@ from workbench.fronts.arguments import (
     add_replica_options,
     load_options_usage,
     load_settings,
+    parse_assignments,
     parse_key_values,
     replica_options,
 )
@@ -249,7 +251,7 @@ class CompareCommand(Command):
     subcommand = "compare"
     usage = (
         "compare CHAIN --inputs FILE.jsonl [--batching P,...] [--preload S,...] [--concurrency N] [--rate R]"
-        " [--repeats N] [--warmup N] [--seed N] [--save PATH] [--ui]"
+        " [--repeats N] [--warmup N] [--seed N] [--save PATH] [--ui] [--cache A,...]"
     )
     about = "compare batching and preloading strategies on a chain; binds the Comparison to _autoglm_compare"
     example = "%autoglm compare qa --inputs q.jsonl --batching none,static:8,dynamic:16:5ms --preload lazy,eager"
@@ -265,6 +267,7 @@ class CompareCommand(Command):
     seed: int = 0
     save: str | None = None
     ui: bool = False
+    cache: tuple[str, ...] | None = None
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -272,6 +275,7 @@ class CompareCommand(Command):
         parser.add_argument("--inputs", required=True, metavar="FILE.jsonl", help="one JSON object of inputs per line")
         parser.add_argument("--batching", metavar="P,...", help=f"policies to compare: {POLICY_FORMS}")
         parser.add_argument("--preload", metavar="S,...", help=f"preloading strategies to compare: {PRELOADING_FORMS}")
+        parser.add_argument("--cache", metavar="A,...", help=f"cache arms to compare: {', '.join(CACHE_ARMS)}")
         parser.add_argument("--concurrency", type=int, default=8, metavar="N", help="runs in flight (closed loop)")
         parser.add_argument("--rate", type=float, metavar="R", help="open loop instead: Poisson arrivals, runs/s")
         parser.add_argument("--repeats", type=int, default=3, metavar="N", help="passes per strategy, interleaved")
@@ -298,6 +302,12 @@ class CompareCommand(Command):
             )
         batching = args.batching and tuple(parse_policy(n) for n in _strategy_list(args.batching, "--batching"))
         preload = args.preload and tuple(parse_preloading(n) for n in _strategy_list(args.preload, "--preload"))
+        cache = args.cache and _strategy_list(args.cache, "--cache")
+        for arm in cache or ():
+            if arm not in CACHE_ARMS:
+                raise ParseError(f"compare: --cache {arm!r} is not a cache arm", hint=f"arms: {', '.join(CACHE_ARMS)}")
+        if cache and args.ui:
+            raise ParseError("compare: --cache is not in the dashboard yet", hint="drop --ui to compare cache arms")
         return cls(
             chain=args.chain,
             inputs=args.inputs,
@@ -310,6 +320,7 @@ class CompareCommand(Command):
             seed=args.seed,
             save=args.save,
             ui=args.ui,
+            cache=cache or None,
         )
 
 
@@ -347,12 +358,31 @@ class BalanceCommand(Command):
         return cls(name=args.name, policy=parse_balance(args.policy))
 
 
+@dataclass(frozen=True)
+class SetCommand(Command):
+    subcommand = "set"
+    usage = "set CHAIN.HOP.FIELD=VALUE ..."
+    about = "change a chain's values live, for runs that start from now on; validated like its spec, a new version"
+    example = "%autoglm set qa.answer.temperature=0.7"
+
+    assignments: tuple[tuple[str, str, Any], ...]
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("assignments", nargs="+", metavar="CHAIN.HOP.FIELD=VALUE",
+                            help="a field of a hop (or of the chain: CHAIN.history=3) and its new value")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, cell: str | None) -> Command:
+        return cls(assignments=tuple(parse_assignments(args.assignments)))
+
+
 # The dispatch order of `help`; a later subcommand is one more Command subclass here.
 COMMANDS: dict[str, type[Command]] = {
     c.subcommand: c
     for c in (
         HelpCommand, LoadCommand, ModelsCommand, UnloadCommand, ChainCommand, RunCommand, TraceCommand, CompareCommand,
-        BuilderCommand, BalanceCommand,
+        BuilderCommand, BalanceCommand, SetCommand,
     )
 }
 
