@@ -7,6 +7,7 @@ lost replica's requests are retried on the other one and every run of the map su
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 
 import workbench as wb
+from workbench.engine.backends import ray as ray_backend
 from workbench.tracing import attributes as attr
 
 from helpers import eventually, need_ray, ray_runtime_env
@@ -21,12 +23,13 @@ from helpers import eventually, need_ray, ray_runtime_env
 SPEC = {
     "name": "qa",
     "hops": [
-        {"name": "answer", "model": "m", "prompt": "Question: {{ question }}\nAnswer:", "max_new_tokens": 4,
+        {"name": "answer", "model": "m", "prompt": "Question: {{ question }}\nAnswer:", "max_new_tokens": 12,
          "retry": {"attempts": 4, "backoff_ms": 10}},
     ],
     "output": "answer",
 }
-QUESTIONS = [{"question": f"What is {i} + {i}?"} for i in range(16)]
+# Enough of them that the node goes while m#1 still has runs of the map to serve.
+QUESTIONS = [{"question": f"What is {i} + {i}?"} for i in range(64)]
 STORE = 80 * 2**20  # the smallest object store Ray accepts, per node: replicas send token ids, not tensors
 
 
@@ -84,6 +87,7 @@ def test_a_node_removed_mid_map_loses_no_run(cluster: tuple[Any, list[Any]], ben
     eventually(lambda: int(bench.replicas("m").set_index("replica").loc["m#1", "served"]) >= served_before + 2,
                "m#1 to serve part of the map")
     handle.remove_node(doomed, allow_graceful=False)
+    assert mapping.is_alive(), "the map ended before the node went: the test did not test the fault"
     mapping.join()
     (batch,) = batches
     assert batch.complete and not batch.failed, batch.table()
@@ -91,10 +95,16 @@ def test_a_node_removed_mid_map_loses_no_run(cluster: tuple[Any, list[Any]], ben
     after = bench.replicas("m").set_index("replica")
     assert after.loc["m#1", "failed"] >= 1
     # Its actor starts again on the node that is left (SPREAD is a preference; one free CPU there takes it).
-    assert after.loc["m#1", "restarts"] == 1
+    assert after.loc["m#1", "restarts"] >= 1  # more than one if a new actor was placed on the node as it went
     survivor = next(w for w in workers if w is not doomed)
-    eventually(lambda: bench.replicas("m").set_index("replica").loc["m#1", "node"] == survivor.node_id,
-               "the actor of m#1 to restart on the node that is left")
+    # A new actor starts a Python worker, imports torch and loads the model: longer than eventually's minute
+    # on a loaded machine, so the bound here is the workbench's own for a replica to be ready.
+    deadline = time.monotonic() + ray_backend.READY_TIMEOUT_S
+    while bench.replicas("m").set_index("replica").loc["m#1", "node"] != survivor.node_id:
+        restarts = [s for s in bench.traces().spans if s.name == "restart m"]
+        assert time.monotonic() < deadline, f"m#1 did not restart on the node that is left: {restarts}"
+        assert not any(s.status.status_code.name == "ERROR" for s in restarts), restarts[-1].events
+        time.sleep(0.1)
     errors = [s for run in batch for s in run.trace.spans
               if s.name.startswith(attr.TEXT_COMPLETION) and s.attributes.get(attr.REPLICA) == "m#1"
               and s.status.status_code.name == "ERROR"]

@@ -316,19 +316,33 @@ class RayBackend:
                 attr.SPAN_KIND: attr.KIND_CHAIN, attr.MODEL_NAME: self.model, attr.RAY_RESTARTS: self.restarts,
                 attr.RAY_PREVIOUS_NODE: died_on or ""})
         try:
-            self._wait_ready()
-        except ModelLoadError as exc:
-            with self._lock:
-                if not self._closed:
-                    self._gone = ModelActorDied(
-                        f"the Ray actor of model {self.model!r} died and could not be started again: {exc.message}",
-                        hint=exc.hint or f"load it again: bench.load({self.model!r}, ...)",
-                    )
-            if span is not None:
-                mark_error(span, exc)
-        else:
-            if span is not None:
-                span.set_attributes({attr.RAY_NODE: self.node or "", attr.RAY_ACTOR: self.actor_id or ""})
+            while True:
+                try:
+                    self._wait_ready()
+                except ModelLoadError as exc:
+                    with self._lock:
+                        # A new actor that died before it loaded (placed on a node that was going too) is started
+                        # again while restarts are left; a load that failed in the actor would fail the same way.
+                        again = (isinstance(exc.__cause__, self._ray.exceptions.RayError) and not self._closed
+                                 and self.restarts < self._settings.restarts)
+                        if again:
+                            self.restarts += 1
+                            self._spawn()
+                        elif not self._closed:
+                            self._gone = ModelActorDied(
+                                f"the Ray actor of model {self.model!r} died and could not be started again: "
+                                f"{exc.message}", hint=exc.hint or f"load it again: bench.load({self.model!r}, ...)",
+                            )
+                    if again:
+                        if span is not None:
+                            span.set_attribute(attr.RAY_RESTARTS, self.restarts)
+                        continue
+                    if span is not None:
+                        mark_error(span, exc)
+                else:
+                    if span is not None:
+                        span.set_attributes({attr.RAY_NODE: self.node or "", attr.RAY_ACTOR: self.actor_id or ""})
+                return
         finally:
             if span is not None:
                 span.end()
