@@ -120,6 +120,14 @@ def test_invoke_answers_as_the_chain_runs_in_process(server: GrpcServer, chains:
     assert [s.name for s in served.trace.spans if s.name.startswith("hop")] == ["hop plan", "hop answer"]
 
 
+def test_a_blocking_client_calls_it_as_the_readme_shows(server: GrpcServer, auth: Auth) -> None:
+    with grpc.insecure_channel(server.target) as channel:
+        stub = chain_pb2_grpc.ChainServiceStub(channel)
+        reply = stub.Invoke(pb.InvokeRequest(chain="qa", inputs_json=json.dumps({"question": "hi"})),
+                            metadata=[("authorization", f"Bearer {auth.test_keys['runner']}")])  # type: ignore[attr-defined]
+    assert isinstance(json.loads(reply.output_json), str) and len(reply.envelope.trace_id) == 32
+
+
 def test_an_api_key_header_works_like_a_bearer_token(server: GrpcServer, auth: Auth) -> None:
     metadata = (("x-api-key", auth.test_keys["runner"]),)  # type: ignore[attr-defined]
     assert invoke(server, invoke_request(question="hi"), metadata).run_id
