@@ -9,12 +9,16 @@ one request at a time, the order rotating each round, after warm-up rounds repor
 client is one pooled ``httpx.AsyncClient`` on the benchmark's own event loop (its cost counts: a
 caller pays it too).
 
+``--frameworks`` also times the web framework alone: a no-op POST route that validates a small
+body and answers it, on plain Starlette with msgspec (what the gateway is built on) and on
+FastAPI with a pydantic model, each on uvicorn over loopback, interleaved.
+
 Latency is end to end per call, in ms, as p50 [p25, p75] and p99. The headline, printed last, is
 the median over rounds of (served - in-process) for REST/JSON on ``noop``: the gateway's added
 latency at p50 (goal: <= 2 ms on loopback).
 
     python benchmarks/served.py                  # 200 rounds of noop, 50 of tiny, CPU
-    python benchmarks/served.py --rounds 1000 --tiny-rounds 0
+    python benchmarks/served.py --rounds 1000 --tiny-rounds 0 --frameworks
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Any
 
 import httpx
 import msgspec
+import pydantic
 import torch
 import transformers
 
@@ -107,6 +112,78 @@ def report(label: str, times: dict[str, list[float]]) -> float:
     return added
 
 
+class Echo(msgspec.Struct):
+    inputs: dict[str, str]
+
+
+class EchoModel(pydantic.BaseModel):  # at module level: FastAPI resolves the route's annotations here
+    inputs: dict[str, str]
+
+
+def framework_apps() -> dict[str, Any]:
+    """The same no-op route (validate ``{"inputs": {...}}``, answer it) on Starlette + msgspec and on FastAPI."""
+    from fastapi import FastAPI
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    async def starlette_echo(request: Request) -> Response:
+        body = msgspec.json.decode(await request.body(), type=Echo)
+        return Response(msgspec.json.encode({"output": body.inputs}), media_type="application/json")
+
+    fastapi_app = FastAPI()
+
+    @fastapi_app.post("/echo")
+    async def fastapi_echo(body: EchoModel) -> dict[str, Any]:
+        return {"output": body.inputs}
+
+    return {"Starlette+msgspec": Starlette(routes=[Route("/echo", starlette_echo, methods=["POST"])]),
+            "FastAPI+pydantic": fastapi_app}
+
+
+async def measure_frameworks(urls: dict[str, str], rounds: int, warmup: int) -> dict[str, list[float]]:
+    body = {"inputs": {"question": QUESTION}}
+    times: dict[str, list[float]] = {name: [] for name in urls}
+    names = list(urls)
+    async with httpx.AsyncClient(timeout=60) as client:
+        for round_ in range(warmup + rounds):
+            for name in names[round_ % 2:] + names[:round_ % 2]:
+                started = time.perf_counter()
+                (await client.post(urls[name], json=body)).raise_for_status()
+                if round_ >= warmup:
+                    times[name].append((time.perf_counter() - started) * 1e3)
+    return times
+
+
+def frameworks(rounds: int, warmup: int) -> None:
+    import socket
+    import threading
+
+    import uvicorn
+
+    servers, urls = [], {}
+    for name, app in framework_apps().items():
+        sock = socket.socket()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind(("127.0.0.1", 0))
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+        threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
+        while not server.started:
+            time.sleep(0.01)
+        servers.append(server)
+        urls[name] = f"http://127.0.0.1:{sock.getsockname()[1]}/echo"
+    times = asyncio.run(measure_frameworks(urls, rounds, warmup))
+    print(f"\nthe framework alone (a no-op POST route on uvicorn): {rounds} rounds, ms per call")
+    for name, values in times.items():
+        print(f"  {name:<18} {spread(values)}")
+    diffs = [f - s for f, s in zip(times["FastAPI+pydantic"], times["Starlette+msgspec"])]
+    print(f"  FastAPI - Starlette p50 {statistics.median(diffs):7.3f}  [p25 {percentile(diffs, 0.25):7.3f}, "
+          f"p75 {percentile(diffs, 0.75):7.3f}]")
+    for server in servers:
+        server.should_exit = True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=200, help="measured rounds of the noop chain")
@@ -114,7 +191,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default=None, help="a model directory (default: the offline tiny model)")
+    parser.add_argument("--frameworks", action="store_true", help="also time Starlette against FastAPI alone")
     args = parser.parse_args()
+    if args.frameworks:
+        frameworks(args.rounds, args.warmup)
 
     data = tempfile.mkdtemp(prefix="served-bench-")
     key = KeyStore(data).add("bench", "runner")

@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
 import workbench as wb
-from helpers import QA_SPEC, free_port
+from helpers import QA_SPEC, eventually, free_port
 from workbench.errors import SettingsError
 from workbench.fronts.server import Server
 from workbench.fronts.server.auth import Auth, KeyStore
@@ -123,6 +123,22 @@ def test_batch_answers_each_input_in_order(client: httpx.Client, keys: dict[str,
     assert [kept[r["run_id"]].inputs["question"] for r in runs] == questions
 
 
+def test_a_failed_run_answers_with_its_cause_status_and_the_hops_that_finished(
+        client: httpx.Client, keys: dict[str, str], bench: wb.Workbench) -> None:
+    bench.inject("tiny", error_rate=1.0, seed=0)
+    try:
+        response = client.post("/v1/chains/qa/invoke", headers=key(keys, "alice"), json={"inputs": {"question": "?"}})
+        rpc_answer = client.post("/rpc", headers=key(keys, "alice"), json={
+            "jsonrpc": "2.0", "method": "chain.invoke", "params": {"chain": "qa", "inputs": {"question": "?"}}, "id": 1})
+    finally:
+        bench.clear_faults()
+    body = response.json()
+    assert response.status_code == body["error"]["status"] == 500  # the model raised
+    assert body["status"] == "error" and body["error"]["hop"] == "plan" and body["outputs"] == {}
+    assert body["error"]["type"] == "HopFailed" and "injected fault" in body["error"]["message"]
+    assert rpc_answer.json()["result"]["status"] == "error"  # a failed run is a result, not a protocol error
+
+
 def test_stream_sends_hops_tokens_and_the_run_as_server_sent_events(client: httpx.Client,
                                                                     keys: dict[str, str]) -> None:
     with client.stream("POST", "/v1/chains/qa/stream", headers=key(keys, "alice"),
@@ -139,6 +155,25 @@ def test_stream_sends_hops_tokens_and_the_run_as_server_sent_events(client: http
     assert final["status"] == "ok" and final["output"] == answer_tokens.strip()
     assert [d["output"] for k, d in events if k == "hop_finished"] == [final["outputs"]["plan"], final["output"]]
     assert len(final["trace_id"]) == 32
+
+
+def test_a_client_that_leaves_a_stream_cancels_its_run(client: httpx.Client, keys: dict[str, str],
+                                                       bench: wb.Workbench) -> None:
+    def interrupted() -> list[Any]:
+        return [s for s in bench.traces().spans if s.name == "chain qa"
+                and (s.status.description or "").startswith("interrupted")]
+
+    before = len(interrupted())
+    bench.inject("tiny", latency_ms=3000)  # the run cannot finish before the client has gone
+    try:
+        with client.stream("POST", "/v1/chains/qa/stream", headers=key(keys, "alice"),
+                           json={"inputs": {"question": "Long?"}}) as response:
+            first = next(response.iter_lines())
+            assert first == "event: hop_started"
+        eventually(lambda: len(interrupted()) == before + 1, "the left stream's run to be cancelled")
+    finally:
+        bench.clear_faults()
+    assert client.get("/health").json()["status"] == "ok"
 
 
 def test_chains_list_names_each_served_chain_with_its_inputs(client: httpx.Client, keys: dict[str, str]) -> None:

@@ -249,8 +249,8 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     serve.add_argument("--no-auth", action="store_true",
                        help="take calls without credentials (every caller is an admin); loopback hosts only")
     serve.add_argument("--allow-module", action="append", default=[], metavar="MODULE",
-                       help="let specs' call: name functions in MODULE (the only Python hops a served spec may "
-                       "call); repeat for each")
+                       help="let specs' call: name functions in MODULE; a spec an admin sends over the wire "
+                       "(POST /v1/chains) may call only these; repeat for each")
     serve.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                        help="uvicorn's log level (default warning)")
     add_load_options(serve, "load options (for every --model)")

@@ -300,12 +300,17 @@ def run_json(run: Run) -> dict[str, Any]:
         "duration_ms": run.duration_ms, "error": error_detail(run.error) if run.error is not None else None,
         "spans": spans,
     }
+
+
 def run_status(error: HopFailed) -> int:
-    """The HTTP status of a failed run: its cause's where the cause is the workbench's (a 503 for a refusing
-    model, a 504 for a timeout), else the HopFailed's own 422."""
+    """The HTTP status of a failed run: its cause's where the cause is the workbench's (422 for a template that
+    could not render, 503 for a refusing model, 504 for a timeout), else 500: the model or a Python hop raised."""
     cause = error.cause
-    return int(cause.http_status) if isinstance(cause, WorkbenchError) else int(error.http_status)
+    return int(cause.http_status) if isinstance(cause, WorkbenchError) else 500
+
+
 def allowed(auth: Auth, who: Principal, action: str, chain: str | None) -> bool:
+    """Whether ``who`` may do ``action`` (on ``chain``), without raising."""
     try:
         auth.authorize(who, action, chain)
     except WorkbenchError:
