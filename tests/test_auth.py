@@ -28,7 +28,7 @@ from workbench.errors import (
     Unauthenticated,
     WorkbenchError,
 )
-from workbench.fronts.server.auth import ACTIONS, KEYS_FILE, PEPPER_FILE, Auth, KeyStore, Principal
+from workbench.fronts.server.auth import ACTIONS, KEYS_FILE, PEPPER_FILE, Auth, KeyStore, Principal, load_roles
 
 ROOT = Path(__file__).parent.parent
 SECRET = "s3cret-for-tests-only-" + "0123456789abcdef" * 3  # 70 bytes: HS512 (the wrong alg) wants 64
@@ -168,6 +168,14 @@ def test_a_different_pepper_is_refused_rather_than_matching_nothing(tmp_path: Pa
         KeyStore(tmp_path).list()
 
 
+def test_a_key_store_from_a_newer_workbench_is_refused(tmp_path: Path) -> None:
+    KeyStore(tmp_path).add("alice", "runner")
+    with sqlite3.connect(tmp_path / KEYS_FILE) as db:
+        db.execute("PRAGMA user_version = 99")
+    with pytest.raises(StoreError, match="schema 99, newer"):
+        KeyStore(tmp_path).list()
+
+
 def test_a_pepper_from_the_environment_keeps_it_out_of_the_data_dir(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AUTOGLM_KEY_PEPPER", "pepper kept in a secret manager")
@@ -267,6 +275,9 @@ def test_jwt_settings_that_would_be_unsafe_are_refused(tmp_path: Path) -> None:
 def test_a_server_without_jwt_settings_takes_no_jwt(tmp_path: Path) -> None:
     with pytest.raises(Unauthenticated, match="takes no JWTs"):
         Auth(tmp_path).authenticate(bearer(token()))
+    key = KeyStore(tmp_path).add("alice", "runner")
+    with pytest.raises(Unauthenticated, match="takes no API keys"):  # no data dir: JWTs only
+        Auth(jwt_secret=SECRET).authenticate(bearer(key))
 
 
 # -- roles ----------------------------------------------------------------------------------------
@@ -334,6 +345,18 @@ def test_the_rate_limit_is_per_principal_with_retry_after(tmp_path: Path) -> Non
     auth.admit(Principal("alice", "runner", "jwt"))
     time.sleep(error.retry_after_s + 0.01)  # obeying Retry-After gets the next request in
     auth.admit(alice)
+
+
+def test_a_batch_can_cost_its_size(tmp_path: Path) -> None:
+    auth = Auth(tmp_path, rate_per_s=1.0, burst=10)
+    alice = Principal("alice", "runner", "key")
+    auth.admit(alice, cost=8)
+    with pytest.raises(RateLimited) as caught:
+        auth.admit(alice, cost=4)  # 2 left, 4 asked: 2 s until there are 4
+    assert 0 < caught.value.retry_after_s <= 2.0
+    auth.admit(alice, cost=2)
+    with pytest.raises(PayloadTooLarge, match="split it into batches of at most 10"):
+        auth.admit(alice, cost=11)  # no wait would ever let it in: not a 429
 
 
 def test_no_rate_limit_when_asked(tmp_path: Path) -> None:
@@ -424,5 +447,34 @@ def test_autoglm_keys_add_prints_a_key_that_authenticates(tmp_path: Path) -> Non
 
 def test_autoglm_keys_refuses_an_unknown_role(tmp_path: Path) -> None:
     done = autoglm("keys", "add", "x", "--role", "root", "--data-dir", str(tmp_path))
-    assert done.returncode == 2 and "invalid choice: 'root'" in done.stderr
+    assert done.returncode == 2 and "autoglm: unknown role 'root'" in done.stderr
+    assert "hint: roles: admin, runner, viewer" in done.stderr
     assert not (tmp_path / KEYS_FILE).exists()
+
+
+def test_custom_roles_from_a_file_for_keys_and_the_server(tmp_path: Path) -> None:
+    roles = tmp_path / "roles.yaml"
+    roles.write_text("qa-runner:\n  actions: [chains.list, chains.invoke]\n  chains: [qa]\n", encoding="utf-8")
+    added = autoglm("keys", "add", "bot", "--role", "qa-runner", "--roles", str(roles), "--data-dir", str(tmp_path))
+    assert added.returncode == 0, added.stderr
+    auth = Auth.from_env(tmp_path, environ={"AUTOGLM_ROLES": str(roles)})
+    who = auth.authenticate(bearer(added.stdout.strip()))
+    assert who.role == "qa-runner"
+    auth.authorize(who, "chains.invoke", "qa")
+    with pytest.raises(Forbidden, match="on chain 'summarize'"):
+        auth.authorize(who, "chains.invoke", "summarize")
+    with pytest.raises(Forbidden):
+        auth.authorize(who, "runs.read")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("- viewer\n", "not a mapping"),
+    ("odd: [chains.delete]\n", "unknown action 'chains.delete'"),
+    ("odd: {actions: [chains.list], scope: all}\n", "unknown field 'scope'"),
+    ("odd: [unclosed\n", "not YAML"),
+], ids=["list", "bad-action", "bad-field", "bad-yaml"])
+def test_a_bad_roles_file_says_what_is_wrong(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "roles.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(SettingsError, match=message):
+        load_roles(path)

@@ -595,3 +595,17 @@ def test_the_serve_magic_starts_and_stops_a_server(tiny_path: Path, monkeypatch:
         with capture_output() as unknown:
             shell.run_line_magic("autoglm", "serve nope")
         assert "no chain named 'nope'" in unknown.stderr
+
+
+def test_closing_the_workbench_stops_its_servers(tmp_path: Path) -> None:
+    """A server runs on the workbench's loop: close() stops it first, so no socket outlives the workbench."""
+    bench = wb.Workbench(data_dir=tmp_path)
+    try:
+        chain = bench.chain({"name": "echo", "hops": [{"name": "say", "call": "workbench.demo:canned_answer"}]})
+        server = bench.serve(chains=[chain], port=0, auth=False)
+        assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+    finally:
+        bench.close()
+    assert not server.running
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{server.url}/health", timeout=5)

@@ -26,6 +26,8 @@ import pytest
 import zstandard
 
 import workbench as wb
+from workbench.chains.events import RunFinished, Token
+from workbench.errors import HopFailed, RemoteError
 from workbench.fronts.server.auth import Auth, KeyStore
 
 from helpers import eventually, free_port
@@ -320,40 +322,41 @@ def test_bodies_that_do_not_parse_get_a_clear_4xx(served: Served, content: bytes
     assert httpx.post(url, json={"inputs": {"question": "ok"}}, headers=runner, timeout=30).status_code == 200
 
 
-def test_a_client_sending_a_byte_a_second_times_out_while_others_are_served(served: Served) -> None:
-    host, port = served.url.removeprefix("http://").rsplit(":", 1)
+def trickle(url: str, head: bytes, slow: bytes, answer: list[bytes], sent: list[int]) -> None:
+    """Send ``head`` at once, then ``slow`` a byte a second, until the server answers (into ``answer``)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head)
+        sock.settimeout(1.0)
+        for byte in slow:
+            try:
+                sock.sendall(bytes([byte]))
+                sent.append(byte)
+                data = sock.recv(65536)  # waits up to a second: the byte-a-second pace
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            answer.append(data)
+            break
+        sock.settimeout(10.0)
+        if not answer:
+            answer.append(sock.recv(65536))
+
+
+@pytest.mark.parametrize("part", ["body", "headers"])
+def test_a_client_sending_a_byte_a_second_times_out_while_others_are_served(served: Served, part: str) -> None:
     body = json.dumps({"inputs": {"question": "slow"}}).encode()
-    head = (f"POST /v1/chains/echo/invoke HTTP/1.1\r\nhost: {host}\r\n"
+    head = (f"POST /v1/chains/echo/invoke HTTP/1.1\r\nhost: 127.0.0.1\r\n"
             f"authorization: Bearer {served.keys['runner']}\r\ncontent-type: application/json\r\n"
             f"content-length: {len(body)}\r\n\r\n").encode()
+    # The body trickles after a whole head, or the head itself trickles (slowloris) after its first line.
+    first, slow = (head, body) if part == "body" else (head[:40], head[40:] + body)
     answer: list[bytes] = []
     sent: list[int] = []
-    stop = threading.Event()
-
-    def trickle() -> None:
-        with socket.create_connection((host, int(port)), timeout=30) as sock:
-            sock.sendall(head)
-            sock.settimeout(1.0)
-            for byte in body:
-                if stop.is_set():
-                    break
-                try:
-                    sock.sendall(bytes([byte]))
-                    sent.append(byte)
-                    data = sock.recv(65536)  # waits up to a second: the byte-a-second pace
-                except socket.timeout:
-                    continue
-                except OSError:
-                    break
-                if data:
-                    answer.append(data)
-                    break
-            sock.settimeout(10.0)
-            if not answer:
-                answer.append(sock.recv(65536))
-
-    slow = threading.Thread(target=trickle)
-    slow.start()
+    before = len(served.bench.runs())
+    slow_client = threading.Thread(target=trickle, args=(served.url, first, slow, answer, sent))
+    slow_client.start()
     try:
         time.sleep(0.5)
         # Meanwhile another client is served, while the slow one is still sending.
@@ -362,13 +365,13 @@ def test_a_client_sending_a_byte_a_second_times_out_while_others_are_served(serv
         assert [r.status_code for r in others] == [200, 200, 200]
         assert not answer, "the slow client was answered before the fast ones"
     finally:
-        slow.join(BODY_TIMEOUT_S + 30)
-        stop.set()
-    assert not slow.is_alive()
+        slow_client.join(BODY_TIMEOUT_S + 30)
+    assert not slow_client.is_alive()
     text = b"".join(answer).decode("latin-1")
     assert text.startswith("HTTP/1.1 408"), text[:200]
-    assert "did not arrive within" in text
-    assert len(sent) < len(body)  # refused before the whole body came
+    assert ("did not arrive within" if part == "body" else "headers did not arrive in time") in text
+    assert len(sent) < len(slow)  # refused before the whole request came
+    assert len(served.bench.runs()) == before + 3  # the fast ones' runs, none for the slow one
 
 
 # -- load ---------------------------------------------------------------------------------------------
@@ -467,3 +470,40 @@ def test_a_server_killed_mid_stream_gives_a_clean_error_and_keeps_sessions(tiny_
     finally:
         restarted.terminate()
         restarted.wait(30)
+
+
+def test_a_workbench_whose_served_model_dies_mid_stream_gets_a_remote_error(tiny_path: Path, tmp_path: Path) -> None:
+    """The workbench's own OpenAI-compatible backend, calling a served model, sees the kill as a RemoteError."""
+    data_dir = tmp_path / "data"
+    key = KeyStore(data_dir).add("caller", "runner")
+    spec = tmp_path / "long.yaml"
+    spec.write_text(LONG_SPEC, encoding="utf-8")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    process = autoglm_serve(spec, tiny_path, data_dir, port, log)
+    try:
+        healthy(url, process, log)
+        with wb.Workbench(data_dir=tmp_path / "client") as client:
+            client.load("far", f"{url}/v1", served_model="tiny", api_key=key, read_timeout_s=30)
+            chain = client.chain({"name": "far", "hops": [{"name": "answer", "model": "far", "max_new_tokens": 400,
+                                                            "prompt": "Question: {{ question }}\nAnswer:"}],
+                                  "output": "answer"})
+            tokens = 0
+            for event in chain.stream(question="Tell me everything."):
+                if isinstance(event, Token):
+                    tokens += 1
+                    if process.poll() is None:
+                        process.send_signal(signal.SIGKILL)
+                        process.wait(30)
+                if isinstance(event, RunFinished):
+                    run = event.run
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(30)
+    assert tokens >= 1
+    assert isinstance(run.error, HopFailed) and run.error.hop == "answer"
+    cause = run.error.cause
+    assert isinstance(cause, RemoteError), cause
+    assert cause.kind in ("broken_stream", "refused"), cause.kind

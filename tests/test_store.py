@@ -184,9 +184,10 @@ def test_values_json_cannot_hold_are_stored_as_their_repr_with_a_note(tmp_path: 
     assert odd.inputs == {"q": "Opaque(1)"}
     assert odd.outputs == {"text": "about Opaque(1)", "stats": "{'words': 2, 'raw': Opaque(7)}"}
     assert odd.output == "{'words': 2, 'raw': Opaque(7)}"
-    assert odd.meta == {"stored_as_repr": ["inputs.q", "outputs.stats", "output"]}
+    assert odd.meta["stored_as_repr"] == ["inputs.q", "outputs.stats", "output"]
+    assert odd.meta["config_version"] == plain.meta["config_version"] == 1  # the chain's configuration, never edited
     assert plain.inputs == {"q": "plain"} and plain.outputs["text"] == "about 'plain'"  # JSON values stay JSON
-    assert plain.meta == {"stored_as_repr": ["outputs.stats", "output"]}
+    assert plain.meta["stored_as_repr"] == ["outputs.stats", "output"]
     with closing(sqlite3.connect(tmp_path / SESSIONS_FILE)) as raw:  # every column is JSON text: nothing runs on read
         for row in raw.execute("SELECT typeof(inputs), typeof(outputs), typeof(output), typeof(meta),"
                                " inputs, outputs, output, meta FROM runs"):

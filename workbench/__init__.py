@@ -16,6 +16,9 @@ if TYPE_CHECKING:
     from workbench.chains.resilience import RetryPolicy
     from workbench.chains.context import ContextStore, InMemoryContextStore, RunRecord
     from workbench.chains.run import Run
+    from workbench.chains.live import ConfigRefusal, ConfigVersion, ConfigWarning
+    from workbench.chains.configfile import LiveConfig
+    from workbench.errors import ConfigError
     from workbench.chains.sqlite_store import SQLiteContextStore
     from workbench.engine import (
         BatchingPolicy,
@@ -70,6 +73,7 @@ if TYPE_CHECKING:
     from workbench.tracing import Trace
     from workbench.tracing.gcpauses import pauses as gc_pauses
     from workbench.fronts.notebook.widgets import ChainBuilder, ComparisonDashboard, ModelManager, TraceViewer
+    from workbench.knowledge import Facts, GraphError, KnowledgeGraph
 
 
 # Where each public name lives (the imports above, for type checkers, say the same). Names import on
@@ -83,6 +87,8 @@ _HOMES = {
     "workbench.chains.resilience": ("RetryPolicy",),
     "workbench.chains.context": ("ContextStore", "InMemoryContextStore", "RunRecord"),
     "workbench.chains.run": ("Run",),
+    "workbench.chains.live": ("ConfigRefusal", "ConfigVersion", "ConfigWarning"),
+    "workbench.chains.configfile": ("LiveConfig",),
     "workbench.chains.sqlite_store": ("SQLiteContextStore",),
     "workbench.engine": (
         "BatchingPolicy", "ContinuousBatching", "DynamicBatching", "Faults", "GenerationParams", "GenerationResult",
@@ -95,6 +101,7 @@ _HOMES = {
         "RunCancelled",
         "RunError", "ServingError", "SettingsError", "SpecError", "StoreError", "WorkbenchClosed", "StrategyError",
         "TemplateError", "UnknownModelError", "WorkbenchError", "WorkloadError",
+        "ConfigError",
     ),
     "workbench.experiments": ("ClosedLoop", "Comparison", "PoissonArrivals", "compare"),
     "workbench.engine.preloading": ("Eager", "KeepWarm", "Lazy", "Prefetch", "PreloadingStrategy"),
@@ -103,6 +110,7 @@ _HOMES = {
     "workbench.tracing": ("Trace",),
     # The widgets bring in ipywidgets and anywidget: a script or a worker that shows none never pays for them.
     "workbench.fronts.notebook.widgets": ("ChainBuilder", "ComparisonDashboard", "ModelManager", "TraceViewer"),
+    "workbench.knowledge": ("Facts", "GraphError", "KnowledgeGraph"),
 }
 _HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
 _RENAMED = {"gc_pauses": ("workbench.tracing.gcpauses", "pauses")}

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import os
 import threading
+import weakref
 from collections.abc import Callable, Coroutine
 from concurrent.futures import CancelledError, Future
 from collections import OrderedDict
@@ -16,7 +17,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from workbench import _gateway
 from workbench.chains.chain import Chain
+from workbench.chains.configfile import LiveConfig
 from workbench.chains.context import ContextStore, RunRecord
+from workbench.chains.live import DEFAULT_INTERVAL_S, read_text
 from workbench.chains.run import Run
 from workbench.chains.events import Event
 from workbench.chains.runner import Runner
@@ -30,6 +33,7 @@ from workbench.engine.batching import default_policy
 from workbench.engine.faults import Faults
 from workbench.engine.prober import HealthChecks
 from workbench.errors import HopFailed, WorkbenchClosed, WorkbenchError
+from workbench.knowledge import GraphStore, KnowledgeGraph, resolve
 from workbench.models import heap
 from workbench.engine.preloading import Eager, PreloadingStrategy, parse_preloading
 from workbench.models.registry import LoadedModel, LoadSettings, ModelRegistry
@@ -102,7 +106,8 @@ class Workbench:
         self.data_dir = Path(data_dir).expanduser() if data_dir is not None else data_root()
         self.store = store if store is not None else SQLiteContextStore(self.data_dir / SESSIONS_FILE)
         self._hop_pool = ThreadPoolExecutor(max_workers=hop_threads, thread_name_prefix="workbench-hop")
-        self._runner = Runner(self.engine, self.tracing, self.store, self._hop_pool)
+        self.graphs = GraphStore()  # knowledge hops' graphs, each loaded once
+        self._runner = Runner(self.engine, self.tracing, self.store, self._hop_pool, graphs=self.graphs)
         self._in_flight = 0  # runs walking on the loop now (only the loop thread changes it)
         self._loop: asyncio.AbstractEventLoop | None = None  # chains walk here, on its own thread, from first use
         self._loop_thread: threading.Thread | None = None
@@ -111,6 +116,9 @@ class Workbench:
         self._runs: OrderedDict[str, Run] = OrderedDict()
         self._runs_lock = threading.Lock()
         self._chains: dict[str, Chain] = {}
+        self._servers: list[Any] = []  # started by serve(); close() stops them
+        self._built: weakref.WeakSet[Chain] = weakref.WeakSet()  # every chain, so close() stops their watchers
+        self._configs: list[LiveConfig] = []
         self._allowed_modules: tuple[str, ...] = ()
         self.allow_modules(*allow_modules)
         self.health = HealthChecks(self.engine, self.tracing)
@@ -437,19 +445,75 @@ class Workbench:
         self._allowed_modules = tuple(dict.fromkeys((*self._allowed_modules, *modules)))
         return self._allowed_modules
 
-    def chain(self, spec: str | Mapping[str, Any], name: str | None = None) -> Chain:
-        """Validate a chain spec (YAML text or dict) against the models this workbench knows."""
-        parsed = parse_spec(spec, known_models=self.registry.names(), default_name=name,
-                            allowed_modules=self._allowed_modules)
+    def chain(
+        self,
+        spec: str | os.PathLike[str] | Mapping[str, Any],
+        name: str | None = None,
+        *,
+        watch: bool = False,
+        interval_s: float = DEFAULT_INTERVAL_S,
+    ) -> Chain:
+        """Validate a chain spec (YAML text, a dict, or a ``pathlib.Path`` to a YAML file) against the models this
+        workbench knows.
+
+        ``watch=True``: ``spec`` is the path of a YAML file, followed live (see :meth:`Chain.watch`): an edit
+        that validates serves the runs that start after it (within about ``interval_s``); one that does not
+        is refused and the last good version keeps serving. Runs record the version they used.
+        """
+        path = None
+        if watch and not isinstance(spec, (str, os.PathLike)):
+            raise WorkbenchError(f"watch=True follows a spec file, and {type(spec).__name__} is not a path",
+                                 hint="bench.chain('qa.yaml', watch=True)")
+        if watch or isinstance(spec, os.PathLike):
+            path = Path(spec)
+            spec = read_text(path, "chain spec file")
+        # A spec file without a name is named after the file (qa.yaml: qa).
+        parsed = self._parse_chain(spec, name, path.stem if path is not None else None)  # type: ignore[arg-type]
+        chain = Chain(parsed, self, parse=lambda source: self._parse_chain(source, parsed.name))
+        self._chains[parsed.name] = chain
+        self._built.add(chain)
+        if path is not None and watch:
+            chain.watch(path, interval_s)
+        return chain
+
+    def _parse_chain(self, spec: str | Mapping[str, Any], name: str | None, default: str | None = None) -> ChainSpec:
+        parsed = parse_spec(spec, known_models=self.registry.names(), default_name=name or default,
+                            allowed_modules=self._allowed_modules, graphs=self.graphs)
         if name is not None and parsed.name != name:
             parsed.name = name
-        chain = Chain(parsed, self)
-        self._chains[parsed.name] = chain
-        return chain
+        return parsed
+
+    def configure(
+        self, path: str | os.PathLike[str], *, watch: bool = False, interval_s: float = DEFAULT_INTERVAL_S
+    ) -> LiveConfig:
+        """Load the models, policies and chains a workbench configuration file (YAML) names, and apply its overrides.
+
+        ``models: {NAME: {source, device, dtype, batching, balance, replicas, ...}}``, ``chains: {NAME: FILE}``
+        (relative to the file), ``overrides: {CHAIN.HOP.FIELD: VALUE}``. The file is validated whole first
+        (errors name its line and field). ``watch=True`` follows the file and the chain files live: a new
+        batching or balance policy applies at once, a changed source or load setting loads the model again,
+        and an edit that does not validate is refused while the last good configuration keeps serving
+        (see the returned object's ``version`` and ``errors``).
+        """
+        self.check_open(f"configure from {str(path)!r}")
+        config = LiveConfig(self, path, watch, interval_s).start()
+        for earlier in [c for c in self._configs if c.path.resolve() == config.path.resolve()]:
+            earlier.stop()  # the same file again: the new one follows it from now on
+            self._configs.remove(earlier)
+        self._configs.append(config)
+        return config
 
     def chains(self) -> dict[str, Chain]:
         """Chains built on this workbench, by name (the latest of each name)."""
         return dict(self._chains)
+
+    def graph(self, graph: str | os.PathLike[str]) -> KnowledgeGraph:
+        """The knowledge graph a hop's ``graph:`` names (a demo graph such as ``"countries"``, or a .csv/.json file).
+
+        Loaded once per workbench and kept; ``graph.lookup("What borders France?", hops=1)`` shows
+        what a knowledge hop would find.
+        """
+        return self.graphs.get(resolve(str(graph)))
 
     # -- serving -------------------------------------------------------------------------------
 
@@ -474,7 +538,9 @@ class Workbench:
         if _gateway.start_server is None:
             raise WorkbenchError("the gateway is not available", hint="import workbench first")
         served = list(self._chains.values()) if chains is None else list(chains)
-        return _gateway.start_server(self, chains=served, port=port, host=host, auth=auth, **options)
+        server = _gateway.start_server(self, chains=served, port=port, host=host, auth=auth, **options)
+        self._servers.append(server)  # close() stops it before the loop it runs on
+        return server
 
     # -- the event loop chains walk on (the ChainHost protocol) -------------------------------------
 
@@ -619,6 +685,12 @@ class Workbench:
         if self._closed:
             return
         self._closed = True
+        for server in self._servers:
+            server.stop()  # stopping twice is harmless; open streams get a moment to end
+        for config in self._configs:
+            config.stop()
+        for chain in list(self._built):
+            chain.unwatch()
         self.health.stop()
         self.engine.preloader.close()  # no background load may start once models are being freed
         for name in self.registry.names():

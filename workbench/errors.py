@@ -1,7 +1,7 @@
 """The exceptions a user can cause: one tree rooted in WorkbenchError, with branches a caller can catch as a group.
 
     WorkbenchError
-    ├── SpecError          the chain spec or a command line is wrong: TemplateError, ParseError
+    ├── SpecError          the chain spec or a command line is wrong: TemplateError, ParseError, GraphError
     ├── SettingsError      a strategy, replicas, workload or store setting is wrong: StrategyError, WorkloadError,
     │                      StoreError
     ├── ModelError         a model is unknown, will not load, ran out of memory, cannot take a chat:
@@ -134,6 +134,44 @@ class ParseError(SpecError):
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         self.hop = self.field = self.line = None
         WorkbenchError.__init__(self, message, hint=hint)
+
+
+class ConfigError(SpecError):
+    """A workbench configuration file (models, chains, overrides) that does not validate; names file, line, field."""
+
+    def __init__(
+        self, message: str, *, path: str | None = None, field: str | None = None, line: int | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.hop, self.field, self.line, self.path = None, field, line, path
+        where = [path or "workbench configuration"]
+        if line is not None:
+            where.append(f"line {line}")
+        if field is not None:
+            where.append(f"field {field!r}")
+        WorkbenchError.__init__(self, f"{', '.join(where)}: {message}", hint=hint)
+
+
+class GraphError(SpecError):
+    """A knowledge hop's graph is unknown, or its file of triples is missing, too big or malformed.
+
+    The message names the file and the row; a hop's spec adds the hop, field and line.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        hop: str | None = None,
+        field: str | None = None,
+        line: int | None = None,
+        hint: str | None = None,
+    ) -> None:
+        if hop is None and field is None and line is None:  # read outside a chain spec: no spec to point at
+            self.hop = self.field = self.line = None
+            WorkbenchError.__init__(self, message, hint=hint)
+        else:
+            super().__init__(message, hop=hop, field=field, line=line, hint=hint)
 
 
 # -- settings ------------------------------------------------------------------------------------

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import html
+import os
 import queue
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from workbench.chains.batch import Errors, MapInterrupted, MapState, RunBatch, reuse, run_all
 from workbench.chains.events import Event, RunFinished
 from workbench.chains.host import ChainHost
+from workbench.chains.live import DEFAULT_INTERVAL_S, ConfigRefusal, ConfigVersion, FileWatcher, LiveSpec, refuse
 from workbench.chains.run import Run
 from workbench.chains.runner import Interrupted, check_inputs, check_session
 from workbench.chains.spec import ChainSpec, HopSpec
@@ -22,12 +25,24 @@ class Chain:
 
     Every way to run it has a blocking and an awaited form with the same behaviour:
     ``run``/``arun``, ``map``/``amap``, ``stream``/``astream``.
+
+    Its spec may change while it serves (:meth:`set`, :meth:`update`, :meth:`watch`): each run
+    uses the version that served when it started, and records it (``run.config_version``).
+    ``parse`` validates a changed spec as the host does (against the models it knows).
     """
 
-    def __init__(self, spec: ChainSpec, host: ChainHost) -> None:
-        self.spec = spec
+    def __init__(
+        self, spec: ChainSpec, host: ChainHost, parse: Callable[[str | Mapping[str, Any]], ChainSpec] | None = None
+    ) -> None:
+        self._live = LiveSpec(spec, parse)
+        self._watcher: FileWatcher | None = None
         self._host = host
         self.last_batch: RunBatch | None = None  # the latest map's runs, filled in as they finish
+
+    @property
+    def spec(self) -> ChainSpec:
+        """The spec serving now: what a run that starts now uses (an edit makes a new one; runs keep theirs)."""
+        return self._live.current
 
     @property
     def name(self) -> str:
@@ -210,6 +225,74 @@ class Chain:
         finally:
             future.cancel()
 
+    # -- live configuration --------------------------------------------------------------------
+
+    @property
+    def version(self) -> ConfigVersion:
+        """The serving configuration's version: ``number`` counts accepted versions from 1, ``digest`` hashes it."""
+        return self._live.version
+
+    @property
+    def config_errors(self) -> list[ConfigRefusal]:
+        """Edits that were refused (a watched file that did not validate, a bad :meth:`set`), oldest first."""
+        return list(self._live.refusals)
+
+    @property
+    def overrides(self) -> dict[str, Any]:
+        """Fields set live with :meth:`set`, by path; they stay over later edits of the spec until :meth:`unset`."""
+        return self._live.overrides
+
+    def set(self, path: str | Mapping[str, Any], value: Any = None) -> ConfigVersion:
+        """Change one field live, for runs that start from now on: ``chain.set("answer.temperature", 0.7)``;
+        or several at once, in one version: ``chain.set({"answer.temperature": 0.7, "plan.max_new_tokens": 8})``.
+
+        ``path`` is ``HOP.FIELD`` (``answer.prompt``, ``plan.max_new_tokens``, ``answer.retry.attempts``)
+        or a chain field (``history``, ``output``, ``description``). The whole spec is validated again
+        with the new value; a value the spec does not allow raises SpecError and nothing changes.
+        Code (a Python hop's ``call``), names and ``uses`` are not set live. Returns the new version.
+        """
+        return self._live.set(path if isinstance(path, Mapping) else {path: value})
+
+    def unset(self, *paths: str) -> ConfigVersion:
+        """Drop values set with :meth:`set`: the fields take the spec's own values again."""
+        return self._live.unset(paths)
+
+    def update(self, spec: str | Mapping[str, Any]) -> ConfigVersion:
+        """Replace the spec (YAML text or a dict) for runs that start from now on; SpecError refuses it whole.
+
+        The chain keeps its name; values set with :meth:`set` stay on top.
+        """
+        return self._live.update(spec)
+
+    def watch(self, path: str | os.PathLike[str], interval_s: float = DEFAULT_INTERVAL_S) -> None:
+        """Follow the spec file at ``path``: each edit that validates becomes the next version, within about
+        ``interval_s``; one that does not is refused (logged, warned about, kept in :attr:`config_errors`)
+        while the last good version keeps serving. Replaces an earlier watch; stops on ``bench.close()``.
+        """
+        self._host.check_open(f"watch {str(path)!r}")
+        origin = str(path)
+
+        def unreadable(error: WorkbenchError) -> None:
+            self._live.refusals.append(refuse(origin, error, self.version, f"chain {self.name!r}"))
+
+        # The first poll reads the file again: an edit made since the chain was built is not missed, and
+        # the same content again makes no new version.
+        watcher = FileWatcher(path, lambda text: self._live.update(text, origin), interval_s,
+                              on_unreadable=unreadable)
+        self.unwatch()
+        self._watcher = watcher.start()
+
+    def unwatch(self) -> None:
+        """Stop following the spec file; the version serving now stays."""
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.stop()
+
+    @property
+    def watching(self) -> Path | None:
+        """The spec file this chain follows, or None."""
+        return self._watcher.path if self._watcher is not None and self._watcher.running else None
+
     def __repr__(self) -> str:
         arrows = ", ".join(f"{h.name}<-[{','.join(h.deps)}]" if h.deps else h.name for h in self.spec.hops)
         return f"<Chain {self.name!r}: {arrows}; inputs {list(self.inputs)}; output {self.spec.output!r}>"
@@ -232,9 +315,14 @@ class Chain:
 
 
 def _shown(hop: HopSpec) -> str:
-    """What a hop does, as the chain's table shows it: its prompt, its messages a line each, or its function."""
+    """What a hop does, as the chain's table shows it: its prompt, its messages a line each, its graph query, or its
+    function."""
     if hop.messages is not None:
         return "\n".join(f"{role}: {template.source}" for role, template in hop.messages)
+    if hop.knowledge is not None:
+        k = hop.knowledge
+        return f"graph {k.source}, {k.hops} hop{'s' if k.hops > 1 else ''}, at most {k.max_triples} triples: " \
+            f"{k.query.source}"
     return hop.prompt or getattr(hop.call, "__qualname__", "")
 
 

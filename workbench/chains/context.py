@@ -35,6 +35,8 @@ class RunRecord:
             run_id=run.id, chain=run.chain, inputs=run.inputs, outputs=dict(run.outputs), output=run.output,
             started_at=run.started_at, duration_ms=run.duration_ms, status=run.status,
             error=run.error.message if run.error is not None else None,
+            meta={"config_version": run.config_version.number, "config_hash": run.config_version.digest}
+            if run.config_version is not None else {},
         )
 
 

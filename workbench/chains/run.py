@@ -10,6 +10,7 @@ from workbench.tracing import Trace
 from workbench.tracing import attributes as attr
 
 if TYPE_CHECKING:
+    from workbench.chains.live import ConfigVersion
     from workbench.errors import HopFailed
     from workbench.tracing.provider import SpanIndex
 
@@ -28,6 +29,8 @@ class Run:
     duration_ms: float
     session: str | None = None
     error: HopFailed | None = None
+    # The chain's configuration this run used (chains/live.py): its version number and content hash.
+    config_version: ConfigVersion | None = None
     _index: SpanIndex | None = field(default=None, repr=False)
 
     @property

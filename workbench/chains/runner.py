@@ -1,7 +1,10 @@
 """Walks a chain's hop graph for one set of inputs on an event loop; hops whose inputs are ready run together.
 
 LLM hops await the engine; a Python hop runs in the hop thread pool, or on the loop itself when
-it is ``async def``. Every coroutine here runs on the workbench's loop; the sync API waits on it.
+it is ``async def``; a knowledge hop looks up its graph on the loop (a short query against a
+loaded graph, for a few hundred triples at most, takes well under a millisecond) and loads a graph,
+reads a long query or walks for many triples in the pool.
+Every coroutine here runs on the workbench's loop; the sync API waits on it.
 """
 
 from __future__ import annotations
@@ -30,11 +33,16 @@ from workbench.chains.templates import PromptTemplate
 from workbench.engine import Call, Engine
 from workbench.engine.requests import Messages, check_text
 from workbench.errors import HopFailed, MissingInputError
+from workbench.knowledge import Facts, GraphStore, Lookup
 from workbench.tracing import Tracing
 from workbench.tracing import attributes as attr
 from workbench.tracing import openinference
 
 EventSink = Callable[[Event], None]
+# A knowledge hop is looked up on the loop when its query is at most this long (linking reads it word by word)
+# and it may return at most this many triples (the walk costs about 1 µs a triple, more past a few hundred).
+INLINE_QUERY_CHARS = 4_096
+INLINE_MAX_TRIPLES = 200
 
 # The trace a run started in this context joins: a served request's caller's (read from its W3C traceparent);
 # None starts a new trace. A context variable, so it travels with the awaiting task onto the workbench's loop
@@ -97,13 +105,21 @@ class RunState:
 
 
 class Runner:
-    """Runs chains against an engine, a tracer, a context store and a pool for Python hops."""
+    """Runs chains against an engine, a tracer, a context store, a pool for Python hops and knowledge hops' graphs."""
 
-    def __init__(self, engine: Engine, tracing: Tracing, store: ContextStore, hop_pool: Executor) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        tracing: Tracing,
+        store: ContextStore,
+        hop_pool: Executor,
+        graphs: GraphStore | None = None,
+    ) -> None:
         self.engine = engine
         self.tracing = tracing
         self.store = store
         self.hop_pool = hop_pool
+        self.graphs = graphs if graphs is not None else GraphStore()  # knowledge hops' graphs, loaded once
 
     async def arun(
         self, spec: ChainSpec, inputs: Mapping[str, Any], session: str | None = None, events: EventSink | None = None
@@ -126,6 +142,8 @@ class Runner:
                 attr.RUN_ID: run_id,
                 **openinference.input_value(dict(inputs)),
                 **({attr.SESSION_ID: session, attr.OI_SESSION_ID: session} if session else {}),
+                **({attr.CONFIG_VERSION: spec.version.number, attr.CONFIG_HASH: spec.version.digest}
+                   if spec.version is not None else {}),
             },
             run=True,
         )
@@ -156,6 +174,7 @@ class Runner:
             duration_ms=(time.perf_counter() - started) * 1e3,
             session=session,
             error=failure,
+            config_version=spec.version,
             _index=self.tracing.index,
         )
         if failure is not None:
@@ -210,7 +229,7 @@ class Runner:
         values: dict[str, Any] = {**state.inputs, "history": state.history}
         values.update({d: state.outputs[d] for d in hop.deps})
         attributes: dict[str, object] = {
-            attr.SPAN_KIND: attr.KIND_CHAIN if hop.kind == "llm" else attr.KIND_TOOL,
+            attr.SPAN_KIND: {"llm": attr.KIND_CHAIN, "knowledge": attr.KIND_RETRIEVER}.get(hop.kind, attr.KIND_TOOL),
             attr.HOP_NAME: hop.name,
             attr.HOP_KIND: hop.kind,
             attr.CHAIN_NAME: spec.name,
@@ -283,6 +302,9 @@ class Runner:
 
         if hop.model:
             own = model(hop.model)
+        elif hop.knowledge is not None:
+            own = Route(f"graph:{hop.knowledge.source}",
+                        lambda attempt, timeout: self._look_up(hop, state, values, span))
         else:
             span.set_attributes(openinference.input_value(_arguments(hop, values)))
             own = Route(f"hop:{hop.name}", lambda attempt, timeout: self._call(hop, values))
@@ -305,6 +327,49 @@ class Runner:
                 raise Interrupted("a hop raised KeyboardInterrupt") from exc
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.hop_pool, _interruptible, hop.call, args, kwargs)
+
+    async def _look_up(self, hop: HopSpec, state: RunState, values: dict[str, Any], span: Span) -> Facts:
+        """A knowledge hop: render the query, link and walk the graph; the span gets the timings and the cost."""
+        assert hop.knowledge is not None
+        knowledge = hop.knowledge
+        query = await self._render(knowledge.query, values, None)
+        check_text(query, f"the query of hop {hop.name!r}")
+        span.set_attributes(openinference.input_value(query))
+        span.set_attributes({attr.KNOWLEDGE_GRAPH: str(knowledge.source), attr.KNOWLEDGE_HOPS: knowledge.hops,
+                             attr.KNOWLEDGE_MAX_TRIPLES: knowledge.max_triples})
+        graph = self.graphs.cached(knowledge.source)
+        inline = graph is not None and len(query) <= INLINE_QUERY_CHARS and knowledge.max_triples <= INLINE_MAX_TRIPLES
+        if graph is None:
+            started = time.perf_counter()
+            graph = await asyncio.get_running_loop().run_in_executor(self.hop_pool, self.graphs.get, knowledge.source)
+            span.set_attribute(attr.KNOWLEDGE_LOAD_MS, (time.perf_counter() - started) * 1e3)
+        look_up = partial(graph.lookup, query, knowledge.hops, knowledge.max_triples)
+        lookup = look_up() if inline else await asyncio.get_running_loop().run_in_executor(self.hop_pool, look_up)
+        span.set_attributes({
+            attr.KNOWLEDGE_INLINE: inline,
+            attr.KNOWLEDGE_LINK_MS: lookup.link_ms,
+            attr.KNOWLEDGE_TRAVERSE_MS: lookup.traverse_ms,
+            attr.KNOWLEDGE_ENTITIES: list(lookup.entities),
+            attr.KNOWLEDGE_TRIPLES: len(lookup.triples),
+            attr.KNOWLEDGE_TRUNCATED: lookup.truncated,
+            **self._prompt_cost(lookup, state.spec.models_after(hop.name)),
+        })
+        return lookup.facts
+
+    def _prompt_cost(self, lookup: Lookup, models: list[str]) -> dict[str, object]:
+        """What the facts add to the next prompt: characters, and tokens by the next LLM hop's tokenizer if it is here.
+        """
+        cost: dict[str, object] = {attr.KNOWLEDGE_PROMPT_CHARS: len(lookup.facts)}
+        if not models:
+            return cost
+        try:
+            # The model's own backend counts (its tokenizer is on this machine for every backend but a bare server);
+            # a model not loaded yet is not loaded for this: the characters say it.
+            backend = self.engine.replicas_of(models[0])[0].backend
+            tokens = len(backend.tokenize([str(lookup.facts)], special_tokens=False)[0]) if lookup.facts else 0
+        except Exception:  # not loaded, no tokenizer here, or a fast tokenizer busy on another thread
+            return cost
+        return {**cost, attr.KNOWLEDGE_PROMPT_TOKENS: tokens, attr.KNOWLEDGE_TOKENIZER: models[0]}
 
 
 def _interruptible(function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

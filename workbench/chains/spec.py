@@ -20,12 +20,17 @@ from workbench.chains.templates import PromptTemplate
 from workbench.engine.requests import GenerationParams
 from workbench.chains.resilience import NO_RESILIENCE, Fallback, Resilience, RetryPolicy
 from workbench.engine.failures import ERROR_KINDS
-from workbench.errors import SpecError
+from workbench.errors import GraphError, SpecError
+from workbench.knowledge import DEFAULT_MAX_TRIPLES, GraphSource, GraphStore, resolve
 
 CHAIN_FIELDS = ("name", "description", "inputs", "hops", "output", "history")
 LLM_FIELDS = ("name", "kind", "model", "prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "seed",
               "truncate", "retry", "timeout_s", "fallback")
 PYTHON_FIELDS = ("name", "kind", "call", "uses", "retry", "fallback")
+KNOWLEDGE_FIELDS = ("name", "kind", "graph", "query", "hops", "max_triples")
+KINDS = ("llm", "python", "knowledge")
+MAX_KNOWLEDGE_HOPS = 4  # past four hops a walk reaches most of any small-world graph
+MAX_TRIPLES_PER_HOP = 1_000  # what one knowledge hop may put into a prompt: a spec is untrusted input
 MESSAGE_FIELDS = ("role", "content")
 ROLES = ("system", "user", "assistant")
 RETRY_FIELDS = ("attempts", "backoff_ms", "max_backoff_ms", "jitter", "max_total_s", "on")
@@ -48,12 +53,22 @@ def _show(value: Any) -> str:
     return text if len(text) <= 160 else text[:159] + "…"
 
 
+@dataclass(frozen=True)
+class KnowledgeQuery:
+    """A knowledge hop's settings: the graph, the query template, how many hops to walk, the cap on triples."""
+
+    source: GraphSource
+    query: PromptTemplate
+    hops: int = 1
+    max_triples: int = DEFAULT_MAX_TRIPLES
+
+
 @dataclass
 class HopSpec:
-    """One validated hop: an LLM call or a Python function, and the hops it depends on."""
+    """One validated hop: an LLM call, a Python function or a knowledge-graph lookup, and the hops it depends on."""
 
     name: str
-    kind: Literal["llm", "python"]
+    kind: Literal["llm", "python", "knowledge"]
     deps: tuple[str, ...] = ()
     inputs: frozenset[str] = frozenset()
     model: str | None = None
@@ -67,6 +82,7 @@ class HopSpec:
     resilience: Resilience = NO_RESILIENCE
     # A fallback of another hop: it runs only when that hop fails, never in the normal walk.
     standby: bool = False
+    knowledge: KnowledgeQuery | None = None  # a knowledge hop's graph, query and walk
 
     @property
     def prompt(self) -> str | None:
@@ -74,7 +90,9 @@ class HopSpec:
 
     @property
     def text_field(self) -> str:
-        """The spec field an LLM hop's text and the names it reads come from: ``prompt`` or ``messages``."""
+        """The spec field a hop's template and the names it reads come from: ``prompt``, ``messages`` or ``query``."""
+        if self.kind == "knowledge":
+            return "query"
         return "messages" if self.messages is not None else "prompt"
 
     def needs(self) -> frozenset[str]:
@@ -93,6 +111,8 @@ class ChainSpec:
     history: int = DEFAULT_HISTORY
     description: str = ""
     source: Any = None
+    # Which configuration this is (chains/live.py): set when a chain starts serving it, read by every run.
+    version: Any = None
 
     def hop(self, name: str) -> HopSpec:
         return next(h for h in self.hops if h.name == name)
@@ -170,10 +190,13 @@ def parse_spec(
     known_models: Collection[str] | None = None,
     default_name: str | None = None,
     allowed_modules: Collection[str] = (),
+    graphs: GraphStore | None = None,
 ) -> ChainSpec:
     """Validate ``spec`` (YAML text or a dict) into a ChainSpec, or raise SpecError saying where.
 
     ``allowed_modules``: modules a ``call:`` may name besides the user's own (see ``chains/trust.py``).
+    ``graphs``: where knowledge hops' graphs load and stay; given, each is read now, so a bad file
+    of triples fails here (naming the hop and line) rather than at the first run.
     """
     lines = _Lines()
     if isinstance(spec, str):
@@ -208,6 +231,8 @@ def parse_spec(
     ]
     _check_graph(hops, lines)
     _check_fallbacks(hops, hops_data, lines)
+    if graphs is not None:
+        _load_graphs(hops, graphs, lines)
     output = data.get("output", [h for h in hops if not h.standby][-1].name)
     if output not in hop_names:
         raise SpecError(
@@ -414,18 +439,21 @@ def _parse_hop(
 ) -> HopSpec:
     name = raw["name"]
     path = ("hops", index)
-    kind = raw.get("kind") or ("python" if "call" in raw else "llm")
-    if kind not in ("llm", "python"):
-        raise SpecError(f"kind must be 'llm' or 'python', not {_show(kind)}", hop=name, field="kind",
-                        line=lines.of(*path, "kind"))
+    kind = raw.get("kind") or ("python" if "call" in raw else "knowledge" if "graph" in raw else "llm")
+    if kind not in KINDS:
+        raise SpecError(f"kind must be 'llm', 'python' or 'knowledge', not {_show(kind)}{_did_you_mean(kind, KINDS)}",
+                        hop=name, field="kind", line=lines.of(*path, "kind"))
     if kind == "python" and "timeout_s" in raw:
         raise SpecError("timeout_s applies to model calls; a Python hop cannot be cancelled once it runs", hop=name,
                         field="timeout_s", line=lines.of(*path, "timeout_s"),
                         hint="put the timeout inside the function, or give the hop retry and a fallback hop")
-    _reject_unknown(raw, LLM_FIELDS if kind == "llm" else PYTHON_FIELDS, lines, name, path)
+    fields = {"llm": LLM_FIELDS, "python": PYTHON_FIELDS, "knowledge": KNOWLEDGE_FIELDS}[kind]
+    _reject_unknown(raw, fields, lines, name, path)
     available = set(hop_names) | RESERVED | set(declared or ())
     if kind == "llm":
         hop = _parse_llm_hop(raw, name, path, known_models, lines)
+    elif kind == "knowledge":
+        hop = _parse_knowledge_hop(raw, name, path, lines)
     else:
         hop = _parse_python_hop(raw, name, path, hop_names, lines, allowed_modules)
     hop.line = lines.of(*path)
@@ -433,7 +461,7 @@ def _parse_hop(
     missing = sorted(hop.inputs - available) if declared is not None else []
     if missing:
         variable = missing[0]
-        field = hop.text_field if kind == "llm" else "call"
+        field = hop.text_field if kind != "python" else "call"
         raise SpecError(
             f"{variable!r} is used but is neither a chain input nor a hop{_did_you_mean(variable, available)}",
             hop=name,
@@ -719,7 +747,7 @@ def _check_fallbacks(hops: list[HopSpec], hops_data: list[Any], lines: _Lines) -
         if readers:
             raise SpecError(
                 f"the hop reads {readers[0]!r}, a fallback hop that runs only when the hop it stands in for fails",
-                hop=hop.name, field=hop.text_field if hop.kind == "llm" else "uses",
+                hop=hop.name, field=hop.text_field if hop.kind != "python" else "uses",
                 line=lines.of("hops", hops.index(hop)),
                 hint="read the output of the hop that names it as a fallback instead",
             )
@@ -839,15 +867,15 @@ def _parameter_names(call: Callable[..., Any]) -> tuple[tuple[str, ...] | None, 
 
 
 def _check_graph(hops: list[HopSpec], lines: _Lines) -> None:
-    """Resolve LLM hops' dependencies from their templates, then refuse cycles."""
+    """Resolve LLM and knowledge hops' dependencies from their templates, then refuse cycles."""
     names = {h.name for h in hops}
     for index, hop in enumerate(hops):
-        if hop.kind == "llm":
+        if hop.kind in ("llm", "knowledge"):
             hop.deps = tuple(sorted(hop.inputs & names))
             hop.inputs = frozenset(hop.inputs - names)
         if hop.name in hop.deps:
             raise SpecError(
-                "the hop uses its own output", hop=hop.name, field=hop.text_field if hop.kind == "llm" else "uses",
+                "the hop uses its own output", hop=hop.name, field=hop.text_field if hop.kind != "python" else "uses",
                 line=lines.of("hops", index),
             )
     sorter = graphlib.TopologicalSorter({h.name: h.deps for h in hops})
@@ -862,3 +890,44 @@ def _check_graph(hops: list[HopSpec], lines: _Lines) -> None:
             line=lines.of("hops", [h.name for h in hops].index(first)),
             hint="a hop can only use the outputs of hops that do not, in turn, use it",
         ) from None
+
+
+def _parse_knowledge_hop(raw: Mapping[str, Any], name: str, path: tuple[Any, ...], lines: _Lines) -> HopSpec:
+    """A ``kind: knowledge`` hop: ``graph`` (a demo graph or a file), ``query`` (a template), ``hops``,
+    ``max_triples``."""
+    if "graph" not in raw:
+        raise SpecError("a knowledge hop needs 'graph': a demo graph's name or a path to a .csv or .json file",
+                        hop=name, field="graph", line=lines.of(*path), hint="e.g. graph: countries")
+    try:
+        source = resolve(raw["graph"])
+    except GraphError as exc:
+        raise GraphError(exc.message, hop=name, field="graph", line=lines.of(*path, "graph"), hint=exc.hint) from None
+    query = raw.get("query")
+    if not isinstance(query, str) or not query.strip():
+        raise SpecError("a knowledge hop needs 'query', a template whose text names the entities to look up",
+                        hop=name, field="query", line=lines.of(*path, "query"),
+                        hint='e.g. query: "{{ question }}"')
+    template = PromptTemplate(query, hop=name, line=lines.of(*path, "query"), field="query")
+    hops, max_triples = raw.get("hops", 1), raw.get("max_triples", DEFAULT_MAX_TRIPLES)
+    if not _is_int(hops) or not 1 <= hops <= MAX_KNOWLEDGE_HOPS:
+        raise SpecError(f"hops must be an integer from 1 to {MAX_KNOWLEDGE_HOPS}, got {_show(hops)}", hop=name,
+                        field="hops", line=lines.of(*path, "hops"),
+                        hint="1: the facts that name what the query mentions; 2: also the facts about those")
+    if not _is_int(max_triples) or not 1 <= max_triples <= MAX_TRIPLES_PER_HOP:
+        raise SpecError(f"max_triples must be an integer from 1 to {MAX_TRIPLES_PER_HOP}, got {_show(max_triples)}",
+                        hop=name, field="max_triples", line=lines.of(*path, "max_triples"),
+                        hint="it caps the facts (one line each) the hop hands the next prompt")
+    return HopSpec(name=name, kind="knowledge", inputs=frozenset(template.variables),
+                   knowledge=KnowledgeQuery(source, template, hops, max_triples))
+
+
+def _load_graphs(hops: list[HopSpec], graphs: GraphStore, lines: _Lines) -> None:
+    """Read each knowledge hop's graph into ``graphs``, so a malformed file fails with the hop that names it."""
+    for index, hop in enumerate(hops):
+        if hop.knowledge is None:
+            continue
+        try:
+            graphs.get(hop.knowledge.source)
+        except GraphError as exc:
+            raise GraphError(exc.message, hop=hop.name, field="graph", line=lines.of("hops", index, "graph"),
+                             hint=exc.hint) from None

@@ -1,4 +1,5 @@
-"""What the command line and the ``%autoglm`` magics parse alike: chain inputs as key=value, and load options."""
+"""What the command line and the ``%autoglm`` magics parse alike: chain inputs as key=value, live settings as
+CHAIN.FIELD=VALUE, and load options."""
 
 from __future__ import annotations
 
@@ -73,3 +74,39 @@ def load_settings(args: argparse.Namespace, source: str) -> LoadSettings:
 def load_model(bench: Workbench, name: str, settings: LoadSettings) -> LoadedModel:
     """Load ``settings`` as ``name``, where a front end's SOURCE ``tiny`` means the offline tiny model."""
     return bench.load(name, **(dataclasses.asdict(settings) | {"source": resolve_source(settings.source)}))
+
+
+def parse_assignments(words: Sequence[str]) -> list[tuple[str, str, Any]]:
+    """Live settings from ``CHAIN.HOP.FIELD=VALUE`` words: (chain, ``HOP.FIELD``, value) each.
+
+    A value reads as a YAML scalar (``0.7`` a number, ``true`` a boolean, ``null`` none); ``[a, b]`` and
+    ``{attempts: 3}`` as a list and a mapping; anything else, and a template (``{{ ... }}``), as text.
+    """
+    assignments: list[tuple[str, str, Any]] = []
+    for word in words:
+        key, sep, text = word.partition("=")
+        chain, dot, path = key.partition(".")
+        if not sep or not dot or not chain.isidentifier() or not path:
+            raise ParseError(f"{word!r} is not CHAIN.FIELD=VALUE",
+                             hint="e.g. qa.answer.temperature=0.7; quote a value that holds spaces")
+        if any(existing[:2] == (chain, path) for existing in assignments):
+            raise ParseError(f"{key!r} is given twice", hint="give each field once")
+        assignments.append((chain, path, setting_value(text)))
+    return assignments
+
+
+def setting_value(text: str) -> Any:
+    """A value typed on a line, as a spec would hold it: YAML's reading of a scalar, a list or a mapping, else text."""
+    import yaml
+
+    if not text.strip():
+        raise ParseError("the value is empty", hint='quote text, e.g. qa.answer.prompt="Q: {{ question }}"')
+    if "{{" in text or "{%" in text:  # a template: YAML would read its braces as a mapping
+        return text
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, (list, dict)):
+        return value if text.lstrip().startswith(("[", "{")) else text
+    return value if isinstance(value, (str, int, float, bool)) or value is None else text

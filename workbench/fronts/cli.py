@@ -6,6 +6,7 @@ import argparse
 import difflib
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -142,9 +143,13 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from workbench.fronts.server.auth import KeyStore
+    import os
 
-    store = KeyStore(args.data_dir)
+    from workbench.fronts.server.auth import DEFAULT_ROLES, KeyStore, load_roles
+
+    roles_file = getattr(args, "roles", None) or os.environ.get("AUTOGLM_ROLES")
+    roles = {**DEFAULT_ROLES, **(load_roles(roles_file) if roles_file else {})}
+    store = KeyStore(args.data_dir, roles=roles)
     try:
         if args.keys_command == "add":
             chains = [c.strip() for c in args.chains.split(",") if c.strip()] if args.chains is not None else None
@@ -162,7 +167,8 @@ def _keys(args: argparse.Namespace) -> int:
             for row in [] if args.json else rows:
                 chains = ",".join(row["chains"]) if row["chains"] is not None else "*"
                 state = "revoked" if row["revoked"] else "active"
-                print(f"{row['name']:<24} {row['role']:<8} {state:<8} id={row['id']} chains={chains}")
+                created = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(row["created_at"]))
+                print(f"{row['name']:<24} {row['role']:<8} {state:<8} {created}  id={row['id']} chains={chains}")
             if not rows and not args.json:
                 print(f"no keys in {store.path}")
     finally:
@@ -183,8 +189,11 @@ def _add_keys_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     actions = keys.add_subparsers(dest="keys_command", title="actions", metavar="ACTION", required=True)
     add = actions.add_parser("add", help="make a key for NAME and print it once")
     add.add_argument("name", metavar="NAME", help="who the key is for (letters, digits, _ . @ -)")
-    add.add_argument("--role", required=True, choices=sorted(DEFAULT_ROLES),
-                     help="viewer: list chains, read runs; runner: also invoke chains; admin: everything")
+    add.add_argument("--role", required=True, metavar="ROLE",
+                     help=f"{', '.join(sorted(DEFAULT_ROLES))} (viewer: list chains, read runs; runner: also invoke "
+                     "chains; admin: everything), or a role from the roles file")
+    add.add_argument("--roles", metavar="FILE", help="a YAML roles file defining custom roles (default: "
+                     "$AUTOGLM_ROLES), as autoglm serve reads it")
     add.add_argument("--chains", metavar="A,B", help="limit the key to these chains (default: every chain)")
     revoke = actions.add_parser("revoke", help="revoke NAME's key at once")
     revoke.add_argument("name", metavar="NAME")

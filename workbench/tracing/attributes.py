@@ -91,6 +91,10 @@ RAY_ACTOR = "workbench.ray.actor_id"
 RAY_ACTOR_MS = "workbench.ray.actor_ms"
 RAY_OVERHEAD_MS = "workbench.ray.overhead_ms"
 
+# Live configuration: the version of the chain's configuration a run used (a counter) and its content hash.
+CONFIG_VERSION = "workbench.config.version"
+CONFIG_HASH = "workbench.config.hash"
+
 # Resilience: attempts, the path that served a hop, breakers, health probes, injected faults.
 ATTEMPT = "workbench.attempt"
 ATTEMPTS = "workbench.attempts"
@@ -149,3 +153,20 @@ BREAKER_FAILURES = "workbench.breaker.failures"
 BREAKER_LAST_ERROR = "workbench.breaker.last_error"
 RETRY_WAIT_MS = "workbench.retry.wait_ms"
 FALLBACK_REASON = "workbench.fallback.reason"
+
+# Knowledge hops (kind: knowledge): the graph asked, what linking and the walk took and found, and what the
+# facts add to the next prompt (characters always; tokens when the next LLM hop's tokenizer is on this machine).
+KIND_RETRIEVER = "RETRIEVER"  # OpenInference's span kind for a lookup that feeds a prompt
+KNOWLEDGE_GRAPH = "workbench.knowledge.graph"
+KNOWLEDGE_HOPS = "workbench.knowledge.hops"
+KNOWLEDGE_MAX_TRIPLES = "workbench.knowledge.max_triples"
+KNOWLEDGE_LOAD_MS = "workbench.knowledge.load_ms"  # only on the hop that loaded the graph (its first use)
+KNOWLEDGE_LINK_MS = "workbench.knowledge.link_ms"
+KNOWLEDGE_TRAVERSE_MS = "workbench.knowledge.traverse_ms"
+KNOWLEDGE_ENTITIES = "workbench.knowledge.entities"  # a list: the graph's names for what the query mentioned
+KNOWLEDGE_TRIPLES = "workbench.knowledge.triples"  # how many facts the hop returned
+KNOWLEDGE_TRUNCATED = "workbench.knowledge.truncated"  # the walk stopped at max_triples with more to find
+KNOWLEDGE_PROMPT_CHARS = "workbench.knowledge.prompt_chars"
+KNOWLEDGE_PROMPT_TOKENS = "workbench.knowledge.prompt_tokens"
+KNOWLEDGE_TOKENIZER = "workbench.knowledge.tokenizer"  # the model whose tokenizer counted prompt_tokens
+KNOWLEDGE_INLINE = "workbench.knowledge.inline"  # looked up on the event loop (true) or in the hop pool

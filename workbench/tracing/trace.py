@@ -47,7 +47,7 @@ COLUMNS = [
     "batch_size",
 ]
 
-_KIND_COLOURS = {"CHAIN": "#4c72b0", "LLM": "#dd8452", "TOOL": "#55a868"}  # OpenInference span kinds
+_KIND_COLOURS = {"CHAIN": "#4c72b0", "LLM": "#dd8452", "TOOL": "#55a868", "RETRIEVER": "#8172b3"}  # OpenInference
 
 
 def _hex(value: int, width: int) -> str:

@@ -28,6 +28,7 @@ from workbench.fronts.notebook.parsers import (
     LoadCommand,
     ModelsCommand,
     RunCommand,
+    SetCommand,
     TraceCommand,
     UnloadCommand,
     help_text,
@@ -80,6 +81,7 @@ class AutoglmMagics(Magics):
             TraceCommand.subcommand: self._trace,
             CompareCommand.subcommand: self._compare,
             BuilderCommand.subcommand: self._builder,
+            SetCommand.subcommand: self._set,
         }
         self._handlers[ServeCommand.subcommand] = self._serve
         self._servers: list[Any] = []  # started by %autoglm serve, stopped by %autoglm serve stop
@@ -235,6 +237,15 @@ class AutoglmMagics(Magics):
     def _builder(self, command: BuilderCommand) -> None:
         chain = self._find_chain(command.chain) if command.chain is not None else None
         self._show_widget(ChainBuilder(current(), chain=chain))
+
+    def _set(self, command: SetCommand) -> None:
+        by_chain: dict[str, dict[str, Any]] = {}
+        for chain, path, value in command.assignments:
+            by_chain.setdefault(chain, {})[path] = value
+        chains = {name: self._find_chain(name) for name in by_chain}  # every chain known before any changes
+        for name, values in by_chain.items():
+            version = chains[name].set(values)  # all of a chain's values in one version, or none
+            print(f"{name}: {', '.join(f'{path} = {value!r}' for path, value in values.items())}; now {version}")
 
     def _serve(self, command: ServeCommand) -> None:
         from workbench.fronts.server import serve

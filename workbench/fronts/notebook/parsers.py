@@ -12,7 +12,13 @@ from typing import Any, ClassVar, NoReturn
 from workbench.engine.batching import POLICY_FORMS, BatchingPolicy, parse_policy
 from workbench.engine.preloading import PRELOADING_FORMS, PreloadingStrategy, parse_preloading
 from workbench.errors import ParseError
-from workbench.fronts.arguments import add_load_options, load_options_usage, load_settings, parse_key_values
+from workbench.fronts.arguments import (
+    add_load_options,
+    load_options_usage,
+    load_settings,
+    parse_assignments,
+    parse_key_values,
+)
 from workbench.models.settings import LoadSettings
 
 PROG = "%autoglm"
@@ -315,12 +321,31 @@ class BuilderCommand(Command):
         parser.add_argument("chain", nargs="?", metavar="CHAIN", help="start from this chain (else from one blank hop)")
 
 
+@dataclass(frozen=True)
+class SetCommand(Command):
+    subcommand = "set"
+    usage = "set CHAIN.HOP.FIELD=VALUE ..."
+    about = "change a chain's values live, for runs that start from now on; validated like its spec, a new version"
+    example = "%autoglm set qa.answer.temperature=0.7"
+
+    assignments: tuple[tuple[str, str, Any], ...]
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("assignments", nargs="+", metavar="CHAIN.HOP.FIELD=VALUE",
+                            help="a field of a hop (or of the chain: CHAIN.history=3) and its new value")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, cell: str | None) -> Command:
+        return cls(assignments=tuple(parse_assignments(args.assignments)))
+
+
 # The dispatch order of `help`; a later subcommand is one more Command subclass here.
 COMMANDS: dict[str, type[Command]] = {
     c.subcommand: c
     for c in (
         HelpCommand, LoadCommand, ModelsCommand, UnloadCommand, ChainCommand, RunCommand, TraceCommand, CompareCommand,
-        BuilderCommand,
+        BuilderCommand, SetCommand,
     )
 }
 

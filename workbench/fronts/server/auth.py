@@ -15,9 +15,14 @@ database (``$AUTOGLM_KEY_PEPPER``, else the file ``keys.pepper`` beside it, mode
 random bits; it would cost every request milliseconds of CPU. The keyed hash means a copy of ``keys.sqlite3``
 alone cannot even check a guess, and hashes are compared with ``hmac.compare_digest`` (constant time).
 
-JWTs are checked with the algorithms pinned in the configuration, never the one the token's header names, so
-``alg: none`` and HS/RS confusion are refused; ``exp`` and ``sub`` are required, ``nbf``, ``aud`` and ``iss``
-are checked, and the role comes from the ``role`` claim.
+JWTs are checked with the algorithms pinned in the configuration, all of one family (HMAC or public key), with
+the key the configuration names: a token's header may only name one of those, so ``alg: none`` and HS/RS
+confusion are refused. ``exp`` and ``sub`` are required, ``nbf``, ``aud`` and ``iss`` are checked, the role comes
+from the ``role`` claim and an optional ``chains`` claim limits the caller to those chains.
+
+Roles: viewer (list chains and models, read runs and metrics), runner (viewer + invoke chains), admin (every
+action), and custom ones (``Auth(roles=...)``, or a YAML file: :func:`load_roles`, ``$AUTOGLM_ROLES``), each
+optionally limited to some chains; a key may be limited to some chains too (``autoglm keys add --chains``).
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from workbench.errors import (
 )
 
 KEYS_FILE = "keys.sqlite3"
+KEYS_SCHEMA_VERSION = 1  # PRAGMA user_version; a later schema adds its upgrade beside the CREATEs in KeyStore._open
 PEPPER_FILE = "keys.pepper"
 PEPPER_ENV = "AUTOGLM_KEY_PEPPER"
 KEY_PREFIX = "agw_"
@@ -127,6 +133,29 @@ DEFAULT_ROLES: Mapping[str, Role] = {
     "runner": Role(_VIEWER | {"chains.invoke"}),
     "admin": Role(frozenset({"*"})),
 }
+
+
+def load_roles(path: str | os.PathLike[str]) -> dict[str, Role]:
+    """Roles from a YAML (or JSON) file: ``NAME: {actions: [...], chains: [...]}`` or ``NAME: [actions]``."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SettingsError(f"cannot read the roles file {str(path)!r}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"the roles file {str(path)!r} is not YAML: {exc}") from None
+    if not isinstance(raw, dict) or not all(isinstance(name, str) for name in raw):
+        raise SettingsError(f"the roles file {str(path)!r} is not a mapping of role names",
+                            hint="e.g. qa-runner: {actions: [chains.list, chains.invoke], chains: [qa]}")
+    try:
+        return {name: Role.of(name, spec if spec is not None else []) for name, spec in raw.items()}
+    except SettingsError as error:
+        error.hint = f"in {path}" + (f"; {error.hint}" if error.hint else "")
+        raise
+    except TypeError:
+        raise SettingsError(f"the roles file {str(path)!r}: each role is a list of actions or "
+                            "{actions: [...], chains: [...]}") from None
 
 
 def _check_name(name: str) -> str:
@@ -248,6 +277,11 @@ class KeyStore:
             with contextlib.suppress(OSError):  # the hashes are no one else's business either
                 os.chmod(self.path, 0o600)
             connection.execute("PRAGMA journal_mode=WAL")
+            (version,) = connection.execute("PRAGMA user_version").fetchone()
+            if version > KEYS_SCHEMA_VERSION:
+                connection.close()
+                raise StoreError(f"the key store {str(self.path)!r} has schema {version}, newer than this "
+                                 f"workbench's {KEYS_SCHEMA_VERSION}", hint="upgrade autoglm-workbench")
             connection.execute(
                 """CREATE TABLE IF NOT EXISTS keys (
                        id         TEXT PRIMARY KEY,
@@ -263,6 +297,7 @@ class KeyStore:
             # One active key per name; a revoked name can be given a new key.
             connection.execute("CREATE UNIQUE INDEX IF NOT EXISTS active_names ON keys (name) WHERE revoked_at IS NULL")
             connection.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL)")
+            connection.execute(f"PRAGMA user_version = {KEYS_SCHEMA_VERSION}")
             check = hmac.new(self._load_pepper(), b"autoglm key store", hashlib.sha256).digest()
             connection.execute("INSERT OR IGNORE INTO meta VALUES ('pepper_check', ?)", (check,))
             (stored,) = connection.execute("SELECT value FROM meta WHERE key = 'pepper_check'").fetchone()
@@ -311,17 +346,17 @@ class _Buckets:
         self._lock = threading.Lock()
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # owner -> (tokens, at)
 
-    def take(self, owner: str) -> float:
-        """0.0 when a token was taken, else the seconds until one will be there."""
+    def take(self, owner: str, cost: float = 1.0) -> float:
+        """0.0 when ``cost`` tokens were taken, else the seconds until they will be there (``cost`` <= burst)."""
         now = time.monotonic()
         with self._lock:
             tokens, at = self._buckets.pop(owner, (float(self.burst), now))
             tokens = min(float(self.burst), tokens + (now - at) * self.rate_per_s)
             wait = 0.0
-            if tokens >= 1.0:
-                tokens -= 1.0
+            if tokens >= cost:
+                tokens -= cost
             else:
-                wait = (1.0 - tokens) / self.rate_per_s
+                wait = (cost - tokens) / self.rate_per_s
             self._buckets[owner] = (tokens, now)
             if len(self._buckets) > _MAX_BUCKETS:
                 self._buckets.popitem(last=False)
@@ -385,8 +420,9 @@ class Auth:
                  environ: Mapping[str, str] | None = None) -> Auth:
         """An Auth configured from ``AUTOGLM_JWT_SECRET``, ``AUTOGLM_JWT_PUBLIC_KEY`` (a PEM file's path),
         ``AUTOGLM_JWT_ALGORITHMS`` (comma-separated), ``AUTOGLM_JWT_AUDIENCE``, ``AUTOGLM_JWT_ISSUER``,
-        ``AUTOGLM_RATE_PER_S`` (``0``: no limit), ``AUTOGLM_BURST`` and ``AUTOGLM_MAX_BODY_BYTES``: what a
-        container's secrets and settings give; keys come from ``data_dir``'s key store."""
+        ``AUTOGLM_RATE_PER_S`` (``0``: no limit), ``AUTOGLM_BURST``, ``AUTOGLM_MAX_BODY_BYTES`` and
+        ``AUTOGLM_ROLES`` (a roles file, see :func:`load_roles`): what a container's secrets and settings give;
+        keys come from ``data_dir``'s key store."""
         env = os.environ if environ is None else environ
         public_key = None
         if env.get("AUTOGLM_JWT_PUBLIC_KEY"):
@@ -410,6 +446,7 @@ class Auth:
             jwt_algorithms=algorithms or default_algorithms, jwt_audience=env.get("AUTOGLM_JWT_AUDIENCE") or None,
             jwt_issuer=env.get("AUTOGLM_JWT_ISSUER") or None, rate_per_s=rate if rate > 0 else None,
             burst=number("AUTOGLM_BURST", int, 100), max_body_bytes=number("AUTOGLM_MAX_BODY_BYTES", int, 1 << 20),
+            roles=load_roles(env["AUTOGLM_ROLES"]) if env.get("AUTOGLM_ROLES") else None,
         )
 
     def __repr__(self) -> str:
@@ -440,7 +477,9 @@ class Auth:
                                   hint="send 'authorization: Bearer <key>' or 'x-api-key: <key>'; "
                                        "autoglm keys add NAME --role runner makes a key")
         if credential.startswith(KEY_PREFIX):
-            principal = self.keys.verify(credential) if self.keys is not None else None
+            if self.keys is None:
+                raise Unauthenticated("this server takes no API keys", hint="send a JWT")
+            principal = self.keys.verify(credential)
             if principal is None:
                 raise Unauthenticated("the API key is not valid: unknown, revoked or mistyped",
                                       hint="autoglm keys list shows the active keys")
@@ -468,11 +507,15 @@ class Auth:
             raise Forbidden(f"{who.name!r} may not {action}{on}",
                             hint=f"its key is limited to chains: {', '.join(sorted(who.chains)) or '(none)'}")
 
-    def admit(self, who: Principal) -> None:
-        """Take one request from ``who``'s token bucket; raise RateLimited (with ``retry_after_s``) when empty."""
-        if self._buckets is None:
+    def admit(self, who: Principal, cost: int = 1) -> None:
+        """Take ``cost`` requests (1; a batch of N runs may count N) from ``who``'s token bucket; raise RateLimited
+        (with ``retry_after_s``) when it holds fewer, PayloadTooLarge when ``cost`` is more than it ever holds."""
+        if self._buckets is None or cost <= 0:
             return
-        wait = self._buckets.take(who.owner)
+        if cost > self._buckets.burst:
+            raise PayloadTooLarge(f"a batch of {cost} runs is more than the {self._buckets.burst} {who.name!r} may "
+                                  "start at once", hint=f"split it into batches of at most {self._buckets.burst}")
+        wait = self._buckets.take(who.owner, float(cost))
         if wait > 0:
             raise RateLimited(
                 f"{who.name!r} sent more than {self._buckets.rate_per_s:g} requests/s "

@@ -16,6 +16,7 @@ import uvicorn
 
 from workbench.errors import WorkbenchError
 from workbench.fronts.server.app import create_app
+from workbench.fronts.server.protocol import head_deadline_protocol
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
@@ -69,8 +70,10 @@ class Server:
             raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
                              hint="pick another port, or port=0 for any free one") from None
         self.port = int(self._socket.getsockname()[1])
+        # A request's head has as long to arrive as its body (see protocol.py): a trickling client is cut off.
         config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="off",
-                                timeout_keep_alive=5, timeout_graceful_shutdown=2)
+                                timeout_keep_alive=5, timeout_graceful_shutdown=2,
+                                http=head_deadline_protocol(app.state.gateway.body_timeout_s))
         self._server = uvicorn.Server(config)
         self._serving: Future[None] | None = None
         self.grpc: GrpcServer | None = None  # the gRPC front on the same Gateway, when grpc_port was given

@@ -15,15 +15,17 @@ from workbench.bench import Workbench, current
 from workbench.chains.chain import Chain
 from workbench.chains.events import HopStarted, RunFinished, Token
 from workbench.chains.run import Run
-from workbench.chains.spec import ChainSpec, HopSpec, parse_spec
+from workbench.chains.spec import MAX_KNOWLEDGE_HOPS, MAX_TRIPLES_PER_HOP, ChainSpec, HopSpec, parse_spec
 from workbench.engine.requests import GenerationParams
 from workbench.errors import WorkbenchError, describe
 from workbench.fronts.notebook.widgets._background import Background, StatusBox, text_fallback
+from workbench.knowledge import DEFAULT_MAX_TRIPLES
 from workbench.tables import Readable
 
 _DEFAULTS = GenerationParams()
 # What the hop form edits; any other field of a hop loaded from a chain is kept as it was.
-_FORM_FIELDS = frozenset({"name", "kind", "model", "prompt", "max_new_tokens", "temperature", "top_p", "top_k", "call"})
+_FORM_FIELDS = frozenset({"name", "kind", "model", "prompt", "max_new_tokens", "temperature", "top_p", "top_k", "call",
+                          "graph", "query", "hops", "max_triples"})
 _LLM_ONLY = frozenset({"seed", "truncate"})
 _SPAN_INDENT = "· "
 _NODE_W, _NODE_H, _GAP_X, _GAP_Y = 120, 34, 60, 14
@@ -36,7 +38,7 @@ def call_path(hop: HopSpec) -> str:
 
 
 class HopEditor(w.VBox):
-    """One hop of the builder: its name and kind, then model, prompt and sliders, or a Python call."""
+    """One hop of the builder: its name and kind, then model, prompt and sliders, a Python call, or a graph query."""
 
     def __init__(
         self,
@@ -48,10 +50,14 @@ class HopEditor(w.VBox):
         prompt: str = "",
         params: GenerationParams = _DEFAULTS,
         call: str = "",
+        graph: str = "countries",
+        query: str = "{{ question }}",
+        hops: int = 1,
+        max_triples: int = DEFAULT_MAX_TRIPLES,
         extra: Mapping[str, Any] | None = None,
     ) -> None:
         self.hop_name = w.Text(value=name, description="hop", continuous_update=False, layout=w.Layout(width="16em"))
-        self.kind = w.ToggleButtons(options=["llm", "python"], value=kind, style={"button_width": "6em"})
+        self.kind = w.ToggleButtons(options=["llm", "python", "knowledge"], value=kind, style={"button_width": "6em"})
         options = list(dict.fromkeys([*models, *([model] if model else [])]))
         self.model = w.Dropdown(options=options, value=model if model else (options[0] if options else None),
                                 description="model", layout=w.Layout(width="14em"))
@@ -71,6 +77,14 @@ class HopEditor(w.VBox):
         self.extra = dict(extra or {})
         self.call = w.Text(value=call, description="call", placeholder="package.module:function",
                            continuous_update=False, layout=w.Layout(width="30em"))
+        self.graph = w.Text(value=graph, description="graph", placeholder="countries, or a .csv / .json of triples",
+                            continuous_update=False, layout=w.Layout(width="30em"))
+        self.query = w.Textarea(value=query, description="query", continuous_update=False,
+                                placeholder="{{ question }}", layout=w.Layout(width="46em", height="3em"))
+        self.hops_slider = w.IntSlider(value=hops, min=1, max=MAX_KNOWLEDGE_HOPS, description="hops",
+                                       continuous_update=False, style={"description_width": "9em"})
+        self.max_triples = w.IntSlider(value=max_triples, min=1, max=MAX_TRIPLES_PER_HOP, description="max_triples",
+                                       continuous_update=False, style={"description_width": "9em"})
         self.up = w.Button(icon="arrow-up", tooltip="move up", layout=w.Layout(width="3em"))
         self.down = w.Button(icon="arrow-down", tooltip="move down", layout=w.Layout(width="3em"))
         self.remove = w.Button(icon="trash", tooltip="remove this hop", button_style="danger",
@@ -78,6 +92,7 @@ class HopEditor(w.VBox):
         self._llm = w.VBox([self.model, self.prompt,
                             w.HBox([self.max_new_tokens, self.temperature]), w.HBox([self.top_p, self.top_k])])
         self._python = w.VBox([self.call])
+        self._knowledge = w.VBox([self.graph, self.query, w.HBox([self.hops_slider, self.max_triples])])
         super().__init__(layout=w.Layout(border="1px solid #ddd", padding="4px", margin="2px 0"))
         self.kind.observe(lambda _: self._show_kind(), "value")
         self._show_kind()
@@ -86,7 +101,7 @@ class HopEditor(w.VBox):
     def controls(self) -> list[w.Widget]:
         """The value widgets whose changes alter the spec."""
         return [self.hop_name, self.kind, self.model, self.prompt, self.max_new_tokens, self.temperature,
-                self.top_p, self.top_k, self.call]
+                self.top_p, self.top_k, self.call, self.graph, self.query, self.hops_slider, self.max_triples]
 
     def spec(self) -> dict[str, Any]:
         """This hop as a chain spec entry."""
@@ -94,6 +109,9 @@ class HopEditor(w.VBox):
         if self.kind.value == "python":
             kept = {k: v for k, v in self.extra.items() if k not in _LLM_ONLY}
             return {"name": name, "call": self.call.value.strip(), **kept}
+        if self.kind.value == "knowledge":  # the form edits every field a knowledge hop has
+            return {"name": name, "kind": "knowledge", "graph": self.graph.value.strip(), "query": self.query.value,
+                    "hops": self.hops_slider.value, "max_triples": self.max_triples.value}
         return {
             "name": name,
             "model": self.model.value,
@@ -112,7 +130,7 @@ class HopEditor(w.VBox):
 
     def _show_kind(self) -> None:
         head = w.HBox([self.hop_name, self.kind, self.up, self.down, self.remove])
-        self.children = [head, self._llm if self.kind.value == "llm" else self._python]
+        self.children = [head, {"llm": self._llm, "knowledge": self._knowledge}.get(self.kind.value, self._python)]
 
 
 def graph_svg(spec: ChainSpec) -> str:
@@ -148,9 +166,10 @@ def graph_svg(spec: ChainSpec) -> str:
             )
     for hop in spec.hops:
         x, y = position[hop.name]
-        fill = "#dbe5f3" if hop.kind == "llm" else "#dcefe0"
+        fill = {"llm": "#dbe5f3", "knowledge": "#f3e9d2"}.get(hop.kind, "#dcefe0")
         stroke = "stroke='#000' stroke-width='2'" if hop.name == spec.output else "stroke='#888'"
-        detail = hop.model if hop.kind == "llm" else "python"
+        detail = hop.model if hop.kind == "llm" else "python" if hop.knowledge is None else \
+            f"graph {hop.knowledge.source.name or hop.knowledge.source.path.name}"  # type: ignore[union-attr]
         parts.append(
             f"<g class='autoglm-hop' data-hop='{html.escape(hop.name)}'>"
             f"<rect x='{x}' y='{y}' width='{_NODE_W}' height='{_NODE_H}' rx='5' fill='{fill}' {stroke}/>"
@@ -356,6 +375,10 @@ class ChainBuilder(StatusBox):
             if hop.kind == "llm":
                 self.add_hop(hop.name, kind="llm", model=hop.model, prompt=hop.prompt or "", params=hop.params,
                              extra=extra)
+            elif hop.knowledge is not None:
+                k = hop.knowledge
+                self.add_hop(hop.name, kind="knowledge", graph=str(raw_hops.get(hop.name, {}).get("graph", k.source)),
+                             query=k.query.source, hops=k.hops, max_triples=k.max_triples, extra=extra)
             else:
                 self.add_hop(hop.name, kind="python", call=call_path(hop), extra=extra)
         self._changed()
@@ -371,7 +394,7 @@ class ChainBuilder(StatusBox):
         self.output_hop.value = self._last_hop if follow else chosen
         try:
             parsed = parse_spec(self.spec(), known_models=self.bench.registry.names(),
-                                allowed_modules=self.bench.allow_modules())
+                                allowed_modules=self.bench.allow_modules(), graphs=self.bench.graphs)
         except WorkbenchError as error:
             self._check.value = f"<span style='color:#c00'>{html.escape(describe(error, hint=True))}</span>"
             return

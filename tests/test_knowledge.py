@@ -1,0 +1,390 @@
+"""Knowledge hops: entity linking, k-hop facts, the countries demo graph, the user's CSV/JSON triples, spec errors,
+and a knowledge -> LLM chain on the tiny model with its span attributes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+import workbench as wb
+from workbench.knowledge import GraphStore, files, load_file, resolve
+from workbench.tracing import attributes as attr
+
+GEO_SPEC = """\
+name: geo
+hops:
+  - name: facts
+    kind: knowledge
+    graph: countries
+    query: "{{ question }}"
+    hops: 1
+  - name: answer
+    model: tiny
+    prompt: "Facts:\\n{{ facts }}\\nQuestion: {{ question }}\\nAnswer:"
+    max_new_tokens: 6
+"""
+
+CSV_TRIPLES = """\
+subject,relation,object
+Ada Lovelace,field,mathematics
+Ada Lovelace,wrote notes on,Analytical Engine
+Charles Babbage,designed,Analytical Engine
+Ada Lovelace,alias,Countess of Lovelace
+Charles Babbage,code,CB
+"""
+
+
+@pytest.fixture(scope="module")
+def countries() -> wb.KnowledgeGraph:
+    return GraphStore().get(resolve("countries"))
+
+
+def knowledge_spec(graph: str, **fields: object) -> dict[str, object]:
+    hop = {"name": "facts", "kind": "knowledge", "graph": graph, "query": "{{ question }}", **fields}
+    return {"name": "kg", "hops": [hop]}
+
+
+# -- linking -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["France", "FRANCE", "france", "the French Republic", "République française",
+                                  "a French wine", "FR", "FRA"])
+def test_names_aliases_demonyms_and_codes_link_france(countries: wb.KnowledgeGraph, text: str) -> None:
+    assert countries.link(f"What about {text}?") == ["France"]
+
+
+def test_codes_match_only_as_written_so_small_words_stay_words(countries: wb.KnowledgeGraph) -> None:
+    assert countries.link("tell us what is in it, or no") == []
+    assert countries.link("Is the US in NATO?") == ["United States"]
+
+
+def test_the_longest_alias_wins_and_accents_do_not_matter(countries: wb.KnowledgeGraph) -> None:
+    assert countries.link("Papua New Guinea and Guinea") == ["Papua New Guinea", "Guinea"]
+    assert countries.link("flights from Bogota to Bogotá") == ["Bogotá"]
+    assert countries.link("Paris or Berlin, France or Germany") == ["Paris", "Berlin", "France", "Germany"]
+
+
+# -- the countries graph and walking it ----------------------------------------------------------
+
+
+def test_france_has_its_capital_neighbours_and_currency_one_hop_away(countries: wb.KnowledgeGraph) -> None:
+    facts = countries.lookup("What is the capital of France?", hops=1).facts
+    assert "France — capital — Paris." in facts.splitlines()
+    neighbours = {t.object if t.subject == "France" else t.subject for t in facts.triples if t.relation == "borders"}
+    assert {"Spain", "Germany", "Italy", "Belgium", "Switzerland"} <= neighbours
+    assert ("France", "currency", "EUR") in facts.triples
+    assert facts.entities == ("France",)
+    assert all(line.endswith(".") and line.count(" — ") == 2 for line in facts.splitlines())
+
+
+def test_two_hops_hold_one_hops_facts_and_more_nearest_first(countries: wb.KnowledgeGraph) -> None:
+    one = countries.lookup("France", hops=1, max_triples=1000)
+    two = countries.lookup("France", hops=2, max_triples=1000)
+    assert not one.truncated and not two.truncated
+    assert len(two.triples) > 3 * len(one.triples)
+    assert two.triples[: len(one.triples)] == one.triples  # the walk goes out ring by ring
+    assert ("Spain", "capital", "Madrid") in two.triples and ("Spain", "capital", "Madrid") not in one.triples
+
+
+def test_max_triples_caps_a_walk_and_says_it_was_cut(countries: wb.KnowledgeGraph) -> None:
+    lookup = countries.lookup("France and Germany", hops=3, max_triples=20)
+    assert len(lookup.triples) == 20 and lookup.truncated
+    assert len(set(lookup.triples)) == 20
+    assert countries.lookup("nothing to see here", hops=4).triples == ()
+
+
+def test_a_workbench_loads_each_graph_once(bench: wb.Workbench) -> None:
+    assert bench.graph("countries") is bench.graph("countries")
+    assert len(bench.graph("countries")) > 1000
+
+
+# -- the user's graphs ---------------------------------------------------------------------------
+
+
+def test_csv_triples_with_aliases_and_codes(tmp_path: Path) -> None:
+    path = tmp_path / "people.csv"
+    path.write_text(CSV_TRIPLES, encoding="utf-8")
+    graph = load_file(path)
+    assert len(graph) == 3  # alias and code rows are names, not facts
+    assert graph.link("what did the countess of lovelace write?") == ["Ada Lovelace"]
+    assert graph.link("and CB? (not cb)") == ["Charles Babbage"]
+    facts = graph.lookup("Ada Lovelace", hops=2).facts
+    assert facts.splitlines() == [
+        "Ada Lovelace — field — mathematics.",
+        "Ada Lovelace — wrote notes on — Analytical Engine.",
+        "Charles Babbage — designed — Analytical Engine.",
+    ]
+
+
+def test_json_triples_as_lists_or_objects(tmp_path: Path) -> None:
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps([["Oslo", "capital of", "Norway"],
+                                {"subject": "Norway", "relation": "currency", "object": "krone"}]), encoding="utf-8")
+    assert load_file(path).lookup("oslo", hops=2).facts == "Oslo — capital of — Norway.\nNorway — currency — krone."
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"triples": [["a", "b", "c"]]}), encoding="utf-8")
+    assert load_file(wrapped).lookup("A").triples == (("a", "b", "c"),)
+
+
+@pytest.mark.parametrize(("name", "content", "words"), [
+    ("g.csv", "from,to\na,b\n", r"row 1: the header must be subject,relation,object"),
+    ("g.csv", "subject,relation,object\na,b,c\nd,e\n", r"row 3: a triple has 3 values .* this has 2"),
+    ("g.csv", "subject,relation,object\na,b,c\n\nd, ,f\n", r"row 4: the relation must be non-empty text"),
+    ("g.csv", "subject,relation,object\n", r"holds no triples"),
+    ("g.json", '[["a", "b", "c"],\n ["d", "e"', r"line 2: not valid JSON"),
+    ("g.json", '{"a": 1}', r"the JSON must be a list of triples, not dict"),
+    ("g.json", '[["a", "b", "c"], "d e f"]', r"item 2: a triple is a list or an object, not str"),
+    ("g.json", '[{"subject": "a", "relation": "b", "objekt": "c"}]', r"item 1: unknown key 'objekt'"),
+    ("g.json", '[["a", "b", 3]]', r"item 1: the object must be non-empty text, got 3"),
+    ("g.txt", "a,b,c", r"neither \.csv nor \.json"),
+])
+def test_bad_files_say_which_file_and_row(tmp_path: Path, name: str, content: str, words: str) -> None:
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(wb.GraphError, match=words) as info:
+        load_file(path)
+    assert str(path) in str(info.value)
+
+
+def test_files_that_are_not_text_or_too_big_or_not_files_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    binary = tmp_path / "g.csv"
+    binary.write_bytes(b"subject,relation,object\n\xff\xfe,b,c\n")
+    with pytest.raises(wb.GraphError, match="line 2: not UTF-8"):
+        load_file(binary)
+    big = tmp_path / "big.csv"
+    big.write_text("subject,relation,object\n" + "a,b,c\n" * 100, encoding="utf-8")
+    monkeypatch.setattr(files, "MAX_GRAPH_BYTES", 200)
+    with pytest.raises(wb.GraphError, match="over the 200 a graph may take"):
+        load_file(big)
+    (tmp_path / "dir.csv").mkdir()
+    with pytest.raises(wb.GraphError, match="not a regular file"):
+        load_file(tmp_path / "dir.csv")
+    fifo = tmp_path / "fifo.csv"
+    os.mkfifo(fifo)  # reading one would block: refused before it is opened
+    with pytest.raises(wb.GraphError, match="not a regular file"):
+        load_file(fifo)
+
+
+def test_an_edited_file_is_read_again(bench: wb.Workbench, tmp_path: Path) -> None:
+    path = tmp_path / "g.csv"
+    path.write_text("subject,relation,object\na,r,b\n", encoding="utf-8")
+    first = bench.graph(path)
+    assert bench.graph(path) is first
+    path.write_text("subject,relation,object\na,r,b\na,r,c\n", encoding="utf-8")
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    assert len(bench.graph(path)) == 2
+    assert list(bench.graphs.loaded()) == [str(path)]  # the old version is let go
+
+
+# -- the spec ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("fields", "field", "words"), [
+    ({"graph": "contries"}, "graph", r"unknown graph 'contries' \(did you mean 'countries'\?\)"),
+    ({"graph": "./missing.csv"}, "graph", r"graph file '.*missing\.csv' does not exist"),
+    ({"graph": "notes.txt"}, "graph", r"neither \.csv nor \.json"),
+    ({"hops": 0}, "hops", r"hops must be an integer from 1 to 4, got 0"),
+    ({"hops": 5}, "hops", r"hops must be an integer from 1 to 4, got 5"),
+    ({"hops": "2"}, "hops", r"hops must be an integer from 1 to 4, got '2'"),
+    ({"hops": True}, "hops", r"hops must be an integer from 1 to 4, got True"),
+    ({"max_triples": 10_000}, "max_triples", r"max_triples must be an integer from 1 to 1000"),
+    ({"hop": 2}, "hop", r"unknown field 'hop' \(did you mean 'hops'\?\)"),
+    ({"model": "tiny"}, "model", r"unknown field 'model'"),
+    ({"query": ""}, "query", r"needs 'query'"),
+    ({"query": "{{ question "}, "query", r"does not parse"),
+])
+def test_spec_errors_name_the_hop_field_and_line(
+    tiny_bench: wb.Workbench, fields: dict[str, object], field: str, words: str
+) -> None:
+    hop = {"name": "facts", "kind": "knowledge", "graph": "countries", "query": "{{ question }}", **fields}
+    text = "name: kg\nhops:\n" + "".join(
+        f"  {'- ' if i == 0 else '  '}{k}: {json.dumps(v)}\n" for i, (k, v) in enumerate(hop.items())
+    )
+    with pytest.raises(wb.SpecError, match=words) as info:
+        tiny_bench.chain(text)
+    assert (info.value.hop, info.value.field) == ("facts", field)
+    assert info.value.line == 3 + list(hop).index(field)
+
+
+def test_kind_is_checked_and_graph_alone_means_knowledge(tiny_bench: wb.Workbench) -> None:
+    with pytest.raises(wb.SpecError, match=r"kind must be 'llm', 'python' or 'knowledge'.*did you mean 'knowledge'"):
+        tiny_bench.chain(knowledge_spec("countries", kind="knowlege"))
+    spec = knowledge_spec("countries")
+    del spec["hops"][0]["kind"]  # type: ignore[index]
+    chain = tiny_bench.chain(spec)
+    assert chain.spec.hops[0].kind == "knowledge" and chain.inputs == ("question",)
+
+
+def test_a_malformed_file_fails_when_the_chain_is_built(tiny_bench: wb.Workbench, tmp_path: Path) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text("subject,relation,object\na,b\n", encoding="utf-8")
+    with pytest.raises(wb.GraphError, match=r"hop 'facts', field 'graph'.*row 2: a triple has 3 values") as info:
+        tiny_bench.chain(knowledge_spec(str(path)))
+    assert isinstance(info.value, wb.SpecError)
+
+
+def test_a_relative_path_is_read_from_the_working_directory(
+    bench: wb.Workbench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "people.csv").write_text(CSV_TRIPLES, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    chain = bench.chain(knowledge_spec("people.csv"))
+    monkeypatch.chdir("/")  # the path was fixed when the chain was built
+    assert chain.run(question="Who is Charles Babbage?").output == "Charles Babbage — designed — Analytical Engine."
+
+
+# -- running it ----------------------------------------------------------------------------------
+
+
+def test_knowledge_then_llm_runs_and_the_prompt_carries_the_facts(loaded: wb.Workbench, tiny_path: Path) -> None:
+    run = loaded.chain(GEO_SPEC).run(question="What is the capital of France?")
+    facts = run.outputs["facts"]
+    assert isinstance(facts, wb.Facts) and isinstance(run.output, str)
+    assert "France — capital — Paris." in facts
+    table = run.trace.table()
+    hop = table[table["name"] == "hop facts"].iloc[0]
+    answer = table[table["name"] == "hop answer"].iloc[0]
+    assert answer["attributes.input.value"].startswith("Facts:\nFrance — capital — Paris.\n")
+    assert hop["attributes.openinference.span.kind"] == "RETRIEVER"
+    assert hop["attributes.workbench.hop.kind"] == "knowledge"
+    assert hop[f"attributes.{attr.KNOWLEDGE_ENTITIES}"] == ["France"]
+    assert hop[f"attributes.{attr.KNOWLEDGE_TRIPLES}"] == len(facts.triples)
+    assert hop[f"attributes.{attr.KNOWLEDGE_PROMPT_CHARS}"] == len(facts)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_path)
+    tokens = len(tokenizer(facts, add_special_tokens=False)["input_ids"])
+    assert hop[f"attributes.{attr.KNOWLEDGE_PROMPT_TOKENS}"] == tokens
+    assert hop[f"attributes.{attr.KNOWLEDGE_TOKENIZER}"] == "tiny"
+    assert hop[f"attributes.{attr.KNOWLEDGE_LINK_MS}"] >= 0 and hop[f"attributes.{attr.KNOWLEDGE_TRAVERSE_MS}"] >= 0
+    assert hop[f"attributes.{attr.KNOWLEDGE_GRAPH}"] == "countries"
+    assert not hop[f"attributes.{attr.KNOWLEDGE_TRUNCATED}"]
+
+
+def test_a_template_reads_the_triples_and_a_session_keeps_the_text(loaded: wb.Workbench) -> None:
+    spec = {
+        "name": "capitals",
+        "hops": [
+            {"name": "facts", "graph": "countries", "query": "{{ question }}"},
+            {"name": "answer", "model": "tiny", "max_new_tokens": 2,
+             "prompt": "{% for s, r, o in facts.triples if r == 'capital' %}{{ s }}: {{ o }}\n{% endfor %}A:"},
+        ],
+    }
+    run = loaded.chain(spec).run(question="Spain or Portugal?", session="kg")
+    prompt = run.trace.table().set_index("name").loc["hop answer", "attributes.input.value"]
+    assert prompt == "Spain: Madrid\nPortugal: Lisbon\nA:"
+    (record,) = loaded.session("kg").records()
+    assert record.outputs["facts"] == str(run.outputs["facts"])
+
+
+def test_a_model_not_loaded_yet_leaves_the_cost_in_characters(bench: wb.Workbench, tiny_path: Path) -> None:
+    bench.register("tiny", tiny_path)  # lazy: it loads when the answer hop calls it, after the facts hop
+    run = bench.chain(GEO_SPEC).run(question="Japan")
+    row = run.trace.table().set_index("name").loc["hop facts"]
+    assert row[f"attributes.{attr.KNOWLEDGE_PROMPT_CHARS}"] == len(run.outputs["facts"]) > 0
+    tokens = f"attributes.{attr.KNOWLEDGE_PROMPT_TOKENS}"
+    assert tokens not in row or row.isna()[tokens]  # counting never loads a model
+
+
+def test_the_cap_holds_on_a_knowledge_only_chain(bench: wb.Workbench) -> None:
+    run = bench.chain(knowledge_spec("countries", hops=2, max_triples=5)).run(question="Japan")
+    row = run.trace.table().set_index("name").loc["hop facts"]
+    assert row[f"attributes.{attr.KNOWLEDGE_TRIPLES}"] == 5 and row[f"attributes.{attr.KNOWLEDGE_TRUNCATED}"]
+    assert len(run.output.splitlines()) == 5
+
+
+def test_the_builder_round_trips_a_knowledge_hop(loaded: wb.Workbench) -> None:
+    from workbench.fronts.notebook.widgets import ChainBuilder
+
+    chain = loaded.chain(GEO_SPEC)
+    builder = ChainBuilder(loaded, chain=chain)
+    editor = builder.hop_editors[0]
+    assert (editor.kind.value, editor.graph.value, editor.hops_slider.value) == ("knowledge", "countries", 1)
+    editor.hops_slider.value = 2
+    rebuilt = loaded.chain(builder.spec())
+    assert rebuilt.graph() == chain.graph()
+    assert rebuilt.spec.hops[0].knowledge.hops == 2  # type: ignore[union-attr]
+    assert "graph countries" in builder.graph.value
+    assert "graph countries, 1 hop, at most 50 triples" in chain._repr_html_()
+
+
+def test_a_file_edited_after_the_chain_was_built_is_read_again_by_the_hop(bench: wb.Workbench, tmp_path: Path) -> None:
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps([["Ada", "wrote", "notes"]]), encoding="utf-8")
+    chain = bench.chain(knowledge_spec(str(path)))
+    first = chain.run(question="Ada?").trace.table().set_index("name").loc["hop facts"]
+    assert first[f"attributes.{attr.KNOWLEDGE_INLINE}"]  # loaded when the chain was built: looked up on the loop
+    assert f"attributes.{attr.KNOWLEDGE_LOAD_MS}" not in first or first.isna()[f"attributes.{attr.KNOWLEDGE_LOAD_MS}"]
+    path.write_text(json.dumps([["Ada", "wrote", "notes"], ["Ada", "knew", "Babbage"]]), encoding="utf-8")
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    run = chain.run(question="Ada?")
+    row = run.trace.table().set_index("name").loc["hop facts"]
+    assert run.output == "Ada — wrote — notes.\nAda — knew — Babbage."
+    assert row[f"attributes.{attr.KNOWLEDGE_LOAD_MS}"] >= 0 and not row[f"attributes.{attr.KNOWLEDGE_INLINE}"]
+
+
+def test_a_long_query_or_a_big_walk_is_looked_up_in_the_hop_pool(bench: wb.Workbench) -> None:
+    run = bench.chain(knowledge_spec("countries")).run(question="Peru " + "and so on " * 500)
+    row = run.trace.table().set_index("name").loc["hop facts"]
+    assert not row[f"attributes.{attr.KNOWLEDGE_INLINE}"]
+    assert row[f"attributes.{attr.KNOWLEDGE_ENTITIES}"] == ["Peru"]
+    run = bench.chain(knowledge_spec("countries", hops=3, max_triples=1000)).run(question="Peru")
+    row = run.trace.table().set_index("name").loc["hop facts"]
+    assert not row[f"attributes.{attr.KNOWLEDGE_INLINE}"] and row[f"attributes.{attr.KNOWLEDGE_TRIPLES}"] > 200
+
+
+def test_a_misspelt_input_in_the_query_is_named(tiny_bench: wb.Workbench) -> None:
+    spec = {**knowledge_spec("countries"), "inputs": ["question"]}
+    spec["hops"][0]["query"] = "{{ qestion }}"  # type: ignore[index]
+    with pytest.raises(wb.SpecError, match=r"'qestion' is used .* \(did you mean 'question'\?\)") as info:
+        tiny_bench.chain(spec)
+    assert (info.value.hop, info.value.field) == ("facts", "query")
+
+
+def test_a_knowledge_hop_reads_an_earlier_hops_output(tiny_bench: wb.Workbench) -> None:
+    spec = {"name": "two_step", "hops": [
+        {"name": "canned", "call": "workbench.demo:canned_answer"},
+        {"name": "facts", "graph": "countries", "query": "{{ canned }}", "max_triples": 1},
+    ]}
+    chain = tiny_bench.chain(spec)
+    assert chain.graph()["facts"] == ("canned",) and chain.inputs == ("question",)
+    assert chain.run(question="What about Peru?").output == "Peru — capital — Lima."
+
+
+def test_a_graph_past_the_triple_cap_is_refused_and_a_workbench_keeps_few_graphs(
+    bench: wb.Workbench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from workbench.knowledge import store
+
+    path = tmp_path / "many.csv"
+    path.write_text("subject,relation,object\n" + "".join(f"a{i},r,b{i}\n" for i in range(5)), encoding="utf-8")
+    monkeypatch.setattr(files, "MAX_TRIPLES", 3)
+    with pytest.raises(wb.GraphError, match=r"row 5: more than 3 triples"):
+        load_file(path)
+    monkeypatch.setattr(store, "MAX_GRAPHS_KEPT", 2)
+    for name in ("one", "two", "three"):
+        (tmp_path / f"{name}.json").write_text(json.dumps([[name, "is", "a graph"]]), encoding="utf-8")
+        bench.graph(tmp_path / f"{name}.json")
+    assert [Path(p).name for p in bench.graphs.loaded()] == ["two.json", "three.json"]
+
+
+def test_currency_codes_and_common_words_are_not_names(countries: wb.KnowledgeGraph) -> None:
+    assert countries.link("try all the top islands, a male Polish speaker") == []
+    assert countries.link("Is ALL the lek? TRY and EUR") == ["ALL", "TRY", "EUR"]
+    assert countries.link("Malé, Iceland and Poland") == ["Iceland", "Poland"]  # Malé is left out with "male"
+
+
+@pytest.mark.parametrize(("graph", "words"), [
+    ("a\x00b.csv", r"is not a path: embedded null byte"),
+    ("~no_such_user_here/g.csv", r"no home directory for '~no_such_user_here'"),
+    ("x" * 5000 + ".csv", r"graph file '.*…"),
+    (42, r"graph must name a demo graph or a file, got 42"),
+])
+def test_odd_graph_values_are_spec_errors(tiny_bench: wb.Workbench, graph: object, words: str) -> None:
+    with pytest.raises(wb.GraphError, match=words) as info:
+        tiny_bench.chain(knowledge_spec(graph))  # type: ignore[arg-type]
+    assert len(info.value.message) < 400 and info.value.hop == "facts"

@@ -1,0 +1,418 @@
+"""Live configuration: watched chain spec files, chain.set and %autoglm set, the workbench configuration file.
+
+Everything runs for real: the tiny model on the CPU, spec files on disk edited while a watcher
+thread polls them, runs recorded in a real SQLite session store.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from IPython.core.interactiveshell import InteractiveShell
+
+import workbench as wb
+from workbench.chains.configfile import parse_config
+from workbench.chains.live import ConfigVersion
+from workbench.engine.batching import DynamicBatching, NoBatching
+from workbench.errors import ConfigError, SpecError
+from workbench.fronts.notebook.parsers import SetCommand, parse_command
+from workbench.tracing import attributes as attr
+
+from test_magics import magic, shell  # noqa: F401  (the magics' test harness: a real shell, a fresh workbench)
+
+POLL_S = 0.05  # the watchers' interval in these tests
+SPEC = """\
+name: qa
+hops:
+  - name: answer
+    model: tiny
+    prompt: "Question: {{ question }}\\nAnswer:"
+    max_new_tokens: 3
+    temperature: 0
+"""
+
+# A Python hop that holds its run until the test lets it go (a run in flight while the spec changes).
+ENTERED = threading.Event()
+GATE = threading.Event()
+
+
+def hold(question: str) -> str:
+    ENTERED.set()
+    GATE.wait(timeout=60)
+    return "held"
+
+
+SLOW_SPEC = """\
+name: slow
+hops:
+  - name: wait
+    call: test_live_config:hold
+  - name: answer
+    model: tiny
+    prompt: "{{ wait }} first"
+    max_new_tokens: 2
+"""
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout_s: float = 20.0) -> Any:
+    """Poll ``condition`` until it is true (returned) or the deadline passes (the test fails, saying what)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"waited {timeout_s} s for {what}")
+
+
+def request_attributes(run: wb.Run, hop: str) -> dict[str, Any]:
+    """The attributes of the model request a hop made (its text_completion span)."""
+    spans = [s for s in run.trace.spans if s.name.startswith("text_completion")
+             and (s.attributes or {}).get(attr.HOP_NAME) == hop]
+    assert len(spans) == 1
+    return dict(spans[0].attributes or {})
+
+
+def root_attributes(run: wb.Run) -> dict[str, Any]:
+    return dict(next(s for s in run.trace.spans if s.name == f"chain {run.chain}").attributes or {})
+
+
+@pytest.fixture
+def spec_file(tmp_path: Path) -> Path:
+    path = tmp_path / "qa.yaml"
+    path.write_text(SPEC)
+    return path
+
+
+@pytest.fixture
+def watched(loaded: wb.Workbench, spec_file: Path) -> wb.Chain:
+    return loaded.chain(spec_file, watch=True, interval_s=POLL_S)
+
+
+# -- a watched chain spec file ------------------------------------------------------------------------------
+
+
+def test_an_edit_reaches_the_next_run_and_every_run_records_its_version(
+    loaded: wb.Workbench, watched: wb.Chain, spec_file: Path
+) -> None:
+    first = watched.run(question="What is 2 + 2?", session="s1")
+    assert first.config_version == watched.version
+    assert first.config_version.number == 1
+    assert request_attributes(first, "answer")[attr.REQUEST_TEMPERATURE] == 0.0
+
+    spec_file.write_text(SPEC.replace("temperature: 0", "temperature: 0.7").replace("Answer:", "Reply:"))
+    wait_for(lambda: watched.version.number == 2, "the edit to serve")
+
+    second = watched.run(question="What is 2 + 2?", session="s1")
+    request = request_attributes(second, "answer")
+    assert request[attr.REQUEST_TEMPERATURE] == 0.7
+    assert request[attr.INPUT_VALUE].endswith("Reply:")
+    assert second.config_version.number == 2
+    assert second.config_version.digest != first.config_version.digest
+
+    # The version is on the Run, on its root span, and in the stored record of the session.
+    for run in (first, second):
+        root = root_attributes(run)
+        assert (root[attr.CONFIG_VERSION], root[attr.CONFIG_HASH]) == (run.config_version.number,
+                                                                       run.config_version.digest)
+    records = loaded.session("s1").records()
+    assert [(r.meta["config_version"], r.meta["config_hash"]) for r in records] == [
+        (1, first.config_version.digest), (2, second.config_version.digest)]
+    # The store is a real SQLite file: a fresh reader of it sees the same.
+    reread = wb.SQLiteContextStore(loaded.data_dir / "sessions.sqlite3")
+    assert [r.meta["config_version"] for r in reread.history("s1")] == [1, 2]
+    reread.close()
+
+
+def test_a_run_in_flight_keeps_the_version_it_started_with(loaded: wb.Workbench, tmp_path: Path) -> None:
+    path = tmp_path / "slow.yaml"
+    path.write_text(SLOW_SPEC)
+    ENTERED.clear()
+    GATE.clear()
+    chain = loaded.chain(path, watch=True, interval_s=POLL_S)
+    try:
+        in_flight = loaded.start(chain.arun(question="q"))
+        assert ENTERED.wait(timeout=30), "the slow hop never started"
+        path.write_text(SLOW_SPEC.replace("first", "second"))
+        wait_for(lambda: chain.version.number == 2, "the edit to serve")
+    finally:
+        GATE.set()
+    old = in_flight.result(timeout=60)
+    assert old.config_version is not None and old.config_version.number == 1
+    assert request_attributes(old, "answer")[attr.INPUT_VALUE] == "held first"
+
+    new = chain.run(question="q")
+    assert new.config_version.number == 2
+    assert request_attributes(new, "answer")[attr.INPUT_VALUE] == "held second"
+
+
+def test_a_bad_edit_is_refused_while_the_last_good_version_serves_then_a_good_one_recovers(
+    watched: wb.Chain, spec_file: Path
+) -> None:
+    good = watched.version
+    # The watcher's thread warns (a notebook shows it under the cell that runs); the warning filters are global.
+    with pytest.warns(wb.ConfigWarning, match=f"{spec_file}: edit refused, chain 'qa' keeps serving v1"):
+        spec_file.write_text(SPEC.replace("temperature: 0", "temperature: -1"))
+        refusal = wait_for(lambda: watched.config_errors and watched.config_errors[-1], "the refusal")
+    assert isinstance(refusal.error, SpecError)
+    assert refusal.error.line == 7 and refusal.error.field == "temperature"
+    assert refusal.origin == str(spec_file)
+    assert refusal.serving == good
+    assert watched.version == good
+
+    run = watched.run(question="Still there?")
+    assert run.config_version == good
+    assert request_attributes(run, "answer")[attr.REQUEST_TEMPERATURE] == 0.0
+
+    spec_file.write_text(SPEC.replace("model: tiny", "model: tinny"))  # an unknown model is refused too
+    wait_for(lambda: len(watched.config_errors) == 2, "the second refusal")
+    assert "unknown model 'tinny'" in watched.config_errors[-1].message
+
+    spec_file.write_text(SPEC.replace("max_new_tokens: 3", "max_new_tokens: 1"))
+    wait_for(lambda: watched.version.number == 2, "the good edit to serve")
+    recovered = watched.run(question="Back?")
+    assert recovered.config_version.number == 2
+    assert request_attributes(recovered, "answer")[attr.USAGE_OUTPUT_TOKENS] == 1
+
+
+def test_an_editor_that_saves_by_renaming_a_new_file_over_the_old_is_followed(
+    watched: wb.Chain, spec_file: Path
+) -> None:
+    for number, tokens in ((2, 2), (3, 1)):
+        scratch = spec_file.with_name(f".qa.yaml.{number}.swp")
+        scratch.write_text(SPEC.replace("max_new_tokens: 3", f"max_new_tokens: {tokens}"))
+        os.replace(scratch, spec_file)
+        wait_for(lambda: watched.version.number == number, f"version {number} after a rename")
+        assert watched.spec.hop("answer").params.max_new_tokens == tokens
+
+
+def test_a_spec_file_without_a_name_is_named_after_the_file(loaded: wb.Workbench, tmp_path: Path) -> None:
+    path = tmp_path / "ask.yaml"
+    path.write_text(SPEC.replace("name: qa\n", ""))
+    chain = loaded.chain(path)  # a Path is a file, watched or not
+    assert chain.name == "ask" and chain.watching is None
+    assert loaded.chain(str(path), watch=True, interval_s=POLL_S).watching == path
+    with pytest.raises(SpecError, match="does not exist"):
+        loaded.chain(tmp_path / "missing.yaml")
+    with pytest.raises(wb.WorkbenchError, match="watch=True follows a spec file"):
+        loaded.chain({"name": "d", "hops": [{"name": "a", "call": hold}]}, watch=True)
+
+
+def test_a_comment_or_reformat_is_no_new_version_and_close_stops_the_watcher(
+    loaded: wb.Workbench, watched: wb.Chain, spec_file: Path
+) -> None:
+    watcher = watched._watcher
+    assert watcher is not None
+    wait_for(lambda: watcher.changes == 1, "the first look at the file")  # what the chain was built from
+    spec_file.write_text("# the same chain, reformatted\n" + SPEC.replace("max_new_tokens: 3", "max_new_tokens:    3"))
+    wait_for(lambda: watcher.changes == 2, "the watcher to read the reformatted file")
+    assert watched.version.number == 1 and not watched.config_errors
+    # The next real change is version 2: the reformat took no number.
+    spec_file.write_text(SPEC.replace("max_new_tokens: 3", "max_new_tokens: 2"))
+    wait_for(lambda: watched.version.number > 1, "the real edit")
+    assert watched.version.number == 2
+    assert watched.watching == spec_file
+    loaded.close()
+    assert watched.watching is None
+    assert not any(t.name.startswith("workbench-watch") and t.is_alive() for t in threading.enumerate())
+
+
+# -- chain.set and %autoglm set -------------------------------------------------------------------------------
+
+
+def test_chain_set_changes_one_value_for_new_runs_and_refuses_what_the_spec_refuses(
+    loaded: wb.Workbench
+) -> None:
+    chain = loaded.chain(SPEC)
+    assert chain.version.number == 1
+    version = chain.set("answer.temperature", 0.7)
+    assert version == chain.version == ConfigVersion(2, version.digest)
+    assert request_attributes(chain.run(question="q"), "answer")[attr.REQUEST_TEMPERATURE] == 0.7
+
+    with pytest.raises(SpecError, match="temperature must be a number >= 0"):
+        chain.set("answer.temperature", "hot")
+    with pytest.raises(SpecError, match="cannot be set live"):
+        chain.set("answer.name", "other")
+    with pytest.raises(SpecError, match="has no hop 'anwser'.*did you mean 'answer'"):
+        chain.set("anwser.temperature", 0.1)
+    assert chain.version == version  # nothing changed
+    assert chain.overrides == {"answer.temperature": 0.7}
+    assert len(chain.config_errors) == 1  # the value that did not validate; path mistakes never got that far
+
+    chain.set({"answer.max_new_tokens": 1, "answer.retry.attempts": 2})  # several values: one version
+    assert chain.version.number == 3
+    assert chain.spec.hop("answer").resilience.retry is not None
+    assert chain.spec.hop("answer").resilience.retry.attempts == 2
+    chain.unset("answer.temperature")
+    assert chain.spec.hop("answer").params.temperature == 0.0
+    assert chain.version.number == 4
+
+
+def test_a_value_set_live_stays_over_later_edits_of_the_file(watched: wb.Chain, spec_file: Path) -> None:
+    watched.set("answer.temperature", 0.5)
+    spec_file.write_text(SPEC.replace("max_new_tokens: 3", "max_new_tokens: 2"))
+    wait_for(lambda: watched.version.number == 3, "the file edit to serve")
+    params = watched.spec.hop("answer").params
+    assert (params.max_new_tokens, params.temperature) == (2, 0.5)
+
+
+def test_the_set_magic_changes_a_value_live_and_refuses_a_bad_one(
+    shell: InteractiveShell, tiny_path: Path  # noqa: F811
+) -> None:
+    bench = wb.current()
+    bench.load("tiny", tiny_path, device="cpu")
+    chain = bench.chain(SPEC)
+    captured = magic(shell, "set qa.answer.temperature=0.7")
+    assert captured.stderr == ""
+    assert "answer.temperature = 0.7" in captured.stdout and "v2" in captured.stdout
+    assert chain.spec.hop("answer").params.temperature == 0.7
+
+    refused = magic(shell, "set qa.answer.temperature=-3")
+    assert refused.stderr.startswith("autoglm: chain spec, hop 'answer', field 'temperature'")
+    assert chain.version.number == 2 and chain.spec.hop("answer").params.temperature == 0.7
+
+    prompt = magic(shell, 'set qa.answer.prompt="Q: {{ question }} A:"')
+    assert prompt.stderr == ""
+    assert chain.spec.hop("answer").prompt == "Q: {{ question }} A:"
+    assert "no chain named 'qb'" in magic(shell, "set qb.answer.temperature=1").stderr
+
+
+def test_set_lines_parse_into_typed_values() -> None:
+    command = parse_command('set qa.answer.temperature=0.7 qa.answer.fallback=[a,b] qa.history=3 '
+                            'qa.answer.prompt="x: {{ y }}" qa.answer.truncate=left')
+    assert isinstance(command, SetCommand)
+    assert command.assignments == (("qa", "answer.temperature", 0.7), ("qa", "answer.fallback", ["a", "b"]),
+                                   ("qa", "history", 3), ("qa", "answer.prompt", "x: {{ y }}"),
+                                   ("qa", "answer.truncate", "left"))
+    for line, message in (("set qa", "not CHAIN.FIELD=VALUE"), ("set qa.answer.temperature=", "empty"),
+                          ("set qa.x=1 qa.x=2", "given twice")):
+        with pytest.raises(wb.ParseError, match=message):
+            parse_command(line)
+
+
+# -- the workbench configuration file -------------------------------------------------------------------------
+
+
+def _config(models: str, overrides: str = "qa.answer.temperature: 0.7") -> str:
+    return f"models:\n{models}\nchains:\n  qa: qa.yaml\noverrides:\n  {overrides}\n"
+
+
+DYNAMIC = "  tiny: {source: tiny, device: cpu, batching: {policy: dynamic, max_batch_size: 4, max_wait_ms: 5}}"
+
+
+@pytest.fixture
+def tiny_cache(tiny_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Source ``tiny`` means wb.tiny_model(); point its cache at the one already built."""
+    monkeypatch.setenv("AUTOGLM_CACHE_DIR", str(tiny_path.parent))
+
+
+def test_a_configuration_file_loads_models_chains_and_overrides_and_follows_edits(
+    bench: wb.Workbench, spec_file: Path, tiny_cache: None
+) -> None:
+    path = spec_file.with_name("workbench.yaml")
+    path.write_text(_config(DYNAMIC))
+    config = bench.configure(path, watch=True, interval_s=POLL_S)
+    assert config.version is not None and config.version.number == 1
+    assert "tiny" in set(bench.models()["name"])
+    assert bench.engine.policy("tiny") == DynamicBatching(max_batch=4, max_wait_ms=5)
+    chain = bench.chains()["qa"]
+    assert chain is config.chains["qa"]
+    assert chain.overrides == {"answer.temperature": 0.7}
+    run = chain.run(question="q")
+    assert request_attributes(run, "answer")[attr.REQUEST_TEMPERATURE] == 0.7
+    assert run.config_version == chain.version
+
+    # A new policy and a new override: applied live, the model not loaded again.
+    loaded_at = bench.registry.get("tiny")
+    path.write_text(_config("  tiny: {source: tiny, device: cpu, batching: none}", "qa.answer.temperature: 0.3"))
+    wait_for(lambda: config.version.number == 2, "the configuration edit to serve")
+    assert isinstance(bench.engine.policy("tiny"), NoBatching)
+    assert bench.registry.get("tiny") is loaded_at
+    assert chain.spec.hop("answer").params.temperature == 0.3
+    assert bench.chains()["qa"] is chain
+
+    # A bad edit names the file, the line and the field; the last good configuration keeps serving.
+    path.write_text(_config("  tiny: {source: tiny, device: cpu, batching: {policy: dynamic, max_batchsize: 4}}"))
+    refusal = wait_for(lambda: config.errors and config.errors[-1], "the refusal")
+    assert isinstance(refusal.error, ConfigError)
+    assert refusal.error.line == 2 and refusal.error.field == "models.tiny.batching.max_batchsize"
+    assert str(path) in refusal.message
+    assert config.version.number == 2 and isinstance(bench.engine.policy("tiny"), NoBatching)
+    assert chain.run(question="q").ok
+
+    # A chain file edit is followed too (the configuration watches its chain files).
+    spec_file.write_text(SPEC.replace("max_new_tokens: 3", "max_new_tokens: 1"))
+    wait_for(lambda: chain.spec.hop("answer").params.max_new_tokens == 1, "the chain file edit")
+    assert chain.spec.hop("answer").params.temperature == 0.3  # the override stays on top
+
+
+def test_a_changed_model_source_loads_it_again(
+    bench: wb.Workbench, spec_file: Path, tiny_path: Path, tiny_cache: None
+) -> None:
+    path = spec_file.with_name("workbench.yaml")
+    path.write_text(_config("  tiny: {source: tiny, device: cpu}"))
+    config = bench.configure(path)
+    before = bench.registry.get("tiny")
+    config.apply(_config(f"  tiny: {{source: {str(tiny_path)!r}, device: cpu, dtype: float32}}"))
+    after = bench.registry.get("tiny")
+    assert after is not before and after.settings.dtype == "float32"
+    assert bench.chains()["qa"].run(question="q").ok
+
+
+def test_a_changed_balance_policy_applies_live_to_the_replicas(
+    bench: wb.Workbench, spec_file: Path, tiny_cache: None
+) -> None:
+    path = spec_file.with_name("workbench.yaml")
+    path.write_text(_config("  tiny: {source: tiny, device: cpu, replicas: 2, balance: round_robin}"))
+    config = bench.configure(path)
+    model = bench.registry.get("tiny")
+    assert bench.engine.balance("tiny").name == "round_robin"
+    assert config.apply(_config("  tiny: {source: tiny, device: cpu, replicas: 2, balance: least_loaded}")).number == 2
+    assert bench.engine.balance("tiny").name == "least_loaded"
+    assert bench.registry.get("tiny") is model and len(bench.replicas("tiny")) == 2
+    assert set(bench.replicas("tiny")["balance"]) == {"least_loaded"}
+
+
+def test_a_configuration_whose_chain_does_not_validate_changes_nothing(
+    bench: wb.Workbench, spec_file: Path, tiny_cache: None
+) -> None:
+    path = spec_file.with_name("workbench.yaml")
+    path.write_text(_config("  tiny: {source: tiny, device: cpu}"))
+    config = bench.configure(path)
+    with pytest.raises(ConfigError, match="chain 'qa'.*unknown model 'tiny'"):
+        config.apply(_config("  small: {source: tiny, device: cpu}"))  # qa.yaml still names 'tiny'
+    with pytest.raises(ConfigError, match="field 'overrides'.*'chains' does not list"):
+        config.apply(_config("  tiny: {source: tiny, device: cpu}", "other.answer.temperature: 1"))
+    with pytest.raises(ConfigError, match="temperature must be a number"):
+        config.apply(_config("  tiny: {source: tiny, device: cpu}", "qa.answer.temperature: hot"))
+    assert bench.registry.names() == ["tiny"] and config.version.number == 1
+    assert [type(r.error) for r in config.errors] == [ConfigError] * 3
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "field", "message"),
+    [
+        ("models:\n  tiny: {source: tiny, batching: fast}\n", 2, "models.tiny.batching", "unknown policy"),
+        ("models:\n  tiny:\n    source: tiny\n    trust_remote_code: true\n", 4, "models.tiny.trust_remote_code",
+         "unknown field"),
+        ("models:\n  tiny: {source: tiny, replicas: 0}\n", 2, "models.tiny.replicas", "replicas must be"),
+        ("models:\n  tiny: {device: cpu}\n", 2, "models.tiny.source", "needs a source"),
+        ("modles: {}\n", 1, "modles", "did you mean 'models'"),
+        ("chains:\n  qa: 3\n", 2, "chains.qa", "path of its spec file"),
+        ("models:\n  a: tiny\n  a: tiny\n", 3, "a", "appears twice"),
+        ("models: [\n", 2, None, "not valid YAML"),
+    ],
+)
+def test_configuration_errors_name_the_file_line_and_field(
+    text: str, line: int, field: str | None, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message) as caught:
+        parse_config(text, "/etc/wb.yaml")
+    assert (caught.value.line, caught.value.field) == (line, field)
+    assert str(caught.value).startswith(f"/etc/wb.yaml, line {line}")

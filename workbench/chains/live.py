@@ -1,0 +1,380 @@
+"""Live configuration: versioned chain specs that change while they serve, and the file watcher that feeds them.
+
+A chain's spec is a :class:`LiveSpec`: the last good version serves every run that starts; an
+edit (a new file, ``chain.set``) is validated whole and either becomes the next version or is
+refused, leaving the last good one in place. A run takes the spec object as it starts, so an edit
+never reaches a run already going.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from workbench.chains.spec import CHAIN_FIELDS, LLM_FIELDS, RETRY_FIELDS, ChainSpec, parse_spec
+from workbench.errors import SpecError, WorkbenchError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_INTERVAL_S = 1.0
+MAX_REFUSALS_KEPT = 50
+# Fields a live edit may change: values a spec allows, never code (``call``), names or the graph's shape (``uses``).
+SETTABLE_CHAIN_FIELDS = tuple(f for f in CHAIN_FIELDS if f in ("description", "history", "output"))
+SETTABLE_HOP_FIELDS = tuple(f for f in LLM_FIELDS if f not in ("name", "kind", "messages"))
+# A file whose mtime is this recent is hashed on every poll: two writes within the file system's
+# timestamp granularity, of one size, leave the same stat behind ("racy" timestamps, as git calls them).
+_RACY_S = 2.0
+
+
+class ConfigWarning(UserWarning):
+    """An edit of a watched chain spec or workbench configuration was refused; the last good version keeps serving."""
+
+
+@dataclass(frozen=True)
+class ConfigVersion:
+    """Which configuration a run used: ``number`` counts the accepted versions from 1, ``digest`` hashes the content."""
+
+    number: int
+    digest: str
+
+    def __str__(self) -> str:
+        return f"v{self.number} ({self.digest})"
+
+
+@dataclass(frozen=True)
+class ConfigRefusal:
+    """An edit that did not validate: when, where it came from (a file path, or ``set``), and the error."""
+
+    at: float
+    origin: str
+    error: WorkbenchError
+    serving: ConfigVersion | None
+
+    @property
+    def message(self) -> str:
+        return self.error.message if isinstance(self.error, WorkbenchError) else str(self.error)
+
+
+def digest_of(data: Any) -> str:
+    """A short content hash of a configuration as parsed, so reformatting or a comment leaves it unchanged."""
+    text = json.dumps(data, sort_keys=True, default=_describe, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+
+
+def _describe(value: Any) -> str:
+    """A function (a Python hop's ``call``) by its import path; anything else JSON cannot hold, by its type."""
+    name = getattr(value, "__qualname__", None)
+    if name is not None:
+        return f"{getattr(value, '__module__', '?')}:{name}"
+    return f"<{type(value).__name__}>"
+
+
+def refuse(
+    origin: str, error: WorkbenchError, serving: ConfigVersion | None, what: str, *, warn: bool = True
+) -> ConfigRefusal:
+    """Log a refused edit and, with ``warn``, warn about it (a notebook shows the warning); returns its record.
+
+    An edit made by a call (``chain.set``) is refused by raising to its caller instead of a warning.
+    """
+    text = f"{origin}: edit refused, {what} keeps serving {serving}: {error.message}" if serving else \
+        f"{origin}: edit refused: {error.message}"
+    logger.warning("%s", text)
+    if warn:
+        try:
+            warnings.warn(text, ConfigWarning, stacklevel=2)
+        except Warning:  # warnings turned into errors (pytest -W error): the log and the record still say it
+            pass
+    return ConfigRefusal(time.time(), origin, error, serving)
+
+
+# -- one chain's spec, live ----------------------------------------------------------------------------------
+
+
+class LiveSpec:
+    """A chain's spec as it changes: the serving version, its base (file or text), live overrides, refused edits.
+
+    ``parse`` validates a spec (text or dict) the way the workbench does, against the models it knows.
+    """
+
+    def __init__(self, spec: ChainSpec, parse: Callable[[str | Mapping[str, Any]], ChainSpec] | None = None) -> None:
+        self._parse = parse or (lambda source: parse_spec(source))
+        self._lock = threading.Lock()
+        self._base = _data_of(spec.source)
+        self._overrides: dict[str, Any] = {}
+        self._counter = 0
+        self.refusals: deque[ConfigRefusal] = deque(maxlen=MAX_REFUSALS_KEPT)
+        self.current = spec
+        self._accept(spec, self._base)
+
+    @property
+    def version(self) -> ConfigVersion:
+        assert self.current.version is not None
+        return self.current.version
+
+    @property
+    def overrides(self) -> dict[str, Any]:
+        with self._lock:
+            return dict(self._overrides)
+
+    def update(self, source: str | Mapping[str, Any], origin: str | None = None) -> ConfigVersion:
+        """Make ``source`` (YAML text or a dict) the new base, under the live overrides; SpecError refuses it."""
+        with self._lock:
+            try:
+                spec = self._parse(source)  # errors name the line of the text itself
+                base = _data_of(source)
+                if self._overrides:
+                    spec = self._parse(apply_overrides(base, self._overrides))
+            except SpecError as error:
+                self.refusals.append(refuse(origin or "update", error, self.current.version,
+                                            f"chain {self.current.name!r}", warn=origin is not None))
+                raise
+            self._base = base
+            return self._accept(spec, base)
+
+    def set(self, values: Mapping[str, Any]) -> ConfigVersion:
+        """Override fields by path (``hop.field``, ``hop.retry.attempts``, or a chain field such as ``history``),
+        all in one new version, or none if one does not validate."""
+        return self._change(values, ())
+
+    def unset(self, paths: Collection[str]) -> ConfigVersion:
+        """Drop overrides set earlier: the fields take the base's values again."""
+        return self._change({}, paths)
+
+    def _change(self, values: Mapping[str, Any], unset: Collection[str]) -> ConfigVersion:
+        with self._lock:
+            overrides = dict(self._overrides)
+            for path in unset:
+                if path not in overrides:
+                    raise SpecError(f"{path!r} is not set live", field=str(path),
+                                    hint=f"set live now: {', '.join(overrides) or 'nothing'}")
+                del overrides[path]
+            for path, value in values.items():
+                settable_path(path, self.current)
+                overrides[path] = value
+            origin = "set " + ", ".join([*values, *unset])
+            try:
+                spec = self._parse(apply_overrides(self._base, overrides))
+            except SpecError as error:
+                self.refusals.append(refuse(origin, error, self.current.version, f"chain {self.current.name!r}",
+                                            warn=False))
+                raise
+            self._overrides = overrides
+            return self._accept(spec, self._base)
+
+    def _accept(self, spec: ChainSpec, base: dict[str, Any]) -> ConfigVersion:
+        """Make ``spec`` the serving version (a new number only if its content changed)."""
+        digest = digest_of(apply_overrides(base, self._overrides))
+        previous = self.current.version
+        if previous is not None and previous.digest == digest:
+            return previous  # the same configuration again (a comment, a reformat): nothing to change
+        self._counter += 1
+        spec.version = ConfigVersion(self._counter, digest)
+        self.current = spec  # one assignment: a run starting now sees the old spec or the new, whole
+        if self._counter > 1:
+            logger.info("chain %r now serves configuration %s", spec.name, spec.version)
+        return spec.version
+
+
+def _data_of(source: Any) -> dict[str, Any]:
+    """A spec's source as plain data to edit: YAML text loaded (already validated, so safe), a mapping copied."""
+    if isinstance(source, str):
+        data = yaml.safe_load(source)
+    else:
+        data = source
+    if not isinstance(data, Mapping):  # a spec parsed from Python objects keeps no source to edit
+        return {}
+    return _copy(data)
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {key: _copy(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_copy(item) for item in value]
+    return value
+
+
+def settable_path(path: str, spec: ChainSpec) -> tuple[str, ...]:
+    """Check ``path`` names a field a live edit may change: ``hop.field``, ``hop.retry.KEY`` or a chain field."""
+    if not isinstance(path, str) or not path or any(not part for part in path.split(".")):
+        raise SpecError(f"{path!r} is not a field path", hint="e.g. answer.temperature, or history")
+    parts = tuple(path.split("."))
+    hops = [h.name for h in spec.hops]
+    if len(parts) == 1:
+        if parts[0] in hops:
+            raise SpecError(f"{path!r} names a hop; say which of its fields", field=path,
+                            hint=f"e.g. {path}.temperature; fields: {', '.join(SETTABLE_HOP_FIELDS)}")
+        if parts[0] not in SETTABLE_CHAIN_FIELDS:
+            raise SpecError(f"{path!r} is not a field a live edit may change", field=path,
+                            hint=f"chain fields: {', '.join(SETTABLE_CHAIN_FIELDS)}; or HOP.FIELD, e.g. "
+                            f"{hops[0]}.temperature")
+        return parts
+    hop, field = parts[0], parts[1]
+    if hop not in hops:
+        import difflib
+
+        close = difflib.get_close_matches(hop, hops, n=1)
+        raise SpecError(f"chain {spec.name!r} has no hop {hop!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
+                        field=path, hint=f"hops: {', '.join(hops)}")
+    kind = spec.hop(hop).kind
+    allowed = SETTABLE_HOP_FIELDS if kind == "llm" else ("retry", "fallback")
+    if field not in allowed:
+        why = "code is not set live" if field == "call" else "a live edit changes values, not names or the graph"
+        raise SpecError(f"{path!r}: {field!r} of a {kind} hop cannot be set live ({why})", hop=hop, field=field,
+                        hint=f"fields that can: {', '.join(allowed)}")
+    if len(parts) > 2 and (field != "retry" or len(parts) != 3 or parts[2] not in RETRY_FIELDS):
+        raise SpecError(f"{path!r} goes deeper than the spec does", hop=hop, field=".".join(parts[1:]),
+                        hint=f"only retry has fields of its own: {', '.join(RETRY_FIELDS)}")
+    return parts
+
+
+def apply_overrides(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with each ``path: value`` of ``overrides`` set; the base is left as it was."""
+    data = _copy(base)
+    for path, value in overrides.items():
+        parts = path.split(".")
+        if len(parts) == 1:
+            data[parts[0]] = value
+            continue
+        hops = data.get("hops")
+        hop = next((h for h in hops if isinstance(h, dict) and h.get("name") == parts[0]), None) \
+            if isinstance(hops, list) else None
+        if hop is None:
+            raise SpecError(f"override {path!r}: the spec has no hop {parts[0]!r} any more", field=path,
+                            hint="chain.unset(PATH) drops the override")
+        target = hop
+        for key in parts[1:-1]:  # retry: attempts-only shorthand (retry: 3) becomes a mapping to set a key in
+            nested = target.get(key)
+            if isinstance(nested, int) and not isinstance(nested, bool) and key == "retry":
+                nested = {"attempts": nested}
+            target[key] = dict(nested) if isinstance(nested, Mapping) else {}
+            target = target[key]
+        target[parts[-1]] = value
+    return data
+
+
+# -- watching a file ---------------------------------------------------------------------------------------
+
+
+class FileWatcher:
+    """Polls one file on a daemon thread and hands its text to ``on_change`` whenever the content changes.
+
+    The path is looked up on every poll (stat: mtime, size, inode), so editors that save by
+    writing a new file and renaming it over the old one are seen; a stat that looks unchanged is
+    trusted unless its mtime is recent. A file that is missing for a while (mid-rename, deleted)
+    changes nothing: the last content keeps serving until the file is back.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        on_change: Callable[[str], None],
+        interval_s: float = DEFAULT_INTERVAL_S,
+        *,
+        text: str | None = None,
+        on_unreadable: Callable[[WorkbenchError], None] | None = None,
+    ) -> None:
+        if isinstance(interval_s, bool) or not isinstance(interval_s, (int, float)) or not 0 < interval_s <= 3600:
+            raise WorkbenchError(f"interval_s must be a number of seconds > 0 and at most 3600, not {interval_s!r}",
+                                 hint="e.g. interval_s=1.0")
+        self.path = Path(path)
+        self.interval_s = float(interval_s)
+        self._on_change = on_change
+        self._on_unreadable = on_unreadable
+        self._stat: tuple[int, int, int] | None = None
+        self._digest = _text_digest(text) if text is not None else None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.polls = 0  # how many times the file was looked at
+        self.changes = 0  # how many new contents it handed on (a refused one included)
+
+    def start(self) -> FileWatcher:
+        self._thread = threading.Thread(target=self._loop, name=f"workbench-watch:{self.path.name}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=max(5.0, self.interval_s))
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
+
+    def poll(self) -> bool:
+        """Look at the file once; True if its content changed (and ``on_change`` heard it)."""
+        self.polls += 1
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False  # mid-rename or deleted: keep what serves
+        except OSError as exc:
+            self._unreadable(exc)
+            return False
+        key = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if key == self._stat and time.time() - st.st_mtime > _RACY_S:
+            return False
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            self._unreadable(exc)
+            return False
+        self._stat = key
+        digest = hashlib.sha256(raw).hexdigest()
+        if digest == self._digest:
+            return False
+        self._digest = digest
+        self.changes += 1
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            self._unreadable(exc)
+            return False
+        self._on_change(text)
+        return True
+
+    def _unreadable(self, exc: Exception) -> None:
+        error = SpecError(f"cannot read {str(self.path)!r}: {exc}", hint="the last good version keeps serving")
+        if self._on_unreadable is not None:
+            self._on_unreadable(error)
+        else:
+            logger.warning("%s", error.message)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.poll()
+            except WorkbenchError:
+                pass  # refused: on_change recorded and warned about it; the last good version serves
+            except Exception:  # a bug must not end the watching silently
+                logger.exception("watching %s failed; still watching", self.path)
+
+
+def _text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def read_text(path: str | os.PathLike[str], what: str) -> str:
+    """A configuration file's text, or a SpecError saying why it cannot be read."""
+    try:
+        return Path(path).read_bytes().decode("utf-8")  # no newline translation: the watcher hashes these bytes
+    except FileNotFoundError:
+        raise SpecError(f"{what} {str(path)!r} does not exist", hint="check the path (relative to the working "
+                        f"directory {os.getcwd()!r})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"cannot read {what} {str(path)!r}: {exc}") from None

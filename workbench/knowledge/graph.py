@@ -1,0 +1,195 @@
+"""A knowledge graph of (subject, relation, object) triples: link a text's entities, walk k hops, say what was found."""
+
+from __future__ import annotations
+
+import itertools
+import re
+import time
+import unicodedata
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    import networkx as nx
+
+DEFAULT_MAX_TRIPLES = 50
+MAX_ALIAS_WORDS = 8  # the longest alias the linker tries, in words ("Democratic Republic of the Congo" is 6)
+_WORD = re.compile(r"\w+")
+
+
+class Triple(NamedTuple):
+    """One fact: ``subject — relation — object``."""
+
+    subject: str
+    relation: str
+    object: str
+
+    def __str__(self) -> str:
+        return f"{self.subject} — {self.relation} — {self.object}."
+
+
+class Facts(str):
+    """What a knowledge hop found, as the text a prompt reads (one triple a line), with the triples themselves.
+
+    It is a ``str``, so ``{{ facts }}`` renders the lines and a run's outputs store it as text;
+    a template may also read ``{{ facts.triples }}`` (tuples of subject, relation, object) and
+    ``{{ facts.entities }}`` (the graph's names for what the query mentioned).
+    """
+
+    triples: tuple[Triple, ...]
+    entities: tuple[str, ...]
+
+    def __new__(cls, triples: Iterable[Triple], entities: Iterable[str] = ()) -> Facts:
+        triples = tuple(triples)
+        facts = super().__new__(cls, "\n".join(str(t) for t in triples))
+        facts.triples = triples
+        facts.entities = tuple(entities)
+        return facts
+
+    def __reduce__(self) -> tuple[object, ...]:  # copy.deepcopy and pickle rebuild it from its triples
+        return (Facts, (self.triples, self.entities))
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """One query against a graph: the facts found, and what finding them took (for the hop's span)."""
+
+    facts: Facts
+    link_ms: float
+    traverse_ms: float
+    truncated: bool  # the walk stopped at max_triples with more to find
+
+    @property
+    def entities(self) -> tuple[str, ...]:
+        return self.facts.entities
+
+    @property
+    def triples(self) -> tuple[Triple, ...]:
+        return self.facts.triples
+
+
+def normalise(text: str) -> list[str]:
+    """The words of ``text`` as the linker compares them: accents dropped, case folded, punctuation gone."""
+    return _WORD.findall(_strip_accents(text).casefold())
+
+
+def _strip_accents(text: str) -> str:
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(c for c in decomposed if not unicodedata.combining(c))
+
+
+class KnowledgeGraph:
+    """Triples in a networkx MultiDiGraph (an edge per triple, keyed by relation) and an alias dictionary.
+
+    ``aliases`` map other names to a node: matched in any case, without accents
+    (``"french"`` -> France). ``codes`` map short codes to a node and match only as written
+    (``"FR"`` -> France), so the words "us", "in" and "it" stay words. Every node's own name is
+    an alias of it, but for a node that is a code of its own (``codes={"ALL": "ALL"}``, the
+    Albanian lek, must not link the word "all"). ``ignore`` lists words never to link, names
+    in the data that are more often plain words (the capital Malé and "male").
+    """
+
+    def __init__(
+        self,
+        triples: Iterable[tuple[str, str, str]],
+        aliases: Mapping[str, str] | None = None,
+        codes: Mapping[str, str] | None = None,
+        name: str = "graph",
+        ignore: Iterable[str] = (),
+    ) -> None:
+        import networkx  # on first use: a spec that names no graph, and the CLI's --help, never pay its 0.2 s
+
+        self.name = name
+        self.graph: nx.MultiDiGraph = networkx.MultiDiGraph()
+        for subject, relation, obj in triples:
+            self.graph.add_edge(subject, obj, key=relation)
+        self._codes = {code: node for code, node in (codes or {}).items() if node in self.graph}
+        self._aliases: dict[str, str] = {}
+        for node in self.graph.nodes:  # a node's own name first: no alias of another node takes it
+            if self._codes.get(node) != node:
+                self._add_alias(node, node)
+        for alias, node in (aliases or {}).items():
+            if node in self.graph:
+                self._add_alias(alias, node)
+        for word in ignore:
+            self._aliases.pop(" ".join(normalise(word)), None)
+        self._longest = min(MAX_ALIAS_WORDS, max((k.count(" ") + 1 for k in self._aliases), default=1))
+
+    def _add_alias(self, alias: str, node: str) -> None:
+        key = " ".join(normalise(alias))
+        if key:
+            self._aliases.setdefault(key, node)
+
+    def __len__(self) -> int:
+        """How many triples the graph holds."""
+        return int(self.graph.number_of_edges())
+
+    def __repr__(self) -> str:
+        return f"KnowledgeGraph({self.name!r}: {self.graph.number_of_nodes()} entities, {len(self)} triples)"
+
+    @property
+    def alias_count(self) -> int:
+        return len(self._aliases) + len(self._codes)
+
+    def link(self, text: str) -> list[str]:
+        """The entities ``text`` mentions, in order, each once: the longest alias wins at each word.
+
+        "Papua New Guinea" links Papua New Guinea, not Guinea.
+        """
+        words = _WORD.findall(_strip_accents(text))
+        folded = [w.casefold() for w in words]
+        found: dict[str, None] = {}
+        i = 0
+        while i < len(words):
+            for n in range(min(self._longest, len(words) - i), 0, -1):
+                node = self._aliases.get(" ".join(folded[i:i + n]))
+                if node is None and n == 1:
+                    node = self._codes.get(words[i])
+                if node is not None:
+                    found.setdefault(node, None)
+                    i += n
+                    break
+            else:
+                i += 1
+        return list(found)
+
+    def neighbourhood(self, entities: Iterable[str], hops: int, max_triples: int = DEFAULT_MAX_TRIPLES
+                      ) -> tuple[list[Triple], bool]:
+        """Triples within ``hops`` of ``entities`` (either direction), nearest first, at most ``max_triples``.
+
+        Hop 1 is every triple that names an entity; hop 2 adds every triple naming what hop 1
+        reached; and so on. Returns the triples and whether the cap cut the walk short.
+        """
+        graph = self.graph
+        frontier = [e for e in dict.fromkeys(entities) if e in graph]
+        seen = set(frontier)
+        triples: list[Triple] = []
+        taken: set[tuple[str, str, str]] = set()
+        for _ in range(hops):
+            reached: list[str] = []
+            for node in frontier:
+                # Lazily, so a hub with a million edges costs only the ones taken before the cap.
+                edges = itertools.chain(graph.out_edges(node, keys=True), graph.in_edges(node, keys=True))
+                for subject, obj, relation in edges:
+                    if (subject, relation, obj) in taken:
+                        continue
+                    if len(triples) >= max_triples:
+                        return triples, True
+                    taken.add((subject, relation, obj))
+                    triples.append(Triple(subject, relation, obj))
+                    other = obj if subject == node else subject
+                    if other not in seen:
+                        seen.add(other)
+                        reached.append(other)
+            frontier = reached
+        return triples, False
+
+    def lookup(self, query: str, hops: int = 1, max_triples: int = DEFAULT_MAX_TRIPLES) -> Lookup:
+        """Link ``query``'s entities, walk ``hops`` around them, and time both."""
+        started = time.perf_counter()
+        entities = self.link(query)
+        linked = time.perf_counter()
+        triples, truncated = self.neighbourhood(entities, hops, max_triples)
+        walked = time.perf_counter()
+        return Lookup(Facts(triples, entities), (linked - started) * 1e3, (walked - linked) * 1e3, truncated)

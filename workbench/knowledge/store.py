@@ -1,0 +1,109 @@
+"""Which graph a spec's ``graph:`` names (a demo graph or a file), and a per-workbench cache of loaded graphs."""
+
+from __future__ import annotations
+
+import difflib
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from workbench.errors import GraphError
+from workbench.knowledge.countries import countries
+from workbench.knowledge.files import check_path, load_file
+from workbench.knowledge.graph import KnowledgeGraph
+
+# The graphs that ship with the workbench, built offline on first use.
+DEMO_GRAPHS: dict[str, Callable[[], KnowledgeGraph]] = {"countries": countries}
+MAX_GRAPHS_KEPT = 16  # per workbench; past it the graph loaded first goes (specs may name many files)
+
+
+@dataclass(frozen=True)
+class GraphSource:
+    """A demo graph by ``name``, or a file of triples by its absolute ``path``."""
+
+    name: str | None = None
+    path: Path | None = None
+
+    def __str__(self) -> str:
+        return self.name if self.name is not None else str(self.path)
+
+
+def resolve(value: object) -> GraphSource:
+    """What ``graph:`` names: a demo graph's name, else a path to a .csv or .json file (relative: to the cwd).
+
+    Checks the file is there, regular and not too big; reading it is :meth:`GraphStore.get`'s.
+    """
+    hint = f"demo graphs: {', '.join(DEMO_GRAPHS)}; or a path to a .csv or .json file of triples"
+    if not isinstance(value, str) or not value.strip():
+        raise GraphError(f"graph must name a demo graph or a file, got {value!r}", hint=hint)
+    text = value.strip()
+    # Demo graphs are plain words; anything with a folder, a home or a suffix (notes.txt) is a file.
+    looks_like_path = any(sep in text for sep in ("/", "\\")) or text.startswith(("~", ".")) or bool(Path(text).suffix)
+    if not looks_like_path:
+        if text not in DEMO_GRAPHS:
+            close = difflib.get_close_matches(text, list(DEMO_GRAPHS), n=1)
+            raise GraphError(f"unknown graph {text!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
+                             hint=hint)
+        return GraphSource(name=text)
+    try:
+        path = Path(text).expanduser().absolute()
+    except RuntimeError:  # ~someone, with no such user
+        raise GraphError(f"graph file {text[:200]!r}: no home directory for {text.partition('/')[0][:100]!r}",
+                         hint=hint) from None
+    check_path(path)
+    return GraphSource(path=path)
+
+
+class GraphStore:
+    """The graphs one workbench has loaded: each demo graph once, each file once per version (size, mtime)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._graphs: dict[object, KnowledgeGraph] = {}
+
+    def cached(self, source: GraphSource) -> KnowledgeGraph | None:
+        """The graph if it is loaded and (for a file) unchanged since; None if :meth:`get` would read it."""
+        try:
+            key = self._key(source)
+        except GraphError:
+            return None
+        return self._graphs.get(key)
+
+    def get(self, source: GraphSource) -> KnowledgeGraph:
+        """The graph ``source`` names, loaded on first use; a file edited since is read again."""
+        key = self._key(source)
+        graph = self._graphs.get(key)
+        if graph is not None:
+            return graph
+        with self._lock:  # one load per graph, however many hops ask at once
+            graph = self._graphs.get(key)
+            if graph is None:
+                if source.name is not None:
+                    graph = DEMO_GRAPHS[source.name]()
+                else:
+                    assert source.path is not None
+                    graph = load_file(source.path)
+                    self._graphs = {  # an older version of the file goes
+                        k: g for k, g in self._graphs.items() if not (isinstance(k, tuple) and k[0] == source.path)
+                    }
+                self._graphs[key] = graph
+                while len(self._graphs) > MAX_GRAPHS_KEPT:
+                    self._graphs = dict(list(self._graphs.items())[1:])
+            return graph
+
+    def loaded(self) -> dict[str, KnowledgeGraph]:
+        """The graphs loaded so far, by demo name or path."""
+        return {str(k[0]) if isinstance(k, tuple) else str(k): g for k, g in self._graphs.items()}
+
+    @staticmethod
+    def _key(source: GraphSource) -> object:
+        if source.name is not None:
+            return source.name
+        assert source.path is not None
+        try:
+            info = source.path.stat()
+        except OSError:
+            check_path(source.path)  # says why
+            raise
+        return (source.path, info.st_size, info.st_mtime_ns)
