@@ -366,6 +366,18 @@ def test_bench_serve_with_a_grpc_port_serves_both_fronts_on_one_gateway(chains: 
     assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
 
 
+def test_closing_the_workbench_stops_its_grpc_front(tiny_path: Path, auth: Auth) -> None:
+    with wb.Workbench() as bench:
+        bench.load("tiny", tiny_path, device="cpu")
+        served = bench.serve(chains=[bench.chain(QA_SPEC)], port=0, grpc_port=0, auth=auth)
+        grpc_front = served.grpc
+        assert grpc_front is not None and invoke(grpc_front, invoke_request(question="hi"), key(auth, "runner")).run_id
+    assert not grpc_front.running
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        invoke(grpc_front, invoke_request(question="hi"), key(auth, "runner"))
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+
+
 def test_autoglm_serve_with_grpc_port_serves_grpc_from_a_child_process(tiny_path: Path, tmp_path: Path) -> None:
     spec = tmp_path / "qa.yaml"
     spec.write_text(json.dumps(QA_SPEC))  # JSON is YAML

@@ -243,6 +243,7 @@ class GrpcServer:
         self.port = port
         self.servicer = ChainServicer(gateway, max_in_flight=max_in_flight)
         self._server: grpc.aio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the workbench's, where the server runs
 
     @property
     def target(self) -> str:
@@ -273,14 +274,14 @@ class GrpcServer:
                                 hint="pick another port, or grpc_port=0 for any free one")
         self.port = bound
         await server.start()
-        self._server = server
+        self._server, self._loop = server, asyncio.get_running_loop()
 
     def stop(self, grace: float = 1.0) -> None:
         """Stop listening; calls in flight get ``grace`` seconds to finish. Stopping twice is harmless."""
-        server, self._server = self._server, None
-        if server is None or self.gateway.bench.closed:
-            return  # a closed workbench's loop ended, and the server's calls with it
-        stopping = self.gateway.bench.start(server.stop(grace))
+        server, loop, self._server, self._loop = self._server, self._loop, None, None
+        if server is None or loop is None or loop.is_closed() or not loop.is_running():
+            return  # the workbench's loop ended, and the server's calls with it
+        stopping = asyncio.run_coroutine_threadsafe(server.stop(grace), loop)
         try:
             asyncio.get_running_loop()
         except RuntimeError:  # not inside a loop (a handler, a hop), where waiting would block it
