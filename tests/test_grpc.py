@@ -27,7 +27,7 @@ from workbench.fronts.server import chain_pb2_grpc, protogen
 from workbench.fronts.server.gateway import Gateway
 from workbench.fronts.server.auth import Auth, KeyStore
 from workbench.fronts.server.grpc_server import GrpcServer, status_for
-from tests.helpers import QA_SPEC
+from tests.helpers import QA_SPEC, eventually
 
 RUNNER_KEY = "runner-key"
 VIEWER_KEY = "viewer-key"
@@ -35,6 +35,18 @@ VIEWER_KEY = "viewer-key"
 
 def broken(answer: str) -> str:
     raise ValueError(f"no good: {answer}")
+
+
+CANCELLED: list[str] = []  # the questions whose slow hop was cancelled
+
+
+async def slow(question: str) -> str:
+    try:
+        await asyncio.sleep(60)
+    except asyncio.CancelledError:
+        CANCELLED.append(question)
+        raise
+    return question
 
 
 def breaker_open(question: str) -> str:
@@ -55,7 +67,8 @@ def chains(tiny_bench: wb.Workbench) -> dict[str, wb.Chain]:
     fails = tiny_bench.chain({**QA_SPEC, "name": "fails", "hops": [*QA_SPEC["hops"], {"name": "check", "call": broken}],
                               "output": "check"})
     unavailable = tiny_bench.chain({"name": "unavailable", "hops": [{"name": "only", "call": breaker_open}]})
-    return {c.name: c for c in (qa, fails, unavailable)}
+    sleepy = tiny_bench.chain({"name": "slow", "hops": [{"name": "wait", "call": slow}]})
+    return {c.name: c for c in (qa, fails, unavailable, sleepy)}
 
 
 @pytest.fixture(scope="module")
@@ -309,6 +322,21 @@ def test_a_refused_or_failed_request_on_a_stream_leaves_the_others_running(serve
     assert events["fails"].error.code == grpc.StatusCode.UNKNOWN.value[0] and events["fails"].error.hop == "check"
     assert events["fails"].error.run_id and events["fails"].envelope.trace_id
     assert events["good"].HasField("final")
+
+
+def test_a_client_that_cancels_its_stream_stops_the_runs_it_started(server: GrpcServer, chains: dict[str, wb.Chain],
+                                                                     auth: Auth) -> None:
+    async def main() -> None:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            call = chain_pb2_grpc.ChainServiceStub(channel).Stream(metadata=key(auth, "runner"), timeout=60)
+            await call.write(stream_request("a", chain="slow", question="hi"))
+            await call.write(stream_request("b", chain="slow", question="ho"))
+            started = {(await call.read()).request_id, (await call.read()).request_id}
+            assert started == {"a", "b"} and CANCELLED == []
+            call.cancel()
+
+    asyncio.run(main())
+    eventually(lambda: sorted(CANCELLED) == ["hi", "ho"], "the cancelled stream's runs to stop")
 
 
 def test_a_stream_without_credentials_ends_unauthenticated(server: GrpcServer, chains: dict[str, wb.Chain],
