@@ -224,6 +224,17 @@ def test_traceparent_puts_the_run_in_the_callers_trace(server: GrpcServer, chain
     assert roots, "a server span hangs under the caller's span"
 
 
+def test_the_envelope_trace_id_joins_a_trace_and_a_bad_traceparent_is_refused(server: GrpcServer,
+                                                                             auth: Auth) -> None:
+    request = invoke_request(question="hi")
+    request.envelope.trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    response, trailing = asyncio.run(_invoke(server.target, request, key(auth, "runner")))
+    assert response.envelope.trace_id == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert dict(trailing)["x-trace-id"] == response.envelope.trace_id  # the trailing metadata names it too
+    bad = refusal(server, invoke_request(question="hi"), (*key(auth, "runner"), ("traceparent", "00-nope")))
+    assert bad.code() is grpc.StatusCode.INVALID_ARGUMENT and "traceparent" in bad.details()
+
+
 def test_without_traceparent_each_call_starts_its_own_trace(server: GrpcServer, auth: Auth) -> None:
     first = invoke(server, invoke_request(question="hi"), key(auth, "runner"))
     second = invoke(server, invoke_request(question="hi"), key(auth, "runner"))
