@@ -136,8 +136,9 @@ def test_invoke_answers_as_the_chain_runs_in_process(server: GrpcServer, chains:
 def test_a_blocking_client_calls_it_as_the_readme_shows(server: GrpcServer, auth: Auth) -> None:
     with grpc.insecure_channel(server.target) as channel:
         stub = chain_pb2_grpc.ChainServiceStub(channel)
+        bearer = f"Bearer {auth.test_keys['runner']}"  # type: ignore[attr-defined]
         reply = stub.Invoke(pb.InvokeRequest(chain="qa", inputs_json=json.dumps({"question": "hi"})),
-                            metadata=[("authorization", f"Bearer {auth.test_keys['runner']}")])  # type: ignore[attr-defined]
+                            metadata=[("authorization", bearer)])
     assert isinstance(json.loads(reply.output_json), str) and len(reply.envelope.trace_id) == 32
 
 
@@ -196,7 +197,8 @@ def test_a_message_over_the_size_limit_is_refused(chains: dict[str, wb.Chain], t
 def test_an_open_server_listens_on_loopback_only(chains: dict[str, wb.Chain]) -> None:
     with pytest.raises(wb.SettingsError, match="loopback"):
         GrpcServer(Gateway(chains["qa"].bench, chains.values(), Auth.open()), host="0.0.0.0").start()
-    with GrpcServer(Gateway(chains["qa"].bench, chains.values(), Auth.open())) as served:  # no credentials needed there: the caller is admin "local"
+    # No credentials needed there: every caller is the admin "local".
+    with GrpcServer(Gateway(chains["qa"].bench, chains.values(), Auth.open())) as served:
         assert invoke(served, invoke_request(question="hi")).run_id
 
 
