@@ -388,3 +388,22 @@ def test_odd_graph_values_are_spec_errors(tiny_bench: wb.Workbench, graph: objec
     with pytest.raises(wb.GraphError, match=words) as info:
         tiny_bench.chain(knowledge_spec(graph))  # type: ignore[arg-type]
     assert len(info.value.message) < 400 and info.value.hop == "facts"
+
+
+def test_a_spec_sent_to_a_server_names_only_shipped_graphs(bench: wb.Workbench, tmp_path: Path) -> None:
+    """A client's spec must not read the server's files into a prompt: inside served_spec() a path is refused
+    before the file is even looked at (so the refusal says nothing of whether it exists); demo graphs still work."""
+    from workbench.chains import trust
+
+    secret = tmp_path / "secret.csv"
+    secret.write_text("subject,relation,object\nalice,password,hunter2\n")
+    spec = {"name": "leak", "hops": [{"name": "facts", "kind": "knowledge", "graph": str(secret), "query": "{{ question }}"}]}
+    with trust.served_spec(), pytest.raises(wb.GraphError, match="only the shipped graphs") as caught:
+        bench.chain(spec)
+    assert caught.value.hop == "facts" and caught.value.field == "graph"
+    with trust.served_spec(), pytest.raises(wb.GraphError, match="only the shipped graphs"):
+        bench.chain({**spec, "hops": [{**spec["hops"][0], "graph": str(tmp_path / "missing.csv")}]})
+    with trust.served_spec():
+        chain = bench.chain({**spec, "name": "ok", "hops": [{**spec["hops"][0], "graph": "countries"}]})
+    assert "Paris" in str(chain.run(question="France").output)
+    assert "hunter2" in str(bench.chain(spec).run(question="alice").output)  # the notebook's own spec may read its own files

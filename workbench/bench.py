@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from workbench import _gateway
+from workbench.chains.cache import CACHE_FILE, ResponseCache
 from workbench.chains.chain import Chain
 from workbench.chains.configfile import LiveConfig
 from workbench.chains.context import ContextStore, RunRecord
@@ -107,7 +108,10 @@ class Workbench:
         self.store = store if store is not None else SQLiteContextStore(self.data_dir / SESSIONS_FILE)
         self._hop_pool = ThreadPoolExecutor(max_workers=hop_threads, thread_name_prefix="workbench-hop")
         self.graphs = GraphStore()  # knowledge hops' graphs, each loaded once
-        self._runner = Runner(self.engine, self.tracing, self.store, self._hop_pool, graphs=self.graphs)
+        # The exact response cache of ``cache: exact`` hops, in the data directory (opened on first use).
+        self.cache = ResponseCache(self.data_dir / CACHE_FILE)
+        self._runner = Runner(self.engine, self.tracing, self.store, self._hop_pool, graphs=self.graphs,
+                              cache=self.cache)
         self._in_flight = 0  # runs walking on the loop now (only the loop thread changes it)
         self._loop: asyncio.AbstractEventLoop | None = None  # chains walk here, on its own thread, from first use
         self._loop_thread: threading.Thread | None = None
@@ -662,6 +666,44 @@ class Workbench:
         """Every session with a run in this workbench's store, including those of earlier kernels."""
         return self.store.sessions()
 
+    # -- caches (the hop's ``cache:``) -----------------------------------------------------------
+
+    def cache_stats(self) -> pd.DataFrame:
+        """The exact response cache, one row per hop and model: hits, misses and hit rate (this workbench's),
+        entries and bytes stored (the data directory's), and ``saved_s``, what the hits would have cost the model."""
+        return self.cache.stats()
+
+    def clear_cache(self, *, chain: str | None = None, hop: str | None = None, prefix: bool = True) -> int:
+        """Empty the exact response cache (or its entries of one chain or hop) and, with ``prefix``, every model's
+        prefix KV cache; returns how many stored answers went."""
+        removed = self.cache.clear(chain=chain, hop=hop)
+        if prefix:
+            self.engine.clear_prefix_caches()
+        return removed
+
+    def set_cache_limits(self, *, max_entries: int | None = None, max_bytes: int | None = None) -> None:
+        """Bound the exact response cache; past a bound the least recently used answers go (at the next write)."""
+        self.cache.set_limits(max_entries, max_bytes)
+
+    def use_cache(self, cache: ResponseCache) -> ResponseCache:
+        """Answer ``cache: exact`` hops from ``cache`` from now on (a comparison's scratch cache, say); returns the
+        one it replaces, which stays open."""
+        previous, self.cache = self.cache, cache
+        self._runner.cache = cache
+        return previous
+
+    def prefix_cache_stats(self) -> pd.DataFrame:
+        """One row per cached prompt prefix of each model worker: its tokens, KV bytes, prefill_ms, and reuses."""
+        import pandas as pd
+
+        rows = [{"worker": name, **row} for name, cache in self.engine.prefix_caches().items()
+                for row in cache.rows()]  # type: ignore[attr-defined]
+        return pd.DataFrame(rows, columns=["worker", "tokens", "bytes", "prefill_ms", "uses"])
+
+    async def aprepare_spec(self, spec: ChainSpec, inputs: Mapping[str, Any]) -> int:
+        """Get a run of ``spec``'s first hops ready ahead of it (a map's prefetch); see ``Chain.map(prefetch=True)``."""
+        return await self._runner.prepare(spec, inputs)
+
     # -- lifetime ------------------------------------------------------------------------------
 
     def check_open(self, doing: str) -> None:
@@ -704,6 +746,7 @@ class Workbench:
             if threading.current_thread() is not self._loop_thread:
                 self._loop_thread.join(5.0)
         self.store.close()
+        self.cache.close()
         self.tracing.shutdown()
         heap.thaw()  # what this workbench held can go now; the next load anywhere freezes again
 

@@ -6,7 +6,7 @@ import asyncio
 import html
 import os
 import queue
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +99,7 @@ class Chain:
         *,
         errors: Errors = "keep",
         resume: Iterable[Run | None] | None = None,
+        prefetch: bool = False,
     ) -> RunBatch:
         """Run once per input mapping, ``concurrency`` at a time; the RunBatch lists Runs in input order.
 
@@ -110,11 +111,16 @@ class Chain:
         (a KeyboardInterrupt) whose ``.batch`` is that batch, with ``None`` for inputs not run
         (runs in flight still land in it). ``resume=`` a previous batch (or any Runs, e.g.
         ``bench.runs()``) reuses the successful runs of equal inputs and runs only the others.
+
+        ``prefetch=True`` gets the next inputs' first hops ready while earlier runs go (their prompts
+        rendered and tokenized, the prefix KV of ``cache: prefix`` hops warmed), so each starts the
+        moment a lane frees. Not with a ``session`` (the history the prompts read is not known ahead).
         """
         batch = self._batch(inputs, errors, resume, concurrency, session)
         state = MapState(batch, batch.missing)
         try:
-            return self._host.run_sync(self._map(batch, concurrency, session, errors, state), on_interrupt=state.stop)
+            return self._host.run_sync(self._map(batch, concurrency, session, errors, state, prefetch),
+                                       on_interrupt=state.stop)
         except (KeyboardInterrupt, Interrupted):
             batch.interrupted = True
             raise MapInterrupted(batch) from None
@@ -127,11 +133,12 @@ class Chain:
         *,
         errors: Errors = "keep",
         resume: Iterable[Run | None] | None = None,
+        prefetch: bool = False,
     ) -> RunBatch:
         """``await chain.amap(...)``: :meth:`map` awaited; cancelling it stops new starts and keeps what finished."""
         batch = self._batch(inputs, errors, resume, concurrency, session)
         try:
-            return await self._host.run_async(self._map(batch, concurrency, session, errors, None))
+            return await self._host.run_async(self._map(batch, concurrency, session, errors, None, prefetch))
         except Interrupted:
             raise MapInterrupted(batch) from None
 
@@ -169,12 +176,23 @@ class Chain:
         return batch
 
     async def _map(
-        self, batch: RunBatch, concurrency: int, session: str | None, errors: Errors, state: MapState | None
+        self, batch: RunBatch, concurrency: int, session: str | None, errors: Errors, state: MapState | None,
+        prefetch: bool = False,
     ) -> RunBatch:
+        prepare = getattr(self._host, "aprepare_spec", None)
+        ahead = _Ahead(batch, concurrency, lambda item: prepare(self.spec, item)) \
+            if prefetch and session is None and prepare is not None else None
+
         async def execute(item: dict[str, Any]) -> Run:
+            if ahead is not None:
+                ahead.started()
             return await self._host.arun_spec(self.spec, item, session)
 
-        return await run_all(batch, execute, concurrency, errors, state)
+        try:
+            return await run_all(batch, execute, concurrency, errors, state)
+        finally:
+            if ahead is not None:
+                ahead.close()
 
     # -- streaming -----------------------------------------------------------------------------
 
@@ -312,6 +330,40 @@ class Chain:
             "<table><tr><th>hop</th><th>kind</th><th>model</th><th>uses</th><th>prompt / call</th></tr>"
             f"{rows}</table></div>"
         )
+
+
+class _Ahead:
+    """A map's prefetch: while ``concurrency`` runs go, the inputs that start next get their first hops ready.
+
+    At the start the second wave (inputs ``concurrency`` to ``2 * concurrency - 1``) is prepared; each
+    run that starts then queues the input ``concurrency`` places after it. One task prepares them in order.
+    """
+
+    def __init__(self, batch: RunBatch, concurrency: int, prepare: Callable[[dict[str, Any]], Awaitable[Any]]) -> None:
+        self._order = batch.missing
+        self._items = batch.inputs
+        self._concurrency = concurrency
+        self._prepare = prepare
+        self._starts = 0
+        self._queue: asyncio.Queue[int] = asyncio.Queue()
+        for position in range(concurrency, min(2 * concurrency, len(self._order))):
+            self._queue.put_nowait(self._order[position])
+        self._task = asyncio.ensure_future(self._work())
+
+    def started(self) -> None:
+        """The next input in order started: queue the one ``concurrency`` places after it (the first wave's are)."""
+        position, self._starts = self._starts, self._starts + 1
+        ahead = position + self._concurrency
+        if position >= self._concurrency and ahead < len(self._order):
+            self._queue.put_nowait(self._order[ahead])
+
+    async def _work(self) -> None:
+        while True:
+            index = await self._queue.get()
+            await self._prepare(self._items[index])
+
+    def close(self) -> None:
+        self._task.cancel()
 
 
 def _shown(hop: HopSpec) -> str:

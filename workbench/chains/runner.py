@@ -24,11 +24,12 @@ from typing import Any
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, Status, StatusCode
 
+from workbench.chains.cache import ResponseCache, response_key
 from workbench.chains.context import ContextStore, History, RunRecord
 from workbench.chains.events import Event, HopFinished, HopStarted, RunFinished, Token
 from workbench.chains.resilience import Route, serve
 from workbench.chains.run import Run
-from workbench.chains.spec import ChainSpec, HopSpec
+from workbench.chains.spec import ChainSpec, HopSpec, fixed_prefix
 from workbench.chains.templates import PromptTemplate
 from workbench.engine import Call, Engine
 from workbench.engine.requests import Messages, check_text
@@ -114,12 +115,14 @@ class Runner:
         store: ContextStore,
         hop_pool: Executor,
         graphs: GraphStore | None = None,
+        cache: ResponseCache | None = None,
     ) -> None:
         self.engine = engine
         self.tracing = tracing
         self.store = store
         self.hop_pool = hop_pool
         self.graphs = graphs if graphs is not None else GraphStore()  # knowledge hops' graphs, loaded once
+        self.cache = cache  # the exact response cache of ``cache: exact`` hops (None: they call the model every time)
 
     async def arun(
         self, spec: ChainSpec, inputs: Mapping[str, Any], session: str | None = None, events: EventSink | None = None
@@ -285,13 +288,28 @@ class Runner:
         """The ways to serve ``hop``, in the order to try them: its own model or call, then its fallbacks."""
         on_token = _token_sink(state, hop.name) if state.events is not None else None
 
+        prefix = fixed_prefix(hop.template) if hop.cache.prefix and hop.template is not None else None
+        if hop.kind == "llm":
+            span.set_attribute(attr.CACHE_MODE, hop.cache.mode)
+
         def model(name: str) -> Route:
             label = f"model:{name}"
 
             async def call(attempt: int, timeout: float | None) -> Any:
+                key = await self._cached(hop, name, prompt, messages, span) if hop.cache.exact else None
+                if isinstance(key, _Hit):
+                    return key.text
                 call = Call(name, prompt, hop.params, span, hop.name, {attr.ATTEMPT: attempt, attr.ROUTE: label},
-                            timeout, on_token=on_token, session=state.session, messages=messages)
-                return (await self.engine.acall(call)).text
+                            timeout, on_token=on_token, session=state.session, messages=messages, prefix=prefix)
+                result = await self.engine.acall(call)
+                if result.prefix_tokens:
+                    span.set_attributes({attr.PREFIX_TOKENS: result.prefix_tokens,
+                                         attr.PREFIX_SAVED_MS: result.prefix_saved_ms})
+                if key is not None and self.cache is not None:
+                    await asyncio.get_running_loop().run_in_executor(
+                        self.hop_pool, self.cache.put, key, state.spec.name, hop.name, name, result.text,
+                        result.tokens_out, result.e2e_ms)
+                return result.text
 
             return Route(label, call)
 
@@ -311,6 +329,46 @@ class Runner:
         routes = [own]
         routes += [model(f.name) if f.kind == "model" else standby(f.name) for f in hop.resilience.fallback]
         return routes
+
+    async def _cached(
+        self, hop: HopSpec, model: str, prompt: str, messages: Messages | None, span: Span
+    ) -> _Hit | str | None:
+        """Look the call up in the exact cache: a hit, else the key to store its answer under (None: no cache)."""
+        if self.cache is None:
+            return None
+        loop = asyncio.get_running_loop()
+        cache = self.cache
+
+        def look() -> _Hit | str:
+            key = response_key(self.engine.identity(model), prompt, messages, hop.params)
+            found = cache.get(key, hop.name, model)
+            return key if found is None else _Hit(key, found.text, found.cost_ms)
+
+        answer = await loop.run_in_executor(self.hop_pool, look)
+        if isinstance(answer, _Hit):
+            span.set_attributes({attr.CACHE_HIT: True, attr.CACHE_KEY: answer.key, attr.CACHE_SAVED_MS: answer.cost_ms})
+        else:
+            span.set_attributes({attr.CACHE_HIT: False, attr.CACHE_KEY: answer})
+        return answer
+
+    async def prepare(self, spec: ChainSpec, inputs: Mapping[str, Any]) -> int:
+        """Get a run's first hops ready before it starts (a map's prefetch): render their prompts, tokenize them,
+        and warm the prefix KV of ``cache: prefix`` hops. Best effort: a failure here is left for the run to meet.
+        Returns how many hops it prepared."""
+        loop = asyncio.get_running_loop()
+        values: dict[str, Any] = {**inputs, "history": History([])}
+        prepared = 0
+        for hop in spec.hops:
+            if hop.kind != "llm" or hop.deps or hop.standby or hop.template is None or hop.model is None:
+                continue
+            try:
+                prompt = await self._render(hop.template, values, hop.resilience.timeout_s)
+                prefix = fixed_prefix(hop.template) if hop.cache.prefix else None
+                await loop.run_in_executor(self.hop_pool, self.engine.prepare_prompt, hop.model, prompt, prefix)
+            except Exception:  # the run itself meets (and reports) whatever went wrong
+                continue
+            prepared += 1
+        return prepared
 
     async def _call(self, hop: HopSpec, values: dict[str, Any]) -> Any:
         """Call a Python hop: by parameter name where it names them, else with the whole context.
@@ -370,6 +428,15 @@ class Runner:
         except Exception:  # not loaded, no tokenizer here, or a fast tokenizer busy on another thread
             return cost
         return {**cost, attr.KNOWLEDGE_PROMPT_TOKENS: tokens, attr.KNOWLEDGE_TOKENIZER: models[0]}
+
+
+@dataclass(frozen=True)
+class _Hit:
+    """An exact-cache hit: the key it was found under, the stored answer, what it cost when the model made it."""
+
+    key: str
+    text: str
+    cost_ms: float
 
 
 def _interruptible(function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

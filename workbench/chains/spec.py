@@ -21,11 +21,11 @@ from workbench.engine.requests import GenerationParams
 from workbench.chains.resilience import NO_RESILIENCE, Fallback, Resilience, RetryPolicy
 from workbench.engine.failures import ERROR_KINDS
 from workbench.errors import GraphError, SpecError
-from workbench.knowledge import DEFAULT_MAX_TRIPLES, GraphSource, GraphStore, resolve
+from workbench.knowledge import DEFAULT_MAX_TRIPLES, DEMO_GRAPHS, GraphSource, GraphStore, resolve
 
 CHAIN_FIELDS = ("name", "description", "inputs", "hops", "output", "history")
 LLM_FIELDS = ("name", "kind", "model", "prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "seed",
-              "truncate", "retry", "timeout_s", "fallback")
+              "truncate", "retry", "timeout_s", "fallback", "cache")
 PYTHON_FIELDS = ("name", "kind", "call", "uses", "retry", "fallback")
 KNOWLEDGE_FIELDS = ("name", "kind", "graph", "query", "hops", "max_triples")
 KINDS = ("llm", "python", "knowledge")
@@ -63,6 +63,29 @@ class KnowledgeQuery:
     max_triples: int = DEFAULT_MAX_TRIPLES
 
 
+CACHE_MODES = ("off", "exact", "prefix")
+CACHE_FIELDS = ("mode", "force")
+
+
+@dataclass(frozen=True)
+class HopCache:
+    """How an LLM hop is cached: ``exact`` answers a repeated request from the data directory's SQLite,
+    ``prefix`` reuses the KV of the prompt's fixed text (before its first ``{{``); ``force`` allows
+    ``exact`` on a sampling hop."""
+
+    exact: bool = False
+    prefix: bool = False
+    force: bool = False
+
+    @property
+    def mode(self) -> str:
+        """``off``, ``exact``, ``prefix`` or ``exact+prefix``."""
+        return "+".join(m for m, on in (("exact", self.exact), ("prefix", self.prefix)) if on) or "off"
+
+
+NO_CACHE = HopCache()
+
+
 @dataclass
 class HopSpec:
     """One validated hop: an LLM call, a Python function or a knowledge-graph lookup, and the hops it depends on."""
@@ -83,6 +106,8 @@ class HopSpec:
     # A fallback of another hop: it runs only when that hop fails, never in the normal walk.
     standby: bool = False
     knowledge: KnowledgeQuery | None = None  # a knowledge hop's graph, query and walk
+    # The hop's ``cache:``: an exact response cache, a prefix (KV) cache, both, or neither.
+    cache: HopCache = NO_CACHE
 
     @property
     def prompt(self) -> str | None:
@@ -510,6 +535,7 @@ def _parse_llm_hop(
         template = PromptTemplate(prompt, hop=name, line=lines.of(*path, "prompt"))
         hop_vars = set(template.variables)
     params = _generation_params(raw, name, path, lines)
+    cache = _cache(raw, name, path, lines, params, template) if "cache" in raw else NO_CACHE
     if messages is not None and params.truncate == "left":
         # The cut would fall in the chat template's own text (its role markers), not in what a message says.
         raise SpecError("truncate: left cuts a prompt's oldest tokens, and a chat's messages cannot be cut that way",
@@ -522,6 +548,7 @@ def _parse_llm_hop(
         template=template,
         messages=messages,
         params=params,
+        cache=cache,
         deps=(),  # resolved once every hop name is known, in _check_graph
         inputs=frozenset(hop_vars),
     )
@@ -587,6 +614,59 @@ def _generation_params(raw: Mapping[str, Any], name: str, path: tuple[Any, ...],
             raise bad("truncate", "'error' or 'left'")
         values["truncate"] = raw["truncate"]
     return GenerationParams(**values)
+
+
+def fixed_prefix(template: PromptTemplate) -> str:
+    """The text a prompt template renders the same for every input: what comes before its first tag."""
+    source = template.source
+    return source[:min((i for i in (source.find(t) for t in ("{{", "{%", "{#")) if i >= 0), default=len(source))]
+
+
+def _cache(
+    raw: Mapping[str, Any], name: str, path: tuple[Any, ...], lines: _Lines, params: GenerationParams,
+    template: PromptTemplate | None,
+) -> HopCache:
+    """The hop's ``cache:``: a mode (``off``, ``exact``, ``prefix``), a list of them, or ``{mode: ..., force: ...}``."""
+    value, line = raw["cache"], lines.of(*path, "cache")
+    example = "e.g. cache: exact, cache: prefix, cache: [exact, prefix] or cache: {mode: exact, force: true}"
+    force = False
+    if isinstance(value, Mapping):
+        _reject_unknown(value, CACHE_FIELDS, lines, name, (*path, "cache"))
+        force = value.get("force", False)
+        if not isinstance(force, bool):
+            raise SpecError(f"cache.force must be true or false, got {_show(force)}", hop=name, field="cache.force",
+                            line=lines.of(*path, "cache", "force"))
+        if "mode" not in value:
+            raise SpecError("cache needs a mode", hop=name, field="cache.mode", line=line, hint=example)
+        value = value["mode"]
+    modes = value if isinstance(value, list) else [value]
+    for mode in modes:
+        if mode is False or mode is None:  # YAML 1.1 reads an unquoted off as false
+            mode = "off"
+        if not isinstance(mode, str) or mode not in CACHE_MODES:
+            raise SpecError(f"cache mode must be one of {', '.join(CACHE_MODES)}, got {_show(mode)}"
+                            f"{_did_you_mean(mode, CACHE_MODES)}", hop=name, field="cache", line=line, hint=example)
+    chosen = {"off" if m is False or m is None else m for m in modes}
+    if "off" in chosen and len(chosen) > 1:
+        raise SpecError("cache: off cannot be listed with other modes", hop=name, field="cache", line=line)
+    cache = HopCache(exact="exact" in chosen, prefix="prefix" in chosen, force=force)
+    if cache.exact and not params.greedy and not force:
+        raise SpecError(
+            f"cache: exact on a sampling hop (temperature {params.temperature:g}) would give every later run the "
+            "first run's sample, where the hop asks for a fresh one each time",
+            hop=name, field="cache", line=line,
+            hint="set temperature: 0 (greedy, the same answer each time anyway), or cache: {mode: exact, force: true} "
+            "if one stored sample per prompt is what you want",
+        )
+    if cache.prefix:
+        if template is None:
+            raise SpecError("cache: prefix reuses a prompt's fixed text, and a chat hop (messages:) has none here",
+                            hop=name, field="cache", line=line, hint="give the hop prompt: instead, or cache: exact")
+        if not fixed_prefix(template).strip():
+            raise SpecError("cache: prefix needs fixed text before the prompt's first {{ ... }}, and this prompt "
+                            "starts with one", hop=name, field="cache", line=line,
+                            hint="put the instructions every input shares first, the {{ variables }} after them")
+    return cache
 
 
 def _number(value: Any) -> bool:
@@ -898,6 +978,11 @@ def _parse_knowledge_hop(raw: Mapping[str, Any], name: str, path: tuple[Any, ...
     if "graph" not in raw:
         raise SpecError("a knowledge hop needs 'graph': a demo graph's name or a path to a .csv or .json file",
                         hop=name, field="graph", line=lines.of(*path), hint="e.g. graph: countries")
+    if trust.serving() and not (isinstance(raw["graph"], str) and raw["graph"] in DEMO_GRAPHS):
+        # A client's spec must not read the server's files into a prompt (and its answer): only shipped graphs.
+        raise GraphError(f"a spec sent to a server may name only the shipped graphs ({', '.join(DEMO_GRAPHS)}), "
+                         f"not {_show(raw['graph'])}", hop=name, field="graph", line=lines.of(*path, "graph"),
+                         hint="load your own triples in the server's notebook or spec file instead")
     try:
         source = resolve(raw["graph"])
     except GraphError as exc:

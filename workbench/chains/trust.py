@@ -31,6 +31,11 @@ def served_spec() -> Iterator[None]:
         _SERVED.reset(token)
 
 
+def serving() -> bool:
+    """True while a spec that came over the wire is parsed (inside :func:`served_spec`)."""
+    return _SERVED.get()
+
+
 def listed(module: str, allowed: Collection[str]) -> bool:
     """True if ``module`` or a package above it is in ``allowed``."""
     return any(module == name or module.startswith(name + ".") for name in allowed)

@@ -7,6 +7,7 @@ import functools
 import re
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -28,6 +29,7 @@ from workbench.engine.requests import GenerationParams, GenerationRequest, Gener
 from workbench.engine.wakeups import Wakeups
 from workbench.engine.worker import ModelWorker
 from workbench.errors import HopTimeout, ModelLoadError, ModelUnhealthy, RunCancelled, SettingsError, UnknownModelError
+from workbench.models.fingerprint import model_identity
 from workbench.models.registry import LoadedModel, ModelRegistry
 from workbench.models.settings import is_server_url
 from workbench.tracing import Tracing, mark_error
@@ -53,6 +55,8 @@ class Call:
     session: str | None = None
     # A chat, sent instead of ``prompt`` (left ""): the model's chat template, or its server, makes the prompt.
     messages: Messages | None = None
+    # The prompt's fixed leading text (a ``cache: prefix`` hop): a backend with a prefix cache reuses its KV.
+    prefix: str | None = None
 
 
 @dataclass(eq=False)
@@ -112,6 +116,10 @@ class Engine:
         self._replicas: dict[str, tuple[str | None, ...]] = {}
         self._balance: dict[str, BalancePolicy] = {}
         self._pending: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}
+        # Prompts tokenized ahead (a map's prefetch), by (worker, prompt), taken once by the request they were for.
+        self._tokenized: OrderedDict[tuple[str, str], list[int]] = OrderedDict()
+        self._prefix_ids: OrderedDict[tuple[str, str], list[int]] = OrderedDict()
+        self._identities: dict[str, tuple[object, dict[str, str | None]]] = {}
         self._wakeups: dict[asyncio.AbstractEventLoop, Wakeups] = {}
         self.preloader = Preloader(registry, tracing, self.start, self.stop)
 
@@ -402,7 +410,8 @@ class Engine:
         """
         backend = worker.backend
         try:
-            prompts = _prompts(backend, [call for call, _ in calls])
+            ready = self._take_tokenized(worker.name, calls)
+            prompts = _prompts(backend, [call for call, _ in calls], ready)
         except BaseException as exc:
             for call, span in calls:
                 self._refuse(model, span, exc)
@@ -416,6 +425,7 @@ class Engine:
                     raise prompt
                 text, ids = prompt
                 ids, truncated = fit_window(ids, call.params, backend.context_window, model, call.hop)
+                prefix_len = self._prefix_len(worker, call.prefix, ids) if call.prefix else 0
                 trial = False if call.probe else _admit(worker, span)
             except Exception as exc:
                 self._refuse(model, span, exc)
@@ -429,12 +439,13 @@ class Engine:
                     **openinference.token_counts(len(ids)),
                     attr.TOKENIZE_MS: tokenize_ms,
                     **({attr.TRUNCATED_TOKENS: truncated} if truncated else {}),
+                    **({attr.PREFETCHED: True} if call.messages is None and call.prompt in ready else {}),
                 }
             )
             request = GenerationRequest(
                 worker.name, ids, call.params, span, hop=call.hop, truncated_tokens=truncated, prompt=text,
                 messages=call.messages, probe=call.probe,
-                cancellable=call.timeout_s is not None, trial=trial, on_token=call.on_token,
+                cancellable=call.timeout_s is not None, trial=trial, on_token=call.on_token, prefix_len=prefix_len,
             )
             request.future.add_done_callback(lambda _: self.preloader.end_use(model))
             queued.append(request)
@@ -451,6 +462,94 @@ class Engine:
                     self.preloader.end_use(model)  # never queued, so the future's callback never runs
                 answers = [exc if isinstance(a, GenerationRequest) else a for a in answers]
         return answers
+
+    # -- caches and prefetch --------------------------------------------------------------------
+
+    def identity(self, name: str) -> dict[str, str | None]:
+        """What an answer of model ``name`` depends on (source, revision, adapter, file fingerprints), for cache keys.
+
+        Worked out once per load of the model: a reload (a new version in its directory) gives a new identity.
+        """
+        model, _ = self._resolve(name)
+        loaded: object
+        try:
+            loaded = self._registry.get(model)
+            settings = self._registry.get(model).settings
+        except UnknownModelError:
+            loaded = settings = self._registry.settings(model)  # registered, not loaded: what it will load
+        known = self._identities.get(model)
+        if known is not None and known[0] is loaded:
+            return known[1]
+        identity = model_identity(settings)
+        self._identities[model] = (loaded, identity)
+        return identity
+
+    def _prefix_len(self, worker: ModelWorker, prefix: str, ids: list[int]) -> int:
+        """How many leading ``ids`` are the tokens of ``prefix``, for a backend with a prefix cache (else 0).
+
+        The prefix's last token is left to the suffix: the text after it may merge with it (``": "`` then
+        ``"What"`` tokenizes as ``":"``, ``" What"``), and leaving it out gives every prompt of a template the
+        same prefix, so one KV serves them all. Then compared token by token, so a prefix is never reused
+        where the prompt's tokens differ; at least one token stays out, for the first step.
+        """
+        if getattr(worker.backend, "prefix_cache", None) is None:
+            return 0
+        prefix_ids = self._tokens_of_prefix(worker, prefix)[:-1]
+        limit = min(len(prefix_ids), len(ids) - 1)
+        count = 0
+        while count < limit and ids[count] == prefix_ids[count]:
+            count += 1
+        return count
+
+    def _tokens_of_prefix(self, worker: ModelWorker, prefix: str) -> list[int]:
+        key = (worker.name, prefix)
+        with self._lock:
+            ids = self._prefix_ids.get(key)
+        if ids is None:
+            ids = worker.backend.tokenize([prefix])[0]
+            with self._lock:  # the loop's thread and a map's prefetch (in the hop pool) both come here
+                self._prefix_ids[key] = ids
+                while len(self._prefix_ids) > _MAX_REMEMBERED:
+                    self._prefix_ids.popitem(last=False)
+        return ids
+
+    def prepare_prompt(self, model: str, prompt: str, prefix: str | None = None) -> None:
+        """Get a prompt ready before it is sent (a map's prefetch): tokenize it for each replica of ``model`` and,
+        where its backend has a prefix cache, make sure ``prefix``'s KV is cached. Blocks: call it off the loop."""
+        for worker in self.replicas_of(model):
+            backend = worker.backend
+            ids = backend.tokenize([prompt])[0]
+            with self._lock:
+                self._tokenized[(worker.name, prompt)] = ids
+                while len(self._tokenized) > _MAX_REMEMBERED:
+                    self._tokenized.popitem(last=False)
+            if prefix and getattr(backend, "prefix_cache", None) is not None:
+                count = self._prefix_len(worker, prefix, ids)
+                if count:
+                    backend.warm_prefix(ids[:count])  # type: ignore[attr-defined]
+
+    def _take_tokenized(self, worker: str, calls: list[tuple[Call, Span]]) -> dict[str, list[int]]:
+        """The prompts of ``calls`` tokenized ahead for ``worker``, each taken once."""
+        if not self._tokenized:
+            return {}
+        with self._lock:
+            return {call.prompt: ids for call, _ in calls if call.messages is None
+                    and (ids := self._tokenized.pop((worker, call.prompt), None)) is not None}
+
+    def prefix_caches(self) -> dict[str, object]:
+        """The prefix cache of each worker whose backend has one, by worker name."""
+        return {name: cache for name, worker in self.workers().items()
+                if (cache := getattr(worker.backend, "prefix_cache", None)) is not None}
+
+    def clear_prefix_caches(self, model: str | None = None) -> None:
+        """Drop the cached prefix KV of ``model``'s workers (or every worker), and prompts tokenized ahead."""
+        workers = self.workers().values() if model is None else self.replicas_of(model)
+        for worker in workers:
+            cache = getattr(worker.backend, "prefix_cache", None)
+            if cache is not None:
+                cache.clear()
+        with self._lock:
+            self._tokenized.clear()
 
     def _refuse(self, model: str, span: Span, exc: BaseException) -> None:
         self.preloader.end_use(model)
@@ -613,14 +712,21 @@ class Engine:
         return worker.cancel(request, error)
 
 
-def _prompts(backend: Backend, calls: list[Call]) -> list[tuple[str, list[int]] | BaseException]:
+def _prompts(
+    backend: Backend, calls: list[Call], ready: Mapping[str, list[int]] | None = None
+) -> list[tuple[str, list[int]] | BaseException]:
     """Each call's prompt text and token ids, or the error that keeps it out: a chat's by the model's chat template.
 
     Plain prompts tokenize in one backend call, chats in another (their template writes the special tokens).
     A chat its template refuses fails alone; a failed tokenization raises, failing every call alike.
+    ``ready`` holds plain prompts tokenized ahead (a map's prefetch), which are not tokenized again.
     """
     if all(call.messages is None for call in calls):  # the common case, in one pass
         prompts = [call.prompt for call in calls]
+        if ready:
+            todo = [p for p in prompts if p not in ready]
+            fresh = dict(zip(todo, backend.tokenize(todo))) if todo else {}
+            return [(p, ready[p] if p in ready else fresh[p]) for p in prompts]
         return list(zip(prompts, backend.tokenize(prompts)))
     answers: list[tuple[str, list[int]] | BaseException] = []
     for call in calls:
@@ -638,6 +744,10 @@ def _prompts(backend: Backend, calls: list[Call]) -> list[tuple[str, list[int]] 
             for i, text, ids in zip(slots, texts, backend.tokenize(texts, special_tokens=not chat)):
                 answers[i] = (text, ids)
     return answers
+
+
+# How many prompts tokenized ahead, and prefixes' token ids, the engine remembers.
+_MAX_REMEMBERED = 4096
 
 
 def _finisher(replicas: ReplicaSet, replica: Replica) -> Callable[[Future[GenerationResult]], None]:

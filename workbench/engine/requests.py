@@ -85,6 +85,10 @@ class GenerationResult:
     batch_id: int
     batch_size: int
     padding_tokens: int
+    # Prompt tokens whose KV came from the prefix cache instead of a prefill, and the prefill time that saved
+    # (the prefix's own prefill, measured once when it was cached).
+    prefix_tokens: int = 0
+    prefix_saved_ms: float = 0.0
 
     @property
     def tpot_ms(self) -> float | None:
@@ -118,6 +122,8 @@ class GenerationRequest:
     trial: bool = False
     # Hears each generated token with the text it adds, from the worker's thread (None: not streamed).
     on_token: Callable[[int, str], None] | None = None
+    # How many leading ``input_ids`` are a prefix whose KV a backend with a prefix cache may reuse (0: none).
+    prefix_len: int = 0
     _settle_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _settled: bool = field(default=False, repr=False)
 

@@ -234,6 +234,8 @@ class ModelWorker:
                 attr.BATCH_SIZE: result.batch_size,
                 attr.BATCH_POLICY: policy.name,
                 attr.PADDING_TOKENS: result.padding_tokens,
+                **({attr.PREFIX_TOKENS: result.prefix_tokens, attr.PREFIX_SAVED_MS: result.prefix_saved_ms}
+                   if request.prefix_len else {}),
                 **openinference.output_value(result.text),
                 # The result's count: a server's usage may know the prompt's length better than this machine.
                 **openinference.token_counts(result.tokens_in, result.tokens_out),

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import platform
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,13 +39,31 @@ _OVER_REPEATS = ("requests_per_s", "output_tokens_per_s", "cold_start_s", "first
 _BOOTSTRAPPED = ("e2e_p50_ms", "e2e_p95_ms", "e2e_p99_ms", "ttft_p50_ms", "ttft_p95_ms", "tpot_ms")
 
 
+# Shown in the readable table only when the comparison had cache arms.
+_CACHE_FIGURES = ("cache_hit_rate", "prefix_tokens_reused", "prefix_kv_mb")
+
+
+def _cache_figures(passes: pd.DataFrame, calls: pd.DataFrame) -> dict[str, float]:
+    """A strategy's exact-cache hit rate (hits per lookup; 0 without lookups), prefix tokens reused per model call,
+    and the most prefix KV a pass ended with (frames from before these were measured have none)."""
+    lookups = passes["cache_lookups"].sum() if "cache_lookups" in passes else 0
+    prefix = calls["prefix_tokens"].astype("Float64").fillna(0) if "prefix_tokens" in calls else None
+    return {
+        "cache_hit_rate": float(passes["cache_hits"].sum() / lookups) if lookups else 0.0,
+        "prefix_tokens_reused": float(prefix.mean()) if prefix is not None and len(prefix) else float("nan"),
+        "prefix_kv_mb": float(passes["prefix_kv_mb"].max()) if "prefix_kv_mb" in passes else float("nan"),
+    }
+
+
 def _with_bounds(*columns: str) -> list[str]:
     return [name for column in columns for name in
             ((column, f"{column}_lo", f"{column}_hi") if column in _OVER_REPEATS + _BOOTSTRAPPED else (column,))]
 
 
 # The axes a comparison may vary; each strategy is one value on each.
-AXES = ("batching", "preloading", "balance")
+AXES = ("batching", "preloading", "balance", "cache")
+# The cache arms a comparison may run the chain's LLM hops under (each hop's own ``cache:`` is replaced).
+CACHE_ARMS = ("off", "exact", "prefix", "exact+prefix")
 
 TABLE_COLUMNS = _with_bounds(
     *AXES,
@@ -71,6 +91,9 @@ TABLE_COLUMNS = _with_bounds(
     "replica_load",
     "errors",
     "repeats",
+    "cache_hit_rate",
+    "prefix_tokens_reused",
+    "prefix_kv_mb",
 )
 
 # Spread: latency percentiles get a percentile-bootstrap interval over the runs (or model calls)
@@ -90,13 +113,15 @@ class Strategy:
     batching: BatchingPolicy | None
     preloading: PreloadingStrategy | None
     balance: BalancePolicy | None = None
+    cache: str | None = None  # one of CACHE_ARMS
 
     @property
-    def labels(self) -> tuple[str, str, str]:
+    def labels(self) -> tuple[str, str, str, str]:
         return (
             self.batching.name if self.batching is not None else UNCHANGED,
             self.preloading.name if self.preloading is not None else UNCHANGED,
             self.balance.name if self.balance is not None else UNCHANGED,
+            self.cache if self.cache is not None else UNCHANGED,
         )
 
 
@@ -135,6 +160,25 @@ def _balances(balance: Iterable[BalancePolicy | str] | BalancePolicy | str | Non
     if isinstance(balance, (str, BalancePolicy)):
         balance = [balance]
     return _distinct([parse_balance(b) for b in balance], "balance")
+
+
+@dataclass(frozen=True)
+class _CacheArm:
+    name: str
+
+
+def _caches(cache: Iterable[str] | str | None) -> list[str | None]:
+    if cache is None:
+        return [None]
+    if isinstance(cache, str):
+        cache = [cache]
+    arms = []
+    for item in cache:
+        if item not in CACHE_ARMS:
+            raise StrategyError(f"cache {item!r:.60} is not a cache arm",
+                                hint=f"cache= takes a list of {', '.join(CACHE_ARMS)}")
+        arms.append(_CacheArm(item))
+    return [arm.name for arm in _distinct(arms, "cache")]
 
 
 def _distinct(items: list[Any], axis: str) -> list[Any]:
@@ -279,6 +323,10 @@ class _MemoryWatch:
             self.cuda_peak = float(sum(torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count())))
 
 
+def _prefix_kv_bytes(bench: Workbench) -> int:
+    return sum(cache.bytes for cache in bench.engine.prefix_caches().values())  # type: ignore[attr-defined]
+
+
 def _resident_bytes(bench: Workbench) -> int:
     return sum(model.memory_bytes for model in bench.registry.loaded())
 
@@ -300,7 +348,10 @@ class Comparison:
         environment: Mapping[str, Any],
     ) -> None:
         self.chain = chain
-        self.strategies = list(strategies)
+        # Strategies and frames made before an axis existed (a saved comparison) hold it as left unchanged.
+        self.strategies = [tuple(labels) + (UNCHANGED,) * (len(AXES) - len(labels)) for labels in strategies]
+        samples, calls, passes = (frame.assign(**{axis: UNCHANGED for axis in AXES if axis not in frame})
+                                  for frame in (samples, calls, passes))
         self._samples, self._calls, self._passes = samples, calls, passes
         self.environment = dict(environment)
 
@@ -361,6 +412,7 @@ class Comparison:
                     "replica_load": _replica_load(calls),
                     "errors": int((~runs["ok"]).sum()),
                     "repeats": len(passes),
+                    **_cache_figures(passes, calls),
                 }
             )
         return _rank(pd.DataFrame(rows))[TABLE_COLUMNS]
@@ -371,7 +423,7 @@ class Comparison:
 
         table = self.table()
         # The balance axis and the load per replica only where the comparison had replicas to speak of.
-        axes = [a for a in AXES if a != "balance" or (table["balance"] != UNCHANGED).any()]
+        axes = [a for a in AXES if a not in ("balance", "cache") or (table[a] != UNCHANGED).any()]
         shown = pd.DataFrame({axis: table[axis] for axis in axes})
         overlapping = _overlapping(table)
         # "2 ≈1,3": second by throughput, not told apart from the first and the third.
@@ -382,7 +434,8 @@ class Comparison:
             for i in table.index
         ]
         figures = [c for c in TABLE_COLUMNS[len(AXES):] if c not in ("rank", "rank_group", "distinguishable",
-                   "p99_few_samples", "replica_load") and not c.endswith(("_lo", "_hi"))]
+                   "p99_few_samples", "replica_load") and not c.endswith(("_lo", "_hi"))
+                   and (c not in _CACHE_FIGURES or (table["cache"] != UNCHANGED).any())]
         for column in figures:
             values = table[column]
             if not pd.api.types.is_float_dtype(values.dtype):
@@ -603,10 +656,15 @@ def _measure(
             "batch_size": llm["batch_size"],
             "padding_tokens": llm.get(f"attributes.{attr.PADDING_TOKENS}"),
             "replica": llm.get(f"attributes.{attr.REPLICA}"),
+            "prefix_tokens": llm.get(f"attributes.{attr.PREFIX_TOKENS}"),
             "e2e_ms": llm["duration_ms"],
         }
     ).reset_index(drop=True)
-    calls = calls.astype({c: "Int64" for c in ("tokens_in", "tokens_out", "batch_id", "batch_size", "padding_tokens")})
+    calls = calls.astype({c: "Int64" for c in ("tokens_in", "tokens_out", "batch_id", "batch_size", "padding_tokens",
+                                                "prefix_tokens")})
+    hops = table[table["name"].str.startswith("hop ")]
+    lookups = hops.get(f"attributes.{attr.CACHE_HIT}")
+    looked = lookups.dropna() if lookups is not None else None
     wall = result.wall_s
     models = set(chain.spec.models())
     cold = [
@@ -623,6 +681,8 @@ def _measure(
         "output_tokens_per_s": float(calls["tokens_out"].sum()) / wall if wall > 0 else float("nan"),
         "cold_start_s": sum(cold),
         "first_result_s": (first - started_ns) / 1e9 if first is not None else float("nan"),
+        "cache_lookups": len(looked) if looked is not None else 0,
+        "cache_hits": int(looked.astype(bool).sum()) if looked is not None else 0,
     }
     return runs, calls, figures
 
@@ -634,6 +694,7 @@ def compare(
     preloading: Iterable[PreloadingStrategy | str] | PreloadingStrategy | str | None = None,
     *,
     balance: Iterable[BalancePolicy | str] | BalancePolicy | str | None = None,
+    cache: Iterable[str] | str | None = None,
     concurrency: int = 8,
     repeats: int = 3,
     warmup: int = 1,
@@ -649,7 +710,12 @@ def compare(
     ``bench.set_preloading`` takes (``"lazy"``, ``"eager"``, ``"prefetch"``, ...); ``balance``
     items are what ``bench.set_balance`` takes (``"round_robin"``, ``"least_loaded"``, ...), for
     the chain's models with replicas (the table's ``replica_load`` and :meth:`Comparison.replica_load`
-    say how each policy spread the calls). ``None`` leaves that axis as the workbench has it. Each pass runs every input once, closed loop
+    say how each policy spread the calls). ``cache`` items are ``"off"``, ``"exact"``, ``"prefix"`` and
+    ``"exact+prefix"``: the chain's LLM hops run with that ``cache:`` in place of their own (``exact`` only on
+    greedy hops, ``prefix`` only on prompts with fixed leading text), each pass starting from empty caches; the
+    table adds ``cache_hit_rate`` (exact hits per lookup), ``prefix_tokens_reused`` (per model call) and
+    ``prefix_kv_mb`` (the prefix KV held at the end of a pass). An exact hit calls no model, so TTFT and TPOT
+    are over the calls that missed. ``None`` leaves that axis as the workbench has it. Each pass runs every input once, closed loop
     at ``concurrency`` runs in flight, or open loop with Poisson arrivals at ``arrival_rate``
     runs/s (seeded by ``seed``); ``warmup`` runs before each pass are left out of its figures.
 
@@ -674,7 +740,8 @@ def compare(
     if repeats < 1:
         raise StrategyError(f"repeats must be at least 1, not {repeats}", hint="repeats=3 is a good start")
     strategies = [
-        Strategy(b, p, r) for p in _preloadings(preloading) for b in _policies(batching) for r in _balances(balance)
+        Strategy(b, p, r, c) for p in _preloadings(preloading) for b in _policies(batching) for r in _balances(balance)
+        for c in _caches(cache)
     ]
     environment = _environment(
         bench,
@@ -699,7 +766,8 @@ def compare(
                 labels = dict(zip(AXES, strategy.labels), repeat=repeat)
                 runs.append(pass_runs.assign(**labels))
                 calls.append(pass_calls.assign(**labels))
-                passes.append({**labels, **figures, "peak_weights_mb": weights / 2**20, "peak_cuda_mb": cuda / 2**20})
+                passes.append({**labels, **figures, "peak_weights_mb": weights / 2**20, "peak_cuda_mb": cuda / 2**20,
+                               "prefix_kv_mb": _prefix_kv_bytes(bench) / 2**20})
                 bar.update()
                 if on_pass is not None:
                     on_pass(_assemble(chain.name, strategies, runs, calls, passes, environment))
@@ -749,12 +817,51 @@ def _one_pass(
     if strategy.balance is not None:
         for name in models:
             bench.set_balance(name, strategy.balance)
-    with _MemoryWatch(bench) as memory:
-        started_ns = time.time_ns()
-        if strategy.preloading is not None:
-            bench.prepare(chain)
-        result = workload.run(chain)
+    with ExitStack() as stack:
+        if strategy.cache is not None:
+            chain = _with_cache(chain, strategy.cache)
+            # Each pass starts cold, so its hits are its own inputs' repeats: prefixes are prefilled again, and
+            # answers go to a scratch cache (the user's stored answers stay, and are not read).
+            for name in models:
+                if bench.registry.is_loaded(name):
+                    bench.engine.clear_prefix_caches(name)
+            stack.enter_context(_scratch_cache(bench))
+        with _MemoryWatch(bench) as memory:
+            started_ns = time.time_ns()
+            if strategy.preloading is not None:
+                bench.prepare(chain)
+            result = workload.run(chain)
     return started_ns, result, memory.weights_peak, memory.cuda_peak
+
+
+@contextmanager
+def _scratch_cache(bench: Workbench) -> Iterator[None]:
+    """The workbench's exact response cache swapped for an empty one in a temporary directory, for the block."""
+    from workbench.chains.cache import CACHE_FILE, ResponseCache
+
+    with tempfile.TemporaryDirectory(prefix="autoglm-compare-cache-") as folder:
+        scratch = ResponseCache(Path(folder) / CACHE_FILE)
+        previous = bench.use_cache(scratch)
+        try:
+            yield
+        finally:
+            bench.use_cache(previous)
+            scratch.close()
+
+
+def _with_cache(chain: Chain, arm: str) -> Chain:
+    """``chain`` with its LLM hops' ``cache:`` replaced by ``arm``, where a hop can take it."""
+    from workbench.chains.chain import Chain
+    from workbench.chains.spec import HopCache, fixed_prefix
+
+    hops = []
+    for hop in chain.spec.hops:
+        if hop.kind == "llm":
+            exact = "exact" in arm and hop.params.greedy
+            prefix = "prefix" in arm and hop.template is not None and bool(fixed_prefix(hop.template).strip())
+            hop = dataclasses.replace(hop, cache=HopCache(exact=exact, prefix=prefix))
+        hops.append(hop)
+    return Chain(dataclasses.replace(chain.spec, hops=hops), chain.bench)
 
 
 @contextmanager

@@ -170,3 +170,13 @@ KNOWLEDGE_PROMPT_CHARS = "workbench.knowledge.prompt_chars"
 KNOWLEDGE_PROMPT_TOKENS = "workbench.knowledge.prompt_tokens"
 KNOWLEDGE_TOKENIZER = "workbench.knowledge.tokenizer"  # the model whose tokenizer counted prompt_tokens
 KNOWLEDGE_INLINE = "workbench.knowledge.inline"  # looked up on the event loop (true) or in the hop pool
+
+# Caches (the hop's ``cache:``) and prefetch: the exact response cache's lookup on the hop span, the prefix
+# (KV) cache's reuse on the request span (and copied to the hop span), and whether a map prepared the hop ahead.
+CACHE_MODE = "workbench.cache.mode"  # off, exact, prefix, exact+prefix
+CACHE_HIT = "workbench.cache.hit"  # the exact cache answered (the engine was not called)
+CACHE_KEY = "workbench.cache.key"
+CACHE_SAVED_MS = "workbench.cache.saved_ms"  # on a hit: what the stored answer cost the model when it made it
+PREFIX_TOKENS = "workbench.cache.prefix_tokens"  # prompt tokens whose KV was reused, not prefilled
+PREFIX_SAVED_MS = "workbench.cache.prefix_ttft_saved_ms"  # estimate: the prefix's own prefill, measured once
+PREFETCHED = "workbench.prefetch.prepared"  # a map prepared this hop (rendered, tokenized, prefix warmed) ahead

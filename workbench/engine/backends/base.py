@@ -184,6 +184,8 @@ def result_from_stamps(
     padding_tokens: int = 0,
     tokens_in: int | None = None,
     tokens_out: int | None = None,
+    prefix_tokens: int = 0,
+    prefix_saved_ms: float = 0.0,
 ) -> GenerationResult:
     """A request's result from the clock reads of its batch: scheduled at ``started``, first token, last token.
 
@@ -204,4 +206,6 @@ def result_from_stamps(
         batch_id=batch_id,
         batch_size=batch_size,
         padding_tokens=padding_tokens,
+        prefix_tokens=prefix_tokens,
+        prefix_saved_ms=prefix_saved_ms,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,7 @@ from workbench.engine.backends.base import (
     next_batch_id,
     result_from_stamps,
 )
+from workbench.engine.backends.prefix_cache import PrefixCache, PrefixEntry
 from workbench.engine.requests import GenerationRequest, GenerationResult, Messages, check_text
 from workbench.models.devices import dtype_name
 from workbench.models.registry import LoadedModel
@@ -117,6 +119,14 @@ class TransformersBackend:
         self.eos_ids = eos_ids(loaded.model, loaded.tokenizer)
         self.pad_id: int = loaded.tokenizer.pad_token_id
         self.codec = TextCodec(loaded.tokenizer, self.eos_ids)
+        # Requests with a prefix_len reuse the KV of their prompt's prefix from here (cache: prefix hops).
+        self.prefix_cache = PrefixCache(loaded.model, loaded.device)
+        forward = getattr(loaded.model, "get_base_model", lambda: loaded.model)().forward
+        self._cache_kwarg = "past_key_values" if "past_key_values" in inspect.signature(forward).parameters else "cache"
+
+    def warm_prefix(self, ids: Sequence[int]) -> bool:
+        """Make sure the KV of prefix ``ids`` is cached (prefilling it now if not); True if it already was."""
+        return self.prefix_cache.get(ids)[1]
 
     def tokenize(self, prompts: Sequence[str], special_tokens: bool = True) -> list[list[int]]:
         return self.codec.tokenize(prompts, special_tokens)
@@ -187,14 +197,33 @@ class TransformersBackend:
         """Generate for every request of ``batch`` (equal params) in one padded call."""
         params = batch[0].params
         model, device = self.loaded.model, self.loaded.device
-        width = max(r.tokens_in for r in batch)
-        # Padded rows built as lists: two tensor constructions, however large the batch.
-        input_ids = torch.tensor([[self.pad_id] * (width - r.tokens_in) + r.input_ids for r in batch], dtype=torch.long)
-        attention = torch.tensor([[0] * (width - r.tokens_in) + [1] * r.tokens_in for r in batch], dtype=torch.long)
+        shared = _shared_prefix(batch)
+        prefix: PrefixEntry | None = None
+        cached: dict[str, Any] = {}
+        if shared is None:
+            width = max(r.tokens_in for r in batch)
+            # Padded rows built as lists: two tensor constructions, however large the batch.
+            rows = [[self.pad_id] * (width - r.tokens_in) + r.input_ids for r in batch]
+            masks = [[0] * (width - r.tokens_in) + [1] * r.tokens_in for r in batch]
+        else:
+            # Every row starts with the same cached prefix: [prefix][padding][suffix]. The mask hides the padding,
+            # and generate numbers positions by the mask's running count, so each suffix goes on from the prefix.
+            looked_up = time.perf_counter()
+            prefix, hit = self.prefix_cache.get(shared)
+            size = len(shared)
+            width = max(r.tokens_in for r in batch)
+            rows = [r.input_ids[:size] + [self.pad_id] * (width - r.tokens_in) + r.input_ids[size:] for r in batch]
+            masks = [[1] * size + [0] * (width - r.tokens_in) + [1] * (r.tokens_in - size) for r in batch]
+            cached[self._cache_kwarg] = self.prefix_cache.expanded(prefix, len(batch), model.config)
+            if not hit:
+                prefix = None  # prefilled in this batch: nothing was saved this time
+        input_ids = torch.tensor(rows, dtype=torch.long)
+        attention = torch.tensor(masks, dtype=torch.long)
+        # A prefix prefilled for this batch (a miss) is part of its prefill.
+        started = looked_up if shared is not None and prefix is None else time.perf_counter()
         streaming = on_token is not None and any(r.stream for r in batch)
         clock = _StepClock(self._streamer(batch, on_token) if streaming else None)  # type: ignore[arg-type]
         cancellable = any(r.cancellable for r in batch)
-        started = time.perf_counter()
         if params.seed is not None:
             torch.manual_seed(params.seed)
         with torch.inference_mode():
@@ -206,6 +235,7 @@ class TransformersBackend:
                 streamer=clock,
                 # Only requests with a timeout can be cancelled; others skip the per-step check.
                 stopping_criteria=StoppingCriteriaList([_CancelledRows(batch)] if cancellable else []),
+                **cached,
                 **params.generate_kwargs(),
             )
         ended = time.perf_counter()
@@ -228,6 +258,8 @@ class TransformersBackend:
                     request, tokens, self.detokenize(tokens), "stop" if stop_step is not None else "length",
                     started=started, first=first, last=finished, batch_id=batch_id, batch_size=len(batch),
                     padding_tokens=width - request.tokens_in,
+                    prefix_tokens=len(prefix.ids) if prefix is not None else 0,
+                    prefix_saved_ms=prefix.prefill_ms if prefix is not None else 0.0,
                 )
             )
         timing = BatchTiming(
@@ -243,3 +275,25 @@ class TransformersBackend:
         )
         return results, timing
 
+
+# How many tokens short of the shortest prefix in a batch the common part may fall and still be reused.
+_PREFIX_SLACK = 4
+
+
+def _shared_prefix(batch: list[GenerationRequest]) -> tuple[int, ...] | None:
+    """The prefix token ids every request of ``batch`` shares and may reuse from the prefix cache, or None.
+
+    The longest run of leading tokens common to the requests' prefixes; a batch whose requests have
+    different prefixes (or none) runs as a plain padded batch.
+    """
+    size = min(r.prefix_len for r in batch)
+    if size <= 0:
+        return None
+    shared = batch[0].input_ids[:size]
+    for request in batch[1:]:
+        same = 0
+        while same < size and request.input_ids[same] == shared[same]:
+            same += 1
+        size = same
+    # A few tokens in common (a BOS, a word) are not a shared prefix worth a cache entry.
+    return tuple(shared[:size]) if size >= max(1, min(r.prefix_len for r in batch) - _PREFIX_SLACK) else None

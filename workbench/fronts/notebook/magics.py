@@ -221,7 +221,8 @@ class AutoglmMagics(Magics):
             self._show_widget(dashboard)
             dashboard.run()
             return
-        comparison = compare(chain, inputs, batching=command.batching, preloading=command.preload, **workload)
+        comparison = compare(chain, inputs, batching=command.batching, preloading=command.preload,
+                             cache=command.cache, **workload)
         self._user_ns[COMPARE_VARIABLE] = comparison
         display(comparison)
         if command.save is not None:

@@ -12,6 +12,7 @@ from typing import Any, ClassVar, NoReturn
 from workbench.engine.batching import POLICY_FORMS, BatchingPolicy, parse_policy
 from workbench.engine.preloading import PRELOADING_FORMS, PreloadingStrategy, parse_preloading
 from workbench.errors import ParseError
+from workbench.experiments.compare import CACHE_ARMS
 from workbench.fronts.arguments import (
     add_load_options,
     load_options_usage,
@@ -243,7 +244,7 @@ class CompareCommand(Command):
     subcommand = "compare"
     usage = (
         "compare CHAIN --inputs FILE.jsonl [--batching P,...] [--preload S,...] [--concurrency N] [--rate R]"
-        " [--repeats N] [--warmup N] [--seed N] [--save PATH] [--ui]"
+        " [--repeats N] [--warmup N] [--seed N] [--save PATH] [--ui] [--cache A,...]"
     )
     about = "compare batching and preloading strategies on a chain; binds the Comparison to _autoglm_compare"
     example = "%autoglm compare qa --inputs q.jsonl --batching none,static:8,dynamic:16:5ms --preload lazy,eager"
@@ -259,6 +260,7 @@ class CompareCommand(Command):
     seed: int = 0
     save: str | None = None
     ui: bool = False
+    cache: tuple[str, ...] | None = None
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -266,6 +268,7 @@ class CompareCommand(Command):
         parser.add_argument("--inputs", required=True, metavar="FILE.jsonl", help="one JSON object of inputs per line")
         parser.add_argument("--batching", metavar="P,...", help=f"policies to compare: {POLICY_FORMS}")
         parser.add_argument("--preload", metavar="S,...", help=f"preloading strategies to compare: {PRELOADING_FORMS}")
+        parser.add_argument("--cache", metavar="A,...", help=f"cache arms to compare: {', '.join(CACHE_ARMS)}")
         parser.add_argument("--concurrency", type=int, default=8, metavar="N", help="runs in flight (closed loop)")
         parser.add_argument("--rate", type=float, metavar="R", help="open loop instead: Poisson arrivals, runs/s")
         parser.add_argument("--repeats", type=int, default=3, metavar="N", help="passes per strategy, interleaved")
@@ -292,6 +295,12 @@ class CompareCommand(Command):
             )
         batching = args.batching and tuple(parse_policy(n) for n in _strategy_list(args.batching, "--batching"))
         preload = args.preload and tuple(parse_preloading(n) for n in _strategy_list(args.preload, "--preload"))
+        cache = args.cache and _strategy_list(args.cache, "--cache")
+        for arm in cache or ():
+            if arm not in CACHE_ARMS:
+                raise ParseError(f"compare: --cache {arm!r} is not a cache arm", hint=f"arms: {', '.join(CACHE_ARMS)}")
+        if cache and args.ui:
+            raise ParseError("compare: --cache is not in the dashboard yet", hint="drop --ui to compare cache arms")
         return cls(
             chain=args.chain,
             inputs=args.inputs,
@@ -304,6 +313,7 @@ class CompareCommand(Command):
             seed=args.seed,
             save=args.save,
             ui=args.ui,
+            cache=cache or None,
         )
 
 

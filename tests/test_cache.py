@@ -1,0 +1,380 @@
+"""Caches and prefetch: the exact response cache (real SQLite), the prefix KV cache (the real tiny model), a map's
+prefetch, and compare's cache arms."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from opentelemetry.trace import INVALID_SPAN
+
+import workbench as wb
+from workbench.chains.cache import CACHE_FILE, ResponseCache, response_key
+from workbench.chains.spec import fixed_prefix, parse_spec
+from workbench.engine.requests import GenerationParams, GenerationRequest
+from workbench.errors import SpecError
+from workbench.tracing import attributes as attr
+
+LONG = ("You are a careful assistant that answers questions about geography, history and science in one short "
+        "sentence, without any preamble, and never repeats the question. ")
+
+
+def spec(cache: object = "exact", prompt: str = "Question: {{ question }}\nAnswer:", **hop: object) -> dict:
+    return {"name": "qa", "hops": [{"name": "answer", "model": "tiny", "prompt": prompt, "max_new_tokens": 6,
+                                    "cache": cache, **hop}]}
+
+
+def model_calls(run: wb.Run) -> int:
+    return sum(1 for s in run.trace.spans if s.name.startswith(attr.TEXT_COMPLETION))
+
+
+def hop_span(run: wb.Run, hop: str = "answer"):
+    return next(s for s in run.trace.spans if s.name == f"hop {hop}")
+
+
+def served(bench: wb.Workbench) -> int:
+    return int(bench.replicas("tiny")["served"].sum())
+
+
+# -- the spec ------------------------------------------------------------------------------------
+
+
+def test_spec_reads_cache_modes() -> None:
+    assert parse_spec(spec("exact")).hops[0].cache.mode == "exact"
+    assert parse_spec(spec("prefix")).hops[0].cache.mode == "prefix"
+    assert parse_spec(spec(["exact", "prefix"])).hops[0].cache.mode == "exact+prefix"
+    assert parse_spec(spec("off")).hops[0].cache.mode == "off"
+    assert parse_spec("name: q\nhops:\n  - name: a\n    model: tiny\n    prompt: 'Q: {{ q }}'\n    cache: off\n"
+                      ).hops[0].cache.mode == "off"  # YAML's unquoted off is false
+    assert parse_spec(spec({"mode": "exact", "force": True}, temperature=0.7)).hops[0].cache.force
+
+
+def test_a_sampling_hop_is_refused_exact_caching_unless_forced() -> None:
+    with pytest.raises(SpecError) as caught:
+        parse_spec(spec("exact", temperature=0.7))
+    assert caught.value.hop == "answer" and caught.value.field == "cache"
+    assert "sampling" in str(caught.value) and "force: true" in str(caught.value)
+    parse_spec(spec("prefix", temperature=0.7))  # a prefix cache changes no answer: sampling is fine
+
+
+@pytest.mark.parametrize(
+    ("cache", "prompt", "says"),
+    [
+        ("exactly", None, "did you mean 'exact'"),
+        ({"mode": "exact", "forced": True}, None, "unknown field 'forced'"),
+        ({"mode": "exact", "force": "yes"}, None, "cache.force must be true or false"),
+        (["off", "exact"], None, "cannot be listed with other modes"),
+        ("prefix", "{{ question }} is the question", "needs fixed text before"),
+    ],
+)
+def test_bad_cache_settings_say_what_is_wrong(cache: object, prompt: str | None, says: str) -> None:
+    with pytest.raises(SpecError, match=says):
+        parse_spec(spec(cache, **({"prompt": prompt} if prompt else {})))
+
+
+def test_a_chat_hop_cannot_take_a_prefix_cache() -> None:
+    raw = {"name": "qa", "hops": [{"name": "answer", "model": "tiny", "cache": "prefix",
+                                   "messages": [{"role": "user", "content": "{{ q }}"}]}]}
+    with pytest.raises(SpecError, match="chat hop"):
+        parse_spec(raw)
+
+
+def test_the_fixed_prefix_is_the_text_before_the_first_tag() -> None:
+    hop = parse_spec(spec("prefix", prompt="Fixed text. {% if x %}x{% endif %}{{ question }}")).hops[0]
+    assert fixed_prefix(hop.template) == "Fixed text. "
+
+
+# -- the exact cache ------------------------------------------------------------------------------
+
+
+def test_the_second_run_is_answered_from_the_cache_without_the_engine(loaded: wb.Workbench) -> None:
+    chain = loaded.chain(spec("exact"))
+    first = chain.run(question="What is the capital of France?")
+    calls = served(loaded)
+    second = chain.run(question="What is the capital of France?")
+    assert second.output == first.output
+    assert model_calls(first) == 1 and model_calls(second) == 0  # the engine was not called
+    assert served(loaded) == calls
+    assert hop_span(first).attributes[attr.CACHE_HIT] is False
+    hit = hop_span(second).attributes
+    assert hit[attr.CACHE_HIT] is True and hit[attr.CACHE_MODE] == "exact"
+    assert hit[attr.CACHE_KEY] == hop_span(first).attributes[attr.CACHE_KEY]
+    assert hit[attr.CACHE_SAVED_MS] > 0
+    other = chain.run(question="What is the capital of Spain?")
+    assert model_calls(other) == 1
+
+
+def test_the_cache_outlives_the_workbench(tiny_path: Path, data_dir: Path) -> None:
+    with wb.Workbench(data_dir=data_dir) as first:
+        first.load("tiny", tiny_path, device="cpu")
+        answer = first.chain(spec("exact")).run(question="Where is Lima?").output
+    assert (data_dir / CACHE_FILE).is_file()
+    with wb.Workbench(data_dir=data_dir) as second:
+        second.load("tiny", tiny_path, device="cpu")
+        run = second.chain(spec("exact")).run(question="Where is Lima?")
+        assert run.output == answer and model_calls(run) == 0
+        assert second.cache_stats().loc[0, "hits"] == 1
+
+
+def test_a_hop_without_cache_calls_the_model_every_time(loaded: wb.Workbench) -> None:
+    chain = loaded.chain(spec("off"))
+    runs = [chain.run(question="Same question?") for _ in range(2)]
+    assert [model_calls(r) for r in runs] == [1, 1]
+    assert hop_span(runs[1]).attributes[attr.CACHE_MODE] == "off"
+    assert attr.CACHE_HIT not in hop_span(runs[1]).attributes
+
+
+def test_the_key_changes_with_every_parameter_prompt_and_model() -> None:
+    identity = {"source": "/models/a", "revision": None, "fingerprint": "f1", "adapter": None}
+    base = GenerationParams()
+    keys = {
+        response_key(identity, "prompt", None, base),
+        response_key(identity, "prompt ", None, base),
+        response_key(identity, "", [{"role": "user", "content": "prompt"}], base),
+        response_key({**identity, "source": "/models/b"}, "prompt", None, base),
+        response_key({**identity, "fingerprint": "f2"}, "prompt", None, base),
+        response_key({**identity, "adapter": "/adapters/sql"}, "prompt", None, base),
+        response_key(identity, "prompt", None, base, adapter="sql@v2"),
+        *(response_key(identity, "prompt", None, GenerationParams(**{name: value}))
+          for name, value in [("max_new_tokens", 33), ("temperature", 0.5), ("top_p", 0.9), ("top_k", 5),
+                              ("seed", 1), ("truncate", "left")]),
+    }
+    assert len(keys) == 13
+    assert response_key(identity, "prompt", None, base) == response_key(dict(identity), "prompt", None,
+                                                                          GenerationParams())
+
+
+def test_a_changed_max_new_tokens_misses(loaded: wb.Workbench) -> None:
+    loaded.chain(spec("exact")).run(question="Why is the sky blue?")
+    run = loaded.chain(spec("exact", max_new_tokens=7)).run(question="Why is the sky blue?")
+    assert model_calls(run) == 1 and hop_span(run).attributes[attr.CACHE_HIT] is False
+
+
+def test_a_new_model_version_misses(tiny_path: Path, tmp_path: Path, data_dir: Path) -> None:
+    import shutil
+
+    copy = Path(shutil.copytree(tiny_path, tmp_path / "tiny-copy"))
+    with wb.Workbench(data_dir=data_dir) as bench:
+        bench.load("tiny", copy, device="cpu")
+        bench.chain(spec("exact")).run(question="Name a river.")
+        config = copy / "config.json"
+        config.write_text(config.read_text())  # a new version in place: same bytes, a new modification time
+        os.utime(config, ns=(time.time_ns(), time.time_ns() + 10**9))
+        bench.unload("tiny")
+        bench.load("tiny", copy, device="cpu")
+        run = bench.chain(spec("exact")).run(question="Name a river.")
+        assert model_calls(run) == 1
+
+
+def test_a_forced_sampling_hop_is_cached(loaded: wb.Workbench) -> None:
+    chain = loaded.chain(spec({"mode": "exact", "force": True}, temperature=0.9, seed=3))
+    first = chain.run(question="Say something.")
+    second = chain.run(question="Say something.")
+    assert second.output == first.output and model_calls(second) == 0
+
+
+def test_cache_stats_and_clear(loaded: wb.Workbench) -> None:
+    chain = loaded.chain(spec("exact"))
+    for question in ["A?", "B?", "A?", "A?"]:
+        chain.run(question=question)
+    stats = loaded.cache_stats()
+    assert list(stats.columns) == ["hop", "model", "hits", "misses", "hit_rate", "entries", "bytes", "saved_s"]
+    row = stats.iloc[0]
+    assert (row["hop"], row["model"], row["hits"], row["misses"], row["entries"]) == ("answer", "tiny", 2, 2, 2)
+    assert row["hit_rate"] == pytest.approx(0.5) and row["bytes"] > 0 and row["saved_s"] > 0
+    assert loaded.clear_cache() == 2
+    assert loaded.cache_stats().empty
+    assert model_calls(chain.run(question="A?")) == 1
+
+
+def test_eviction_keeps_the_most_recently_used(loaded: wb.Workbench) -> None:
+    loaded.set_cache_limits(max_entries=2)
+    chain = loaded.chain(spec("exact"))
+    chain.run(question="one?")
+    chain.run(question="two?")
+    chain.run(question="one?")  # a hit: "one" is now the most recently used
+    chain.run(question="three?")  # a third entry: "two" goes
+    assert loaded.cache.entries() == 2
+    assert model_calls(chain.run(question="one?")) == 0
+    assert model_calls(chain.run(question="two?")) == 1
+
+
+def test_eviction_by_bytes(tmp_path: Path) -> None:
+    cache = ResponseCache(tmp_path / CACHE_FILE, max_bytes=2_000)
+    for index in range(10):
+        cache.put(f"key{index}", "c", "h", "m", "x" * 500, 1, 1.0)
+    assert cache.bytes() <= 2_000 and cache.entries() == 3
+    assert cache.get("key9", "h", "m") is not None and cache.get("key0", "h", "m") is None
+    with pytest.raises(wb.WorkbenchError, match="whole number"):
+        cache.set_limits(max_entries=0)
+    cache.close()
+
+
+def test_a_kill_mid_write_leaves_the_cache_readable(tmp_path: Path) -> None:
+    path = tmp_path / CACHE_FILE
+    writer = textwrap.dedent(f"""
+        import sys
+        from workbench.chains.cache import ResponseCache
+        cache = ResponseCache({str(path)!r}, max_entries=500)
+        i = 0
+        while True:
+            cache.put(f"key{{i}}", "c", "h", "m", "answer " * 200 + str(i), 3, 1.0)
+            if i == 50:
+                print("writing", flush=True)
+            i += 1
+    """)
+    child = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(Path(wb.__file__).parent.parent)})
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "writing"
+        time.sleep(0.3)
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        if child.stdout is not None:
+            child.stdout.close()
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    cache = ResponseCache(path)
+    count = cache.entries()
+    assert 50 <= count <= 500
+    for index in (0, count // 2):  # every entry is whole: written in one transaction each
+        found = cache.get(f"key{index}", "h", "m")
+        if found is not None:
+            assert found.text.endswith(str(index))
+    cache.put("after", "c", "h", "m", "still writable", 1, 1.0)
+    assert cache.get("after", "h", "m").text == "still writable"  # type: ignore[union-attr]
+    cache.close()
+
+
+# -- the prefix cache -----------------------------------------------------------------------------
+
+
+def _requests(bench: wb.Workbench, prompts: list[str], prefix: str | None) -> list[GenerationRequest]:
+    backend = bench.engine.worker("tiny").backend
+    requests = []
+    for ids in backend.tokenize(prompts):
+        count = 0
+        if prefix is not None:
+            prefix_ids = backend.tokenize([prefix])[0][:-1]  # as the engine does: the last token may merge
+            while count < min(len(prefix_ids), len(ids) - 1) and ids[count] == prefix_ids[count]:
+                count += 1
+        requests.append(GenerationRequest("tiny", ids, GenerationParams(max_new_tokens=12), INVALID_SPAN,
+                                          prefix_len=count))
+    return requests
+
+
+@pytest.mark.parametrize("questions", [
+    ["What is the capital of France?"],
+    ["Hi?", "What is the tallest mountain on Earth and where is it?", "Why?"],  # suffixes of different lengths
+])
+def test_prefix_cache_output_equals_no_cache_output_token_for_token(loaded: wb.Workbench, questions: list[str]) -> None:
+    backend = loaded.engine.worker("tiny").backend
+    prompts = [f"{LONG}Question: {q}\nAnswer:" for q in questions]
+    plain, _ = backend.generate(_requests(loaded, prompts, None))
+    cold, _ = backend.generate(_requests(loaded, prompts, LONG))  # prefills the prefix
+    # What the model's first forward of a batch is given: the whole prompt, or the part after the prefix.
+    widths: list[int] = []
+    embeddings = loaded.registry.get("tiny").model.get_input_embeddings()
+    hook = embeddings.register_forward_hook(lambda module, args, output: widths.append(args[0].shape[1]))
+    try:
+        warm, timing = backend.generate(_requests(loaded, prompts, LONG))  # reuses it
+    finally:
+        hook.remove()
+    assert [r.token_ids for r in cold] == [r.token_ids for r in plain]
+    assert [r.token_ids for r in warm] == [r.token_ids for r in plain]
+    assert all(r.prefix_tokens > 20 and r.prefix_saved_ms > 0 for r in warm)
+    assert widths[0] == timing.padded_len - warm[0].prefix_tokens  # the prefix was not prefilled again
+    assert all(r.prefix_tokens == 0 for r in cold)
+    assert timing.size == len(questions)
+
+
+def test_a_batch_whose_requests_do_not_share_a_prefix_runs_plain(loaded: wb.Workbench) -> None:
+    backend = loaded.engine.worker("tiny").backend
+    prompts = [f"{LONG}Question: Why?\nAnswer:", "Another text entirely: why?"]
+    mixed = _requests(loaded, prompts[:1], LONG) + _requests(loaded, prompts[1:], "Another text")
+    plain, _ = backend.generate(_requests(loaded, prompts, None))
+    results, _ = backend.generate(mixed)
+    assert [r.token_ids for r in results] == [r.token_ids for r in plain]
+    assert all(r.prefix_tokens == 0 for r in results)
+
+
+def test_a_prefix_hop_matches_the_uncached_chain_under_batching(tiny_path: Path, data_dir: Path) -> None:
+    questions = [{"question": q} for q in ["Hi?", "What is the tallest mountain on Earth?", "Why is snow white?",
+                                           "Name a planet.", "Where is the longest river in Africa and Asia?"]]
+    prompt = LONG + "Question: {{ question }}\nAnswer:"
+    with wb.Workbench(data_dir=data_dir) as bench:
+        bench.load("tiny", tiny_path, device="cpu", batching=wb.StaticBatching(size=5, timeout_ms=2000))
+        plain = bench.chain(spec("off", prompt=prompt)).map(questions, concurrency=5)
+        cached = bench.chain(spec("prefix", prompt=prompt)).map(questions, concurrency=5)
+        again = bench.chain(spec("prefix", prompt=prompt)).map(questions, concurrency=5)
+        assert [r.output for r in cached] == [r.output for r in plain]
+        assert [r.output for r in again] == [r.output for r in plain]
+        requests = [s for run in again for s in run.trace.spans if s.name.startswith(attr.TEXT_COMPLETION)]
+        assert {s.attributes[attr.BATCH_SIZE] for s in requests} == {5}
+        assert all(s.attributes[attr.PREFIX_TOKENS] > 20 for s in requests)
+        hop = hop_span(again[0]).attributes
+        assert hop[attr.CACHE_MODE] == "prefix" and hop[attr.PREFIX_TOKENS] > 20 and hop[attr.PREFIX_SAVED_MS] > 0
+        table = bench.prefix_cache_stats()
+        assert len(table) == 1 and table.loc[0, "uses"] >= 1 and table.loc[0, "bytes"] > 0
+
+
+def test_exact_and_prefix_together(loaded: wb.Workbench) -> None:
+    chain = loaded.chain(spec(["exact", "prefix"], prompt=LONG + "Q: {{ question }}\nA:"))
+    first = chain.run(question="Where is Oslo?")
+    second = chain.run(question="Where is Bergen?")
+    third = chain.run(question="Where is Oslo?")
+    assert model_calls(third) == 0 and third.output == first.output
+    assert hop_span(second).attributes[attr.PREFIX_TOKENS] > 20
+
+
+# -- prefetch ---------------------------------------------------------------------------------------
+
+
+def test_a_prefetching_map_answers_as_a_plain_one(loaded: wb.Workbench) -> None:
+    chain = loaded.chain(spec("prefix", prompt=LONG + "Q: {{ question }}\nA:"))
+    questions = [{"question": f"What is {n} plus {n}?"} for n in range(8)]
+    plain = chain.map(questions, concurrency=2)
+    ahead = chain.map(questions, concurrency=2, prefetch=True)
+    assert [r.output for r in ahead] == [r.output for r in plain]
+    prepared = [s for run in ahead for s in run.trace.spans
+                if s.name.startswith(attr.TEXT_COMPLETION) and s.attributes.get(attr.PREFETCHED)]
+    assert prepared  # later inputs were tokenized ahead and their request found them ready
+    assert not any(s.attributes.get(attr.PREFETCHED) for run in plain for s in run.trace.spans)
+
+
+# -- compare ---------------------------------------------------------------------------------------
+
+
+def test_compare_measures_cache_arms_side_by_side(loaded: wb.Workbench) -> None:
+    chain = loaded.chain(spec("off", prompt=LONG + "Q: {{ question }}\nA:"))
+    inputs = [{"question": q} for q in ["A?", "B?", "A?", "C?", "A?", "B?"]]  # half are repeats
+    result = wb.compare(chain, inputs, cache=["off", "exact", "prefix"], concurrency=2, repeats=1, warmup=0,
+                        progress=False)
+    table = result.table().set_index("cache")
+    assert list(table.index) == ["off", "exact", "prefix"]
+    assert table.loc["off", "cache_hit_rate"] == 0 and table.loc["prefix", "cache_hit_rate"] == 0
+    assert table.loc["exact", "cache_hit_rate"] == pytest.approx(0.5)
+    assert table.loc["prefix", "prefix_tokens_reused"] > 0 and table.loc["off", "prefix_tokens_reused"] == 0
+    assert (table["n"] == 6).all()
+    shown = result.readable()
+    assert shown.column("cache") == ["off", "exact", "prefix"] and "cache_hit_rate" in shown.to_html()
+    with pytest.raises(wb.WorkbenchError, match="cache"):
+        wb.compare(chain, inputs, cache=["exactly"], repeats=1, progress=False)
+
+
+def test_the_compare_magic_takes_cache_arms() -> None:
+    from workbench.errors import ParseError
+    from workbench.fronts.notebook.parsers import CompareCommand, parse_command
+
+    command = parse_command("compare qa --inputs q.jsonl --cache off,exact,prefix")
+    assert isinstance(command, CompareCommand) and command.cache == ("off", "exact", "prefix")
+    with pytest.raises(ParseError, match="'exactly' is not a cache arm"):
+        parse_command("compare qa --inputs q.jsonl --cache off,exactly")
