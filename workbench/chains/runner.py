@@ -263,7 +263,8 @@ class Runner:
 
             async def call(attempt: int, timeout: float | None) -> Any:
                 call = Call(name, prompt, hop.params, span, hop.name, {attr.ATTEMPT: attempt, attr.ROUTE: label},
-                            timeout, on_token=on_token, session=state.session, messages=messages)
+                            timeout, on_token=on_token, session=state.session, messages=messages,
+                            adapter=hop.adapter if name == hop.model else None)  # a fallback model runs bare
                 return (await self.engine.acall(call)).text
 
             return Route(label, call)

@@ -24,7 +24,7 @@ from workbench.errors import SpecError
 
 CHAIN_FIELDS = ("name", "description", "inputs", "hops", "output", "history")
 LLM_FIELDS = ("name", "kind", "model", "prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "seed",
-              "truncate", "retry", "timeout_s", "fallback")
+              "truncate", "retry", "timeout_s", "fallback", "adapter")
 PYTHON_FIELDS = ("name", "kind", "call", "uses", "retry", "fallback")
 MESSAGE_FIELDS = ("role", "content")
 ROLES = ("system", "user", "assistant")
@@ -67,6 +67,8 @@ class HopSpec:
     resilience: Resilience = NO_RESILIENCE
     # A fallback of another hop: it runs only when that hop fails, never in the normal walk.
     standby: bool = False
+    # The named LoRA adapter of ``model`` this hop runs with (``adapter: sql``); None: the base model.
+    adapter: str | None = None
 
     @property
     def prompt(self) -> str | None:
@@ -170,10 +172,12 @@ def parse_spec(
     known_models: Collection[str] | None = None,
     default_name: str | None = None,
     allowed_modules: Collection[str] = (),
+    known_adapters: Mapping[str, Collection[str]] | None = None,
 ) -> ChainSpec:
     """Validate ``spec`` (YAML text or a dict) into a ChainSpec, or raise SpecError saying where.
 
     ``allowed_modules``: modules a ``call:`` may name besides the user's own (see ``chains/trust.py``).
+    ``known_adapters``: the named LoRA adapters of each model, which a hop's ``adapter:`` must be one of.
     """
     lines = _Lines()
     if isinstance(spec, str):
@@ -208,6 +212,7 @@ def parse_spec(
     ]
     _check_graph(hops, lines)
     _check_fallbacks(hops, hops_data, lines)
+    _adapters(hops, hops_data, known_adapters, lines)
     output = data.get("output", [h for h in hops if not h.standby][-1].name)
     if output not in hop_names:
         raise SpecError(
@@ -401,6 +406,28 @@ def _hop_names(hops_data: list[Any], lines: _Lines) -> list[str]:
         first_line[name] = line
         names.append(name)
     return names
+
+
+def _adapters(
+    hops: list[HopSpec], hops_data: list[Any], known: Mapping[str, Collection[str]] | None, lines: _Lines
+) -> None:
+    """Set each LLM hop's ``adapter:``, which must name an adapter its model was loaded with (when they are known)."""
+    for index, (hop, raw) in enumerate(zip(hops, hops_data)):
+        if hop.kind != "llm" or raw.get("adapter") is None:
+            continue
+        adapter, line = raw["adapter"], lines.of("hops", index, "adapter")
+        if not isinstance(adapter, str) or not adapter.isidentifier():
+            raise SpecError(f"adapter must be the name of one of the model's LoRA adapters, not {_show(adapter)}",
+                            hop=hop.name, field="adapter", line=line, hint="e.g. adapter: sql")
+        choices = sorted(known.get(hop.model or "", ())) if known is not None else None
+        if choices is not None and adapter not in choices:
+            raise SpecError(
+                f"model {hop.model!r} has no adapter {adapter!r}{_did_you_mean(adapter, choices)}",
+                hop=hop.name, field="adapter", line=line,
+                hint=f"its adapters: {', '.join(choices)}; leave adapter: out for the base model" if choices
+                else f"load it with adapters: bench.load({hop.model!r}, PATH, adapters={{{adapter!r}: DIR}})",
+            )
+        hop.adapter = adapter
 
 
 def _parse_hop(

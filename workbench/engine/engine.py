@@ -28,6 +28,8 @@ from workbench.engine.requests import GenerationParams, GenerationRequest, Gener
 from workbench.engine.wakeups import Wakeups
 from workbench.engine.worker import ModelWorker
 from workbench.errors import HopTimeout, ModelLoadError, ModelUnhealthy, RunCancelled, SettingsError, UnknownModelError
+from workbench.errors import AdapterError
+from workbench.models.adapters import AdapterLease, AdapterSet
 from workbench.models.registry import LoadedModel, ModelRegistry
 from workbench.models.settings import is_server_url
 from workbench.tracing import Tracing, mark_error
@@ -53,6 +55,8 @@ class Call:
     session: str | None = None
     # A chat, sent instead of ``prompt`` (left ""): the model's chat template, or its server, makes the prompt.
     messages: Messages | None = None
+    # The named LoRA adapter to run with (its live version when queued); None: the base model.
+    adapter: str | None = None
 
 
 @dataclass(eq=False)
@@ -416,11 +420,19 @@ class Engine:
                     raise prompt
                 text, ids = prompt
                 ids, truncated = fit_window(ids, call.params, backend.context_window, model, call.hop)
-                trial = False if call.probe else _admit(worker, span)
+                lease = _adapter_lease(worker, call, model) if call.adapter is not None else None
+                try:
+                    trial = False if call.probe else _admit(worker, span)
+                except BaseException:
+                    _release_lease(backend, lease)
+                    raise
             except Exception as exc:
                 self._refuse(model, span, exc)
                 answers.append(exc)
                 continue
+            if lease is not None:
+                span.set_attributes({attr.ADAPTER_NAME: lease.name, attr.ADAPTER_VERSION: lease.version,
+                                     attr.ADAPTER_KEY: lease.key})
             span.set_attributes(
                 {
                     attr.MODEL_DEVICE: backend.device,
@@ -435,8 +447,11 @@ class Engine:
                 worker.name, ids, call.params, span, hop=call.hop, truncated_tokens=truncated, prompt=text,
                 messages=call.messages, probe=call.probe,
                 cancellable=call.timeout_s is not None, trial=trial, on_token=call.on_token,
+                adapter=lease.key if lease is not None else None,
             )
             request.future.add_done_callback(lambda _: self.preloader.end_use(model))
+            if lease is not None:  # the version stays loaded until the request is done with it
+                request.future.add_done_callback(functools.partial(_release_after, backend, lease))
             queued.append(request)
             answers.append(request)
         if queued:
@@ -449,6 +464,8 @@ class Engine:
                     mark_error(request.span, exc)
                     request.span.end()
                     self.preloader.end_use(model)  # never queued, so the future's callback never runs
+                    if request.adapter is not None:
+                        _release_lease(backend, _lease_of(request))
                 answers = [exc if isinstance(a, GenerationRequest) else a for a in answers]
         return answers
 
@@ -468,6 +485,7 @@ class Engine:
         attributes: Mapping[str, object] | None = None,
         cancellable: bool = False,
         probe: bool = False,
+        adapter: str | None = None,
     ) -> GenerationRequest:
         """Tokenize ``prompt`` here, in the caller's thread, and queue it for ``model``; the request's future answers.
 
@@ -478,7 +496,8 @@ class Engine:
         ``probe`` (health check) passes both gates and counts for neither; ``cancellable`` lets
         a timeout stop the request's row mid-batch.
         """
-        call = Call(model, prompt, params, parent, hop, attributes, 0.0 if cancellable else None, probe)
+        call = Call(model, prompt, params, parent, hop, attributes, 0.0 if cancellable else None, probe,
+                    adapter=adapter)
         model, index = self._resolve(model)
         span = self._open(call, model)
         started = time.perf_counter()
@@ -521,9 +540,11 @@ class Engine:
                 raise error from None
             return request.future.result()  # it finished just as the wait ran out
 
-    def generate(self, model: str, prompt: str, params: GenerationParams | None = None) -> GenerationResult:
-        """Submit one prompt and wait for its result (a convenience for scripts and tests)."""
-        return self.submit(model, prompt, params or GenerationParams()).future.result()
+    def generate(
+        self, model: str, prompt: str, params: GenerationParams | None = None, adapter: str | None = None
+    ) -> GenerationResult:
+        """Submit one prompt and wait for its result (a convenience for scripts and tests); ``adapter`` names one."""
+        return self.submit(model, prompt, params or GenerationParams(), adapter=adapter).future.result()
 
     async def acall(self, call: Call) -> GenerationResult:
         """Await one model call on the running event loop; the same gates, spans and timeout as :meth:`call`.
@@ -647,6 +668,40 @@ def _finisher(replicas: ReplicaSet, replica: Replica) -> Callable[[Future[Genera
         replicas.finished(replica, ok=future.exception() is None)
 
     return finished
+
+
+def _adapter_lease(worker: ModelWorker, call: Call, model: str) -> AdapterLease:
+    """Pin the live version of ``call.adapter`` on ``worker``'s model; AdapterError where it serves none by that name.
+
+    Only the in-process transformers backend serves named adapters (process, Ray and server backends
+    refuse them), and only under padded batching: transformers' continuous batching has no per-row adapters.
+    """
+    where = f"hop {call.hop!r}: " if call.hop else ""
+    adapters: AdapterSet | None = getattr(worker.backend, "adapters", None)
+    if adapters is None:
+        raise AdapterError(
+            f"{where}model {model!r} serves no named adapters, so it cannot run adapter {call.adapter!r}",
+            hint="load it with adapters={NAME: PATH} (in this process: isolation='thread', engine='local')")
+    if worker.policy.continuous:
+        raise AdapterError(f"{where}model {model!r} runs under {worker.policy.name}, which has no per-request "
+                           f"adapters, so it cannot run adapter {call.adapter!r}",
+                           hint="use DynamicBatching (mixed or grouped adapters) for a model with adapters")
+    return adapters.acquire(call.adapter or "", where)
+
+
+def _lease_of(request: GenerationRequest) -> AdapterLease:
+    name, _, version = (request.adapter or "").rpartition("@v")
+    return AdapterLease(name, int(version), request.adapter or "")
+
+
+def _release_lease(backend: Backend, lease: AdapterLease | None) -> None:
+    adapters: AdapterSet | None = getattr(backend, "adapters", None)
+    if lease is not None and adapters is not None:
+        adapters.release(lease)
+
+
+def _release_after(backend: Backend, lease: AdapterLease, _: Future[GenerationResult]) -> None:
+    _release_lease(backend, lease)
 
 
 def _timeout(model: str, hop: str | None, timeout_s: float | None) -> HopTimeout:

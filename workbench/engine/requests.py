@@ -118,6 +118,8 @@ class GenerationRequest:
     trial: bool = False
     # Hears each generated token with the text it adds, from the worker's thread (None: not streamed).
     on_token: Callable[[int, str], None] | None = None
+    # The LoRA adapter version to run with, as the peft model names it (``sql@v2``); None: the base model.
+    adapter: str | None = None
     _settle_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _settled: bool = field(default=False, repr=False)
 

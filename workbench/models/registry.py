@@ -23,6 +23,7 @@ from opentelemetry.trace import Span
 
 from workbench.errors import ModelLoadError, UnknownModelError
 from workbench.models import heap, remote
+from workbench.models.adapters import AdapterSet
 from workbench.models.remote import REMOTE_DEVICE
 from workbench.models.devices import dtype_name, resolve_device, resolve_dtype
 from workbench.models.settings import LoadSettings, is_server_url
@@ -75,6 +76,8 @@ class LoadedModel:
     context_window: int | None
     warmup_s: float = 0.0
     loaded_at: float = field(default_factory=time.time)
+    # The named LoRA adapters on ``model`` (``settings.adapters``), which hops pick by name; None without any.
+    adapters: AdapterSet | None = None
 
     @property
     def source(self) -> str:
@@ -228,7 +231,7 @@ class ModelRegistry:
                 {
                     "name": m.name,
                     "source": m.source,
-                    "adapter": m.settings.adapter,
+                    "adapter": m.settings.adapter or ",".join(n for n, _ in m.settings.adapters) or None,
                     "device": str(m.device),
                     "dtype": dtype_name(m.dtype) if m.dtype is not None else None,
                     "isolation": m.settings.isolation,
@@ -271,6 +274,7 @@ class ModelRegistry:
         self.check_free(name)
         _check_isolation(settings)
         _check_engine(settings)
+        _check_adapters(settings)
         if settings.isolation == "process":
             return self._load_isolated(name, settings, parent, trigger)
         if settings.remote:
@@ -286,6 +290,10 @@ class ModelRegistry:
             started = time.perf_counter()
             before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
             model, tokenizer = _from_pretrained(settings, device, dtype)
+            adapters = _named_adapters(model, tokenizer, device, settings) if settings.adapters else None
+            if adapters is not None:
+                model = adapters.model
+                span.set_attribute(attr_names.ADAPTER_NAMES, [n for n, _ in settings.adapters])
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
                 memory = torch.cuda.memory_allocated(device) - before
@@ -317,6 +325,7 @@ class ModelRegistry:
             load_s=load_s,
             warmup_s=warmup_s,
             context_window=_context_window(model.config, tokenizer),
+            adapters=adapters,
         )
         return self._keep(name, settings, loaded)
 
@@ -517,7 +526,34 @@ def _release(loaded: LoadedModel) -> None:
     """Let go of ``loaded``'s model: drop the references, or end the child process that holds it."""
     if loaded.settings.isolation == "process":
         loaded.model.close()
+    if loaded.adapters is not None:
+        loaded.adapters.close()  # its watchers stop
+        loaded.adapters = None
     loaded.model = loaded.tokenizer = None
+
+
+def _check_adapters(settings: LoadSettings) -> None:
+    """Named adapters are served by the in-process transformers backend only, and not beside ``adapter``."""
+    if not settings.adapters:
+        return
+    if settings.adapter:
+        raise ModelLoadError("a load takes adapter=PATH (one adapter, always on) or adapters={NAME: PATH} (hops "
+                             "pick one by name), not both", hint="put the one adapter in adapters= too")
+    where = ("a child process (isolation='process')" if settings.isolation == "process" else
+             "a model server" if settings.remote else "Ray actors (engine='ray')" if settings.engine == "ray" else None)
+    if where is not None:
+        raise ModelLoadError(f"named adapters are served in this process only, and this model runs in {where}",
+                             hint="load it with isolation='thread' and engine='local', or serve the adapters "
+                             "from the server itself")
+
+
+def _named_adapters(model: Any, tokenizer: Any, device: torch.device, settings: LoadSettings) -> AdapterSet:
+    """``model`` with every adapter of ``settings.adapters`` attached (version 1 each), each checked first."""
+    adapters = AdapterSet(model, tokenizer, device)
+    for adapter_name, path in settings.adapters:
+        adapters.add(adapter_name, os.path.expanduser(path))
+    adapters.model.eval()
+    return adapters
 
 
 def _check_isolation(settings: LoadSettings) -> None:

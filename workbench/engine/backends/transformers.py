@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,9 @@ from workbench.engine.backends.base import (
     result_from_stamps,
 )
 from workbench.engine.requests import GenerationRequest, GenerationResult, Messages, check_text
+from workbench.models.adapters import BASE
 from workbench.models.devices import dtype_name
+from workbench.tracing import attributes as attr
 from workbench.models.registry import LoadedModel
 
 if TYPE_CHECKING:
@@ -117,6 +120,9 @@ class TransformersBackend:
         self.eos_ids = eos_ids(loaded.model, loaded.tokenizer)
         self.pad_id: int = loaded.tokenizer.pad_token_id
         self.codec = TextCodec(loaded.tokenizer, self.eos_ids)
+        # Named LoRA adapters, for requests that name one; a replica that copied the weights elsewhere has none.
+        adapters = loaded.adapters
+        self.adapters = adapters if adapters is not None and adapters.model is loaded.model else None
 
     def tokenize(self, prompts: Sequence[str], special_tokens: bool = True) -> list[list[int]]:
         return self.codec.tokenize(prompts, special_tokens)
@@ -194,10 +200,16 @@ class TransformersBackend:
         streaming = on_token is not None and any(r.stream for r in batch)
         clock = _StepClock(self._streamer(batch, on_token) if streaming else None)  # type: ignore[arg-type]
         cancellable = any(r.cancellable for r in batch)
+        adapter_kwargs: dict[str, Any] = {}
+        lock: Any = contextlib.nullcontext()
+        if self.adapters is not None:
+            # One generate for the whole batch: peft applies each row's own adapter version (or none, __base__).
+            adapter_kwargs["adapter_names"] = [r.adapter or BASE for r in batch]
+            lock = self.adapters.lock  # peft hooks the shared model per call; a swap must not overlap
         started = time.perf_counter()
         if params.seed is not None:
             torch.manual_seed(params.seed)
-        with torch.inference_mode():
+        with lock, torch.inference_mode():
             output = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention.to(device),
@@ -206,6 +218,7 @@ class TransformersBackend:
                 streamer=clock,
                 # Only requests with a timeout can be cancelled; others skip the per-step check.
                 stopping_criteria=StoppingCriteriaList([_CancelledRows(batch)] if cancellable else []),
+                **adapter_kwargs,
                 **params.generate_kwargs(),
             )
         ended = time.perf_counter()
@@ -230,7 +243,11 @@ class TransformersBackend:
                     padding_tokens=width - request.tokens_in,
                 )
             )
+        attributes: dict[str, object] = {}
+        if self.adapters is not None:
+            attributes[attr.ADAPTER_NAMES] = sorted(set(adapter_kwargs["adapter_names"]))
         timing = BatchTiming(
+            attributes=attributes,
             batch_id=batch_id,
             size=len(batch),
             padded_len=width,
