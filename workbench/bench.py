@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import CancelledError, Future
 from collections import OrderedDict
@@ -32,8 +34,16 @@ from workbench.engine.prober import HealthChecks
 from workbench.errors import AdapterError, HopFailed, WorkbenchClosed, WorkbenchError
 from workbench.models import heap
 from workbench.engine.preloading import Eager, PreloadingStrategy, parse_preloading
-from workbench.models.adapters import AdapterRules, AdapterSet, AdapterVersion, AdapterWatcher, parse_adapters
-from workbench.models.registry import LoadedModel, LoadSettings, ModelRegistry
+from workbench.models.adapters import (
+    GOLDEN_PROMPTS,
+    AdapterRules,
+    AdapterSet,
+    AdapterVersion,
+    DirectoryWatcher,
+    content_digest,
+    parse_adapters,
+)
+from workbench.models.registry import LoadedModel, LoadSettings, ModelRegistry, check_successor
 from workbench.models.remote import REMOTE_DEVICE
 from workbench.models.settings import is_server_url
 from workbench.tracing import Trace, Tracing
@@ -42,6 +52,8 @@ from opentelemetry.trace import Status, StatusCode
 
 if TYPE_CHECKING:
     import pandas as pd
+
+log = logging.getLogger(__name__)
 
 MAX_RUNS_KEPT = 10_000
 # How often a thread waiting on the loop returns to Python: a Ctrl-C is only seen between bytecodes.
@@ -117,7 +129,9 @@ class Workbench:
         self._allowed_modules: tuple[str, ...] = ()
         self.allow_modules(*allow_modules)
         self.health = HealthChecks(self.engine, self.tracing)
-        self._adapter_watchers: dict[tuple[str, str], AdapterWatcher] = {}
+        self._adapter_watchers: dict[tuple[str, str], DirectoryWatcher] = {}
+        self._model_watchers: dict[str, DirectoryWatcher] = {}
+        self._model_versions: dict[str, list[AdapterVersion]] = {}  # versions of each watched model, oldest first
         if health_interval_s is not None:
             self.health.configure(health_interval_s)
 
@@ -673,9 +687,12 @@ class Workbench:
             adapters.add(name, os.path.expanduser(path), rules)
         adapters.set_rules(name, rules)
         directory = os.path.expanduser(path) if path is not None else adapters.path(name)
+        live = adapters.live(name)
         self.unwatch_adapter(model, name)
-        self._adapter_watchers[(model, name)] = AdapterWatcher(
-            adapters, name, directory, interval_s, stage=functools.partial(self._stage_adapter, model, adapters))
+        self._adapter_watchers[(model, name)] = DirectoryWatcher(
+            directory, interval_s, functools.partial(self._stage_adapter, model, adapters, name, directory),
+            seen=live.digest if live is not None and live.path == directory else None,
+            closed=lambda: adapters.closed, label=f"adapter-{model}-{name}")
 
     def unwatch_adapter(self, model: str, name: str) -> None:
         """Stop watching adapter ``name`` of ``model``; its live version serves on."""
@@ -706,6 +723,92 @@ class Workbench:
                 span.set_status(Status(StatusCode.ERROR, version.error))
         return version
 
+    def watch_model(
+        self, name: str, path: str | os.PathLike[str] | None = None, interval_s: float = 2.0, *,
+        golden_prompts: Collection[str] | None = None,
+    ) -> None:
+        """Watch a model directory and swap each new version of its weights in live, as :meth:`watch_adapter` does.
+
+        A new content digest (config.json and the weights) loads beside the serving model with its
+        settings, is checked (safetensors unless the model allowed pickle, same model type and
+        vocabulary, finite logits on ``golden_prompts``), and then new workers serve every new request
+        while the old workers finish theirs; then the old weights are freed. A version that fails is
+        refused (:meth:`model_versions` says why) and the serving one goes on. ``path`` defaults to the
+        directory the model loaded from. For models in this process without named adapters.
+        """
+        loaded = self.registry.get(name)
+        directory = os.path.expanduser(path) if path is not None else loaded.source
+        prompts = tuple(golden_prompts) if golden_prompts is not None else GOLDEN_PROMPTS
+        if name not in self._model_versions:
+            first = AdapterVersion(name, 1, loaded.source, content_digest(loaded.source, "config.json"),
+                                   state="live", loaded_at=loaded.loaded_at)
+            self._model_versions[name] = [first]
+        live = self._model_versions[name][-1] if self._model_versions[name][-1].state == "live" else None
+        self.unwatch_model(name)
+        self._model_watchers[name] = DirectoryWatcher(
+            directory, interval_s, functools.partial(self._stage_model, name, directory, prompts),
+            seen=live.digest if live is not None and live.path == directory else None, config="config.json",
+            closed=lambda: not self.registry.is_loaded(name), label=f"model-{name}")
+
+    def unwatch_model(self, name: str) -> None:
+        """Stop watching model ``name``'s directory; the serving version serves on."""
+        watcher = self._model_watchers.pop(name, None)
+        if watcher is not None:
+            watcher.stop()
+
+    def model_versions(self, name: str | None = None) -> pd.DataFrame:
+        """One row per version of each watched model (:meth:`watch_model`), with :meth:`adapters`' columns."""
+        import pandas as pd
+
+        columns = ["name", "version", "state", "loaded_at", "swap_ms", "error", "retire_ms", "digest", "path"]
+        rows = [{c: getattr(v, c) for c in columns} for model, versions in self._model_versions.items()
+                if name is None or model == name for v in versions]
+        table = pd.DataFrame(rows, columns=columns)
+        table["loaded_at"] = pd.to_datetime(table["loaded_at"], unit="s", utc=True)
+        return table
+
+    def _stage_model(self, name: str, directory: str, prompts: tuple[str, ...], digest: str,
+                     noticed: float) -> AdapterVersion:
+        """Stage a model version a watcher noticed: load beside, check, switch, drain, free (a ``model swap`` span)."""
+        versions = self._model_versions[name]
+        version = AdapterVersion(name, max(v.version for v in versions) + 1, directory, digest)
+        versions.append(version)
+        attributes: dict[str, object] = {attr.SPAN_KIND: attr.KIND_CHAIN, attr.MODEL_NAME: name,
+                                         attr.ADAPTER_PATH: directory, attr.ADAPTER_DIGEST: digest,
+                                         attr.ADAPTER_VERSION: version.version}
+        with self.tracing.span(f"model swap {name}", None, attributes) as span:
+            try:
+                current = self.registry.get(name)
+                new = self.registry.load_beside(name, directory, span)
+                try:
+                    check_successor(current, new, prompts)
+                except BaseException:
+                    self.registry.release(new)
+                    raise
+            except Exception as exc:
+                version.state = "refused"
+                version.error = exc.message if isinstance(exc, WorkbenchError) else f"{type(exc).__name__}: {exc}"
+                span.add_event("model.refused", {attr.ADAPTER_ERROR: version.error})
+                span.set_status(Status(StatusCode.ERROR, version.error))
+                span.set_attribute(attr.ADAPTER_STATE, "refused")
+                log.warning("model %s version %d from %s refused: %s", name, version.version, directory, version.error)
+                return version
+            old = self.registry.replace(name, new)
+            replaced = self.engine.swap(name, span)  # from here on new requests go to the new workers
+            previous = next((v for v in reversed(versions[:-1]) if v.state == "live"), None)
+            version.state, version.loaded_at = "live", time.time()
+            version.swap_ms = (time.perf_counter() - noticed) * 1e3
+            span.set_attributes({attr.ADAPTER_STATE: "live", attr.ADAPTER_SWAP_MS: version.swap_ms})
+            if previous is not None:
+                previous.state, previous.switched_at = "draining", time.perf_counter()
+            if replaced is not None:
+                self.engine.drain(replaced)  # the old workers finish what they hold
+            self.registry.release(old)
+            if previous is not None:
+                previous.state = "retired"
+                previous.retire_ms = (time.perf_counter() - (previous.switched_at or time.perf_counter())) * 1e3
+        return version
+
     def _known_adapters(self) -> dict[str, list[str]]:
         """Each known model's named adapters: those it loads with, and any a watch added since."""
         known = {name: [n for n, _ in self.registry.settings(name).adapters] for name in self.registry.names()}
@@ -717,6 +820,8 @@ class Workbench:
     def _stop_watchers(self, model: str | None = None) -> None:
         for key in [k for k in self._adapter_watchers if model is None or k[0] == model]:
             self.unwatch_adapter(*key)
+        for name in [n for n in self._model_watchers if model is None or n == model]:
+            self.unwatch_model(name)
 
     def __enter__(self) -> Workbench:
         return self

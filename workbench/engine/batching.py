@@ -8,7 +8,7 @@ import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from workbench.engine.queue import Accept, RequestQueue, select
 from workbench.engine.requests import GenerationParams, GenerationRequest
@@ -124,7 +124,7 @@ class StaticBatching(BatchingPolicy):
 
     size: int = 8
     timeout_ms: float = 50.0
-    adapters: str = "mixed"
+    adapters: str = field(default="mixed", repr=False)  # the name ends in :grouped when grouped
 
     def __post_init__(self) -> None:
         _check(self.size >= 1, repr(self), "size must be at least 1")
@@ -171,7 +171,7 @@ class DynamicBatching(BatchingPolicy):
     max_wait_ms: float = 5.0
     max_batch_tokens: int | None = None
     max_length_ratio: float | None = None
-    adapters: str = "mixed"
+    adapters: str = field(default="mixed", repr=False)  # the name ends in :grouped when grouped
 
     def __post_init__(self) -> None:
         _check(self.max_batch >= 1, repr(self), "max_batch must be at least 1")

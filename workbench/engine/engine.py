@@ -212,6 +212,21 @@ class Engine:
         for name in list(self._sets):
             self.stop(name)
 
+    def swap(self, name: str, parent: Span | None = None) -> ReplicaSet | None:
+        """Serve ``name`` from the model the registry holds now (a live swap): new workers take every new request,
+        under the same policy, replicas and balance. Returns the old replica set, whose requests still run
+        (:meth:`drain` it), or None if none ran."""
+        with self._lock:
+            old = self._sets.get(name)
+        self.start(name, parent=parent, trigger="swap")
+        return old
+
+    def drain(self, replicas: ReplicaSet, timeout: float = 60.0) -> None:
+        """Let a replaced replica set finish its queued and running requests, then stop its workers."""
+        for worker in replicas.workers:
+            worker.drain(timeout)
+            worker.backend.close()
+
     def replica_sets(self) -> dict[str, ReplicaSet]:
         """The running replica sets by model name (a snapshot)."""
         with self._lock:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from opentelemetry.trace import Link, Span, Status, StatusCode
 
 from workbench.engine.backends.base import Backend, Scheduler
-from workbench.engine.batching import BatchingPolicy
+from workbench.engine.batching import BatchingPolicy, DynamicBatching
 from workbench.engine.breaker import CircuitBreaker
 from workbench.engine.faults import FaultInjector
 from workbench.engine.health import ModelHealth
@@ -63,6 +64,16 @@ class ModelWorker:
         for request in self.queue.close():
             self._fail([request], WorkerStopped(f"model {self.name!r} was unloaded before this request ran"))
         self._thread.join(timeout)
+
+    def drain(self, timeout: float = 60.0) -> None:
+        """Run every queued request, then stop: a live swap's old worker finishes its work (new requests go to the
+        new one). Whatever is still queued after ``timeout`` seconds fails as :meth:`stop` fails it."""
+        if not self.policy.continuous:
+            self.set_policy(DynamicBatching(max_batch=64, max_wait_ms=0))  # run what it holds now, waiting for no one
+        deadline = time.monotonic() + timeout
+        while len(self.queue) and not self.queue.closed and time.monotonic() < deadline:
+            time.sleep(0.005)  # a policy may be waiting for company: its batch leaves the queue when it runs
+        self.stop()
 
     def cancel(self, request: GenerationRequest, error: BaseException) -> bool:
         """Fail ``request`` with ``error`` now: drop it from the queue, or stop its row in the running batch.

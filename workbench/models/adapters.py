@@ -45,7 +45,7 @@ class AdapterRules:
 
 @dataclass
 class AdapterVersion:
-    """One version of a named adapter, as ``bench.adapters()`` shows it."""
+    """One version of a named adapter, as ``bench.adapters()`` shows it (or of a watched model: ``model_versions()``)."""
 
     name: str
     version: int
@@ -75,11 +75,11 @@ class AdapterLease:
     key: str
 
 
-def content_digest(path: str | os.PathLike[str]) -> str:
-    """A hash of what makes an adapter directory one version: its config and every weights file, names included."""
+def content_digest(path: str | os.PathLike[str], config: str = _CONFIG) -> str:
+    """A hash of what makes an adapter (or model) directory one version: its ``config`` and every weights file."""
     root = Path(path)
     digest = hashlib.sha256()
-    files = [root / _CONFIG] + sorted(p for pattern in ("*.safetensors", *_PICKLE) for p in root.glob(pattern))
+    files = [root / config] + sorted(p for pattern in ("*.safetensors", *_PICKLE) for p in root.glob(pattern))
     for file in files:
         digest.update(file.name.encode() + b"\0")
         try:
@@ -383,46 +383,47 @@ class AdapterSet:
         ]
 
 
-class AdapterWatcher:
-    """Polls an adapter directory every ``interval_s`` and stages each new version it finds (a daemon thread).
+class DirectoryWatcher:
+    """Polls a directory every ``interval_s`` and stages each new version of it (a daemon thread).
 
-    A version is its directory's content digest; one that changes again within ``settle_s`` is still
-    being written, and waits for the next poll.
+    A version is the directory's content digest (``config`` and the weights); one that changes again
+    within ``settle_s`` is still being written, and waits for the next poll. ``stage(digest, noticed)``
+    brings a version in (``noticed``: perf_counter when the change was seen); ``closed()`` ends the watch.
     """
 
-    def __init__(self, adapters: AdapterSet, name: str, path: str | os.PathLike[str], interval_s: float,
-                 stage: Callable[[str, str, str, float], AdapterVersion] | None = None, settle_s: float = 0.2) -> None:
-        if not (isinstance(interval_s, (int, float)) and math.isfinite(interval_s) and interval_s > 0):
+    def __init__(self, path: str | os.PathLike[str], interval_s: float, stage: Callable[[str, float], object], *,
+                 seen: str | None = None, config: str = _CONFIG, closed: Callable[[], bool] = lambda: False,
+                 label: str = "directory", settle_s: float = 0.2) -> None:
+        if isinstance(interval_s, bool) or not (isinstance(interval_s, (int, float)) and math.isfinite(interval_s)
+                                                 and interval_s > 0):
             raise AdapterError(f"interval_s must be a number of seconds > 0, got {interval_s!r}")
-        self.adapters, self.name, self.path = adapters, name, str(path)
+        self.path, self.config, self.label = str(path), config, label
         self.interval_s, self.settle_s = float(interval_s), min(settle_s, interval_s / 2)
-        # How a new version is staged: (name, path, digest, perf_counter when noticed); the set's own by default.
-        self._stage = stage or (lambda name, path, digest, noticed: adapters.stage(name, path, digest, noticed))
+        self._stage, self._closed = stage, closed
         self._stop = threading.Event()
-        live = adapters.live(name)
-        self._seen = live.digest if live is not None and live.path == self.path else content_digest(self.path)
-        self._thread = threading.Thread(target=self._loop, name=f"workbench-adapter-watch-{name}", daemon=True)
+        self._seen = seen if seen is not None else content_digest(self.path, config)
+        self._thread = threading.Thread(target=self._loop, name=f"workbench-watch-{label}", daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
-            if self.adapters.closed:
+            if self._closed():
                 return
             try:
                 self.poll()
             except Exception:  # a watcher must outlive one bad poll
-                log.exception("watching adapter %s at %s failed", self.name, self.path)
+                log.exception("watching %s at %s failed", self.label, self.path)
 
-    def poll(self) -> AdapterVersion | None:
-        """Stage the directory's content if it changed since the last version seen; the staged version, or None."""
-        digest = content_digest(self.path)
+    def poll(self) -> object:
+        """Stage the directory's content if it changed since the last version seen; what ``stage`` returned, or None."""
+        digest = content_digest(self.path, self.config)
         if digest == self._seen:
             return None
         noticed = time.perf_counter()
-        if self._stop.wait(self.settle_s) or content_digest(self.path) != digest:
+        if self._stop.wait(self.settle_s) or content_digest(self.path, self.config) != digest:
             return None  # still being written (or stopping): look again at the next poll
         self._seen = digest
-        return self._stage(self.name, self.path, digest, noticed)
+        return self._stage(digest, noticed)
 
     def stop(self) -> None:
         self._stop.set()

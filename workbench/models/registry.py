@@ -281,6 +281,10 @@ class ModelRegistry:
             return self._keep(name, settings, self._connect(name, settings, parent, trigger))
         if settings.engine == "ray":
             return self._keep(name, settings, self._load_tokenizer_only(name, settings, parent, trigger))
+        return self._keep(name, settings, self._load_here(name, settings, parent, trigger))
+
+    def _load_here(self, name: str, settings: LoadSettings, parent: Span | None, trigger: str) -> LoadedModel:
+        """Load ``settings`` into this process (a ``load`` span), without making it the model of ``name`` yet."""
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
         _check_source(settings)
@@ -327,7 +331,35 @@ class ModelRegistry:
             context_window=_context_window(model.config, tokenizer),
             adapters=adapters,
         )
-        return self._keep(name, settings, loaded)
+        return loaded
+
+    def load_beside(self, name: str, source: str, parent: Span | None = None) -> LoadedModel:
+        """A new version of the loaded model ``name`` from ``source``, loaded beside it with its settings; not
+        serving yet (:meth:`replace` makes it the model of ``name``). Only a model in this process can."""
+        current = self.get(name)
+        settings = current.settings
+        if settings.isolation != "thread" or settings.remote or settings.engine != "local":
+            raise ModelLoadError(f"model {name!r} is not loaded in this process, so it cannot be swapped live",
+                                 hint="live swaps are for models loaded with isolation='thread', engine='local'")
+        if settings.adapters:
+            raise ModelLoadError(f"model {name!r} carries named adapters, which were trained on its present weights",
+                                 hint="watch its adapters instead (bench.watch_adapter), or reload it")
+        return self._load_here(name, dataclasses.replace(settings, source=source), parent, "swap")
+
+    def replace(self, name: str, new: LoadedModel) -> LoadedModel:
+        """Make ``new`` the model of ``name`` and return the one it replaced, still in memory (:meth:`release`)."""
+        with self._lock:
+            old = self.get(name)
+            self._loaded[name] = new
+            self._registered[name] = new.settings
+            self._measured[name] = (new.settings, new.memory_bytes)
+        return old
+
+    def release(self, loaded: LoadedModel) -> None:
+        """Free a model that no longer serves (the version a swap replaced, or one that failed its checks)."""
+        device = loaded.device
+        _release(loaded)
+        _free(device)
 
     def _load_tokenizer_only(self, name: str, settings: LoadSettings, parent: Span | None, trigger: str) -> LoadedModel:
         """Only the tokenizer of a model whose replicas load elsewhere (``engine="ray"``: Ray actors).
@@ -530,6 +562,27 @@ def _release(loaded: LoadedModel) -> None:
         loaded.adapters.close()  # its watchers stop
         loaded.adapters = None
     loaded.model = loaded.tokenizer = None
+
+
+def check_successor(old: LoadedModel, new: LoadedModel, prompts: Iterable[str]) -> None:
+    """Refuse ``new`` as the next version of ``old`` unless it is the same kind of model with the same
+    vocabulary, and gives finite logits on ``prompts``; ModelLoadError says which check failed."""
+    where = f"the new version of model {old.name!r} (from {new.source})"
+    for key in ("model_type", "vocab_size"):
+        before, after = getattr(old.model.config, key, None), getattr(new.model.config, key, None)
+        if before != after:
+            raise ModelLoadError(f"{where} has {key} {after!r}, the serving one {before!r}",
+                                 hint="a live swap keeps the architecture and the vocabulary; load it under a new name")
+    texts = list(prompts)
+    if not texts:
+        return
+    encoded = new.tokenizer(texts, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        logits = new.model(input_ids=encoded["input_ids"].to(new.device),
+                           attention_mask=encoded["attention_mask"].to(new.device)).logits
+    if not bool(torch.isfinite(logits).all()):
+        raise ModelLoadError(f"{where} gives non-finite logits (NaN or inf) on the golden prompts",
+                             hint="its weights are damaged or diverged in training")
 
 
 def _check_adapters(settings: LoadSettings) -> None:
