@@ -264,7 +264,8 @@ def test_a_watched_adapter_swaps_in_live_and_refuses_bad_versions(
 
 
 def _weights(base: Path, target: Path, seed: int, *, safe: bool = True, vocab: int | None = None) -> Path:
-    """A new version of the tiny model's weights (seeded noise on every weight), or a model of another vocabulary."""
+    """A new version of the tiny model's weights (seeded noise on every weight), pickled unless ``safe``, or a model
+    of another vocabulary."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
@@ -278,7 +279,10 @@ def _weights(base: Path, target: Path, seed: int, *, safe: bool = True, vocab: i
         config = AutoConfig.from_pretrained(base)
         config.vocab_size = vocab
         model = LlamaForCausalLM(config)
-    model.save_pretrained(target, safe_serialization=safe)
+    model.save_pretrained(target)
+    if not safe:  # transformers 5 saves safetensors only: write the pickle a checkpoint of old would hold
+        torch.save(model.state_dict(), target / "pytorch_model.bin")
+        (target / "model.safetensors").unlink()
     return target
 
 
@@ -311,6 +315,7 @@ def test_a_watched_model_swaps_in_live_and_refuses_bad_versions(
     publish_weights(versions["v2"], watched)
     wait_for(lambda: (bench.model_versions("m")["state"].tolist() == ["retired", "live"]), "v2 live and v1 freed")
     assert queued.future.result(timeout=DEADLINE_S).token_ids == v1_tokens  # queued before the swap: ran on v1
+    bench.set_batching("m", wb.DynamicBatching(max_batch=4, max_wait_ms=5))  # the new workers kept the static policy
     v2_tokens = bench.generate("m", PROMPT, max_new_tokens=NEW).token_ids
     assert v2_tokens != v1_tokens
     table = bench.model_versions("m").set_index("version")
@@ -323,3 +328,9 @@ def test_a_watched_model_swaps_in_live_and_refuses_bad_versions(
                  .str.contains(message, regex=False).any(), f"the {kind} model to be refused")
         assert bench.generate("m", PROMPT, max_new_tokens=NEW).token_ids == v2_tokens  # v2's weights serve on
     bench.unwatch_model("m")
+
+
+def test_continuous_batching_is_refused_for_a_model_with_adapters(adapted: wb.Workbench) -> None:
+    with pytest.raises(wb.AdapterError, match="carries named LoRA adapters"):
+        adapted.set_batching("tiny", wb.ContinuousBatching())
+    assert adapted.engine.policy("tiny").name.startswith("dynamic")  # the policy in force stays

@@ -255,6 +255,8 @@ class Workbench:
         # A bad value fails before the model is known.
         places = self._replicate(name, replicas, balance, is_server_url(str(source)))
         settings["device"] = _first_device(places) or settings.get("device", "auto")
+        if "adapters" in settings:
+            settings["adapters"] = parse_adapters(settings["adapters"])
         self.registry.register(name, LoadSettings(source=str(source), **settings))
         if batching is not None:
             self.engine.set_policy(name, batching)

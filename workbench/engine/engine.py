@@ -689,7 +689,7 @@ def _adapter_lease(worker: ModelWorker, call: Call, model: str) -> AdapterLease:
     """Pin the live version of ``call.adapter`` on ``worker``'s model; AdapterError where it serves none by that name.
 
     Only the in-process transformers backend serves named adapters (process, Ray and server backends
-    refuse them), and only under padded batching: transformers' continuous batching has no per-row adapters.
+    refuse them), and only under padded batching (its ``check`` refuses continuous batching).
     """
     where = f"hop {call.hop!r}: " if call.hop else ""
     adapters: AdapterSet | None = getattr(worker.backend, "adapters", None)
@@ -697,10 +697,6 @@ def _adapter_lease(worker: ModelWorker, call: Call, model: str) -> AdapterLease:
         raise AdapterError(
             f"{where}model {model!r} serves no named adapters, so it cannot run adapter {call.adapter!r}",
             hint="load it with adapters={NAME: PATH} (in this process: isolation='thread', engine='local')")
-    if worker.policy.continuous:
-        raise AdapterError(f"{where}model {model!r} runs under {worker.policy.name}, which has no per-request "
-                           f"adapters, so it cannot run adapter {call.adapter!r}",
-                           hint="use DynamicBatching (mixed or grouped adapters) for a model with adapters")
     return adapters.acquire(call.adapter or "", where)
 
 

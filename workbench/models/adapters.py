@@ -284,11 +284,11 @@ class AdapterSet:
             named.versions.append(version)
         try:
             version.rank = inspect_adapter(path, self.base, named.rules)
-            self._attach(version)
             try:
+                self._attach(version)
                 self._check_logits(version, named.rules)
             except BaseException:
-                self._detach(version.key)
+                self._detach(version.key)  # whatever of it peft attached before it failed
                 raise
         except Exception as exc:
             with self._state:

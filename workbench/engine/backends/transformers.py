@@ -23,6 +23,7 @@ from workbench.engine.backends.base import (
     result_from_stamps,
 )
 from workbench.engine.requests import GenerationRequest, GenerationResult, Messages, check_text
+from workbench.errors import AdapterError
 from workbench.models.adapters import BASE
 from workbench.models.devices import dtype_name
 from workbench.tracing import attributes as attr
@@ -134,6 +135,10 @@ class TransformersBackend:
         return self.codec.detokenize(tokens)
 
     def check(self, policy: BatchingPolicy) -> None:
+        if policy.continuous and self.adapters is not None:
+            # transformers' scheduler runs the peft model with whichever adapter is active, for every row.
+            raise AdapterError(f"model {self.model!r} carries named LoRA adapters, and {policy.name} has no "
+                               "per-request adapters", hint="use DynamicBatching (adapters='mixed' or 'grouped')")
         if policy.continuous:
             from workbench.engine.backends.continuous import check_model
 
