@@ -162,6 +162,27 @@ def test_a_mixed_batch_answers_as_batches_grouped_by_adapter_do(adapted: wb.Work
     assert len(adapters_per_batch(grouped)) >= 3
     # The prompt's answer depends on the adapter it ran with, not on its batch-mates.
     assert mixed[(PROMPT, "sql")].token_ids != mixed[(PROMPT, None)].token_ids
+    # The batch spans say which adapter versions each batch ran, and how adapters were batched.
+    batches = adapted.traces().table().query("name == 'batch tiny'").set_index("attributes.workbench.batch.id")
+    mixed_span = batches.loc[mixed[(PROMPT, "sql")].batch_id]
+    assert mixed_span["attributes.workbench.batch.adapters"] == "mixed"
+    assert set(mixed_span["attributes.workbench.adapter.names"]) == {"__base__", "chat@v1", "sql@v1"}
+    grouped_span = batches.loc[grouped[(PROMPT, "sql")].batch_id]
+    assert grouped_span["attributes.workbench.batch.adapters"] == "grouped"
+    assert list(grouped_span["attributes.workbench.adapter.names"]) == ["sql@v1"]
+
+
+def test_adapters_come_as_a_dict_pairs_or_a_front_ends_flag() -> None:
+    from workbench.models.adapters import parse_adapters
+
+    expected = (("sql", "/a/sql"), ("chat", "/a/chat"))
+    assert parse_adapters({"sql": "/a/sql", "chat": Path("/a/chat")}) == expected
+    assert parse_adapters("sql=/a/sql,chat=/a/chat") == expected
+    assert parse_adapters(list(expected)) == expected
+    with pytest.raises(wb.AdapterError, match="not a name a hop can use"):
+        parse_adapters({"my-adapter": "/a"})
+    with pytest.raises(wb.AdapterError, match="is not NAME=PATH"):
+        parse_adapters("sql")
 
 
 def test_grouped_batching_round_trips_through_its_short_name() -> None:
@@ -209,7 +230,7 @@ def _rows(bench: wb.Workbench) -> pd.DataFrame:
 
 
 def test_a_watched_adapter_swaps_in_live_and_refuses_bad_versions(
-    bench: wb.Workbench, tiny_path: Path, lora: dict[str, Path], tmp_path: Path
+    bench: wb.Workbench, tiny_path: Path, lora: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     watched = tmp_path / "adapters" / "sql"
     shutil.copytree(lora["sql"], watched)
@@ -257,6 +278,7 @@ def test_a_watched_adapter_swaps_in_live_and_refuses_bad_versions(
     assert swaps["attributes.workbench.adapter.state"].tolist().count("refused") >= 3
     events = bench.traces().events()
     assert (events["event"] == "adapter.refused").sum() >= 3
+    assert any("refused" in record.getMessage() for record in caplog.records if record.levelname == "WARNING")
     bench.unwatch_adapter("tiny", "sql")
 
 

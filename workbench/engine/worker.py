@@ -121,6 +121,12 @@ class ModelWorker:
                 self._execute(batch, policy)
 
     def _batch_span(self, batch: list[GenerationRequest], policy: BatchingPolicy) -> Span:
+        span = self._start_batch_span(batch, policy)
+        if getattr(self.backend, "adapters", None) is not None:  # a model with named LoRA adapters
+            span.set_attribute(attr.ADAPTER_BATCHING, getattr(policy, "adapters", "mixed"))
+        return span
+
+    def _start_batch_span(self, batch: list[GenerationRequest], policy: BatchingPolicy) -> Span:
         return self._tracing.start_span(
             f"batch {self.name}",
             attributes={
