@@ -267,6 +267,7 @@ class Workbench:
         The model stays registered, so it loads again on use; ``forget=True`` drops it entirely.
         """
         self._stop_watchers(name)
+        self._model_versions.pop(name, None)  # a later load starts a new history
         freed = self.engine.preloader.unload(name, forget=forget)
         if forget:
             self.engine.forget(name)
