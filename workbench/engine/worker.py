@@ -23,6 +23,7 @@ from workbench.tracing import attributes as attr
 from workbench.tracing import openinference
 
 log = logging.getLogger(__name__)
+DRAIN_GRACE_S = 0.05  # how long a draining worker's queue must stay empty before it closes
 
 
 class ModelWorker:
@@ -71,7 +72,13 @@ class ModelWorker:
         if not self.policy.continuous:
             self.set_policy(DynamicBatching(max_batch=64, max_wait_ms=0))  # run what it holds now, waiting for no one
         deadline = time.monotonic() + timeout
-        while len(self.queue) and not self.queue.closed and time.monotonic() < deadline:
+        while not self.queue.closed and time.monotonic() < deadline:
+            if not len(self.queue):
+                # A caller that picked this worker just before the swap may still be queueing here: give it a
+                # moment (a request arriving after the close fails with WorkerStopped).
+                time.sleep(DRAIN_GRACE_S)
+                if not len(self.queue):
+                    break
             time.sleep(0.005)  # a policy may be waiting for company: its batch leaves the queue when it runs
         self.stop()
 
