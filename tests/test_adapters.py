@@ -13,6 +13,7 @@ import pytest
 
 import workbench as wb
 from workbench.engine import GenerationParams
+from workbench.tracing import attributes as attr
 
 PROMPT = "Question: What is the capital of France?\nAnswer:"
 PROMPTS = [PROMPT, "A chain is a graph of hops.", "Plan: count the hops in the spec.", "Tokens in, tokens out"]
@@ -356,3 +357,34 @@ def test_continuous_batching_is_refused_for_a_model_with_adapters(adapted: wb.Wo
     with pytest.raises(wb.AdapterError, match="carries named LoRA adapters"):
         adapted.set_batching("tiny", wb.ContinuousBatching())
     assert adapted.engine.policy("tiny").name.startswith("dynamic")  # the policy in force stays
+
+
+def test_the_exact_cache_keys_an_adapter_hop_by_its_live_versions_files(
+    tiny_path: Path, lora: dict[str, Path], tmp_path: Path
+) -> None:
+    """A cached answer of sql v1 must not answer for sql v2: the key holds the live version's digest. And a model with
+    named adapters keeps no prefix KV (a prefix's KV depends on the row's adapter), so `cache: prefix` prefills whole."""
+    watched = tmp_path / "adapters" / "sql"
+    shutil.copytree(lora["sql"], watched)
+    with wb.Workbench(data_dir=tmp_path / "data") as bench:
+        bench.load("tiny", tiny_path, device="cpu", adapters={"sql": watched})
+        chain = bench.chain({"name": "ask", "hops": [
+            {"name": "answer", "model": "tiny", "adapter": "sql", "prompt": "Say: {{ q }}", "max_new_tokens": NEW,
+             "cache": ["exact", "prefix"]}]})
+        first = chain.run(q=PROMPT)
+        again = chain.run(q=PROMPT)
+        def hop(run: wb.Run) -> dict[str, object]:
+            return dict(next(s for s in run.trace.spans if s.name == "hop answer").attributes)
+
+        assert hop(first)[attr.CACHE_HIT] is False and hop(again)[attr.CACHE_HIT] is True
+        assert again.output == first.output
+        assert attr.PREFIX_TOKENS not in hop(first) and attr.PREFIX_TOKENS not in hop(again)  # no prefix KV here
+        bench.watch_adapter("tiny", "sql", watched, interval_s=0.2)
+        publish(lora["sql_v2"], watched)
+        wait_for(lambda: 2 in _rows(bench).index and _rows(bench).loc[2, "state"] == "live", "v2 to go live")
+        after = chain.run(q=PROMPT)
+        assert hop(after)[attr.CACHE_HIT] is False  # new files, new key
+        assert hop(after)[attr.CACHE_KEY] != hop(first)[attr.CACHE_KEY]
+        tokenizer = bench.registry.get("tiny").tokenizer
+        v2 = tokenizer.decode(by_hand(tiny_path, lora["sql_v2"], "Say: " + PROMPT), skip_special_tokens=True).strip()
+        assert after.output == v2
