@@ -46,9 +46,9 @@ def main() -> None:
             table = wirebench.formats(repeats=args.format_repeats, number=args.format_number)
             print(table.to_string(index=False))
         if not args.skip_wires:
-            print(f"\n(2) wires: {args.requests} calls a block at concurrency {args.concurrency}, {args.rounds} rounds, "
-                  f"{args.warmup} warm-up calls a block; tiny model on the CPU, dynamic batching 16 / 5 ms; "
-                  "client in its own process")
+            print(f"\n(2) wires: {args.requests} calls a block at concurrency {args.concurrency}, "
+                  f"{args.rounds} rounds, {args.warmup} warm-up calls a block; tiny model on the CPU, "
+                  "dynamic batching 16 / 5 ms; client in its own process")
             results = wirebench.wires(requests=args.requests, concurrency=args.concurrency, rounds=args.rounds,
                                       warmup=args.warmup)
             print(results.table().to_string(index=False))

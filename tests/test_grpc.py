@@ -27,7 +27,7 @@ from workbench.fronts.server import chain_pb2_grpc, protogen
 from workbench.fronts.server.gateway import Gateway
 from workbench.fronts.server.auth import Auth, KeyStore
 from workbench.fronts.server.grpc_server import GrpcServer, status_for
-from tests.helpers import QA_SPEC
+from tests.helpers import QA_SPEC, eventually
 
 RUNNER_KEY = "runner-key"
 VIEWER_KEY = "viewer-key"
@@ -35,6 +35,18 @@ VIEWER_KEY = "viewer-key"
 
 def broken(answer: str) -> str:
     raise ValueError(f"no good: {answer}")
+
+
+CANCELLED: list[str] = []  # the questions whose slow hop was cancelled
+
+
+async def slow(question: str) -> str:
+    try:
+        await asyncio.sleep(60)
+    except asyncio.CancelledError:
+        CANCELLED.append(question)
+        raise
+    return question
 
 
 def breaker_open(question: str) -> str:
@@ -55,7 +67,8 @@ def chains(tiny_bench: wb.Workbench) -> dict[str, wb.Chain]:
     fails = tiny_bench.chain({**QA_SPEC, "name": "fails", "hops": [*QA_SPEC["hops"], {"name": "check", "call": broken}],
                               "output": "check"})
     unavailable = tiny_bench.chain({"name": "unavailable", "hops": [{"name": "only", "call": breaker_open}]})
-    return {c.name: c for c in (qa, fails, unavailable)}
+    sleepy = tiny_bench.chain({"name": "slow", "hops": [{"name": "wait", "call": slow}]})
+    return {c.name: c for c in (qa, fails, unavailable, sleepy)}
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +133,15 @@ def test_invoke_answers_as_the_chain_runs_in_process(server: GrpcServer, chains:
     assert [s.name for s in served.trace.spans if s.name.startswith("hop")] == ["hop plan", "hop answer"]
 
 
+def test_a_blocking_client_calls_it_as_the_readme_shows(server: GrpcServer, auth: Auth) -> None:
+    with grpc.insecure_channel(server.target) as channel:
+        stub = chain_pb2_grpc.ChainServiceStub(channel)
+        bearer = f"Bearer {auth.test_keys['runner']}"  # type: ignore[attr-defined]
+        reply = stub.Invoke(pb.InvokeRequest(chain="qa", inputs_json=json.dumps({"question": "hi"})),
+                            metadata=[("authorization", bearer)])
+    assert isinstance(json.loads(reply.output_json), str) and len(reply.envelope.trace_id) == 32
+
+
 def test_an_api_key_header_works_like_a_bearer_token(server: GrpcServer, auth: Auth) -> None:
     metadata = (("x-api-key", auth.test_keys["runner"]),)  # type: ignore[attr-defined]
     assert invoke(server, invoke_request(question="hi"), metadata).run_id
@@ -175,7 +197,8 @@ def test_a_message_over_the_size_limit_is_refused(chains: dict[str, wb.Chain], t
 def test_an_open_server_listens_on_loopback_only(chains: dict[str, wb.Chain]) -> None:
     with pytest.raises(wb.SettingsError, match="loopback"):
         GrpcServer(Gateway(chains["qa"].bench, chains.values(), Auth.open()), host="0.0.0.0").start()
-    with GrpcServer(Gateway(chains["qa"].bench, chains.values(), Auth.open())) as served:  # no credentials needed there: the caller is admin "local"
+    # No credentials needed there: every caller is the admin "local".
+    with GrpcServer(Gateway(chains["qa"].bench, chains.values(), Auth.open())) as served:
         assert invoke(served, invoke_request(question="hi")).run_id
 
 
@@ -201,6 +224,17 @@ def test_traceparent_puts_the_run_in_the_callers_trace(server: GrpcServer, chain
     assert format(run.trace_id, "032x") == trace_id
     roots = [s for s in run.trace.spans if s.parent is not None and s.parent.span_id == span.get_span_context().span_id]
     assert roots, "a server span hangs under the caller's span"
+
+
+def test_the_envelope_trace_id_joins_a_trace_and_a_bad_traceparent_is_refused(server: GrpcServer,
+                                                                             auth: Auth) -> None:
+    request = invoke_request(question="hi")
+    request.envelope.trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    response, trailing = asyncio.run(_invoke(server.target, request, key(auth, "runner")))
+    assert response.envelope.trace_id == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert dict(trailing)["x-trace-id"] == response.envelope.trace_id  # the trailing metadata names it too
+    bad = refusal(server, invoke_request(question="hi"), (*key(auth, "runner"), ("traceparent", "00-nope")))
+    assert bad.code() is grpc.StatusCode.INVALID_ARGUMENT and "traceparent" in bad.details()
 
 
 def test_without_traceparent_each_call_starts_its_own_trace(server: GrpcServer, auth: Auth) -> None:
@@ -303,6 +337,21 @@ def test_a_refused_or_failed_request_on_a_stream_leaves_the_others_running(serve
     assert events["good"].HasField("final")
 
 
+def test_a_client_that_cancels_its_stream_stops_the_runs_it_started(server: GrpcServer, chains: dict[str, wb.Chain],
+                                                                     auth: Auth) -> None:
+    async def main() -> None:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            call = chain_pb2_grpc.ChainServiceStub(channel).Stream(metadata=key(auth, "runner"), timeout=60)
+            await call.write(stream_request("a", chain="slow", question="hi"))
+            await call.write(stream_request("b", chain="slow", question="ho"))
+            started = {(await call.read()).request_id, (await call.read()).request_id}
+            assert started == {"a", "b"} and CANCELLED == []
+            call.cancel()
+
+    asyncio.run(main())
+    eventually(lambda: sorted(CANCELLED) == ["hi", "ho"], "the cancelled stream's runs to stop")
+
+
 def test_a_stream_without_credentials_ends_unauthenticated(server: GrpcServer, chains: dict[str, wb.Chain],
                                                            auth: Auth) -> None:
     before = len(chains["qa"].bench.runs())
@@ -355,6 +404,18 @@ def test_bench_serve_with_a_grpc_port_serves_both_fronts_on_one_gateway(chains: 
         assert 'route="/autoglm.workbench.v1.ChainService/Invoke"' in metrics
     with pytest.raises(grpc.aio.AioRpcError) as caught:  # stopped with the REST server
         invoke(served.grpc, invoke_request(question="hi"), key(auth, "runner"))
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+
+
+def test_closing_the_workbench_stops_its_grpc_front(tiny_path: Path, auth: Auth) -> None:
+    with wb.Workbench() as bench:
+        bench.load("tiny", tiny_path, device="cpu")
+        served = bench.serve(chains=[bench.chain(QA_SPEC)], port=0, grpc_port=0, auth=auth)
+        grpc_front = served.grpc
+        assert grpc_front is not None and invoke(grpc_front, invoke_request(question="hi"), key(auth, "runner")).run_id
+    assert not grpc_front.running
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        invoke(grpc_front, invoke_request(question="hi"), key(auth, "runner"))
     assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
 
 

@@ -582,11 +582,20 @@ def test_the_serve_magic_starts_and_stops_a_server(tiny_path: Path, monkeypatch:
         current.load("tiny", tiny_path, device="cpu")
         current.chain(QA_SPEC)
         with capture_output() as started:
-            shell.run_line_magic("autoglm", "serve qa --port 0 --no-auth")
+            shell.run_line_magic("autoglm", "serve qa --port 0 --grpc-port 0 --no-auth")
         server = shell.user_ns["_autoglm_server"]
         assert f"serving qa on {server.url}" in started.stdout
+        assert f"gRPC (ChainService) on {server.grpc.target}" in started.stdout
         answer = httpx.post(f"{server.url}/v1/chains/qa/invoke", json={"inputs": {"question": "hi"}}, timeout=60)
         assert answer.json()["status"] == "ok"
+        import grpc
+
+        from workbench.fronts.server import chain_pb2, chain_pb2_grpc
+
+        with grpc.insecure_channel(server.grpc.target) as channel:
+            reply = chain_pb2_grpc.ChainServiceStub(channel).Invoke(
+                chain_pb2.InvokeRequest(chain="qa", inputs_json=json.dumps({"question": "hi"})), timeout=60)
+        assert json.loads(reply.output_json) == answer.json()["output"]
         with capture_output() as stopped:
             shell.run_line_magic("autoglm", "serve stop")
         assert f"stopped {server.url}" in stopped.stdout

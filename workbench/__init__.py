@@ -70,6 +70,9 @@ if TYPE_CHECKING:
         Weighted,
     )
     from workbench.models.tiny import tiny_model
+    from workbench.models.tiny import tiny_lora
+    from workbench.models.adapters import AdapterRules
+    from workbench.errors import AdapterError
     from workbench.tracing import Trace
     from workbench.tracing.gcpauses import pauses as gc_pauses
     from workbench.fronts.notebook.widgets import ChainBuilder, ComparisonDashboard, ModelManager, TraceViewer
@@ -102,11 +105,13 @@ _HOMES = {
         "RunError", "ServingError", "SettingsError", "SpecError", "StoreError", "WorkbenchClosed", "StrategyError",
         "TemplateError", "UnknownModelError", "WorkbenchError", "WorkloadError",
         "ConfigError",
+        "AdapterError",
     ),
     "workbench.experiments": ("ClosedLoop", "Comparison", "PoissonArrivals", "compare"),
     "workbench.engine.preloading": ("Eager", "KeepWarm", "Lazy", "Prefetch", "PreloadingStrategy"),
     "workbench.engine.balancing": ("BalancePolicy", "LeastLoaded", "PowerOfTwo", "RoundRobin", "SessionHash", "Weighted"),
-    "workbench.models.tiny": ("tiny_model",),
+    "workbench.models.tiny": ("tiny_model", "tiny_lora"),
+    "workbench.models.adapters": ("AdapterRules",),
     "workbench.tracing": ("Trace",),
     # The widgets bring in ipywidgets and anywidget: a script or a worker that shows none never pays for them.
     "workbench.fronts.notebook.widgets": ("ChainBuilder", "ComparisonDashboard", "ModelManager", "TraceViewer"),

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
+import logging
 import os
 import threading
 import weakref
+import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import CancelledError, Future
 from collections import OrderedDict
@@ -34,19 +37,32 @@ from workbench.engine.balancing import BalancePolicy, parse_balance
 from workbench.engine.batching import default_policy
 from workbench.engine.faults import Faults
 from workbench.engine.prober import HealthChecks
-from workbench.errors import HopFailed, WorkbenchClosed, WorkbenchError
+from workbench.errors import AdapterError, HopFailed, WorkbenchClosed, WorkbenchError
 from workbench.knowledge import GraphStore, KnowledgeGraph, resolve
 from workbench.models import heap
 from workbench.engine.preloading import Eager, PreloadingStrategy, parse_preloading
-from workbench.models.registry import LoadedModel, LoadSettings, ModelRegistry
+from workbench.models.adapters import (
+    GOLDEN_PROMPTS,
+    AdapterRules,
+    AdapterSet,
+    AdapterVersion,
+    DirectoryWatcher,
+    content_digest,
+    parse_adapters,
+)
+from workbench.models.registry import LoadedModel, LoadSettings, ModelRegistry, check_successor
 from workbench.models.remote import REMOTE_DEVICE
 from workbench.models.settings import is_server_url
 from workbench.tracing import Trace, Tracing
+from workbench.tracing import attributes as attr
+from opentelemetry.trace import Status, StatusCode
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from workbench.engine.replicas import ReplicaSet
+
+log = logging.getLogger(__name__)
 
 MAX_RUNS_KEPT = 10_000
 # How often a thread waiting on the loop returns to Python: a Ctrl-C is only seen between bytecodes.
@@ -129,6 +145,9 @@ class Workbench:
         self._allowed_modules: tuple[str, ...] = ()
         self.allow_modules(*allow_modules)
         self.health = HealthChecks(self.engine, self.tracing)
+        self._adapter_watchers: dict[tuple[str, str], DirectoryWatcher] = {}
+        self._model_watchers: dict[str, DirectoryWatcher] = {}
+        self._model_versions: dict[str, list[AdapterVersion]] = {}  # versions of each watched model, oldest first
         if health_interval_s is not None:
             self.health.configure(health_interval_s)
 
@@ -142,6 +161,7 @@ class Workbench:
         device: str = "auto",
         dtype: str = "auto",
         adapter: str | os.PathLike[str] | None = None,
+        adapters: Mapping[str, str | os.PathLike[str]] | str | None = None,
         batching: BatchingPolicy | None = None,
         trust_remote_code: bool = False,
         allow_pickle: bool = False,
@@ -171,6 +191,8 @@ class Workbench:
 
         Weights must be safetensors unless ``allow_pickle=True``; repository code never runs
         unless ``trust_remote_code=True``. ``adapter`` is a PEFT (LoRA) adapter directory.
+        ``adapters={"sql": DIR, ...}`` puts several named LoRA adapters on the one base model; a hop picks
+        one with ``adapter: sql`` (none: the base model), and :meth:`watch_adapter` swaps in new versions live.
         ``warmup=True`` runs a tiny generate after loading, reported as part of the cold start.
         ``isolation="process"`` loads the model in a child process of its own, which a crash there
         (SIGKILL, a segfault, a CUDA fatal error) takes down alone: the requests it ran fail with
@@ -207,6 +229,7 @@ class Workbench:
                 device=device,
                 dtype=dtype,
                 adapter=str(adapter) if adapter is not None else None,
+                adapters=parse_adapters(adapters),
                 trust_remote_code=trust_remote_code,
                 allow_pickle=allow_pickle,
                 revision=revision,
@@ -249,6 +272,8 @@ class Workbench:
         # A bad value fails before the model is known.
         places = self._replicate(name, replicas, balance, is_server_url(str(source)))
         settings["device"] = _first_device(places) or settings.get("device", "auto")
+        if "adapters" in settings:
+            settings["adapters"] = parse_adapters(settings["adapters"])
         self.registry.register(name, LoadSettings(source=str(source), **settings))
         if batching is not None:
             self.engine.set_policy(name, batching)
@@ -258,6 +283,8 @@ class Workbench:
 
         The model stays registered, so it loads again on use; ``forget=True`` drops it entirely.
         """
+        self._stop_watchers(name)
+        self._model_versions.pop(name, None)  # a later load starts a new history
         freed = self.engine.preloader.unload(name, forget=forget)
         if forget:
             self.engine.forget(name)
@@ -364,10 +391,11 @@ class Workbench:
         """Change a loaded model's batching policy live; no reload."""
         self.engine.set_policy(name, policy)
 
-    def generate(self, model: str, prompt: str, **params: Any) -> GenerationResult:
-        """One direct model call, outside any chain (traced as its own text_completion span)."""
+    def generate(self, model: str, prompt: str, *, adapter: str | None = None, **params: Any) -> GenerationResult:
+        """One direct model call, outside any chain (traced as its own text_completion span); ``adapter`` names
+        one of the model's LoRA adapters."""
         self.check_open("generate")
-        return self.engine.generate(model, prompt, GenerationParams(**params))
+        return self.engine.generate(model, prompt, GenerationParams(**params), adapter=adapter)
 
     # -- resilience ----------------------------------------------------------------------------
 
@@ -489,7 +517,8 @@ class Workbench:
 
     def _parse_chain(self, spec: str | Mapping[str, Any], name: str | None, default: str | None = None) -> ChainSpec:
         parsed = parse_spec(spec, known_models=self.registry.names(), default_name=name or default,
-                            allowed_modules=self._allowed_modules, graphs=self.graphs)
+                            allowed_modules=self._allowed_modules, graphs=self.graphs,
+                            known_adapters=self._known_adapters())
         if name is not None and parsed.name != name:
             parsed.name = name
         return parsed
@@ -741,6 +770,7 @@ class Workbench:
         for chain in list(self._built):
             chain.unwatch()
         self.health.stop()
+        self._stop_watchers()
         self.engine.preloader.close()  # no background load may start once models are being freed
         for name in self.registry.names():
             try:
@@ -756,6 +786,194 @@ class Workbench:
         self.cache.close()
         self.tracing.shutdown()
         heap.thaw()  # what this workbench held can go now; the next load anywhere freezes again
+
+    # -- LoRA adapters (issue 15) ----------------------------------------------------------------
+
+    def adapters(self, model: str | None = None) -> pd.DataFrame:
+        """One row per version of each named LoRA adapter of ``model`` (or of every loaded model): name, version,
+        state (staging, live, draining, retired, refused), loaded_at, swap_ms (noticed to live: load, checks,
+        switch), error (why a version was refused), the requests holding it (``in_flight``), ``retire_ms`` (from
+        being replaced until drained and freed), rank, the peft ``key`` (``sql@v2``), content digest and path."""
+        import pandas as pd
+
+        columns = ["name", "version", "state", "loaded_at", "swap_ms", "error", "model", "key", "in_flight",
+                   "retire_ms", "rank", "digest", "path"]
+        models = [self.registry.get(model)] if model is not None else self.registry.loaded()
+        rows = [row for m in models if m.adapters is not None for row in m.adapters.rows(m.name)]
+        table = pd.DataFrame(rows, columns=columns)
+        table["loaded_at"] = pd.to_datetime(table["loaded_at"], unit="s", utc=True)
+        return table.astype({"rank": "Int64"})
+
+    def watch_adapter(
+        self,
+        model: str,
+        name: str,
+        path: str | os.PathLike[str] | None = None,
+        interval_s: float = 2.0,
+        *,
+        max_rank: int = 64,
+        target_modules: Collection[str] | None = None,
+        golden_prompts: Collection[str] | None = None,
+    ) -> None:
+        """Watch an adapter directory and bring each new version of adapter ``name`` of ``model`` live, safely.
+
+        Every ``interval_s`` seconds the directory's content (adapter_config.json and the weights) is hashed;
+        a new hash is a new version, which loads beside the live one as ``name@vN``, is checked (safetensors
+        only, shaped for this base model, rank at most ``max_rank``, LoRA on ``target_modules`` only if given,
+        finite logits on ``golden_prompts``), then serves every new request; requests already holding the
+        old version finish on it, and then it is deleted and its memory freed. A version that fails a check
+        is refused: :meth:`adapters` says why, its ``adapter swap`` span has an ``adapter.refused`` event, a
+        warning is logged, and the live version serves on. ``path`` defaults to where ``name`` loaded from;
+        a ``name`` the model has no adapter by loads from ``path`` now, as version 1.
+        """
+        adapters = self._adapter_set(model)
+        rules = AdapterRules(
+            max_rank=max_rank,
+            target_modules=frozenset(target_modules) if target_modules is not None else None,
+            **({"golden_prompts": tuple(golden_prompts)} if golden_prompts is not None else {}),
+        )
+        if name not in adapters.names():
+            if path is None:
+                raise AdapterError(f"model {model!r} has no adapter named {name!r}, and no path was given to load "
+                                   "it from", hint=f"bench.watch_adapter({model!r}, {name!r}, DIR)")
+            adapters.add(name, os.path.expanduser(path), rules)
+        adapters.set_rules(name, rules)
+        directory = os.path.expanduser(path) if path is not None else adapters.path(name)
+        live = adapters.live(name)
+        self.unwatch_adapter(model, name)
+        self._adapter_watchers[(model, name)] = DirectoryWatcher(
+            directory, interval_s, functools.partial(self._stage_adapter, model, adapters, name, directory),
+            seen=live.digest if live is not None and live.path == directory else None,
+            closed=lambda: adapters.closed, label=f"adapter-{model}-{name}")
+
+    def unwatch_adapter(self, model: str, name: str) -> None:
+        """Stop watching adapter ``name`` of ``model``; its live version serves on."""
+        watcher = self._adapter_watchers.pop((model, name), None)
+        if watcher is not None:
+            watcher.stop()
+
+    def _adapter_set(self, model: str) -> AdapterSet:
+        loaded = self.registry.get(model)
+        if loaded.adapters is None:
+            raise AdapterError(f"model {model!r} was loaded without named adapters",
+                               hint=f"bench.load({model!r}, PATH, adapters={{NAME: DIR}}) (in this process)")
+        return loaded.adapters
+
+    def _stage_adapter(self, model: str, adapters: AdapterSet, name: str, path: str, digest: str,
+                       noticed: float) -> AdapterVersion:
+        """Stage a version a watcher noticed, in an ``adapter swap`` span of the engine's trace."""
+        attributes: dict[str, object] = {attr.SPAN_KIND: attr.KIND_CHAIN, attr.MODEL_NAME: model,
+                                         attr.ADAPTER_NAME: name, attr.ADAPTER_PATH: path, attr.ADAPTER_DIGEST: digest}
+        with self.tracing.span(f"adapter swap {model}/{name}", None, attributes) as span:
+            version = adapters.stage(name, path, digest, noticed)
+            span.set_attributes({attr.ADAPTER_VERSION: version.version, attr.ADAPTER_KEY: version.key,
+                                 attr.ADAPTER_STATE: version.state})
+            if version.swap_ms is not None:
+                span.set_attribute(attr.ADAPTER_SWAP_MS, version.swap_ms)
+            if version.error is not None:
+                span.add_event("adapter.refused", {attr.ADAPTER_ERROR: version.error})
+                span.set_status(Status(StatusCode.ERROR, version.error))
+        return version
+
+    def watch_model(
+        self, name: str, path: str | os.PathLike[str] | None = None, interval_s: float = 2.0, *,
+        golden_prompts: Collection[str] | None = None,
+    ) -> None:
+        """Watch a model directory and swap each new version of its weights in live, as :meth:`watch_adapter` does.
+
+        A new content digest (config.json and the weights) loads beside the serving model with its
+        settings, is checked (safetensors unless the model allowed pickle, same model type and
+        vocabulary, finite logits on ``golden_prompts``), and then new workers serve every new request
+        while the old workers finish theirs; then the old weights are freed. A version that fails is
+        refused (:meth:`model_versions` says why) and the serving one goes on. ``path`` defaults to the
+        directory the model loaded from. For models in this process without named adapters.
+        """
+        loaded = self.registry.get(name)
+        directory = os.path.expanduser(path) if path is not None else loaded.source
+        prompts = tuple(golden_prompts) if golden_prompts is not None else GOLDEN_PROMPTS
+        if name not in self._model_versions:
+            first = AdapterVersion(name, 1, loaded.source, content_digest(loaded.source, "config.json"),
+                                   state="live", loaded_at=loaded.loaded_at)
+            self._model_versions[name] = [first]
+        live = self._model_versions[name][-1] if self._model_versions[name][-1].state == "live" else None
+        self.unwatch_model(name)
+        self._model_watchers[name] = DirectoryWatcher(
+            directory, interval_s, functools.partial(self._stage_model, name, directory, prompts),
+            seen=live.digest if live is not None and live.path == directory else None, config="config.json",
+            closed=lambda: not self.registry.is_loaded(name), label=f"model-{name}")
+
+    def unwatch_model(self, name: str) -> None:
+        """Stop watching model ``name``'s directory; the serving version serves on."""
+        watcher = self._model_watchers.pop(name, None)
+        if watcher is not None:
+            watcher.stop()
+
+    def model_versions(self, name: str | None = None) -> pd.DataFrame:
+        """One row per version of each watched model (:meth:`watch_model`), with :meth:`adapters`' columns."""
+        import pandas as pd
+
+        columns = ["name", "version", "state", "loaded_at", "swap_ms", "error", "retire_ms", "digest", "path"]
+        rows = [{c: getattr(v, c) for c in columns} for model, versions in self._model_versions.items()
+                if name is None or model == name for v in versions]
+        table = pd.DataFrame(rows, columns=columns)
+        table["loaded_at"] = pd.to_datetime(table["loaded_at"], unit="s", utc=True)
+        return table
+
+    def _stage_model(self, name: str, directory: str, prompts: tuple[str, ...], digest: str,
+                     noticed: float) -> AdapterVersion:
+        """Stage a model version a watcher noticed: load beside, check, switch, drain, free (a ``model swap`` span)."""
+        versions = self._model_versions[name]
+        version = AdapterVersion(name, max(v.version for v in versions) + 1, directory, digest)
+        versions.append(version)
+        attributes: dict[str, object] = {attr.SPAN_KIND: attr.KIND_CHAIN, attr.MODEL_NAME: name,
+                                         attr.ADAPTER_PATH: directory, attr.ADAPTER_DIGEST: digest,
+                                         attr.ADAPTER_VERSION: version.version}
+        with self.tracing.span(f"model swap {name}", None, attributes) as span:
+            try:
+                current = self.registry.get(name)
+                new = self.registry.load_beside(name, directory, span)
+                try:
+                    check_successor(current, new, prompts)
+                except BaseException:
+                    self.registry.release(new)
+                    raise
+            except Exception as exc:
+                version.state = "refused"
+                version.error = exc.message if isinstance(exc, WorkbenchError) else f"{type(exc).__name__}: {exc}"
+                span.add_event("model.refused", {attr.ADAPTER_ERROR: version.error})
+                span.set_status(Status(StatusCode.ERROR, version.error))
+                span.set_attribute(attr.ADAPTER_STATE, "refused")
+                log.warning("model %s version %d from %s refused: %s", name, version.version, directory, version.error)
+                return version
+            old = self.registry.replace(name, new)
+            replaced = self.engine.swap(name, span)  # from here on new requests go to the new workers
+            previous = next((v for v in reversed(versions[:-1]) if v.state == "live"), None)
+            version.state, version.loaded_at = "live", time.time()
+            version.swap_ms = (time.perf_counter() - noticed) * 1e3
+            span.set_attributes({attr.ADAPTER_STATE: "live", attr.ADAPTER_SWAP_MS: version.swap_ms})
+            if previous is not None:
+                previous.state, previous.switched_at = "draining", time.perf_counter()
+            if replaced is not None:
+                self.engine.drain(replaced)  # the old workers finish what they hold
+            self.registry.release(old)
+            if previous is not None:
+                previous.state = "retired"
+                previous.retire_ms = (time.perf_counter() - (previous.switched_at or time.perf_counter())) * 1e3
+        return version
+
+    def _known_adapters(self) -> dict[str, list[str]]:
+        """Each known model's named adapters: those it loads with, and any a watch added since."""
+        known = {name: [n for n, _ in self.registry.settings(name).adapters] for name in self.registry.names()}
+        for loaded in self.registry.loaded():
+            if loaded.adapters is not None:
+                known[loaded.name] = sorted({*known.get(loaded.name, ()), *loaded.adapters.names()})
+        return known
+
+    def _stop_watchers(self, model: str | None = None) -> None:
+        for key in [k for k in self._adapter_watchers if model is None or k[0] == model]:
+            self.unwatch_adapter(*key)
+        for name in [n for n in self._model_watchers if model is None or n == model]:
+            self.unwatch_model(name)
 
     def __enter__(self) -> Workbench:
         return self

@@ -5,7 +5,7 @@
     ├── SettingsError      a strategy, replicas, workload or store setting is wrong: StrategyError, WorkloadError,
     │                      StoreError
     ├── ModelError         a model is unknown, will not load, ran out of memory, cannot take a chat:
-    │                      UnknownModelError, ModelLoadError, ModelOutOfMemory, ChatTemplateError
+    │                      UnknownModelError, ModelLoadError (AdapterError), ModelOutOfMemory, ChatTemplateError
     ├── ServingError       a model refused to serve now: CircuitOpen, ModelUnhealthy, HopTimeout,
     │                      RetriesExhausted, WorkerStopped, RunCancelled, ModelProcessDied, RemoteError
     │                      (RemoteRateLimited), ModelActorDied
@@ -212,6 +212,13 @@ class ModelOutOfMemory(ModelError):
 
 class ChatTemplateError(ModelError):
     """A chat hop's model has no chat template to turn its messages into a prompt, or its template refused them."""
+
+    http_status = 422
+
+
+class AdapterError(ModelLoadError):
+    """A LoRA adapter was refused (pickled, damaged, built for another base model, against the rules), or a request
+    named an adapter its model does not serve."""
 
     http_status = 422
 

@@ -300,7 +300,8 @@ class Runner:
                 if isinstance(key, _Hit):
                     return key.text
                 call = Call(name, prompt, hop.params, span, hop.name, {attr.ATTEMPT: attempt, attr.ROUTE: label},
-                            timeout, on_token=on_token, session=state.session, messages=messages, prefix=prefix)
+                            timeout, on_token=on_token, session=state.session, messages=messages, prefix=prefix,
+                            adapter=hop.adapter if name == hop.model else None)  # a fallback model runs bare
                 result = await self.engine.acall(call)
                 if result.prefix_tokens:
                     span.set_attributes({attr.PREFIX_TOKENS: result.prefix_tokens,
@@ -340,7 +341,9 @@ class Runner:
         cache = self.cache
 
         def look() -> _Hit | str:
-            key = response_key(self.engine.identity(model), prompt, messages, hop.params)
+            # A fallback model runs bare; a hop's adapter counts by the files of its live version.
+            adapter = self.engine.adapter_identity(model, hop.adapter) if hop.adapter and model == hop.model else None
+            key = response_key(self.engine.identity(model), prompt, messages, hop.params, adapter=adapter)
             found = cache.get(key, hop.name, model)
             return key if found is None else _Hit(key, found.text, found.cost_ms)
 

@@ -25,7 +25,7 @@ from workbench.knowledge import DEFAULT_MAX_TRIPLES, DEMO_GRAPHS, GraphSource, G
 
 CHAIN_FIELDS = ("name", "description", "inputs", "hops", "output", "history")
 LLM_FIELDS = ("name", "kind", "model", "prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "seed",
-              "truncate", "retry", "timeout_s", "fallback", "cache")
+              "truncate", "retry", "timeout_s", "fallback", "cache", "adapter")
 PYTHON_FIELDS = ("name", "kind", "call", "uses", "retry", "fallback")
 KNOWLEDGE_FIELDS = ("name", "kind", "graph", "query", "hops", "max_triples")
 KINDS = ("llm", "python", "knowledge")
@@ -108,6 +108,8 @@ class HopSpec:
     knowledge: KnowledgeQuery | None = None  # a knowledge hop's graph, query and walk
     # The hop's ``cache:``: an exact response cache, a prefix (KV) cache, both, or neither.
     cache: HopCache = NO_CACHE
+    # The named LoRA adapter of ``model`` this hop runs with (``adapter: sql``); None: the base model.
+    adapter: str | None = None
 
     @property
     def prompt(self) -> str | None:
@@ -216,12 +218,14 @@ def parse_spec(
     default_name: str | None = None,
     allowed_modules: Collection[str] = (),
     graphs: GraphStore | None = None,
+    known_adapters: Mapping[str, Collection[str]] | None = None,
 ) -> ChainSpec:
     """Validate ``spec`` (YAML text or a dict) into a ChainSpec, or raise SpecError saying where.
 
     ``allowed_modules``: modules a ``call:`` may name besides the user's own (see ``chains/trust.py``).
     ``graphs``: where knowledge hops' graphs load and stay; given, each is read now, so a bad file
     of triples fails here (naming the hop and line) rather than at the first run.
+    ``known_adapters``: the named LoRA adapters of each model, which a hop's ``adapter:`` must be one of.
     """
     lines = _Lines()
     if isinstance(spec, str):
@@ -258,6 +262,7 @@ def parse_spec(
     _check_fallbacks(hops, hops_data, lines)
     if graphs is not None:
         _load_graphs(hops, graphs, lines)
+    _adapters(hops, hops_data, known_adapters, lines)
     output = data.get("output", [h for h in hops if not h.standby][-1].name)
     if output not in hop_names:
         raise SpecError(
@@ -451,6 +456,28 @@ def _hop_names(hops_data: list[Any], lines: _Lines) -> list[str]:
         first_line[name] = line
         names.append(name)
     return names
+
+
+def _adapters(
+    hops: list[HopSpec], hops_data: list[Any], known: Mapping[str, Collection[str]] | None, lines: _Lines
+) -> None:
+    """Set each LLM hop's ``adapter:``, which must name an adapter its model was loaded with (when they are known)."""
+    for index, (hop, raw) in enumerate(zip(hops, hops_data)):
+        if hop.kind != "llm" or raw.get("adapter") is None:
+            continue
+        adapter, line = raw["adapter"], lines.of("hops", index, "adapter")
+        if not isinstance(adapter, str) or not adapter.isidentifier():
+            raise SpecError(f"adapter must be the name of one of the model's LoRA adapters, not {_show(adapter)}",
+                            hop=hop.name, field="adapter", line=line, hint="e.g. adapter: sql")
+        choices = sorted(known.get(hop.model or "", ())) if known is not None else None
+        if choices is not None and adapter not in choices:
+            raise SpecError(
+                f"model {hop.model!r} has no adapter {adapter!r}{_did_you_mean(adapter, choices)}",
+                hop=hop.name, field="adapter", line=line,
+                hint=f"its adapters: {', '.join(choices)}; leave adapter: out for the base model" if choices
+                else f"load it with adapters: bench.load({hop.model!r}, PATH, adapters={{{adapter!r}: DIR}})",
+            )
+        hop.adapter = adapter
 
 
 def _parse_hop(

@@ -8,7 +8,7 @@ import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from workbench.engine.queue import Accept, RequestQueue, select
 from workbench.engine.requests import GenerationParams, GenerationRequest
@@ -20,6 +20,20 @@ from workbench.models.settings import LoadSettings
 def same_params(request: GenerationRequest, taken: list[GenerationRequest]) -> bool:
     """Requests share a padded batch only when their generation parameters are identical."""
     return request.params == taken[0].params
+
+
+# How requests for different LoRA adapters batch: together in one generate (peft's adapter_names, one per row),
+# or grouped, one generate per adapter version.
+ADAPTER_BATCHING = ("mixed", "grouped")
+
+
+def same_adapter(request: GenerationRequest, taken: list[GenerationRequest]) -> bool:
+    """Requests of one adapter version (or all of the base model): what a grouped batch holds."""
+    return request.adapter == taken[0].adapter
+
+
+def _same_params_and_adapter(request: GenerationRequest, taken: list[GenerationRequest]) -> bool:
+    return same_params(request, taken) and same_adapter(request, taken)
 
 
 def _check(ok: bool, policy: str, message: str) -> None:
@@ -92,9 +106,9 @@ def _gather(
     return queue.take(limit, accept)
 
 
-def _compatible(head: GenerationRequest, queued: Sequence[GenerationRequest]) -> int:
+def _compatible(head: GenerationRequest, queued: Sequence[GenerationRequest], grouped: bool = False) -> int:
     """How many queued requests could share a padded batch with ``head`` (itself included)."""
-    return sum(1 for r in queued if r.params == head.params)
+    return sum(1 for r in queued if r.params == head.params and (not grouped or r.adapter == head.adapter))
 
 
 @dataclass(frozen=True)
@@ -103,23 +117,29 @@ class StaticBatching(BatchingPolicy):
 
     The timeout runs from the arrival of the oldest queued request, so a lone request waits
     ``timeout_ms`` at most and then runs as a partial batch. Requests whose generation
-    parameters differ never share a batch: they wait for a batch of their own.
+    parameters differ never share a batch: they wait for a batch of their own. ``adapters="grouped"``
+    keeps requests for different LoRA adapters (and versions) apart too; ``"mixed"`` (the default) lets
+    them share one generate, each row with its own adapter.
     """
 
     size: int = 8
     timeout_ms: float = 50.0
+    adapters: str = field(default="mixed", repr=False)  # the name ends in :grouped when grouped
 
     def __post_init__(self) -> None:
         _check(self.size >= 1, repr(self), "size must be at least 1")
         _check(0 <= self.timeout_ms < math.inf, repr(self), "timeout_ms must be a finite number >= 0")
+        _check(self.adapters in ADAPTER_BATCHING, repr(self), "adapters must be 'mixed' or 'grouped'")
 
     @property
     def name(self) -> str:  # type: ignore[override]
-        return f"static:{self.size}:{_ms(self.timeout_ms)}"
+        return f"static:{self.size}:{_ms(self.timeout_ms)}" + (":grouped" if self.adapters == "grouped" else "")
 
     def next_batch(self, queue: RequestQueue) -> list[GenerationRequest]:
-        return _gather(queue, self.timeout_ms, self.size, lambda head, queued, size: _compatible(head, queued) >= size,
-                       same_params)
+        grouped = self.adapters == "grouped"
+        return _gather(queue, self.timeout_ms, self.size,
+                       lambda head, queued, size: _compatible(head, queued, grouped) >= size,
+                       _same_params_and_adapter if grouped else same_params)
 
 
 @dataclass(frozen=True)
@@ -141,12 +161,17 @@ class DynamicBatching(BatchingPolicy):
     shortest (e.g. 1.5). The batch forms around the oldest request, scanning the queue in
     arrival order, so a short prompt never pads up to a long one; requests of other lengths
     form the next batches. ``None`` mixes all lengths (fewest batches, most padding).
+
+    ``adapters`` says how requests for different LoRA adapters of one model batch: ``"mixed"`` (the
+    default) runs them in one generate, each row with its own adapter (peft's ``adapter_names``);
+    ``"grouped"`` gives each adapter version (and the base model) batches of its own.
     """
 
     max_batch: int = 16
     max_wait_ms: float = 5.0
     max_batch_tokens: int | None = None
     max_length_ratio: float | None = None
+    adapters: str = field(default="mixed", repr=False)  # the name ends in :grouped when grouped
 
     def __post_init__(self) -> None:
         _check(self.max_batch >= 1, repr(self), "max_batch must be at least 1")
@@ -155,6 +180,7 @@ class DynamicBatching(BatchingPolicy):
         _check(
             self.max_length_ratio is None or self.max_length_ratio >= 1, repr(self), "max_length_ratio must be >= 1"
         )
+        _check(self.adapters in ADAPTER_BATCHING, repr(self), "adapters must be 'mixed' or 'grouped'")
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -163,11 +189,15 @@ class DynamicBatching(BatchingPolicy):
             name += f":{self.max_batch_tokens}tok"
         if self.max_length_ratio is not None:
             name += f":len{self.max_length_ratio:g}"
+        if self.adapters == "grouped":
+            name += ":grouped"
         return name
 
     def admits(self, request: GenerationRequest, taken: list[GenerationRequest]) -> bool:
         """Whether ``request`` may join the batch ``taken`` (same parameters, within the token and length limits)."""
         if request.params != taken[0].params:
+            return False
+        if self.adapters == "grouped" and request.adapter != taken[0].adapter:
             return False
         if self.max_batch_tokens is None and self.max_length_ratio is None:
             return True
@@ -286,7 +316,8 @@ def default_policy(settings: LoadSettings) -> BatchingPolicy:
     return ContinuousBatching() if settings.remote else NoBatching()
 
 
-POLICY_FORMS = "none, static:SIZE[:TIMEOUT], dynamic:MAX_BATCH[:MAX_WAIT][:Ntok][:lenR], continuous[:MAX_BATCH]"
+POLICY_FORMS = ("none, static:SIZE[:TIMEOUT][:grouped], dynamic:MAX_BATCH[:MAX_WAIT][:Ntok][:lenR][:grouped], "
+                "continuous[:MAX_BATCH]")
 
 
 def parse_policy(text: str) -> BatchingPolicy:
@@ -294,9 +325,11 @@ def parse_policy(text: str) -> BatchingPolicy:
 
     ``none``, ``static:8`` (50 ms timeout), ``static:8:20ms``, ``dynamic:16:5ms``,
     ``dynamic:32:5ms:512tok:len1.5`` (token budget, length grouping), ``continuous``,
-    ``continuous:32``. Times take ``ms`` or ``s``; a bare number is milliseconds.
+    ``continuous:32``; ``:grouped`` at the end of static and dynamic batches each LoRA adapter apart. Times take ``ms`` or ``s``; a bare number is milliseconds.
     """
     kind, *fields = text.strip().lower().split(":")
+    # static and dynamic end in :grouped to keep each LoRA adapter's requests in batches of their own
+    adapters = fields.pop() if kind in ("static", "dynamic") and fields and fields[-1] in ADAPTER_BATCHING else None
 
     def fail(message: str) -> StrategyError:
         return StrategyError(f"batching {text!r}: {message}", hint=f"the forms are {POLICY_FORMS}")
@@ -331,9 +364,9 @@ def parse_policy(text: str) -> BatchingPolicy:
     if kind == "static":
         arity(2)
         if not fields:
-            return StaticBatching()
+            return StaticBatching(adapters=adapters or "mixed")
         size = whole(fields[0], "size")
-        return StaticBatching(size, *(millis(v, "timeout") for v in fields[1:]))
+        return StaticBatching(size, *(millis(v, "timeout") for v in fields[1:]), adapters=adapters or "mixed")
     if kind == "dynamic":
         arity(4)
         settings: dict[str, float | int] = {}
@@ -351,7 +384,7 @@ def parse_policy(text: str) -> BatchingPolicy:
                 settings["max_wait_ms"] = millis(value, "max_wait")
             else:
                 raise fail(f"setting {value!r} is neither a token budget (512tok) nor a length ratio (len1.5)")
-        return DynamicBatching(**settings)  # type: ignore[arg-type]
+        return DynamicBatching(**settings, adapters=adapters or "mixed")  # type: ignore[arg-type]
     if kind == "continuous":
         arity(1)
         return ContinuousBatching(*(whole(v, "max_batch") for v in fields))

@@ -30,6 +30,8 @@ from workbench.engine.wakeups import Wakeups
 from workbench.engine.worker import ModelWorker
 from workbench.errors import HopTimeout, ModelLoadError, ModelUnhealthy, RunCancelled, SettingsError, UnknownModelError
 from workbench.models.fingerprint import model_identity
+from workbench.errors import AdapterError
+from workbench.models.adapters import AdapterLease, AdapterSet
 from workbench.models.registry import LoadedModel, ModelRegistry
 from workbench.models.settings import is_server_url
 from workbench.tracing import Tracing, mark_error
@@ -57,6 +59,8 @@ class Call:
     messages: Messages | None = None
     # The prompt's fixed leading text (a ``cache: prefix`` hop): a backend with a prefix cache reuses its KV.
     prefix: str | None = None
+    # The named LoRA adapter to run with (its live version when queued); None: the base model.
+    adapter: str | None = None
 
 
 @dataclass(eq=False)
@@ -216,6 +220,21 @@ class Engine:
     def close(self) -> None:
         for name in list(self._sets):
             self.stop(name)
+
+    def swap(self, name: str, parent: Span | None = None) -> ReplicaSet | None:
+        """Serve ``name`` from the model the registry holds now (a live swap): new workers take every new request,
+        under the same policy, replicas and balance. Returns the old replica set, whose requests still run
+        (:meth:`drain` it), or None if none ran."""
+        with self._lock:
+            old = self._sets.get(name)
+        self.start(name, parent=parent, trigger="swap")
+        return old
+
+    def drain(self, replicas: ReplicaSet, timeout: float = 60.0) -> None:
+        """Let a replaced replica set finish its queued and running requests, then stop its workers."""
+        for worker in replicas.workers:
+            worker.drain(timeout)
+            worker.backend.close()
 
     def replica_sets(self) -> dict[str, ReplicaSet]:
         """The running replica sets by model name (a snapshot)."""
@@ -427,11 +446,19 @@ class Engine:
                 text, ids = prompt
                 ids, truncated = fit_window(ids, call.params, backend.context_window, model, call.hop)
                 prefix_len = self._prefix_len(worker, call.prefix, ids) if call.prefix else 0
-                trial = False if call.probe else _admit(worker, span)
+                lease = _adapter_lease(worker, call, model) if call.adapter is not None else None
+                try:
+                    trial = False if call.probe else _admit(worker, span)
+                except BaseException:
+                    _release_lease(backend, lease)
+                    raise
             except Exception as exc:
                 self._refuse(model, span, exc)
                 answers.append(exc)
                 continue
+            if lease is not None:
+                span.set_attributes({attr.ADAPTER_NAME: lease.name, attr.ADAPTER_VERSION: lease.version,
+                                     attr.ADAPTER_KEY: lease.key})
             span.set_attributes(
                 {
                     attr.MODEL_DEVICE: backend.device,
@@ -447,8 +474,11 @@ class Engine:
                 worker.name, ids, call.params, span, hop=call.hop, truncated_tokens=truncated, prompt=text,
                 messages=call.messages, probe=call.probe,
                 cancellable=call.timeout_s is not None, trial=trial, on_token=call.on_token, prefix_len=prefix_len,
+                adapter=lease.key if lease is not None else None,
             )
             request.future.add_done_callback(lambda _: self.preloader.end_use(model))
+            if lease is not None:  # the version stays loaded until the request is done with it
+                request.future.add_done_callback(functools.partial(_release_after, backend, lease))
             queued.append(request)
             answers.append(request)
         if queued:
@@ -461,6 +491,8 @@ class Engine:
                     mark_error(request.span, exc)
                     request.span.end()
                     self.preloader.end_use(model)  # never queued, so the future's callback never runs
+                    if request.adapter is not None:
+                        _release_lease(backend, _lease_of(request))
                 answers = [exc if isinstance(a, GenerationRequest) else a for a in answers]
         return answers
 
@@ -484,6 +516,17 @@ class Engine:
         identity = model_identity(settings)
         self._identities[model] = (loaded, identity)
         return identity
+
+    def adapter_identity(self, name: str, adapter: str) -> str | None:
+        """What an answer of ``adapter`` on model ``name`` depends on, for cache keys: its name and the digest of its
+        live version's files (so a hot swap to new weights is a new key; the same files again, the same key).
+        None where no replica serves it (the call itself then says why)."""
+        for worker in self.replicas_of(name):
+            adapters: AdapterSet | None = getattr(worker.backend, "adapters", None)
+            live = adapters.live(adapter) if adapters is not None else None
+            if live is not None:
+                return f"{adapter}:{live.digest}"
+        return None
 
     def _prefix_len(self, worker: ModelWorker, prefix: str, ids: list[int]) -> int:
         """How many leading ``ids`` are the tokens of ``prefix``, for a backend with a prefix cache (else 0).
@@ -568,6 +611,7 @@ class Engine:
         attributes: Mapping[str, object] | None = None,
         cancellable: bool = False,
         probe: bool = False,
+        adapter: str | None = None,
     ) -> GenerationRequest:
         """Tokenize ``prompt`` here, in the caller's thread, and queue it for ``model``; the request's future answers.
 
@@ -578,7 +622,8 @@ class Engine:
         ``probe`` (health check) passes both gates and counts for neither; ``cancellable`` lets
         a timeout stop the request's row mid-batch.
         """
-        call = Call(model, prompt, params, parent, hop, attributes, 0.0 if cancellable else None, probe)
+        call = Call(model, prompt, params, parent, hop, attributes, 0.0 if cancellable else None, probe,
+                    adapter=adapter)
         model, index = self._resolve(model)
         span = self._open(call, model)
         started = time.perf_counter()
@@ -621,9 +666,11 @@ class Engine:
                 raise error from None
             return request.future.result()  # it finished just as the wait ran out
 
-    def generate(self, model: str, prompt: str, params: GenerationParams | None = None) -> GenerationResult:
-        """Submit one prompt and wait for its result (a convenience for scripts and tests)."""
-        return self.submit(model, prompt, params or GenerationParams()).future.result()
+    def generate(
+        self, model: str, prompt: str, params: GenerationParams | None = None, adapter: str | None = None
+    ) -> GenerationResult:
+        """Submit one prompt and wait for its result (a convenience for scripts and tests); ``adapter`` names one."""
+        return self.submit(model, prompt, params or GenerationParams(), adapter=adapter).future.result()
 
     async def acall(self, call: Call) -> GenerationResult:
         """Await one model call on the running event loop; the same gates, spans and timeout as :meth:`call`.
@@ -758,6 +805,36 @@ def _finisher(replicas: ReplicaSet, replica: Replica) -> Callable[[Future[Genera
         replicas.finished(replica, ok=future.exception() is None)
 
     return finished
+
+
+def _adapter_lease(worker: ModelWorker, call: Call, model: str) -> AdapterLease:
+    """Pin the live version of ``call.adapter`` on ``worker``'s model; AdapterError where it serves none by that name.
+
+    Only the in-process transformers backend serves named adapters (process, Ray and server backends
+    refuse them), and only under padded batching (its ``check`` refuses continuous batching).
+    """
+    where = f"hop {call.hop!r}: " if call.hop else ""
+    adapters: AdapterSet | None = getattr(worker.backend, "adapters", None)
+    if adapters is None:
+        raise AdapterError(
+            f"{where}model {model!r} serves no named adapters, so it cannot run adapter {call.adapter!r}",
+            hint="load it with adapters={NAME: PATH} (in this process: isolation='thread', engine='local')")
+    return adapters.acquire(call.adapter or "", where)
+
+
+def _lease_of(request: GenerationRequest) -> AdapterLease:
+    name, _, version = (request.adapter or "").rpartition("@v")
+    return AdapterLease(name, int(version), request.adapter or "")
+
+
+def _release_lease(backend: Backend, lease: AdapterLease | None) -> None:
+    adapters: AdapterSet | None = getattr(backend, "adapters", None)
+    if lease is not None and adapters is not None:
+        adapters.release(lease)
+
+
+def _release_after(backend: Backend, lease: AdapterLease, _: Future[GenerationResult]) -> None:
+    _release_lease(backend, lease)
 
 
 def _timeout(model: str, hop: str | None, timeout_s: float | None) -> HopTimeout:

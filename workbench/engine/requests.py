@@ -124,6 +124,9 @@ class GenerationRequest:
     on_token: Callable[[int, str], None] | None = None
     # How many leading ``input_ids`` are a prefix whose KV a backend with a prefix cache may reuse (0: none).
     prefix_len: int = 0
+
+    # The LoRA adapter version to run with, as the peft model names it (``sql@v2``); None: the base model.
+    adapter: str | None = None
     _settle_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _settled: bool = field(default=False, repr=False)
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from opentelemetry.trace import Link, Span, Status, StatusCode
 
 from workbench.engine.backends.base import Backend, Scheduler
-from workbench.engine.batching import BatchingPolicy
+from workbench.engine.batching import BatchingPolicy, DynamicBatching
 from workbench.engine.breaker import CircuitBreaker
 from workbench.engine.faults import FaultInjector
 from workbench.engine.health import ModelHealth
@@ -22,6 +23,7 @@ from workbench.tracing import attributes as attr
 from workbench.tracing import openinference
 
 log = logging.getLogger(__name__)
+DRAIN_GRACE_S = 0.05  # how long a draining worker's queue must stay empty before it closes
 
 
 class ModelWorker:
@@ -63,6 +65,22 @@ class ModelWorker:
         for request in self.queue.close():
             self._fail([request], WorkerStopped(f"model {self.name!r} was unloaded before this request ran"))
         self._thread.join(timeout)
+
+    def drain(self, timeout: float = 60.0) -> None:
+        """Run every queued request, then stop: a live swap's old worker finishes its work (new requests go to the
+        new one). Whatever is still queued after ``timeout`` seconds fails as :meth:`stop` fails it."""
+        if not self.policy.continuous:
+            self.set_policy(DynamicBatching(max_batch=64, max_wait_ms=0))  # run what it holds now, waiting for no one
+        deadline = time.monotonic() + timeout
+        while not self.queue.closed and time.monotonic() < deadline:
+            if not len(self.queue):
+                # A caller that picked this worker just before the swap may still be queueing here: give it a
+                # moment (a request arriving after the close fails with WorkerStopped).
+                time.sleep(DRAIN_GRACE_S)
+                if not len(self.queue):
+                    break
+            time.sleep(0.005)  # a policy may be waiting for company: its batch leaves the queue when it runs
+        self.stop()
 
     def cancel(self, request: GenerationRequest, error: BaseException) -> bool:
         """Fail ``request`` with ``error`` now: drop it from the queue, or stop its row in the running batch.
@@ -110,6 +128,12 @@ class ModelWorker:
                 self._execute(batch, policy)
 
     def _batch_span(self, batch: list[GenerationRequest], policy: BatchingPolicy) -> Span:
+        span = self._start_batch_span(batch, policy)
+        if getattr(self.backend, "adapters", None) is not None:  # a model with named LoRA adapters
+            span.set_attribute(attr.ADAPTER_BATCHING, getattr(policy, "adapters", "mixed"))
+        return span
+
+    def _start_batch_span(self, batch: list[GenerationRequest], policy: BatchingPolicy) -> Span:
         return self._tracing.start_span(
             f"batch {self.name}",
             attributes={

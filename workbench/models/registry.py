@@ -23,6 +23,7 @@ from opentelemetry.trace import Span
 
 from workbench.errors import ModelLoadError, UnknownModelError
 from workbench.models import heap, remote
+from workbench.models.adapters import AdapterSet
 from workbench.models.remote import REMOTE_DEVICE
 from workbench.models.devices import dtype_name, resolve_device, resolve_dtype
 from workbench.models.settings import LoadSettings, is_server_url
@@ -75,6 +76,8 @@ class LoadedModel:
     context_window: int | None
     warmup_s: float = 0.0
     loaded_at: float = field(default_factory=time.time)
+    # The named LoRA adapters on ``model`` (``settings.adapters``), which hops pick by name; None without any.
+    adapters: AdapterSet | None = None
 
     @property
     def source(self) -> str:
@@ -228,7 +231,7 @@ class ModelRegistry:
                 {
                     "name": m.name,
                     "source": m.source,
-                    "adapter": m.settings.adapter,
+                    "adapter": m.settings.adapter or ",".join(n for n, _ in m.settings.adapters) or None,
                     "device": str(m.device),
                     "dtype": dtype_name(m.dtype) if m.dtype is not None else None,
                     "isolation": m.settings.isolation,
@@ -271,12 +274,17 @@ class ModelRegistry:
         self.check_free(name)
         _check_isolation(settings)
         _check_engine(settings)
+        _check_adapters(settings)
         if settings.isolation == "process":
             return self._load_isolated(name, settings, parent, trigger)
         if settings.remote:
             return self._keep(name, settings, self._connect(name, settings, parent, trigger))
         if settings.engine == "ray":
             return self._keep(name, settings, self._load_tokenizer_only(name, settings, parent, trigger))
+        return self._keep(name, settings, self._load_here(name, settings, parent, trigger))
+
+    def _load_here(self, name: str, settings: LoadSettings, parent: Span | None, trigger: str) -> LoadedModel:
+        """Load ``settings`` into this process (a ``load`` span), without making it the model of ``name`` yet."""
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
         _check_source(settings)
@@ -286,6 +294,10 @@ class ModelRegistry:
             started = time.perf_counter()
             before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
             model, tokenizer = _from_pretrained(settings, device, dtype)
+            adapters = _named_adapters(model, tokenizer, device, settings) if settings.adapters else None
+            if adapters is not None:
+                model = adapters.model
+                span.set_attribute(attr_names.ADAPTER_NAMES, [n for n, _ in settings.adapters])
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
                 memory = torch.cuda.memory_allocated(device) - before
@@ -317,8 +329,37 @@ class ModelRegistry:
             load_s=load_s,
             warmup_s=warmup_s,
             context_window=_context_window(model.config, tokenizer),
+            adapters=adapters,
         )
-        return self._keep(name, settings, loaded)
+        return loaded
+
+    def load_beside(self, name: str, source: str, parent: Span | None = None) -> LoadedModel:
+        """A new version of the loaded model ``name`` from ``source``, loaded beside it with its settings; not
+        serving yet (:meth:`replace` makes it the model of ``name``). Only a model in this process can."""
+        current = self.get(name)
+        settings = current.settings
+        if settings.isolation != "thread" or settings.remote or settings.engine != "local":
+            raise ModelLoadError(f"model {name!r} is not loaded in this process, so it cannot be swapped live",
+                                 hint="live swaps are for models loaded with isolation='thread', engine='local'")
+        if settings.adapters:
+            raise ModelLoadError(f"model {name!r} carries named adapters, which were trained on its present weights",
+                                 hint="watch its adapters instead (bench.watch_adapter), or reload it")
+        return self._load_here(name, dataclasses.replace(settings, source=source), parent, "swap")
+
+    def replace(self, name: str, new: LoadedModel) -> LoadedModel:
+        """Make ``new`` the model of ``name`` and return the one it replaced, still in memory (:meth:`release`)."""
+        with self._lock:
+            old = self.get(name)
+            self._loaded[name] = new
+            self._registered[name] = new.settings
+            self._measured[name] = (new.settings, new.memory_bytes)
+        return old
+
+    def release(self, loaded: LoadedModel) -> None:
+        """Free a model that no longer serves (the version a swap replaced, or one that failed its checks)."""
+        device = loaded.device
+        _release(loaded)
+        _free(device)
 
     def _load_tokenizer_only(self, name: str, settings: LoadSettings, parent: Span | None, trigger: str) -> LoadedModel:
         """Only the tokenizer of a model whose replicas load elsewhere (``engine="ray"``: Ray actors).
@@ -517,7 +558,55 @@ def _release(loaded: LoadedModel) -> None:
     """Let go of ``loaded``'s model: drop the references, or end the child process that holds it."""
     if loaded.settings.isolation == "process":
         loaded.model.close()
+    if loaded.adapters is not None:
+        loaded.adapters.close()  # its watchers stop
+        loaded.adapters = None
     loaded.model = loaded.tokenizer = None
+
+
+def check_successor(old: LoadedModel, new: LoadedModel, prompts: Iterable[str]) -> None:
+    """Refuse ``new`` as the next version of ``old`` unless it is the same kind of model with the same
+    vocabulary, and gives finite logits on ``prompts``; ModelLoadError says which check failed."""
+    where = f"the new version of model {old.name!r} (from {new.source})"
+    for key in ("model_type", "vocab_size"):
+        before, after = getattr(old.model.config, key, None), getattr(new.model.config, key, None)
+        if before != after:
+            raise ModelLoadError(f"{where} has {key} {after!r}, the serving one {before!r}",
+                                 hint="a live swap keeps the architecture and the vocabulary; load it under a new name")
+    texts = list(prompts)
+    if not texts:
+        return
+    encoded = new.tokenizer(texts, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        logits = new.model(input_ids=encoded["input_ids"].to(new.device),
+                           attention_mask=encoded["attention_mask"].to(new.device)).logits
+    if not bool(torch.isfinite(logits).all()):
+        raise ModelLoadError(f"{where} gives non-finite logits (NaN or inf) on the golden prompts",
+                             hint="its weights are damaged or diverged in training")
+
+
+def _check_adapters(settings: LoadSettings) -> None:
+    """Named adapters are served by the in-process transformers backend only, and not beside ``adapter``."""
+    if not settings.adapters:
+        return
+    if settings.adapter:
+        raise ModelLoadError("a load takes adapter=PATH (one adapter, always on) or adapters={NAME: PATH} (hops "
+                             "pick one by name), not both", hint="put the one adapter in adapters= too")
+    where = ("a child process (isolation='process')" if settings.isolation == "process" else
+             "a model server" if settings.remote else "Ray actors (engine='ray')" if settings.engine == "ray" else None)
+    if where is not None:
+        raise ModelLoadError(f"named adapters are served in this process only, and this model runs in {where}",
+                             hint="load it with isolation='thread' and engine='local', or serve the adapters "
+                             "from the server itself")
+
+
+def _named_adapters(model: Any, tokenizer: Any, device: torch.device, settings: LoadSettings) -> AdapterSet:
+    """``model`` with every adapter of ``settings.adapters`` attached (version 1 each), each checked first."""
+    adapters = AdapterSet(model, tokenizer, device)
+    for adapter_name, path in settings.adapters:
+        adapters.add(adapter_name, os.path.expanduser(path))
+    adapters.model.eval()
+    return adapters
 
 
 def _check_isolation(settings: LoadSettings) -> None:

@@ -31,6 +31,9 @@ class LoadSettings:
     device: str = _option("auto", "auto (default), cpu, cuda, cuda:1, mps", "D")
     dtype: str = _option("auto", "auto (default), float32, bfloat16, float16", "T")
     adapter: str | None = _option(None, "a PEFT (LoRA) adapter directory", "PATH")
+    # Named LoRA adapters on the one base model, as (name, directory) pairs; a hop picks one with ``adapter: NAME``.
+    adapters: tuple[tuple[str, str], ...] = _option(
+        (), "named LoRA adapters a hop picks with adapter: NAME (NAME=PATH,NAME=PATH)", "NAME=PATH,...")
     trust_remote_code: bool = _option(False, "run Python code shipped with the model")
     allow_pickle: bool = _option(False, "accept pickled (.bin, .pt) weights, which can run code")
     revision: str | None = _option(None, "a branch, tag or commit of a hub model", "REV")

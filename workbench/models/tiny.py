@@ -206,3 +206,43 @@ def _build(target: Path, seed: int) -> None:
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def tiny_lora(
+    base: str | os.PathLike[str],
+    target: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    rank: int = 4,
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
+    scale: float = 0.5,
+    safe: bool = True,
+) -> Path:
+    """Save a real PEFT LoRA adapter for the model at ``base`` into ``target`` and return ``target``.
+
+    Its B matrices are drawn from ``seed`` (times ``scale``), not left at peft's zeros, so the adapter
+    changes what the model says: the same seed always gives the same adapter, another seed another
+    one. ``safe=False`` saves pickled weights (``adapter_model.bin``), for tests that must refuse them.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # peft draws the A matrices from the global generator
+            tuned = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(target_modules)))
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, param in sorted(tuned.named_parameters()):
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * scale)
+        tuned.save_pretrained(target, safe_serialization=safe)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    return Path(target)

@@ -182,3 +182,15 @@ CACHE_SAVED_MS = "workbench.cache.saved_ms"  # on a hit: what the stored answer 
 PREFIX_TOKENS = "workbench.cache.prefix_tokens"  # prompt tokens whose KV was reused, not prefilled
 PREFIX_SAVED_MS = "workbench.cache.prefix_ttft_saved_ms"  # estimate: the prefix's own prefill, measured once
 PREFETCHED = "workbench.prefetch.prepared"  # a map prepared this hop (rendered, tokenized, prefix warmed) ahead
+
+# Named LoRA adapters (adapters=, a hop's adapter:) and their live swaps (bench.watch_adapter).
+ADAPTER_NAME = "workbench.adapter.name"  # on a request: the adapter it ran with (absent: the base model)
+ADAPTER_VERSION = "workbench.adapter.version"  # ... and its version (1, 2, ...)
+ADAPTER_KEY = "workbench.adapter.key"  # ... as the peft model names it: sql@v2
+ADAPTER_NAMES = "workbench.adapter.names"  # a load's adapters; a batch's keys (__base__ for the base model)
+ADAPTER_BATCHING = "workbench.batch.adapters"  # mixed (one generate, adapter_names per row) or grouped
+ADAPTER_PATH = "workbench.adapter.path"
+ADAPTER_DIGEST = "workbench.adapter.digest"
+ADAPTER_STATE = "workbench.adapter.state"  # what staging a version ended in: live or refused
+ADAPTER_SWAP_MS = "workbench.adapter.swap_ms"
+ADAPTER_ERROR = "workbench.adapter.error"

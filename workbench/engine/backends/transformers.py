@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -24,7 +25,10 @@ from workbench.engine.backends.base import (
 )
 from workbench.engine.backends.prefix_cache import PrefixCache, PrefixEntry
 from workbench.engine.requests import GenerationRequest, GenerationResult, Messages, check_text
+from workbench.errors import AdapterError
+from workbench.models.adapters import BASE
 from workbench.models.devices import dtype_name
+from workbench.tracing import attributes as attr
 from workbench.models.registry import LoadedModel
 
 if TYPE_CHECKING:
@@ -123,9 +127,14 @@ class TransformersBackend:
         self.prefix_cache = PrefixCache(loaded.model, loaded.device)
         forward = getattr(loaded.model, "get_base_model", lambda: loaded.model)().forward
         self._cache_kwarg = "past_key_values" if "past_key_values" in inspect.signature(forward).parameters else "cache"
+        # Named LoRA adapters, for requests that name one; a replica that copied the weights elsewhere has none.
+        adapters = loaded.adapters
+        self.adapters = adapters if adapters is not None and adapters.model is loaded.model else None
 
     def warm_prefix(self, ids: Sequence[int]) -> bool:
         """Make sure the KV of prefix ``ids`` is cached (prefilling it now if not); True if it already was."""
+        if self.adapters is not None:
+            return False  # no prefix KV on a model with named adapters (see _generate)
         return self.prefix_cache.get(ids)[1]
 
     def tokenize(self, prompts: Sequence[str], special_tokens: bool = True) -> list[list[int]]:
@@ -138,6 +147,10 @@ class TransformersBackend:
         return self.codec.detokenize(tokens)
 
     def check(self, policy: BatchingPolicy) -> None:
+        if policy.continuous and self.adapters is not None:
+            # transformers' scheduler runs the peft model with whichever adapter is active, for every row.
+            raise AdapterError(f"model {self.model!r} carries named LoRA adapters, and {policy.name} has no "
+                               "per-request adapters", hint="use DynamicBatching (adapters='mixed' or 'grouped')")
         if policy.continuous:
             from workbench.engine.backends.continuous import check_model
 
@@ -197,7 +210,9 @@ class TransformersBackend:
         """Generate for every request of ``batch`` (equal params) in one padded call."""
         params = batch[0].params
         model, device = self.loaded.model, self.loaded.device
-        shared = _shared_prefix(batch)
+        # A model with named adapters keeps no prefix KV: a prefix's KV depends on each row's adapter version,
+        # and the prefill would run under peft's active adapter, not the row's. Such batches prefill whole prompts.
+        shared = _shared_prefix(batch) if self.adapters is None else None
         prefix: PrefixEntry | None = None
         cached: dict[str, Any] = {}
         if shared is None:
@@ -224,9 +239,15 @@ class TransformersBackend:
         streaming = on_token is not None and any(r.stream for r in batch)
         clock = _StepClock(self._streamer(batch, on_token) if streaming else None)  # type: ignore[arg-type]
         cancellable = any(r.cancellable for r in batch)
+        adapter_kwargs: dict[str, Any] = {}
+        lock: Any = contextlib.nullcontext()
+        if self.adapters is not None:
+            # One generate for the whole batch: peft applies each row's own adapter version (or none, __base__).
+            adapter_kwargs["adapter_names"] = [r.adapter or BASE for r in batch]
+            lock = self.adapters.lock  # peft hooks the shared model per call; a swap must not overlap
         if params.seed is not None:
             torch.manual_seed(params.seed)
-        with torch.inference_mode():
+        with lock, torch.inference_mode():
             output = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention.to(device),
@@ -236,6 +257,7 @@ class TransformersBackend:
                 # Only requests with a timeout can be cancelled; others skip the per-step check.
                 stopping_criteria=StoppingCriteriaList([_CancelledRows(batch)] if cancellable else []),
                 **cached,
+                **adapter_kwargs,
                 **params.generate_kwargs(),
             )
         ended = time.perf_counter()
@@ -262,7 +284,11 @@ class TransformersBackend:
                     prefix_saved_ms=prefix.prefill_ms if prefix is not None else 0.0,
                 )
             )
+        attributes: dict[str, object] = {}
+        if self.adapters is not None:
+            attributes[attr.ADAPTER_NAMES] = sorted(set(adapter_kwargs["adapter_names"]))
         timing = BatchTiming(
+            attributes=attributes,
             batch_id=batch_id,
             size=len(batch),
             padded_len=width,

@@ -276,12 +276,14 @@ class AutoglmMagics(Magics):
             return
         chains = [self._find_chain(name) for name in command.chains]
         server = serve(current(), chains, port=command.port, host=command.host,
-                       auth=False if command.no_auth else None)
+                       auth=False if command.no_auth else None, grpc_port=command.grpc_port)
         self._servers.append(server)
         self._user_ns[SERVER_VARIABLE] = server
         names = ", ".join(c.name for c in chains)
         print(f"serving {names} on {server.url} (POST {server.url}/v1/chains/{chains[0].name}/invoke); "
               f"%autoglm serve stop stops it")
+        if server.grpc is not None:
+            print(f"gRPC (ChainService) on {server.grpc.target}")
 
     def _show_widget(self, widget: Any) -> None:
         """Display a widget and bind it to _autoglm_widget, where cells (and tests) can read its state."""

@@ -390,8 +390,9 @@ COMMANDS: dict[str, type[Command]] = {
 @dataclass(frozen=True)
 class ServeCommand(Command):
     subcommand = "serve"
-    usage = "serve CHAIN ... [--port P] [--host H] [--no-auth] | serve stop"
-    about = "serve chains over HTTP from the kernel (REST, JSON-RPC, OpenAI-compatible); binds the Server to _autoglm_server"
+    usage = "serve CHAIN ... [--port P] [--grpc-port G] [--host H] [--no-auth] | serve stop"
+    about = ("serve chains over HTTP (REST, JSON-RPC, OpenAI-compatible) and optionally gRPC from the kernel; binds the "
+             "Server to _autoglm_server")
     example = "%autoglm serve qa --port 8000"
 
     chains: tuple[str, ...] = ()
@@ -399,11 +400,14 @@ class ServeCommand(Command):
     port: int = 8000
     host: str = "127.0.0.1"
     no_auth: bool = False
+    grpc_port: int | None = None
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("chains", nargs="+", metavar="CHAIN", help="chains to serve, or 'stop' to stop serving")
         parser.add_argument("--port", type=int, default=8000, help="the port (default 8000; 0: any free one)")
+        parser.add_argument("--grpc-port", type=int, default=None,
+                            help="also serve them over gRPC (ChainService) on this port (0: any free one)")
         parser.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1)")
         parser.add_argument("--no-auth", action="store_true",
                             help="take calls without credentials (every caller is an admin); loopback only")
@@ -412,7 +416,8 @@ class ServeCommand(Command):
     def from_args(cls, args: argparse.Namespace, cell: str | None) -> Command:
         if args.chains == ["stop"]:
             return cls(stop=True)
-        return cls(chains=tuple(args.chains), port=args.port, host=args.host, no_auth=args.no_auth)
+        return cls(chains=tuple(args.chains), port=args.port, host=args.host, no_auth=args.no_auth,
+                   grpc_port=args.grpc_port)
 
 
 COMMANDS[ServeCommand.subcommand] = ServeCommand

@@ -8,9 +8,14 @@ Credentials come as metadata (``authorization: Bearer <key or JWT>`` or ``x-api-
 :class:`~workbench.fronts.server.auth.Auth` as the REST front. A refused call never starts a run: no or bad
 credentials end the call (or the whole stream) with UNAUTHENTICATED; a wrong role with PERMISSION_DENIED, a rate
 limit with RESOURCE_EXHAUSTED (and ``retry-after`` in the trailing metadata) — on a stream these two answer
-only the request they refuse, as an Error event, and the stream goes on. A ``traceparent`` metadata entry puts
-the server's spans in the caller's trace; replies name the trace (``envelope.trace_id``, and ``x-trace-id`` in the
-trailing metadata, errors included). Errors of the error tree map to status codes by :func:`status_for`.
+only the request they refuse, as an Error event, and the stream goes on. A ``traceparent`` metadata entry (else
+the envelope's ``trace_id``) puts the server's spans in the caller's trace; replies name the trace
+(``envelope.trace_id``, and ``x-trace-id`` in the trailing metadata, a failed run's included). Errors of the
+error tree map to status codes by :func:`status_for`.
+
+It serves a :class:`~workbench.fronts.server.gateway.Gateway`, the REST routes' own: the same run slots,
+sessions namespaced per caller, run owners (a run made over gRPC is read back over ``GET /v1/runs/{id}`` by its
+caller only) and metrics (routes ``/autoglm.workbench.v1.ChainService/Invoke`` and ``/Stream``, method ``GRPC``).
 """
 
 from __future__ import annotations
@@ -165,7 +170,8 @@ class ChainServicer(chain_pb2_grpc.ChainServiceServicer):
 
     # -- the steps -----------------------------------------------------------------------------
 
-    def _admit(self, who: Principal, request: pb.InvokeRequest, action: str) -> tuple[Chain, dict[str, Any], str | None]:
+    def _admit(self, who: Principal, request: pb.InvokeRequest,
+               action: str) -> tuple[Chain, dict[str, Any], str | None]:
         """Check one request before its run, in the REST routes' order: role (403), rate (429), then the chain
         (404), the envelope and the inputs."""
         self.gateway.auth.authorize(who, INVOKE_ACTION, request.chain)
@@ -243,6 +249,7 @@ class GrpcServer:
         self.port = port
         self.servicer = ChainServicer(gateway, max_in_flight=max_in_flight)
         self._server: grpc.aio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the workbench's, where the server runs
 
     @property
     def target(self) -> str:
@@ -273,14 +280,14 @@ class GrpcServer:
                                 hint="pick another port, or grpc_port=0 for any free one")
         self.port = bound
         await server.start()
-        self._server = server
+        self._server, self._loop = server, asyncio.get_running_loop()
 
     def stop(self, grace: float = 1.0) -> None:
         """Stop listening; calls in flight get ``grace`` seconds to finish. Stopping twice is harmless."""
-        server, self._server = self._server, None
-        if server is None or self.gateway.bench.closed:
-            return  # a closed workbench's loop ended, and the server's calls with it
-        stopping = self.gateway.bench.start(server.stop(grace))
+        server, loop, self._server, self._loop = self._server, self._loop, None, None
+        if server is None or loop is None or loop.is_closed() or not loop.is_running():
+            return  # the workbench's loop ended, and the server's calls with it
+        stopping = asyncio.run_coroutine_threadsafe(server.stop(grace), loop)
         try:
             asyncio.get_running_loop()
         except RuntimeError:  # not inside a loop (a handler, a hop), where waiting would block it

@@ -1,0 +1,390 @@
+"""Named LoRA adapters on one base model: hops pick one, batches mix or group them, new versions swap in live."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import workbench as wb
+from workbench.engine import GenerationParams
+from workbench.tracing import attributes as attr
+
+PROMPT = "Question: What is the capital of France?\nAnswer:"
+PROMPTS = [PROMPT, "A chain is a graph of hops.", "Plan: count the hops in the spec.", "Tokens in, tokens out"]
+NEW = 10
+DEADLINE_S = 60.0
+
+
+def by_hand(base: Path, adapter: Path | None, prompt: str, new: int = NEW) -> list[int]:
+    """Greedy tokens of ``prompt`` from the base model with ``adapter`` attached by peft directly (None: bare)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    encoded = tokenizer(prompt, return_tensors="pt")
+    with torch.inference_mode():
+        output = model.generate(**encoded, max_new_tokens=new, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return output[0, encoded["input_ids"].shape[1]:].tolist()
+
+
+def wait_for(condition: Callable[[], object], what: str, deadline_s: float = DEADLINE_S) -> object:
+    """Poll ``condition`` until it returns something truthy; fail naming ``what`` after the deadline."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def publish(source: Path, watched: Path) -> None:
+    """Make ``watched`` hold what ``source`` holds, each file replaced atomically (weights before the config)."""
+    wanted = {p.name for p in source.iterdir() if p.is_file()}
+    for file in sorted(source.iterdir(), key=lambda p: p.name == "adapter_config.json"):
+        if file.is_file():
+            shutil.copyfile(file, watched / f".{file.name}.tmp")
+            os.replace(watched / f".{file.name}.tmp", watched / file.name)
+    for stale in watched.iterdir():
+        if stale.is_file() and stale.name not in wanted:
+            stale.unlink()
+
+
+@pytest.fixture(scope="module")
+def lora(tiny_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Real adapters for the tiny model, built once: two named ones, a second version of 'sql', and bad ones."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("lora")
+    built = {
+        "sql": wb.tiny_lora(tiny_path, root / "sql", seed=1),
+        "chat": wb.tiny_lora(tiny_path, root / "chat", seed=2),
+        "sql_v2": wb.tiny_lora(tiny_path, root / "sql_v2", seed=3),
+        "pickled": wb.tiny_lora(tiny_path, root / "pickled", seed=4, safe=False),
+    }
+    # An adapter built for another base model: the same module names, half the hidden size.
+    other = root / "other-base"
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=512, max_position_embeddings=512)
+    LlamaForCausalLM(config).save_pretrained(other)
+    built["mismatched"] = wb.tiny_lora(other, root / "mismatched", seed=5)
+    corrupt = root / "corrupt"
+    shutil.copytree(built["sql_v2"], corrupt)
+    weights = corrupt / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # an interrupted copy
+    built["corrupt"] = corrupt
+    return built
+
+
+@pytest.fixture(scope="module")
+def adapted(tiny_path: Path, lora: dict[str, Path]) -> Iterator[wb.Workbench]:
+    """A workbench with 'tiny' carrying the adapters 'sql' and 'chat', and 'plain' without any."""
+    with wb.Workbench() as bench:
+        bench.load("tiny", tiny_path, device="cpu", adapters={"sql": lora["sql"], "chat": lora["chat"]},
+                   batching=wb.DynamicBatching(max_batch=16, max_wait_ms=5))
+        bench.load("plain", tiny_path, device="cpu")
+        yield bench
+
+
+def _request_rows(run: wb.Run) -> pd.DataFrame:
+    return run.trace.table().query("name == 'text_completion tiny'")
+
+
+def test_a_hop_with_an_adapter_differs_from_the_base_and_matches_peft_by_hand(
+    adapted: wb.Workbench, tiny_path: Path, lora: dict[str, Path]
+) -> None:
+    chain = adapted.chain(f"""
+name: two_ways
+hops:
+  - name: bare
+    model: tiny
+    prompt: "{{{{ question }}}}"
+    max_new_tokens: {NEW}
+  - name: tuned
+    model: tiny
+    adapter: sql
+    prompt: "{{{{ question }}}}"
+    max_new_tokens: {NEW}
+output: tuned
+""")
+    run = chain.run(question=PROMPT)
+    tokenizer = adapted.registry.get("tiny").tokenizer
+    expected_tuned = by_hand(tiny_path, lora["sql"], PROMPT)
+    expected_bare = by_hand(tiny_path, None, PROMPT)
+    assert expected_tuned != expected_bare  # the adapter's B weights are not zero: it changes the answer
+    assert run.outputs["tuned"] == tokenizer.decode(expected_tuned, skip_special_tokens=True).strip()
+    assert run.outputs["bare"] == tokenizer.decode(expected_bare, skip_special_tokens=True).strip()
+    rows = _request_rows(run).set_index("attributes.workbench.hop.name")
+    assert rows.loc["tuned", "attributes.workbench.adapter.name"] == "sql"
+    assert rows.loc["tuned", "attributes.workbench.adapter.version"] == 1
+    assert rows.loc["tuned", "attributes.workbench.adapter.key"] == "sql@v1"
+    assert pd.isna(rows.loc["bare", "attributes.workbench.adapter.name"])  # the base model names no adapter
+    # Direct calls pick adapters too, and the other adapter says something else again.
+    assert adapted.generate("tiny", PROMPT, adapter="sql", max_new_tokens=NEW).token_ids == expected_tuned
+    assert adapted.generate("tiny", PROMPT, adapter="chat", max_new_tokens=NEW).token_ids not in (
+        expected_tuned, expected_bare)
+
+
+def _batched(bench: wb.Workbench, policy: wb.BatchingPolicy) -> dict[tuple[str, str | None], wb.GenerationResult]:
+    """Every prompt for the base model and each adapter, queued together under ``policy``."""
+    bench.set_batching("tiny", policy)
+    params = GenerationParams(max_new_tokens=NEW)
+    requests = {(prompt, adapter): bench.engine.submit("tiny", prompt, params, adapter=adapter)
+                for prompt in PROMPTS for adapter in (None, "sql", "chat")}
+    return {key: request.future.result(timeout=DEADLINE_S) for key, request in requests.items()}
+
+
+def test_a_mixed_batch_answers_as_batches_grouped_by_adapter_do(adapted: wb.Workbench) -> None:
+    # A long wait for company, so all twelve requests queued together share batches.
+    mixed = _batched(adapted, wb.DynamicBatching(max_batch=16, max_wait_ms=2000))
+    grouped = _batched(adapted, wb.DynamicBatching(max_batch=16, max_wait_ms=2000, adapters="grouped"))
+    adapted.set_batching("tiny", wb.DynamicBatching(max_batch=16, max_wait_ms=5))
+    assert {key: r.token_ids for key, r in mixed.items()} == {key: r.token_ids for key, r in grouped.items()}
+    # Mixed: one batch held the base model and both adapters. Grouped: every batch held one adapter (or none).
+    def adapters_per_batch(results: dict[tuple[str, str | None], wb.GenerationResult]) -> list[set[str | None]]:
+        batches: dict[int, set[str | None]] = {}
+        for (_, adapter), result in results.items():
+            batches.setdefault(result.batch_id, set()).add(adapter)
+        return list(batches.values())
+
+    assert any(len(kinds) == 3 for kinds in adapters_per_batch(mixed))
+    assert all(len(kinds) == 1 for kinds in adapters_per_batch(grouped))
+    assert len(adapters_per_batch(grouped)) >= 3
+    # The prompt's answer depends on the adapter it ran with, not on its batch-mates.
+    assert mixed[(PROMPT, "sql")].token_ids != mixed[(PROMPT, None)].token_ids
+    # The batch spans say which adapter versions each batch ran, and how adapters were batched.
+    batches = adapted.traces().table().query("name == 'batch tiny'").set_index("attributes.workbench.batch.id")
+    mixed_span = batches.loc[mixed[(PROMPT, "sql")].batch_id]
+    assert mixed_span["attributes.workbench.batch.adapters"] == "mixed"
+    assert set(mixed_span["attributes.workbench.adapter.names"]) == {"__base__", "chat@v1", "sql@v1"}
+    grouped_span = batches.loc[grouped[(PROMPT, "sql")].batch_id]
+    assert grouped_span["attributes.workbench.batch.adapters"] == "grouped"
+    assert list(grouped_span["attributes.workbench.adapter.names"]) == ["sql@v1"]
+
+
+def test_adapters_come_as_a_dict_pairs_or_a_front_ends_flag() -> None:
+    from workbench.models.adapters import parse_adapters
+
+    expected = (("sql", "/a/sql"), ("chat", "/a/chat"))
+    assert parse_adapters({"sql": "/a/sql", "chat": Path("/a/chat")}) == expected
+    assert parse_adapters("sql=/a/sql,chat=/a/chat") == expected
+    assert parse_adapters(list(expected)) == expected
+    with pytest.raises(wb.AdapterError, match="not a name a hop can use"):
+        parse_adapters({"my-adapter": "/a"})
+    with pytest.raises(wb.AdapterError, match="is not NAME=PATH"):
+        parse_adapters("sql")
+
+
+def test_grouped_batching_round_trips_through_its_short_name() -> None:
+    policy = wb.DynamicBatching(max_batch=8, max_wait_ms=5, adapters="grouped")
+    assert policy.name == "dynamic:8:5ms:grouped"
+    from workbench.engine.batching import parse_policy
+
+    assert parse_policy(policy.name) == policy
+    assert parse_policy("static:4:20ms:grouped") == wb.StaticBatching(4, 20, adapters="grouped")
+    with pytest.raises(wb.WorkbenchError, match="adapters must be 'mixed' or 'grouped'"):
+        wb.DynamicBatching(adapters="sorted")
+
+
+def test_an_unknown_adapter_in_a_spec_names_the_hop_the_field_and_the_line(adapted: wb.Workbench) -> None:
+    with pytest.raises(wb.SpecError) as info:
+        adapted.chain("name: typo\nhops:\n  - name: ask\n    model: tiny\n    adapter: sqll\n    prompt: \"{{ q }}\"\n")
+    error = info.value
+    assert (error.hop, error.field, error.line) == ("ask", "adapter", 5)
+    assert "did you mean 'sql'?" in str(error)
+    with pytest.raises(wb.SpecError, match="model 'plain' has no adapter 'sql'") as info:
+        adapted.chain({"name": "bare", "hops": [{"name": "ask", "model": "plain", "adapter": "sql", "prompt": "x"}]})
+    assert info.value.field == "adapter"
+
+
+def test_an_adapter_a_model_does_not_serve_is_refused_with_its_name(adapted: wb.Workbench) -> None:
+    with pytest.raises(wb.AdapterError, match="model 'plain' serves no named adapters"):
+        adapted.generate("plain", PROMPT, adapter="sql")
+    with pytest.raises(wb.AdapterError, match="no live adapter named 'sqll'") as info:
+        adapted.generate("tiny", PROMPT, adapter="sqll")
+    assert "did you mean 'sql'?" in str(info.value)
+
+
+def test_adapters_load_in_this_process_only_and_from_safetensors_only(
+    bench: wb.Workbench, tiny_path: Path, lora: dict[str, Path]
+) -> None:
+    with pytest.raises(wb.ModelLoadError, match="named adapters are served in this process only"):
+        bench.load("iso", tiny_path, device="cpu", adapters={"sql": lora["sql"]}, isolation="process")
+    with pytest.raises(wb.AdapterError, match="only pickled weights"):
+        bench.load("pickled", tiny_path, device="cpu", adapters={"sql": lora["pickled"]})
+    assert "pickled" not in bench.registry.names()
+
+
+def _rows(bench: wb.Workbench) -> pd.DataFrame:
+    return bench.adapters("tiny").query("name == 'sql'").set_index("version")
+
+
+def test_a_watched_adapter_swaps_in_live_and_refuses_bad_versions(
+    bench: wb.Workbench, tiny_path: Path, lora: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    watched = tmp_path / "adapters" / "sql"
+    shutil.copytree(lora["sql"], watched)
+    # A static batch of two that never fills, so a request queued before the swap waits there, holding v1.
+    bench.load("tiny", tiny_path, device="cpu", adapters={"sql": watched},
+               batching=wb.StaticBatching(size=2, timeout_ms=600_000))
+    chain = bench.chain({"name": "ask", "hops": [
+        {"name": "answer", "model": "tiny", "adapter": "sql", "prompt": "{{ q }}", "max_new_tokens": NEW}]})
+    tokenizer = bench.registry.get("tiny").tokenizer
+    v1 = tokenizer.decode(by_hand(tiny_path, lora["sql"], PROMPT), skip_special_tokens=True).strip()
+    v2 = tokenizer.decode(by_hand(tiny_path, lora["sql_v2"], PROMPT), skip_special_tokens=True).strip()
+    assert v1 != v2
+
+    in_flight = bench.start(chain.arun(q=PROMPT))
+    wait_for(lambda: _rows(bench).loc[1, "in_flight"] == 1, "the run's request to hold v1")
+    bench.watch_adapter("tiny", "sql", watched, interval_s=0.2)
+    publish(lora["sql_v2"], watched)
+    wait_for(lambda: 2 in _rows(bench).index and _rows(bench).loc[2, "state"] == "live", "v2 to go live")
+    rows = _rows(bench)
+    assert rows.loc[1, "state"] == "draining" and rows.loc[1, "in_flight"] == 1  # the queued run still holds v1
+    assert rows.loc[2, "swap_ms"] > 0 and pd.notna(rows.loc[2, "loaded_at"])
+
+    bench.set_batching("tiny", wb.DynamicBatching(max_batch=4, max_wait_ms=5))  # let the queued request run
+    run = in_flight.result(timeout=DEADLINE_S)
+    assert run.output == v1  # it finished on the version it started with
+    assert _request_rows(run)["attributes.workbench.adapter.version"].tolist() == [1]
+    wait_for(lambda: _rows(bench).loc[1, "state"] == "retired", "v1 to be freed once drained")
+    peft_model = bench.registry.get("tiny").model
+    assert "sql@v1" not in peft_model.peft_config and "sql@v2" in peft_model.peft_config
+    fresh = chain.run(q=PROMPT)
+    assert fresh.output == v2
+    assert _request_rows(fresh)["attributes.workbench.adapter.key"].tolist() == ["sql@v2"]
+
+    refusals = {"pickled": "only pickled weights", "mismatched": "another hidden size",
+                "corrupt": "not a readable safetensors file"}
+    for kind, message in refusals.items():
+        publish(lora[kind], watched)
+        # A poll may catch the directory half-written (a version of its own); the finished one is refused.
+        wait_for(lambda: _rows(bench).query("state == 'refused'")["error"].str.contains(message, regex=False).any(),
+                 f"the {kind} adapter to be refused")
+        live = _rows(bench).query("state == 'live'")
+        assert len(live) == 1 and live.index[0] >= 2  # a version with v2's weights keeps serving
+        assert chain.run(q=PROMPT).output == v2
+    swaps = bench.traces().table().query("name == 'adapter swap tiny/sql'")
+    assert swaps["attributes.workbench.adapter.state"].tolist().count("refused") >= 3
+    events = bench.traces().events()
+    assert (events["event"] == "adapter.refused").sum() >= 3
+    assert any("refused" in record.getMessage() for record in caplog.records if record.levelname == "WARNING")
+    bench.unwatch_adapter("tiny", "sql")
+
+
+# -- whole models ------------------------------------------------------------------------------
+
+
+def _weights(base: Path, target: Path, seed: int, *, safe: bool = True, vocab: int | None = None) -> Path:
+    """A new version of the tiny model's weights (seeded noise on every weight), pickled unless ``safe``, or a model
+    of another vocabulary."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
+
+    if vocab is None:
+        model = AutoModelForCausalLM.from_pretrained(base)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for _, param in sorted(model.named_parameters()):
+                param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+    else:
+        config = AutoConfig.from_pretrained(base)
+        config.vocab_size = vocab
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(target)
+    if not safe:  # transformers 5 saves safetensors only: write the pickle a checkpoint of old would hold
+        torch.save(model.state_dict(), target / "pytorch_model.bin")
+        (target / "model.safetensors").unlink()
+    return target
+
+
+def publish_weights(source: Path, watched: Path) -> None:
+    """Replace the config and weights of the model directory ``watched`` with ``source``'s; the tokenizer stays."""
+    weights = ("*.safetensors", "*.bin")
+    stale = [p for pattern in weights for p in watched.glob(pattern)]
+    for file in sorted(source.iterdir(), key=lambda p: p.name == "config.json"):
+        shutil.copyfile(file, watched / f".{file.name}.tmp")
+        os.replace(watched / f".{file.name}.tmp", watched / file.name)
+    for file in stale:
+        if not (source / file.name).exists():
+            file.unlink()
+
+
+def test_a_watched_model_swaps_in_live_and_refuses_bad_versions(
+    bench: wb.Workbench, tiny_path: Path, tmp_path: Path
+) -> None:
+    watched = tmp_path / "models" / "m"
+    shutil.copytree(tiny_path, watched)
+    versions = {"v2": _weights(tiny_path, tmp_path / "v2", seed=7),
+                "pickled": _weights(tiny_path, tmp_path / "pickled", seed=8, safe=False),
+                "other_vocab": _weights(tiny_path, tmp_path / "other_vocab", seed=9, vocab=600)}
+    bench.load("m", watched, device="cpu", batching=wb.StaticBatching(size=2, timeout_ms=600_000))
+    params = GenerationParams(max_new_tokens=NEW)
+    v1_tokens = by_hand(tiny_path, None, PROMPT)
+    queued = bench.engine.submit("m", PROMPT, params)  # waits in the old worker for a batch-mate
+    wait_for(lambda: len(bench.engine.worker("m").queue) == 1, "the request to be queued")
+    bench.watch_model("m", interval_s=0.2)
+    publish_weights(versions["v2"], watched)
+    wait_for(lambda: (bench.model_versions("m")["state"].tolist() == ["retired", "live"]), "v2 live and v1 freed")
+    assert queued.future.result(timeout=DEADLINE_S).token_ids == v1_tokens  # queued before the swap: ran on v1
+    bench.set_batching("m", wb.DynamicBatching(max_batch=4, max_wait_ms=5))  # the new workers kept the static policy
+    v2_tokens = bench.generate("m", PROMPT, max_new_tokens=NEW).token_ids
+    assert v2_tokens != v1_tokens
+    table = bench.model_versions("m").set_index("version")
+    assert table.loc[2, "swap_ms"] > 0 and table.loc[1, "retire_ms"] >= 0
+
+    for kind, message in {"pickled": "only pickle weights", "other_vocab": "vocab_size 600"}.items():
+        publish_weights(versions[kind], watched)
+        # A poll may catch the directory half-written (a version of its own); the finished one is refused.
+        wait_for(lambda: bench.model_versions("m").query("state == 'refused'")["error"]
+                 .str.contains(message, regex=False).any(), f"the {kind} model to be refused")
+        assert bench.generate("m", PROMPT, max_new_tokens=NEW).token_ids == v2_tokens  # v2's weights serve on
+    bench.unwatch_model("m")
+
+
+def test_continuous_batching_is_refused_for_a_model_with_adapters(adapted: wb.Workbench) -> None:
+    with pytest.raises(wb.AdapterError, match="carries named LoRA adapters"):
+        adapted.set_batching("tiny", wb.ContinuousBatching())
+    assert adapted.engine.policy("tiny").name.startswith("dynamic")  # the policy in force stays
+
+
+def test_the_exact_cache_keys_an_adapter_hop_by_its_live_versions_files(
+    tiny_path: Path, lora: dict[str, Path], tmp_path: Path
+) -> None:
+    """A cached answer of sql v1 must not answer for sql v2: the key holds the live version's digest. And a model with
+    named adapters keeps no prefix KV (a prefix's KV depends on the row's adapter), so `cache: prefix` prefills whole."""
+    watched = tmp_path / "adapters" / "sql"
+    shutil.copytree(lora["sql"], watched)
+    with wb.Workbench(data_dir=tmp_path / "data") as bench:
+        bench.load("tiny", tiny_path, device="cpu", adapters={"sql": watched})
+        chain = bench.chain({"name": "ask", "hops": [
+            {"name": "answer", "model": "tiny", "adapter": "sql", "prompt": "Say: {{ q }}", "max_new_tokens": NEW,
+             "cache": ["exact", "prefix"]}]})
+        first = chain.run(q=PROMPT)
+        again = chain.run(q=PROMPT)
+        def hop(run: wb.Run) -> dict[str, object]:
+            return dict(next(s for s in run.trace.spans if s.name == "hop answer").attributes)
+
+        assert hop(first)[attr.CACHE_HIT] is False and hop(again)[attr.CACHE_HIT] is True
+        assert again.output == first.output
+        assert attr.PREFIX_TOKENS not in hop(first) and attr.PREFIX_TOKENS not in hop(again)  # no prefix KV here
+        bench.watch_adapter("tiny", "sql", watched, interval_s=0.2)
+        publish(lora["sql_v2"], watched)
+        wait_for(lambda: 2 in _rows(bench).index and _rows(bench).loc[2, "state"] == "live", "v2 to go live")
+        after = chain.run(q=PROMPT)
+        assert hop(after)[attr.CACHE_HIT] is False  # new files, new key
+        assert hop(after)[attr.CACHE_KEY] != hop(first)[attr.CACHE_KEY]
+        tokenizer = bench.registry.get("tiny").tokenizer
+        v2 = tokenizer.decode(by_hand(tiny_path, lora["sql_v2"], "Say: " + PROMPT), skip_special_tokens=True).strip()
+        assert after.output == v2

@@ -1,0 +1,460 @@
+"""LoRA adapters on one base model: named and versioned, checked before they serve, swapped live, freed once drained."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workbench.errors import AdapterError
+from workbench.models import heap
+
+log = logging.getLogger(__name__)
+
+# peft's name for "no adapter" in a mixed batch (``generate(adapter_names=[...])``).
+BASE = "__base__"
+# What a version of an adapter is doing: being checked, serving new requests, finishing the requests it
+# already had, gone (freed), or turned away (its error says why).
+STATES = ("staging", "live", "draining", "retiring", "retired", "refused")
+_PICKLE = ("*.bin", "*.pt", "*.pth", "*.pkl")
+_WEIGHTS = "adapter_model.safetensors"
+_CONFIG = "adapter_config.json"
+GOLDEN_PROMPTS = ("Hello", "Question: What is the capital of France?\nAnswer:", "A chain is a graph of hops.")
+
+
+@dataclass(frozen=True)
+class AdapterRules:
+    """What an adapter must be to serve: a rank of at most ``max_rank``, LoRA on ``target_modules`` only
+    (None: any module of the base model), and finite logits on ``golden_prompts``."""
+
+    max_rank: int = 64
+    target_modules: frozenset[str] | None = None
+    golden_prompts: tuple[str, ...] = GOLDEN_PROMPTS
+
+
+@dataclass
+class AdapterVersion:
+    """One version of a named adapter, as ``bench.adapters()`` shows it (or of a watched model: ``model_versions()``)."""
+
+    name: str
+    version: int
+    path: str
+    digest: str  # of adapter_config.json and the weights files: a new digest is a new version
+    state: str = "staging"
+    loaded_at: float | None = None  # when it went live (seconds since the epoch)
+    swap_ms: float | None = None  # from noticing it to serving it: load, checks, switch
+    retire_ms: float | None = None  # from the switch until the version it replaced was drained and freed
+    error: str | None = None
+    rank: int | None = None
+    in_flight: int = 0
+    switched_at: float | None = field(default=None, repr=False)  # perf_counter when a newer version replaced it
+
+    @property
+    def key(self) -> str:
+        """The name it has inside the peft model, and on requests: ``sql@v2``."""
+        return f"{self.name}@v{self.version}"
+
+
+@dataclass(frozen=True)
+class AdapterLease:
+    """A request's hold on the version it runs with: that version stays loaded until every lease is released."""
+
+    name: str
+    version: int
+    key: str
+
+
+def content_digest(path: str | os.PathLike[str], config: str = _CONFIG) -> str:
+    """A hash of what makes an adapter (or model) directory one version: its ``config`` and every weights file."""
+    root = Path(path)
+    digest = hashlib.sha256()
+    files = [root / config] + sorted(p for pattern in ("*.safetensors", *_PICKLE) for p in root.glob(pattern))
+    for file in files:
+        digest.update(file.name.encode() + b"\0")
+        try:
+            with open(file, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        except OSError:
+            digest.update(b"<missing>")
+    return digest.hexdigest()[:16]
+
+
+def _safetensors_header(path: Path) -> dict[str, Any]:
+    """The tensors a safetensors file declares, checked against its size; AdapterError if it is damaged."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if not 2 <= length <= size - 8:
+                raise ValueError(f"its header length ({length}) does not fit a file of {size} bytes")
+            header = json.loads(handle.read(length))
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a JSON object")
+        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+        end = max((int(t["data_offsets"][1]) for t in tensors.values()), default=0)
+        if 8 + length + end != size:
+            raise ValueError(f"it declares {end} bytes of tensors but holds {size - 8 - length}")
+        return tensors
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise AdapterError(f"{path} is not a readable safetensors file: {exc}",
+                           hint="an interrupted copy? write the adapter again (save_pretrained)") from None
+
+
+def inspect_adapter(path: str | os.PathLike[str], base: Any, rules: AdapterRules) -> int:
+    """Check an adapter directory against ``base`` (a transformers model) and ``rules`` without loading it.
+
+    Returns its rank. AdapterError says what is wrong: no config, pickled weights, damaged safetensors,
+    a rank or target module the rules do not allow, or weights shaped for another base model.
+    """
+    root = Path(path)
+    where = f"adapter {str(path)!r}"
+    if not (root / _CONFIG).is_file():
+        raise AdapterError(f"{where} is not a PEFT adapter directory: no {_CONFIG}",
+                           hint="point at the folder that save_pretrained wrote")
+    if not (root / _WEIGHTS).is_file():
+        pickled = sorted(p.name for pattern in _PICKLE for p in root.glob(pattern))
+        if pickled:
+            raise AdapterError(f"{where} has only pickled weights ({', '.join(pickled)}), which can run code when "
+                               "loaded: adapters load from safetensors only",
+                               hint="save it again with save_pretrained(..., safe_serialization=True)")
+        raise AdapterError(f"{where} has no {_WEIGHTS}", hint="is the copy complete?")
+    try:
+        config = json.loads((root / _CONFIG).read_text())
+        rank = int(config["r"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise AdapterError(f"{where}: {_CONFIG} is not a LoRA config ({type(exc).__name__}: {exc})",
+                           hint="write the adapter again with peft's save_pretrained") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{where} is a {config.get('peft_type')} adapter; only LoRA adapters are served")
+    if not 1 <= rank <= rules.max_rank:
+        raise AdapterError(f"{where} has rank {rank}; the rules allow 1 to {rules.max_rank}",
+                           hint="raise max_rank if the memory and latency of a larger rank are fine")
+    tensors = _safetensors_header(root / _WEIGHTS)
+    modules = dict(base.named_modules())
+    found = False
+    for key, tensor in tensors.items():
+        part = "lora_A" if ".lora_A." in key else "lora_B" if ".lora_B." in key else None
+        if part is None:
+            continue
+        found = True
+        module_path = key.split(f".{part}.")[0].removeprefix("base_model.model.")
+        leaf = module_path.rsplit(".", 1)[-1]
+        if rules.target_modules is not None and leaf not in rules.target_modules:
+            raise AdapterError(f"{where} adapts {leaf!r} ({module_path}); the rules allow "
+                               f"{', '.join(sorted(rules.target_modules))} only",
+                               hint="retrain it on the allowed modules, or widen target_modules")
+        module = modules.get(module_path)
+        if module is None:
+            raise AdapterError(f"{where} has weights for {module_path!r}, which the base model lacks: it was built "
+                               "for another base model", hint="load it on the model it was trained on")
+        shape = tuple(tensor.get("shape", ()))
+        expected = (rank, module.in_features) if part == "lora_A" else (module.out_features, rank)
+        if len(shape) != 2 or shape != expected:
+            raise AdapterError(
+                f"{where}: {module_path}.{part} is {list(shape)}, but this base model needs {list(expected)}: "
+                "it was built for another base model (another hidden size)",
+                hint="load it on the model it was trained on")
+    if not found:
+        raise AdapterError(f"{where}: {_WEIGHTS} holds no LoRA weights")
+    return rank
+
+
+@dataclass
+class _Named:
+    """Every version of one named adapter, and the one serving now."""
+
+    name: str
+    path: str
+    rules: AdapterRules
+    versions: list[AdapterVersion] = field(default_factory=list)
+    live: AdapterVersion | None = None
+
+
+class AdapterSet:
+    """The named LoRA adapters of one base model, each with its versions: the peft model and its lock.
+
+    ``lock`` is held around every ``generate`` and every change to the adapters (load, delete): peft
+    swaps hooks and dictionaries of the shared model in place, so the two must not overlap.
+    """
+
+    def __init__(self, base: Any, tokenizer: Any, device: torch.device) -> None:
+        self.model: Any = base  # a PeftModel once the first adapter is attached
+        self.base = base  # the transformers model underneath
+        self.tokenizer = tokenizer
+        self.device = device
+        self.lock = threading.RLock()
+        self._state = threading.Condition()
+        self._named: dict[str, _Named] = {}
+        self.closed = False
+
+    # -- queries -------------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        with self._state:
+            return sorted(self._named)
+
+    def live(self, name: str) -> AdapterVersion | None:
+        with self._state:
+            named = self._named.get(name)
+            return named.live if named else None
+
+    def versions(self) -> list[AdapterVersion]:
+        """Every version of every adapter, by name then version."""
+        with self._state:
+            return [v for n in sorted(self._named) for v in self._named[n].versions]
+
+    def path(self, name: str) -> str:
+        with self._state:
+            return self._named[name].path
+
+    def set_rules(self, name: str, rules: AdapterRules) -> None:
+        """The rules later versions of ``name`` are checked against."""
+        with self._state:
+            self._named[name].rules = rules
+
+    # -- leases --------------------------------------------------------------------------------
+
+    def acquire(self, name: str, where: str = "") -> AdapterLease:
+        """Pin the live version of ``name`` for one request; AdapterError (with near names) for an unknown one."""
+        with self._state:
+            named = self._named.get(name)
+            if named is None or named.live is None:
+                known = sorted(n for n, v in self._named.items() if v.live is not None)
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = (f"did you mean {close[0]!r}? " if close else "") + (
+                    f"adapters: {', '.join(known)}" if known else "load some: bench.load(NAME, PATH, adapters={...})")
+                raise AdapterError(f"{where}no live adapter named {name!r}", hint=hint)
+            version = named.live
+            version.in_flight += 1
+            return AdapterLease(name, version.version, version.key)
+
+    def release(self, lease: AdapterLease) -> None:
+        """Let go of a request's version; the last request of a draining version frees it."""
+        with self._state:
+            version = self._find(lease.name, lease.version)
+            version.in_flight -= 1
+            drained = version.state == "draining" and version.in_flight == 0
+            self._state.notify_all()
+        if drained:
+            self._retire(version)
+
+    def _find(self, name: str, number: int) -> AdapterVersion:
+        return next(v for v in self._named[name].versions if v.version == number)
+
+    # -- changes -------------------------------------------------------------------------------
+
+    def add(self, name: str, path: str | os.PathLike[str], rules: AdapterRules | None = None) -> AdapterVersion:
+        """Load ``path`` as adapter ``name`` (version 1), checked as any version is; AdapterError if refused."""
+        with self._state:
+            if name in self._named:
+                raise AdapterError(f"an adapter named {name!r} is already loaded", hint="pick another name")
+            self._named[name] = _Named(name, str(path), rules or AdapterRules())
+        version = self.stage(name, path)
+        if version.state == "refused":
+            with self._state:
+                del self._named[name]
+            raise AdapterError(f"adapter {name!r}: {version.error}")
+        return version
+
+    def stage(self, name: str, path: str | os.PathLike[str] | None = None,
+              digest: str | None = None, noticed: float | None = None) -> AdapterVersion:
+        """Bring a new version of ``name`` live in stages: load it under a versioned name, check it, switch.
+
+        Requests already holding the old version finish on it; then it is deleted and its memory
+        freed. A version that fails a check is refused (its row says why) and the live one serves on.
+        """
+        started = noticed if noticed is not None else time.perf_counter()
+        with self._state:
+            named = self._named[name]
+            path = str(path) if path is not None else named.path
+            number = max((v.version for v in named.versions), default=0) + 1
+            version = AdapterVersion(name, number, path, digest or content_digest(path))
+            named.versions.append(version)
+        try:
+            version.rank = inspect_adapter(path, self.base, named.rules)
+            try:
+                self._attach(version)
+                self._check_logits(version, named.rules)
+            except BaseException:
+                self._detach(version.key)  # whatever of it peft attached before it failed
+                raise
+        except Exception as exc:
+            with self._state:
+                version.state = "refused"
+                version.error = exc.message if isinstance(exc, AdapterError) else f"{type(exc).__name__}: {exc}"
+            log.warning("adapter %s v%d from %s refused: %s", name, number, path, version.error)
+            return version
+        with self._state:  # the switch: from here on new requests get this version
+            previous = named.live
+            named.live, version.state, version.loaded_at = version, "live", time.time()
+            version.swap_ms = (time.perf_counter() - started) * 1e3
+            drained = False
+            if previous is not None:
+                previous.state, previous.switched_at = "draining", time.perf_counter()
+                drained = previous.in_flight == 0
+        if previous is not None and drained:
+            self._retire(previous)
+        return version
+
+    def _retire(self, version: AdapterVersion) -> None:
+        """Delete a drained version from the peft model and free its memory."""
+        with self._state:
+            if version.state != "draining":
+                return
+            version.state = "retiring"
+        self._detach(version.key)
+        with self._state:
+            version.state = "retired"
+            if version.switched_at is not None:
+                version.retire_ms = (time.perf_counter() - version.switched_at) * 1e3
+            self._state.notify_all()
+
+    def _attach(self, version: AdapterVersion) -> None:
+        from peft import PeftModel
+
+        with self.lock:
+            if self.model is self.base:
+                self.model = PeftModel.from_pretrained(self.base, version.path, adapter_name=version.key,
+                                                       torch_device=str(self.device))
+            else:
+                self.model.load_adapter(version.path, adapter_name=version.key, torch_device=str(self.device))
+            self.model.eval()
+
+    def _detach(self, key: str) -> None:
+        with self.lock:
+            if self.model is self.base or key not in self.model.peft_config:
+                return
+            others = [k for k in self.model.peft_config if k != key]
+            if key in self.model.active_adapters and others:
+                self.model.set_adapter(others[0])  # so peft need not pick one (and warn) on delete
+            if others:
+                self.model.delete_adapter(key)
+        heap.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _check_logits(self, version: AdapterVersion, rules: AdapterRules) -> None:
+        prompts = list(rules.golden_prompts)
+        if not prompts:
+            return
+        encoded = self.tokenizer(prompts, return_tensors="pt", padding=True)
+        with self.lock, torch.inference_mode():
+            logits = self.model(input_ids=encoded["input_ids"].to(self.device),
+                                attention_mask=encoded["attention_mask"].to(self.device),
+                                adapter_names=[version.key] * len(prompts)).logits
+        if not bool(torch.isfinite(logits).all()):
+            raise AdapterError(f"adapter {version.name!r} v{version.version} gives non-finite logits (NaN or inf) on "
+                               "the golden prompts", hint="its weights are damaged or diverged in training")
+
+    def wait_drained(self, timeout: float | None = None) -> bool:
+        """Block until no version is draining (every replaced version freed); False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._state:
+            while any(v.state in ("draining", "retiring") for v in self.versions()):
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._state.wait(remaining)
+            return True
+
+    def close(self) -> None:
+        """The model is being unloaded: watchers stop, nothing more is staged."""
+        self.closed = True
+
+    def rows(self, model: str) -> list[dict[str, Any]]:
+        return [
+            {"model": model, "name": v.name, "version": v.version, "key": v.key, "state": v.state,
+             "loaded_at": v.loaded_at, "swap_ms": None if v.swap_ms is None else round(v.swap_ms, 2),
+             "retire_ms": None if v.retire_ms is None else round(v.retire_ms, 2),
+             "in_flight": v.in_flight, "rank": v.rank, "digest": v.digest, "path": v.path, "error": v.error}
+            for v in self.versions()
+        ]
+
+
+class DirectoryWatcher:
+    """Polls a directory every ``interval_s`` and stages each new version of it (a daemon thread).
+
+    A version is the directory's content digest (``config`` and the weights); one that changes again
+    within ``settle_s`` is still being written, and waits for the next poll. ``stage(digest, noticed)``
+    brings a version in (``noticed``: perf_counter when the change was seen); ``closed()`` ends the watch.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], interval_s: float, stage: Callable[[str, float], object], *,
+                 seen: str | None = None, config: str = _CONFIG, closed: Callable[[], bool] = lambda: False,
+                 label: str = "directory", settle_s: float = 0.2) -> None:
+        if isinstance(interval_s, bool) or not (isinstance(interval_s, (int, float)) and math.isfinite(interval_s)
+                                                 and interval_s > 0):
+            raise AdapterError(f"interval_s must be a number of seconds > 0, got {interval_s!r}")
+        self.path, self.config, self.label = str(path), config, label
+        self.interval_s, self.settle_s = float(interval_s), min(settle_s, interval_s / 2)
+        self._stage, self._closed = stage, closed
+        self._stop = threading.Event()
+        self._seen = seen if seen is not None else content_digest(self.path, config)
+        self._thread = threading.Thread(target=self._loop, name=f"workbench-watch-{label}", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            if self._closed():
+                return
+            try:
+                self.poll()
+            except Exception:  # a watcher must outlive one bad poll
+                log.exception("watching %s at %s failed", self.label, self.path)
+
+    def poll(self) -> object:
+        """Stage the directory's content if it changed since the last version seen; what ``stage`` returned, or None."""
+        digest = content_digest(self.path, self.config)
+        if digest == self._seen:
+            return None
+        noticed = time.perf_counter()
+        if self._stop.wait(self.settle_s) or content_digest(self.path, self.config) != digest:
+            return None  # still being written (or stopping): look again at the next poll
+        self._seen = digest
+        return self._stage(digest, noticed)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(5.0)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+
+def parse_adapters(adapters: Any) -> tuple[tuple[str, str], ...]:
+    """Named adapters as LoadSettings keeps them: from a dict, pairs, or ``"sql=/a,chat=/b"`` (a front end's flag)."""
+    if adapters is None or adapters == ():
+        return ()
+    if isinstance(adapters, str):
+        pairs: Iterable[Any] = [part.split("=", 1) for part in adapters.split(",") if part.strip()]
+    elif isinstance(adapters, dict):
+        pairs = adapters.items()
+    else:
+        pairs = adapters
+    parsed = []
+    for pair in pairs:
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise AdapterError(f"adapters: {pair!r} is not NAME=PATH", hint="adapters={'sql': '/adapters/sql'}")
+        name, path = str(pair[0]).strip(), os.fspath(pair[1])
+        if not name.isidentifier() or name == BASE:
+            raise AdapterError(f"adapters: {name!r} is not a name a hop can use (letters, digits, _)",
+                               hint="adapters={'sql': '/adapters/sql'}")
+        parsed.append((name, str(path)))
+    names = [n for n, _ in parsed]
+    if len(set(names)) != len(names):
+        raise AdapterError(f"adapters: a name appears twice in {names}")
+    return tuple(parsed)
