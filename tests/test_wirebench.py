@@ -24,3 +24,14 @@ def test_wires_serve_both_chains_on_every_wire_and_match_each_answer(tiny_bench:
     assert (table["calls"] == 4).all() and (table["errors"] == 0).all()
     assert table.set_index("wire").loc["gRPC/protobuf", "claimed_mean_ms"].tolist() == [6.0, 6.0]
     assert "REST/JSON p50 / gRPC p50" in results.headline()
+
+
+def test_wires_run_where_a_loop_already_runs_as_in_a_notebook_cell(tiny_bench: wb.Workbench) -> None:
+    """A notebook cell runs inside the kernel's event loop, where asyncio.run refuses: the in-process arm moves aside."""
+    import asyncio
+
+    async def cell() -> wirebench.WireResults:
+        return wirebench.wires(tiny_bench, requests=2, concurrency=1, rounds=1, warmup=0)
+
+    table = asyncio.run(cell()).table()
+    assert (table["errors"] == 0).all() and (table["calls"] == 2).all()

@@ -11,6 +11,7 @@ line; a notebook calls the same functions with small counts.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import random
 import statistics
@@ -279,7 +280,7 @@ def wires(
                         for wire in _rotated((*WIRES, IN_PROCESS), round_):
                             inputs = dict(QUESTION)
                             if wire == IN_PROCESS:
-                                block = asyncio.run(_in_process(chain, inputs, requests, concurrency, warmup))
+                                block = _run(_in_process(chain, inputs, requests, concurrency, warmup))
                             else:
                                 block = client.submit(drive, wire, targets[wire], chain.name, inputs, key, requests,
                                                       concurrency, warmup).result()
@@ -292,6 +293,16 @@ def wires(
         settings = {"requests": requests, "concurrency": concurrency, "rounds": rounds, "warmup": warmup,
                     "served_chain": served.name, "noop_chain": noop.name}
         return WireResults(latencies, throughput, ratios, errors, settings)
+
+
+def _run(coroutine: Any) -> Any:
+    """``asyncio.run`` here, or on a thread of its own where this thread already runs a loop (a notebook cell)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="wirebench") as pool:
+        return pool.submit(asyncio.run, coroutine).result()
 
 
 def drive(wire: str, target: str, chain: str, inputs: dict[str, Any], key: str, requests: int, concurrency: int,
