@@ -416,3 +416,13 @@ def test_configuration_errors_name_the_file_line_and_field(
         parse_config(text, "/etc/wb.yaml")
     assert (caught.value.line, caught.value.field) == (line, field)
     assert str(caught.value).startswith(f"/etc/wb.yaml, line {line}")
+
+
+def test_a_spec_whose_yaml_has_non_text_keys_gets_a_version(loaded: wb.Workbench) -> None:
+    """YAML 1.1 reads retry's ``on:`` as the key True: the content hash must still sort the keys (a TypeError did)."""
+    spec = SPEC.replace("max_new_tokens", "retry: {attempts: 2, on: [error, timeout]}\n    max_new_tokens", 1)
+    assert "retry" in spec
+    chain = loaded.chain(spec)
+    other = loaded.chain(spec.replace("attempts: 2", "attempts: 3"))
+    assert chain.version.number == 1 and len(chain.version.digest) == 12
+    assert other.version.digest != chain.version.digest

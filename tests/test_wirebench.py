@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import workbench as wb
 from workbench.fronts.server import wirebench
 
@@ -35,3 +37,15 @@ def test_wires_run_where_a_loop_already_runs_as_in_a_notebook_cell(tiny_bench: w
 
     table = asyncio.run(cell()).table()
     assert (table["errors"] == 0).all() and (table["calls"] == 2).all()
+
+
+def test_wires_spawn_their_client_where_main_has_no_spec(tiny_bench: wb.Workbench,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """IPython's shell (the magics, a kernel) sets a __main__ without __spec__, which multiprocessing's spawn reads."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+    monkeypatch.delattr(sys.modules["__main__"], "__spec__")
+    table = wirebench.wires(tiny_bench, requests=1, concurrency=1, rounds=1, warmup=0).table()
+    assert (table["errors"] == 0).all() and (table["calls"] == 1).all()

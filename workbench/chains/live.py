@@ -69,8 +69,17 @@ class ConfigRefusal:
 
 def digest_of(data: Any) -> str:
     """A short content hash of a configuration as parsed, so reformatting or a comment leaves it unchanged."""
-    text = json.dumps(data, sort_keys=True, default=_describe, ensure_ascii=False)
+    text = json.dumps(_str_keys(data), sort_keys=True, default=_describe, ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+
+
+def _str_keys(value: Any) -> Any:
+    """``value`` with every mapping key a string, so keys sort: YAML 1.1 reads ``on:`` (retry's) as the key True."""
+    if isinstance(value, dict):
+        return {key if isinstance(key, str) else repr(key): _str_keys(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_str_keys(item) for item in value]
+    return value
 
 
 def _describe(value: Any) -> str:

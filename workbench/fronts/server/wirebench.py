@@ -261,6 +261,14 @@ def wires(
     """
     from workbench.fronts.server.auth import Auth
 
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:  # a notebook cell runs inside a loop: measure from a thread of its own, where nothing else runs
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="wirebench") as pool:
+            return pool.submit(wires, bench, requests=requests, concurrency=concurrency, rounds=rounds,
+                               warmup=warmup, chains=chains).result()
     with _bench(bench) as host:
         served, noop = chains if chains is not None else (
             host.chain(SERVED_SPEC), host.chain({"name": "noop", "hops": [{"name": "echo", "call": echo}]}))
@@ -280,7 +288,7 @@ def wires(
                         for wire in _rotated((*WIRES, IN_PROCESS), round_):
                             inputs = dict(QUESTION)
                             if wire == IN_PROCESS:
-                                block = _run(_in_process(chain, inputs, requests, concurrency, warmup))
+                                block = asyncio.run(_in_process(chain, inputs, requests, concurrency, warmup))
                             else:
                                 block = client.submit(drive, wire, targets[wire], chain.name, inputs, key, requests,
                                                       concurrency, warmup).result()
@@ -293,16 +301,6 @@ def wires(
         settings = {"requests": requests, "concurrency": concurrency, "rounds": rounds, "warmup": warmup,
                     "served_chain": served.name, "noop_chain": noop.name}
         return WireResults(latencies, throughput, ratios, errors, settings)
-
-
-def _run(coroutine: Any) -> Any:
-    """``asyncio.run`` here, or on a thread of its own where this thread already runs a loop (a notebook cell)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coroutine)
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="wirebench") as pool:
-        return pool.submit(asyncio.run, coroutine).result()
 
 
 def drive(wire: str, target: str, chain: str, inputs: dict[str, Any], key: str, requests: int, concurrency: int,
@@ -445,5 +443,10 @@ def _rotated(items: Any, round_: int) -> list[Any]:
 
 def _spawn() -> Any:
     import multiprocessing
+    import sys
 
+    # spawn reads __main__.__spec__ to prepare the child; IPython's shell puts a __main__ there without one.
+    main = sys.modules.get("__main__")
+    if main is not None and not hasattr(main, "__spec__"):
+        main.__spec__ = None
     return multiprocessing.get_context("spawn")
