@@ -93,7 +93,9 @@ def test_a_node_removed_mid_map_loses_no_run(cluster: tuple[Any, list[Any]], ben
     assert batch.complete and not batch.failed, batch.table()
     assert all(run.output for run in batch)
     after = bench.replicas("m").set_index("replica")
-    assert after.loc["m#1", "failed"] >= 1
+    # Whether m#1 held a request at the instant its node went is timing (concurrency 2 over two replicas: CI saw
+    # it between requests once); that such requests fail over and are retried is test_ray.py's actor-killed-mid-map
+    # test, held deterministically. Here: the map lost nothing, and the replica came back.
     # Its actor starts again on the node that is left (SPREAD is a preference; one free CPU there takes it).
     assert after.loc["m#1", "restarts"] >= 1  # more than one if a new actor was placed on the node as it went
     survivor = next(w for w in workers if w is not doomed)
