@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from workbench.chains.sqlite_store import _while_busy
+from workbench.chains.sqlite_store import open_wal
 from workbench.engine.requests import GenerationParams, Messages
 from workbench.errors import StoreError, WorkbenchError
 
@@ -240,18 +240,7 @@ class ResponseCache:
         if self._connection is not None:
             return self._connection
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            connection = sqlite3.connect(self.path, timeout=self._timeout_s, isolation_level=None,
-                                         check_same_thread=False)
-            try:
-                deadline = time.monotonic() + self._timeout_s
-                _while_busy(lambda: connection.execute("PRAGMA journal_mode=WAL"), deadline)
-                # WAL with NORMAL: a process killed mid-write loses at most the write it was making, never the file.
-                connection.execute("PRAGMA synchronous=NORMAL")
-                _while_busy(lambda: _create(connection, self.path), deadline)
-            except BaseException:
-                connection.close()
-                raise
+            connection = open_wal(self.path, self._timeout_s, _create)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(
                 f"cannot open the response cache {str(self.path)!r}: {exc}",

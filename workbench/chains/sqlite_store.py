@@ -110,22 +110,7 @@ class SQLiteContextStore(ContextStore):
 
     def _open(self) -> sqlite3.Connection:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # isolation_level=None: no implicit transactions; each statement commits, BEGIN is explicit.
-            connection = sqlite3.connect(
-                self.path, timeout=self._timeout_s, isolation_level=None, check_same_thread=False
-            )
-            try:
-                # Another process opening or checkpointing the same file can make these fail at once
-                # with "database is locked", without waiting out the busy timeout: wait here instead.
-                deadline = time.monotonic() + self._timeout_s
-                _while_busy(lambda: connection.execute("PRAGMA journal_mode=WAL"), deadline)
-                # In WAL mode NORMAL loses no committed transaction when a process dies, only on power loss.
-                connection.execute("PRAGMA synchronous=NORMAL")
-                _while_busy(lambda: _migrate(connection, self.path), deadline)
-            except BaseException:
-                connection.close()
-                raise
+            connection = open_wal(self.path, self._timeout_s, _migrate)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(
                 f"cannot open the session store {str(self.path)!r}: {exc}",
@@ -133,6 +118,27 @@ class SQLiteContextStore(ContextStore):
                 " Workbench(store=InMemoryContextStore()) keeps sessions in memory only",
             ) from exc
         return connection
+
+
+def open_wal(path: Path, timeout_s: float, prepare: Callable[[sqlite3.Connection, Path], object]) -> sqlite3.Connection:
+    """Open (creating its folder) the SQLite file at ``path`` in WAL mode for use from any thread, and ``prepare``
+    it (create or migrate its schema); raises OSError or sqlite3.Error for the caller to name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # isolation_level=None: no implicit transactions; each statement commits, BEGIN is explicit.
+    connection = sqlite3.connect(path, timeout=timeout_s, isolation_level=None, check_same_thread=False)
+    try:
+        # Another process opening or checkpointing the same file can make these fail at once
+        # with "database is locked", without waiting out the busy timeout: wait here instead.
+        deadline = time.monotonic() + timeout_s
+        _while_busy(lambda: connection.execute("PRAGMA journal_mode=WAL"), deadline)
+        # In WAL mode NORMAL loses no committed transaction when a process dies (only on power loss), and a
+        # process killed mid-write loses at most the write it was making, never the file.
+        connection.execute("PRAGMA synchronous=NORMAL")
+        _while_busy(lambda: prepare(connection, path), deadline)
+    except BaseException:
+        connection.close()
+        raise
+    return connection
 
 
 def _while_busy(action: Callable[[], object], deadline: float) -> None:
