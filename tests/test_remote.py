@@ -128,6 +128,48 @@ def test_health_probes_and_injected_faults_reach_a_served_model(remote: wb.Workb
     assert _chain(remote).run(prompt=PROMPTS[1]).error is None
 
 
+def test_a_hop_streams_on_the_workbench_loop_and_faults_send_it_through_the_worker(remote: wb.Workbench) -> None:
+    """The loop lane: a chain's remote call goes out from the workbench's own loop (no worker thread in between),
+    capped by the continuous policy's max_batch; with faults injected it takes the worker's path, where they apply."""
+    worker = remote.engine.worker("remote")
+    backend = worker.backend
+    real = backend.astream
+    seen: list[str] = []
+    streaming = [0, 0]  # now, most at once
+
+    async def observed(request, batch_id, batch_size):  # type: ignore[no-untyped-def]
+        seen.append(threading.current_thread().name)
+        streaming[0] += 1
+        streaming[1] = max(streaming)
+        try:
+            return await real(request, batch_id, batch_size)
+        finally:
+            streaming[0] -= 1
+
+    backend.astream = observed
+    try:
+        remote.set_batching("remote", wb.ContinuousBatching(2))
+        runs = _chain(remote).map([{"prompt": p} for p in PROMPTS * 2], concurrency=6)
+        assert [r.error for r in runs] == [None] * 6
+        assert seen == ["workbench-loop"] * 6
+        assert streaming[1] <= 2  # ContinuousBatching(2): two streams at a time
+        assert worker._lane_inflight == 0
+        slots = [s for loop, (limit, s) in worker._lane_slots.items() if limit == 2]
+        assert slots and all(s._value == 2 for s in slots)  # every slot handed back
+        remote.inject("remote", error_rate=1.0, seed=0)
+        try:
+            assert not worker.lane_open()
+            assert "injected fault" in str(_failed(_chain(remote), prompt=PROMPTS[1]).error)
+        finally:
+            remote.clear_faults("remote")
+        assert len(seen) == 6  # the faulted call never reached the lane
+        assert remote.generate("remote", PROMPTS[1], max_new_tokens=4).text  # a script's call: the worker's path
+        assert len(seen) == 6
+    finally:
+        backend.astream = real
+        remote.set_batching("remote", wb.ContinuousBatching())
+
+
 def test_a_url_where_no_server_listens_does_not_load(bench: wb.Workbench) -> None:
     with pytest.raises(ModelLoadError, match="cannot reach a model server") as info:
         bench.load("gone", f"http://127.0.0.1:{free_port()}/v1")

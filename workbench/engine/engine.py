@@ -393,7 +393,8 @@ class Engine:
         return span
 
     def _place(
-        self, replicas: ReplicaSet, calls: list[tuple[Call, Span, int | None]], started: float
+        self, replicas: ReplicaSet, calls: list[tuple[Call, Span, int | None]], started: float,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> list[GenerationRequest | BaseException]:
         """Pick a replica for each call (or the one it pins) and queue each replica's calls with one wake-up.
 
@@ -409,7 +410,7 @@ class Engine:
         answers: list[GenerationRequest | BaseException | None] = [None] * len(calls)
         for replica, slots in groups.values():
             try:
-                placed = self._enqueue(replicas.model, replica.worker, [calls[i][:2] for i in slots], started)
+                placed = self._enqueue(replicas.model, replica.worker, [calls[i][:2] for i in slots], started, loop)
             except BaseException as exc:  # the backend could not tokenize: every call of the group fails alike
                 placed = [exc] * len(slots)
             for slot, answer in zip(slots, placed):
@@ -421,9 +422,11 @@ class Engine:
         return answers  # type: ignore[return-value]  # every slot is filled: each call is in one group
 
     def _enqueue(
-        self, model: str, worker: ModelWorker, calls: list[tuple[Call, Span]], started: float
+        self, model: str, worker: ModelWorker, calls: list[tuple[Call, Span]], started: float,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> list[GenerationRequest | BaseException]:
-        """Tokenize ``calls`` in one backend call and queue those that may run with one wake-up of ``model``'s worker.
+        """Tokenize ``calls`` in one backend call and queue those that may run with one wake-up of ``model``'s worker
+        (or, from ``loop``'s thread, on the worker's loop lane; see :meth:`ModelWorker.submit_many`).
 
         Each slot of the answer is the queued request, or the error that kept it out (its span
         then ended with that error).
@@ -483,7 +486,7 @@ class Engine:
             answers.append(request)
         if queued:
             try:
-                worker.submit_many(queued)
+                worker.submit_many(queued, loop)
             except BaseException as exc:
                 for request in queued:
                     if request.trial:
@@ -738,7 +741,7 @@ class Engine:
         if not live:
             return
         calls = [(p.call, p.span, p.index) for p in live]
-        answers = self._place(replicas, calls, min(p.started for p in live))
+        answers = self._place(replicas, calls, min(p.started for p in live), loop)
         for pending, answer in zip(live, answers):
             if isinstance(answer, BaseException):
                 pending.done.set_exception(answer)

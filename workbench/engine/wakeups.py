@@ -60,7 +60,10 @@ class Wakeups:
                 return
             self._scheduled = True
         try:
-            self._loop.call_soon_threadsafe(self._settle)
+            if _running_loop() is self._loop:  # answered on the loop itself (its loop lane): no wake-up needed
+                self._loop.call_soon(self._settle)
+            else:
+                self._loop.call_soon_threadsafe(self._settle)
         except RuntimeError:
             pass  # the loop closed (the workbench closed): nobody awaits these any more
 
@@ -74,3 +77,10 @@ class Wakeups:
                     done.set_result(future.result())
                 else:
                     done.set_exception(exc)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
+from typing import Any
 
 from opentelemetry.trace import Link, Span, Status, StatusCode
 
-from workbench.engine.backends.base import Backend, Scheduler
+from workbench.engine.backends.base import Backend, Scheduler, next_batch_id
 from workbench.engine.batching import BatchingPolicy, DynamicBatching
 from workbench.engine.breaker import CircuitBreaker
 from workbench.engine.faults import FaultInjector
@@ -44,6 +46,10 @@ class ModelWorker:
         self.breaker = CircuitBreaker(name)
         self.health = ModelHealth(name)
         self.faults: FaultInjector | None = None
+        # The loop lane (see submit_many): requests streamed on their caller's event loop, and how many are in flight.
+        self._lane_slots: dict[asyncio.AbstractEventLoop, tuple[int, asyncio.Semaphore]] = {}
+        self._lane_idle = threading.Condition()
+        self._lane_inflight = 0
         self._thread = threading.Thread(target=self._loop, name=f"workbench-worker-{name}", daemon=True)
         self._thread.start()
 
@@ -54,17 +60,96 @@ class ModelWorker:
     def submit(self, request: GenerationRequest) -> None:
         self.submit_many([request])
 
-    def submit_many(self, requests: list[GenerationRequest]) -> None:
+    def submit_many(self, requests: list[GenerationRequest], loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Queue ``requests`` for this worker's thread; or, from the thread of ``loop``, stream them on that loop.
+
+        The loop lane: a backend that can await a request on the caller's own event loop (a server's,
+        :meth:`~workbench.engine.backends.openai.RemoteBackend.astream`) under a continuous policy, with
+        no faults injected, needs no worker thread: each request goes out at once, up to the policy's
+        ``max_batch`` in flight per loop, and completes on its own, with the same spans, breaker and
+        cancellation. It saves the hand-offs to the worker's thread and the streams' thread and back.
+        """
+        if loop is not None and self.lane_open():
+            for request in requests:
+                self._lane_start(request, loop)
+            return
         try:
             self.queue.put_many(requests)
         except RuntimeError:
             raise WorkerStopped(f"model {self.name!r} was unloaded", hint=f"bench.load({self.name!r}, ...) again") from None
 
+    def lane_open(self) -> bool:
+        """Whether requests awaited on an event loop may skip this worker's thread (see :meth:`submit_many`)."""
+        return (self.policy.continuous and self.faults is None and not self.queue.closed
+                and getattr(self.backend, "astream", None) is not None)
+
+    def _lane_start(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
+        policy = self.policy
+        limit = int(getattr(policy, "max_batch", 64))
+        known = self._lane_slots.get(loop)  # only the loop's own thread adds its entry
+        if known is None or known[0] != limit:  # the policy changed: the new limit from the next request
+            known = self._lane_slots[loop] = (limit, asyncio.Semaphore(limit))
+        with self._lane_idle:
+            self._lane_inflight += 1
+        task = loop.create_task(self._lane_run(request, policy, known[1]))
+
+        def cancelled(future: Any) -> None:
+            # Failed or cancelled from outside (a timeout, an unload): stop the stream. After a result the task
+            # has ended, and cancelling it is a no-op.
+            if future.cancelled() or future.exception() is not None:
+                try:
+                    loop.call_soon_threadsafe(task.cancel)
+                except RuntimeError:
+                    pass  # the loop closed: the task went with it
+
+        request.future.add_done_callback(cancelled)
+
+    async def _lane_run(self, request: GenerationRequest, policy: BatchingPolicy, slots: asyncio.Semaphore) -> None:
+        try:
+            async with slots:
+                if request.future.done():
+                    return  # cancelled while it waited for a slot
+                span = self._batch_span([request], policy)
+                batch_id = next_batch_id()
+                span.set_attributes({attr.BATCH_ID: batch_id, attr.PADDING_TOKENS: 0, attr.BATCH_MODE: "continuous",
+                                     attr.BATCH_INFLIGHT: self._lane_inflight})
+                try:
+                    result = await self.backend.astream(request, batch_id, 1)  # type: ignore[attr-defined]
+                except asyncio.CancelledError:
+                    span.set_status(Status(StatusCode.ERROR, "cancelled"))
+                    span.end()
+                    return  # whoever cancelled the request has settled it
+                except BaseException as exc:
+                    mark_error(span, exc)
+                    span.end()
+                    self._fail([request], exc)
+                    return
+                span.set_status(Status(StatusCode.OK))
+                span.end()
+                self._complete(request, result, policy)
+        finally:
+            with self._lane_idle:
+                self._lane_inflight -= 1
+                self._lane_idle.notify_all()
+
+    def _lane_wait(self, timeout: float) -> None:
+        """Wait until no request is in flight on the loop lane; not from a lane loop's own thread (it would wait
+        for itself): there, streams still in flight fail when the backend closes."""
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not None and running in self._lane_slots:
+            return
+        with self._lane_idle:
+            self._lane_idle.wait_for(lambda: self._lane_inflight == 0, timeout)
+
     def stop(self, timeout: float = 30.0) -> None:
-        """Refuse new work, fail what is still queued, and wait for the batch in flight."""
+        """Refuse new work, fail what is still queued, and wait for the batch in flight (and the loop lane's)."""
         for request in self.queue.close():
             self._fail([request], WorkerStopped(f"model {self.name!r} was unloaded before this request ran"))
         self._thread.join(timeout)
+        self._lane_wait(timeout)
 
     def drain(self, timeout: float = 60.0) -> None:
         """Run every queued request, then stop: a live swap's old worker finishes its work (new requests go to the

@@ -11,8 +11,12 @@ each as its stream ends, so a fast answer never waits for a slow one; ``NoBatchi
 at a time; a static or dynamic batch of B is B streams sent together, done when the last ends
 (and failed together, as a local batch is). The server batches on its own side either way.
 
-Every server's streams run on one event loop thread, with one pooled ``httpx.AsyncClient`` per
-server; HTTP errors become :class:`RemoteError` here, at the seam, with a span event each.
+A call awaited on an event loop (every hop of a chain: the workbench's loop) streams on that loop
+itself, through :meth:`RemoteBackend.astream` (the engine's loop lane: no worker thread in between,
+under a continuous policy with no injected faults). Everything else (``bench.generate`` from a
+script, a static or dynamic batch, faults) goes through the model's worker, and its streams run on
+one event loop thread of their own. One pooled ``httpx.AsyncClient`` per server and loop; HTTP
+errors become :class:`RemoteError` here, at the seam, with a span event each.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from workbench.engine.backends.base import (
     result_from_stamps,
 )
 from workbench.engine.requests import GenerationRequest, GenerationResult, Messages
-from workbench.errors import RemoteError, RemoteRateLimited
+from workbench.errors import RemoteError, RemoteRateLimited, WorkerStopped
 from workbench.models import remote
 from workbench.models.registry import LoadedModel
 from workbench.tracing import attributes as attr
@@ -100,15 +104,36 @@ class _Clients:
 
     def _new_client(self) -> httpx.AsyncClient:
         # Called under the lock with the loop running; httpx binds the pool to the loop on first use.
-        return httpx.AsyncClient(
-            # The read timeout is each model's own (its read_timeout_s), given per request.
-            timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT_S, pool=None),
-            # The batching policy bounds the streams in flight; the pool must not queue them a second time.
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=512),
-        )
+        return _new_client()
 
 
 _clients = _Clients()
+
+
+def _new_client() -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        # The read timeout is each model's own (its read_timeout_s), given per request.
+        timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT_S, pool=None),
+        # The batching policy bounds the streams in flight; the pool must not queue them a second time.
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=512),
+    )
+
+
+def _aclose_on(loop: asyncio.AbstractEventLoop, client: httpx.AsyncClient) -> None:
+    """Close ``client`` on the loop it belongs to: wait for it from another thread, schedule it from the loop's own."""
+    if loop.is_closed() or not loop.is_running():
+        return  # its connections go with the loop
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        loop.create_task(client.aclose())
+        return
+    try:
+        asyncio.run_coroutine_threadsafe(client.aclose(), loop).result(timeout=5.0)
+    except Exception:  # the loop stopped meanwhile, or the close hung: nothing more to free here
+        pass
 
 
 def _server(url: str) -> str:
@@ -148,6 +173,9 @@ class RemoteBackend:
         self.read_timeout_s = settings.read_timeout_s
         self._timeout = httpx.Timeout(None, connect=CONNECT_TIMEOUT_S, read=settings.read_timeout_s, pool=None)
         self._loop, self._client = _clients.acquire(self.url)
+        # One pooled client per event loop that awaits this model's streams itself (see astream).
+        self._lane_lock = threading.Lock()
+        self._lane_clients: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}
         self._closed = False
 
     # -- the Backend protocol ------------------------------------------------------------------
@@ -187,6 +215,27 @@ class RemoteBackend:
         if not self._closed:
             self._closed = True
             _clients.release(self.url)
+            with self._lane_lock:
+                lanes, self._lane_clients = self._lane_clients, {}
+            for loop, client in lanes.items():
+                _aclose_on(loop, client)
+
+    async def astream(self, request: GenerationRequest, batch_id: int, batch_size: int) -> GenerationResult:
+        """Stream ``request`` on the running event loop and return its result (the engine's loop lane).
+
+        The same request, timing and errors as :meth:`send`, without the hand-offs: a call awaited
+        on the workbench's loop goes out from that loop, and its answer wakes the awaiting hop
+        there, with no worker thread and no streams thread in between.
+        """
+        loop = asyncio.get_running_loop()
+        with self._lane_lock:
+            client = self._lane_clients.get(loop)
+            if client is None:
+                if self._closed:
+                    raise WorkerStopped(f"model {self.model!r} was unloaded", hint=f"bench.load({self.model!r}, ...) again")
+                client = self._lane_clients[loop] = _new_client()
+        result, _ = await self._stream(request, None, batch_id, batch_size, client)
+        return result
 
     def generate(
         self, batch: list[GenerationRequest], on_token: TokenSink | None = None
@@ -253,7 +302,8 @@ class RemoteBackend:
         return body
 
     async def _stream(
-        self, request: GenerationRequest, on_token: TokenSink | None, batch_id: int, batch_size: int
+        self, request: GenerationRequest, on_token: TokenSink | None, batch_id: int, batch_size: int,
+        client: httpx.AsyncClient | None = None,
     ) -> tuple[GenerationResult, _Stamps]:
         span = request.span
         chat = request.messages is not None
@@ -266,8 +316,8 @@ class RemoteBackend:
         itl: list[float] = []
         stamps = _Stamps(posted=time.perf_counter())
         try:
-            async with self._client.stream("POST", url, json=body, headers=self.headers,
-                                          timeout=self._timeout) as response:
+            async with (client or self._client).stream("POST", url, json=body, headers=self.headers,
+                                                      timeout=self._timeout) as response:
                 stamps.status = response.status_code
                 span.set_attribute(attr.HTTP_STATUS, response.status_code)
                 if response.status_code >= 400:
