@@ -354,6 +354,12 @@ def test_the_kubernetes_args_are_the_image_command(key: str) -> None:
     assert ["autoglm", *_gateway(_deployments()[key])["args"]] == _command()
 
 
+def test_the_dockerfile_needs_no_frontend_from_a_registry() -> None:
+    """No `# syntax=` directive: BuildKit would fetch that frontend image from Docker Hub before building."""
+    first = (DEPLOY / "Dockerfile").read_text().splitlines()[0]
+    assert not re.match(r"#\s*syntax\s*=", first, re.IGNORECASE), first
+
+
 def _docker_daemon() -> bool:
     if shutil.which("docker") is None:
         return False
