@@ -410,13 +410,15 @@ def _logs(container: str) -> str:
 
 
 @pytest.mark.slow
-def test_the_image_serves_as_the_readme_runs_it(image: str, tiny_path: Path, tmp_path: Path) -> None:
+def test_the_image_serves_as_the_readme_runs_it(image: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     """deploy/README.md's commands on the built image: a key made by `keys add` in the data volume, then the
     server with a read-only root, the models and the spec mounted read-only. Docker's own HEALTHCHECK turns
     healthy, /health answers without a key, the chain refuses a request without one and answers with one, over
     REST and gRPC, and the server runs as uid 10001."""
     import httpx
 
+    # Only now: the session-scoped tiny model would be built before the module-scoped image fixture skips.
+    tiny_path = request.getfixturevalue("tiny_path")
     models, data = tmp_path / "models", tmp_path / "data"
     shutil.copytree(tiny_path, models / "tiny")
     for path in [models, *models.rglob("*")]:  # the README's `chmod -R a+rX models`: uid 10001 reads them
