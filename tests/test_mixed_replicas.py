@@ -164,6 +164,24 @@ def test_a_registered_mixed_set_connects_its_server_replica_on_first_use(server:
         assert bench.replicas("lazy")["kind"].tolist() == ["local", "remote"]
 
 
+def test_until_a_policy_is_chosen_each_kind_of_replica_batches_its_own_way(server: Server, tiny_path: Path) -> None:
+    with wb.Workbench(store=wb.InMemoryContextStore()) as bench:
+        bench.load("m", tiny_path, replicas=["cpu", server.url])
+        assert bench.replicas("m")["batching"].tolist() == ["none", "continuous:64"]
+        runs = bench.chain(one_hop()).map([{"prompt": p} for p in PROMPTS * 2], concurrency=6)
+        assert [r.error for r in runs] == [None] * 6
+        assert len({r.output for r in runs if r.inputs["prompt"] == PROMPTS[0]}) == 1  # same text from either kind
+        bench.set_batching("m", wb.DynamicBatching(max_batch=4, max_wait_ms=5))  # chosen: every replica takes it
+        assert bench.replicas("m")["batching"].tolist() == ["dynamic:4:5ms"] * 2
+        assert bench.chain(one_hop()).run(prompt=PROMPTS[1]).error is None
+        bench.unload("m")
+        bench.load("m")  # loading the registered model again keeps the chosen policy
+        assert bench.replicas("m")["batching"].tolist() == ["dynamic:4:5ms"] * 2
+        bench.unload("m")
+        bench.load("m", tiny_path, replicas=["cpu", server.url])  # a fresh load starts from the defaults
+        assert bench.replicas("m")["batching"].tolist() == ["none", "continuous:64"]
+
+
 def test_weights_in_a_child_process_may_have_a_server_replica_beside_them(server: Server, tiny_path: Path) -> None:
     with wb.Workbench(store=wb.InMemoryContextStore()) as bench:
         bench.load("iso", tiny_path, replicas=["cpu", server.url], isolation="process")

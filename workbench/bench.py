@@ -34,7 +34,6 @@ from workbench.engine.backends.process import ProcessBackend
 from workbench.engine.backends.ray import RayBackend
 from workbench.engine.backends.transformers import TransformersBackend
 from workbench.engine.balancing import BalancePolicy, parse_balance
-from workbench.engine.batching import default_policy
 from workbench.engine.faults import Faults
 from workbench.engine.prober import HealthChecks
 from workbench.errors import AdapterError, HopFailed, WorkbenchClosed, WorkbenchError
@@ -244,7 +243,8 @@ class Workbench:
                 num_gpus=num_gpus,
                 num_cpus=num_cpus,
             )
-            batching = batching or default_policy(settings)  # a fresh load does not inherit an earlier one's policy
+            # A fresh load does not inherit an earlier one's policy: without one, each replica runs its kind's default.
+            self.engine.clear_policy(name)
         return self.engine.preloader.load(name, settings, policy=batching)
 
     def _replicate(
@@ -366,13 +366,15 @@ class Workbench:
     def replicas(self, name: str | None = None) -> pd.DataFrame:
         """One row per replica of ``name`` (or of every loaded model): its worker's name (``m#1``), its ``kind``
         (``local``, or ``remote`` for a replica on a server), device (``remote`` on a server) and the server's ``url``,
-        the balance policy, requests in flight, served and failed, health, breaker state, whether faults are
+        the balance policy, the replica's batching policy (in a mixed set, until ``set_batching`` chooses one for
+        all, a server's replica sends each request as it comes, ``continuous:64``, and one here generates one at a
+        time, ``none``), requests in flight, served and failed, health, breaker state, whether faults are
         injected, and ``restarts``, how often its model process or Ray actor was started again after dying (None for
         a replica in this process or on a server)."""
         import pandas as pd
 
-        columns = ["model", "replica", "index", "kind", "device", "url", "node", "balance", "in_flight", "served",
-                   "failed", "health", "breaker", "faults", "restarts"]
+        columns = ["model", "replica", "index", "kind", "device", "url", "node", "balance", "batching", "in_flight",
+                   "served", "failed", "health", "breaker", "faults", "restarts"]
         sets = self.engine.replica_sets()
         if name is not None:
             self.registry.get(name)  # unknown, or not loaded: a clear error

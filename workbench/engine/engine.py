@@ -20,7 +20,7 @@ from workbench.engine.backends.process import ModelProcess, ProcessBackend
 from workbench.engine.backends.ray import RayBackend
 from workbench.engine.backends.transformers import TransformersBackend
 from workbench.engine.balancing import BalancePolicy, RoundRobin
-from workbench.engine.batching import BatchingPolicy, default_policy
+from workbench.engine.batching import BatchingPolicy, ContinuousBatching, default_policy
 from workbench.engine.breaker import CircuitBreaker
 from workbench.engine.faults import FaultInjector, Faults
 from workbench.engine.preloading import Preloader
@@ -33,6 +33,7 @@ from workbench.models.fingerprint import model_identity
 from workbench.errors import AdapterError
 from workbench.models.adapters import AdapterLease, AdapterSet
 from workbench.models.registry import LoadedModel, ModelRegistry
+from workbench.models.remote import REMOTE_DEVICE
 from workbench.models.settings import is_server_url
 from workbench.tracing import Tracing, mark_error
 from workbench.tracing import attributes as attr
@@ -140,7 +141,8 @@ class Engine:
         replica on a server connects to it (a ``load`` span under ``parent``, for ``trigger``).
         """
         loaded = self._registry.get(name)
-        policy = policy or self._policies.get(name) or default_policy(loaded.settings)
+        chosen = policy or self._policies.get(name)  # set by the user (set_batching), else each kind's default
+        policy = chosen or default_policy(loaded.settings)
         with self._lock:
             places = self._replicas.get(name, (None,))
             balance = self._balance.get(name) or RoundRobin()
@@ -175,14 +177,18 @@ class Engine:
             for backend in backends:
                 backend.close()
             raise
+        # Until a policy is chosen, a mixed set's replicas each run their kind's default: a server's replica sends
+        # each request as it comes (continuous), a replica here generates one at a time.
         workers = [
-            ModelWorker(replica_name(name, i, len(backends)), backend, policy, self._tracing)
+            ModelWorker(replica_name(name, i, len(backends)), backend,
+                        chosen or (ContinuousBatching() if backend.device == REMOTE_DEVICE else policy), self._tracing)
             for i, backend in enumerate(backends)
         ]
         replicas = ReplicaSet(name, workers, balance, shared)
         with self._lock:
             self._sets[name] = replicas
-            self._policies[name] = policy
+            if chosen is not None:
+                self._policies[name] = chosen
             self._balance[name] = balance
         return replicas
 
@@ -298,6 +304,11 @@ class Engine:
             worker.set_policy(policy)
         with self._lock:
             self._policies[name] = policy
+
+    def clear_policy(self, name: str) -> None:
+        """Forget the policy chosen for ``name``: from its next start each replica runs its kind's default."""
+        with self._lock:
+            self._policies.pop(name, None)
 
     def policy(self, name: str) -> BatchingPolicy:
         """The policy ``name`` runs under, or will once it loads."""

@@ -169,7 +169,7 @@ class ReplicaSet:
             {"model": self.model, "replica": worker.name, "index": index, **_where(worker),
              # node: the Ray node a replica's actor runs on (engine="ray"); None in this process.
              "node": getattr(worker.backend, "node", None),
-             "balance": self.policy.name, "in_flight": in_flight, "served": served, "failed": failed,
+             "balance": self.policy.name, "batching": worker.policy.name, "in_flight": in_flight, "served": served, "failed": failed,
              "health": worker.health.state, "breaker": worker.breaker.state,
              "faults": worker.faults is not None,
              # restarts: how often the replica's model process or Ray actor was started again after dying.
