@@ -17,7 +17,7 @@ import workbench as wb
 from workbench.errors import HopFailed, HopTimeout, ModelLoadError, RemoteError, RemoteRateLimited
 from workbench.tracing import attributes as attr
 
-from helpers import Server, free_port
+from helpers import Server, eventually, free_port
 
 PROMPTS = ["Question: What is the capital of France?\nAnswer:", "The sea is", "Plan:"]
 
@@ -168,6 +168,26 @@ def test_a_hop_streams_on_the_workbench_loop_and_faults_send_it_through_the_work
     finally:
         backend.astream = real
         remote.set_batching("remote", wb.ContinuousBatching())
+
+
+def test_unloading_a_served_model_lets_the_streams_its_loop_lane_has_in_flight_finish(server: Server) -> None:
+    with wb.Workbench(store=wb.InMemoryContextStore()) as bench:
+        bench.load("r", server.url)
+        worker = bench.engine.worker("r")
+        chain = _chain(bench, "r", max_new_tokens=24)
+        runs: list[list[wb.Run]] = []
+        mapping = threading.Thread(target=lambda: runs.append(chain.map([{"prompt": p} for p in PROMPTS * 2],
+                                                                        concurrency=6)))
+        mapping.start()
+        eventually(lambda: worker._lane_inflight > 0, "a stream in flight on the loop lane")
+        streaming = worker._lane_inflight
+        bench.unload("r")  # returns once the streams in flight have ended
+        assert worker._lane_inflight == 0
+        mapping.join(60)
+        (done,) = runs
+        assert sum(r.error is None for r in done) >= streaming
+        for run in done:  # one not yet sent when the model went is refused, saying why
+            assert run.error is None or "unloaded" in str(run.error) or "not loaded" in str(run.error), run.error
 
 
 def test_a_url_where_no_server_listens_does_not_load(bench: wb.Workbench) -> None:
