@@ -359,6 +359,21 @@ def test_a_batch_can_cost_its_size(tmp_path: Path) -> None:
         auth.admit(alice, cost=11)  # no wait would ever let it in: not a 429
 
 
+def test_a_batch_refused_for_its_rate_is_told_when_it_will_fit(tmp_path: Path) -> None:
+    auth = Auth(tmp_path, rate_per_s=10.0, burst=10)
+    alice = Principal("alice", "runner", "key")
+    auth.admit(alice, cost=5)
+    auth.admit(alice)  # the gateway's door: one per request, before the body says it is a batch of 8
+    with pytest.raises(RateLimited, match="a batch of 8 runs") as caught:
+        auth.admit(alice, cost=8, paid=1)  # 4 left, 7 more asked
+    assert 0.3 < caught.value.retry_after_s <= 0.4  # until the bucket holds all 8, door included
+    time.sleep(caught.value.retry_after_s + 0.01)
+    auth.admit(alice)  # the retry pays the door again, and the rest fits
+    auth.admit(alice, cost=8, paid=1)
+    with pytest.raises(PayloadTooLarge, match="burst of 10"):
+        auth.admit(alice, cost=11, paid=1)
+
+
 def test_no_rate_limit_when_asked(tmp_path: Path) -> None:
     auth = Auth(tmp_path, rate_per_s=None)
     for _ in range(1000):

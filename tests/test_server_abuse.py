@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -273,6 +274,71 @@ def test_the_rate_limit_answers_429_with_retry_after_per_key(served: Served) -> 
         # Another key has its own bucket.
         other = served.headers(served.keys["other-runner"])
         assert httpx.post(url, json=body, headers=other, timeout=30).status_code == 200
+
+
+def runner_key(served: Served) -> str:
+    """A runner key of its own (a fresh token bucket, a fresh name)."""
+    return KeyStore(served.data_dir, roles=["runner"]).add(f"runner-{uuid.uuid4().hex[:8]}", "runner")
+
+
+def test_a_batch_costs_one_request_per_input_before_any_run_starts(served: Served) -> None:
+    chain = served.bench.chains()["echo"]
+    # Five requests, and one more every 100 s: nothing refills while the test runs.
+    limited = Auth(served.data_dir, rate_per_s=0.01, burst=5)
+    with served.bench.serve(chains=[chain], port=0, auth=limited) as server:
+        url = f"{server.url}/v1/chains/echo/batch"
+        batch = {"inputs": [{"question": f"q{i}"} for i in range(3)]}
+        runner = served.headers(runner_key(served))
+        answer = httpx.post(url, json=batch, headers=runner, timeout=30)
+        assert answer.status_code == 200, answer.text
+        assert len(answer.json()["runs"]) == 3
+        runs = len(served.bench.runs())
+        # 2 of 5 left: a batch of 3 does not fit, and none of its runs starts.
+        refused = httpx.post(url, json=batch, headers=runner, timeout=30)
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["type"] == "RateLimited"
+        assert "a batch of 3 runs" in refused.json()["error"]["message"]
+        assert int(refused.headers["retry-after"]) >= 1
+        assert len(served.bench.runs()) == runs
+        # A batch larger than the bucket ever holds is a 413 that says so, not a Retry-After that never comes true.
+        too_big = httpx.post(url, json={"inputs": [{"question": "q"}] * 6}, headers=served.headers(runner_key(served)),
+                             timeout=30)
+        assert too_big.status_code == 413, too_big.text
+        error = too_big.json()["error"]
+        assert "burst of 5" in error["message"] and "batches of at most 5" in error["hint"]
+        assert len(served.bench.runs()) == runs
+
+
+def test_a_json_rpc_request_costs_one_per_call_and_per_batch_input(served: Served) -> None:
+    chain = served.bench.chains()["echo"]
+    limited = Auth(served.data_dir, rate_per_s=0.01, burst=5)
+
+    def rpc(method: str, params: dict[str, Any], ident: int) -> dict[str, Any]:
+        return {"jsonrpc": "2.0", "id": ident, "method": method, "params": params}
+
+    with served.bench.serve(chains=[chain], port=0, auth=limited) as server:
+        url = f"{server.url}/rpc"
+        runner = served.headers(runner_key(served))
+        calls = [rpc("chain.invoke", {"chain": "echo", "inputs": {"question": f"q{i}"}}, i) for i in range(4)]
+        answers = httpx.post(url, json=calls, headers=runner, timeout=30)
+        assert answers.status_code == 200, answers.text
+        assert sorted(a["id"] for a in answers.json() if "result" in a) == [0, 1, 2, 3]
+        runs = len(served.bench.runs())
+        # 1 of 5 left: two calls do not fit. The request is refused as a whole, before either runs.
+        refused = httpx.post(url, json=calls[:2], headers=runner, timeout=30)
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["code"] == -32029 and refused.json()["id"] is None
+        assert int(refused.headers["retry-after"]) >= 1
+        # chain.batch costs one per input: six never fit in a bucket of five.
+        batch = rpc("chain.batch", {"chain": "echo", "inputs": [{"question": "q"}] * 6}, 7)
+        too_big = httpx.post(url, json=batch, headers=served.headers(runner_key(served)), timeout=30)
+        assert too_big.status_code == 413, too_big.text
+        assert too_big.json()["error"]["code"] == -32013 and too_big.json()["id"] == 7
+        assert "burst of 5" in too_big.json()["error"]["message"]
+        assert len(served.bench.runs()) == runs
+        three = rpc("chain.batch", {"chain": "echo", "inputs": [{"question": "q"}] * 3}, 8)
+        fits = httpx.post(url, json=three, headers=served.headers(runner_key(served)), timeout=30)
+        assert [r["status"] for r in fits.json()["result"]["runs"]] == ["ok"] * 3
 
 
 def test_an_oversized_body_is_413_whether_announced_or_streamed(served: Served) -> None:

@@ -102,6 +102,7 @@ def create_app(
         chain = gateway.chain(request.path_params["name"])
         body: BatchRequest = await gateway.decode(request, BatchRequest)
         _check_action(body.action_type, "batch")
+        gateway.charge(who, len(body.inputs))  # a batch of N runs costs N requests
         parent = gateway.parent(request, body.trace_id)
         runs = await gateway.batch(chain, body, who, parent)
         trace_id = f"{trace.get_current_span(parent).get_span_context().trace_id:032x}" if parent else None

@@ -6,7 +6,9 @@ The gateway (REST, JSON-RPC, OpenAI-compatible and gRPC alike) asks one ``Auth``
     auth.authorize(who, "chains.invoke", "qa")  # Forbidden (403): the role may not, or not on this chain
     auth.admit(who)                           # RateLimited (429, retry_after_s): the caller's bucket is empty
 
-and refuses a body over ``auth.max_body_bytes`` (PayloadTooLarge, 413) before it reads the rest.
+and refuses a body over ``auth.max_body_bytes`` (PayloadTooLarge, 413) before it reads the rest. A request that
+starts N runs (a batch) costs N from the bucket: the gateway admits one at the door and charges the rest
+(``admit(who, N, paid=1)``) once it has read how many; a batch larger than the bucket could ever hold is a 413.
 
 API keys look like ``agw_<id>_<secret>``: ``id`` finds the row without scanning, ``secret`` is 256 random bits.
 At rest a key is ``HMAC-SHA256(pepper, salt || secret)`` with a per-key random salt and a pepper kept outside the
@@ -346,15 +348,16 @@ class _Buckets:
         self._lock = threading.Lock()
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # owner -> (tokens, at)
 
-    def take(self, owner: str, cost: float = 1.0) -> float:
-        """0.0 when ``cost`` tokens were taken, else the seconds until they will be there (``cost`` <= burst)."""
+    def take(self, owner: str, cost: float = 1.0, paid: float = 0.0) -> float:
+        """0.0 when ``cost`` tokens were taken (``paid`` of them already were), else the seconds until the bucket
+        holds all ``cost`` (``cost`` <= burst): a retry after that wait pays ``paid`` again and gets the rest."""
         now = time.monotonic()
         with self._lock:
             tokens, at = self._buckets.pop(owner, (float(self.burst), now))
             tokens = min(float(self.burst), tokens + (now - at) * self.rate_per_s)
             wait = 0.0
-            if tokens >= cost:
-                tokens -= cost
+            if tokens >= cost - paid:
+                tokens -= cost - paid
             else:
                 wait = (cost - tokens) / self.rate_per_s
             self._buckets[owner] = (tokens, now)
@@ -507,19 +510,25 @@ class Auth:
             raise Forbidden(f"{who.name!r} may not {action}{on}",
                             hint=f"its key is limited to chains: {', '.join(sorted(who.chains)) or '(none)'}")
 
-    def admit(self, who: Principal, cost: int = 1) -> None:
-        """Take ``cost`` requests (1; a batch of N runs may count N) from ``who``'s token bucket; raise RateLimited
-        (with ``retry_after_s``) when it holds fewer, PayloadTooLarge when ``cost`` is more than it ever holds."""
-        if self._buckets is None or cost <= 0:
+    def admit(self, who: Principal, cost: int = 1, *, paid: int = 0) -> None:
+        """Take ``cost`` requests (1; a batch of N runs costs N) from ``who``'s token bucket, ``paid`` of which were
+        taken already (the gateway takes 1 per request before it reads a body that says how many runs it asks for).
+
+        Raises RateLimited (with ``retry_after_s``: when the bucket will hold all ``cost``) when it holds fewer,
+        PayloadTooLarge when ``cost`` is more than the bucket ever holds (its burst): no wait would let that in.
+        """
+        if self._buckets is None or cost <= paid:
             return
-        if cost > self._buckets.burst:
-            raise PayloadTooLarge(f"a batch of {cost} runs is more than the {self._buckets.burst} {who.name!r} may "
-                                  "start at once", hint=f"split it into batches of at most {self._buckets.burst}")
-        wait = self._buckets.take(who.owner, float(cost))
+        burst = self._buckets.burst
+        if cost > burst:
+            raise PayloadTooLarge(f"a batch of {cost} runs is more than {who.name!r}'s burst of {burst}, the most "
+                                  "it may start at once", hint=f"split it into batches of at most {burst}")
+        wait = self._buckets.take(who.owner, float(cost), float(paid))
         if wait > 0:
+            asked = f"a batch of {cost} runs is more than {who.name!r} has left" if cost > 1 else \
+                f"{who.name!r} sent more than {self._buckets.rate_per_s:g} requests/s"
             raise RateLimited(
-                f"{who.name!r} sent more than {self._buckets.rate_per_s:g} requests/s "
-                f"(burst {self._buckets.burst}); retry in {wait:.2f} s",
+                f"{asked} (rate {self._buckets.rate_per_s:g}/s, burst {burst}); retry in {wait:.2f} s",
                 retry_after_s=wait, hint="wait for the Retry-After seconds, or ask for a higher limit",
             )
 

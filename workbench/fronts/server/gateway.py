@@ -3,8 +3,10 @@ run owners, and the caller's trace.
 
 Every route but ``/health`` goes through the Auth first, in this order, before a body is read or
 a run starts: who is calling (401), may they (403), within their rate (429, ``Retry-After``), and
-is the body small enough (413). Sessions are namespaced per principal, and a run can be read back
-only by the principal that made it, or an admin.
+is the body small enough (413). A request that starts several runs (``/batch``, JSON-RPC) pays one
+at the door and the rest once its body, read under the size limit, says how many
+(:meth:`Gateway.charge`): before any of them starts. Sessions are namespaced per principal, and a
+run can be read back only by the principal that made it, or an admin.
 """
 
 from __future__ import annotations
@@ -110,6 +112,12 @@ class Gateway:
         length = request.headers.get("content-length")
         self.auth.check_size(int(length) if length is not None and length.isdigit() else None)
         return who
+
+    def charge(self, who: Principal | None, cost: int) -> None:
+        """Charge the rest of a request that starts ``cost`` runs (the door took one): RateLimited (429) when the
+        caller's bucket holds less, PayloadTooLarge (413) when ``cost`` is more than it ever holds."""
+        if who is not None:
+            self.auth.admit(who, max(cost, 1), paid=1)
 
     async def body(self, request: Request) -> bytes:
         """The request's body, decompressed; 413 past the Auth's size limit, 408 if it trickles in too slowly."""

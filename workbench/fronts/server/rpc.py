@@ -1,9 +1,12 @@
 """JSON-RPC 2.0 at ``POST /rpc``: ``chain.invoke``, ``chain.batch``, ``models.list``, ``runs.get``, one call or a batch.
 
 Params go by name (an object). Each call is authorized on its own (``chain.invoke`` and
-``chain.batch`` as ``chains.invoke`` on their chain, ``models.list``, ``runs.read``); every call of
-a batch after the first counts against the caller's rate limit as a request of its own. Calls of
-one batch run concurrently; a notification (no ``id``) runs and gets no answer.
+``chain.batch`` as ``chains.invoke`` on their chain, ``models.list``, ``runs.read``). Against the
+caller's rate limit a request costs one per call, and a ``chain.batch`` call one per input; the
+whole cost is charged before any call runs, and a request the caller's bucket cannot pay is
+answered as a whole: HTTP 429 (``Retry-After``) or, when it costs more than the bucket ever holds,
+413, with one JSON-RPC error (-32029 or -32013). Calls of one batch run concurrently; a notification
+(no ``id``) runs and gets no answer.
 
 Error codes. The protocol's own: -32700 parse error (HTTP 400), -32600 invalid request (HTTP 400
 when the whole body is one), -32601 method not found, -32602 invalid params (a param of the
@@ -26,7 +29,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from workbench.errors import InvalidInput, MissingInputError, WorkbenchError
+from workbench.errors import AccessError, InvalidInput, MissingInputError, WorkbenchError
 from workbench.fronts.server import envelope as env
 from workbench.fronts.server.envelope import BatchRequest, RequestError, error_detail
 from workbench.fronts.server.gateway import run_json
@@ -145,7 +148,7 @@ def endpoint(gateway: Gateway) -> Callable[[Request, Principal | None], Awaitabl
         "chain.invoke": invoke, "chain.batch": batch, "models.list": models, "runs.get": get_run,
     }
 
-    async def call(message: Any, who: Principal | None, first: bool, request: Request) -> dict[str, Any] | None:
+    async def call(message: Any, who: Principal | None, request: Request) -> dict[str, Any] | None:
         ident: Any = None
         try:
             if not isinstance(message, dict) or message.get("jsonrpc") != "2.0" or not isinstance(
@@ -160,8 +163,6 @@ def endpoint(gateway: Gateway) -> Callable[[Request, Principal | None], Awaitabl
             if method is None:
                 raise RpcError(METHOD_NOT_FOUND, f"method not found: {message['method']!r}",
                                {"methods": sorted(methods)})
-            if not first:
-                gateway.auth.admit(who)
             result = await method(message.get("params"), who, request)
         except RpcError as error:
             return {"jsonrpc": "2.0", "error": error.body(), "id": ident}
@@ -183,16 +184,36 @@ def endpoint(gateway: Gateway) -> Callable[[Request, Principal | None], Awaitabl
             if not body or len(body) > MAX_CALLS:
                 error = RpcError(INVALID_REQUEST, f"invalid request: a batch holds 1 to {MAX_CALLS} calls")
                 return gateway.reply(request, {"jsonrpc": "2.0", "id": None, "error": error.body()}, 400)
-            answers = await asyncio.gather(*(call(message, who, i == 0, request) for i, message in enumerate(body)))
+        try:
+            gateway.charge(who, cost_of(body))
+        except AccessError as refused:  # the whole request: none of its calls runs
+            ident = body.get("id") if isinstance(body, dict) else None
+            if not isinstance(ident, (str, int)) or isinstance(ident, bool):
+                ident = None
+            return gateway.reply(request, {"jsonrpc": "2.0", "id": ident, "error": _translate(refused).body()},
+                                 int(refused.http_status), refused.headers)
+        if isinstance(body, list):
+            answers = await asyncio.gather(*(call(message, who, request) for message in body))
             replies = [a for a in answers if a is not None]
             return gateway.reply(request, replies) if replies else Response(status_code=204)
-        answer = await call(body, who, True, request)
+        answer = await call(body, who, request)
         if answer is None:
             return Response(status_code=204)
         bad = "error" in answer and answer["error"]["code"] == INVALID_REQUEST
         return gateway.reply(request, answer, 400 if bad else 200)
 
     return handle
+
+
+def cost_of(body: Any) -> int:
+    """What a request (one call, or a list of calls) costs against the caller's rate limit: one per call, and one
+    per input of a ``chain.batch`` call (a malformed one costs one: it fails before it runs anything)."""
+    cost = 0
+    for message in body if isinstance(body, list) else [body]:
+        params = message.get("params") if isinstance(message, dict) else None
+        inputs = params.get("inputs") if isinstance(params, dict) and message.get("method") == "chain.batch" else None
+        cost += max(len(inputs), 1) if isinstance(inputs, list) else 1
+    return cost
 
 
 def model_entry(gateway: Gateway, name: str) -> dict[str, Any]:
