@@ -28,7 +28,16 @@ from workbench.errors import (
     Unauthenticated,
     WorkbenchError,
 )
-from workbench.fronts.server.auth import ACTIONS, KEYS_FILE, PEPPER_FILE, Auth, KeyStore, Principal, load_roles
+from workbench.fronts.server.auth import (
+    ACTIONS,
+    KEYS_FILE,
+    PEPPER_FILE,
+    Auth,
+    FailedLogins,
+    KeyStore,
+    Principal,
+    load_roles,
+)
 
 ROOT = Path(__file__).parent.parent
 SECRET = "s3cret-for-tests-only-" + "0123456789abcdef" * 3  # 70 bytes: HS512 (the wrong alg) wants 64
@@ -423,6 +432,87 @@ def test_auth_from_the_environment(tmp_path: Path) -> None:
         auth.admit(Principal("carol", "runner", "jwt"))
     with pytest.raises(SettingsError, match="AUTOGLM_BURST='many' is not a number"):
         Auth.from_env(tmp_path, environ={"AUTOGLM_BURST": "many"})
+
+
+# -- failed logins per client address ---------------------------------------------------------------
+
+
+def test_failed_logins_lock_an_address_out_even_for_valid_credentials(tmp_path: Path) -> None:
+    auth = Auth(tmp_path, login_failures=3, login_window_s=600)
+    assert auth.keys is not None
+    good = bearer(auth.keys.add("alice", "runner"))
+    bad = bearer("agw_000000000000_" + "x" * 43)
+    for _ in range(2):
+        with pytest.raises(Unauthenticated):
+            auth.authenticate(bad, "203.0.113.5")
+    # A success neither waits nor wipes the slate: else one valid key would let its holder guess others forever.
+    assert auth.authenticate(good, "203.0.113.5").name == "alice"
+    with pytest.raises(Unauthenticated):
+        auth.authenticate(bad, "203.0.113.5")
+    with pytest.raises(RateLimited, match="too many failed logins from 203.0.113.5") as caught:
+        auth.authenticate(good, "203.0.113.5")
+    assert 590 < caught.value.retry_after_s <= 600 and caught.value.http_status == 429
+    assert "3 failed logins within 600 s" in (caught.value.hint or "")
+    assert auth.authenticate(good, "203.0.113.6").name == "alice"  # another address
+    assert Auth(tmp_path, login_failures=None).authenticate(good, "203.0.113.5").name == "alice"
+
+
+def test_a_lockout_ends_when_its_window_passes(tmp_path: Path) -> None:
+    auth = Auth(tmp_path, login_failures=2, login_window_s=0.3)
+    assert auth.keys is not None
+    good = bearer(auth.keys.add("alice", "runner"))
+    for _ in range(2):
+        with pytest.raises(Unauthenticated):
+            auth.authenticate({}, "203.0.113.5")
+    with pytest.raises(RateLimited) as caught:
+        auth.authenticate(good, "203.0.113.5")
+    time.sleep(caught.value.retry_after_s + 0.01)
+    assert auth.authenticate(good, "203.0.113.5").name == "alice"
+    with pytest.raises(Unauthenticated):  # counted afresh: one failure does not lock it again
+        auth.authenticate({}, "203.0.113.5")
+    assert auth.authenticate(good, "203.0.113.5").name == "alice"
+
+
+def test_failed_logins_are_tracked_for_a_bounded_number_of_addresses() -> None:
+    limiter = FailedLogins(2, 600, max_addresses=3)
+    assert limiter.failed("10.0.0.1") is False and limiter.failed("10.0.0.1") is True
+    assert limiter.locked_for("10.0.0.1") > 0
+    for n in range(2, 100):
+        limiter.failed(f"10.0.0.{n}")
+    assert len(limiter) == 3
+    assert limiter.locked_for("10.0.0.1") == 0.0  # the least recently seen were forgotten
+    with pytest.raises(SettingsError, match="locks out everyone or no one"):
+        FailedLogins(0, 60)
+
+
+@pytest.mark.parametrize(("trusted", "peer", "forwarded", "client"), [
+    ((), "10.0.0.5", "198.51.100.7", "10.0.0.5"),  # by default X-Forwarded-For is anyone's to write
+    (("10.0.0.5",), "10.0.0.5", "198.51.100.7", "198.51.100.7"),
+    (("10.0.0.5",), "10.0.0.6", "198.51.100.7", "10.0.0.6"),  # not from the trusted proxy
+    (("10.0.0.5",), "10.0.0.5", None, "10.0.0.5"),
+    # Read from the right: what the client wrote itself (the left) is passed over.
+    (("10.0.0.5",), "10.0.0.5", "1.2.3.4, 198.51.100.7", "198.51.100.7"),
+    (("10.0.0.0/24",), "10.0.0.5", "198.51.100.7, 10.0.0.9", "198.51.100.7"),  # past every trusted hop
+    (("10.0.0.5",), "10.0.0.5", "not-an-address", "10.0.0.5"),
+    (("::1",), "::1", "2001:db8::7", "2001:db8::7"),
+    (("10.0.0.5",), None, "198.51.100.7", None),
+], ids=["untrusted-default", "trusted", "other-peer", "no-header", "rightmost", "network", "garbage", "ipv6",
+        "no-peer"])
+def test_x_forwarded_for_is_believed_only_from_trusted_proxies(trusted: tuple[str, ...], peer: str | None,
+                                                               forwarded: str | None, client: str | None) -> None:
+    assert Auth(trusted_proxies=trusted).client_address(peer, forwarded) == client
+
+
+def test_login_limits_and_trusted_proxies_from_the_environment(tmp_path: Path) -> None:
+    auth = Auth.from_env(tmp_path, environ={"AUTOGLM_LOGIN_FAILURES": "4", "AUTOGLM_LOGIN_WINDOW_S": "30",
+                                            "AUTOGLM_TRUSTED_PROXIES": "10.0.0.5, 10.1.0.0/16"})
+    assert auth.failed_logins is not None
+    assert (auth.failed_logins.limit, auth.failed_logins.window_s) == (4, 30.0)
+    assert auth.client_address("10.1.2.3", "198.51.100.7") == "198.51.100.7"
+    assert Auth.from_env(tmp_path, environ={}).failed_logins is not None  # on by default
+    assert Auth.from_env(tmp_path, environ={"AUTOGLM_LOGIN_FAILURES": "0"}).failed_logins is None
+    with pytest.raises(SettingsError, match="trusted proxy 'proxy.internal' is not an IP address"):
+        Auth.from_env(tmp_path, environ={"AUTOGLM_TRUSTED_PROXIES": "proxy.internal"})
 
 
 # -- the command line -------------------------------------------------------------------------------

@@ -110,8 +110,10 @@ def served(tiny_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         bench.load("tiny", tiny_path)
         bench.load("tiny-chat", chat_model(tiny_path, data_dir))
         echo, qa = bench.chain(ECHO_SPEC), bench.chain(TINY_SPEC)
-        # "nobody" is a known caller with no permission at all: the wrong role for viewer-level endpoints.
-        auth = Auth(data_dir, jwt_secret=SECRET, roles={"nobody": []}, rate_per_s=None, max_body_bytes=BODY_LIMIT)
+        # "nobody" is a known caller with no permission at all: the wrong role for viewer-level endpoints. The
+        # matrix sends dozens of bad credentials from this one address: no failed-login lockout here (see below).
+        auth = Auth(data_dir, jwt_secret=SECRET, roles={"nobody": []}, rate_per_s=None, max_body_bytes=BODY_LIMIT,
+                    login_failures=None)
         assert auth.keys is not None
         keys = {role: auth.keys.add(role, role) for role in ("viewer", "runner", "admin", "nobody")}
         keys["other-runner"] = auth.keys.add("other-runner", "runner")
@@ -339,6 +341,82 @@ def test_a_json_rpc_request_costs_one_per_call_and_per_batch_input(served: Serve
         three = rpc("chain.batch", {"chain": "echo", "inputs": [{"question": "q"}] * 3}, 8)
         fits = httpx.post(url, json=three, headers=served.headers(runner_key(served)), timeout=30)
         assert [r["status"] for r in fits.json()["result"]["runs"]] == ["ok"] * 3
+
+
+# -- failed logins per address ------------------------------------------------------------------------
+
+
+def from_address(address: str) -> httpx.Client:
+    """A client whose connections come from ``address`` (any of 127.0.0.0/8 reaches a server on 127.0.0.1)."""
+    return httpx.Client(transport=httpx.HTTPTransport(local_address=address), timeout=30)
+
+
+def test_failed_logins_lock_an_address_out_over_rest_and_grpc(served: Served) -> None:
+    import grpc
+
+    from workbench.fronts.server import chain_pb2 as pb
+    from workbench.fronts.server import chain_pb2_grpc
+
+    chain = served.bench.chains()["echo"]
+    guarded = Auth(served.data_dir, rate_per_s=None, login_failures=3, login_window_s=600)
+    body = {"inputs": {"question": "q"}}
+    runner = served.headers(served.keys["runner"])
+    bad = served.headers("agw_000000000000_" + "x" * 43)
+    with served.bench.serve(chains=[chain], port=0, auth=guarded, grpc_port=0) as server, \
+            from_address("127.0.0.1") as here, from_address("127.0.0.2") as there, \
+            grpc.insecure_channel(server.grpc.target) as channel:
+        url = f"{server.url}/v1/chains/echo/invoke"
+        stub = chain_pb2_grpc.ChainServiceStub(channel)
+        request = pb.InvokeRequest(chain="echo", inputs_json=json.dumps({"question": "q"}))
+        # Two failures over REST (each naming another client in X-Forwarded-For, which nobody trusts here) ...
+        for fake in ("198.51.100.1", "198.51.100.2"):
+            assert here.post(url, json=body, headers=bad | {"x-forwarded-for": fake}).status_code == 401
+        # ... do not slow a valid key from the same address,
+        assert here.post(url, json=body, headers=runner).status_code == 200
+        # and the third, over gRPC, locks the address out on both fronts: valid credentials or not.
+        with pytest.raises(grpc.RpcError) as third:
+            stub.Invoke(request, metadata=(("x-api-key", "agw_nope_nope"),), timeout=30)
+        assert third.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        runs = len(served.bench.runs())
+        locked = here.post(url, json=body, headers=runner)
+        assert locked.status_code == 429, locked.text
+        assert "too many failed logins from 127.0.0.1" in locked.json()["error"]["message"]
+        assert int(locked.headers["retry-after"]) > 500
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Invoke(request, metadata=(("x-api-key", served.keys["runner"]),), timeout=30)
+        assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert float(dict(refused.value.trailing_metadata())["retry-after"]) > 500
+        assert len(served.bench.runs()) == runs
+        assert here.get(f"{server.url}/health").status_code == 200  # probes are not logins
+        # Another address is served as before.
+        assert there.post(url, json=body, headers=runner).status_code == 200
+
+
+def test_x_forwarded_for_names_the_client_only_behind_a_trusted_proxy(served: Served) -> None:
+    chain = served.bench.chains()["echo"]
+    # 127.0.0.1 plays the proxy; 127.0.0.2 is a client that sends X-Forwarded-For itself.
+    guarded = Auth(served.data_dir, rate_per_s=None, login_failures=2, login_window_s=600,
+                   trusted_proxies=["127.0.0.1"])
+    body = {"inputs": {"question": "q"}}
+    runner = served.headers(served.keys["runner"])
+    bad = served.headers("agw_000000000000_" + "x" * 43)
+    with served.bench.serve(chains=[chain], port=0, auth=guarded) as server, \
+            from_address("127.0.0.1") as proxy, from_address("127.0.0.2") as client:
+        url = f"{server.url}/v1/chains/echo/invoke"
+        for _ in range(2):
+            assert proxy.post(url, json=body, headers=bad | {"x-forwarded-for": "198.51.100.7"}).status_code == 401
+        # The client behind the proxy is locked out, not the proxy nor the others behind it.
+        locked = proxy.post(url, json=body, headers=runner | {"x-forwarded-for": "198.51.100.7"})
+        assert locked.status_code == 429 and "198.51.100.7" in locked.json()["error"]["message"]
+        assert proxy.post(url, json=body, headers=runner | {"x-forwarded-for": "198.51.100.8"}).status_code == 200
+        assert proxy.post(url, json=body, headers=runner).status_code == 200
+        # An untrusted peer's X-Forwarded-For is ignored: it can neither hide behind another address ...
+        for _ in range(2):
+            assert client.post(url, json=body, headers=bad | {"x-forwarded-for": "198.51.100.9"}).status_code == 401
+        assert client.post(url, json=body, headers=runner).status_code == 429
+        # ... nor get a locked-out one's lockout lifted, nor frame another: 198.51.100.9 was never blamed.
+        assert client.post(url, json=body, headers=runner | {"x-forwarded-for": "198.51.100.10"}).status_code == 429
+        assert proxy.post(url, json=body, headers=runner | {"x-forwarded-for": "198.51.100.9"}).status_code == 200
 
 
 def test_an_oversized_body_is_413_whether_announced_or_streamed(served: Served) -> None:

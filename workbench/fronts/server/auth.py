@@ -2,13 +2,18 @@
 
 The gateway (REST, JSON-RPC, OpenAI-compatible and gRPC alike) asks one ``Auth`` three questions per call::
 
-    who = auth.authenticate(headers)          # Unauthenticated (401): no, bad, revoked or expired credentials
+    who = auth.authenticate(headers, address)   # Unauthenticated (401): no, bad, revoked or expired credentials
     auth.authorize(who, "chains.invoke", "qa")  # Forbidden (403): the role may not, or not on this chain
-    auth.admit(who)                           # RateLimited (429, retry_after_s): the caller's bucket is empty
+    auth.admit(who)                             # RateLimited (429, retry_after_s): the caller's bucket is empty
 
 and refuses a body over ``auth.max_body_bytes`` (PayloadTooLarge, 413) before it reads the rest. A request that
 starts N runs (a batch) costs N from the bucket: the gateway admits one at the door and charges the rest
 (``admit(who, N, paid=1)``) once it has read how many; a batch larger than the bucket could ever hold is a 413.
+
+Failed logins are limited per client address (:class:`FailedLogins`): after ``login_failures`` 401s within
+``login_window_s`` from one address, every request from it is a 429 for ``login_window_s``, valid credentials or
+not. The address is the socket peer; ``X-Forwarded-For`` is believed only from ``trusted_proxies``
+(:meth:`Auth.client_address`).
 
 API keys look like ``agw_<id>_<secret>``: ``id`` finds the row without scanning, ``secret`` is 256 random bits.
 At rest a key is ``HMAC-SHA256(pepper, salt || secret)`` with a per-key random salt and a pepper kept outside the
@@ -36,6 +41,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import logging
 import os
 import re
 import secrets
@@ -57,6 +63,8 @@ from workbench.errors import (
     Unauthenticated,
 )
 
+log = logging.getLogger(__name__)
+
 KEYS_FILE = "keys.sqlite3"
 KEYS_SCHEMA_VERSION = 1  # PRAGMA user_version; a later schema adds its upgrade beside the CREATEs in KeyStore._open
 PEPPER_FILE = "keys.pepper"
@@ -76,6 +84,8 @@ _ASYMMETRIC_ALGORITHMS = frozenset(
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 # Buckets kept for this many principals at most; the least recently seen go first (and come back full).
 _MAX_BUCKETS = 10_000
+# Client addresses whose failed logins are tracked at most; the least recently seen are forgotten first.
+_MAX_ADDRESSES = 10_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -366,13 +376,80 @@ class _Buckets:
             return wait
 
 
+class FailedLogins:
+    """Failed logins per client address: ``limit`` failures within ``window_s`` lock the address out for
+    ``window_s``. Thread-safe; at most ``max_addresses`` are tracked (the least recently seen are forgotten).
+
+    A success does not clear an address's failures: else one valid key would let its holder guess others forever.
+    """
+
+    def __init__(self, limit: int, window_s: float, *, max_addresses: int = _MAX_ADDRESSES) -> None:
+        if limit < 1 or not window_s > 0 or max_addresses < 1:
+            raise SettingsError(f"a failed-login limit of {limit} per {window_s} s (tracking {max_addresses} "
+                                "addresses) locks out everyone or no one",
+                                hint="login_failures >= 1 and login_window_s > 0, or login_failures=None for none")
+        self.limit, self.window_s, self.max_addresses = limit, window_s, max_addresses
+        self._lock = threading.Lock()
+        # address -> (times of its recent failures, the monotonic time its lockout ends; 0.0: not locked)
+        self._addresses: OrderedDict[str, tuple[list[float], float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._addresses)
+
+    def locked_for(self, address: str) -> float:
+        """The seconds ``address`` stays locked out; 0.0 when it is not."""
+        now = time.monotonic()
+        with self._lock:
+            entry = self._addresses.get(address)
+            if entry is None:
+                return 0.0
+            self._addresses.move_to_end(address)
+            failures, until = entry
+            if until > now:
+                return until - now
+            if until:  # the lockout is over: start afresh
+                del self._addresses[address]
+            return 0.0
+
+    def failed(self, address: str) -> bool:
+        """Count a failed login from ``address``; True when this one locks it out."""
+        now = time.monotonic()
+        with self._lock:
+            failures, until = self._addresses.pop(address, ([], 0.0))
+            if until > now:  # locked out while this request was being checked: it stays locked as it was
+                self._addresses[address] = (failures, until)
+                return False
+            failures = [at for at in failures if now - at < self.window_s] + [now]
+            locked = len(failures) >= self.limit
+            self._addresses[address] = ([], now + self.window_s) if locked else (failures, 0.0)
+            while len(self._addresses) > self.max_addresses:
+                self._addresses.popitem(last=False)
+            return locked
+
+
+def _networks(proxies: Iterable[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    if isinstance(proxies, str):
+        proxies = [p for p in proxies.split(",") if p.strip()]
+    networks = []
+    for proxy in proxies:
+        try:
+            networks.append(ipaddress.ip_network(proxy.strip(), strict=False))
+        except ValueError:
+            raise SettingsError(f"trusted proxy {proxy!r} is not an IP address or network",
+                                hint="e.g. trusted_proxies=['10.0.0.5', '10.1.0.0/16']") from None
+    return tuple(networks)
+
+
 class Auth:
     """The gateway's checks: authenticate a caller, authorize an action, admit it under its rate limit.
 
     ``data_dir`` holds the key store (``keys`` may give a KeyStore instead); ``jwt_secret`` (HS*) or
     ``jwt_public_key`` (RS*, PS*, ES*, EdDSA) verifies bearer JWTs with ``jwt_algorithms``, all of one family;
     ``roles`` adds or replaces roles (a list of actions, or ``{"actions": [...], "chains": [...]}``);
-    ``rate_per_s`` and ``burst`` size each caller's token bucket (``rate_per_s=None``: no limit).
+    ``rate_per_s`` and ``burst`` size each caller's token bucket (``rate_per_s=None``: no limit);
+    ``login_failures`` failed logins within ``login_window_s`` lock a client address out for ``login_window_s``
+    (None: no limit); ``trusted_proxies`` (addresses or networks) are the peers whose ``X-Forwarded-For`` names the
+    client (none by default: the socket peer is the client).
     """
 
     def __init__(
@@ -389,6 +466,9 @@ class Auth:
         rate_per_s: float | None = 50.0,
         burst: int = 100,
         max_body_bytes: int = 1 << 20,
+        login_failures: int | None = 10,
+        login_window_s: float = 60.0,
+        trusted_proxies: Iterable[str] = (),
     ) -> None:
         self.roles: dict[str, Role] = dict(DEFAULT_ROLES)
         for name, spec in (roles or {}).items():
@@ -408,6 +488,8 @@ class Auth:
         if max_body_bytes < 1:
             raise SettingsError(f"max_body_bytes={max_body_bytes} admits no body", hint="e.g. 1 << 20 (1 MiB)")
         self.max_body_bytes = max_body_bytes
+        self.failed_logins = FailedLogins(login_failures, login_window_s) if login_failures is not None else None
+        self.trusted_proxies = _networks(trusted_proxies)
         self.is_open = False
 
     @classmethod
@@ -423,9 +505,10 @@ class Auth:
                  environ: Mapping[str, str] | None = None) -> Auth:
         """An Auth configured from ``AUTOGLM_JWT_SECRET``, ``AUTOGLM_JWT_PUBLIC_KEY`` (a PEM file's path),
         ``AUTOGLM_JWT_ALGORITHMS`` (comma-separated), ``AUTOGLM_JWT_AUDIENCE``, ``AUTOGLM_JWT_ISSUER``,
-        ``AUTOGLM_RATE_PER_S`` (``0``: no limit), ``AUTOGLM_BURST``, ``AUTOGLM_MAX_BODY_BYTES`` and
-        ``AUTOGLM_ROLES`` (a roles file, see :func:`load_roles`): what a container's secrets and settings give;
-        keys come from ``data_dir``'s key store."""
+        ``AUTOGLM_RATE_PER_S`` (``0``: no limit), ``AUTOGLM_BURST``, ``AUTOGLM_MAX_BODY_BYTES``,
+        ``AUTOGLM_LOGIN_FAILURES`` (``0``: no limit), ``AUTOGLM_LOGIN_WINDOW_S``, ``AUTOGLM_TRUSTED_PROXIES``
+        (comma-separated addresses or networks) and ``AUTOGLM_ROLES`` (a roles file, see :func:`load_roles`): what
+        a container's secrets and settings give; keys come from ``data_dir``'s key store."""
         env = os.environ if environ is None else environ
         public_key = None
         if env.get("AUTOGLM_JWT_PUBLIC_KEY"):
@@ -442,6 +525,7 @@ class Auth:
                 raise SettingsError(f"{name}={env[name]!r} is not a number", hint=f"e.g. {name}={default}") from None
 
         rate = number("AUTOGLM_RATE_PER_S", float, 50.0)
+        login_failures = number("AUTOGLM_LOGIN_FAILURES", int, 10)
         algorithms = [a.strip() for a in env.get("AUTOGLM_JWT_ALGORITHMS", "").split(",") if a.strip()]
         default_algorithms = ("RS256",) if public_key is not None else ("HS256",)
         return cls(
@@ -450,6 +534,9 @@ class Auth:
             jwt_issuer=env.get("AUTOGLM_JWT_ISSUER") or None, rate_per_s=rate if rate > 0 else None,
             burst=number("AUTOGLM_BURST", int, 100), max_body_bytes=number("AUTOGLM_MAX_BODY_BYTES", int, 1 << 20),
             roles=load_roles(env["AUTOGLM_ROLES"]) if env.get("AUTOGLM_ROLES") else None,
+            login_failures=login_failures if login_failures > 0 else None,
+            login_window_s=number("AUTOGLM_LOGIN_WINDOW_S", float, 60.0),
+            trusted_proxies=env.get("AUTOGLM_TRUSTED_PROXIES", ""),
         )
 
     def __repr__(self) -> str:
@@ -462,11 +549,57 @@ class Auth:
 
     # -- the three questions --------------------------------------------------------------------
 
-    def authenticate(self, headers: Mapping[str, str]) -> Principal:
+    def authenticate(self, headers: Mapping[str, str], address: str | None = None) -> Principal:
         """The caller named by ``authorization: Bearer <API key or JWT>`` or ``x-api-key: <API key>`` (lower-case
-        header names); raises Unauthenticated."""
+        header names); raises Unauthenticated.
+
+        ``address`` (the client's, see :meth:`client_address`) counts a failure against it, and raises RateLimited
+        while it is locked out for too many: then not even valid credentials are looked at.
+        """
         if self.is_open:
             return Principal("local", "admin", "open")
+        if address is None or self.failed_logins is None:
+            return self._authenticate(headers)
+        locked_for = self.failed_logins.locked_for(address)
+        if locked_for > 0:
+            raise RateLimited(
+                f"too many failed logins from {address}: every request from it is refused for {locked_for:.0f} s "
+                "more", retry_after_s=locked_for,
+                hint=f"{self.failed_logins.limit} failed logins within {self.failed_logins.window_s:g} s lock an "
+                     "address out; check the key or token this client sends",
+            )
+        try:
+            return self._authenticate(headers)
+        except Unauthenticated:
+            if self.failed_logins.failed(address):
+                log.warning("%s is locked out for %g s after %d failed logins", address,
+                            self.failed_logins.window_s, self.failed_logins.limit)
+            raise
+
+    def client_address(self, peer: str | None, forwarded_for: str | None = None) -> str | None:
+        """The client's address: the socket ``peer``, unless it is one of ``trusted_proxies``; then the
+        ``X-Forwarded-For`` entries are read from the right (each one appended by the hop before), past the
+        trusted ones, to the first that is not. None for no peer (a Unix socket)."""
+        if peer is None or not self.trusted_proxies or not forwarded_for:
+            return peer
+        address = peer
+        for entry in reversed(forwarded_for.split(",")):
+            if not self._trusted(address):
+                break
+            try:
+                address = str(ipaddress.ip_address(entry.strip()))
+            except ValueError:
+                break  # a trusted hop passed on something that is not an address: the hop is the client we know
+        return address
+
+    def _trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.trusted_proxies)
+
+    def _authenticate(self, headers: Mapping[str, str]) -> Principal:
         credential = headers.get("x-api-key")
         authorization = headers.get("authorization")
         if authorization is not None:

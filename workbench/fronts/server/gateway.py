@@ -2,11 +2,12 @@
 run owners, and the caller's trace.
 
 Every route but ``/health`` goes through the Auth first, in this order, before a body is read or
-a run starts: who is calling (401), may they (403), within their rate (429, ``Retry-After``), and
-is the body small enough (413). A request that starts several runs (``/batch``, JSON-RPC) pays one
-at the door and the rest once its body, read under the size limit, says how many
-(:meth:`Gateway.charge`): before any of them starts. Sessions are namespaced per principal, and a
-run can be read back only by the principal that made it, or an admin.
+a run starts: is the client's address locked out for failed logins (429), who is calling (401), may
+they (403), within their rate (429, ``Retry-After``), and is the body small enough (413). A request
+that starts several runs (``/batch``, JSON-RPC) pays one at the door and the rest once its body,
+read under the size limit, says how many (:meth:`Gateway.charge`): before any of them starts.
+Sessions are namespaced per principal, and a run can be read back only by the principal that made
+it, or an admin.
 """
 
 from __future__ import annotations
@@ -104,14 +105,19 @@ class Gateway:
         return Route(path, endpoint, methods=methods)
 
     def admit(self, request: Request, action: str, per_chain: bool) -> Principal:
-        """401, 403, 429 and 413, in that order, before anything is read or run."""
-        who = self.auth.authenticate(request.headers)
+        """429 (a locked-out address), 401, 403, 429 and 413, in that order, before anything is read or run."""
+        who = self.auth.authenticate(request.headers, self.address(request))
         if action != AUTHENTICATED:
             self.auth.authorize(who, action, request.path_params.get("name") if per_chain else None)
         self.auth.admit(who)
         length = request.headers.get("content-length")
         self.auth.check_size(int(length) if length is not None and length.isdigit() else None)
         return who
+
+    def address(self, request: Request) -> str | None:
+        """The client's address: the socket peer, or what ``X-Forwarded-For`` says when the peer is a trusted proxy."""
+        peer = request.client.host if request.client is not None else None
+        return self.auth.client_address(peer, ",".join(request.headers.getlist("x-forwarded-for")))
 
     def charge(self, who: Principal | None, cost: int) -> None:
         """Charge the rest of a request that starts ``cost`` runs (the door took one): RateLimited (429) when the

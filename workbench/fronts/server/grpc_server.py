@@ -6,9 +6,11 @@ tagged with the request's ``request_id``. Requests on one stream run concurrentl
 
 Credentials come as metadata (``authorization: Bearer <key or JWT>`` or ``x-api-key``) and go through the same
 :class:`~workbench.fronts.server.auth.Auth` as the REST front. A refused call never starts a run: no or bad
-credentials end the call (or the whole stream) with UNAUTHENTICATED; a wrong role with PERMISSION_DENIED, a rate
-limit with RESOURCE_EXHAUSTED (and ``retry-after`` in the trailing metadata) — on a stream these two answer
-only the request they refuse, as an Error event, and the stream goes on. A ``traceparent`` metadata entry (else
+credentials end the call (or the whole stream) with UNAUTHENTICATED, and count against the client's address as
+over REST (an address locked out for them: RESOURCE_EXHAUSTED and ``retry-after``, for the call or the whole
+stream); a wrong role with PERMISSION_DENIED, a rate limit with RESOURCE_EXHAUSTED (and ``retry-after`` in the
+trailing metadata) — on a stream these two answer only the request they refuse, as an Error event, and the
+stream goes on. A ``traceparent`` metadata entry (else
 the envelope's ``trace_id``) puts the server's spans in the caller's trace; replies name the trace
 (``envelope.trace_id``, and ``x-trace-id`` in the trailing metadata, a failed run's included). Errors of the
 error tree map to status codes by :func:`status_for`.
@@ -25,6 +27,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 import grpc
 import msgspec
@@ -112,7 +115,7 @@ class ChainServicer(chain_pb2_grpc.ChainServiceServicer):
         status = 200
         metadata = _metadata(context)
         try:
-            who = self.gateway.auth.authenticate(metadata)
+            who = self.gateway.auth.authenticate(metadata, self._address(context, metadata))
             chain, inputs, session = self._admit(who, request, "invoke")
             parent = self._parent(metadata, request.envelope.trace_id)
             run = await self.gateway.run(chain, inputs, session, parent, who)
@@ -132,7 +135,7 @@ class ChainServicer(chain_pb2_grpc.ChainServiceServicer):
     ) -> AsyncIterator[pb.StreamEvent]:
         metadata = _metadata(context)
         try:
-            who = self.gateway.auth.authenticate(metadata)  # the stream's credentials, once
+            who = self.gateway.auth.authenticate(metadata, self._address(context, metadata))  # once a stream
         except WorkbenchError as exc:
             self.gateway.metrics.observe(f"{SERVICE}/Stream", "GRPC", _http_status(exc), 0.0)
             await _drain(requests)
@@ -182,6 +185,10 @@ class ChainServicer(chain_pb2_grpc.ChainServiceServicer):
         inputs = _inputs(request.inputs_json)
         check_inputs(chain.spec, inputs)
         return chain, inputs, self.gateway.session(who, request.session_id or None)
+
+    def _address(self, context: grpc.aio.ServicerContext, metadata: Mapping[str, str]) -> str | None:
+        """The client's address (the peer, or a trusted proxy's ``x-forwarded-for``), whose failed logins count."""
+        return self.gateway.auth.client_address(_peer_host(context.peer()), metadata.get("x-forwarded-for"))
 
     def _parent(self, metadata: Mapping[str, str], trace_id: str) -> Context | None:
         """The caller's trace: a W3C ``traceparent`` metadata entry, else the envelope's ``trace_id``."""
@@ -325,6 +332,14 @@ async def _drain(requests: AsyncIterator[pb.StreamRequest]) -> None:
         await asyncio.wait_for(read_all(), DRAIN_S)
     except (TimeoutError, grpc.RpcError):
         pass
+
+
+def _peer_host(peer: str | None) -> str | None:
+    """The host of a gRPC peer (``ipv4:127.0.0.1:5000``, ``ipv6:[::1]:5000``); None for a Unix socket or none."""
+    kind, _, rest = unquote(peer or "").partition(":")  # some gRPC versions write ipv6:%5B::1%5D:5000
+    if kind not in ("ipv4", "ipv6"):
+        return None
+    return rest.rpartition(":")[0].strip("[]")
 
 
 def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:

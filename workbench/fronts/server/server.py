@@ -71,7 +71,9 @@ class Server:
                              hint="pick another port, or port=0 for any free one") from None
         self.port = int(self._socket.getsockname()[1])
         # A request's head has as long to arrive as its body (see protocol.py): a trickling client is cut off.
-        config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="off",
+        # proxy_headers off: uvicorn would otherwise take X-Forwarded-For from any loopback peer as the client's
+        # address; the Auth believes it only from the proxies it is told to trust (trusted_proxies).
+        config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="off", proxy_headers=False,
                                 timeout_keep_alive=5, timeout_graceful_shutdown=2,
                                 http=head_deadline_protocol(app.state.gateway.body_timeout_s))
         self._server = uvicorn.Server(config)
