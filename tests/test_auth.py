@@ -515,6 +515,22 @@ def test_login_limits_and_trusted_proxies_from_the_environment(tmp_path: Path) -
         Auth.from_env(tmp_path, environ={"AUTOGLM_TRUSTED_PROXIES": "proxy.internal"})
 
 
+def test_a_public_key_from_the_environment_checks_rs256_tokens(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = tmp_path / "issuer.pem"
+    pem.write_bytes(private.public_key().public_bytes(serialization.Encoding.PEM,
+                                                      serialization.PublicFormat.SubjectPublicKeyInfo))
+    auth = Auth.from_env(tmp_path, environ={"AUTOGLM_JWT_PUBLIC_KEY": str(pem), "AUTOGLM_JWT_AUDIENCE": AUDIENCE,
+                                            "AUTOGLM_JWT_ISSUER": ISSUER})
+    assert auth.jwt_algorithms == ("RS256",)  # the default with a public key
+    assert auth.authenticate(bearer(token(key=private, algorithm="RS256"))).name == "carol"  # type: ignore[arg-type]
+    with pytest.raises(Unauthenticated, match="algorithm"):
+        auth.authenticate(bearer(token()))  # an HS256 token
+
+
 # -- the command line -------------------------------------------------------------------------------
 
 

@@ -419,6 +419,67 @@ def test_x_forwarded_for_names_the_client_only_behind_a_trusted_proxy(served: Se
         assert proxy.post(url, json=body, headers=runner | {"x-forwarded-for": "198.51.100.9"}).status_code == 200
 
 
+# -- public-key JWTs --------------------------------------------------------------------------------
+
+
+def key_pair(algorithm: str) -> tuple[Any, bytes]:
+    """A private key made here for ``algorithm``, and its public key as PEM."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048) if algorithm == "RS256" \
+        else ec.generate_private_key(ec.SECP256R1())
+    public = private.public_key().public_bytes(serialization.Encoding.PEM,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo)
+    return private, public
+
+
+def hs256_with(key: bytes, claims: dict[str, Any]) -> str:
+    """A token signed HS256 with ``key`` as the HMAC secret, by hand: PyJWT itself refuses a PEM key as a secret."""
+    import base64
+    import hashlib
+    import hmac
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    signing_input = f"{b64(json.dumps({'alg': 'HS256', 'typ': 'JWT'}).encode())}.{b64(json.dumps(claims).encode())}"
+    return f"{signing_input}.{b64(hmac.new(key, signing_input.encode(), hashlib.sha256).digest())}"
+
+
+@pytest.mark.parametrize("algorithm", ["RS256", "ES256"])
+def test_public_key_jwts_end_to_end(served: Served, algorithm: str) -> None:
+    chain = served.bench.chains()["echo"]
+    private, public = key_pair(algorithm)
+    other_private, _ = key_pair(algorithm)
+    auth = Auth(jwt_public_key=public, jwt_algorithms=(algorithm,), jwt_audience="autoglm-abuse", rate_per_s=None,
+                login_failures=None)
+    now = int(time.time())
+    claims = {"sub": "pat", "role": "runner", "aud": "autoglm-abuse", "iat": now, "exp": now + 600}
+    with served.bench.serve(chains=[chain], port=0, auth=auth) as server:
+        url = f"{server.url}/v1/chains/echo/invoke"
+
+        def call(token: str) -> httpx.Response:
+            return httpx.post(url, json={"inputs": {"question": "pk"}}, headers=served.headers(token), timeout=30)
+
+        answer = call(jwt.encode(claims, private, algorithm=algorithm))
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["status"] == "ok" and answer.json()["run_id"]
+        runs = len(served.bench.runs())
+        refusals = {
+            # The classic confusion attack: HS256 with the (public) verification key as the HMAC secret.
+            "algorithm": hs256_with(public, claims),
+            "expired": jwt.encode(claims | {"iat": now - 7200, "exp": now - 3600}, private, algorithm=algorithm),
+            "audience": jwt.encode(claims | {"aud": "someone-else"}, private, algorithm=algorithm),
+            "signature": jwt.encode(claims, other_private, algorithm=algorithm),
+        }
+        for says, token in refusals.items():
+            refused = call(token)
+            assert refused.status_code == 401, (says, refused.text)
+            assert says in refused.json()["error"]["message"], (says, refused.json())
+        assert len(served.bench.runs()) == runs
+
+
 def test_an_oversized_body_is_413_whether_announced_or_streamed(served: Served) -> None:
     url = f"{served.url}/v1/chains/echo/invoke"
     runner = served.headers(served.keys["runner"])
