@@ -17,6 +17,8 @@ from pathlib import Path
 
 import jwt
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from workbench.errors import (
     AccessError,
@@ -516,9 +518,6 @@ def test_login_limits_and_trusted_proxies_from_the_environment(tmp_path: Path) -
 
 
 def test_a_public_key_from_the_environment_checks_rs256_tokens(tmp_path: Path) -> None:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
     private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pem = tmp_path / "issuer.pem"
     pem.write_bytes(private.public_key().public_bytes(serialization.Encoding.PEM,

@@ -4,6 +4,9 @@ bodies that do not parse, a client that trickles, a bounded load, and the server
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import json
 import os
 import shutil
@@ -20,15 +23,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import jwt
 import msgspec
 import pytest
 import zstandard
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 import workbench as wb
 from workbench.chains.events import RunFinished, Token
 from workbench.errors import HopFailed, RemoteError
+from workbench.fronts.server import chain_pb2 as pb
+from workbench.fronts.server import chain_pb2_grpc
 from workbench.fronts.server.auth import Auth, KeyStore
 
 from helpers import eventually, free_port
@@ -352,11 +360,6 @@ def from_address(address: str) -> httpx.Client:
 
 
 def test_failed_logins_lock_an_address_out_over_rest_and_grpc(served: Served) -> None:
-    import grpc
-
-    from workbench.fronts.server import chain_pb2 as pb
-    from workbench.fronts.server import chain_pb2_grpc
-
     chain = served.bench.chains()["echo"]
     guarded = Auth(served.data_dir, rate_per_s=None, login_failures=3, login_window_s=600)
     body = {"inputs": {"question": "q"}}
@@ -424,9 +427,6 @@ def test_x_forwarded_for_names_the_client_only_behind_a_trusted_proxy(served: Se
 
 def key_pair(algorithm: str) -> tuple[Any, bytes]:
     """A private key made here for ``algorithm``, and its public key as PEM."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa
-
     private = rsa.generate_private_key(public_exponent=65537, key_size=2048) if algorithm == "RS256" \
         else ec.generate_private_key(ec.SECP256R1())
     public = private.public_key().public_bytes(serialization.Encoding.PEM,
@@ -436,10 +436,6 @@ def key_pair(algorithm: str) -> tuple[Any, bytes]:
 
 def hs256_with(key: bytes, claims: dict[str, Any]) -> str:
     """A token signed HS256 with ``key`` as the HMAC secret, by hand: PyJWT itself refuses a PEM key as a secret."""
-    import base64
-    import hashlib
-    import hmac
-
     def b64(data: bytes) -> str:
         return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
