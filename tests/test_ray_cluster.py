@@ -6,6 +6,8 @@ lost replica's requests are retried on the other one and every run of the map su
 
 from __future__ import annotations
 
+import contextlib
+
 import threading
 import time
 from collections.abc import Iterator
@@ -97,7 +99,13 @@ def test_a_node_removed_mid_map_loses_no_run(cluster: tuple[Any, list[Any]], ben
     # it between requests once); that such requests fail over and are retried is test_ray.py's actor-killed-mid-map
     # test, held deterministically. Here: the map lost nothing, and the replica came back.
     # Its actor starts again on the node that is left (SPREAD is a preference; one free CPU there takes it).
-    assert after.loc["m#1", "restarts"] >= 1  # more than one if a new actor was placed on the node as it went
+    if after.loc["m#1", "restarts"] == 0:
+        # No request of the map reached m#1 after its node went (timing again: the map may end first). The workbench
+        # learns an actor is gone from a call to it, so one call pinned to m#1 finds it, fails, and restarts it.
+        with contextlib.suppress(wb.WorkbenchError):
+            bench.generate("m#1", "Why?", max_new_tokens=4)
+    # More than one restart if a new actor was placed on the node as it went.
+    eventually(lambda: bench.replicas("m").set_index("replica").loc["m#1", "restarts"] >= 1, "m#1's actor to restart")
     survivor = next(w for w in workers if w is not doomed)
     # A new actor starts a Python worker, imports torch and loads the model: longer than eventually's minute
     # on a loaded machine, so the bound here is the workbench's own for a replica to be ready.
