@@ -111,6 +111,23 @@ def test_a_lean_span_keeps_the_limits_opentelemetry_reads_from_the_environment(
     assert list(span.attributes) == list(sdk.attributes)
 
 
+def test_a_lean_span_bounds_events_and_links_as_the_sdk_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_SPAN_EVENT_COUNT_LIMIT", "2")
+    monkeypatch.setenv("OTEL_SPAN_LINK_COUNT_LIMIT", "1")
+    monkeypatch.setenv("OTEL_EVENT_ATTRIBUTE_COUNT_LIMIT", "1")
+    other = trace.SpanContext(0x1, 0x2, is_remote=False, trace_flags=trace.TraceFlags(1))
+    lean = SpanProvider(sampler=ALWAYS_ON).start_span("s", Context(), InstrumentationScope("t"), links=[Link(other)])
+    sdk = TracerProvider(sampler=ALWAYS_ON).get_tracer("t").start_span("s", links=[Link(other)])
+    for span in (lean, sdk):
+        for n in range(3):
+            span.add_event(f"e{n}", {"a": n, "b": n})
+        span.add_link(other)
+        span.end()
+    assert [(e.name, dict(e.attributes)) for e in lean.events] == [(e.name, dict(e.attributes)) for e in sdk.events]
+    assert [e.name for e in lean.events] == ["e1", "e2"]
+    assert (lean.dropped_events, lean.dropped_links) == (sdk.dropped_events, sdk.dropped_links) == (1, 1)
+
+
 def test_one_request_span_ends_once_when_two_threads_race_to_end_it() -> None:
     ended: list[str] = []
 

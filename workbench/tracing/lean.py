@@ -27,6 +27,7 @@ from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanLimits, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.sdk.util import BoundedList
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.util import types
@@ -87,11 +88,16 @@ class LeanSpan(trace.Span, ReadableSpan):
         start_time: int | None,
     ) -> None:
         limits = provider.limits
+        self._limits = limits
         self._max_attributes = limits.max_span_attributes
         self._max_length = limits.max_span_attribute_length
+        # Events and links in the SDK's own bounded lists: the oldest go when full, and exporters see the count.
         ReadableSpan.__init__(
-            self, name, context=context, parent=parent, resource=provider.resource, attributes={}, events=[],
-            links=tuple(link for link in links if link.context.is_valid), kind=SpanKind.INTERNAL,
+            self, name, context=context, parent=parent, resource=provider.resource, attributes={},
+            events=BoundedList(limits.max_events),
+            links=BoundedList.from_seq(limits.max_links, [_bounded_link(link, limits) for link in links
+                                                         if link.context.is_valid]),
+            kind=SpanKind.INTERNAL,
             status=Status(StatusCode.UNSET), start_time=start_time if start_time is not None else time.time_ns(),
             instrumentation_scope=scope,
         )
@@ -126,12 +132,13 @@ class LeanSpan(trace.Span, ReadableSpan):
 
     def add_event(self, name: str, attributes: types.Attributes = None, timestamp: int | None = None) -> None:
         if self._end_time is None:
-            cleaned = BoundedAttributes(attributes=attributes, max_value_len=self._max_length) if attributes else None
+            cleaned = BoundedAttributes(self._limits.max_event_attributes, attributes,
+                                        max_value_len=self._limits.max_attribute_length)
             self._events.append(Event(name, cleaned, timestamp if timestamp is not None else time.time_ns()))  # type: ignore[attr-defined]
 
     def add_link(self, context: SpanContext, attributes: types.Attributes = None) -> None:
         if self._end_time is None and context.is_valid:
-            self._links = (*self._links, Link(context, attributes))
+            self._links.append(_bounded_link(Link(context, attributes), self._limits))  # type: ignore[attr-defined]
 
     def update_name(self, name: str) -> None:
         if self._end_time is None:
@@ -186,3 +193,9 @@ def _cleaned(value: Any, length: int | None) -> Any:
     """``value`` as OpenTelemetry's own cleaning leaves it: sequences as tuples, other types as their str (None where
     a type has none of its own)."""
     return BoundedAttributes(attributes={"value": value}, max_value_len=length).get("value")
+
+
+def _bounded_link(link: Link, limits: SpanLimits) -> Link:
+    """``link`` with its attributes bounded as the SDK bounds a link's."""
+    return Link(link.context, BoundedAttributes(limits.max_link_attributes, link.attributes,
+                                                max_value_len=limits.max_attribute_length))
