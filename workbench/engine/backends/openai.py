@@ -79,7 +79,8 @@ class _Clients:
                 self._loop = asyncio.new_event_loop()
                 self._thread = threading.Thread(target=self._loop.run_forever, name="workbench-remote", daemon=True)
                 self._thread.start()
-            client, users = self._clients.get(server) or (self._new_client(), 0)
+            # Made under the lock with the loop running; httpx binds the pool to the loop on first use.
+            client, users = self._clients.get(server) or (_new_client(), 0)
             self._clients[server] = (client, users + 1)
             return self._loop, client
 
@@ -96,21 +97,18 @@ class _Clients:
             if last:
                 self._loop = self._thread = None
         assert loop is not None and thread is not None
-        asyncio.run_coroutine_threadsafe(client.aclose(), loop).result()
+        _aclose_on(loop, client)
         if last:
             loop.call_soon_threadsafe(loop.stop)
             thread.join()
             loop.close()
-
-    def _new_client(self) -> httpx.AsyncClient:
-        # Called under the lock with the loop running; httpx binds the pool to the loop on first use.
-        return _new_client()
 
 
 _clients = _Clients()
 
 
 def _new_client() -> httpx.AsyncClient:
+    """One server's pooled client, for one event loop (the streams thread's, or a caller's on the loop lane)."""
     return httpx.AsyncClient(
         # The read timeout is each model's own (its read_timeout_s), given per request.
         timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT_S, pool=None),
