@@ -39,6 +39,33 @@ def test_the_transformers_backend_is_a_backend_and_tokenizes_a_batch_as_one_by_o
     assert (backend.device, backend.dtype) == ("cpu", "float32")
 
 
+def test_the_codec_encodes_and_decodes_as_the_tokenizers_own_calls(tiny_bench: wb.Workbench) -> None:
+    # The codec drives a private copy of the Rust core (see TextCodec); the ids and texts must be the tokenizer's.
+    from workbench.engine.backends.transformers import TextCodec
+
+    backend = tiny_bench.engine.worker("tiny").backend
+    codec: TextCodec = backend.codec
+    tokenizer = tiny_bench.registry.get("tiny").tokenizer
+    special = tokenizer.convert_ids_to_tokens(sorted(backend.eos_ids))[0]
+    texts = [*PROMPTS, "", " leading space", f"text {special} with a special token", "ünïcödé ✓ 漢字", "a\nb\tc  d"]
+    assert len(texts) > TextCodec.ONE_BY_ONE  # the whole list goes through encode_batch, short ones one by one
+    for special_tokens in (True, False):
+        expected = tokenizer(texts, add_special_tokens=special_tokens)["input_ids"]
+        assert codec.tokenize(texts, special_tokens) == expected
+        assert [codec.tokenize([t], special_tokens)[0] for t in texts] == expected
+    for ids in tokenizer(texts)["input_ids"]:
+        kept = [t for t in ids if t not in backend.eos_ids]
+        assert codec.detokenize(ids) == tokenizer.decode(kept, skip_special_tokens=True).strip()
+    # A tokenizer that cleans up tokenization spaces keeps its own Python layer: the copy would not clean up.
+    tokenizer.clean_up_tokenization_spaces = True
+    try:
+        assert TextCodec(tokenizer, backend.eos_ids)._core is None
+    finally:
+        tokenizer.clean_up_tokenization_spaces = False
+    with pytest.raises(wb.InvalidInput, match="prompt 2 of 2"):
+        codec.tokenize(["fine", "lone \udc80 surrogate"])
+
+
 def test_the_worker_loop_and_the_seam_import_no_torch() -> None:
     # The backend seam keeps torch behind it: the worker, queue, policies and failure kinds run without it,
     # so a process-isolated or remote backend's parent side need not load it.
