@@ -10,6 +10,10 @@ The two run interleaved in one process, the order alternating within each pair (
 ...), after one warm-up pair that is reported apart as cold start. Latency is end to end per
 chain; the headline is the median over pairs of workbench / by hand, with min and max.
 
+Before the headline it says where the workbench's time outside ``generate`` goes, segment by
+segment, read off the run's own spans (chain, hop, request and batch spans, and the batch's
+prefill and decode times), beside the by-hand path's time outside its ``generate`` calls.
+
 On a shared machine the median still wanders by a few percent from run to run; more pairs,
 or pinning the process to one core with one torch thread, give a steadier figure.
 
@@ -64,14 +68,20 @@ def answer_prompt(plan: str, question: str) -> str:
     return f"{plan}\nQuestion: {question}\nAnswer:"
 
 
-def by_hand(loaded: LoadedModel, max_new_tokens: dict[str, int]) -> Callable[[str], Outcome]:
-    """The chain's work without the workbench: format, tokenize, generate, decode; twice; then the Python hop."""
+def by_hand(
+    loaded: LoadedModel, max_new_tokens: dict[str, int], generate_s: list[float] | None = None
+) -> Callable[[str], Outcome]:
+    """The chain's work without the workbench: format, tokenize, generate, decode; twice; then the Python hop.
+
+    ``generate_s`` (if given) gets the seconds of each ``model.generate`` call, for the breakdown.
+    """
     model, tokenizer, device = loaded.model, loaded.tokenizer, loaded.device
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos])
 
     def call(prompt: str, max_new_tokens: int) -> tuple[str, int]:
         encoded = tokenizer(prompt, return_tensors="pt").to(device)
+        started = time.perf_counter()
         with torch.inference_mode():
             output = model.generate(
                 **encoded,
@@ -83,6 +93,8 @@ def by_hand(loaded: LoadedModel, max_new_tokens: dict[str, int]) -> Callable[[st
                 pad_token_id=tokenizer.pad_token_id,
             )
         row = output[0, encoded["input_ids"].shape[1] :].tolist()  # copies to the host: synchronised on CUDA
+        if generate_s is not None:
+            generate_s.append(time.perf_counter() - started)
         stop = next((i for i, t in enumerate(row) if t in eos_ids), None)
         row = row[: stop + 1] if stop is not None else row
         text = tokenizer.decode([t for t in row if t not in eos_ids], skip_special_tokens=True).strip()
@@ -113,6 +125,63 @@ def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - started, outcome
+
+
+# Where a chain's time goes outside ``generate``, read off the workbench's own spans (see ``breakdown``).
+SEGMENTS = (
+    "caller -> loop -> chain span starts",
+    "chain span -> first hop",
+    "hop -> request span (template, span)",
+    "request -> batch (tokenize, queue, worker wakes)",
+    "batch span less generate (tensors, detok, spans)",
+    "batch end -> request end (results, request span)",
+    "request end -> hop end (loop wakes, hop span)",
+    "hop end -> next hop",
+    "Python hop (pool thread and back)",
+    "last hop -> chain span ends",
+    "chain span ends -> caller returns",
+)
+
+
+def breakdown(bench: wb.Workbench, calls: list[tuple[int, int, wb.Run]]) -> tuple[dict[str, list[float]], list[float]]:
+    """Per chain, the microseconds of each of SEGMENTS and the chain's time outside ``generate`` (prefill + decode).
+
+    ``calls`` holds each ``chain.run``'s wall clock before and after (``time.time_ns``) and its Run. Segments
+    of the two LLM hops are summed. The batch spans live in the engine's trace; a request span names its batch.
+    """
+    batches = {s.attributes[attr.BATCH_ID]: s for s in bench.traces().spans if s.name.startswith("batch ")}
+    segments: dict[str, list[float]] = {name: [] for name in SEGMENTS}
+    outside: list[float] = []
+    for called, returned, run in calls:
+        spans = run.trace.spans
+        (root,) = [s for s in spans if s.parent is None]
+        hops = sorted((s for s in spans if s.name.startswith("hop ")), key=lambda s: s.start_time)
+        requests = {s.attributes[attr.HOP_NAME]: s for s in spans if s.name.startswith(attr.TEXT_COMPLETION)}
+        ns: dict[str, float] = dict.fromkeys(SEGMENTS, 0.0)
+        generate_ns = 0.0
+        ns[SEGMENTS[0]] = root.start_time - called
+        ns[SEGMENTS[1]] = hops[0].start_time - root.start_time
+        for hop, after in zip(hops, [*hops[1:], None]):
+            request = requests.get(hop.attributes[attr.HOP_NAME])
+            if request is None:
+                ns[SEGMENTS[8]] += hop.end_time - hop.start_time
+            else:
+                batch = batches[request.attributes[attr.BATCH_ID]]
+                generate = (batch.attributes[attr.PREFILL_MS] + batch.attributes[attr.DECODE_MS]) * 1e6
+                generate_ns += generate
+                ns[SEGMENTS[2]] += request.start_time - hop.start_time
+                ns[SEGMENTS[3]] += batch.start_time - request.start_time
+                ns[SEGMENTS[4]] += batch.end_time - batch.start_time - generate
+                ns[SEGMENTS[5]] += request.end_time - batch.end_time
+                ns[SEGMENTS[6]] += hop.end_time - request.end_time
+            if after is not None:
+                ns[SEGMENTS[7]] += after.start_time - hop.end_time
+        ns[SEGMENTS[9]] = root.end_time - hops[-1].end_time
+        ns[SEGMENTS[10]] = returned - root.end_time
+        for name, value in ns.items():
+            segments[name].append(value / 1e3)
+        outside.append((returned - called - generate_ns) / 1e3)
+    return segments, outside
 
 
 def usable_cpus() -> int:
@@ -153,10 +222,19 @@ def main(argv: list[str] | None = None) -> None:
             f" torch {torch.__version__} ({torch.get_num_threads()} threads),"
             f" transformers {transformers.__version__}, {usable_cpus()} of {os.cpu_count()} CPUs"
         )
-        hand = by_hand(loaded, max_new_tokens)
+        hand_generate: list[float] = []
+        hand = by_hand(loaded, max_new_tokens, hand_generate)
+        calls: list[tuple[int, int, wb.Run]] = []
+
+        def run_chain() -> wb.Run:
+            called = time.time_ns()
+            run = chain.run(question=args.question)
+            calls.append((called, time.time_ns(), run))
+            return run
+
         # Only the call is timed; reading the workbench's outcome off its trace comes after the clock.
         variants: dict[str, tuple[Callable[[], Any], Callable[[Any], Outcome]]] = {
-            "workbench": (lambda: chain.run(question=args.question), outcome_of),
+            "workbench": (run_chain, outcome_of),
             "by hand": (lambda: hand(args.question), lambda outcome: outcome),
         }
         seconds: dict[str, list[float]] = {name: [] for name in variants}
@@ -194,6 +272,21 @@ def main(argv: list[str] | None = None) -> None:
             )
         ratios = [w / h for w, h in zip(seconds["workbench"], seconds["by hand"])]
         print(f"pairwise ratio quartiles: {percentile(ratios, 0.25):.3f} / {percentile(ratios, 0.75):.3f}")
+
+        # Where the workbench's time outside generate goes, from its spans; by hand, its chain less its generates.
+        segments, outside = breakdown(bench, calls[1:])
+        calls_per_chain = len(hand_generate) // (args.pairs + 1)
+        hand_generate_s = [sum(hand_generate[i:i + calls_per_chain])
+                           for i in range(calls_per_chain, len(hand_generate), calls_per_chain)]
+        hand_outside = [(t - g) * 1e6 for t, g in zip(seconds["by hand"], hand_generate_s)]
+        wb_generate = [(returned - called) / 1e3 - o for (called, returned, _), o in zip(calls[1:], outside)]
+        print(f"\nper chain, p50 us: generate (prefill + decode) workbench {statistics.median(wb_generate):.0f},"
+              f" by hand {statistics.median(hand_generate_s) * 1e6:.0f}; outside generate workbench"
+              f" {statistics.median(outside):.0f}, by hand {statistics.median(hand_outside):.0f}"
+              " (tokenize, decode, the Python function)")
+        print("  the workbench's, from its spans (LLM hops summed):")
+        for name, values in segments.items():
+            print(f"    {name:<50} {statistics.median(values):7.0f}")
         print(
             f"\noverhead ratio (workbench / by hand): median {statistics.median(ratios):.3f}"
             f" [min {min(ratios):.2f}, max {max(ratios):.2f}] over {len(ratios)} pairs"
