@@ -141,6 +141,8 @@ SEGMENTS = (
     "last hop -> chain span ends",
     "chain span ends -> caller returns",
 )
+(CALLER_TO_ROOT, ROOT_TO_HOP, HOP_TO_REQUEST, REQUEST_TO_BATCH, AROUND_GENERATE, BATCH_TO_REQUEST_END,
+ REQUEST_TO_HOP_END, BETWEEN_HOPS, PYTHON_HOP, HOP_TO_ROOT_END, ROOT_TO_CALLER) = SEGMENTS
 
 
 def breakdown(bench: wb.Workbench, calls: list[tuple[int, int, wb.Run]]) -> tuple[dict[str, list[float]], list[float]]:
@@ -159,25 +161,25 @@ def breakdown(bench: wb.Workbench, calls: list[tuple[int, int, wb.Run]]) -> tupl
         requests = {s.attributes[attr.HOP_NAME]: s for s in spans if s.name.startswith(attr.TEXT_COMPLETION)}
         ns: dict[str, float] = dict.fromkeys(SEGMENTS, 0.0)
         generate_ns = 0.0
-        ns[SEGMENTS[0]] = root.start_time - called
-        ns[SEGMENTS[1]] = hops[0].start_time - root.start_time
+        ns[CALLER_TO_ROOT] = root.start_time - called
+        ns[ROOT_TO_HOP] = hops[0].start_time - root.start_time
         for hop, after in zip(hops, [*hops[1:], None]):
             request = requests.get(hop.attributes[attr.HOP_NAME])
             if request is None:
-                ns[SEGMENTS[8]] += hop.end_time - hop.start_time
+                ns[PYTHON_HOP] += hop.end_time - hop.start_time
             else:
                 batch = batches[request.attributes[attr.BATCH_ID]]
                 generate = (batch.attributes[attr.PREFILL_MS] + batch.attributes[attr.DECODE_MS]) * 1e6
                 generate_ns += generate
-                ns[SEGMENTS[2]] += request.start_time - hop.start_time
-                ns[SEGMENTS[3]] += batch.start_time - request.start_time
-                ns[SEGMENTS[4]] += batch.end_time - batch.start_time - generate
-                ns[SEGMENTS[5]] += request.end_time - batch.end_time
-                ns[SEGMENTS[6]] += hop.end_time - request.end_time
+                ns[HOP_TO_REQUEST] += request.start_time - hop.start_time
+                ns[REQUEST_TO_BATCH] += batch.start_time - request.start_time
+                ns[AROUND_GENERATE] += batch.end_time - batch.start_time - generate
+                ns[BATCH_TO_REQUEST_END] += request.end_time - batch.end_time
+                ns[REQUEST_TO_HOP_END] += hop.end_time - request.end_time
             if after is not None:
-                ns[SEGMENTS[7]] += after.start_time - hop.end_time
-        ns[SEGMENTS[9]] = root.end_time - hops[-1].end_time
-        ns[SEGMENTS[10]] = returned - root.end_time
+                ns[BETWEEN_HOPS] += after.start_time - hop.end_time
+        ns[HOP_TO_ROOT_END] = root.end_time - hops[-1].end_time
+        ns[ROOT_TO_CALLER] = returned - root.end_time
         for name, value in ns.items():
             segments[name].append(value / 1e3)
         outside.append((returned - called - generate_ns) / 1e3)

@@ -41,7 +41,7 @@ def test_the_transformers_backend_is_a_backend_and_tokenizes_a_batch_as_one_by_o
 
 def test_the_codec_encodes_and_decodes_as_the_tokenizers_own_calls(tiny_bench: wb.Workbench) -> None:
     # The codec drives a private copy of the Rust core (see TextCodec); the ids and texts must be the tokenizer's.
-    from workbench.engine.backends.transformers import TextCodec
+    from workbench.engine.backends.codec import TextCodec
 
     backend = tiny_bench.engine.worker("tiny").backend
     codec: TextCodec = backend.codec

@@ -45,6 +45,7 @@ from workbench.engine.backends.base import (
     render_chat,
     result_from_stamps,
 )
+from workbench.engine.backends.codec import TextCodec
 from workbench.engine.requests import GenerationRequest, GenerationResult, Messages
 from workbench.errors import RemoteError, RemoteRateLimited, WorkerStopped
 from workbench.models import remote
@@ -164,6 +165,8 @@ class RemoteBackend:
         # Without the served model's tokenizer here, the prompt's length is the server's to judge.
         self.context_window = loaded.context_window if loaded.tokenizer is not None else None
         self.tokenizer = loaded.tokenizer
+        # The served model's tokenizer, where it is here: counts and fits prompts, and counts answers without usage.
+        self.codec = TextCodec(loaded.tokenizer, set()) if loaded.tokenizer is not None else None
         self.served_model = str(settings.served_model)
         self.url = f"{remote.base_url(settings)}/completions"
         self.chat_url = f"{remote.base_url(settings)}/chat/completions"
@@ -180,10 +183,9 @@ class RemoteBackend:
 
     def tokenize(self, prompts: Sequence[str], special_tokens: bool = True) -> list[list[int]]:
         """Token ids by the served model's own tokenizer where it is here; else none (the server counts)."""
-        if self.tokenizer is None:
+        if self.codec is None:
             return [[] for _ in prompts]
-        ids: list[list[int]] = self.tokenizer(list(prompts), add_special_tokens=special_tokens)["input_ids"]
-        return ids
+        return self.codec.tokenize(prompts, special_tokens)
 
     def chat_prompt(self, messages: Messages, hop: str | None = None) -> str | None:
         """The prompt the served model's chat template makes, where its tokenizer is here with one (to count and fit
@@ -193,9 +195,9 @@ class RemoteBackend:
         return render_chat(self.tokenizer, messages, self.model, hop)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
-        if self.tokenizer is None:
+        if self.codec is None:
             raise NotImplementedError(f"model {self.model!r} has no tokenizer here; its server sends text")
-        return str(self.tokenizer.decode(list(tokens), skip_special_tokens=True)).strip()
+        return self.codec.detokenize(tokens)
 
     def check(self, policy: BatchingPolicy) -> None:
         pass  # every policy applies: it says how many requests are in flight at once
@@ -282,7 +284,8 @@ class RemoteBackend:
         if request.messages is not None:
             body["messages"] = request.messages  # never cut: a spec refuses truncate: left on a chat hop
         elif request.truncated_tokens:  # cut to fit the window (truncate: left): send the text of what was kept
-            body["prompt"] = self.tokenizer.decode(request.input_ids, skip_special_tokens=True)
+            assert self.codec is not None  # only a prompt counted here can have been cut
+            body["prompt"] = self.codec.decode(request.input_ids)
         else:
             body["prompt"] = request.prompt
         body.update({
@@ -372,8 +375,8 @@ class RemoteBackend:
         tokens_in, tokens_out = usage.get("prompt_tokens"), usage.get("completion_tokens")
         counted_by = "server"
         if not isinstance(tokens_out, int):
-            if self.tokenizer is not None:
-                tokens_out, counted_by = len(self.tokenizer(text, add_special_tokens=False)["input_ids"]), "tokenizer"
+            if self.codec is not None:
+                tokens_out, counted_by = len(self.codec.tokenize([text], special_tokens=False)[0]), "tokenizer"
             else:
                 tokens_out, counted_by = stamps.chunks, "chunks"
         if not isinstance(tokens_in, int):

@@ -42,7 +42,7 @@ from workbench.engine.backends.base import (
     next_batch_id,
     render_chat,
 )
-from workbench.engine.backends.transformers import TextCodec
+from workbench.engine.backends.codec import TextCodec
 from workbench.engine.requests import GenerationRequest, GenerationResult, Messages
 from workbench.errors import ModelLoadError, ModelProcessDied, StrategyError
 from workbench.models.registry import LoadedModel

@@ -31,7 +31,7 @@ from workbench.engine.backends.base import (
     TokenSink,
     next_batch_id,
 )
-from workbench.engine.backends.transformers import TextCodec
+from workbench.engine.backends.codec import TextCodec
 from workbench.engine.requests import GenerationParams, GenerationRequest, GenerationResult
 from workbench.errors import ModelActorDied, ModelLoadError, StrategyError, WorkbenchError
 from workbench.models.registry import LoadedModel

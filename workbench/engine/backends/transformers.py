@@ -9,7 +9,6 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from tokenizers import Tokenizer
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
@@ -24,8 +23,9 @@ from workbench.engine.backends.base import (
     next_batch_id,
     result_from_stamps,
 )
+from workbench.engine.backends.codec import TextCodec
 from workbench.engine.backends.prefix_cache import PrefixCache, PrefixEntry
-from workbench.engine.requests import GenerationRequest, GenerationResult, Messages, check_text
+from workbench.engine.requests import GenerationRequest, GenerationResult, Messages
 from workbench.errors import AdapterError
 from workbench.models.adapters import BASE
 from workbench.models.devices import dtype_name
@@ -78,62 +78,6 @@ class _CancelledRows(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> torch.BoolTensor:
         return torch.tensor([r.cancelled for r in self.batch], dtype=torch.bool, device=input_ids.device)
-
-
-class TextCodec:
-    """Prompts to token ids and generated ids to text with one model's tokenizer, wherever the model itself runs.
-
-    A fast tokenizer is driven through a private copy of its Rust core, set up once with no padding
-    and no truncation: the core the tokenizer owns keeps whatever padding or truncation its last
-    caller set (``tokenizer(..., padding=True)`` elsewhere) and would apply it to these prompts.
-    The copy also skips the Python layers of ``tokenizer(...)`` and ``tokenizer.decode``, which cost
-    more than the encoding itself on short prompts (see ``benchmarks/README.md``); the ids and texts
-    are the same (``tests/test_engine.py`` compares them). A slow tokenizer goes through its own calls.
-    """
-
-    # Up to this many prompts are encoded one by one: encode_batch hands even one prompt to the Rust
-    # thread pool, a cross-thread wake-up that costs more than the encoding.
-    ONE_BY_ONE = 4
-
-    def __init__(self, tokenizer: Any, eos_ids: set[int]) -> None:
-        self.tokenizer = tokenizer
-        self.eos_ids = eos_ids
-        self._core = _private_core(tokenizer)
-
-    def tokenize(self, prompts: Sequence[str], special_tokens: bool = True) -> list[list[int]]:
-        """Token ids of each prompt; ``special_tokens=False`` adds none (a chat template's text carries its own)."""
-        core = self._core
-        try:
-            if core is None:
-                ids: list[list[int]] = self.tokenizer(list(prompts), add_special_tokens=special_tokens)["input_ids"]
-            elif len(prompts) <= self.ONE_BY_ONE:
-                ids = [core.encode(prompt, add_special_tokens=special_tokens).ids for prompt in prompts]
-            else:
-                ids = [e.ids for e in core.encode_batch(list(prompts), add_special_tokens=special_tokens)]
-        except TypeError:  # how a fast tokenizer refuses text with a lone surrogate; say which prompt
-            for index, prompt in enumerate(prompts):
-                check_text(prompt, "the prompt" if len(prompts) == 1 else f"prompt {index + 1} of {len(prompts)}")
-            raise
-        return ids
-
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        kept = [t for t in tokens if t not in self.eos_ids]
-        if self._core is None:
-            return self.tokenizer.decode(kept, skip_special_tokens=True).strip()
-        return self._core.decode(kept, skip_special_tokens=True).strip()
-
-
-def _private_core(tokenizer: Any) -> Any:
-    """A copy of a fast tokenizer's Rust core that encodes and decodes as ``tokenizer(...)`` and ``decode`` do,
-    or None where the copy would differ (a slow tokenizer, clean-up of tokenization spaces)."""
-    core = getattr(tokenizer, "_tokenizer", None)
-    if not isinstance(core, Tokenizer) or getattr(tokenizer, "clean_up_tokenization_spaces", False):
-        return None  # clean-up is the Python layer's (and usually off for BPE); keep that layer then
-    copy = Tokenizer.from_str(core.to_str())
-    copy.no_padding()
-    copy.no_truncation()
-    copy.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
-    return copy
 
 
 def eos_ids(model: Any, tokenizer: Any) -> set[int]:

@@ -1,0 +1,70 @@
+"""Text to token ids and back with a model's tokenizer, wherever the model itself runs (here, a child, a server)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from tokenizers import Tokenizer
+
+from workbench.engine.requests import check_text
+
+
+class TextCodec:
+    """Prompts to token ids and generated ids to text with one model's tokenizer, wherever the model itself runs.
+
+    A fast tokenizer is driven through a private copy of its Rust core, set up once with no padding
+    and no truncation: the core the tokenizer owns keeps whatever padding or truncation its last
+    caller set (``tokenizer(..., padding=True)`` elsewhere) and would apply it to these prompts.
+    The copy also skips the Python layers of ``tokenizer(...)`` and ``tokenizer.decode``, which cost
+    more than the encoding itself on short prompts (see ``benchmarks/README.md``); the ids and texts
+    are the same (``tests/test_engine.py`` compares them). A slow tokenizer goes through its own calls.
+    """
+
+    # Up to this many prompts are encoded one by one: encode_batch hands even one prompt to the Rust
+    # thread pool, a cross-thread wake-up that costs more than the encoding.
+    ONE_BY_ONE = 4
+
+    def __init__(self, tokenizer: Any, eos_ids: set[int]) -> None:
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self._core = _private_core(tokenizer)
+
+    def tokenize(self, prompts: Sequence[str], special_tokens: bool = True) -> list[list[int]]:
+        """Token ids of each prompt; ``special_tokens=False`` adds none (a chat template's text carries its own)."""
+        core = self._core
+        try:
+            if core is None:
+                ids: list[list[int]] = self.tokenizer(list(prompts), add_special_tokens=special_tokens)["input_ids"]
+            elif len(prompts) <= self.ONE_BY_ONE:
+                ids = [core.encode(prompt, add_special_tokens=special_tokens).ids for prompt in prompts]
+            else:
+                ids = [e.ids for e in core.encode_batch(list(prompts), add_special_tokens=special_tokens)]
+        except TypeError:  # how a fast tokenizer refuses text with a lone surrogate; say which prompt
+            for index, prompt in enumerate(prompts):
+                check_text(prompt, "the prompt" if len(prompts) == 1 else f"prompt {index + 1} of {len(prompts)}")
+            raise
+        return ids
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        """The text of ``tokens``, special tokens skipped, as ``tokenizer.decode`` writes it."""
+        if self._core is None:
+            return str(self.tokenizer.decode(list(tokens), skip_special_tokens=True))
+        return str(self._core.decode(list(tokens), skip_special_tokens=True))
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """The generated text of ``tokens``: end-of-sequence ids dropped, surrounding whitespace stripped."""
+        return self.decode([t for t in tokens if t not in self.eos_ids]).strip()
+
+
+def _private_core(tokenizer: Any) -> Any:
+    """A copy of a fast tokenizer's Rust core that encodes and decodes as ``tokenizer(...)`` and ``decode`` do,
+    or None where the copy would differ (a slow tokenizer, clean-up of tokenization spaces)."""
+    core = getattr(tokenizer, "_tokenizer", None)
+    if not isinstance(core, Tokenizer) or getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return None  # clean-up is the Python layer's (and usually off for BPE); keep that layer then
+    copy = Tokenizer.from_str(core.to_str())
+    copy.no_padding()
+    copy.no_truncation()
+    copy.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
+    return copy
