@@ -94,18 +94,23 @@ def test_a_node_removed_mid_map_loses_no_run(cluster: tuple[Any, list[Any]], ben
     (batch,) = batches
     assert batch.complete and not batch.failed, batch.table()
     assert all(run.output for run in batch)
-    after = bench.replicas("m").set_index("replica")
     # Whether m#1 held a request at the instant its node went is timing (concurrency 2 over two replicas: CI saw
     # it between requests once); that such requests fail over and are retried is test_ray.py's actor-killed-mid-map
     # test, held deterministically. Here: the map lost nothing, and the replica came back.
     # Its actor starts again on the node that is left (SPREAD is a preference; one free CPU there takes it).
-    if after.loc["m#1", "restarts"] == 0:
-        # No request of the map reached m#1 after its node went (timing again: the map may end first). The workbench
-        # learns an actor is gone from a call to it, so one call pinned to m#1 finds it, fails, and restarts it.
+    # If no request of the map found m#1 gone (timing again: the map may end first), nothing has told the workbench
+    # yet: it learns an actor is gone from a call to it. So calls pinned to m#1 go until one finds the actor gone and
+    # restarts it: more than one, as a call made while the node's worker process still lives answers, and one that
+    # m#1's open breaker refuses reaches nothing. More than one restart if a new actor was placed on the node as it went.
+    def restarted() -> bool:
+        if bench.replicas("m").set_index("replica").loc["m#1", "restarts"] >= 1:
+            return True
         with contextlib.suppress(wb.WorkbenchError):
             bench.generate("m#1", "Why?", max_new_tokens=4)
-    # More than one restart if a new actor was placed on the node as it went.
-    eventually(lambda: bench.replicas("m").set_index("replica").loc["m#1", "restarts"] >= 1, "m#1's actor to restart")
+        time.sleep(0.2)
+        return False
+
+    eventually(restarted, "m#1's actor to restart")
     survivor = next(w for w in workers if w is not doomed)
     # A new actor starts a Python worker, imports torch and loads the model: longer than eventually's minute
     # on a loaded machine, so the bound here is the workbench's own for a replica to be ready.
