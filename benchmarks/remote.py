@@ -1,11 +1,14 @@
 """A remote hop against a hand-written async streaming client on the same OpenAI-compatible server.
 
-By hand is the floor: one pooled ``httpx.AsyncClient``, one streamed ``POST /completions`` per
-request, the clock started just before the POST, TTFT at the first chunk that carries a choice,
-E2E at the end of the stream (vLLM's serving benchmark measures the same way). The workbench
-runs a one-hop chain on the same server (``bench.load("remote", URL)``) through ``chain.run``:
-template, spans, the model's worker thread, the backend's event loop and back. The two run
-interleaved, the order alternating within each pair, after warm-up pairs reported apart.
+By hand is the floor, written twice: with httpx (what the OpenAI SDK streams with) and with aiohttp
+(what vLLM's serving benchmark streams with, and the workbench's remote backend too). Each is one
+pooled client, one streamed ``POST /completions`` per request, the clock started just before the
+POST, TTFT at the first chunk that carries a choice, E2E at the end of the stream (vLLM's serving
+benchmark measures the same way). The workbench runs a one-hop chain on the same server
+(``bench.load("remote", URL)``) through ``chain.run``: template, spans, the workbench's loop and
+back. The three run interleaved, the order rotating from one round to the next, after warm-up
+rounds reported apart. The aiohttp client is the strict floor (the same HTTP client, so what is
+left is the workbench's own cost); the httpx one shows what a researcher's usual client costs.
 
 Per-request overhead is measured two ways. Paired: workbench E2E (``chain.run`` wall time) minus
 the neighbouring by-hand E2E; on a shared CPU the server's own spread (tens of ms) swamps it.
@@ -37,6 +40,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import aiohttp
 import httpx
 import torch
 import transformers
@@ -66,11 +70,32 @@ def start_server(model: str) -> tuple[subprocess.Popen[bytes], str]:
     raise SystemExit("transformers serve did not come up in 180 s")
 
 
-async def by_hand(client: httpx.AsyncClient, url: str, model: str, max_tokens: int) -> tuple[float, float, str]:
-    """One streamed completion: (TTFT ms, E2E ms, text), timed as vLLM's benchmark times it."""
-    body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
+def _body(model: str, max_tokens: int) -> dict[str, object]:
+    return {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
             "stream_options": {"include_usage": True}}
 
+
+async def by_aiohttp(session: aiohttp.ClientSession, url: str, model: str, max_tokens: int) -> tuple[float, float, str]:
+    """One streamed completion with aiohttp, as vLLM's serving benchmark sends it: (TTFT ms, E2E ms, text)."""
+    body = _body(model, max_tokens)
+    texts, ttft = [], 0.0
+    started = time.perf_counter()
+    async with session.post(f"{url}/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.content:
+            if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
+                continue
+            choices = json.loads(line[5:]).get("choices")
+            if choices:
+                if not ttft:
+                    ttft = time.perf_counter() - started
+                texts.append(choices[0].get("text") or "")
+    return ttft * 1e3, (time.perf_counter() - started) * 1e3, "".join(texts).strip()
+
+
+async def by_httpx(client: httpx.AsyncClient, url: str, model: str, max_tokens: int) -> tuple[float, float, str]:
+    """One streamed completion with httpx (the OpenAI SDK's client): (TTFT ms, E2E ms, text)."""
+    body = _body(model, max_tokens)
     texts, ttft = [], 0.0
     started = time.perf_counter()
     async with client.stream("POST", f"{url}/completions", json=body) as response:
@@ -84,6 +109,10 @@ async def by_hand(client: httpx.AsyncClient, url: str, model: str, max_tokens: i
                     ttft = time.perf_counter() - started
                 texts.append(choices[0].get("text") or "")
     return ttft * 1e3, (time.perf_counter() - started) * 1e3, "".join(texts).strip()
+
+
+async def _session() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))  # made on the loop it runs on
 
 
 def pct(values: list[float], q: float) -> float:
@@ -113,13 +142,20 @@ def main() -> None:
                                                              "max_new_tokens": args.max_tokens}], "output": "answer"})
             loop = asyncio.new_event_loop()
             client = httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=None))
-            hand_e2e, hand_ttft, wb_e2e, wb_ttft, overhead, added = [], [], [], [], [], []
+            session = loop.run_until_complete(_session())
+            hands = {"aiohttp": lambda: by_aiohttp(session, url, model, args.max_tokens),
+                     "httpx": lambda: by_httpx(client, url, model, args.max_tokens)}
+            hand_ttft: dict[str, list[float]] = {name: [] for name in hands}
+            hand_e2e: dict[str, list[float]] = {name: [] for name in hands}
+            paired: dict[str, list[float]] = {name: [] for name in hands}
+            wb_e2e, wb_ttft, added = [], [], []
+            sides = ["aiohttp", "httpx", "wb"]
             try:
                 for index in range(args.warmup + args.pairs):
                     measured: dict[str, tuple[float, float, str]] = {}
-                    for side in (("hand", "wb") if index % 2 == 0 else ("wb", "hand")):
-                        if side == "hand":
-                            measured[side] = loop.run_until_complete(by_hand(client, url, model, args.max_tokens))
+                    for side in sides[index % 3:] + sides[:index % 3]:
+                        if side in hands:
+                            measured[side] = loop.run_until_complete(hands[side]())
                         else:
                             started = time.perf_counter()
                             run = chain.run()
@@ -127,19 +163,22 @@ def main() -> None:
                             (span,) = [s for s in run.trace.spans if s.name.startswith("text_completion")]
                             measured[side] = (float(span.attributes[attr.TTFT_MS]), e2e, run.output)
                             inside = e2e - float(span.attributes[attr.REMOTE_E2E_MS])
-                    if measured["hand"][2] != measured["wb"][2]:
-                        hand, ours = measured["hand"][2], measured["wb"][2]
-                        raise SystemExit(f"different text: by hand {hand!r}, workbench {ours!r}")
+                    for name in hands:
+                        if measured[name][2] != measured["wb"][2]:
+                            hand, ours = measured[name][2], measured["wb"][2]
+                            raise SystemExit(f"different text: by hand ({name}) {hand!r}, workbench {ours!r}")
                     if index < args.warmup:
                         continue
-                    hand_ttft.append(measured["hand"][0])
-                    hand_e2e.append(measured["hand"][1])
+                    for name in hands:
+                        hand_ttft[name].append(measured[name][0])
+                        hand_e2e[name].append(measured[name][1])
+                        paired[name].append(measured["wb"][1] - measured[name][1])
                     wb_ttft.append(measured["wb"][0])
                     wb_e2e.append(measured["wb"][1])
-                    overhead.append(measured["wb"][1] - measured["hand"][1])
                     added.append(inside)
             finally:
                 loop.run_until_complete(client.aclose())
+                loop.run_until_complete(session.close())
                 loop.close()
 
             bench.set_batching("remote", wb.ContinuousBatching(max_batch=args.concurrent))
@@ -150,20 +189,24 @@ def main() -> None:
 
         print(f"server {url} model {model}; torch {torch.__version__}, transformers {transformers.__version__}; "
               f"{args.pairs} pairs after {args.warmup} warm-up, max_tokens {args.max_tokens}, greedy")
-        print(f"{'':18}{'p50':>9}{'p95':>9}{'p99':>9}{'min':>9}{'max':>9}")
-        for label, values in (("hand TTFT ms", hand_ttft), ("wb TTFT ms", wb_ttft), ("hand E2E ms", hand_e2e),
-                              ("wb E2E ms", wb_e2e), ("paired diff ms", overhead), ("wb added ms", added)):
-            print(f"{label:18}" + "".join(f"{v:9.3f}" for v in (pct(values, .5), pct(values, .95), pct(values, .99),
+        print(f"{'':24}{'p50':>9}{'p95':>9}{'p99':>9}{'min':>9}{'max':>9}")
+        rows = [(f"{name} by hand TTFT ms", hand_ttft[name]) for name in hands] + [("wb TTFT ms", wb_ttft)]
+        rows += [(f"{name} by hand E2E ms", hand_e2e[name]) for name in hands] + [("wb E2E ms", wb_e2e)]
+        rows += [(f"wb - {name} E2E ms", paired[name]) for name in hands] + [("wb added ms", added)]
+        for label, values in rows:
+            print(f"{label:24}" + "".join(f"{v:9.3f}" for v in (pct(values, .5), pct(values, .95), pct(values, .99),
                                                                  min(values), max(values))))
         if args.pairs < 100:
             print("(p99 from fewer than 100 samples)")
-        ratios = [w / h for w, h in zip(wb_ttft, hand_ttft)]
         print(f"{args.concurrent} concurrent streams: {errors} errors, {wall:.2f} s, "
               f"{args.concurrent / wall:.1f} requests/s")
-        print(f"TTFT workbench / by hand: median {statistics.median(ratios):.3f} "
-              f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
+        for name in ("httpx", "aiohttp"):  # the strict floor last
+            ratios = [w / h for w, h in zip(wb_ttft, hand_ttft[name])]
+            print(f"TTFT workbench / {name} by hand: median {statistics.median(ratios):.3f} "
+                  f"(min {min(ratios):.3f}, max {max(ratios):.3f}); paired E2E difference p50 "
+                  f"{statistics.median(paired[name]):.3f} ms")
         print(f"per-request overhead (chain.run minus its own POST-to-end) p50 {statistics.median(added):.3f} ms "
-              f"(min {min(added):.3f}, max {max(added):.3f}); paired p50 {statistics.median(overhead):.3f} ms")
+              f"(min {min(added):.3f}, max {max(added):.3f})")
     finally:
         if process is not None:
             process.terminate()

@@ -9,6 +9,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pandas as pd
 import pytest
@@ -206,11 +207,13 @@ class FaultServer:
 
     ``{url}/{mode}/v1`` is an OpenAI base URL; ``mode`` is ``ok`` (a good stream), ``error500``, ``reject``
     (400), ``busy`` (429 with Retry-After: 1 on the first request, then good), ``broken`` (one chunk, then the
-    connection drops), ``silent`` (takes the request and never answers).
+    connection drops), ``silent`` (takes the request and never answers). Asked as a proxy (an absolute URL in
+    the request line), it answers for any host as if it were that host, and keeps the URL in ``proxied``.
     """
 
     def __init__(self) -> None:
         self.hits: Counter[str] = Counter()
+        self.proxied: list[str] = []
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
@@ -241,6 +244,9 @@ class FaultServer:
         try:
             head = (await reader.readuntil(b"\r\n\r\n")).decode()
             path = head.split(" ")[1]
+            if not path.startswith("/"):  # absolute form: a client that takes this server for its proxy
+                self.proxied.append(path)
+                path = urlsplit(path).path
             length = next((int(line.split(":")[1]) for line in head.split("\r\n")
                            if line.lower().startswith("content-length:")), 0)
             await reader.readexactly(length)
@@ -321,6 +327,27 @@ def _failure(run: wb.Run) -> BaseException:
 
 def _remote_events(run: wb.Run) -> list[str]:
     return [name for name in run.trace.events()["event"] if name.startswith("remote.")]
+
+
+def test_a_proxy_the_environment_names_carries_the_requests(
+    monkeypatch: pytest.MonkeyPatch, faults: FaultServer, bench: wb.Workbench
+) -> None:
+    # HTTP_PROXY and NO_PROXY, as httpx and the OpenAI SDK honour them: here the FaultServer is the proxy.
+    for name in ("HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(name, faults.url)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    bench.load("far", "http://model-server.invalid/ok/v1")
+    run = _chain(bench, "far").run(prompt="hi")
+    assert run.output == "fine words"
+    assert faults.proxied[-2:] == ["http://model-server.invalid/ok/v1/models",
+                                   "http://model-server.invalid/ok/v1/completions"]
+
+    seen = len(faults.proxied)
+    monkeypatch.setenv("NO_PROXY", "model-server.invalid")  # now straight to the host, which does not exist
+    with pytest.raises(ModelLoadError, match="cannot reach a model server"):
+        bench.load("near", "http://model-server.invalid/ok/v1")
+    assert len(faults.proxied) == seen
 
 
 def test_a_server_without_usage_or_tokenizer_counts_chunks_and_says_so(faulty: wb.Workbench) -> None:

@@ -85,7 +85,7 @@ def backend_for(loaded: LoadedModel, tracing: Tracing | None = None) -> Backend:
         return ProcessBackend(loaded)
     if loaded.settings.remote:
         try:
-            from workbench.engine.backends.openai import RemoteBackend  # httpx is needed for servers only
+            from workbench.engine.backends.openai import RemoteBackend  # aiohttp is needed for servers only
         except ImportError as exc:
             raise ModelLoadError(f"model {loaded.name!r} is on a server, and talking to one needs {exc.name}",
                                  hint="pip install 'autoglm-workbench[remote]'") from None

@@ -30,7 +30,8 @@ def list_models(settings: LoadSettings) -> list[dict[str, Any]]:
     url = f"{base_url(settings)}/models"
     request = urllib.request.Request(url, headers={"Accept": "application/json", **headers(settings)})
     try:
-        with urllib.request.urlopen(request, timeout=LIST_TIMEOUT_S) as response:  # noqa: S310 - http(s) only
+        # A new opener reads HTTP(S)_PROXY now, as the backend does; urlopen's own keeps what it read first.
+        with urllib.request.build_opener().open(request, timeout=LIST_TIMEOUT_S) as response:  # noqa: S310
             body = response.read()
     except urllib.error.HTTPError as exc:
         exc.close()
