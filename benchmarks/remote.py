@@ -6,8 +6,9 @@ pooled client, one streamed ``POST /completions`` per request, the clock started
 POST, TTFT at the first chunk that carries a choice, E2E at the end of the stream (vLLM's serving
 benchmark measures the same way). The workbench runs a one-hop chain on the same server
 (``bench.load("remote", URL)``) through ``chain.run``: template, spans, the workbench's loop and
-back. The three run interleaved, the order rotating from one round to the next, after warm-up
-rounds reported apart. The aiohttp client is the strict floor (the same HTTP client, so what is
+back. The three run interleaved, each round in the next of the six orders, so that each side
+follows each other side equally often (a fixed cycle had put the workbench always right after the
+httpx client), after warm-up rounds reported apart. The aiohttp client is the strict floor (the same HTTP client, so what is
 left is the workbench's own cost); the httpx one shows what a researcher's usual client costs.
 
 Per-request overhead is measured two ways. Paired: workbench E2E (``chain.run`` wall time) minus
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import socket
@@ -149,11 +151,11 @@ def main() -> None:
             hand_e2e: dict[str, list[float]] = {name: [] for name in hands}
             paired: dict[str, list[float]] = {name: [] for name in hands}
             wb_e2e, wb_ttft, added = [], [], []
-            sides = ["aiohttp", "httpx", "wb"]
+            orders = list(itertools.permutations(["aiohttp", "httpx", "wb"]))
             try:
                 for index in range(args.warmup + args.pairs):
                     measured: dict[str, tuple[float, float, str]] = {}
-                    for side in sides[index % 3:] + sides[:index % 3]:
+                    for side in orders[index % len(orders)]:
                         if side in hands:
                             measured[side] = loop.run_until_complete(hands[side]())
                         else:
