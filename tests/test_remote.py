@@ -207,7 +207,7 @@ class FaultServer:
 
     ``{url}/{mode}/v1`` is an OpenAI base URL; ``mode`` is ``ok`` (a good stream), ``error500``, ``reject``
     (400), ``busy`` (429 with Retry-After: 1 on the first request, then good), ``broken`` (one chunk, then the
-    connection drops), ``silent`` (takes the request and never answers). Asked as a proxy (an absolute URL in
+    connection drops), ``silent`` (takes the request and never answers), ``huge`` (a first line of 3 MiB). Asked as a proxy (an absolute URL in
     the request line), it answers for any host as if it were that host, and keeps the URL in ``proxied``.
     """
 
@@ -276,6 +276,11 @@ class FaultServer:
             return
         if mode == "silent":
             await asyncio.Event().wait()  # until the client hangs up or the server closes
+        if mode == "huge":
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 3145734\r\n\r\n"
+                         + b"data: " + b"x" * 3 * 2**20)
+            await writer.drain()
+            return
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n"
                      b"transfer-encoding: chunked\r\n\r\n")
         words = [" fine", " words"] if mode != "broken" else [" half"]
@@ -305,7 +310,7 @@ def faults() -> Iterator[FaultServer]:
 @pytest.fixture
 def faulty(bench: wb.Workbench, faults: FaultServer, tiny_path: Path) -> wb.Workbench:
     """A workbench with one model per fault mode ('ok', 'error500', ...) on the FaultServer, and 'tiny' here."""
-    for mode in ("ok", "error500", "reject", "busy", "broken", "silent"):
+    for mode in ("ok", "error500", "reject", "busy", "broken", "silent", "huge"):
         bench.load(mode, f"{faults.url}/{mode}/v1")
     bench.load("tiny", tiny_path, device="cpu")
     return bench
@@ -395,6 +400,14 @@ def test_a_stream_broken_half_way_fails_with_what_arrived(faulty: wb.Workbench) 
     error = _failure(run)
     assert isinstance(error, RemoteError) and error.kind == "broken_stream"
     assert "after 1 chunks" in str(error)
+    assert _remote_events(run) == ["remote.broken_stream"]
+
+
+def test_a_line_longer_than_the_read_buffer_is_a_broken_stream_that_says_so(faulty: wb.Workbench) -> None:
+    run = _failed(_chain(faulty, "huge"), prompt="hi")
+    error = _failure(run)
+    assert isinstance(error, RemoteError) and error.kind == "broken_stream"
+    assert "a line of the stream is longer than 2097152 bytes" in str(error)
     assert _remote_events(run) == ["remote.broken_stream"]
 
 

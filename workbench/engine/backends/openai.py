@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import aiohttp
+from aiohttp.http_exceptions import LineTooLong
 from opentelemetry.trace import Span, Status, StatusCode
 
 from workbench.engine.backends.base import (
@@ -68,6 +69,8 @@ CONNECT_TIMEOUT_S = 5.0
 NO_TOKEN_ID = -1
 # The longest line of a stream read whole (aiohttp buffers up to twice this): a server's chunk is far smaller.
 READ_BUFFER_BYTES = 1 << 20
+# What aiohttp raised for a longer line before LineTooLong (3.10 to 3.12): a ValueError that says this.
+_CHUNK_TOO_BIG = "Chunk too big"
 
 
 class _Clients:
@@ -387,7 +390,9 @@ class RemoteBackend:
         except RemoteError as exc:
             _event(span, exc)
             raise
-        except (aiohttp.ClientError, ValueError) as exc:  # ValueError: a line longer than the read buffer
+        except (aiohttp.ClientError, LineTooLong, ValueError) as exc:
+            if isinstance(exc, ValueError) and str(exc) != _CHUNK_TOO_BIG:
+                raise  # not the stream's: a token sink's own error, say
             error = self._translate(url, exc, stamps)
             _event(span, error)
             raise error from exc
@@ -471,7 +476,7 @@ class RemoteBackend:
                 hint="the server may be stuck or overloaded: give the hop a fallback, or load the model with a "
                 "longer read_timeout_s if its queue is long",
             )
-        if isinstance(exc, ValueError) and not isinstance(exc, aiohttp.ClientError):
+        if isinstance(exc, (LineTooLong, ValueError)):
             return self._broken(url, stamps, f"a line of the stream is longer than {2 * READ_BUFFER_BYTES} bytes")
         return self._broken(url, stamps, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
 
