@@ -69,7 +69,7 @@ CONNECT_TIMEOUT_S = 5.0
 NO_TOKEN_ID = -1
 # The longest line of a stream read whole (aiohttp buffers up to twice this): a server's chunk is far smaller.
 READ_BUFFER_BYTES = 1 << 20
-# What aiohttp raised for a longer line before LineTooLong (3.10 to 3.12): a ValueError that says this.
+# What earlier aiohttp releases raised for a longer line, before LineTooLong: a ValueError that says this.
 _CHUNK_TOO_BIG = "Chunk too big"
 
 
