@@ -543,6 +543,20 @@ def trickle(url: str, head: bytes, slow: bytes, answer: list[bytes], sent: list[
         sock.settimeout(10.0)
         if not answer:
             answer.append(sock.recv(65536))
+        while not _whole(b"".join(answer)):  # the head and the body may come in separate writes
+            data = sock.recv(65536)
+            if not data:
+                break
+            answer.append(data)
+
+
+def _whole(response: bytes) -> bool:
+    """Whether ``response`` holds a whole HTTP response: its head and as many body bytes as content-length says."""
+    head, found, body = response.partition(b"\r\n\r\n")
+    if not found:
+        return False
+    lengths = [line.split(b":", 1)[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
+    return len(body) >= int(lengths[0]) if lengths else True
 
 
 @pytest.mark.parametrize("part", ["body", "headers"])
