@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -207,8 +208,10 @@ class FaultServer:
 
     ``{url}/{mode}/v1`` is an OpenAI base URL; ``mode`` is ``ok`` (a good stream), ``error500``, ``reject``
     (400), ``busy`` (429 with Retry-After: 1 on the first request, then good), ``broken`` (one chunk, then the
-    connection drops), ``silent`` (takes the request and never answers), ``huge`` (a first line of 3 MiB). Asked as a proxy (an absolute URL in
-    the request line), it answers for any host as if it were that host, and keeps the URL in ``proxied``.
+    connection drops), ``silent`` (takes the request and never answers), ``huge`` (a first line of 3 MiB),
+    ``endless`` (text chunks until the client hangs up), ``bigerror`` (a 500 whose body says it is 100 MiB
+    and never ends). Asked as a proxy (an absolute URL in the request line), it answers for any host as if
+    it were that host, and keeps the URL in ``proxied``.
     """
 
     def __init__(self) -> None:
@@ -276,6 +279,17 @@ class FaultServer:
             return
         if mode == "silent":
             await asyncio.Event().wait()  # until the client hangs up or the server closes
+        if mode == "bigerror":
+            writer.write(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 104857600\r\n\r\n"
+                         + b"overloaded " * 30000)
+            await writer.drain()
+            await asyncio.Event().wait()  # the rest never comes
+        if mode == "endless":
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            data = f"data: {json.dumps({'choices': [{'index': 0, 'text': ' more'}]})}\n\n".encode()
+            while True:  # until the client hangs up: the write fails, or the handler is cancelled
+                writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                await writer.drain()
         if mode == "huge":
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 3145734\r\n\r\n"
                          + b"data: " + b"x" * 3 * 2**20)
@@ -310,7 +324,7 @@ def faults() -> Iterator[FaultServer]:
 @pytest.fixture
 def faulty(bench: wb.Workbench, faults: FaultServer, tiny_path: Path) -> wb.Workbench:
     """A workbench with one model per fault mode ('ok', 'error500', ...) on the FaultServer, and 'tiny' here."""
-    for mode in ("ok", "error500", "reject", "busy", "broken", "silent", "huge"):
+    for mode in ("ok", "error500", "reject", "busy", "broken", "silent", "huge", "endless", "bigerror"):
         bench.load(mode, f"{faults.url}/{mode}/v1")
     bench.load("tiny", tiny_path, device="cpu")
     return bench
@@ -409,6 +423,22 @@ def test_a_line_longer_than_the_read_buffer_is_a_broken_stream_that_says_so(faul
     assert isinstance(error, RemoteError) and error.kind == "broken_stream"
     assert "a line of the stream is longer than 2097152 bytes" in str(error)
     assert _remote_events(run) == ["remote.broken_stream"]
+
+
+def test_a_server_that_never_stops_sending_is_cut_off(faulty: wb.Workbench) -> None:
+    run = _failed(_chain(faulty, "endless"), prompt="hi")  # max_new_tokens 12: at most 40 chunks
+    error = _failure(run)
+    assert isinstance(error, RemoteError) and error.kind == "broken_stream"
+    assert "sent more than 40 chunks for max_tokens 12" in str(error)
+
+
+def test_an_error_body_that_never_ends_is_read_only_as_far_as_its_message_needs(faulty: wb.Workbench) -> None:
+    started = time.perf_counter()
+    run = _failed(_chain(faulty, "bigerror"), prompt="hi")
+    error = _failure(run)
+    assert isinstance(error, RemoteError) and error.status == 500
+    assert "HTTP 500: overloaded overloaded" in str(error)
+    assert time.perf_counter() - started < 30  # not the read timeout (60 s), waiting for 100 MiB
 
 
 @pytest.mark.parametrize("policy", [wb.ContinuousBatching(), wb.DynamicBatching(max_batch=4, max_wait_ms=1)],

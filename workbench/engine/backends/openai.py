@@ -71,6 +71,8 @@ NO_TOKEN_ID = -1
 READ_BUFFER_BYTES = 1 << 20
 # What earlier aiohttp releases raised for a longer line, before LineTooLong: a ValueError that says this.
 _CHUNK_TOO_BIG = "Chunk too big"
+# How much of an error response's body is read (its message shows the first 300 characters).
+ERROR_BODY_BYTES = 64 * 1024
 
 
 class _Clients:
@@ -179,7 +181,8 @@ class _Stamps:
     first: float | None = None
     last: float | None = None
     status: int | None = None
-    chunks: int = 0
+    chunks: int = 0  # those with text
+    lines: int = 0  # every data line
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
 
@@ -349,6 +352,9 @@ class RemoteBackend:
         body = self._body(request)
         texts: list[str] = []
         itl: list[float] = []
+        # A server that keeps sending (broken, or hostile) must not fill this machine's memory: one chunk a token
+        # and a few more (a role, a finish reason, usage) is what an honest one sends.
+        most_chunks = 2 * request.params.max_new_tokens + 16
         stamps = _Stamps(posted=time.perf_counter())
         try:
             async with (client or self._client).post(url, json=body, headers=self.headers, proxy=self.proxy,
@@ -356,7 +362,7 @@ class RemoteBackend:
                 stamps.status = response.status
                 span.set_attribute(attr.HTTP_STATUS, response.status)
                 if response.status >= 400:
-                    raise self._status_error(url, response, (await response.read()).decode("utf-8", "replace"))
+                    raise self._status_error(url, response, await _head_of(response))
                 async for line in response.content:  # one line at a time, its b"\n" included
                     if not line.startswith(b"data:"):
                         continue  # blank separators, comments, event names
@@ -364,6 +370,10 @@ class RemoteBackend:
                     if data == b"[DONE]":
                         break
                     now = time.perf_counter()
+                    stamps.lines += 1
+                    if stamps.lines > most_chunks:
+                        raise self._broken(url, stamps, f"it sent more than {most_chunks} chunks for max_tokens "
+                                           f"{request.params.max_new_tokens}")
                     chunk = _parse(data, url)
                     if "error" in chunk:  # an error the server reports inside a stream it had begun
                         raise self._broken(url, stamps, f"the server reported an error mid-stream: {chunk['error']}")
@@ -554,6 +564,19 @@ def _text(choice: dict[str, Any], chat: bool) -> str:
         return choice.get("text") or ""
     delta = choice.get("delta")
     return (delta.get("content") or "") if isinstance(delta, dict) else ""
+
+
+async def _head_of(response: aiohttp.ClientResponse) -> str:
+    """The first ERROR_BODY_BYTES of an error's body, as text: enough to say why, bounded whatever the server sends."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < ERROR_BODY_BYTES:
+        chunk = await response.content.read(ERROR_BODY_BYTES - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks).decode("utf-8", "replace")
 
 
 def _parse(data: bytes, url: str) -> dict[str, Any]:
