@@ -40,6 +40,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -77,40 +78,40 @@ def _body(model: str, max_tokens: int) -> dict[str, object]:
             "stream_options": {"include_usage": True}}
 
 
+async def _read(lines: AsyncIterator[bytes] | AsyncIterator[str], started: float) -> tuple[float, str]:
+    """Read a completion's server-sent events: (TTFT ms at the first chunk with a choice, the text)."""
+    texts, ttft = [], 0.0
+    async for line in lines:
+        if isinstance(line, bytes):
+            line = line.decode()
+        if not line.startswith("data:") or line[5:].strip() == "[DONE]":
+            continue
+        choices = json.loads(line[5:]).get("choices")
+        if choices:
+            if not ttft:
+                ttft = time.perf_counter() - started
+            texts.append(choices[0].get("text") or "")
+    return ttft * 1e3, "".join(texts).strip()
+
+
 async def by_aiohttp(session: aiohttp.ClientSession, url: str, model: str, max_tokens: int) -> tuple[float, float, str]:
     """One streamed completion with aiohttp, as vLLM's serving benchmark sends it: (TTFT ms, E2E ms, text)."""
     body = _body(model, max_tokens)
-    texts, ttft = [], 0.0
     started = time.perf_counter()
     async with session.post(f"{url}/completions", json=body) as response:
         response.raise_for_status()
-        async for line in response.content:
-            if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
-                continue
-            choices = json.loads(line[5:]).get("choices")
-            if choices:
-                if not ttft:
-                    ttft = time.perf_counter() - started
-                texts.append(choices[0].get("text") or "")
-    return ttft * 1e3, (time.perf_counter() - started) * 1e3, "".join(texts).strip()
+        ttft, text = await _read(response.content, started)
+    return ttft, (time.perf_counter() - started) * 1e3, text
 
 
 async def by_httpx(client: httpx.AsyncClient, url: str, model: str, max_tokens: int) -> tuple[float, float, str]:
     """One streamed completion with httpx (the OpenAI SDK's client): (TTFT ms, E2E ms, text)."""
     body = _body(model, max_tokens)
-    texts, ttft = [], 0.0
     started = time.perf_counter()
     async with client.stream("POST", f"{url}/completions", json=body) as response:
         response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data:") or line[5:].strip() == "[DONE]":
-                continue
-            choices = json.loads(line[5:]).get("choices")
-            if choices:
-                if not ttft:
-                    ttft = time.perf_counter() - started
-                texts.append(choices[0].get("text") or "")
-    return ttft * 1e3, (time.perf_counter() - started) * 1e3, "".join(texts).strip()
+        ttft, text = await _read(response.aiter_lines(), started)
+    return ttft, (time.perf_counter() - started) * 1e3, text
 
 
 async def _session() -> aiohttp.ClientSession:
