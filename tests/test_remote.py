@@ -83,6 +83,8 @@ def test_the_request_span_records_what_a_serving_researcher_reads(remote: wb.Wor
     assert 0 < ttft <= e2e  # type: ignore[operator]
     assert span[attr.REMOTE_TPOT_MS] == pytest.approx((e2e - ttft) / (tokens - 1))  # type: ignore[operator]
     assert len(span[attr.REMOTE_ITL_MS]) == span[attr.REMOTE_CHUNKS] - 1  # type: ignore[arg-type, operator]
+    # The prompt surely fit the window by its length, so it went out untokenized: the server's usage counted it.
+    assert span[attr.PROMPT_UNCOUNTED] is True
     assert span[attr.USAGE_INPUT_TOKENS] == len(remote.registry.get("tiny").tokenizer(PROMPTS[0])["input_ids"])
     row = run.trace.table().query("name == 'text_completion remote'").iloc[0]
     assert row["tokens_out"] == tokens and row["tpot_ms"] > 0
@@ -95,6 +97,15 @@ def test_a_prompt_cut_to_fit_the_window_is_sent_cut(remote: wb.Workbench) -> Non
     assert span[attr.TRUNCATED_TOKENS] > 0
     assert span[attr.USAGE_INPUT_TOKENS] + 12 <= 512 + 1  # what the server read; it adds back a BOS
     assert isinstance(run.output, str)
+
+
+def test_a_prompt_too_long_to_be_sure_of_is_counted_here_before_it_is_sent(remote: wb.Workbench) -> None:
+    # 500 bytes, 12 new tokens, a 512-token window: it may not fit by its length, so the tokenizer here decides.
+    prompt = "word " * 100
+    span = _request_span(_chain(remote).run(prompt=prompt))
+    assert attr.PROMPT_UNCOUNTED not in span
+    assert span[attr.USAGE_INPUT_TOKENS] == len(remote.registry.get("tiny").tokenizer(prompt)["input_ids"])
+    assert not span.get(attr.TRUNCATED_TOKENS)
 
 
 def test_a_chat_for_a_served_model_without_a_chat_template_fails_saying_so(remote: wb.Workbench) -> None:
@@ -375,6 +386,55 @@ def test_a_server_without_usage_or_tokenizer_counts_chunks_and_says_so(faulty: w
     span = _request_span(run)
     assert span[attr.REMOTE_TOKENS_FROM] == "chunks" and span[attr.USAGE_OUTPUT_TOKENS] == 2
     assert faulty.registry.get("ok").settings.served_model == "faulty"
+
+
+def test_a_prompt_sent_uncounted_to_a_server_without_usage_is_counted_after_its_stream(
+    faulty: wb.Workbench, faults: FaultServer, tiny_path: Path
+) -> None:
+    faulty.load("counted", f"{faults.url}/ok/v1", served_model=str(tiny_path))  # the tokenizer is here
+    span = _request_span(_chain(faulty, "counted").run(prompt="Question: hi"))
+    tokenizer = faulty.registry.get("tiny").tokenizer
+    assert span[attr.PROMPT_UNCOUNTED] is True
+    assert span[attr.USAGE_INPUT_TOKENS] == len(tokenizer("Question: hi")["input_ids"])
+    assert span[attr.REMOTE_TOKENS_FROM] == "tokenizer"
+    assert span[attr.USAGE_OUTPUT_TOKENS] == len(tokenizer("fine words", add_special_tokens=False)["input_ids"])
+
+
+@pytest.mark.parametrize("normalizer", ["none", "llama2", "nfc"])
+def test_the_token_bound_holds_for_texts_of_every_kind(tiny_path: Path, normalizer: str) -> None:
+    from tokenizers import normalizers
+    from transformers import AutoTokenizer
+
+    from workbench.engine.backends.openai import token_bound
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_path)
+    if normalizer == "llama2":  # SentencePiece's spaces as Llama 2's tokenizer writes them: " " becomes "▁" (3 bytes)
+        tokenizer.backend_tokenizer.normalizer = normalizers.Sequence(
+            [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    elif normalizer == "nfc":
+        tokenizer.backend_tokenizer.normalizer = normalizers.NFC()
+    bound = token_bound(tokenizer)
+    assert bound is not None
+    factor, slack = bound
+    assert (factor, slack) == {"none": (1, 2), "llama2": (3, 5), "nfc": (3, 2)}[normalizer]
+    texts = ["", " ", "a", "  many   spaces  ", "Question: What is the capital of France?\nAnswer:", "\u00e9t\u00e9",
+             "e\u0301te\u0301", "\u65e5\u672c\u8a9e\u306e\u6587", "\U0001f600\U0001f680 emoji", "\u0344\u0958\u2126",
+             "\t\n\r", "x" * 300, "<s></s><unk>", "\u00a0\u3000\u200b"]
+    for text in texts:
+        tokens = len(tokenizer(text)["input_ids"])
+        assert tokens <= factor * len(text.encode()) + slack, (text, tokens)
+
+
+def test_a_tokenizer_whose_normalizer_can_grow_a_text_gives_no_bound(tiny_path: Path) -> None:
+    from tokenizers import normalizers
+    from transformers import AutoTokenizer
+
+    from workbench.engine.backends.openai import token_bound
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_path)
+    tokenizer.backend_tokenizer.normalizer = normalizers.NFKC()  # U+FDFA is 3 bytes and NFKC makes it 33
+    assert token_bound(tokenizer) is None
+    assert token_bound(object()) is None  # a slow tokenizer: no pipeline to read
 
 
 def test_a_5xx_is_a_remote_error_with_its_status_and_an_event(faulty: wb.Workbench) -> None:

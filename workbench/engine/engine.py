@@ -20,7 +20,7 @@ from workbench.engine.backends.process import ModelProcess, ProcessBackend
 from workbench.engine.backends.ray import RayBackend
 from workbench.engine.backends.transformers import TransformersBackend
 from workbench.engine.balancing import BalancePolicy, RoundRobin
-from workbench.engine.batching import BatchingPolicy, ContinuousBatching, default_policy
+from workbench.engine.batching import BatchingPolicy, ContinuousBatching, NoBatching, default_policy
 from workbench.engine.breaker import CircuitBreaker
 from workbench.engine.faults import FaultInjector, Faults
 from workbench.engine.preloading import Preloader
@@ -445,7 +445,7 @@ class Engine:
         backend = worker.backend
         try:
             ready = self._take_tokenized(worker.name, calls)
-            prompts = _prompts(backend, [call for call, _ in calls], ready)
+            prompts = _prompts(backend, [call for call, _ in calls], ready, _uncounted(worker))
         except BaseException as exc:
             for call, span in calls:
                 self._refuse(model, span, exc)
@@ -457,8 +457,9 @@ class Engine:
             try:
                 if isinstance(prompt, BaseException):
                     raise prompt
-                text, ids = prompt
-                ids, truncated = fit_window(ids, call.params, backend.context_window, model, call.hop)
+                text, counted = prompt
+                ids, truncated = ([], 0) if counted is None else fit_window(
+                    counted, call.params, backend.context_window, model, call.hop)
                 prefix_len = self._prefix_len(worker, call.prefix, ids) if call.prefix else 0
                 lease = _adapter_lease(worker, call, model) if call.adapter is not None else None
                 try:
@@ -477,8 +478,9 @@ class Engine:
                 {
                     attr.MODEL_DEVICE: backend.device,
                     attr.MODEL_DTYPE: backend.dtype,
-                    attr.USAGE_INPUT_TOKENS: len(ids),
-                    **openinference.token_counts(len(ids)),
+                    # Sent uncounted: the server's usage says, when the request ends.
+                    **({attr.USAGE_INPUT_TOKENS: len(ids), **openinference.token_counts(len(ids))}
+                       if counted is not None else {attr.PROMPT_UNCOUNTED: True}),
                     attr.TOKENIZE_MS: tokenize_ms,
                     **({attr.TRUNCATED_TOKENS: truncated} if truncated else {}),
                     **({attr.PREFETCHED: True} if call.messages is None and call.prompt in ready else {}),
@@ -775,29 +777,33 @@ class Engine:
 
 
 def _prompts(
-    backend: Backend, calls: list[Call], ready: Mapping[str, list[int]] | None = None
-) -> list[tuple[str, list[int]] | BaseException]:
+    backend: Backend, calls: list[Call], ready: Mapping[str, list[int]] | None = None,
+    uncounted: Callable[[str, int], bool] | None = None,
+) -> list[tuple[str, list[int] | None] | BaseException]:
     """Each call's prompt text and token ids, or the error that keeps it out: a chat's by the model's chat template.
 
     Plain prompts tokenize in one backend call, chats in another (their template writes the special tokens).
     A chat its template refuses fails alone; a failed tokenization raises, failing every call alike.
     ``ready`` holds plain prompts tokenized ahead (a map's prefetch), which are not tokenized again.
+    A plain prompt ``uncounted(prompt, max_new_tokens)`` lets through gets None for its ids: it goes out
+    without being tokenized here (see :func:`_uncounted`).
     """
     if all(call.messages is None for call in calls):  # the common case, in one pass
-        prompts = [call.prompt for call in calls]
-        if ready:
-            todo = [p for p in prompts if p not in ready]
-            fresh = dict(zip(todo, backend.tokenize(todo))) if todo else {}
-            return [(p, ready[p] if p in ready else fresh[p]) for p in prompts]
-        return list(zip(prompts, backend.tokenize(prompts)))
-    answers: list[tuple[str, list[int]] | BaseException] = []
+        known = ready or {}
+        skip = [uncounted is not None and call.prompt not in known and uncounted(call.prompt, call.params.max_new_tokens)
+                for call in calls]
+        todo = [call.prompt for call, skipped in zip(calls, skip) if not skipped and call.prompt not in known]
+        fresh = dict(zip(todo, backend.tokenize(todo))) if todo else {}
+        return [(call.prompt, None if skipped else known.get(call.prompt, fresh.get(call.prompt)))
+                for call, skipped in zip(calls, skip)]
+    answers: list[tuple[str, list[int] | None] | BaseException] = []
     for call in calls:
         try:
             text = call.prompt if call.messages is None else backend.chat_prompt(call.messages, call.hop)
         except Exception as exc:
             answers.append(exc)
             continue
-        answers.append((text if text is not None else "", []))  # None: the server renders the chat; it counts too
+        answers.append((text, []) if text is not None else ("", None))  # None: the server renders and counts it
     for chat in (False, True):
         slots = [i for i, (call, answer) in enumerate(zip(calls, answers))
                  if (call.messages is not None) == chat and isinstance(answer, tuple) and (answer[0] or not chat)]
@@ -806,6 +812,15 @@ def _prompts(
             for i, text, ids in zip(slots, texts, backend.tokenize(texts, special_tokens=not chat)):
                 answers[i] = (text, ids)
     return answers
+
+
+def _uncounted(worker: ModelWorker) -> Callable[[str, int], bool] | None:
+    """Which plain prompts may go to ``worker``'s backend untokenized: where it says a prompt surely fits (a
+    server's, :meth:`~workbench.engine.backends.openai.RemoteBackend.fits_uncounted`) and the policy never
+    weighs requests by their length (a continuous one, or one request at a time)."""
+    fits: Callable[[str, int], bool] | None = getattr(worker.backend, "fits_uncounted", None)
+    policy = worker.policy
+    return fits if fits is not None and (policy.continuous or isinstance(policy, NoBatching)) else None
 
 
 # How many prompts tokenized ahead, and prefixes' token ids, the engine remembers.

@@ -72,6 +72,8 @@ PROCESS_PREVIOUS_PID = "workbench.process.previous_pid"  # on a restart span: th
 IPC_MS = "workbench.ipc_ms"  # a batch's round trip to the model process, less the time the child spent on it
 QUEUE_MS = "workbench.queue_ms"
 TOKENIZE_MS = "workbench.tokenize_ms"
+# True: the prompt went to a server without being tokenized here (it surely fit the window; the server counted it).
+PROMPT_UNCOUNTED = "workbench.prompt_uncounted"
 PREFILL_MS = "workbench.prefill_ms"
 TTFT_MS = "workbench.ttft_ms"
 DECODE_MS = "workbench.decode_ms"
