@@ -30,7 +30,8 @@ def exercise(start: Any) -> None:
                                      "": "dropped", "none": None})
     child = start("child", trace.set_span_in_context(root), {"kept": 1})
     child.set_attribute("tuple", (1, 2))
-    child.set_attributes({"dict": {"k": "v"}, "kept": 2, "nested": [1.5, 2.5]})
+    child.set_attributes({"dict": {"k": "v"}, "kept": 2, "nested": [1.5, 2.5], "mixed": ["p", Odd(), None, 1],
+                          "empty": [], "flags": (True, False)})
     child.add_event("ev", {"x": 1, "y": ["a"]}, timestamp=123)
     child.record_exception(ValueError("boom"), {"extra": "yes"}, timestamp=456)
     child.set_status(StatusCode.UNSET)  # ignored
