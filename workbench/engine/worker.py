@@ -109,21 +109,30 @@ class ModelWorker:
             async with slots:
                 if request.future.done():
                     return  # cancelled while it waited for a slot
-                span = self._batch_span([request], policy)
-                batch_id = next_batch_id()
-                span.set_attributes({attr.BATCH_ID: batch_id, attr.PADDING_TOKENS: 0, attr.BATCH_MODE: "continuous",
-                                     attr.BATCH_INFLIGHT: self._lane_inflight})
+                # The batch span is made when the stream has ended, stamped with when it began: made here, it
+                # put ~45 us of cold code between the request and its POST, inside the TTFT.
+                started_ns, inflight, batch_id = time.time_ns(), self._lane_inflight, next_batch_id()
+
+                def batch_span() -> Span:
+                    span = self._batch_span([request], policy, start_time=started_ns)
+                    span.set_attributes({attr.BATCH_ID: batch_id, attr.PADDING_TOKENS: 0,
+                                         attr.BATCH_MODE: "continuous", attr.BATCH_INFLIGHT: inflight})
+                    return span
+
                 try:
                     result = await self.backend.astream(request, batch_id, 1)  # type: ignore[attr-defined]
                 except asyncio.CancelledError:
+                    span = batch_span()
                     span.set_status(Status(StatusCode.ERROR, "cancelled"))
                     span.end()
                     return  # whoever cancelled the request has settled it
                 except BaseException as exc:
+                    span = batch_span()
                     mark_error(span, exc)
                     span.end()
                     self._fail([request], exc)
                     return
+                span = batch_span()
                 span.set_status(Status(StatusCode.OK))
                 span.end()
                 self._complete(request, result, policy)
@@ -212,13 +221,15 @@ class ModelWorker:
                 self._end_continuous()
                 self._execute(batch, policy)
 
-    def _batch_span(self, batch: list[GenerationRequest], policy: BatchingPolicy) -> Span:
-        span = self._start_batch_span(batch, policy)
+    def _batch_span(self, batch: list[GenerationRequest], policy: BatchingPolicy, start_time: int | None = None) -> Span:
+        span = self._start_batch_span(batch, policy, start_time)
         if getattr(self.backend, "adapters", None) is not None:  # a model with named LoRA adapters
             span.set_attribute(attr.ADAPTER_BATCHING, getattr(policy, "adapters", "mixed"))
         return span
 
-    def _start_batch_span(self, batch: list[GenerationRequest], policy: BatchingPolicy) -> Span:
+    def _start_batch_span(
+        self, batch: list[GenerationRequest], policy: BatchingPolicy, start_time: int | None = None
+    ) -> Span:
         return self._tracing.start_span(
             f"batch {self.name}",
             attributes={
@@ -229,6 +240,7 @@ class ModelWorker:
                 attr.BATCH_POLICY: policy.name,
             },
             links=[Link(r.span.get_span_context()) for r in batch],
+            start_time=start_time,
         )
 
     def _stream(self, batch: list[GenerationRequest], policy: BatchingPolicy) -> None:
