@@ -141,6 +141,20 @@ def test_health_probes_and_injected_faults_reach_a_served_model(remote: wb.Workb
     assert _chain(remote).run(prompt=PROMPTS[1]).error is None
 
 
+def test_a_loop_lane_batch_span_covers_its_stream_and_links_its_request(remote: wb.Workbench) -> None:
+    # Made when the stream has ended (so it is not in the TTFT), stamped with when the request went out.
+    run = _chain(remote).run(prompt=PROMPTS[2])
+    (request,) = [s for s in run.trace.spans if s.name.startswith("text_completion")]
+    span_id = request.context.span_id
+    (batch,) = [s for s in remote.traces().spans if s.name == "batch remote"
+                and any(link.context.span_id == span_id for link in s.links)]
+    assert batch.attributes[attr.BATCH_MODE] == "continuous" and batch.attributes[attr.BATCH_SIZE] == 1
+    assert request.start_time <= batch.start_time <= batch.end_time <= request.end_time
+    stream_ms = float(request.attributes[attr.REMOTE_E2E_MS])
+    assert (batch.end_time - batch.start_time) / 1e6 >= stream_ms - 0.5  # the POST to the end of the stream, at least
+    assert batch.status.status_code.name == "OK"
+
+
 def test_a_hop_streams_on_the_workbench_loop_and_faults_send_it_through_the_worker(remote: wb.Workbench) -> None:
     """The loop lane: a chain's remote call goes out from the workbench's own loop (no worker thread in between),
     capped by the continuous policy's max_batch; with faults injected it takes the worker's path, where they apply."""
