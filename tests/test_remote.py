@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 import workbench as wb
-from workbench.errors import HopFailed, HopTimeout, ModelLoadError, RemoteError, RemoteRateLimited
+from workbench.errors import HopFailed, HopTimeout, InvalidInput, ModelLoadError, RemoteError, RemoteRateLimited
 from workbench.tracing import attributes as attr
 
 from helpers import Server, eventually, free_port
@@ -412,6 +412,18 @@ def test_a_prompt_sent_uncounted_to_a_server_without_usage_is_counted_after_its_
     assert span[attr.USAGE_INPUT_TOKENS] == len(tokenizer("Question: hi")["input_ids"])
     assert span[attr.REMOTE_TOKENS_FROM] == "tokenizer"
     assert span[attr.USAGE_OUTPUT_TOKENS] == len(tokenizer("fine words", add_special_tokens=False)["input_ids"])
+
+
+@pytest.mark.parametrize("model", ["counted", "ok"])  # the served model's tokenizer here, and none
+def test_a_prompt_that_is_not_valid_text_is_refused_before_it_is_sent(
+    faulty: wb.Workbench, faults: FaultServer, tiny_path: Path, model: str
+) -> None:
+    faulty.load("counted", f"{faults.url}/ok/v1", served_model=str(tiny_path))
+    sent = faults.hits["ok"]
+    with pytest.raises(InvalidInput, match="the prompt is not valid text: it holds a lone surrogate"):
+        faulty.generate(model, "Question: \ud800?", max_new_tokens=4)
+    assert faults.hits["ok"] == sent  # nothing reached the server
+    assert faulty.generate(model, "Question: fine?", max_new_tokens=4).text == "fine words"  # nothing lost
 
 
 @pytest.mark.parametrize("normalizer", ["none", "llama2", "nfc"])

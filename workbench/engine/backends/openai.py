@@ -55,7 +55,7 @@ from workbench.engine.backends.base import (
     result_from_stamps,
 )
 from workbench.engine.backends.codec import TextCodec
-from workbench.engine.requests import GenerationRequest, GenerationResult, Messages
+from workbench.engine.requests import GenerationRequest, GenerationResult, Messages, check_text
 from workbench.errors import RemoteError, RemoteRateLimited, WorkerStopped
 from workbench.models import remote
 from workbench.models.registry import LoadedModel
@@ -223,6 +223,8 @@ class RemoteBackend:
     def tokenize(self, prompts: Sequence[str], special_tokens: bool = True) -> list[list[int]]:
         """Token ids by the served model's own tokenizer where it is here; else none (the server counts)."""
         if self.codec is None:
+            for index, prompt in enumerate(prompts):  # the tokenizer's check, where there is none to make it
+                check_text(prompt, "the prompt" if len(prompts) == 1 else f"prompt {index + 1} of {len(prompts)}")
             return [[] for _ in prompts]
         return self.codec.tokenize(prompts, special_tokens)
 
@@ -238,9 +240,14 @@ class RemoteBackend:
         if self._bound is None or self.context_window is None:
             return False
         factor, slack = self._bound
-        room = self.context_window - max_new_tokens - slack
-        # A character is at most 4 bytes: most prompts pass the first test without being encoded.
-        return 4 * factor * len(prompt) <= room or factor * len(prompt.encode("utf-8", "surrogatepass")) <= room
+        if prompt.isascii():
+            size = len(prompt)
+        else:
+            try:
+                size = len(prompt.encode())
+            except UnicodeEncodeError:
+                return False  # a lone surrogate: tokenizing it says what is wrong, and where
+        return factor * size <= self.context_window - max_new_tokens - slack
 
     def chat_prompt(self, messages: Messages, hop: str | None = None) -> str | None:
         """The prompt the served model's chat template makes, where its tokenizer is here with one (to count and fit
