@@ -232,3 +232,30 @@ def test_replica_mistakes_say_what_and_where(bench: wb.Workbench, tiny_path: Pat
         bench.set_batching("m", wb.ContinuousBatching())
     assert "DynamicBatching" in str(refused.value.hint)
     assert bench.engine.policy("m").name == "none"  # the replicas run on as they were
+
+
+def test_one_policy_object_on_two_models_keeps_a_turn_per_model(bench: wb.Workbench, tiny_path: Path) -> None:
+    # wb.compare sets each balance item on every model of the chain; round robin's turn must be each model's own,
+    # or two models picked in step and each always landed on the same replica (a on a#0, b on b#1).
+    with wb.Workbench(store=wb.InMemoryContextStore()) as other:
+        other.load("a", tiny_path, device="cpu", replicas=2)
+        other.load("b", tiny_path, device="cpu", replicas=2)
+        chain = other.chain({
+            "name": "ab",
+            "hops": [{"name": "x", "model": "a", "prompt": "Q: {{ question }}", "max_new_tokens": 1},
+                     {"name": "y", "model": "b", "prompt": "{{ x }} A:", "max_new_tokens": 1}],
+            "output": "y",
+        })
+        cmp = wb.compare(chain, [{"question": f"q{i}"} for i in range(4)], balance=["round_robin", "least_loaded"],
+                         concurrency=1, repeats=1, warmup=0, progress=False)
+        load = cmp.replica_load().set_index(["balance", "replica"])["calls"]
+        for policy in ("round_robin", "least_loaded"):
+            assert {replica: load[(policy, replica)] for replica in ("a#0", "a#1", "b#0", "b#1")} == {
+                "a#0": 2, "a#1": 2, "b#0": 2, "b#1": 2}, policy
+        shared = parse_balance("round_robin")
+        other.set_balance("a", shared)
+        other.set_balance("b", shared)
+        runs = [chain.run(question=f"q{i}") for i in range(4)]
+        served = Counter(str(s.attributes[attr.REPLICA]) for r in runs for s in r.trace.spans
+                         if s.name.startswith(attr.TEXT_COMPLETION))
+        assert served == {"a#0": 2, "a#1": 2, "b#0": 2, "b#1": 2}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -127,9 +128,23 @@ class ReplicaSet:
     ) -> None:
         self.model = model
         self.replicas = [Replica(i, worker) for i, worker in enumerate(workers)]
-        self.policy = policy
+        self.policy = policy  # a copy of its own: see the setter
         self.shared_weights = shared_weights  # some replicas run one model object between them
         self._lock = threading.Lock()
+
+    @property
+    def policy(self) -> BalancePolicy:
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: BalancePolicy) -> None:
+        # Each set keeps its own copy: a policy's state (round robin's turn, a generator) is per set, and one
+        # policy object often goes to several models (wb.compare's balance axis sets it on every model of a chain,
+        # and a notebook may too); shared, two models picked in step, each always landing on the same replica.
+        try:
+            self._policy = copy.deepcopy(policy)
+        except Exception:  # a policy of the user's own that cannot be copied keeps its state as it is
+            self._policy = policy
 
     def check(self, policy: BatchingPolicy) -> None:
         """Raise StrategyError if the replicas cannot all run under ``policy``."""
