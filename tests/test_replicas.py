@@ -259,3 +259,15 @@ def test_one_policy_object_on_two_models_keeps_a_turn_per_model(bench: wb.Workbe
         served = Counter(str(s.attributes[attr.REPLICA]) for r in runs for s in r.trace.spans
                          if s.name.startswith(attr.TEXT_COMPLETION))
         assert served == {"a#0": 2, "a#1": 2, "b#0": 2, "b#1": 2}
+
+
+def test_weighted_refuses_an_infinite_weight_when_set_not_on_every_request(bench: wb.Workbench) -> None:
+    # An infinite weight passed the check and then failed each request in the draw ("Total of weights must be finite").
+    for weights in ([float("inf"), 1], {"m#0": 1e308, "m#1": 1e308}, [10**400, 1]):
+        with pytest.raises(wb.StrategyError, match="must be finite") as info:
+            wb.Weighted(weights)
+        assert info.value.hint
+    with pytest.raises(wb.StrategyError, match="must be finite"):
+        bench.set_balance("m", "weighted:inf,1")
+    assert bench.engine.balance("m").name == "round_robin"  # the policy in force stays
+    assert bench.generate("m", "hello", max_new_tokens=1).tokens_out == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import random
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -161,6 +162,16 @@ class Weighted(BalancePolicy):
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
                 raise StrategyError(f"Weighted: the weight of replica {key!r} must be a number >= 0, got {weight!r}",
                                     hint="e.g. wb.Weighted([3, 1]): three requests to replica 0 for one to replica 1")
+        # An infinite weight (or weights whose sum overflows) passed here and failed every request later, in the
+        # random draw ("Total of weights must be finite").
+        try:
+            total = sum(float(weight) for _, weight in items)
+        except OverflowError:  # an int too large for a float
+            total = math.inf
+        if not math.isfinite(total):
+            raise StrategyError("Weighted: the weights must be finite, and so must their sum, got "
+                                + ", ".join(f"{key!r}: {weight!r}" for key, weight in items),
+                                hint="e.g. wb.Weighted([3, 1]): three requests to replica 0 for one to replica 1")
         if not any(weight > 0 for _, weight in items):
             raise StrategyError("Weighted: at least one weight must be more than 0",
                                 hint="e.g. wb.Weighted([3, 1]): three requests to replica 0 for one to replica 1")
