@@ -13,7 +13,7 @@ import workbench as wb
 from workbench.engine.balancing import parse_balance
 from workbench.tracing import attributes as attr
 
-from helpers import eventually
+from helpers import eventually, free_port
 
 ONE_HOP = {
     "name": "qa",
@@ -271,3 +271,25 @@ def test_weighted_refuses_an_infinite_weight_when_set_not_on_every_request(bench
         bench.set_balance("m", "weighted:inf,1")
     assert bench.engine.balance("m").name == "round_robin"  # the policy in force stays
     assert bench.generate("m", "hello", max_new_tokens=1).tokens_out == 1
+
+
+def test_a_failed_or_refused_load_leaves_the_replicas_and_balance_configured_before(tiny_path: Path) -> None:
+    with wb.Workbench(store=wb.InMemoryContextStore()) as other:
+        other.register("r", tiny_path, replicas=2, balance="least_loaded")
+        with pytest.raises(wb.ModelLoadError, match="cannot reach a model server"):
+            other.load("r", f"http://127.0.0.1:{free_port()}/v1")  # nothing listens there
+        other.load("r")
+        table = other.replicas("r")
+        assert table["replica"].tolist() == ["r#0", "r#1"] and set(table["balance"]) == {"least_loaded"}
+        with pytest.raises(wb.ModelLoadError, match="already loaded"):
+            other.load("r", replicas=3, balance="power_of_two")  # refused: it changes nothing, now or later
+        assert other.engine.balance("r").name == "least_loaded"
+        other.unload("r")
+        other.load("r")
+        table = other.replicas("r")
+        assert table["replica"].tolist() == ["r#0", "r#1"] and set(table["balance"]) == {"least_loaded"}
+        with pytest.raises(wb.ModelLoadError, match="serves one replica: 2 were asked for"):
+            other.load("iso", tiny_path, device="cpu", isolation="process", replicas=2)
+        other.register("iso", tiny_path, device="cpu")  # the refused load's two replicas are not kept for it
+        other.generate("iso", "hello", max_new_tokens=1)
+        assert other.replicas("iso")["replica"].tolist() == ["iso"]

@@ -210,42 +210,51 @@ class Workbench:
         An actor that dies is started again, up to ``restarts`` times, as a model process is.
         """
         self.check_open(f"load {name!r}")
-        if source is not None:
-            self.registry.check_free(name)  # before the replicas of the model loaded under that name change
-            # A fresh load does not inherit an earlier one's replicas or balance policy either.
-            places = self._replicate(name, 1 if replicas is None else replicas, balance or "round_robin",
-                                     is_server_url(str(source)))
-            device = _first_device(places) or device
-        else:
-            self._replicate(name, replicas, balance, replicas is not None and self.registry.settings(name).remote)
-        if source is None:
-            settings = self.registry.settings(name)
-            if warmup:
-                settings = dataclasses.replace(settings, warmup=True)
-        else:
-            settings = LoadSettings(
-                source=str(source),
-                device=device,
-                dtype=dtype,
-                adapter=str(adapter) if adapter is not None else None,
-                adapters=parse_adapters(adapters),
-                trust_remote_code=trust_remote_code,
-                allow_pickle=allow_pickle,
-                revision=revision,
-                warmup=warmup,
-                isolation=isolation,
-                restarts=restarts,
-                served_model=served_model,
-                api_key=api_key,
-                read_timeout_s=read_timeout_s,
-                engine=engine,
-                address=address,
-                num_gpus=num_gpus,
-                num_cpus=num_cpus,
-            )
-            # A fresh load does not inherit an earlier one's policy: without one, each replica runs its kind's default.
-            self.engine.clear_policy(name)
-        return self.engine.preloader.load(name, settings, policy=batching)
+        self.registry.check_free(name)  # before the replicas of the model loaded under that name change
+        # A load that fails leaves what was configured for the name (a registered model's replicas, balance and
+        # batching) as it was: a refused or failed second load under a name does not undo the first's settings.
+        saved = self.engine.configuration(name)
+        try:
+            if source is not None:
+                # A fresh load does not inherit an earlier one's replicas or balance policy either.
+                places = self._replicate(name, 1 if replicas is None else replicas, balance or "round_robin",
+                                         is_server_url(str(source)))
+                device = _first_device(places) or device
+            else:
+                self._replicate(name, replicas, balance, replicas is not None and self.registry.settings(name).remote)
+            if source is None:
+                settings = self.registry.settings(name)
+                if warmup:
+                    settings = dataclasses.replace(settings, warmup=True)
+            else:
+                settings = LoadSettings(
+                    source=str(source),
+                    device=device,
+                    dtype=dtype,
+                    adapter=str(adapter) if adapter is not None else None,
+                    adapters=parse_adapters(adapters),
+                    trust_remote_code=trust_remote_code,
+                    allow_pickle=allow_pickle,
+                    revision=revision,
+                    warmup=warmup,
+                    isolation=isolation,
+                    restarts=restarts,
+                    served_model=served_model,
+                    api_key=api_key,
+                    read_timeout_s=read_timeout_s,
+                    engine=engine,
+                    address=address,
+                    num_gpus=num_gpus,
+                    num_cpus=num_cpus,
+                )
+                # A fresh load does not inherit an earlier one's policy: without one, each replica runs its
+                # kind's default.
+                self.engine.clear_policy(name)
+            return self.engine.preloader.load(name, settings, policy=batching)
+        except BaseException:
+            if not self.registry.is_loaded(name):
+                self.engine.restore(name, saved)
+            raise
 
     def _replicate(
         self, name: str, replicas: int | list[str] | None, balance: str | BalancePolicy | None, remote: bool
@@ -269,12 +278,17 @@ class Workbench:
         strategy says (see :meth:`set_preloading`). Takes the settings of :meth:`load`, ``warmup`` and
         ``replicas`` included."""
         self.check_open(f"register {name!r}")
-        # A bad value fails before the model is known.
-        places = self._replicate(name, replicas, balance, is_server_url(str(source)))
-        settings["device"] = _first_device(places) or settings.get("device", "auto")
-        if "adapters" in settings:
-            settings["adapters"] = parse_adapters(settings["adapters"])
-        self.registry.register(name, LoadSettings(source=str(source), **settings))
+        saved = self.engine.configuration(name)
+        try:
+            # A bad value fails before the model is known, and leaves what was configured for the name as it was.
+            places = self._replicate(name, replicas, balance, is_server_url(str(source)))
+            settings["device"] = _first_device(places) or settings.get("device", "auto")
+            if "adapters" in settings:
+                settings["adapters"] = parse_adapters(settings["adapters"])
+            self.registry.register(name, LoadSettings(source=str(source), **settings))
+        except BaseException:
+            self.engine.restore(name, saved)
+            raise
         if batching is not None:
             self.engine.set_policy(name, batching)
 

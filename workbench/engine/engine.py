@@ -95,6 +95,8 @@ def backend_for(loaded: LoadedModel, tracing: Tracing | None = None) -> Backend:
     return TransformersBackend(loaded)
 
 
+# What is configured for a model's next load: its batching policy, where its replicas run, its balance (None: unset).
+_Configured = tuple["BatchingPolicy | None", "tuple[str | None, ...] | None", "BalancePolicy | None"]
 # Where a name points at one replica of a replicated model: "m#1" is replica 1 of model "m".
 _REPLICA = re.compile(r"^(?P<model>.+)#(?P<index>\d+)$")
 
@@ -207,6 +209,21 @@ class Engine:
             if balance is not None:
                 self._balance[name] = balance
         return places
+
+    def configuration(self, name: str) -> _Configured:
+        """What is configured for ``name``'s next load (batching policy, replicas, balance; None: nothing), to put
+        back with :meth:`restore` when a load that changed it fails."""
+        with self._lock:
+            return self._policies.get(name), self._replicas.get(name), self._balance.get(name)
+
+    def restore(self, name: str, saved: _Configured) -> None:
+        """Put back what :meth:`configuration` returned; running replicas are left as they are."""
+        with self._lock:
+            for table, value in zip((self._policies, self._replicas, self._balance), saved):
+                if value is None:
+                    table.pop(name, None)
+                else:
+                    table[name] = value
 
     def forget(self, name: str) -> None:
         """Drop the policies and replicas configured for ``name`` (the model is no longer known)."""
