@@ -250,6 +250,21 @@ def test_a_model_the_child_cannot_load_is_a_load_error_here(bench: wb.Workbench,
     assert "iso" not in set(bench.models()["name"])
 
 
+def test_a_registration_a_load_would_refuse_is_refused_at_once_and_keeps_the_one_before(
+    bench: wb.Workbench, tiny_path: Path
+) -> None:
+    bench.register("iso", tiny_path, device="cpu", isolation="process")
+    with pytest.raises(wb.ModelLoadError, match="isolation must be one of 'thread', 'process'"):
+        bench.register("iso", tiny_path, isolation="container")
+    with pytest.raises(wb.ModelLoadError, match="engine must be one of"):
+        bench.register("iso", tiny_path, engine="rya")
+    with pytest.raises(wb.ModelLoadError, match="settings of engine='ray'"):
+        bench.register("iso", tiny_path, num_gpus=1)
+    assert bench.registry.settings("iso").isolation == "process"  # the good registration stands
+    assert bench.generate("iso", "Hello", max_new_tokens=2).tokens_out >= 1
+    assert bench.models().set_index("name").loc["iso", "isolation"] == "process"
+
+
 def test_the_load_flags_of_the_magics_and_the_command_line_take_isolation_and_restarts() -> None:
     parser = argparse.ArgumentParser(exit_on_error=False)
     add_load_options(parser)

@@ -258,7 +258,11 @@ class ModelRegistry:
     # -- changes -----------------------------------------------------------------------------
 
     def register(self, name: str, settings: LoadSettings) -> None:
-        """Make ``name`` known to chains without loading it yet."""
+        """Make ``name`` known to chains without loading it yet; settings a load would refuse are refused now, so a
+        mistaken registration neither replaces a good one nor waits to fail on first use."""
+        _check_isolation(settings)
+        _check_engine(settings)
+        _check_adapters(settings)
         with self._lock:
             if name in self._loaded:
                 raise ModelLoadError(f"a model named {name!r} is already loaded", hint=f"bench.unload({name!r}) first")
