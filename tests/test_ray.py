@@ -245,3 +245,37 @@ def test_with_no_restarts_left_a_killed_actor_stays_down_and_says_so(
         assert not any(s.name == "restart once" for s in bench.traces().spans)
     finally:
         bench.unload("once", forget=True)
+
+
+def test_a_ray_the_workbench_started_refuses_another_address_and_stops_when_the_workbench_closes(
+    tiny_path: Path,
+) -> None:
+    # In a fresh process, so that no Ray is running: the workbench starts a local one itself.
+    need_ray()
+    script = textwrap.dedent(f"""
+        import psutil, ray
+        import workbench as wb
+        bench = wb.Workbench(store=wb.InMemoryContextStore())
+        bench.load("m", {str(tiny_path)!r}, device="cpu", engine="ray")
+        before = bench.generate("m", "Hello", max_new_tokens=4).text
+        try:
+            bench.load("elsewhere", {str(tiny_path)!r}, device="cpu", engine="ray", address="ray://10.255.255.1:10001")
+        except wb.ModelLoadError as exc:
+            print("refused:", exc)
+        print("still serves:", bench.generate("m", "Hello", max_new_tokens=4).text == before)
+        print("known:", sorted(bench.models()["name"]))
+        ray_children = [p for p in psutil.Process().children(recursive=True) if "ray" in " ".join(p.cmdline())]
+        print("ray processes before close:", len(ray_children) > 0)
+        bench.close()
+        print("connected after close:", ray.is_initialized())
+        gone, alive = psutil.wait_procs(ray_children, timeout=30)
+        print("ray processes left:", [p.pid for p in alive])
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240,
+                          env=os.environ | ray_runtime_env()["env_vars"])
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "refused: address='ray://10.255.255.1:10001': this process is already connected to a local Ray" in out
+    assert "still serves: True" in out and "known: ['m']" in out
+    assert "ray processes before close: True" in out
+    assert "connected after close: False" in out and "ray processes left: []" in out

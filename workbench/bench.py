@@ -32,6 +32,7 @@ from workbench.chains.sqlite_store import SESSIONS_FILE, SQLiteContextStore, dat
 from workbench.engine import BatchingPolicy, Engine, GenerationParams, GenerationResult
 from workbench.engine.backends.process import ProcessBackend
 from workbench.engine.backends.ray import RayBackend
+from workbench.engine.backends.ray import release as release_ray
 from workbench.engine.backends.transformers import TransformersBackend
 from workbench.engine.balancing import BalancePolicy, parse_balance
 from workbench.engine.faults import Faults
@@ -793,6 +794,7 @@ class Workbench:
                 self.unload(name, forget=True)
             except WorkbenchError:
                 pass
+        release_ray()  # a Ray this process started for the workbench's replicas stops once none is open
         self._hop_pool.shutdown(wait=False, cancel_futures=True)
         if self._loop is not None and self._loop_thread is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)

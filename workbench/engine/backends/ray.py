@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -56,10 +57,33 @@ def _ray() -> Any:
     return ray
 
 
+# The connection to Ray that connect() made (not the caller's own ray.init): the address it was asked for (None: a
+# local Ray started here) and the GCS address it reached; and how many replicas are open on Ray. release() ends
+# that connection once none is, so closing a workbench leaves no Ray of its own running.
+_connection_lock = threading.Lock()
+_ours: tuple[str | None, str] | None = None
+_open = 0
+
+
 def connect(settings: LoadSettings) -> Any:
-    """Ray, connected: this process's connection if it has one, else to ``settings.address``, else a new local Ray."""
+    """Ray, connected: this process's connection if it has one, else to ``settings.address``, else a new local Ray.
+
+    A process connects to one Ray. An address that is not the one an earlier load of this process connected to
+    is refused rather than ignored (its replicas would silently run on the other Ray).
+    """
+    global _ours
     ray = _ray()
     if ray.is_initialized():
+        with _connection_lock:
+            ours = _ours
+        if ours is not None and settings.address is not None and settings.address != ours[0]:
+            where = f"the Ray cluster at {ours[0]!r}" if ours[0] else "a local Ray started for an earlier load"
+            raise ModelLoadError(
+                f"address={settings.address!r}: this process is already connected to {where}, and a process "
+                "connects to one Ray at a time",
+                hint=f"load it on that Ray ({'address=' + repr(ours[0]) if ours[0] else 'leave address= out'}), or "
+                "unload this workbench's Ray models and call ray.shutdown() first",
+            )
         return ray  # the caller's own ray.init (a notebook's, a test cluster's) decides where replicas run
     # A local Ray's workers start from this machine's files: point them at the workbench this process
     # imports, wherever it lives (a checkout, a virtualenv). A cluster's image brings its own install.
@@ -77,7 +101,42 @@ def connect(settings: LoadSettings) -> Any:
             hint="check the address (ray://HEAD:10001 for a remote cluster, 'auto' for one started with ray start "
             "on this machine), or leave it out for a local Ray",
         ) from exc
+    with _connection_lock:
+        _ours = (settings.address, _gcs(ray))
     return ray
+
+
+def _gcs(ray: Any) -> str:
+    try:
+        return str(ray.get_runtime_context().gcs_address)
+    except Exception:  # a Ray Client connection (ray://) has no GCS address of its own here
+        return ""
+
+
+def release() -> None:
+    """End the connection to Ray that :func:`connect` made, once no replica is open on it (a workbench's close).
+
+    A local Ray started here stops; a cluster is only disconnected from. The caller's own ``ray.init`` is left
+    alone, as is a connection the caller replaced with one of its own.
+    """
+    global _ours
+    ray = _ray_if_imported()
+    with _connection_lock:
+        if _ours is None or _open or ray is None:
+            return
+        ours, _ours = _ours, None
+    if ray.is_initialized() and _gcs(ray) == ours[1]:
+        ray.shutdown()
+
+
+def _ray_if_imported() -> Any:
+    return sys.modules.get("ray")  # release() never imports Ray just to find it was not used
+
+
+def _opened(change: int) -> None:
+    global _open
+    with _connection_lock:
+        _open += change
 
 
 class ModelActor:
@@ -209,6 +268,7 @@ class RayBackend:
         self._tokens: TextCodec | None = None
         self._ray = connect(settings)
         self._spawn()
+        _opened(+1)  # closed in close(); release() waits for none to be open
 
     # -- the actor's state -----------------------------------------------------------------------
 
@@ -381,8 +441,11 @@ class RayBackend:
 
     def close(self) -> None:
         with self._lock:
+            if self._closed:
+                return
             self._closed = True
             actor, gone = self._actor, self._gone
+        _opened(-1)
         if gone is None:
             self._ray.kill(actor)  # the live one, or the restart that is still loading
 
