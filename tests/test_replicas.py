@@ -293,3 +293,22 @@ def test_a_failed_or_refused_load_leaves_the_replicas_and_balance_configured_bef
         other.register("iso", tiny_path, device="cpu")  # the refused load's two replicas are not kept for it
         other.generate("iso", "hello", max_new_tokens=1)
         assert other.replicas("iso")["replica"].tolist() == ["iso"]
+
+
+def test_weighted_that_names_a_replica_the_model_lacks_or_weighs_none_of_its_replicas_is_refused(
+    bench: wb.Workbench, tiny_path: Path
+) -> None:
+    # Both were accepted, and every request then went to least-loaded with nothing said.
+    for weights, why in ([{"m#5": 3, "x": 1}, "weighs replica 'm#5', but 'm' has 2 replicas: m#0, m#1"],
+                         [[1, 2, 3], "weighs replica 2, but 'm' has 2 replicas"],
+                         [{"x": 1, "other#0": 2}, "gives none of the replicas of 'm' a weight above 0"]):
+        with pytest.raises(wb.StrategyError, match=why) as info:
+            bench.set_balance("m", wb.Weighted(weights))
+        assert info.value.hint
+        assert bench.engine.balance("m").name == "round_robin"  # the policy in force stays
+    # Weights for other models' replicas beside this one's are fine: one policy may weigh every model of a chain.
+    bench.set_balance("m", wb.Weighted({"m#1": 1, "other#0": 2}))
+    assert bench.engine.balance("m").name == "weighted:m#1=1,other#0=2"
+    with pytest.raises(wb.StrategyError, match="weighs replica 2, but 'n' has 2 replicas"):
+        bench.load("n", tiny_path, device="cpu", replicas=2, balance="weighted:1,1,1")
+    assert "n" not in set(bench.models()["name"])

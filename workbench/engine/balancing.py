@@ -36,6 +36,9 @@ class BalancePolicy:
     def choose(self, healthy: Sequence[ReplicaLoad], session: str | None) -> ReplicaLoad:
         raise NotImplementedError
 
+    def check(self, model: str, count: int) -> None:
+        """Raise StrategyError if this policy cannot mean anything for ``model``'s ``count`` replicas."""
+
     def __str__(self) -> str:
         return self.name
 
@@ -181,6 +184,25 @@ class Weighted(BalancePolicy):
 
     def weight(self, replica: ReplicaLoad) -> float:
         return self.weights.get(replica.index, self.weights.get(replica.name, 0.0))
+
+    def check(self, model: str, count: int) -> None:
+        """Refuse weights that name a replica ``model`` does not have (``m#5`` of two), or that give none of its
+        replicas a weight: every request would go to least-loaded instead, with nothing said. Names of other
+        models' replicas are let be: one policy may weigh the replicas of every model of a chain (wb.compare)."""
+        if count < 2:
+            return  # one replica: nothing to weigh
+        names = [f"{model}#{i}" for i in range(count)]
+        have = f"{model!r} has {count} replicas: {', '.join(names)} (or indexes 0-{count - 1})"
+        prefix = f"{model}#"
+        for key in self.weights:
+            stray = (isinstance(key, int) and key >= count) or (
+                isinstance(key, str) and key.startswith(prefix) and key not in names)
+            if stray:
+                raise StrategyError(f"{self!r} weighs replica {key!r}, but {have}",
+                                    hint="weigh the replicas the model has, by index or by name")
+        if not any(self.weights.get(i, self.weights.get(n, 0.0)) > 0 for i, n in enumerate(names)):
+            raise StrategyError(f"{self!r} gives none of the replicas of {model!r} a weight above 0; {have}",
+                                hint=f"e.g. wb.Weighted({{{names[0]!r}: 3, {names[1]!r}: 1}})")
 
     @property
     def name(self) -> str:

@@ -203,6 +203,8 @@ class Engine:
         Returns where each replica will run (None: where the model loads), or None if ``replicas`` was.
         """
         places = replica_places(name, replicas, remote) if replicas is not None else None
+        if balance is not None:
+            balance.check(name, len(places) if places is not None else self._replica_count(name))
         with self._lock:
             if places is not None:
                 self._replicas[name] = places
@@ -340,11 +342,20 @@ class Engine:
     def set_balance(self, name: str, policy: BalancePolicy) -> None:
         """Change how ``name``'s replicas are picked, live; for a model not loaded, from its next load."""
         self._registry.settings(name)  # an unknown model is a clear error
+        policy.check(name, self._replica_count(name))
         with self._lock:
             self._balance[name] = policy
             replicas = self._sets.get(name)
             if replicas is not None:
                 replicas.policy = policy
+
+    def _replica_count(self, name: str) -> int:
+        """How many replicas ``name`` runs now, or will at its next load."""
+        with self._lock:
+            running = self._sets.get(name)
+            if running is not None:
+                return len(running.replicas)
+            return len(self._replicas.get(name) or (None,))
 
     def balance(self, name: str) -> BalancePolicy:
         """The balance policy ``name``'s replicas are picked by, or will be once it loads."""
