@@ -80,6 +80,24 @@ def test_a_blocking_call_from_an_async_hop_says_to_await(tiny_bench: wb.Workbenc
     assert fixed.run(question="hi").output == qa.run(question="hi").output
 
 
+def test_a_blocking_stream_from_an_async_hop_says_to_await_instead_of_hanging(
+    tiny_bench: wb.Workbench, qa: wb.Chain
+) -> None:
+    async def nested(question: str) -> list[str]:
+        return [e.kind for e in qa.stream(question=question)]  # would wait for the loop it runs on, forever
+
+    chain = tiny_bench.chain({"name": "nested_stream", "hops": [{"name": "inner", "call": nested}]})
+    with pytest.raises(wb.HopFailed, match="astream"):
+        asyncio.run(asyncio.wait_for(chain.arun(question="hi"), 30))
+    assert qa.run(question="hi").output  # the loop was never blocked
+
+    async def awaited(question: str) -> list[str]:
+        return [e.kind async for e in qa.astream(question=question)]
+
+    fixed = tiny_bench.chain({"name": "awaited_stream", "hops": [{"name": "inner", "call": awaited}]})
+    assert fixed.run(question="hi").output[-1] == "run_finished"
+
+
 def test_stream_yields_hops_tokens_and_the_run(qa: wb.Chain) -> None:
     events = list(qa.stream(question=DEMO_QUESTION))
     kinds = [e.kind for e in events]

@@ -620,14 +620,23 @@ class Workbench:
             raise
         return asyncio.run_coroutine_threadsafe(coroutine, loop)
 
-    def run_sync(self, coroutine: Coroutine[Any, Any, T], on_interrupt: Callable[[], None] | None = None) -> T:
-        """Run ``coroutine`` on the workbench's loop and wait here; a Ctrl-C calls ``on_interrupt`` (or cancels it)."""
+    def check_blocking(self) -> None:
+        """Raise WorkbenchError on the workbench's own event loop, where a blocking wait would wait for itself."""
         if self._loop is not None and threading.current_thread() is self._loop_thread:
-            coroutine.close()
             raise WorkbenchError(
                 "a blocking chain call (run, map, stream) was made on the workbench's own event loop, where it "
-                "would wait for itself", hint="inside an async def hop, await chain.arun(...) or chain.amap(...)",
+                "would wait for itself",
+                hint="inside an async def hop, await chain.arun(...) or chain.amap(...), "
+                "or async for ... in chain.astream(...)",
             )
+
+    def run_sync(self, coroutine: Coroutine[Any, Any, T], on_interrupt: Callable[[], None] | None = None) -> T:
+        """Run ``coroutine`` on the workbench's loop and wait here; a Ctrl-C calls ``on_interrupt`` (or cancels it)."""
+        try:
+            self.check_blocking()
+        except WorkbenchError:
+            coroutine.close()
+            raise
         future = self.start(coroutine)
         try:
             while True:

@@ -203,6 +203,7 @@ class Chain:
         raised). Leaving the loop early, or a Ctrl-C, cancels the run.
         """
         self._host.check_open(f"run chain {self.name!r}")
+        self._host.check_blocking()  # on the host's loop the events would never come
         events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         future = self._host.start(self._host.arun_spec(self.spec, inputs, session, events.put))
         try:

@@ -31,6 +31,10 @@ class ChainHost(Protocol):
         """Run ``spec`` once on the host's loop (awaitable from any loop)."""
         ...
 
+    def check_blocking(self) -> None:
+        """Raise WorkbenchError when called on the host's own loop, where a blocking wait would wait for itself."""
+        ...
+
     def run_sync(self, coroutine: Coroutine[Any, Any, T], on_interrupt: Callable[[], None] | None = None) -> T:
         """Run ``coroutine`` on the host's loop and wait for it in this thread.
 
