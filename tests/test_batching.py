@@ -306,3 +306,21 @@ def test_continuous_batching_without_the_transformers_api_is_a_clear_error(monke
     monkeypatch.setattr(ContinuousBatchingManager, "add_request", add_request)
     with pytest.raises(wb.WorkbenchError, match="transformers"):
         wb.ContinuousBatching()
+
+
+def test_a_policy_may_be_named_and_anything_else_is_a_strategy_error(tiny: wb.Workbench, tiny_path: Path) -> None:
+    tiny.set_batching("tiny", "static:4:20ms")
+    assert tiny.engine.policy("tiny").name == wb.StaticBatching(4, 20).name
+    assert tiny.generate("tiny", "Paris", max_new_tokens=2).text is not None
+    for wrong in ("fast", 8, wb.NoBatching):
+        with pytest.raises(wb.StrategyError, match="batching"):
+            tiny.set_batching("tiny", wrong)  # type: ignore[arg-type]
+    tiny.set_batching("tiny", wb.NoBatching())
+    # The same at load and register: a bad name fails there, not as an AttributeError at the first request.
+    with pytest.raises(wb.StrategyError):
+        tiny.register("later", tiny_path, batching="dynamc:8")
+    assert "later" not in tiny.registry.names()
+    tiny.register("later", tiny_path, batching="dynamic:8:5ms", device="cpu")
+    assert tiny.generate("later", "Paris", max_new_tokens=2).text is not None
+    assert tiny.engine.policy("later").name == wb.DynamicBatching(8, 5).name
+    tiny.unload("later", forget=True)

@@ -37,7 +37,8 @@ from workbench.engine.backends.transformers import TransformersBackend
 from workbench.engine.balancing import BalancePolicy, parse_balance
 from workbench.engine.faults import Faults
 from workbench.engine.prober import HealthChecks
-from workbench.errors import AdapterError, HopFailed, WorkbenchClosed, WorkbenchError
+from workbench.engine.batching import POLICY_FORMS, parse_policy
+from workbench.errors import AdapterError, HopFailed, StrategyError, WorkbenchClosed, WorkbenchError
 from workbench.knowledge import GraphStore, KnowledgeGraph, resolve
 from workbench.models import heap
 from workbench.engine.preloading import Eager, PreloadingStrategy, parse_preloading
@@ -162,7 +163,7 @@ class Workbench:
         dtype: str = "auto",
         adapter: str | os.PathLike[str] | None = None,
         adapters: Mapping[str, str | os.PathLike[str]] | str | None = None,
-        batching: BatchingPolicy | None = None,
+        batching: BatchingPolicy | str | None = None,
         trust_remote_code: bool = False,
         allow_pickle: bool = False,
         revision: str | None = None,
@@ -211,6 +212,7 @@ class Workbench:
         An actor that dies is started again, up to ``restarts`` times, as a model process is.
         """
         self.check_open(f"load {name!r}")
+        batching = _batching(batching)
         self.registry.check_free(name)  # before the replicas of the model loaded under that name change
         # A load that fails leaves what was configured for the name (a registered model's replicas, balance and
         # batching) as it was: a refused or failed second load under a name does not undo the first's settings.
@@ -270,7 +272,7 @@ class Workbench:
         name: str,
         source: str | os.PathLike[str],
         *,
-        batching: BatchingPolicy | None = None,
+        batching: BatchingPolicy | str | None = None,
         replicas: int | list[str] | None = None,
         balance: str | BalancePolicy | None = None,
         **settings: Any,
@@ -279,6 +281,7 @@ class Workbench:
         strategy says (see :meth:`set_preloading`). Takes the settings of :meth:`load`, ``warmup`` and
         ``replicas`` included."""
         self.check_open(f"register {name!r}")
+        batching = _batching(batching)  # a bad value fails before the model is known
         saved = self.engine.configuration(name)
         try:
             # A bad value fails before the model is known, and leaves what was configured for the name as it was.
@@ -404,9 +407,10 @@ class Workbench:
         """
         self.engine.set_balance(name, parse_balance(policy))
 
-    def set_batching(self, name: str, policy: BatchingPolicy) -> None:
-        """Change a loaded model's batching policy live; no reload."""
-        self.engine.set_policy(name, policy)
+    def set_batching(self, name: str, policy: BatchingPolicy | str) -> None:
+        """Change a loaded model's batching policy live; no reload. ``policy`` is a policy object or its short name
+        (``"none"``, ``"static:8"``, ``"dynamic:16:5ms"``, ``"continuous"``)."""
+        self.engine.set_policy(name, _batching(policy))
 
     def generate(self, model: str, prompt: str, *, adapter: str | None = None, **params: Any) -> GenerationResult:
         """One direct model call, outside any chain (traced as its own text_completion span); ``adapter`` names
@@ -1021,6 +1025,16 @@ def _ray_restarts(replicas: ReplicaSet | None) -> int | None:
     """How often the Ray actors of a model's replicas were started again, all told; None for a model not on Ray."""
     backends = [w.backend for w in replicas.workers if isinstance(w.backend, RayBackend)] if replicas else []
     return sum(b.restarts for b in backends) if backends else None
+
+
+def _batching(policy: BatchingPolicy | str | None) -> BatchingPolicy | None:
+    """A batching policy from an object or its short name; anything else is a StrategyError, not a crash later."""
+    if policy is None or isinstance(policy, BatchingPolicy):
+        return policy
+    if isinstance(policy, str):
+        return parse_policy(policy)
+    raise StrategyError(f"batching {policy!r:.80} is neither a batching policy nor its name",
+                        hint=f"wb.DynamicBatching(16, 5), or one of the forms {POLICY_FORMS}")
 
 
 def _pid(backend: object) -> int | None:
