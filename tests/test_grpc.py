@@ -207,6 +207,16 @@ def test_a_taken_port_is_refused_with_a_clear_error(server: GrpcServer) -> None:
         GrpcServer(server.gateway, port=server.port).start()
 
 
+
+@pytest.mark.parametrize("ports", [{"port": 99999}, {"port": -1}, {"port": 0, "grpc_port": 70000},
+                                   {"port": 0, "grpc_port": "50051"}])
+def test_a_port_out_of_range_is_refused_before_anything_listens(chains: dict[str, wb.Chain],
+                                                                 ports: dict[str, Any]) -> None:
+    # Not an OverflowError from bind(), and not gRPC's silent 70000 -> 4464.
+    with pytest.raises(wb.SettingsError, match="not a TCP port"):
+        chains["qa"].bench.serve(chains=list(chains.values()), auth=False, **ports)
+
+
 # -- traces --------------------------------------------------------------------------------------
 
 

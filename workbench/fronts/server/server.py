@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
-from workbench.errors import WorkbenchError
+from workbench.errors import SettingsError
 from workbench.fronts.server.app import create_app
 from workbench.fronts.server.protocol import head_deadline_protocol
 
@@ -30,8 +30,8 @@ START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 
 
-class ServeError(WorkbenchError):
-    """A gateway that cannot start: an unsafe host and auth pairing, a port in use."""
+class ServeError(SettingsError):
+    """A gateway that cannot start: an unsafe host and auth pairing, a port in use or out of range."""
 
 
 def resolve_auth(auth: Auth | bool | None, host: str, data_dir: Any) -> Auth:
@@ -163,6 +163,9 @@ def build(
     **options: Any,
 ) -> Server:
     """A Server for ``chains`` on ``host:port``, not started yet (see :func:`serve`)."""
+    _check_port("port", port)
+    if grpc_port is not None:
+        _check_port("grpc_port", grpc_port)  # gRPC would take 70000 as 4464, silently
     app = create_app(bench, chains, resolve_auth(auth, host, bench.data_dir), **options)
     server = Server(app, host, port, bench, log_level=log_level)
     if grpc_port is not None:
@@ -170,6 +173,12 @@ def build(
 
         server.grpc = GrpcServer(app.state.gateway, host=host, port=grpc_port)
     return server
+
+
+def _check_port(name: str, port: object) -> None:
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ServeError(f"{name} {port!r:.40} is not a TCP port (0 to 65535)",
+                         hint=f"{name}=8000, say, or {name}=0 for any free one")
 
 
 def serve(bench: Workbench, chains: Collection[Chain] = (), **settings: Any) -> Server:
