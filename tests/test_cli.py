@@ -83,6 +83,17 @@ def test_run_with_json_prints_the_outputs(spec_file: Path, tiny_path: Path, caps
     assert printed["outputs"]["stats"]["answer_words"] == len(printed["output"].split())
 
 
+def test_inputs_may_come_after_the_options(spec_file: Path, tiny_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", str(spec_file), "question=hi", "--model", f"tiny={tiny_path}", "--json"]) == 0
+    before = json.loads(capsys.readouterr().out)["outputs"]
+    assert main(["run", str(spec_file), "--model", f"tiny={tiny_path}", "--json", "question=hi"]) == 0
+    assert json.loads(capsys.readouterr().out)["outputs"] == before  # not "unrecognized arguments: question=hi"
+    with pytest.raises(SystemExit) as info:
+        main(["run", str(spec_file), "question=hi", "--model", f"tiny={tiny_path}", "--frobnicate"])
+    assert info.value.code == 2 and "unrecognized arguments: --frobnicate" in capsys.readouterr().err
+
+
 def test_model_path_tiny_means_the_tiny_model(cached_tiny: Path, spec_file: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     outputs = []
