@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 import workbench as wb
 from workbench.chains.events import HopFinished, HopStarted, RunFinished, Token
 from workbench.demo import DEMO_QUESTION
-from tests.helpers import QA_SPEC, QUESTIONS
+from tests.helpers import QA_SPEC, QUESTIONS, eventually
 
 
 @pytest.fixture
@@ -145,3 +147,55 @@ def test_errors_form_a_tree_a_caller_can_catch_by_branch() -> None:
     assert statuses == {wb.SpecError: 422, wb.UnknownModelError: 404, wb.HopTimeout: 504, wb.CircuitOpen: 503,
                         wb.WorkbenchClosed: 503, wb.ModelOutOfMemory: 507}
     assert str(wb.ParseError("load: bad", hint="%autoglm load NAME SOURCE")) == "load: bad\nhint: %autoglm load NAME SOURCE"
+
+
+def test_closing_the_workbench_under_an_awaited_or_streamed_run_says_so(tmp_path: Path) -> None:
+    async def awaited(chain: wb.Chain) -> object:
+        return await chain.arun(q="a")
+
+    async def streamed(chain: wb.Chain) -> object:
+        return [e async for e in chain.astream(q="a")]
+
+    ways: dict[str, Callable[[wb.Chain], object]] = {
+        "arun": lambda chain: asyncio.run(awaited(chain)),
+        "astream": lambda chain: asyncio.run(streamed(chain)),
+        "stream": lambda chain: list(chain.stream(q="a")),
+    }
+    for way, call in ways.items():
+        bench, started = wb.Workbench(data_dir=tmp_path / way), threading.Event()
+
+        async def held(q: str) -> str:
+            started.set()
+            await asyncio.sleep(60)
+            return q
+
+        chain = bench.chain({"name": "held", "hops": [{"name": "hold", "call": held}]})
+        closer = threading.Thread(target=lambda: started.wait(30) and bench.close())
+        closer.start()
+        try:
+            with pytest.raises(wb.WorkbenchClosed, match="finish what it was running"):  # not a bare CancelledError
+                call(chain)
+        finally:
+            closer.join(30)
+
+
+def test_cancelling_an_awaited_run_is_still_a_cancel(tiny_bench: wb.Workbench) -> None:
+    started = threading.Event()
+
+    async def held(q: str) -> str:
+        started.set()
+        await asyncio.sleep(60)
+        return q
+
+    chain = tiny_bench.chain({"name": "held", "hops": [{"name": "hold", "call": held}]})
+
+    async def main() -> None:
+        task = asyncio.ensure_future(chain.arun(q="a"))
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        await task
+
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(main())
+    eventually(lambda: tiny_bench.runs_in_flight == 0, "the cancelled run to end on the workbench's loop")

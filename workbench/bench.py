@@ -668,7 +668,17 @@ class Workbench:
         loop = self._ensure_loop()
         if asyncio.get_running_loop() is loop:
             return await coroutine
-        return await asyncio.wrap_future(self.start(coroutine))
+        future = self.start(coroutine)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            cancelling = getattr(task, "cancelling", None)  # Python 3.11+: was the caller's own task cancelled?
+            if self._closed and future.cancelled() and not (cancelling is not None and cancelling()):
+                # close() stopped the loop under it: say so, as run_sync does, not a bare CancelledError that reads
+                # as if the caller's task had been cancelled
+                raise WorkbenchClosed("finish what it was running") from None
+            raise
 
     async def arun_spec(
         self,

@@ -212,6 +212,8 @@ class Chain:
                     event = events.get(timeout=_POLL_S)  # wakes for a Ctrl-C between waits
                 except queue.Empty:
                     if future.done():
+                        if future.cancelled():  # the host's loop stopped under the run: close() cut it short
+                            self._host.check_open("finish what it was running")
                         _raise_failure(future.exception())
                     continue
                 yield event
@@ -236,6 +238,8 @@ class Chain:
                 await asyncio.wait({getter, future}, return_when=asyncio.FIRST_COMPLETED)
                 if not getter.done():  # the run ended without its last event: it failed outside every hop
                     getter.cancel()
+                    if future.cancelled():  # the host's loop stopped under the run: close() cut it short
+                        self._host.check_open("finish what it was running")
                     _raise_failure(future.exception())
                 event = getter.result()
                 yield event
