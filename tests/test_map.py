@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import _thread
+import asyncio
 import threading
 import time
 from collections import Counter
@@ -309,8 +310,14 @@ def test_an_interrupted_batch_shows_itself() -> None:
         (lambda chain: chain.map(inputs(2), concurrency="8"), wb.WorkloadError,
          "concurrency must be a whole number >= 1, not '8'"),
         (lambda chain: chain.map(inputs(2), concurrency=0), wb.WorkloadError, "concurrency must be a whole number"),
+        (lambda chain: chain.map(inputs(2), errors="skip"), wb.WorkloadError, "errors='skip' is not a choice"),
+        (lambda chain: chain.map(inputs(2), resume=[1, 2]), wb.WorkloadError,
+         "resume= takes Runs \\(or None\\); item 0 is int 1"),
+        (lambda chain: asyncio.run(chain.amap(inputs(2), resume=True)), wb.WorkloadError,
+         "resume= takes a RunBatch or a list of Runs, not bool"),
     ],
-    ids=["strings-not-mappings", "concurrency-text", "concurrency-zero"],
+    ids=["strings-not-mappings", "concurrency-text", "concurrency-zero", "errors-choice", "resume-not-runs",
+         "resume-not-iterable"],
 )
 def test_map_mistakes_are_refused_before_any_run(
     tiny_bench: wb.Workbench, call: Any, error: type, message: str

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from workbench.chains.run import Run
 from workbench.chains.runner import Interrupted
+from workbench.errors import WorkloadError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -104,8 +105,17 @@ class MapInterrupted(KeyboardInterrupt):
 
 def reuse(batch: RunBatch, previous: Iterable[Run | None]) -> None:
     """Fill ``batch`` with the successful runs of ``previous`` whose chain and inputs match."""
+    hint = "resume=chain.last_batch, or any Runs, e.g. resume=bench.runs()"
+    try:
+        runs = list(previous)
+    except TypeError:
+        raise WorkloadError(f"resume= takes a RunBatch or a list of Runs, not {type(previous).__name__}",
+                            hint=hint) from None
     done: dict[str, list[Run]] = defaultdict(list)
-    for run in previous:
+    for position, run in enumerate(runs):
+        if run is not None and not isinstance(run, Run):  # before any run starts, not an AttributeError
+            raise WorkloadError(f"resume= takes Runs (or None); item {position} is {type(run).__name__} {run!r:.80}",
+                                hint=hint)
         if run is not None and run.ok and run.chain == batch.chain:
             done[_key(run.inputs)].append(run)
     for index, item in enumerate(batch.inputs):

@@ -152,7 +152,7 @@ class Chain:
     ) -> RunBatch:
         """Check a map's arguments and inputs before any run starts; its batch, with resumed runs filled in."""
         if errors not in ("keep", "raise"):
-            raise WorkbenchError(f"errors={errors!r} is not a choice", hint="errors='keep' (default) or 'raise'")
+            raise WorkloadError(f"errors={errors!r} is not a choice", hint="errors='keep' (default) or 'raise'")
         if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
             raise WorkloadError(f"concurrency must be a whole number >= 1, not {concurrency!r:.80}",
                                 hint="the number of runs in flight at once, e.g. concurrency=8")
