@@ -382,6 +382,8 @@ def test_a_closed_workbench_says_so_for_every_way_in(tiny_path: Any, tmp_path: A
         "load 'tiny'": lambda: bench.load("tiny", tiny_path, device="cpu"),
         "register 'other'": lambda: bench.register("other", tiny_path),
         "generate": lambda: bench.generate("tiny", "a"),
+        "build a chain": lambda: bench.chain({"name": "later", "hops": [{"name": "say", "model": "tiny",
+                                                                         "prompt": "hi"}]}),
         "compare strategies on chain 'after'": lambda: wb.compare(chain, [{"q": "a"}], progress=False),
     }
     for doing, attempt in attempts.items():

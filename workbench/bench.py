@@ -520,6 +520,7 @@ class Workbench:
         that validates serves the runs that start after it (within about ``interval_s``); one that does not
         is refused and the last good version keeps serving. Runs record the version they used.
         """
+        self.check_open("build a chain")  # not "unknown model": close() took the models, and says so
         path = None
         if watch and not isinstance(spec, (str, os.PathLike)):
             raise WorkbenchError(f"watch=True follows a spec file, and {type(spec).__name__} is not a path",
