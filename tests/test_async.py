@@ -134,6 +134,27 @@ def test_a_timeout_cancels_an_awaited_request_and_the_model_goes_on(tiny_bench: 
     assert tiny_bench.generate("tiny", "still there?", max_new_tokens=2).finish_reason in ("stop", "length")
 
 
+@pytest.mark.parametrize(
+    "mistake",
+    [
+        lambda bench: wb.DynamicBatching(max_wait_ms=-1),
+        lambda bench: bench.inject("tiny", error_rate=2.0),
+        lambda bench: bench.inject("tiny", replica=-1),
+        lambda bench: bench.set_breaker("tiny", failure_threshold=0),
+        lambda bench: bench.set_health_checks(-1),
+        lambda bench: bench.set_cache_limits(max_entries=0),
+        lambda bench: bench.allow_modules("not a module"),
+    ],
+    ids=["batching-setting", "fault-rate", "fault-replica", "breaker", "health-checks", "cache-limits",
+         "allow-modules"],
+)
+def test_a_settings_mistake_is_a_settings_error(tiny_bench: wb.Workbench, mistake: Callable[[wb.Workbench], object]
+                                                 ) -> None:
+    # Not a bare WorkbenchError outside every branch: a caller (or a gateway) catches it as SettingsError.
+    with pytest.raises(wb.SettingsError):
+        mistake(tiny_bench)
+
+
 def test_errors_form_a_tree_a_caller_can_catch_by_branch() -> None:
     assert issubclass(wb.HopTimeout, wb.ServingError) and issubclass(wb.CircuitOpen, wb.ServingError)
     assert issubclass(wb.RetriesExhausted, wb.ServingError) and issubclass(wb.ModelUnhealthy, wb.ServingError)

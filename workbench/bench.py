@@ -38,7 +38,7 @@ from workbench.engine.balancing import BalancePolicy, parse_balance
 from workbench.engine.faults import Faults
 from workbench.engine.prober import HealthChecks
 from workbench.engine.batching import POLICY_FORMS, parse_policy
-from workbench.errors import AdapterError, HopFailed, StrategyError, WorkbenchClosed, WorkbenchError
+from workbench.errors import AdapterError, HopFailed, SettingsError, StrategyError, WorkbenchClosed, WorkbenchError
 from workbench.knowledge import GraphStore, KnowledgeGraph, resolve
 from workbench.models import heap
 from workbench.engine.preloading import Eager, PreloadingStrategy, parse_preloading
@@ -443,8 +443,8 @@ class Workbench:
         """
         if replica is not None:
             if isinstance(replica, bool) or not isinstance(replica, int) or replica < 0:
-                raise WorkbenchError(f"bench.inject({model!r}, replica={replica!r}): replica is an index >= 0",
-                                     hint=f"e.g. replica=1, or name the replica: bench.inject('{model}#1', ...)")
+                raise SettingsError(f"bench.inject({model!r}, replica={replica!r}): replica is an index >= 0",
+                                    hint=f"e.g. replica=1, or name the replica: bench.inject('{model}#1', ...)")
             model = f"{model}#{replica}"
         faults = Faults(model, error_rate, latency_ms, oom_every, oom_above, seed)
         self.engine.inject(faults)
@@ -501,7 +501,7 @@ class Workbench:
         """
         for module in modules:
             if not isinstance(module, str) or not all(part.isidentifier() for part in module.split(".")):
-                raise WorkbenchError(f"{module!r} is not a module name", hint="e.g. bench.allow_modules('numpy')")
+                raise SettingsError(f"{module!r} is not a module name", hint="e.g. bench.allow_modules('numpy')")
         self._allowed_modules = tuple(dict.fromkeys((*self._allowed_modules, *modules)))
         return self._allowed_modules
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from workbench.chains.sqlite_store import open_wal
 from workbench.engine.requests import GenerationParams, Messages
-from workbench.errors import StoreError, WorkbenchError
+from workbench.errors import SettingsError, StoreError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -112,8 +112,8 @@ class ResponseCache:
         """Bound the cache (None leaves a bound as it is); evicts at the next write."""
         for name, value in (("max_entries", max_entries), ("max_bytes", max_bytes)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise WorkbenchError(f"cache {name} must be a whole number >= 1, not {value!r:.60}",
-                                     hint="e.g. bench.set_cache_limits(max_entries=10_000, max_bytes=64 * 2**20)")
+                raise SettingsError(f"cache {name} must be a whole number >= 1, not {value!r:.60}",
+                                    hint="e.g. bench.set_cache_limits(max_entries=10_000, max_bytes=64 * 2**20)")
         if max_entries is not None:
             self.max_entries = max_entries
         if max_bytes is not None:

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from workbench.chains.spec import CHAIN_FIELDS, LLM_FIELDS, RETRY_FIELDS, ChainSpec, parse_spec
-from workbench.errors import SpecError, WorkbenchError
+from workbench.errors import SettingsError, SpecError, WorkbenchError
 
 logger = logging.getLogger(__name__)
 
@@ -296,8 +296,8 @@ class FileWatcher:
         on_unreadable: Callable[[WorkbenchError], None] | None = None,
     ) -> None:
         if isinstance(interval_s, bool) or not isinstance(interval_s, (int, float)) or not 0 < interval_s <= 3600:
-            raise WorkbenchError(f"interval_s must be a number of seconds > 0 and at most 3600, not {interval_s!r}",
-                                 hint="e.g. interval_s=1.0")
+            raise SettingsError(f"interval_s must be a number of seconds > 0 and at most 3600, not {interval_s!r}",
+                                hint="e.g. interval_s=1.0")
         self.path = Path(path)
         self.interval_s = float(interval_s)
         self._on_change = on_change

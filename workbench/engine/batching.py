@@ -38,7 +38,7 @@ def _same_params_and_adapter(request: GenerationRequest, taken: list[GenerationR
 
 def _check(ok: bool, policy: str, message: str) -> None:
     if not ok:
-        raise WorkbenchError(f"{policy}: {message}", hint="help(wb.DynamicBatching) and its siblings list the settings")
+        raise StrategyError(f"{policy}: {message}", hint="help(wb.DynamicBatching) and its siblings list the settings")
 
 
 def _ms(value: float) -> str:
@@ -241,7 +241,7 @@ def check_transformers() -> None:
     else:
         found = _NEEDED_ARGS <= inspect.signature(ContinuousBatchingManager.add_request).parameters.keys()
     if not found:
-        raise WorkbenchError(
+        raise StrategyError(
             f"ContinuousBatching needs transformers' ContinuousBatchingConfig and ContinuousBatchingManager with "
             f"per-request max_new_tokens and token timestamps; transformers {transformers.__version__} has not",
             hint="upgrade transformers (5.24 works), or use DynamicBatching",

@@ -16,7 +16,7 @@ from typing import Any
 from opentelemetry.trace import Span
 
 from workbench.engine.failures import MODEL_FAILURES, error_kind
-from workbench.errors import CircuitOpen, ModelActorDied, ModelProcessDied, WorkbenchError, describe
+from workbench.errors import CircuitOpen, ModelActorDied, ModelProcessDied, SettingsError, describe
 from workbench.tracing import attributes as attr
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
@@ -40,12 +40,12 @@ class CircuitBreaker:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if isinstance(failure_threshold, bool) or not isinstance(failure_threshold, int) or failure_threshold < 1:
-            raise WorkbenchError(
+            raise SettingsError(
                 f"breaker of model {model!r}: failure_threshold must be an integer >= 1, got {failure_threshold!r}",
                 hint="it is how many failures in a row open the breaker",
             )
         if isinstance(reset_timeout_s, bool) or not isinstance(reset_timeout_s, (int, float)) or reset_timeout_s < 0:
-            raise WorkbenchError(
+            raise SettingsError(
                 f"breaker of model {model!r}: reset_timeout_s must be a number >= 0, got {reset_timeout_s!r}",
                 hint="it is how long the breaker stays open before it lets a trial request through",
             )

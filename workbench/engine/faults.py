@@ -11,7 +11,7 @@ from opentelemetry.trace import Span
 
 from workbench.engine.backends.base import BackendOutOfMemory
 from workbench.engine.requests import GenerationRequest
-from workbench.errors import WorkbenchError
+from workbench.errors import SettingsError
 from workbench.tracing import attributes as attr
 
 
@@ -30,7 +30,7 @@ class InjectedOutOfMemory(BackendOutOfMemory):
 
 def _check(ok: bool, model: str, message: str) -> None:
     if not ok:
-        raise WorkbenchError(
+        raise SettingsError(
             f"bench.inject({model!r}, ...): {message}",
             hint="error_rate in [0, 1]; latency_ms >= 0 or a (low, high) pair; oom_every and oom_above >= 1",
         )

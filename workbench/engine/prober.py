@@ -9,7 +9,7 @@ from typing import Any
 from workbench.engine.engine import Engine
 from workbench.engine.requests import GenerationParams
 from workbench.engine.worker import ModelWorker
-from workbench.errors import WorkbenchError
+from workbench.errors import SettingsError
 from workbench.tracing import Tracing, mark_error
 from workbench.tracing import attributes as attr
 
@@ -40,11 +40,11 @@ class HealthChecks:
         unhealthy, and a probe that takes longer than ``timeout_s`` has failed."""
         for name, value, low in (("interval_s", interval_s, 0.0), ("timeout_s", timeout_s, 0.0)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= low):
-                raise WorkbenchError(f"health checks: {name} must be a number of seconds > 0, got {value!r}",
-                                     hint="bench.set_health_checks(None) turns periodic checks off")
+                raise SettingsError(f"health checks: {name} must be a number of seconds > 0, got {value!r}",
+                                    hint="bench.set_health_checks(None) turns periodic checks off")
         if isinstance(failures, bool) or not isinstance(failures, int) or failures < 1:
-            raise WorkbenchError(f"health checks: failures must be an integer >= 1, got {failures!r}",
-                                 hint="it is how many failed probes in a row take a model out of rotation")
+            raise SettingsError(f"health checks: failures must be an integer >= 1, got {failures!r}",
+                                hint="it is how many failed probes in a row take a model out of rotation")
         self.stop()
         self.interval_s, self.timeout_s, self.failures = interval_s, float(timeout_s), failures
         if interval_s is not None:

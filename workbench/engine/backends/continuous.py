@@ -16,7 +16,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 from workbench.engine.batching import ContinuousSettings, check_transformers
 from workbench.engine.backends.base import OnError, OnResult, next_batch_id, result_from_stamps
 from workbench.engine.requests import GenerationParams, GenerationRequest, GenerationResult
-from workbench.errors import WorkbenchError
+from workbench.errors import StrategyError, WorkbenchError
 from workbench.tracing import attributes as attr
 
 if TYPE_CHECKING:
@@ -43,13 +43,13 @@ def check_model(loaded: LoadedModel) -> None:
     check_transformers()
     model = loaded.model
     if not callable(getattr(model, "init_continuous_batching", None)):
-        raise WorkbenchError(
+        raise StrategyError(
             f"model {loaded.name!r} ({type(model).__name__}) has no init_continuous_batching",
             hint="continuous batching needs a transformers causal LM; use DynamicBatching for this model",
         )
     impl = str(getattr(model.config, "_attn_implementation", None))
     if impl not in ("eager", "sdpa", "paged|eager", "paged|sdpa") and "flash" not in impl:
-        raise WorkbenchError(
+        raise StrategyError(
             f"model {loaded.name!r} uses attention implementation {impl!r}, which continuous batching cannot page",
             hint="load it with sdpa, eager or a flash attention implementation, or use DynamicBatching",
         )
@@ -160,7 +160,7 @@ class ContinuousBackend:
                 generation_config=generation, continuous_batching_config=ContinuousBatchingConfig(**settings)
             )
         except (ValueError, TypeError, RuntimeError) as exc:
-            raise WorkbenchError(
+            raise StrategyError(
                 f"continuous batching could not start for model {loaded.name!r}: {exc}",
                 hint="check the ContinuousBatching settings, or use DynamicBatching",
             ) from exc
