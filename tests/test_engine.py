@@ -152,6 +152,30 @@ def test_prompt_longer_than_the_window_names_the_hop(tiny_bench: wb.Workbench) -
         tiny_bench.generate("tiny", text, max_new_tokens=8)
 
 
+def test_an_empty_prompt_is_refused_by_name_alone_in_a_batch_and_on_the_continuous_path(
+    tiny_bench: wb.Workbench,
+) -> None:
+    # torch failed deep in the forward pass ("cannot reshape tensor of 0 elements"), a RuntimeError that also
+    # counted against the model's breaker; padded into a batch the row answered from padding alone.
+    chain = tiny_bench.chain({"name": "empty", "hops": [{"name": "say", "model": "tiny", "prompt": "{{ text }}",
+                                                         "max_new_tokens": 2}]})
+    with pytest.raises(wb.HopFailed) as info:
+        chain.run(text="")
+    assert isinstance(info.value.cause, wb.InvalidInput) and "hop 'say': the prompt is empty" in str(info.value)
+    for policy in (wb.DynamicBatching(max_batch=4, max_wait_ms=100), wb.ContinuousBatching(max_batch=4)):
+        tiny_bench.set_batching("tiny", policy)
+        try:
+            batch = chain.map([{"text": ""}, {"text": "Paris"}], concurrency=2)
+            assert isinstance(batch[0].error, wb.HopFailed) and isinstance(batch[0].error.cause, wb.InvalidInput)
+            assert batch[1].ok
+            with pytest.raises(wb.InvalidInput, match="the prompt is empty"):
+                tiny_bench.generate("tiny", "", max_new_tokens=2)
+        finally:
+            tiny_bench.set_batching("tiny", wb.NoBatching())
+    breaker = tiny_bench.breakers().set_index("model").loc["tiny"]
+    assert breaker["state"] == "closed" and breaker["failures"] == 0  # a mistake, not a model failure
+
+
 def test_truncate_left_keeps_the_newest_tokens_and_records_how_many_went(tiny_bench: wb.Workbench) -> None:
     text, tokens = _long_text(tiny_bench)
     chain = tiny_bench.chain({"name": "long", "hops": [{"name": "digest", "model": "tiny", "prompt": "{{ text }}",

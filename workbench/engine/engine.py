@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from opentelemetry.trace import Span
 
-from workbench.engine.backends.base import Backend, fit_window
+from workbench.engine.backends.base import Backend, check_not_empty, fit_window
 from workbench.engine.backends.process import ModelProcess, ProcessBackend
 from workbench.engine.backends.ray import RayBackend
 from workbench.engine.backends.transformers import TransformersBackend
@@ -486,6 +486,8 @@ class Engine:
                 if isinstance(prompt, BaseException):
                     raise prompt
                 text, counted = prompt
+                if counted is not None:
+                    check_not_empty(text, counted, model, call.hop)
                 ids, truncated = ([], 0) if counted is None else fit_window(
                     counted, call.params, backend.context_window, model, call.hop)
                 prefix_len = self._prefix_len(worker, call.prefix, ids) if call.prefix else 0

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from workbench.engine.requests import GenerationParams, GenerationRequest, GenerationResult, Messages
-from workbench.errors import ChatTemplateError, ContextWindowExceeded
+from workbench.errors import ChatTemplateError, ContextWindowExceeded, InvalidInput
 
 if TYPE_CHECKING:
     from workbench.engine.batching import BatchingPolicy
@@ -130,6 +130,21 @@ class Backend(Protocol):
     def close(self) -> None:
         """Free what the backend holds; it serves nothing more."""
         ...
+
+
+def check_not_empty(text: str, ids: list[int], model: str, hop: str | None = None) -> None:
+    """Refuse a prompt with no text that tokenized to nothing (InvalidInput): a model has nothing to continue from,
+    and torch fails deep inside the forward pass (or, padded into a batch, the row answers from padding alone).
+
+    ``ids`` is empty for a server's prompt that was not tokenized here too, so the text decides.
+    """
+    if not text and not ids:
+        raise InvalidInput(
+            f"{f'hop {hop!r}: ' if hop else ''}the prompt is empty (0 tokens), so model {model!r} has nothing to "
+            "continue",
+            hint="give the prompt some text; an empty input or an earlier hop that answered nothing renders an "
+            "empty prompt",
+        )
 
 
 def fit_window(
