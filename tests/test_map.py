@@ -71,6 +71,27 @@ def no_leaked_threads(tiny_bench: wb.Workbench) -> Iterator[None]:
 # -- kept as each run finishes ---------------------------------------------------------------
 
 
+def test_runs_in_flight_counts_the_runs_walking_now(tiny_bench: wb.Workbench, release: threading.Event) -> None:
+    waiting = Calls()
+
+    def held(n: str) -> str:
+        waiting.add(n)
+        release.wait(WAIT_S)
+        return n
+
+    chain = tiny_bench.chain({"name": "counted", "hops": [{"name": "hold", "call": held}]})
+    assert tiny_bench.runs_in_flight == 0
+    mapper = threading.Thread(target=chain.map, args=(inputs(5),), kwargs={"concurrency": 3})
+    mapper.start()
+    try:
+        eventually(lambda: len(waiting) == 3, "three runs to be in flight")
+        assert tiny_bench.runs_in_flight == 3  # it read 0 whatever ran
+    finally:
+        release.set()
+        mapper.join(WAIT_S)
+    eventually(lambda: tiny_bench.runs_in_flight == 0, "every run to end")
+
+
 def test_each_run_is_kept_as_it_finishes(tiny_bench: wb.Workbench, no_leaked_threads: None) -> None:
     gates = {str(i): threading.Event() for i in range(4)}
 

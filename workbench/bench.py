@@ -695,12 +695,16 @@ class Workbench:
         self, spec: ChainSpec, inputs: Mapping[str, Any], session: str | None, events: Callable[[Event], None] | None
     ) -> Run:
         self.check_open(f"run chain {spec.name!r}")
-        if isinstance(self.preloading, Eager):
-            try:
-                await asyncio.get_running_loop().run_in_executor(self._hop_pool, self.prepare, spec)
-            except WorkbenchError:
-                pass  # the hop whose model failed to load tries again and fails as a HopFailed on its Run
-        run = await self._runner.arun(spec, inputs, session, events)
+        self._in_flight += 1  # on the loop thread, the only one that changes it
+        try:
+            if isinstance(self.preloading, Eager):
+                try:
+                    await asyncio.get_running_loop().run_in_executor(self._hop_pool, self.prepare, spec)
+                except WorkbenchError:
+                    pass  # the hop whose model failed to load tries again and fails as a HopFailed on its Run
+            run = await self._runner.arun(spec, inputs, session, events)
+        finally:
+            self._in_flight -= 1
         if self._closed and run.error is not None:
             # close() took the models from under this run: say that, not the engine's "no model named ...".
             run.error = HopFailed(run.error.hop, WorkbenchClosed(f"finish running chain {spec.name!r}"), run)
