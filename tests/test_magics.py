@@ -177,6 +177,30 @@ def test_run_stream_prints_each_hops_tokens_as_they_arrive(with_qa: InteractiveS
     assert run.id in shown(captured)[0]
 
 
+def test_run_stream_heads_each_hops_text_with_that_hop(with_tiny: InteractiveShell) -> None:
+    # Two hops at once under one batching policy, one answered from the cache on the second run, and a Python hop:
+    # each line of text is headed by the hop that wrote it, and a hop that streamed nothing prints its output.
+    wb.current().set_batching("tiny", wb.DynamicBatching(max_batch=4, max_wait_ms=50))
+    spec = {"name": "par", "hops": [
+        {"name": "left", "model": "tiny", "prompt": "A {{ question }}", "max_new_tokens": 6, "cache": "exact"},
+        {"name": "right", "model": "tiny", "prompt": "B {{ question }}", "max_new_tokens": 6},
+        {"name": "both", "call": "workbench.demo:canned_answer", "uses": ["left", "right"]},
+    ]}
+    wb.current().clear_cache(chain="par")
+    with_tiny.user_ns["par"] = wb.current().chain(spec)
+    for _ in range(2):
+        captured = magic(with_tiny, "run par question=hello --stream")
+        assert captured.stderr == ""
+        run = with_tiny.user_ns["_autoglm_run"]
+        text: dict[str, str] = {}
+        for line in captured.stdout.splitlines():
+            match = re.match(r"\[(\w+)\] (.*)$", line)
+            assert match, f"text under no hop's heading: {line!r}"
+            text[match[1]] = text.get(match[1], "") + match[2]
+        assert {hop: text.get(hop, "").strip() for hop in ("left", "right", "both")} == {
+            hop: str(run.outputs[hop]).strip() for hop in ("left", "right", "both")}
+
+
 def test_run_finds_a_chain_variable_and_keeps_the_session(with_qa: InteractiveShell) -> None:
     with_qa.user_ns["other"] = wb.current().chain(SPEC, name="other_qa")
     captured = magic(with_qa, "run other --session s1 question=hello")

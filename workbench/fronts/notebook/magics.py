@@ -185,15 +185,41 @@ class AutoglmMagics(Magics):
 
     @staticmethod
     def _stream(chain: Chain, command: RunCommand) -> Run:
-        """Run ``chain``, printing each LLM hop's tokens as they arrive under a ``[hop]`` heading."""
+        """Run ``chain``, printing each LLM hop's tokens as they arrive under a ``[hop]`` heading.
+
+        Hops that run at once take turns on the output: a token of another hop than the line's starts a line
+        headed by its hop. A hop that streamed no tokens (a Python or knowledge hop, a cached answer) prints its
+        output when it finishes.
+        """
+        line: str | None = None  # the hop whose heading the current line has
+        streamed: set[str] = set()
+
+        def heading(hop: str) -> None:
+            nonlocal line
+            if line != hop:
+                if line is not None:
+                    print(flush=True)
+                print(f"[{hop}] ", end="", flush=True)
+                line = hop
+
         for event in chain.stream(session=command.session, **command.inputs):
             if isinstance(event, HopStarted):
-                print(f"[{event.hop}] ", end="", flush=True)
+                if line is None:  # else another hop's line is open: this one's heading waits for its first token
+                    heading(event.hop)
             elif isinstance(event, Token):
+                heading(event.hop)
+                streamed.add(event.hop)
                 print(event.text, end="", flush=True)
             elif isinstance(event, HopFinished):
-                print(flush=True)
+                if event.hop not in streamed:
+                    heading(event.hop)
+                    print(event.output, end="", flush=True)
+                if line == event.hop:
+                    print(flush=True)
+                    line = None
             elif isinstance(event, RunFinished):
+                if line is not None:
+                    print(flush=True)
                 if event.run.error is not None:
                     raise event.run.error
                 return event.run
