@@ -326,6 +326,28 @@ def test_openai_chat_completions_streamed_and_not(client: httpx.Client, keys: di
     assert unknown.status_code == 404 and "tiny" in unknown.json()["error"]["hint"]
 
 
+def test_openai_sampling_settings_the_model_would_refuse_are_422_and_do_not_open_its_breaker(
+        client: httpx.Client, keys: dict[str, str]) -> None:
+    alice = key(keys, "alice")
+    bad = [({"temperature": -1}, "$.temperature"), ({"temperature": 0.5, "top_p": -3}, "$.top_p"),
+           ({"temperature": 0.5, "top_p": 0}, "$.top_p"), ({"temperature": 0.5, "top_k": -5}, "$.top_k")]
+    for _ in range(3):  # more failures in a row than the breaker's threshold (5), were they the model's
+        for settings, field in bad:
+            refused = client.post("/v1/completions", headers=alice,
+                                  json={"model": "tiny", "prompt": "Hi", "max_tokens": 2, **settings})
+            assert (refused.status_code, refused.json()["error"]["field"]) == (422, field), settings
+    nan = client.post("/v1/chat/completions", headers={**alice, "content-type": "application/msgpack"},
+                      content=msgspec.msgpack.encode({"model": "chat", "max_tokens": 2, "temperature": float("nan"),
+                                                      "messages": [{"role": "user", "content": "Hi"}]}))
+    assert nan.status_code == 422 and nan.headers["content-type"] == "application/json"
+    # Another caller is still served: the model's breaker stayed closed.
+    answer = client.post("/v1/completions", headers=key(keys, "bob"),
+                         json={"model": "tiny", "prompt": "Hi", "max_tokens": 2, "temperature": 0.7, "top_p": 0.9})
+    assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 2
+    run = client.post("/v1/chains/qa/invoke", headers=key(keys, "bob"), json={"inputs": {"question": "still?"}})
+    assert run.json()["status"] == "ok"
+
+
 def test_the_workbench_remote_backend_calls_the_served_models(server: Server, keys: dict[str, str],
                                                               bench: wb.Workbench) -> None:
     direct = bench.chain({"name": "direct", "hops": [{"name": "a", "model": "tiny", "prompt": "Q: {{ q }}\nA:",

@@ -14,6 +14,7 @@ Calling a model is the ``chains.invoke`` action; listing them is ``models.list``
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -109,6 +110,7 @@ async def _complete(gateway: Gateway, request: Request, chat: bool) -> Response:
     if not 1 <= max_tokens <= MAX_TOKENS:
         raise RequestError(f"max_tokens must be 1 to {MAX_TOKENS}, not {max_tokens}", field="$.max_tokens",
                            status=422)
+    _check_sampling(body)
     params = GenerationParams(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                               top_k=body.top_k, seed=body.seed)
     parent = gateway.parent(request)
@@ -123,6 +125,21 @@ async def _complete(gateway: Gateway, request: Request, chat: bool) -> Response:
     call = Call(body.model, prompt, params, span, messages=messages)
     return StreamingResponse(_stream(gateway, request, call, ident, chat, include_usage),
                              media_type="text/event-stream", headers={"cache-control": "no-cache"})
+
+
+def _check_sampling(body: CompletionRequest) -> None:
+    """Refuse sampling settings the model would refuse (422): as the model's own failure they would count against
+    its circuit breaker, so a few bad requests from one caller would open it for every other."""
+    temperature, top_p, top_k = body.temperature, body.top_p, body.top_k
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise RequestError(f"temperature must be a finite number >= 0 (0 is greedy), not {temperature}",
+                           field="$.temperature", status=422)
+    if not (math.isfinite(top_p) and 0 <= top_p <= 1) or (top_p == 0 and temperature > 0):
+        raise RequestError(f"top_p must be a number in (0, 1] when sampling, not {top_p}", field="$.top_p",
+                           status=422)
+    if top_k < 0:
+        raise RequestError(f"top_k must be an integer >= 0 (0 turns it off), not {top_k}", field="$.top_k",
+                           status=422)
 
 
 async def _stream(gateway: Gateway, request: Request, call: Call, ident: str, chat: bool,
