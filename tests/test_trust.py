@@ -240,6 +240,35 @@ def test_other_runaway_templates_are_template_errors(tiny_bench: wb.Workbench, p
     assert isinstance(info.value.cause, wb.TemplateError)
 
 
+@pytest.mark.parametrize(
+    ("prompt", "message"),
+    [
+        ("{% set l = [question] %}{% for i in range(40) %}{{ l.extend(l) or '' }}{% endfor %}",
+         "attribute 'extend' of 'list' object is unsafe"),
+        ("{% set d = {} %}{% for i in range(10**5) %}{{ d.update({i: question * 10**7}) or '' }}{% endfor %}",
+         "attribute 'update' of 'dict' object is unsafe"),
+        ("{{ question.encode() * 10**11 }}", "10,000,000 characters"),
+        ("{{ question.encode().center(10**11) }}", "10,000,000 characters"),
+        ("{{ (0).to_bytes(10**11, 'big') }}", "10,000,000 characters"),
+        ("{{ (question * 10**5).translate({113: 'q' * 10**5}) }}", "10,000,000 characters"),
+        ("{{ range(10**5)|list|tojson(10**6) }}", "tojson indents by at most 64"),
+        ("{{ lipsum(10**7) }}", "past the 1,000,000 a template may make"),
+        ("{{ ('<' * 10**6)|forceescape|forceescape|forceescape|forceescape|forceescape|forceescape }}",
+         "10,000,000 characters"),
+    ],
+    ids=["list-extend", "dict-update", "bytes-repeat", "bytes-center", "to-bytes", "translate", "tojson-indent",
+         "lipsum", "chained-escape"],
+)
+def test_templates_that_would_fill_memory_in_one_step_are_refused_before_they_do(
+        tiny_bench: wb.Workbench, prompt: str, message: str) -> None:
+    with pytest.raises(wb.HopFailed, match=message) as info:
+        _llm_chain(tiny_bench, prompt).run(question="q")
+    assert isinstance(info.value.cause, wb.TemplateError) and info.value.cause.hop == "ask"
+    ok = _llm_chain(tiny_bench, "{{ [question, 'b']|tojson(2) }} {{ lipsum(1, html=False)|length > 0 }} "
+                                "{{ question.encode()|length }} {{ 'abc'.translate({97: 'AA'}) }}")
+    assert ok.run(question="q").ok
+
+
 def test_loops_and_joins_render_as_jinja_renders_them(tiny_bench: wb.Workbench) -> None:
     prompt = ("{% for x in items %}{{ loop.index }}/{{ loop.length }}={{ x ~ '!' }} {% else %}none{% endfor %}"
               "|{{ items|join(',') }}|{{ 'ab'|center(6) }}|{{ '%3d'|format(7) }}")

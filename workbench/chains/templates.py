@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from jinja2 import (
@@ -24,12 +25,14 @@ from jinja2.filters import (
     do_format,
     do_indent,
     do_replace,
+    do_tojson,
     do_wordwrap,
     make_attrgetter,
     sync_do_join,
     sync_do_slice,
 )
-from jinja2.sandbox import SandboxedEnvironment, SecurityError
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from jinja2.utils import generate_lorem_ipsum
 from jinja2.visitor import NodeTransformer
 
 from workbench.errors import TemplateError
@@ -40,6 +43,8 @@ from workbench.errors import TemplateError
 MAX_PROMPT_CHARS = 10_000_000
 MAX_ITEMS = 100_000
 MAX_INT_BITS = 100_000
+MAX_JSON_INDENT = 64  # what |tojson may indent by: pretty JSON takes 2 or 4; each nested line repeats it
+MAX_LIPSUM_WORDS = 1_000_000  # paragraphs times words per paragraph that lipsum() may make (some 7 MB of text)
 DEFAULT_RENDER_S = 10.0  # the time a template may take to render when its hop has no timeout_s
 _CHECK_EVERY = 1024  # loop iterations between looks at the clock
 
@@ -67,8 +72,11 @@ def _tick() -> None:
         raise _Exceeded(f"the prompt template ran longer than its {_budget.seconds:g} s")
 
 
+_TEXT = (str, bytes, bytearray)  # bytes (``'x'.encode()``, ``(0).to_bytes(n)``) are bounded as text is
+
+
 def _check_size(value: Any) -> Any:
-    if isinstance(value, str) and len(value) > MAX_PROMPT_CHARS:
+    if isinstance(value, _TEXT) and len(value) > MAX_PROMPT_CHARS:
         raise _Exceeded(f"the prompt template made a text longer than {MAX_PROMPT_CHARS:,} characters")
     if isinstance(value, (list, tuple, dict, set)) and len(value) > MAX_ITEMS:
         raise _Exceeded(f"the prompt template made a collection of more than {MAX_ITEMS:,} items")
@@ -179,15 +187,47 @@ def _sum(environment: Any, iterable: Iterable[Any], attribute: Any = None, start
     return sum(items, start)
 
 
+@pass_eval_context
+def _tojson(eval_ctx: Any, value: Any, indent: int | str | None = None) -> Any:
+    width = len(indent) if isinstance(indent, str) else indent if _is_int(indent) else 0
+    if width > MAX_JSON_INDENT:
+        raise _Exceeded(f"tojson indents by at most {MAX_JSON_INDENT}, not {width}")
+    return do_tojson(eval_ctx, value, indent)
+
+
+def _lipsum(n: int = 5, html: bool = True, min: int = 20, max: int = 100) -> str:  # noqa: A002 - Jinja's names
+    if _is_int(n) and _is_int(max) and n * max > MAX_LIPSUM_WORDS:
+        raise _Exceeded(f"lipsum({n}, max={max}) would make up to {n * max:,} words, past the "
+                        f"{MAX_LIPSUM_WORDS:,} a template may make")
+    return generate_lorem_ipsum(n, html, min, max)
+
+
+def _bounded_filter(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function`` with a look at the clock before it runs and a size check on what it made.
+
+    Filters are called directly, not through the sandbox's ``call``; a filter that makes a few times
+    its input (``escape``, ``urlencode``, ``tojson``) would otherwise grow text without bound when chained.
+    """
+
+    @functools.wraps(function)  # keeps Jinja's pass_context / pass_eval_context marks
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        _tick()
+        return _check_size(function(*args, **kwargs))
+
+    bounded.__name__ = f"bounded_{name}"
+    return bounded
+
+
 _STR_METHODS_WITH_WIDTH = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs"})
 
 
-class _BoundedSandbox(SandboxedEnvironment):
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
     """Jinja's sandbox, with a clock on each loop step, call and operator, and a size check on what they make.
 
     A template is text from a spec, perhaps someone else's: the sandbox already keeps it from
     Python's internals, and this keeps it from running forever or filling memory before the
-    context-window check could refuse the prompt.
+    context-window check could refuse the prompt. It is the immutable sandbox: a template cannot
+    change a list or dict (``l.extend(l)`` doubles a list in one call, past any check on what calls return).
     """
 
     intercepted_binops = frozenset({"*", "+", "%", "**"})
@@ -196,7 +236,9 @@ class _BoundedSandbox(SandboxedEnvironment):
         super().__init__(**options)
         self.concat = _bounded_concat  # type: ignore[assignment]
         self.filters.update(center=_center, indent=_indent, batch=_batch, slice=_slice, join=_join, replace=_replace,
-                            format=_format, wordwrap=_wordwrap, sum=_sum)
+                            format=_format, wordwrap=_wordwrap, sum=_sum, tojson=_tojson)
+        self.filters = {name: _bounded_filter(name, f) for name, f in self.filters.items()}
+        self.globals["lipsum"] = _lipsum
 
     # What _WithChecks makes templates call: environment attributes, so no template variable can shadow them.
     bounded_iter = staticmethod(_bounded_iter)
@@ -209,12 +251,12 @@ class _BoundedSandbox(SandboxedEnvironment):
         _tick()
         if operator == "*":
             for seq, times in ((left, right), (right, left)):
-                if isinstance(seq, (str, list, tuple)) and isinstance(times, int):
-                    (_check_chars if isinstance(seq, str) else _check_items)(len(seq) * times)
+                if isinstance(seq, (*_TEXT, list, tuple)) and isinstance(times, int):
+                    (_check_chars if isinstance(seq, _TEXT) else _check_items)(len(seq) * times)
             if _is_int(left) and _is_int(right):
                 _check_bits(abs(left).bit_length() + abs(right).bit_length())
-        elif operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
-            (_check_chars if isinstance(left, str) else _check_items)(len(left) + len(right))
+        elif operator == "+" and isinstance(left, (*_TEXT, list, tuple)) and isinstance(right, (*_TEXT, list, tuple)):
+            (_check_chars if isinstance(left, _TEXT) else _check_items)(len(left) + len(right))
         elif operator == "**" and _is_int(left) and _is_int(right) and abs(left) > 1 and right > 0:
             _check_bits(abs(left).bit_length() * right)
         elif operator == "%" and isinstance(left, str):
@@ -225,16 +267,24 @@ class _BoundedSandbox(SandboxedEnvironment):
         _tick()
         name = getattr(__obj, "__name__", None)
         owner = getattr(__obj, "__self__", None)
-        if isinstance(owner, str) and name in _STR_METHODS_WITH_WIDTH:
-            tab = owner.count("\t") + 1 if name == "expandtabs" else 1
+        if isinstance(owner, _TEXT) and name in _STR_METHODS_WITH_WIDTH:
+            tab = owner.count(b"\t" if isinstance(owner, (bytes, bytearray)) else "\t") + 1 \
+                if name == "expandtabs" else 1
             _check_chars(len(owner) + tab * max([a for a in (*args, *kwargs.values()) if _is_int(a)], default=0))
-        elif isinstance(owner, str) and name == "join" and args:
+        elif isinstance(owner, _TEXT) and name == "join" and args:
             items = list(args[0])
-            _check_chars(len(owner) * max(len(items) - 1, 0) + sum(len(x) for x in items if isinstance(x, str)))
+            _check_chars(len(owner) * max(len(items) - 1, 0) + sum(len(x) for x in items if isinstance(x, _TEXT)))
             args = (items, *args[1:])
-        elif isinstance(owner, str) and name == "replace" and len(args) >= 2:
-            times = owner.count(str(args[0])) if args[0] else len(owner) + 1
-            _check_chars(len(owner) + times * max(len(str(args[1])) - len(str(args[0])), 0))
+        elif isinstance(owner, _TEXT) and name == "replace" and len(args) >= 2:
+            times = owner.count(args[0]) if args[0] else len(owner) + 1
+            _check_chars(len(owner) + times * max(len(args[1]) - len(args[0]), 0))
+        elif isinstance(owner, str) and name == "translate" and args and isinstance(args[0], Mapping):
+            longest = max((len(v) for v in args[0].values() if isinstance(v, str)), default=1)
+            _check_chars(len(owner) * longest)
+        elif _is_int(owner) and name == "to_bytes":
+            length = args[0] if args else kwargs.get("length", 1)
+            if _is_int(length):
+                _check_chars(length)
         elif name in ("format", "format_map"):  # the sandbox's wrapper of str.format; the text is what it wraps
             text = getattr(getattr(__obj, "__wrapped__", None), "__self__", None)
             if isinstance(text, str):
