@@ -269,6 +269,21 @@ def test_templates_that_would_fill_memory_in_one_step_are_refused_before_they_do
     assert ok.run(question="q").ok
 
 
+@pytest.mark.parametrize(
+    "prompt",
+    ["{{ " + "(" * 5000 + "question" + ")" * 5000 + " }}",
+     "{{ question" + "|string" * 5000 + " }}",
+     "{% for i in [1] %}" * 25 + "{{ question }}" + "{% endfor %}" * 25],
+    ids=["brackets", "filters", "blocks"],
+)
+def test_a_template_nested_too_deeply_to_compile_is_a_spec_error(tiny_bench: wb.Workbench, prompt: str) -> None:
+    spec = {"name": "deep", "hops": [{"name": "ask", "model": "tiny", "prompt": prompt}]}
+    with pytest.raises(wb.TemplateError, match="nests too deeply to compile") as info:
+        tiny_bench.chain(spec)
+    assert (info.value.hop, info.value.field) == ("ask", "prompt")
+    assert _llm_chain(tiny_bench, "{% for i in [1] %}" * 3 + "{{ question }}" + "{% endfor %}" * 3).run(question="q").ok
+
+
 def test_loops_and_joins_render_as_jinja_renders_them(tiny_bench: wb.Workbench) -> None:
     prompt = ("{% for x in items %}{{ loop.index }}/{{ loop.length }}={{ x ~ '!' }} {% else %}none{% endfor %}"
               "|{{ items|join(',') }}|{{ 'ab'|center(6) }}|{{ '%3d'|format(7) }}")

@@ -354,9 +354,19 @@ class PromptTemplate:
                 line=line,
                 hint="variables are written {{ name }}; blocks {% for x in xs %}...{% endfor %}",
             ) from None
-        self.variables: frozenset[str] = frozenset(meta.find_undeclared_variables(parsed))
-        self._parts = _plain_parts(parsed, self.variables)
-        self._template = _ENV.from_string(_WithChecks().visit(parsed))
+        except RecursionError:
+            raise self._too_deep(line) from None
+        try:
+            self.variables: frozenset[str] = frozenset(meta.find_undeclared_variables(parsed))
+            self._parts = _plain_parts(parsed, self.variables)
+            self._template = _ENV.from_string(_WithChecks().visit(parsed))
+        except (RecursionError, SyntaxError):  # Python's compiler refuses more than 20 nested blocks
+            raise self._too_deep(line) from None
+
+    def _too_deep(self, line: int | None) -> TemplateError:
+        return TemplateError("the prompt template nests too deeply to compile (brackets, or blocks such as "
+                             "{% for %} and {% if %} inside one another)", hop=self.hop, field=self.field, line=line,
+                             hint="a prompt needs a few levels at most: build deep structures in a Python hop")
 
     @property
     def plain(self) -> bool:
