@@ -442,6 +442,9 @@ def test_bad_bodies_get_a_4xx_naming_the_fault_and_the_server_serves_on(client: 
         ({"content": b"not zstd", "headers": {"content-encoding": "zstd"}}, 400, "Content-Encoding"),
         ({"json": {"inputs": {"question": "x"}, "action_type": "batch"}}, 422, "$.action_type"),
         ({"content": slow()}, 408, "body"),
+        ({"content": b'{"inputs": {"question": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}"}, 400, "body"),
+        ({"content": b"\x81\xa6inputs\x81\xa8question" + b"\x91" * 100_000 + b"\x90",
+          "headers": {"content-type": "application/msgpack"}}, 400, "body"),
     ]
     for request, status, field in cases:
         response = client.post("/v1/chains/qa/invoke", **{**request, "headers": {**alice, **request.get("headers", {})}})

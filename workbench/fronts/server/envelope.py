@@ -224,6 +224,9 @@ def decode(body: bytes, kind: type[T], codec: str) -> T:
         name = "msgpack" if codec == MSGPACK else "JSON"
         raise RequestError(f"the body is not valid {name}: {exc}", field="body",
                            hint=f"send one {name} object; Content-Type says which encoding") from None
+    except RecursionError:
+        raise RequestError("the body nests too deeply to read", field="body",
+                           hint="a request needs a few levels of nesting at most") from None
     check_envelope(value)
     return value
 
