@@ -348,6 +348,19 @@ def test_openai_sampling_settings_the_model_would_refuse_are_422_and_do_not_open
     assert run.json()["status"] == "ok"
 
 
+def test_a_caller_limited_to_some_chains_may_not_call_the_models_directly(client: httpx.Client,
+                                                                          keys: dict[str, str]) -> None:
+    limited = {"authorization": "Bearer " + KeyStore(keys["_dir"]).add("qa-only", "runner", chains=["qa"])}
+    for path, body in [("/v1/completions", {"model": "tiny", "prompt": "Anything at all", "max_tokens": 2}),
+                       ("/v1/completions", {"model": "tiny", "prompt": "Anything", "max_tokens": 2, "stream": True}),
+                       ("/v1/chat/completions", {"model": "chat", "max_tokens": 2,
+                                                 "messages": [{"role": "user", "content": "Anything"}]})]:
+        refused = client.post(path, headers=limited, json=body)
+        assert refused.status_code == 403 and "qa" in refused.json()["error"]["message"], (path, refused.text)
+    assert client.post("/v1/chains/qa/invoke", headers=limited, json={"inputs": {"question": "q"}}).json()[
+        "status"] == "ok"
+
+
 def test_the_workbench_remote_backend_calls_the_served_models(server: Server, keys: dict[str, str],
                                                               bench: wb.Workbench) -> None:
     direct = bench.chain({"name": "direct", "hops": [{"name": "a", "model": "tiny", "prompt": "Q: {{ q }}\nA:",

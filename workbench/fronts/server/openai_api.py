@@ -8,7 +8,8 @@ Enough of the OpenAI API for other tools, and this workbench's own remote backen
 Unlike OpenAI, ``temperature`` defaults to 0 (greedy), the workbench's own default. Other fields are
 ignored, as OpenAI-compatible servers do. Each request goes through the engine as a direct model
 call (its own ``text_completion`` span, in the caller's trace when a ``traceparent`` came with it).
-Calling a model is the ``chains.invoke`` action; listing them is ``models.list``.
+Calling a model is the ``chains.invoke`` action, refused to a caller limited to some chains; listing them is
+``models.list``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from starlette.routing import Route
 
 from workbench.engine import GenerationParams
 from workbench.engine.engine import Call
-from workbench.errors import UnknownModelError
+from workbench.errors import Forbidden, UnknownModelError
 from workbench.fronts.server import envelope as env
 from workbench.fronts.server.envelope import ErrorResponse, RequestError, error_detail
 
@@ -73,9 +74,11 @@ def routes(gateway: Gateway) -> list[Route]:
         return gateway.reply(request, {"object": "list", "data": listed})
 
     async def completions(request: Request, who: Principal | None) -> Response:
+        _check_unlimited(gateway, who)
         return await _complete(gateway, request, chat=False)
 
     async def chat(request: Request, who: Principal | None) -> Response:
+        _check_unlimited(gateway, who)
         return await _complete(gateway, request, chat=True)
 
     r = gateway.route
@@ -125,6 +128,19 @@ async def _complete(gateway: Gateway, request: Request, chat: bool) -> Response:
     call = Call(body.model, prompt, params, span, messages=messages)
     return StreamingResponse(_stream(gateway, request, call, ident, chat, include_usage),
                              media_type="text/event-stream", headers={"cache-control": "no-cache"})
+
+
+def _check_unlimited(gateway: Gateway, who: Principal | None) -> None:
+    """Refuse a direct model call (403) to a caller limited to some chains, by its key, token or role: a prompt of its
+    own choosing to the model would run in none of them, so the limit would mean nothing."""
+    if who is None:
+        return
+    role = gateway.auth.roles.get(who.role)
+    limited = who.chains if who.chains is not None else role.chains if role is not None else None
+    if limited is not None:
+        raise Forbidden(f"{who.name!r} may invoke only chains {', '.join(sorted(limited)) or '(none)'}, not call a "
+                        "model directly", hint="call one of those chains (POST /v1/chains/NAME/invoke), or use a key "
+                        "that is not limited to chains")
 
 
 def _check_sampling(body: CompletionRequest) -> None:
