@@ -245,7 +245,7 @@ def test_other_runaway_templates_are_template_errors(tiny_bench: wb.Workbench, p
     [
         ("{% set l = [question] %}{% for i in range(40) %}{{ l.extend(l) or '' }}{% endfor %}",
          "attribute 'extend' of 'list' object is unsafe"),
-        ("{% set d = {} %}{% for i in range(10**5) %}{{ d.update({i: question * 10**7}) or '' }}{% endfor %}",
+        ("{% set d = {} %}{% for i in range(10**5) %}{{ d.update({i: question * 10**6}) or '' }}{% endfor %}",
          "attribute 'update' of 'dict' object is unsafe"),
         ("{{ question.encode() * 10**11 }}", "10,000,000 characters"),
         ("{{ question.encode().center(10**11) }}", "10,000,000 characters"),
@@ -267,6 +267,43 @@ def test_templates_that_would_fill_memory_in_one_step_are_refused_before_they_do
     ok = _llm_chain(tiny_bench, "{{ [question, 'b']|tojson(2) }} {{ lipsum(1, html=False)|length > 0 }} "
                                 "{{ question.encode()|length }} {{ 'abc'.translate({97: 'AA'}) }}")
     assert ok.run(question="q").ok
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "{% set xs = range(100000)|list %}{{ [xs] * 100000 }}",
+        "{% set xs = range(100000)|list %}{{ ([xs] * 100000)|string|length }}",
+        "{% set xs = range(100000)|list %}{{ ([xs] * 100000)|tojson|length }}",
+        "{% set xs = range(100000)|list %}{{ ([xs] * 100000)|join|length }}",
+        "{% set xs = range(100000)|list %}{{ question ~ [xs] * 100000 }}",
+        "{% set xs = range(100000)|list %}{{ '%s' % ([xs] * 100000,) }}",
+        "{% set xs = range(100000)|list %}{{ '{}'.format([xs] * 100000) }}",
+        "{% set a = [question] %}" + "{% set a = [a, a] %}" * 40 + "{{ a }}",
+        "{% set a = {'k': question} %}" + "{% set a = {'x': a, 'y': a} %}" * 40 + "{{ a|pprint }}",
+        "{% set ns = namespace(xs=range(100000)|list) %}{{ [ns] * 100000 }}",
+    ],
+    ids=["output", "string", "tojson", "join", "tilde", "percent", "str-format", "doubling-list", "doubling-dict",
+         "namespace"],
+)
+def test_a_list_that_holds_another_many_times_is_refused_before_it_becomes_text(
+        tiny_bench: wb.Workbench, prompt: str) -> None:
+    # A few kilobytes of lists whose text would be tens of gigabytes: str() of them is one C call no clock stops.
+    with pytest.raises(wb.HopFailed, match="holds another many times over") as info:
+        _llm_chain(tiny_bench, prompt).run(question="q")
+    assert isinstance(info.value.cause, wb.TemplateError)
+    ok = _llm_chain(tiny_bench, "{% set a = [question] %}{% set a = [a, a] %}{{ a }} {{ ([a] * 1000)|length }}")
+    assert ok.run(question="q").ok
+
+
+def test_what_a_render_makes_in_all_is_bounded(tiny_bench: wb.Workbench) -> None:
+    # Each item is within the bounds; 100,000 of them, kept in one list, would be a terabyte.
+    with pytest.raises(wb.HopFailed, match="made more than 200,000,000 characters and items in all") as info:
+        _llm_chain(tiny_bench, "{{ range(100000)|map('string')|map('center', 10**7)|list|length }}").run(question="q")
+    assert isinstance(info.value.cause, wb.TemplateError)
+    # The count starts afresh with each render.
+    chain = _llm_chain(tiny_bench, "{{ range(10)|map('string')|map('center', 10**7)|list|length }}{{ question }}")
+    assert all(chain.run(question="q").ok for _ in range(30))
 
 
 @pytest.mark.parametrize(

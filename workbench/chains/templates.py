@@ -7,7 +7,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, KeysView, Mapping, ValuesView
 from typing import Any
 
 from jinja2 import (
@@ -32,7 +32,7 @@ from jinja2.filters import (
     sync_do_slice,
 )
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
-from jinja2.utils import generate_lorem_ipsum
+from jinja2.utils import Namespace, generate_lorem_ipsum
 from jinja2.visitor import NodeTransformer
 
 from workbench.errors import TemplateError
@@ -45,6 +45,9 @@ MAX_ITEMS = 100_000
 MAX_INT_BITS = 100_000
 MAX_JSON_INDENT = 64  # what |tojson may indent by: pretty JSON takes 2 or 4; each nested line repeats it
 MAX_LIPSUM_WORDS = 1_000_000  # paragraphs times words per paragraph that lipsum() may make (some 7 MB of text)
+# What one render may make in all (characters of text, items of lists), kept or not: each step is bounded
+# above, but a filter mapped over 100,000 items (|map('center', 10**7)|list) makes 100,000 bounded steps.
+MAX_MADE = 20 * MAX_PROMPT_CHARS
 DEFAULT_RENDER_S = 10.0  # the time a template may take to render when its hop has no timeout_s
 _CHECK_EVERY = 1024  # loop iterations between looks at the clock
 
@@ -62,6 +65,7 @@ class _Budget(threading.local):
 
     deadline: float = math.inf
     seconds: float = DEFAULT_RENDER_S
+    made: int = 0  # characters and items the render running on this thread has made so far
 
 
 _budget = _Budget()
@@ -81,6 +85,75 @@ def _check_size(value: Any) -> Any:
     if isinstance(value, (list, tuple, dict, set)) and len(value) > MAX_ITEMS:
         raise _Exceeded(f"the prompt template made a collection of more than {MAX_ITEMS:,} items")
     return value
+
+
+def _made(value: Any) -> Any:
+    """Count what a call, operator or filter made against the render's MAX_MADE; returns ``value``."""
+    if _budget.deadline != math.inf and isinstance(value, (*_TEXT, list, tuple, dict, set)):
+        _budget.made += len(value)
+        if _budget.made > MAX_MADE:
+            raise _Exceeded(f"the prompt template made more than {MAX_MADE:,} characters and items in all")
+    return value
+
+
+_CONTAINERS = (list, tuple, set, frozenset, dict, KeysView, ValuesView, Namespace)
+
+
+def _check_text_of(*values: Any) -> None:
+    """Refuse values whose text would pass MAX_PROMPT_CHARS, before anything makes it.
+
+    A list may hold another many times over at no cost (``[xs] * 100000``, ``[a, a]`` nested), and its
+    text repeats each copy: one ``str()`` of a few kilobytes of lists can be gigabytes, made in a C loop
+    no clock can stop. This sizes the text each container would show, once per container (a copy held
+    again costs one lookup), and stops at the bound.
+    """
+    sizes: dict[int, int] = {}  # id of a container -> the length of its text, as far as counted
+    for value in values:
+        if isinstance(value, _CONTAINERS):
+            _text_size(value, sizes)
+
+
+def _text_size(root: Any, sizes: dict[int, int]) -> None:
+    on_path: set[int] = set()  # containers whose children are being sized: one met again is a cycle, shown '[...]'
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    steps = 0
+    while stack:
+        node, children_sized = stack.pop()
+        steps += 1
+        if steps % _CHECK_EVERY == 0:
+            _tick()
+        key = id(node)
+        if children_sized:
+            on_path.discard(key)
+            children = _children(node)
+            total = 2 + (4 if isinstance(node, Mapping) else 2) * len(children)
+            for child in children:
+                total += sizes.get(id(child), 5) if isinstance(child, _CONTAINERS) else _leaf_size(child)
+                if total > MAX_PROMPT_CHARS:
+                    raise _Exceeded(f"the prompt template would make a text longer than {MAX_PROMPT_CHARS:,} "
+                                    "characters (of a list or mapping that holds another many times over)")
+            sizes[key] = total
+        elif key not in sizes and key not in on_path:
+            on_path.add(key)
+            stack.append((node, True))
+            stack.extend((child, False) for child in _children(node)
+                         if isinstance(child, _CONTAINERS) and id(child) not in sizes and id(child) not in on_path)
+
+
+def _children(node: Any) -> list[Any]:
+    if isinstance(node, Namespace):
+        return [object.__getattribute__(node, "_Namespace__attrs")]
+    if isinstance(node, Mapping):
+        return [*node.keys(), *node.values()]
+    return list(node)
+
+
+def _leaf_size(value: Any) -> int:
+    if isinstance(value, _TEXT):
+        return len(value) + 2
+    if _is_int(value):
+        return 1 + value.bit_length() * 3 // 10
+    return 1
 
 
 def _check_chars(count: int) -> None:
@@ -103,6 +176,12 @@ def _bounded_iter(iterable: Iterable[Any]) -> Iterator[Any]:
         if index % _CHECK_EVERY == 0:
             _tick()
         yield item
+
+
+def _finalize(value: Any) -> Any:
+    """What every ``{{ value }}`` passes before Jinja makes it text."""
+    _check_text_of(value)
+    return value
 
 
 def _bounded_concat(parts: Iterable[str]) -> str:
@@ -209,16 +288,25 @@ def _bounded_filter(name: str, function: Callable[..., Any]) -> Callable[..., An
     its input (``escape``, ``urlencode``, ``tojson``) would otherwise grow text without bound when chained.
     """
 
+    text_of = name not in _FILTERS_THAT_MAKE_NO_TEXT
+
     @functools.wraps(function)  # keeps Jinja's pass_context / pass_eval_context marks
     def bounded(*args: Any, **kwargs: Any) -> Any:
         _tick()
-        return _check_size(function(*args, **kwargs))
+        if text_of:
+            _check_text_of(*args, *kwargs.values())
+        return _made(_check_size(function(*args, **kwargs)))
 
     bounded.__name__ = f"bounded_{name}"
     return bounded
 
 
 _STR_METHODS_WITH_WIDTH = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs"})
+# Filters that count, pick or regroup what they are given and make no text of it (the filters they map,
+# select or test with are checked on each item); every other filter's arguments pass _check_text_of.
+_FILTERS_THAT_MAKE_NO_TEXT = frozenset({"length", "count", "first", "last", "random", "list", "map", "select", "reject",
+                                        "selectattr", "rejectattr", "batch", "slice", "default", "d", "attr",
+                                        "items"})
 
 
 class _BoundedSandbox(ImmutableSandboxedEnvironment):
@@ -245,7 +333,8 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
 
     @staticmethod
     def bounded_tilde(*parts: Any) -> str:
-        return _bounded_concat(str(part) for part in parts)
+        _check_text_of(*parts)
+        return _made(_bounded_concat(str(part) for part in parts))
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         _tick()
@@ -261,7 +350,8 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
             _check_bits(abs(left).bit_length() * right)
         elif operator == "%" and isinstance(left, str):
             _check_format(left, right if isinstance(right, tuple) else [right])
-        return _check_size(super().call_binop(context, operator, left, right))
+            _check_text_of(right)
+        return _made(_check_size(super().call_binop(context, operator, left, right)))
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 - as Jinja names it
         _tick()
@@ -290,7 +380,8 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
             if isinstance(text, str):
                 _check_format(text, [*args, *kwargs.values(), *(v for a in args if isinstance(a, Mapping)
                                                                  for v in a.values())])
-        return _check_size(super().call(__context, __obj, *args, **kwargs))
+        _check_text_of(*args, *kwargs.values())
+        return _made(_check_size(super().call(__context, __obj, *args, **kwargs)))
 
     def getattr(self, obj: Any, attribute: str) -> Any:
         return _check_size(super().getattr(obj, attribute))
@@ -333,7 +424,7 @@ def _environment_call(name: str, args: list[nodes.Expr], lineno: int) -> nodes.C
 
 # One sandboxed environment for every template: attribute access to internals, code
 # execution through format strings and similar escapes are refused by the sandbox.
-_ENV = _BoundedSandbox(undefined=StrictUndefined, keep_trailing_newline=True, autoescape=False)
+_ENV = _BoundedSandbox(undefined=StrictUndefined, keep_trailing_newline=True, autoescape=False, finalize=_finalize)
 
 
 class PromptTemplate:
@@ -407,12 +498,12 @@ class PromptTemplate:
                                 field=self.field) from None
 
     def _render_bounded(self, values: Mapping[str, Any], seconds: float) -> str:
-        previous = _budget.deadline, _budget.seconds
-        _budget.deadline, _budget.seconds = time.monotonic() + seconds, seconds
+        previous = _budget.deadline, _budget.seconds, _budget.made
+        _budget.deadline, _budget.seconds, _budget.made = time.monotonic() + seconds, seconds, 0
         try:
             return self._template.render(**values)  # joined by _bounded_concat as it streams
         finally:
-            _budget.deadline, _budget.seconds = previous
+            _budget.deadline, _budget.seconds, _budget.made = previous
 
 
 def _plain_parts(parsed: nodes.Template, variables: frozenset[str]) -> tuple[tuple[str, bool], ...] | None:
