@@ -266,6 +266,9 @@ def test_errors_map_to_status_codes(server: GrpcServer, auth: Auth) -> None:
     assert not_json.code() is grpc.StatusCode.INVALID_ARGUMENT and "inputs_json" in not_json.details()
     not_object = refusal(server, pb.InvokeRequest(chain="qa", inputs_json="[1, 2]"), runner)
     assert not_object.code() is grpc.StatusCode.INVALID_ARGUMENT and "object" in not_object.details()
+    deep = refusal(server, pb.InvokeRequest(chain="qa", inputs_json='{"question": ' + "[" * 100_000 + "]" * 100_000
+                                            + "}"), runner)
+    assert deep.code() is grpc.StatusCode.INVALID_ARGUMENT and "nests too deeply" in deep.details()
 
 
 def test_a_failed_hop_answers_with_its_cause_and_names_the_run(server: GrpcServer, chains: dict[str, wb.Chain],

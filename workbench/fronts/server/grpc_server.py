@@ -394,6 +394,9 @@ def _inputs(text: str) -> dict[str, Any]:
     except msgspec.DecodeError as exc:
         raise RequestError(f"inputs_json is not JSON: {exc}", field="inputs_json",
                            hint='a JSON object of the chain\'s inputs, e.g. {"question": "..."}') from None
+    except RecursionError:
+        raise RequestError("inputs_json nests too deeply to read", field="inputs_json",
+                           hint="inputs need a few levels of nesting at most") from None
 
 
 def _json(value: Any) -> str:
