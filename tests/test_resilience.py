@@ -552,3 +552,21 @@ def test_a_request_finishes_once_even_when_its_worker_and_its_caller_race(models
     assert request.future.exception() is None
     stray = GenerationRequest("tiny", [1], GenerationParams(), models.tracing.start_span("stray"))
     assert stray.settle() is True and stray.settle() is False
+
+
+def test_a_bad_sampling_setting_is_refused_before_the_model_and_never_counts_against_its_breaker(
+    tiny_path: Path,
+) -> None:
+    # temperature=-1 used to reach generate, whose ValueError counted as the model's failure: a few such calls
+    # opened the breaker for every other caller.
+    with wb.Workbench(store=wb.InMemoryContextStore()) as bench:
+        bench.load("tiny", tiny_path, device="cpu")
+        bench.set_breaker("tiny", failure_threshold=2)
+        bad = [{"temperature": -1}, {"temperature": float("nan")}, {"temperature": 0.7, "top_p": 0},
+               {"top_p": 1.5}, {"top_k": -1}]
+        for params in bad:
+            with pytest.raises(wb.InvalidInput, match="temperature|top_p|top_k"):
+                bench.generate("tiny", "Hello", max_new_tokens=2, **params)
+        breaker = bench.breakers().set_index("model").loc["tiny"]
+        assert (breaker["state"], breaker["failures"]) == ("closed", 0)
+        assert bench.generate("tiny", "Hello", max_new_tokens=2).tokens_out == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import re
 import threading
 import time
@@ -49,6 +50,18 @@ class GenerationParams:
     top_k: int = 0
     seed: int | None = None
     truncate: Literal["error", "left"] = "error"
+
+    def __post_init__(self) -> None:
+        # The model refuses these deep inside generate, where its ValueError would count against its circuit breaker:
+        # a caller's bad setting would open it for everyone. Refused here, on every path (bench.generate, a server
+        # front, a hop), before a request exists.
+        t, p, k = self.temperature, self.top_p, self.top_k
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t >= 0):
+            raise InvalidInput(f"temperature must be a finite number >= 0 (0 is greedy), not {t!r}")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 <= p <= 1) or (p == 0 and t > 0):
+            raise InvalidInput(f"top_p must be a number in (0, 1] when sampling, not {p!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise InvalidInput(f"top_k must be an integer >= 0 (0 turns it off), not {k!r}")
 
     @property
     def greedy(self) -> bool:
