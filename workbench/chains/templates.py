@@ -97,6 +97,16 @@ def _made(value: Any) -> Any:
 
 
 _CONTAINERS = (list, tuple, set, frozenset, dict, KeysView, ValuesView, Namespace)
+# Exact types answered without the ABC checks KeysView and ValuesView cost on every value (most are text).
+_PLAIN_CONTAINERS = frozenset({list, tuple, set, frozenset, dict})
+_PLAIN_LEAVES = frozenset({str, bytes, bytearray, int, float, bool, type(None)})
+
+
+def _is_container(value: Any) -> bool:
+    kind = type(value)
+    if kind in _PLAIN_CONTAINERS:
+        return True
+    return kind not in _PLAIN_LEAVES and isinstance(value, _CONTAINERS)
 
 
 def _check_text_of(*values: Any) -> None:
@@ -109,7 +119,7 @@ def _check_text_of(*values: Any) -> None:
     """
     sizes: dict[int, int] = {}  # id of a container -> the length of its text, as far as counted
     for value in values:
-        if isinstance(value, _CONTAINERS):
+        if _is_container(value):
             _text_size(value, sizes)
 
 
@@ -126,9 +136,9 @@ def _text_size(root: Any, sizes: dict[int, int]) -> None:
         if children_sized:
             on_path.discard(key)
             children = _children(node)
-            total = 2 + (4 if isinstance(node, Mapping) else 2) * len(children)
+            total = 2 + (4 if type(node) is dict or isinstance(node, Mapping) else 2) * len(children)
             for child in children:
-                total += sizes.get(id(child), 5) if isinstance(child, _CONTAINERS) else _leaf_size(child)
+                total += sizes.get(id(child), 5) if _is_container(child) else _leaf_size(child)
                 if total > MAX_PROMPT_CHARS:
                     raise _Exceeded(f"the prompt template would make a text longer than {MAX_PROMPT_CHARS:,} "
                                     "characters (of a list or mapping that holds another many times over)")
@@ -137,10 +147,12 @@ def _text_size(root: Any, sizes: dict[int, int]) -> None:
             on_path.add(key)
             stack.append((node, True))
             stack.extend((child, False) for child in _children(node)
-                         if isinstance(child, _CONTAINERS) and id(child) not in sizes and id(child) not in on_path)
+                         if _is_container(child) and id(child) not in sizes and id(child) not in on_path)
 
 
 def _children(node: Any) -> list[Any]:
+    if type(node) is dict:
+        return [*node.keys(), *node.values()]
     if isinstance(node, Namespace):
         return [object.__getattribute__(node, "_Namespace__attrs")]
     if isinstance(node, Mapping):
@@ -354,6 +366,8 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
         return _made(_check_size(super().call_binop(context, operator, left, right)))
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 - as Jinja names it
+        if __obj is _bounded_iter:  # a {% for %} makes no text of what it loops over: nothing to size
+            return _bounded_iter(*args)
         _tick()
         name = getattr(__obj, "__name__", None)
         owner = getattr(__obj, "__self__", None)
