@@ -570,3 +570,36 @@ def test_a_bad_sampling_setting_is_refused_before_the_model_and_never_counts_aga
         breaker = bench.breakers().set_index("model").loc["tiny"]
         assert (breaker["state"], breaker["failures"]) == ("closed", 0)
         assert bench.generate("tiny", "Hello", max_new_tokens=2).tokens_out == 2
+
+
+def test_a_run_refused_for_a_huge_prompt_keeps_its_error_but_not_the_prompts_token_ids(models: wb.Workbench) -> None:
+    # The refusal's traceback held the engine's frames, and with them the prompt's 180 000 token ids (about 12 MB a
+    # failed run, kept with the run: a served gateway's memory, filled by one caller's failing requests).
+    import gc
+    import traceback
+    import tracemalloc
+
+    chain = qa(models)
+    question = "word " * 180_000  # 0.9 MB of text
+
+    def fail() -> wb.HopFailed:
+        with pytest.raises(wb.HopFailed) as info:
+            chain.run(question=question)
+        assert isinstance(info.value.cause, ContextWindowExceeded)
+        return info.value
+
+    fail()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(4):
+            fail()
+        gc.collect()
+        per_run = (tracemalloc.get_traced_memory()[0] - before) / 4
+    finally:
+        tracemalloc.stop()
+    assert per_run < 3 * len(question), f"{per_run / 2**20:.1f} MB kept per failed run"
+    error = models.runs()[-1].error
+    assert isinstance(error.cause, ContextWindowExceeded) and "context window" in str(error.cause)
+    assert "self.engine.acall(call)" in "".join(traceback.format_exception(error.cause))  # its traceback still prints

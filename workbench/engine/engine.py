@@ -28,7 +28,7 @@ from workbench.engine.replicas import Replica, ReplicaSet, continuous_on_shared,
 from workbench.engine.requests import GenerationParams, GenerationRequest, GenerationResult, Messages
 from workbench.engine.wakeups import Wakeups
 from workbench.engine.worker import ModelWorker
-from workbench.errors import HopTimeout, ModelLoadError, ModelUnhealthy, RunCancelled, SettingsError, UnknownModelError
+from workbench.errors import HopTimeout, ModelLoadError, ModelUnhealthy, RunCancelled, SettingsError, UnknownModelError, WorkbenchError
 from workbench.models.fingerprint import model_identity
 from workbench.errors import AdapterError
 from workbench.models.adapters import AdapterLease, AdapterSet
@@ -499,7 +499,10 @@ class Engine:
                     raise
             except Exception as exc:
                 self._refuse(model, span, exc)
-                answers.append(exc)
+                # A refusal of the workbench's own says all in its message; its traceback would keep this frame, and
+                # with it every prompt's token ids (megabytes for a prompt far past the window), for as long as the
+                # run that holds the error is kept.
+                answers.append(exc.with_traceback(None) if isinstance(exc, WorkbenchError) else exc)
                 continue
             if lease is not None:
                 span.set_attributes({attr.ADAPTER_NAME: lease.name, attr.ADAPTER_VERSION: lease.version,
