@@ -97,7 +97,8 @@ hops:
 
 
 BAD_HOPS = [
-    ("retry: {attempts: 0}", "retry.attempts", "an integer >= 1"),
+    ("retry: {attempts: 0}", "retry.attempts", "an integer from 1 to 100"),
+    ("retry: {attempts: 1000000000, backoff_ms: 0}", "retry.attempts", "an integer from 1 to 100"),  # never ended
     ("retry: {attmpts: 3}", "attmpts", "did you mean 'attempts'"),
     ("retry: {on: [timout]}", "retry.on", "did you mean 'timeout'"),
     ("retry: {backoff_ms: 500, max_backoff_ms: 100}", "retry.max_backoff_ms", "at least backoff_ms"),

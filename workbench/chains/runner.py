@@ -63,7 +63,9 @@ def check_inputs(spec: ChainSpec, inputs: Mapping[str, Any], session: str | None
         users = {m: [h.name for h in spec.hops if m in h.inputs] for m in missing}
         detail = "; ".join(f"{m!r} (used by {', '.join(users[m]) or 'the spec'})" for m in missing)
         # A misspelt input shows up both as missing and as extra; name the likely typo.
-        typos = [(e, close[0]) for e in extra if (close := difflib.get_close_matches(e, missing, n=1))]
+        # Only the first few: each match is a fuzzy comparison with every missing name, and a request may send
+        # thousands of stray names (its check runs on the loop that every run walks on).
+        typos = [(e, close[0]) for e in extra[:16] if (close := difflib.get_close_matches(e, missing, n=1))]
         if typos:
             detail += f"; got {typos[0][0]!r} (did you mean {typos[0][1]!r}?)"
         raise MissingInputError(

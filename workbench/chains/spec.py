@@ -41,6 +41,8 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # has tens of values, so past this many the loader refuses rather than building them.
 MAX_SPEC_VALUES = 100_000
 MAX_SECONDS = 86_400  # a timeout or retry budget longer than a day is a typo, and past TIMEOUT_MAX Python refuses it
+# More tries than this is a typo or an attack (retry: {attempts: 1000000000, backoff_ms: 0} on a failing hop never ends).
+MAX_ATTEMPTS = 100
 MAX_SEED = 2**63 - 1  # what torch.manual_seed takes
 # Values in error messages are shown cut short: a value may be a deep or shared nest that a full repr never finishes.
 _SHORT = reprlib.Repr()
@@ -740,8 +742,8 @@ def _retry(value: Any, name: str, path: tuple[Any, ...], lines: _Lines) -> Retry
 
     settings: dict[str, Any] = {}
     if "attempts" in value:
-        if not _is_int(value["attempts"]) or value["attempts"] < 1:
-            raise bad("attempts", "an integer >= 1 (every try, the first included)")
+        if not _is_int(value["attempts"]) or not 1 <= value["attempts"] <= MAX_ATTEMPTS:
+            raise bad("attempts", f"an integer from 1 to {MAX_ATTEMPTS} (every try, the first included)")
         settings["attempts"] = value["attempts"]
     for key in ("backoff_ms", "max_backoff_ms"):
         if key in value:
