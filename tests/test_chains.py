@@ -106,6 +106,9 @@ hops:
                      ["'history' is reserved"], id="reserved-hop-name"),
         pytest.param(HOP_HEAD.replace("hops:", "inputs: [session]\nhops:"), None, "inputs", 2,
                      ["'session' is reserved"], id="reserved-input"),
+        pytest.param("name: qa\nhops:\n" + "".join(f"  - {{name: h{i}, call: workbench.demo:canned_answer}}\n"
+                                                      for i in range(501)), None, "hops", 2,
+                     ["the chain has 501 hops; at most 500"], id="too-many-hops"),
     ],
 )
 def test_spec_errors_say_where(

@@ -43,6 +43,9 @@ MAX_SPEC_VALUES = 100_000
 MAX_SECONDS = 86_400  # a timeout or retry budget longer than a day is a typo, and past TIMEOUT_MAX Python refuses it
 # More tries than this is a typo or an attack (retry: {attempts: 1000000000, backoff_ms: 0} on a failing hop never ends).
 MAX_ATTEMPTS = 100
+# A chain of more hops than this is generated or hostile: every run checks each hop against the earlier ones, and a
+# Python hop without `uses` reads them all (3 000 hops held a served gateway's loop ~0.9 s a run).
+MAX_HOPS = 500
 MAX_SEED = 2**63 - 1  # what torch.manual_seed takes
 # Values in error messages are shown cut short: a value may be a deep or shared nest that a full repr never finishes.
 _SHORT = reprlib.Repr()
@@ -254,6 +257,9 @@ def parse_spec(
             line=lines.of("hops"),
             hint="each hop is a mapping with a name and either model + prompt, or call",
         )
+    if len(hops_data) > MAX_HOPS:
+        raise SpecError(f"the chain has {len(hops_data)} hops; at most {MAX_HOPS} are allowed", field="hops",
+                        line=lines.of("hops"), hint="split it into several chains, or join steps into fewer hops")
     declared = _declared_inputs(data, lines)
     hop_names = _hop_names(hops_data, lines)
     hops = [
