@@ -568,6 +568,8 @@ def test_a_bad_sampling_setting_is_refused_before_the_model_and_never_counts_aga
         for params in bad:
             with pytest.raises(wb.InvalidInput, match="temperature|top_p|top_k"):
                 bench.generate("tiny", "Hello", max_new_tokens=2, **params)
+        with pytest.raises(wb.InvalidInput, match="no setting 'max_new_token' \\(did you mean 'max_new_tokens'\\?\\)"):
+            bench.generate("tiny", "Hello", max_new_token=2)  # was a bare TypeError
         breaker = bench.breakers().set_index("model").loc["tiny"]
         assert (breaker["state"], breaker["failures"]) == ("closed", 0)
         assert bench.generate("tiny", "Hello", max_new_tokens=2).tokens_out == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import difflib
 import functools
 import logging
 import os
@@ -39,7 +40,7 @@ from workbench.engine.balancing import BalancePolicy, parse_balance
 from workbench.engine.faults import Faults
 from workbench.engine.prober import HealthChecks
 from workbench.engine.batching import POLICY_FORMS, parse_policy
-from workbench.errors import AdapterError, HopFailed, SettingsError, StrategyError, WorkbenchClosed, WorkbenchError
+from workbench.errors import AdapterError, HopFailed, InvalidInput, SettingsError, StrategyError, WorkbenchClosed, WorkbenchError
 from workbench.knowledge import GraphStore, KnowledgeGraph, resolve
 from workbench.models import heap
 from workbench.engine.preloading import Eager, PreloadingStrategy, parse_preloading
@@ -430,6 +431,13 @@ class Workbench:
         """One direct model call, outside any chain (traced as its own text_completion span); ``adapter`` names
         one of the model's LoRA adapters."""
         self.check_open("generate")
+        known = [f.name for f in dataclasses.fields(GenerationParams)]
+        unknown = [key for key in params if key not in known]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], known, n=1)
+            raise InvalidInput(f"generate() takes no setting {unknown[0]!r}"
+                               + (f" (did you mean {close[0]!r}?)" if close else ""),
+                               hint=f"its settings: {', '.join(known)}")
         return self.engine.generate(model, prompt, GenerationParams(**params), adapter=adapter)
 
     # -- resilience ----------------------------------------------------------------------------
