@@ -35,6 +35,18 @@ def check_text(text: str, what: str) -> None:
         )
 
 
+def sampling_problem(temperature: Any, top_p: Any, top_k: Any) -> tuple[str, str] | None:
+    """What is wrong with these sampling settings, as (the setting, why), or None: the rules GenerationParams keeps."""
+    t, p, k = temperature, top_p, top_k
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t >= 0):
+        return "temperature", f"temperature must be a finite number >= 0 (0 is greedy), not {t!r}"
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 <= p <= 1) or (p == 0 and t > 0):
+        return "top_p", f"top_p must be a number in (0, 1] when sampling, not {p!r}"
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        return "top_k", f"top_k must be an integer >= 0 (0 turns it off), not {k!r}"
+    return None
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     """Generation settings of one request; requests share a batch only if these are equal.
@@ -55,13 +67,9 @@ class GenerationParams:
         # The model refuses these deep inside generate, where its ValueError would count against its circuit breaker:
         # a caller's bad setting would open it for everyone. Refused here, on every path (bench.generate, a server
         # front, a hop), before a request exists.
-        t, p, k = self.temperature, self.top_p, self.top_k
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t >= 0):
-            raise InvalidInput(f"temperature must be a finite number >= 0 (0 is greedy), not {t!r}")
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 <= p <= 1) or (p == 0 and t > 0):
-            raise InvalidInput(f"top_p must be a number in (0, 1] when sampling, not {p!r}")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise InvalidInput(f"top_k must be an integer >= 0 (0 turns it off), not {k!r}")
+        problem = sampling_problem(self.temperature, self.top_p, self.top_k)
+        if problem is not None:
+            raise InvalidInput(problem[1])
 
     @property
     def greedy(self) -> bool:

@@ -15,7 +15,6 @@ Calling a model is the ``chains.invoke`` action, refused to a caller limited to 
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -28,6 +27,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from workbench.engine import GenerationParams
+from workbench.engine.requests import sampling_problem
 from workbench.engine.engine import Call
 from workbench.errors import Forbidden, UnknownModelError
 from workbench.fronts.server import envelope as env
@@ -144,18 +144,11 @@ def _check_unlimited(gateway: Gateway, who: Principal | None) -> None:
 
 
 def _check_sampling(body: CompletionRequest) -> None:
-    """Refuse sampling settings the model would refuse (422): as the model's own failure they would count against
-    its circuit breaker, so a few bad requests from one caller would open it for every other."""
-    temperature, top_p, top_k = body.temperature, body.top_p, body.top_k
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise RequestError(f"temperature must be a finite number >= 0 (0 is greedy), not {temperature}",
-                           field="$.temperature", status=422)
-    if not (math.isfinite(top_p) and 0 <= top_p <= 1) or (top_p == 0 and temperature > 0):
-        raise RequestError(f"top_p must be a number in (0, 1] when sampling, not {top_p}", field="$.top_p",
-                           status=422)
-    if top_k < 0:
-        raise RequestError(f"top_k must be an integer >= 0 (0 turns it off), not {top_k}", field="$.top_k",
-                           status=422)
+    """Refuse sampling settings the model would refuse (422, naming the field) before GenerationParams does (as an
+    InvalidInput with no field): as the model's own failure they would count against its circuit breaker."""
+    problem = sampling_problem(body.temperature, body.top_p, body.top_k)
+    if problem is not None:
+        raise RequestError(problem[1], field=f"$.{problem[0]}", status=422)
 
 
 async def _stream(gateway: Gateway, request: Request, call: Call, ident: str, chat: bool,
