@@ -10,7 +10,6 @@ import logging
 import os
 import threading
 import time
-import traceback
 import weakref
 from collections.abc import Callable, Coroutine
 from concurrent.futures import CancelledError, Future
@@ -96,19 +95,6 @@ class Session:
                 for r in self.records()
             ]
         )
-
-
-def _clear_frames(error: BaseException) -> None:
-    """Free the locals of the frames ``error``, its cause and its context passed through; the tracebacks still print."""
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [error]
-    while stack:
-        exc = stack.pop()
-        if exc is None or id(exc) in seen:
-            continue
-        seen.add(id(exc))
-        traceback.clear_frames(exc.__traceback__)
-        stack += [exc.__cause__, exc.__context__, getattr(exc, "cause", None)]
 
 
 class Workbench:
@@ -730,11 +716,6 @@ class Workbench:
         if self._closed and run.error is not None:
             # close() took the models from under this run: say that, not the engine's "no model named ...".
             run.error = HopFailed(run.error.hop, WorkbenchClosed(f"finish running chain {spec.name!r}"), run)
-        if run.error is not None and isinstance(run.error.cause, WorkbenchError):
-            # The workbench's own refusal (a prompt past the window, an open breaker) says all in its message; the
-            # locals of the frames it passed through (the prompt, its token ids) need not live as long as the run is
-            # kept. Its traceback still prints. A cause raised by user code keeps its locals, for a debugger.
-            _clear_frames(run.error)
         with self._runs_lock:
             self._runs[run.id] = run
             while len(self._runs) > MAX_RUNS_KEPT:

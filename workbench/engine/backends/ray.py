@@ -120,17 +120,13 @@ def release() -> None:
     alone, as is a connection the caller replaced with one of its own.
     """
     global _ours
-    ray = _ray_if_imported()
+    ray = sys.modules.get("ray")  # never imported just to find it was not used
     with _connection_lock:
         if _ours is None or _open or ray is None:
             return
         ours, _ours = _ours, None
     if ray.is_initialized() and _gcs(ray) == ours[1]:
         ray.shutdown()
-
-
-def _ray_if_imported() -> Any:
-    return sys.modules.get("ray")  # release() never imports Ray just to find it was not used
 
 
 def _opened(change: int) -> None:
