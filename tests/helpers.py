@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -30,6 +31,33 @@ def eventually(condition: Callable[[], bool], what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.005)
+
+
+class Concurrency:
+    """How many calls of a function run at once now, and the most that ever did."""
+
+    def __init__(self) -> None:
+        self.now = self.peak = 0
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> None:
+        with self._lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self.now -= 1
+
+
+SLOW_ECHO = Concurrency()
+
+
+def slow_echo(question: str) -> str:
+    """A Python hop that takes 50 ms and counts how many of it run at once (``SLOW_ECHO``)."""
+    with SLOW_ECHO:
+        time.sleep(0.05)
+    return question
 
 
 QA_SPEC = {

@@ -243,7 +243,7 @@ def rpc(method: str, params: Any = None, ident: Any = 1) -> dict[str, Any]:
     return call
 
 
-def test_jsonrpc_single_call(client: httpx.Client, keys: dict[str, str]) -> None:
+def test_jsonrpc_single_call(client: httpx.Client, keys: dict[str, str], bench: wb.Workbench) -> None:
     answer = client.post("/rpc", headers=key(keys, "alice"),
                          json=rpc("chain.invoke", {"chain": "qa", "inputs": {"question": "2 + 2?"}}, "a1")).json()
     assert answer["id"] == "a1" and answer["result"]["status"] == "ok"
@@ -251,6 +251,9 @@ def test_jsonrpc_single_call(client: httpx.Client, keys: dict[str, str]) -> None
     assert run.json()["result"]["output"] == answer["result"]["output"]
     models = client.post("/rpc", headers=key(keys, "val"), json=rpc("models.list")).json()["result"]
     assert {m["name"] for m in models} >= {"tiny", "chat"}
+    assert not any("source" in m for m in models)  # the server's paths are for its admins
+    listed = client.post("/rpc", headers=key(keys, "root"), json=rpc("models.list")).json()["result"]
+    assert {m["name"]: m["source"] for m in listed}["tiny"] == str(bench.registry.get("tiny").source)
 
 
 def test_jsonrpc_batch_answers_each_call_and_maps_errors(client: httpx.Client, keys: dict[str, str]) -> None:
@@ -493,6 +496,60 @@ def test_rate_limited_callers_get_429_with_retry_after(bench: wb.Workbench, keys
         refused = c.get("/v1/chains", headers=key(keys, "val"))
         assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
         assert c.get("/v1/chains", headers=key(keys, "root")).status_code == 200  # another caller's own bucket
+
+
+def test_a_batch_holds_a_run_slot_for_each_run_it_keeps_in_flight(bench: wb.Workbench, keys: dict[str, str]) -> None:
+    """``max_in_flight`` bounds the runs in flight however callers bunch them: two batches of 6 (concurrency 6) and
+    a single call, on a server of 2 slots, never run more than 2 at once, and every answer is the caller's own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import helpers
+
+    chain = bench.chain({"name": "slow", "hops": [{"name": "echo", "call": "helpers:slow_echo"}], "output": "echo"})
+    helpers.SLOW_ECHO.peak = 0
+    auth = Auth(keys["_dir"], rate_per_s=None)
+    with bench.serve(chains=[chain], port=0, auth=auth, max_in_flight=2) as served:
+        def post(path: str, body: dict[str, Any]) -> httpx.Response:
+            with httpx.Client(base_url=served.url, timeout=60) as c:
+                return c.post(path, headers=key(keys, "alice"), json=body)
+
+        batches = [[{"question": f"{b}-{i}"} for i in range(6)] for b in range(2)]
+        with ThreadPoolExecutor(3) as pool:
+            sent = [pool.submit(post, "/v1/chains/slow/batch", {"inputs": inputs, "concurrency": 6})
+                    for inputs in batches]
+            alone = pool.submit(post, "/v1/chains/slow/invoke", {"inputs": {"question": "alone"}})
+            answers = [future.result() for future in sent]
+            assert alone.result().json()["output"] == "alone"
+    for inputs, answer in zip(batches, answers):
+        assert answer.status_code == 200, answer.text
+        assert [run["output"] for run in answer.json()["runs"]] == [item["question"] for item in inputs]
+    assert helpers.SLOW_ECHO.peak == 2  # 2, not 13: each batch ran on as many slots as it held
+
+
+def test_run_slots_serve_waiters_in_turn_and_a_cancelled_waiter_gives_its_place_up() -> None:
+    import asyncio
+
+    from workbench.fronts.server.gateway import RunSlots
+
+    async def scenario() -> None:
+        slots = RunSlots(4)
+        await slots.acquire(3)
+        big = asyncio.ensure_future(slots.acquire(4))
+        await asyncio.sleep(0)
+        small = asyncio.ensure_future(slots.acquire(1))  # one is free, but it waits its turn behind the batch
+        await asyncio.sleep(0)
+        assert not big.done() and not small.done() and slots.free == 1
+        big.cancel()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert big.cancelled() and small.done() and slots.free == 0
+        slots.release(3)
+        slots.release(1)
+        assert slots.free == 4
+        with pytest.raises(ValueError, match="1 to 4 slots"):
+            await slots.acquire(5)
+
+    asyncio.run(scenario())
 
 
 def test_serving_without_credentials_is_for_loopback_only(bench: wb.Workbench) -> None:

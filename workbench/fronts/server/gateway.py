@@ -6,6 +6,8 @@ a run starts: is the client's address locked out for failed logins (429), who is
 they (403), within their rate (429, ``Retry-After``), and is the body small enough (413). A request
 that starts several runs (``/batch``, JSON-RPC) pays one at the door and the rest once its body,
 read under the size limit, says how many (:meth:`Gateway.charge`): before any of them starts.
+A batch also holds one run slot for each run it keeps in flight, so ``max_in_flight`` bounds the
+runs a server runs at once however the callers bunch them.
 Sessions are namespaced per principal, and a run can be read back only by the principal that made
 it, or an admin.
 """
@@ -17,7 +19,7 @@ import logging
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -77,7 +79,7 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.body_timeout_s = body_timeout_s
         self.max_in_flight = max_in_flight
-        self._slots: asyncio.Semaphore | None = None  # made on the server's loop, at its first run
+        self._slots: RunSlots | None = None  # made on the server's loop, at its first run
         self._owners: OrderedDict[str, str] = OrderedDict()
         self._owners_lock = threading.Lock()
 
@@ -162,18 +164,22 @@ class Gateway:
         return self.reply(request, ErrorResponse(error=detail, action_type=action_type), detail.status, headers)
 
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """One of the ``max_in_flight`` run slots, for as long as the block runs; the wait is the queue-wait metric."""
+    async def slot(self, count: int = 1) -> AsyncIterator[None]:
+        """``count`` of the ``max_in_flight`` run slots, for as long as the block runs; the wait is the queue-wait
+        metric. A batch takes one per run it keeps in flight."""
         if self._slots is None:
-            self._slots = asyncio.Semaphore(self.max_in_flight)
+            self._slots = RunSlots(self.max_in_flight)
         waited = time.perf_counter()
-        async with self._slots:
+        await self._slots.acquire(count)
+        try:
             self.metrics.queue_wait.observe(time.perf_counter() - waited)
-            self.metrics.in_flight.inc()
+            self.metrics.in_flight.inc(count)
             try:
                 yield
             finally:
-                self.metrics.in_flight.dec()
+                self.metrics.in_flight.dec(count)
+        finally:
+            self._slots.release(count)
 
     # -- chains, sessions, runs ------------------------------------------------------------------
 
@@ -232,9 +238,10 @@ class Gateway:
                     parent: Context | None) -> list[Run]:
         for item in request.inputs:
             check_inputs(chain.spec, item)
-        async with self.slot():
+        in_flight = max(1, min(request.concurrency, len(request.inputs), self.max_in_flight))
+        async with self.slot(in_flight):  # one slot per run in flight, as if each came alone
             TRACE_PARENT.set(parent)
-            runs = await chain.amap(request.inputs, concurrency=request.concurrency,
+            runs = await chain.amap(request.inputs, concurrency=in_flight,
                                     session=self.session(who, request.session_id))
         finished = [run for run in runs if run is not None]
         for run in finished:
@@ -330,3 +337,49 @@ def allowed(auth: Auth, who: Principal, action: str, chain: str | None) -> bool:
     except WorkbenchError:
         return False
     return True
+
+
+class RunSlots:
+    """``size`` run slots on one event loop, taken and given back several at a time.
+
+    Waiters are served in the order they came, so a batch waiting for many slots is not starved by
+    single runs slipping past it; a waiter cancelled before its turn gives its place up.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.free = size
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    async def acquire(self, count: int) -> None:
+        if not 1 <= count <= self.size:
+            raise ValueError(f"a run takes 1 to {self.size} slots, not {count}")
+        if not self._waiters and self.free >= count:
+            self.free -= count
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((count, waiter))
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():  # its slots were given just as it was cancelled
+                self.release(count)
+            else:
+                self._wake()  # drops it; a big waiter leaving the head may let smaller ones behind it in
+            raise
+
+    def release(self, count: int) -> None:
+        self.free += count
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters:
+            count, waiter = self._waiters[0]
+            if waiter.done():  # cancelled while waiting
+                self._waiters.popleft()
+                continue
+            if self.free < count:
+                return
+            self._waiters.popleft()
+            self.free -= count
+            waiter.set_result(None)

@@ -32,7 +32,7 @@ from starlette.responses import Response
 from workbench.errors import AccessError, InvalidInput, MissingInputError, WorkbenchError
 from workbench.fronts.server import envelope as env
 from workbench.fronts.server.envelope import BatchRequest, RequestError, error_detail
-from workbench.fronts.server.gateway import run_json
+from workbench.fronts.server.gateway import ADMIN_ACTION, allowed, run_json
 
 if TYPE_CHECKING:
     from workbench.fronts.server.auth import Principal
@@ -137,7 +137,8 @@ def endpoint(gateway: Gateway) -> Callable[[Request, Principal | None], Awaitabl
     async def models(raw: Any, who: Principal | None, request: Request) -> Any:
         await params(raw, NoParams)
         gateway.auth.authorize(who, "models.list", None)
-        return [model_entry(gateway, name) for name in gateway.bench.registry.names()]
+        admin = who is None or allowed(gateway.auth, who, ADMIN_ACTION, None)
+        return [model_entry(gateway, name, source=admin) for name in gateway.bench.registry.names()]
 
     async def get_run(raw: Any, who: Principal | None, request: Request) -> Any:
         p: RunParams = await params(raw, RunParams)
@@ -216,11 +217,17 @@ def cost_of(body: Any) -> int:
     return cost
 
 
-def model_entry(gateway: Gateway, name: str) -> dict[str, Any]:
-    """A model as ``models.list`` tells it: its name, whether it is loaded, and where."""
+def model_entry(gateway: Gateway, name: str, *, source: bool) -> dict[str, Any]:
+    """A model as ``models.list`` tells it: its name, whether it is loaded, and where.
+
+    Its ``source`` (a directory on the server, a server's URL) only where ``source`` says the caller
+    administers the server: the server's paths and backends are not every caller's business.
+    """
     registry = gateway.bench.registry
     if not registry.is_loaded(name):
         return {"name": name, "loaded": False}
     loaded = registry.get(name)
-    return {"name": name, "loaded": True, "device": str(loaded.device), "source": loaded.source,
-            "context_window": loaded.context_window}
+    entry = {"name": name, "loaded": True, "device": str(loaded.device), "context_window": loaded.context_window}
+    if source:
+        entry["source"] = loaded.source
+    return entry
