@@ -240,6 +240,26 @@ def test_resume_reuses_finished_runs_and_makes_no_model_call_for_them(tiny_bench
     assert model_calls(tiny_bench) == before + 1
 
 
+def test_resume_reruns_runs_of_an_edited_chain(tiny_bench: wb.Workbench) -> None:
+    spec = {"name": "edited",
+            "hops": [{"name": "say", "model": "tiny", "prompt": "Q: {{ q }}\nA:", "max_new_tokens": 2}]}
+    chain = tiny_bench.chain(spec)
+    first = chain.map([{"q": "a"}, {"q": "b"}])
+    chain.set({"say.max_new_tokens": 5})  # another answer length: the first runs answered another configuration
+    before = model_calls(tiny_bench)
+    second = chain.map([{"q": "a"}, {"q": "b"}], resume=first)
+    assert model_calls(tiny_bench) == before + 2
+    assert all(run.config_version == chain.version for run in second)
+    chain.unset("say.max_new_tokens")  # back to the first configuration: its runs serve again
+    before = model_calls(tiny_bench)
+    assert [r.id for r in chain.map([{"q": "a"}], resume=first)] == [first[0].id] and model_calls(tiny_bench) == before
+
+    other_prompt = tiny_bench.chain({**spec, "hops": [{**spec["hops"][0], "prompt": "Say {{ q }}:"}]})
+    before = model_calls(tiny_bench)
+    other_prompt.map([{"q": "a"}], resume=first)  # same name and inputs, another prompt: not reused
+    assert model_calls(tiny_bench) == before + 1
+
+
 def test_resume_reruns_failed_runs_and_counts_repeated_inputs(tiny_bench: wb.Workbench) -> None:
     calls = Calls()
     flaky = {"fails": True}

@@ -16,6 +16,8 @@ from workbench.errors import WorkloadError
 if TYPE_CHECKING:
     import pandas as pd
 
+    from workbench.chains.live import ConfigVersion
+
 Errors = Literal["keep", "raise"]
 
 
@@ -103,8 +105,9 @@ class MapInterrupted(KeyboardInterrupt):
         )
 
 
-def reuse(batch: RunBatch, previous: Iterable[Run | None]) -> None:
-    """Fill ``batch`` with the successful runs of ``previous`` whose chain and inputs match."""
+def reuse(batch: RunBatch, previous: Iterable[Run | None], version: ConfigVersion | None = None) -> None:
+    """Fill ``batch`` with the successful runs of ``previous`` whose chain and inputs match, and, where both are
+    known, whose configuration is ``version`` (a run of an edited chain answered another prompt or model)."""
     hint = "resume=chain.last_batch, or any Runs, e.g. resume=bench.runs()"
     try:
         runs = list(previous)
@@ -116,12 +119,17 @@ def reuse(batch: RunBatch, previous: Iterable[Run | None]) -> None:
         if run is not None and not isinstance(run, Run):  # before any run starts, not an AttributeError
             raise WorkloadError(f"resume= takes Runs (or None); item {position} is {type(run).__name__} {run!r:.80}",
                                 hint=hint)
-        if run is not None and run.ok and run.chain == batch.chain:
+        if run is not None and run.ok and run.chain == batch.chain and _same_config(run.config_version, version):
             done[_key(run.inputs)].append(run)
     for index, item in enumerate(batch.inputs):
         matches = done.get(_key(item))
         if batch[index] is None and matches:
             batch[index] = matches.pop(0)  # an input given twice reuses two runs, not one twice
+
+
+def _same_config(used: ConfigVersion | None, serving: ConfigVersion | None) -> bool:
+    # By content hash, not number: two chains of one name both start at v1, and an undone edit is the same config.
+    return used is None or serving is None or used.digest == serving.digest
 
 
 def _key(inputs: dict[str, Any]) -> str:

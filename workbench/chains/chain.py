@@ -110,7 +110,8 @@ class Chain:
         Each run is kept as it finishes, in ``chain.last_batch``: a Ctrl-C raises MapInterrupted
         (a KeyboardInterrupt) whose ``.batch`` is that batch, with ``None`` for inputs not run
         (runs in flight still land in it). ``resume=`` a previous batch (or any Runs, e.g.
-        ``bench.runs()``) reuses the successful runs of equal inputs and runs only the others.
+        ``bench.runs()``) reuses the successful runs of equal inputs made under the configuration serving now
+        (``chain.version``) and runs only the others.
 
         ``prefetch=True`` gets the next inputs' first hops ready while earlier runs go (their prompts
         rendered and tokenized, the prefix KV of ``cache: prefix`` hops warmed), so each starts the
@@ -171,7 +172,7 @@ class Chain:
             check_inputs(self.spec, items[-1])
         batch = RunBatch(self.name, items)
         if resume is not None:
-            reuse(batch, resume)
+            reuse(batch, resume, self.version)
         self.last_batch = batch
         return batch
 
