@@ -173,6 +173,19 @@ def test_a_new_model_version_misses(tiny_path: Path, tmp_path: Path, data_dir: P
         assert model_calls(run) == 1
 
 
+def test_the_same_model_reloaded_in_another_dtype_misses(tiny_path: Path, data_dir: Path) -> None:
+    with wb.Workbench(data_dir=data_dir) as bench:
+        bench.load("tiny", tiny_path, device="cpu", dtype="float32")
+        bench.chain(spec("exact")).run(question="Name a river.")
+        bench.unload("tiny")
+        bench.load("tiny", tiny_path, device="cpu", dtype="bfloat16")  # other numbers: not the float32 answer
+        run = bench.chain(spec("exact")).run(question="Name a river.")
+        assert model_calls(run) == 1 and hop_span(run).attributes[attr.CACHE_HIT] is False
+        bench.unload("tiny")
+        bench.load("tiny", tiny_path, device="cpu", dtype="float32")
+        assert model_calls(bench.chain(spec("exact")).run(question="Name a river.")) == 0
+
+
 def test_a_forced_sampling_hop_is_cached(loaded: wb.Workbench) -> None:
     chain = loaded.chain(spec({"mode": "exact", "force": True}, temperature=0.9, seed=3))
     first = chain.run(question="Say something.")

@@ -24,7 +24,7 @@ CACHE_FILE = "cache.sqlite3"
 DEFAULT_MAX_ENTRIES = 100_000
 DEFAULT_MAX_BYTES = 256 * 2**20
 # Bumped when what goes into a key changes, so old entries are never read under a new meaning.
-KEY_VERSION = 1
+KEY_VERSION = 2
 SCHEMA_VERSION = 1
 _SCHEMA = (
     """

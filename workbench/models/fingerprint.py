@@ -1,4 +1,4 @@
-"""What names one version of a model: its source, revision, adapter, and a fingerprint of the files it loaded from."""
+"""What names one version of a model: its source, revision, adapter, dtype, and a fingerprint of its files."""
 
 from __future__ import annotations
 
@@ -28,11 +28,13 @@ def directory_fingerprint(path: str | os.PathLike[str]) -> str | None:
 
 
 def model_identity(settings: LoadSettings) -> dict[str, str | None]:
-    """What a cached answer of this model depends on: source, revision, served model, adapter, file fingerprints."""
+    """What a cached answer of this model depends on: source, revision, served model, dtype, adapter, fingerprints."""
     return {
         "source": settings.source,
         "revision": settings.revision,
         "served_model": settings.served_model,
+        # The same weights in bfloat16 answer otherwise than in float32 ("auto" is its own key: a miss at worst).
+        "dtype": None if settings.remote else settings.dtype,
         "fingerprint": directory_fingerprint(settings.source) if not settings.remote else None,
         "adapter": settings.adapter,
         "adapter_fingerprint": directory_fingerprint(settings.adapter) if settings.adapter else None,
