@@ -116,6 +116,20 @@ def test_an_unusable_data_dir_is_a_store_error_before_any_hop_runs(tmp_path: Pat
         assert chain.run(q="no session needs no store").output == "no session needs no store"
 
 
+def test_a_damaged_row_is_a_store_error_naming_the_run_and_the_column(tmp_path: Path) -> None:
+    store = wb.SQLiteContextStore(tmp_path / SESSIONS_FILE)
+    store.append("s1", record("r1"))
+    store.append("s1", record("r2"))
+    store.close()
+    with closing(sqlite3.connect(tmp_path / SESSIONS_FILE)) as raw, raw:  # edited by hand, badly
+        raw.execute("UPDATE runs SET outputs = '{broken' WHERE run_id = 'r1'")
+    with pytest.raises(wb.StoreError, match="run 'r1' of session 's1' has a damaged outputs column") as info:
+        store.history("s1")
+    assert "DELETE FROM runs WHERE run_id = 'r1'" in str(info.value.hint)
+    assert [r.run_id for r in store.history("s1", limit=1)] == ["r2"]  # the rows around it still read
+    store.close()
+
+
 # -- the store contract, for both stores ----------------------------------------------------------
 
 

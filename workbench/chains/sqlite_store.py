@@ -82,7 +82,7 @@ class SQLiteContextStore(ContextStore):
             f"SELECT {_COLUMNS} FROM runs WHERE session = ? ORDER BY seq DESC LIMIT ?",
             (session, -1 if limit is None else limit),
         )
-        return [_decode(row) for row in reversed(rows)]
+        return [_decode(row, session, self.path) for row in reversed(rows)]
 
     def sessions(self) -> list[str]:
         return [row[0] for row in self._execute("SELECT DISTINCT session FROM runs ORDER BY session", ())]
@@ -234,17 +234,17 @@ def _json_value(value: Any, where: str, as_repr: list[str]) -> Any:
     return value
 
 
-def _decode(row: tuple[Any, ...]) -> RunRecord:
+def _decode(row: tuple[Any, ...], session: str, path: Path) -> RunRecord:
     run_id, chain, inputs, outputs, output, started_at, duration_ms, status, error, meta = row
-    return RunRecord(
-        run_id=run_id,
-        chain=chain,
-        inputs=json.loads(inputs),
-        outputs=json.loads(outputs),
-        output=json.loads(output),
-        started_at=started_at,
-        duration_ms=duration_ms,
-        status=status,
-        error=error,
-        meta=json.loads(meta),
-    )
+    values = {}
+    for name, text in (("inputs", inputs), ("outputs", outputs), ("output", output), ("meta", meta)):
+        try:
+            values[name] = json.loads(text)
+        except (TypeError, ValueError, RecursionError) as exc:  # a row edited or damaged outside the workbench
+            raise StoreError(
+                f"the session store {str(path)!r}: run {run_id!r} of session {session[:100]!r} has a damaged "
+                f"{name} column ({type(exc).__name__}: {str(exc)[:100]})",
+                hint=f"delete that row (sqlite3: DELETE FROM runs WHERE run_id = '{run_id}'), or use another session",
+            ) from None
+    return RunRecord(run_id=run_id, chain=chain, started_at=started_at, duration_ms=duration_ms, status=status,
+                     error=error, **values)
