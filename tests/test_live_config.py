@@ -192,6 +192,33 @@ def test_an_editor_that_saves_by_renaming_a_new_file_over_the_old_is_followed(
         assert watched.spec.hop("answer").params.max_new_tokens == tokens
 
 
+def test_a_watched_file_replaced_by_a_fifo_or_a_huge_file_is_refused_and_watching_goes_on(
+    watched: wb.Chain, spec_file: Path
+) -> None:
+    from workbench.chains.live import MAX_CONFIG_BYTES
+
+    fifo = spec_file.with_name("qa.fifo")
+    os.mkfifo(fifo)
+    os.replace(fifo, spec_file)  # a FIFO where the spec was: reading it would wait for a writer for good
+    try:
+        wait_for(lambda: watched.config_errors, "the FIFO to be refused")
+        assert "not a regular file" in watched.config_errors[-1].message
+    finally:
+        try:  # before the fix the watcher is stuck in the FIFO's open: a writer lets it go
+            os.close(os.open(spec_file, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+    spec_file.unlink()
+    with open(spec_file, "wb") as file:
+        file.truncate(MAX_CONFIG_BYTES + 1)  # sparse: no disk, and nothing worth reading
+    wait_for(lambda: len(watched.config_errors) == 2, "the huge file to be refused")
+    assert "over the 8,388,608 bytes" in watched.config_errors[-1].message
+    assert watched.version.number == 1  # the last good version serves throughout
+    spec_file.unlink()
+    spec_file.write_text(SPEC.replace("max_new_tokens: 3", "max_new_tokens: 2"))
+    wait_for(lambda: watched.version.number == 2, "a good edit after the refusals")
+
+
 def test_a_spec_file_without_a_name_is_named_after_the_file(loaded: wb.Workbench, tmp_path: Path) -> None:
     path = tmp_path / "ask.yaml"
     path.write_text(SPEC.replace("name: qa\n", ""))

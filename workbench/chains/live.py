@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import threading
 import time
 import warnings
@@ -30,6 +31,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL_S = 1.0
 MAX_REFUSALS_KEPT = 50
+# A spec or configuration file is read whole, on every change: a file past this (a log written to the wrong path)
+# is refused rather than read into memory.
+MAX_CONFIG_BYTES = 8 * 2**20
 # Fields a live edit may change: values a spec allows, never code (``call``), names or the graph's shape (``uses``).
 SETTABLE_CHAIN_FIELDS = tuple(f for f in CHAIN_FIELDS if f in ("description", "history", "output"))
 SETTABLE_HOP_FIELDS = tuple(f for f in LLM_FIELDS if f not in ("name", "kind", "messages"))
@@ -337,10 +341,10 @@ class FileWatcher:
         if key == self._stat and time.time() - st.st_mtime > _RACY_S:
             return False
         try:
-            raw = self.path.read_bytes()
+            raw = read_bounded(self.path)
         except FileNotFoundError:
             return False
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             self._unreadable(exc)
             return False
         self._stat = key
@@ -378,12 +382,25 @@ def _text_digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def read_bounded(path: str | os.PathLike[str]) -> bytes:
+    """A configuration file's bytes; ValueError if it is not a regular file (a FIFO would block the reader for good)
+    or is over MAX_CONFIG_BYTES, OSError if it cannot be read."""
+    # O_NONBLOCK: opening a FIFO put where the file was returns at once instead of waiting for a writer.
+    with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as file:
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            raise ValueError("it is not a regular file")
+        raw = file.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ValueError(f"it is over the {MAX_CONFIG_BYTES:,} bytes a configuration file may have")
+    return raw
+
+
 def read_text(path: str | os.PathLike[str], what: str) -> str:
     """A configuration file's text, or a SpecError saying why it cannot be read."""
     try:
-        return Path(path).read_bytes().decode("utf-8")  # no newline translation: the watcher hashes these bytes
+        return read_bounded(path).decode("utf-8")  # no newline translation: the watcher hashes these bytes
     except FileNotFoundError:
         raise SpecError(f"{what} {str(path)!r} does not exist", hint="check the path (relative to the working "
                         f"directory {os.getcwd()!r})") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError included
         raise SpecError(f"cannot read {what} {str(path)!r}: {exc}") from None
