@@ -130,6 +130,19 @@ def test_a_damaged_row_is_a_store_error_naming_the_run_and_the_column(tmp_path: 
     store.close()
 
 
+def test_runs_after_the_file_was_deleted_in_use_land_in_a_new_file(tmp_path: Path) -> None:
+    store = wb.SQLiteContextStore(tmp_path / SESSIONS_FILE)
+    store.append("s1", record("before"))
+    for leftover in tmp_path.glob(SESSIONS_FILE + "*"):
+        leftover.unlink()  # someone cleans the data directory while the workbench runs
+    store.append("s1", record("after"))
+    assert [r.run_id for r in store.history("s1")] == ["after"]
+    store.close()
+    reopened = wb.SQLiteContextStore(tmp_path / SESSIONS_FILE)  # not lost with the deleted file's last handle
+    assert [r.run_id for r in reopened.history("s1")] == ["after"]
+    reopened.close()
+
+
 # -- the store contract, for both stores ----------------------------------------------------------
 
 

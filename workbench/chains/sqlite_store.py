@@ -69,6 +69,7 @@ class SQLiteContextStore(ContextStore):
         # simpler to close than a connection per thread. Other processes wait on SQLite's own lock.
         self._lock = threading.Lock()
         self._connection: sqlite3.Connection | None = None
+        self._inode: int | None = None  # of the file the connection opened
 
     def append(self, session: str, record: RunRecord) -> None:
         row = (session, *_encode(record))
@@ -98,8 +99,13 @@ class SQLiteContextStore(ContextStore):
 
     def _execute(self, sql: str, parameters: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         with self._lock:
+            if self._connection is not None and _file_replaced(self.path, self._inode):
+                # Deleted (or replaced) under us: writing on would go to a file no one can open again.
+                self._connection.close()
+                self._connection = None
             if self._connection is None:
                 self._connection = self._open()
+                self._inode = _inode_of(self.path)
             try:
                 return self._connection.execute(sql, parameters).fetchall()
             except sqlite3.Error as exc:
@@ -139,6 +145,19 @@ def open_wal(path: Path, timeout_s: float, prepare: Callable[[sqlite3.Connection
         connection.close()
         raise
     return connection
+
+
+def _inode_of(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
+def _file_replaced(path: Path, inode: int | None) -> bool:
+    """Whether the file at ``path`` is gone, or is another file than the one whose inode is ``inode``."""
+    now = _inode_of(path)
+    return now is None or now != inode
 
 
 def _while_busy(action: Callable[[], object], deadline: float) -> None:
