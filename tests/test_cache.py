@@ -186,6 +186,21 @@ def test_the_same_model_reloaded_in_another_dtype_misses(tiny_path: Path, data_d
         assert model_calls(bench.chain(spec("exact")).run(question="Name a river.")) == 0
 
 
+def test_a_damaged_cache_file_is_named_and_clear_cache_starts_a_new_one(tiny_path: Path, data_dir: Path) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    damaged = b"not a database, whatever wrote it" * 100
+    (data_dir / CACHE_FILE).write_bytes(damaged)
+    with wb.Workbench(data_dir=data_dir) as bench:
+        bench.load("tiny", tiny_path, device="cpu")
+        with pytest.raises(wb.HopFailed, match="not a database") as info:
+            bench.chain(spec("exact")).run(question="Name a river.")
+        assert "bench.clear_cache()" in str(info.value)
+        assert bench.clear_cache() == 0
+        assert (data_dir / f"{CACHE_FILE}.damaged").read_bytes() == damaged  # kept, not deleted
+        bench.chain(spec("exact")).run(question="Name a river.")
+        assert model_calls(bench.chain(spec("exact")).run(question="Name a river.")) == 0
+
+
 def test_a_forced_sampling_hop_is_cached(loaded: wb.Workbench) -> None:
     chain = loaded.chain(spec({"mode": "exact", "force": True}, temperature=0.9, seed=3))
     first = chain.run(question="Say something.")

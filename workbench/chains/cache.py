@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -19,6 +20,8 @@ from workbench.errors import SettingsError, StoreError
 
 if TYPE_CHECKING:
     import pandas as pd
+
+logger = logging.getLogger(__name__)
 
 CACHE_FILE = "cache.sqlite3"
 DEFAULT_MAX_ENTRIES = 100_000
@@ -44,6 +47,7 @@ _SCHEMA = (
     """,
     "CREATE INDEX IF NOT EXISTS responses_by_use ON responses (used_at)",
 )
+_DAMAGED_HINT = "the file is damaged: bench.clear_cache() sets it aside (as .damaged) and starts an empty one"
 STATS_COLUMNS = ["hop", "model", "hits", "misses", "hit_rate", "entries", "bytes", "saved_s"]
 
 
@@ -180,6 +184,13 @@ class ResponseCache:
                 where.append(f"{column} = ?")
                 args.append(value)
         sql = "DELETE FROM responses" + (f" WHERE {' AND '.join(where)}" if where else "")
+        if not where:
+            try:
+                self._execute("SELECT 1 FROM responses LIMIT 1", ())
+            except StoreError as exc:
+                if not _damaged(exc.__cause__):
+                    raise
+                self._set_aside()  # a damaged file cannot be emptied: a new one takes its place
         count = self._execute("SELECT COUNT(*) FROM responses" + sql[len("DELETE FROM responses"):], tuple(args))[0][0]
         self._execute(sql, tuple(args))
         with self._counts_lock:
@@ -231,10 +242,23 @@ class ResponseCache:
             except sqlite3.Error as exc:
                 raise self._failed(exc) from exc
 
+    def _set_aside(self) -> None:
+        """Move the damaged file (and its WAL) to ``*.damaged``, kept for a look, so that the next use starts anew."""
+        with self._lock:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
+            for suffix in ("", "-wal", "-shm"):
+                path = Path(f"{self.path}{suffix}")
+                if path.exists():
+                    os.replace(path, f"{self.path}.damaged{suffix}")
+        logger.warning("the response cache %s was damaged; it is kept as %s.damaged and a new one starts",
+                       self.path, self.path)
+
     def _failed(self, exc: sqlite3.Error) -> StoreError:
         return StoreError(f"the response cache {str(self.path)!r} failed: {exc}",
-                          hint="another process may hold it locked for long, or the disk is full; "
-                          "bench.clear_cache() empties it")
+                          hint=_DAMAGED_HINT if _damaged(exc) else "another process may hold it locked for long, or "
+                          "the disk is full; bench.clear_cache() empties it")
 
     def _open_locked(self) -> sqlite3.Connection:
         if self._connection is not None:
@@ -244,10 +268,21 @@ class ResponseCache:
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(
                 f"cannot open the response cache {str(self.path)!r}: {exc}",
-                hint="Workbench(data_dir=...) or $AUTOGLM_DATA_DIR picks a writable directory",
+                hint=_DAMAGED_HINT if _damaged(exc) else
+                "Workbench(data_dir=...) or $AUTOGLM_DATA_DIR picks a writable directory",
             ) from exc
         self._connection = connection
         return connection
+
+
+def _damaged(exc: BaseException | None) -> bool:
+    """Whether SQLite refused the file as not a database, or as malformed."""
+    if not isinstance(exc, sqlite3.DatabaseError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code & 0xFF in (11, 26)  # SQLITE_CORRUPT, SQLITE_NOTADB
+    return "not a database" in str(exc) or "malformed" in str(exc)
 
 
 def _create(connection: sqlite3.Connection, path: Path) -> None:
