@@ -260,6 +260,14 @@ def test_resume_reruns_runs_of_an_edited_chain(tiny_bench: wb.Workbench) -> None
     assert model_calls(tiny_bench) == before + 1
 
 
+def test_resume_tells_inputs_apart_by_their_keys_types(tiny_bench: wb.Workbench) -> None:
+    chain = tiny_bench.chain({"name": "keys", "hops": [{"name": "echo", "call": lambda q: repr(q)}]})
+    first = chain.map([{"q": {1: "one"}}, {"q": {1: "mixed", "b": 2}}])
+    second = chain.map([{"q": {"1": "one"}}, {"q": {"b": 2, 1: "mixed"}}], resume=first)
+    assert second[0] is not first[0] and second[0].output == "{'1': 'one'}"  # a str key is another input
+    assert second[1] is first[1]  # keys of mixed types, in another order: the same input
+
+
 def test_resume_reruns_failed_runs_and_counts_repeated_inputs(tiny_bench: wb.Workbench) -> None:
     calls = Calls()
     flaky = {"fails": True}

@@ -134,7 +134,17 @@ def _same_config(used: ConfigVersion | None, serving: ConfigVersion | None) -> b
 
 def _key(inputs: dict[str, Any]) -> str:
     # Inputs need not be hashable; their canonical JSON (repr for what JSON cannot hold) compares them.
-    return json.dumps(inputs, sort_keys=True, default=repr)
+    return json.dumps(_canonical(inputs), default=repr)
+
+
+def _canonical(value: Any) -> Any:
+    """``value`` with each mapping as its items sorted by the keys' repr: JSON would make the keys 1 and "1" one,
+    and cannot sort keys of mixed types."""
+    if isinstance(value, dict):
+        return {"items": sorted([repr(key), _canonical(item)] for key, item in value.items())}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(item) for item in value]
+    return value
 
 
 class MapState:
