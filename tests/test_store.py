@@ -143,6 +143,53 @@ def test_runs_after_the_file_was_deleted_in_use_land_in_a_new_file(tmp_path: Pat
     reopened.close()
 
 
+def test_a_run_the_store_cannot_keep_is_still_answered_with_a_warning(tmp_path: Path) -> None:
+    path = tmp_path / SESSIONS_FILE
+
+    def sabotage(q: str) -> str:  # mid-run, the session file is taken away and its name made unusable
+        for leftover in tmp_path.glob(SESSIONS_FILE + "*"):
+            leftover.unlink()
+        path.mkdir()
+        return q
+
+    with wb.Workbench(data_dir=tmp_path) as bench:
+        chain = bench.chain({"name": "py", "hops": [{"name": "echo", "call": sabotage}]})
+        with pytest.warns(RuntimeWarning, match="session 's1' finished, but the session store could not keep it"):
+            run = chain.run(session="s1", q="kept?")
+        assert run.ok and run.output == "kept?"
+        assert bench.runs()[-1].id == run.id  # the workbench keeps it; only the session's history misses it
+
+
+def test_an_empty_session_id_is_refused_not_run_as_no_session(tmp_path: Path) -> None:
+    with wb.Workbench(data_dir=tmp_path) as bench:
+        chain = bench.chain({"name": "py", "hops": [{"name": "echo", "call": lambda q: q}]})
+        with pytest.raises(wb.InvalidInput, match="the session id is empty"):
+            chain.run(session="", q="where does this go?")
+        with pytest.raises(wb.InvalidInput, match="the session id is empty"):
+            chain.map([{"q": "a"}], session="")
+        assert bench.runs() == []
+
+
+def test_the_write_ahead_log_shrinks_back_once_a_long_reader_lets_go(tmp_path: Path) -> None:
+    from workbench.chains.sqlite_store import WAL_LIMIT_BYTES
+
+    store = wb.SQLiteContextStore(tmp_path / SESSIONS_FILE)
+    store.append("s", record("r0"))
+    wal = tmp_path / (SESSIONS_FILE + "-wal")
+    with closing(sqlite3.connect(tmp_path / SESSIONS_FILE, isolation_level=None)) as reader:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM runs").fetchall()  # its snapshot keeps every later write in the log
+        for i in range(100):
+            store.append("s", record(f"r{i + 1}", output="x" * 100_000))
+        reader.execute("COMMIT")
+    grown = wal.stat().st_size
+    for i in range(3):  # the next writes checkpoint, then start the log over
+        store.append("s", record(f"after{i}"))
+    assert grown > 2 * WAL_LIMIT_BYTES and wal.stat().st_size <= WAL_LIMIT_BYTES, (grown, wal.stat().st_size)
+    assert len(store.history("s")) == 104
+    store.close()
+
+
 # -- the store contract, for both stores ----------------------------------------------------------
 
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import difflib
 import inspect
+import logging
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from contextvars import ContextVar
@@ -33,11 +35,13 @@ from workbench.chains.spec import ChainSpec, HopSpec, fixed_prefix
 from workbench.chains.templates import PromptTemplate
 from workbench.engine import Call, Engine
 from workbench.engine.requests import Messages, check_text
-from workbench.errors import HopFailed, MissingInputError
+from workbench.errors import HopFailed, InvalidInput, MissingInputError, StoreError
 from workbench.knowledge import Facts, GraphStore, Lookup
 from workbench.tracing import Tracing
 from workbench.tracing import attributes as attr
 from workbench.tracing import openinference
+
+log = logging.getLogger(__name__)
 
 EventSink = Callable[[Event], None]
 # A knowledge hop is looked up on the loop when its query is at most this long (linking reads it word by word)
@@ -86,6 +90,10 @@ def check_inputs(spec: ChainSpec, inputs: Mapping[str, Any], session: str | None
 
 def check_session(session: Any) -> None:
     if isinstance(session, str):
+        if not session:
+            # It would run as no session at all: no history read, nothing kept, and nothing said.
+            raise InvalidInput("the session id is empty", hint="session=None runs without a session; "
+                               "to keep a conversation's history, name it: session='alice'")
         check_text(session, "the session id")
 
 
@@ -136,7 +144,8 @@ class Runner:
         check_inputs(spec, inputs, session)
         loop = asyncio.get_running_loop()
         run_id = uuid.uuid4().hex[:12]
-        records = await loop.run_in_executor(self.hop_pool, self.store.history, session, spec.history) if session else []
+        records = (await loop.run_in_executor(self.hop_pool, self.store.history, session, spec.history)
+                   if session is not None else [])
         started_at, started = time.time(), time.perf_counter()
         root = self.tracing.start_span(
             f"chain {spec.name}",
@@ -146,7 +155,7 @@ class Runner:
                 attr.CHAIN_NAME: spec.name,
                 attr.RUN_ID: run_id,
                 **openinference.input_value(dict(inputs)),
-                **({attr.SESSION_ID: session, attr.OI_SESSION_ID: session} if session else {}),
+                **({attr.SESSION_ID: session, attr.OI_SESSION_ID: session} if session is not None else {}),
                 **({attr.CONFIG_VERSION: spec.version.number, attr.CONFIG_HASH: spec.version.digest}
                    if spec.version is not None else {}),
             },
@@ -184,8 +193,15 @@ class Runner:
         )
         if failure is not None:
             failure.run = run
-        if session:
-            await loop.run_in_executor(self.hop_pool, self.store.append, session, RunRecord.of(run))
+        if session is not None:
+            try:
+                await loop.run_in_executor(self.hop_pool, self.store.append, session, RunRecord.of(run))
+            except StoreError as exc:
+                # The run is done and its answer stands: losing it for its history's sake would lose more.
+                # Its session's next run will not see it, which the warning says.
+                warnings.warn(f"run {run_id} of session {session!r} finished, but the session store could not keep "
+                              f"it, so the session's next runs will not see it: {exc}", RuntimeWarning, stacklevel=2)
+                log.warning("run %s of session %r was not kept in the session store: %s", run_id, session, exc)
         state.emit(RunFinished(run))
         return run
 
