@@ -228,6 +228,29 @@ def test_in_memory_store_keeps_sessions_in_memory_only(tmp_path: Path) -> None:
         assert later.sessions() == []
 
 
+def test_forget_deletes_one_sessions_runs_only(store: wb.ContextStore) -> None:
+    for run_id in ("a1", "a2"):
+        store.append("alice", record(run_id))
+    store.append("bob", record("b1"))
+    assert store.forget("alice") == 2
+    assert store.history("alice") == [] and store.sessions() == ["bob"]
+    assert [r.run_id for r in store.history("bob")] == ["b1"]
+    assert store.forget("alice") == 0  # nothing left to forget is no error
+    store.append("alice", record("a3"))  # the conversation starts over
+    assert [r.run_id for r in store.history("alice")] == ["a3"]
+
+
+def test_a_forgotten_session_runs_with_no_history(tiny_path: Path, tmp_path: Path) -> None:
+    with wb.Workbench(data_dir=tmp_path) as bench:
+        bench.load("tiny", tiny_path)
+        chat = bench.chain(CHAT)
+        chat.run(session="s1", question="first?")
+        assert "first?" in reply_prompt(chat.run(session="s1", question="second?"))
+        assert bench.session("s1").forget() == 2
+        assert "first?" not in reply_prompt(chat.run(session="s1", question="third?"))
+        assert len(bench.runs()) == 3  # the workbench's own record of the runs stays
+
+
 # -- what JSON cannot hold --------------------------------------------------------------------------
 
 

@@ -84,6 +84,14 @@ class Session:
         """The session's runs, oldest first."""
         return self._store.history(self.id)
 
+    def forget(self) -> int:
+        """Delete the session's runs from the store, so its next run starts with no history; returns how many.
+
+        Other kernels on the same ``data_dir`` lose them too. The workbench's own record of the runs
+        (``bench.runs()``, their traces) stays.
+        """
+        return self._store.forget(self.id)
+
     def history(self) -> pd.DataFrame:
         """The session's runs as a table, oldest first."""
         import pandas as pd

@@ -83,6 +83,13 @@ class ContextStore(ABC):
     def sessions(self) -> list[str]:
         """Every session with at least one run."""
 
+    def forget(self, session: str) -> int:
+        """Delete a session's runs (the conversation starts over); returns how many there were.
+
+        A store of your own that keeps sessions for good need not: it raises NotImplementedError.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot forget a session")
+
     def close(self) -> None:
         """Release what the store holds open (the workbench calls it on close); a later use reopens."""
 
@@ -108,3 +115,7 @@ class InMemoryContextStore(ContextStore):
     def sessions(self) -> list[str]:
         with self._lock:
             return sorted(s for s, runs in self._runs.items() if runs)
+
+    def forget(self, session: str) -> int:
+        with self._lock:
+            return len(self._runs.pop(session, ()))

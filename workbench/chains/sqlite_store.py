@@ -88,6 +88,9 @@ class SQLiteContextStore(ContextStore):
     def sessions(self) -> list[str]:
         return [row[0] for row in self._execute("SELECT DISTINCT session FROM runs ORDER BY session", ())]
 
+    def forget(self, session: str) -> int:
+        return len(self._execute("DELETE FROM runs WHERE session = ? RETURNING seq", (session,)))
+
     def close(self) -> None:
         with self._lock:
             if self._connection is not None:
