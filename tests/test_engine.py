@@ -229,3 +229,26 @@ def test_unloading_fails_queued_requests_instead_of_hanging(bench: wb.Workbench,
     assert len(failed_spans) == len(stopped)
     with pytest.raises(wb.UnknownModelError):
         bench.generate("tiny", PROMPTS[0])
+
+
+def test_prompts_tokenized_ahead_are_dropped_when_the_model_is_reloaded(bench: wb.Workbench, tiny_path: Path,
+                                                                        tmp_path: Path) -> None:
+    """A map's prefetch tokenizes prompts ahead; a model reloaded under the same name with another tokenizer must
+    not be handed the old tokenizer's ids."""
+    import json
+    import shutil
+
+    lower = tmp_path / "tiny-lowercase"
+    shutil.copytree(tiny_path, lower)
+    tokenizer = json.loads((lower / "tokenizer.json").read_text())
+    tokenizer["normalizer"] = {"type": "Lowercase"}  # same vocabulary, other ids for capitals
+    (lower / "tokenizer.json").write_text(json.dumps(tokenizer))
+    prompt = "Question: WHAT IS A HOP?"
+    bench.load("m", tiny_path)
+    counted_before = bench.engine.worker("m").backend.tokenize([prompt])[0]
+    bench.engine.prepare_prompt("m", prompt)  # as a prefetching map does, then the map is interrupted
+    bench.unload("m")
+    bench.load("m", lower)
+    counted_now = bench.engine.worker("m").backend.tokenize([prompt])[0]
+    assert counted_now != counted_before
+    assert bench.generate("m", prompt, max_new_tokens=2).tokens_in == len(counted_now)

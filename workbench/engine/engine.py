@@ -237,6 +237,7 @@ class Engine:
     def stop(self, name: str) -> None:
         with self._lock:
             replicas = self._sets.pop(name, None)
+            self._forget_tokens(name)
         if replicas is not None:
             for worker in replicas.workers:
                 worker.stop()
@@ -253,7 +254,16 @@ class Engine:
         with self._lock:
             old = self._sets.get(name)
         self.start(name, parent=parent, trigger="swap")
+        with self._lock:
+            self._forget_tokens(name)
         return old
+
+    def _forget_tokens(self, name: str) -> None:
+        """Drop the token ids remembered for ``name``'s workers (prompts tokenized ahead, prefixes): the model that
+        serves the name next may tokenize otherwise. Called holding the lock."""
+        for remembered in (self._tokenized, self._prefix_ids):
+            for key in [key for key in remembered if key[0] == name or key[0].startswith(name + "#")]:
+                del remembered[key]
 
     def drain(self, replicas: ReplicaSet, timeout: float = 60.0) -> None:
         """Let a replaced replica set finish its queued and running requests, then stop its workers."""
