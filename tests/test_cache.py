@@ -406,3 +406,22 @@ def test_the_compare_magic_takes_cache_arms() -> None:
     assert isinstance(command, CompareCommand) and command.cache == ("off", "exact", "prefix")
     with pytest.raises(ParseError, match="'exactly' is not a cache arm"):
         parse_command("compare qa --inputs q.jsonl --cache off,exactly")
+
+
+def test_the_prefix_cache_keeps_within_its_byte_budget(loaded: wb.Workbench) -> None:
+    from workbench.engine.backends.prefix_cache import PrefixCache
+
+    model = loaded.registry.get("tiny").model
+    backend = loaded.engine.worker("tiny").backend
+    prefixes = [backend.tokenize([f"{LONG} Variant {i}."])[0] for i in range(3)]
+    one = PrefixCache(model, "cpu").get(prefixes[0])[0].bytes
+    cache = PrefixCache(model, "cpu", max_bytes=int(2.5 * one))
+    for ids in prefixes:
+        cache.get(ids)
+    assert len(cache.rows()) == 2 and cache.bytes <= cache.max_bytes  # the oldest went for the third
+    assert cache.get(prefixes[2])[1] and not cache.get(prefixes[0])[1]  # newest kept, oldest prefilled again
+    lone = PrefixCache(model, "cpu", max_bytes=one // 2)
+    entry, hit = lone.get(prefixes[0])
+    assert not hit and entry.layers and len(lone.rows()) == 1  # alone past the budget, kept for its batch
+    lone.clear()
+    assert lone.bytes == 0
