@@ -370,6 +370,13 @@ def test_a_graph_past_the_triple_cap_is_refused_and_a_workbench_keeps_few_graphs
         (tmp_path / f"{name}.json").write_text(json.dumps([[name, "is", "a graph"]]), encoding="utf-8")
         bench.graph(tmp_path / f"{name}.json")
     assert [Path(p).name for p in bench.graphs.loaded()] == ["two.json", "three.json"]
+    monkeypatch.setattr(store, "MAX_GRAPHS_KEPT", 16)
+    monkeypatch.setattr(files, "MAX_TRIPLES", 100)
+    monkeypatch.setattr(store, "MAX_TRIPLES_KEPT", 4)  # and a bound on triples in all, past which the oldest go
+    bench.graph(path)  # five triples: alone past the bound, kept as the graph just asked for
+    assert [Path(p).name for p in bench.graphs.loaded()] == ["many.csv"]
+    bench.graph(tmp_path / "one.json")
+    assert [Path(p).name for p in bench.graphs.loaded()] == ["one.json"]
 
 
 def test_currency_codes_and_common_words_are_not_names(countries: wb.KnowledgeGraph) -> None:

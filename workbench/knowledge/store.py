@@ -16,6 +16,9 @@ from workbench.knowledge.graph import KnowledgeGraph
 # The graphs that ship with the workbench, built offline on first use.
 DEMO_GRAPHS: dict[str, Callable[[], KnowledgeGraph]] = {"countries": countries}
 MAX_GRAPHS_KEPT = 16  # per workbench; past it the graph loaded first goes (specs may name many files)
+# And at most this many triples in all (~1 GB, by files.py's measure), past which the graph loaded first goes,
+# though never the one just loaded: 16 graph files at their size limit would hold ~3 GB.
+MAX_TRIPLES_KEPT = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,8 @@ class GraphStore:
                         k: g for k, g in self._graphs.items() if not (isinstance(k, tuple) and k[0] == source.path)
                     }
                 self._graphs[key] = graph
-                while len(self._graphs) > MAX_GRAPHS_KEPT:
+                while len(self._graphs) > 1 and (len(self._graphs) > MAX_GRAPHS_KEPT
+                                                 or sum(len(g) for g in self._graphs.values()) > MAX_TRIPLES_KEPT):
                     self._graphs = dict(list(self._graphs.items())[1:])
             return graph
 
