@@ -363,6 +363,23 @@ def test_dashboard_shows_a_failing_comparison_as_an_error(loaded: wb.Workbench) 
     assert dashboard.comparison is None and not dashboard.run_button.disabled
 
 
+def test_dashboard_runs_the_workload_asked_for_beyond_its_sliders_range(loaded: wb.Workbench) -> None:
+    chain = loaded.chain(SHORT_SPEC)
+    dashboard = ComparisonDashboard(chain, [{"question": "q"}], batching=["none"], concurrency=100, repeats=12,
+                                    warmup=20)
+    assert (dashboard.concurrency.value, dashboard.repeats.value, dashboard.warmup.value) == (100, 12, 20)
+    dashboard.repeats.value, dashboard.warmup.value = 1, 0
+    dashboard.run()
+    dashboard.wait(120)
+    assert dashboard.error == "" and dashboard.comparison is not None
+    assert dashboard.comparison.environment["concurrency"] == 100
+    # Below the range: compare refuses it in the error line, rather than the slider quietly running 1.
+    refused = ComparisonDashboard(chain, [{"question": "q"}], batching=["none"], concurrency=0, repeats=1, warmup=0)
+    refused.run()
+    refused.wait(60)
+    assert "concurrency must be at least 1, not 0" in refused.error
+
+
 # -- magics --------------------------------------------------------------------------------------
 
 

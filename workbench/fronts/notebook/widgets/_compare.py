@@ -28,6 +28,12 @@ def _name(strategy: BatchingPolicy | PreloadingStrategy | str) -> str:
     return strategy if isinstance(strategy, str) else strategy.name
 
 
+def _slider(value: int, low: int, high: int, description: str) -> w.IntSlider:
+    """A slider from ``low`` to ``high`` that reaches ``value`` too: a slider clamps a value outside its range, and
+    the workload asked for (``--concurrency 100``) must be the one that runs, or be refused by compare."""
+    return w.IntSlider(value=value, min=min(low, value), max=max(high, value), description=description)
+
+
 class ComparisonDashboard(StatusBox):
     """Compare batching policies and preloading strategies on a chain, from a form.
 
@@ -72,9 +78,9 @@ class ComparisonDashboard(StatusBox):
                                            value=tuple(preloading), description="preloading", rows=5,
                                            disabled=not has_preloading,
                                            tooltip="none picked: leave preloading as the workbench has it")
-        self.concurrency = w.IntSlider(value=concurrency, min=1, max=64, description="concurrency")
-        self.repeats = w.IntSlider(value=repeats, min=1, max=10, description="repeats")
-        self.warmup = w.IntSlider(value=warmup, min=0, max=10, description="warm-up")
+        self.concurrency = _slider(concurrency, 1, 64, "concurrency")
+        self.repeats = _slider(repeats, 1, 10, "repeats")
+        self.warmup = _slider(warmup, 0, 10, "warm-up")
         self.run_button = w.Button(description="run comparison", icon="play", button_style="success",
                                    layout=w.Layout(width="12em"))
         self.progress = w.IntProgress(value=0, min=0, max=1, description="passes", bar_style="info")
