@@ -164,6 +164,17 @@ def test_fields_the_form_does_not_edit_ride_along(loaded: wb.Workbench) -> None:
     assert (params.seed, params.truncate, params.temperature) == (3, "left", 0.5)
 
 
+def test_a_chat_hop_keeps_its_messages_and_its_spec_validates(loaded: wb.Workbench) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "{{ question }}"}]
+    chat = loaded.chain({"name": "chat", "hops": [{"name": "answer", "model": "tiny", "messages": messages}]})
+    builder = ChainBuilder(loaded, chain=chat)
+    assert "spec ok" in builder._check.value
+    rebuilt = loaded.chain(builder.spec())
+    assert [(role, template.source) for role, template in rebuilt.spec.hops[0].messages] == [
+        ("system", "Be brief."), ("user", "{{ question }}")]
+    assert list(builder.inputs) == ["question"]
+
+
 def test_add_move_and_remove_hops_keep_graph_and_inputs_in_step(loaded: wb.Workbench) -> None:
     builder = ChainBuilder(loaded)
     assert [e.hop_name.value for e in builder.hop_editors] == ["hop1"]

@@ -112,10 +112,13 @@ class HopEditor(w.VBox):
         if self.kind.value == "knowledge":  # the form edits every field a knowledge hop has
             return {"name": name, "kind": "knowledge", "graph": self.graph.value.strip(), "query": self.query.value,
                     "hops": self.hops_slider.value, "max_triples": self.max_triples.value}
+        # A chat hop's messages ride along in extra; its prompt box stays empty, and an empty prompt beside them
+        # would make the spec invalid (a hop takes one or the other).
+        chat = "messages" in self.extra and not self.prompt.value
         return {
             "name": name,
             "model": self.model.value,
-            "prompt": self.prompt.value,
+            **({} if chat else {"prompt": self.prompt.value}),
             "max_new_tokens": self.max_new_tokens.value,
             "temperature": round(self.temperature.value, 4),
             "top_p": round(self.top_p.value, 4),
