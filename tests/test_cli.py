@@ -283,3 +283,15 @@ def test_serve_takes_the_replica_options_too() -> None:
                                       "--balance", "least_loaded", "--grpc-port", "50051"])
     assert replica_options(args) == ReplicaOptions(replicas=["cpu", "cpu"], balance=LeastLoaded())
     assert args.grpc_port == 50051
+
+
+@pytest.mark.parametrize("chains", [",", "", "qa,,summary", "qa,"])
+def test_keys_add_refuses_a_chains_list_with_an_empty_item(chains: str, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    # Before, the empty items were dropped: --chains , made a key for no chain at all, printed as if all was well.
+    assert main(["keys", "add", "bot", "--role", "runner", "--chains", chains, "--data-dir", str(tmp_path)]) == 2
+    first, second = capsys.readouterr().err.splitlines()
+    assert first == f"autoglm: --chains {chains!r} has an empty item"
+    assert second.startswith("hint: name the chains separated by single commas")
+    assert main(["keys", "list", "--json", "--data-dir", str(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out) == []  # no key was made

@@ -149,6 +149,16 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _key_chains(text: str) -> list[str]:
+    """``keys add --chains A,B``: the chains a key is limited to; an empty item is a typo, never "no chains"."""
+    chains = [chain.strip() for chain in text.split(",")]
+    if not all(chains):
+        raise ParseError(f"--chains {text!r} has an empty item",
+                         hint="name the chains separated by single commas (--chains qa,summary), or leave out "
+                         "--chains for a key to every chain")
+    return chains
+
+
 def _keys(args: argparse.Namespace) -> int:
     import os
 
@@ -159,7 +169,7 @@ def _keys(args: argparse.Namespace) -> int:
     store = KeyStore(args.data_dir, roles=roles)
     try:
         if args.keys_command == "add":
-            chains = [c.strip() for c in args.chains.split(",") if c.strip()] if args.chains is not None else None
+            chains = _key_chains(args.chains) if args.chains is not None else None
             key = store.add(args.name, args.role, chains=chains)
             print(key)
             print(f"key {args.name!r} ({args.role}) stored hashed in {store.path}; this is the only time it is shown",
