@@ -295,3 +295,20 @@ def test_keys_add_refuses_a_chains_list_with_an_empty_item(chains: str, tmp_path
     assert second.startswith("hint: name the chains separated by single commas")
     assert main(["keys", "list", "--json", "--data-dir", str(tmp_path)]) == 0
     assert json.loads(capsys.readouterr().out) == []  # no key was made
+
+
+def test_serve_refuses_two_spec_files_with_one_chain_name(spec_file: Path, tiny_path: Path, tmp_path: Path) -> None:
+    # Before, it served on: the gateway keys chains by name, so the second file's chain hid the first's. A child
+    # process, so that a server that does start is stopped by the timeout rather than holding the test.
+    other = tmp_path / "other.yaml"
+    other.write_text(SPEC.replace("Answer:", "Reply:"), encoding="utf-8")
+    command = ["serve", "--spec", str(spec_file), "--spec", str(other), "--model", f"tiny={tiny_path}", "--port", "0",
+               "--data-dir", str(tmp_path)]
+    done = subprocess.run([sys.executable, "-m", "workbench.fronts.cli", *command], capture_output=True, text=True,
+                          timeout=120, cwd=Path(wb.__file__).parents[1])
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"autoglm: --spec {other}: chain 'hello' is also the chain of --spec {spec_file}",
+        "hint: give each spec file its own  name:  (or pass each file once)",
+    ]
+    assert "serving" not in done.stdout

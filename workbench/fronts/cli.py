@@ -29,6 +29,7 @@ from workbench.fronts.arguments import (
 from workbench.models.tiny import TINY_SOURCE
 
 if TYPE_CHECKING:
+    from workbench.chains.chain import Chain
     from workbench.chains.run import Run
 
 EXAMPLES = f"""\
@@ -231,19 +232,26 @@ def _serve(args: argparse.Namespace) -> int:
     with Workbench(data_dir=args.data_dir, allow_modules=args.allow_module) as bench:
         for name, source in models.items():
             load_model(bench, name, load_settings(args, source), replica_options(args))
-        chains = []
+        chains: dict[str, Chain] = {}
+        files: dict[str, str] = {}  # chain name -> the spec file it came from
         for path, spec in zip(args.spec, specs):
             try:
-                chains.append(bench.chain(spec))
+                chain = bench.chain(spec)
             except SpecError as error:
                 if error.field == "model":
                     error.hint = MODEL_HINT + (f"; given: {', '.join(models)}" if models else "")
                 raise
+            if chain.name in chains:  # the gateway keys chains by name: the later one would hide the earlier
+                raise WorkbenchError(
+                    f"--spec {path}: chain {chain.name!r} is also the chain of --spec {files[chain.name]}",
+                    hint="give each spec file its own  name:  (or pass each file once)",
+                )
+            chains[chain.name], files[chain.name] = chain, path
         # Keys live in the data directory; JWT settings and limits come from the environment (a container's secrets).
         auth = Auth.open() if args.no_auth else Auth.from_env(bench.data_dir)
-        server = build(bench, chains, port=args.port, host=args.host, auth=auth, log_level=args.log_level,
-                       grpc_port=args.grpc_port)
-        print(f"serving {', '.join(c.name for c in chains)} on {server.url} (auth: {auth!r}); Ctrl-C stops",
+        server = build(bench, list(chains.values()), port=args.port, host=args.host, auth=auth,
+                       log_level=args.log_level, grpc_port=args.grpc_port)
+        print(f"serving {', '.join(chains)} on {server.url} (auth: {auth!r}); Ctrl-C stops",
               flush=True)
         if server.grpc is not None:
             server.grpc.start()  # now, so its port (chosen by the system for --grpc-port 0) can be printed
