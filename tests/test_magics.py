@@ -308,6 +308,10 @@ ECHO_CHAIN = (
         pytest.param("%autoglm balance m least_loded", "unknown policy 'least_loded' (did you mean 'least_loaded'?)",
                      id="balance-typo"),
         pytest.param("%autoglm balance nope round_robin", "no model named 'nope'", id="balance-unknown-model"),
+        pytest.param(ECHO_CHAIN + "%autoglm serve echo echo --port 0", "serve: chain 'echo' is named twice",
+                     id="serve-one-chain-twice"),
+        pytest.param(ECHO_CHAIN + "again = echo\n%autoglm serve echo again --port 0",
+                     "serve: chain 'echo' is named twice (echo again)", id="serve-two-variables-one-chain"),
     ],
 )
 def test_a_mistake_prints_a_short_message_and_no_traceback(shell: InteractiveShell, cell: str, expected: str) -> None:

@@ -301,6 +301,11 @@ class AutoglmMagics(Magics):
                 print(f"stopped {server.url}")
             return
         chains = [self._find_chain(name) for name in command.chains]
+        names = [chain.name for chain in chains]
+        twice = next((name for name in names if names.count(name) > 1), None)
+        if twice is not None:  # the gateway keys chains by name: one would hide the other
+            raise WorkbenchError(f"serve: chain {twice!r} is named twice ({' '.join(command.chains)})",
+                                 hint="serve each chain once; chains from different cells need names of their own")
         server = serve(current(), chains, port=command.port, host=command.host,
                        auth=False if command.no_auth else None, grpc_port=command.grpc_port)
         self._servers.append(server)
