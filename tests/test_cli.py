@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -312,3 +315,38 @@ def test_serve_refuses_two_spec_files_with_one_chain_name(spec_file: Path, tiny_
         "hint: give each spec file its own  name:  (or pass each file once)",
     ]
     assert "serving" not in done.stdout
+
+
+def test_ctrl_c_during_a_run_exits_130_with_a_short_message(tmp_path: Path) -> None:
+    # A Python hop that says when it has started, so Ctrl-C lands while the chain runs, not while modules import.
+    (tmp_path / "napping.py").write_text(
+        "import pathlib, time\n"
+        "def nap(question: str) -> str:\n"
+        f"    pathlib.Path({str(tmp_path / 'started')!r}).touch()\n"
+        "    time.sleep(3)\n"
+        "    return question\n",
+        encoding="utf-8",
+    )
+    spec = tmp_path / "nap.yaml"
+    spec.write_text("name: nap\nhops:\n  - name: nap\n    call: napping:nap\n", encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(wb.__file__).parents[1]), str(tmp_path)])}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "workbench.fronts.cli", "run", str(spec), "question=hi", "--allow-module", "napping"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        # Python takes Ctrl-C as KeyboardInterrupt only where SIGINT was not ignored when it started (a shell's
+        # background job ignores it).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        for _ in range(1200):
+            if (tmp_path / "started").exists() or child.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert (tmp_path / "started").exists(), child.communicate(timeout=60)
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == 130
+    assert err.splitlines()[-1] == "autoglm: interrupted"
+    assert "Traceback" not in err and out == ""

@@ -344,6 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if error.hint:
             print(f"hint: {error.hint}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the user stopping, not a crash; the workbench was closed on the way out
+        print("autoglm: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports a command Ctrl-C stopped
 
 
 if __name__ == "__main__":
