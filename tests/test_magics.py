@@ -302,6 +302,8 @@ ECHO_CHAIN = (
                      id="load-zero-replicas"),
         pytest.param("%autoglm load m tiny --replicas cpu,", "--replicas 'cpu,' has an empty place",
                      id="load-empty-place"),
+        pytest.param("%autoglm load m tiny --replicas 99999999999999",
+                     "model 'm': replicas must be at most 1024, got 99999999999999", id="load-replicas-typo"),
         pytest.param("%autoglm load m tiny --balance fastest", "unknown policy 'fastest'", id="load-unknown-balance"),
         pytest.param("%autoglm balance m", "balance: the following arguments are required: POLICY",
                      id="balance-no-policy"),

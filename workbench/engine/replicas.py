@@ -23,6 +23,8 @@ def replica_name(model: str, index: int, count: int) -> str:
     return model if count == 1 else f"{model}#{index}"
 
 
+# Far above any useful count (each replica is a worker thread, with a queue, a breaker and a health record).
+MAX_REPLICAS = 1024
 _EXAMPLE = 'e.g. replicas=["cpu", "cpu"], ["cuda:0", "cuda:1"], or ["cpu", "http://127.0.0.1:8000/v1"] (a server)'
 
 
@@ -42,9 +44,15 @@ def replica_places(model: str, replicas: int | Sequence[str], remote_source: boo
         if replicas < 1:
             raise SettingsError(f"model {model!r}: replicas must be at least 1, got {replicas}",
                                 hint="replicas=1 (the default) serves from one worker")
+        if replicas > MAX_REPLICAS:  # each is a worker thread: a stray digit would exhaust memory or threads
+            raise SettingsError(f"model {model!r}: replicas must be at most {MAX_REPLICAS}, got {replicas}",
+                                hint="each replica is a worker of its own; a few per device is the usual count")
         return (None,) * replicas
     if not replicas:
         raise SettingsError(f"model {model!r}: replicas lists no devices or servers", hint=_EXAMPLE)
+    if len(replicas) > MAX_REPLICAS:
+        raise SettingsError(f"model {model!r}: replicas lists {len(replicas)} places, more than {MAX_REPLICAS}",
+                            hint=_EXAMPLE)
     places = tuple(_place(model, index, entry) for index, entry in enumerate(replicas))
     devices = [place for place in places if not is_server_url(place)]
     if remote_source and devices:
