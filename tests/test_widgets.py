@@ -318,6 +318,24 @@ def test_viewer_draws_dozens_of_concurrent_runs(loaded: wb.Workbench) -> None:
     assert len([s for s in viewer.spans if s["parent"] is None]) == 24
 
 
+def stop_at_two(n: str) -> str:
+    if n == "2":
+        raise KeyboardInterrupt  # as Ctrl-C does in the middle of a map
+    return f"done {n}"
+
+
+def test_viewer_draws_an_interrupted_maps_batch_and_says_what_it_cannot_draw(loaded: wb.Workbench) -> None:
+    chain = loaded.chain({"name": "stops", "hops": [{"name": "work", "call": stop_at_two}]})
+    with pytest.raises(wb.MapInterrupted) as info:
+        chain.map([{"n": str(i)} for i in range(5)], concurrency=1)
+    batch = info.value.batch
+    assert batch.missing  # the inputs that never ran are None in the batch
+    viewer = TraceViewer(batch)
+    assert len({s["trace"] for s in viewer.spans}) == len(batch.finished) == 2
+    with pytest.raises(wb.WorkbenchError, match="a trace viewer shows a Run, several Runs or a Trace, not Chain"):
+        TraceViewer(chain)
+
+
 def test_viewer_front_end_is_shipped_and_imports_nothing() -> None:
     shipped = TraceViewer()._esm
     assert shipped == (REPO / "extensions" / "trace_viewer.js").read_text()

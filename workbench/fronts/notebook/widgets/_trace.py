@@ -12,6 +12,7 @@ import pandas as pd
 import traitlets
 
 from workbench.chains.run import Run
+from workbench.errors import WorkbenchError
 from workbench.fronts.notebook.widgets._background import text_fallback
 from workbench.tracing import Trace
 from workbench.tracing.trace import _KIND_COLOURS
@@ -36,13 +37,22 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def as_trace(source: Trace | Run | Iterable[Run]) -> Trace:
-    """A Trace from a Trace, a Run, or several Runs (say, the result of ``chain.map``)."""
+def as_trace(source: Trace | Run | Iterable[Run | None]) -> Trace:
+    """A Trace from a Trace, a Run, or several Runs (say, the result of ``chain.map``).
+
+    An interrupted map's batch holds None for the inputs that did not run: they have no spans to show.
+    """
     if isinstance(source, Trace):
         return source
     if isinstance(source, Run):
         return source.trace
-    return Trace(span for run in source for span in run.trace.spans)
+    runs = list(source) if isinstance(source, Iterable) and not isinstance(source, (str, bytes)) else None
+    if runs is None or not all(run is None or isinstance(run, Run) for run in runs):
+        raise WorkbenchError(
+            f"a trace viewer shows a Run, several Runs or a Trace, not {type(source).__name__}",
+            hint="e.g. wb.TraceViewer(chain.run(...)), wb.TraceViewer(chain.map(inputs)) or wb.TraceViewer(run.trace)",
+        )
+    return Trace(span for run in runs if run is not None for span in run.trace.spans)
 
 
 def span_payload(trace: Trace, max_spans: int = MAX_SPANS) -> list[dict[str, Any]]:
@@ -91,12 +101,12 @@ class TraceViewer(anywidget.AnyWidget):
     selected = traitlets.Unicode("").tag(sync=True)
     title = traitlets.Unicode("").tag(sync=True)
 
-    def __init__(self, source: Trace | Run | Iterable[Run] | None = None, **kwargs: Any) -> None:
+    def __init__(self, source: Trace | Run | Iterable[Run | None] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if source is not None:
             self.show(source)
 
-    def show(self, source: Trace | Run | Iterable[Run]) -> None:
+    def show(self, source: Trace | Run | Iterable[Run | None]) -> None:
         """Draw ``source`` (a Trace, a Run, or Runs) in place of what the viewer shows now."""
         trace = as_trace(source)
         spans = span_payload(trace)
