@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import socket
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -252,6 +254,36 @@ def test_unload_ext_removes_the_magic(shell: InteractiveShell) -> None:
     assert shell.find_line_magic("autoglm") is None and shell.find_cell_magic("autoglm") is None
     shell.run_line_magic("load_ext", "workbench")
     assert shell.find_line_magic("autoglm") is not None and shell.find_cell_magic("autoglm") is not None
+
+
+def listening(url: str) -> bool:
+    """Whether something accepts connections at a server's URL."""
+    address = urllib.parse.urlsplit(url)
+    try:
+        socket.create_connection((address.hostname, address.port), timeout=5).close()
+    except OSError:
+        return False
+    return True
+
+
+def test_closing_the_workbench_or_unloading_the_extension_stops_what_serve_started(shell: InteractiveShell) -> None:
+    # Before, the server outlived both: after close() every call to it hung on a stopped loop, and after
+    # %unload_ext / %load_ext "%autoglm serve stop" said that no server was running.
+    with capture_output():
+        shell.run_cell(ECHO_CHAIN + "%autoglm serve echo --port 0 --no-auth")
+    first = shell.user_ns["_autoglm_server"]
+    assert listening(first.url)
+    wb.current().close()
+    assert not listening(first.url)
+
+    with wb.set_current(wb.Workbench()):
+        with capture_output():
+            shell.run_cell(ECHO_CHAIN + "%autoglm serve echo --port 0 --no-auth")
+        second = shell.user_ns["_autoglm_server"]
+        assert second is not first and listening(second.url)
+        shell.run_line_magic("unload_ext", "workbench")
+        assert not listening(second.url)
+        shell.run_line_magic("load_ext", "workbench")
 
 
 # -- mistakes -----------------------------------------------------------------------------------

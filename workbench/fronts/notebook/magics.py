@@ -290,8 +290,6 @@ class AutoglmMagics(Magics):
             print(f"{name}: {', '.join(f'{path} = {value!r}' for path, value in values.items())}; now {version}")
 
     def _serve(self, command: ServeCommand) -> None:
-        from workbench.fronts.server import serve
-
         if command.stop:
             if not self._servers:
                 print("no server is running; start one with %autoglm serve CHAIN")
@@ -306,8 +304,10 @@ class AutoglmMagics(Magics):
         if twice is not None:  # the gateway keys chains by name: one would hide the other
             raise WorkbenchError(f"serve: chain {twice!r} is named twice ({' '.join(command.chains)})",
                                  hint="serve each chain once; chains from different cells need names of their own")
-        server = serve(current(), chains, port=command.port, host=command.host,
-                       auth=False if command.no_auth else None, grpc_port=command.grpc_port)
+        # Through bench.serve, so that closing the workbench stops the server too: else it stays up and every call
+        # to it waits for a loop that has stopped.
+        server = current().serve(chains, port=command.port, host=command.host,
+                                 auth=False if command.no_auth else None, grpc_port=command.grpc_port)
         self._servers.append(server)
         self._user_ns[SERVER_VARIABLE] = server
         names = ", ".join(c.name for c in chains)
@@ -333,4 +333,7 @@ def unregister(ipython: InteractiveShell) -> None:
     manager = ipython.magics_manager
     for kind in ("line", "cell"):
         manager.magics[kind].pop("autoglm", None)
-    manager.registry.pop(AutoglmMagics.__name__, None)
+    magics = manager.registry.pop(AutoglmMagics.__name__, None)
+    # The servers %autoglm serve started: a later %load_ext makes magics that do not know them, so stop them now.
+    while isinstance(magics, AutoglmMagics) and magics._servers:
+        magics._servers.pop().stop()
