@@ -359,6 +359,27 @@ def test_a_mistake_prints_a_short_message_and_no_traceback(shell: InteractiveShe
     assert "qa" not in shell.user_ns  # a spec that failed binds nothing
 
 
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        pytest.param('{"question": "ok"}\n{"question": "caf\xe9"}\n'.encode("latin-1"),
+                     "bad.jsonl, line 2: not UTF-8 text (byte 0xe9)", id="latin-1"),
+        pytest.param(b"[" * 100_000 + b"]" * 100_000 + b"\n", "bad.jsonl, line 1: JSON nested too deeply to read",
+                     id="nested-too-deep"),
+    ],
+)
+def test_compare_says_which_line_of_an_unreadable_inputs_file(shell: InteractiveShell, tmp_path: Path,
+                                                              content: bytes, expected: str) -> None:
+    # Before, a UnicodeDecodeError or a RecursionError came out of the magic with a traceback.
+    inputs = tmp_path / "bad.jsonl"
+    inputs.write_bytes(content)
+    with capture_output() as captured:
+        result = shell.run_cell(ECHO_CHAIN + f"%autoglm compare echo --inputs {inputs}")
+    assert result.error_in_exec is None
+    assert captured.stderr.splitlines()[0] == f"autoglm: {expected}"
+    assert "Traceback" not in captured.stdout + captured.stderr
+
+
 # -- parsing ------------------------------------------------------------------------------------
 
 

@@ -41,9 +41,15 @@ def read_inputs(path: str | Path) -> list[dict[str, Any]]:
     """Chain inputs from a JSON Lines file: one JSON object per line, blank lines skipped."""
     path = Path(path).expanduser()
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        raw = path.read_bytes()
     except OSError as exc:
         raise WorkloadError(f"cannot read inputs file {str(path)!r}: {exc.strerror}", hint=_JSONL_HINT) from exc
+    try:
+        lines = raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        at = raw.count(b"\n", 0, exc.start) + 1
+        raise WorkloadError(f"{path.name}, line {at}: not UTF-8 text (byte {raw[exc.start]:#04x})",
+                            hint="save the inputs file as UTF-8") from None
     items: list[dict[str, Any]] = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -52,6 +58,9 @@ def read_inputs(path: str | Path) -> list[dict[str, Any]]:
             item = json.loads(line)
         except json.JSONDecodeError as exc:
             raise WorkloadError(f"{path.name}, line {number}: not JSON ({exc.msg})", hint=_JSONL_HINT) from exc
+        except RecursionError:  # lists or objects nested thousands deep: no chain's inputs look like that
+            raise WorkloadError(f"{path.name}, line {number}: JSON nested too deeply to read",
+                                hint=_JSONL_HINT) from None
         if not isinstance(item, dict):
             raise WorkloadError(
                 f"{path.name}, line {number}: a JSON {type(item).__name__}, not an object of chain inputs",
