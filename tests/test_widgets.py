@@ -175,6 +175,26 @@ def test_a_chat_hop_keeps_its_messages_and_its_spec_validates(loaded: wb.Workben
     assert list(builder.inputs) == ["question"]
 
 
+def test_a_python_hop_of_a_function_no_import_reaches_runs_from_the_builder(loaded: wb.Workbench) -> None:
+    def shout(question: str) -> str:  # a closure, as a notebook cell defines one: no dotted path reaches it
+        return question.upper()
+
+    chain = loaded.chain({"name": "loud", "hops": [{"name": "shout", "call": shout},
+                                                   {"name": "bang", "call": lambda shout: shout + "!"}]})
+    builder = ChainBuilder(loaded, chain=chain)
+    assert "spec ok" in builder._check.value
+    builder.inputs["question"].value = "hi"
+    assert builder.run() is True
+    builder.wait(60)
+    assert builder.error == "" and builder.last_run is not None and builder.last_run.output == "HI!"
+    # A path typed in the call box replaces the function.
+    builder.hop_editors[1].call.value = "workbench.demo:canned_answer"
+    assert builder.spec()["hops"][1]["call"] == "workbench.demo:canned_answer"
+    assert builder.run() is True
+    builder.wait(60)
+    assert builder.last_run.output == "(no model could answer 'hi' just now)"
+
+
 def test_add_move_and_remove_hops_keep_graph_and_inputs_in_step(loaded: wb.Workbench) -> None:
     builder = ChainBuilder(loaded)
     assert [e.hop_name.value for e in builder.hop_editors] == ["hop1"]

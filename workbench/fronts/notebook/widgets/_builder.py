@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import graphlib
 import html
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ipywidgets as w
@@ -50,6 +50,7 @@ class HopEditor(w.VBox):
         prompt: str = "",
         params: GenerationParams = _DEFAULTS,
         call: str = "",
+        function: Callable[..., Any] | None = None,
         graph: str = "countries",
         query: str = "{{ question }}",
         hops: int = 1,
@@ -75,6 +76,9 @@ class HopEditor(w.VBox):
                                  continuous_update=False, style={"description_width": "9em"})
         # Spec fields the form has no control for (seed, retry, fallback, ...) ride along unchanged.
         self.extra = dict(extra or {})
+        # A Python hop loaded from a chain keeps its function while the call box still shows its path: a function
+        # defined in a notebook cell or inside another (a lambda, a closure) has a path no import can reach.
+        self._function = (call, function) if function is not None else None
         self.call = w.Text(value=call, description="call", placeholder="package.module:function",
                            continuous_update=False, layout=w.Layout(width="30em"))
         self.graph = w.Text(value=graph, description="graph", placeholder="countries, or a .csv / .json of triples",
@@ -108,7 +112,10 @@ class HopEditor(w.VBox):
         name = self.hop_name.value.strip()
         if self.kind.value == "python":
             kept = {k: v for k, v in self.extra.items() if k not in _LLM_ONLY}
-            return {"name": name, "call": self.call.value.strip(), **kept}
+            call: str | Callable[..., Any] = self.call.value.strip()
+            if self._function is not None and call == self._function[0]:
+                call = self._function[1]
+            return {"name": name, "call": call, **kept}
         if self.kind.value == "knowledge":  # the form edits every field a knowledge hop has
             return {"name": name, "kind": "knowledge", "graph": self.graph.value.strip(), "query": self.query.value,
                     "hops": self.hops_slider.value, "max_triples": self.max_triples.value}
@@ -383,7 +390,7 @@ class ChainBuilder(StatusBox):
                 self.add_hop(hop.name, kind="knowledge", graph=str(raw_hops.get(hop.name, {}).get("graph", k.source)),
                              query=k.query.source, hops=k.hops, max_triples=k.max_triples, extra=extra)
             else:
-                self.add_hop(hop.name, kind="python", call=call_path(hop), extra=extra)
+                self.add_hop(hop.name, kind="python", call=call_path(hop), function=hop.call, extra=extra)
         self._changed()
         self.output_hop.value = chain.spec.output
 
