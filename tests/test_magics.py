@@ -20,6 +20,7 @@ from workbench.fronts.arguments import ReplicaOptions
 from workbench.fronts.notebook.parsers import (
     COMMANDS,
     BalanceCommand,
+    HelpCommand,
     LoadCommand,
     ModelsCommand,
     ParseError,
@@ -107,6 +108,13 @@ def test_dash_h_shows_the_subcommands_options_even_without_its_arguments(shell: 
 
 
 # -- models -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("line", "topic"),
+                         [("-h", None), ("--help", None), ("-h run", "run"), ("--help load", "load")])
+def test_dash_h_as_the_subcommand_is_help(line: str, topic: str | None) -> None:
+    # Before: "unknown subcommand '-h'", though the help text itself says to use -h.
+    assert parse_command(line) == HelpCommand(topic=topic)
 
 
 def test_load_tiny_then_models_shows_it(

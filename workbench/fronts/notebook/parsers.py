@@ -486,6 +486,8 @@ def parse_command(line: str, cell: str | None = None) -> Command:
             raise ParseError("%%autoglm needs a subcommand", hint="e.g. %%autoglm chain qa")
         return HelpCommand()
     name, rest = words[0], words[1:]
+    if name in ("-h", "--help"):  # what a shell command takes; the help text says SUBCOMMAND -h, so people try it
+        name = HelpCommand.subcommand
     _check_subcommand(name)
     command = COMMANDS[name]
     try:
