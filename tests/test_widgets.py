@@ -116,6 +116,15 @@ def test_model_table_reads_at_a_glance(bench: wb.Workbench, tiny_path: Path) -> 
     assert re.fullmatch(r"\d+\.\d{3}", shown.column("load_s")[0])
 
 
+def test_a_blank_name_in_the_form_loads_nothing_and_says_why(bench: wb.Workbench) -> None:
+    manager = ModelManager(bench)
+    manager.name.value = "   "
+    assert manager.load() is True
+    manager.wait(60)
+    assert manager.error.startswith("model name '' is not text without spaces at its ends")
+    assert bench.models().empty  # before, a model named '' was loaded
+
+
 def test_registered_model_gets_a_load_button(bench: wb.Workbench, tiny_path: Path) -> None:
     bench.register("later", tiny_path, device="cpu")
     manager = ModelManager(bench)

@@ -221,6 +221,7 @@ class Workbench:
         An actor that dies is started again, up to ``restarts`` times, as a model process is.
         """
         self.check_open(f"load {name!r}")
+        _check_model_name(name)
         batching = _batching(batching)
         self.registry.check_free(name)  # before the replicas of the model loaded under that name change
         # A load that fails leaves what was configured for the name (a registered model's replicas, balance and
@@ -290,6 +291,7 @@ class Workbench:
         strategy says (see :meth:`set_preloading`). Takes the settings of :meth:`load`, ``warmup`` and
         ``replicas`` included."""
         self.check_open(f"register {name!r}")
+        _check_model_name(name)
         batching = _batching(batching)  # a bad value fails before the model is known
         saved = self.engine.configuration(name)
         try:
@@ -1056,6 +1058,13 @@ def _ray_restarts(replicas: ReplicaSet | None) -> int | None:
     """How often the Ray actors of a model's replicas were started again, all told; None for a model not on Ray."""
     backends = [w.backend for w in replicas.workers if isinstance(w.backend, RayBackend)] if replicas else []
     return sum(b.restarts for b in backends) if backends else None
+
+
+def _check_model_name(name: object) -> None:
+    """A model's name is what specs write after ``model:``: text that is not blank and has no spaces at its ends."""
+    if not isinstance(name, str) or not name.strip() or name != name.strip():
+        raise SettingsError(f"model name {name!r:.80} is not text without spaces at its ends",
+                            hint="name it as chain specs will write it after  model:  e.g. bench.load('tiny', PATH)")
 
 
 def _batching(policy: BatchingPolicy | str | None) -> BatchingPolicy | None:
