@@ -350,3 +350,12 @@ def test_ctrl_c_during_a_run_exits_130_with_a_short_message(tmp_path: Path) -> N
     assert child.returncode == 130
     assert err.splitlines()[-1] == "autoglm: interrupted"
     assert "Traceback" not in err and out == ""
+
+
+def test_run_without_a_spec_names_only_what_is_missing(capsys: pytest.CaptureFixture[str]) -> None:
+    # argparse counts a bare nargs="*" positional as required: it said "required: SPEC, key=value".
+    with pytest.raises(SystemExit) as exited:
+        main(["run"])
+    assert exited.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == "autoglm run: error: the following arguments are required: SPEC"

@@ -400,6 +400,13 @@ def test_run_parses_into_typed_inputs_with_flags_anywhere() -> None:
     assert command == RunCommand(chain="qa", inputs={"question": "a b", "topic": "c"}, session="s1")
 
 
+def test_run_without_a_chain_names_only_what_is_missing() -> None:
+    # argparse counts a bare nargs="*" positional as required: it said "required: CHAIN, key=value".
+    with pytest.raises(ParseError) as error:
+        parse_command("run")
+    assert error.value.message == "run: the following arguments are required: CHAIN"
+
+
 def test_trace_defaults_to_the_last_run() -> None:
     assert parse_command("trace --summary") == TraceCommand(run="last", summary=True)
 

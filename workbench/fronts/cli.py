@@ -312,7 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("spec", metavar="SPEC", help="a YAML chain spec file")
-    run.add_argument("inputs", nargs="*", metavar="key=value", help="chain inputs; quote values that hold spaces")
+    # A default, or argparse counts a "*" positional as required and names it among the missing arguments.
+    run.add_argument("inputs", nargs="*", default=[], metavar="key=value",
+                     help="chain inputs; quote values that hold spaces")
     run.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
                      help=f"a model the spec names: a directory, a hub id, or '{TINY_SOURCE}'; repeat for each model")
     run.add_argument("--session", metavar="S", help="a session id: runs in one session share history")

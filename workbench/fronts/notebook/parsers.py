@@ -197,7 +197,9 @@ class RunCommand(Command):
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("chain", metavar="CHAIN", help="a chain built on this workbench, or a Chain variable")
-        parser.add_argument("inputs", nargs="*", metavar="key=value", help="chain inputs; quote values with spaces")
+        # A default, or argparse counts a "*" positional as required and names it among the missing arguments.
+        parser.add_argument("inputs", nargs="*", default=[], metavar="key=value",
+                            help="chain inputs; quote values with spaces")
         parser.add_argument("--session", metavar="S", help="a session id: runs in one session share history")
         parser.add_argument("--stream", action="store_true", help="print each hop's tokens as they arrive")
 
