@@ -265,6 +265,34 @@ def test_a_registration_a_load_would_refuse_is_refused_at_once_and_keeps_the_one
     assert bench.models().set_index("name").loc["iso", "isolation"] == "process"
 
 
+class SpanNames(SpanProcessor):
+    """Hears the name of every span that starts."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        self.started.append(span.name)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        pass
+
+
+def test_replicas_a_model_process_cannot_serve_are_refused_before_it_loads(bench: wb.Workbench, tiny_path: Path) -> None:
+    spans = SpanNames()
+    bench.tracing.engine_provider.add_span_processor(spans)
+    bench.tracing.provider.add_span_processor(spans)
+    with pytest.raises(wb.ModelLoadError, match="serves one replica: 2 were asked for"):
+        bench.load("iso", tiny_path, device="cpu", isolation="process", replicas=2)
+    # A registration the first use would refuse is refused now, not when a chain first calls it.
+    with pytest.raises(wb.ModelLoadError, match="serves one replica: 2 were asked for"):
+        bench.register("iso", tiny_path, device="cpu", isolation="process", replicas=["cpu", "cpu"])
+    with pytest.raises(wb.SettingsError, match="engine='ray' takes a count of replicas"):
+        bench.register("ray", tiny_path, engine="ray", replicas=["cpu", "cpu"])
+    assert "load iso" not in spans.started  # no child was started, loaded and thrown away
+    assert not {"iso", "ray"} & set(bench.registry.names())
+
+
 def test_the_load_flags_of_the_magics_and_the_command_line_take_isolation_and_restarts() -> None:
     parser = argparse.ArgumentParser(exit_on_error=False)
     add_load_options(parser)

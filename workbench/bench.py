@@ -263,6 +263,7 @@ class Workbench:
                 # A fresh load does not inherit an earlier one's policy: without one, each replica runs its
                 # kind's default.
                 self.engine.clear_policy(name)
+            self.engine.check_replicas(name, settings)
             return self.engine.preloader.load(name, settings, policy=batching)
         except BaseException:
             if not self.registry.is_loaded(name):
@@ -300,7 +301,9 @@ class Workbench:
             settings["device"] = _first_device(places) or settings.get("device", "auto")
             if "adapters" in settings:
                 settings["adapters"] = parse_adapters(settings["adapters"])
-            self.registry.register(name, LoadSettings(source=str(source), **settings))
+            registered = LoadSettings(source=str(source), **settings)
+            self.engine.check_replicas(name, registered)
+            self.registry.register(name, registered)
         except BaseException:
             self.engine.restore(name, saved)
             raise

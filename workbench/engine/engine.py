@@ -34,7 +34,7 @@ from workbench.errors import AdapterError
 from workbench.models.adapters import AdapterLease, AdapterSet
 from workbench.models.registry import LoadedModel, ModelRegistry
 from workbench.models.remote import REMOTE_DEVICE
-from workbench.models.settings import is_server_url
+from workbench.models.settings import LoadSettings, is_server_url
 from workbench.tracing import Tracing, mark_error
 from workbench.tracing import attributes as attr
 from workbench.tracing import openinference
@@ -148,17 +148,7 @@ class Engine:
         with self._lock:
             places = self._replicas.get(name, (None,))
             balance = self._balance.get(name) or RoundRobin()
-        local = [place for place in places if place is None or not is_server_url(place)]
-        if loaded.settings.isolation == "process" and len(local) > 1:
-            raise ModelLoadError(
-                f"model {name!r} runs in a child process (isolation='process'), which serves one replica: "
-                f"{len(local)} were asked for",
-                hint="load it with replicas=1 (servers may be listed beside it: replicas=['cpu', URL]), or with "
-                "isolation='thread' to replicate it",
-            )
-        if loaded.settings.engine == "ray" and any(place is not None for place in places):
-            raise SettingsError(f"model {name!r}: engine='ray' takes a count of replicas, not a list of devices",
-                                hint="replicas=4 with num_gpus=1 gives each replica's actor a GPU of its own")
+        self.check_replicas(name, loaded.settings)
         models = [
             self._registry.replica(loaded, place, replica_name(name, i, len(places)), parent, trigger)
             for i, place in enumerate(places)
@@ -211,6 +201,23 @@ class Engine:
             if balance is not None:
                 self._balance[name] = balance
         return places
+
+    def check_replicas(self, name: str, settings: LoadSettings) -> None:
+        """Refuse replicas configured for ``name`` that a model loaded with ``settings`` cannot run (before the load
+        spends its time): a child process serves one replica, and Ray takes a count, not a list."""
+        with self._lock:
+            places = self._replicas.get(name, (None,))
+        local = [place for place in places if place is None or not is_server_url(place)]
+        if settings.isolation == "process" and len(local) > 1:
+            raise ModelLoadError(
+                f"model {name!r} runs in a child process (isolation='process'), which serves one replica: "
+                f"{len(local)} were asked for",
+                hint="load it with replicas=1 (servers may be listed beside it: replicas=['cpu', URL]), or with "
+                "isolation='thread' to replicate it",
+            )
+        if settings.engine == "ray" and any(place is not None for place in places):
+            raise SettingsError(f"model {name!r}: engine='ray' takes a count of replicas, not a list of devices",
+                                hint="replicas=4 with num_gpus=1 gives each replica's actor a GPU of its own")
 
     def configuration(self, name: str) -> _Configured:
         """What is configured for ``name``'s next load (batching policy, replicas, balance; None: nothing), to put
