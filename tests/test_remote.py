@@ -227,6 +227,12 @@ def test_a_url_where_no_server_listens_does_not_load(bench: wb.Workbench) -> Non
 # -- failures a real server cannot make on demand: a tiny misbehaving HTTP server ------------------
 
 
+# Streams a server that is broken or lies sends, by mode: each the chunks of one answer.
+CANNED: dict[str, list[object]] = {
+    "misshapen": [{"choices": [{"index": 0, "text": " a"}]}, {"choices": [5]}],
+}
+
+
 class FaultServer:
     """A real HTTP/1.1 server on 127.0.0.1 (asyncio streams) that misbehaves as its URL says: an imitation of a
     failing model server, for failures `transformers serve` cannot produce on demand.
@@ -235,7 +241,7 @@ class FaultServer:
     (400), ``busy`` (429 with Retry-After: 1 on the first request, then good), ``broken`` (one chunk, then the
     connection drops), ``silent`` (takes the request and never answers), ``huge`` (a first line of 3 MiB),
     ``endless`` (text chunks until the client hangs up), ``bigerror`` (a 500 whose body says it is 100 MiB
-    and never ends). Asked as a proxy (an absolute URL in the request line), it answers for any host as if
+    and never ends), or one of ``CANNED`` (those chunks, then [DONE]). Asked as a proxy (an absolute URL in the request line), it answers for any host as if
     it were that host, and keeps the URL in ``proxied``.
     """
 
@@ -315,6 +321,14 @@ class FaultServer:
             while True:  # until the client hangs up: the write fails, or the handler is cancelled
                 writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
                 await writer.drain()
+        if mode in CANNED:
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n"
+                         b"transfer-encoding: chunked\r\n\r\n")
+            for data in [f"data: {json.dumps(chunk)}\n\n".encode() for chunk in CANNED[mode]] + [b"data: [DONE]\n\n"]:
+                writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+            return
         if mode == "huge":
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 3145734\r\n\r\n"
                          + b"data: " + b"x" * 3 * 2**20)
@@ -349,7 +363,7 @@ def faults() -> Iterator[FaultServer]:
 @pytest.fixture
 def faulty(bench: wb.Workbench, faults: FaultServer, tiny_path: Path) -> wb.Workbench:
     """A workbench with one model per fault mode ('ok', 'error500', ...) on the FaultServer, and 'tiny' here."""
-    for mode in ("ok", "error500", "reject", "busy", "broken", "silent", "huge", "endless", "bigerror"):
+    for mode in ("ok", "error500", "reject", "busy", "broken", "silent", "huge", "endless", "bigerror", *CANNED):
         bench.load(mode, f"{faults.url}/{mode}/v1")
     bench.load("tiny", tiny_path, device="cpu")
     return bench
@@ -516,6 +530,14 @@ def test_a_server_that_never_stops_sending_is_cut_off(faulty: wb.Workbench) -> N
     error = _failure(run)
     assert isinstance(error, RemoteError) and error.kind == "broken_stream"
     assert "sent more than 40 chunks for max_tokens 12" in str(error)
+
+
+def test_a_chunk_not_shaped_as_an_openai_streams_is_a_broken_stream_that_shows_it(faulty: wb.Workbench) -> None:
+    run = _failed(_chain(faulty, "misshapen"), prompt="hi")
+    error = _failure(run)
+    assert isinstance(error, RemoteError) and error.kind == "broken_stream"  # not an AttributeError from within
+    assert "sent a chunk whose choices are not shaped as an OpenAI stream's: '{\"choices\": [5]}'" in str(error)
+    assert _remote_events(run) == ["remote.broken_stream"]
 
 
 def test_an_error_body_that_never_ends_is_read_only_as_far_as_its_message_needs(faulty: wb.Workbench) -> None:

@@ -402,13 +402,16 @@ class RemoteBackend:
                     chunk = _parse(data, url)
                     if "error" in chunk:  # an error the server reports inside a stream it had begun
                         raise self._broken(url, stamps, f"the server reported an error mid-stream: {chunk['error']}")
-                    if chunk.get("usage"):
+                    if chunk.get("usage") and isinstance(chunk["usage"], dict):  # else counted here, as without
                         stamps.usage = chunk["usage"]
                     choices = chunk.get("choices")
                     if not choices:
                         continue
-                    choice = choices[0]
-                    text = _text(choice, chat)
+                    choice = choices[0] if isinstance(choices, list) else None
+                    text = _text(choice, chat) if isinstance(choice, dict) else None
+                    finish = choice.get("finish_reason") if isinstance(choice, dict) else None
+                    if text is None or not isinstance(finish, (str, type(None))):
+                        raise _misshapen(data, url, "whose choices are not shaped as an OpenAI stream's")
                     if stamps.first is None and (text or not chat):
                         stamps.first = now
                         # Now, not at the end: a span its timeout ended says by this whether a first token came.
@@ -421,7 +424,7 @@ class RemoteBackend:
                         texts.append(text)
                         if request.stream and not request.cancelled:
                             (on_token or _on_token)(request, NO_TOKEN_ID, text)
-                    stamps.finish_reason = choice.get("finish_reason") or stamps.finish_reason
+                    stamps.finish_reason = finish or stamps.finish_reason
         except RemoteError as exc:
             _event(span, exc)
             raise
@@ -636,12 +639,14 @@ def _on_token(request: GenerationRequest, token: int, text: str) -> None:
         request.on_token(token, text)
 
 
-def _text(choice: dict[str, Any], chat: bool) -> str:
-    """The text a streamed choice adds: a completion's ``text``, a chat's ``delta.content``."""
+def _text(choice: dict[str, Any], chat: bool) -> str | None:
+    """The text a streamed choice adds: a completion's ``text``, a chat's ``delta.content``; None if it is not text."""
     if not chat:
-        return choice.get("text") or ""
-    delta = choice.get("delta")
-    return (delta.get("content") or "") if isinstance(delta, dict) else ""
+        text = choice.get("text") or ""
+    else:
+        delta = choice.get("delta")
+        text = (delta.get("content") or "") if isinstance(delta, dict) else ""
+    return text if isinstance(text, str) else None
 
 
 async def _head_of(response: aiohttp.ClientResponse) -> str:
@@ -661,14 +666,16 @@ def _parse(data: bytes, url: str) -> dict[str, Any]:
     try:
         chunk = json.loads(data)
     except ValueError:
-        said = data[:200].decode("utf-8", "replace")
-        raise RemoteError(f"model server {url} sent a chunk that is not JSON: {said!r}", kind="broken_stream",
-                          url=url, hint="is this an OpenAI-compatible server?") from None
+        raise _misshapen(data, url, "that is not JSON") from None
     if not isinstance(chunk, dict):
-        said = data[:200].decode("utf-8", "replace")
-        raise RemoteError(f"model server {url} sent a chunk that is not a JSON object: {said!r}",
-                          kind="broken_stream", url=url, hint="is this an OpenAI-compatible server?")
+        raise _misshapen(data, url, "that is not a JSON object")
     return chunk
+
+
+def _misshapen(data: bytes, url: str, what: str) -> RemoteError:
+    said = data[:200].decode("utf-8", "replace")
+    return RemoteError(f"model server {url} sent a chunk {what}: {said!r}", kind="broken_stream", url=url,
+                       hint="is this an OpenAI-compatible server?")
 
 
 def _retry_after(value: str | None) -> float | None:
