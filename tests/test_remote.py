@@ -230,6 +230,11 @@ def test_a_url_where_no_server_listens_does_not_load(bench: wb.Workbench) -> Non
 # Streams a server that is broken or lies sends, by mode: each the chunks of one answer.
 CANNED: dict[str, list[object]] = {
     "misshapen": [{"choices": [{"index": 0, "text": " a"}]}, {"choices": [5]}],
+    "lying": [{"choices": [{"index": 0, "text": " two words", "finish_reason": "stop"}],
+               "usage": {"prompt_tokens": -3, "completion_tokens": 10**9}}],
+    "oddusage": [{"choices": [{"index": 0, "text": " two words", "finish_reason": "stop"}], "usage": [3, 2]}],
+    "boolusage": [{"choices": [{"index": 0, "text": " two words", "finish_reason": "stop"}],
+                   "usage": {"prompt_tokens": True, "completion_tokens": True}}],
 }
 
 
@@ -414,6 +419,16 @@ def test_a_server_without_usage_or_tokenizer_counts_chunks_and_says_so(faulty: w
     span = _request_span(run)
     assert span[attr.REMOTE_TOKENS_FROM] == "chunks" and span[attr.USAGE_OUTPUT_TOKENS] == 2
     assert faulty.registry.get("ok").settings.served_model == "faulty"
+
+
+@pytest.mark.parametrize("mode", ["lying", "oddusage", "boolusage"])
+def test_a_usage_that_cannot_be_true_is_counted_here_and_says_so(faulty: wb.Workbench, mode: str) -> None:
+    run = _chain(faulty, mode).run(prompt="hi")  # max_new_tokens 12: not 10**9 tokens, nor True
+    span = _request_span(run)
+    assert span[attr.REMOTE_TOKENS_FROM] == "chunks" and span[attr.USAGE_OUTPUT_TOKENS] == 1
+    assert span[attr.USAGE_INPUT_TOKENS] == 0  # no tokenizer here and none believed: not -3
+    assert run.output == "two words"
+    assert set(run.trace.events()["event"]) == {"remote.usage_ignored"}
 
 
 def test_a_prompt_sent_uncounted_to_a_server_without_usage_is_counted_after_its_stream(

@@ -184,7 +184,7 @@ class _Stamps:
     chunks: int = 0  # those with text
     lines: int = 0  # every data line
     finish_reason: str | None = None
-    usage: dict[str, Any] | None = None
+    usage: object = None  # as the server sent it: checked when the stream ends
 
 
 class RemoteBackend:
@@ -402,7 +402,7 @@ class RemoteBackend:
                     chunk = _parse(data, url)
                     if "error" in chunk:  # an error the server reports inside a stream it had begun
                         raise self._broken(url, stamps, f"the server reported an error mid-stream: {chunk['error']}")
-                    if chunk.get("usage") and isinstance(chunk["usage"], dict):  # else counted here, as without
+                    if chunk.get("usage"):
                         stamps.usage = chunk["usage"]
                     choices = chunk.get("choices")
                     if not choices:
@@ -445,15 +445,22 @@ class RemoteBackend:
     ) -> GenerationResult:
         ended = time.perf_counter()
         first = stamps.first if stamps.first is not None else ended
-        usage = stamps.usage or {}
-        tokens_in, tokens_out = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        usage = stamps.usage if isinstance(stamps.usage, dict) else {}
+        # A count the request rules out (below zero, above max_tokens, none for a text, more prompt tokens than any
+        # tokenizer makes of its bytes) is a server's mistake: counted here instead, as without usage.
+        sent = request.prompt if request.messages is None else json.dumps(request.messages)
+        tokens_in = _count(usage.get("prompt_tokens"), 0, 3 * len(sent.encode("utf-8", "replace")) + 4096)
+        tokens_out = _count(usage.get("completion_tokens"), 1 if text else 0, request.params.max_new_tokens)
+        if stamps.usage and (tokens_in is None or tokens_out is None):
+            request.span.add_event("remote.usage_ignored", {"exception.message": f"the server's usage {usage!r:.200} "
+                                                            "is not possible for this request; counted here"})
         counted_by = "server"
-        if not isinstance(tokens_out, int):
+        if tokens_out is None:
             if self.codec is not None:
                 tokens_out, counted_by = len(self.codec.tokenize([text], special_tokens=False)[0]), "tokenizer"
             else:
                 tokens_out, counted_by = stamps.chunks, "chunks"
-        if not isinstance(tokens_in, int):
+        if tokens_in is None:
             if not request.input_ids and request.prompt and self.codec is not None:
                 # Sent uncounted (see fits_uncounted) to a server that did not say: count it now.
                 tokens_in = len(self.codec.tokenize([request.prompt])[0])
@@ -676,6 +683,11 @@ def _misshapen(data: bytes, url: str, what: str) -> RemoteError:
     said = data[:200].decode("utf-8", "replace")
     return RemoteError(f"model server {url} sent a chunk {what}: {said!r}", kind="broken_stream", url=url,
                        hint="is this an OpenAI-compatible server?")
+
+
+def _count(value: object, least: int, most: int) -> int | None:
+    """A token count from a server's ``usage``, if it is a whole number from ``least`` to ``most``; else None."""
+    return value if type(value) is int and least <= value <= most else None
 
 
 def _retry_after(value: str | None) -> float | None:
