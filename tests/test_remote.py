@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 from collections import Counter
@@ -246,7 +247,8 @@ class FaultServer:
     (400), ``busy`` (429 with Retry-After: 1 on the first request, then good), ``broken`` (one chunk, then the
     connection drops), ``silent`` (takes the request and never answers), ``huge`` (a first line of 3 MiB),
     ``endless`` (text chunks until the client hangs up), ``bigerror`` (a 500 whose body says it is 100 MiB
-    and never ends), or one of ``CANNED`` (those chunks, then [DONE]). Asked as a proxy (an absolute URL in the request line), it answers for any host as if
+    and never ends), ``pings`` (SSE comments every 20 ms and never a data line), ``stalls`` (one chunk, then
+    ``pings``), or one of ``CANNED`` (those chunks, then [DONE]). Asked as a proxy (an absolute URL in the request line), it answers for any host as if
     it were that host, and keeps the URL in ``proxied``.
     """
 
@@ -326,6 +328,15 @@ class FaultServer:
             while True:  # until the client hangs up: the write fails, or the handler is cancelled
                 writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
                 await writer.drain()
+        if mode in ("pings", "stalls"):
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            first = f"data: {json.dumps({'choices': [{'index': 0, 'text': ' one'}]})}\n\n".encode()
+            for data in [first] if mode == "stalls" else []:
+                writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            while True:  # until the client hangs up: the write fails, or the handler is cancelled
+                writer.write(b"8\r\n: ping\n\n\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.02)
         if mode in CANNED:
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n"
                          b"transfer-encoding: chunked\r\n\r\n")
@@ -591,6 +602,16 @@ def test_without_a_hop_timeout_the_read_timeout_names_the_missing_first_byte(
     assert isinstance(error, RemoteError) and error.kind == "no_first_byte"
     assert "sent no first token within 0.5 s" in str(error) and "read_timeout_s" in str(error)
     assert _remote_events(run) == ["remote.no_first_byte"]
+
+
+@pytest.mark.parametrize(("mode", "said"), [("pings", "sent no first token within 1 s (no data line"),
+                                            ("stalls", "broke off the stream after 1 chunks: no data line")])
+def test_a_stream_of_keep_alive_comments_alone_ends_after_the_read_timeout(
+    bench: wb.Workbench, faults: FaultServer, mode: str, said: str
+) -> None:
+    bench.load(mode, f"{faults.url}/{mode}/v1", read_timeout_s=1)  # bytes keep coming, but never a token
+    with pytest.raises(RemoteError, match=re.escape(said)):
+        bench.generate(mode, "hi", max_new_tokens=4)
 
 
 def test_a_refused_connection_fails_over_to_the_local_model(tiny_path: Path) -> None:

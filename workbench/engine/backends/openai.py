@@ -388,13 +388,17 @@ class RemoteBackend:
                 span.set_attribute(attr.HTTP_STATUS, response.status)
                 if response.status >= 400:
                     raise self._status_error(url, response, await _head_of(response))
+                heard = stamps.posted  # the last data line: comments alone (keep-alives) do not keep a stream up
                 async for line in response.content:  # one line at a time, its b"\n" included
-                    if not line.startswith(b"data:"):
-                        continue  # blank separators, comments, event names
+                    now = time.perf_counter()
+                    if not line.startswith(b"data:"):  # blank separators, comments, event names
+                        if now - heard > self.read_timeout_s:
+                            raise self._silent(url, stamps, "no data line, only comments or blank lines")
+                        continue
+                    heard = now
                     data = line[5:].strip()
                     if data == b"[DONE]":
                         break
-                    now = time.perf_counter()
                     stamps.lines += 1
                     if stamps.lines > most_chunks:
                         raise self._broken(url, stamps, f"it sent more than {most_chunks} chunks for max_tokens "
@@ -519,15 +523,22 @@ class RemoteBackend:
             return RemoteError(f"{where} refused the connection: {exc.os_error or type(exc).__name__}", kind="refused",
                                url=url, hint="is the server running? a fallback model can answer meanwhile")
         if isinstance(exc, aiohttp.SocketTimeoutError) and stamps.first is None:
-            return RemoteError(
-                f"{where} took the request but sent no first token within {self.read_timeout_s:g} s",
-                kind="no_first_byte", url=url, status=stamps.status,
-                hint="the server may be stuck or overloaded: give the hop a fallback, or load the model with a "
-                "longer read_timeout_s if its queue is long",
-            )
+            return self._silent(url, stamps, "")
         if isinstance(exc, (LineTooLong, ValueError)):
             return self._broken(url, stamps, f"a line of the stream is longer than {2 * READ_BUFFER_BYTES} bytes")
         return self._broken(url, stamps, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+
+    def _silent(self, url: str, stamps: _Stamps, sent: str) -> RemoteError:
+        """``read_timeout_s`` went by with no first token (``sent``: what came instead), or with no data at all."""
+        if stamps.first is not None:
+            return self._broken(url, stamps, f"{sent} for {self.read_timeout_s:g} s")
+        return RemoteError(
+            f"model server {url} took the request but sent no first token within {self.read_timeout_s:g} s"
+            + (f" ({sent})" if sent else ""),
+            kind="no_first_byte", url=url, status=stamps.status,
+            hint="the server may be stuck or overloaded: give the hop a fallback, or load the model with a "
+            "longer read_timeout_s if its queue is long",
+        )
 
     @staticmethod
     def _broken(url: str, stamps: _Stamps, why: str) -> RemoteError:
