@@ -244,7 +244,7 @@ class FaultServer:
     failing model server, for failures `transformers serve` cannot produce on demand.
 
     ``{url}/{mode}/v1`` is an OpenAI base URL; ``mode`` is ``ok`` (a good stream), ``error500``, ``reject``
-    (400), ``busy`` (429 with Retry-After: 1 on the first request, then good), ``broken`` (one chunk, then the
+    (400), ``busy`` (429 with Retry-After: 1 on the first request, then good), ``closed`` (429 with Retry-After: a day, always), ``broken`` (one chunk, then the
     connection drops), ``silent`` (takes the request and never answers), ``huge`` (a first line of 3 MiB),
     ``endless`` (text chunks until the client hangs up), ``bigerror`` (a 500 whose body says it is 100 MiB
     and never ends), ``pings`` (SSE comments every 20 ms and never a data line), ``stalls`` (one chunk, then
@@ -307,9 +307,10 @@ class FaultServer:
             await writer.drain()
             return
         self.hits[mode] += 1
-        if mode in ("error500", "reject") or (mode == "busy" and self.hits[mode] == 1):
+        if mode in ("error500", "reject", "closed") or (mode == "busy" and self.hits[mode] == 1):
             status = {"error500": "500 Internal Server Error", "reject": "400 Bad Request",
-                      "busy": "429 Too Many Requests\r\nretry-after: 1"}[mode]
+                      "busy": "429 Too Many Requests\r\nretry-after: 1",
+                      "closed": "429 Too Many Requests\r\nretry-after: 86400"}[mode]
             body = b'{"error": "made to fail"}'
             writer.write(f"HTTP/1.1 {status}\r\nconnection: close\r\ncontent-length: {len(body)}\r\n\r\n".encode()
                          + body)
@@ -379,7 +380,8 @@ def faults() -> Iterator[FaultServer]:
 @pytest.fixture
 def faulty(bench: wb.Workbench, faults: FaultServer, tiny_path: Path) -> wb.Workbench:
     """A workbench with one model per fault mode ('ok', 'error500', ...) on the FaultServer, and 'tiny' here."""
-    for mode in ("ok", "error500", "reject", "busy", "broken", "silent", "huge", "endless", "bigerror", *CANNED):
+    for mode in ("ok", "error500", "reject", "busy", "broken", "silent", "huge", "endless", "bigerror", "closed",
+                 *CANNED):
         bench.load(mode, f"{faults.url}/{mode}/v1")
     bench.load("tiny", tiny_path, device="cpu")
     return bench
@@ -526,6 +528,14 @@ def test_a_429_retry_waits_as_long_as_retry_after_asks(faulty: wb.Workbench) -> 
     assert "remote.rate_limited" in list(events["event"])
     (wait,) = events.query("event == 'retry'")["attributes.workbench.retry.wait_ms"]
     assert wait >= 1000  # the server said Retry-After: 1; the backoff alone would wait 1 ms
+
+
+def test_a_429_that_asks_for_a_day_ends_the_retries_and_falls_back_at_once(faulty: wb.Workbench) -> None:
+    run = _chain(faulty, "closed", retry={"attempts": 3}, fallback=["tiny"]).run(prompt="hi")  # not a day later
+    assert run.served_by["answer"] == "model:tiny"
+    events = run.trace.events()
+    assert "retry" not in set(events["event"])
+    assert "retry after 86400 s" in events.query("event == 'fallback'")["attributes.workbench.fallback.reason"].iloc[0]
 
 
 def test_without_retries_a_429_says_how_long_to_wait(faulty: wb.Workbench, faults: FaultServer) -> None:

@@ -16,6 +16,19 @@ from workbench.errors import RemoteRateLimited, RetriesExhausted, describe
 from workbench.tracing import attributes as attr
 
 
+# The longest Retry-After a retry waits out when its policy sets no max_total_s: a server that asks for more (an hour,
+# a date next week) is not coming back within this run, so the hop falls back, or fails saying how long it asked.
+MAX_RETRY_AFTER_S = 60.0
+
+
+class _AskedTooLong(tenacity.stop.stop_base):
+    """Stop when the last failure is a 429 whose Retry-After is longer than MAX_RETRY_AFTER_S."""
+
+    def __call__(self, state: tenacity.RetryCallState) -> bool:
+        failure = state.outcome.exception() if state.outcome is not None else None
+        return isinstance(failure, RemoteRateLimited) and (failure.retry_after_s or 0.0) > MAX_RETRY_AFTER_S
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """How a hop retries its primary model (or Python call) before it falls back.
@@ -25,7 +38,8 @@ class RetryPolicy:
     and that ("full jitter"), so many runs retrying at once spread out instead of arriving together.
     ``max_total_s`` caps the time from the first attempt: no retry starts whose wait would end past
     it, and an attempt's timeout is cut to what is left. A model server's 429 with ``Retry-After``
-    makes that wait at least as long as the server asked. ``on`` names the kinds of failure worth
+    makes that wait at least as long as the server asked (up to a minute, or up to ``max_total_s`` where it
+    is set: a longer wait ends the retries). ``on`` names the kinds of failure worth
     retrying (see ``error_kind``).
     """
 
@@ -41,6 +55,8 @@ class RetryPolicy:
         stop: tenacity.stop.stop_base = tenacity.stop_after_attempt(self.attempts)
         if self.max_total_s is not None:
             stop = stop | tenacity.stop_before_delay(self.max_total_s)
+        else:
+            stop = stop | _AskedTooLong()
         backoff, cap = self.backoff_ms / 1e3, self.max_backoff_ms / 1e3
         backoff_wait = (
             tenacity.wait_random_exponential(multiplier=backoff, max=cap)
