@@ -205,13 +205,15 @@ def test_a_killed_actor_fails_its_requests_clearly_they_retry_elsewhere_and_it_r
                  if e.name == "exception"}
         assert kinds == {"ModelActorDied"}  # translated at the seam: no raw Ray error reached the chain
         messages = [str(e.attributes["exception.message"]) for s in failed for e in s.events if e.name == "exception"]
-        assert any(m.startswith("the Ray actor of model 'r' on node ") and " is gone (" in m for m in messages)
+        # It names the replica that died, not only the model: r#0 served on.
+        assert any(m.startswith("the Ray actor of model 'r' (replica 'r#1') on node ") and " is gone (" in m
+                   for m in messages)
 
         # The restart is a span of the engine's trace, ended once the new actor has loaded.
         eventually(lambda: any(s.name == "restart r" and s.end_time for s in bench.traces().spans),
                    "the actor of r#1 to restart")
         (restart,) = [s for s in bench.traces().spans if s.name == "restart r"]
-        assert restart.attributes[attr.RAY_RESTARTS] == 1
+        assert restart.attributes[attr.RAY_RESTARTS] == 1 and restart.attributes[attr.REPLICA] == "r#1"
         assert restart.attributes[attr.RAY_ACTOR] == doomed.actor_id != old_id
         after = bench.replicas("r").set_index("replica")
         assert after["restarts"].tolist() == [0, 1]

@@ -241,9 +241,10 @@ class RayBackend:
     same way as a model process's (isolation="process").
     """
 
-    def __init__(self, loaded: LoadedModel, tracing: Tracing | None = None) -> None:
+    def __init__(self, loaded: LoadedModel, tracing: Tracing | None = None, replica: str | None = None) -> None:
         settings = loaded.settings
         self.model = loaded.name
+        self.replica = replica or loaded.name  # "m#1": which of the model's replicas this is, for its errors
         self.source = loaded.source
         self.dtype = settings.dtype
         self.device = "ray"  # until the actor says where it loaded
@@ -265,6 +266,11 @@ class RayBackend:
         self._ray = connect(settings)
         self._spawn()
         _opened(+1)  # closed in close(); release() waits for none to be open
+
+    @property
+    def _who(self) -> str:
+        """What its errors call this replica: ``model 'm'``, or ``model 'm' (replica 'm#1')`` for one of several."""
+        return f"model {self.model!r}" + (f" (replica {self.replica!r})" if self.replica != self.model else "")
 
     # -- the actor's state -----------------------------------------------------------------------
 
@@ -351,7 +357,7 @@ class RayBackend:
                                      name=f"workbench-ray-restart-{self.model}").start()
                 else:
                     self._gone = ModelActorDied(
-                        f"the Ray actor of model {self.model!r} on node {node} is gone ({why}); it was restarted "
+                        f"the Ray actor of {self._who} on node {node} is gone ({why}); it was restarted "
                         f"{self.restarts} times already, so it stays down",
                         hint="its requests go to the other replicas (give hops retry); load the model again "
                         "(bench.unload then bench.load), or raise restarts",
@@ -359,7 +365,7 @@ class RayBackend:
             if self._gone is not None:
                 return self._gone
             return ModelActorDied(
-                f"the Ray actor of model {self.model!r} on node {node} is gone ({self._dead})",
+                f"the Ray actor of {self._who} on node {node} is gone ({self._dead})",
                 hint=f"a new actor is starting in its place (restart {self.restarts} of {self._settings.restarts}); "
                 "meanwhile its requests go to the other replicas (give hops retry)",
             )
@@ -369,8 +375,8 @@ class RayBackend:
         span = None
         if self._tracing is not None:
             span = self._tracing.start_span(f"restart {self.model}", attributes={
-                attr.SPAN_KIND: attr.KIND_CHAIN, attr.MODEL_NAME: self.model, attr.RAY_RESTARTS: self.restarts,
-                attr.RAY_PREVIOUS_NODE: died_on or ""})
+                attr.SPAN_KIND: attr.KIND_CHAIN, attr.MODEL_NAME: self.model, attr.REPLICA: self.replica,
+                attr.RAY_RESTARTS: self.restarts, attr.RAY_PREVIOUS_NODE: died_on or ""})
         try:
             while True:
                 try:
@@ -386,7 +392,7 @@ class RayBackend:
                             self._spawn()
                         elif not self._closed:
                             self._gone = ModelActorDied(
-                                f"the Ray actor of model {self.model!r} died and could not be started again: "
+                                f"the Ray actor of {self._who} died and could not be started again: "
                                 f"{exc.message}", hint=exc.hint or f"load it again: bench.load({self.model!r}, ...)",
                             )
                     if again:
