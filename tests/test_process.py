@@ -207,6 +207,23 @@ def test_with_no_restarts_left_a_dead_model_process_stays_down_and_says_so(
     assert pid_of(bench, "iso") is None
 
 
+def test_a_model_process_that_died_between_batches_is_restarted_for_the_next_one_which_it_serves(
+    bench: wb.Workbench, tiny_path: Path
+) -> None:
+    bench.load("iso", tiny_path, device="cpu", isolation="process")
+    expected = bench.generate("iso", "Hello", max_new_tokens=4).text
+    child = pid_of(bench, "iso")
+    assert child is not None
+    os.kill(child, signal.SIGKILL)  # idle: no batch of its was running
+    eventually(lambda: pid_of(bench, "iso") is None, "bench.models() to show the process gone")
+    # The next request waits for a new process instead of failing for a batch the dead one never saw.
+    assert bench.generate("iso", "Hello", max_new_tokens=4).text == expected
+    again = pid_of(bench, "iso")
+    assert again is not None and again != child
+    assert bench.models().set_index("name").loc["iso", "restarts"] == 1
+    assert bench.breakers().set_index("model").loc["iso", "state"] == "closed"
+
+
 def test_closing_the_workbench_ends_the_model_process(tiny_path: Path) -> None:
     with wb.Workbench() as bench:
         bench.load("iso", tiny_path, device="cpu", isolation="process")

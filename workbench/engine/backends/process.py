@@ -173,6 +173,12 @@ class ModelProcess:
         self.context_window: int | None = ready["context_window"]
         self.eos_ids: set[int] = set(ready["eos_ids"])
 
+    @property
+    def running(self) -> bool:
+        """Whether the child is alive (serving, or loading as a restart)."""
+        proc = self._proc
+        return proc is not None and proc.poll() is None
+
     def close(self) -> None:
         """End the child (its pipe closes, so it exits; killed if it does not) and any restart under way."""
         with self._lock:
@@ -245,13 +251,22 @@ class ModelProcess:
         self, batch: list[GenerationRequest], on_token: TokenSink | None
     ) -> tuple[list[GenerationResult], BatchTiming]:
         """Run ``batch`` in the child, streaming its tokens to ``on_token``; ModelProcessDied if the child dies."""
-        restart = self._restart
-        if restart is not None:
-            restart.join()  # a batch that arrives while the child restarts waits for it
-        with self._lock:
-            conn, cancels, gone = self._conn, self._cancels, self._gone
-        if conn is None or cancels is None:
-            raise gone or ModelProcessDied(f"model {self.name!r} was unloaded", hint=f"bench.load({self.name!r}) again")
+        while True:
+            restart = self._restart
+            if restart is not None:
+                restart.join()  # a batch that arrives while the child restarts waits for it
+            with self._lock:
+                conn, cancels, gone, proc = self._conn, self._cancels, self._gone, self._proc
+            if conn is None or cancels is None:
+                raise gone or ModelProcessDied(f"model {self.name!r} was unloaded",
+                                               hint=f"bench.load({self.name!r}) again")
+            if proc is None or proc.poll() is None:
+                break
+            # It died between batches (the OOM killer, a kill): restart it and send the batch to the new one,
+            # rather than fail a batch it never saw.
+            died = self._died("it was idle")
+            if self._gone is not None or self._closed:
+                raise died
         params = dataclasses.asdict(batch[0].params)
         # Both processes read one system-wide monotonic clock (perf_counter is CLOCK_MONOTONIC on Linux
         # and mach_absolute_time on macOS), so the child times queue and TTFT from the parent's stamps.
@@ -329,8 +344,8 @@ class ProcessBackend:
 
     @property
     def pid(self) -> int | None:
-        """The child's process id; None while it starts again."""
-        return self.process.pid
+        """The child's process id; None while it starts again, or once it has died and before a request notices."""
+        return self.process.pid if self.process.running else None
 
     @property
     def restarts(self) -> int:
