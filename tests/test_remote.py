@@ -247,7 +247,7 @@ class FaultServer:
     (400), ``busy`` (429 with Retry-After: 1 on the first request, then good), ``closed`` (429 with Retry-After: a day, always), ``broken`` (one chunk, then the
     connection drops), ``silent`` (takes the request and never answers), ``huge`` (a first line of 3 MiB),
     ``endless`` (text chunks until the client hangs up), ``bigerror`` (a 500 whose body says it is 100 MiB
-    and never ends), ``pings`` (SSE comments every 20 ms and never a data line), ``stalls`` (one chunk, then
+    and never ends), ``biglist`` (a GET /models answer that never ends), ``pings`` (SSE comments every 20 ms and never a data line), ``stalls`` (one chunk, then
     ``pings``), or one of ``CANNED`` (those chunks, then [DONE]). Asked as a proxy (an absolute URL in the request line), it answers for any host as if
     it were that host, and keeps the URL in ``proxied``.
     """
@@ -300,6 +300,12 @@ class FaultServer:
 
     async def _answer(self, path: str, writer: asyncio.StreamWriter) -> None:
         mode = path.split("/")[1]
+        if path.endswith("/models") and mode == "biglist":
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+                         b"10\r\n" + b'{"data": [      ' + b"\r\n")
+            while True:  # until the client hangs up: the write fails, or the handler is cancelled
+                writer.write(f"{1 << 16:x}\r\n".encode() + b" " * (1 << 16) + b"\r\n")
+                await writer.drain()
         if path.endswith("/models"):
             body = json.dumps({"object": "list", "data": [{"id": "faulty", "object": "model"}]}).encode()
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n"
@@ -622,6 +628,13 @@ def test_a_stream_of_keep_alive_comments_alone_ends_after_the_read_timeout(
     bench.load(mode, f"{faults.url}/{mode}/v1", read_timeout_s=1)  # bytes keep coming, but never a token
     with pytest.raises(RemoteError, match=re.escape(said)):
         bench.generate(mode, "hi", max_new_tokens=4)
+
+
+def test_a_model_list_that_never_ends_fails_the_load_once_it_is_too_big_to_be_one(
+    bench: wb.Workbench, faults: FaultServer
+) -> None:
+    with pytest.raises(ModelLoadError, match="answered GET /models with more than 16 MiB"):
+        bench.load("biglist", f"{faults.url}/biglist/v1")  # read so far and no further, not until memory runs out
 
 
 def test_a_refused_connection_fails_over_to_the_local_model(tiny_path: Path) -> None:

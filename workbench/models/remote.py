@@ -14,6 +14,9 @@ from workbench.models.settings import LoadSettings
 REMOTE_DEVICE = "remote"
 # Loading asks the server one cheap question; a server that takes longer is not ready to serve.
 LIST_TIMEOUT_S = 10.0
+# The most of a GET /models answer read: a list of thousands of models is a few MiB, and a server that sends more
+# (or never stops) must not fill this machine's memory while a load waits for it.
+LIST_BYTES = 16 << 20
 
 
 def base_url(settings: LoadSettings) -> str:
@@ -32,7 +35,7 @@ def list_models(settings: LoadSettings) -> list[dict[str, Any]]:
     try:
         # A new opener reads HTTP(S)_PROXY now, as the backend does; urlopen's own keeps what it read first.
         with urllib.request.build_opener().open(request, timeout=LIST_TIMEOUT_S) as response:  # noqa: S310
-            body = response.read()
+            body = response.read(LIST_BYTES + 1)
     except urllib.error.HTTPError as exc:
         exc.close()
         hint = {
@@ -49,6 +52,11 @@ def list_models(settings: LoadSettings) -> list[dict[str, Any]]:
             hint="start the server first (vLLM, SGLang, llama.cpp, Ollama or `transformers serve`), "
             "and check the host and port; a server may take a while to come up",
         ) from None
+    if len(body) > LIST_BYTES:
+        raise ModelLoadError(
+            f"model server {settings.source!r} answered GET /models with more than {LIST_BYTES >> 20} MiB",
+            hint="is this an OpenAI-compatible server? give its OpenAI base URL, e.g. http://127.0.0.1:8000/v1",
+        )
     try:
         data = json.loads(body)["data"]
         if not isinstance(data, list):
