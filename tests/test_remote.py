@@ -230,6 +230,8 @@ def test_a_url_where_no_server_listens_does_not_load(bench: wb.Workbench) -> Non
 
 # Streams a server that is broken or lies sends, by mode: each the chunks of one answer.
 CANNED: dict[str, list[object]] = {
+    # 15,000 characters: no 12 tokens are that long.
+    "wordy": [{"choices": [{"index": 0, "text": "x" * 5000, "finish_reason": finish}]} for finish in (None, None, "stop")],
     "misshapen": [{"choices": [{"index": 0, "text": " a"}]}, {"choices": [5]}],
     "lying": [{"choices": [{"index": 0, "text": " two words", "finish_reason": "stop"}],
                "usage": {"prompt_tokens": -3, "completion_tokens": 10**9}}],
@@ -572,6 +574,12 @@ def test_a_server_that_never_stops_sending_is_cut_off(faulty: wb.Workbench) -> N
     error = _failure(run)
     assert isinstance(error, RemoteError) and error.kind == "broken_stream"
     assert "sent more than 40 chunks for max_tokens 12" in str(error)
+
+
+def test_a_server_that_sends_more_text_than_max_tokens_can_make_is_cut_off(faulty: wb.Workbench) -> None:
+    error = _failure(_failed(_chain(faulty, "wordy"), prompt="hi"))  # max_new_tokens 12
+    assert isinstance(error, RemoteError) and error.kind == "broken_stream"
+    assert "it sent more than 12288 characters of text for max_tokens 12" in str(error)
 
 
 def test_a_chunk_not_shaped_as_an_openai_streams_is_a_broken_stream_that_shows_it(faulty: wb.Workbench) -> None:

@@ -69,6 +69,8 @@ CONNECT_TIMEOUT_S = 5.0
 NO_TOKEN_ID = -1
 # The longest line of a stream read whole (aiohttp buffers up to twice this): a server's chunk is far smaller.
 READ_BUFFER_BYTES = 1 << 20
+# The most characters one token's text may have (the longest in common vocabularies are runs of a few hundred).
+TOKEN_CHARS = 1024
 # What earlier aiohttp releases raised for a longer line, before LineTooLong: a ValueError that says this.
 _CHUNK_TOO_BIG = "Chunk too big"
 # How much of an error response's body is read (its message shows the first 300 characters).
@@ -380,6 +382,8 @@ class RemoteBackend:
         # A server that keeps sending (broken, or hostile) must not fill this machine's memory: one chunk a token
         # and a few more (a role, a finish reason, usage) is what an honest one sends.
         most_chunks = 2 * request.params.max_new_tokens + 16
+        # And no token is longer than TOKEN_CHARS: the text kept is bounded too (each chunk may be 2 MiB long).
+        most_chars, kept = TOKEN_CHARS * request.params.max_new_tokens, 0
         stamps = _Stamps(posted=time.perf_counter())
         try:
             async with (client or self._client).post(url, json=body, headers=self.headers, proxy=self.proxy,
@@ -425,6 +429,10 @@ class RemoteBackend:
                     if text:
                         stamps.last = now
                         stamps.chunks += 1
+                        kept += len(text)
+                        if kept > most_chars:
+                            raise self._broken(url, stamps, f"it sent more than {most_chars} characters of text for "
+                                               f"max_tokens {request.params.max_new_tokens}")
                         texts.append(text)
                         if request.stream and not request.cancelled:
                             (on_token or _on_token)(request, NO_TOKEN_ID, text)
