@@ -504,3 +504,15 @@ def test_load_with_replicas_then_balance_changes_the_policy_live(
                                                                     "attributes.workbench.replica"].item()
               for _ in range(3)}
     assert len(served) == 1
+
+
+def test_balance_on_a_model_with_one_replica_is_kept_and_says_it_changes_nothing_yet(
+    shell: InteractiveShell, tiny_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AUTOGLM_CACHE_DIR", str(tiny_path.parent))
+    magic(shell, "load one tiny --device cpu")
+    said = magic(shell, "balance one least_loaded")
+    assert said.stderr == ""
+    assert said.stdout == ("'one': replicas picked by least_loaded (it has one replica, so every request goes to it; "
+                           "load it with --replicas N to spread them)\n")
+    assert wb.current().replicas("one")["balance"].tolist() == ["least_loaded"]

@@ -128,8 +128,14 @@ class AutoglmMagics(Magics):
         return f", {len(table)} replica{'s' * (len(table) != 1)} ({table['balance'].iloc[0]})"
 
     def _balance(self, command: BalanceCommand) -> None:
-        current().set_balance(command.name, command.policy)
-        print(f"{command.name!r}: replicas picked by {command.policy.name}")
+        bench = current()
+        bench.set_balance(command.name, command.policy)
+        # Accepted on one replica too (it is kept for a load with more, and wb.compare sets it on every model of a
+        # chain), but said: a user who expected it to spread requests learns why nothing changes.
+        one = bench.registry.is_loaded(command.name) and len(bench.replicas(command.name)) == 1
+        print(f"{command.name!r}: replicas picked by {command.policy.name}"
+              + (" (it has one replica, so every request goes to it; load it with --replicas N to spread them)"
+                 if one else ""))
 
     def _models(self, command: ModelsCommand) -> None:
         if command.ui:
