@@ -224,6 +224,37 @@ def test_a_model_process_that_died_between_batches_is_restarted_for_the_next_one
     assert bench.breakers().set_index("model").loc["iso", "state"] == "closed"
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="lists child processes from /proc (Linux)")
+def test_a_restarting_model_process_killed_while_it_loads_is_started_again_while_restarts_are_left(
+    bench: wb.Workbench, tiny_path: Path
+) -> None:
+    bench.load("iso", tiny_path, device="cpu", isolation="process", restarts=3)
+    expected = bench.generate("iso", "Hello", max_new_tokens=4).text
+    child = pid_of(bench, "iso")
+    assert child is not None
+    os.kill(child, signal.SIGKILL)
+    eventually(lambda: pid_of(bench, "iso") is None, "the process to be gone")
+    answers: list[object] = []
+
+    def ask() -> None:
+        try:
+            answers.append(bench.generate("iso", "Hello", max_new_tokens=4))
+        except wb.WorkbenchError as exc:
+            answers.append(exc)
+
+    asking = threading.Thread(target=ask)
+    asking.start()  # it restarts the dead process, and waits for the new one
+    loading: list[int] = []
+    eventually(lambda: bool(loading.extend(p for p in model_children() if p != child) or loading), "a new process")
+    os.kill(loading[0], signal.SIGSTOP)  # stopped before it can have loaded torch, let alone the model
+    os.kill(loading[0], signal.SIGKILL)
+    asking.join(WAIT_S)
+    (answer,) = answers
+    assert isinstance(answer, wb.GenerationResult) and answer.text == expected  # a third process served it
+    assert bench.models().set_index("name").loc["iso", "restarts"] == 2
+    assert pid_of(bench, "iso") not in (None, child, loading[0])
+
+
 def test_closing_the_workbench_ends_the_model_process(tiny_path: Path) -> None:
     with wb.Workbench() as bench:
         bench.load("iso", tiny_path, device="cpu", isolation="process")

@@ -69,6 +69,10 @@ def unpack(data: bytes) -> dict[str, Any]:
     return frame
 
 
+class _DiedLoading(ModelLoadError):
+    """The child ended (killed, crashed) before its model was ready: unlike a load it refused, another try may work."""
+
+
 def _how_it_ended(code: int) -> str:
     if code < 0:
         name = signal.Signals(-code).name
@@ -148,7 +152,7 @@ class ModelProcess:
             conn.close()
             cancels.close()
             code = _stop(proc)
-            raise ModelLoadError(
+            raise _DiedLoading(
                 f"the process loading model {self.name!r} {_how_it_ended(code)} before the model was ready",
                 hint="its messages on stderr say why; load it with isolation='thread' to see the error here",
             ) from None
@@ -233,15 +237,28 @@ class ModelProcess:
             attr.PROCESS_PREVIOUS_PID: died or 0,
         })
         try:
-            self._start()
-        except ModelLoadError as exc:
-            mark_error(span, exc)
-            self._gone = ModelProcessDied(
-                f"model {self.name!r}: its process died and could not be started again: {exc.message}",
-                hint=exc.hint or f"load it again: bench.load({self.name!r}, ...)",
-            )
-        else:
-            span.set_attribute(attr.PROCESS_PID, self.pid or 0)
+            while True:
+                try:
+                    self._start()
+                except ModelLoadError as exc:
+                    with self._lock:
+                        # A new child killed while it loaded (the OOM killer again, say) is started again while
+                        # restarts are left; a load the child refused would be refused the same way.
+                        again = isinstance(exc, _DiedLoading) and not self._closed \
+                            and self.restarts < self.settings.restarts
+                        if again:
+                            self.restarts += 1
+                    if again:
+                        span.set_attribute(attr.PROCESS_RESTARTS, self.restarts)
+                        continue
+                    mark_error(span, exc)
+                    self._gone = ModelProcessDied(
+                        f"model {self.name!r}: its process died and could not be started again: {exc.message}",
+                        hint=exc.hint or f"load it again: bench.load({self.name!r}, ...)",
+                    )
+                else:
+                    span.set_attribute(attr.PROCESS_PID, self.pid or 0)
+                return
         finally:
             span.end()
 
