@@ -232,6 +232,7 @@ def test_a_url_where_no_server_listens_does_not_load(bench: wb.Workbench) -> Non
 CANNED: dict[str, list[object]] = {
     # 15,000 characters: no 12 tokens are that long.
     "wordy": [{"choices": [{"index": 0, "text": "x" * 5000, "finish_reason": finish}]} for finish in (None, None, "stop")],
+    "failing": [{"choices": [{"index": 0, "text": " a"}]}, {"error": {"message": "out of blocks " * 100_000}}],
     "misshapen": [{"choices": [{"index": 0, "text": " a"}]}, {"choices": [5]}],
     "lying": [{"choices": [{"index": 0, "text": " two words", "finish_reason": "stop"}],
                "usage": {"prompt_tokens": -3, "completion_tokens": 10**9}}],
@@ -580,6 +581,13 @@ def test_a_server_that_sends_more_text_than_max_tokens_can_make_is_cut_off(fault
     error = _failure(_failed(_chain(faulty, "wordy"), prompt="hi"))  # max_new_tokens 12
     assert isinstance(error, RemoteError) and error.kind == "broken_stream"
     assert "it sent more than 12288 characters of text for max_tokens 12" in str(error)
+
+
+def test_an_error_sent_mid_stream_is_quoted_as_far_as_its_message_needs(faulty: wb.Workbench) -> None:
+    error = _failure(_failed(_chain(faulty, "failing"), prompt="hi"))
+    assert isinstance(error, RemoteError) and error.kind == "broken_stream"
+    assert "the server reported an error mid-stream: {'message': 'out of blocks out of blocks" in str(error)
+    assert len(error.message) < 1000  # not the 1.4 MB the server sent, in every span and stored run
 
 
 def test_a_chunk_not_shaped_as_an_openai_streams_is_a_broken_stream_that_shows_it(faulty: wb.Workbench) -> None:

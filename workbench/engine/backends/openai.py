@@ -409,7 +409,8 @@ class RemoteBackend:
                                            f"{request.params.max_new_tokens}")
                     chunk = _parse(data, url)
                     if "error" in chunk:  # an error the server reports inside a stream it had begun
-                        raise self._broken(url, stamps, f"the server reported an error mid-stream: {chunk['error']}")
+                        said = " ".join(str(chunk["error"]).split())[:300]  # as much of it as an HTTP error shows
+                        raise self._broken(url, stamps, f"the server reported an error mid-stream: {said}")
                     if chunk.get("usage"):
                         stamps.usage = chunk["usage"]
                     choices = chunk.get("choices")
