@@ -326,7 +326,9 @@ class SpanNames(SpanProcessor):
         pass
 
 
-def test_replicas_a_model_process_cannot_serve_are_refused_before_it_loads(bench: wb.Workbench, tiny_path: Path) -> None:
+def test_replicas_a_model_process_cannot_serve_are_refused_before_it_loads(
+    bench: wb.Workbench, tiny_path: Path
+) -> None:
     spans = SpanNames()
     bench.tracing.engine_provider.add_span_processor(spans)
     bench.tracing.provider.add_span_processor(spans)

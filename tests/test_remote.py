@@ -231,7 +231,8 @@ def test_a_url_where_no_server_listens_does_not_load(bench: wb.Workbench) -> Non
 # Streams a server that is broken or lies sends, by mode: each the chunks of one answer.
 CANNED: dict[str, list[object]] = {
     # 15,000 characters: no 12 tokens are that long.
-    "wordy": [{"choices": [{"index": 0, "text": "x" * 5000, "finish_reason": finish}]} for finish in (None, None, "stop")],
+    "wordy": [{"choices": [{"index": 0, "text": "x" * 5000, "finish_reason": finish}]}
+              for finish in (None, None, "stop")],
     "failing": [{"choices": [{"index": 0, "text": " a"}]}, {"error": {"message": "out of blocks " * 100_000}}],
     "misshapen": [{"choices": [{"index": 0, "text": " a"}]}, {"choices": [5]}],
     "lying": [{"choices": [{"index": 0, "text": " two words", "finish_reason": "stop"}],
@@ -247,12 +248,13 @@ class FaultServer:
     failing model server, for failures `transformers serve` cannot produce on demand.
 
     ``{url}/{mode}/v1`` is an OpenAI base URL; ``mode`` is ``ok`` (a good stream), ``error500``, ``reject``
-    (400), ``busy`` (429 with Retry-After: 1 on the first request, then good), ``closed`` (429 with Retry-After: a day, always), ``broken`` (one chunk, then the
-    connection drops), ``silent`` (takes the request and never answers), ``huge`` (a first line of 3 MiB),
-    ``endless`` (text chunks until the client hangs up), ``bigerror`` (a 500 whose body says it is 100 MiB
-    and never ends), ``biglist`` (a GET /models answer that never ends), ``pings`` (SSE comments every 20 ms and never a data line), ``stalls`` (one chunk, then
-    ``pings``), or one of ``CANNED`` (those chunks, then [DONE]). Asked as a proxy (an absolute URL in the request line), it answers for any host as if
-    it were that host, and keeps the URL in ``proxied``.
+    (400), ``busy`` (429 with Retry-After: 1 on the first request, then good), ``closed`` (429 with
+    Retry-After: a day, always), ``broken`` (one chunk, then the connection drops), ``silent`` (takes the
+    request and never answers), ``huge`` (a first line of 3 MiB), ``endless`` (text chunks until the client
+    hangs up), ``bigerror`` (a 500 whose body says it is 100 MiB and never ends), ``biglist`` (a GET /models
+    answer that never ends), ``pings`` (SSE comments every 20 ms and never a data line), ``stalls`` (one
+    chunk, then ``pings``), or one of ``CANNED`` (those chunks, then [DONE]). Asked as a proxy (an absolute
+    URL in the request line), it answers for any host as if it were that host, and keeps the URL in ``proxied``.
     """
 
     def __init__(self) -> None:

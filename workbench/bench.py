@@ -196,8 +196,8 @@ class Workbench:
         served_model="m")``. Nothing loads here; hops call it like a local model, each request a
         streamed POST. ``served_model`` defaults to the one model the server lists; ``api_key``
         goes in the Authorization header; a stream that goes ``read_timeout_s`` without a byte, or with
-        only keep-alive comments (the first token's wait included), fails with RemoteError. A server's default batching is ``ContinuousBatching()``:
-        each request is sent as it comes, up to 64 in flight.
+        only keep-alive comments (the first token's wait included), fails with RemoteError. A server's
+        default batching is ``ContinuousBatching()``: each request is sent as it comes, up to 64 in flight.
 
         Weights must be safetensors unless ``allow_pickle=True``; repository code never runs
         unless ``trust_remote_code=True``. ``adapter`` is a PEFT (LoRA) adapter directory.

@@ -160,7 +160,8 @@ class Engine:
             raise continuous_on_shared(name)
         backends: list[Backend] = []
         try:
-            backends += [backend_for(m, self._tracing, replica_name(name, i, len(models))) for i, m in enumerate(models)]
+            backends += [backend_for(m, self._tracing, replica_name(name, i, len(models)))
+                         for i, m in enumerate(models)]
             for backend in backends:
                 backend.check(policy)
         except BaseException:
