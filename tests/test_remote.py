@@ -17,10 +17,18 @@ import pandas as pd
 import pytest
 
 import workbench as wb
-from workbench.errors import HopFailed, HopTimeout, InvalidInput, ModelLoadError, RemoteError, RemoteRateLimited
+from workbench.errors import (
+    HopFailed,
+    HopTimeout,
+    InvalidInput,
+    ModelLoadError,
+    RemoteError,
+    RemoteRateLimited,
+    WorkerStopped,
+)
 from workbench.tracing import attributes as attr
 
-from helpers import Server, eventually, free_port
+from helpers import WAIT_S, Server, eventually, free_port
 
 PROMPTS = ["Question: What is the capital of France?\nAnswer:", "The sea is", "Plan:"]
 
@@ -653,6 +661,30 @@ def test_a_model_list_that_never_ends_fails_the_load_once_it_is_too_big_to_be_on
 ) -> None:
     with pytest.raises(ModelLoadError, match="answered GET /models with more than 16 MiB"):
         bench.load("biglist", f"{faults.url}/biglist/v1")  # read so far and no further, not until memory runs out
+
+
+def test_closing_the_workbench_fails_a_stream_in_flight_at_once_instead_of_waiting_for_its_server(
+    faults: FaultServer,
+) -> None:
+    bench = wb.Workbench()
+    bench.load("silent", f"{faults.url}/silent/v1")  # takes the request and never answers
+    asked = faults.hits["silent"]
+    outcome: list[BaseException] = []
+
+    def ask() -> None:
+        try:
+            bench.generate("silent", "hi", max_new_tokens=4)
+        except wb.WorkbenchError as exc:
+            outcome.append(exc)
+
+    asking = threading.Thread(target=ask)
+    asking.start()
+    eventually(lambda: faults.hits["silent"] > asked, "the request to reach the server")
+    bench.close()
+    asking.join(WAIT_S)
+    (error,) = outcome
+    # Not the read timeout's no_first_byte a minute later, blaming the server.
+    assert isinstance(error, WorkerStopped) and "unloaded while this request was in flight" in str(error)
 
 
 def test_a_refused_connection_fails_over_to_the_local_model(tiny_path: Path) -> None:

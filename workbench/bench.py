@@ -838,6 +838,7 @@ class Workbench:
         self.health.stop()
         self._stop_watchers()
         self.engine.preloader.close()  # no background load may start once models are being freed
+        self.engine.close()  # what is in flight fails now: nobody is left to wait for it
         for name in self.registry.names():
             try:
                 self.unload(name, forget=True)

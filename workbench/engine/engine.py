@@ -252,8 +252,17 @@ class Engine:
                 worker.backend.close()
 
     def close(self) -> None:
-        for name in list(self._sets):
-            self.stop(name)
+        """Stop every model now (the workbench is closing): each backend closes first, so work in flight elsewhere
+        (a server's stream, a child process's batch, a Ray actor's call) fails at once, not after it is waited for
+        (up to a minute a model, for a server that never answers); then the workers stop."""
+        with self._lock:
+            sets, self._sets = list(self._sets.values()), {}
+        for replicas in sets:
+            for worker in replicas.workers:
+                worker.backend.close()
+        for replicas in sets:
+            for worker in replicas.workers:
+                worker.stop()
 
     def swap(self, name: str, parent: Span | None = None) -> ReplicaSet | None:
         """Serve ``name`` from the model the registry holds now (a live swap): new workers take every new request,

@@ -444,6 +444,9 @@ class RemoteBackend:
         except (aiohttp.ClientError, LineTooLong, ValueError) as exc:
             if isinstance(exc, ValueError) and str(exc) != _CHUNK_TOO_BIG:
                 raise  # not the stream's: a token sink's own error, say
+            if self._closed:  # its client was closed under it: the model was unloaded, the server did nothing wrong
+                raise WorkerStopped(f"model {self.model!r} was unloaded while this request was in flight",
+                                    hint=f"bench.load({self.model!r}, ...) again") from None
             error = self._translate(url, exc, stamps)
             _event(span, error)
             raise error from exc
