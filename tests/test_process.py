@@ -168,6 +168,32 @@ def test_a_killed_model_process_fails_its_batch_clearly_a_fallback_serves_and_it
     assert shm() == shm_before
 
 
+def test_retrying_the_breaker_too_rides_a_crash_out_on_the_model_itself(pair: wb.Workbench) -> None:
+    """No fallback, one replica: the crash fails the batch in flight and opens the breaker, and a retry that also
+    retries the open breaker, waiting long enough, is answered by the restarted child (as the README says)."""
+    pair.set_breaker("iso", failure_threshold=5, reset_timeout_s=0.2)
+    chain = pair.chain({"name": "ride", "hops": [
+        {"name": "answer", "model": "iso", "prompt": PROMPT, "max_new_tokens": 8,
+         "retry": {"attempts": 40, "backoff_ms": 100, "max_backoff_ms": 500, "max_total_s": 60,
+                   "on": ["error", "breaker"]}}]})
+    expected = chain.run(question=QUESTION)
+    child = pid_of(pair, "iso")
+    assert child is not None
+    starts = BatchStarts("iso")
+    pair.tracing.engine_provider.add_span_processor(starts)
+    pair.tracing.provider.add_span_processor(starts)
+    os.kill(child, signal.SIGSTOP)  # the next batch is taken and held, then the child dies under it
+    mapping = pair.start(chain.amap([{"question": QUESTION}] * 6, concurrency=3))
+    assert starts.started.wait(WAIT_S)
+    os.kill(child, signal.SIGKILL)
+    runs = mapping.result(WAIT_S)
+    assert all(run.ok and run.output == expected.output and run.served_by["answer"] == "model:iso" for run in runs)
+    retried = [run for run in runs if "retry" in set(run.trace.events()["event"])]
+    assert retried and any(f"pid {child}" in (span.status.description or "") for run in retried
+                           for span in run.trace.spans)  # the attempt the crash failed, then a retry
+    assert pair.models().set_index("name").loc["iso", "restarts"] == 1 and not alive(child)
+
+
 def test_a_request_that_times_out_while_the_child_runs_it_stops_its_row_there(
     bench: wb.Workbench, tiny_path: Path
 ) -> None:

@@ -222,7 +222,8 @@ class ModelProcess:
         if restart is not None:
             return ModelProcessDied(
                 message, hint=f"it is starting again (restart {self.restarts} of {self.settings.restarts}); "
-                "give the hop retry or a fallback to ride this out"
+                "to ride this out give the hop a fallback, or retry with on: [error, breaker] and backoff long "
+                "enough for a restart (its breaker is open meanwhile)"
             )
         self._gone = ModelProcessDied(
             message + f"; it was restarted {self.restarts} times already, so it stays down",
