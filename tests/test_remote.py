@@ -708,3 +708,13 @@ def test_the_load_magic_takes_a_server_and_its_settings() -> None:
     assert command.settings.served_model == "m" and command.settings.api_key == "secret"  # type: ignore[attr-defined]
     assert command.settings.remote and "secret" not in repr(command.settings)  # type: ignore[attr-defined]
     assert command.settings.read_timeout_s == 5.0  # type: ignore[attr-defined]
+
+
+def test_a_listed_context_window_must_be_a_positive_integer() -> None:
+    from workbench.models.remote import listed_window
+
+    assert listed_window([{"id": "m", "max_model_len": 4096}], "m") == 4096
+    assert listed_window([{"id": "m", "context_length": 2048}], "m") == 2048
+    for odd in (True, 0, -5, 4096.0, "4096", None):  # True is an int in Python: it made the window 1
+        assert listed_window([{"id": "m", "max_model_len": odd}], "m") is None, odd
+    assert listed_window([{"id": "other", "max_model_len": 4096}], "m") is None

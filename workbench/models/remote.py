@@ -90,7 +90,7 @@ def listed_window(listed: list[dict[str, Any]], served: str) -> int | None:
     for entry in listed:
         if entry.get("id") == served:
             value = entry.get("max_model_len") or entry.get("context_length")
-            return value if isinstance(value, int) and value > 0 else None
+            return value if type(value) is int and value > 0 else None  # not True, which is an int 1
     return None
 
 
