@@ -419,3 +419,17 @@ def test_adapter_directory_without_adapter_config_is_refused(tiny_bench: wb.Work
     with pytest.raises(wb.ModelLoadError, match="not a PEFT adapter directory"):
         tiny_bench.load("tuned", tiny_path, adapter=tmp_path, device="cpu")
     assert "tuned" not in tiny_bench.registry.names()
+
+
+def test_a_half_imported_transformers_is_named_as_the_cause_of_a_failed_load(tiny_path: Path) -> None:
+    """An import of transformers' broken off (Ctrl-C during a first load) leaves its lazy modules failing every
+    later load; the error says to restart, not to check the path. In a child process: the break is for good."""
+    code = ("import sys, workbench as wb\n"
+            "sys.modules['transformers.models.llama.configuration_llama'] = None  # as a broken-off import leaves it\n"
+            "with wb.Workbench() as bench:\n"
+            "    try:\n"
+            f"        bench.load('m', {str(tiny_path)!r})\n"
+            "    except wb.ModelLoadError as exc:\n"
+            "        print(exc)\n")
+    said = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300).stdout
+    assert "Could not import module 'LlamaConfig'" in said and "restart the kernel" in said, said

@@ -818,6 +818,9 @@ def _load_error(settings: LoadSettings, exc: Exception) -> ModelLoadError:
             "the model needs its repository's Python code; read it, and pass trust_remote_code=True"
             " (--trust-remote-code) only if you trust its author"
         )
+    elif "Could not import module" in str(exc):  # transformers' lazy modules, once an import of theirs broke off
+        hint = ("transformers is half imported in this process (was its first import interrupted, by Ctrl-C say?); "
+                "restart the kernel, then load again")
     elif "Safetensor" in kind:
         hint = "a weights file is incomplete or damaged (an interrupted download or copy?): fetch or save it again"
     elif "Validation" in kind or isinstance(exc, TypeError):
