@@ -446,3 +446,12 @@ def test_a_hop_output_that_is_not_valid_unicode_fails_its_reader_clearly(tiny_be
     assert info.value.hop == "ask" and isinstance(info.value.cause, wb.InvalidInput)
     with pytest.raises(wb.InvalidInput, match="the prompt is not valid text"):  # a direct call says so too
         tiny_bench.generate("tiny", "caf\udce9")
+
+
+def test_a_spec_file_path_given_as_text_is_told_to_be_a_path(tiny_bench: wb.Workbench, tmp_path: Path) -> None:
+    path = tmp_path / "qa.yaml"
+    path.write_text("name: qa\nhops:\n  - {name: n, call: workbench.demo:canned_answer}\n", encoding="utf-8")
+    with pytest.raises(wb.SpecError, match="not str") as info:
+        tiny_bench.chain(str(path))  # text is YAML, and a lone path parses as a string
+    assert f"bench.chain(Path({str(path)!r}))" in str(info.value.hint)
+    assert tiny_bench.chain(path).name == "qa"  # as the hint says

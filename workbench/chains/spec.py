@@ -240,10 +240,12 @@ def parse_spec(
     else:
         raise SpecError(f"a chain spec is YAML text or a dict, not {type(spec).__name__}")
     if not isinstance(data, Mapping):
+        looks_like_a_file = isinstance(spec, str) and "\n" not in spec.strip() and spec.strip().endswith((".yaml", ".yml"))
         raise SpecError(
             f"a chain spec is a mapping with 'name' and 'hops', not {type(data).__name__}",
             line=lines.of(),
-            hint="start with  name: my_chain  and  hops:  followed by a list of hops",
+            hint=(f"text is read as YAML itself; to read the file, pass a path: bench.chain(Path({spec.strip()!r:.200}))"
+                  if looks_like_a_file else "start with  name: my_chain  and  hops:  followed by a list of hops"),
         )
     _reject_unknown(data, CHAIN_FIELDS, lines, hop=None, path=())
     name = data.get("name", default_name)
