@@ -713,3 +713,16 @@ def test_closing_the_workbench_stops_its_servers(tmp_path: Path) -> None:
     assert not server.running
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{server.url}/health", timeout=5)
+
+
+def test_a_chain_built_on_another_workbench_is_refused_before_anything_serves(tmp_path: Path) -> None:
+    """Its runs would go to the other workbench (closed, say, after a %load_ext reload): refused, naming it."""
+    spec = {"name": "echo", "hops": [{"name": "say", "call": "workbench.demo:canned_answer"}]}
+    with wb.Workbench(data_dir=tmp_path / "a") as old:
+        stale = old.chain(spec)
+    with wb.Workbench(data_dir=tmp_path / "b") as bench:
+        with pytest.raises(SettingsError, match="chain 'echo' was not built on this workbench"):
+            bench.serve(chains=[stale], port=0, auth=False)
+        with bench.serve(chains=[bench.chain(spec)], port=0, auth=False) as served:
+            answer = httpx.post(f"{served.url}/v1/chains/echo/invoke", json={"inputs": {"question": "?"}}, timeout=30)
+            assert answer.json()["status"] == "ok"

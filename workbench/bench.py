@@ -621,6 +621,11 @@ class Workbench:
         if _gateway.start_server is None:
             raise WorkbenchError("the gateway is not available", hint="import workbench first")
         served = list(self._chains.values()) if chains is None else list(chains)
+        for chain in served:
+            if getattr(chain, "bench", None) is not self:  # its runs would go to another workbench's models
+                raise SettingsError(
+                    f"chain {getattr(chain, 'name', chain)!r:.80} was not built on this workbench, so it cannot serve "
+                    "here", hint="build it on this workbench from its spec: bench.chain(spec)")
         server = _gateway.start_server(self, chains=served, port=port, host=host, auth=auth, **options)
         self._servers.append(server)  # close() stops it before the loop it runs on
         return server
