@@ -433,3 +433,29 @@ def test_a_half_imported_transformers_is_named_as_the_cause_of_a_failed_load(tin
             "        print(exc)\n")
     said = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300).stdout
     assert "Could not import module 'LlamaConfig'" in said and "restart the kernel" in said, said
+
+
+def test_closing_frees_every_model_with_one_full_collection(tiny_path: Path) -> None:
+    """A full pass takes ~0.2 s with torch loaded: closing a workbench of 16 models spent 3.4 s collecting, one
+    pass per model. Every model must still be freed."""
+    full_passes: list[int] = []
+
+    def count(phase: str, info: dict[str, Any]) -> None:
+        if phase == "stop" and info["generation"] == 2:
+            full_passes.append(1)
+
+    bench = wb.Workbench(store=wb.InMemoryContextStore())
+    try:
+        for name in ("a", "b", "c", "d"):
+            bench.load(name, tiny_path, device="cpu")
+        refs = [weakref.ref(bench.registry.get(name).model) for name in ("a", "b", "c", "d")]
+    except BaseException:
+        bench.close()
+        raise
+    gc.callbacks.append(count)
+    try:
+        bench.close()
+    finally:
+        gc.callbacks.remove(count)
+    assert all(ref() is None for ref in refs)
+    assert 1 <= len(full_passes) <= 2, full_passes  # one, or one more the allocator asked for; it was 4

@@ -844,11 +844,12 @@ class Workbench:
         self._stop_watchers()
         self.engine.preloader.close()  # no background load may start once models are being freed
         self.engine.close()  # what is in flight fails now: nobody is left to wait for it
-        for name in self.registry.names():
-            try:
-                self.unload(name, forget=True)
-            except WorkbenchError:
-                pass
+        with heap.deferred():  # one collection for every model freed, not one each
+            for name in self.registry.names():
+                try:
+                    self.unload(name, forget=True)
+                except WorkbenchError:
+                    pass
         release_ray()  # a Ray this process started for the workbench's replicas stops once none is open
         self._hop_pool.shutdown(wait=False, cancel_futures=True)
         if self._loop is not None and self._loop_thread is not None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import gc
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 _lock = threading.Lock()  # a freeze between another thread's thaw and collect would hide the model it frees
 
@@ -31,9 +33,36 @@ def settle() -> None:
             gc.freeze()
 
 
+_deferred = 0  # open deferred() blocks: while any is open, collect() only notes that one is owed
+_owed = False
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """Unload many models with one collection at the end, not one each (a full pass takes ~0.2 s here, so a
+    workbench closing 16 models spent 3 s collecting)."""
+    global _deferred, _owed
+    with _lock:
+        _deferred += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _deferred -= 1
+            due = _owed and _deferred == 0
+            if due:
+                _owed = False
+        if due:
+            collect()
+
+
 def collect() -> None:
     """After an unload: collect everything unreachable, frozen objects included, then freeze again."""
+    global _owed
     with _lock:
+        if _deferred:
+            _owed = True
+            return
         thawed = gc.get_freeze_count() > 0
         if thawed:
             gc.unfreeze()
