@@ -347,6 +347,8 @@ class FileWatcher:
         except (OSError, ValueError) as exc:
             self._unreadable(exc)
             return False
+        if not raw.strip():
+            return False  # caught mid-save (a write truncates first): keep what serves and look again next poll
         self._stat = key
         digest = hashlib.sha256(raw).hexdigest()
         if digest == self._digest:
