@@ -409,7 +409,7 @@ class RemoteBackend:
                                            f"{request.params.max_new_tokens}")
                     chunk = _parse(data, url)
                     if "error" in chunk:  # an error the server reports inside a stream it had begun
-                        said = " ".join(str(chunk["error"]).split())[:300]  # as much of it as an HTTP error shows
+                        said = _quoted(str(chunk["error"]))  # as much of it as an HTTP error shows
                         raise self._broken(url, stamps, f"the server reported an error mid-stream: {said}")
                     if chunk.get("usage"):
                         stamps.usage = chunk["usage"]
@@ -503,7 +503,7 @@ class RemoteBackend:
 
     def _status_error(self, url: str, response: aiohttp.ClientResponse, text: str) -> RemoteError:
         status = response.status
-        said = " ".join(text.split())[:300]
+        said = _quoted(text)
         where = f"model server {url} ({self.served_model!r})"
         # transformers serve answers a chat for a model without a chat template with a bare HTTP 500.
         chat = " (a model without a chat template cannot take messages: give the hop prompt: instead)" \
@@ -700,6 +700,11 @@ def _parse(data: bytes, url: str) -> dict[str, Any]:
     if not isinstance(chunk, dict):
         raise _misshapen(data, url, "that is not a JSON object")
     return chunk
+
+
+def _quoted(text: str) -> str:
+    """What an error message shows of a server's own words: whitespace collapsed, the first 300 characters."""
+    return " ".join(text.split())[:300]
 
 
 def _misshapen(data: bytes, url: str, what: str) -> RemoteError:
