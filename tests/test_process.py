@@ -9,7 +9,6 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd

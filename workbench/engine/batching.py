@@ -11,8 +11,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from workbench.engine.queue import Accept, RequestQueue, select
-from workbench.engine.requests import GenerationParams, GenerationRequest
-from workbench.errors import StrategyError, WorkbenchError
+from workbench.engine.requests import GenerationRequest
+from workbench.errors import StrategyError
 from workbench.models.settings import LoadSettings
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import threading
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 from workbench.engine.batching import ContinuousSettings, check_transformers
 from workbench.engine.backends.base import OnError, OnResult, next_batch_id, result_from_stamps
 from workbench.engine.requests import GenerationParams, GenerationRequest, GenerationResult
-from workbench.errors import StrategyError, WorkbenchError
+from workbench.errors import StrategyError
 from workbench.tracing import attributes as attr
 
 if TYPE_CHECKING:
