@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -160,13 +161,16 @@ def test_a_run_the_store_cannot_keep_is_still_answered_with_a_warning(tmp_path: 
         assert bench.runs()[-1].id == run.id  # the workbench keeps it; only the session's history misses it
 
 
-def test_an_empty_session_id_is_refused_not_run_as_no_session(tmp_path: Path) -> None:
+def test_an_empty_or_blank_session_id_is_refused_not_run_as_no_session(tmp_path: Path) -> None:
     with wb.Workbench(data_dir=tmp_path) as bench:
         chain = bench.chain({"name": "py", "hops": [{"name": "echo", "call": lambda q: q}]})
         with pytest.raises(wb.InvalidInput, match="the session id is empty"):
             chain.run(session="", q="where does this go?")
         with pytest.raises(wb.InvalidInput, match="the session id is empty"):
             chain.map([{"q": "a"}], session="")
+        # Blank: a session nobody could tell apart from the next blank one in a table or the store's listing.
+        with pytest.raises(wb.InvalidInput, match=re.escape("the session id ' \\t' is blank")):
+            chain.run(session=" \t", q="and this?")
         assert bench.runs() == []
 
 

@@ -90,9 +90,11 @@ def check_inputs(spec: ChainSpec, inputs: Mapping[str, Any], session: str | None
 
 def check_session(session: Any) -> None:
     if isinstance(session, str):
-        if not session:
-            # It would run as no session at all: no history read, nothing kept, and nothing said.
-            raise InvalidInput("the session id is empty", hint="session=None runs without a session; "
+        if not session.strip():
+            # Empty, it would run as no session at all (no history read, nothing kept, nothing said); blank, as one
+            # nobody can tell apart from the next blank one in a table or a store listing.
+            raise InvalidInput(f"the session id {session!r} is blank" if session else "the session id is empty",
+                               hint="session=None runs without a session; "
                                "to keep a conversation's history, name it: session='alice'")
         check_text(session, "the session id")
 
