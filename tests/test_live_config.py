@@ -6,6 +6,7 @@ thread polls them, runs recorded in a real SQLite session store.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -290,7 +291,7 @@ def test_a_value_set_live_stays_over_later_edits_of_the_file(watched: wb.Chain, 
 
 
 def test_the_set_magic_changes_a_value_live_and_refuses_a_bad_one(
-    shell: InteractiveShell, tiny_path: Path  # noqa: F811
+    shell: InteractiveShell, tiny_path: Path, caplog: pytest.LogCaptureFixture  # noqa: F811
 ) -> None:
     bench = wb.current()
     bench.load("tiny", tiny_path, device="cpu")
@@ -300,8 +301,14 @@ def test_the_set_magic_changes_a_value_live_and_refuses_a_bad_one(
     assert "answer.temperature = 0.7" in captured.stdout and "v2" in captured.stdout
     assert chain.spec.hop("answer").params.temperature == 0.7
 
-    refused = magic(shell, "set qa.answer.temperature=-3")
+    with caplog.at_level(logging.INFO, logger="workbench"):
+        refused = magic(shell, "set qa.answer.temperature=-3")
     assert refused.stderr.startswith("autoglm: chain spec, hop 'answer', field 'temperature'")
+    assert refused.stderr.endswith("hint: chain 'qa' is unchanged: it keeps serving " f"{chain.version}\n")
+    # Said once, by the magic: the refusal is logged at INFO, which a notebook's last-resort handler does not print
+    # (at WARNING it printed the same refusal again above the magic's own message).
+    (record,) = [r for r in caplog.records if "edit refused" in r.getMessage()]
+    assert record.levelno == logging.INFO
     assert chain.version.number == 2 and chain.spec.hop("answer").params.temperature == 0.7
 
     prompt = magic(shell, 'set qa.answer.prompt="Q: {{ question }} A:"')

@@ -99,11 +99,12 @@ def refuse(
 ) -> ConfigRefusal:
     """Log a refused edit and, with ``warn``, warn about it (a notebook shows the warning); returns its record.
 
-    An edit made by a call (``chain.set``) is refused by raising to its caller instead of a warning.
+    An edit made by a call (``chain.set``) is refused by raising to its caller instead of a warning, and logged
+    at INFO: at WARNING, Python's last-resort handler printed it beside the caller's own error, twice in a notebook.
     """
     text = f"{origin}: edit refused, {what} keeps serving {serving}: {error.message}" if serving else \
         f"{origin}: edit refused: {error.message}"
-    logger.warning("%s", text)
+    logger.log(logging.WARNING if warn else logging.INFO, "%s", text)
     if warn:
         try:
             warnings.warn(text, ConfigWarning, stacklevel=2)

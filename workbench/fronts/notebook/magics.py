@@ -292,7 +292,12 @@ class AutoglmMagics(Magics):
             by_chain.setdefault(chain, {})[path] = value
         chains = {name: self._find_chain(name) for name in by_chain}  # every chain known before any changes
         for name, values in by_chain.items():
-            version = chains[name].set(values)  # all of a chain's values in one version, or none
+            try:
+                version = chains[name].set(values)  # all of a chain's values in one version, or none
+            except WorkbenchError as error:
+                if error.hint is None:
+                    error.hint = f"chain {name!r} is unchanged: it keeps serving {chains[name].version}"
+                raise
             print(f"{name}: {', '.join(f'{path} = {value!r}' for path, value in values.items())}; now {version}")
 
     def _serve(self, command: ServeCommand) -> None:
