@@ -687,6 +687,57 @@ def test_closing_the_workbench_fails_a_stream_in_flight_at_once_instead_of_waiti
     assert isinstance(error, WorkerStopped) and "unloaded while this request was in flight" in str(error)
 
 
+@pytest.mark.parametrize("path", ["loop lane", "streams", "batch"])
+def test_unloading_a_served_model_cuts_off_a_request_its_server_sits_on(
+    bench: wb.Workbench, faults: FaultServer, path: str
+) -> None:
+    """A hop's stream on the workbench loop (the loop lane), a script's call through the worker's streams, and one
+    in a dynamic batch: the unload returns after a short grace, not after the read timeout, and the request fails
+    saying the model was unloaded."""
+    bench.load("stuck", f"{faults.url}/silent/v1", read_timeout_s=30)  # takes the request and never answers
+    if path == "batch":
+        bench.set_batching("stuck", wb.DynamicBatching(max_batch=4, max_wait_ms=1))
+    worker = bench.engine.worker("stuck")
+    backend = worker.backend
+    chain = _chain(bench, "stuck", retry={"attempts": 3, "backoff_ms": 10})
+    asked = faults.hits["silent"]
+    outcome: list[BaseException] = []
+
+    def ask() -> None:
+        try:
+            if path == "loop lane":
+                chain.run(prompt="hi")
+            else:
+                bench.generate("stuck", "hi", max_new_tokens=4)
+        except wb.WorkbenchError as exc:
+            outcome.append(exc)
+
+    asking = threading.Thread(target=ask)
+    asking.start()
+    eventually(lambda: faults.hits["silent"] > asked, "the request to reach the server")
+    lanes = list(backend._lane_clients.values())
+    started = time.monotonic()
+    bench.unload("stuck")
+    # A behaviour bound, not a speed one: the unload does not wait out the read timeout for the server.
+    assert time.monotonic() - started < 30 / 3
+    asking.join(WAIT_S)
+    (error,) = outcome
+    if path == "loop lane":
+        assert isinstance(error, HopFailed) and isinstance(error.run, wb.Run)
+        attempts = error.run.trace.events().query("event == 'attempt.failed'")
+        assert list(attempts["attributes.workbench.error.kind"]) == ["not retryable"]  # as an unload always was
+        error = _failure(error.run)
+    assert isinstance(error, WorkerStopped), error
+    assert "model 'stuck' was unloaded while this request was in flight" in str(error)
+    assert "bench.load('stuck', ...) again" in str(error)
+    batches = [s for s in bench.traces().spans if s.name == "batch stuck"]
+    assert batches and all(s.status.status_code.name == "ERROR" for s in batches)
+    assert not worker.alive and worker._lane_inflight == 0  # nothing of the model is left running
+    assert backend._client.closed and all(client.closed for client in lanes) and not backend._streams
+    bench.load("stuck", f"{faults.url}/ok/v1")  # the name serves again
+    assert bench.generate("stuck", "hi", max_new_tokens=4).text == "fine words"
+
+
 def test_a_refused_connection_fails_over_to_the_local_model(tiny_path: Path) -> None:
     server = FaultServer()
     with wb.Workbench(store=wb.InMemoryContextStore()) as bench:

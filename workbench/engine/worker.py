@@ -26,6 +26,9 @@ from workbench.tracing import openinference
 
 log = logging.getLogger(__name__)
 DRAIN_GRACE_S = 0.05  # how long a draining worker's queue must stay empty before it closes
+# How long an unload lets the requests in flight finish before a backend that can cut them off (a server's streams)
+# does: an unload stops the model now, not when its server answers (up to its read_timeout_s, a minute by default).
+STOP_GRACE_S = 2.0
 
 
 class ModelWorker:
@@ -141,22 +144,33 @@ class ModelWorker:
                 self._lane_inflight -= 1
                 self._lane_idle.notify_all()
 
-    def _lane_wait(self, timeout: float) -> None:
-        """Wait until no request is in flight on the loop lane; not from a lane loop's own thread (it would wait
-        for itself): there, streams still in flight fail when the backend closes."""
+    def _lane_wait(self, timeout: float) -> bool:
+        """Wait until no request is in flight on the loop lane, and say whether none is; from a lane loop's own thread
+        it only says (waiting there would wait for itself)."""
         try:
             running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             running = None
-        if running is not None and running in self._lane_slots:
-            return
         with self._lane_idle:
-            self._lane_idle.wait_for(lambda: self._lane_inflight == 0, timeout)
+            if running is not None and running in self._lane_slots:
+                return self._lane_inflight == 0
+            return self._lane_idle.wait_for(lambda: self._lane_inflight == 0, timeout)
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Refuse new work, fail what is still queued, and wait for the batch in flight (and the loop lane's)."""
+    def stop(self, timeout: float = 30.0, grace_s: float | None = STOP_GRACE_S) -> None:
+        """Refuse new work, fail what is still queued, and wait for the batch in flight (and the loop lane's).
+
+        A backend that can cut its requests off (``abort``: a server's streams) gives them ``grace_s`` seconds, then
+        cuts off what is still in flight, which fails with WorkerStopped; ``grace_s=None`` lets them run to their
+        end (a live swap's old worker). A local generate cannot be interrupted: it is waited for, up to ``timeout``.
+        """
         for request in self.queue.close():
             self._fail([request], WorkerStopped(f"model {self.name!r} was unloaded before this request ran"))
+        abort = getattr(self.backend, "abort", None)
+        if abort is not None and grace_s is not None:
+            deadline = time.monotonic() + grace_s
+            self._thread.join(grace_s)
+            if self._thread.is_alive() or not self._lane_wait(max(deadline - time.monotonic(), 0.0)):
+                abort()
         self._thread.join(timeout)
         self._lane_wait(timeout)
 
@@ -174,7 +188,7 @@ class ModelWorker:
                 if not len(self.queue):
                     break
             time.sleep(0.005)  # a policy may be waiting for company: its batch leaves the queue when it runs
-        self.stop()
+        self.stop(grace_s=None)
 
     def cancel(self, request: GenerationRequest, error: BaseException) -> bool:
         """Fail ``request`` with ``error`` now: drop it from the queue, or stop its row in the running batch.

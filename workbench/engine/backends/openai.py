@@ -216,9 +216,12 @@ class RemoteBackend:
                                               sock_read=settings.read_timeout_s)
         self._loop, self._client = _clients.acquire(self.url)
         # One pooled client per event loop that awaits this model's streams itself (see astream).
-        self._lane_lock = threading.Lock()
+        self._lock = threading.Lock()
         self._lane_clients: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
-        self._closed = False
+        # The streams in flight, each a task on its loop (the streams thread's or a lane's), and those cut off.
+        self._streams: dict[asyncio.Task[Any], asyncio.AbstractEventLoop] = {}
+        self._cut: set[asyncio.Task[Any]] = set()
+        self._aborted = self._closed = False
 
     # -- the Backend protocol ------------------------------------------------------------------
 
@@ -278,11 +281,36 @@ class RemoteBackend:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self.abort()  # before the clients close, so what was in flight says the model went, not the server
             _clients.release(self.url)
-            with self._lane_lock:
+            with self._lock:
                 lanes, self._lane_clients = self._lane_clients, {}
             for loop, client in lanes.items():
                 _aclose_on(loop, client)
+
+    def abort(self) -> None:
+        """Cut off every stream in flight (the model is being unloaded): each fails with WorkerStopped and its
+        connection closes; a stream that would start from now on fails so at once."""
+        with self._lock:
+            self._aborted = True
+            streams = list(self._streams.items())
+        for task, loop in streams:
+            try:
+                loop.call_soon_threadsafe(self._cut_off, task)
+            except RuntimeError:
+                pass  # the loop closed: the stream went with it
+
+    def _cut_off(self, task: asyncio.Task[Any]) -> None:
+        """On ``task``'s own loop: cancel its stream, unless it ended meanwhile; :meth:`_stream` says why it ended."""
+        with self._lock:
+            if task not in self._streams:
+                return
+            self._cut.add(task)
+        task.cancel()
+
+    def _unloaded(self) -> WorkerStopped:
+        return WorkerStopped(f"model {self.model!r} was unloaded while this request was in flight",
+                             hint=f"bench.load({self.model!r}, ...) again")
 
     async def astream(self, request: GenerationRequest, batch_id: int, batch_size: int) -> GenerationResult:
         """Stream ``request`` on the running event loop and return its result (the engine's loop lane).
@@ -292,7 +320,7 @@ class RemoteBackend:
         there, with no worker thread and no streams thread in between.
         """
         loop = asyncio.get_running_loop()
-        with self._lane_lock:
+        with self._lock:
             client = self._lane_clients.get(loop)
             if client is None:
                 if self._closed:
@@ -384,6 +412,12 @@ class RemoteBackend:
         most_chunks = 2 * request.params.max_new_tokens + 16
         # And no token is longer than TOKEN_CHARS: the text kept is bounded too (each chunk may be 2 MiB long).
         most_chars, kept = TOKEN_CHARS * request.params.max_new_tokens, 0
+        task = asyncio.current_task()
+        assert task is not None
+        with self._lock:
+            if self._aborted:
+                raise self._unloaded()
+            self._streams[task] = asyncio.get_running_loop()
         stamps = _Stamps(posted=time.perf_counter())
         try:
             async with (client or self._client).post(url, json=body, headers=self.headers, proxy=self.proxy,
@@ -438,18 +472,23 @@ class RemoteBackend:
                         if request.stream and not request.cancelled:
                             (on_token or _on_token)(request, NO_TOKEN_ID, text)
                     stamps.finish_reason = finish or stamps.finish_reason
+        except asyncio.CancelledError:
+            if task in self._cut:  # by abort: the model was unloaded, the server did nothing wrong
+                raise self._unloaded() from None
+            raise  # its timeout ran out: whoever cancelled it has settled it
         except RemoteError as exc:
             _event(span, exc)
             raise
         except (aiohttp.ClientError, LineTooLong, ValueError) as exc:
             if isinstance(exc, ValueError) and str(exc) != _CHUNK_TOO_BIG:
                 raise  # not the stream's: a token sink's own error, say
-            if self._closed:  # its client was closed under it: the model was unloaded, the server did nothing wrong
-                raise WorkerStopped(f"model {self.model!r} was unloaded while this request was in flight",
-                                    hint=f"bench.load({self.model!r}, ...) again") from None
             error = self._translate(url, exc, stamps)
             _event(span, error)
             raise error from exc
+        finally:
+            with self._lock:
+                del self._streams[task]
+                self._cut.discard(task)
         if stamps.finish_reason is None:
             error = self._broken(url, stamps, "the stream ended without a finish reason")
             _event(span, error)
