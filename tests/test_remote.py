@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 import workbench as wb
+from workbench.engine.worker import STOP_GRACE_S
 from workbench.errors import (
     HopFailed,
     HopTimeout,
@@ -261,7 +262,8 @@ class FaultServer:
     request and never answers), ``huge`` (a first line of 3 MiB), ``endless`` (text chunks until the client
     hangs up), ``bigerror`` (a 500 whose body says it is 100 MiB and never ends), ``biglist`` (a GET /models
     answer that never ends), ``pings`` (SSE comments every 20 ms and never a data line), ``stalls`` (one
-    chunk, then ``pings``), or one of ``CANNED`` (those chunks, then [DONE]). Asked as a proxy (an absolute
+    chunk, then ``pings``), ``drip`` (a good stream of eight words, one each DRIP_S), or one of ``CANNED``
+    (those chunks, then [DONE]). Asked as a proxy (an absolute
     URL in the request line), it answers for any host as if it were that host, and keeps the URL in ``proxied``.
     """
 
@@ -372,8 +374,10 @@ class FaultServer:
             return
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n"
                      b"transfer-encoding: chunked\r\n\r\n")
-        words = [" fine", " words"] if mode != "broken" else [" half"]
+        words = {"broken": [" half"], "drip": [" drip"] * 8}.get(mode, [" fine", " words"])
         for index, word in enumerate(words):
+            if mode == "drip":
+                await asyncio.sleep(DRIP_S)
             chunk = {"choices": [{"index": 0, "text": word,
                                   "finish_reason": "stop" if index == len(words) - 1 else None}]}
             if mode == "broken" or index < len(words) - 1:
@@ -387,6 +391,9 @@ class FaultServer:
         done = b"data: [DONE]\n\n"
         writer.write(f"{len(done):x}\r\n".encode() + done + b"\r\n0\r\n\r\n")
         await writer.drain()
+
+
+DRIP_S = 0.5  # eight of them: longer than an unload lets a silent request be (STOP_GRACE_S), never that silent
 
 
 @pytest.fixture(scope="module")
@@ -736,6 +743,36 @@ def test_unloading_a_served_model_cuts_off_a_request_its_server_sits_on(
     assert backend._client.closed and all(client.closed for client in lanes) and not backend._streams
     bench.load("stuck", f"{faults.url}/ok/v1")  # the name serves again
     assert bench.generate("stuck", "hi", max_new_tokens=4).text == "fine words"
+
+
+@pytest.mark.parametrize("mode", ["drip", "stalls"])
+def test_an_unload_lets_a_stream_that_still_sends_finish_and_cuts_off_one_that_only_pings(
+    bench: wb.Workbench, faults: FaultServer, mode: str
+) -> None:
+    """Silence is what an unload does not wait for: a stream still sending tokens runs to its end, as a local batch
+    does, however long past STOP_GRACE_S; one whose server sends only keep-alive comments is cut off."""
+    assert DRIP_S * 8 > STOP_GRACE_S
+    bench.load("slow", f"{faults.url}/{mode}/v1", read_timeout_s=30)
+    asked = faults.hits[mode]
+    outcome: list[object] = []
+
+    def ask() -> None:
+        try:
+            outcome.append(bench.generate("slow", "hi", max_new_tokens=16).text)
+        except wb.WorkbenchError as exc:
+            outcome.append(exc)
+
+    asking = threading.Thread(target=ask)
+    asking.start()
+    eventually(lambda: faults.hits[mode] > asked, "the request to reach the server")
+    bench.unload("slow")
+    asking.join(WAIT_S)
+    (answer,) = outcome
+    if mode == "drip":
+        assert answer == " ".join(["drip"] * 8), answer
+    else:
+        assert isinstance(answer, WorkerStopped), answer
+        assert "model 'slow' was unloaded while this request was in flight" in str(answer)
 
 
 def test_a_refused_connection_fails_over_to_the_local_model(tiny_path: Path) -> None:

@@ -26,8 +26,9 @@ from workbench.tracing import openinference
 
 log = logging.getLogger(__name__)
 DRAIN_GRACE_S = 0.05  # how long a draining worker's queue must stay empty before it closes
-# How long an unload lets the requests in flight finish before a backend that can cut them off (a server's streams)
-# does: an unload stops the model now, not when its server answers (up to its read_timeout_s, a minute by default).
+# How long a request in flight may stay silent during an unload before a backend that can cut it off (a server's
+# stream) does: an unload does not wait for a server that sits on a request (up to its read_timeout_s, a minute by
+# default), while streams still sending tokens run to their end, as a local batch does.
 STOP_GRACE_S = 2.0
 
 
@@ -144,33 +145,48 @@ class ModelWorker:
                 self._lane_inflight -= 1
                 self._lane_idle.notify_all()
 
-    def _lane_wait(self, timeout: float) -> bool:
-        """Wait until no request is in flight on the loop lane, and say whether none is; from a lane loop's own thread
-        it only says (waiting there would wait for itself)."""
+    def _on_a_lane(self) -> bool:
+        """Whether this thread runs a loop whose streams use the loop lane (they cannot go on while it waits)."""
         try:
             running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             running = None
+        return running is not None and running in self._lane_slots
+
+    def _lane_wait(self, timeout: float) -> bool:
+        """Wait until no request is in flight on the loop lane, and say whether none is; from a lane loop's own thread
+        it only says (waiting there would wait for itself)."""
         with self._lane_idle:
-            if running is not None and running in self._lane_slots:
+            if self._on_a_lane():
                 return self._lane_inflight == 0
             return self._lane_idle.wait_for(lambda: self._lane_inflight == 0, timeout)
 
     def stop(self, timeout: float = 30.0, grace_s: float | None = STOP_GRACE_S) -> None:
         """Refuse new work, fail what is still queued, and wait for the batch in flight (and the loop lane's).
 
-        A backend that can cut its requests off (``abort``: a server's streams) gives them ``grace_s`` seconds, then
-        cuts off what is still in flight, which fails with WorkerStopped; ``grace_s=None`` lets them run to their
-        end (a live swap's old worker). A local generate cannot be interrupted: it is waited for, up to ``timeout``.
+        A backend that can cut its requests off (``abort``: a server's streams) cuts off each one that has been
+        silent for ``grace_s`` seconds, and at ``timeout`` every one left; those fail with WorkerStopped. Streams
+        still sending go on to their end meanwhile. ``grace_s=None`` lets every request run to its end (a live
+        swap's old worker). A local generate cannot be interrupted: it is waited for, up to ``timeout``.
         """
         for request in self.queue.close():
             self._fail([request], WorkerStopped(f"model {self.name!r} was unloaded before this request ran"))
         abort = getattr(self.backend, "abort", None)
         if abort is not None and grace_s is not None:
-            deadline = time.monotonic() + grace_s
-            self._thread.join(grace_s)
-            if self._thread.is_alive() or not self._lane_wait(max(deadline - time.monotonic(), 0.0)):
-                abort()
+            deadline = time.monotonic() + timeout
+            while True:
+                left = deadline - time.monotonic()
+                self._thread.join(min(grace_s / 4, max(left, 0.0)))
+                if not self._thread.is_alive():
+                    if self._lane_wait(0.0):
+                        return
+                    if self._on_a_lane():  # its own loop's streams cannot go on while it waits here: cut them off
+                        abort()
+                        return
+                if left <= 0:
+                    abort()  # still in flight at the stop's own bound: cut off, however lively
+                    break
+                abort(quiet_s=grace_s)
         self._thread.join(timeout)
         self._lane_wait(timeout)
 

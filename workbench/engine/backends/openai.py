@@ -187,6 +187,7 @@ class _Stamps:
     lines: int = 0  # every data line
     finish_reason: str | None = None
     usage: object = None  # as the server sent it: checked when the stream ends
+    heard: float = 0.0  # the last data line's clock read (posted until one comes): keep-alive comments do not count
 
 
 class RemoteBackend:
@@ -218,8 +219,9 @@ class RemoteBackend:
         # One pooled client per event loop that awaits this model's streams itself (see astream).
         self._lock = threading.Lock()
         self._lane_clients: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
-        # The streams in flight, each a task on its loop (the streams thread's or a lane's), and those cut off.
-        self._streams: dict[asyncio.Task[Any], asyncio.AbstractEventLoop] = {}
+        # The streams in flight, each a task on its loop (the streams thread's or a lane's) with its clock reads,
+        # and those cut off.
+        self._streams: dict[asyncio.Task[Any], tuple[asyncio.AbstractEventLoop, _Stamps]] = {}
         self._cut: set[asyncio.Task[Any]] = set()
         self._aborted = self._closed = False
 
@@ -288,12 +290,18 @@ class RemoteBackend:
             for loop, client in lanes.items():
                 _aclose_on(loop, client)
 
-    def abort(self) -> None:
-        """Cut off every stream in flight (the model is being unloaded): each fails with WorkerStopped and its
-        connection closes; a stream that would start from now on fails so at once."""
+    def abort(self, quiet_s: float | None = None) -> None:
+        """Cut off the streams in flight (the model is being unloaded): each fails with WorkerStopped and its
+        connection closes; a stream that would start from now on fails so at once.
+
+        ``quiet_s``: only those that have sent no data line for that long (a server that took the request and
+        sits on it); those still sending tokens go on to their end. None: every one.
+        """
+        now = time.perf_counter()
         with self._lock:
             self._aborted = True
-            streams = list(self._streams.items())
+            streams = [(task, loop) for task, (loop, stamps) in self._streams.items()
+                       if quiet_s is None or now - stamps.heard >= quiet_s]
         for task, loop in streams:
             try:
                 loop.call_soon_threadsafe(self._cut_off, task)
@@ -414,11 +422,12 @@ class RemoteBackend:
         most_chars, kept = TOKEN_CHARS * request.params.max_new_tokens, 0
         task = asyncio.current_task()
         assert task is not None
+        stamps = _Stamps(posted=time.perf_counter())
+        stamps.heard = stamps.posted
         with self._lock:
             if self._aborted:
                 raise self._unloaded()
-            self._streams[task] = asyncio.get_running_loop()
-        stamps = _Stamps(posted=time.perf_counter())
+            self._streams[task] = (asyncio.get_running_loop(), stamps)
         try:
             async with (client or self._client).post(url, json=body, headers=self.headers, proxy=self.proxy,
                                                      timeout=self._timeout) as response:
@@ -426,14 +435,13 @@ class RemoteBackend:
                 span.set_attribute(attr.HTTP_STATUS, response.status)
                 if response.status >= 400:
                     raise self._status_error(url, response, await _head_of(response))
-                heard = stamps.posted  # the last data line: comments alone (keep-alives) do not keep a stream up
                 async for line in response.content:  # one line at a time, its b"\n" included
                     now = time.perf_counter()
                     if not line.startswith(b"data:"):  # blank separators, comments, event names
-                        if now - heard > self.read_timeout_s:
+                        if now - stamps.heard > self.read_timeout_s:
                             raise self._silent(url, stamps, "no data line, only comments or blank lines")
                         continue
-                    heard = now
+                    stamps.heard = now
                     data = line[5:].strip()
                     if data == b"[DONE]":
                         break
