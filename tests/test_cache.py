@@ -111,6 +111,16 @@ def test_the_second_run_is_answered_from_the_cache_without_the_engine(loaded: wb
     assert model_calls(other) == 1
 
 
+def test_a_streamed_run_shows_a_cached_answer_as_one_piece(loaded: wb.Workbench) -> None:
+    chain = loaded.chain(spec("exact"))
+    first = chain.run(question="Why is the sky blue?")
+    assert first.output  # a stream printing its token events showed nothing for a hop the cache answered
+    events = list(chain.stream(question="Why is the sky blue?"))
+    tokens = [e for e in events if isinstance(e, wb.Token)]
+    assert [(t.hop, t.text, t.token_id) for t in tokens] == [("answer", first.output, -1)]
+    assert model_calls(events[-1].run) == 0  # from the cache, not the model
+
+
 def test_the_cache_outlives_the_workbench(tiny_path: Path, data_dir: Path) -> None:
     with wb.Workbench(data_dir=data_dir) as first:
         first.load("tiny", tiny_path, device="cpu")

@@ -19,7 +19,11 @@ class HopStarted:
 
 @dataclass(frozen=True)
 class Token:
-    """One token of an LLM hop's answer, with the text it adds (may be empty mid-character)."""
+    """One token of an LLM hop's answer, with the text it adds (may be empty mid-character).
+
+    ``token_id`` is -1 (``NO_TOKEN_ID``) for text that came without ids: a server's chunk, or a whole answer
+    from the exact cache, streamed as one piece.
+    """
 
     hop: str
     text: str

@@ -34,7 +34,7 @@ from workbench.chains.run import Run
 from workbench.chains.spec import ChainSpec, HopSpec, fixed_prefix
 from workbench.chains.templates import PromptTemplate
 from workbench.engine import Call, Engine
-from workbench.engine.requests import Messages, check_text
+from workbench.engine.requests import NO_TOKEN_ID, Messages, check_text
 from workbench.errors import HopFailed, InvalidInput, MissingInputError, StoreError
 from workbench.knowledge import Facts, GraphStore, Lookup
 from workbench.tracing import Tracing
@@ -318,6 +318,8 @@ class Runner:
             async def call(attempt: int, timeout: float | None) -> Any:
                 key = await self._cached(hop, name, prompt, messages, span) if hop.cache.exact else None
                 if isinstance(key, _Hit):
+                    if state.events is not None and key.text:  # a stream shows the stored answer, in one piece
+                        state.emit(Token(hop.name, key.text, NO_TOKEN_ID))
                     return key.text
                 call = Call(name, prompt, hop.params, span, hop.name, {attr.ATTEMPT: attempt, attr.ROUTE: label},
                             timeout, on_token=on_token, session=state.session, messages=messages, prefix=prefix,

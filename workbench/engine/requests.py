@@ -21,6 +21,9 @@ _ids = itertools.count(1)
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+# The token id of streamed text that came without ids: a server's chunk, an answer from the exact cache.
+NO_TOKEN_ID = -1
+
 # A chat's messages as OpenAI's API and ``apply_chat_template`` take them: {"role": ..., "content": ...} each.
 Messages = list[dict[str, str]]
 

@@ -55,7 +55,7 @@ from workbench.engine.backends.base import (
     result_from_stamps,
 )
 from workbench.engine.backends.codec import TextCodec
-from workbench.engine.requests import GenerationRequest, GenerationResult, Messages, check_text
+from workbench.engine.requests import NO_TOKEN_ID, GenerationRequest, GenerationResult, Messages, check_text
 from workbench.errors import RemoteError, RemoteRateLimited, WorkerStopped
 from workbench.models import remote
 from workbench.models.registry import LoadedModel
@@ -65,8 +65,6 @@ if TYPE_CHECKING:
     from workbench.engine.batching import BatchingPolicy
 
 CONNECT_TIMEOUT_S = 5.0
-# A token id the server does not send: streamed chunks carry text only.
-NO_TOKEN_ID = -1
 # The longest line of a stream read whole (aiohttp buffers up to twice this): a server's chunk is far smaller.
 READ_BUFFER_BYTES = 1 << 20
 # The most characters one token's text may have (the longest in common vocabularies are runs of a few hundred).
