@@ -220,6 +220,34 @@ def test_a_watched_file_replaced_by_a_fifo_or_a_huge_file_is_refused_and_watchin
     wait_for(lambda: watched.version.number == 2, "a good edit after the refusals")
 
 
+def test_a_watched_file_that_stays_unreadable_is_reported_once_until_it_changes(tmp_path: Path) -> None:
+    from workbench.chains.live import MAX_CONFIG_BYTES, FileWatcher
+
+    path = tmp_path / "qa.yaml"
+    path.write_text(SPEC)
+    texts: list[str] = []
+    errors: list[wb.WorkbenchError] = []
+    watcher = FileWatcher(path, texts.append, POLL_S, on_unreadable=errors.append)
+    assert watcher.poll() and texts == [SPEC]
+    with open(path, "wb") as file:
+        file.truncate(MAX_CONFIG_BYTES + 1)
+    for _ in range(5):  # five polls of one huge file: one refusal, not a warning a poll
+        watcher.poll()
+    assert len(errors) == 1 and "over the 8,388,608 bytes" in errors[0].message
+    path.unlink()
+    os.mkfifo(path)
+    for _ in range(3):
+        watcher.poll()
+    assert len(errors) == 2 and "not a regular file" in errors[1].message
+    path.unlink()
+    path.write_text(SPEC.replace("max_new_tokens: 3", "max_new_tokens: 2"))
+    assert watcher.poll() and len(texts) == 2
+    os.replace(path, tmp_path / "elsewhere.yaml")
+    os.mkfifo(path)  # unreadable again after a good read: said again
+    watcher.poll()
+    assert len(errors) == 3
+
+
 def test_a_spec_file_without_a_name_is_named_after_the_file(loaded: wb.Workbench, tmp_path: Path) -> None:
     path = tmp_path / "ask.yaml"
     path.write_text(SPEC.replace("name: qa\n", ""))

@@ -309,6 +309,7 @@ class FileWatcher:
         self._on_unreadable = on_unreadable
         self._stat: tuple[int, int, int] | None = None
         self._digest = _text_digest(text) if text is not None else None
+        self._said: str | None = None  # the unreadable state last reported, so one that lasts is said once
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.polls = 0  # how many times the file was looked at
@@ -350,6 +351,7 @@ class FileWatcher:
             return False
         if not raw.strip():
             return False  # caught mid-save (a write truncates first): keep what serves and look again next poll
+        self._said = None
         self._stat = key
         digest = hashlib.sha256(raw).hexdigest()
         if digest == self._digest:
@@ -366,6 +368,9 @@ class FileWatcher:
 
     def _unreadable(self, exc: Exception) -> None:
         error = SpecError(f"cannot read {str(self.path)!r}: {exc}", hint="the last good version keeps serving")
+        if error.message == self._said:
+            return  # still unreadable for the same reason: said already, not again every poll
+        self._said = error.message
         if self._on_unreadable is not None:
             self._on_unreadable(error)
         else:
