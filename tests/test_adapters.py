@@ -226,6 +226,41 @@ def test_adapters_load_in_this_process_only_and_from_safetensors_only(
     assert "pickled" not in bench.registry.names()
 
 
+def test_an_adapter_on_gpt2s_conv1d_projections_loads_and_matches_peft_by_hand(
+    bench: wb.Workbench, tiny_path: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_path)
+    base = tmp_path / "gpt2"  # GPT-2 keeps its projections in transformers' Conv1D, not nn.Linear
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=128, vocab_size=len(tokenizer),
+                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                               pad_token_id=tokenizer.pad_token_id)).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    with pytest.warns(UserWarning, match="fan_in_fan_out"):  # peft sets it for Conv1D, and says so
+        adapter = wb.tiny_lora(base, tmp_path / "attn", seed=6, target_modules=("c_attn",))
+    bench.load("gpt2", base, device="cpu", adapters={"attn": adapter})
+    assert bench.adapters("gpt2").loc[0, "state"] == "live"
+    expected = by_hand(base, adapter, PROMPT)
+    assert expected != by_hand(base, None, PROMPT)
+    assert bench.generate("gpt2", PROMPT, adapter="attn", max_new_tokens=NEW).token_ids == expected
+
+
+def test_an_adapter_with_weights_for_a_layer_that_is_not_linear_is_refused_by_name(
+    bench: wb.Workbench, tiny_path: Path, lora: dict[str, Path], tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    crafted = tmp_path / "norm"
+    shutil.copytree(lora["sql"], crafted)
+    weights = load_file(crafted / "adapter_model.safetensors")
+    moved = {key.replace("layers.0.self_attn.q_proj", "layers.0.input_layernorm"): value
+             for key, value in weights.items()}
+    save_file(moved, crafted / "adapter_model.safetensors")
+    with pytest.raises(wb.AdapterError, match=r"'model.layers.0.input_layernorm', a LlamaRMSNorm: .*linear layers"):
+        bench.load("normed", tiny_path, device="cpu", adapters={"sql": crafted})
+
+
 def _rows(bench: wb.Workbench) -> pd.DataFrame:
     return bench.adapters("tiny").query("name == 'sql'").set_index("version")
 

@@ -159,8 +159,12 @@ def inspect_adapter(path: str | os.PathLike[str], base: Any, rules: AdapterRules
         if module is None:
             raise AdapterError(f"{where} has weights for {module_path!r}, which the base model lacks: it was built "
                                "for another base model", hint="load it on the model it was trained on")
+        features = _features(module)
+        if features is None:
+            raise AdapterError(f"{where} adapts {module_path!r}, a {type(module).__name__}: named adapters serve LoRA "
+                               "on linear layers only", hint="retrain it on the model's linear (projection) layers")
         shape = tuple(tensor.get("shape", ()))
-        expected = (rank, module.in_features) if part == "lora_A" else (module.out_features, rank)
+        expected = (rank, features[0]) if part == "lora_A" else (features[1], rank)
         if len(shape) != 2 or shape != expected:
             raise AdapterError(
                 f"{where}: {module_path}.{part} is {list(shape)}, but this base model needs {list(expected)}: "
@@ -169,6 +173,17 @@ def inspect_adapter(path: str | os.PathLike[str], base: Any, rules: AdapterRules
     if not found:
         raise AdapterError(f"{where}: {_WEIGHTS} holds no LoRA weights")
     return rank
+
+
+def _features(module: Any) -> tuple[int, int] | None:
+    """A layer's (in, out) features as LoRA sees them; None for a layer that is not linear."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, Conv1D):  # GPT-2's projections: a linear layer whose weight is stored (in, out)
+        return tuple(module.weight.shape)  # type: ignore[return-value]
+    if isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None), int):
+        return module.in_features, module.out_features
+    return None
 
 
 @dataclass
