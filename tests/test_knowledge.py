@@ -97,6 +97,15 @@ def test_max_triples_caps_a_walk_and_says_it_was_cut(countries: wb.KnowledgeGrap
     assert countries.lookup("nothing to see here", hops=4).triples == ()
 
 
+def test_a_lookup_refuses_hops_or_max_triples_below_one_and_stops_when_the_walk_runs_out() -> None:
+    graph = wb.KnowledgeGraph([("France", "capital", "Paris"), ("France", "borders", "Spain")])
+    for hops, max_triples in [(0, 5), (-1, 5), (1, 0), (1, -3), (True, 5), (1.5, 5)]:
+        with pytest.raises(wb.GraphError, match="must be a whole number of at least 1"):
+            graph.lookup("France", hops=hops, max_triples=max_triples)
+    # Past the last node reached there is nothing to walk: a billion hops ends at once, with what there is.
+    assert graph.lookup("France", hops=10**9).triples == graph.lookup("France", hops=2).triples
+
+
 def test_a_workbench_loads_each_graph_once(bench: wb.Workbench) -> None:
     assert bench.graph("countries") is bench.graph("countries")
     assert len(bench.graph("countries")) > 1000

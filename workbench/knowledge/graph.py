@@ -10,6 +10,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
+from workbench.errors import GraphError
+
 if TYPE_CHECKING:
     import networkx as nx
 
@@ -167,6 +169,8 @@ class KnowledgeGraph:
         triples: list[Triple] = []
         taken: set[tuple[str, str, str]] = set()
         for _ in range(hops):
+            if not frontier:
+                break  # the walk reached everything it can: more hops find nothing more
             reached: list[str] = []
             for node in frontier:
                 # Lazily, so a hub with a million edges costs only the ones taken before the cap.
@@ -187,6 +191,10 @@ class KnowledgeGraph:
 
     def lookup(self, query: str, hops: int = 1, max_triples: int = DEFAULT_MAX_TRIPLES) -> Lookup:
         """Link ``query``'s entities, walk ``hops`` around them, and time both."""
+        for name, value in (("hops", hops), ("max_triples", max_triples)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise GraphError(f"lookup: {name} must be a whole number of at least 1, got {value!r:.40}",
+                                 hint="hops=1: the facts naming what the query mentions; max_triples caps them")
         started = time.perf_counter()
         entities = self.link(query)
         linked = time.perf_counter()
