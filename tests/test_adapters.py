@@ -261,6 +261,18 @@ def test_an_adapter_with_weights_for_a_layer_that_is_not_linear_is_refused_by_na
         bench.load("normed", tiny_path, device="cpu", adapters={"sql": crafted})
 
 
+def test_watching_a_loaded_adapter_at_another_directory_serves_what_that_directory_holds(
+    bench: wb.Workbench, tiny_path: Path, lora: dict[str, Path]
+) -> None:
+    bench.load("tiny", tiny_path, device="cpu", adapters={"sql": lora["sql"]})
+    bench.watch_adapter("tiny", "sql", lora["sql_v2"], interval_s=0.05)
+    wait_for(lambda: (bench.adapters("tiny")["state"].tolist() == ["retired", "live"]), "sql_v2's weights to serve")
+    assert bench.adapters("tiny").loc[1, "path"] == str(lora["sql_v2"])
+    expected = by_hand(tiny_path, lora["sql_v2"], PROMPT)
+    assert bench.generate("tiny", PROMPT, adapter="sql", max_new_tokens=NEW).token_ids == expected
+    bench.unwatch_adapter("tiny", "sql")
+
+
 def _rows(bench: wb.Workbench) -> pd.DataFrame:
     return bench.adapters("tiny").query("name == 'sql'").set_index("version")
 
@@ -385,6 +397,20 @@ def test_a_watched_model_swaps_in_live_and_refuses_bad_versions(
         wait_for(lambda: bench.model_versions("m").query("state == 'refused'")["error"]
                  .str.contains(message, regex=False).any(), f"the {kind} model to be refused")
         assert bench.generate("m", PROMPT, max_new_tokens=NEW).token_ids == v2_tokens  # v2's weights serve on
+    bench.unwatch_model("m")
+
+
+def test_watching_a_model_at_another_directory_serves_the_weights_there(
+    bench: wb.Workbench, tiny_path: Path, tmp_path: Path
+) -> None:
+    newer = tmp_path / "newer"
+    shutil.copytree(tiny_path, newer)
+    publish_weights(_weights(tiny_path, tmp_path / "v2", seed=7), newer)
+    bench.load("m", tiny_path, device="cpu")
+    bench.watch_model("m", newer, interval_s=0.05)
+    wait_for(lambda: bench.model_versions("m")["state"].tolist() == ["retired", "live"], "the newer weights to serve")
+    assert bench.model_versions("m").loc[1, "path"] == str(newer)
+    assert bench.generate("m", PROMPT, max_new_tokens=NEW).token_ids == by_hand(newer, None, PROMPT)
     bench.unwatch_model("m")
 
 

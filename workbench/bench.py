@@ -917,7 +917,7 @@ class Workbench:
         self.unwatch_adapter(model, name)
         self._adapter_watchers[(model, name)] = DirectoryWatcher(
             directory, interval_s, functools.partial(self._stage_adapter, model, adapters, name, directory),
-            seen=live.digest if live is not None and live.path == directory else None,
+            seen=live.digest if live is not None else None,  # another directory's content differs: staged
             closed=lambda: adapters.closed, label=f"adapter-{model}-{name}")
 
     def unwatch_adapter(self, model: str, name: str) -> None:
@@ -973,7 +973,7 @@ class Workbench:
         self.unwatch_model(name)
         self._model_watchers[name] = DirectoryWatcher(
             directory, interval_s, functools.partial(self._stage_model, name, directory, prompts),
-            seen=live.digest if live is not None and live.path == directory else None, config="config.json",
+            seen=live.digest if live is not None else None, config="config.json",
             closed=lambda: not self.registry.is_loaded(name), label=f"model-{name}")
 
     def unwatch_model(self, name: str) -> None:
