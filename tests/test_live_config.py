@@ -457,6 +457,29 @@ def test_a_configuration_whose_chain_does_not_validate_changes_nothing(
     assert [type(r.error) for r in config.errors] == [ConfigError] * 3
 
 
+def test_a_configuration_whose_last_model_fails_to_load_leaves_the_others_as_they_were(
+    bench: wb.Workbench, spec_file: Path, tiny_cache: None
+) -> None:
+    path = spec_file.with_name("workbench.yaml")
+    first = _config(f"  tiny: {{source: tiny, device: cpu}}\n{DYNAMIC.replace('tiny:', 'spare:', 1)}")
+    path.write_text(first)
+    config = bench.configure(path)
+    tiny, policy = bench.registry.get("tiny"), bench.engine.policy("spare")
+    missing = spec_file.with_name("no-such-model")
+    with pytest.raises(wb.ModelLoadError):  # each change before it works: a reload, a new policy, a new model
+        config.apply(_config("  tiny: {source: tiny, device: cpu, dtype: float32}\n"
+                             "  spare: {source: tiny, device: cpu, batching: none}\n"
+                             "  fresh: {source: tiny, device: cpu}\n"
+                             f"  broken: {{source: {str(missing)!r}, device: cpu}}"))
+    assert config.version.number == 1 and len(config.errors) == 1
+    # The refused configuration changed nothing: the one in force is what serves, and reapplies as is.
+    assert bench.registry.get("tiny").settings == tiny.settings
+    assert bench.engine.policy("spare") == policy
+    assert sorted(bench.registry.names()) == ["spare", "tiny"]
+    assert config.apply(first).number == 1
+    assert bench.chains()["qa"].run(question="q").ok
+
+
 @pytest.mark.parametrize(
     ("text", "line", "field", "message"),
     [

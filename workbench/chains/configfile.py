@@ -398,20 +398,40 @@ class LiveConfig:
 
     def _apply_models(self, config: WorkbenchConfig) -> None:
         before = self._applied.config.models if self._applied.config is not None else {}
-        for name, entry in config.models.items():
-            old = before.get(name)
-            if old is None or old.load_key() != entry.load_key():
-                self._load(name, entry, old)
-                continue
-            if not _same_policy(entry.batching, old.batching):
-                self._host.set_batching(name, entry.batching or default_policy(entry.settings))
-            if entry.balance != old.balance:
-                self._host.set_balance(name, entry.balance or "round_robin")
+        done: list[tuple[str, ModelEntry, ModelEntry | None]] = []  # what changed, to put back if a later one fails
+        try:
+            for name, entry in config.models.items():
+                old = before.get(name)
+                if old is None or old.load_key() != entry.load_key():
+                    self._load(name, entry, old)
+                    done.append((name, entry, old))
+                    continue
+                self._set_policies(name, entry, old)
+                done.append((name, entry, old))
+        except WorkbenchError:
+            for name, entry, old in reversed(done):  # the configuration in force stays whole
+                try:
+                    if old is None:
+                        self._host.unload(name, forget=True)
+                    elif old.load_key() != entry.load_key():
+                        self._load(name, old, None)
+                    else:
+                        self._set_policies(name, old, entry)
+                except WorkbenchError as again:
+                    logger.error("putting %r back as it was failed: %s", name, again.message)
+            raise
         for name in set(before) - set(config.models):
             try:
                 self._host.unload(name, forget=True)
             except WorkbenchError as exc:
                 logger.warning("unloading %r, which the configuration no longer names, failed: %s", name, exc.message)
+
+    def _set_policies(self, name: str, entry: ModelEntry, old: ModelEntry) -> None:
+        """Change ``name``'s batching and balance policies from ``old``'s to ``entry``'s, live."""
+        if not _same_policy(entry.batching, old.batching):
+            self._host.set_batching(name, entry.batching or default_policy(entry.settings))
+        if entry.balance != old.balance:
+            self._host.set_balance(name, entry.balance or "round_robin")
 
     def _load(self, name: str, entry: ModelEntry, old: ModelEntry | None) -> None:
         """(Re)load ``name`` as ``entry`` says; if that fails, the model it replaced is loaded back."""
