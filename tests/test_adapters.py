@@ -246,6 +246,30 @@ def test_an_adapter_on_gpt2s_conv1d_projections_loads_and_matches_peft_by_hand(
     assert bench.generate("gpt2", PROMPT, adapter="attn", max_new_tokens=NEW).token_ids == expected
 
 
+def test_an_adapter_whose_rank_pattern_gives_a_module_its_own_rank_loads_and_is_held_to_max_rank(
+    bench: wb.Workbench, tiny_path: Path, tmp_path: Path
+) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 8})
+    tuned = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_path), config)
+    with torch.no_grad():  # B drawn, not peft's zeros, so the adapter changes the answer
+        for name, param in tuned.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(8))
+    tuned.save_pretrained(tmp_path / "patterned")
+    bench.load("tiny", tiny_path, device="cpu", adapters={"patterned": tmp_path / "patterned"})
+    row = bench.adapters("tiny").iloc[0]
+    assert row["state"] == "live" and row["rank"] == 8
+    expected = by_hand(tiny_path, tmp_path / "patterned", PROMPT)
+    assert expected != by_hand(tiny_path, None, PROMPT)
+    assert bench.generate("tiny", PROMPT, adapter="patterned", max_new_tokens=NEW).token_ids == expected
+    with pytest.raises(wb.AdapterError, match=r"rank 8 \('v_proj' of its rank_pattern\); the rules allow 1 to 6"):
+        bench.watch_adapter("tiny", "capped", tmp_path / "patterned", max_rank=6)
+
+
 def test_an_adapter_with_weights_for_a_layer_that_is_not_linear_is_refused_by_name(
     bench: wb.Workbench, tiny_path: Path, lora: dict[str, Path], tmp_path: Path
 ) -> None:

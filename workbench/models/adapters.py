@@ -115,8 +115,9 @@ def _safetensors_header(path: Path) -> dict[str, Any]:
 def inspect_adapter(path: str | os.PathLike[str], base: Any, rules: AdapterRules) -> int:
     """Check an adapter directory against ``base`` (a transformers model) and ``rules`` without loading it.
 
-    Returns its rank. AdapterError says what is wrong: no config, pickled weights, damaged safetensors,
-    a rank or target module the rules do not allow, or weights shaped for another base model.
+    Returns its rank (the largest, where its rank_pattern gives some modules another). AdapterError says what is
+    wrong: no config, pickled weights, damaged safetensors, a rank or target module the rules do not allow, or
+    weights shaped for another base model.
     """
     root = Path(path)
     where = f"adapter {str(path)!r}"
@@ -133,14 +134,19 @@ def inspect_adapter(path: str | os.PathLike[str], base: Any, rules: AdapterRules
     try:
         config = json.loads((root / _CONFIG).read_text())
         rank = int(config["r"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        # peft's rank_pattern gives the modules it matches a rank of their own (the weights are shaped by it).
+        pattern = {str(key): int(value) for key, value in (config.get("rank_pattern") or {}).items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise AdapterError(f"{where}: {_CONFIG} is not a LoRA config ({type(exc).__name__}: {exc})",
                            hint="write the adapter again with peft's save_pretrained") from None
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{where} is a {config.get('peft_type')} adapter; only LoRA adapters are served")
-    if not 1 <= rank <= rules.max_rank:
-        raise AdapterError(f"{where} has rank {rank}; the rules allow 1 to {rules.max_rank}",
-                           hint="raise max_rank if the memory and latency of a larger rank are fine")
+    for where_rank, value in (("", rank), *((f" ({key!r} of its rank_pattern)", v) for key, v in pattern.items())):
+        if not 1 <= value <= rules.max_rank:
+            raise AdapterError(f"{where} has rank {value}{where_rank}; the rules allow 1 to {rules.max_rank}",
+                               hint="raise max_rank if the memory and latency of a larger rank are fine")
+    from peft.utils.other import get_pattern_key  # the match peft makes when it loads the adapter
+
     tensors = _safetensors_header(root / _WEIGHTS)
     modules = dict(base.named_modules())
     found = False
@@ -164,7 +170,8 @@ def inspect_adapter(path: str | os.PathLike[str], base: Any, rules: AdapterRules
             raise AdapterError(f"{where} adapts {module_path!r}, a {type(module).__name__}: named adapters serve LoRA "
                                "on linear layers only", hint="retrain it on the model's linear (projection) layers")
         shape = tuple(tensor.get("shape", ()))
-        expected = (rank, features[0]) if part == "lora_A" else (features[1], rank)
+        own = pattern.get(get_pattern_key(pattern, module_path), rank)
+        expected = (own, features[0]) if part == "lora_A" else (features[1], own)
         if len(shape) != 2 or shape != expected:
             raise AdapterError(
                 f"{where}: {module_path}.{part} is {list(shape)}, but this base model needs {list(expected)}: "
@@ -172,7 +179,7 @@ def inspect_adapter(path: str | os.PathLike[str], base: Any, rules: AdapterRules
                 hint="load it on the model it was trained on")
     if not found:
         raise AdapterError(f"{where}: {_WEIGHTS} holds no LoRA weights")
-    return rank
+    return max([rank, *pattern.values()])
 
 
 def _features(module: Any) -> tuple[int, int] | None:
