@@ -270,6 +270,24 @@ def test_an_adapter_whose_rank_pattern_gives_a_module_its_own_rank_loads_and_is_
         bench.watch_adapter("tiny", "capped", tmp_path / "patterned", max_rank=6)
 
 
+def test_target_modules_hold_an_adapters_whole_layers_and_embedding_lora_too(
+    bench: wb.Workbench, tiny_path: Path, lora: dict[str, Path], tmp_path: Path
+) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    beyond = {"head": LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]),  # lm_head replaced
+              "embedding": LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"])}
+    for name, config in beyond.items():
+        tuned = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_path), config)
+        tuned.save_pretrained(tmp_path / name, save_embedding_layers=False)  # peft warns when it has to decide
+    bench.load("tiny", tiny_path, device="cpu", adapters={"sql": lora["sql"]})
+    for name, module in (("head", "lm_head"), ("embedding", "embed_tokens")):
+        with pytest.raises(wb.AdapterError, match=f"adapts '{module}' .*the rules allow q_proj, v_proj only"):
+            bench.watch_adapter("tiny", name, tmp_path / name, target_modules=["q_proj", "v_proj"])
+    assert bench.adapters("tiny")["name"].tolist() == ["sql"]
+
+
 def test_an_adapter_with_weights_for_a_layer_that_is_not_linear_is_refused_by_name(
     bench: wb.Workbench, tiny_path: Path, lora: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -151,16 +151,16 @@ def inspect_adapter(path: str | os.PathLike[str], base: Any, rules: AdapterRules
     modules = dict(base.named_modules())
     found = False
     for key, tensor in tensors.items():
-        part = "lora_A" if ".lora_A." in key else "lora_B" if ".lora_B." in key else None
-        if part is None:
-            continue
-        found = True
-        module_path = key.split(f".{part}.")[0].removeprefix("base_model.model.")
+        module_path, part = _module_of(key)
         leaf = module_path.rsplit(".", 1)[-1]
+        # Every tensor counts, not only lora_A/lora_B: an embedding's LoRA, or a whole layer (modules_to_save).
         if rules.target_modules is not None and leaf not in rules.target_modules:
             raise AdapterError(f"{where} adapts {leaf!r} ({module_path}); the rules allow "
                                f"{', '.join(sorted(rules.target_modules))} only",
                                hint="retrain it on the allowed modules, or widen target_modules")
+        if part not in ("lora_A", "lora_B"):
+            continue
+        found = True
         module = modules.get(module_path)
         if module is None:
             raise AdapterError(f"{where} has weights for {module_path!r}, which the base model lacks: it was built "
@@ -180,6 +180,20 @@ def inspect_adapter(path: str | os.PathLike[str], base: Any, rules: AdapterRules
     if not found:
         raise AdapterError(f"{where}: {_WEIGHTS} holds no LoRA weights")
     return max([rank, *pattern.values()])
+
+
+# Parts of a tensor's name in an adapter file that are peft's, not the base model's module names.
+_PEFT_PARTS = ("base_layer", "modules_to_save", "token_adapter")
+
+
+def _module_of(key: str) -> tuple[str, str | None]:
+    """The base model's module a tensor of an adapter file belongs to, and its peft part (``lora_A``; None for a
+    whole weight of the module, as modules_to_save keeps)."""
+    parts = key.removeprefix("base_model.model.").split(".")
+    for index, part in enumerate(parts):
+        if part.startswith("lora_") or part in _PEFT_PARTS:
+            return ".".join(parts[:index]), part
+    return ".".join(parts[:-1]), None
 
 
 def _features(module: Any) -> tuple[int, int] | None:
