@@ -480,6 +480,23 @@ def test_a_configuration_whose_last_model_fails_to_load_leaves_the_others_as_the
     assert bench.chains()["qa"].run(question="q").ok
 
 
+def test_a_chain_edit_refused_for_a_model_the_configuration_then_adds_serves_once_it_is_added(
+    bench: wb.Workbench, spec_file: Path, tiny_cache: None
+) -> None:
+    path = spec_file.with_name("workbench.yaml")
+    path.write_text(_config("  tiny: {source: tiny, device: cpu}"))
+    config = bench.configure(path, watch=True, interval_s=POLL_S)
+    chain = config.chains["qa"]
+    spec_file.write_text(SPEC.replace("model: tiny", "model: spare"))  # the chain first: 'spare' is not there yet
+    wait_for(lambda: chain.config_errors, "the chain edit to be refused")
+    assert "unknown model 'spare'" in chain.config_errors[-1].message
+    path.write_text(_config("  tiny: {source: tiny, device: cpu}\n  spare: {source: tiny, device: cpu}"))
+    wait_for(lambda: config.version.number == 2, "the configuration that adds 'spare'")
+    # The chain file as it is now serves, not the version before the refused edit.
+    wait_for(lambda: chain.spec.hop("answer").model == "spare", "the chain edit to serve once 'spare' is there")
+    assert chain.run(question="q").ok
+
+
 @pytest.mark.parametrize(
     ("text", "line", "field", "message"),
     [

@@ -456,8 +456,10 @@ class LiveConfig:
                     chain.unwatch()
                 chain = self._host.chain(path, name=name, watch=self._watch, interval_s=self._interval_s)
                 self._applied.chains[name] = chain
-            elif not chain.watching:
+            elif chain.watching is None:
                 chain.update(texts[name])
+            else:  # its watcher may have refused the file for a model only this edit brings: it reads the file again
+                chain.watch(chain.watching, self._interval_s)  # (the text as it is then; the same is no new version)
             # Only the overrides this file set before are its to drop; chain.set's own stay.
             mine = before.overrides.get(name, {}) if before is not None else {}
             new, now = config.overrides.get(name, {}), chain.overrides
