@@ -221,6 +221,8 @@ def test_adapters_load_in_this_process_only_and_from_safetensors_only(
 ) -> None:
     with pytest.raises(wb.ModelLoadError, match="named adapters are served in this process only"):
         bench.load("iso", tiny_path, device="cpu", adapters={"sql": lora["sql"]}, isolation="process")
+    with pytest.raises(wb.AdapterError, match="adapter 'no-such-adapter' does not exist.*relative paths start at"):
+        bench.load("missing", tiny_path, device="cpu", adapters={"sql": "no-such-adapter"})
     with pytest.raises(wb.AdapterError, match="only pickled weights"):
         bench.load("pickled", tiny_path, device="cpu", adapters={"sql": lora["pickled"]})
     assert "pickled" not in bench.registry.names()

@@ -418,6 +418,8 @@ def test_adapter_directory_without_adapter_config_is_refused(tiny_bench: wb.Work
                                                              tmp_path: Path) -> None:
     with pytest.raises(wb.ModelLoadError, match="not a PEFT adapter directory"):
         tiny_bench.load("tuned", tiny_path, adapter=tmp_path, device="cpu")
+    with pytest.raises(wb.ModelLoadError, match=r"adapter '\./no-such-adapter' does not exist \(relative paths"):
+        tiny_bench.load("tuned", tiny_path, adapter="./no-such-adapter", device="cpu")
     assert "tuned" not in tiny_bench.registry.names()
 
 

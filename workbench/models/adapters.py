@@ -91,6 +91,11 @@ def content_digest(path: str | os.PathLike[str], config: str = _CONFIG) -> str:
     return digest.hexdigest()[:16]
 
 
+def relative_note(path: Path) -> str:
+    """For an error about a path that is not there: where a relative one was looked for."""
+    return "" if path.is_absolute() else f" (relative paths start at {os.getcwd()})"
+
+
 def _safetensors_header(path: Path) -> dict[str, Any]:
     """The tensors a safetensors file declares, checked against its size; AdapterError if it is damaged."""
     try:
@@ -121,6 +126,9 @@ def inspect_adapter(path: str | os.PathLike[str], base: Any, rules: AdapterRules
     """
     root = Path(path)
     where = f"adapter {str(path)!r}"
+    if not root.is_dir():
+        raise AdapterError(f"{where} does not exist{relative_note(root)}" if not root.exists() else
+                           f"{where} is not a directory", hint="give the folder that save_pretrained wrote")
     if not (root / _CONFIG).is_file():
         raise AdapterError(f"{where} is not a PEFT adapter directory: no {_CONFIG}",
                            hint="point at the folder that save_pretrained wrote")

@@ -23,7 +23,7 @@ from opentelemetry.trace import Span
 
 from workbench.errors import ModelLoadError, UnknownModelError
 from workbench.models import heap, remote
-from workbench.models.adapters import AdapterSet
+from workbench.models.adapters import AdapterSet, relative_note
 from workbench.models.remote import REMOTE_DEVICE
 from workbench.models.devices import dtype_name, resolve_device, resolve_dtype
 from workbench.models.settings import LoadSettings, is_server_url
@@ -668,21 +668,21 @@ def _warm_up(model: Any, tokenizer: Any, device: torch.device) -> float:
 def _check_source(settings: LoadSettings) -> None:
     """Refuse what is clearly not a model, and pickle weights (the model's or its adapter's) unless allowed."""
     adapter = Path(os.path.expanduser(settings.adapter)) if settings.adapter else None
+    if adapter is not None and not adapter.exists() and _looks_local(str(settings.adapter), adapter):
+        raise ModelLoadError(f"adapter {settings.adapter!r} does not exist{relative_note(adapter)}",
+                             hint="give the folder that save_pretrained wrote, or a hub id like 'org/name'")
     if adapter is not None and adapter.is_dir() and not settings.allow_pickle and _only_pickle(adapter):
         raise ModelLoadError(
             f"adapter {settings.adapter!r} has only pickle weights (.bin/.pt), which can run code when loaded",
             hint="convert them to safetensors, or pass allow_pickle=True if you trust their author",
         )
     path = Path(os.path.expanduser(settings.source))
-    looks_local = (path.exists() or settings.source.startswith((".", "/", "~")) or settings.source.count("/") > 1
-                   or Path(path.parts[0]).is_dir())  # 'models/x' where ./models exists means a folder, not a hub id
-    if not looks_local:
+    if not _looks_local(settings.source, path):
         _check_hub_id(settings)
         return
     if not path.is_dir():
-        relative = "" if path.is_absolute() else f" (relative paths start at {os.getcwd()})"
         raise ModelLoadError(
-            f"{settings.source!r} is not a directory{relative}",
+            f"{settings.source!r} is not a directory{relative_note(path)}",
             hint="give the directory that holds config.json and the weights, or a hub id like 'org/name'",
         )
     if not (path / "config.json").is_file():
@@ -699,6 +699,12 @@ def _check_source(settings: LoadSettings) -> None:
         )
     if not has_safetensors and not has_pickle:
         raise ModelLoadError(f"{settings.source!r} has a config.json but no weights", hint="is the download complete?")
+
+
+def _looks_local(text: str, path: Path) -> bool:
+    """Whether a source or adapter names a folder here rather than a hub id."""
+    return (path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1
+            or Path(path.parts[0]).is_dir())  # 'models/x' where ./models exists means a folder, not a hub id
 
 
 def _check_hub_id(settings: LoadSettings) -> None:
