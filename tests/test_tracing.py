@@ -291,6 +291,19 @@ def test_workbench_traces_hold_every_run_load_and_batch(tiny_bench: wb.Workbench
     assert load.status.is_ok
 
 
+def test_the_engines_traces_never_push_a_runs_trace_out(bench: wb.Workbench, tiny_path: Path) -> None:
+    """Each batch is a trace of the engine's: a map of thousands of runs made as many, and the first runs' traces went."""
+    bench.load("tiny", tiny_path, device="cpu")
+    bench.tracing.index.max_traces = 4  # the bound, made small: 10,000 runs' traces (and as many of the engine's)
+    chain = bench.chain({"name": "one", "hops": [{"name": "a", "model": "tiny", "prompt": "{{ q }}",
+                                                  "max_new_tokens": 1}]})
+    runs = [chain.run(q=str(i)) for i in range(6)]
+    assert [len(run.trace) for run in runs] == [0, 0, 3, 3, 3, 3]  # chain, hop, request: the newest four runs kept
+    everything = bench.traces().spans
+    assert sum(s.name == "chain one" for s in everything) == 4
+    assert sum(s.name.startswith("batch ") for s in everything) == 4  # the engine's own, bounded alike
+
+
 def test_failed_load_leaves_an_error_span(bench: wb.Workbench, tiny_path: Path, tmp_path: Path) -> None:
     broken = tmp_path / "broken"
     broken.mkdir()

@@ -26,21 +26,31 @@ ENGINE_PROJECT_SUFFIX = "-engine"
 
 
 class SpanIndex(SpanProcessor):
-    """Keeps finished spans grouped by trace id, oldest trace first, up to ``max_traces``."""
+    """Keeps finished spans grouped by trace id, oldest trace first: the newest ``max_traces`` traces of runs, and
+    as many of the engine's own (loads, batches, probes) through :attr:`engine`, so the engine's traces, often
+    several per run, never push a run's trace out."""
 
     def __init__(self, max_traces: int = 10_000) -> None:
         self._lock = threading.Lock()
-        self._traces: OrderedDict[int, list[ReadableSpan]] = OrderedDict()
+        self._traces: dict[int, list[ReadableSpan]] = {}  # every trace kept, oldest first
+        # The trace ids of runs, then of the engine, oldest first: each is bounded apart.
+        self._order: tuple[OrderedDict[int, None], ...] = (OrderedDict(), OrderedDict())
         self.max_traces = max_traces
+        self.engine = _EngineSpans(self)
 
     def on_end(self, span: ReadableSpan) -> None:
+        self.add(span, engine=False)
+
+    def add(self, span: ReadableSpan, *, engine: bool) -> None:
         trace_id = span.context.trace_id
         with self._lock:
             spans = self._traces.get(trace_id)
             if spans is None:
                 spans = self._traces[trace_id] = []
-                while len(self._traces) > self.max_traces:
-                    self._traces.popitem(last=False)
+                order = self._order[engine]
+                order[trace_id] = None
+                while len(order) > self.max_traces:
+                    del self._traces[order.popitem(last=False)[0]]
             spans.append(span)
 
     def spans(self, trace_id: int | None = None) -> list[ReadableSpan]:
@@ -52,12 +62,24 @@ class SpanIndex(SpanProcessor):
     def clear(self) -> None:
         with self._lock:
             self._traces.clear()
+            for order in self._order:
+                order.clear()
 
     def shutdown(self) -> None:
         pass
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         return True
+
+
+class _EngineSpans(SpanProcessor):
+    """The span index as the engine's provider feeds it: the engine's traces, counted apart from the runs'."""
+
+    def __init__(self, index: SpanIndex) -> None:
+        self._index = index
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self._index.add(span, engine=True)
 
 
 class Tracing:
@@ -79,17 +101,21 @@ class Tracing:
 
         self.project_name = project_name
         self.index = SpanIndex()
-        self.provider = self._provider(service_name, project_name, otlp_endpoint)
-        self.engine_provider = self._provider(service_name, f"{project_name}{ENGINE_PROJECT_SUFFIX}", otlp_endpoint)
+        self.provider = self._provider(service_name, project_name, otlp_endpoint, self.index)
+        self.engine_provider = self._provider(
+            service_name, f"{project_name}{ENGINE_PROJECT_SUFFIX}", otlp_endpoint, self.index.engine
+        )
         self.tracer = self.provider.get_tracer("workbench", __version__, schema_url=attr.SCHEMA_URL)
         self._scope = InstrumentationScope("workbench", __version__, attr.SCHEMA_URL)
         gcpauses.install()  # so a trace can say how much of each span the garbage collector took
 
-    def _provider(self, service_name: str, project_name: str, otlp_endpoint: str | None) -> SpanProvider:
+    def _provider(
+        self, service_name: str, project_name: str, otlp_endpoint: str | None, index: SpanProcessor
+    ) -> SpanProvider:
         resource = Resource.create({"service.name": service_name, attr.PROJECT_NAME: project_name})
         # Every span is kept, so the default parent-based sampler's per-span lookups buy nothing.
         provider = SpanProvider(resource=resource, sampler=ALWAYS_ON)
-        provider.add_span_processor(self.index)
+        provider.add_span_processor(index)
         if otlp_endpoint:
             provider.add_span_processor(BatchSpanProcessor(_otlp_exporter(otlp_endpoint)))
         return provider
