@@ -444,6 +444,20 @@ def test_compare_refuses_bad_strategies_and_inputs_before_running(tiny: wb.Workb
     assert len(tiny.runs()) == runs
 
 
+def test_a_pass_of_more_runs_than_traces_kept_is_refused_before_running(
+    tiny: wb.Workbench, qa: wb.Chain, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass's first runs lost their traces before it was measured: a KeyError after the whole pass."""
+    monkeypatch.setattr(tiny.tracing.index, "max_traces", 3)  # the bound (10,000 runs' traces), made small
+    runs = len(tiny.runs())
+    inputs = [{"question": q} for q in ("one", "two", "three", "four")]
+    with pytest.raises(wb.WorkloadError, match="4 inputs are more runs per pass than the 3 whose traces") as refused:
+        wb.compare(qa, inputs, batching="none", repeats=1, progress=False)
+    assert "at most 3 inputs" in refused.value.hint
+    assert len(tiny.runs()) == runs
+    wb.compare(qa, inputs[:3], batching="none", repeats=1, warmup=1, progress=False)  # three measured runs fit
+
+
 @given(
     size=st.integers(1, 512),
     wait=st.sampled_from([0.0, 0.5, 5.0, 20.0, 1500.0]),

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from workbench.engine.balancing import BalancePolicy, parse_balance
 from workbench.engine.batching import BatchingPolicy, parse_policy
-from workbench.errors import StrategyError, UnknownModelError
+from workbench.errors import StrategyError, UnknownModelError, WorkloadError
 from workbench.experiments.workloads import ClosedLoop, PoissonArrivals, Workload, WorkloadResult, as_inputs
 from workbench.models.devices import dtype_name, resolve_device, resolve_dtype
 from workbench.engine.preloading import PreloadingStrategy, parse_preloading
@@ -739,6 +739,13 @@ def compare(
     workload.check(chain)  # refuse bad input before any model is touched
     if repeats < 1:
         raise StrategyError(f"repeats must be at least 1, not {repeats}", hint="repeats=3 is a good start")
+    kept = bench.tracing.index.max_traces
+    if len(items) > kept:  # the pass's first runs would have lost their traces by the time it is measured
+        raise WorkloadError(
+            f"{len(items)} inputs are more runs per pass than the {kept} whose traces the workbench keeps, "
+            "and a comparison reads its figures from those traces",
+            hint=f"compare on at most {kept} inputs: a random sample of them measures the strategies as well",
+        )
     strategies = [
         Strategy(b, p, r, c) for p in _preloadings(preloading) for b in _policies(batching) for r in _balances(balance)
         for c in _caches(cache)
