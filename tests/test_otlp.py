@@ -15,12 +15,22 @@ trace_service = pytest.importorskip("opentelemetry.proto.collector.trace.v1.trac
 
 
 class _Collector(BaseHTTPRequestHandler):
-    """Accepts OTLP/HTTP protobuf posts and keeps the decoded spans."""
+    """Accepts OTLP/HTTP protobuf posts and keeps the decoded spans; while ``busy``, answers 503 to every post."""
 
     received: list[tuple[str, object]] = []
+    busy: dict[str, str] | None = None  # the 503's headers
+    refused = 0
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
+        if (busy := type(self).busy) is not None:
+            type(self).refused += 1
+            self.send_response(503)
+            for header, value in busy.items():
+                self.send_header(header, value)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         request = trace_service.ExportTraceServiceRequest()
         request.ParseFromString(body)
         for resource_spans in request.resource_spans:
@@ -38,7 +48,7 @@ class _Collector(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def collector() -> Iterator[str]:
-    _Collector.received = []
+    _Collector.received, _Collector.busy, _Collector.refused = [], None, 0
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -65,3 +75,54 @@ def test_spans_of_a_run_reach_an_otlp_endpoint(collector: str, tiny_path: Path) 
     attributes = {kv.key: kv.value for kv in llm.attributes}
     assert attributes["gen_ai.operation.name"].string_value == "text_completion"
     assert attributes["gen_ai.usage.output_tokens"].int_value == run.trace.table().iloc[-1]["tokens_out"]
+
+
+ONE_CALL = {"name": "echo", "hops": [{"name": "say", "call": "workbench.demo:canned_answer"}]}
+
+
+def _exporter_said(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name.startswith("opentelemetry")]
+
+
+def _workbench_said(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name.startswith("workbench")]
+
+
+def test_an_endpoint_that_stops_taking_spans_is_said_once_and_again_when_it_takes_them(
+    collector: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The exporter logged a line per retry of every batch: a notebook's output filled with them."""
+    bench = wb.Workbench(otlp_endpoint=collector)
+    chain = bench.chain(ONE_CALL)
+    _Collector.busy = {"Retry-After": "3600"}  # busy for an hour: the exporter gives a batch up at once
+    for _ in range(3):
+        run = chain.run(question="hi")
+        bench.tracing.provider.force_flush()
+    assert _Collector.refused == 3
+    assert _exporter_said(caplog) == []
+    (said,) = _workbench_said(caplog)
+    assert said.startswith(f"spans are not reaching the OTLP endpoint {collector}/v1/traces; the workbench still keeps")
+    assert "The exporter said: Failed to export spans batch" in said  # its own words, quoted once
+    assert len(run.trace) == 2  # kept here all the same
+    _Collector.busy = None
+    chain.run(question="hi")
+    bench.tracing.provider.force_flush()
+    again = f"the OTLP endpoint {collector}/v1/traces takes spans again (it did not take 6)"
+    assert _workbench_said(caplog)[1] == again
+    bench.close()
+    assert len(_workbench_said(caplog)) == 2 and _exporter_said(caplog) == []
+
+
+def test_closing_gives_a_failing_endpoint_one_try_not_seconds_of_retries(
+    collector: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bench.close() waited out each project's retries against an endpoint that refused: 18 s, measured."""
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "3600000")  # nothing goes out before the close
+    bench = wb.Workbench(otlp_endpoint=collector)
+    run = bench.chain(ONE_CALL).run(question="hi")
+    _Collector.busy = {}  # a 503 with no Retry-After: the exporter retries, 1 s, 2 s, 4 s apart
+    bench.close()
+    assert _Collector.refused == 1
+    assert _workbench_said(caplog)[-1].startswith(
+        f"the OTLP endpoint {collector}/v1/traces did not take spans up to the close: 2 in the batches tried")
+    assert _exporter_said(caplog) == [] and len(run.trace) == 2

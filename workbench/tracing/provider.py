@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -11,7 +12,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Span, Status, StatusCode
@@ -20,6 +21,8 @@ from workbench.errors import WorkbenchError
 from workbench.tracing import attributes as attr
 from workbench.tracing import gcpauses
 from workbench.tracing.lean import SpanProvider
+
+log = logging.getLogger(__name__)
 
 # The Phoenix project of the engine's own traces is the run project's name with this suffix.
 ENGINE_PROJECT_SUFFIX = "-engine"
@@ -101,23 +104,21 @@ class Tracing:
 
         self.project_name = project_name
         self.index = SpanIndex()
-        self.provider = self._provider(service_name, project_name, otlp_endpoint, self.index)
-        self.engine_provider = self._provider(
-            service_name, f"{project_name}{ENGINE_PROJECT_SUFFIX}", otlp_endpoint, self.index.engine
-        )
+        # One exporter for both projects: the endpoint's trouble is said once, and a span's resource names its project.
+        self.export = OTLPExport(otlp_endpoint) if otlp_endpoint else None
+        self.provider = self._provider(service_name, project_name, self.index)
+        self.engine_provider = self._provider(service_name, f"{project_name}{ENGINE_PROJECT_SUFFIX}", self.index.engine)
         self.tracer = self.provider.get_tracer("workbench", __version__, schema_url=attr.SCHEMA_URL)
         self._scope = InstrumentationScope("workbench", __version__, attr.SCHEMA_URL)
         gcpauses.install()  # so a trace can say how much of each span the garbage collector took
 
-    def _provider(
-        self, service_name: str, project_name: str, otlp_endpoint: str | None, index: SpanProcessor
-    ) -> SpanProvider:
+    def _provider(self, service_name: str, project_name: str, index: SpanProcessor) -> SpanProvider:
         resource = Resource.create({"service.name": service_name, attr.PROJECT_NAME: project_name})
         # Every span is kept, so the default parent-based sampler's per-span lookups buy nothing.
         provider = SpanProvider(resource=resource, sampler=ALWAYS_ON)
         provider.add_span_processor(index)
-        if otlp_endpoint:
-            provider.add_span_processor(BatchSpanProcessor(_otlp_exporter(otlp_endpoint)))
+        if self.export is not None:
+            provider.add_span_processor(BatchSpanProcessor(self.export))
         return provider
 
     def start_span(
@@ -167,8 +168,12 @@ class Tracing:
             span.end()
 
     def shutdown(self) -> None:
+        if self.export is not None:
+            self.export.closing()  # else each project's last flush would retry a dead endpoint for seconds
         self.provider.shutdown()
         self.engine_provider.shutdown()
+        if self.export is not None:
+            self.export.close()
 
 
 def mark_error(span: Span, exc: BaseException) -> None:
@@ -178,14 +183,107 @@ def mark_error(span: Span, exc: BaseException) -> None:
     span.set_status(Status(StatusCode.ERROR, message))
 
 
-def _otlp_exporter(endpoint: str):  # type: ignore[no-untyped-def]
-    try:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    except ImportError as exc:
-        raise WorkbenchError(
-            "OTLP export needs the exporter package",
-            hint="pip install 'autoglm-workbench[otlp]'",
-        ) from exc
-    if not endpoint.rstrip("/").endswith("/v1/traces"):
-        endpoint = endpoint.rstrip("/") + "/v1/traces"
-    return OTLPSpanExporter(endpoint=endpoint)
+class _HeldBack(logging.Filter):
+    """Holds back the records the OTLP exporter logs inside :meth:`OTLPExport.export` (one per retry, per batch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        export: OTLPExport | None = getattr(self.local, "export", None)
+        if export is None:
+            return True  # someone else's exporter: theirs to hear
+        export.hold(record)
+        return False
+
+
+_held_back = _HeldBack()
+
+
+class OTLPExport(SpanExporter):
+    """Spans to an OTLP/HTTP endpoint, saying once, in the workbench's words, when it stops taking them and when it
+    takes them again: the exporter's own line per retry of every batch would fill a notebook's output."""
+
+    def __init__(self, endpoint: str) -> None:
+        try:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        except ImportError as exc:
+            raise WorkbenchError(
+                "OTLP export needs the exporter package",
+                hint="pip install 'autoglm-workbench[otlp]'",
+            ) from exc
+        if not endpoint.rstrip("/").endswith("/v1/traces"):
+            endpoint = endpoint.rstrip("/") + "/v1/traces"
+        self.endpoint = endpoint
+        self._exporter = OTLPSpanExporter(endpoint=endpoint)
+        exporter_log = logging.getLogger(OTLPSpanExporter.__module__)  # the logger it hands its HTTP client
+        if _held_back not in exporter_log.filters:
+            exporter_log.addFilter(_held_back)
+        self._lock = threading.Lock()  # the two projects' batch processors share this exporter
+        self.failing = False
+        self.unsent = 0  # spans in the batches tried since the endpoint last took some (its full queue drops more)
+        self._closing = False
+        self._stopped = False
+        self._stopping = threading.Lock()
+        self._held: list[logging.LogRecord] = []
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        with self._lock:
+            if self._closing and self.failing:  # the last flush of a close: no retries against a dead endpoint
+                self.unsent += len(spans)
+                return SpanExportResult.FAILURE
+            held = self._held = []
+            _held_back.local.export = self
+            try:
+                result = self._exporter.export(spans)
+            finally:
+                _held_back.local.export = None
+                self._held = []
+            if result is SpanExportResult.SUCCESS:
+                if self.failing:
+                    log.warning("the OTLP endpoint %s takes spans again (it did not take %d)",
+                                self.endpoint, self.unsent)
+                self.failing, self.unsent = False, 0
+                return result
+            self.unsent += len(spans)
+            if not self.failing:
+                said = " ".join(held[0].getMessage().split())[:300] if held else "nothing"
+                log.warning(
+                    "spans are not reaching the OTLP endpoint %s; the workbench still keeps them (run.trace, "
+                    "bench.traces()) and says so again only when the endpoint takes spans again. The exporter said: %s",
+                    self.endpoint, said,
+                )
+            self.failing = True
+            return result
+
+    def hold(self, record: logging.LogRecord) -> None:
+        """A record the exporter logged inside :meth:`export`: kept to quote, and no retry once closing."""
+        self._held.append(record)
+        if self._closing:
+            self._stop()  # wakes the wait before its retry: the export fails at once
+
+    def closing(self) -> None:
+        """The workbench is closing: the last flush gets one try, and none if the endpoint is not taking spans."""
+        self._closing = True
+        if self.failing or self._held:
+            self._stop()  # an export waiting to retry fails at once
+
+    def shutdown(self) -> None:
+        """Each batch processor's own call, made after its last flush: :meth:`close` ends the export, after both."""
+
+    def close(self) -> None:
+        """After both projects' last flush: stop the exporter, and say how many spans the endpoint never got."""
+        self._stop()
+        if self.failing:
+            log.warning("the OTLP endpoint %s did not take spans up to the close: %d in the batches tried, and any the "
+                        "exporter's full queue dropped; bench.traces() had them all", self.endpoint, self.unsent)
+
+    def _stop(self) -> None:
+        with self._stopping:  # a close and the worker's retry may both stop it: the exporter warns at a second stop
+            if not self._stopped:
+                self._stopped = True
+                self._exporter.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return True
