@@ -191,6 +191,19 @@ def test_a_failing_run_is_counted_not_raised(tiny: wb.Workbench) -> None:
     assert table[["n", "errors"]].values.tolist() == [[2, 1]]
 
 
+def test_a_comparison_where_every_run_failed_still_reads_and_draws(tiny: wb.Workbench) -> None:
+    """Its plot raised a RuntimeWarning (dividing an empty CDF's infinite limits): a dashboard's first pass could."""
+    def refuse(question: str) -> str:
+        raise ValueError("no")
+
+    chain = tiny.chain({"name": "refuses", "hops": [{"name": "check", "call": refuse}]})
+    cmp = wb.compare(chain, [{"question": "1"}, {"question": "2"}], repeats=2, warmup=0, progress=False)
+    assert cmp.table()[["n", "errors", "requests_per_s"]].values.tolist() == [[0, 4, 0.0]]
+    scatter, cdf = cmp.plot().axes
+    assert cdf.get_lines() == [] and cdf.get_xscale() == "linear"
+    assert "—" in cmp._repr_html_()
+
+
 def test_save_round_trips_csv_and_parquet_with_the_environment(comparison: wb.Comparison, tmp_path: Path) -> None:
     expected = comparison.table()
     for name in ("cmp.csv", "cmp.parquet"):

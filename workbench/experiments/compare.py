@@ -530,8 +530,9 @@ class Comparison:
         scatter.grid(alpha=0.3)
         cdf.set_xlabel("E2E latency per chain run (ms)")
         cdf.set_ylabel("fraction of runs")
-        lo, hi = cdf.dataLim.intervalx
-        if lo > 0 and hi / lo >= 10:  # strategies that differ by orders of magnitude: a log axis keeps both readable
+        lo, hi = cdf.dataLim.intervalx  # (inf, -inf) where no run finished: nothing to scale
+        # Strategies that differ by orders of magnitude: a log axis keeps both readable.
+        if 0 < lo <= hi and hi / lo >= 10:
             cdf.set_xscale("log")
             cdf.xaxis.set_major_formatter(ScalarFormatter())
             cdf.xaxis.set_minor_formatter(NullFormatter())
