@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     import pandas as pd
 
 MISSING = "—"
+# A display shows the first and last half of this many rows: every span of a 10,000-run map would be megabytes
+# of HTML in the notebook, and more than a browser lays out.
+SHOWN_ROWS = 200
 _LEFT = "text-align: left; white-space: nowrap"
 _RIGHT = "text-align: right; white-space: nowrap; font-variant-numeric: tabular-nums"
 
@@ -124,16 +127,30 @@ class Readable:
         """Column ``name`` as shown, one text per row."""
         return self.cells[self.columns.index(name)]
 
+    def _shown(self) -> tuple[list[int], str | None]:
+        """The rows a display shows (all, or the first and last ``SHOWN_ROWS // 2``) and the line for those left out."""
+        if self.rows <= SHOWN_ROWS:
+            return list(range(self.rows)), None
+        half = SHOWN_ROWS // 2
+        left_out = self.rows - 2 * half
+        return [*range(half), *range(self.rows - half, self.rows)], (
+            f"⋮ {left_out:,} more rows, not shown: the DataFrame holds all {self.rows:,}")
+
     def to_html(self, classes: str = "autoglm-table") -> str:
         # Inline alignment: notebook stylesheets right-align every cell, and a notebook's sanitizer or an
         # ipywidgets HTML view may drop a <style> block, but both keep a cell's own style.
         styles = [_RIGHT if right else _LEFT for right in self.right]
         head = "".join(f'<th style="{s}">{html.escape(c)}</th>' for c, s in zip(self.columns, styles))
-        body = "".join(
+        shown, gap = self._shown()
+        rows = [
             "<tr>" + "".join(f'<td style="{s}">{html.escape(cells[i])}</td>' for cells, s in zip(self.cells, styles))
             + "</tr>"
-            for i in range(self.rows)
-        )
+            for i in shown
+        ]
+        if gap is not None:
+            span = len(self.columns)
+            rows.insert(SHOWN_ROWS // 2, f'<tr><td colspan="{span}" style="{_LEFT}">{html.escape(gap)}</td></tr>')
+        body = "".join(rows)
         notes = "".join(f"<div><small>{html.escape(n)}</small></div>" for n in self.notes)
         table = f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody>"
         return f'<table class="{html.escape(classes)}">{table}</table>{notes}'
@@ -147,6 +164,8 @@ class Readable:
         def line(texts: Sequence[str]) -> str:
             return "  ".join(t.rjust(w) if r else t.ljust(w) for t, w, r in zip(texts, widths, self.right)).rstrip()
 
-        lines = [line(self.columns)]
-        lines += [line([cells[i] for cells in self.cells]) for i in range(self.rows)]
-        return "\n".join(lines + self.notes)
+        shown, gap = self._shown()
+        lines = [line([cells[i] for cells in self.cells]) for i in shown]
+        if gap is not None:
+            lines.insert(SHOWN_ROWS // 2, gap)
+        return "\n".join([line(self.columns), *lines, *self.notes])
