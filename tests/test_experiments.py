@@ -454,6 +454,12 @@ def test_compare_refuses_bad_strategies_and_inputs_before_running(tiny: wb.Workb
         wb.compare(qa, [{"query": "hi"}], batching="none", progress=False)
     with pytest.raises(wb.WorkloadError, match="concurrency must be at least 1"):
         wb.compare(qa, QUESTIONS, batching="none", concurrency=0, progress=False)
+    with pytest.raises(wb.StrategyError, match="repeats must be a whole number, not 2.5"):  # was a raw TypeError
+        wb.compare(qa, QUESTIONS, batching="none", repeats=2.5, progress=False)  # type: ignore[arg-type]
+    with pytest.raises(wb.WorkloadError, match="concurrency must be a whole number, not 2.5"):  # ran as 3
+        wb.compare(qa, QUESTIONS, batching="none", concurrency=2.5, progress=False)  # type: ignore[arg-type]
+    with pytest.raises(wb.WorkloadError, match="warmup must be a whole number, not True"):
+        wb.compare(qa, QUESTIONS, batching="none", warmup=True, progress=False)
     assert len(tiny.runs()) == runs
 
 

@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, Any
 from workbench.engine.balancing import BalancePolicy, parse_balance
 from workbench.engine.batching import BatchingPolicy, parse_policy
 from workbench.errors import StrategyError, UnknownModelError, WorkloadError
-from workbench.experiments.workloads import ClosedLoop, PoissonArrivals, Workload, WorkloadResult, as_inputs
+from workbench.experiments.workloads import (
+    ClosedLoop, PoissonArrivals, Workload, WorkloadResult, as_inputs, not_whole,
+)
 from workbench.models.devices import dtype_name, resolve_device, resolve_dtype
 from workbench.engine.preloading import PreloadingStrategy, parse_preloading
 from workbench.tables import MISSING, Readable, float_format
@@ -738,8 +740,8 @@ def compare(
         workload = ClosedLoop(items, concurrency=concurrency, warmup=warmup)
     bench.check_open(f"compare strategies on chain {chain.name!r}")
     workload.check(chain)  # refuse bad input before any model is touched
-    if repeats < 1:
-        raise StrategyError(f"repeats must be at least 1, not {repeats}", hint="repeats=3 is a good start")
+    if wrong := not_whole("repeats", repeats, 1):
+        raise StrategyError(wrong, hint="repeats=3 is a good start")
     kept = bench.tracing.index.max_traces
     if len(items) > kept:  # the pass's first runs would have lost their traces by the time it is measured
         raise WorkloadError(

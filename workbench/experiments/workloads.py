@@ -24,6 +24,13 @@ if TYPE_CHECKING:
 _JSONL_HINT = 'one JSON object of chain inputs per line, e.g. {"question": "What is 2 + 2?"}'
 
 
+def not_whole(name: str, value: object, least: int) -> str | None:
+    """What is wrong with ``value`` as a whole number (an int, not a bool) of at least ``least``; None if nothing."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"{name} must be a whole number, not {value!r}"
+    return f"{name} must be at least {least}, not {value}" if value < least else None
+
+
 def as_inputs(inputs: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """A list of input dicts from any iterable of mappings; a clear error for anything else."""
     items = []
@@ -139,8 +146,8 @@ class Workload(ABC):
         """Refuse a workload that cannot run on ``chain`` (no inputs, a missing or misspelt input) before it starts."""
         if not self.inputs:
             raise WorkloadError("a workload needs at least one input", hint="pass a list of dicts of chain inputs")
-        if self.warmup < 0:
-            raise WorkloadError(f"warmup must be >= 0, not {self.warmup}", hint="warmup=0 measures from the first run")
+        if wrong := not_whole("warmup", self.warmup, 0):
+            raise WorkloadError(wrong, hint="warmup=0 measures from the first run")
         for item in self.inputs:
             check_inputs(chain.spec, item)
 
@@ -203,10 +210,8 @@ class ClosedLoop(Workload):
 
     def __post_init__(self) -> None:
         self.inputs = as_inputs(self.inputs)
-        if self.concurrency < 1:
-            raise WorkloadError(
-                f"concurrency must be at least 1, not {self.concurrency}", hint="the number of chain runs in flight"
-            )
+        if wrong := not_whole("concurrency", self.concurrency, 1):
+            raise WorkloadError(wrong, hint="the number of chain runs in flight")
 
     def _threads(self) -> int:
         return self.concurrency
@@ -239,8 +244,8 @@ class PoissonArrivals(Workload):
         self.inputs = as_inputs(self.inputs)
         if not self.rate > 0:
             raise WorkloadError(f"arrival rate must be > 0 runs/s, not {self.rate}", hint="e.g. arrival_rate=20")
-        if self.max_in_flight < 1:
-            raise WorkloadError(f"max_in_flight must be at least 1, not {self.max_in_flight}")
+        if wrong := not_whole("max_in_flight", self.max_in_flight, 1):
+            raise WorkloadError(wrong)
 
     def arrival_times(self) -> np.ndarray:
         """Seconds from the start of the measured runs at which each input arrives (the first at 0)."""
