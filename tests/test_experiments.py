@@ -221,6 +221,19 @@ def test_save_round_trips_csv_and_parquet_with_the_environment(comparison: wb.Co
         comparison.save(tmp_path / "cmp.xlsx")
 
 
+def test_saving_where_no_file_can_be_written_says_so_and_keeps_the_comparison(
+    comparison: wb.Comparison, tmp_path: Path
+) -> None:
+    """A missing folder was a raw OSError from pandas; the dashboard then painted a finished comparison as failed."""
+    with pytest.raises(wb.StrategyError, match="cannot save the comparison to .*missing.*non-existent directory"):
+        comparison.save(tmp_path / "missing" / "cmp.csv")
+    (tmp_path / "taken.parquet").mkdir()
+    with pytest.raises(wb.StrategyError, match="Is a directory") as refused:
+        comparison.save(tmp_path / "taken.parquet")
+    assert "the comparison is kept" in refused.value.hint
+    assert comparison.save(tmp_path / "cmp.csv").exists()
+
+
 def test_plot_draws_the_scatter_with_error_bars_and_the_cdfs(comparison: wb.Comparison) -> None:
     fig = comparison.plot()
     scatter, cdf = fig.axes

@@ -462,7 +462,7 @@ def test_a_compare_that_cannot_save_keeps_its_result_and_says_so(shell: Interact
     assert result.error_in_exec is None
     assert "Traceback" not in captured.stdout + captured.stderr
     ours = [line for line in captured.stderr.splitlines() if line.startswith(("autoglm: ", "hint: "))]
-    assert len(ours) == 2 and ours[0].startswith(f"autoglm: compare: cannot save to {str(missing)!r}: ")
+    assert len(ours) == 2 and ours[0].startswith(f"autoglm: compare: cannot save the comparison to {str(missing)!r}: ")
     assert ours[1] == "hint: the comparison is kept in _autoglm_compare; _autoglm_compare.save(PATH) writes it"
     comparison = shell.user_ns["_autoglm_compare"]
     assert isinstance(comparison, wb.Comparison) and list(comparison.table()["n"]) == [2]

@@ -554,15 +554,21 @@ class Comparison:
         path = Path(path).expanduser()
         table = self.table().assign(**{key: value for key, value in self.environment.items()})
         suffix = path.suffix.lower()
-        if suffix == ".csv":
-            table.to_csv(path, index=False)
-        elif suffix == ".parquet":
-            table.to_parquet(path, index=False)
-        else:
+        if suffix not in (".csv", ".parquet"):
             raise StrategyError(
                 f"cannot save a comparison as {path.name!r}: unknown file type {suffix or '(none)'!r}",
                 hint="end the path with .csv or .parquet",
             )
+        try:
+            if suffix == ".csv":
+                table.to_csv(path, index=False)
+            else:
+                table.to_parquet(path, index=False)
+        except OSError as exc:  # no such folder, no permission, a full disk: the comparison itself is still here
+            raise StrategyError(
+                f"cannot save the comparison to {str(path)!r}: {exc.strerror or exc}",
+                hint="save it again to a folder that exists and that you can write: the comparison is kept",
+            ) from exc
         return path
 
     def _workload_text(self) -> str:

@@ -14,7 +14,7 @@ from workbench.bench import current
 from workbench.chains.chain import Chain
 from workbench.chains.events import HopFinished, HopStarted, RunFinished, Token
 from workbench.chains.run import Run
-from workbench.errors import HopFailed, MissingInputError, WorkbenchError
+from workbench.errors import HopFailed, MissingInputError, StrategyError, WorkbenchError
 from workbench.experiments import compare
 from workbench.experiments.workloads import read_inputs
 from workbench.fronts.arguments import load_model
@@ -275,9 +275,9 @@ class AutoglmMagics(Magics):
         if command.save is not None:
             try:
                 saved = comparison.save(command.save)
-            except OSError as exc:  # a missing directory, no permission, a full disk: the results stay bound
+            except StrategyError as exc:  # a missing directory, no permission, a full disk: the results stay bound
                 raise WorkbenchError(
-                    f"compare: cannot save to {command.save!r}: {exc.strerror or exc}",
+                    f"compare: {exc.message}",
                     hint=f"the comparison is kept in {COMPARE_VARIABLE}; {COMPARE_VARIABLE}.save(PATH) writes it",
                 ) from None
             print(f"saved to {saved}")
