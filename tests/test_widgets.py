@@ -421,6 +421,18 @@ def test_dashboard_shows_a_failing_comparison_as_an_error(loaded: wb.Workbench) 
     assert dashboard.comparison is None and not dashboard.run_button.disabled
 
 
+def test_a_save_that_fails_leaves_the_finished_comparison_shown_as_done(loaded: wb.Workbench, tmp_path: Path) -> None:
+    """save= into a missing folder turned the finished comparison's bar red, as if the comparison had failed."""
+    target = tmp_path / "missing" / "cmp.csv"
+    dashboard = ComparisonDashboard(loaded.chain(SHORT_SPEC), [{"question": "q"}], batching=["none"], repeats=1,
+                                    warmup=0, save=str(target))
+    assert dashboard.run() is True
+    dashboard.wait(60)
+    assert dashboard.comparison is not None and dashboard.progress.bar_style == "success"
+    assert dashboard.status == "done" and not target.exists()
+    assert "cannot save the comparison to" in dashboard.error and "the comparison is kept" in dashboard.error
+
+
 def test_dashboard_runs_the_workload_asked_for_beyond_its_sliders_range(loaded: wb.Workbench) -> None:
     chain = loaded.chain(SHORT_SPEC)
     dashboard = ComparisonDashboard(chain, [{"question": "q"}], batching=["none"], concurrency=100, repeats=12,

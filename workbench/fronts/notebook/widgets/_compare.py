@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import ipywidgets as w
 import traitlets
 
+from workbench.errors import StrategyError, describe
 from workbench.experiments import Comparison, compare
 from workbench.experiments.workloads import as_inputs
 from workbench.fronts.notebook.widgets._background import Background, StatusBox, text_fallback
@@ -135,7 +136,12 @@ class ComparisonDashboard(StatusBox):
             self._show(comparison)
             self.comparison = comparison
             self.progress.bar_style = "success"
-            self.status = f"done; saved to {comparison.save(self._save)}" if self._save else "done"
+            self.status = "done"
+            if self._save:
+                try:
+                    self.status = f"done; saved to {comparison.save(self._save)}"
+                except StrategyError as exc:  # the comparison finished, and stays in .comparison: only the file failed
+                    self.error = describe(exc, hint=True)
 
         return self._job.start(job, on_done=self._done)
 
