@@ -444,6 +444,19 @@ def test_a_watched_model_swaps_in_live_and_refuses_bad_versions(
     bench.unwatch_model("m")
 
 
+def test_watching_a_model_that_carries_named_adapters_is_refused_at_once(
+    bench: wb.Workbench, tiny_path: Path, lora: dict[str, Path]
+) -> None:
+    # Every new version of such a model is refused (its adapters were trained on these weights), so the watch is.
+    bench.load("tiny", tiny_path, device="cpu", adapters={"sql": lora["sql"]})
+    with pytest.raises(wb.ModelLoadError, match="model 'tiny' carries named adapters") as refused:
+        bench.watch_model("tiny")
+    assert "bench.watch_adapter" in refused.value.hint
+    assert bench.model_versions("tiny").empty  # nothing is watched
+    expected = by_hand(tiny_path, lora["sql"], PROMPT)
+    assert bench.generate("tiny", PROMPT, adapter="sql", max_new_tokens=NEW).token_ids == expected
+
+
 def test_watching_a_model_at_another_directory_serves_the_weights_there(
     bench: wb.Workbench, tiny_path: Path, tmp_path: Path
 ) -> None:

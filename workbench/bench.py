@@ -960,9 +960,10 @@ class Workbench:
         vocabulary, finite logits on ``golden_prompts``), and then new workers serve every new request
         while the old workers finish theirs; then the old weights are freed. A version that fails is
         refused (:meth:`model_versions` says why) and the serving one goes on. ``path`` defaults to the
-        directory the model loaded from. For models in this process without named adapters.
+        directory the model loaded from. For models in this process without named adapters; any other is
+        refused here, before a watch that could only refuse every version.
         """
-        loaded = self.registry.get(name)
+        loaded = self.registry.check_swappable(name)
         directory = os.path.expanduser(path) if path is not None else loaded.source
         prompts = tuple(golden_prompts) if golden_prompts is not None else GOLDEN_PROMPTS
         if name not in self._model_versions:

@@ -337,9 +337,8 @@ class ModelRegistry:
         )
         return loaded
 
-    def load_beside(self, name: str, source: str, parent: Span | None = None) -> LoadedModel:
-        """A new version of the loaded model ``name`` from ``source``, loaded beside it with its settings; not
-        serving yet (:meth:`replace` makes it the model of ``name``). Only a model in this process can."""
+    def check_swappable(self, name: str) -> LoadedModel:
+        """The loaded model ``name``, if a new version of its weights may be swapped in live; else ModelLoadError."""
         current = self.get(name)
         settings = current.settings
         if settings.isolation != "thread" or settings.remote or settings.engine != "local":
@@ -348,6 +347,12 @@ class ModelRegistry:
         if settings.adapters:
             raise ModelLoadError(f"model {name!r} carries named adapters, which were trained on its present weights",
                                  hint="watch its adapters instead (bench.watch_adapter), or reload it")
+        return current
+
+    def load_beside(self, name: str, source: str, parent: Span | None = None) -> LoadedModel:
+        """A new version of the loaded model ``name`` from ``source``, loaded beside it with its settings; not
+        serving yet (:meth:`replace` makes it the model of ``name``). Only a model in this process can."""
+        settings = self.check_swappable(name).settings
         return self._load_here(name, dataclasses.replace(settings, source=source), parent, "swap")
 
     def replace(self, name: str, new: LoadedModel) -> LoadedModel:
