@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import shutil
 import threading
 import time
 import weakref
@@ -378,6 +379,31 @@ def test_a_model_bigger_than_the_whole_budget_is_refused(bench: wb.Workbench, ti
     with pytest.raises(wb.ModelLoadError, match="keep-warm budget"):
         bench.load("big", tiny_path, device="cpu")
     assert "big" not in bench.registry.names()
+
+
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        (lambda data: data[:8] + b"{not json" + data[17:], "JSONDecodeError"),
+        (lambda data: (2**62).to_bytes(8, "little") + data[8:], "header claims"),  # no 4 EiB read is tried
+        (lambda data: b"", "header claims"),
+    ],
+    ids=["garbled", "hostile-length", "empty"],
+)
+def test_keep_warm_refuses_a_damaged_weights_header_clearly(
+    damage: Any, said: str, bench: wb.Workbench, tiny_path: Path, tmp_path: Path
+) -> None:
+    bench.load("kept", tiny_path, device="cpu")
+    bench.set_preloading("keep_warm:1GiB")
+    source = tmp_path / "damaged"
+    shutil.copytree(tiny_path, source)
+    weights = source / "model.safetensors"
+    weights.write_bytes(damage(weights.read_bytes()))
+    with pytest.raises(wb.ModelLoadError, match=said) as info:
+        bench.load("damaged", source, device="cpu")
+    assert "model.safetensors" in str(info.value) and "damaged" in str(info.value.hint)
+    assert "damaged" not in bench.registry.names()
+    assert bench.generate("kept", PROMPT, max_new_tokens=2).tokens_out == 2  # what was loaded still serves
 
 
 def test_choosing_keep_warm_evicts_down_to_the_budget_at_once(

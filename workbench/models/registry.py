@@ -643,11 +643,22 @@ def _free(device: torch.device | str) -> None:
         torch.cuda.empty_cache()
 
 
+_DAMAGED_WEIGHTS = "a weights file is incomplete or damaged (an interrupted download or copy?): fetch or save it again"
+
+
 def _safetensors_numel(path: Path) -> int:
-    """How many weights a safetensors file holds, read from its header alone."""
-    with open(path, "rb") as handle:
-        header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
-    return sum(math.prod(t["shape"]) for key, t in header.items() if key != "__metadata__")
+    """How many weights a safetensors file holds, from its header alone; ModelLoadError if the header is damaged."""
+    try:
+        with open(path, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            # A damaged or hostile length would have us read (and allocate) up to 16 EiB.
+            if not 0 < length <= path.stat().st_size - 8:
+                raise ValueError(f"its header claims {length} bytes in a file of {path.stat().st_size}")
+            header = json.loads(handle.read(length))
+        return sum(math.prod(t["shape"]) for key, t in header.items() if key != "__metadata__")
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ModelLoadError(f"weights file {str(path)!r} has a damaged header: {type(exc).__name__}: {exc}"[:500],
+                             hint=_DAMAGED_WEIGHTS) from None
 
 
 def _warm_up(model: Any, tokenizer: Any, device: torch.device) -> float:
@@ -833,7 +844,7 @@ def _load_error(settings: LoadSettings, exc: Exception) -> ModelLoadError:
         hint = ("transformers is half imported in this process (was its first import interrupted, by Ctrl-C say?); "
                 "restart the kernel, then load again")
     elif "Safetensor" in kind:
-        hint = "a weights file is incomplete or damaged (an interrupted download or copy?): fetch or save it again"
+        hint = _DAMAGED_WEIGHTS
     elif "Validation" in kind or isinstance(exc, TypeError):
         hint = "config.json holds a value of the wrong type: compare it with the model's original config.json"
     said = " ".join(line.strip() for line in str(exc).splitlines()[:2] if line.strip())[:400]
