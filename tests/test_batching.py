@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -288,10 +289,22 @@ def test_each_policy_shows_its_settings() -> None:
         lambda: wb.DynamicBatching(max_wait_ms=-1),
         lambda: wb.DynamicBatching(max_length_ratio=0.5),
         lambda: wb.ContinuousBatching(max_batch=0),
+        # Sizes are whole numbers: a fractional or endless one crashed transformers' scheduler (its requests never
+        # answered), a bool passed as 1, and text raised a bare TypeError.
+        lambda: wb.StaticBatching(size=2.5),
+        lambda: wb.StaticBatching(size="8"),  # type: ignore[arg-type]
+        lambda: wb.StaticBatching(timeout_ms="5"),  # type: ignore[arg-type]
+        lambda: wb.DynamicBatching(max_batch=True),
+        lambda: wb.DynamicBatching(max_batch=math.inf),  # type: ignore[arg-type]
+        lambda: wb.DynamicBatching(max_batch="16"),  # type: ignore[arg-type]
+        lambda: wb.DynamicBatching(max_batch_tokens=512.5),  # type: ignore[arg-type]
+        lambda: wb.DynamicBatching(max_length_ratio="1.5"),  # type: ignore[arg-type]
+        lambda: wb.ContinuousBatching(max_batch=2.5),  # type: ignore[arg-type]
+        lambda: wb.ContinuousBatching(page_size=4.5),  # type: ignore[arg-type]
     ],
 )
 def test_impossible_settings_are_refused_with_a_workbench_error(make) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(wb.WorkbenchError):
+    with pytest.raises(wb.StrategyError, match="must be"):
         make()
 
 

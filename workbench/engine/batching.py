@@ -41,6 +41,18 @@ def _check(ok: bool, policy: str, message: str) -> None:
         raise StrategyError(f"{policy}: {message}", hint="help(wb.DynamicBatching) and its siblings list the settings")
 
 
+def _whole(value: object, least: int, optional: bool = False) -> bool:
+    """Whether ``value`` is a whole number >= ``least`` (a bool is not one), or None where ``optional``."""
+    if value is None:
+        return optional
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _number(value: object, least: float) -> bool:
+    """Whether ``value`` is a finite number >= ``least`` (a bool is not one; NaN is no number)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and least <= value < math.inf
+
+
 def _ms(value: float) -> str:
     return f"{value:g}ms"
 
@@ -127,8 +139,8 @@ class StaticBatching(BatchingPolicy):
     adapters: str = field(default="mixed", repr=False)  # the name ends in :grouped when grouped
 
     def __post_init__(self) -> None:
-        _check(self.size >= 1, repr(self), "size must be at least 1")
-        _check(0 <= self.timeout_ms < math.inf, repr(self), "timeout_ms must be a finite number >= 0")
+        _check(_whole(self.size, 1), repr(self), "size must be a whole number >= 1")
+        _check(_number(self.timeout_ms, 0), repr(self), "timeout_ms must be a finite number >= 0")
         _check(self.adapters in ADAPTER_BATCHING, repr(self), "adapters must be 'mixed' or 'grouped'")
 
     @property
@@ -174,12 +186,12 @@ class DynamicBatching(BatchingPolicy):
     adapters: str = field(default="mixed", repr=False)  # the name ends in :grouped when grouped
 
     def __post_init__(self) -> None:
-        _check(self.max_batch >= 1, repr(self), "max_batch must be at least 1")
-        _check(0 <= self.max_wait_ms < math.inf, repr(self), "max_wait_ms must be a finite number >= 0")
-        _check(self.max_batch_tokens is None or self.max_batch_tokens >= 1, repr(self), "max_batch_tokens must be >= 1")
-        _check(
-            self.max_length_ratio is None or self.max_length_ratio >= 1, repr(self), "max_length_ratio must be >= 1"
-        )
+        _check(_whole(self.max_batch, 1), repr(self), "max_batch must be a whole number >= 1")
+        _check(_number(self.max_wait_ms, 0), repr(self), "max_wait_ms must be a finite number >= 0")
+        _check(_whole(self.max_batch_tokens, 1, optional=True), repr(self),
+               "max_batch_tokens must be a whole number >= 1, or None")
+        _check(self.max_length_ratio is None or _number(self.max_length_ratio, 1), repr(self),
+               "max_length_ratio must be a finite number >= 1, or None")
         _check(self.adapters in ADAPTER_BATCHING, repr(self), "adapters must be 'mixed' or 'grouped'")
 
     @property
@@ -290,10 +302,11 @@ class ContinuousBatching(BatchingPolicy):
     continuous = True
 
     def __post_init__(self) -> None:
-        _check(self.max_batch >= 1, repr(self), "max_batch must be at least 1")
-        _check(self.max_batch_tokens is None or self.max_batch_tokens >= 1, repr(self), "max_batch_tokens must be >= 1")
-        _check(self.num_blocks is None or self.num_blocks >= 1, repr(self), "num_blocks must be >= 1")
-        _check(self.page_size is None or self.page_size >= 4, repr(self), "page_size must be >= 4")
+        _check(_whole(self.max_batch, 1), repr(self), "max_batch must be a whole number >= 1")
+        _check(_whole(self.max_batch_tokens, 1, optional=True), repr(self),
+               "max_batch_tokens must be a whole number >= 1, or None")
+        _check(_whole(self.num_blocks, 1, optional=True), repr(self), "num_blocks must be a whole number >= 1, or None")
+        _check(_whole(self.page_size, 4, optional=True), repr(self), "page_size must be a whole number >= 4, or None")
         check_transformers()
 
     @property
