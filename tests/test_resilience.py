@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -543,7 +544,13 @@ def test_bad_fault_settings_say_what_is_wrong(models: wb.Workbench) -> None:
         models.inject("tiny", oom_every=0)
     with pytest.raises(wb.UnknownModelError):
         models.inject("tinny", error_rate=0.1)
+    # An endless or absurd latency killed the model's worker thread (time.sleep overflowed): the model never
+    # answered again, clear_faults or not.
+    for latency in (math.inf, (0, math.inf), 1e300, math.nan):
+        with pytest.raises(wb.SettingsError, match="latency_ms must be a number >= 0 .* at most 3600000"):
+            models.inject("tiny", latency_ms=latency)
     assert models.faults() == {}
+    assert models.generate("tiny", "A chain", max_new_tokens=2).tokens_out == 2
 
 
 def test_a_request_finishes_once_even_when_its_worker_and_its_caller_race(models: wb.Workbench) -> None:

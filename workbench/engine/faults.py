@@ -14,6 +14,8 @@ from workbench.engine.requests import GenerationRequest
 from workbench.errors import SettingsError
 from workbench.tracing import attributes as attr
 
+MAX_LATENCY_MS = 3_600_000  # an hour
+
 
 class InjectedFault(RuntimeError):
     """A failure made up by ``bench.inject(error_rate=...)``; it stands in for a model error."""
@@ -32,7 +34,8 @@ def _check(ok: bool, model: str, message: str) -> None:
     if not ok:
         raise SettingsError(
             f"bench.inject({model!r}, ...): {message}",
-            hint="error_rate in [0, 1]; latency_ms >= 0 or a (low, high) pair; oom_every and oom_above >= 1",
+            hint=f"error_rate in [0, 1]; latency_ms in [0, {MAX_LATENCY_MS}] or a (low, high) pair; oom_every and "
+            "oom_above >= 1",
         )
 
 
@@ -68,8 +71,10 @@ class Faults:
         _check(not isinstance(rate, bool) and isinstance(rate, (int, float)) and 0 <= rate <= 1, self.model,
                f"error_rate must be a probability in [0, 1], got {rate!r}")
         span = _range(self.latency_ms)
-        _check(span is not None and 0 <= span[0] <= span[1], self.model,
-               f"latency_ms must be a number >= 0 or a (low, high) pair, got {self.latency_ms!r}")
+        # A longer sleep holds the model's worker where clear_faults cannot reach it; an endless one killed it.
+        _check(span is not None and 0 <= span[0] <= span[1] <= MAX_LATENCY_MS, self.model,
+               f"latency_ms must be a number >= 0 or a (low, high) pair, at most {MAX_LATENCY_MS} (an hour), "
+               f"got {self.latency_ms!r}")
         for name in ("oom_every", "oom_above"):
             value = getattr(self, name)
             _check(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1),
