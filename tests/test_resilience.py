@@ -351,6 +351,15 @@ def test_breaker_opens_fails_fast_lets_one_trial_through_and_closes() -> None:
     assert changes == ["breaker.open", "breaker.half_open", "breaker.open", "breaker.half_open", "breaker.closed"]
 
 
+def test_a_breaker_that_could_never_half_open_is_refused(models: wb.Workbench) -> None:
+    # reset_timeout_s=NaN was taken, and no clock reading is ever NaN seconds past the opening: the breaker stayed
+    # open for good, its error saying "it lets a trial through nan s after opening".
+    for timeout in (math.nan, math.inf):
+        with pytest.raises(wb.SettingsError, match="reset_timeout_s must be a finite number >= 0"):
+            models.set_breaker("tiny", reset_timeout_s=timeout)
+    assert set(models.breakers()["reset_timeout_s"]) == {5.0}  # the breakers in place are kept
+
+
 def test_an_open_breaker_sends_hops_to_their_fallback_and_shows_in_breakers(
     models: wb.Workbench, reference: str
 ) -> None:

@@ -8,6 +8,7 @@ each state change has to land on the span of the request that caused it. One loc
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -44,9 +45,11 @@ class CircuitBreaker:
                 f"breaker of model {model!r}: failure_threshold must be an integer >= 1, got {failure_threshold!r}",
                 hint="it is how many failures in a row open the breaker",
             )
-        if isinstance(reset_timeout_s, bool) or not isinstance(reset_timeout_s, (int, float)) or reset_timeout_s < 0:
+        # NaN and inf pass a plain comparison, and no clock reading is ever that long past the opening.
+        if isinstance(reset_timeout_s, bool) or not isinstance(reset_timeout_s, (int, float)) or not (
+                0 <= reset_timeout_s < math.inf):
             raise SettingsError(
-                f"breaker of model {model!r}: reset_timeout_s must be a number >= 0, got {reset_timeout_s!r}",
+                f"breaker of model {model!r}: reset_timeout_s must be a finite number >= 0, got {reset_timeout_s!r}",
                 hint="it is how long the breaker stays open before it lets a trial request through",
             )
         self.model = model
