@@ -473,6 +473,12 @@ def test_periodic_health_checks_run_in_the_background_until_turned_off(models: w
     assert not [t for t in threading.enumerate() if t.name == "workbench-health"]
     with pytest.raises(wb.WorkbenchError, match="interval_s must be a number of seconds > 0"):
         models.set_health_checks(0)
+    # NaN made the checker probe without a pause (hundreds of probes a second, each a generate), inf killed its
+    # thread with an OverflowError; a NaN timeout_s was taken too.
+    for interval, timeout in ((math.nan, 5.0), (math.inf, 5.0), (1e300, 5.0), (1.0, math.nan), (1.0, math.inf)):
+        with pytest.raises(wb.SettingsError, match=r"must be a number of seconds > 0 \(and finite\)"):
+            models.set_health_checks(interval, timeout_s=timeout)
+    assert not [t for t in threading.enumerate() if t.name == "workbench-health"]
 
 
 # -- out of memory ----------------------------------------------------------------------------------

@@ -38,10 +38,14 @@ class HealthChecks:
     def configure(self, interval_s: float | None, timeout_s: float = 5.0, failures: int = 1) -> None:
         """Probe every ``interval_s`` seconds (None: never); ``failures`` failed probes in a row make a model
         unhealthy, and a probe that takes longer than ``timeout_s`` has failed."""
-        for name, value, low in (("interval_s", interval_s, 0.0), ("timeout_s", timeout_s, 0.0)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= low):
-                raise SettingsError(f"health checks: {name} must be a number of seconds > 0, got {value!r}",
-                                    hint="bench.set_health_checks(None) turns periodic checks off")
+        for name, value in (("interval_s", interval_s), ("timeout_s", timeout_s)):
+            # NaN passes a plain comparison (a wait of NaN returns at once: probes without a pause), and a wait
+            # longer than TIMEOUT_MAX kills the thread with an OverflowError.
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not 0 < value <= threading.TIMEOUT_MAX):
+                raise SettingsError(
+                    f"health checks: {name} must be a number of seconds > 0 (and finite), got {value!r}",
+                    hint="bench.set_health_checks(None) turns periodic checks off")
         if isinstance(failures, bool) or not isinstance(failures, int) or failures < 1:
             raise SettingsError(f"health checks: failures must be an integer >= 1, got {failures!r}",
                                 hint="it is how many failed probes in a row take a model out of rotation")
