@@ -285,6 +285,19 @@ def test_registered_model_validates_in_chains_and_loads_on_first_use(bench: wb.W
     assert bench.models().set_index("name").loc["later", "state"] == "loaded"
 
 
+def test_a_registration_with_a_device_or_dtype_a_load_would_refuse_keeps_the_one_before(
+    bench: wb.Workbench, tiny_path: Path
+) -> None:
+    bench.register("later", tiny_path, device="cpu")
+    for settings, said in (({"device": "cuda:99"}, "'cuda:99' is not available"),
+                           ({"device": "gpu0"}, "unknown device"), ({"dtype": "bfloat17"}, "unknown dtype 'bfloat17'")):
+        with pytest.raises(wb.ModelLoadError, match=said) as info:
+            bench.register("later", tiny_path, **settings)
+        assert info.value.hint
+    assert bench.registry.settings("later") == LoadSettings(str(tiny_path), device="cpu")  # the good one stands
+    assert bench.generate("later", PROMPT, max_new_tokens=2).tokens_out == 2
+
+
 # -- remote code -------------------------------------------------------------------------------
 
 

@@ -263,6 +263,7 @@ class ModelRegistry:
         _check_isolation(settings)
         _check_engine(settings)
         _check_adapters(settings)
+        _check_placement(settings)
         with self._lock:
             if name in self._loaded:
                 raise ModelLoadError(f"a model named {name!r} is already loaded", hint=f"bench.unload({name!r}) first")
@@ -616,6 +617,15 @@ def _named_adapters(model: Any, tokenizer: Any, device: torch.device, settings: 
         adapters.add(adapter_name, os.path.expanduser(path))
     adapters.model.eval()
     return adapters
+
+
+def _check_placement(settings: LoadSettings) -> None:
+    """Refuse a device or dtype no load of ``settings`` could use. A child process or a Ray actor resolves its own
+    device (this process never initialises CUDA for it), so for those only the dtype's name is checked here."""
+    if settings.remote:
+        return
+    here = settings.isolation == "thread" and settings.engine == "local"
+    resolve_dtype(settings.dtype, resolve_device(settings.device) if here else torch.device("cpu"))
 
 
 def _check_isolation(settings: LoadSettings) -> None:
