@@ -298,6 +298,13 @@ def test_a_registration_with_a_device_or_dtype_a_load_would_refuse_keeps_the_one
     assert bench.generate("later", PROMPT, max_new_tokens=2).tokens_out == 2
 
 
+def test_a_misspelt_registration_setting_is_named_with_the_right_spelling(bench: wb.Workbench, tiny_path: Path) -> None:
+    # It was a bare TypeError from LoadSettings.__init__.
+    with pytest.raises(wb.SettingsError, match=r"register\(\) takes no setting 'devcie' \(did you mean 'device'\?\)"):
+        bench.register("later", tiny_path, devcie="cpu")
+    assert "later" not in bench.registry.names()
+
+
 # -- remote code -------------------------------------------------------------------------------
 
 

@@ -293,6 +293,13 @@ class Workbench:
         ``replicas`` included."""
         self.check_open(f"register {name!r}")
         _check_model_name(name)
+        known = [f.name for f in dataclasses.fields(LoadSettings) if f.name != "source"]
+        unknown = [key for key in settings if key not in known]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], known, n=1)
+            raise SettingsError(f"register() takes no setting {unknown[0]!r}"
+                                + (f" (did you mean {close[0]!r}?)" if close else ""),
+                                hint=f"its settings: batching, replicas, balance, {', '.join(known)}")
         batching = _batching(batching)  # a bad value fails before the model is known
         saved = self.engine.configuration(name)
         try:
