@@ -218,6 +218,20 @@ def test_clear_load_errors(
     assert tiny_bench.generate("tiny", PROMPT, max_new_tokens=2).tokens_out == 2  # the loaded one is untouched
 
 
+def test_a_checkpoint_saved_without_its_tokenizer_says_so(tiny_bench: wb.Workbench, tiny_path: Path,
+                                                         tmp_path: Path) -> None:
+    # model.save_pretrained(dir) without tokenizer.save_pretrained(dir): the error was transformers' "Couldn't
+    # instantiate the backend tokenizer" with the hint to check the path or hub id.
+    source = tmp_path / "model-only"
+    source.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_path / name, source / name)
+    with pytest.raises(wb.ModelLoadError, match="could not load the tokenizer of .*model-only") as info:
+        tiny_bench.load("model-only", source, device="cpu")
+    assert "tokenizer.save_pretrained(DIR)" in str(info.value.hint)
+    assert sorted(tiny_bench.registry.names()) == ["tiny"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 def test_cuda_without_cuda_is_a_clear_error(tiny_bench: wb.Workbench, tiny_path: Path) -> None:
     with pytest.raises(wb.ModelLoadError, match="'cuda' is not available") as info:

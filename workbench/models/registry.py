@@ -797,13 +797,13 @@ def _progress_bars_off() -> Iterator[None]:
 
 
 def _from_pretrained(settings: LoadSettings, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     source = os.path.expanduser(settings.source)
     common: dict[str, Any] = {"trust_remote_code": settings.trust_remote_code, "revision": settings.revision}
+    tokenizer = _load_tokenizer(settings)
     try:
         with _progress_bars_off():
-            tokenizer = _prepared_tokenizer(AutoTokenizer.from_pretrained(source, **common))
             model = AutoModelForCausalLM.from_pretrained(
                 source, dtype=dtype, use_safetensors=None if settings.allow_pickle else True, **common
             )
@@ -829,7 +829,7 @@ def _load_tokenizer(settings: LoadSettings) -> Any:
                 source, trust_remote_code=settings.trust_remote_code, revision=settings.revision
             )
     except Exception as exc:
-        raise _load_error(settings, exc) from exc
+        raise _load_error(settings, exc, tokenizer=True) from exc
     return _prepared_tokenizer(tokenizer)
 
 
@@ -841,10 +841,15 @@ def _prepared_tokenizer(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def _load_error(settings: LoadSettings, exc: Exception) -> ModelLoadError:
-    """The ModelLoadError for whatever transformers, safetensors or peft raised while loading ``settings``."""
+# Most often a directory that model.save_pretrained wrote, without tokenizer.save_pretrained.
+_NO_TOKENIZER = ("a model directory holds its tokenizer's files beside config.json (tokenizer.json, or tokenizer.model "
+                 "or vocab files): write them with tokenizer.save_pretrained(DIR), or copy them from the base model")
+
+
+def _load_error(settings: LoadSettings, exc: Exception, tokenizer: bool = False) -> ModelLoadError:
+    """The ModelLoadError for whatever transformers, safetensors or peft raised while loading ``settings`` (its
+    ``tokenizer`` alone, where that is what failed)."""
     kind = type(exc).__name__
-    hint = "check the path or hub id; on an offline machine, hub ids must already be in the HF cache"
     if "trust_remote_code" in str(exc):  # transformers refused to run the repository's own Python code
         hint = (
             "the model needs its repository's Python code; read it, and pass trust_remote_code=True"
@@ -857,9 +862,15 @@ def _load_error(settings: LoadSettings, exc: Exception) -> ModelLoadError:
         hint = _DAMAGED_WEIGHTS
     elif "Validation" in kind or isinstance(exc, TypeError):
         hint = "config.json holds a value of the wrong type: compare it with the model's original config.json"
+    elif tokenizer:
+        hint = _NO_TOKENIZER
+    else:
+        hint = "check the path or hub id; on an offline machine, hub ids must already be in the HF cache"
+    # The config's and the repository code's failures come first from the tokenizer's load too: they are the model's.
+    what = f"the tokenizer of {settings.source!r}" if hint == _NO_TOKENIZER else repr(settings.source)
     said = " ".join(line.strip() for line in str(exc).splitlines()[:2] if line.strip())[:400]
-    return ModelLoadError(f"could not load {settings.source!r}: {kind}: {said}" if said else
-                          f"could not load {settings.source!r}: {kind}", hint=hint)
+    return ModelLoadError(f"could not load {what}: {kind}: {said}" if said else f"could not load {what}: {kind}",
+                          hint=hint)
 
 
 def _with_adapter(model: Any, adapter: str) -> Any:
