@@ -218,6 +218,22 @@ def test_clear_load_errors(
     assert tiny_bench.generate("tiny", PROMPT, max_new_tokens=2).tokens_out == 2  # the loaded one is untouched
 
 
+def test_a_sharded_checkpoint_with_a_shard_missing_names_it(tiny_bench: wb.Workbench, tiny_path: Path,
+                                                           tmp_path: Path) -> None:
+    # The hint was to check the path or hub id, of a directory that is there.
+    source = tmp_path / "sharded"
+    tiny_bench.registry.get("tiny").model.save_pretrained(source, max_shard_size="200KB")
+    for name in TOKENIZER_FILES:
+        shutil.copy(tiny_path / name, source / name)
+    shards = sorted(source.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[-1].unlink()
+    with pytest.raises(wb.ModelLoadError, match=f"FileNotFoundError: .*{shards[-1].name}") as info:
+        tiny_bench.load("sharded", source, device="cpu")
+    assert "(model.safetensors.index.json) names is missing" in str(info.value.hint)
+    assert sorted(tiny_bench.registry.names()) == ["tiny"]
+
+
 def test_a_checkpoint_saved_without_its_tokenizer_says_so(tiny_bench: wb.Workbench, tiny_path: Path,
                                                          tmp_path: Path) -> None:
     # model.save_pretrained(dir) without tokenizer.save_pretrained(dir): the error was transformers' "Couldn't

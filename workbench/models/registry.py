@@ -860,6 +860,9 @@ def _load_error(settings: LoadSettings, exc: Exception, tokenizer: bool = False)
                 "restart the kernel, then load again")
     elif "Safetensor" in kind:
         hint = _DAMAGED_WEIGHTS
+    elif isinstance(exc, FileNotFoundError) and not tokenizer:  # a shard the index lists is not there
+        hint = ("a file that the checkpoint's index (model.safetensors.index.json) names is missing: is the download "
+                "or copy complete? fetch the missing shards again")
     elif "Validation" in kind or isinstance(exc, TypeError):
         hint = "config.json holds a value of the wrong type: compare it with the model's original config.json"
     elif tokenizer:
