@@ -456,3 +456,17 @@ def test_a_registered_batching_policy_is_used_on_every_load(bench: wb.Workbench,
     with pytest.raises(wb.UnknownModelError):
         bench.set_batching("nope", policy)
 
+
+
+def test_a_load_refused_when_its_workers_start_keeps_the_registration_before(
+    bench: wb.Workbench, tiny_path: Path
+) -> None:
+    bench.register("a", tiny_path, device="cpu", batching="dynamic:4:5ms")
+    before = bench.registry.settings("a")
+    # The weights load, then the workers refuse: continuous batching cannot share one copy between two replicas.
+    with pytest.raises(wb.StrategyError, match="continuous batching cannot run on replicas that share"):
+        bench.load("a", tiny_path, device="cpu", dtype="bfloat16", replicas=2, batching="continuous")
+    assert bench.registry.settings("a") == before  # was the refused load's settings (bfloat16)
+    assert states(bench) == {"a": "registered"}
+    assert bench.generate("a", PROMPT, max_new_tokens=2).tokens_out == 2
+    assert bench.models().set_index("name").loc["a", "dtype"] == "float32"

@@ -262,7 +262,8 @@ class Preloader:
                 settings = self.registry.settings(name)
             else:
                 self.registry.check_free(name)
-            known = name in self.registry.names()
+            # What a load refused at its workers' start puts back (the load registers its own settings).
+            before = self.registry.settings(name) if name in self.registry.names() else None
             budget = self.strategy.budget if isinstance(self.strategy, KeepWarm) else None
             if budget is not None:
                 self._reserve(name, settings, budget, parent)
@@ -276,7 +277,9 @@ class Preloader:
             try:
                 self._start(name, policy, parent, trigger)
             except BaseException:  # a worker that cannot serve this model: leave nothing half-loaded
-                self.registry.unload(name, forget=not known)
+                self.registry.unload(name, forget=before is None)
+                if before is not None:
+                    self.registry.register(name, before)
                 raise
             self.registry.usage.touch(name)
             if budget is not None:
