@@ -168,6 +168,7 @@ def _no_config_dir(tmp_path: Path, tiny_path: Path) -> Path:
         ("no-config", "no config.json"),
         ("unknown-device", "unknown device 'gpu0'"),
         ("unknown-dtype", "unknown dtype 'int3'"),
+        ("integer-dtype", "dtype torch.int8 is not a floating-point type"),
         ("name-taken", "'tiny' is already loaded"),
         ("device-none", "device must be a name such as 'cpu' or 'cuda:0', not None"),
         ("device-number", "not 0 \\(for GPU 0, 'cuda:0'\\)"),
@@ -209,6 +210,8 @@ def test_clear_load_errors(
         kwargs["device"] = "gpu0"
     elif case == "unknown-dtype":
         kwargs["dtype"] = "int3"
+    elif case == "integer-dtype":  # was transformers' ValueError, with the hint to check the path
+        kwargs["dtype"] = torch.int8
     elif case == "name-taken":
         name = "tiny"
     with pytest.raises(wb.ModelLoadError, match=match) as info:

@@ -89,6 +89,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     """``"auto"`` is bfloat16 on a CUDA device that supports it, float16 on other GPUs, float32 on CPU."""
     if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:  # else transformers refuses it, and the hint blamed the path
+            raise ModelLoadError(f"dtype {dtype} is not a floating-point type, which a model's weights need",
+                                 hint="use 'auto', 'float32', 'float16' or 'bfloat16'")
         return dtype
     if not isinstance(dtype, str):
         raise ModelLoadError(f"dtype must be a name such as 'float32', not {dtype!r}",
