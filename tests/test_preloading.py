@@ -470,3 +470,16 @@ def test_a_load_refused_when_its_workers_start_keeps_the_registration_before(
     assert states(bench) == {"a": "registered"}
     assert bench.generate("a", PROMPT, max_new_tokens=2).tokens_out == 2
     assert bench.models().set_index("name").loc["a", "dtype"] == "float32"
+
+
+def test_unload_cancels_a_prefetch_of_the_model_not_started_yet(bench: wb.Workbench, tiny_path: Path) -> None:
+    register_abc(bench, tiny_path)
+    bench.set_preloading(wb.Prefetch(threads=1))
+    preloader = bench.engine.preloader
+    preloader.prefetch(["a", "c"])  # one thread: c's prefetch waits behind a's load
+    bench.unload("c")  # c was not loaded yet; the prefetch queued before must not load it back afterwards
+    deadline = time.monotonic() + 120
+    while preloader._pending and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not preloader._pending
+    assert states(bench) == {"a": "loaded", "b": "registered", "c": "registered"}

@@ -289,7 +289,14 @@ class Preloader:
             return loaded
 
     def unload(self, name: str, *, forget: bool = False) -> int:
-        """Stop the worker and free the weights; the model stays registered unless ``forget``. Returns bytes freed."""
+        """Stop the worker and free the weights; the model stays registered unless ``forget``. Returns bytes freed.
+
+        A prefetch of the model queued before and not started yet is dropped: it would load the model back.
+        """
+        with self._pending_lock:
+            queued = self._pending.pop(name, None)
+        if queued is not None:
+            queued.cancel()  # fails for one already running, which _prefetch_one stops before its load
         with self._lock_for(name):
             self._stop(name)
             freed = self.registry.unload(name, forget=forget)
@@ -401,7 +408,9 @@ class Preloader:
         with self._urgent_done:
             self._urgent_done.wait_for(lambda: self._urgent == 0 or self._closed, timeout=ROOM_TIMEOUT_S)
         try:
-            if not self._closed:
+            with self._pending_lock:
+                wanted = name in self._pending and not self._closed  # else an unload since dropped it
+            if wanted:
                 self.load(name, parent=parent, trigger="prefetch")
         except Exception:  # recorded on the load span; the hop that needs the model raises it
             log.debug("prefetching %r failed", name, exc_info=True)
