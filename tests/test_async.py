@@ -220,3 +220,26 @@ def test_cancelling_an_awaited_run_is_still_a_cancel(tiny_bench: wb.Workbench) -
     with pytest.raises(asyncio.CancelledError):
         asyncio.run(main())
     eventually(lambda: tiny_bench.runs_in_flight == 0, "the cancelled run to end on the workbench's loop")
+
+
+def test_a_hop_whose_awaited_task_was_cancelled_fails_its_run_not_the_caller(bench: wb.Workbench) -> None:
+    async def lookup(question: str) -> str:
+        job = asyncio.ensure_future(asyncio.sleep(60))
+        job.cancel()  # say, a client library cancelled its own request
+        return await job  # raises CancelledError inside the hop
+
+    def blocking(question: str) -> str:
+        raise asyncio.CancelledError  # say, a helper that ran its own event loop
+
+    def count(question: str) -> int:
+        return len(question)
+
+    for call in (lookup, blocking):
+        chain = bench.chain({"name": f"cancelled_{call.__name__}", "hops": [
+            {"name": "look", "call": call}, {"name": "count", "call": count},
+            {"name": "both", "call": lambda look, count: f"{look} {count}"}], "output": "both"})
+        with pytest.raises(wb.HopFailed, match="hop 'look' failed: .*CancelledError") as info:
+            chain.run(question="hi")
+        assert info.value.run.outputs == {"count": 2}  # the hop beside it finished and is kept
+        batch = chain.map([{"question": "a"}, {"question": "bb"}])
+        assert [run.error.hop for run in batch] == ["look", "look"] and not batch.interrupted

@@ -35,7 +35,7 @@ from workbench.chains.spec import ChainSpec, HopSpec, fixed_prefix
 from workbench.chains.templates import PromptTemplate
 from workbench.engine import Call, Engine
 from workbench.engine.requests import NO_TOKEN_ID, Messages, check_text
-from workbench.errors import HopFailed, InvalidInput, MissingInputError, StoreError
+from workbench.errors import HopFailed, InvalidInput, MissingInputError, RunError, StoreError
 from workbench.knowledge import Facts, GraphStore, Lookup
 from workbench.tracing import Tracing
 from workbench.tracing import attributes as attr
@@ -408,6 +408,14 @@ class Runner:
                 return await hop.call(*args, **kwargs)
             except KeyboardInterrupt as exc:  # on the loop it would stop every run: carry it out instead
                 raise Interrupted("a hop raised KeyboardInterrupt") from exc
+            except asyncio.CancelledError as exc:
+                task = asyncio.current_task()
+                cancelling = getattr(task, "cancelling", None)  # Python 3.11+: was this run's task cancelled?
+                if cancelling is None or cancelling():
+                    raise
+                # The hop's own (a task or future it awaited was cancelled): as it was, it would end the run, or a
+                # whole map, with a bare CancelledError and no Run, as if the caller had cancelled it.
+                raise _cancelled_inside() from exc
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.hop_pool, _interruptible, hop.call, args, kwargs)
 
@@ -470,6 +478,15 @@ def _interruptible(function: Callable[..., Any], args: tuple[Any, ...], kwargs: 
         return function(*args, **kwargs)
     except KeyboardInterrupt as exc:
         raise Interrupted("a hop raised KeyboardInterrupt") from exc
+    except asyncio.CancelledError as exc:  # nothing cancels a pool thread: the hop's own
+        raise _cancelled_inside() from exc
+
+
+def _cancelled_inside() -> RunError:
+    """A Python hop's own CancelledError, as the failure of its hop (the run was not cancelled)."""
+    return RunError("its code raised CancelledError, though nothing cancelled the run",
+                    hint="a task or future the hop awaited was cancelled; catch asyncio.CancelledError in the hop "
+                    "to answer without it")
 
 
 def _token_sink(state: RunState, hop: str) -> Callable[[int, str], None]:
