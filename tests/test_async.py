@@ -243,3 +243,19 @@ def test_a_hop_whose_awaited_task_was_cancelled_fails_its_run_not_the_caller(ben
         assert info.value.run.outputs == {"count": 2}  # the hop beside it finished and is kept
         batch = chain.map([{"question": "a"}, {"question": "bb"}])
         assert [run.error.hop for run in batch] == ["look", "look"] and not batch.interrupted
+
+
+def test_a_hop_that_returns_a_coroutine_is_awaited_not_kept_as_its_output(bench: wb.Workbench) -> None:
+    class Shout:  # a tool as an object whose __call__ is async def
+        async def __call__(self, question: str) -> str:
+            await asyncio.sleep(0)
+            return question.upper()
+
+    async def exclaim(text: str) -> str:
+        return text + "!"
+
+    chain = bench.chain({"name": "tools", "hops": [
+        {"name": "shout", "call": Shout()},
+        {"name": "exclaim", "call": lambda shout: exclaim(shout)}]})
+    run = chain.run(question="hi")
+    assert run.outputs == {"shout": "HI", "exclaim": "HI!"}

@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import Executor
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -398,26 +398,18 @@ class Runner:
     async def _call(self, hop: HopSpec, values: dict[str, Any]) -> Any:
         """Call a Python hop: by parameter name where it names them, else with the whole context.
 
-        An ``async def`` hop is awaited on the loop; any other runs in the hop pool, so it may block.
+        An ``async def`` hop is awaited on the loop; any other runs in the hop pool, so it may block. A coroutine
+        that one returns (an object whose ``__call__`` is ``async def``, a lambda around an async function) is
+        awaited on the loop too: its value is the hop's output, not the coroutine.
         """
         assert hop.call is not None
         arguments = _arguments(hop, values)
         args, kwargs = ((arguments,), {}) if hop.call_by_name is None else ((), arguments)
         if inspect.iscoroutinefunction(hop.call):
-            try:
-                return await hop.call(*args, **kwargs)
-            except KeyboardInterrupt as exc:  # on the loop it would stop every run: carry it out instead
-                raise Interrupted("a hop raised KeyboardInterrupt") from exc
-            except asyncio.CancelledError as exc:
-                task = asyncio.current_task()
-                cancelling = getattr(task, "cancelling", None)  # Python 3.11+: was this run's task cancelled?
-                if cancelling is None or cancelling():
-                    raise
-                # The hop's own (a task or future it awaited was cancelled): as it was, it would end the run, or a
-                # whole map, with a bare CancelledError and no Run, as if the caller had cancelled it.
-                raise _cancelled_inside() from exc
+            return await _awaited(hop.call(*args, **kwargs))
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.hop_pool, _interruptible, hop.call, args, kwargs)
+        value = await loop.run_in_executor(self.hop_pool, _interruptible, hop.call, args, kwargs)
+        return await _awaited(value) if inspect.iscoroutine(value) else value
 
     async def _look_up(self, hop: HopSpec, state: RunState, values: dict[str, Any], span: Span) -> Facts:
         """A knowledge hop: render the query, link and walk the graph; the span gets the timings and the cost."""
@@ -470,6 +462,22 @@ class _Hit:
     key: str
     text: str
     cost_ms: float
+
+
+async def _awaited(coroutine: Coroutine[Any, Any, Any]) -> Any:
+    """Await a Python hop's coroutine on the loop; a KeyboardInterrupt or a CancelledError of its own fails the hop."""
+    try:
+        return await coroutine
+    except KeyboardInterrupt as exc:  # on the loop it would stop every run: carry it out instead
+        raise Interrupted("a hop raised KeyboardInterrupt") from exc
+    except asyncio.CancelledError as exc:
+        task = asyncio.current_task()
+        cancelling = getattr(task, "cancelling", None)  # Python 3.11+: was this run's task cancelled?
+        if cancelling is None or cancelling():
+            raise
+        # The hop's own (a task or future it awaited was cancelled): raised as it is, it would end the run, or a
+        # whole map, with a bare CancelledError and no Run, as if the caller had cancelled it.
+        raise _cancelled_inside() from exc
 
 
 def _interruptible(function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
