@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import sys
 import time
 from pathlib import Path
 from textwrap import dedent
@@ -456,3 +458,19 @@ def test_a_spec_file_path_given_as_text_is_told_to_be_a_path(tiny_bench: wb.Work
         tiny_bench.chain(str(path))  # text is YAML, and a lone path parses as a string
     assert f"bench.chain(Path({str(path)!r}))" in str(info.value.hint)
     assert tiny_bench.chain(path).name == "qa"  # as the hint says
+
+
+def test_a_hop_calling_sys_exit_fails_its_hop_and_the_workbench_runs_on(bench: wb.Workbench) -> None:
+    def cli(question: str) -> str:  # a command-line tool's entry point, reused as a hop
+        argparse.ArgumentParser().parse_args(["--bad"])  # exits with status 2
+        return question
+
+    async def done(question: str) -> str:
+        sys.exit(0)
+
+    for call in (cli, done):
+        chain = bench.chain({"name": f"exits_{call.__name__}", "hops": [{"name": "tool", "call": call}]})
+        with pytest.raises(wb.HopFailed, match=r"hop 'tool' failed: .*sys.exit\((2|0)\)"):
+            chain.run(question="hi")
+    echo = bench.chain({"name": "echo", "hops": [{"name": "say", "call": lambda question: question}]})
+    assert echo.run(question="still here").output == "still here"  # the workbench's loop did not stop

@@ -465,11 +465,14 @@ class _Hit:
 
 
 async def _awaited(coroutine: Coroutine[Any, Any, Any]) -> Any:
-    """Await a Python hop's coroutine on the loop; a KeyboardInterrupt or a CancelledError of its own fails the hop."""
+    """Await a Python hop's coroutine on the loop; a KeyboardInterrupt, sys.exit() or CancelledError of its own
+    fails the hop."""
     try:
         return await coroutine
     except KeyboardInterrupt as exc:  # on the loop it would stop every run: carry it out instead
         raise Interrupted("a hop raised KeyboardInterrupt") from exc
+    except SystemExit as exc:  # on the loop it would stop the loop, and every later run would find it closed
+        raise _exited(exc) from exc
     except asyncio.CancelledError as exc:
         task = asyncio.current_task()
         cancelling = getattr(task, "cancelling", None)  # Python 3.11+: was this run's task cancelled?
@@ -481,13 +484,23 @@ async def _awaited(coroutine: Coroutine[Any, Any, Any]) -> Any:
 
 
 def _interruptible(function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """Call a Python hop in a pool thread; a KeyboardInterrupt it raises travels as Interrupted."""
+    """Call a Python hop in a pool thread; a KeyboardInterrupt it raises travels as Interrupted, a sys.exit() or a
+    CancelledError as the hop's failure."""
     try:
         return function(*args, **kwargs)
     except KeyboardInterrupt as exc:
         raise Interrupted("a hop raised KeyboardInterrupt") from exc
+    except SystemExit as exc:  # carried to the loop, it would stop it, and every later run would find it closed
+        raise _exited(exc) from exc
     except asyncio.CancelledError as exc:  # nothing cancels a pool thread: the hop's own
         raise _cancelled_inside() from exc
+
+
+def _exited(exc: SystemExit) -> RunError:
+    """A Python hop's sys.exit(), as the failure of its hop: it ends neither the workbench's loop nor the program."""
+    return RunError(f"its code called sys.exit({exc.code!r}) (raised SystemExit)",
+                    hint="a command-line entry point (main(), argparse) exits when done or on bad arguments: call the "
+                    "function under it, or catch SystemExit in the hop")
 
 
 def _cancelled_inside() -> RunError:
