@@ -628,3 +628,21 @@ def test_a_run_refused_for_a_huge_prompt_keeps_its_error_but_not_the_prompts_tok
     error = models.runs()[-1].error
     assert isinstance(error.cause, ContextWindowExceeded) and "context window" in str(error.cause)
     assert "self.engine.acall(call)" in "".join(traceback.format_exception(error.cause))  # its traceback still prints
+
+
+def test_a_keyboard_interrupt_in_a_hop_is_not_retried_nor_served_by_its_fallback(bench: wb.Workbench) -> None:
+    calls: list[str] = []
+
+    def work(n: str) -> str:
+        calls.append(n)
+        raise KeyboardInterrupt  # the user stopping, from inside the hop
+
+    chain = bench.chain({"name": "stops", "hops": [
+        {"name": "work", "call": work, "retry": {"attempts": 3, "backoff_ms": 1}, "fallback": "canned"},
+        {"name": "canned", "call": lambda n: "canned"}]})
+    with pytest.raises(KeyboardInterrupt):
+        chain.run(n="0")
+    assert calls == ["0"]
+    with pytest.raises(wb.MapInterrupted) as info:
+        chain.map([{"n": str(i)} for i in range(4)], concurrency=1)
+    assert calls == ["0", "0"] and info.value.batch.missing == [0, 1, 2, 3]  # the map stopped at its first input

@@ -21,6 +21,13 @@ from workbench.tracing import attributes as attr
 MAX_RETRY_AFTER_S = 60.0
 
 
+class Interrupted(Exception):
+    """A KeyboardInterrupt raised inside a hop, carried out of the event loop (which must not stop) to the caller.
+
+    The user stopping: never retried, never served by a fallback.
+    """
+
+
 class _AskedTooLong(tenacity.stop.stop_base):
     """Stop when the last failure is a 429 whose Retry-After is longer than MAX_RETRY_AFTER_S."""
 
@@ -74,7 +81,8 @@ class RetryPolicy:
         return tenacity.AsyncRetrying(
             stop=stop,
             wait=wait,
-            retry=tenacity.retry_if_exception(lambda exc: error_kind(exc) in kinds),
+            retry=tenacity.retry_if_exception(
+                lambda exc: not isinstance(exc, Interrupted) and error_kind(exc) in kinds),
             before_sleep=before_sleep,
             reraise=True,
         )
@@ -133,6 +141,8 @@ async def serve(routes: Sequence[Route], policy: Resilience, span: Span) -> Any:
             timeout = left if timeout is None else min(timeout, left)
         try:
             return await route.call(number, timeout)
+        except Interrupted:
+            raise
         except Exception as exc:
             failures.append((number, route.label, exc))
             span.add_event(
@@ -160,6 +170,8 @@ async def serve(routes: Sequence[Route], policy: Resilience, span: Span) -> Any:
                 value = await retry.retrying(before_sleep)(attempt, route, True)
             else:
                 value = await attempt(route, False)
+        except Interrupted:
+            raise
         except Exception as exc:
             if index + 1 < len(routes):
                 continue

@@ -29,7 +29,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 from workbench.chains.cache import ResponseCache, response_key
 from workbench.chains.context import ContextStore, History, RunRecord
 from workbench.chains.events import Event, HopFinished, HopStarted, RunFinished, Token
-from workbench.chains.resilience import Route, serve
+from workbench.chains.resilience import Interrupted, Route, serve
 from workbench.chains.run import Run
 from workbench.chains.spec import ChainSpec, HopSpec, fixed_prefix
 from workbench.chains.templates import PromptTemplate
@@ -53,10 +53,6 @@ INLINE_MAX_TRIPLES = 200
 # None starts a new trace. A context variable, so it travels with the awaiting task onto the workbench's loop
 # (asyncio copies the caller's context there) without a parameter on every method in between.
 TRACE_PARENT: ContextVar[Context | None] = ContextVar("workbench_trace_parent", default=None)
-
-
-class Interrupted(Exception):
-    """A KeyboardInterrupt raised inside a hop, carried out of the event loop (which must not stop) to the caller."""
 
 
 def check_inputs(spec: ChainSpec, inputs: Mapping[str, Any], session: str | None = None) -> None:
