@@ -474,3 +474,17 @@ def test_a_hop_calling_sys_exit_fails_its_hop_and_the_workbench_runs_on(bench: w
             chain.run(question="hi")
     echo = bench.chain({"name": "echo", "hops": [{"name": "say", "call": lambda question: question}]})
     assert echo.run(question="still here").output == "still here"  # the workbench's loop did not stop
+
+
+def test_a_run_or_batch_with_a_huge_output_shows_a_page_of_bounded_size(bench: wb.Workbench) -> None:
+    document = "word " * 200_000  # a hop that returns a whole document: 1 MB
+    chain = bench.chain({"name": "reader", "hops": [
+        {"name": "read", "call": lambda question: document}, {"name": "count", "call": lambda read: len(read)}]})
+    run = chain.run(question="q")
+    assert run.outputs["read"] == document  # kept whole; only its display is cut
+    page = run._repr_html_()
+    assert len(page) < 10_000 and "<b>count</b>" in page and "1000000" in page
+    chain.update({**chain.spec.source, "output": "read"})
+    batch = chain.map([{"question": str(n)} for n in range(300)])
+    page = batch._repr_html_()
+    assert len(page) < 50_000 and "300 inputs: 300 ok" in page  # not 300 documents, nor 300 rows

@@ -86,7 +86,10 @@ class RunBatch(list["Run | None"]):
 
     def _repr_html_(self) -> str:
         head = f"<p>RunBatch of <b>{html.escape(self.chain)}</b>, {self.summary()}</p>"
-        return f"<div>{head}{self.table().to_html()}</div>"
+        # As a notebook shows any DataFrame (pandas' display.max_rows and max_colwidth): a map of thousands of
+        # inputs, or of runs whose outputs are whole documents, would otherwise put every character in the page.
+        table = self.table()
+        return f"<div>{head}{table._repr_html_() or html.escape(repr(table))}</div>"
 
 
 class MapInterrupted(KeyboardInterrupt):

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from workbench.tracing import Trace
 from workbench.tracing import attributes as attr
+from workbench.tracing.openinference import preview
 
 if TYPE_CHECKING:
     from workbench.chains.live import ConfigVersion
@@ -75,7 +76,9 @@ class Run:
 
     def _repr_html_(self) -> str:
         rows = "".join(
-            f"<tr><td><b>{html.escape(str(k))}</b></td><td><pre style='margin:0'>{html.escape(str(v))}</pre></td></tr>"
+            # Cut as the trace cuts them: a hop that returns a whole document would put all of it in the page.
+            f"<tr><td><b>{html.escape(str(k))}</b></td><td><pre style='margin:0'>{html.escape(preview(str(v)))}</pre>"
+            "</td></tr>"
             for k, v in self.outputs.items()
         )
         head = f"Run <code>{self.id}</code> of <b>{html.escape(self.chain)}</b>, {self.duration_ms:.1f} ms"

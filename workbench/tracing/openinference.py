@@ -14,6 +14,11 @@ from workbench.tracing import attributes as attr
 PREVIEW_CHARS = 4000
 
 
+def preview(text: str) -> str:
+    """``text``, cut to its first PREVIEW_CHARS characters (and an ellipsis) when longer."""
+    return text if len(text) <= PREVIEW_CHARS else text[:PREVIEW_CHARS] + "…"
+
+
 def _value(value_key: str, mime_key: str, value: Any) -> dict[str, object]:
     """A string as plain text, anything else as JSON (values JSON cannot hold as their ``str``)."""
     if isinstance(value, str):
@@ -21,7 +26,7 @@ def _value(value_key: str, mime_key: str, value: Any) -> dict[str, object]:
     else:
         text, mime = json.dumps(value, default=str, ensure_ascii=False), attr.MIME_JSON
     if len(text) > PREVIEW_CHARS:
-        text, mime = text[:PREVIEW_CHARS] + "…", attr.MIME_TEXT  # cut JSON no longer parses
+        text, mime = preview(text), attr.MIME_TEXT  # cut JSON no longer parses
     return {value_key: text, mime_key: mime}
 
 
@@ -42,7 +47,7 @@ def input_messages(messages: list[dict[str, str]]) -> dict[str, object]:
         prefix = f"{attr.LLM_INPUT_MESSAGES}.{index}.message"
         content = message["content"]
         attributes[f"{prefix}.role"] = message["role"]
-        attributes[f"{prefix}.content"] = content if len(content) <= PREVIEW_CHARS else content[:PREVIEW_CHARS] + "…"
+        attributes[f"{prefix}.content"] = preview(content)
     return attributes
 
 
