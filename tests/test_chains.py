@@ -488,3 +488,19 @@ def test_a_run_or_batch_with_a_huge_output_shows_a_page_of_bounded_size(bench: w
     batch = chain.map([{"question": str(n)} for n in range(300)])
     page = batch._repr_html_()
     assert len(page) < 50_000 and "300 inputs: 300 ok" in page  # not 300 documents, nor 300 rows
+
+
+def test_a_hop_output_json_cannot_hold_is_kept_and_traced_not_a_failure(bench: wb.Workbench) -> None:
+    def graph(question: str) -> dict[str, Any]:
+        node: dict[str, Any] = {"name": question}
+        node["parent"] = node  # a cycle
+        return node
+
+    chain = bench.chain({"name": "pairs", "hops": [
+        {"name": "scores", "call": lambda question: {("a", "b"): 0.5}},  # tuple keys
+        {"name": "graph", "call": graph},
+        {"name": "best", "call": lambda scores, graph: max(scores, key=scores.get)}]})
+    run = chain.run(question="q")
+    assert run.output == ("a", "b") and run.outputs["graph"]["parent"] is run.outputs["graph"]
+    shown = run.trace.table().set_index("name")["attributes.output.value"]
+    assert shown["hop scores"] == "{('a', 'b'): 0.5}" and shown["hop graph"].startswith("{'name': 'q', 'parent': {")
