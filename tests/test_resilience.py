@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
 import time
@@ -136,7 +137,7 @@ def test_fallback_hops_are_checked_against_what_the_failed_hop_sees(pair: wb.Wor
     with pytest.raises(wb.SpecError, match="a Python hop has no prompt") as info:
         chain([plan, {"name": "stats", "call": "workbench.demo:canned_answer", "fallback": "backup"}])
     assert info.value.hop == "stats"
-    with pytest.raises(wb.SpecError, match="a Python hop cannot be cancelled") as info:
+    with pytest.raises(wb.SpecError, match="a plain Python function cannot be cancelled") as info:
         chain([plan, {"name": "stats", "call": "workbench.demo:canned_answer", "timeout_s": 1}])
     assert info.value.field == "timeout_s"
     standby = {"name": "canned", "call": "workbench.demo:canned_answer"}
@@ -646,3 +647,29 @@ def test_a_keyboard_interrupt_in_a_hop_is_not_retried_nor_served_by_its_fallback
     with pytest.raises(wb.MapInterrupted) as info:
         chain.map([{"n": str(i)} for i in range(4)], concurrency=1)
     assert calls == ["0", "0"] and info.value.batch.missing == [0, 1, 2, 3]  # the map stopped at its first input
+
+
+def test_an_async_hop_that_never_answers_times_out_and_falls_back(bench: wb.Workbench) -> None:
+    calls: list[str] = []
+
+    async def lookup(question: str) -> str:
+        calls.append(question)
+        await asyncio.sleep(3600)  # a remote API that never answers
+        return question
+
+    async def own_timeout(question: str) -> str:
+        raise TimeoutError("the API's own timeout")
+
+    chain = bench.chain({"name": "hangs", "hops": [
+        {"name": "lookup", "call": lookup, "timeout_s": 0.05, "fallback": "canned",
+         "retry": {"attempts": 2, "backoff_ms": 1, "on": ["timeout"]}},
+        {"name": "canned", "call": lambda question: "canned"}]})
+    run = chain.run(question="q")
+    assert run.output == "canned" and run.fallbacks == {"lookup": "hop:canned"} and calls == ["q", "q"]
+    alone = bench.chain({"name": "alone", "hops": [{"name": "lookup", "call": lookup, "timeout_s": 0.05}]})
+    with pytest.raises(wb.HopFailed) as info:
+        alone.run(question="q")
+    assert isinstance(info.value.cause, wb.HopTimeout) and "within 0.05 s" in info.value.message
+    own = bench.chain({"name": "own", "hops": [{"name": "lookup", "call": own_timeout, "timeout_s": 30}]})
+    with pytest.raises(wb.HopFailed, match="TimeoutError: the API's own timeout"):  # not taken for timeout_s
+        own.run(question="q")

@@ -102,7 +102,7 @@ class Fallback:
 
 @dataclass(frozen=True)
 class Resilience:
-    """A hop's ``retry``, ``timeout_s`` (per attempt, model calls only) and ``fallback`` settings from its spec."""
+    """A hop's ``retry``, ``timeout_s`` (per attempt: model calls and async def hops) and ``fallback`` settings."""
 
     retry: RetryPolicy | None = None
     timeout_s: float | None = None

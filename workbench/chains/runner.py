@@ -35,7 +35,7 @@ from workbench.chains.spec import ChainSpec, HopSpec, fixed_prefix
 from workbench.chains.templates import PromptTemplate
 from workbench.engine import Call, Engine
 from workbench.engine.requests import NO_TOKEN_ID, Messages, check_text
-from workbench.errors import HopFailed, InvalidInput, MissingInputError, RunError, StoreError
+from workbench.errors import HopFailed, HopTimeout, InvalidInput, MissingInputError, RunError, StoreError
 from workbench.knowledge import Facts, GraphStore, Lookup
 from workbench.tracing import Tracing
 from workbench.tracing import attributes as attr
@@ -344,7 +344,7 @@ class Runner:
                         lambda attempt, timeout: self._look_up(hop, state, values, span))
         else:
             span.set_attributes(openinference.input_value(_arguments(hop, values)))
-            own = Route(f"hop:{hop.name}", lambda attempt, timeout: self._call(hop, values))
+            own = Route(f"hop:{hop.name}", lambda attempt, timeout: self._call(hop, values, timeout))
         routes = [own]
         routes += [model(f.name) if f.kind == "model" else standby(f.name) for f in hop.resilience.fallback]
         return routes
@@ -391,18 +391,34 @@ class Runner:
             prepared += 1
         return prepared
 
-    async def _call(self, hop: HopSpec, values: dict[str, Any]) -> Any:
+    async def _call(self, hop: HopSpec, values: dict[str, Any], timeout_s: float | None = None) -> Any:
         """Call a Python hop: by parameter name where it names them, else with the whole context.
 
-        An ``async def`` hop is awaited on the loop; any other runs in the hop pool, so it may block. A coroutine
-        that one returns (an object whose ``__call__`` is ``async def``, a lambda around an async function) is
-        awaited on the loop too: its value is the hop's output, not the coroutine.
+        An ``async def`` hop is awaited on the loop, and cancelled past ``timeout_s`` (HopTimeout); any other runs
+        in the hop pool, so it may block. A coroutine that one returns (an object whose ``__call__`` is
+        ``async def``, a lambda around an async function) is awaited on the loop too: its value is the hop's
+        output, not the coroutine.
         """
         assert hop.call is not None
         arguments = _arguments(hop, values)
         args, kwargs = ((arguments,), {}) if hop.call_by_name is None else ((), arguments)
         if inspect.iscoroutinefunction(hop.call):
-            return await _awaited(hop.call(*args, **kwargs))
+            if timeout_s is None:
+                return await _awaited(hop.call(*args, **kwargs))
+            # Not wait_for: a TimeoutError the hop raised itself would read as its timeout_s running out.
+            task = asyncio.ensure_future(_awaited(hop.call(*args, **kwargs)))
+            try:
+                done, _ = await asyncio.wait({task}, timeout=timeout_s)
+            except BaseException:  # the run was cancelled: so is its hop
+                task.cancel()
+                raise
+            if not done:
+                task.cancel()
+                # Whatever it raises as it stops is no one's to read (not "Task exception was never retrieved").
+                task.add_done_callback(lambda stopped: stopped.cancelled() or stopped.exception())
+                raise HopTimeout(f"its async function gave no answer within {timeout_s:g} s, so it was cancelled",
+                                 hint="raise the hop's timeout_s, or give the hop retry or a fallback")
+            return task.result()
         loop = asyncio.get_running_loop()
         value = await loop.run_in_executor(self.hop_pool, _interruptible, hop.call, args, kwargs)
         return await _awaited(value) if inspect.iscoroutine(value) else value

@@ -26,7 +26,7 @@ from workbench.knowledge import DEFAULT_MAX_TRIPLES, DEMO_GRAPHS, GraphSource, G
 CHAIN_FIELDS = ("name", "description", "inputs", "hops", "output", "history")
 LLM_FIELDS = ("name", "kind", "model", "prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "seed",
               "truncate", "retry", "timeout_s", "fallback", "cache", "adapter")
-PYTHON_FIELDS = ("name", "kind", "call", "uses", "retry", "fallback")
+PYTHON_FIELDS = ("name", "kind", "call", "uses", "retry", "timeout_s", "fallback")
 KNOWLEDGE_FIELDS = ("name", "kind", "graph", "query", "hops", "max_triples")
 KINDS = ("llm", "python", "knowledge")
 MAX_KNOWLEDGE_HOPS = 4  # past four hops a walk reaches most of any small-world graph
@@ -505,10 +505,6 @@ def _parse_hop(
     if kind not in KINDS:
         raise SpecError(f"kind must be 'llm', 'python' or 'knowledge', not {_show(kind)}{_did_you_mean(kind, KINDS)}",
                         hop=name, field="kind", line=lines.of(*path, "kind"))
-    if kind == "python" and "timeout_s" in raw:
-        raise SpecError("timeout_s applies to model calls; a Python hop cannot be cancelled once it runs", hop=name,
-                        field="timeout_s", line=lines.of(*path, "timeout_s"),
-                        hint="put the timeout inside the function, or give the hop retry and a fallback hop")
     fields = {"llm": LLM_FIELDS, "python": PYTHON_FIELDS, "knowledge": KNOWLEDGE_FIELDS}[kind]
     _reject_unknown(raw, fields, lines, name, path)
     available = set(hop_names) | RESERVED | set(declared or ())
@@ -518,6 +514,11 @@ def _parse_hop(
         hop = _parse_knowledge_hop(raw, name, path, lines)
     else:
         hop = _parse_python_hop(raw, name, path, hop_names, lines, allowed_modules)
+        if "timeout_s" in raw and not inspect.iscoroutinefunction(hop.call):
+            raise SpecError("timeout_s applies to model calls and async def hops; a plain Python function cannot be "
+                            "cancelled once it runs", hop=name, field="timeout_s", line=lines.of(*path, "timeout_s"),
+                            hint="make it async def, put the timeout inside the function, or give the hop retry and "
+                            "a fallback hop")
     hop.line = lines.of(*path)
     hop.resilience = _resilience(raw, name, kind, path, hop_names, known_models, lines)
     missing = sorted(hop.inputs - available) if declared is not None else []
