@@ -673,3 +673,23 @@ def test_an_async_hop_that_never_answers_times_out_and_falls_back(bench: wb.Work
     own = bench.chain({"name": "own", "hops": [{"name": "lookup", "call": own_timeout, "timeout_s": 30}]})
     with pytest.raises(wb.HopFailed, match="TimeoutError: the API's own timeout"):  # not taken for timeout_s
         own.run(question="q")
+
+
+def test_one_whole_context_fallback_hop_serves_several_hops_in_any_order(bench: wb.Workbench) -> None:
+    def plan(question: str) -> str:
+        raise ValueError("no plan")
+
+    def answer(plan: str) -> str:
+        raise ValueError("no answer")
+
+    def canned(context: dict[str, Any]) -> str:
+        return f"canned: {sorted(context)}"
+
+    hops = [{"name": "plan", "call": plan, "fallback": "canned"},
+            {"name": "answer", "call": answer, "fallback": "canned"}]
+    for order in (hops, hops[::-1]):  # listing the hop that reads more first was refused
+        chain = bench.chain({"name": "shared", "hops": [*order, {"name": "canned", "call": canned}],
+                             "output": "answer"})
+        run = chain.run(question="q")
+        assert run.fallbacks == {"plan": "hop:canned", "answer": "hop:canned"}
+        assert run.output == "canned: ['history', 'question']"  # what both hops read, whichever failed

@@ -829,8 +829,8 @@ def _check_fallbacks(hops: list[HopSpec], hops_data: list[Any], lines: _Lines) -
     A standby hop runs in place of the hop that failed, with that hop's values, so it may read
     only chain inputs and the hops that hop reads; no hop may read a standby hop's output. A
     Python hop that takes the whole context (no ``uses``, no named parameters) needs nothing in
-    particular: as a standby it reads what its hop reads, and otherwise it no longer waits for
-    standby hops.
+    particular: as a standby it reads what its hops (every hop naming it) all read, and otherwise it no
+    longer waits for standby hops.
     """
     by_name = {h.name: h for h in hops}
     whole_context = {
@@ -847,8 +847,10 @@ def _check_fallbacks(hops: list[HopSpec], hops_data: list[Any], lines: _Lines) -
                                 "of its own", hop=target.name, field="fallback",
                                 line=lines.of("hops", hops.index(target), "fallback"),
                                 hint="list every fallback on the first hop, in the order to try them")
-            if target.name in whole_context and target.name not in standby:
-                target.deps = hop.deps
+            if target.name in whole_context:
+                # It reads what every hop it stands in for reads, whichever of them the spec lists first.
+                target.deps = hop.deps if target.name not in standby else tuple(
+                    d for d in target.deps if d in hop.deps)
             unseen = sorted(set(target.deps) - set(hop.deps))
             if unseen:
                 raise SpecError(
