@@ -415,3 +415,28 @@ def test_closing_the_workbench_during_a_map_says_so_on_the_runs_in_flight(tiny_p
     assert batch is not None and not any(run.ok for run in batch.finished)
     for run in batch.finished:  # a run that ended as the models went says so too, not "no model named 'tiny'"
         assert isinstance(run.error, wb.HopFailed) and isinstance(run.error.cause, wb.WorkbenchClosed)
+
+
+def test_cancelling_an_awaited_map_marks_its_batch_interrupted_at_once(bench: wb.Workbench) -> None:
+    async def work(n: str) -> str:
+        if n != "0":
+            await asyncio.sleep(60)
+        return f"work {n}"
+
+    chain = bench.chain({"name": "cancelled_map", "hops": [{"name": "work", "call": work}]})
+
+    async def main() -> wb.RunBatch:
+        task = asyncio.ensure_future(chain.amap(inputs(6), concurrency=2))
+        while chain.last_batch is None or not chain.last_batch.finished:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert chain.last_batch is not None
+        return chain.last_batch
+
+    batch = asyncio.run(main())
+    assert batch.interrupted and repr(batch).endswith("(interrupted)>")  # as the caller's cancel returned
+    assert batch[0] is not None and batch[0].output == "work 0"
+    eventually(lambda: bench.runs_in_flight == 0, "the cancelled runs to end")
+    assert batch.missing == [1, 2, 3, 4, 5]  # runs in flight were cancelled with the map, none started after

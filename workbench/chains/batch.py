@@ -205,7 +205,7 @@ async def run_all(
         batch.interrupted = True
         raise
     except asyncio.CancelledError:
-        state.stop()  # cancelled by the caller: lanes finish their runs in flight, start none
+        state.stop()  # cancelled by the caller: the lanes are cancelled with it, and so are their runs in flight
         batch.interrupted = True
         raise
     return batch

@@ -136,12 +136,16 @@ class Chain:
         resume: Iterable[Run | None] | None = None,
         prefetch: bool = False,
     ) -> RunBatch:
-        """``await chain.amap(...)``: :meth:`map` awaited; cancelling it stops new starts and keeps what finished."""
+        """``await chain.amap(...)``: :meth:`map` awaited; cancelling it cancels the runs in flight and keeps what
+        finished, in ``chain.last_batch``."""
         batch = self._batch(inputs, errors, resume, concurrency, session)
         try:
             return await self._host.run_async(self._map(batch, concurrency, session, errors, None, prefetch))
         except Interrupted:
             raise MapInterrupted(batch) from None
+        except asyncio.CancelledError:
+            batch.interrupted = True  # at once: the map's own task on the workbench's loop hears the cancel later
+            raise
 
     def _batch(
         self,
