@@ -504,3 +504,16 @@ def test_a_hop_output_json_cannot_hold_is_kept_and_traced_not_a_failure(bench: w
     assert run.output == ("a", "b") and run.outputs["graph"]["parent"] is run.outputs["graph"]
     shown = run.trace.table().set_index("name")["attributes.output.value"]
     assert shown["hop scores"] == "{('a', 'b'): 0.5}" and shown["hop graph"].startswith("{'name': 'q', 'parent': {")
+
+
+def test_a_python_hop_that_yields_is_refused_not_run_into_a_generator_output(bench: wb.Workbench) -> None:
+    def passages(question: str) -> Any:
+        yield f"about {question}"
+
+    async def apassages(question: str) -> Any:
+        yield f"about {question}"
+
+    for call in (passages, apassages):
+        with pytest.raises(wb.SpecError, match=f"{call.__name__} yields: a Python hop returns its output") as info:
+            bench.chain({"name": "gen", "hops": [{"name": "find", "call": call}]})
+        assert (info.value.hop, info.value.field) == ("find", "call")

@@ -892,6 +892,15 @@ def _parse_python_hop(
             field="call",
             line=line,
         )
+    if inspect.isgeneratorfunction(call) or inspect.isasyncgenfunction(call):
+        # Called, it returns a generator that nothing iterates: the hop's output would be "<generator object ...>".
+        raise SpecError(
+            f"{getattr(call, '__qualname__', 'the function')} yields: a Python hop returns its output, once",
+            hop=name,
+            field="call",
+            line=line,
+            hint="collect what it yields and return that, e.g. return list(...)",
+        )
     by_name, required = _parameter_names(call)
     uses = raw.get("uses")
     earlier = hop_names[: hop_names.index(name)]
