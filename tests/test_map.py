@@ -356,6 +356,8 @@ def test_an_interrupted_batch_shows_itself() -> None:
     [
         (lambda chain: chain.map(["q1", "q2"]), wb.InvalidInput,
          "chain.map takes one mapping of inputs per run; item 0 is str 'q1'"),
+        (lambda chain: chain.map([{0: "q1", 1: "a1"}]), wb.InvalidInput,  # a CSV row read without its header
+         "takes inputs by name, and int 0 is not a name"),
         (lambda chain: chain.map(inputs(2), concurrency="8"), wb.WorkloadError,
          "concurrency must be a whole number >= 1, not '8'"),
         (lambda chain: chain.map(inputs(2), concurrency=0), wb.WorkloadError, "concurrency must be a whole number"),
@@ -365,7 +367,7 @@ def test_an_interrupted_batch_shows_itself() -> None:
         (lambda chain: asyncio.run(chain.amap(inputs(2), resume=True)), wb.WorkloadError,
          "resume= takes a RunBatch or a list of Runs, not bool"),
     ],
-    ids=["strings-not-mappings", "concurrency-text", "concurrency-zero", "errors-choice", "resume-not-runs",
+    ids=["strings-not-mappings", "keys-not-names", "concurrency-text", "concurrency-zero", "errors-choice", "resume-not-runs",
          "resume-not-iterable"],
 )
 def test_map_mistakes_are_refused_before_any_run(

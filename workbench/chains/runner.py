@@ -57,6 +57,13 @@ TRACE_PARENT: ContextVar[Context | None] = ContextVar("workbench_trace_parent", 
 
 def check_inputs(spec: ChainSpec, inputs: Mapping[str, Any], session: str | None = None) -> None:
     """Refuse a run before any hop starts if an input is missing, misspelt or not valid text, or its session id is."""
+    odd = [name for name in inputs if not isinstance(name, str)]
+    if odd:  # a map's row read from a CSV without a header, say: its keys are column numbers
+        example = ", ".join(f"{name!r}: ..." for name in spec.inputs)
+        raise InvalidInput(
+            f"chain {spec.name!r} takes inputs by name, and {type(odd[0]).__name__} {odd[0]!r:.80} is not a name",
+            hint=f"its inputs: {', '.join(spec.inputs) or 'none'}; e.g. {{{example}}}",
+        )
     missing = [name for name in spec.inputs if name not in inputs]
     extra = [name for name in inputs if name not in spec.inputs]
     if missing:
