@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 from helpers import WAIT_S, eventually
 
@@ -442,3 +443,13 @@ def test_cancelling_an_awaited_map_marks_its_batch_interrupted_at_once(bench: wb
     assert batch[0] is not None and batch[0].output == "work 0"
     eventually(lambda: bench.runs_in_flight == 0, "the cancelled runs to end")
     assert batch.missing == [1, 2, 3, 4, 5]  # runs in flight were cancelled with the map, none started after
+
+
+def test_resume_never_takes_a_run_of_another_array_for_this_one(tiny_bench: wb.Workbench) -> None:
+    chain = tiny_bench.chain({"name": "vectors", "hops": [{"name": "total", "call": lambda v: float(v.sum())}]})
+    a = np.arange(2000.0)
+    b = a.copy()
+    b[1000] = 1e6  # differs in the middle, which numpy's repr of a long array leaves out
+    first = chain.map([{"v": a}])
+    again = chain.map([{"v": b}], resume=first)
+    assert again[0] is not first[0] and again[0].output == float(b.sum())

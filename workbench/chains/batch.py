@@ -122,8 +122,9 @@ def reuse(batch: RunBatch, previous: Iterable[Run | None], version: ConfigVersio
         if run is not None and not isinstance(run, Run):  # before any run starts, not an AttributeError
             raise WorkloadError(f"resume= takes Runs (or None); item {position} is {type(run).__name__} {run!r:.80}",
                                 hint=hint)
-        if run is not None and run.ok and run.chain == batch.chain and _same_config(run.config_version, version):
-            done[_key(run.inputs)].append(run)
+        if run is not None and run.ok and run.chain == batch.chain and _same_config(run.config_version, version) \
+                and (key := _key(run.inputs)) is not None:
+            done[key].append(run)
     for index, item in enumerate(batch.inputs):
         matches = done.get(_key(item))
         if batch[index] is None and matches:
@@ -135,9 +136,14 @@ def _same_config(used: ConfigVersion | None, serving: ConfigVersion | None) -> b
     return used is None or serving is None or used.digest == serving.digest
 
 
-def _key(inputs: dict[str, Any]) -> str:
-    # Inputs need not be hashable; their canonical JSON (repr for what JSON cannot hold) compares them.
-    return json.dumps(_canonical(inputs), default=repr)
+def _key(inputs: dict[str, Any]) -> str | None:
+    """What compares two runs' inputs (they need not be hashable): their canonical JSON. None for inputs JSON cannot
+    hold (an array, an object): a repr may leave out what tells two apart (numpy shows a long array's ends only),
+    so their runs are never reused, only run again."""
+    try:
+        return json.dumps(_canonical(inputs))
+    except (TypeError, ValueError):  # not JSON, or a cycle
+        return None
 
 
 def _canonical(value: Any) -> Any:

@@ -111,7 +111,7 @@ class Chain:
         (a KeyboardInterrupt) whose ``.batch`` is that batch, with ``None`` for inputs not run
         (runs in flight still land in it). ``resume=`` a previous batch (or any Runs, e.g.
         ``bench.runs()``) reuses the successful runs of equal inputs made under the configuration serving now
-        (``chain.version``) and runs only the others.
+        (``chain.version``) and runs only the others (an input JSON cannot hold, such as an array, always runs).
 
         ``prefetch=True`` gets the next inputs' first hops ready while earlier runs go (their prompts
         rendered and tokenized, the prefix KV of ``cache: prefix`` hops warmed), so each starts the
