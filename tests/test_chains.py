@@ -262,7 +262,7 @@ def test_python_hops_by_callable_by_dotted_path_by_name_and_whole_context(tiny_b
     assert run.outputs["answer"] == "plan for why answers why here"
     assert run.output == {"plan_words": 3, "answer_words": 6}
     assert run.outputs["stats_dotted"] == run.output
-    assert run.outputs["everything"] == ["answer", "history", "plan", "question", "stats", "stats_dotted"]
+    assert run.outputs["everything"] == ["answer", "history", "plan", "question", "session", "stats", "stats_dotted"]
 
 
 # -- inputs and failures -----------------------------------------------------------------------
@@ -517,3 +517,11 @@ def test_a_python_hop_that_yields_is_refused_not_run_into_a_generator_output(ben
         with pytest.raises(wb.SpecError, match=f"{call.__name__} yields: a Python hop returns its output") as info:
             bench.chain({"name": "gen", "hops": [{"name": "find", "call": call}]})
         assert (info.value.hop, info.value.field) == ("find", "call")
+
+
+def test_a_hop_reads_the_reserved_session_as_the_runs_session_id(bench: wb.Workbench) -> None:
+    chain = bench.chain({"name": "per_user", "hops": [
+        {"name": "greet", "call": lambda question, session: f"{question} for {session}"}]})
+    assert chain.inputs == ("question",)  # session is no input of the chain, but the run's own
+    assert chain.run(question="hi", session="alice").output == "hi for alice"
+    assert chain.run(question="hi").output == "hi for None"

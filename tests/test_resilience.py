@@ -692,4 +692,4 @@ def test_one_whole_context_fallback_hop_serves_several_hops_in_any_order(bench: 
                              "output": "answer"})
         run = chain.run(question="q")
         assert run.fallbacks == {"plan": "hop:canned", "answer": "hop:canned"}
-        assert run.output == "canned: ['history', 'question']"  # what both hops read, whichever failed
+        assert run.output == "canned: ['history', 'question', 'session']"  # what both hops read, whichever failed

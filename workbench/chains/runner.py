@@ -252,7 +252,8 @@ class Runner:
 
     async def _hop(self, hop: HopSpec, state: RunState, parent: Span) -> Any:
         spec = state.spec
-        values: dict[str, Any] = {**state.inputs, "history": state.history}
+        # ``session`` is reserved for the run's session id (None without one), as ``history`` is for its past runs.
+        values: dict[str, Any] = {**state.inputs, "history": state.history, "session": state.session}
         values.update({d: state.outputs[d] for d in hop.deps})
         attributes: dict[str, object] = {
             attr.SPAN_KIND: {"llm": attr.KIND_CHAIN, "knowledge": attr.KIND_RETRIEVER}.get(hop.kind, attr.KIND_TOOL),
@@ -384,7 +385,7 @@ class Runner:
         and warm the prefix KV of ``cache: prefix`` hops. Best effort: a failure here is left for the run to meet.
         Returns how many hops it prepared."""
         loop = asyncio.get_running_loop()
-        values: dict[str, Any] = {**inputs, "history": History([])}
+        values: dict[str, Any] = {**inputs, "history": History([]), "session": None}
         prepared = 0
         for hop in spec.hops:
             if hop.kind != "llm" or hop.deps or hop.standby or hop.template is None or hop.model is None:
