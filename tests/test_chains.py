@@ -476,6 +476,25 @@ def test_a_hop_calling_sys_exit_fails_its_hop_and_the_workbench_runs_on(bench: w
     assert echo.run(question="still here").output == "still here"  # the workbench's loop did not stop
 
 
+def test_a_hop_error_with_a_huge_message_is_described_in_bounded_size_and_kept_whole(bench: wb.Workbench) -> None:
+    page = "<html>" + "Service Unavailable. " * 50_000 + "</html>"  # a client library quoting a whole error page
+
+    def fetch(question: str) -> str:
+        raise RuntimeError(page)
+
+    chain = bench.chain({"name": "fetcher", "hops": [
+        {"name": "fetch", "call": fetch, "retry": {"attempts": 3, "backoff_ms": 1}}]})
+    with pytest.raises(wb.HopFailed) as info:
+        chain.run(question="q")
+    error = info.value
+    assert len(error.message) < 2_500 and "more characters)" in error.message
+    assert page in str(error.cause.__cause__ or error.cause)  # the exception itself keeps it whole
+    assert isinstance(error.run, wb.Run)
+    hop = next(s for s in error.run.trace.spans if s.name == "hop fetch")
+    failed = [e for e in hop.events if e.name == "attempt.failed"]
+    assert len(failed) == 3 and all(len(str(e.attributes["exception.message"])) < 2_500 for e in failed)
+
+
 def test_a_run_or_batch_with_a_huge_output_shows_a_page_of_bounded_size(bench: wb.Workbench) -> None:
     document = "word " * 200_000  # a hop that returns a whole document: 1 MB
     chain = bench.chain({"name": "reader", "hops": [

@@ -45,14 +45,21 @@ class WorkbenchError(Exception):
         return super().__str__()
 
 
+# The most of an error's own text a description keeps: an exception's message can be a whole HTML error page or a
+# dump of the data it choked on, and each retry, span event, run error and widget would hold a copy.
+DESCRIBE_MAX_CHARS = 2000
+
+
 def describe(exc: BaseException, *, hint: bool = False) -> str:
     """One line saying what ``exc`` was: a WorkbenchError's message, else its type and text.
 
-    ``hint=True`` adds a WorkbenchError's hint in brackets, as the widgets show a failure.
+    ``hint=True`` adds a WorkbenchError's hint in brackets, as the widgets show a failure. A text longer than
+    DESCRIBE_MAX_CHARS is cut there, saying how much was left out (``exc`` itself keeps it whole).
     """
-    if not isinstance(exc, WorkbenchError):
-        return f"{type(exc).__name__}: {exc}"
-    return exc.message + (f" (hint: {exc.hint})" if hint and exc.hint else "")
+    text = exc.message if isinstance(exc, WorkbenchError) else f"{type(exc).__name__}: {exc}"
+    if len(text) > DESCRIBE_MAX_CHARS:
+        text = f"{text[:DESCRIBE_MAX_CHARS]} … ({len(text) - DESCRIBE_MAX_CHARS:,} more characters)"
+    return text + (f" (hint: {exc.hint})" if hint and isinstance(exc, WorkbenchError) and exc.hint else "")
 
 
 # -- the branches --------------------------------------------------------------------------------
