@@ -11,11 +11,9 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Coroutine
-from concurrent.futures import CancelledError, Future
 from collections import OrderedDict
-from collections.abc import Collection, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Collection, Coroutine, Iterable, Mapping
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -294,12 +292,7 @@ class Workbench:
         self.check_open(f"register {name!r}")
         _check_model_name(name)
         known = [f.name for f in dataclasses.fields(LoadSettings) if f.name != "source"]
-        unknown = [key for key in settings if key not in known]
-        if unknown:
-            close = difflib.get_close_matches(unknown[0], known, n=1)
-            raise SettingsError(f"register() takes no setting {unknown[0]!r}"
-                                + (f" (did you mean {close[0]!r}?)" if close else ""),
-                                hint=f"its settings: batching, replicas, balance, {', '.join(known)}")
+        _refuse_unknown("register", settings, known, SettingsError, ["batching", "replicas", "balance", *known])
         batching = _batching(batching)  # a bad value fails before the model is known
         saved = self.engine.configuration(name)
         try:
@@ -438,12 +431,7 @@ class Workbench:
         one of the model's LoRA adapters."""
         self.check_open("generate")
         known = [f.name for f in dataclasses.fields(GenerationParams)]
-        unknown = [key for key in params if key not in known]
-        if unknown:
-            close = difflib.get_close_matches(unknown[0], known, n=1)
-            raise InvalidInput(f"generate() takes no setting {unknown[0]!r}"
-                               + (f" (did you mean {close[0]!r}?)" if close else ""),
-                               hint=f"its settings: {', '.join(known)}")
+        _refuse_unknown("generate", params, known, InvalidInput, known)
         return self.engine.generate(model, prompt, GenerationParams(**params), adapter=adapter)
 
     # -- resilience ----------------------------------------------------------------------------
@@ -1076,6 +1064,17 @@ def _ray_restarts(replicas: ReplicaSet | None) -> int | None:
     """How often the Ray actors of a model's replicas were started again, all told; None for a model not on Ray."""
     backends = [w.backend for w in replicas.workers if isinstance(w.backend, RayBackend)] if replicas else []
     return sum(b.restarts for b in backends) if backends else None
+
+
+def _refuse_unknown(
+    call: str, given: Iterable[str], known: list[str], error: type[WorkbenchError], listed: list[str]
+) -> None:
+    """Refuse the first of ``given`` not in ``known`` as ``call``'s misspelt setting: "did you mean", and ``listed``."""
+    unknown = [key for key in given if key not in known]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        raise error(f"{call}() takes no setting {unknown[0]!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
+                    hint=f"its settings: {', '.join(listed)}")
 
 
 def _check_model_name(name: object) -> None:
