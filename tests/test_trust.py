@@ -84,7 +84,7 @@ def test_your_own_modules_the_notebook_and_passed_functions_work_as_before(
     monkeypatch.setattr(sys.modules["__main__"], "whisper", lambda question: question.lower(), raising=False)
     assert tiny_bench.chain(_python_hop("__main__:whisper")).run(question="HI").output == "hi"
     # A function object in a dict spec is the user's own choice, wherever it comes from.
-    assert tiny_bench.chain(_python_hop(len)).run().output == 1  # the whole context: just history
+    assert tiny_bench.chain(_python_hop(len)).run().output == 2  # the whole context: history and session
     demo = tiny_bench.chain(_python_hop("workbench.demo:canned_answer"))
     assert demo.run(question="q").output.startswith("(no model")
 
