@@ -222,7 +222,7 @@ def test_unloading_a_served_model_lets_the_streams_its_loop_lane_has_in_flight_f
         assert worker._lane_inflight == 0
         mapping.join(60)
         (done,) = runs
-        assert sum(r.error is None for r in done) >= streaming
+        assert sum(r.error is None for r in done) >= streaming, [str(r.error) for r in done]
         for run in done:  # one not yet sent when the model went is refused, saying why
             assert run.error is None or "unloaded" in str(run.error) or "not loaded" in str(run.error), run.error
 
@@ -262,7 +262,8 @@ class FaultServer:
     request and never answers), ``huge`` (a first line of 3 MiB), ``endless`` (text chunks until the client
     hangs up), ``bigerror`` (a 500 whose body says it is 100 MiB and never ends), ``biglist`` (a GET /models
     answer that never ends), ``pings`` (SSE comments every 20 ms and never a data line), ``stalls`` (one
-    chunk, then ``pings``), ``drip`` (a good stream of eight words, one each DRIP_S), or one of ``CANNED``
+    chunk, then ``pings``), ``drip`` (a good stream of eight words, one each DRIP_S), ``queue`` (``drip``'s
+    stream, but one request at a time, the others waiting unanswered, as ``transformers serve`` does), or one of ``CANNED``
     (those chunks, then [DONE]). Asked as a proxy (an absolute
     URL in the request line), it answers for any host as if it were that host, and keeps the URL in ``proxied``.
     """
@@ -274,6 +275,7 @@ class FaultServer:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
         self._handlers: set[asyncio.Task[None]] = set()
+        self._one_at_a_time = asyncio.Lock()
         self._server = self._run(asyncio.start_server(self._handle, "127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
 
@@ -367,11 +369,18 @@ class FaultServer:
             writer.write(b"0\r\n\r\n")
             await writer.drain()
             return
+        if mode == "queue":
+            async with self._one_at_a_time:  # not a byte, headers included, until the one before is answered
+                await self._words(writer, "drip")
+            return
         if mode == "huge":
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 3145734\r\n\r\n"
                          + b"data: " + b"x" * 3 * 2**20)
             await writer.drain()
             return
+        await self._words(writer, mode)
+
+    async def _words(self, writer: asyncio.StreamWriter, mode: str) -> None:
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n"
                      b"transfer-encoding: chunked\r\n\r\n")
         words = {"broken": [" half"], "drip": [" drip"] * 8}.get(mode, [" fine", " words"])
@@ -773,6 +782,33 @@ def test_an_unload_lets_a_stream_that_still_sends_finish_and_cuts_off_one_that_o
     else:
         assert isinstance(answer, WorkerStopped), answer
         assert "model 'slow' was unloaded while this request was in flight" in str(answer)
+
+
+def test_an_unload_waits_for_the_streams_a_server_queued_behind_the_one_it_answers(
+    bench: wb.Workbench, faults: FaultServer
+) -> None:
+    """A server that answers one request at a time (``transformers serve`` does) leaves the others silent, however
+    healthy it is: while it sends tokens on one, an unload cuts off none, though the second waits longer than
+    STOP_GRACE_S for its first byte."""
+    assert DRIP_S * 8 > STOP_GRACE_S
+    bench.load("serial", f"{faults.url}/queue/v1", read_timeout_s=30)
+    asked = faults.hits["queue"]
+    answers: list[object] = []
+
+    def ask() -> None:
+        try:
+            answers.append(bench.generate("serial", "hi", max_new_tokens=16).text)
+        except wb.WorkbenchError as exc:
+            answers.append(exc)
+
+    asking = [threading.Thread(target=ask) for _ in range(2)]
+    for thread in asking:
+        thread.start()
+    eventually(lambda: faults.hits["queue"] == asked + 2, "both requests to reach the server")
+    bench.unload("serial")
+    for thread in asking:
+        thread.join(WAIT_S)
+    assert answers == [" ".join(["drip"] * 8)] * 2, answers
 
 
 def test_a_refused_connection_fails_over_to_the_local_model(tiny_path: Path) -> None:

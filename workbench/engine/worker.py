@@ -164,9 +164,9 @@ class ModelWorker:
     def stop(self, timeout: float = 30.0, grace_s: float | None = STOP_GRACE_S) -> None:
         """Refuse new work, fail what is still queued, and wait for the batch in flight (and the loop lane's).
 
-        A backend that can cut its requests off (``abort``: a server's streams) cuts off each one that has been
-        silent for ``grace_s`` seconds, and at ``timeout`` every one left; those fail with WorkerStopped. Streams
-        still sending go on to their end meanwhile. ``grace_s=None`` lets every request run to its end (a live
+        A backend that can cut its requests off (``abort``: a server's streams) cuts them off once its server has
+        sent nothing on any of them for ``grace_s`` seconds, and at ``timeout`` every one left; those fail with
+        WorkerStopped. While the server still sends, its streams go on to their end (those it queued included). ``grace_s=None`` lets every request run to its end (a live
         swap's old worker). A local generate cannot be interrupted: it is waited for, up to ``timeout``.
         """
         for request in self.queue.close():

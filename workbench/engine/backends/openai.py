@@ -221,6 +221,7 @@ class RemoteBackend:
         # and those cut off.
         self._streams: dict[asyncio.Task[Any], tuple[asyncio.AbstractEventLoop, _Stamps]] = {}
         self._cut: set[asyncio.Task[Any]] = set()
+        self._heard = 0.0  # the last data line of a stream that has ended: the server was alive then
         self._aborted = self._closed = False
 
     # -- the Backend protocol ------------------------------------------------------------------
@@ -292,14 +293,17 @@ class RemoteBackend:
         """Cut off the streams in flight (the model is being unloaded): each fails with WorkerStopped and its
         connection closes; a stream that would start from now on fails so at once.
 
-        ``quiet_s``: only those that have sent no data line for that long (a server that took the request and
-        sits on it); those still sending tokens go on to their end. None: every one.
+        ``quiet_s``: only once the server has sent no data line on any of them for that long (it took the requests
+        and sits on them); while it sends tokens on one, every one goes on, as those it has queued behind that one
+        are silent only because it answers one at a time (``transformers serve`` does). None: every one at once.
         """
         now = time.perf_counter()
         with self._lock:
+            heard = max([self._heard, *(stamps.heard for _, stamps in self._streams.values())])
+            if quiet_s is not None and now - heard < quiet_s:
+                return  # and those waiting for a slot on the lane may still start: they were in flight already
             self._aborted = True
-            streams = [(task, loop) for task, (loop, stamps) in self._streams.items()
-                       if quiet_s is None or now - stamps.heard >= quiet_s]
+            streams = [(task, loop) for task, (loop, _) in self._streams.items()]
         for task, loop in streams:
             try:
                 loop.call_soon_threadsafe(self._cut_off, task)
@@ -495,6 +499,7 @@ class RemoteBackend:
             with self._lock:
                 del self._streams[task]
                 self._cut.discard(task)
+                self._heard = max(self._heard, stamps.heard)
         if stamps.finish_reason is None:
             error = self._broken(url, stamps, "the stream ended without a finish reason")
             _event(span, error)
