@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import difflib
 import functools
 import logging
 import os
@@ -37,7 +36,7 @@ from workbench.engine.balancing import BalancePolicy, parse_balance
 from workbench.engine.faults import Faults
 from workbench.engine.prober import HealthChecks
 from workbench.engine.batching import POLICY_FORMS, parse_policy
-from workbench.errors import AdapterError, HopFailed, InvalidInput, SettingsError, StrategyError, WorkbenchClosed, WorkbenchError
+from workbench.errors import AdapterError, HopFailed, InvalidInput, SettingsError, StrategyError, WorkbenchClosed, WorkbenchError, did_you_mean
 from workbench.knowledge import GraphStore, KnowledgeGraph, resolve
 from workbench.models import heap
 from workbench.engine.preloading import Eager, PreloadingStrategy, parse_preloading
@@ -1072,8 +1071,7 @@ def _refuse_unknown(
     """Refuse the first of ``given`` not in ``known`` as ``call``'s misspelt setting: "did you mean", and ``listed``."""
     unknown = [key for key in given if key not in known]
     if unknown:
-        close = difflib.get_close_matches(unknown[0], known, n=1)
-        raise error(f"{call}() takes no setting {unknown[0]!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
+        raise error(f"{call}() takes no setting {unknown[0]!r}{did_you_mean(unknown[0], known)}",
                     hint=f"its settings: {', '.join(listed)}")
 
 

@@ -19,7 +19,9 @@ Each class carries ``http_status``, the status a gateway answers with for it.
 
 from __future__ import annotations
 
+import difflib
 import math
+from collections.abc import Iterable
 
 
 class WorkbenchError(Exception):
@@ -43,6 +45,15 @@ class WorkbenchError(Exception):
     @property
     def message(self) -> str:
         return super().__str__()
+
+
+def did_you_mean(word: object, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)``, naming the one of ``choices`` closest to a misspelt ``word``; "" if none is close (or
+    ``word`` is not text). Every "unknown ..." refusal ends its message with it."""
+    if not isinstance(word, str):
+        return ""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 # The most of an error's own text a description keeps: an exception's message can be a whole HTML error page or a

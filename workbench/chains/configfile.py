@@ -52,7 +52,7 @@ from workbench.engine.batching import (
     default_policy,
     parse_policy,
 )
-from workbench.errors import ConfigError, SpecError, WorkbenchError
+from workbench.errors import ConfigError, SpecError, WorkbenchError, did_you_mean
 from workbench.knowledge import GraphStore
 from workbench.models.settings import LoadSettings
 from workbench.models.tiny import resolve_source
@@ -173,16 +173,12 @@ def _load(text: str, path: str, lines: _Lines) -> Any:
 
 
 def _known(data: Mapping[str, Any], allowed: Collection[str], keys: tuple[Any, ...], fail: Any) -> None:
-    import difflib
-
     for key in data:
         if key not in allowed:
-            close = difflib.get_close_matches(str(key), list(allowed), n=1)
             hint = f"fields here: {', '.join(allowed)}"
             if key in _NOT_IN_FILE:
                 hint = f"{key} is a risk or a secret a file does not opt into: pass it to bench.load in code"
-            raise fail(f"unknown field {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""), *keys, key,
-                       hint=hint)
+            raise fail(f"unknown field {key!r}{did_you_mean(str(key), allowed)}", *keys, key, hint=hint)
 
 
 def _section(data: Mapping[str, Any], key: str, fail: Any) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from workbench.chains.spec import CHAIN_FIELDS, LLM_FIELDS, RETRY_FIELDS, ChainSpec, parse_spec
-from workbench.errors import SettingsError, SpecError, WorkbenchError
+from workbench.errors import SettingsError, SpecError, WorkbenchError, did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -237,11 +237,7 @@ def settable_path(path: str, spec: ChainSpec) -> tuple[str, ...]:
         return parts
     hop, field = parts[0], parts[1]
     if hop not in hops:
-        import difflib
-
-        close = difflib.get_close_matches(hop, hops, n=1)
-        raise SpecError(f"chain {spec.name!r} has no hop {hop!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
-                        field=path, hint=f"hops: {', '.join(hops)}")
+        raise SpecError(f"chain {spec.name!r} has no hop {hop!r}{did_you_mean(hop, hops)}", field=path, hint=f"hops: {', '.join(hops)}")
     kind = spec.hop(hop).kind
     allowed = SETTABLE_HOP_FIELDS if kind == "llm" else ("retry", "fallback")
     if field not in allowed:

@@ -35,7 +35,7 @@ from workbench.chains.spec import ChainSpec, HopSpec, fixed_prefix
 from workbench.chains.templates import PromptTemplate
 from workbench.engine import Call, Engine
 from workbench.engine.requests import NO_TOKEN_ID, Messages, check_text
-from workbench.errors import HopFailed, HopTimeout, InvalidInput, MissingInputError, RunError, StoreError
+from workbench.errors import HopFailed, HopTimeout, InvalidInput, MissingInputError, RunError, StoreError, did_you_mean
 from workbench.knowledge import Facts, GraphStore, Lookup
 from workbench.tracing import Tracing
 from workbench.tracing import attributes as attr
@@ -80,9 +80,8 @@ def check_inputs(spec: ChainSpec, inputs: Mapping[str, Any], session: str | None
             hint=f"run it as chain.run({', '.join(f'{n}=...' for n in spec.inputs)})",
         )
     if extra:
-        close = difflib.get_close_matches(extra[0], spec.inputs, n=1)
         raise MissingInputError(
-            f"chain {spec.name!r} takes no input {extra[0]!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
+            f"chain {spec.name!r} takes no input {extra[0]!r}{did_you_mean(extra[0], spec.inputs)}",
             hint=f"its inputs: {', '.join(spec.inputs) or 'none'}",
         )
     for name, value in inputs.items():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import graphlib
 import importlib
 import inspect
@@ -20,7 +19,7 @@ from workbench.chains.templates import PromptTemplate
 from workbench.engine.requests import GenerationParams
 from workbench.chains.resilience import NO_RESILIENCE, Fallback, Resilience, RetryPolicy
 from workbench.engine.failures import ERROR_KINDS
-from workbench.errors import GraphError, SpecError
+from workbench.errors import GraphError, SpecError, did_you_mean
 from workbench.knowledge import DEFAULT_MAX_TRIPLES, DEMO_GRAPHS, GraphSource, GraphStore, resolve
 
 CHAIN_FIELDS = ("name", "description", "inputs", "hops", "output", "history")
@@ -276,7 +275,7 @@ def parse_spec(
     output = data.get("output", [h for h in hops if not h.standby][-1].name)
     if output not in hop_names:
         raise SpecError(
-            f"output {_show(output)} is not a hop{_did_you_mean(output, hop_names)}",
+            f"output {_show(output)} is not a hop{did_you_mean(output, hop_names)}",
             field="output",
             line=lines.of("output"),
             hint=f"hops: {', '.join(hop_names)}",
@@ -403,18 +402,13 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _did_you_mean(word: Any, choices: Collection[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1) if isinstance(word, str) else []
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _reject_unknown(
     data: Mapping[str, Any], allowed: Collection[str], lines: _Lines, hop: str | None, path: tuple[Any, ...]
 ) -> None:
     for key in data:
         if key not in allowed:
             raise SpecError(
-                f"unknown field {key!r}{_did_you_mean(key, allowed)}",
+                f"unknown field {key!r}{did_you_mean(key, allowed)}",
                 hop=hop,
                 field=str(key),
                 line=lines.of(*path, key),
@@ -482,7 +476,7 @@ def _adapters(
         choices = sorted(known.get(hop.model or "", ())) if known is not None else None
         if choices is not None and adapter not in choices:
             raise SpecError(
-                f"model {hop.model!r} has no adapter {adapter!r}{_did_you_mean(adapter, choices)}",
+                f"model {hop.model!r} has no adapter {adapter!r}{did_you_mean(adapter, choices)}",
                 hop=hop.name, field="adapter", line=line,
                 hint=f"its adapters: {', '.join(choices)}; leave adapter: out for the base model" if choices
                 else f"load it with adapters: bench.load({hop.model!r}, PATH, adapters={{{adapter!r}: DIR}})",
@@ -503,7 +497,7 @@ def _parse_hop(
     path = ("hops", index)
     kind = raw.get("kind") or ("python" if "call" in raw else "knowledge" if "graph" in raw else "llm")
     if kind not in KINDS:
-        raise SpecError(f"kind must be 'llm', 'python' or 'knowledge', not {_show(kind)}{_did_you_mean(kind, KINDS)}",
+        raise SpecError(f"kind must be 'llm', 'python' or 'knowledge', not {_show(kind)}{did_you_mean(kind, KINDS)}",
                         hop=name, field="kind", line=lines.of(*path, "kind"))
     fields = {"llm": LLM_FIELDS, "python": PYTHON_FIELDS, "knowledge": KNOWLEDGE_FIELDS}[kind]
     _reject_unknown(raw, fields, lines, name, path)
@@ -526,7 +520,7 @@ def _parse_hop(
         variable = missing[0]
         field = hop.text_field if kind != "python" else "call"
         raise SpecError(
-            f"{variable!r} is used but is neither a chain input nor a hop{_did_you_mean(variable, available)}",
+            f"{variable!r} is used but is neither a chain input nor a hop{did_you_mean(variable, available)}",
             hop=name,
             field=field,
             line=lines.of(*path, field),
@@ -548,7 +542,7 @@ def _parse_llm_hop(
                         line=lines.of(*path, "model"))
     if known_models is not None and model not in known_models:
         raise SpecError(
-            f"unknown model {model!r}{_did_you_mean(model, known_models)}",
+            f"unknown model {model!r}{did_you_mean(model, known_models)}",
             hop=name,
             field="model",
             line=lines.of(*path, "model"),
@@ -609,7 +603,7 @@ def _messages(value: Any, name: str, path: tuple[Any, ...], lines: _Lines) -> tu
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
             raise SpecError(f"message #{index + 1} needs a role: {', '.join(ROLES)}; got {_show(role)}"
-                            f"{_did_you_mean(role, ROLES)}", hop=name, field=f"{field}.role",
+                            f"{did_you_mean(role, ROLES)}", hop=name, field=f"{field}.role",
                             line=lines.of(*where, "role"))
         if not isinstance(content, str) or not content.strip():
             raise SpecError(f"message #{index + 1} needs 'content', a template string, got {_show(content)}",
@@ -683,7 +677,7 @@ def _cache(
             mode = "off"
         if not isinstance(mode, str) or mode not in CACHE_MODES:
             raise SpecError(f"cache mode must be one of {', '.join(CACHE_MODES)}, got {_show(mode)}"
-                            f"{_did_you_mean(mode, CACHE_MODES)}", hop=name, field="cache", line=line, hint=example)
+                            f"{did_you_mean(mode, CACHE_MODES)}", hop=name, field="cache", line=line, hint=example)
     chosen = {"off" if m is False or m is None else m for m in modes}
     if "off" in chosen and len(chosen) > 1:
         raise SpecError("cache: off cannot be listed with other modes", hop=name, field="cache", line=line)
@@ -777,7 +771,7 @@ def _retry(value: Any, name: str, path: tuple[Any, ...], lines: _Lines) -> Retry
         for kind in kinds:
             if kind not in ERROR_KINDS:
                 raise SpecError(
-                    f"retry.on names {kind!r}, which is not a kind of failure{_did_you_mean(kind, ERROR_KINDS)}",
+                    f"retry.on names {kind!r}, which is not a kind of failure{did_you_mean(kind, ERROR_KINDS)}",
                     hop=name, field="retry.on", line=lines.of(*path, "retry", "on"),
                     hint=f"kinds: {', '.join(ERROR_KINDS)}",
                 )
@@ -813,7 +807,7 @@ def _fallbacks(
                             hint="rename the hop, so the fallback says which it means")
         if not is_hop and known_models is not None and not is_model:
             choices = [*hop_names, *known_models]
-            raise SpecError(f"fallback {target!r} is neither a hop nor a known model{_did_you_mean(target, choices)}",
+            raise SpecError(f"fallback {target!r} is neither a hop nor a known model{did_you_mean(target, choices)}",
                             hop=name, field="fallback", line=line,
                             hint=f"hops: {', '.join(hop_names)}; models: {', '.join(sorted(known_models)) or 'none'}")
         if not is_hop and kind == "python":
@@ -909,7 +903,7 @@ def _parse_python_hop(
             raise SpecError("'uses' must be a list of hop names", hop=name, field="uses", line=lines.of(*path, "uses"))
         for used in uses:
             if used not in hop_names:
-                raise SpecError(f"'uses' names {used!r}, which is not a hop{_did_you_mean(used, hop_names)}",
+                raise SpecError(f"'uses' names {used!r}, which is not a hop{did_you_mean(used, hop_names)}",
                                 hop=name, field="uses", line=lines.of(*path, "uses"))
         deps = tuple(uses)
     elif by_name is not None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import difflib
 import math
 import random
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
-from workbench.errors import StrategyError
+from workbench.errors import StrategyError, did_you_mean
 
 BALANCE_FORMS = "round_robin, least_loaded, power_of_two, session_hash, weighted:W0,W1,... (one weight per replica)"
 
@@ -258,9 +257,8 @@ def parse_balance(text: str | BalancePolicy) -> BalancePolicy:
     kind, _, setting = text.strip().partition(":")
     kind = kind.strip().lower().replace("-", "_")
     if kind not in BALANCE_POLICIES:
-        close = difflib.get_close_matches(kind, list(BALANCE_POLICIES), n=1)
-        raise StrategyError(f"balance {text!r}: unknown policy {kind!r}" + (f" (did you mean {close[0]!r}?)" if close
-                            else ""), hint=f"the forms are {BALANCE_FORMS}")
+        raise StrategyError(f"balance {text!r}: unknown policy {kind!r}{did_you_mean(kind, BALANCE_POLICIES)}",
+                            hint=f"the forms are {BALANCE_FORMS}")
     if setting and kind not in _TAKES_SETTING:
         raise StrategyError(f"balance {text!r}: {kind} takes no setting", hint=f"the forms are {BALANCE_FORMS}")
     if kind == "weighted" and not setting:

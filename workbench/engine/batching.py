@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import math
 import time
@@ -12,7 +11,7 @@ from dataclasses import dataclass, field
 
 from workbench.engine.queue import Accept, RequestQueue, select
 from workbench.engine.requests import GenerationRequest
-from workbench.errors import StrategyError
+from workbench.errors import StrategyError, did_you_mean
 from workbench.models.settings import LoadSettings
 
 
@@ -401,5 +400,4 @@ def parse_policy(text: str) -> BatchingPolicy:
     if kind == "continuous":
         arity(1)
         return ContinuousBatching(*(whole(v, "max_batch") for v in fields))
-    close = difflib.get_close_matches(kind, ["none", "static", "dynamic", "continuous"], n=1)
-    raise fail(f"unknown policy {kind!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise fail(f"unknown policy {kind!r}{did_you_mean(kind, ['none', 'static', 'dynamic', 'continuous'])}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import logging
 import re
 import threading
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING
 from opentelemetry.trace import Span
 
 from workbench.engine.batching import BatchingPolicy
-from workbench.errors import ModelLoadError, StrategyError
+from workbench.errors import ModelLoadError, StrategyError, did_you_mean
 from workbench.tracing import Tracing
 from workbench.tracing import attributes as attr
 
@@ -173,8 +172,7 @@ def parse_preloading(text: str | PreloadingStrategy) -> PreloadingStrategy:
             return KeepWarm(setting)
         except StrategyError as exc:
             raise fail(exc.message) from None
-    close = difflib.get_close_matches(kind, ["lazy", "eager", "prefetch", "keep_warm"], n=1)
-    raise fail(f"unknown strategy {kind!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise fail(f"unknown strategy {kind!r}{did_you_mean(kind, ['lazy', 'eager', 'prefetch', 'keep_warm'])}")
 
 
 class Preloader:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import difflib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from workbench.errors import GraphError
+from workbench.errors import GraphError, did_you_mean
 from workbench.knowledge.countries import countries
 from workbench.knowledge.files import check_path, load_file
 from workbench.knowledge.graph import KnowledgeGraph
@@ -45,9 +44,7 @@ def resolve(value: object) -> GraphSource:
     looks_like_path = any(sep in text for sep in ("/", "\\")) or text.startswith(("~", ".")) or bool(Path(text).suffix)
     if not looks_like_path:
         if text not in DEMO_GRAPHS:
-            close = difflib.get_close_matches(text, list(DEMO_GRAPHS), n=1)
-            raise GraphError(f"unknown graph {text!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
-                             hint=hint)
+            raise GraphError(f"unknown graph {text!r}{did_you_mean(text, DEMO_GRAPHS)}", hint=hint)
         return GraphSource(name=text)
     try:
         path = Path(text).expanduser().absolute()

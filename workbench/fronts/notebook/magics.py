@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -14,7 +13,7 @@ from workbench.bench import current
 from workbench.chains.chain import Chain
 from workbench.chains.events import HopFinished, HopStarted, RunFinished, Token
 from workbench.chains.run import Run
-from workbench.errors import HopFailed, MissingInputError, StrategyError, WorkbenchError
+from workbench.errors import HopFailed, MissingInputError, StrategyError, WorkbenchError, did_you_mean
 from workbench.experiments import compare
 from workbench.experiments.workloads import read_inputs
 from workbench.fronts.arguments import load_model
@@ -167,9 +166,8 @@ class AutoglmMagics(Magics):
         known = sorted(
             set(chains) | {k for k, v in self._user_ns.items() if isinstance(v, Chain) and not k.startswith("_")}
         )
-        close = difflib.get_close_matches(name, known, n=1)
         raise WorkbenchError(
-            f"no chain named {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
+            f"no chain named {name!r}{did_you_mean(name, known)}",
             hint=f"chains: {', '.join(known)}" if known else "build one in a cell starting with %%autoglm chain NAME",
         )
 

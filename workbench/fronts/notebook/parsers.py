@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import difflib
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -12,7 +11,7 @@ from typing import Any, ClassVar, NoReturn
 from workbench.engine.balancing import BALANCE_FORMS, BalancePolicy, parse_balance
 from workbench.engine.batching import POLICY_FORMS, BatchingPolicy, parse_policy
 from workbench.engine.preloading import PRELOADING_FORMS, PreloadingStrategy, parse_preloading
-from workbench.errors import ParseError
+from workbench.errors import ParseError, did_you_mean
 from workbench.experiments.compare import CACHE_ARMS
 from workbench.fronts.arguments import (
     REPLICA_OPTIONS_USAGE,
@@ -453,10 +452,8 @@ PARSERS = _build_parsers()
 def _check_subcommand(word: str) -> None:
     if word in COMMANDS:
         return
-    close = difflib.get_close_matches(word, COMMANDS, n=1)
-    suggestion = f" (did you mean {close[0]!r}?)" if close else ""
     raise ParseError(
-        f"unknown subcommand {word!r}{suggestion}",
+        f"unknown subcommand {word!r}{did_you_mean(word, COMMANDS)}",
         hint=f"the subcommands are {', '.join(COMMANDS)}; %autoglm help shows an example of each",
     )
 
