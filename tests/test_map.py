@@ -184,6 +184,51 @@ def test_ctrl_c_returns_what_finished_and_resume_runs_only_the_rest(
     assert tiny_bench.generate("tiny", "still answering?", max_new_tokens=2).tokens_out == 2
 
 
+def test_resuming_at_once_after_ctrl_c_waits_for_the_runs_still_in_flight_instead_of_running_them_again(
+    tiny_bench: wb.Workbench, release: threading.Event, no_leaked_threads: None, ctrl_c_raises: None
+) -> None:
+    """The cell after an interrupt, run straight away: the runs the interrupt left in flight are the resumed map's,
+    not run a second time beside themselves (the model's work twice, and their Python hops' side effects)."""
+    calls = Calls()
+
+    def work(n: str) -> str:
+        calls.add(n)
+        release.wait(WAIT_S)  # every run holds until released: the first two are in flight at the interrupt
+        return f"work {n}"
+
+    chain = tiny_bench.chain({"name": "resumed", "hops": [{"name": "work", "call": work}]})
+    missed: list[str] = []
+
+    def ctrl_c() -> None:
+        try:
+            eventually(lambda: len(calls) == 2, "two runs to be in flight")
+        except AssertionError as exc:
+            missed.append(str(exc))
+            release.set()
+            return
+        _thread.interrupt_main()
+
+    threading.Thread(target=ctrl_c, daemon=True).start()
+    try:
+        with pytest.raises(wb.MapInterrupted) as info:
+            chain.map(inputs(4), concurrency=2)
+    finally:
+        assert not missed, missed[0]
+    batch = info.value.batch
+    assert batch.missing == [0, 1, 2, 3] and len(calls) == 2  # two in flight, none landed yet
+
+    def release_once_resumed() -> None:  # the new map has read the old batch (it is chain.last_batch now)
+        eventually(lambda: chain.last_batch is not batch, "the resumed map to start")
+        release.set()
+
+    threading.Thread(target=release_once_resumed, daemon=True).start()
+    again = chain.map(inputs(4), concurrency=2, resume=batch)
+    assert again.complete and [run.output for run in again] == [f"work {i}" for i in range(4)]
+    assert calls.counts() == Counter(str(i) for i in range(4))  # each input ran exactly once
+    eventually(lambda: batch[0] is not None and batch[1] is not None, "the old batch to get its runs too")
+    assert again[0] is batch[0] and again[1] is batch[1]  # the very runs, in both batches
+
+
 def test_a_keyboard_interrupt_raised_in_a_hop_stops_the_map_and_keeps_the_rest(
     tiny_bench: wb.Workbench, release: threading.Event, no_leaked_threads: None
 ) -> None:

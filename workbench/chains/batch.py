@@ -26,8 +26,8 @@ class RunBatch(list["Run | None"]):
 
     An entry is ``None`` while its input has not run: only in a batch that was interrupted
     (``MapInterrupted.batch``, ``chain.last_batch``). Such a batch keeps filling in as the runs
-    that were in flight finish; ``chain.map(inputs, resume=batch)`` reuses its successful runs and
-    runs the rest.
+    that were in flight finish; ``chain.map(inputs, resume=batch)`` reuses its successful runs, waits
+    for those still in flight rather than running their inputs again, and runs the rest.
     """
 
     def __init__(self, chain: str, inputs: list[dict[str, Any]]) -> None:
@@ -35,6 +35,10 @@ class RunBatch(list["Run | None"]):
         self.chain = chain
         self.inputs = inputs
         self.interrupted = False
+        # The runs in flight, by position (tasks on the workbench's loop), and those of an earlier batch that a
+        # resuming map waits for in place of a run of its own, each with the test that its run can be reused.
+        self._flying: dict[int, asyncio.Future[Run]] = {}
+        self._adopted: dict[int, tuple[asyncio.Future[Run], Callable[[Run], bool]]] = {}
 
     @property
     def finished(self) -> list[Run]:
@@ -112,6 +116,8 @@ def reuse(batch: RunBatch, previous: Iterable[Run | None], version: ConfigVersio
     """Fill ``batch`` with the successful runs of ``previous`` whose chain and inputs match, and, where both are
     known, whose configuration is ``version`` (a run of an edited chain answered another prompt or model)."""
     hint = "resume=chain.last_batch, or any Runs, e.g. resume=bench.runs()"
+    # Its runs in flight are read before its finished ones: one that lands in between is among the finished.
+    flying = dict(previous._flying) if isinstance(previous, RunBatch) and previous.chain == batch.chain else {}
     try:
         runs = list(previous)
     except TypeError:
@@ -125,10 +131,21 @@ def reuse(batch: RunBatch, previous: Iterable[Run | None], version: ConfigVersio
         if run is not None and run.ok and run.chain == batch.chain and _same_config(run.config_version, version) \
                 and (key := _key(run.inputs)) is not None:
             done[key].append(run)
+    waiting: dict[str, list[asyncio.Future[Run]]] = defaultdict(list)
+    for position, task in flying.items():
+        if (key := _key(previous.inputs[position])) is not None:  # type: ignore[attr-defined]
+            waiting[key].append(task)
+
+    def reusable(run: Run) -> bool:
+        return run.ok and _same_config(run.config_version, version)
+
     for index, item in enumerate(batch.inputs):
-        matches = done.get(_key(item))
+        key = _key(item)
+        matches = done.get(key)
         if batch[index] is None and matches:
             batch[index] = matches.pop(0)  # an input given twice reuses two runs, not one twice
+        elif batch[index] is None and waiting.get(key):
+            batch._adopted[index] = (waiting[key].pop(0), reusable)
 
 
 def _same_config(used: ConfigVersion | None, serving: ConfigVersion | None) -> bool:
@@ -154,6 +171,26 @@ def _canonical(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_canonical(item) for item in value]
     return value
+
+
+async def _adopt(batch: RunBatch, index: int) -> Run | None:
+    """The run of an earlier, interrupted map that was in flight for this input, once it lands, if it can be reused;
+    None to run the input here (there is none, it failed or was cancelled, or it ran another configuration)."""
+    adopted = batch._adopted.pop(index, None)
+    if adopted is None:
+        return None
+    task, reusable = adopted
+    if task.get_loop() is not asyncio.get_running_loop():  # another workbench's run
+        return None
+    try:
+        run = await asyncio.shield(task)  # cancelling this map leaves the other's run to land in its own batch
+    except asyncio.CancelledError:
+        if not task.cancelled():
+            raise  # this map was cancelled
+        return None
+    except BaseException:  # it failed in its own map (a hop's KeyboardInterrupt, say): run it here
+        return None
+    return run if reusable(run) else None
 
 
 class MapState:
@@ -195,7 +232,13 @@ async def run_all(
     async def lane() -> None:
         while (index := state.next()) is not None:
             try:
-                run = await execute(batch.inputs[index])
+                run = await _adopt(batch, index)
+                if run is None:
+                    task = batch._flying[index] = asyncio.ensure_future(execute(batch.inputs[index]))
+                    try:
+                        run = await task
+                    finally:
+                        del batch._flying[index]
             except BaseException:
                 state.stop()
                 raise
