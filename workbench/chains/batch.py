@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import html
 import json
-import asyncio
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, Literal
@@ -188,7 +188,7 @@ async def _adopt(batch: RunBatch, index: int) -> Run | None:
         if not task.cancelled():
             raise  # this map was cancelled
         return None
-    except BaseException:  # it failed in its own map (a hop's KeyboardInterrupt, say): run it here
+    except Exception:  # it failed in its own map (a hop's KeyboardInterrupt, say): run it here
         return None
     return run if reusable(run) else None
 
