@@ -312,3 +312,21 @@ def test_weighted_that_names_a_replica_the_model_lacks_or_weighs_none_of_its_rep
     with pytest.raises(wb.StrategyError, match="weighs replica 2, but 'n' has 2 replicas"):
         bench.load("n", tiny_path, device="cpu", replicas=2, balance="weighted:1,1,1")
     assert "n" not in set(bench.models()["name"])
+
+
+def test_a_replica_due_for_its_breaker_trial_takes_one_request_of_a_burst_and_the_rest_go_to_the_healthy_one(
+    bench: wb.Workbench,
+) -> None:
+    """A map's runs reach the model in one tick: the recovering replica gets its one trial request, not a share of
+    the burst that its half-open breaker would refuse with CircuitOpen while the other replica is healthy."""
+    bench.set_breaker("m", failure_threshold=1, reset_timeout_s=0.2)
+    bench.inject("m#1", error_rate=1.0, seed=0)
+    chain = bench.chain(ONE_HOP)
+    assert [run.ok for run in (attempt(chain, question=f"q{i}") for i in range(2))].count(False) == 1
+    bench.clear_faults("m#1")
+    assert bench.breakers().set_index("model").loc["m#1", "state"] == "open"
+    eventually(lambda: bench.breakers().set_index("model").loc["m#1", "since_s"] >= 0.2, "m#1 to be due for a trial")
+    batch = chain.map([{"question": f"q{i}"} for i in range(8)], concurrency=8)
+    assert [run.error for run in batch.failed] == []
+    assert Counter(served_by(run) for run in batch)["m#1"] == 1  # the trial; the other seven went to m#0
+    assert bench.breakers().set_index("model").loc["m#1", "state"] == "closed"

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 from workbench.engine.balancing import BalancePolicy
 from workbench.engine.batching import BatchingPolicy
+from workbench.engine.breaker import CLOSED
 from workbench.engine.worker import ModelWorker
 from workbench.errors import ModelLoadError, SettingsError, StrategyError
 from workbench.models.devices import resolve_device
@@ -118,8 +119,14 @@ class Replica:
 
     @property
     def available(self) -> bool:
-        """Whether it may take requests: health serving and breaker letting requests through."""
-        return self.worker.health.serving and self.worker.breaker.available
+        """Whether it may take requests: health serving and breaker letting requests through.
+
+        A replica whose breaker is not closed takes one request at a time, its trial: the breaker admits the
+        requests of a tick only after all are picked, so a burst would otherwise pile onto it and all but one fail
+        with CircuitOpen while the other replicas are well.
+        """
+        breaker = self.worker.breaker
+        return self.worker.health.serving and breaker.available and (breaker.state == CLOSED or self.in_flight == 0)
 
 
 class ReplicaSet:
