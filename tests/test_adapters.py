@@ -471,6 +471,28 @@ def test_watching_a_model_at_another_directory_serves_the_weights_there(
     bench.unwatch_model("m")
 
 
+def test_a_live_swap_keeps_the_breakers_set_and_the_faults_injected_on_each_replica(
+    bench: wb.Workbench, tiny_path: Path, tmp_path: Path
+) -> None:
+    watched = tmp_path / "m"
+    shutil.copytree(tiny_path, watched)
+    bench.load("m", watched, device="cpu", replicas=2)
+    bench.set_breaker("m#1", failure_threshold=2, reset_timeout_s=30)
+    bench.inject("m#0", error_rate=1.0, seed=0)
+    bench.watch_model("m", interval_s=0.05)
+    publish_weights(_weights(tiny_path, tmp_path / "v2", seed=7), watched)
+    wait_for(lambda: bench.model_versions("m")["state"].tolist() == ["retired", "live"], "v2 to serve")
+    bench.unwatch_model("m")
+    # The new weights serve under the resilience study set up on the model, not the defaults.
+    breakers = bench.breakers().set_index("model")
+    assert breakers.loc["m#1", ["failure_threshold", "reset_timeout_s"]].tolist() == [2, 30]
+    assert breakers.loc["m#0", ["failure_threshold", "reset_timeout_s"]].tolist() == [5, 5]
+    assert bench.replicas().set_index("replica")["faults"].to_dict() == {"m#0": True, "m#1": False}
+    with pytest.raises(wb.InjectedFault):
+        bench.generate("m#0", PROMPT, max_new_tokens=2)
+    assert bench.generate("m#1", PROMPT, max_new_tokens=NEW).token_ids == by_hand(watched, None, PROMPT)
+
+
 def test_continuous_batching_is_refused_for_a_model_with_adapters(adapted: wb.Workbench) -> None:
     with pytest.raises(wb.AdapterError, match="carries named LoRA adapters"):
         adapted.set_batching("tiny", wb.ContinuousBatching())

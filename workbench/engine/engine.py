@@ -134,13 +134,16 @@ class Engine:
     # -- workers -------------------------------------------------------------------------------
 
     def start(
-        self, name: str, policy: BatchingPolicy | None = None, parent: Span | None = None, trigger: str = "explicit"
+        self, name: str, policy: BatchingPolicy | None = None, parent: Span | None = None, trigger: str = "explicit",
+        replacing: ReplicaSet | None = None,
     ) -> ReplicaSet:
         """Start the workers of the loaded model ``name``, one per replica, under ``policy`` or the one configured.
 
         Replicas on the model's own device share its weights (read-only at inference, so one
         copy serves every worker thread); a replica on another device gets a copy there, and a
         replica on a server connects to it (a ``load`` span under ``parent``, for ``trigger``).
+        Each worker of a set ``replacing`` another (a live swap) keeps its predecessor's breaker settings
+        and injected faults: they belong to the model the user studies, not to one version of its weights.
         """
         loaded = self._registry.get(name)
         chosen = policy or self._policies.get(name)  # set by the user (set_batching), else each kind's default
@@ -177,6 +180,10 @@ class Engine:
                         chosen or (ContinuousBatching() if backend.device == REMOTE_DEVICE else policy), self._tracing)
             for i, backend in enumerate(backends)
         ]
+        for before, after in zip(replacing.workers if replacing is not None else (), workers):
+            after.breaker = CircuitBreaker(after.name, before.breaker.failure_threshold, before.breaker.reset_timeout_s)
+            if before.faults is not None:
+                after.faults = FaultInjector(before.faults.faults)  # each worker thread draws from its own
         replicas = ReplicaSet(name, workers, balance, shared)
         with self._lock:
             self._sets[name] = replicas
@@ -270,7 +277,7 @@ class Engine:
         (:meth:`drain` it), or None if none ran."""
         with self._lock:
             old = self._sets.get(name)
-        self.start(name, parent=parent, trigger="swap")
+        self.start(name, parent=parent, trigger="swap", replacing=old)
         with self._lock:
             self._forget_tokens(name)
         return old
