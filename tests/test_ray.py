@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -20,7 +21,7 @@ from workbench.fronts.arguments import load_model
 from workbench.fronts.notebook.parsers import LoadCommand, parse_command
 from workbench.tracing import attributes as attr
 
-from helpers import eventually, need_ray, ray_runtime_env
+from helpers import WAIT_S, eventually, need_ray, ray_runtime_env
 
 QUESTIONS = [{"question": q} for q in ["What is 2 + 2?", "Why?", "Name a city.", "What is a batch?"]]
 
@@ -247,6 +248,29 @@ def test_with_no_restarts_left_a_killed_actor_stays_down_and_says_so(
         assert not any(s.name == "restart once" for s in bench.traces().spans)
     finally:
         bench.unload("once", forget=True)
+
+
+def test_an_actor_whose_restart_could_not_load_is_ended_not_left_holding_its_resources(
+    ray: Any, bench: wb.Workbench, tiny_path: Path, tmp_path: Path
+) -> None:
+    source = tmp_path / "m"
+    shutil.copytree(tiny_path, source)
+    bench.load("flaky", source, device="cpu", engine="ray", num_cpus=0, restarts=1)
+    try:
+        bench.set_breaker("flaky", reset_timeout_s=0)  # each request after the crash is the breaker's trial
+        backend = _replica(bench, "flaky")
+        for weights in source.glob("*.safetensors"):
+            weights.unlink()  # the serving actor has its weights; a new one cannot load them
+        ray.kill(backend.actor)
+        with pytest.raises(wb.ModelActorDied, match="restart 1 of 1"):
+            bench.generate("flaky", "Hello", max_new_tokens=2)
+        with pytest.raises(wb.ModelActorDied, match="could not be started again"):
+            bench.generate("flaky", "Hello", max_new_tokens=2)  # waits for the restart, whose load failed
+        # It serves nothing, and nothing else ended it: on a cluster it would hold its GPU until the kernel exits.
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(backend.actor.info.remote(), timeout=WAIT_S)
+    finally:
+        bench.unload("flaky", forget=True)
 
 
 def test_a_ray_the_workbench_started_refuses_another_address_and_stops_when_the_workbench_closes(

@@ -371,7 +371,8 @@ class RayBackend:
             )
 
     def _await_restart(self, died_on: str | None) -> None:
-        """Wait for a restarted actor to load, in a ``restart NAME`` span of the engine's trace."""
+        """Wait for a restarted actor to load, in a ``restart NAME`` span of the engine's trace; one whose load failed
+        is ended, as it serves nothing but holds what it asked the cluster for (close() leaves a gone replica be)."""
         span = None
         if self._tracing is not None:
             span = self._tracing.start_span(f"restart {self.model}", attributes={
@@ -395,6 +396,7 @@ class RayBackend:
                                 f"the Ray actor of {self._who} died and could not be started again: "
                                 f"{exc.message}", hint=exc.hint or f"load it again: bench.load({self.model!r}, ...)",
                             )
+                            self._ray.kill(self._actor)
                     if again:
                         if span is not None:
                             span.set_attribute(attr.RAY_RESTARTS, self.restarts)
