@@ -39,9 +39,13 @@ def spec(model: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def ray() -> Iterator[Any]:
-    """One small local Ray for the module: two CPUs, a small object store, no dashboard."""
+    """One small local Ray for the module: two CPUs, a small object store, no dashboard.
+
+    A Ray of its own even where one runs on this machine already (another test run's, a `ray start`): without
+    address="local", ray.init joins that one, and refuses the num_cpus given here with a ValueError.
+    """
     ray = need_ray()
-    ray.init(num_cpus=2, object_store_memory=80 * 2**20, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, object_store_memory=80 * 2**20, include_dashboard=False, log_to_driver=False,
              runtime_env=ray_runtime_env())
     yield ray
     ray.shutdown()
