@@ -20,6 +20,7 @@ from opentelemetry.trace import INVALID_SPAN
 
 import workbench as wb
 from workbench.engine import GenerationParams, GenerationRequest
+from workbench.engine.backends import process
 from workbench.fronts.arguments import add_load_options, load_settings
 from workbench.fronts.cli import main
 from workbench.tracing import attributes as attr
@@ -291,6 +292,30 @@ def test_closing_the_workbench_ends_the_model_process(tiny_path: Path) -> None:
         again = pid_of(bench, "iso")
         assert again is not None and again != child
     assert not alive(again)
+
+
+def test_closing_the_workbench_mid_batch_fails_the_batch_at_once_rather_than_waiting_for_the_child(
+    tiny_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A child that takes the batch and never answers it (stopped; or hung in a driver): close() must not wait
+    # out the grace an idle child gets to exit by itself, here far longer than the test waits.
+    monkeypatch.setattr(process, "_STOP_S", 10 * WAIT_S)
+    bench = wb.Workbench()
+    bench.load("iso", tiny_path, device="cpu", isolation="process")
+    child = pid_of(bench, "iso")
+    assert child is not None
+    starts = BatchStarts("iso")
+    bench.tracing.engine_provider.add_span_processor(starts)
+    bench.tracing.provider.add_span_processor(starts)
+    os.kill(child, signal.SIGSTOP)
+    running = bench.engine.submit("iso", "Hello", GenerationParams(max_new_tokens=8))
+    assert starts.started.wait(WAIT_S)
+    closing = threading.Thread(target=bench.close)
+    closing.start()
+    closing.join(WAIT_S)
+    assert not closing.is_alive() and not alive(child)
+    with pytest.raises(wb.ModelProcessDied, match="the model was unloaded"):
+        running.future.result(WAIT_S)
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="lists child processes from /proc (Linux)")

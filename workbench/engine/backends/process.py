@@ -118,6 +118,7 @@ class ModelProcess:
         self._cancels: Connection | None = None  # rows to stop, out
         self._restart: threading.Thread | None = None
         self._gone: ModelProcessDied | None = None  # dead, with no restart left or coming
+        self._in_batch = False  # a batch was sent and its answer is awaited
         self._start()
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -189,14 +190,16 @@ class ModelProcess:
             self._closed = True
             conn, cancels, proc, restart = self._conn, self._cancels, self._proc, self._restart
             self._conn = self._cancels = None
+            idle = conn is not None and not self._in_batch
         if conn is not None:
             conn.close()
         if cancels is not None:
             cancels.close()
         if proc is not None:
-            # A serving child sees its pipe close and exits; one still loading (a restart) is killed,
-            # so the restart sees end-of-file and gives up.
-            _stop(proc, grace=conn is not None)
+            # An idle child sees its pipe close and exits. One still loading (a restart) is killed, so the restart
+            # sees end-of-file and gives up; so is one running a batch, whose pipe stays open while the batch's
+            # thread reads it (it would finish the batch, or hang on, for the whole grace): the batch fails now.
+            _stop(proc, grace=idle)
         if restart is not None:
             restart.join()
 
@@ -293,6 +296,7 @@ class ModelProcess:
         cancellable = any(r.cancellable for r in batch)
         told: set[int] = set()
         sent = time.perf_counter()
+        self._in_batch = True
         try:
             conn.send_bytes(pack({"op": "generate", "seq": seq, "params": params, "rows": rows}))
             while True:
@@ -311,6 +315,8 @@ class ModelProcess:
                     on_token(batch[frame["row"]], frame["token"], frame["text"])
         except (EOFError, OSError):
             raise self._died(f"it ran a batch of {len(batch)}") from None
+        finally:
+            self._in_batch = False
         received = time.perf_counter()
         if frame["op"] == "error":
             if frame["fatal"]:  # a CUDA fatal error leaves the child's device unusable: it exits, and restarts
