@@ -330,3 +330,14 @@ def test_a_replica_due_for_its_breaker_trial_takes_one_request_of_a_burst_and_th
     assert [run.error for run in batch.failed] == []
     assert Counter(served_by(run) for run in batch)["m#1"] == 1  # the trial; the other seven went to m#0
     assert bench.breakers().set_index("model").loc["m#1", "state"] == "closed"
+
+
+def test_a_model_name_that_names_a_replica_is_refused(bench: wb.Workbench, tiny_path: Path) -> None:
+    """'m#1' is replica 1 of 'm' wherever a name is read (generate, inject, set_breaker, the breakers table): a model
+    of that name would take the replica's place in some of them and share its rows in the others."""
+    for load in (bench.load, bench.register):
+        with pytest.raises(wb.SettingsError, match=r"model name 'm#1' ends in #1, which names replica 1 of a model"):
+            load("m#1", tiny_path, device="cpu")
+    assert "m#1" not in bench.registry.names()
+    assert list(bench.breakers()["model"]) == ["m#0", "m#1"]
+    assert served_by(bench.chain(ONE_HOP).run(question="q")) in {"m#0", "m#1"}

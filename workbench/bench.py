@@ -35,6 +35,7 @@ from workbench.engine.backends.transformers import TransformersBackend
 from workbench.engine.balancing import BalancePolicy, parse_balance
 from workbench.engine.faults import Faults
 from workbench.engine.prober import HealthChecks
+from workbench.engine.replicas import REPLICA_NAME
 from workbench.engine.batching import POLICY_FORMS, parse_policy
 from workbench.errors import AdapterError, HopFailed, InvalidInput, SettingsError, StrategyError, WorkbenchClosed, WorkbenchError, did_you_mean
 from workbench.knowledge import GraphStore, KnowledgeGraph, resolve
@@ -1080,6 +1081,11 @@ def _check_model_name(name: object) -> None:
     if not isinstance(name, str) or not name.strip() or name != name.strip():
         raise SettingsError(f"model name {name!r:.80} is not text without spaces at its ends",
                             hint="name it as chain specs will write it after  model:  e.g. bench.load('tiny', PATH)")
+    replica = REPLICA_NAME.match(name)
+    if replica is not None:  # generate, inject, set_breaker and the tables would mistake one for the other
+        raise SettingsError(f"model name {name!r:.80} ends in #{replica['index']}, which names replica "
+                            f"{replica['index']} of a model with replicas",
+                            hint=f"name it without the '#' (e.g. {name.replace('#', '-')!r:.80})")
 
 
 def _batching(policy: BatchingPolicy | str | None) -> BatchingPolicy | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -24,7 +23,14 @@ from workbench.engine.batching import BatchingPolicy, ContinuousBatching, NoBatc
 from workbench.engine.breaker import CircuitBreaker
 from workbench.engine.faults import FaultInjector, Faults
 from workbench.engine.preloading import Preloader
-from workbench.engine.replicas import Replica, ReplicaSet, continuous_on_shared, replica_name, replica_places
+from workbench.engine.replicas import (
+    REPLICA_NAME,
+    Replica,
+    ReplicaSet,
+    continuous_on_shared,
+    replica_name,
+    replica_places,
+)
 from workbench.engine.requests import GenerationParams, GenerationRequest, GenerationResult, Messages
 from workbench.engine.wakeups import Wakeups
 from workbench.engine.worker import ModelWorker
@@ -97,8 +103,6 @@ def backend_for(loaded: LoadedModel, tracing: Tracing | None = None, replica: st
 
 # What is configured for a model's next load: its batching policy, where its replicas run, its balance (None: unset).
 _Configured = tuple["BatchingPolicy | None", "tuple[str | None, ...] | None", "BalancePolicy | None"]
-# Where a name points at one replica of a replicated model: "m#1" is replica 1 of model "m".
-_REPLICA = re.compile(r"^(?P<model>.+)#(?P<index>\d+)$")
 
 
 class Engine:
@@ -306,7 +310,7 @@ class Engine:
 
     def _resolve(self, name: str) -> tuple[str, int | None]:
         """The model ``name`` names, and the replica it pins (``m#1``), or None for any replica."""
-        match = _REPLICA.match(name)
+        match = REPLICA_NAME.match(name)
         if match is None or name in self._registry.names():
             return name, None
         model, index = match["model"], int(match["index"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +18,10 @@ from workbench.errors import ModelLoadError, SettingsError, StrategyError
 from workbench.models.devices import resolve_device
 from workbench.models.remote import REMOTE_DEVICE
 from workbench.models.settings import is_server_url
+
+
+# How a name points at one replica of a replicated model: "m#1" is replica 1 of model "m".
+REPLICA_NAME = re.compile(r"^(?P<model>.+)#(?P<index>\d+)$")
 
 
 def replica_name(model: str, index: int, count: int) -> str:
