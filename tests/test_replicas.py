@@ -273,6 +273,18 @@ def test_weighted_refuses_an_infinite_weight_when_set_not_on_every_request(bench
     assert bench.generate("m", "hello", max_new_tokens=1).tokens_out == 1
 
 
+def test_weighted_refuses_weights_that_are_not_a_list_or_keys_that_are_no_replica(bench: wb.Workbench) -> None:
+    # None raised a raw TypeError; a string was read letter by letter; a key neither an index nor a name (1.5, -1,
+    # True) weighed no replica, with nothing said, so its share went to the others.
+    for weights, says in [(None, "a list of weights"), (3, "a list of weights"), ("3,1", "a list of weights"),
+                          ({1.5: 1, 0: 1}, "1.5 is neither"), ({-1: 1, 0: 1}, "-1 is neither"),
+                          ({True: 1, 0: 1}, "True is neither")]:
+        with pytest.raises(wb.StrategyError, match=says) as info:
+            wb.Weighted(weights)  # type: ignore[arg-type]
+        assert info.value.hint
+    assert wb.Weighted((3, 1)).weights == {0: 3.0, 1: 1.0}
+
+
 def test_a_failed_or_refused_load_leaves_the_replicas_and_balance_configured_before(tiny_path: Path) -> None:
     with wb.Workbench(store=wb.InMemoryContextStore()) as other:
         other.register("r", tiny_path, replicas=2, balance="least_loaded")

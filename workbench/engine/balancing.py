@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol
 
 from workbench.errors import StrategyError, did_you_mean
@@ -159,11 +159,22 @@ class Weighted(BalancePolicy):
     """
 
     def __init__(self, weights: Sequence[float] | Mapping[int | str, float], seed: int | None = 0) -> None:
-        items = list(weights.items()) if isinstance(weights, Mapping) else list(enumerate(weights))
+        example = "e.g. wb.Weighted([3, 1]): three requests to replica 0 for one to replica 1"
+        if isinstance(weights, Mapping):
+            items = list(weights.items())
+        elif isinstance(weights, Iterable) and not isinstance(weights, (str, bytes)):
+            items = list(enumerate(weights))
+        else:
+            raise StrategyError(f"Weighted takes a list of weights (one per replica) or a mapping of replica index or "
+                                f"name to weight, not {weights!r:.80}",
+                                hint=f"{example}; as text, bench.set_balance(NAME, 'weighted:3,1')")
         for key, weight in items:
+            if isinstance(key, bool) or not isinstance(key, (int, str)) or (isinstance(key, int) and key < 0):
+                raise StrategyError(f"Weighted: {key!r:.80} is neither a replica index (0, 1, ...) nor a replica name",
+                                    hint=f"{example}; or by name, wb.Weighted({{'m#0': 3, 'm#1': 1}})")
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
                 raise StrategyError(f"Weighted: the weight of replica {key!r} must be a number >= 0, got {weight!r}",
-                                    hint="e.g. wb.Weighted([3, 1]): three requests to replica 0 for one to replica 1")
+                                    hint=example)
         # An infinite weight (or weights whose sum overflows) passed here and failed every request later, in the
         # random draw ("Total of weights must be finite").
         try:
@@ -173,10 +184,10 @@ class Weighted(BalancePolicy):
         if not math.isfinite(total):
             raise StrategyError("Weighted: the weights must be finite, and so must their sum, got "
                                 + ", ".join(f"{key!r}: {weight!r}" for key, weight in items),
-                                hint="e.g. wb.Weighted([3, 1]): three requests to replica 0 for one to replica 1")
+                                hint=example)
         if not any(weight > 0 for _, weight in items):
             raise StrategyError("Weighted: at least one weight must be more than 0",
-                                hint="e.g. wb.Weighted([3, 1]): three requests to replica 0 for one to replica 1")
+                                hint=example)
         self.weights: dict[int | str, float] = {key: float(weight) for key, weight in items}
         self.seed = seed
         self._rng = random.Random(seed)
