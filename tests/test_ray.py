@@ -277,6 +277,18 @@ def test_an_actor_whose_restart_could_not_load_is_ended_not_left_holding_its_res
         bench.unload("flaky", forget=True)
 
 
+def test_a_request_in_flight_when_the_workbench_closes_says_the_model_was_unloaded(ray: Any, tiny_path: Path) -> None:
+    with wb.Workbench(store=wb.InMemoryContextStore()) as other:
+        other.load("brief", tiny_path, device="cpu", engine="ray", num_cpus=0)
+        # Sampled hot and seeded, so that it runs its whole length: long enough to be under way at the close.
+        request = other.engine.submit("brief", "Hello", wb.GenerationParams(max_new_tokens=400, temperature=5.0,
+                                                                             seed=0))
+        eventually(lambda: int(other.replicas("brief")["in_flight"].sum()) == 1, "the request to be sent")
+    with pytest.raises(wb.ModelActorDied, match="the model was unloaded") as caught:
+        request.future.result(WAIT_S)
+    assert "starting in its place" not in str(caught.value)  # no restart comes: it was ended on purpose
+
+
 def test_a_ray_the_workbench_started_refuses_another_address_and_stops_when_the_workbench_closes(
     tiny_path: Path,
 ) -> None:

@@ -364,6 +364,9 @@ class RayBackend:
                     )
             if self._gone is not None:
                 return self._gone
+            if self._closed:  # close() ended it: no restart comes
+                return ModelActorDied(f"the Ray actor of {self._who} was ended: the model was unloaded",
+                                      hint=f"bench.load({self.model!r}, ...) again")
             return ModelActorDied(
                 f"the Ray actor of {self._who} on node {node} is gone ({self._dead})",
                 hint=f"a new actor is starting in its place (restart {self.restarts} of {self._settings.restarts}); "
