@@ -499,6 +499,26 @@ def test_continuous_batching_is_refused_for_a_model_with_adapters(adapted: wb.Wo
     assert adapted.engine.policy("tiny").name.startswith("dynamic")  # the policy in force stays
 
 
+def test_an_exact_cached_adapter_hop_loads_a_registered_model_on_first_use(
+    tiny_path: Path, lora: dict[str, Path], tmp_path: Path
+) -> None:
+    """A registered model loads on its first request, cache or not: the adapter's live version, which the cache key
+    needs, is not known before the load, so the first call goes to the model uncached (it failed: 'registered but
+    not loaded'; keyed without a version it would have shared the base model's answers), and later calls cache."""
+    with wb.Workbench(data_dir=tmp_path / "data") as bench:
+        bench.register("tiny", tiny_path, device="cpu", adapters={"sql": lora["sql"]})
+        chain = bench.chain({"name": "ask", "hops": [
+            {"name": "answer", "model": "tiny", "adapter": "sql", "prompt": "{{ q }}", "max_new_tokens": NEW,
+             "cache": "exact"}]})
+        runs = [chain.run(q=PROMPT) for _ in range(3)]
+        tokenizer = bench.registry.get("tiny").tokenizer
+        tuned = tokenizer.decode(by_hand(tiny_path, lora["sql"], PROMPT), skip_special_tokens=True).strip()
+        assert [run.output for run in runs] == [tuned] * 3
+        hit = [dict(next(s for s in run.trace.spans if s.name == "hop answer").attributes).get(attr.CACHE_HIT)
+               for run in runs]
+        assert hit == [None, False, True]
+
+
 def test_the_exact_cache_keys_an_adapter_hop_by_its_live_versions_files(
     tiny_path: Path, lora: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -365,14 +365,22 @@ class Runner:
         loop = asyncio.get_running_loop()
         cache = self.cache
 
-        def look() -> _Hit | str:
-            # A fallback model runs bare; a hop's adapter counts by the files of its live version.
-            adapter = self.engine.adapter_identity(model, hop.adapter) if hop.adapter and model == hop.model else None
+        def look() -> _Hit | str | None:
+            # A fallback model runs bare; a hop's adapter counts by the files of its live version. With no live
+            # version known (the model loads on this call, say) the call goes to the model uncached: keyed without
+            # one, it would share the base model's answers.
+            adapter = None
+            if hop.adapter and model == hop.model:
+                adapter = self.engine.adapter_identity(model, hop.adapter)
+                if adapter is None:
+                    return None
             key = response_key(self.engine.identity(model), prompt, messages, hop.params, adapter=adapter)
             found = cache.get(key, hop.name, model)
             return key if found is None else _Hit(key, found.text, found.cost_ms)
 
         answer = await loop.run_in_executor(self.hop_pool, look)
+        if answer is None:
+            return None
         if isinstance(answer, _Hit):
             span.set_attributes({attr.CACHE_HIT: True, attr.CACHE_KEY: answer.key, attr.CACHE_SAVED_MS: answer.cost_ms})
         else:

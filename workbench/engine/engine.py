@@ -607,7 +607,10 @@ class Engine:
     def adapter_identity(self, name: str, adapter: str) -> str | None:
         """What an answer of ``adapter`` on model ``name`` depends on, for cache keys: its name and the digest of its
         live version's files (so a hot swap to new weights is a new key; the same files again, the same key).
-        None where no replica serves it (the call itself then says why)."""
+        None where no replica serves it, or the model is not loaded yet (the call itself then loads it or says why)."""
+        model, _ = self._resolve(name)
+        if not self._registry.is_loaded(model):
+            return None
         for worker in self.replicas_of(name):
             adapters: AdapterSet | None = getattr(worker.backend, "adapters", None)
             live = adapters.live(adapter) if adapters is not None else None
