@@ -292,6 +292,37 @@ def test_a_kill_mid_write_leaves_the_cache_readable(tmp_path: Path) -> None:
     cache.close()
 
 
+def test_a_cache_another_process_holds_locked_still_answers_hits_and_model_calls(loaded: wb.Workbench,
+                                                                                 tmp_path: Path) -> None:
+    """The cache is bookkeeping: when another process holds its file locked for long (a second kernel's clear, an
+    open sqlite3 shell; a full disk fails the same way), a hit is still answered from it, and an answer the model
+    made and the cache could not keep is still the hop's answer, with a warning. Both failed the hop."""
+    path = tmp_path / CACHE_FILE
+    loaded.use_cache(ResponseCache(path, timeout_s=0.2))
+    chain = loaded.chain(spec("exact"))
+    stored = chain.run(question="Name a river.")
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sqlite3, time
+        connection = sqlite3.connect({str(path)!r}, isolation_level=None)
+        connection.execute("BEGIN IMMEDIATE")
+        print("locked", flush=True)
+        time.sleep(120)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        hit = chain.run(question="Name a river.")
+        assert hit.output == stored.output and model_calls(hit) == 0
+        with pytest.warns(RuntimeWarning, match="could not keep"):
+            fresh = chain.run(question="Name a lake.")
+        assert model_calls(fresh) == 1 and fresh.output
+    finally:
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+    assert model_calls(chain.run(question="Name a lake.")) == 1  # not kept: the model answers it again
+
+
 # -- the prefix cache -----------------------------------------------------------------------------
 
 

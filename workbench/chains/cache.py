@@ -128,7 +128,10 @@ class ResponseCache:
         rows = self._execute("SELECT text, tokens_out, cost_ms FROM responses WHERE key = ?", (key,))
         found = CachedResponse(*rows[0]) if rows else None
         if found is not None:
-            self._execute("UPDATE responses SET used_at = ?, hits = hits + 1 WHERE key = ?", (time.time(), key))
+            try:
+                self._execute("UPDATE responses SET used_at = ?, hits = hits + 1 WHERE key = ?", (time.time(), key))
+            except StoreError as exc:  # the answer was found: only its place in the eviction order is lost
+                logger.warning("a hit in the response cache %s was not marked used: %s", self.path, exc.message)
         with self._counts_lock:
             counts = self._counts.setdefault((hop, model), [0, 0, 0.0])
             if found is None:

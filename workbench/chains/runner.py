@@ -332,9 +332,16 @@ class Runner:
                     span.set_attributes({attr.PREFIX_TOKENS: result.prefix_tokens,
                                          attr.PREFIX_SAVED_MS: result.prefix_saved_ms})
                 if key is not None and self.cache is not None:
-                    await asyncio.get_running_loop().run_in_executor(
-                        self.hop_pool, self.cache.put, key, state.spec.name, hop.name, name, result.text,
-                        result.tokens_out, result.e2e_ms)
+                    try:
+                        await asyncio.get_running_loop().run_in_executor(
+                            self.hop_pool, self.cache.put, key, state.spec.name, hop.name, name, result.text,
+                            result.tokens_out, result.e2e_ms)
+                    except StoreError as exc:
+                        # The model answered: losing that for the cache's sake (or calling it again on a retry)
+                        # would lose more. The next such call goes to the model again, which the warning says.
+                        warnings.warn(f"hop {hop.name!r} answered, but the response cache could not keep its answer, "
+                                      f"so the model will be called again for it: {exc}", RuntimeWarning, stacklevel=2)
+                        log.warning("an answer of hop %r was not kept in the response cache: %s", hop.name, exc)
                 return result.text
 
             return Route(label, call)
