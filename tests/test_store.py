@@ -297,6 +297,32 @@ def test_values_json_cannot_hold_are_stored_as_their_repr_with_a_note(tmp_path: 
                 json.loads(column)
 
 
+class Unprintable:
+    """A value whose repr raises, as a half-built object's may."""
+
+    def __repr__(self) -> str:
+        raise RuntimeError("not built yet")
+
+
+def test_a_value_whose_repr_fails_too_is_kept_as_a_note_and_the_run_is_answered(tmp_path: Path) -> None:
+    """JSON cannot hold them and their repr raises (or recurses too deep): the run in a session raised that raw
+    RuntimeError or RecursionError, losing its answer, and kept nothing."""
+    nested: list[Any] = []
+    for _ in range(100_000):
+        nested = [nested]
+    with wb.Workbench(data_dir=tmp_path) as bench:
+        chain = bench.chain({"name": "odd", "hops": [
+            {"name": "half", "call": lambda q: Unprintable()},
+            {"name": "deep", "call": lambda q: nested},
+        ], "output": "half"})
+        run = chain.run(session="s1", q="x")
+        assert isinstance(run.output, Unprintable) and run.outputs["deep"] is nested
+        (kept,) = bench.session("s1").records()
+    assert kept.output == kept.outputs["half"] == "<Unprintable: its repr raised RuntimeError>"
+    assert kept.outputs["deep"] == "<list: its repr raised RecursionError>"
+    assert sorted(kept.meta["stored_as_repr"]) == ["output", "outputs.deep", "outputs.half"]
+
+
 def test_text_that_utf8_cannot_encode_round_trips(tmp_path: Path) -> None:
     # A lone surrogate is what os.fsdecode and surrogateescape make of bytes that are not UTF-8.
     odd = "name \udcff from a file" + " 中文"

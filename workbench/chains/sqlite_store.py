@@ -258,7 +258,10 @@ def _json_value(value: Any, where: str, as_repr: list[str]) -> Any:
         json.dumps(value, ensure_ascii=False)
     except (TypeError, ValueError, RecursionError):
         as_repr.append(where)
-        return repr(value)
+        try:
+            return repr(value)
+        except Exception as exc:  # a repr that raises, or recurses too deep: the run is kept all the same
+            return f"<{type(value).__qualname__}: its repr raised {type(exc).__name__}>"
     return value
 
 
