@@ -77,6 +77,27 @@ def test_sessions_survive_a_restart_on_the_same_data_dir(tiny_path: Path, tmp_pa
         assert [r.run_id for r in second_kernel.session("s1").records()] == [*(run.id for run in earlier), later.id]
 
 
+@pytest.mark.parametrize("given", ["argument", "environment"])
+def test_a_relative_data_dir_stays_where_it_was_when_the_working_directory_changes(
+    given: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """data_dir="data" (or AUTOGLM_DATA_DIR=data), then a notebook's %cd: the files open on first use, so the session's
+    history was read from, and its next runs kept in, another directory's data/."""
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AUTOGLM_DATA_DIR", "data")
+    with wb.Workbench(data_dir="data" if given == "argument" else None) as bench:
+        chain = bench.chain({"name": "py", "hops": [{"name": "echo", "call": lambda q: q}]})
+        chain.run(session="s1", q="before")
+        monkeypatch.chdir(tmp_path / "sub")
+        assert bench.data_dir.is_absolute() and bench.data_dir.samefile(tmp_path / "data")
+        assert [r.output for r in bench.session("s1").records()] == ["before"]
+        chain.run(session="s1", q="after")
+    assert not (tmp_path / "sub" / "data").exists()
+    with wb.Workbench(data_dir=tmp_path / "data") as later:
+        assert [r.output for r in later.session("s1").records()] == ["before", "after"]
+
+
 def test_the_file_is_created_on_first_use_in_wal_mode_with_its_schema_version(tmp_path: Path) -> None:
     path = tmp_path / SESSIONS_FILE
     with wb.Workbench(data_dir=tmp_path) as bench:

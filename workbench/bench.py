@@ -131,7 +131,7 @@ class Workbench:
         self.tracing = Tracing(otlp_endpoint, project_name=project_name)
         self.registry = ModelRegistry(self.tracing)
         self.engine = Engine(self.registry, self.tracing)
-        self.data_dir = Path(data_dir).expanduser() if data_dir is not None else data_root()
+        self.data_dir = data_root(data_dir)
         self.store = store if store is not None else SQLiteContextStore(self.data_dir / SESSIONS_FILE)
         self._hop_pool = ThreadPoolExecutor(max_workers=hop_threads, thread_name_prefix="workbench-hop")
         self.graphs = GraphStore()  # knowledge hops' graphs, each loaded once

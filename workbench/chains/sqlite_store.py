@@ -45,13 +45,15 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 _COLUMNS = "run_id, chain, inputs, outputs, output, started_at, duration_ms, status, error, meta"
 
 
-def data_root() -> Path:
-    """Where the workbench keeps what outlives a kernel: ``$AUTOGLM_DATA_DIR``, else the XDG data directory."""
-    explicit = os.environ.get("AUTOGLM_DATA_DIR")
-    if explicit:
-        return Path(explicit).expanduser()
+def data_root(data_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where the workbench keeps what outlives a kernel: ``data_dir`` if given, else ``$AUTOGLM_DATA_DIR``, else the
+    XDG data directory. Absolute: its files open on first use, and a relative path would follow a later chdir
+    (a notebook's ``%cd``) to another directory's files."""
+    explicit = data_dir if data_dir is not None else os.environ.get("AUTOGLM_DATA_DIR") or None
+    if explicit is not None:
+        return Path(explicit).expanduser().absolute()
     xdg = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
-    return Path(xdg) / "autoglm-workbench"
+    return (Path(xdg) / "autoglm-workbench").absolute()
 
 
 class SQLiteContextStore(ContextStore):

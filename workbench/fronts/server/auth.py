@@ -185,7 +185,7 @@ class KeyStore:
 
     def __init__(self, data_dir: str | os.PathLike[str] | None = None, *, roles: Iterable[str] | None = None,
                  pepper: bytes | None = None, timeout_s: float = 30.0) -> None:
-        self.data_dir = Path(data_dir).expanduser() if data_dir is not None else data_root()
+        self.data_dir = data_root(data_dir)
         self.path = self.data_dir / KEYS_FILE
         self.roles = frozenset(roles) if roles is not None else frozenset(DEFAULT_ROLES)
         self._pepper = pepper
