@@ -183,6 +183,35 @@ def test_a_new_model_version_misses(tiny_path: Path, tmp_path: Path, data_dir: P
         assert model_calls(run) == 1
 
 
+def test_weights_rewritten_after_the_load_are_another_model_than_the_one_in_memory(
+    tiny_path: Path, tmp_path: Path, data_dir: Path
+) -> None:
+    """A model loaded, its directory then rewritten (a training run saving its next checkpoint in place), then a cached
+    hop: the answer of the weights in memory was stored under the new files' fingerprint, and the next kernel that
+    loaded the new weights was answered from the cache with the old weights' answer."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    copy = Path(shutil.copytree(tiny_path, tmp_path / "checkpoint"))
+    with wb.Workbench(data_dir=data_dir) as bench:
+        bench.load("tiny", copy, device="cpu")
+        model = AutoModelForCausalLM.from_pretrained(copy)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * parameter.std())
+        model.save_pretrained(copy)  # the next version, in place; the old one still serves here
+        old = bench.chain(spec("exact")).run(question="Name a river.")
+    with wb.Workbench(data_dir=data_dir) as bench:
+        bench.load("tiny", copy, device="cpu")
+        new = bench.chain(spec("exact")).run(question="Name a river.")
+        uncached = bench.chain(spec("off")).run(question="Name a river.")
+    assert uncached.output != old.output  # the new weights answer otherwise
+    assert model_calls(new) == 1 and new.output == uncached.output
+
+
 def test_the_same_model_reloaded_in_another_dtype_misses(tiny_path: Path, data_dir: Path) -> None:
     with wb.Workbench(data_dir=data_dir) as bench:
         bench.load("tiny", tiny_path, device="cpu", dtype="float32")

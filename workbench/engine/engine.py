@@ -131,7 +131,6 @@ class Engine:
         # Prompts tokenized ahead (a map's prefetch), by (worker, prompt), taken once by the request they were for.
         self._tokenized: OrderedDict[tuple[str, str], list[int]] = OrderedDict()
         self._prefix_ids: OrderedDict[tuple[str, str], list[int]] = OrderedDict()
-        self._identities: dict[str, tuple[object, dict[str, str | None]]] = {}
         self._wakeups: dict[asyncio.AbstractEventLoop, Wakeups] = {}
         self.preloader = Preloader(registry, tracing, self.start, self.stop)
 
@@ -588,21 +587,14 @@ class Engine:
     def identity(self, name: str) -> dict[str, str | None]:
         """What an answer of model ``name`` depends on (source, revision, adapter, file fingerprints), for cache keys.
 
-        Worked out once per load of the model: a reload (a new version in its directory) gives a new identity.
+        Taken when the model loaded (a reload of a new version in its directory gives a new identity); for a model
+        registered but not loaded yet, what it would load now.
         """
         model, _ = self._resolve(name)
-        loaded: object
         try:
-            loaded = self._registry.get(model)
-            settings = self._registry.get(model).settings
+            return self._registry.get(model).identity
         except UnknownModelError:
-            loaded = settings = self._registry.settings(model)  # registered, not loaded: what it will load
-        known = self._identities.get(model)
-        if known is not None and known[0] is loaded:
-            return known[1]
-        identity = model_identity(settings)
-        self._identities[model] = (loaded, identity)
-        return identity
+            return model_identity(self._registry.settings(model))
 
     def adapter_identity(self, name: str, adapter: str) -> str | None:
         """What an answer of ``adapter`` on model ``name`` depends on, for cache keys: its name and the digest of its

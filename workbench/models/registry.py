@@ -26,6 +26,7 @@ from workbench.models import heap, remote
 from workbench.models.adapters import AdapterSet, relative_note
 from workbench.models.remote import REMOTE_DEVICE
 from workbench.models.devices import dtype_name, resolve_device, resolve_dtype
+from workbench.models.fingerprint import model_identity
 from workbench.models.settings import LoadSettings, is_server_url
 from workbench.tracing import Tracing
 from workbench.tracing import attributes as attr_names
@@ -78,6 +79,13 @@ class LoadedModel:
     loaded_at: float = field(default_factory=time.time)
     # The named LoRA adapters on ``model`` (``settings.adapters``), which hops pick by name; None without any.
     adapters: AdapterSet | None = None
+    # What its answers depend on, for cache keys (fingerprint.py): taken as its files are when it has just loaded,
+    # since a directory rewritten later (the next checkpoint saved in place) no longer holds the weights in memory.
+    identity: dict[str, str | None] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.identity:
+            self.identity = model_identity(self.settings)
 
     @property
     def source(self) -> str:
