@@ -240,6 +240,18 @@ def test_a_damaged_cache_file_is_named_and_clear_cache_starts_a_new_one(tiny_pat
         assert model_calls(bench.chain(spec("exact")).run(question="Name a river.")) == 0
 
 
+def test_a_cache_file_deleted_from_outside_answers_nothing_more(loaded: wb.Workbench, data_dir: Path) -> None:
+    """rm cache.sqlite3 (or the data directory) from a shell while the kernel runs: the open connection went on
+    answering hits from the deleted file, and kept new answers where no one could read them again."""
+    chain = loaded.chain(spec("exact"))
+    chain.run(question="Name a river.")
+    assert model_calls(chain.run(question="Name a river.")) == 0
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{data_dir / CACHE_FILE}{suffix}").unlink(missing_ok=True)
+    assert model_calls(chain.run(question="Name a river.")) == 1
+    assert (data_dir / CACHE_FILE).is_file() and loaded.cache.entries() == 1
+
+
 def test_a_forced_sampling_hop_is_cached(loaded: wb.Workbench) -> None:
     chain = loaded.chain(spec({"mode": "exact", "force": True}, temperature=0.9, seed=3))
     first = chain.run(question="Say something.")

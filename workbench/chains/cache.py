@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from workbench.chains.sqlite_store import open_wal
+from workbench.chains.sqlite_store import file_replaced, inode_of, open_wal
 from workbench.engine.requests import GenerationParams, Messages
 from workbench.errors import SettingsError, StoreError
 
@@ -108,6 +108,7 @@ class ResponseCache:
         self.set_limits(max_entries, max_bytes)
         self._lock = threading.Lock()
         self._connection: sqlite3.Connection | None = None
+        self._inode: int | None = None  # of the file the connection opened
         # (hop, model) -> [hits, misses, saved_ms]
         self._counts: dict[tuple[str, str], list[float]] = {}
         self._counts_lock = threading.Lock()
@@ -264,6 +265,10 @@ class ResponseCache:
                           "the disk is full; bench.clear_cache() empties it")
 
     def _open_locked(self) -> sqlite3.Connection:
+        if self._connection is not None and file_replaced(self.path, self._inode):
+            # Deleted (rm from a shell) or replaced under us: reading on would answer from a cache that is gone.
+            self._connection.close()
+            self._connection = None
         if self._connection is not None:
             return self._connection
         try:
@@ -275,6 +280,7 @@ class ResponseCache:
                 "Workbench(data_dir=...) or $AUTOGLM_DATA_DIR picks a writable directory",
             ) from exc
         self._connection = connection
+        self._inode = inode_of(self.path)
         return connection
 
 

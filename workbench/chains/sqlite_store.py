@@ -104,13 +104,13 @@ class SQLiteContextStore(ContextStore):
 
     def _execute(self, sql: str, parameters: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         with self._lock:
-            if self._connection is not None and _file_replaced(self.path, self._inode):
+            if self._connection is not None and file_replaced(self.path, self._inode):
                 # Deleted (or replaced) under us: writing on would go to a file no one can open again.
                 self._connection.close()
                 self._connection = None
             if self._connection is None:
                 self._connection = self._open()
-                self._inode = _inode_of(self.path)
+                self._inode = inode_of(self.path)
             try:
                 return self._connection.execute(sql, parameters).fetchall()
             except sqlite3.Error as exc:
@@ -158,16 +158,16 @@ def open_wal(path: Path, timeout_s: float, prepare: Callable[[sqlite3.Connection
     return connection
 
 
-def _inode_of(path: Path) -> int | None:
+def inode_of(path: Path) -> int | None:
     try:
         return os.stat(path).st_ino
     except OSError:
         return None
 
 
-def _file_replaced(path: Path, inode: int | None) -> bool:
+def file_replaced(path: Path, inode: int | None) -> bool:
     """Whether the file at ``path`` is gone, or is another file than the one whose inode is ``inode``."""
-    now = _inode_of(path)
+    now = inode_of(path)
     return now is None or now != inode
 
 
