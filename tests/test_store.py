@@ -138,6 +138,22 @@ def test_an_unusable_data_dir_is_a_store_error_before_any_hop_runs(tmp_path: Pat
         assert chain.run(q="no session needs no store").output == "no session needs no store"
 
 
+def test_a_damaged_store_file_is_named_as_damaged_with_what_to_do(tmp_path: Path) -> None:
+    """A store file cut short (a copy interrupted, a disk gone bad): every session run was refused with a hint to pick
+    a writable directory, which says nothing of the damage nor how to get the sessions back."""
+    store = wb.SQLiteContextStore(tmp_path / SESSIONS_FILE)
+    for index in range(200):
+        store.append(f"s{index % 5}", record(f"r{index}", output="answer " * 200))
+    store.close()  # the last connection checkpoints the log into the file
+    path = tmp_path / SESSIONS_FILE
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with wb.Workbench(data_dir=tmp_path) as bench:
+        with pytest.raises(wb.StoreError, match="malformed") as info:
+            bench.sessions()
+    assert "damaged" in str(info.value.hint) and ".recover" in str(info.value.hint)
+    assert path.stat().st_size > 0  # left as it was, for a recovery
+
+
 def test_a_damaged_row_is_a_store_error_naming_the_run_and_the_column(tmp_path: Path) -> None:
     store = wb.SQLiteContextStore(tmp_path / SESSIONS_FILE)
     store.append("s1", record("r1"))

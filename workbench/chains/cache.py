@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from workbench.chains.sqlite_store import file_replaced, inode_of, open_wal
+from workbench.chains.sqlite_store import file_replaced, inode_of, is_damaged, open_wal
 from workbench.engine.requests import GenerationParams, Messages
 from workbench.errors import SettingsError, StoreError
 
@@ -192,7 +192,7 @@ class ResponseCache:
             try:
                 self._execute("SELECT 1 FROM responses LIMIT 1", ())
             except StoreError as exc:
-                if not _damaged(exc.__cause__):
+                if not is_damaged(exc.__cause__):
                     raise
                 self._set_aside()  # a damaged file cannot be emptied: a new one takes its place
         count = self._execute("SELECT COUNT(*) FROM responses" + sql[len("DELETE FROM responses"):], tuple(args))[0][0]
@@ -261,7 +261,7 @@ class ResponseCache:
 
     def _failed(self, exc: sqlite3.Error) -> StoreError:
         return StoreError(f"the response cache {str(self.path)!r} failed: {exc}",
-                          hint=_DAMAGED_HINT if _damaged(exc) else "another process may hold it locked for long, or "
+                          hint=_DAMAGED_HINT if is_damaged(exc) else "another process may hold it locked for long, or "
                           "the disk is full; bench.clear_cache() empties it")
 
     def _open_locked(self) -> sqlite3.Connection:
@@ -276,22 +276,12 @@ class ResponseCache:
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(
                 f"cannot open the response cache {str(self.path)!r}: {exc}",
-                hint=_DAMAGED_HINT if _damaged(exc) else
+                hint=_DAMAGED_HINT if is_damaged(exc) else
                 "Workbench(data_dir=...) or $AUTOGLM_DATA_DIR picks a writable directory",
             ) from exc
         self._connection = connection
         self._inode = inode_of(self.path)
         return connection
-
-
-def _damaged(exc: BaseException | None) -> bool:
-    """Whether SQLite refused the file as not a database, or as malformed."""
-    if not isinstance(exc, sqlite3.DatabaseError):
-        return False
-    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
-    if code is not None:
-        return code & 0xFF in (11, 26)  # SQLITE_CORRUPT, SQLITE_NOTADB
-    return "not a database" in str(exc) or "malformed" in str(exc)
 
 
 def _create(connection: sqlite3.Connection, path: Path) -> None:

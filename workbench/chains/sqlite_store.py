@@ -116,7 +116,8 @@ class SQLiteContextStore(ContextStore):
             except sqlite3.Error as exc:
                 raise StoreError(
                     f"the session store {str(self.path)!r} failed: {exc}",
-                    hint="another process may hold it locked for long, or the disk is full",
+                    hint=self._damaged_hint() if is_damaged(exc) else
+                    "another process may hold it locked for long, or the disk is full",
                 ) from exc
 
     def _open(self) -> sqlite3.Connection:
@@ -125,10 +126,15 @@ class SQLiteContextStore(ContextStore):
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(
                 f"cannot open the session store {str(self.path)!r}: {exc}",
-                hint="Workbench(data_dir=...) or $AUTOGLM_DATA_DIR picks a writable directory;"
+                hint=self._damaged_hint() if is_damaged(exc) else
+                "Workbench(data_dir=...) or $AUTOGLM_DATA_DIR picks a writable directory;"
                 " Workbench(store=InMemoryContextStore()) keeps sessions in memory only",
             ) from exc
         return connection
+
+    def _damaged_hint(self) -> str:
+        return (f"the file is damaged: move it aside and a new one starts (sqlite3 {str(self.path)!r} .recover may "
+                "save its sessions), or Workbench(data_dir=...) picks another directory")
 
 
 WAL_LIMIT_BYTES = 4 << 20  # the most a write-ahead log keeps on disk after a checkpoint
@@ -169,6 +175,16 @@ def file_replaced(path: Path, inode: int | None) -> bool:
     """Whether the file at ``path`` is gone, or is another file than the one whose inode is ``inode``."""
     now = inode_of(path)
     return now is None or now != inode
+
+
+def is_damaged(exc: BaseException | None) -> bool:
+    """Whether SQLite refused the file as not a database, or as malformed."""
+    if not isinstance(exc, sqlite3.DatabaseError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code & 0xFF in (11, 26)  # SQLITE_CORRUPT, SQLITE_NOTADB
+    return "not a database" in str(exc) or "malformed" in str(exc)
 
 
 def _while_busy(action: Callable[[], object], deadline: float) -> None:
