@@ -480,6 +480,19 @@ def test_compare_measures_cache_arms_side_by_side(loaded: wb.Workbench) -> None:
         wb.compare(chain, inputs, cache=["exactly"], repeats=1, progress=False)
 
 
+def test_compare_without_cache_arms_runs_every_pass_of_a_cached_chain_cold(loaded: wb.Workbench) -> None:
+    """Batching compared on a chain whose hop has cache: exact: the first pass filled the user's cache and every later
+    pass was answered from it, so the policy that ran later looked 3x faster, with no TTFT at all (no model call)."""
+    chain = loaded.chain(spec("exact"))
+    inputs = [{"question": f"Question {i}?"} for i in range(4)]
+    result = wb.compare(chain, inputs, batching=["none", "static:4"], concurrency=4, repeats=2, warmup=0,
+                        progress=False)
+    table = result.table().set_index("batching")
+    assert (table["ttft_n"] == 8).all()  # every run of every pass called the model
+    assert (table["cache_hit_rate"] == 0).all()
+    assert loaded.cache.entries() == 0  # the user's stored answers are neither read nor added to
+
+
 def test_the_compare_magic_takes_cache_arms() -> None:
     from workbench.errors import ParseError
     from workbench.fronts.notebook.parsers import CompareCommand, parse_command

@@ -724,7 +724,8 @@ def compare(
     greedy hops, ``prefix`` only on prompts with fixed leading text), each pass starting from empty caches; the
     table adds ``cache_hit_rate`` (exact hits per lookup), ``prefix_tokens_reused`` (per model call) and
     ``prefix_kv_mb`` (the prefix KV held at the end of a pass). An exact hit calls no model, so TTFT and TPOT
-    are over the calls that missed. ``None`` leaves that axis as the workbench has it. Each pass runs every input once, closed loop
+    are over the calls that missed. ``None`` leaves that axis as the workbench has it (a chain's own ``cache:`` hops
+    also start each pass from empty caches). Each pass runs every input once, closed loop
     at ``concurrency`` runs in flight, or open loop with Poisson arrivals at ``arrival_rate``
     runs/s (seeded by ``seed``); ``warmup`` runs before each pass are left out of its figures.
 
@@ -836,8 +837,10 @@ def _one_pass(
     with ExitStack() as stack:
         if strategy.cache is not None:
             chain = _with_cache(chain, strategy.cache)
+        if any(hop.cache.exact or hop.cache.prefix for hop in chain.spec.hops):
             # Each pass starts cold, so its hits are its own inputs' repeats: prefixes are prefilled again, and
-            # answers go to a scratch cache (the user's stored answers stay, and are not read).
+            # answers go to a scratch cache (the user's stored answers stay, and are not read). So also without
+            # cache arms: else every pass after the first is answered from the first's answers.
             for name in models:
                 if bench.registry.is_loaded(name):
                     bench.engine.clear_prefix_caches(name)
