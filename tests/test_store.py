@@ -211,6 +211,15 @@ def test_an_empty_or_blank_session_id_is_refused_not_run_as_no_session(tmp_path:
         assert bench.runs() == []
 
 
+def test_a_session_id_a_run_refuses_is_refused_when_read_or_forgotten_too(tmp_path: Path) -> None:
+    """A run refused it already; reading or forgetting it raised a raw UnicodeEncodeError from SQLite."""
+    with wb.Workbench(data_dir=tmp_path) as bench:
+        with pytest.raises(wb.InvalidInput, match="the session id is not valid text"):
+            bench.session("notes \udcff").records()  # surrogateescape's reading of a file name that is not UTF-8
+        with pytest.raises(wb.InvalidInput, match="the session id is empty"):
+            bench.session("").forget()
+
+
 def test_the_write_ahead_log_shrinks_back_once_a_long_reader_lets_go(tmp_path: Path) -> None:
     from workbench.chains.sqlite_store import WAL_LIMIT_BYTES
 

@@ -24,7 +24,7 @@ from workbench.chains.context import ContextStore, RunRecord
 from workbench.chains.live import DEFAULT_INTERVAL_S, read_text
 from workbench.chains.run import Run
 from workbench.chains.events import Event
-from workbench.chains.runner import Runner
+from workbench.chains.runner import Runner, check_session
 from workbench.chains.spec import ChainSpec, parse_spec
 from workbench.chains.sqlite_store import SESSIONS_FILE, SQLiteContextStore, data_root
 from workbench.engine import BatchingPolicy, Engine, GenerationParams, GenerationResult
@@ -762,6 +762,7 @@ class Workbench:
         return Trace(self.tracing.index.spans())
 
     def session(self, session_id: str) -> Session:
+        check_session(session_id)  # as a run does: an id no run can have
         return Session(self.store, session_id)
 
     def sessions(self) -> list[str]:
