@@ -220,6 +220,17 @@ def test_a_session_id_a_run_refuses_is_refused_when_read_or_forgotten_too(tmp_pa
             bench.session("").forget()
 
 
+def test_a_chain_named_by_a_file_name_that_is_not_utf8_is_refused_when_built(tmp_path: Path) -> None:
+    """A spec file without a name is named after the file; réponse.yaml written in Latin-1 reads as 'r\\udce9ponse':
+    the chain was built, and its first run in a session (or cache: exact answer) raised a raw UnicodeEncodeError."""
+    path = Path(os.fsdecode(os.fsencode(tmp_path) + "/r\xe9ponse.yaml".encode("latin-1")))
+    path.write_text("hops:\n  - name: echo\n    call: workbench.demo:answer_stats\n", encoding="utf-8")
+    with wb.Workbench(data_dir=tmp_path) as bench:
+        with pytest.raises(wb.SpecError, match="the chain's name is not valid text") as info:
+            bench.chain(path)
+        assert info.value.field == "name"
+
+
 def test_the_write_ahead_log_shrinks_back_once_a_long_reader_lets_go(tmp_path: Path) -> None:
     from workbench.chains.sqlite_store import WAL_LIMIT_BYTES
 

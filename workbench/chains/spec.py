@@ -16,10 +16,10 @@ import yaml
 
 from workbench.chains import trust
 from workbench.chains.templates import PromptTemplate
-from workbench.engine.requests import GenerationParams
+from workbench.engine.requests import GenerationParams, check_text
 from workbench.chains.resilience import NO_RESILIENCE, Fallback, Resilience, RetryPolicy
 from workbench.engine.failures import ERROR_KINDS
-from workbench.errors import GraphError, SpecError, did_you_mean
+from workbench.errors import GraphError, InvalidInput, SpecError, did_you_mean
 from workbench.knowledge import DEFAULT_MAX_TRIPLES, DEMO_GRAPHS, GraphSource, GraphStore, resolve
 
 CHAIN_FIELDS = ("name", "description", "inputs", "hops", "output", "history")
@@ -250,6 +250,11 @@ def parse_spec(
     name = data.get("name", default_name)
     if not isinstance(name, str) or not name.strip():
         raise SpecError("the chain needs a name (a non-empty string)", field="name", line=lines.of("name"))
+    try:  # a file's name read with surrogateescape, say: the session store and the cache keep the name as UTF-8
+        check_text(name, "the chain's name")
+    except InvalidInput as exc:
+        raise SpecError(exc.message, field="name", line=lines.of("name"), hint="name: my_chain names it in the spec; "
+                        + str(exc.hint)) from None
     hops_data = data.get("hops")
     if not isinstance(hops_data, list) or not hops_data:
         raise SpecError(
