@@ -97,6 +97,25 @@ def test_inputs_may_come_after_the_options(spec_file: Path, tiny_path: Path,
     assert info.value.code == 2 and "unrecognized arguments: --frobnicate" in capsys.readouterr().err
 
 
+def test_a_call_may_name_a_module_in_the_working_directory(tmp_path: Path, tiny_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    # The README lets a call: name "your own code (the working directory, ...)", but the autoglm script's import
+    # path starts at its bin/ folder, not the working directory: such a spec failed with "cannot import module".
+    (tmp_path / "shouting_hops.py").write_text("def shout(plan: str) -> str:\n    return plan.upper()\n",
+                                               encoding="utf-8")
+    (tmp_path / "shout.yaml").write_text(SPEC.replace("workbench.demo:answer_stats", "shouting_hops:shout"),
+                                         encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])  # as the script has it
+    monkeypatch.setitem(sys.modules, "shouting_hops", None)  # so that the module imported below is dropped after
+    del sys.modules["shouting_hops"]
+    assert main(["run", "shout.yaml", "question=hi", "--model", f"tiny={tiny_path}", "--json"]) == 0, \
+        capsys.readouterr().err
+    outputs = json.loads(capsys.readouterr().out)["outputs"]
+    assert outputs["stats"] == outputs["plan"].upper()
+
+
 def test_model_path_tiny_means_the_tiny_model(cached_tiny: Path, spec_file: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     outputs = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -329,7 +330,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _import_from_working_directory() -> None:
+    """Let a spec's ``call:`` name a module in the working directory, as under ``python -m`` and in a notebook.
+
+    The ``autoglm`` script's import path starts at its own bin/ folder. Appended, so that a file there never hides
+    an installed package the workbench imports later.
+    """
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _import_from_working_directory()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command == "run" and not any(item.startswith("-") for item in extra):
