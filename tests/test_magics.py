@@ -228,6 +228,19 @@ def test_a_failed_hop_prints_a_short_error_and_keeps_the_partial_run(with_qa: In
     assert not partial.ok and partial.outputs == {}
 
 
+@pytest.mark.parametrize("stream", ["", " --stream"], ids=["run", "stream"])
+def test_a_failed_hops_hint_says_where_the_partial_run_is(with_qa: InteractiveShell, stream: str) -> None:
+    # Before: "kept on the error's .run", an error the magic had already caught, so nothing a user could read.
+    wb.current().inject("tiny", error_rate=1.0, seed=0)
+    captured = magic(with_qa, "run qa question=hi" + stream)
+    message, hint = captured.stderr.splitlines()
+    assert message.startswith("autoglm: hop 'plan' failed: InjectedFault")
+    assert hint == "hint: the outputs of the hops that finished are in _autoglm_run; %autoglm trace shows its spans"
+    assert not with_qa.user_ns["_autoglm_run"].ok
+    trace = shown(magic(with_qa, "trace"))[0]
+    assert "chain qa" in trace and "ERROR" in trace
+
+
 # -- traces -------------------------------------------------------------------------------------
 
 

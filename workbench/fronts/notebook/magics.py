@@ -182,6 +182,10 @@ class AutoglmMagics(Magics):
             # The partial run keeps the outputs that finished; bind it so it can be read and traced.
             if failed.run is not None:
                 self._user_ns[RUN_VARIABLE] = failed.run
+                # Not "the error's .run": the magic catches the error, so the bound run is what the user can read.
+                if not (isinstance(failed.cause, WorkbenchError) and failed.cause.hint):
+                    failed.hint = (f"the outputs of the hops that finished are in {RUN_VARIABLE}; "
+                                   f"{PROG} trace shows its spans")
             raise
         self._user_ns[RUN_VARIABLE] = run
         display(run)
