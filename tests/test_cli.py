@@ -319,6 +319,21 @@ def test_keys_add_refuses_a_chains_list_with_an_empty_item(chains: str, tmp_path
     assert json.loads(capsys.readouterr().out) == []  # no key was made
 
 
+@pytest.mark.parametrize("action", [["add", "bot", "--role", "runner"], ["list"]], ids=["add", "list"])
+def test_keys_in_a_data_dir_that_is_a_file_exit_2_with_a_short_message(action: list[str], tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    # Before, keys add raised NotADirectoryError with a traceback: the key's hash read the pepper file before the
+    # store was opened, where keys list said what was wrong.
+    not_a_dir = tmp_path / "notes.txt"
+    not_a_dir.write_text("a file, not a directory", encoding="utf-8")
+    assert main(["keys", *action, "--data-dir", str(not_a_dir)]) == 2
+    captured = capsys.readouterr()
+    first, second = captured.err.splitlines()
+    assert first.startswith(f"autoglm: cannot open the key store {str(not_a_dir / 'keys.sqlite3')!r}: ")
+    assert second == "hint: --data-dir D or $AUTOGLM_DATA_DIR picks a writable directory"
+    assert captured.out == ""
+
+
 def test_serve_refuses_two_spec_files_with_one_chain_name(spec_file: Path, tiny_path: Path, tmp_path: Path) -> None:
     # Before, it served on: the gateway keys chains by name, so the second file's chain hid the first's. A child
     # process, so that a server that does start is stopped by the timeout rather than holding the test.

@@ -266,8 +266,15 @@ class KeyStore:
 
     def _load_pepper(self) -> bytes:
         if self._pepper is None:
-            self._pepper = _pepper(self.data_dir)
+            try:
+                self._pepper = _pepper(self.data_dir)
+            except OSError as exc:  # add() hashes its key before the store is opened
+                raise self._cannot_open(exc) from exc
         return self._pepper
+
+    def _cannot_open(self, exc: Exception) -> StoreError:
+        return StoreError(f"cannot open the key store {str(self.path)!r}: {exc}",
+                          hint="--data-dir D or $AUTOGLM_DATA_DIR picks a writable directory")
 
     def _execute(self, sql: str, parameters: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         with self._lock:
@@ -314,8 +321,7 @@ class KeyStore:
             connection.execute("INSERT OR IGNORE INTO meta VALUES ('pepper_check', ?)", (check,))
             (stored,) = connection.execute("SELECT value FROM meta WHERE key = 'pepper_check'").fetchone()
         except (OSError, sqlite3.Error) as exc:
-            raise StoreError(f"cannot open the key store {str(self.path)!r}: {exc}",
-                             hint="--data-dir D or $AUTOGLM_DATA_DIR picks a writable directory") from exc
+            raise self._cannot_open(exc) from exc
         if not hmac.compare_digest(stored, check):
             connection.close()
             raise StoreError(
