@@ -67,6 +67,22 @@ def test_demo_prints_the_span_table(cached_tiny: Path, capsys: pytest.CaptureFix
         assert f"\n{hop} " in summary
 
 
+def test_demo_with_a_cache_dir_that_cannot_be_written_exits_2_with_a_short_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Before: a FileExistsError traceback from mkdir (exit 1), where the tiny model was to be built; the same for
+    # --model tiny=tiny and %autoglm load NAME tiny. A read-only home (a cluster, a container) meets it too.
+    not_a_dir = tmp_path / "cache.txt"
+    not_a_dir.write_text("a file, not a directory", encoding="utf-8")
+    monkeypatch.setenv("AUTOGLM_CACHE_DIR", str(not_a_dir))
+    assert main(["demo"]) == 2
+    captured = capsys.readouterr()
+    first, second = captured.err.splitlines()
+    assert first.startswith(f"autoglm: cannot build the tiny model in {str(not_a_dir)!r}: ")
+    assert second == "hint: set $AUTOGLM_CACHE_DIR to a directory you can write to"
+    assert "Traceback" not in captured.err
+
+
 def test_run_a_spec_file(spec_file: Path, tiny_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", str(spec_file), "question=What is the capital of France?", "--model", f"tiny={tiny_path}",
                  "--device", "cpu"]) == 0

@@ -11,6 +11,8 @@ import threading
 import time
 from pathlib import Path
 
+from workbench.errors import ModelLoadError
+
 # A few paragraphs for the byte-level BPE tokenizer to learn merges from. The model's weights
 # are random, so what it says is nonsense; what matters is that it loads, tokenizes and
 # generates through exactly the same code paths as a real checkpoint.
@@ -65,11 +67,18 @@ def tiny_model(seed: int = DEFAULT_SEED, cache_dir: str | os.PathLike[str] | Non
     final = root / f"tiny-llama-{key}"
     if (final / "config.json").is_file() and (final / "model.safetensors").is_file():
         return final
-    root.mkdir(parents=True, exist_ok=True)
-    # One build at a time in this process: the fit sets torch's global thread count.
-    with _BUILD_LOCK:
-        if not (final / "model.safetensors").is_file():
-            _build_into(root, final, seed)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        # One build at a time in this process: the fit sets torch's global thread count.
+        with _BUILD_LOCK:
+            if not (final / "model.safetensors").is_file():
+                _build_into(root, final, seed)
+    except OSError as exc:  # a read-only home, a cache path that is a file, a full disk
+        raise ModelLoadError(
+            f"cannot build the tiny model in {str(root)!r}: {exc.strerror or exc}",
+            hint="set $AUTOGLM_CACHE_DIR to a directory you can write to" if cache_dir is None
+            else "pass a cache_dir you can write to",
+        ) from exc
     return final
 
 
