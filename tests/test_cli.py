@@ -367,6 +367,23 @@ def test_serve_refuses_two_spec_files_with_one_chain_name(spec_file: Path, tiny_
     assert "serving" not in done.stdout
 
 
+def test_serve_with_a_data_dir_that_cannot_hold_the_keys_exits_2_before_serving(spec_file: Path, tiny_path: Path,
+                                                                                 tmp_path: Path) -> None:
+    # Before, it printed "serving ..." and answered every call that carried a key with a 500 StoreError. A child
+    # process, so that a server that does start is stopped by the timeout rather than holding the test.
+    not_a_dir = tmp_path / "data.txt"
+    not_a_dir.write_text("a file, not a directory", encoding="utf-8")
+    command = ["serve", "--spec", str(spec_file), "--model", f"tiny={tiny_path}", "--port", "0",
+               "--data-dir", str(not_a_dir)]
+    done = subprocess.run([sys.executable, "-m", "workbench.fronts.cli", *command], capture_output=True, text=True,
+                          timeout=120, cwd=Path(wb.__file__).parents[1])
+    assert done.returncode == 2
+    first, second = done.stderr.splitlines()
+    assert first.startswith(f"autoglm: cannot open the key store {str(not_a_dir / 'keys.sqlite3')!r}: ")
+    assert second == "hint: --data-dir D or $AUTOGLM_DATA_DIR picks a writable directory"
+    assert "serving" not in done.stdout
+
+
 def test_ctrl_c_during_a_run_exits_130_with_a_short_message(tmp_path: Path) -> None:
     # A Python hop that says when it has started, so Ctrl-C lands while the chain runs, not while modules import.
     (tmp_path / "napping.py").write_text(

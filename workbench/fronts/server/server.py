@@ -44,6 +44,8 @@ def resolve_auth(auth: Auth | bool | None, host: str, data_dir: Any) -> Auth:
     elif auth is None or auth is True:
         auth = Auth(data_dir)
     auth.check_host(host)  # an open Auth on an address other machines reach: refused
+    if auth.keys is not None:
+        auth.keys.list()  # opens the key store: a data dir that cannot hold it is refused now, not on every call
     return auth
 
 
