@@ -222,6 +222,20 @@ def test_add_move_and_remove_hops_keep_graph_and_inputs_in_step(loaded: wb.Workb
     assert re.findall(r"data-hop='(\w+)'", builder.graph.value) == ["hop1"]
 
 
+def test_an_input_that_leaves_the_prompts_for_a_while_keeps_what_was_typed(loaded: wb.Workbench) -> None:
+    # Before, its box was dropped with the value: a prompt edited from {{ question }} to {{ q }} and back emptied
+    # the question the user had typed.
+    builder = ChainBuilder(loaded)
+    prompt = builder.hop_editors[0].prompt
+    builder.inputs["question"].value = "What is the capital of France?"
+    prompt.value = "Question: {{ q }}\nAnswer:"
+    assert list(builder.inputs) == ["q"]
+    prompt.value = "Question: {{ question }}\nAnswer:"
+    assert list(builder.inputs) == ["question"]
+    assert builder.inputs["question"].value == "What is the capital of France?"
+    assert list(builder._inputs_box.children) == [builder.inputs["question"]]
+
+
 def test_an_invalid_spec_is_reported_in_the_widget_and_does_not_run(loaded: wb.Workbench) -> None:
     builder = ChainBuilder(loaded)
     builder.hop_editors[0].prompt.value = "{{ unclosed"

@@ -219,6 +219,7 @@ class ChainBuilder(StatusBox):
         self.add_button = w.Button(description="add hop", icon="plus")
         self.run_button = w.Button(description="run", icon="play", button_style="success")
         self.inputs: dict[str, w.Text] = {}
+        self._input_boxes: dict[str, w.Text] = {}  # every box made, so one that comes back keeps what was typed
         self._inputs_box = w.HBox(layout=w.Layout(flex_flow="row wrap"))
         self.graph = w.HTML()
         self._check = w.HTML()
@@ -418,11 +419,11 @@ class ChainBuilder(StatusBox):
     def _sync_inputs(self, names: tuple[str, ...]) -> None:
         if list(self.inputs) == list(names):
             return
-        self.inputs = {
-            name: self.inputs.get(name) or w.Text(description=name, placeholder=f"value of {name}",
-                                                  layout=w.Layout(width="32em"))
-            for name in names
-        }
+        for name in names:
+            if name not in self._input_boxes:
+                self._input_boxes[name] = w.Text(description=name, placeholder=f"value of {name}",
+                                                 layout=w.Layout(width="32em"))
+        self.inputs = {name: self._input_boxes[name] for name in names}
         self._inputs_box.children = list(self.inputs.values())
 
     @traitlets.observe("running")
