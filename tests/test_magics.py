@@ -331,6 +331,9 @@ ECHO_CHAIN = (
         pytest.param(BAD_YAML, "chain spec, line 4: not valid YAML", id="bad-yaml-names-the-cell-line"),
         pytest.param(UNKNOWN_MODEL, "hop 'plan', field 'model', line 4: unknown model 'nope'", id="unknown-model"),
         pytest.param("%autoglm chain qa", "chain is a cell magic", id="chain-as-line-magic"),
+        # Before, bound to user_ns['class'], a variable no code can name.
+        pytest.param("%%autoglm chain class\nhops:\n  - name: say\n    call: workbench.demo:canned_answer\n",
+                     "chain name 'class' is a Python keyword", id="chain-named-a-keyword"),
         pytest.param("%autoglm load x /nonexistent", "'/nonexistent' is not a directory", id="load-missing-dir"),
         pytest.param("%autoglm trace", "no chain has run yet", id="trace-before-any-run"),
         pytest.param("%autoglm trace abc --all", "a run id or --all, not both", id="trace-id-and-all"),

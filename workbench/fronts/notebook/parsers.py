@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import keyword
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -173,6 +174,9 @@ class ChainCommand(Command):
                 f"chain name {args.name!r} is not a Python identifier",
                 hint="use letters, digits and underscores, e.g. %%autoglm chain my_chain",
             )
+        if keyword.iskeyword(args.name):
+            raise ParseError(f"chain name {args.name!r} is a Python keyword, so no code could name the variable",
+                             hint=f"e.g. %%autoglm chain {args.name}_chain")
         if not cell.strip():
             raise ParseError(
                 "the cell holds no chain spec",
