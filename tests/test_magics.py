@@ -241,6 +241,16 @@ def test_a_failed_hops_hint_says_where_the_partial_run_is(with_qa: InteractiveSh
     assert "chain qa" in trace and "ERROR" in trace
 
 
+def test_an_unquoted_value_with_spaces_gets_the_quoted_line_as_its_hint(with_qa: InteractiveShell) -> None:
+    # The commonest slip. Before: "input 'is' is not key=value", hint: is="What is 2 + 2?", a nonsense input.
+    captured = magic(with_qa, "run qa question=What is the capital of France --session s1")
+    assert captured.stderr.splitlines() == [
+        "autoglm: input 'is' is not key=value: the value of 'question' seems to hold spaces",
+        "hint: quote it: question='What is the capital of France'",
+    ]
+    assert "_autoglm_run" not in with_qa.user_ns
+
+
 # -- traces -------------------------------------------------------------------------------------
 
 

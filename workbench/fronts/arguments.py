@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -25,8 +26,13 @@ LOAD_HELP = {option.name: option.metadata["help"] for option in LOAD_OPTIONS}
 def parse_key_values(words: Sequence[str]) -> dict[str, str]:
     """Chain inputs from ``key=value`` words, split and unquoted by shlex or by the shell; values stay strings."""
     inputs: dict[str, str] = {}
-    for word in words:
+    for index, word in enumerate(words):
         key, sep, value = word.partition("=")
+        if not sep and inputs:  # most likely the rest of the value before it: question=What is 2 + 2?
+            last, following = list(inputs)[-1], list(words[index:])
+            end = next((i for i, w in enumerate(following) if "=" in w), len(following))
+            raise ParseError(f"input {word!r} is not key=value: the value of {last!r} seems to hold spaces",
+                             hint=f"quote it: {last}={shlex.quote(' '.join([inputs[last], *following[:end]]))}")
         if not sep:
             example = word if word.isidentifier() else "question"
             raise ParseError(
