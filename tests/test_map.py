@@ -7,7 +7,7 @@ import asyncio
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -125,6 +125,31 @@ def test_each_run_is_kept_as_it_finishes(tiny_bench: wb.Workbench, no_leaked_thr
 # -- interrupts ------------------------------------------------------------------------------
 
 
+def _interrupted(
+    chain: wb.Chain, count: int, release: threading.Event, calls: Calls, ready: Callable[[], bool], what: str
+) -> pytest.ExceptionInfo[wb.MapInterrupted]:
+    """``chain.map`` of ``count`` inputs, two at a time, stopped by a Ctrl-C (what the notebook's stop button does: a
+    KeyboardInterrupt in the main thread) once ``ready()``; the MapInterrupted it raised."""
+    missed: list[str] = []
+
+    def ctrl_c() -> None:
+        try:
+            eventually(ready, what)
+        except AssertionError as exc:  # say so, and let the map finish instead of waiting out every gate
+            missed.append(f"{exc}; calls so far: {calls.counts()}")
+            release.set()
+            return
+        _thread.interrupt_main()
+
+    threading.Thread(target=ctrl_c, daemon=True).start()
+    try:
+        with pytest.raises(wb.MapInterrupted) as info:
+            chain.map(inputs(count), concurrency=2)
+    finally:
+        assert not missed, missed[0]  # the interrupt was never sent: this, not the map, is what went wrong
+    return info
+
+
 def test_ctrl_c_returns_what_finished_and_resume_runs_only_the_rest(
     tiny_bench: wb.Workbench, release: threading.Event, no_leaked_threads: None, ctrl_c_raises: None
 ) -> None:
@@ -142,24 +167,8 @@ def test_ctrl_c_returns_what_finished_and_resume_runs_only_the_rest(
         {"name": "say", "model": "tiny", "prompt": "{{ work }} {{ tag }}", "max_new_tokens": 2},
     ]})
 
-    missed: list[str] = []
-
-    def ctrl_c() -> None:  # what the notebook's stop button does: a KeyboardInterrupt in the main thread
-        try:
-            eventually(lambda: chain.last_batch is not None and len(chain.last_batch.finished) == 3, "three runs")
-            eventually(lambda: len(calls) == 5, "two runs to be in flight")
-        except AssertionError as exc:  # say so, and let the map finish instead of waiting out every gate
-            missed.append(f"{exc}; calls so far: {calls.counts()}")
-            release.set()
-            return
-        _thread.interrupt_main()
-
-    threading.Thread(target=ctrl_c, daemon=True).start()
-    try:
-        with pytest.raises(wb.MapInterrupted) as info:
-            chain.map(inputs(10), concurrency=2)
-    finally:
-        assert not missed, missed[0]  # the interrupt was never sent: this, not the map, is what went wrong
+    info = _interrupted(chain, 10, release, calls, lambda: chain.last_batch is not None
+                        and len(chain.last_batch.finished) == 3 and len(calls) == 5, "three runs, two in flight")
     batch = info.value.batch
     assert isinstance(info.value, KeyboardInterrupt)
     assert batch is chain.last_batch and batch.interrupted
@@ -197,24 +206,7 @@ def test_resuming_at_once_after_ctrl_c_waits_for_the_runs_still_in_flight_instea
         return f"work {n}"
 
     chain = tiny_bench.chain({"name": "resumed", "hops": [{"name": "work", "call": work}]})
-    missed: list[str] = []
-
-    def ctrl_c() -> None:
-        try:
-            eventually(lambda: len(calls) == 2, "two runs to be in flight")
-        except AssertionError as exc:
-            missed.append(str(exc))
-            release.set()
-            return
-        _thread.interrupt_main()
-
-    threading.Thread(target=ctrl_c, daemon=True).start()
-    try:
-        with pytest.raises(wb.MapInterrupted) as info:
-            chain.map(inputs(4), concurrency=2)
-    finally:
-        assert not missed, missed[0]
-    batch = info.value.batch
+    batch = _interrupted(chain, 4, release, calls, lambda: len(calls) == 2, "two runs in flight").value.batch
     assert batch.missing == [0, 1, 2, 3] and len(calls) == 2  # two in flight, none landed yet
 
     def release_once_resumed() -> None:  # the new map has read the old batch (it is chain.last_batch now)
