@@ -47,6 +47,15 @@ def qa(tiny: wb.Workbench) -> wb.Chain:
 # -- workloads ----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("rate", [0, -1.0, float("nan"), float("inf"), True, "20"])
+def test_an_arrival_rate_that_is_no_finite_number_above_zero_is_refused(rate: object) -> None:
+    """An infinite rate ran every input at once, labelled 'inf/s'; a string or a bool failed deep inside."""
+    with pytest.raises(wb.WorkloadError, match="arrival rate must be a finite number > 0") as info:
+        wb.PoissonArrivals([{"q": "a"}], rate=rate)  # type: ignore[arg-type]
+    assert "concurrency=N" in str(info.value)
+    assert wb.PoissonArrivals([{"q": "a"}], rate=np.int64(20)).rate == 20  # numpy's numbers are numbers
+
+
 def test_poisson_arrivals_are_seeded_and_reproducible() -> None:
     inputs = [{"question": "q"}] * 2000
     arrivals = wb.PoissonArrivals(inputs, rate=50.0, seed=7).arrival_times()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import numbers
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Iterable, Mapping
@@ -242,8 +244,9 @@ class PoissonArrivals(Workload):
 
     def __post_init__(self) -> None:
         self.inputs = as_inputs(self.inputs)
-        if not self.rate > 0:
-            raise WorkloadError(f"arrival rate must be > 0 runs/s, not {self.rate}", hint="e.g. arrival_rate=20")
+        if isinstance(self.rate, bool) or not isinstance(self.rate, numbers.Real) or not 0 < self.rate < math.inf:
+            raise WorkloadError(f"arrival rate must be a finite number > 0 runs/s, not {self.rate!r:.80}",
+                                hint="e.g. arrival_rate=20; for every run at once, a closed loop: concurrency=N")
         if wrong := not_whole("max_in_flight", self.max_in_flight, 1):
             raise WorkloadError(wrong)
 
