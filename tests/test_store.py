@@ -229,6 +229,12 @@ def test_a_chain_named_by_a_file_name_that_is_not_utf8_is_refused_when_built(tmp
         with pytest.raises(wb.SpecError, match="the chain's name is not valid text") as info:
             bench.chain(path)
         assert info.value.field == "name"
+        spec = {"hops": [{"name": "echo", "call": "workbench.demo:answer_stats"}]}
+        for name in ("r\udce9ponse", "", " "):  # bench.chain(spec, name=...) renames it: the same checks
+            with pytest.raises(wb.SpecError, match="not valid text|needs a name") as info:
+                bench.chain({**spec, "name": "ok"}, name=name)
+            assert info.value.field == "name"
+        assert "ok" not in bench.chains()
 
 
 def test_the_write_ahead_log_shrinks_back_once_a_long_reader_lets_go(tmp_path: Path) -> None:

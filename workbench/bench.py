@@ -25,7 +25,7 @@ from workbench.chains.live import DEFAULT_INTERVAL_S, read_text
 from workbench.chains.run import Run
 from workbench.chains.events import Event
 from workbench.chains.runner import Runner, check_session
-from workbench.chains.spec import ChainSpec, parse_spec
+from workbench.chains.spec import ChainSpec, check_chain_name, parse_spec
 from workbench.chains.sqlite_store import SESSIONS_FILE, SQLiteContextStore, data_root
 from workbench.engine import BatchingPolicy, Engine, GenerationParams, GenerationResult
 from workbench.engine.backends.process import ProcessBackend
@@ -554,6 +554,8 @@ class Workbench:
         return chain
 
     def _parse_chain(self, spec: str | Mapping[str, Any], name: str | None, default: str | None = None) -> ChainSpec:
+        if name is not None:
+            check_chain_name(name)  # it replaces the spec's own
         parsed = parse_spec(spec, known_models=self.registry.names(), default_name=name or default,
                             allowed_modules=self._allowed_modules, graphs=self.graphs,
                             known_adapters=self._known_adapters())

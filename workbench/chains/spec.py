@@ -216,6 +216,18 @@ class _Lines:
                     stack.append((item, (*path, index)))
 
 
+def check_chain_name(name: object, line: int | None = None) -> None:
+    """Refuse a chain name that is not a non-empty string, or one UTF-8 cannot hold (a file's name read with
+    surrogateescape, say): the session store and the cache keep it as UTF-8."""
+    if not isinstance(name, str) or not name.strip():
+        raise SpecError("the chain needs a name (a non-empty string)", field="name", line=line)
+    try:
+        check_text(name, "the chain's name")
+    except InvalidInput as exc:
+        raise SpecError(exc.message, field="name", line=line, hint="name: my_chain names it in the spec; "
+                        + str(exc.hint)) from None
+
+
 def parse_spec(
     spec: str | Mapping[str, Any],
     known_models: Collection[str] | None = None,
@@ -248,13 +260,7 @@ def parse_spec(
         )
     _reject_unknown(data, CHAIN_FIELDS, lines, hop=None, path=())
     name = data.get("name", default_name)
-    if not isinstance(name, str) or not name.strip():
-        raise SpecError("the chain needs a name (a non-empty string)", field="name", line=lines.of("name"))
-    try:  # a file's name read with surrogateescape, say: the session store and the cache keep the name as UTF-8
-        check_text(name, "the chain's name")
-    except InvalidInput as exc:
-        raise SpecError(exc.message, field="name", line=lines.of("name"), hint="name: my_chain names it in the spec; "
-                        + str(exc.hint)) from None
+    check_chain_name(name, lines.of("name"))
     hops_data = data.get("hops")
     if not isinstance(hops_data, list) or not hops_data:
         raise SpecError(
