@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -217,7 +218,7 @@ def test_an_adapter_a_model_does_not_serve_is_refused_with_its_name(adapted: wb.
 
 
 def test_adapters_load_in_this_process_only_and_from_safetensors_only(
-    bench: wb.Workbench, tiny_path: Path, lora: dict[str, Path]
+    bench: wb.Workbench, tiny_path: Path, lora: dict[str, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     with pytest.raises(wb.ModelLoadError, match="named adapters are served in this process only"):
         bench.load("iso", tiny_path, device="cpu", adapters={"sql": lora["sql"]}, isolation="process")
@@ -226,6 +227,8 @@ def test_adapters_load_in_this_process_only_and_from_safetensors_only(
     with pytest.raises(wb.AdapterError, match="only pickled weights"):
         bench.load("pickled", tiny_path, device="cpu", adapters={"sql": lora["pickled"]})
     assert "pickled" not in bench.registry.names()
+    # Said once, by the error: a warning too printed the reason a second time above it (%autoglm load --adapters).
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "refused" in r.getMessage()]
 
 
 def test_an_adapter_on_gpt2s_conv1d_projections_loads_and_matches_peft_by_hand(

@@ -305,7 +305,7 @@ class AdapterSet:
             if name in self._named:
                 raise AdapterError(f"an adapter named {name!r} is already loaded", hint="pick another name")
             self._named[name] = _Named(name, str(path), rules or AdapterRules())
-        version = self.stage(name, path)
+        version = self.stage(name, path, raising=True)
         if version.state == "refused":
             with self._state:
                 del self._named[name]
@@ -313,11 +313,13 @@ class AdapterSet:
         return version
 
     def stage(self, name: str, path: str | os.PathLike[str] | None = None,
-              digest: str | None = None, noticed: float | None = None) -> AdapterVersion:
+              digest: str | None = None, noticed: float | None = None, *, raising: bool = False) -> AdapterVersion:
         """Bring a new version of ``name`` live in stages: load it under a versioned name, check it, switch.
 
         Requests already holding the old version finish on it; then it is deleted and its memory
         freed. A version that fails a check is refused (its row says why) and the live one serves on.
+        A refusal is logged at WARNING (a watcher's swap has no caller to tell), or at INFO when ``raising``:
+        the caller raises it, and a warning too would say it twice (a notebook printed both).
         """
         started = noticed if noticed is not None else time.perf_counter()
         with self._state:
@@ -338,7 +340,8 @@ class AdapterSet:
             with self._state:
                 version.state = "refused"
                 version.error = exc.message if isinstance(exc, AdapterError) else f"{type(exc).__name__}: {exc}"
-            log.warning("adapter %s v%d from %s refused: %s", name, number, path, version.error)
+            log.log(logging.INFO if raising else logging.WARNING, "adapter %s v%d from %s refused: %s", name, number,
+                    path, version.error)
             return version
         with self._state:  # the switch: from here on new requests get this version
             previous = named.live
