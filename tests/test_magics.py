@@ -251,6 +251,17 @@ def test_an_unquoted_value_with_spaces_gets_the_quoted_line_as_its_hint(with_qa:
     assert "_autoglm_run" not in with_qa.user_ns
 
 
+@pytest.mark.parametrize("line", [
+    "run qa question=" + "word " * 20_000,  # a pasted document, unquoted
+    "run qa " + "w" * 100_000,  # one huge word that is no key=value
+    "run qa question=a " + "k" * 100_000 + "=b",  # a huge input name
+])
+def test_a_huge_word_typed_by_mistake_is_quoted_back_in_a_few_lines_only(with_qa: InteractiveShell, line: str) -> None:
+    """The error quoted the whole word twice, in its message and its hint: 200 KB on the screen for a 100 KB paste."""
+    captured = magic(with_qa, line)
+    assert captured.stderr.startswith("autoglm: ") and len(captured.stderr) < 800, captured.stderr[:1000]
+
+
 # -- traces -------------------------------------------------------------------------------------
 
 

@@ -74,19 +74,19 @@ def check_inputs(spec: ChainSpec, inputs: Mapping[str, Any], session: str | None
         # thousands of stray names (its check runs on the loop that every run walks on).
         typos = [(e, close[0]) for e in extra[:16] if (close := difflib.get_close_matches(e, missing, n=1))]
         if typos:
-            detail += f"; got {typos[0][0]!r} (did you mean {typos[0][1]!r}?)"
+            detail += f"; got {typos[0][0]!r:.80} (did you mean {typos[0][1]!r}?)"
         raise MissingInputError(
             f"chain {spec.name!r} needs input {detail}",
             hint=f"run it as chain.run({', '.join(f'{n}=...' for n in spec.inputs)})",
         )
     if extra:
         raise MissingInputError(
-            f"chain {spec.name!r} takes no input {extra[0]!r}{did_you_mean(extra[0], spec.inputs)}",
+            f"chain {spec.name!r} takes no input {extra[0]!r:.80}{did_you_mean(extra[0], spec.inputs)}",
             hint=f"its inputs: {', '.join(spec.inputs) or 'none'}",
         )
     for name, value in inputs.items():
         if isinstance(value, str):
-            check_text(value, f"input {name!r} of chain {spec.name!r}")
+            check_text(value, f"input {name!r:.80} of chain {spec.name!r}")
     check_session(session)
 
 

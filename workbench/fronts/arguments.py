@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 # Every LoadSettings field but the source, which each front end takes its own way (SOURCE, --model NAME=PATH).
 LOAD_OPTIONS = tuple(f for f in dataclasses.fields(LoadSettings) if f.name != "source")
 LOAD_HELP = {option.name: option.metadata["help"] for option in LOAD_OPTIONS}
+# The most of what a user typed that an error quotes back: a pasted document as one word would fill the screen twice.
+SHOWN_CHARS = 200
 
 
 def parse_key_values(words: Sequence[str]) -> dict[str, str]:
@@ -31,20 +33,22 @@ def parse_key_values(words: Sequence[str]) -> dict[str, str]:
         if not sep and inputs:  # most likely the rest of the value before it: question=What is 2 + 2?
             last, following = list(inputs)[-1], list(words[index:])
             end = next((i for i, w in enumerate(following) if "=" in w), len(following))
-            raise ParseError(f"input {word!r} is not key=value: the value of {last!r} seems to hold spaces",
-                             hint=f"quote it: {last}={shlex.quote(' '.join([inputs[last], *following[:end]]))}")
+            quoted = shlex.quote(" ".join([inputs[last], *following[:end]]))
+            raise ParseError(f"input {word!r:.80} is not key=value: the value of {last!r:.80} seems to hold spaces",
+                             hint=f"quote it: {last}={quoted}" if len(last) + len(quoted) <= SHOWN_CHARS else
+                             f"quote the value of {last!r:.80}: {last[:80]}='...'")
         if not sep:
-            example = word if word.isidentifier() else "question"
+            example = word if word.isidentifier() and len(word) <= 80 else "question"
             raise ParseError(
-                f"input {word!r} is not key=value",
+                f"input {word!r:.80} is not key=value",
                 hint=f'quote values that hold spaces, e.g. {example}="What is 2 + 2?"',
             )
         if not key.isidentifier():
-            raise ParseError(f"input name {key!r} is not an identifier", hint='e.g. question="What is 2 + 2?"')
+            raise ParseError(f"input name {key!r:.80} is not an identifier", hint='e.g. question="What is 2 + 2?"')
         if key == "session":
             raise ParseError("'session' is not an input: it names the session", hint="use --session S")
         if key in inputs:
-            raise ParseError(f"input {key!r} is given twice", hint="give each input once")
+            raise ParseError(f"input {key!r:.80} is given twice", hint="give each input once")
         inputs[key] = value
     return inputs
 
