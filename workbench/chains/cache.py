@@ -26,6 +26,9 @@ logger = logging.getLogger(__name__)
 CACHE_FILE = "cache.sqlite3"
 DEFAULT_MAX_ENTRIES = 100_000
 DEFAULT_MAX_BYTES = 256 * 2**20
+# The most a write the cache can do without (an answer kept, a hit marked used) waits for a lock another process
+# holds (a second kernel's clear, an open sqlite3 shell), not the whole busy timeout: the hop it serves waits with it.
+WRITE_WAIT_S = 1.0
 # Bumped when what goes into a key changes, so old entries are never read under a new meaning.
 KEY_VERSION = 2
 SCHEMA_VERSION = 1
@@ -105,6 +108,7 @@ class ResponseCache:
     ) -> None:
         self.path = Path(path).expanduser()
         self._timeout_s = timeout_s
+        self._write_wait_s = min(WRITE_WAIT_S, timeout_s)
         self.set_limits(max_entries, max_bytes)
         self._lock = threading.Lock()
         self._connection: sqlite3.Connection | None = None
@@ -130,7 +134,8 @@ class ResponseCache:
         found = CachedResponse(*rows[0]) if rows else None
         if found is not None:
             try:
-                self._execute("UPDATE responses SET used_at = ?, hits = hits + 1 WHERE key = ?", (time.time(), key))
+                self._execute("UPDATE responses SET used_at = ?, hits = hits + 1 WHERE key = ?", (time.time(), key),
+                              wait_s=self._write_wait_s)
             except StoreError as exc:  # the answer was found: only its place in the eviction order is lost
                 logger.warning("a hit in the response cache %s was not marked used: %s", self.path, exc.message)
         with self._counts_lock:
@@ -149,6 +154,7 @@ class ResponseCache:
         with self._lock:
             connection = self._open_locked()
             try:
+                self._busy_wait(connection, self._write_wait_s)
                 connection.execute("BEGIN IMMEDIATE")
                 try:
                     connection.execute(
@@ -164,6 +170,8 @@ class ResponseCache:
                     raise
             except sqlite3.Error as exc:
                 raise self._failed(exc) from exc
+            finally:
+                self._busy_wait(connection, self._timeout_s)
 
     def _evict(self, connection: sqlite3.Connection) -> None:
         count, total = connection.execute("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM responses").fetchone()
@@ -238,13 +246,27 @@ class ResponseCache:
     def __repr__(self) -> str:
         return f"<ResponseCache {str(self.path)!r}>"
 
-    def _execute(self, sql: str, parameters: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    def _execute(self, sql: str, parameters: tuple[Any, ...], wait_s: float | None = None) -> list[tuple[Any, ...]]:
+        """Run one statement; ``wait_s``: how long it waits for another process's lock (else the busy timeout)."""
         with self._lock:
             connection = self._open_locked()
             try:
+                if wait_s is not None:
+                    self._busy_wait(connection, wait_s)
                 return connection.execute(sql, parameters).fetchall()
             except sqlite3.Error as exc:
                 raise self._failed(exc) from exc
+            finally:
+                if wait_s is not None:
+                    self._busy_wait(connection, self._timeout_s)
+
+    @staticmethod
+    def _busy_wait(connection: sqlite3.Connection, seconds: float) -> None:
+        """How long the connection's statements wait for a lock another process holds (a no-op if it is closed)."""
+        try:
+            connection.execute(f"PRAGMA busy_timeout = {max(0, int(seconds * 1000))}")
+        except sqlite3.ProgrammingError:
+            pass
 
     def _set_aside(self) -> None:
         """Move the damaged file (and its WAL) to ``*.damaged``, kept for a look, so that the next use starts anew."""
