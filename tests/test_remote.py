@@ -227,6 +227,19 @@ def test_unloading_a_served_model_lets_the_streams_its_loop_lane_has_in_flight_f
             assert run.error is None or "unloaded" in str(run.error) or "not loaded" in str(run.error), run.error
 
 
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), 0, -1.0, "60", True])
+def test_a_read_timeout_that_is_no_finite_number_of_seconds_is_refused(
+    bench: wb.Workbench, faults: FaultServer, timeout: object
+) -> None:
+    """NaN never timed out (a silent server held its requests for good); 0 or less failed every request at once."""
+    for call in (bench.register, bench.load):
+        with pytest.raises(ModelLoadError, match="read_timeout_s must be a finite number of seconds > 0"):
+            call("r", f"{faults.url}/ok/v1", read_timeout_s=timeout)
+    assert "r" not in bench.registry.names()
+    bench.load("r", f"{faults.url}/ok/v1", read_timeout_s=2)
+    assert bench.generate("r", "hi", max_new_tokens=4).text == "fine words"
+
+
 def test_a_url_where_no_server_listens_does_not_load(bench: wb.Workbench) -> None:
     with pytest.raises(ModelLoadError, match="cannot reach a model server") as info:
         bench.load("gone", f"http://127.0.0.1:{free_port()}/v1")

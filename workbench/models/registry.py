@@ -270,6 +270,7 @@ class ModelRegistry:
         mistaken registration neither replaces a good one nor waits to fail on first use."""
         _check_isolation(settings)
         _check_engine(settings)
+        _check_read_timeout(settings)
         _check_adapters(settings)
         _check_placement(settings)
         with self._lock:
@@ -287,6 +288,7 @@ class ModelRegistry:
         self.check_free(name)
         _check_isolation(settings)
         _check_engine(settings)
+        _check_read_timeout(settings)
         _check_adapters(settings)
         if settings.isolation == "process":
             return self._load_isolated(name, settings, parent, trigger)
@@ -557,6 +559,16 @@ def _check_engine(settings: LoadSettings) -> None:
             f"address, num_gpus and num_cpus are settings of engine='ray', and this load has engine={settings.engine!r}",
             hint="add engine='ray' (--engine ray), or drop them",
         )
+
+
+def _check_read_timeout(settings: LoadSettings) -> None:
+    """A server's read timeout is a finite number of seconds > 0: NaN never timed out (a silent server held its
+    requests for good), and 0 or less failed every request at once. Checked for any source: a replica set may mix
+    local replicas and servers under one model's settings."""
+    value = settings.read_timeout_s
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ModelLoadError(f"read_timeout_s must be a finite number of seconds > 0, got {value!r:.80}",
+                             hint="how long a server's stream may go without a byte, the first included (default 60)")
 
 
 def _amount(settings: LoadSettings, name: str) -> float:
