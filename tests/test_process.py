@@ -310,6 +310,8 @@ def test_closing_the_workbench_mid_batch_fails_the_batch_at_once_rather_than_wai
     os.kill(child, signal.SIGSTOP)
     running = bench.engine.submit("iso", "Hello", GenerationParams(max_new_tokens=8))
     assert starts.started.wait(WAIT_S)
+    # The batch's span starts a moment before the batch goes down the pipe; a close in between finds the child idle.
+    eventually(lambda: bench.engine.worker("iso").backend.process._in_batch, "the batch to be sent to the child")
     closing = threading.Thread(target=bench.close)
     closing.start()
     closing.join(WAIT_S)

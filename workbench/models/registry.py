@@ -24,9 +24,9 @@ from opentelemetry.trace import Span
 from workbench.errors import ModelLoadError, UnknownModelError
 from workbench.models import heap, remote
 from workbench.models.adapters import AdapterSet, relative_note
-from workbench.models.remote import REMOTE_DEVICE
 from workbench.models.devices import dtype_name, resolve_device, resolve_dtype
 from workbench.models.fingerprint import model_identity
+from workbench.models.remote import REMOTE_DEVICE
 from workbench.models.settings import LoadSettings, is_server_url
 from workbench.tracing import Tracing
 from workbench.tracing import attributes as attr_names
