@@ -355,6 +355,11 @@ ECHO_CHAIN = (
         # Before, bound to user_ns['class'], a variable no code can name.
         pytest.param("%%autoglm chain class\nhops:\n  - name: say\n    call: workbench.demo:canned_answer\n",
                      "chain name 'class' is a Python keyword", id="chain-named-a-keyword"),
+        # Before, bound over the builtin (print() then called the chain) or over the notebook's own variable.
+        pytest.param("%%autoglm chain print\nhops:\n  - name: say\n    call: workbench.demo:canned_answer\n",
+                     "'print' already names builtin_function_or_method", id="chain-over-a-builtin"),
+        pytest.param("%%autoglm chain In\nhops:\n  - name: say\n    call: workbench.demo:canned_answer\n",
+                     "'In' already names list", id="chain-over-a-variable"),  # IPython's input history
         pytest.param("%autoglm load x /nonexistent", "'/nonexistent' is not a directory", id="load-missing-dir"),
         pytest.param("%autoglm trace", "no chain has run yet", id="trace-before-any-run"),
         pytest.param("%autoglm trace abc --all", "a run id or --all, not both", id="trace-id-and-all"),

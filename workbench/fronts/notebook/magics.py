@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -50,6 +51,7 @@ SERVER_VARIABLE = "_autoglm_server"
 # A visible mark per level: pandas' HTML strips leading whitespace (non-breaking too), which
 # would flatten the span tree in a notebook.
 _INDENT = "· "
+_NOTHING = object()  # no notebook variable or builtin of that name
 
 
 def report(error: WorkbenchError) -> None:
@@ -151,6 +153,14 @@ class AutoglmMagics(Magics):
         print(f"unloaded {command.name!r}, freed {freed / 2**20:.1f} MiB")
 
     def _chain(self, command: ChainCommand) -> None:
+        held = self._user_ns.get(command.name, _NOTHING)
+        if held is _NOTHING and hasattr(builtins, command.name):
+            held = getattr(builtins, command.name)
+        if held is not _NOTHING and not isinstance(held, Chain):  # a chain of that name is redefined, as expected
+            raise WorkbenchError(
+                f"{command.name!r} already names {type(held).__name__} {held!r:.60} in the notebook, and the chain "
+                "would replace it",
+                hint=f"pick another name, e.g. %%autoglm chain {command.name}_chain (or del {command.name} first)")
         # A leading newline makes the spec's line numbers the cell's: line 1 is the %%autoglm line.
         chain = current().chain("\n" + command.spec, name=command.name)
         self._user_ns[command.name] = chain
