@@ -29,13 +29,13 @@ from workbench.fronts.notebook.parsers import (
     LoadCommand,
     ModelsCommand,
     RunCommand,
+    ServeCommand,
     SetCommand,
     TraceCommand,
     UnloadCommand,
     help_text,
     parse_command,
 )
-from workbench.fronts.notebook.parsers import ServeCommand
 from workbench.fronts.notebook.widgets import ChainBuilder, ComparisonDashboard, ModelManager, TraceViewer
 from workbench.tables import Readable
 
