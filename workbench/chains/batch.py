@@ -36,9 +36,10 @@ class RunBatch(list["Run | None"]):
         self.inputs = inputs
         self.interrupted = False
         # The runs in flight, by position (tasks on the workbench's loop), and those of an earlier batch that a
-        # resuming map waits for in place of a run of its own, each with the test that its run can be reused.
+        # resuming map waits for in place of a run of its own, reused if made under ``_serving`` (see reuse()).
         self._flying: dict[int, asyncio.Future[Run]] = {}
-        self._adopted: dict[int, tuple[asyncio.Future[Run], Callable[[Run], bool]]] = {}
+        self._adopted: dict[int, asyncio.Future[Run]] = {}
+        self._serving: ConfigVersion | None = None
 
     @property
     def finished(self) -> list[Run]:
@@ -136,16 +137,14 @@ def reuse(batch: RunBatch, previous: Iterable[Run | None], version: ConfigVersio
         if (key := _key(previous.inputs[position])) is not None:  # type: ignore[attr-defined]
             waiting[key].append(task)
 
-    def reusable(run: Run) -> bool:
-        return run.ok and _same_config(run.config_version, version)
-
+    batch._serving = version
     for index, item in enumerate(batch.inputs):
         key = _key(item)
         matches = done.get(key)
         if batch[index] is None and matches:
             batch[index] = matches.pop(0)  # an input given twice reuses two runs, not one twice
         elif batch[index] is None and waiting.get(key):
-            batch._adopted[index] = (waiting[key].pop(0), reusable)
+            batch._adopted[index] = waiting[key].pop(0)
 
 
 def _same_config(used: ConfigVersion | None, serving: ConfigVersion | None) -> bool:
@@ -176,10 +175,9 @@ def _canonical(value: Any) -> Any:
 async def _adopt(batch: RunBatch, index: int) -> Run | None:
     """The run of an earlier, interrupted map that was in flight for this input, once it lands, if it can be reused;
     None to run the input here (there is none, it failed or was cancelled, or it ran another configuration)."""
-    adopted = batch._adopted.pop(index, None)
-    if adopted is None:
+    task = batch._adopted.pop(index, None)
+    if task is None:
         return None
-    task, reusable = adopted
     if task.get_loop() is not asyncio.get_running_loop():  # another workbench's run
         return None
     try:
@@ -190,7 +188,7 @@ async def _adopt(batch: RunBatch, index: int) -> Run | None:
         return None
     except Exception:  # it failed in its own map (a hop's KeyboardInterrupt, say): run it here
         return None
-    return run if reusable(run) else None
+    return run if run.ok and _same_config(run.config_version, batch._serving) else None
 
 
 class MapState:

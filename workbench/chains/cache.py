@@ -9,7 +9,8 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -154,24 +155,22 @@ class ResponseCache:
         with self._lock:
             connection = self._open_locked()
             try:
-                self._busy_wait(connection, self._write_wait_s)
-                connection.execute("BEGIN IMMEDIATE")
-                try:
-                    connection.execute(
-                        "INSERT OR REPLACE INTO responses (key, chain, hop, model, text, tokens_out, bytes, cost_ms,"
-                        " created_at, used_at, hits) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
-                        (key, chain, hop, model, text.encode("utf-8", "surrogatepass").decode("utf-8", "replace"),
-                         tokens_out, size, cost_ms, now, now),
-                    )
-                    self._evict(connection)
-                    connection.execute("COMMIT")
-                except BaseException:
-                    connection.execute("ROLLBACK")
-                    raise
+                with self._waiting_at_most(connection, self._write_wait_s):
+                    connection.execute("BEGIN IMMEDIATE")
+                    try:
+                        connection.execute(
+                            "INSERT OR REPLACE INTO responses (key, chain, hop, model, text, tokens_out, bytes,"
+                            " cost_ms, created_at, used_at, hits) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
+                            (key, chain, hop, model, text.encode("utf-8", "surrogatepass").decode("utf-8", "replace"),
+                             tokens_out, size, cost_ms, now, now),
+                        )
+                        self._evict(connection)
+                        connection.execute("COMMIT")
+                    except BaseException:
+                        connection.execute("ROLLBACK")
+                        raise
             except sqlite3.Error as exc:
                 raise self._failed(exc) from exc
-            finally:
-                self._busy_wait(connection, self._timeout_s)
 
     def _evict(self, connection: sqlite3.Connection) -> None:
         count, total = connection.execute("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM responses").fetchone()
@@ -251,22 +250,20 @@ class ResponseCache:
         with self._lock:
             connection = self._open_locked()
             try:
-                if wait_s is not None:
-                    self._busy_wait(connection, wait_s)
-                return connection.execute(sql, parameters).fetchall()
+                with self._waiting_at_most(connection, wait_s) if wait_s is not None else nullcontext():
+                    return connection.execute(sql, parameters).fetchall()
             except sqlite3.Error as exc:
                 raise self._failed(exc) from exc
-            finally:
-                if wait_s is not None:
-                    self._busy_wait(connection, self._timeout_s)
 
-    @staticmethod
-    def _busy_wait(connection: sqlite3.Connection, seconds: float) -> None:
-        """How long the connection's statements wait for a lock another process holds (a no-op if it is closed)."""
+    @contextmanager
+    def _waiting_at_most(self, connection: sqlite3.Connection, seconds: float) -> Iterator[None]:
+        """Within it, the connection's statements wait at most ``seconds`` for a lock another process holds; then the
+        busy timeout again."""
+        connection.execute(f"PRAGMA busy_timeout = {int(seconds * 1000)}")
         try:
-            connection.execute(f"PRAGMA busy_timeout = {max(0, int(seconds * 1000))}")
-        except sqlite3.ProgrammingError:
-            pass
+            yield
+        finally:
+            connection.execute(f"PRAGMA busy_timeout = {int(self._timeout_s * 1000)}")
 
     def _set_aside(self) -> None:
         """Move the damaged file (and its WAL) to ``*.damaged``, kept for a look, so that the next use starts anew."""

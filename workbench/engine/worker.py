@@ -166,8 +166,9 @@ class ModelWorker:
 
         A backend that can cut its requests off (``abort``: a server's streams) cuts them off once its server has
         sent nothing on any of them for ``grace_s`` seconds, and at ``timeout`` every one left; those fail with
-        WorkerStopped. While the server still sends, its streams go on to their end (those it queued included). ``grace_s=None`` lets every request run to its end (a live
-        swap's old worker). A local generate cannot be interrupted: it is waited for, up to ``timeout``.
+        WorkerStopped. While the server still sends, its streams go on to their end (those it queued included).
+        ``grace_s=None`` lets every request run to its end (a live swap's old worker). A local generate cannot be
+        interrupted: it is waited for, up to ``timeout``.
         """
         for request in self.queue.close():
             self._fail([request], WorkerStopped(f"model {self.name!r} was unloaded before this request ran"))
