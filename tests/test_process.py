@@ -216,6 +216,27 @@ def test_a_request_that_times_out_while_the_child_runs_it_stops_its_row_there(
     assert steps[0] == 64 and steps[1] < 64  # stopped in the child, not run to the end for nobody
 
 
+def test_a_child_that_does_not_stop_a_batch_whose_every_request_timed_out_is_killed_as_hung_and_restarted(
+    bench: wb.Workbench, tiny_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(process, "_HUNG_S", 1.0)  # the grace a child gets to stop its told rows (30 s by default)
+    bench.load("iso", tiny_path, device="cpu", isolation="process")
+    expected = bench.generate("iso", "Hello", max_new_tokens=4).text
+    child = pid_of(bench, "iso")
+    assert child is not None
+    os.kill(child, signal.SIGSTOP)  # hung: it takes the batch and neither answers nor hears the cancel
+    with pytest.raises(wb.HopTimeout, match="gave no answer within"):
+        bench.engine.call("iso", "Hello", GenerationParams(max_new_tokens=4), timeout_s=0.5)
+    # The next request (no timeout) is served by a new child instead of queueing behind the hung one for good.
+    assert bench.generate("iso", "Hello", max_new_tokens=4).text == expected
+    assert not alive(child)
+    again = pid_of(bench, "iso")
+    assert again is not None and again != child
+    assert bench.models().set_index("name").loc["iso", "restarts"] == 1
+    (batch,) = [s for s in bench.traces().spans if s.name == "batch iso" and s.status.status_code.name == "ERROR"]
+    assert "killed it as hung" in batch.status.description and "SIGKILL" in batch.status.description
+
+
 @pytest.mark.parametrize(("sig", "said"), [(signal.SIGSEGV, "SIGSEGV (a segfault)"), (signal.SIGKILL, "SIGKILL")])
 def test_with_no_restarts_left_a_dead_model_process_stays_down_and_says_so(
     bench: wb.Workbench, tiny_path: Path, sig: signal.Signals, said: str

@@ -2,7 +2,8 @@
 
 A crash in the child (SIGKILL, a segfault, a CUDA fatal error) ends that process only: the batch it
 ran fails with ModelProcessDied, which retries, fallbacks and the breaker handle, and the child is
-started again (up to the model's ``restarts``). Token ids, texts and timings cross the pipe, never
+started again (up to the model's ``restarts``). A child that hangs (a batch it has not ended ``_HUNG_S`` after
+every request in it timed out) is killed, and goes the same way. Token ids, texts and timings cross the pipe, never
 tensors and never pickles: each frame is one msgpack map sent with ``Connection.send_bytes``.
 The parent keeps the tokenizer, so tokenize and detokenize stay local.
 
@@ -58,6 +59,11 @@ CHILD_MODULE = "workbench.engine.backends._child"
 _STOP_S = 10.0
 # How often a batch with a timeout looks for rows to stop while it waits for the child.
 _CANCEL_POLL_S = 0.02
+# How long a child may take to end a batch once every row of it was told to stop (every request timed out). A
+# healthy child stops them at its next decoding step; one that has not within this is hung (a deadlock, a driver
+# that never returns, a stopped process) and is killed, so that the restart serves the requests queued behind it.
+# Generous, because a step of a large model on a CPU, or a long prompt's prefill, can take seconds.
+_HUNG_S = 30.0
 
 
 def pack(frame: dict[str, Any]) -> bytes:
@@ -203,8 +209,11 @@ class ModelProcess:
         if restart is not None:
             restart.join()
 
-    def _died(self, doing: str) -> ModelProcessDied:
-        """The child is gone: reap it, start it again if restarts are left, and say what happened."""
+    def _died(self, doing: str, kill: bool = False) -> ModelProcessDied:
+        """The child is gone (``kill``: is to go now): reap it, start it again if restarts are left, and say what
+        happened."""
+        if kill and self._proc is not None:
+            self._proc.kill()  # first: a hung child holds its memory (a GPU's) until it is gone, and a new one loads
         with self._lock:
             conn, cancels, proc, pid, closed = self._conn, self._cancels, self._proc, self.pid, self._closed
             self._conn = self._cancels = self.pid = None
@@ -295,6 +304,7 @@ class ModelProcess:
         seq = self._batches = self._batches + 1
         cancellable = any(r.cancellable for r in batch)
         told: set[int] = set()
+        all_told: float | None = None  # when the last row was told to stop
         sent = time.perf_counter()
         self._in_batch = True
         try:
@@ -307,6 +317,12 @@ class ModelProcess:
                     if stopped:
                         cancels.send_bytes(pack({"seq": seq, "rows": stopped}))
                         told.update(stopped)
+                        if len(told) == len(batch):
+                            all_told = time.perf_counter()
+                    if all_told is not None and time.perf_counter() - all_told > _HUNG_S:
+                        raise self._died(f"it ran a batch of {len(batch)}, which it had not ended {_HUNG_S:g} s after "
+                                         "every request in it timed out, so the workbench killed it as hung",
+                                         kill=True)
                     continue
                 frame = unpack(conn.recv_bytes())
                 if frame["op"] != "token":
