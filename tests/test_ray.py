@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ import pandas as pd
 import pytest
 
 import workbench as wb
+from workbench.engine import Call
 from workbench.engine.backends import ray as ray_backend
 from workbench.fronts.arguments import load_model
 from workbench.fronts.notebook.parsers import LoadCommand, parse_command
@@ -287,6 +289,25 @@ def test_a_request_in_flight_when_the_workbench_closes_says_the_model_was_unload
     with pytest.raises(wb.ModelActorDied, match="the model was unloaded") as caught:
         request.future.result(WAIT_S)
     assert "starting in its place" not in str(caught.value)  # no restart comes: it was ended on purpose
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_that_times_out_while_an_actor_runs_it_stops_its_row_there(
+    ray: Any, bench: wb.Workbench, tiny_path: Path, stream: bool
+) -> None:
+    bench.load("timed", tiny_path, device="cpu", engine="ray", num_cpus=0)
+    try:
+        # Sampled hot and seeded, so that it runs its whole 400 tokens unless stopped: far longer than the timeout.
+        params = wb.GenerationParams(max_new_tokens=400, temperature=5.0, seed=0)
+        assert bench.engine.generate("timed", "Hello", params).tokens_out == 400
+        call = Call("timed", "Hello", params, timeout_s=0.3, on_token=(lambda *_: None) if stream else None)
+        with pytest.raises(wb.HopTimeout, match="gave no answer within"):
+            asyncio.run(bench.engine.acall(call))
+        bench.engine.generate("timed", "Paris", wb.GenerationParams(max_new_tokens=2))  # queued behind it
+        steps = [s.attributes[attr.BATCH_STEPS] for s in bench.traces().spans if s.name == "batch timed"]
+        assert steps[0] == 400 and steps[1] < 400  # stopped in the actor, not run to the end for nobody
+    finally:
+        bench.unload("timed", forget=True)
 
 
 def test_a_ray_the_workbench_started_refuses_another_address_and_stops_when_the_workbench_closes(

@@ -21,7 +21,7 @@ from typing import Any
 
 from opentelemetry.trace import INVALID_SPAN
 
-from workbench.engine.backends.base import BackendOutOfMemory, BatchTiming
+from workbench.engine.backends.base import BackendOutOfMemory, BatchTiming, RowCancels
 from workbench.engine.backends.process import pack, unpack
 from workbench.engine.backends.transformers import TransformersBackend
 from workbench.engine.requests import GenerationParams, GenerationRequest
@@ -111,7 +111,7 @@ def main() -> None:
         "memory_bytes": loaded.memory_bytes, "warmup_s": loaded.warmup_s, "context_window": loaded.context_window,
         "eos_ids": sorted(backend.eos_ids),
     }))
-    cancels = _Cancels()
+    cancels = RowCancels()
     threading.Thread(target=_listen, args=(control, cancels), name="workbench-child-cancels", daemon=True).start()
     while True:
         try:
@@ -123,32 +123,7 @@ def main() -> None:
         _serve(conn, backend, batch)
 
 
-class _Cancels:
-    """Rows the parent stopped (their requests timed out), heard on the control pipe while a batch runs."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._seq = 0
-        self._batch: list[GenerationRequest] = []
-        self._early: dict[int, set[int]] = {}  # for a batch this process has not read yet
-
-    def running(self, seq: int, batch: list[GenerationRequest]) -> None:
-        with self._lock:
-            self._seq, self._batch = seq, batch
-            for row in self._early.pop(seq, ()):
-                batch[row].cancelled = True
-            self._early = {later: rows for later, rows in self._early.items() if later > seq}
-
-    def cancel(self, seq: int, rows: list[int]) -> None:
-        with self._lock:
-            if seq == self._seq:
-                for row in rows:
-                    self._batch[row].cancelled = True  # _CancelledRows stops the row at its next step
-            elif seq > self._seq:
-                self._early.setdefault(seq, set()).update(rows)
-
-
-def _listen(control: Connection, cancels: _Cancels) -> None:
+def _listen(control: Connection, cancels: RowCancels) -> None:
     while True:
         try:
             frame = unpack(control.recv_bytes())

@@ -8,6 +8,7 @@ a request can travel. A backend translates its library's errors here (out of mem
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -67,6 +68,35 @@ class BatchTiming:
 TokenSink = Callable[[GenerationRequest, int, str], None]
 OnResult = Callable[[GenerationRequest, GenerationResult], None]
 OnError = Callable[[list[GenerationRequest], BaseException], None]
+
+
+class RowCancels:
+    """Rows of the batches a model process or actor runs that the parent stopped (their requests timed out).
+
+    Batches are numbered by the parent (``seq``); a cancel may arrive before its batch does, and is kept
+    for it. A cancelled row ends at its next decoding step (the transformers backend's stopping criteria).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._batch: list[GenerationRequest] = []
+        self._early: dict[int, set[int]] = {}  # for a batch that has not come yet
+
+    def running(self, seq: int, batch: list[GenerationRequest]) -> None:
+        with self._lock:
+            self._seq, self._batch = seq, batch
+            for row in self._early.pop(seq, ()):
+                batch[row].cancelled = True
+            self._early = {later: rows for later, rows in self._early.items() if later > seq}
+
+    def cancel(self, seq: int, rows: list[int]) -> None:
+        with self._lock:
+            if seq == self._seq:
+                for row in rows:
+                    self._batch[row].cancelled = True  # _CancelledRows stops the row at its next step
+            elif seq > self._seq:
+                self._early.setdefault(seq, set()).update(rows)
 
 
 class Scheduler(Protocol):

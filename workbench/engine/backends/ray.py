@@ -28,6 +28,7 @@ from workbench.engine.backends.base import (
     BatchTiming,
     OnError,
     OnResult,
+    RowCancels,
     Scheduler,
     TokenSink,
     next_batch_id,
@@ -47,6 +48,8 @@ RAY_HINT = "pip install 'autoglm-workbench[ray]'"
 # How long a replica's actor may take to be placed and load its model before the load fails. Placing
 # waits for resources the cluster may never have (num_gpus=1 on a CPU cluster), so it cannot wait forever.
 READY_TIMEOUT_S = float(os.environ.get("AUTOGLM_RAY_READY_TIMEOUT_S", "300"))
+# How often a batch with a timeout on some row looks for rows to stop while it waits for the actor.
+_CANCEL_POLL_S = 0.05
 
 
 def _ray() -> Any:
@@ -149,6 +152,7 @@ class ModelActor:
 
         self._backend: TransformersBackend | None = None
         self._error: dict[str, str | None] | None = None
+        self._cancels = RowCancels()  # rows whose requests timed out in the parent, stopped at their next step
         local = dataclasses.replace(LoadSettings(**settings), engine="local", address=None, num_gpus=0,
                                     num_cpus=1)
         try:
@@ -171,13 +175,16 @@ class ModelActor:
                 "memory_bytes": loaded.memory_bytes, "load_s": loaded.load_s, "warmup_s": loaded.warmup_s,
                 "context_window": loaded.context_window, "eos_ids": sorted(self._backend.eos_ids)}
 
-    def _batch(self, rows: list[dict[str, Any]], params: dict[str, Any], received: float,
+    def _batch(self, seq: int, rows: list[dict[str, Any]], params: dict[str, Any], received: float,
                on_token: Any = None) -> list[GenerationRequest]:
         # The parent's clock is not ours: each request is dated back by the time it had waited there.
         settings = GenerationParams(**params)
-        return [GenerationRequest(self._loaded.name, row["input_ids"], settings, INVALID_SPAN,
-                                  submitted=received - row["waited_s"], on_token=on_token if row["stream"] else None)
-                for row in rows]
+        batch = [GenerationRequest(self._loaded.name, row["input_ids"], settings, INVALID_SPAN,
+                                   submitted=received - row["waited_s"], on_token=on_token if row["stream"] else None,
+                                   cancellable=row["cancellable"])
+                 for row in rows]
+        self._cancels.running(seq, batch)
+        return batch
 
     def _run(self, batch: list[GenerationRequest], received: float, sink: TokenSink | None) -> dict[str, Any]:
         assert self._backend is not None  # the parent sends batches only after info() reported a loaded model
@@ -189,16 +196,16 @@ class ModelActor:
         return {"results": [dataclasses.asdict(r) for r in results], "timing": dataclasses.asdict(timing),
                 "received": received, "returned": time.perf_counter()}
 
-    def generate(self, rows: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any]:
-        """Generate for one batch: each row's token ids and how long it waited in the parent; results and timings."""
+    def generate(self, seq: int, rows: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any]:
+        """Generate for batch ``seq``: each row's token ids and how long it waited in the parent; results and timings."""
         received = time.perf_counter()
-        return self._run(self._batch(rows, params, received), received, None)
+        return self._run(self._batch(seq, rows, params, received), received, None)
 
-    def stream(self, rows: list[dict[str, Any]], params: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def stream(self, seq: int, rows: list[dict[str, Any]], params: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """:meth:`generate`, yielding each decode step's tokens of the streaming rows first (``tokens``: row, id, text)."""
         received = time.perf_counter()
         steps: queue.Queue[dict[str, Any]] = queue.Queue()
-        batch = self._batch(rows, params, received, on_token=True)
+        batch = self._batch(seq, rows, params, received, on_token=True)
         index = {id(request): row for row, request in enumerate(batch)}
 
         def sink(request: GenerationRequest, token: int, text: str) -> None:
@@ -218,6 +225,10 @@ class ModelActor:
             yield item
             if "done" in item:
                 return
+
+    def cancel(self, seq: int, rows: list[int]) -> None:
+        """Stop ``rows`` of batch ``seq`` at their next step (their requests timed out); called while it runs."""
+        self._cancels.cancel(seq, rows)
 
 
 @functools.cache
@@ -253,6 +264,7 @@ class RayBackend:
         self.actor_id: str | None = None
         self.pid: int | None = None  # the actor's process, on its node
         self.restarts = 0
+        self._batches = 0  # batches sent; a cancel names its batch, so it never stops a row of the next one
         self._memory = 0
         self._dead: str | None = None  # why the last actor died
         self._gone: ModelActorDied | None = None  # dead, with no restart left or the restart failed
@@ -290,6 +302,7 @@ class RayBackend:
             # takes only its own replicas with it.
             scheduling_strategy="SPREAD",
             max_restarts=0,  # restarted by _lost, see the class docstring
+            max_concurrency=2,  # a cancel is heard while a batch runs (the parent sends one batch at a time)
         )
         self._actor = actor.remote(self.model, dataclasses.asdict(settings))
         self._info = self._actor.info.remote()
@@ -334,9 +347,15 @@ class RayBackend:
             raise ModelLoadError(info["error"]["message"], hint=info["error"]["hint"])
         return info
 
-    def _call(self, ref: Any, actor: Any) -> Any:
-        """The value of a call to ``actor``; a dead actor or a lost node becomes ModelActorDied here, at the seam."""
+    def _call(self, ref: Any, actor: Any, cancels: _Told | None = None) -> Any:
+        """The value of a call to ``actor``; a dead actor or a lost node becomes ModelActorDied here, at the seam.
+
+        With ``cancels``, rows whose requests time out meanwhile are stopped in the actor.
+        """
         try:
+            if cancels is not None:
+                while not self._ray.wait([ref], timeout=_CANCEL_POLL_S)[0]:
+                    cancels.tell()
             return self._ray.get(ref)
         except (self._ray.exceptions.RayActorError, self._ray.exceptions.WorkerCrashedError,
                 self._ray.exceptions.ObjectLostError) as exc:
@@ -468,29 +487,35 @@ class RayBackend:
                 raise self._gone from None
             raise
         actor = self._actor
+        seq = self._batches = self._batches + 1
+        # A row whose request times out here is stopped in the actor too, as in-process; batches with no timeout
+        # on any row skip the looking.
+        cancels = _Told(actor, seq, batch) if any(r.cancellable for r in batch) else None
         sent = time.perf_counter()
-        rows = [{"input_ids": r.input_ids, "waited_s": sent - r.submitted, "stream": on_token is not None and r.stream}
-                for r in batch]
+        rows = [{"input_ids": r.input_ids, "waited_s": sent - r.submitted, "stream": on_token is not None and r.stream,
+                 "cancellable": r.cancellable} for r in batch]
         params = dataclasses.asdict(batch[0].params)
         if on_token is not None and any(r.stream for r in batch):
-            reply = self._streamed(actor.stream.remote(rows, params), actor, batch, on_token)
+            reply = self._streamed(actor.stream.remote(seq, rows, params), actor, batch, on_token, cancels)
         else:
-            reply = self._call(actor.generate.remote(rows, params), actor)
+            reply = self._call(actor.generate.remote(seq, rows, params), actor, cancels)
         back = time.perf_counter()
         if "oom" in reply:
             raise BackendOutOfMemory(reply["oom"])
         return self._results(batch, reply, sent, back)
 
-    def _streamed(self, replies: Any, actor: Any, batch: list[GenerationRequest], on_token: TokenSink
-                  ) -> dict[str, Any]:
+    def _streamed(self, replies: Any, actor: Any, batch: list[GenerationRequest], on_token: TokenSink,
+                  cancels: _Told | None) -> dict[str, Any]:
         """Hand each streamed token to ``on_token`` as it arrives; the final reply."""
         try:
             for ref in replies:
-                item = self._call(ref, actor)
+                item = self._call(ref, actor, cancels)
                 if "done" in item:
                     return item["done"]  # type: ignore[no-any-return]
                 row, token, text = item["tokens"]
                 on_token(batch[row], token, text)
+                if cancels is not None:
+                    cancels.tell()  # a stream's next item waits for the next step: look between steps too
         except (self._ray.exceptions.RayActorError, self._ray.exceptions.WorkerCrashedError,
                 self._ray.exceptions.ObjectLostError):  # raised by the generator itself, between items
             raise self._lost(actor, "the actor died while it streamed") from None
@@ -512,3 +537,18 @@ class RayBackend:
             results.append(GenerationResult(**{**fields, "batch_id": batch_id, "e2e_ms": (back - request.submitted) * 1e3}))
             request.span.set_attributes(attributes)
         return results, timing
+
+
+class _Told:
+    """The rows of one batch on an actor that were told to stop, and the telling."""
+
+    def __init__(self, actor: Any, seq: int, batch: list[GenerationRequest]) -> None:
+        self.actor, self.seq, self.batch = actor, seq, batch
+        self.told: set[int] = set()
+
+    def tell(self) -> None:
+        """Tell the actor to stop the rows whose requests timed out since the last look (not waiting for its answer)."""
+        stopped = [row for row, r in enumerate(self.batch) if r.cancelled and row not in self.told]
+        if stopped:
+            self.actor.cancel.remote(self.seq, stopped)
+            self.told.update(stopped)
