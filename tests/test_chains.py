@@ -265,6 +265,17 @@ def test_python_hops_by_callable_by_dotted_path_by_name_and_whole_context(tiny_b
     assert run.outputs["everything"] == ["answer", "history", "plan", "question", "session", "stats", "stats_dotted"]
 
 
+def test_a_python_hop_that_takes_no_arguments_is_called_with_none(tiny_bench: wb.Workbench) -> None:
+    # A source of data (a clock, a counter, a fixed document): it was handed the whole context and failed with
+    # "TypeError: <lambda>() takes 0 positional arguments but 1 was given".
+    chain = tiny_bench.chain({"name": "py", "hops": [
+        {"name": "seed", "call": lambda: 10**50},
+        {"name": "half", "call": lambda seed: seed // 2},
+    ]})
+    assert chain.graph()["seed"] == ()  # needs nothing, so it waits for nothing
+    assert chain.run().output == 5 * 10**49
+
+
 # -- inputs and failures -----------------------------------------------------------------------
 
 

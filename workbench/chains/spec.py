@@ -994,6 +994,8 @@ def _parameter_names(call: Callable[..., Any]) -> tuple[tuple[str, ...] | None, 
         parameters = list(inspect.signature(call).parameters.values())
     except (TypeError, ValueError):
         return None, ()
+    if not parameters:
+        return (), ()  # takes nothing (a clock, a fixed document): called with nothing
     named = [p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     if not named or (len(named) == 1 and named[0].name in ("context", "ctx")):
         return None, ()
