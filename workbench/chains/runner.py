@@ -414,7 +414,7 @@ class Runner:
         return prepared
 
     async def _call(self, hop: HopSpec, values: dict[str, Any], timeout_s: float | None = None) -> Any:
-        """Call a Python hop: by parameter name where it names them (none if it takes none), else with the whole context.
+        """Call a Python hop: by parameter name where it names any (none if it takes none), else with the whole context.
 
         An ``async def`` hop is awaited on the loop, and cancelled past ``timeout_s`` (HopTimeout); any other runs
         in the hop pool, so it may block. A coroutine that one returns (an object whose ``__call__`` is

@@ -197,7 +197,7 @@ class ModelActor:
                 "received": received, "returned": time.perf_counter()}
 
     def generate(self, seq: int, rows: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any]:
-        """Generate for batch ``seq``: each row's token ids and how long it waited in the parent; results and timings."""
+        """Generate batch ``seq``: each row's token ids and how long it waited in the parent; results and timings."""
         received = time.perf_counter()
         return self._run(self._batch(seq, rows, params, received), received, None)
 
