@@ -7,7 +7,9 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
+import textwrap
 import threading
 from pathlib import Path
 
@@ -300,6 +302,30 @@ def test_a_restarting_model_process_killed_while_it_loads_is_started_again_while
     assert isinstance(answer, wb.GenerationResult) and answer.text == expected  # a third process served it
     assert bench.models().set_index("name").loc["iso", "restarts"] == 2
     assert pid_of(bench, "iso") not in (None, child, loading[0])
+
+
+def test_a_model_process_whose_parent_died_mid_batch_exits_quietly(tiny_path: Path, tmp_path: Path) -> None:
+    # A kernel that dies (killed, crashed) while its model process runs a batch: the child finds no one to answer
+    # and exits, without a BrokenPipeError traceback on the stderr it shares with the terminal or the notebook.
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent(f"""\
+        import os, threading, time
+        import workbench as wb
+        bench = wb.Workbench()
+        bench.load("iso", {str(tiny_path)!r}, device="cpu", isolation="process")
+        process = bench.engine.worker("iso").backend.process
+        print(process.pid, flush=True)
+        threading.Thread(target=bench.generate, args=("iso", "Hello"), kwargs={{"max_new_tokens": 300,
+                         "temperature": 5.0, "seed": 0}}, daemon=True).start()
+        while not process._in_batch:
+            time.sleep(0.001)
+        os._exit(0)
+    """))
+    # run() returns once the child has closed the stderr it inherited too: once it has exited.
+    parent = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=WAIT_S)
+    child = int(parent.stdout.split()[0])
+    eventually(lambda: not alive(child), "the orphaned model process to exit")
+    assert "Traceback" not in parent.stderr, parent.stderr
 
 
 def test_closing_the_workbench_ends_the_model_process(tiny_path: Path) -> None:

@@ -133,4 +133,7 @@ def _listen(control: Connection, cancels: RowCancels) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the parent died (killed, crashed) while this process answered it: no one is left to tell
