@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
 from pathlib import Path
 from textwrap import dedent
@@ -13,6 +14,8 @@ import pytest
 
 import workbench as wb
 from workbench.demo import DEMO_SPEC
+
+from helpers import WAIT_S
 
 
 def _hop_spans(run: wb.Run) -> dict[str, Any]:
@@ -274,6 +277,40 @@ def test_a_python_hop_that_takes_no_arguments_is_called_with_none(tiny_bench: wb
     ]})
     assert chain.graph()["seed"] == ()  # needs nothing, so it waits for nothing
     assert chain.run().output == 5 * 10**49
+
+
+def test_python_hops_that_block_every_hop_thread_do_not_hold_up_other_runs_bookkeeping(tiny_path: Path) -> None:
+    # Sync Python hops waiting on something slow (an API, a lock) filled the hop threads, and every other run then
+    # waited for one too: to read its session's history, store its record, look up or fill the response cache.
+    release, order = threading.Event(), []
+    entered = threading.Semaphore(0)
+
+    def wait() -> str:
+        entered.release()
+        release.wait(WAIT_S)
+        order.append("blocked hop")
+        return "done"
+
+    with wb.Workbench(hop_threads=2, store=wb.InMemoryContextStore()) as bench:
+        bench.load("tiny", tiny_path, device="cpu")
+        blocked = bench.chain({"name": "blocked", "hops": [{"name": "wait", "call": wait}]})
+        qa = bench.chain({"name": "qa", "hops": [
+            {"name": "answer", "model": "tiny", "prompt": "Q: {{ question }}\nA:", "max_new_tokens": 2,
+             "cache": "exact"}]})
+        waiting = [threading.Thread(target=blocked.run) for _ in range(2)]
+        for thread in waiting:
+            thread.start()
+        for _ in waiting:
+            assert entered.acquire(timeout=WAIT_S)  # both hop threads are taken
+        try:
+            qa.run(question="Why?", session="s1")  # history read, cache looked up and filled, record stored
+            order.append("session run")
+        finally:
+            release.set()
+            for thread in waiting:
+                thread.join(WAIT_S)
+        assert order[0] == "session run"
+        assert len(bench.session("s1").records()) == 1
 
 
 # -- inputs and failures -----------------------------------------------------------------------

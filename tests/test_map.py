@@ -58,7 +58,8 @@ def no_leaked_threads(tiny_bench: wb.Workbench) -> Iterator[None]:
     """Fail the test if a thread it started is still alive, or if one of the workbench's pooled threads is still at work."""
     before = set(threading.enumerate())
     yield
-    pooled = ("workbench-hop", "workbench-loop")  # the workbench's long-lived threads: idle is fine, busy is not
+    # The workbench's long-lived threads: idle is fine, busy is not.
+    pooled = ("workbench-hop", "workbench-io", "workbench-loop")
     started = [t for t in threading.enumerate() if t not in before and not t.name.startswith(pooled)]
     for thread in started:
         thread.join(timeout=WAIT_S)

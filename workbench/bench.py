@@ -65,6 +65,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_RUNS_KEPT = 10_000
+# Threads for the runs' own short work (session stores, the response cache, preparing prompts; see __init__).
+IO_THREADS = 8
 # How often a thread waiting on the loop returns to Python: a Ctrl-C is only seen between bytecodes.
 _POLL_S = 0.1
 
@@ -133,12 +135,16 @@ class Workbench:
         self.engine = Engine(self.registry, self.tracing)
         self.data_dir = data_root(data_dir)
         self.store = store if store is not None else SQLiteContextStore(self.data_dir / SESSIONS_FILE)
+        # Python hops run the user's code, which may block (an API, a lock) for as long as it likes; the workbench's
+        # own short work (session history, run records, the response cache, preparing prompts) has threads of its
+        # own, so hops that take every hop thread hold up only other Python hops.
         self._hop_pool = ThreadPoolExecutor(max_workers=hop_threads, thread_name_prefix="workbench-hop")
+        self._io_pool = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="workbench-io")
         self.graphs = GraphStore()  # knowledge hops' graphs, each loaded once
         # The exact response cache of ``cache: exact`` hops, in the data directory (opened on first use).
         self.cache = ResponseCache(self.data_dir / CACHE_FILE)
-        self._runner = Runner(self.engine, self.tracing, self.store, self._hop_pool, graphs=self.graphs,
-                              cache=self.cache)
+        self._runner = Runner(self.engine, self.tracing, self.store, self._hop_pool, self._io_pool,
+                              graphs=self.graphs, cache=self.cache)
         self._in_flight = 0  # runs walking on the loop now (only the loop thread changes it)
         self._loop: asyncio.AbstractEventLoop | None = None  # chains walk here, on its own thread, from first use
         self._loop_thread: threading.Thread | None = None
@@ -722,7 +728,7 @@ class Workbench:
         try:
             if isinstance(self.preloading, Eager):
                 try:
-                    await asyncio.get_running_loop().run_in_executor(self._hop_pool, self.prepare, spec)
+                    await asyncio.get_running_loop().run_in_executor(self._io_pool, self.prepare, spec)
                 except WorkbenchError:
                     pass  # the hop whose model failed to load tries again and fails as a HopFailed on its Run
             run = await self._runner.arun(spec, inputs, session, events)
@@ -850,6 +856,7 @@ class Workbench:
                     pass
         release_ray()  # a Ray this process started for the workbench's replicas stops once none is open
         self._hop_pool.shutdown(wait=False, cancel_futures=True)
+        self._io_pool.shutdown(wait=False, cancel_futures=True)
         if self._loop is not None and self._loop_thread is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
             if threading.current_thread() is not self._loop_thread:

@@ -128,13 +128,15 @@ class Runner:
         tracing: Tracing,
         store: ContextStore,
         hop_pool: Executor,
+        io_pool: Executor,
         graphs: GraphStore | None = None,
         cache: ResponseCache | None = None,
     ) -> None:
         self.engine = engine
         self.tracing = tracing
         self.store = store
-        self.hop_pool = hop_pool
+        self.hop_pool = hop_pool  # Python hops and templates: the chain's own code, which may block
+        self.io_pool = io_pool  # the run's bookkeeping: session history and records, the response cache, prompts
         self.graphs = graphs if graphs is not None else GraphStore()  # knowledge hops' graphs, loaded once
         self.cache = cache  # the exact response cache of ``cache: exact`` hops (None: they call the model every time)
 
@@ -148,7 +150,7 @@ class Runner:
         check_inputs(spec, inputs, session)
         loop = asyncio.get_running_loop()
         run_id = uuid.uuid4().hex[:12]
-        records = (await loop.run_in_executor(self.hop_pool, self.store.history, session, spec.history)
+        records = (await loop.run_in_executor(self.io_pool, self.store.history, session, spec.history)
                    if session is not None else [])
         started_at, started = time.time(), time.perf_counter()
         root = self.tracing.start_span(
@@ -199,7 +201,7 @@ class Runner:
             failure.run = run
         if session is not None:
             try:
-                await loop.run_in_executor(self.hop_pool, self.store.append, session, RunRecord.of(run))
+                await loop.run_in_executor(self.io_pool, self.store.append, session, RunRecord.of(run))
             except StoreError as exc:
                 # The run is done and its answer stands: losing it for its history's sake would lose more.
                 # Its session's next run will not see it, which the warning says.
@@ -334,7 +336,7 @@ class Runner:
                 if key is not None and self.cache is not None:
                     try:
                         await asyncio.get_running_loop().run_in_executor(
-                            self.hop_pool, self.cache.put, key, state.spec.name, hop.name, name, result.text,
+                            self.io_pool, self.cache.put, key, state.spec.name, hop.name, name, result.text,
                             result.tokens_out, result.e2e_ms)
                     except StoreError as exc:
                         # The model answered: losing that for the cache's sake (or calling it again on a retry)
@@ -385,7 +387,7 @@ class Runner:
             found = cache.get(key, hop.name, model)
             return key if found is None else _Hit(key, found.text, found.cost_ms)
 
-        answer = await loop.run_in_executor(self.hop_pool, look)
+        answer = await loop.run_in_executor(self.io_pool, look)
         if answer is None:
             return None
         if isinstance(answer, _Hit):
@@ -407,7 +409,7 @@ class Runner:
             try:
                 prompt = await self._render(hop.template, values, hop.resilience.timeout_s)
                 prefix = fixed_prefix(hop.template) if hop.cache.prefix else None
-                await loop.run_in_executor(self.hop_pool, self.engine.prepare_prompt, hop.model, prompt, prefix)
+                await loop.run_in_executor(self.io_pool, self.engine.prepare_prompt, hop.model, prompt, prefix)
             except Exception:  # the run itself meets (and reports) whatever went wrong
                 continue
             prepared += 1
