@@ -102,6 +102,18 @@ def test_run_with_json_prints_the_outputs(spec_file: Path, tiny_path: Path, caps
     assert printed["outputs"]["stats"]["answer_words"] == len(printed["output"].split())
 
 
+def test_run_reads_the_spec_from_stdin_when_it_is_a_dash(spec_file: Path, tiny_path: Path) -> None:
+    # cat qa.yaml | autoglm run - ... (or a spec made by another program): '-' was looked for as a file.
+    done = subprocess.run([sys.executable, "-m", "workbench.fronts.cli", "run", "-", "question=hi", "--model",
+                           f"tiny={tiny_path}", "--json"], input=spec_file.read_text(encoding="utf-8"),
+                          capture_output=True, text=True, timeout=120, cwd=Path(wb.__file__).parents[1])
+    assert done.returncode == 0, done.stderr
+    assert set(json.loads(done.stdout)["outputs"]) == {"plan", "answer", "stats"}
+    empty = subprocess.run([sys.executable, "-m", "workbench.fronts.cli", "run", "-", "--model", f"tiny={tiny_path}"],
+                           input="", capture_output=True, text=True, timeout=120, cwd=Path(wb.__file__).parents[1])
+    assert empty.returncode == 2 and "the spec on stdin is empty" in empty.stderr
+
+
 def test_inputs_may_come_after_the_options(spec_file: Path, tiny_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", str(spec_file), "question=hi", "--model", f"tiny={tiny_path}", "--json"]) == 0

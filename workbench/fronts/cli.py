@@ -77,10 +77,26 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _read_spec(name: str) -> str:
-    """The spec file's text; a path that is not a readable file says what is near it."""
+    """The spec file's text (``-``: standard input's); a path that is not a readable file says what is near it."""
+    if name == "-":
+        raw = sys.stdin.buffer.read()
+        if not raw.strip():
+            raise SpecError("the spec on stdin is empty", hint="pipe a YAML chain spec in: autoglm run - ... < qa.yaml")
+        name = "the spec on stdin"
+    else:
+        raw = _read_file(name)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{name} is not UTF-8 text: byte {raw[exc.start]:#04x} cannot be read",
+                        line=raw.count(b"\n", 0, exc.start) + 1, hint="save the spec as UTF-8") from None
+
+
+def _read_file(name: str) -> bytes:
+    """A spec file's bytes; a path that is not a readable file says what is near it."""
     path = Path(name)
     try:
-        raw = path.read_bytes()
+        return path.read_bytes()
     except OSError as exc:
         folder = path if path.is_dir() else path.parent
         nearby = sorted(p.name for p in folder.glob("*.y*ml")) if folder.is_dir() else []
@@ -92,11 +108,6 @@ def _read_spec(name: str) -> str:
         else:
             hint = "give the path of a YAML chain spec file (a list of hops); autoglm demo runs one without a file"
         raise WorkbenchError(f"cannot read spec file {name!r}: {exc.strerror or exc}", hint=hint) from None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise SpecError(f"{name} is not UTF-8 text: byte {raw[exc.start]:#04x} cannot be read",
-                        line=raw.count(b"\n", 0, exc.start) + 1, hint="save the spec as UTF-8") from None
 
 
 def _models(items: Sequence[str]) -> dict[str, str]:
@@ -312,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the chain in a YAML spec file, with the models it names, and print its outputs and spans.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("spec", metavar="SPEC", help="a YAML chain spec file")
+    run.add_argument("spec", metavar="SPEC", help="a YAML chain spec file (- reads it from stdin)")
     # A default, or argparse counts a "*" positional as required and names it among the missing arguments.
     run.add_argument("inputs", nargs="*", default=[], metavar="key=value",
                      help="chain inputs; quote values that hold spaces")
