@@ -111,6 +111,20 @@ def test_load_records_size_memory_time_device_and_dtype(tiny_bench: wb.Workbench
     assert row["load_s"] == pytest.approx(loaded.load_s, abs=1e-3)
 
 
+@pytest.mark.parametrize("setting", [{"served_model": "qwen"}, {"api_key": "sk-secret"}, {"read_timeout_s": 5}])
+def test_a_server_setting_on_a_model_loaded_here_is_refused_not_ignored(
+    tiny_bench: wb.Workbench, tiny_path: Path, setting: dict[str, Any]
+) -> None:
+    # A setting that only a model on a server reads was dropped without a word: the user thought it applied.
+    (given,) = setting
+    for call in (tiny_bench.register, tiny_bench.load):
+        with pytest.raises(wb.ModelLoadError, match=f"{given} is a setting of a model on a server") as info:
+            call("here", tiny_path, device="cpu", **setting)
+        assert "sk-secret" not in str(info.value)  # a key is never shown
+        assert "here" not in tiny_bench.registry.names()
+    # Beside a server in a mixed replica set it is the server's setting (tests/test_mixed_replicas.py loads one).
+
+
 def test_models_table_lists_loaded_and_registered_models(tiny_bench: wb.Workbench, tiny_path: Path) -> None:
     tiny_bench.register("later", tiny_path, device="cpu")
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import threading
 import time
@@ -40,7 +41,7 @@ from workbench.errors import AdapterError
 from workbench.models.adapters import AdapterLease, AdapterSet
 from workbench.models.registry import LoadedModel, ModelRegistry
 from workbench.models.remote import REMOTE_DEVICE
-from workbench.models.settings import LoadSettings, is_server_url
+from workbench.models.settings import SERVER_SETTINGS, LoadSettings, is_server_url
 from workbench.tracing import Tracing, mark_error
 from workbench.tracing import attributes as attr
 from workbench.tracing import openinference
@@ -229,6 +230,16 @@ class Engine:
         if settings.engine == "ray" and any(place is not None for place in places):
             raise SettingsError(f"model {name!r}: engine='ray' takes a count of replicas, not a list of devices",
                                 hint="replicas=4 with num_gpus=1 gives each replica's actor a GPU of its own")
+        if not settings.remote and len(local) == len(places):
+            # No server among the replicas: a server's setting would be dropped without a word.
+            given = [f.name for f in dataclasses.fields(settings)
+                     if f.name in SERVER_SETTINGS and getattr(settings, f.name) != f.default]
+            if given:
+                raise ModelLoadError(
+                    f"model {name!r}: {' and '.join(given)} {'is a setting' if len(given) == 1 else 'are settings'} "
+                    f"of a model on a server (an http(s) URL), and this one loads {settings.source!r} here",
+                    hint="drop it, or give the server's URL as the source (or among replicas=[...])",
+                )
 
     def configuration(self, name: str) -> _Configured:
         """What is configured for ``name``'s next load (batching policy, replicas, balance; None: nothing), to put

@@ -17,6 +17,10 @@ def _option(default: Any, help: str, metavar: str | None = None, *, repr: bool =
     return field(default=default, repr=repr, metadata={"help": help, "metavar": metavar})
 
 
+# The settings only a model on a server reads (see LoadSettings).
+SERVER_SETTINGS = ("served_model", "api_key", "read_timeout_s")
+
+
 @dataclass(frozen=True)
 class LoadSettings:
     """How to load a model: where from, onto what, and which risks the user opted into.
