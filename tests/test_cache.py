@@ -225,6 +225,30 @@ def test_the_same_model_reloaded_in_another_dtype_misses(tiny_path: Path, data_d
         assert model_calls(bench.chain(spec("exact")).run(question="Name a river.")) == 0
 
 
+def test_the_key_holds_the_dtype_and_device_auto_chose_not_the_word_auto(tiny_path: Path, data_dir: Path) -> None:
+    # dtype="auto" is float32 on the CPU and bfloat16 on a GPU: keyed by the setting, a GPU load's run took the
+    # CPU's float32 answer as its own. Keyed by what was chosen, auto and float32 on the CPU are one model.
+    with wb.Workbench(data_dir=data_dir) as bench:
+        bench.load("tiny", tiny_path, device="cpu")  # dtype auto
+        assert {k: bench.engine.identity("tiny")[k] for k in ("device", "dtype")} == {"device": "cpu",
+                                                                                      "dtype": "float32"}
+        bench.chain(spec("exact")).run(question="Name a river.")
+        bench.unload("tiny")
+        bench.load("tiny", tiny_path, device="cpu", dtype="float32")
+        assert model_calls(bench.chain(spec("exact")).run(question="Name a river.")) == 0
+
+
+def test_a_model_that_loads_on_the_call_is_called_uncached_then_cached(tiny_path: Path, data_dir: Path) -> None:
+    # Until it has loaded, where it runs and in what dtype are not known, so neither is its key.
+    with wb.Workbench(data_dir=data_dir) as bench:
+        bench.register("tiny", tiny_path, device="cpu")
+        assert bench.engine.identity("tiny") is None
+        first = bench.chain(spec("exact")).run(question="Name a lake.")
+        assert model_calls(first) == 1 and attr.CACHE_HIT not in hop_span(first).attributes
+        assert model_calls(bench.chain(spec("exact")).run(question="Name a lake.")) == 1  # a miss, now stored
+        assert model_calls(bench.chain(spec("exact")).run(question="Name a lake.")) == 0
+
+
 def test_a_damaged_cache_file_is_named_and_clear_cache_starts_a_new_one(tiny_path: Path, data_dir: Path) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     damaged = b"not a database, whatever wrote it" * 100

@@ -383,7 +383,10 @@ class Runner:
                 adapter = self.engine.adapter_identity(model, hop.adapter)
                 if adapter is None:
                     return None
-            key = response_key(self.engine.identity(model), prompt, messages, hop.params, adapter=adapter)
+            identity = self.engine.identity(model)
+            if identity is None:
+                return None  # the model loads on this call: uncached, as for an adapter, until it is known
+            key = response_key(identity, prompt, messages, hop.params, adapter=adapter)
             found = cache.get(key, hop.name, model)
             return key if found is None else _Hit(key, found.text, found.cost_ms)
 

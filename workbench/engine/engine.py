@@ -36,7 +36,6 @@ from workbench.engine.requests import GenerationParams, GenerationRequest, Gener
 from workbench.engine.wakeups import Wakeups
 from workbench.engine.worker import ModelWorker
 from workbench.errors import HopTimeout, ModelLoadError, ModelUnhealthy, RunCancelled, SettingsError, UnknownModelError, WorkbenchError
-from workbench.models.fingerprint import model_identity
 from workbench.errors import AdapterError
 from workbench.models.adapters import AdapterLease, AdapterSet
 from workbench.models.registry import LoadedModel, ModelRegistry
@@ -595,17 +594,17 @@ class Engine:
 
     # -- caches and prefetch --------------------------------------------------------------------
 
-    def identity(self, name: str) -> dict[str, str | None]:
-        """What an answer of model ``name`` depends on (source, revision, adapter, file fingerprints), for cache keys.
+    def identity(self, name: str) -> dict[str, str | None] | None:
+        """What an answer of model ``name`` depends on (source, revision, device, dtype, adapter, file fingerprints),
+        for cache keys; None while it is not loaded (where it runs, and in what dtype, is known once it has).
 
-        Taken when the model loaded (a reload of a new version in its directory gives a new identity); for a model
-        registered but not loaded yet, what it would load now.
+        Taken when the model loaded (a reload of a new version in its directory gives a new identity).
         """
         model, _ = self._resolve(name)
         try:
             return self._registry.get(model).identity
         except UnknownModelError:
-            return model_identity(self._registry.settings(model))
+            return None
 
     def adapter_identity(self, name: str, adapter: str) -> str | None:
         """What an answer of ``adapter`` on model ``name`` depends on, for cache keys: its name and the digest of its

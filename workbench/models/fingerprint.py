@@ -27,14 +27,17 @@ def directory_fingerprint(path: str | os.PathLike[str]) -> str | None:
     return digest.hexdigest()[:16]
 
 
-def model_identity(settings: LoadSettings) -> dict[str, str | None]:
-    """What a cached answer of this model depends on: source, revision, served model, dtype, adapter, fingerprints."""
+def model_identity(settings: LoadSettings, device: str, dtype: str | None) -> dict[str, str | None]:
+    """What a cached answer of this model depends on: source, revision, served model, where it runs, dtype, adapter,
+    fingerprints. ``device`` and ``dtype`` are what the model loaded onto and in (for ``"auto"``: what it chose)."""
     return {
         "source": settings.source,
         "revision": settings.revision,
         "served_model": settings.served_model,
-        # The same weights in bfloat16 answer otherwise than in float32 ("auto" is its own key: a miss at worst).
-        "dtype": None if settings.remote else settings.dtype,
+        # The same weights answer otherwise in bfloat16 than in float32, and may on a GPU than on the CPU (other
+        # kernels): "auto" chose bfloat16 on a GPU and float32 on the CPU, so the setting alone was not enough.
+        "device": None if settings.remote else device.split(":")[0],
+        "dtype": None if settings.remote else dtype,
         "fingerprint": directory_fingerprint(settings.source) if not settings.remote else None,
         "adapter": settings.adapter,
         "adapter_fingerprint": directory_fingerprint(settings.adapter) if settings.adapter else None,

@@ -85,7 +85,8 @@ class LoadedModel:
 
     def __post_init__(self) -> None:
         if not self.identity:
-            self.identity = model_identity(self.settings)
+            dtype = self.dtype if self.dtype is None or isinstance(self.dtype, str) else dtype_name(self.dtype)
+            self.identity = model_identity(self.settings, str(self.device), dtype)
 
     @property
     def source(self) -> str:
