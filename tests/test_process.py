@@ -23,6 +23,7 @@ from opentelemetry.trace import INVALID_SPAN
 import workbench as wb
 from workbench.engine import GenerationParams, GenerationRequest
 from workbench.engine.backends import process
+from workbench.engine.worker import STOP_GRACE_S, ModelWorker
 from workbench.fronts.arguments import add_load_options, load_settings
 from workbench.fronts.cli import main
 from workbench.tracing import attributes as attr
@@ -365,6 +366,45 @@ def test_closing_the_workbench_mid_batch_fails_the_batch_at_once_rather_than_wai
     assert not closing.is_alive() and not alive(child)
     with pytest.raises(wb.ModelProcessDied, match="the model was unloaded"):
         running.future.result(WAIT_S)
+
+
+def test_unloading_a_hung_model_process_mid_batch_cuts_it_off_instead_of_waiting_out_the_stop(
+    bench: wb.Workbench, tiny_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A child that took a batch and hangs (stopped here; a driver that never returns) held bench.unload for the
+    # stop's whole bound (30 s), as a long batch it could not tell it from. A running child says it is alive
+    # every BEAT_S, so one silent for the stop's grace (2 s) is cut off. The bound is made far longer than the test
+    # waits, so waiting it out would fail the test.
+    monkeypatch.setattr(ModelWorker.stop, "__defaults__", (10 * WAIT_S, STOP_GRACE_S))
+    bench.load("iso", tiny_path, device="cpu", isolation="process")
+    child = pid_of(bench, "iso")
+    assert child is not None
+    process_of = bench.engine.worker("iso").backend.process
+    os.kill(child, signal.SIGSTOP)
+    running = bench.engine.submit("iso", "Hello", GenerationParams(max_new_tokens=8))
+    eventually(lambda: process_of._in_batch, "the batch to be sent to the child")
+    unloading = threading.Thread(target=bench.unload, args=("iso",))
+    unloading.start()
+    unloading.join(WAIT_S)
+    assert not unloading.is_alive() and not alive(child)
+    with pytest.raises(wb.ModelProcessDied, match="the model was unloaded"):
+        running.future.result(WAIT_S)
+    assert process_of.restarts == 0  # cut off on purpose: no restart
+
+
+def test_unloading_a_model_process_mid_batch_lets_a_batch_that_still_steps_finish(
+    bench: wb.Workbench, tiny_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The other side: a batch longer than the stop's grace, whose child says it is alive between steps, is not cut
+    # off. Beats every 50 ms and a grace of 0.5 s, so the batch (400 tokens) outlasts the grace several times.
+    monkeypatch.setattr(process, "BEAT_S", 0.05)
+    monkeypatch.setattr(ModelWorker.stop, "__defaults__", (10 * WAIT_S, 0.5))
+    bench.load("iso", tiny_path, device="cpu", isolation="process")
+    params = GenerationParams(max_new_tokens=400, temperature=5.0, seed=0)  # seeded so that it runs to 400 tokens
+    running = bench.engine.submit("iso", "Hello", params)
+    eventually(lambda: bench.engine.worker("iso").backend.process._in_batch, "the batch to be sent to the child")
+    bench.unload("iso")
+    assert running.future.result(WAIT_S).tokens_out == 400
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="lists child processes from /proc (Linux)")

@@ -2,9 +2,11 @@
 
 Run as ``python -m workbench.engine.backends._child FD CONTROL_FD`` by
 :class:`~workbench.engine.backends.process.ModelProcess`, with its ends of two socket pairs. The
-first frame names the model and its LoadSettings; the answer is ``ready`` (what loaded, and where)
-or ``failed``. Then each ``generate`` frame is one batch, answered by ``token`` frames for streaming rows and one ``done`` (or ``error``) frame;
-a ``cancel`` frame on the control pipe stops rows of a batch (their requests timed out in the parent).
+first frame names the model, its LoadSettings and how often to say it is alive; the answer is ``ready``
+(what loaded, and where) or ``failed``. Then each ``generate`` frame is one batch, answered by ``token``
+frames for streaming rows, ``alive`` frames between steps when nothing went out for a while, and one
+``done`` (or ``error``) frame; a ``cancel`` frame on the control pipe stops rows of a batch (their requests
+timed out in the parent).
 End-of-file on the pipe (the parent closed it, or died) ends the process.
 """
 
@@ -31,6 +33,8 @@ from workbench.models.settings import LoadSettings
 from workbench.tracing import Tracing
 from workbench.tracing import attributes as attr
 
+_ALIVE = pack({"op": "alive"})
+
 
 def _is_fatal(exc: BaseException) -> bool:
     """Whether ``exc`` left the device unusable for this process: a CUDA error other than out-of-memory.
@@ -50,16 +54,28 @@ def _batch(backend: TransformersBackend, frame: dict[str, Any]) -> list[Generati
     ]
 
 
-def _serve(conn: Connection, backend: TransformersBackend, batch: list[GenerationRequest]) -> None:
+def _serve(conn: Connection, backend: TransformersBackend, batch: list[GenerationRequest], beat_s: float) -> None:
     started = time.perf_counter()
     wall = time.time_ns()  # spans are stamped in epoch time; this maps the batch's perf_counter reads onto it
     rows = {request.id: row for row, request in enumerate(batch)}
+    said = started  # when the parent last heard from this batch
 
     def on_token(request: GenerationRequest, token: int, text: str) -> None:
+        nonlocal said
         conn.send_bytes(pack({"op": "token", "row": rows[request.id], "token": token, "text": text}))
+        said = time.perf_counter()
+
+    def on_beat() -> None:
+        # A step went by: a batch that streams nothing says it is alive now and then, so the parent can tell a long
+        # batch from a hung process (an unload waits for the one, and cuts the other off).
+        nonlocal said
+        now = time.perf_counter()
+        if now - said >= beat_s:
+            conn.send_bytes(_ALIVE)
+            said = now
 
     try:
-        results, timing = backend.generate(batch, on_token if any(r.stream for r in batch) else None)
+        results, timing = backend.generate(batch, on_token if any(r.stream for r in batch) else None, on_beat)
     except Exception as exc:
         oom = isinstance(exc, BackendOutOfMemory)
         if oom:
@@ -120,7 +136,7 @@ def main() -> None:
             return
         batch = _batch(backend, frame)
         cancels.running(frame["seq"], batch)
-        _serve(conn, backend, batch)
+        _serve(conn, backend, batch, hello["beat_s"])
 
 
 def _listen(control: Connection, cancels: RowCancels) -> None:

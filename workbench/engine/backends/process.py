@@ -9,7 +9,8 @@ The parent keeps the tokenizer, so tokenize and detokenize stay local.
 
 Why a pipe: benchmarks/ipc.py measures it beside ZeroMQ and a shared-memory ring; it is as fast as
 either at the batch sizes a hop sends, needs no cleanup in /dev/shm, and a dead child shows at once
-as end-of-file on the pipe, with no heartbeat to tune.
+as end-of-file on the pipe. A hung one shows by the beats it stops sending while a batch runs
+(``BEAT_S``), which an unload reads to cut it off rather than wait for it.
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ _CANCEL_POLL_S = 0.02
 # that never returns, a stopped process) and is killed, so that the restart serves the requests queued behind it.
 # Generous, because a step of a large model on a CPU, or a long prompt's prefill, can take seconds.
 _HUNG_S = 30.0
+# How often at least a child running a batch tells the parent it is alive (a frame with no data, sent between
+# decoding steps when no token went out for this long): an unload tells a hung child (silent) from a long batch.
+BEAT_S = 0.5
 
 
 def pack(frame: dict[str, Any]) -> bytes:
@@ -125,6 +129,7 @@ class ModelProcess:
         self._restart: threading.Thread | None = None
         self._gone: ModelProcessDied | None = None  # dead, with no restart left or coming
         self._in_batch = False  # a batch was sent and its answer is awaited
+        self._heard = 0.0  # when the child last sent anything (perf_counter), for abort
         self._start()
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -153,7 +158,7 @@ class ModelProcess:
             self._proc = proc  # close() may end a child that is still loading
         settings = dataclasses.replace(self.settings, isolation="thread")  # in the child, the model is local
         try:
-            conn.send_bytes(pack({"name": self.name, "settings": dataclasses.asdict(settings)}))
+            conn.send_bytes(pack({"name": self.name, "settings": dataclasses.asdict(settings), "beat_s": BEAT_S}))
             ready = unpack(conn.recv_bytes())
         except (EOFError, OSError):
             conn.close()
@@ -208,6 +213,23 @@ class ModelProcess:
             _stop(proc, grace=idle)
         if restart is not None:
             restart.join()
+
+    def abort(self, quiet_s: float | None = None) -> None:
+        """Cut off the batch in flight, the model being unloaded: end the child, so the batch fails with
+        ModelProcessDied saying the model was unloaded, and no restart comes.
+
+        ``quiet_s``: only once the child has sent nothing for that long. A child running a batch says it is alive at
+        least every BEAT_S between steps, so one that is silent is hung (or stopped), while a long batch goes on to
+        its end. None: at once.
+        """
+        with self._lock:
+            proc = self._proc
+            if not self._in_batch or proc is None:
+                return
+            if quiet_s is not None and time.perf_counter() - self._heard < quiet_s:
+                return
+            self._closed = True  # going: the batch's end-of-file is an unload, not a crash to restart from
+        proc.kill()
 
     def _died(self, doing: str, kill: bool = False) -> ModelProcessDied:
         """The child is gone (``kill``: is to go now): reap it, start it again if restarts are left, and say what
@@ -305,7 +327,7 @@ class ModelProcess:
         cancellable = any(r.cancellable for r in batch)
         told: set[int] = set()
         all_told: float | None = None  # when the last row was told to stop
-        sent = time.perf_counter()
+        sent = self._heard = time.perf_counter()
         self._in_batch = True
         try:
             conn.send_bytes(pack({"op": "generate", "seq": seq, "params": params, "rows": rows}))
@@ -325,6 +347,9 @@ class ModelProcess:
                                          kill=True)
                     continue
                 frame = unpack(conn.recv_bytes())
+                self._heard = time.perf_counter()
+                if frame["op"] == "alive":
+                    continue
                 if frame["op"] != "token":
                     break
                 if on_token is not None:
@@ -404,6 +429,10 @@ class ProcessBackend:
         self, batch: list[GenerationRequest], on_token: TokenSink | None = None
     ) -> tuple[list[GenerationResult], BatchTiming]:
         return self.process.generate(batch, on_token)
+
+    def abort(self, quiet_s: float | None = None) -> None:
+        """Cut off the batch in flight (an unload): see :meth:`ModelProcess.abort`."""
+        self.process.abort(quiet_s)
 
     def check(self, policy: BatchingPolicy) -> None:
         if policy.continuous:

@@ -53,10 +53,12 @@ class _StepClock(BaseStreamer):
     generated tokens afterwards, so a step costs no tensor work here.
     """
 
-    def __init__(self, on_step: Callable[[torch.Tensor], None] | None = None) -> None:
+    def __init__(self, on_step: Callable[[torch.Tensor], None] | None = None,
+                 on_beat: Callable[[], None] | None = None) -> None:
         self.step_times: list[float] = []
         self._prompt_seen = False
         self._on_step = on_step
+        self._on_beat = on_beat
 
     def put(self, value: torch.Tensor) -> None:
         if self._prompt_seen:
@@ -65,6 +67,8 @@ class _StepClock(BaseStreamer):
                 self._on_step(value)
         else:
             self._prompt_seen = True
+        if self._on_beat is not None:
+            self._on_beat()
 
     def end(self) -> None:
         pass
@@ -150,10 +154,12 @@ class TransformersBackend:
         pass  # the registry owns the weights and frees them on unload
 
     def generate(
-        self, batch: list[GenerationRequest], on_token: TokenSink | None = None
+        self, batch: list[GenerationRequest], on_token: TokenSink | None = None, on_beat: Callable[[], None] | None = None
     ) -> tuple[list[GenerationResult], BatchTiming]:
+        """``on_beat`` (beyond the Backend protocol) hears each step of the batch, prefill included, with no data: a
+        model process tells its parent it is alive."""
         try:
-            return self._generate(batch, on_token)
+            return self._generate(batch, on_token, on_beat)
         except BaseException as exc:
             if is_torch_out_of_memory(exc):
                 raise BackendOutOfMemory(str(exc)) from exc
@@ -183,7 +189,7 @@ class TransformersBackend:
         return on_step
 
     def _generate(
-        self, batch: list[GenerationRequest], on_token: TokenSink | None
+        self, batch: list[GenerationRequest], on_token: TokenSink | None, on_beat: Callable[[], None] | None = None
     ) -> tuple[list[GenerationResult], BatchTiming]:
         """Generate for every request of ``batch`` (equal params) in one padded call."""
         params = batch[0].params
@@ -215,7 +221,7 @@ class TransformersBackend:
         # A prefix prefilled for this batch (a miss) is part of its prefill.
         started = looked_up if shared is not None and prefix is None else time.perf_counter()
         streaming = on_token is not None and any(r.stream for r in batch)
-        clock = _StepClock(self._streamer(batch, on_token) if streaming else None)  # type: ignore[arg-type]
+        clock = _StepClock(self._streamer(batch, on_token) if streaming else None, on_beat)  # type: ignore[arg-type]
         cancellable = any(r.cancellable for r in batch)
         adapter_kwargs: dict[str, Any] = {}
         lock: Any = contextlib.nullcontext()
