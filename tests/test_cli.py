@@ -106,12 +106,12 @@ def test_run_with_json_prints_the_outputs(spec_file: Path, tiny_path: Path, caps
 def test_run_reads_the_spec_from_stdin_when_it_is_a_dash(spec_file: Path, tiny_path: Path) -> None:
     # cat qa.yaml | autoglm run - ... (or a spec made by another program): '-' was looked for as a file.
     run = [sys.executable, "-m", "workbench.fronts.cli", "run", "-", "--model", f"tiny={tiny_path}"]
-    how: dict[str, Any] = {"capture_output": True, "text": True, "timeout": 120, "check": False,
-                           "cwd": Path(wb.__file__).parents[1]}
-    done = subprocess.run([*run, "question=hi", "--json"], input=spec_file.read_text(encoding="utf-8"), **how)
+    how: dict[str, Any] = {"capture_output": True, "text": True, "timeout": 120, "cwd": Path(wb.__file__).parents[1]}
+    done = subprocess.run([*run, "question=hi", "--json"], input=spec_file.read_text(encoding="utf-8"), check=False,
+                          **how)
     assert done.returncode == 0, done.stderr
     assert set(json.loads(done.stdout)["outputs"]) == {"plan", "answer", "stats"}
-    empty = subprocess.run(run, input="", **how)
+    empty = subprocess.run(run, input="", check=False, **how)
     assert empty.returncode == 2 and "the spec on stdin is empty" in empty.stderr
 
 
