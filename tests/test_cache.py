@@ -238,6 +238,37 @@ def test_the_key_holds_the_dtype_and_device_auto_chose_not_the_word_auto(tiny_pa
         assert model_calls(bench.chain(spec("exact")).run(question="Name a river.")) == 0
 
 
+def test_a_hub_id_whose_revision_moved_to_another_commit_misses(tiny_path: Path, tmp_path: Path) -> None:
+    # A hub id without a revision names whatever main pointed at when it loaded: keyed by the id alone, a load after
+    # main moved on (a new commit downloaded into the hub cache) answered from the old weights' cache entries. Run
+    # in a process of its own, whose hub cache (offline, as CI is) is laid out here the way huggingface_hub makes it.
+    script = tmp_path / "hub.py"
+    script.write_text(textwrap.dedent(f"""\
+        import json, shutil
+        from pathlib import Path
+        import workbench as wb
+        repo = Path({str(tmp_path / "hub" / "models--lab--tiny")!r})
+        spec = {{"name": "qa", "hops": [{{"name": "answer", "model": "hub", "prompt": "Q: {{{{ question }}}}\\nA:",
+                                        "max_new_tokens": 4, "cache": "exact"}}]}}
+        calls = []
+        with wb.Workbench(data_dir={str(tmp_path / "data")!r}) as bench:
+            for commit in ("a" * 40, "a" * 40, "b" * 40):  # the same commit again, then main moves on
+                shutil.copytree({str(tiny_path)!r}, repo / "snapshots" / commit, dirs_exist_ok=True)
+                (repo / "refs").mkdir(parents=True, exist_ok=True)
+                (repo / "refs" / "main").write_text(commit)
+                bench.load("hub", "lab/tiny", device="cpu")
+                run = bench.chain(spec).run(question="Name a river.")
+                calls.append(sum(1 for s in run.trace.spans if s.name.startswith("text_completion")))
+                bench.unload("hub", forget=True)
+        print(json.dumps(calls))
+    """))
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env=env, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[1, 0, 1]"  # called, a hit on the same commit, called again on the new one
+
+
 def test_a_model_that_loads_on_the_call_is_called_uncached_then_cached(tiny_path: Path, data_dir: Path) -> None:
     # Until it has loaded, where it runs and in what dtype are not known, so neither is its key.
     with wb.Workbench(data_dir=data_dir) as bench:

@@ -30,6 +30,8 @@ def directory_fingerprint(path: str | os.PathLike[str]) -> str | None:
 def model_identity(settings: LoadSettings, device: str, dtype: str | None) -> dict[str, str | None]:
     """What a cached answer of this model depends on: source, revision, served model, where it runs, dtype, adapter,
     fingerprints. ``device`` and ``dtype`` are what the model loaded onto and in (for ``"auto"``: what it chose)."""
+    weights = None if settings.remote else _files(settings.source, settings.revision)
+    adapter = _files(settings.adapter, None) if settings.adapter else None
     return {
         "source": settings.source,
         "revision": settings.revision,
@@ -38,7 +40,31 @@ def model_identity(settings: LoadSettings, device: str, dtype: str | None) -> di
         # kernels): "auto" chose bfloat16 on a GPU and float32 on the CPU, so the setting alone was not enough.
         "device": None if settings.remote else device.split(":")[0],
         "dtype": None if settings.remote else dtype,
-        "fingerprint": directory_fingerprint(settings.source) if not settings.remote else None,
+        "fingerprint": weights[0] if weights else None,
+        "commit": weights[1] if weights else None,
         "adapter": settings.adapter,
-        "adapter_fingerprint": directory_fingerprint(settings.adapter) if settings.adapter else None,
+        "adapter_fingerprint": adapter[0] if adapter else None,
+        "adapter_commit": adapter[1] if adapter else None,
     }
+
+
+def _files(source: str, revision: str | None) -> tuple[str | None, str | None]:
+    """The fingerprint of the files ``source`` loaded from, and for a hub id the commit they are of.
+
+    A hub id (no revision, or a branch that moves) names whatever its revision was at the load: the files are the
+    snapshot of the hub cache it resolved to, a directory named by its commit. None where there are none to read.
+    """
+    if Path(os.path.expanduser(source)).is_dir():
+        return directory_fingerprint(source), None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(source, "config.json", revision=revision)
+        if not isinstance(found, str):  # an adapter has adapter_config.json instead
+            found = try_to_load_from_cache(source, "adapter_config.json", revision=revision)
+    except ValueError:  # not a hub id (HFValidationError): a path that does not exist
+        return None, None
+    if not isinstance(found, str):
+        return None, None
+    snapshot = Path(found).parent
+    return directory_fingerprint(snapshot), snapshot.name
