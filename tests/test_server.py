@@ -333,7 +333,8 @@ def test_openai_sampling_settings_the_model_would_refuse_are_422_and_do_not_open
         client: httpx.Client, keys: dict[str, str]) -> None:
     alice = key(keys, "alice")
     bad = [({"temperature": -1}, "$.temperature"), ({"temperature": 0.5, "top_p": -3}, "$.top_p"),
-           ({"temperature": 0.5, "top_p": 0}, "$.top_p"), ({"temperature": 0.5, "top_k": -5}, "$.top_k")]
+           ({"temperature": 0.5, "top_p": 0}, "$.top_p"), ({"temperature": 0.5, "top_k": -5}, "$.top_k"),
+           ({"temperature": 0.5, "seed": 2**70}, "$.seed"), ({"seed": -2**64}, "$.seed")]  # torch takes 64 bits
     for _ in range(3):  # more failures in a row than the breaker's threshold (5), were they the model's
         for settings, field in bad:
             refused = client.post("/v1/completions", headers=alice,

@@ -21,6 +21,9 @@ _ids = itertools.count(1)
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+# The seeds torch.manual_seed takes (64 bits, signed or not); it raises on any other, inside the model's call.
+_SEEDS = (-(1 << 63), (1 << 64) - 1)
+
 # The token id of streamed text that came without ids: a server's chunk, an answer from the exact cache.
 NO_TOKEN_ID = -1
 
@@ -38,7 +41,7 @@ def check_text(text: str, what: str) -> None:
         )
 
 
-def sampling_problem(temperature: Any, top_p: Any, top_k: Any) -> tuple[str, str] | None:
+def sampling_problem(temperature: Any, top_p: Any, top_k: Any, seed: Any = None) -> tuple[str, str] | None:
     """What is wrong with these sampling settings, as (the setting, why), or None: the rules GenerationParams keeps."""
     t, p, k = temperature, top_p, top_k
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t >= 0):
@@ -47,6 +50,8 @@ def sampling_problem(temperature: Any, top_p: Any, top_k: Any) -> tuple[str, str
         return "top_p", f"top_p must be a number in (0, 1] when sampling, not {p!r}"
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         return "top_k", f"top_k must be an integer >= 0 (0 turns it off), not {k!r}"
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not _SEEDS[0] <= seed <= _SEEDS[1]):
+        return "seed", f"seed must be an integer from {_SEEDS[0]} to {_SEEDS[1]} (64 bits), not {seed!r:.40}"
     return None
 
 
@@ -70,7 +75,7 @@ class GenerationParams:
         # The model refuses these deep inside generate, where its ValueError would count against its circuit breaker:
         # a caller's bad setting would open it for everyone. Refused here, on every path (bench.generate, a server
         # front, a hop), before a request exists.
-        problem = sampling_problem(self.temperature, self.top_p, self.top_k)
+        problem = sampling_problem(self.temperature, self.top_p, self.top_k, self.seed)
         if problem is not None:
             raise InvalidInput(problem[1])
 

@@ -146,7 +146,7 @@ def _check_unlimited(gateway: Gateway, who: Principal | None) -> None:
 def _check_sampling(body: CompletionRequest) -> None:
     """Refuse sampling settings the model would refuse (422, naming the field) before GenerationParams does (as an
     InvalidInput with no field): as the model's own failure they would count against its circuit breaker."""
-    problem = sampling_problem(body.temperature, body.top_p, body.top_k)
+    problem = sampling_problem(body.temperature, body.top_p, body.top_k, body.seed)
     if problem is not None:
         raise RequestError(problem[1], field=f"$.{problem[0]}", status=422)
 
