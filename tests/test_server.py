@@ -499,6 +499,28 @@ def test_rate_limited_callers_get_429_with_retry_after(bench: wb.Workbench, keys
         assert c.get("/v1/chains", headers=key(keys, "root")).status_code == 200  # another caller's own bucket
 
 
+def test_a_model_whose_breaker_is_open_answers_503_with_retry_after(client: httpx.Client, keys: dict[str, str],
+                                                                     bench: wb.Workbench) -> None:
+    """A client (the openai package's retries, a load balancer) learns from Retry-After when the model takes
+    requests again: the breaker's trial, whether it called the model or a chain whose hop did."""
+    alice = key(keys, "alice")
+    bench.set_breaker("tiny", failure_threshold=1, reset_timeout_s=30)
+    bench.inject("tiny", error_rate=1.0)
+    try:
+        failed = client.post("/v1/completions", headers=alice, json={"model": "tiny", "prompt": "Hi", "max_tokens": 2})
+        assert failed.status_code == 500 and "retry-after" not in failed.headers  # the model's own failure: no wait
+        direct = client.post("/v1/completions", headers=alice, json={"model": "tiny", "prompt": "Hi", "max_tokens": 2})
+        assert direct.json()["error"]["type"] == "CircuitOpen"
+        assert direct.status_code == 503 and 1 <= int(direct.headers["retry-after"]) <= 30
+        run = client.post("/v1/chains/qa/invoke", headers=alice, json={"inputs": {"question": "Open?"}})
+        assert run.json()["status"] == "error" and run.status_code == 503
+        assert 1 <= int(run.headers["retry-after"]) <= 30
+    finally:
+        bench.clear_faults()
+        bench.set_breaker("tiny")
+    assert client.post("/v1/chains/qa/invoke", headers=alice, json={"inputs": {"question": "Back?"}}).status_code == 200
+
+
 def test_a_batch_holds_a_run_slot_for_each_run_it_keeps_in_flight(bench: wb.Workbench, keys: dict[str, str]) -> None:
     """``max_in_flight`` bounds the runs in flight however callers bunch them: two batches of 6 (concurrency 6) and
     a single call, on a server of 2 slots, never run more than 2 at once, and every answer is the caller's own."""

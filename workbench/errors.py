@@ -270,7 +270,13 @@ class HopTimeout(ServingError):
 
 
 class CircuitOpen(ServingError):
-    """A model's circuit breaker is open after repeated failures: its requests fail fast until a trial succeeds."""
+    """A model's circuit breaker is open after repeated failures: its requests fail fast until a trial succeeds.
+
+    ``retry_after_s`` is how long until the breaker lets its trial through (None: a trial is in flight already)."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.retry_after_s = retry_after_s
 
 
 class ModelUnhealthy(ServingError):
@@ -356,6 +362,12 @@ class HopFailed(RunError):
 # -- access refusals (the gateway) ---------------------------------------------------------------
 
 
+def retry_after(seconds: float) -> dict[str, str]:
+    """The ``Retry-After`` header for a wait of ``seconds``: whole seconds (RFC 9110), rounded up so a client that
+    obeys it is admitted."""
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
 class AccessError(WorkbenchError):
     """A served call was refused before anything ran: no or bad credentials, a role without the permission, too
     many calls, too large a body.
@@ -397,8 +409,7 @@ class RateLimited(AccessError):
 
     @property
     def headers(self) -> dict[str, str]:
-        # Retry-After is whole seconds (RFC 9110); round up so a client that obeys it is admitted.
-        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+        return retry_after(self.retry_after_s)
 
 
 class PayloadTooLarge(AccessError):

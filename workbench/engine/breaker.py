@@ -83,12 +83,14 @@ class CircuitBreaker:
                 self._trial_out = True
                 return True
             state = self.state.replace("_", "-")
+            since = self._clock() - self._changed_at
             why = "a trial request is in flight" if self.state == HALF_OPEN else (
-                f"it opened {self._clock() - self._changed_at:.2f} s ago after {self.failures} failures in a row "
-                f"(last: {self.last_error})"
+                f"it opened {since:.2f} s ago after {self.failures} failures in a row (last: {self.last_error})"
             )
+            trial_in = None if self.state == HALF_OPEN else self.reset_timeout_s - since
         raise CircuitOpen(
             f"model {self.model!r} is not taking requests: its circuit breaker is {state}; {why}",
+            retry_after_s=trial_in,
             hint=f"it lets a trial through {self.reset_timeout_s:g} s after opening; add a fallback to the hop, "
             "or see bench.breakers()",
         )

@@ -44,6 +44,7 @@ from workbench.fronts.server.gateway import (
     DEFAULT_MAX_IN_FLIGHT,
     Gateway,
     allowed,
+    refusal_headers,
     run_json,
     run_status,
 )
@@ -95,8 +96,10 @@ def create_app(
         run = await gateway.run(chain, body.inputs, gateway.session(who, body.session_id),
                                 gateway.parent(request, body.trace_id), who)
         answer = gateway.result(run, InvokeResponse, context_blob=body.context_blob)
-        status = 200 if run.error is None else run_status(run.error)
-        return gateway.reply(request, answer, status, gateway.trace_headers(run))
+        if run.error is None:
+            return gateway.reply(request, answer, headers=gateway.trace_headers(run))
+        return gateway.reply(request, answer, run_status(run.error),
+                             {**gateway.trace_headers(run), **refusal_headers(run.error)})
 
     async def batch(request: Request, who: Principal | None) -> Response:
         chain = gateway.chain(request.path_params["name"])

@@ -35,7 +35,7 @@ from starlette.routing import Route
 from workbench.chains.chain import Chain
 from workbench.chains.run import Run
 from workbench.chains.runner import TRACE_PARENT, check_inputs
-from workbench.errors import AccessError, HopFailed, WorkbenchError
+from workbench.errors import AccessError, HopFailed, ServingError, WorkbenchError, retry_after
 from workbench.fronts.server import envelope as env
 from workbench.fronts.server.envelope import BatchRequest, ErrorResponse, RequestError, RunResult, error_detail
 from workbench.fronts.server.metrics import GatewayMetrics
@@ -160,8 +160,8 @@ class Gateway:
         detail = error_detail(exc)
         if detail.status >= 500 and not isinstance(exc, WorkbenchError):
             log.exception("%s %s failed", request.method, request.url.path, exc_info=exc)
-        headers = dict(exc.headers) if isinstance(exc, AccessError) else {}  # WWW-Authenticate, Retry-After
-        return self.reply(request, ErrorResponse(error=detail, action_type=action_type), detail.status, headers)
+        return self.reply(request, ErrorResponse(error=detail, action_type=action_type), detail.status,
+                          refusal_headers(exc))
 
     @asynccontextmanager
     async def slot(self, count: int = 1) -> AsyncIterator[None]:
@@ -328,6 +328,17 @@ def run_status(error: HopFailed) -> int:
     could not render, 503 for a refusing model, 504 for a timeout), else 500: the model or a Python hop raised."""
     cause = error.cause
     return int(cause.http_status) if isinstance(cause, WorkbenchError) else 500
+
+
+def refusal_headers(exc: BaseException) -> dict[str, str]:
+    """The headers an error's response carries: an AccessError's own (WWW-Authenticate, Retry-After), and Retry-After
+    for a serving refusal that says when to try again (a breaker open until its trial, a model server's 429), itself
+    or as the cause of a failed run."""
+    if isinstance(exc, AccessError):
+        return exc.headers
+    cause = exc.cause if isinstance(exc, HopFailed) else exc
+    wait = getattr(cause, "retry_after_s", None) if isinstance(cause, ServingError) else None
+    return retry_after(wait) if wait is not None else {}
 
 
 def allowed(auth: Auth, who: Principal, action: str, chain: str | None) -> bool:
