@@ -329,6 +329,45 @@ def test_openai_chat_completions_streamed_and_not(client: httpx.Client, keys: di
     assert unknown.status_code == 404 and "tiny" in unknown.json()["error"]["hint"]
 
 
+def test_an_openai_stream_refused_before_its_first_token_answers_with_the_refusals_status(
+        client: httpx.Client, server: Server, keys: dict[str, str], bench: wb.Workbench) -> None:
+    """A streamed call the model refuses outright (a prompt over its context window, a breaker open) gets the HTTP
+    status a call without ``stream`` gets, not a 200 whose stream holds an error: the openai package raises its
+    status's error (and retries a 503 after Retry-After), and a workbench calling this one does not retry a 422."""
+    alice = key(keys, "alice")
+    for path, body in [("/v1/completions", {"model": "tiny", "prompt": "Hi"}),
+                       ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "Hi"}]})]:
+        with client.stream("POST", path, headers=alice, json={**body, "max_tokens": 600, "stream": True}) as refused:
+            refused.read()
+        assert refused.status_code == 422 and refused.headers["content-type"] == "application/json"
+        assert refused.json()["error"]["type"] == "ContextWindowExceeded"
+    with wb.Workbench() as caller:
+        caller.load("r", server.url + "/v1", served_model="tiny", api_key=keys["alice"])
+        chain = caller.chain({"name": "long", "hops": [{"name": "a", "model": "r", "prompt": "Hi",
+                                                        "max_new_tokens": 600}]})
+        with pytest.raises(wb.HopFailed) as failed:
+            chain.run()
+        assert (failed.value.cause.kind, failed.value.cause.status) == ("rejected", 422)  # not a broken stream
+    bench.set_breaker("tiny", failure_threshold=1, reset_timeout_s=30)
+    bench.inject("tiny", error_rate=1.0)
+    stream = {"model": "tiny", "prompt": "Hi", "max_tokens": 2, "stream": True}
+    try:
+        with client.stream("POST", "/v1/completions", headers=alice, json=stream) as failing:
+            failing.read()
+        assert failing.status_code == 500
+        with client.stream("POST", "/v1/completions", headers=alice, json=stream) as refused:
+            refused.read()
+        assert refused.status_code == 503 and int(refused.headers["retry-after"]) >= 1
+        assert refused.json()["error"]["type"] == "CircuitOpen"
+    finally:
+        bench.clear_faults()
+        bench.set_breaker("tiny")
+    with client.stream("POST", "/v1/completions", headers=alice, json=stream) as served:
+        lines = [line for line in served.iter_lines() if line.startswith("data: ")]
+    assert served.status_code == 200 and lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"
+
+
 def test_openai_sampling_settings_the_model_would_refuse_are_422_and_do_not_open_its_breaker(
         client: httpx.Client, keys: dict[str, str]) -> None:
     alice = key(keys, "alice")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -126,8 +126,20 @@ async def _complete(gateway: Gateway, request: Request, chat: bool) -> Response:
         return gateway.reply(request, _answer(ident, body.model, result, chat))
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     call = Call(body.model, prompt, params, span, messages=messages)
-    return StreamingResponse(_stream(gateway, request, call, ident, chat, include_usage),
-                             media_type="text/event-stream", headers={"cache-control": "no-cache"})
+    chunks = _stream(gateway, request, call, ident, chat, include_usage)
+    first = await anext(chunks)  # or the error that refused the call before its first token, answered with its status
+    return StreamingResponse(_resumed(first, chunks), media_type="text/event-stream",
+                             headers={"cache-control": "no-cache"})
+
+
+async def _resumed(first: bytes, rest: AsyncGenerator[bytes, None]) -> AsyncIterator[bytes]:
+    """A stream whose first chunk was taken already: ``first``, then ``rest``."""
+    try:
+        yield first
+        async for chunk in rest:
+            yield chunk
+    finally:
+        await rest.aclose()
 
 
 def _check_unlimited(gateway: Gateway, who: Principal | None) -> None:
@@ -152,8 +164,12 @@ def _check_sampling(body: CompletionRequest) -> None:
 
 
 async def _stream(gateway: Gateway, request: Request, call: Call, ident: str, chat: bool,
-                  include_usage: bool) -> AsyncIterator[bytes]:
-    """The call's tokens as OpenAI stream chunks, then one with the finish reason, the usage if asked, [DONE]."""
+                  include_usage: bool) -> AsyncGenerator[bytes, None]:
+    """The call's tokens as OpenAI stream chunks, then one with the finish reason, the usage if asked, [DONE].
+
+    Nothing is yielded before the call's first token (or its end): a call refused before it (a prompt over the
+    context window, a breaker open) raises, and the handler answers with its status, as it would without a stream.
+    """
     bench = gateway.bench
     loop = asyncio.get_running_loop()
     texts: asyncio.Queue[str] = asyncio.Queue()
@@ -162,6 +178,7 @@ async def _stream(gateway: Gateway, request: Request, call: Call, ident: str, ch
     created = int(time.time())
     route = "/v1/chat/completions" if chat else "/v1/completions"
     status = 200
+    begun = False  # whether a chunk is out: a failure after that can only be told inside the stream
 
     def chunk(choice: dict[str, Any], usage: dict[str, int] | None = None) -> bytes:
         value: dict[str, Any] = {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion",
@@ -175,38 +192,46 @@ async def _stream(gateway: Gateway, request: Request, call: Call, ident: str, ch
             return {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}
         return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
 
+    def opening() -> bytes:
+        """What goes before a chunk: once, as the stream begins, a chat's chunk naming the assistant's role."""
+        nonlocal begun
+        first, begun = not begun, True
+        return chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}) \
+            if first and chat else b""
+
     try:
         async with gateway.slot():
-            if chat:
-                yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
             task = asyncio.ensure_future(bench.run_async(bench.engine.acall(call)))
             try:
-                first = True
                 while True:
                     getter = asyncio.ensure_future(texts.get())
                     await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
                     if not getter.done():
                         getter.cancel()
                         break
-                    if first:
+                    if not begun:
                         gateway.metrics.ttft.labels(call.model).observe(time.perf_counter() - started)
-                        first = False
-                    yield chunk(piece(getter.result()))
+                    yield opening() + chunk(piece(getter.result()))
                 while not texts.empty():  # tokens that landed as the call finished
-                    yield chunk(piece(texts.get_nowait()))
+                    yield opening() + chunk(piece(texts.get_nowait()))
                 result: GenerationResult = task.result()
             finally:
                 task.cancel()
-        yield chunk(piece("", result.finish_reason))
+        yield opening() + chunk(piece("", result.finish_reason))
         if include_usage:
             yield chunk({}, _usage(result))
         yield b"data: [DONE]\n\n"
-    except Exception as exc:  # the stream has begun: report the failure inside it, as OpenAI-compatible servers do
+    except Exception as exc:
+        if not begun:  # refused before the stream began: the handler answers with its status (and counts it)
+            status = 0
+            raise
+        # The stream has begun: report the failure inside it, as OpenAI-compatible servers do.
         detail = error_detail(exc)
         status = detail.status
         yield b"data: " + env.encode(ErrorResponse(error=detail), env.JSON) + b"\n\n"
     finally:
-        gateway.metrics.observe(route, "POST", status, time.perf_counter() - started)
+        if status:
+            gateway.metrics.observe(route, "POST", status, time.perf_counter() - started)
 
 
 def _usage(result: GenerationResult) -> dict[str, int]:
