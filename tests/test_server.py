@@ -329,6 +329,29 @@ def test_openai_chat_completions_streamed_and_not(client: httpx.Client, keys: di
     assert unknown.status_code == 404 and "tiny" in unknown.json()["error"]["hint"]
 
 
+def test_openai_chat_messages_may_hold_their_text_in_parts_or_none(client: httpx.Client, keys: dict[str, str]) -> None:
+    """What the openai package and agent frameworks send: content as a list of text parts, and an assistant turn
+    with no content (it called a tool); a part this server cannot read (an image) is a 422 naming it."""
+    alice = key(keys, "alice")
+
+    def chat(messages: list[dict[str, Any]]) -> httpx.Response:
+        return client.post("/v1/chat/completions", headers=alice,
+                           json={"model": "chat", "messages": messages, "max_tokens": 4})
+
+    plain = chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the sea?"}])
+    parts = chat([{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                  {"role": "user", "content": [{"type": "text", "text": "What is the sea?"}]}])
+    assert parts.status_code == 200, parts.text
+    assert parts.json()["choices"][0]["message"] == plain.json()["choices"][0]["message"]
+    assert parts.json()["usage"] == plain.json()["usage"]  # the same prompt, token for token
+    tool_turn = chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None, "tool_calls": []},
+                      {"role": "user", "content": "Again?"}])
+    assert tool_turn.status_code == 200, tool_turn.text
+    image = chat([{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                               {"type": "image_url", "image_url": {"url": "data:,"}}]}])
+    assert image.status_code == 422 and image.json()["error"]["field"] == "$.messages[0].content[1].type"
+
+
 def test_an_openai_stream_refused_before_its_first_token_answers_with_the_refusals_status(
         client: httpx.Client, server: Server, keys: dict[str, str], bench: wb.Workbench) -> None:
     """A streamed call the model refuses outright (a prompt over its context window, a breaker open) gets the HTTP

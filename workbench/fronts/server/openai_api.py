@@ -3,8 +3,9 @@ and ``POST /v1/chat/completions``, streamed (server-sent events, ``data: [DONE]`
 
 Enough of the OpenAI API for other tools, and this workbench's own remote backend
 (``bench.load("r", "http://HOST:PORT/v1", api_key=KEY)``), to call the models here: ``model``,
-``prompt`` (one string) or ``messages``, ``max_tokens`` (``max_completion_tokens``),
-``temperature``, ``top_p``, ``top_k``, ``seed``, ``stream`` and ``stream_options.include_usage``.
+``prompt`` (one string) or ``messages`` (each one's content a string, text parts or none), ``max_tokens``
+(``max_completion_tokens``), ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stream`` and
+``stream_options.include_usage``.
 Unlike OpenAI, ``temperature`` defaults to 0 (greedy), the workbench's own default. Other fields are
 ignored, as OpenAI-compatible servers do. Each request goes through the engine as a direct model
 call (its own ``text_completion`` span, in the caller's trace when a ``traceparent`` came with it).
@@ -46,9 +47,14 @@ class StreamOptions(msgspec.Struct, kw_only=True):
     include_usage: bool = False
 
 
+class ContentPart(msgspec.Struct, kw_only=True):
+    type: str
+    text: str = ""
+
+
 class Message(msgspec.Struct, kw_only=True):
     role: str
-    content: str
+    content: str | list[ContentPart] | None = None  # text, text parts, or none (an assistant turn that called a tool)
 
 
 class CompletionRequest(msgspec.Struct, kw_only=True):
@@ -102,7 +108,8 @@ async def _complete(gateway: Gateway, request: Request, chat: bool) -> Response:
         if not body.messages:
             raise RequestError("a chat completion needs 'messages', a non-empty list", field="$.messages",
                                status=422)
-        messages = [{"role": m.role, "content": m.content} for m in body.messages]
+        messages = [{"role": m.role, "content": _text(m.content, f"$.messages[{i}].content")}
+                    for i, m in enumerate(body.messages)]
     else:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
@@ -140,6 +147,18 @@ async def _resumed(first: bytes, rest: AsyncGenerator[bytes, None]) -> AsyncIter
             yield chunk
     finally:
         await rest.aclose()
+
+
+def _text(content: str | list[ContentPart] | None, field: str) -> str:
+    """A message's content as one text: its text parts a line each, "" for none; 422 for a part that is not text."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    for i, part in enumerate(content):
+        if part.type != "text":
+            raise RequestError(f"this server reads text parts of a message only, not {part.type!r}",
+                               field=f"{field}[{i}].type", status=422,
+                               hint='send {"type": "text", "text": ...} parts, or the text as a string')
+    return "\n".join(part.text for part in content)
 
 
 def _check_unlimited(gateway: Gateway, who: Principal | None) -> None:
