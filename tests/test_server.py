@@ -176,6 +176,33 @@ def test_a_client_that_leaves_a_stream_cancels_its_run(client: httpx.Client, key
     assert client.get("/health").json()["status"] == "ok"
 
 
+def test_a_client_that_gives_up_waiting_cancels_its_run(client: httpx.Client, keys: dict[str, str],
+                                                        bench: wb.Workbench) -> None:
+    """A client that times out (and retries, as the openai package does) does not leave its run holding a slot and the
+    model until it ends: its run, or its direct model call, is cancelled as the connection closes."""
+    def cancelled(name: str, said: str) -> int:
+        return sum(1 for s in bench.traces().spans if s.name == name and said in (s.status.description or ""))
+
+    runs = cancelled("chain qa", "interrupted: CancelledError")
+    calls = cancelled("text_completion tiny", "cancelled while model 'tiny' ran")
+    bench.inject("tiny", latency_ms=3000)  # neither can finish before the client has gone
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            client.post("/v1/chains/qa/invoke", headers=key(keys, "alice"), json={"inputs": {"question": "Long?"}},
+                        timeout=0.5)
+        eventually(lambda: cancelled("chain qa", "interrupted: CancelledError") == runs + 1,
+                   "the run of the client that left to be cancelled")
+        with pytest.raises(httpx.ReadTimeout):
+            client.post("/v1/completions", headers=key(keys, "alice"), json={"model": "tiny", "prompt": "Long?"},
+                        timeout=0.5)
+        eventually(lambda: cancelled("text_completion tiny", "cancelled while model 'tiny' ran") == calls + 1,
+                   "the model call to be cancelled")
+    finally:
+        bench.clear_faults()
+    assert client.post("/v1/chains/qa/invoke", headers=key(keys, "alice"),
+                       json={"inputs": {"question": "Still?"}}).json()["status"] == "ok"
+
+
 def test_chains_list_names_each_served_chain_with_its_inputs(client: httpx.Client, keys: dict[str, str]) -> None:
     response = client.get("/v1/chains", headers=key(keys, "val"))
     assert response.status_code == 200

@@ -51,6 +51,7 @@ MAX_RUNS_OWNED = 100_000  # run ids remembered with their owner; older runs can 
 DEFAULT_MAX_IN_FLIGHT = 64
 DEFAULT_BODY_TIMEOUT_S = 10.0
 ADMIN_ACTION = "models.admin"  # whoever may do this administers the server, and may read every run
+CLIENT_GONE = 499  # the status counted for a request whose client left before its answer (as nginx counts it)
 AUTHENTICATED = ""  # the action of a route open to any known caller, whose handler authorizes each call it makes
 _PROPAGATOR = TraceContextTextMapPropagator()
 
@@ -97,7 +98,8 @@ class Gateway:
             request.state.started = started
             try:
                 who = None if action is None else self.admit(request, action, per_chain)
-                response = await handler(request, who)
+                answer = handler(request, who)
+                response = await (_unless_gone(request, answer) if request.method == "POST" else answer)
             except Exception as exc:  # every failure becomes an error body; the server serves on
                 response = self.error(request, exc)
             if not isinstance(response, StreamingResponse):  # a stream counts itself as it ends
@@ -141,6 +143,9 @@ class Gateway:
         except TimeoutError:
             raise RequestError(f"the request body did not arrive within {self.body_timeout_s:g} s", field="body",
                                status=408, hint="send the whole body at once") from None
+        read = getattr(request.state, "body_read", None)
+        if read is not None:
+            read.set()  # from now on the request's receive channel says only whether the client is still there
         return env.decompress(b"".join(chunks), request.headers.get("content-encoding"), limit)
 
     async def decode(self, request: Request, kind: type[Any]) -> Any:
@@ -297,6 +302,34 @@ class Gateway:
             error.status = run_status(run.error)
         return kind(run_id=run.id, chain=run.chain, status=run.status, output=run.output, outputs=run.outputs,
                     trace_id=f"{run.trace_id:032x}", duration_ms=run.duration_ms, error=error, **extra)
+
+
+async def _unless_gone(request: Request, answer: Awaitable[Response]) -> Response:
+    """``answer``, unless the client goes away first, once it has sent its body (a client that timed out, to retry
+    perhaps): then the work is cancelled (its run stops and frees its slot and the model) and the answer is a
+    :data:`CLIENT_GONE` that nobody reads. A stream's handler returns at once; its response watches for itself."""
+    request.state.body_read = asyncio.Event()
+    work = asyncio.ensure_future(answer)
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # the server stopping cancels the request
+        work.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if work.done():
+        return work.result()
+    work.cancel()
+    await asyncio.wait({work})
+    return Response(status_code=CLIENT_GONE)
+
+
+async def _disconnect(request: Request) -> None:
+    """Return when the client disconnects, once its body was read (before that, the handler reads the channel)."""
+    await request.state.body_read.wait()
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def run_json(run: Run) -> dict[str, Any]:
