@@ -434,6 +434,10 @@ def test_auth_from_the_environment(tmp_path: Path) -> None:
         auth.admit(Principal("carol", "runner", "jwt"))
     with pytest.raises(SettingsError, match="AUTOGLM_BURST='many' is not a number"):
         Auth.from_env(tmp_path, environ={"AUTOGLM_BURST": "many"})
+    # Only 0 turns a limit off: a negative or NaN setting (a slip in a manifest) is refused, not taken as "none".
+    for name, value in [("AUTOGLM_RATE_PER_S", "-5"), ("AUTOGLM_RATE_PER_S", "nan"), ("AUTOGLM_LOGIN_FAILURES", "-1")]:
+        with pytest.raises(SettingsError, match=f"{name}='{value}' is not a number >= 0"):
+            Auth.from_env(tmp_path, environ={name: value})
 
 
 # -- failed logins per client address ---------------------------------------------------------------

@@ -526,9 +526,12 @@ class Auth:
 
         def number(name: str, kind: type, default: Any) -> Any:
             try:
-                return kind(env[name]) if env.get(name) else default
+                value = kind(env[name]) if env.get(name) else default
             except ValueError:
                 raise SettingsError(f"{name}={env[name]!r} is not a number", hint=f"e.g. {name}={default}") from None
+            if not value >= 0:  # NaN too: a limit it took for "none" would be off without a word
+                raise SettingsError(f"{name}={env[name]!r} is not a number >= 0", hint=f"e.g. {name}={default}")
+            return value
 
         rate = number("AUTOGLM_RATE_PER_S", float, 50.0)
         login_failures = number("AUTOGLM_LOGIN_FAILURES", int, 10)
