@@ -423,7 +423,8 @@ def test_openai_sampling_settings_the_model_would_refuse_are_422_and_do_not_open
     alice = key(keys, "alice")
     bad = [({"temperature": -1}, "$.temperature"), ({"temperature": 0.5, "top_p": -3}, "$.top_p"),
            ({"temperature": 0.5, "top_p": 0}, "$.top_p"), ({"temperature": 0.5, "top_k": -5}, "$.top_k"),
-           ({"temperature": 0.5, "seed": 2**70}, "$.seed"), ({"seed": -2**64}, "$.seed")]  # torch takes 64 bits
+           ({"temperature": 0.5, "seed": 2**70}, "$.seed"), ({"seed": -2**64}, "$.seed"),  # torch takes 64 bits
+           ({"max_tokens": 0}, "$.max_tokens"), ({"max_completion_tokens": 0}, "$.max_completion_tokens")]
     for _ in range(3):  # more failures in a row than the breaker's threshold (5), were they the model's
         for settings, field in bad:
             refused = client.post("/v1/completions", headers=alice,

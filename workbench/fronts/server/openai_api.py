@@ -116,10 +116,12 @@ async def _complete(gateway: Gateway, request: Request, chat: bool) -> Response:
             raise RequestError("this server takes one prompt per completion request", field="$.prompt",
                                status=422, hint="send one request per prompt")
         prompt = prompts[0]
-    max_tokens = body.max_completion_tokens or body.max_tokens or 16
-    if not 1 <= max_tokens <= MAX_TOKENS:
-        raise RequestError(f"max_tokens must be 1 to {MAX_TOKENS}, not {max_tokens}", field="$.max_tokens",
-                           status=422)
+    limit = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"  # the newer name wins
+    max_tokens = getattr(body, limit)
+    if max_tokens is None:
+        max_tokens = 16
+    elif not 1 <= max_tokens <= MAX_TOKENS:  # 0 too: it was taken for "unset", and 16 tokens came back
+        raise RequestError(f"{limit} must be 1 to {MAX_TOKENS}, not {max_tokens}", field=f"$.{limit}", status=422)
     _check_sampling(body)
     params = GenerationParams(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                               top_k=body.top_k, seed=body.seed)
