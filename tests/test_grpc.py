@@ -185,6 +185,26 @@ def test_a_rate_limit_says_resource_exhausted_and_when_to_retry(chains: dict[str
         assert len(chains["qa"].bench.runs()) == before
 
 
+def test_a_model_whose_breaker_is_open_says_unavailable_and_when_to_retry(server: GrpcServer,
+                                                                          chains: dict[str, wb.Chain],
+                                                                          auth: Auth) -> None:
+    bench = chains["qa"].bench
+    bench.set_breaker("tiny", failure_threshold=1, reset_timeout_s=30)
+    bench.inject("tiny", error_rate=1.0)
+    try:
+        assert refusal(server, invoke_request(question="fail"), key(auth, "runner")).code() is not \
+            grpc.StatusCode.UNAVAILABLE  # the model's own failure, which opens the breaker
+        refused = refusal(server, invoke_request(question="open?"), key(auth, "runner"))
+        assert refused.code() is grpc.StatusCode.UNAVAILABLE
+        assert 0 < float(dict(refused.trailing_metadata())["retry-after"]) <= 30
+        [event] = [e for e in stream(server, [stream_request("r1", question="open?")], key(auth, "runner"))
+                   if e.WhichOneof("event") == "error"]
+        assert event.error.code == grpc.StatusCode.UNAVAILABLE.value[0] and 0 < event.error.retry_after_s <= 30
+    finally:
+        bench.clear_faults()
+        bench.set_breaker("tiny")
+
+
 def test_a_message_over_the_size_limit_is_refused(chains: dict[str, wb.Chain], tmp_path: Path) -> None:
     small = Auth(tmp_path, max_body_bytes=4096)
     metadata = (("x-api-key", small.keys.add("carol", "runner")),)

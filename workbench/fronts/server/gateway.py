@@ -35,7 +35,7 @@ from starlette.routing import Route
 from workbench.chains.chain import Chain
 from workbench.chains.run import Run
 from workbench.chains.runner import TRACE_PARENT, check_inputs
-from workbench.errors import AccessError, HopFailed, ServingError, WorkbenchError, retry_after
+from workbench.errors import AccessError, HopFailed, RateLimited, ServingError, WorkbenchError, retry_after
 from workbench.fronts.server import envelope as env
 from workbench.fronts.server.envelope import BatchRequest, ErrorResponse, RequestError, RunResult, error_detail
 from workbench.fronts.server.metrics import GatewayMetrics
@@ -365,13 +365,18 @@ def run_status(error: HopFailed) -> int:
 
 def refusal_headers(exc: BaseException) -> dict[str, str]:
     """The headers an error's response carries: an AccessError's own (WWW-Authenticate, Retry-After), and Retry-After
-    for a serving refusal that says when to try again (a breaker open until its trial, a model server's 429), itself
-    or as the cause of a failed run."""
+    for a serving refusal that says when to try again (see :func:`retry_after_s`)."""
     if isinstance(exc, AccessError):
         return exc.headers
-    cause = exc.cause if isinstance(exc, HopFailed) else exc
-    wait = getattr(cause, "retry_after_s", None) if isinstance(cause, ServingError) else None
+    wait = retry_after_s(exc)
     return retry_after(wait) if wait is not None else {}
+
+
+def retry_after_s(exc: BaseException) -> float | None:
+    """How long a refused call should wait before it is tried again, where the refusal says: a rate limit, a breaker
+    open until its trial, a model server's 429; itself or as the cause of a failed run. None where it does not say."""
+    cause = exc.cause if isinstance(exc, HopFailed) else exc
+    return getattr(cause, "retry_after_s", None) if isinstance(cause, (RateLimited, ServingError)) else None
 
 
 def allowed(auth: Auth, who: Principal, action: str, chain: str | None) -> bool:

@@ -34,12 +34,13 @@ import msgspec
 
 from workbench.chains.events import HopFinished, HopStarted, RunFinished, Token
 from workbench.chains.runner import TRACE_PARENT, check_inputs
-from workbench.errors import HopFailed, RateLimited, RunCancelled, SettingsError, WorkbenchError
+from workbench.errors import HopFailed, RunCancelled, SettingsError, WorkbenchError
 from workbench.fronts.server import chain_pb2 as pb
 from workbench.fronts.server import chain_pb2_grpc
 from workbench.fronts.server import envelope as env
 from workbench.fronts.server.app import _check_action
 from workbench.fronts.server.envelope import RequestError
+from workbench.fronts.server.gateway import retry_after_s
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -348,14 +349,15 @@ def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-    """End the call with the status ``exc`` maps to; trailing metadata names the run and its trace, and a rate
-    limit's wait (``retry-after``, seconds)."""
+    """End the call with the status ``exc`` maps to; trailing metadata names the run and its trace, and when to try
+    again where the refusal says (``retry-after``, seconds: a rate limit, a breaker open until its trial)."""
     trailing: list[tuple[str, str]] = []
     run = exc.run if isinstance(exc, HopFailed) else None
     if run is not None:
         trailing += [("x-trace-id", f"{run.trace_id:032x}"), ("x-run-id", run.id)]  # type: ignore[attr-defined]
-    if isinstance(exc, RateLimited):
-        trailing.append(("retry-after", f"{exc.retry_after_s:.3f}"))
+    wait = retry_after_s(exc)
+    if wait is not None:
+        trailing.append(("retry-after", f"{wait:.3f}"))
     context.set_trailing_metadata(tuple(trailing))
     await context.abort(status_for(exc), str(exc))
 
@@ -365,7 +367,7 @@ def _error(exc: BaseException, run: Run | None = None) -> pb.Error:
     return pb.Error(
         code=status_for(exc).value[0], message=detail.message, hint=detail.hint or "", hop=detail.hop or "",
         run_id=run.id if run is not None else "",
-        retry_after_s=exc.retry_after_s if isinstance(exc, RateLimited) else 0.0,
+        retry_after_s=retry_after_s(exc) or 0.0,
     )
 
 
