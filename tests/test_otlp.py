@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -126,3 +127,42 @@ def test_closing_gives_a_failing_endpoint_one_try_not_seconds_of_retries(
     assert _workbench_said(caplog)[-1].startswith(
         f"the OTLP endpoint {collector}/v1/traces did not take spans up to the close: 2 in the batches tried")
     assert _exporter_said(caplog) == [] and len(run.trace) == 2
+
+
+def test_text_with_a_lone_surrogate_reaches_the_endpoint_and_the_tables(
+    collector: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Python hop that listed a directory (os.listdir decodes an undecodable name with lone surrogates) and failed
+    on a second such name: the exporter logged a traceback per span and dropped output.value, and every table of the
+    workbench's traces (run.trace, bench.traces(), events()) failed in pandas ('surrogates not allowed')."""
+    name = "report-\udcff.txt"
+
+    def listing(question: str) -> list[str]:
+        return [name]
+
+    def opening(listing: list[str]) -> str:
+        raise FileNotFoundError(2, "No such file or directory", listing[0])
+
+    bench = wb.Workbench(otlp_endpoint=collector)
+    chain = bench.chain({"name": "files", "hops": [
+        {"name": "listing", "call": listing}, {"name": "opening", "call": opening}]})
+    with pytest.raises(wb.HopFailed) as failure:
+        chain.run(question="hi")
+    run = failure.value.run
+    assert run.outputs["listing"] == [name]  # the run's own values stay as the hop made them
+    bench.close()
+
+    assert _exporter_said(caplog) == []
+    received = {span.name: span for _, span in _Collector.received}
+    assert set(received) == {"chain files", "hop listing", "hop opening"}
+    output = {kv.key: kv.value.string_value for kv in received["hop listing"].attributes}["output.value"]
+    assert json.loads(output) == [name]  # escaped as JSON escapes it: the same text, read back
+    failed = received["hop opening"]
+    assert "report-\\udcff.txt" in failed.status.message
+    event = next(event for event in failed.events if event.name == "exception")
+    assert "report-\\udcff.txt" in {kv.key: kv.value.string_value for kv in event.attributes}["exception.message"]
+    table = bench.traces().table()
+    assert json.loads(table.set_index("name").loc["hop listing", "attributes.output.value"]) == [name]
+    assert "report-\\udcff.txt" in table.set_index("name").loc["hop opening", "status_message"]
+    events = run.trace.events()
+    assert "report-\\udcff.txt" in events[events["event"] == "exception"]["attributes.exception.message"].iloc[0]

@@ -5,7 +5,7 @@ The SDK's span validates every attribute value on every write (type checks throu
 when it ends. Measured on a 64-chain map with an instant model, spans were ~40 % of the
 orchestration, and half of a span's cost was that validation. Nearly every value the workbench
 writes is a plain ``str``, ``int``, ``float`` or ``bool``: :class:`LeanSpan` stores those as they
-are and sends anything else (lists, mappings, other types) through OpenTelemetry's own cleaning,
+are (text with a lone surrogate escaped, see :func:`_encodable`) and sends anything else (lists, mappings, other types) through OpenTelemetry's own cleaning,
 so what reaches an exporter is what the SDK would have sent.
 
 A :class:`LeanSpan` is a :class:`~opentelemetry.sdk.trace.ReadableSpan` as well, so the span
@@ -120,6 +120,10 @@ class LeanSpan(trace.Span, ReadableSpan):
                     value = tuple(value)  # what the SDK's cleaning makes of a list of plain values, at a seventh the cost
                 else:
                     value = _cleaned(value, length)  # None stays None, as the SDK keeps it
+                if type(value) is tuple and value and type(value[0]) is str:
+                    value = tuple(_encodable(item) if type(item) is str else item for item in value)
+            if type(value) is str and not value.isascii():
+                value = _encodable(value)
             if key in stored:
                 del stored[key]  # as the SDK: a rewritten key counts as the newest
             elif limit is not None and len(stored) >= limit:
@@ -136,6 +140,9 @@ class LeanSpan(trace.Span, ReadableSpan):
 
     def add_event(self, name: str, attributes: types.Attributes = None, timestamp: int | None = None) -> None:
         if self._end_time is None:
+            if attributes:  # an exception's message may name an undecodable file
+                attributes = {key: _encodable(value) if type(value) is str else value
+                              for key, value in attributes.items()}
             cleaned = BoundedAttributes(self._limits.max_event_attributes, attributes,
                                         max_value_len=self._limits.max_attribute_length)
             self._events.append(Event(name, cleaned, timestamp if timestamp is not None else time.time_ns()))  # type: ignore[attr-defined]
@@ -153,10 +160,9 @@ class LeanSpan(trace.Span, ReadableSpan):
         if self._end_time is not None or self._status.status_code is StatusCode.OK:
             return
         if isinstance(status, Status):
-            if status.status_code is not StatusCode.UNSET:
-                self._status = status
-        elif status is not StatusCode.UNSET:
-            self._status = Status(status, description)
+            status, description = status.status_code, status.description
+        if status is not StatusCode.UNSET:
+            self._status = Status(status, _encodable(description) if description else description)
 
     def record_exception(
         self, exception: BaseException, attributes: types.Attributes = None, timestamp: int | None = None,
@@ -191,6 +197,19 @@ class LeanSpan(trace.Span, ReadableSpan):
 
     def __repr__(self) -> str:
         return f"LeanSpan(name={self._name!r}, context={self._context})"
+
+
+def _encodable(text: str) -> str:
+    """``text`` with any lone surrogate written out as JSON escapes it (``\\udcff``): Python keeps an undecodable byte
+    of a file name or a subprocess's output that way (``surrogateescape``), but no exporter can encode it in UTF-8,
+    nor can pandas' strings hold it, so one such value would break every table of its trace."""
+    if text.isascii():
+        return text
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode(errors="backslashreplace").decode()
+    return text
 
 
 def _cleaned(value: Any, length: int | None) -> Any:
