@@ -19,6 +19,7 @@ class _Collector(BaseHTTPRequestHandler):
     """Accepts OTLP/HTTP protobuf posts and keeps the decoded spans; while ``busy``, answers 503 to every post."""
 
     received: list[tuple[str, object]] = []
+    resources: list[object] = []  # the resource of each batch's spans
     busy: dict[str, str] | None = None  # the 503's headers
     refused = 0
 
@@ -35,6 +36,7 @@ class _Collector(BaseHTTPRequestHandler):
         request = trace_service.ExportTraceServiceRequest()
         request.ParseFromString(body)
         for resource_spans in request.resource_spans:
+            type(self).resources.append(resource_spans.resource)
             for scope_spans in resource_spans.scope_spans:
                 for span in scope_spans.spans:
                     type(self).received.append((self.path, span))
@@ -49,7 +51,7 @@ class _Collector(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def collector() -> Iterator[str]:
-    _Collector.received, _Collector.busy, _Collector.refused = [], None, 0
+    _Collector.received, _Collector.resources, _Collector.busy, _Collector.refused = [], [], None, 0
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -166,3 +168,31 @@ def test_text_with_a_lone_surrogate_reaches_the_endpoint_and_the_tables(
     assert "report-\\udcff.txt" in table.set_index("name").loc["hop opening", "status_message"]
     events = run.trace.events()
     assert "report-\\udcff.txt" in events[events["event"] == "exception"]["attributes.exception.message"].iloc[0]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("OTEL_SERVICE_NAME", "qa-study"), ("OTEL_RESOURCE_ATTRIBUTES", "service.name=qa-study,team=nlp")],
+)
+def test_the_service_name_the_environment_sets_reaches_the_endpoint(
+    collector: str, monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    """Jaeger lists traces by service: OTEL_SERVICE_NAME (or service.name in OTEL_RESOURCE_ATTRIBUTES) was ignored,
+    every workbench's spans arrived as autoglm-workbench, and two studies' traces could not be told apart."""
+    monkeypatch.setenv(variable, value)
+    bench = wb.Workbench(otlp_endpoint=collector, project_name="qa")
+    bench.chain(ONE_CALL).run(question="hi")
+    bench.close()
+    projects = {
+        attributes["openinference.project.name"]: attributes["service.name"]
+        for attributes in ({kv.key: kv.value.string_value for kv in r.attributes} for r in _Collector.resources)
+    }
+    assert projects == {"qa": "qa-study"}
+
+
+def test_without_a_service_name_in_the_environment_spans_come_from_the_workbench(collector: str) -> None:
+    bench = wb.Workbench(otlp_endpoint=collector)
+    bench.chain(ONE_CALL).run(question="hi")
+    bench.close()
+    assert {kv.value.string_value for r in _Collector.resources for kv in r.attributes if kv.key == "service.name"} == {
+        "autoglm-workbench"}

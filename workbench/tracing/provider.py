@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.resources import SERVICE_NAME, OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
@@ -113,7 +113,10 @@ class Tracing:
         gcpauses.install()  # so a trace can say how much of each span the garbage collector took
 
     def _provider(self, service_name: str, project_name: str, index: SpanProcessor) -> SpanProvider:
-        resource = Resource.create({"service.name": service_name, attr.PROJECT_NAME: project_name})
+        # OTEL_SERVICE_NAME (or service.name in OTEL_RESOURCE_ATTRIBUTES) names the service, as for any OpenTelemetry
+        # SDK: the workbench's name is only the default, which an explicit service.name would override.
+        named = OTELResourceDetector().detect().attributes.get(SERVICE_NAME)
+        resource = Resource.create({SERVICE_NAME: named or service_name, attr.PROJECT_NAME: project_name})
         # Every span is kept, so the default parent-based sampler's per-span lookups buy nothing.
         provider = SpanProvider(resource=resource, sampler=ALWAYS_ON)
         provider.add_span_processor(index)
