@@ -196,3 +196,12 @@ def test_without_a_service_name_in_the_environment_spans_come_from_the_workbench
     bench.close()
     assert {kv.value.string_value for r in _Collector.resources for kv in r.attributes if kv.key == "service.name"} == {
         "autoglm-workbench"}
+
+
+@pytest.mark.parametrize("endpoint", ["127.0.0.1:6006", "localhost:4318", "htp://127.0.0.1:6006", "http://", 6006])
+def test_an_endpoint_that_is_not_an_http_url_is_refused_at_once(endpoint: object) -> None:
+    """'127.0.0.1:6006' (Phoenix's address as its UI prints it) was taken: the workbench ran, and only the first
+    export said, seconds later and as the exporter's 'No connection adapters', that no span was going anywhere."""
+    with pytest.raises(wb.SettingsError, match="otlp_endpoint") as info:
+        wb.Workbench(otlp_endpoint=endpoint)  # type: ignore[arg-type]
+    assert "http://127.0.0.1:6006" in str(info.value)  # the hint shows the form it takes

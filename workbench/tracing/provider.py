@@ -7,6 +7,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from urllib.parse import urlsplit
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -17,7 +18,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Span, Status, StatusCode
 
-from workbench.errors import WorkbenchError
+from workbench.errors import SettingsError, WorkbenchError
 from workbench.tracing import attributes as attr
 from workbench.tracing import gcpauses
 from workbench.tracing.lean import SpanProvider
@@ -209,6 +210,13 @@ class OTLPExport(SpanExporter):
     takes them again: the exporter's own line per retry of every batch would fill a notebook's output."""
 
     def __init__(self, endpoint: str) -> None:
+        url = urlsplit(endpoint) if isinstance(endpoint, str) else None
+        if url is None or url.scheme not in ("http", "https") or not url.netloc:
+            raise SettingsError(
+                f"otlp_endpoint {endpoint!r} is not an http:// or https:// URL, so no span could reach it",
+                hint="give the collector's base URL, e.g. otlp_endpoint=\"http://127.0.0.1:6006\" for Phoenix or "
+                     "\"http://127.0.0.1:4318\" for an OTLP/HTTP collector (the workbench adds /v1/traces)",
+            )
         try:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         except ImportError as exc:
