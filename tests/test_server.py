@@ -520,6 +520,27 @@ def test_traceparent_puts_the_run_in_the_callers_trace(client: httpx.Client, key
     assert bad.status_code == 400 and bad.json()["error"]["field"] == "traceparent"
 
 
+def test_a_run_that_joined_a_shared_trace_shows_its_own_spans_only(
+    bench: wb.Workbench, client: httpx.Client, keys: dict[str, str]
+) -> None:
+    """Trace ids are not secrets (every traceparent header carries one): bob's run joined the trace alice's run was in,
+    and alice's GET /v1/runs/ID listed bob's spans, his question and answer among them; run.trace held both runs."""
+    trace_id = "cd" * 16
+    mine = client.post("/v1/chains/qa/invoke", headers=key(keys, "alice"),
+                       json={"inputs": {"question": "alice asks"}, "trace_id": trace_id}).json()
+    theirs = client.post("/v1/chains/qa/invoke", headers=key(keys, "bob"),
+                         json={"inputs": {"question": "bob's secret"}, "trace_id": trace_id}).json()
+    assert mine["trace_id"] == theirs["trace_id"] == trace_id
+    spans = client.get(f"/v1/runs/{mine['run_id']}", headers=key(keys, "alice")).json()["spans"]
+    assert "bob's secret" not in json.dumps(spans)
+    assert {s["attributes"]["workbench.run.id"] for s in spans if "workbench.run.id" in s["attributes"]} == {
+        mine["run_id"]}
+    for answer in (mine, theirs):
+        table = bench.run(answer["run_id"]).trace.table()
+        assert (table["name"] == "chain qa").sum() == 1 and table["parent_id"].notna().all()  # under the caller's span
+        assert set(table["attributes.workbench.run.id"].dropna()) == {answer["run_id"]}
+
+
 # -- refusals and bad bodies -----------------------------------------------------------------------
 
 

@@ -9,8 +9,11 @@ from typing import TYPE_CHECKING, Any
 from workbench.tracing import Trace
 from workbench.tracing import attributes as attr
 from workbench.tracing.openinference import preview
+from workbench.tracing.trace import run_spans
 
 if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import ReadableSpan
+
     from workbench.chains.live import ConfigVersion
     from workbench.errors import HopFailed
     from workbench.tracing.provider import SpanIndex
@@ -45,7 +48,11 @@ class Run:
     @property
     def trace(self) -> Trace:
         """The run's spans: chain, hops, model calls (read from the workbench's span index)."""
-        return Trace(self._index.spans(self.trace_id) if self._index is not None else [])
+        return Trace(self._spans())
+
+    def _spans(self) -> list[ReadableSpan]:
+        # Its own only: a caller's traceparent may have put other callers' runs in the same trace.
+        return run_spans(self._index.spans(self.trace_id), self.id) if self._index is not None else []
 
     @property
     def served_by(self) -> dict[str, str]:
@@ -58,9 +65,8 @@ class Run:
         return {hop: str(a[attr.SERVED_BY]) for hop, a in self._hop_attributes() if a.get(attr.FALLBACK)}
 
     def _hop_attributes(self) -> list[tuple[str, dict[str, Any]]]:
-        spans = self._index.spans(self.trace_id) if self._index is not None else []
         found = []
-        for span in spans:
+        for span in self._spans():
             a = dict(span.attributes or {})
             hop = a.get(attr.HOP_NAME)
             # A fallback hop's own span is named after it, not after the hop it served, so it is left out.

@@ -71,6 +71,28 @@ def _covered_ns(intervals: list[tuple[int, int]]) -> int:
     return total
 
 
+def run_spans(spans: Iterable[ReadableSpan], run_id: str) -> list[ReadableSpan]:
+    """The spans of run ``run_id`` among those of its trace: all of them when the run began the trace, else its root
+    span's subtree, for a caller's ``traceparent`` (or envelope ``trace_id``) may have put other runs in that trace."""
+    spans = list(spans)
+    root = next((s for s in spans if (s.parent is None or s.parent.is_remote)
+                 and (s.attributes or {}).get(attr.RUN_ID) == run_id), None)
+    if root is None:
+        return []
+    if root.parent is None:
+        return spans
+    children: dict[int, list[ReadableSpan]] = defaultdict(list)
+    for span in spans:
+        if span.parent is not None and not span.parent.is_remote:
+            children[span.parent.span_id].append(span)
+    own, stack = [], [root]
+    while stack:
+        span = stack.pop()
+        own.append(span)
+        stack.extend(children.get(span.context.span_id, ()))
+    return own
+
+
 class Trace:
     """The finished spans of one run (or of many runs), readable as tables and plots."""
 
