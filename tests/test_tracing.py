@@ -15,10 +15,12 @@ from textwrap import dedent
 import pandas as pd
 import pytest
 from matplotlib.figure import Figure
+from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags, set_span_in_context
 
 import workbench as wb
+from workbench.chains.runner import TRACE_PARENT
 from workbench.tables import Readable
 from workbench.tracing.trace import COLUMNS
 
@@ -399,3 +401,20 @@ def test_a_ctrl_c_during_a_garbage_collection_still_interrupts(ctrl_c_raises: No
         gc.callbacks[:] = saved
         del junk
     assert heard == [1] * 5  # each Ctrl-C heard once: none lost, none doubled
+
+
+def test_runs_that_keep_joining_one_trace_keep_its_newest_spans_not_every_span(bench: wb.Workbench) -> None:
+    """The index bounded traces, not spans: a client that sent one traceparent (or envelope trace_id) with every
+    request put every run in one trace, which grew for as long as the server ran."""
+    bench.tracing.index.max_spans_per_trace = 6  # the bound, made small: three runs of a one-hop chain
+    caller = SpanContext(0xAB << 96, 0xCD, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    chain = bench.chain({"name": "echo", "hops": [{"name": "say", "call": "workbench.demo:canned_answer"}]})
+    token = TRACE_PARENT.set(set_span_in_context(NonRecordingSpan(caller), Context()))
+    try:
+        runs = [chain.run(question=str(i)) for i in range(5)]
+    finally:
+        TRACE_PARENT.reset(token)
+    assert {run.trace_id for run in runs} == {caller.trace_id}
+    assert len(bench.tracing.index.spans(caller.trace_id)) == 6
+    assert [len(run.trace) for run in runs] == [0, 0, 2, 2, 2]  # chain and hop: the newest runs are whole
+    assert len(bench.traces()) == 6

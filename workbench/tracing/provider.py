@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from urllib.parse import urlsplit
@@ -32,14 +32,20 @@ ENGINE_PROJECT_SUFFIX = "-engine"
 class SpanIndex(SpanProcessor):
     """Keeps finished spans grouped by trace id, oldest trace first: the newest ``max_traces`` traces of runs, and
     as many of the engine's own (loads, batches, probes) through :attr:`engine`, so the engine's traces, often
-    several per run, never push a run's trace out."""
+    several per run, never push a run's trace out.
 
-    def __init__(self, max_traces: int = 10_000) -> None:
+    A trace keeps its newest ``max_spans_per_trace`` spans: a caller that sends one ``traceparent`` (or envelope
+    ``trace_id``) with every request puts every run in one trace, which would otherwise grow for as long as the
+    server runs. One run's trace is far smaller.
+    """
+
+    def __init__(self, max_traces: int = 10_000, max_spans_per_trace: int = 10_000) -> None:
         self._lock = threading.Lock()
-        self._traces: dict[int, list[ReadableSpan]] = {}  # every trace kept, oldest first
+        self._traces: dict[int, deque[ReadableSpan]] = {}  # every trace kept, oldest first
         # The trace ids of runs, then of the engine, oldest first: each is bounded apart.
         self._order: tuple[OrderedDict[int, None], ...] = (OrderedDict(), OrderedDict())
         self.max_traces = max_traces
+        self.max_spans_per_trace = max_spans_per_trace
         self.engine = _EngineSpans(self)
 
     def on_end(self, span: ReadableSpan) -> None:
@@ -50,7 +56,7 @@ class SpanIndex(SpanProcessor):
         with self._lock:
             spans = self._traces.get(trace_id)
             if spans is None:
-                spans = self._traces[trace_id] = []
+                spans = self._traces[trace_id] = deque(maxlen=self.max_spans_per_trace)
                 order = self._order[engine]
                 order[trace_id] = None
                 while len(order) > self.max_traces:
