@@ -290,6 +290,16 @@ def test_waterfall_draws_one_bar_row_per_span(fan_runs: list[wb.Run]) -> None:
     assert len(labels) == len(run.trace.spans) == 8  # chain, four hops, three model calls
 
 
+def test_a_waterfall_that_leaves_spans_out_says_how_many_it_shows(fan_runs: list[wb.Run]) -> None:
+    """bench.traces().waterfall() after a map drew its first 400 spans titled '...: 400 spans', as if that were all."""
+    everything = wb.Trace(span for run in fan_runs for span in run.trace.spans)
+    (axes,) = everything.waterfall(max_spans=10).axes
+    assert len(axes.get_yticklabels()) == 10
+    assert axes.get_title(loc="left") == "chain fan: the first 10 of 56 spans"
+    (axes,) = fan_runs[0].trace.waterfall().axes
+    assert axes.get_title(loc="left") == "chain fan: 8 spans"
+
+
 def test_workbench_traces_hold_every_run_load_and_batch(tiny_bench: wb.Workbench, fan_runs: list[wb.Run]) -> None:
     everything = tiny_bench.traces()
     trace_ids = {s.context.trace_id for s in everything.spans}

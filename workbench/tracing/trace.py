@@ -271,12 +271,14 @@ class Trace:
         return frame[columns + sorted(c for c in frame.columns if c not in columns)]
 
     def waterfall(self, max_spans: int = 400) -> Figure:
-        """A matplotlib Figure: one bar per span, nested by depth, queue wait drawn hatched."""
+        """A matplotlib Figure: one bar per span, nested by depth, queue wait drawn hatched; the first ``max_spans`` in
+        tree order (the title says when it leaves spans out)."""
         from matplotlib.patches import Patch
 
         from workbench.tracing.figure import DisplayFigure
 
-        ordered = self.ordered()[:max_spans]
+        everything = self.ordered()
+        ordered = everything[:max_spans]
         fig = DisplayFigure(figsize=(10, max(2.0, 0.32 * len(ordered) + 1.0)), layout="constrained")
         ax = fig.add_subplot()
         if not ordered:
@@ -312,6 +314,9 @@ class Trace:
         handles.append(Patch(facecolor="white", edgecolor="grey", hatch="///", label="queue wait"))
         fig.legend(handles=handles, loc="outside upper right", fontsize=7, ncols=len(handles))
         chains = sorted({s.name for s, d in ordered if d == 0 and s.name.startswith("chain ")})
-        ax.set_title(f"{', '.join(chains[:3]) or 'spans'}: {len(ordered)} spans", loc="left", fontsize=9)
+        shown = f"{len(ordered)}"
+        if len(ordered) < len(everything):
+            shown = f"the first {len(ordered):,} of {len(everything):,}"
+        ax.set_title(f"{', '.join(chains[:3]) or 'spans'}: {shown} spans", loc="left", fontsize=9)
         return fig
 
