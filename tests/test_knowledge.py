@@ -149,6 +149,8 @@ def test_json_triples_as_lists_or_objects(tmp_path: Path) -> None:
     ("g.json", '[["a", "b", "c"], "d e f"]', r"item 2: a triple is a list or an object, not str"),
     ("g.json", '[{"subject": "a", "relation": "b", "objekt": "c"}]', r"item 1: unknown key 'objekt'"),
     ("g.json", '[["a", "b", 3]]', r"item 1: the object must be non-empty text, got 3"),
+    ("g.json", '[["a", "b", "c"],\n ["d", "e", ' + "9" * 5000 + "]]",
+     r"line 2: not valid JSON: a number of 5,000 digits is too long"),
     ("g.txt", "a,b,c", r"neither \.csv nor \.json"),
 ])
 def test_bad_files_say_which_file_and_row(tmp_path: Path, name: str, content: str, words: str) -> None:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import stat
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -94,6 +96,13 @@ def _json_rows(text: str, path: Path) -> Iterator[tuple[str, list[Any]]]:
         raise GraphError(f"graph file {shown(path)}, line {exc.lineno}: not valid JSON: {exc.msg}") from None
     except RecursionError:
         raise GraphError(f"graph file {shown(path)}: the JSON nests too deeply", hint=_FORMAT_HINT) from None
+    except ValueError:  # an integer past sys.get_int_max_str_digits(): json.loads says only that, not where
+        number = re.search(f"[0-9]{{{sys.get_int_max_str_digits() + 1},}}", text)
+        if number is None:
+            raise
+        line = text.count("\n", 0, number.start()) + 1
+        raise GraphError(f"graph file {shown(path)}, line {line}: not valid JSON: a number of "
+                         f"{len(number.group()):,} digits is too long to read", hint=_FORMAT_HINT) from None
     if isinstance(data, Mapping) and "triples" in data:
         data = data["triples"]
     if not isinstance(data, list):
