@@ -97,6 +97,16 @@ def test_max_triples_caps_a_walk_and_says_it_was_cut(countries: wb.KnowledgeGrap
     assert countries.lookup("nothing to see here", hops=4).triples == ()
 
 
+def test_a_capped_walk_takes_every_entitys_facts_in_turn(countries: wb.KnowledgeGraph) -> None:
+    # China alone has more than ten facts: Japan's must not be crowded out of a comparison.
+    lookup = countries.lookup("Which is bigger, China or Japan?", hops=1, max_triples=10)
+    assert lookup.truncated
+    assert {t.subject for t in lookup.triples} == {"China", "Japan"}
+    assert lookup.triples[:2] == (("China", "capital", "Beijing"), ("Japan", "capital", "Tokyo"))
+    hub = wb.KnowledgeGraph([("hub", "links", f"leaf {i}") for i in range(1000)] + [("other", "is", "small")])
+    assert ("other", "is", "small") in hub.lookup("hub and other", max_triples=5).triples
+
+
 def test_a_lookup_refuses_hops_or_max_triples_below_one_and_stops_when_the_walk_runs_out() -> None:
     graph = wb.KnowledgeGraph([("France", "capital", "Paris"), ("France", "borders", "Spain")])
     for hops, max_triples in [(0, 5), (-1, 5), (1, 0), (1, -3), (True, 5), (1.5, 5)]:

@@ -161,7 +161,9 @@ class KnowledgeGraph:
         """Triples within ``hops`` of ``entities`` (either direction), nearest first, at most ``max_triples``.
 
         Hop 1 is every triple that names an entity; hop 2 adds every triple naming what hop 1
-        reached; and so on. Returns the triples and whether the cap cut the walk short.
+        reached; and so on. Within a hop the nodes take a triple each in turn, so when the cap
+        cuts the walk every entity has its share ("China or Japan?" is not all China).
+        Returns the triples and whether the cap cut the walk short.
         """
         graph = self.graph
         frontier = [e for e in dict.fromkeys(entities) if e in graph]
@@ -172,20 +174,26 @@ class KnowledgeGraph:
             if not frontier:
                 break  # the walk reached everything it can: more hops find nothing more
             reached: list[str] = []
-            for node in frontier:
-                # Lazily, so a hub with a million edges costs only the ones taken before the cap.
-                edges = itertools.chain(graph.out_edges(node, keys=True), graph.in_edges(node, keys=True))
-                for subject, obj, relation in edges:
-                    if (subject, relation, obj) in taken:
-                        continue
-                    if len(triples) >= max_triples:
-                        return triples, True
-                    taken.add((subject, relation, obj))
-                    triples.append(Triple(subject, relation, obj))
-                    other = obj if subject == node else subject
-                    if other not in seen:
-                        seen.add(other)
-                        reached.append(other)
+            # Lazily, so a hub with a million edges costs only the ones taken before the cap.
+            turns = [(node, itertools.chain(graph.out_edges(node, keys=True), graph.in_edges(node, keys=True)))
+                     for node in frontier]
+            while turns:
+                more = []
+                for node, edges in turns:
+                    for subject, obj, relation in edges:
+                        if (subject, relation, obj) in taken:
+                            continue
+                        if len(triples) >= max_triples:
+                            return triples, True
+                        taken.add((subject, relation, obj))
+                        triples.append(Triple(subject, relation, obj))
+                        other = obj if subject == node else subject
+                        if other not in seen:
+                            seen.add(other)
+                            reached.append(other)
+                        more.append((node, edges))  # its next triple waits for every other node's turn
+                        break
+                turns = more
             frontier = reached
         return triples, False
 
