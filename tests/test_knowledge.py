@@ -68,6 +68,15 @@ def test_the_longest_alias_wins_and_accents_do_not_matter(countries: wb.Knowledg
     assert countries.link("Paris or Berlin, France or Germany") == ["Paris", "Berlin", "France", "Germany"]
 
 
+def test_names_of_many_words_link_like_short_ones() -> None:
+    title = "BERT: Pre-training of Deep Bidirectional Transformers for Language Understanding"  # ten words
+    graph = wb.KnowledgeGraph([(title, "introduced", "BERT"), ("Deep Learning", "is a", "field")],
+                              aliases={"The Lord of the Rings: The Fellowship of the Ring, extended edition": title})
+    assert graph.link(f"Who wrote '{title}'?") == [title]
+    assert graph.link("the lord of the rings the fellowship of the ring extended edition") == [title]
+    assert graph.link("BERT and deep learning") == ["BERT", "Deep Learning"]
+
+
 # -- the countries graph and walking it ----------------------------------------------------------
 
 

@@ -16,7 +16,9 @@ if TYPE_CHECKING:
     import networkx as nx
 
 DEFAULT_MAX_TRIPLES = 50
-MAX_ALIAS_WORDS = 8  # the longest alias the linker tries, in words ("Democratic Republic of the Congo" is 6)
+# The longest alias the linker tries, in words: titles run to twenty or so, and a longer node (a description
+# held as an object) would make every word it starts with ("the") cost a try per length when linking.
+MAX_ALIAS_WORDS = 32
 _WORD = re.compile(r"\w+")
 
 
@@ -116,7 +118,14 @@ class KnowledgeGraph:
                 self._add_alias(alias, node)
         for word in ignore:
             self._aliases.pop(" ".join(normalise(word)), None)
-        self._longest = min(MAX_ALIAS_WORDS, max((k.count(" ") + 1 for k in self._aliases), default=1))
+        # For each word an alias starts with, the lengths (in words) of those aliases, longest first: the linker tries
+        # only these, so a title of a dozen words links, and a word that starts no alias costs one lookup.
+        lengths: dict[str, set[int]] = {}
+        for key in self._aliases:
+            words = key.count(" ") + 1
+            if words <= MAX_ALIAS_WORDS:
+                lengths.setdefault(key.partition(" ")[0], set()).add(words)
+        self._lengths = {word: tuple(sorted(counts, reverse=True)) for word, counts in lengths.items()}
 
     def _add_alias(self, alias: str, node: str) -> None:
         key = " ".join(normalise(alias))
@@ -135,7 +144,7 @@ class KnowledgeGraph:
         return len(self._aliases) + len(self._codes)
 
     def link(self, text: str) -> list[str]:
-        """The entities ``text`` mentions, in order, each once: the longest alias wins at each word.
+        """The entities ``text`` mentions, in order, each once: the longest alias (of up to 32 words) wins at each word.
 
         "Papua New Guinea" links Papua New Guinea, not Guinea.
         """
@@ -144,16 +153,17 @@ class KnowledgeGraph:
         found: dict[str, None] = {}
         i = 0
         while i < len(words):
-            for n in range(min(self._longest, len(words) - i), 0, -1):
-                node = self._aliases.get(" ".join(folded[i:i + n]))
-                if node is None and n == 1:
-                    node = self._codes.get(words[i])
-                if node is not None:
-                    found.setdefault(node, None)
-                    i += n
-                    break
-            else:
-                i += 1
+            node = None
+            for n in self._lengths.get(folded[i], ()):
+                if n <= len(words) - i:
+                    node = self._aliases.get(" ".join(folded[i:i + n]))
+                    if node is not None:
+                        break
+            if node is None:
+                n, node = 1, self._codes.get(words[i])
+            if node is not None:
+                found.setdefault(node, None)
+            i += n
         return list(found)
 
     def neighbourhood(self, entities: Iterable[str], hops: int, max_triples: int = DEFAULT_MAX_TRIPLES
