@@ -77,6 +77,33 @@ def test_names_of_many_words_link_like_short_ones() -> None:
     assert graph.link("BERT and deep learning") == ["BERT", "Deep Learning"]
 
 
+def test_linking_a_long_query_holds_its_words_a_window_at_a_time(
+    countries: wb.KnowledgeGraph, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tracemalloc
+
+    from workbench.knowledge import graph
+
+    text = "flights from Port Moresby, Papua New Guinea, to Guinea via the Democratic Republic of the Congo"
+    linked = countries.link(text)
+    monkeypatch.setattr(graph, "_WINDOW", 2)  # names straddle every edge of the window as it slides
+    assert countries.link(text) == linked
+    assert linked == ["Port Moresby", "Papua New Guinea", "Guinea", "Democratic Republic of the Congo"]
+    monkeypatch.undo()
+
+    # One character NFKD makes 18 (U+FDFA, four Arabic words): 50,000 of them, 150 KB of a request's body,
+    # held 70 MiB as a list of characters and two lists of words.
+    query = "Peru " + "\ufdfa" * 50_000 + " and Chile"
+    tracemalloc.start()
+    try:
+        entities = countries.link(query)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert entities == ["Peru", "Chile"]
+    assert peak < 8 * 2**20  # the text NFKD made (1.8 MB), without its accents, and a window of words
+
+
 # -- the countries graph and walking it ----------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 import time
@@ -20,6 +21,7 @@ DEFAULT_MAX_TRIPLES = 50
 # held as an object) would make every word it starts with ("the") cost a try per length when linking.
 MAX_ALIAS_WORDS = 32
 _WORD = re.compile(r"\w+")
+_WINDOW = 4_096  # the words of a text the linker holds at once: a long query is read a window at a time
 
 
 class Triple(NamedTuple):
@@ -79,8 +81,15 @@ def normalise(text: str) -> list[str]:
 
 
 def _strip_accents(text: str) -> str:
-    decomposed = unicodedata.normalize("NFKD", text)
-    return "".join(c for c in decomposed if not unicodedata.combining(c))
+    # By str.translate, not a character at a time: one character can decompose into eighteen (U+FDFA), and a list of
+    # them made a 1 MiB query cost 600 MB.
+    return text if text.isascii() else unicodedata.normalize("NFKD", text).translate(_combining())
+
+
+@functools.cache
+def _combining() -> dict[int, None]:
+    """The combining characters (accents and other marks), as a str.translate table that drops them (~70 ms, once)."""
+    return {code: None for code in range(0x110000) if unicodedata.combining(chr(code))}
 
 
 class KnowledgeGraph:
@@ -148,11 +157,20 @@ class KnowledgeGraph:
 
         "Papua New Guinea" links Papua New Guinea, not Guinea.
         """
-        words = _WORD.findall(_strip_accents(text))
-        folded = [w.casefold() for w in words]
+        matches = _WORD.finditer(_strip_accents(text))
+        words: list[str] = []  # a window of the text's words from words[i] on, refilled as the linker moves along
+        folded: list[str] = []
         found: dict[str, None] = {}
         i = 0
-        while i < len(words):
+        while True:
+            if len(words) - i < MAX_ALIAS_WORDS:  # the longest alias could run past the window: slide it on
+                del words[:i], folded[:i]
+                i = 0
+                more = [m.group() for m in itertools.islice(matches, _WINDOW)]
+                words += more
+                folded += (w.casefold() for w in more)
+            if i >= len(words):
+                break
             node = None
             for n in self._lengths.get(folded[i], ()):
                 if n <= len(words) - i:
