@@ -175,6 +175,14 @@ def test_csv_triples_with_aliases_and_codes(tmp_path: Path) -> None:
     ]
 
 
+def test_alias_and_code_rows_are_names_in_any_case(tmp_path: Path) -> None:
+    path = tmp_path / "people.csv"
+    path.write_text(CSV_TRIPLES.replace(",alias,", ",Alias,").replace(",code,", ", CODE ,"), encoding="utf-8")
+    graph = load_file(path)
+    assert len(graph) == 3
+    assert graph.link("the countess of lovelace and CB") == ["Ada Lovelace", "Charles Babbage"]
+
+
 def test_json_triples_as_lists_or_objects(tmp_path: Path) -> None:
     path = tmp_path / "g.json"
     path.write_text(json.dumps([["Oslo", "capital of", "Norway"],

@@ -2,7 +2,7 @@
 
 CSV: a header ``subject,relation,object``, then one triple a row. JSON: a list of
 ``[subject, relation, object]`` or of ``{"subject": ..., "relation": ..., "object": ...}``
-(or an object whose ``"triples"`` is such a list). Two relations are not facts but names:
+(or an object whose ``"triples"`` is such a list). Two relations, in any case, are not facts but names:
 ``alias`` (``Paris,alias,City of Light``: the object is another name of the subject, matched
 in any case) and ``code`` (``France,code,FR``: matched only as written).
 """
@@ -139,9 +139,9 @@ def _build(rows: Iterator[tuple[str, list[Any]]], path: Path) -> KnowledgeGraph:
                                  f"the {MAX_VALUE_CHARS:,} a value may have")
             values.append(" ".join(value.split()))
         subject, relation, obj = values
-        if relation == ALIAS:
+        if relation.casefold() == ALIAS:  # in any case, as the header is: "Alias" is no fact
             aliases.setdefault(obj, subject)
-        elif relation == CODE:
+        elif relation.casefold() == CODE:
             codes.setdefault(obj, subject)
         else:
             triples.append((subject, relation, obj))
