@@ -148,6 +148,9 @@ def test_a_lookup_refuses_hops_or_max_triples_below_one_and_stops_when_the_walk_
     for hops, max_triples in [(0, 5), (-1, 5), (1, 0), (1, -3), (True, 5), (1.5, 5)]:
         with pytest.raises(wb.GraphError, match="must be a whole number of at least 1"):
             graph.lookup("France", hops=hops, max_triples=max_triples)
+    for query in (None, 42, ["France"], b"France"):
+        with pytest.raises(wb.GraphError, match=r"lookup: the query must be text, got"):
+            graph.lookup(query)  # type: ignore[arg-type]
     # Past the last node reached there is nothing to walk: a billion hops ends at once, with what there is.
     assert graph.lookup("France", hops=10**9).triples == graph.lookup("France", hops=2).triples
 

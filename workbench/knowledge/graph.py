@@ -227,6 +227,9 @@ class KnowledgeGraph:
 
     def lookup(self, query: str, hops: int = 1, max_triples: int = DEFAULT_MAX_TRIPLES) -> Lookup:
         """Link ``query``'s entities, walk ``hops`` around them, and time both."""
+        if not isinstance(query, str):
+            raise GraphError(f"lookup: the query must be text, got {type(query).__name__} {query!r:.40}",
+                             hint='e.g. graph.lookup("What borders France?", hops=1)')
         for name, value in (("hops", hops), ("max_triples", max_triples)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise GraphError(f"lookup: {name} must be a whole number of at least 1, got {value!r:.40}",
