@@ -458,6 +458,7 @@ def test_currency_codes_and_common_words_are_not_names(countries: wb.KnowledgeGr
     ("~no_such_user_here/g.csv", r"no home directory for '~no_such_user_here'"),
     ("x" * 5000 + ".csv", r"graph file '.*…"),
     (42, r"graph must name a demo graph or a file, got 42"),
+    (["countries"] * 100_000, r"graph must name a demo graph or a file, got \['countries', 'countries'"),
 ])
 def test_odd_graph_values_are_spec_errors(tiny_bench: wb.Workbench, graph: object, words: str) -> None:
     with pytest.raises(wb.GraphError, match=words) as info:

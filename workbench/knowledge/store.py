@@ -38,7 +38,7 @@ def resolve(value: object) -> GraphSource:
     """
     hint = f"demo graphs: {', '.join(DEMO_GRAPHS)}; or a path to a .csv or .json file of triples"
     if not isinstance(value, str) or not value.strip():
-        raise GraphError(f"graph must name a demo graph or a file, got {value!r}", hint=hint)
+        raise GraphError(f"graph must name a demo graph or a file, got {value!r:.80}", hint=hint)
     text = value.strip()
     # Demo graphs are plain words; anything with a folder, a home or a suffix (notes.txt) is a file.
     looks_like_path = any(sep in text for sep in ("/", "\\")) or text.startswith(("~", ".")) or bool(Path(text).suffix)
