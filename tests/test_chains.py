@@ -574,6 +574,16 @@ def test_a_hop_output_json_cannot_hold_is_kept_and_traced_not_a_failure(bench: w
     assert shown["hop scores"] == "{('a', 'b'): 0.5}" and shown["hop graph"].startswith("{'name': 'q', 'parent': {")
 
 
+def test_a_hop_output_whose_repr_raises_too_is_kept_and_traced_not_a_failure(bench: wb.Workbench) -> None:
+    # An int of more than 4,300 digits (sys.get_int_max_str_digits) has no str or repr: the trace's preview of the
+    # output failed the run with that ValueError, losing an answer the hop had given.
+    chain = bench.chain({"name": "big", "hops": [{"name": "power", "call": lambda: 10**5000}]})
+    run = chain.run()
+    assert run.output == 10**5000
+    shown = run.trace.table().set_index("name")["attributes.output.value"]
+    assert shown["hop power"] == "<int: its repr raised ValueError>"
+
+
 def test_tracing_a_huge_input_reads_no_more_of_it_than_its_preview_shows(bench: wb.Workbench) -> None:
     """A 50 MB document as a chain's input cost 555 ms of the event loop per run against 2 ms for a small one (every
     concurrent run stalled): its JSON preview encoded the whole text (and a bytes value's whole str) once per span

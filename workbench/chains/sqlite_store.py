@@ -13,6 +13,7 @@ from typing import Any
 
 from workbench.chains.context import ContextStore, RunRecord
 from workbench.errors import StoreError
+from workbench.tracing.openinference import unshown
 
 SESSIONS_FILE = "sessions.sqlite3"
 # Where a value that JSON cannot hold was kept as its repr: meta[STORED_AS_REPR] lists the fields.
@@ -279,7 +280,7 @@ def _json_value(value: Any, where: str, as_repr: list[str]) -> Any:
         try:
             return repr(value)
         except Exception as exc:  # a repr that raises, or recurses too deep: the run is kept all the same
-            return f"<{type(value).__qualname__}: its repr raised {type(exc).__name__}>"
+            return unshown(value, exc)
     return value
 
 

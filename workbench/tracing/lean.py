@@ -5,8 +5,9 @@ The SDK's span validates every attribute value on every write (type checks throu
 when it ends. Measured on a 64-chain map with an instant model, spans were ~40 % of the
 orchestration, and half of a span's cost was that validation. Nearly every value the workbench
 writes is a plain ``str``, ``int``, ``float`` or ``bool``: :class:`LeanSpan` stores those as they
-are (text with a lone surrogate escaped, see :func:`_encodable`) and sends anything else (lists, mappings, other types) through OpenTelemetry's own cleaning,
-so what reaches an exporter is what the SDK would have sent.
+are (text with a lone surrogate escaped, see :func:`_encodable`) and sends anything else (lists,
+mappings, other types) through OpenTelemetry's own cleaning, so what reaches an exporter is what the
+SDK would have sent.
 
 A :class:`LeanSpan` is a :class:`~opentelemetry.sdk.trace.ReadableSpan` as well, so the span
 processors of its provider (the workbench's span index, an OTLP exporter, any processor a user

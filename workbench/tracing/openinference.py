@@ -76,10 +76,19 @@ def _value(value_key: str, mime_key: str, value: Any) -> dict[str, object]:
         try:
             text, mime = _json_preview(value), attr.MIME_JSON
         except Exception:  # keys JSON cannot hold (a tuple), a cycle, a str() that raises: not the hop's failure
-            text, mime = _REPR.repr(value), attr.MIME_TEXT
+            try:
+                text = _REPR.repr(value)
+            except Exception as exc:  # an int past sys.get_int_max_str_digits() (reprlib does not catch that one)
+                text = unshown(value, exc)
+            mime = attr.MIME_TEXT
     if len(text) > PREVIEW_CHARS:
         text, mime = preview(text), attr.MIME_TEXT  # cut JSON no longer parses
     return {value_key: text, mime_key: mime}
+
+
+def unshown(value: Any, exc: BaseException) -> str:
+    """What stands for ``value`` where even its repr raised ``exc`` (or recursed too deep)."""
+    return f"<{type(value).__qualname__}: its repr raised {type(exc).__name__}>"
 
 
 def input_value(value: Any) -> dict[str, object]:
