@@ -314,6 +314,24 @@ def test_python_hops_that_block_every_hop_thread_do_not_hold_up_other_runs_bookk
         assert len(bench.session("s1").records()) == 1
 
 
+def test_settings_swept_with_numpy_are_taken_as_the_numbers_they_hold(tiny_bench: wb.Workbench) -> None:
+    # for n in np.arange(...): every such setting was refused ("max_new_tokens must be an integer >= 1, got
+    # np.int64(4)"), or passed a check and failed later ("Object of type int64 is not JSON serializable").
+    import numpy as np
+
+    tokens, temperature, seed = np.arange(4, 5)[0], np.float32(0.5), np.int64(3)
+    assert tiny_bench.generate("tiny", "Hi", max_new_tokens=tokens, temperature=temperature, seed=seed).tokens_out <= 4
+    params = wb.GenerationParams(max_new_tokens=tokens, top_k=np.int64(5), temperature=temperature)
+    assert (type(params.max_new_tokens), type(params.top_k), type(params.temperature)) == (int, int, float)
+    assert type(wb.DynamicBatching(max_batch=np.int64(8), max_wait_ms=np.float32(5)).max_batch) is int
+    chain = tiny_bench.chain({"name": "swept", "hops": [
+        {"name": "answer", "model": "tiny", "prompt": "Q: {{ question }}\nA:", "max_new_tokens": tokens}]})
+    assert chain.spec.hop("answer").params.max_new_tokens == 4
+    assert len(chain.map([{"question": "Why?"}] * 2, concurrency=np.int64(2))) == 2
+    with pytest.raises(wb.InvalidInput, match="top_k must be an integer"):
+        wb.GenerationParams(top_k=np.bool_(True))  # a numpy bool is no number setting, as a bool is not
+
+
 # -- inputs and failures -----------------------------------------------------------------------
 
 

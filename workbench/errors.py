@@ -19,9 +19,12 @@ Each class carries ``http_status``, the status a gateway answers with for it.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
+import numbers
 from collections.abc import Iterable
+from typing import Any
 
 
 class WorkbenchError(Exception):
@@ -45,6 +48,24 @@ class WorkbenchError(Exception):
     @property
     def message(self) -> str:
         return super().__str__()
+
+
+def plain(value: Any) -> Any:
+    """A numpy scalar (an ``np.int64`` from ``np.arange``, an ``np.float32``) as the Python int or float it holds, so a
+    setting swept with numpy passes the checks and crosses JSON, msgpack and SQLite; anything else as it is (a numpy
+    bool too, which no number setting takes)."""
+    if isinstance(value, numbers.Number) and type(value).__module__ == "numpy":
+        return value.item()
+    return value
+
+
+def plain_fields(instance: Any) -> None:
+    """Every field of dataclass ``instance`` (frozen or not) through :func:`plain`: its ``__post_init__`` does this
+    before its checks."""
+    for field in dataclasses.fields(instance):
+        value = getattr(instance, field.name)
+        if (held := plain(value)) is not value:
+            object.__setattr__(instance, field.name, held)
 
 
 def did_you_mean(word: object, choices: Iterable[str]) -> str:

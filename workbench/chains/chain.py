@@ -17,7 +17,7 @@ from workbench.chains.live import DEFAULT_INTERVAL_S, ConfigRefusal, ConfigVersi
 from workbench.chains.run import Run
 from workbench.chains.runner import Interrupted, check_inputs, check_session
 from workbench.chains.spec import ChainSpec, HopSpec
-from workbench.errors import InvalidInput, WorkbenchError, WorkloadError
+from workbench.errors import InvalidInput, WorkbenchError, WorkloadError, plain
 
 
 class Chain:
@@ -117,6 +117,7 @@ class Chain:
         rendered and tokenized, the prefix KV of ``cache: prefix`` hops warmed), so each starts the
         moment a lane frees. Not with a ``session`` (the history the prompts read is not known ahead).
         """
+        concurrency = plain(concurrency)  # an np.int64 from a sweep counts
         batch = self._batch(inputs, errors, resume, concurrency, session)
         state = MapState(batch, batch.missing)
         try:
@@ -138,6 +139,7 @@ class Chain:
     ) -> RunBatch:
         """``await chain.amap(...)``: :meth:`map` awaited; cancelling it cancels the runs in flight and keeps what
         finished, in ``chain.last_batch``."""
+        concurrency = plain(concurrency)  # an np.int64 from a sweep counts
         batch = self._batch(inputs, errors, resume, concurrency, session)
         try:
             return await self._host.run_async(self._map(batch, concurrency, session, errors, None, prefetch))

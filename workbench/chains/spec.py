@@ -19,7 +19,7 @@ from workbench.chains.templates import PromptTemplate
 from workbench.engine.requests import GenerationParams, check_text
 from workbench.chains.resilience import NO_RESILIENCE, Fallback, Resilience, RetryPolicy
 from workbench.engine.failures import ERROR_KINDS
-from workbench.errors import GraphError, InvalidInput, SpecError, did_you_mean
+from workbench.errors import GraphError, InvalidInput, SpecError, did_you_mean, plain
 from workbench.knowledge import DEFAULT_MAX_TRIPLES, DEMO_GRAPHS, GraphSource, GraphStore, resolve
 
 CHAIN_FIELDS = ("name", "description", "inputs", "hops", "output", "history")
@@ -247,7 +247,7 @@ def parse_spec(
     if isinstance(spec, str):
         data = _load_yaml(spec, lines)
     elif isinstance(spec, Mapping):
-        data = spec
+        data = _plain_numbers(spec)  # a spec built in Python may hold numpy's numbers (max_new_tokens from a sweep)
     else:
         raise SpecError(f"a chain spec is YAML text or a dict, not {type(spec).__name__}")
     if not isinstance(data, Mapping):
@@ -986,6 +986,15 @@ def _check_trusted(
         hint=f"if you trust every spec you run to call into {top!r}, allow it: "
         f"wb.Workbench(allow_modules=[{top!r}]), bench.allow_modules({top!r}) or autoglm run --allow-module {top}",
     )
+
+
+def _plain_numbers(value: Any) -> Any:
+    """``value`` (a dict spec, or a part of one) with numpy's numbers as Python's, in new dicts and lists."""
+    if isinstance(value, Mapping):
+        return {key: _plain_numbers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain_numbers(item) for item in value]
+    return plain(value)
 
 
 def _parameter_names(call: Callable[..., Any]) -> tuple[tuple[str, ...] | None, tuple[str, ...]]:

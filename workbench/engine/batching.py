@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from workbench.engine.queue import Accept, RequestQueue, select
 from workbench.engine.requests import GenerationRequest
-from workbench.errors import StrategyError, did_you_mean
+from workbench.errors import StrategyError, did_you_mean, plain_fields
 from workbench.models.settings import LoadSettings
 
 
@@ -138,6 +138,7 @@ class StaticBatching(BatchingPolicy):
     adapters: str = field(default="mixed", repr=False)  # the name ends in :grouped when grouped
 
     def __post_init__(self) -> None:
+        plain_fields(self)  # numpy's numbers, from a sweep, as Python's
         _check(_whole(self.size, 1), repr(self), "size must be a whole number >= 1")
         _check(_number(self.timeout_ms, 0), repr(self), "timeout_ms must be a finite number >= 0")
         _check(self.adapters in ADAPTER_BATCHING, repr(self), "adapters must be 'mixed' or 'grouped'")
@@ -185,6 +186,7 @@ class DynamicBatching(BatchingPolicy):
     adapters: str = field(default="mixed", repr=False)  # the name ends in :grouped when grouped
 
     def __post_init__(self) -> None:
+        plain_fields(self)  # numpy's numbers, from a sweep, as Python's
         _check(_whole(self.max_batch, 1), repr(self), "max_batch must be a whole number >= 1")
         _check(_number(self.max_wait_ms, 0), repr(self), "max_wait_ms must be a finite number >= 0")
         _check(_whole(self.max_batch_tokens, 1, optional=True), repr(self),
@@ -301,6 +303,7 @@ class ContinuousBatching(BatchingPolicy):
     continuous = True
 
     def __post_init__(self) -> None:
+        plain_fields(self)  # numpy's numbers, from a sweep, as Python's
         _check(_whole(self.max_batch, 1), repr(self), "max_batch must be a whole number >= 1")
         _check(_whole(self.max_batch_tokens, 1, optional=True), repr(self),
                "max_batch_tokens must be a whole number >= 1, or None")

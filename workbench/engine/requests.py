@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from opentelemetry.trace import Span
 
-from workbench.errors import InvalidInput
+from workbench.errors import InvalidInput, plain_fields
 
 _ids = itertools.count(1)
 # Half of a UTF-16 pair on its own: what a bad decode (errors="surrogateescape") leaves in a str.
@@ -72,6 +72,7 @@ class GenerationParams:
     truncate: Literal["error", "left"] = "error"
 
     def __post_init__(self) -> None:
+        plain_fields(self)  # numpy's numbers, from a sweep, as Python's
         # The model refuses these deep inside generate, where its ValueError would count against its circuit breaker:
         # a caller's bad setting would open it for everyone. Refused here, on every path (bench.generate, a server
         # front, a hop), before a request exists.

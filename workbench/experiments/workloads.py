@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from workbench.chains.runner import Interrupted, check_inputs
-from workbench.errors import WorkloadError
+from workbench.errors import WorkloadError, plain_fields
 
 if TYPE_CHECKING:
     import numpy as np
@@ -211,6 +211,7 @@ class ClosedLoop(Workload):
     warmup: int = 0
 
     def __post_init__(self) -> None:
+        plain_fields(self)  # numpy's numbers, from a sweep, as Python's
         self.inputs = as_inputs(self.inputs)
         if wrong := not_whole("concurrency", self.concurrency, 1):
             raise WorkloadError(wrong, hint="the number of chain runs in flight")
@@ -243,6 +244,7 @@ class PoissonArrivals(Workload):
     max_in_flight: int = 256
 
     def __post_init__(self) -> None:
+        plain_fields(self)  # numpy's numbers, from a sweep, as Python's
         self.inputs = as_inputs(self.inputs)
         if isinstance(self.rate, bool) or not isinstance(self.rate, numbers.Real) or not 0 < self.rate < math.inf:
             raise WorkloadError(f"arrival rate must be a finite number > 0 runs/s, not {self.rate!r:.80}",
