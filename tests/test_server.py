@@ -442,6 +442,30 @@ def test_openai_sampling_settings_the_model_would_refuse_are_422_and_do_not_open
     assert run.json()["status"] == "ok"
 
 
+def test_openai_fields_that_would_change_the_answer_and_are_not_served_are_422_not_dropped(
+        client: httpx.Client, keys: dict[str, str]) -> None:
+    # n=3 gave one choice, stop=["\n"] untrimmed text, logprobs=true no log-probabilities: a client read an answer
+    # it had not asked for. OpenAI's own defaults, sent explicitly (as the openai package may), are served.
+    alice = key(keys, "alice")
+    for settings, field in [({"n": 3}, "$.n"), ({"stop": ["\n"]}, "$.stop"), ({"stop": "Q:"}, "$.stop"),
+                            ({"logprobs": 2}, "$.logprobs"), ({"echo": True}, "$.echo"), ({"best_of": 2}, "$.best_of"),
+                            ({"presence_penalty": 0.5}, "$.presence_penalty"), ({"logit_bias": {"50256": -100}},
+                                                                               "$.logit_bias")]:
+        refused = client.post("/v1/completions", headers=alice,
+                              json={"model": "tiny", "prompt": "Hi", "max_tokens": 2, **settings})
+        assert (refused.status_code, refused.json()["error"]["field"]) == (422, field), settings
+        assert refused.json()["error"]["hint"]
+    chat = client.post("/v1/chat/completions", headers=alice, json={
+        "model": "chat", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}],
+        "response_format": {"type": "json_object"}})
+    assert (chat.status_code, chat.json()["error"]["field"]) == (422, "$.response_format.type")
+    defaults = {"n": 1, "stop": None, "logprobs": False, "echo": False, "presence_penalty": 0, "frequency_penalty": 0,
+                "logit_bias": {}, "response_format": {"type": "text"}, "user": "someone"}
+    served = client.post("/v1/chat/completions", headers=alice, json={
+        "model": "chat", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}], **defaults})
+    assert served.status_code == 200 and served.json()["usage"]["completion_tokens"] == 2
+
+
 def test_a_caller_limited_to_some_chains_may_not_call_the_models_directly(client: httpx.Client,
                                                                           keys: dict[str, str]) -> None:
     limited = {"authorization": "Bearer " + KeyStore(keys["_dir"]).add("qa-only", "runner", chains=["qa"])}

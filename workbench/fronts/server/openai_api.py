@@ -6,7 +6,10 @@ Enough of the OpenAI API for other tools, and this workbench's own remote backen
 ``prompt`` (one string) or ``messages`` (each one's content a string, text parts or none), ``max_tokens``
 (``max_completion_tokens``), ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stream`` and
 ``stream_options.include_usage``.
-Unlike OpenAI, ``temperature`` defaults to 0 (greedy), the workbench's own default. Other fields are
+Unlike OpenAI, ``temperature`` defaults to 0 (greedy), the workbench's own default. Fields that would
+change the answer and that this server cannot honour (``n`` > 1, ``best_of`` > 1, ``stop``, ``logprobs``,
+``echo``, ``suffix``, penalties, ``logit_bias``, a JSON ``response_format``) are a 422 naming the field,
+not dropped: a client would read an answer it did not ask for. Other fields (``user``, ``tools``, ...) are
 ignored, as OpenAI-compatible servers do. Each request goes through the engine as a direct model
 call (its own ``text_completion`` span, in the caller's trace when a ``traceparent`` came with it).
 Calling a model is the ``chains.invoke`` action, refused to a caller limited to some chains; listing them is
@@ -69,6 +72,18 @@ class CompletionRequest(msgspec.Struct, kw_only=True):
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # Asked of OpenAI, not honoured here: refused unless left as OpenAI's defaults (see _check_unsupported).
+    n: int | None = None
+    best_of: int | None = None
+    stop: str | list[str] | None = None
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
 
 
 def routes(gateway: Gateway) -> list[Route]:
@@ -123,6 +138,7 @@ async def _complete(gateway: Gateway, request: Request, chat: bool) -> Response:
     elif not 1 <= max_tokens <= MAX_TOKENS:  # 0 too: it was taken for "unset", and 16 tokens came back
         raise RequestError(f"{limit} must be 1 to {MAX_TOKENS}, not {max_tokens}", field=f"$.{limit}", status=422)
     _check_sampling(body)
+    _check_unsupported(body)
     params = GenerationParams(max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                               top_k=body.top_k, seed=body.seed)
     parent = gateway.parent(request)
@@ -182,6 +198,36 @@ def _check_sampling(body: CompletionRequest) -> None:
     problem = sampling_problem(body.temperature, body.top_p, body.top_k, body.seed)
     if problem is not None:
         raise RequestError(problem[1], field=f"$.{problem[0]}", status=422)
+
+
+# Each field OpenAI takes that would change the answer, the values that ask nothing of it, and what to do instead.
+_UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "n": ((None, 1), "send n requests (with a seed each, to sample different answers)"),
+    "best_of": ((None, 1), "send several requests and pick the answer yourself"),
+    "stop": ((None, [], ""), "cut the text at your stop sequence yourself, or bound it with max_tokens"),
+    "logprobs": ((None, False, 0), "this server returns text and token counts, no log-probabilities"),
+    "top_logprobs": ((None, 0), "this server returns text and token counts, no log-probabilities"),
+    "echo": ((None, False), "prepend the prompt to the text yourself"),
+    "suffix": ((None, ""), "this server completes prompts left to right, with no suffix"),
+    "presence_penalty": ((None, 0, 0.0), "leave it out: this server samples with temperature, top_p and top_k"),
+    "frequency_penalty": ((None, 0, 0.0), "leave it out: this server samples with temperature, top_p and top_k"),
+    "logit_bias": ((None, {}), "leave it out: this server samples with temperature, top_p and top_k"),
+}
+
+
+def _check_unsupported(body: CompletionRequest) -> None:
+    """Refuse (422, naming the field) what would change the answer and this server cannot do: the client would
+    otherwise read one answer for n, untrimmed text for stop, no log-probabilities where it asked for them."""
+    for name, (unasked, instead) in _UNSUPPORTED.items():
+        value = getattr(body, name)
+        if value not in unasked:
+            raise RequestError(f"{name}={value!r:.80} is not supported by this server", field=f"$.{name}",
+                               status=422, hint=instead)
+    kind = (body.response_format or {}).get("type", "text")
+    if kind != "text":
+        raise RequestError(f"response_format type {kind!r:.80} is not supported by this server",
+                           field="$.response_format.type", status=422,
+                           hint="ask for JSON in the prompt and parse the text; only 'text' is served")
 
 
 async def _stream(gateway: Gateway, request: Request, call: Call, ident: str, chat: bool,
