@@ -87,7 +87,8 @@ class GraphStore:
                     self._graphs = {  # an older version of the file goes
                         k: g for k, g in self._graphs.items() if not (isinstance(k, tuple) and k[0] == source.path)
                     }
-                self._graphs[key] = graph
+                # A new dict, never one changed in place: cached() and loaded() read it without the lock.
+                self._graphs = {**self._graphs, key: graph}
                 while len(self._graphs) > 1 and (len(self._graphs) > MAX_GRAPHS_KEPT
                                                  or sum(len(g) for g in self._graphs.values()) > MAX_TRIPLES_KEPT):
                     self._graphs = dict(list(self._graphs.items())[1:])
