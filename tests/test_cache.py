@@ -269,6 +269,21 @@ def test_a_hub_id_whose_revision_moved_to_another_commit_misses(tiny_path: Path,
     assert done.stdout.splitlines()[-1] == "[1, 0, 1]"  # called, a hit on the same commit, called again on the new one
 
 
+def test_a_model_whose_weights_are_elsewhere_is_keyed_by_its_dtype_setting(tiny_path: Path) -> None:
+    # A Ray model's LoadedModel has no dtype here (its weights are in its actors): its key takes the setting, so a
+    # bfloat16 load and a float32 one do not share answers.
+    from workbench.models.registry import LoadedModel
+    from workbench.models.settings import LoadSettings
+
+    def ray_model(dtype: str) -> LoadedModel:
+        return LoadedModel(name="m", settings=LoadSettings(str(tiny_path), dtype=dtype, engine="ray"), model=None,
+                           tokenizer=None, device="ray", dtype=None, params=None, memory_bytes=0, load_s=0.0,
+                           context_window=None)
+
+    assert ray_model("bfloat16").identity["dtype"] == "bfloat16"
+    assert ray_model("float32").identity != ray_model("bfloat16").identity
+
+
 def test_a_model_that_loads_on_the_call_is_called_uncached_then_cached(tiny_path: Path, data_dir: Path) -> None:
     # Until it has loaded, where it runs and in what dtype are not known, so neither is its key.
     with wb.Workbench(data_dir=data_dir) as bench:

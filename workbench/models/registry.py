@@ -85,7 +85,8 @@ class LoadedModel:
 
     def __post_init__(self) -> None:
         if not self.identity:
-            dtype = self.dtype if self.dtype is None or isinstance(self.dtype, str) else dtype_name(self.dtype)
+            # A Ray model's weights are in its actors: its dtype here is unknown (None), so the setting stands in.
+            dtype = self.settings.dtype if self.dtype is None else dtype_name(self.dtype)
             self.identity = model_identity(self.settings, str(self.device), dtype)
 
     @property
