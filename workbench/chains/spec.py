@@ -247,7 +247,7 @@ def parse_spec(
     if isinstance(spec, str):
         data = _load_yaml(spec, lines)
     elif isinstance(spec, Mapping):
-        data = _plain_numbers(spec)  # a spec built in Python may hold numpy's numbers (max_new_tokens from a sweep)
+        data = spec
     else:
         raise SpecError(f"a chain spec is YAML text or a dict, not {type(spec).__name__}")
     if not isinstance(data, Mapping):
@@ -313,7 +313,7 @@ def parse_spec(
         hops=hops,
         output=output,
         inputs=inputs,
-        history=history,
+        history=int(history),
         description=description,
         source=spec,
     )
@@ -410,6 +410,8 @@ def _deep_line(text: str, depth: int = 100) -> int | None:
 
 
 def _is_int(value: Any) -> bool:
+    """An int, not a bool; a numpy integer counts (a dict spec built in a sweep): its holder stores ``int(value)``."""
+    value = plain(value)
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -713,7 +715,8 @@ def _cache(
 
 
 def _number(value: Any) -> bool:
-    """A finite int or float: YAML's .inf and .nan are floats, but no setting means them."""
+    """A finite int or float: YAML's .inf and .nan are floats, but no setting means them. A numpy number counts."""
+    value = plain(value)
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -758,7 +761,7 @@ def _retry(value: Any, name: str, path: tuple[Any, ...], lines: _Lines) -> Retry
     if "attempts" in value:
         if not _is_int(value["attempts"]) or not 1 <= value["attempts"] <= MAX_ATTEMPTS:
             raise bad("attempts", f"an integer from 1 to {MAX_ATTEMPTS} (every try, the first included)")
-        settings["attempts"] = value["attempts"]
+        settings["attempts"] = int(value["attempts"])
     for key in ("backoff_ms", "max_backoff_ms"):
         if key in value:
             if not _number(value[key]) or not 0 <= value[key] <= MAX_SECONDS * 1e3:
@@ -988,15 +991,6 @@ def _check_trusted(
     )
 
 
-def _plain_numbers(value: Any) -> Any:
-    """``value`` (a dict spec, or a part of one) with numpy's numbers as Python's, in new dicts and lists."""
-    if isinstance(value, Mapping):
-        return {key: _plain_numbers(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_plain_numbers(item) for item in value]
-    return plain(value)
-
-
 def _parameter_names(call: Callable[..., Any]) -> tuple[tuple[str, ...] | None, tuple[str, ...]]:
     """Names to bind by keyword (None: pass the whole context) and which of them are required."""
     try:
@@ -1068,7 +1062,7 @@ def _parse_knowledge_hop(raw: Mapping[str, Any], name: str, path: tuple[Any, ...
                         hop=name, field="max_triples", line=lines.of(*path, "max_triples"),
                         hint="it caps the facts (one line each) the hop hands the next prompt")
     return HopSpec(name=name, kind="knowledge", inputs=frozenset(template.variables),
-                   knowledge=KnowledgeQuery(source, template, hops, max_triples))
+                   knowledge=KnowledgeQuery(source, template, int(hops), int(max_triples)))
 
 
 def _load_graphs(hops: list[HopSpec], graphs: GraphStore, lines: _Lines) -> None:
