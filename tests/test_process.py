@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -527,3 +528,17 @@ def test_the_command_line_runs_a_chain_on_an_isolated_model(
     isolated = json.loads(capfd.readouterr().out)  # the child printed nothing into the JSON on stdout
     assert main(args) == 0
     assert isolated["outputs"] == json.loads(capfd.readouterr().out)["outputs"]
+
+
+def test_a_model_process_whose_parent_closes_before_saying_which_model_exits_quietly() -> None:
+    # A restart under way when the workbench closes (or the model is unloaded): the parent closes the new child's
+    # pipe before sending it the model to load. The child exits, without an EOFError traceback on the stderr it
+    # shares with the terminal or the notebook's server.
+    ours, theirs = socket.socketpair()
+    control, their_control = socket.socketpair()
+    with theirs, their_control, ours, control:
+        fds = (theirs.fileno(), their_control.fileno())
+        child = subprocess.Popen([sys.executable, "-m", process.CHILD_MODULE, *map(str, fds)], pass_fds=fds,
+                                 stderr=subprocess.PIPE, text=True)
+    _, err = child.communicate(timeout=WAIT_S)
+    assert child.returncode == 0 and "Traceback" not in err, err

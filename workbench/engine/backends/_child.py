@@ -115,7 +115,10 @@ def main() -> None:
     # Batches come and go on one pipe, read by this thread with no hand-off; cancels on another, heard
     # by a thread of their own while a batch runs.
     conn, control = Connection(int(sys.argv[1])), Connection(int(sys.argv[2]))
-    hello = unpack(conn.recv_bytes())
+    try:
+        hello = unpack(conn.recv_bytes())
+    except EOFError:  # the parent closed the pipe before it said hello: closed, or unloaded, while this one started
+        return
     try:
         loaded = ModelRegistry(Tracing()).load(hello["name"], LoadSettings(**hello["settings"]))
     except WorkbenchError as exc:
