@@ -60,6 +60,15 @@ def slow_echo(question: str) -> str:
     return question
 
 
+GATE = threading.Event()
+
+
+def gated_echo(question: str) -> str:
+    """A Python hop that waits until ``GATE`` is set (at most WAIT_S), then echoes."""
+    GATE.wait(WAIT_S)
+    return question
+
+
 QA_SPEC = {
     "name": "qa",
     "hops": [

@@ -397,6 +397,20 @@ def test_serve_with_a_data_dir_that_cannot_hold_the_keys_exits_2_before_serving(
     assert "serving" not in done.stdout
 
 
+def test_serve_takes_the_gateways_limits_and_refuses_a_bad_one_before_serving(spec_file: Path, tiny_path: Path,
+                                                                              tmp_path: Path) -> None:
+    # --max-in-flight and --max-queued reach the gateway, which checks them before anything listens. A child
+    # process, so that a server that does start is stopped by the timeout rather than holding the test.
+    command = ["serve", "--spec", str(spec_file), "--model", f"tiny={tiny_path}", "--port", "0",
+               "--data-dir", str(tmp_path), "--max-in-flight", "4", "--max-queued", "-1"]
+    done = subprocess.run([sys.executable, "-m", "workbench.fronts.cli", *command], capture_output=True, text=True,
+                          timeout=120, cwd=Path(wb.__file__).parents[1], check=False)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == ["autoglm: max_queued=-1 is not a whole number of at least 0",
+                                        "hint: e.g. max_queued=1024 (the default)"]
+    assert "serving" not in done.stdout
+
+
 def test_ctrl_c_during_a_run_exits_130_with_a_short_message(tmp_path: Path) -> None:
     # A Python hop that says when it has started, so Ctrl-C lands while the chain runs, not while modules import.
     (tmp_path / "napping.py").write_text(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from typing import Any
 
 import httpx
 import msgspec
+import numpy as np
 import pytest
 import zstandard
 from IPython.core.interactiveshell import InteractiveShell
@@ -30,7 +32,7 @@ from transformers import AutoTokenizer
 import workbench as wb
 from helpers import QA_SPEC, eventually, free_port
 from workbench.errors import SettingsError
-from workbench.fronts.server import Server
+from workbench.fronts.server import Server, ServeError
 from workbench.fronts.server.auth import Auth, KeyStore
 from workbench.fronts.server.rpc import code_of
 from workbench.tracing import attributes as attr
@@ -682,6 +684,59 @@ def test_a_batch_holds_a_run_slot_for_each_run_it_keeps_in_flight(bench: wb.Work
         assert answer.status_code == 200, answer.text
         assert [run["output"] for run in answer.json()["runs"]] == [item["question"] for item in inputs]
     assert helpers.SLOW_ECHO.peak == 2  # 2, not 13: each batch ran on as many slots as it held
+
+
+def test_a_full_server_refuses_more_calls_at_once_with_503_and_retry_after(bench: wb.Workbench,
+                                                                              keys: dict[str, str]) -> None:
+    """Beyond ``max_in_flight`` running and ``max_queued`` waiting, a call is refused at once (ServerBusy: 503 with
+    Retry-After), a stream before its 200, rather than held with its body and connection for as long as the queue
+    takes; the calls already in wait are served."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import helpers
+
+    chain = bench.chain({"name": "gated", "hops": [{"name": "echo", "call": "helpers:gated_echo"}], "output": "echo"})
+    auth = Auth(keys["_dir"], rate_per_s=None)
+    alice = key(keys, "alice")
+    helpers.GATE.clear()
+    with bench.serve(chains=[chain], port=0, auth=auth, max_in_flight=1, max_queued=2) as served, \
+            httpx.Client(base_url=served.url, timeout=60) as c, ThreadPoolExecutor(3) as pool:
+        gateway = served.app.state.gateway
+        try:
+            def invoke(question: str) -> httpx.Response:
+                with httpx.Client(base_url=served.url, timeout=60) as own:
+                    return own.post("/v1/chains/gated/invoke", headers=alice, json={"inputs": {"question": question}})
+
+            running = pool.submit(invoke, "first")
+            eventually(lambda: gateway.slots.free == 0, "the first call to take the one slot")
+            waiting = [pool.submit(invoke, q) for q in ("second", "third")]
+            eventually(lambda: gateway.slots.waiting == 2, "two calls to wait for the slot")
+            assert 'autoglm_gateway_runs_waiting 2.0' in c.get("/metrics", headers=key(keys, "root")).text
+            refused = c.post("/v1/chains/gated/invoke", headers=alice, json={"inputs": {"question": "fourth"}})
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
+            error = refused.json()["error"]
+            assert error["type"] == "ServerBusy"
+            assert "max_queued=2" in error["message"] and "nothing ran" in error["message"]
+            streamed = c.post("/v1/chains/gated/stream", headers=alice, json={"inputs": {"question": "fifth"}})
+            assert streamed.status_code == 503 and streamed.json()["error"]["type"] == "ServerBusy"
+            batch = c.post("/v1/chains/gated/batch", headers=alice, json={"inputs": [{"question": "sixth"}]})
+            assert batch.status_code == 503
+        finally:
+            helpers.GATE.set()
+        answers = [running.result(), *(f.result() for f in waiting)]
+    assert [a.json()["output"] for a in answers] == ["first", "second", "third"]
+    assert not any(r.inputs.get("question") in ("fourth", "fifth", "sixth") for r in bench.runs())  # nothing ran
+
+
+def test_serving_limits_that_would_fail_every_call_are_refused_before_the_server_starts(bench: wb.Workbench) -> None:
+    for options, wrong in [({"max_in_flight": 0}, "max_in_flight=0"), ({"max_in_flight": "8"}, "max_in_flight='8'"),
+                           ({"max_queued": -1}, "max_queued=-1"), ({"body_timeout_s": 0}, "body_timeout_s=0"),
+                           ({"body_timeout_s": float("nan")}, "body_timeout_s=nan"),
+                           ({"max_inflight": 8}, "did you mean 'max_in_flight'")]:
+        with pytest.raises(ServeError, match=re.escape(wrong)):
+            bench.serve(port=0, auth=False, **options)
+    with bench.serve(port=0, auth=False, max_in_flight=np.int64(2), max_queued=0) as served:  # a numpy count is one
+        assert served.app.state.gateway.max_in_flight == 2
 
 
 def test_run_slots_serve_waiters_in_turn_and_a_cancelled_waiter_gives_its_place_up() -> None:

@@ -12,7 +12,7 @@
     ├── RunError           a run could not go on: HopFailed, MissingInputError, ContextWindowExceeded
     ├── WorkbenchClosed    the workbench was closed
     └── AccessError        a served call was refused before it ran: Unauthenticated, Forbidden, RateLimited,
-                           PayloadTooLarge
+                           ServerBusy, PayloadTooLarge
 
 Each class carries ``http_status``, the status a gateway answers with for it.
 """
@@ -423,6 +423,21 @@ class RateLimited(AccessError):
     """The caller spent its request budget; ``retry_after_s`` is how long until its next request is admitted."""
 
     http_status = 429
+
+    def __init__(self, message: str, *, retry_after_s: float, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.retry_after_s = retry_after_s
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return retry_after(self.retry_after_s)
+
+
+class ServerBusy(AccessError):
+    """A served call found the server full: every run slot (``max_in_flight``) taken, and ``max_queued`` runs waiting
+    for one already. Nothing ran; ``retry_after_s`` is when to try again."""
+
+    http_status = 503
 
     def __init__(self, message: str, *, retry_after_s: float, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)

@@ -262,7 +262,9 @@ def _serve(args: argparse.Namespace) -> int:
         # Keys live in the data directory; JWT settings and limits come from the environment (a container's secrets).
         auth = Auth.open() if args.no_auth else Auth.from_env(bench.data_dir)
         server = build(bench, list(chains.values()), port=args.port, host=args.host, auth=auth,
-                       log_level=args.log_level, grpc_port=args.grpc_port)
+                       log_level=args.log_level, grpc_port=args.grpc_port,
+                       **{name: getattr(args, name) for name in ("max_in_flight", "max_queued")
+                          if getattr(args, name) is not None})
         print(f"serving {', '.join(chains)} on {server.url} (auth: {auth!r}); Ctrl-C stops",
               flush=True)
         if server.grpc is not None:
@@ -297,6 +299,11 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     serve.add_argument("--allow-module", action="append", default=[], metavar="MODULE",
                        help="let specs' call: name functions in MODULE; a spec an admin sends over the wire "
                        "(POST /v1/chains) may call only these; repeat for each")
+    # No defaults here: the gateway's own apply (64 and 1024), and the server's modules load only when it serves.
+    serve.add_argument("--max-in-flight", type=int, metavar="N",
+                       help="runs served at once; the rest wait for a slot (default 64)")
+    serve.add_argument("--max-queued", type=int, metavar="N",
+                       help="calls that may wait for a slot; more are refused with 503 and Retry-After (default 1024)")
     serve.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                        help="uvicorn's log level (default warning)")
     add_load_options(serve, "load options (for every --model)")

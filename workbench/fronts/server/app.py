@@ -42,6 +42,7 @@ from workbench.fronts.server.gateway import (
     AUTHENTICATED,
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_MAX_QUEUED,
     Gateway,
     allowed,
     refusal_headers,
@@ -62,13 +63,15 @@ def create_app(
     auth: Auth,
     *,
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    max_queued: int = DEFAULT_MAX_QUEUED,
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
 ) -> Starlette:
     """The ASGI app serving ``chains`` (built on ``host``, a Workbench) behind ``auth``.
 
     The app's Gateway (its chains, metrics and run owners) is ``app.state.gateway``.
     """
-    gateway = Gateway(host, chains, auth, max_in_flight=max_in_flight, body_timeout_s=body_timeout_s)
+    gateway = Gateway(host, chains, auth, max_in_flight=max_in_flight, max_queued=max_queued,
+                      body_timeout_s=body_timeout_s)
     r = gateway.route
 
     async def health(request: Request, who: Principal | None) -> Response:
@@ -118,6 +121,7 @@ def create_app(
         body: InvokeRequest = await gateway.decode(request, InvokeRequest)
         _check_action(body.action_type, "stream")
         check_inputs(chain.spec, body.inputs)
+        gateway.check_room()  # a full server says so with its status, before the stream's 200 goes out
         parent = gateway.parent(request, body.trace_id)
         headers = {"cache-control": "no-cache", "x-accel-buffering": "no"}
         if parent is not None:

@@ -7,7 +7,9 @@ they (403), within their rate (429, ``Retry-After``), and is the body small enou
 that starts several runs (``/batch``, JSON-RPC) pays one at the door and the rest once its body,
 read under the size limit, says how many (:meth:`Gateway.charge`): before any of them starts.
 A batch also holds one run slot for each run it keeps in flight, so ``max_in_flight`` bounds the
-runs a server runs at once however the callers bunch them.
+runs a server runs at once however the callers bunch them; at most ``max_queued`` wait for a slot, and a call
+that finds the queue full is refused at once (ServerBusy, 503 with ``Retry-After``) rather than held, its body
+and connection with it, for as long as the queue takes.
 Sessions are namespaced per principal, and a run can be read back only by the principal that made
 it, or an admin.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 import uuid
@@ -35,13 +38,25 @@ from starlette.routing import Route
 from workbench.chains.chain import Chain
 from workbench.chains.run import Run
 from workbench.chains.runner import TRACE_PARENT, check_inputs
-from workbench.errors import AccessError, HopFailed, RateLimited, ServingError, WorkbenchError, retry_after
+from workbench.errors import (
+    AccessError,
+    HopFailed,
+    RateLimited,
+    ServerBusy,
+    ServingError,
+    SettingsError,
+    WorkbenchError,
+    plain,
+    retry_after,
+)
 from workbench.fronts.server import envelope as env
 from workbench.fronts.server.envelope import BatchRequest, ErrorResponse, RequestError, RunResult, error_detail
 from workbench.fronts.server.metrics import GatewayMetrics
 from workbench.tracing import attributes as attr
 
 if TYPE_CHECKING:
+    from prometheus_client import Gauge
+
     from workbench.bench import Workbench
     from workbench.fronts.server.auth import Auth, Principal
 
@@ -49,7 +64,9 @@ log = logging.getLogger(__name__)
 
 MAX_RUNS_OWNED = 100_000  # run ids remembered with their owner; older runs can no longer be read back
 DEFAULT_MAX_IN_FLIGHT = 64
+DEFAULT_MAX_QUEUED = 1024  # runs waiting for a slot; each holds its connection and its body (up to max_body_bytes)
 DEFAULT_BODY_TIMEOUT_S = 10.0
+BUSY_RETRY_AFTER_S = 1.0  # what a call refused by a full queue is told to wait
 ADMIN_ACTION = "models.admin"  # whoever may do this administers the server, and may read every run
 CLIENT_GONE = 499  # the status counted for a request whose client left before its answer (as nginx counts it)
 AUTHENTICATED = ""  # the action of a route open to any known caller, whose handler authorizes each call it makes
@@ -58,11 +75,16 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 Handler = Callable[[Request, "Principal | None"], Awaitable[Response]]
 
 
+class ServeError(SettingsError):
+    """A gateway that cannot start: an unsafe host and auth pairing, a port in use or out of range, a bad limit."""
+
+
 class Gateway:
     """What one served app holds: the workbench, the chains it serves, the Auth, metrics, and who owns which run.
 
-    ``max_in_flight`` runs at once (the rest wait for a slot: the queue-wait metric); a request
-    body that takes longer than ``body_timeout_s`` to arrive is refused with 408.
+    ``max_in_flight`` runs at once (the rest wait for a slot: the queue-wait metric), and at most
+    ``max_queued`` waiting (more are refused: ServerBusy, 503); a request body that takes longer than
+    ``body_timeout_s`` to arrive is refused with 408.
     """
 
     def __init__(
@@ -72,14 +94,23 @@ class Gateway:
         auth: Auth,
         *,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        max_queued: int = DEFAULT_MAX_QUEUED,
         body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
     ) -> None:
+        # Checked here, before the server starts: a bad limit would otherwise fail every call (or none would wait).
+        max_in_flight, max_queued = _count("max_in_flight", max_in_flight, 1), _count("max_queued", max_queued, 0)
+        body_timeout_s = plain(body_timeout_s)
+        if isinstance(body_timeout_s, bool) or not isinstance(body_timeout_s, (int, float)) \
+                or not 0 < body_timeout_s < math.inf:
+            raise ServeError(f"body_timeout_s={body_timeout_s!r:.40} is not a number of seconds above 0",
+                             hint=f"e.g. body_timeout_s={DEFAULT_BODY_TIMEOUT_S:g} (the default)")
         self.bench = bench
         self.auth = auth
         self.chains: dict[str, Chain] = {chain.name: chain for chain in chains}
         self.metrics = GatewayMetrics()
         self.body_timeout_s = body_timeout_s
         self.max_in_flight = max_in_flight
+        self.max_queued = max_queued
         self._slots: RunSlots | None = None  # made on the server's loop, at its first run
         self._owners: OrderedDict[str, str] = OrderedDict()
         self._owners_lock = threading.Lock()
@@ -172,10 +203,9 @@ class Gateway:
     async def slot(self, count: int = 1) -> AsyncIterator[None]:
         """``count`` of the ``max_in_flight`` run slots, for as long as the block runs; the wait is the queue-wait
         metric. A batch takes one per run it keeps in flight."""
-        if self._slots is None:
-            self._slots = RunSlots(self.max_in_flight)
         waited = time.perf_counter()
-        await self._slots.acquire(count)
+        slots = self.slots
+        await slots.acquire(count)
         try:
             self.metrics.queue_wait.observe(time.perf_counter() - waited)
             self.metrics.in_flight.inc(count)
@@ -184,7 +214,19 @@ class Gateway:
             finally:
                 self.metrics.in_flight.dec(count)
         finally:
-            self._slots.release(count)
+            slots.release(count)
+
+    @property
+    def slots(self) -> RunSlots:
+        """The run slots, made on the server's loop at its first use."""
+        if self._slots is None:
+            self._slots = RunSlots(self.max_in_flight, self.max_queued, self.metrics.waiting)
+        return self._slots
+
+    def check_room(self) -> None:
+        """ServerBusy if a run asking for a slot now would be refused: for a stream, whose status goes out before
+        its run asks."""
+        self.slots.check_room()
 
     # -- chains, sessions, runs ------------------------------------------------------------------
 
@@ -363,6 +405,16 @@ def run_status(error: HopFailed) -> int:
     return int(cause.http_status) if isinstance(cause, WorkbenchError) else 500
 
 
+def _count(name: str, value: object, least: int) -> int:
+    """``value`` as a whole number of at least ``least``, or ServeError naming the setting."""
+    value = plain(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ServeError(f"{name}={value!r:.40} is not a whole number of at least {least}",
+                         hint=f"e.g. {name}={DEFAULT_MAX_IN_FLIGHT if name == 'max_in_flight' else DEFAULT_MAX_QUEUED}"
+                              " (the default)")
+    return value
+
+
 def refusal_headers(exc: BaseException) -> dict[str, str]:
     """The headers an error's response carries: an AccessError's own (WWW-Authenticate, Retry-After), and Retry-After
     for a serving refusal that says when to try again (see :func:`retry_after_s`)."""
@@ -376,7 +428,8 @@ def retry_after_s(exc: BaseException) -> float | None:
     """How long a refused call should wait before it is tried again, where the refusal says: a rate limit, a breaker
     open until its trial, a model server's 429; itself or as the cause of a failed run. None where it does not say."""
     cause = exc.cause if isinstance(exc, HopFailed) else exc
-    return getattr(cause, "retry_after_s", None) if isinstance(cause, (RateLimited, ServingError)) else None
+    refusal = isinstance(cause, (RateLimited, ServerBusy, ServingError))
+    return getattr(cause, "retry_after_s", None) if refusal else None
 
 
 def allowed(auth: Auth, who: Principal, action: str, chain: str | None) -> bool:
@@ -389,16 +442,31 @@ def allowed(auth: Auth, who: Principal, action: str, chain: str | None) -> bool:
 
 
 class RunSlots:
-    """``size`` run slots on one event loop, taken and given back several at a time.
+    """``size`` run slots on one event loop, taken and given back several at a time, and at most ``max_waiting``
+    callers waiting for them (ServerBusy for the next).
 
     Waiters are served in the order they came, so a batch waiting for many slots is not starved by
     single runs slipping past it; a waiter cancelled before its turn gives its place up.
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, max_waiting: int = DEFAULT_MAX_QUEUED, gauge: Gauge | None = None) -> None:
         self.size = size
         self.free = size
+        self.max_waiting = max_waiting
+        self.waiting = 0
+        self._gauge = gauge  # the metric of how many wait
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    def check_room(self) -> None:
+        """ServerBusy if a caller that had to wait now would find the queue full."""
+        if self.waiting >= self.max_waiting:
+            raise ServerBusy(
+                f"the server is full: all {self.size} run slots (max_in_flight) are taken and {self.waiting} "
+                f"calls wait for one (max_queued={self.max_waiting}); nothing ran",
+                retry_after_s=BUSY_RETRY_AFTER_S,
+                hint="try again after Retry-After; whoever runs the server can raise max_queued or max_in_flight "
+                     "(bench.serve(max_queued=...), autoglm serve --max-queued N)",
+            )
 
     async def acquire(self, count: int) -> None:
         if not 1 <= count <= self.size:
@@ -406,8 +474,10 @@ class RunSlots:
         if not self._waiters and self.free >= count:
             self.free -= count
             return
+        self.check_room()
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((count, waiter))
+        self._waited(+1)
         try:
             await waiter
         except asyncio.CancelledError:
@@ -416,6 +486,13 @@ class RunSlots:
             else:
                 self._wake()  # drops it; a big waiter leaving the head may let smaller ones behind it in
             raise
+        finally:
+            self._waited(-1)
+
+    def _waited(self, change: int) -> None:
+        self.waiting += change
+        if self._gauge is not None:
+            self._gauge.inc(change)
 
     def release(self, count: int) -> None:
         self.free += count

@@ -29,6 +29,9 @@ class GatewayMetrics:
                                     buckets=LATENCY_BUCKETS, registry=self.registry)
         self.in_flight = Gauge("autoglm_gateway_runs_in_flight", "Runs the gateway is running now.",
                                registry=self.registry)
+        self.waiting = Gauge("autoglm_gateway_runs_waiting",
+                             "Calls waiting for one of the gateway's run slots now (at most max_queued).",
+                             registry=self.registry)
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method).inc()

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
-from workbench.errors import SettingsError
+from workbench.errors import did_you_mean
 from workbench.fronts.server.app import create_app
+from workbench.fronts.server.gateway import ServeError
 from workbench.fronts.server.protocol import head_deadline_protocol
 
 if TYPE_CHECKING:
@@ -26,12 +27,10 @@ if TYPE_CHECKING:
     from workbench.fronts.server.auth import Auth
     from workbench.fronts.server.grpc_server import GrpcServer
 
+SERVER_OPTIONS = ("port", "host", "auth", "log_level", "grpc_port")
+GATEWAY_OPTIONS = ("max_in_flight", "max_queued", "body_timeout_s")  # create_app's own
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
-
-
-class ServeError(SettingsError):
-    """A gateway that cannot start: an unsafe host and auth pairing, a port in use or out of range."""
 
 
 def resolve_auth(auth: Auth | bool | None, host: str, data_dir: Any) -> Auth:
@@ -165,6 +164,11 @@ def build(
     **options: Any,
 ) -> Server:
     """A Server for ``chains`` on ``host:port``, not started yet (see :func:`serve`)."""
+    for option in options:
+        if option not in GATEWAY_OPTIONS:  # else a raw TypeError from create_app
+            known = [*SERVER_OPTIONS, *GATEWAY_OPTIONS]
+            raise ServeError(f"serving takes no option {option!r}{did_you_mean(option, known)}",
+                             hint=f"its options: {', '.join(known)}")
     _check_port("port", port)
     if grpc_port is not None:
         _check_port("grpc_port", grpc_port)  # gRPC would take 70000 as 4464, silently
@@ -188,8 +192,8 @@ def serve(bench: Workbench, chains: Collection[Chain] = (), **settings: Any) -> 
 
     ``port`` (8000; 0 picks a free one), ``host`` (127.0.0.1: another host must be named), ``auth``
     (None: API keys from ``bench.data_dir``; an Auth; False: no credentials, loopback only),
-    ``max_in_flight`` runs at once, ``body_timeout_s``; ``grpc_port`` also serves them over gRPC
-    (``server.grpc.target``; see grpc_server.py), same Auth, sessions and runs.
+    ``max_in_flight`` runs at once, ``max_queued`` waiting for a slot (more: 503), ``body_timeout_s``; ``grpc_port``
+    also serves them over gRPC (``server.grpc.target``; see grpc_server.py), same Auth, sessions and runs.
     """
     return build(bench, chains, **settings).start()
 
