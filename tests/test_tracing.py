@@ -9,6 +9,7 @@ import re
 import sys
 import threading
 import time
+import unicodedata
 from pathlib import Path
 from textwrap import dedent
 
@@ -428,3 +429,20 @@ def test_runs_that_keep_joining_one_trace_keep_its_newest_spans_not_every_span(b
     assert len(bench.tracing.index.spans(caller.trace_id)) == 6
     assert [len(run.trace) for run in runs] == [0, 0, 2, 2, 2]  # chain and hop: the newest runs are whole
     assert len(bench.traces()) == 6
+
+
+def test_text_tables_line_up_on_a_terminal_with_chinese_and_accented_text() -> None:
+    """Columns were padded by characters, and a Chinese character takes two terminal columns: every column after a
+    Chinese cell stood out of line. Widths are now terminal columns (two for wide characters, none for combining)."""
+    frame = pd.DataFrame({"hop": ["plan", "回答问题", "re\u0301sume\u0301"], "output": ["ok", "巴黎是法国的首都", "fine"],
+                          "duration_ms": [1.5, 12.25, 100.0]})
+    lines = repr(Readable(frame)).splitlines()
+
+    def width(text: str) -> int:  # terminal columns, as wcwidth counts them for these characters
+        return sum(2 if unicodedata.east_asian_width(c) == "W" else 0 if unicodedata.combining(c) else 1 for c in text)
+
+    def columns_before(line: str, marker: str) -> int:
+        return width(line[: line.index(marker)])
+
+    assert [columns_before(line, cell) for line, cell in zip(lines[1:], ["ok", "巴黎", "fine"])] == [10, 10, 10]
+    assert {width(line) for line in lines} == {width(lines[0])}  # the figures end in one column, on every line

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import math
+import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -159,13 +160,28 @@ class Readable:
         return self.to_html()
 
     def __repr__(self) -> str:
-        widths = [max([len(c), *map(len, cells)]) for c, cells in zip(self.columns, self.cells)]
+        widths = [max([_width(c), *map(_width, cells)]) for c, cells in zip(self.columns, self.cells)]
 
         def line(texts: Sequence[str]) -> str:
-            return "  ".join(t.rjust(w) if r else t.ljust(w) for t, w, r in zip(texts, widths, self.right)).rstrip()
+            return "  ".join(_pad(t, w, r) for t, w, r in zip(texts, widths, self.right)).rstrip()
 
         shown, gap = self._shown()
         lines = [line([cells[i] for cells in self.cells]) for i in shown]
         if gap is not None:
             lines.insert(SHOWN_ROWS // 2, gap)
         return "\n".join([line(self.columns), *lines, *self.notes])
+
+
+def _width(text: str) -> int:
+    """The columns ``text`` takes on a terminal: two for a wide character (Chinese, Japanese, Korean, fullwidth
+    forms), none for a combining mark or a zero-width one, one for the rest."""
+    if text.isascii():
+        return len(text)
+    return sum(0 if unicodedata.combining(c) or unicodedata.category(c) in ("Mn", "Me", "Cf")
+               else 2 if unicodedata.east_asian_width(c) in ("W", "F") else 1 for c in text)
+
+
+def _pad(text: str, width: int, right: bool) -> str:
+    """``text`` padded with spaces to ``width`` terminal columns, on the left if ``right``."""
+    fill = " " * (width - _width(text))
+    return fill + text if right else text + fill
