@@ -721,6 +721,10 @@ def test_a_full_server_refuses_more_calls_at_once_with_503_and_retry_after(bench
             assert streamed.status_code == 503 and streamed.json()["error"]["type"] == "ServerBusy"
             batch = c.post("/v1/chains/gated/batch", headers=alice, json={"inputs": [{"question": "sixth"}]})
             assert batch.status_code == 503
+            for stream in (False, True):  # a model called directly takes a slot too
+                called = c.post("/v1/completions", headers=alice,
+                                json={"model": "tiny", "prompt": "Hi", "max_tokens": 2, "stream": stream})
+                assert called.status_code == 503 and called.headers["retry-after"] == "1", called.text
         finally:
             helpers.GATE.set()
         answers = [running.result(), *(f.result() for f in waiting)]
