@@ -419,33 +419,29 @@ class Forbidden(AccessError):
     http_status = 403
 
 
-class RateLimited(AccessError):
+class _RetryLater(AccessError):
+    """A refusal that says when to try again: ``retry_after_s``, sent as ``Retry-After``."""
+
+    def __init__(self, message: str, *, retry_after_s: float, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.retry_after_s = retry_after_s
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return retry_after(self.retry_after_s)
+
+
+class RateLimited(_RetryLater):
     """The caller spent its request budget; ``retry_after_s`` is how long until its next request is admitted."""
 
     http_status = 429
 
-    def __init__(self, message: str, *, retry_after_s: float, hint: str | None = None) -> None:
-        super().__init__(message, hint=hint)
-        self.retry_after_s = retry_after_s
 
-    @property
-    def headers(self) -> dict[str, str]:
-        return retry_after(self.retry_after_s)
-
-
-class ServerBusy(AccessError):
+class ServerBusy(_RetryLater):
     """A served call found the server full: every run slot (``max_in_flight``) taken, and ``max_queued`` runs waiting
     for one already. Nothing ran; ``retry_after_s`` is when to try again."""
 
     http_status = 503
-
-    def __init__(self, message: str, *, retry_after_s: float, hint: str | None = None) -> None:
-        super().__init__(message, hint=hint)
-        self.retry_after_s = retry_after_s
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return retry_after(self.retry_after_s)
 
 
 class PayloadTooLarge(AccessError):
