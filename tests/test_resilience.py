@@ -598,6 +598,24 @@ def test_a_bad_sampling_setting_is_refused_before_the_model_and_never_counts_aga
         assert bench.generate("tiny", "Hello", max_new_tokens=2).tokens_out == 2
 
 
+def test_a_bad_max_new_tokens_or_truncate_is_refused_before_the_model_and_never_counts_against_its_breaker(
+    tiny_path: Path,
+) -> None:
+    # max_new_tokens=0 reached generate, whose ValueError counted as the model's failure (two such calls opened the
+    # breaker for everyone); 1.5 failed as a bare TypeError inside the batch; True ran as 1 token, and
+    # truncate="right" ran as "error" without a word.
+    with wb.Workbench(store=wb.InMemoryContextStore()) as bench:
+        bench.load("tiny", tiny_path, device="cpu")
+        bench.set_breaker("tiny", failure_threshold=2)
+        for tokens in (0, -1, 1.5, True, "8"):
+            with pytest.raises(wb.InvalidInput, match="max_new_tokens must be a whole number >= 1"):
+                bench.generate("tiny", "Hello", max_new_tokens=tokens)
+        with pytest.raises(wb.InvalidInput, match="truncate must be 'error' or 'left', not 'right'"):
+            bench.generate("tiny", "Hello", max_new_tokens=2, truncate="right")
+        breaker = bench.breakers().set_index("model").loc["tiny"]
+        assert (breaker["state"], breaker["failures"]) == ("closed", 0)
+        assert bench.generate("tiny", "Hello", max_new_tokens=2, truncate="left").tokens_out == 2
+
 def test_a_run_refused_for_a_huge_prompt_keeps_its_error_but_not_the_prompts_token_ids(models: wb.Workbench) -> None:
     # The refusal's traceback held the engine's frames, and with them the prompt's 180 000 token ids (about 12 MB a
     # failed run, kept with the run: a served gateway's memory, filled by one caller's failing requests).

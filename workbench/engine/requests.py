@@ -79,6 +79,13 @@ class GenerationParams:
         problem = sampling_problem(self.temperature, self.top_p, self.top_k, self.seed)
         if problem is not None:
             raise InvalidInput(problem[1])
+        tokens = self.max_new_tokens
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+            raise InvalidInput(f"max_new_tokens must be a whole number >= 1, not {tokens!r:.40}",
+                               hint="how many tokens the model may generate, e.g. max_new_tokens=32")
+        if not isinstance(self.truncate, str) or self.truncate not in ("error", "left"):
+            raise InvalidInput(f"truncate must be 'error' or 'left', not {self.truncate!r:.40}",
+                               hint="'left' drops the oldest prompt tokens to fit the context window; 'error' refuses")
 
     @property
     def greedy(self) -> bool:
