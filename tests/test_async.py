@@ -259,3 +259,23 @@ def test_a_hop_that_returns_a_coroutine_is_awaited_not_kept_as_its_output(bench:
         {"name": "exclaim", "call": lambda shout: exclaim(shout)}]})
     run = chain.run(question="hi")
     assert run.outputs == {"shout": "HI", "exclaim": "HI!"}
+
+
+def test_leaving_a_stream_early_stops_its_row_instead_of_generating_on_for_nobody(tiny_bench: wb.Workbench) -> None:
+    # Breaking out of chain.stream (or cancelling an awaited run) on a hop with no timeout_s left its row generating
+    # to max_new_tokens: 400 steps for nobody, and every request behind it waited for them.
+    from workbench.tracing import attributes as attr
+
+    chain = tiny_bench.chain({"name": "long", "hops": [  # seeded so that it runs to 400 tokens
+        {"name": "say", "model": "tiny", "prompt": "Hello", "max_new_tokens": 400, "temperature": 5.0, "seed": 0}]})
+
+    async def leave_early() -> None:
+        async for event in chain.astream():
+            if event.kind == "token":
+                break
+
+    for leave in (lambda: next(e for e in chain.stream() if e.kind == "token"), lambda: asyncio.run(leave_early())):
+        leave()
+        tiny_bench.generate("tiny", "next", max_new_tokens=1)  # queued behind it (one at a time), so it has ended
+        batch = [s for s in tiny_bench.traces().spans if s.name == "batch tiny"][-2]
+        assert batch.attributes[attr.BATCH_STEPS] < 400

@@ -569,7 +569,9 @@ class Engine:
             request = GenerationRequest(
                 worker.name, ids, call.params, span, hop=call.hop, truncated_tokens=truncated, prompt=text,
                 messages=call.messages, probe=call.probe,
-                cancellable=call.timeout_s is not None, trial=trial, on_token=call.on_token, prefix_len=prefix_len,
+                # Awaited on a loop, a call is cancelled with its task too (a stream left early, a run cancelled or
+                # cut off by its client), so its row must stop as a timed-out one does.
+                cancellable=call.timeout_s is not None or loop is not None, trial=trial, on_token=call.on_token, prefix_len=prefix_len,
                 adapter=lease.key if lease is not None else None,
             )
             request.future.add_done_callback(lambda _: self.preloader.end_use(model))

@@ -79,9 +79,14 @@ class _CancelledRows(StoppingCriteria):
 
     def __init__(self, batch: list[GenerationRequest]) -> None:
         self.batch = batch
+        self._none: torch.Tensor | None = None  # built once: most steps of most batches stop no row
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> torch.BoolTensor:
-        return torch.tensor([r.cancelled for r in self.batch], dtype=torch.bool, device=input_ids.device)
+        if any(r.cancelled for r in self.batch):
+            return torch.tensor([r.cancelled for r in self.batch], dtype=torch.bool, device=input_ids.device)
+        if self._none is None:
+            self._none = torch.zeros(len(self.batch), dtype=torch.bool, device=input_ids.device)
+        return self._none  # type: ignore[return-value]
 
 
 def eos_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -238,7 +243,7 @@ class TransformersBackend:
                 pad_token_id=self.pad_id,
                 eos_token_id=sorted(self.eos_ids) or None,
                 streamer=clock,
-                # Only requests with a timeout can be cancelled; others skip the per-step check.
+                # Only requests that can be cancelled (a timeout, an awaiting task) need the per-step check.
                 stopping_criteria=StoppingCriteriaList([_CancelledRows(batch)] if cancellable else []),
                 **cached,
                 **adapter_kwargs,
