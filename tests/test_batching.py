@@ -205,6 +205,24 @@ def test_continuous_batching_runs_different_sampling_settings_one_after_the_othe
     assert all(len(g) == 1 for g in groups.values())
 
 
+@pytest.mark.parametrize("policy", [wb.DynamicBatching(max_batch=8, max_wait_ms=300), wb.StaticBatching(size=3)],
+                         ids=["dynamic", "static"])
+def test_a_seeded_request_samples_the_same_text_in_any_batch_as_alone(tiny: wb.Workbench,
+                                                                       policy: wb.BatchingPolicy) -> None:
+    # Every row of a batch drew from the one stream torch.manual_seed(seed) seeded, so a seeded request's text
+    # depended on its batch-mates and its row (these prompts sampled otherwise in a batch than alone), and a
+    # comparison of policies measured different answers (of different lengths) under each.
+    params = GenerationParams(max_new_tokens=24, temperature=1.2, top_k=40, top_p=0.95, seed=7)
+    tiny.set_batching("tiny", wb.NoBatching())
+    alone = [r.token_ids for r in _submit_all(tiny, PROMPTS[:6], [params] * 6)]
+    assert len(set(map(tuple, alone))) > 1  # it really samples, each prompt its own way
+    tiny.set_batching("tiny", policy)
+    batched = _submit_all(tiny, PROMPTS[:6], [params] * 6)
+    assert min(r.batch_size for r in batched) >= 3  # every one batched (static:3 takes three at a time)
+    assert [r.token_ids for r in batched] == alone
+    twice = _submit_all(tiny, [PROMPTS[1]] * 3, [params] * 3)  # one prompt in three rows: three equal answers
+    assert [r.token_ids for r in twice] == [alone[1]] * 3
+
 def test_a_policy_swap_takes_over_a_worker_waiting_inside_the_old_policy(tiny: wb.Workbench) -> None:
     model = tiny.registry.get("tiny").model
     tiny.set_batching("tiny", wb.StaticBatching(size=64, timeout_ms=600_000))

@@ -59,8 +59,9 @@ def sampling_problem(temperature: Any, top_p: Any, top_k: Any, seed: Any = None)
 class GenerationParams:
     """Generation settings of one request; requests share a batch only if these are equal.
 
-    ``temperature == 0`` is greedy decoding. ``seed`` makes sampling repeatable for a given
-    batch. ``truncate="left"`` drops the oldest prompt tokens instead of raising when a prompt
+    ``temperature == 0`` is greedy decoding. ``seed`` makes sampling repeatable: a seeded request
+    samples the same text alone and in any padded batch (continuous batching draws for the whole
+    running batch, so there it depends on its batch-mates). ``truncate="left"`` drops the oldest prompt tokens instead of raising when a prompt
     does not fit the context window (the trace records how many were dropped).
     """
 

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import inspect
 import contextlib
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from transformers.generation.logits_process import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
@@ -25,7 +33,7 @@ from workbench.engine.backends.base import (
 )
 from workbench.engine.backends.codec import TextCodec
 from workbench.engine.backends.prefix_cache import PrefixCache, PrefixEntry
-from workbench.engine.requests import GenerationRequest, GenerationResult, Messages
+from workbench.engine.requests import GenerationParams, GenerationRequest, GenerationResult, Messages
 from workbench.errors import AdapterError
 from workbench.models.adapters import BASE
 from workbench.models.devices import dtype_name
@@ -87,6 +95,34 @@ class _CancelledRows(StoppingCriteria):
         if self._none is None:
             self._none = torch.zeros(len(self.batch), dtype=torch.bool, device=input_ids.device)
         return self._none  # type: ignore[return-value]
+
+
+class _SeededSampling(LogitsProcessor):
+    """Samples each row of a seeded batch from a generator of its own, seeded with the request's seed.
+
+    ``torch.manual_seed`` seeds one stream that every row of a batch draws from in turn, so a seeded request's text
+    depended on its batch-mates and its row among them: the same request sampled differently alone, in a batch of 4,
+    under another policy. Each row here draws as generate's own sampling draws for a batch of one (its warpers, a
+    softmax, a multinomial from a stream seeded so), so a seeded request gets in any batch what it gets alone. The
+    scores it returns leave only the drawn token, which greedy selection then picks.
+    """
+
+    def __init__(self, params: GenerationParams, rows: int, device: torch.device) -> None:
+        warpers = []  # as generate orders them for sampling (min_tokens_to_keep 1: no beams)
+        if params.temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(params.temperature))
+        if params.top_k:
+            warpers.append(TopKLogitsWarper(params.top_k))
+        if params.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(params.top_p))
+        self.warpers = LogitsProcessorList(warpers)
+        self.generators = [torch.Generator(device=device).manual_seed(params.seed) for _ in range(rows)]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = torch.softmax(self.warpers(input_ids, scores), dim=-1)
+        drawn = torch.cat([torch.multinomial(probs[row : row + 1], 1, generator=generator)
+                           for row, generator in enumerate(self.generators)])
+        return torch.full_like(scores, -math.inf).scatter_(1, drawn, 0.0)  # type: ignore[return-value]
 
 
 def eos_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -234,8 +270,11 @@ class TransformersBackend:
             # One generate for the whole batch: peft applies each row's own adapter version (or none, __base__).
             adapter_kwargs["adapter_names"] = [r.adapter or BASE for r in batch]
             lock = self.adapters.lock  # peft hooks the shared model per call; a swap must not overlap
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
+        decoding = params.generate_kwargs()
+        sampler: list[LogitsProcessor] = []
+        if params.seed is not None and not params.greedy:
+            sampler.append(_SeededSampling(params, len(batch), device))
+            decoding.update(do_sample=False, temperature=None, top_p=None, top_k=None)  # it draws; greedy picks
         with lock, torch.inference_mode():
             output = model.generate(
                 input_ids=input_ids.to(device),
@@ -247,7 +286,8 @@ class TransformersBackend:
                 stopping_criteria=StoppingCriteriaList([_CancelledRows(batch)] if cancellable else []),
                 **cached,
                 **adapter_kwargs,
-                **params.generate_kwargs(),
+                logits_processor=LogitsProcessorList(sampler),
+                **decoding,
             )
         ended = time.perf_counter()
         generated = output[:, width:].tolist()
