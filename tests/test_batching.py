@@ -205,6 +205,17 @@ def test_continuous_batching_runs_different_sampling_settings_one_after_the_othe
     assert all(len(g) == 1 for g in groups.values())
 
 
+def test_a_stream_under_continuous_batching_yields_its_tokens_as_they_come(tiny: wb.Workbench) -> None:
+    # The scheduler was asked for each request's last output only, so chain.stream under ContinuousBatching yielded
+    # no token at all: hop_started, then hop_finished with the whole answer.
+    tiny.set_batching("tiny", wb.ContinuousBatching(max_batch=8))
+    chain = tiny.chain({"name": "streamed", "hops": [
+        {"name": "say", "model": "tiny", "prompt": "{{ q }}", "max_new_tokens": 20}]})
+    events = list(chain.stream(q=PROMPTS[1]))
+    tokens = [e for e in events if e.kind == "token"]
+    assert len(tokens) > 1 and "".join(t.text for t in tokens).strip() == events[-1].run.output
+    assert [e.kind for e in events].index("token") < [e.kind for e in events].index("hop_finished")
+
 @pytest.mark.parametrize("policy", [wb.DynamicBatching(max_batch=8, max_wait_ms=300), wb.StaticBatching(size=3)],
                          ids=["dynamic", "static"])
 def test_a_seeded_request_samples_the_same_text_in_any_batch_as_alone(tiny: wb.Workbench,

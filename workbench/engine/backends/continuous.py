@@ -87,6 +87,8 @@ class ContinuousBackend:
         self._collector: threading.Thread | None = None
         self._sampling: tuple[Any, ...] | None = None
         self._inflight: dict[str, tuple[GenerationRequest, _Group]] = {}
+        # Of each streamed request: how many of its tokens went to its listener, and their text (the collector's own).
+        self._streamed: dict[str, tuple[int, str]] = {}
         self._changed = threading.Condition()
 
     def submit(self, batch: list[GenerationRequest], span: Span) -> None:
@@ -107,10 +109,13 @@ class ContinuousBackend:
             request_id = f"wb-{request.id}"
             with self._changed:
                 self._inflight[request_id] = (request, group)
+            if request.stream:
+                self._streamed[request_id] = (0, "")
             accepted = self._manager.add_request(
                 request.input_ids,
                 request_id=request_id,
                 max_new_tokens=request.params.max_new_tokens,
+                streaming=request.stream,  # an output at every step, not only the last
                 record_timestamps=True,
                 eos_token_id=eos,
             )
@@ -183,13 +188,34 @@ class ContinuousBackend:
                         self._finish(request_id, RuntimeError("the continuous batching scheduler stopped"))
                     return
                 continue
+            if output.request_id in self._streamed:
+                self._stream(output)
             if output.is_finished():
                 self._finish(output.request_id, output)
+
+    def _stream(self, output: Any) -> None:
+        """Hand a streamed request's new tokens to its listener, each with the text it adds, up to its end of sequence."""
+        with self._changed:
+            entry = self._inflight.get(output.request_id)
+        if entry is None:
+            return
+        request = entry[0]
+        sent, text = self._streamed[output.request_id]
+        tokens = list(output.generated_tokens)
+        for count in range(sent + 1, len(tokens) + 1):
+            token = tokens[count - 1]
+            if token in self.backend.eos_ids or request.on_token is None or request.cancelled:
+                break
+            now = self.backend.detokenize(tokens[:count])
+            request.on_token(token, now[len(text):])
+            sent, text = count, now
+        self._streamed[output.request_id] = (sent, text)
 
     def _finish(self, request_id: str, outcome: Any) -> None:
         failed = isinstance(outcome, BaseException) or outcome.error is not None
         with self._changed:
             entry = self._inflight.pop(request_id, None)
+            self._streamed.pop(request_id, None)
             if entry is not None:
                 group = entry[1]
                 group.left -= 1
