@@ -216,6 +216,21 @@ def test_a_stream_under_continuous_batching_yields_its_tokens_as_they_come(tiny:
     assert len(tokens) > 1 and "".join(t.text for t in tokens).strip() == events[-1].run.output
     assert [e.kind for e in events].index("token") < [e.kind for e in events].index("hop_finished")
 
+def test_a_request_that_times_out_under_continuous_batching_leaves_the_scheduler(tiny: wb.Workbench) -> None:
+    # Its row ran on to max_new_tokens for nobody (400 steps here), holding a slot and KV blocks, and a policy swap
+    # waited for it (1.1 s before the next request here, 0.1 s now).
+    tiny.set_batching("tiny", wb.ContinuousBatching(max_batch=4))
+    params = GenerationParams(max_new_tokens=400, temperature=5.0, seed=0)  # seeded so that it runs to 400 tokens
+    with pytest.raises(wb.HopTimeout):
+        tiny.engine.call("tiny", "Hello", params, timeout_s=0.2)
+    spans = tiny.traces().spans
+    cancelled = next(s for s in reversed(spans) if (s.attributes or {}).get(attr.CANCELLED) == "running")
+    ended = [s for s in spans if s.name == "batch tiny"
+             and any(link.context.span_id == cancelled.context.span_id for link in s.links)]
+    assert len(ended) == 1  # its batch ended with it, 400 steps early
+    tiny.set_batching("tiny", wb.NoBatching())
+    assert tiny.generate("tiny", "Hello", max_new_tokens=2).tokens_out == 2
+
 @pytest.mark.parametrize("policy", [wb.DynamicBatching(max_batch=8, max_wait_ms=300), wb.StaticBatching(size=3)],
                          ids=["dynamic", "static"])
 def test_a_seeded_request_samples_the_same_text_in_any_batch_as_alone(tiny: wb.Workbench,

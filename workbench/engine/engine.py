@@ -746,8 +746,8 @@ class Engine:
         """Submit one prompt and wait for its result in this thread, at most ``timeout_s`` seconds.
 
         On timeout the request is cancelled, dropped from the queue if no batch took it yet, or
-        its row stopped in the running padded batch while its batch-mates finish (under
-        ContinuousBatching the row runs on and its result is dropped), and HopTimeout is raised.
+        its row stopped in the running batch while its batch-mates finish (under ContinuousBatching
+        it leaves the scheduler at its next step), and HopTimeout is raised.
         """
         request = self.submit(
             model, prompt, params, parent, hop, attributes=attributes, cancellable=timeout_s is not None, probe=probe

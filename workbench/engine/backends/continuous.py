@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
@@ -121,6 +123,20 @@ class ContinuousBackend:
             )
             if accepted is None:  # refused: the manager is stopping after a fatal error
                 self._finish(request_id, RuntimeError("the continuous batching scheduler stopped before this request"))
+            else:
+                request.future.add_done_callback(functools.partial(self._cancelled, request_id))
+
+    def _cancelled(self, request_id: str, future: Future[GenerationResult]) -> None:
+        """Stop the row of a request its caller gave up on (a timeout, a stream left early, a cancelled run): it leaves
+        the scheduler at its next step, and its slot and KV blocks go to the requests that still wait."""
+        if not future.cancelled() and future.exception() is None:
+            return  # it finished
+        with self._changed:
+            running = request_id in self._inflight  # not when it failed here: that took it out first
+            manager = self._manager
+        if running and manager is not None:
+            manager.cancel_request(request_id)
+            self._finish(request_id, None)
 
     def close(self) -> None:
         """Wait for every admitted request to finish, then stop the scheduler and give the model back."""
@@ -212,7 +228,8 @@ class ContinuousBackend:
         self._streamed[output.request_id] = (sent, text)
 
     def _finish(self, request_id: str, outcome: Any) -> None:
-        failed = isinstance(outcome, BaseException) or outcome.error is not None
+        """Take a request out with its outcome: an output, an error, or None when its caller gave up on it."""
+        failed = outcome is not None and (isinstance(outcome, BaseException) or outcome.error is not None)
         with self._changed:
             entry = self._inflight.pop(request_id, None)
             self._streamed.pop(request_id, None)
@@ -228,6 +245,8 @@ class ContinuousBackend:
         if last:  # as with a padded batch, the batch span ends before its requests report back
             group.span.set_status(Status(StatusCode.ERROR if group.failed else StatusCode.OK))
             group.span.end()
+        if outcome is None:
+            return  # whoever gave up on it has settled it
         if isinstance(outcome, BaseException):
             self._on_error([request], outcome)
         elif failed:
