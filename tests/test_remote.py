@@ -382,6 +382,25 @@ class FaultServer:
             writer.write(b"0\r\n\r\n")
             await writer.drain()
             return
+        if mode == "thinks":  # a reasoning model's chat: thoughts (both names servers give them), a pause, the answer
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n"
+                         b"transfer-encoding: chunked\r\n\r\n")
+            deltas = [{"role": "assistant", "content": ""}, {"reasoning_content": "Compare"}, {"reasoning": " digits."},
+                      None, {"content": "9.8"}, {"content": " is."}]
+            for delta in deltas:
+                if delta is None:
+                    await asyncio.sleep(DRIP_S)
+                    continue
+                data = f"data: {json.dumps({'choices': [{'index': 0, 'delta': delta}]})}\n\n".encode()
+                writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                await writer.drain()
+            last = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 9, "completion_tokens": 4}}
+            for data in (f"data: {json.dumps(last)}\n\n".encode(), b"data: [DONE]\n\n"):
+                writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+            return
         if mode == "queue":
             async with self._one_at_a_time:  # not a byte, headers included, until the one before is answered
                 await self._words(writer, "drip")
@@ -551,6 +570,29 @@ def test_a_tokenizer_whose_normalizer_can_grow_a_text_gives_no_bound(tiny_path: 
     tokenizer.backend_tokenizer.normalizer = normalizers.NFKC()  # U+FDFA is 3 bytes and NFKC makes it 33
     assert token_bound(tokenizer) is None
     assert token_bound(object()) is None  # a slow tokenizer: no pipeline to read
+
+
+def test_a_reasoning_models_thoughts_are_timed_as_its_tokens_but_left_out_of_its_answer(
+    bench: wb.Workbench, faults: FaultServer
+) -> None:
+    """vLLM, SGLang, llama.cpp and Ollama stream a reasoning model's thinking as ``delta.reasoning_content`` (or
+    ``delta.reasoning``) before its answer's ``content``, and its usage counts every thought. Timing only the content
+    put the whole thinking in the TTFT and divided the answer's decode time by every token (TPOT far too small)."""
+    bench.load("thinker", f"{faults.url}/thinks/v1")
+    chain = bench.chain({"name": "think", "hops": [{"name": "answer", "model": "thinker", "max_new_tokens": 12,
+                                                     "messages": [{"role": "user", "content": "{{ prompt }}"}]}]})
+    events = list(chain.stream(prompt="9.11 or 9.8?"))
+    assert [e.text for e in events if e.kind == "token"] == ["9.8", " is."]  # the answer's tokens, not the thoughts
+    (run,) = [e.run for e in events if e.kind == "run_finished"]
+    assert run.output == "9.8 is."
+    span = _request_span(run)
+    assert span[attr.REMOTE_CHUNKS] == 4 and span[attr.USAGE_OUTPUT_TOKENS] == 4
+    itl = span[attr.REMOTE_ITL_MS]
+    assert len(itl) == 3  # type: ignore[arg-type]
+    # The server paused between its last thought and its answer: a gap between two tokens, not part of the TTFT.
+    assert max(itl) >= DRIP_S * 1e3  # type: ignore[arg-type]
+    ttft, e2e = span[attr.REMOTE_TTFT_MS], span[attr.REMOTE_E2E_MS]
+    assert span[attr.REMOTE_TPOT_MS] == pytest.approx((e2e - ttft) / 3)  # type: ignore[operator]
 
 
 def test_a_5xx_is_a_remote_error_with_its_status_and_an_event(faulty: wb.Workbench) -> None:

@@ -2,9 +2,10 @@
 
 Each request is one streamed ``POST /completions`` (a prompt) or ``POST /chat/completions`` (a chat
 hop's messages), timed on the client as vLLM's serving benchmark times it: the clock starts just
-before the POST, TTFT is the first chunk that carries a choice (for a chat, the first with content:
-a chat stream opens with a chunk that carries only the role), each later chunk with text is one
-inter-token latency, and TPOT is (E2E - TTFT) / (tokens - 1) with the tokens the server's ``usage`` reports.
+before the POST, TTFT is the first chunk that carries a choice (for a chat, the first with content or a
+reasoning model's thinking: a chat stream opens with a chunk that carries only the role), each later
+chunk with text or thinking is one inter-token latency (thinking is timed, but is not the answer), and
+TPOT is (E2E - TTFT) / (tokens - 1) with the tokens the server's ``usage`` reports.
 What the batching policy means here: how many requests are in flight at once. ``ContinuousBatching(max_batch=N)``
 (the default for a server) sends each request as it arrives, up to N at a time, and completes
 each as its stream ends, so a fast answer never waits for a slow one; ``NoBatching`` sends one
@@ -416,6 +417,7 @@ class RemoteBackend:
                              attr.SERVER_ADDRESS: _server(url)})
         body = self._body(request)
         texts: list[str] = []
+        thoughts: list[str] = []  # a reasoning model's thinking: its tokens, timed and counted, but not its answer
         itl: list[float] = []
         # A server that keeps sending (broken, or hostile) must not fill this machine's memory: one chunk a token
         # and a few more (a role, a finish reason, usage) is what an honest one sends.
@@ -461,23 +463,27 @@ class RemoteBackend:
                     if not choices:
                         continue
                     choice = choices[0] if isinstance(choices, list) else None
-                    text = _text(choice, chat) if isinstance(choice, dict) else None
+                    added = _texts(choice, chat) if isinstance(choice, dict) else None
                     finish = choice.get("finish_reason") if isinstance(choice, dict) else None
-                    if text is None or not isinstance(finish, (str, type(None))):
+                    if added is None or not isinstance(finish, (str, type(None))):
                         raise _misshapen(data, url, "whose choices are not shaped as an OpenAI stream's")
-                    if stamps.first is None and (text or not chat):
+                    text, thought = added
+                    if stamps.first is None and (text or thought or not chat):
                         stamps.first = now
                         # Now, not at the end: a span its timeout ended says by this whether a first token came.
                         span.set_attribute(attr.REMOTE_TTFT_MS, (now - stamps.posted) * 1e3)
-                    elif text and stamps.last is not None:
+                    elif (text or thought) and stamps.last is not None:
                         itl.append((now - stamps.last) * 1e3)
-                    if text:
+                    if text or thought:
                         stamps.last = now
                         stamps.chunks += 1
-                        kept += len(text)
+                        kept += len(text) + len(thought)
                         if kept > most_chars:
                             raise self._broken(url, stamps, f"it sent more than {most_chars} characters of text for "
                                                f"max_tokens {request.params.max_new_tokens}")
+                    if thought:
+                        thoughts.append(thought)
+                    if text:
                         texts.append(text)
                         if request.stream and not request.cancelled:
                             (on_token or _on_token)(request, NO_TOKEN_ID, text)
@@ -504,10 +510,11 @@ class RemoteBackend:
             error = self._broken(url, stamps, "the stream ended without a finish reason")
             _event(span, error)
             raise error
-        return self._result(request, stamps, "".join(texts), itl, batch_id, batch_size), stamps
+        return self._result(request, stamps, "".join(texts), "".join(thoughts), itl, batch_id, batch_size), stamps
 
     def _result(
-        self, request: GenerationRequest, stamps: _Stamps, text: str, itl: list[float], batch_id: int, batch_size: int
+        self, request: GenerationRequest, stamps: _Stamps, text: str, thought: str, itl: list[float], batch_id: int,
+        batch_size: int,
     ) -> GenerationResult:
         ended = time.perf_counter()
         first = stamps.first if stamps.first is not None else ended
@@ -516,14 +523,15 @@ class RemoteBackend:
         # tokenizer makes of its bytes) is a server's mistake: counted here instead, as without usage.
         sent = request.prompt if request.messages is None else json.dumps(request.messages)
         tokens_in = _count(usage.get("prompt_tokens"), 0, 3 * len(sent.encode("utf-8", "replace")) + 4096)
-        tokens_out = _count(usage.get("completion_tokens"), 1 if text else 0, request.params.max_new_tokens)
+        tokens_out = _count(usage.get("completion_tokens"), 1 if text or thought else 0, request.params.max_new_tokens)
         if stamps.usage and (tokens_in is None or tokens_out is None):
             request.span.add_event("remote.usage_ignored", {"exception.message": f"the server's usage {usage!r:.200} "
                                                             "is not possible for this request; counted here"})
         counted_by = "server"
         if tokens_out is None:
             if self.codec is not None:
-                tokens_out, counted_by = len(self.codec.tokenize([text], special_tokens=False)[0]), "tokenizer"
+                tokens_out = sum(len(ids) for ids in self.codec.tokenize([text, thought], special_tokens=False))
+                counted_by = "tokenizer"
             else:
                 tokens_out, counted_by = stamps.chunks, "chunks"
         if tokens_in is None:
@@ -719,14 +727,21 @@ def _on_token(request: GenerationRequest, token: int, text: str) -> None:
         request.on_token(token, text)
 
 
-def _text(choice: dict[str, Any], chat: bool) -> str | None:
-    """The text a streamed choice adds: a completion's ``text``, a chat's ``delta.content``; None if it is not text."""
+def _texts(choice: dict[str, Any], chat: bool) -> tuple[str, str] | None:
+    """The answer's text and the thinking a streamed choice adds: a completion's ``text``; a chat's ``delta.content``,
+    and a reasoning model's ``delta.reasoning_content`` (vLLM before 0.11, SGLang, llama.cpp) or ``delta.reasoning``
+    (vLLM since, Ollama). None if the answer's is not text."""
+    thought: object = ""
     if not chat:
         text = choice.get("text") or ""
     else:
         delta = choice.get("delta")
-        text = (delta.get("content") or "") if isinstance(delta, dict) else ""
-    return text if isinstance(text, str) else None
+        delta = delta if isinstance(delta, dict) else {}
+        text = delta.get("content") or ""
+        thought = delta.get("reasoning_content") or delta.get("reasoning") or ""
+    if not isinstance(text, str):
+        return None
+    return text, thought if isinstance(thought, str) else ""
 
 
 async def _head_of(response: aiohttp.ClientResponse) -> str:
