@@ -321,14 +321,14 @@ class FaultServer:
             length = next((int(line.split(":")[1]) for line in head.split("\r\n")
                            if line.lower().startswith("content-length:")), 0)
             await reader.readexactly(length)
-            await self._answer(path, writer)
+            await self._answer(path, reader, writer)
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             pass
         finally:
             writer.close()
             self._handlers.discard(task)
 
-    async def _answer(self, path: str, writer: asyncio.StreamWriter) -> None:
+    async def _answer(self, path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         mode = path.split("/")[1]
         if path.endswith("/models") and mode == "biglist":
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
@@ -351,6 +351,15 @@ class FaultServer:
             writer.write(f"HTTP/1.1 {status}\r\nconnection: close\r\ncontent-length: {len(body)}\r\n\r\n".encode()
                          + body)
             await writer.drain()
+            return
+        if mode == "crashed" and self.hits[mode] == 1:
+            # As uvicorn answers a request its app raised on (vLLM, SGLang, transformers serve): a 500 that does not
+            # say the connection closes; then it closes it (after logging the traceback), resetting a request on it.
+            body = b"Internal Server Error"
+            writer.write(f"HTTP/1.1 500 Internal Server Error\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body)
+            await writer.drain()
+            await reader.read(1)  # the next request on this connection, or the client closing it
+            writer.transport.abort()
             return
         if mode == "silent":
             await asyncio.Event().wait()  # until the client hangs up or the server closes
@@ -602,6 +611,21 @@ def test_a_5xx_is_a_remote_error_with_its_status_and_an_event(faulty: wb.Workben
     assert "HTTP 500" in str(error) and "made to fail" in str(error)
     assert _request_span(run)[attr.HTTP_STATUS] == 500
     assert _remote_events(run) == ["remote.status"]
+
+
+def test_a_request_after_a_server_error_goes_out_again_on_a_new_connection(
+    bench: wb.Workbench, faults: FaultServer
+) -> None:
+    """uvicorn (under vLLM, SGLang, transformers serve) closes a connection after a 500 from an app that raised, but
+    its answer does not say so: the next request, sent on that connection from the pool, was reset, and failed as
+    a broken stream though nothing was wrong with it or the server. It is sent again."""
+    bench.load("crashed", f"{faults.url}/crashed/v1")
+    chain = _chain(bench, "crashed")
+    error = _failure(_failed(chain, prompt="hi"))
+    assert isinstance(error, RemoteError) and error.status == 500
+    run = chain.run(prompt="hi")
+    assert run.output == "fine words"
+    assert _remote_events(run) == ["remote.resent"]  # sent again, on a new connection, and said so
 
 
 def test_a_request_the_server_rejects_is_not_retried(faulty: wb.Workbench) -> None:

@@ -405,6 +405,24 @@ class RemoteBackend:
             body["seed"] = params.seed
         return body
 
+    async def _post(
+        self, client: aiohttp.ClientSession, url: str, body: dict[str, Any], span: Span
+    ) -> aiohttp.ClientResponse:
+        """POST ``body`` and return the answer once its headers are in; once more if the connection closed first.
+
+        A server may close a connection the pool keeps without saying so: uvicorn (under vLLM, SGLang and
+        ``transformers serve``) does after a 500 from an app that raised, and at the end of its keep-alive. A request
+        sent on it meets a reset or a disconnect before any answer, the server never having read it; a completion
+        changes nothing on the server, so it goes out again, as aiohttp resends an idempotent request.
+        """
+        try:
+            return await client.post(url, json=body, headers=self.headers, proxy=self.proxy, timeout=self._timeout)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            if isinstance(exc, aiohttp.ClientConnectorError):
+                raise  # nothing listens there: not a connection it closed
+            span.add_event("remote.resent", {"exception.message": f"{type(exc).__name__}: {exc} before any answer"})
+        return await client.post(url, json=body, headers=self.headers, proxy=self.proxy, timeout=self._timeout)
+
     async def _stream(
         self, request: GenerationRequest, on_token: TokenSink | None, batch_id: int, batch_size: int,
         client: aiohttp.ClientSession | None = None,
@@ -433,8 +451,7 @@ class RemoteBackend:
                 raise self._unloaded()
             self._streams[task] = (asyncio.get_running_loop(), stamps)
         try:
-            async with (client or self._client).post(url, json=body, headers=self.headers, proxy=self.proxy,
-                                                     timeout=self._timeout) as response:
+            async with await self._post(client or self._client, url, body, span) as response:
                 stamps.status = response.status
                 span.set_attribute(attr.HTTP_STATUS, response.status)
                 if response.status >= 400:
