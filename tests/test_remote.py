@@ -321,15 +321,23 @@ class FaultServer:
             length = next((int(line.split(":")[1]) for line in head.split("\r\n")
                            if line.lower().startswith("content-length:")), 0)
             await reader.readexactly(length)
-            await self._answer(path, reader, writer)
+            await self._answer(path, head, reader, writer)
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             pass
         finally:
             writer.close()
             self._handlers.discard(task)
 
-    async def _answer(self, path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _answer(self, path: str, head: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         mode = path.split("/")[1]
+        # As llama.cpp's server with --api-key: every route wants the key but the model list ("keyed"), or every one.
+        if mode in ("keyed", "locked") and "authorization: bearer right\r\n" not in head.lower() and (
+                mode == "locked" or not path.endswith("/models")):
+            body = b'{"error": {"code": 401, "message": "Invalid API Key", "type": "authentication_error"}}'
+            writer.write(f"HTTP/1.1 401 Unauthorized\r\nconnection: close\r\ncontent-length: {len(body)}\r\n\r\n"
+                         .encode() + body)
+            await writer.drain()
+            return
         if path.endswith("/models") and mode == "biglist":
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
                          b"10\r\n" + b'{"data": [      ' + b"\r\n")
@@ -626,6 +634,20 @@ def test_a_request_after_a_server_error_goes_out_again_on_a_new_connection(
     run = chain.run(prompt="hi")
     assert run.output == "fine words"
     assert _remote_events(run) == ["remote.resent"]  # sent again, on a new connection, and said so
+
+
+def test_a_wrong_api_key_is_called_wrong_and_a_missing_one_missing(bench: wb.Workbench, faults: FaultServer) -> None:
+    """A server that refused the key it was given told the user to pass the key they had passed."""
+    for given, said in ((None, "pass api_key=..."), ("wrong", "the server refused this api_key: check it")):
+        with pytest.raises(ModelLoadError, match="HTTP 401") as refused:
+            bench.load("locked", f"{faults.url}/locked/v1", api_key=given)
+        assert said in str(refused.value)
+        bench.load(f"keyed-{given}", f"{faults.url}/keyed/v1", api_key=given)  # its model list wants no key
+        with pytest.raises(RemoteError, match="HTTP 401: .*Invalid API Key") as rejected:
+            bench.generate(f"keyed-{given}", "hi", max_new_tokens=4)
+        assert said in str(rejected.value)
+    bench.load("keyed", f"{faults.url}/keyed/v1", api_key="right")
+    assert bench.generate("keyed", "hi", max_new_tokens=4).text == "fine words"
 
 
 def test_a_request_the_server_rejects_is_not_retried(faulty: wb.Workbench) -> None:

@@ -39,7 +39,8 @@ def list_models(settings: LoadSettings) -> list[dict[str, Any]]:
     except urllib.error.HTTPError as exc:
         exc.close()
         hint = {
-            401: "the server wants an API key: pass api_key=... (--api-key)",
+            401: "the server refused this api_key: check it" if settings.api_key
+            else "the server wants an API key: pass api_key=... (--api-key)",
             403: "the server refused this API key: check api_key",
             404: "is the URL the server's OpenAI base? most end in /v1, e.g. http://127.0.0.1:8000/v1",
         }.get(exc.code, "check the server's log")

@@ -595,7 +595,8 @@ class RemoteBackend:
             return RemoteError(f"{where} failed the request: HTTP {status}" + (f": {said}" if said else ""),
                                kind="status", url=url, status=status,
                                hint=f"the server's log says why{chat}; give the hop retry or a fallback")
-        hint = {401: "pass api_key=... when loading", 403: "check the api_key",
+        hint = {401: "the server refused this api_key: check it" if self.headers else "pass api_key=... when loading",
+                403: "check the api_key",
                 404: f"check served_model ({self.served_model!r}) and that the URL ends in /v1"}.get(
             status, "the server refused the request as sent: its message above says why")
         return RemoteError(f"{where} refused the request: HTTP {status}" + (f": {said}" if said else ""),
