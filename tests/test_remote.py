@@ -351,9 +351,10 @@ class FaultServer:
             await writer.drain()
             return
         self.hits[mode] += 1
-        if mode in ("error500", "reject", "closed") or (mode == "busy" and self.hits[mode] == 1):
+        if mode in ("error500", "reject", "closed") or (mode in ("busy", "down") and self.hits[mode] == 1):
             status = {"error500": "500 Internal Server Error", "reject": "400 Bad Request",
                       "busy": "429 Too Many Requests\r\nretry-after: 1",
+                      "down": "503 Service Unavailable\r\nretry-after: 1",
                       "closed": "429 Too Many Requests\r\nretry-after: 86400"}[mode]
             body = b'{"error": "made to fail"}'
             writer.write(f"HTTP/1.1 {status}\r\nconnection: close\r\ncontent-length: {len(body)}\r\n\r\n".encode()
@@ -662,6 +663,19 @@ def test_a_429_retry_waits_as_long_as_retry_after_asks(faulty: wb.Workbench) -> 
     assert run.error is None and run.output == "fine words"
     events = run.trace.events()
     assert "remote.rate_limited" in list(events["event"])
+    (wait,) = events.query("event == 'retry'")["attributes.workbench.retry.wait_ms"]
+    assert wait >= 1000  # the server said Retry-After: 1; the backoff alone would wait 1 ms
+
+
+def test_a_503_retry_waits_as_long_as_retry_after_asks(bench: wb.Workbench, faults: FaultServer) -> None:
+    """A server starting up, scaling from zero or draining (or the balancer before it) answers 503 with Retry-After,
+    as RFC 9110 has it; the retry came back 1 ms later, and again, until its attempts were spent."""
+    bench.load("down", f"{faults.url}/down/v1")
+    run = _chain(bench, "down", retry={"attempts": 2, "backoff_ms": 1, "jitter": False}).run(prompt="hi")
+    assert run.error is None and run.output == "fine words"
+    events = run.trace.events()
+    (failed,) = events.query("event == 'remote.status'")["attributes.workbench.remote.retry_after_s"]
+    assert failed == 1.0
     (wait,) = events.query("event == 'retry'")["attributes.workbench.retry.wait_ms"]
     assert wait >= 1000  # the server said Retry-After: 1; the backoff alone would wait 1 ms
 

@@ -328,28 +328,26 @@ class RemoteError(ServingError):
 
     Kinds: ``refused`` (nothing listens there), ``status`` (a 5xx answer), ``rejected`` (a 4xx answer: the
     request is wrong, so no retry can fix it), ``rate_limited`` (429), ``broken_stream`` (the stream stopped
-    half way), ``no_first_byte`` (the server took the request and never answered).
+    half way), ``no_first_byte`` (the server took the request and never answered). ``retry_after_s`` is how long
+    the answer's ``Retry-After`` asked to wait (a 429's, or a 5xx's: a 503 from a server starting up or draining; None:
+    not said); a hop's retries wait at least that long before the next attempt.
     """
 
     http_status = 502
 
     def __init__(self, message: str, *, kind: str, url: str, status: int | None = None,
-                 hint: str | None = None) -> None:
+                 hint: str | None = None, retry_after_s: float | None = None) -> None:
         super().__init__(message, hint=hint)
-        self.kind, self.url, self.status = kind, url, status
+        self.kind, self.url, self.status, self.retry_after_s = kind, url, status, retry_after_s
 
 
 class RemoteRateLimited(RemoteError):
-    """A model server answered 429; ``retry_after_s`` is how long its ``Retry-After`` asked to wait (None: not said).
-
-    A hop's retries wait at least that long before the next attempt.
-    """
+    """A model server answered 429; ``retry_after_s`` is how long its ``Retry-After`` asked to wait (None: not said)."""
 
     http_status = 429
 
     def __init__(self, message: str, *, url: str, retry_after_s: float | None, hint: str | None = None) -> None:
-        super().__init__(message, kind="rate_limited", url=url, status=429, hint=hint)
-        self.retry_after_s = retry_after_s
+        super().__init__(message, kind="rate_limited", url=url, status=429, hint=hint, retry_after_s=retry_after_s)
 
 
 # -- run problems --------------------------------------------------------------------------------

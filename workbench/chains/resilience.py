@@ -12,7 +12,7 @@ import tenacity
 from opentelemetry.trace import Span
 
 from workbench.engine.failures import DEFAULT_RETRY_ON, error_kind
-from workbench.errors import RemoteRateLimited, RetriesExhausted, describe
+from workbench.errors import RemoteError, RetriesExhausted, describe
 from workbench.tracing import attributes as attr
 
 
@@ -29,11 +29,11 @@ class Interrupted(Exception):
 
 
 class _AskedTooLong(tenacity.stop.stop_base):
-    """Stop when the last failure is a 429 whose Retry-After is longer than MAX_RETRY_AFTER_S."""
+    """Stop when the last failure is a model server's whose Retry-After is longer than MAX_RETRY_AFTER_S."""
 
     def __call__(self, state: tenacity.RetryCallState) -> bool:
         failure = state.outcome.exception() if state.outcome is not None else None
-        return isinstance(failure, RemoteRateLimited) and (failure.retry_after_s or 0.0) > MAX_RETRY_AFTER_S
+        return isinstance(failure, RemoteError) and (failure.retry_after_s or 0.0) > MAX_RETRY_AFTER_S
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class RetryPolicy:
     x 2^(n-1), capped at ``max_backoff_ms``; with ``jitter`` each wait is drawn uniformly between 0
     and that ("full jitter"), so many runs retrying at once spread out instead of arriving together.
     ``max_total_s`` caps the time from the first attempt: no retry starts whose wait would end past
-    it, and an attempt's timeout is cut to what is left. A model server's 429 with ``Retry-After``
+    it, and an attempt's timeout is cut to what is left. A model server's 429 or 5xx with ``Retry-After``
     makes that wait at least as long as the server asked (up to a minute, or up to ``max_total_s`` where it
     is set: a longer wait ends the retries). ``on`` names the kinds of failure worth
     retrying (see ``error_kind``).
@@ -72,9 +72,9 @@ class RetryPolicy:
         )
 
         def wait(state: tenacity.RetryCallState) -> float:
-            # A server that answered 429 with Retry-After said when to come back: never sooner.
+            # A server that answered 429 or 5xx with Retry-After said when to come back: never sooner.
             failure = state.outcome.exception() if state.outcome is not None else None
-            asked = failure.retry_after_s if isinstance(failure, RemoteRateLimited) else None
+            asked = failure.retry_after_s if isinstance(failure, RemoteError) else None
             return max(backoff_wait(state), asked or 0.0)
 
         kinds = frozenset(self.on)

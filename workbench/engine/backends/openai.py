@@ -592,8 +592,12 @@ class RemoteBackend:
                 hint="give the hop retry (its waits honour Retry-After), lower the concurrency, or add a fallback",
             )
         if status >= 500:
-            return RemoteError(f"{where} failed the request: HTTP {status}" + (f": {said}" if said else ""),
-                               kind="status", url=url, status=status,
+            # A server starting up, scaling from zero or draining (or its balancer) says when to come back, as 429 does.
+            retry_after = _retry_after(response.headers.get("retry-after"))
+            return RemoteError(f"{where} failed the request: HTTP {status}"
+                               + (f", retry after {retry_after:g} s" if retry_after else "")
+                               + (f": {said}" if said else ""),
+                               kind="status", url=url, status=status, retry_after_s=retry_after,
                                hint=f"the server's log says why{chat}; give the hop retry or a fallback")
         hint = {401: "the server refused this api_key: check it" if self.headers else "pass api_key=... when loading",
                 403: "check the api_key",
@@ -820,7 +824,7 @@ def _event(span: Span, error: RemoteError) -> None:
     event: dict[str, Any] = {attr.REMOTE_FAILURE: error.kind, "exception.message": error.message}
     if error.status is not None:
         event[attr.HTTP_STATUS] = error.status
-    if isinstance(error, RemoteRateLimited) and error.retry_after_s is not None:
+    if error.retry_after_s is not None:
         event[attr.REMOTE_RETRY_AFTER_S] = error.retry_after_s
     span.add_event(f"remote.{error.kind}", event)
     span.set_attribute(attr.REMOTE_FAILURE, error.kind)
