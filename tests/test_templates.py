@@ -61,3 +61,20 @@ def test_a_missing_value_names_the_hop_and_what_is_available() -> None:
         PromptTemplate("{{ plan }} then {{ question }}", hop="answer").render({"question": "q"})
     message = str(err.value)
     assert "answer" in message and "plan" in message and "question" in message
+
+
+@pytest.mark.parametrize("value", [
+    "word " * 2_100_000,  # a document an earlier hop returned, longer than any prompt may be
+    [list(range(1_000))] * 3_000,  # one list held 3,000 times: its text would be 14.7 million characters
+], ids=["long text", "list holding much"])
+def test_a_value_too_large_for_a_prompt_is_refused_on_the_fast_path_as_through_jinja(value: Any) -> None:
+    # {{ p }} took the fast path, which skipped the bounds: a hop's 10.5-million-character answer went on into
+    # the prompt, was tokenized on the workbench's loop (30 s with every other run waiting) and only then refused
+    # for the context window; a list's text was made in full before anything looked at its size.
+    plain, through_jinja = PromptTemplate("{{ p }} Q: {{ q }}", hop="answer"), PromptTemplate(
+        "{% if p %}{{ p }}{% endif %} Q: {{ q }}", hop="answer")
+    assert plain.plain and not through_jinja.plain
+    for template in (plain, through_jinja):
+        with pytest.raises(TemplateError, match="longer than 10,000,000 characters") as err:
+            template.render({"p": value, "q": "why?"})
+        assert err.value.hop == "answer"

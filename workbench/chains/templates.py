@@ -483,9 +483,9 @@ class PromptTemplate:
         MAX_PROMPT_CHARS characters raises TemplateError."""
         try:
             if self._parts is not None and self.variables <= values.keys():
-                # Text and bare {{ name }}s render as Jinja renders them (str of each value),
-                # without the cost of its runtime on every hop of every run.
-                return "".join(str(values[part]) if is_name else part for part, is_name in self._parts)
+                # Text and bare {{ name }}s render as Jinja renders them (str of each value), within the same
+                # bounds, without the cost of its runtime on every hop of every run.
+                return _join_plain(self._parts, values)
             return self._render_bounded(values, timeout_s or DEFAULT_RENDER_S)
         except UndefinedError as exc:
             raise TemplateError(
@@ -518,6 +518,19 @@ class PromptTemplate:
             return self._template.render(**values)  # joined by _bounded_concat as it streams
         finally:
             _budget.deadline, _budget.seconds, _budget.made = previous
+
+
+def _join_plain(parts: tuple[tuple[str, bool], ...], values: Mapping[str, Any]) -> str:
+    """A plain template's text: ``str`` of each value, as Jinja makes it, refused past MAX_PROMPT_CHARS as Jinja's
+    render refuses it (a list's size before its text is made: an earlier hop's output may be any size)."""
+    texts, size = [], 0
+    for part, is_name in parts:
+        if is_name:
+            part = str(_finalize(values[part]))
+        size += len(part)
+        _check_chars(size)
+        texts.append(part)
+    return "".join(texts)
 
 
 def _plain_parts(parsed: nodes.Template, variables: frozenset[str]) -> tuple[tuple[str, bool], ...] | None:
