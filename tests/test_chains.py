@@ -314,6 +314,28 @@ def test_python_hops_that_block_every_hop_thread_do_not_hold_up_other_runs_bookk
         assert len(bench.session("s1").records()) == 1
 
 
+def test_python_hops_that_run_another_chain_finish_when_they_hold_every_hop_thread(tiny_path: Path) -> None:
+    # A Python hop that runs a sub-chain (chain.run inside it) waits on a hop thread; with as many such hops in
+    # flight as there are hop threads (a map at concurrency >= hop_threads, 64 by default), the sub-chains' own
+    # Python hops and templates found no thread, and the map hung forever. The waiting hop thread now runs them.
+    with wb.Workbench(hop_threads=2, store=wb.InMemoryContextStore()) as bench:
+        bench.load("tiny", tiny_path, device="cpu")
+        inner = bench.chain({"name": "inner", "hops": [
+            {"name": "shout", "call": lambda word: word.upper()},
+            {"name": "answer", "model": "tiny", "max_new_tokens": 2,
+             "prompt": "{% if shout %}{{ shout }}{% endif %}: {{ word }}"}],  # rendered in the hop pool too
+            "output": "shout"})
+        outer = bench.chain({"name": "outer", "hops": [
+            {"name": "sub", "call": lambda word: inner.run(word=word).output}]})
+        result: dict[str, Any] = {}
+        mapping = threading.Thread(target=lambda: result.update(batch=outer.map(
+            [{"word": w} for w in "abcdef"], concurrency=4)), daemon=True)
+        mapping.start()
+        mapping.join(WAIT_S)
+        assert not mapping.is_alive(), "the map hung"
+        assert [run.output for run in result["batch"]] == list("ABCDEF")
+
+
 def test_settings_swept_with_numpy_are_taken_as_the_numbers_they_hold(tiny_bench: wb.Workbench) -> None:
     # for n in np.arange(...): every such setting was refused ("max_new_tokens must be an integer >= 1, got
     # np.int64(4)"), or passed a check and failed later ("Object of type int64 is not JSON serializable").

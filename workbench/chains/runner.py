@@ -13,15 +13,17 @@ import asyncio
 import difflib
 import inspect
 import logging
+import queue
+import threading
 import time
 import uuid
 import warnings
 from collections.abc import Callable, Coroutine, Mapping
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, Status, StatusCode
@@ -53,6 +55,78 @@ INLINE_MAX_TRIPLES = 200
 # None starts a new trace. A context variable, so it travels with the awaiting task onto the workbench's loop
 # (asyncio copies the caller's context there) without a parameter on every method in between.
 TRACE_PARENT: ContextVar[Context | None] = ContextVar("workbench_trace_parent", default=None)
+
+T = TypeVar("T")
+
+
+class _HopThread(threading.local):
+    running: bool = False  # a Python hop's function runs on this thread now
+
+
+_hop_thread = _HopThread()
+
+
+class Lender:
+    """A hop thread lent to a blocking chain call its hop made (``chain.run`` inside a Python hop): while it waits,
+    it runs the pool work of that call's runs (their Python hops, templates, graph loads) that no hop thread took.
+
+    With every hop thread waiting on such a call (a map at concurrency >= ``hop_threads``), that work would find
+    no thread, and the calls would wait for ever. Each piece goes to the pool as well, so a free hop thread may run
+    it first; whichever takes it runs it once.
+    """
+
+    def __init__(self) -> None:
+        self._work: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+
+    def offer(self, job: Callable[[], None]) -> None:
+        self._work.put(job)
+
+    def wait(self, future: Future[T]) -> None:
+        """Run the work offered here until ``future`` is done."""
+        future.add_done_callback(lambda _: self._work.put(None))
+        while not future.done():
+            job = self._work.get()
+            if job is not None:
+                job()
+
+
+# The Lender of the blocking call a run was started from, if a hop thread waits on it: a context variable, so
+# it travels onto the workbench's loop with the call, and to every task of its runs.
+LENDER: ContextVar[Lender | None] = ContextVar("workbench_lender", default=None)
+
+
+def lender() -> Lender | None:
+    """A Lender for a blocking chain call made on this thread, if it is a hop thread running a Python hop."""
+    return Lender() if _hop_thread.running else None
+
+
+class _Job:
+    """A piece of pool work run once, by whichever thread takes it first: a hop thread, or the one lent to its run."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, function: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self.future: asyncio.Future[Any] = loop.create_future()
+        self._loop, self._function, self._args = loop, function, args
+        self._taken = threading.Lock()
+
+    def __call__(self) -> None:
+        if not self._taken.acquire(blocking=False) or self.future.cancelled():
+            return
+        try:
+            value, error = self._function(*self._args), None
+        except BaseException as exc:  # handed to the awaiting hop, as run_in_executor hands it
+            value, error = None, exc
+        try:
+            self._loop.call_soon_threadsafe(_settle, self.future, value, error)
+        except RuntimeError:  # the loop closed (bench.close()): nobody awaits it any more
+            pass
+
+
+def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    if not future.done():
+        if error is None:
+            future.set_result(value)
+        else:
+            future.set_exception(error)
 
 
 def check_inputs(spec: ChainSpec, inputs: Mapping[str, Any], session: str | None = None) -> None:
@@ -305,7 +379,18 @@ class Runner:
         render = partial(template.render, values, timeout_s=timeout_s)
         if template.plain:
             return render()
-        return await asyncio.get_running_loop().run_in_executor(self.hop_pool, render)
+        return await self._in_pool(render)  # type: ignore[no-any-return]
+
+    async def _in_pool(self, function: Callable[..., Any], *args: Any) -> Any:
+        """``function(*args)`` in the hop pool; for a run that a hop thread waits on, offered to that thread too."""
+        loop = asyncio.get_running_loop()
+        lent = LENDER.get()
+        if lent is None:
+            return await loop.run_in_executor(self.hop_pool, function, *args)
+        job = _Job(loop, function, args)
+        self.hop_pool.submit(job)
+        lent.offer(job)
+        return await job.future
 
     def _routes(
         self, hop: HopSpec, state: RunState, values: dict[str, Any], span: Span, prompt: str, messages: Messages | None
@@ -446,8 +531,7 @@ class Runner:
                 raise HopTimeout(f"its async function gave no answer within {timeout_s:g} s, so it was cancelled",
                                  hint="raise the hop's timeout_s, or give the hop retry or a fallback")
             return task.result()
-        loop = asyncio.get_running_loop()
-        value = await loop.run_in_executor(self.hop_pool, _interruptible, hop.call, args, kwargs)
+        value = await self._in_pool(_interruptible, hop.call, args, kwargs)
         return await _awaited(value) if inspect.iscoroutine(value) else value
 
     async def _look_up(self, hop: HopSpec, state: RunState, values: dict[str, Any], span: Span) -> Facts:
@@ -463,10 +547,10 @@ class Runner:
         inline = graph is not None and len(query) <= INLINE_QUERY_CHARS and knowledge.max_triples <= INLINE_MAX_TRIPLES
         if graph is None:
             started = time.perf_counter()
-            graph = await asyncio.get_running_loop().run_in_executor(self.hop_pool, self.graphs.get, knowledge.source)
+            graph = await self._in_pool(self.graphs.get, knowledge.source)
             span.set_attribute(attr.KNOWLEDGE_LOAD_MS, (time.perf_counter() - started) * 1e3)
         look_up = partial(graph.lookup, query, knowledge.hops, knowledge.max_triples)
-        lookup = look_up() if inline else await asyncio.get_running_loop().run_in_executor(self.hop_pool, look_up)
+        lookup = look_up() if inline else await self._in_pool(look_up)
         span.set_attributes({
             attr.KNOWLEDGE_INLINE: inline,
             attr.KNOWLEDGE_LINK_MS: lookup.link_ms,
@@ -525,6 +609,7 @@ async def _awaited(coroutine: Coroutine[Any, Any, Any]) -> Any:
 def _interruptible(function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Call a Python hop in a pool thread; a KeyboardInterrupt it raises travels as Interrupted, a sys.exit() or a
     CancelledError as the hop's failure."""
+    was_running, _hop_thread.running = _hop_thread.running, True  # a chain call made in it lends this thread
     try:
         return function(*args, **kwargs)
     except KeyboardInterrupt as exc:
@@ -533,6 +618,8 @@ def _interruptible(function: Callable[..., Any], args: tuple[Any, ...], kwargs: 
         raise _exited(exc) from exc
     except asyncio.CancelledError as exc:  # nothing cancels a pool thread: the hop's own
         raise _cancelled_inside() from exc
+    finally:
+        _hop_thread.running = was_running
 
 
 def _exited(exc: SystemExit) -> RunError:
