@@ -372,6 +372,21 @@ def test_missing_input_is_refused_before_any_hop_runs(tiny_bench: wb.Workbench) 
     assert len(tiny_bench.traces()) == spans_before  # no chain, hop or model span was started
 
 
+def test_a_template_that_misspells_a_hop_is_told_so_not_asked_for_an_input(tiny_bench: wb.Workbench) -> None:
+    # {{ paln }} for {{ plan }}: the spec takes it for a chain input, and the run said only "needs input 'paln'",
+    # with the hint to pass chain.run(paln=..., question=...).
+    chain = tiny_bench.chain("""
+name: typo
+hops:
+  - {name: plan, model: tiny, prompt: "Q: {{ question }}", max_new_tokens: 2}
+  - {name: answer, model: tiny, prompt: "{{ paln }} {{ question }}", max_new_tokens: 2}
+""")
+    with pytest.raises(wb.MissingInputError, match="did you mean hop 'plan'") as info:
+        chain.run(question="What?")
+    assert "hop 'answer'" in str(info.value) and "line 5" in str(info.value)
+    assert "paln=..." not in str(info.value)
+
+
 def _explode(plan: str) -> str:
     raise ValueError(f"cannot use {plan!r}")
 

@@ -149,6 +149,19 @@ def check_inputs(spec: ChainSpec, inputs: Mapping[str, Any], session: str | None
         typos = [(e, close[0]) for e in extra[:16] if (close := difflib.get_close_matches(e, missing, n=1))]
         if typos:
             detail += f"; got {typos[0][0]!r:.80} (did you mean {typos[0][1]!r}?)"
+        else:  # a template's typo for a hop ({{ paln }}) reads as an input the spec never meant to take
+            hops = [h.name for h in spec.hops]
+            misspelt = [(m, close[0]) for m in missing[:16] if (close := difflib.get_close_matches(m, hops, n=1))]
+            if misspelt:
+                name, hop = misspelt[0]
+                reader = next(h for h in spec.hops if name in h.inputs)
+                where = f"hop {reader.name!r}" + (f" (line {reader.line})" if reader.line else "")
+                raise MissingInputError(
+                    f"chain {spec.name!r} needs input {detail}; {name!r} is no hop either (did you mean hop {hop!r}?)",
+                    hint=f"if {where} means the output of hop {hop!r}, " + (
+                        f"name its parameter {hop}" if reader.kind == "python" else
+                        f"write {{{{ {hop} }}}} in its {reader.text_field}"),
+                )
         raise MissingInputError(
             f"chain {spec.name!r} needs input {detail}",
             hint=f"run it as chain.run({', '.join(f'{n}=...' for n in spec.inputs)})",
