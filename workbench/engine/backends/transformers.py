@@ -107,7 +107,7 @@ class _SeededSampling(LogitsProcessor):
     scores it returns leave only the drawn token, which greedy selection then picks.
     """
 
-    def __init__(self, params: GenerationParams, rows: int, device: torch.device) -> None:
+    def __init__(self, params: GenerationParams, rows: int) -> None:
         warpers = []  # as generate orders them for sampling (min_tokens_to_keep 1: no beams)
         if params.temperature != 1.0:
             warpers.append(TemperatureLogitsWarper(params.temperature))
@@ -116,9 +116,12 @@ class _SeededSampling(LogitsProcessor):
         if params.top_p < 1.0:
             warpers.append(TopPLogitsWarper(params.top_p))
         self.warpers = LogitsProcessorList(warpers)
-        self.generators = [torch.Generator(device=device).manual_seed(params.seed) for _ in range(rows)]
+        self.seed, self.rows = params.seed, rows
+        self.generators: list[torch.Generator] = []  # on the device the logits come out on, at the first step
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if not self.generators:
+            self.generators = [torch.Generator(device=scores.device).manual_seed(self.seed) for _ in range(self.rows)]
         probs = torch.softmax(self.warpers(input_ids, scores), dim=-1)
         drawn = torch.cat([torch.multinomial(probs[row : row + 1], 1, generator=generator)
                            for row, generator in enumerate(self.generators)])
@@ -273,7 +276,7 @@ class TransformersBackend:
         decoding = params.generate_kwargs()
         sampler: list[LogitsProcessor] = []
         if params.seed is not None and not params.greedy:
-            sampler.append(_SeededSampling(params, len(batch), device))
+            sampler.append(_SeededSampling(params, len(batch)))
             decoding.update(do_sample=False, temperature=None, top_p=None, top_k=None)  # it draws; greedy picks
         with lock, torch.inference_mode():
             output = model.generate(
