@@ -612,6 +612,9 @@ def test_a_bad_max_new_tokens_or_truncate_is_refused_before_the_model_and_never_
                 bench.generate("tiny", "Hello", max_new_tokens=tokens)
         with pytest.raises(wb.InvalidInput, match="truncate must be 'error' or 'left', not 'right'"):
             bench.generate("tiny", "Hello", max_new_tokens=2, truncate="right")
+        for prompt in (None, b"Hello", ["Hello"]):  # an AttributeError deep in the engine, a tokenizer's TypeError
+            with pytest.raises(wb.InvalidInput, match="generate\\(\\) takes the prompt as text \\(a str\\)"):
+                bench.generate("tiny", prompt, max_new_tokens=2)
         breaker = bench.breakers().set_index("model").loc["tiny"]
         assert (breaker["state"], breaker["failures"]) == ("closed", 0)
         assert bench.generate("tiny", "Hello", max_new_tokens=2, truncate="left").tokens_out == 2

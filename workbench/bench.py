@@ -436,6 +436,9 @@ class Workbench:
         """One direct model call, outside any chain (traced as its own text_completion span); ``adapter`` names
         one of the model's LoRA adapters."""
         self.check_open("generate")
+        if not isinstance(prompt, str):  # None failed deep in the engine (AttributeError), bytes in the tokenizer
+            raise InvalidInput(f"generate() takes the prompt as text (a str), not {type(prompt).__name__} {prompt!r:.60}",
+                               hint="decode bytes first (prompt.decode('utf-8')), or str() a value you mean as text")
         known = [f.name for f in dataclasses.fields(GenerationParams)]
         _refuse_unknown("generate", params, known, InvalidInput, known)
         return self.engine.generate(model, prompt, GenerationParams(**params), adapter=adapter)
