@@ -262,6 +262,9 @@ CANNED: dict[str, list[object]] = {
     "oddusage": [{"choices": [{"index": 0, "text": " two words", "finish_reason": "stop"}], "usage": [3, 2]}],
     "boolusage": [{"choices": [{"index": 0, "text": " two words", "finish_reason": "stop"}],
                    "usage": {"prompt_tokens": True, "completion_tokens": True}}],
+    # Some providers and gateways send an error field in every chunk, null while all is well.
+    "nullerror": [{"error": None, "choices": [{"index": 0, "text": text, "finish_reason": finish}]}
+                  for text, finish in ((" two", None), (" words", "stop"))],
 }
 
 
@@ -722,6 +725,12 @@ def test_a_server_that_sends_more_text_than_max_tokens_can_make_is_cut_off(fault
     error = _failure(_failed(_chain(faulty, "wordy"), prompt="hi"))  # max_new_tokens 12
     assert isinstance(error, RemoteError) and error.kind == "broken_stream"
     assert "it sent more than 12288 characters of text for max_tokens 12" in str(error)
+
+
+def test_an_error_field_that_is_null_is_no_error(faulty: wb.Workbench) -> None:
+    run = _chain(faulty, "nullerror").run(prompt="hi")  # it failed: 'the server reported an error mid-stream: None'
+    assert run.output == "two words"
+    assert _remote_events(run) == []
 
 
 def test_an_error_sent_mid_stream_is_quoted_as_far_as_its_message_needs(faulty: wb.Workbench) -> None:

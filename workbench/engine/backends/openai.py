@@ -471,7 +471,8 @@ class RemoteBackend:
                         raise self._broken(url, stamps, f"it sent more than {most_chunks} chunks for max_tokens "
                                            f"{request.params.max_new_tokens}")
                     chunk = _parse(data, url)
-                    if "error" in chunk:  # an error the server reports inside a stream it had begun
+                    # An error the server reports in a stream it had begun (some send the field, null, in every chunk).
+                    if chunk.get("error") is not None:
                         said = _quoted(str(chunk["error"]))  # as much of it as an HTTP error shows
                         raise self._broken(url, stamps, f"the server reported an error mid-stream: {said}")
                     if chunk.get("usage"):
