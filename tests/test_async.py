@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import workbench as wb
-from workbench.chains.events import HopFinished, HopStarted, RunFinished, Token
+from workbench.chains.events import AttemptFailed, HopFinished, HopStarted, RunFinished, Token
 from workbench.demo import DEMO_QUESTION
 from tests.helpers import QA_SPEC, QUESTIONS, eventually
 
@@ -279,3 +279,36 @@ def test_leaving_a_stream_early_stops_its_row_instead_of_generating_on_for_nobod
         tiny_bench.generate("tiny", "next", max_new_tokens=1)  # queued behind it (one at a time), so it has ended
         batch = [s for s in tiny_bench.traces().spans if s.name == "batch tiny"][-2]
         assert batch.attributes[attr.BATCH_STEPS] < 400
+
+
+def test_a_streamed_hop_says_when_an_attempt_failed_so_its_tokens_are_not_taken_for_the_answer(
+    tiny_path: Path,
+) -> None:
+    # A hop whose attempt timed out mid-answer and was retried streamed both attempts' tokens with nothing between
+    # them: joined, a hop's tokens read 635 characters where its answer was 137 (14 attempts), and the magics, the
+    # builder widget and an SSE client showed that. Each failed attempt is now an AttemptFailed event, and tokens
+    # its request still sends after it are dropped, so the tokens after a hop's last AttemptFailed are its answer.
+    with wb.Workbench() as bench:
+        bench.load("tiny", tiny_path, device="cpu")
+        bench.set_breaker("tiny", failure_threshold=10_000, reset_timeout_s=0.01)  # timeouts here are the point
+        hop = {"name": "a", "model": "tiny", "prompt": "{{ q }}", "max_new_tokens": 100}
+        chain = bench.chain({"name": "retried", "hops": [hop]})
+        question = "The chain of hops and the latency of " * 5
+        timeout_s = min(chain.run(q=question).duration_ms for _ in range(3)) / 1e3 / 2  # half a warm answer
+        for _ in range(30):
+            # Cut short partway through, an attempt streams some tokens first; a longer timeout each time, until an
+            # attempt answers after others failed.
+            chain.set({"a.timeout_s": timeout_s, "a.retry": {"attempts": 20, "backoff_ms": 0, "on": ["timeout"]}})
+            timeout_s *= 1.25
+            events = list(chain.stream(q=question))
+            run = events[-1].run
+            failed = [i for i, e in enumerate(events) if isinstance(e, AttemptFailed)]
+            attempts = len(run.trace.table().query("name == 'text_completion tiny'"))
+            assert len(failed) == attempts - (1 if run.ok else 0)
+            if failed and run.ok:
+                tokens = [e for e in events[failed[-1]:] if isinstance(e, Token)]
+                assert "".join(t.text for t in tokens).strip() == run.output
+                assert all(e.hop == "a" and e.route == "model:tiny" and "0." in e.error for e in
+                           (events[i] for i in failed))  # "gave no answer within 0.0.. s"
+                return
+        pytest.skip("no attempt timed out before another answered, in 30 runs on this machine")

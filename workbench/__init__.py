@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from workbench.bench import Session, Workbench, current, set_current
     from workbench.chains.batch import MapInterrupted, RunBatch
     from workbench.chains.chain import Chain
-    from workbench.chains.events import HopFinished, HopStarted, RunFinished, Token
+    from workbench.chains.events import AttemptFailed, HopFinished, HopStarted, RunFinished, Token
     from workbench.chains.resilience import RetryPolicy
     from workbench.chains.context import ContextStore, InMemoryContextStore, RunRecord
     from workbench.chains.run import Run
@@ -86,7 +86,7 @@ _HOMES = {
     "workbench.bench": ("Session", "Workbench", "current", "set_current"),
     "workbench.chains.batch": ("MapInterrupted", "RunBatch"),
     "workbench.chains.chain": ("Chain",),
-    "workbench.chains.events": ("HopFinished", "HopStarted", "RunFinished", "Token"),
+    "workbench.chains.events": ("AttemptFailed", "HopFinished", "HopStarted", "RunFinished", "Token"),
     "workbench.chains.resilience": ("RetryPolicy",),
     "workbench.chains.context": ("ContextStore", "InMemoryContextStore", "RunRecord"),
     "workbench.chains.run": ("Run",),

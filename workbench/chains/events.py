@@ -1,4 +1,5 @@
-"""What a streamed run tells as it goes: hops starting and finishing, tokens as they arrive, the run at its end."""
+"""What a streamed run tells as it goes: hops starting and finishing, tokens as they arrive, failed attempts, the run
+at its end."""
 
 from __future__ import annotations
 
@@ -32,6 +33,18 @@ class Token:
 
 
 @dataclass(frozen=True)
+class AttemptFailed:
+    """One attempt of a hop failed (``route``: ``model:NAME`` or ``hop:NAME``, ``error`` says why). Tokens it
+    streamed are void: the hop's next attempt or fallback answers afresh, or, with none left, the hop fails."""
+
+    hop: str
+    attempt: int
+    route: str
+    error: str
+    kind: str = "attempt_failed"
+
+
+@dataclass(frozen=True)
 class HopFinished:
     """A hop ended with ``output`` after ``duration_ms``."""
 
@@ -49,4 +62,4 @@ class RunFinished:
     kind: str = "run_finished"
 
 
-Event = HopStarted | Token | HopFinished | RunFinished
+Event = HopStarted | Token | AttemptFailed | HopFinished | RunFinished

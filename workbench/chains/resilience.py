@@ -120,13 +120,16 @@ class Route:
     call: Callable[[int, float | None], Awaitable[Any]]
 
 
-async def serve(routes: Sequence[Route], policy: Resilience, span: Span) -> Any:
+async def serve(
+    routes: Sequence[Route], policy: Resilience, span: Span,
+    on_failure: Callable[[int, str, BaseException], None] | None = None,
+) -> Any:
     """Serve a hop down ``routes``: the first (primary) with the policy's retries, then each fallback once.
 
-    Every failed attempt is an ``attempt.failed`` event on ``span`` (the hop's), every wait a
-    ``retry`` event, every switch of route a ``fallback`` event; the route that answered is
-    ``workbench.served_by``. When the only attempt fails its error is raised as it was; when
-    several did, RetriesExhausted lists them all.
+    Every failed attempt is an ``attempt.failed`` event on ``span`` (the hop's), and is told to ``on_failure``
+    (its number, route label and error); every wait a ``retry`` event, every switch of route a ``fallback``
+    event; the route that answered is ``workbench.served_by``. When the only attempt fails its error is raised
+    as it was; when several did, RetriesExhausted lists them all.
     """
     failures: list[tuple[int, str, BaseException]] = []
     numbers = itertools.count(1)
@@ -155,6 +158,8 @@ async def serve(routes: Sequence[Route], policy: Resilience, span: Span) -> Any:
                     "exception.message": describe(exc),
                 },
             )
+            if on_failure is not None:
+                on_failure(number, route.label, exc)
             raise
 
     def before_sleep(state: tenacity.RetryCallState) -> None:

@@ -30,14 +30,15 @@ from opentelemetry.trace import Span, Status, StatusCode
 
 from workbench.chains.cache import ResponseCache, response_key
 from workbench.chains.context import ContextStore, History, RunRecord
-from workbench.chains.events import Event, HopFinished, HopStarted, RunFinished, Token
+from workbench.chains.events import AttemptFailed, Event, HopFinished, HopStarted, RunFinished, Token
 from workbench.chains.resilience import Interrupted, Route, serve
 from workbench.chains.run import Run
 from workbench.chains.spec import ChainSpec, HopSpec, fixed_prefix
 from workbench.chains.templates import PromptTemplate
 from workbench.engine import Call, Engine
 from workbench.engine.requests import NO_TOKEN_ID, Messages, check_text
-from workbench.errors import HopFailed, HopTimeout, InvalidInput, MissingInputError, RunError, StoreError, did_you_mean
+from workbench.errors import (HopFailed, HopTimeout, InvalidInput, MissingInputError, RunError, StoreError, describe,
+                              did_you_mean)
 from workbench.knowledge import Facts, GraphStore, Lookup
 from workbench.tracing import Tracing
 from workbench.tracing import attributes as attr
@@ -360,7 +361,9 @@ class Runner:
             if self.engine.preloader.prefetching:  # load what later hops need while this one runs
                 self.engine.preloader.hop_started(hop.model, spec.models_after(hop.name), span, parent)
             prompt, messages = await self._prompt(hop, values, span)
-            value = await serve(self._routes(hop, state, values, span, prompt, messages), hop.resilience, span)
+            failed = None if state.events is None else (
+                lambda attempt, route, exc: state.emit(AttemptFailed(hop.name, attempt, route, describe(exc))))
+            value = await serve(self._routes(hop, state, values, span, prompt, messages), hop.resilience, span, failed)
             span.set_attributes(openinference.output_value(value))
             span.set_status(Status(StatusCode.OK))
         state.emit(HopFinished(hop.name, value, (time.perf_counter() - started) * 1e3))
@@ -409,7 +412,6 @@ class Runner:
         self, hop: HopSpec, state: RunState, values: dict[str, Any], span: Span, prompt: str, messages: Messages | None
     ) -> list[Route]:
         """The ways to serve ``hop``, in the order to try them: its own model or call, then its fallbacks."""
-        on_token = _token_sink(state, hop.name) if state.events is not None else None
 
         prefix = fixed_prefix(hop.template) if hop.cache.prefix and hop.template is not None else None
         if hop.kind == "llm":
@@ -424,10 +426,16 @@ class Runner:
                     if state.events is not None and key.text:  # a stream shows the stored answer, in one piece
                         state.emit(Token(hop.name, key.text, NO_TOKEN_ID))
                     return key.text
+                on_token = _TokenSink(state, hop.name) if state.events is not None else None
                 call = Call(name, prompt, hop.params, span, hop.name, {attr.ATTEMPT: attempt, attr.ROUTE: label},
                             timeout, on_token=on_token, session=state.session, messages=messages, prefix=prefix,
                             adapter=hop.adapter if name == hop.model else None)  # a fallback model runs bare
-                result = await self.engine.acall(call)
+                try:
+                    result = await self.engine.acall(call)
+                except BaseException:
+                    if on_token is not None:
+                        on_token.void()  # what its request still streams (it stops at its next step) is no answer
+                    raise
                 if result.prefix_tokens:
                     span.set_attributes({attr.PREFIX_TOKENS: result.prefix_tokens,
                                          attr.PREFIX_SAVED_MS: result.prefix_saved_ms})
@@ -649,15 +657,24 @@ def _cancelled_inside() -> RunError:
                     "to answer without it")
 
 
-def _token_sink(state: RunState, hop: str) -> Callable[[int, str], None]:
-    """Hand each token of ``hop`` (from a worker thread) to the run's events, on the run's loop."""
-    loop = asyncio.get_running_loop()
-    emit = state.emit
+class _TokenSink:
+    """Hands each token of one attempt of ``hop`` (from a worker thread) to the run's events, on the run's loop,
+    until the attempt failed (:meth:`void`)."""
 
-    def on_token(token: int, text: str) -> None:
-        loop.call_soon_threadsafe(emit, Token(hop, text, token))
+    def __init__(self, state: RunState, hop: str) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._state, self._hop = state, hop
+        self._void = False
 
-    return on_token
+    def __call__(self, token: int, text: str) -> None:
+        self._loop.call_soon_threadsafe(self._emit, Token(self._hop, text, token))
+
+    def _emit(self, token: Token) -> None:
+        if not self._void:  # on the loop, as void() is: a token that arrives after the failure is dropped
+            self._state.emit(token)
+
+    def void(self) -> None:
+        self._void = True
 
 
 def _arguments(hop: HopSpec, values: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from IPython.display import display
 
 from workbench.bench import current
 from workbench.chains.chain import Chain
-from workbench.chains.events import HopFinished, HopStarted, RunFinished, Token
+from workbench.chains.events import AttemptFailed, HopFinished, HopStarted, RunFinished, Token
 from workbench.chains.run import Run
 from workbench.errors import HopFailed, MissingInputError, StrategyError, WorkbenchError, did_you_mean
 from workbench.experiments import compare
@@ -228,6 +228,11 @@ class AutoglmMagics(Magics):
                 heading(event.hop)
                 streamed.add(event.hop)
                 print(event.text, end="", flush=True)
+            elif isinstance(event, AttemptFailed) and event.hop in streamed:  # its tokens were no answer: say so
+                heading(event.hop)
+                print(f" (attempt {event.attempt} failed: {event.error})", flush=True)
+                line = None
+                streamed.discard(event.hop)
             elif isinstance(event, HopFinished):
                 if event.hop not in streamed:
                     heading(event.hop)

@@ -22,7 +22,7 @@ from starlette.responses import Response, StreamingResponse
 from workbench._version import __version__
 from workbench.chains import trust
 from workbench.chains.chain import Chain
-from workbench.chains.events import HopFinished, HopStarted, RunFinished, Token
+from workbench.chains.events import AttemptFailed, HopFinished, HopStarted, RunFinished, Token
 from workbench.chains.runner import TRACE_PARENT, check_inputs
 from workbench.errors import UnknownModelError
 from workbench.fronts.server import envelope as env
@@ -199,6 +199,9 @@ async def _sse(gateway: Gateway, request: Request, chain: Chain, body: InvokeReq
                     yield _event("token", {"hop": event.hop, "text": event.text, "token_id": event.token_id})
                 elif isinstance(event, HopStarted):
                     yield _event(event.kind, {"hop": event.hop})
+                elif isinstance(event, AttemptFailed):
+                    yield _event(event.kind, {"hop": event.hop, "attempt": event.attempt, "route": event.route,
+                                              "error": event.error})
                 elif isinstance(event, HopFinished):
                     yield _event(event.kind, {"hop": event.hop, "output": event.output,
                                               "duration_ms": event.duration_ms})

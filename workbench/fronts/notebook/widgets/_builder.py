@@ -13,7 +13,7 @@ import yaml
 
 from workbench.bench import Workbench, current
 from workbench.chains.chain import Chain
-from workbench.chains.events import HopStarted, RunFinished, Token
+from workbench.chains.events import AttemptFailed, HopStarted, RunFinished, Token
 from workbench.chains.run import Run
 from workbench.chains.spec import MAX_KNOWLEDGE_HOPS, MAX_TRIPLES_PER_HOP, ChainSpec, HopSpec, parse_spec
 from workbench.engine.requests import GenerationParams
@@ -352,6 +352,8 @@ class ChainBuilder(StatusBox):
             if isinstance(event, HopStarted):
                 texts[event.hop] = ""
                 self.status = f"running {chain.name!r}: hop {event.hop!r} ..."
+            elif isinstance(event, AttemptFailed):
+                texts[event.hop] = ""  # what the failed attempt streamed is no answer; the next one starts afresh
             elif isinstance(event, Token):
                 texts[event.hop] += event.text
                 self.output.value = "".join(
