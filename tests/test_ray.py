@@ -104,12 +104,26 @@ def test_a_load_the_actor_refuses_raises_its_model_load_error_here(bench: wb.Wor
     assert set(bench.replicas()["model"]) == {"tiny", "m"}
 
 
-def test_a_replica_the_cluster_cannot_place_fails_the_load_instead_of_hanging(
+def test_a_replica_the_cluster_cannot_place_yet_fails_the_load_instead_of_hanging(
     bench: wb.Workbench, tiny_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(ray_backend, "READY_TIMEOUT_S", 5.0)
     with pytest.raises(wb.ModelLoadError, match="not ready within 5 s") as caught:
-        bench.load("gpu", tiny_path, engine="ray", num_gpus=1, num_cpus=0)  # this Ray has no GPU
+        bench.load("busy", tiny_path, engine="ray", num_cpus=2)  # this Ray has two CPUs, both held by 'm'
+    assert "num_cpus" in (caught.value.hint or "")
+    assert "busy" not in set(bench.models()["name"])
+
+
+def test_a_replica_no_node_of_a_local_ray_could_ever_hold_fails_the_load_at_once(
+    ray: Any, bench: wb.Workbench, tiny_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # num_gpus=1 on a laptop: a local Ray never grows, so waiting (300 s by default) could only end in a timeout.
+    monkeypatch.setattr(ray_backend, "READY_TIMEOUT_S", 5.0)  # without the check, the load fails only after this
+    gpus = ray.cluster_resources().get("GPU", 0) + 1  # more than this machine has, GPU or none
+    with pytest.raises(wb.ModelLoadError, match=f"num_gpus={gpus:g}") as caught:
+        bench.load("gpu", tiny_path, engine="ray", num_gpus=gpus, num_cpus=0)
+    assert "no node of this Ray has that much" in caught.value.message
+    assert f"{gpus - 1:g} GPU" in caught.value.message  # what it has, to compare
     assert "num_gpus" in (caught.value.hint or "")
     assert "gpu" not in set(bench.models()["name"])
 

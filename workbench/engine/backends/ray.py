@@ -276,6 +276,7 @@ class RayBackend:
         self._tokenizer = loaded.tokenizer
         self._tokens: TextCodec | None = None
         self._ray = connect(settings)
+        self._check_placeable()
         self._spawn()
         _opened(+1)  # closed in close(); release() waits for none to be open
 
@@ -290,6 +291,30 @@ class RayBackend:
     def actor(self) -> Any:
         """The handle of the Ray actor this replica calls now (a new one after each restart)."""
         return self._actor
+
+    def _check_placeable(self) -> None:
+        """Refuse at once an actor that no node of a local Ray could ever hold (num_gpus=1 on a machine without a GPU).
+
+        A local Ray (started by this process, the workbench's or the user's own ``ray.init()``) never grows, so
+        such an actor would wait for READY_TIMEOUT_S (300 s) and then fail. A cluster may add a node that holds
+        it (an autoscaler), so there it is waited for as before.
+        """
+        ray = self._ray
+        node = getattr(getattr(ray, "_private", None), "worker", None)
+        if not getattr(getattr(node, "_global_node", None), "head", False):
+            return  # connected to a cluster started elsewhere (or through Ray Client): it may grow
+        ask = {"GPU": float(self._settings.num_gpus), "CPU": float(self._settings.num_cpus)}
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        if any(all(have.get(key, 0.0) >= amount for key, amount in ask.items()) for have in nodes):
+            return
+        largest = ", ".join(f"{max((have.get(key, 0.0) for have in nodes), default=0.0):g} {key}" for key in ask)
+        raise ModelLoadError(
+            f"{self._who}: each replica's Ray actor asks for num_gpus={ask['GPU']:g} and num_cpus={ask['CPU']:g}, "
+            f"and no node of this Ray has that much (the most a node has: {largest}); a local Ray does not grow, "
+            "so it could never start",
+            hint="lower num_gpus (0 runs on CPUs) or num_cpus, or connect to a cluster that has the GPUs "
+            "(address='ray://HEAD:10001')",
+        )
 
     def _spawn(self) -> None:
         """Create the actor (it is placed and loads in the background) and ask for its info once it has loaded."""
