@@ -356,3 +356,40 @@ def test_a_ray_the_workbench_started_refuses_another_address_and_stops_when_the_
     assert "still serves: True" in out and "known: ['m']" in out
     assert "ray processes before close: True" in out
     assert "connected after close: False" in out and "ray processes left: []" in out
+
+
+def test_after_the_user_shuts_ray_down_a_ray_model_says_so_and_no_ray_is_started_behind_their_back(
+    tiny_path: Path,
+) -> None:
+    # In a fresh process: the user's own ray.init, then ray.shutdown() (a notebook restarting its Ray) while a
+    # model of the workbench is on it.
+    need_ray()
+    script = textwrap.dedent(f"""
+        import ray
+        import workbench as wb
+        ray.init(address="local", num_cpus=2, object_store_memory=80 * 2**20, include_dashboard=False,
+                 log_to_driver=False)
+        bench = wb.Workbench(store=wb.InMemoryContextStore())
+        bench.load("m", {str(tiny_path)!r}, device="cpu", engine="ray", num_cpus=0)
+        bench.generate("m", "Hello", max_new_tokens=2)
+        ray.shutdown()
+        for attempt in range(2):
+            try:
+                bench.generate("m", "Hello", max_new_tokens=2)
+            except Exception as exc:
+                print("raised:", type(exc).__name__, "|", exc.message if hasattr(exc, "message") else exc)
+        print("ray started behind the user's back:", ray.is_initialized())
+        bench.unload("m")
+        print("unloaded")
+        bench.close()
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240,
+                          env=os.environ | ray_runtime_env()["env_vars"])
+    assert done.returncode == 0, done.stderr
+    raised = [line for line in done.stdout.splitlines() if line.startswith("raised:")]
+    assert len(raised) == 2, done.stdout
+    assert raised[0].startswith("raised: ModelActorDied | the Ray this process was connected to was shut down")
+    # The next call meets the open breaker, which names that cause: not a raw Exception, not a hang.
+    assert raised[1].startswith("raised: CircuitOpen | ") and "was shut down (ray.shutdown()" in raised[1]
+    assert "ray started behind the user's back: False" in done.stdout
+    assert "unloaded" in done.stdout

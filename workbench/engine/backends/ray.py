@@ -276,6 +276,7 @@ class RayBackend:
         self._tokenizer = loaded.tokenizer
         self._tokens: TextCodec | None = None
         self._ray = connect(settings)
+        self._gcs = _gcs(self._ray)  # the Ray its actors live on: a ray.shutdown() (or another ray.init) ends them
         self._check_placeable()
         self._spawn()
         _opened(+1)  # closed in close(); release() waits for none to be open
@@ -286,6 +287,19 @@ class RayBackend:
         return f"model {self.model!r}" + (f" (replica {self.replica!r})" if self.replica != self.model else "")
 
     # -- the actor's state -----------------------------------------------------------------------
+
+    def _shut_down(self) -> ModelActorDied | None:
+        """Why this replica's actors are gone with the Ray they ran on (the user's ray.shutdown(), or a ray.init of
+        another Ray since), or None. A call on one of their handles then would start a new local Ray behind the
+        user's back, and fail with a raw Exception (or end the process, once that Ray's GCS is unreachable)."""
+        ray = self._ray
+        if ray.is_initialized() and _gcs(ray) == self._gcs:
+            return None
+        return ModelActorDied(
+            f"the Ray this process was connected to was shut down (ray.shutdown(), or ray.init of another Ray), and "
+            f"the Ray actor of {self._who} with it",
+            hint=f"load the model again on the Ray connected now: bench.unload({self.model!r}), then bench.load(...)",
+        )
 
     @property
     def actor(self) -> Any:
@@ -392,14 +406,15 @@ class RayBackend:
             node = self.node
             if actor is self._actor and self._gone is None and not self._closed:  # the first to see it go
                 self._dead = why
-                if self.restarts < self._settings.restarts:
+                self._gone = self._shut_down()  # no restart on a Ray that is gone: it would start a new one
+                if self._gone is None and self.restarts < self._settings.restarts:
                     self.restarts += 1
                     self._spawn()
                     # Waited for off the worker's thread, so bench.replicas() shows the new actor once it loads;
                     # the breaker keeps requests away meanwhile.
                     threading.Thread(target=self._await_restart, args=(node,), daemon=True,
                                      name=f"workbench-ray-restart-{self.model}").start()
-                else:
+                elif self._gone is None:
                     self._gone = ModelActorDied(
                         f"the Ray actor of {self._who} on node {node} is gone ({why}); it was restarted "
                         f"{self.restarts} times already, so it stays down",
@@ -497,12 +512,15 @@ class RayBackend:
             self._closed = True
             actor, gone = self._actor, self._gone
         _opened(-1)
-        if gone is None:
+        if gone is None and self._shut_down() is None:
             self._ray.kill(actor)  # the live one, or the restart that is still loading
 
     def generate(
         self, batch: list[GenerationRequest], on_token: TokenSink | None = None
     ) -> tuple[list[GenerationResult], BatchTiming]:
+        if self._gone is None and (shut := self._shut_down()) is not None:
+            with self._lock:
+                self._gone = self._gone or shut
         if self._gone is not None:
             raise self._gone
         try:
