@@ -128,6 +128,20 @@ def test_a_replica_no_node_of_a_local_ray_could_ever_hold_fails_the_load_at_once
     assert "gpu" not in set(bench.models()["name"])
 
 
+def test_more_replicas_than_a_local_ray_could_ever_hold_at_once_fail_the_load_at_once(
+    ray: Any, bench: wb.Workbench, tiny_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # replicas=3 with num_cpus=1 (the default) on a two-CPU machine: two actors fit, the third waits for a CPU that
+    # only an unload of this same model would free.
+    monkeypatch.setattr(ray_backend, "READY_TIMEOUT_S", 5.0)  # without the check, the load fails only after this
+    cpus = ray.cluster_resources()["CPU"]
+    with pytest.raises(wb.ModelLoadError, match=f"replicas={cpus + 1:g}") as caught:
+        bench.load("many", tiny_path, device="cpu", engine="ray", replicas=int(cpus) + 1)
+    assert f"holds at most {cpus:g} of them at once" in caught.value.message
+    assert "replicas" in (caught.value.hint or "")
+    assert "many" not in set(bench.models()["name"])
+
+
 @pytest.mark.parametrize(
     ("settings", "error", "says"),
     [

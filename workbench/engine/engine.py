@@ -83,10 +83,12 @@ class _Pending:
     started: float = field(default_factory=time.perf_counter)
 
 
-def backend_for(loaded: LoadedModel, tracing: Tracing | None = None, replica: str | None = None) -> Backend:
-    """The backend that runs ``loaded`` (as its ``replica``, ``m#1``): transformers in the child process that loaded
-    it, a model server's over HTTP, a Ray actor's (``engine="ray"``; its restarts are spans of ``tracing``), else
-    transformers in this process."""
+def backend_for(
+    loaded: LoadedModel, tracing: Tracing | None = None, replica: str | None = None, replicas: int = 1
+) -> Backend:
+    """The backend that runs ``loaded`` (as its ``replica``, ``m#1``, one of ``replicas``): transformers in the child
+    process that loaded it, a model server's over HTTP, a Ray actor's (``engine="ray"``; its restarts are spans of
+    ``tracing``), else transformers in this process."""
     if loaded.settings.isolation == "process":
         return ProcessBackend(loaded)
     if loaded.settings.remote:
@@ -97,7 +99,7 @@ def backend_for(loaded: LoadedModel, tracing: Tracing | None = None, replica: st
                                  hint="pip install 'autoglm-workbench[remote]'") from None
         return RemoteBackend(loaded)
     if loaded.settings.engine == "ray":
-        return RayBackend(loaded, tracing, replica)  # each call starts one more actor: one per replica
+        return RayBackend(loaded, tracing, replica, replicas)  # each call starts one more actor: one per replica
     return TransformersBackend(loaded)
 
 
@@ -166,7 +168,7 @@ class Engine:
             raise continuous_on_shared(name)
         backends: list[Backend] = []
         try:
-            backends += [backend_for(m, self._tracing, replica_name(name, i, len(models)))
+            backends += [backend_for(m, self._tracing, replica_name(name, i, len(models)), len(models))
                          for i, m in enumerate(models)]
             for backend in backends:
                 backend.check(policy)

@@ -252,7 +252,8 @@ class RayBackend:
     same way as a model process's (isolation="process").
     """
 
-    def __init__(self, loaded: LoadedModel, tracing: Tracing | None = None, replica: str | None = None) -> None:
+    def __init__(self, loaded: LoadedModel, tracing: Tracing | None = None, replica: str | None = None,
+                 replicas: int = 1) -> None:
         settings = loaded.settings
         self.model = loaded.name
         self.replica = replica or loaded.name  # "m#1": which of the model's replicas this is, for its errors
@@ -277,7 +278,7 @@ class RayBackend:
         self._tokens: TextCodec | None = None
         self._ray = connect(settings)
         self._gcs = _gcs(self._ray)  # the Ray its actors live on: a ray.shutdown() (or another ray.init) ends them
-        self._check_placeable()
+        self._check_placeable(replicas)
         self._spawn()
         _opened(+1)  # closed in close(); release() waits for none to be open
 
@@ -306,8 +307,10 @@ class RayBackend:
         """The handle of the Ray actor this replica calls now (a new one after each restart)."""
         return self._actor
 
-    def _check_placeable(self) -> None:
-        """Refuse at once an actor that no node of a local Ray could ever hold (num_gpus=1 on a machine without a GPU).
+    def _check_placeable(self, replicas: int) -> None:
+        """Refuse at once a model whose ``replicas`` actors no local Ray could ever hold together: num_gpus=1 on a
+        machine without a GPU, or replicas=3 with num_cpus=1 on two CPUs (the third waits for a CPU that only an
+        unload of this same model would free).
 
         A local Ray (started by this process, the workbench's or the user's own ``ray.init()``) never grows, so
         such an actor would wait for READY_TIMEOUT_S (300 s) and then fail. A cluster may add a node that holds
@@ -318,16 +321,23 @@ class RayBackend:
         if not getattr(getattr(node, "_global_node", None), "head", False):
             return  # connected to a cluster started elsewhere (or through Ray Client): it may grow
         ask = {"GPU": float(self._settings.num_gpus), "CPU": float(self._settings.num_cpus)}
-        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-        if any(all(have.get(key, 0.0) >= amount for key, amount in ask.items()) for have in nodes):
+        asked = {key: amount for key, amount in ask.items() if amount > 0}
+        if not asked:
             return
-        largest = ", ".join(f"{max((have.get(key, 0.0) for have in nodes), default=0.0):g} {key}" for key in ask)
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        fits = sum(min(int(have.get(key, 0.0) // amount) for key, amount in asked.items()) for have in nodes)
+        if fits >= replicas:
+            return
+        if fits == 0:
+            largest = ", ".join(f"{max((have.get(key, 0.0) for have in nodes), default=0.0):g} {key}" for key in ask)
+            why = f"no node of this Ray has that much (the most a node has: {largest})"
+        else:
+            why = f"this Ray holds at most {fits} of them at once"
         raise ModelLoadError(
-            f"{self._who}: each replica's Ray actor asks for num_gpus={ask['GPU']:g} and num_cpus={ask['CPU']:g}, "
-            f"and no node of this Ray has that much (the most a node has: {largest}); a local Ray does not grow, "
-            "so it could never start",
-            hint="lower num_gpus (0 runs on CPUs) or num_cpus, or connect to a cluster that has the GPUs "
-            "(address='ray://HEAD:10001')",
+            f"model {self.model!r}: replicas={replicas}, each a Ray actor asking for num_gpus={ask['GPU']:g} and "
+            f"num_cpus={ask['CPU']:g}, and {why}; a local Ray does not grow, so the load could never finish",
+            hint="lower num_gpus (0 runs on CPUs), num_cpus (each actor then shares the CPUs) or replicas, or "
+            "connect to a cluster that has the resources (address='ray://HEAD:10001')",
         )
 
     def _spawn(self) -> None:
