@@ -387,6 +387,19 @@ hops:
     assert "paln=..." not in str(info.value)
 
 
+def test_a_python_hop_that_takes_keywords_only_gets_the_context_as_keywords(tiny_bench: wb.Workbench) -> None:
+    # def collect(**values): it takes the whole context, like def collect(context), but was called with the context
+    # as one positional argument, and every run failed: "TypeError: collect() takes 0 positional arguments but 1
+    # was given".
+    def collect(**values: Any) -> list[str]:
+        return sorted(values)
+
+    chain = tiny_bench.chain({"name": "keywords", "hops": [
+        {"name": "answer", "model": "tiny", "prompt": "Q: {{ question }}\nA:", "max_new_tokens": 2},
+        {"name": "collect", "call": collect}]})
+    assert chain.run(question="Why?").output == ["answer", "history", "question", "session"]
+
+
 def _explode(plan: str) -> str:
     raise ValueError(f"cannot use {plan!r}")
 

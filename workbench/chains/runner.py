@@ -534,7 +534,8 @@ class Runner:
         """
         assert hop.call is not None
         arguments = _arguments(hop, values)
-        args, kwargs = ((arguments,), {}) if hop.call_by_name is None else ((), arguments)
+        by_keyword = hop.call_by_name is not None or hop.context_as_keywords
+        args, kwargs = ((), arguments) if by_keyword else ((arguments,), {})
         if inspect.iscoroutinefunction(hop.call):
             if timeout_s is None:
                 return await _awaited(hop.call(*args, **kwargs))

@@ -105,6 +105,7 @@ class HopSpec:
     params: GenerationParams = field(default_factory=GenerationParams)
     call: Callable[..., Any] | None = None
     call_by_name: tuple[str, ...] | None = None  # parameter names, or None to pass the context
+    context_as_keywords: bool = False  # the context goes as keywords (def hop(**values)), not as one argument
     line: int | None = None
     resilience: Resilience = NO_RESILIENCE
     # A fallback of another hop: it runs only when that hop fails, never in the normal walk.
@@ -925,7 +926,8 @@ def _parse_python_hop(
     else:
         deps = tuple(earlier)
     names = frozenset(required) - set(hop_names)
-    return HopSpec(name=name, kind="python", call=call, call_by_name=by_name, deps=deps, inputs=names)
+    return HopSpec(name=name, kind="python", call=call, call_by_name=by_name, deps=deps, inputs=names,
+                   context_as_keywords=by_name is None and _keywords_only(call))
 
 
 def import_callable(
@@ -1003,6 +1005,15 @@ def _parameter_names(call: Callable[..., Any]) -> tuple[tuple[str, ...] | None, 
     if not named or (len(named) == 1 and named[0].name in ("context", "ctx")):
         return None, ()
     return tuple(p.name for p in named), tuple(p.name for p in named if p.default is p.empty)
+
+
+def _keywords_only(call: Callable[..., Any]) -> bool:
+    """Whether ``call`` takes nothing but ``**keywords``: it is handed the context that way."""
+    try:
+        kinds = {p.kind for p in inspect.signature(call).parameters.values()}
+    except (TypeError, ValueError):
+        return False
+    return kinds == {inspect.Parameter.VAR_KEYWORD}
 
 
 def _check_graph(hops: list[HopSpec], lines: _Lines) -> None:
