@@ -373,6 +373,13 @@ class FaultServer:
             await reader.read(1)  # the next request on this connection, or the client closing it
             writer.transport.abort()
             return
+        if mode == "whole":  # a server (or a gateway before it) that answers stream: true with the whole answer
+            body = json.dumps({"object": "text_completion", "choices": [{"index": 0, "text": " all at once",
+                                                                          "finish_reason": "stop"}]}).encode()
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                         + f"content-length: {len(body)}\r\n\r\n".encode() + body)
+            await writer.drain()
+            return
         if mode == "silent":
             await asyncio.Event().wait()  # until the client hangs up or the server closes
         if mode == "bigerror":
@@ -725,6 +732,15 @@ def test_a_server_that_sends_more_text_than_max_tokens_can_make_is_cut_off(fault
     error = _failure(_failed(_chain(faulty, "wordy"), prompt="hi"))  # max_new_tokens 12
     assert isinstance(error, RemoteError) and error.kind == "broken_stream"
     assert "it sent more than 12288 characters of text for max_tokens 12" in str(error)
+
+
+def test_a_whole_answer_where_a_stream_was_asked_for_says_what_came(bench: wb.Workbench, faults: FaultServer) -> None:
+    bench.load("whole", f"{faults.url}/whole/v1")
+    with pytest.raises(RemoteError) as caught:  # it said only 'the stream ended without a finish reason'
+        bench.generate("whole", "hi", max_new_tokens=4)
+    assert caught.value.kind == "broken_stream"
+    assert "sent no event stream (no data: line) but: '{\"object\": \"text_completion\"" in str(caught.value)
+    assert "stream" in (caught.value.hint or "")
 
 
 def test_an_error_field_that_is_null_is_no_error(faulty: wb.Workbench) -> None:

@@ -446,6 +446,7 @@ class RemoteBackend:
         assert task is not None
         stamps = _Stamps(posted=time.perf_counter())
         stamps.heard = stamps.posted
+        other = b""  # the first line that is no part of an event stream, to show if no data line comes
         with self._lock:
             if self._aborted:
                 raise self._unloaded()
@@ -459,6 +460,8 @@ class RemoteBackend:
                 async for line in response.content:  # one line at a time, its b"\n" included
                     now = time.perf_counter()
                     if not line.startswith(b"data:"):  # blank separators, comments, event names
+                        if not other and line.strip() and not line.startswith((b":", b"event:", b"id:", b"retry:")):
+                            other = line[:300]
                         if now - stamps.heard > self.read_timeout_s:
                             raise self._silent(url, stamps, "no data line, only comments or blank lines")
                         continue
@@ -525,7 +528,11 @@ class RemoteBackend:
                 self._cut.discard(task)
                 self._heard = max(self._heard, stamps.heard)
         if stamps.finish_reason is None:
-            error = self._broken(url, stamps, "the stream ended without a finish reason")
+            error = self._broken(url, stamps, "the stream ended without a finish reason") if stamps.lines or not other \
+                else RemoteError(f"model server {url} sent no event stream (no data: line) but: "
+                                 f"{other.decode('utf-8', 'replace')!r}", kind="broken_stream", url=url,
+                                 status=stamps.status, hint="it was asked for a stream (stream: true): is this an "
+                                 "OpenAI-compatible server that streams, and the URL its OpenAI base?")
             _event(span, error)
             raise error
         return self._result(request, stamps, "".join(texts), "".join(thoughts), itl, batch_id, batch_size), stamps
