@@ -578,46 +578,33 @@ def test_a_request_finishes_once_even_when_its_worker_and_its_caller_race(models
     assert stray.settle() is True and stray.settle() is False
 
 
-def test_a_bad_sampling_setting_is_refused_before_the_model_and_never_counts_against_its_breaker(
+def test_a_bad_call_setting_or_prompt_is_refused_before_the_model_and_never_counts_against_its_breaker(
     tiny_path: Path,
 ) -> None:
-    # temperature=-1 used to reach generate, whose ValueError counted as the model's failure: a few such calls
-    # opened the breaker for every other caller.
+    # temperature=-1 or max_new_tokens=0 used to reach generate, whose ValueError counted as the model's failure: a
+    # few such calls opened the breaker for every other caller. max_new_tokens=1.5 failed as a bare TypeError inside
+    # the batch, True ran as 1 token, truncate="right" ran as "error" without a word, and a prompt that is not text
+    # failed deep in the engine (an AttributeError) or in the tokenizer (a TypeError).
+    refused = [(settings, "temperature|top_p|top_k") for settings in (
+        {"temperature": -1}, {"temperature": float("nan")}, {"temperature": 0.7, "top_p": 0}, {"top_p": 1.5},
+        {"top_k": -1})]
+    refused += [({"max_new_tokens": tokens}, "max_new_tokens must be a whole number >= 1")
+                for tokens in (0, -1, 1.5, True, "8")]
+    refused += [({"truncate": "right"}, "truncate must be 'error' or 'left', not 'right'"),
+                ({"max_new_token": 2}, "no setting 'max_new_token' \\(did you mean 'max_new_tokens'\\?\\)")]
     with wb.Workbench(store=wb.InMemoryContextStore()) as bench:
         bench.load("tiny", tiny_path, device="cpu")
         bench.set_breaker("tiny", failure_threshold=2)
-        bad = [{"temperature": -1}, {"temperature": float("nan")}, {"temperature": 0.7, "top_p": 0},
-               {"top_p": 1.5}, {"top_k": -1}]
-        for params in bad:
-            with pytest.raises(wb.InvalidInput, match="temperature|top_p|top_k"):
-                bench.generate("tiny", "Hello", max_new_tokens=2, **params)
-        with pytest.raises(wb.InvalidInput, match="no setting 'max_new_token' \\(did you mean 'max_new_tokens'\\?\\)"):
-            bench.generate("tiny", "Hello", max_new_token=2)  # was a bare TypeError
-        breaker = bench.breakers().set_index("model").loc["tiny"]
-        assert (breaker["state"], breaker["failures"]) == ("closed", 0)
-        assert bench.generate("tiny", "Hello", max_new_tokens=2).tokens_out == 2
-
-
-def test_a_bad_max_new_tokens_or_truncate_is_refused_before_the_model_and_never_counts_against_its_breaker(
-    tiny_path: Path,
-) -> None:
-    # max_new_tokens=0 reached generate, whose ValueError counted as the model's failure (two such calls opened the
-    # breaker for everyone); 1.5 failed as a bare TypeError inside the batch; True ran as 1 token, and
-    # truncate="right" ran as "error" without a word.
-    with wb.Workbench(store=wb.InMemoryContextStore()) as bench:
-        bench.load("tiny", tiny_path, device="cpu")
-        bench.set_breaker("tiny", failure_threshold=2)
-        for tokens in (0, -1, 1.5, True, "8"):
-            with pytest.raises(wb.InvalidInput, match="max_new_tokens must be a whole number >= 1"):
-                bench.generate("tiny", "Hello", max_new_tokens=tokens)
-        with pytest.raises(wb.InvalidInput, match="truncate must be 'error' or 'left', not 'right'"):
-            bench.generate("tiny", "Hello", max_new_tokens=2, truncate="right")
-        for prompt in (None, b"Hello", ["Hello"]):  # an AttributeError deep in the engine, a tokenizer's TypeError
+        for settings, message in refused:
+            with pytest.raises(wb.InvalidInput, match=message):
+                bench.generate("tiny", "Hello", **{"max_new_tokens": 2, **settings})
+        for prompt in (None, b"Hello", ["Hello"]):
             with pytest.raises(wb.InvalidInput, match="generate\\(\\) takes the prompt as text \\(a str\\)"):
                 bench.generate("tiny", prompt, max_new_tokens=2)
         breaker = bench.breakers().set_index("model").loc["tiny"]
         assert (breaker["state"], breaker["failures"]) == ("closed", 0)
         assert bench.generate("tiny", "Hello", max_new_tokens=2, truncate="left").tokens_out == 2
+
 
 def test_a_run_refused_for_a_huge_prompt_keeps_its_error_but_not_the_prompts_token_ids(models: wb.Workbench) -> None:
     # The refusal's traceback held the engine's frames, and with them the prompt's 180 000 token ids (about 12 MB a
