@@ -41,7 +41,6 @@ from workbench.chains.runner import TRACE_PARENT, check_inputs
 from workbench.errors import (
     AccessError,
     HopFailed,
-    RateLimited,
     ServerBusy,
     ServingError,
     SettingsError,
@@ -98,7 +97,8 @@ class Gateway:
         body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
     ) -> None:
         # Checked here, before the server starts: a bad limit would otherwise fail every call (or none would wait).
-        max_in_flight, max_queued = _count("max_in_flight", max_in_flight, 1), _count("max_queued", max_queued, 0)
+        max_in_flight = _count("max_in_flight", max_in_flight, 1, DEFAULT_MAX_IN_FLIGHT)
+        max_queued = _count("max_queued", max_queued, 0, DEFAULT_MAX_QUEUED)
         body_timeout_s = plain(body_timeout_s)
         if isinstance(body_timeout_s, bool) or not isinstance(body_timeout_s, (int, float)) \
                 or not 0 < body_timeout_s < math.inf:
@@ -405,13 +405,12 @@ def run_status(error: HopFailed) -> int:
     return int(cause.http_status) if isinstance(cause, WorkbenchError) else 500
 
 
-def _count(name: str, value: object, least: int) -> int:
-    """``value`` as a whole number of at least ``least``, or ServeError naming the setting."""
+def _count(name: str, value: object, least: int, default: int) -> int:
+    """``value`` as a whole number of at least ``least``, or ServeError naming the setting and its ``default``."""
     value = plain(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
         raise ServeError(f"{name}={value!r:.40} is not a whole number of at least {least}",
-                         hint=f"e.g. {name}={DEFAULT_MAX_IN_FLIGHT if name == 'max_in_flight' else DEFAULT_MAX_QUEUED}"
-                              " (the default)")
+                         hint=f"e.g. {name}={default} (the default)")
     return value
 
 
@@ -428,8 +427,9 @@ def retry_after_s(exc: BaseException) -> float | None:
     """How long a refused call should wait before it is tried again, where the refusal says: a rate limit, a breaker
     open until its trial, a model server's 429; itself or as the cause of a failed run. None where it does not say."""
     cause = exc.cause if isinstance(exc, HopFailed) else exc
-    refusal = isinstance(cause, (RateLimited, ServerBusy, ServingError))
-    return getattr(cause, "retry_after_s", None) if refusal else None
+    # A rate limit or a full server (AccessErrors), a breaker or a model server's 429 (ServingErrors): the others of
+    # both branches have no retry_after_s.
+    return getattr(cause, "retry_after_s", None) if isinstance(cause, (AccessError, ServingError)) else None
 
 
 def allowed(auth: Auth, who: Principal, action: str, chain: str | None) -> bool:
