@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import textwrap
 import threading
 from pathlib import Path
@@ -36,6 +39,7 @@ pytest.importorskip("msgpack", reason="isolation='process' needs the process ext
 
 PROMPT = "Question: {{ question }}\nAnswer:"
 QUESTION = "What is the capital of France?"
+LONG = {"max_new_tokens": 400, "temperature": 5.0, "seed": 0}  # runs to 400 tokens on PROMPT and "Hello" (~1 s, CPU)
 
 
 class BatchStarts(SpanProcessor):
@@ -73,6 +77,23 @@ def model_children() -> list[int]:
         if parent == os.getpid() and b"workbench.engine.backends._child" in command:
             found.append(int(entry.name))
     return found
+
+
+def unread(model_process: process.ModelProcess) -> int:
+    """Bytes of what the parent sent the child that the child has not read yet (SIOCOUTQ: Linux)."""
+    conn = model_process._conn
+    assert conn is not None
+    return int(struct.unpack("i", fcntl.ioctl(conn.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0])
+
+
+def kill_mid_batch(bench: wb.Workbench, model: str, child: int) -> None:
+    """SIGKILL ``child``, stopped with a batch on its way, once it has read the batch: it dies running it (one it
+    never read would go to its restart). The batch must run long enough (LONG) that the kill lands before its end."""
+    model_process = bench.engine.worker(model).backend.process
+    eventually(lambda: unread(model_process) > 0, "the batch to reach the stopped child")
+    os.kill(child, signal.SIGCONT)
+    eventually(lambda: unread(model_process) == 0, "the child to read the batch")
+    os.kill(child, signal.SIGKILL)
 
 
 def shm() -> set[str]:
@@ -137,20 +158,16 @@ def test_a_killed_model_process_fails_its_batch_clearly_a_fallback_serves_and_it
 ) -> None:
     pair.set_breaker("iso", failure_threshold=5, reset_timeout_s=0.2)
     chain = pair.chain({"name": "qa", "hops": [
-        {"name": "answer", "model": "iso", "prompt": PROMPT, "max_new_tokens": 8, "fallback": ["tiny"]}]})
+        {"name": "answer", "model": "iso", "prompt": PROMPT, **LONG, "fallback": ["tiny"]}]})
     expected = chain.run(question=QUESTION)
     assert expected.served_by["answer"] == "model:iso"
     child = pid_of(pair, "iso")
     assert child is not None
     shm_before = shm()
 
-    starts = BatchStarts("iso")
-    pair.tracing.engine_provider.add_span_processor(starts)
-    pair.tracing.provider.add_span_processor(starts)
-    os.kill(child, signal.SIGSTOP)  # the child takes the batch but cannot answer it: the request is in flight
+    os.kill(child, signal.SIGSTOP)  # the batch is sent, and waits in the child's socket
     running = pair.start(chain.arun(question=QUESTION))
-    assert starts.started.wait(WAIT_S)
-    os.kill(child, signal.SIGKILL)
+    kill_mid_batch(pair, "iso", child)
     run = running.result(WAIT_S)
 
     assert run.output == expected.output and run.served_by["answer"] == "model:tiny"
@@ -177,19 +194,15 @@ def test_retrying_the_breaker_too_rides_a_crash_out_on_the_model_itself(pair: wb
     retries the open breaker, waiting long enough, is answered by the restarted child (as the README says)."""
     pair.set_breaker("iso", failure_threshold=5, reset_timeout_s=0.2)
     chain = pair.chain({"name": "ride", "hops": [
-        {"name": "answer", "model": "iso", "prompt": PROMPT, "max_new_tokens": 8,
+        {"name": "answer", "model": "iso", "prompt": PROMPT, **LONG,
          "retry": {"attempts": 40, "backoff_ms": 100, "max_backoff_ms": 500, "max_total_s": 60,
                    "on": ["error", "breaker"]}}]})
     expected = chain.run(question=QUESTION)
     child = pid_of(pair, "iso")
     assert child is not None
-    starts = BatchStarts("iso")
-    pair.tracing.engine_provider.add_span_processor(starts)
-    pair.tracing.provider.add_span_processor(starts)
-    os.kill(child, signal.SIGSTOP)  # the next batch is taken and held, then the child dies under it
+    os.kill(child, signal.SIGSTOP)  # the next batch is sent and waits, then the child dies running it
     mapping = pair.start(chain.amap([{"question": QUESTION}] * 6, concurrency=3))
-    assert starts.started.wait(WAIT_S)
-    os.kill(child, signal.SIGKILL)
+    kill_mid_batch(pair, "iso", child)
     runs = mapping.result(WAIT_S)
     assert all(run.ok and run.output == expected.output and run.served_by["answer"] == "model:iso" for run in runs)
     retried = [run for run in runs if "retry" in set(run.trace.events()["event"])]
@@ -273,6 +286,30 @@ def test_a_model_process_that_died_between_batches_is_restarted_for_the_next_one
     assert again is not None and again != child
     assert bench.models().set_index("name").loc["iso", "restarts"] == 1
     assert bench.breakers().set_index("model").loc["iso", "state"] == "closed"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads the socket's unread bytes (SIOCOUTQ), and Linux alone "
+                    "resets the socket of a process that died with data unread")
+def test_a_batch_the_model_process_died_before_reading_is_served_by_its_restart(
+    bench: wb.Workbench, tiny_path: Path
+) -> None:
+    # It failed with ModelProcessDied ("while it ran a batch of 1"), as a batch the child died running does, though
+    # the child never saw it: a request sent a moment after the OOM killer struck failed for nothing.
+    bench.load("iso", tiny_path, device="cpu", isolation="process")
+    expected = bench.generate("iso", "Hello", max_new_tokens=4).text
+    child = pid_of(bench, "iso")
+    assert child is not None
+    model_process = bench.engine.worker("iso").backend.process
+    os.kill(child, signal.SIGSTOP)  # alive, so the batch is sent; stopped, so it stays unread
+    request = bench.engine.submit("iso", "Hello", GenerationParams(max_new_tokens=4))
+    eventually(lambda: unread(model_process) > 0, "the batch to reach the stopped child")
+    os.kill(child, signal.SIGKILL)
+    assert request.future.result(WAIT_S).text == expected
+    again = pid_of(bench, "iso")
+    assert again is not None and again != child
+    assert bench.models().set_index("name").loc["iso", "restarts"] == 1
+    assert bench.breakers().set_index("model").loc["iso", "state"] == "closed"
+    assert not [s for s in bench.traces().spans if s.status.status_code.name == "ERROR"]
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="lists child processes from /proc (Linux)")
@@ -415,9 +452,11 @@ def test_unloading_while_the_model_process_restarts_leaves_no_process_behind(
     bench.load("iso", tiny_path, device="cpu", isolation="process")
     child = pid_of(bench, "iso")
     assert child is not None and model_children() == [child]
-    os.kill(child, signal.SIGKILL)
+    os.kill(child, signal.SIGSTOP)
+    running = bench.engine.submit("iso", "Hello", GenerationParams(**LONG))
+    kill_mid_batch(bench, "iso", child)
     with pytest.raises(wb.ModelProcessDied, match="it is starting again") as died:
-        bench.generate("iso", "Hello", max_new_tokens=2)
+        running.future.result(WAIT_S)
     assert "restart 1 of 3" in str(died.value)
     bench.unload("iso")  # while the new process loads: it is ended, not left to finish and linger
     assert model_children() == [] and not alive(child)

@@ -83,6 +83,14 @@ class _DiedLoading(ModelLoadError):
     """The child ended (killed, crashed) before its model was ready: unlike a load it refused, another try may work."""
 
 
+class _Unread(Exception):
+    """The child died without reading the batch sent to it; ``died`` says so, for when no restart can serve it."""
+
+    def __init__(self, died: ModelProcessDied) -> None:
+        super().__init__(died.message)
+        self.died = died
+
+
 def _how_it_ended(code: int) -> str:
     if code < 0:
         name = signal.Signals(-code).name
@@ -302,62 +310,19 @@ class ModelProcess:
     def generate(
         self, batch: list[GenerationRequest], on_token: TokenSink | None
     ) -> tuple[list[GenerationResult], BatchTiming]:
-        """Run ``batch`` in the child, streaming its tokens to ``on_token``; ModelProcessDied if the child dies."""
+        """Run ``batch`` in the child, streaming its tokens to ``on_token``; ModelProcessDied if the child dies.
+
+        A batch the child never read (it died first: between batches, or with the batch still in its socket) goes
+        to the restarted child instead of failing.
+        """
         while True:
-            restart = self._restart
-            if restart is not None:
-                restart.join()  # a batch that arrives while the child restarts waits for it
-            with self._lock:
-                conn, cancels, gone, proc = self._conn, self._cancels, self._gone, self._proc
-            if conn is None or cancels is None:
-                raise gone or ModelProcessDied(f"model {self.name!r} was unloaded",
-                                               hint=f"bench.load({self.name!r}) again")
-            if proc is None or proc.poll() is None:
+            conn, cancels = self._serving()
+            try:
+                sent, frame = self._exchange(conn, cancels, batch, on_token)
                 break
-            # It died between batches (the OOM killer, a kill): restart it and send the batch to the new one,
-            # rather than fail a batch it never saw.
-            died = self._died("it was idle")
-            if self._gone is not None or self._closed:
-                raise died
-        params = dataclasses.asdict(batch[0].params)
-        # Both processes read one system-wide monotonic clock (perf_counter is CLOCK_MONOTONIC on Linux
-        # and mach_absolute_time on macOS), so the child times queue and TTFT from the parent's stamps.
-        rows = [[r.input_ids, r.submitted, r.stream and on_token is not None, r.cancellable] for r in batch]
-        seq = self._batches = self._batches + 1
-        cancellable = any(r.cancellable for r in batch)
-        told: set[int] = set()
-        all_told: float | None = None  # when the last row was told to stop
-        sent = self._heard = time.perf_counter()
-        self._in_batch = True
-        try:
-            conn.send_bytes(pack({"op": "generate", "seq": seq, "params": params, "rows": rows}))
-            while True:
-                # A row whose request timed out here is stopped in the child too, as in-process; only a
-                # batch with a timeout on some row wakes up to look (poll returns at once when a frame comes).
-                if cancellable and not conn.poll(_CANCEL_POLL_S):
-                    stopped = [row for row, r in enumerate(batch) if r.cancelled and row not in told]
-                    if stopped:
-                        cancels.send_bytes(pack({"seq": seq, "rows": stopped}))
-                        told.update(stopped)
-                        if len(told) == len(batch):
-                            all_told = time.perf_counter()
-                    if all_told is not None and time.perf_counter() - all_told > _HUNG_S:
-                        raise self._died(f"it ran a batch of {len(batch)}, which it had not ended {_HUNG_S:g} s after "
-                                         "every request in it timed out, so the workbench killed it as hung",
-                                         kill=True)
-                    continue
-                frame = unpack(conn.recv_bytes())
-                self._heard = time.perf_counter()
-                if frame["op"] == "alive":
-                    continue
-                if frame["op"] != "token":
-                    break
-                if on_token is not None:
-                    on_token(batch[frame["row"]], frame["token"], frame["text"])
-        except (EOFError, OSError):
-            raise self._died(f"it ran a batch of {len(batch)}") from None
-        finally:
-            self._in_batch = False
+            except _Unread as unread:
+                if self._gone is not None or self._closed:
+                    raise unread.died from None
         received = time.perf_counter()
         if frame["op"] == "error":
             if frame["fatal"]:  # a CUDA fatal error leaves the child's device unusable: it exits, and restarts
@@ -383,6 +348,76 @@ class ModelProcess:
                              attr.IPC_MS: max((received - sent) * 1e3 - child_ms, 0.0)}
         return results, timing
 
+    def _serving(self) -> tuple[Connection, Connection]:
+        """The pipes to a live child: waits for a restart under way, and restarts a child that died while idle."""
+        while True:
+            restart = self._restart
+            if restart is not None:
+                restart.join()  # a batch that arrives while the child restarts waits for it
+            with self._lock:
+                conn, cancels, gone, proc = self._conn, self._cancels, self._gone, self._proc
+            if conn is None or cancels is None:
+                raise gone or ModelProcessDied(f"model {self.name!r} was unloaded",
+                                               hint=f"bench.load({self.name!r}) again")
+            if proc is None or proc.poll() is None:
+                return conn, cancels
+            # It died between batches (the OOM killer, a kill): restart it and send the batch to the new one,
+            # rather than fail a batch it never saw.
+            died = self._died("it was idle")
+            if self._gone is not None or self._closed:
+                raise died
+
+    def _exchange(
+        self, conn: Connection, cancels: Connection, batch: list[GenerationRequest], on_token: TokenSink | None
+    ) -> tuple[float, dict[str, Any]]:
+        """Send ``batch`` and read the child's frames up to its last, which is returned with when the batch went."""
+        params = dataclasses.asdict(batch[0].params)
+        # Both processes read one system-wide monotonic clock (perf_counter is CLOCK_MONOTONIC on Linux
+        # and mach_absolute_time on macOS), so the child times queue and TTFT from the parent's stamps.
+        rows = [[r.input_ids, r.submitted, r.stream and on_token is not None, r.cancellable] for r in batch]
+        seq = self._batches = self._batches + 1
+        cancellable = any(r.cancellable for r in batch)
+        told: set[int] = set()
+        all_told: float | None = None  # when the last row was told to stop
+        sent = self._heard = time.perf_counter()
+        self._in_batch = True
+        try:
+            conn.send_bytes(pack({"op": "generate", "seq": seq, "params": params, "rows": rows}))
+            while True:
+                # A row whose request timed out here is stopped in the child too, as in-process; only a
+                # batch with a timeout on some row wakes up to look (poll returns at once when a frame comes).
+                if cancellable and not conn.poll(_CANCEL_POLL_S):
+                    stopped = [row for row, r in enumerate(batch) if r.cancelled and row not in told]
+                    if stopped:
+                        try:
+                            cancels.send_bytes(pack({"seq": seq, "rows": stopped}))
+                        except OSError:  # it died, maybe running the batch: not a batch it never read
+                            raise self._died(f"it ran a batch of {len(batch)}") from None
+                        told.update(stopped)
+                        if len(told) == len(batch):
+                            all_told = time.perf_counter()
+                    if all_told is not None and time.perf_counter() - all_told > _HUNG_S:
+                        raise self._died(f"it ran a batch of {len(batch)}, which it had not ended {_HUNG_S:g} s after "
+                                         "every request in it timed out, so the workbench killed it as hung",
+                                         kill=True)
+                    continue
+                frame = unpack(conn.recv_bytes())
+                self._heard = time.perf_counter()
+                if frame["op"] == "alive":
+                    continue
+                if frame["op"] != "token":
+                    return sent, frame
+                if on_token is not None:
+                    on_token(batch[frame["row"]], frame["token"], frame["text"])
+        except (BrokenPipeError, ConnectionResetError):
+            # Linux resets the socket of a process that exits with data unread in it, so this is a child that died
+            # before it read the batch (or, sending, before the batch went): it never began it. A batch it read and
+            # died under ends the stream instead (EOFError, below). Elsewhere (macOS) both read as end-of-file.
+            raise _Unread(self._died(f"a batch of {len(batch)} waited for it unread")) from None
+        except (EOFError, OSError):
+            raise self._died(f"it ran a batch of {len(batch)}") from None
+        finally:
+            self._in_batch = False
 
 def _stop(proc: subprocess.Popen[bytes], grace: bool = True) -> int:
     """Wait for ``proc`` to exit (its pipe is closed, or it died), killing it if it lingers; its exit code."""
