@@ -462,6 +462,24 @@ def test_unloading_while_the_model_process_restarts_leaves_no_process_behind(
     assert model_children() == [] and not alive(child)
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="lists child processes from /proc (Linux)")
+def test_unloading_while_a_request_waits_for_the_restart_cuts_the_restart_off(
+    bench: wb.Workbench, tiny_path: Path
+) -> None:
+    # The unload waited for the new process to load, served the request with it, and only then ended it.
+    bench.load("iso", tiny_path, device="cpu", isolation="process")
+    child = pid_of(bench, "iso")
+    assert child is not None
+    model_process = bench.engine.worker("iso").backend.process
+    os.kill(child, signal.SIGKILL)
+    waiting = bench.engine.submit("iso", "Hello", GenerationParams(max_new_tokens=2))  # waits for the restart
+    eventually(lambda: model_process._awaiting_restart, "the request to wait for the restart")
+    bench.unload("iso")
+    with pytest.raises(wb.ModelProcessDied, match="was unloaded"):
+        waiting.future.result(WAIT_S)
+    assert model_children() == []
+
+
 def test_a_model_the_child_cannot_load_is_a_load_error_here(bench: wb.Workbench, tiny_path: Path) -> None:
     with pytest.raises(wb.ModelLoadError, match="float8") as error:
         bench.load("iso", tiny_path, device="cpu", dtype="float8", isolation="process")

@@ -137,6 +137,7 @@ class ModelProcess:
         self._restart: threading.Thread | None = None
         self._gone: ModelProcessDied | None = None  # dead, with no restart left or coming
         self._in_batch = False  # a batch was sent and its answer is awaited
+        self._awaiting_restart = False  # a batch waits for a restart to serve it
         self._heard = 0.0  # when the child last sent anything (perf_counter), for abort
         self._start()
 
@@ -228,16 +229,19 @@ class ModelProcess:
 
         ``quiet_s``: only once the child has sent nothing for that long. A child running a batch says it is alive at
         least every BEAT_S between steps, so one that is silent is hung (or stopped), while a long batch goes on to
-        its end. None: at once.
+        its end. None: at once. A batch waiting for a restart is cut off at once: the restart is a load that would
+        serve it only to be ended.
         """
         with self._lock:
             proc = self._proc
-            if not self._in_batch or proc is None:
-                return
-            if quiet_s is not None and time.perf_counter() - self._heard < quiet_s:
-                return
+            if not self._awaiting_restart:
+                if not self._in_batch or proc is None:
+                    return
+                if quiet_s is not None and time.perf_counter() - self._heard < quiet_s:
+                    return
             self._closed = True  # going: the batch's end-of-file is an unload, not a crash to restart from
-        proc.kill()
+        if proc is not None:
+            proc.kill()  # a restart's new child sees it is closed as it starts, if it was not yet this one
 
     def _died(self, doing: str, kill: bool = False) -> ModelProcessDied:
         """The child is gone (``kill``: is to go now): reap it, start it again if restarts are left, and say what
@@ -352,13 +356,17 @@ class ModelProcess:
         """The pipes to a live child: waits for a restart under way, and restarts a child that died while idle."""
         while True:
             restart = self._restart
-            if restart is not None:
-                restart.join()  # a batch that arrives while the child restarts waits for it
+            if restart is not None and restart.is_alive():
+                self._awaiting_restart = True
+                try:
+                    restart.join()  # a batch that arrives while the child restarts waits for it
+                finally:
+                    self._awaiting_restart = False
             with self._lock:
                 conn, cancels, gone, proc = self._conn, self._cancels, self._gone, self._proc
             if conn is None or cancels is None:
-                raise gone or ModelProcessDied(f"model {self.name!r} was unloaded",
-                                               hint=f"bench.load({self.name!r}) again")
+                unloaded = ModelProcessDied(f"model {self.name!r} was unloaded", hint=f"bench.load({self.name!r}) again")
+                raise unloaded if self._closed else gone or unloaded
             if proc is None or proc.poll() is None:
                 return conn, cancels
             # It died between batches (the OOM killer, a kill): restart it and send the batch to the new one,
