@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import threading
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
+import torch
 from opentelemetry.trace import INVALID_SPAN
 
 import workbench as wb
@@ -64,6 +66,32 @@ def test_the_codec_encodes_and_decodes_as_the_tokenizers_own_calls(tiny_bench: w
         tokenizer.clean_up_tokenization_spaces = False
     with pytest.raises(wb.InvalidInput, match="prompt 2 of 2"):
         codec.tokenize(["fine", "lone \udc80 surrogate"])
+
+
+def test_a_stream_hands_out_each_character_whole_where_byte_tokens_split_it(tiny_bench: wb.Workbench) -> None:
+    # The tiny model's byte-level BPE (GPT-2's kind, as Qwen's and GLM-4's) splits a Chinese character into up to
+    # four tokens. Each step sliced the whole answer's text, so a stream sent U+FFFD for every such token and never
+    # the character: 北京是中国的首都。 streamed as nine replacement characters.
+    backend = tiny_bench.engine.worker("tiny").backend
+    text = "北京是中国的首都。 Hello, 世界 🙂 ok"
+    ids = backend.tokenize([text], special_tokens=False)[0]
+    assert len(ids) > 2 * len(text.split())  # characters split across tokens
+    expected = backend.detokenize(ids)
+    assert expected == text
+    pieces: dict[int, list[str]] = defaultdict(list)  # per request id
+    for rows in (1, 3):  # the padded batch's streamer, fed each step's tokens as generate feeds them
+        batch = [GenerationRequest("tiny", ids, GenerationParams(), INVALID_SPAN, on_token=lambda *_: None)
+                 for _ in range(rows)]
+        on_step = backend._streamer(batch, lambda request, token, piece: pieces[request.id].append(piece))
+        for token in ids:
+            on_step(torch.tensor([token] * rows))
+    stream = backend.codec.stream()  # as continuous batching streams
+    streamed = [*pieces.values(), [stream.add(token) for token in ids]]
+    assert len(streamed) == 5
+    for pieces_of_row in streamed:
+        assert "".join(pieces_of_row) == expected
+        assert not any("\ufffd" in piece for piece in pieces_of_row)
+        assert len(pieces_of_row) == len(ids)  # one piece per token, empty while a character is incomplete
 
 
 def test_the_worker_loop_and_the_seam_import_no_torch() -> None:

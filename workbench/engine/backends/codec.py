@@ -56,6 +56,46 @@ class TextCodec:
         """The generated text of ``tokens``: end-of-sequence ids dropped, surrounding whitespace stripped."""
         return self.decode([t for t in tokens if t not in self.eos_ids]).strip()
 
+    def stream(self) -> StreamText:
+        """A fresh :class:`StreamText`: the text each token of one generated row adds."""
+        return StreamText(self)
+
+
+class StreamText:
+    """The text each new token of a generated row adds, so that the pieces join to what ``detokenize`` makes of them.
+
+    A byte-level BPE (GPT-2's, Qwen's, GLM-4's) splits a Chinese character into up to four tokens, each of which alone
+    decodes to U+FFFD. Slicing the whole answer's text at each step streamed those replacement characters and never
+    the character (北京 came out as six of them). Here a token that ends inside a character adds nothing; the token
+    that completes it adds the character. Each step decodes the tokens since the last text went out plus the ones
+    before them (the window a decoder's leading-space rules need, as vLLM does), not the whole answer, so a stream
+    costs time linear in its length.
+    """
+
+    def __init__(self, codec: TextCodec) -> None:
+        self._codec = codec
+        self._tokens: list[int] = []
+        self._start = 0  # the window decoded at each step starts here
+        self._read = 0  # tokens whose text is in _raw
+        self._raw = ""  # the text of tokens[:_read], unstripped
+        self._sent = 0  # characters of the stripped text handed out
+
+    def add(self, token: int) -> str:
+        """Take the next token; the text it adds (empty while a character is still incomplete)."""
+        if token in self._codec.eos_ids:
+            return ""
+        self._tokens.append(token)
+        decode = self._codec.decode
+        before = decode(self._tokens[self._start:self._read]) if self._read > self._start else ""
+        after = decode(self._tokens[self._start:])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""  # inside a character, or a token with no text of its own: wait for the next
+        self._raw += after[len(before):]
+        self._start, self._read = self._read, len(self._tokens)
+        text = self._raw.strip()  # as detokenize strips the whole
+        delta, self._sent = text[self._sent:], len(text)
+        return delta
+
 
 def _private_core(tokenizer: Any) -> Any:
     """A copy of a fast tokenizer's Rust core that encodes and decodes as ``tokenizer(...)`` and ``decode`` do,

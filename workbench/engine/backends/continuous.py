@@ -16,6 +16,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 
 from workbench.engine.batching import ContinuousSettings, check_transformers
 from workbench.engine.backends.base import OnError, OnResult, next_batch_id, result_from_stamps
+from workbench.engine.backends.codec import StreamText, TextCodec
 from workbench.engine.requests import GenerationParams, GenerationRequest, GenerationResult
 from workbench.errors import StrategyError
 from workbench.tracing import attributes as attr
@@ -30,6 +31,7 @@ class ModelSide(Protocol):
     loaded: LoadedModel
     eos_ids: set[int]
     pad_id: int
+    codec: TextCodec
 
     def detokenize(self, tokens: Sequence[int]) -> str: ...
 
@@ -90,7 +92,7 @@ class ContinuousBackend:
         self._sampling: tuple[Any, ...] | None = None
         self._inflight: dict[str, tuple[GenerationRequest, _Group]] = {}
         # Of each streamed request: how many of its tokens went to its listener, and their text (the collector's own).
-        self._streamed: dict[str, tuple[int, str]] = {}
+        self._streamed: dict[str, tuple[int, StreamText]] = {}  # tokens handed out, and their text
         self._changed = threading.Condition()
 
     def submit(self, batch: list[GenerationRequest], span: Span) -> None:
@@ -112,7 +114,7 @@ class ContinuousBackend:
             with self._changed:
                 self._inflight[request_id] = (request, group)
             if request.stream:
-                self._streamed[request_id] = (0, "")
+                self._streamed[request_id] = (0, self.backend.codec.stream())
             accepted = self._manager.add_request(
                 request.input_ids,
                 request_id=request_id,
@@ -222,9 +224,8 @@ class ContinuousBackend:
             token = tokens[count - 1]
             if token in self.backend.eos_ids or request.on_token is None or request.cancelled:
                 break
-            now = self.backend.detokenize(tokens[:count])
-            request.on_token(token, now[len(text):])
-            sent, text = count, now
+            request.on_token(token, text.add(token))
+            sent = count
         self._streamed[output.request_id] = (sent, text)
 
     def _finish(self, request_id: str, outcome: Any) -> None:

@@ -212,8 +212,7 @@ class TransformersBackend:
     def _streamer(self, batch: list[GenerationRequest], on_token: TokenSink) -> Callable[[torch.Tensor], None]:
         """Forward each step's token of every streaming row to ``on_token``, with the text it adds."""
         rows = [(row, request) for row, request in enumerate(batch) if request.stream]
-        generated: dict[int, list[int]] = {row: [] for row, _ in rows}
-        texts: dict[int, str] = {row: "" for row, _ in rows}
+        texts = {row: self.codec.stream() for row, _ in rows}
         done: set[int] = set()
 
         def on_step(value: torch.Tensor) -> None:
@@ -225,10 +224,7 @@ class TransformersBackend:
                 if token in self.eos_ids:
                     done.add(row)
                     continue
-                generated[row].append(token)
-                text = self.detokenize(generated[row])
-                delta, texts[row] = text[len(texts[row]):], text
-                on_token(request, token, delta)
+                on_token(request, token, texts[row].add(token))
 
         return on_step
 
