@@ -307,6 +307,64 @@ def test_a_relative_path_is_read_from_the_working_directory(
     assert chain.run(question="Who is Charles Babbage?").output == "Charles Babbage — designed — Analytical Engine."
 
 
+def _spec_file(folder: Path, graph: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "kg.yaml"
+    path.write_text(f"name: kg\nhops:\n  - name: facts\n    graph: {graph}\n    query: '{{{{ question }}}}'\n",
+                    encoding="utf-8")
+    return path
+
+
+def test_a_relative_path_in_a_spec_file_is_read_from_the_files_folder(
+    bench: wb.Workbench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # specs/kg.yaml names people.csv beside it; the notebook runs from elsewhere (and %cd's on).
+    spec = _spec_file(tmp_path / "specs", "people.csv")
+    (tmp_path / "specs" / "people.csv").write_text(CSV_TRIPLES, encoding="utf-8")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    chain = bench.chain(Path("../specs/kg.yaml"))
+    assert chain.run(question="Who is Charles Babbage?").output == "Charles Babbage — designed — Analytical Engine."
+    monkeypatch.chdir("/")
+    chain.set("description", "facts")  # new versions, parsed again after the cwd moved
+    chain.update(spec.read_text(encoding="utf-8") + "    hops: 2\n")
+    assert "Charles Babbage — designed" in chain.run(question="Who is Ada Lovelace?").output
+    # Text or a dict has no file: its relative paths are the working directory's, unless base_dir says otherwise.
+    assert bench.chain(knowledge_spec("people.csv"), base_dir=spec.parent).spec.hops[0].knowledge.source.path == \
+        spec.parent / "people.csv"  # type: ignore[union-attr]
+
+
+def test_autoglm_run_reads_a_relative_graph_from_the_spec_files_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from workbench.fronts.cli import main
+
+    _spec_file(tmp_path / "specs", "people.csv")
+    (tmp_path / "specs" / "people.csv").write_text(CSV_TRIPLES, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "specs/kg.yaml", "question=Who is Charles Babbage?", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["output"] == "Charles Babbage — designed — Analytical Engine."
+
+
+def test_a_missing_graph_file_says_which_path_was_tried_and_relative_to_what(
+    bench: wb.Workbench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = _spec_file(tmp_path / "specs", "people.csv")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(wb.GraphError) as info:
+        bench.chain(spec)
+    tried = str(tmp_path / "specs" / "people.csv")
+    assert f"graph file 'people.csv' does not exist: looked for {tried!r}, relative to the spec file's folder" \
+        in info.value.message
+    with pytest.raises(wb.GraphError) as info:
+        bench.chain(knowledge_spec("people.csv"))
+    assert f"looked for {str(tmp_path / 'people.csv')!r}, relative to the working directory" in info.value.message
+    with pytest.raises(wb.GraphError) as info:
+        bench.chain(knowledge_spec(str(tmp_path / "gone.csv")))
+    assert f"graph file {str(tmp_path / 'gone.csv')!r} does not exist" in info.value.message
+
+
 # -- running it ----------------------------------------------------------------------------------
 
 

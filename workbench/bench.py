@@ -537,6 +537,7 @@ class Workbench:
         *,
         watch: bool = False,
         interval_s: float = DEFAULT_INTERVAL_S,
+        base_dir: str | os.PathLike[str] | None = None,
     ) -> Chain:
         """Validate a chain spec (YAML text, a dict, or a ``pathlib.Path`` to a YAML file) against the models this
         workbench knows.
@@ -544,6 +545,8 @@ class Workbench:
         ``watch=True``: ``spec`` is the path of a YAML file, followed live (see :meth:`Chain.watch`): an edit
         that validates serves the runs that start after it (within about ``interval_s``); one that does not
         is refused and the last good version keeps serving. Runs record the version they used.
+        ``base_dir``: where a relative ``graph:`` path is read from, for this version and every later one
+        (default: the spec file's folder; for text or a dict, the working directory).
         """
         self.check_open("build a chain")  # not "unknown model": close() took the models, and says so
         path = None
@@ -553,21 +556,25 @@ class Workbench:
         if watch or isinstance(spec, os.PathLike):
             path = Path(spec)
             spec = read_text(path, "chain spec file")
+        folder = Path(base_dir).expanduser().absolute() if base_dir is not None else \
+            path.parent.absolute() if path is not None else None
         # A spec file without a name is named after the file (qa.yaml: qa).
-        parsed = self._parse_chain(spec, name, path.stem if path is not None else None)  # type: ignore[arg-type]
-        chain = Chain(parsed, self, parse=lambda source: self._parse_chain(source, parsed.name))
+        parsed = self._parse_chain(spec, name, path.stem if path is not None else None,  # type: ignore[arg-type]
+                                   folder)
+        chain = Chain(parsed, self, parse=lambda source: self._parse_chain(source, parsed.name, base_dir=folder))
         self._chains[parsed.name] = chain
         self._built.add(chain)
         if path is not None and watch:
             chain.watch(path, interval_s)
         return chain
 
-    def _parse_chain(self, spec: str | Mapping[str, Any], name: str | None, default: str | None = None) -> ChainSpec:
+    def _parse_chain(self, spec: str | Mapping[str, Any], name: str | None, default: str | None = None,
+                     base_dir: Path | None = None) -> ChainSpec:
         if name is not None:
             check_chain_name(name)  # it replaces the spec's own
         parsed = parse_spec(spec, known_models=self.registry.names(), default_name=name or default,
                             allowed_modules=self._allowed_modules, graphs=self.graphs,
-                            known_adapters=self._known_adapters())
+                            known_adapters=self._known_adapters(), base_dir=base_dir)
         if name is not None and parsed.name != name:
             parsed.name = name
         return parsed

@@ -372,14 +372,15 @@ class LiveConfig:
             text = read_text(path, f"the spec file of chain {name!r}")
             try:
                 spec = parse_spec(text, known_models=models, default_name=name,
-                                  allowed_modules=self._host.allow_modules(), graphs=self._host.graphs)
+                                  allowed_modules=self._host.allow_modules(), graphs=self._host.graphs,
+                                  base_dir=path.parent)
                 overrides = config.overrides.get(name, {})
                 for key in overrides:
                     settable_path(key, spec)
                 if overrides:
                     parse_spec(apply_overrides(yaml.safe_load(text), overrides), known_models=models,
                                default_name=name, allowed_modules=self._host.allow_modules(),
-                               graphs=self._host.graphs)
+                               graphs=self._host.graphs, base_dir=path.parent)
             except ConfigError:
                 raise
             except SpecError as exc:

@@ -10,6 +10,7 @@ import re
 import reprlib
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -236,6 +237,7 @@ def parse_spec(
     allowed_modules: Collection[str] = (),
     graphs: GraphStore | None = None,
     known_adapters: Mapping[str, Collection[str]] | None = None,
+    base_dir: Path | None = None,
 ) -> ChainSpec:
     """Validate ``spec`` (YAML text or a dict) into a ChainSpec, or raise SpecError saying where.
 
@@ -243,6 +245,7 @@ def parse_spec(
     ``graphs``: where knowledge hops' graphs load and stay; given, each is read now, so a bad file
     of triples fails here (naming the hop and line) rather than at the first run.
     ``known_adapters``: the named LoRA adapters of each model, which a hop's ``adapter:`` must be one of.
+    ``base_dir``: where a relative ``graph:`` path is read from (the spec file's folder); None: the working directory.
     """
     lines = _Lines()
     if isinstance(spec, str):
@@ -276,7 +279,7 @@ def parse_spec(
     declared = _declared_inputs(data, lines)
     hop_names = _hop_names(hops_data, lines)
     hops = [
-        _parse_hop(raw, index, hop_names, known_models, lines, declared, allowed_modules)
+        _parse_hop(raw, index, hop_names, known_models, lines, declared, allowed_modules, base_dir)
         for index, raw in enumerate(hops_data)
     ]
     _check_graph(hops, lines)
@@ -506,6 +509,7 @@ def _parse_hop(
     lines: _Lines,
     declared: list[str] | None,
     allowed_modules: Collection[str],
+    base_dir: Path | None = None,
 ) -> HopSpec:
     name = raw["name"]
     path = ("hops", index)
@@ -519,7 +523,7 @@ def _parse_hop(
     if kind == "llm":
         hop = _parse_llm_hop(raw, name, path, known_models, lines)
     elif kind == "knowledge":
-        hop = _parse_knowledge_hop(raw, name, path, lines)
+        hop = _parse_knowledge_hop(raw, name, path, lines, base_dir)
     else:
         hop = _parse_python_hop(raw, name, path, hop_names, lines, allowed_modules)
         if "timeout_s" in raw and not inspect.iscoroutinefunction(hop.call):
@@ -1042,7 +1046,9 @@ def _check_graph(hops: list[HopSpec], lines: _Lines) -> None:
         ) from None
 
 
-def _parse_knowledge_hop(raw: Mapping[str, Any], name: str, path: tuple[Any, ...], lines: _Lines) -> HopSpec:
+def _parse_knowledge_hop(
+    raw: Mapping[str, Any], name: str, path: tuple[Any, ...], lines: _Lines, base_dir: Path | None
+) -> HopSpec:
     """A ``kind: knowledge`` hop: ``graph`` (a demo graph or a file), ``query`` (a template), ``hops``,
     ``max_triples``."""
     if "graph" not in raw:
@@ -1054,7 +1060,7 @@ def _parse_knowledge_hop(raw: Mapping[str, Any], name: str, path: tuple[Any, ...
                          f"not {_show(raw['graph'])}", hop=name, field="graph", line=lines.of(*path, "graph"),
                          hint="load your own triples in the server's notebook or spec file instead")
     try:
-        source = resolve(raw["graph"])
+        source = resolve(raw["graph"], base_dir)
     except GraphError as exc:
         raise GraphError(exc.message, hop=name, field="graph", line=lines.of(*path, "graph"), hint=exc.hint) from None
     query = raw.get("query")

@@ -92,6 +92,11 @@ def _read_spec(name: str) -> str:
                         line=raw.count(b"\n", 0, exc.start) + 1, hint="save the spec as UTF-8") from None
 
 
+def _spec_folder(name: str) -> Path | None:
+    """Where the spec's relative ``graph:`` paths are read from: its file's folder (stdin's: the working directory)."""
+    return None if name == "-" else Path(name).parent
+
+
 def _read_file(name: str) -> bytes:
     """A spec file's bytes; a path that is not a readable file says what is near it."""
     path = Path(name)
@@ -137,7 +142,7 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"model {name!r}: {len(table)} replicas ({', '.join(table['device'])}),"
                       f" picked by {table['balance'].iloc[0]}")
         try:
-            chain = bench.chain(spec)
+            chain = bench.chain(spec, base_dir=_spec_folder(args.spec))
         except SpecError as error:
             if error.field == "model":  # the spec's own hint speaks of bench.load and %autoglm load
                 error.hint = MODEL_HINT + (f"; given: {', '.join(models)}" if models else "")
@@ -248,7 +253,7 @@ def _serve(args: argparse.Namespace) -> int:
         files: dict[str, str] = {}  # chain name -> the spec file it came from
         for path, spec in zip(args.spec, specs):
             try:
-                chain = bench.chain(spec)
+                chain = bench.chain(spec, base_dir=_spec_folder(path))
             except SpecError as error:
                 if error.field == "model":
                     error.hint = MODEL_HINT + (f"; given: {', '.join(models)}" if models else "")

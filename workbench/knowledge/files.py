@@ -34,15 +34,21 @@ _FORMAT_HINT = ("CSV: a header subject,relation,object then one triple a row; JS
                 "[subject, relation, object] or of {subject, relation, object}")
 
 
-def check_path(path: Path) -> int:
-    """Refuse a graph file that is not a readable .csv or .json regular file within MAX_GRAPH_BYTES; its size."""
+def check_path(path: Path, given: str | None = None, relative_to: str | None = None) -> int:
+    """Refuse a graph file that is not a readable .csv or .json regular file within MAX_GRAPH_BYTES; its size.
+
+    ``given``: the relative path a spec wrote, which ``path`` is read ``relative_to`` (for the error that it is not
+    there: which file was looked for, and why there).
+    """
     if path.suffix.lower() not in SUFFIXES:
         raise GraphError(f"graph file {shown(path)} is neither .csv nor .json", hint=_FORMAT_HINT)
     try:
         info = path.stat()
     except FileNotFoundError:
-        raise GraphError(f"graph file {shown(path)} does not exist",
-                         hint="a relative path is read from the working directory") from None
+        where = f"graph file {shown(Path(given))} does not exist: looked for {shown(path)}, relative to {relative_to}" \
+            if given is not None else f"graph file {shown(path)} does not exist"
+        raise GraphError(where, hint="a relative graph: path is read from the folder of the spec file that names it "
+                         "(the working directory for a spec given as text or a dict)") from None
     except OSError as exc:
         raise GraphError(f"graph file {shown(path)} cannot be read: {exc.strerror}") from None
     except ValueError as exc:  # a NUL in the path

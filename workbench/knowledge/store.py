@@ -31,10 +31,12 @@ class GraphSource:
         return self.name if self.name is not None else str(self.path)
 
 
-def resolve(value: object) -> GraphSource:
-    """What ``graph:`` names: a demo graph's name, else a path to a .csv or .json file (relative: to the cwd).
+def resolve(value: object, base_dir: Path | None = None) -> GraphSource:
+    """What ``graph:`` names: a demo graph's name, else a path to a .csv or .json file.
 
-    Checks the file is there, regular and not too big; reading it is :meth:`GraphStore.get`'s.
+    A relative path is read from ``base_dir`` (the folder of the spec file that names it), else from the working
+    directory, and made absolute now, so a later ``%cd`` does not move it. Checks the file is there, regular and not
+    too big; reading it is :meth:`GraphStore.get`'s.
     """
     hint = f"demo graphs: {', '.join(DEMO_GRAPHS)}; or a path to a .csv or .json file of triples"
     if not isinstance(value, str) or not value.strip():
@@ -47,11 +49,15 @@ def resolve(value: object) -> GraphSource:
             raise GraphError(f"unknown graph {text!r}{did_you_mean(text, DEMO_GRAPHS)}", hint=hint)
         return GraphSource(name=text)
     try:
-        path = Path(text).expanduser().absolute()
+        given = Path(text).expanduser()
     except RuntimeError:  # ~someone, with no such user
         raise GraphError(f"graph file {text[:200]!r}: no home directory for {text.partition('/')[0][:100]!r}",
                          hint=hint) from None
-    check_path(path)
+    relative_to = None
+    if not given.is_absolute():
+        relative_to = "the spec file's folder" if base_dir is not None else "the working directory"
+    path = ((base_dir or Path()) / given).absolute()
+    check_path(path, given=text if relative_to else None, relative_to=relative_to)
     return GraphSource(path=path)
 
 
