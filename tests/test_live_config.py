@@ -193,6 +193,24 @@ def test_an_editor_that_saves_by_renaming_a_new_file_over_the_old_is_followed(
         assert watched.spec.hop("answer").params.max_new_tokens == tokens
 
 
+def test_a_file_watched_by_a_relative_path_is_followed_after_the_working_directory_moves(
+    bench: wb.Workbench, spec_file: Path, tiny_cache: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # bench.chain('qa.yaml', watch=True), then %cd elsewhere: the watcher looked for the other folder's qa.yaml.
+    monkeypatch.chdir(spec_file.parent)
+    config_file = spec_file.with_name("workbench.yaml")
+    config_file.write_text(_config("  tiny: {source: tiny, device: cpu, batching: none}"))
+    config = bench.configure("workbench.yaml", watch=True, interval_s=POLL_S)
+    chain = bench.chain("qa.yaml", name="mine", watch=True, interval_s=POLL_S)
+    monkeypatch.chdir("/")
+    assert chain.watching == spec_file
+    spec_file.write_text(SPEC.replace("max_new_tokens: 3", "max_new_tokens: 1"))
+    wait_for(lambda: chain.spec.hop("answer").params.max_new_tokens == 1, "the spec edit after the chdir")
+    config_file.write_text(_config("  tiny: {source: tiny, device: cpu, batching: none}", "qa.answer.temperature: 0.3"))
+    wait_for(lambda: config.version.number == 2, "the configuration edit after the chdir")
+    assert not chain.config_errors and not config.errors
+
+
 def test_a_watched_file_replaced_by_a_fifo_or_a_huge_file_is_refused_and_watching_goes_on(
     watched: wb.Chain, spec_file: Path
 ) -> None:

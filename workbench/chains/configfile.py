@@ -290,7 +290,7 @@ class LiveConfig:
     """
 
     def __init__(self, host: ConfigHost, path: str | Path, watch: bool, interval_s: float) -> None:
-        self.path = Path(path)
+        self.path = Path(path).expanduser().absolute()  # a later %cd must not move it (read again on every edit)
         self._host = host
         self._watch = watch
         self._interval_s = interval_s

@@ -299,7 +299,7 @@ class FileWatcher:
         if isinstance(interval_s, bool) or not isinstance(interval_s, (int, float)) or not 0 < interval_s <= 3600:
             raise SettingsError(f"interval_s must be a number of seconds > 0 and at most 3600, not {interval_s!r}",
                                 hint="e.g. interval_s=1.0")
-        self.path = Path(path)
+        self.path = Path(path).expanduser().absolute()  # looked up on every poll: a later %cd must not move it
         self.interval_s = float(interval_s)
         self._on_change = on_change
         self._on_unreadable = on_unreadable
