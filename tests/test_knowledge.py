@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import httpx
 import pytest
 from transformers import AutoTokenizer
 
@@ -451,6 +452,52 @@ def test_a_file_edited_after_the_chain_was_built_is_read_again_by_the_hop(bench:
     row = run.trace.table().set_index("name").loc["hop facts"]
     assert run.output == "Ada — wrote — notes.\nAda — knew — Babbage."
     assert row[f"attributes.{attr.KNOWLEDGE_LOAD_MS}"] >= 0 and not row[f"attributes.{attr.KNOWLEDGE_INLINE}"]
+
+
+def _touch_later(path: Path) -> None:
+    """A new mtime for sure (a file system's clock may not tick between two writes in a test)."""
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+
+
+def test_a_graph_file_broken_while_served_keeps_the_last_good_graph_and_says_so(
+    bench: wb.Workbench, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps([["Ada", "wrote", "notes"]]), encoding="utf-8")
+    chain = bench.chain(knowledge_spec(str(path)))
+    server = bench.serve([chain], port=0, auth=False)
+    try:
+        path.write_text('[["Ada", "wrote", "notes"], ["Ada", "knew"', encoding="utf-8")  # an editor's save cut short
+        _touch_later(path)
+        runs = [chain.run(question="Ada?") for _ in range(3)]
+        answer = httpx.post(f"{server.url}/v1/chains/kg/invoke", json={"inputs": {"question": "Ada?"}}, timeout=30)
+    finally:
+        server.stop()
+    assert [r.output for r in runs] == ["Ada — wrote — notes."] * 3  # the last good graph answers
+    assert answer.status_code == 200 and answer.json()["output"] == "Ada — wrote — notes.", answer.text
+    row = runs[-1].trace.table().set_index("name").loc["hop facts"]
+    assert row[f"attributes.{attr.KNOWLEDGE_STALE}"]
+    assert "line 1: not valid JSON" in row[f"attributes.{attr.KNOWLEDGE_RELOAD_ERROR}"]
+    said = [r for r in caplog.records if "keep" in r.getMessage() and str(path) in r.getMessage()]
+    assert len(said) == 1 and said[0].levelname == "WARNING"  # once for this version of the file, not every run
+
+    path.write_text(json.dumps([["Ada", "wrote", "notes"], ["Ada", "knew", "Babbage"]]), encoding="utf-8")
+    _touch_later(path)
+    run = chain.run(question="Ada?")
+    assert run.output == "Ada — wrote — notes.\nAda — knew — Babbage."
+    assert f"attributes.{attr.KNOWLEDGE_STALE}" not in run.trace.table() or \
+        not run.trace.table().set_index("name").loc["hop facts"][f"attributes.{attr.KNOWLEDGE_STALE}"]
+    # The file gone for a while (an editor that saves by rename) is the same: the last good graph answers.
+    path.unlink()
+    assert chain.run(question="Ada?").output == "Ada — wrote — notes.\nAda — knew — Babbage."
+    path.write_text(json.dumps([["Ada", "wrote", "notes"]]), encoding="utf-8")
+    # Building a chain, or bench.graph, on the broken file is a load: that fails, saying why.
+    path.write_text("[", encoding="utf-8")
+    _touch_later(path)
+    with pytest.raises(wb.GraphError, match="not valid JSON"):
+        bench.chain(knowledge_spec(str(path)))
+    with pytest.raises(wb.GraphError, match="not valid JSON"):
+        bench.graph(path)
 
 
 def test_a_long_query_or_a_big_walk_is_looked_up_in_the_hop_pool(bench: wb.Workbench) -> None:

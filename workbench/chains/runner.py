@@ -569,8 +569,11 @@ class Runner:
         inline = graph is not None and len(query) <= INLINE_QUERY_CHARS and knowledge.max_triples <= INLINE_MAX_TRIPLES
         if graph is None:
             started = time.perf_counter()
-            graph = await self._in_pool(self.graphs.get, knowledge.source)
+            served = await self._in_pool(self.graphs.serve, knowledge.source)
             span.set_attribute(attr.KNOWLEDGE_LOAD_MS, (time.perf_counter() - started) * 1e3)
+            graph = served.graph
+            if served.stale is not None:  # the file changed and cannot be read: the last good graph answers
+                span.set_attributes({attr.KNOWLEDGE_STALE: True, attr.KNOWLEDGE_RELOAD_ERROR: served.stale.message})
         look_up = partial(graph.lookup, query, knowledge.hops, knowledge.max_triples)
         lookup = look_up() if inline else await self._in_pool(look_up)
         span.set_attributes({

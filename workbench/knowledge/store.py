@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,6 +12,8 @@ from workbench.errors import GraphError, did_you_mean
 from workbench.knowledge.countries import countries
 from workbench.knowledge.files import check_path, load_file
 from workbench.knowledge.graph import KnowledgeGraph
+
+logger = logging.getLogger(__name__)
 
 # The graphs that ship with the workbench, built offline on first use.
 DEMO_GRAPHS: dict[str, Callable[[], KnowledgeGraph]] = {"countries": countries}
@@ -61,12 +64,23 @@ def resolve(value: object, base_dir: Path | None = None) -> GraphSource:
     return GraphSource(path=path)
 
 
+@dataclass(frozen=True)
+class Served:
+    """The graph a run looks facts up in, and, where its file changed but could not be read again, why (the graph is
+    then the last version that loaded)."""
+
+    graph: KnowledgeGraph
+    stale: GraphError | None = None
+
+
 class GraphStore:
     """The graphs one workbench has loaded: each demo graph once, each file once per version (size, mtime)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._graphs: dict[object, KnowledgeGraph] = {}
+        # path -> the version of the file (its key) that could not be read, and why: read once, said once.
+        self._broken: dict[Path, tuple[object, GraphError]] = {}
 
     def cached(self, source: GraphSource) -> KnowledgeGraph | None:
         """The graph if it is loaded and (for a file) unchanged since; None if :meth:`get` would read it."""
@@ -99,6 +113,45 @@ class GraphStore:
                                                  or sum(len(g) for g in self._graphs.values()) > MAX_TRIPLES_KEPT):
                     self._graphs = dict(list(self._graphs.items())[1:])
             return graph
+
+    def serve(self, source: GraphSource) -> Served:
+        """The graph for a run: as :meth:`get`, but a file that changed and cannot be read now (an editor's save half
+        done, a bad edit, the file gone) leaves the last version that loaded serving, and says why (logged, and read,
+        once per version of the file) instead of failing every run until the file is mended. With no earlier
+        version: raises.
+        """
+        path = source.path
+        if path is not None:
+            broken = self._broken.get(path)
+            last = self._last_good(path)
+            if broken is not None and last is not None and broken[0] == self._version(source):
+                return Served(last, broken[1])
+        try:
+            graph = self.get(source)
+        except GraphError as error:
+            last = self._last_good(path) if path is not None else None
+            if path is None or last is None:
+                raise
+            with self._lock:
+                self._broken[path] = (self._version(source), error)
+            logger.warning("%s; knowledge hops keep the graph it held before (%d triples) until it is mended",
+                           error.message, len(last))
+            return Served(last, error)
+        if path is not None and path in self._broken:
+            with self._lock:
+                self._broken.pop(path, None)
+        return Served(graph)
+
+    def _version(self, source: GraphSource) -> object:
+        """The version of ``source``'s file as :meth:`get` keys it; None while it is gone or no file."""
+        try:
+            return self._key(source)
+        except (GraphError, OSError):
+            return None
+
+    def _last_good(self, path: Path) -> KnowledgeGraph | None:
+        versions = [g for k, g in self._graphs.items() if isinstance(k, tuple) and k[0] == path]
+        return versions[-1] if versions else None
 
     def loaded(self) -> dict[str, KnowledgeGraph]:
         """The graphs loaded so far, by demo name or path."""

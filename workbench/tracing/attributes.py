@@ -174,6 +174,9 @@ KNOWLEDGE_PROMPT_CHARS = "workbench.knowledge.prompt_chars"
 KNOWLEDGE_PROMPT_TOKENS = "workbench.knowledge.prompt_tokens"
 KNOWLEDGE_TOKENIZER = "workbench.knowledge.tokenizer"  # the model whose tokenizer counted prompt_tokens
 KNOWLEDGE_INLINE = "workbench.knowledge.inline"  # looked up on the event loop (true) or in the hop pool
+# The graph's file changed but could not be read again: the hop used the last version that loaded, and says why.
+KNOWLEDGE_STALE = "workbench.knowledge.stale"
+KNOWLEDGE_RELOAD_ERROR = "workbench.knowledge.reload_error"
 
 # Caches (the hop's ``cache:``) and prefetch: the exact response cache's lookup on the hop span, the prefix
 # (KV) cache's reuse on the request span (and copied to the hop span), and whether a map prepared the hop ahead.
