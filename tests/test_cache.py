@@ -284,6 +284,68 @@ def test_a_model_whose_weights_are_elsewhere_is_keyed_by_its_dtype_setting(tiny_
     assert ray_model("float32").identity != ray_model("bfloat16").identity
 
 
+class WeightsServer:
+    """A real HTTP server on 127.0.0.1 that speaks enough of the OpenAI API for a remote model, as vLLM would with
+    ``--served-model-name m``: it lists ``m`` with ``root``, the weights it loaded, and answers with their name."""
+
+    def __init__(self, root: str, port: int = 0) -> None:
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def _send(self, body: bytes, kind: str) -> None:
+                self.send_response(200)
+                self.send_header("content-type", kind)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                # created: vLLM says the time of each answer, so it names no version of the weights.
+                self._send(json.dumps({"object": "list", "data": [
+                    {"id": "m", "object": "model", "root": root, "owned_by": "vllm", "created": time.time_ns(),
+                     "max_model_len": 2048}]}).encode(), "application/json")
+
+            def do_POST(self) -> None:  # noqa: N802
+                self.rfile.read(int(self.headers["content-length"]))
+                chunk = {"choices": [{"index": 0, "text": f" from {root}", "finish_reason": "stop"}],
+                         "usage": {"prompt_tokens": 4, "completion_tokens": 2}}
+                self._send(f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode(), "text/event-stream")
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.port = self._server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def test_a_server_restarted_with_other_weights_under_the_same_name_misses(data_dir: Path) -> None:
+    server = WeightsServer("/models/llama-a")
+    try:
+        with wb.Workbench(data_dir=data_dir) as bench:
+            bench.load("tiny", server.url, served_model="m")
+            first = bench.chain(spec("exact")).run(question="Name a sea.")
+            assert first.output == "from /models/llama-a" and model_calls(first) == 1
+            bench.unload("tiny")
+            bench.load("tiny", server.url, served_model="m")  # the same server, the same weights: a hit
+            assert model_calls(bench.chain(spec("exact")).run(question="Name a sea.")) == 0
+            server.stop()
+            server = WeightsServer("/models/llama-b", port=server.port)  # restarted: other weights, the same name
+            bench.unload("tiny")
+            bench.load("tiny", server.url, served_model="m")
+            run = bench.chain(spec("exact")).run(question="Name a sea.")
+            assert run.output == "from /models/llama-b" and model_calls(run) == 1
+    finally:
+        server.stop()
+
+
 def test_a_model_that_loads_on_the_call_is_called_uncached_then_cached(tiny_path: Path, data_dir: Path) -> None:
     # Until it has loaded, where it runs and in what dtype are not known, so neither is its key.
     with wb.Workbench(data_dir=data_dir) as bench:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from typing import Any
 
 from opentelemetry.trace import Span
 
@@ -598,7 +599,7 @@ class Engine:
 
     # -- caches and prefetch --------------------------------------------------------------------
 
-    def identity(self, name: str) -> dict[str, str | None] | None:
+    def identity(self, name: str) -> dict[str, Any] | None:
         """What an answer of model ``name`` depends on (source, revision, device, dtype, adapter, file fingerprints),
         for cache keys; None while it is not loaded (where it runs, and in what dtype, is known once it has).
 

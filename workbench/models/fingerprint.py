@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from workbench.models.settings import LoadSettings
 
@@ -27,11 +29,23 @@ def directory_fingerprint(path: str | os.PathLike[str]) -> str | None:
     return digest.hexdigest()[:16]
 
 
-def model_identity(settings: LoadSettings, device: str, dtype: str | None) -> dict[str, str | None]:
+# What a server's GET /models says of a model that names the weights behind it (vLLM and SGLang: root, the path or
+# hub id it loaded, and parent; llama.cpp: meta, the model file's sizes), not what changes from one answer to the
+# next (vLLM's created and permission ids).
+LISTED_KEYS = ("id", "root", "parent", "owned_by", "max_model_len", "meta")
+
+
+def model_identity(
+    settings: LoadSettings, device: str, dtype: str | None, listed: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """What a cached answer of this model depends on: source, revision, served model, where it runs, dtype, adapter,
-    fingerprints. ``device`` and ``dtype`` are what the model loaded onto and in (for ``"auto"``: what it chose)."""
+    fingerprints. ``device`` and ``dtype`` are what the model loaded onto and in (for ``"auto"``: what it chose).
+    ``listed``: a model behind a server, as its GET /models lists it (a restart with other weights under the same
+    name lists another root)."""
     weights = None if settings.remote else _files(settings.source, settings.revision)
     adapter = _files(settings.adapter, None) if settings.adapter else None
+    served = {"listed": {k: listed[k] for k in LISTED_KEYS if k in listed} if listed else None} \
+        if settings.remote else {}  # keys of models here stay as they were
     return {
         "source": settings.source,
         "revision": settings.revision,
@@ -45,6 +59,7 @@ def model_identity(settings: LoadSettings, device: str, dtype: str | None) -> di
         "adapter": settings.adapter,
         "adapter_fingerprint": adapter[0] if adapter else None,
         "adapter_commit": adapter[1] if adapter else None,
+        **served,
     }
 
 

@@ -81,7 +81,7 @@ class LoadedModel:
     adapters: AdapterSet | None = None
     # What its answers depend on, for cache keys (fingerprint.py): taken as its files are when it has just loaded,
     # since a directory rewritten later (the next checkpoint saved in place) no longer holds the weights in memory.
-    identity: dict[str, str | None] = field(default_factory=dict)
+    identity: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.identity:
@@ -485,9 +485,11 @@ class ModelRegistry:
             window = remote.listed_window(listed, served) or (_context_window(config, tokenizer) if tokenizer else None)
             span.set_attributes({attr_names.REMOTE_SERVED_MODEL: served, attr_names.LOAD_S: load_s,
                                  attr_names.COLD_START_S: load_s})
+        settings = dataclasses.replace(settings, served_model=served)
         return LoadedModel(
-            name=name, settings=dataclasses.replace(settings, served_model=served), model=None, tokenizer=tokenizer,
-            device=REMOTE_DEVICE, dtype=None, params=None, memory_bytes=0, load_s=load_s, context_window=window,
+            name=name, settings=settings, model=None, tokenizer=tokenizer, device=REMOTE_DEVICE, dtype=None,
+            params=None, memory_bytes=0, load_s=load_s, context_window=window,
+            identity=model_identity(settings, REMOTE_DEVICE, None, remote.listed_entry(listed, served)),
         )
 
     def replica(

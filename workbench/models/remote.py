@@ -86,13 +86,16 @@ def pick_model(settings: LoadSettings, listed: list[dict[str, Any]]) -> str:
     )
 
 
+def listed_entry(listed: list[dict[str, Any]], served: str) -> dict[str, Any] | None:
+    """What the server lists of ``served`` (None for a model it serves but does not list)."""
+    return next((entry for entry in listed if entry.get("id") == served), None)
+
+
 def listed_window(listed: list[dict[str, Any]], served: str) -> int | None:
     """The context window the server lists for ``served`` (vLLM and SGLang say ``max_model_len``)."""
-    for entry in listed:
-        if entry.get("id") == served:
-            value = entry.get("max_model_len") or entry.get("context_length")
-            return value if type(value) is int and value > 0 else None  # not True, which is an int 1
-    return None
+    entry = listed_entry(listed, served) or {}
+    value = entry.get("max_model_len") or entry.get("context_length")
+    return value if type(value) is int and value > 0 else None  # not True, which is an int 1
 
 
 def local_tokenizer(served: str, settings: LoadSettings) -> tuple[Any, Any]:
