@@ -336,6 +336,21 @@ def test_a_relative_path_in_a_spec_file_is_read_from_the_files_folder(
         spec.parent / "people.csv"  # type: ignore[union-attr]
 
 
+def test_a_knowledge_hops_walk_is_set_live_and_what_it_does_not_take_is_refused_saying_what_can(
+    bench: wb.Workbench
+) -> None:
+    chain = bench.chain(knowledge_spec("countries"))
+    chain.set({"facts.hops": 2, "facts.max_triples": 3})
+    run = chain.run(question="France")
+    assert run.outputs["facts"].count("\n") == 2  # three facts
+    # retry was offered for a knowledge hop, and its spec then refused it as an unknown field 'did you mean query?'
+    with pytest.raises(wb.SpecError, match="'retry' of a knowledge hop cannot be set live") as info:
+        chain.set("facts.retry", {"attempts": 2})
+    assert "query, hops, max_triples" in str(info.value.hint)
+    with pytest.raises(wb.SpecError, match="'graph' of a knowledge hop cannot be set live"):
+        chain.set("facts.graph", "other.csv")
+
+
 def test_autoglm_run_reads_a_relative_graph_from_the_spec_files_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

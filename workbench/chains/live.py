@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from workbench.chains.spec import CHAIN_FIELDS, LLM_FIELDS, RETRY_FIELDS, ChainSpec, parse_spec
+from workbench.chains.spec import CHAIN_FIELDS, KNOWLEDGE_FIELDS, LLM_FIELDS, RETRY_FIELDS, ChainSpec, parse_spec
 from workbench.errors import SettingsError, SpecError, WorkbenchError, did_you_mean
 
 logger = logging.getLogger(__name__)
@@ -37,6 +37,8 @@ MAX_CONFIG_BYTES = 8 * 2**20
 # Fields a live edit may change: values a spec allows, never code (``call``), names or the graph's shape (``uses``).
 SETTABLE_CHAIN_FIELDS = tuple(f for f in CHAIN_FIELDS if f in ("description", "history", "output"))
 SETTABLE_HOP_FIELDS = tuple(f for f in LLM_FIELDS if f not in ("name", "kind", "messages"))
+# A knowledge hop's walk, not its graph (a new file is a new chain, loaded and checked as one).
+SETTABLE_KNOWLEDGE_FIELDS = tuple(f for f in KNOWLEDGE_FIELDS if f not in ("name", "kind", "graph"))
 # A file whose mtime is this recent is hashed on every poll: two writes within the file system's
 # timestamp granularity, of one size, leave the same stat behind ("racy" timestamps, as git calls them).
 _RACY_S = 2.0
@@ -239,7 +241,7 @@ def settable_path(path: str, spec: ChainSpec) -> tuple[str, ...]:
     if hop not in hops:
         raise SpecError(f"chain {spec.name!r} has no hop {hop!r}{did_you_mean(hop, hops)}", field=path, hint=f"hops: {', '.join(hops)}")
     kind = spec.hop(hop).kind
-    allowed = SETTABLE_HOP_FIELDS if kind == "llm" else ("retry", "fallback")
+    allowed = {"llm": SETTABLE_HOP_FIELDS, "knowledge": SETTABLE_KNOWLEDGE_FIELDS}.get(kind, ("retry", "fallback"))
     if field not in allowed:
         why = "code is not set live" if field == "call" else "a live edit changes values, not names or the graph"
         raise SpecError(f"{path!r}: {field!r} of a {kind} hop cannot be set live ({why})", hop=hop, field=field,
