@@ -331,6 +331,11 @@ def test_a_relative_path_in_a_spec_file_is_read_from_the_files_folder(
     chain.set("description", "facts")  # new versions, parsed again after the cwd moved
     chain.update(spec.read_text(encoding="utf-8") + "    hops: 2\n")
     assert "Charles Babbage — designed" in chain.run(question="Who is Ada Lovelace?").output
+    # A configuration's chain file alike (its path is relative to the configuration).
+    (tmp_path / "workbench.yaml").write_text("chains:\n  kg: specs/kg.yaml\n", encoding="utf-8")
+    configured = bench.configure(tmp_path / "workbench.yaml").chains["kg"]
+    assert configured.run(question="Who is Charles Babbage?").output == \
+        "Charles Babbage — designed — Analytical Engine."
     # Text or a dict has no file: its relative paths are the working directory's, unless base_dir says otherwise.
     assert bench.chain(knowledge_spec("people.csv"), base_dir=spec.parent).spec.hops[0].knowledge.source.path == \
         spec.parent / "people.csv"  # type: ignore[union-attr]
