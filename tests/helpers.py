@@ -1,9 +1,10 @@
-"""Shared by several test modules: waiting on other threads, the two-hop chain the comparison tests run, a real
-`transformers serve` on the tiny model, and Ray."""
+"""Shared by several test modules: waiting on other threads, the two-hop chain the comparison tests run, reading
+server-sent events, a real `transformers serve` on the tiny model, and Ray."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -79,6 +80,18 @@ QA_SPEC = {
 }
 # Questions of different lengths, so padded batches pad.
 QUESTIONS = [{"question": f"What is {i} + {i}?" + " Explain it step by step." * (i % 3)} for i in range(4)]
+
+
+def sse(lines: Iterator[str]) -> list[tuple[str, Any]]:
+    """Server-sent events as (event, data) pairs."""
+    events, kind = [], None
+    for line in lines:
+        if line.startswith("event: "):
+            kind = line[7:]
+        elif line.startswith("data: "):
+            events.append((kind, json.loads(line[6:])))
+            kind = None
+    return events
 
 
 SERVE_START_S = 180  # transformers serve imports torch and fastapi, then loads the model: ~20 s here

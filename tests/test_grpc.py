@@ -27,7 +27,7 @@ from workbench.fronts.server import chain_pb2_grpc, protogen
 from workbench.fronts.server.gateway import Gateway
 from workbench.fronts.server.auth import Auth, KeyStore
 from workbench.fronts.server.grpc_server import GrpcServer, status_for
-from tests.helpers import QA_SPEC, eventually
+from tests.helpers import QA_SPEC, eventually, sse
 
 RUNNER_KEY = "runner-key"
 VIEWER_KEY = "viewer-key"
@@ -47,6 +47,16 @@ async def slow(question: str) -> str:
         CANCELLED.append(question)
         raise
     return question
+
+
+FLAKED: set[str] = set()  # the questions whose flaky hop failed its first attempt
+
+
+def flaky(question: str) -> str:
+    if question not in FLAKED:
+        FLAKED.add(question)
+        raise ValueError(f"first try at {question!r} fails")
+    return question.upper()
 
 
 def breaker_open(question: str) -> str:
@@ -395,6 +405,32 @@ def test_a_stream_without_credentials_ends_unauthenticated(server: GrpcServer, c
                     key(auth, "viewer"))
     assert [e.error.code for e in viewer] == [grpc.StatusCode.PERMISSION_DENIED.value[0]]
     assert len(chains["qa"].bench.runs()) == before
+
+
+def test_a_retried_hop_tells_its_failed_attempt_over_grpc_as_over_sse(chains: dict[str, wb.Chain],
+                                                                      auth: Auth) -> None:
+    # Stream had no event for wb.AttemptFailed: a gRPC client saw a retried hop's tokens from every attempt run
+    # together, with nothing saying the first were no answer, where an SSE client got an attempt_failed event.
+    import httpx
+
+    bench = chains["qa"].bench
+    retried = bench.chain({"name": "flaky", "hops": [
+        {"name": "once", "call": flaky, "retry": {"attempts": 2, "backoff_ms": 0}}]})
+    with bench.serve(chains=[retried], port=0, grpc_port=0, auth=auth) as served:
+        assert served.grpc is not None
+        headers = {"authorization": f"Bearer {auth.test_keys['runner']}"}  # type: ignore[attr-defined]
+        with httpx.stream("POST", f"{served.url}/v1/chains/flaky/stream", json={"inputs": {"question": "rest"}},
+                          headers=headers, timeout=60) as response:
+            by_sse = [data for kind, data in sse(response.iter_lines()) if kind == "attempt_failed"]
+        events = stream(served.grpc, [stream_request("a", chain="flaky", question="grpc")], key(auth, "runner"))
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds == ["hop_started", "attempt_failed", "hop_finished", "final"]
+    assert json.loads(events[-1].final.response.output_json) == "GRPC"
+    failed = events[1].attempt_failed
+    assert (failed.hop, failed.attempt, failed.route) == ("once", 1, "hop:once")
+    assert "first try at 'grpc' fails" in failed.error
+    assert by_sse == [{"hop": "once", "attempt": 1, "route": "hop:once",
+                       "error": failed.error.replace("'grpc'", "'rest'")}]
 
 
 # -- the generated code --------------------------------------------------------------------------

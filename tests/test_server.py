@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
 import workbench as wb
-from helpers import QA_SPEC, eventually, free_port
+from helpers import QA_SPEC, eventually, free_port, sse
 from workbench.errors import SettingsError
 from workbench.fronts.server import Server, ServeError
 from workbench.fronts.server.auth import Auth, KeyStore
@@ -84,18 +84,6 @@ def client(server: Server) -> Iterator[httpx.Client]:
 
 def key(keys: dict[str, str], name: str) -> dict[str, str]:
     return {"authorization": f"Bearer {keys[name]}"}
-
-
-def sse(lines: Iterator[str]) -> list[tuple[str, Any]]:
-    """Server-sent events as (event, data) pairs."""
-    events, kind = [], None
-    for line in lines:
-        if line.startswith("event: "):
-            kind = line[7:]
-        elif line.startswith("data: "):
-            events.append((kind, json.loads(line[6:])))
-            kind = None
-    return events
 
 
 # -- REST ------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#workbench/fronts/server/chain.proto\x12\x14\x61utoglm.workbench.v1\"G\n\x08\x45nvelope\x12\x10\n\x08trace_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontext_blob\x18\x02 \x01(\x0c\x12\x13\n\x0b\x61\x63tion_type\x18\x03 \x01(\t\"y\n\rInvokeRequest\x12\x30\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x1e.autoglm.workbench.v1.Envelope\x12\r\n\x05\x63hain\x18\x02 \x01(\t\x12\x13\n\x0binputs_json\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\"\x92\x01\n\x0eInvokeResponse\x12\x30\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x1e.autoglm.workbench.v1.Envelope\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x13\n\x0boutput_json\x18\x03 \x01(\t\x12\x14\n\x0coutputs_json\x18\x04 \x01(\t\x12\x13\n\x0b\x64uration_ms\x18\x05 \x01(\x01\"Y\n\rStreamRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x34\n\x07request\x18\x02 \x01(\x0b\x32#.autoglm.workbench.v1.InvokeRequest\"\x19\n\nHopStarted\x12\x0b\n\x03hop\x18\x01 \x01(\t\"D\n\x0bHopFinished\x12\x0b\n\x03hop\x18\x01 \x01(\t\x12\x13\n\x0boutput_json\x18\x02 \x01(\t\x12\x13\n\x0b\x64uration_ms\x18\x03 \x01(\x01\"9\n\nTokenDelta\x12\x0b\n\x03hop\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08token_id\x18\x03 \x01(\x03\"?\n\x05\x46inal\x12\x36\n\x08response\x18\x01 \x01(\x0b\x32$.autoglm.workbench.v1.InvokeResponse\"h\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0c\n\x04hint\x18\x03 \x01(\t\x12\x0b\n\x03hop\x18\x04 \x01(\t\x12\x0e\n\x06run_id\x18\x05 \x01(\t\x12\x15\n\rretry_after_s\x18\x06 \x01(\x01\"\xdf\x02\n\x0bStreamEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\x08\x65nvelope\x18\x02 \x01(\x0b\x32\x1e.autoglm.workbench.v1.Envelope\x12\x37\n\x0bhop_started\x18\x03 \x01(\x0b\x32 .autoglm.workbench.v1.HopStartedH\x00\x12\x39\n\x0chop_finished\x18\x04 \x01(\x0b\x32!.autoglm.workbench.v1.HopFinishedH\x00\x12\x31\n\x05token\x18\x05 \x01(\x0b\x32 .autoglm.workbench.v1.TokenDeltaH\x00\x12,\n\x05\x66inal\x18\x06 \x01(\x0b\x32\x1b.autoglm.workbench.v1.FinalH\x00\x12,\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x1b.autoglm.workbench.v1.ErrorH\x00\x42\x07\n\x05\x65vent2\xb9\x01\n\x0c\x43hainService\x12S\n\x06Invoke\x12#.autoglm.workbench.v1.InvokeRequest\x1a$.autoglm.workbench.v1.InvokeResponse\x12T\n\x06Stream\x12#.autoglm.workbench.v1.StreamRequest\x1a!.autoglm.workbench.v1.StreamEvent(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#workbench/fronts/server/chain.proto\x12\x14\x61utoglm.workbench.v1\"G\n\x08\x45nvelope\x12\x10\n\x08trace_id\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontext_blob\x18\x02 \x01(\x0c\x12\x13\n\x0b\x61\x63tion_type\x18\x03 \x01(\t\"y\n\rInvokeRequest\x12\x30\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x1e.autoglm.workbench.v1.Envelope\x12\r\n\x05\x63hain\x18\x02 \x01(\t\x12\x13\n\x0binputs_json\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\"\x92\x01\n\x0eInvokeResponse\x12\x30\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x1e.autoglm.workbench.v1.Envelope\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x13\n\x0boutput_json\x18\x03 \x01(\t\x12\x14\n\x0coutputs_json\x18\x04 \x01(\t\x12\x13\n\x0b\x64uration_ms\x18\x05 \x01(\x01\"Y\n\rStreamRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x34\n\x07request\x18\x02 \x01(\x0b\x32#.autoglm.workbench.v1.InvokeRequest\"\x19\n\nHopStarted\x12\x0b\n\x03hop\x18\x01 \x01(\t\"D\n\x0bHopFinished\x12\x0b\n\x03hop\x18\x01 \x01(\t\x12\x13\n\x0boutput_json\x18\x02 \x01(\t\x12\x13\n\x0b\x64uration_ms\x18\x03 \x01(\x01\"9\n\nTokenDelta\x12\x0b\n\x03hop\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08token_id\x18\x03 \x01(\x03\"K\n\rAttemptFailed\x12\x0b\n\x03hop\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\r\n\x05route\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"?\n\x05\x46inal\x12\x36\n\x08response\x18\x01 \x01(\x0b\x32$.autoglm.workbench.v1.InvokeResponse\"h\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0c\n\x04hint\x18\x03 \x01(\t\x12\x0b\n\x03hop\x18\x04 \x01(\t\x12\x0e\n\x06run_id\x18\x05 \x01(\t\x12\x15\n\rretry_after_s\x18\x06 \x01(\x01\"\x9e\x03\n\x0bStreamEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\x08\x65nvelope\x18\x02 \x01(\x0b\x32\x1e.autoglm.workbench.v1.Envelope\x12\x37\n\x0bhop_started\x18\x03 \x01(\x0b\x32 .autoglm.workbench.v1.HopStartedH\x00\x12\x39\n\x0chop_finished\x18\x04 \x01(\x0b\x32!.autoglm.workbench.v1.HopFinishedH\x00\x12\x31\n\x05token\x18\x05 \x01(\x0b\x32 .autoglm.workbench.v1.TokenDeltaH\x00\x12,\n\x05\x66inal\x18\x06 \x01(\x0b\x32\x1b.autoglm.workbench.v1.FinalH\x00\x12,\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x1b.autoglm.workbench.v1.ErrorH\x00\x12=\n\x0e\x61ttempt_failed\x18\x08 \x01(\x0b\x32#.autoglm.workbench.v1.AttemptFailedH\x00\x42\x07\n\x05\x65vent2\xb9\x01\n\x0c\x43hainService\x12S\n\x06Invoke\x12#.autoglm.workbench.v1.InvokeRequest\x1a$.autoglm.workbench.v1.InvokeResponse\x12T\n\x06Stream\x12#.autoglm.workbench.v1.StreamRequest\x1a!.autoglm.workbench.v1.StreamEvent(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,12 +45,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HOPFINISHED']._serialized_end=592
   _globals['_TOKENDELTA']._serialized_start=594
   _globals['_TOKENDELTA']._serialized_end=651
-  _globals['_FINAL']._serialized_start=653
-  _globals['_FINAL']._serialized_end=716
-  _globals['_ERROR']._serialized_start=718
-  _globals['_ERROR']._serialized_end=822
-  _globals['_STREAMEVENT']._serialized_start=825
-  _globals['_STREAMEVENT']._serialized_end=1176
-  _globals['_CHAINSERVICE']._serialized_start=1179
-  _globals['_CHAINSERVICE']._serialized_end=1364
+  _globals['_ATTEMPTFAILED']._serialized_start=653
+  _globals['_ATTEMPTFAILED']._serialized_end=728
+  _globals['_FINAL']._serialized_start=730
+  _globals['_FINAL']._serialized_end=793
+  _globals['_ERROR']._serialized_start=795
+  _globals['_ERROR']._serialized_end=899
+  _globals['_STREAMEVENT']._serialized_start=902
+  _globals['_STREAMEVENT']._serialized_end=1316
+  _globals['_CHAINSERVICE']._serialized_start=1319
+  _globals['_CHAINSERVICE']._serialized_end=1504
 # @@protoc_insertion_point(module_scope)

@@ -58,7 +58,7 @@ class ChainServiceServicer:
 
     def Stream(self, request_iterator, context):
         """Send any number of requests on one stream; each is answered by its own events, tagged with its
-        request_id: hop starts and ends, token deltas, then one Final (or one Error).
+        request_id: hop starts and ends, token deltas, failed attempts, then one Final (or one Error).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,8 +1,9 @@
 """The gRPC front: ChainService (chain.proto) on a grpc.aio server, with the gateway's auth, envelope and traces.
 
 ``Invoke`` runs a chain once; ``Stream`` is bidirectional: a client sends any number of StreamRequests on one
-stream and each is answered by its own events (hop started, token, hop finished, then one Final or one Error),
-tagged with the request's ``request_id``. Requests on one stream run concurrently, up to ``max_in_flight``.
+stream and each is answered by its own events (hop started, token, attempt failed, hop finished, then one Final or
+one Error), tagged with the request's ``request_id``. Requests on one stream run concurrently, up to
+``max_in_flight``.
 
 Credentials come as metadata (``authorization: Bearer <key or JWT>`` or ``x-api-key``) and go through the same
 :class:`~workbench.fronts.server.auth.Auth` as the REST front. A refused call never starts a run: no or bad
@@ -32,7 +33,7 @@ from urllib.parse import unquote
 import grpc
 import msgspec
 
-from workbench.chains.events import HopFinished, HopStarted, RunFinished, Token
+from workbench.chains.events import AttemptFailed, HopFinished, HopStarted, RunFinished, Token
 from workbench.chains.runner import TRACE_PARENT, check_inputs
 from workbench.errors import HopFailed, RunCancelled, SettingsError, WorkbenchError
 from workbench.fronts.server import chain_pb2 as pb
@@ -221,6 +222,9 @@ class ChainServicer(chain_pb2_grpc.ChainServiceServicer):
                             self.gateway.metrics.ttft.labels(chain.name).observe(time.perf_counter() - started)
                             first_token = False
                         send(token=pb.TokenDelta(hop=event.hop, text=event.text, token_id=event.token_id))
+                    elif isinstance(event, AttemptFailed):
+                        send(attempt_failed=pb.AttemptFailed(hop=event.hop, attempt=event.attempt, route=event.route,
+                                                             error=event.error))
                     elif isinstance(event, HopFinished):
                         send(hop_finished=pb.HopFinished(hop=event.hop, output_json=_json(event.output),
                                                          duration_ms=event.duration_ms))
