@@ -6,6 +6,7 @@ import argparse
 import ast
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -453,3 +454,47 @@ def test_run_without_a_spec_names_only_what_is_missing(capsys: pytest.CaptureFix
     assert exited.value.code == 2
     last = capsys.readouterr().err.splitlines()[-1]
     assert last == "autoglm run: error: the following arguments are required: SPEC"
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_stopping_serve_with_a_stream_in_flight_ends_the_stream_and_exits_0_without_a_traceback(
+        stop: signal.Signals, tmp_path: Path) -> None:
+    # Before, uvicorn cancelled the stream after its 2 s of grace and logged 'Exception in ASGI application' with a
+    # 25-line CancelledError traceback, and the client's stream broke off mid-body (httpx: 'incomplete chunked read').
+    import httpx
+
+    from workbench.fronts.server.auth import KeyStore
+
+    (tmp_path / "napping.py").write_text(
+        "import asyncio\nasync def nap(question: str) -> str:\n    await asyncio.sleep(60)\n    return question\n",
+        encoding="utf-8")
+    spec = tmp_path / "nap.yaml"
+    spec.write_text("name: nap\nhops:\n  - name: nap\n    call: napping:nap\n", encoding="utf-8")
+    key = KeyStore(tmp_path / "data").add("cli", "runner")
+    log_path = tmp_path / "serve.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(wb.__file__).parents[1]), str(tmp_path)])}
+    with log_path.open("w") as log:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "workbench.fronts.cli", "serve", "--spec", str(spec), "--port", "0",
+             "--data-dir", str(tmp_path / "data"), "--allow-module", "napping"],
+            stdout=log, stderr=subprocess.STDOUT, env=env,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a shell's foreground job
+    try:
+        deadline = time.monotonic() + 120
+        while (found := re.search(r"serving nap on (\S+)", log_path.read_text())) is None:
+            assert child.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.2)
+        with httpx.stream("POST", f"{found.group(1)}/v1/chains/nap/stream", json={"inputs": {"question": "hi"}},
+                          headers={"x-api-key": key}, timeout=60) as response:
+            lines = response.iter_lines()
+            assert next(lines) == "event: hop_started"
+            child.send_signal(stop)
+            rest = list(lines)  # raises httpx.RemoteProtocolError where the stream broke off
+        code = child.wait(60)
+    finally:
+        child.kill()
+    said = log_path.read_text()
+    assert code == 0 and "Traceback" not in said, said
+    assert said.rstrip().endswith("stopped")
+    error = next(json.loads(line[6:]) for line in rest if line.startswith("data: {\"error\""))
+    assert error["error"]["type"] == "ServerStopping" and error["error"]["status"] == 503

@@ -212,11 +212,16 @@ async def _sse(gateway: Gateway, request: Request, chain: Chain, body: InvokeReq
                     yield _event(event.kind, gateway.result(event.run, InvokeResponse, context_blob=body.context_blob,
                                                             action_type="stream"))
     except Exception as exc:  # the run failed outside every hop: say so in the stream, which has begun
-        detail = error_detail(exc)
-        status = detail.status
-        yield _event("error", ErrorResponse(error=detail, action_type="stream"))
+        status = error_detail(exc).status
+        yield sse_error(exc)
     finally:
         gateway.metrics.observe("/v1/chains/{name}/stream", "POST", status, time.perf_counter() - started)
+
+
+def sse_error(exc: BaseException) -> bytes:
+    """The ``error`` event that ends a stream which has begun when its run fails outside every hop, or the server
+    stops."""
+    return _event("error", ErrorResponse(error=error_detail(exc), action_type="stream"))
 
 
 def _event(kind: str, data: Any) -> bytes:

@@ -78,6 +78,15 @@ class ServeError(SettingsError):
     """A gateway that cannot start: an unsafe host and auth pairing, a port in use or out of range, a bad limit."""
 
 
+class ServerStopping(ServingError):
+    """The server stopped (Ctrl-C, SIGTERM, ``server.stop()``) before a request's answer was done; its run was
+    cancelled."""
+
+    def __init__(self) -> None:
+        super().__init__("the server stopped before this request was answered; its run was cancelled",
+                         hint="send it again once the server is back")
+
+
 class Gateway:
     """What one served app holds: the workbench, the chains it serves, the Auth, metrics, and who owns which run.
 

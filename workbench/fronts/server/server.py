@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 
 from workbench.errors import did_you_mean
-from workbench.fronts.server.app import create_app
-from workbench.fronts.server.gateway import ServeError
+from workbench.fronts.server.app import create_app, sse_error
+from workbench.fronts.server.gateway import ServeError, ServerStopping
 from workbench.fronts.server.protocol import head_deadline_protocol
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
+    from starlette.types import ASGIApp, Receive, Scope, Send
 
     from workbench.bench import Workbench
     from workbench.chains.chain import Chain
@@ -74,7 +75,7 @@ class Server:
         # A request's head has as long to arrive as its body (see protocol.py): a trickling client is cut off.
         # proxy_headers off: uvicorn would otherwise take X-Forwarded-For from any loopback peer as the client's
         # address; the Auth believes it only from the proxies it is told to trust (trusted_proxies).
-        config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="off", proxy_headers=False,
+        config = uvicorn.Config(_ended_when_stopped(app, self), log_level=log_level, access_log=False, lifespan="off", proxy_headers=False,
                                 timeout_keep_alive=5, timeout_graceful_shutdown=2,
                                 http=head_deadline_protocol(app.state.gateway.body_timeout_s))
         self._server = uvicorn.Server(config)
@@ -179,6 +180,35 @@ def build(
 
         server.grpc = GrpcServer(app.state.gateway, host=host, port=grpc_port)
     return server
+
+
+def _ended_when_stopped(app: Starlette, server: Server) -> ASGIApp:
+    """``app``, whose requests still running when uvicorn's grace on stopping runs out end with a 503 ServerStopping:
+    an error body, or for a stream that has begun an ``error`` event and its end, where uvicorn would cancel them,
+    log 'Exception in ASGI application' with a traceback and cut a stream off mid-body."""
+    from starlette.requests import Request
+
+    async def serve(scope: Scope, receive: Receive, send: Send) -> None:
+        streaming: list[bool] = []  # once the response began: whether it is an event stream
+
+        async def sending(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                streaming.append(dict(message.get("headers", ())).get(b"content-type", b"")
+                                 .startswith(b"text/event-stream"))
+            await send(message)
+
+        try:
+            await app(scope, receive, sending)
+        except asyncio.CancelledError:
+            if not server._server.should_exit or scope["type"] != "http":
+                raise
+            if not streaming:
+                await app.state.gateway.error(Request(scope, receive), ServerStopping())(scope, receive, send)
+            elif streaming[0]:
+                await send({"type": "http.response.body", "body": sse_error(ServerStopping()), "more_body": False})
+            # else a body that began and is not a stream: uvicorn closes the connection, which says it broke off
+
+    return serve
 
 
 def _check_port(name: str, port: object) -> None:
