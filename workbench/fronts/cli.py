@@ -242,11 +242,15 @@ def _add_keys_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
 def _serve(args: argparse.Namespace) -> int:
     from workbench.bench import Workbench
     from workbench.fronts.server.auth import Auth
-    from workbench.fronts.server.server import build
+    from workbench.fronts.server.server import build, check_addresses, resolve_auth
 
     models = _models(args.model)
     specs = [_read_spec(path) for path in args.spec]
     with Workbench(data_dir=args.data_dir, allow_modules=args.allow_module) as bench:
+        # What serving would refuse is refused before the models load (minutes for a large one). Keys live in the
+        # data directory; JWT settings and limits come from the environment (a container's secrets).
+        auth = resolve_auth(Auth.open() if args.no_auth else Auth.from_env(bench.data_dir), args.host, bench.data_dir)
+        check_addresses(args.host, {"port": args.port, "grpc_port": args.grpc_port})
         for name, source in models.items():
             load_model(bench, name, load_settings(args, source), replica_options(args))
         chains: dict[str, Chain] = {}
@@ -264,16 +268,15 @@ def _serve(args: argparse.Namespace) -> int:
                     hint="give each spec file its own  name:  (or pass each file once)",
                 )
             chains[chain.name], files[chain.name] = chain, path
-        # Keys live in the data directory; JWT settings and limits come from the environment (a container's secrets).
-        auth = Auth.open() if args.no_auth else Auth.from_env(bench.data_dir)
         server = build(bench, list(chains.values()), port=args.port, host=args.host, auth=auth,
                        log_level=args.log_level, grpc_port=args.grpc_port,
                        **{name: getattr(args, name) for name in ("max_in_flight", "max_queued")
                           if getattr(args, name) is not None})
+        if server.grpc is not None:
+            server.grpc.start()  # before "serving" is said, and so its port (--grpc-port 0: the system's pick) is known
         print(f"serving {', '.join(chains)} on {server.url} (auth: {auth!r}); Ctrl-C stops",
               flush=True)
         if server.grpc is not None:
-            server.grpc.start()  # now, so its port (chosen by the system for --grpc-port 0) can be printed
             print(f"gRPC (ChainService) on {server.grpc.target}", flush=True)
         server.run()  # until Ctrl-C or SIGTERM
         print("stopped", flush=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import signal
 import socket
 import threading
@@ -59,18 +60,10 @@ class Server:
         self.app = app
         self.host = host
         self._bench = bench
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._socket = socket.socket(family, socket.SOCK_STREAM)
-        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket = bound_socket(host, port)
         # Accepted connections inherit it (Linux): a response goes out as headers, then body, in two writes, and
         # with Nagle on the second waited for the client's delayed ACK, 40 ms a request on loopback.
         self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            self._socket.bind((host, port))
-        except OSError as exc:
-            self._socket.close()
-            raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
-                             hint="pick another port, or port=0 for any free one") from None
         self.port = int(self._socket.getsockname()[1])
         # A request's head has as long to arrive as its body (see protocol.py): a trickling client is cut off.
         # proxy_headers off: uvicorn would otherwise take X-Forwarded-For from any loopback peer as the client's
@@ -209,6 +202,38 @@ def _ended_when_stopped(app: Starlette, server: Server) -> ASGIApp:
             # else a body that began and is not a stream: uvicorn closes the connection, which says it broke off
 
     return serve
+
+
+def bound_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (port 0: any free one), not listening yet; a ServeError saying why where
+    it cannot be: the port in use, a host that is no address of this machine, a port only root may take."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        where = f"cannot listen on {host}:{port}"
+        if exc.errno == errno.EADDRINUSE:
+            raise ServeError(f"{where}: the port is in use",
+                             hint="stop what holds it, or pick another port (0: any free one)") from None
+        if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+            raise ServeError(f"{where}: {exc.strerror or exc}",
+                             hint=f"{host!r} is no address of this machine: 127.0.0.1 serves this machine only, "
+                                  "0.0.0.0 every network it is on") from None
+        raise ServeError(f"{where}: {exc.strerror or exc}",
+                         hint="ports below 1024 need root: pick one above (0: any free one)" if exc.errno ==
+                         errno.EACCES else "pick another port (0: any free one)") from None
+    return sock
+
+
+def check_addresses(host: str, ports: dict[str, int | None]) -> None:
+    """Refuse now, with the ServeError serving would raise, a host or a port (by its option's name; None: not served)
+    that serving would refuse, before the slow work ahead of it (loading models) is done for nothing."""
+    for name, port in ports.items():
+        if port is not None:
+            _check_port(name, port)
+            bound_socket(host, port).close()
 
 
 def _check_port(name: str, port: object) -> None:
