@@ -533,3 +533,19 @@ def test_serve_says_where_it_cannot_listen_before_loading_any_model(flags: list[
     assert done.returncode == 2
     assert done.stderr.splitlines() == [line.format(taken=taken) for line in said]
     assert done.stdout == ""
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["serve", "--spec", "qa.yaml", "--prot", "9000"], "--prot 9000 (did you mean '--port'?)"),
+    (["run", "qa.yaml", "--modle", "tiny=tiny"], "--modle tiny=tiny (did you mean '--model'?)"),
+], ids=["serve", "run"])
+def test_a_misspelt_option_names_the_command_and_the_option_meant(argv: list[str], said: str,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: 'usage: autoglm [-h] [--version] COMMAND ...' and 'autoglm: error: unrecognized arguments: --prot
+    # 9000', the top-level usage, with nothing said of --port.
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: autoglm {argv[0]} ")
+    assert err.splitlines()[-1] == f"autoglm {argv[0]}: error: unrecognized arguments: {said}"

@@ -10,13 +10,13 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 # Only light modules here: `autoglm --help` must answer at once, so torch and transformers load
 # inside the commands that need them.
 from workbench._version import __version__
 from workbench.demo import DEMO_QUESTION
-from workbench.errors import HopFailed, MissingInputError, SpecError, WorkbenchError
+from workbench.errors import HopFailed, MissingInputError, SpecError, WorkbenchError, did_you_mean
 from workbench.fronts.arguments import (
     LOAD_HELP,
     ParseError,
@@ -366,6 +366,17 @@ def _import_from_working_directory() -> None:
         sys.path.append(os.getcwd())
 
 
+def _unrecognized(parser: argparse.ArgumentParser, command: str | None, extra: list[str]) -> NoReturn:
+    """Exit 2 as argparse does for words nobody takes, but with the usage of the command they were given to and the
+    option a misspelt one most likely meant."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            parser = action.choices[command]
+    options = [option for action in parser._actions for option in action.option_strings]
+    unknown = next((word.partition("=")[0] for word in extra if word.startswith("--")), None)
+    parser.error(f"unrecognized arguments: {' '.join(extra)}{did_you_mean(unknown, options)}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _import_from_working_directory()
     parser = build_parser()
@@ -373,7 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra and args.command == "run" and not any(item.startswith("-") for item in extra):
         args.inputs = [*args.inputs, *extra]  # inputs written after an option: run SPEC --model tiny=tiny q=...
     elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        _unrecognized(parser, args.command, extra)
     if args.command is None:
         parser.print_help()
         return 0
