@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -549,3 +550,32 @@ def test_a_misspelt_option_names_the_command_and_the_option_meant(argv: list[str
     err = capsys.readouterr().err
     assert err.startswith(f"usage: autoglm {argv[0]} ")
     assert err.splitlines()[-1] == f"autoglm {argv[0]}: error: unrecognized arguments: {said}"
+
+
+def test_serve_on_every_network_says_that_calls_and_keys_travel_unencrypted(spec_file: Path, tiny_path: Path,
+                                                                           tmp_path: Path) -> None:
+    # Before, --host 0.0.0.0 with keys said nothing: the keys in every call's headers crossed the network in the clear.
+    command = [sys.executable, "-m", "workbench.fronts.cli", "serve", "--spec", str(spec_file), "--model",
+               f"tiny={tiny_path}", "--device", "cpu", "--host", "0.0.0.0", "--port", "0", "--data-dir", str(tmp_path)]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=Path(wb.__file__).parents[1])
+    try:
+        assert child.stdout is not None
+        serving = child.stdout.readline()
+        assert "serving hello on http://0.0.0.0:" in serving, serving
+        port = serving.split("http://0.0.0.0:", 1)[1].split()[0]
+        for _ in range(600):  # until it answers, so SIGTERM finds the server running
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+                break
+            except OSError:
+                time.sleep(0.1)
+        child.send_signal(signal.SIGTERM)
+        out, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == 0 and out == "stopped\n"
+    assert err.splitlines() == [
+        "autoglm: note: 0.0.0.0 is every network this machine is on, and calls and their keys travel unencrypted",
+        "hint: put TLS in front (a reverse proxy, an Ingress) of anything past a network you trust; --host 127.0.0.1 "
+        "serves this machine only"]

@@ -241,7 +241,7 @@ def _add_keys_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
 
 def _serve(args: argparse.Namespace) -> int:
     from workbench.bench import Workbench
-    from workbench.fronts.server.auth import Auth
+    from workbench.fronts.server.auth import Auth, is_loopback
     from workbench.fronts.server.server import build, check_addresses, resolve_auth
 
     models = _models(args.model)
@@ -272,6 +272,11 @@ def _serve(args: argparse.Namespace) -> int:
                        log_level=args.log_level, grpc_port=args.grpc_port,
                        **{name: getattr(args, name) for name in ("max_in_flight", "max_queued")
                           if getattr(args, name) is not None})
+        if not is_loopback(args.host):
+            print(f"autoglm: note: {args.host} is {'every network' if args.host in ('0.0.0.0', '::') else 'a network'} "
+                  "this machine is on, and calls and their keys travel unencrypted\nhint: put TLS in front (a reverse "
+                  "proxy, an Ingress) of anything past a network you trust; --host 127.0.0.1 serves this machine only",
+                  file=sys.stderr, flush=True)
         if server.grpc is not None:
             server.grpc.start()  # before "serving" is said, and so its port (--grpc-port 0: the system's pick) is known
         print(f"serving {', '.join(chains)} on {server.url} (auth: {auth!r}); Ctrl-C stops",

@@ -446,6 +446,16 @@ def _networks(proxies: Iterable[str]) -> tuple[ipaddress.IPv4Network | ipaddress
     return tuple(networks)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether a server on ``host`` is reached from this machine only (``localhost``, 127.0.0.0/8, ``::1``)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class Auth:
     """The gateway's checks: authenticate a caller, authorize an action, admit it under its rate limit.
 
@@ -685,11 +695,8 @@ class Auth:
 
     def check_host(self, host: str) -> None:
         """Refuse to serve an open Auth (no credentials) on an address other machines can reach."""
-        if not self.is_open or host == "localhost":
+        if not self.is_open or is_loopback(host):
             return
-        with contextlib.suppress(ValueError):
-            if ipaddress.ip_address(host).is_loopback:
-                return
         raise SettingsError(f"a server without credentials must listen on loopback only, not {host!r}",
                             hint="serve on 127.0.0.1, or make keys (autoglm keys add NAME --role runner) and "
                                  "serve with them")
