@@ -320,6 +320,25 @@ def test_watching_a_loaded_adapter_at_another_directory_serves_what_that_directo
     bench.unwatch_adapter("tiny", "sql")
 
 
+def test_an_adapter_watched_by_a_relative_path_is_still_followed_after_the_notebook_changes_directory(
+    bench: wb.Workbench, tiny_path: Path, lora: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The watcher looked the relative path up again at every poll, from whatever directory the kernel was in by then
+    # (%cd): the directory was not there, so the new version never came (or another directory's adapter did).
+    shutil.copytree(lora["sql"], tmp_path / "adapters" / "sql")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    bench.load("tiny", tiny_path, device="cpu", adapters={"sql": "adapters/sql"})
+    bench.watch_adapter("tiny", "sql", "adapters/sql", interval_s=0.05)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    publish(lora["sql_v2"], tmp_path / "adapters" / "sql")
+    wait_for(lambda: (bench.adapters("tiny")["state"].tolist() == ["retired", "live"]), "sql_v2's weights to serve")
+    assert bench.adapters("tiny")["path"].tolist() == ["adapters/sql", str(tmp_path / "adapters" / "sql")]
+    expected = by_hand(tiny_path, lora["sql_v2"], PROMPT)
+    assert bench.generate("tiny", PROMPT, adapter="sql", max_new_tokens=NEW).token_ids == expected
+    bench.unwatch_adapter("tiny", "sql")
+
+
 def _rows(bench: wb.Workbench) -> pd.DataFrame:
     return bench.adapters("tiny").query("name == 'sql'").set_index("version")
 

@@ -935,7 +935,8 @@ class Workbench:
                                    "it from", hint=f"bench.watch_adapter({model!r}, {name!r}, DIR)")
             adapters.add(name, os.path.expanduser(path), rules)
         adapters.set_rules(name, rules)
-        directory = os.path.expanduser(path) if path is not None else adapters.path(name)
+        # Absolute now: the watcher polls it, and stages from it, after the notebook may have changed directory.
+        directory = os.path.abspath(os.path.expanduser(path)) if path is not None else adapters.path(name)
         live = adapters.live(name)
         self.unwatch_adapter(model, name)
         self._adapter_watchers[(model, name)] = DirectoryWatcher(
@@ -987,7 +988,7 @@ class Workbench:
         refused here, before a watch that could only refuse every version.
         """
         loaded = self.registry.check_swappable(name)
-        directory = os.path.expanduser(path) if path is not None else loaded.source
+        directory = os.path.abspath(os.path.expanduser(path)) if path is not None else loaded.source  # as for adapters
         prompts = tuple(golden_prompts) if golden_prompts is not None else GOLDEN_PROMPTS
         if name not in self._model_versions:
             first = AdapterVersion(name, 1, loaded.source, content_digest(loaded.source, "config.json"),

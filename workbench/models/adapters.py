@@ -304,7 +304,8 @@ class AdapterSet:
         with self._state:
             if name in self._named:
                 raise AdapterError(f"an adapter named {name!r} is already loaded", hint="pick another name")
-            self._named[name] = _Named(name, str(path), rules or AdapterRules())
+            # Absolute from here on: a watcher and a later stage read it after the notebook may have changed directory.
+            self._named[name] = _Named(name, os.path.abspath(path), rules or AdapterRules())
         version = self.stage(name, path, raising=True)
         if version.state == "refused":
             with self._state:
