@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -129,6 +130,79 @@ def test_closing_gives_a_failing_endpoint_one_try_not_seconds_of_retries(
     assert _workbench_said(caplog)[-1].startswith(
         f"the OTLP endpoint {collector}/v1/traces did not take spans up to the close: 2 in the batches tried")
     assert _exporter_said(caplog) == [] and len(run.trace) == 2
+
+
+class _Silent:
+    """A TCP endpoint that accepts every connection, reads what comes, and never answers."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.connections: list[socket.socket] = []
+        self.received = bytearray()
+        self.got_request = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            self.connections.append(connection)
+            threading.Thread(target=self._read, args=(connection,), daemon=True).start()
+
+    def _read(self, connection: socket.socket) -> None:
+        while True:
+            try:
+                data = connection.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            self.received += data
+            self.got_request.set()
+
+    def close(self) -> None:
+        self.listener.close()
+        for connection in self.connections:
+            connection.close()
+
+
+@pytest.fixture
+def silent() -> Iterator[_Silent]:
+    endpoint = _Silent()
+    try:
+        yield endpoint
+    finally:
+        endpoint.close()
+
+
+def test_closing_with_an_endpoint_that_never_answers_returns_and_says_once_where_spans_did_not_go(
+    silent: _Silent, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An endpoint that took the connection and never answered (a collector hung, a port forwarded to nothing) held
+    bench.close() for the exporter's whole timeout: 10 s, measured, before a notebook could close."""
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "3600000")  # nothing goes out before the close
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "3600")  # the exporter alone would wait an hour
+    endpoint = f"http://127.0.0.1:{silent.listener.getsockname()[1]}"
+    bench = wb.Workbench(otlp_endpoint=endpoint)
+    run = bench.chain(ONE_CALL).run(question="hi")
+    closing = threading.Thread(target=bench.close)
+    closing.start()
+    closing.join(120)  # a bound on a hang, far above the close's own
+    assert not closing.is_alive(), "bench.close() waited on an endpoint that never answers"
+    assert silent.got_request.is_set() and silent.received.startswith(b"POST /v1/traces")  # the close did try
+    assert _exporter_said(caplog) == []
+    (said,) = _workbench_said(caplog)
+    assert said.startswith(f"the OTLP endpoint {endpoint}/v1/traces did not answer within 2.0 s of the close")
+    assert "otlp_close_timeout_s" in said  # how to give it longer
+    assert len(run.trace) == 2  # kept here all the same
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, "2", float("nan")])
+def test_a_close_timeout_that_is_not_a_positive_number_is_refused(timeout: object) -> None:
+    with pytest.raises(wb.SettingsError, match="otlp_close_timeout_s"):
+        wb.Workbench(otlp_endpoint="http://127.0.0.1:4318", otlp_close_timeout_s=timeout)  # type: ignore[arg-type]
 
 
 def test_text_with_a_lone_surrogate_reaches_the_endpoint_and_the_tables(

@@ -110,7 +110,8 @@ class Workbench:
 
     ``otlp_endpoint`` also exports spans to an OTLP/HTTP collector such as Phoenix or Jaeger; in
     Phoenix, runs land in the project ``project_name`` and the engine's loads, batches and health
-    probes in ``{project_name}-engine``.
+    probes in ``{project_name}-engine``. :meth:`close` waits up to ``otlp_close_timeout_s`` for the
+    endpoint to take the last spans, and says which it did not.
     Sessions persist in ``data_dir`` (default ``$AUTOGLM_DATA_DIR``, else
     ``~/.local/share/autoglm-workbench``), in the SQLite file ``sessions.sqlite3``, so a kernel
     restart keeps them; ``store=InMemoryContextStore()`` keeps them in memory instead.
@@ -123,6 +124,7 @@ class Workbench:
         self,
         *,
         otlp_endpoint: str | None = None,
+        otlp_close_timeout_s: float = 2.0,
         project_name: str = "autoglm-workbench",
         store: ContextStore | None = None,
         data_dir: str | os.PathLike[str] | None = None,
@@ -130,7 +132,7 @@ class Workbench:
         health_interval_s: float | None = None,
         allow_modules: Collection[str] = (),
     ) -> None:
-        self.tracing = Tracing(otlp_endpoint, project_name=project_name)
+        self.tracing = Tracing(otlp_endpoint, project_name=project_name, close_timeout_s=otlp_close_timeout_s)
         self.registry = ModelRegistry(self.tracing)
         self.engine = Engine(self.registry, self.tracing)
         self.data_dir = data_root(data_dir)

@@ -106,13 +106,14 @@ class Tracing:
         otlp_endpoint: str | None = None,
         service_name: str = "autoglm-workbench",
         project_name: str = "autoglm-workbench",
+        close_timeout_s: float = 2.0,
     ) -> None:
         from workbench._version import __version__
 
         self.project_name = project_name
         self.index = SpanIndex()
         # One exporter for both projects: the endpoint's trouble is said once, and a span's resource names its project.
-        self.export = OTLPExport(otlp_endpoint) if otlp_endpoint else None
+        self.export = OTLPExport(otlp_endpoint, close_timeout_s) if otlp_endpoint else None
         self.provider = self._provider(service_name, project_name, self.index)
         self.engine_provider = self._provider(service_name, f"{project_name}{ENGINE_PROJECT_SUFFIX}", self.index.engine)
         self.tracer = self.provider.get_tracer("workbench", __version__, schema_url=attr.SCHEMA_URL)
@@ -178,12 +179,21 @@ class Tracing:
             span.end()
 
     def shutdown(self) -> None:
-        if self.export is not None:
-            self.export.closing()  # else each project's last flush would retry a dead endpoint for seconds
+        if self.export is None:
+            self.provider.shutdown()
+            self.engine_provider.shutdown()
+            return
+        self.export.closing()  # else each project's last flush would retry a dead endpoint for seconds
+        # An endpoint that takes the connection and never answers holds the last flush for the exporter's timeout
+        # (10 s by default): the close waits close_timeout_s for it, and leaves the flush to end on its own thread.
+        flushing = threading.Thread(target=self._shut_providers, name="workbench-otlp-close", daemon=True)
+        flushing.start()
+        flushing.join(self.export.close_timeout_s)
+        self.export.close(answered=not flushing.is_alive())
+
+    def _shut_providers(self) -> None:
         self.provider.shutdown()
         self.engine_provider.shutdown()
-        if self.export is not None:
-            self.export.close()
 
 
 def mark_error(span: Span, exc: BaseException) -> None:
@@ -215,7 +225,13 @@ class OTLPExport(SpanExporter):
     """Spans to an OTLP/HTTP endpoint, saying once, in the workbench's words, when it stops taking them and when it
     takes them again: the exporter's own line per retry of every batch would fill a notebook's output."""
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, close_timeout_s: float = 2.0) -> None:
+        if type(close_timeout_s) not in (int, float) or not close_timeout_s > 0:  # NaN too
+            raise SettingsError(
+                f"otlp_close_timeout_s {close_timeout_s!r} is not a positive number of seconds",
+                hint="give how long bench.close() may wait for the endpoint to take the last spans, e.g. "
+                     "otlp_close_timeout_s=2.0",
+            )
         url = urlsplit(endpoint) if isinstance(endpoint, str) else None
         if url is None or url.scheme not in ("http", "https") or not url.netloc:
             raise SettingsError(
@@ -233,6 +249,7 @@ class OTLPExport(SpanExporter):
         if not endpoint.rstrip("/").endswith("/v1/traces"):
             endpoint = endpoint.rstrip("/") + "/v1/traces"
         self.endpoint = endpoint
+        self.close_timeout_s = float(close_timeout_s)
         self._exporter = OTLPSpanExporter(endpoint=endpoint)
         exporter_log = logging.getLogger(OTLPSpanExporter.__module__)  # the logger it hands its HTTP client
         if _held_back not in exporter_log.filters:
@@ -241,6 +258,7 @@ class OTLPExport(SpanExporter):
         self.failing = False
         self.unsent = 0  # spans in the batches tried since the endpoint last took some (its full queue drops more)
         self._closing = False
+        self._closed = False  # the close has said what the endpoint did not take: an export ending later says nothing
         self._stopped = False
         self._stopping = threading.Lock()
         self._held: list[logging.LogRecord] = []
@@ -251,20 +269,22 @@ class OTLPExport(SpanExporter):
                 self.unsent += len(spans)
                 return SpanExportResult.FAILURE
             held = self._held = []
+            self.unsent += len(spans)  # until the endpoint takes them: a close that gives up on this export counts them
             _held_back.local.export = self
             try:
                 result = self._exporter.export(spans)
             finally:
                 _held_back.local.export = None
                 self._held = []
+            if self._closed:
+                return result  # the close gave up on this export and has said so
             if result is SpanExportResult.SUCCESS:
                 if self.failing:
                     log.warning("the OTLP endpoint %s takes spans again (it did not take %d)",
-                                self.endpoint, self.unsent)
+                                self.endpoint, self.unsent - len(spans))
                 self.failing, self.unsent = False, 0
                 return result
-            self.unsent += len(spans)
-            if not self.failing:
+            if not self.failing and not self._closing:  # at the close, the close says it
                 said = " ".join(held[0].getMessage().split())[:300] if held else "nothing"
                 log.warning(
                     "spans are not reaching the OTLP endpoint %s; the workbench still keeps them (run.trace, "
@@ -289,10 +309,16 @@ class OTLPExport(SpanExporter):
     def shutdown(self) -> None:
         """Each batch processor's own call, made after its last flush: :meth:`close` ends the export, after both."""
 
-    def close(self) -> None:
-        """After both projects' last flush: stop the exporter, and say how many spans the endpoint never got."""
+    def close(self, answered: bool = True) -> None:
+        """After both projects' last flush, or ``close_timeout_s`` into it if the endpoint has not ``answered``: stop
+        the exporter, and say what the endpoint never got."""
+        self._closed = True
         self._stop()
-        if self.failing:
+        if not answered:
+            log.warning("the OTLP endpoint %s did not answer within %.1f s of the close (otlp_close_timeout_s), so the "
+                        "spans it had not taken were not delivered: %d in the batches tried, and those still queued; "
+                        "bench.traces() had them all", self.endpoint, self.close_timeout_s, self.unsent)
+        elif self.failing:
             log.warning("the OTLP endpoint %s did not take spans up to the close: %d in the batches tried, and any the "
                         "exporter's full queue dropped; bench.traces() had them all", self.endpoint, self.unsent)
 
