@@ -270,53 +270,89 @@ class Trace:
         frame = pd.DataFrame(rows).sort_values("_at", kind="stable").drop(columns="_at").reset_index(drop=True)
         return frame[columns + sorted(c for c in frame.columns if c not in columns)]
 
-    def waterfall(self, max_spans: int = 400) -> Figure:
-        """A matplotlib Figure: one bar per span, nested by depth, queue wait drawn hatched; the first ``max_spans`` in
-        tree order (the title says when it leaves spans out)."""
+    def waterfall(self, max_rows: int = 40) -> Figure:
+        """A matplotlib Figure: a bar per span, nested by depth, queue wait drawn hatched.
+
+        A trace of more than ``max_rows`` spans (a map's, ``bench.traces()``) folds the spans that repeat, those of one
+        name under the same path from the root, into one row of bars labelled with their count and median; the first
+        ``max_rows`` rows are drawn, so the figure stays about ``max_rows`` bars tall. The title says what it folded
+        and what it left out.
+        """
         from matplotlib.patches import Patch
 
         from workbench.tracing.figure import DisplayFigure
 
         everything = self.ordered()
-        ordered = everything[:max_spans]
-        fig = DisplayFigure(figsize=(10, max(2.0, 0.32 * len(ordered) + 1.0)), layout="constrained")
+        rows = _waterfall_rows(everything, fold=len(everything) > max_rows)
+        shown = rows[:max_rows]
+        fig = DisplayFigure(figsize=(10, max(2.0, 0.32 * len(shown) + 1.0)), layout="constrained")
         ax = fig.add_subplot()
-        if not ordered:
+        if not shown:
             ax.set_title("empty trace")
             return fig
-        origin = min(s.start_time or 0 for s, _ in ordered)
+        origin = min(s.start_time or 0 for _, spans in shown for s in spans)
         labels = []
-        for y, (span, depth) in enumerate(ordered):
-            a = span.attributes or {}
-            kind = str(a.get(attr.SPAN_KIND, "CHAIN"))
-            start = _ms((span.start_time or 0) - origin)
-            width = _ms((span.end_time or 0) - (span.start_time or 0))
+        for y, (depth, spans) in enumerate(shown):
+            kind = str((spans[0].attributes or {}).get(attr.SPAN_KIND, "CHAIN"))
             colour = _KIND_COLOURS.get(kind, "#999999")
-            queue = float(a.get(attr.QUEUE_MS, 0.0) or 0.0)  # type: ignore[arg-type]
-            if queue > 0:
-                ax.barh(y, queue, left=start, color="white", edgecolor=colour, hatch="///", height=0.7)
-                ax.barh(y, max(width - queue, 0.0), left=start + queue, color=colour, height=0.7)
+            busy, queued, failed, widths = [], [], [], []
+            for span in spans:
+                start = _ms((span.start_time or 0) - origin)
+                width = _ms((span.end_time or 0) - (span.start_time or 0))
+                widths.append(width)
+                queue = float((span.attributes or {}).get(attr.QUEUE_MS, 0.0) or 0.0)  # type: ignore[arg-type]
+                if queue > 0:
+                    queued.append((start, queue))
+                    busy.append((start + queue, max(width - queue, 0.0)))
+                else:
+                    busy.append((start, width))
+                if span.status.status_code.name == "ERROR":
+                    failed.append((start, width))
+            bar = (y - 0.35, 0.7)
+            ax.broken_barh(busy, bar, facecolors=colour)
+            if queued:
+                ax.broken_barh(queued, bar, facecolors="white", edgecolors=colour, hatch="///")
+            if failed:
+                ax.broken_barh(failed, bar, facecolors="none", edgecolors="red", linewidth=1.5)
+            end = max(start + width for (start, width) in busy + queued)
+            if len(spans) == 1:
+                ax.text(end, y, f" {widths[0]:.1f} ms", va="center", fontsize=7)
+                labels.append("  " * depth + spans[0].name)
             else:
-                ax.barh(y, width, left=start, color=colour, height=0.7)
-            if span.status.status_code.name == "ERROR":
-                ax.barh(y, width, left=start, fill=False, edgecolor="red", linewidth=1.5, height=0.7)
-            ax.text(start + width, y, f" {width:.1f} ms", va="center", fontsize=7)
-            labels.append("  " * depth + span.name)
+                widths.sort()
+                ax.text(end, y, f" p50 {widths[len(widths) // 2]:.1f} ms", va="center", fontsize=7)
+                labels.append("  " * depth + f"{spans[0].name} ×{len(spans):,}")
         ax.set_yticks(range(len(labels)), labels, fontsize=8, family="monospace")
         widest = max(len(label) for label in labels)
         ax.tick_params(axis="y", pad=widest * 5.2 + 4)
         for tick in ax.get_yticklabels():
             tick.set_horizontalalignment("left")
-        ax.invert_yaxis()
+        ax.set_ylim(len(shown) - 0.5, -0.5)  # the first row on top
         ax.set_xlabel("ms since trace start")
-        kinds = sorted({str((s.attributes or {}).get(attr.SPAN_KIND, "CHAIN")) for s, _ in ordered})
+        kinds = sorted({str((spans[0].attributes or {}).get(attr.SPAN_KIND, "CHAIN")) for _, spans in shown})
         handles = [Patch(color=_KIND_COLOURS.get(k, "#999999"), label=k) for k in kinds]
         handles.append(Patch(facecolor="white", edgecolor="grey", hatch="///", label="queue wait"))
         fig.legend(handles=handles, loc="outside upper right", fontsize=7, ncols=len(handles))
-        chains = sorted({s.name for s, d in ordered if d == 0 and s.name.startswith("chain ")})
-        shown = f"{len(ordered)}"
-        if len(ordered) < len(everything):
-            shown = f"the first {len(ordered):,} of {len(everything):,}"
-        ax.set_title(f"{', '.join(chains[:3]) or 'spans'}: {shown} spans", loc="left", fontsize=9)
+        chains = sorted({spans[0].name for d, spans in shown if d == 0 and spans[0].name.startswith("chain ")})
+        said = f"{len(everything):,} spans"
+        if len(rows) < len(everything):
+            said += f" in {len(rows):,} rows (×n: spans of one name under one path, folded)"
+        if len(shown) < len(rows):
+            said += f"; the first {len(shown):,} rows shown"
+        ax.set_title(f"{', '.join(chains[:3]) or 'spans'}: {said}", loc="left", fontsize=9)
         return fig
 
+
+def _waterfall_rows(ordered: list[tuple[ReadableSpan, int]], fold: bool) -> list[tuple[int, list[ReadableSpan]]]:
+    """The waterfall's rows, each a depth and its spans: a span each, or, when ``fold``, one per path of names from
+    the root, in tree order (a path first seen in a later run still follows its parent's row)."""
+    if not fold:
+        return [(depth, [span]) for span, depth in ordered]
+    rows: dict[tuple[str, ...], tuple[int, list[ReadableSpan]]] = {}
+    path_of: dict[int, tuple[str, ...]] = {}
+    for span, depth in ordered:
+        parent = path_of.get(span.parent.span_id, ()) if span.parent is not None else ()
+        path = path_of[span.context.span_id] = (*parent, span.name)
+        rows.setdefault(path, (depth, []))[1].append(span)
+    first_seen = {path: i for i, path in enumerate(rows)}
+    return [rows[path] for path in sorted(rows, key=lambda p: [first_seen[p[:i]] for i in range(1, len(p) + 1)])]
