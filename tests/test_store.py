@@ -318,6 +318,38 @@ def test_a_forgotten_session_runs_with_no_history(tiny_path: Path, tmp_path: Pat
         assert len(bench.runs()) == 3  # the workbench's own record of the runs stays
 
 
+@pytest.mark.parametrize("memory", [False, True], ids=["sqlite", "in-memory"])
+def test_a_run_in_flight_when_its_session_is_forgotten_is_not_written_back_into_it(
+    tmp_path: Path, memory: bool
+) -> None:
+    """session.forget() while a run of that session was in flight on another thread: the run, built on the forgotten
+    history, was written back when it finished, and the next run read the forgotten conversation through it."""
+    entered, release = threading.Event(), threading.Event()
+
+    def reply(history: list[wb.RunRecord], q: str) -> str:
+        if q == "held":
+            entered.set()
+            release.wait(60)
+        return f"{len(history)}:{q}"
+
+    store = wb.InMemoryContextStore() if memory else None
+    with wb.Workbench(data_dir=tmp_path, store=store) as bench:
+        chain = bench.chain({"name": "py", "hops": [{"name": "reply", "call": reply}]})
+        assert chain.run(session="s1", q="a").output == "0:a"
+        held: list[wb.Run] = []
+        running = threading.Thread(target=lambda: held.append(chain.run(session="s1", q="held")))
+        running.start()
+        assert entered.wait(60)
+        assert bench.session("s1").forget() == 1
+        release.set()
+        running.join(60)
+        assert [run.output for run in held] == ["1:held"]  # its caller has its answer, made from what it read
+        assert bench.session("s1").records() == []  # but the session does not keep it
+        assert chain.run(session="s1", q="b").output == "0:b"  # the conversation starts over
+        assert [r.output for r in bench.session("s1").records()] == ["0:b"]
+        assert {run.id for run in bench.runs()} >= {held[0].id}  # the workbench's own record of the run stays
+
+
 # -- what JSON cannot hold --------------------------------------------------------------------------
 
 

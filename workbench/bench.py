@@ -20,7 +20,7 @@ from workbench import _gateway
 from workbench.chains.cache import CACHE_FILE, ResponseCache
 from workbench.chains.chain import Chain
 from workbench.chains.configfile import LiveConfig
-from workbench.chains.context import ContextStore, RunRecord
+from workbench.chains.context import ContextStore, RunRecord, SessionWrites
 from workbench.chains.live import DEFAULT_INTERVAL_S, read_text
 from workbench.chains.run import Run
 from workbench.chains.events import Event
@@ -76,21 +76,22 @@ T = TypeVar("T")
 class Session:
     """A named conversation: runs that share history across calls."""
 
-    def __init__(self, store: ContextStore, session_id: str) -> None:
+    def __init__(self, writes: SessionWrites, session_id: str) -> None:
         self.id = session_id
-        self._store = store
+        self._writes = writes
 
     def records(self) -> list[RunRecord]:
         """The session's runs, oldest first."""
-        return self._store.history(self.id)
+        return self._writes.store.history(self.id)
 
     def forget(self) -> int:
         """Delete the session's runs from the store, so its next run starts with no history; returns how many.
 
-        Other kernels on the same ``data_dir`` lose them too. The workbench's own record of the runs
-        (``bench.runs()``, their traces) stays.
+        A run of the session in flight now finishes and returns as usual, but is not kept in the session: it was
+        built on the history forgotten. Other kernels on the same ``data_dir`` lose the runs too. The workbench's own
+        record of the runs (``bench.runs()``, their traces) stays.
         """
-        return self._store.forget(self.id)
+        return self._writes.forget(self.id)
 
     def history(self) -> pd.DataFrame:
         """The session's runs as a table, oldest first."""
@@ -791,7 +792,7 @@ class Workbench:
 
     def session(self, session_id: str) -> Session:
         check_session(session_id)  # as a run does: an id no run can have
-        return Session(self.store, session_id)
+        return Session(self._runner.sessions, session_id)
 
     def sessions(self) -> list[str]:
         """Every session with a run in this workbench's store, including those of earlier kernels."""

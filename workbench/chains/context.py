@@ -119,3 +119,33 @@ class InMemoryContextStore(ContextStore):
     def forget(self, session: str) -> int:
         with self._lock:
             return len(self._runs.pop(session, ()))
+
+
+class SessionWrites:
+    """A store's appends and forgets, in one order: a run whose session was forgotten while it ran (between reading
+    its history and finishing) is not written back, for it was built on the history that was forgotten."""
+
+    def __init__(self, store: ContextStore) -> None:
+        self.store = store
+        self._lock = threading.Lock()
+        self._forgets: dict[str, int] = {}  # per session forgotten in this workbench: how many times
+
+    def mark(self, session: str) -> int:
+        """Taken before a run reads its session's history; :meth:`append` hands it back."""
+        with self._lock:
+            return self._forgets.get(session, 0)
+
+    def append(self, session: str, record: RunRecord, mark: int) -> bool:
+        """Keep ``record`` unless its session was forgotten since ``mark``; whether it was kept."""
+        with self._lock:  # held through the write, so a forget cannot come between the check and the append
+            if self._forgets.get(session, 0) != mark:
+                return False
+            self.store.append(session, record)
+            return True
+
+    def forget(self, session: str) -> int:
+        """Delete the session's runs, and keep out those in flight now; returns how many were deleted."""
+        with self._lock:
+            forgotten = self.store.forget(session)  # first: a store that cannot forget keeps every run as before
+            self._forgets[session] = self._forgets.get(session, 0) + 1
+            return forgotten

@@ -29,7 +29,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Span, Status, StatusCode
 
 from workbench.chains.cache import ResponseCache, response_key
-from workbench.chains.context import ContextStore, History, RunRecord
+from workbench.chains.context import ContextStore, History, RunRecord, SessionWrites
 from workbench.chains.events import AttemptFailed, Event, HopFinished, HopStarted, RunFinished, Token
 from workbench.chains.resilience import Interrupted, Route, serve
 from workbench.chains.run import Run
@@ -223,6 +223,7 @@ class Runner:
         self.engine = engine
         self.tracing = tracing
         self.store = store
+        self.sessions = SessionWrites(store)  # a session's forget and its runs' appends, in one order
         self.hop_pool = hop_pool  # Python hops and templates: the chain's own code, which may block
         self.io_pool = io_pool  # the run's bookkeeping: session history and records, the response cache, prompts
         self.graphs = graphs if graphs is not None else GraphStore()  # knowledge hops' graphs, loaded once
@@ -238,6 +239,7 @@ class Runner:
         check_inputs(spec, inputs, session)
         loop = asyncio.get_running_loop()
         run_id = uuid.uuid4().hex[:12]
+        mark = self.sessions.mark(session) if session is not None else 0
         records = (await loop.run_in_executor(self.io_pool, self.store.history, session, spec.history)
                    if session is not None else [])
         started_at, started = time.time(), time.perf_counter()
@@ -289,7 +291,9 @@ class Runner:
             failure.run = run
         if session is not None:
             try:
-                await loop.run_in_executor(self.io_pool, self.store.append, session, RunRecord.of(run))
+                kept = await loop.run_in_executor(self.io_pool, self.sessions.append, session, RunRecord.of(run), mark)
+                if not kept:
+                    log.info("run %s of session %r is not kept: the session was forgotten while it ran", run_id, session)
             except StoreError as exc:
                 # The run is done and its answer stands: losing it for its history's sake would lose more.
                 # Its session's next run will not see it, which the warning says.
