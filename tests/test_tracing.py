@@ -357,6 +357,27 @@ def test_the_engines_traces_never_push_a_runs_trace_out(bench: wb.Workbench, tin
     assert sum(s.name.startswith("batch ") for s in everything) == 4  # the engine's own, bounded alike
 
 
+def test_a_hop_that_raises_with_a_huge_message_leaves_a_bounded_span(bench: wb.Workbench) -> None:
+    """A Python hop that raised with its 10 MB input in the message (ValueError(f"bad: {text}")) left the message whole
+    in its span three times, status, exception.message and exception.stacktrace: 30 MB in one span, kept in the
+    workbench's index and sent whole to every exporter."""
+    text = "word " * 2_000_000
+
+    def check(q: str) -> str:
+        raise ValueError(f"bad value: {q}")
+
+    with pytest.raises(wb.HopFailed) as failure:
+        bench.chain({"name": "big", "hops": [{"name": "check", "call": check}]}).run(q=text)
+    assert str(failure.value.cause) == f"bad value: {text}"  # the error itself keeps it whole
+    (span,) = [s for s in failure.value.run.trace.spans if s.name == "hop check"]
+    assert span.status.description.startswith("ValueError: bad value: word word")
+    assert span.status.description.endswith(f"({len(text) + 11 + 12 - 2000:,} more characters)")
+    (event,) = [event for event in span.events if event.name == "exception"]
+    message, stacktrace = event.attributes["exception.message"], event.attributes["exception.stacktrace"]
+    assert message.startswith("bad value: word") and len(message) < 2100
+    assert "in check" in stacktrace and "ValueError: bad value: word" in stacktrace and len(stacktrace) < 10_000
+
+
 def test_failed_load_leaves_an_error_span(bench: wb.Workbench, tiny_path: Path, tmp_path: Path) -> None:
     broken = tmp_path / "broken"
     broken.mkdir()

@@ -82,15 +82,20 @@ def did_you_mean(word: object, choices: Iterable[str]) -> str:
 DESCRIBE_MAX_CHARS = 2000
 
 
+def clipped(text: str) -> str:
+    """``text``, or its first DESCRIBE_MAX_CHARS characters and how many more there were."""
+    if len(text) <= DESCRIBE_MAX_CHARS:
+        return text
+    return f"{text[:DESCRIBE_MAX_CHARS]} … ({len(text) - DESCRIBE_MAX_CHARS:,} more characters)"
+
+
 def describe(exc: BaseException, *, hint: bool = False) -> str:
     """One line saying what ``exc`` was: a WorkbenchError's message, else its type and text.
 
     ``hint=True`` adds a WorkbenchError's hint in brackets, as the widgets show a failure. A text longer than
     DESCRIBE_MAX_CHARS is cut there, saying how much was left out (``exc`` itself keeps it whole).
     """
-    text = exc.message if isinstance(exc, WorkbenchError) else f"{type(exc).__name__}: {exc}"
-    if len(text) > DESCRIBE_MAX_CHARS:
-        text = f"{text[:DESCRIBE_MAX_CHARS]} … ({len(text) - DESCRIBE_MAX_CHARS:,} more characters)"
+    text = clipped(exc.message if isinstance(exc, WorkbenchError) else f"{type(exc).__name__}: {exc}")
     return text + (f" (hint: {exc.hint})" if hint and isinstance(exc, WorkbenchError) and exc.hint else "")
 
 

@@ -33,6 +33,8 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.util import types
 
+from workbench.errors import clipped
+
 _PLAIN = frozenset({str, int, float, bool})
 _LISTS = frozenset({list, tuple})
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
@@ -170,10 +172,11 @@ class LeanSpan(trace.Span, ReadableSpan):
         escaped: bool = False,
     ) -> None:
         module, qualname = type(exception).__module__, type(exception).__qualname__
+        # Each part cut, as the status is: a message may hold a hop's whole input, and the stack trace repeats it.
         event: dict[str, Any] = {
             "exception.type": f"{module}.{qualname}" if module and module != "builtins" else qualname,
-            "exception.message": str(exception),
-            "exception.stacktrace": "".join(traceback.format_exception(exception)),
+            "exception.message": clipped(str(exception)),
+            "exception.stacktrace": "".join(clipped(part) for part in traceback.format_exception(exception)),
             "exception.escaped": str(escaped),
         }
         if attributes:

@@ -18,7 +18,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Span, Status, StatusCode
 
-from workbench.errors import SettingsError, WorkbenchError
+from workbench.errors import SettingsError, WorkbenchError, describe
 from workbench.tracing import attributes as attr
 from workbench.tracing import gcpauses
 from workbench.tracing.lean import SpanProvider
@@ -199,8 +199,7 @@ class Tracing:
 def mark_error(span: Span, exc: BaseException) -> None:
     """Record ``exc`` on ``span`` and set its status to ERROR."""
     span.record_exception(exc)
-    message = exc.message if isinstance(exc, WorkbenchError) else f"{type(exc).__name__}: {exc}"
-    span.set_status(Status(StatusCode.ERROR, message))
+    span.set_status(Status(StatusCode.ERROR, describe(exc)))  # cut: a message may hold a hop's whole input
 
 
 class _HeldBack(logging.Filter):
