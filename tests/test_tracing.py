@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import unicodedata
+from html.parser import HTMLParser
 from io import BytesIO
 from pathlib import Path
 from textwrap import dedent
@@ -265,6 +266,16 @@ def test_figures_read_as_people_write_them(fan_runs: list[wb.Run]) -> None:
     # A time of day, on this machine's clock, to the millisecond.
     started = table["start_time"].iloc[0].floor("us").to_pydatetime().astimezone()
     assert shown.column("start_time")[0] == started.strftime("%H:%M:%S.%f")[:-3]
+
+
+def test_a_traces_html_shows_its_span_count_as_text(fan_runs: list[wb.Run]) -> None:
+    """The line above a trace's table in a notebook was '<p><Trace 8 spans in 1 trace(s)></p>' unescaped: the browser
+    read '<Trace ...>' as an unknown tag, so the count never showed."""
+    texts: list[str] = []
+    parser = HTMLParser()
+    parser.handle_data = texts.append  # type: ignore[method-assign]
+    parser.feed(fan_runs[0].trace._repr_html_())
+    assert texts[0] == "<Trace 8 spans in 1 trace(s)>"
 
 
 def test_a_trace_of_many_runs_shows_its_first_and_last_rows_not_every_span(bench: wb.Workbench) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -110,7 +111,7 @@ class Trace:
         from workbench.tables import Readable
 
         shown = Readable(self.table()[["name", "offset_ms", "duration_ms", "status_code"]])
-        return f"<p>{self!r}</p>" + shown.to_html()
+        return f"<p>{html.escape(repr(self))}</p>" + shown.to_html()
 
     def ordered(self) -> list[tuple[ReadableSpan, int]]:
         """Spans in tree order (each parent before its children, siblings by start), with depth."""
