@@ -323,6 +323,18 @@ def test_a_waterfall_of_a_map_folds_the_spans_that_repeat_into_a_row_each(fan_ru
     assert height < Image.open(BytesIO(fan_runs[0].trace.waterfall()._repr_png_())).size[1] * 2  # not 56 rows tall
 
 
+def test_a_waterfall_draws_a_chain_name_with_dollar_signs_as_written(bench: wb.Workbench) -> None:
+    """A chain named 'cost $5 vs $6' drew '5 vs ' as matplotlib math, and one named 'a $\\frac{$ b' failed the PNG
+    with matplotlib's 'ParseSyntaxException: Expected \\frac{num}{den}': the notebook showed a traceback."""
+    for name in ("cost $5 vs $6", "a $\\frac{$ b"):
+        chain = bench.chain({"name": name, "hops": [{"name": "say", "call": "workbench.demo:canned_answer"}]})
+        figure = chain.run(question="hi").trace.waterfall()
+        assert Image.open(BytesIO(figure._repr_png_())).size[0] > 0
+        (axes,) = figure.axes
+        assert [label.get_text() for label in axes.get_yticklabels()] == [f"chain {name}", "  hop say"]
+        assert axes.get_title(loc="left") == f"chain {name}: 2 spans"
+
+
 def test_a_waterfall_draws_at_most_max_rows_and_says_how_many_it_left_out(bench: wb.Workbench) -> None:
     """Spans that do not repeat cannot fold: a chain of 60 Python hops still draws 40 rows, titled as the first."""
     hops = [{"name": f"step{i:02}", "call": "workbench.demo:canned_answer"} for i in range(60)]

@@ -323,7 +323,8 @@ class Trace:
                 widths.sort()
                 ax.text(end, y, f" p50 {widths[len(widths) // 2]:.1f} ms", va="center", fontsize=7)
                 labels.append("  " * depth + f"{spans[0].name} ×{len(spans):,}")
-        ax.set_yticks(range(len(labels)), labels, fontsize=8, family="monospace")
+        # Names are the user's text: a '$' in a chain's name would start matplotlib's math (and an odd one fail the PNG).
+        ax.set_yticks(range(len(labels)), labels, fontsize=8, family="monospace", parse_math=False)
         widest = max(len(label) for label in labels)
         ax.tick_params(axis="y", pad=widest * 5.2 + 4)
         for tick in ax.get_yticklabels():
@@ -340,7 +341,7 @@ class Trace:
             said += f" in {len(rows):,} rows (×n: spans of one name under one path, folded)"
         if len(shown) < len(rows):
             said += f"; the first {len(shown):,} rows shown"
-        ax.set_title(f"{', '.join(chains[:3]) or 'spans'}: {said}", loc="left", fontsize=9)
+        ax.set_title(f"{', '.join(chains[:3]) or 'spans'}: {said}", loc="left", fontsize=9, parse_math=False)
         return fig
 
 
