@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import threading
 from collections import defaultdict
 from pathlib import Path
@@ -280,3 +281,38 @@ def test_prompts_tokenized_ahead_are_dropped_when_the_model_is_reloaded(bench: w
     counted_now = bench.engine.worker("m").backend.tokenize([prompt])[0]
     assert counted_now != counted_before
     assert bench.generate("m", prompt, max_new_tokens=2).tokens_in == len(counted_now)
+
+
+@pytest.mark.parametrize("call", ["bench.generate", "engine.generate", "chain.run"])
+def test_ctrl_c_during_a_blocking_call_returns_at_once_and_stops_its_row(
+    tiny_bench: wb.Workbench, ctrl_c_raises: None, call: str
+) -> None:
+    # bench.generate (and engine.generate) waited on the request's future with no timeout: a Ctrl-C sent as the
+    # notebook's stop button sends it (interrupt_main) was only seen once all 400 tokens had come, and the request,
+    # not cancellable, ran on to its end in any case, for nobody, with every request behind it waiting for it.
+    from workbench.tracing import attributes as attr
+
+    params = {"max_new_tokens": 400, "temperature": 5.0, "seed": 0}  # seeded so that it runs to 400 tokens
+    prompt = f"Stop me ({call})"
+    chain = tiny_bench.chain({"name": "long", "hops": [{"name": "say", "model": "tiny", "prompt": prompt, **params}]})
+    calls = {
+        "bench.generate": lambda: tiny_bench.generate("tiny", prompt, **params),
+        "engine.generate": lambda: tiny_bench.engine.generate("tiny", prompt, wb.GenerationParams(**params)),
+        "chain.run": lambda: chain.run(),
+    }
+    tiny_bench.generate("tiny", "warm", max_new_tokens=1)
+    timer = threading.Timer(0.2, _thread.interrupt_main)  # 400 tokens take about a second on this CPU
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            calls[call]()
+    finally:
+        timer.cancel()
+    tiny_bench.generate("tiny", "next", max_new_tokens=1)  # queued behind it (one at a time), so it has ended
+    spans = tiny_bench.traces().spans
+    stopped = next(s for s in spans if s.name == "text_completion tiny" and prompt in str(s.attributes))
+    assert stopped.attributes.get(attr.CANCELLED) in ("queued", "running")  # cancelled, not left to run on
+    assert "RunCancelled" in str(stopped.status.description) + str(stopped.events[-1].attributes)
+    batch = [s for s in spans if s.name == "batch tiny"
+             and any(link.context.span_id == stopped.context.span_id for link in s.links)]
+    assert all(b.attributes[attr.BATCH_STEPS] < 400 for b in batch)  # its row stopped, if a batch had taken it

@@ -750,24 +750,40 @@ class Engine:
 
         On timeout the request is cancelled, dropped from the queue if no batch took it yet, or
         its row stopped in the running batch while its batch-mates finish (under ContinuousBatching
-        it leaves the scheduler at its next step), and HopTimeout is raised.
+        it leaves the scheduler at its next step), and HopTimeout is raised. A Ctrl-C cancels it alike.
         """
-        request = self.submit(
-            model, prompt, params, parent, hop, attributes=attributes, cancellable=timeout_s is not None, probe=probe
-        )
-        try:
-            return request.future.result(timeout=timeout_s)
-        except FutureTimeout:
-            error = _timeout(model, hop, timeout_s)
-            if self._cancel(request, error):
-                raise error from None
-            return request.future.result()  # it finished just as the wait ran out
+        request = self.submit(model, prompt, params, parent, hop, attributes=attributes, cancellable=True, probe=probe)
+        return self._wait(request, model, hop, timeout_s)
 
     def generate(
         self, model: str, prompt: str, params: GenerationParams | None = None, adapter: str | None = None
     ) -> GenerationResult:
-        """Submit one prompt and wait for its result (a convenience for scripts and tests); ``adapter`` names one."""
-        return self.submit(model, prompt, params or GenerationParams(), adapter=adapter).future.result()
+        """Submit one prompt and wait for its result (a convenience for scripts and tests); ``adapter`` names one.
+
+        A Ctrl-C while it waits cancels the request (its row stops) and goes on as KeyboardInterrupt."""
+        request = self.submit(model, prompt, params or GenerationParams(), cancellable=True, adapter=adapter)
+        return self._wait(request, model, None, None)
+
+    def _wait(
+        self, request: GenerationRequest, model: str, hop: str | None, timeout_s: float | None
+    ) -> GenerationResult:
+        """Wait in this thread for ``request``, at most ``timeout_s`` (HopTimeout); a timeout or a Ctrl-C cancels it."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        try:
+            while True:
+                left = _POLL_S if deadline is None else min(_POLL_S, deadline - time.monotonic())
+                try:
+                    return request.future.result(timeout=max(left, 0.0))  # wakes for a Ctrl-C between waits
+                except FutureTimeout:
+                    if deadline is None or time.monotonic() < deadline:
+                        continue
+                error = _timeout(model, hop, timeout_s)
+                if self._cancel(request, error):
+                    raise error from None
+                return request.future.result()  # it finished just as the wait ran out
+        except KeyboardInterrupt:
+            self._cancel(request, RunCancelled(f"the call to model {model!r} was interrupted (Ctrl-C)"))
+            raise
 
     async def acall(self, call: Call) -> GenerationResult:
         """Await one model call on the running event loop; the same gates, spans and timeout as :meth:`call`.
@@ -903,6 +919,10 @@ def _uncounted(worker: ModelWorker) -> Callable[[str, int], bool] | None:
     policy = worker.policy
     return fits if fits is not None and (policy.continuous or isinstance(policy, NoBatching)) else None
 
+
+# How often a blocking call's wait returns to Python: a Ctrl-C (interrupt_main, or any signal on Windows) is only
+# seen between bytecodes, not inside a lock's wait.
+_POLL_S = 0.1
 
 # How many prompts tokenized ahead, and prefixes' token ids, the engine remembers.
 _MAX_REMEMBERED = 4096
