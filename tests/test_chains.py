@@ -314,10 +314,12 @@ def test_python_hops_that_block_every_hop_thread_do_not_hold_up_other_runs_bookk
         assert len(bench.session("s1").records()) == 1
 
 
-def test_python_hops_that_run_another_chain_finish_when_they_hold_every_hop_thread(tiny_path: Path) -> None:
+@pytest.mark.parametrize("how", ["run", "stream"])
+def test_python_hops_that_run_another_chain_finish_when_they_hold_every_hop_thread(tiny_path: Path, how: str) -> None:
     # A Python hop that runs a sub-chain (chain.run inside it) waits on a hop thread; with as many such hops in
     # flight as there are hop threads (a map at concurrency >= hop_threads, 64 by default), the sub-chains' own
     # Python hops and templates found no thread, and the map hung forever. The waiting hop thread now runs them.
+    # chain.stream inside a hop hung the same way after chain.run was mended; its waiting thread runs them too.
     with wb.Workbench(hop_threads=2, store=wb.InMemoryContextStore()) as bench:
         bench.load("tiny", tiny_path, device="cpu")
         inner = bench.chain({"name": "inner", "hops": [
@@ -326,7 +328,8 @@ def test_python_hops_that_run_another_chain_finish_when_they_hold_every_hop_thre
              "prompt": "{% if shout %}{{ shout }}{% endif %}: {{ word }}"}],  # rendered in the hop pool too
             "output": "shout"})
         outer = bench.chain({"name": "outer", "hops": [
-            {"name": "sub", "call": lambda word: inner.run(word=word).output}]})
+            {"name": "sub", "call": lambda word: inner.run(word=word).output if how == "run" else
+             [e.run.output for e in inner.stream(word=word) if e.kind == "run_finished"][0]}]})
         result: dict[str, Any] = {}
         mapping = threading.Thread(target=lambda: result.update(batch=outer.map(
             [{"word": w} for w in "abcdef"], concurrency=4)), daemon=True)

@@ -24,7 +24,7 @@ from workbench.chains.context import ContextStore, RunRecord, SessionWrites
 from workbench.chains.live import DEFAULT_INTERVAL_S, read_text
 from workbench.chains.run import Run
 from workbench.chains.events import Event
-from workbench.chains.runner import LENDER, Runner, check_session, lender
+from workbench.chains.runner import Runner, check_session, lending
 from workbench.chains.spec import ChainSpec, check_chain_name, parse_spec
 from workbench.chains.sqlite_store import SESSIONS_FILE, SQLiteContextStore, data_root
 from workbench.engine import BatchingPolicy, Engine, GenerationParams, GenerationResult
@@ -684,13 +684,8 @@ class Workbench:
         except WorkbenchError:
             coroutine.close()
             raise
-        lent = lender()  # a Python hop's own chain call: its thread runs the call's hop work while it waits
-        token = LENDER.set(lent) if lent is not None else None
-        try:
+        with lending() as lent:  # a Python hop's own chain call: its thread runs the call's hop work while it waits
             future = self.start(coroutine)
-        finally:
-            if token is not None:
-                LENDER.reset(token)
         try:
             if lent is not None:
                 lent.wait(future)

@@ -7,6 +7,7 @@ import html
 import os
 import queue
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from workbench.chains.events import Event, RunFinished
 from workbench.chains.host import ChainHost
 from workbench.chains.live import DEFAULT_INTERVAL_S, ConfigRefusal, ConfigVersion, FileWatcher, LiveSpec, refuse
 from workbench.chains.run import Run
-from workbench.chains.runner import Interrupted, check_inputs, check_session
+from workbench.chains.runner import Interrupted, check_inputs, check_session, lending
 from workbench.chains.spec import ChainSpec, HopSpec
 from workbench.errors import InvalidInput, WorkbenchError, WorkloadError, plain
 
@@ -212,11 +213,24 @@ class Chain:
         self._host.check_open(f"run chain {self.name!r}")
         self._host.check_blocking()  # on the host's loop the events would never come
         events: queue.SimpleQueue[Event] = queue.SimpleQueue()
-        future = self._host.start(self._host.arun_spec(self.spec, inputs, session, events.put))
+        with lending() as lent:  # in a Python hop: its thread runs the run's hop work while it waits for events
+            put: Callable[[Event], None] = events.put if lent is None else \
+                lambda event: lent.offer(partial(events.put, event))  # wakes the thread as the work does, in order
+            future = self._host.start(self._host.arun_spec(self.spec, inputs, session, put))
+
+        def next_event() -> Event:
+            """The run's next event; queue.Empty when none came for _POLL_S (a Ctrl-C is heard between waits)."""
+            if lent is None:
+                return events.get(timeout=_POLL_S)
+            while events.empty():
+                if not lent.run_next(_POLL_S):
+                    raise queue.Empty
+            return events.get_nowait()
+
         try:
             while True:
                 try:
-                    event = events.get(timeout=_POLL_S)  # wakes for a Ctrl-C between waits
+                    event = next_event()
                 except queue.Empty:
                     if future.done():
                         if future.cancelled():  # the host's loop stopped under the run: close() cut it short

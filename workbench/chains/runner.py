@@ -18,8 +18,9 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from concurrent.futures import Executor, Future
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import partial
@@ -68,8 +69,9 @@ _hop_thread = _HopThread()
 
 
 class Lender:
-    """A hop thread lent to a blocking chain call its hop made (``chain.run`` inside a Python hop): while it waits,
-    it runs the pool work of that call's runs (their Python hops, templates, graph loads) that no hop thread took.
+    """A hop thread lent to a blocking chain call its hop made (``chain.run`` or ``chain.stream`` inside a Python hop):
+    while it waits, it runs the pool work of that call's runs (their Python hops, templates, graph loads) that no hop
+    thread took.
 
     With every hop thread waiting on such a call (a map at concurrency >= ``hop_threads``), that work would find
     no thread, and the calls would wait for ever. Each piece goes to the pool as well, so a free hop thread may run
@@ -82,13 +84,21 @@ class Lender:
     def offer(self, job: Callable[[], None]) -> None:
         self._work.put(job)
 
+    def run_next(self, timeout: float | None = None) -> bool:
+        """Run the next piece of work offered here, waiting at most ``timeout`` for one; False if none came."""
+        try:
+            job = self._work.get(timeout=timeout)
+        except queue.Empty:
+            return False
+        if job is not None:
+            job()
+        return True
+
     def wait(self, future: Future[T]) -> None:
         """Run the work offered here until ``future`` is done."""
         future.add_done_callback(lambda _: self._work.put(None))
         while not future.done():
-            job = self._work.get()
-            if job is not None:
-                job()
+            self.run_next()
 
 
 # The Lender of the blocking call a run was started from, if a hop thread waits on it: a context variable, so
@@ -96,9 +106,19 @@ class Lender:
 LENDER: ContextVar[Lender | None] = ContextVar("workbench_lender", default=None)
 
 
-def lender() -> Lender | None:
-    """A Lender for a blocking chain call made on this thread, if it is a hop thread running a Python hop."""
-    return Lender() if _hop_thread.running else None
+@contextmanager
+def lending() -> Iterator[Lender | None]:
+    """A Lender for the blocking chain call started in this block, if this thread is a hop thread running a Python
+    hop (else None): the runs started in the block offer it their pool work, to run while the call waits."""
+    if not _hop_thread.running:
+        yield None
+        return
+    lent = Lender()
+    token = LENDER.set(lent)
+    try:
+        yield lent
+    finally:
+        LENDER.reset(token)
 
 
 class _Job:
