@@ -181,6 +181,42 @@ def test_prompt_longer_than_the_window_names_the_hop(tiny_bench: wb.Workbench) -
         tiny_bench.generate("tiny", text, max_new_tokens=8)
 
 
+def test_a_long_prompt_past_the_window_by_its_length_alone_is_refused_untokenized(
+    tiny_bench: wb.Workbench, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A prompt of millions of characters (up to the ten million a template may make) was tokenized in full before
+    # the context-window check, on the workbench's event loop and with Python's lock held: ~20 s for ten million, in
+    # which no other run took a step (a short run waited 12.7 s behind one of 9.9 million characters), only to be
+    # refused. No token of the tiny model's byte-level BPE stands for more than 11 characters, so that prompt is
+    # surely past its 512 tokens, and is refused at once.
+    from workbench.engine.engine import LONG_PROMPT_CHARS
+
+    backend = tiny_bench.engine.worker("tiny").backend
+    assert backend.codec.token_chars == max(map(len, tiny_bench.registry.get("tiny").tokenizer.get_vocab()))
+    tokenize, tokenized = backend.tokenize, []
+
+    def watched(prompts: list[str], *args: object, **kwargs: object) -> list[list[int]]:
+        tokenized.extend(len(p) for p in prompts if len(p) > LONG_PROMPT_CHARS)
+        return tokenize(prompts, *args, **kwargs)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(backend, "tokenize", watched)  # the real tokenizer, watched for the long prompts it gets
+    text, tokens = _long_text(tiny_bench)
+    text *= LONG_PROMPT_CHARS // len(text) + 1
+    chain = tiny_bench.chain({"name": "longer", "hops": [
+        {"name": "digest", "model": "tiny", "prompt": "{{ text }}", "max_new_tokens": 8}]})
+    with pytest.raises(wb.HopFailed) as info:
+        chain.run(text=text)
+    message = str(info.value.cause)
+    assert isinstance(info.value.cause, wb.ContextWindowExceeded) and "hop 'digest'" in message
+    assert f"{len(text):,} characters" in message and "context window of 512 tokens" in message
+    with pytest.raises(wb.ContextWindowExceeded, match="characters, so at least"):
+        tiny_bench.generate("tiny", text, max_new_tokens=8)
+    assert tokenized == []  # refused by length, never tokenized
+    chain.set("digest.truncate", "left")  # keeps the newest tokens: the whole prompt is counted
+    assert chain.run(text=text).trace.table()["attributes.workbench.truncated_tokens"].max() > tokens
+    assert tokenized == [len(text)]
+
+
 def test_an_empty_prompt_is_refused_by_name_alone_in_a_batch_and_on_the_continuous_path(
     tiny_bench: wb.Workbench,
 ) -> None:

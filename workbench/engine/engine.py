@@ -16,7 +16,7 @@ from typing import Any
 
 from opentelemetry.trace import Span
 
-from workbench.engine.backends.base import Backend, check_not_empty, fit_window
+from workbench.engine.backends.base import Backend, check_not_empty, fit_window, past_window
 from workbench.engine.backends.process import ModelProcess, ProcessBackend
 from workbench.engine.backends.ray import RayBackend
 from workbench.engine.backends.transformers import TransformersBackend
@@ -523,7 +523,7 @@ class Engine:
         backend = worker.backend
         try:
             ready = self._take_tokenized(worker.name, calls)
-            prompts = _prompts(backend, [call for call, _ in calls], ready, _uncounted(worker))
+            prompts = _prompts(backend, model, [call for call, _ in calls], ready, _uncounted(worker))
         except BaseException as exc:
             for call, span in calls:
                 self._refuse(model, span, exc)
@@ -874,7 +874,7 @@ class Engine:
 
 
 def _prompts(
-    backend: Backend, calls: list[Call], ready: Mapping[str, list[int]] | None = None,
+    backend: Backend, model: str, calls: list[Call], ready: Mapping[str, list[int]] | None = None,
     uncounted: Callable[[str, int], bool] | None = None,
 ) -> list[tuple[str, list[int] | None] | BaseException]:
     """Each call's prompt text and token ids, or the error that keeps it out: a chat's by the model's chat template.
@@ -883,16 +883,21 @@ def _prompts(
     A chat its template refuses fails alone; a failed tokenization raises, failing every call alike.
     ``ready`` holds plain prompts tokenized ahead (a map's prefetch), which are not tokenized again.
     A plain prompt ``uncounted(prompt, max_new_tokens)`` lets through gets None for its ids: it goes out
-    without being tokenized here (see :func:`_uncounted`).
+    without being tokenized here (see :func:`_uncounted`). A long plain prompt that cannot fit ``model``'s window
+    by its length alone gets ContextWindowExceeded, untokenized (see LONG_PROMPT_CHARS).
     """
     if all(call.messages is None for call in calls):  # the common case, in one pass
         known = ready or {}
-        skip = [uncounted is not None and call.prompt not in known and uncounted(call.prompt, call.params.max_new_tokens)
-                for call in calls]
+        codec = getattr(backend, "codec", None)
+        token_chars = codec.token_chars if codec is not None else None
+        refused = [past_window(call.prompt, call.params, backend.context_window, token_chars, model, call.hop)
+                   if len(call.prompt) > LONG_PROMPT_CHARS and call.prompt not in known else None for call in calls]
+        skip = [refusal is not None or uncounted is not None and call.prompt not in known
+                and uncounted(call.prompt, call.params.max_new_tokens) for call, refusal in zip(calls, refused)]
         todo = [call.prompt for call, skipped in zip(calls, skip) if not skipped and call.prompt not in known]
         fresh = dict(zip(todo, backend.tokenize(todo))) if todo else {}
-        return [(call.prompt, None if skipped else known.get(call.prompt, fresh.get(call.prompt)))
-                for call, skipped in zip(calls, skip)]
+        return [refusal or (call.prompt, None if skipped else known.get(call.prompt, fresh.get(call.prompt)))
+                for call, skipped, refusal in zip(calls, skip, refused)]
     answers: list[tuple[str, list[int] | None] | BaseException] = []
     for call in calls:
         try:
@@ -923,6 +928,10 @@ def _uncounted(worker: ModelWorker) -> Callable[[str, int], bool] | None:
 # How often a blocking call's wait returns to Python: a Ctrl-C (interrupt_main, or any signal on Windows) is only
 # seen between bytecodes, not inside a lock's wait.
 _POLL_S = 0.1
+
+# A plain prompt longer than this that cannot fit the context window by its length alone is refused untokenized
+# (see past_window); a shorter one is tokenized, so its refusal says how many tokens it is.
+LONG_PROMPT_CHARS = 16_384
 
 # How many prompts tokenized ahead, and prefixes' token ids, the engine remembers.
 _MAX_REMEMBERED = 4096

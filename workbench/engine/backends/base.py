@@ -190,8 +190,34 @@ def fit_window(
     raise ContextWindowExceeded(
         f"{where}: the prompt is {len(ids)} tokens and asks for {params.max_new_tokens} new ones, "
         f"but model {model!r} has a context window of {window} tokens",
-        hint="shorten the prompt, lower max_new_tokens, or set truncate: left on the hop",
+        hint=_PAST_WINDOW_HINT,
     )
+
+
+def past_window(
+    text: str, params: GenerationParams, window: int | None, token_chars: int | None, model: str, hop: str | None = None
+) -> ContextWindowExceeded | None:
+    """The refusal of a prompt that cannot fit ``window`` by its length alone, where no token stands for more than
+    ``token_chars`` of its characters (see :attr:`~workbench.engine.backends.codec.TextCodec.token_chars`), or None.
+
+    Tokenizing takes about 2 us a character, with Python's lock held: ten million characters stopped every run for
+    ~20 s, only to find the prompt far past the window. ``truncate: left`` keeps its newest tokens, so it counts.
+    """
+    if window is None or token_chars is None or params.truncate != "error":
+        return None
+    room = window - params.max_new_tokens
+    if len(text) <= room * token_chars:
+        return None
+    where = f"hop {hop!r}" if hop else "the prompt"
+    return ContextWindowExceeded(
+        f"{where}: the prompt is {len(text):,} characters, so at least {-(-len(text) // token_chars):,} tokens (no "
+        f"token of model {model!r} stands for more than {token_chars} characters), and asks for "
+        f"{params.max_new_tokens} new ones, but the model has a context window of {window} tokens",
+        hint=_PAST_WINDOW_HINT,
+    )
+
+
+_PAST_WINDOW_HINT = "shorten the prompt, lower max_new_tokens, or set truncate: left on the hop"
 
 
 def render_chat(tokenizer: Any, messages: Messages, model: str, hop: str | None = None) -> str:

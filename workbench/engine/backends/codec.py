@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Sequence
 from typing import Any
 
 from tokenizers import Tokenizer
+from tokenizers.pre_tokenizers import ByteLevel
 
 from workbench.engine.requests import check_text
 
@@ -45,6 +48,13 @@ class TextCodec:
                 check_text(prompt, "the prompt" if len(prompts) == 1 else f"prompt {index + 1} of {len(prompts)}")
             raise
         return ids
+
+    @functools.cached_property
+    def token_chars(self) -> int | None:
+        """The most characters of a prompt that one token can stand for, where the tokenizer's pipeline shows it (see
+        :func:`_token_chars`); None where it does not. A prompt of ``n`` characters is then at least
+        ``n / token_chars`` tokens, known without tokenizing it."""
+        return _token_chars(self._core) if self._core is not None else None
 
     def decode(self, tokens: Sequence[int]) -> str:
         """The text of ``tokens``, special tokens skipped, as ``tokenizer.decode`` writes it."""
@@ -108,3 +118,40 @@ def _private_core(tokenizer: Any) -> Any:
     copy.no_truncation()
     copy.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
     return copy
+
+
+# Pre-tokenizers that drop no character of the text (Split, Punctuation: unless their behavior is "Removed").
+_KEEPING = {"ByteLevel", "Metaspace", "Digits", "Split", "Punctuation"}
+
+
+def _token_chars(core: Tokenizer) -> int | None:
+    """The longest token's length in characters, where no token can stand for more of the prompt's characters: no
+    normalizer shrinks the text (none, Prepend, a Replace by text at least as long), no pre-tokenizer drops any
+    of it, no added token strips the whitespace beside it, and a BPE model has a token for every character (byte
+    fallback, or the whole byte-level alphabet). Else None: Whitespace drops spaces, WordPiece makes one [UNK]
+    of a long word, a fused [UNK] stands for any run of unknown characters.
+    """
+    try:
+        normalizer = json.loads(core.normalizer.__getstate__()) if core.normalizer is not None else None
+        pre = json.loads(core.pre_tokenizer.__getstate__()) if core.pre_tokenizer is not None else None
+        model = json.loads(core.model.__getstate__())
+        vocab = core.get_vocab(with_added_tokens=True)
+        added = core.get_added_tokens_decoder().values()
+    except Exception:  # a tokenizers release that serializes otherwise: tokenize every prompt
+        return None
+    for part in [] if normalizer is None else normalizer.get("normalizers", [normalizer]):
+        pattern = part.get("pattern")
+        longer = part.get("type") == "Replace" and isinstance(pattern, dict) and isinstance(pattern.get("String"), str) \
+            and 0 < len(pattern["String"]) <= len(str(part.get("content", "")))
+        if part.get("type") != "Prepend" and not longer:
+            return None
+    pres = [] if pre is None else pre.get("pretokenizers", [pre])
+    if any(p.get("type") not in _KEEPING or p.get("behavior") == "Removed" for p in pres):
+        return None
+    if any(token.lstrip or token.rstrip for token in added):
+        return None
+    byte_level = any(p.get("type") == "ByteLevel" for p in pres)
+    if model.get("type") != "BPE" or not (model.get("byte_fallback") or
+                                          (byte_level and set(ByteLevel.alphabet()) <= vocab.keys())):
+        return None
+    return max(map(len, vocab), default=0) or None
