@@ -517,22 +517,28 @@ def test_stopping_serve_with_a_stream_in_flight_ends_the_stream_and_exits_0_with
       "hint: serve on 127.0.0.1, or make keys (autoglm keys add NAME --role runner) and serve with them"]),
     (["--port", "0", "--grpc-port", "70000"], ["autoglm: grpc_port 70000 is not a TCP port (0 to 65535)",
                                                "hint: grpc_port=8000, say, or grpc_port=0 for any free one"]),
-], ids=["port-in-use", "grpc-port-in-use", "host-not-here", "open-on-every-network", "port-out-of-range"])
+    (["--port", "{free}", "--grpc-port", "{free}"],
+     ["autoglm: port and grpc_port are both {free}: one port serves one protocol",
+      "hint: give each its own port (0: any free one)"]),
+], ids=["port-in-use", "grpc-port-in-use", "host-not-here", "open-on-every-network", "port-out-of-range",
+        "one-port-twice"])
 def test_serve_says_where_it_cannot_listen_before_loading_any_model(flags: list[str], said: list[str],
                                                                     spec_file: Path, tmp_path: Path) -> None:
     # Before, the models loaded first (minutes for a large one), then a port in use failed with a hint in Python
     # terms ('port=0'), a host not on this machine with 'pick another port', and a gRPC port in use after
     # 'serving ... on' had been printed. The model here cannot load, so an answer about it means it loaded first.
-    with socket.socket() as holder:
+    with socket.socket() as holder, socket.socket() as probe:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
-        taken = str(holder.getsockname()[1])
+        probe.bind(("127.0.0.1", 0))
+        ports = {"taken": str(holder.getsockname()[1]), "free": str(probe.getsockname()[1])}
+        probe.close()  # free again: each port alone could be served
         command = ["serve", "--spec", str(spec_file), "--model", f"tiny={tmp_path / 'no-model-here'}",
-                   "--data-dir", str(tmp_path / "data"), *(flag.format(taken=taken) for flag in flags)]
+                   "--data-dir", str(tmp_path / "data"), *(flag.format(**ports) for flag in flags)]
         done = subprocess.run([sys.executable, "-m", "workbench.fronts.cli", *command], capture_output=True,
                               text=True, timeout=120, cwd=Path(wb.__file__).parents[1])
     assert done.returncode == 2
-    assert done.stderr.splitlines() == [line.format(taken=taken) for line in said]
+    assert done.stderr.splitlines() == [line.format(**ports) for line in said]
     assert done.stdout == ""
 
 

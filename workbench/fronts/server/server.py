@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import signal
 import socket
 import threading
@@ -230,6 +231,11 @@ def bound_socket(host: str, port: int) -> socket.socket:
 def check_addresses(host: str, ports: dict[str, int | None]) -> None:
     """Refuse now, with the ServeError serving would raise, a host or a port (by its option's name; None: not served)
     that serving would refuse, before the slow work ahead of it (loading models) is done for nothing."""
+    named = [(name, port) for name, port in ports.items() if port]
+    for (first, port), (second, other) in itertools.combinations(named, 2):
+        if port == other:  # each binds alone here; serving would find the clash only once the models had loaded
+            raise ServeError(f"{first} and {second} are both {port}: one port serves one protocol",
+                             hint="give each its own port (0: any free one)")
     for name, port in ports.items():
         if port is not None:
             _check_port(name, port)
