@@ -150,7 +150,8 @@ class GraphStore:
             return None
 
     def _last_good(self, path: Path) -> KnowledgeGraph | None:
-        versions = [g for k, g in self._graphs.items() if isinstance(k, tuple) and k[0] == path]
+        with self._lock:  # another run's get() may be adding a graph: iterating the dict then would raise
+            versions = [g for k, g in self._graphs.items() if isinstance(k, tuple) and k[0] == path]
         return versions[-1] if versions else None
 
     def loaded(self) -> dict[str, KnowledgeGraph]:
