@@ -313,7 +313,11 @@ def test_a_request_in_flight_when_the_workbench_closes_says_the_model_was_unload
         # Sampled hot and seeded, so that it runs its whole length: long enough to be under way at the close.
         request = other.engine.submit("brief", "Hello", wb.GenerationParams(max_new_tokens=400, temperature=5.0,
                                                                              seed=0))
-        eventually(lambda: int(other.replicas("brief")["in_flight"].sum()) == 1, "the request to be sent")
+        # Taken off the worker's queue, not only counted in flight: one still queued at the close fails with
+        # WorkerStopped instead (seen once on a slow CI machine).
+        queue = other.engine.worker("brief").queue
+        eventually(lambda: int(other.replicas("brief")["in_flight"].sum()) == 1 and not len(queue),
+                   "the request to be sent")
     with pytest.raises(wb.ModelActorDied, match="the model was unloaded") as caught:
         request.future.result(WAIT_S)
     assert "starting in its place" not in str(caught.value)  # no restart comes: it was ended on purpose
