@@ -164,6 +164,34 @@ def test_a_message_missing_a_value_at_run_time_names_its_field(chats: wb.Workben
     assert isinstance(cause, TemplateError) and cause.field == "messages[1].content"
 
 
+def test_a_long_chat_past_the_window_by_its_length_alone_is_refused_untokenized(
+    chat_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A plain prompt of millions of characters was refused by its length before tokenizing (seconds of Python's lock
+    # for ten million); a chat's messages, rendered by the template, were tokenized whole first, only to be refused.
+    from workbench.engine.engine import LONG_PROMPT_CHARS
+
+    with wb.Workbench(store=wb.InMemoryContextStore()) as bench:
+        bench.load("local", chat_path, device="cpu")
+        backend = bench.engine.worker("local").backend
+        tokenize, tokenized = backend.tokenize, []
+
+        def watched(prompts: list[str], *args: object, **kwargs: object) -> list[list[int]]:
+            tokenized.extend(len(p) for p in prompts if len(p) > LONG_PROMPT_CHARS)
+            return tokenize(prompts, *args, **kwargs)  # type: ignore[no-any-return]
+
+        monkeypatch.setattr(backend, "tokenize", watched)  # the real tokenizer, watched for the long prompts it gets
+        question = "Where is the sea? " * (LONG_PROMPT_CHARS // 8)
+        chain = bench.chain(CHAT.format(model="local"))
+        with pytest.raises(HopFailed) as caught:
+            chain.run(question=question)
+        cause = caught.value.cause
+        assert isinstance(cause, wb.ContextWindowExceeded) and "hop 'answer'" in cause.message
+        assert "characters, so at least" in cause.message and "context window of 512 tokens" in cause.message
+        assert tokenized == []  # refused by length, never tokenized
+        assert chain.run(question=QUESTIONS[0]).output  # a short chat still goes through
+
+
 def test_a_model_in_a_child_process_takes_a_chat_as_in_process(chats: wb.Workbench, chat_path: Path) -> None:
     pytest.importorskip("msgpack", reason="isolation='process' needs the process extra (pip install -e '.[dev]')")
     with wb.Workbench(store=wb.InMemoryContextStore()) as bench:

@@ -883,13 +883,13 @@ def _prompts(
     A chat its template refuses fails alone; a failed tokenization raises, failing every call alike.
     ``ready`` holds plain prompts tokenized ahead (a map's prefetch), which are not tokenized again.
     A plain prompt ``uncounted(prompt, max_new_tokens)`` lets through gets None for its ids: it goes out
-    without being tokenized here (see :func:`_uncounted`). A long plain prompt that cannot fit ``model``'s window
-    by its length alone gets ContextWindowExceeded, untokenized (see LONG_PROMPT_CHARS).
+    without being tokenized here (see :func:`_uncounted`). A long prompt (a chat's as its template writes it) that
+    cannot fit ``model``'s window by its length alone gets ContextWindowExceeded, untokenized (see LONG_PROMPT_CHARS).
     """
+    codec = getattr(backend, "codec", None)
+    token_chars = codec.token_chars if codec is not None else None
     if all(call.messages is None for call in calls):  # the common case, in one pass
         known = ready or {}
-        codec = getattr(backend, "codec", None)
-        token_chars = codec.token_chars if codec is not None else None
         refused = [past_window(call.prompt, call.params, backend.context_window, token_chars, model, call.hop)
                    if len(call.prompt) > LONG_PROMPT_CHARS and call.prompt not in known else None for call in calls]
         skip = [refusal is not None or uncounted is not None and call.prompt not in known
@@ -905,7 +905,10 @@ def _prompts(
         except Exception as exc:
             answers.append(exc)
             continue
-        answers.append((text, []) if text is not None else ("", None))  # None: the server renders and counts it
+        refusal = past_window(text, call.params, backend.context_window, token_chars, model, call.hop) \
+            if text is not None and len(text) > LONG_PROMPT_CHARS else None
+        # None: the server renders and counts it
+        answers.append(refusal or ((text, []) if text is not None else ("", None)))
     for chat in (False, True):
         slots = [i for i, (call, answer) in enumerate(zip(calls, answers))
                  if (call.messages is not None) == chat and isinstance(answer, tuple) and (answer[0] or not chat)]
