@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import argparse
 import sys
 import threading
@@ -314,12 +315,13 @@ def test_python_hops_that_block_every_hop_thread_do_not_hold_up_other_runs_bookk
         assert len(bench.session("s1").records()) == 1
 
 
-@pytest.mark.parametrize("how", ["run", "stream"])
+@pytest.mark.parametrize("how", ["run", "stream", "arun", "amap", "astream"])
 def test_python_hops_that_run_another_chain_finish_when_they_hold_every_hop_thread(tiny_path: Path, how: str) -> None:
     # A Python hop that runs a sub-chain (chain.run inside it) waits on a hop thread; with as many such hops in
     # flight as there are hop threads (a map at concurrency >= hop_threads, 64 by default), the sub-chains' own
     # Python hops and templates found no thread, and the map hung forever. The waiting hop thread now runs them.
     # chain.stream inside a hop hung the same way after chain.run was mended; its waiting thread runs them too.
+    # So did asyncio.run(chain.arun(...)) (amap, astream) in a sync hop: the loop it runs takes the work.
     with wb.Workbench(hop_threads=2, store=wb.InMemoryContextStore()) as bench:
         bench.load("tiny", tiny_path, device="cpu")
         inner = bench.chain({"name": "inner", "hops": [
@@ -327,9 +329,20 @@ def test_python_hops_that_run_another_chain_finish_when_they_hold_every_hop_thre
             {"name": "answer", "model": "tiny", "max_new_tokens": 2,
              "prompt": "{% if shout %}{{ shout }}{% endif %}: {{ word }}"}],  # rendered in the hop pool too
             "output": "shout"})
-        outer = bench.chain({"name": "outer", "hops": [
-            {"name": "sub", "call": lambda word: inner.run(word=word).output if how == "run" else
-             [e.run.output for e in inner.stream(word=word) if e.kind == "run_finished"][0]}]})
+
+        async def streamed(word: str) -> str:
+            return [e.run.output async for e in inner.astream(word=word) if e.kind == "run_finished"][0]
+
+        def sub(word: str) -> str:
+            if how == "stream":
+                return [e.run.output for e in inner.stream(word=word) if e.kind == "run_finished"][0]
+            if how == "arun":
+                return asyncio.run(inner.arun(word=word)).output
+            if how == "amap":
+                return asyncio.run(inner.amap([{"word": word}]))[0].output
+            return asyncio.run(streamed(word)) if how == "astream" else inner.run(word=word).output
+
+        outer = bench.chain({"name": "outer", "hops": [{"name": "sub", "call": sub}]})
         result: dict[str, Any] = {}
         mapping = threading.Thread(target=lambda: result.update(batch=outer.map(
             [{"word": w} for w in "abcdef"], concurrency=4)), daemon=True)

@@ -712,9 +712,11 @@ class Workbench:
     async def run_async(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run ``coroutine`` on the workbench's loop, awaited from whichever loop the caller is on."""
         loop = self._ensure_loop()
-        if asyncio.get_running_loop() is loop:
+        here = asyncio.get_running_loop()
+        if here is loop:
             return await coroutine
-        future = self.start(coroutine)
+        with lending(here):  # asyncio.run(chain.arun(...)) in a Python hop: its loop runs the call's hop work
+            future = self.start(coroutine)
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:

@@ -252,7 +252,8 @@ class Chain:
         def put(event: Event) -> None:
             loop.call_soon_threadsafe(events.put_nowait, event)
 
-        future = asyncio.wrap_future(self._host.start(self._host.arun_spec(self.spec, inputs, session, put)))
+        with lending(loop):  # asyncio.run(...) in a Python hop: its loop runs the run's hop work
+            future = asyncio.wrap_future(self._host.start(self._host.arun_spec(self.spec, inputs, session, put)))
         try:
             while True:
                 getter = asyncio.ensure_future(events.get())

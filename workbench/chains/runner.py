@@ -78,11 +78,18 @@ class Lender:
     it first; whichever takes it runs it once.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._work: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._loop = loop
 
     def offer(self, job: Callable[[], None]) -> None:
-        self._work.put(job)
+        if self._loop is None:
+            self._work.put(job)
+            return
+        try:  # the hop thread runs an event loop that awaits the call: that loop runs the work between its steps
+            self._loop.call_soon_threadsafe(job)
+        except RuntimeError:  # that loop closed (its call was cancelled): a hop thread takes the work from the pool
+            pass
 
     def run_next(self, timeout: float | None = None) -> bool:
         """Run the next piece of work offered here, waiting at most ``timeout`` for one; False if none came."""
@@ -107,13 +114,15 @@ LENDER: ContextVar[Lender | None] = ContextVar("workbench_lender", default=None)
 
 
 @contextmanager
-def lending() -> Iterator[Lender | None]:
-    """A Lender for the blocking chain call started in this block, if this thread is a hop thread running a Python
-    hop (else None): the runs started in the block offer it their pool work, to run while the call waits."""
+def lending(loop: asyncio.AbstractEventLoop | None = None) -> Iterator[Lender | None]:
+    """A Lender for the chain call started in this block, if this thread is a hop thread running a Python hop (else
+    None): the runs started in the block offer it their pool work, to run while the call waits. A blocking call
+    waits in :meth:`Lender.wait`; an awaited one (``asyncio.run(chain.arun(...))`` in the hop) names the ``loop``
+    it is awaited on, which runs the work."""
     if not _hop_thread.running:
         yield None
         return
-    lent = Lender()
+    lent = Lender(loop)
     token = LENDER.set(lent)
     try:
         yield lent
