@@ -522,6 +522,8 @@ def test_a_chain_edit_refused_for_a_model_the_configuration_then_adds_serves_onc
         ("models:\n  tiny:\n    source: tiny\n    trust_remote_code: true\n", 4, "models.tiny.trust_remote_code",
          "unknown field"),
         ("models:\n  tiny: {source: tiny, replicas: 0}\n", 2, "models.tiny.replicas", "replicas must be"),
+        ("models:\n  tiny: {source: tiny, hang_timeout_s: soon}\n", 2, "models.tiny.hang_timeout_s",
+         "must be a number >= 0"),
         ("models:\n  tiny: {device: cpu}\n", 2, "models.tiny.source", "needs a source"),
         ("modles: {}\n", 1, "modles", "did you mean 'models'"),
         ("chains:\n  qa: 3\n", 2, "chains.qa", "path of its spec file"),
@@ -536,6 +538,14 @@ def test_configuration_errors_name_the_file_line_and_field(
         parse_config(text, "/etc/wb.yaml")
     assert (caught.value.line, caught.value.field) == (line, field)
     assert str(caught.value).startswith(f"/etc/wb.yaml, line {line}")
+
+
+def test_a_configuration_takes_a_setting_that_is_off_by_default_as_a_number_or_null() -> None:
+    # hang_timeout_s (None: off) was read as text, so a number of seconds was refused as "must be text".
+    text = "models:\n  iso: {source: tiny, isolation: process, hang_timeout_s: 30}\n  other: {source: tiny, " \
+        "hang_timeout_s: null}\n"
+    models = parse_config(text, "/etc/wb.yaml").models
+    assert models["iso"].settings.hang_timeout_s == 30.0 and models["other"].settings.hang_timeout_s is None
 
 
 def test_a_spec_whose_yaml_has_non_text_keys_gets_a_version(loaded: wb.Workbench) -> None:

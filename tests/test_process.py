@@ -15,6 +15,7 @@ import sys
 import termios
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -252,6 +253,43 @@ def test_a_child_that_does_not_stop_a_batch_whose_every_request_timed_out_is_kil
     assert bench.models().set_index("name").loc["iso", "restarts"] == 1
     (batch,) = [s for s in bench.traces().spans if s.name == "batch iso" and s.status.status_code.name == "ERROR"]
     assert "killed it as hung" in batch.status.description and "SIGKILL" in batch.status.description
+
+
+def test_a_child_that_ends_no_step_for_its_hang_timeout_is_killed_as_hung_and_restarted(
+    bench: wb.Workbench, tiny_path: Path
+) -> None:
+    # A batch with no timeout on a hung child (a deadlock, a driver call that never returns; here SIGSTOP) waited for
+    # good, and every request queued behind it. hang_timeout_s kills a child that ends no step of a batch for it.
+    bench.load("iso", tiny_path, device="cpu", isolation="process", hang_timeout_s=1.0)
+    bench.set_breaker("iso", failure_threshold=5, reset_timeout_s=0.2)  # a dead process opens it at once
+    assert bench.generate("iso", "Hello", **LONG).tokens_out == 400  # a batch longer than the timeout beats: not hung
+    expected = bench.generate("iso", "Hello", max_new_tokens=4).text
+    child = pid_of(bench, "iso")
+    assert child is not None
+    os.kill(child, signal.SIGSTOP)
+    with pytest.raises(wb.ModelProcessDied, match="ended no decoding step of it in 1 s .its hang_timeout_s.") as died:
+        bench.generate("iso", "Hello", max_new_tokens=4)
+    assert "killed it as hung" in str(died.value) and "SIGKILL" in str(died.value)
+    assert not alive(child)
+    eventually(lambda: any(s.name == "restart iso" for s in bench.traces().spans), "the model process to restart")
+    time.sleep(0.2)  # the breaker's reset timeout: its trial goes to the new process
+    assert bench.generate("iso", "Hello", max_new_tokens=4).text == expected  # served by the restarted child
+    assert pid_of(bench, "iso") not in (None, child)
+    assert bench.models().set_index("name").loc["iso", "restarts"] == 1
+
+
+def test_a_hang_timeout_is_refused_where_no_model_process_runs_and_when_it_is_no_duration(
+    bench: wb.Workbench, tiny_path: Path
+) -> None:
+    with pytest.raises(wb.ModelLoadError, match="hang_timeout_s is a setting of isolation='process'"):
+        bench.load("iso", tiny_path, device="cpu", hang_timeout_s=5)
+    for bad in (0, -1.0, float("nan"), float("inf"), "5", True):
+        with pytest.raises(wb.ModelLoadError, match="hang_timeout_s must be a finite number of seconds > 0"):
+            bench.load("iso", tiny_path, device="cpu", isolation="process", hang_timeout_s=bad)
+    parser = argparse.ArgumentParser()
+    add_load_options(parser)
+    settings = load_settings(parser.parse_args(["--isolation", "process", "--hang-timeout-s", "2.5"]), "tiny")
+    assert settings.hang_timeout_s == 2.5 and load_settings(parser.parse_args([]), "tiny").hang_timeout_s is None
 
 
 @pytest.mark.parametrize(("sig", "said"), [(signal.SIGSEGV, "SIGSEGV (a segfault)"), (signal.SIGKILL, "SIGKILL")])

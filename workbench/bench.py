@@ -186,6 +186,7 @@ class Workbench:
         warmup: bool = False,
         isolation: str = "thread",
         restarts: int = 3,
+        hang_timeout_s: float | None = None,
         replicas: int | list[str] | None = None,
         balance: str | BalancePolicy | None = None,
         served_model: str | None = None,
@@ -213,7 +214,9 @@ class Workbench:
         ``warmup=True`` runs a tiny generate after loading, reported as part of the cold start.
         ``isolation="process"`` loads the model in a child process of its own, which a crash there
         (SIGKILL, a segfault, a CUDA fatal error) takes down alone: the requests it ran fail with
-        ModelProcessDied, and it starts again, up to ``restarts`` times.
+        ModelProcessDied, and it starts again, up to ``restarts`` times. ``hang_timeout_s`` treats a model process
+        that ends no decoding step of a batch for that many seconds (a deadlock, a driver that never returns) as one
+        that died: it is killed and started again. Off by default: a long prompt's prefill is one step.
         ``replicas=2`` serves the model from two workers on its device (sharing its weights),
         ``replicas=["cuda:0", "cuda:1"]`` from one per device listed (the first is where it
         loads); an http(s) URL in the list is a replica on that server, serving the same model
@@ -259,6 +262,7 @@ class Workbench:
                     warmup=warmup,
                     isolation=isolation,
                     restarts=restarts,
+                    hang_timeout_s=hang_timeout_s,
                     served_model=served_model,
                     api_key=api_key,
                     read_timeout_s=read_timeout_s,

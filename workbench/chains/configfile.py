@@ -202,10 +202,12 @@ def _model(name: str, raw: Any, fail: Any) -> ModelEntry:
                    "models", name, "source")
     values: dict[str, Any] = {}
     defaults = {f.name: f.default for f in dataclasses.fields(LoadSettings)}
+    # Seconds that are off by default (hang_timeout_s: None): a number when given.
+    optional = {f.name for f in dataclasses.fields(LoadSettings) if str(f.type) == "float | None"}
     for key in LOAD_FIELDS:
         if key not in raw or key == "source":
             continue
-        value, default = raw[key], defaults[key]
+        value, default = raw[key], 0.0 if key in optional and raw[key] is not None else defaults[key]
         if isinstance(default, bool):
             ok = isinstance(value, bool)
         elif isinstance(default, (int, float)):

@@ -53,6 +53,10 @@ def parse_key_values(words: Sequence[str]) -> dict[str, str]:
     return inputs
 
 
+# The number settings' annotations (LoadSettings's are strings: it is written with postponed annotations).
+_NUMBERS: dict[str, type] = {"int": int, "float": float, "float | None": float}
+
+
 def _flag(option: dataclasses.Field[Any]) -> str:
     return "--" + option.name.replace("_", "-")
 
@@ -66,7 +70,7 @@ def add_load_options(parser: argparse.ArgumentParser, title: str = "load options
         else:
             # A number's flag parses as one (--restarts N, --read-timeout-s S), so a typo is argparse's clear
             # error, not a load's; the other settings are text.
-            kind = type(option.default) if isinstance(option.default, (int, float)) else None
+            kind = _NUMBERS.get(str(option.type))
             group.add_argument(_flag(option), default=option.default, type=kind, metavar=option.metadata["metavar"],
                                help=LOAD_HELP[option.name])
 

@@ -669,6 +669,16 @@ def _check_isolation(settings: LoadSettings) -> None:
             f"restarts must be a whole number >= 0, got {settings.restarts!r}",
             hint="it is how often a model process that died is started again (0: never)",
         )
+    hang = settings.hang_timeout_s
+    if hang is not None:
+        if isinstance(hang, bool) or not isinstance(hang, (int, float)) or not 0 < hang < math.inf:
+            raise ModelLoadError(f"hang_timeout_s must be a finite number of seconds > 0, got {hang!r:.80}",
+                                 hint="how long a model process may go without ending a decoding step (default: "
+                                 "no limit)")
+        if settings.isolation != "process":
+            raise ModelLoadError(
+                f"hang_timeout_s is a setting of isolation='process', and this load has isolation={settings.isolation!r}",
+                hint="add isolation='process' (--isolation process), or drop hang_timeout_s")
 
 
 def _free(device: torch.device | str) -> None:

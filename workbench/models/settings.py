@@ -46,6 +46,9 @@ class LoadSettings:
     restarts: int = _option(
         3, "process isolation or engine ray: how often a model process or Ray actor that died is started again "
         "(default 3)", "N")
+    hang_timeout_s: float | None = _option(
+        None, "process isolation: kill (and restart) a model process that ends no decoding step of a batch for S "
+        "seconds, as hung (default: never; a long prompt's prefill is one step)", "S")
     served_model: str | None = _option(
         None, "for a server URL: the model's name on the server (default: the one model it lists)", "M")
     # Kept out of repr, so a settings object shown in a notebook or a log does not print the key.

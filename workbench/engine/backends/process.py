@@ -3,7 +3,8 @@
 A crash in the child (SIGKILL, a segfault, a CUDA fatal error) ends that process only: the batch it
 ran fails with ModelProcessDied, which retries, fallbacks and the breaker handle, and the child is
 started again (up to the model's ``restarts``). A child that hangs (a batch it has not ended ``_HUNG_S`` after
-every request in it timed out) is killed, and goes the same way. Token ids, texts and timings cross the pipe, never
+every request in it timed out, or one it ended no decoding step of for the model's ``hang_timeout_s``) is killed,
+and goes the same way. Token ids, texts and timings cross the pipe, never
 tensors and never pickles: each frame is one msgpack map sent with ``Connection.send_bytes``.
 The parent keeps the tokenizer, so tokenize and detokenize stay local.
 
@@ -165,9 +166,13 @@ class ModelProcess:
                 _stop(proc)
                 return
             self._proc = proc  # close() may end a child that is still loading
-        settings = dataclasses.replace(self.settings, isolation="thread")  # in the child, the model is local
+        # In the child, the model is local (and this process watches it for hangs).
+        settings = dataclasses.replace(self.settings, isolation="thread", hang_timeout_s=None)
+        hang_s = self.settings.hang_timeout_s
         try:
-            conn.send_bytes(pack({"name": self.name, "settings": dataclasses.asdict(settings), "beat_s": BEAT_S}))
+            # A beat at least four times within the hang timeout, so only a child that ends no step is taken as hung.
+            beat_s = BEAT_S if hang_s is None else min(BEAT_S, hang_s / 4)
+            conn.send_bytes(pack({"name": self.name, "settings": dataclasses.asdict(settings), "beat_s": beat_s}))
             ready = unpack(conn.recv_bytes())
         except (EOFError, OSError):
             conn.close()
@@ -385,6 +390,7 @@ class ModelProcess:
         rows = [[r.input_ids, r.submitted, r.stream and on_token is not None, r.cancellable] for r in batch]
         seq = self._batches = self._batches + 1
         cancellable = any(r.cancellable for r in batch)
+        hang_s = self.settings.hang_timeout_s
         told: set[int] = set()
         all_told: float | None = None  # when the last row was told to stop
         sent = self._heard = time.perf_counter()
@@ -393,8 +399,19 @@ class ModelProcess:
             conn.send_bytes(pack({"op": "generate", "seq": seq, "params": params, "rows": rows}))
             while True:
                 # A row whose request timed out here is stopped in the child too, as in-process; only a
-                # batch with a timeout on some row wakes up to look (poll returns at once when a frame comes).
-                if cancellable and not conn.poll(_CANCEL_POLL_S):
+                # batch with a timeout on some row wakes up to look (poll returns at once when a frame comes), or
+                # one whose model has a hang timeout, to see whether the child has gone quiet for it.
+                wait_s = _CANCEL_POLL_S if cancellable else None
+                if hang_s is not None:
+                    quiet_for = max(self._heard + hang_s - time.perf_counter(), 0.0)
+                    wait_s = quiet_for if wait_s is None else min(wait_s, quiet_for)
+                if wait_s is not None and not conn.poll(wait_s):
+                    if hang_s is not None and time.perf_counter() - self._heard >= hang_s:
+                        raise self._died(f"it ran a batch of {len(batch)}, and ended no decoding step of it in "
+                                         f"{hang_s:g} s (its hang_timeout_s), so the workbench killed it as hung",
+                                         kill=True)
+                    if not cancellable:
+                        continue
                     stopped = [row for row, r in enumerate(batch) if r.cancelled and row not in told]
                     if stopped:
                         try:
