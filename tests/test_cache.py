@@ -405,6 +405,23 @@ def test_cache_stats_and_clear(loaded: wb.Workbench) -> None:
     assert model_calls(chain.run(question="A?")) == 1
 
 
+def test_the_same_call_made_by_runs_at_once_calls_the_model_once(loaded: wb.Workbench) -> None:
+    # The README's "each question twice: the second is a hit", mapped at concurrency 8: both copies of a question
+    # started together, both missed and both called the model. The second now waits for the first's answer.
+    chain = loaded.chain(spec("exact", prompt="Q (together): {{ question }}\nA:"))
+    questions = ["Where is Lima?", "Why is the sea salty?", "Who wrote Faust?"]
+    calls = served(loaded)
+    runs = chain.map([{"question": q} for q in questions * 2], concurrency=8)
+    assert [run.output for run in runs[3:]] == [run.output for run in runs[:3]]
+    assert served(loaded) - calls == 3  # one model call per question
+    assert sorted(model_calls(run) for run in runs) == [0, 0, 0, 1, 1, 1]
+    shared = [hop_span(run).attributes for run in runs if model_calls(run) == 0]
+    assert all(a[attr.CACHE_HIT] is True and a[attr.CACHE_SHARED] is True and a[attr.CACHE_SAVED_MS] > 0
+               for a in shared)
+    stats = loaded.cache_stats().set_index("hop").loc["answer"]
+    assert (stats["hits"], stats["misses"]) == (3, 3)
+
+
 def test_eviction_keeps_the_most_recently_used(loaded: wb.Workbench) -> None:
     loaded.set_cache_limits(max_entries=2)
     chain = loaded.chain(spec("exact"))

@@ -129,8 +129,9 @@ class ResponseCache:
         if max_bytes is not None:
             self.max_bytes = max_bytes
 
-    def get(self, key: str, hop: str, model: str) -> CachedResponse | None:
-        """The answer stored under ``key`` (counted as a hit, and marked used now), or None (a miss)."""
+    def get(self, key: str, hop: str, model: str, count: bool = True) -> CachedResponse | None:
+        """The answer stored under ``key`` (counted as a hit, and marked used now), or None (a miss); ``count=False``
+        leaves the counting to the caller (:meth:`count`)."""
         rows = self._execute("SELECT text, tokens_out, cost_ms FROM responses WHERE key = ?", (key,))
         found = CachedResponse(*rows[0]) if rows else None
         if found is not None:
@@ -139,14 +140,19 @@ class ResponseCache:
                               wait_s=self._write_wait_s)
             except StoreError as exc:  # the answer was found: only its place in the eviction order is lost
                 logger.warning("a hit in the response cache %s was not marked used: %s", self.path, exc.message)
+        if count:
+            self.count(hop, model, found.cost_ms if found is not None else None)
+        return found
+
+    def count(self, hop: str, model: str, saved_ms: float | None) -> None:
+        """Count a lookup of ``hop`` on ``model``: a hit that saved ``saved_ms`` of the model's time, or (None) a miss."""
         with self._counts_lock:
             counts = self._counts.setdefault((hop, model), [0, 0, 0.0])
-            if found is None:
+            if saved_ms is None:
                 counts[1] += 1
             else:
                 counts[0] += 1
-                counts[2] += found.cost_ms
-        return found
+                counts[2] += saved_ms
 
     def put(self, key: str, chain: str, hop: str, model: str, text: str, tokens_out: int, cost_ms: float) -> None:
         """Store an answer, then evict the least recently used entries past the bounds, in one transaction."""

@@ -37,7 +37,7 @@ from workbench.chains.run import Run
 from workbench.chains.spec import ChainSpec, HopSpec, fixed_prefix
 from workbench.chains.templates import PromptTemplate
 from workbench.engine import Call, Engine
-from workbench.engine.requests import NO_TOKEN_ID, Messages, check_text
+from workbench.engine.requests import NO_TOKEN_ID, GenerationResult, Messages, check_text
 from workbench.errors import (HopFailed, HopTimeout, InvalidInput, MissingInputError, RunError, StoreError, describe,
                               did_you_mean)
 from workbench.knowledge import Facts, GraphStore, Lookup
@@ -257,6 +257,9 @@ class Runner:
         self.io_pool = io_pool  # the run's bookkeeping: session history and records, the response cache, prompts
         self.graphs = graphs if graphs is not None else GraphStore()  # knowledge hops' graphs, loaded once
         self.cache = cache  # the exact response cache of ``cache: exact`` hops (None: they call the model every time)
+        # Exact-cache misses whose model call is under way, by cache and key: the same call from another run waits
+        # for its answer (None if it failed) rather than calling the model again. Touched on the loop only.
+        self._calling: dict[tuple[ResponseCache, str], asyncio.Future[_Hit | None]] = {}
 
     async def arun(
         self, spec: ChainSpec, inputs: Mapping[str, Any], session: str | None = None, events: EventSink | None = None
@@ -454,11 +457,28 @@ class Runner:
             label = f"model:{name}"
 
             async def call(attempt: int, timeout: float | None) -> Any:
-                key = await self._cached(hop, name, prompt, messages, span) if hop.cache.exact else None
+                cache = self.cache if hop.cache.exact else None
+                key = await self._cached(cache, hop, name, prompt, messages, span, timeout) if cache is not None else None
                 if isinstance(key, _Hit):
                     if state.events is not None and key.text:  # a stream shows the stored answer, in one piece
                         state.emit(Token(hop.name, key.text, NO_TOKEN_ID))
                     return key.text
+                if cache is None or key is None:
+                    return (await answer(attempt, timeout)).text
+                calling = self._calling[cache, key]  # _cached put it there: this run calls the model for it
+                answered = None
+                try:
+                    result = await answer(attempt, timeout, cache, key)
+                    answered = _Hit(key, result.text, result.e2e_ms)
+                    return result.text
+                finally:
+                    if self._calling.get((cache, key)) is calling:
+                        del self._calling[cache, key]
+                    calling.set_result(answered)  # the runs that wait for it: the answer, or None to call themselves
+
+            async def answer(attempt: int, timeout: float | None, cache: ResponseCache | None = None,
+                             key: str | None = None) -> GenerationResult:
+                """The model's answer; with ``key``, stored under it in ``cache``."""
                 on_token = _TokenSink(state, hop.name) if state.events is not None else None
                 call = Call(name, prompt, hop.params, span, hop.name, {attr.ATTEMPT: attempt, attr.ROUTE: label},
                             timeout, on_token=on_token, session=state.session, messages=messages, prefix=prefix,
@@ -472,18 +492,19 @@ class Runner:
                 if result.prefix_tokens:
                     span.set_attributes({attr.PREFIX_TOKENS: result.prefix_tokens,
                                          attr.PREFIX_SAVED_MS: result.prefix_saved_ms})
-                if key is not None and self.cache is not None:
-                    try:
-                        await asyncio.get_running_loop().run_in_executor(
-                            self.io_pool, self.cache.put, key, state.spec.name, hop.name, name, result.text,
-                            result.tokens_out, result.e2e_ms)
-                    except StoreError as exc:
-                        # The model answered: losing that for the cache's sake (or calling it again on a retry)
-                        # would lose more. The next such call goes to the model again, which the warning says.
-                        warnings.warn(f"hop {hop.name!r} answered, but the response cache could not keep its answer, "
-                                      f"so the model will be called again for it: {exc}", RuntimeWarning, stacklevel=2)
-                        log.warning("an answer of hop %r was not kept in the response cache: %s", hop.name, exc)
-                return result.text
+                if cache is None or key is None:
+                    return result
+                try:
+                    await asyncio.get_running_loop().run_in_executor(
+                        self.io_pool, cache.put, key, state.spec.name, hop.name, name, result.text,
+                        result.tokens_out, result.e2e_ms)
+                except StoreError as exc:
+                    # The model answered: losing that for the cache's sake (or calling it again on a retry)
+                    # would lose more. The next such call goes to the model again, which the warning says.
+                    warnings.warn(f"hop {hop.name!r} answered, but the response cache could not keep its answer, "
+                                  f"so the model will be called again for it: {exc}", RuntimeWarning, stacklevel=2)
+                    log.warning("an answer of hop %r was not kept in the response cache: %s", hop.name, exc)
+                return result
 
             return Route(label, call)
 
@@ -505,13 +526,15 @@ class Runner:
         return routes
 
     async def _cached(
-        self, hop: HopSpec, model: str, prompt: str, messages: Messages | None, span: Span
+        self, cache: ResponseCache, hop: HopSpec, model: str, prompt: str, messages: Messages | None, span: Span,
+        timeout_s: float | None,
     ) -> _Hit | str | None:
-        """Look the call up in the exact cache: a hit, else the key to store its answer under (None: no cache)."""
-        if self.cache is None:
-            return None
+        """Look the call up in the exact cache: a hit, else the key to store its answer under (None: no cache).
+
+        A miss whose same call another run is making waits for that answer (up to ``timeout_s``), and counts as a
+        hit; a miss that makes the call is marked in ``_calling``, which the caller settles when it ends.
+        """
         loop = asyncio.get_running_loop()
-        cache = self.cache
 
         def look() -> _Hit | str | None:
             # A fallback model runs bare; a hop's adapter counts by the files of its live version. With no live
@@ -526,14 +549,29 @@ class Runner:
             if identity is None:
                 return None  # the model loads on this call: uncached, as for an adapter, until it is known
             key = response_key(identity, prompt, messages, hop.params, adapter=adapter)
-            found = cache.get(key, hop.name, model)
+            found = cache.get(key, hop.name, model, count=False)
             return key if found is None else _Hit(key, found.text, found.cost_ms)
 
         answer = await loop.run_in_executor(self.io_pool, look)
         if answer is None:
             return None
+        shared = False
+        while isinstance(answer, str):
+            calling = self._calling.get((cache, answer))
+            if calling is None:
+                self._calling[cache, answer] = loop.create_future()
+                break
+            try:  # shielded: a wait that times out or is cancelled leaves the call it waits for going
+                found = await asyncio.wait_for(asyncio.shield(calling), timeout_s)
+            except TimeoutError:
+                raise HopTimeout(f"hop {hop.name!r}: the same call of model {model!r}, made by another run, gave no "
+                                 f"answer within {timeout_s:g} s", hint="raise the hop's timeout_s, or give the hop "
+                                 "retry or a fallback") from None
+            answer, shared = (found, True) if found is not None else (answer, False)  # None: it failed; call again
+        cache.count(hop.name, model, answer.cost_ms if isinstance(answer, _Hit) else None)
         if isinstance(answer, _Hit):
-            span.set_attributes({attr.CACHE_HIT: True, attr.CACHE_KEY: answer.key, attr.CACHE_SAVED_MS: answer.cost_ms})
+            span.set_attributes({attr.CACHE_HIT: True, attr.CACHE_KEY: answer.key, attr.CACHE_SAVED_MS: answer.cost_ms,
+                                 **({attr.CACHE_SHARED: True} if shared else {})})
         else:
             span.set_attributes({attr.CACHE_HIT: False, attr.CACHE_KEY: answer})
         return answer
