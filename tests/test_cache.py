@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from workbench.chains.spec import fixed_prefix, parse_spec
 from workbench.engine.requests import GenerationParams, GenerationRequest
 from workbench.errors import SpecError
 from workbench.tracing import attributes as attr
+
+from helpers import WAIT_S
 
 LONG = ("You are a careful assistant that answers questions about geography, history and science in one short "
         "sentence, without any preamble, and never repeats the question. ")
@@ -420,6 +423,25 @@ def test_the_same_call_made_by_runs_at_once_calls_the_model_once(loaded: wb.Work
                for a in shared)
     stats = loaded.cache_stats().set_index("hop").loc["answer"]
     assert (stats["hits"], stats["misses"]) == (3, 3)
+
+
+def test_a_run_waiting_for_the_same_call_calls_the_model_itself_when_that_call_fails(loaded: wb.Workbench) -> None:
+    # Two chains with one hop alike but for its timeout: the first's call (slowed past its 0.1 s timeout) fails,
+    # and the second, waiting for that answer, must not fail with it nor wait for good: it calls the model itself.
+    prompt = "Q (alone): {{ question }}\nA:"
+    hasty = loaded.chain({**spec("exact", prompt=prompt, timeout_s=0.1), "name": "hasty"})
+    patient = loaded.chain({**spec("exact", prompt=prompt), "name": "patient"})
+    loaded.inject("tiny", latency_ms=400)
+    failed: list[wb.Run] = []
+    first = threading.Thread(target=lambda: failed.append(hasty.map([{"question": "Where is Lima?"}])[0]))
+    first.start()
+    time.sleep(0.05)  # the first call is made, and is slow
+    run = patient.run(question="Where is Lima?")
+    first.join(WAIT_S)
+    assert isinstance(failed[0].error.cause, wb.HopTimeout)
+    assert run.ok and model_calls(run) == 1 and hop_span(run).attributes[attr.CACHE_HIT] is False
+    loaded.inject("tiny")
+    assert model_calls(patient.run(question="Where is Lima?")) == 0  # its answer was stored
 
 
 def test_eviction_keeps_the_most_recently_used(loaded: wb.Workbench) -> None:
