@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -229,6 +231,25 @@ def test_adapters_load_in_this_process_only_and_from_safetensors_only(
     assert "pickled" not in bench.registry.names()
     # Said once, by the error: a warning too printed the reason a second time above it (%autoglm load --adapters).
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "refused" in r.getMessage()]
+
+
+def test_an_adapter_refused_at_load_says_what_to_do_and_leaves_nothing_loaded(
+    bench: wb.Workbench, tiny_path: Path, lora: dict[str, Path], tmp_path: Path
+) -> None:
+    # Weights that fit the base model under a config naming modules it lacks: peft itself refuses it.
+    elsewhere = Path(shutil.copytree(lora["sql"], tmp_path / "elsewhere"))
+    config = json.loads((elsewhere / "adapter_config.json").read_text())
+    (elsewhere / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["c_attn"]}))
+    refusals = {lora["mismatched"]: ("another hidden size", "load it on the model it was trained on"),
+                lora["corrupt"]: ("not a readable safetensors file", "write the adapter again"),
+                elsewhere: ("Target modules {'c_attn'} not found", "load it on the model it was trained on")}
+    for path, (message, hint) in refusals.items():
+        with pytest.raises(wb.AdapterError, match=f"adapter 'bad': .*{re.escape(message)}") as refused:
+            bench.load("tiny", tiny_path, device="cpu", adapters={"sql": lora["sql"], "bad": path})
+        assert hint in (refused.value.hint or "")  # the check's advice reaches the caller, not only its finding
+    assert bench.models().empty
+    bench.load("tiny", tiny_path, device="cpu", adapters={"sql": lora["sql"]})  # the name is free for a good load
+    assert bench.adapters("tiny")["key"].tolist() == ["sql@v1"]
 
 
 def test_an_adapter_on_gpt2s_conv1d_projections_loads_and_matches_peft_by_hand(

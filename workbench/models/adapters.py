@@ -30,6 +30,9 @@ STATES = ("staging", "live", "draining", "retiring", "retired", "refused")
 _PICKLE = ("*.bin", "*.pt", "*.pth", "*.pkl")
 _WEIGHTS = "adapter_model.safetensors"
 _CONFIG = "adapter_config.json"
+# The advice for an adapter that passed the checks here and that peft then would not attach.
+_PEFT_REFUSED = ("peft could not attach it to this base model: compare its adapter_config.json "
+                 "(base_model_name_or_path, target_modules) with the model, and load it on the model it was trained on")
 GOLDEN_PROMPTS = ("Hello", "Question: What is the capital of France?\nAnswer:", "A chain is a graph of hops.")
 
 
@@ -56,6 +59,7 @@ class AdapterVersion:
     swap_ms: float | None = None  # from noticing it to serving it: load, checks, switch
     retire_ms: float | None = None  # from the switch until the version it replaced was drained and freed
     error: str | None = None
+    hint: str | None = field(default=None, repr=False)  # what to do about ``error``, for the caller a refusal reaches
     rank: int | None = None
     in_flight: int = 0
     switched_at: float | None = field(default=None, repr=False)  # perf_counter when a newer version replaced it
@@ -310,7 +314,7 @@ class AdapterSet:
         if version.state == "refused":
             with self._state:
                 del self._named[name]
-            raise AdapterError(f"adapter {name!r}: {version.error}")
+            raise AdapterError(f"adapter {name!r}: {version.error}", hint=version.hint)
         return version
 
     def stage(self, name: str, path: str | os.PathLike[str] | None = None,
@@ -340,7 +344,10 @@ class AdapterSet:
         except Exception as exc:
             with self._state:
                 version.state = "refused"
-                version.error = exc.message if isinstance(exc, AdapterError) else f"{type(exc).__name__}: {exc}"
+                if isinstance(exc, AdapterError):
+                    version.error, version.hint = exc.message, exc.hint
+                else:  # peft's own refusal, past the checks above
+                    version.error, version.hint = f"{type(exc).__name__}: {exc}", _PEFT_REFUSED
             log.log(logging.INFO if raising else logging.WARNING, "adapter %s v%d from %s refused: %s", name, number,
                     path, version.error)
             return version
