@@ -841,12 +841,10 @@ def _from_pretrained(settings: LoadSettings, device: torch.device, dtype: torch.
             model = AutoModelForCausalLM.from_pretrained(
                 source, dtype=dtype, use_safetensors=None if settings.allow_pickle else True, **common
             )
-            if settings.adapter:
-                model = _with_adapter(model, settings.adapter)
-    except ModelLoadError:
-        raise
-    except Exception as exc:  # transformers, safetensors and peft each raise their own kinds; all end here
+    except Exception as exc:  # transformers and safetensors each raise their own kinds; all end here
         raise _load_error(settings, exc) from exc
+    if settings.adapter:
+        model = _with_adapter(model, settings)
     model.to(device)
     model.eval()
     return model, tokenizer
@@ -905,20 +903,44 @@ def _load_error(settings: LoadSettings, exc: Exception, tokenizer: bool = False)
         hint = "check the path or hub id; on an offline machine, hub ids must already be in the HF cache"
     # The config's and the repository code's failures come first from the tokenizer's load too: they are the model's.
     what = f"the tokenizer of {settings.source!r}" if hint == _NO_TOKENIZER else repr(settings.source)
+    return ModelLoadError(f"could not load {what}: {_said(exc)}", hint=hint)
+
+
+def _said(exc: Exception) -> str:
+    """What a library's exception says, for a ModelLoadError: its kind and the first two lines of its message."""
     said = " ".join(line.strip() for line in str(exc).splitlines()[:2] if line.strip())[:400]
-    return ModelLoadError(f"could not load {what}: {kind}: {said}" if said else f"could not load {what}: {kind}",
-                          hint=hint)
+    return f"{type(exc).__name__}: {said}" if said else type(exc).__name__
 
 
-def _with_adapter(model: Any, adapter: str) -> Any:
+# Where a LoRA adapter loaded onto a model it was not trained for: peft's words, and what they mean.
+_OTHER_BASE = "load it on the model it was trained on"
+_ADAPTER_HINTS = (
+    ("size mismatch", f"its weights have other shapes than this base model's layers: {_OTHER_BASE}"),
+    ("not found in the base model", f"its target_modules are not modules of this base model: {_OTHER_BASE}"),
+)
+
+
+def _with_adapter(model: Any, settings: LoadSettings) -> Any:
+    """``model`` with the always-on adapter of ``settings`` attached; ModelLoadError names the adapter if it fails."""
     try:
         from peft import PeftModel
     except ImportError as exc:  # pragma: no cover - peft is a declared dependency
         raise ModelLoadError("LoRA adapters need peft", hint="pip install peft") from exc
+    adapter = str(settings.adapter)
     path = Path(os.path.expanduser(adapter))
     if path.exists() and not (path / "adapter_config.json").is_file():
-        raise ModelLoadError(f"{adapter!r} is not a PEFT adapter directory: no adapter_config.json")
-    return PeftModel.from_pretrained(model, str(path) if path.exists() else adapter)
+        raise ModelLoadError(f"{adapter!r} is not a PEFT adapter directory: no adapter_config.json",
+                             hint="point at the folder that save_pretrained wrote")
+    try:
+        with _progress_bars_off():
+            return PeftModel.from_pretrained(model, str(path) if path.exists() else adapter)
+    except Exception as exc:  # peft, safetensors and huggingface_hub each raise their own kinds; all end here
+        text = str(exc)
+        hint = next((h for words, h in _ADAPTER_HINTS if words in text),
+                    _DAMAGED_WEIGHTS if "Safetensor" in type(exc).__name__ else
+                    "give the folder that save_pretrained wrote for this base model, or a hub id like 'org/name'")
+        raise ModelLoadError(f"could not load adapter {adapter!r} onto {settings.source!r}: {_said(exc)}",
+                             hint=hint) from exc
 
 
 def _context_window(config: Any, tokenizer: Any) -> int | None:
