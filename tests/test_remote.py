@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import shutil
 import threading
 import time
 from collections import Counter
@@ -982,3 +984,29 @@ def test_a_listed_context_window_must_be_a_positive_integer() -> None:
     for odd in (True, 0, -5, 4096.0, "4096", None):  # True is an int in Python: it made the window 1
         assert listed_window([{"id": "m", "max_model_len": odd}], "m") is None, odd
     assert listed_window([{"id": "other", "max_model_len": 4096}], "m") is None
+
+
+def test_a_live_swap_whose_server_replica_is_gone_is_refused_and_the_serving_version_stays(
+    tiny_path: Path, tmp_path: Path
+) -> None:
+    """watch_model on a model with a replica on a server: a new version whose replicas cannot start (the server went
+    away) is refused like a version that fails its checks, and the serving one stays the model, in the registry too."""
+    from safetensors.torch import load_file, save_file
+
+    watched = Path(shutil.copytree(tiny_path, tmp_path / "m"))
+    server = FaultServer()
+    with wb.Workbench(store=wb.InMemoryContextStore()) as bench:
+        bench.load("m", watched, replicas=["cpu", f"{server.url}/ok/v1"])
+        serving = bench.registry.get("m")
+        before = bench.generate("m#0", PROMPTS[0], max_new_tokens=8).token_ids
+        bench.watch_model("m", interval_s=0.2)
+        server.close()
+        nudged = {key: value + 0.05 for key, value in load_file(watched / "model.safetensors").items()}
+        save_file(nudged, tmp_path / "next.safetensors", metadata={"format": "pt"})
+        os.replace(tmp_path / "next.safetensors", watched / "model.safetensors")  # the next checkpoint, saved whole
+        eventually(lambda: bench.model_versions("m")["state"].tolist() == ["live", "refused"],
+                   "the new version to be refused")
+        assert "cannot reach a model server" in bench.model_versions("m").loc[1, "error"]
+        assert bench.registry.get("m") is serving  # bench.models() describes the weights that serve
+        assert bench.generate("m#0", PROMPTS[0], max_new_tokens=8).token_ids == before
+        bench.unwatch_model("m")

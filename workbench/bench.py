@@ -1037,6 +1037,12 @@ class Workbench:
                 new = self.registry.load_beside(name, directory, span)
                 try:
                     check_successor(current, new, prompts)
+                    old = self.registry.replace(name, new)
+                    try:
+                        replaced = self.engine.swap(name, span)  # from here on new requests go to the new workers
+                    except BaseException:  # its replicas could not start (a server replica gone, a device full)
+                        self.registry.replace(name, old)  # the old workers serve on: the registry says so again
+                        raise
                 except BaseException:
                     self.registry.release(new)
                     raise
@@ -1048,8 +1054,6 @@ class Workbench:
                 span.set_attribute(attr.ADAPTER_STATE, "refused")
                 log.warning("model %s version %d from %s refused: %s", name, version.version, directory, version.error)
                 return version
-            old = self.registry.replace(name, new)
-            replaced = self.engine.swap(name, span)  # from here on new requests go to the new workers
             previous = next((v for v in reversed(versions[:-1]) if v.state == "live"), None)
             version.state, version.loaded_at = "live", time.time()
             version.swap_ms = (time.perf_counter() - noticed) * 1e3
