@@ -417,6 +417,45 @@ def test_a_watched_adapter_swaps_in_live_and_refuses_bad_versions(
     bench.unwatch_adapter("tiny", "sql")
 
 
+def _live_version(bench: wb.Workbench) -> int | None:
+    live = _rows(bench).query("state == 'live'") if bench.registry.is_loaded("tiny") else ()
+    return int(live.index[0]) if len(live) else None
+
+
+def test_a_watched_adapter_is_followed_through_keep_warm_evicting_and_reloading_its_model(
+    bench: wb.Workbench, tiny_path: Path, lora: dict[str, Path], tmp_path: Path
+) -> None:
+    watched, followed = tmp_path / "watched", tmp_path / "followed"
+    shutil.copytree(lora["sql"], watched)
+    shutil.copytree(lora["sql_v2"], followed)
+    bench.register("tiny", tiny_path, device="cpu", adapters={"sql": watched})
+    bench.register("other", tiny_path, device="cpu")
+    bench.load("tiny")
+    bench.set_preloading(wb.KeepWarm(int(1.5 * bench.registry.get("tiny").memory_bytes)))  # one model at a time
+    tokens = {kind: by_hand(tiny_path, lora[kind], PROMPT) for kind in ("sql", "sql_v2", "chat")}
+
+    def answer() -> list[int]:  # loads the model back if keep-warm evicted it
+        return bench.generate("tiny", PROMPT, adapter="sql", max_new_tokens=NEW).token_ids
+
+    def evict_and_reload() -> None:
+        bench.generate("other", PROMPT, max_new_tokens=2)
+        assert not bench.registry.is_loaded("tiny")
+        answer()
+
+    # Watched where it loaded from: a version written after the model came back still goes live.
+    bench.watch_adapter("tiny", "sql", interval_s=0.2)
+    evict_and_reload()
+    publish(lora["chat"], watched)
+    wait_for(lambda: _live_version(bench) == 2, "the version written after the reload to go live")
+    assert answer() == tokens["chat"]
+    # Watched at another directory: the model comes back with what the watch follows, not what it loaded first.
+    bench.watch_adapter("tiny", "sql", followed, interval_s=0.2)
+    wait_for(lambda: _live_version(bench) == 3, "the followed directory's version to go live")
+    evict_and_reload()
+    assert answer() == tokens["sql_v2"]
+    bench.unwatch_adapter("tiny", "sql")
+
+
 # -- whole models ------------------------------------------------------------------------------
 
 

@@ -925,7 +925,8 @@ class Workbench:
         old version finish on it, and then it is deleted and its memory freed. A version that fails a check
         is refused: :meth:`adapters` says why, its ``adapter swap`` span has an ``adapter.refused`` event, a
         warning is logged, and the live version serves on. ``path`` defaults to where ``name`` loaded from;
-        a ``name`` the model has no adapter by loads from ``path`` now, as version 1.
+        a ``name`` the model has no adapter by loads from ``path`` now, as version 1. The model loads ``name``
+        from ``path`` from now on, so the watch goes on when keep-warm evicts the model and it loads back.
         """
         adapters = self._adapter_set(model)
         rules = AdapterRules(
@@ -941,12 +942,14 @@ class Workbench:
         adapters.set_rules(name, rules)
         # Absolute now: the watcher polls it, and stages from it, after the notebook may have changed directory.
         directory = os.path.abspath(os.path.expanduser(path)) if path is not None else adapters.path(name)
+        # The watch outlives keep-warm evicting the model: loaded again, it starts from the directory followed.
+        self.registry.follow_adapter(model, name, directory)
         live = adapters.live(name)
         self.unwatch_adapter(model, name)
         self._adapter_watchers[(model, name)] = DirectoryWatcher(
-            directory, interval_s, functools.partial(self._stage_adapter, model, adapters, name, directory),
+            directory, interval_s, functools.partial(self._stage_adapter, model, name, directory, rules),
             seen=live.digest if live is not None else None,  # another directory's content differs: staged
-            closed=lambda: adapters.closed, label=f"adapter-{model}-{name}")
+            label=f"adapter-{model}-{name}")
 
     def unwatch_adapter(self, model: str, name: str) -> None:
         """Stop watching adapter ``name`` of ``model``; its live version serves on."""
@@ -961,9 +964,16 @@ class Workbench:
                                hint=f"bench.load({model!r}, PATH, adapters={{NAME: DIR}}) (in this process)")
         return loaded.adapters
 
-    def _stage_adapter(self, model: str, adapters: AdapterSet, name: str, path: str, digest: str,
-                       noticed: float) -> AdapterVersion:
-        """Stage a version a watcher noticed, in an ``adapter swap`` span of the engine's trace."""
+    def _stage_adapter(self, model: str, name: str, path: str, rules: AdapterRules, digest: str,
+                       noticed: float) -> AdapterVersion | None:
+        """Stage a version a watcher noticed, in an ``adapter swap`` span of the engine's trace, on the adapters of
+        the model loaded now; None while it is not loaded (evicted), or when its load brought this version already."""
+        loaded = next((m for m in self.registry.loaded() if m.name == model), None)
+        adapters = loaded.adapters if loaded is not None else None
+        live = adapters.live(name) if adapters is not None else None
+        if adapters is None or live is None or live.digest == digest:
+            return None
+        adapters.set_rules(name, rules)  # a load after an eviction made new adapters, with the default rules
         attributes: dict[str, object] = {attr.SPAN_KIND: attr.KIND_CHAIN, attr.MODEL_NAME: model,
                                          attr.ADAPTER_NAME: name, attr.ADAPTER_PATH: path, attr.ADAPTER_DIGEST: digest}
         with self.tracing.span(f"adapter swap {model}/{name}", None, attributes) as span:

@@ -245,7 +245,6 @@ class AdapterSet:
         self.lock = threading.RLock()
         self._state = threading.Condition()
         self._named: dict[str, _Named] = {}
-        self.closed = False
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -423,10 +422,6 @@ class AdapterSet:
                     return False
                 self._state.wait(remaining)
             return True
-
-    def close(self) -> None:
-        """The model is being unloaded: watchers stop, nothing more is staged."""
-        self.closed = True
 
     def rows(self, model: str) -> list[dict[str, Any]]:
         return [

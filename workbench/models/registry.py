@@ -350,6 +350,14 @@ class ModelRegistry:
         )
         return loaded
 
+    def follow_adapter(self, name: str, adapter: str, path: str) -> None:
+        """From now on model ``name`` loads its named adapter ``adapter`` from ``path`` (a watch follows it there),
+        so a load after an unload or eviction serves what the watch serves, not what the first load read."""
+        with self._lock:
+            settings = self._registered[name]
+            paths = {**dict(settings.adapters), adapter: path}  # in load order, a new name last
+            self._registered[name] = dataclasses.replace(settings, adapters=tuple(paths.items()))
+
     def check_swappable(self, name: str) -> LoadedModel:
         """The loaded model ``name``, if a new version of its weights may be swapped in live; else ModelLoadError."""
         current = self.get(name)
@@ -592,9 +600,7 @@ def _release(loaded: LoadedModel) -> None:
     """Let go of ``loaded``'s model: drop the references, or end the child process that holds it."""
     if loaded.settings.isolation == "process":
         loaded.model.close()
-    if loaded.adapters is not None:
-        loaded.adapters.close()  # its watchers stop
-        loaded.adapters = None
+    loaded.adapters = None
     loaded.model = loaded.tokenizer = None
 
 
