@@ -485,6 +485,22 @@ def test_compare_refuses_bad_strategies_and_inputs_before_running(tiny: wb.Workb
     assert len(tiny.runs()) == runs
 
 
+def test_a_strategy_a_model_cannot_run_is_refused_before_any_pass(bench: wb.Workbench, tiny_path: Path) -> None:
+    """Each was found only at its own first pass: the passes before it were run, then lost with the error (or, for a
+    budget smaller than the model, every run of its passes failed and the table showed it as 0 requests/s)."""
+    bench.load("tiny", tiny_path, device="cpu", replicas=2)  # two replicas sharing one copy of the weights
+    chain = bench.chain(SPEC)
+    refusals = [
+        (wb.StrategyError, "continuous batching cannot run on replicas that share", {"batching": ["none", "continuous"]}),
+        (wb.StrategyError, "weighs replica 2, but 'tiny' has 2 replicas", {"balance": ["round_robin", "weighted:1,0,3"]}),
+        (wb.ModelLoadError, "more than the whole keep-warm budget of 1KiB", {"preloading": ["lazy", "keep_warm:1KiB"]}),
+    ]
+    for error, message, strategies in refusals:
+        with pytest.raises(error, match=message):
+            wb.compare(chain, QUESTIONS, repeats=1, warmup=0, progress=False, **strategies)  # type: ignore[arg-type]
+    assert bench.runs() == [] and bench.registry.is_loaded("tiny")
+
+
 def test_a_pass_of_more_runs_than_traces_kept_is_refused_before_running(
     tiny: wb.Workbench, qa: wb.Chain, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -208,7 +208,7 @@ class Engine:
         """
         places = replica_places(name, replicas, remote) if replicas is not None else None
         if balance is not None:
-            balance.check(name, len(places) if places is not None else self._replica_count(name))
+            balance.check(name, len(places) if places is not None else self.replica_count(name))
         with self._lock:
             if places is not None:
                 self._replicas[name] = places
@@ -359,20 +359,28 @@ class Engine:
 
         For a registered model that is not loaded, the policy is kept for when it loads.
         """
+        self.check_policy(name, policy)
         with self._lock:
             replicas = self._sets.get(name)
-        if replicas is None:
-            self._registry.settings(name)  # an unknown model is a clear error
-            with self._lock:
+            if replicas is None:
                 self._policies[name] = policy
-            return
-        replicas.check(policy)
-        for worker in replicas.workers:
-            worker.backend.check(policy)
+                return
         for worker in replicas.workers:
             worker.set_policy(policy)
         with self._lock:
             self._policies[name] = policy
+
+    def check_policy(self, name: str, policy: BatchingPolicy) -> None:
+        """Raise a WorkbenchError if ``name``'s replicas cannot run under ``policy``; a model not loaded only if unknown
+        (its backends are not made yet)."""
+        with self._lock:
+            replicas = self._sets.get(name)
+        if replicas is None:
+            self._registry.settings(name)  # an unknown model is a clear error
+            return
+        replicas.check(policy)
+        for worker in replicas.workers:
+            worker.backend.check(policy)
 
     def clear_policy(self, name: str) -> None:
         """Forget the policy chosen for ``name``: from its next start each replica runs its kind's default."""
@@ -391,15 +399,19 @@ class Engine:
 
     def set_balance(self, name: str, policy: BalancePolicy) -> None:
         """Change how ``name``'s replicas are picked, live; for a model not loaded, from its next load."""
-        self._registry.settings(name)  # an unknown model is a clear error
-        policy.check(name, self._replica_count(name))
+        self.check_balance(name, policy)
         with self._lock:
             self._balance[name] = policy
             replicas = self._sets.get(name)
             if replicas is not None:
                 replicas.policy = policy
 
-    def _replica_count(self, name: str) -> int:
+    def check_balance(self, name: str, policy: BalancePolicy) -> None:
+        """Raise StrategyError if ``policy`` cannot pick among the replicas ``name`` runs (or will at its next load)."""
+        self._registry.settings(name)  # an unknown model is a clear error
+        policy.check(name, self.replica_count(name))
+
+    def replica_count(self, name: str) -> int:
         """How many replicas ``name`` runs now, or will at its next load."""
         with self._lock:
             running = self._sets.get(name)

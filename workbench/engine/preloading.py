@@ -416,8 +416,10 @@ class Preloader:
             with self._pending_lock:
                 self._pending.pop(name, None)
 
-    def _reserve(self, name: str, settings: LoadSettings, budget: int, parent: Span | None) -> None:
-        need = self.registry.estimate_bytes(name, settings)
+    def check_budget(self, name: str, budget: int, settings: LoadSettings | None = None) -> int:
+        """The bytes ``name`` needs loaded (with ``settings``, else as registered); ModelLoadError if that alone is
+        more than a keep-warm ``budget``."""
+        need = self.registry.estimate_bytes(name, settings or self.registry.settings(name))
         if need > budget:
             raise ModelLoadError(
                 f"model {name!r} needs about {need / 2**20:.1f} MiB, more than the whole keep-warm budget "
@@ -425,6 +427,10 @@ class Preloader:
                 hint="raise the budget (bench.set_preloading(wb.KeepWarm('...'))), load it in a smaller dtype, "
                 "or use another preloading strategy",
             )
+        return need
+
+    def _reserve(self, name: str, settings: LoadSettings, budget: int, parent: Span | None) -> None:
+        need = self.check_budget(name, budget, settings)
         with self._room:
             self._make_room(need, budget, for_model=name, parent=parent)
             self._reserved[name] = need

@@ -21,7 +21,7 @@ from workbench.experiments.workloads import (
     ClosedLoop, PoissonArrivals, Workload, WorkloadResult, as_inputs, not_whole,
 )
 from workbench.models.devices import dtype_name, resolve_device, resolve_dtype
-from workbench.engine.preloading import PreloadingStrategy, parse_preloading
+from workbench.engine.preloading import KeepWarm, PreloadingStrategy, parse_preloading
 from workbench.tables import MISSING, Readable, float_format
 from workbench.tracing import Trace
 from workbench.tracing import attributes as attr
@@ -727,7 +727,9 @@ def compare(
     are over the calls that missed. ``None`` leaves that axis as the workbench has it (a chain's own ``cache:`` hops
     also start each pass from empty caches). Each pass runs every input once, closed loop
     at ``concurrency`` runs in flight, or open loop with Poisson arrivals at ``arrival_rate``
-    runs/s (seeded by ``seed``); ``warmup`` runs before each pass are left out of its figures.
+    runs/s (seeded by ``seed``); ``warmup`` runs before each pass are left out of its figures. A strategy one of the
+    chain's models cannot run (continuous batching where it cannot batch so, weights for replicas it lacks, a keep-warm
+    budget smaller than the model) is refused before the first pass.
 
     Repeats are interleaved (every strategy's first pass, then every strategy's second, the
     order rotating each time) so that drift on a shared machine hits all of them alike. Before
@@ -756,10 +758,10 @@ def compare(
             "and a comparison reads its figures from those traces",
             hint=f"compare on at most {kept} inputs: a random sample of them measures the strategies as well",
         )
-    strategies = [
-        Strategy(b, p, r, c) for p in _preloadings(preloading) for b in _policies(batching) for r in _balances(balance)
-        for c in _caches(cache)
-    ]
+    preloadings, policies, balances, caches = _preloadings(preloading), _policies(batching), _balances(balance), \
+        _caches(cache)
+    _check_models_take(bench, chain, preloadings, policies, balances)
+    strategies = [Strategy(b, p, r, c) for p in preloadings for b in policies for r in balances for c in caches]
     environment = _environment(
         bench,
         chain,
@@ -789,6 +791,28 @@ def compare(
                 if on_pass is not None:
                     on_pass(_assemble(chain.name, strategies, runs, calls, passes, environment))
     return _assemble(chain.name, strategies, runs, calls, passes, environment)
+
+
+def _check_models_take(
+    bench: Workbench,
+    chain: Chain,
+    preloadings: list[PreloadingStrategy | None],
+    policies: list[BatchingPolicy | None],
+    balances: list[BalancePolicy | None],
+) -> None:
+    """Refuse, before the first pass, a strategy one of the chain's models cannot run: found at its own first pass,
+    it would lose the passes measured before it (or fail every run of its passes, a model over a keep-warm budget)."""
+    models = chain.spec.models()
+    for name in models:
+        for policy in policies:
+            if policy is not None:
+                bench.engine.check_policy(name, policy)
+        for balance in balances:
+            if balance is not None:
+                bench.engine.check_balance(name, balance)
+        for strategy in preloadings:
+            if isinstance(strategy, KeepWarm):
+                bench.engine.preloader.check_budget(name, strategy.budget)
 
 
 def _assemble(
