@@ -501,6 +501,15 @@ def test_a_strategy_a_model_cannot_run_is_refused_before_any_pass(bench: wb.Work
     assert bench.runs() == [] and bench.registry.is_loaded("tiny")
 
 
+def test_balance_policies_on_models_of_one_replica_are_refused(tiny: wb.Workbench, qa: wb.Chain) -> None:
+    """They ran and were ranked against each other, though every policy sent every call to the one replica."""
+    runs = len(tiny.runs())
+    with pytest.raises(wb.StrategyError, match="'tiny' runs one replica, so every balance policy") as refused:
+        wb.compare(qa, QUESTIONS, balance=["round_robin", "least_loaded"], repeats=1, progress=False)
+    assert "replicas=2" in str(refused.value.hint)
+    assert len(tiny.runs()) == runs
+
+
 def test_a_pass_of_more_runs_than_traces_kept_is_refused_before_running(
     tiny: wb.Workbench, qa: wb.Chain, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -729,7 +729,8 @@ def compare(
     at ``concurrency`` runs in flight, or open loop with Poisson arrivals at ``arrival_rate``
     runs/s (seeded by ``seed``); ``warmup`` runs before each pass are left out of its figures. A strategy one of the
     chain's models cannot run (continuous batching where it cannot batch so, weights for replicas it lacks, a keep-warm
-    budget smaller than the model) is refused before the first pass.
+    budget smaller than the model) is refused before the first pass, as are balance policies for a chain whose models
+    each run one replica (every policy would send every call to it).
 
     Repeats are interleaved (every strategy's first pass, then every strategy's second, the
     order rotating each time) so that drift on a shared machine hits all of them alike. Before
@@ -813,6 +814,15 @@ def _check_models_take(
         for strategy in preloadings:
             if isinstance(strategy, KeepWarm):
                 bench.engine.preloader.check_budget(name, strategy.budget)
+    if any(b is not None for b in balances) and all(bench.engine.replica_count(name) < 2 for name in models):
+        who = (f"{models[0]!r} runs one replica" if len(models) == 1 else
+               f"each of {', '.join(map(repr, models))} runs one replica" if models else "it calls no model")
+        raise StrategyError(
+            f"chain {chain.name!r}: {who}, so every balance policy sends every call to it and the comparison would "
+            "rank policies that did the same",
+            hint="load a model of the chain with replicas to compare how policies spread its calls, e.g. "
+            "bench.load(NAME, PATH, replicas=2)",
+        )
 
 
 def _assemble(
