@@ -178,6 +178,34 @@ def test_policy_and_preloading_come_back_after_an_interrupt(tiny: wb.Workbench) 
         tiny.set_preloading("lazy")
 
 
+def _interrupted_at_run(number: int) -> dict[str, Any]:
+    """The two-hop chain's spec with a last hop that raises KeyboardInterrupt, as Ctrl-C does, in run ``number``."""
+    calls = []
+
+    def interrupt(answer: str) -> str:
+        calls.append(answer)
+        if len(calls) == number:
+            raise KeyboardInterrupt
+        return answer
+
+    return {**SPEC, "name": "stopped", "hops": [*SPEC["hops"], {"name": "check", "call": interrupt}]}
+
+
+def test_an_interrupted_comparison_keeps_the_passes_it_finished(tiny: wb.Workbench) -> None:
+    """A Ctrl-C raised a plain KeyboardInterrupt: every pass measured before it was lost."""
+    spec = _interrupted_at_run(2 * len(QUESTIONS) + 1)  # the first run of the third pass
+    with pytest.raises(wb.CompareInterrupted, match="interrupted after 2 of 4 passes") as stopped:
+        wb.compare(tiny.chain(spec), QUESTIONS, batching=["none", "dynamic:4:1ms"], concurrency=1, repeats=2,
+                   warmup=0, progress=False)
+    assert isinstance(stopped.value, KeyboardInterrupt)  # it stops a script or a cell as Ctrl-C does
+    kept = stopped.value.comparison
+    assert kept is not None
+    table = kept.table()
+    assert table[["batching", "repeats", "n", "errors"]].values.tolist() == [
+        ["none", 1, len(QUESTIONS), 0], ["dynamic:4:1ms", 1, len(QUESTIONS), 0]]
+    assert len(kept.samples()) == 2 * len(QUESTIONS)  # the pass under way is left out, not half counted
+
+
 def test_open_loop_comparison(qa: wb.Chain) -> None:
     cmp = wb.compare(qa, QUESTIONS, batching="dynamic:4:5ms", arrival_rate=50, repeats=1, warmup=1, progress=False)
     table = cmp.table()
@@ -592,6 +620,16 @@ def test_compare_magic_runs_shows_binds_and_saves(shell: InteractiveShell, tmp_p
     assert f"saved to {out}" in captured.stdout
     assert pd.read_csv(out)["n"].tolist() == [2, 2]
     assert wb.current().engine.policy("tiny").name == "none"  # the policy it had before
+
+
+def test_an_interrupted_compare_magic_binds_the_passes_it_finished(shell: InteractiveShell, tmp_path: Path) -> None:
+    wb.current().chain(_interrupted_at_run(3))  # the first run of the second pass
+    inputs = _jsonl(tmp_path / "questions.jsonl", QUESTIONS[:2])
+    with capture_output() as captured, pytest.raises(wb.CompareInterrupted, match="after 1 of 2 passes"):
+        shell.run_line_magic("autoglm", f"compare stopped --inputs {inputs} --batching none,dynamic:4:5ms --repeats 1 "
+                                        "--warmup 0 --concurrency 1")
+    assert "the passes that finished are kept in _autoglm_compare" in captured.stderr
+    assert shell.user_ns["_autoglm_compare"].table()["n"].tolist() == [2, 0]
 
 
 @pytest.mark.parametrize(

@@ -59,7 +59,7 @@ if TYPE_CHECKING:
         WorkbenchError,
         WorkloadError,
     )
-    from workbench.experiments import ClosedLoop, Comparison, PoissonArrivals, compare
+    from workbench.experiments import ClosedLoop, CompareInterrupted, Comparison, PoissonArrivals, compare
     from workbench.engine.preloading import Eager, KeepWarm, Lazy, Prefetch, PreloadingStrategy
     from workbench.engine.balancing import (
         BalancePolicy,
@@ -107,7 +107,7 @@ _HOMES = {
         "ConfigError",
         "AdapterError",
     ),
-    "workbench.experiments": ("ClosedLoop", "Comparison", "PoissonArrivals", "compare"),
+    "workbench.experiments": ("ClosedLoop", "CompareInterrupted", "Comparison", "PoissonArrivals", "compare"),
     "workbench.engine.preloading": ("Eager", "KeepWarm", "Lazy", "Prefetch", "PreloadingStrategy"),
     "workbench.engine.balancing": ("BalancePolicy", "LeastLoaded", "PowerOfTwo", "RoundRobin", "SessionHash", "Weighted"),
     "workbench.models.tiny": ("tiny_model", "tiny_lora"),

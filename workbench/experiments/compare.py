@@ -736,7 +736,8 @@ def compare(
     order rotating each time) so that drift on a shared machine hits all of them alike. Before
     each pass under a preloading strategy the chain's models are unloaded, so its cold start
     is real, and ``bench.prepare(chain)`` runs as part of the pass. The workbench's batching
-    policies, balance policies and preloading are put back afterwards, also on error or Ctrl-C.
+    policies, balance policies and preloading are put back afterwards, also on error or Ctrl-C. A Ctrl-C raises
+    :class:`CompareInterrupted` with the passes that finished on its ``comparison``.
 
     ``on_pass``, if given, is called after every pass with a Comparison of the passes so far
     (strategies not run yet have rows without figures): a dashboard fills in from it.
@@ -774,24 +775,46 @@ def compare(
     passes: list[dict[str, Any]] = []
     from tqdm.auto import tqdm
 
+    total = repeats * len(strategies)
     with _restored(bench, chain), tqdm(
-        total=repeats * len(strategies), desc=f"compare {chain.name}", unit="pass", disable=not progress
+        total=total, desc=f"compare {chain.name}", unit="pass", disable=not progress
     ) as bar:
-        for repeat in range(repeats):
-            shift = repeat % len(strategies)
-            for strategy in strategies[shift:] + strategies[:shift]:
-                bar.set_postfix_str(_label(*strategy.labels), refresh=False)
-                started_ns, result, weights, cuda = _one_pass(bench, chain, strategy, workload)
-                pass_runs, pass_calls, figures = _measure(bench, chain, result, started_ns)
-                labels = dict(zip(AXES, strategy.labels), repeat=repeat)
-                runs.append(pass_runs.assign(**labels))
-                calls.append(pass_calls.assign(**labels))
-                passes.append({**labels, **figures, "peak_weights_mb": weights / 2**20, "peak_cuda_mb": cuda / 2**20,
-                               "prefix_kv_mb": _prefix_kv_bytes(bench) / 2**20})
-                bar.update()
-                if on_pass is not None:
-                    on_pass(_assemble(chain.name, strategies, runs, calls, passes, environment))
+        try:
+            for repeat in range(repeats):
+                shift = repeat % len(strategies)
+                for strategy in strategies[shift:] + strategies[:shift]:
+                    bar.set_postfix_str(_label(*strategy.labels), refresh=False)
+                    started_ns, result, weights, cuda = _one_pass(bench, chain, strategy, workload)
+                    pass_runs, pass_calls, figures = _measure(bench, chain, result, started_ns)
+                    labels = dict(zip(AXES, strategy.labels), repeat=repeat)
+                    runs.append(pass_runs.assign(**labels))
+                    calls.append(pass_calls.assign(**labels))
+                    passes.append({**labels, **figures, "peak_weights_mb": weights / 2**20,
+                                   "peak_cuda_mb": cuda / 2**20, "prefix_kv_mb": _prefix_kv_bytes(bench) / 2**20})
+                    bar.update()
+                    if on_pass is not None:
+                        on_pass(_assemble(chain.name, strategies, runs, calls, passes, environment))
+        except KeyboardInterrupt:
+            kept = _assemble(chain.name, strategies, runs, calls, passes, environment) if passes else None
+            raise CompareInterrupted(chain.name, kept, total) from None
     return _assemble(chain.name, strategies, runs, calls, passes, environment)
+
+
+class CompareInterrupted(KeyboardInterrupt):
+    """:func:`compare` was interrupted (Ctrl-C, the notebook's stop button); ``comparison`` holds the passes it finished.
+
+    It is a KeyboardInterrupt, so it stops a script or a cell as one would. ``comparison`` is None if no pass
+    finished; the pass under way is left out, as a pass of only some inputs would skew its strategy's figures.
+    """
+
+    def __init__(self, chain: str, comparison: Comparison | None, total: int) -> None:
+        self.comparison = comparison
+        done = len(comparison.passes()) if comparison is not None else 0
+        super().__init__(
+            f"wb.compare on chain {chain!r} interrupted after {done} of {total} passes"
+            + ("; the finished passes are kept on this error's .comparison (each strategy's table row says how many "
+               "repeats it had)" if done else "")
+        )
 
 
 def _check_models_take(

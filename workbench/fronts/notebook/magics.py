@@ -15,7 +15,7 @@ from workbench.chains.chain import Chain
 from workbench.chains.events import AttemptFailed, HopFinished, HopStarted, RunFinished, Token
 from workbench.chains.run import Run
 from workbench.errors import HopFailed, MissingInputError, StrategyError, WorkbenchError, did_you_mean
-from workbench.experiments import compare
+from workbench.experiments import CompareInterrupted, compare
 from workbench.experiments.workloads import read_inputs
 from workbench.fronts.arguments import load_model
 from workbench.fronts.notebook.parsers import (
@@ -285,8 +285,14 @@ class AutoglmMagics(Magics):
             self._show_widget(dashboard)
             dashboard.run()
             return
-        comparison = compare(chain, inputs, batching=command.batching, preloading=command.preload,
-                             cache=command.cache, **workload)
+        try:
+            comparison = compare(chain, inputs, batching=command.batching, preloading=command.preload,
+                                 cache=command.cache, **workload)
+        except CompareInterrupted as stopped:  # the passes that finished stay bound, as a finished comparison is
+            if stopped.comparison is not None:
+                self._user_ns[COMPARE_VARIABLE] = stopped.comparison
+                print(f"autoglm: the passes that finished are kept in {COMPARE_VARIABLE}", file=sys.stderr)
+            raise
         self._user_ns[COMPARE_VARIABLE] = comparison
         display(comparison)
         if command.save is not None:
