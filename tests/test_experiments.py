@@ -224,8 +224,14 @@ def test_a_failing_run_is_counted_not_raised(tiny: wb.Workbench) -> None:
                                                  {"name": "answer", "model": "tiny", "prompt": "{{ check }}",
                                                   "max_new_tokens": 2}]})
     inputs = [{"question": q} for q in ("1 + 1", "7 + 7", "2 + 2")]
-    table = wb.compare(chain, inputs, batching="none", repeats=1, warmup=0, progress=False).table()
-    assert table[["n", "errors"]].values.tolist() == [[2, 1]]
+    cmp = wb.compare(chain, inputs, batching="none", repeats=1, warmup=0, progress=False)
+    assert cmp.table()[["n", "errors"]].values.tolist() == [[2, 1]]
+    # Which run failed and why, where they were only counted: a strategy's errors looked like a bug of one's own.
+    samples = cmp.samples()
+    assert samples.loc[~samples["ok"], ["input", "error"]].values.tolist() == [
+        [1, "hop 'check' failed: ValueError: no sevens"]]
+    assert samples.loc[samples["ok"], "error"].isna().all()
+    assert any(".samples() has each failed run's error" in note for note in cmp.readable().notes)
 
 
 def test_a_comparison_where_every_run_failed_still_reads_and_draws(tiny: wb.Workbench) -> None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from workbench.engine.balancing import BalancePolicy, parse_balance
 from workbench.engine.batching import BatchingPolicy, parse_policy
-from workbench.errors import StrategyError, UnknownModelError, WorkloadError
+from workbench.errors import StrategyError, UnknownModelError, WorkloadError, describe
 from workbench.experiments.workloads import (
     ClosedLoop, PoissonArrivals, Workload, WorkloadResult, as_inputs, not_whole,
 )
@@ -358,7 +358,8 @@ class Comparison:
         self.environment = dict(environment)
 
     def samples(self) -> pd.DataFrame:
-        """One row per measured chain run: strategy, repeat, input index, ok, E2E latency, output."""
+        """One row per measured chain run: strategy, repeat, input index, ok, E2E latency, output, and a failed run's
+        error (None for a run that finished)."""
         return self._samples.copy()
 
     def calls(self) -> pd.DataFrame:
@@ -464,6 +465,9 @@ class Comparison:
         ]
         if (table["repeats"] < 2).any():
             notes.append("one repeat gives no spread in throughput, so no ranking: use repeats >= 2.")
+        if (table["errors"] > 0).any():
+            notes.append("errors: failed runs, left out of requests/s and the latency figures; "
+                         ".samples() has each failed run's error.")
         if (table["p99_few_samples"] & table["e2e_p99_ms"].notna()).any():
             notes.append(f"* p99 from fewer than {FEW_FOR_P99} runs: little more than the slowest run.")
         return Readable(shown, numeric=["rank", *figures], notes=notes)
@@ -651,6 +655,7 @@ def _measure(
                 for run, arrival in zip(result.runs, result.arrivals_ns)
             ],
             "output": [run.output if run.ok else None for run in result.runs],
+            "error": [None if run.ok else describe(run.error) for run in result.runs],  # type: ignore[arg-type]
         }
     )
     llm = table[table["name"].str.startswith(attr.TEXT_COMPLETION) & (table["status_code"] == "OK")]
