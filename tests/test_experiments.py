@@ -473,6 +473,22 @@ def test_eager_passes_load_before_the_first_run(bench: wb.Workbench, two_models:
     assert cmp.table()["batching"].tolist() == ["(as set)", "(as set)"]
 
 
+def test_a_model_that_fails_to_load_eagerly_fails_that_passs_runs_not_the_comparison(
+    bench: wb.Workbench, tiny_path: Path, tmp_path: Path
+) -> None:
+    """The eager pass's load raised out of compare: the lazy passes measured before it were lost, where under lazy the
+    same failed load was counted as each run's error."""
+    (tmp_path / "config.json").write_text("{}")  # a model folder without weights: it registers, and fails to load
+    bench.load("good", tiny_path, device="cpu")
+    bench.register("broken", tmp_path, device="cpu")
+    chain = bench.chain({"name": "half", "hops": [
+        {"name": "plan", "model": "good", "prompt": "{{ question }}", "max_new_tokens": 2},
+        {"name": "answer", "model": "broken", "prompt": "{{ plan }}", "max_new_tokens": 2}]})
+    cmp = wb.compare(chain, QUESTIONS[:2], preloading=["lazy", "eager"], repeats=1, warmup=0, progress=False)
+    assert cmp.table()[["preloading", "n", "errors"]].values.tolist() == [["lazy", 0, 2], ["eager", 0, 2]]
+    assert cmp.samples()["error"].str.contains("has a config.json but no weights").all()
+
+
 # -- mistakes -----------------------------------------------------------------------------------
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import logging
 import platform
 import tempfile
 import threading
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from workbench.engine.balancing import BalancePolicy, parse_balance
 from workbench.engine.batching import BatchingPolicy, parse_policy
-from workbench.errors import StrategyError, UnknownModelError, WorkloadError, describe
+from workbench.errors import ModelLoadError, StrategyError, UnknownModelError, WorkloadError, describe
 from workbench.experiments.workloads import (
     ClosedLoop, PoissonArrivals, Workload, WorkloadResult, as_inputs, not_whole,
 )
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
 
     from workbench.bench import Workbench
     from workbench.chains.chain import Chain
+
+log = logging.getLogger(__name__)
 
 # What the label columns hold when a comparison leaves that axis as the workbench has it.
 UNCHANGED = "(as set)"
@@ -740,7 +743,8 @@ def compare(
     Repeats are interleaved (every strategy's first pass, then every strategy's second, the
     order rotating each time) so that drift on a shared machine hits all of them alike. Before
     each pass under a preloading strategy the chain's models are unloaded, so its cold start
-    is real, and ``bench.prepare(chain)`` runs as part of the pass. The workbench's batching
+    is real, and ``bench.prepare(chain)`` runs as part of the pass (a model it cannot load fails the pass's runs, each
+    with its error, as it would under lazy loading). The workbench's batching
     policies, balance policies and preloading are put back afterwards, also on error or Ctrl-C. A Ctrl-C raises
     :class:`CompareInterrupted` with the passes that finished on its ``comparison``.
 
@@ -910,7 +914,10 @@ def _one_pass(
         with _MemoryWatch(bench) as memory:
             started_ns = time.time_ns()
             if strategy.preloading is not None:
-                bench.prepare(chain)
+                try:
+                    bench.prepare(chain)
+                except ModelLoadError:  # as under lazy: each run loads on use, fails, and is counted with its error
+                    log.debug("preparing chain %r for a pass failed", chain.name, exc_info=True)
             result = workload.run(chain)
     return started_ns, result, memory.weights_peak, memory.cuda_peak
 
