@@ -1010,3 +1010,19 @@ def test_a_live_swap_whose_server_replica_is_gone_is_refused_and_the_serving_ver
         assert bench.registry.get("m") is serving  # bench.models() describes the weights that serve
         assert bench.generate("m#0", PROMPTS[0], max_new_tokens=8).token_ids == before
         bench.unwatch_model("m")
+
+
+def test_a_comparison_on_served_models_does_not_record_this_machine_as_their_hardware(
+    bench: wb.Workbench, faults: FaultServer
+) -> None:
+    """Its environment (saved beside every row) said accelerator x86_64 and dtype None, and a served model registered
+    and not loaded yet went down as this machine's cpu and float32."""
+    bench.load("first", f"{faults.url}/ok/v1")
+    bench.register("second", f"{faults.url}/ok/v1")
+    chain = bench.chain({"name": "served", "hops": [
+        {"name": "plan", "model": "first", "prompt": "{{ question }}", "max_new_tokens": 4},
+        {"name": "answer", "model": "second", "prompt": "{{ plan }}", "max_new_tokens": 4}]})
+    cmp = wb.compare(chain, [{"question": "hi"}], batching="none", repeats=1, warmup=0, progress=False)
+    assert cmp.table()["n"].tolist() == [1]
+    env = cmp.environment
+    assert (env["device"], env["dtype"], env["accelerator"]) == ("remote", "unknown", "unknown (on a server)")

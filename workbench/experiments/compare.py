@@ -22,6 +22,8 @@ from workbench.experiments.workloads import (
     ClosedLoop, PoissonArrivals, Workload, WorkloadResult, as_inputs, not_whole,
 )
 from workbench.models.devices import dtype_name, resolve_device, resolve_dtype
+from workbench.models.registry import RAY_DEVICE
+from workbench.models.remote import REMOTE_DEVICE
 from workbench.engine.preloading import KeepWarm, PreloadingStrategy, parse_preloading
 from workbench.tables import MISSING, Readable, float_format
 from workbench.tracing import Trace
@@ -35,6 +37,9 @@ if TYPE_CHECKING:
     from workbench.chains.chain import Chain
 
 log = logging.getLogger(__name__)
+
+# What the environment says of what this machine cannot see: a served model's dtype and hardware.
+UNKNOWN = "unknown"
 
 # What the label columns hold when a comparison leaves that axis as the workbench has it.
 UNCHANGED = "(as set)"
@@ -613,23 +618,24 @@ def _environment(bench: Workbench, chain: Chain, settings: Mapping[str, Any]) ->
     for name in chain.spec.models():
         try:
             loaded = bench.registry.get(name)
-            device, dtype, source = str(loaded.device), dtype_name(loaded.dtype), loaded.source
+            device, dtype = str(loaded.device), dtype_name(loaded.dtype) if loaded.dtype is not None else UNKNOWN
         except UnknownModelError:  # registered, not loaded now: what it loads as
             planned = bench.registry.settings(name)
-            resolved = resolve_device(planned.device)
-            device, dtype = str(resolved), dtype_name(resolve_dtype(planned.dtype, resolved))
-            source = planned.source
+            if planned.remote:
+                device, dtype = REMOTE_DEVICE, UNKNOWN
+            else:
+                resolved = resolve_device(planned.device)
+                device, dtype = str(resolved), dtype_name(resolve_dtype(planned.dtype, resolved))
         devices.append(device)
         dtypes.append(dtype)
-        sources.append(source)
-    accelerator = torch.cuda.get_device_name() if any(d.startswith("cuda") for d in devices) else platform.processor()
+        sources.append(bench.registry.settings(name).source)
     return {
         "chain": chain.name,
         "model": ",".join(chain.spec.models()),
         "model_source": ",".join(sources),
         "device": ",".join(sorted(set(devices))),
         "dtype": ",".join(sorted(set(dtypes))),
-        "accelerator": accelerator or platform.machine(),
+        "accelerator": ",".join(sorted({_accelerator(device) for device in devices})),
         **settings,
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
@@ -637,6 +643,19 @@ def _environment(bench: Workbench, chain: Chain, settings: Mapping[str, Any]) ->
         "python_version": platform.python_version(),
         "platform": platform.platform(),
     }
+
+
+def _accelerator(device: str) -> str:
+    """What computes on ``device``: the GPU's name, this machine's processor, or unknown for a server or Ray actors."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    if device == REMOTE_DEVICE:
+        return f"{UNKNOWN} (on a server)"
+    if device == RAY_DEVICE:
+        return f"{UNKNOWN} (in Ray actors: bench.replicas() has their devices)"
+    return platform.processor() or platform.machine()
 
 
 def _measure(
