@@ -283,6 +283,14 @@ def test_history_is_oldest_first_and_limit_keeps_the_latest(store: wb.ContextSto
     assert store.history("a", limit=1) == [store.history("a")[-1]]
 
 
+def test_a_history_setting_past_sqlites_integers_reads_the_whole_history(tmp_path: Path) -> None:
+    # history: 10**20 is "all of it"; SQLite's LIMIT holds 64 bits, and the run raised a raw OverflowError.
+    with wb.Workbench(data_dir=tmp_path) as bench:
+        counted = {"name": "echo", "call": lambda history, q: f"{len(history)}:{q}"}
+        chain = bench.chain({"name": "py", "history": 10**20, "hops": [counted]})
+        assert [chain.run(session="s1", q=q).output for q in ("a", "b")] == ["0:a", "1:b"]
+
+
 def test_in_memory_store_keeps_sessions_in_memory_only(tmp_path: Path) -> None:
     with wb.Workbench(data_dir=tmp_path, store=wb.InMemoryContextStore()) as bench:
         counted = {"name": "echo", "call": lambda history, q: f"{len(history)}:{q}"}  # history: earlier runs

@@ -84,7 +84,8 @@ class SQLiteContextStore(ContextStore):
             return []
         rows = self._execute(
             f"SELECT {_COLUMNS} FROM runs WHERE session = ? ORDER BY seq DESC LIMIT ?",
-            (session, -1 if limit is None else limit),
+            # LIMIT takes a 64-bit integer: a spec's history: 10**20 ("all of it") would overflow it.
+            (session, -1 if limit is None or limit >= 2**63 else limit),
         )
         return [_decode(row, session, self.path) for row in reversed(rows)]
 
