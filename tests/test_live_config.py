@@ -266,6 +266,17 @@ def test_a_watched_file_that_stays_unreadable_is_reported_once_until_it_changes(
     assert len(errors) == 3
 
 
+def test_building_a_watched_chain_again_stops_the_watcher_it_replaces(loaded: wb.Workbench, spec_file: Path) -> None:
+    # A notebook cell chain = bench.chain("qa.yaml", watch=True) run three times left three watchers on the file:
+    # three threads, and three ConfigWarnings for each bad edit.
+    chains = [loaded.chain(spec_file, watch=True, interval_s=POLL_S) for _ in range(3)]
+    assert [c.watching for c in chains] == [None, None, spec_file]
+    assert sum(t.name == "workbench-watch:qa.yaml" and t.is_alive() for t in threading.enumerate()) == 1
+    # Another name for the same file is another chain, and keeps its own watcher.
+    other = loaded.chain(spec_file, name="qa2", watch=True, interval_s=POLL_S)
+    assert other.watching == chains[-1].watching == spec_file
+
+
 def test_a_spec_file_without_a_name_is_named_after_the_file(loaded: wb.Workbench, tmp_path: Path) -> None:
     path = tmp_path / "ask.yaml"
     path.write_text(SPEC.replace("name: qa\n", ""))

@@ -569,6 +569,10 @@ class Workbench:
         parsed = self._parse_chain(spec, name, path.stem if path is not None else None,  # type: ignore[arg-type]
                                    folder)
         chain = Chain(parsed, self, parse=lambda source: self._parse_chain(source, parsed.name, base_dir=folder))
+        earlier = self._chains.get(parsed.name)
+        if watch and earlier is not None and earlier.watching is not None and path is not None \
+                and earlier.watching.resolve() == path.resolve():
+            earlier.unwatch()  # the same chain built again (a cell run again): the new one follows the file from now on
         self._chains[parsed.name] = chain
         self._built.add(chain)
         if path is not None and watch:
