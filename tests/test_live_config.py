@@ -182,6 +182,21 @@ def test_a_bad_edit_is_refused_while_the_last_good_version_serves_then_a_good_on
     assert request_attributes(recovered, "answer")[attr.USAGE_OUTPUT_TOKENS] == 1
 
 
+def test_an_edit_refused_for_a_model_not_loaded_serves_once_the_model_is_loaded(
+    loaded: wb.Workbench, watched: wb.Chain, spec_file: Path, tiny_path: Path
+) -> None:
+    # The refusal says to load the model; loading it changed nothing, nor did touching the file (the same
+    # content): the chain served the old model until the file's content changed again.
+    with pytest.warns(wb.ConfigWarning, match="unknown model 'spare'"):
+        spec_file.write_text(SPEC.replace("model: tiny", "model: spare"))
+        wait_for(lambda: watched.config_errors, "the edit to be refused")
+    assert watched.spec.hop("answer").model == "tiny"
+    loaded.load("spare", tiny_path, device="cpu")
+    wait_for(lambda: watched.spec.hop("answer").model == "spare", "the file to serve once 'spare' is loaded")
+    assert watched.version.number == 2 and len(watched.config_errors) == 1
+    assert watched.run(question="q").config_version.number == 2
+
+
 def test_an_editor_that_saves_by_renaming_a_new_file_over_the_old_is_followed(
     watched: wb.Chain, spec_file: Path
 ) -> None:

@@ -568,7 +568,8 @@ class Workbench:
         # A spec file without a name is named after the file (qa.yaml: qa).
         parsed = self._parse_chain(spec, name, path.stem if path is not None else None,  # type: ignore[arg-type]
                                    folder)
-        chain = Chain(parsed, self, parse=lambda source: self._parse_chain(source, parsed.name, base_dir=folder))
+        chain = Chain(parsed, self, parse=lambda source: self._parse_chain(source, parsed.name, base_dir=folder),
+                      context=self._spec_context)
         earlier = self._chains.get(parsed.name)
         if watch and earlier is not None and earlier.watching is not None and path is not None \
                 and earlier.watching.resolve() == path.resolve():
@@ -1081,6 +1082,10 @@ class Workbench:
                 previous.state = "retired"
                 previous.retire_ms = (time.perf_counter() - (previous.switched_at or time.perf_counter())) * 1e3
         return version
+
+    def _spec_context(self) -> tuple[Any, ...]:
+        """What a chain spec is validated against here: the models, the modules its code may come from, the adapters."""
+        return tuple(self.registry.names()), self._allowed_modules, self._known_adapters()
 
     def _known_adapters(self) -> dict[str, list[str]]:
         """Each known model's named adapters: those it loads with, and any a watch added since."""

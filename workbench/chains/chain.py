@@ -29,13 +29,17 @@ class Chain:
 
     Its spec may change while it serves (:meth:`set`, :meth:`update`, :meth:`watch`): each run
     uses the version that served when it started, and records it (``run.config_version``).
-    ``parse`` validates a changed spec as the host does (against the models it knows).
+    ``parse`` validates a changed spec as the host does (against the models it knows); ``context()`` says what
+    it validates against (the models' names), so that a watched file refused for a model not loaded serves once
+    the model is.
     """
 
     def __init__(
-        self, spec: ChainSpec, host: ChainHost, parse: Callable[[str | Mapping[str, Any]], ChainSpec] | None = None
+        self, spec: ChainSpec, host: ChainHost, parse: Callable[[str | Mapping[str, Any]], ChainSpec] | None = None,
+        context: Callable[[], object] | None = None,
     ) -> None:
         self._live = LiveSpec(spec, parse)
+        self._context = context
         self._watcher: FileWatcher | None = None
         self._host = host
         self.last_batch: RunBatch | None = None  # the latest map's runs, filled in as they finish
@@ -323,7 +327,7 @@ class Chain:
         # The first poll reads the file again: an edit made since the chain was built is not missed, and
         # the same content again makes no new version.
         watcher = FileWatcher(path, lambda text: self._live.update(text, origin), interval_s,
-                              on_unreadable=unreadable)
+                              on_unreadable=unreadable, retry_when=self._context)
         self.unwatch()
         self._watcher = watcher.start()
 

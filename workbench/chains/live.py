@@ -287,6 +287,9 @@ class FileWatcher:
     writing a new file and renaming it over the old one are seen; a stat that looks unchanged is
     trusted unless its mtime is recent. A file that is missing for a while (mid-rename, deleted)
     changes nothing: the last content keeps serving until the file is back.
+
+    ``retry_when()`` says what a content was checked against (the models a spec may name): a content
+    ``on_change`` refused is handed on again, unchanged, once that differs (the model it named was loaded).
     """
 
     def __init__(
@@ -297,6 +300,7 @@ class FileWatcher:
         *,
         text: str | None = None,
         on_unreadable: Callable[[WorkbenchError], None] | None = None,
+        retry_when: Callable[[], object] | None = None,
     ) -> None:
         if isinstance(interval_s, bool) or not isinstance(interval_s, (int, float)) or not 0 < interval_s <= 3600:
             raise SettingsError(f"interval_s must be a number of seconds > 0 and at most 3600, not {interval_s!r}",
@@ -305,6 +309,8 @@ class FileWatcher:
         self.interval_s = float(interval_s)
         self._on_change = on_change
         self._on_unreadable = on_unreadable
+        self._retry_when = retry_when
+        self._refused: tuple[str, object] | None = None  # a refused content, and the retry_when() it was refused under
         self._stat: tuple[int, int, int] | None = None
         self._digest = _text_digest(text) if text is not None else None
         self._said: str | None = None  # the unreadable state last reported, so one that lasts is said once
@@ -339,7 +345,7 @@ class FileWatcher:
             return False
         key = (st.st_mtime_ns, st.st_size, st.st_ino)
         if key == self._stat and time.time() - st.st_mtime > _RACY_S:
-            return False
+            return self._retry()
         try:
             raw = read_bounded(self.path)
         except FileNotFoundError:
@@ -353,7 +359,7 @@ class FileWatcher:
         self._stat = key
         digest = hashlib.sha256(raw).hexdigest()
         if digest == self._digest:
-            return False
+            return self._retry()
         self._digest = digest
         self.changes += 1
         try:
@@ -361,8 +367,25 @@ class FileWatcher:
         except UnicodeDecodeError as exc:
             self._unreadable(exc)
             return False
-        self._on_change(text)
+        return self._hand_on(text)
+
+    def _hand_on(self, text: str) -> bool:
+        try:
+            self._on_change(text)
+        except WorkbenchError:
+            self._refused = (text, self._retry_when()) if self._retry_when is not None else None
+            raise
+        self._refused = None
         return True
+
+    def _retry(self) -> bool:
+        """The file is unchanged: hand its refused content on again if what it was checked against has changed."""
+        if self._refused is None or self._retry_when is None:
+            return False
+        text, context = self._refused
+        if self._retry_when() == context:
+            return False
+        return self._hand_on(text)
 
     def _unreadable(self, exc: Exception) -> None:
         error = SpecError(f"cannot read {str(self.path)!r}: {exc}", hint="the last good version keeps serving")
