@@ -42,6 +42,9 @@ SETTABLE_KNOWLEDGE_FIELDS = tuple(f for f in KNOWLEDGE_FIELDS if f not in ("name
 # A file whose mtime is this recent is hashed on every poll: two writes within the file system's
 # timestamp granularity, of one size, leave the same stat behind ("racy" timestamps, as git calls them).
 _RACY_S = 2.0
+# A file changed since the last poll and written this recently is read at the next poll, once it has held still: an
+# editor that writes in pieces, caught between two, leaves a first piece that may parse as a smaller spec.
+_SETTLE_S = 0.25
 
 
 class ConfigWarning(UserWarning):
@@ -285,7 +288,8 @@ class FileWatcher:
 
     The path is looked up on every poll (stat: mtime, size, inode), so editors that save by
     writing a new file and renaming it over the old one are seen; a stat that looks unchanged is
-    trusted unless its mtime is recent. A file that is missing for a while (mid-rename, deleted)
+    trusted unless its mtime is recent. A file written within ``_SETTLE_S`` is read only once a poll finds it
+    as the previous one did (not mid-save). A file that is missing for a while (mid-rename, deleted)
     changes nothing: the last content keeps serving until the file is back.
 
     ``retry_when()`` says what a content was checked against (the models a spec may name): a content
@@ -311,7 +315,8 @@ class FileWatcher:
         self._on_unreadable = on_unreadable
         self._retry_when = retry_when
         self._refused: tuple[str, object] | None = None  # a refused content, and the retry_when() it was refused under
-        self._stat: tuple[int, int, int] | None = None
+        self._stat: tuple[int, int, int] | None = None  # of the content last read whole
+        self._seen: tuple[int, int, int] | None = None  # at the last poll
         self._digest = _text_digest(text) if text is not None else None
         self._said: str | None = None  # the unreadable state last reported, so one that lasts is said once
         self._stop = threading.Event()
@@ -346,6 +351,9 @@ class FileWatcher:
         key = (st.st_mtime_ns, st.st_size, st.st_ino)
         if key == self._stat and time.time() - st.st_mtime > _RACY_S:
             return self._retry()
+        seen, self._seen = self._seen, key
+        if key != seen and time.time() - st.st_mtime < _SETTLE_S:
+            return False  # written just now, maybe not to the end: read it at the next poll if it holds still
         try:
             raw = read_bounded(self.path)
         except FileNotFoundError:
