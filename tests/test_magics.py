@@ -228,6 +228,28 @@ def test_a_failed_hop_prints_a_short_error_and_keeps_the_partial_run(with_qa: In
     assert not partial.ok and partial.outputs == {}
 
 
+@pytest.mark.parametrize("line", ["run qa question=hi", "run qa question=hi --stream", "set qa.answer.temperature=0.5",
+                                  "serve qa --port 0 --no-auth", "compare qa --inputs q.jsonl"])
+def test_a_chain_of_a_closed_workbench_says_to_build_it_again(with_qa: InteractiveShell, line: str) -> None:
+    # Before, after bench.close() the magics moved to a fresh workbench while the notebook's `qa` stayed the closed
+    # one's: run said to start `bench = wb.Workbench()` (which the magics do not use, and `qa` stayed dead after
+    # loading the model again), set said "unknown model 'tiny'", serve "not built on this workbench".
+    wb.current().close()
+    with wb.set_current(wb.Workbench()):
+        wb.current().load("tiny", wb.tiny_model(), device="cpu")
+        with capture_output() as captured:
+            result = with_qa.run_cell(f"%autoglm {line}")
+        assert result.error_in_exec is None
+        assert captured.stderr.splitlines() == [
+            "autoglm: chain 'qa' was built on a workbench that is closed",
+            "hint: run the cell that built it (%%autoglm chain qa) again, to build it on the current workbench",
+        ]
+        with capture_output():
+            with_qa.run_cell_magic("autoglm", "chain qa", SPEC)  # what the hint says: then it runs
+        assert magic(with_qa, "run qa question=hi").stderr == ""
+        assert with_qa.user_ns["_autoglm_run"].ok
+
+
 @pytest.mark.parametrize("stream", ["", " --stream"], ids=["run", "stream"])
 def test_a_failed_hops_hint_says_where_the_partial_run_is(with_qa: InteractiveShell, stream: str) -> None:
     # Before: "kept on the error's .run", an error the magic had already caught, so nothing a user could read.

@@ -14,7 +14,7 @@ from workbench.bench import current
 from workbench.chains.chain import Chain
 from workbench.chains.events import AttemptFailed, HopFinished, HopStarted, RunFinished, Token
 from workbench.chains.run import Run
-from workbench.errors import HopFailed, MissingInputError, StrategyError, WorkbenchError, did_you_mean
+from workbench.errors import HopFailed, MissingInputError, StrategyError, WorkbenchClosed, WorkbenchError, did_you_mean
 from workbench.experiments import CompareInterrupted, compare
 from workbench.experiments.workloads import read_inputs
 from workbench.fronts.arguments import load_model
@@ -166,12 +166,25 @@ class AutoglmMagics(Magics):
         self._user_ns[command.name] = chain
         display(chain)
 
-    def _find_chain(self, name: str) -> Chain:
+    def _find_chain(self, name: str, *, closed_ok: bool = False) -> Chain:
+        """The chain ``name`` of the current workbench, else the notebook's Chain variable of that name.
+
+        A variable may hold a chain of a workbench closed since (after ``bench.close()`` the magics use a fresh one):
+        it can run nothing, so that is said, unless ``closed_ok`` (the builder reads only its spec).
+        """
         chains = current().chains()
         if name in chains:
             return chains[name]
         candidate = self._user_ns.get(name)
         if isinstance(candidate, Chain):
+            if not closed_ok:
+                try:
+                    candidate.bench.check_open(f"run chain {name!r}")
+                except WorkbenchClosed:
+                    raise WorkbenchError(
+                        f"chain {name!r} was built on a workbench that is closed",
+                        hint=f"run the cell that built it (%%autoglm chain {name}) again, to build it on the current "
+                        "workbench") from None
             return candidate
         known = sorted(
             set(chains) | {k for k, v in self._user_ns.items() if isinstance(v, Chain) and not k.startswith("_")}
@@ -306,7 +319,7 @@ class AutoglmMagics(Magics):
             print(f"saved to {saved}")
 
     def _builder(self, command: BuilderCommand) -> None:
-        chain = self._find_chain(command.chain) if command.chain is not None else None
+        chain = self._find_chain(command.chain, closed_ok=True) if command.chain is not None else None
         self._show_widget(ChainBuilder(current(), chain=chain))
 
     def _set(self, command: SetCommand) -> None:
