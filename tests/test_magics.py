@@ -295,6 +295,26 @@ def test_trace_summary_has_a_row_per_hop(with_qa: InteractiveShell) -> None:
     assert all(f">{label}</th>" in summaries[0] for label in ("hop", "p95_ms", "ttft_p50_ms"))
 
 
+def test_trace_reads_the_runs_of_the_workbench_a_chain_variable_ran_on(shell: InteractiveShell, tiny_path: Path) -> None:
+    # Tutorials 03, 05, 06 and 07 keep a workbench of their own. Before, `%autoglm run qa` ran a chain of it, and the
+    # `%autoglm trace` right after said "no chain has run yet" (it read the default workbench), even where the failed
+    # run's own hint said "%autoglm trace shows its spans".
+    with wb.Workbench() as bench:
+        bench.load("tiny", tiny_path, device="cpu")
+        shell.user_ns["qa"] = bench.chain(SPEC, name="qa")
+        magic(shell, "run qa question=hi")
+        ran = shell.user_ns["_autoglm_run"]
+        for line in ("trace", "trace last", f"trace {ran.id}"):
+            captured = magic(shell, line)
+            assert captured.stderr == ""
+            assert "hop answer" in shown(captured)[0]
+        assert magic(shell, "trace --summary").stderr == ""
+        bench.inject("tiny", error_rate=1.0)
+        assert magic(shell, "run qa question=hi").stderr.endswith("%autoglm trace shows its spans\n")
+        captured = magic(shell, "trace")  # the failed run's spans, not the first run's
+        assert captured.stderr == "" and "ERROR" in shown(captured)[0]
+
+
 def test_trace_of_a_run_id_and_of_every_span(with_qa: InteractiveShell) -> None:
     magic(with_qa, "run qa question=one")
     first = with_qa.user_ns["_autoglm_run"]

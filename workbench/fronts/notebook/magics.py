@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from IPython.core.magic import Magics, line_cell_magic, magics_class, no_var_expand
 from IPython.display import display
 
-from workbench.bench import current
+from workbench.bench import Workbench, current
 from workbench.chains.chain import Chain
 from workbench.chains.events import AttemptFailed, HopFinished, HopStarted, RunFinished, Token
 from workbench.chains.run import Run
@@ -88,6 +88,9 @@ class AutoglmMagics(Magics):
         }
         self._handlers[ServeCommand.subcommand] = self._serve
         self._servers: list[Any] = []  # started by %autoglm serve, stopped by %autoglm serve stop
+        # The workbench of the chain %autoglm run ran last (a Chain variable may be another workbench's than
+        # current()): %autoglm trace reads its runs, where that run is.
+        self._ran_on: Workbench | None = None
 
     # No $var / {var} expansion: prompts and questions hold braces and dollars that must stay literal.
     @no_var_expand
@@ -196,6 +199,7 @@ class AutoglmMagics(Magics):
 
     def _run(self, command: RunCommand) -> None:
         chain = self._find_chain(command.chain)
+        self._ran_on = chain.bench if isinstance(chain.bench, Workbench) else None
         try:
             run = self._stream(chain, command) if command.stream else chain.run(session=command.session, **command.inputs)
         except MissingInputError as missing:
@@ -262,7 +266,7 @@ class AutoglmMagics(Magics):
         raise AssertionError("a stream ends with its run")
 
     def _trace(self, command: TraceCommand) -> None:
-        bench = current()
+        bench = self._ran_on if self._ran_on is not None and not self._ran_on.closed else current()
         trace = bench.traces() if command.all else bench.run(command.run).trace
         if not len(trace):
             print("no spans recorded yet")
