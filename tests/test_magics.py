@@ -9,6 +9,7 @@ import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import CapturedIO, capture_output
@@ -368,6 +369,21 @@ def test_closing_the_workbench_or_unloading_the_extension_stops_what_serve_start
         shell.run_line_magic("unload_ext", "workbench")
         assert not listening(second.url)
         shell.run_line_magic("load_ext", "workbench")
+
+
+def test_serve_serves_a_chain_variable_on_the_workbench_it_was_built_on(shell: InteractiveShell) -> None:
+    # Before: "chain 'echo' was not built on this workbench, so it cannot serve here", for a chain of the notebook's
+    # own workbench, which %autoglm run runs.
+    with wb.Workbench() as bench:
+        shell.user_ns["echo"] = bench.chain({"name": "echo", "hops": [{"name": "say",
+                                                                      "call": "workbench.demo:canned_answer"}]})
+        captured = magic(shell, "serve echo --port 0 --no-auth")
+        assert captured.stderr == ""
+        server = shell.user_ns["_autoglm_server"]
+        answer = httpx.post(f"{server.url}/v1/chains/echo/invoke", json={"inputs": {"question": "hi"}}, timeout=30)
+        assert answer.status_code == 200 and answer.json()["status"] == "ok"
+        assert magic(shell, "serve stop").stdout == f"stopped {server.url}\n"
+        assert not listening(server.url)
 
 
 # -- mistakes -----------------------------------------------------------------------------------

@@ -356,9 +356,13 @@ class AutoglmMagics(Magics):
             raise WorkbenchError(f"serve: chain {twice!r} is named twice ({' '.join(command.chains)})",
                                  hint="serve each chain once; chains from different cells need names of their own")
         # Through bench.serve, so that closing the workbench stops the server too: else it stays up and every call
-        # to it waits for a loop that has stopped.
-        server = current().serve(chains, port=command.port, host=command.host,
-                                 auth=False if command.no_auth else None, grpc_port=command.grpc_port)
+        # to it waits for a loop that has stopped. On the chains' own workbench where they share one (Chain variables
+        # of the notebook's bench = wb.Workbench(...)), as %autoglm run runs them; else current() says which is not its.
+        hosts = {id(chain.bench): chain.bench for chain in chains}
+        shared = next(iter(hosts.values())) if len(hosts) == 1 else None
+        bench = shared if isinstance(shared, Workbench) else current()
+        server = bench.serve(chains, port=command.port, host=command.host,
+                             auth=False if command.no_auth else None, grpc_port=command.grpc_port)
         self._servers.append(server)
         self._user_ns[SERVER_VARIABLE] = server
         names = ", ".join(c.name for c in chains)
