@@ -564,6 +564,23 @@ def test_a_chain_edit_refused_for_a_model_the_configuration_then_adds_serves_onc
     assert chain.run(question="q").ok
 
 
+def test_a_configuration_adding_a_chain_whose_adapter_the_model_lacks_is_refused_before_anything_loads(
+    bench: wb.Workbench, spec_file: Path, tiny_cache: None
+) -> None:
+    # The chain files were checked without the models' adapters: such an edit loaded 'spare', then failed to build
+    # the chain, and the watcher swallowed the error: no refusal, no warning, version 1, 'spare' loaded.
+    path = spec_file.with_name("workbench.yaml")
+    path.write_text(_config("  tiny: {source: tiny, device: cpu}"))
+    config = bench.configure(path, watch=True, interval_s=POLL_S)
+    spec_file.with_name("qa2.yaml").write_text(SPEC.replace("temperature: 0", "temperature: 0\n    adapter: sql"))
+    with pytest.warns(wb.ConfigWarning, match="model 'tiny' has no adapter 'sql'"):
+        path.write_text("models:\n  tiny: {source: tiny, device: cpu}\n  spare: {source: tiny, device: cpu}\n"
+                        "chains:\n  qa: qa.yaml\n  qa2: qa2.yaml\n")
+        refusal = wait_for(lambda: config.errors and config.errors[-1], "the refusal")
+    assert isinstance(refusal.error, ConfigError) and refusal.error.field == "chains.qa2"
+    assert config.version.number == 1 and bench.registry.names() == ["tiny"] and "qa2" not in bench.chains()
+
+
 @pytest.mark.parametrize(
     ("text", "line", "field", "message"),
     [

@@ -586,7 +586,7 @@ class Workbench:
             check_chain_name(name)  # it replaces the spec's own
         parsed = parse_spec(spec, known_models=self.registry.names(), default_name=name or default,
                             allowed_modules=self._allowed_modules, graphs=self.graphs,
-                            known_adapters=self._known_adapters(), base_dir=base_dir)
+                            known_adapters=self.registry.adapters(), base_dir=base_dir)
         if name is not None and parsed.name != name:
             parsed.name = name
         return parsed
@@ -1085,15 +1085,7 @@ class Workbench:
 
     def _spec_context(self) -> tuple[Any, ...]:
         """What a chain spec is validated against here: the models, the modules its code may come from, the adapters."""
-        return tuple(self.registry.names()), self._allowed_modules, self._known_adapters()
-
-    def _known_adapters(self) -> dict[str, list[str]]:
-        """Each known model's named adapters: those it loads with, and any a watch added since."""
-        known = {name: [n for n, _ in self.registry.settings(name).adapters] for name in self.registry.names()}
-        for loaded in self.registry.loaded():
-            if loaded.adapters is not None:
-                known[loaded.name] = sorted({*known.get(loaded.name, ()), *loaded.adapters.names()})
-        return known
+        return tuple(self.registry.names()), self._allowed_modules, self.registry.adapters()
 
     def _stop_watchers(self, model: str | None = None) -> None:
         for key in [k for k in self._adapter_watchers if model is None or k[0] == model]:

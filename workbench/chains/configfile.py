@@ -369,20 +369,26 @@ class LiveConfig:
         """Every chain file parses, with its overrides, against the models there will be; the texts by chain."""
         previous = self._applied.config.models if self._applied.config is not None else {}
         models = (set(self._host.registry.names()) - set(previous)) | set(config.models)
+        # A hop's adapter: must be one its model will have: a model the file (re)loads has the adapters it names.
+        adapters = {name: known for name, known in self._host.registry.adapters().items() if name in models}
+        for name, entry in config.models.items():
+            kept = name in previous and previous[name].load_key() == entry.load_key()
+            watched = adapters.get(name, ()) if kept else ()  # a kept model keeps those a watch added, too
+            adapters[name] = sorted({*(n for n, _ in entry.settings.adapters), *watched})
         texts: dict[str, str] = {}
         for name, path in config.chains.items():
             text = read_text(path, f"the spec file of chain {name!r}")
             try:
                 spec = parse_spec(text, known_models=models, default_name=name,
                                   allowed_modules=self._host.allow_modules(), graphs=self._host.graphs,
-                                  base_dir=path.parent)
+                                  known_adapters=adapters, base_dir=path.parent)
                 overrides = config.overrides.get(name, {})
                 for key in overrides:
                     settable_path(key, spec)
                 if overrides:
                     parse_spec(apply_overrides(yaml.safe_load(text), overrides), known_models=models,
                                default_name=name, allowed_modules=self._host.allow_modules(),
-                               graphs=self._host.graphs, base_dir=path.parent)
+                               graphs=self._host.graphs, known_adapters=adapters, base_dir=path.parent)
             except ConfigError:
                 raise
             except SpecError as exc:

@@ -217,6 +217,15 @@ class ModelRegistry:
         hint += f"known models: {', '.join(known)}" if known else "no model is loaded yet: bench.load(NAME, PATH)"
         return UnknownModelError(f"no model named {name!r}", hint=hint)
 
+    def adapters(self) -> dict[str, list[str]]:
+        """Each known model's named adapters: those it loads with, and any a watch added since."""
+        with self._lock:  # one moment's models: an unload between listing and reading one is not a KeyError
+            known = {name: [n for n, _ in self.settings(name).adapters] for name in self.names()}
+            for loaded in self._loaded.values():
+                if loaded.adapters is not None:
+                    known[loaded.name] = sorted({*known.get(loaded.name, ()), *loaded.adapters.names()})
+        return known
+
     def settings(self, name: str) -> LoadSettings:
         with self._lock:
             if name in self._loaded:
