@@ -296,7 +296,7 @@ def test_trace_summary_has_a_row_per_hop(with_qa: InteractiveShell) -> None:
     assert all(f">{label}</th>" in summaries[0] for label in ("hop", "p95_ms", "ttft_p50_ms"))
 
 
-def test_trace_reads_the_runs_of_the_workbench_a_chain_variable_ran_on(shell: InteractiveShell, tiny_path: Path) -> None:
+def test_trace_reads_the_workbench_a_chain_variable_ran_on(shell: InteractiveShell, tiny_path: Path) -> None:
     # Tutorials 03, 05, 06 and 07 keep a workbench of their own. Before, `%autoglm run qa` ran a chain of it, and the
     # `%autoglm trace` right after said "no chain has run yet" (it read the default workbench), even where the failed
     # run's own hint said "%autoglm trace shows its spans".
@@ -384,6 +384,20 @@ def test_serve_serves_a_chain_variable_on_the_workbench_it_was_built_on(shell: I
         assert answer.status_code == 200 and answer.json()["status"] == "ok"
         assert magic(shell, "serve stop").stdout == f"stopped {server.url}\n"
         assert not listening(server.url)
+
+
+def test_builder_opens_a_chain_variable_on_its_own_workbench(shell: InteractiveShell, tiny_path: Path) -> None:
+    # Before, the builder got wb.current(): its model pickers listed no model, and its run said "unknown model 'tiny'".
+    with wb.Workbench() as bench:
+        bench.load("tiny", tiny_path, device="cpu")
+        shell.user_ns["qa"] = bench.chain(SPEC, name="qa")
+        assert magic(shell, "builder qa").stderr == ""
+        builder = shell.user_ns["_autoglm_widget"]
+        assert builder.bench is bench
+        builder.inputs["question"].value = "hi"
+        assert builder.run(), builder.error
+        builder.wait()
+        assert builder.last_run is not None and builder.last_run.ok
 
 
 # -- mistakes -----------------------------------------------------------------------------------

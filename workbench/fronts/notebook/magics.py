@@ -61,6 +61,13 @@ def report(error: WorkbenchError) -> None:
         print(f"hint: {error.hint}", file=sys.stderr)
 
 
+def bench_of(chain: Chain) -> Workbench:
+    """The workbench ``chain`` runs on (a notebook's Chain variable may be another than current()), or current()
+    once that one is closed."""
+    host = chain.bench
+    return host if isinstance(host, Workbench) and not host.closed else current()
+
+
 def span_table(trace: Trace) -> Readable:
     """The columns a latency reader wants first, names indented by depth in the span tree, read at a glance."""
     return Readable(trace.compact(indent=_INDENT))
@@ -88,9 +95,9 @@ class AutoglmMagics(Magics):
         }
         self._handlers[ServeCommand.subcommand] = self._serve
         self._servers: list[Any] = []  # started by %autoglm serve, stopped by %autoglm serve stop
-        # The workbench of the chain %autoglm run ran last (a Chain variable may be another workbench's than
-        # current()): %autoglm trace reads its runs, where that run is.
-        self._ran_on: Workbench | None = None
+        # The chain %autoglm run ran last (a Chain variable may be another workbench's than current()): %autoglm trace
+        # reads the runs of its workbench, where that run is.
+        self._ran: Chain | None = None
 
     # No $var / {var} expansion: prompts and questions hold braces and dollars that must stay literal.
     @no_var_expand
@@ -199,7 +206,7 @@ class AutoglmMagics(Magics):
 
     def _run(self, command: RunCommand) -> None:
         chain = self._find_chain(command.chain)
-        self._ran_on = chain.bench if isinstance(chain.bench, Workbench) else None
+        self._ran = chain
         try:
             run = self._stream(chain, command) if command.stream else chain.run(session=command.session, **command.inputs)
         except MissingInputError as missing:
@@ -266,7 +273,7 @@ class AutoglmMagics(Magics):
         raise AssertionError("a stream ends with its run")
 
     def _trace(self, command: TraceCommand) -> None:
-        bench = self._ran_on if self._ran_on is not None and not self._ran_on.closed else current()
+        bench = current() if self._ran is None else bench_of(self._ran)
         trace = bench.traces() if command.all else bench.run(command.run).trace
         if not len(trace):
             print("no spans recorded yet")
@@ -324,7 +331,7 @@ class AutoglmMagics(Magics):
 
     def _builder(self, command: BuilderCommand) -> None:
         chain = self._find_chain(command.chain, closed_ok=True) if command.chain is not None else None
-        self._show_widget(ChainBuilder(current(), chain=chain))
+        self._show_widget(ChainBuilder(current() if chain is None else bench_of(chain), chain=chain))
 
     def _set(self, command: SetCommand) -> None:
         by_chain: dict[str, dict[str, Any]] = {}
@@ -358,9 +365,8 @@ class AutoglmMagics(Magics):
         # Through bench.serve, so that closing the workbench stops the server too: else it stays up and every call
         # to it waits for a loop that has stopped. On the chains' own workbench where they share one (Chain variables
         # of the notebook's bench = wb.Workbench(...)), as %autoglm run runs them; else current() says which is not its.
-        hosts = {id(chain.bench): chain.bench for chain in chains}
-        shared = next(iter(hosts.values())) if len(hosts) == 1 else None
-        bench = shared if isinstance(shared, Workbench) else current()
+        one_host = len({id(chain.bench) for chain in chains}) == 1
+        bench = bench_of(chains[0]) if one_host else current()
         server = bench.serve(chains, port=command.port, host=command.host,
                              auth=False if command.no_auth else None, grpc_port=command.grpc_port)
         self._servers.append(server)
