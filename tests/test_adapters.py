@@ -521,6 +521,29 @@ def test_a_watched_model_swaps_in_live_and_refuses_bad_versions(
     bench.unwatch_model("m")
 
 
+def test_a_watched_model_is_followed_through_keep_warm_evicting_and_reloading_it(
+    bench: wb.Workbench, tiny_path: Path, tmp_path: Path
+) -> None:
+    watched = tmp_path / "models" / "m"
+    shutil.copytree(tiny_path, watched)
+    v2 = _weights(tiny_path, tmp_path / "v2", seed=7)
+    bench.register("m", watched, device="cpu")
+    bench.register("other", tiny_path, device="cpu")
+    bench.load("m")
+    bench.set_preloading(wb.KeepWarm(int(1.5 * bench.registry.get("m").memory_bytes)))  # one model at a time
+    bench.watch_model("m", interval_s=0.2)
+    bench.generate("other", PROMPT, max_new_tokens=2)
+    assert not bench.registry.is_loaded("m")
+    assert bench.generate("m", PROMPT, max_new_tokens=NEW).token_ids == by_hand(tiny_path, None, PROMPT)  # back
+    publish_weights(v2, watched)
+    expected = by_hand(watched, None, PROMPT)  # v2's weights, the model's tokenizer
+    # (A poll may catch the directory half-written, a version of its own: wait for the answer, not a number.)
+    wait_for(lambda: bench.generate("m", PROMPT, max_new_tokens=NEW).token_ids == expected,
+             "the version written after the reload to go live")
+    assert bench.model_versions("m").query("state == 'live'")["version"].tolist() >= [2]
+    bench.unwatch_model("m")
+
+
 def test_watching_a_model_that_carries_named_adapters_is_refused_at_once(
     bench: wb.Workbench, tiny_path: Path, lora: dict[str, Path]
 ) -> None:

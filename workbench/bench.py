@@ -1017,8 +1017,7 @@ class Workbench:
         self.unwatch_model(name)
         self._model_watchers[name] = DirectoryWatcher(
             directory, interval_s, functools.partial(self._stage_model, name, directory, prompts),
-            seen=live.digest if live is not None else None, config="config.json",
-            closed=lambda: not self.registry.is_loaded(name), label=f"model-{name}")
+            seen=live.digest if live is not None else None, config="config.json", label=f"model-{name}")
 
     def unwatch_model(self, name: str) -> None:
         """Stop watching model ``name``'s directory; the serving version serves on."""
@@ -1038,8 +1037,11 @@ class Workbench:
         return table
 
     def _stage_model(self, name: str, directory: str, prompts: tuple[str, ...], digest: str,
-                     noticed: float) -> AdapterVersion:
-        """Stage a model version a watcher noticed: load beside, check, switch, drain, free (a ``model swap`` span)."""
+                     noticed: float) -> AdapterVersion | None:
+        """Stage a model version a watcher noticed: load beside, check, switch, drain, free (a ``model swap`` span).
+        None while keep-warm has the model evicted: it loads back from its source, the directory a swap left it at."""
+        if not self.registry.is_loaded(name):
+            return None
         versions = self._model_versions[name]
         version = AdapterVersion(name, max(v.version for v in versions) + 1, directory, digest)
         versions.append(version)

@@ -438,18 +438,18 @@ class DirectoryWatcher:
 
     A version is the directory's content digest (``config`` and the weights); one that changes again
     within ``settle_s`` is still being written, and waits for the next poll. ``stage(digest, noticed)``
-    brings a version in (``noticed``: perf_counter when the change was seen); ``closed()`` ends the watch.
+    brings a version in (``noticed``: perf_counter when the change was seen); :meth:`stop` ends the watch.
     """
 
     def __init__(self, path: str | os.PathLike[str], interval_s: float, stage: Callable[[str, float], object], *,
-                 seen: str | None = None, config: str = _CONFIG, closed: Callable[[], bool] = lambda: False,
-                 label: str = "directory", settle_s: float = 0.2) -> None:
+                 seen: str | None = None, config: str = _CONFIG, label: str = "directory",
+                 settle_s: float = 0.2) -> None:
         if isinstance(interval_s, bool) or not (isinstance(interval_s, (int, float)) and math.isfinite(interval_s)
                                                  and interval_s > 0):
             raise AdapterError(f"interval_s must be a number of seconds > 0, got {interval_s!r}")
         self.path, self.config, self.label = str(path), config, label
         self.interval_s, self.settle_s = float(interval_s), min(settle_s, interval_s / 2)
-        self._stage, self._closed = stage, closed
+        self._stage = stage
         self._stop = threading.Event()
         self._seen = seen if seen is not None else content_digest(self.path, config)
         self._thread = threading.Thread(target=self._loop, name=f"workbench-watch-{label}", daemon=True)
@@ -457,8 +457,6 @@ class DirectoryWatcher:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
-            if self._closed():
-                return
             try:
                 self.poll()
             except Exception:  # a watcher must outlive one bad poll
