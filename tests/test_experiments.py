@@ -234,6 +234,14 @@ def test_a_failing_run_is_counted_not_raised(tiny: wb.Workbench) -> None:
     assert any(".samples() has each failed run's error" in note for note in cmp.readable().notes)
 
 
+def test_a_comparison_of_one_strategy_on_one_input_of_a_model_free_chain_reads_as_english(tiny: wb.Workbench) -> None:
+    # It read "<Comparison of 1 strategies on chain 'echo': 1 inputs, ..., 1 repeat;  on  ()>".
+    chain = tiny.chain({"name": "echo", "hops": [{"name": "say", "call": "workbench.demo:canned_answer"}]})
+    cmp = wb.compare(chain, [{"question": "a"}], batching="none", repeats=1, warmup=0, progress=False)
+    assert repr(cmp).startswith("<Comparison of 1 strategy on chain 'echo': 1 input, ")
+    assert repr(cmp).endswith("1 repeat; no model>") and "1 strategy" in cmp._repr_html_()
+
+
 def test_a_comparison_where_every_run_failed_still_reads_and_draws(tiny: wb.Workbench) -> None:
     """Its plot raised a RuntimeWarning (dividing an empty CDF's infinite limits): a dashboard's first pass could."""
     def refuse(question: str) -> str:

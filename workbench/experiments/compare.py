@@ -590,18 +590,22 @@ class Comparison:
             if env.get("arrival_rate")
             else f"closed loop at concurrency {env.get('concurrency')}"
         )
+        inputs, repeats = env.get("inputs"), env.get("repeats")
+        served = f"{env.get('model')} on {env.get('device')} ({env.get('dtype')})" if env.get("model") else "no model"
         return (
-            f"{env.get('inputs')} inputs, {load}, {env.get('warmup')} warm-up, "
-            f"{env.get('repeats')} repeat{'s' * (env.get('repeats') != 1)}; "
-            f"{env.get('model')} on {env.get('device')} ({env.get('dtype')})"
+            f"{inputs} input{'s' * (inputs != 1)}, {load}, {env.get('warmup')} warm-up, "
+            f"{repeats} repeat{'s' * (repeats != 1)}; {served}"
         )
 
+    def _strategies_text(self) -> str:
+        return f"{len(self.strategies)} {'strategy' if len(self.strategies) == 1 else 'strategies'}"
+
     def __repr__(self) -> str:
-        return f"<Comparison of {len(self.strategies)} strategies on chain {self.chain!r}: {self._workload_text()}>"
+        return f"<Comparison of {self._strategies_text()} on chain {self.chain!r}: {self._workload_text()}>"
 
     def _repr_html_(self) -> str:
         head = (
-            f"<p>Comparison of {len(self.strategies)} strategies on chain <b>{html.escape(self.chain)}</b>: "
+            f"<p>Comparison of {self._strategies_text()} on chain <b>{html.escape(self.chain)}</b>: "
             f"{html.escape(self._workload_text())}</p>"
         )
         return head + self.readable().to_html()
