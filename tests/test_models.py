@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import weakref
 from pathlib import Path
 from typing import Any
@@ -227,13 +228,33 @@ def test_clear_load_errors(
         kwargs["dtype"] = "int3"
     elif case == "integer-dtype":  # was transformers' ValueError, with the hint to check the path
         kwargs["dtype"] = torch.int8
-    elif case == "name-taken":
-        name = "tiny"
+    elif case == "name-taken":  # under other settings (the same load again gives the loaded model)
+        name, kwargs["warmup"] = "tiny", True
     with pytest.raises(wb.ModelLoadError, match=match) as info:
         tiny_bench.load(name, source, **kwargs)
     assert info.value.hint  # says what to do
     assert sorted(tiny_bench.registry.names()) == ["tiny"]
     assert tiny_bench.generate("tiny", PROMPT, max_new_tokens=2).tokens_out == 2  # the loaded one is untouched
+
+
+def test_the_same_load_again_gives_the_loaded_model_unless_its_files_changed(tiny_path: Path, tmp_path: Path) -> None:
+    # A notebook's load cell run a second time raised "a model named 'tiny' is already loaded", a traceback in the
+    # middle of "run all". The same load from the same files is now the model already loaded; other settings, or
+    # files changed since (a new checkpoint saved there), are refused as before.
+    path = Path(shutil.copytree(tiny_path, tmp_path / "tiny"))
+    with wb.Workbench(store=wb.InMemoryContextStore()) as bench:
+        first = bench.load("tiny", path, device="cpu")
+        assert bench.load("tiny", path, device="cpu") is first
+        assert bench.load("tiny", str(path), device="cpu") is first
+        with pytest.raises(wb.ModelLoadError, match="already loaded"):
+            bench.load("tiny", path, device="cpu", dtype="bfloat16")
+        with pytest.raises(wb.ModelLoadError, match="already loaded"):
+            bench.load("tiny", path, device="cpu", replicas=2)
+        later = time.time() + 5
+        os.utime(path / "model.safetensors", (later, later))  # the weights file is another version now
+        with pytest.raises(wb.ModelLoadError, match="already loaded"):
+            bench.load("tiny", path, device="cpu")
+        assert bench.registry.get("tiny") is first
 
 
 def test_a_sharded_checkpoint_with_a_shard_missing_names_it(tiny_bench: wb.Workbench, tiny_path: Path,

@@ -232,6 +232,18 @@ class Workbench:
         """
         self.check_open(f"load {name!r}")
         _check_model_name(name)
+        requested = None if source is None else LoadSettings(
+            source=str(source), device=device, dtype=dtype, adapter=str(adapter) if adapter is not None else None,
+            adapters=parse_adapters(adapters), trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+            revision=revision, warmup=warmup, isolation=isolation, restarts=restarts, hang_timeout_s=hang_timeout_s,
+            served_model=served_model, api_key=api_key, read_timeout_s=read_timeout_s, engine=engine, address=address,
+            num_gpus=num_gpus, num_cpus=num_cpus)
+        if requested is not None and replicas is None and balance is None and batching is None:
+            # The same load again (a notebook cell run twice), from files as they were: the model it loaded.
+            same = self.registry.loaded_as(name, requested)
+            if same is not None:
+                log.info("model %r is already loaded with these settings, from these files: nothing to load", name)
+                return same
         batching = _batching(batching)
         self.registry.check_free(name)  # before the replicas of the model loaded under that name change
         # A load that fails leaves what was configured for the name (a registered model's replicas, balance and
@@ -250,27 +262,8 @@ class Workbench:
                 if warmup:
                     settings = dataclasses.replace(settings, warmup=True)
             else:
-                settings = LoadSettings(
-                    source=str(source),
-                    device=device,
-                    dtype=dtype,
-                    adapter=str(adapter) if adapter is not None else None,
-                    adapters=parse_adapters(adapters),
-                    trust_remote_code=trust_remote_code,
-                    allow_pickle=allow_pickle,
-                    revision=revision,
-                    warmup=warmup,
-                    isolation=isolation,
-                    restarts=restarts,
-                    hang_timeout_s=hang_timeout_s,
-                    served_model=served_model,
-                    api_key=api_key,
-                    read_timeout_s=read_timeout_s,
-                    engine=engine,
-                    address=address,
-                    num_gpus=num_gpus,
-                    num_cpus=num_cpus,
-                )
+                assert requested is not None
+                settings = dataclasses.replace(requested, device=device)  # a replica list's first place
                 # A fresh load does not inherit an earlier one's policy: without one, each replica runs its
                 # kind's default.
                 self.engine.clear_policy(name)

@@ -171,6 +171,16 @@ class ModelRegistry:
         with self._lock:
             return list(self._loaded.values())
 
+    def loaded_as(self, name: str, settings: LoadSettings) -> LoadedModel | None:
+        """The model loaded as ``name``, if it loaded with ``settings`` from files as they are now (a notebook's load
+        cell run again); else None."""
+        with self._lock:
+            loaded = self._loaded.get(name)
+        if loaded is None or loaded.settings != settings or loaded.model is None or loaded.settings.remote:
+            return None
+        dtype = loaded.settings.dtype if loaded.dtype is None else dtype_name(loaded.dtype)
+        return loaded if model_identity(settings, str(loaded.device), dtype) == loaded.identity else None
+
     def check_free(self, name: str) -> None:
         """Refuse to load a second model under a name that is loaded."""
         with self._lock:
