@@ -301,8 +301,15 @@ def test_an_actor_whose_restart_could_not_load_is_ended_not_left_holding_its_res
         with pytest.raises(wb.ModelActorDied, match="could not be started again"):
             bench.generate("flaky", "Hello", max_new_tokens=2)  # waits for the restart, whose load failed
         # It serves nothing, and nothing else ended it: on a cluster it would hold its GPU until the kernel exits.
-        with pytest.raises(ray.exceptions.RayActorError):
-            ray.get(backend.actor.info.remote(), timeout=WAIT_S)
+        # ray.kill is asynchronous: a call sent just after it may still be answered (seen once on a slow CI run).
+        def ended() -> bool:
+            try:
+                ray.get(backend.actor.info.remote(), timeout=WAIT_S)
+            except ray.exceptions.RayActorError:
+                return True
+            return False
+
+        eventually(ended, "the actor whose load failed to be ended")
     finally:
         bench.unload("flaky", forget=True)
 

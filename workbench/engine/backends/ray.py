@@ -464,11 +464,11 @@ class RayBackend:
                             self.restarts += 1
                             self._spawn()
                         elif not self._closed:
+                            self._ray.kill(self._actor)  # first: a request that reads it gone finds it ended
                             self._gone = ModelActorDied(
                                 f"the Ray actor of {self._who} died and could not be started again: "
                                 f"{exc.message}", hint=exc.hint or f"load it again: bench.load({self.model!r}, ...)",
                             )
-                            self._ray.kill(self._actor)
                     if again:
                         if span is not None:
                             span.set_attribute(attr.RAY_RESTARTS, self.restarts)
