@@ -18,7 +18,7 @@ import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
 import workbench as wb
-from workbench.chains.configfile import parse_config
+from workbench.chains.configfile import LiveConfig, parse_config
 from workbench.chains.live import ConfigVersion
 from workbench.engine.batching import DynamicBatching, NoBatching
 from workbench.errors import ConfigError, SpecError
@@ -432,6 +432,13 @@ def _config(models: str, overrides: str = "qa.answer.temperature: 0.7") -> str:
     return f"models:\n{models}\nchains:\n  qa: qa.yaml\noverrides:\n  {overrides}\n"
 
 
+def _configure(bench: wb.Workbench, spec_file: Path, models: str, **options: Any) -> tuple[Path, LiveConfig]:
+    """Write a configuration of ``models`` (and chain qa) beside the chain file, and apply it to ``bench``."""
+    path = spec_file.with_name("workbench.yaml")
+    path.write_text(_config(models))
+    return path, bench.configure(path, **options)
+
+
 DYNAMIC = "  tiny: {source: tiny, device: cpu, batching: {policy: dynamic, max_batch_size: 4, max_wait_ms: 5}}"
 
 
@@ -444,9 +451,7 @@ def tiny_cache(tiny_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_configuration_file_loads_models_chains_and_overrides_and_follows_edits(
     bench: wb.Workbench, spec_file: Path, tiny_cache: None
 ) -> None:
-    path = spec_file.with_name("workbench.yaml")
-    path.write_text(_config(DYNAMIC))
-    config = bench.configure(path, watch=True, interval_s=POLL_S)
+    path, config = _configure(bench, spec_file, DYNAMIC, watch=True, interval_s=POLL_S)
     assert config.version is not None and config.version.number == 1
     assert "tiny" in set(bench.models()["name"])
     assert bench.engine.policy("tiny") == DynamicBatching(max_batch=4, max_wait_ms=5)
@@ -484,9 +489,7 @@ def test_a_configuration_file_loads_models_chains_and_overrides_and_follows_edit
 def test_a_changed_model_source_loads_it_again(
     bench: wb.Workbench, spec_file: Path, tiny_path: Path, tiny_cache: None
 ) -> None:
-    path = spec_file.with_name("workbench.yaml")
-    path.write_text(_config("  tiny: {source: tiny, device: cpu}"))
-    config = bench.configure(path)
+    _, config = _configure(bench, spec_file, "  tiny: {source: tiny, device: cpu}")
     before = bench.registry.get("tiny")
     config.apply(_config(f"  tiny: {{source: {str(tiny_path)!r}, device: cpu, dtype: float32}}"))
     after = bench.registry.get("tiny")
@@ -497,9 +500,9 @@ def test_a_changed_model_source_loads_it_again(
 def test_a_changed_balance_policy_applies_live_to_the_replicas(
     bench: wb.Workbench, spec_file: Path, tiny_cache: None
 ) -> None:
-    path = spec_file.with_name("workbench.yaml")
-    path.write_text(_config("  tiny: {source: tiny, device: cpu, replicas: 2, balance: round_robin}"))
-    config = bench.configure(path)
+    _, config = _configure(
+        bench, spec_file, "  tiny: {source: tiny, device: cpu, replicas: 2, balance: round_robin}"
+    )
     model = bench.registry.get("tiny")
     assert bench.engine.balance("tiny").name == "round_robin"
     assert config.apply(_config("  tiny: {source: tiny, device: cpu, replicas: 2, balance: least_loaded}")).number == 2
@@ -511,9 +514,7 @@ def test_a_changed_balance_policy_applies_live_to_the_replicas(
 def test_a_configuration_whose_chain_does_not_validate_changes_nothing(
     bench: wb.Workbench, spec_file: Path, tiny_cache: None
 ) -> None:
-    path = spec_file.with_name("workbench.yaml")
-    path.write_text(_config("  tiny: {source: tiny, device: cpu}"))
-    config = bench.configure(path)
+    _, config = _configure(bench, spec_file, "  tiny: {source: tiny, device: cpu}")
     with pytest.raises(ConfigError, match="chain 'qa'.*unknown model 'tiny'"):
         config.apply(_config("  small: {source: tiny, device: cpu}"))  # qa.yaml still names 'tiny'
     with pytest.raises(ConfigError, match="field 'overrides'.*'chains' does not list"):
@@ -550,9 +551,8 @@ def test_a_configuration_whose_last_model_fails_to_load_leaves_the_others_as_the
 def test_a_chain_edit_refused_for_a_model_the_configuration_then_adds_serves_once_it_is_added(
     bench: wb.Workbench, spec_file: Path, tiny_cache: None
 ) -> None:
-    path = spec_file.with_name("workbench.yaml")
-    path.write_text(_config("  tiny: {source: tiny, device: cpu}"))
-    config = bench.configure(path, watch=True, interval_s=POLL_S)
+    path, config = _configure(bench, spec_file, "  tiny: {source: tiny, device: cpu}", watch=True,
+                              interval_s=POLL_S)
     chain = config.chains["qa"]
     spec_file.write_text(SPEC.replace("model: tiny", "model: spare"))  # the chain first: 'spare' is not there yet
     wait_for(lambda: chain.config_errors, "the chain edit to be refused")
@@ -569,9 +569,8 @@ def test_a_configuration_adding_a_chain_whose_adapter_the_model_lacks_is_refused
 ) -> None:
     # The chain files were checked without the models' adapters: such an edit loaded 'spare', then failed to build
     # the chain, and the watcher swallowed the error: no refusal, no warning, version 1, 'spare' loaded.
-    path = spec_file.with_name("workbench.yaml")
-    path.write_text(_config("  tiny: {source: tiny, device: cpu}"))
-    config = bench.configure(path, watch=True, interval_s=POLL_S)
+    path, config = _configure(bench, spec_file, "  tiny: {source: tiny, device: cpu}", watch=True,
+                              interval_s=POLL_S)
     spec_file.with_name("qa2.yaml").write_text(SPEC.replace("temperature: 0", "temperature: 0\n    adapter: sql"))
     with pytest.warns(wb.ConfigWarning, match="model 'tiny' has no adapter 'sql'"):
         path.write_text("models:\n  tiny: {source: tiny, device: cpu}\n  spare: {source: tiny, device: cpu}\n"

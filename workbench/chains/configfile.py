@@ -40,7 +40,7 @@ from workbench.chains.live import (
     refuse,
     settable_path,
 )
-from workbench.chains.spec import _check_expansion, _Lines, _NEWLINES, parse_spec
+from workbench.chains.spec import _NEWLINES, _check_expansion, _Lines, parse_spec
 from workbench.engine.balancing import BalancePolicy, parse_balance
 from workbench.engine.batching import (
     POLICY_FORMS,
@@ -54,7 +54,7 @@ from workbench.engine.batching import (
 )
 from workbench.errors import ConfigError, SpecError, WorkbenchError, did_you_mean
 from workbench.knowledge import GraphStore
-from workbench.models.settings import LoadSettings
+from workbench.models.settings import LoadSettings, number_setting
 from workbench.models.tiny import resolve_source
 
 if TYPE_CHECKING:
@@ -203,7 +203,7 @@ def _model(name: str, raw: Any, fail: Any) -> ModelEntry:
     values: dict[str, Any] = {}
     defaults = {f.name: f.default for f in dataclasses.fields(LoadSettings)}
     # Seconds that are off by default (hang_timeout_s: None): a number when given.
-    optional = {f.name for f in dataclasses.fields(LoadSettings) if str(f.type) == "float | None"}
+    optional = {f.name for f in dataclasses.fields(LoadSettings) if (number_setting(f) or (float, False))[1]}
     for key in LOAD_FIELDS:
         if key not in raw or key == "source":
             continue

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from workbench.errors import ParseError
-from workbench.models.settings import LoadSettings
+from workbench.models.settings import LoadSettings, number_setting
 from workbench.models.tiny import resolve_source
 
 if TYPE_CHECKING:
@@ -53,10 +53,6 @@ def parse_key_values(words: Sequence[str]) -> dict[str, str]:
     return inputs
 
 
-# The number settings' annotations (LoadSettings's are strings: it is written with postponed annotations).
-_NUMBERS: dict[str, type] = {"int": int, "float": float, "float | None": float}
-
-
 def _flag(option: dataclasses.Field[Any]) -> str:
     return "--" + option.name.replace("_", "-")
 
@@ -70,8 +66,9 @@ def add_load_options(parser: argparse.ArgumentParser, title: str = "load options
         else:
             # A number's flag parses as one (--restarts N, --read-timeout-s S), so a typo is argparse's clear
             # error, not a load's; the other settings are text.
-            kind = _NUMBERS.get(str(option.type))
-            group.add_argument(_flag(option), default=option.default, type=kind, metavar=option.metadata["metavar"],
+            number = number_setting(option)
+            group.add_argument(_flag(option), default=option.default, type=number and number[0],
+                               metavar=option.metadata["metavar"],
                                help=LOAD_HELP[option.name])
 
 

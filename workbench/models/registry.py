@@ -596,10 +596,14 @@ def _check_read_timeout(settings: LoadSettings) -> None:
     """A server's read timeout is a finite number of seconds > 0: NaN never timed out (a silent server held its
     requests for good), and 0 or less failed every request at once. Checked for any source: a replica set may mix
     local replicas and servers under one model's settings."""
-    value = settings.read_timeout_s
+    _check_seconds("read_timeout_s", settings.read_timeout_s,
+                   "how long a server's stream may go without a byte, the first included (default 60)")
+
+
+def _check_seconds(name: str, value: object, hint: str) -> None:
+    """A load setting of seconds is a finite number > 0: NaN never runs out, and 0 or less runs out at once."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise ModelLoadError(f"read_timeout_s must be a finite number of seconds > 0, got {value!r:.80}",
-                             hint="how long a server's stream may go without a byte, the first included (default 60)")
+        raise ModelLoadError(f"{name} must be a finite number of seconds > 0, got {value!r:.80}", hint=hint)
 
 
 def _amount(settings: LoadSettings, name: str) -> float:
@@ -694,12 +698,9 @@ def _check_isolation(settings: LoadSettings) -> None:
             f"restarts must be a whole number >= 0, got {settings.restarts!r}",
             hint="it is how often a model process that died is started again (0: never)",
         )
-    hang = settings.hang_timeout_s
-    if hang is not None:
-        if isinstance(hang, bool) or not isinstance(hang, (int, float)) or not 0 < hang < math.inf:
-            raise ModelLoadError(f"hang_timeout_s must be a finite number of seconds > 0, got {hang!r:.80}",
-                                 hint="how long a model process may go without ending a decoding step (default: "
-                                 "no limit)")
+    if settings.hang_timeout_s is not None:
+        _check_seconds("hang_timeout_s", settings.hang_timeout_s,
+                       "how long a model process may go without ending a decoding step (default: no limit)")
         if settings.isolation != "process":
             raise ModelLoadError(
                 f"hang_timeout_s is a setting of isolation='process', and this load has isolation={settings.isolation!r}",

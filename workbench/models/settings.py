@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import Field, dataclass, field
 from typing import Any
 
 
@@ -15,6 +15,16 @@ def _option(default: Any, help: str, metavar: str | None = None, *, repr: bool =
     # The metadata is each option's help: the magics and the command line build their flags from it,
     # so a new load setting is written here once and shows up in every front end.
     return field(default=default, repr=repr, metadata={"help": help, "metavar": metavar})
+
+
+# The number settings' annotations as written (postponed annotations: strings), with whether None (off) is allowed.
+_NUMBERS: dict[str, tuple[type, bool]] = {"int": (int, False), "float": (float, False), "float | None": (float, True)}
+
+
+def number_setting(option: Field[Any]) -> tuple[type, bool] | None:
+    """A number setting's kind (int or float) and whether it may be None (off, as ``hang_timeout_s``); None for a
+    setting that is not a number. The command line's flags and the configuration files both read this."""
+    return _NUMBERS.get(str(option.type))
 
 
 # The settings only a model on a server reads (see LoadSettings).
