@@ -545,7 +545,9 @@ def test_serve_says_where_it_cannot_listen_before_loading_any_model(flags: list[
 @pytest.mark.parametrize(("argv", "said"), [
     (["serve", "--spec", "qa.yaml", "--prot", "9000"], "--prot 9000 (did you mean '--port'?)"),
     (["run", "qa.yaml", "--modle", "tiny=tiny"], "--modle tiny=tiny (did you mean '--model'?)"),
-], ids=["serve", "run"])
+    # Before, argparse took an unambiguous prefix as the option it starts: --por ran serve on port 9000.
+    (["serve", "--spec", "qa.yaml", "--por", "9000"], "--por 9000 (did you mean '--port'?)"),
+], ids=["serve", "run", "serve-prefix"])
 def test_a_misspelt_option_names_the_command_and_the_option_meant(argv: list[str], said: str,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     # Before: 'usage: autoglm [-h] [--version] COMMAND ...' and 'autoglm: error: unrecognized arguments: --prot

@@ -434,6 +434,8 @@ ECHO_CHAIN = (
                      "'In' already names list", id="chain-over-a-variable"),  # IPython's input history
         pytest.param("%autoglm load x /nonexistent", "'/nonexistent' is not a directory", id="load-missing-dir"),
         pytest.param("%autoglm trace", "no chain has run yet", id="trace-before-any-run"),
+        # Before, argparse took the prefix --al for --all, a guess made for the user.
+        pytest.param("%autoglm trace --al", "trace: unrecognized arguments: --al", id="trace-option-prefix"),
         pytest.param("%autoglm trace abc --all", "a run id or --all, not both", id="trace-id-and-all"),
         pytest.param("%autoglm unload nope", "no model named 'nope'", id="unload-unknown"),
         pytest.param("%autoglm compare qa", "compare: the following arguments are required: --inputs",

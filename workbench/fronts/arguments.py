@@ -25,6 +25,17 @@ LOAD_HELP = {option.name: option.metadata["help"] for option in LOAD_OPTIONS}
 SHOWN_CHARS = 200
 
 
+class ExactOptionParser(argparse.ArgumentParser):
+    """An ArgumentParser, with its subcommands' parsers, that takes no prefix of an option for the option.
+
+    argparse's default reads ``--devic cpu`` as ``--device cpu``: a guess made for the user, which turns a typo into
+    a setting. Here it is an unrecognized argument, said with the option it most likely meant.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+
 def parse_key_values(words: Sequence[str]) -> dict[str, str]:
     """Chain inputs from ``key=value`` words, split and unquoted by shlex or by the shell; values stay strings."""
     inputs: dict[str, str] = {}

@@ -19,6 +19,7 @@ from workbench.demo import DEMO_QUESTION
 from workbench.errors import HopFailed, MissingInputError, SpecError, WorkbenchError, did_you_mean
 from workbench.fronts.arguments import (
     LOAD_HELP,
+    ExactOptionParser,
     ParseError,
     add_load_options,
     add_replica_options,
@@ -326,7 +327,7 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
 
 def build_parser() -> argparse.ArgumentParser:
     """The `autoglm` argument parser: its commands, options and help."""
-    parser = argparse.ArgumentParser(
+    parser = ExactOptionParser(
         prog="autoglm", description=DESCRIPTION, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")

@@ -16,6 +16,7 @@ from workbench.errors import ParseError, did_you_mean
 from workbench.experiments.compare import CACHE_ARMS
 from workbench.fronts.arguments import (
     REPLICA_OPTIONS_USAGE,
+    ExactOptionParser,
     ReplicaOptions,
     add_load_options,
     add_replica_options,
@@ -30,7 +31,7 @@ from workbench.models.settings import LoadSettings
 PROG = "%autoglm"
 
 
-class MagicArgumentParser(argparse.ArgumentParser):
+class MagicArgumentParser(ExactOptionParser):
     """An ArgumentParser that raises ParseError where argparse would print and exit the kernel."""
 
     def error(self, message: str) -> NoReturn:
