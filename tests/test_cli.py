@@ -184,7 +184,7 @@ def test_session_keeps_the_history_of_runs_across_invocations(spec_file: Path, t
         (["run", "{spec}", "questoin=hi", "--model", "tiny={tiny}"], "did you mean 'question'",
          "autoglm run {spec} question=..."),
         (["run", "{latin1}", "question=hi"], "line 1: {latin1} is not UTF-8 text: byte 0xe9 cannot be read",
-         "save the spec as UTF-8"),
+         "save it as UTF-8"),
     ],
     ids=["missing-file", "directory", "no-spec-near", "no-equals", "session-as-input", "model-no-equals",
          "model-twice", "no-model", "bad-model-path", "typo-input", "not-utf8"],

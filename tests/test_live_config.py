@@ -327,6 +327,17 @@ def test_a_spec_file_without_a_name_is_named_after_the_file(loaded: wb.Workbench
         loaded.chain({"name": "d", "hops": [{"name": "a", "call": hold}]}, watch=True)
 
 
+def test_a_spec_file_saved_as_utf16_says_so_and_to_save_it_as_utf8(bench: wb.Workbench, tmp_path: Path) -> None:
+    # Before: "cannot read chain spec file '...': 'utf-8' codec can't decode byte 0xff in position 0", and no hint.
+    path = tmp_path / "ask.yaml"
+    path.write_text(SPEC, encoding="utf-16")  # a byte-order mark first, as Windows PowerShell's > writes
+    with pytest.raises(SpecError) as info:
+        bench.chain(path)
+    assert info.value.message == f"chain spec: chain spec file {str(path)!r} is UTF-16 text (it starts with a " \
+        "UTF-16 byte-order mark), not UTF-8"
+    assert info.value.hint is not None and info.value.hint.startswith("save it as UTF-8")
+
+
 def test_a_comment_or_reformat_is_no_new_version_and_close_stops_the_watcher(
     loaded: wb.Workbench, watched: wb.Chain, spec_file: Path
 ) -> None:

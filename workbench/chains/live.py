@@ -8,6 +8,7 @@ never reaches a run already going.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import logging
@@ -432,12 +433,26 @@ def read_bounded(path: str | os.PathLike[str]) -> bytes:
     return raw
 
 
+def decode_utf8(raw: bytes, what: str) -> str:
+    """A spec or configuration file's bytes as text, or a SpecError naming the byte (and line) that is not UTF-8."""
+    try:
+        return raw.decode("utf-8")  # no newline translation: the watcher hashes these bytes
+    except UnicodeDecodeError as exc:
+        if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # Windows PowerShell's > and Notepad write it
+            raise SpecError(f"{what} is UTF-16 text (it starts with a UTF-16 byte-order mark), not UTF-8",
+                            hint="save it as UTF-8: pick UTF-8 in the editor's Save As, or in PowerShell "
+                            "Out-File -Encoding utf8") from None
+        raise SpecError(f"{what} is not UTF-8 text: byte {raw[exc.start]:#04x} cannot be read",
+                        line=raw.count(b"\n", 0, exc.start) + 1, hint="save it as UTF-8") from None
+
+
 def read_text(path: str | os.PathLike[str], what: str) -> str:
     """A configuration file's text, or a SpecError saying why it cannot be read."""
     try:
-        return read_bounded(path).decode("utf-8")  # no newline translation: the watcher hashes these bytes
+        raw = read_bounded(path)
     except FileNotFoundError:
         raise SpecError(f"{what} {str(path)!r} does not exist", hint="check the path (relative to the working "
                         f"directory {os.getcwd()!r})") from None
-    except (OSError, ValueError) as exc:  # UnicodeDecodeError included
+    except (OSError, ValueError) as exc:
         raise SpecError(f"cannot read {what} {str(path)!r}: {exc}") from None
+    return decode_utf8(raw, f"{what} {str(path)!r}")

@@ -79,6 +79,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _read_spec(name: str) -> str:
     """The spec file's text (``-``: standard input's); a path that is not a readable file says what is near it."""
+    from workbench.chains.live import decode_utf8
     if name == "-":
         raw = sys.stdin.buffer.read()
         if not raw.strip():
@@ -86,11 +87,7 @@ def _read_spec(name: str) -> str:
         name = "the spec on stdin"
     else:
         raw = _read_file(name)
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise SpecError(f"{name} is not UTF-8 text: byte {raw[exc.start]:#04x} cannot be read",
-                        line=raw.count(b"\n", 0, exc.start) + 1, hint="save the spec as UTF-8") from None
+    return decode_utf8(raw, name)
 
 
 def _spec_folder(name: str) -> Path | None:
