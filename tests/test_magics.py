@@ -360,6 +360,8 @@ def test_closing_the_workbench_or_unloading_the_extension_stops_what_serve_start
     assert listening(first.url)
     wb.current().close()
     assert not listening(first.url)
+    # Before, this said "stopped http://...": a server the close had stopped already.
+    assert magic(shell, "serve stop").stdout == "no server is running; start one with %autoglm serve CHAIN\n"
 
     with wb.set_current(wb.Workbench()):
         with capture_output():

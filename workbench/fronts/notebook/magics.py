@@ -349,10 +349,12 @@ class AutoglmMagics(Magics):
 
     def _serve(self, command: ServeCommand) -> None:
         if command.stop:
-            if not self._servers:
+            # A server whose workbench was closed is stopped already: nothing to stop, or to say stopped.
+            running = [server for server in reversed(self._servers) if server.running]
+            self._servers.clear()
+            if not running:
                 print("no server is running; start one with %autoglm serve CHAIN")
-            while self._servers:
-                server = self._servers.pop()
+            for server in running:
                 server.stop()
                 print(f"stopped {server.url}")
             return
