@@ -356,7 +356,7 @@ def test_each_percentile_comes_with_its_sample_count_and_a_small_p99_is_flagged(
     assert table["p99_few_samples"].tolist() == [True] * len(POLICIES)  # 8 runs: far from the 100 a p99 needs
     shown = comparison.readable()
     assert all(cell.endswith(" *") for cell in shown.column("e2e_p99_ms"))
-    assert any("* p99 from fewer than 100 runs" in note for note in shown.notes)
+    assert "* p95 from fewer than 20 runs, p99 from fewer than 100 runs: little more than the slowest run." in shown.notes
     assert shown.columns.index("n") == shown.columns.index("e2e_p99_ms") + 1  # the count beside its percentiles
 
 
@@ -421,6 +421,15 @@ def test_one_repeat_gives_no_interval_and_so_no_ranking() -> None:
     shown = cmp.readable()
     assert shown.column("rank") == ["—", "—"] and shown.column("requests_per_s") == ["10.0", "40.0"]
     assert any("one repeat gives no spread" in note for note in shown.notes)
+
+
+def test_a_p95_of_too_few_runs_is_flagged_as_a_p99_is() -> None:
+    # Before, a p95 of 12 runs (little more than the slowest) was shown as plainly as one of a thousand.
+    few, enough = measured({"a": [1.0, 2.0]}, runs=12), measured({"a": [1.0, 2.0]}, runs=40)
+    assert few.table()["p95_few_samples"].tolist() == [True] and enough.table()["p95_few_samples"].tolist() == [False]
+    assert few.readable().column("e2e_p95_ms")[0].endswith(" *")
+    assert not enough.readable().column("e2e_p95_ms")[0].endswith(" *")
+    assert "* p99 from fewer than 100 runs: little more than the slowest run." in enough.readable().notes
 
 
 def test_a_p99_of_enough_runs_is_not_flagged_and_its_interval_narrows() -> None:

@@ -85,6 +85,7 @@ TABLE_COLUMNS = _with_bounds(
     "e2e_p50_ms",
     "e2e_p95_ms",
     "e2e_p99_ms",
+    "p95_few_samples",
     "p99_few_samples",
     "n",
     "ttft_p50_ms",
@@ -112,8 +113,11 @@ TABLE_COLUMNS = _with_bounds(
 BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_LEVEL = 0.95
 BOOTSTRAP_SEED = 0
-# A p99 needs about 100 samples before it says anything the largest sample does not.
+# A p99 needs about 100 samples, a p95 about 20, before it says anything the largest sample does not.
+FEW_FOR_P95 = 20
 FEW_FOR_P99 = 100
+# Each percentile flagged when taken from too few runs: its flag column and how few; readable() marks it `*`.
+_FEW_SAMPLES = {"e2e_p95_ms": ("p95_few_samples", FEW_FOR_P95), "e2e_p99_ms": ("p99_few_samples", FEW_FOR_P99)}
 
 
 @dataclass(frozen=True)
@@ -382,8 +386,9 @@ class Comparison:
         """One row per strategy: throughput, latency percentiles with their spread, batching, cold start, memory.
 
         Latency percentiles pool the runs of every repeat, each with a 95% bootstrap interval
-        over those runs (``_lo`` / ``_hi``; 1000 resamples, seed 0); ``n`` runs finished, and
-        ``p99_few_samples`` flags a p99 taken from fewer than 100 of them. TTFT and ``tpot_ms``
+        over those runs (``_lo`` / ``_hi``; 1000 resamples, seed 0); ``n`` runs finished;
+        ``p95_few_samples`` flags a p95 taken from fewer than 20 of them, ``p99_few_samples`` a
+        p99 taken from fewer than 100. TTFT and ``tpot_ms``
         (the median time per output token) are over model calls, counted in ``ttft_n`` and
         ``tpot_n``. Throughput, cold start and time to first result are medians over repeats,
         their interval the min-max over repeats (missing after one repeat). ``rank``,
@@ -408,7 +413,7 @@ class Comparison:
                     **_over_repeats(passes, "requests_per_s"),
                     **_over_repeats(passes, "output_tokens_per_s"),
                     **_percentiles(ok["e2e_ms"], "e2e", {"p50_ms": 0.50, "p95_ms": 0.95, "p99_ms": 0.99}),
-                    "p99_few_samples": len(ok) < FEW_FOR_P99,
+                    **{flag: len(ok) < few for flag, few in _FEW_SAMPLES.values()},
                     "n": len(ok),
                     **_percentiles(calls["ttft_ms"], "ttft", {"p50_ms": 0.50, "p95_ms": 0.95}),
                     "ttft_n": int(calls["ttft_ms"].notna().sum()),
@@ -445,7 +450,7 @@ class Comparison:
             for i in table.index
         ]
         figures = [c for c in TABLE_COLUMNS[len(AXES):] if c not in ("rank", "rank_group", "distinguishable",
-                   "p99_few_samples", "replica_load") and not c.endswith(("_lo", "_hi"))
+                   *(flag for flag, _ in _FEW_SAMPLES.values()), "replica_load") and not c.endswith(("_lo", "_hi"))
                    and (c not in _CACHE_FIGURES or (table["cache"] != UNCHANGED).any())]
         for column in figures:
             values = table[column]
@@ -459,7 +464,7 @@ class Comparison:
                 text = MISSING if pd.isna(value) else fmt(value)
                 if column in _OVER_REPEATS + _BOOTSTRAPPED and not pd.isna(table.at[i, f"{column}_lo"]):
                     text += f" ({fmt(table.at[i, f'{column}_lo'])}–{fmt(table.at[i, f'{column}_hi'])})"
-                if column == "e2e_p99_ms" and table.at[i, "p99_few_samples"] and not pd.isna(value):
+                if column in _FEW_SAMPLES and table.at[i, _FEW_SAMPLES[column][0]] and not pd.isna(value):
                     text += " *"
                 texts.append(text)
             shown[column] = texts
@@ -476,8 +481,10 @@ class Comparison:
         if (table["errors"] > 0).any():
             notes.append("errors: failed runs, left out of requests/s and the latency figures; "
                          ".samples() has each failed run's error.")
-        if (table["p99_few_samples"] & table["e2e_p99_ms"].notna()).any():
-            notes.append(f"* p99 from fewer than {FEW_FOR_P99} runs: little more than the slowest run.")
+        few = [f"{column[4:7]} from fewer than {least} runs" for column, (flag, least) in _FEW_SAMPLES.items()
+               if (table[flag] & table[column].notna()).any()]
+        if few:
+            notes.append(f"* {', '.join(few)}: little more than the slowest run.")
         return Readable(shown, numeric=["rank", *figures], notes=notes)
 
     @staticmethod
