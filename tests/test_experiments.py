@@ -481,6 +481,19 @@ def test_every_preloading_pass_starts_cold(bench: wb.Workbench, two_models: wb.C
     assert bench.engine.policy("second") == wb.StaticBatching(size=2, timeout_ms=5)
 
 
+def test_keep_warm_passes_leave_the_models_outside_the_chain_loaded(
+    bench: wb.Workbench, two_models: wb.Chain, tiny_path: Path
+) -> None:
+    # Before, a keep-warm pass evicted an idle model the chain does not use, to reload cold on its next use.
+    bench.load("other", tiny_path, device="cpu")
+    budget = wb.KeepWarm(int(1.5 * bench.registry.get("first").memory_bytes))  # room for one model, not two
+    cmp = wb.compare(two_models, QUESTIONS[:1], preloading=[budget], repeats=1, warmup=0, progress=False)
+    assert cmp.table()["errors"].tolist() == [0]
+    assert bench.registry.is_loaded("other")
+    evicted = bench.traces().table().query("name.str.startswith('evict ')", engine="python")["name"]
+    assert "evict other" not in evicted.tolist() and len(evicted) > 0  # the chain's own models were held to it
+
+
 def test_eager_passes_load_before_the_first_run(bench: wb.Workbench, two_models: wb.Chain) -> None:
     cmp = wb.compare(two_models, QUESTIONS[:2], preloading=["eager", "lazy"], repeats=1, warmup=0, progress=False)
     loads = bench.traces().table().query("name.str.startswith('load ')", engine="python")

@@ -7,8 +7,9 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -201,6 +202,8 @@ class Preloader:
         self._room = threading.Condition()
         self._busy: Counter[str] = Counter()
         self._reserved: dict[str, int] = {}
+        # The models keep-warm holds to its budget (evicts, and counts); None: every loaded model. See confined_to.
+        self._confined: frozenset[str] | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._pool_threads = 0
         self._pending: dict[str, Future[None]] = {}
@@ -222,6 +225,22 @@ class Preloader:
         if isinstance(strategy, KeepWarm):
             with self._room:
                 self._make_room(0, strategy.budget, for_model=None, parent=None)
+
+    @contextmanager
+    def confined_to(self, names: Iterable[str]) -> Iterator[None]:
+        """For the block, keep-warm evicts only the models in ``names`` and counts only them against its budget.
+
+        A comparison's keep-warm passes hold the chain's models to the budget, and leave every other loaded model
+        as they found it, instead of evicting it to reload cold on its next use.
+        """
+        with self._room:
+            previous, self._confined = self._confined, frozenset(names)
+        try:
+            yield
+        finally:
+            with self._room:
+                self._confined = previous
+                self._room.notify_all()
 
     # -- loading and unloading -----------------------------------------------------------------
 
@@ -439,7 +458,8 @@ class Preloader:
         """Evict idle models, least recently used first, until ``need`` more bytes fit; holds ``_room``."""
         deadline = time.monotonic() + ROOM_TIMEOUT_S
         while True:
-            loaded = {m.name: m.memory_bytes for m in self.registry.loaded()}
+            loaded = {m.name: m.memory_bytes for m in self.registry.loaded()
+                      if self._confined is None or m.name in self._confined}
             if sum(loaded.values()) + sum(self._reserved.values()) + need <= budget:
                 return
             idle = [n for n in self.registry.usage.least_recent_first(loaded) if n != for_model and not self._busy[n]]

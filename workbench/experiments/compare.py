@@ -984,15 +984,19 @@ def _with_cache(chain: Chain, arm: str) -> Chain:
 
 @contextmanager
 def _restored(bench: Workbench, chain: Chain) -> Iterator[None]:
-    """Put the preloading strategy and the chain's models' batching and balance policies back, however the block ends."""
+    """Put the preloading strategy and the chain's models' batching and balance policies back, however the block ends.
+
+    Models outside the chain stay as they were: a keep-warm pass (or a keep-warm strategy put back) evicts only the
+    chain's own models to keep within its budget."""
     preloading = bench.preloading
     policies = {name: bench.engine.policy(name) for name in chain.spec.models()}
     balances = {name: bench.engine.balance(name) for name in chain.spec.models()}
-    try:
-        yield
-    finally:
-        bench.set_preloading(preloading)
-        for name, policy in policies.items():
-            bench.set_batching(name, policy)  # kept for its next load if a pass left the model unloaded
-        for name, balance in balances.items():
-            bench.set_balance(name, balance)
+    with bench.engine.preloader.confined_to(chain.spec.models()):
+        try:
+            yield
+        finally:
+            bench.set_preloading(preloading)
+            for name, policy in policies.items():
+                bench.set_batching(name, policy)  # kept for its next load if a pass left the model unloaded
+            for name, balance in balances.items():
+                bench.set_balance(name, balance)
