@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import shutil
 import threading
@@ -415,6 +416,28 @@ def test_choosing_keep_warm_evicts_down_to_the_budget_at_once(
     bench.set_preloading(wb.KeepWarm(model_bytes * 3 // 2))
     assert [m.name for m in bench.registry.loaded()] == ["b"]  # the most recently used stays
     assert [s.name for s in spans_named(bench.traces().spans, "evict")] == ["evict c", "evict a"]
+
+
+def test_choosing_keep_warm_waits_for_no_busy_model_and_says_which_stay_over_the_budget(
+    bench: wb.Workbench, tiny_path: Path, model_bytes: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    register_abc(bench, tiny_path)
+    for model in "cab":
+        bench.generate(model, PROMPT, max_new_tokens=2)
+    preloader = bench.engine.preloader
+    for model in "ac":
+        preloader.begin_use(model)  # a request on its way to each: busy
+    try:
+        # Before, this held the cell for 300 s waiting for a or c to finish, then raised "no room".
+        with caplog.at_level(logging.WARNING, logger="workbench.engine.preloading"):
+            bench.set_preloading(wb.KeepWarm(model_bytes * 3 // 2))
+    finally:
+        for model in "ac":
+            preloader.end_use(model)
+    assert sorted(m.name for m in bench.registry.loaded()) == ["a", "c"]  # the idle one went at once
+    assert "keep_warm:" in caplog.text and "'a', 'c', over the budget, serving requests now" in caplog.text
+    bench.generate("b", PROMPT, max_new_tokens=2)  # the next load makes the room, now that they are idle
+    assert [m.name for m in bench.registry.loaded()] == ["b"]
 
 
 # -- warm-up and batching settings survive reloads -----------------------------------------------

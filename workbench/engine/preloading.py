@@ -220,11 +220,18 @@ class Preloader:
         return isinstance(self.strategy, Prefetch)
 
     def set_strategy(self, strategy: PreloadingStrategy) -> None:
-        """Switch strategies; a keep-warm budget takes effect at once, evicting models down to it."""
+        """Switch strategies; a keep-warm budget takes effect at once, evicting idle models down to it.
+
+        It waits for no busy model: one serving requests stays loaded (said in a warning) until a load next needs
+        its room, so choosing a strategy never holds a notebook cell while a model finishes its work.
+        """
         self.strategy = strategy
         if isinstance(strategy, KeepWarm):
             with self._room:
-                self._make_room(0, strategy.budget, for_model=None, parent=None)
+                busy = self._make_room(0, strategy.budget, for_model=None, parent=None, wait=False)
+            if busy:
+                log.warning("%s: %s, over the budget, serving requests now: evicted when a load next needs the room",
+                            strategy.name, ", ".join(map(repr, busy)))
 
     @contextmanager
     def confined_to(self, names: Iterable[str]) -> Iterator[None]:
@@ -454,18 +461,26 @@ class Preloader:
             self._make_room(need, budget, for_model=name, parent=parent)
             self._reserved[name] = need
 
-    def _make_room(self, need: int, budget: int, for_model: str | None, parent: Span | None) -> None:
-        """Evict idle models, least recently used first, until ``need`` more bytes fit; holds ``_room``."""
+    def _make_room(
+        self, need: int, budget: int, for_model: str | None, parent: Span | None, wait: bool = True
+    ) -> list[str]:
+        """Evict idle models, least recently used first, until ``need`` more bytes fit; holds ``_room``.
+
+        Waits (up to ROOM_TIMEOUT_S) for a busy model to finish where evicting the idle ones is not enough; without
+        ``wait``, returns the busy models that keep it over the budget instead (empty where nothing is busy).
+        """
         deadline = time.monotonic() + ROOM_TIMEOUT_S
         while True:
             loaded = {m.name: m.memory_bytes for m in self.registry.loaded()
                       if self._confined is None or m.name in self._confined}
             if sum(loaded.values()) + sum(self._reserved.values()) + need <= budget:
-                return
+                return []
             idle = [n for n in self.registry.usage.least_recent_first(loaded) if n != for_model and not self._busy[n]]
             if idle:
                 self._evict(idle[0], budget, for_model, parent)
                 continue
+            if not wait:
+                return sorted(n for n in loaded if self._busy[n])
             left = deadline - time.monotonic()
             if left <= 0 or not self._room.wait(timeout=left):
                 busy = sorted(n for n in loaded if self._busy[n] or n == for_model) + sorted(self._reserved)
