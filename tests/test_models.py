@@ -374,6 +374,17 @@ def test_a_misspelt_registration_setting_is_named_with_the_right_spelling(bench:
     assert "later" not in bench.registry.names()
 
 
+def test_an_unknown_load_setting_is_named_with_the_right_spelling(bench: wb.Workbench, tiny_path: Path) -> None:
+    # It was Python's own "TypeError: Workbench.load() got an unexpected keyword argument 'max_memory'".
+    with pytest.raises(wb.ModelLoadError) as info:
+        bench.load("tiny", tiny_path, max_memory="1GiB")
+    assert info.value.message == "load() takes no setting 'max_memory'"  # nothing near it to suggest
+    assert info.value.hint is not None and "device, dtype" in info.value.hint
+    with pytest.raises(wb.ModelLoadError, match=r"load\(\) takes no setting 'balanse' \(did you mean 'balance'\?\)"):
+        bench.load("tiny", tiny_path, balanse="round_robin")
+    assert "tiny" not in bench.registry.names()
+
+
 # -- remote code -------------------------------------------------------------------------------
 
 

@@ -37,7 +37,7 @@ from workbench.engine.faults import Faults
 from workbench.engine.prober import HealthChecks
 from workbench.engine.replicas import REPLICA_NAME
 from workbench.engine.batching import POLICY_FORMS, parse_policy
-from workbench.errors import AdapterError, HopFailed, InvalidInput, SettingsError, StrategyError, WorkbenchClosed, WorkbenchError, did_you_mean
+from workbench.errors import AdapterError, HopFailed, InvalidInput, ModelLoadError, SettingsError, StrategyError, WorkbenchClosed, WorkbenchError, did_you_mean
 from workbench.knowledge import GraphStore, KnowledgeGraph, resolve
 from workbench.models import heap
 from workbench.engine.preloading import Eager, PreloadingStrategy, parse_preloading
@@ -196,6 +196,7 @@ class Workbench:
         address: str | None = None,
         num_gpus: float = 0.0,
         num_cpus: float = 1.0,
+        **unknown: Any,
     ) -> LoadedModel:
         """Load a local directory or hub id as ``name`` and start its worker (one per replica).
 
@@ -231,6 +232,7 @@ class Workbench:
         An actor that dies is started again, up to ``restarts`` times, as a model process is.
         """
         self.check_open(f"load {name!r}")
+        _refuse_unknown("load", unknown, list(_LOAD_SETTINGS), ModelLoadError, list(_LOAD_SETTINGS))
         _check_model_name(name)
         requested = None if source is None else LoadSettings(
             source=str(source), device=device, dtype=dtype, adapter=str(adapter) if adapter is not None else None,
@@ -297,8 +299,7 @@ class Workbench:
         ``replicas`` included."""
         self.check_open(f"register {name!r}")
         _check_model_name(name)
-        known = [f.name for f in dataclasses.fields(LoadSettings) if f.name != "source"]
-        _refuse_unknown("register", settings, known, SettingsError, ["batching", "replicas", "balance", *known])
+        _refuse_unknown("register", settings, list(_LOAD_SETTINGS), SettingsError, list(_LOAD_SETTINGS))
         batching = _batching(batching)  # a bad value fails before the model is known
         saved = self.engine.configuration(name)
         try:
@@ -1107,6 +1108,11 @@ def _ray_restarts(replicas: ReplicaSet | None) -> int | None:
     """How often the Ray actors of a model's replicas were started again, all told; None for a model not on Ray."""
     backends = [w.backend for w in replicas.workers if isinstance(w.backend, RayBackend)] if replicas else []
     return sum(b.restarts for b in backends) if backends else None
+
+
+# What load() and register() take besides a model's name and source.
+_LOAD_SETTINGS = ("batching", "replicas", "balance", *(f.name for f in dataclasses.fields(LoadSettings)
+                                                       if f.name != "source"))
 
 
 def _refuse_unknown(
