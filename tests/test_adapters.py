@@ -314,9 +314,12 @@ def test_target_modules_hold_an_adapters_whole_layers_and_embedding_lora_too(
     assert bench.adapters("tiny")["name"].tolist() == ["sql"]
 
 
+@pytest.mark.parametrize("door", ["adapters", "adapter"])
 def test_an_adapter_with_weights_for_a_layer_that_is_not_linear_is_refused_by_name(
-    bench: wb.Workbench, tiny_path: Path, lora: dict[str, Path], tmp_path: Path
+    bench: wb.Workbench, tiny_path: Path, lora: dict[str, Path], tmp_path: Path, door: str
 ) -> None:
+    # Before, the one always-on adapter= skipped these checks: peft loaded it with no more than a warning of missing
+    # keys, without the weights it could not place, so the adapter did less than it was trained to.
     from safetensors.torch import load_file, save_file
 
     crafted = tmp_path / "norm"
@@ -326,7 +329,8 @@ def test_an_adapter_with_weights_for_a_layer_that_is_not_linear_is_refused_by_na
              for key, value in weights.items()}
     save_file(moved, crafted / "adapter_model.safetensors")
     with pytest.raises(wb.AdapterError, match=r"'model.layers.0.input_layernorm', a LlamaRMSNorm: .*linear layers"):
-        bench.load("normed", tiny_path, device="cpu", adapters={"sql": crafted})
+        bench.load("normed", tiny_path, device="cpu", **{door: {"sql": crafted} if door == "adapters" else crafted})
+    assert bench.models().empty
 
 
 def test_watching_a_loaded_adapter_at_another_directory_serves_what_that_directory_holds(

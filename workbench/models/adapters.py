@@ -28,7 +28,7 @@ BASE = "__base__"
 # already had, gone (freed), or turned away (its error says why).
 STATES = ("staging", "live", "draining", "retiring", "retired", "refused")
 _PICKLE = ("*.bin", "*.pt", "*.pth", "*.pkl")
-_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _CONFIG = "adapter_config.json"
 # The advice for an adapter that passed the checks here and that peft then would not attach.
 _PEFT_REFUSED = ("peft could not attach it to this base model: compare its adapter_config.json "
@@ -136,13 +136,13 @@ def inspect_adapter(path: str | os.PathLike[str], base: Any, rules: AdapterRules
     if not (root / _CONFIG).is_file():
         raise AdapterError(f"{where} is not a PEFT adapter directory: no {_CONFIG}",
                            hint="point at the folder that save_pretrained wrote")
-    if not (root / _WEIGHTS).is_file():
+    if not (root / ADAPTER_WEIGHTS).is_file():
         pickled = sorted(p.name for pattern in _PICKLE for p in root.glob(pattern))
         if pickled:
             raise AdapterError(f"{where} has only pickled weights ({', '.join(pickled)}), which can run code when "
                                "loaded: adapters load from safetensors only",
                                hint="save it again with save_pretrained(..., safe_serialization=True)")
-        raise AdapterError(f"{where} has no {_WEIGHTS}", hint="is the copy complete?")
+        raise AdapterError(f"{where} has no {ADAPTER_WEIGHTS}", hint="is the copy complete?")
     try:
         config = json.loads((root / _CONFIG).read_text())
         rank = int(config["r"])
@@ -159,7 +159,7 @@ def inspect_adapter(path: str | os.PathLike[str], base: Any, rules: AdapterRules
                                hint="raise max_rank if the memory and latency of a larger rank are fine")
     from peft.utils.other import get_pattern_key  # the match peft makes when it loads the adapter
 
-    tensors = _safetensors_header(root / _WEIGHTS)
+    tensors = _safetensors_header(root / ADAPTER_WEIGHTS)
     modules = dict(base.named_modules())
     found = False
     for key, tensor in tensors.items():
@@ -179,8 +179,8 @@ def inspect_adapter(path: str | os.PathLike[str], base: Any, rules: AdapterRules
                                "for another base model", hint="load it on the model it was trained on")
         features = _features(module)
         if features is None:
-            raise AdapterError(f"{where} adapts {module_path!r}, a {type(module).__name__}: named adapters serve LoRA "
-                               "on linear layers only", hint="retrain it on the model's linear (projection) layers")
+            raise AdapterError(f"{where} adapts {module_path!r}, a {type(module).__name__}: adapters serve as LoRA on "
+                               "linear layers only", hint="retrain it on the model's linear (projection) layers")
         shape = tuple(tensor.get("shape", ()))
         own = pattern.get(get_pattern_key(pattern, module_path), rank)
         expected = (own, features[0]) if part == "lora_A" else (features[1], own)
@@ -190,7 +190,7 @@ def inspect_adapter(path: str | os.PathLike[str], base: Any, rules: AdapterRules
                 "it was built for another base model (another hidden size)",
                 hint="load it on the model it was trained on")
     if not found:
-        raise AdapterError(f"{where}: {_WEIGHTS} holds no LoRA weights")
+        raise AdapterError(f"{where}: {ADAPTER_WEIGHTS} holds no LoRA weights")
     return max([rank, *pattern.values()])
 
 

@@ -23,7 +23,7 @@ from opentelemetry.trace import Span
 
 from workbench.errors import ModelLoadError, UnknownModelError
 from workbench.models import heap, remote
-from workbench.models.adapters import AdapterSet, relative_note
+from workbench.models.adapters import ADAPTER_WEIGHTS, AdapterRules, AdapterSet, inspect_adapter, relative_note
 from workbench.models.devices import dtype_name, resolve_device, resolve_dtype
 from workbench.models.fingerprint import model_identity
 from workbench.models.remote import REMOTE_DEVICE
@@ -957,6 +957,10 @@ def _with_adapter(model: Any, settings: LoadSettings) -> Any:
     if path.exists() and not (path / "adapter_config.json").is_file():
         raise ModelLoadError(f"{adapter!r} is not a PEFT adapter directory: no adapter_config.json",
                              hint="point at the folder that save_pretrained wrote")
+    if (path / ADAPTER_WEIGHTS).is_file():
+        # The checks named adapters get (rank, shapes, linear layers): peft itself loads weights for a layer the
+        # config does not adapt without a word, and the adapter then does less than it was trained to.
+        inspect_adapter(path, model, AdapterRules())
     try:
         with _progress_bars_off():
             return PeftModel.from_pretrained(model, str(path) if path.exists() else adapter)
