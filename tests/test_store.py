@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -492,6 +494,41 @@ def test_concurrent_chain_runs_in_one_session_all_land(tiny_path: Path, tmp_path
         assert sorted(r.run_id for r in records) == sorted(run.id for run in runs)
         by_id = {run.id: run for run in runs}
         assert all(r.output == by_id[r.run_id].output and r.inputs == by_id[r.run_id].inputs for r in records)
+
+
+# A reader in a process of its own: as root (who may write any file) it reads as nobody, whom the copy keeps out.
+READER = dedent(
+    """\
+    import os, sys
+    from workbench.chains.sqlite_store import SQLiteContextStore
+    if os.geteuid() == 0:
+        os.setgid(65534)
+        os.setuid(65534)
+    print(",".join(record.run_id for record in SQLiteContextStore(sys.argv[1]).history("s1")))
+    """
+)
+
+
+def test_a_read_only_copy_of_the_store_opens_for_reading(tmp_path: Path) -> None:
+    # Before: "cannot open the session store ...: attempt to write a readonly database", for reading alone.
+    with wb.Workbench(data_dir=tmp_path) as bench:
+        for run_id in ("r1", "r2"):
+            bench.store.append("s1", record(run_id))
+    shared = Path(tempfile.mkdtemp(prefix="autoglm-read-only-"))  # in /tmp, which nobody may pass through
+    copy = shared / "copy"
+    try:
+        shared.chmod(0o755)
+        copy.mkdir()
+        shutil.copyfile(tmp_path / SESSIONS_FILE, copy / SESSIONS_FILE)
+        (copy / SESSIONS_FILE).chmod(0o444)
+        copy.chmod(0o555)  # nor may the reader make the shared-memory file WAL mode reads with
+        done = subprocess.run([sys.executable, "-c", READER, str(copy / SESSIONS_FILE)], capture_output=True,
+                              text=True, timeout=60)
+    finally:
+        copy.chmod(0o755)
+        shutil.rmtree(shared)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "r1,r2\n"
 
 
 # -- a writer killed mid-write ---------------------------------------------------------------------

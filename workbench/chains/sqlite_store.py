@@ -124,7 +124,14 @@ class SQLiteContextStore(ContextStore):
 
     def _open(self) -> sqlite3.Connection:
         try:
-            connection = open_wal(self.path, self._timeout_s, _migrate)
+            try:
+                connection = open_wal(self.path, self._timeout_s, _migrate)
+            except sqlite3.Error:
+                if not _read_only_here(self.path):
+                    raise
+                # A copy on a read-only disk, or one this user may not write: its sessions read all the same.
+                connection = open_read_only(self.path, self._timeout_s)
+                _check_version(connection, self.path)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(
                 f"cannot open the session store {str(self.path)!r}: {exc}",
@@ -164,6 +171,31 @@ def open_wal(path: Path, timeout_s: float, prepare: Callable[[sqlite3.Connection
         connection.close()
         raise
     return connection
+
+
+def open_read_only(path: Path, timeout_s: float) -> sqlite3.Connection:
+    """Open the SQLite file at ``path`` for reading only, as a read-only copy of a WAL file can be: ``mode=ro``, and
+    where its folder cannot take the shared-memory file WAL reads need either, ``immutable=1``, as nothing can
+    change a file no one may write."""
+    uri = path.absolute().as_uri()
+    for query in ("mode=ro", "immutable=1"):
+        connection = sqlite3.connect(f"{uri}?{query}", timeout=timeout_s, uri=True, isolation_level=None,
+                                     check_same_thread=False)
+        try:
+            connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.Error:
+            connection.close()
+            if query == "immutable=1":
+                raise
+            continue
+        return connection
+    raise AssertionError("unreachable")
+
+
+def _read_only_here(path: Path) -> bool:
+    """Whether ``path`` is a file this process may read but not write, or in a folder it may not write in."""
+    return path.is_file() and os.access(path, os.R_OK) and not (
+        os.access(path, os.W_OK) and os.access(path.parent, os.W_OK))
 
 
 def inode_of(path: Path) -> int | None:
@@ -212,13 +244,7 @@ def _migrate(connection: sqlite3.Connection, path: Path) -> None:
         return
     connection.execute("BEGIN IMMEDIATE")
     try:
-        version = _version(connection)  # read again under the write lock: another process may have won
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"the session store {str(path)!r} has schema version {version}, newer than this"
-                f" workbench's {SCHEMA_VERSION}",
-                hint="upgrade autoglm-workbench, or point Workbench(data_dir=...) at another directory",
-            )
+        version = _check_version(connection, path, at_most=True)  # again under the write lock: another may have won
         for statements in _MIGRATIONS[version:]:
             for statement in statements:
                 connection.execute(statement)
@@ -227,6 +253,23 @@ def _migrate(connection: sqlite3.Connection, path: Path) -> None:
     except BaseException:
         connection.execute("ROLLBACK")
         raise
+
+
+def _check_version(connection: sqlite3.Connection, path: Path, at_most: bool = False) -> int:
+    """The file's schema version; StoreError if it is newer than this workbench's, or (unless ``at_most``: the
+    caller migrates it) older."""
+    version = _version(connection)
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"the session store {str(path)!r} has schema version {version}, newer than this"
+            f" workbench's {SCHEMA_VERSION}",
+            hint="upgrade autoglm-workbench, or point Workbench(data_dir=...) at another directory",
+        )
+    if version < SCHEMA_VERSION and not at_most:
+        raise StoreError(f"the session store {str(path)!r} is read-only here and has schema version {version}, "
+                         f"older than this workbench's {SCHEMA_VERSION}",
+                         hint="open it once where it can be written, to bring it up to date")
+    return version
 
 
 def _version(connection: sqlite3.Connection) -> int:
