@@ -47,8 +47,10 @@ def ray() -> Iterator[Any]:
     address="local", ray.init joins that one, and refuses the num_cpus given here with a ValueError.
     """
     ray = need_ray()
+    # The workers find this checkout's workbench as the workbench's own local Ray's do (no runtime env where they
+    # would anyway: one costs each new worker a trip through Ray's runtime-env agent).
     ray.init(address="local", num_cpus=2, object_store_memory=80 * 2**20, include_dashboard=False, log_to_driver=False,
-             runtime_env=ray_runtime_env())
+             runtime_env=ray_backend.local_runtime_env())
     yield ray
     ray.shutdown()
 
@@ -160,6 +162,23 @@ def test_ray_settings_mistakes_say_what_and_how_to_fix_them(
         bench.load("oops", tiny_path, **settings)
     assert caught.value.hint  # type: ignore[attr-defined]
     assert "oops" not in set(bench.models()["name"])
+
+
+def test_a_local_rays_workers_get_a_runtime_env_only_where_they_would_not_import_this_workbench(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The workers' Python finds this very workbench (installed, or on PYTHONPATH, which they inherit): no runtime
+    # env, whose agent every new worker process would wait on.
+    env = ray_runtime_env()["env_vars"]
+    monkeypatch.setenv("PYTHONPATH", env["PYTHONPATH"])
+    assert ray_backend.local_runtime_env() is None
+    # A copy found only through the working directory, as a notebook started in a checkout finds it: the workers
+    # are pointed at it.
+    shutil.copytree(Path(wb.__file__).parent, tmp_path / "workbench", ignore=shutil.ignore_patterns("__pycache__"))
+    probe = "from workbench.engine.backends.ray import local_runtime_env; print(local_runtime_env())"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == repr({"env_vars": {"PYTHONPATH": os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])}})
 
 
 def test_without_ray_the_package_imports_and_engine_ray_says_how_to_install_it(tiny_path: Path) -> None:
