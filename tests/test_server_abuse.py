@@ -78,7 +78,7 @@ output: echo
 """
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
 BODY_LIMIT = 64 * 1024
-BODY_TIMEOUT_S = 2.0
+BODY_TIMEOUT_S = 4.0  # well above how long a whole body takes to arrive on a busy machine (300 calls, 32 at once)
 
 
 @dataclass
