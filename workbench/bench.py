@@ -232,7 +232,7 @@ class Workbench:
         An actor that dies is started again, up to ``restarts`` times, as a model process is.
         """
         self.check_open(f"load {name!r}")
-        _refuse_unknown("load", unknown, list(_LOAD_SETTINGS), ModelLoadError, list(_LOAD_SETTINGS))
+        _refuse_unknown("load", unknown, list(_LOAD_SETTINGS), ModelLoadError)
         _check_model_name(name)
         requested = None if source is None else LoadSettings(
             source=str(source), device=device, dtype=dtype, adapter=str(adapter) if adapter is not None else None,
@@ -299,7 +299,7 @@ class Workbench:
         ``replicas`` included."""
         self.check_open(f"register {name!r}")
         _check_model_name(name)
-        _refuse_unknown("register", settings, list(_LOAD_SETTINGS), SettingsError, list(_LOAD_SETTINGS))
+        _refuse_unknown("register", settings, list(_LOAD_SETTINGS), SettingsError)
         batching = _batching(batching)  # a bad value fails before the model is known
         saved = self.engine.configuration(name)
         try:
@@ -441,7 +441,7 @@ class Workbench:
             raise InvalidInput(f"generate() takes the prompt as text (a str), not {type(prompt).__name__} {prompt!r:.60}",
                                hint="decode bytes first (prompt.decode('utf-8')), or str() a value you mean as text")
         known = [f.name for f in dataclasses.fields(GenerationParams)]
-        _refuse_unknown("generate", params, known, InvalidInput, known)
+        _refuse_unknown("generate", params, known, InvalidInput)
         return self.engine.generate(model, prompt, GenerationParams(**params), adapter=adapter)
 
     # -- resilience ----------------------------------------------------------------------------
@@ -1115,14 +1115,12 @@ _LOAD_SETTINGS = ("batching", "replicas", "balance", *(f.name for f in dataclass
                                                        if f.name != "source"))
 
 
-def _refuse_unknown(
-    call: str, given: Iterable[str], known: list[str], error: type[WorkbenchError], listed: list[str]
-) -> None:
-    """Refuse the first of ``given`` not in ``known`` as ``call``'s misspelt setting: "did you mean", and ``listed``."""
+def _refuse_unknown(call: str, given: Iterable[str], known: list[str], error: type[WorkbenchError]) -> None:
+    """Refuse the first of ``given`` not in ``known`` as ``call``'s misspelt setting: "did you mean", and ``known``."""
     unknown = [key for key in given if key not in known]
     if unknown:
         raise error(f"{call}() takes no setting {unknown[0]!r}{did_you_mean(unknown[0], known)}",
-                    hint=f"its settings: {', '.join(listed)}")
+                    hint=f"its settings: {', '.join(known)}")
 
 
 def _check_model_name(name: object) -> None:
