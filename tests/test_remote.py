@@ -19,7 +19,6 @@ import pandas as pd
 import pytest
 
 import workbench as wb
-from workbench.engine import worker as worker_module
 from workbench.engine.worker import STOP_GRACE_S
 from workbench.errors import (
     HopFailed,
@@ -210,12 +209,7 @@ def test_a_hop_streams_on_the_workbench_loop_and_faults_send_it_through_the_work
         remote.set_batching("remote", wb.ContinuousBatching())
 
 
-def test_unloading_a_served_model_lets_the_streams_its_loop_lane_has_in_flight_finish(
-    server: Server, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The server serves one stream at a time and the unload cuts them off once it sends nothing for the grace: on a
-    # busy machine (two test workers on two cores) it once went quiet for the default 2 s and all six were cut off.
-    monkeypatch.setattr(worker_module, "STOP_GRACE_S", 15.0)
+def test_unloading_a_served_model_lets_the_streams_its_loop_lane_has_in_flight_finish(server: Server) -> None:
     with wb.Workbench(store=wb.InMemoryContextStore()) as bench:
         bench.load("r", server.url)
         worker = bench.engine.worker("r")

@@ -32,13 +32,6 @@ DRAIN_GRACE_S = 0.05  # how long a draining worker's queue must stay empty befor
 STOP_GRACE_S = 2.0
 
 
-class _ModuleGrace:
-    """stop()'s default grace: STOP_GRACE_S as the module holds it when stop() is called, not when it was defined."""
-
-
-_MODULE_GRACE = _ModuleGrace()
-
-
 class ModelWorker:
     """Owns one model's queue and thread; the policy can be swapped while it runs.
 
@@ -168,7 +161,7 @@ class ModelWorker:
                 return self._lane_inflight == 0
             return self._lane_idle.wait_for(lambda: self._lane_inflight == 0, timeout)
 
-    def stop(self, timeout: float = 30.0, grace_s: float | None | _ModuleGrace = _MODULE_GRACE) -> None:
+    def stop(self, timeout: float = 30.0, grace_s: float | None = STOP_GRACE_S) -> None:
         """Refuse new work, fail what is still queued, and wait for the batch in flight (and the loop lane's).
 
         A backend that can cut its requests off (``abort``: a server's streams) cuts them off once its server has
@@ -177,8 +170,6 @@ class ModelWorker:
         ``grace_s=None`` lets every request run to its end (a live swap's old worker). A local generate cannot be
         interrupted: it is waited for, up to ``timeout``.
         """
-        if isinstance(grace_s, _ModuleGrace):
-            grace_s = STOP_GRACE_S
         for request in self.queue.close():
             self._fail([request], WorkerStopped(f"model {self.name!r} was unloaded before this request ran"))
         abort = getattr(self.backend, "abort", None)
