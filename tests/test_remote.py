@@ -213,6 +213,16 @@ def test_unloading_a_served_model_lets_the_streams_its_loop_lane_has_in_flight_f
     with wb.Workbench(store=wb.InMemoryContextStore()) as bench:
         bench.load("r", server.url)
         worker = bench.engine.worker("r")
+        backend = worker.backend
+        real = backend._stream
+
+        async def late(*args, **kwargs):  # type: ignore[no-untyped-def]
+            # In flight on the lane, not yet sent when the unload begins (its loop was busy, say): all six were cut
+            # off as if the server had been silent since before they were sent, on a busy CI machine.
+            await asyncio.sleep(0.5)
+            return await real(*args, **kwargs)
+
+        backend._stream = late
         chain = _chain(bench, "r", max_new_tokens=24)
         runs: list[list[wb.Run]] = []
         mapping = threading.Thread(target=lambda: runs.append(chain.map([{"prompt": p} for p in PROMPTS * 2],

@@ -165,7 +165,8 @@ class ModelWorker:
         """Refuse new work, fail what is still queued, and wait for the batch in flight (and the loop lane's).
 
         A backend that can cut its requests off (``abort``: a server's streams) cuts them off once its server has
-        sent nothing on any of them for ``grace_s`` seconds, and at ``timeout`` every one left; those fail with
+        sent nothing on any of them for ``grace_s`` seconds (since the stop began, at the earliest: a request on the
+        loop lane may not have been sent yet), and at ``timeout`` every one left; those fail with
         WorkerStopped. While the server still sends, its streams go on to their end (those it queued included).
         ``grace_s=None`` lets every request run to its end (a live swap's old worker). A local generate cannot be
         interrupted: it is waited for, up to ``timeout``.
@@ -174,7 +175,7 @@ class ModelWorker:
             self._fail([request], WorkerStopped(f"model {self.name!r} was unloaded before this request ran"))
         abort = getattr(self.backend, "abort", None)
         if abort is not None and grace_s is not None:
-            deadline = time.monotonic() + timeout
+            since, deadline = time.perf_counter(), time.monotonic() + timeout
             while True:
                 left = deadline - time.monotonic()
                 self._thread.join(min(grace_s / 4, max(left, 0.0)))
@@ -187,7 +188,7 @@ class ModelWorker:
                 if left <= 0:
                     abort()  # still in flight at the stop's own bound: cut off, however lively
                     break
-                abort(quiet_s=grace_s)
+                abort(quiet_s=grace_s, since=since)
         self._thread.join(timeout)
         self._lane_wait(timeout)
 

@@ -290,17 +290,19 @@ class RemoteBackend:
             for loop, client in lanes.items():
                 _aclose_on(loop, client)
 
-    def abort(self, quiet_s: float | None = None) -> None:
+    def abort(self, quiet_s: float | None = None, since: float = 0.0) -> None:
         """Cut off the streams in flight (the model is being unloaded): each fails with WorkerStopped and its
         connection closes; a stream that would start from now on fails so at once.
 
         ``quiet_s``: only once the server has sent no data line on any of them for that long (it took the requests
         and sits on them); while it sends tokens on one, every one goes on, as those it has queued behind that one
         are silent only because it answers one at a time (``transformers serve`` does). None: every one at once.
+        The silence counts from ``since`` (a ``time.perf_counter()`` reading: when the unload began) at the
+        earliest: a request on a loop lane may not have been sent yet, and its server cannot have been silent on it.
         """
         now = time.perf_counter()
         with self._lock:
-            heard = max([self._heard, *(stamps.heard for _, stamps in self._streams.values())])
+            heard = max([self._heard, since, *(stamps.heard for _, stamps in self._streams.values())])
             if quiet_s is not None and now - heard < quiet_s:
                 return  # and those waiting for a slot on the lane may still start: they were in flight already
             self._aborted = True

@@ -228,11 +228,12 @@ class ModelProcess:
         if restart is not None:
             restart.join()
 
-    def abort(self, quiet_s: float | None = None) -> None:
+    def abort(self, quiet_s: float | None = None, since: float = 0.0) -> None:
         """Cut off the batch in flight, the model being unloaded: end the child, so the batch fails with
         ModelProcessDied saying the model was unloaded, and no restart comes.
 
-        ``quiet_s``: only once the child has sent nothing for that long. A child running a batch says it is alive at
+        ``quiet_s``: only once the child has sent nothing for that long, counted from ``since`` (when the unload
+        began, a ``time.perf_counter()`` reading) at the earliest. A child running a batch says it is alive at
         least every BEAT_S between steps, so one that is silent is hung (or stopped), while a long batch goes on to
         its end. None: at once. A batch waiting for a restart is cut off at once: the restart is a load that would
         serve it only to be ended.
@@ -242,7 +243,7 @@ class ModelProcess:
             if not self._awaiting_restart:
                 if not self._in_batch or proc is None:
                     return
-                if quiet_s is not None and time.perf_counter() - self._heard < quiet_s:
+                if quiet_s is not None and time.perf_counter() - max(self._heard, since) < quiet_s:
                     return
             self._closed = True  # going: the batch's end-of-file is an unload, not a crash to restart from
         if proc is not None:
@@ -490,9 +491,9 @@ class ProcessBackend:
     ) -> tuple[list[GenerationResult], BatchTiming]:
         return self.process.generate(batch, on_token)
 
-    def abort(self, quiet_s: float | None = None) -> None:
+    def abort(self, quiet_s: float | None = None, since: float = 0.0) -> None:
         """Cut off the batch in flight (an unload): see :meth:`ModelProcess.abort`."""
-        self.process.abort(quiet_s)
+        self.process.abort(quiet_s, since)
 
     def check(self, policy: BatchingPolicy) -> None:
         if policy.continuous:
