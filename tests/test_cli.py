@@ -560,6 +560,42 @@ def test_a_misspelt_option_names_the_command_and_the_option_meant(argv: list[str
     assert err.splitlines()[-1] == f"autoglm {argv[0]}: error: unrecognized arguments: {said}"
 
 
+def test_sigterm_while_serve_loads_its_models_ends_the_model_process_it_started(spec_file: Path, tiny_path: Path,
+                                                                               tmp_path: Path) -> None:
+    # Before, SIGTERM before the server ran (while the models loaded) killed the command at once (rc -15), and a
+    # model's child process went on loading, holding its memory (a GPU's), until it found its parent gone.
+    import psutil
+
+    command = [sys.executable, "-m", "workbench.fronts.cli", "serve", "--spec", str(spec_file), "--model",
+               f"tiny={tiny_path}", "--device", "cpu", "--isolation", "process", "--port", "0", "--no-auth"]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=Path(wb.__file__).parents[1])
+    try:
+        parent = psutil.Process(child.pid)
+        deadline = time.monotonic() + 60
+        while not (loading := parent.children()):  # the model's process, started and loading
+            assert child.poll() is None and time.monotonic() < deadline, child.communicate()
+            time.sleep(0.05)
+        child.send_signal(signal.SIGTERM)
+        out, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == 128 + signal.SIGTERM and out == "", (child.returncode, out, err)
+    assert err.splitlines()[-1] == "autoglm: stopped by SIGTERM", err
+    _, alive = psutil.wait_procs(loading, timeout=1)
+    running = [process for process in alive if _running(process)]  # a zombie has ended: only its reaping is left
+    assert not running, f"{running} outlived the command"
+
+
+def _running(process: Any) -> bool:
+    import psutil
+
+    try:
+        return bool(process.status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
+
+
 def test_serve_on_every_network_says_that_calls_and_keys_travel_unencrypted(spec_file: Path, tiny_path: Path,
                                                                            tmp_path: Path) -> None:
     # Before, --host 0.0.0.0 with keys said nothing: the keys in every call's headers crossed the network in the clear.

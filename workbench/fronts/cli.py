@@ -6,7 +6,9 @@ import argparse
 import difflib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -391,6 +393,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    # SIGTERM (a container stopping) stops a command as Ctrl-C does, whatever it is doing: the workbench's with-block
+    # closes on the way out, and so ends a model's child process that is still loading (it held its memory, a GPU's,
+    # until it found itself orphaned). A running server puts its own handler in for its time.
+    previous = signal.signal(signal.SIGTERM, _terminated) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         return int(args.func(args))
     except WorkbenchError as error:
@@ -398,9 +405,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if error.hint:
             print(f"hint: {error.hint}", file=sys.stderr)
         return 2
+    except _Terminated:
+        print("autoglm: stopped by SIGTERM", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:  # Ctrl-C: the user stopping, not a crash; the workbench was closed on the way out
         print("autoglm: interrupted", file=sys.stderr)
         return 130  # 128 + SIGINT, as a shell reports a command Ctrl-C stopped
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is, so that what the command started is closed on the way out."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise _Terminated
 
 
 if __name__ == "__main__":
