@@ -560,6 +560,44 @@ def test_a_misspelt_option_names_the_command_and_the_option_meant(argv: list[str
     assert err.splitlines()[-1] == f"autoglm {argv[0]}: error: unrecognized arguments: {said}"
 
 
+def test_a_python_hop_still_running_when_serve_stops_does_not_hold_the_exit(tmp_path: Path) -> None:
+    # Before, the process stopped serving and closed, then waited at its exit for the hop's function to return (a
+    # thread cannot be interrupted): 20.6 s for a 20 s hop, and here ten minutes.
+    import httpx
+
+    from workbench.fronts.server.auth import KeyStore
+
+    (tmp_path / "dozing.py").write_text(
+        "import time\ndef doze(question: str) -> str:\n    time.sleep(600)\n    return question\n", encoding="utf-8")
+    spec = tmp_path / "doze.yaml"
+    spec.write_text("name: doze\nhops:\n  - name: doze\n    call: dozing:doze\n", encoding="utf-8")
+    key = KeyStore(tmp_path / "data").add("cli", "runner")
+    log_path = tmp_path / "serve.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(wb.__file__).parents[1]), str(tmp_path)])}
+    with log_path.open("w") as log:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "workbench.fronts.cli", "serve", "--spec", str(spec), "--port", "0",
+             "--data-dir", str(tmp_path / "data"), "--allow-module", "dozing"], stdout=log, stderr=subprocess.STDOUT,
+            env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while (found := re.search(r"serving doze on (\S+)", log_path.read_text())) is None:
+            assert child.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.2)
+        with httpx.stream("POST", f"{found.group(1)}/v1/chains/doze/stream", json={"inputs": {"question": "hi"}},
+                          headers={"x-api-key": key}, timeout=60) as response:
+            assert next(response.iter_lines()) == "event: hop_started"
+            child.send_signal(signal.SIGTERM)
+        code = child.wait(120)  # the hop sleeps for ten minutes
+    finally:
+        child.kill()
+    said = log_path.read_text()
+    assert code == 0 and "Traceback" not in said, said
+    assert said.splitlines()[-2:] == [
+        "stopped", "autoglm: note: 1 Python hop was still running; its thread is left unfinished (a thread cannot be "
+        "interrupted)"], said
+
+
 def test_sigterm_while_serve_loads_its_models_ends_the_model_process_it_started(spec_file: Path, tiny_path: Path,
                                                                                tmp_path: Path) -> None:
     # Before, SIGTERM before the server ran (while the models loaded) killed the command at once (rc -15), and a

@@ -21,6 +21,7 @@ from workbench.chains.cache import CACHE_FILE, ResponseCache
 from workbench.chains.chain import Chain
 from workbench.chains.configfile import LiveConfig
 from workbench.chains.context import ContextStore, RunRecord, SessionWrites
+from workbench.chains.host import HOP_THREADS
 from workbench.chains.live import DEFAULT_INTERVAL_S, read_text
 from workbench.chains.run import Run
 from workbench.chains.events import Event
@@ -141,7 +142,7 @@ class Workbench:
         # Python hops run the user's code, which may block (an API, a lock) for as long as it likes; the workbench's
         # own short work (session history, run records, the response cache, preparing prompts) has threads of its
         # own, so hops that take every hop thread hold up only other Python hops.
-        self._hop_pool = ThreadPoolExecutor(max_workers=hop_threads, thread_name_prefix="workbench-hop")
+        self._hop_pool = ThreadPoolExecutor(max_workers=hop_threads, thread_name_prefix=HOP_THREADS)
         self._io_pool = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="workbench-io")
         self.graphs = GraphStore()  # knowledge hops' graphs, each loaded once
         # The exact response cache of ``cache: exact`` hops, in the data directory (opened on first use).

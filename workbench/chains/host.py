@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from workbench.chains.spec import ChainSpec
 
 T = TypeVar("T")
+HOP_THREADS = "workbench-hop"  # how the threads that Python hops and templates run in are named
 
 
 class ChainHost(Protocol):

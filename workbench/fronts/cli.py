@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, NoReturn
 # Only light modules here: `autoglm --help` must answer at once, so torch and transformers load
 # inside the commands that need them.
 from workbench._version import __version__
+from workbench.chains.host import HOP_THREADS
 from workbench.demo import DEMO_QUESTION
 from workbench.errors import HopFailed, MissingInputError, SpecError, WorkbenchError, did_you_mean
 from workbench.fronts.arguments import (
@@ -42,6 +43,7 @@ examples:
   autoglm run chain.yaml question="What is 2 + 2?" --model tiny={TINY_SOURCE}
   autoglm run chain.yaml question=hi --model tiny=/models/tiny --device cpu --json
 """
+HOP_EXIT_WAIT_S = 1.0  # at the command's exit, how long its idle hop threads get to see their pool closed
 MODEL_HINT = f"give each model the spec names as --model NAME=PATH (PATH '{TINY_SOURCE}' is the offline tiny model)"
 DESCRIPTION = """\
 Run the demo chain, or a chain spec file, on local models, and print the run's
@@ -416,6 +418,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def console(argv: Sequence[str] | None = None) -> NoReturn:
+    """The ``autoglm`` command: :func:`main`, then exit, without waiting for a Python hop's function still running.
+
+    A hop's function runs in a thread, which cannot be interrupted: a server stopped (Ctrl-C, SIGTERM) while one
+    ran, a ten-minute one say, closed, and then Python waited at its exit for the function to return.
+    """
+    code = main(argv)
+    deadline = time.monotonic() + HOP_EXIT_WAIT_S  # idle ones end as soon as they see their pool closed
+    running = [thread for thread in threading.enumerate() if thread.name.startswith(HOP_THREADS)]
+    for thread in running:
+        thread.join(max(deadline - time.monotonic(), 0.0))
+    running = [thread for thread in running if thread.is_alive()]
+    if running:
+        said = "1 Python hop was still running; its thread is" if len(running) == 1 else \
+            f"{len(running)} Python hops were still running; their threads are"
+        print(f"autoglm: note: {said} left unfinished (a thread cannot be interrupted)", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(code)  # the workbench is closed: nothing is left that waits for them
+    sys.exit(code)
+
+
 class _Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the main thread is, so that what the command started is closed on the way out."""
 
@@ -425,4 +448,4 @@ def _terminated(signum: int, frame: object) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console()
