@@ -594,8 +594,8 @@ def test_a_python_hop_still_running_when_serve_stops_does_not_hold_the_exit(tmp_
     said = log_path.read_text()
     assert code == 0 and "Traceback" not in said, said
     assert said.splitlines()[-2:] == [
-        "stopped", "autoglm: note: 1 Python hop was still running; its thread is left unfinished (a thread cannot be "
-        "interrupted)"], said
+        "stopped", ("autoglm: note: 1 Python hop was still running; its thread is left unfinished (a thread cannot "
+                    "be interrupted)")], said
 
 
 def test_sigterm_while_serve_loads_its_models_ends_the_model_process_it_started(spec_file: Path, tiny_path: Path,

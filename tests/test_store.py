@@ -360,6 +360,33 @@ def test_a_run_in_flight_when_its_session_is_forgotten_is_not_written_back_into_
         assert {run.id for run in bench.runs()} >= {held[0].id}  # the workbench's own record of the run stays
 
 
+def test_a_run_in_flight_when_another_kernel_forgets_its_session_is_not_written_back_into_it(tmp_path: Path) -> None:
+    """The same, with the forget made by another workbench on the same data directory (another kernel, a server):
+    it was written back, for only the workbench that forgot knew of the forget."""
+    entered, release = threading.Event(), threading.Event()
+
+    def reply(history: list[wb.RunRecord], q: str) -> str:
+        if q == "held":
+            entered.set()
+            release.wait(60)
+        return f"{len(history)}:{q}"
+
+    with wb.Workbench(data_dir=tmp_path) as bench, wb.Workbench(data_dir=tmp_path) as other:
+        chain = bench.chain({"name": "py", "hops": [{"name": "reply", "call": reply}]})
+        assert chain.run(session="s1", q="a").output == "0:a"
+        held: list[wb.Run] = []
+        running = threading.Thread(target=lambda: held.append(chain.run(session="s1", q="held")))
+        running.start()
+        assert entered.wait(60)
+        assert other.session("s1").forget() == 1
+        release.set()
+        running.join(60)
+        assert [run.output for run in held] == ["1:held"]
+        assert other.session("s1").records() == [] and bench.session("s1").records() == []
+        assert chain.run(session="s1", q="b").output == "0:b"  # the conversation starts over
+        assert [r.output for r in other.session("s1").records()] == ["0:b"]
+
+
 # -- what JSON cannot hold --------------------------------------------------------------------------
 
 

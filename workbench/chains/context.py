@@ -90,6 +90,18 @@ class ContextStore(ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} cannot forget a session")
 
+    def marked_history(self, session: str, limit: int | None = None) -> tuple[list[RunRecord], object]:
+        """:meth:`history`, and a mark that :meth:`append_marked` takes back, to see whether the session was forgotten
+        since (by anyone: another process on the same file). By default none: a store only this workbench uses,
+        whose own forgets :class:`SessionWrites` counts."""
+        return self.history(session, limit), None
+
+    def append_marked(self, session: str, record: RunRecord, mark: object) -> bool:
+        """:meth:`append`, unless the session was forgotten since :meth:`marked_history` gave ``mark``; whether the
+        record was kept. By default it always is."""
+        self.append(session, record)
+        return True
+
     def close(self) -> None:
         """Release what the store holds open (the workbench calls it on close); a later use reopens."""
 
@@ -130,18 +142,21 @@ class SessionWrites:
         self._lock = threading.Lock()
         self._forgets: dict[str, int] = {}  # per session forgotten in this workbench: how many times
 
-    def mark(self, session: str) -> int:
-        """Taken before a run reads its session's history; :meth:`append` hands it back."""
+    def read(self, session: str, limit: int | None) -> tuple[list[RunRecord], tuple[int, object]]:
+        """A run's session history (its last ``limit`` runs), and the mark that :meth:`append` takes back."""
         with self._lock:
-            return self._forgets.get(session, 0)
+            forgets = self._forgets.get(session, 0)
+        records, marked = self.store.marked_history(session, limit)
+        return records, (forgets, marked)
 
-    def append(self, session: str, record: RunRecord, mark: int) -> bool:
-        """Keep ``record`` unless its session was forgotten since ``mark``; whether it was kept."""
+    def append(self, session: str, record: RunRecord, mark: tuple[int, object]) -> bool:
+        """Keep ``record`` unless its session was forgotten since ``mark`` (here, or by another process on the
+        store's file); whether it was kept."""
+        forgets, marked = mark
         with self._lock:  # held through the write, so a forget cannot come between the check and the append
-            if self._forgets.get(session, 0) != mark:
+            if self._forgets.get(session, 0) != forgets:
                 return False
-            self.store.append(session, record)
-            return True
+            return self.store.append_marked(session, record, marked)
 
     def forget(self, session: str) -> int:
         """Delete the session's runs, and keep out those in flight now; returns how many were deleted."""

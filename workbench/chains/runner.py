@@ -271,9 +271,8 @@ class Runner:
         check_inputs(spec, inputs, session)
         loop = asyncio.get_running_loop()
         run_id = uuid.uuid4().hex[:12]
-        mark = self.sessions.mark(session) if session is not None else 0
-        records = (await loop.run_in_executor(self.io_pool, self.store.history, session, spec.history)
-                   if session is not None else [])
+        records, mark = (await loop.run_in_executor(self.io_pool, self.sessions.read, session, spec.history)
+                         if session is not None else ([], (0, None)))
         started_at, started = time.time(), time.perf_counter()
         root = self.tracing.start_span(
             f"chain {spec.name}",

@@ -9,12 +9,13 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from workbench.chains.context import ContextStore, RunRecord
 from workbench.errors import StoreError
 from workbench.tracing.openinference import unshown
 
+_T = TypeVar("_T")
 SESSIONS_FILE = "sessions.sqlite3"
 # Where a value that JSON cannot hold was kept as its repr: meta[STORED_AS_REPR] lists the fields.
 STORED_AS_REPR = "stored_as_repr"
@@ -82,12 +83,37 @@ class SQLiteContextStore(ContextStore):
     def history(self, session: str, limit: int | None = None) -> list[RunRecord]:
         if limit is not None and limit <= 0:
             return []
-        rows = self._execute(
-            f"SELECT {_COLUMNS} FROM runs WHERE session = ? ORDER BY seq DESC LIMIT ?",
-            # LIMIT takes a 64-bit integer: a spec's history: 10**20 ("all of it") would overflow it.
-            (session, -1 if limit is None or limit >= 2**63 else limit),
-        )
-        return [_decode(row, session, self.path) for row in reversed(rows)]
+        return self._decoded(self._execute(*_history_query(session, limit)), session)
+
+    def marked_history(self, session: str, limit: int | None = None) -> tuple[list[RunRecord], object]:
+        """The history, and how many runs the session had then, up to which one: a forget since, by any process,
+        deletes them, which :meth:`append_marked` sees (read in one transaction, so the two agree)."""
+
+        def read(connection: sqlite3.Connection) -> tuple[list[tuple[Any, ...]], tuple[int, int]]:
+            connection.execute("BEGIN")
+            try:
+                rows = connection.execute(*_history_query(session, limit)).fetchall() \
+                    if limit is None or limit > 0 else []
+                count, last = connection.execute(
+                    "SELECT COUNT(*), COALESCE(MAX(seq), 0) FROM runs WHERE session = ?", (session,)).fetchone()
+            finally:
+                connection.execute("COMMIT")  # a read: nothing to keep or undo
+            return rows, (int(count), int(last))
+
+        rows, mark = self._run(read)
+        return self._decoded(rows, session), mark
+
+    def append_marked(self, session: str, record: RunRecord, mark: object) -> bool:
+        """Keep ``record`` unless the runs the session had at ``mark`` are gone (it was forgotten since): one
+        statement, so no forget can come between the check and the write."""
+        if not isinstance(mark, tuple):
+            return super().append_marked(session, record, mark)
+        count, last = mark
+        kept = self._execute(
+            f"INSERT INTO runs (session, {_COLUMNS}) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? "
+            "WHERE (SELECT COUNT(*) FROM runs WHERE session = ? AND seq <= ?) = ? RETURNING seq",
+            (session, *_encode(record), session, last, count))
+        return bool(kept)
 
     def sessions(self) -> list[str]:
         return [row[0] for row in self._execute("SELECT DISTINCT session FROM runs ORDER BY session", ())]
@@ -104,7 +130,14 @@ class SQLiteContextStore(ContextStore):
     def __repr__(self) -> str:
         return f"<SQLiteContextStore {str(self.path)!r}>"
 
+    def _decoded(self, rows: list[tuple[Any, ...]], session: str) -> list[RunRecord]:
+        return [_decode(row, session, self.path) for row in reversed(rows)]
+
     def _execute(self, sql: str, parameters: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        return self._run(lambda connection: connection.execute(sql, parameters).fetchall())
+
+    def _run(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        """``work`` on the store's connection (opened now if need be), under its lock; a StoreError if it fails."""
         with self._lock:
             if self._connection is not None and file_replaced(self.path, self._inode):
                 # Deleted (or replaced) under us: writing on would go to a file no one can open again.
@@ -114,7 +147,7 @@ class SQLiteContextStore(ContextStore):
                 self._connection = self._open()
                 self._inode = inode_of(self.path)
             try:
-                return self._connection.execute(sql, parameters).fetchall()
+                return work(self._connection)
             except sqlite3.Error as exc:
                 raise StoreError(
                     f"the session store {str(self.path)!r} failed: {exc}",
@@ -274,6 +307,13 @@ def _check_version(connection: sqlite3.Connection, path: Path, at_most: bool = F
 
 def _version(connection: sqlite3.Connection) -> int:
     return int(connection.execute("PRAGMA user_version").fetchone()[0])
+
+
+def _history_query(session: str, limit: int | None) -> tuple[str, tuple[Any, ...]]:
+    """The SELECT of a session's last ``limit`` runs (all: None), newest first."""
+    # LIMIT takes a 64-bit integer: a spec's history: 10**20 ("all of it") would overflow it.
+    return (f"SELECT {_COLUMNS} FROM runs WHERE session = ? ORDER BY seq DESC LIMIT ?",
+            (session, -1 if limit is None or limit >= 2**63 else limit))
 
 
 def _encode(record: RunRecord) -> tuple[Any, ...]:
