@@ -338,6 +338,20 @@ def test_a_spec_file_saved_as_utf16_says_so_and_to_save_it_as_utf8(bench: wb.Wor
     assert info.value.hint is not None and info.value.hint.startswith("save it as UTF-8")
 
 
+def test_a_watched_spec_file_resaved_as_utf16_is_refused_as_the_first_read_refuses_it(
+    loaded: wb.Workbench, watched: wb.Chain, spec_file: Path
+) -> None:
+    # Before: the watcher said "cannot read '...': 'utf-8' codec can't decode byte 0xff in position 0: invalid start
+    # byte", where building the chain from the same file says it is UTF-16 and to save it as UTF-8.
+    spec_file.write_text(SPEC, encoding="utf-16")
+    with pytest.raises(SpecError) as first_read:
+        loaded.chain(spec_file)
+    wait_for(lambda: watched.config_errors, "the UTF-16 edit to be refused")
+    refused = watched.config_errors[-1].error
+    assert (refused.message, refused.hint) == (first_read.value.message, first_read.value.hint)
+    assert watched.version.number == 1  # the last good version serves
+
+
 def test_a_comment_or_reformat_is_no_new_version_and_close_stops_the_watcher(
     loaded: wb.Workbench, watched: wb.Chain, spec_file: Path
 ) -> None:

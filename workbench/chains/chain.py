@@ -327,7 +327,7 @@ class Chain:
         # The first poll reads the file again: an edit made since the chain was built is not missed, and
         # the same content again makes no new version.
         watcher = FileWatcher(path, lambda text: self._live.update(text, origin), interval_s,
-                              on_unreadable=unreadable, retry_when=self._context)
+                              on_unreadable=unreadable, retry_when=self._context, what="chain spec file")
         self.unwatch()
         self._watcher = watcher.start()
 

@@ -323,7 +323,7 @@ class LiveConfig:
         self.apply(read_text(self.path, "workbench configuration"))
         if self._watch:
             self._watcher = FileWatcher(self.path, lambda text: self.apply(text, refused=True), self._interval_s,
-                                        on_unreadable=self._unreadable).start()
+                                        on_unreadable=self._unreadable, what="workbench configuration").start()
         return self
 
     def stop(self) -> None:

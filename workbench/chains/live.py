@@ -295,6 +295,7 @@ class FileWatcher:
 
     ``retry_when()`` says what a content was checked against (the models a spec may name): a content
     ``on_change`` refused is handed on again, unchanged, once that differs (the model it named was loaded).
+    ``what`` names the file in errors, as :func:`read_text` did on the first read ("chain spec file").
     """
 
     def __init__(
@@ -306,11 +307,13 @@ class FileWatcher:
         text: str | None = None,
         on_unreadable: Callable[[WorkbenchError], None] | None = None,
         retry_when: Callable[[], object] | None = None,
+        what: str = "file",
     ) -> None:
         if isinstance(interval_s, bool) or not isinstance(interval_s, (int, float)) or not 0 < interval_s <= 3600:
             raise SettingsError(f"interval_s must be a number of seconds > 0 and at most 3600, not {interval_s!r}",
                                 hint="e.g. interval_s=1.0")
         self.path = Path(path).expanduser().absolute()  # looked up on every poll: a later %cd must not move it
+        self.what = what
         self.interval_s = float(interval_s)
         self._on_change = on_change
         self._on_unreadable = on_unreadable
@@ -372,9 +375,9 @@ class FileWatcher:
         self._digest = digest
         self.changes += 1
         try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            self._unreadable(exc)
+            text = decode_utf8(raw, f"{self.what} {str(self.path)!r}")
+        except SpecError as error:
+            self._report(error)
             return False
         return self._hand_on(text)
 
@@ -397,7 +400,10 @@ class FileWatcher:
         return self._hand_on(text)
 
     def _unreadable(self, exc: Exception) -> None:
-        error = SpecError(f"cannot read {str(self.path)!r}: {exc}", hint="the last good version keeps serving")
+        self._report(SpecError(f"cannot read {self.what} {str(self.path)!r}: {exc}",
+                               hint="the last good version keeps serving"))
+
+    def _report(self, error: SpecError) -> None:
         if error.message == self._said:
             return  # still unreadable for the same reason: said already, not again every poll
         self._said = error.message
