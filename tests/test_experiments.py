@@ -356,7 +356,9 @@ def test_each_percentile_comes_with_its_sample_count_and_a_small_p99_is_flagged(
     assert table["p99_few_samples"].tolist() == [True] * len(POLICIES)  # 8 runs: far from the 100 a p99 needs
     shown = comparison.readable()
     assert all(cell.endswith(" *") for cell in shown.column("e2e_p99_ms"))
-    assert "* p95 from fewer than 20 runs, p99 from fewer than 100 runs: little more than the slowest run." in shown.notes
+    assert table["ttft_p95_few_samples"].tolist() == [True] * len(POLICIES)  # 16 model calls
+    assert "* p95 from fewer than 20 runs, p99 from fewer than 100 runs, ttft_p95 from fewer than 20 model calls: " \
+        "little more than the slowest one." in shown.notes
     assert shown.columns.index("n") == shown.columns.index("e2e_p99_ms") + 1  # the count beside its percentiles
 
 
@@ -429,7 +431,18 @@ def test_a_p95_of_too_few_runs_is_flagged_as_a_p99_is() -> None:
     assert few.table()["p95_few_samples"].tolist() == [True] and enough.table()["p95_few_samples"].tolist() == [False]
     assert few.readable().column("e2e_p95_ms")[0].endswith(" *")
     assert not enough.readable().column("e2e_p95_ms")[0].endswith(" *")
-    assert "* p99 from fewer than 100 runs: little more than the slowest run." in enough.readable().notes
+    assert "* p99 from fewer than 100 runs: little more than the slowest one." in enough.readable().notes
+
+
+def test_a_ttft_p95_of_too_few_model_calls_is_flagged_as_the_run_percentiles_are() -> None:
+    # Before, ttft_p95_ms from 12 model calls was shown as plainly as one from a thousand, beside a flagged e2e p95.
+    few, enough = measured({"a": [1.0, 2.0]}, runs=12), measured({"a": [1.0, 2.0]}, runs=40)  # one call per run
+    assert few.table()["ttft_p95_few_samples"].tolist() == [True]
+    assert enough.table()["ttft_p95_few_samples"].tolist() == [False]
+    assert few.readable().column("ttft_p95_ms")[0].endswith(" *")
+    assert not enough.readable().column("ttft_p95_ms")[0].endswith(" *")
+    assert "* p95 from fewer than 20 runs, p99 from fewer than 100 runs, ttft_p95 from fewer than 20 model calls: " \
+        "little more than the slowest one." in few.readable().notes
 
 
 def test_a_p99_of_enough_runs_is_not_flagged_and_its_interval_narrows() -> None:

@@ -90,6 +90,7 @@ TABLE_COLUMNS = _with_bounds(
     "n",
     "ttft_p50_ms",
     "ttft_p95_ms",
+    "ttft_p95_few_samples",
     "ttft_n",
     "tpot_ms",
     "tpot_n",
@@ -116,8 +117,14 @@ BOOTSTRAP_SEED = 0
 # A p99 needs about 100 samples, a p95 about 20, before it says anything the largest sample does not.
 FEW_FOR_P95 = 20
 FEW_FOR_P99 = 100
-# Each percentile flagged when taken from too few runs: its flag column and how few; readable() marks it `*`.
-_FEW_SAMPLES = {"e2e_p95_ms": ("p95_few_samples", FEW_FOR_P95), "e2e_p99_ms": ("p99_few_samples", FEW_FOR_P99)}
+# Each percentile flagged when taken from too few samples: its flag column, the column counting them, how few, and
+# what readable() notes of it (it marks the figure `*`). TTFT is over model calls, the others over runs.
+_FEW_SAMPLES = {
+    "e2e_p95_ms": ("p95_few_samples", "n", FEW_FOR_P95, f"p95 from fewer than {FEW_FOR_P95} runs"),
+    "e2e_p99_ms": ("p99_few_samples", "n", FEW_FOR_P99, f"p99 from fewer than {FEW_FOR_P99} runs"),
+    "ttft_p95_ms": ("ttft_p95_few_samples", "ttft_n", FEW_FOR_P95,
+                    f"ttft_p95 from fewer than {FEW_FOR_P95} model calls"),
+}
 
 
 @dataclass(frozen=True)
@@ -390,8 +397,9 @@ class Comparison:
         ``p95_few_samples`` flags a p95 taken from fewer than 20 of them, ``p99_few_samples`` a
         p99 taken from fewer than 100. TTFT and ``tpot_ms``
         (the median time per output token) are over model calls, counted in ``ttft_n`` and
-        ``tpot_n``. Throughput, cold start and time to first result are medians over repeats,
-        their interval the min-max over repeats (missing after one repeat). ``rank``,
+        ``tpot_n``; ``ttft_p95_few_samples`` flags a TTFT p95 taken from fewer than 20 calls.
+        Throughput, cold start and time to first result are medians over repeats, their interval
+        the min-max over repeats (missing after one repeat). ``rank``,
         ``rank_group`` and ``distinguishable`` rank throughput: strategies in one group have
         overlapping intervals, so the measurement does not tell them apart. ``mean_batch_size``
         is the mean size of the batches the calls ran in, ``padding_fraction`` the share of
@@ -407,30 +415,28 @@ class Comparison:
             ok = runs[runs["ok"]]
             batches = calls.drop_duplicates(["repeat", "batch_id"])
             cells = float((calls["tokens_in"] + calls["padding_tokens"]).sum())
-            rows.append(
-                {
-                    **dict(zip(AXES, labels)),
-                    **_over_repeats(passes, "requests_per_s"),
-                    **_over_repeats(passes, "output_tokens_per_s"),
-                    **_percentiles(ok["e2e_ms"], "e2e", {"p50_ms": 0.50, "p95_ms": 0.95, "p99_ms": 0.99}),
-                    **{flag: len(ok) < few for flag, few in _FEW_SAMPLES.values()},
-                    "n": len(ok),
-                    **_percentiles(calls["ttft_ms"], "ttft", {"p50_ms": 0.50, "p95_ms": 0.95}),
-                    "ttft_n": int(calls["ttft_ms"].notna().sum()),
-                    **_percentiles(calls["tpot_ms"], "tpot_ms", {"": 0.50}),
-                    "tpot_n": int(calls["tpot_ms"].notna().sum()),
-                    "mean_batch_size": float(batches["batch_size"].mean()) if len(batches) else float("nan"),
-                    "padding_fraction": float(calls["padding_tokens"].sum()) / cells if cells else float("nan"),
-                    **_over_repeats(passes, "cold_start_s"),
-                    **_over_repeats(passes, "first_result_s"),
-                    "peak_weights_mb": passes["peak_weights_mb"].max(),
-                    "peak_cuda_mb": passes["peak_cuda_mb"].max(),
-                    "replica_load": _replica_load(calls),
-                    "errors": int((~runs["ok"]).sum()),
-                    "repeats": len(passes),
-                    **_cache_figures(passes, calls),
-                }
-            )
+            row = {
+                **dict(zip(AXES, labels)),
+                **_over_repeats(passes, "requests_per_s"),
+                **_over_repeats(passes, "output_tokens_per_s"),
+                **_percentiles(ok["e2e_ms"], "e2e", {"p50_ms": 0.50, "p95_ms": 0.95, "p99_ms": 0.99}),
+                "n": len(ok),
+                **_percentiles(calls["ttft_ms"], "ttft", {"p50_ms": 0.50, "p95_ms": 0.95}),
+                "ttft_n": int(calls["ttft_ms"].notna().sum()),
+                **_percentiles(calls["tpot_ms"], "tpot_ms", {"": 0.50}),
+                "tpot_n": int(calls["tpot_ms"].notna().sum()),
+                "mean_batch_size": float(batches["batch_size"].mean()) if len(batches) else float("nan"),
+                "padding_fraction": float(calls["padding_tokens"].sum()) / cells if cells else float("nan"),
+                **_over_repeats(passes, "cold_start_s"),
+                **_over_repeats(passes, "first_result_s"),
+                "peak_weights_mb": passes["peak_weights_mb"].max(),
+                "peak_cuda_mb": passes["peak_cuda_mb"].max(),
+                "replica_load": _replica_load(calls),
+                "errors": int((~runs["ok"]).sum()),
+                "repeats": len(passes),
+                **_cache_figures(passes, calls),
+            }
+            rows.append({**row, **{flag: row[count] < few for flag, count, few, _ in _FEW_SAMPLES.values()}})
         return _rank(pd.DataFrame(rows))[TABLE_COLUMNS]
 
     def readable(self) -> Readable:
@@ -450,7 +456,7 @@ class Comparison:
             for i in table.index
         ]
         figures = [c for c in TABLE_COLUMNS[len(AXES):] if c not in ("rank", "rank_group", "distinguishable",
-                   *(flag for flag, _ in _FEW_SAMPLES.values()), "replica_load") and not c.endswith(("_lo", "_hi"))
+                   *(flag for flag, *_ in _FEW_SAMPLES.values()), "replica_load") and not c.endswith(("_lo", "_hi"))
                    and (c not in _CACHE_FIGURES or (table["cache"] != UNCHANGED).any())]
         for column in figures:
             values = table[column]
@@ -481,10 +487,10 @@ class Comparison:
         if (table["errors"] > 0).any():
             notes.append("errors: failed runs, left out of requests/s and the latency figures; "
                          ".samples() has each failed run's error.")
-        few = [f"{column[4:7]} from fewer than {least} runs" for column, (flag, least) in _FEW_SAMPLES.items()
+        few = [said for column, (flag, _, _, said) in _FEW_SAMPLES.items()
                if (table[flag] & table[column].notna()).any()]
         if few:
-            notes.append(f"* {', '.join(few)}: little more than the slowest run.")
+            notes.append(f"* {', '.join(few)}: little more than the slowest one.")
         return Readable(shown, numeric=["rank", *figures], notes=notes)
 
     @staticmethod
