@@ -524,20 +524,22 @@ def test_concurrent_chain_runs_in_one_session_all_land(tiny_path: Path, tmp_path
 
 
 # A reader in a process of its own: as root (who may write any file) it reads as nobody, whom the copy keeps out.
-READER = dedent(
+AS_NOBODY = dedent(
     """\
     import os, sys
     from workbench.chains.sqlite_store import SQLiteContextStore
     if os.geteuid() == 0:
         os.setgid(65534)
         os.setuid(65534)
-    print(",".join(record.run_id for record in SQLiteContextStore(sys.argv[1]).history("s1")))
+    store = SQLiteContextStore(sys.argv[1])
     """
 )
+READER = AS_NOBODY + 'print(",".join(record.run_id for record in store.history("s1")))\n'
 
 
-def test_a_read_only_copy_of_the_store_opens_for_reading(tmp_path: Path) -> None:
-    # Before: "cannot open the session store ...: attempt to write a readonly database", for reading alone.
+@pytest.fixture
+def read_only_copy(tmp_path: Path) -> Iterator[Path]:
+    """A store of two runs (r1, r2 in session s1), copied where the reader (nobody) may read it but not write."""
     with wb.Workbench(data_dir=tmp_path) as bench:
         for run_id in ("r1", "r2"):
             bench.store.append("s1", record(run_id))
@@ -549,13 +551,45 @@ def test_a_read_only_copy_of_the_store_opens_for_reading(tmp_path: Path) -> None
         shutil.copyfile(tmp_path / SESSIONS_FILE, copy / SESSIONS_FILE)
         (copy / SESSIONS_FILE).chmod(0o444)
         copy.chmod(0o555)  # nor may the reader make the shared-memory file WAL mode reads with
-        done = subprocess.run([sys.executable, "-c", READER, str(copy / SESSIONS_FILE)], capture_output=True,
-                              text=True, timeout=60)
+        yield copy / SESSIONS_FILE
     finally:
         copy.chmod(0o755)
         shutil.rmtree(shared)
+
+
+def test_a_read_only_copy_of_the_store_opens_for_reading(read_only_copy: Path) -> None:
+    # Before: "cannot open the session store ...: attempt to write a readonly database", for reading alone.
+    done = subprocess.run([sys.executable, "-c", READER, str(read_only_copy)], capture_output=True, text=True,
+                          timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "r1,r2\n"
+
+
+def test_writing_to_a_read_only_store_says_it_is_read_only_and_what_to_do(read_only_copy: Path) -> None:
+    # Before: "... failed: attempt to write a readonly database", hint: "another process may hold it locked for
+    # long, or the disk is full", neither of which it was.
+    writer = AS_NOBODY + dedent(
+        """\
+        from workbench.chains.context import RunRecord
+        from workbench.errors import StoreError
+        for write in (lambda: store.append("s1", RunRecord("r3", "qa", {}, {}, "", 0.0, 1.0, "ok")),
+                      lambda: store.forget("s1")):
+            try:
+                write()
+            except StoreError as exc:
+                print(exc.message, "|", exc.hint)
+        print(",".join(record.run_id for record in store.history("s1")))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", writer, str(read_only_copy)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    *refusals, kept = done.stdout.splitlines()
+    assert len(refusals) == 2 and kept == "r1,r2"  # both writes refused, the sessions there still read
+    for refusal in refusals:
+        message, hint = refusal.split(" | ")
+        assert message.startswith(f"the session store {str(read_only_copy)!r} is read-only here")
+        assert "locked" not in hint and "Workbench(data_dir=...)" in hint and "writable" in hint
 
 
 # -- a writer killed mid-write ---------------------------------------------------------------------

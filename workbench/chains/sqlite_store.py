@@ -149,6 +149,14 @@ class SQLiteContextStore(ContextStore):
             try:
                 return work(self._connection)
             except sqlite3.Error as exc:
+                if is_read_only(exc):  # opened read-only (open_read_only): its sessions read, nothing is written
+                    raise StoreError(
+                        f"the session store {str(self.path)!r} is read-only here: runs cannot be kept in it nor "
+                        "sessions forgotten, though its sessions read",
+                        hint="make the file and its folder writable for this user, or pick a writable directory "
+                        "with Workbench(data_dir=...) or $AUTOGLM_DATA_DIR (Workbench(store=InMemoryContextStore()) "
+                        "keeps sessions in memory only)",
+                    ) from exc
                 raise StoreError(
                     f"the session store {str(self.path)!r} failed: {exc}",
                     hint=self._damaged_hint() if is_damaged(exc) else
@@ -252,6 +260,14 @@ def is_damaged(exc: BaseException | None) -> bool:
     if code is not None:
         return code & 0xFF in (11, 26)  # SQLITE_CORRUPT, SQLITE_NOTADB
     return "not a database" in str(exc) or "malformed" in str(exc)
+
+
+def is_read_only(exc: BaseException) -> bool:
+    """Whether SQLite refused a write because the file was opened for reading only, or cannot be written."""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code & 0xFF == sqlite3.SQLITE_READONLY
+    return "readonly database" in str(exc)
 
 
 def _while_busy(action: Callable[[], object], deadline: float) -> None:
