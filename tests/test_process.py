@@ -286,9 +286,12 @@ def test_a_hang_timeout_is_refused_where_no_model_process_runs_and_when_it_is_no
 ) -> None:
     with pytest.raises(wb.ModelLoadError, match="hang_timeout_s is a setting of isolation='process'"):
         bench.load("iso", tiny_path, device="cpu", hang_timeout_s=5)
-    for bad in (0, -1.0, float("nan"), float("inf"), "5", True):
-        with pytest.raises(wb.ModelLoadError, match="hang_timeout_s must be a finite number of seconds > 0"):
-            bench.load("iso", tiny_path, device="cpu", isolation="process", hang_timeout_s=bad)
+    for bad in (0, -1.0, float("nan"), float("inf"), "5", True, 1e-9, 0.5):
+        # Before, 1e-9 (or 0.5 s, under a step of many a model) loaded, and made every batch look hung.
+        for door in (bench.load, bench.register):
+            with pytest.raises(wb.ModelLoadError, match=r"hang_timeout_s must be a finite number of seconds >= 1, "
+                               rf"got {re.escape(repr(bad))}"):
+                door("iso", tiny_path, device="cpu", isolation="process", hang_timeout_s=bad)
     parser = argparse.ArgumentParser()
     add_load_options(parser)
     settings = load_settings(parser.parse_args(["--isolation", "process", "--hang-timeout-s", "2.5"]), "tiny")

@@ -600,10 +600,12 @@ def _check_read_timeout(settings: LoadSettings) -> None:
                    "how long a server's stream may go without a byte, the first included (default 60)")
 
 
-def _check_seconds(name: str, value: object, hint: str) -> None:
-    """A load setting of seconds is a finite number > 0: NaN never runs out, and 0 or less runs out at once."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise ModelLoadError(f"{name} must be a finite number of seconds > 0, got {value!r:.80}", hint=hint)
+def _check_seconds(name: str, value: object, hint: str, least: float = 0.0) -> None:
+    """A load setting of seconds is a finite number > 0 (and >= ``least`` where given): NaN never runs out, and 0 or
+    less runs out at once."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf or value < least:
+        bound = f">= {least:g}" if least else "> 0"
+        raise ModelLoadError(f"{name} must be a finite number of seconds {bound}, got {value!r:.80}", hint=hint)
 
 
 def _amount(settings: LoadSettings, name: str) -> float:
@@ -681,6 +683,11 @@ def _check_placement(settings: LoadSettings) -> None:
     resolve_dtype(settings.dtype, resolve_device(settings.device) if here else torch.device("cpu"))
 
 
+# The shortest hang_timeout_s: one decoding step of many a model, or a prefill, takes longer on a busy machine, and
+# the child beats every quarter of it (1e-9 s made every batch look hung, the child beating without pause).
+HANG_TIMEOUT_LEAST_S = 1.0
+
+
 def _check_isolation(settings: LoadSettings) -> None:
     if settings.isolation not in ISOLATIONS:
         raise ModelLoadError(
@@ -700,7 +707,8 @@ def _check_isolation(settings: LoadSettings) -> None:
         )
     if settings.hang_timeout_s is not None:
         _check_seconds("hang_timeout_s", settings.hang_timeout_s,
-                       "how long a model process may go without ending a decoding step (default: no limit)")
+                       "how long a model process may go without ending a decoding step (default: no limit); set it "
+                       "above the longest prefill", least=HANG_TIMEOUT_LEAST_S)
         if settings.isolation != "process":
             raise ModelLoadError(
                 f"hang_timeout_s is a setting of isolation='process', and this load has isolation={settings.isolation!r}",
