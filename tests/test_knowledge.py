@@ -572,6 +572,29 @@ def test_a_graph_past_the_triple_cap_is_refused_and_a_workbench_keeps_few_graphs
     assert [Path(p).name for p in bench.graphs.loaded()] == ["one.json"]
 
 
+def test_the_graph_a_chain_keeps_using_is_not_the_one_a_full_store_lets_go(
+    bench: wb.Workbench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before, past MAX_GRAPHS_KEPT the graph loaded first went, however often runs used it: a chain's graph went when
+    # 16 others were looked at in the notebook, and a bad save of its file then failed its runs instead of leaving the
+    # last good graph answering.
+    from workbench.knowledge import store
+
+    monkeypatch.setattr(store, "MAX_GRAPHS_KEPT", 2)
+    for name in ("used", "other", "third"):
+        (tmp_path / f"{name}.json").write_text(json.dumps([["Ada", name, "notes"]]), encoding="utf-8")
+    chain = bench.chain(knowledge_spec(str(tmp_path / "used.json")))
+    bench.graph(tmp_path / "other.json")
+    assert chain.run(question="Ada?").output == "Ada — used — notes."  # used since "other" was loaded
+    bench.graph(tmp_path / "third.json")  # one graph too many: the one used least recently goes
+    assert [Path(p).name for p in bench.graphs.loaded()] == ["used.json", "third.json"]
+    (tmp_path / "used.json").write_text('[["Ada", "used"', encoding="utf-8")  # an editor's save cut short
+    _touch_later(tmp_path / "used.json")
+    run = chain.run(question="Ada?")
+    assert run.output == "Ada — used — notes."
+    assert run.trace.table().set_index("name").loc["hop facts"][f"attributes.{attr.KNOWLEDGE_STALE}"]
+
+
 def test_currency_codes_and_common_words_are_not_names(countries: wb.KnowledgeGraph) -> None:
     assert countries.link("try all the top islands, a male Polish speaker") == []
     assert countries.link("Is ALL the lek? TRY and EUR") == ["ALL", "TRY", "EUR"]

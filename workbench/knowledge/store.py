@@ -17,8 +17,8 @@ logger = logging.getLogger(__name__)
 
 # The graphs that ship with the workbench, built offline on first use.
 DEMO_GRAPHS: dict[str, Callable[[], KnowledgeGraph]] = {"countries": countries}
-MAX_GRAPHS_KEPT = 16  # per workbench; past it the graph loaded first goes (specs may name many files)
-# And at most this many triples in all (~1 GB, by files.py's measure), past which the graph loaded first goes,
+MAX_GRAPHS_KEPT = 16  # per workbench; past it the graph used least recently goes (specs may name many files)
+# And at most this many triples in all (~1 GB, by files.py's measure), past which the graph used least recently goes,
 # though never the one just loaded: 16 graph files at their size limit would hold ~3 GB.
 MAX_TRIPLES_KEPT = 1_000_000
 
@@ -88,13 +88,17 @@ class GraphStore:
             key = self._key(source)
         except GraphError:
             return None
-        return self._graphs.get(key)
+        graph = self._graphs.get(key)
+        if graph is not None:
+            self._used(key)
+        return graph
 
     def get(self, source: GraphSource) -> KnowledgeGraph:
         """The graph ``source`` names, loaded on first use; a file edited since is read again."""
         key = self._key(source)
         graph = self._graphs.get(key)
         if graph is not None:
+            self._used(key)
             return graph
         with self._lock:  # one load per graph, however many hops ask at once
             graph = self._graphs.get(key)
@@ -113,6 +117,22 @@ class GraphStore:
                                                  or sum(len(g) for g in self._graphs.values()) > MAX_TRIPLES_KEPT):
                     self._graphs = dict(list(self._graphs.items())[1:])
             return graph
+
+    def _used(self, key: object) -> None:
+        """Put the graph under ``key`` last in the order a full store lets graphs go in (the least recently used first),
+        so a chain's graph stays however many others were looked at since it loaded."""
+        if next(reversed(self._graphs), None) == key:
+            return  # last already: one graph, or the same one again
+        # Never waiting: the lock may be held for a file's load, and cached() runs on the event loop. A skipped move
+        # only leaves this graph where it was.
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            graph = self._graphs.get(key)
+            if graph is not None:
+                self._graphs = {**{k: g for k, g in self._graphs.items() if k != key}, key: graph}
+        finally:
+            self._lock.release()
 
     def serve(self, source: GraphSource) -> Served:
         """The graph for a run: as :meth:`get`, but a file that changed and cannot be read now (an editor's save half
