@@ -204,6 +204,32 @@ def test_a_python_hop_of_a_function_no_import_reaches_runs_from_the_builder(load
     assert builder.last_run.output == "(no model could answer 'hi' just now)"
 
 
+def test_a_builder_does_not_replace_a_chain_of_its_name_it_was_not_started_from(loaded: wb.Workbench) -> None:
+    # Before, a builder whose chain was named like one built elsewhere (qa, from a cell or a spec file) replaced it at
+    # its first run, without a word: %autoglm run qa, bench.chains() and a served chain's name then found the builder's.
+    qa = loaded.chain({"name": "qa", "hops": [{"name": "answer", "call": "workbench.demo:canned_answer"}]})
+    builder = ChainBuilder(loaded)
+    builder.hop_editors[0].kind.value = "python"
+    builder.hop_editors[0].call.value = "workbench.demo:canned_answer"
+    builder.inputs["question"].value = "hi"
+    builder.chain_name.value = "qa"
+    assert builder.run() is False and builder.last_run is None
+    assert builder.error.startswith("chain 'qa' is built on this workbench already, not from this builder: running "
+                                    "here would replace it")
+    assert "ChainBuilder(bench, chain=bench.chains()['qa'])" in builder.error and "run(replace=True)" in builder.error
+    assert loaded.chains()["qa"] is qa
+    assert builder.run(replace=True) is True  # asked for in so many words
+    builder.wait(60)
+    assert builder.error == "" and loaded.chains()["qa"] is builder.chain is not qa
+    assert builder.run() is True  # the chain it built itself is its own to replace, run after run
+    builder.wait(60)
+    # A builder started from a chain edits that chain: its runs replace it, as before.
+    editor = ChainBuilder(loaded, chain=builder.chain)
+    assert editor.run() is True
+    editor.wait(60)
+    assert editor.error == "" and loaded.chains()["qa"] is editor.chain
+
+
 def test_add_move_and_remove_hops_keep_graph_and_inputs_in_step(loaded: wb.Workbench) -> None:
     builder = ChainBuilder(loaded)
     assert [e.hop_name.value for e in builder.hop_editors] == ["hop1"]

@@ -200,7 +200,8 @@ class ChainBuilder(StatusBox):
     from the forms and runs it off the kernel's thread; the output and span table then update
     in place. Slider values apply to the next run without reloading any model, and each
     request's span records the values it ran with (``gen_ai.request.temperature``, ...).
-    Start from an existing chain with ``ChainBuilder(chain=qa)``.
+    Start from an existing chain with ``ChainBuilder(chain=qa)``: the builder's runs then replace it on the
+    workbench; another chain of the builder's name is replaced only by ``run(replace=True)``.
     """
 
     running = traitlets.Bool(False)
@@ -208,7 +209,7 @@ class ChainBuilder(StatusBox):
     def __init__(self, bench: Workbench | None = None, chain: Chain | None = None, **kwargs: Any) -> None:
         self.bench = bench if bench is not None else current()
         self.last_run: Run | None = None
-        self.chain: Chain | None = None
+        self.chain: Chain | None = chain  # the chain the builder edits: its runs replace it on the workbench
         self._last_hop: str | None = None
         self._chain_extra: dict[str, Any] = {}
         self._job = Background("workbench-chain-builder", self._fail)
@@ -313,13 +314,23 @@ class ChainBuilder(StatusBox):
 
     # -- running -------------------------------------------------------------------------------
 
-    def run(self) -> bool:
+    def run(self, replace: bool = False) -> bool:
         """Build the chain from the forms and run it with the inputs off the kernel's thread.
 
-        Returns False (and shows why) if the spec does not validate or a run is still going.
+        Returns False (and shows why) if the spec does not validate, a run is still going, or the workbench has a
+        chain of this name that the builder was not started from and did not build (``replace=True`` replaces it).
         """
         if self._job.running:
             self.error = "a run is still going; wait for it to finish"
+            return False
+        name = self.chain_name.value.strip()
+        held = self.bench.chains().get(name)
+        if held is not None and held is not self.chain and not replace:
+            self.error = describe(WorkbenchError(
+                f"chain {name!r} is built on this workbench already, not from this builder: running here would "
+                f"replace it (for %autoglm run {name}, bench.chains() and serving)",
+                hint=f"rename the chain here; to edit that chain, start from it: ChainBuilder(bench, "
+                f"chain=bench.chains()[{name!r}]); to replace it, builder.run(replace=True)"), hint=True)
             return False
         try:
             chain = self.bench.chain(self.spec())
