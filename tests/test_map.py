@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import _thread
 import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -491,3 +497,90 @@ def test_resume_never_takes_a_run_of_another_array_for_this_one(tiny_bench: wb.W
     first = chain.map([{"v": a}])
     again = chain.map([{"v": b}], resume=first)
     assert again[0] is not first[0] and again[0].output == float(b.sum())
+
+
+# -- a checkpoint file: what finished outlives the process ------------------------------------------------------
+
+STEPS = '''\
+import os
+
+CALLS = []
+
+
+def step(n: str) -> object:
+    if n == os.environ.get("DIE_AT"):
+        os._exit(3)  # the process dies in the middle of the map, as the out-of-memory killer would end it
+    CALLS.append(n)
+    return {"set": {1, 2}} if n == "odd" else n * 2  # a set: no JSON holds it
+'''
+STEPS_SPEC = {"name": "steps", "hops": [{"name": "step", "call": "steps:step"}]}
+
+
+@pytest.fixture
+def steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The module ``steps`` (in tmp_path, importable here and in a child process), fresh for the test."""
+    (tmp_path / "steps.py").write_text(STEPS, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "steps", raising=False)
+    import steps as module
+
+    return module
+
+
+def test_a_map_whose_process_died_runs_only_the_rest_from_its_checkpoint(tmp_path: Path, steps: Any) -> None:
+    """Before, what a map had finished lived in its process only (chain.last_batch): a kernel that died an hour into
+    a map of thousands of inputs lost every run."""
+    path = tmp_path / "runs" / "steps.jsonl"  # its folder is made
+    script = ("import sys, workbench as wb\n"
+              "with wb.Workbench(store=wb.InMemoryContextStore(), allow_modules=['steps']) as bench:\n"
+              f"    bench.chain({STEPS_SPEC!r}).map([{{'n': str(i)}} for i in range(5)], concurrency=1, "
+              "checkpoint=sys.argv[1])\n")
+    env = {**os.environ, "DIE_AT": "2",
+           "PYTHONPATH": os.pathsep.join([str(Path(wb.__file__).parents[1]), str(tmp_path)])}
+    died = subprocess.run([sys.executable, "-c", script, str(path)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert died.returncode == 3, died.stderr
+    written = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert [(line["inputs"], line["output"]) for line in written] == [({"n": "0"}, "00"), ({"n": "1"}, "11")]
+    with wb.Workbench(store=wb.InMemoryContextStore(), allow_modules=["steps"]) as bench:
+        chain = bench.chain(STEPS_SPEC)
+        batch = chain.map([{"n": str(i)} for i in range(5)], concurrency=1, checkpoint=path)
+        assert [run.output for run in batch] == ["00", "11", "22", "33", "44"]
+        assert steps.CALLS == ["2", "3", "4"]  # the two the dead process finished are not run again
+        assert [run.id for run in batch[:2]] == [line["run_id"] for line in written]
+        assert batch[0].config_version == chain.version and batch[0].trace.spans == []  # its trace died with it
+        assert len(path.read_text(encoding="utf-8").splitlines()) == 5
+        assert chain.map([{"n": "4"}, {"n": "5"}], checkpoint=path).finished[0].id == batch[4].id
+        assert steps.CALLS == ["2", "3", "4", "5"]
+
+
+def test_a_checkpoint_line_cut_short_is_left_out_and_outputs_json_cannot_hold_run_again(
+    tmp_path: Path, steps: Any
+) -> None:
+    path = tmp_path / "steps.jsonl"
+    with wb.Workbench(store=wb.InMemoryContextStore(), allow_modules=["steps"]) as bench:
+        chain = bench.chain(STEPS_SPEC)
+        chain.map([{"n": "a"}, {"n": "odd"}], checkpoint=path)
+        with path.open("a", encoding="utf-8") as file:
+            file.write('{"checkpoint": 1, "chain": "steps", "run_id": "ab')  # the process died writing it
+        batch = chain.map([{"n": "a"}, {"n": "odd"}, {"n": "b"}], checkpoint=path)
+        assert batch.table()["output"].tolist() == ["aa", {"set": {1, 2}}, "bb"]
+        assert steps.CALLS == ["a", "odd", "odd", "b"]  # "odd" was not kept, so it ran again
+        assert [json.loads(line)["inputs"]["n"] for line in path.read_text(encoding="utf-8").splitlines()] == \
+            ["a", "b"]  # whole lines only: the cut one is gone
+
+
+@pytest.mark.parametrize("text, said", [
+    ("hello\n", "line 1 of the checkpoint file '{path}' is not JSON"),
+    ('{"checkpoint": 1, "chain": "steps"}\n', "line 1 of the checkpoint file '{path}' is not a whole run: KeyError"),
+    ("[1, 2]\n", "line 1 of the checkpoint file '{path}' is not a run of a map's checkpoint (format 1)"),
+], ids=["text", "part", "list"])
+def test_a_file_that_is_no_checkpoint_is_refused_before_any_run(tmp_path: Path, steps: Any, text: str,
+                                                                  said: str) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text(text, encoding="utf-8")
+    with wb.Workbench(store=wb.InMemoryContextStore(), allow_modules=["steps"]) as bench:
+        with pytest.raises(wb.WorkloadError, match=re.escape(said.format(path=path))) as refused:
+            bench.chain(STEPS_SPEC).map([{"n": "a"}], checkpoint=path)
+    assert "delete this one" in str(refused.value.hint) and steps.CALLS == []
+    assert path.read_text(encoding="utf-8") == text  # nothing written into someone's file

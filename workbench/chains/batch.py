@@ -213,6 +213,7 @@ async def run_all(
     concurrency: int,
     errors: Errors,
     state: MapState | None = None,
+    kept: Callable[[Run], None] | None = None,
 ) -> RunBatch:
     """Run every input of ``batch`` that has no run yet, ``concurrency`` at a time, on the running loop.
 
@@ -221,6 +222,7 @@ async def run_all(
     stops new starts and its HopFailed is raised; runs in flight still land in the batch. A hop
     that raised KeyboardInterrupt stops the map the same way and raises Interrupted (never a
     KeyboardInterrupt on the loop: it would stop the loop); the caller turns it into MapInterrupted.
+    ``kept`` hears each run as it lands in the batch (a checkpoint file's writer).
     """
     state = state or MapState(batch, batch.missing)
     lanes_wanted = max(1, min(concurrency, len(batch.missing)))
@@ -241,6 +243,8 @@ async def run_all(
                 state.stop()
                 raise
             batch[index] = run
+            if kept is not None:
+                kept(run)
             if errors == "raise" and run.error is not None:
                 state.stop()
                 raise run.error

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.chains.batch import Errors, MapInterrupted, MapState, RunBatch, reuse, run_all
+from workbench.chains.checkpoint import Checkpoint
 from workbench.chains.events import Event, RunFinished
 from workbench.chains.host import ChainHost
 from workbench.chains.live import DEFAULT_INTERVAL_S, ConfigRefusal, ConfigVersion, FileWatcher, LiveSpec, refuse
@@ -105,6 +106,7 @@ class Chain:
         errors: Errors = "keep",
         resume: Iterable[Run | None] | None = None,
         prefetch: bool = False,
+        checkpoint: str | os.PathLike[str] | None = None,
     ) -> RunBatch:
         """Run once per input mapping, ``concurrency`` at a time; the RunBatch lists Runs in input order.
 
@@ -121,12 +123,16 @@ class Chain:
         ``prefetch=True`` gets the next inputs' first hops ready while earlier runs go (their prompts
         rendered and tokenized, the prefix KV of ``cache: prefix`` hops warmed), so each starts the
         moment a lane frees. Not with a ``session`` (the history the prompts read is not known ahead).
+
+        ``checkpoint="runs.jsonl"`` writes each successful run to that file as it finishes (one JSON line), and
+        reuses the file's runs as ``resume=`` does: the same map again after the process died (a kernel restarted,
+        out of memory) runs only the inputs it had not finished. Reused runs have no trace (see checkpoint.py).
         """
         concurrency = plain(concurrency)  # an np.int64 from a sweep counts
-        batch = self._batch(inputs, errors, resume, concurrency, session)
+        batch, kept = self._batch(inputs, errors, resume, concurrency, session, checkpoint)
         state = MapState(batch, batch.missing)
         try:
-            return self._host.run_sync(self._map(batch, concurrency, session, errors, state, prefetch),
+            return self._host.run_sync(self._map(batch, concurrency, session, errors, state, prefetch, kept),
                                        on_interrupt=state.stop)
         except (KeyboardInterrupt, Interrupted):
             batch.interrupted = True
@@ -141,13 +147,14 @@ class Chain:
         errors: Errors = "keep",
         resume: Iterable[Run | None] | None = None,
         prefetch: bool = False,
+        checkpoint: str | os.PathLike[str] | None = None,
     ) -> RunBatch:
         """``await chain.amap(...)``: :meth:`map` awaited; cancelling it cancels the runs in flight and keeps what
         finished, in ``chain.last_batch``."""
         concurrency = plain(concurrency)  # an np.int64 from a sweep counts
-        batch = self._batch(inputs, errors, resume, concurrency, session)
+        batch, kept = self._batch(inputs, errors, resume, concurrency, session, checkpoint)
         try:
-            return await self._host.run_async(self._map(batch, concurrency, session, errors, None, prefetch))
+            return await self._host.run_async(self._map(batch, concurrency, session, errors, None, prefetch, kept))
         except Interrupted:
             raise MapInterrupted(batch) from None
         except asyncio.CancelledError:
@@ -161,8 +168,10 @@ class Chain:
         resume: Iterable[Run | None] | None,
         concurrency: int,
         session: str | None,
-    ) -> RunBatch:
-        """Check a map's arguments and inputs before any run starts; its batch, with resumed runs filled in."""
+        checkpoint: str | os.PathLike[str] | None = None,
+    ) -> tuple[RunBatch, Callable[[Run], None] | None]:
+        """Check a map's arguments and inputs before any run starts; its batch, with resumed runs filled in, and
+        what keeps each run that lands in it (a checkpoint file's writer; None without one)."""
         if errors not in ("keep", "raise"):
             raise WorkloadError(f"errors={errors!r} is not a choice", hint="errors='keep' (default) or 'raise'")
         if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
@@ -184,12 +193,17 @@ class Chain:
         batch = RunBatch(self.name, items)
         if resume is not None:
             reuse(batch, resume, self.version)
+        file = None
+        if checkpoint is not None:
+            file = Checkpoint(checkpoint, self.name)
+            reuse(batch, file.runs(), self.version)
+            file.prepare()
         self.last_batch = batch
-        return batch
+        return batch, None if file is None else file.keep
 
     async def _map(
         self, batch: RunBatch, concurrency: int, session: str | None, errors: Errors, state: MapState | None,
-        prefetch: bool = False,
+        prefetch: bool = False, kept: Callable[[Run], None] | None = None,
     ) -> RunBatch:
         prepare = getattr(self._host, "aprepare_spec", None)
         ahead = _Ahead(batch, concurrency, lambda item: prepare(self.spec, item)) \
@@ -201,7 +215,7 @@ class Chain:
             return await self._host.arun_spec(self.spec, item, session)
 
         try:
-            return await run_all(batch, execute, concurrency, errors, state)
+            return await run_all(batch, execute, concurrency, errors, state, kept)
         finally:
             if ahead is not None:
                 ahead.close()
