@@ -43,7 +43,7 @@ examples:
   autoglm run chain.yaml question="What is 2 + 2?" --model tiny={TINY_SOURCE}
   autoglm run chain.yaml question=hi --model tiny=/models/tiny --device cpu --json
 """
-HOP_EXIT_WAIT_S = 1.0  # at the command's exit, how long its idle hop threads get to see their pool closed
+HOP_EXIT_WAIT_S = 2.0  # at the command's exit, how long its idle hop threads get to see their pool closed
 MODEL_HINT = f"give each model the spec names as --model NAME=PATH (PATH '{TINY_SOURCE}' is the offline tiny model)"
 DESCRIPTION = """\
 Run the demo chain, or a chain spec file, on local models, and print the run's
