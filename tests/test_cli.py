@@ -460,18 +460,12 @@ def test_run_without_a_spec_names_only_what_is_missing(capsys: pytest.CaptureFix
     assert last == "autoglm run: error: the following arguments are required: SPEC"
 
 
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_stopping_serve_with_a_stream_in_flight_ends_the_stream_and_exits_0_without_a_traceback(
-        stop: signal.Signals, tmp_path: Path) -> None:
-    # Before, uvicorn cancelled the stream after its 2 s of grace and logged 'Exception in ASGI application' with a
-    # 25-line CancelledError traceback, and the client's stream broke off mid-body (httpx: 'incomplete chunked read').
-    import httpx
-
+def _serve_one_python_hop(tmp_path: Path, source: str) -> tuple[subprocess.Popen[bytes], str, str, Path]:
+    """``autoglm serve`` of the chain 'nap', one hop calling ``napping.nap`` from ``source``, with a runner's key;
+    once it serves: its process, URL, key and log."""
     from workbench.fronts.server.auth import KeyStore
 
-    (tmp_path / "napping.py").write_text(
-        "import asyncio\nasync def nap(question: str) -> str:\n    await asyncio.sleep(60)\n    return question\n",
-        encoding="utf-8")
+    (tmp_path / "napping.py").write_text(source, encoding="utf-8")
     spec = tmp_path / "nap.yaml"
     spec.write_text("name: nap\nhops:\n  - name: nap\n    call: napping:nap\n", encoding="utf-8")
     key = KeyStore(tmp_path / "data").add("cli", "runner")
@@ -483,12 +477,27 @@ def test_stopping_serve_with_a_stream_in_flight_ends_the_stream_and_exits_0_with
              "--data-dir", str(tmp_path / "data"), "--allow-module", "napping"],
             stdout=log, stderr=subprocess.STDOUT, env=env,
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a shell's foreground job
+    deadline = time.monotonic() + 120
+    while (found := re.search(r"serving nap on (\S+)", log_path.read_text())) is None:
+        if child.poll() is not None or time.monotonic() > deadline:
+            child.kill()
+            pytest.fail(f"autoglm serve did not come up:\n{log_path.read_text()}")
+        time.sleep(0.2)
+    return child, found.group(1), key, log_path
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_stopping_serve_with_a_stream_in_flight_ends_the_stream_and_exits_0_without_a_traceback(
+        stop: signal.Signals, tmp_path: Path) -> None:
+    # Before, uvicorn cancelled the stream after its 2 s of grace and logged 'Exception in ASGI application' with a
+    # 25-line CancelledError traceback, and the client's stream broke off mid-body (httpx: 'incomplete chunked read').
+    import httpx
+
+    child, url, key, log_path = _serve_one_python_hop(
+        tmp_path, "import asyncio\nasync def nap(question: str) -> str:\n    await asyncio.sleep(60)\n"
+                  "    return question\n")
     try:
-        deadline = time.monotonic() + 120
-        while (found := re.search(r"serving nap on (\S+)", log_path.read_text())) is None:
-            assert child.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.2)
-        with httpx.stream("POST", f"{found.group(1)}/v1/chains/nap/stream", json={"inputs": {"question": "hi"}},
+        with httpx.stream("POST", f"{url}/v1/chains/nap/stream", json={"inputs": {"question": "hi"}},
                           headers={"x-api-key": key}, timeout=60) as response:
             lines = response.iter_lines()
             assert next(lines) == "event: hop_started"
@@ -567,26 +576,10 @@ def test_a_python_hop_still_running_when_serve_stops_does_not_hold_the_exit(tmp_
     # thread cannot be interrupted): 20.6 s for a 20 s hop, and here ten minutes.
     import httpx
 
-    from workbench.fronts.server.auth import KeyStore
-
-    (tmp_path / "dozing.py").write_text(
-        "import time\ndef doze(question: str) -> str:\n    time.sleep(600)\n    return question\n", encoding="utf-8")
-    spec = tmp_path / "doze.yaml"
-    spec.write_text("name: doze\nhops:\n  - name: doze\n    call: dozing:doze\n", encoding="utf-8")
-    key = KeyStore(tmp_path / "data").add("cli", "runner")
-    log_path = tmp_path / "serve.log"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(wb.__file__).parents[1]), str(tmp_path)])}
-    with log_path.open("w") as log:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "workbench.fronts.cli", "serve", "--spec", str(spec), "--port", "0",
-             "--data-dir", str(tmp_path / "data"), "--allow-module", "dozing"], stdout=log, stderr=subprocess.STDOUT,
-            env=env)
+    child, url, key, log_path = _serve_one_python_hop(
+        tmp_path, "import time\ndef nap(question: str) -> str:\n    time.sleep(600)\n    return question\n")
     try:
-        deadline = time.monotonic() + 120
-        while (found := re.search(r"serving doze on (\S+)", log_path.read_text())) is None:
-            assert child.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.2)
-        with httpx.stream("POST", f"{found.group(1)}/v1/chains/doze/stream", json={"inputs": {"question": "hi"}},
+        with httpx.stream("POST", f"{url}/v1/chains/nap/stream", json={"inputs": {"question": "hi"}},
                           headers={"x-api-key": key}, timeout=60) as response:
             assert next(response.iter_lines()) == "event: hop_started"
             child.send_signal(signal.SIGTERM)
