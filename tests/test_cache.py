@@ -4,10 +4,12 @@ prefetch, and compare's cache arms."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -502,6 +504,44 @@ def test_a_kill_mid_write_leaves_the_cache_readable(tmp_path: Path) -> None:
     cache.put("after", "c", "h", "m", "still writable", 1, 1.0)
     assert cache.get("after", "h", "m").text == "still writable"  # type: ignore[union-attr]
     cache.close()
+
+
+def test_a_read_only_cache_file_says_it_is_read_only_and_what_to_do(tmp_path: Path) -> None:
+    # Before: "cannot open the response cache ...: attempt to write a readonly database", hint only data_dir=...
+    cache = ResponseCache(tmp_path / CACHE_FILE)
+    cache.put("k", "c", "h", "m", "kept", 1, 1.0)
+    cache.close()
+    shared = Path(tempfile.mkdtemp(prefix="autoglm-read-only-"))  # in /tmp, which nobody may pass through
+    copy = shared / CACHE_FILE
+    try:
+        shared.chmod(0o755)
+        shutil.copyfile(tmp_path / CACHE_FILE, copy)
+        copy.chmod(0o444)
+        user = textwrap.dedent(f"""
+            import os
+            from workbench.chains.cache import ResponseCache
+            from workbench.errors import StoreError
+            if os.geteuid() == 0:  # root may write any file: be nobody, whom the file keeps out
+                os.setgid(65534)
+                os.setuid(65534)
+            cache = ResponseCache({str(copy)!r})
+            for use in (lambda: cache.get("k", "h", "m"), lambda: cache.put("k2", "c", "h", "m", "t", 1, 1.0)):
+                try:
+                    use()
+                except StoreError as exc:
+                    print(exc.message, "|", exc.hint)
+        """)
+        done = subprocess.run([sys.executable, "-c", user], capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "PYTHONPATH": str(Path(wb.__file__).parent.parent)})
+    finally:
+        shutil.rmtree(shared)
+    assert done.returncode == 0, done.stderr
+    refusals = done.stdout.splitlines()
+    assert len(refusals) == 2
+    for refusal in refusals:
+        message, hint = refusal.split(" | ")
+        assert message.startswith(f"the response cache {str(copy)!r} is read-only here")
+        assert "writable for this user" in hint and "Workbench(data_dir=...)" in hint
 
 
 def test_a_cache_another_process_holds_locked_still_answers_hits_and_model_calls(loaded: wb.Workbench,

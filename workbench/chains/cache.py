@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from workbench.chains.sqlite_store import file_replaced, inode_of, is_damaged, open_wal
+from workbench.chains.sqlite_store import file_replaced, inode_of, is_damaged, is_read_only, open_wal
 from workbench.engine.requests import GenerationParams, Messages
 from workbench.errors import SettingsError, StoreError
 
@@ -284,7 +284,16 @@ class ResponseCache:
         logger.warning("the response cache %s was damaged; it is kept as %s.damaged and a new one starts",
                        self.path, self.path)
 
+    def _read_only(self) -> StoreError:
+        return StoreError(
+            f"the response cache {str(self.path)!r} is read-only here: answers can neither be looked up in it nor "
+            "kept", hint="make the file and its folder writable for this user, or pick a writable directory with "
+            "Workbench(data_dir=...) or $AUTOGLM_DATA_DIR",
+        )
+
     def _failed(self, exc: sqlite3.Error) -> StoreError:
+        if is_read_only(exc):
+            return self._read_only()
         return StoreError(f"the response cache {str(self.path)!r} failed: {exc}",
                           hint=_DAMAGED_HINT if is_damaged(exc) else "another process may hold it locked for long, or "
                           "the disk is full; bench.clear_cache() empties it")
@@ -299,6 +308,8 @@ class ResponseCache:
         try:
             connection = open_wal(self.path, self._timeout_s, _create)
         except (OSError, sqlite3.Error) as exc:
+            if is_read_only(exc):
+                raise self._read_only() from exc
             raise StoreError(
                 f"cannot open the response cache {str(self.path)!r}: {exc}",
                 hint=_DAMAGED_HINT if is_damaged(exc) else
