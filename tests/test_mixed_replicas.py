@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import workbench as wb
+from workbench.engine import engine as engine_module
 from workbench.errors import RemoteError
 from workbench.tracing import attributes as attr
 
@@ -209,3 +210,24 @@ def test_a_bad_replica_entry_says_what_and_where(bench: wb.Workbench, tiny_path:
     with pytest.raises(wb.ModelLoadError, match="cannot reach a model server"):
         bench.load("x", tiny_path, replicas=["cpu", f"http://127.0.0.1:{free_port()}/v1"])
     assert "x" not in bench.registry.names()  # nothing half-made by the refused loads
+
+
+def test_ctrl_c_while_a_replica_connects_closes_the_replicas_connected_before(
+    server: Server, tiny_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No backend here fails to start on its own once its model is loaded: Ctrl-C (a KeyboardInterrupt) arrives
+    # as the second replica's starts. Before, the first replica's (a client of the server's pool) was never closed.
+    made = []
+    start = engine_module.backend_for
+
+    def interrupted_at_the_second(*args: object) -> object:
+        if made:
+            raise KeyboardInterrupt
+        made.append(start(*args))  # type: ignore[arg-type]
+        return made[-1]
+
+    monkeypatch.setattr(engine_module, "backend_for", interrupted_at_the_second)
+    with wb.Workbench(store=wb.InMemoryContextStore()) as bench:
+        with pytest.raises(KeyboardInterrupt):
+            bench.load("m", tiny_path, replicas=[server.url, "cpu"])
+    assert len(made) == 1 and made[0]._closed

@@ -169,8 +169,8 @@ class Engine:
             raise continuous_on_shared(name)
         backends: list[Backend] = []
         try:
-            backends += [backend_for(m, self._tracing, replica_name(name, i, len(models)), len(models))
-                         for i, m in enumerate(models)]
+            for i, m in enumerate(models):  # one by one: a failure (or Ctrl-C) at a replica closes those before it
+                backends.append(backend_for(m, self._tracing, replica_name(name, i, len(models)), len(models)))
             for backend in backends:
                 backend.check(policy)
         except BaseException:
