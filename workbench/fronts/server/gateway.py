@@ -17,8 +17,10 @@ it, or an admin.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import math
+import socket
 import threading
 import time
 import uuid
@@ -76,6 +78,29 @@ Handler = Callable[[Request, "Principal | None"], Awaitable[Response]]
 
 class ServeError(SettingsError):
     """A gateway that cannot start: an unsafe host and auth pairing, a port in use or out of range, a bad limit."""
+
+
+def bound_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (port 0: any free one), not listening yet; a ServeError saying why where
+    it cannot be: the port in use, a host that is no address of this machine, a port only root may take."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        where = f"cannot listen on {host}:{port}"
+        if exc.errno == errno.EADDRINUSE:
+            raise ServeError(f"{where}: the port is in use",
+                             hint="stop what holds it, or pick another port (0: any free one)") from None
+        if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+            raise ServeError(f"{where}: {exc.strerror or exc}",
+                             hint=f"{host!r} is no address of this machine: 127.0.0.1 serves this machine only, "
+                                  "0.0.0.0 every network it is on") from None
+        raise ServeError(f"{where}: {exc.strerror or exc}",
+                         hint="ports below 1024 need root: pick one above (0: any free one)" if exc.errno ==
+                         errno.EACCES else "pick another port (0: any free one)") from None
+    return sock
 
 
 class ServerStopping(ServingError):

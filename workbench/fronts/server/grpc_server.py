@@ -41,7 +41,7 @@ from workbench.fronts.server import chain_pb2_grpc
 from workbench.fronts.server import envelope as env
 from workbench.fronts.server.app import _check_action
 from workbench.fronts.server.envelope import RequestError
-from workbench.fronts.server.gateway import retry_after_s
+from workbench.fronts.server.gateway import bound_socket, retry_after_s
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -276,6 +276,8 @@ class GrpcServer:
         """Listen; an open Auth (no credentials) is refused off loopback."""
         if self._server is None:
             self.gateway.auth.check_host(self.host)
+            if self.port:  # said as for HTTP, where gRPC would also log its own line to stderr (add_port.cc)
+                bound_socket(self.host, self.port).close()
             self.gateway.bench.start(self._open()).result(START_TIMEOUT_S)
         return self
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import itertools
 import signal
 import socket
@@ -18,7 +17,7 @@ import uvicorn
 
 from workbench.errors import did_you_mean
 from workbench.fronts.server.app import create_app, sse_error
-from workbench.fronts.server.gateway import ServeError, ServerStopping
+from workbench.fronts.server.gateway import ServeError, ServerStopping, bound_socket
 from workbench.fronts.server.protocol import head_deadline_protocol
 
 if TYPE_CHECKING:
@@ -203,29 +202,6 @@ def _ended_when_stopped(app: Starlette, server: Server) -> ASGIApp:
             # else a body that began and is not a stream: uvicorn closes the connection, which says it broke off
 
     return serve
-
-
-def bound_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host:port`` (port 0: any free one), not listening yet; a ServeError saying why where
-    it cannot be: the port in use, a host that is no address of this machine, a port only root may take."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        where = f"cannot listen on {host}:{port}"
-        if exc.errno == errno.EADDRINUSE:
-            raise ServeError(f"{where}: the port is in use",
-                             hint="stop what holds it, or pick another port (0: any free one)") from None
-        if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
-            raise ServeError(f"{where}: {exc.strerror or exc}",
-                             hint=f"{host!r} is no address of this machine: 127.0.0.1 serves this machine only, "
-                                  "0.0.0.0 every network it is on") from None
-        raise ServeError(f"{where}: {exc.strerror or exc}",
-                         hint="ports below 1024 need root: pick one above (0: any free one)" if exc.errno ==
-                         errno.EACCES else "pick another port (0: any free one)") from None
-    return sock
 
 
 def check_addresses(host: str, ports: dict[str, int | None]) -> None:
