@@ -615,6 +615,15 @@ def test_a_configuration_adding_a_chain_whose_adapter_the_model_lacks_is_refused
         ("models:\n  tiny: {source: tiny, hang_timeout_s: soon}\n", 2, "models.tiny.hang_timeout_s",
          "must be a number >= 0"),
         ("models:\n  tiny: {device: cpu}\n", 2, "models.tiny.source", "needs a source"),
+        # What a load refuses is refused as the file is read: before, an edit applied it, unloading the model
+        # for a load that then failed.
+        ("models:\n  tiny: {source: tiny, isolation: process, hang_timeout_s: 0.001}\n", 2,
+         "models.tiny.hang_timeout_s", "hang_timeout_s must be a finite number of seconds >= 1, got 0.001"),
+        ("models:\n  tiny:\n    source: tiny\n    read_timeout_s: 0\n", 4, "models.tiny.read_timeout_s",
+         "read_timeout_s must be a finite number of seconds > 0"),
+        ("models:\n  tiny: {source: tiny, isolation: sandbox}\n", 2, "models.tiny.isolation", "isolation must be one"),
+        ("models:\n  tiny: {source: tiny, num_gpus: 1}\n", 2, "models.tiny",
+         "address, num_gpus and num_cpus are settings of engine='ray'"),
         ("modles: {}\n", 1, "modles", "did you mean 'models'"),
         ("chains:\n  qa: 3\n", 2, "chains.qa", "path of its spec file"),
         ("models:\n  a: tiny\n  a: tiny\n", 3, "a", "appears twice"),

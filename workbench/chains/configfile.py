@@ -52,7 +52,7 @@ from workbench.engine.batching import (
     default_policy,
     parse_policy,
 )
-from workbench.errors import ConfigError, SpecError, WorkbenchError, did_you_mean
+from workbench.errors import ConfigError, ModelLoadError, SpecError, WorkbenchError, did_you_mean
 from workbench.knowledge import GraphStore
 from workbench.models.settings import LoadSettings, number_setting
 from workbench.models.tiny import resolve_source
@@ -221,6 +221,13 @@ def _model(name: str, raw: Any, fail: Any) -> ModelEntry:
             raise fail(f"{key} must be {what}, got {value!r:.80}", "models", name, key)
         values[key] = float(value) if isinstance(default, float) else value
     settings = LoadSettings(source=raw["source"].strip(), **values)
+    from workbench.models.registry import check_settings  # torch's import, as the workbench that reads this has
+
+    try:
+        check_settings(settings)  # as the file is read: an edit it refuses unloads nothing
+    except ModelLoadError as exc:
+        field = next((key for key in raw if isinstance(key, str) and exc.message.startswith(f"{key} ")), None)
+        raise fail(exc.message, "models", name, *([field] if field else []), hint=exc.hint) from None
     batching = _batching(raw["batching"], fail, ("models", name, "batching")) if "batching" in raw else None
     balance = None
     if "balance" in raw:

@@ -289,10 +289,7 @@ class ModelRegistry:
     def register(self, name: str, settings: LoadSettings) -> None:
         """Make ``name`` known to chains without loading it yet; settings a load would refuse are refused now, so a
         mistaken registration neither replaces a good one nor waits to fail on first use."""
-        _check_isolation(settings)
-        _check_engine(settings)
-        _check_read_timeout(settings)
-        _check_adapters(settings)
+        check_settings(settings)
         _check_placement(settings)
         with self._lock:
             if name in self._loaded:
@@ -307,10 +304,7 @@ class ModelRegistry:
         ``trigger`` says on the span why it loaded: explicit, on_use, prefetch or eager.
         """
         self.check_free(name)
-        _check_isolation(settings)
-        _check_engine(settings)
-        _check_read_timeout(settings)
-        _check_adapters(settings)
+        check_settings(settings)
         if settings.isolation == "process":
             return self._load_isolated(name, settings, parent, trigger)
         if settings.remote:
@@ -568,6 +562,15 @@ class ModelRegistry:
 # Where a model's replicas run: workers in this process, or Ray actors (engine/backends/ray.py).
 ENGINES = ("local", "ray")
 RAY_DEVICE = "ray"  # a Ray model's device here: its weights are in its actors, each on a device bench.replicas() shows
+
+
+def check_settings(settings: LoadSettings) -> None:
+    """Refuse, with a ModelLoadError naming the setting, load settings that no load could take, whatever the
+    machine: every load and registration checks them first, and a workbench configuration as it reads its file."""
+    _check_isolation(settings)
+    _check_engine(settings)
+    _check_read_timeout(settings)
+    _check_adapters(settings)
 
 
 def _check_engine(settings: LoadSettings) -> None:
