@@ -175,16 +175,18 @@ def test_a_client_that_gives_up_waiting_cancels_its_run(client: httpx.Client, ke
 
     runs = cancelled("chain qa", "interrupted: CancelledError")
     calls = cancelled("text_completion tiny", "cancelled while model 'tiny' ran")
-    bench.inject("tiny", latency_ms=3000)  # neither can finish before the client has gone
+    # Neither can finish before the client has gone; and the client waits long enough for its call to reach the
+    # model even on a busy machine (at 0.5 s the call was once still on its way there when the client left, on CI).
+    bench.inject("tiny", latency_ms=6000)
     try:
         with pytest.raises(httpx.ReadTimeout):
             client.post("/v1/chains/qa/invoke", headers=key(keys, "alice"), json={"inputs": {"question": "Long?"}},
-                        timeout=0.5)
+                        timeout=2.0)
         eventually(lambda: cancelled("chain qa", "interrupted: CancelledError") == runs + 1,
                    "the run of the client that left to be cancelled")
         with pytest.raises(httpx.ReadTimeout):
             client.post("/v1/completions", headers=key(keys, "alice"), json={"model": "tiny", "prompt": "Long?"},
-                        timeout=0.5)
+                        timeout=2.0)
         eventually(lambda: cancelled("text_completion tiny", "cancelled while model 'tiny' ran") == calls + 1,
                    "the model call to be cancelled")
     finally:
