@@ -99,7 +99,7 @@ class Checkpoint:
         where = f"line {number} of the checkpoint file {str(self.path)!r}"
         try:
             entry = json.loads(line, parse_constant=_no_constant)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: arrays nested deeper than Python's stack
             raise WorkloadError(f"{where} is not JSON ({exc}): is it a checkpoint file?", hint=_HINT) from None
         if not isinstance(entry, dict) or entry.get("checkpoint") != FORMAT:
             raise WorkloadError(f"{where} is not a run of a map's checkpoint (format {FORMAT})", hint=_HINT)
