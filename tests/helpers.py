@@ -3,6 +3,7 @@ server-sent events, a real `transformers serve` on the tiny model, and Ray."""
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import os
@@ -11,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -196,6 +198,22 @@ def need_ray() -> Any:
             pytest.fail(f"{reason} ({REQUIRE_RAY} is set)")
         pytest.skip(reason)
     return ray
+
+
+@contextmanager
+def ray_turn() -> Iterator[None]:
+    """This machine's one turn at running Ray for a test module: a module that starts Ray holds it throughout.
+
+    Under ``pytest -n 2`` the two Ray modules (a local Ray; a head and two worker raylets) could start together on
+    the two cores, and Ray's head gave up on its own raylet after its fixed 30 s ("The current node timed out during
+    startup"; CI run 35, on fef7aa5). A file lock, so test runs side by side on one machine take turns too.
+    """
+    with open(Path(tempfile.gettempdir()) / "autoglm-tests-ray.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def ray_runtime_env() -> dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
+from helpers import WAIT_S, eventually, need_ray, ray_runtime_env, ray_turn
 
 import workbench as wb
 from workbench.engine import Call
@@ -22,8 +23,6 @@ from workbench.engine.backends import ray as ray_backend
 from workbench.fronts.arguments import load_model
 from workbench.fronts.notebook.parsers import LoadCommand, parse_command
 from workbench.tracing import attributes as attr
-
-from helpers import WAIT_S, eventually, need_ray, ray_runtime_env
 
 QUESTIONS = [{"question": q} for q in ["What is 2 + 2?", "Why?", "Name a city.", "What is a batch?"]]
 
@@ -49,10 +48,11 @@ def ray() -> Iterator[Any]:
     ray = need_ray()
     # The workers find this checkout's workbench as the workbench's own local Ray's do (no runtime env where they
     # would anyway: one costs each new worker a trip through Ray's runtime-env agent).
-    ray.init(address="local", num_cpus=2, object_store_memory=80 * 2**20, include_dashboard=False, log_to_driver=False,
-             runtime_env=ray_backend.local_runtime_env())
-    yield ray
-    ray.shutdown()
+    with ray_turn():
+        ray.init(address="local", num_cpus=2, object_store_memory=80 * 2**20, include_dashboard=False,
+                 log_to_driver=False, runtime_env=ray_backend.local_runtime_env())
+        yield ray
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import eventually, need_ray, ray_runtime_env, ray_turn
 
 import workbench as wb
 from workbench.engine.backends import ray as ray_backend
 from workbench.tracing import attributes as attr
-
-from helpers import eventually, need_ray, ray_runtime_env
 
 SPEC = {
     "name": "qa",
@@ -43,15 +42,16 @@ def cluster() -> Iterator[tuple[Any, list[Any]]]:
     ray = need_ray()
     from ray.cluster_utils import Cluster
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PYTHONPATH", ray_runtime_env()["env_vars"]["PYTHONPATH"])
-        cluster = Cluster(initialize_head=True,
-                          head_node_args={"num_cpus": 0, "object_store_memory": STORE, "include_dashboard": False})
-        workers = [cluster.add_node(num_cpus=2, object_store_memory=STORE) for _ in range(2)]
-    cluster.wait_for_nodes()
-    yield cluster, workers
-    ray.shutdown()  # the workbench connected this process to the cluster
-    cluster.shutdown()
+    with ray_turn():
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("PYTHONPATH", ray_runtime_env()["env_vars"]["PYTHONPATH"])
+            cluster = Cluster(initialize_head=True,
+                              head_node_args={"num_cpus": 0, "object_store_memory": STORE, "include_dashboard": False})
+            workers = [cluster.add_node(num_cpus=2, object_store_memory=STORE) for _ in range(2)]
+        cluster.wait_for_nodes()
+        yield cluster, workers
+        ray.shutdown()  # the workbench connected this process to the cluster
+        cluster.shutdown()
 
 
 @pytest.fixture(scope="module")
