@@ -6,9 +6,11 @@ import _thread
 import threading
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from helpers import WAIT_S, eventually
 from opentelemetry.trace import INVALID_SPAN
 
 import workbench as wb
@@ -352,3 +354,37 @@ def test_ctrl_c_during_a_blocking_call_returns_at_once_and_stops_its_row(
     batch = [s for s in spans if s.name == "batch tiny"
              and any(link.context.span_id == stopped.context.span_id for link in s.links)]
     assert all(b.attributes[attr.BATCH_STEPS] < 400 for b in batch)  # its row stopped, if a batch had taken it
+
+
+def test_a_cancelled_row_stops_alone_in_a_padded_batch_and_a_lone_request_stops_its_generate(tiny_path: Path) -> None:
+    # A batch of one stops at the step after its request is cancelled (the step clock ends its generate); in a batch
+    # of several, only the cancelled row stops (a stopping criterion) and its batch-mate runs on to the same answer
+    # it gives alone.
+    from workbench.tracing import attributes as attr
+
+    params = GenerationParams(max_new_tokens=400, temperature=5.0, seed=0)  # seeded so that it runs to 400 tokens
+    with wb.Workbench() as bench:
+        bench.load("tiny", tiny_path, device="cpu")
+        alone = bench.engine.generate("tiny", "Hello", params)
+        assert alone.tokens_out == 400
+
+        def batches_of(span_id: int) -> list[Any]:
+            return [s for s in bench.traces().spans if s.name == "batch tiny"
+                    and any(link.context.span_id == span_id for link in s.links)]
+
+        with pytest.raises(wb.HopTimeout):
+            bench.engine.call("tiny", "Hello", params, timeout_s=0.2)
+        (stopped,) = [s for s in bench.traces().spans if s.attributes.get(attr.CANCELLED) == "running"]
+        eventually(lambda: len(batches_of(stopped.context.span_id)) == 1, "the lone request's batch to end")
+        assert batches_of(stopped.context.span_id)[0].attributes[attr.BATCH_STEPS] < 400
+
+        bench.set_batching("tiny", wb.DynamicBatching(max_batch=2, max_wait_ms=5_000))  # the two run as one batch
+        mate = bench.engine.submit("tiny", "Hello", params)
+        with pytest.raises(wb.HopTimeout):
+            bench.engine.call("tiny", "Hello", params, timeout_s=0.2)
+        answer = mate.future.result(timeout=WAIT_S)
+        assert (answer.text, answer.tokens_out, answer.batch_size) == (alone.text, 400, 2)
+        (cut,) = [s for s in bench.traces().spans
+                  if s.attributes.get(attr.CANCELLED) == "running" and s.context.span_id != stopped.context.span_id]
+        (batch,) = batches_of(cut.context.span_id)
+        assert batch.attributes[attr.BATCH_STEPS] == 400  # the batch went on for its mate
