@@ -79,20 +79,28 @@ def test_a_lean_span_exports_what_an_sdk_span_would() -> None:
 
 
 def test_a_lean_span_joins_a_remote_parent_and_tells_processors_it_started() -> None:
-    started: list[str] = []
+    started: list[tuple[str, Any]] = []
 
     class Starts(SpanProcessor):
         def on_start(self, span: Any, parent_context: Context | None = None) -> None:
-            started.append(span.name)  # the live span, as the SDK passes it
+            started.append((span.name, parent_context))  # the live span, as the SDK passes it
 
     provider = SpanProvider(sampler=ALWAYS_ON)
     provider.add_span_processor(Starts())
     remote = trace.SpanContext(0x1234, 0x5678, is_remote=True, trace_flags=trace.TraceFlags(1))
     context = trace.set_span_in_context(trace.NonRecordingSpan(remote))
     span = provider.start_span("served", context, InstrumentationScope("t"), links=[Link(remote)])
-    assert started == ["served"]
+    assert started == [("served", context)]
     assert span.get_span_context().trace_id == 0x1234 and span.parent == remote
     assert [link.context for link in span.links] == [remote]
+    # Started under a span itself (the workbench's own path, no Context built for quiet processors), a processor that
+    # hears starts still gets a context holding the parent.
+    child = provider.start_span("hop", span, InstrumentationScope("t"))
+    assert started[-1][0] == "hop" and trace.get_current_span(started[-1][1]) is span
+    assert child.parent == span.get_span_context() and child.context.trace_id == 0x1234
+    child.add_link(remote)  # its first link, after a start with none
+    assert [link.context for link in child.links] == [remote] and child.dropped_links == 0
+    child.end()
     span.end()
 
 

@@ -27,6 +27,7 @@ from opentelemetry import trace
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import Event, ReadableSpan, SpanLimits, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.util import BoundedList
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
@@ -38,7 +39,13 @@ from workbench.errors import clipped
 _PLAIN = frozenset({str, int, float, bool})
 _LISTS = frozenset({list, tuple})
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_UNSET = Status(StatusCode.UNSET)  # a Status is never changed in place: every new span may start with this one
 _ids = RandomIdGenerator()
+
+
+# The span processors whose on_start does nothing (the SDK's base class, its batch and simple processors): a span
+# started with none but these builds no Context for them.
+_QUIET_STARTS = frozenset({SpanProcessor.on_start, BatchSpanProcessor.on_start, SimpleSpanProcessor.on_start})
 
 
 class SpanProvider(TracerProvider):
@@ -46,34 +53,44 @@ class SpanProvider(TracerProvider):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.processors: tuple[SpanProcessor, ...] = ()
+        self._starters: tuple[SpanProcessor, ...] = ()  # those that hear a span start (see _QUIET_STARTS)
         super().__init__(*args, **kwargs)
         self.limits = SpanLimits()  # OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT and friends, read from the environment once
 
     def add_span_processor(self, span_processor: SpanProcessor) -> None:
         super().add_span_processor(span_processor)
         self.processors = (*self.processors, span_processor)  # a new tuple: a span ending now reads the old one
+        if type(span_processor).on_start not in _QUIET_STARTS:
+            self._starters = (*self._starters, span_processor)
 
     def start_span(
         self,
         name: str,
-        context: Context,
+        parent: trace.Span | Context,
         scope: InstrumentationScope,
         attributes: Mapping[str, Any] | None = None,
         links: Sequence[Link] = (),
         start_time: int | None = None,
     ) -> LeanSpan:
-        """Start a span under the span ``context`` holds (a new trace if none), always sampled, as ALWAYS_ON does."""
-        parent = trace.get_current_span(context).get_span_context()
-        if parent.is_valid:
-            span_context = SpanContext(parent.trace_id, _ids.generate_span_id(), is_remote=False,
-                                       trace_flags=_SAMPLED, trace_state=parent.trace_state)
+        """Start a span under ``parent``, a span or the span a context holds (a new trace if none), always sampled, as
+        ALWAYS_ON does."""
+        context = None if isinstance(parent, trace.Span) else parent
+        parent_span = parent if context is None else trace.get_current_span(context)
+        parent_context: SpanContext | None = parent_span.get_span_context()
+        if parent_context.is_valid:  # type: ignore[union-attr]
+            span_context = SpanContext(parent_context.trace_id, _ids.generate_span_id(),  # type: ignore[union-attr]
+                                       is_remote=False, trace_flags=_SAMPLED,
+                                       trace_state=parent_context.trace_state)  # type: ignore[union-attr]
         else:
-            parent = None
+            parent_context = None
             span_context = SpanContext(_ids.generate_trace_id(), _ids.generate_span_id(), is_remote=False,
                                        trace_flags=_SAMPLED)
-        span = LeanSpan(name, span_context, parent, self, scope, attributes, links, start_time)
-        for processor in self.processors:
-            processor.on_start(span, parent_context=context)
+        span = LeanSpan(name, span_context, parent_context, self, scope, attributes, links, start_time)
+        if self._starters:
+            if context is None:
+                context = trace.set_span_in_context(parent_span)  # type: ignore[arg-type]
+            for processor in self._starters:
+                processor.on_start(span, parent_context=context)
         return span
 
 
@@ -96,13 +113,14 @@ class LeanSpan(trace.Span, ReadableSpan):
         self._max_attributes = limits.max_span_attributes
         self._max_length = limits.max_span_attribute_length
         # Events and links in the SDK's own bounded lists: the oldest go when full, and exporters see the count.
+        # Events and links: an empty tuple until the first one (most spans have neither), then a BoundedList.
         ReadableSpan.__init__(
             self, name, context=context, parent=parent, resource=provider.resource, attributes={},
-            events=BoundedList(limits.max_events),
+            events=(),
             links=BoundedList.from_seq(limits.max_links, [_bounded_link(link, limits) for link in links
-                                                         if link.context.is_valid]),
+                                                         if link.context.is_valid]) if links else (),
             kind=SpanKind.INTERNAL,
-            status=Status(StatusCode.UNSET), start_time=start_time if start_time is not None else time.time_ns(),
+            status=_UNSET, start_time=start_time if start_time is not None else time.time_ns(),
             instrumentation_scope=scope,
         )
         self._processors = provider.processors
@@ -148,10 +166,14 @@ class LeanSpan(trace.Span, ReadableSpan):
                               for key, value in attributes.items()}
             cleaned = BoundedAttributes(self._limits.max_event_attributes, attributes,
                                         max_value_len=self._limits.max_attribute_length)
+            if type(self._events) is tuple:
+                self._events = BoundedList(self._limits.max_events)
             self._events.append(Event(name, cleaned, timestamp if timestamp is not None else time.time_ns()))  # type: ignore[attr-defined]
 
     def add_link(self, context: SpanContext, attributes: types.Attributes = None) -> None:
         if self._end_time is None and context.is_valid:
+            if type(self._links) is tuple:
+                self._links = BoundedList(self._limits.max_links)
             self._links.append(_bounded_link(Link(context, attributes), self._limits))  # type: ignore[attr-defined]
 
     def update_name(self, name: str) -> None:

@@ -146,20 +146,17 @@ class Tracing:
 
         A new trace is the engine's unless ``run`` (a chain run's root); a child joins its parent's.
         """
-        if isinstance(parent, Span):
-            context: Context | None = trace.set_span_in_context(parent)
-        elif parent is None:
-            context = Context()  # a fresh root, whatever is ambient in this thread
-        else:
-            context = parent
         if parent is None:
             provider = self.provider if run else self.engine_provider
+            under: Span | Context = Context()  # a fresh root, whatever is ambient in this thread
         else:
             # A remote parent (no resource of ours) came with a request: that is a run's trace.
-            resource = getattr(trace.get_current_span(context), "resource", None)
+            under = parent
+            held = parent if isinstance(parent, Span) else trace.get_current_span(parent)
+            resource = getattr(held, "resource", None)
             provider = self.engine_provider if resource is self.engine_provider.resource else self.provider
         # The workbench's own span type (see lean.py): the same API and processors, a cheaper attribute path.
-        return provider.start_span(name, context, self._scope, attributes, links, start_time)
+        return provider.start_span(name, under, self._scope, attributes, links, start_time)
 
     @contextmanager
     def span(
