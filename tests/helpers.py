@@ -216,6 +216,26 @@ def ray_turn() -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def ray_started(ray: Any, start: Callable[[], Any]) -> Any:
+    """``start()`` (a ray.init, a test Cluster), once more if Ray's own start timed out, as the workbench's own local
+    start does (LOCAL_START_ATTEMPTS in workbench/engine/backends/ray.py): on a busy machine Ray's raylet may abort
+    before its dashboard agent, slow to import, writes its port. What the failed start left running is stopped first.
+    """
+    try:
+        return start()
+    except Exception as exc:
+        if "timed out during startup" not in str(exc):
+            raise
+    import psutil
+
+    ray.shutdown()
+    left = [p for p in psutil.Process().children(recursive=True) if "ray" in " ".join(p.cmdline())]
+    for process in left:
+        process.kill()
+    psutil.wait_procs(left, timeout=30)
+    return start()
+
+
 def ray_runtime_env() -> dict[str, Any]:
     """What Ray's workers need to import this checkout's workbench: it on their PYTHONPATH."""
     root = str(Path(__file__).resolve().parents[1])

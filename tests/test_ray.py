@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from helpers import WAIT_S, eventually, need_ray, ray_runtime_env, ray_turn
+from helpers import WAIT_S, eventually, need_ray, ray_runtime_env, ray_started, ray_turn
 
 import workbench as wb
 from workbench.engine import Call
@@ -49,8 +49,9 @@ def ray() -> Iterator[Any]:
     # The workers find this checkout's workbench as the workbench's own local Ray's do (no runtime env where they
     # would anyway: one costs each new worker a trip through Ray's runtime-env agent).
     with ray_turn():
-        ray.init(address="local", num_cpus=2, object_store_memory=80 * 2**20, include_dashboard=False,
-                 log_to_driver=False, runtime_env=ray_backend.local_runtime_env())
+        ray_started(ray, lambda: ray.init(address="local", num_cpus=2, object_store_memory=80 * 2**20,
+                                          include_dashboard=False, log_to_driver=False,
+                                          runtime_env=ray_backend.local_runtime_env()))
         yield ray
         ray.shutdown()
 
@@ -437,3 +438,38 @@ def test_after_the_user_shuts_ray_down_a_ray_model_says_so_and_no_ray_is_started
     assert raised[1].startswith("raised: CircuitOpen | ") and "was shut down (ray.shutdown()" in raised[1]
     assert "ray started behind the user's back: False" in done.stdout
     assert "unloaded" in done.stdout
+
+
+def test_a_local_ray_whose_start_timed_out_is_started_again(tiny_path: Path, tmp_path: Path) -> None:
+    # Ray's raylet waits a fixed 15 s for its dashboard agent to write its port; a busy machine's agent took longer
+    # (CI, two workers on two cores), the raylet aborted, and bench.load(engine="ray") raised Ray's bare Exception
+    # "The current node timed out during startup". Here the first agent is made slow on purpose (a sitecustomize);
+    # the workbench starts its local Ray again, and the model loads and answers.
+    need_ray()
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text(textwrap.dedent(f"""
+        import os, sys, time
+        if any("dashboard" in a and a.endswith("agent.py") for a in sys.argv):
+            try:
+                os.mkdir({str(tmp_path / "slowed")!r})  # only the first start's agent is slow
+            except FileExistsError:
+                pass
+            else:
+                time.sleep(25)
+    """))
+    script = textwrap.dedent(f"""
+        import logging
+        import workbench as wb
+        logging.basicConfig(level=logging.WARNING)
+        with wb.Workbench(store=wb.InMemoryContextStore()) as bench:
+            bench.load("m", {str(tiny_path)!r}, device="cpu", engine="ray")
+            print("tokens:", bench.generate("m", "Hello", max_new_tokens=2).tokens_out)
+    """)
+    paths = os.pathsep.join([str(slow), ray_runtime_env()["env_vars"]["PYTHONPATH"]])
+    done = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=300,
+                          env=os.environ | {"PYTHONPATH": paths})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "tokens: 2" in done.stdout
+    assert (tmp_path / "slowed").is_dir()  # the first start did meet the slow agent
+    assert "a local Ray did not start (The current node timed out during startup" in done.stderr

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import eventually, need_ray, ray_runtime_env, ray_turn
+from helpers import eventually, need_ray, ray_runtime_env, ray_started, ray_turn
 
 import workbench as wb
 from workbench.engine.backends import ray as ray_backend
@@ -45,8 +45,8 @@ def cluster() -> Iterator[tuple[Any, list[Any]]]:
     with ray_turn():
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("PYTHONPATH", ray_runtime_env()["env_vars"]["PYTHONPATH"])
-            cluster = Cluster(initialize_head=True,
-                              head_node_args={"num_cpus": 0, "object_store_memory": STORE, "include_dashboard": False})
+            cluster = ray_started(ray, lambda: Cluster(initialize_head=True, head_node_args={
+                "num_cpus": 0, "object_store_memory": STORE, "include_dashboard": False}))
             workers = [cluster.add_node(num_cpus=2, object_store_memory=STORE) for _ in range(2)]
         cluster.wait_for_nodes()
         yield cluster, workers

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import queue
 import subprocess
@@ -41,6 +42,8 @@ from workbench.models.registry import LoadedModel
 from workbench.models.settings import LoadSettings
 from workbench.tracing import Tracing, mark_error
 from workbench.tracing import attributes as attr
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from workbench.engine.batching import BatchingPolicy
@@ -92,8 +95,20 @@ def connect(settings: LoadSettings) -> Any:
     # A local Ray's workers start from this machine's files; a cluster's image brings its own install.
     runtime_env = local_runtime_env() if settings.address is None else None
     try:
-        ray.init(address=settings.address, include_dashboard=False, runtime_env=runtime_env,
-                 log_to_driver=False, configure_logging=False)
+        for attempt in range(LOCAL_START_ATTEMPTS if settings.address is None else 1):
+            try:
+                ray.init(address=settings.address, include_dashboard=False, runtime_env=runtime_env,
+                         log_to_driver=False, configure_logging=False)
+                break
+            except Exception as exc:
+                if not _start_timed_out(exc):
+                    raise
+                ray.shutdown()  # what the failed start left running
+                if attempt + 1 == LOCAL_START_ATTEMPTS:
+                    raise RuntimeError(
+                        f"{exc} (Ray's raylet waits a fixed 15 s for its own helper processes to start, and on a busy "
+                        f"machine they can take longer; {LOCAL_START_ATTEMPTS} starts failed so)") from exc
+                log.warning("a local Ray did not start (%s); starting it again", exc)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {settings.address!r}" if settings.address else "a local Ray"
         raise ModelLoadError(
@@ -104,6 +119,18 @@ def connect(settings: LoadSettings) -> Any:
     with _connection_lock:
         _ours = (settings.address, _gcs(ray))
     return ray
+
+
+# A local Ray's start that timed out is tried this many times in all: its raylet gives its dashboard agent a fixed
+# 15 s to write its port (not RAY_agent_register_timeout_ms, in Ray 2.60), and on a busy machine the agent's imports
+# can take longer, which aborts the raylet and the start (seen under a full test suite on two cores). Ray's own files
+# are in the page cache the second time.
+LOCAL_START_ATTEMPTS = 2
+
+
+def _start_timed_out(exc: BaseException) -> bool:
+    """Whether ``exc`` is Ray's own "the current node timed out during startup" (a plain Exception, in Ray 2.60)."""
+    return "timed out during startup" in str(exc)
 
 
 def local_runtime_env() -> dict[str, Any] | None:
