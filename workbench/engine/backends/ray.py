@@ -95,7 +95,8 @@ def connect(settings: LoadSettings) -> Any:
     # A local Ray's workers start from this machine's files; a cluster's image brings its own install.
     runtime_env = local_runtime_env() if settings.address is None else None
     try:
-        for attempt in range(LOCAL_START_ATTEMPTS if settings.address is None else 1):
+        attempts = LOCAL_START_ATTEMPTS if settings.address is None else 1  # a cluster's start is not ours to redo
+        for attempt in range(attempts):
             try:
                 ray.init(address=settings.address, include_dashboard=False, runtime_env=runtime_env,
                          log_to_driver=False, configure_logging=False)
@@ -104,18 +105,19 @@ def connect(settings: LoadSettings) -> Any:
                 if not _start_timed_out(exc):
                     raise
                 ray.shutdown()  # what the failed start left running
-                if attempt + 1 == LOCAL_START_ATTEMPTS:
+                if attempt + 1 == attempts:
                     raise RuntimeError(
                         f"{exc} (Ray's raylet waits a fixed 15 s for its own helper processes to start, and on a busy "
-                        f"machine they can take longer; {LOCAL_START_ATTEMPTS} starts failed so)") from exc
+                        f"machine they can take longer; {attempts} start(s) failed so)") from exc
                 log.warning("a local Ray did not start (%s); starting it again", exc)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {settings.address!r}" if settings.address else "a local Ray"
-        raise ModelLoadError(
-            f"could not start or reach {where}: {type(exc).__name__}: {exc}",
-            hint="check the address (ray://HEAD:10001 for a remote cluster, 'auto' for one started with ray start "
-            "on this machine), or leave it out for a local Ray",
-        ) from exc
+        hint = ("check the address (ray://HEAD:10001 for a remote cluster, 'auto' for one started with ray start "
+                "on this machine), or leave it out for a local Ray")
+        if settings.address is None and _start_timed_out(exc):
+            hint = ("load it again when the machine is less busy, or start Ray yourself (ray start --head) and load "
+                    "with address='auto'")
+        raise ModelLoadError(f"could not start or reach {where}: {type(exc).__name__}: {exc}", hint=hint) from exc
     with _connection_lock:
         _ours = (settings.address, _gcs(ray))
     return ray
