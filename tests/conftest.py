@@ -10,10 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import Server, machine_turn, serve_command, start_server
 
 import workbench as wb
-
-from helpers import Server, serve_command, start_server
 
 DATA_DIR = "AUTOGLM_DATA_DIR"
 _run_data_dir = pytest.StashKey["str | None"]()
@@ -45,6 +44,14 @@ def _module_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(DATA_DIR, str(path))
         yield path
+
+
+@pytest.fixture(autouse=True)
+def _machine_turn(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Each test holds a shared turn on the machine; one marked machine_alone (it starts a Ray of its own) waits for
+    the tests beside it to end and runs alone (see helpers.machine_turn)."""
+    with machine_turn(alone=request.node.get_closest_marker("machine_alone") is not None):
+        yield
 
 
 @pytest.fixture(autouse=True)

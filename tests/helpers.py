@@ -216,24 +216,48 @@ def ray_turn() -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+@contextmanager
+def machine_turn(alone: bool) -> Iterator[None]:
+    """A turn on this machine: every test holds a shared one (conftest.py); what must not compete for the CPU while
+    it starts (Ray: its raylet gives its own agent a fixed 15 s, see ray_started) waits for the tests running beside
+    it to end and keeps others from starting until it is done. A file lock, so test runs side by side take turns too.
+    """
+    with open(Path(tempfile.gettempdir()) / "autoglm-tests-machine.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def ray_started(ray: Any, start: Callable[[], Any]) -> Any:
     """``start()`` (a ray.init, a test Cluster), once more if Ray's own start timed out, as the workbench's own local
     start does (LOCAL_START_ATTEMPTS in workbench/engine/backends/ray.py): on a busy machine Ray's raylet may abort
     before its dashboard agent, slow to import, writes its port. What the failed start left running is stopped first.
     """
-    try:
-        return start()
-    except Exception as exc:
-        if "timed out during startup" not in str(exc):
-            raise
-    import psutil
+    with machine_turn(alone=True):
+        try:
+            return start()
+        except Exception as exc:
+            if "timed out during startup" not in str(exc):
+                raise
+        import psutil
 
-    ray.shutdown()
-    left = [p for p in psutil.Process().children(recursive=True) if "ray" in " ".join(p.cmdline())]
-    for process in left:
-        process.kill()
-    psutil.wait_procs(left, timeout=30)
-    return start()
+        ray.shutdown()
+        left = []
+        for process in psutil.Process().children(recursive=True):
+            try:
+                if "ray" in " ".join(process.cmdline()):
+                    left.append(process)
+            except psutil.Error:  # gone, or a zombie (a raylet that aborted): nothing to stop
+                continue
+        for process in left:
+            try:
+                process.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(left, timeout=30)
+        return start()
 
 
 def ray_runtime_env() -> dict[str, Any]:

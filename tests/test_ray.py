@@ -369,6 +369,7 @@ def test_a_request_that_times_out_while_an_actor_runs_it_stops_its_row_there(
         bench.unload("timed", forget=True)
 
 
+@pytest.mark.machine_alone
 def test_a_ray_the_workbench_started_refuses_another_address_and_stops_when_the_workbench_closes(
     tiny_path: Path,
 ) -> None:
@@ -403,6 +404,7 @@ def test_a_ray_the_workbench_started_refuses_another_address_and_stops_when_the_
     assert "connected after close: False" in out and "ray processes left: []" in out
 
 
+@pytest.mark.machine_alone
 def test_after_the_user_shuts_ray_down_a_ray_model_says_so_and_no_ray_is_started_behind_their_back(
     tiny_path: Path,
 ) -> None:
@@ -440,6 +442,7 @@ def test_after_the_user_shuts_ray_down_a_ray_model_says_so_and_no_ray_is_started
     assert "unloaded" in done.stdout
 
 
+@pytest.mark.machine_alone
 def test_a_local_ray_whose_start_timed_out_is_started_again(tiny_path: Path, tmp_path: Path) -> None:
     # Ray's raylet waits a fixed 15 s for its dashboard agent to write its port; a busy machine's agent took longer
     # (CI, two workers on two cores), the raylet aborted, and bench.load(engine="ray") raised Ray's bare Exception

@@ -45,9 +45,13 @@ def cluster() -> Iterator[tuple[Any, list[Any]]]:
     with ray_turn():
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("PYTHONPATH", ray_runtime_env()["env_vars"]["PYTHONPATH"])
-            cluster = ray_started(ray, lambda: Cluster(initialize_head=True, head_node_args={
-                "num_cpus": 0, "object_store_memory": STORE, "include_dashboard": False}))
-            workers = [cluster.add_node(num_cpus=2, object_store_memory=STORE) for _ in range(2)]
+
+            def start() -> tuple[Any, list[Any]]:
+                cluster = Cluster(initialize_head=True,
+                                  head_node_args={"num_cpus": 0, "object_store_memory": STORE, "include_dashboard": False})
+                return cluster, [cluster.add_node(num_cpus=2, object_store_memory=STORE) for _ in range(2)]
+
+            cluster, workers = ray_started(ray, start)
         cluster.wait_for_nodes()
         yield cluster, workers
         ray.shutdown()  # the workbench connected this process to the cluster
