@@ -221,9 +221,19 @@ def machine_turn(alone: bool) -> Iterator[None]:
     """A turn on this machine: every test holds a shared one (conftest.py); what must not compete for the CPU while
     it starts (Ray: its raylet gives its own agent a fixed 15 s, see ray_started) waits for the tests running beside
     it to end and keeps others from starting until it is done. A file lock, so test runs side by side take turns too.
+
+    Whoever waits for the machine alone is let in next: each turn passes a gate first (a second lock), and one that
+    waits to be alone keeps the gate shut until it is in. Without the gate a Linux flock lets shared turns in as long as
+    one is held, and a worker taking its tests' turns back to back could keep the other waiting for all of them.
     """
-    with open(Path(tempfile.gettempdir()) / "autoglm-tests-machine.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+    folder = Path(tempfile.gettempdir())
+    with open(folder / "autoglm-tests-machine.lock", "a") as lock, \
+            open(folder / "autoglm-tests-machine.gate", "a") as gate:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(gate, fcntl.LOCK_UN)
         try:
             yield
         finally:
