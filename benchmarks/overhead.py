@@ -12,7 +12,8 @@ chain; the headline is the median over pairs of workbench / by hand, with min an
 
 Before the headline it says where the workbench's time outside ``generate`` goes, segment by
 segment, read off the run's own spans (chain, hop, request and batch spans, and the batch's
-prefill and decode times), beside the by-hand path's time outside its ``generate`` calls.
+prefill and decode times), beside the by-hand path's time outside its ``generate`` calls, and the floor
+of the design: the same thread hand-offs timed with no work in them.
 
 On a shared machine the median still wanders by a few percent from run to run; more pairs,
 or pinning the process to one core with one torch thread, give a steadier figure.
@@ -25,10 +26,14 @@ or pinning the process to one core with one torch thread, give a steadier figure
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
+import queue
 import statistics
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -186,6 +191,43 @@ def breakdown(bench: wb.Workbench, calls: list[tuple[int, int, wb.Run]]) -> tupl
     return segments, outside
 
 
+def handoff_floor(chains: int = 2000) -> list[float]:
+    """Microseconds per chain of the demo chain's thread hand-offs alone, with no work in them: the caller to an event
+    loop on its own thread, the loop to a model worker thread and back (twice, one per LLM hop), the loop to a pool
+    thread and back (the Python hop), the loop back to the caller. What no chain on this design can go below here."""
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    jobs: queue.SimpleQueue[asyncio.Future[int] | None] = queue.SimpleQueue()
+
+    def worker() -> None:
+        while (done := jobs.get()) is not None:
+            loop.call_soon_threadsafe(done.set_result, 1)
+
+    threading.Thread(target=worker, daemon=True).start()
+    pool = ThreadPoolExecutor(1)
+
+    async def model() -> int:
+        done = loop.create_future()
+        jobs.put(done)
+        return await done
+
+    async def chain() -> None:
+        await model()
+        await model()
+        await loop.run_in_executor(pool, int)
+
+    took = []
+    for i in range(chains + chains // 10):
+        started = time.perf_counter()
+        asyncio.run_coroutine_threadsafe(chain(), loop).result()
+        if i >= chains // 10:  # the first tenth warms up
+            took.append((time.perf_counter() - started) * 1e6)
+    jobs.put(None)
+    pool.shutdown()
+    loop.call_soon_threadsafe(loop.stop)
+    return took
+
+
 def usable_cpus() -> int:
     """CPUs this process may run on (fewer than the machine's under ``taskset``)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -289,6 +331,11 @@ def main(argv: list[str] | None = None) -> None:
         print("  the workbench's, from its spans (LLM hops summed):")
         for name, values in segments.items():
             print(f"    {name:<50} {statistics.median(values):7.0f}")
+        floor = statistics.median(handoff_floor())
+        hand_p50 = statistics.median(seconds["by hand"]) * 1e6
+        print(f"  the same thread hand-offs with no work in them (caller -> loop, loop -> worker -> loop twice,"
+              f" loop -> pool -> loop, loop -> caller): p50 {floor:.0f} us, so no chain of this design goes"
+              f" below {1 + floor / hand_p50:.3f} of by hand here")
         print(
             f"\noverhead ratio (workbench / by hand): median {statistics.median(ratios):.3f}"
             f" [min {min(ratios):.2f}, max {max(ratios):.2f}] over {len(ratios)} pairs"
