@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from workbench.bench import Workbench
+    from workbench.chains.cache import ResponseCache
     from workbench.chains.chain import Chain
 
 log = logging.getLogger(__name__)
@@ -765,7 +766,8 @@ def compare(
     the chain's models with replicas (the table's ``replica_load`` and :meth:`Comparison.replica_load`
     say how each policy spread the calls). ``cache`` items are ``"off"``, ``"exact"``, ``"prefix"`` and
     ``"exact+prefix"``: the chain's LLM hops run with that ``cache:`` in place of their own (``exact`` only on
-    greedy hops, ``prefix`` only on prompts with fixed leading text), each pass starting from empty caches; the
+    greedy hops, ``prefix`` only on prompts with fixed leading text), each pass starting from empty caches (the
+    warm-up runs' answers are dropped before the measured runs, which would otherwise hit on them); the
     table adds ``cache_hit_rate`` (exact hits per lookup), ``prefix_tokens_reused`` (per model call) and
     ``prefix_kv_mb`` (the prefix KV held at the end of a pass). An exact hit calls no model, so TTFT and TPOT
     are over the calls that missed. ``None`` leaves that axis as the workbench has it (a chain's own ``cache:`` hops
@@ -939,6 +941,7 @@ def _one_pass(
     with ExitStack() as stack:
         if strategy.cache is not None:
             chain = _with_cache(chain, strategy.cache)
+        scratch = None
         if any(hop.cache.exact or hop.cache.prefix for hop in chain.spec.hops):
             # Each pass starts cold, so its hits are its own inputs' repeats: prefixes are prefilled again, and
             # answers go to a scratch cache (the user's stored answers stay, and are not read). So also without
@@ -946,7 +949,7 @@ def _one_pass(
             for name in models:
                 if bench.registry.is_loaded(name):
                     bench.engine.clear_prefix_caches(name)
-            stack.enter_context(_scratch_cache(bench))
+            scratch = stack.enter_context(_scratch_cache(bench))
         with _MemoryWatch(bench) as memory:
             started_ns = time.time_ns()
             if strategy.preloading is not None:
@@ -954,12 +957,14 @@ def _one_pass(
                     bench.prepare(chain)
                 except ModelLoadError:  # as under lazy: each run loads on use, fails, and is counted with its error
                     log.debug("preparing chain %r for a pass failed", chain.name, exc_info=True)
-            result = workload.run(chain)
+            # The warm-up runs are the first inputs again: their answers, left in the scratch cache, would answer the
+            # measured runs of those inputs (a prefix, shared by every input, stays prefilled: that is warm state).
+            result = workload.run(chain, after_warmup=scratch.clear if scratch is not None else None)
     return started_ns, result, memory.weights_peak, memory.cuda_peak
 
 
 @contextmanager
-def _scratch_cache(bench: Workbench) -> Iterator[None]:
+def _scratch_cache(bench: Workbench) -> Iterator[ResponseCache]:
     """The workbench's exact response cache swapped for an empty one in a temporary directory, for the block."""
     from workbench.chains.cache import CACHE_FILE, ResponseCache
 
@@ -967,7 +972,7 @@ def _scratch_cache(bench: Workbench) -> Iterator[None]:
         scratch = ResponseCache(Path(folder) / CACHE_FILE)
         previous = bench.use_cache(scratch)
         try:
-            yield
+            yield scratch
         finally:
             bench.use_cache(previous)
             scratch.close()

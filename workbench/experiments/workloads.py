@@ -8,7 +8,7 @@ import math
 import numbers
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -165,21 +165,26 @@ class Workload(ABC):
     async def _measure(self, runs: _Pass) -> tuple[list[Run], list[int], int]:
         """Start the measured runs; return them, their arrival times, and when the measurement began."""
 
-    def run(self, chain: Chain) -> WorkloadResult:
+    def run(self, chain: Chain, *, after_warmup: Callable[[], None] | None = None) -> WorkloadResult:
         """Run the warm-up, then the measured runs; a failing run is kept with its error, not raised.
 
-        The runs walk on the workbench's event loop; a Ctrl-C starts no further run and raises at once.
+        ``after_warmup``, if given, is called once the warm-up runs have finished and before the first measured run
+        starts (a comparison empties its scratch cache there). The runs walk on the workbench's event loop; a Ctrl-C
+        starts no further run and raises at once.
         """
         self.check(chain)
         runs = _Pass(chain, self._threads())
         try:
-            return chain.bench.run_sync(self._run(runs), on_interrupt=runs.stop)  # type: ignore[attr-defined]
+            return chain.bench.run_sync(  # type: ignore[attr-defined]
+                self._run(runs, after_warmup), on_interrupt=runs.stop)
         except Interrupted:  # a hop raised KeyboardInterrupt
             raise KeyboardInterrupt from None
 
-    async def _run(self, runs: _Pass) -> WorkloadResult:
+    async def _run(self, runs: _Pass, after_warmup: Callable[[], None] | None) -> WorkloadResult:
         try:
             warm = await runs.gather(runs.one(i) for i in self.warmup_inputs())
+            if after_warmup is not None:
+                after_warmup()
             measured, arrivals, started = await self._measure(runs)
         except BaseException:
             runs.stop()  # the runs still queued behind this one start no more
