@@ -56,6 +56,16 @@ def test_an_arrival_rate_that_is_no_finite_number_above_zero_is_refused(rate: ob
     assert wb.PoissonArrivals([{"q": "a"}], rate=np.int64(20)).rate == 20  # numpy's numbers are numbers
 
 
+@pytest.mark.parametrize("seed", [-1, 1.5, "7", True, None])
+def test_an_arrival_seed_that_is_no_whole_number_is_refused_before_any_run(qa: wb.Chain, seed: object) -> None:
+    """numpy's own ValueError or TypeError came out of the first pass's measurement, after its warm-up had run."""
+    with pytest.raises(wb.WorkloadError, match=f"seed must be (a whole number|at least 0), not {re.escape(repr(seed))}"):
+        wb.PoissonArrivals([{"q": "a"}], rate=5, seed=seed)  # type: ignore[arg-type]
+    with pytest.raises(wb.WorkloadError, match="seed"):
+        wb.compare(qa, QUESTIONS, arrival_rate=50, seed=seed, repeats=1, progress=False)  # type: ignore[arg-type]
+    assert wb.PoissonArrivals([{"q": "a"}], rate=5, seed=np.int64(3)).seed == 3  # numpy's numbers are numbers
+
+
 def test_poisson_arrivals_are_seeded_and_reproducible() -> None:
     inputs = [{"question": "q"}] * 2000
     arrivals = wb.PoissonArrivals(inputs, rate=50.0, seed=7).arrival_times()

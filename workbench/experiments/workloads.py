@@ -254,6 +254,8 @@ class PoissonArrivals(Workload):
         if isinstance(self.rate, bool) or not isinstance(self.rate, numbers.Real) or not 0 < self.rate < math.inf:
             raise WorkloadError(f"arrival rate must be a finite number > 0 runs/s, not {self.rate!r:.80}",
                                 hint="e.g. arrival_rate=20; for every run at once, a closed loop: concurrency=N")
+        if wrong := not_whole("seed", self.seed, 0):  # numpy's would come at the first pass's measurement
+            raise WorkloadError(wrong, hint="the seed of the arrival times, e.g. seed=0: one seed, one schedule")
         if wrong := not_whole("max_in_flight", self.max_in_flight, 1):
             raise WorkloadError(wrong)
 
