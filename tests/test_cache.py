@@ -709,6 +709,23 @@ def test_compare_keeps_the_warm_up_runs_answers_out_of_the_measured_runs_cache(l
     assert loaded.cache.entries() == 0
 
 
+def test_compare_counts_a_passs_own_prefix_kv_not_one_left_by_an_earlier_pass(loaded: wb.Workbench) -> None:
+    """The second repeat runs 'off' after 'prefix' (the order rotates): 'off' left the prefix arm's KV where it was and
+    reported it as its own prefix_kv_mb, so the table said the arm that caches nothing held as much as the one that
+    does."""
+    chain = loaded.chain(spec("off", prompt=LONG + "Q: {{ question }}\nA:"))
+    loaded.chain(spec("prefix", prompt="Another chain's long and fixed preamble. Q: {{ question }}\nA:")).run(
+        question="Q?")  # prefix KV of the user's own, held before the comparison
+    inputs = [{"question": f"Q{i}?"} for i in range(3)]
+    result = wb.compare(chain, inputs, cache=["off", "prefix"], concurrency=1, repeats=2, warmup=0, progress=False)
+    passes = result.passes()
+    assert passes[["cache", "repeat"]].values.tolist() == [["off", 0], ["prefix", 0], ["prefix", 1], ["off", 1]]
+    assert (passes.loc[passes["cache"] == "off", "prefix_kv_mb"] == 0).all()
+    held = passes.loc[passes["cache"] == "prefix", "prefix_kv_mb"]
+    assert (held > 0).all() and held.nunique() == 1  # the same prompts build the same KV in every pass
+    assert result.table().set_index("cache").loc["off", "prefix_kv_mb"] == 0
+
+
 def test_compare_without_cache_arms_runs_every_pass_of_a_cached_chain_cold(loaded: wb.Workbench) -> None:
     """Batching compared on a chain whose hop has cache: exact: the first pass filled the user's cache and every later
     pass was answered from it, so the policy that ran later looked 3x faster, with no TTFT at all (no model call)."""

@@ -345,8 +345,11 @@ class _MemoryWatch:
             self.cuda_peak = float(sum(torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count())))
 
 
-def _prefix_kv_bytes(bench: Workbench) -> int:
-    return sum(cache.bytes for cache in bench.engine.prefix_caches().values())  # type: ignore[attr-defined]
+def _prefix_kv_bytes(bench: Workbench, models: Iterable[str]) -> int:
+    """The prefix KV the workers of ``models`` hold now (those loaded; a model's every replica)."""
+    return sum(cache.bytes for name in models if bench.registry.is_loaded(name)
+               for worker in bench.engine.replicas_of(name)
+               if (cache := getattr(worker.backend, "prefix_cache", None)) is not None)
 
 
 def _resident_bytes(bench: Workbench) -> int:
@@ -769,7 +772,8 @@ def compare(
     greedy hops, ``prefix`` only on prompts with fixed leading text), each pass starting from empty caches (the
     warm-up runs' answers are dropped before the measured runs, which would otherwise hit on them); the
     table adds ``cache_hit_rate`` (exact hits per lookup), ``prefix_tokens_reused`` (per model call) and
-    ``prefix_kv_mb`` (the prefix KV held at the end of a pass). An exact hit calls no model, so TTFT and TPOT
+    ``prefix_kv_mb`` (the prefix KV the chain's models held at the end of a pass; 0 for an arm that caches no
+    prefix). An exact hit calls no model, so TTFT and TPOT
     are over the calls that missed. ``None`` leaves that axis as the workbench has it (a chain's own ``cache:`` hops
     also start each pass from empty caches). Each pass runs every input once, closed loop
     at ``concurrency`` runs in flight, or open loop with Poisson arrivals at ``arrival_rate``
@@ -831,13 +835,13 @@ def compare(
                 shift = repeat % len(strategies)
                 for strategy in strategies[shift:] + strategies[:shift]:
                     bar.set_postfix_str(_label(*strategy.labels), refresh=False)
-                    started_ns, result, weights, cuda = _one_pass(bench, chain, strategy, workload)
+                    started_ns, result, weights, cuda, prefix_kv = _one_pass(bench, chain, strategy, workload)
                     pass_runs, pass_calls, figures = _measure(bench, chain, result, started_ns)
                     labels = dict(zip(AXES, strategy.labels), repeat=repeat)
                     runs.append(pass_runs.assign(**labels))
                     calls.append(pass_calls.assign(**labels))
                     passes.append({**labels, **figures, "peak_weights_mb": weights / 2**20,
-                                   "peak_cuda_mb": cuda / 2**20, "prefix_kv_mb": _prefix_kv_bytes(bench) / 2**20})
+                                   "peak_cuda_mb": cuda / 2**20, "prefix_kv_mb": prefix_kv / 2**20})
                     bar.update()
                     if on_pass is not None:
                         on_pass(_assemble(chain.name, strategies, runs, calls, passes, environment))
@@ -924,8 +928,9 @@ def _front(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
 
 def _one_pass(
     bench: Workbench, chain: Chain, strategy: Strategy, workload: Workload
-) -> tuple[int, WorkloadResult, int, float]:
-    """Put ``strategy`` in place and run one workload pass; returns its start, result and memory peaks."""
+) -> tuple[int, WorkloadResult, int, float, int]:
+    """Put ``strategy`` in place and run one workload pass; returns its start, result, memory peaks and the prefix KV
+    its hops built (none for a pass without prefix-cached hops: what another pass, or the user, left is not its own)."""
     models = chain.spec.models()
     if strategy.preloading is not None:
         for name in models:
@@ -960,7 +965,8 @@ def _one_pass(
             # The warm-up runs are the first inputs again: their answers, left in the scratch cache, would answer the
             # measured runs of those inputs (a prefix, shared by every input, stays prefilled: that is warm state).
             result = workload.run(chain, after_warmup=scratch.clear if scratch is not None else None)
-    return started_ns, result, memory.weights_peak, memory.cuda_peak
+        prefix_kv = _prefix_kv_bytes(bench, models) if any(hop.cache.prefix for hop in chain.spec.hops) else 0
+    return started_ns, result, memory.weights_peak, memory.cuda_peak, prefix_kv
 
 
 @contextmanager
