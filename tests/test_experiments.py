@@ -588,6 +588,14 @@ def test_compare_refuses_bad_strategies_and_inputs_before_running(tiny: wb.Workb
     assert len(tiny.runs()) == runs
 
 
+@pytest.mark.parametrize("axis", ["batching", "preloading", "balance", "cache"])
+def test_an_axis_given_neither_a_strategy_nor_a_list_of_them_says_which(qa: wb.Chain, axis: str) -> None:
+    """batching=16 (for static:16, say) raised a bare TypeError: 'int' object is not iterable."""
+    with pytest.raises(wb.StrategyError, match=f"^{axis}=16 is neither a ") as raised:
+        wb.compare(qa, QUESTIONS, **{axis: 16}, progress=False)
+    assert f"{axis}=[" in str(raised.value.hint)
+
+
 def test_a_strategy_a_model_cannot_run_is_refused_before_any_pass(bench: wb.Workbench, tiny_path: Path) -> None:
     """Each was found only at its own first pass: the passes before it were run, then lost with the error (or, for a
     budget smaller than the model, every run of its passes failed and the table showed it as 0 requests/s)."""

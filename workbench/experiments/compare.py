@@ -147,13 +147,22 @@ class Strategy:
         )
 
 
+def _listed(value: Any, axis: str, one: tuple[type, ...], what: str, example: str) -> list[Any]:
+    """An axis's items: ``value`` itself where it is one (of the types ``one``), else the items it lists."""
+    if isinstance(value, one):
+        return [value]
+    if not isinstance(value, Iterable):
+        raise StrategyError(f"{axis}={value!r:.60} is neither {what} nor a list of them",
+                            hint=f"e.g. {axis}={example}")
+    return list(value)
+
+
 def _policies(batching: Iterable[BatchingPolicy | str] | BatchingPolicy | str | None) -> list[BatchingPolicy | None]:
     if batching is None:
         return [None]
-    if isinstance(batching, (str, BatchingPolicy)):
-        batching = [batching]
     policies: list[BatchingPolicy | None] = []
-    for item in batching:
+    for item in _listed(batching, "batching", (str, BatchingPolicy), "a batching policy",
+                        '["none", "static:16", "dynamic:16:5ms"]'):
         if isinstance(item, str):
             policies.append(parse_policy(item))
         elif isinstance(item, BatchingPolicy):
@@ -171,17 +180,16 @@ def _preloadings(
 ) -> list[PreloadingStrategy | None]:
     if preloading is None:
         return [None]
-    if isinstance(preloading, (str, PreloadingStrategy)):
-        preloading = [preloading]
-    return _distinct([parse_preloading(p) for p in preloading], "preloading")
+    items = _listed(preloading, "preloading", (str, PreloadingStrategy), "a preloading strategy",
+                    '["lazy", "eager", "prefetch"]')
+    return _distinct([parse_preloading(p) for p in items], "preloading")
 
 
 def _balances(balance: Iterable[BalancePolicy | str] | BalancePolicy | str | None) -> list[BalancePolicy | None]:
     if balance is None:
         return [None]
-    if isinstance(balance, (str, BalancePolicy)):
-        balance = [balance]
-    return _distinct([parse_balance(b) for b in balance], "balance")
+    items = _listed(balance, "balance", (str, BalancePolicy), "a balance policy", '["round_robin", "least_loaded"]')
+    return _distinct([parse_balance(b) for b in items], "balance")
 
 
 @dataclass(frozen=True)
@@ -192,10 +200,8 @@ class _CacheArm:
 def _caches(cache: Iterable[str] | str | None) -> list[str | None]:
     if cache is None:
         return [None]
-    if isinstance(cache, str):
-        cache = [cache]
     arms = []
-    for item in cache:
+    for item in _listed(cache, "cache", (str,), "a cache arm", '["off", "exact"]'):
         if item not in CACHE_ARMS:
             raise StrategyError(f"cache {item!r:.60} is not a cache arm",
                                 hint=f"cache= takes a list of {', '.join(CACHE_ARMS)}")
