@@ -219,6 +219,23 @@ def test_summary_has_a_row_per_hop_and_the_chain(fan_runs: list[wb.Run]) -> None
     assert (merged["count"] == len(fan_runs) - 1).all()  # six runs of every hop
 
 
+def test_the_chain_row_of_a_summary_counts_only_the_model_calls_of_its_chain_runs(tiny_path: Path) -> None:
+    """bench.traces().summary() put the tokens of bench.generate calls, made outside any chain, in the '(chain)' row:
+    one run of 3 tokens beside three direct calls of 2 read 9 tokens, and three times the chain's tokens/s."""
+    with wb.Workbench(store=wb.InMemoryContextStore()) as bench:
+        bench.load("tiny", tiny_path, device="cpu")
+        for _ in range(3):
+            bench.generate("tiny", "hello there", max_new_tokens=2)
+        run = bench.chain({"name": "one", "hops": [{"name": "answer", "model": "tiny", "prompt": "Q: {{ q }}\nA:",
+                                                    "max_new_tokens": 3}]}).run(q="a")
+        everything, own = bench.traces().summary(), run.trace.summary()
+    assert len(bench.traces().table().query("name == 'text_completion tiny'")) == 4
+    assert everything.loc["(chain)", "tokens_out"] == own.loc["(chain)", "tokens_out"] == run.trace.table()[
+        "tokens_out"].sum()
+    assert everything.loc["(chain)", "tokens_per_s"] == pytest.approx(own.loc["(chain)", "tokens_per_s"])
+    assert everything.loc["(chain)", "ttft_p50_ms"] == pytest.approx(own.loc["(chain)", "ttft_p50_ms"])
+
+
 ONE_DECIMAL = r"\d{1,3}(,\d{3})*\.\d"
 
 

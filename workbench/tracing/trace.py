@@ -202,7 +202,10 @@ class Trace:
         return table.assign(name=names)[COMPACT_COLUMNS].reset_index(drop=True)
 
     def summary(self) -> pd.DataFrame:
-        """Per-hop latency: count, errors, mean / p50 / p95 of duration, TTFT p50, output tokens/s."""
+        """Per-hop latency: count, errors, mean / p50 / p95 of duration, TTFT p50, output tokens/s.
+
+        The ``(chain)`` row is over the chain runs' spans and the model calls made within them.
+        """
         import pandas as pd
 
         table = self.table()
@@ -217,7 +220,7 @@ class Trace:
             (str(hop), frame, calls[calls["hop"] == hop]) for hop, frame in hops.groupby("hop", sort=False)
         ]
         if not chains.empty:
-            groups.append(("(chain)", chains, calls))
+            groups.append(("(chain)", chains, calls[_under(calls, table, set(chains["context.span_id"]))]))
         for label, frame, llm in groups:
             duration = frame["duration_ms"]
             tokens = int(llm["tokens_out"].fillna(0).sum())
@@ -343,6 +346,22 @@ class Trace:
             said += f"; the first {len(shown):,} rows shown"
         ax.set_title(f"{', '.join(chains[:3]) or 'spans'}: {said}", loc="left", fontsize=9, parse_math=False)
         return fig
+
+
+def _under(rows: pd.DataFrame, table: pd.DataFrame, ancestors: set[str]) -> list[bool]:
+    """For each of ``rows``, whether a span of ``ancestors`` is above it in ``table``: the model calls of chain runs,
+    not those made outside any chain (``bench.generate``, health probes) that ``bench.traces()`` holds beside them."""
+    parent = dict(zip(table["context.span_id"], table["parent_id"]))
+
+    def under(span_id: str) -> bool:
+        above = parent.get(span_id)
+        while above is not None:
+            if above in ancestors:
+                return True
+            above = parent.get(above)
+        return False
+
+    return [under(span_id) for span_id in rows["context.span_id"]]
 
 
 def _waterfall_rows(ordered: list[tuple[ReadableSpan, int]], fold: bool) -> list[tuple[int, list[ReadableSpan]]]:
