@@ -236,6 +236,18 @@ def test_the_chain_row_of_a_summary_counts_only_the_model_calls_of_its_chain_run
     assert everything.loc["(chain)", "ttft_p50_ms"] == pytest.approx(own.loc["(chain)", "ttft_p50_ms"])
 
 
+def test_a_chain_with_no_model_calls_has_a_summary() -> None:
+    """A chain of plain calls only: the (chain) row's model calls were selected with an empty list, which picked no
+    columns, and summary() raised KeyError: 'tokens_out' (the CLI printing a failed run's trace hit it)."""
+    with wb.Workbench(store=wb.InMemoryContextStore(), allow_modules=["json"]) as bench:
+        run = bench.chain({"name": "parse", "hops": [{"name": "decode", "call": "json:loads"}]}).run(s="[1, 2]")
+    summary = run.trace.summary()
+    assert list(summary.index) == ["decode", "(chain)"]
+    assert summary.loc["(chain)", "count"] == 1
+    assert summary.loc["(chain)", "tokens_out"] == 0
+    assert pd.isna(summary.loc["(chain)", "ttft_p50_ms"])
+
+
 ONE_DECIMAL = r"\d{1,3}(,\d{3})*\.\d"
 
 

@@ -348,7 +348,7 @@ class Trace:
         return fig
 
 
-def _under(rows: pd.DataFrame, table: pd.DataFrame, ancestors: set[str]) -> list[bool]:
+def _under(rows: pd.DataFrame, table: pd.DataFrame, ancestors: set[str]) -> pd.Series:
     """For each of ``rows``, whether a span of ``ancestors`` is above it in ``table``: the model calls of chain runs,
     not those made outside any chain (``bench.generate``, health probes) that ``bench.traces()`` holds beside them."""
     parent = dict(zip(table["context.span_id"], table["parent_id"]))
@@ -361,7 +361,10 @@ def _under(rows: pd.DataFrame, table: pd.DataFrame, ancestors: set[str]) -> list
             above = parent.get(above)
         return False
 
-    return [under(span_id) for span_id in rows["context.span_id"]]
+    import pandas as pd
+
+    # A Series, not a list: indexing a frame with an empty list would select no columns, not no rows.
+    return pd.Series([under(span_id) for span_id in rows["context.span_id"]], index=rows.index, dtype=bool)
 
 
 def _waterfall_rows(ordered: list[tuple[ReadableSpan, int]], fold: bool) -> list[tuple[int, list[ReadableSpan]]]:
