@@ -90,15 +90,21 @@ class StreamText:
         self._raw = ""  # the text of tokens[:_read], unstripped
         self._sent = 0  # characters of the stripped text handed out
 
-    def add(self, token: int) -> str:
-        """Take the next token; the text it adds (empty while a character is still incomplete)."""
+    def add(self, token: int, last: bool = False) -> str:
+        """Take the next token; the text it adds (empty while a character is still incomplete).
+
+        ``last``: the row ends with this token (its end of sequence, or its max_new_tokens-th): the text of a
+        character left incomplete goes out now, as the U+FFFD that ``detokenize`` ends the answer with.
+        """
         if token in self._codec.eos_ids:
-            return ""
-        self._tokens.append(token)
+            if not last:
+                return ""
+        else:
+            self._tokens.append(token)
         decode = self._codec.decode
         before = decode(self._tokens[self._start:self._read]) if self._read > self._start else ""
         after = decode(self._tokens[self._start:])
-        if len(after) <= len(before) or after.endswith("\ufffd"):
+        if len(after) <= len(before) or (after.endswith("\ufffd") and not last):
             return ""  # inside a character, or a token with no text of its own: wait for the next
         self._raw += after[len(before):]
         self._start, self._read = self._read, len(self._tokens)

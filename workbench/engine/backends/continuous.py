@@ -220,11 +220,18 @@ class ContinuousBackend:
         request = entry[0]
         sent, text = self._streamed[output.request_id]
         tokens = list(output.generated_tokens)
+        finished = output.is_finished()
         for count in range(sent + 1, len(tokens) + 1):
             token = tokens[count - 1]
-            if token in self.backend.eos_ids or request.on_token is None or request.cancelled:
+            if request.on_token is None or request.cancelled:
                 break
-            request.on_token(token, text.add(token))
+            last = finished and count == len(tokens)  # a character the row ended inside goes out with it
+            if token in self.backend.eos_ids:
+                rest = text.add(token, last=last)
+                if rest:
+                    request.on_token(token, rest)
+                break
+            request.on_token(token, text.add(token, last=last))
             sent = count
         self._streamed[output.request_id] = (sent, text)
 

@@ -224,8 +224,12 @@ class TransformersBackend:
         rows = [(row, request) for row, request in enumerate(batch) if request.stream]
         texts = {row: self.codec.stream() for row, _ in rows}
         done: set[int] = set()
+        steps = 0
+        most = batch[0].params.max_new_tokens
 
         def on_step(value: torch.Tensor) -> None:
+            nonlocal steps
+            steps += 1
             step = value.tolist()
             for row, request in rows:
                 if row in done:
@@ -233,8 +237,11 @@ class TransformersBackend:
                 token = step[row] if isinstance(step, list) else step
                 if token in self.eos_ids:
                     done.add(row)
+                    rest = texts[row].add(token, last=True)  # a character the row ended inside
+                    if rest:
+                        on_token(request, token, rest)
                     continue
-                on_token(request, token, texts[row].add(token))
+                on_token(request, token, texts[row].add(token, last=steps == most))
 
         return on_step
 
