@@ -268,7 +268,10 @@ class Chain:
         events: asyncio.Queue[Event] = asyncio.Queue()
 
         def put(event: Event) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, event)
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the caller's loop closed (it left the stream): its run is being cancelled
+                pass
 
         with lending(loop):  # asyncio.run(...) in a Python hop: its loop runs the run's hop work
             future = asyncio.wrap_future(self._host.start(self._host.arun_spec(self.spec, inputs, session, put)))
