@@ -277,6 +277,9 @@ CANNED: dict[str, list[object]] = {
     # Some providers and gateways send an error field in every chunk, null while all is well.
     "nullerror": [{"error": None, "choices": [{"index": 0, "text": text, "finish_reason": finish}]}
                   for text, finish in ((" two", None), (" words", "stop"))],
+    # An answer that starts and ends with whitespace, as most completions start with a space.
+    "spaced": [{"choices": [{"index": 0, "text": text, "finish_reason": "stop" if text == " \n" else None}]}
+               for text in ("\n", " The", " answer ", "\n", " is.", " \n")],
 }
 
 
@@ -760,6 +763,18 @@ def test_an_error_field_that_is_null_is_no_error(faulty: wb.Workbench) -> None:
     run = _chain(faulty, "nullerror").run(prompt="hi")  # it failed: 'the server reported an error mid-stream: None'
     assert run.output == "two words"
     assert _remote_events(run) == []
+
+
+def test_a_served_answers_streamed_texts_join_to_its_output_whitespace_and_all(faulty: wb.Workbench) -> None:
+    # The output is the answer stripped, as a local model's is, but each chunk went out as the server sent it: the
+    # tokens of " The answer ... is. " joined to "\n The answer \n is. \n", not the hop's output, so a client that
+    # printed the stream (the magics, the builder, an SSE client) showed another text than the run kept.
+    events = list(_chain(faulty, "spaced").stream(prompt="hi"))
+    (run,) = [e.run for e in events if e.kind == "run_finished"]
+    assert run.output == "The answer \n is."
+    tokens = [e.text for e in events if e.kind == "token"]
+    assert "".join(tokens) == run.output
+    assert tokens == ["", "The", " answer", "", " \n is.", ""]  # one token a chunk still; whitespace waits for text
 
 
 def test_an_error_sent_mid_stream_is_quoted_as_far_as_its_message_needs(faulty: wb.Workbench) -> None:

@@ -437,6 +437,7 @@ class RemoteBackend:
                              attr.SERVER_ADDRESS: _server(url)})
         body = self._body(request)
         texts: list[str] = []
+        streamed = _Stripped()  # what each chunk adds to the answer, which is the texts joined and stripped
         thoughts: list[str] = []  # a reasoning model's thinking: its tokens, timed and counted, but not its answer
         itl: list[float] = []
         # A server that keeps sending (broken, or hostile) must not fill this machine's memory: one chunk a token
@@ -509,7 +510,7 @@ class RemoteBackend:
                     if text:
                         texts.append(text)
                         if request.stream and not request.cancelled:
-                            (on_token or _on_token)(request, NO_TOKEN_ID, text)
+                            (on_token or _on_token)(request, NO_TOKEN_ID, streamed.add(text))
                     stamps.finish_reason = finish or stamps.finish_reason
         except asyncio.CancelledError:
             if task in self._cut:  # by abort: the model was unloaded, the server did nothing wrong
@@ -752,6 +753,28 @@ def token_bound(tokenizer: Any) -> tuple[int, int] | None:
         if part.get("type") == "Metaspace":
             factor = max(factor, len(str(part.get("replacement", "\u2581")).encode()))
     return factor, slack
+
+
+class _Stripped:
+    """The text each chunk of a streamed answer adds to the answer stripped (as the result's text is): whitespace before
+    the first text is dropped, and whitespace after the latest text waits for more text, or is dropped at the end."""
+
+    def __init__(self) -> None:
+        self._begun = False
+        self._held = ""
+
+    def add(self, text: str) -> str:
+        if not self._begun:
+            text = text.lstrip()
+            if not text:
+                return ""
+            self._begun = True
+        body = text.rstrip()
+        if not body:
+            self._held += text
+            return ""
+        added, self._held = self._held + body, text[len(body):]
+        return added
 
 
 def _on_token(request: GenerationRequest, token: int, text: str) -> None:
