@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -13,7 +14,8 @@ from typing import Any
 import pytest
 
 import workbench as wb
-from workbench.engine import GenerationParams, GenerationRequest, InjectedFault
+from workbench.engine import Call, GenerationParams, GenerationRequest, GenerationResult, InjectedFault
+from workbench.engine.backends import BackendOutOfMemory
 from workbench.engine.breaker import CircuitBreaker
 from workbench.errors import ContextWindowExceeded
 from workbench.tracing import Tracing
@@ -508,6 +510,79 @@ def test_an_out_of_memory_batch_is_split_and_the_safe_size_remembered(bench: wb.
     bench.clear_faults()  # the limit stays: the policy asks for 8, the queue gives 2
     more = [bench.engine.submit("tiny", p, params) for p in prompts]
     assert {r.future.result(timeout=120).batch_size for r in more} == {2}
+
+
+def _oom_after(bench: wb.Workbench, steps: int) -> list[int]:
+    """Make the model's next batch run out of memory mid-decode, after ``steps`` decode steps (as a GPU does at a later
+    step, when the KV has grown); the model really generates, before and after. Returns each batch's size."""
+    backend = bench.engine.worker("tiny").backend
+    real, sizes = backend.generate, []
+
+    def generate(batch: list[GenerationRequest], on_token: Any = None, on_beat: Any = None) -> Any:
+        sizes.append(len(batch))
+        if len(sizes) > 1:
+            return real(batch, on_token, on_beat)
+        beats = 0
+
+        def beat() -> None:  # once for the prefill, then after each step's tokens were streamed
+            nonlocal beats
+            beats += 1
+            if beats == steps + 1:
+                raise BackendOutOfMemory(f"out of memory at decode step {steps} (injected by the test)")
+
+        return real(batch, on_token, beat)
+
+    backend.generate = generate
+    return sizes
+
+
+def test_a_stream_split_by_out_of_memory_sends_no_token_twice(bench: wb.Workbench, tiny_path: Path) -> None:
+    """A batch that ran out of memory mid-decode ran again as halves from each request's first token, and streamed
+    the tokens it had already sent a second time: the stream read "ab" + "abcd" where the answer was "abcd"."""
+    bench.load("tiny", tiny_path, device="cpu")
+    prompts = ["Question 1: what is a chain?", "Question 2: what is a hop?"]
+    params = GenerationParams(max_new_tokens=8)
+    expected = [bench.engine.generate("tiny", p, params).text for p in prompts]
+    bench.set_batching("tiny", wb.StaticBatching(size=2, timeout_ms=60_000))
+    sizes = _oom_after(bench, steps=3)
+    streams: list[list[str]] = [[], []]
+
+    async def both() -> list[GenerationResult]:
+        return await asyncio.gather(*(
+            bench.engine.acall(Call("tiny", prompt, params, on_token=lambda _, text, i=i: streams[i].append(text)))
+            for i, prompt in enumerate(prompts)))
+
+    results = asyncio.run(both())
+    assert sizes == [2, 1, 1]
+    assert [r.text for r in results] == expected
+    assert ["".join(s).strip() for s in streams] == expected
+
+
+def test_a_stream_whose_re_run_writes_other_tokens_fails_rather_than_contradict_itself(
+        bench: wb.Workbench, tiny_path: Path) -> None:
+    bench.load("tiny", tiny_path, device="cpu")
+    bench.set_batching("tiny", wb.StaticBatching(size=2, timeout_ms=60_000))
+    sizes = _oom_after(bench, steps=3)
+    # Unseeded sampling at a high temperature: each run draws other tokens, as a re-run may on a GPU.
+    params = GenerationParams(max_new_tokens=12, temperature=5.0)
+    streams: list[list[str]] = [[], []]
+
+    async def both() -> list[GenerationResult | BaseException]:
+        return await asyncio.gather(*(
+            bench.engine.acall(Call("tiny", f"Question {i}: why?", params,
+                                    on_token=lambda _, text, i=i: streams[i].append(text)))
+            for i in range(2)), return_exceptions=True)
+
+    outcomes = asyncio.run(both())
+    assert sizes == [2, 1, 1]
+    for outcome, stream in zip(outcomes, streams):
+        if isinstance(outcome, BaseException):
+            assert isinstance(outcome, wb.ModelOutOfMemory)
+            assert re.search(r"ran out of memory after streaming \d+ tokens of this request", str(outcome))
+            assert "cannot be taken back" in str(outcome)
+        else:  # the re-run happened to draw the same first tokens: its stream is its answer
+            assert "".join(stream).strip() == outcome.text
+    assert any(isinstance(o, BaseException) for o in outcomes)
 
 
 def test_out_of_memory_on_a_single_request_fails_it_and_the_model_serves_on(models: wb.Workbench) -> None:

@@ -165,6 +165,12 @@ class GenerationRequest:
 
     # The LoRA adapter version to run with, as the peft model names it (``sql@v2``); None: the base model.
     adapter: str | None = None
+    # What went to ``on_token`` so far, as (token, text), and how far the current run of the request has come in it:
+    # after an out-of-memory split the request runs again from its first token, and must not stream those twice.
+    streamed: list[tuple[int, str]] = field(default_factory=list, repr=False)
+    replayed: int = field(default=0, repr=False)
+    # The re-run wrote other tokens than the ones already streamed, which cannot be taken back (see worker._on_token).
+    diverged: bool = field(default=False, repr=False)
     _settle_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _settled: bool = field(default=False, repr=False)
 

@@ -336,6 +336,14 @@ class ModelWorker:
         span.end()
         # Spans first, answers after, in a tight loop: the awaiting runs then wake together and send
         # their next hops in one tick of their loop, so the next batch forms whole instead of in pieces.
+        for request in batch:
+            # A re-run that wrote other tokens, or fewer, than its stream already sent.
+            if request.diverged or request.replayed < len(request.streamed):
+                self._fail([request], ModelOutOfMemory(
+                    f"model {self.name!r} ran out of memory after streaming {len(request.streamed)} tokens of this "
+                    "request, and its re-run in a smaller batch wrote other tokens; what was streamed cannot be "
+                    "taken back", hint="call again; a model that runs out of memory at this batch size now takes "
+                    "smaller batches"))
         finished = [(request, result) for request, result in zip(batch, results)
                     if self._record(request, result, policy)]
         with together():
@@ -362,6 +370,7 @@ class ModelWorker:
         span.end()
         for request in batch:
             request.span.set_attribute(attr.OOM_SPLIT, True)
+            request.replayed = 0  # its re-run streams from its first token again; _on_token skips what went out
         self._execute(batch[:half], policy)
         self._execute(batch[half:], policy)
 
@@ -414,5 +423,14 @@ class ModelWorker:
 
 
 def _on_token(request: GenerationRequest, token: int, text: str) -> None:
-    if request.on_token is not None and not request.cancelled:
-        request.on_token(token, text)
+    if request.on_token is None or request.cancelled or request.diverged:
+        return
+    step, streamed = request.replayed, request.streamed
+    request.replayed += 1
+    if step < len(streamed):
+        # A re-run after an out-of-memory split: this token already went out. A re-run in a smaller batch may pick
+        # another (padding changes the numbers, an unseeded sample differs); the stream cannot take back what it sent.
+        request.diverged = streamed[step] != (token, text)
+        return
+    streamed.append((token, text))
+    request.on_token(token, text)
