@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import workbench as wb
 from workbench.chains.events import AttemptFailed, HopFinished, HopStarted, RunFinished, Token
 from workbench.demo import DEMO_QUESTION
+from workbench.engine import Call, GenerationParams
 from tests.helpers import QA_SPEC, QUESTIONS, eventually
 
 
@@ -358,3 +361,37 @@ def test_leaving_an_astream_early_logs_no_error_for_the_tokens_still_on_their_wa
             asyncio.run(leave_early())
         tiny_bench.generate("tiny", "next", max_new_tokens=1)  # queued behind the last one, so it has ended
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_a_continuous_stream_given_up_mid_token_leaves_no_stream_state_behind(bench: wb.Workbench,
+                                                                               tiny_path: Path) -> None:
+    """A stream given up on while the continuous scheduler's collector was handing it a token: the collector wrote
+    the request's stream state back after the cancel had taken the request out, and it stayed for good, one per
+    abandoned stream (and it read that state outside the scheduler's lock, where a cancel could pop it first)."""
+    bench.load("tiny", tiny_path, device="cpu", batching=wb.ContinuousBatching(max_batch=4))
+    tokens: list[str] = []
+
+    async def give_up() -> None:
+        loop = asyncio.get_running_loop()
+        task: asyncio.Task[Any] | None = None
+
+        def on_token(_: int, text: str) -> None:  # on the collector's thread
+            tokens.append(text)
+            if len(tokens) == 1:
+                assert task is not None
+                loop.call_soon_threadsafe(task.cancel)
+                time.sleep(0.3)  # the cancel takes the request out while the collector is still in its tokens
+
+        call = Call("tiny", f"Question: {DEMO_QUESTION}\nPlan:", GenerationParams(max_new_tokens=24), on_token=on_token)
+        task = asyncio.ensure_future(bench.engine.acall(call))
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(give_up())
+    scheduler = bench.engine.worker("tiny")._continuous
+    assert scheduler is not None
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (scheduler._inflight or scheduler._streamed):
+        time.sleep(0.02)
+    assert tokens and not scheduler._inflight
+    assert scheduler._streamed == {}

@@ -113,8 +113,8 @@ class ContinuousBackend:
             request_id = f"wb-{request.id}"
             with self._changed:
                 self._inflight[request_id] = (request, group)
-            if request.stream:
-                self._streamed[request_id] = (0, self.backend.codec.stream())
+                if request.stream:
+                    self._streamed[request_id] = (0, self.backend.codec.stream())
             accepted = self._manager.add_request(
                 request.input_ids,
                 request_id=request_id,
@@ -213,12 +213,14 @@ class ContinuousBackend:
 
     def _stream(self, output: Any) -> None:
         """Hand a streamed request's new tokens to its listener, each with the text it adds, up to its end of sequence."""
+        # Both under the lock: a cancel on another thread (a timeout, a run given up on) takes the request out of both.
         with self._changed:
             entry = self._inflight.get(output.request_id)
-        if entry is None:
+            streamed = self._streamed.get(output.request_id)
+        if entry is None or streamed is None:
             return
         request = entry[0]
-        sent, text = self._streamed[output.request_id]
+        sent, text = streamed
         tokens = list(output.generated_tokens)
         finished = output.is_finished()
         for count in range(sent + 1, len(tokens) + 1):
@@ -233,7 +235,9 @@ class ContinuousBackend:
                 break
             request.on_token(token, text.add(token, last=last))
             sent = count
-        self._streamed[output.request_id] = (sent, text)
+        with self._changed:
+            if output.request_id in self._inflight:  # not written back for a request taken out meanwhile
+                self._streamed[output.request_id] = (sent, text)
 
     def _finish(self, request_id: str, outcome: Any) -> None:
         """Take a request out with its outcome: an output, an error, or None when its caller gave up on it."""
