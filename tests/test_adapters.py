@@ -383,6 +383,10 @@ def test_a_watched_adapter_swaps_in_live_and_refuses_bad_versions(
     v2 = tokenizer.decode(by_hand(tiny_path, lora["sql_v2"], PROMPT), skip_special_tokens=True).strip()
     assert v1 != v2
 
+    def memory_mb() -> float:
+        return float(bench.models().set_index("name").loc["tiny", "memory_mb"])
+
+    loaded_mb = memory_mb()
     in_flight = bench.start(chain.arun(q=PROMPT))
     wait_for(lambda: _rows(bench).loc[1, "in_flight"] == 1, "the run's request to hold v1")
     bench.watch_adapter("tiny", "sql", watched, interval_s=0.2)
@@ -391,13 +395,19 @@ def test_a_watched_adapter_swaps_in_live_and_refuses_bad_versions(
     rows = _rows(bench)
     assert rows.loc[1, "state"] == "draining" and rows.loc[1, "in_flight"] == 1  # the queued run still holds v1
     assert rows.loc[2, "swap_ms"] > 0 and pd.notna(rows.loc[2, "loaded_at"])
+    # Both versions are in memory while v1 drains (models() kept the figure measured at load, adapters and all).
+    both_mb = memory_mb()
+    assert both_mb > loaded_mb
 
     bench.set_batching("tiny", wb.DynamicBatching(max_batch=4, max_wait_ms=5))  # let the queued request run
     run = in_flight.result(timeout=DEADLINE_S)
     assert run.output == v1  # it finished on the version it started with
     assert _request_rows(run)["attributes.workbench.adapter.version"].tolist() == [1]
     wait_for(lambda: _rows(bench).loc[1, "state"] == "retired", "v1 to be freed once drained")
+    assert memory_mb() == pytest.approx(loaded_mb)  # v2 has v1's shape; v1's weights are gone
     peft_model = bench.registry.get("tiny").model
+    v2_bytes = sum(p.numel() * p.element_size() for n, p in peft_model.named_parameters() if ".sql@v2." in n)
+    assert both_mb - loaded_mb == pytest.approx(v2_bytes / 2**20, abs=0.01)
     assert "sql@v1" not in peft_model.peft_config and "sql@v2" in peft_model.peft_config
     fresh = chain.run(q=PROMPT)
     assert fresh.output == v2

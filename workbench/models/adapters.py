@@ -62,6 +62,7 @@ class AdapterVersion:
     hint: str | None = field(default=None, repr=False)  # what to do about ``error``, for the caller a refusal reaches
     rank: int | None = None
     in_flight: int = 0
+    memory_bytes: int = 0  # its weights in the peft model while attached (staging to retiring)
     switched_at: float | None = field(default=None, repr=False)  # perf_counter when a newer version replaced it
 
     @property
@@ -245,8 +246,16 @@ class AdapterSet:
         self.lock = threading.RLock()
         self._state = threading.Condition()
         self._named: dict[str, _Named] = {}
+        # memory_bytes() when the registry measured its model at load: what its figure already holds.
+        self.counted_bytes = 0
 
     # -- queries -------------------------------------------------------------------------------
+
+    def memory_bytes(self) -> int:
+        """The weights of every version attached now: the live ones, and those staging or still draining."""
+        with self._state:
+            return sum(v.memory_bytes for named in self._named.values() for v in named.versions
+                       if v.state not in ("retired", "refused"))
 
     def names(self) -> list[str]:
         with self._state:
@@ -385,6 +394,10 @@ class AdapterSet:
             else:
                 self.model.load_adapter(version.path, adapter_name=version.key, torch_device=str(self.device))
             self.model.eval()
+            # peft names an adapter's weights ``...lora_A.<key>.weight`` (an embedding's ``...lora_embedding_A.<key>``).
+            inside, last = f".{version.key}.", f".{version.key}"
+            version.memory_bytes = sum(p.numel() * p.element_size() for n, p in self.model.named_parameters()
+                                       if inside in n or n.endswith(last))
 
     def _detach(self, key: str) -> None:
         with self.lock:

@@ -265,7 +265,7 @@ class ModelRegistry:
                     "dtype": dtype_name(m.dtype) if m.dtype is not None else None,
                     "isolation": m.settings.isolation,
                     "params": m.params,
-                    "memory_mb": None if m.settings.remote else round(m.memory_bytes / 2**20, 2),
+                    "memory_mb": None if m.settings.remote else round(_memory_now(m) / 2**20, 2),
                     "load_s": round(m.load_s, 3),
                     "state": "loaded",
                     "cold_start_s": round(m.cold_start_s, 3),
@@ -333,6 +333,8 @@ class ModelRegistry:
                 memory = torch.cuda.memory_allocated(device) - before
             else:
                 memory = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+            if adapters is not None:
+                adapters.counted_bytes = adapters.memory_bytes()
             load_s = time.perf_counter() - started
             params = sum(p.numel() for p in model.parameters())
             warmup_s = _warm_up(model, tokenizer, device) if settings.warmup else 0.0
@@ -666,6 +668,14 @@ def _check_adapters(settings: LoadSettings) -> None:
         raise ModelLoadError(f"named adapters are served in this process only, and this model runs in {where}",
                              hint="load it with isolation='thread' and engine='local', or serve the adapters "
                              "from the server itself")
+
+
+def _memory_now(loaded: LoadedModel) -> int:
+    """``loaded``'s memory as of now: as measured at load, with adapter versions attached or freed since."""
+    adapters = loaded.adapters
+    if adapters is None:
+        return loaded.memory_bytes
+    return loaded.memory_bytes + adapters.memory_bytes() - adapters.counted_bytes
 
 
 def _named_adapters(model: Any, tokenizer: Any, device: torch.device, settings: LoadSettings) -> AdapterSet:
