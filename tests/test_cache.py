@@ -695,6 +695,23 @@ def test_compare_measures_cache_arms_side_by_side(loaded: wb.Workbench) -> None:
         wb.compare(chain, inputs, cache=["exactly"], repeats=1, progress=False)
 
 
+def test_compare_counts_the_tokens_an_exact_hit_delivers_as_output(loaded: wb.Workbench) -> None:
+    """An exact hit calls no model, and output_tokens_per_s counted only model calls: an arm answering every measured
+    run from the cache read 0 tokens/s, the slowest of all, while its requests/s was the highest."""
+    chain = loaded.chain(spec("off"))
+    inputs = [{"question": "Same?"}] * 4
+    result = wb.compare(chain, inputs, cache=["off", "exact"], concurrency=1, repeats=1, warmup=0, progress=False)
+    passes = result.passes().set_index("cache")
+    assert result.table().set_index("cache").loc["exact", "cache_hit_rate"] == pytest.approx(0.75)
+    # The same answer four times in both arms: the same tokens delivered, over each arm's own wall time.
+    for arm in ("off", "exact"):
+        delivered = passes.loc[arm, "output_tokens_per_s"] * passes.loc[arm, "wall_s"]
+        assert delivered == pytest.approx(passes.loc["off", "output_tokens_per_s"] * passes.loc["off", "wall_s"])
+    assert delivered > 0
+    hits = loaded.traces().table().query("`attributes.workbench.cache.hit` == True")
+    assert len(hits) >= 3 and (hits["attributes.workbench.cache.tokens_out"] > 0).all()
+
+
 def test_compare_keeps_the_warm_up_runs_answers_out_of_the_measured_runs_cache(loaded: wb.Workbench) -> None:
     """The warm-up runs are the first inputs again, and they filled the pass's scratch cache: with the default one
     warm-up, four distinct inputs showed an exact hit rate of 25%, and with as many warm-up runs as inputs 100%, every

@@ -468,7 +468,7 @@ class Runner:
                 answered = None
                 try:
                     result = await answer(attempt, timeout, cache, key)
-                    answered = _Hit(key, result.text, result.e2e_ms)
+                    answered = _Hit(key, result.text, result.e2e_ms, result.tokens_out)
                     return result.text
                 finally:
                     if self._calling.get((cache, key)) is calling:
@@ -549,7 +549,7 @@ class Runner:
                 return None  # the model loads on this call: uncached, as for an adapter, until it is known
             key = response_key(identity, prompt, messages, hop.params, adapter=adapter)
             found = cache.get(key, hop.name, model, count=False)
-            return key if found is None else _Hit(key, found.text, found.cost_ms)
+            return key if found is None else _Hit(key, found.text, found.cost_ms, found.tokens_out)
 
         answer = await loop.run_in_executor(self.io_pool, look)
         if answer is None:
@@ -570,6 +570,7 @@ class Runner:
         cache.count(hop.name, model, answer.cost_ms if isinstance(answer, _Hit) else None)
         if isinstance(answer, _Hit):
             span.set_attributes({attr.CACHE_HIT: True, attr.CACHE_KEY: answer.key, attr.CACHE_SAVED_MS: answer.cost_ms,
+                                 attr.CACHE_TOKENS_OUT: answer.tokens_out,
                                  **({attr.CACHE_SHARED: True} if shared else {})})
         else:
             span.set_attributes({attr.CACHE_HIT: False, attr.CACHE_KEY: answer})
@@ -680,6 +681,7 @@ class _Hit:
     key: str
     text: str
     cost_ms: float
+    tokens_out: int
 
 
 async def _awaited(coroutine: Coroutine[Any, Any, Any]) -> Any:

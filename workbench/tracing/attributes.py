@@ -184,6 +184,7 @@ CACHE_MODE = "workbench.cache.mode"  # off, exact, prefix, exact+prefix
 CACHE_HIT = "workbench.cache.hit"  # the exact cache answered (the engine was not called)
 CACHE_KEY = "workbench.cache.key"
 CACHE_SAVED_MS = "workbench.cache.saved_ms"  # on a hit: what the stored answer cost the model when it made it
+CACHE_TOKENS_OUT = "workbench.cache.tokens_out"  # on a hit: the stored answer's output tokens, as the model wrote it
 CACHE_SHARED = "workbench.cache.shared"  # the hit was the answer of the same call another run was making
 PREFIX_TOKENS = "workbench.cache.prefix_tokens"  # prompt tokens whose KV was reused, not prefilled
 PREFIX_SAVED_MS = "workbench.cache.prefix_ttft_saved_ms"  # estimate: the prefix's own prefill, measured once
