@@ -71,6 +71,29 @@ class TextCodec:
         return StreamText(self)
 
 
+class StrippedText:
+    """The text each piece of a streamed answer adds to the answer stripped (as a result's text is): whitespace before
+    the first text is dropped, and whitespace after the latest text waits for more text, or is dropped at the end.
+    Linear in the answer's length: nothing already handed out is looked at again."""
+
+    def __init__(self) -> None:
+        self._begun = False
+        self._held = ""
+
+    def add(self, text: str) -> str:
+        if not self._begun:
+            text = text.lstrip()
+            if not text:
+                return ""
+            self._begun = True
+        body = text.rstrip()
+        if not body:
+            self._held += text
+            return ""
+        added, self._held = self._held + body, text[len(body):]
+        return added
+
+
 class StreamText:
     """The text each new token of a generated row adds, so that the pieces join to what ``detokenize`` makes of them.
 
@@ -86,9 +109,8 @@ class StreamText:
         self._codec = codec
         self._tokens: list[int] = []
         self._start = 0  # the window decoded at each step starts here
-        self._read = 0  # tokens whose text is in _raw
-        self._raw = ""  # the text of tokens[:_read], unstripped
-        self._sent = 0  # characters of the stripped text handed out
+        self._read = 0  # tokens whose text went to _stripped
+        self._stripped = StrippedText()  # as detokenize strips the whole
 
     def add(self, token: int, last: bool = False) -> str:
         """Take the next token; the text it adds (empty while a character is still incomplete).
@@ -106,11 +128,8 @@ class StreamText:
         after = decode(self._tokens[self._start:])
         if len(after) <= len(before) or (after.endswith("\ufffd") and not last):
             return ""  # inside a character, or a token with no text of its own: wait for the next
-        self._raw += after[len(before):]
         self._start, self._read = self._read, len(self._tokens)
-        text = self._raw.strip()  # as detokenize strips the whole
-        delta, self._sent = text[self._sent:], len(text)
-        return delta
+        return self._stripped.add(after[len(before):])
 
 
 def _private_core(tokenizer: Any) -> Any:

@@ -55,7 +55,7 @@ from workbench.engine.backends.base import (
     render_chat,
     result_from_stamps,
 )
-from workbench.engine.backends.codec import TextCodec
+from workbench.engine.backends.codec import StrippedText, TextCodec
 from workbench.engine.requests import NO_TOKEN_ID, GenerationRequest, GenerationResult, Messages, check_text
 from workbench.errors import RemoteError, RemoteRateLimited, WorkerStopped
 from workbench.models import remote
@@ -437,7 +437,7 @@ class RemoteBackend:
                              attr.SERVER_ADDRESS: _server(url)})
         body = self._body(request)
         texts: list[str] = []
-        streamed = _Stripped()  # what each chunk adds to the answer, which is the texts joined and stripped
+        streamed = StrippedText()  # what each chunk adds to the answer, which is the texts joined and stripped
         thoughts: list[str] = []  # a reasoning model's thinking: its tokens, timed and counted, but not its answer
         itl: list[float] = []
         # A server that keeps sending (broken, or hostile) must not fill this machine's memory: one chunk a token
@@ -753,28 +753,6 @@ def token_bound(tokenizer: Any) -> tuple[int, int] | None:
         if part.get("type") == "Metaspace":
             factor = max(factor, len(str(part.get("replacement", "\u2581")).encode()))
     return factor, slack
-
-
-class _Stripped:
-    """The text each chunk of a streamed answer adds to the answer stripped (as the result's text is): whitespace before
-    the first text is dropped, and whitespace after the latest text waits for more text, or is dropped at the end."""
-
-    def __init__(self) -> None:
-        self._begun = False
-        self._held = ""
-
-    def add(self, text: str) -> str:
-        if not self._begun:
-            text = text.lstrip()
-            if not text:
-                return ""
-            self._begun = True
-        body = text.rstrip()
-        if not body:
-            self._held += text
-            return ""
-        added, self._held = self._held + body, text[len(body):]
-        return added
 
 
 def _on_token(request: GenerationRequest, token: int, text: str) -> None:
