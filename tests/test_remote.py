@@ -16,6 +16,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pandas as pd
+import psutil
 import pytest
 
 import workbench as wb
@@ -237,6 +238,31 @@ def test_unloading_a_served_model_lets_the_streams_its_loop_lane_has_in_flight_f
         assert sum(r.error is None for r in done) >= streaming, [str(r.error) for r in done]
         for run in done:  # one not yet sent when the model went is refused, saying why
             assert run.error is None or "unloaded" in str(run.error) or "not loaded" in str(run.error), run.error
+
+
+def _connections_to(url: str) -> int:
+    """This process's open TCP connections to ``url``'s port."""
+    port = urlsplit(url).port
+    return sum(1 for c in psutil.Process().net_connections("tcp")
+               if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED)
+
+
+def test_models_on_one_server_share_its_pooled_connections(server: Server) -> None:
+    """vLLM serves a base model and each LoRA adapter under names of their own: a chain calling two of them went out
+    on two pools, one per model, each opening its own connections to the same server."""
+    with wb.Workbench(store=wb.InMemoryContextStore()) as bench:
+        bench.load("base", server.url)
+        bench.load("other", server.url)
+        on_base, on_other = _chain(bench, "base"), _chain(bench, "other")
+        assert on_base.run(prompt=PROMPTS[1]).error is None
+        warm = _connections_to(server.url)
+        assert on_other.run(prompt=PROMPTS[1]).error is None
+        assert _connections_to(server.url) == warm  # the other model's request went out on the kept connection
+        bench.unload("base")  # its last user on the loop is "other" now: the pool stays open for it
+        run = on_other.run(prompt=PROMPTS[2])
+        assert run.error is None and run.output == bench.generate("other", PROMPTS[2], max_new_tokens=12).text
+        bench.unload("other")
+        eventually(lambda: _connections_to(server.url) == 0, "every connection to the server closed")
 
 
 @pytest.mark.parametrize("timeout", [float("nan"), float("inf"), 0, -1.0, "60", True])

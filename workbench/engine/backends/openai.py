@@ -16,8 +16,8 @@ A call awaited on an event loop (every hop of a chain: the workbench's loop) str
 itself, through :meth:`RemoteBackend.astream` (the engine's loop lane: no worker thread in between,
 under a continuous policy with no injected faults). Everything else (``bench.generate`` from a
 script, a static or dynamic batch, faults) goes through the model's worker, and its streams run on
-one event loop thread of their own. One pooled ``aiohttp.ClientSession`` per server and loop; HTTP
-errors become :class:`RemoteError` here, at the seam, with a span event each.
+one event loop thread of their own. One pooled ``aiohttp.ClientSession`` per server and loop, shared by the
+models on that server; HTTP errors become :class:`RemoteError` here, at the seam, with a span event each.
 
 The client is aiohttp's (the one vLLM's serving benchmark streams with): on this project's 2-core
 machine, against an instant stand-in server, one streamed request costs the client about 0.35 ms
@@ -77,10 +77,13 @@ ERROR_BODY_BYTES = 64 * 1024
 
 
 class _Clients:
-    """The event loop every remote stream runs on, and one pooled client per server (scheme, host, port).
+    """The event loop every remote stream runs on, and one pooled client per server (scheme, host, port) on it and on
+    each event loop that awaits streams itself (a loop lane: the workbench's loop).
 
-    The loop thread starts with the first backend and stops when the last one closes, so a
-    closed workbench leaves no thread, socket or loop behind.
+    Models on one server share its pool: vLLM serves a base model and each LoRA adapter under names of their own,
+    and a chain that calls two of them keeps its connections warm for both. The loop thread starts with the first
+    backend and stops when the last one closes, and a lane's client closes with the last model that used it there,
+    so a closed workbench leaves no thread, socket or loop behind.
     """
 
     def __init__(self) -> None:
@@ -88,6 +91,27 @@ class _Clients:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._clients: dict[str, tuple[aiohttp.ClientSession, int]] = {}
+        self._lanes: dict[tuple[asyncio.AbstractEventLoop, str], tuple[aiohttp.ClientSession, int]] = {}
+
+    def lane(self, loop: asyncio.AbstractEventLoop, url: str) -> aiohttp.ClientSession:
+        """The pooled client for ``url``'s server on ``loop``, the running loop (made there if it is the first): one
+        more user of it, until :meth:`release_lane`."""
+        key = (loop, _server(url))
+        with self._lock:
+            client, users = self._lanes.get(key) or (_new_client(), 0)
+            self._lanes[key] = (client, users + 1)
+            return client
+
+    def release_lane(self, loop: asyncio.AbstractEventLoop, url: str) -> None:
+        """One user fewer of ``url``'s client on ``loop``; the last one closes it."""
+        key = (loop, _server(url))
+        with self._lock:
+            client, users = self._lanes[key]
+            if users > 1:
+                self._lanes[key] = (client, users - 1)
+                return
+            del self._lanes[key]
+        _aclose_on(loop, client)
 
     def acquire(self, url: str) -> tuple[asyncio.AbstractEventLoop, aiohttp.ClientSession]:
         server = _server(url)
@@ -215,7 +239,7 @@ class RemoteBackend:
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S,
                                               sock_read=settings.read_timeout_s)
         self._loop, self._client = _clients.acquire(self.url)
-        # One pooled client per event loop that awaits this model's streams itself (see astream).
+        # The pooled client of each event loop that awaits this model's streams itself (see astream), its server's.
         self._lock = threading.Lock()
         self._lane_clients: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
         # The streams in flight, each a task on its loop (the streams thread's or a lane's) with its clock reads,
@@ -287,8 +311,8 @@ class RemoteBackend:
             _clients.release(self.url)
             with self._lock:
                 lanes, self._lane_clients = self._lane_clients, {}
-            for loop, client in lanes.items():
-                _aclose_on(loop, client)
+            for loop in lanes:
+                _clients.release_lane(loop, self.url)
 
     def abort(self, quiet_s: float | None = None, since: float = 0.0) -> None:
         """Cut off the streams in flight (the model is being unloaded): each fails with WorkerStopped and its
@@ -338,7 +362,7 @@ class RemoteBackend:
             if client is None:
                 if self._closed:
                     raise WorkerStopped(f"model {self.model!r} was unloaded", hint=f"bench.load({self.model!r}, ...) again")
-                client = self._lane_clients[loop] = _new_client()
+                client = self._lane_clients[loop] = _clients.lane(loop, self.url)
         result, _ = await self._stream(request, None, batch_id, batch_size, client)
         return result
 
