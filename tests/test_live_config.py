@@ -550,6 +550,37 @@ def test_a_configuration_whose_chain_does_not_validate_changes_nothing(
     assert [type(r.error) for r in config.errors] == [ConfigError] * 3
 
 
+def test_a_chain_file_saved_while_its_configuration_applies_does_not_leave_it_half_applied(
+    bench: wb.Workbench, spec_file: Path, tiny_cache: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chain files are checked, then the models change, then the chains are built: a chain file saved in between
+    (here half-written, while a model loads again) was read again at the build, and its error escaped with the models
+    changed and the configuration's version and chains not. The build takes the text that was checked; the watch
+    then refuses the half-written file as any other edit, and the checked version serves."""
+    path, config = _configure(bench, spec_file, "  tiny: {source: tiny, device: cpu}", watch=True,
+                              interval_s=POLL_S)
+    other = spec_file.with_name("qb.yaml")
+    other.write_text(SPEC.replace("name: qa", "name: qb"))
+    load = bench.load
+
+    def load_then_save_half(*args: Any, **kwargs: Any) -> Any:
+        loaded = load(*args, **kwargs)
+        other.write_text("name: qb\nhops:\n  - name: answer\n    model: ti")
+        return loaded
+
+    monkeypatch.setattr(bench, "load", load_then_save_half)
+    text = "models:\n  tiny: {source: tiny, device: cpu, dtype: float32}\nchains:\n  qa: qa.yaml\n  qb: qb.yaml\n"
+    path.write_text(text)  # as saved (the watch, should it read it first, applies the same), applied at once
+    assert config.apply(text).number == 2
+    assert bench.registry.get("tiny").settings.dtype == "float32"
+    chain = config.chains["qb"]
+    assert bench.chains()["qb"] is chain and chain.watching == other
+    refusal = wait_for(lambda: chain.config_errors and chain.config_errors[-1], "the half-written file refused")
+    assert isinstance(refusal.error, SpecError)
+    run = chain.run(question="q")
+    assert run.ok and chain.spec.hop("answer").model == "tiny"
+
+
 def test_a_configuration_whose_last_model_fails_to_load_leaves_the_others_as_they_were(
     bench: wb.Workbench, spec_file: Path, tiny_cache: None
 ) -> None:

@@ -81,7 +81,7 @@ class ConfigHost(Protocol):
     def set_batching(self, name: str, policy: BatchingPolicy) -> None: ...
     def set_balance(self, name: str, policy: str | BalancePolicy) -> None: ...
     def chain(self, spec: Any, name: str | None = None, *, watch: bool = False,
-              interval_s: float = DEFAULT_INTERVAL_S) -> Chain: ...
+              interval_s: float = DEFAULT_INTERVAL_S, base_dir: str | Path | None = None) -> Chain: ...
     def allow_modules(self, *modules: str) -> tuple[str, ...]: ...
     @property
     def registry(self) -> ModelRegistry: ...
@@ -466,7 +466,12 @@ class LiveConfig:
             if chain is None or before is None or before.chains.get(name) != path:
                 if chain is not None:
                     chain.unwatch()
-                chain = self._host.chain(path, name=name, watch=self._watch, interval_s=self._interval_s)
+                # From the text _check_chains validated, not the file read again: one saved since (half-written, or
+                # wrong) must not fail the configuration half-applied, its models changed and its chains not. A
+                # watch reads the file again and refuses or takes that edit as any other.
+                chain = self._host.chain(texts[name], name=name, base_dir=path.parent)
+                if self._watch:
+                    chain.watch(path, self._interval_s)
                 self._applied.chains[name] = chain
             elif chain.watching is None:
                 chain.update(texts[name])
