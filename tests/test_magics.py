@@ -28,6 +28,7 @@ from workbench.fronts.notebook.parsers import (
     RunCommand,
     TraceCommand,
     help_text,
+    in_magic_words,
     parse_command,
 )
 from workbench.models.settings import LoadSettings
@@ -140,6 +141,37 @@ def test_unload_frees_the_model_and_keeps_it_registered(with_tiny: InteractiveSh
     assert "unloaded 'tiny'" in captured.stdout
     assert not wb.current().registry.is_loaded("tiny")
     assert wb.current().models()["state"].tolist() == ["registered"]  # it loads again on first use
+
+
+def test_a_hint_names_the_subcommand_that_helps_not_the_python_call(with_tiny: InteractiveShell) -> None:
+    """Hints are written for Python (``bench.unload('tiny') first``), where a magics user has no ``bench``."""
+    captured = magic(with_tiny, "load tiny tiny --device cpu")
+    assert captured.stderr.splitlines() == [
+        f"autoglm: a model named 'tiny' is already loaded (from {wb.current().models()['source'][0]})",
+        "hint: pick another name, or %autoglm unload tiny first",
+    ]
+
+
+@pytest.mark.parametrize(("hint", "words"), [
+    ("bench.load('m', ...) again", "%autoglm load m SOURCE again"),
+    ("load it: bench.load('m')", "load it: %autoglm load m SOURCE"),
+    ("load it again (bench.unload('m') then bench.load), or raise restarts",
+     "load it again (%autoglm unload m then %autoglm load), or raise restarts"),
+    ("as text, bench.set_balance(NAME, 'weighted:3,1')", "as text, %autoglm balance NAME weighted:3,1"),
+    ("bench.load(NAME, 'http://127.0.0.1:8000/v1', served_model='my-model')",
+     "%autoglm load NAME http://127.0.0.1:8000/v1 --served-model my-model"),
+    ("bench.load('m', PATH, adapters={NAME: DIR}) (in this process)",
+     "%autoglm load m PATH --adapters NAME=DIR (in this process)"),
+    # No subcommand makes these: a call on the workbench the magics act on.
+    ("bench.set_health_checks(None) turns periodic checks off",
+     "workbench.current().set_health_checks(None) turns periodic checks off"),
+    ("(bench.watch_adapter), or reload it", "(workbench.current().watch_adapter), or reload it"),
+    ("bench.load('m', pickle=True)", "workbench.current().load('m', pickle=True)"),  # no such load option
+    ("bench.load('a b') or bench.load(", "workbench.current().load('a b') or workbench.current().load("),
+    ("the chain's chain.bench.name and %autoglm run qa", "the chain's chain.bench.name and %autoglm run qa"),
+])
+def test_hints_in_magic_words(hint: str, words: str) -> None:
+    assert in_magic_words(hint) == words
 
 
 # -- chains and runs ----------------------------------------------------------------------------

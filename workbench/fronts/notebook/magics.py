@@ -34,6 +34,7 @@ from workbench.fronts.notebook.parsers import (
     TraceCommand,
     UnloadCommand,
     help_text,
+    in_magic_words,
     parse_command,
 )
 from workbench.fronts.notebook.widgets import ChainBuilder, ComparisonDashboard, ModelManager, TraceViewer
@@ -57,8 +58,8 @@ _NOTHING = object()  # no notebook variable or builtin of that name
 def report(error: WorkbenchError) -> None:
     """Print a user's mistake the short way: ``autoglm: message`` and its hint, no traceback."""
     print(f"autoglm: {error.message}", file=sys.stderr)
-    if error.hint:
-        print(f"hint: {error.hint}", file=sys.stderr)
+    if error.hint:  # most hints name the Python call that helps: here, the subcommand that makes it where there is one
+        print(f"hint: {in_magic_words(error.hint)}", file=sys.stderr)
 
 
 def bench_of(chain: Chain) -> Workbench:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import keyword
+import re
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -531,3 +533,85 @@ def help_text(topic: str | None = None) -> str:
         "works off the kernel's thread.",
     ]
     return "\n".join(lines) + "\n"
+
+
+# -- hints in the magics' words -----------------------------------------------------------------
+
+# A hint names the Python call that fixes its error (``bench.load('m', ...) again``); in a notebook driven by magics
+# the workbench is workbench.current(), and some of those calls are subcommands.
+_BENCH_CALL = re.compile(r"(?<![\w.])bench\.(\w+)(\()?")
+
+
+def in_magic_words(hint: str) -> str:
+    """``hint`` as a magics user acts on it: a ``bench.`` call that a subcommand makes (``load``, ``unload``,
+    ``set_balance``) written as that subcommand, any other as a call on ``workbench.current()``."""
+    out, at = [], 0
+    for match in _BENCH_CALL.finditer(hint):
+        out.append(hint[at:match.start()])
+        method, called = match.group(1), match.group(2) is not None
+        end = _closing(hint, match.end()) if called else match.end()
+        magic = _as_subcommand(method, hint[match.end():end - 1] if called and end > 0 else None)
+        if magic is None or end < 0:
+            out.append("workbench.current()." + hint[match.start() + len("bench."):match.end()])
+            at = match.end()
+        else:
+            out.append(magic)
+            at = end
+    out.append(hint[at:])
+    return "".join(out)
+
+
+def _closing(text: str, start: int) -> int:
+    """The index just past the ``)`` that closes the call whose arguments start at ``start``, or -1."""
+    depth = 1
+    for index in range(start, len(text)):
+        depth += {"(": 1, "[": 1, "{": 1, ")": -1, "]": -1, "}": -1}.get(text[index], 0)
+        if depth == 0:
+            return index + 1
+    return -1
+
+
+def _as_subcommand(method: str, arguments: str | None) -> str | None:
+    """The subcommand that does ``bench.METHOD(ARGUMENTS)`` (None: not called), or None where there is none."""
+    if method not in ("load", "unload", "set_balance"):
+        return None
+    if arguments is None:  # named, not called: "bench.unload then bench.load"
+        return f"{PROG} {'balance' if method == 'set_balance' else method}"
+    try:
+        call = ast.parse(f"f({arguments})", mode="eval").body
+    except SyntaxError:
+        return None
+    assert isinstance(call, ast.Call)
+    words = [_word(arg) for arg in call.args]
+    if None in words:
+        return None
+    if method == "load":  # bench.load(...), bench.load('m', ...), bench.load(NAME, PATH, adapters={NAME: DIR})
+        given = [w for w in words if w != "..."]
+        if len(given) > 2:
+            return None
+        words = given + ["NAME", "SOURCE"][len(given):]
+        for keyword_ in call.keywords:
+            value = _word(keyword_.value) if keyword_.arg is not None else None
+            if keyword_.arg is None or keyword_.arg not in LoadSettings.__dataclass_fields__ or value is None:
+                return None
+            words += [f"--{keyword_.arg.replace('_', '-')}", value]
+        return " ".join([PROG, "load", *words])
+    if call.keywords or len(words) != (1 if method == "unload" else 2):
+        return None
+    return " ".join([PROG, "unload" if method == "unload" else "balance", *words])
+
+
+def _word(node: ast.expr) -> str | None:
+    """An argument as a magic line writes it: text as it is, a placeholder (NAME) by its name, ``...``, a dict of
+    placeholders as NAME=VALUE; None for anything else."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value and " " not in node.value:
+        return node.value
+    if isinstance(node, ast.Constant) and node.value is Ellipsis:
+        return "..."
+    if isinstance(node, ast.Name) and node.id.isupper():
+        return node.id
+    if isinstance(node, ast.Dict) and node.keys:
+        pairs = [(_word(k) if k is not None else None, _word(v)) for k, v in zip(node.keys, node.values)]
+        if all(k is not None and v is not None for k, v in pairs):
+            return ",".join(f"{k}={v}" for k, v in pairs)
+    return None
