@@ -18,9 +18,15 @@ of the design: the same thread hand-offs timed with no work in them.
 On a shared machine the median still wanders by a few percent from run to run; more pairs,
 or pinning the process to one core with one torch thread, give a steadier figure.
 
+``--null-model`` takes ``generate`` out of both paths: the model answers each prompt at once with the
+tokens it wrote for it the first time (the workbench's step clock still hears every step), so what
+is left is the orchestration alone, and the pairwise difference in microseconds is steady to a few
+percent: the figure to watch while making the workbench's own Python cheaper.
+
     python benchmarks/overhead.py                      # tiny model, CPU, 100 pairs
     taskset -c 0 python benchmarks/overhead.py --threads 1 --pairs 200
     python benchmarks/overhead.py --device cuda --model /path/to/checkpoint --pairs 50
+    taskset -c 0 python benchmarks/overhead.py --threads 1 --pairs 2000 --null-model
 """
 
 from __future__ import annotations
@@ -228,6 +234,26 @@ def handoff_floor(chains: int = 2000) -> list[float]:
     return took
 
 
+def null_model(model: Any) -> None:
+    """Make ``model.generate`` answer each prompt at once with the tokens it wrote for it the first time, putting each
+    step to the streamer as generate does: ``generate`` then costs next to nothing on either path."""
+    generate, written = model.generate, {}
+
+    def replay(input_ids: torch.Tensor, streamer: Any = None, **kwargs: Any) -> torch.Tensor:
+        key = tuple(input_ids.flatten().tolist())
+        if key not in written:
+            written[key] = generate(input_ids=input_ids, **kwargs)
+        output = written[key]
+        if streamer is not None:
+            streamer.put(input_ids)
+            for step in output[:, input_ids.shape[1]:].unbind(1):
+                streamer.put(step)
+            streamer.end()
+        return output
+
+    model.generate = replay
+
+
 def usable_cpus() -> int:
     """CPUs this process may run on (fewer than the machine's under ``taskset``)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -247,6 +273,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=None, help="for both LLM hops (default: the demo's)")
     parser.add_argument("--question", default=DEMO_QUESTION)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--null-model", action="store_true",
+                        help="generate answers at once, on both paths: the orchestration alone (see above)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -259,10 +287,14 @@ def main(argv: list[str] | None = None) -> None:
             if template is None or template.render({"question": "Q?", "plan": "P."}) != prompt:
                 raise SystemExit(f"the by-hand prompt of hop {hop!r} is not the one the chain renders; fix it first")
         max_new_tokens = {h.name: h.params.max_new_tokens for h in chain.spec.hops if h.model}
+        if args.null_model:
+            null_model(loaded.model)
         print(
             f"model {args.model or 'tiny'} ({loaded.params:,} params) on {loaded.device},"
             f" dtype {str(loaded.dtype).removeprefix('torch.')}; policy {bench.engine.policy('tiny').name};"
-            f" greedy, max_new_tokens {max_new_tokens}; tracing on; {args.pairs} pairs after 1 warm-up pair;"
+            f" greedy, max_new_tokens {max_new_tokens}; tracing on;"
+            f"{' NULL MODEL (generate answers at once);' if args.null_model else ''} {args.pairs} pairs after 1"
+            " warm-up pair;"
             f" torch {torch.__version__} ({torch.get_num_threads()} threads),"
             f" transformers {transformers.__version__}, {usable_cpus()} of {os.cpu_count()} CPUs"
         )
@@ -316,6 +348,9 @@ def main(argv: list[str] | None = None) -> None:
             )
         ratios = [w / h for w, h in zip(seconds["workbench"], seconds["by hand"])]
         print(f"pairwise ratio quartiles: {percentile(ratios, 0.25):.3f} / {percentile(ratios, 0.75):.3f}")
+        added = [(w - h) * 1e6 for w, h in zip(seconds["workbench"], seconds["by hand"])]
+        print(f"added by the workbench per chain (pairwise difference): p50 {statistics.median(added):.0f} us"
+              f" [quartiles {percentile(added, 0.25):.0f} / {percentile(added, 0.75):.0f}]")
 
         # Where the workbench's time outside generate goes, from its spans; by hand, its chain less its generates.
         segments, outside = breakdown(bench, calls[1:])
