@@ -577,11 +577,12 @@ def _as_subcommand(method: str, arguments: str | None) -> str | None:
         return None
     if arguments is None:  # named, not called: "bench.unload then bench.load"
         return f"{PROG} {'balance' if method == 'set_balance' else method}"
-    try:
+    try:  # parsed, never run
         call = ast.parse(f"f({arguments})", mode="eval").body
-    except SyntaxError:
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
-    assert isinstance(call, ast.Call)
+    if not isinstance(call, ast.Call):
+        return None
     words = [_word(arg) for arg in call.args]
     if None in words:
         return None
@@ -604,7 +605,8 @@ def _as_subcommand(method: str, arguments: str | None) -> str | None:
 def _word(node: ast.expr) -> str | None:
     """An argument as a magic line writes it: text as it is, a placeholder (NAME) by its name, ``...``, a dict of
     placeholders as NAME=VALUE; None for anything else."""
-    if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value and " " not in node.value:
+    if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value \
+            and not any(c.isspace() or c in "#'\"" for c in node.value):  # a word a magic line reads as written
         return node.value
     if isinstance(node, ast.Constant) and node.value is Ellipsis:
         return "..."
