@@ -164,12 +164,12 @@ def test_a_hint_names_the_subcommand_that_helps_not_the_python_call(with_tiny: I
      "%autoglm load m PATH --adapters NAME=DIR (in this process)"),
     # No subcommand makes these: a call on the workbench the magics act on.
     ("bench.set_health_checks(None) turns periodic checks off",
-     "workbench.current().set_health_checks(None) turns periodic checks off"),
-    ("(bench.watch_adapter), or reload it", "(workbench.current().watch_adapter), or reload it"),
-    ("bench.load('m', pickle=True)", "workbench.current().load('m', pickle=True)"),  # no such load option
-    ("bench.load('a b') or bench.load(", "workbench.current().load('a b') or workbench.current().load("),
-    ("bench.unload('m#1')", "workbench.current().unload('m#1')"),  # a magic line would end at the #
-    ("bench.unload('x), g(y')", "workbench.current().unload('x), g(y')"),
+     "wb.current().set_health_checks(None) turns periodic checks off"),
+    ("(bench.watch_adapter), or reload it", "(wb.current().watch_adapter), or reload it"),
+    ("bench.load('m', pickle=True)", "wb.current().load('m', pickle=True)"),  # no such load option
+    ("bench.load('a b') or bench.load(", "wb.current().load('a b') or wb.current().load("),
+    ("bench.unload('m#1')", "wb.current().unload('m#1')"),  # a magic line would end at the #
+    ("bench.unload('x), g(y')", "wb.current().unload('x), g(y')"),
     ("the chain's chain.bench.name and %autoglm run qa", "the chain's chain.bench.name and %autoglm run qa"),
 ])
 def test_hints_in_magic_words(hint: str, words: str) -> None:

@@ -538,13 +538,13 @@ def help_text(topic: str | None = None) -> str:
 # -- hints in the magics' words -----------------------------------------------------------------
 
 # A hint names the Python call that fixes its error (``bench.load('m', ...) again``); in a notebook driven by magics
-# the workbench is workbench.current(), and some of those calls are subcommands.
+# the workbench is wb.current(), and some of those calls are subcommands.
 _BENCH_CALL = re.compile(r"(?<![\w.])bench\.(\w+)(\()?")
 
 
 def in_magic_words(hint: str) -> str:
     """``hint`` as a magics user acts on it: a ``bench.`` call that a subcommand makes (``load``, ``unload``,
-    ``set_balance``) written as that subcommand, any other as a call on ``workbench.current()``."""
+    ``set_balance``) written as that subcommand, any other as a call on ``wb.current()``."""
     out, at = [], 0
     for match in _BENCH_CALL.finditer(hint):
         out.append(hint[at:match.start()])
@@ -552,7 +552,7 @@ def in_magic_words(hint: str) -> str:
         end = _closing(hint, match.end()) if called else match.end()
         magic = _as_subcommand(method, hint[match.end():end - 1] if called and end > 0 else None)
         if magic is None or end < 0:
-            out.append("workbench.current()." + hint[match.start() + len("bench."):match.end()])
+            out.append("wb.current()." + hint[match.start() + len("bench."):match.end()])
             at = match.end()
         else:
             out.append(magic)
