@@ -26,6 +26,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusC
 import workbench as wb
 from workbench.chains.runner import TRACE_PARENT
 from workbench.tables import Readable
+from workbench.tracing import openinference
 from workbench.tracing.trace import COLUMNS
 
 WAIT_S = 10  # a generous bound on how long an interrupt may take to arrive
@@ -407,6 +408,26 @@ def test_the_engines_traces_never_push_a_runs_trace_out(bench: wb.Workbench, tin
     everything = bench.traces().spans
     assert sum(s.name == "chain one" for s in everything) == 4
     assert sum(s.name.startswith("batch ") for s in everything) == 4  # the engine's own, bounded alike
+
+
+@pytest.mark.parametrize("value", [
+    {"question": "What is the capital of France?"},
+    {"plan_words": 3, "answer_words": 0, "ratio": 0.5, "ok": True, "none": None, "nan": float("nan")},
+    {"text": 'quotes " and \\ and \n, \u2028, é, 日本, \udcff'},  # escapes, non-ASCII, a lone surrogate
+    {"big": 10**40, "neg": -1.5e300},
+    {"zeros": "\x00" * 3000},  # 3000 characters that JSON writes as 18000: past the preview
+    {"edge": "x" * (openinference.PREVIEW_CHARS - 4)},
+    {},
+])
+def test_a_small_flat_value_is_shown_as_the_bounded_walk_shows_it(
+    value: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small flat mappings (a chain's inputs, a Python hop's counts) are written by the C encoder at once, 37 us a
+    chain cheaper than the walk that bounds big values; what a span shows is the same text either way."""
+    assert openinference._small_flat(value)
+    fast = openinference.input_value(value)
+    monkeypatch.setattr(openinference, "_small_flat", lambda _: False)
+    assert fast == openinference.input_value(value)
 
 
 def test_a_hop_that_raises_with_a_huge_message_leaves_a_bounded_span(bench: wb.Workbench) -> None:
