@@ -81,7 +81,8 @@ class _StepClock(BaseStreamer):
             self._prompt_seen = True
         if self._on_beat is not None:
             self._on_beat()
-        if self._watch is not None and all(r.cancelled for r in self._watch):
+        watch = self._watch  # its first row first: at every step of a batch running as it should, one look
+        if watch is not None and watch[0].cancelled and all(r.cancelled for r in watch):
             raise _AllCancelled  # nobody waits for any row: generate stops here
 
     def end(self) -> None:
