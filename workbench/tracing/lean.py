@@ -185,6 +185,10 @@ class LeanSpan(trace.Span, ReadableSpan):
         if self._end_time is not None or self._status.status_code is StatusCode.OK:
             return
         if isinstance(status, Status):
+            if not status.description:  # a Status never changes: one with nothing to clean is kept as it is
+                if status.status_code is not StatusCode.UNSET:
+                    self._status = status
+                return
             status, description = status.status_code, status.description
         if status is not StatusCode.UNSET:
             self._status = Status(status, _encodable(description) if description else description)
