@@ -255,6 +255,56 @@ def test_truncate_left_keeps_the_newest_tokens_and_records_how_many_went(tiny_be
     assert run.outputs["digest"] == call["attributes.output.value"]
 
 
+def test_a_long_prompt_is_tokenized_off_the_loop_and_other_chains_go_on_meanwhile(
+    tiny_bench: wb.Workbench, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A million-character prompt (truncate: left) was tokenized on the workbench's loop by a tokenizer call that held
+    Python's lock to its end: for ~1 s no other chain moved, nor any thread of the process (a notebook, a gateway)."""
+    from workbench.engine.engine import LONG_PROMPT_CHARS
+
+    backend = tiny_bench.engine.worker("tiny").backend
+    tokenize, long_calls, ended = backend.tokenize, [], threading.Event()
+
+    def watched(prompts: list[str], *args: object, **kwargs: object) -> list[list[int]]:
+        if not any(len(p) > LONG_PROMPT_CHARS for p in prompts):
+            return tokenize(prompts, *args, **kwargs)  # type: ignore[no-any-return]
+        long_calls.append(threading.current_thread().name)
+        try:
+            return tokenize(prompts, *args, **kwargs)  # type: ignore[no-any-return]
+        finally:
+            ended.set()
+
+    monkeypatch.setattr(backend, "tokenize", watched)  # the real tokenizer, watched for the long prompts it gets
+    text = "word " * 200_000
+    every = len(tokenize([text])[0])
+    digest = tiny_bench.chain({"name": "digest", "hops": [
+        {"name": "tail", "model": "tiny", "prompt": "{{ text }}", "max_new_tokens": 4, "truncate": "left"}]})
+    greet = tiny_bench.chain({"name": "greet", "hops": [
+        {"name": "hi", "model": "tiny", "prompt": "Hello {{ name }}", "max_new_tokens": 2}]})
+    runs: list[wb.Run] = []
+    long = threading.Thread(target=lambda: runs.append(digest.run(text=text)))
+    long.start()
+    eventually(lambda: bool(long_calls), "the long prompt's tokenization to begin")
+    assert greet.run(name="Ada").ok and not ended.is_set()  # done while the long prompt was still being tokenized
+    long.join(WAIT_S)
+    (run,) = runs
+    assert long_calls == [long_calls[0]] and long_calls[0] != "workbench-loop"  # once, and not on the loop
+    call = run.trace.table().query("name == 'text_completion tiny'").iloc[0]
+    assert call["tokens_in"] == 512 - 4 and call["attributes.workbench.truncated_tokens"] == every - (512 - 4)
+
+    # The hop's timeout counts the tokenizing too: it ends the call, whose span says why.
+    timed = tiny_bench.chain({"name": "timed", "hops": [
+        {"name": "tail", "model": "tiny", "prompt": "{{ text }}", "max_new_tokens": 4, "truncate": "left",
+         "timeout_s": 0.05}]})
+    ended.clear()
+    with pytest.raises(wb.HopFailed) as info:
+        timed.run(text=text)
+    assert isinstance(info.value.cause, wb.HopTimeout) and "0.05 s" in str(info.value.cause)
+    span = info.value.run.trace.table().query("name == 'text_completion tiny'").iloc[0]
+    assert span["status_code"] == "ERROR" and not ended.is_set()
+    ended.wait(WAIT_S)  # the tokenizer's thread runs to its end; nothing waits for it
+
+
 def test_concurrent_submissions_from_many_threads_all_complete(tiny_bench: wb.Workbench) -> None:
     expected = {p: tiny_bench.generate("tiny", p, max_new_tokens=6).text for p in PROMPTS}
     results: dict[int, wb.GenerationResult] = {}

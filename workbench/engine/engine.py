@@ -69,6 +69,8 @@ class Call:
     prefix: str | None = None
     # The named LoRA adapter to run with (its live version when queued); None: the base model.
     adapter: str | None = None
+    # The prompt's token ids, by worker, where a long prompt was tokenized off the loop before it was queued.
+    tokens: Mapping[str, list[int]] | None = None
 
 
 @dataclass(eq=False)
@@ -535,7 +537,10 @@ class Engine:
         backend = worker.backend
         try:
             ready = self._take_tokenized(worker.name, calls)
-            prompts = _prompts(backend, model, [call for call, _ in calls], ready, _uncounted(worker))
+            ahead = {call.prompt: ids for call, _ in calls
+                     if call.tokens is not None and (ids := call.tokens.get(worker.name)) is not None}
+            prompts = _prompts(backend, model, [call for call, _ in calls], {**ahead, **ready} if ahead else ready,
+                               _uncounted(worker))
         except BaseException as exc:
             for call, span in calls:
                 self._refuse(model, span, exc)
@@ -806,14 +811,32 @@ class Engine:
         loop = asyncio.get_running_loop()
         model, index = self._resolve(call.model)
         span = self._open(call, model)
-        pending = _Pending(call, span, loop.create_future(), model, index)
+        started, timeout_s = time.perf_counter(), call.timeout_s
+        if call.messages is None and len(call.prompt) > LONG_PROMPT_CHARS:
+            # Tokenized off the loop (a million characters take ~0.7 s here, in which no other chain on the loop
+            # would move), within the call's timeout.
+            try:
+                ahead = await asyncio.wait_for(loop.run_in_executor(None, self._tokenize_ahead, model, index, call),
+                                               timeout_s)
+            except asyncio.TimeoutError:
+                error = _timeout(call.model, call.hop, timeout_s)
+                self._refuse(model, span, error)
+                raise error from None
+            except asyncio.CancelledError:
+                self._refuse(model, span, RunCancelled(f"the run was cancelled while model {call.model!r} ran"))
+                raise
+            if ahead:
+                call = dataclasses.replace(call, tokens=ahead)
+            if timeout_s is not None:
+                timeout_s = max(timeout_s - (time.perf_counter() - started), 1e-3)
+        pending = _Pending(call, span, loop.create_future(), model, index, started=started)
         batch = self._pending.get(loop)
         if batch is None:
             batch = self._pending[loop] = []
             loop.call_soon(self._flush, loop)
         batch.append(pending)
         try:
-            return await asyncio.wait_for(pending.done, call.timeout_s)
+            return await asyncio.wait_for(pending.done, timeout_s)
         except asyncio.TimeoutError:
             error = _timeout(call.model, call.hop, call.timeout_s)
             if pending.request is None or self._cancel(pending.request, error):
@@ -823,6 +846,32 @@ class Engine:
             if pending.request is not None:
                 self._cancel(pending.request, RunCancelled(f"the run was cancelled while model {call.model!r} ran"))
             raise
+
+    def _tokenize_ahead(self, model: str, index: int | None, call: Call) -> dict[str, list[int]]:
+        """A long plain prompt's token ids for each replica of ``model`` (the one ``index`` pins) that would tokenize
+        it when queued: not one that refuses it by its length, nor one that sends it uncounted. Blocks: off the loop.
+        A prompt that fails to tokenize is left out, for the queueing to try again and say why."""
+        with self._lock:
+            replicas = self._sets.get(model)
+        if replicas is None:  # not loaded yet: queued once it is
+            return {}
+        ahead: dict[str, list[int]] = {}
+        for replica in replicas.replicas:
+            worker = replica.worker
+            if index is not None and replica.index != index:
+                continue
+            backend = worker.backend
+            codec = getattr(backend, "codec", None)
+            token_chars = codec.token_chars if codec is not None else None
+            uncounted = _uncounted(worker)
+            try:
+                if past_window(call.prompt, call.params, backend.context_window, token_chars, model, call.hop) \
+                        or uncounted is not None and uncounted(call.prompt, call.params.max_new_tokens):
+                    continue
+                ahead[worker.name] = backend.tokenize([call.prompt])[0]
+            except Exception:  # said when it is queued, on the loop
+                continue
+        return ahead
 
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
         """Queue every call awaited in the loop's last tick: per replica, one tokenization and one wake-up."""

@@ -27,6 +27,10 @@ class TextCodec:
     # Up to this many prompts are encoded one by one: encode_batch hands even one prompt to the Rust
     # thread pool, a cross-thread wake-up that costs more than the encoding.
     ONE_BY_ONE = 4
+    # A prompt longer than this goes to encode_batch all the same: encode holds Python's lock to the end, and a
+    # 2-million-character prompt stopped every thread of the process (other chains, the notebook, a served gateway)
+    # for 1.8 s here; encode_batch lets it go while Rust works, and took 1.3 s.
+    LONG_CHARS = 16_384
 
     def __init__(self, tokenizer: Any, eos_ids: set[int]) -> None:
         self.tokenizer = tokenizer
@@ -39,7 +43,7 @@ class TextCodec:
         try:
             if core is None:
                 ids: list[list[int]] = self.tokenizer(list(prompts), add_special_tokens=special_tokens)["input_ids"]
-            elif len(prompts) <= self.ONE_BY_ONE:
+            elif len(prompts) <= self.ONE_BY_ONE and all(len(prompt) <= self.LONG_CHARS for prompt in prompts):
                 ids = [core.encode(prompt, add_special_tokens=special_tokens).ids for prompt in prompts]
             else:
                 ids = [e.ids for e in core.encode_batch(list(prompts), add_special_tokens=special_tokens)]
