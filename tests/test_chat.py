@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -190,6 +191,41 @@ def test_a_long_chat_past_the_window_by_its_length_alone_is_refused_untokenized(
         assert "characters, so at least" in cause.message and "context window of 512 tokens" in cause.message
         assert tokenized == []  # refused by length, never tokenized
         assert chain.run(question=QUESTIONS[0]).output  # a short chat still goes through
+
+
+def test_a_long_chat_within_a_long_window_is_rendered_and_tokenized_off_the_loop(
+    chat_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chat of tens of thousands of characters for a model with a long window was rendered and tokenized on the
+    workbench's loop, where no other chain moved meanwhile."""
+    from workbench.engine.engine import LONG_PROMPT_CHARS
+
+    path = tmp_path / "tiny-chat-16k"
+    shutil.copytree(chat_path, path)
+    for name, key in (("config.json", "max_position_embeddings"), ("tokenizer_config.json", "model_max_length")):
+        settings = json.loads((path / name).read_text())
+        settings[key] = 16384
+        (path / name).write_text(json.dumps(settings))
+    with wb.Workbench(store=wb.InMemoryContextStore()) as bench:
+        bench.load("long", path, device="cpu")
+        backend = bench.engine.worker("long").backend
+        assert backend.context_window == 16384
+        tokenize, where = backend.tokenize, []
+
+        def watched(prompts: list[str], special_tokens: bool = True) -> list[list[int]]:
+            if any(len(p) > LONG_PROMPT_CHARS for p in prompts):
+                where.append((threading.current_thread().name, special_tokens))
+            return tokenize(prompts, special_tokens)  # type: ignore[no-any-return]
+
+        monkeypatch.setattr(backend, "tokenize", watched)  # the real tokenizer, watched for the long prompts it gets
+        question = "Where is the sea? " * (LONG_PROMPT_CHARS // 16)
+        run = bench.chain(CHAT.format(model="long")).run(question=question)
+        assert run.ok, run.error
+        assert len(where) == 1 and where[0][0] != "workbench-loop" and where[0][1] is False  # the template's text
+        rendered = backend.chat_prompt([{"role": "system", "content": "You answer briefly."},
+                                        {"role": "user", "content": question}])
+        call = run.trace.table().query("name == 'text_completion long'").iloc[0]
+        assert call["tokens_in"] == len(tokenize([rendered], False)[0])
 
 
 def test_a_model_in_a_child_process_takes_a_chat_as_in_process(chats: wb.Workbench, chat_path: Path) -> None:

@@ -69,8 +69,9 @@ class Call:
     prefix: str | None = None
     # The named LoRA adapter to run with (its live version when queued); None: the base model.
     adapter: str | None = None
-    # The prompt's token ids, by worker, where a long prompt was tokenized off the loop before it was queued.
-    tokens: Mapping[str, list[int]] | None = None
+    # A long prompt (or chat) made ready off the loop before it was queued, by worker: the text the model gets (a
+    # chat's as its template writes it) and its token ids.
+    tokens: Mapping[str, tuple[str, list[int]]] | None = None
 
 
 @dataclass(eq=False)
@@ -537,10 +538,8 @@ class Engine:
         backend = worker.backend
         try:
             ready = self._take_tokenized(worker.name, calls)
-            ahead = {call.prompt: ids for call, _ in calls
-                     if call.tokens is not None and (ids := call.tokens.get(worker.name)) is not None}
-            prompts = _prompts(backend, model, [call for call, _ in calls], {**ahead, **ready} if ahead else ready,
-                               _uncounted(worker))
+            ahead = [call.tokens.get(worker.name) if call.tokens is not None else None for call, _ in calls]
+            prompts = _prompts(backend, model, [call for call, _ in calls], ready, _uncounted(worker), ahead)
         except BaseException as exc:
             for call, span in calls:
                 self._refuse(model, span, exc)
@@ -812,7 +811,8 @@ class Engine:
         model, index = self._resolve(call.model)
         span = self._open(call, model)
         started, timeout_s = time.perf_counter(), call.timeout_s
-        if call.messages is None and len(call.prompt) > LONG_PROMPT_CHARS:
+        if (len(call.prompt) if call.messages is None else sum(len(m["content"]) for m in call.messages)) \
+                > LONG_PROMPT_CHARS:
             # Tokenized off the loop (a million characters take ~0.7 s here, in which no other chain on the loop
             # would move), within the call's timeout.
             try:
@@ -847,15 +847,16 @@ class Engine:
                 self._cancel(pending.request, RunCancelled(f"the run was cancelled while model {call.model!r} ran"))
             raise
 
-    def _tokenize_ahead(self, model: str, index: int | None, call: Call) -> dict[str, list[int]]:
-        """A long plain prompt's token ids for each replica of ``model`` (the one ``index`` pins) that would tokenize
-        it when queued: not one that refuses it by its length, nor one that sends it uncounted. Blocks: off the loop.
-        A prompt that fails to tokenize is left out, for the queueing to try again and say why."""
+    def _tokenize_ahead(self, model: str, index: int | None, call: Call) -> dict[str, tuple[str, list[int]]]:
+        """A long prompt's text (a chat's by its template) and token ids for each replica of ``model`` (the one
+        ``index`` pins) that would tokenize it when queued: not one that refuses it by its length, one that sends it
+        uncounted, or a server that renders the chat. Blocks: off the loop. A prompt that fails to render or tokenize
+        is left out, for the queueing to try again and say why."""
         with self._lock:
             replicas = self._sets.get(model)
         if replicas is None:  # not loaded yet: queued once it is
             return {}
-        ahead: dict[str, list[int]] = {}
+        ahead: dict[str, tuple[str, list[int]]] = {}
         for replica in replicas.replicas:
             worker = replica.worker
             if index is not None and replica.index != index:
@@ -863,12 +864,14 @@ class Engine:
             backend = worker.backend
             codec = getattr(backend, "codec", None)
             token_chars = codec.token_chars if codec is not None else None
-            uncounted = _uncounted(worker)
+            uncounted = _uncounted(worker) if call.messages is None else None
             try:
-                if past_window(call.prompt, call.params, backend.context_window, token_chars, model, call.hop) \
-                        or uncounted is not None and uncounted(call.prompt, call.params.max_new_tokens):
+                text = call.prompt if call.messages is None else backend.chat_prompt(call.messages, call.hop)
+                if text is None or past_window(text, call.params, backend.context_window, token_chars, model,
+                                               call.hop) \
+                        or uncounted is not None and uncounted(text, call.params.max_new_tokens):
                     continue
-                ahead[worker.name] = backend.tokenize([call.prompt])[0]
+                ahead[worker.name] = (text, backend.tokenize([text], special_tokens=call.messages is None)[0])
             except Exception:  # said when it is queued, on the loop
                 continue
         return ahead
@@ -936,7 +939,7 @@ class Engine:
 
 def _prompts(
     backend: Backend, model: str, calls: list[Call], ready: Mapping[str, list[int]] | None = None,
-    uncounted: Callable[[str, int], bool] | None = None,
+    uncounted: Callable[[str, int], bool] | None = None, ahead: Sequence[tuple[str, list[int]] | None] | None = None,
 ) -> list[tuple[str, list[int] | None] | BaseException]:
     """Each call's prompt text and token ids, or the error that keeps it out: a chat's by the model's chat template.
 
@@ -946,7 +949,14 @@ def _prompts(
     A plain prompt ``uncounted(prompt, max_new_tokens)`` lets through gets None for its ids: it goes out
     without being tokenized here (see :func:`_uncounted`). A long prompt (a chat's as its template writes it) that
     cannot fit ``model``'s window by its length alone gets ContextWindowExceeded, untokenized (see LONG_PROMPT_CHARS).
+    ``ahead`` holds, by call, the text and ids of a long prompt made ready off the loop (see Engine.acall), or None.
     """
+    if ahead is not None and any(a is not None for a in ahead):
+        rest = [i for i, a in enumerate(ahead) if a is None]
+        answers: list[tuple[str, list[int] | None] | BaseException] = list(ahead)  # type: ignore[arg-type]
+        for i, answer in zip(rest, _prompts(backend, model, [calls[i] for i in rest], ready, uncounted) if rest else []):
+            answers[i] = answer
+        return answers
     codec = getattr(backend, "codec", None)
     token_chars = codec.token_chars if codec is not None else None
     if all(call.messages is None for call in calls):  # the common case, in one pass
@@ -959,7 +969,7 @@ def _prompts(
         fresh = dict(zip(todo, backend.tokenize(todo))) if todo else {}
         return [refusal or (call.prompt, None if skipped else known.get(call.prompt, fresh.get(call.prompt)))
                 for call, skipped, refusal in zip(calls, skip, refused)]
-    answers: list[tuple[str, list[int] | None] | BaseException] = []
+    answers = []
     for call in calls:
         try:
             text = call.prompt if call.messages is None else backend.chat_prompt(call.messages, call.hop)
