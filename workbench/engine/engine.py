@@ -69,9 +69,10 @@ class Call:
     prefix: str | None = None
     # The named LoRA adapter to run with (its live version when queued); None: the base model.
     adapter: str | None = None
-    # A long prompt (or chat) made ready off the loop before it was queued, by worker: the text the model gets (a
-    # chat's as its template writes it) and its token ids.
-    tokens: Mapping[str, tuple[str, list[int]]] | None = None
+    # A long prompt (or chat) made ready off the loop before it was queued, by worker (the object: a model swapped in
+    # since under the same name tokenizes it again): the text the model gets (a chat's as its template writes it)
+    # and its token ids.
+    tokens: Mapping[ModelWorker, tuple[str, list[int]]] | None = None
 
 
 @dataclass(eq=False)
@@ -538,7 +539,7 @@ class Engine:
         backend = worker.backend
         try:
             ready = self._take_tokenized(worker.name, calls)
-            ahead = [call.tokens.get(worker.name) if call.tokens is not None else None for call, _ in calls]
+            ahead = [call.tokens.get(worker) if call.tokens is not None else None for call, _ in calls]
             prompts = _prompts(backend, model, [call for call, _ in calls], ready, _uncounted(worker), ahead)
         except BaseException as exc:
             for call, span in calls:
@@ -847,7 +848,7 @@ class Engine:
                 self._cancel(pending.request, RunCancelled(f"the run was cancelled while model {call.model!r} ran"))
             raise
 
-    def _tokenize_ahead(self, model: str, index: int | None, call: Call) -> dict[str, tuple[str, list[int]]]:
+    def _tokenize_ahead(self, model: str, index: int | None, call: Call) -> dict[ModelWorker, tuple[str, list[int]]]:
         """A long prompt's text (a chat's by its template) and token ids for each replica of ``model`` (the one
         ``index`` pins) that would tokenize it when queued: not one that refuses it by its length, one that sends it
         uncounted, or a server that renders the chat. Blocks: off the loop. A prompt that fails to render or tokenize
@@ -856,7 +857,7 @@ class Engine:
             replicas = self._sets.get(model)
         if replicas is None:  # not loaded yet: queued once it is
             return {}
-        ahead: dict[str, tuple[str, list[int]]] = {}
+        ahead: dict[ModelWorker, tuple[str, list[int]]] = {}
         for replica in replicas.replicas:
             worker = replica.worker
             if index is not None and replica.index != index:
@@ -871,7 +872,7 @@ class Engine:
                                                call.hop) \
                         or uncounted is not None and uncounted(text, call.params.max_new_tokens):
                     continue
-                ahead[worker.name] = (text, backend.tokenize([text], special_tokens=call.messages is None)[0])
+                ahead[worker] = (text, backend.tokenize([text], special_tokens=call.messages is None)[0])
             except Exception:  # said when it is queued, on the loop
                 continue
         return ahead
