@@ -170,10 +170,21 @@ def test_a_hint_names_the_subcommand_that_helps_not_the_python_call(with_tiny: I
     ("bench.load('a b') or bench.load(", "wb.current().load('a b') or wb.current().load("),
     ("bench.unload('m#1')", "wb.current().unload('m#1')"),  # a magic line would end at the #
     ("bench.unload('x), g(y')", "wb.current().unload('x), g(y')"),
+    ("bench.unload('bench.load') first", "%autoglm unload bench.load first"),  # its call once, not what it quotes
+    ("bench.unload('" + "a" * 1000 + "')", "wb.current().unload('" + "a" * 1000 + "')"),  # past what a call takes
     ("the chain's chain.bench.name and %autoglm run qa", "the chain's chain.bench.name and %autoglm run qa"),
 ])
 def test_hints_in_magic_words(hint: str, words: str) -> None:
     assert in_magic_words(hint) == words
+
+
+def test_a_hint_quoting_many_unclosed_calls_is_read_once_through() -> None:
+    """Each unclosed call was read to the end of the hint, and ran again from every call inside one: a name made of
+    "bench.load(" 20,000 times took 378 s to show."""
+    hint = "pick another name, or bench.unload('" + "bench.load(" * 5000 + "') first"
+    assert in_magic_words(hint).startswith("pick another name, or wb.current().unload('")
+    quoted = "bench.unload('bench.load(x') or bench.load"  # brackets inside a quoted name are the name's
+    assert in_magic_words(quoted) == "%autoglm unload bench.load(x or %autoglm load"
 
 
 # -- chains and runs ----------------------------------------------------------------------------

@@ -547,13 +547,15 @@ def in_magic_words(hint: str) -> str:
     ``set_balance``) written as that subcommand, any other as a call on ``wb.current()``."""
     out, at = [], 0
     for match in _BENCH_CALL.finditer(hint):
+        if match.start() < at:
+            continue  # inside a call already written (a name that reads "bench.load", say)
         out.append(hint[at:match.start()])
         method, called = match.group(1), match.group(2) is not None
         end = _closing(hint, match.end()) if called else match.end()
         magic = _as_subcommand(method, hint[match.end():end - 1] if called and end > 0 else None)
         if magic is None or end < 0:
-            out.append("wb.current()." + hint[match.start() + len("bench."):match.end()])
-            at = match.end()
+            at = end if end > 0 else match.end()  # a call's arguments as written, quoted names and all
+            out.append("wb.current()." + hint[match.start() + len("bench."):at])
         else:
             out.append(magic)
             at = end
@@ -561,13 +563,30 @@ def in_magic_words(hint: str) -> str:
     return "".join(out)
 
 
+# A hint's call closes within this many characters, or it is left as a Python call: each call is looked at once, so
+# a hint that quotes a user's long text costs no more than this a call.
+_CALL_CHARS = 400
+
+
 def _closing(text: str, start: int) -> int:
-    """The index just past the ``)`` that closes the call whose arguments start at ``start``, or -1."""
-    depth = 1
-    for index in range(start, len(text)):
-        depth += {"(": 1, "[": 1, "{": 1, ")": -1, "]": -1, "}": -1}.get(text[index], 0)
-        if depth == 0:
-            return index + 1
+    """The index just past the ``)`` that closes the call whose arguments start at ``start`` (brackets inside its
+    quoted text aside), or -1."""
+    depth, quote, escaped = 1, "", False
+    for index in range(start, min(len(text), start + _CALL_CHARS)):
+        char = text[index]
+        if quote:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == quote:
+                quote = ""
+        elif char in "'\"":
+            quote = char
+        else:
+            depth += {"(": 1, "[": 1, "{": 1, ")": -1, "]": -1, "}": -1}.get(char, 0)
+            if depth == 0:
+                return index + 1
     return -1
 
 
