@@ -17,6 +17,7 @@ from typing import Any
 from opentelemetry.trace import Span
 
 from workbench.engine.backends.base import Backend, check_not_empty, fit_window, past_window
+from workbench.engine.backends.codec import TextCodec
 from workbench.engine.backends.process import ModelProcess, ProcessBackend
 from workbench.engine.backends.ray import RayBackend
 from workbench.engine.backends.transformers import TransformersBackend
@@ -1006,7 +1007,9 @@ _POLL_S = 0.1
 
 # A plain prompt longer than this that cannot fit the context window by its length alone is refused untokenized
 # (see past_window); a shorter one is tokenized, so its refusal says how many tokens it is.
-LONG_PROMPT_CHARS = 16_384
+# The same length makes the codec let Python's lock go while it tokenizes (TextCodec.LONG_CHARS), and makes a call
+# make its prompt ready off the loop (Engine.acall): a prompt the loop tokenizes itself is short.
+LONG_PROMPT_CHARS = TextCodec.LONG_CHARS
 
 # How many prompts tokenized ahead, and prefixes' token ids, the engine remembers.
 _MAX_REMEMBERED = 4096
