@@ -438,3 +438,36 @@ def test_a_cancelled_row_stops_alone_in_a_padded_batch_and_a_lone_request_stops_
                   if s.attributes.get(attr.CANCELLED) == "running" and s.context.span_id != stopped.context.span_id]
         (batch,) = batches_of(cut.context.span_id)
         assert batch.attributes[attr.BATCH_STEPS] == 400  # the batch went on for its mate
+
+
+def test_a_maps_prefetch_tokenizes_a_long_prompt_once_and_none_past_the_window(
+    tiny_bench: wb.Workbench, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A map's prefetch tokenized each prompt of the inputs ahead whole: a long prompt was then tokenized again when
+    its call made it ready off the loop, and one past the window by its length alone (refused untokenized when
+    queued) was tokenized for nothing, seconds for millions of characters."""
+    from workbench.engine.engine import LONG_PROMPT_CHARS
+
+    backend = tiny_bench.engine.worker("tiny").backend
+    tokenize, seen = backend.tokenize, []
+
+    def watched(prompts: list[str], *args: object, **kwargs: object) -> list[list[int]]:
+        seen.extend(p for p in prompts if len(p) > LONG_PROMPT_CHARS)
+        return tokenize(prompts, *args, **kwargs)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(backend, "tokenize", watched)  # the real tokenizer, watched for the long prompts it gets
+    texts = [f"{i} " + "word " * 5_000 for i in range(4)]
+    for truncate in ("left", "error"):
+        seen.clear()
+        chain = tiny_bench.chain({"name": f"tail-{truncate}", "hops": [
+            {"name": "tail", "model": "tiny", "prompt": "{{ text }}", "max_new_tokens": 2, "truncate": truncate}]})
+        batch = chain.map([{"text": t} for t in texts], concurrency=1, prefetch=True)
+        runs = list(batch)
+        calls = [run.trace.table().query("name == 'text_completion tiny'").iloc[0] for run in runs]
+        if truncate == "left":
+            assert all(run.ok for run in runs) and sorted(seen) == sorted(texts)  # each once, however made ready
+            assert [c["tokens_in"] for c in calls] == [512 - 2] * 4
+            assert all(c.get("attributes.workbench.prefetch.prepared") is True for c in calls[1:])  # said so
+        else:
+            assert seen == []  # refused by their length alone, never tokenized
+            assert all(isinstance(run.error.cause, wb.ContextWindowExceeded) for run in runs)

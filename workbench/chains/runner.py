@@ -587,7 +587,8 @@ class Runner:
             try:
                 prompt = await self._render(hop.template, values, hop.resilience.timeout_s)
                 prefix = fixed_prefix(hop.template) if hop.cache.prefix else None
-                await loop.run_in_executor(self.io_pool, self.engine.prepare_prompt, hop.model, prompt, prefix)
+                await loop.run_in_executor(self.io_pool, self.engine.prepare_prompt, hop.model, prompt, prefix,
+                                           hop.params, hop.name)
             except Exception:  # the run itself meets (and reports) whatever went wrong
                 continue
             prepared += 1

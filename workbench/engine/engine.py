@@ -136,9 +136,12 @@ class Engine:
         self._replicas: dict[str, tuple[str | None, ...]] = {}
         self._balance: dict[str, BalancePolicy] = {}
         self._pending: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}
-        # Prompts tokenized ahead (a map's prefetch), by (worker, prompt), taken once by the request they were for.
-        self._tokenized: OrderedDict[tuple[str, str], list[int]] = OrderedDict()
-        self._prefix_ids: OrderedDict[tuple[str, str], list[int]] = OrderedDict()
+        # Prompts tokenized ahead (a map's prefetch), by (worker, prompt), taken once by the request they were for; and
+        # prefixes' ids. By the worker object, not its name: a model swapped in under the name never meets the old
+        # tokenizer's ids, even those a prefetch still running in the swap stores after it.
+        self._tokenized: OrderedDict[tuple[ModelWorker, str], list[int]] = OrderedDict()
+        self._prefix_ids: OrderedDict[tuple[ModelWorker, str], list[int]] = OrderedDict()
+        self._preparing: dict[tuple[ModelWorker, str], threading.Event] = {}  # prefetches tokenizing now
         self._wakeups: dict[asyncio.AbstractEventLoop, Wakeups] = {}
         self.preloader = Preloader(registry, tracing, self.start, self.stop)
 
@@ -304,10 +307,10 @@ class Engine:
         return old
 
     def _forget_tokens(self, name: str) -> None:
-        """Drop the token ids remembered for ``name``'s workers (prompts tokenized ahead, prefixes): the model that
-        serves the name next may tokenize otherwise. Called holding the lock."""
+        """Drop the token ids remembered for ``name``'s workers (prompts tokenized ahead, prefixes): no request of
+        theirs will take them now. Called holding the lock."""
         for remembered in (self._tokenized, self._prefix_ids):
-            for key in [key for key in remembered if key[0] == name or key[0].startswith(name + "#")]:
+            for key in [key for key in remembered if key[0].name == name or key[0].name.startswith(name + "#")]:
                 del remembered[key]
 
     def drain(self, replicas: ReplicaSet, timeout: float = 60.0) -> None:
@@ -539,7 +542,7 @@ class Engine:
         """
         backend = worker.backend
         try:
-            ready = self._take_tokenized(worker.name, calls)
+            ready = self._take_tokenized(worker, calls)
             ahead = [call.tokens.get(worker) if call.tokens is not None else None for call, _ in calls]
             prompts = _prompts(backend, model, [call for call, _ in calls], ready, _uncounted(worker), ahead)
         except BaseException as exc:
@@ -661,7 +664,7 @@ class Engine:
         return count
 
     def _tokens_of_prefix(self, worker: ModelWorker, prefix: str) -> list[int]:
-        key = (worker.name, prefix)
+        key = (worker, prefix)
         with self._lock:
             ids = self._prefix_ids.get(key)
         if ids is None:
@@ -672,22 +675,58 @@ class Engine:
                     self._prefix_ids.popitem(last=False)
         return ids
 
-    def prepare_prompt(self, model: str, prompt: str, prefix: str | None = None) -> None:
+    def prepare_prompt(self, model: str, prompt: str, prefix: str | None = None, params: GenerationParams | None = None,
+                       hop: str | None = None) -> None:
         """Get a prompt ready before it is sent (a map's prefetch): tokenize it for each replica of ``model`` and,
-        where its backend has a prefix cache, make sure ``prefix``'s KV is cached. Blocks: call it off the loop."""
+        where its backend has a prefix cache, make sure ``prefix``'s KV is cached. Blocks: call it off the loop.
+
+        Given the call's ``params``, a replica that will not tokenize the prompt when it is queued is left out: one
+        that refuses it by its length alone, or sends it uncounted (see :func:`_tokenizes`).
+        """
         for worker in self.replicas_of(model):
             backend = worker.backend
-            ids = backend.tokenize([prompt])[0]
-            with self._lock:
-                self._tokenized[(worker.name, prompt)] = ids
-                while len(self._tokenized) > _MAX_REMEMBERED:
-                    self._tokenized.popitem(last=False)
+            if params is not None and not _tokenizes(worker, prompt, params, model, hop, chat=False):
+                continue
+            key = (worker, prompt)
+            with self._lock:  # one tokenizing of a prompt at a time; a long call's own waits for it (_prefetched)
+                ids, tokenizing = self._tokenized.get(key), self._preparing.get(key)
+                mine = ids is None and tokenizing is None
+                if mine:
+                    tokenizing = self._preparing[key] = threading.Event()
+            if mine:
+                assert tokenizing is not None
+                try:
+                    ids = backend.tokenize([prompt])[0]
+                    with self._lock:
+                        self._tokenized[key] = ids
+                        while len(self._tokenized) > _MAX_REMEMBERED:
+                            self._tokenized.popitem(last=False)
+                finally:
+                    with self._lock:
+                        self._preparing.pop(key, None)
+                    tokenizing.set()
+            elif ids is None:
+                ids = self._prefetched(worker, prompt)
+                if ids is None:
+                    continue  # the other prefetch failed; the call will say why
             if prefix and getattr(backend, "prefix_cache", None) is not None:
                 count = self._prefix_len(worker, prefix, ids)
                 if count:
                     backend.warm_prefix(ids[:count])  # type: ignore[attr-defined]
 
-    def _take_tokenized(self, worker: str, calls: list[tuple[Call, Span]]) -> dict[str, list[int]]:
+    def _prefetched(self, worker: ModelWorker, prompt: str) -> list[int] | None:
+        """The ids a map's prefetch made of ``prompt`` for ``worker``, waiting for one that is tokenizing it now; left
+        for the queueing to take (and say so on the span). Blocks: off the loop."""
+        key = (worker, prompt)
+        with self._lock:
+            ids, tokenizing = self._tokenized.get(key), self._preparing.get(key)
+        if ids is None and tokenizing is not None:
+            tokenizing.wait()
+            with self._lock:
+                ids = self._tokenized.get(key)
+        return ids
+
+    def _take_tokenized(self, worker: ModelWorker, calls: list[tuple[Call, Span]]) -> dict[str, list[int]]:
         """The prompts of ``calls`` tokenized ahead for ``worker``, each taken once."""
         if not self._tokenized:
             return {}
@@ -864,16 +903,13 @@ class Engine:
             if index is not None and replica.index != index:
                 continue
             backend = worker.backend
-            codec = getattr(backend, "codec", None)
-            token_chars = codec.token_chars if codec is not None else None
-            uncounted = _uncounted(worker) if call.messages is None else None
             try:
                 text = call.prompt if call.messages is None else backend.chat_prompt(call.messages, call.hop)
-                if text is None or past_window(text, call.params, backend.context_window, token_chars, model,
-                                               call.hop) \
-                        or uncounted is not None and uncounted(text, call.params.max_new_tokens):
+                if text is None or not _tokenizes(worker, text, call.params, model, call.hop, call.messages is not None):
                     continue
-                ahead[worker] = (text, backend.tokenize([text], special_tokens=call.messages is None)[0])
+                ids = self._prefetched(worker, text) if call.messages is None else None
+                ahead[worker] = (text, ids if ids is not None else
+                                 backend.tokenize([text], special_tokens=call.messages is None)[0])
             except Exception:  # said when it is queued, on the loop
                 continue
         return ahead
@@ -990,6 +1026,18 @@ def _prompts(
             for i, text, ids in zip(slots, texts, backend.tokenize(texts, special_tokens=not chat)):
                 answers[i] = (text, ids)
     return answers
+
+
+def _tokenizes(worker: ModelWorker, text: str, params: GenerationParams, model: str, hop: str | None, chat: bool) -> bool:
+    """Whether queueing a prompt of ``text`` on ``worker`` tokenizes it: not when the worker refuses it by its length
+    alone, nor when a plain prompt goes out uncounted. Tokenizing it ahead (off the loop) is then worth doing."""
+    backend = worker.backend
+    codec = getattr(backend, "codec", None)
+    if past_window(text, params, backend.context_window, codec.token_chars if codec is not None else None, model,
+                   hop) is not None:
+        return False
+    uncounted = None if chat else _uncounted(worker)
+    return uncounted is None or not uncounted(text, params.max_new_tokens)
 
 
 def _uncounted(worker: ModelWorker) -> Callable[[str, int], bool] | None:
