@@ -254,6 +254,24 @@ def test_a_seeded_request_samples_the_same_text_in_any_batch_as_alone(tiny: wb.W
     twice = _submit_all(tiny, [PROMPTS[1]] * 3, [params] * 3)  # one prompt in three rows: three equal answers
     assert [r.token_ids for r in twice] == [alone[1]] * 3
 
+def test_a_seeded_request_under_continuous_batching_samples_the_same_text_each_time(tiny: wb.Workbench) -> None:
+    # transformers' scheduler seeds one generator when it starts and every row draws from it: the same seeded request
+    # sampled another text the second time (the stream had moved on), and another again beside other requests.
+    params = GenerationParams(max_new_tokens=16, temperature=1.5, seed=7)
+    tiny.set_batching("tiny", wb.NoBatching())
+    alone = [r.token_ids for r in _submit_all(tiny, PROMPTS[:3], [params] * 3)]
+    tiny.set_batching("tiny", wb.ContinuousBatching(max_batch=8))
+    first = [r.token_ids for r in _submit_all(tiny, PROMPTS[:3], [params] * 3)]
+    assert len(set(map(tuple, first))) > 1  # it really samples, each prompt its own way
+    assert first == alone  # as the padded generate samples it alone (and so in any batch, test above)
+    again = _submit_all(tiny, PROMPTS[:3], [params] * 3)
+    assert [r.token_ids for r in again] == first
+    among = _submit_all(tiny, [PROMPTS[1], PROMPTS[1], PROMPTS[4]], [params, params, GREEDY])
+    assert [r.token_ids for r in among[:2]] == [first[1]] * 2
+    modes = {(s.attributes or {}).get(attr.BATCH_MODE) for s in _spans(tiny, "batch tiny", tiny.engine.policy("tiny"))}
+    assert modes == {"continuous:seeded", "continuous"}  # the greedy one batched as before
+
+
 def test_a_policy_swap_takes_over_a_worker_waiting_inside_the_old_policy(tiny: wb.Workbench) -> None:
     model = tiny.registry.get("tiny").model
     tiny.set_batching("tiny", wb.StaticBatching(size=64, timeout_ms=600_000))

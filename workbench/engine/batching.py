@@ -283,7 +283,9 @@ class ContinuousBatching(BatchingPolicy):
     last of them finishes, while the scheduler runs them alongside the requests already in it.
     ``max_new_tokens`` is per request; requests with other sampling settings (temperature,
     top_p, top_k, seed) wait until the running ones finish and the scheduler restarts with
-    theirs. The scheduler keeps its paged KV cache while the policy is in place; swapping to
+    theirs. A seeded request that samples runs alone, in a scheduler started with its seed, so it
+    samples the same text every time, as it does alone under the padded policies (its batch span
+    says ``workbench.batch.mode`` ``continuous:seeded``). The scheduler keeps its paged KV cache while the policy is in place; swapping to
     another policy lets the running requests finish, then frees it.
 
     ``max_batch`` caps the requests in one forward pass, ``max_batch_tokens`` the tokens in one

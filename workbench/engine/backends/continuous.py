@@ -96,20 +96,29 @@ class ContinuousBackend:
         self._changed = threading.Condition()
 
     def submit(self, batch: list[GenerationRequest], span: Span) -> None:
-        """Admit ``batch`` (equal sampling settings) into the running scheduler; ``span`` ends with its last request."""
-        key = batch[0].params.sampling
-        if self._manager is None or key != self._sampling or not self._manager.is_running():
-            self.close()
-            self._start(batch[0].params)
+        """Admit ``batch`` (equal sampling settings) into the running scheduler; ``span`` ends with its last request.
+
+        The scheduler samples every row from one generator, seeded once when it starts: a seeded request would draw
+        from wherever the requests before it (and beside it) left that stream, so the same seed gave another text
+        each time. A seeded request that samples therefore runs alone, in a scheduler started for it with its seed
+        (the one before it finishes first; ``workbench.batch.mode`` says ``continuous:seeded``): the same seed, the
+        same text, at the price of its batching.
+        """
+        params = batch[0].params
+        seeded = params.seed is not None and not params.greedy
         with self._changed:
-            inflight = len(self._inflight) + len(batch)
+            inflight = len(self._inflight) + (1 if seeded else len(batch))
         group = _Group(span, next_batch_id(), len(batch), len(batch))
         span.set_attributes(
-            {attr.BATCH_ID: group.batch_id, attr.PADDING_TOKENS: 0, attr.BATCH_MODE: "continuous",
-             attr.BATCH_INFLIGHT: inflight}
+            {attr.BATCH_ID: group.batch_id, attr.PADDING_TOKENS: 0,
+             attr.BATCH_MODE: "continuous:seeded" if seeded else "continuous", attr.BATCH_INFLIGHT: inflight}
         )
         eos = sorted(self.backend.eos_ids) or -1
-        for request in batch:
+        for i, request in enumerate(batch):
+            if seeded or i == 0 and (self._manager is None or params.sampling != self._sampling
+                                     or not self._manager.is_running()):
+                self.close()  # waits for the requests it holds
+                self._start(params)
             request_id = f"wb-{request.id}"
             with self._changed:
                 self._inflight[request_id] = (request, group)
