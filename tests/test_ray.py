@@ -214,6 +214,33 @@ def test_the_magics_load_flags_put_a_model_on_ray(bench: wb.Workbench, tiny_path
         bench.unload("flagged", forget=True)
 
 
+def test_the_load_magic_says_what_loaded_on_ray_and_the_same_load_again_gives_it_back(
+    bench: wb.Workbench, tiny_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The magic formatted the model's parameter count, which a Ray model (weights in its actors) has none of here: a
+    # TypeError after the load had succeeded, and the cell run again said the name was taken.
+    from IPython.core.interactiveshell import InteractiveShell
+
+    import workbench.bench
+
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "workbench")
+    monkeypatch.setattr(workbench.bench, "_current", bench)
+    line = f"load again {tiny_path} --device cpu --engine ray --num-cpus 0"
+    try:
+        shell.run_line_magic("autoglm", line)
+        first = bench.registry.get("again")
+        shell.run_line_magic("autoglm", line)  # a notebook cell run twice
+        out = capsys.readouterr()
+        assert out.err == "" and out.out.count("loaded 'again' on ray") == 1 and "already loaded" in out.out
+        assert bench.registry.get("again") is first
+        assert bench.load("again", tiny_path, device="cpu", engine="ray", num_cpus=0) is first
+        with pytest.raises(wb.ModelLoadError, match="already loaded"):  # other settings are refused as before
+            bench.load("again", tiny_path, device="cpu", engine="ray", num_cpus=0, restarts=5)
+    finally:
+        bench.unload("again", forget=True)
+
+
 def _replica(bench: wb.Workbench, name: str) -> Any:
     """The Ray backend of replica ``name`` (``r#1``): the actor a test kills."""
     model, _, index = name.partition("#")

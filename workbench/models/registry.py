@@ -176,7 +176,8 @@ class ModelRegistry:
         cell run again); else None."""
         with self._lock:
             loaded = self._loaded.get(name)
-        if loaded is None or loaded.settings != settings or loaded.model is None or loaded.settings.remote:
+        # Not a server's model: what it serves now is only known by asking the server.
+        if loaded is None or loaded.settings != settings or loaded.settings.remote:
             return None
         dtype = loaded.settings.dtype if loaded.dtype is None else dtype_name(loaded.dtype)
         return loaded if model_identity(settings, str(loaded.device), dtype) == loaded.identity else None

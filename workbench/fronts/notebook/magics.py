@@ -120,10 +120,18 @@ class AutoglmMagics(Magics):
         print(help_text(command.topic), end="")
 
     def _load(self, command: LoadCommand) -> None:
-        model = load_model(current(), command.name, command.settings, command.replicas)
+        bench = current()
+        before = next((m for m in bench.registry.loaded() if m.name == command.name), None)
+        model = load_model(bench, command.name, command.settings, command.replicas)
+        if model is before:  # the same load again (a cell run twice): nothing loaded
+            print(f"{command.name!r} is already loaded with these settings, from these files: nothing to load")
+            return
         if model.settings.remote:  # no weights here: say which server and model answer instead
             print(f"loaded {command.name!r}: {model.settings.served_model!r} on {model.source} in {model.load_s:.2f} s"
                   + self._replica_note(command))
+            return
+        if model.params is None:  # engine="ray": the weights are in the actors (bench.replicas() says where)
+            print(f"loaded {command.name!r} on {model.device} in {model.load_s:.2f} s" + self._replica_note(command))
             return
         dtype = str(model.dtype).removeprefix("torch.")
         print(
