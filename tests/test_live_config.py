@@ -444,6 +444,13 @@ def test_set_lines_parse_into_typed_values() -> None:
     assert command.assignments == (("qa", "answer.temperature", 0.7), ("qa", "answer.fallback", ["a", "b"]),
                                    ("qa", "history", 3), ("qa", "answer.prompt", "x: {{ y }}"),
                                    ("qa", "answer.truncate", "left"))
+    # YAML read the rest of a value as text's loss: a quoted 'Ticket #42: check' was 'Ticket' (a comment), yes and off
+    # booleans, --- and | nothing, with no word said.
+    typed = parse_command("set qa.description='Ticket #42: check' qa.a.prompt=yes qa.b.prompt='a # b' qa.c.prompt=--- "
+                          "qa.d.prompt='|' qa.e.prompt=off qa.f.max_new_tokens=1e3 qa.g.stop=null")
+    assert isinstance(typed, SetCommand)
+    assert [value for _, _, value in typed.assignments] == ["Ticket #42: check", "yes", "a # b", "---", "|", "off",
+                                                            1000.0, None]
     for line, message in (("set qa", "not CHAIN.FIELD=VALUE"), ("set qa.answer.temperature=", "empty"),
                           ("set qa.x=1 qa.x=2", "given twice")):
         with pytest.raises(wb.ParseError, match=message):

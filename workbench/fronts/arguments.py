@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import shlex
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -155,8 +156,8 @@ def replica_options(args: argparse.Namespace) -> ReplicaOptions:
 def parse_assignments(words: Sequence[str]) -> list[tuple[str, str, Any]]:
     """Live settings from ``CHAIN.HOP.FIELD=VALUE`` words: (chain, ``HOP.FIELD``, value) each.
 
-    A value reads as a YAML scalar (``0.7`` a number, ``true`` a boolean, ``null`` none); ``[a, b]`` and
-    ``{attempts: 3}`` as a list and a mapping; anything else, and a template (``{{ ... }}``), as text.
+    A value is a number (``0.7``, ``3``), ``true``/``false``, ``null``, a list or mapping in YAML's flow form
+    (``[a, b]``, ``{attempts: 3}``); anything else, a template (``{{ ... }}``) too, is text as typed.
     """
     assignments: list[tuple[str, str, Any]] = []
     for word in words:
@@ -172,17 +173,33 @@ def parse_assignments(words: Sequence[str]) -> list[tuple[str, str, Any]]:
 
 
 def setting_value(text: str) -> Any:
-    """A value typed on a line, as a spec would hold it: YAML's reading of a scalar, a list or a mapping, else text."""
+    """A value typed on a line, as a spec would hold it: a number, ``true``/``false``, ``null``, a flow list or
+    mapping; else the text as typed.
+
+    Only those forms are read as YAML: YAML's reading of other text loses what was typed (``Ticket #42`` is
+    ``Ticket`` and a comment, ``yes`` and ``off`` are booleans, ``---`` and ``|`` are nothing), and a quoted value
+    reaches here with its quotes gone, so nothing says it was meant as text.
+    """
     import yaml
 
     if not text.strip():
         raise ParseError("the value is empty", hint='quote text, e.g. qa.answer.prompt="Q: {{ question }}"')
-    if "{{" in text or "{%" in text:  # a template: YAML would read its braces as a mapping
-        return text
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    if isinstance(value, (list, dict)):
-        return value if text.lstrip().startswith(("[", "{")) else text
-    return value if isinstance(value, (str, int, float, bool)) or value is None else text
+    word = text.strip()
+    if word.lower() in _WORDS:
+        return _WORDS[word.lower()]
+    if _INTEGER.fullmatch(word):
+        return int(word)
+    if _DECIMAL.fullmatch(word):
+        return float(word)
+    if word.startswith(("[", "{")) and "{{" not in text and "{%" not in text:  # a template's braces are text
+        try:
+            value = yaml.safe_load(word)
+        except yaml.YAMLError:
+            return text
+        return value if isinstance(value, (list, dict)) else text
+    return text
+
+
+_WORDS: dict[str, Any] = {"true": True, "false": False, "null": None, "~": None}
+_INTEGER = re.compile(r"[-+]?\d+")
+_DECIMAL = re.compile(r"[-+]?(\d+\.\d*|\.\d+|\d+)([eE][-+]?\d+)?")
