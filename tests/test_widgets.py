@@ -83,8 +83,10 @@ def test_load_button_loads_the_model_and_the_table_follows(bench: wb.Workbench, 
     manager.name.value, manager.source.value = "m1", str(tiny_path)
     manager.device.value, manager.dtype.value = "cpu", "bfloat16"
     manager.load_button.click()
+    manager.load_button.click()  # a double click: the second comes while the load runs, and is refused
+    assert "still running" in manager.error
     manager.wait(120)
-    assert manager.error == ""
+    assert manager.error == ""  # that line went with the load it spoke of
     assert "loaded 'm1' on cpu" in manager.status
     row = bench.models().set_index("name").loc["m1"]
     assert (row["device"], row["dtype"], row["state"]) == ("cpu", "bfloat16", "loaded")
@@ -171,6 +173,36 @@ def test_fields_the_form_does_not_edit_ride_along(loaded: wb.Workbench) -> None:
     assert rebuilt.spec.description == "kept"
     params = rebuilt.spec.hops[0].params
     assert (params.seed, params.truncate, params.temperature) == (3, "left", 0.5)
+
+
+def test_the_forms_sliders_reach_the_chains_values_and_a_run_keeps_them(loaded: wb.Workbench) -> None:
+    # A slider clamps a value outside its range: the form gave back 256, 2.0, 0.05 and 200, and a run wrote them into
+    # the chain without a word.
+    values = {"max_new_tokens": 400, "temperature": 3.5, "top_p": 0.01, "top_k": 500}
+    chain = loaded.chain({**SHORT_SPEC, "hops": [{**SHORT_SPEC["hops"][0], **values}]})
+    builder = ChainBuilder(loaded, chain=chain)
+    (hop,) = builder.spec()["hops"]
+    assert {key: hop[key] for key in values} == values
+    fresh = ChainBuilder(loaded).hop_editors[0]  # a new hop's sliders keep their usual ranges
+    assert (fresh.max_new_tokens.max, fresh.temperature.max, fresh.top_p.min, fresh.top_k.max) == (256, 2.0, 0.05, 200)
+
+
+def test_a_builder_does_not_undo_a_live_edit_made_since_it_showed_the_chain(loaded: wb.Workbench) -> None:
+    # %autoglm set (chain.set) made qa v2; a run from a builder opened on v1 built v1's values again, without a word.
+    chain = loaded.chain(SHORT_SPEC)
+    builder = ChainBuilder(loaded, chain=chain)
+    builder.inputs["question"].value = "hi"
+    chain.set({"answer.max_new_tokens": 2})
+    assert builder.run() is False and builder.last_run is None
+    assert builder.error.startswith("chain 'short' changed since this builder showed it (v1") and "undo" in builder.error
+    assert loaded.chains()["short"] is chain and chain.spec.hop("answer").params.max_new_tokens == 2
+    assert ChainBuilder(loaded, chain=chain).spec()["hops"][0]["max_new_tokens"] == 2  # started again from it
+    assert builder.run(replace=True) is True  # asked for in so many words
+    builder.wait(60)
+    assert builder.error == "" and loaded.chains()["short"].spec.hop("answer").params.max_new_tokens == 4
+    assert builder.run() is True  # its own run's version is the one it shows now
+    builder.wait(60)
+    assert builder.error == ""
 
 
 def test_a_chat_hop_keeps_its_messages_and_its_spec_validates(loaded: wb.Workbench) -> None:
@@ -328,6 +360,7 @@ def test_run_returns_at_once_while_the_chain_runs_in_the_background(loaded: wb.W
     builder.wait(60)
     assert not builder.running and not builder.run_button.disabled
     assert builder.last_run is not None and builder.last_run.output == "passed: hi"
+    assert builder.error == ""  # the refused click's line went with the run it spoke of
 
 
 def test_a_failing_run_shows_its_error_and_partial_trace_in_the_widget(loaded: wb.Workbench) -> None:

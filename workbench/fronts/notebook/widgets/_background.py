@@ -81,3 +81,11 @@ class StatusBox(w.VBox):
     def _show_error(self, change: dict[str, Any]) -> None:
         message = change["new"]
         self._error.value = f"<span style='color:#c00'>{html.escape(message)}</span>" if message else ""
+
+    def _refuse_while_busy(self, message: str) -> None:
+        """Say a click came while a job runs; the line goes when that job ends (it said nothing about the job)."""
+        self.error = self._busy_message = message
+
+    def _job_ended(self) -> None:
+        if self.error and self.error == getattr(self, "_busy_message", None):
+            self.error = ""

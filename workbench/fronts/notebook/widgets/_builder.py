@@ -5,7 +5,7 @@ from __future__ import annotations
 import graphlib
 import html
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import ipywidgets as w
 import traitlets
@@ -37,6 +37,17 @@ def call_path(hop: HopSpec) -> str:
     return f"{getattr(call, '__module__', '?')}:{getattr(call, '__qualname__', '?')}"
 
 
+_S = TypeVar("_S", w.IntSlider, w.FloatSlider)
+
+
+def _reaching(slider: type[_S], value: float, low: float, high: float, **kwargs: Any) -> _S:
+    """A slider from ``low`` to ``high`` that reaches ``value`` too: a slider clamps a value outside its range, so a
+    chain's ``max_new_tokens: 400`` or ``temperature: 3.5`` came back from the form as 256 and 2.0, and a run wrote
+    them into the chain."""
+    return slider(value=value, min=min(low, value), max=max(high, value), continuous_update=False,
+                  style={"description_width": "9em"}, **kwargs)
+
+
 class HopEditor(w.VBox):
     """One hop of the builder: its name and kind, then model, prompt and sliders, a Python call, or a graph query."""
 
@@ -65,15 +76,10 @@ class HopEditor(w.VBox):
         self.prompt = w.Textarea(value=prompt, description="prompt", continuous_update=False,
                                  placeholder="Question: {{ question }}\\nAnswer:",
                                  layout=w.Layout(width="46em", height="4.5em"))
-        self.max_new_tokens = w.IntSlider(value=params.max_new_tokens, min=1, max=256, description="max_new_tokens",
-                                          continuous_update=False, style={"description_width": "9em"})
-        self.temperature = w.FloatSlider(value=params.temperature, min=0.0, max=2.0, step=0.05,
-                                         description="temperature", continuous_update=False,
-                                         style={"description_width": "9em"})
-        self.top_p = w.FloatSlider(value=params.top_p, min=0.05, max=1.0, step=0.05, description="top_p",
-                                   continuous_update=False, style={"description_width": "9em"})
-        self.top_k = w.IntSlider(value=params.top_k, min=0, max=200, description="top_k",
-                                 continuous_update=False, style={"description_width": "9em"})
+        self.max_new_tokens = _reaching(w.IntSlider, params.max_new_tokens, 1, 256, description="max_new_tokens")
+        self.temperature = _reaching(w.FloatSlider, params.temperature, 0.0, 2.0, step=0.05, description="temperature")
+        self.top_p = _reaching(w.FloatSlider, params.top_p, 0.05, 1.0, step=0.05, description="top_p")
+        self.top_k = _reaching(w.IntSlider, params.top_k, 0, 200, description="top_k")
         # Spec fields the form has no control for (seed, retry, fallback, ...) ride along unchanged.
         self.extra = dict(extra or {})
         # A Python hop loaded from a chain keeps its function while the call box still shows its path: a function
@@ -210,6 +216,7 @@ class ChainBuilder(StatusBox):
         self.bench = bench if bench is not None else current()
         self.last_run: Run | None = None
         self.chain: Chain | None = chain  # the chain the builder edits: its runs replace it on the workbench
+        self._shown = chain.version if chain is not None else None  # the version of it the form was made from
         self._last_hop: str | None = None
         self._chain_extra: dict[str, Any] = {}
         self._job = Background("workbench-chain-builder", self._fail)
@@ -321,7 +328,7 @@ class ChainBuilder(StatusBox):
         chain of this name that the builder was not started from and did not build (``replace=True`` replaces it).
         """
         if self._job.running:
-            self.error = "a run is still going; wait for it to finish"
+            self._refuse_while_busy("a run is still going; wait for it to finish")
             return False
         name = self.chain_name.value.strip()
         held = self.bench.chains().get(name)
@@ -332,12 +339,20 @@ class ChainBuilder(StatusBox):
                 hint=f"rename the chain here; to edit that chain, start from it: ChainBuilder(bench, "
                 f"chain=bench.chains()[{name!r}]); to replace it, builder.run(replace=True)"), hint=True)
             return False
+        if held is not None and held is self.chain and self._shown is not None and not replace \
+                and held.version.digest != self._shown.digest:
+            self.error = describe(WorkbenchError(
+                f"chain {name!r} changed since this builder showed it ({self._shown} -> {held.version}: a "
+                f"%autoglm set, chain.set or its spec file): running here would undo that",
+                hint=f"start again from it: ChainBuilder(bench, chain=bench.chains()[{name!r}]); to run the form as "
+                f"it is, builder.run(replace=True)"), hint=True)
+            return False
         try:
             chain = self.bench.chain(self.spec())
         except WorkbenchError as error:
             self.error = describe(error, hint=True)
             return False
-        self.chain = chain
+        self.chain, self._shown = chain, chain.version
         inputs = {name: self.inputs[name].value for name in chain.inputs if name in self.inputs}
         self.error = ""
         self.status = f"running {chain.name!r} ..."
@@ -381,6 +396,7 @@ class ChainBuilder(StatusBox):
 
     def _done(self) -> None:
         self.running = False
+        self._job_ended()
 
     def _fail(self, message: str) -> None:
         self.status = ""

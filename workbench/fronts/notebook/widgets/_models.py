@@ -161,7 +161,7 @@ class ModelManager(StatusBox):
 
     def _start(self, job: Any, status: str) -> bool:
         if self._job.running:
-            self.error = "a load or unload is still running; wait for it to finish"
+            self._refuse_while_busy("a load or unload is still running; wait for it to finish")
             return False
         self.error = ""
         self.status = status
@@ -170,6 +170,7 @@ class ModelManager(StatusBox):
 
     def _done(self) -> None:
         self.busy = False
+        self._job_ended()
         self.refresh()
 
     def _fail(self, message: str) -> None:
