@@ -257,6 +257,20 @@ def test_the_same_load_again_gives_the_loaded_model_unless_its_files_changed(tin
         assert bench.registry.get("tiny") is first
 
 
+@pytest.mark.parametrize("settings", [
+    {"source": "/tmp/" + "x" * 300}, {"source": "y" * 256}, {"adapter": "z" * 300}, {"adapters": {"s": "q" * 300}}],
+    ids=["source-path", "source-word", "adapter", "named-adapter"])
+def test_a_path_no_file_system_holds_is_a_clear_load_error(bench: wb.Workbench, tiny_path: Path,
+                                                           settings: dict[str, Any]) -> None:
+    # Asking whether such a path exists raised OSError (File name too long) from the middle of the load.
+    settings = {"source": str(tiny_path), **settings}
+    with pytest.raises(wb.ModelLoadError, match=r"is neither a local directory nor a hub id: one part of it is "
+                                                r"\d+ characters, and a file or folder name holds at most 255") as info:
+        bench.load("m", **settings)
+    assert len(str(info.value)) < 400  # the long part is not said back whole
+    assert bench.models().empty
+
+
 def test_a_sharded_checkpoint_with_a_shard_missing_names_it(tiny_bench: wb.Workbench, tiny_path: Path,
                                                            tmp_path: Path) -> None:
     # The hint was to check the path or hub id, of a directory that is there.

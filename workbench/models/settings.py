@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import Field, dataclass, field
 from typing import Any
 
+from workbench.errors import ModelLoadError
+
 
 def is_server_url(text: str) -> bool:
     """Whether ``text`` names a model server (an http or https URL) rather than weights or a device."""
@@ -25,6 +27,20 @@ def number_setting(option: Field[Any]) -> tuple[type, bool] | None:
     """A number setting's kind (int or float) and whether it may be None (off, as ``hang_timeout_s``); None for a
     setting that is not a number. The command line's flags and the configuration files both read this."""
     return _NUMBERS.get(str(option.type))
+
+
+# The longest name one part of a path may have on the file systems in use (a hub id's parts are far shorter).
+NAME_MAX = 255
+
+
+def _check_path_parts(what: str, text: str) -> None:
+    """Refuse a path no file system holds: asking whether it exists raised OSError (File name too long)."""
+    for part in text.replace("\\", "/").split("/"):
+        if len(part.encode("utf-8", "surrogatepass")) > NAME_MAX:
+            raise ModelLoadError(
+                f"{what} {text[:80]!r}{'...' if len(text) > 80 else ''} is neither a local directory nor a hub id: "
+                f"one part of it is {len(part):,} characters, and a file or folder name holds at most {NAME_MAX} bytes",
+                hint="give the directory that holds the model, or a hub id like 'org/name'")
 
 
 # The settings only a model on a server reads (see LoadSettings).
@@ -72,6 +88,13 @@ class LoadSettings:
     # Floats, so their flags take fractions (--num-gpus 0.5: two replicas share a GPU).
     num_gpus: float = _option(0.0, "engine ray: GPUs each replica's actor asks of the cluster (default 0)", "N")
     num_cpus: float = _option(1.0, "engine ray: CPUs each replica's actor asks of the cluster (default 1)", "N")
+
+    def __post_init__(self) -> None:
+        # A front end's adapters text is parsed (and so checked) by the load.
+        named = [(f"adapter {pair[0]!r}", pair[1]) for pair in self.adapters if isinstance(pair, tuple) and len(pair) == 2]
+        for what, text in [("source", self.source), ("adapter", self.adapter), *named]:
+            if isinstance(text, str) and not is_server_url(text):
+                _check_path_parts(what, text)
 
     @property
     def remote(self) -> bool:
