@@ -94,6 +94,13 @@ hops:
                      ["retry.max_total_s must be a number of seconds > 0", "nan"], id="max-total-nan"),
         pytest.param(HOP_HEAD + "    retry:\n      max_total_s: .inf\n", "plan", "retry.max_total_s", 7,
                      ["retry.max_total_s must be a number of seconds > 0", "inf"], id="max-total-inf"),
+        # An int too large for a float raised OverflowError (math.isfinite) for every number setting.
+        pytest.param(HOP_HEAD + f"    temperature: {10**400}\n", "plan", "temperature", 6,
+                     ["temperature must be a number >= 0", "0000...0000"], id="temperature-huge-int"),
+        pytest.param(HOP_HEAD + f"    retry:\n      max_total_s: {10**400}\n", "plan", "retry.max_total_s", 7,
+                     ["retry.max_total_s must be a number of seconds > 0"], id="max-total-huge-int"),
+        pytest.param(HOP_HEAD + f"    retry: {{attempts: 2, backoff_ms: {-10**400}}}\n", "plan", "retry.backoff_ms", 6,
+                     ["retry.backoff_ms must be a number of milliseconds"], id="backoff-huge-negative-int"),
         pytest.param(HOP_HEAD + "    max_new_token: 5\n", "plan", "max_new_token", 6,
                      ["unknown field 'max_new_token'", "did you mean 'max_new_tokens'"], id="unknown-hop-field"),
         pytest.param(HOP_HEAD + "ouptut: plan\n", None, "ouptut", 6,

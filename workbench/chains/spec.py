@@ -6,6 +6,7 @@ import graphlib
 import importlib
 import inspect
 import math
+import sys
 import re
 import reprlib
 from collections.abc import Callable, Collection, Mapping
@@ -720,9 +721,15 @@ def _cache(
 
 
 def _number(value: Any) -> bool:
-    """A finite int or float: YAML's .inf and .nan are floats, but no setting means them. A numpy number counts."""
+    """A finite int or float: YAML's .inf and .nan are floats, but no setting means them. A numpy number counts. An
+    int too large for a float is none either (every setting is read as a float: OverflowError)."""
     value = plain(value)
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    return math.isfinite(value) if isinstance(value, float) else -_FLOAT_MAX <= value <= _FLOAT_MAX
+
+
+_FLOAT_MAX = int(sys.float_info.max)
 
 
 def _resilience(
