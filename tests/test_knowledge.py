@@ -210,6 +210,9 @@ def test_json_triples_as_lists_or_objects(tmp_path: Path) -> None:
     ("g.json", '[["a", "b", "c"],\n ["d", "e", ' + "9" * 5000 + "]]",
      r"line 2: not valid JSON: a number of 5,000 digits is too long"),
     ("g.txt", "a,b,c", r"neither \.csv nor \.json"),
+    # A fact with a lone surrogate broke every trace table it went into, the workbench's whole one with it.
+    ("g.json", '[["a", "b", "c"], ["x\\ud800", "b", "c"]]',
+     r"item 2: the subject is not valid text: it holds a lone surrogate \('\\ud800'\) at character 1"),
 ])
 def test_bad_files_say_which_file_and_row(tmp_path: Path, name: str, content: str, words: str) -> None:
     path = tmp_path / name
@@ -217,6 +220,12 @@ def test_bad_files_say_which_file_and_row(tmp_path: Path, name: str, content: st
     with pytest.raises(wb.GraphError, match=words) as info:
         load_file(path)
     assert str(path) in str(info.value)
+
+
+def test_a_surrogate_pair_in_a_json_graph_is_the_character_it_stands_for(tmp_path: Path) -> None:
+    path = tmp_path / "g.json"
+    path.write_text('[["smile \\ud83d\\ude00", "is", "a face"]]', encoding="utf-8")
+    assert load_file(path).lookup("smile \U0001f600").triples[0].subject == "smile \U0001f600"
 
 
 def test_files_that_are_not_text_or_too_big_or_not_files_are_refused(
@@ -593,6 +602,21 @@ def test_the_graph_a_chain_keeps_using_is_not_the_one_a_full_store_lets_go(
     run = chain.run(question="Ada?")
     assert run.output == "Ada — used — notes."
     assert run.trace.table().set_index("name").loc["hop facts"][f"attributes.{attr.KNOWLEDGE_STALE}"]
+
+
+def test_a_query_past_the_length_a_lookup_links_fails_the_hop_at_once(countries: wb.KnowledgeGraph,
+                                                                       bench: wb.Workbench) -> None:
+    # A template may render ten million characters: on the shipped graph their lookup took 24 s and 1 GB (NFKD expands
+    # U+FDFA eighteen times over), with no bound on the hop's time.
+    from workbench.knowledge.graph import MAX_QUERY_CHARS
+
+    assert countries.lookup("France " * (MAX_QUERY_CHARS // 7)).entities == ("France",)  # up to the bound: linked
+    chain = bench.chain({"name": "big", "hops": [{"name": "facts", "kind": "knowledge", "graph": "countries",
+                                                   "query": "{{ ('%c' % 65018) * 10000000 }}"}]})
+    with pytest.raises(wb.HopFailed) as info:
+        chain.run()
+    assert isinstance(info.value.cause, wb.GraphError)
+    assert "the query is 10,000,000 characters, over the 100,000 a query may have" in str(info.value.cause)
 
 
 def test_currency_codes_and_common_words_are_not_names(countries: wb.KnowledgeGraph) -> None:

@@ -143,6 +143,13 @@ def _build(rows: Iterator[tuple[str, list[Any]]], path: Path) -> KnowledgeGraph:
             if len(value) > MAX_VALUE_CHARS:
                 raise GraphError(f"graph file {shown(path)}, {where}: the {name} is {len(value):,} characters, over "
                                  f"the {MAX_VALUE_CHARS:,} a value may have")
+            # JSON's \ud800 escapes decode to text no encoder takes: a fact with one broke every table of the traces
+            # it went into (pyarrow), the workbench's whole trace table and the session's history with them.
+            bad = None if value.isascii() else _LONE_SURROGATE.search(value)
+            if bad is not None:
+                raise GraphError(f"graph file {shown(path)}, {where}: the {name} is not valid text: it holds a lone "
+                                 f"surrogate ({bad.group()!r}) at character {bad.start()}",
+                                 hint="write the character itself, or a pair of surrogates (\\ud83d\\ude00)")
             values.append(" ".join(value.split()))
         subject, relation, obj = values
         if relation.casefold() == ALIAS:  # in any case, as the header is: "Alias" is no fact
@@ -157,6 +164,9 @@ def _build(rows: Iterator[tuple[str, list[Any]]], path: Path) -> KnowledgeGraph:
     if not triples:
         raise GraphError(f"graph file {shown(path)} holds no triples", hint=_FORMAT_HINT)
     return KnowledgeGraph(triples, aliases=aliases, codes=codes, name=path.name)
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def shown(path: Path) -> str:

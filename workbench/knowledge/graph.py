@@ -20,6 +20,9 @@ DEFAULT_MAX_TRIPLES = 50
 # The longest alias the linker tries, in words: titles run to twenty or so, and a longer node (a description
 # held as an object) would make every word it starts with ("the") cost a try per length when linking.
 MAX_ALIAS_WORDS = 32
+# The longest query a lookup links: a question, or a passage, not a corpus. Linking costs ~0.3-4 us a character (more
+# for text whose accents and compatibility forms expand), and a template may render ten million characters into one.
+MAX_QUERY_CHARS = 100_000
 _WORD = re.compile(r"\w+")
 _WINDOW = 4_096  # the words of a text the linker holds at once: a long query is read a window at a time
 
@@ -230,6 +233,10 @@ class KnowledgeGraph:
         if not isinstance(query, str):
             raise GraphError(f"lookup: the query must be text, got {type(query).__name__} {query!r:.40}",
                              hint='e.g. graph.lookup("What borders France?", hops=1)')
+        if len(query) > MAX_QUERY_CHARS:
+            raise GraphError(f"lookup: the query is {len(query):,} characters, over the {MAX_QUERY_CHARS:,} a query may "
+                             "have", hint="put the question in the query, not a whole document; or cut it short: "
+                             "{{ question[:2000] }}")
         for name, value in (("hops", hops), ("max_triples", max_triples)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise GraphError(f"lookup: {name} must be a whole number of at least 1, got {value!r:.40}",
