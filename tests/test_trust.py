@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import threading
 from pathlib import Path
@@ -95,6 +96,47 @@ def test_a_function_imported_into_your_module_is_judged_by_where_it_comes_from(
     with pytest.raises(wb.SpecError, match="imported into 'myhops'") as info:
         tiny_bench.chain(_python_hop("myhops:system"))
     assert "standard library" in str(info.value)
+
+
+class _Shout:
+    def __call__(self, question: str) -> str:
+        return question.upper()
+
+
+def test_a_callable_object_is_judged_by_the_code_a_call_runs(
+    tiny_bench: wb.Workbench, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # IPython puts exit in the notebook's namespace as an ExitAutocall object: 'call: "__main__:exit"' was taken as the
+    # notebook's own, and a run of the chain shut the kernel down. An object is judged by its class, a partial by its
+    # function.
+    import functools
+    import os
+
+    from IPython.core.autocall import ExitAutocall
+
+    main_module = sys.modules["__main__"]
+    monkeypatch.setattr(main_module, "leave", ExitAutocall(), raising=False)
+    monkeypatch.setattr(main_module, "run_shell", functools.partial(os.system, "true"), raising=False)
+    monkeypatch.setattr(main_module, "shout", _Shout(), raising=False)
+    monkeypatch.setattr(main_module, "shout_later", functools.partial(_Shout()), raising=False)
+    for call, words in (("__main__:leave", "comes from module 'IPython.core.autocall' (imported into '__main__'), "
+                                           "and it is an installed package"),
+                        ("__main__:run_shell", "and it is part of Python's standard library")):
+        with pytest.raises(wb.SpecError, match=re.escape(words)):
+            tiny_bench.chain(_python_hop(call))
+    for call in ("__main__:shout", "__main__:shout_later"):  # the user's own code, in an object
+        assert tiny_bench.chain(_python_hop(call)).run(question="hi").output == "HI"
+
+
+def test_a_folder_named_like_an_installed_namespace_package_does_not_open_it(
+    tiny_bench: wb.Workbench, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # google is a namespace package (protobuf installs google.protobuf): an empty google/ folder on the path made its
+    # first location the user's own, and google.protobuf's functions callable from any spec.
+    (tmp_path / "google").mkdir()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(wb.SpecError, match="an installed package"):
+        tiny_bench.chain(_python_hop("google.protobuf.text_format:Parse"))
 
 
 def test_allowed_modules_open_a_package_and_its_submodules(tiny_path: Path, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import graphlib
 import importlib
+import functools
 import inspect
 import math
 import sys
@@ -977,12 +978,21 @@ def import_callable(
     target = getattr(module, attribute, None)
     if target is None or not callable(target):
         raise SpecError(f"module {module_name!r} has no function {attribute!r}", hop=hop, field="call", line=line)
-    owner = getattr(target, "__module__", None)
-    if (inspect.isroutine(target) or inspect.isclass(target)) and isinstance(owner, str) and owner != module_name \
-            and not trust.listed(module_name, allowed):
+    owner = _code_module(target)
+    if owner is not None and owner != module_name and not trust.listed(module_name, allowed):
         # Your module may import os.system; naming it through your module does not make it yours.
         _check_trusted(path, owner, allowed, hop, line, via=module_name)
     return target  # type: ignore[no-any-return]
+
+
+def _code_module(target: Any) -> str | None:
+    """The module whose code runs when ``target`` is called: a function's or class's own; a callable object's class's
+    (a notebook's ``exit`` is IPython's ExitAutocall: calling it ends the kernel); a partial's function's."""
+    while isinstance(target, functools.partial):
+        target = target.func
+    owner = getattr(target if inspect.isroutine(target) or inspect.isclass(target) else type(target), "__module__",
+                    None)
+    return owner if isinstance(owner, str) else None
 
 
 def _check_trusted(

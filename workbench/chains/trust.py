@@ -61,21 +61,24 @@ def refusal(module: str, allowed: Collection[str]) -> str | None:
         return "it is part of the workbench itself"
     if top in sys.stdlib_module_names:
         return "it is part of Python's standard library"
-    location = _location(top)
-    if location is None:
+    locations = _locations(top)
+    if locations is None:
         return None  # no such module: importing it says so
-    if location == "":
+    if locations == [""]:
         return "it is built into Python"
-    parts = Path(location).parts
-    if _INSTALLED_DIRS.intersection(parts):
-        return "it is an installed package"
-    if any(_under(location, sysconfig.get_path(key)) for key in ("stdlib", "platstdlib")):
-        return "it is part of Python's standard library"
+    # A namespace package spans folders: one of them installed (google, opentelemetry) is enough to refuse it, as
+    # a folder of that name in the working directory would otherwise let the spec reach the installed parts.
+    for location in locations:
+        if _INSTALLED_DIRS.intersection(Path(location).parts):
+            return "it is an installed package"
+        if any(_under(location, sysconfig.get_path(key)) for key in ("stdlib", "platstdlib")):
+            return "it is part of Python's standard library"
     return None
 
 
-def _location(top: str) -> str | None:
-    """The file or folder a top-level module comes from; "" if it has none (built in, frozen); None if not found.
+def _locations(top: str) -> list[str] | None:
+    """The file, or the folders, a top-level module comes from; [""] if it has none (built in, frozen); None if not
+    found.
 
     ``find_spec`` of a top-level name searches the path without running any of the module's code.
     """
@@ -85,11 +88,10 @@ def _location(top: str) -> str | None:
     except (ImportError, ValueError):
         return None
     if spec is None:
-        return None if module is None else str(getattr(module, "__file__", "") or "")
+        return None if module is None else [str(getattr(module, "__file__", "") or "")]
     if spec.origin and spec.origin not in ("built-in", "frozen"):
-        return spec.origin
-    locations = list(spec.submodule_search_locations or ())
-    return locations[0] if locations else ""
+        return [spec.origin]
+    return list(spec.submodule_search_locations or ()) or [""]
 
 
 def _under(path: str, folder: str | None) -> bool:
