@@ -309,6 +309,21 @@ def test_a_failed_hops_hint_says_where_the_partial_run_is(with_qa: InteractiveSh
     assert "chain qa" in trace and "ERROR" in trace
 
 
+def test_a_hint_that_names_the_run_names_the_one_the_magic_bound(with_tiny: InteractiveShell) -> None:
+    # "run.trace.events() lists every attempt": there is no run in the notebook; the magic binds it as _autoglm_run.
+    wb.current().chain({"name": "retried", "hops": [
+        {"name": "say", "model": "tiny", "prompt": "hi", "max_new_tokens": 2, "retry": {"attempts": 2}}]})
+    wb.current().inject("tiny", error_rate=1.0, seed=0)
+    hint = magic(with_tiny, "run retried").stderr.splitlines()[-1]
+    assert hint.startswith("hint: _autoglm_run.trace.events() lists every attempt")
+    assert "wb.current().clear_faults()" in hint
+
+
+def test_hints_say_a_way_once() -> None:
+    assert in_magic_words("no model is loaded: bench.load(NAME, PATH) or %autoglm load NAME PATH") == \
+        "no model is loaded: %autoglm load NAME PATH"
+
+
 def test_an_unquoted_value_with_spaces_gets_the_quoted_line_as_its_hint(with_qa: InteractiveShell) -> None:
     # The commonest slip. Before: "input 'is' is not key=value", hint: is="What is 2 + 2?", a nonsense input.
     captured = magic(with_qa, "run qa question=What is the capital of France --session s1")

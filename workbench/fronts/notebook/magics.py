@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import re
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -229,6 +230,8 @@ class AutoglmMagics(Magics):
                 if not (isinstance(failed.cause, WorkbenchError) and failed.cause.hint):
                     failed.hint = (f"the outputs of the hops that finished are in {RUN_VARIABLE}; "
                                    f"{PROG} trace shows its spans")
+                elif failed.hint:  # "run.trace.events() lists every attempt": the run is the one bound here
+                    failed.hint = re.sub(r"\brun\.trace\b", f"{RUN_VARIABLE}.trace", failed.hint)
             raise
         self._user_ns[RUN_VARIABLE] = run
         display(run)

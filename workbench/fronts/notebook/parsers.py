@@ -560,8 +560,11 @@ def in_magic_words(hint: str) -> str:
             out.append(magic)
             at = end
     out.append(hint[at:])
-    return "".join(out)
+    # A hint that offered both ways ("bench.load(NAME, PATH) or %autoglm load NAME PATH") says the one way once.
+    return _TWICE.sub(r"\1", "".join(out))
 
+
+_TWICE = re.compile(r"(%autoglm [^;,()]+?) or \1(?=$|[;,.)])")
 
 # A hint's call closes within this many characters, or it is left as a Python call: each call is looked at once, so
 # a hint that quotes a user's long text costs no more than this a call.
