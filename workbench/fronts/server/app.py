@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Collection
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import yaml
 from opentelemetry import trace
 from opentelemetry.context import Context
 from starlette.applications import Starlette
@@ -24,7 +26,7 @@ from workbench.chains import trust
 from workbench.chains.chain import Chain
 from workbench.chains.events import AttemptFailed, HopFinished, HopStarted, RunFinished, Token
 from workbench.chains.runner import TRACE_PARENT, check_inputs
-from workbench.errors import UnknownModelError
+from workbench.errors import ModelLoadError, UnknownModelError
 from workbench.fronts.server import envelope as env
 from workbench.fronts.server import openai_api, rpc
 from workbench.fronts.server.envelope import (
@@ -50,6 +52,8 @@ from workbench.fronts.server.gateway import (
     run_status,
 )
 from workbench.fronts.server.metrics import CONTENT_TYPE
+from workbench.models.devices import resolve_device, resolve_dtype
+from workbench.models.settings import is_server_url
 from workbench.models.tiny import resolve_source
 
 if TYPE_CHECKING:
@@ -121,12 +125,13 @@ def create_app(
         body: InvokeRequest = await gateway.decode(request, InvokeRequest)
         _check_action(body.action_type, "stream")
         check_inputs(chain.spec, body.inputs)
-        gateway.check_room()  # a full server says so with its status, before the stream's 200 goes out
         parent = gateway.parent(request, body.trace_id)
         headers = {"cache-control": "no-cache", "x-accel-buffering": "no"}
         if parent is not None:
             headers["x-trace-id"] = f"{trace.get_current_span(parent).get_span_context().trace_id:032x}"
         events = _sse(gateway, request, chain, body, gateway.session(who, body.session_id), parent, who)
+        # The stream's first step takes its run slot: a full server refuses it (503, ServerBusy) before its 200.
+        await anext(events)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
     async def get_run(request: Request, who: Principal | None) -> Response:
@@ -143,6 +148,7 @@ def create_app(
                 raise RequestError("the YAML spec is not UTF-8 text", field="body") from None
         else:
             spec = (await gateway.decode(request, RegisterChainRequest)).spec
+        _check_served_name(_spec_name(spec), "chain", "name")  # before the workbench builds (and keeps) it
         with trust.served_spec():  # a client's spec calls only the modules the server allows
             chain = await asyncio.to_thread(host.chain, spec)
         gateway.chains[chain.name] = chain
@@ -150,7 +156,10 @@ def create_app(
 
     async def load_model(request: Request, who: Principal | None) -> Response:
         body: LoadModelRequest = await gateway.decode(request, LoadModelRequest)
-        loaded = await asyncio.to_thread(host.load, body.name, resolve_source(body.source), device=body.device,
+        _check_served_name(body.name, "model", "$.name")
+        source = resolve_source(body.source)
+        await asyncio.to_thread(_check_load, body, source)  # a CUDA device's first look takes a while
+        loaded = await asyncio.to_thread(host.load, body.name, source, device=body.device,
                                          dtype=body.dtype, adapter=body.adapter, warmup=body.warmup)
         return gateway.reply(request, {"name": loaded.name, "device": str(loaded.device),
                                        "load_s": loaded.load_s}, 201)
@@ -184,13 +193,17 @@ def create_app(
 
 async def _sse(gateway: Gateway, request: Request, chain: Chain, body: InvokeRequest, session: str | None,
                parent: Context | None, who: Principal | None) -> AsyncIterator[bytes]:
-    """A run's events as server-sent events: hop_started, token, hop_finished, then run_finished (or error)."""
-    started = request.state.started
-    status = 200
-    TRACE_PARENT.set(parent)  # the task that iterates this stream
-    first_token = True
-    try:
-        async with gateway.slot():
+    """A run's events as server-sent events: hop_started, token, hop_finished, then run_finished (or error).
+
+    Its first step, which the handler takes before the response starts, takes a run slot (or raises ServerBusy)
+    and yields nothing; the slot is held until the stream ends."""
+    async with gateway.slot():
+        yield b""
+        started = request.state.started
+        status = 200
+        TRACE_PARENT.set(parent)  # the task that iterates this stream
+        first_token = True
+        try:
             async for event in chain.astream(session, **body.inputs):
                 if isinstance(event, Token):
                     if first_token:
@@ -211,11 +224,11 @@ async def _sse(gateway: Gateway, request: Request, chain: Chain, body: InvokeReq
                         status = run_status(event.run.error)
                     yield _event(event.kind, gateway.result(event.run, InvokeResponse, context_blob=body.context_blob,
                                                             action_type="stream"))
-    except Exception as exc:  # the run failed outside every hop: say so in the stream, which has begun
-        status = error_detail(exc).status
-        yield sse_error(exc)
-    finally:
-        gateway.metrics.observe("/v1/chains/{name}/stream", "POST", status, time.perf_counter() - started)
+        except Exception as exc:  # the run failed outside every hop: say so in the stream, which has begun
+            status = error_detail(exc).status
+            yield sse_error(exc)
+        finally:
+            gateway.metrics.observe("/v1/chains/{name}/stream", "POST", status, time.perf_counter() - started)
 
 
 def sse_error(exc: BaseException) -> bytes:
@@ -226,6 +239,55 @@ def sse_error(exc: BaseException) -> bytes:
 
 def _event(kind: str, data: Any) -> bytes:
     return b"event: " + kind.encode() + b"\ndata: " + env.encode(data, env.JSON) + b"\n\n"
+
+
+def _check_served_name(name: object, kind: str, field: str) -> None:
+    """Refuse to register a name the REST routes could not address: each is one segment of a URL path
+    (``/v1/chains/{name}/invoke``, ``/v1/models/{name}``), so it holds no '/' and is not '.' or '..', which
+    clients fold away. The Python API takes such names; a server cannot route to them."""
+    if isinstance(name, str) and ("/" in name or name in (".", "..")):
+        raise RequestError(f"{kind} name {name!r:.80} cannot be served: a served name is one segment of a URL path, "
+                           "with no '/' and not '.' or '..'", field=field, status=422,
+                           hint=f"name it without '/', e.g. {name.replace('/', '-').strip('.') or kind!r:.80}")
+
+
+def _spec_name(spec: str) -> object:
+    """The name a YAML chain spec gives itself, or None where it cannot tell (building the chain says why)."""
+    try:
+        data = yaml.safe_load(spec)
+    except yaml.YAMLError:
+        return None
+    return data.get("name") if isinstance(data, dict) else None
+
+
+def _check_load(body: LoadModelRequest, source: str) -> None:
+    """Refuse, as the caller's mistake (422 naming the field), a load the request alone shows cannot work: a device
+    or dtype this machine has no use for, a source or adapter folder that is not there or holds no model.
+
+    What fails past these checks, loading what looked loadable (weights that do not read, memory that runs out, a
+    hub that cannot be reached), is the server's failure and keeps its 5xx."""
+    if is_server_url(source):
+        return  # a model server: it has its own device and dtype, and loading it is a call to it
+    try:
+        device = resolve_device(body.device)
+    except ModelLoadError as exc:
+        raise RequestError(exc.message, field="$.device", status=422, hint=exc.hint) from None
+    try:
+        resolve_dtype(body.dtype, device)
+    except ModelLoadError as exc:
+        raise RequestError(exc.message, field="$.dtype", status=422, hint=exc.hint) from None
+    for field, given in (("$.source", source), ("$.adapter", body.adapter)):
+        if given is None:
+            continue
+        path = Path(given).expanduser()
+        if not (path.is_absolute() or given.startswith((".", "~")) or path.exists()):
+            continue  # a hub id: whether the hub has it is the load's to find out
+        if not path.is_dir():
+            raise RequestError(f"{given!r} is not a directory on this server", field=field, status=422,
+                               hint="give the directory save_pretrained wrote, as the server's file system names it")
+        if field == "$.source" and not (path / "config.json").is_file():
+            raise RequestError(f"{given!r} is not a model directory: it has no config.json", field=field, status=422,
+                               hint="point at the folder that save_pretrained wrote")
 
 
 def _check_action(action_type: str | None, expected: str) -> None:

@@ -52,6 +52,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from workbench.chains.sqlite_store import data_root
 from workbench.errors import (
@@ -456,6 +457,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _hostname(url: str) -> str:
+    """The host of an origin or ``//host:port``, lower-case and without brackets; empty where there is none."""
+    try:
+        return urlsplit(url).hostname or ""
+    except ValueError:  # a bracketed host that is not an IPv6 address, a port out of range
+        return ""
+
+
 class Auth:
     """The gateway's checks: authenticate a caller, authorize an action, admit it under its rate limit.
 
@@ -700,6 +709,25 @@ class Auth:
         raise SettingsError(f"a server without credentials must listen on loopback only, not {host!r}",
                             hint="serve on 127.0.0.1, or make keys (autoglm keys add NAME --role runner) and "
                                  "serve with them")
+
+    def check_local(self, headers: Mapping[str, str]) -> None:
+        """Without credentials, answer this machine's own clients only: Forbidden for a request a browser sent from
+        a page of another site (an ``Origin`` that is not loopback; ``null`` included) or under another host name
+        (a ``Host`` that is not loopback: DNS rebinding). A server with credentials leaves this to them."""
+        if not self.is_open:
+            return
+        origin = headers.get("origin")
+        if origin is not None and not is_loopback(_hostname(origin)):
+            raise Forbidden(f"this server has no credentials and answers pages of this machine only, not origin "
+                            f"{origin!r:.200}",
+                            hint="call it from http://127.0.0.1 or http://localhost, or serve with keys "
+                                 "(autoglm keys add NAME --role runner) to take calls from elsewhere")
+        host = headers.get("host")
+        if host is not None and not is_loopback(_hostname(f"//{host}")):
+            raise Forbidden(f"this server has no credentials and answers loopback names only, not host "
+                            f"{host!r:.200}",
+                            hint="call it as 127.0.0.1, localhost or [::1]; a proxy in front of it must pass that "
+                                 "Host, or serve with keys instead")
 
     # -- JWT ------------------------------------------------------------------------------------
 

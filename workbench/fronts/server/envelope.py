@@ -31,6 +31,7 @@ COMPRESS_ABOVE = 1024  # bytes: a smaller body costs more to compress than it sa
 
 T = TypeVar("T")
 _UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")
+_KEY_IN = re.compile(r"`key` in `(.*)`")
 
 
 class RequestError(WorkbenchError):
@@ -192,12 +193,18 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     if encoding.strip().lower() != ZSTD:
         raise RequestError(f"cannot read Content-Encoding {encoding!r}", field="Content-Encoding", status=415,
                            hint="send zstd or no Content-Encoding")
+    pieces: list[bytes] = []
+    size = 0
     try:
-        # Read in pieces with a cap: a small compressed body may claim to expand without bound.
-        reader = zstandard.ZstdDecompressor().stream_reader(body)
-        plain = reader.read(limit + 1)
+        # Read in pieces with a cap: a small compressed body may claim to expand without bound. A body may be several
+        # frames (a client that compresses as it sends); they are read one after another, under the one cap.
+        reader = zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=True)
+        while size <= limit and (piece := reader.read(limit + 1 - size)):
+            pieces.append(piece)
+            size += len(piece)
     except zstandard.ZstdError as exc:
         raise RequestError(f"the body is not valid zstd: {exc}", field="Content-Encoding") from None
+    plain = b"".join(pieces)
     if len(plain) > limit:
         raise RequestError(f"the body expands to more than {limit} bytes", field="body", status=413,
                            hint="send less, or split it into several requests")
@@ -213,11 +220,7 @@ def decode(body: bytes, kind: type[T], codec: str) -> T:
             decoder = _json_decoders.get(kind) or _json_decoders.setdefault(kind, msgspec.json.Decoder(kind))
         value: T = decoder.decode(body)
     except msgspec.ValidationError as exc:
-        message, _, where = str(exc).partition(" - at ")
-        where = where.strip("`")
-        unknown = _UNKNOWN_FIELD.search(message)
-        if unknown:  # msgspec names the object; the field at fault is the unknown one inside it
-            where = f"{where or '$'}.{unknown.group(1)}"
+        where, message = fault(exc)
         raise RequestError(f"the request's {where or 'body'} is wrong: {message}", field=where or None,
                            status=422, hint=_fields_hint(kind)) from None
     except msgspec.DecodeError as exc:
@@ -229,6 +232,19 @@ def decode(body: bytes, kind: type[T], codec: str) -> T:
                            hint="a request needs a few levels of nesting at most") from None
     check_envelope(value)
     return value
+
+
+def fault(exc: msgspec.ValidationError) -> tuple[str, str]:
+    """Where a value failed its struct (``$.inputs[2]``; empty for the whole) and what is wrong there."""
+    message, _, where = str(exc).partition(" - at ")
+    key = _KEY_IN.fullmatch(where)
+    if key:  # msgspec says "at `key` in `$.inputs`": the map is the place, one of its keys the fault
+        return key.group(1), f"{message} (for one of its keys)"
+    where = where.strip("`")
+    unknown = _UNKNOWN_FIELD.search(message)
+    if unknown:  # msgspec names the object; the field at fault is the unknown one inside it
+        where = f"{where or '$'}.{unknown.group(1)}"
+    return where, message
 
 
 def decode_any(body: bytes, codec: str) -> Any:

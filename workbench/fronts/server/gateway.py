@@ -3,7 +3,9 @@ run owners, and the caller's trace.
 
 Every route but ``/health`` goes through the Auth first, in this order, before a body is read or
 a run starts: is the client's address locked out for failed logins (429), who is calling (401), may
-they (403), within their rate (429, ``Retry-After``), and is the body small enough (413). A request
+they (403), within their rate (429, ``Retry-After``), and is the body small enough (413). A server without
+credentials first refuses, on every route, a browser's request from another site's page or under a name that is
+not loopback (403, :meth:`Auth.check_local`). A request
 that starts several runs (``/batch``, JSON-RPC) pays one at the door and the rest once its body,
 read under the size limit, says how many (:meth:`Gateway.charge`): before any of them starts.
 A batch also holds one run slot for each run it keeps in flight, so ``max_in_flight`` bounds the
@@ -162,6 +164,7 @@ class Gateway:
             started = time.perf_counter()
             request.state.started = started
             try:
+                self.auth.check_local(request.headers)  # an open server: no other site's page, no rebound name
                 who = None if action is None else self.admit(request, action, per_chain)
                 answer = handler(request, who)
                 response = await (_unless_gone(request, answer) if request.method == "POST" else answer)
@@ -256,11 +259,6 @@ class Gateway:
         if self._slots is None:
             self._slots = RunSlots(self.max_in_flight, self.max_queued, self.metrics.waiting)
         return self._slots
-
-    def check_room(self) -> None:
-        """ServerBusy if a run asking for a slot now would be refused: for a stream, whose status goes out before
-        its run asks."""
-        self.slots.check_room()
 
     # -- chains, sessions, runs ------------------------------------------------------------------
 

@@ -11,10 +11,13 @@ credentials end the call (or the whole stream) with UNAUTHENTICATED, and count a
 over REST (an address locked out for them: RESOURCE_EXHAUSTED and ``retry-after``, for the call or the whole
 stream); a wrong role with PERMISSION_DENIED, a rate limit with RESOURCE_EXHAUSTED (and ``retry-after`` in the
 trailing metadata) — on a stream these two answer only the request they refuse, as an Error event, and the
-stream goes on. A ``traceparent`` metadata entry (else
+stream goes on. A stream's credential is checked again for each request it carries, as each unary call's is: a key
+revoked (or a JWT expired) while the stream is open answers the requests sent after that with an UNAUTHENTICATED
+Error event. A ``traceparent`` metadata entry (else
 the envelope's ``trace_id``) puts the server's spans in the caller's trace; replies name the trace
 (``envelope.trace_id``, and ``x-trace-id`` in the trailing metadata, a failed run's included). Errors of the
-error tree map to status codes by :func:`status_for`.
+error tree map to status codes by :func:`status_for`; anything else that fails while answering is logged with its
+traceback and answered INTERNAL with a plain message (an Error event on a stream, which goes on).
 
 It serves a :class:`~workbench.fronts.server.gateway.Gateway`, the REST routes' own: the same run slots,
 sessions namespaced per caller, run owners (a run made over gRPC is read back over ``GET /v1/runs/{id}`` by its
@@ -24,6 +27,7 @@ caller only) and metrics (routes ``/autoglm.workbench.v1.ChainService/Invoke`` a
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from types import SimpleNamespace
@@ -51,7 +55,11 @@ if TYPE_CHECKING:
     from workbench.fronts.server.auth import Principal
     from workbench.fronts.server.gateway import Gateway
 
+log = logging.getLogger(__name__)
+
 INVOKE_ACTION = "chains.invoke"  # the Auth's action for both methods
+# What a caller is told of a failure outside the error tree; the server's log has the traceback.
+INTERNAL_MESSAGE = "internal error: the server failed while answering this request; its log says why"
 SERVICE = "/autoglm.workbench.v1.ChainService"
 # Requests one Stream runs at once; the next waits (the stream stops reading) until one finishes.
 MAX_IN_FLIGHT = 64
@@ -129,6 +137,11 @@ class ChainServicer(chain_pb2_grpc.ChainServiceServicer):
             status = _http_status(exc)
             await _abort(context, exc)
             raise  # not reached: abort raises
+        except Exception as exc:  # else gRPC answers UNKNOWN with the Python class's name, and logs no traceback
+            status = 500
+            _log_internal("Invoke", request.chain, exc)
+            await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+            raise  # not reached: abort raises
         finally:
             self.gateway.metrics.observe(f"{SERVICE}/Invoke", "GRPC", status, time.perf_counter() - started)
 
@@ -136,8 +149,9 @@ class ChainServicer(chain_pb2_grpc.ChainServiceServicer):
         self, requests: AsyncIterator[pb.StreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamEvent]:
         metadata = _metadata(context)
+        address = self._address(context, metadata)
         try:
-            who = self.gateway.auth.authenticate(metadata, self._address(context, metadata))  # once a stream
+            self.gateway.auth.authenticate(metadata, address)  # bad credentials refuse the whole stream at once
         except WorkbenchError as exc:
             self.gateway.metrics.observe(f"{SERVICE}/Stream", "GRPC", _http_status(exc), 0.0)
             await _drain(requests)
@@ -149,7 +163,7 @@ class ChainServicer(chain_pb2_grpc.ChainServiceServicer):
 
         async def answer(item: pb.StreamRequest) -> None:
             try:
-                await self._answer(who, item, metadata, events.put_nowait)
+                await self._answer(item, metadata, address, events.put_nowait)
             finally:
                 slots.release()
 
@@ -197,9 +211,12 @@ class ChainServicer(chain_pb2_grpc.ChainServiceServicer):
         # Gateway.parent reads only a request's ``headers``; gRPC metadata is the same lower-case mapping.
         return self.gateway.parent(SimpleNamespace(headers=metadata), trace_id or None)  # type: ignore[arg-type]
 
-    async def _answer(self, who: Principal, item: pb.StreamRequest, metadata: Mapping[str, str],
+    async def _answer(self, item: pb.StreamRequest, metadata: Mapping[str, str], address: str | None,
                       put: Callable[[pb.StreamEvent], None]) -> None:
-        """Run one request of a stream, putting its events (or its one Error) on the stream."""
+        """Run one request of a stream, putting its events (or its one Error) on the stream.
+
+        The stream's credential is checked again for each request, as each unary call's is: a key revoked or a JWT
+        expired while the stream is open refuses the requests sent after that (UNAUTHENTICATED)."""
         request_id, request = item.request_id, item.request
         started = time.perf_counter()
         status = 200
@@ -211,6 +228,7 @@ class ChainServicer(chain_pb2_grpc.ChainServiceServicer):
                 trace_id=trace_id, context_blob=request.envelope.context_blob, action_type="stream"), **event))
 
         try:
+            who = self.gateway.auth.authenticate(metadata, address)
             chain, inputs, session = self._admit(who, request, "stream")
             TRACE_PARENT.set(self._parent(metadata, request.envelope.trace_id))  # this request's task only
             async with self.gateway.slot():
@@ -240,6 +258,10 @@ class ChainServicer(chain_pb2_grpc.ChainServiceServicer):
         except WorkbenchError as exc:  # refused, or the run failed outside every hop (the workbench closed, say)
             status = _http_status(exc)
             send(error=_error(exc))
+        except Exception as exc:  # a bug, or a hop output no encoder can write: this request ends, the stream goes on
+            status = 500
+            _log_internal("Stream", request.chain, exc)
+            send(error=pb.Error(code=grpc.StatusCode.INTERNAL.value[0], message=INTERNAL_MESSAGE))
         finally:
             self.gateway.metrics.observe(f"{SERVICE}/Stream", "GRPC", status, time.perf_counter() - started)
 
@@ -366,6 +388,10 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
         trailing.append(("retry-after", f"{wait:.3f}"))
     context.set_trailing_metadata(tuple(trailing))
     await context.abort(status_for(exc), str(exc))
+
+
+def _log_internal(method: str, chain: str, exc: BaseException) -> None:
+    log.error("%s/%s on chain %r failed", SERVICE, method, chain, exc_info=exc)
 
 
 def _error(exc: BaseException, run: Run | None = None) -> pb.Error:

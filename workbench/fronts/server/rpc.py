@@ -113,13 +113,17 @@ def endpoint(gateway: Gateway) -> Callable[[Request, Principal | None], Awaitabl
         try:
             return msgspec.convert({} if raw is None else raw, kind)
         except msgspec.ValidationError as exc:
-            raise RpcError(INVALID_PARAMS, f"invalid params: {exc}",
-                           {"type": "RequestError", "fields": list(kind.__struct_fields__)}) from None
+            where, message = env.fault(exc)
+            data = {"type": "RequestError", "fields": list(kind.__struct_fields__)}
+            if where:
+                data["field"] = where
+            raise RpcError(INVALID_PARAMS, f"invalid params: {where + ': ' if where else ''}{message}", data) from None
 
     async def invoke(raw: Any, who: Principal | None, request: Request) -> Any:
         p: InvokeParams = await params(raw, InvokeParams)
         gateway.auth.authorize(who, "chains.invoke", p.chain)
         chain = gateway.chain(p.chain)
+        env.check_envelope(p)  # the context blob's limit, as over REST and gRPC
         run = await gateway.run(chain, p.inputs, gateway.session(who, p.session_id), gateway.parent(request, p.trace_id),
                                 who)
         return gateway.result(run, env.InvokeResponse, context_blob=p.context_blob)
