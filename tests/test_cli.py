@@ -305,11 +305,13 @@ def test_run_loads_every_model_with_replicas_and_a_balance_policy(spec_file: Pat
     ("flags", "message"),
     [
         (["--replicas", "0"], "--replicas 0: a model needs at least one replica"),
+        (["--replicas=-1"], "--replicas -1: a model needs at least one replica"),  # was "unknown device '-1'"
+        (["--replicas", "1.5"], "--replicas 1.5: a number of replicas is a whole number"),
         (["--replicas", "cpu,,cpu"], "--replicas 'cpu,,cpu' has an empty place"),
         (["--balance", "fastest"], "balance 'fastest': unknown policy 'fastest'"),
         (["--replicas", "2", "--balance", "weighted"], "weighted needs a weight per replica"),
     ],
-    ids=["zero", "empty-place", "unknown-policy", "weighted-without-weights"],
+    ids=["zero", "negative", "fraction", "empty-place", "unknown-policy", "weighted-without-weights"],
 )
 def test_bad_replica_options_exit_2_before_anything_loads(flags: list[str], message: str, spec_file: Path,
                                                           tiny_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -724,6 +724,8 @@ def test_an_interrupted_compare_magic_binds_the_passes_it_finished(shell: Intera
         ("compare qa --inputs q.jsonl --concurrency 0", "compare: --concurrency must be at least 1, not 0"),
         ("compare qa --inputs q.jsonl --repeats many", "argument --repeats: invalid int value: 'many'"),
         ("compare qa --inputs q.jsonl --save out.xlsx", "compare: --save 'out.xlsx': the file must end in .csv"),
+        # A file named '.csv' has no suffix: refused before the comparison ran, not after.
+        ("compare qa --inputs q.jsonl --save .csv", "compare: --save '.csv': the file must end in .csv"),
         ("compare qa --inputs /nonexistent/q.jsonl", "cannot read inputs file '/nonexistent/q.jsonl'"),
         ("compare nope --inputs q.jsonl", "no chain named 'nope'"),
     ],

@@ -132,10 +132,12 @@ REPLICA_OPTIONS_USAGE = "[--replicas N|PLACE,...] [--balance POLICY]"
 def parse_replicas(text: str) -> int | list[str]:
     """``--replicas``: a whole number of workers on the model's device, or a comma-separated list of places."""
     text = text.strip()
-    if text.isdigit():
+    if _INTEGER.fullmatch(text):
         if int(text) < 1:
             raise ParseError(f"--replicas {text}: a model needs at least one replica", hint="e.g. --replicas 2")
         return int(text)
+    if _DECIMAL.fullmatch(text):  # not a device either
+        raise ParseError(f"--replicas {text}: a number of replicas is a whole number", hint="e.g. --replicas 2")
     places = [place.strip() for place in text.split(",")]
     if not all(places):
         raise ParseError(f"--replicas {text!r} has an empty place",

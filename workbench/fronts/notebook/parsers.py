@@ -9,6 +9,7 @@ import re
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, NoReturn
 
 from workbench.engine.balancing import BALANCE_FORMS, BalancePolicy, parse_balance
@@ -304,7 +305,8 @@ class CompareCommand(Command):
             )
         if args.rate is not None and not args.rate > 0:
             raise ParseError(f"compare: --rate must be above 0 runs/s, not {args.rate:g}", hint="e.g. --rate 20")
-        if args.save is not None and not args.save.lower().endswith((".csv", ".parquet")):
+        # As Comparison.save reads it: '.csv' alone is a file named so, with no suffix (it was refused after the run).
+        if args.save is not None and Path(args.save).suffix.lower() not in (".csv", ".parquet"):
             raise ParseError(
                 f"compare: --save {args.save!r}: the file must end in .csv or .parquet", hint="e.g. --save out.csv"
             )
