@@ -736,6 +736,10 @@ def test_serving_limits_that_would_fail_every_call_are_refused_before_the_server
             bench.serve(port=0, auth=False, **options)
     with bench.serve(port=0, auth=False, max_in_flight=np.int64(2), max_queued=0) as served:  # a numpy count is one
         assert served.app.state.gateway.max_in_flight == 2
+    # An empty host: the socket took it as every interface (auth on, a URL of http://:PORT); nobody means that.
+    for host in ("", " "):
+        with pytest.raises(ServeError, match=re.escape(f"host {host!r} is empty: name the address to listen on")):
+            bench.serve(port=0, host=host)
 
 
 def test_run_slots_serve_waiters_in_turn_and_a_cancelled_waiter_gives_its_place_up() -> None:

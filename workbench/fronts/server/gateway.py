@@ -85,6 +85,9 @@ class ServeError(SettingsError):
 def bound_socket(host: str, port: int) -> socket.socket:
     """A TCP socket bound to ``host:port`` (port 0: any free one), not listening yet; a ServeError saying why where
     it cannot be: the port in use, a host that is no address of this machine, a port only root may take."""
+    if not host.strip():  # the socket would take it as every interface, which nobody writes as ''
+        raise ServeError(f"host {host!r} is empty: name the address to listen on",
+                         hint="127.0.0.1 serves this machine only, 0.0.0.0 every network it is on")
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
