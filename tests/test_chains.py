@@ -715,3 +715,25 @@ def test_a_hop_reads_the_reserved_session_as_the_runs_session_id(bench: wb.Workb
     assert chain.inputs == ("question",)  # session is no input of the chain, but the run's own
     assert chain.run(question="hi", session="alice").output == "hi for alice"
     assert chain.run(question="hi").output == "hi for None"
+
+
+def _echo(text: str) -> str:
+    return text
+
+
+def test_the_runs_kept_are_bounded_by_what_their_inputs_and_outputs_hold(
+    bench: wb.Workbench, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only their number was bounded (10,000): a served chain given 1 MB inputs held ~10 GB of runs.
+    import workbench.bench
+
+    monkeypatch.setattr(workbench.bench, "MAX_RUN_BYTES_KEPT", 2 * 2**20)
+    chain = bench.chain({"name": "echo", "hops": [{"name": "e", "call": _echo}]})
+    runs = [chain.run(text=f"{i}" * 500_000) for i in range(10)]  # ~0.5 MB each, kept once though output too
+    kept = bench.runs()
+    assert kept == runs[-len(kept):] and 3 <= len(kept) <= 4  # the newest, within the bound
+    assert bench.run().id == runs[-1].id
+    alone = chain.run(text="x" * 3_000_000)  # one run past the bound alone is still the last run
+    assert bench.runs() == [alone]
+    small = [chain.run(text="small") for _ in range(20)]
+    assert bench.runs() == small  # the big one made way for the next, and small runs are kept by the thousand

@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import logging
 import os
+import sys
 import threading
 import time
 import weakref
@@ -66,6 +67,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_RUNS_KEPT = 10_000
+# And at most about this many bytes of their inputs and outputs: a served chain's runs of 1 MB inputs each held 10 GB.
+MAX_RUN_BYTES_KEPT = 256 * 2**20
 # Threads for the runs' own short work (session stores, the response cache, preparing prompts; see __init__).
 IO_THREADS = 8
 # How often a thread waiting on the loop returns to Python: a Ctrl-C is only seen between bytecodes.
@@ -155,7 +158,9 @@ class Workbench:
         self._loop_lock = threading.Lock()
         self._closed = False
         self._runs: OrderedDict[str, Run] = OrderedDict()
+        self._run_bytes: dict[str, int] = {}  # each kept run's inputs and outputs, roughly (see _weight)
         self._runs_lock = threading.Lock()
+        self._kept_bytes = 0
         self._chains: dict[str, Chain] = {}
         self._servers: list[Any] = []  # started by serve(); close() stops them
         self._built: weakref.WeakSet[Chain] = weakref.WeakSet()  # every chain, so close() stops their watchers
@@ -759,10 +764,14 @@ class Workbench:
         if self._closed and run.error is not None:
             # close() took the models from under this run: say that, not the engine's "no model named ...".
             run.error = HopFailed(run.error.hop, WorkbenchClosed(f"finish running chain {spec.name!r}"), run)
+        weight = _weight(run)
         with self._runs_lock:
             self._runs[run.id] = run
-            while len(self._runs) > MAX_RUNS_KEPT:
-                self._runs.popitem(last=False)
+            self._run_bytes[run.id] = weight
+            self._kept_bytes += weight
+            while len(self._runs) > MAX_RUNS_KEPT or self._kept_bytes > MAX_RUN_BYTES_KEPT and len(self._runs) > 1:
+                gone, _ = self._runs.popitem(last=False)
+                self._kept_bytes -= self._run_bytes.pop(gone)
         return run
 
     # -- runs, traces, sessions ---------------------------------------------------------------
@@ -1098,6 +1107,35 @@ class Workbench:
 
     def __repr__(self) -> str:
         return f"<Workbench models={self.registry.names()} runs={len(self._runs)}>"
+
+
+def _weight(run: Run) -> int:
+    """Roughly the bytes a run's inputs and outputs hold: text and bytes by their size, containers by what they hold
+    (at most ``_WEIGHED`` values looked at; the rest counted at the average so far), anything else as a small object,
+    each object once."""
+    total, seen, held = 0, 0, set()
+    stack: list[Any] = [*run.inputs.values(), *run.outputs.values()]
+    while stack and seen < _WEIGHED:
+        value = stack.pop()
+        seen += 1
+        if id(value) in held:  # an output that is an input (or another output) holds no more
+            continue
+        held.add(id(value))
+        if isinstance(value, (str, bytes, bytearray)):
+            total += sys.getsizeof(value)
+        elif isinstance(value, Mapping):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+            total += 64 * len(value)
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            stack.extend(value)
+            total += 8 * len(value)
+        else:
+            total += 64
+    return total + (total // seen) * len(stack) if seen else 0
+
+
+_WEIGHED = 10_000
 
 
 def _first_device(places: tuple[str | None, ...] | None) -> str | None:
