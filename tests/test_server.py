@@ -219,7 +219,16 @@ def test_a_run_is_read_back_only_by_its_maker_or_an_admin(client: httpx.Client, 
     assert {s["trace_id"] for s in run["spans"]} == {made.json()["trace_id"]}
     assert client.get(f"/v1/runs/{run_id}", headers=key(keys, "bob")).status_code == 404
     assert client.get(f"/v1/runs/{run_id}", headers=key(keys, "val")).status_code == 404
-    assert client.get(f"/v1/runs/{run_id}", headers=key(keys, "root")).status_code == 200
+    admin = client.get(f"/v1/runs/{run_id}", headers=key(keys, "root"))
+    assert admin.status_code == 200
+    # The model's directory on the server is its administrators' to read, as models.list has it: a runner sees the
+    # model's served name where OpenInference's llm.model_name held the path.
+    names = {s["attributes"].get("llm.model_name") for s in run["spans"]} - {None}
+    assert names == {"tiny"} and not any("workbench.model.source" in s["attributes"] for s in run["spans"])
+    paths = {s["attributes"].get("llm.model_name") for s in admin.json()["spans"]} - {None}
+    assert len(paths) == 1 and Path(paths.pop()).is_dir()
+    by_rpc = client.post("/rpc", headers=key(keys, "alice"), json=rpc("runs.get", {"run_id": run_id})).json()["result"]
+    assert {s["attributes"].get("llm.model_name") for s in by_rpc["spans"]} - {None} == {"tiny"}
 
 
 def test_sessions_are_kept_apart_per_caller(client: httpx.Client, keys: dict[str, str], server: Server,

@@ -50,6 +50,7 @@ from workbench.fronts.server.gateway import (
     refusal_headers,
     run_json,
     run_status,
+    sees_places,
 )
 from workbench.fronts.server.metrics import CONTENT_TYPE
 from workbench.models.devices import resolve_device, resolve_dtype
@@ -136,7 +137,8 @@ def create_app(
 
     async def get_run(request: Request, who: Principal | None) -> Response:
         run = gateway.owned_run(request.path_params["run_id"], who)
-        return gateway.reply(request, run_json(run), headers=gateway.trace_headers(run))
+        return gateway.reply(request, run_json(run, places=sees_places(gateway.auth, who)),
+                             headers=gateway.trace_headers(run))
 
     async def register_chain(request: Request, who: Principal | None) -> Response:
         kind = (request.headers.get("content-type") or "").split(";", 1)[0].strip().lower()

@@ -409,11 +409,28 @@ async def _disconnect(request: Request) -> None:
         pass
 
 
-def run_json(run: Run) -> dict[str, Any]:
-    """A run and its spans (the server's part of its trace) as JSON-ready data."""
+# Span attributes that name the server's own files or the servers behind it: an administrator's to read, as a
+# model's source is in models.list, not every caller's who reads a run back.
+_SERVER_PLACES = frozenset({attr.MODEL_SOURCE, attr.REMOTE_URL, attr.ADAPTER_PATH, attr.KNOWLEDGE_GRAPH,
+                            attr.KNOWLEDGE_RELOAD_ERROR})
+
+
+def run_json(run: Run, places: bool = True) -> dict[str, Any]:
+    """A run and its spans (the server's part of its trace) as JSON-ready data; without the server's own paths and
+    upstream URLs unless ``places`` (see :func:`sees_places`): ``llm.model_name`` is then the model's served name."""
     spans = []
     for span in sorted(run.trace.spans, key=lambda s: s.start_time or 0):
         context = span.context
+        attributes = dict(span.attributes or {})
+        if not places:
+            for key in _SERVER_PLACES.intersection(attributes):
+                del attributes[key]
+            if attr.LLM_MODEL_NAME in attributes:
+                name = attributes.get(attr.MODEL_NAME)
+                if isinstance(name, str):
+                    attributes[attr.LLM_MODEL_NAME] = name
+                else:
+                    del attributes[attr.LLM_MODEL_NAME]
         spans.append({
             "name": span.name,
             "span_id": f"{context.span_id:016x}" if context else None,
@@ -423,7 +440,7 @@ def run_json(run: Run) -> dict[str, Any]:
             "end_time_ns": span.end_time,
             "duration_ms": ((span.end_time or 0) - (span.start_time or 0)) / 1e6,
             "status": span.status.status_code.name,
-            "attributes": {k: list(v) if isinstance(v, tuple) else v for k, v in (span.attributes or {}).items()},
+            "attributes": {k: list(v) if isinstance(v, tuple) else v for k, v in attributes.items()},
         })
     return {
         "run_id": run.id, "chain": run.chain, "status": run.status, "inputs": run.inputs, "outputs": run.outputs,
@@ -465,6 +482,12 @@ def retry_after_s(exc: BaseException) -> float | None:
     # A rate limit or a full server (AccessErrors), a breaker or a model server's 429 (ServingErrors): the others of
     # both branches have no retry_after_s.
     return getattr(cause, "retry_after_s", None) if isinstance(cause, (AccessError, ServingError)) else None
+
+
+def sees_places(auth: Auth, who: Principal | None) -> bool:
+    """Whether ``who`` reads the server's own paths and upstream URLs in what it is sent: its administrators (and
+    everyone on a server without credentials, which is this machine's own)."""
+    return who is None or allowed(auth, who, ADMIN_ACTION, None)
 
 
 def allowed(auth: Auth, who: Principal, action: str, chain: str | None) -> bool:

@@ -32,7 +32,7 @@ from starlette.responses import Response
 from workbench.errors import AccessError, InvalidInput, MissingInputError, WorkbenchError
 from workbench.fronts.server import envelope as env
 from workbench.fronts.server.envelope import BatchRequest, RequestError, error_detail
-from workbench.fronts.server.gateway import ADMIN_ACTION, allowed, run_json
+from workbench.fronts.server.gateway import run_json, sees_places
 
 if TYPE_CHECKING:
     from workbench.fronts.server.auth import Principal
@@ -141,13 +141,13 @@ def endpoint(gateway: Gateway) -> Callable[[Request, Principal | None], Awaitabl
     async def models(raw: Any, who: Principal | None, request: Request) -> Any:
         await params(raw, NoParams)
         gateway.auth.authorize(who, "models.list", None)
-        admin = who is None or allowed(gateway.auth, who, ADMIN_ACTION, None)
+        admin = sees_places(gateway.auth, who)
         return [model_entry(gateway, name, source=admin) for name in gateway.bench.registry.names()]
 
     async def get_run(raw: Any, who: Principal | None, request: Request) -> Any:
         p: RunParams = await params(raw, RunParams)
         gateway.auth.authorize(who, "runs.read", None)
-        return run_json(gateway.owned_run(p.run_id, who))
+        return run_json(gateway.owned_run(p.run_id, who), places=sees_places(gateway.auth, who))
 
     methods: dict[str, Callable[[Any, Principal | None, Request], Awaitable[Any]]] = {
         "chain.invoke": invoke, "chain.batch": batch, "models.list": models, "runs.get": get_run,
