@@ -395,3 +395,40 @@ def test_a_continuous_stream_given_up_mid_token_leaves_no_stream_state_behind(be
         time.sleep(0.02)
     assert tokens and not scheduler._inflight
     assert scheduler._streamed == {}
+
+
+def test_a_stream_its_consumer_leaves_mid_run_leaves_no_pending_task_behind(
+    tiny_bench: wb.Workbench, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A served stream's client that left while the run went on: its waiting event getter was never cancelled, and
+    # asyncio logged "Task was destroyed but it is pending!" for each (38 lines for 40 clients gone).
+    import gc
+
+    slow = tiny_bench.chain({"name": "slow", "hops": [{"name": "nap", "call": _nap}]})  # cancelled with the stream
+
+    async def leave_mid_run() -> None:
+        seen: list[str] = []
+
+        async def consume() -> None:
+            async for event in slow.astream(question="hi"):
+                seen.append(event.kind)
+
+        task = asyncio.ensure_future(consume())
+        while not seen:
+            await asyncio.sleep(0.01)
+        task.cancel()  # waiting for the next event, which never comes: the run is cancelled with it
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        del task
+        await asyncio.sleep(0.2)
+        gc.collect()
+        await asyncio.sleep(0.05)
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        asyncio.run(leave_mid_run())
+    assert not [r for r in caplog.records if "destroyed but it is pending" in r.getMessage()]
+
+
+async def _nap(question: str) -> str:
+    await asyncio.sleep(30)
+    return question

@@ -260,6 +260,8 @@ class Chain:
                     return
         finally:
             future.cancel()
+            if getter is not None:  # the consumer left (a client gone): else "Task was destroyed but it is pending"
+                getter.cancel()
 
     async def astream(self, session: str | None = None, **inputs: Any) -> AsyncIterator[Event]:
         """``async for event in chain.astream(...)``: :meth:`stream` for asyncio programs and notebook cells."""
@@ -275,6 +277,7 @@ class Chain:
 
         with lending(loop):  # asyncio.run(...) in a Python hop: its loop runs the run's hop work
             future = asyncio.wrap_future(self._host.start(self._host.arun_spec(self.spec, inputs, session, put)))
+        getter: asyncio.Future[Event] | None = None
         try:
             while True:
                 getter = asyncio.ensure_future(events.get())
@@ -290,6 +293,8 @@ class Chain:
                     return
         finally:
             future.cancel()
+            if getter is not None:  # the consumer left (a client gone): else "Task was destroyed but it is pending"
+                getter.cancel()
 
     # -- live configuration --------------------------------------------------------------------
 

@@ -269,6 +269,7 @@ async def _stream(gateway: Gateway, request: Request, call: Call, ident: str, ch
     try:
         async with gateway.slot():
             task = asyncio.ensure_future(bench.run_async(bench.engine.acall(call)))
+            getter: asyncio.Future[str] | None = None
             try:
                 while True:
                     getter = asyncio.ensure_future(texts.get())
@@ -284,6 +285,8 @@ async def _stream(gateway: Gateway, request: Request, call: Call, ident: str, ch
                 result: GenerationResult = task.result()
             finally:
                 task.cancel()
+                if getter is not None:  # the client left mid-stream: else "Task was destroyed but it is pending"
+                    getter.cancel()
         yield opening() + chunk(piece("", result.finish_reason))
         if include_usage:
             yield chunk({}, _usage(result))
