@@ -260,8 +260,6 @@ class Chain:
                     return
         finally:
             future.cancel()
-            if getter is not None:  # the consumer left (a client gone): else "Task was destroyed but it is pending"
-                getter.cancel()
 
     async def astream(self, session: str | None = None, **inputs: Any) -> AsyncIterator[Event]:
         """``async for event in chain.astream(...)``: :meth:`stream` for asyncio programs and notebook cells."""
