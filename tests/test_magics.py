@@ -319,6 +319,15 @@ def test_a_hint_that_names_the_run_names_the_one_the_magic_bound(with_tiny: Inte
     assert "wb.current().clear_faults()" in hint
 
 
+def test_a_long_word_said_back_in_an_error_is_cut_short(shell: InteractiveShell) -> None:
+    # A 20,000-character name came back whole in the message (and again in its hint): 20-60 kB of stderr.
+    name = "n" * 20_000
+    for line in (name, f"run {name}", f"unload {name}", f"balance {name} round_robin"):
+        captured = magic(shell, line)
+        assert captured.stderr.startswith("autoglm: ") and len(captured.stderr) < 5_000, line[:20]
+        assert "more characters)" in captured.stderr
+
+
 def test_hints_say_a_way_once() -> None:
     assert in_magic_words("no model is loaded: bench.load(NAME, PATH) or %autoglm load NAME PATH") == \
         "no model is loaded: %autoglm load NAME PATH"

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, NoReturn
 from workbench._version import __version__
 from workbench.chains.host import HOP_THREADS
 from workbench.demo import DEMO_QUESTION
-from workbench.errors import HopFailed, MissingInputError, SpecError, WorkbenchError, did_you_mean
+from workbench.errors import HopFailed, MissingInputError, SpecError, WorkbenchError, clipped, did_you_mean
 from workbench.fronts.arguments import (
     LOAD_HELP,
     ExactOptionParser,
@@ -403,9 +403,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except WorkbenchError as error:
-        print(f"autoglm: {error.message}", file=sys.stderr)
+        print(f"autoglm: {clipped(error.message)}", file=sys.stderr)
         if error.hint:
-            print(f"hint: {error.hint}", file=sys.stderr)
+            print(f"hint: {clipped(error.hint)}", file=sys.stderr)
         return 2
     except _Terminated:
         print("autoglm: stopped by SIGTERM", file=sys.stderr)

@@ -15,7 +15,15 @@ from workbench.bench import Workbench, current
 from workbench.chains.chain import Chain
 from workbench.chains.events import AttemptFailed, HopFinished, HopStarted, RunFinished, Token
 from workbench.chains.run import Run
-from workbench.errors import HopFailed, MissingInputError, StrategyError, WorkbenchClosed, WorkbenchError, did_you_mean
+from workbench.errors import (
+    HopFailed,
+    MissingInputError,
+    StrategyError,
+    WorkbenchClosed,
+    WorkbenchError,
+    clipped,
+    did_you_mean,
+)
 from workbench.experiments import CompareInterrupted, compare
 from workbench.experiments.workloads import read_inputs
 from workbench.fronts.arguments import load_model
@@ -58,9 +66,10 @@ _NOTHING = object()  # no notebook variable or builtin of that name
 
 def report(error: WorkbenchError) -> None:
     """Print a user's mistake the short way: ``autoglm: message`` and its hint, no traceback."""
-    print(f"autoglm: {error.message}", file=sys.stderr)
+    # Cut short where a user's long word came back whole (a 20,000-character name made 60 kB of messages).
+    print(f"autoglm: {clipped(error.message)}", file=sys.stderr)
     if error.hint:  # most hints name the Python call that helps: here, the subcommand that makes it where there is one
-        print(f"hint: {in_magic_words(error.hint)}", file=sys.stderr)
+        print(f"hint: {clipped(in_magic_words(error.hint))}", file=sys.stderr)
 
 
 def bench_of(chain: Chain) -> Workbench:
