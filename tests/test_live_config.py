@@ -693,3 +693,190 @@ def test_a_spec_whose_yaml_has_non_text_keys_gets_a_version(loaded: wb.Workbench
     other = loaded.chain(spec.replace("attempts: 2", "attempts: 3"))
     assert chain.version.number == 1 and len(chain.version.digest) == 12
     assert other.version.digest != chain.version.digest
+
+
+# -- what the audit found: values no check foresaw, checks that failed, an edit applied halfway ---------------------
+
+HUGE = "1" + "0" * 400  # an integer YAML reads whole, and no float holds
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "field", "message"),
+    [
+        # int too large to convert to float (OverflowError), as the file was read
+        (f"models:\n  tiny: {{source: tiny, hang_timeout_s: {HUGE}}}\n", 2, "models.tiny.hang_timeout_s",
+         "hang_timeout_s must be a number >= 0 and at most 1.8e"),
+        (f"models:\n  tiny: {{source: tiny, batching: {{policy: dynamic, max_wait_ms: {HUGE}}}}}\n", 2,
+         "models.tiny.batching.max_wait_ms", "max_wait_ms must be a number"),
+        # a complex key: TypeError (unhashable type: 'list') as its line was recorded
+        ("models:\n  tiny: tiny\n? [a]\n: 1\n", 3, "[a]", "a key is a list"),
+        ("models:\n  tiny: {source: tiny, ? {a: 1} : 2}\n", 2, "models.tiny.{a: 1}", "a key is a mapping"),
+        # ValueError (embedded null byte) from Path.resolve
+        ('chains:\n  qa: "qa\\0.yaml"\n', 2, "chains.qa", "holds a NUL character"),
+        # adapters as text passed the "text" check, then failed to unpack as NAME=PATH pairs (ValueError)
+        ("models:\n  tiny: {source: tiny, adapters: abc}\nchains:\n  qa: qa.yaml\n", 2, "models.tiny.adapters",
+         "'abc'.* is not NAME=PATH"),
+        ("models:\n  tiny: {source: tiny, adapters: [a, b]}\n", 2, "models.tiny.adapters",
+         "adapters is a mapping from names to adapter directories"),
+        # more digits than Python reads an int of: ValueError from yaml.safe_load
+        ("models:\n  tiny: {source: tiny, restarts: 1" + "0" * 5000 + "}\n", 2, "models.tiny.restarts",
+         "a number of 5,001 digits is more than Python reads"),
+    ],
+)
+def test_a_configuration_file_with_a_value_no_check_foresaw_is_refused_naming_the_file_and_field(
+    bench: wb.Workbench, spec_file: Path, text: str, line: int, field: str, message: str
+) -> None:
+    path = spec_file.with_name("workbench.yaml")
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as caught:
+        bench.configure(path)
+    assert (caught.value.line, caught.value.field) == (line, field)
+    assert str(caught.value).startswith(f"{path}, line {line}")
+    assert bench.registry.names() == [] and bench.chains() == {}
+
+
+def test_a_configuration_names_a_models_adapters_as_a_mapping(tmp_path: Path) -> None:
+    models = parse_config("models:\n  tiny: {source: tiny, adapters: {sql: /adapters/sql, chat: /adapters/chat}}\n",
+                          str(tmp_path / "wb.yaml")).models
+    assert models["tiny"].settings.adapters == (("sql", "/adapters/sql"), ("chat", "/adapters/chat"))
+
+
+def test_a_batching_policy_refuses_a_wait_no_float_holds() -> None:
+    # It was taken, and its name (dynamic:16:...ms, on every span) then raised OverflowError.
+    with pytest.raises(wb.StrategyError, match="max_wait_ms must be a finite number"):
+        DynamicBatching(max_wait_ms=int(HUGE))
+    with pytest.raises(wb.StrategyError, match="timeout_ms must be a finite number"):
+        wb.StaticBatching(timeout_ms=int(HUGE))
+
+
+def parse_spec_with_a_fault(parse: Callable[..., Any], armed: threading.Event) -> Callable[..., Any]:
+    """A FAKE fault: the spec parser raising what no check translates (as a value too large for a float once did),
+    once ``armed`` is set; the real parser once it is not."""
+
+    def parse_spec(source: Any, *args: Any, **kwargs: Any) -> Any:
+        if armed.is_set():
+            raise RuntimeError("injected fault in the check")
+        return parse(source, *args, **kwargs)
+
+    return parse_spec
+
+
+def test_a_chain_edit_whose_check_fails_is_refused_and_warned_about_while_the_last_good_version_serves(
+    watched: wb.Chain, spec_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A check that raised something other than a SpecError was logged as a watcher failure ("watching ... failed;
+    still watching"): no refusal in config_errors, no warning."""
+    import workbench.bench
+
+    armed = threading.Event()
+    monkeypatch.setattr(workbench.bench, "parse_spec", parse_spec_with_a_fault(workbench.bench.parse_spec, armed))
+    good = watched.version
+    armed.set()
+    with pytest.warns(wb.ConfigWarning, match="checking the edit failed: RuntimeError: injected fault"):
+        spec_file.write_text(SPEC.replace("max_new_tokens: 3", "max_new_tokens: 2"))
+        refusal = wait_for(lambda: watched.config_errors and watched.config_errors[-1], "the refusal")
+    assert isinstance(refusal.error, SpecError) and refusal.serving == good
+    armed.clear()
+    assert watched.version == good and watched.run(question="q").config_version == good
+    with pytest.raises(SpecError, match="checking the edit failed: RuntimeError"):  # chain.set says so too
+        armed.set()
+        watched.set("answer.max_new_tokens", 1)
+    armed.clear()
+    assert watched.version == good and len(watched.config_errors) == 2
+
+
+def test_a_configuration_edit_whose_check_fails_is_refused_and_warned_about_while_the_last_good_one_serves(
+    bench: wb.Workbench, spec_file: Path, tiny_cache: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from workbench.chains import configfile
+
+    path, config = _configure(bench, spec_file, "  tiny: {source: tiny, device: cpu, batching: none}", watch=True,
+                              interval_s=POLL_S)
+    armed = threading.Event()
+    monkeypatch.setattr(configfile, "parse_spec", parse_spec_with_a_fault(configfile.parse_spec, armed))
+    armed.set()
+    with pytest.warns(wb.ConfigWarning, match="checking the edit failed: RuntimeError: injected fault"):
+        path.write_text(_config("  tiny: {source: tiny, device: cpu, batching: 'dynamic:8:5ms'}"))
+        refusal = wait_for(lambda: config.errors and config.errors[-1], "the refusal")
+    assert isinstance(refusal.error, ConfigError) and str(path) in refusal.message
+    assert config.version.number == 1 and isinstance(bench.engine.policy("tiny"), NoBatching)
+
+
+def test_a_configuration_edit_refused_with_the_values_set_live_changes_no_model(
+    bench: wb.Workbench, spec_file: Path, tiny_cache: None
+) -> None:
+    """The chains were checked with the file's overrides alone: the model went to dynamic batching, then chain.set's
+    cache: exact refused temperature 0.7 as the chain was changed, and the edit was recorded nowhere (version 1, no
+    error); saving the file back then changed nothing, as its content was version 1's."""
+    path = spec_file.with_name("workbench.yaml")
+    first = "models:\n  tiny: {source: tiny, device: cpu, batching: none}\nchains:\n  qa: qa.yaml\n"
+    path.write_text(first)
+    config = bench.configure(path, watch=True, interval_s=POLL_S)
+    chain = config.chains["qa"]
+    chain.set("answer.cache", "exact")  # fine while the hop is greedy (temperature 0)
+    edit = _config("  tiny: {source: tiny, device: cpu, batching: 'dynamic:8:5ms'}", "qa.answer.temperature: 0.7")
+    with pytest.warns(wb.ConfigWarning, match="cache: exact on a sampling hop"):
+        path.write_text(edit)
+        refusal = wait_for(lambda: config.errors and config.errors[-1], "the refusal")
+    assert isinstance(refusal.error, ConfigError) and refusal.error.field == "chains.qa"
+    assert "answer.cache" in (refusal.error.hint or "")  # it says which value set live was in the way
+    assert config.version.number == 1 and isinstance(bench.engine.policy("tiny"), NoBatching)
+    assert chain.overrides == {"answer.cache": "exact"} and chain.version.number == 2
+
+    # Without the value set live, the same edit serves whole.
+    chain.unset("answer.cache")
+    path.write_text(edit + "# saved again\n")  # new bytes for the watcher to hand on; the same configuration
+    wait_for(lambda: config.version.number == 2, "the edit to serve")
+    assert bench.engine.policy("tiny") == DynamicBatching(max_batch=8, max_wait_ms=5)
+    assert chain.spec.hop("answer").params.temperature == 0.7 and chain.overrides == {"answer.temperature": 0.7}
+
+
+def test_a_chain_that_fails_after_the_models_changed_puts_the_models_back(
+    bench: wb.Workbench, spec_file: Path, tiny_cache: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If building the chains fails once the models changed (here a chain.set lands between the check and the
+    change), the models are put back: what serves is the recorded version, and saving it again is no change."""
+    path = spec_file.with_name("workbench.yaml")
+    first = "models:\n  tiny: {source: tiny, device: cpu, batching: none}\nchains:\n  qa: qa.yaml\n"
+    path.write_text(first)
+    config = bench.configure(path)
+    chain = config.chains["qa"]
+    set_batching, raced = bench.set_batching, threading.Event()
+
+    def set_batching_then_a_chain_set(*args: Any, **kwargs: Any) -> None:
+        set_batching(*args, **kwargs)
+        if not raced.is_set():
+            raced.set()
+            chain.set("answer.cache", "exact")
+
+    monkeypatch.setattr(bench, "set_batching", set_batching_then_a_chain_set)
+    with pytest.raises(ConfigError, match="chain 'qa'.*cache: exact on a sampling hop") as caught:
+        config.apply(_config("  tiny: {source: tiny, device: cpu, batching: 'dynamic:8:5ms'}",
+                             "qa.answer.temperature: 0.7"))
+    assert raced.is_set() and caught.value.field == "chains.qa"
+    assert config.version.number == 1 and len(config.errors) == 1
+    assert isinstance(bench.engine.policy("tiny"), NoBatching)
+    assert chain.overrides == {"answer.cache": "exact"} and chain.spec.hop("answer").params.temperature == 0
+    assert config.apply(first).number == 1 and isinstance(bench.engine.policy("tiny"), NoBatching)
+    assert chain.run(question="q").ok
+
+
+def test_a_model_change_that_fails_unexpectedly_is_refused_and_put_back(
+    bench: wb.Workbench, spec_file: Path, tiny_cache: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a WorkbenchError put the models back: anything else escaped raw, the new policy kept, nothing recorded."""
+    _, config = _configure(bench, spec_file, "  tiny: {source: tiny, device: cpu, batching: none}")
+    set_batching, failed = bench.set_batching, threading.Event()
+
+    def set_batching_with_a_fault(*args: Any, **kwargs: Any) -> None:
+        """A FAKE fault: the policy swap raising what no real part raises on demand, once, after it took effect."""
+        set_batching(*args, **kwargs)
+        if not failed.is_set():
+            failed.set()
+            raise RuntimeError("injected fault in the swap")
+
+    monkeypatch.setattr(bench, "set_batching", set_batching_with_a_fault)
+    with pytest.raises(ConfigError, match="applying the edit failed: RuntimeError: injected fault"):
+        config.apply(_config("  tiny: {source: tiny, device: cpu, batching: 'dynamic:8:5ms'}"))
+    assert config.version.number == 1 and len(config.errors) == 1
+    assert isinstance(bench.engine.policy("tiny"), NoBatching)

@@ -18,9 +18,11 @@ live, a changed source or load setting by loading the model again.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import sys
 import threading
 from collections import deque
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -54,6 +56,7 @@ from workbench.engine.batching import (
 )
 from workbench.errors import ConfigError, ModelLoadError, SpecError, WorkbenchError, did_you_mean
 from workbench.knowledge import GraphStore
+from workbench.models.adapters import parse_adapters
 from workbench.models.settings import LoadSettings, number_setting
 from workbench.models.tiny import resolve_source
 
@@ -135,7 +138,13 @@ def parse_config(text: str, path: str) -> WorkbenchConfig:
         if not isinstance(raw, str) or not raw.strip():
             raise fail(f"chain {name!r} is the path of its spec file, got {raw!r:.80}", "chains", name,
                        hint="e.g. chains: {qa: qa.yaml}; a relative path is read from the configuration's directory")
-        chains[name] = (base / raw).resolve() if not Path(raw).is_absolute() else Path(raw)
+        if "\0" in raw:  # no file system takes it: Path.resolve raised ValueError (embedded null byte)
+            raise fail(f"chain {name!r}: the path {raw!r:.80} holds a NUL character (\\0)", "chains", name,
+                       hint="write the spec file's path as it is on disk")
+        try:
+            chains[name] = (base / raw).resolve() if not Path(raw).is_absolute() else Path(raw)
+        except (OSError, RuntimeError) as exc:  # a symlink loop, say
+            raise fail(f"chain {name!r}: cannot follow the path {raw!r:.80}: {exc}", "chains", name) from None
     overrides: dict[str, dict[str, Any]] = {}
     for key, value in _section(data, "overrides", fail).items():
         chain, _, rest = str(key).partition(".")
@@ -156,6 +165,7 @@ def _load(text: str, path: str, lines: _Lines) -> Any:
         if node is None:
             raise ConfigError("the file is empty", path=path, hint="start with  models:  and  chains:")
         _check_expansion(node)
+        _check_nodes(node, text, path)
         lines.walk(node)
         return yaml.safe_load(text)
     except RecursionError:
@@ -170,6 +180,34 @@ def _load(text: str, path: str, lines: _Lines) -> Any:
     except SpecError as exc:  # a repeated key, an alias bomb: the spec parser's words, this file's place
         raise ConfigError(exc.message.split(": ", 1)[-1], path=path, field=exc.field, line=exc.line,
                           hint=exc.hint) from None
+
+
+def _check_nodes(root: yaml.Node, text: str, path: str) -> None:
+    """Refuse what YAML reads but this file cannot hold: a key that is a list or a mapping (``? [a]``: no
+    setting is named so, and recording its line raised TypeError), an integer longer than Python reads."""
+    digits = sys.get_int_max_str_digits() or None  # 0: no limit
+    walked: set[int] = set()
+    stack: list[tuple[yaml.Node, tuple[str, ...]]] = [(root, ())]
+    while stack:
+        node, keys = stack.pop()
+        if id(node) in walked:  # an alias of a node already walked
+            continue
+        walked.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if not isinstance(key, yaml.ScalarNode):
+                    written = " ".join(text[key.start_mark.index:key.end_mark.index].split())
+                    kind = "list" if isinstance(key, yaml.SequenceNode) else "mapping"
+                    raise ConfigError(f"a key is a {kind} ({written:.40}); keys here are names",
+                                      path=path, field=".".join([*keys, f"{written:.40}"]),
+                                      line=key.start_mark.line + 1, hint="write NAME: VALUE (no '? ' before a key)")
+                stack.append((value, (*keys, key.value)))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((item, (*keys, str(index))) for index, item in enumerate(node.value))
+        elif digits is not None and node.tag == "tag:yaml.org,2002:int" and \
+                sum(c.isdigit() for c in node.value) > digits:
+            raise ConfigError(f"a number of {len(node.value):,} digits is more than Python reads ({digits:,})",
+                              path=path, field=".".join(keys) or None, line=node.start_mark.line + 1)
 
 
 def _known(data: Mapping[str, Any], allowed: Collection[str], keys: tuple[Any, ...], fail: Any) -> None:
@@ -207,17 +245,22 @@ def _model(name: str, raw: Any, fail: Any) -> ModelEntry:
     for key in LOAD_FIELDS:
         if key not in raw or key == "source":
             continue
+        if key == "adapters":
+            values[key] = _adapters(raw[key], fail, ("models", name, key))
+            continue
         value, default = raw[key], 0.0 if key in optional and raw[key] is not None else defaults[key]
         if isinstance(default, bool):
             ok = isinstance(value, bool)
         elif isinstance(default, (int, float)):
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 and \
-                (isinstance(value, int) or isinstance(default, float))
+                (isinstance(value, int) or isinstance(default, float)) and not _past_float(value)
         else:
             ok = isinstance(value, str) or (value is None and default is None)
         if not ok:
             what = "true or false" if isinstance(default, bool) else "a number >= 0" if isinstance(default, float) \
                 else "a whole number >= 0" if isinstance(default, int) else "text"
+            if _past_float(value):
+                what += f" and at most {sys.float_info.max:.3g}"
             raise fail(f"{key} must be {what}, got {value!r:.80}", "models", name, key)
         values[key] = float(value) if isinstance(default, float) else value
     settings = LoadSettings(source=raw["source"].strip(), **values)
@@ -245,6 +288,23 @@ def _model(name: str, raw: Any, fail: Any) -> ModelEntry:
     return ModelEntry(settings, batching, balance, replicas)
 
 
+def _past_float(value: Any) -> bool:
+    """Whether ``value`` is an integer no float holds (YAML reads any number of digits; seconds are floats)."""
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) > sys.float_info.max
+
+
+def _adapters(value: Any, fail: Any, keys: tuple[Any, ...]) -> tuple[tuple[str, str], ...]:
+    """A model's named LoRA adapters, ``{NAME: PATH}`` (or ``NAME=PATH,...`` as a flag takes them), as pairs."""
+    if not isinstance(value, (str, Mapping)) or \
+            (isinstance(value, Mapping) and not all(isinstance(path, str) and path for path in value.values())):
+        raise fail(f"adapters is a mapping from names to adapter directories, got {value!r:.80}", *keys,
+                   hint="e.g. adapters: {sql: /adapters/sql}")
+    try:
+        return parse_adapters(dict(value) if isinstance(value, Mapping) else value)
+    except WorkbenchError as exc:
+        raise fail(exc.message, *keys, hint="e.g. adapters: {sql: /adapters/sql}") from None
+
+
 def _batching(value: Any, fail: Any, keys: tuple[Any, ...]) -> BatchingPolicy:
     """A batching policy from its short form (``dynamic:16:5ms``) or a mapping (``{policy: dynamic, ...}``)."""
     try:
@@ -265,9 +325,10 @@ def _batching(value: Any, fail: Any, keys: tuple[Any, ...]) -> BatchingPolicy:
                 original = next(k for k in value if _POLICY_ALIASES.get(k, k) == key)
                 raise fail(f"{kind} batching has no setting {original!r}", *keys, original,
                            hint=f"its settings: {', '.join(names) or 'none'}")
-            if isinstance(item, bool) or not isinstance(item, (int, float)):
+            if isinstance(item, bool) or not isinstance(item, (int, float)) or _past_float(item):
                 original = next(k for k in value if _POLICY_ALIASES.get(k, k) == key)
-                raise fail(f"{original} must be a number, got {item!r:.80}", *keys, original)
+                most = f" (at most {sys.float_info.max:.3g})" if _past_float(item) else ""
+                raise fail(f"{original} must be a number{most}, got {item!r:.80}", *keys, original)
         return cls(**settings)
     except ConfigError:
         raise
@@ -351,20 +412,26 @@ class LiveConfig:
     def apply(self, text: str, refused: bool = False) -> ConfigVersion:
         """Validate ``text`` whole, then change what differs from the configuration in force.
 
-        ``refused=True`` (the watcher) also records and warns about a refusal before raising it.
+        ``refused=True`` (the watcher) also records and warns about a refusal before raising it. Anything that
+        fails while an edit is checked or applied refuses it (a ConfigError saying what failed, if it was no
+        WorkbenchError), and what it had changed is put back.
         """
         with self._lock:
             try:
-                config = parse_config(text, str(self.path))
-                if self._applied.config is not None and config.digest == self._applied.config.digest:
-                    return self.version  # type: ignore[return-value]
-                specs = self._check_chains(config)
-                self._apply_models(config)
+                try:
+                    config = parse_config(text, str(self.path))
+                    if self._applied.config is not None and config.digest == self._applied.config.digest:
+                        return self.version  # type: ignore[return-value]
+                    plans = self._check_chains(config)
+                except WorkbenchError:
+                    raise
+                except Exception as exc:  # a check that failed itself: the edit is refused, not half taken
+                    raise self._unexpected("checking the edit", exc) from exc
+                self._apply(config, plans)
             except WorkbenchError as error:
                 if refused or self.version is not None:
                     self.refusals.append(refuse(str(self.path), error, self.version, "the workbench configuration"))
                 raise
-            self._apply_chains(config, specs)
             self._applied.config = config
             self._counter += 1
             self.version = ConfigVersion(self._counter, config.digest)
@@ -372,8 +439,57 @@ class LiveConfig:
                 logger.info("workbench configuration %s now serves %s", self.path, self.version)
             return self.version
 
-    def _check_chains(self, config: WorkbenchConfig) -> dict[str, str]:
-        """Every chain file parses, with its overrides, against the models there will be; the texts by chain."""
+    def _unexpected(self, doing: str, exc: Exception) -> ConfigError:
+        logger.debug("%s %s failed", doing, self.path, exc_info=exc)
+        return ConfigError(f"{doing} failed: {type(exc).__name__}: {exc}", path=str(self.path),
+                           hint="the last good configuration keeps serving; fix the value the error names")
+
+    def _apply(self, config: WorkbenchConfig, plans: dict[str, _ChainPlan]) -> None:
+        """Change the models, then the chains; if a chain fails, the chains and models changed are put back."""
+        changed: list[tuple[str, ModelEntry, ModelEntry | None]] = []
+        undo: list[Callable[[], None]] = []
+        try:
+            changed = self._apply_models(config)  # puts back what it changed itself if a model fails
+            self._apply_chains(config, plans, undo)
+        except Exception as exc:
+            for step in reversed(undo):
+                try:
+                    step()
+                except Exception:  # noqa: BLE001 - the failure that started this is the one to raise
+                    logger.exception("putting a chain back as it was failed")
+            self._put_back(changed)
+            if isinstance(exc, WorkbenchError):
+                raise
+            raise self._unexpected("applying the edit", exc) from exc
+        for name in set(self._applied.chains) - set(config.chains):
+            self._applied.chains.pop(name).unwatch()
+        before = self._applied.config.models if self._applied.config is not None else {}
+        for name in set(before) - set(config.models):  # only now: an unloaded model is not put back cheaply
+            try:
+                self._host.unload(name, forget=True)
+            except WorkbenchError as exc:
+                logger.warning("unloading %r, which the configuration no longer names, failed: %s", name, exc.message)
+
+    def _overrides_after(self, name: str, config: WorkbenchConfig, chain: Chain | None) -> dict[str, Any]:
+        """The overrides chain ``name`` has once ``config`` applies: the file's, under those chain.set put there
+        (which stay; the file's own that it no longer sets go)."""
+        new = config.overrides.get(name, {})
+        if chain is None:
+            return dict(new)
+        before = self._applied.config
+        mine = before.overrides.get(name, {}) if before is not None else {}
+        return {**{k: v for k, v in chain.overrides.items() if k not in mine or k in new}, **new}
+
+    def _kept(self, name: str, config: WorkbenchConfig) -> Chain | None:
+        """The chain ``name`` as it serves now, if ``config`` keeps it (the same file): None if it is built anew."""
+        before, chain = self._applied.config, self._applied.chains.get(name)
+        if chain is None or before is None or before.chains.get(name) != config.chains[name]:
+            return None
+        return chain
+
+    def _check_chains(self, config: WorkbenchConfig) -> dict[str, _ChainPlan]:
+        """Every chain file parses, with the overrides it will have (the file's and those set live), against the
+        models there will be; what to apply, by chain."""
         previous = self._applied.config.models if self._applied.config is not None else {}
         models = (set(self._host.registry.names()) - set(previous)) | set(config.models)
         # A hop's adapter: must be one its model will have: a model the file (re)loads has the adapters it names.
@@ -382,14 +498,15 @@ class LiveConfig:
             kept = name in previous and previous[name].load_key() == entry.load_key()
             watched = adapters.get(name, ()) if kept else ()  # a kept model keeps those a watch added, too
             adapters[name] = sorted({*(n for n, _ in entry.settings.adapters), *watched})
-        texts: dict[str, str] = {}
+        plans: dict[str, _ChainPlan] = {}
         for name, path in config.chains.items():
-            text = read_text(path, f"the spec file of chain {name!r}")
+            overrides = self._overrides_after(name, config, self._kept(name, config))
+            live = sorted(set(overrides) - set(config.overrides.get(name, {})))
             try:
+                text = read_text(path, f"the spec file of chain {name!r}")
                 spec = parse_spec(text, known_models=models, default_name=name,
                                   allowed_modules=self._host.allow_modules(), graphs=self._host.graphs,
                                   known_adapters=adapters, base_dir=path.parent)
-                overrides = config.overrides.get(name, {})
                 for key in overrides:
                     settable_path(key, spec)
                 if overrides:
@@ -399,44 +516,52 @@ class LiveConfig:
             except ConfigError:
                 raise
             except SpecError as exc:
-                raise ConfigError(f"chain {name!r} ({path}): {exc.message}", path=str(self.path),
-                                  field=f"chains.{name}", hint=exc.hint) from None
-            texts[name] = text
+                hint = exc.hint
+                if live:  # the edit is checked as it would serve: with what chain.set put on top
+                    hint = (f"{hint}; " if hint else "") + f"checked with the values set live on chain {name!r} " \
+                        f"({', '.join(live)}): chain.unset drops one"
+                raise self._chain_error(name, path, exc, hint) from None
+            plans[name] = _ChainPlan(text, overrides)
         for name in config.overrides:
             if name not in config.chains:
                 raise ConfigError(f"overrides name chain {name!r}, which 'chains' does not list", path=str(self.path),
                                   field="overrides", hint=f"chains: {', '.join(config.chains) or 'none'}")
-        return texts
+        return plans
 
-    def _apply_models(self, config: WorkbenchConfig) -> None:
+    def _chain_error(self, name: str, path: Path, exc: SpecError, hint: str | None) -> ConfigError:
+        return ConfigError(f"chain {name!r} ({path}): {exc.message}", path=str(self.path), field=f"chains.{name}",
+                           hint=hint)
+
+    def _apply_models(self, config: WorkbenchConfig) -> list[tuple[str, ModelEntry, ModelEntry | None]]:
+        """Load or change each model as ``config`` says; what changed, to put back. If one fails, all are put back."""
         before = self._applied.config.models if self._applied.config is not None else {}
         done: list[tuple[str, ModelEntry, ModelEntry | None]] = []  # what changed, to put back if a later one fails
         try:
             for name, entry in config.models.items():
                 old = before.get(name)
                 if old is None or old.load_key() != entry.load_key():
-                    self._load(name, entry, old)
+                    self._load(name, entry, old)  # one that fails loads the old model back itself
                     done.append((name, entry, old))
-                    continue
-                self._set_policies(name, entry, old)
-                done.append((name, entry, old))
-        except WorkbenchError:
-            for name, entry, old in reversed(done):  # the configuration in force stays whole
-                try:
-                    if old is None:
-                        self._host.unload(name, forget=True)
-                    elif old.load_key() != entry.load_key():
-                        self._load(name, old, None)
-                    else:
-                        self._set_policies(name, old, entry)
-                except WorkbenchError as again:
-                    logger.error("putting %r back as it was failed: %s", name, again.message)
+                else:  # listed first: a swap that fails halfway is put back too (the old policies again)
+                    done.append((name, entry, old))
+                    self._set_policies(name, entry, old)
+        except Exception:
+            self._put_back(done)  # the configuration in force stays whole
             raise
-        for name in set(before) - set(config.models):
+        return done
+
+    def _put_back(self, done: list[tuple[str, ModelEntry, ModelEntry | None]]) -> None:
+        """Undo what :meth:`_apply_models` changed, last first."""
+        for name, entry, old in reversed(done):
             try:
-                self._host.unload(name, forget=True)
-            except WorkbenchError as exc:
-                logger.warning("unloading %r, which the configuration no longer names, failed: %s", name, exc.message)
+                if old is None:
+                    self._host.unload(name, forget=True)
+                elif old.load_key() != entry.load_key():
+                    self._load(name, old, None)
+                else:
+                    self._set_policies(name, old, entry)
+            except Exception:  # noqa: BLE001 - the failure that started this is the one to raise
+                logger.exception("putting %r back as it was failed", name)
 
     def _set_policies(self, name: str, entry: ModelEntry, old: ModelEntry) -> None:
         """Change ``name``'s batching and balance policies from ``old``'s to ``entry``'s, live."""
@@ -459,35 +584,63 @@ class LiveConfig:
                     logger.error("loading %r back as it was failed too: %s", name, again.message)
             raise
 
-    def _apply_chains(self, config: WorkbenchConfig, texts: dict[str, str]) -> None:
-        before = self._applied.config
+    def _apply_chains(self, config: WorkbenchConfig, plans: dict[str, _ChainPlan],
+                      undo: list[Callable[[], None]]) -> None:
+        """Build or change each chain as checked; ``undo`` collects how to put each back, should a later one fail."""
         for name, path in config.chains.items():
-            chain = self._applied.chains.get(name)
-            if chain is None or before is None or before.chains.get(name) != path:
-                if chain is not None:
-                    chain.unwatch()
-                # From the text _check_chains validated, not the file read again: one saved since (half-written, or
-                # wrong) must not fail the configuration half-applied, its models changed and its chains not. A
-                # watch reads the file again and refuses or takes that edit as any other.
-                chain = self._host.chain(texts[name], name=name, base_dir=path.parent)
-                if self._watch:
-                    chain.watch(path, self._interval_s)
-                self._applied.chains[name] = chain
-            elif chain.watching is None:
-                chain.update(texts[name])
-            else:  # its watcher may have refused the file for a model only this edit brings: it reads the file again
-                chain.watch(chain.watching, self._interval_s)  # (the text as it is then; the same is no new version)
-            # Only the overrides this file set before are its to drop; chain.set's own stay.
-            mine = before.overrides.get(name, {}) if before is not None else {}
-            new, now = config.overrides.get(name, {}), chain.overrides
-            stale = [k for k in mine if k not in new and k in now]
-            if stale:
-                chain.unset(*stale)
-            changed = {k: v for k, v in new.items() if k not in now or now[k] != v}
-            if changed:
-                chain.set(changed)
-        for name in set(self._applied.chains) - set(config.chains):
-            self._applied.chains.pop(name).unwatch()
+            try:
+                self._apply_chain(name, path, plans[name], config, undo)
+            except ConfigError:
+                raise
+            except SpecError as exc:  # checked, yet refused now: a chain.set that came between
+                raise self._chain_error(name, path, exc, exc.hint) from None
+
+    def _apply_chain(self, name: str, path: Path, plan: _ChainPlan, config: WorkbenchConfig,
+                     undo: list[Callable[[], None]]) -> None:
+        chain = self._kept(name, config)
+        if chain is None:
+            earlier = self._applied.chains.get(name)
+            if earlier is not None:
+                undo.append(functools.partial(self._restore_chain, name, earlier, earlier.watching))
+                earlier.unwatch()
+            else:
+                undo.append(functools.partial(self._drop_chain, name))
+            # From the text _check_chains validated, not the file read again: one saved since (half-written, or
+            # wrong) must not fail the configuration half-applied, its models changed and its chains not. A
+            # watch reads the file again and refuses or takes that edit as any other.
+            chain = self._host.chain(plan.text, name=name, base_dir=path.parent)
+            self._applied.chains[name] = chain
+            if plan.overrides:
+                chain.set(plan.overrides)
+            if self._watch:
+                chain.watch(path, self._interval_s)
+            return
+        # One version: the file's text as checked under the overrides checked (the file's and chain.set's, taken
+        # again in case a chain.set came since). Chain has no public call for both at once: its LiveSpec does.
+        live = chain._live
+        undo.append(functools.partial(live.replace, *live.state()))
+        live.replace(plan.text, self._overrides_after(name, config, chain))
+        if chain.watching is not None:  # its watcher may have refused the file for a model only this edit brings:
+            chain.watch(chain.watching, self._interval_s)  # it reads the file again (the same is no new version)
+
+    def _restore_chain(self, name: str, chain: Chain, watching: Path | None) -> None:
+        self._drop_chain(name)
+        self._applied.chains[name] = chain
+        if watching is not None:
+            chain.watch(watching, self._interval_s)
+
+    def _drop_chain(self, name: str) -> None:
+        built = self._applied.chains.pop(name, None)
+        if built is not None:
+            built.unwatch()
+
+
+@dataclass(frozen=True)
+class _ChainPlan:
+    """What a checked configuration gives one chain: its file's text as checked, and its overrides."""
+
+    text: str
+    overrides: dict[str, Any]
 
 
 def _same_policy(a: BatchingPolicy | None, b: BatchingPolicy | None) -> bool:

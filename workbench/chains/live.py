@@ -152,10 +152,15 @@ class LiveSpec:
         """Make ``source`` (YAML text or a dict) the new base, under the live overrides; SpecError refuses it."""
         with self._lock:
             try:
-                spec = self._parse(source)  # errors name the line of the text itself
-                base = _data_of(source)
-                if self._overrides:
-                    spec = self._parse(apply_overrides(base, self._overrides))
+                try:
+                    spec = self._parse(source)  # errors name the line of the text itself
+                    base = _data_of(source)
+                    if self._overrides:
+                        spec = self._parse(apply_overrides(base, self._overrides))
+                except SpecError:
+                    raise
+                except Exception as exc:  # a check that failed itself: refused as any edit, never half taken
+                    raise checking_failed(exc) from exc
             except SpecError as error:
                 self.refusals.append(refuse(origin or "update", error, self.current.version,
                                             f"chain {self.current.name!r}", warn=origin is not None))
@@ -185,13 +190,36 @@ class LiveSpec:
                 overrides[path] = value
             origin = "set " + ", ".join([*values, *unset])
             try:
-                spec = self._parse(apply_overrides(self._base, overrides))
+                try:
+                    spec = self._parse(apply_overrides(self._base, overrides))
+                except SpecError:
+                    raise
+                except Exception as exc:
+                    raise checking_failed(exc) from exc
             except SpecError as error:
                 self.refusals.append(refuse(origin, error, self.current.version, f"chain {self.current.name!r}",
                                             warn=False))
                 raise
             self._overrides = overrides
             return self._accept(spec, self._base)
+
+    def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The base and the live overrides now, as :meth:`replace` takes them (to put a chain back as it was)."""
+        with self._lock:
+            return _copy(self._base), dict(self._overrides)
+
+    def replace(self, source: str | Mapping[str, Any], overrides: Mapping[str, Any]) -> ConfigVersion:
+        """Make ``source`` the base and ``overrides`` all the live overrides, in one version (a configuration file's
+        edit: the chain file as checked, under the file's overrides and chain.set's); SpecError changes nothing."""
+        with self._lock:
+            spec = self._parse(source)
+            base = _data_of(source)
+            for path in overrides:
+                settable_path(path, spec)
+            if overrides:
+                spec = self._parse(apply_overrides(base, overrides))
+            self._base, self._overrides = base, dict(overrides)
+            return self._accept(spec, base)
 
     def _accept(self, spec: ChainSpec, base: dict[str, Any]) -> ConfigVersion:
         """Make ``spec`` the serving version (a new number only if its content changed)."""
@@ -205,6 +233,13 @@ class LiveSpec:
         if self._counter > 1:
             logger.info("chain %r now serves configuration %s", spec.name, spec.version)
         return spec.version
+
+
+def checking_failed(exc: Exception) -> SpecError:
+    """An edit whose check raised something other than a SpecError, as a refusal that says what failed."""
+    logger.debug("checking an edit failed", exc_info=exc)
+    return SpecError(f"checking the edit failed: {type(exc).__name__}: {exc}",
+                     hint="the last good version keeps serving; fix the value the error names")
 
 
 def _data_of(source: Any) -> dict[str, Any]:

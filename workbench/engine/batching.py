@@ -48,8 +48,14 @@ def _whole(value: object, least: int, optional: bool = False) -> bool:
 
 
 def _number(value: object, least: float) -> bool:
-    """Whether ``value`` is a finite number >= ``least`` (a bool is not one; NaN is no number)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and least <= value < math.inf
+    """Whether ``value`` is a finite number >= ``least`` (a bool is not one; NaN is no number, nor an int too large
+    for a float: its name and its waits are floats)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return least <= float(value) < math.inf
+    except OverflowError:
+        return False
 
 
 def _ms(value: float) -> str:
