@@ -371,8 +371,10 @@ def test_each_policy_shows_its_settings() -> None:
     ],
 )
 def test_impossible_settings_are_refused_with_a_workbench_error(make) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(wb.StrategyError, match="must be"):
+    with pytest.raises(wb.StrategyError, match="must be") as info:
         make()
+    kind = str(info.value.message).partition("(")[0]  # the hint names the policy's own class, not another's
+    assert info.value.hint == f"help(wb.{kind}) lists its settings"
 
 
 def test_continuous_batching_without_the_transformers_api_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -36,8 +36,8 @@ def _same_params_and_adapter(request: GenerationRequest, taken: list[GenerationR
 
 
 def _check(ok: bool, policy: str, message: str) -> None:
-    if not ok:
-        raise StrategyError(f"{policy}: {message}", hint="help(wb.DynamicBatching) and its siblings list the settings")
+    if not ok:  # policy: the policy's repr, StaticBatching(size=0, ...)
+        raise StrategyError(f"{policy}: {message}", hint=f"help(wb.{policy.partition('(')[0]}) lists its settings")
 
 
 def _whole(value: object, least: int, optional: bool = False) -> bool:
