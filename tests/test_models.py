@@ -271,6 +271,17 @@ def test_a_path_no_file_system_holds_is_a_clear_load_error(bench: wb.Workbench, 
     assert bench.models().empty
 
 
+def test_a_blank_source_and_an_overlong_name_are_refused_as_such(bench: wb.Workbench, tiny_path: Path) -> None:
+    # A blank source read as the working directory ("'' is not a model directory: it has no config.json"), and a
+    # name of 10,000 characters loaded, to fill every table and span name.
+    for source in ("", "   "):
+        with pytest.raises(wb.ModelLoadError, match="the model's source is empty"):
+            bench.load("m", source)
+    with pytest.raises(wb.SettingsError, match="is 201 characters; a name has at most 200"):
+        bench.load("m" * 201, tiny_path)
+    assert bench.models().empty
+
+
 def test_a_sharded_checkpoint_with_a_shard_missing_names_it(tiny_bench: wb.Workbench, tiny_path: Path,
                                                            tmp_path: Path) -> None:
     # The hint was to check the path or hub id, of a directory that is there.

@@ -67,6 +67,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_RUNS_KEPT = 10_000
+MAX_MODEL_NAME_CHARS = 200
 # And at most about this many bytes of their inputs and outputs: a served chain's runs of 1 MB inputs each held 10 GB.
 MAX_RUN_BYTES_KEPT = 256 * 2**20
 # Threads for the runs' own short work (session stores, the response cache, preparing prompts; see __init__).
@@ -1167,6 +1168,10 @@ def _check_model_name(name: object) -> None:
     if not isinstance(name, str) or not name.strip() or name != name.strip():
         raise SettingsError(f"model name {name!r:.80} is not text without spaces at its ends",
                             hint="name it as chain specs will write it after  model:  e.g. bench.load('tiny', PATH)")
+    if len(name) > MAX_MODEL_NAME_CHARS:  # it names spans, metrics and every table's rows
+        raise SettingsError(f"model name {name!r:.80}... is {len(name):,} characters; a name has at most "
+                            f"{MAX_MODEL_NAME_CHARS}", hint="name it as chain specs will write it after  model:  "
+                            "e.g. bench.load('tiny', PATH)")
     replica = REPLICA_NAME.match(name)
     if replica is not None:  # generate, inject, set_breaker and the tables would mistake one for the other
         raise SettingsError(f"model name {name!r:.80} ends in #{replica['index']}, which names replica "

@@ -90,6 +90,9 @@ class LoadSettings:
     num_cpus: float = _option(1.0, "engine ray: CPUs each replica's actor asks of the cluster (default 1)", "N")
 
     def __post_init__(self) -> None:
+        if isinstance(self.source, str) and not self.source.strip():  # else the working directory, as Path('') is
+            raise ModelLoadError("the model's source is empty", hint="give the directory that holds the model (its "
+                                 "config.json and weights), a hub id like 'org/name', or a server's URL")
         # A front end's adapters text is parsed (and so checked) by the load.
         named = [(f"adapter {pair[0]!r}", pair[1]) for pair in self.adapters if isinstance(pair, tuple) and len(pair) == 2]
         for what, text in [("source", self.source), ("adapter", self.adapter), *named]:
