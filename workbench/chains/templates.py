@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import codecs
 import functools
+import itertools
 import math
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, KeysView, Mapping, ValuesView
+import types
+from collections.abc import Callable, ItemsView, Iterable, Iterator, KeysView, Mapping, ValuesView
 from typing import Any
 
 from jinja2 import (
@@ -24,16 +27,19 @@ from jinja2.filters import (
     do_center,
     do_format,
     do_indent,
+    do_pprint,
     do_replace,
+    do_sort,
     do_tojson,
     do_wordwrap,
     make_attrgetter,
     sync_do_join,
     sync_do_slice,
 )
-from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedEscapeFormatter, SandboxedFormatter, SecurityError
 from jinja2.utils import Namespace, generate_lorem_ipsum
 from jinja2.visitor import NodeTransformer
+from markupsafe import Markup
 
 from workbench.errors import TemplateError
 
@@ -45,15 +51,30 @@ MAX_ITEMS = 100_000
 MAX_INT_BITS = 100_000
 MAX_JSON_INDENT = 64  # what |tojson may indent by: pretty JSON takes 2 or 4; each nested line repeats it
 MAX_LIPSUM_WORDS = 1_000_000  # paragraphs times words per paragraph that lipsum() may make (some 7 MB of text)
+# A list, tuple or mapping a template makes holds at most MAX_HELD_ITEMS items, counting those of the ones it holds
+# (one held twice, twice), nested at most MAX_NESTING deep. Comparing, hashing or sorting one is a C loop no clock
+# stops, and ``(t, t)`` made 60 times over is 2**60 items to compare in 60 small steps; hashing one nested some
+# 200,000 deep overflows the C stack.
+MAX_HELD_ITEMS = 10 * MAX_ITEMS
+MAX_NESTING = 100
+MAX_PPRINT_WORK = 2_000_000  # items times depth that |pprint may go through: it makes the text of each level again
+MAX_WRAP_WORK = 10**10  # characters |wordwrap may copy breaking long words: it copies the rest of a word for each line
+# The text encodings whose cost is linear in the text ('punycode' is quadratic), and the error handlers that write
+# a few characters for one ('namereplace' writes a character's Unicode name).
+_CODECS = frozenset({"utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be",
+                     "ascii", "iso8859-1"})
+_CODEC_ERRORS = frozenset({"strict", "ignore", "replace", "backslashreplace", "xmlcharrefreplace", "surrogateescape",
+                           "surrogatepass"})
 # What one render may make in all (characters of text, items of lists), kept or not: each step is bounded
 # above, but a filter mapped over 100,000 items (|map('center', 10**7)|list) makes 100,000 bounded steps.
 MAX_MADE = 20 * MAX_PROMPT_CHARS
 DEFAULT_RENDER_S = 10.0  # the time a template may take to render when its hop has no timeout_s
 _CHECK_EVERY = 1024  # loop iterations between looks at the clock
 
-# Format widths: '%20s', '%*s', '{:>20}', '{:{}}' (a width taken from the arguments).
+# printf-style widths: '%20s', '%*s' (a width taken from the arguments). str.format's ('{:>20}', '{:{}}') are checked
+# as it formats each field, when the arguments have filled them in (_BoundedFormatter).
 _PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[#0\- +]*(\*|\d+)?(?:\.(\*|\d+))?")
-_BRACE_SPEC = re.compile(r"\{[^{}]*?:((?:[^{}]|\{[^{}]*\})*)\}")
+_WORD = re.compile(r"[^\t\n\x0b\x0c\r ]+")  # what textwrap (|wordwrap) keeps together: it breaks at ASCII white space
 
 
 class _Exceeded(Exception):
@@ -66,6 +87,10 @@ class _Budget(threading.local):
     deadline: float = math.inf
     seconds: float = DEFAULT_RENDER_S
     made: int = 0  # characters and items the render running on this thread has made so far
+    # The lists, tuples and mappings this render has sized (as held by another), by id: (items, depth, the object,
+    # kept so that its id stays its own). A list grown a row at a time (ns.rows + [row]) then sizes each row once,
+    # not at every step: 1,000 rows of mappings took 450 ms to size over and over, against 6 ms to render unsized.
+    held: dict[int, tuple[int, int, Any]] | None = None
 
 
 _budget = _Budget()
@@ -168,18 +193,121 @@ def _leaf_size(value: Any) -> int:
     return 1
 
 
+_NESTING = (list, tuple, dict, set, frozenset, KeysView, ValuesView, ItemsView)  # what compares and hashes item by item
+
+
+def _is_nesting(value: Any) -> bool:
+    kind = type(value)
+    if kind in _PLAIN_CONTAINERS:
+        return True
+    return kind not in _PLAIN_LEAVES and isinstance(value, _NESTING)
+
+
+def _held(value: Any) -> tuple[int, int]:
+    """The items ``value`` holds, counting those of the lists, tuples and mappings it holds (a shared one each
+    time it is held), and how deep they nest; refused past MAX_HELD_ITEMS or MAX_NESTING.
+
+    Each container is sized once (a shared one costs a lookup), so this is linear in what the template made.
+    A namespace is one item: it compares and hashes by identity.
+    """
+    if not _is_nesting(value):
+        return 0, 0
+    sizes: dict[int, tuple[int, int]] = {}  # id of a container -> (items, depth)
+    on_path: set[int] = set()  # containers whose children are being sized: one met again is a cycle (a user's value)
+    known = _budget.held
+    sized: list[Any] = []  # the containers sized here that ``value`` holds, for this render's later calls
+    stack: list[tuple[Any, list[Any] | None]] = [(value, None)]
+    steps = 0
+    while stack:
+        node, children = stack.pop()
+        steps += 1
+        if steps % _CHECK_EVERY == 0:
+            _tick()
+        key = id(node)
+        if children is None:
+            if key in sizes:
+                continue
+            if known is not None and node is not value:
+                seen = known.get(key)
+                if seen is not None and seen[2] is node:
+                    sizes[key] = seen[0], seen[1]
+                    continue
+                sized.append(node)
+            children = _held_children(node)
+            if set(map(type, children)) <= _PLAIN_LEAVES:  # the common case: text and numbers, nothing to go into
+                sizes[key] = len(children), 1
+                continue
+            children = [c if _is_nesting(c) else None for c in children]  # None: a leaf
+            on_path.add(key)
+            stack.append((node, children))
+            stack.extend((c, None) for c in children if c is not None and id(c) not in sizes and id(c) not in on_path)
+            continue
+        on_path.discard(key)
+        items, depth = len(children), 0
+        for child in children:
+            if child is not None and id(child) in sizes:
+                held, nested = sizes[id(child)]
+                items, depth = items + held, max(depth, nested)
+        if items > MAX_HELD_ITEMS or depth + 1 > MAX_NESTING:
+            raise _Exceeded(
+                f"the prompt template would make a list or mapping of more than {MAX_HELD_ITEMS:,} items, counting "
+                "those of the lists and mappings it holds (one that holds another many times over)"
+                if items > MAX_HELD_ITEMS else
+                f"the prompt template would make lists or mappings nested more than {MAX_NESTING} deep")
+        sizes[key] = items, depth + 1
+    if known is not None:
+        for node in sized:
+            if id(node) in sizes:
+                known[id(node)] = (*sizes[id(node)], node)
+    return sizes[id(value)]
+
+
+def _held_children(node: Any) -> list[Any]:
+    if isinstance(node, dict):
+        return [*node.keys(), *node.values()]
+    if isinstance(node, ItemsView):  # its (key, value) pairs are made afresh each time: count what they hold
+        return [*itertools.chain.from_iterable(node)]
+    return list(node)
+
+
+def _check_held(value: Any) -> Any:
+    """Refuse a list, tuple or mapping too large to compare or hash (see MAX_HELD_ITEMS); returns ``value``."""
+    if type(value) not in _PLAIN_LEAVES:
+        _held(value)
+    return value
+
+
 def _check_chars(count: int) -> None:
     if count > MAX_PROMPT_CHARS:
         raise _Exceeded(f"the prompt template would make a text longer than {MAX_PROMPT_CHARS:,} characters")
 
 
 def _check_format(text: str, args: Iterable[Any]) -> None:
-    """Refuse a format string whose widths (written, or taken from ``args``) would pad past the bound."""
-    widths = [w for m in _PERCENT_SPEC.finditer(text) for w in m.groups() if w]
-    for spec in _BRACE_SPEC.findall(text):
-        widths += re.findall(r"\d+", spec) + (["*"] if "{" in spec else [])
-    for width in widths:
+    """Refuse a printf-style format whose widths (written, or taken from ``args``) would pad past the bound."""
+    for width in (w for m in _PERCENT_SPEC.finditer(text) for w in m.groups() if w):
         _check_chars(max((a for a in args if _is_int(a)), default=0) if width == "*" else int(width))
+
+
+def _check_spec(spec: str) -> None:
+    """Refuse a str.format field spec (its nested fields filled in) whose width or precision would pass the bound."""
+    for number in re.findall(r"\d+", spec):
+        _check_chars(int(number) if len(number) < 20 else math.inf)
+
+
+class _BoundedFormatter(SandboxedFormatter):
+    """The sandbox's str.format, refusing a width or precision past the bound before the field is padded to it.
+
+    A width may come from the arguments, as a number or as text (``'{:{}}'.format(x, '7000000000')``), or from
+    an item or attribute of one (``'{:{0[w]}}'``): only the spec as filled in says what it is.
+    """
+
+    def format_field(self, value: Any, format_spec: str) -> Any:
+        _check_spec(format_spec)
+        return super().format_field(value, format_spec)
+
+
+class _BoundedEscapeFormatter(_BoundedFormatter, SandboxedEscapeFormatter):
+    """_BoundedFormatter for ``Markup.format``: escapes what it formats."""
 
 
 def _bounded_iter(iterable: Iterable[Any]) -> Iterator[Any]:
@@ -232,12 +360,12 @@ def _batch(value: Iterable[Any], linecount: int, fill_with: Any = None) -> Itera
 def _slice(value: Any, slices: int, fill_with: Any = None) -> Iterator[list[Any]]:
     if slices > MAX_ITEMS:
         raise _Exceeded(f"slice({slices}) is past the {MAX_ITEMS:,} items a template may make")
-    return sync_do_slice(value, slices, fill_with)
+    return sync_do_slice(_listed(value), slices, fill_with)
 
 
 @pass_eval_context
 def _join(eval_ctx: Any, value: Iterable[Any], d: str = "", attribute: Any = None) -> str:
-    items = list(value)
+    items = _listed(value)
     _check_chars(len(str(d)) * max(len(items) - 1, 0) + sum(len(x) for x in items if isinstance(x, str)))
     return _check_size(sync_do_join(eval_ctx, items, d, attribute))
 
@@ -262,6 +390,12 @@ def _wordwrap(environment: Any, s: str, width: int = 79, break_long_words: bool 
               break_on_hyphens: bool = True) -> str:
     breaks = len(s) // max(width, 1) + s.count(" ") + 1
     _check_chars(len(s) + breaks * len(wrapstring or environment.newline_sequence))
+    if break_long_words:  # textwrap copies the rest of a long word for each line it cuts off: quadratic in the word
+        line = max(width, 1)
+        long_words = [n for n in (m.end() - m.start() for m in _WORD.finditer(s)) if n > line]
+        if sum(n * n // line for n in long_words) > MAX_WRAP_WORK:
+            raise _Exceeded(f"wordwrap({width}) would break a word of {max(long_words):,} characters, which takes "
+                            "time quadratic in its length: use break_long_words=false, or a wider width")
     return do_wordwrap(environment, s, width, break_long_words, wrapstring, break_on_hyphens)
 
 
@@ -270,7 +404,7 @@ def _sum(environment: Any, iterable: Iterable[Any], attribute: Any = None, start
     # Summing lists or strings copies the total at every step: quadratic time in a C loop no clock can stop.
     if not isinstance(start, (int, float)) or isinstance(start, bool):
         raise _Exceeded("sum adds numbers; join text with |join")
-    items = list(iterable)
+    items = _listed(iterable)
     if attribute is not None:
         items = list(map(make_attrgetter(environment, attribute), items))
     if any(not isinstance(x, (int, float)) for x in items):
@@ -284,6 +418,34 @@ def _tojson(eval_ctx: Any, value: Any, indent: int | str | None = None) -> Any:
     if width > MAX_JSON_INDENT:
         raise _Exceeded(f"tojson indents by at most {MAX_JSON_INDENT}, not {width}")
     return do_tojson(eval_ctx, value, indent)
+
+
+def _pprint(value: Any) -> str:
+    # pformat makes the text of every level again for the level above: its time is items times depth.
+    items, depth = _held(value)
+    if items * depth > MAX_PPRINT_WORK:
+        raise _Exceeded(f"pprint would go through {items:,} items {depth} levels deep, past the {MAX_PPRINT_WORK:,} "
+                        "(items times depth) it may: use |tojson")
+    return do_pprint(value)
+
+
+def _listed(value: Iterable[Any]) -> list[Any]:
+    """``list(value)``, refused past MAX_ITEMS before it is made (a text is a character an item; ``|batch(1)`` of
+    one makes a list an item)."""
+    items = list(itertools.islice(value, MAX_ITEMS + 1))
+    _check_items(len(items))
+    return items
+
+
+@pass_environment
+def _sort(environment: Any, value: Iterable[Any], reverse: bool = False, case_sensitive: bool = False,
+          attribute: Any = None) -> list[Any]:
+    return do_sort(environment, _listed(value), reverse, case_sensitive, attribute)
+
+
+def _urlize(*args: Any, **kwargs: Any) -> str:
+    raise SecurityError("the urlize filter is not available in prompt templates: it makes HTML links, which a prompt "
+                        "has no use for, and takes minutes on some text (its pattern backtracks)")
 
 
 def _lipsum(n: int = 5, html: bool = True, min: int = 20, max: int = 100) -> str:  # noqa: A002 - Jinja's names
@@ -307,7 +469,7 @@ def _bounded_filter(name: str, function: Callable[..., Any]) -> Callable[..., An
         _tick()
         if text_of:
             _check_text_of(*args, *kwargs.values())
-        return _made(_check_size(function(*args, **kwargs)))
+        return _check_held(_made(_check_size(function(*args, **kwargs))))
 
     bounded.__name__ = f"bounded_{name}"
     return bounded
@@ -336,12 +498,14 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
         super().__init__(**options)
         self.concat = _bounded_concat  # type: ignore[assignment]
         self.filters.update(center=_center, indent=_indent, batch=_batch, slice=_slice, join=_join, replace=_replace,
-                            format=_format, wordwrap=_wordwrap, sum=_sum, tojson=_tojson)
+                            format=_format, wordwrap=_wordwrap, sum=_sum, tojson=_tojson, pprint=_pprint, list=_listed,
+                            sort=_sort, urlize=_urlize)
         self.filters = {name: _bounded_filter(name, f) for name, f in self.filters.items()}
         self.globals["lipsum"] = _lipsum
 
     # What _WithChecks makes templates call: environment attributes, so no template variable can shadow them.
     bounded_iter = staticmethod(_bounded_iter)
+    bounded_held = staticmethod(_check_held)
 
     @staticmethod
     def bounded_tilde(*parts: Any) -> str:
@@ -363,11 +527,13 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
         elif operator == "%" and isinstance(left, str):
             _check_format(left, right if isinstance(right, tuple) else [right])
             _check_text_of(right)
-        return _made(_check_size(super().call_binop(context, operator, left, right)))
+        return _check_held(_made(_check_size(super().call_binop(context, operator, left, right))))
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 - as Jinja names it
         if __obj is _bounded_iter:  # a {% for %} makes no text of what it loops over: nothing to size
             return _bounded_iter(*args)
+        if __obj is _check_held:  # a literal list, tuple or dict: it sizes what it holds
+            return _check_held(*args)
         _tick()
         name = getattr(__obj, "__name__", None)
         owner = getattr(__obj, "__self__", None)
@@ -382,26 +548,68 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
         elif isinstance(owner, _TEXT) and name == "replace" and len(args) >= 2:
             times = owner.count(args[0]) if args[0] else len(owner) + 1
             _check_chars(len(owner) + times * max(len(args[1]) - len(args[0]), 0))
-        elif isinstance(owner, str) and name == "translate" and args and isinstance(args[0], Mapping):
-            longest = max((len(v) for v in args[0].values() if isinstance(v, str)), default=1)
-            _check_chars(len(owner) * longest)
+        elif isinstance(owner, str) and name == "translate" and args:
+            _check_chars(len(owner) * _longest_replacement(owner, args[0]))
+        elif (name == "encode" and isinstance(owner, str)) or \
+                (name == "decode" and isinstance(owner, (bytes, bytearray))):
+            _check_codec(name, args[0] if args else kwargs.get("encoding", "utf-8"),
+                         args[1] if len(args) > 1 else kwargs.get("errors", "strict"))
         elif _is_int(owner) and name == "to_bytes":
             length = args[0] if args else kwargs.get("length", 1)
             if _is_int(length):
                 _check_chars(length)
-        elif name in ("format", "format_map"):  # the sandbox's wrapper of str.format; the text is what it wraps
-            text = getattr(getattr(__obj, "__wrapped__", None), "__self__", None)
-            if isinstance(text, str):
-                _check_format(text, [*args, *kwargs.values(), *(v for a in args if isinstance(a, Mapping)
-                                                                 for v in a.values())])
         _check_text_of(*args, *kwargs.values())
-        return _made(_check_size(super().call(__context, __obj, *args, **kwargs)))
+        return _check_held(_made(_check_size(super().call(__context, __obj, *args, **kwargs))))
+
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        """Jinja's sandboxed ``str.format`` and ``format_map``, formatting with _BoundedFormatter."""
+        if not isinstance(value, (types.MethodType, types.BuiltinMethodType)) or \
+                value.__name__ not in ("format", "format_map") or not isinstance(value.__self__, str):
+            return None
+        text, is_format_map = value.__self__, value.__name__ == "format_map"
+        formatter = _BoundedEscapeFormatter(self, escape=text.escape) if isinstance(text, Markup) else \
+            _BoundedFormatter(self)
+
+        def bounded_format(*args: Any, **kwargs: Any) -> str:
+            if is_format_map:
+                if kwargs or len(args) != 1:
+                    raise TypeError("format_map() takes exactly one argument, a mapping")
+                args, kwargs = (), args[0]
+            return type(text)(formatter.vformat(text, args, kwargs))
+
+        return functools.update_wrapper(bounded_format, value)
 
     def getattr(self, obj: Any, attribute: str) -> Any:
         return _check_size(super().getattr(obj, attribute))
 
     def getitem(self, obj: Any, argument: Any) -> Any:
         return _check_size(super().getitem(obj, argument))
+
+
+def _longest_replacement(text: str, table: Any) -> int:
+    """The longest text that str.translate's ``table`` (a mapping, list, text...) puts for a character of ``text``."""
+    longest = 1
+    for char in set(text):
+        try:
+            replacement = table[ord(char)]
+        except LookupError:  # translate keeps the character
+            continue
+        if isinstance(replacement, str):
+            longest = max(longest, len(replacement))
+    return longest
+
+
+def _check_codec(method: str, encoding: Any, errors: Any) -> None:
+    try:
+        codec = codecs.lookup(encoding).name
+    except (LookupError, TypeError):
+        codec = None
+    if codec not in _CODECS or not isinstance(errors, str) or errors not in _CODEC_ERRORS:
+        raise SecurityError(
+            f"{method}({str(encoding)[:40]!r}, errors={str(errors)[:40]!r}) is not allowed in a prompt template: "
+            "it may use utf-8, utf-16, utf-32 (and their -le, -be forms), ascii and latin-1, with errors='strict', "
+            "'ignore', 'replace', 'backslashreplace', 'xmlcharrefreplace', 'surrogateescape' or 'surrogatepass' "
+            "(other codecs, such as punycode, take time quadratic in the text)")
 
 
 def _is_int(value: Any) -> bool:
@@ -419,8 +627,9 @@ def _check_bits(bits: int) -> None:
 
 
 class _WithChecks(NodeTransformer):
-    """Loops and ``~`` as calls the sandbox sees: ``{% for x in environment.bounded_iter(xs) %}``, and
-    ``environment.bounded_tilde(a, b)`` for ``a ~ b``, which Jinja would otherwise join unchecked."""
+    """Loops, ``~`` and literals as calls the sandbox sees: ``{% for x in environment.bounded_iter(xs) %}``,
+    ``environment.bounded_tilde(a, b)`` for ``a ~ b``, which Jinja would otherwise join unchecked, and
+    ``environment.bounded_held([a, a])`` for a list, tuple or dict that Jinja would otherwise make unsized."""
 
     def visit_For(self, node: nodes.For) -> nodes.For:
         self.generic_visit(node)
@@ -430,6 +639,22 @@ class _WithChecks(NodeTransformer):
     def visit_Concat(self, node: nodes.Concat) -> nodes.Call:
         self.generic_visit(node)
         return _environment_call("bounded_tilde", node.nodes, node.lineno)
+
+    def visit_List(self, node: nodes.List) -> nodes.Expr:
+        return self._held(node, node.items)
+
+    def visit_Tuple(self, node: nodes.Tuple) -> nodes.Expr:
+        return node if node.ctx != "load" else self._held(node, node.items)
+
+    def visit_Dict(self, node: nodes.Dict) -> nodes.Expr:
+        return self._held(node, [part for pair in node.items for part in (pair.key, pair.value)])
+
+    def _held(self, node: nodes.Expr, parts: list[nodes.Expr]) -> nodes.Expr:
+        """``[a, a]`` as ``environment.bounded_held([a, a])``, unless it holds only constants."""
+        self.generic_visit(node)
+        if all(isinstance(part, nodes.Const) for part in parts):
+            return node
+        return _environment_call("bounded_held", [node], node.lineno)
 
 
 def _environment_call(name: str, args: list[nodes.Expr], lineno: int) -> nodes.Call:
@@ -512,12 +737,12 @@ class PromptTemplate:
                                 field=self.field) from None
 
     def _render_bounded(self, values: Mapping[str, Any], seconds: float) -> str:
-        previous = _budget.deadline, _budget.seconds, _budget.made
-        _budget.deadline, _budget.seconds, _budget.made = time.monotonic() + seconds, seconds, 0
+        previous = _budget.deadline, _budget.seconds, _budget.made, _budget.held
+        _budget.deadline, _budget.seconds, _budget.made, _budget.held = time.monotonic() + seconds, seconds, 0, {}
         try:
             return self._template.render(**values)  # joined by _bounded_concat as it streams
         finally:
-            _budget.deadline, _budget.seconds, _budget.made = previous
+            _budget.deadline, _budget.seconds, _budget.made, _budget.held = previous
 
 
 def _join_plain(parts: tuple[tuple[str, bool], ...], values: Mapping[str, Any]) -> str:
