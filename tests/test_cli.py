@@ -529,7 +529,7 @@ def test_stopping_serve_with_a_stream_in_flight_ends_the_stream_and_exits_0_with
      ["autoglm: a server without credentials must listen on loopback only, not '0.0.0.0'",
       "hint: serve on 127.0.0.1, or make keys (autoglm keys add NAME --role runner) and serve with them"]),
     (["--port", "0", "--grpc-port", "70000"], ["autoglm: grpc_port 70000 is not a TCP port (0 to 65535)",
-                                               "hint: grpc_port=8000, say, or grpc_port=0 for any free one"]),
+                                               "hint: a port from 1 to 65535, 8000 say, or 0 for any free one"]),
     (["--port", "{free}", "--grpc-port", "{free}"],
      ["autoglm: port and grpc_port are both {free}: one port serves one protocol",
       "hint: give each its own port (0: any free one)"]),
