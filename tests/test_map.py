@@ -575,7 +575,12 @@ def test_a_checkpoint_line_cut_short_is_left_out_and_outputs_json_cannot_hold_ru
     ("[" * 100_000 + "\n", "line 1 of the checkpoint file '{path}' is not JSON"),  # was a bare RecursionError
     ('{"checkpoint": 1, "chain": "steps"}\n', "line 1 of the checkpoint file '{path}' is not a whole run: KeyError"),
     ("[1, 2]\n", "line 1 of the checkpoint file '{path}' is not a run of a map's checkpoint (format 1)"),
-], ids=["text", "deep", "part", "list"])
+    # One line with no newline after it (as json.dump writes a file) read as a line cut short: the map cut the file
+    # back to its last newline, to nothing.
+    ('{"question": "a", "notes": "mine"}', "line 1 of the checkpoint file '{path}' is not a run of a map's "
+                                           "checkpoint (format 1): is it a checkpoint file?"),
+    ("x" * 10, "line 1 of the checkpoint file '{path}' is not a run of a map's checkpoint"),
+], ids=["text", "deep", "part", "list", "json-dumped", "no-newline"])
 def test_a_file_that_is_no_checkpoint_is_refused_before_any_run(tmp_path: Path, steps: Any, text: str,
                                                                   said: str) -> None:
     path = tmp_path / "notes.txt"

@@ -27,6 +27,7 @@ from workbench.chains.run import Run
 from workbench.errors import WorkloadError
 
 FORMAT = 1  # the "checkpoint" field of every line: what a later workbench reads
+_LINE_START = f'{{"checkpoint": {FORMAT}, '  # how keep() begins every line (json.dumps, the field first)
 _HINT = "give chain.map another checkpoint= file, or delete this one to run every input again"
 
 
@@ -51,7 +52,12 @@ class Checkpoint:
         except (OSError, UnicodeDecodeError) as exc:
             raise WorkloadError(f"cannot read the checkpoint file {str(self.path)!r}: {exc}", hint=_HINT) from None
         lines = text.split("\n")
-        lines.pop()  # "" after a whole last line; else one the process's death cut short, never kept
+        tail = lines.pop()  # "" after a whole last line; else one the process's death cut short, never kept
+        if tail and not (tail.startswith(_LINE_START) or _LINE_START.startswith(tail)):
+            # Not a line of ours cut short: another file (one JSON object with no newline after it, say), which
+            # prepare() would cut back to its last newline, to nothing.
+            raise WorkloadError(f"line {len(lines) + 1} of the checkpoint file {str(self.path)!r} is not a run of a "
+                                f"map's checkpoint (format {FORMAT}): is it a checkpoint file?", hint=_HINT)
         runs = []
         for number, line in enumerate(lines, 1):
             if line.strip():
