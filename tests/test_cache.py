@@ -3,6 +3,7 @@ prefetch, and compare's cache arms."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -375,6 +376,50 @@ def test_a_damaged_cache_file_is_named_and_clear_cache_starts_a_new_one(tiny_pat
         assert (data_dir / f"{CACHE_FILE}.damaged").read_bytes() == damaged  # kept, not deleted
         bench.chain(spec("exact")).run(question="Name a river.")
         assert model_calls(bench.chain(spec("exact")).run(question="Name a river.")) == 0
+
+
+@pytest.mark.parametrize("target", ["responses", "sqlite_autoindex_responses_1"])
+def test_clear_cache_sets_aside_a_file_damaged_where_a_first_look_does_not_reach(
+    tiny_path: Path, data_dir: Path, target: str
+) -> None:
+    # The damage check read one row, which SQLite answers from a small index: a damaged table or key index passed
+    # it, and clear_cache(), the remedy every failed run's hint names, failed as they did.
+    import sqlite3
+
+    with wb.Workbench(data_dir=data_dir) as bench:
+        bench.load("tiny", tiny_path, device="cpu")
+        bench.chain(spec("exact")).run(question="Name a river.")
+    path = data_dir / CACHE_FILE
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        root = connection.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (target,)).fetchone()[0]
+        page = connection.execute("PRAGMA page_size").fetchone()[0]
+    with path.open("r+b") as file:  # that b-tree's root page only, scribbled over
+        file.seek((root - 1) * page)
+        file.write(b"\xff" * page)
+    with wb.Workbench(data_dir=data_dir) as bench:
+        bench.load("tiny", tiny_path, device="cpu")
+        with pytest.raises(wb.HopFailed, match="malformed"):
+            bench.chain(spec("exact")).run(question="Name a river.")
+        assert bench.clear_cache() == 0
+        assert (data_dir / f"{CACHE_FILE}.damaged").is_file()
+        assert model_calls(bench.chain(spec("exact")).run(question="Name a river.")) == 1
+        assert model_calls(bench.chain(spec("exact")).run(question="Name a river.")) == 0
+
+
+def test_clear_cache_sets_aside_a_file_a_newer_workbench_wrote(tiny_path: Path, data_dir: Path) -> None:
+    import sqlite3
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.closing(sqlite3.connect(data_dir / CACHE_FILE)) as connection:
+        connection.execute("PRAGMA user_version = 99")
+    with wb.Workbench(data_dir=data_dir) as bench:
+        bench.load("tiny", tiny_path, device="cpu")
+        with pytest.raises(wb.HopFailed, match="schema version 99, newer") as info:
+            bench.chain(spec("exact")).run(question="Name a river.")
+        assert "bench.clear_cache()" in str(info.value.hint)
+        assert bench.clear_cache() == 0  # it raised the same error
+        assert (data_dir / f"{CACHE_FILE}.newer").is_file()
+        assert model_calls(bench.chain(spec("exact")).run(question="Name a river.")) == 1
 
 
 def test_a_cache_file_deleted_from_outside_answers_nothing_more(loaded: wb.Workbench, data_dir: Path) -> None:

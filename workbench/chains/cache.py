@@ -202,12 +202,19 @@ class ResponseCache:
                 args.append(value)
         sql = "DELETE FROM responses" + (f" WHERE {' AND '.join(where)}" if where else "")
         if not where:
+            # A damaged file cannot be emptied, nor one a newer workbench wrote: a new one takes its place. The check
+            # reads every page (a SELECT reads only those it needs: damage elsewhere passed it, and every clear failed).
             try:
-                self._execute("SELECT 1 FROM responses LIMIT 1", ())
+                damaged = [tuple(row) for row in self._execute("PRAGMA quick_check", ())] != [("ok",)]
+            except _NewerSchema:
+                self._set_aside("newer")
+                damaged = False
             except StoreError as exc:
                 if not is_damaged(exc.__cause__):
                     raise
-                self._set_aside()  # a damaged file cannot be emptied: a new one takes its place
+                damaged = True
+            if damaged:
+                self._set_aside()
         count = self._execute("SELECT COUNT(*) FROM responses" + sql[len("DELETE FROM responses"):], tuple(args))[0][0]
         self._execute(sql, tuple(args))
         with self._counts_lock:
@@ -271,8 +278,9 @@ class ResponseCache:
         finally:
             connection.execute(f"PRAGMA busy_timeout = {int(self._timeout_s * 1000)}")
 
-    def _set_aside(self) -> None:
-        """Move the damaged file (and its WAL) to ``*.damaged``, kept for a look, so that the next use starts anew."""
+    def _set_aside(self, why: str = "damaged") -> None:
+        """Move the damaged (or newer) file and its WAL to ``*.damaged`` (``*.newer``), kept for a look, so that the
+        next use starts anew."""
         with self._lock:
             if self._connection is not None:
                 self._connection.close()
@@ -280,9 +288,9 @@ class ResponseCache:
             for suffix in ("", "-wal", "-shm"):
                 path = Path(f"{self.path}{suffix}")
                 if path.exists():
-                    os.replace(path, f"{self.path}.damaged{suffix}")
-        logger.warning("the response cache %s was damaged; it is kept as %s.damaged and a new one starts",
-                       self.path, self.path)
+                    os.replace(path, f"{self.path}.{why}{suffix}")
+        logger.warning("the response cache %s was %s; it is kept as %s.%s and a new one starts", self.path,
+                       "damaged" if why == "damaged" else "written by a newer workbench", self.path, why)
 
     def _read_only(self) -> StoreError:
         return StoreError(
@@ -325,8 +333,9 @@ def _create(connection: sqlite3.Connection, path: Path) -> None:
     if version == SCHEMA_VERSION:
         return
     if version > SCHEMA_VERSION:
-        raise StoreError(f"the response cache {str(path)!r} has schema version {version}, newer than this "
-                         f"workbench's {SCHEMA_VERSION}", hint="upgrade autoglm-workbench, or bench.clear_cache()")
+        raise _NewerSchema(f"the response cache {str(path)!r} has schema version {version}, newer than this "
+                           f"workbench's {SCHEMA_VERSION}", hint="upgrade autoglm-workbench, or bench.clear_cache() "
+                           "(it sets the file aside, as .newer, and starts an empty one)")
     connection.execute("BEGIN IMMEDIATE")
     try:
         for statement in _SCHEMA:
@@ -336,3 +345,7 @@ def _create(connection: sqlite3.Connection, path: Path) -> None:
     except BaseException:
         connection.execute("ROLLBACK")
         raise
+
+
+class _NewerSchema(StoreError):
+    """A cache file a newer workbench wrote: read by none of this one's queries; clear() sets it aside."""
