@@ -210,6 +210,13 @@ def test_an_empty_or_blank_session_id_is_refused_not_run_as_no_session(tmp_path:
         # Blank: a session nobody could tell apart from the next blank one in a table or the store's listing.
         with pytest.raises(wb.InvalidInput, match=re.escape("the session id ' \\t' is blank")):
             chain.run(session=" \t", q="and this?")
+        # Not text: stored as its text, True, 1 and "1" were one conversation (and the memory store's listing raised
+        # TypeError); a tuple was a "store failed" error.
+        for odd in (True, 1, 1.5, b"1", ("t",)):
+            with pytest.raises(wb.InvalidInput, match=f"the session id must be text, not {type(odd).__name__}"):
+                chain.run(session=odd, q="whose?")
+        with pytest.raises(wb.InvalidInput, match="must be text"):
+            bench.session(1).records()
         assert bench.runs() == []
 
 

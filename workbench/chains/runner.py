@@ -208,6 +208,10 @@ def check_inputs(spec: ChainSpec, inputs: Mapping[str, Any], session: str | None
 
 
 def check_session(session: Any) -> None:
+    if session is not None and not isinstance(session, str):
+        # Stored as its text, True, 1 and "1" were one conversation (and the in-memory store could not list them).
+        raise InvalidInput(f"the session id must be text, not {type(session).__name__} {session!r:.40}",
+                           hint="name the conversation: session='alice', or session=str(user_id)")
     if isinstance(session, str):
         if not session.strip():
             # Empty, it would run as no session at all (no history read, nothing kept, nothing said); blank, as one
