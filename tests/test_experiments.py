@@ -201,7 +201,7 @@ def _interrupted_at_run(number: int) -> dict[str, Any]:
     return {**SPEC, "name": "stopped", "hops": [*SPEC["hops"], {"name": "check", "call": interrupt}]}
 
 
-def test_an_interrupted_comparison_keeps_the_passes_it_finished(tiny: wb.Workbench) -> None:
+def test_an_interrupted_comparison_keeps_the_passes_it_finished(tiny: wb.Workbench, tmp_path: Path) -> None:
     """A Ctrl-C raised a plain KeyboardInterrupt: every pass measured before it was lost."""
     spec = _interrupted_at_run(2 * len(QUESTIONS) + 1)  # the first run of the third pass
     with pytest.raises(wb.CompareInterrupted, match="interrupted after 2 of 4 passes") as stopped:
@@ -214,6 +214,9 @@ def test_an_interrupted_comparison_keeps_the_passes_it_finished(tiny: wb.Workben
     assert table[["batching", "repeats", "n", "errors"]].values.tolist() == [
         ["none", 1, len(QUESTIONS), 0], ["dynamic:4:1ms", 1, len(QUESTIONS), 0]]
     assert len(kept.samples()) == 2 * len(QUESTIONS)  # the pass under way is left out, not half counted
+    # Saved, it said what was asked for (repeats 2) where the table said what ran (1 each).
+    saved = pd.read_csv(kept.save(tmp_path / "kept.csv"))
+    assert saved["repeats"].tolist() == [1, 1] and saved["repeats_requested"].tolist() == [2, 2]
 
 
 def test_open_loop_comparison(qa: wb.Chain) -> None:
@@ -271,13 +274,13 @@ def test_save_round_trips_csv_and_parquet_with_the_environment(comparison: wb.Co
         path = comparison.save(tmp_path / name)
         back = pd.read_csv(path) if name.endswith(".csv") else pd.read_parquet(path)
         assert list(back.columns[: len(TABLE_COLUMNS)]) == TABLE_COLUMNS
-        assert set(ENVIRONMENT) <= set(back.columns)
+        assert set(ENVIRONMENT) - {"repeats"} | {"repeats_requested"} <= set(back.columns)
         assert back["batching"].tolist() == expected["batching"].tolist()
         assert np.allclose(back["e2e_p95_ms"], expected["e2e_p95_ms"])
         first = back.iloc[0]
         assert (first["device"], first["dtype"], first["model"]) == ("cpu", "float32", "tiny")
         assert first["torch_version"] == torch.__version__ and first["workbench_version"] == wb.__version__
-        assert first["repeats"] == 2 and first["chain"] == "qa"
+        assert first["repeats"] == first["repeats_requested"] == 2 and first["chain"] == "qa"
     with pytest.raises(wb.StrategyError, match="unknown file type '.xlsx'"):
         comparison.save(tmp_path / "cmp.xlsx")
 

@@ -587,7 +587,11 @@ class Comparison:
     def save(self, path: str | Path) -> Path:
         """Write :meth:`table` with the environment as extra columns, to ``.csv`` or ``.parquet``."""
         path = Path(path).expanduser()
-        table = self.table().assign(**{key: value for key, value in self.environment.items()})
+        table = self.table()
+        # The environment says what was asked for; a column of the table (repeats: the passes each strategy ran, fewer
+        # after a Ctrl-C) says what was measured and stays: an environment key it has goes in as KEY_requested.
+        table = table.assign(**{key if key not in table.columns else f"{key}_requested": value
+                                for key, value in self.environment.items()})
         suffix = path.suffix.lower()
         if suffix not in (".csv", ".parquet"):
             raise StrategyError(
