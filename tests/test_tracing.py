@@ -564,3 +564,23 @@ def test_text_tables_line_up_on_a_terminal_with_chinese_and_accented_text() -> N
 
     assert [columns_before(line, cell) for line, cell in zip(lines[1:], ["ok", "巴黎", "fine"])] == [10, 10, 10]
     assert {width(line) for line in lines} == {width(lines[0])}  # the figures end in one column, on every line
+
+
+def test_a_wall_clock_step_mid_run_leaves_every_duration_true(bench: wb.Workbench,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # Spans were stamped with time.time_ns(): the wall clock set back an hour while a hop ran (NTP stepping it, a
+    # laptop waking) gave the chain and the hop durations of minus an hour in every table.
+    real_ns, real_s = time.time_ns, time.time
+    hour_ns = 3600 * 10**9
+
+    def set_back(question: str) -> str:
+        monkeypatch.setattr(time, "time_ns", lambda: real_ns() - hour_ns)  # as the system clock then reads
+        monkeypatch.setattr(time, "time", lambda: real_s() - 3600.0)
+        time.sleep(0.05)
+        return question
+
+    run = bench.chain({"name": "stepped", "hops": [{"name": "nap", "call": set_back}]}).run(question="hi")
+    table = run.trace.table().set_index("name")
+    for name in ("chain stepped", "hop nap"):
+        assert 40 <= table.loc[name, "duration_ms"] < 10_000, name
+    assert table.loc["chain stepped", "duration_ms"] == pytest.approx(run.duration_ms, abs=50)

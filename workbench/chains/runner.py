@@ -43,6 +43,7 @@ from workbench.errors import (HopFailed, HopTimeout, InvalidInput, MissingInputE
 from workbench.knowledge import Facts, GraphStore, Lookup
 from workbench.tracing import Tracing
 from workbench.tracing import attributes as attr
+from workbench.tracing.clock import now_ns
 from workbench.tracing import openinference
 
 log = logging.getLogger(__name__)
@@ -277,7 +278,7 @@ class Runner:
         run_id = uuid.uuid4().hex[:12]
         records, mark = (await loop.run_in_executor(self.io_pool, self.sessions.read, session, spec.history)
                          if session is not None else ([], (0, None)))
-        started_at, started = time.time(), time.perf_counter()
+        started_at, started = now_ns() / 1e9, time.perf_counter()  # on the spans' clock, which never jumps
         root = self.tracing.start_span(
             f"chain {spec.name}",
             TRACE_PARENT.get(),

@@ -23,6 +23,7 @@ from workbench.errors import ModelOutOfMemory, WorkerStopped, describe
 from workbench.tracing import Tracing, mark_error
 from workbench.tracing import attributes as attr
 from workbench.tracing import openinference
+from workbench.tracing.clock import now_ns
 
 log = logging.getLogger(__name__)
 DRAIN_GRACE_S = 0.05  # how long a draining worker's queue must stay empty before it closes
@@ -115,7 +116,7 @@ class ModelWorker:
                     return  # cancelled while it waited for a slot
                 # The batch span is made when the stream has ended, stamped with when it began: made here, it
                 # put ~45 us of cold code between the request and its POST, inside the TTFT.
-                started_ns, inflight, batch_id = time.time_ns(), self._lane_inflight, next_batch_id()
+                started_ns, inflight, batch_id = now_ns(), self._lane_inflight, next_batch_id()
 
                 def batch_span() -> Span:
                     span = self._batch_span([request], policy, start_time=started_ns)

@@ -8,7 +8,6 @@ import logging
 import platform
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from workbench.engine.preloading import KeepWarm, PreloadingStrategy, parse_prel
 from workbench.tables import MISSING, Readable, float_format
 from workbench.tracing import Trace
 from workbench.tracing import attributes as attr
+from workbench.tracing.clock import now_ns
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -969,7 +969,7 @@ def _one_pass(
                     bench.engine.clear_prefix_caches(name)
             scratch = stack.enter_context(_scratch_cache(bench))
         with _MemoryWatch(bench) as memory:
-            started_ns = time.time_ns()
+            started_ns = now_ns()
             if strategy.preloading is not None:
                 try:
                     bench.prepare(chain)

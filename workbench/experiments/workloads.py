@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from workbench.chains.runner import Interrupted, check_inputs
 from workbench.errors import WorkloadError, plain_fields
+from workbench.tracing.clock import now_ns
 
 if TYPE_CHECKING:
     import numpy as np
@@ -85,7 +86,7 @@ def read_inputs(path: str | Path) -> list[dict[str, Any]]:
 class WorkloadResult:
     """The measured runs of one workload pass, with the times a latency reader needs.
 
-    Times are ``time.time_ns()`` values, the clock OpenTelemetry stamps spans with, so they
+    Times are epoch nanoseconds on the clock spans are stamped with (``tracing.clock.now_ns``), so they
     compare directly with span start and end times. ``arrivals_ns[i]`` is when ``runs[i]``
     was due: its start in a closed loop, its scheduled arrival in an open loop (a run that
     starts late because the machine is saturated still counts its latency from arrival).
@@ -130,7 +131,7 @@ class _Pass:
                 return None
             run = await self.chain.bench.arun_spec(self.chain.spec, inputs)
         if run.ok and self.first_result_ns is None:
-            self.first_result_ns = time.time_ns()
+            self.first_result_ns = now_ns()
         return run
 
     @staticmethod
@@ -225,7 +226,7 @@ class ClosedLoop(Workload):
         return self.concurrency
 
     async def _measure(self, runs: _Pass) -> tuple[list[Run], list[int], int]:
-        started = time.time_ns()
+        started = now_ns()
         done = await runs.gather(runs.one(i) for i in self.inputs)
         # In a closed loop a run is due when a slot frees up, which is when it starts.
         return done, [_start_ns(r) for r in done], started
@@ -272,7 +273,7 @@ class PoissonArrivals(Workload):
 
     async def _measure(self, runs: _Pass) -> tuple[list[Run], list[int], int]:
         offsets = self.arrival_times()
-        started = time.time_ns()
+        started = now_ns()
         origin = time.perf_counter()
         arrived = []
         for inputs, offset in zip(self.inputs, offsets):

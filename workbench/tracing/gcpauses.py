@@ -2,7 +2,7 @@
 
 A collection stops every Python thread, so a pause that lands inside a span lengthens it with no
 sign of why. Python calls ``gc.callbacks`` before and after each collection; the log keeps the
-wall-clock start and end (``time.time_ns``, the clock OpenTelemetry stamps spans with) of every
+start and end (on ``tracing.clock.now_ns``, the clock spans are stamped with) of every
 collection, with its generation and what it freed, in a bounded ring. ``Trace.table()`` reads it
 for its ``gc_ms`` column (the pause time inside each span) and ``wb.gc_pauses()`` lists it.
 
@@ -18,9 +18,10 @@ import _thread
 import bisect
 import gc
 import threading
-import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
+
+from workbench.tracing.clock import now_ns
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -48,7 +49,7 @@ def _callback(phase: str, info: dict[str, Any]) -> None:
 
 
 def _record(phase: str, info: dict[str, Any]) -> None:
-    now = time.time_ns()
+    now = now_ns()
     ident = threading.get_ident()
     if phase == "start":
         _started[ident] = now

@@ -18,7 +18,6 @@ the live span, ``on_end`` with the ended one, which takes no more writes.
 from __future__ import annotations
 
 import threading
-import time
 import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -35,6 +34,7 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode,
 from opentelemetry.util import types
 
 from workbench.errors import clipped
+from workbench.tracing.clock import now_ns
 
 _PLAIN = frozenset({str, int, float, bool})
 _LISTS = frozenset({list, tuple})
@@ -120,7 +120,7 @@ class LeanSpan(trace.Span, ReadableSpan):
             links=BoundedList.from_seq(limits.max_links, [_bounded_link(link, limits) for link in links
                                                          if link.context.is_valid]) if links else (),
             kind=SpanKind.INTERNAL,
-            status=_UNSET, start_time=start_time if start_time is not None else time.time_ns(),
+            status=_UNSET, start_time=start_time if start_time is not None else now_ns(),
             instrumentation_scope=scope,
         )
         self._processors = provider.processors
@@ -168,7 +168,7 @@ class LeanSpan(trace.Span, ReadableSpan):
                                         max_value_len=self._limits.max_attribute_length)
             if type(self._events) is tuple:
                 self._events = BoundedList(self._limits.max_events)
-            self._events.append(Event(name, cleaned, timestamp if timestamp is not None else time.time_ns()))  # type: ignore[attr-defined]
+            self._events.append(Event(name, cleaned, timestamp if timestamp is not None else now_ns()))  # type: ignore[attr-defined]
 
     def add_link(self, context: SpanContext, attributes: types.Attributes = None) -> None:
         if self._end_time is None and context.is_valid:
@@ -221,7 +221,7 @@ class LeanSpan(trace.Span, ReadableSpan):
         with self._ending:  # a worker and a timeout may race to end a request's span: the first one does
             if self._end_time is not None:
                 return
-            self._end_time = end_time if end_time is not None else time.time_ns()
+            self._end_time = end_time if end_time is not None else now_ns()
         for processor in self._processors:
             processor.on_end(self)
 

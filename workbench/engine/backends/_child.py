@@ -32,6 +32,7 @@ from workbench.models.registry import ModelRegistry
 from workbench.models.settings import LoadSettings
 from workbench.tracing import Tracing
 from workbench.tracing import attributes as attr
+from workbench.tracing.clock import now_ns
 
 _ALIVE = pack({"op": "alive"})
 
@@ -56,7 +57,7 @@ def _batch(backend: TransformersBackend, frame: dict[str, Any]) -> list[Generati
 
 def _serve(conn: Connection, backend: TransformersBackend, batch: list[GenerationRequest], beat_s: float) -> None:
     started = time.perf_counter()
-    wall = time.time_ns()  # spans are stamped in epoch time; this maps the batch's perf_counter reads onto it
+    wall = now_ns()  # spans are stamped in epoch time; this maps the batch's perf_counter reads onto it
     rows = {request.id: row for row, request in enumerate(batch)}
     said = started  # when the parent last heard from this batch
 
