@@ -658,3 +658,33 @@ def test_serve_on_every_network_says_that_calls_and_keys_travel_unencrypted(spec
         "autoglm: note: 0.0.0.0 is every network this machine is on, and calls and their keys travel unencrypted",
         "hint: put TLS in front (a reverse proxy, an Ingress) of anything past a network you trust; --host 127.0.0.1 "
         "serves this machine only"]
+
+
+def test_serving_without_the_serve_extra_says_what_to_install(spec_file: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               tmp_path: Path) -> None:
+    # A bare ModuleNotFoundError (No module named 'uvicorn') from the middle of the web stack's imports, exit 1.
+    script = ("import sys; sys.modules['uvicorn'] = None; from workbench.fronts.cli import main; "
+              f"sys.exit(main(['serve', '--spec', {str(spec_file)!r}, '--port', '0', '--no-auth']))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "AUTOGLM_DATA_DIR": str(tmp_path)})
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == ["autoglm: serving chains needs packages this environment lacks: uvicorn",
+                                        "hint: pip install 'autoglm-workbench[serve]'"]
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # the same from Python (bench.serve, %autoglm serve)
+    with wb.Workbench() as bench, pytest.raises(wb.WorkbenchError, match="lacks: uvicorn") as info:
+        bench.serve(port=0, auth=False)
+    assert info.value.hint == "pip install 'autoglm-workbench[serve]'"
+
+
+def test_output_cut_short_by_its_reader_ends_quietly(tmp_path: Path) -> None:
+    # autoglm demo | head -1: a BrokenPipeError traceback, exit 1.
+    command = [sys.executable, "-c", "import sys; from workbench.fronts.cli import console; console(['demo'])"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env={**os.environ, "AUTOGLM_DATA_DIR": str(tmp_path)}) as process:
+        assert process.stdout is not None and process.stderr is not None
+        assert process.stdout.readline()  # what the reader wanted; then it goes
+        process.stdout.close()
+        error = process.stderr.read().decode()
+        code = process.wait(timeout=120)
+    assert "Traceback" not in error and "BrokenPipe" not in error, error
+    assert code == 141

@@ -242,6 +242,9 @@ def _add_keys_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from workbench.fronts.server import check_serve_extra
+
+    check_serve_extra()
     from workbench.bench import Workbench
     from workbench.fronts.server.auth import Auth, is_loopback
     from workbench.fronts.server.server import build, check_addresses, resolve_auth
@@ -413,9 +416,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: the user stopping, not a crash; the workbench was closed on the way out
         print("autoglm: interrupted", file=sys.stderr)
         return 130  # 128 + SIGINT, as a shell reports a command Ctrl-C stopped
+    except BrokenPipeError:  # autoglm demo | head -1: the reader has what it wanted; nothing more goes to it
+        _quiet_stdout()
+        return 128 + signal.SIGPIPE  # as a shell reports a command whose pipe closed
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's flush at exit does not fail on the closed pipe again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def console(argv: Sequence[str] | None = None) -> NoReturn:
