@@ -313,6 +313,9 @@ def test_weighted_that_names_a_replica_the_model_lacks_or_weighs_none_of_its_rep
     # Both were accepted, and every request then went to least-loaded with nothing said.
     for weights, why in ([{"m#5": 3, "x": 1}, "weighs replica 'm#5', but 'm' has 2 replicas: m#0, m#1"],
                          [[1, 2, 3], "weighs replica 2, but 'm' has 2 replicas"],
+                         # One weight per replica, in order: the one left out would never serve (20 of 20 went to
+                         # m#0), where a mapping leaves a replica out on purpose.
+                         [[1], "weighted:1 gives 1 weight for the 2 replicas of 'm': one weight per replica"],
                          [{"x": 1, "other#0": 2}, "gives none of the replicas of 'm' a weight above 0"]):
         with pytest.raises(wb.StrategyError, match=why) as info:
             bench.set_balance("m", wb.Weighted(weights))
@@ -323,6 +326,10 @@ def test_weighted_that_names_a_replica_the_model_lacks_or_weighs_none_of_its_rep
     assert bench.engine.balance("m").name == "weighted:m#1=1,other#0=2"
     with pytest.raises(wb.StrategyError, match="weighs replica 2, but 'n' has 2 replicas"):
         bench.load("n", tiny_path, device="cpu", replicas=2, balance="weighted:1,1,1")
+    with pytest.raises(wb.StrategyError, match="gives 1 weight for the 2 replicas of 'n'"):
+        bench.load("n", tiny_path, device="cpu", replicas=2, balance="weighted:1")
+    bench.set_balance("m", "weighted:m#0=1")  # by name: the other left out on purpose
+    bench.set_balance("m", wb.Weighted({0: 3}))
     assert "n" not in set(bench.models()["name"])
 
 

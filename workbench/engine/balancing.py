@@ -189,6 +189,9 @@ class Weighted(BalancePolicy):
             raise StrategyError("Weighted: at least one weight must be more than 0",
                                 hint=example)
         self.weights: dict[int | str, float] = {key: float(weight) for key, weight in items}
+        # Given as a list (or weighted:W0,W1 as text): one weight per replica, in order, so one too few is a mistake
+        # (the replica left out would never serve), not a choice as leaving a replica out of a mapping is.
+        self.positional = not isinstance(weights, Mapping)
         self.seed = seed
         self._rng = random.Random(seed)
 
@@ -203,6 +206,11 @@ class Weighted(BalancePolicy):
             return  # one replica: nothing to weigh
         names = [f"{model}#{i}" for i in range(count)]
         have = f"{model!r} has {count} replicas: {', '.join(names)} (or indexes 0-{count - 1})"
+        if self.positional and len(self.weights) < count:
+            raise StrategyError(f"{self.name} gives {len(self.weights)} weight{'s' * (len(self.weights) != 1)} for the "
+                                f"{count} replicas of {model!r}: one weight per replica, in order (a replica left out "
+                                f"would never serve)", hint=f"e.g. weighted:{','.join(['1'] * count)}; weigh a "
+                                "replica 0 to leave it out on purpose")
         prefix = f"{model}#"
         for key in self.weights:
             stray = (isinstance(key, int) and key >= count) or (
@@ -238,13 +246,15 @@ class Weighted(BalancePolicy):
 
 def _weighted(setting: str) -> Weighted:
     weights: dict[int | str, float] = {}
+    named = False
     for index, part in enumerate(p.strip() for p in setting.split(",")):
         key, sep, value = part.rpartition("=")
+        named = named or bool(sep)
         try:
             weights[key if sep else index] = float(value)
         except ValueError:
             raise StrategyError(f"weight {value!r} is not a number", hint=f"the forms are {BALANCE_FORMS}") from None
-    return Weighted(weights)
+    return Weighted(weights if named else list(weights.values()))
 
 
 # The registry of policies by name: a factory per name, given the text after the colon ("" for none).
