@@ -220,8 +220,9 @@ def check_addresses(host: str, ports: dict[str, int | None]) -> None:
 
 def _check_port(name: str, port: object) -> None:
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise ServeError(f"{name} {port!r:.40} is not a TCP port (0 to 65535)",
-                         hint="a port from 1 to 65535, 8000 say, or 0 for any free one")  # in every front end's words
+        # In every front end's words: grpc_port is --grpc-port on a command line.
+        raise ServeError(f"{name.replace('_', ' ')} {port!r:.40} is not a TCP port (0 to 65535)",
+                         hint="a port from 1 to 65535, or 0 for any free one")
 
 
 def serve(bench: Workbench, chains: Collection[Chain] = (), **settings: Any) -> Server:
