@@ -570,6 +570,24 @@ def test_a_checkpoint_line_cut_short_is_left_out_and_outputs_json_cannot_hold_ru
             ["a", "b"]  # whole lines only: the cut one is gone
 
 
+def test_a_run_whose_inputs_json_changes_is_not_written_to_the_checkpoint(tmp_path: Path) -> None:
+    # A mapping's key 1 is "1" once read back: the line matched no input, so the run ran again at every map and the
+    # file grew by its line each time (2, 3, 4 lines).
+    path, calls = tmp_path / "keyed.jsonl", []
+
+    def answer(q: str, meta: dict) -> str:  # type: ignore[type-arg]
+        calls.append(q)
+        return q.upper()
+
+    items = [{"q": "a", "meta": {1: "x"}}, {"q": "b", "meta": {"k": "y"}}]
+    with wb.Workbench(store=wb.InMemoryContextStore()) as bench:
+        chain = bench.chain({"name": "keyed", "hops": [{"name": "answer", "call": answer}]})
+        for _ in range(3):
+            assert [run.output for run in chain.map(items, checkpoint=path)] == ["A", "B"]
+    assert calls == ["a", "b", "a", "a"]  # b was kept and reused; a, never reusable, ran each time
+    assert [json.loads(line)["inputs"]["q"] for line in path.read_text(encoding="utf-8").splitlines()] == ["b"]
+
+
 @pytest.mark.parametrize("text, said", [
     ("hello\n", "line 1 of the checkpoint file '{path}' is not JSON"),
     ("[" * 100_000 + "\n", "line 1 of the checkpoint file '{path}' is not JSON"),  # was a bare RecursionError

@@ -152,6 +152,11 @@ def _same_config(used: ConfigVersion | None, serving: ConfigVersion | None) -> b
     return used is None or serving is None or used.digest == serving.digest
 
 
+def inputs_key(inputs: dict[str, Any]) -> str | None:
+    """What tells a run's inputs apart when a map reuses runs (see :func:`reuse`); None for inputs never reused."""
+    return _key(inputs)
+
+
 def _key(inputs: dict[str, Any]) -> str | None:
     """What compares two runs' inputs (they need not be hashable): their canonical JSON. None for inputs JSON cannot
     hold (an array, an object): a repr may leave out what tells two apart (numpy shows a long array's ends only),

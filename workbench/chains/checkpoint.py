@@ -22,6 +22,7 @@ import threading
 from pathlib import Path
 from typing import IO, Any
 
+from workbench.chains.batch import inputs_key
 from workbench.chains.live import ConfigVersion
 from workbench.chains.run import Run
 from workbench.errors import WorkloadError
@@ -85,6 +86,11 @@ class Checkpoint:
                 "config": None if version is None else {"number": version.number, "digest": version.digest},
             }, allow_nan=False)  # ASCII: any text, a lone surrogate included, goes out as escapes and comes back
         except (TypeError, ValueError):  # not JSON (an array, an object, NaN), or a cycle: it runs again next time
+            self.left_out += 1
+            return
+        if inputs_key(json.loads(line)["inputs"]) != inputs_key(run.inputs):
+            # Inputs JSON changes (a mapping's key 1 comes back as "1"): read back, they would match no input, so the
+            # run would run again at every map, and the file grow by its line each time.
             self.left_out += 1
             return
         # Opened for each line: one write of a whole line each, however the map ends (runs in flight at a Ctrl-C
