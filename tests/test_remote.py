@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import re
 import shutil
@@ -328,6 +329,7 @@ class FaultServer:
     def __init__(self) -> None:
         self.hits: Counter[str] = Counter()
         self.proxied: list[str] = []
+        self.keys_seen: list[tuple[str, str | None]] = []  # (Host, Authorization) of each request
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
@@ -359,6 +361,8 @@ class FaultServer:
         try:
             head = (await reader.readuntil(b"\r\n\r\n")).decode()
             path = head.split(" ")[1]
+            fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in head.split("\r\n")[1:])}
+            self.keys_seen.append((fields.get("host", ""), fields.get("authorization")))
             if not path.startswith("/"):  # absolute form: a client that takes this server for its proxy
                 self.proxied.append(path)
                 path = urlsplit(path).path
@@ -382,6 +386,21 @@ class FaultServer:
                          .encode() + body)
             await writer.drain()
             return
+        if path.endswith("/models") and mode == "moved":  # to the same server under another name: another origin
+            port = self.url.rsplit(":", 1)[1]
+            writer.write(f"HTTP/1.1 307 Temporary Redirect\r\nlocation: http://localhost:{port}/ok/v1/models\r\n"
+                         "connection: close\r\ncontent-length: 0\r\n\r\n".encode())
+            await writer.drain()
+            return
+        if path.endswith("/models") and mode == "trickle":  # a good list, a byte at a time
+            body = json.dumps({"object": "list", "data": [{"id": "faulty", "object": "model"}]}).encode()
+            writer.write(f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+                         .encode())
+            for byte in body:
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0.1)
+            return
         if path.endswith("/models") and mode == "biglist":
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
                          b"10\r\n" + b'{"data": [      ' + b"\r\n")
@@ -395,11 +414,12 @@ class FaultServer:
             await writer.drain()
             return
         self.hits[mode] += 1
-        if mode in ("error500", "reject", "closed") or (mode in ("busy", "down") and self.hits[mode] == 1):
+        if mode in ("error500", "reject", "closed", "endless429") or (mode in ("busy", "down") and self.hits[mode] == 1):
             status = {"error500": "500 Internal Server Error", "reject": "400 Bad Request",
                       "busy": "429 Too Many Requests\r\nretry-after: 1",
                       "down": "503 Service Unavailable\r\nretry-after: 1",
-                      "closed": "429 Too Many Requests\r\nretry-after: 86400"}[mode]
+                      "closed": "429 Too Many Requests\r\nretry-after: 86400",
+                      "endless429": "429 Too Many Requests\r\nretry-after: inf"}[mode]
             body = b'{"error": "made to fail"}'
             writer.write(f"HTTP/1.1 {status}\r\nconnection: close\r\ncontent-length: {len(body)}\r\n\r\n".encode()
                          + body)
@@ -443,6 +463,13 @@ class FaultServer:
                 writer.write(b"8\r\n: ping\n\n\r\n")
                 await writer.drain()
                 await asyncio.sleep(0.02)
+        if mode == "deep":  # a chunk of arrays nested past Python's stack (1 MB: under the line limit)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n"
+                         b"transfer-encoding: chunked\r\n\r\n")
+            data = b"data: " + b"[" * 500_000 + b"]" * 500_000 + b"\n\n"
+            writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n0\r\n\r\n")
+            await writer.drain()
+            return
         if mode in CANNED:
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n"
                          b"transfer-encoding: chunked\r\n\r\n")
@@ -738,6 +765,49 @@ def test_a_429_that_asks_for_a_day_ends_the_retries_and_falls_back_at_once(fault
     events = run.trace.events()
     assert "retry" not in set(events["event"])
     assert "retry after 86400 s" in events.query("event == 'fallback'")["attributes.workbench.fallback.reason"].iloc[0]
+
+
+def test_a_retry_after_no_one_can_wait_is_read_as_none(bench: wb.Workbench, faults: FaultServer) -> None:
+    # 'inf' (and 'nan', '1e400') read as floats: the error said "retry after inf s", and a served chain's 429 turned
+    # into a 500 (math.ceil of infinity, building the Retry-After header).
+    from workbench.errors import retry_after
+
+    bench.load("endless429", f"{faults.url}/endless429/v1")
+    error = _failure(_failed(_chain(bench, "endless429"), prompt="hi"))
+    assert isinstance(error, RemoteRateLimited) and error.retry_after_s is None and "inf" not in str(error)
+    assert retry_after(math.inf) == {"Retry-After": "86400"} and retry_after(math.nan) == {"Retry-After": "1"}
+
+
+def test_a_redirected_model_list_does_not_take_the_api_key_to_another_origin(
+    bench: wb.Workbench, faults: FaultServer
+) -> None:
+    # urllib copied Authorization onto a redirect to any host: the key went to whoever the server pointed at.
+    bench.load("moved", f"{faults.url}/moved/v1", api_key="SECRET")
+    (first, followed) = [seen for seen in faults.keys_seen if seen[0]][-2:]
+    assert first == (faults.url.removeprefix("http://"), "Bearer SECRET")
+    assert followed[0].startswith("localhost:") and followed[1] is None
+
+
+def test_a_model_list_sent_a_byte_at_a_time_is_bounded_by_one_deadline(
+    bench: wb.Workbench, faults: FaultServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The timeout was per socket read: a body of 70 bytes sent one a second kept the load waiting 70 s.
+    import workbench.models.remote as remote
+
+    monkeypatch.setattr(remote, "LIST_TIMEOUT_S", 1.0)
+    started = time.monotonic()
+    with pytest.raises(ModelLoadError, match="took more than 1 s to answer GET /models"):
+        bench.load("trickle", f"{faults.url}/trickle/v1")
+    assert time.monotonic() - started < 5  # the whole body takes ~7 s to send
+
+
+def test_a_chunk_nested_too_deeply_is_a_broken_stream(faulty: wb.Workbench, faults: FaultServer) -> None:
+    # A bare RecursionError failed the hop: no RemoteError kind, no URL, no span event.
+    faulty.load("deep", f"{faults.url}/deep/v1")
+    run = _failed(_chain(faulty, "deep"), prompt="hi")
+    error = _failure(run)
+    assert isinstance(error, RemoteError) and error.kind == "broken_stream" and "nested too deeply" in str(error)
+    assert _remote_events(run) == ["remote.broken_stream"]
 
 
 def test_without_retries_a_429_says_how_long_to_wait(faulty: wb.Workbench, faults: FaultServer) -> None:

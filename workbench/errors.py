@@ -389,7 +389,9 @@ class HopFailed(RunError):
 def retry_after(seconds: float) -> dict[str, str]:
     """The ``Retry-After`` header for a wait of ``seconds``: whole seconds (RFC 9110), rounded up so a client that
     obeys it is admitted."""
-    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+    if not math.isfinite(seconds):  # never a wait one cannot keep; a day is as long as any here
+        seconds = 86_400.0 if seconds > 0 else 1.0
+    return {"Retry-After": str(max(1, math.ceil(min(seconds, 86_400.0))))}
 
 
 class AccessError(WorkbenchError):

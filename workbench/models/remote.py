@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import time
+import urllib.parse
 import urllib.error
 import urllib.request
 from typing import Any
@@ -32,10 +34,20 @@ def list_models(settings: LoadSettings) -> list[dict[str, Any]]:
     """The server's ``GET /models`` entries; a ModelLoadError that says what is wrong when it cannot tell."""
     url = f"{base_url(settings)}/models"
     request = urllib.request.Request(url, headers={"Accept": "application/json", **headers(settings)})
+    deadline = time.monotonic() + LIST_TIMEOUT_S
     try:
         # A new opener reads HTTP(S)_PROXY now, as the backend does; urlopen's own keeps what it read first.
-        with urllib.request.build_opener().open(request, timeout=LIST_TIMEOUT_S) as response:  # noqa: S310
-            body = response.read(LIST_BYTES + 1)
+        with urllib.request.build_opener(_KeyStaysHome()).open(request, timeout=LIST_TIMEOUT_S) as response:  # noqa: S310
+            # Read as it comes, within one deadline: a socket's timeout is per read, and a body sent a byte a
+            # second kept the load waiting for as many seconds as it had bytes.
+            pieces, size = [], 0
+            while size <= LIST_BYTES and (piece := response.read1(LIST_BYTES + 1 - size)):
+                pieces.append(piece)
+                size += len(piece)
+                if time.monotonic() > deadline:
+                    raise ModelLoadError(f"model server {settings.source!r} took more than {LIST_TIMEOUT_S:g} s to "
+                                         "answer GET /models", hint="check the server's load and its log")
+            body = b"".join(pieces)
     except urllib.error.HTTPError as exc:
         exc.close()
         hint = {
@@ -62,12 +74,29 @@ def list_models(settings: LoadSettings) -> list[dict[str, Any]]:
         data = json.loads(body)["data"]
         if not isinstance(data, list):
             raise TypeError
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: arrays nested past Python's stack
         raise ModelLoadError(
             f"{settings.source!r} answered GET /models, but not as an OpenAI-compatible server does",
             hint="give the server's OpenAI base URL, e.g. http://127.0.0.1:8000/v1",
         ) from None
     return [entry for entry in data if isinstance(entry, dict)]
+
+
+class _KeyStaysHome(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect of GET /models, but sends the API key only to the origin it was given for: urllib
+    copied the Authorization header onto a redirect to any other host."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> urllib.request.Request | None:
+        followed = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if followed is not None and _origin(newurl) != _origin(req.full_url):
+            followed.remove_header("Authorization")
+        return followed
+
+
+def _origin(url: str) -> tuple[str, str | None, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme.lower(), parts.hostname, parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
 
 
 def pick_model(settings: LoadSettings, listed: list[dict[str, Any]]) -> str:

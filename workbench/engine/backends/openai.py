@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import math
 import threading
 import time
 import urllib.request
@@ -819,6 +820,8 @@ def _parse(data: bytes, url: str) -> dict[str, Any]:
         chunk = json.loads(data)
     except ValueError:
         raise _misshapen(data, url, "that is not JSON") from None
+    except RecursionError:  # arrays nested deeper than Python's stack: a bare RecursionError failed the hop
+        raise _misshapen(data, url, "nested too deeply to read") from None
     if not isinstance(chunk, dict):
         raise _misshapen(data, url, "that is not a JSON object")
     return chunk
@@ -845,9 +848,11 @@ def _retry_after(value: str | None) -> float | None:
     if not value:
         return None
     try:
-        return max(float(value), 0.0)
+        seconds = float(value)
     except ValueError:
         pass
+    else:  # 'inf', 'nan', '1e400' read as floats: no wait anyone can keep (and a gateway's header failed on them)
+        return max(seconds, 0.0) if math.isfinite(seconds) else None
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
