@@ -454,6 +454,13 @@ class FaultServer:
             while True:  # until the client hangs up: the write fails, or the handler is cancelled
                 writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
                 await writer.drain()
+        if mode == "dribble":  # a byte now and then, never a line's end: each read comes back, no line ever does
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                         b"6\r\ndata: \r\n")
+            while True:  # until the client hangs up
+                writer.write(b"1\r\n[\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.1)
         if mode in ("pings", "stalls"):
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
             first = f"data: {json.dumps({'choices': [{'index': 0, 'text': ' one'}]})}\n\n".encode()
@@ -927,7 +934,10 @@ def test_without_a_hop_timeout_the_read_timeout_names_the_missing_first_byte(
 
 
 @pytest.mark.parametrize(("mode", "said"), [("pings", "sent no first token within 1 s (no data line"),
-                                            ("stalls", "broke off the stream after 1 chunks: no data line")])
+                                            ("stalls", "broke off the stream after 1 chunks: no data line"),
+                                            # Each byte started aiohttp's read timeout again, and the check ran only
+                                            # when a whole line came: the request waited for ever.
+                                            ("dribble", "sent no first token within 1 s (not one whole line)")])
 def test_a_stream_of_keep_alive_comments_alone_ends_after_the_read_timeout(
     bench: wb.Workbench, faults: FaultServer, mode: str, said: str
 ) -> None:

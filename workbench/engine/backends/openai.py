@@ -479,6 +479,20 @@ class RemoteBackend:
             if self._aborted:
                 raise self._unloaded()
             self._streams[task] = (asyncio.get_running_loop(), stamps)
+        # read_timeout_s since the last data line, on a timer: aiohttp's read timeout starts again with every byte,
+        # and the check below runs only when a whole line comes, so a server sending a byte now and then and never a
+        # line's end held the request for ever. The timer costs nothing a line: it looks at stamps.heard when due.
+        loop, silenced, noise = asyncio.get_running_loop(), [], [False]  # noise: lines came, none of them data
+
+        def watch() -> None:
+            quiet_s = time.perf_counter() - stamps.heard
+            if quiet_s >= self.read_timeout_s:
+                silenced.append(quiet_s)
+                task.cancel()
+            else:
+                watchdog[0] = loop.call_later(self.read_timeout_s - quiet_s, watch)
+
+        watchdog = [loop.call_later(self.read_timeout_s, watch)]
         try:
             async with await self._post(client or self._client, url, body, span) as response:
                 stamps.status = response.status
@@ -488,12 +502,13 @@ class RemoteBackend:
                 async for line in response.content:  # one line at a time, its b"\n" included
                     now = time.perf_counter()
                     if not line.startswith(b"data:"):  # blank separators, comments, event names
+                        noise[0] = True
                         if not other and line.strip() and not line.startswith((b":", b"event:", b"id:", b"retry:")):
                             other = line[:300]
                         if now - stamps.heard > self.read_timeout_s:
                             raise self._silent(url, stamps, "no data line, only comments or blank lines")
                         continue
-                    stamps.heard = now
+                    stamps.heard, noise[0] = now, False
                     data = line[5:].strip()
                     if data == b"[DONE]":
                         break
@@ -540,6 +555,11 @@ class RemoteBackend:
         except asyncio.CancelledError:
             if task in self._cut:  # by abort: the model was unloaded, the server did nothing wrong
                 raise self._unloaded() from None
+            if silenced and task.uncancel() == 0:  # the watchdog's, and no one else's: the server went quiet
+                error = self._silent(url, stamps, "no data line, only comments or blank lines" if noise[0] else
+                                     "not one whole line" if stamps.status is not None else "")
+                _event(span, error)
+                raise error from None
             raise  # its timeout ran out: whoever cancelled it has settled it
         except RemoteError as exc:
             _event(span, exc)
@@ -551,6 +571,7 @@ class RemoteBackend:
             _event(span, error)
             raise error from exc
         finally:
+            watchdog[0].cancel()
             with self._lock:
                 del self._streams[task]
                 self._cut.discard(task)
