@@ -120,8 +120,27 @@ def main() -> None:
         hello = unpack(conn.recv_bytes())
     except EOFError:  # the parent closed the pipe before it said hello: closed, or unloaded, while this one started
         return
+    # While it loads, a thread says it is alive every beat: a parent watching for hangs tells a long load (a large
+    # model from a slow disk) from a process that stopped (SIGSTOP, a swap storm), which says nothing.
+    loading, said = threading.Event(), threading.Lock()
+
+    def beat() -> None:
+        while not loading.wait(hello["beat_s"]):
+            with said:
+                if loading.is_set():
+                    return
+                try:
+                    conn.send_bytes(_ALIVE)
+                except OSError:  # the parent gave up on this process (or went): it ends it
+                    return
+
+    threading.Thread(target=beat, name="workbench-child-loading", daemon=True).start()
     try:
-        loaded = ModelRegistry(Tracing()).load(hello["name"], LoadSettings(**hello["settings"]))
+        try:
+            loaded = ModelRegistry(Tracing()).load(hello["name"], LoadSettings(**hello["settings"]))
+        finally:
+            with said:  # no beat after this: the next frame is the answer
+                loading.set()
     except WorkbenchError as exc:
         conn.send_bytes(pack({"op": "failed", "message": exc.message, "hint": exc.hint}))
         return

@@ -80,6 +80,15 @@ def unpack(data: bytes) -> dict[str, Any]:
     return frame
 
 
+# With hang_timeout_s, how long a starting model process may say nothing before its first word: Python, torch and
+# transformers importing, which a cold disk can make slow (beats start once the model begins to load).
+START_QUIET_S = 120.0
+
+
+class _HungLoading(Exception):
+    """A loading model process said nothing (not even that it is alive) for hang_timeout_s."""
+
+
 class _DiedLoading(ModelLoadError):
     """The child ended (killed, crashed) before its model was ready: unlike a load it refused, another try may work."""
 
@@ -173,12 +182,22 @@ class ModelProcess:
             # A beat at least four times within the hang timeout, so only a child that ends no step is taken as hung.
             beat_s = BEAT_S if hang_s is None else min(BEAT_S, hang_s / 4)
             conn.send_bytes(pack({"name": self.name, "settings": dataclasses.asdict(settings), "beat_s": beat_s}))
-            ready = unpack(conn.recv_bytes())
-        except (EOFError, OSError):
+            quiet_s = None if hang_s is None else max(hang_s, START_QUIET_S)  # it says nothing while Python starts
+            while True:  # then it says it is alive every beat while it loads (see _child.main), then ready or failed
+                if quiet_s is not None and not conn.poll(quiet_s):
+                    raise _HungLoading
+                ready = unpack(conn.recv_bytes())
+                if ready["op"] != "alive":
+                    break
+                quiet_s = hang_s
+        except (EOFError, OSError, _HungLoading) as exc:
             conn.close()
             cancels.close()
             code = _stop(proc)
+            hung = isinstance(exc, _HungLoading)
             raise _DiedLoading(
+                f"the process loading model {self.name!r} said nothing for {quiet_s:g} s (hang_timeout_s; "
+                f"{START_QUIET_S:g} s while Python starts), so it was ended before the model was ready" if hung else
                 f"the process loading model {self.name!r} {_how_it_ended(code)} before the model was ready",
                 hint="its messages on stderr say why; load it with isolation='thread' to see the error here",
             ) from None
