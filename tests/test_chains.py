@@ -635,6 +635,14 @@ def test_a_hop_error_with_a_huge_message_is_described_in_bounded_size_and_kept_w
     assert len(failed) == 3 and all(len(str(e.attributes["exception.message"])) < 2_500 for e in failed)
 
 
+def test_an_error_with_no_text_is_described_by_its_name_alone() -> None:
+    # A cancelled hop's span status read "CancelledError: ", with nothing after the colon.
+    from workbench.errors import describe
+
+    assert describe(asyncio.CancelledError()) == "CancelledError"
+    assert describe(KeyError()) == "KeyError" and describe(KeyError("k")) == "KeyError: 'k'"
+
+
 def test_a_run_or_batch_with_a_huge_output_shows_a_page_of_bounded_size(bench: wb.Workbench) -> None:
     document = "word " * 200_000  # a hop that returns a whole document: 1 MB
     chain = bench.chain({"name": "reader", "hops": [

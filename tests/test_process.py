@@ -352,6 +352,19 @@ def test_a_restarting_model_process_killed_while_it_loads_is_started_again_while
     bench: wb.Workbench, tiny_path: Path
 ) -> None:
     bench.load("iso", tiny_path, device="cpu", isolation="process", restarts=3)
+    expected, child, asking, answers, loading = _ask_while_it_restarts(bench)
+    os.kill(loading, signal.SIGSTOP)  # stopped before it can have loaded torch, let alone the model
+    os.kill(loading, signal.SIGKILL)
+    asking.join(WAIT_S)
+    (answer,) = answers
+    assert isinstance(answer, wb.GenerationResult) and answer.text == expected  # a third process served it
+    assert bench.models().set_index("name").loc["iso", "restarts"] == 2
+    assert pid_of(bench, "iso") not in (None, child, loading)
+
+
+def _ask_while_it_restarts(bench: wb.Workbench) -> tuple[str, int, threading.Thread, list[object], int]:
+    """Kill model 'iso''s process, then ask it for an answer, which restarts it: what it answered before, the
+    killed pid, the thread asking (its answer, or error, lands in the list) and the pid of the process starting."""
     expected = bench.generate("iso", "Hello", max_new_tokens=4).text
     child = pid_of(bench, "iso")
     assert child is not None
@@ -369,13 +382,7 @@ def test_a_restarting_model_process_killed_while_it_loads_is_started_again_while
     asking.start()  # it restarts the dead process, and waits for the new one
     loading: list[int] = []
     eventually(lambda: bool(loading.extend(p for p in model_children() if p != child) or loading), "a new process")
-    os.kill(loading[0], signal.SIGSTOP)  # stopped before it can have loaded torch, let alone the model
-    os.kill(loading[0], signal.SIGKILL)
-    asking.join(WAIT_S)
-    (answer,) = answers
-    assert isinstance(answer, wb.GenerationResult) and answer.text == expected  # a third process served it
-    assert bench.models().set_index("name").loc["iso", "restarts"] == 2
-    assert pid_of(bench, "iso") not in (None, child, loading[0])
+    return expected, child, asking, answers, loading[0]
 
 
 def test_a_restarting_model_process_that_hangs_while_it_loads_is_ended_at_its_hang_timeout_and_started_again(
@@ -386,30 +393,14 @@ def test_a_restarting_model_process_that_hangs_while_it_loads_is_ended_at_its_ha
     # is alive every beat, so with hang_timeout_s one that says nothing is ended, and another started.
     monkeypatch.setattr(process, "START_QUIET_S", 15.0)  # (120 s): ample for Python and torch to start, and to wait
     bench.load("iso", tiny_path, device="cpu", isolation="process", restarts=3, hang_timeout_s=1)
-    expected = bench.generate("iso", "Hello", max_new_tokens=4).text
-    child = pid_of(bench, "iso")
-    assert child is not None
-    os.kill(child, signal.SIGKILL)
-    eventually(lambda: pid_of(bench, "iso") is None, "the process to be gone")
-    answers: list[object] = []
-
-    def ask() -> None:
-        try:
-            answers.append(bench.generate("iso", "Hello", max_new_tokens=4))
-        except wb.WorkbenchError as exc:
-            answers.append(exc)
-
-    asking = threading.Thread(target=ask)
-    asking.start()  # it restarts the dead process, and waits for the new one
-    loading: list[int] = []
-    eventually(lambda: bool(loading.extend(p for p in model_children() if p != child) or loading), "a new process")
-    os.kill(loading[0], signal.SIGSTOP)  # alive, and silent: as a process stuck in the kernel or swapped out
+    expected, _, asking, answers, loading = _ask_while_it_restarts(bench)
+    os.kill(loading, signal.SIGSTOP)  # alive, and silent: as a process stuck in the kernel or swapped out
     asking.join(WAIT_S)
     assert not asking.is_alive()
     (answer,) = answers
     assert isinstance(answer, wb.GenerationResult) and answer.text == expected  # a third process served it
     assert bench.models().set_index("name").loc["iso", "restarts"] == 2
-    eventually(lambda: not alive(loading[0]), "the stopped process to be ended")
+    eventually(lambda: not alive(loading), "the stopped process to be ended")
 
 
 def test_a_model_process_whose_parent_died_mid_batch_exits_quietly(tiny_path: Path, tmp_path: Path) -> None:

@@ -95,7 +95,10 @@ def describe(exc: BaseException, *, hint: bool = False) -> str:
     ``hint=True`` adds a WorkbenchError's hint in brackets, as the widgets show a failure. A text longer than
     DESCRIBE_MAX_CHARS is cut there, saying how much was left out (``exc`` itself keeps it whole).
     """
-    text = clipped(exc.message if isinstance(exc, WorkbenchError) else f"{type(exc).__name__}: {exc}")
+    said = str(exc) if not isinstance(exc, WorkbenchError) else ""
+    # An exception with no text (CancelledError, a bare raise KeyError()) is its name alone, not "CancelledError: ".
+    text = clipped(exc.message if isinstance(exc, WorkbenchError) else
+                   f"{type(exc).__name__}: {said}" if said else type(exc).__name__)
     return text + (f" (hint: {exc.hint})" if hint and isinstance(exc, WorkbenchError) and exc.hint else "")
 
 
