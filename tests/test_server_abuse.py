@@ -701,7 +701,11 @@ def test_a_workbench_whose_served_model_dies_mid_stream_gets_a_remote_error(tiny
         healthy(url, process, log)
         with wb.Workbench(data_dir=tmp_path / "client") as client:
             client.load("far", f"{url}/v1", served_model="tiny", api_key=key, read_timeout_s=30)
+            # Greedy, the tiny model says ten tokens and stops: all of them could be sent before the kill lands
+            # (CI saw a run finish whole in 28 ms). Sampled hot with a fixed seed it says all 400, which takes the
+            # served model far longer than the kill does.
             chain = client.chain({"name": "far", "hops": [{"name": "answer", "model": "far", "max_new_tokens": 400,
+                                                            "temperature": 5.0, "seed": 0,
                                                             "prompt": "Question: {{ question }}\nAnswer:"}],
                                   "output": "answer"})
             tokens = 0
