@@ -56,6 +56,8 @@ hops:
     max_new_tokens: 4
 output: answer
 """
+# Sampled hot with a fixed seed, each hop says all its 200 tokens: greedy, the tiny model stops after about ten,
+# fast enough that a whole answer can be sent before a kill meant to land in the middle of it.
 LONG_SPEC = """\
 name: long
 hops:
@@ -63,10 +65,14 @@ hops:
     model: tiny
     prompt: "Question: {{ question }}\\nPlan:"
     max_new_tokens: 200
+    temperature: 5.0
+    seed: 0
   - name: second
     model: tiny
     prompt: "{{ first }}\\nAnswer:"
     max_new_tokens: 200
+    temperature: 5.0
+    seed: 0
 output: second
 """
 REGISTERED = """\
