@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -225,3 +226,92 @@ def test_a_text_is_not_made_into_a_list_past_the_bound(source: str) -> None:
     with pytest.raises(TemplateError, match="would make a list of more than 100,000 items"):
         PromptTemplate(source, hop="h").render({"s": "\u4e00" * 300_000})
     assert PromptTemplate(source, hop="h").render({"s": "ba"}) == {"{{ s|join(',')|length }}": "3"}.get(source, "2")
+
+
+def test_a_list_grown_a_row_at_a_time_renders_within_its_budget() -> None:
+    # Each new list was sized again in full: 1,000 rows of mappings took 276 ms (6 ms before lists were sized), and
+    # 6,000 rows some 10 s. Growing one sizes what it adds. The budget is some 20 times what the render takes.
+    source = ("{% set ns = namespace(rows=[]) %}{% for i in range(6000) %}"
+              "{% set ns.rows = ns.rows + [{'i': i, 'name': q}] %}{% endfor %}{{ ns.rows|length }} {{ ns.rows[-1].i }}")
+    assert PromptTemplate(source, hop="h").render({"q": "x"}, timeout_s=2) == "6000 5999"
+
+
+@pytest.mark.parametrize("source", [
+    "{% set ns = namespace(a=[range(1000)|list]) %}{% for i in range(12) %}{% set ns.a = ns.a + ns.a %}{% endfor %}",
+    "{% set ns = namespace(a=(range(1000)|list,)) %}{% for i in range(12) %}{% set ns.a = ns.a + ns.a %}{% endfor %}",
+    "{% set ns = namespace(a=[range(1000)|list]) %}{% for i in range(12) %}{% set ns.a = ns.a * 2 %}{% endfor %}",
+    "{% set ns = namespace(a=[]) %}{% for i in range(1100) %}{% set ns.a = ns.a + [range(1000)|list] %}{% endfor %}",
+    "{% set ns = namespace(a=[]) %}{% for i in range(11) %}{% set ns.a = ns.a + [range(100000)|list] %}"
+    "{% for j in range(300) %}{% set other = [j] %}{% endfor %}{% endfor %}",
+    "{% set ns = namespace(a=[]) %}{% for i in range(200) %}{% set ns.a = ns.a + [i] %}{% endfor %}"
+    "{% set b = [ns.a] * 5000 %}",
+], ids=["list doubled", "tuple doubled", "repeated", "rows of lists", "rows among other lists", "grown then held"])
+def test_a_list_grown_from_others_is_sized_as_what_they_hold(source: str) -> None:
+    # Growing a list is sized from the sizes of its parts: a part held twice still counts twice, and one sized
+    # long ago (hundreds of lists made since) is sized again.
+    with pytest.raises(TemplateError, match="more than 1,000,000 items.*holds another many times over"):
+        PromptTemplate(source + "{{ 1 }}", hop="h").render({})
+
+
+def _render_peak(source: str, values: dict[str, Any]) -> tuple[str, int]:
+    """What rendering ``source`` raised (or rendered), and the most memory Python held for it meanwhile."""
+    template = PromptTemplate(source, hop="h")
+    tracemalloc.start()
+    try:
+        try:
+            outcome = template.render(values)
+        except TemplateError as exc:
+            outcome = str(exc)
+        return outcome, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize(("source", "text"), [
+    ("{{ s.split()|length }}", "ab " * 3_333_333),
+    ("{{ s.split(' ')|length }}", "ab " * 3_333_333),
+    ("{{ s.rsplit(sep=' ', maxsplit=-1)|length }}", "ab " * 3_333_333),
+    ("{{ s.encode().split()|length }}", "ab " * 3_333_333),
+    ("{{ s.splitlines()|length }}", "ab\n" * 3_333_333),
+    ("{{ s.encode().splitlines(true)|length }}", "ab\n" * 3_333_333),
+    ("{{ s|groupby(0)|length }}", "ab " * 3_333_333),
+    ("{{ s|select|reverse|first }}", "ab " * 3_333_333),
+], ids=["split", "split-sep", "rsplit", "bytes-split", "splitlines", "bytes-splitlines", "groupby", "reverse"])
+def test_a_long_text_is_not_split_into_more_items_than_the_bound_allows(source: str, text: str) -> None:
+    # The pieces were made, then found too many: 3.3 million words held 230 MB for a moment, and |groupby sorted
+    # all ten million characters (10 s past a 2 s budget, 830 MB).
+    outcome, peak = _render_peak(source, {"s": text})
+    assert "more than 100,000 items" in outcome
+    assert peak < 40 * 2**20  # the text itself is 10 MB (20 MB as bytes): no copy of it in pieces
+
+
+def test_splitting_within_the_bound_works_as_before() -> None:
+    source = ("{{ 'a b  c'.split() }} {{ 'a,b,c'.split(',', 1) }} {{ 'a,b,c'.rsplit(',', maxsplit=1) }} "
+              "{{ 'a,b'.split(sep=',') }} {{ 'x\r\ny\n'.splitlines() }} {{ 'x\ny'.splitlines(true) }} "
+              "{{ 'a b'.encode().split() }} {{ (',' * 99999).split(',')|length }} {{ ('a ' * 100000).split()|length }} "
+              "{{ ('a\n' * 100000).splitlines()|length }} {{ [3, 1, 2]|reverse|list }} {{ 'ab'|reverse }} "
+              "{{ [{'k': 2}, {'k': 1}, {'k': 2}]|groupby('k')|map(attribute='grouper')|list }}")
+    assert PromptTemplate(source, hop="h").render({}) == (
+        "['a', 'b', 'c'] ['a', 'b,c'] ['a,b', 'c'] ['a', 'b'] ['x', 'y'] ['x\\n', 'y'] [b'a', b'b'] 100000 100000 "
+        "100000 [2, 1, 3] ba [1, 2]")
+    with pytest.raises(TemplateError, match="more than 100,000 items"):
+        PromptTemplate("{{ (',' * 100000).split(',')|length }}", hop="h").render({})
+    with pytest.raises(TemplateError, match="more than 100,000 items"):
+        PromptTemplate("{{ ('a\n' * 100001).splitlines()|length }}", hop="h").render({})
+
+
+def test_indented_json_stops_at_the_bound_as_it_is_written() -> None:
+    # Each line repeats the indent of its depth: 100,000 numbers nested 99 deep (600,000 characters as a list) are
+    # 633 million characters indented by 64, all made (6.7 s past a 2 s budget, 1.5 GB) before the size check.
+    deep = ("{% set ns = namespace(a=range(100000)|list) %}{% for i in range(98) %}{% set ns.a = [ns.a] %}"
+            "{% endfor %}")
+    for indent in (8, 64):
+        outcome, peak = _render_peak(deep + f"{{{{ ns.a|tojson({indent})|length }}}}", {})
+        assert "would make a text longer than 10,000,000 characters" in outcome
+        assert peak < 100 * 2**20
+    source = "{{ v|tojson(2) }}|{{ v|tojson }}|{{ v|tojson(' ') }}"
+    value = {"b": [1, "<&'>"], "a": {"x": None}}
+    assert PromptTemplate(source, hop="h").render({"v": value}) == (
+        '{\n  "a": {\n    "x": null\n  },\n  "b": [\n    1,\n    "\\u003c\\u0026\\u0027\\u003e"\n  ]\n}|'
+        '{"a": {"x": null}, "b": [1, "\\u003c\\u0026\\u0027\\u003e"]}|'
+        '{\n "a": {\n  "x": null\n },\n "b": [\n  1,\n  "\\u003c\\u0026\\u0027\\u003e"\n ]\n}')
