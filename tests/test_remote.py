@@ -310,6 +310,14 @@ CANNED: dict[str, list[object]] = {
 }
 
 
+# GET /models answers whose ids are not all text, by mode.
+MODEL_LISTS: dict[str, list[object]] = {
+    "oddids": [{"id": 5, "object": "model"}, {"id": None}, {"id": {"name": "x"}}, {"object": "model"},
+               {"id": "faulty", "object": "model"}],
+    "numbered": [{"id": 7, "object": "model"}],
+}
+
+
 class FaultServer:
     """A real HTTP/1.1 server on 127.0.0.1 (asyncio streams) that misbehaves as its URL says: an imitation of a
     failing model server, for failures `transformers serve` cannot produce on demand.
@@ -319,11 +327,14 @@ class FaultServer:
     Retry-After: a day, always), ``broken`` (one chunk, then the connection drops), ``silent`` (takes the
     request and never answers), ``huge`` (a first line of 3 MiB), ``endless`` (text chunks until the client
     hangs up), ``bigerror`` (a 500 whose body says it is 100 MiB and never ends), ``biglist`` (a GET /models
-    answer that never ends), ``pings`` (SSE comments every 20 ms and never a data line), ``stalls`` (one
-    chunk, then ``pings``), ``drip`` (a good stream of eight words, one each DRIP_S), ``queue`` (``drip``'s
-    stream, but one request at a time, the others waiting unanswered, as ``transformers serve`` does), or one of ``CANNED``
-    (those chunks, then [DONE]). Asked as a proxy (an absolute
-    URL in the request line), it answers for any host as if it were that host, and keeps the URL in ``proxied``.
+    answer that never ends), ``slowhead`` (a GET /models answer whose status line and headers come a byte at a time),
+    one of ``MODEL_LISTS`` (that GET /models list), ``ends-REASON`` (two words, the last with finish_reason REASON),
+    ``lingers``, ``closes`` and ``drops`` (a whole answer and its usage, never a [DONE]: the connection then stays
+    open with keep-alive comments, closes, or closes half way through a chunk), ``pings`` (SSE comments every 20 ms and never a data
+    line), ``stalls`` (one chunk, then ``pings``), ``drip`` (a good stream of eight words, one each DRIP_S),
+    ``queue`` (``drip``'s stream, but one request at a time, the others waiting unanswered, as ``transformers serve``
+    does), or one of ``CANNED`` (those chunks, then [DONE]). Asked as a proxy (an absolute URL in the request line), it
+    answers for any host as if it were that host, and keeps the URL in ``proxied``.
     """
 
     def __init__(self) -> None:
@@ -396,10 +407,33 @@ class FaultServer:
             body = json.dumps({"object": "list", "data": [{"id": "faulty", "object": "model"}]}).encode()
             writer.write(f"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
                          .encode())
-            for byte in body:
-                writer.write(bytes([byte]))
-                await writer.drain()
-                await asyncio.sleep(0.1)
+            try:
+                for byte in body:
+                    writer.write(bytes([byte]))
+                    await writer.drain()
+                    await asyncio.sleep(0.1)
+            except ConnectionError:
+                self.hits["trickle hung up"] += 1
+                raise
+            return
+        if path.endswith("/models") and mode == "slowhead":  # a good list, its status line and headers a byte at a time
+            body = json.dumps({"object": "list", "data": [{"id": "faulty", "object": "model"}]})
+            head = ("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-padding: " + "." * 200
+                    + f"\r\ncontent-length: {len(body)}\r\n\r\n" + body)
+            try:
+                for byte in head.encode():  # ~12 s in all, unless the client hangs up first
+                    writer.write(bytes([byte]))
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+            except ConnectionError:
+                self.hits["slowhead hung up"] += 1
+                raise
+            return
+        if path.endswith("/models") and mode in MODEL_LISTS:
+            body = json.dumps({"object": "list", "data": MODEL_LISTS[mode]}).encode()
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                         + f"content-length: {len(body)}\r\n\r\n".encode() + body)
+            await writer.drain()
             return
         if path.endswith("/models") and mode == "biglist":
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
@@ -484,6 +518,39 @@ class FaultServer:
                 writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
             writer.write(b"0\r\n\r\n")
             await writer.drain()
+            return
+        if mode.startswith("ends-"):  # two words, the second with this finish_reason, then [DONE]
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n"
+                         b"transfer-encoding: chunked\r\n\r\n")
+            chunks = [{"choices": [{"index": 0, "text": " two", "finish_reason": None}]},
+                      {"choices": [{"index": 0, "text": " words", "finish_reason": mode.removeprefix("ends-")}]}]
+            for data in [f"data: {json.dumps(chunk)}\n\n".encode() for chunk in chunks] + [b"data: [DONE]\n\n"]:
+                writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+            return
+        if mode in ("lingers", "closes", "drops"):  # a whole answer and its usage, never a [DONE]
+            chunked = mode != "closes"
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                         + (b"transfer-encoding: chunked\r\n\r\n" if chunked else b"connection: close\r\n\r\n"))
+            chunks = [{"choices": [{"index": 0, "text": " fine", "finish_reason": None}]},
+                      {"choices": [{"index": 0, "text": " words", "finish_reason": "stop"}]},
+                      {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}]
+            for data in [f"data: {json.dumps(chunk)}\n\n".encode() for chunk in chunks]:
+                writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n" if chunked else data)
+                await writer.drain()
+            if mode == "lingers":  # the connection stays open, the body unfinished, until the client hangs up
+                try:
+                    while True:
+                        await asyncio.sleep(0.05)
+                        writer.write(b"8\r\n: ping\n\n\r\n")
+                        await writer.drain()
+                except ConnectionError:
+                    self.hits["lingers hung up"] += 1
+                    raise
+            if mode == "drops":  # closed half way through a chunk (not reset: a reset may discard what was sent)
+                writer.write(b"40\r\ndata: {")
+                await writer.drain()
             return
         if mode == "thinks":  # a reasoning model's chat: thoughts (both names servers give them), a pause, the answer
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n"
@@ -806,6 +873,89 @@ def test_a_model_list_sent_a_byte_at_a_time_is_bounded_by_one_deadline(
     with pytest.raises(ModelLoadError, match="took more than 1 s to answer GET /models"):
         bench.load("trickle", f"{faults.url}/trickle/v1")
     assert time.monotonic() - started < 5  # the whole body takes ~7 s to send
+    # The connection the load gave up on is cut, not left reading the body to its end.
+    eventually(lambda: faults.hits["trickle hung up"] == 1, "the server to see the load hang up")
+
+
+def test_a_model_list_whose_head_comes_a_byte_at_a_time_is_bounded_by_the_same_deadline(
+    bench: wb.Workbench, faults: FaultServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The deadline covered the body alone: a status line and headers sent a byte at a time, each read well within the
+    # socket's timeout, held the load for as long as the server cared to send them.
+    import workbench.models.remote as remote
+
+    monkeypatch.setattr(remote, "LIST_TIMEOUT_S", 1.0)
+    started = time.monotonic()
+    with pytest.raises(ModelLoadError, match="took more than 1 s to answer GET /models"):
+        bench.load("slowhead", f"{faults.url}/slowhead/v1")
+    assert time.monotonic() - started < 6  # the head alone takes ~12 s to send
+    assert "slowhead" not in bench.registry.names()
+    # The connection the load gave up on is cut, not left reading the head to its end.
+    eventually(lambda: faults.hits["slowhead hung up"] == 1, "the server to see the load hang up")
+
+
+def test_a_listed_id_that_is_not_text_is_skipped_and_never_loaded(bench: wb.Workbench, faults: FaultServer) -> None:
+    # str() made names of them: a list of the id 7 alone loaded a model named '7', and a server listing one good id
+    # among bad ones served "4 models, so say which".
+    bench.load("odd", f"{faults.url}/oddids/v1")  # 5, null, an object, no id at all, and "faulty"
+    assert bench.registry.get("odd").settings.served_model == "faulty"
+    assert bench.generate("odd", "hi", max_new_tokens=4).text == "fine words"
+    with pytest.raises(ModelLoadError) as refused:
+        bench.load("numbered", f"{faults.url}/numbered/v1")
+    message = str(refused.value)
+    assert f"model server '{faults.url}/numbered/v1' lists no model whose id is text" in message
+    assert "{'id': 7, 'object': 'model'}" in message and "served_model" in message
+    assert "numbered" not in bench.registry.names()
+
+
+@pytest.mark.parametrize(("reason", "kind"), [("abort", "aborted"), ("error", "aborted"), ("made_up", "aborted"),
+                                              ("content_filter", "rejected")])
+def test_an_answer_the_server_ended_without_saying_it_is_whole_fails_and_says_how_it_ended(
+    bench: wb.Workbench, faults: FaultServer, reason: str, kind: str
+) -> None:
+    # vLLM and SGLang end a request they cut off (shutting down, pausing, asked to abort) with finish_reason 'abort',
+    # then [DONE]: the half answer passed as a whole one.
+    bench.load("ends", f"{faults.url}/ends-{reason}/v1")
+    run = _failed(_chain(bench, "ends"), prompt="hi")
+    error = _failure(run)
+    assert isinstance(error, RemoteError) and error.kind == kind
+    assert f"ended the answer with finish_reason {reason!r} after 2 chunks" in str(error)
+    assert _remote_events(run) == [f"remote.{kind}"]
+    # A server that cut the answer off may finish it next time; a content filter filters the same prompt again.
+    retried = _failed(_chain(bench, "ends", retry={"attempts": 2, "backoff_ms": 1}), prompt="hi")
+    kinds = list(retried.trace.events().query("event == 'attempt.failed'")["attributes.workbench.error.kind"])
+    assert kinds == (["error", "error"] if kind == "aborted" else ["not retryable"])
+
+
+@pytest.mark.parametrize(("reason", "finish"), [("stop", "stop"), ("length", "length"), ("eos_token", "stop"),
+                                                ("stop_sequence", "stop"), ("tool_calls", "stop")])
+def test_an_answer_ended_with_a_reason_that_says_it_is_whole_is_its_answer(
+    bench: wb.Workbench, faults: FaultServer, reason: str, finish: str
+) -> None:
+    # TGI before it took OpenAI's names says eos_token and stop_sequence for stop.
+    bench.load("ends", f"{faults.url}/ends-{reason}/v1")
+    run = _chain(bench, "ends").run(prompt="hi")
+    assert run.output == "two words"
+    assert _request_span(run)[attr.RESPONSE_FINISH_REASONS] == (finish,)
+
+
+@pytest.mark.parametrize("mode", ["lingers", "closes", "drops"])
+def test_an_answer_whose_finish_reason_came_is_whole_without_a_done(
+    bench: wb.Workbench, faults: FaultServer, mode: str
+) -> None:
+    """A server that sent the finish reason and its usage but no [DONE], and then kept the connection open (its body
+    unfinished), failed the answer as a broken stream once read_timeout_s went by; one that closed the connection
+    half way through a chunk failed it at once."""
+    bench.load(mode, f"{faults.url}/{mode}/v1", read_timeout_s=5)
+    run = _chain(bench, mode).run(prompt="hi")
+    assert run.error is None and run.output == "fine words"
+    span = _request_span(run)
+    assert span[attr.USAGE_OUTPUT_TOKENS] == 2
+    if mode != "drops":  # (aiohttp drops what it holds unread of a body that broke off: the usage may go with it)
+        assert span[attr.REMOTE_TOKENS_FROM] == "server"  # the usage after the finish reason was read
+    assert _remote_events(run) == []
+    if mode == "lingers":  # the connection is closed, not kept in the pool with the rest of a body in it
+        eventually(lambda: faults.hits["lingers hung up"] == 1, "the server to see the client hang up")
 
 
 def test_a_chunk_nested_too_deeply_is_a_broken_stream(faulty: wb.Workbench, faults: FaultServer) -> None:

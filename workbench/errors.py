@@ -334,9 +334,11 @@ class RetriesExhausted(ServingError):
 class RemoteError(ServingError):
     """A model server (an OpenAI-compatible URL) failed a request; ``kind`` says how, ``status`` is its HTTP status.
 
-    Kinds: ``refused`` (nothing listens there), ``status`` (a 5xx answer), ``rejected`` (a 4xx answer: the
-    request is wrong, so no retry can fix it), ``rate_limited`` (429), ``broken_stream`` (the stream stopped
-    half way), ``no_first_byte`` (the server took the request and never answered). ``retry_after_s`` is how long
+    Kinds: ``refused`` (nothing listens there), ``status`` (a 5xx answer), ``rejected`` (a 4xx answer, or an
+    answer its content filter ended: the request is wrong, so no retry can fix it), ``rate_limited`` (429),
+    ``broken_stream`` (the stream stopped half way), ``aborted`` (the server ended the answer with a finish reason
+    that does not say it is whole: vLLM's ``abort``), ``no_first_byte`` (the server took the request and never
+    answered). ``retry_after_s`` is how long
     the answer's ``Retry-After`` asked to wait (a 429's, or a 5xx's: a 503 from a server starting up or draining; None:
     not said); a hop's retries wait at least that long before the next attempt.
     """

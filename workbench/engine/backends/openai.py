@@ -75,6 +75,16 @@ TOKEN_CHARS = 1024
 _CHUNK_TOO_BIG = "Chunk too big"
 # How much of an error response's body is read (its message shows the first 300 characters).
 ERROR_BODY_BYTES = 64 * 1024
+# How long a stream is read past its finish reason, for what may follow it: the usage chunk and [DONE], which vLLM,
+# SGLang and OpenAI write right behind it. A server that sends neither and keeps the connection open holds the answer
+# this long, not read_timeout_s: long enough for a busy server to get its usage out, short next to any answer.
+FINISH_GRACE_S = 1.0
+# The finish reasons that say an answer is whole, as the result names them: stop (the model ended it, or a stop
+# sequence did; TGI before it took OpenAI's names said eos_token and stop_sequence), length (max_tokens), and a tool
+# call that ended the model's turn (no hop offers tools, so only a model that wrote one unasked makes one). Any other
+# (vLLM's and SGLang's abort, vLLM's error, content_filter, one unknown here) fails the request: see _ended.
+_WHOLE = {"stop": "stop", "eos_token": "stop", "stop_sequence": "stop", "tool_calls": "stop", "function_call": "stop",
+          "length": "length"}
 
 
 class _Clients:
@@ -483,8 +493,11 @@ class RemoteBackend:
         # and the check below runs only when a whole line comes, so a server sending a byte now and then and never a
         # line's end held the request for ever. The timer costs nothing a line: it looks at stamps.heard when due.
         loop, silenced, noise = asyncio.get_running_loop(), [], [False]  # noise: lines came, none of them data
+        ended: float | None = None  # when the finish reason came: the answer is whole, and what follows has a grace
 
         def watch() -> None:
+            if ended is not None:
+                return  # past the finish reason, FINISH_GRACE_S bounds the wait
             quiet_s = time.perf_counter() - stamps.heard
             if quiet_s >= self.read_timeout_s:
                 silenced.append(quiet_s)
@@ -499,13 +512,23 @@ class RemoteBackend:
                 span.set_attribute(attr.HTTP_STATUS, response.status)
                 if response.status >= 400:
                     raise self._status_error(url, response, await _head_of(response))
-                async for line in response.content:  # one line at a time, its b"\n" included
+                lines, grace = response.content, min(FINISH_GRACE_S, self.read_timeout_s)
+                while True:
+                    if ended is None:
+                        line = await lines.readline()  # one line at a time, its b"\n" included
+                    else:  # the answer is whole: its usage and [DONE] may follow, within the grace
+                        try:
+                            line = await asyncio.wait_for(lines.readline(), ended + grace - time.perf_counter())
+                        except (TimeoutError, aiohttp.ClientError):
+                            break  # kept open, or dropped mid-body: nothing more is needed of it
+                    if not line:
+                        break  # closed: without a finish reason, said below
                     now = time.perf_counter()
                     if not line.startswith(b"data:"):  # blank separators, comments, event names
                         noise[0] = True
                         if not other and line.strip() and not line.startswith((b":", b"event:", b"id:", b"retry:")):
                             other = line[:300]
-                        if now - stamps.heard > self.read_timeout_s:
+                        if ended is None and now - stamps.heard > self.read_timeout_s:
                             raise self._silent(url, stamps, "no data line, only comments or blank lines")
                         continue
                     stamps.heard, noise[0] = now, False
@@ -551,7 +574,9 @@ class RemoteBackend:
                         texts.append(text)
                         if request.stream and not request.cancelled:
                             (on_token or _on_token)(request, NO_TOKEN_ID, streamed.add(text))
-                    stamps.finish_reason = finish or stamps.finish_reason
+                    if finish:  # null (or empty) until the last chunk of the answer
+                        stamps.finish_reason = self._ended(url, stamps, finish)
+                        ended = now
         except asyncio.CancelledError:
             if task in self._cut:  # by abort: the model was unloaded, the server did nothing wrong
                 raise self._unloaded() from None
@@ -688,6 +713,27 @@ class RemoteBackend:
             hint="the server may be stuck or overloaded: give the hop a fallback, or load the model with a "
             "longer read_timeout_s if its queue is long",
         )
+
+    @staticmethod
+    def _ended(url: str, stamps: _Stamps, reason: str) -> str:
+        """The result's finish reason for a server's ``reason``; a RemoteError for one that does not say the answer is
+        whole: ``rejected`` for a content filter's (the same prompt meets the same filter, so no retry, and the model is
+        not failing: its breaker does not count it), ``aborted`` for any other (vLLM's and SGLang's ``abort``: the
+        server cut the request off, shutting down, pausing or told to; vLLM's ``error``; one unknown here), which a
+        retry or a fallback may answer whole."""
+        whole = _WHOLE.get(reason)
+        if whole is not None:
+            return whole
+        said = f"model server {url} ended the answer with finish_reason {reason[:100]!r} after {stamps.chunks} chunks"
+        if reason == "content_filter":
+            raise RemoteError(f"{said}: its content filter withheld the rest", kind="rejected", url=url,
+                              status=stamps.status,
+                              hint="a retry meets the same filter: change the prompt, or give the hop a fallback")
+        why = "the server cut the request off" if reason in ("abort", "error") else \
+            "a reason that does not say it is whole"
+        raise RemoteError(f"{said}: {why}, so its text is not the whole answer", kind="aborted", url=url,
+                          status=stamps.status, hint="the server's log says why (it may have been shutting down or "
+                          "pausing); give the hop retry or a fallback")
 
     @staticmethod
     def _broken(url: str, stamps: _Stamps, why: str) -> RemoteError:
