@@ -14,7 +14,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, closing
+from contextlib import ExitStack, closing, contextmanager
 from pathlib import Path
 from textwrap import dedent
 from typing import Any
@@ -520,24 +520,50 @@ AS_NOBODY = dedent(
 READER = AS_NOBODY + 'print(",".join(record.run_id for record in store.history("s1")))\n'
 
 
+@contextmanager
+def copied_read_only(files: list[Path]) -> Iterator[Path]:
+    """``files`` (a store's) copied where the reader (nobody) may read them but not write; the copied store's path."""
+    shared = Path(tempfile.mkdtemp(prefix="autoglm-read-only-"))  # in /tmp, which nobody may pass through
+    copy = shared / "copy"
+    try:
+        shared.chmod(0o755)
+        copy.mkdir()
+        for file in files:
+            shutil.copyfile(file, copy / file.name)
+            (copy / file.name).chmod(0o444)
+        copy.chmod(0o555)  # nor may the reader make the shared-memory file WAL mode reads with
+        yield copy / SESSIONS_FILE
+    finally:
+        copy.chmod(0o755)
+        shutil.rmtree(shared)
+
+
 @pytest.fixture
 def read_only_copy(tmp_path: Path) -> Iterator[Path]:
     """A store of two runs (r1, r2 in session s1), copied where the reader (nobody) may read it but not write."""
     with wb.Workbench(data_dir=tmp_path) as bench:
         for run_id in ("r1", "r2"):
             bench.store.append("s1", record(run_id))
-    shared = Path(tempfile.mkdtemp(prefix="autoglm-read-only-"))  # in /tmp, which nobody may pass through
-    copy = shared / "copy"
-    try:
-        shared.chmod(0o755)
-        copy.mkdir()
-        shutil.copyfile(tmp_path / SESSIONS_FILE, copy / SESSIONS_FILE)
-        (copy / SESSIONS_FILE).chmod(0o444)
-        copy.chmod(0o555)  # nor may the reader make the shared-memory file WAL mode reads with
-        yield copy / SESSIONS_FILE
-    finally:
-        copy.chmod(0o755)
-        shutil.rmtree(shared)
+    with copied_read_only([tmp_path / SESSIONS_FILE]) as copy:
+        yield copy
+
+
+@pytest.fixture
+def read_only_copy_with_its_log(tmp_path: Path) -> Iterator[Path]:
+    """A store in use copied as a backup copies it, its write-ahead log (-wal) without the shared-memory file (-shm),
+    where the reader (nobody) may read it but not write: run r1 in the main file, r2 in the log alone."""
+    live, staged = tmp_path / "live", tmp_path / "staged"
+    staged.mkdir()
+    with wb.Workbench(data_dir=live) as bench:
+        bench.store.append("s1", record("r1"))
+        with closing(sqlite3.connect(live / SESSIONS_FILE)) as raw:
+            raw.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # r1 into the main file, and the log emptied
+        bench.store.append("s1", record("r2"))
+        for name in (SESSIONS_FILE, f"{SESSIONS_FILE}-wal"):
+            shutil.copyfile(live / name, staged / name)  # while the store is open: its log is not folded in yet
+    assert (staged / f"{SESSIONS_FILE}-wal").stat().st_size > 0
+    with copied_read_only(sorted(staged.iterdir())) as copy:
+        yield copy
 
 
 def test_a_read_only_copy_of_the_store_opens_for_reading(read_only_copy: Path) -> None:
@@ -546,6 +572,33 @@ def test_a_read_only_copy_of_the_store_opens_for_reading(read_only_copy: Path) -
                           timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "r1,r2\n"
+
+
+def test_a_read_only_copy_with_its_write_ahead_log_but_no_shm_reads_the_runs_in_the_log(
+    read_only_copy_with_its_log: Path,
+) -> None:
+    # Before: opened with immutable=1, which reads the main file alone: "r1", the run in the log silently missing.
+    copy = read_only_copy_with_its_log
+    before = {file.name: file.read_bytes() for file in copy.parent.iterdir()}
+    done = subprocess.run([sys.executable, "-c", READER, str(copy)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "r1,r2\n" and "Warning" not in done.stderr, done.stderr
+    assert {file.name: file.read_bytes() for file in copy.parent.iterdir()} == before  # read, and left as it was
+
+
+def test_a_write_ahead_log_the_reader_cannot_read_is_named_in_a_warning_with_what_to_do(
+    read_only_copy_with_its_log: Path,
+) -> None:
+    # A log its writer's umask kept to itself (0600): the runs in it cannot be read, and before nothing said so.
+    log = read_only_copy_with_its_log.with_name(f"{SESSIONS_FILE}-wal")
+    log.chmod(0o000)
+    done = subprocess.run([sys.executable, "-c", READER, str(read_only_copy_with_its_log)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "r1\n"  # the main file's runs still read
+    assert "RuntimeWarning" in done.stderr and f"its write-ahead log {str(log)!r}" in done.stderr, done.stderr
+    assert "without the runs written last" in done.stderr
+    assert "open the store once where it can be written" in done.stderr
 
 
 def test_writing_to_a_read_only_store_says_it_is_read_only_and_what_to_do(read_only_copy: Path) -> None:

@@ -7,6 +7,7 @@ import os
 import sqlite3
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -215,22 +216,56 @@ def open_wal(path: Path, timeout_s: float, prepare: Callable[[sqlite3.Connection
 
 
 def open_read_only(path: Path, timeout_s: float) -> sqlite3.Connection:
-    """Open the SQLite file at ``path`` for reading only, as a read-only copy of a WAL file can be: ``mode=ro``, and
-    where its folder cannot take the shared-memory file WAL reads need either, ``immutable=1``, as nothing can
-    change a file no one may write."""
+    """Open the SQLite file at ``path`` for reading only, as a read-only copy of a WAL file can be, write-ahead log
+    included wherever SQLite can read it.
+
+    ``mode=ro`` reads the log through its shared-memory file (``-shm``), which must be there or be one the folder can
+    take. A folder no one may write in that holds a ``-wal`` and no ``-shm`` (a copy, a backup: no process has the
+    file open) has its log read with no shared memory: in EXCLUSIVE locking mode SQLite keeps the log's index in this
+    process's memory. That mode takes a write lock, which a file opened read-only cannot, hence a VFS that takes no
+    locks. Failing both, ``immutable=1`` reads the main file alone, and a RuntimeWarning says what the log held is
+    not seen. The last two take no locks: they hold, as a folder no one may write in suggests, that nothing writes
+    the file meanwhile.
+    """
     uri = path.absolute().as_uri()
-    for query in ("mode=ro", "immutable=1"):
-        connection = sqlite3.connect(f"{uri}?{query}", timeout=timeout_s, uri=True, isolation_level=None,
-                                     check_same_thread=False)
+    wal, shm = path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")
+    try:
+        return _reading(f"{uri}?mode=ro", timeout_s)
+    except sqlite3.Error:
+        pass
+    if wal.exists() and not shm.exists():  # a -shm there may be a writer's, whose log changes under a reader
         try:
-            connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return _reading(f"{uri}?mode=ro&vfs={_NO_LOCKS_VFS}", timeout_s, "PRAGMA locking_mode=EXCLUSIVE")
         except sqlite3.Error:
-            connection.close()
-            if query == "immutable=1":
-                raise
-            continue
-        return connection
-    raise AssertionError("unreachable")
+            pass
+    connection = _reading(f"{uri}?immutable=1", timeout_s)
+    if wal.exists() and wal.stat().st_size > 0:
+        warnings.warn(
+            f"the session store {str(path)!r} is read-only here, and its write-ahead log {str(wal)!r} cannot be "
+            f"read (that needs the log readable, and {shm.name} beside it readable or absent), so its sessions read "
+            "without the runs written last, which may still be in that log; to see them, open the store once where "
+            f"it can be written (SQLite then folds the log into the file), or copy {path.name} with its -wal file "
+            "to a folder this user can write and read it there",
+            RuntimeWarning, stacklevel=2,
+        )
+    return connection
+
+
+# The unix VFS without its locks: SQLite's own, for a file that nothing else writes while it is open.
+_NO_LOCKS_VFS = "unix-none"
+
+
+def _reading(uri: str, timeout_s: float, first: str | None = None) -> sqlite3.Connection:
+    """A connection for any thread to the database at ``uri``, after ``first`` (a PRAGMA), once a read succeeds."""
+    connection = sqlite3.connect(uri, timeout=timeout_s, uri=True, isolation_level=None, check_same_thread=False)
+    try:
+        if first is not None:
+            connection.execute(first)  # before the first read: a locking mode, say
+        connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except BaseException:
+        connection.close()
+        raise
+    return connection
 
 
 def _read_only_here(path: Path) -> bool:
