@@ -43,6 +43,22 @@ QUESTION = "What is the capital of France?"
 LONG = {"max_new_tokens": 400, "temperature": 5.0, "seed": 0}  # runs to 400 tokens on PROMPT and "Hello" (~1 s, CPU)
 
 
+# A debugger that attaches to the process given (which stops it, traced), holds it, and waits for it to end, as gdb
+# or lldb do while their user looks at it; it says "holding" once the process is stopped, or exits if it cannot trace.
+DEBUGGER = textwrap.dedent("""\
+    import ctypes, os, sys
+    pid = int(sys.argv[1])
+    if ctypes.CDLL(None, use_errno=True).ptrace(16, pid, None, None) != 0:  # PTRACE_ATTACH
+        sys.exit(1)
+    os.waitpid(pid, 0)  # its stop
+    print("holding", flush=True)
+    while True:
+        _, status = os.waitpid(pid, 0)
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            break
+""")
+
+
 class BatchStarts(SpanProcessor):
     """Hears a model's batch span start: the worker has taken the batch and is about to hand it to the backend."""
 
@@ -64,6 +80,14 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def state_of(pid: int) -> str:
+    """The state letter of process ``pid`` as /proc shows it (T: stopped, t: held by a tracer); '' once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
 
 
 def model_children() -> list[int]:
@@ -488,6 +512,50 @@ def test_unloading_a_hung_model_process_mid_batch_cuts_it_off_instead_of_waiting
     with pytest.raises(wb.ModelProcessDied, match="the model was unloaded"):
         running.future.result(WAIT_S)
     assert process_of.restarts == 0  # cut off on purpose: no restart
+
+
+def test_unloading_a_stopped_idle_model_process_resumes_it_to_exit_rather_than_waiting_out_the_grace(
+    bench: wb.Workbench, tiny_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An idle child that is stopped (SIGSTOP; the OS or a tool froze it) cannot see its pipe close: the unload waited
+    # out the whole grace (10 s) before killing it. The grace is made far longer than the test waits, so waiting it
+    # out would fail the test.
+    monkeypatch.setattr(process, "_STOP_S", 10 * WAIT_S)
+    bench.load("iso", tiny_path, device="cpu", isolation="process")
+    bench.generate("iso", "Hello", max_new_tokens=2)
+    child = pid_of(bench, "iso")
+    assert child is not None
+    model_process = bench.engine.worker("iso").backend.process
+    os.kill(child, signal.SIGSTOP)
+    unloading = threading.Thread(target=bench.unload, args=("iso",))
+    unloading.start()
+    unloading.join(WAIT_S)
+    assert not unloading.is_alive() and not alive(child)  # ended and reaped: no stopped process, no zombie
+    assert model_process._proc is not None and model_process._proc.returncode == 0  # resumed, it exited by itself
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="holds the model process with ptrace (Linux)")
+def test_unloading_an_idle_model_process_a_debugger_holds_kills_it_rather_than_waiting_out_the_grace(
+    bench: wb.Workbench, tiny_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A debugger's stop is one SIGCONT does not end (state t): the child can never exit by itself, so it is killed
+    # as soon as that shows rather than after the grace, made here far longer than the test waits.
+    monkeypatch.setattr(process, "_STOP_S", 10 * WAIT_S)
+    bench.load("iso", tiny_path, device="cpu", isolation="process")
+    child = pid_of(bench, "iso")
+    assert child is not None
+    with subprocess.Popen([sys.executable, "-c", DEBUGGER, str(child)], stdout=subprocess.PIPE, text=True) as debugger:
+        try:
+            assert debugger.stdout is not None
+            if debugger.stdout.readline().strip() != "holding":
+                pytest.skip("this system lets no process but an ancestor trace the model process (ptrace)")
+            assert state_of(child) == "t"
+            unloading = threading.Thread(target=bench.unload, args=("iso",))
+            unloading.start()
+            unloading.join(WAIT_S)
+            assert not unloading.is_alive() and not alive(child)
+        finally:
+            debugger.kill()  # lets go of the child, if the test failed with it still held
 
 
 def test_unloading_a_model_process_mid_batch_lets_a_batch_that_still_steps_finish(

@@ -59,6 +59,8 @@ if TYPE_CHECKING:
 CHILD_MODULE = "workbench.engine.backends._child"
 # How long a child that was asked to stop (its pipe closed) may take to exit before it is killed.
 _STOP_S = 10.0
+# How often, meanwhile, it is looked at to see whether it is stopped (a debugger holds it), which no grace will end.
+_STOPPED_POLL_S = 0.05
 # How often a batch with a timeout looks for rows to stop while it waits for the child.
 _CANCEL_POLL_S = 0.02
 # How long a child may take to end a batch once every row of it was told to stop (every request timed out). A
@@ -193,8 +195,8 @@ class ModelProcess:
         except (EOFError, OSError, _HungLoading) as exc:
             conn.close()
             cancels.close()
-            code = _stop(proc)
             hung = isinstance(exc, _HungLoading)
+            code = _stop(proc, grace=not hung)  # a hung child is not resumed to load on for the grace: it is ended
             raise _DiedLoading(
                 f"the process loading model {self.name!r} said nothing for {quiet_s:g} s (hang_timeout_s; "
                 f"{START_QUIET_S:g} s while Python starts), so it was ended before the model was ready" if hung else
@@ -465,14 +467,32 @@ class ModelProcess:
             self._in_batch = False
 
 def _stop(proc: subprocess.Popen[bytes], grace: bool = True) -> int:
-    """Wait for ``proc`` to exit (its pipe is closed, or it died), killing it if it lingers; its exit code."""
+    """Wait for ``proc`` to exit (its pipe is closed, or it died), killing it if it lingers; its exit code.
+
+    A stopped child (SIGSTOP, SIGTSTP) cannot see its pipe close, so it is resumed first and exits as any idle one
+    does. One that stays stopped (a debugger holds it: SIGCONT does not resume a traced stop) cannot exit by itself
+    at all, so it is killed as soon as that shows, rather than after the whole grace.
+    """
     if grace:
-        try:
-            return proc.wait(_STOP_S)
-        except subprocess.TimeoutExpired:
-            pass
-    proc.kill()
+        proc.send_signal(signal.SIGCONT)  # a no-op for a running child (it handles no SIGCONT), and for a reaped one
+        deadline = time.monotonic() + _STOP_S
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                return proc.wait(min(left, _STOPPED_POLL_S))
+            except subprocess.TimeoutExpired:
+                if _stopped(proc.pid):
+                    break
+    proc.kill()  # SIGKILL ends a stopped process too; wait() then reaps it, so no stopped zombie is left
     return proc.wait()
+
+
+def _stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (state T) or held by a tracer (state t), as /proc says; False without /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no /proc (macOS), or it has just been reaped
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] in ("T", "t")  # after the name, which may hold spaces and parentheses
 
 
 class ProcessBackend:
