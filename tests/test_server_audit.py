@@ -346,3 +346,37 @@ def test_names_the_rest_routes_cannot_address_are_refused_at_registration(bench:
     ran = httpx.post(f"{served.url}/v1/chains/a..b/invoke", headers=bearer(auth, "runner"),
                      json={"inputs": {"question": "?"}}, timeout=30)
     assert ran.status_code == 200 and ran.json()["status"] == "ok"
+
+
+# -- 10. a path no route serves, a method its route does not take ------------------------------------
+
+
+def test_an_unrouted_path_or_method_is_answered_in_the_envelope_with_every_allowed_method(served: Server,
+                                                                                          auth: Auth) -> None:
+    # Before, Starlette's router answered these in plain text ("Not Found", "Method Not Allowed"), which a client
+    # reading error.message got nothing from, and DELETE /v1/chains said "Allow: GET, HEAD": POST /v1/chains is there.
+    runner = bearer(auth, "runner")
+    with httpx.Client(base_url=served.url, timeout=30) as c:
+        missing = c.post("/v1/chain/echo/invoke", headers=runner, json={"inputs": {"question": "?"}})
+        assert missing.status_code == 404 and missing.headers["content-type"] == "application/json"
+        error = missing.json()["error"]
+        assert (error["type"], error["status"], error["field"]) == ("RequestError", 404, "path")
+        assert error["message"] == "this server has no route '/v1/chain/echo/invoke'"
+        assert "POST /v1/chains/{name}/invoke" in error["hint"] and "GET|POST /v1/chains," in error["hint"]
+
+        wrong = c.get("/v1/chains/echo/invoke", headers=runner)
+        assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+        assert wrong.json()["error"] == {
+            "type": "RequestError", "status": 405, "field": "method", "hint": "send it as POST",
+            "message": "GET /v1/chains/echo/invoke is not served: /v1/chains/echo/invoke takes POST"}
+
+        shared = c.delete("/v1/chains", headers=runner)
+        assert shared.status_code == 405 and shared.headers["allow"] == "GET, HEAD, POST"
+        assert shared.json()["error"]["message"] == "DELETE /v1/chains is not served: /v1/chains takes GET or POST"
+
+        packed = c.get("/nope", headers={"accept": "application/msgpack"})  # in the codec the caller reads
+        assert packed.status_code == 404 and packed.headers["content-type"] == "application/msgpack"
+        assert msgspec.msgpack.decode(packed.content)["error"]["field"] == "path"
+        # The real routes still answer as before.
+        assert c.get("/health").json()["status"] == "ok"
+        assert c.post("/v1/chains/echo/invoke", headers=runner, json={"inputs": {"question": "hi"}}).status_code == 200

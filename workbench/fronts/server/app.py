@@ -18,8 +18,10 @@ import yaml
 from opentelemetry import trace
 from opentelemetry.context import Context
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
+from starlette.routing import BaseRoute, Match, Route
 
 from workbench._version import __version__
 from workbench.chains import trust
@@ -188,9 +190,42 @@ def create_app(
         r("/rpc", rpc.endpoint(gateway), ["POST"], AUTHENTICATED),
         *openai_api.routes(gateway),
     ]
-    app = Starlette(routes=routes)
+
+    async def unrouted(request: Request, exc: Exception) -> Response:
+        # Starlette's router answers these in plain text ("Not Found"); every other refusal is the envelope's.
+        status = exc.status_code if isinstance(exc, HTTPException) else 404
+        return _unrouted(gateway, request, routes, status)
+
+    app = Starlette(routes=routes, exception_handlers={404: unrouted, 405: unrouted})
     app.state.gateway = gateway
     return app
+
+
+def _unrouted(gateway: Gateway, request: Request, routes: list[BaseRoute], status: int) -> Response:
+    """The envelope's answer to a path no route serves (404) or a method its routes do not take (405, with the
+    ``Allow`` header naming every method of that path: two routes may share it, as GET and POST /v1/chains do)."""
+    path = request.url.path if len(request.url.path) <= 200 else request.url.path[:200] + "..."  # a name, quoted
+    allowed = sorted({method for route in routes if isinstance(route, Route) and route.methods
+                      and route.matches(request.scope)[0] is not Match.NONE for method in route.methods})
+    if status == 405 and allowed:
+        said = " or ".join(method for method in allowed if method != "HEAD")  # HEAD goes with GET, unsaid
+        error = RequestError(f"{request.method} {path} is not served: {path} takes {said}", field="method",
+                             status=405, hint=f"send it as {said}")
+        response = gateway.error(request, error)
+        response.headers["allow"] = ", ".join(allowed)
+        return response
+    error = RequestError(f"this server has no route {path!r}", field="path", status=404,
+                         hint=f"the routes: {_route_list(routes)}")
+    return gateway.error(request, error)
+
+
+def _route_list(routes: list[BaseRoute]) -> str:
+    """Each route's methods and path, the methods of one path together: ``GET|POST /v1/chains``."""
+    methods: dict[str, list[str]] = {}
+    for route in routes:
+        if isinstance(route, Route):
+            methods.setdefault(route.path, []).extend(set(route.methods or ()) - {"HEAD"})
+    return ", ".join(f"{'|'.join(sorted(said))} {path}" for path, said in methods.items())
 
 
 async def _sse(gateway: Gateway, request: Request, chain: Chain, body: InvokeRequest, session: str | None,
