@@ -158,6 +158,27 @@ def test_a_revoked_key_stops_at_once_and_its_name_is_free_again(auth: Auth, tmp_
     assert [(row["role"], row["revoked"]) for row in auth.keys.list()] == [("runner", True), ("viewer", False)]
 
 
+def test_an_auth_says_what_a_caller_needs_and_when_no_caller_could_authenticate(tmp_path: Path) -> None:
+    # What `autoglm serve` prints at its start, in place of the repr "<Auth <KeyStore '.../keys.sqlite3'>>".
+    store = tmp_path / "keys.sqlite3"
+    keyed = Auth(tmp_path)
+    assert keyed.describe() == f"API keys from {store} (0 active)"
+    assert keyed.admits_nobody() == (f"no caller can authenticate: the key store {store} holds no active API key "
+                                     "and no JWT key is set")
+    with pytest.raises(Unauthenticated):  # what the warning says: nobody gets in
+        keyed.authenticate(bearer("agw_0123456789ab_guess"))
+    key = KeyStore(tmp_path).add("alice", "runner")  # another process's store, the same file: taken at once
+    assert keyed.authenticate(bearer(key)).name == "alice"
+    assert keyed.describe() == f"API keys from {store} (1 active)" and keyed.admits_nobody() is None
+    KeyStore(tmp_path).revoke("alice")
+    assert keyed.describe() == f"API keys from {store} (0 active)" and keyed.admits_nobody() is not None
+    # A JWT secret lets callers in with no key at all; an open server asks for nothing.
+    jwt_only = Auth(tmp_path, jwt_secret=SECRET)
+    assert jwt_only.describe() == f"API keys from {store} (0 active) or JWTs signed HS256"
+    assert jwt_only.admits_nobody() is None
+    assert Auth.open().describe() == "none, every caller is admin 'local'" and Auth.open().admits_nobody() is None
+
+
 def test_key_names_roles_and_duplicates_are_checked(tmp_path: Path) -> None:
     store = KeyStore(tmp_path)
     store.add("alice", "runner")

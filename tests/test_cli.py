@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 import workbench as wb
+from workbench.fronts.arguments import LOAD_FLAGS
 from workbench.fronts.cli import build_parser, main
 
 SPEC = """\
@@ -205,6 +206,76 @@ def test_mistakes_exit_2_with_a_short_message_and_a_hint_in_command_line_terms(
     # The hint names what to type here, not the Python API or the magics.
     assert "bench." not in second and "chain.run" not in second and "%autoglm" not in second
     assert captured.out == ""
+
+
+# The load settings and --session as Python keywords: what a command-line error must not say.
+KEYWORDS = re.compile(r"\b(?:" + "|".join(sorted([*LOAD_FLAGS, "session", "max_in_flight", "max_queued"], key=len,
+                                                  reverse=True)) + r")=|\b[a-z]+_[a-z_]+\b")
+
+
+@pytest.mark.parametrize(("flags", "said"), [
+    (["--adapters", "foo"], ["autoglm: --adapters 'foo': 'foo' is not NAME=PATH",
+                             "hint: e.g. --adapters sql=/adapters/sql,chat=/adapters/chat"]),
+    (["--adapter", "{dir}", "--adapters", "a={dir}"],
+     ["autoglm: a load takes --adapter PATH (one adapter, always on) or --adapters NAME=PATH (hops pick one by name), "
+      "not both", "hint: put the one adapter in --adapters too"]),
+    (["--adapters", "a={dir}", "--isolation", "process"],
+     ["autoglm: named adapters are served in this process only, and this model runs in a child process "
+      "(--isolation process)",
+      "hint: load it with --isolation thread and --engine local, or serve the adapters from the server itself"]),
+    (["--num-gpus", "-1"], ["autoglm: --num-gpus must be a number >= 0, got -1.0",
+                            "hint: what each replica's Ray actor asks of the cluster: 1, or 0.5 to share one"]),
+    (["--num-gpus", "1"], ["autoglm: --address, --num-gpus and --num-cpus are settings of --engine ray, and this load "
+                           "has --engine local", "hint: add --engine ray, or drop them"]),
+    (["--hang-timeout-s", "5"], ["autoglm: --hang-timeout-s is a setting of --isolation process, and this load has "
+                                 "--isolation thread", "hint: add --isolation process, or drop --hang-timeout-s"]),
+    (["--hang-timeout-s", "0.5", "--isolation", "process"],
+     ["autoglm: --hang-timeout-s must be a finite number of seconds >= 1, got 0.5",
+      "hint: how long a model process may go without ending a decoding step (default: no limit); set it above the "
+      "longest prefill"]),
+    (["--restarts", "-1"], ["autoglm: --restarts must be a whole number >= 0, got -1",
+                            "hint: it is how often a model process that died is started again (0: never)"]),
+    (["--replicas", "2", "--isolation", "process"],
+     ["autoglm: model 'tiny' runs in a child process (--isolation process), which serves one replica: 2 were asked for",
+      "hint: load it with --replicas 1 (servers may be listed beside it: --replicas cpu,URL), or with --isolation "
+      "thread to replicate it"]),
+    (["--session", ""], ["autoglm: the session id is empty",
+                         "hint: leaving out --session runs without a session; to keep a conversation's history, name "
+                         "it: --session alice"]),
+    (["--replicas", "2", "--balance", "weighted:1,2,3"],  # before: "Weighted({0: 1.0, 1: 2.0, 2: 3.0}, seed=0) weighs"
+     ["autoglm: --balance weighted:1,2,3 weighs replica 2, but 'tiny' has 2 replicas: tiny#0, tiny#1 (or indexes 0-1)",
+      "hint: weigh the replicas the model has, by index or by name"]),
+    # A hint that names the Python call that helps names the flags that make it.
+    (["--replicas", "http://127.0.0.1:9/v1"],
+     ["autoglm: model 'tiny': --replicas lists only servers, so the weights it loads here would serve nothing",
+      "hint: list a device for them too (--replicas cpu,URL), or load from a server URL as the source: "
+      "--model NAME=URL --replicas URL,OTHER_URL"]),
+], ids=["adapters-not-pairs", "adapter-and-adapters", "adapters-in-a-process", "num-gpus-negative",
+        "ray-setting-without-ray", "hang-timeout-without-process", "hang-timeout-too-short", "restarts-negative",
+        "replicas-in-a-process", "session-empty", "balance-as-typed", "load-call-as-flags"])
+def test_a_refused_flag_is_named_as_typed_not_as_a_python_keyword(flags: list[str], said: list[str], tmp_path: Path,
+                                                                  tiny_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    # Before, "--adapters foo" hinted "adapters={'sql': '/adapters/sql'}", "--session ''" hinted "session=None runs
+    # without a session", "--num-gpus -1" said "num_gpus must be ...": the Python API's words, at a shell prompt.
+    spec = tmp_path / "hello.yaml"
+    spec.write_text(SPEC, encoding="utf-8")
+    argv = ["run", str(spec), "question=hi", "--model", f"tiny={tiny_path}", "--device", "cpu",
+            *(flag.format(dir=tmp_path) for flag in flags)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == said
+    assert not KEYWORDS.search(err), err
+
+
+def test_the_python_api_keeps_its_keywords_in_the_same_errors(tiny_path: Path) -> None:
+    # The command line says the flags; a Python caller, who passed keywords, is still told the keywords.
+    with wb.Workbench() as bench:
+        with pytest.raises(wb.ModelLoadError) as refused:
+            bench.load("tiny", tiny_path, device="cpu", hang_timeout_s=5)
+        assert refused.value.message == ("hang_timeout_s is a setting of isolation='process', and this load has "
+                                         "isolation='thread'")
+        assert refused.value.hint == "add isolation='process' (--isolation process), or drop hang_timeout_s"
 
 
 def test_a_failed_hop_prints_what_finished_and_a_short_message(tmp_path: Path,
@@ -402,17 +473,24 @@ def test_serve_with_a_data_dir_that_cannot_hold_the_keys_exits_2_before_serving(
     assert "serving" not in done.stdout
 
 
-def test_serve_takes_the_gateways_limits_and_refuses_a_bad_one_before_serving(spec_file: Path, tiny_path: Path,
+@pytest.mark.parametrize(("limits", "said"), [
+    (["--max-in-flight", "4", "--max-queued", "-1"], ["autoglm: --max-queued -1 is not a whole number of at least 0",
+                                                      "hint: e.g. --max-queued 1024 (the default)"]),
+    (["--max-in-flight", "0"], ["autoglm: --max-in-flight 0 is not a whole number of at least 1",
+                                "hint: e.g. --max-in-flight 64 (the default)"]),
+], ids=["max-queued", "max-in-flight"])
+def test_serve_takes_the_gateways_limits_and_refuses_a_bad_one_before_serving(limits: list[str], said: list[str],
+                                                                              spec_file: Path, tiny_path: Path,
                                                                               tmp_path: Path) -> None:
-    # --max-in-flight and --max-queued reach the gateway, which checks them before anything listens. A child
+    # --max-in-flight and --max-queued reach the gateway, which checks them before anything listens; refused, they
+    # are named as typed (before: "max_queued=-1 ...", "e.g. max_queued=1024", the Python keyword). A child
     # process, so that a server that does start is stopped by the timeout rather than holding the test.
     command = ["serve", "--spec", str(spec_file), "--model", f"tiny={tiny_path}", "--port", "0",
-               "--data-dir", str(tmp_path), "--max-in-flight", "4", "--max-queued", "-1"]
+               "--data-dir", str(tmp_path), *limits]
     done = subprocess.run([sys.executable, "-m", "workbench.fronts.cli", *command], capture_output=True, text=True,
                           timeout=120, cwd=Path(wb.__file__).parents[1], check=False)
     assert done.returncode == 2
-    assert done.stderr.splitlines() == ["autoglm: max_queued=-1 is not a whole number of at least 0",
-                                        "hint: e.g. max_queued=1024 (the default)"]
+    assert done.stderr.splitlines() == said
     assert "serving" not in done.stdout
 
 
@@ -528,10 +606,10 @@ def test_stopping_serve_with_a_stream_in_flight_ends_the_stream_and_exits_0_with
     (["--port", "0", "--host", "0.0.0.0", "--no-auth"],
      ["autoglm: a server without credentials must listen on loopback only, not '0.0.0.0'",
       "hint: serve on 127.0.0.1, or make keys (autoglm keys add NAME --role runner) and serve with them"]),
-    (["--port", "0", "--grpc-port", "70000"], ["autoglm: grpc port 70000 is not a TCP port (0 to 65535)",
+    (["--port", "0", "--grpc-port", "70000"], ["autoglm: --grpc-port 70000 is not a TCP port (0 to 65535)",
                                                "hint: a port from 1 to 65535, or 0 for any free one"]),
     (["--port", "{free}", "--grpc-port", "{free}"],
-     ["autoglm: port and grpc_port are both {free}: one port serves one protocol",
+     ["autoglm: --port and --grpc-port are both {free}: one port serves one protocol",
       "hint: give each its own port (0: any free one)"]),
 ], ids=["port-in-use", "grpc-port-in-use", "host-not-here", "open-on-every-network", "port-out-of-range",
         "one-port-twice"])
@@ -634,6 +712,9 @@ def _running(process: Any) -> bool:
 def test_serve_on_every_network_says_that_calls_and_keys_travel_unencrypted(spec_file: Path, tiny_path: Path,
                                                                            tmp_path: Path) -> None:
     # Before, --host 0.0.0.0 with keys said nothing: the keys in every call's headers crossed the network in the clear.
+    from workbench.fronts.server.auth import KeyStore
+
+    KeyStore(tmp_path).add("caller", "runner")  # else it warns, too, that no caller can authenticate
     command = [sys.executable, "-m", "workbench.fronts.cli", "serve", "--spec", str(spec_file), "--model",
                f"tiny={tiny_path}", "--device", "cpu", "--host", "0.0.0.0", "--port", "0", "--data-dir", str(tmp_path)]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -642,6 +723,7 @@ def test_serve_on_every_network_says_that_calls_and_keys_travel_unencrypted(spec
         assert child.stdout is not None
         serving = child.stdout.readline()
         assert "serving hello on http://0.0.0.0:" in serving, serving
+        assert f"(auth: API keys from {tmp_path / 'keys.sqlite3'} (1 active)); Ctrl-C stops" in serving, serving
         port = serving.split("http://0.0.0.0:", 1)[1].split()[0]
         for _ in range(600):  # until it answers, so SIGTERM finds the server running
             try:
@@ -658,6 +740,47 @@ def test_serve_on_every_network_says_that_calls_and_keys_travel_unencrypted(spec
         "autoglm: note: 0.0.0.0 is every network this machine is on, and calls and their keys travel unencrypted",
         "hint: put TLS in front (a reverse proxy, an Ingress) of anything past a network you trust; --host 127.0.0.1 "
         "serves this machine only"]
+
+
+def test_serve_on_an_empty_key_store_warns_that_no_caller_can_authenticate_until_a_key_is_added(
+        tmp_path: Path) -> None:
+    # Before, it said "(auth: <Auth <KeyStore '/.../keys.sqlite3'>>)", a Python repr, and nothing about an empty store,
+    # on which every call but /health is refused: a server that looked up and took no call.
+    import httpx
+
+    from workbench.fronts.server.auth import KeyStore
+
+    spec = tmp_path / "echo.yaml"
+    spec.write_text("name: echo\nhops:\n  - name: say\n    call: workbench.demo:canned_answer\n", encoding="utf-8")
+    data = tmp_path / "data dir"  # a space, so the hint's --data-dir must be quoted to paste
+    env = {name: value for name, value in os.environ.items() if not name.startswith("AUTOGLM_JWT")}
+    child = subprocess.Popen([sys.executable, "-m", "workbench.fronts.cli", "serve", "--spec", str(spec), "--port", "0",
+                              "--data-dir", str(data)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=Path(wb.__file__).parents[1], env=env)
+    try:
+        assert child.stdout is not None and child.stderr is not None
+        serving = child.stdout.readline()
+        store = data / "keys.sqlite3"
+        assert re.fullmatch(rf"serving echo on (http://127\.0\.0\.1:\d+) \(auth: API keys from {re.escape(str(store))} "
+                            r"\(0 active\)\); Ctrl-C stops\n", serving), serving
+        url = serving.split()[3]
+        assert [child.stderr.readline(), child.stderr.readline()] == [
+            f"autoglm: warning: no caller can authenticate: the key store {store} holds no active API key and no JWT "
+            "key is set, so every call but /health is refused as unauthenticated (401)\n",
+            f"hint: autoglm keys add NAME --role runner --data-dir '{data}' makes a key, which this server takes at "
+            "once; --no-auth serves this machine only, without credentials\n"]
+        body = {"inputs": {"question": "2 + 2?"}}
+        assert httpx.get(f"{url}/health", timeout=30).status_code == 200
+        assert httpx.post(f"{url}/v1/chains/echo/invoke", json=body, timeout=30).status_code == 401
+        # What the warning says: a key added while it serves is taken at once, without a restart.
+        key = KeyStore(data).add("late", "runner")
+        answer = httpx.post(f"{url}/v1/chains/echo/invoke", json=body, headers={"x-api-key": key}, timeout=30)
+        assert answer.status_code == 200 and answer.json()["status"] == "ok"
+        child.send_signal(signal.SIGTERM)
+        out, _ = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == 0 and out == "stopped\n"
 
 
 def test_serving_without_the_serve_extra_says_what_to_install(spec_file: Path, monkeypatch: pytest.MonkeyPatch,

@@ -26,6 +26,7 @@ from workbench.fronts.notebook.parsers import (
     ModelsCommand,
     ParseError,
     RunCommand,
+    ServeCommand,
     TraceCommand,
     help_text,
     in_magic_words,
@@ -162,6 +163,9 @@ def test_a_hint_names_the_subcommand_that_helps_not_the_python_call(with_tiny: I
      "%autoglm load NAME http://127.0.0.1:8000/v1 --served-model my-model"),
     ("bench.load('m', PATH, adapters={NAME: DIR}) (in this process)",
      "%autoglm load m PATH --adapters NAME=DIR (in this process)"),
+    # Before, a list kept the call in Python: wb.current().load(NAME, PATH, replicas=["cpu", ...]).
+    ('mix them: bench.load(NAME, PATH, replicas=["cpu", "http://127.0.0.1:8000/v1"])',
+     "mix them: %autoglm load NAME PATH --replicas cpu,http://127.0.0.1:8000/v1"),
     # No subcommand makes these: a call on the workbench the magics act on.
     ("bench.set_health_checks(None) turns periodic checks off",
      "wb.current().set_health_checks(None) turns periodic checks off"),
@@ -457,6 +461,50 @@ def test_serve_serves_a_chain_variable_on_the_workbench_it_was_built_on(shell: I
         assert not listening(server.url)
 
 
+def test_serve_stop_comes_alone_and_anything_after_it_is_refused_with_the_server_left_running(
+        shell: InteractiveShell) -> None:
+    # Before, "serve stop stop" read both words as chain names ("no chain named 'stop'"), and "serve stop --port 9"
+    # stopped every server, the --port dropped without a word.
+    with capture_output():
+        shell.run_cell(ECHO_CHAIN + "%autoglm serve echo --port 0 --no-auth")
+    server = shell.user_ns["_autoglm_server"]
+    for line, got in [("serve stop stop", "'stop'"), ("serve stop echo", "'echo'"),
+                      ("serve stop --port 9 --no-auth", "'--port 9 --no-auth'")]:
+        refused = magic(shell, line)
+        assert refused.stderr.splitlines() == [
+            f"autoglm: serve stop stops every server %autoglm serve started, and takes nothing after it: got {got}",
+            "hint: %autoglm serve stop, alone; to serve chains: %autoglm serve CHAIN ...",
+        ], line
+        assert refused.stdout == "" and listening(server.url), line
+    assert magic(shell, "serve stop").stdout == f"stopped {server.url}\n"
+    assert not listening(server.url)
+    assert parse_command("serve echo --port 0 --host ::1") == ServeCommand(chains=("echo",), port=0, host="::1")
+    assert parse_command("serve echo") == ServeCommand(chains=("echo",), port=8000, host="127.0.0.1")
+
+
+def test_serve_with_keys_on_an_empty_key_store_warns_that_every_call_is_refused(shell: InteractiveShell,
+                                                                                data_dir: Path) -> None:
+    # Before, it said only "serving echo on ...": a notebook's fresh key store is empty, and every call got a 401.
+    with capture_output() as started:
+        shell.run_cell(ECHO_CHAIN + "%autoglm serve echo --port 0")
+    server = shell.user_ns["_autoglm_server"]
+    try:
+        assert started.stdout.startswith(f"serving echo on {server.url} ")
+        assert started.stderr.splitlines() == [
+            f"autoglm: warning: no caller can authenticate: the key store {data_dir / 'keys.sqlite3'} holds no "
+            "active API key and no JWT key is set, so every call but /health is refused as unauthenticated (401)",
+            f"hint: make a key in a terminal: autoglm keys add NAME --role runner --data-dir {data_dir} (this server "
+            "takes it at once); or serve this machine only, without credentials: %autoglm serve echo --no-auth"]
+        assert httpx.post(f"{server.url}/v1/chains/echo/invoke", json={"inputs": {"question": "hi"}},
+                          timeout=30).status_code == 401
+    finally:
+        magic(shell, "serve stop")
+    with capture_output() as open_:
+        shell.run_line_magic("autoglm", "serve echo --port 0 --no-auth")
+    magic(shell, "serve stop")
+    assert open_.stderr == ""  # an open server lets this machine in: nothing to warn of
+
+
 def test_builder_opens_a_chain_variable_on_its_own_workbench(shell: InteractiveShell, tiny_path: Path) -> None:
     # Before, the builder got wb.current(): its model pickers listed no model, and its run said "unknown model 'tiny'".
     with wb.Workbench() as bench:
@@ -534,7 +582,7 @@ ECHO_CHAIN = (
         pytest.param('%autoglm load " m" tiny', "model name ' m' is not text without spaces at its ends",
                      id="load-name-with-a-space"),
         pytest.param("%autoglm load m tiny --replicas 99999999999999",
-                     "model 'm': replicas must be at most 1024, got 99999999999999", id="load-replicas-typo"),
+                     "model 'm': --replicas must be at most 1024, got 99999999999999", id="load-replicas-typo"),
         pytest.param("%autoglm load m tiny --balance fastest", "unknown policy 'fastest'", id="load-unknown-balance"),
         pytest.param("%autoglm balance m", "balance: the following arguments are required: POLICY",
                      id="balance-no-policy"),
@@ -556,6 +604,42 @@ def test_a_mistake_prints_a_short_message_and_no_traceback(shell: InteractiveShe
     assert all(line.startswith("hint: ") for line in rest) and len(rest) <= 1
     assert "Traceback" not in captured.stdout + captured.stderr
     assert "qa" not in shell.user_ns  # a spec that failed binds nothing
+
+
+@pytest.mark.parametrize(("line", "said"), [
+    ("load m tiny --adapters foo", ["autoglm: --adapters 'foo': 'foo' is not NAME=PATH",
+                                    "hint: e.g. --adapters sql=/adapters/sql,chat=/adapters/chat"]),
+    ("load m tiny --hang-timeout-s 5",
+     ["autoglm: --hang-timeout-s is a setting of --isolation process, and this load has --isolation thread",
+      "hint: add --isolation process, or drop --hang-timeout-s"]),
+    ("load m tiny --num-gpus -1", ["autoglm: --num-gpus must be a number >= 0, got -1.0",
+                                   "hint: what each replica's Ray actor asks of the cluster: 1, or 0.5 to share one"]),
+    ("run echo question=x --session ''", ["autoglm: the session id is empty",
+                                          "hint: leaving out --session runs without a session; to keep a "
+                                          "conversation's history, name it: --session alice"]),
+    ("run echo question=x --stream --session ' '", ["autoglm: the session id ' ' is blank",
+                                                    "hint: leaving out --session runs without a session; to keep a "
+                                                    "conversation's history, name it: --session alice"]),
+    ("compare echo --inputs {inputs} --rate inf", ["autoglm: arrival rate must be a finite number > 0 runs/s, not inf",
+                                                   "hint: e.g. --rate 20; for every run at once, a closed loop: "
+                                                   "--concurrency N"]),
+    ("serve echo --grpc-port 70000 --no-auth", ["autoglm: serve: --grpc-port 70000 is not a TCP port (0 to 65535)",
+                                                "hint: a port from 1 to 65535, or 0 for any free one"]),
+    ("load m tiny --replicas http://127.0.0.1:9/v1",
+     ["autoglm: model 'm': --replicas lists only servers, so the weights it loads here would serve nothing",
+      "hint: list a device for them too (--replicas cpu,URL), or load from a server URL as the source: "
+      "%autoglm load NAME URL --replicas URL,OTHER_URL"]),
+], ids=["adapters-not-pairs", "hang-timeout-without-process", "num-gpus-negative", "session-empty",
+        "stream-session-blank", "compare-rate", "serve-grpc-port", "replicas-only-servers"])
+def test_a_refused_option_is_named_as_typed_not_as_a_python_keyword(shell: InteractiveShell, tmp_path: Path,
+                                                                    line: str, said: list[str]) -> None:
+    # Before: "adapters={'sql': '/adapters/sql'}", "hang_timeout_s is a setting of isolation='process'",
+    # "session=None runs without a session", "e.g. arrival_rate=20", "grpc port 70000": a Python caller's words.
+    inputs = tmp_path / "q.jsonl"
+    inputs.write_text('{"question": "a"}\n')
+    with capture_output() as captured:
+        shell.run_cell(ECHO_CHAIN + "%autoglm " + line.format(inputs=inputs))
+    assert captured.stderr.splitlines() == said
 
 
 @pytest.mark.parametrize(

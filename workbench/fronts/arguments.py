@@ -1,5 +1,5 @@
 """What the command line and the ``%autoglm`` magics parse alike: chain inputs as key=value, live settings as
-CHAIN.FIELD=VALUE, and load options."""
+CHAIN.FIELD=VALUE, and load options; and the errors of what they call, said in the flags their user typed."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import argparse
 import dataclasses
 import re
 import shlex
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from workbench.errors import ParseError
+from workbench.errors import ParseError, WorkbenchError
 from workbench.models.settings import LoadSettings, number_setting
 from workbench.models.tiny import resolve_source
 
@@ -92,15 +93,31 @@ def load_options_usage() -> str:
 
 def load_settings(args: argparse.Namespace, source: str) -> LoadSettings:
     """The LoadSettings of ``source`` with the load flags parsed into ``args``."""
+    if isinstance(args.adapters, str):
+        _check_adapters(args.adapters)
     return LoadSettings(source=source, **{option.name: getattr(args, option.name) for option in LOAD_OPTIONS})
+
+
+def _check_adapters(text: str) -> None:
+    """``--adapters``: NAME=PATH items, comma-separated (the load reads them, and checks the names and paths)."""
+    for item in text.split(","):
+        if item.strip() and "=" not in item:
+            raise ParseError(f"--adapters {text!r:.200}: {item.strip()!r:.80} is not NAME=PATH",
+                             hint="e.g. --adapters sql=/adapters/sql,chat=/adapters/chat")
 
 
 def load_model(bench: Workbench, name: str, settings: LoadSettings, replicas: ReplicaOptions | None = None
                ) -> LoadedModel:
     """Load ``settings`` as ``name``, where a front end's SOURCE ``tiny`` means the offline tiny model, with
-    ``replicas`` (``--replicas``, ``--balance``) where given."""
+    ``replicas`` (``--replicas``, ``--balance``) where given; its errors say the flags (``--num-gpus``), not the
+    keywords (``num_gpus=``) a Python caller is told."""
     options = {"replicas": replicas.replicas, "balance": replicas.balance} if replicas is not None else {}
-    return bench.load(name, **(dataclasses.asdict(settings) | {"source": resolve_source(settings.source)}), **options)
+    policy = options.get("balance")
+    # A policy the load refuses is named as it is written: "--balance weighted:3,1", not "Weighted({0: 3.0, ...})".
+    said = {repr(policy): f"--balance {policy.name}"} if policy is not None else {}
+    with flag_words(LOAD_FLAGS, said):
+        return bench.load(name, **(dataclasses.asdict(settings) | {"source": resolve_source(settings.source)}),
+                          **options)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +144,144 @@ def add_replica_options(parser: argparse.ArgumentParser, title: str = "replicas"
 
 
 REPLICA_OPTIONS_USAGE = "[--replicas N|PLACE,...] [--balance POLICY]"
+
+
+# -- errors in the flags' words -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """How a front end's user types a setting that a Python caller passes as a keyword: ``--max-queued N``."""
+
+    flag: str
+    metavar: str = "VALUE"  # what a hint shows for a value it leaves open (adapters={...}: --adapters NAME=PATH,...)
+
+
+# Every setting a load takes, as both front ends' load flags spell it.
+LOAD_FLAGS: dict[str, Flag] = {
+    **{option.name: Flag(_flag(option), option.metadata["metavar"] or "VALUE") for option in LOAD_OPTIONS},
+    "replicas": Flag("--replicas", "N|PLACE,..."),
+    "balance": Flag("--balance", "POLICY"),
+}
+SESSION_FLAGS = {"session": Flag("--session", "S")}
+
+
+@contextmanager
+def flag_words(flags: Mapping[str, Flag], said: Mapping[str, str] | None = None) -> Iterator[None]:
+    """A WorkbenchError raised inside, its message and hint put in the words of a user who typed ``flags``
+    (see :func:`in_flag_words`), and each text of ``said`` replaced by how the user wrote it."""
+    try:
+        yield
+    except WorkbenchError as error:
+        message, hint = error.message, error.hint
+        for python, typed in (said or {}).items():
+            message, hint = message.replace(python, typed), hint and hint.replace(python, typed)
+        error.args = (in_flag_words(message, flags), *error.args[1:])
+        if hint:
+            error.hint = in_flag_words(hint, flags)
+        raise
+
+
+def in_flag_words(text: str, flags: Mapping[str, Flag]) -> str:
+    """``text``, an error's message or hint as written for a Python caller, as read by one who typed ``flags``:
+    a setting's keyword (``max_queued=1024``) as its flag (``--max-queued 1024``), ``adapters={'sql': '/a'}`` as
+    ``--adapters sql=/a``, ``replicas=['cpu', URL]`` as ``--replicas cpu,URL``, ``allow_pickle=True`` as
+    ``--allow-pickle``, ``session=None`` as ``leaving out --session``; a setting named alone as its subject
+    (``hang_timeout_s must be``, ``restarts must be``) as its flag. A Python call written out (``bench.load(...)``),
+    and quoted text, stay as they are: the magics put the one in their own words, and the other is the user's."""
+    if not flags:
+        return text
+    names = "|".join(sorted(map(re.escape, flags), key=len, reverse=True))
+    pattern = re.compile(
+        r"(?P<call>[A-Za-z_][\w.]*\((?:[^()'\"]|'[^']*'|\"[^\"]*\")*\))"
+        r"|(?P<quoted>(?<!\w)'[^']*'(?!\w)|(?<!\w)\"[^\"]*\"(?!\w))"
+        # keyword=VALUE, VALUE a dict, a list, quoted text or a word; never a call (session=str(user_id))
+        rf"|(?<![\w.\-/])(?P<keyword>{names})=(?![\w.]+\()"
+        r"(?P<value>\{[^{}]*\}|\[[^\[\]]*\]|'[^']*'|\"[^\"]*\"|[^\s,;)\]}]+)?"
+        rf"|(?<![\w.\-/])(?P<name>{names})(?![\w=])"
+        rf"(?P<subject>(?= must\b| lists\b| is a setting\b|, (?:{names})\b))?(?P<heading>(?=: ))?"
+    )
+
+    def reword(match: re.Match[str]) -> str:
+        if match["keyword"] is not None:
+            return _as_flag(flags[match["keyword"]], match["value"])
+        name = match["name"]
+        # A name with "_" is a keyword in any prose; a plain word (restarts) only as a sentence's subject, or as
+        # the heading of the message ("adapters: ...").
+        if name is not None and ("_" in name or match["subject"] is not None
+                                 or (match["heading"] is not None and match.start() == 0)):
+            return flags[name].flag
+        return match[0]
+
+    said = pattern.sub(reword, text)
+    # "add --engine ray (--engine ray)", "pass --served-model M (--served-model)": the flag once.
+    return re.sub(r"(--[\w-]+)((?: [^\s,;()]+)?) \(\1(?: [^\s,;()]+)?\)", r"\1\2", said)
+
+
+def _as_flag(flag: Flag, value: str | None) -> str:
+    """A keyword's value as its flag takes it: ``True`` is a switch's flag alone (``--allow-pickle``)."""
+    if value is None or value == "True":
+        return flag.flag
+    if value == "None":
+        return f"leaving out {flag.flag}"
+    if value == "False":
+        return f"without {flag.flag}"
+    if value[0] in "{[":
+        inner = value[1:-1].strip()
+        if inner in ("", "..."):
+            return f"{flag.flag} {flag.metavar}"
+        items = [item.strip() for item in inner.split(",")]
+        if value[0] == "{":
+            items = ["=".join(_unquoted(part) for part in item.split(":", 1)) for item in items]
+        return f"{flag.flag} {','.join(_unquoted(item) for item in items)}"
+    if value == "...":
+        return f"{flag.flag} {flag.metavar}"
+    word = _unquoted(value)
+    return f"{flag.flag} {shlex.quote(word) if word else repr(word)}"
+
+
+def _unquoted(text: str) -> str:
+    text = text.strip()
+    return text[1:-1] if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"" else text
+
+
+# A Python call of bench.load in a hint: the command line loads a model with --model NAME=SOURCE and the load flags.
+_LOAD_CALL = re.compile(r"(?<![\w.])bench\.load\((?P<arguments>(?:[^()'\"]|'[^']*'|\"[^\"]*\")*)\)")
+
+
+def in_command_line_words(hint: str) -> str:
+    """``hint`` as the command line's user acts on it: a ``bench.load(...)`` call it names written as the flags that
+    load the model (``bench.load(NAME, URL, served_model='m')`` is ``--model NAME=URL --served-model m``)."""
+    return _LOAD_CALL.sub(lambda match: _load_flags(match["arguments"]) or match[0], hint)
+
+
+def _load_flags(arguments: str) -> str | None:
+    """A call's arguments as ``--model NAME=SOURCE`` and load flags; None where they are not that plain."""
+    import ast
+
+    try:  # parsed, never run
+        call = ast.parse(f"f({arguments})", mode="eval").body
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+    if not isinstance(call, ast.Call) or len(call.args) > 2:
+        return None
+    words = []
+    for node in call.args:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.strip():
+            words.append(node.value)
+        elif isinstance(node, ast.Name) and node.id.isupper():
+            words.append(node.id)
+        elif not (isinstance(node, ast.Constant) and node.value is Ellipsis):
+            return None
+    name, source = [*words, *["NAME", "PATH"][len(words):]]
+    said = [f"--model {shlex.quote(f'{name}={source}')}"]
+    for keyword in call.keywords:
+        flag = LOAD_FLAGS.get(keyword.arg or "")
+        value = ast.get_source_segment(f"f({arguments})", keyword.value)
+        if flag is None or value is None:
+            return None
+        said.append(_as_flag(flag, value))
+    return " ".join(said)
 
 
 def parse_replicas(text: str) -> int | list[str]:

@@ -6,6 +6,7 @@ import argparse
 import difflib
 import json
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -21,11 +22,16 @@ from workbench.chains.host import HOP_THREADS
 from workbench.demo import DEMO_QUESTION
 from workbench.errors import HopFailed, MissingInputError, SpecError, WorkbenchError, clipped, did_you_mean
 from workbench.fronts.arguments import (
+    LOAD_FLAGS,
     LOAD_HELP,
+    SESSION_FLAGS,
     ExactOptionParser,
+    Flag,
     ParseError,
     add_load_options,
     add_replica_options,
+    flag_words,
+    in_command_line_words,
     load_model,
     load_settings,
     parse_key_values,
@@ -73,7 +79,8 @@ def _demo(args: argparse.Namespace) -> int:
     path = tiny_model()
     print(f"tiny model: {path}")
     with Workbench() as bench:
-        model = bench.load("tiny", path, device=args.device)
+        with flag_words({"device": LOAD_FLAGS["device"]}):
+            model = bench.load("tiny", path, device=args.device)
         print(f"loaded 'tiny' on {model.device} ({model.params:,} parameters) in {model.load_s:.2f} s")
         chain = bench.chain(DEMO_SPEC)
         chain.run(question=args.question)  # warm-up: the first call pays one-off costs
@@ -150,7 +157,8 @@ def _run(args: argparse.Namespace) -> int:
                 error.hint = MODEL_HINT + (f"; given: {', '.join(models)}" if models else "")
             raise
         try:
-            run = chain.run(session=args.session, **inputs)
+            with flag_words(SESSION_FLAGS):
+                run = chain.run(session=args.session, **inputs)
         except MissingInputError as error:
             error.hint = f"autoglm run {args.spec} " + " ".join(f"{name}=..." for name in chain.inputs)
             raise
@@ -255,7 +263,7 @@ def _serve(args: argparse.Namespace) -> int:
         # What serving would refuse is refused before the models load (minutes for a large one). Keys live in the
         # data directory; JWT settings and limits come from the environment (a container's secrets).
         auth = resolve_auth(Auth.open() if args.no_auth else Auth.from_env(bench.data_dir), args.host, bench.data_dir)
-        check_addresses(args.host, {"port": args.port, "grpc_port": args.grpc_port})
+        check_addresses(args.host, {"--port": args.port, "--grpc-port": args.grpc_port})  # its errors name them
         for name, source in models.items():
             load_model(bench, name, load_settings(args, source), replica_options(args))
         chains: dict[str, Chain] = {}
@@ -273,24 +281,35 @@ def _serve(args: argparse.Namespace) -> int:
                     hint="give each spec file its own  name:  (or pass each file once)",
                 )
             chains[chain.name], files[chain.name] = chain, path
-        server = build(bench, list(chains.values()), port=args.port, host=args.host, auth=auth,
-                       log_level=args.log_level, grpc_port=args.grpc_port,
-                       **{name: getattr(args, name) for name in ("max_in_flight", "max_queued")
-                          if getattr(args, name) is not None})
+        with flag_words(SERVE_FLAGS):
+            server = build(bench, list(chains.values()), port=args.port, host=args.host, auth=auth,
+                           log_level=args.log_level, grpc_port=args.grpc_port,
+                           **{name: getattr(args, name) for name in ("max_in_flight", "max_queued")
+                              if getattr(args, name) is not None})
         if not is_loopback(args.host):
             print(f"autoglm: note: {args.host} is {'every network' if args.host in ('0.0.0.0', '::') else 'a network'} "
                   "this machine is on, and calls and their keys travel unencrypted\nhint: put TLS in front (a reverse "
                   "proxy, an Ingress) of anything past a network you trust; --host 127.0.0.1 serves this machine only",
                   file=sys.stderr, flush=True)
+        nobody = auth.admits_nobody()
+        if nobody is not None and auth.keys is not None:
+            folder = shlex.quote(str(auth.keys.data_dir))
+            print(f"autoglm: warning: {nobody}, so every call but /health is refused as unauthenticated (401)\n"
+                  f"hint: autoglm keys add NAME --role runner --data-dir {folder} makes a key, which this server takes "
+                  "at once; --no-auth serves this machine only, without credentials", file=sys.stderr, flush=True)
         if server.grpc is not None:
             server.grpc.start()  # before "serving" is said, and so its port (--grpc-port 0: the system's pick) is known
-        print(f"serving {', '.join(chains)} on {server.url} (auth: {auth!r}); Ctrl-C stops",
-              flush=True)
+        print(f"serving {', '.join(chains)} on {server.url} (auth: {auth.describe()}); Ctrl-C stops", flush=True)
         if server.grpc is not None:
             print(f"gRPC (ChainService) on {server.grpc.target}", flush=True)
         server.run()  # until Ctrl-C or SIGTERM
         print("stopped", flush=True)
     return 0
+
+
+# The settings `autoglm serve` takes as flags, which the gateway's errors name as keywords (max_queued=1024).
+SERVE_FLAGS = {"port": Flag("--port", "P"), "grpc_port": Flag("--grpc-port", "N"), "host": Flag("--host", "H"),
+               "max_in_flight": Flag("--max-in-flight", "N"), "max_queued": Flag("--max-queued", "N")}
 
 
 def _add_serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -407,8 +426,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except WorkbenchError as error:
         print(f"autoglm: {clipped(error.message)}", file=sys.stderr)
-        if error.hint:
-            print(f"hint: {clipped(error.hint)}", file=sys.stderr)
+        if error.hint:  # a hint may name the Python call that helps: here, the flags that make it
+            print(f"hint: {clipped(in_command_line_words(error.hint))}", file=sys.stderr)
         return 2
     except _Terminated:
         print("autoglm: stopped by SIGTERM", file=sys.stderr)

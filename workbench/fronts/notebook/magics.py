@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import re
+import shlex
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -26,7 +27,7 @@ from workbench.errors import (
 )
 from workbench.experiments import CompareInterrupted, compare
 from workbench.experiments.workloads import read_inputs
-from workbench.fronts.arguments import load_model
+from workbench.fronts.arguments import SESSION_FLAGS, Flag, flag_words, load_model
 from workbench.fronts.notebook.parsers import (
     PROG,
     BalanceCommand,
@@ -58,6 +59,12 @@ RUN_VARIABLE = "_autoglm_run"
 COMPARE_VARIABLE = "_autoglm_compare"
 WIDGET_VARIABLE = "_autoglm_widget"
 SERVER_VARIABLE = "_autoglm_server"
+# The options of serve and compare, which the errors of bench.serve and compare() name as keywords (arrival_rate=20).
+SERVE_FLAGS = {"port": Flag("--port", "P"), "grpc_port": Flag("--grpc-port", "G"), "host": Flag("--host", "H")}
+COMPARE_FLAGS = {"concurrency": Flag("--concurrency", "N"), "repeats": Flag("--repeats", "N"),
+                 "warmup": Flag("--warmup", "N"), "arrival_rate": Flag("--rate", "R"), "seed": Flag("--seed", "N"),
+                 "batching": Flag("--batching", "P,..."), "preloading": Flag("--preload", "S,..."),
+                 "cache": Flag("--cache", "A,...")}
 # A visible mark per level: pandas' HTML strips leading whitespace (non-breaking too), which
 # would flatten the span tree in a notebook.
 _INDENT = "· "
@@ -159,7 +166,8 @@ class AutoglmMagics(Magics):
 
     def _balance(self, command: BalanceCommand) -> None:
         bench = current()
-        bench.set_balance(command.name, command.policy)
+        with flag_words({}, {repr(command.policy): command.policy.name}):  # the policy as typed, not its repr
+            bench.set_balance(command.name, command.policy)
         # Accepted on one replica too (it is kept for a load with more, and wb.compare sets it on every model of a
         # chain), but said: a user who expected it to spread requests learns why nothing changes.
         one = bench.registry.is_loaded(command.name) and len(bench.replicas(command.name)) == 1
@@ -227,7 +235,9 @@ class AutoglmMagics(Magics):
         chain = self._find_chain(command.chain)
         self._ran = chain
         try:
-            run = self._stream(chain, command) if command.stream else chain.run(session=command.session, **command.inputs)
+            with flag_words(SESSION_FLAGS):
+                run = self._stream(chain, command) if command.stream else \
+                    chain.run(session=command.session, **command.inputs)
         except MissingInputError as missing:
             example = " ".join(f"{name}=..." for name in chain.inputs)
             raise MissingInputError(missing.message, hint=f"{PROG} run {command.chain} {example}") from None
@@ -319,20 +329,16 @@ class AutoglmMagics(Magics):
             "seed": command.seed,
         }
         if command.ui:
-            dashboard = ComparisonDashboard(
-                chain,
-                inputs,
-                batching=command.batching or (),
-                preloading=command.preload or (),
-                save=command.save,
-                **workload,
-            )
+            with flag_words(COMPARE_FLAGS):
+                dashboard = ComparisonDashboard(chain, inputs, batching=command.batching or (),
+                                                preloading=command.preload or (), save=command.save, **workload)
             self._show_widget(dashboard)
             dashboard.run()
             return
         try:
-            comparison = compare(chain, inputs, batching=command.batching, preloading=command.preload,
-                                 cache=command.cache, **workload)
+            with flag_words(COMPARE_FLAGS):
+                comparison = compare(chain, inputs, batching=command.batching, preloading=command.preload,
+                                     cache=command.cache, **workload)
         except CompareInterrupted as stopped:  # the passes that finished stay bound, as a finished comparison is
             if stopped.comparison is not None:
                 self._user_ns[COMPARE_VARIABLE] = stopped.comparison
@@ -390,8 +396,9 @@ class AutoglmMagics(Magics):
         # of the notebook's bench = wb.Workbench(...)), as %autoglm run runs them; else current() says which is not its.
         one_host = len({id(chain.bench) for chain in chains}) == 1
         bench = bench_of(chains[0]) if one_host else current()
-        server = bench.serve(chains, port=command.port, host=command.host,
-                             auth=False if command.no_auth else None, grpc_port=command.grpc_port)
+        with flag_words(SERVE_FLAGS):
+            server = bench.serve(chains, port=command.port, host=command.host,
+                                 auth=False if command.no_auth else None, grpc_port=command.grpc_port)
         self._servers.append(server)
         self._user_ns[SERVER_VARIABLE] = server
         names = ", ".join(c.name for c in chains)
@@ -399,6 +406,14 @@ class AutoglmMagics(Magics):
               f"%autoglm serve stop stops it")
         if server.grpc is not None:
             print(f"gRPC (ChainService) on {server.grpc.target}")
+        auth = server.app.state.gateway.auth
+        nobody = auth.admits_nobody()
+        if nobody is not None and auth.keys is not None:  # it serves, and refuses every call: say so
+            report(WorkbenchError(
+                f"warning: {nobody}, so every call but /health is refused as unauthenticated (401)",
+                hint=f"make a key in a terminal: autoglm keys add NAME --role runner --data-dir "
+                     f"{shlex.quote(str(auth.keys.data_dir))} (this server takes it at once); or serve this machine "
+                     f"only, without credentials: {PROG} serve {' '.join(command.chains)} --no-auth"))
 
     def _show_widget(self, widget: Any) -> None:
         """Display a widget and bind it to _autoglm_widget, where cells (and tests) can read its state."""

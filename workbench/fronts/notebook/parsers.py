@@ -18,6 +18,7 @@ from workbench.engine.preloading import PRELOADING_FORMS, PreloadingStrategy, pa
 from workbench.errors import ParseError, did_you_mean
 from workbench.experiments.compare import CACHE_ARMS
 from workbench.fronts.arguments import (
+    LOAD_FLAGS,
     REPLICA_OPTIONS_USAGE,
     ExactOptionParser,
     ReplicaOptions,
@@ -402,7 +403,7 @@ class ServeCommand(Command):
     subcommand = "serve"
     usage = "serve CHAIN ... [--port P] [--grpc-port G] [--host H] [--no-auth] | serve stop"
     about = ("serve chains over HTTP (REST, JSON-RPC, OpenAI-compatible) and optionally gRPC from the kernel; binds the "
-             "Server to _autoglm_server")
+             "Server to _autoglm_server. serve stop, alone, stops every server serve started")
     example = "%autoglm serve qa --port 8000"
 
     chains: tuple[str, ...] = ()
@@ -414,20 +415,33 @@ class ServeCommand(Command):
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("chains", nargs="+", metavar="CHAIN", help="chains to serve, or 'stop' to stop serving")
-        parser.add_argument("--port", type=int, default=8000, help="the port (default 8000; 0: any free one)")
-        parser.add_argument("--grpc-port", type=int, default=None,
+        parser.add_argument("chains", nargs="+", metavar="CHAIN",
+                            help="chains to serve; or stop, alone, to stop every server serve started")
+        # No defaults here (see from_args): serve stop refuses an option it was given, and needs to see it.
+        parser.add_argument("--port", type=int, help=f"the port (default {cls.port}; 0: any free one)")
+        parser.add_argument("--grpc-port", type=int,
                             help="also serve them over gRPC (ChainService) on this port (0: any free one)")
-        parser.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1)")
+        parser.add_argument("--host", help=f"the address to listen on (default {cls.host})")
         parser.add_argument("--no-auth", action="store_true",
                             help="take calls without credentials (every caller is an admin); loopback only")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, cell: str | None) -> Command:
-        if args.chains == ["stop"]:
+        if args.chains[0] == "stop":  # the action: a chain named stop cannot be served as the first name
+            options = {"--port": args.port, "--grpc-port": args.grpc_port, "--host": args.host}
+            extra = [*args.chains[1:], *(f"{flag} {value}" for flag, value in options.items() if value is not None),
+                     *(["--no-auth"] if args.no_auth else [])]
+            if extra:
+                raise ParseError(f"serve stop stops every server {PROG} serve started, and takes nothing after it: "
+                                 f"got {' '.join(extra)!r:.200}",
+                                 hint=f"{PROG} serve stop, alone; to serve chains: {PROG} serve CHAIN ...")
             return cls(stop=True)
-        return cls(chains=tuple(args.chains), port=args.port, host=args.host, no_auth=args.no_auth,
-                   grpc_port=args.grpc_port)
+        for flag, port in (("--port", args.port), ("--grpc-port", args.grpc_port)):
+            if port is not None and not 0 <= port <= 65535:  # as the flag was typed; serving says "grpc port"
+                raise ParseError(f"serve: {flag} {port} is not a TCP port (0 to 65535)",
+                                 hint="a port from 1 to 65535, or 0 for any free one")
+        return cls(chains=tuple(args.chains), port=cls.port if args.port is None else args.port,
+                   host=cls.host if args.host is None else args.host, no_auth=args.no_auth, grpc_port=args.grpc_port)
 
 
 COMMANDS[ServeCommand.subcommand] = ServeCommand
@@ -616,10 +630,14 @@ def _as_subcommand(method: str, arguments: str | None) -> str | None:
             return None
         words = given + ["NAME", "SOURCE"][len(given):]
         for keyword_ in call.keywords:
-            value = _word(keyword_.value) if keyword_.arg is not None else None
-            if keyword_.arg is None or keyword_.arg not in LoadSettings.__dataclass_fields__ or value is None:
+            flag = LOAD_FLAGS.get(keyword_.arg or "")
+            value = _word(keyword_.value)
+            if value is None and isinstance(keyword_.value, ast.List):  # replicas=["cpu", URL]: --replicas cpu,URL
+                items = [_word(item) for item in keyword_.value.elts]
+                value = ",".join(item for item in items if item is not None) if items and None not in items else None
+            if flag is None or value is None:
                 return None
-            words += [f"--{keyword_.arg.replace('_', '-')}", value]
+            words += [flag.flag, value]
         return " ".join([PROG, "load", *words])
     if call.keywords or len(words) != (1 if method == "unload" else 2):
         return None

@@ -567,6 +567,31 @@ class Auth:
             trusted_proxies=env.get("AUTOGLM_TRUSTED_PROXIES", ""),
         )
 
+    def describe(self) -> str:
+        """What a caller needs, as a server says at its start: ``API keys from /data/keys.sqlite3 (2 active)``,
+        ``JWTs signed HS256``, both, or none (an open server)."""
+        if self.is_open:
+            return "none, every caller is admin 'local'"
+        ways = []
+        if self.keys is not None:
+            ways.append(f"API keys from {self.keys.path} ({self.active_keys()} active)")
+        if self._jwt_key is not None:
+            ways.append(f"JWTs signed {'/'.join(self.jwt_algorithms)}")
+        return " or ".join(ways) or "no credentials accepted"
+
+    def active_keys(self) -> int:
+        """How many API keys authenticate now (revoked ones do not); 0 without a key store."""
+        return 0 if self.keys is None else sum(not row["revoked"] for row in self.keys.list())
+
+    def admits_nobody(self) -> str | None:
+        """Why no caller could authenticate, where none could: no active API key and no JWT key (a server started on
+        an empty key store refuses every call but ``/health``); None where some caller can, or on an open server."""
+        if self.is_open or self._jwt_key is not None or self.active_keys():
+            return None
+        where = f"the key store {self.keys.path} holds no active API key" if self.keys is not None \
+            else "this server takes no API keys"
+        return f"no caller can authenticate: {where} and no JWT key is set"
+
     def __repr__(self) -> str:
         if self.is_open:
             return "<Auth open: every caller is admin 'local'>"
