@@ -586,7 +586,8 @@ def _check_engine(settings: LoadSettings) -> None:
     if settings.engine == "ray" and settings.isolation == "process":
         raise ModelLoadError("engine='ray' runs each replica in an actor, a process of its own already: "
                              "isolation='process' has nothing to add",
-                             hint="drop isolation='process', or engine='ray' for a child process on this machine")
+                             hint="drop isolation='process' to run on Ray, or drop engine='ray' for a child process on this "
+                             "machine")
     if settings.engine == "ray" and settings.remote:
         raise ModelLoadError(f"{settings.source!r} is a model server, which serves itself: engine='ray' cannot run it",
                              hint="give engine='ray' a model directory or hub id, or drop it for the server")
