@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 import workbench as wb
-from workbench.engine.balancing import parse_balance
+from workbench.engine.balancing import ReplicaLoad, parse_balance
 from workbench.tracing import attributes as attr
 
-from helpers import eventually, free_port
+from helpers import WAIT_S, eventually, free_port
 
 ONE_HOP = {
     "name": "qa",
@@ -360,3 +361,91 @@ def test_a_model_name_that_names_a_replica_is_refused(bench: wb.Workbench, tiny_
     assert "m#1" not in bench.registry.names()
     assert list(bench.breakers()["model"]) == ["m#0", "m#1"]
     assert served_by(bench.chain(ONE_HOP).run(question="q")) in {"m#0", "m#1"}
+
+
+def test_with_every_weighted_replica_sick_the_replicas_of_weight_0_share_the_load(tiny_path: Path) -> None:
+    # The fallback took the first of the tied zero-weight replicas every time: one request after another, 8 of 8 went
+    # to w#1 while w#2 stood idle.
+    with wb.Workbench(store=wb.InMemoryContextStore()) as other:
+        other.load("w", tiny_path, device="cpu", replicas=3, balance=wb.Weighted([1, 0, 0]))
+        other.set_breaker("w#0", failure_threshold=1, reset_timeout_s=3600)
+        other.inject("w#0", error_rate=1.0, seed=0)
+        with pytest.raises(wb.InjectedFault):
+            other.generate("w#0", "hello", max_new_tokens=1)
+        assert other.breakers().set_index("model").loc["w#0", "state"] == "open"
+        for _ in range(8):
+            other.generate("w", "hello", max_new_tokens=1)
+        served = other.replicas("w").set_index("replica")["served"]
+        assert served["w#0"] == 0 and served["w#1"] >= 2 and served["w#2"] >= 2
+
+
+def test_weighted_refuses_a_replica_weighed_twice_and_a_seed_it_cannot_draw_from(bench: wb.Workbench) -> None:
+    # {0: 1, "m#0": 3} kept the index's 1 and dropped the name's 3 with nothing said; a list as the seed failed with
+    # random's bare TypeError.
+    with pytest.raises(wb.StrategyError, match=r"weighs replica 'm#0' twice: 1 as index 0 and 3 as 'm#0'") as info:
+        bench.set_balance("m", wb.Weighted({0: 1, "m#0": 3, "m#1": 1}))
+    assert info.value.hint
+    assert bench.engine.balance("m").name == "round_robin"
+    for make in (lambda: wb.Weighted([3, 1], seed=[1]), lambda: wb.PowerOfTwo(seed={"a": 1})):
+        with pytest.raises(wb.StrategyError, match="seed must be a whole number") as info:
+            make()
+        assert "seed=0" in (info.value.hint or "")
+
+
+class _Raising(wb.BalancePolicy):
+    """A policy of a user's own with a bug: it raises on every pick."""
+
+    @property
+    def name(self) -> str:
+        return "raising"
+
+    def choose(self, healthy: Sequence[ReplicaLoad], session: str | None) -> ReplicaLoad:
+        raise KeyError("no such replica")
+
+
+class _Stray(_Raising):
+    """A policy of a user's own that returns something other than one of the replicas offered."""
+
+    def choose(self, healthy: Sequence[ReplicaLoad], session: str | None) -> ReplicaLoad:
+        return None  # type: ignore[return-value]
+
+
+class _Nameless(wb.BalancePolicy):
+    """A policy of a user's own that forgot its name."""
+
+    def choose(self, healthy: Sequence[ReplicaLoad], session: str | None) -> ReplicaLoad:
+        return healthy[0]
+
+
+def test_a_balance_policy_of_the_users_own_that_fails_to_pick_is_logged_and_its_requests_still_served(
+    bench: wb.Workbench, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A policy that raised failed a blocking call with its raw KeyError, and an awaited run never finished: the error
+    # escaped the engine's queueing on the event loop, and the run waited for an answer that never came.
+    chain = bench.chain(ONE_HOP)
+    for policy, why in [(_Raising(), "raised KeyError: 'no such replica'"),
+                        (_Stray(), "returned None, none of the replicas it was offered")]:
+        caplog.clear()
+        bench.set_balance("m", policy)
+        run = asyncio.run(asyncio.wait_for(chain.arun(question="q"), WAIT_S))
+        assert run.ok
+        assert chain.run(question="q").ok
+        assert bench.generate("m", "hello", max_new_tokens=1).tokens_out == 1
+        failures = [r.getMessage() for r in caplog.records if "balance policy" in r.getMessage()]
+        assert len(failures) == 1, failures  # once per policy set, not per request
+        assert f"balance policy 'raising' of model 'm' {why}" in failures[0]
+        assert "least loaded replica" in failures[0]
+    assert bench.replicas("m")["in_flight"].tolist() == [0, 0]
+
+
+def test_a_balance_policy_of_the_users_own_without_a_name_or_choose_is_refused_when_set(bench: wb.Workbench) -> None:
+    # One without a name was taken, and then every request failed with a bare NotImplementedError (and
+    # bench.replicas() with it).
+    with pytest.raises(wb.StrategyError, match=r"balance policy _Nameless has no name \(its name raised "
+                                               "NotImplementedError\\)") as info:
+        bench.set_balance("m", _Nameless())
+    assert "name property" in (info.value.hint or "")
+    with pytest.raises(wb.StrategyError, match="balance policy BalancePolicy defines no choose"):
+        bench.set_balance("m", wb.BalancePolicy())
+    assert bench.engine.balance("m").name == "round_robin"
+    assert set(bench.replicas("m")["balance"]) == {"round_robin"}

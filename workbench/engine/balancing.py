@@ -13,6 +13,14 @@ from workbench.errors import StrategyError, did_you_mean
 BALANCE_FORMS = "round_robin, least_loaded, power_of_two, session_hash, weighted:W0,W1,... (one weight per replica)"
 
 
+def _check_seed(policy: str, seed: object) -> None:
+    """Raise StrategyError for a seed random.Random cannot take (a list or a dict failed with a bare TypeError)."""
+    if seed is not None and not isinstance(seed, (int, float, str, bytes, bytearray)):
+        raise StrategyError(f"{policy}: seed must be a whole number (or None: a new draw each time), not "
+                            f"{type(seed).__name__} {seed!r:.60}",
+                            hint=f"e.g. {policy}(seed=0) repeats the same draws from run to run")
+
+
 class ReplicaLoad(Protocol):
     """What a policy reads of a replica: its place in the set, its name, and the requests it holds now."""
 
@@ -105,6 +113,7 @@ class PowerOfTwo(BalancePolicy):
     """
 
     def __init__(self, seed: int | None = None) -> None:
+        _check_seed("PowerOfTwo", seed)
         self.seed = seed
         self._rng = random.Random(seed)
 
@@ -192,8 +201,12 @@ class Weighted(BalancePolicy):
         # Given as a list (or weighted:W0,W1 as text): one weight per replica, in order, so one too few is a mistake
         # (the replica left out would never serve), not a choice as leaving a replica out of a mapping is.
         self.positional = not isinstance(weights, Mapping)
+        _check_seed("Weighted", seed)
         self.seed = seed
         self._rng = random.Random(seed)
+        # Only replicas of weight 0 healthy: the least loaded of them, ties in turn (as LeastLoaded); always the first
+        # of a tie, one sequential request after another all went to one of them while the others stood idle.
+        self._without = LeastLoaded()
 
     def weight(self, replica: ReplicaLoad) -> float:
         return self.weights.get(replica.index, self.weights.get(replica.name, 0.0))
@@ -218,6 +231,11 @@ class Weighted(BalancePolicy):
             if stray:
                 raise StrategyError(f"{self!r} weighs replica {key!r}, but {have}",
                                     hint="weigh the replicas the model has, by index or by name")
+        for index, name in enumerate(names):
+            if index in self.weights and name in self.weights:  # the index's weight won, and the name's was dropped
+                raise StrategyError(f"{self!r} weighs replica {name!r} twice: {self.weights[index]:g} as index "
+                                    f"{index} and {self.weights[name]:g} as {name!r}",
+                                    hint="weigh each replica once, by index or by name")
         if not any(self.weights.get(i, self.weights.get(n, 0.0)) > 0 for i, n in enumerate(names)):
             raise StrategyError(f"{self!r} gives none of the replicas of {model!r} a weight above 0; {have}",
                                 hint=f"e.g. wb.Weighted({{{names[0]!r}: 3, {names[1]!r}: 1}})")
@@ -231,7 +249,7 @@ class Weighted(BalancePolicy):
     def choose(self, healthy: Sequence[ReplicaLoad], session: str | None) -> ReplicaLoad:
         weights = [self.weight(r) for r in healthy]
         if not any(weights):  # only replicas of weight 0 are healthy: better served by them than not at all
-            return _least(healthy)
+            return self._without.choose(healthy, None)
         return self._rng.choices(list(healthy), weights)[0]
 
     def __eq__(self, other: object) -> bool:
@@ -268,9 +286,30 @@ BALANCE_POLICIES: dict[str, Callable[[str], BalancePolicy]] = {
 _TAKES_SETTING = {"power_of_two", "weighted"}
 
 
+def _check_policy(policy: BalancePolicy) -> None:
+    """Refuse a policy of the user's own that could never pick: one with no ``choose``, or no ``name`` (read for every
+    request's span and ``bench.replicas()``; a NotImplementedError there failed every request, and hung an awaited one).
+    """
+    kind = type(policy).__name__
+    example = ("a subclass of wb.BalancePolicy gives a name property (its short form, e.g. 'mine') and "
+               "choose(healthy, session), which returns one of healthy")
+    if type(policy).choose is BalancePolicy.choose:
+        raise StrategyError(f"balance policy {kind} defines no choose(healthy, session), so it cannot pick a replica",
+                            hint=f"{example}; or one of the forms {BALANCE_FORMS}")
+    try:
+        name: object = policy.name
+    except Exception as exc:
+        name = exc
+    if not isinstance(name, str) or not name.strip():
+        got = f"raised {type(name).__name__}" if isinstance(name, Exception) else f"is {name!r:.60}"
+        raise StrategyError(f"balance policy {kind} has no name (its name {got}): every request's span and "
+                            "bench.replicas() say the policy by its name", hint=example)
+
+
 def parse_balance(text: str | BalancePolicy) -> BalancePolicy:
     """A policy from its short name, the inverse of ``policy.name``; a policy object passes through unchanged."""
     if isinstance(text, BalancePolicy):
+        _check_policy(text)
         return text
     if not isinstance(text, str):
         raise StrategyError(f"a balance policy is a name or a policy object, not {type(text).__name__}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import re
 import threading
 from collections.abc import Sequence
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from workbench.engine.balancing import BalancePolicy
+from workbench.engine.balancing import BalancePolicy, LeastLoaded
 from workbench.engine.batching import BatchingPolicy
 from workbench.engine.breaker import CLOSED
 from workbench.engine.worker import ModelWorker
@@ -19,6 +20,8 @@ from workbench.models.devices import resolve_device
 from workbench.models.remote import REMOTE_DEVICE
 from workbench.models.settings import is_server_url
 
+
+log = logging.getLogger(__name__)
 
 # How a name points at one replica of a replicated model: "m#1" is replica 1 of model "m".
 REPLICA_NAME = re.compile(r"^(?P<model>.+)#(?P<index>\d+)$")
@@ -151,6 +154,7 @@ class ReplicaSet:
         self.policy = policy  # a copy of its own: see the setter
         self.shared_weights = shared_weights  # some replicas run one model object between them
         self._lock = threading.Lock()
+        self._fallback = LeastLoaded()  # picks while the policy fails: see _choose
 
     @property
     def policy(self) -> BalancePolicy:
@@ -165,6 +169,7 @@ class ReplicaSet:
             self._policy = copy.deepcopy(policy)
         except Exception:  # a policy of the user's own that cannot be copied keeps its state as it is
             self._policy = policy
+        self._failing = False  # the new policy's failure is logged once, when it first fails
 
     def check(self, policy: BatchingPolicy) -> None:
         """Raise StrategyError if the replicas cannot all run under ``policy``."""
@@ -184,9 +189,34 @@ class ReplicaSet:
                 chosen = self.replicas[0]
             else:
                 healthy = [r for r in self.replicas if r.available]
-                chosen = self.policy.choose(healthy or self.replicas, session)
+                chosen = self._choose(healthy or self.replicas, session)
             chosen.in_flight += 1
             return chosen
+
+    def _choose(self, offered: list[Replica], session: str | None) -> Replica:
+        """The policy's pick among ``offered``; the least loaded of them if the policy raised or picked none of them.
+
+        A policy of the user's own may fail on a request. The request is served rather than failed: an error here
+        would escape the engine's queueing, where an awaited request waits for an answer that never comes.
+        """
+        policy = self.policy
+        error: Exception | None = None
+        try:
+            chosen = policy.choose(offered, session)
+        except Exception as exc:
+            error, why = exc, f"raised {type(exc).__name__}: {exc}"
+        else:
+            picked = next((replica for replica in offered if replica is chosen), None)
+            if picked is not None:
+                return picked
+            why = f"returned {chosen!r:.80}, none of the replicas it was offered"
+        if not self._failing:
+            self._failing = True
+            log.error("balance policy %r of model %r %s; its requests go to the least loaded replica until it is "
+                      "fixed (this is logged once; bench.set_balance(%r, ...) sets another)",
+                      policy.name, self.model, why, self.model, exc_info=error)
+        fallback = self._fallback.choose(offered, session)
+        return next(replica for replica in offered if replica is fallback)
 
     def finished(self, replica: Replica, ok: bool) -> None:
         with self._lock:
