@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from helpers import WAIT_S, eventually, need_ray, ray_runtime_env, ray_started, ray_turn
+from helpers import WAIT_S, eventually, free_port, need_ray, ray_runtime_env, ray_started, ray_turn
 
 import workbench as wb
 from workbench.engine import Call
@@ -503,3 +503,57 @@ def test_a_local_ray_whose_start_timed_out_is_started_again(tiny_path: Path, tmp
     assert "tokens: 2" in done.stdout
     assert (tmp_path / "slowed").is_dir()  # the first start did meet the slow agent
     assert "a local Ray did not start (The current node timed out during startup" in done.stderr
+
+
+def test_an_address_where_no_ray_listens_fails_the_load_at_once_saying_where_it_looked(tiny_path: Path) -> None:
+    # ray.init retried an address where nothing listens for about 14 minutes (20 tries of ~41 s each, Ray 2.60),
+    # saying nothing but its own log lines meanwhile; Ray Client (ray://) gave up after 30 s. In a fresh process: one
+    # connected to Ray already (this module's) uses that connection, and never dials the address.
+    need_ray()
+    port = free_port()
+    script = textwrap.dedent(f"""
+        import ray
+        import workbench as wb
+        with wb.Workbench(store=wb.InMemoryContextStore()) as bench:
+            for address in ["127.0.0.1:{port}", "ray://127.0.0.1:{port}"]:
+                try:
+                    bench.load("r", {str(tiny_path)!r}, device="cpu", engine="ray", address=address)
+                except wb.ModelLoadError as exc:
+                    print("refused:", exc.message, "|", exc.hint)
+            print("known:", sorted(bench.models()["name"]))
+        print("connected:", ray.is_initialized())
+    """)
+    # The timeout only keeps a hang from holding the test run: the load answers as soon as the address refuses.
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240,
+                          env=os.environ | ray_runtime_env()["env_vars"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    refused = [line for line in done.stdout.splitlines() if line.startswith("refused:")]
+    assert len(refused) == 2, done.stdout
+    assert refused[0].startswith(f"refused: could not reach the Ray cluster at '127.0.0.1:{port}': nothing accepted a "
+                                 "connection at ")  # the address Ray dials: this machine's for a loopback one
+    assert refused[1].startswith(f"refused: could not reach the Ray cluster at 'ray://127.0.0.1:{port}': nothing "
+                                 f"accepted a connection at 127.0.0.1:{port} (ConnectionRefusedError")
+    assert all("ray status" in line and "ray://HEAD:10001" in line for line in refused)
+    assert "known: []" in done.stdout and "connected: False" in done.stdout
+
+
+def test_an_address_that_is_not_the_ray_this_process_connected_to_itself_is_refused(
+    ray: Any, bench: wb.Workbench, tiny_path: Path
+) -> None:
+    # With this process connected by a ray.init of its own (this module's), an address was ignored with nothing said:
+    # the replicas of a load "on the cluster at ray://head:10001" ran on the local Ray.
+    connected = ray.get_runtime_context().gcs_address
+    for address in [f"127.0.0.1:{free_port()}", "ray://cluster.invalid:10001", "local"]:
+        with pytest.raises(wb.ModelLoadError, match=f"this process is already connected to the Ray at {connected} "
+                                                    r"\(by a ray.init of its own\)") as caught:
+            bench.load("elsewhere", tiny_path, device="cpu", engine="ray", num_cpus=0, address=address)
+        assert "leave address out" in (caught.value.hint or "")
+        assert "elsewhere" not in set(bench.models()["name"])
+    # The connected Ray's own address is that Ray, as is a loopback one for it, and Ray Client on its host.
+    port = connected.rpartition(":")[2]
+    for address in [connected, f"127.0.0.1:{port}", "ray://127.0.0.1:10001"]:
+        bench.load("here", tiny_path, device="cpu", engine="ray", num_cpus=0, address=address)
+        try:
+            assert bench.generate("here", "Hello", max_new_tokens=2).tokens_out == 2
+        finally:
+            bench.unload("here", forget=True)

@@ -15,6 +15,7 @@ import functools
 import logging
 import os
 import queue
+import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +23,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from opentelemetry.trace import INVALID_SPAN
 
@@ -52,6 +54,9 @@ RAY_HINT = "pip install 'autoglm-workbench[ray]'"
 # How long a replica's actor may take to be placed and load its model before the load fails. Placing
 # waits for resources the cluster may never have (num_gpus=1 on a CPU cluster), so it cannot wait forever.
 READY_TIMEOUT_S = float(os.environ.get("AUTOGLM_RAY_READY_TIMEOUT_S", "300"))
+# How long a cluster's address may take to accept a connection before the load fails. ray.init gives an address where
+# nothing listens 20 tries of about 41 s each (14 minutes, in Ray 2.60), saying nothing but its own log lines meanwhile.
+REACH_TIMEOUT_S = float(os.environ.get("AUTOGLM_RAY_REACH_TIMEOUT_S", "10"))
 # How often a batch with a timeout on some row looks for rows to stop while it waits for the actor.
 _CANCEL_POLL_S = 0.05
 
@@ -91,7 +96,18 @@ def connect(settings: LoadSettings) -> Any:
                 hint=f"load it on that Ray ({'address=' + repr(ours[0]) if ours[0] else 'leave address= out'}), or "
                 "unload this workbench's Ray models and call ray.shutdown() first",
             )
+        connected = _gcs(ray) if ours is None and settings.address not in (None, "auto") else ""
+        if connected and not _names(ray, settings.address, connected):  # (a Ray Client connection has no GCS here)
+            # Its replicas went to the Ray connected, with nothing said, wherever the address pointed.
+            raise ModelLoadError(
+                f"address={settings.address!r}: this process is already connected to the Ray at {connected} (by a "
+                "ray.init of its own), and a process connects to one Ray at a time, so its replicas would run there",
+                hint="leave address out to load it on the Ray connected, or call ray.shutdown() first to load it on "
+                "the one at the address",
+            )
         return ray  # the caller's own ray.init (a notebook's, a test cluster's) decides where replicas run
+    if settings.address is not None:
+        _check_reachable(ray, settings.address)
     # A local Ray's workers start from this machine's files; a cluster's image brings its own install.
     runtime_env = local_runtime_env() if settings.address is None else None
     try:
@@ -121,6 +137,59 @@ def connect(settings: LoadSettings) -> Any:
     with _connection_lock:
         _ours = (settings.address, _gcs(ray))
     return ray
+
+
+def _names(ray: Any, address: str | None, connected: str) -> bool:
+    """Whether ``address`` names the Ray whose GCS is at ``connected``: that GCS address as Ray reads it (a loopback
+    host is this machine's address), or Ray Client on its host (``ray://HOST:10001``: Ray Client runs on the head)."""
+    try:
+        services = ray._private.services
+        canonical, localhost = services.canonicalize_bootstrap_address, services.resolve_ip_for_localhost
+    except AttributeError:  # a Ray whose private helpers moved: what the address names cannot be told, so not refused
+        log.warning("cannot tell whether address=%r names the Ray connected at %s (this Ray's helpers moved): its "
+                    "replicas run on the Ray connected", address, connected)
+        return True
+    try:
+        if address is not None and address.startswith("ray://"):
+            host = urlsplit(address).hostname
+            return bool(host) and localhost(host) == urlsplit("//" + connected).hostname
+        return str(canonical(address)) == connected
+    except Exception:  # an address Ray cannot read names no Ray
+        return False
+
+
+def _check_reachable(ray: Any, address: str) -> None:
+    """Raise ModelLoadError at once if nothing accepts a connection where ``address`` points: a head's GCS
+    (``HOST:PORT``) or Ray Client (``ray://HOST:PORT``). ``auto`` and an address Ray cannot read are ray.init's to
+    judge (it says so at once)."""
+    client = address.startswith("ray://")
+    if client:
+        dialed = address[len("ray://"):]
+    elif address in ("auto", "local"):
+        return
+    else:
+        try:  # where Ray itself dials: a loopback host becomes this machine's address
+            dialed = str(ray._private.services.canonicalize_bootstrap_address(address))
+        except Exception:
+            return
+    try:
+        parts = urlsplit("//" + dialed)
+        host, port = parts.hostname, parts.port or (10001 if client else None)  # Ray Client's own default port
+    except ValueError:
+        return
+    if not host or port is None:
+        return
+    try:
+        socket.create_connection((host, port), timeout=REACH_TIMEOUT_S).close()
+    except OSError as exc:
+        timed_out = isinstance(exc, TimeoutError)
+        why = f"no answer within {REACH_TIMEOUT_S:g} s" if timed_out else f"{type(exc).__name__}: {exc}"
+        raise ModelLoadError(
+            f"could not reach the Ray cluster at {address!r}: nothing accepted a connection at {host}:{port} ({why})",
+            hint="check that the cluster is up (ray status, on its head) and the address: ray://HEAD:10001 for Ray "
+            "Client, HEAD:6379 for the head itself, 'auto' for a Ray started with ray start on this machine; or leave "
+            "address out for a local Ray (AUTOGLM_RAY_REACH_TIMEOUT_S says how long a connection may take)",
+        ) from None
 
 
 # A local Ray's start that timed out is tried this many times in all: its raylet gives its dashboard agent a fixed
