@@ -7,6 +7,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -449,3 +450,41 @@ def test_a_balance_policy_of_the_users_own_without_a_name_or_choose_is_refused_w
         bench.set_balance("m", wb.BalancePolicy())
     assert bench.engine.balance("m").name == "round_robin"
     assert set(bench.replicas("m")["balance"]) == {"round_robin"}
+
+
+def test_a_balance_set_while_the_model_loads_is_the_one_it_serves_by(tiny_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # The load read the balance before its backends started (tens of seconds on Ray) and wrote that one back after:
+    # a set_balance meanwhile was lost, and the model served round robin.
+    import workbench.engine.engine as engine_module
+
+    with wb.Workbench(store=wb.InMemoryContextStore()) as other:
+        other.register("r", tiny_path, device="cpu", replicas=2)
+        start_backend = engine_module.backend_for
+        set_once: list[bool] = []
+
+        def backend_for(*args: Any, **kwargs: Any) -> Any:
+            if not set_once:
+                set_once.append(True)
+                other.set_balance("r", "least_loaded")  # as a notebook cell would, while the load runs
+            return start_backend(*args, **kwargs)
+
+        monkeypatch.setattr(engine_module, "backend_for", backend_for)
+        other.load("r")
+        assert set_once
+        assert other.engine.balance("r").name == "least_loaded"
+        assert set(other.replicas("r")["balance"]) == {"least_loaded"}
+
+
+def test_a_balance_kept_from_before_must_fit_the_replicas_of_the_next_load(tiny_path: Path) -> None:
+    # Weighted([0, 0, 1]) kept from a load of three replicas was taken by a load of two, which then weighed none.
+    # (A load from a source starts afresh, round robin; a load by name keeps what was configured.)
+    with wb.Workbench(store=wb.InMemoryContextStore()) as other:
+        other.load("r", tiny_path, device="cpu", replicas=3, balance=wb.Weighted([0, 0, 1]))
+        other.unload("r")
+        with pytest.raises(wb.StrategyError, match=r"keeps the balance weighted:0,0,1 from before, which does not fit the 2 replicas") as info:
+            other.load("r", replicas=2)
+        assert info.value.hint
+        assert other.engine.balance("r").name == "weighted:0,0,1"  # the refused load changed nothing
+        other.load("r", replicas=2, balance="round_robin")  # a balance for two: loads
+        assert other.replicas("r")["replica"].tolist() == ["r#0", "r#1"]

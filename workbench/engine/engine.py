@@ -37,8 +37,17 @@ from workbench.engine.replicas import (
 from workbench.engine.requests import GenerationParams, GenerationRequest, GenerationResult, Messages
 from workbench.engine.wakeups import Wakeups
 from workbench.engine.worker import ModelWorker
-from workbench.errors import HopTimeout, ModelLoadError, ModelUnhealthy, RunCancelled, SettingsError, UnknownModelError, WorkbenchError
-from workbench.errors import AdapterError
+from workbench.errors import (
+    AdapterError,
+    HopTimeout,
+    ModelLoadError,
+    ModelUnhealthy,
+    RunCancelled,
+    SettingsError,
+    StrategyError,
+    UnknownModelError,
+    WorkbenchError,
+)
 from workbench.models.adapters import AdapterLease, AdapterSet
 from workbench.models.registry import LoadedModel, ModelRegistry
 from workbench.models.remote import REMOTE_DEVICE
@@ -164,7 +173,6 @@ class Engine:
         policy = chosen or default_policy(loaded.settings)
         with self._lock:
             places = self._replicas.get(name, (None,))
-            balance = self._balance.get(name) or RoundRobin()
         self.check_replicas(name, loaded.settings)
         models = [
             self._registry.replica(loaded, place, replica_name(name, i, len(places)), parent, trigger)
@@ -198,8 +206,10 @@ class Engine:
             after.breaker = CircuitBreaker(after.name, before.breaker.failure_threshold, before.breaker.reset_timeout_s)
             if before.faults is not None:
                 after.faults = FaultInjector(before.faults.faults)  # each worker thread draws from its own
-        replicas = ReplicaSet(name, workers, balance, shared)
         with self._lock:
+            # Read now, not before the backends started (tens of seconds on Ray): a set_balance meanwhile counts.
+            balance = self._balance.get(name) or RoundRobin()
+            replicas = ReplicaSet(name, workers, balance, shared)
             self._sets[name] = replicas
             if chosen is not None:
                 self._policies[name] = chosen
@@ -215,6 +225,18 @@ class Engine:
         Returns where each replica will run (None: where the model loads), or None if ``replicas`` was.
         """
         places = replica_places(name, replicas, remote) if replicas is not None else None
+        if balance is None and places is not None:
+            with self._lock:
+                kept = self._balance.get(name)
+            if kept is not None:  # the balance kept from before must fit the new number of replicas too
+                try:
+                    kept.check(name, len(places))
+                except StrategyError as exc:
+                    raise StrategyError(
+                        f"model {name!r} keeps the balance {kept.name} from before, which does not fit the "
+                        f"{len(places)} replicas asked for now: {exc.message}",
+                        hint="give the load a balance for them (balance='round_robin'), or bench.set_balance first",
+                    ) from None
         if balance is not None:
             balance.check(name, len(places) if places is not None else self.replica_count(name))
         with self._lock:
@@ -1067,7 +1089,8 @@ def _finisher(replicas: ReplicaSet, replica: Replica) -> Callable[[Future[Genera
     """A done-callback that takes a finished request off its replica's in-flight count."""
 
     def finished(future: Future[GenerationResult]) -> None:
-        replicas.finished(replica, ok=future.exception() is None)
+        # exception() raises on a cancelled future, which would leave the request counted in flight for ever
+        replicas.finished(replica, ok=not future.cancelled() and future.exception() is None)
 
     return finished
 
