@@ -207,7 +207,8 @@ def test_a_bad_replica_entry_says_what_and_where(bench: wb.Workbench, tiny_path:
     assert 'replicas=["cpu", URL]' in str(only.value.hint)
     with pytest.raises(wb.SettingsError, match="loads from a server, so it has no weights here"):
         bench.load("x", "http://127.0.0.1:8000/v1", replicas=["http://127.0.0.1:8000/v1", "cpu"])
-    with pytest.raises(wb.ModelLoadError, match="cannot reach a model server"):
+    # Which replica could not connect: the server is the second of two.
+    with pytest.raises(wb.ModelLoadError, match="model 'x#1': cannot reach a model server"):
         bench.load("x", tiny_path, replicas=["cpu", f"http://127.0.0.1:{free_port()}/v1"])
     assert "x" not in bench.registry.names()  # nothing half-made by the refused loads
 

@@ -168,6 +168,8 @@ def test_a_replica_whose_breaker_opened_is_skipped_until_it_recovers(bench: wb.W
     runs = [attempt(chain, question=f"q{i}") for i in range(4)]
     failed = [served_by(r) for r in runs if not r.ok]
     assert failed == ["m#1", "m#1"]  # two failures in a row open its breaker
+    # The error names the replica whose faults failed it ("model 'm'" before, whichever replica it was).
+    assert all("injected fault on model 'm#1'" in str(r.error) for r in runs if not r.ok)
     assert bench.breakers().set_index("model").loc["m#1", "state"] == "open"
     later = [chain.run(question=f"q{i}") for i in range(4)]
     assert all(r.ok for r in later) and {served_by(r) for r in later} == {"m#0"}  # skipped, so nothing fails

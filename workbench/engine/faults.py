@@ -109,8 +109,8 @@ class FaultInjector:
         for request in batch:
             if self.faults.error_rate and self._rng.random() < self.faults.error_rate:
                 request.span.set_attribute(attr.FAULT_ERROR, True)
-                fail([request], InjectedFault(
-                    f"injected fault on model {self.faults.model!r} (error_rate={self.faults.error_rate:g})"
+                fail([request], InjectedFault(  # on the replica it names (m#1), of a model with several
+                    f"injected fault on model {request.model!r} (error_rate={self.faults.error_rate:g})"
                 ))
             else:
                 kept.append(request)

@@ -502,8 +502,11 @@ class ModelRegistry:
         span_attrs = {**self._load_span_attributes(name, settings, trigger), attr_names.MODEL_DEVICE: REMOTE_DEVICE}
         with self._tracing.span(f"load {name}", parent, span_attrs) as span:
             started = time.perf_counter()
-            listed = remote.list_models(settings)
-            served = remote.pick_model(settings, listed)
+            try:
+                listed = remote.list_models(settings)
+                served = remote.pick_model(settings, listed)
+            except ModelLoadError as exc:  # a replica of several says which it is
+                raise ModelLoadError(f"model {name!r}: {exc.message}", hint=exc.hint) from exc.__cause__
             tokenizer, config = remote.local_tokenizer(served, settings)
             load_s = time.perf_counter() - started
             window = remote.listed_window(listed, served) or (_context_window(config, tokenizer) if tokenizer else None)
