@@ -490,3 +490,19 @@ def test_a_balance_kept_from_before_must_fit_the_replicas_of_the_next_load(tiny_
         assert other.engine.balance("r").name == "weighted:0,0,1"  # the refused load changed nothing
         other.load("r", replicas=2, balance="round_robin")  # a balance for two: loads
         assert other.replicas("r")["replica"].tolist() == ["r#0", "r#1"]
+
+
+def test_with_every_replica_sick_the_refusal_names_each_and_why(bench: wb.Workbench) -> None:
+    # It named the one replica picked ("model 'm#0' is not taking requests"), as if the other might serve.
+    bench.set_breaker("m", failure_threshold=1, reset_timeout_s=60)
+    bench.inject("m", error_rate=1.0, seed=0)
+    chain = bench.chain(ONE_HOP)
+    for i in range(2):  # one failure each opens both breakers
+        attempt(chain, question=f"q{i}")
+    assert set(bench.breakers().set_index("model").loc[["m#0", "m#1"], "state"]) == {"open"}
+    run = attempt(chain, question="again")
+    assert isinstance(run.error, wb.HopFailed)
+    said = str(run.error)
+    assert "is not taking requests" in said
+    assert "every replica of 'm' is out of rotation: m#0 has its breaker open, m#1 has its breaker open" in said
+    bench.set_breaker("m", failure_threshold=5, reset_timeout_s=5)  # closes both for the next test

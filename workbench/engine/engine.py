@@ -23,7 +23,7 @@ from workbench.engine.backends.ray import RayBackend
 from workbench.engine.backends.transformers import TransformersBackend
 from workbench.engine.balancing import BalancePolicy, RoundRobin
 from workbench.engine.batching import BatchingPolicy, ContinuousBatching, NoBatching, default_policy
-from workbench.engine.breaker import CircuitBreaker
+from workbench.engine.breaker import CLOSED, CircuitBreaker
 from workbench.engine.faults import FaultInjector, Faults
 from workbench.engine.preloading import Preloader
 from workbench.engine.replicas import (
@@ -39,6 +39,7 @@ from workbench.engine.wakeups import Wakeups
 from workbench.engine.worker import ModelWorker
 from workbench.errors import (
     AdapterError,
+    CircuitOpen,
     HopTimeout,
     ModelLoadError,
     ModelUnhealthy,
@@ -533,6 +534,7 @@ class Engine:
         same tick already sees it. Answers in the order of ``calls``, as :meth:`_enqueue` does.
         """
         groups: dict[int, tuple[Replica, list[int]]] = {}
+        every_sick = _every_sick(replicas)
         for slot, (call, span, index) in enumerate(calls):
             replica = replicas.pick(call.session, index)
             if len(replicas.replicas) > 1:
@@ -545,6 +547,10 @@ class Engine:
             except BaseException as exc:  # the backend could not tokenize: every call of the group fails alike
                 placed = [exc] * len(slots)
             for slot, answer in zip(slots, placed):
+                # A call that pins its replica (m#1) asked for that one alone.
+                if every_sick and isinstance(answer, (CircuitOpen, ModelUnhealthy)) and calls[slot][2] is None \
+                        and every_sick not in answer.message:
+                    answer.args = (f"{answer.message}; {every_sick}", *answer.args[1:])
                 answers[slot] = answer
                 if isinstance(answer, GenerationRequest):
                     answer.future.add_done_callback(_finisher(replicas, replica))
@@ -1131,6 +1137,21 @@ def _timeout(model: str, hop: str | None, timeout_s: float | None) -> HopTimeout
         f"{where}: model {model!r} gave no answer within {timeout_s:g} s, so the request was cancelled",
         hint="raise the hop's timeout_s, or give the hop retry or a fallback",
     )
+
+
+def _every_sick(replicas: ReplicaSet) -> str | None:
+    """What a refusal adds when every replica of ``replicas`` (two or more) is out of rotation, so the one picked is
+    as sick as the rest: each replica and why. None while any replica serves."""
+    if len(replicas.replicas) < 2:
+        return None
+    why = []
+    for replica in replicas.replicas:
+        worker = replica.worker
+        if worker.health.serving and worker.breaker.state == CLOSED:
+            return None
+        why.append(f"{replica.name} " + ("failed its last health probe" if not worker.health.serving else
+                                         f"has its breaker {worker.breaker.state.replace('_', '-')}"))
+    return f"every replica of {replicas.model!r} is out of rotation: {', '.join(why)}"
 
 
 def _admit(worker: ModelWorker, span: Span) -> bool:
