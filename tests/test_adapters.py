@@ -662,3 +662,43 @@ def test_the_exact_cache_keys_an_adapter_hop_by_its_live_versions_files(
         tokenizer = bench.registry.get("tiny").tokenizer
         v2 = tokenizer.decode(by_hand(tiny_path, lora["sql_v2"], "Say: " + PROMPT), skip_special_tokens=True).strip()
         assert after.output == v2
+
+
+# -- hostile names and directories -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("__base__", "'__base__' stands for the base model"),
+    ("my.sql", "'my.sql' is not a name a hop can use"),
+    ("sql@v2", "'sql@v2' is not a name a hop can use"),
+    ("", "'' is not a name a hop can use"),
+])
+def test_watching_an_adapter_by_a_name_no_hop_could_pick_is_refused_and_adds_nothing(
+    bench: wb.Workbench, tiny_path: Path, lora: dict[str, Path], name: str, message: str
+) -> None:
+    # It was attached as is: '__base__' then shadowed the base model's name in mixed batches, 'sql@v2' looked like a
+    # version of 'sql', '' could be picked by no hop, and 'my.sql' failed inside peft with advice about the weights.
+    bench.load("tiny", tiny_path, device="cpu", adapters={"sql": lora["sql"]})
+    with pytest.raises(wb.AdapterError, match=re.escape(message)) as refused:
+        bench.watch_adapter("tiny", name, lora["chat"], interval_s=60)
+    assert refused.value.hint and "adapter:" in refused.value.hint
+    assert bench.adapters("tiny")["name"].tolist() == ["sql"]
+    assert bench.registry.adapters()["tiny"] == ["sql"]
+
+
+def test_watching_an_adapter_at_a_directory_it_cannot_serve_from_is_refused_and_the_model_still_loads_back(
+    bench: wb.Workbench, tiny_path: Path, lora: dict[str, Path], tmp_path: Path
+) -> None:
+    # The model followed the directory before anything read it: the watcher refused its version, sql@v1 served on,
+    # and then the model could not load back at all after an unload (or keep-warm evicting it).
+    bench.load("tiny", tiny_path, device="cpu", adapters={"sql": lora["sql"]})
+    for directory, message in ((tmp_path / "typo", "does not exist"), (lora["pickled"], "only pickled weights"),
+                               (lora["mismatched"], "another hidden size")):
+        with pytest.raises(wb.AdapterError, match=re.escape(message)) as refused:
+            bench.watch_adapter("tiny", "sql", directory, interval_s=0.05)
+        assert f"cannot watch adapter 'sql' of model 'tiny' at {str(directory)!r}" in refused.value.message
+        assert str(lora["sql"]) in refused.value.message and refused.value.hint
+    assert bench.adapters("tiny")[["version", "state"]].values.tolist() == [[1, "live"]]
+    bench.unload("tiny")
+    expected = by_hand(tiny_path, lora["sql"], PROMPT)
+    assert bench.generate("tiny", PROMPT, adapter="sql", max_new_tokens=NEW).token_ids == expected

@@ -50,6 +50,7 @@ from workbench.models.adapters import (
     AdapterVersion,
     DirectoryWatcher,
     content_digest,
+    inspect_adapter,
     parse_adapters,
 )
 from workbench.models.registry import LoadedModel, LoadSettings, ModelRegistry, check_successor
@@ -949,9 +950,18 @@ class Workbench:
                 raise AdapterError(f"model {model!r} has no adapter named {name!r}, and no path was given to load "
                                    "it from", hint=f"bench.watch_adapter({model!r}, {name!r}, DIR)")
             adapters.add(name, os.path.expanduser(path), rules)
-        adapters.set_rules(name, rules)
         # Absolute now: the watcher polls it, and stages from it, after the notebook may have changed directory.
         directory = os.path.abspath(os.path.expanduser(path)) if path is not None else adapters.path(name)
+        if directory != adapters.path(name):
+            # Checked before the model follows it: a directory that is not there, or holds an adapter these rules
+            # refuse, would otherwise be where the model loads its adapter from after keep-warm evicts it, and the
+            # model would not load back at all. Refused here, the watch and the adapter serving now stay as they were.
+            try:
+                inspect_adapter(directory, adapters.base, rules)
+            except AdapterError as exc:
+                raise AdapterError(f"cannot watch adapter {name!r} of model {model!r} at {str(path)!r} (it serves on "
+                                   f"from {adapters.path(name)}): {exc.message}", hint=exc.hint) from None
+        adapters.set_rules(name, rules)
         # The watch outlives keep-warm evicting the model: loaded again, it starts from the directory followed.
         self.registry.follow_adapter(model, name, directory)
         live = adapters.live(name)

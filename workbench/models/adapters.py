@@ -313,6 +313,7 @@ class AdapterSet:
 
     def add(self, name: str, path: str | os.PathLike[str], rules: AdapterRules | None = None) -> AdapterVersion:
         """Load ``path`` as adapter ``name`` (version 1), checked as any version is; AdapterError if refused."""
+        check_name(name, "adapter name ", f"name it as a hop would: adapter: {_suggest(name)}")
         with self._state:
             if name in self._named:
                 raise AdapterError(f"an adapter named {name!r} is already loaded", hint="pick another name")
@@ -496,6 +497,20 @@ class DirectoryWatcher:
         return self._thread.is_alive()
 
 
+def check_name(name: object, where: str = "", hint: str = "adapters={'sql': '/adapters/sql'}") -> None:
+    """Refuse a name no hop could pick: not an identifier (peft's module names take no '.', a spec no space), or
+    ``__base__``, which stands for the base model in a mixed batch."""
+    if not isinstance(name, str) or not name.isidentifier() or name == BASE:
+        why = "stands for the base model" if name == BASE else "is not a name a hop can use (letters, digits, _)"
+        raise AdapterError(f"{where}{name!r} {why}", hint=hint)
+
+
+def _suggest(name: object) -> str:
+    """A name like ``name`` that :func:`check_name` takes: ``my.sql`` becomes ``my_sql``."""
+    text = "".join(c if c.isalnum() or c == "_" else "_" for c in str(name)).strip("_") or "adapter"
+    return f"a_{text}" if text[0].isdigit() else text
+
+
 def parse_adapters(adapters: Any) -> tuple[tuple[str, str], ...]:
     """Named adapters as LoadSettings keeps them: from a dict, pairs, or ``"sql=/a,chat=/b"`` (a front end's flag)."""
     if adapters is None or adapters == ():
@@ -511,9 +526,7 @@ def parse_adapters(adapters: Any) -> tuple[tuple[str, str], ...]:
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
             raise AdapterError(f"adapters: {pair!r} is not NAME=PATH", hint="adapters={'sql': '/adapters/sql'}")
         name, path = str(pair[0]).strip(), os.fspath(pair[1])
-        if not name.isidentifier() or name == BASE:
-            raise AdapterError(f"adapters: {name!r} is not a name a hop can use (letters, digits, _)",
-                               hint="adapters={'sql': '/adapters/sql'}")
+        check_name(name, "adapters: ", "adapters={'sql': '/adapters/sql'}")
         parsed.append((name, str(path)))
     names = [n for n, _ in parsed]
     if len(set(names)) != len(names):
