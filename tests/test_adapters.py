@@ -10,6 +10,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -702,3 +703,31 @@ def test_watching_an_adapter_at_a_directory_it_cannot_serve_from_is_refused_and_
     bench.unload("tiny")
     expected = by_hand(tiny_path, lora["sql"], PROMPT)
     assert bench.generate("tiny", PROMPT, adapter="sql", max_new_tokens=NEW).token_ids == expected
+
+
+def test_two_swaps_at_once_never_put_an_older_version_in_place_of_a_newer_one(
+    tiny_path: Path, lora: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # v2 still being checked when v3 went live: v2 then switched in over v3, and the newer files stopped serving.
+    from workbench.models.adapters import AdapterSet
+
+    with wb.Workbench() as bench:
+        bench.load("tiny", tiny_path, device="cpu", adapters={"sql": lora["sql"]})
+        adapters = bench.registry.get("tiny").adapters
+        assert adapters is not None
+        check, newer, staging = AdapterSet._check_logits, [], []
+
+        def check_logits(self: AdapterSet, version: Any, rules: Any) -> None:
+            check(self, version, rules)
+            if not staging:  # while v2 is checked, v3 is staged and goes live
+                staging.append(True)
+                newer.append(self.stage("sql", lora["chat"]))
+
+        monkeypatch.setattr(AdapterSet, "_check_logits", check_logits)
+        older = adapters.stage("sql", lora["sql_v2"])
+        (latest,) = newer
+        assert (older.version, latest.version) == (2, 3)
+        assert adapters.live("sql") is latest
+        assert older.state == "retired" and "v3" in (older.error or "")
+        rows = bench.adapters("tiny").query("name == 'sql'").set_index("version")
+        assert rows.loc[3, "state"] == "live" and rows.loc[2, "state"] == "retired"

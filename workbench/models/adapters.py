@@ -362,6 +362,19 @@ class AdapterSet:
             return version
         with self._state:  # the switch: from here on new requests get this version
             previous = named.live
+            if previous is not None and previous.version > version.version:
+                # Two swaps at once (a watcher replaced mid-swap, a stage by hand): a newer version, staged after this
+                # one, went live while this one was checked. An older version never replaces a newer one.
+                version.state, version.switched_at = "draining", time.perf_counter()
+                version.error = f"v{previous.version}, staged after it, went live while it was checked"
+                superseded = True
+            else:
+                superseded = False
+        if superseded:
+            self._retire(version)
+            return version
+        with self._state:
+            previous = named.live
             named.live, version.state, version.loaded_at = version, "live", time.time()
             version.swap_ms = (time.perf_counter() - started) * 1e3
             drained = False
