@@ -3,6 +3,7 @@ template runs past its bounds."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tracemalloc
@@ -11,7 +12,10 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jinja2 import StrictUndefined
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from workbench.chains import templates
 from workbench.chains.templates import _ENV, PromptTemplate
 from workbench.errors import TemplateError
 
@@ -315,3 +319,149 @@ def test_indented_json_stops_at_the_bound_as_it_is_written() -> None:
         '{\n  "a": {\n    "x": null\n  },\n  "b": [\n    1,\n    "\\u003c\\u0026\\u0027\\u003e"\n  ]\n}|'
         '{"a": {"x": null}, "b": [1, "\\u003c\\u0026\\u0027\\u003e"]}|'
         '{\n "a": {\n  "x": null\n },\n "b": [\n  1,\n  "\\u003c\\u0026\\u0027\\u003e"\n ]\n}')
+
+
+# -- what goes through a long input looks at the clock as it goes --------------------------------
+
+# Each template goes through a caller's value that never ends (a generator, as a Python hop may hand on), or takes
+# milliseconds a step with nothing between its steps that looked at the clock: it must stop at its budget, not at
+# the end of its input. A child process runs them, so that one that never stops fails the test instead of hanging
+# it, with its memory capped (one that never stops may also never stop growing).
+_LONG_STEPS = r"""
+import itertools, json, resource, sys, time
+resource.setrlimit(resource.RLIMIT_AS, (2 * 2**30, 2 * 2**30))
+from markupsafe import Markup
+from workbench.chains.templates import PromptTemplate
+
+
+class EndlessMapping:
+    def items(self):
+        return itertools.repeat(("k", "v"))
+
+
+values = {"big": list(range(1_000_000)), "keys": dict.fromkeys(range(300_000)).keys(), "ints": list(range(100_000)),
+          "tags": "<b>" * 16_000_000, "markup": Markup("<b>" * 16_000_000), "references": Markup("&amp;" * 10_000_000)}
+endless = {"chars": lambda: itertools.cycle("ab"), "rows": lambda: itertools.repeat({"a": 1}),
+           "pairs": lambda: itertools.repeat(("k", "v")), "negatives": lambda: itertools.count(-1, -1),
+           "mapping": EndlessMapping}
+for source, budget in json.loads(sys.argv[1]):
+    template = PromptTemplate(source, hop="h")
+    given = {**values, **{name: make() for name, make in endless.items()}}
+    start = time.monotonic()
+    try:
+        outcome = "rendered " + template.render(given, timeout_s=budget)[:40]
+    except Exception as exc:
+        outcome = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+    print(json.dumps([source, budget, time.monotonic() - start, outcome]), flush=True)
+"""
+
+_LONG_STEP_SOURCES = [
+    # Filters that go through what they are given in one loop: max's key on each character took 1.3 s for a
+    # 10-million-character text, select's test 6 s, with no look at the clock; over an endless one they never ended.
+    ("{{ chars|max }}", 0.5), ("{{ chars|min }}", 0.5), ("{{ chars|unique|list }}", 0.5),
+    ("{{ chars|select('eq', 'z')|first }}", 0.5), ("{{ chars|reject|first }}", 0.5),
+    ("{{ rows|map(attribute='a')|select('eq', 2)|first }}", 0.5), ("{{ rows|selectattr('a', 'eq', 2)|first }}", 0.5),
+    ("{{ rows|rejectattr('a')|first }}", 0.5),
+    ("{{ chars|batch(100000)|list|length }}", 0.5),
+    ("{{ pairs|urlencode }}", 0.5), ("{{ mapping|xmlattr }}", 0.5),
+    # A caller's text of 16 million tags or 10 million character references, removed or unescaped a Python step each.
+    ("{{ tags|striptags|length }}", 0.5), ("{{ markup.striptags()|length }}", 0.5),
+    ("{{ references.unescape()|length }}", 0.5),
+    # A test on each item that is itself a C loop of milliseconds (`in` over a million items).
+    ("{{ negatives|select('in', big)|first }}", 0.5),
+    # A loop step of milliseconds (a set made of 300,000 keys): the loop looked every 1,024 steps.
+    ("{% for i in negatives %}{% set d = keys - keys %}{% endfor %}", 0.5),
+    # A thousand comparisons written out, each over a million items, with no call or loop between them.
+    ("{% if -1 in big %}{% endif %}" * 1000, 0.5),
+    # An attribute looked up for each of 100,000 items to sort and group them (0.9 s with no look).
+    ("{{ ints|groupby('real')|length }}", 0.2),
+]
+
+
+def test_a_template_going_through_a_long_or_endless_value_stops_at_its_budget() -> None:
+    done = subprocess.run([sys.executable, "-c", _LONG_STEPS, json.dumps(_LONG_STEP_SOURCES)], capture_output=True,
+                          text=True, timeout=180, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(results) == len(_LONG_STEP_SOURCES)
+    for source, budget, seconds, outcome in results:
+        assert outcome.startswith("TemplateError") and f"ran longer than its {budget:g} s" in outcome, (source, outcome)
+        assert seconds < 3 * budget, (source[:60], seconds)  # generous: it stops at the first look past its budget
+
+
+@pytest.mark.parametrize(("source", "value", "expected"), [
+    ("{{ s|title|length }}", "ab " * 1_000_000, "3000000"),
+    ("{{ s|wordcount }}", "ab " * 1_666_666, "1666666"),
+    ("{{ s|striptags|length }}", "ab " * 1_666_666, "4999997"),
+    ("{{ s|indent(1)|length }}", "a\n" * 1_650_000, "4949999"),
+    ("{{ s|urlencode|length }}", "\U0001f600" * 3_000_000, "longer than 10,000,000 characters"),
+    ("{{ s|e|length }}", "<" * 9_999_999 + "\U0001f600", "longer than 10,000,000 characters"),
+    ("{{ (('%s'|e) % s)|length }}", "<" * 9_999_999 + "\U0001f600", "longer than 10,000,000 characters"),
+    ("{{ ('{}'|e).format(s)|length }}", "<" * 9_999_999 + "\U0001f600", "longer than 10,000,000 characters"),
+    ("{{ s|pprint|length }}", "ab " * 3_333_333, "pprint lays out a text of at most 1,000,000 characters"),
+    ("{{ s|wordwrap(80)|length }}", "ab\t" * 1_000_000, "wordwrap wraps a line of at most 500,000 characters"),
+    ("{{ s|upper|length }}", "\u00df" * 10_000_000, "longer than 10,000,000 characters"),
+    ("{{ s.encode('ascii', 'xmlcharrefreplace')|length }}", "\U0001f600" * 10_000_000,
+     "longer than 10,000,000 characters"),
+], ids=["title", "wordcount", "striptags", "indent", "urlencode", "escape", "markup-percent", "markup-format", "pprint",
+        "wordwrap", "upper", "encode"])
+def test_a_long_text_is_gone_through_without_a_copy_of_it_in_pieces(source: str, value: Any, expected: str) -> None:
+    # Jinja's filters split the text into words or lines in one step and join them again (|title of a
+    # 10-million-character text held 714 MB), and escaping, quoting, upper-casing ('ß' is 'SS') and encoding made
+    # 20 to 160 MB of text in one step only to refuse it.
+    outcome, peak = _render_peak(source, {"s": value})
+    assert expected in outcome
+    assert peak < 50 * 2**20
+
+
+@pytest.mark.parametrize(("source", "value", "message"), [
+    ("{{ s|pprint }}", "word " * 250_000, "pprint lays out a text of at most 1,000,000 characters, not 1,250,000"),
+    ("{{ s|pprint }}", dict.fromkeys(range(150_000), 0), "pprint sorts a mapping of at most 100,000 items"),
+    ("{{ s|wordwrap(80) }}", "word " * 150_000, "wordwrap wraps a line of at most 500,000 characters, not 750,000"),
+    ("{% set x = s|int(base=2) %}{{ x // (x // 2 ** 50000) }}", "1" * 1_000_000,
+     "an integer of more than 100,000 bits"),
+    ("{% set x = (0).from_bytes(s.encode(), 'big') %}{{ x // (x // 2 ** 50000) }}", "1" * 1_000_000,
+     "an integer of more than 100,000 bits"),
+], ids=["pprint-text", "pprint-mapping", "wordwrap-line", "int-binary", "int-from-bytes"])
+def test_a_step_that_would_take_long_in_one_c_or_python_loop_is_refused(source: str, value: Any,
+                                                                         message: str) -> None:
+    # pprint splits a long text into words and sorts a mapping with a Python comparison each, textwrap holds a string
+    # for each word of a line, and an integer of a million bits divides by another in time quadratic in both.
+    with pytest.raises(TemplateError, match=message.replace("(", r"\(")):
+        PromptTemplate(source, hop="h").render({"s": value})
+    ok = ("{{ 'a b'|pprint }} {{ {'b': 1, 'a': 2}|pprint }} {{ ('word ' * 4)|wordwrap(10) }} {{ '101'|int(base=2) }} "
+          "{{ (0).from_bytes('ab'.encode(), 'big') }}")
+    assert PromptTemplate(ok, hop="h").render({}) == "'a b' {'a': 2, 'b': 1} word word\nword word 5 24930"
+
+
+# Jinja's own sandbox, without the bounds: what each bounded filter must render the same as.
+_JINJA = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True)
+_PIECEWISE = ["{{ s|title }}", "{{ s|wordcount }}", "{{ s|striptags }}", "{{ (s|safe).striptags() }}",
+              "{{ (s|safe).unescape() }}", "{{ s|urlencode }}", "{{ {s: s, 'k': 1}|urlencode }}",
+              "{{ [(s, s)]|urlencode }}", "{{ s|e }}", "{{ s|forceescape }}", "{{ ('%s|'|e) % s }}",
+              "{{ ('{}|'|e).format(s) }}", "{{ s|indent(2) }}", "{{ s|indent('> ', first=true, blank=true) }}",
+              "{{ (s|safe)|indent(1, blank=true) }}", "{{ s|wordwrap(3) }}",
+              "{{ s|wordwrap(5, break_long_words=false, break_on_hyphens=false, wrapstring='') }}",
+              "{{ [s, {s: [s, 1]}]|pprint }}",
+              ("{{ ('x' ~ s)|max }}|{{ ('x' ~ s)|min }}|{{ s|unique|join }}|{{ s|select('ne', 'a')|join }}|"
+               "{{ s|batch(3)|list }}"),
+              "{{ d|xmlattr }}",
+              "{{ s|upper }}|{{ s|lower }}|{{ s|capitalize }}|{{ s.title() }}|{{ s.swapcase() }}|{{ s.casefold() }}",
+              "{{ s.encode('ascii', 'xmlcharrefreplace') }}|{{ s.encode('utf-16', errors='surrogatepass') }}"]
+_PIECEWISE_PAIRS = [(PromptTemplate(source, hop="h"), _JINJA.from_string(source)) for source in _PIECEWISE]
+_TEXT_PARTS = ["a", "b", "Z", " ", "  ", "-", "(", "{", "[", "<", ">", "!", "/", "&", ";", "#", "x", "1", "\t", "\n",
+               "\r", "\r\n", "\x0c", "\u00a0", "\u2028", "\u00e9", "\u03a3", "\u00df", "<b>", "</i>", "<!--", "-->",
+               "&amp;", "&#65;", "&#x41;", "&lt", " -- ", "a-b", "\U0001f600", "'", ".", ":", "^", "\u0345", "\u01c5",
+               "\u0130", "\ufb01", "\u03c3"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.lists(st.sampled_from(_TEXT_PARTS), max_size=30).map("".join), piece=st.sampled_from([1, 2, 3, 7]))
+def test_filters_that_go_through_a_text_in_pieces_render_what_jinja_renders(text: str, piece: int) -> None:
+    # Pieces of a few characters, so that every boundary a piece may end at (a word, a tag, a line, a reference)
+    # is met: the bounded filters must render exactly what Jinja's do.
+    values = {"s": text, "d": {"id": text, "k": 1, "none": None}}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(templates, "_TEXT_PIECE", piece)
+        for bounded, jinja in _PIECEWISE_PAIRS:
+            assert bounded.render(values) == jinja.render(**values), bounded.source

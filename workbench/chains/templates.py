@@ -5,20 +5,25 @@ from __future__ import annotations
 import codecs
 import collections
 import functools
+import html
 import itertools
 import json
 import math
 import operator
+import pprint
 import re
+import string
 import threading
 import time
 import types
-from collections.abc import Callable, ItemsView, Iterable, Iterator, KeysView, Mapping, ValuesView
+from collections.abc import Callable, ItemsView, Iterable, Iterator, KeysView, Mapping, Sized, ValuesView
 from typing import Any
+from urllib.parse import quote_from_bytes
 
 from jinja2 import (
     StrictUndefined,
     TemplateSyntaxError,
+    Undefined,
     UndefinedError,
     meta,
     nodes,
@@ -28,14 +33,17 @@ from jinja2 import (
 from jinja2.filters import (
     do_batch,
     do_center,
+    do_forceescape,
     do_format,
     do_indent,
-    do_pprint,
+    do_int,
     do_replace,
     do_reverse,
     do_sort,
+    do_title,
     do_tojson,
     do_wordwrap,
+    do_xmlattr,
     make_attrgetter,
     sync_do_groupby,
     sync_do_join,
@@ -44,7 +52,7 @@ from jinja2.filters import (
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedEscapeFormatter, SandboxedFormatter, SecurityError
 from jinja2.utils import Namespace, generate_lorem_ipsum
 from jinja2.visitor import NodeTransformer
-from markupsafe import Markup
+from markupsafe import Markup, escape, soft_str
 
 from workbench.errors import TemplateError
 
@@ -63,7 +71,9 @@ MAX_LIPSUM_WORDS = 1_000_000  # paragraphs times words per paragraph that lipsum
 MAX_HELD_ITEMS = 10 * MAX_ITEMS
 MAX_NESTING = 100
 MAX_PPRINT_WORK = 2_000_000  # items times depth that |pprint may go through: it makes the text of each level again
+MAX_PPRINT_TEXT = 1_000_000  # characters of a text |pprint may lay out: it splits a long one into words (27 bytes each)
 MAX_WRAP_WORK = 10**10  # characters |wordwrap may copy breaking long words: it copies the rest of a word for each line
+MAX_WRAP_LINE = 500_000  # characters of one line |wordwrap may wrap: it holds a string for each word (36 bytes each)
 # The text encodings whose cost is linear in the text ('punycode' is quadratic), and the error handlers that write
 # a few characters for one ('namereplace' writes a character's Unicode name).
 _CODECS = frozenset({"utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be",
@@ -74,7 +84,8 @@ _CODEC_ERRORS = frozenset({"strict", "ignore", "replace", "backslashreplace", "x
 # above, but a filter mapped over 100,000 items (|map('center', 10**7)|list) makes 100,000 bounded steps.
 MAX_MADE = 20 * MAX_PROMPT_CHARS
 DEFAULT_RENDER_S = 10.0  # the time a template may take to render when its hop has no timeout_s
-_CHECK_EVERY = 1024  # loop iterations between looks at the clock
+_CHECK_EVERY = 1024  # items a filter goes through (or values a size check goes into) between looks at the clock
+_TEXT_PIECE = 1 << 16  # characters a filter that goes through a text in Python steps takes between looks at the clock
 
 # printf-style widths: '%20s', '%*s' (a width taken from the arguments). str.format's ('{:>20}', '{:{}}') are checked
 # as it formats each field, when the arguments have filled them in (_BoundedFormatter).
@@ -205,7 +216,7 @@ def _text_size(root: Any, sizes: dict[int, int]) -> None:
             on_path.discard(key)
             children = _children(node)
             total = 2 + (4 if type(node) is dict or isinstance(node, Mapping) else 2) * len(children)
-            for child in children:
+            for child in _looked_at(children):
                 total += sizes.get(id(child), 5) if _is_container(child) else _leaf_size(child)
                 if total > MAX_PROMPT_CHARS:
                     raise _Exceeded(f"the prompt template would make a text longer than {MAX_PROMPT_CHARS:,} "
@@ -214,7 +225,7 @@ def _text_size(root: Any, sizes: dict[int, int]) -> None:
         elif key not in sizes and key not in on_path:
             on_path.add(key)
             stack.append((node, True))
-            stack.extend((child, False) for child in _children(node)
+            stack.extend((child, False) for child in _looked_at(_children(node))
                          if _is_container(child) and id(child) not in sizes and id(child) not in on_path)
 
 
@@ -284,14 +295,15 @@ def _held(value: Any) -> tuple[int, int]:
             if set(map(type, children)) <= _PLAIN_LEAVES:  # the common case: text and numbers, nothing to go into
                 sizes[key] = len(children), 1
                 continue
-            children = [c if _is_nesting(c) else None for c in children]  # None: a leaf
+            children = [c if _is_nesting(c) else None for c in _looked_at(children)]  # None: a leaf
             on_path.add(key)
             stack.append((node, children))
-            stack.extend((c, None) for c in children if c is not None and id(c) not in sizes and id(c) not in on_path)
+            stack.extend((c, None) for c in _looked_at(children)
+                         if c is not None and id(c) not in sizes and id(c) not in on_path)
             continue
         on_path.discard(key)
         items, depth = len(children), 0
-        for child in children:
+        for child in _looked_at(children):
             if child is not None and id(child) in sizes:
                 held, nested = sizes[id(child)]
                 items, depth = items + held, max(depth, nested)
@@ -313,7 +325,7 @@ def _held_shallow(value: Any, known: _HeldSizes) -> tuple[int, int] | None:
     if set(map(type, children)) <= _PLAIN_LEAVES:  # text and numbers only: nothing to go into
         known.keep_made(value, items, 1)
         return items, 1
-    for child in children:
+    for child in _looked_at(children):
         if type(child) in _PLAIN_LEAVES or not _is_nesting(child):
             continue
         seen = known.recall(child)
@@ -398,15 +410,71 @@ class _BoundedFormatter(SandboxedFormatter):
 
 
 class _BoundedEscapeFormatter(_BoundedFormatter, SandboxedEscapeFormatter):
-    """_BoundedFormatter for ``Markup.format``: escapes what it formats."""
+    """_BoundedFormatter for ``Markup.format``: escapes what it formats, sized before it is escaped."""
+
+    def __init__(self, env: Any, escape: Callable[[Any], Markup]) -> None:
+        def sized_escape(value: Any) -> Markup:
+            _check_escaped("", [value])
+            return escape(value)
+
+        super().__init__(env, escape=sized_escape)
 
 
 def _bounded_iter(iterable: Iterable[Any]) -> Iterator[Any]:
-    """What every ``{% for %}`` loops over: the same items, with a look at the clock every so often."""
-    for index, item in enumerate(iterable):
-        if index % _CHECK_EVERY == 0:
-            _tick()
+    """What every ``{% for %}`` loops over: the same items, with a look at the clock before each.
+
+    One step may be one C call of milliseconds (``-1 in xs`` over a caller's million items, a copy of a long text):
+    looking every 1,024 steps let 100,000 of them run 7 s past a 2 s budget.
+    """
+    for item in iterable:
+        _tick()
         yield item
+
+
+def _ticking(iterable: Iterable[Any]) -> Iterator[Any]:
+    """The items of ``iterable`` one at a time, with a look at the clock every _CHECK_EVERY of them.
+
+    For what a filter goes through in one loop no clock stops (max's key on each character of a text, select's
+    test on each item). It reads nothing ahead, so a generator handed on is left where the filter left it, and it
+    costs a C step an item (some 15 ns) where a generator would cost a Python one.
+    """
+    looks = itertools.chain.from_iterable(map(_look_at_the_clock, itertools.repeat(_CHECK_EVERY)))
+    return map(operator.itemgetter(0), zip(iterable, looks))
+
+
+def _look_at_the_clock(count: int) -> Iterator[None]:
+    _tick()
+    return itertools.repeat(None, count)
+
+
+def _looked_at(items: list[Any]) -> Iterable[Any]:
+    """``items``, with a look at the clock every _CHECK_EVERY of them if there are more: a caller's list may hold a
+    million, and going through them is a Python step each."""
+    return _ticking(items) if len(items) > _CHECK_EVERY else items
+
+
+def _pieces(text: Any, boundary: re.Pattern[str] | None = None) -> Iterator[Any]:
+    """``text`` in consecutive pieces of some _TEXT_PIECE characters, with a look at the clock before each.
+
+    Each piece but the last ends just before a match of ``boundary`` (a word's or a tag's start), so that what a
+    filter does to each piece, joined, is what it does to the whole.
+    """
+    start = 0
+    while start < len(text):
+        _tick()
+        end = start + _TEXT_PIECE
+        if boundary is not None and end < len(text):
+            found = boundary.search(text, end)
+            end = found.start() if found else len(text)
+        yield text[start:end]
+        start = end
+
+
+def _compared(result: Any) -> Any:
+    """What every comparison (``==``, ``<``, ``in``) passes: a look at the clock after it. One is a C loop of
+    milliseconds on a caller's long list or text, and a template may write hundreds with no loop or call between."""
+    _tick()
+    return result
 
 
 def _finalize(value: Any) -> Any:
@@ -436,10 +504,22 @@ def _center(value: Any, width: int = 80) -> str:
     return do_center(value, width)
 
 
-def _indent(s: Any, width: int | str = 4, first: bool = False, blank: bool = False) -> str:
+def _indent(s: Any, width: int | str = 4, first: bool = False, blank: bool = False) -> Any:
+    text = str(s)
     prefix = width if isinstance(width, int) else len(str(width))
-    _check_chars(len(str(s)) + prefix * (str(s).count("\n") + 1))
-    return do_indent(s, width, first, blank)
+    _check_chars(len(text) + prefix * (sum(map(text.count, _LINE_BREAKS)) - text.count("\r\n") + 1))
+    if not isinstance(s, str) or not isinstance(width, (int, str)) or isinstance(width, Markup):
+        return do_indent(s, width, first, blank)  # which refuses what is not text, and escapes lines for Markup
+    # Jinja indents every line in one Python expression: 3.3 million short lines took 0.37 s with no look at the
+    # clock, and 268 MB. This indents a piece of whole lines at a time, every line as Jinja indents the second on
+    # (blank ones only if ``blank``), then puts the first line as Jinja does.
+    indention = width if isinstance(width, str) else " " * width
+    indented = "\n".join("\n".join(indention + line if blank or line else line for line in piece.splitlines())
+                         for piece in _pieces(text + "\n", _LINE_START))
+    if blank or text[:1] not in ("", *_LINE_BREAKS):  # the first line was indented: Jinja indents it only if ``first``
+        indented = indented[len(indention):]
+    indented = indention + indented if first else indented
+    return Markup(indented) if isinstance(s, Markup) else indented
 
 
 def _batch(value: Iterable[Any], linecount: int, fill_with: Any = None) -> Iterator[list[Any]]:
@@ -483,11 +563,21 @@ def _wordwrap(environment: Any, s: str, width: int = 79, break_long_words: bool 
     _check_chars(len(s) + breaks * len(wrapstring or environment.newline_sequence))
     if break_long_words:  # textwrap copies the rest of a long word for each line it cuts off: quadratic in the word
         line = max(width, 1)
-        long_words = [n for n in (m.end() - m.start() for m in _WORD.finditer(s)) if n > line]
+        long_words = [n for n in (m.end() - m.start() for m in _ticking(_WORD.finditer(s))) if n > line]
         if sum(n * n // line for n in long_words) > MAX_WRAP_WORK:
             raise _Exceeded(f"wordwrap({width}) would break a word of {max(long_words):,} characters, which takes "
                             "time quadratic in its length: use break_long_words=false, or a wider width")
-    return do_wordwrap(environment, s, width, break_long_words, wrapstring, break_on_hyphens)
+    # textwrap wraps each line on its own, holding a string for each word and space of it (36 bytes a character) and
+    # laying them out a Python step each: one line of 4.8 million characters took 1.3 s with no look at the clock,
+    # and 171 MB. Lines are wrapped a piece of whole lines at a time, and one may be at most MAX_WRAP_LINE long.
+    wrapped = []
+    for piece in _pieces(s, _LINE_START):
+        longest = max(map(len, piece.splitlines()), default=0)
+        if longest > MAX_WRAP_LINE:
+            raise _Exceeded(f"wordwrap wraps a line of at most {MAX_WRAP_LINE:,} characters, not {longest:,}: "
+                            "break the text into lines first")
+        wrapped.append(do_wordwrap(environment, piece, width, break_long_words, wrapstring, break_on_hyphens))
+    return (environment.newline_sequence if wrapstring is None else wrapstring).join(wrapped)
 
 
 @pass_environment
@@ -534,6 +624,7 @@ def _bounded_dumps(value: Any, **kwargs: Any) -> str:
             _tick()
             pieces += batch
         text = "".join(pieces)
+    _check_chars(len(text))  # first: counting in 120 million characters (ten million emoji, escaped) takes 0.3 s
     _check_chars(len(text) + 5 * sum(map(text.count, "<>&'")))  # which |tojson then writes as \u003c and the like
     return text
 
@@ -544,7 +635,167 @@ def _pprint(value: Any) -> str:
     if items * depth > MAX_PPRINT_WORK:
         raise _Exceeded(f"pprint would go through {items:,} items {depth} levels deep, past the {MAX_PPRINT_WORK:,} "
                         "(items times depth) it may: use |tojson")
-    return do_pprint(value)
+    return _BoundedPrettyPrinter().pformat(value)
+
+
+class _BoundedPrettyPrinter(pprint.PrettyPrinter):
+    """pprint's printer (what |pprint lays out with), looking at the clock for each value it makes the text of.
+
+    It goes through a caller's list of a million items in Python steps (1.1 s with no look at the clock), splits each
+    long text into words to lay it out (a 10-million-character one: 1.1 s and 268 MB) and sorts a mapping's keys with
+    a Python comparison each (600,000 keys: 3.1 s): a text is refused past MAX_PPRINT_TEXT characters, a mapping
+    past MAX_ITEMS items.
+    """
+
+    def format(self, value: Any, context: dict[int, int], maxlevels: int, level: int) -> tuple[str, bool, bool]:
+        _tick()
+        if isinstance(value, _TEXT) and len(value) > MAX_PPRINT_TEXT:
+            raise _Exceeded(f"pprint lays out a text of at most {MAX_PPRINT_TEXT:,} characters, not {len(value):,}: "
+                            "show the text itself, or |tojson")
+        if isinstance(value, dict) and len(value) > MAX_ITEMS:  # it sorts the keys, comparing them in Python
+            raise _Exceeded(f"pprint sorts a mapping of at most {MAX_ITEMS:,} items, not {len(value):,}: use |tojson")
+        return super().format(value, context, maxlevels, level)
+
+
+_WORD_CHARS = re.compile(r"\w+")  # what |wordcount counts (Jinja's pattern)
+_NOT_WORD_CHAR = re.compile(r"\W")
+# Where |title starts a new word: after a run of these (Jinja's pattern); a piece may end just before such a run.
+_TITLE_BREAKS = r"-\s({\[<"
+_TITLE_RUN_START = re.compile(f"(?<![{_TITLE_BREAKS}])[{_TITLE_BREAKS}]")
+_SPACE = re.compile(r"\s")  # what str.split() splits at (the same characters as str.isspace)
+_AMPERSAND = re.compile("&")  # where an HTML character reference starts; none holds another '&'
+
+
+def _upper(s: Any) -> Any:
+    return _case_mapped(soft_str(s), "upper")
+
+
+def _lower(s: Any) -> Any:
+    return _case_mapped(soft_str(s), "lower")
+
+
+def _capitalize(s: Any) -> Any:
+    return _case_mapped(soft_str(s), "capitalize")
+
+
+def _wordcount(s: Any) -> int:
+    # findall made a list of every word: a 10-million-character text, 3.3 million words (230 MB) with no look at
+    # the clock. Each piece ends before a character that is not a word's, so no word is counted twice.
+    return sum(len(_WORD_CHARS.findall(piece)) for piece in _pieces(soft_str(s), _NOT_WORD_CHAR))
+
+
+def _title(s: Any) -> str:
+    # Jinja splits the text into words and joins them again, a Python step a word: 10 million characters took 1.4 s
+    # with no look at the clock, and 714 MB. Each piece ends where a run of word breaks starts, as Jinja splits.
+    return "".join(map(do_title, _pieces(soft_str(s), _TITLE_RUN_START)))
+
+
+def _striptags(value: Any) -> str:
+    """|striptags and Markup.striptags: markupsafe's, with a look at the clock every _CHECK_EVERY tags and pieces.
+
+    markupsafe removes one tag a Python step (2.5 million tags: 0.8 s with no look at the clock), collapses white
+    space by splitting the text into words (10 million characters: 258 MB), and unescapes one character reference a
+    Python step. This does each the same way, a piece at a time.
+    """
+    if hasattr(value, "__html__"):
+        value = value.__html__()
+    text = str(value)
+    kept: list[str] = []  # the text between tags, joined every _CHECK_EVERY pieces
+    parts: list[str] = []
+    pos = 0
+    while (start := text.find("<", pos)) != -1:
+        if text.startswith("<!--", start):  # a comment: it may hold '>'
+            if (end := text.find("-->", start + 4)) == -1:
+                break
+            end += 3
+        else:
+            if (end := text.find(">", start)) == -1:
+                break
+            end += 1
+        parts.append(text[pos:start])
+        pos = end
+        if len(parts) == _CHECK_EVERY:
+            _tick()
+            kept.append("".join(parts))
+            parts.clear()
+    if pos > 0:
+        text = "".join([*kept, *parts, text[pos:]])
+    words = [" ".join(piece.split()) for piece in _pieces(text, _SPACE)]
+    return _unescape(" ".join(word for word in words if word))
+
+
+def _unescape(text: str) -> str:
+    """Markup.unescape (html.unescape), a piece at a time: it calls Python for each character reference."""
+    return "".join(map(html.unescape, _pieces(str(text), _AMPERSAND)))
+
+
+def _escaped_size(text: str) -> int:
+    """The length of ``text`` once markupsafe escapes it: & ' " become five characters, < > four."""
+    return len(text) + 4 * sum(map(text.count, "&'\"")) + 3 * sum(map(text.count, "<>"))
+
+
+def _check_escaped(markup: str, values: Iterable[Any]) -> None:
+    """Refuse escaping ``values`` into ``markup`` (|e, Markup's % and format) past the bound, before it is made: ten
+    million '<' and one emoji are 160 MB of text to refuse (305 MB in all)."""
+    texts = [value for value in values if isinstance(value, str) and not hasattr(value, "__html__")]
+    _check_chars(len(markup) + sum(map(_escaped_size, texts)))
+
+
+def _escape(value: Any) -> Markup:
+    _check_escaped("", [value])
+    return escape(value)
+
+
+def _forceescape(value: Any) -> Markup:
+    text = value.__html__() if hasattr(value, "__html__") else value
+    if isinstance(text, str):
+        _check_chars(_escaped_size(text))
+    return do_forceescape(value)
+
+
+_URL_SAFE = (string.ascii_letters + string.digits + "_.-~").encode()  # what urllib never quotes
+
+
+def _url_quote(value: Any, for_qs: bool = False) -> str:
+    """What |urlencode makes of one value (Jinja's url_quote), sized before it is made and quoted a piece at a time.
+
+    urllib quotes a byte a Python step and holds a string for each: 10 million emoji (40 million bytes) took 1.5 s
+    with no look at the clock and 458 MB, to make 120 million characters and refuse them.
+    """
+    data = value if isinstance(value, bytes) else (value if isinstance(value, str) else str(value)).encode("utf-8")
+    safe = b"" if for_qs else b"/"
+    _check_chars(len(data) + 2 * len(data.translate(None, _URL_SAFE + safe)))  # each byte quoted is three characters
+    quoted = "".join(quote_from_bytes(piece, safe) for piece in _pieces(data))
+    return quoted.replace("%20", "+") if for_qs else quoted
+
+
+def _urlencode(value: Any) -> str:
+    """|urlencode as Jinja's, quoting with _url_quote, going through a mapping or pairs with looks at the clock."""
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        return _url_quote(value)
+    pairs = value.items() if isinstance(value, dict) else value
+    parts, size = [], 0
+    for key, item in _ticking(pairs):
+        parts.append(f"{_url_quote(key, for_qs=True)}={_url_quote(item, for_qs=True)}")
+        size += len(parts[-1]) + 1
+        _check_chars(size)
+    return "&".join(parts)
+
+
+@pass_eval_context
+def _xmlattr(eval_ctx: Any, d: Any, autospace: bool = True) -> str:
+    # Jinja goes through the items in one Python loop: a caller's mapping of 600,000 took 0.7 s with no look.
+    return do_xmlattr(eval_ctx, _ItemsLookedAt(d), autospace)
+
+
+class _ItemsLookedAt:
+    """A mapping whose ``items()`` go by with _ticking, for a filter that loops over them (|xmlattr)."""
+
+    def __init__(self, mapping: Any) -> None:
+        self._mapping = mapping
+
+    def items(self) -> Iterator[tuple[Any, Any]]:
+        return _ticking(self._mapping.items())
 
 
 def _listed(value: Iterable[Any]) -> list[Any]:
@@ -606,12 +857,56 @@ def _bounded_filter(name: str, function: Callable[..., Any]) -> Callable[..., An
     return bounded
 
 
+def _going_through(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function``, a filter that goes through what it is given in one loop, given it with _ticking."""
+    at = 0 if getattr(function, "jinja_pass_arg", None) is None else 1  # after Jinja's context, if it passes one
+
+    @functools.wraps(function)
+    def going_through(*args: Any, **kwargs: Any) -> Any:
+        value = args[at] if len(args) > at else None
+        # An empty one is left as it is: Jinja's |map and |select look at its arguments only if it is not empty.
+        if isinstance(value, Iterable) and not isinstance(value, Undefined) and \
+                not (isinstance(value, Sized) and len(value) == 0):
+            args = (*args[:at], _ticking(value), *args[at + 1:])
+        return function(*args, **kwargs)
+
+    return going_through
+
+
+def _bounded_test(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function``, a test, with a look at the clock before it runs.
+
+    |select runs one for each item, and one may be a C loop of milliseconds: ``range(100000)|select('in', xs)`` over
+    a caller's million items ran minutes with no look at the clock.
+    """
+
+    @functools.wraps(function)
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        _tick()
+        return function(*args, **kwargs)
+
+    return bounded
+
+
+def _int(value: Any, default: int = 0, base: int = 10) -> int:
+    # Python bounds the decimal digits int() reads, not binary ones: ten million make an integer of as many bits,
+    # and dividing one such by another is a C loop quadratic in their length.
+    number = do_int(value, default, base)
+    if _is_int(number):
+        _check_bits(number.bit_length())
+    return number
+
+
 _STR_METHODS_WITH_WIDTH = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs"})
 # Filters that count, pick or regroup what they are given and make no text of it (the filters they map,
 # select or test with are checked on each item); every other filter's arguments pass _check_text_of.
 _FILTERS_THAT_MAKE_NO_TEXT = frozenset({"length", "count", "first", "last", "random", "list", "map", "select", "reject",
                                         "selectattr", "rejectattr", "batch", "slice", "default", "d", "attr",
                                         "items"})
+# Filters that go through what they are given in one loop no clock stops, a C or Python step an item (max calls its
+# key on each: 1.3 s for a 10-million-character text); they go through it with _ticking.
+_FILTERS_GOING_THROUGH = frozenset({"max", "min", "unique", "map", "select", "reject", "selectattr", "rejectattr",
+                                    "batch"})
 
 
 class _BoundedSandbox(ImmutableSandboxedEnvironment):
@@ -630,14 +925,20 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
         self.concat = _bounded_concat  # type: ignore[assignment]
         self.filters.update(center=_center, indent=_indent, batch=_batch, slice=_slice, join=_join, replace=_replace,
                             format=_format, wordwrap=_wordwrap, sum=_sum, tojson=_tojson, pprint=_pprint, list=_listed,
-                            sort=_sort, urlize=_urlize, groupby=_groupby, reverse=_reverse)
+                            sort=_sort, urlize=_urlize, groupby=_groupby, reverse=_reverse, wordcount=_wordcount,
+                            title=_title, striptags=_striptags, e=_escape, escape=_escape, forceescape=_forceescape,
+                            urlencode=_urlencode, int=_int, xmlattr=_xmlattr, upper=_upper, lower=_lower,
+                            capitalize=_capitalize)
+        self.filters.update({name: _going_through(self.filters[name]) for name in _FILTERS_GOING_THROUGH})
         self.policies["json.dumps_function"] = _bounded_dumps
         self.filters = {name: _bounded_filter(name, f) for name, f in self.filters.items()}
+        self.tests = {name: _bounded_test(f) for name, f in self.tests.items()}
         self.globals["lipsum"] = _lipsum
 
     # What _WithChecks makes templates call: environment attributes, so no template variable can shadow them.
     bounded_iter = staticmethod(_bounded_iter)
     bounded_held = staticmethod(_check_held)
+    bounded_compare = staticmethod(_compared)
 
     @staticmethod
     def bounded_tilde(*parts: Any) -> str:
@@ -659,6 +960,9 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
         elif operator == "%" and isinstance(left, str):
             _check_format(left, right if isinstance(right, tuple) else [right])
             _check_text_of(right)
+            if isinstance(left, Markup):  # it escapes what it formats
+                _check_escaped(left, right if isinstance(right, tuple) else
+                               right.values() if isinstance(right, Mapping) else [right])
         made = _made(_check_size(super().call_binop(context, operator, left, right)))
         return _check_held_grown(made, operator, left, right)
 
@@ -667,9 +971,13 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
             return _bounded_iter(*args)
         if __obj is _check_held:  # a literal list, tuple or dict: it sizes what it holds
             return _check_held(*args)
+        if __obj is _compared:
+            return _compared(*args)
         _tick()
         name = getattr(__obj, "__name__", None)
         owner = getattr(__obj, "__self__", None)
+        if isinstance(owner, Markup) and name in ("striptags", "unescape") and not args and not kwargs:
+            return _made(_check_size(_striptags(owner) if name == "striptags" else _unescape(owner)))
         if isinstance(owner, _TEXT) and name in _STR_METHODS_WITH_WIDTH:
             tab = owner.count(b"\t" if isinstance(owner, (bytes, bytearray)) else "\t") + 1 \
                 if name == "expandtabs" else 1
@@ -696,7 +1004,13 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
             if _is_int(length):
                 _check_chars(length)
         _check_text_of(*args, *kwargs.values())
-        return _check_held(_made(_check_size(super().call(__context, __obj, *args, **kwargs))))
+        made = _in_pieces(owner, name, args, kwargs) if type(owner) is str and name in _PIECEWISE_METHODS and \
+            len(owner) > _TEXT_PIECE and not owner.isascii() else None
+        if made is None:
+            made = super().call(__context, __obj, *args, **kwargs)
+        if _is_int(made):  # int.from_bytes: ten million bytes are an integer of 80 million bits
+            _check_bits(made.bit_length())
+        return _check_held(_made(_check_size(made)))
 
     def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
         """Jinja's sandboxed ``str.format`` and ``format_map``, formatting with _BoundedFormatter."""
@@ -716,11 +1030,70 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
 
         return functools.update_wrapper(bounded_format, value)
 
+    # Each lookup looks at the clock: |sort, |groupby, |selectattr look up an attribute of each item, a few
+    # microseconds each (|groupby of 100,000 items: 0.9 s with no look), and ``s[1:]`` copies a text.
     def getattr(self, obj: Any, attribute: str) -> Any:
+        _tick()
         return _check_size(super().getattr(obj, attribute))
 
     def getitem(self, obj: Any, argument: Any) -> Any:
+        _tick()
         return _check_size(super().getitem(obj, argument))
+
+
+# What a str method makes of a long text that is not ASCII may be many times it, made in one C call and only then
+# refused: 'ß'.upper() is 'SS' (ten million: 0.45 s), and encode's xmlcharrefreplace writes '&#128512;' for an emoji
+# (0.44 s). These are made a piece at a time, each looked at the clock and sized.
+_CASE_METHODS = frozenset({"upper", "lower", "casefold", "swapcase", "title", "capitalize"})
+_PIECEWISE_METHODS = _CASE_METHODS | {"encode"}
+
+
+# Characters that are neither cased nor case-ignorable (as "'", '.', ':', '^', '`' are): no case mapping looks past one.
+_CASE_BREAK = re.compile(r"[\s0-9!\"#$%&()*+,\-/;<=>?@\[\\\]_{|}~]")
+
+
+def _in_pieces(text: str, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``getattr(text, name)(*args, **kwargs)`` made a piece at a time, or None where the call is not one this
+    knows (str's own method then refuses it)."""
+    if name in _CASE_METHODS:
+        return None if args or kwargs else _case_mapped(text, name)
+    if len(args) > 2 or not kwargs.keys() <= {"encoding", "errors"} or (args and "encoding" in kwargs) or \
+            (len(args) == 2 and "errors" in kwargs):
+        return None
+    encoding = args[0] if args else kwargs.get("encoding", "utf-8")
+    errors = args[1] if len(args) == 2 else kwargs.get("errors", "strict")
+    # An incremental encoder writes a byte order mark once (utf-16, utf-32, utf-8-sig), as encode does.
+    encoder = codecs.getincrementalencoder(encoding)(errors)
+    made: list[bytes] = []
+    size = done = 0
+    for piece in _pieces(text):
+        try:
+            made.append(encoder.encode(piece))
+        except UnicodeEncodeError as exc:  # where in the text, not in the piece
+            raise UnicodeEncodeError(exc.encoding, text, done + exc.start, done + exc.end, exc.reason) from None
+        done += len(piece)
+        size += len(made[-1])
+        _check_chars(size)
+    made.append(encoder.encode("", True))
+    return b"".join(made)
+
+
+def _case_mapped(text: Any, method: str) -> Any:
+    """``getattr(text, method)()`` (upper, lower...), a piece at a time for a long text that is not ASCII.
+
+    upper and casefold map each character on its own. The others look at their neighbours (lower's final sigma,
+    title's word start), but never past white space, a digit or most ASCII punctuation, which each piece ends
+    before: the pieces, joined, are what the whole would be. (A long text with none of these is one piece.)
+    """
+    if type(text) is not str or len(text) <= _TEXT_PIECE or text.isascii():
+        return getattr(text, method)()
+    made: list[str] = []
+    size = 0
+    for piece in _pieces(text, None if method in ("upper", "casefold") else _CASE_BREAK):
+        made.append(getattr(piece, "lower" if method == "capitalize" and made else method)())
+        size += len(made[-1])
+        _check_chars(size)
+    return "".join(made)
 
 
 def _split_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -740,6 +1113,8 @@ def _split_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[An
 
 
 _LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"  # where str.splitlines breaks; bytes break at \n, \r
+# Just after a line break, where a piece of whole lines may end ('\r\n' is one break).
+_LINE_START = re.compile(rf"(?<=[{_LINE_BREAKS.replace(chr(13), '')}])|(?<=\r)(?!\n)")
 
 
 def _line_count(text: str | bytes | bytearray) -> int:
@@ -793,8 +1168,10 @@ def _check_bits(bits: int) -> None:
 
 
 class _WithChecks(NodeTransformer):
-    """Loops, ``~`` and literals as calls the sandbox sees: ``{% for x in environment.bounded_iter(xs) %}``,
-    ``environment.bounded_tilde(a, b)`` for ``a ~ b``, which Jinja would otherwise join unchecked, and
+    """Loops, ``~``, comparisons and literals as calls the sandbox sees:
+    ``{% for x in environment.bounded_iter(xs) %}``, ``environment.bounded_tilde(a, b)`` for ``a ~ b``, which Jinja
+    would otherwise join unchecked,
+    ``environment.bounded_compare(a in b)``, which Jinja would otherwise run with no look at the clock, and
     ``environment.bounded_held([a, a])`` for a list, tuple or dict that Jinja would otherwise make unsized."""
 
     def visit_For(self, node: nodes.For) -> nodes.For:
@@ -805,6 +1182,10 @@ class _WithChecks(NodeTransformer):
     def visit_Concat(self, node: nodes.Concat) -> nodes.Call:
         self.generic_visit(node)
         return _environment_call("bounded_tilde", node.nodes, node.lineno)
+
+    def visit_Compare(self, node: nodes.Compare) -> nodes.Call:
+        self.generic_visit(node)
+        return _environment_call("bounded_compare", [node], node.lineno)
 
     def visit_List(self, node: nodes.List) -> nodes.Expr:
         return self._held(node, node.items)
