@@ -586,6 +586,31 @@ def test_watching_a_model_at_another_directory_serves_the_weights_there(
     bench.unwatch_model("m")
 
 
+def test_a_version_written_to_another_directory_while_the_model_is_evicted_goes_live_once_it_is_back(
+    bench: wb.Workbench, tiny_path: Path, tmp_path: Path
+) -> None:
+    # The watcher counted the version seen while keep-warm had the model out; the model loaded back from its own
+    # folder, and the newer weights in the watched one never served.
+    newer = tmp_path / "newer"
+    shutil.copytree(tiny_path, newer)  # the same weights for now: nothing to swap
+    v2 = _weights(tiny_path, tmp_path / "v2", seed=7)
+    bench.register("m", tiny_path, device="cpu")
+    bench.register("other", tiny_path, device="cpu")
+    bench.load("m")
+    bench.set_preloading(wb.KeepWarm(int(1.5 * bench.registry.get("m").memory_bytes)))  # one model at a time
+    bench.watch_model("m", newer, interval_s=0.1)
+    bench.generate("other", PROMPT, max_new_tokens=2)
+    assert not bench.registry.is_loaded("m")
+    publish_weights(v2, newer)
+    time.sleep(1.0)  # several polls while it is evicted
+    assert not bench.registry.is_loaded("m")
+    expected = by_hand(newer, None, PROMPT)
+    wait_for(lambda: bench.generate("m", PROMPT, max_new_tokens=NEW).token_ids == expected,
+             "the version written while the model was evicted to go live once it is back")
+    assert bench.model_versions("m").query("state == 'live'")["path"].tolist() == [str(newer)]
+    bench.unwatch_model("m")
+
+
 def test_a_live_swap_keeps_the_breakers_set_and_the_faults_injected_on_each_replica(
     bench: wb.Workbench, tiny_path: Path, tmp_path: Path
 ) -> None:

@@ -48,6 +48,7 @@ from workbench.models.adapters import (
     AdapterRules,
     AdapterSet,
     AdapterVersion,
+    LATER,
     DirectoryWatcher,
     content_digest,
     inspect_adapter,
@@ -1052,11 +1053,15 @@ class Workbench:
         return table
 
     def _stage_model(self, name: str, directory: str, prompts: tuple[str, ...], digest: str,
-                     noticed: float) -> AdapterVersion | None:
+                     noticed: float) -> AdapterVersion | object | None:
         """Stage a model version a watcher noticed: load beside, check, switch, drain, free (a ``model swap`` span).
-        None while keep-warm has the model evicted: it loads back from its source, the directory a swap left it at."""
+        None while keep-warm has the model evicted and it loads back from ``directory`` (its source, where a swap left
+        it), which then holds this version; LATER while it would load back from elsewhere (a watch of another
+        directory whose first version came while it was evicted), so the watcher offers the version again once the
+        model is back, to be checked and swapped in."""
         if not self.registry.is_loaded(name):
-            return None
+            source = self.registry.settings(name).source
+            return None if os.path.abspath(os.path.expanduser(source)) == directory else LATER
         versions = self._model_versions[name]
         version = AdapterVersion(name, max(v.version for v in versions) + 1, directory, digest)
         versions.append(version)

@@ -460,12 +460,18 @@ class AdapterSet:
         ]
 
 
+# What a watcher's ``stage`` returns for a version it cannot bring in now (its model is evicted, and would load back
+# from elsewhere): the watcher looks at it again at its next poll, rather than counting it seen.
+LATER = object()
+
+
 class DirectoryWatcher:
     """Polls a directory every ``interval_s`` and stages each new version of it (a daemon thread).
 
     A version is the directory's content digest (``config`` and the weights); one that changes again
     within ``settle_s`` is still being written, and waits for the next poll. ``stage(digest, noticed)``
-    brings a version in (``noticed``: perf_counter when the change was seen); :meth:`stop` ends the watch.
+    brings a version in (``noticed``: perf_counter when the change was seen), or returns :data:`LATER` to be
+    asked again at the next poll; :meth:`stop` ends the watch.
     """
 
     def __init__(self, path: str | os.PathLike[str], interval_s: float, stage: Callable[[str, float], object], *,
@@ -497,8 +503,11 @@ class DirectoryWatcher:
         noticed = time.perf_counter()
         if self._stop.wait(self.settle_s) or content_digest(self.path, self.config) != digest:
             return None  # still being written (or stopping): look again at the next poll
-        self._seen = digest
-        return self._stage(digest, noticed)
+        seen, self._seen = self._seen, digest
+        staged = self._stage(digest, noticed)
+        if staged is LATER:
+            self._seen = seen
+        return staged
 
     def stop(self) -> None:
         self._stop.set()
