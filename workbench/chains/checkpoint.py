@@ -88,7 +88,7 @@ class Checkpoint:
         except (TypeError, ValueError):  # not JSON (an array, an object, NaN), or a cycle: it runs again next time
             self.left_out += 1
             return
-        if inputs_key(json.loads(line)["inputs"]) != inputs_key(run.inputs):
+        if inputs_key(json.loads(json.dumps(run.inputs))) != inputs_key(run.inputs):  # the inputs alone, not the line
             # Inputs JSON changes (a mapping's key 1 comes back as "1"): read back, they would match no input, so the
             # run would run again at every map, and the file grow by its line each time.
             self.left_out += 1

@@ -294,7 +294,7 @@ def _serve(args: argparse.Namespace) -> int:
         nobody = auth.admits_nobody()
         if nobody is not None and auth.keys is not None:
             folder = shlex.quote(str(auth.keys.data_dir))
-            print(f"autoglm: warning: {nobody}, so every call but /health is refused as unauthenticated (401)\n"
+            print(f"autoglm: warning: {nobody}, {Auth.NOBODY_MEANS}\n"
                   f"hint: autoglm keys add NAME --role runner --data-dir {folder} makes a key, which this server takes "
                   "at once; --no-auth serves this machine only, without credentials", file=sys.stderr, flush=True)
         if server.grpc is not None:

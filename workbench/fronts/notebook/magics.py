@@ -410,7 +410,7 @@ class AutoglmMagics(Magics):
         nobody = auth.admits_nobody()
         if nobody is not None and auth.keys is not None:  # it serves, and refuses every call: say so
             report(WorkbenchError(
-                f"warning: {nobody}, so every call but /health is refused as unauthenticated (401)",
+                f"warning: {nobody}, {type(auth).NOBODY_MEANS}",
                 hint=f"make a key in a terminal: autoglm keys add NAME --role runner --data-dir "
                      f"{shlex.quote(str(auth.keys.data_dir))} (this server takes it at once); or serve this machine "
                      f"only, without credentials: {PROG} serve {' '.join(command.chains)} --no-auth"))

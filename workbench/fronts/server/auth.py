@@ -583,6 +583,9 @@ class Auth:
         """How many API keys authenticate now (revoked ones do not); 0 without a key store."""
         return 0 if self.keys is None else sum(not row["revoked"] for row in self.keys.list())
 
+    # What follows admits_nobody() where a front end warns: what such a server does with every call.
+    NOBODY_MEANS = "so every call but /health is refused as unauthenticated (401)"
+
     def admits_nobody(self) -> str | None:
         """Why no caller could authenticate, where none could: no active API key and no JWT key (a server started on
         an empty key store refuses every call but ``/health``); None where some caller can, or on an open server."""
