@@ -537,6 +537,46 @@ def test_an_address_where_no_ray_listens_fails_the_load_at_once_saying_where_it_
     assert "known: []" in done.stdout and "connected: False" in done.stdout
 
 
+def test_an_address_where_something_else_listens_fails_the_load_in_seconds_saying_it_is_not_ray(tiny_path: Path) -> None:
+    # A web server at the address kept ray.init trying for ~22 s; a listener that accepts and says nothing, for more
+    # than 280 s (stopped there). Both now fail once a gRPC handshake shows no Ray is there: at once for the web
+    # server, after AUTOGLM_RAY_REACH_TIMEOUT_S (2 s here) for the silent one. Ray Client dials the loopback address
+    # as given, so both listen on 127.0.0.1 only.
+    need_ray()
+    script = textwrap.dedent(f"""
+        import http.server, socket, threading, time
+        import ray
+        import workbench as wb
+
+        class Quiet(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, *args): pass
+
+        web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+        threading.Thread(target=web.serve_forever, daemon=True).start()
+        silent = socket.create_server(("127.0.0.1", 0))
+        with wb.Workbench(store=wb.InMemoryContextStore()) as bench:
+            for port in [web.server_address[1], silent.getsockname()[1]]:
+                started = time.perf_counter()
+                try:
+                    bench.load("r", {str(tiny_path)!r}, device="cpu", engine="ray", address=f"ray://127.0.0.1:{{port}}")
+                except wb.ModelLoadError as exc:
+                    print(f"refused in {{time.perf_counter() - started:.1f}} s:", exc.message, "|", exc.hint)
+            print("known:", sorted(bench.models()["name"]))
+        print("connected:", ray.is_initialized())
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240,
+                          env=os.environ | ray_runtime_env()["env_vars"] | {"AUTOGLM_RAY_REACH_TIMEOUT_S": "2"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    refused = [line for line in done.stdout.splitlines() if line.startswith("refused")]
+    assert len(refused) == 2, done.stdout
+    web_line, silent_line = refused
+    assert "something accepts connections at 127.0.0.1:" in web_line
+    assert "does not answer as a Ray head or Ray Client does, in gRPC (it broke off the handshake)" in web_line
+    assert "(it said nothing within 2 s)" in silent_line
+    assert all("ray status" in line and "AUTOGLM_RAY_REACH_TIMEOUT_S" in line for line in refused)
+    assert "known: []" in done.stdout and "connected: False" in done.stdout
+
+
 def test_an_address_that_is_not_the_ray_this_process_connected_to_itself_is_refused(
     ray: Any, bench: wb.Workbench, tiny_path: Path
 ) -> None:

@@ -179,6 +179,9 @@ def _check_reachable(ray: Any, address: str) -> None:
         return
     if not host or port is None:
         return
+    hint = ("check that the cluster is up (ray status, on its head) and the address: ray://HEAD:10001 for Ray "
+            "Client, HEAD:6379 for the head itself, 'auto' for a Ray started with ray start on this machine; or leave "
+            "address out for a local Ray (AUTOGLM_RAY_REACH_TIMEOUT_S says how long a connection may take)")
     try:
         socket.create_connection((host, port), timeout=REACH_TIMEOUT_S).close()
     except OSError as exc:
@@ -186,10 +189,45 @@ def _check_reachable(ray: Any, address: str) -> None:
         why = f"no answer within {REACH_TIMEOUT_S:g} s" if timed_out else f"{type(exc).__name__}: {exc}"
         raise ModelLoadError(
             f"could not reach the Ray cluster at {address!r}: nothing accepted a connection at {host}:{port} ({why})",
-            hint="check that the cluster is up (ray status, on its head) and the address: ray://HEAD:10001 for Ray "
-            "Client, HEAD:6379 for the head itself, 'auto' for a Ray started with ray start on this machine; or leave "
-            "address out for a local Ray (AUTOGLM_RAY_REACH_TIMEOUT_S says how long a connection may take)",
+            hint=hint,
         ) from None
+    # Something listens there. A Ray head's GCS and Ray Client both speak gRPC; ray.init spent ~22 s on anything else
+    # (a web server, another service) before its own error.
+    if os.environ.get("RAY_USE_TLS", "0").lower() not in ("1", "true"):  # over TLS, a plain handshake proves nothing
+        answer = _grpc_handshake(host, port, REACH_TIMEOUT_S)
+        if answer != "READY":
+            why = ("it broke off the handshake" if answer == "TRANSIENT_FAILURE"
+                   else f"it said nothing within {REACH_TIMEOUT_S:g} s")
+            raise ModelLoadError(
+                f"could not reach the Ray cluster at {address!r}: something accepts connections at {host}:{port}, but "
+                f"it does not answer as a Ray head or Ray Client does, in gRPC ({why})",
+                hint=hint,
+            )
+
+
+def _grpc_handshake(host: str, port: int, timeout_s: float) -> str:
+    """How a gRPC (HTTP/2) connection to ``host:port`` went: ``READY``, ``TRANSIENT_FAILURE`` (the far end broke the
+    handshake), or ``SILENT`` (neither within ``timeout_s``); ``READY`` without grpc (Ray needs it), to let ray.init
+    judge."""
+    try:
+        import grpc
+    except ImportError:
+        return "READY"
+    states: queue.Queue[Any] = queue.Queue()
+    channel = grpc.insecure_channel(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    try:
+        channel.subscribe(states.put, try_to_connect=True)
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                state = states.get(timeout=left)
+            except queue.Empty:
+                break
+            if state in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE):
+                return str(state.name)
+        return "SILENT"
+    finally:
+        channel.close()
 
 
 # A local Ray's start that timed out is tried this many times in all: its raylet gives its dashboard agent a fixed
