@@ -611,6 +611,137 @@ def test_a_version_written_to_another_directory_while_the_model_is_evicted_goes_
     bench.unwatch_model("m")
 
 
+def _refused(bench: wb.Workbench, message: str) -> pd.DataFrame:
+    """Wait until a version of 'm' is refused with ``message`` in its error; its rows."""
+    def rows() -> pd.DataFrame:
+        table = bench.model_versions("m")
+        return table[(table["state"] == "refused") & table["error"].str.contains(message, regex=False, na=False)]
+    wait_for(lambda: not rows().empty, f"a version refused with {message!r}")
+    return rows()
+
+
+def _kept_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    return [message for message in said if "keep-warm keeps" in message]
+
+
+def test_keep_warm_does_not_evict_a_watched_model_whose_folder_holds_a_refused_version_until_a_good_one_serves(
+    bench: wb.Workbench, tiny_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Before, keep-warm evicted it, and the next use loaded back what its folder held: the refused weights (here a
+    # model of another vocabulary), which then served as the model while model_versions() still said version 1.
+    watched = tmp_path / "models" / "m"
+    shutil.copytree(tiny_path, watched)
+    other_vocab = _weights(tiny_path, tmp_path / "other_vocab", seed=9, vocab=600)
+    v2 = _weights(tiny_path, tmp_path / "v2", seed=7)
+    for name, source in {"m": watched, "a": tiny_path, "b": tiny_path}.items():
+        bench.register(name, source, device="cpu")
+    bench.load("m")
+    one_model = bench.registry.get("m").memory_bytes
+    bench.set_preloading(wb.KeepWarm(int(2.5 * one_model)))  # two models at a time
+    v1_tokens = bench.generate("m", PROMPT, max_new_tokens=NEW).token_ids
+    bench.watch_model("m", interval_s=0.1)
+    publish_weights(other_vocab, watched)
+    refused = _refused(bench, "vocab_size 600")
+    version = refused["version"].iloc[-1]
+
+    bench.generate("a", PROMPT, max_new_tokens=2)
+    bench.generate("b", PROMPT, max_new_tokens=2)  # room for b: 'm' is the least recently used, but it stays
+    assert [n for n in ("m", "a", "b") if bench.registry.is_loaded(n)] == ["m", "b"]
+    bench.generate("a", PROMPT, max_new_tokens=2)  # passes 'm' over again: said once
+    assert [n for n in ("m", "a", "b") if bench.registry.is_loaded(n)] == ["m", "a"]
+    assert bench.generate("m", PROMPT, max_new_tokens=NEW).token_ids == v1_tokens  # version 1 serves on
+    [said] = _kept_warnings(caplog)
+    assert f"{watched} holds version {version}, which was refused" in said and "vocab_size 600" in said
+    assert "could not load back version 1" in said
+
+    # Where only 'm' could make the room, a load fails at once, saying why 'm' stays.
+    bench.set_preloading(wb.KeepWarm(int(1.5 * one_model)))  # 'a' goes, 'm' stays
+    with pytest.raises(wb.ModelLoadError, match=r"no room within the keep-warm budget .* to load 'b': 'm' stays "
+                                                r"loaded: .* holds version \d+, which was refused") as no_room:
+        bench.generate("b", PROMPT, max_new_tokens=2)
+    assert "bench.unload" in no_room.value.hint
+    assert bench.registry.is_loaded("m") and not bench.registry.is_loaded("a")
+
+    # A good version goes live: 'm' could load it back, and keep-warm evicts it as any model again.
+    publish_weights(v2, watched)
+    expected = by_hand(watched, None, PROMPT)
+    wait_for(lambda: bench.generate("m", PROMPT, max_new_tokens=NEW).token_ids == expected, "v2 to serve")
+    bench.generate("b", PROMPT, max_new_tokens=2)
+    assert not bench.registry.is_loaded("m")
+    assert bench.generate("m", PROMPT, max_new_tokens=NEW).token_ids == expected  # back, from its folder
+    bench.unwatch_model("m")
+
+
+def test_a_watched_model_is_not_evicted_while_its_folder_holds_a_version_not_checked_yet(
+    bench: wb.Workbench, tiny_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Before, it was evicted, and loaded back the new weights without any check.
+    watched = tmp_path / "m"
+    shutil.copytree(tiny_path, watched)
+    bench.register("m", watched, device="cpu")
+    bench.register("other", tiny_path, device="cpu")
+    bench.load("m")
+    bench.set_preloading(wb.KeepWarm(int(2.5 * bench.registry.get("m").memory_bytes)))
+    bench.watch_model("m", interval_s=3600)  # no poll comes during the test
+    publish_weights(_weights(tiny_path, tmp_path / "v2", seed=7), watched)
+    bench.set_preloading(wb.KeepWarm(int(1.5 * bench.registry.get("m").memory_bytes)))
+    with pytest.raises(wb.ModelLoadError, match="'m' stays loaded: .* holds a new version, not checked yet"):
+        bench.generate("other", PROMPT, max_new_tokens=2)
+    assert len(_kept_warnings(caplog)) == 1
+    bench.watch_model("m", interval_s=0.05)  # the watch, polling, checks it and swaps it in
+    wait_for(lambda: bench.model_versions("m")["state"].tolist() == ["retired", "live"], "v2 to serve")
+    bench.generate("other", PROMPT, max_new_tokens=2)
+    assert not bench.registry.is_loaded("m")
+    bench.unwatch_model("m")
+
+
+def test_a_model_unloaded_while_its_folder_holds_a_refused_version_does_not_load_it_back(
+    bench: wb.Workbench, tiny_path: Path, tmp_path: Path
+) -> None:
+    # Before, the next use loaded the refused weights (another vocabulary) without a word.
+    watched = tmp_path / "m"
+    shutil.copytree(tiny_path, watched)
+    bench.load("m", watched, device="cpu")
+    bench.watch_model("m", interval_s=0.05)
+    publish_weights(_weights(tiny_path, tmp_path / "other_vocab", seed=9, vocab=600), watched)
+    version = _refused(bench, "vocab_size 600")["version"].iloc[-1]
+    bench.unload("m")
+    expected = rf"model 'm' cannot load from {re.escape(str(watched))}: it holds version {version}, which was " \
+               r"refused \(.*vocab_size 600"
+    with pytest.raises(wb.ModelLoadError, match=expected) as refused:
+        bench.generate("m", PROMPT, max_new_tokens=2)
+    assert "forget=True" in refused.value.hint
+    with pytest.raises(wb.ModelLoadError, match=expected):
+        bench.load("m")
+    assert not bench.registry.is_loaded("m")
+    v2 = _weights(tiny_path, tmp_path / "v2", seed=7)
+    publish_weights(v2, watched)  # another version: it loads, as a model loads after an unload
+    assert bench.generate("m", PROMPT, max_new_tokens=NEW).token_ids == by_hand(watched, None, PROMPT)
+    bench.unload("m", forget=True)  # starting anew, the version refused as a successor is a model like any
+    publish_weights(tmp_path / "other_vocab", watched)
+    assert bench.load("m", watched, device="cpu").model.config.vocab_size == 600
+
+
+def test_a_watched_folder_that_is_gone_is_refused_as_a_folder_that_does_not_exist_and_the_model_stays(
+    bench: wb.Workbench, tiny_path: Path, tmp_path: Path
+) -> None:
+    watched = tmp_path / "m"
+    shutil.copytree(tiny_path, watched)
+    bench.register("m", watched, device="cpu")
+    bench.register("other", tiny_path, device="cpu")
+    bench.load("m")
+    bench.set_preloading(wb.KeepWarm(int(1.5 * bench.registry.get("m").memory_bytes)))
+    bench.watch_model("m", interval_s=0.05)
+    shutil.rmtree(watched)
+    error = _refused(bench, "does not exist")["error"].iloc[-1]
+    assert error == f"{str(watched)!r} does not exist"  # was "is not a directory"
+    with pytest.raises(wb.ModelLoadError, match=f"'m' stays loaded: {re.escape(str(watched))} does not exist"):
+        bench.generate("other", PROMPT, max_new_tokens=2)
+    assert bench.generate("m", PROMPT, max_new_tokens=NEW).token_ids == by_hand(tiny_path, None, PROMPT)
+    bench.unwatch_model("m")
+
+
 def test_a_live_swap_keeps_the_breakers_set_and_the_faults_injected_on_each_replica(
     bench: wb.Workbench, tiny_path: Path, tmp_path: Path
 ) -> None:
@@ -756,3 +887,45 @@ def test_two_swaps_at_once_never_put_an_older_version_in_place_of_a_newer_one(
         assert older.state == "retired" and "v3" in (older.error or "")
         rows = bench.adapters("tiny").query("name == 'sql'").set_index("version")
         assert rows.loc[3, "state"] == "live" and rows.loc[2, "state"] == "retired"
+
+
+def _bytes_read() -> int:
+    """Bytes this process has read from files and sockets so far (Linux's /proc/self/io)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="counts the bytes read through Linux's /proc/self/io")
+def test_a_folder_whose_files_are_unchanged_is_not_read_again_for_its_digest_but_any_rewrite_is_seen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A watch hashed every weights file at every poll: 1 GB took 0.93 s here, so a 7B model's 15 GB kept a core busy.
+    from workbench.models import adapters
+
+    weights = tmp_path / "model.safetensors"
+    (tmp_path / "config.json").write_text("{}")
+    weights.write_bytes(os.urandom(32 << 20))
+    first = adapters.content_digest(tmp_path, "config.json")
+    before = _bytes_read()
+    assert adapters.content_digest(tmp_path, "config.json") == first
+    assert _bytes_read() - before >= 32 << 20  # written just now: its clock may not have ticked yet, so read again
+
+    monkeypatch.setattr(adapters, "_RACY_S", 0.0)  # as if it had been written seconds ago
+    adapters.content_digest(tmp_path, "config.json")
+    before = _bytes_read()
+    assert adapters.content_digest(tmp_path, "config.json") == first
+    assert _bytes_read() - before < 1 << 20  # its stats alone
+
+    # Rewritten in place, same size, its mtime set back: the change time still moves, and the new bytes are hashed.
+    info = weights.stat()
+    with open(weights, "r+b") as handle:
+        handle.write(b"\xff" * 16)
+    os.utime(weights, ns=(info.st_atime_ns, info.st_mtime_ns))
+    assert weights.stat().st_size == info.st_size and weights.stat().st_mtime_ns == info.st_mtime_ns
+    assert adapters.content_digest(tmp_path, "config.json") != first
+    # And replaced by another file with the old one's bytes: the same version again.
+    shutil.copy(tmp_path / "model.safetensors", tmp_path / "copy")
+    os.replace(tmp_path / "copy", weights)
+    assert adapters.content_digest(tmp_path, "config.json") == adapters._hashed([tmp_path / "config.json", weights])

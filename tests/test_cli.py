@@ -181,7 +181,7 @@ def test_session_keeps_the_history_of_runs_across_invocations(spec_file: Path, t
         (["run", "{spec}", "question=hi", "--model", "tiny=tiny", "--model", "tiny=x"], "--model 'tiny' is given twice",
          "one --model NAME=PATH"),
         (["run", "{spec}", "question=hi"], "unknown model 'tiny'", "--model NAME=PATH"),
-        (["run", "{spec}", "question=hi", "--model", "tiny={missing}"], "is not a directory", "config.json"),
+        (["run", "{spec}", "question=hi", "--model", "tiny={missing}"], "does not exist", "config.json"),
         (["run", "{spec}", "questoin=hi", "--model", "tiny={tiny}"], "did you mean 'question'",
          "autoglm run {spec} question=..."),
         (["run", "{latin1}", "question=hi"], "line 1: {latin1} is not UTF-8 text: byte 0xe9 cannot be read",

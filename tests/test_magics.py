@@ -551,7 +551,7 @@ ECHO_CHAIN = (
                      "'print' already names builtin_function_or_method", id="chain-over-a-builtin"),
         pytest.param("%%autoglm chain In\nhops:\n  - name: say\n    call: workbench.demo:canned_answer\n",
                      "'In' already names list", id="chain-over-a-variable"),  # IPython's input history
-        pytest.param("%autoglm load x /nonexistent", "'/nonexistent' is not a directory", id="load-missing-dir"),
+        pytest.param("%autoglm load x /nonexistent", "'/nonexistent' does not exist", id="load-missing-dir"),
         pytest.param("%autoglm trace", "no chain has run yet", id="trace-before-any-run"),
         # Before, argparse took the prefix --al for --all, a guess made for the user.
         pytest.param("%autoglm trace --al", "trace: unrecognized arguments: --al", id="trace-option-prefix"),

@@ -191,7 +191,7 @@ def _no_config_dir(tmp_path: Path, tiny_path: Path) -> Path:
         ("dtype-none", "dtype must be a name such as 'float32', not None"),
         ("bad-config", "StrictDataclassFieldValidationError: .*'hidden_size' expected int, got str"),
         ("truncated-weights", "SafetensorError"),
-        ("relative-missing", "'models/tiny' is not a directory \\(relative paths start at "),
+        ("relative-missing", "'models/tiny' does not exist \\(relative paths start at "),
         ("relative-unknown", "'modles/tiny' is not a local directory, and as a hub id it is not in the Hugging Face"),
     ],
 )

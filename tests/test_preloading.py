@@ -285,7 +285,7 @@ def test_a_failed_prefetch_is_reported_by_the_hop_that_needs_the_model(
     bench.register("b", tmp_path / "missing", device="cpu")
     bench.register("c", tiny_path, device="cpu")
     bench.set_preloading("prefetch")
-    with pytest.raises(wb.HopFailed, match="is not a directory") as info:
+    with pytest.raises(wb.HopFailed, match="missing' does not exist") as info:
         bench.chain(THREE_HOPS).run(q="hi")
     assert info.value.hop == "two"
     assert info.value.run is not None and info.value.run.outputs.keys() == {"one"}

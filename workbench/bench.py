@@ -174,6 +174,10 @@ class Workbench:
         self._adapter_watchers: dict[tuple[str, str], DirectoryWatcher] = {}
         self._model_watchers: dict[str, DirectoryWatcher] = {}
         self._model_versions: dict[str, list[AdapterVersion]] = {}  # versions of each watched model, oldest first
+        # Versions a watch refused, by model and digest; kept past an unload, so no later load brings them in.
+        self._refused_models: dict[str, dict[str, AdapterVersion]] = {}
+        self.engine.preloader.keep_loaded = self._why_keep_loaded
+        self.engine.preloader.check_source = self._check_not_refused
         if health_interval_s is not None:
             self.health.configure(health_interval_s)
 
@@ -329,12 +333,15 @@ class Workbench:
     def unload(self, name: str, *, forget: bool = False) -> int:
         """Stop the model's worker (failing what is still queued) and free its memory; returns bytes freed.
 
-        The model stays registered, so it loads again on use; ``forget=True`` drops it entirely.
+        The model stays registered, so it loads again on use; ``forget=True`` drops it entirely. A model whose
+        folder holds a version that :meth:`watch_model` refused does not load from it again (ModelLoadError says
+        which version and why) until the folder holds another, or ``forget=True`` drops what was refused.
         """
         self._stop_watchers(name)
         self._model_versions.pop(name, None)  # a later load starts a new history
         freed = self.engine.preloader.unload(name, forget=forget)
         if forget:
+            self._refused_models.pop(name, None)
             self.engine.forget(name)
         return freed
 
@@ -1021,6 +1028,10 @@ class Workbench:
         refused (:meth:`model_versions` says why) and the serving one goes on. ``path`` defaults to the
         directory the model loaded from. For models in this process without named adapters; any other is
         refused here, before a watch that could only refuse every version.
+
+        While the directory the model loads from holds another version than the one serving (refused, or not
+        checked yet), keep-warm does not evict the model, which could not load back what it serves (a warning says
+        so, once); and no load, after an unload either, brings in a version that was refused.
         """
         loaded = self.registry.check_swappable(name)
         directory = os.path.abspath(os.path.expanduser(path)) if path is not None else loaded.source  # as for adapters
@@ -1086,6 +1097,7 @@ class Workbench:
             except Exception as exc:
                 version.state = "refused"
                 version.error = exc.message if isinstance(exc, WorkbenchError) else f"{type(exc).__name__}: {exc}"
+                self._refused_models.setdefault(name, {})[digest] = version
                 span.add_event("model.refused", {attr.ADAPTER_ERROR: version.error})
                 span.set_status(Status(StatusCode.ERROR, version.error))
                 span.set_attribute(attr.ADAPTER_STATE, "refused")
@@ -1104,6 +1116,39 @@ class Workbench:
                 previous.state = "retired"
                 previous.retire_ms = (time.perf_counter() - (previous.switched_at or time.perf_counter())) * 1e3
         return version
+
+    def _why_keep_loaded(self, name: str) -> str | None:
+        """Why keep-warm must not evict model ``name``: the directory it would load back from holds another version
+        than the one serving (refused, or not checked yet); None where it would load back what it serves, or is not
+        watched (nothing is known of its versions)."""
+        live = next((v for v in reversed(self._model_versions.get(name, ())) if v.state == "live"), None)
+        if live is None:
+            return None
+        source = os.path.abspath(os.path.expanduser(self.registry.settings(name).source))
+        digest = content_digest(source, "config.json")
+        if digest == live.digest:
+            return None
+        refused = self._refused_models.get(name, {}).get(digest)
+        now = ("does not exist" if not os.path.exists(source)
+               else f"holds version {refused.version}, which was refused ({refused.error})" if refused is not None
+               else "holds a new version, not checked yet")
+        return f"{source} {now}, so it could not load back version {live.version}, which it serves"
+
+    def _check_not_refused(self, name: str, settings: LoadSettings) -> None:
+        """Refuse to load model ``name`` from a directory that holds a version a watch of it refused."""
+        refused = self._refused_models.get(name)
+        if not refused:
+            return
+        source = os.path.abspath(os.path.expanduser(settings.source))
+        if not os.path.isdir(source):
+            return  # the load says what is missing
+        version = refused.get(content_digest(source, "config.json"))
+        if version is not None and version.path == source:
+            raise ModelLoadError(
+                f"model {name!r} cannot load from {source}: it holds version {version.version}, which was refused "
+                f"({version.error})",
+                hint=f"put a version there that passes the checks, or bench.unload({name!r}, forget=True) and load "
+                "it anew")
 
     def _spec_context(self) -> tuple[Any, ...]:
         """What a chain spec is validated against here: the models, the modules its code may come from, the adapters."""

@@ -212,6 +212,12 @@ class Preloader:
         # Loads a request is waiting for right now; prefetches hold back until there are none.
         self._urgent = 0
         self._urgent_done = threading.Condition()
+        # Set by the workbench, which swaps watched models' versions live: why keep-warm must leave a loaded model
+        # loaded though idle (None: it may be evicted), and a check, raising ModelLoadError, that a model may load
+        # from the source in its settings now. See Workbench.watch_model.
+        self.keep_loaded: Callable[[str], str | None] = lambda name: None
+        self.check_source: Callable[[str, LoadSettings], None] = lambda name, settings: None
+        self._kept_said: set[tuple[str, str]] = set()  # (model, why) keep-warm has logged, each once
 
     # -- strategy ------------------------------------------------------------------------------
 
@@ -286,6 +292,7 @@ class Preloader:
                 settings = self.registry.settings(name)
             else:
                 self.registry.check_free(name)
+            self.check_source(name, settings)
             # What a load refused at its workers' start puts back (the load registers its own settings).
             before = self.registry.settings(name) if name in self.registry.names() else None
             budget = self.strategy.budget if isinstance(self.strategy, KeepWarm) else None
@@ -466,8 +473,10 @@ class Preloader:
     ) -> list[str]:
         """Evict idle models, least recently used first, until ``need`` more bytes fit; holds ``_room``.
 
-        Waits (up to ROOM_TIMEOUT_S) for a busy model to finish where evicting the idle ones is not enough; without
-        ``wait``, returns the busy models that keep it over the budget instead (empty where nothing is busy).
+        An idle model that :attr:`keep_loaded` says must stay is passed over (said once in a warning). Waits (up to
+        ROOM_TIMEOUT_S) for a busy model to finish where evicting the idle ones is not enough, and fails at once where
+        only models that must stay hold the room; without ``wait``, returns the busy models that keep it over the
+        budget instead (empty where nothing is busy).
         """
         deadline = time.monotonic() + ROOM_TIMEOUT_S
         while True:
@@ -476,20 +485,39 @@ class Preloader:
             if sum(loaded.values()) + sum(self._reserved.values()) + need <= budget:
                 return []
             idle = [n for n in self.registry.usage.least_recent_first(loaded) if n != for_model and not self._busy[n]]
-            if idle:
-                self._evict(idle[0], budget, for_model, parent)
-                continue
-            if not wait:
-                return sorted(n for n in loaded if self._busy[n])
-            left = deadline - time.monotonic()
-            if left <= 0 or not self._room.wait(timeout=left):
-                busy = sorted(n for n in loaded if self._busy[n] or n == for_model) + sorted(self._reserved)
-                raise ModelLoadError(
-                    f"no room within the keep-warm budget of {format_bytes(budget)}"
-                    + (f" to load {for_model!r}" if for_model and for_model not in loaded else "")
-                    + f": the models using it ({', '.join(busy)}) stayed busy for {ROOM_TIMEOUT_S:.0f} s",
-                    hint="raise the budget, or run fewer models at once",
-                )
+            kept: dict[str, str] = {}
+            for candidate in idle:
+                why = self._why_kept(candidate)
+                if why is None:
+                    self._evict(candidate, budget, for_model, parent)
+                    break
+                kept[candidate] = why
+            else:
+                if not wait:
+                    return sorted(n for n in loaded if self._busy[n])
+                where = (f"no room within the keep-warm budget of {format_bytes(budget)}"
+                         + (f" to load {for_model!r}" if for_model and for_model not in loaded else ""))
+                staying = "; ".join(f"{n!r} stays loaded: {why}" for n, why in kept.items())
+                if kept and not self._reserved and not any(self._busy[n] for n in loaded if n != for_model):
+                    # Nothing to wait for: no request ends, and no load finishes, that would free the room.
+                    raise ModelLoadError(f"{where}: {staying}",
+                                         hint="raise the budget, or unload one of them (bench.unload(NAME))")
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._room.wait(timeout=left):
+                    busy = sorted(n for n in loaded if self._busy[n] or n == for_model) + sorted(self._reserved)
+                    raise ModelLoadError(
+                        f"{where}: the models using it ({', '.join(busy)}) stayed busy for {ROOM_TIMEOUT_S:.0f} s"
+                        + (f"; {staying}" if kept else ""),
+                        hint="raise the budget, or run fewer models at once",
+                    )
+
+    def _why_kept(self, name: str) -> str | None:
+        """Why the idle model ``name`` must stay (:attr:`keep_loaded`), said once in a warning; None: it may go."""
+        why = self.keep_loaded(name)
+        if why is not None and (name, why) not in self._kept_said:
+            self._kept_said.add((name, why))
+            log.warning("keep-warm keeps model %r loaded though it is idle: %s", name, why)
+        return why
 
     def _evict(self, name: str, budget: int, for_model: str | None, parent: Span | None) -> None:
         attributes: dict[str, object] = {

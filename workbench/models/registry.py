@@ -794,7 +794,8 @@ def _check_source(settings: LoadSettings) -> None:
         return
     if not path.is_dir():
         raise ModelLoadError(
-            f"{settings.source!r} is not a directory{relative_note(path)}",
+            f"{settings.source!r} does not exist{relative_note(path)}" if not path.exists()
+            else f"{settings.source!r} is not a directory",
             hint="give the directory that holds config.json and the weights, or a hub id like 'org/name'",
         )
     if not (path / "config.json").is_file():
