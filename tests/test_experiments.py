@@ -247,6 +247,27 @@ def test_a_failing_run_is_counted_not_raised(tiny: wb.Workbench) -> None:
     assert any(".samples() has each failed run's error" in note for note in cmp.readable().notes)
 
 
+def refuse_odd_questions(question: str, plan: str) -> str:
+    if question[-1] in "13":
+        raise ValueError("odd")
+    return plan
+
+
+def test_the_model_calls_of_a_failed_run_are_left_out_as_the_run_is(tiny: wb.Workbench) -> None:
+    """A run that failed after its model call had that call's TTFT, TPOT and tokens counted beside the runs that
+    finished (ttft_n 4 for n 2), while the table's note said failed runs were left out of the latency figures."""
+    chain = tiny.chain({"name": "fails_late", "hops": [
+        {"name": "plan", "model": "tiny", "prompt": "Q: {{ question }}", "max_new_tokens": 4},
+        {"name": "check", "call": refuse_odd_questions}], "output": "check"})
+    inputs = [{"question": f"q{i}"} for i in range(4)]
+    cmp = wb.compare(chain, inputs, batching="none", repeats=1, warmup=0, progress=False)
+    assert cmp.table()[["n", "errors", "ttft_n"]].values.tolist() == [[2, 2, 2]]
+    assert len(cmp.calls()) == 2  # one model call per finished run
+    tokens = float(cmp.calls()["tokens_out"].sum())
+    (wall,) = cmp.passes()["wall_s"]
+    assert cmp.table().at[0, "output_tokens_per_s"] == pytest.approx(tokens / wall)
+
+
 def test_a_comparison_of_one_strategy_on_one_input_of_a_model_free_chain_reads_as_english(tiny: wb.Workbench) -> None:
     # It read "<Comparison of 1 strategies on chain 'echo': 1 inputs, ..., 1 repeat;  on  ()>".
     chain = tiny.chain({"name": "echo", "hops": [{"name": "say", "call": "workbench.demo:canned_answer"}]})

@@ -15,6 +15,7 @@ from io import BytesIO
 from pathlib import Path
 from textwrap import dedent
 
+import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.figure import Figure
@@ -376,6 +377,33 @@ def test_a_waterfall_draws_at_most_max_rows_and_says_how_many_it_left_out(bench:
     (axes,) = run.trace.waterfall(max_rows=100).axes
     assert len(axes.get_yticklabels()) == 61
     assert axes.get_title(loc="left") == "chain long: 61 spans"
+
+
+def nap(ms: str) -> str:
+    time.sleep(int(ms) / 1000)
+    return ms
+
+
+def test_a_folded_waterfall_row_is_labelled_with_the_median_of_its_spans(bench: wb.Workbench) -> None:
+    """Of an even count it read the upper middle span: 'p50 30 ms' for naps of 10, 20, 30 and 400 ms (median 25)."""
+    chain = bench.chain({"name": "naps", "hops": [{"name": "nap", "call": nap}]})
+    trace = wb.Trace(span for ms in ("10", "20", "30", "400") for span in chain.run(ms=ms).trace.spans)
+    (axes,) = trace.waterfall(max_rows=1).axes  # 8 spans over one row: folded
+    table = trace.table()
+    median = table.loc[table["name"] == "chain naps", "duration_ms"].median()
+    assert [text.get_text() for text in axes.texts] == [f" p50 {median:.1f} ms"]
+
+
+@pytest.mark.parametrize("max_rows", [0, -1, 2.5, True, "40"])
+def test_a_waterfall_of_no_rows_or_a_negative_count_is_refused(bench: wb.Workbench, max_rows: object) -> None:
+    """max_rows=0 drew 'empty trace' for a trace of spans; -1 left out the last row and said 'the first 1 rows'."""
+    trace = bench.chain({"name": "one", "hops": [{"name": "say", "call": "workbench.demo:canned_answer"}]}).run(
+        question="hi").trace
+    with pytest.raises(wb.SettingsError, match=f"max_rows must be a whole number of at least 1, not {max_rows!r}"):
+        trace.waterfall(max_rows=max_rows)  # type: ignore[arg-type]
+    (axes,) = trace.waterfall(max_rows=np.int64(1)).axes  # numpy's whole numbers are whole numbers
+    assert [label.get_text() for label in axes.get_yticklabels()] == ["chain one"]
+    assert axes.get_title(loc="left") == "chain one: 2 spans; the first 1 rows shown"
 
 
 def test_workbench_traces_hold_every_run_load_and_batch(tiny_bench: wb.Workbench, fan_runs: list[wb.Run]) -> None:

@@ -16,7 +16,7 @@ from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
 import workbench as wb
-from tests.helpers import QA_SPEC
+from helpers import QA_SPEC
 import workbench.bench
 from workbench.demo import DEMO_SPEC
 from workbench.models.devices import available_devices
@@ -142,8 +142,8 @@ def test_failed_load_shows_its_error_in_the_widget(bench: wb.Workbench, tmp_path
     manager.source.value = str(tmp_path / "missing")
     manager.load_button.click()  # must not raise: the error belongs in the widget
     manager.wait(60)
-    assert "is not a directory" in manager.error and "hint:" in manager.error
-    assert "is not a directory" in manager._error.value
+    assert "missing' does not exist" in manager.error and "hint:" in manager.error
+    assert "missing&#x27; does not exist" in manager._error.value  # escaped in the HTML
     assert manager.status == "" and bench.registry.names() == []
 
 
@@ -492,6 +492,44 @@ def test_dashboard_shows_a_failing_comparison_as_an_error(loaded: wb.Workbench) 
     assert "needs input 'question'" in dashboard.error
     assert dashboard.progress.bar_style == "danger"
     assert dashboard.comparison is None and not dashboard.run_button.disabled
+
+
+def test_a_refused_comparison_keeps_the_last_one_the_table_still_shows(loaded: wb.Workbench) -> None:
+    """Picking a strategy compare refuses lost the finished comparison: .comparison went None while its table stayed."""
+    dashboard = ComparisonDashboard(loaded.chain(SHORT_SPEC), [{"question": "q"}], batching=["none"],
+                                    preloading=["lazy", "keep_warm:1KiB"], repeats=1, warmup=0)
+    dashboard.preloading.value = ("lazy",)
+    dashboard.run()
+    dashboard.wait(120)
+    finished, shown = dashboard.comparison, dashboard.table.value
+    assert finished is not None and dashboard.error == ""
+    dashboard.preloading.value = ("keep_warm:1KiB",)  # smaller than the model: refused before the first pass
+    dashboard.run()
+    dashboard.wait(120)
+    assert "more than the whole keep-warm budget of 1KiB" in dashboard.error
+    assert dashboard.comparison is finished and dashboard.table.value == shown
+    assert dashboard.status == "the table shows the last comparison that finished"
+
+
+def test_a_click_while_a_comparison_runs_says_so_until_it_ends(loaded: wb.Workbench) -> None:
+    """The 'still running' line stayed beside 'done' after the comparison it spoke of had finished."""
+    dashboard = ComparisonDashboard(loaded.chain(SHORT_SPEC), [{"question": "q"}], batching=["none"], repeats=1,
+                                    warmup=0)
+    assert dashboard.run() is True
+    assert dashboard.run() is False and dashboard.error == "a comparison is still running; wait for it to finish"
+    dashboard.wait(120)
+    assert dashboard.status == "done" and dashboard.error == ""
+
+
+@pytest.mark.parametrize("rate", ["20", [5]])
+def test_an_arrival_rate_that_is_no_number_is_refused_in_the_error_line(loaded: wb.Workbench, rate: object) -> None:
+    """The dashboard raised Python's 'Unknown format code 'g' for object of type 'str'' as it was made."""
+    dashboard = ComparisonDashboard(loaded.chain(SHORT_SPEC), [{"question": "q"}], batching=["none"],
+                                    arrival_rate=rate, repeats=1, warmup=0)  # type: ignore[arg-type]
+    dashboard.run()
+    dashboard.wait(60)
+    assert f"arrival rate must be a finite number > 0 runs/s, not {rate!r}" in dashboard.error
+    assert dashboard.comparison is None
 
 
 def test_a_save_that_fails_leaves_the_finished_comparison_shown_as_done(loaded: wb.Workbench, tmp_path: Path) -> None:

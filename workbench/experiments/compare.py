@@ -399,7 +399,8 @@ class Comparison:
         return self._samples.copy()
 
     def calls(self) -> pd.DataFrame:
-        """One row per model call of the measured runs: TTFT, TPOT, tokens, batch id and size, padding, replica."""
+        """One row per model call of the measured runs that finished (a failed run's calls are left out, as the run
+        is): TTFT, TPOT, tokens, batch id and size, padding, replica."""
         return self._calls.copy()
 
     def passes(self) -> pd.DataFrame:
@@ -413,8 +414,8 @@ class Comparison:
         over those runs (``_lo`` / ``_hi``; 1000 resamples, seed 0); ``n`` runs finished;
         ``p95_few_samples`` flags a p95 taken from fewer than 20 of them, ``p99_few_samples`` a
         p99 taken from fewer than 100. TTFT and ``tpot_ms``
-        (the median time per output token) are over model calls, counted in ``ttft_n`` and
-        ``tpot_n``; ``ttft_p95_few_samples`` flags a TTFT p95 taken from fewer than 20 calls.
+        (the median time per output token) are over the model calls of the runs that finished, counted in
+        ``ttft_n`` and ``tpot_n``; ``ttft_p95_few_samples`` flags a TTFT p95 taken from fewer than 20 calls.
         Throughput, cold start and time to first result are medians over repeats, their interval
         the min-max over repeats (missing after one repeat). ``rank``,
         ``rank_group`` and ``distinguishable`` rank throughput: strategies in one group have
@@ -718,7 +719,10 @@ def _measure(
             "error": [None if run.ok else describe(run.error) for run in result.runs],  # type: ignore[arg-type]
         }
     )
-    llm = table[table["name"].str.startswith(attr.TEXT_COMPLETION) & (table["status_code"] == "OK")]
+    # A failed run's model calls and served answers are left out, as the run is: its TTFT, TPOT and tokens
+    # counted beside the figures of the runs that finished, while requests/s and E2E counted only those.
+    finished = table["context.trace_id"].isin({format(run.trace_id, "032x") for run in result.runs if run.ok})
+    llm = table[table["name"].str.startswith(attr.TEXT_COMPLETION) & (table["status_code"] == "OK") & finished]
     calls = pd.DataFrame(
         {
             "hop": llm["hop"],
@@ -740,7 +744,7 @@ def _measure(
     lookups = hops.get(f"attributes.{attr.CACHE_HIT}")
     looked = lookups.dropna() if lookups is not None else None
     # An exact hit delivered the tokens the model once wrote for it: output, though no model call made them now.
-    served = hops.get(f"attributes.{attr.CACHE_TOKENS_OUT}")
+    served = hops[finished.loc[hops.index]].get(f"attributes.{attr.CACHE_TOKENS_OUT}")
     tokens_out = float(calls["tokens_out"].sum()) + (float(served.fillna(0).sum()) if served is not None else 0.0)
     wall = result.wall_s
     models = set(chain.spec.models())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +41,8 @@ class ComparisonDashboard(StatusBox):
 
     Pick strategies and the workload, press run: :func:`workbench.compare` runs off the
     kernel's thread, the progress bar counts passes, and the table and the throughput/latency
-    plot redraw after every pass. The finished :class:`Comparison` is ``comparison``.
+    plot redraw after every pass. The finished :class:`Comparison` is ``comparison``; a run refused before its
+    first pass (a strategy a model cannot run) leaves the last one there, as its table stays shown.
     ``batching`` and ``preloading`` are picked at first; like :func:`workbench.compare`, they
     take strategy objects or names.
     ``arrival_rate`` and ``seed`` go to :func:`workbench.compare` as they are (open loop);
@@ -69,6 +71,7 @@ class ComparisonDashboard(StatusBox):
         self._open_loop = {"arrival_rate": arrival_rate, "seed": seed}
         self._save = save
         self.comparison: Comparison | None = None
+        self._last: Comparison | None = None
         self._job = Background("workbench-compare", self._fail)
         has_preloading = hasattr(chain.bench, "set_preloading")
         # As wb.compare takes them: objects or names; the pickers list names.
@@ -90,7 +93,9 @@ class ComparisonDashboard(StatusBox):
         self._status = w.HTML()
         self._error = w.HTML()
         self.run_button.on_click(lambda _: self.run())
-        load = f", Poisson arrivals at {arrival_rate:g}/s" if arrival_rate else ""
+        # Only a rate that is a number is said here; any other is refused by compare, in the error line, at run.
+        rated = isinstance(arrival_rate, numbers.Real) and not isinstance(arrival_rate, bool) and arrival_rate
+        load = f", Poisson arrivals at {arrival_rate:g}/s" if rated else ""
         header = w.HTML(f"<b>Compare strategies on chain {html.escape(chain.name)}</b>: {len(self.inputs)} inputs{load}")
         super().__init__(
             [
@@ -115,7 +120,7 @@ class ComparisonDashboard(StatusBox):
     def run(self) -> bool:
         """Start the comparison off the kernel's thread; False (and a message) if one is still running."""
         if self._job.running:
-            self.error = "a comparison is still running; wait for it to finish"
+            self._refuse_while_busy("a comparison is still running; wait for it to finish")
             return False
         batching = list(self.batching.value) or None
         preloading = list(self.preloading.value) or None
@@ -123,7 +128,8 @@ class ComparisonDashboard(StatusBox):
         self.progress.max = strategies * self.repeats.value
         self.progress.value = 0
         self.progress.bar_style = "info"
-        self.comparison = None
+        # Put back if this run fails before its first pass (a strategy refused): the table still shows it.
+        self._last, self.comparison = self.comparison, None
         self.error = ""
         self.status = f"running {strategies} strategies x {self.repeats.value} repeats ..."
         self.running = True
@@ -158,10 +164,14 @@ class ComparisonDashboard(StatusBox):
 
     def _done(self) -> None:
         self.running = False
+        self._job_ended()
 
     def _fail(self, message: str) -> None:
         self.progress.bar_style = "danger"
         self.status = ""
+        if self.progress.value == 0 and self._last is not None:  # no pass of this run replaced it in the table
+            self.comparison = self._last
+            self.status = "the table shows the last comparison that finished"
         self.error = message
 
     @traitlets.observe("running")

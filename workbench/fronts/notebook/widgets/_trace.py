@@ -57,12 +57,15 @@ def as_trace(source: Trace | Run | Iterable[Run | None]) -> Trace:
 
 def span_payload(trace: Trace, max_spans: int = MAX_SPANS) -> list[dict[str, Any]]:
     """The spans as the front end draws them: tree order, times in ms from the earliest span's start."""
-    table = trace.table().head(max_spans)
+    # The first spans in tree order, each parent before its children, tabled alone: a table of every span of a
+    # trace of 50,000 took 2.6 s to show 1,500 of them.
+    shown = [span for span, _ in trace.ordered()[:max_spans]]
+    table = Trace(shown).table()
     if table.empty:
         return []
     origin = table["start_time"].min()
     # Attributes come from the spans themselves: the table's columns widen integers to floats.
-    raw = {format(s.context.span_id, "016x"): s.attributes or {} for s in trace.spans}
+    raw = {format(s.context.span_id, "016x"): s.attributes or {} for s in shown}
     spans = []
     for row in table.to_dict("records"):
         attributes = {key: _plain(value) for key, value in raw[row["context.span_id"]].items()}
