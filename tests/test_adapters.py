@@ -929,3 +929,39 @@ def test_a_folder_whose_files_are_unchanged_is_not_read_again_for_its_digest_but
     shutil.copy(tmp_path / "model.safetensors", tmp_path / "copy")
     os.replace(tmp_path / "copy", weights)
     assert adapters.content_digest(tmp_path, "config.json") == adapters._hashed([tmp_path / "config.json", weights])
+
+
+def test_a_version_written_into_the_models_own_folder_while_it_is_evicted_is_checked_as_it_loads_back(
+    bench: wb.Workbench, tiny_path: Path, tmp_path: Path
+) -> None:
+    # The watch counted it seen while keep-warm had the model out, and the next use loaded it unchecked: a model of
+    # another vocabulary served, model_versions() still said version 1, and keep-warm then never let the model go
+    # ("a new version, not checked yet").
+    watched = tmp_path / "m"
+    shutil.copytree(tiny_path, watched)
+    bench.register("m", watched, device="cpu")
+    bench.register("other", tiny_path, device="cpu")
+    bench.load("m")
+    bench.set_preloading(wb.KeepWarm(int(1.5 * bench.registry.get("m").memory_bytes)))  # one model at a time
+    bench.watch_model("m", interval_s=0.05)
+    bench.generate("other", PROMPT, max_new_tokens=2)
+    assert not bench.registry.is_loaded("m")
+    publish_weights(_weights(tiny_path, tmp_path / "other_vocab", seed=9, vocab=600), watched)
+    time.sleep(0.5)  # polls while it is evicted
+    with pytest.raises(wb.ModelLoadError, match=r"model 'm' cannot load from .*: it holds version 2, which was refused "
+                                                r"\(it has vocab_size 600, the serving one 512\)"):
+        bench.generate("m", PROMPT, max_new_tokens=2)
+    assert not bench.registry.is_loaded("m")
+    assert bench.model_versions("m")[["version", "state"]].values.tolist() == [[1, "live"], [2, "refused"]]
+
+    # A good version written while it is out: checked as it loads back, then serving, and evicted as any model.
+    v3 = _weights(tiny_path, tmp_path / "v3", seed=7)
+    publish_weights(v3, watched)
+    expected = by_hand(watched, None, PROMPT)
+    assert bench.generate("m", PROMPT, max_new_tokens=NEW).token_ids == expected
+    time.sleep(0.3)  # the watch sees it serving already: nothing to swap
+    versions = bench.model_versions("m")
+    assert versions[["version", "state"]].values.tolist() == [[1, "retired"], [2, "refused"], [3, "live"]]
+    bench.generate("other", PROMPT, max_new_tokens=2)
+    assert not bench.registry.is_loaded("m")
+    bench.unwatch_model("m")

@@ -54,7 +54,7 @@ from workbench.models.adapters import (
     inspect_adapter,
     parse_adapters,
 )
-from workbench.models.registry import LoadedModel, LoadSettings, ModelRegistry, check_successor
+from workbench.models.registry import LoadedModel, LoadSettings, ModelRegistry, check_successor, check_version, kind_of
 from workbench.models.remote import REMOTE_DEVICE
 from workbench.models.settings import is_server_url
 from workbench.tracing import Trace, Tracing
@@ -176,8 +176,12 @@ class Workbench:
         self._model_versions: dict[str, list[AdapterVersion]] = {}  # versions of each watched model, oldest first
         # Versions a watch refused, by model and digest; kept past an unload, so no later load brings them in.
         self._refused_models: dict[str, dict[str, AdapterVersion]] = {}
+        # What each watched model's versions are checked against: the serving kind (model type, vocabulary) and the
+        # golden prompts; also for a version that came while keep-warm had the model out, checked as it loads back.
+        self._model_checks: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {}
         self.engine.preloader.keep_loaded = self._why_keep_loaded
         self.engine.preloader.check_source = self._check_not_refused
+        self.engine.preloader.check_loaded = self._check_loaded_version
         if health_interval_s is not None:
             self.health.configure(health_interval_s)
 
@@ -339,6 +343,7 @@ class Workbench:
         """
         self._stop_watchers(name)
         self._model_versions.pop(name, None)  # a later load starts a new history
+        self._model_checks.pop(name, None)
         freed = self.engine.preloader.unload(name, forget=forget)
         if forget:
             self._refused_models.pop(name, None)
@@ -1036,6 +1041,7 @@ class Workbench:
         loaded = self.registry.check_swappable(name)
         directory = os.path.abspath(os.path.expanduser(path)) if path is not None else loaded.source  # as for adapters
         prompts = tuple(golden_prompts) if golden_prompts is not None else GOLDEN_PROMPTS
+        self._model_checks[name] = (kind_of(loaded), prompts)
         if name not in self._model_versions:
             first = AdapterVersion(name, 1, loaded.source, content_digest(loaded.source, "config.json"),
                                    state="live", loaded_at=loaded.loaded_at)
@@ -1074,6 +1080,8 @@ class Workbench:
             source = self.registry.settings(name).source
             return None if os.path.abspath(os.path.expanduser(source)) == directory else LATER
         versions = self._model_versions[name]
+        if next((v.digest for v in reversed(versions) if v.state == "live"), None) == digest:
+            return None  # checked as the model loaded back (see _check_loaded_version): serving already
         version = AdapterVersion(name, max(v.version for v in versions) + 1, directory, digest)
         versions.append(version)
         attributes: dict[str, object] = {attr.SPAN_KIND: attr.KIND_CHAIN, attr.MODEL_NAME: name,
@@ -1133,6 +1141,40 @@ class Workbench:
                else f"holds version {refused.version}, which was refused ({refused.error})" if refused is not None
                else "holds a new version, not checked yet")
         return f"{source} {now}, so it could not load back version {live.version}, which it serves"
+
+    def _check_loaded_version(self, name: str, loaded: LoadedModel) -> None:
+        """Check a watched model loaded back after keep-warm evicted it, whose folder now holds another
+        version than the one that served: as a live swap checks one (:func:`check_version`), since the watch, which
+        saw it come while the model was out, had nothing to check it against. It joins :meth:`model_versions`, live
+        or refused (then ModelLoadError, and the load is undone)."""
+        versions = self._model_versions.get(name)
+        checks = self._model_checks.get(name)
+        live = next((v for v in reversed(versions) if v.state == "live"), None) if versions else None
+        if live is None or checks is None:
+            return
+        source = os.path.abspath(os.path.expanduser(loaded.source))
+        digest = content_digest(source, "config.json")
+        if digest == live.digest:
+            return
+        version = AdapterVersion(name, max(v.version for v in versions) + 1, source, digest)
+        versions.append(version)
+        try:
+            check_version(checks[0], loaded, checks[1], "it")
+        except Exception as exc:
+            version.state = "refused"
+            version.error = exc.message if isinstance(exc, WorkbenchError) else f"{type(exc).__name__}: {exc}"
+            self._refused_models.setdefault(name, {})[digest] = version
+            log.warning("model %s version %d from %s, written while keep-warm had it evicted, refused as it loaded "
+                        "back: %s", name, version.version, source, version.error)
+            raise ModelLoadError(
+                f"model {name!r} cannot load from {source}: it holds version {version.version}, which was refused "
+                f"({version.error})",
+                hint=f"put a version there that passes the checks, or bench.unload({name!r}, forget=True) and load "
+                "it anew") from None
+        version.state, version.loaded_at = "live", time.time()
+        live.state = "retired"  # its weights went with the eviction
+        log.info("model %s loaded back with version %d from %s, written while keep-warm had it evicted", name,
+                 version.version, source)
 
     def _check_not_refused(self, name: str, settings: LoadSettings) -> None:
         """Refuse to load model ``name`` from a directory that holds a version a watch of it refused."""

@@ -217,6 +217,8 @@ class Preloader:
         # from the source in its settings now. See Workbench.watch_model.
         self.keep_loaded: Callable[[str], str | None] = lambda name: None
         self.check_source: Callable[[str, LoadSettings], None] = lambda name, settings: None
+        # And a check of what a load brought in, before its workers start (raising ModelLoadError unloads it).
+        self.check_loaded: Callable[[str, LoadedModel], None] = lambda name, loaded: None
         self._kept_said: set[tuple[str, str]] = set()  # (model, why) keep-warm has logged, each once
 
     # -- strategy ------------------------------------------------------------------------------
@@ -306,8 +308,9 @@ class Preloader:
                         self._reserved.pop(name, None)
                         self._room.notify_all()
             try:
+                self.check_loaded(name, loaded)
                 self._start(name, policy, parent, trigger)
-            except BaseException:  # a worker that cannot serve this model: leave nothing half-loaded
+            except BaseException:  # refused, or a worker that cannot serve this model: leave nothing half-loaded
                 self.registry.unload(name, forget=before is None)
                 if before is not None:
                     self.registry.register(name, before)

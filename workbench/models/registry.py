@@ -11,7 +11,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -642,9 +642,19 @@ def _release(loaded: LoadedModel) -> None:
 def check_successor(old: LoadedModel, new: LoadedModel, prompts: Iterable[str]) -> None:
     """Refuse ``new`` as the next version of ``old`` unless it is the same kind of model with the same
     vocabulary, and gives finite logits on ``prompts``; ModelLoadError says which check failed."""
-    where = f"the new version of model {old.name!r} (from {new.source})"
-    for key in ("model_type", "vocab_size"):
-        before, after = getattr(old.model.config, key, None), getattr(new.model.config, key, None)
+    check_version(kind_of(old), new, prompts, f"the new version of model {old.name!r} (from {new.source})")
+
+
+def kind_of(loaded: LoadedModel) -> dict[str, Any]:
+    """What a new version of ``loaded`` must keep: its ``model_type`` and ``vocab_size``."""
+    return {key: getattr(loaded.model.config, key, None) for key in ("model_type", "vocab_size")}
+
+
+def check_version(kind: Mapping[str, Any], new: LoadedModel, prompts: Iterable[str], where: str) -> None:
+    """Refuse ``new`` (described as ``where``) unless it is of ``kind`` (:func:`kind_of` the serving version) and gives
+    finite logits on ``prompts``; ModelLoadError says which check failed."""
+    for key, before in kind.items():
+        after = getattr(new.model.config, key, None)
         if before != after:
             raise ModelLoadError(f"{where} has {key} {after!r}, the serving one {before!r}",
                                  hint="a live swap keeps the architecture and the vocabulary; load it under a new name")
