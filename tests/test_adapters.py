@@ -620,6 +620,20 @@ def _refused(bench: wb.Workbench, message: str) -> pd.DataFrame:
     return rows()
 
 
+def _watched_beside_other(bench: wb.Workbench, tiny_path: Path, tmp_path: Path, *, models_kept: int = 1,
+                          interval_s: float = 0.05) -> Path:
+    """'m' loaded from a copy of the tiny model and watched there, 'other' registered beside it, keep-warm holding
+    ``models_kept`` models at a time; the watched folder."""
+    watched = tmp_path / "m"
+    shutil.copytree(tiny_path, watched)
+    bench.register("m", watched, device="cpu")
+    bench.register("other", tiny_path, device="cpu")
+    bench.load("m")
+    bench.set_preloading(wb.KeepWarm(int((models_kept + 0.5) * bench.registry.get("m").memory_bytes)))
+    bench.watch_model("m", interval_s=interval_s)
+    return watched
+
+
 def _kept_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     return [message for message in said if "keep-warm keeps" in message]
@@ -677,13 +691,7 @@ def test_a_watched_model_is_not_evicted_while_its_folder_holds_a_version_not_che
     bench: wb.Workbench, tiny_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Before, it was evicted, and loaded back the new weights without any check.
-    watched = tmp_path / "m"
-    shutil.copytree(tiny_path, watched)
-    bench.register("m", watched, device="cpu")
-    bench.register("other", tiny_path, device="cpu")
-    bench.load("m")
-    bench.set_preloading(wb.KeepWarm(int(2.5 * bench.registry.get("m").memory_bytes)))
-    bench.watch_model("m", interval_s=3600)  # no poll comes during the test
+    watched = _watched_beside_other(bench, tiny_path, tmp_path, models_kept=2, interval_s=3600)  # no poll comes
     publish_weights(_weights(tiny_path, tmp_path / "v2", seed=7), watched)
     bench.set_preloading(wb.KeepWarm(int(1.5 * bench.registry.get("m").memory_bytes)))
     with pytest.raises(wb.ModelLoadError, match="'m' stays loaded: .* holds a new version, not checked yet"):
@@ -726,13 +734,7 @@ def test_a_model_unloaded_while_its_folder_holds_a_refused_version_does_not_load
 def test_a_watched_folder_that_is_gone_is_refused_as_a_folder_that_does_not_exist_and_the_model_stays(
     bench: wb.Workbench, tiny_path: Path, tmp_path: Path
 ) -> None:
-    watched = tmp_path / "m"
-    shutil.copytree(tiny_path, watched)
-    bench.register("m", watched, device="cpu")
-    bench.register("other", tiny_path, device="cpu")
-    bench.load("m")
-    bench.set_preloading(wb.KeepWarm(int(1.5 * bench.registry.get("m").memory_bytes)))
-    bench.watch_model("m", interval_s=0.05)
+    watched = _watched_beside_other(bench, tiny_path, tmp_path)
     shutil.rmtree(watched)
     error = _refused(bench, "does not exist")["error"].iloc[-1]
     assert error == f"{str(watched)!r} does not exist"  # was "is not a directory"
@@ -937,13 +939,7 @@ def test_a_version_written_into_the_models_own_folder_while_it_is_evicted_is_che
     # The watch counted it seen while keep-warm had the model out, and the next use loaded it unchecked: a model of
     # another vocabulary served, model_versions() still said version 1, and keep-warm then never let the model go
     # ("a new version, not checked yet").
-    watched = tmp_path / "m"
-    shutil.copytree(tiny_path, watched)
-    bench.register("m", watched, device="cpu")
-    bench.register("other", tiny_path, device="cpu")
-    bench.load("m")
-    bench.set_preloading(wb.KeepWarm(int(1.5 * bench.registry.get("m").memory_bytes)))  # one model at a time
-    bench.watch_model("m", interval_s=0.05)
+    watched = _watched_beside_other(bench, tiny_path, tmp_path)
     bench.generate("other", PROMPT, max_new_tokens=2)
     assert not bench.registry.is_loaded("m")
     publish_weights(_weights(tiny_path, tmp_path / "other_vocab", seed=9, vocab=600), watched)
