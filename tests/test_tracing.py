@@ -612,3 +612,70 @@ def test_a_wall_clock_step_mid_run_leaves_every_duration_true(bench: wb.Workbenc
     for name in ("chain stepped", "hop nap"):
         assert 40 <= table.loc[name, "duration_ms"] < 10_000, name
     assert table.loc["chain stepped", "duration_ms"] == pytest.approx(run.duration_ms, abs=50)
+
+
+def test_a_run_whose_spans_the_index_dropped_says_so_in_the_trace_viewer(bench: wb.Workbench) -> None:
+    """A map of more runs than the index keeps traces of: the viewer showed an early run as "0 spans in 0 traces",
+    as if it had done nothing, and a batch's view left the dropped runs out without a word."""
+    from workbench.fronts.notebook.widgets import TraceViewer
+
+    bench.tracing.index.max_traces = 3  # the bound, made small: 10,000 runs' traces
+    chain = bench.chain({"name": "echo", "hops": [{"name": "say", "call": "workbench.demo:canned_answer"}]})
+    runs = [chain.run(question=str(i)) for i in range(5)]
+    dropped = TraceViewer(runs[0]).title
+    assert dropped.startswith("0 spans in 0 traces: this run's spans were dropped from the workbench's span index, "
+                              "which keeps the traces of the latest 3 runs")
+    assert all(way in dropped for way in ("bench.tracing.index.max_traces", "AUTOGLM_MAX_TRACES", "otlp_endpoint"))
+    assert TraceViewer(runs).title.startswith("6 spans in 3 traces: the spans of 2 runs were dropped")
+    assert TraceViewer(runs[-1]).title == "2 spans in 1 trace"  # a kept run: nothing to explain
+    assert TraceViewer(runs[-1].trace).title == "2 spans in 1 trace"
+    # The run's own trace says it too: its repr, its HTML view and its (empty) waterfall.
+    assert repr(runs[0].trace).startswith("<Trace 0 spans in 0 trace(s): this run's spans were dropped from the "
+                                          "workbench's span index")
+    assert "this run&#x27;s spans were dropped" in runs[0].trace._repr_html_()
+    title = runs[0].trace.waterfall().axes[0].get_title()
+    assert title.startswith("empty trace: this run's spans were dropped") and "AUTOGLM_MAX_TRACES" in title
+    assert runs[-1].trace.note is None and repr(runs[-1].trace) == "<Trace 2 spans in 1 trace(s)>"
+
+
+def test_a_run_pushed_out_of_a_trace_many_runs_share_says_its_spans_were_dropped(bench: wb.Workbench) -> None:
+    """Runs joining one caller's trace keep its newest spans: an early run's view said "0 spans in 0 traces"."""
+    from workbench.fronts.notebook.widgets import TraceViewer
+
+    bench.tracing.index.max_spans_per_trace = 4  # two runs of a one-hop chain
+    caller = SpanContext(0xAB << 96, 0xCD, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    chain = bench.chain({"name": "echo", "hops": [{"name": "say", "call": "workbench.demo:canned_answer"}]})
+    token = TRACE_PARENT.set(set_span_in_context(NonRecordingSpan(caller), Context()))
+    try:
+        runs = [chain.run(question=str(i)) for i in range(3)]
+    finally:
+        TRACE_PARENT.reset(token)
+    assert "this run's spans were dropped" in TraceViewer(runs[0]).title
+    assert TraceViewer(runs).title.startswith("4 spans in 1 trace: the spans of 1 run were dropped")
+
+
+def test_the_number_of_runs_whose_traces_are_kept_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The index kept 10,000 runs' traces, and only setting an attribute of a running workbench could change that."""
+    from workbench.tracing.provider import SpanIndex
+
+    monkeypatch.setenv("AUTOGLM_MAX_TRACES", "50000")
+    assert SpanIndex().max_traces == 50_000
+    monkeypatch.setenv("AUTOGLM_MAX_TRACES", "lots")
+    with pytest.raises(wb.SettingsError, match=r"AUTOGLM_MAX_TRACES='lots' is not a whole number of at least 1"):
+        SpanIndex()
+    monkeypatch.delenv("AUTOGLM_MAX_TRACES")
+    assert SpanIndex().max_traces == 10_000
+
+
+def test_the_trace_viewer_sends_an_infinite_attribute_as_json_the_browser_reads(bench: wb.Workbench) -> None:
+    """The viewer turned NaN into None but sent an infinity as it was: Python writes it as ``Infinity``, which the
+    browser's JSON.parse refuses (the kernel warned that the message was not JSON and sent it cleaned)."""
+    from workbench.fronts.notebook.widgets import TraceViewer
+
+    with bench.tracing.span("score", attributes={"best": float("inf"), "worst": np.float64("-inf"),
+                                                 "range": (0.5, float("inf")), "none": float("nan")}):
+        pass
+    (span,) = TraceViewer(bench.traces()).spans
+    json.dumps(span, allow_nan=False)  # as the kernel sends a widget's state
+    assert {key: span["attributes"][key] for key in ("best", "worst", "range", "none")} == {
+        "best": "inf", "worst": "-inf", "range": [0.5, "inf"], "none": None}

@@ -47,8 +47,12 @@ class Run:
 
     @property
     def trace(self) -> Trace:
-        """The run's spans: chain, hops, model calls (read from the workbench's span index)."""
-        return Trace(self._spans())
+        """The run's spans: chain, hops, model calls (read from the workbench's span index); none, with a note that
+        says why, if the index dropped them to stay within its bounds."""
+        spans = self._spans()
+        index = self._index
+        dropped = not spans and index is not None and index.dropped(self.trace_id)
+        return Trace(spans, note=index.dropped_note() if dropped else None)  # type: ignore[union-attr]
 
     def _spans(self) -> list[ReadableSpan]:
         # Its own only: a caller's traceparent may have put other callers' runs in the same trace.
@@ -56,7 +60,8 @@ class Run:
 
     @property
     def served_by(self) -> dict[str, str]:
-        """Which path served each finished hop: ``model:NAME`` or ``hop:NAME`` (read from the hop spans)."""
+        """Which path served each finished hop: ``model:NAME`` or ``hop:NAME`` (read from the hop spans; empty if the
+        span index dropped them, as :attr:`trace` then says)."""
         return {hop: str(a[attr.SERVED_BY]) for hop, a in self._hop_attributes()}
 
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
@@ -28,24 +29,56 @@ log = logging.getLogger(__name__)
 # The Phoenix project of the engine's own traces is the run project's name with this suffix.
 ENGINE_PROJECT_SUFFIX = "-engine"
 
+# How many traces of runs a span index keeps unless told otherwise, and the variable that tells it.
+MAX_TRACES = 10_000
+MAX_TRACES_VARIABLE = "AUTOGLM_MAX_TRACES"
+
+# How many dropped traces' ids the index recalls to say why a run has no spans (1.4 MiB of ids, measured); of a run
+# dropped before those, the count of every trace dropped speaks.
+DROPPED_RECALLED = 10_000
+
+
+def _max_traces_from_environment() -> int:
+    text = os.environ.get(MAX_TRACES_VARIABLE, "").strip()
+    if not text:
+        return MAX_TRACES
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise SettingsError(
+            f"{MAX_TRACES_VARIABLE}={text!r:.40} is not a whole number of at least 1",
+            hint=f"say how many runs' traces the workbench keeps, e.g. {MAX_TRACES_VARIABLE}=50000 "
+                 f"(the default is {MAX_TRACES:,}), or unset it",
+        )
+    return value
+
 
 class SpanIndex(SpanProcessor):
     """Keeps finished spans grouped by trace id, oldest trace first: the newest ``max_traces`` traces of runs, and
     as many of the engine's own (loads, batches, probes) through :attr:`engine`, so the engine's traces, often
-    several per run, never push a run's trace out.
+    several per run, never push a run's trace out. ``max_traces`` is 10,000 unless ``$AUTOGLM_MAX_TRACES`` says
+    otherwise, and may be set on a running index.
 
     A trace keeps its newest ``max_spans_per_trace`` spans: a caller that sends one ``traceparent`` (or envelope
     ``trace_id``) with every request puts every run in one trace, which would otherwise grow for as long as the
     server runs. One run's trace is far smaller.
+
+    The ids of the runs' traces it dropped are recalled (the latest :data:`DROPPED_RECALLED`), with a count of all
+    of them, so that a run whose spans went says so (:meth:`dropped`) rather than look like a run that did nothing.
     """
 
-    def __init__(self, max_traces: int = 10_000, max_spans_per_trace: int = 10_000) -> None:
+    def __init__(self, max_traces: int | None = None, max_spans_per_trace: int = 10_000) -> None:
         self._lock = threading.Lock()
         self._traces: dict[int, deque[ReadableSpan]] = {}  # every trace kept, oldest first
         # The trace ids of runs, then of the engine, oldest first: each is bounded apart.
         self._order: tuple[OrderedDict[int, None], ...] = (OrderedDict(), OrderedDict())
-        self.max_traces = max_traces
+        self._dropped: OrderedDict[int, None] = OrderedDict()  # the runs' traces dropped last, oldest first
+        self.dropped_traces = 0  # every run's trace dropped so far (the engine's are not counted)
+        self.max_traces = max_traces if max_traces is not None else _max_traces_from_environment()
         self.max_spans_per_trace = max_spans_per_trace
+        self.exported_to: str | None = None  # the OTLP endpoint that has every span, if any (set by Tracing)
         self.engine = _EngineSpans(self)
 
     def on_end(self, span: ReadableSpan) -> None:
@@ -60,7 +93,13 @@ class SpanIndex(SpanProcessor):
                 order = self._order[engine]
                 order[trace_id] = None
                 while len(order) > self.max_traces:
-                    del self._traces[order.popitem(last=False)[0]]
+                    gone = order.popitem(last=False)[0]
+                    del self._traces[gone]
+                    if not engine:
+                        self.dropped_traces += 1
+                        self._dropped[gone] = None
+                        if len(self._dropped) > DROPPED_RECALLED:
+                            self._dropped.popitem(last=False)
             spans.append(span)
 
     def spans(self, trace_id: int | None = None) -> list[ReadableSpan]:
@@ -69,9 +108,33 @@ class SpanIndex(SpanProcessor):
                 return list(self._traces.get(trace_id, ()))
             return [span for spans in self._traces.values() for span in spans]
 
+    def dropped(self, trace_id: int) -> bool:
+        """Whether spans of trace ``trace_id`` were dropped to keep the index within its bounds: the whole trace, or
+        (a trace many runs share) its oldest spans. A trace the index has dropped so long ago that it no longer
+        recalls its id counts as dropped when no trace of a run is kept by that id and runs' traces were dropped."""
+        with self._lock:
+            kept = self._traces.get(trace_id)
+            if kept is not None:
+                return len(kept) == kept.maxlen  # full: each new span pushes the oldest out
+            return trace_id in self._dropped or self.dropped_traces > len(self._dropped)
+
+    def dropped_note(self, runs: int | None = None) -> str:
+        """What to tell a reader of one run (``runs`` None), or of ``runs`` runs among others, whose spans
+        :meth:`dropped`: why they went, and how to keep them."""
+        which = "this run's spans were" if runs is None else f"the spans of {runs:,} run{'s' if runs != 1 else ''} were"
+        note = (f"{which} dropped from the workbench's span index, which keeps the traces of the latest "
+                f"{self.max_traces:,} runs and a trace's newest {self.max_spans_per_trace:,} spans "
+                f"({self.dropped_traces:,} runs' traces dropped so far). ")
+        if self.exported_to:
+            return note + f"They were sent to the OTLP endpoint {self.exported_to} too: look for them there."
+        return note + ("To keep more, raise bench.tracing.index.max_traces (or set AUTOGLM_MAX_TRACES before the "
+                       "workbench starts), or send every span to Phoenix or Jaeger: wb.Workbench(otlp_endpoint=...).")
+
     def clear(self) -> None:
         with self._lock:
             self._traces.clear()
+            self._dropped.clear()
+            self.dropped_traces = 0
             for order in self._order:
                 order.clear()
 
@@ -114,6 +177,7 @@ class Tracing:
         self.index = SpanIndex()
         # One exporter for both projects: the endpoint's trouble is said once, and a span's resource names its project.
         self.export = OTLPExport(otlp_endpoint, close_timeout_s) if otlp_endpoint else None
+        self.index.exported_to = self.export.endpoint if self.export is not None else None
         self.provider = self._provider(service_name, project_name, self.index)
         self.engine_provider = self._provider(service_name, f"{project_name}{ENGINE_PROJECT_SUFFIX}", self.index.engine)
         self.tracer = self.provider.get_tracer("workbench", __version__, schema_url=attr.SCHEMA_URL)
@@ -129,7 +193,7 @@ class Tracing:
         provider = SpanProvider(resource=resource, sampler=ALWAYS_ON)
         provider.add_span_processor(index)
         if self.export is not None:
-            provider.add_span_processor(BatchSpanProcessor(self.export))
+            provider.add_span_processor(_CountedBatches(self.export))
         return provider
 
     def start_span(
@@ -199,6 +263,19 @@ def mark_error(span: Span, exc: BaseException) -> None:
     span.set_status(Status(StatusCode.ERROR, describe(exc)))  # cut: a message may hold a hop's whole input
 
 
+class _CountedBatches(BatchSpanProcessor):
+    """The SDK's batch processor, counting the spans it is given: its queue, once full (a burst, a slow endpoint),
+    drops spans with no count of its own, so only this says at the close how many never reached the endpoint."""
+
+    def __init__(self, export: OTLPExport) -> None:
+        super().__init__(export)
+        self._export = export
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self._export.offered()
+        super().on_end(span)
+
+
 class _HeldBack(logging.Filter):
     """Holds back the records the OTLP exporter logs inside :meth:`OTLPExport.export` (one per retry, per batch)."""
 
@@ -253,6 +330,10 @@ class OTLPExport(SpanExporter):
         self._lock = threading.Lock()  # the two projects' batch processors share this exporter
         self.failing = False
         self.unsent = 0  # spans in the batches tried since the endpoint last took some (its full queue drops more)
+        self.spans_offered = 0  # every span given to the batch processors, whose full queues drop some unsent
+        self.spans_tried = 0  # every span in a batch tried (the rest are queued, or were dropped from a full queue)
+        self.spans_taken = 0  # every span in a batch the endpoint took
+        self._counting = threading.Lock()  # spans end in many threads
         self._closing = False
         self._closed = False  # the close has said what the endpoint did not take: an export ending later says nothing
         self._stopped = False
@@ -261,6 +342,7 @@ class OTLPExport(SpanExporter):
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         with self._lock:
+            self.spans_tried += len(spans)
             if self._closing and self.failing:  # the last flush of a close: no retries against a dead endpoint
                 self.unsent += len(spans)
                 return SpanExportResult.FAILURE
@@ -275,6 +357,7 @@ class OTLPExport(SpanExporter):
             if self._closed:
                 return result  # the close gave up on this export and has said so
             if result is SpanExportResult.SUCCESS:
+                self.spans_taken += len(spans)
                 if self.failing:
                     log.warning("the OTLP endpoint %s takes spans again (it did not take %d)",
                                 self.endpoint, self.unsent - len(spans))
@@ -289,6 +372,11 @@ class OTLPExport(SpanExporter):
                 )
             self.failing = True
             return result
+
+    def offered(self) -> None:
+        """A span was given to a batch processor, to send here."""
+        with self._counting:
+            self.spans_offered += 1
 
     def hold(self, record: logging.LogRecord) -> None:
         """A record the exporter logged inside :meth:`export`: kept to quote, and no retry once closing."""
@@ -310,13 +398,23 @@ class OTLPExport(SpanExporter):
         the exporter, and say what the endpoint never got."""
         self._closed = True
         self._stop()
+        with self._counting:
+            offered = self.spans_offered
+        missed, dropped = offered - self.spans_taken, offered - self.spans_tried
         if not answered:
             log.warning("the OTLP endpoint %s did not answer within %.1f s of the close (otlp_close_timeout_s), so the "
-                        "spans it had not taken were not delivered: %d in the batches tried, and those still queued; "
-                        "bench.traces() had them all", self.endpoint, self.close_timeout_s, self.unsent)
+                        "spans it had not taken were not delivered: %d in the batches tried, and those still queued "
+                        "(%d of the %d spans never reached it); bench.traces() had them all", self.endpoint,
+                        self.close_timeout_s, self.unsent, missed, offered)
         elif self.failing:
             log.warning("the OTLP endpoint %s did not take spans up to the close: %d in the batches tried, and any the "
-                        "exporter's full queue dropped; bench.traces() had them all", self.endpoint, self.unsent)
+                        "exporter's full queue dropped (%d of the %d spans never reached it); bench.traces() had them "
+                        "all", self.endpoint, self.unsent, missed, offered)
+        elif dropped:  # those of batches it refused before it took spans again were said then
+            log.warning("%d of the %d spans never reached the OTLP endpoint %s: it took them more slowly than the "
+                        "workbench made them, and the exporter's full queue dropped them (OTEL_BSP_MAX_QUEUE_SIZE "
+                        "says how many it holds, 2048 by default); bench.traces() had them", dropped, offered,
+                        self.endpoint)
 
     def _stop(self) -> None:
         with self._stopping:  # a close and the worker's retry may both stop it: the exporter warns at a second stop

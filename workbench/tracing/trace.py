@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import textwrap
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable
@@ -97,17 +98,23 @@ def run_spans(spans: Iterable[ReadableSpan], run_id: str) -> list[ReadableSpan]:
 
 
 class Trace:
-    """The finished spans of one run (or of many runs), readable as tables and plots."""
+    """The finished spans of one run (or of many runs), readable as tables and plots.
 
-    def __init__(self, spans: Iterable[ReadableSpan]) -> None:
+    ``note`` says why spans are missing where that is known (a run whose spans the span index dropped): its repr, its
+    HTML view and an empty waterfall say it, so that such a run does not read as one that did nothing.
+    """
+
+    def __init__(self, spans: Iterable[ReadableSpan], note: str | None = None) -> None:
         self.spans: list[ReadableSpan] = [s for s in spans if s.end_time is not None]
+        self.note = note
 
     def __len__(self) -> int:
         return len(self.spans)
 
     def __repr__(self) -> str:
         traces = len({s.context.trace_id for s in self.spans})
-        return f"<Trace {len(self.spans)} spans in {traces} trace(s)>"
+        note = f": {self.note}" if self.note else ""
+        return f"<Trace {len(self.spans)} spans in {traces} trace(s){note}>"
 
     def _repr_html_(self) -> str:
         from workbench.tables import Readable
@@ -299,7 +306,8 @@ class Trace:
         fig = DisplayFigure(figsize=(10, max(2.0, 0.32 * len(shown) + 1.0)), layout="constrained")
         ax = fig.add_subplot()
         if not shown:
-            ax.set_title("empty trace")
+            ax.set_title("empty trace" if not self.note else textwrap.fill(f"empty trace: {self.note}", 100),
+                         fontsize=8 if self.note else None, parse_math=False)
             return fig
         origin = min(s.start_time or 0 for _, spans in shown for s in spans)
         labels = []

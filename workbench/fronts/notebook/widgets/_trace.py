@@ -25,34 +25,42 @@ MAX_SPANS = 1500
 
 
 def _plain(value: Any) -> Any:
-    """A JSON-safe copy of a table cell, or None for a missing one."""
+    """A JSON-safe copy of a table cell, or None for a missing one; an infinity as its text ("inf"), for JSON has none
+    (the browser's JSON.parse refuses the ``Infinity`` Python writes)."""
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):  # numpy scalars
+        value = value.item()
     if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
         return None
+    if isinstance(value, float) and math.isinf(value):
+        return str(value)
     if isinstance(value, str):
         return value if len(value) <= ATTRIBUTE_TEXT_LIMIT else value[:ATTRIBUTE_TEXT_LIMIT] + "…"
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
-    if hasattr(value, "item"):  # numpy scalars
-        return value.item()
     return value
 
 
-def as_trace(source: Trace | Run | Iterable[Run | None]) -> Trace:
-    """A Trace from a Trace, a Run, or several Runs (say, the result of ``chain.map``).
-
-    An interrupted map's batch holds None for the inputs that did not run: they have no spans to show.
-    """
-    if isinstance(source, Trace):
-        return source
+def _runs(source: Run | Iterable[Run | None]) -> list[Run]:
+    """The runs ``source`` is or holds (say, the result of ``chain.map``), those that ran: an interrupted map's batch
+    holds None for the inputs that did not run."""
     if isinstance(source, Run):
-        return source.trace
+        return [source]
     runs = list(source) if isinstance(source, Iterable) and not isinstance(source, (str, bytes)) else None
     if runs is None or not all(run is None or isinstance(run, Run) for run in runs):
         raise WorkbenchError(
             f"a trace viewer shows a Run, several Runs or a Trace, not {type(source).__name__}",
             hint="e.g. wb.TraceViewer(chain.run(...)), wb.TraceViewer(chain.map(inputs)) or wb.TraceViewer(run.trace)",
         )
-    return Trace(span for run in runs if run is not None for span in run.trace.spans)
+    return [run for run in runs if run is not None]
+
+
+def dropped_note(empty: list[Run], alone: bool) -> str | None:
+    """What to say of the runs of ``empty`` (runs with no span) whose spans the span index dropped, if any; ``alone``:
+    the viewer shows one run."""
+    gone = [run for run in empty if run._index is not None and run._index.dropped(run.trace_id)]
+    if not gone:
+        return None
+    return gone[0]._index.dropped_note(None if alone else len(gone))  # type: ignore[union-attr]  # not None: above
 
 
 def span_payload(trace: Trace, max_spans: int = MAX_SPANS) -> list[dict[str, Any]]:
@@ -111,12 +119,16 @@ class TraceViewer(anywidget.AnyWidget):
 
     def show(self, source: Trace | Run | Iterable[Run | None]) -> None:
         """Draw ``source`` (a Trace, a Run, or Runs) in place of what the viewer shows now."""
-        trace = as_trace(source)
+        ran = [] if isinstance(source, Trace) else [(run, run.trace.spans) for run in _runs(source)]
+        trace = source if isinstance(source, Trace) else Trace(span for _, spans in ran for span in spans)
         spans = span_payload(trace)
-        runs = len({s["trace"] for s in spans})
+        traces = len({s["trace"] for s in spans})
         shown = f"the first {len(spans)} of {len(trace)}" if len(spans) < len(trace) else f"{len(spans)}"
+        title = f"{shown} spans in {traces} trace{'s' if traces != 1 else ''}"
+        # A run whose spans the index dropped would otherwise read as a run that did nothing.
+        note = dropped_note([run for run, spans in ran if not spans], alone=isinstance(source, Run))
         self.selected = ""
-        self.title = f"{shown} spans in {runs} trace{'s' if runs != 1 else ''}"
+        self.title = title if note is None else f"{title}: {note}"
         self.spans = spans
 
     def __repr__(self) -> str:
