@@ -6,10 +6,12 @@ thread polls them, runs recorded in a real SQLite session store.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -880,3 +882,100 @@ def test_a_model_change_that_fails_unexpectedly_is_refused_and_put_back(
         config.apply(_config("  tiny: {source: tiny, device: cpu, batching: 'dynamic:8:5ms'}"))
     assert config.version.number == 1 and len(config.errors) == 1
     assert isinstance(bench.engine.policy("tiny"), NoBatching)
+
+
+# -- a fresh audit: a save the stat hid, a refusal never retried, a watch of nothing, a watcher nobody held ----------
+
+
+def test_a_save_in_the_timestamp_tick_of_the_content_read_is_seen_however_late_the_next_poll(tmp_path: Path) -> None:
+    from workbench.chains.live import FileWatcher
+
+    # A file system that keeps mtimes to the second or two (HFS+, FAT, many network mounts): a save in the tick of
+    # the content read, of the same size, leaves the same stat. The stat was trusted once its mtime was 2 s old at
+    # the next poll, whenever the content was read: a watcher polling every 3 s never saw the second save.
+    path = tmp_path / "qa.yaml"
+    texts: list[str] = []
+    watcher = FileWatcher(path, texts.append, 3.0)
+    tick = time.time() - 0.5
+    path.write_text(SPEC)
+    os.utime(path, (tick, tick))
+    assert watcher.poll() and texts == [SPEC]
+    edit = SPEC.replace("max_new_tokens: 3", "max_new_tokens: 2")
+    path.write_text(edit)  # the same size, the same inode
+    os.utime(path, (tick, tick))  # the same tick
+    time.sleep(1.6)  # the next poll comes when the tick is 2 s old
+    assert watcher.poll() and texts == [SPEC, edit]
+    assert not watcher.poll() and texts == [SPEC, edit]
+
+
+def test_an_edit_refused_beside_a_value_set_live_serves_once_chain_unset_drops_it(
+    watched: wb.Chain, spec_file: Path
+) -> None:
+    # The refused file was retried only when the models changed: after chain.unset the chain served the file's
+    # previous content (temperature 0) while the file, unchanged since, said 0.7, until the file was saved again.
+    watched.set("answer.cache", "exact")  # fine while the hop is greedy
+    with pytest.warns(wb.ConfigWarning, match="cache: exact on a sampling hop"):
+        spec_file.write_text(SPEC.replace("temperature: 0", "temperature: 0.7"))
+        wait_for(lambda: watched.config_errors, "the edit to be refused")
+    assert watched.spec.hop("answer").params.temperature == 0
+    watched.unset("answer.cache")
+    wait_for(lambda: watched.spec.hop("answer").params.temperature == 0.7, "the file's edit to serve")
+    run = watched.run(question="q")
+    assert request_attributes(run, "answer")[attr.REQUEST_TEMPERATURE] == 0.7
+    assert run.config_version == watched.version and watched.version.number == 4  # v2 set, v3 unset, v4 the file
+
+
+def test_watching_a_spec_file_that_is_not_there_says_so(loaded: wb.Workbench, tmp_path: Path) -> None:
+    # chain.watch("qa.yml") for qa.yaml watched nothing, for good, without a word; chain.watching named the path.
+    chain = loaded.chain(SPEC)
+    with pytest.raises(SpecError, match="does not exist"):
+        chain.watch(tmp_path / "qa.yml", POLL_S)
+    assert chain.watching is None
+    assert not any(t.name == "workbench-watch:qa.yml" for t in threading.enumerate())
+
+
+def test_a_watched_chain_that_nothing_holds_any_more_stops_its_watcher(loaded: wb.Workbench, spec_file: Path) -> None:
+    # The watcher's thread held the chain: a chain replaced by another of its name, and dropped, kept polling its
+    # file, and warned of every bad edit, for as long as the kernel ran.
+    other = spec_file.with_name("other.yaml")
+    other.write_text(SPEC)
+    chain = loaded.chain(spec_file, name="x", watch=True, interval_s=POLL_S)
+    loaded.chain(other, name="x", watch=True, interval_s=POLL_S)  # the workbench's chain 'x' from now on
+    dropped = weakref.ref(chain)
+    del chain
+    gc.collect()
+    assert dropped() is None
+    wait_for(lambda: not any(t.name == "workbench-watch:qa.yaml" and t.is_alive() for t in threading.enumerate()),
+             "the dropped chain's watcher to stop")
+    assert loaded.chains()["x"].watching == other
+
+
+def test_a_spec_file_with_more_yaml_values_than_a_spec_may_have_is_refused_before_it_is_composed(
+    loaded: wb.Workbench, watched: wb.Chain, spec_file: Path
+) -> None:
+    # 8 MB of [1,1,...] was composed whole (110 s, 3.3 GB) before the count of its values refused it.
+    flood = "hops: [" + "1," * 400_000 + "1]\n"
+    big = spec_file.with_name("big.yaml")
+    big.write_text(flood)
+    for spec in (big, flood):  # a file, and the same as text
+        with pytest.raises(SpecError, match="the YAML holds more than 100,000 values") as caught:
+            loaded.chain(spec)
+        assert caught.value.line == 1
+    spec_file.write_text(flood)
+    refusal = wait_for(lambda: watched.config_errors and watched.config_errors[-1], "the refusal")
+    assert "the YAML holds more than 100,000 values" in refusal.message and refusal.serving == watched.version
+    assert watched.run(question="q").config_version.number == 1
+
+
+def test_a_watched_file_that_is_gone_is_reported_once_and_read_again_when_back(
+    watched: wb.Chain, spec_file: Path
+) -> None:
+    # A deleted (or moved) spec file was never mentioned: the chain served its last version without a word.
+    spec_file.unlink()
+    refusal = wait_for(lambda: watched.config_errors and watched.config_errors[-1], "the file to be missed")
+    assert refusal.message.endswith(f"{str(spec_file)!r} is gone") and refusal.serving == watched.version
+    time.sleep(10 * POLL_S)
+    assert len(watched.config_errors) == 1  # said once, not at every poll
+    spec_file.write_text(SPEC.replace("max_new_tokens: 3", "max_new_tokens: 1"))
+    wait_for(lambda: watched.version.number == 2, "the file back")
+    assert watched.run(question="q").config_version.number == 2

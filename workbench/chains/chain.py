@@ -6,6 +6,7 @@ import asyncio
 import html
 import os
 import queue
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
@@ -15,7 +16,15 @@ from workbench.chains.batch import Errors, MapInterrupted, MapState, RunBatch, r
 from workbench.chains.checkpoint import Checkpoint
 from workbench.chains.events import Event, RunFinished
 from workbench.chains.host import ChainHost
-from workbench.chains.live import DEFAULT_INTERVAL_S, ConfigRefusal, ConfigVersion, FileWatcher, LiveSpec, refuse
+from workbench.chains.live import (
+    DEFAULT_INTERVAL_S,
+    ConfigRefusal,
+    ConfigVersion,
+    FileWatcher,
+    LiveSpec,
+    read_text,
+    refuse,
+)
 from workbench.chains.run import Run
 from workbench.chains.runner import Interrupted, check_inputs, check_session, lending
 from workbench.chains.spec import ChainSpec, HopSpec
@@ -42,6 +51,7 @@ class Chain:
         self._live = LiveSpec(spec, parse)
         self._context = context
         self._watcher: FileWatcher | None = None
+        self._stop_when_collected: weakref.finalize | None = None
         self._host = host
         self.last_batch: RunBatch | None = None  # the latest map's runs, filled in as they finish
 
@@ -336,24 +346,36 @@ class Chain:
     def watch(self, path: str | os.PathLike[str], interval_s: float = DEFAULT_INTERVAL_S) -> None:
         """Follow the spec file at ``path``: each edit that validates becomes the next version, within about
         ``interval_s``; one that does not is refused (logged, warned about, kept in :attr:`config_errors`)
-        while the last good version keeps serving. Replaces an earlier watch; stops on ``bench.close()``.
+        while the last good version keeps serving. Replaces an earlier watch; stops on ``bench.close()``, or once
+        nothing holds the chain any more. A file that cannot be read now raises SpecError.
         """
         self._host.check_open(f"watch {str(path)!r}")
+        read_text(path, "chain spec file")  # a typo in the path watched nothing, without a word, for good
         origin = str(path)
+        # The watcher's thread holds the spec, never the chain: a chain nobody holds is collected, and stops it.
+        live, context = self._live, self._context
 
         def unreadable(error: WorkbenchError) -> None:
-            self._live.refusals.append(refuse(origin, error, self.version, f"chain {self.name!r}"))
+            live.refusals.append(refuse(origin, error, live.version, f"chain {live.current.name!r}"))
+
+        def checked_against() -> object:
+            """What a refused content is retried on: the models and modules it may name, and the values set live
+            (an edit refused beside chain.set's value serves once chain.unset drops it)."""
+            return context() if context is not None else None, live.overrides
 
         # The first poll reads the file again: an edit made since the chain was built is not missed, and
         # the same content again makes no new version.
-        watcher = FileWatcher(path, lambda text: self._live.update(text, origin), interval_s,
-                              on_unreadable=unreadable, retry_when=self._context, what="chain spec file")
+        watcher = FileWatcher(path, lambda text: live.update(text, origin), interval_s,
+                              on_unreadable=unreadable, retry_when=checked_against, what="chain spec file")
         self.unwatch()
         self._watcher = watcher.start()
+        self._stop_when_collected = weakref.finalize(self, watcher.stop, wait=False)
 
     def unwatch(self) -> None:
         """Stop following the spec file; the version serving now stays."""
         watcher, self._watcher = self._watcher, None
+        if self._stop_when_collected is not None:
+            self._stop_when_collected.detach()
         if watcher is not None:
             watcher.stop()
 

@@ -25,7 +25,14 @@ from typing import Any
 
 import yaml
 
-from workbench.chains.spec import CHAIN_FIELDS, KNOWLEDGE_FIELDS, LLM_FIELDS, RETRY_FIELDS, ChainSpec, parse_spec
+from workbench.chains.spec import (
+    CHAIN_FIELDS,
+    KNOWLEDGE_FIELDS,
+    LLM_FIELDS,
+    RETRY_FIELDS,
+    ChainSpec,
+    parse_spec,
+)
 from workbench.errors import SettingsError, SpecError, WorkbenchError, did_you_mean
 
 logger = logging.getLogger(__name__)
@@ -46,6 +53,7 @@ _RACY_S = 2.0
 # A file changed since the last poll and written this recently is read at the next poll, once it has held still: an
 # editor that writes in pieces, caught between two, leaves a first piece that may parse as a smaller spec.
 _SETTLE_S = 0.25
+_GONE = (-1, -1, -1)  # FileWatcher's last look at a file that was not there
 
 
 class ConfigWarning(UserWarning):
@@ -324,9 +332,10 @@ class FileWatcher:
 
     The path is looked up on every poll (stat: mtime, size, inode), so editors that save by
     writing a new file and renaming it over the old one are seen; a stat that looks unchanged is
-    trusted unless its mtime is recent. A file written within ``_SETTLE_S`` is read only once a poll finds it
-    as the previous one did (not mid-save). A file that is missing for a while (mid-rename, deleted)
-    changes nothing: the last content keeps serving until the file is back.
+    trusted unless its mtime was recent when the content was read (then the content is hashed again). A file
+    written within ``_SETTLE_S`` is read only once a poll finds it as the previous one did (not mid-save). A
+    file that is missing (mid-save, deleted) changes nothing: the last content keeps serving until the file is
+    back; missing at two polls in a row, it is reported once.
 
     ``retry_when()`` says what a content was checked against (the models a spec may name): a content
     ``on_change`` refused is handed on again, unchanged, once that differs (the model it named was loaded).
@@ -355,6 +364,7 @@ class FileWatcher:
         self._retry_when = retry_when
         self._refused: tuple[str, object] | None = None  # a refused content, and the retry_when() it was refused under
         self._stat: tuple[int, int, int] | None = None  # of the content last read whole
+        self._stat_trusted = False  # read past the racy window of its mtime: a later write would change that stat
         self._seen: tuple[int, int, int] | None = None  # at the last poll
         self._digest = _text_digest(text) if text is not None else None
         self._said: str | None = None  # the unreadable state last reported, so one that lasts is said once
@@ -368,9 +378,10 @@ class FileWatcher:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
+        """Stop polling; ``wait``: until a poll under way has ended (not from a finalizer, which may run anywhere)."""
         self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
+        if wait and self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=max(5.0, self.interval_s))
 
     @property
@@ -382,16 +393,21 @@ class FileWatcher:
         self.polls += 1
         try:
             st = os.stat(self.path)
-        except FileNotFoundError:
-            return False  # mid-rename or deleted: keep what serves
+        except FileNotFoundError:  # mid-save (deleted, then written again) or gone: keep what serves
+            if self._seen == _GONE:  # at the last poll too: gone, said once (a deleted file was never mentioned)
+                self._report(SpecError(f"{self.what} {str(self.path)!r} is gone",
+                                       hint="the last good version keeps serving; it is read again once it is back"))
+            self._seen = _GONE
+            return False
         except OSError as exc:
             self._unreadable(exc)
             return False
+        now = time.time()
         key = (st.st_mtime_ns, st.st_size, st.st_ino)
-        if key == self._stat and time.time() - st.st_mtime > _RACY_S:
+        if key == self._stat and self._stat_trusted:
             return self._retry()
         seen, self._seen = self._seen, key
-        if key != seen and time.time() - st.st_mtime < _SETTLE_S:
+        if key != seen and now - st.st_mtime < _SETTLE_S:
             return False  # written just now, maybe not to the end: read it at the next poll if it holds still
         try:
             raw = read_bounded(self.path)
@@ -403,7 +419,9 @@ class FileWatcher:
         if not raw.strip():
             return False  # caught mid-save (a write truncates first): keep what serves and look again next poll
         self._said = None
-        self._stat = key
+        # Trusted only if read when its mtime was already old: a save later in the same timestamp tick leaves the
+        # same stat however long ago that tick was by the next poll (an interval_s of 5, a file system of 1 or 2 s).
+        self._stat, self._stat_trusted = key, now - st.st_mtime > _RACY_S
         digest = hashlib.sha256(raw).hexdigest()
         if digest == self._digest:
             return self._retry()
