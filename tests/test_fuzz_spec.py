@@ -6,6 +6,7 @@ import copy
 import re
 from typing import Any
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -199,3 +200,15 @@ def test_aliases_that_nest_or_loop_do_not_hang_or_overflow() -> None:
     deep = "name: " + "[" * 5000 + "]" * 5000 + "\n"
     for text in (laughs, loop, deep):
         assert_loads_or_says_where(text)
+
+
+@pytest.mark.parametrize("text", [
+    "name: x\nhops: " + "[" * 100_000 + "]" * 100_000 + "\n",  # past libyaml's own 1,000 flow levels
+    "name: x\nhops: " + "{a: " * 5_000 + "}" * 5_000 + "\n",
+    "name: x\nhops:\n" + "".join("  " * i + "-\n" for i in range(1, 3_000)),  # block style, a level a line
+])
+def test_yaml_nested_past_any_spec_is_refused_before_it_is_composed(text: str) -> None:
+    # Composed first, 100,000 flow levels took ~0.9 s to reach Python's recursion limit; the scan stops at level 101.
+    with pytest.raises(SpecError, match="the YAML nests too deeply to read") as info:
+        parse_spec(text, known_models=KNOWN_MODELS)
+    assert info.value.line == (102 if text.endswith("-\n") else 2)

@@ -365,6 +365,7 @@ def _load_yaml(text: str, lines: _Lines) -> Any:
 # Events of a YAML stream whose composed values number MAX_SPEC_VALUES at most: a mapping or a list starts and ends
 # (two), a scalar or an alias is one, and the stream and its document start and end.
 _MAX_YAML_EVENTS = 2 * MAX_SPEC_VALUES + 4
+_MAX_YAML_DEPTH = 100  # as _deep_line looks for: far past any spec's few levels, far short of Python's stack
 
 
 def _check_size(text: str) -> None:
@@ -372,13 +373,27 @@ def _check_size(text: str) -> None:
     ``[1,1,...]``) took 110 s and 3.3 GB before the count refused it. The scan stops at the limit; YAML it cannot
     read is left for the load to say where."""
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's, where PyYAML has it: 10 times faster
+    depth = 0
     try:
         for count, event in enumerate(yaml.parse(text, Loader=loader), 1):
             if count > _MAX_YAML_EVENTS:
                 raise SpecError(f"the YAML holds more than {MAX_SPEC_VALUES:,} values",
                                 line=event.start_mark.line + 1,
                                 hint="a chain spec or configuration needs a few dozen values")
-    except (yaml.YAMLError, RecursionError):
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > _MAX_YAML_DEPTH:  # composing 100,000 levels took ~0.9 s to find them too deep
+                    raise SpecError("the YAML nests too deeply to read", line=event.start_mark.line + 1,
+                                    hint="a chain spec needs only a few levels: name, hops, their fields")
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+    except yaml.YAMLError as exc:
+        if "maximum nesting depth" in str(exc):  # libyaml's own bound (1,000 flow levels), met scanning ahead
+            mark = getattr(exc, "problem_mark", None)
+            raise SpecError("the YAML nests too deeply to read", line=mark.line + 1 if mark is not None else None,
+                            hint="a chain spec needs only a few levels: name, hops, their fields") from None
+        return
+    except RecursionError:
         return
 
 
