@@ -455,6 +455,19 @@ def test_cache_stats_and_clear(loaded: wb.Workbench) -> None:
     assert model_calls(chain.run(question="A?")) == 1
 
 
+def test_clearing_one_chains_answers_keeps_the_counts_of_the_others(loaded: wb.Workbench) -> None:
+    # Before, clear_cache(chain="qa") dropped every hop's hits and misses, the other chain's too.
+    qa = loaded.chain(spec("exact"))
+    notes = loaded.chain({"name": "notes", "hops": [{"name": "summary", "model": "tiny", "prompt": "Note: {{ text }}",
+                                                     "max_new_tokens": 4, "cache": "exact"}]})
+    for _ in range(2):
+        qa.run(question="Where is Oslo?")
+        notes.run(text="Oslo is in Norway.")
+    assert loaded.clear_cache(chain="qa") == 1
+    stats = loaded.cache_stats()
+    assert stats[["hop", "hits", "misses", "entries"]].values.tolist() == [["summary", 1, 1, 1]]
+
+
 def test_the_same_call_made_by_runs_at_once_calls_the_model_once(loaded: wb.Workbench) -> None:
     # The README's "each question twice: the second is a hit", mapped at concurrency 8: both copies of a question
     # started together, both missed and both called the model. The second now waits for the first's answer.

@@ -608,3 +608,85 @@ def test_a_file_that_is_no_checkpoint_is_refused_before_any_run(tmp_path: Path, 
             bench.chain(STEPS_SPEC).map([{"n": "a"}], checkpoint=path)
     assert "delete this one" in str(refused.value.hint) and steps.CALLS == []
     assert path.read_text(encoding="utf-8") == text  # nothing written into someone's file
+
+
+@pytest.mark.parametrize("answer", [
+    lambda n: {"pair": (n, len(n))},  # a tuple read back as a list
+    lambda n: {"by_id": {1: n}},  # the key 1 read back as "1"
+    lambda n: __import__("functools").reduce(lambda nested, _: [nested], range(5000), n),  # deeper than the stack
+], ids=["tuple", "int-key", "deep"])
+def test_outputs_json_would_change_are_not_reused_from_a_checkpoint(tmp_path: Path, answer: Callable) -> None:
+    """Before, a reused run's outputs were what JSON made of them: {"by_id": {"1": "a"}} beside fresh runs'
+    {"by_id": {1: "b"}}, so output["by_id"][1] failed on reused runs only; and an output nested deeper than Python's
+    stack raised a bare RecursionError out of the map."""
+    path, calls = tmp_path / "runs.jsonl", []
+
+    def hop(n: str) -> object:
+        calls.append(n)
+        return answer(n)
+
+    with wb.Workbench(store=wb.InMemoryContextStore()) as bench:
+        chain = bench.chain({"name": "parsed", "hops": [{"name": "parse", "call": hop}]})
+        first = chain.map([{"n": "a"}], checkpoint=path)
+        again = chain.map([{"n": "a"}, {"n": "b"}], checkpoint=path)
+    assert [_shape(run.output) for run in (first[0], *again)] == [_shape(answer(n)) for n in "aab"]
+    assert calls == ["a", "a", "b"]  # run again, not reused in another shape
+    assert not path.exists() or path.read_text(encoding="utf-8") == ""
+
+
+def _shape(value: Any) -> Any:
+    """``value`` as == compares it, a list nested deeper than the stack as its depth and innermost item."""
+    depth = 0
+    while isinstance(value, list) and len(value) == 1:
+        value, depth = value[0], depth + 1
+    return (depth, value) if depth else value
+
+
+def test_a_map_starting_on_a_checkpoint_another_process_writes_cuts_off_none_of_its_runs(
+    tmp_path: Path, steps: Any
+) -> None:
+    """Before, a map's prepare() looked at where the file's whole lines ended, then cut the file there: a line that
+    another process's map wrote in between was cut off, though that map had reported its run done (1,291 of 20,000
+    lost to a second process starting maps on the file)."""
+    from workbench.chains.checkpoint import Checkpoint
+
+    path = tmp_path / "steps.jsonl"
+    script = ("import sys, workbench as wb\n"
+              "with wb.Workbench(store=wb.InMemoryContextStore(), allow_modules=['steps']) as bench:\n"
+              f"    batch = bench.chain({STEPS_SPEC!r}).map([{{'n': str(i)}} for i in range(3000)], concurrency=4, "
+              "checkpoint=sys.argv[1])\n"
+              "    print(sum(run.ok for run in batch))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(wb.__file__).parents[1]), str(tmp_path)])}
+    writer = subprocess.Popen([sys.executable, "-c", script, str(path)], env=env, stdout=subprocess.PIPE, text=True)
+    starts = 0
+    while writer.poll() is None:  # this process starts maps on the file all the while
+        Checkpoint(path, "steps").prepare()
+        starts += 1
+    assert writer.returncode == 0 and writer.stdout is not None
+    done = int(writer.stdout.read())
+    writer.stdout.close()
+    lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert done == 3000 and starts > 100
+    assert sorted(int(line["inputs"]["n"]) for line in lines) == list(range(3000))
+
+
+def test_a_line_another_process_left_half_written_during_a_map_does_not_swallow_the_maps_next_run(
+    tmp_path: Path
+) -> None:
+    """Before, only a map's start cut off a half-written last line: one that another process's death left while the
+    map ran was joined by the map's next run on one line, which no later map could read."""
+    path = tmp_path / "runs.jsonl"
+
+    def answer(n: str) -> str:
+        if n == "b":  # another map of the file, in another process, dies as it writes a line
+            with path.open("a", encoding="utf-8") as file:
+                file.write('{"checkpoint": 1, "chain": "half", "run_id": "ab')
+        return n * 2
+
+    with wb.Workbench(store=wb.InMemoryContextStore()) as bench:
+        chain = bench.chain({"name": "half", "hops": [{"name": "answer", "call": answer}]})
+        chain.map([{"n": "a"}, {"n": "b"}, {"n": "c"}], concurrency=1, checkpoint=path)
+        again = chain.map([{"n": "a"}, {"n": "b"}, {"n": "c"}], checkpoint=path)
+    assert [run.output for run in again] == ["aa", "bb", "cc"] and all(run.trace.spans == [] for run in again)
+    assert [json.loads(line)["inputs"]["n"] for line in path.read_text(encoding="utf-8").splitlines()] == \
+        ["a", "b", "c"]

@@ -216,9 +216,13 @@ class ResponseCache:
             if damaged:
                 self._set_aside()
         count = self._execute("SELECT COUNT(*) FROM responses" + sql[len("DELETE FROM responses"):], tuple(args))[0][0]
+        # Counts are kept by hop and model, not chain: those of one chain are its stored hops' (clearing one chain
+        # wiped every chain's counts).
+        hops = None if hop is not None or chain is None else {row[0] for row in self._execute(
+            "SELECT DISTINCT hop FROM responses WHERE chain = ?", (chain,))}
         self._execute(sql, tuple(args))
         with self._counts_lock:
-            for key in [k for k in self._counts if hop is None or k[0] == hop]:
+            for key in [k for k in self._counts if (hop is None or k[0] == hop) and (hops is None or k[0] in hops)]:
                 del self._counts[key]
         return int(count)
 

@@ -9,8 +9,10 @@ made it; its id, outputs, timing and configuration version are the file's.
 
 The file is text a person may read (one JSON object a line, ASCII). Each line is flushed as the run
 finishes, so it outlives the process, not the machine (no fsync). A run whose inputs or outputs
-JSON cannot hold is not kept (it runs again next time). A last line cut short by the process's
-death is left out when read and cut off before the next write.
+JSON cannot hold as they are (a set, a tuple, a key 1 that would read back "1") is not kept (it runs
+again next time). A last line cut short by the process's
+death is left out when read and cut off before the next write. Maps of one file at once (in this
+process or others) each write under an advisory lock (flock), so none cuts off or splits another's lines.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import json
 import math
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -26,6 +30,11 @@ from workbench.chains.batch import inputs_key
 from workbench.chains.live import ConfigVersion
 from workbench.chains.run import Run
 from workbench.errors import WorkloadError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; there two processes' maps of one file may cut off each other's lines
+    fcntl = None  # type: ignore[assignment]
 
 FORMAT = 1  # the "checkpoint" field of every line: what a later workbench reads
 _LINE_START = f'{{"checkpoint": {FORMAT}, '  # how keep() begins every line (json.dumps, the field first)
@@ -70,8 +79,8 @@ class Checkpoint:
     def prepare(self) -> None:
         """Make sure the file can be written (created if need be), before any run starts; cut off a last line an
         earlier process's death left half written, so the next line starts on a line of its own."""
-        with self._lock, self._opened() as file:
-            file.truncate(_whole_lines(file))
+        with self._writing() as file:
+            _cut_to_whole_lines(file)
 
     def keep(self, run: Run) -> None:
         """Append ``run`` if it succeeded (a failed one runs again next time), so that the next map sees it."""
@@ -85,18 +94,33 @@ class Checkpoint:
                 "duration_ms": run.duration_ms,
                 "config": None if version is None else {"number": version.number, "digest": version.digest},
             }, allow_nan=False)  # ASCII: any text, a lone surrogate included, goes out as escapes and comes back
-        except (TypeError, ValueError):  # not JSON (an array, an object, NaN), or a cycle: it runs again next time
-            self.left_out += 1
-            return
-        if inputs_key(json.loads(json.dumps(run.inputs))) != inputs_key(run.inputs):  # the inputs alone, not the line
-            # Inputs JSON changes (a mapping's key 1 comes back as "1"): read back, they would match no input, so the
-            # run would run again at every map, and the file grow by its line each time.
+            written = json.loads(line)
+            # What JSON changes (a tuple comes back a list, a mapping's key 1 as "1") is not kept: the inputs read back
+            # would match no input (the run ran again at every map, and the file grew by its line each time), and the
+            # outputs would not be the run's (a reused run's output[1] a KeyError where a fresh one's answered).
+            same = inputs_key(written["inputs"]) == inputs_key(run.inputs) and written["outputs"] == run.outputs \
+                and written["output"] == run.output
+        except (TypeError, ValueError, RecursionError):
+            same = False  # not JSON (an array, an object, NaN), a cycle, or nested deeper than Python's stack
+        if not same:
             self.left_out += 1
             return
         # Opened for each line: one write of a whole line each, however the map ends (runs in flight at a Ctrl-C
-        # land after it returned).
-        with self._lock, self._opened() as file:
+        # land after it returned). A line another process's death left half written since prepare() is cut off
+        # first: written after it, this line would join it, and the file would no longer read.
+        with self._writing() as file:
+            _cut_to_whole_lines(file)
             file.write(line.encode("ascii") + b"\n")
+
+    @contextmanager
+    def _writing(self) -> Iterator[IO[bytes]]:
+        """The file opened to append to, held against every other writer of it: a map of this file in another
+        process, or another map in this one (each map has a Checkpoint of its own). Without the lock one map's
+        prepare() cut off the lines another wrote between its look at the file's end and its truncate."""
+        with self._lock, self._opened() as file:
+            if fcntl is not None:
+                fcntl.flock(file, fcntl.LOCK_EX)  # released as the file closes, or as its process dies
+            yield file
 
     def _opened(self) -> IO[bytes]:
         try:
@@ -127,6 +151,15 @@ class Checkpoint:
         except (KeyError, TypeError, ValueError) as exc:
             raise WorkloadError(f"{where} is not a whole run: {type(exc).__name__} {exc}", hint=_HINT) from None
         return run
+
+
+def _cut_to_whole_lines(file: IO[bytes]) -> None:
+    """Cut off a last line that has no newline after it (its writer died writing it)."""
+    end = file.seek(0, os.SEEK_END)
+    if end > 0:
+        file.seek(end - 1)
+        if file.read(1) != b"\n":
+            file.truncate(_whole_lines(file))
 
 
 def _whole_lines(file: IO[bytes]) -> int:
