@@ -206,6 +206,19 @@ def test_continuous_batching_runs_different_sampling_settings_one_after_the_othe
     assert all(len(g) == 1 for g in groups.values())
 
 
+def test_a_hand_off_that_restarts_the_scheduler_counts_only_the_requests_in_it_after(tiny: wb.Workbench) -> None:
+    # workbench.batch.inflight was counted before the scheduler restarted for the new settings, so it counted the
+    # requests the restart waited for: a greedy request queued behind a long sampled one said inflight 2, though the
+    # sampled one had finished before it was admitted, and read as concurrency that never was.
+    tiny.set_batching("tiny", wb.ContinuousBatching(max_batch=8))
+    long = tiny.engine.submit("tiny", "Hello", GenerationParams(max_new_tokens=400, temperature=5.0, seed=0))
+    short = tiny.engine.submit("tiny", PROMPTS[1], GREEDY)
+    results = [long.future.result(timeout=120), short.future.result(timeout=120)]
+    assert results[0].tokens_out == 400  # seeded so that it runs to 400 tokens
+    batches = {s.attributes[attr.BATCH_ID]: s for s in _spans(tiny, "batch tiny", tiny.engine.policy("tiny"))}
+    assert [batches[r.batch_id].attributes["workbench.batch.inflight"] for r in results] == [1, 1]
+
+
 def test_a_stream_under_continuous_batching_yields_its_tokens_as_they_come(tiny: wb.Workbench) -> None:
     # The scheduler was asked for each request's last output only, so chain.stream under ContinuousBatching yielded
     # no token at all: hop_started, then hop_finished with the whole answer.
@@ -298,6 +311,18 @@ def test_switching_between_continuous_and_padded_batching_keeps_outputs(
     tiny.set_batching("tiny", wb.NoBatching())
     assert tiny.engine.generate("tiny", PROMPTS[0], GREEDY).token_ids == reference[(PROMPTS[0], 12)].token_ids
     assert model.config._attn_implementation == attention
+
+
+def test_a_full_batch_does_not_wait_out_the_window_of_a_cancelled_request_before_it(tiny: wb.Workbench) -> None:
+    # The policy waited for company for the oldest request as it found it, even once that request's timeout had taken
+    # it out of the queue: two requests with other parameters, a full batch of static:2, waited the whole ten minutes
+    # of the cancelled request's window (20 s with a 20 s window).
+    tiny.set_batching("tiny", wb.StaticBatching(size=2, timeout_ms=600_000))
+    with pytest.raises(wb.HopTimeout):
+        tiny.engine.call("tiny", "A chain", GenerationParams(max_new_tokens=3), timeout_s=0.2)
+    results = _submit_all(tiny, PROMPTS[:2], [GREEDY] * 2)  # _submit_all waits 120 s, not 600
+    assert [r.batch_size for r in results] == [2, 2]
+    assert results[0].batch_id == results[1].batch_id
 
 
 def test_static_batching_flushes_a_partial_batch_after_its_timeout(tiny: wb.Workbench) -> None:

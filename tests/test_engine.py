@@ -123,6 +123,40 @@ def test_greedy_output_is_the_same_alone_or_in_a_padded_batch(tiny_bench: wb.Wor
     assert any(r.tokens_out != together[0].tokens_out for r in together)  # rows stopped at different steps
 
 
+def test_a_prefix_batch_gives_the_greedy_outputs_of_each_request_alone_under_a_repetition_penalty(
+    bench: wb.Workbench, tiny_path: Path, tmp_path: Path
+) -> None:
+    """A batch whose requests share a cached prefix pads between the prefix and each suffix. The padding was the pad
+    token, which a repetition penalty from the model's generation config counts (it skips leading padding only): with
+    a tokenizer that pads with EOS, padded rows had EOS penalized and ran on past where the same requests end alone."""
+    import json
+    import shutil
+
+    model = tmp_path / "tiny-penalized-no-pad"
+    shutil.copytree(tiny_path, model)
+    for name, drop, add in (("tokenizer_config.json", "pad_token", {}),  # the workbench pads with EOS then
+                            ("generation_config.json", "pad_token_id", {"repetition_penalty": 3.0})):
+        config = json.loads((model / name).read_text())
+        config.pop(drop)
+        (model / name).write_text(json.dumps({**config, **add}))
+    bench.load("tiny", model, device="cpu")
+    backend = bench.engine.worker("tiny").backend
+    assert backend.pad_id in backend.eos_ids
+    prefix = "The model is small, the tokenizer is trained on this text, and everything runs offline. Question:"
+    size = len(backend.tokenize([prefix])[0]) - 1  # as the engine counts it: the last token may merge
+    params = GenerationParams(max_new_tokens=24)
+
+    def requests() -> list[GenerationRequest]:
+        return [GenerationRequest("tiny", ids, params, INVALID_SPAN, prefix_len=size)
+                for ids in backend.tokenize([f"{prefix} {p}" for p in PROMPTS])]
+
+    alone = [backend.generate([request])[0][0] for request in requests()]
+    together, timing = backend.generate(requests())
+    assert timing.padding_tokens > 0 and all(r.prefix_tokens == size for r in together)  # the prefix path, padded
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    assert [r.finish_reason for r in together] == [r.finish_reason for r in alone]
+
+
 def test_finish_reason_and_token_counts(tiny_bench: wb.Workbench) -> None:
     eos = tiny_bench.engine.worker("tiny").backend.eos_ids
     stopped = tiny_bench.generate("tiny", PROMPTS[0], max_new_tokens=32)

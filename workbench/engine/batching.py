@@ -107,7 +107,9 @@ def _gather(
 
     The wait runs from the arrival of the oldest queued request, so one that already waited
     that long while the worker was busy goes at once. After an out-of-memory split, a full
-    batch is a smaller one (``queue.limited``).
+    batch is a smaller one (``queue.limited``). An oldest request that leaves the queue while
+    it waits (cancelled: its timeout ran out) ends the wait, and an empty list has the worker
+    ask again: the batch then forms around the new oldest request, from its own arrival.
     """
     if not queue.wait() or queue.interrupted:
         return []
@@ -117,8 +119,8 @@ def _gather(
     remaining = head.submitted + wait_ms / 1e3 - time.perf_counter()
     if remaining > 0:
         size = queue.limited(limit)
-        queue.wait_until(lambda queued: full(head, queued, size), remaining)
-    if queue.interrupted:
+        queue.wait_until(lambda queued: not queued or queued[0] is not head or full(head, queued, size), remaining)
+    if queue.interrupted or queue.peek() is not head:
         return []
     return queue.take(limit, accept)
 

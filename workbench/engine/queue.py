@@ -98,12 +98,16 @@ class RequestQueue:
         return size if limit is None else min(size, limit)
 
     def remove(self, request: GenerationRequest) -> bool:
-        """Take ``request`` out of the queue; False if it is no longer queued (a batch took it)."""
+        """Take ``request`` out of the queue; False if it is no longer queued (a batch took it).
+
+        Wakes the waiters: a policy waiting for company for the request taken out stops waiting for it.
+        """
         with self._cond:
             try:
                 self._items.remove(request)
             except ValueError:
                 return False
+            self._cond.notify_all()
             return True
 
     def interrupt(self) -> None:

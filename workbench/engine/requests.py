@@ -61,8 +61,9 @@ class GenerationParams:
 
     ``temperature == 0`` is greedy decoding. ``seed`` makes sampling repeatable: a seeded request
     samples the same text alone and in any padded batch (continuous batching draws for the whole
-    running batch, so there it depends on its batch-mates). ``truncate="left"`` drops the oldest prompt tokens instead of raising when a prompt
-    does not fit the context window (the trace records how many were dropped).
+    running batch, so there it runs alone, in a scheduler started with its seed). ``truncate="left"`` drops the
+    oldest prompt tokens instead of raising when a prompt does not fit the context window (the trace records how
+    many were dropped).
     """
 
     max_new_tokens: int = 32

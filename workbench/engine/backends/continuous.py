@@ -106,18 +106,22 @@ class ContinuousBackend:
         """
         params = batch[0].params
         seeded = params.seed is not None and not params.greedy
+        manager = self._manager
+        if not seeded and (manager is None or params.sampling != self._sampling or not manager.is_running()):
+            self.close()  # waits for the requests it holds
+            self._start(params)
+        # Counted once the scheduler that runs them is in place: the requests of one with other settings have finished.
         with self._changed:
-            inflight = len(self._inflight) + (1 if seeded else len(batch))
+            inflight = 1 if seeded else len(self._inflight) + len(batch)
         group = _Group(span, next_batch_id(), len(batch), len(batch))
         span.set_attributes(
             {attr.BATCH_ID: group.batch_id, attr.PADDING_TOKENS: 0,
              attr.BATCH_MODE: "continuous:seeded" if seeded else "continuous", attr.BATCH_INFLIGHT: inflight}
         )
         eos = sorted(self.backend.eos_ids) or -1
-        for i, request in enumerate(batch):
-            if seeded or i == 0 and (self._manager is None or params.sampling != self._sampling
-                                     or not self._manager.is_running()):
-                self.close()  # waits for the requests it holds
+        for request in batch:
+            if seeded:  # alone, in a scheduler started with its seed
+                self.close()
                 self._start(params)
             request_id = f"wb-{request.id}"
             with self._changed:

@@ -265,11 +265,15 @@ class TransformersBackend:
         else:
             # Every row starts with the same cached prefix: [prefix][padding][suffix]. The mask hides the padding,
             # and generate numbers positions by the mask's running count, so each suffix goes on from the prefix.
+            # The padding holds the prefix's first token, not the pad token: a repetition penalty (from a model's
+            # generation config) skips leading padding only, so a pad token here was penalized in padded rows alone
+            # (an EOS where the tokenizer pads with EOS, and those rows ran on past where they end alone); the
+            # prefix's own token is in every row already, and a token is penalized once however often it occurs.
             looked_up = time.perf_counter()
             prefix, hit = self.prefix_cache.get(shared)
             size = len(shared)
             width = max(r.tokens_in for r in batch)
-            rows = [r.input_ids[:size] + [self.pad_id] * (width - r.tokens_in) + r.input_ids[size:] for r in batch]
+            rows = [r.input_ids[:size] + [shared[0]] * (width - r.tokens_in) + r.input_ids[size:] for r in batch]
             masks = [[1] * size + [0] * (width - r.tokens_in) + [1] * (r.tokens_in - size) for r in batch]
             cached[self._cache_kwarg] = self.prefix_cache.expanded(prefix, len(batch), model.config)
             if not hit:
