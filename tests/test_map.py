@@ -690,3 +690,45 @@ def test_a_line_another_process_left_half_written_during_a_map_does_not_swallow_
     assert [run.output for run in again] == ["aa", "bb", "cc"] and all(run.trace.spans == [] for run in again)
     assert [json.loads(line)["inputs"]["n"] for line in path.read_text(encoding="utf-8").splitlines()] == \
         ["a", "b", "c"]
+
+
+def _other_weights(tiny_path: Path, target: Path, seed: int) -> Path:
+    """A copy of the tiny model whose weights carry seeded noise: another model that answers otherwise."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tiny_path, target)
+    weights = load_file(target / "model.safetensors")
+    generator = torch.Generator().manual_seed(seed)
+    save_file({name: tensor + 0.5 * torch.randn(tensor.shape, generator=generator) for name, tensor in weights.items()},
+              target / "model.safetensors", metadata={"format": "pt"})
+    return target
+
+
+def test_a_checkpoint_resumed_after_the_model_changed_runs_again_rather_than_reuse_the_other_models_answers(
+    tiny_path: Path, tmp_path: Path
+) -> None:
+    # The file kept the spec's digest, not the model's: a map resumed with other weights under the same name returned
+    # the old model's answers beside the new one's, without a word.
+    from helpers import QA_SPEC
+
+    other = _other_weights(tiny_path, tmp_path / "other", seed=7)
+    path = tmp_path / "runs.jsonl"
+    questions = [{"question": f"What is {i} + {i}?"} for i in range(3)]
+    with wb.Workbench(store=wb.InMemoryContextStore()) as bench:
+        bench.load("tiny", tiny_path, device="cpu")
+        first = bench.chain(QA_SPEC).map(questions, checkpoint=path)
+        assert [run.id for run in bench.chain(QA_SPEC).map(questions, checkpoint=path)] == [run.id for run in first]
+        bench.unload("tiny", forget=True)
+        bench.load("tiny", other, device="cpu")
+        chain = bench.chain(QA_SPEC)  # the same spec, the same digest
+        with pytest.warns(RuntimeWarning, match=r"3 runs of the checkpoint file .* were answered by another version "
+                                                r"of the models of chain 'qa' .*: they run again"):
+            resumed = chain.map(questions, checkpoint=path)
+        assert not {run.id for run in resumed} & {run.id for run in first}
+        assert [run.output for run in resumed] == [chain.run(**q).output for q in questions]
+        assert [run.output for run in resumed] != [run.output for run in first]
+        # What the new model answered is what the file now gives back, for this model.
+        assert [run.id for run in chain.map(questions, checkpoint=path)] == [run.id for run in resumed]

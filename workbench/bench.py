@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import hashlib
+import json
 import logging
 import os
 import sys
@@ -860,6 +862,30 @@ class Workbench:
     async def aprepare_spec(self, spec: ChainSpec, inputs: Mapping[str, Any]) -> int:
         """Get a run of ``spec``'s first hops ready ahead of it (a map's prefetch); see ``Chain.map(prefetch=True)``."""
         return await self._runner.prepare(spec, inputs)
+
+    def models_digest(self, spec: ChainSpec, *, load: bool = False) -> str | None:
+        """A short hash of what answers ``spec``'s model hops now: each model's identity (source, revision, device,
+        dtype, a fingerprint of its files) and the live version of each adapter a hop names, as the response cache
+        keys them. A map's checkpoint keeps it with each run, so that a map resumed after the model changed does not
+        reuse the other model's answers. None while a model is not loaded, unless ``load``: then it loads, as the
+        map's first run would."""
+        parts: dict[str, Any] = {}
+        for hop in spec.hops:
+            if not hop.model:
+                continue
+            identity = self.engine.identity(hop.model)
+            if identity is None and load:
+                pinned = REPLICA_NAME.match(hop.model)  # m#1: replica 1 of m
+                base = pinned["model"] if pinned and hop.model not in self.registry.names() else hop.model
+                self.engine.preloader.load(base, trigger="on_use")
+                identity = self.engine.identity(hop.model)
+            if identity is None:
+                return None
+            parts[hop.model] = identity
+            if hop.adapter is not None:
+                parts[f"{hop.model} adapter {hop.adapter}"] = self.engine.adapter_identity(hop.model, hop.adapter)
+        text = json.dumps(parts, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     # -- lifetime ------------------------------------------------------------------------------
 

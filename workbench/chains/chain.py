@@ -6,13 +6,15 @@ import asyncio
 import html
 import os
 import queue
+import logging
+import warnings
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from workbench.chains.batch import Errors, MapInterrupted, MapState, RunBatch, reuse, run_all
+from workbench.chains.batch import Errors, MapInterrupted, MapState, RunBatch, inputs_key, reuse, run_all
 from workbench.chains.checkpoint import Checkpoint
 from workbench.chains.events import Event, RunFinished
 from workbench.chains.host import ChainHost
@@ -29,6 +31,8 @@ from workbench.chains.run import Run
 from workbench.chains.runner import Interrupted, check_inputs, check_session, lending
 from workbench.chains.spec import ChainSpec, HopSpec
 from workbench.errors import InvalidInput, WorkbenchError, WorkloadError, plain
+
+log = logging.getLogger(__name__)
 
 
 class Chain:
@@ -205,11 +209,34 @@ class Chain:
             reuse(batch, resume, self.version)
         file = None
         if checkpoint is not None:
-            file = Checkpoint(checkpoint, self.name)
-            reuse(batch, file.runs(), self.version)
+            digest = getattr(self._host, "models_digest", None)
+            file = Checkpoint(checkpoint, self.name, None if digest is None else partial(digest, self.spec))
+            reuse(batch, self._same_models(file, file.runs(), digest), self.version)
             file.prepare()
         self.last_batch = batch
         return batch, None if file is None else file.keep
+
+    def _same_models(self, file: Checkpoint, runs: list[Run], digest: Callable[..., str | None] | None) -> list[Run]:
+        """The runs of ``file`` answered by the models that would answer them now (their identity and adapters'
+        versions; loaded here to tell, as the map's first run would); the others run again, with a warning: a map
+        resumed after a model changed reused its other version's answers, without a word."""
+        if digest is None or not any(file.models_of.get(run.id) for run in runs):
+            return runs
+        try:
+            now = digest(self.spec, load=True)
+        except WorkbenchError as exc:  # a model that cannot load now: its runs say why; none is reused unchecked
+            now = None
+            log.warning("cannot tell which models answered the runs of checkpoint %s: %s", file.path, exc)
+        kept = [run for run in runs if file.models_of.get(run.id) in (None, now)]
+        answered = {inputs_key(run.inputs) for run in kept}
+        stale = [run for run in runs if file.models_of.get(run.id) not in (None, now)
+                 and inputs_key(run.inputs) not in answered]  # those the models of now have not answered since
+        if stale:
+            warnings.warn(
+                f"{len(stale):,} runs of the checkpoint file {str(file.path)!r} were answered by another "
+                f"version of the models of chain {self.name!r} (another source, weights, device, dtype or "
+                "adapter version): they run again", RuntimeWarning, stacklevel=4)
+        return kept
 
     async def _map(
         self, batch: RunBatch, concurrency: int, session: str | None, errors: Errors, state: MapState | None,
