@@ -221,6 +221,16 @@ def test_max_total_s_stops_retrying_before_the_budget_runs_out(models: wb.Workbe
     assert events.loc[events["event"] == "retry", "attributes.workbench.retry.wait_ms"].sum() < 1000
 
 
+def test_max_total_s_bounds_a_hop_that_has_a_single_attempt(models: wb.Workbench, reference: str) -> None:
+    # Only a policy with retries cut its attempts to max_total_s: with attempts 1 the call ran as long as the model
+    # took (here its injected latency), and the budget was never spent on the fallback.
+    models.inject("tiny", latency_ms=1500)
+    run = qa(models, retry={"attempts": 1, "max_total_s": 0.05}, fallback="backup").run(question=QUESTION)
+    assert run.output == reference and run.fallbacks == {"answer": "model:backup"}
+    (primary,) = spans(run, "text_completion tiny")
+    assert primary["attributes.workbench.error.kind"] == "timeout"
+
+
 def test_python_hops_retry_too(models: wb.Workbench) -> None:
     calls: list[int] = []
 
@@ -642,6 +652,39 @@ def test_bad_fault_settings_say_what_is_wrong(models: wb.Workbench) -> None:
             models.inject("tiny", latency_ms=latency)
     assert models.faults() == {}
     assert models.generate("tiny", "A chain", max_new_tokens=2).tokens_out == 2
+
+
+def test_a_fault_seed_may_be_any_integer_and_nothing_else(models: wb.Workbench) -> None:
+    # A numpy integer (from np.arange, say) passed the checks and failed as a bare TypeError of random.Random's.
+    import numpy as np
+
+    assert models.inject("tiny", error_rate=0.5, seed=np.int64(7)) == wb.Faults("tiny", error_rate=0.5, seed=7)
+    assert models.faults()["tiny"].seed == 7
+    for seed in ([7], 7.5, "7", True):
+        with pytest.raises(wb.SettingsError, match=r"seed must be an integer or None, got "):
+            models.inject("tiny", error_rate=0.5, seed=seed)
+
+
+def test_the_replicas_of_a_model_draw_their_seeded_faults_apart(bench: wb.Workbench, tiny_path: Path) -> None:
+    # One seed gave every replica the same stream: they failed in step, so a retry that the balancer sent to the other
+    # replica failed exactly when the first attempt had.
+    bench.load("m", tiny_path, device="cpu", replicas=2)
+    bench.set_breaker("m", failure_threshold=1_000)
+
+    def outcomes(seed: int) -> dict[str, list[bool]]:
+        bench.inject("m", error_rate=0.5, seed=seed)
+        drawn: dict[str, list[bool]] = {"m#0": [], "m#1": []}
+        for _ in range(12):
+            for replica, seen in drawn.items():
+                try:
+                    seen.append(bench.generate(replica, "A chain", max_new_tokens=1).tokens_out == 1)
+                except InjectedFault:
+                    seen.append(False)
+        return drawn
+
+    first = outcomes(11)
+    assert first["m#0"] != first["m#1"]
+    assert outcomes(11) == first  # each replica's stream is still the seed's
 
 
 def test_a_request_finishes_once_even_when_its_worker_and_its_caller_race(models: wb.Workbench) -> None:

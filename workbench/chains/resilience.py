@@ -135,12 +135,15 @@ async def serve(
     numbers = itertools.count(1)
     started = time.monotonic()
     retry = policy.retry if policy.retry is not None and policy.retry.attempts > 1 else None
+    # Bounds the primary's attempts with one attempt too (retry: {attempts: 1, max_total_s: 2} ran for as long as the
+    # model took, timeout_s or not).
+    budget_s = policy.retry.max_total_s if policy.retry is not None else None
 
     async def attempt(route: Route, capped: bool) -> Any:
         number = next(numbers)
         timeout = policy.timeout_s
-        if capped and retry is not None and retry.max_total_s is not None:
-            left = max(retry.max_total_s - (time.monotonic() - started), 1e-3)
+        if capped and budget_s is not None:
+            left = max(budget_s - (time.monotonic() - started), 1e-3)
             timeout = left if timeout is None else min(timeout, left)
         try:
             return await route.call(number, timeout)
@@ -174,7 +177,7 @@ async def serve(
             if index == 0 and retry is not None:
                 value = await retry.retrying(before_sleep)(attempt, route, True)
             else:
-                value = await attempt(route, False)
+                value = await attempt(route, index == 0)
         except Interrupted:
             raise
         except Exception as exc:

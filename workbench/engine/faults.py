@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import random
 import time
 from collections.abc import Callable
@@ -35,7 +36,7 @@ def _check(ok: bool, model: str, message: str) -> None:
         raise SettingsError(
             f"bench.inject({model!r}, ...): {message}",
             hint=f"error_rate in [0, 1]; latency_ms in [0, {MAX_LATENCY_MS}] or a (low, high) pair; oom_every and "
-            "oom_above >= 1",
+            "oom_above >= 1; seed an integer",
         )
 
 
@@ -79,6 +80,11 @@ class Faults:
             value = getattr(self, name)
             _check(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1),
                    self.model, f"{name} must be an integer >= 1 or None, got {value!r}")
+        if self.seed is not None:
+            # A numpy integer (a seed from np.arange) failed later, as a bare TypeError of random.Random's.
+            _check(not isinstance(self.seed, bool) and hasattr(type(self.seed), "__index__"), self.model,
+                   f"seed must be an integer or None, got {self.seed!r}")
+            object.__setattr__(self, "seed", operator.index(self.seed))
 
     @property
     def latency_range(self) -> tuple[float, float]:
@@ -88,26 +94,40 @@ class Faults:
 
 
 class FaultInjector:
-    """Draws one model's faults from a seeded generator; only the model's worker thread calls it."""
+    """Draws one worker's faults from a seeded generator; only the model's worker thread calls it.
+
+    Faults injected into a model with replicas draw from one stream per replica, each seeded from
+    ``seed`` and the replica's name: with one stream for all, the replicas failed in step, and a retry
+    the balancer sent to the other replica failed whenever the first attempt had.
+    """
 
     def __init__(self, faults: Faults) -> None:
         self.faults = faults
-        self._rng = random.Random(faults.seed)
+        self._rng: random.Random | None = None  # seeded at the first batch, by the replica that runs it
         self._batches = 0
+
+    def _generator(self, worker: str) -> random.Random:
+        if self._rng is None:
+            seed = self.faults.seed
+            # ``worker`` is the replica's name (m#1) when a model has several; the model's own when it has one, or
+            # when the faults went to one replica alone: its draws are those of the seed itself.
+            self._rng = random.Random(seed if seed is None or worker == self.faults.model else f"{seed}/{worker}")
+        return self._rng
 
     def apply(
         self, batch: list[GenerationRequest], fail: Callable[[list[GenerationRequest], BaseException], None]
     ) -> list[GenerationRequest]:
         """Wait the injected latency, fail the requests the error rate picks, and return the others."""
+        rng = self._generator(batch[0].model)
         low, high = self.faults.latency_range
-        delay_ms = self._rng.uniform(low, high) if high > low else low
+        delay_ms = rng.uniform(low, high) if high > low else low
         if delay_ms > 0:
             time.sleep(delay_ms / 1e3)
             for request in batch:
                 request.span.set_attribute(attr.FAULT_LATENCY_MS, delay_ms)
         kept = []
         for request in batch:
-            if self.faults.error_rate and self._rng.random() < self.faults.error_rate:
+            if self.faults.error_rate and rng.random() < self.faults.error_rate:
                 request.span.set_attribute(attr.FAULT_ERROR, True)
                 fail([request], InjectedFault(  # on the replica it names (m#1), of a model with several
                     f"injected fault on model {request.model!r} (error_rate={self.faults.error_rate:g})"
