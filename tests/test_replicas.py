@@ -84,6 +84,11 @@ def test_models_and_replicas_tables_count_per_replica(bench: wb.Workbench) -> No
     row = bench.models().set_index("name").loc["m"]
     assert (row["replicas"], row["in_flight"], row["served"]) == (2, 0, table["served"].sum())
     assert sorted(bench.breakers()["model"]) == ["m#0", "m#1"]  # a breaker per replica
+    # Health probes are no caller's work: two checks counted 4 more served before.
+    bench.check_health("m")
+    bench.check_health("m")
+    assert bench.replicas("m").set_index("replica")["served"].tolist() == table["served"].tolist()
+    assert bench.models().set_index("name").loc["m"]["served"] == table["served"].sum()
 
 
 def test_least_loaded_sends_less_to_the_replica_slowed_by_faults(bench: wb.Workbench) -> None:

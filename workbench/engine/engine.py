@@ -552,10 +552,12 @@ class Engine:
                         and every_sick not in answer.message:
                     answer.args = (f"{answer.message}; {every_sick}", *answer.args[1:])
                 answers[slot] = answer
+                # A health probe is in flight while it runs, but not served or failed work of the replica's callers.
+                counted = not calls[slot][0].probe
                 if isinstance(answer, GenerationRequest):
-                    answer.future.add_done_callback(_finisher(replicas, replica))
+                    answer.future.add_done_callback(_finisher(replicas, replica, counted))
                 else:
-                    replicas.finished(replica, ok=False)
+                    replicas.finished(replica, ok=False, counted=counted)
         return answers  # type: ignore[return-value]  # every slot is filled: each call is in one group
 
     def _enqueue(
@@ -1091,12 +1093,15 @@ LONG_PROMPT_CHARS = TextCodec.LONG_CHARS
 _MAX_REMEMBERED = 4096
 
 
-def _finisher(replicas: ReplicaSet, replica: Replica) -> Callable[[Future[GenerationResult]], None]:
-    """A done-callback that takes a finished request off its replica's in-flight count."""
+def _finisher(
+    replicas: ReplicaSet, replica: Replica, counted: bool = True
+) -> Callable[[Future[GenerationResult]], None]:
+    """A done-callback that takes a finished request off its replica's in-flight count (and counts it served or
+    failed, unless not ``counted``)."""
 
     def finished(future: Future[GenerationResult]) -> None:
         # exception() raises on a cancelled future, which would leave the request counted in flight for ever
-        replicas.finished(replica, ok=not future.cancelled() and future.exception() is None)
+        replicas.finished(replica, ok=not future.cancelled() and future.exception() is None, counted=counted)
 
     return finished
 

@@ -218,9 +218,12 @@ class ReplicaSet:
         fallback = self._fallback.choose(offered, session)
         return next(replica for replica in offered if replica is fallback)
 
-    def finished(self, replica: Replica, ok: bool) -> None:
+    def finished(self, replica: Replica, ok: bool, counted: bool = True) -> None:
+        """A request of ``replica`` ended; counted as served or failed unless not ``counted`` (a health probe)."""
         with self._lock:
             replica.in_flight -= 1
+            if not counted:
+                return
             if ok:
                 replica.served += 1
             else:
