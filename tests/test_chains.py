@@ -745,3 +745,37 @@ def test_the_runs_kept_are_bounded_by_what_their_inputs_and_outputs_hold(
     assert bench.runs() == [alone]
     small = [chain.run(text="small") for _ in range(20)]
     assert bench.runs() == small  # the big one made way for the next, and small runs are kept by the thousand
+
+
+def test_a_prompt_that_its_sessions_history_pushed_past_the_window_says_so_in_its_hint(
+    tiny_bench: wb.Workbench,
+) -> None:
+    # Each run of a session adds to the next one's prompt: past the window every later run failed alike, and the hint
+    # said to shorten the prompt, which the caller had not lengthened.
+    chain = tiny_bench.chain(dedent(
+        """\
+        name: chat_long
+        history: 5
+        hops:
+          - name: reply
+            model: tiny
+            prompt: "{{ history }}\\nQuestion: {{ question }}\\nAnswer:"
+            max_new_tokens: 4
+        """
+    ))
+    question = "Tell me about the capital cities of every country " * 6
+    assert chain.run(question=question).ok  # alone, it fits
+    failed = None
+    for _ in range(10):
+        try:
+            chain.run(session="long", question=question)
+        except wb.HopFailed as exc:
+            failed = exc
+            break
+    assert failed is not None and isinstance(failed.cause, wb.ContextWindowExceeded)
+    hint = failed.cause.hint or ""
+    assert "its prompt holds the last" in hint and "of session 'long'" in hint
+    assert "history: (5 now)" in hint and "bench.session('long').forget()" in hint
+    with pytest.raises(wb.HopFailed) as plain:  # no session: the hint of any prompt too long
+        chain.run(question=question * 8)
+    assert "session" not in (plain.value.cause.hint or "")

@@ -38,8 +38,8 @@ from workbench.chains.spec import ChainSpec, HopSpec, fixed_prefix
 from workbench.chains.templates import PromptTemplate
 from workbench.engine import Call, Engine
 from workbench.engine.requests import NO_TOKEN_ID, GenerationResult, Messages, check_text
-from workbench.errors import (HopFailed, HopTimeout, InvalidInput, MissingInputError, RunError, StoreError, describe,
-                              did_you_mean)
+from workbench.errors import (ContextWindowExceeded, HopFailed, HopTimeout, InvalidInput, MissingInputError, RunError,
+                              StoreError, describe, did_you_mean)
 from workbench.knowledge import Facts, GraphStore, Lookup
 from workbench.tracing import Tracing
 from workbench.tracing import attributes as attr
@@ -241,6 +241,20 @@ class RunState:
             self.events(event)
 
 
+def _failed(hop: HopSpec, exc: BaseException, state: RunState) -> HopFailed:
+    """The run's failure at ``hop``. A prompt past the model's window that holds the session's history says so in its
+    hint: each run of a session adds to what the next one's prompt holds, so past the window every later run fails
+    alike, and shortening the prompt is not what helps."""
+    if isinstance(exc, ContextWindowExceeded) and state.session is not None and state.history \
+            and "history" in hop.needs():
+        runs = len(state.history)
+        exc.hint = (f"its prompt holds the last {runs} run{'s' if runs != 1 else ''} of session {state.session!r}, "
+                    f"and each run adds to the next one's: lower the chain's history: ({state.spec.history} now), "
+                    f"set truncate: left on the hop, or start the session again (bench.session({state.session!r})"
+                    ".forget())")
+    return HopFailed(hop.name, exc)
+
+
 class Runner:
     """Runs chains against an engine, a tracer, a context store, a pool for Python hops and knowledge hops' graphs."""
 
@@ -358,7 +372,7 @@ class Runner:
                     except Exception as exc:
                         if isinstance(exc, Interrupted):
                             raise
-                        failure = HopFailed(hop.name, exc)
+                        failure = _failed(hop, exc, state)
                     continue
                 for hop in ready:
                     running[asyncio.ensure_future(self._hop(hop, state, state.root))] = hop
@@ -373,7 +387,7 @@ class Runner:
                     if exc is None:
                         outputs[hop.name] = future.result()
                     elif failure is None:
-                        failure = HopFailed(hop.name, exc)
+                        failure = _failed(hop, exc, state)
         finally:
             for future in running:  # an interrupt or a cancel: hops still running stop too
                 future.cancel()
