@@ -841,3 +841,21 @@ def test_the_prefix_cache_keeps_within_its_byte_budget(loaded: wb.Workbench) -> 
     assert not hit and entry.layers and len(lone.rows()) == 1  # alone past the budget, kept for its batch
     lone.clear()
     assert lone.bytes == 0
+
+
+def test_eviction_counts_and_sums_the_cache_from_an_index_not_every_answers_text(tmp_path: Path) -> None:
+    # Each put counted and summed the whole table, every answer's text with it: 25 ms a put at 100,000 entries, 6 ms
+    # with the index. A cache file made before the index gets it when it is opened.
+    path = tmp_path / "cache.sqlite3"
+    with contextlib.closing(sqlite3.connect(path)) as old:
+        old.execute("CREATE TABLE responses (key TEXT PRIMARY KEY, chain TEXT NOT NULL, hop TEXT NOT NULL, model TEXT "
+                    "NOT NULL, text TEXT NOT NULL, tokens_out INTEGER NOT NULL, bytes INTEGER NOT NULL, cost_ms REAL NOT "
+                    "NULL, created_at REAL NOT NULL, used_at REAL NOT NULL, hits INTEGER NOT NULL DEFAULT 0)")
+        old.commit()
+    cache = ResponseCache(path)
+    cache.put("k", "chain", "hop", "model", "an answer", 2, 1.0)
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        plan = " ".join(row[-1] for row in connection.execute(
+            "EXPLAIN QUERY PLAN SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM responses"))
+    assert "COVERING INDEX responses_by_size" in plan, plan
+    assert cache.get("k", "hop", "model") is not None

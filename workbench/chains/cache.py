@@ -50,6 +50,9 @@ _SCHEMA = (
     )
     """,
     "CREATE INDEX IF NOT EXISTS responses_by_use ON responses (used_at)",
+    # What every put's eviction counts and sums is read from this index, not the table with every answer's text: at
+    # 100,000 entries, a put took 25 ms (13 ms of it to sum), and a lookup 0.03 ms.
+    "CREATE INDEX IF NOT EXISTS responses_by_size ON responses (bytes)",
 )
 _DAMAGED_HINT = "the file is damaged: bench.clear_cache() sets it aside (as .damaged) and starts an empty one"
 STATS_COLUMNS = ["hop", "model", "hits", "misses", "hit_rate", "entries", "bytes", "saved_s"]
