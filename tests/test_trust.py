@@ -10,6 +10,7 @@ from pathlib import Path
 from textwrap import dedent
 from typing import Any
 
+import httpx
 import pytest
 from helpers import WAIT_S
 
@@ -96,6 +97,22 @@ def test_a_function_imported_into_your_module_is_judged_by_where_it_comes_from(
     with pytest.raises(wb.SpecError, match="imported into 'myhops'") as info:
         tiny_bench.chain(_python_hop("myhops:system"))
     assert "standard library" in str(info.value)
+
+
+def test_allowing_your_module_does_not_open_what_it_imports(own_modules: Path, tmp_path: Path) -> None:
+    # A server must list its own modules (autoglm serve --allow-module myhops) for a client's spec to call them; that
+    # list skipped the check above, so an admin's POST /v1/chains with 'call: myhops:system' ran shell commands.
+    with wb.Workbench(data_dir=tmp_path, allow_modules=["myhops"]) as bench:
+        assert bench.chain(_python_hop("myhops:shout")).run(question="hi").output == "HI"
+        with pytest.raises(wb.SpecError, match="imported into 'myhops'"):
+            bench.chain(_python_hop("myhops:system"))
+        with bench.serve(port=0, auth=False) as server:
+            for call, status in (("myhops:shout", 201), ("myhops:system", 422)):
+                spec = f"name: c{status}\nhops:\n  - name: x\n    call: {call}\n"
+                made = httpx.post(server.url + "/v1/chains", json={"spec": spec}, timeout=60)
+                assert made.status_code == status, made.text
+            assert httpx.post(server.url + "/v1/chains/c201/invoke", json={"inputs": {"question": "hi"}},
+                              timeout=60).json()["output"] == "HI"
 
 
 class _Shout:
@@ -393,6 +410,32 @@ def test_a_lora_adapter_with_only_pickle_weights_is_refused_unless_allowed(
         assert tiny_bench.generate("tuned", "Hello", max_new_tokens=2).tokens_out == 2
     finally:
         tiny_bench.unload("tuned", forget=True)
+
+
+def test_a_hub_adapter_with_only_pickle_weights_is_refused_unless_allowed(
+    tiny_bench: wb.Workbench, tiny_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A hub id, not a folder, went to peft unchecked, and peft torch.load-ed its adapter_model.bin.
+    from huggingface_hub import constants
+
+    from workbench.models.tiny import tiny_lora
+
+    for repo, safe in (("org--pickled", False), ("org--safe", True)):  # a hub cache as a download leaves it
+        root = tmp_path / "hub" / f"models--{repo}"
+        (root / "refs").mkdir(parents=True)
+        (root / "refs" / "main").write_text("0" * 40)
+        tiny_lora(tiny_path, root / "snapshots" / ("0" * 40), seed=1, safe=safe)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(wb.ModelLoadError, match="adapter 'org/pickled' has no adapter_model.safetensors") as info:
+        tiny_bench.load("hub", tiny_path, adapter="org/pickled", device="cpu")
+    assert "allow_pickle=True" in str(info.value.hint) and "hub" not in tiny_bench.registry.names()
+    for adapter, allow_pickle in (("org/safe", False), ("org/pickled", True)):
+        tiny_bench.load("hub", tiny_path, adapter=adapter, device="cpu", allow_pickle=allow_pickle)
+        try:
+            assert tiny_bench.generate("hub", "Hello", max_new_tokens=2).tokens_out == 2
+        finally:
+            tiny_bench.unload("hub", forget=True)
 
 
 def test_a_slow_template_does_not_hold_up_other_runs(tiny_path: Path, tmp_path: Path) -> None:

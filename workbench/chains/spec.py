@@ -1015,8 +1015,9 @@ def import_callable(
     if target is None or not callable(target):
         raise SpecError(f"module {module_name!r} has no function {attribute!r}", hop=hop, field="call", line=line)
     owner = _code_module(target)
-    if owner is not None and owner != module_name and not trust.listed(module_name, allowed):
-        # Your module may import os.system; naming it through your module does not make it yours.
+    if owner is not None and owner != module_name:
+        # Your module may import os.system; naming it through your module does not make it yours, nor does allowing
+        # your module (a server's --allow-module) open what it imports.
         _check_trusted(path, owner, allowed, hop, line, via=module_name)
     return target  # type: ignore[no-any-return]
 

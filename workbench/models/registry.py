@@ -991,6 +991,8 @@ def _with_adapter(model: Any, settings: LoadSettings) -> Any:
         raise ModelLoadError("LoRA adapters need peft", hint="pip install peft") from exc
     adapter = str(settings.adapter)
     path = Path(os.path.expanduser(adapter))
+    if not path.exists() and not settings.allow_pickle:
+        path = _hub_adapter(adapter)  # its safetensors only: given the hub id, peft falls back to torch.load of a .bin
     if path.exists() and not (path / "adapter_config.json").is_file():
         raise ModelLoadError(f"{adapter!r} is not a PEFT adapter directory: no adapter_config.json",
                              hint="point at the folder that save_pretrained wrote")
@@ -1008,6 +1010,27 @@ def _with_adapter(model: Any, settings: LoadSettings) -> Any:
                     "give the folder that save_pretrained wrote for this base model, or a hub id like 'org/name'")
         raise ModelLoadError(f"could not load adapter {adapter!r} onto {settings.source!r}: {_said(exc)}",
                              hint=hint) from exc
+
+
+def _hub_adapter(adapter: str) -> Path:
+    """The folder in the Hugging Face cache of hub adapter ``adapter``, with its config and safetensors weights
+    fetched; ModelLoadError if it has no safetensors weights (pickle ones need allow_pickle)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        hf_hub_download(adapter, "adapter_config.json")
+    except Exception as exc:  # not on the hub, not cached while offline, not a hub id: huggingface_hub's own kinds
+        raise ModelLoadError(f"could not load adapter {adapter!r}: {_said(exc)}",
+                             hint="give the folder that save_pretrained wrote, or a hub id like 'org/name'") from exc
+    try:
+        return Path(hf_hub_download(adapter, ADAPTER_WEIGHTS)).parent
+    except EntryNotFoundError:
+        raise ModelLoadError(
+            f"adapter {adapter!r} has no {ADAPTER_WEIGHTS} (in the Hugging Face cache or on the hub): pickle weights "
+            "(.bin) can run code when loaded",
+            hint="convert them to safetensors, or pass allow_pickle=True (--allow-pickle) if you trust their author",
+        ) from None
 
 
 def _context_window(config: Any, tokenizer: Any) -> int | None:
