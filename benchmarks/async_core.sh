@@ -3,6 +3,7 @@
 # chains under dynamic batching against the hand-batched ceiling at 16 and 24 new tokens a hop,
 # max_wait_ms 100 and 5; then one three-hop chain against three hand generate calls, tracing on.
 #     bash benchmarks/async_core.sh            # about 3 minutes on a 2-core CPU
+#     REPEATS=1 PAIRS=10 PYTHON=.venv/bin/python bash benchmarks/async_core.sh   # a quick check (~40 s)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"

@@ -141,6 +141,10 @@ def main(argv: list[str] | None = None) -> None:
                 f" {merged.percentile(0.5):8.1f} {merged.percentile(0.95):8.1f} {merged.percentile(0.99):8.1f}"
                 f"   {spread(ratios[label]):<20}"
             )
+        if args.chains < 100:  # the ratios take each repeat's p99 apart; the table's merges the repeats
+            merged_n = args.chains * args.repeats
+            print(f"(p99 from fewer than 100 samples: {args.chains} per repeat in the ratios"
+                  f"{f', {merged_n} in the table' if merged_n < 100 else ''})")
         ok = {label: sum(s.ok for s in samples[label]) / sum(len(s.latencies_ms) for s in samples[label])
               for label in labels}
         print(

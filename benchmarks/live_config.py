@@ -5,7 +5,10 @@ Prints three things, measured in one run on the tiny model:
 1. the cost of one poll of an unchanged spec file (a stat), and of one whose mtime is recent
    (a stat, a read and a hash: the watcher's guard against coarse timestamps);
 2. the time from an edit being written (at a random point between two polls) to the new version
-   serving, per poll interval: about half the interval plus the parse;
+   serving, per poll interval: about half the interval plus the parse, and one interval more when
+   the first poll to see the edit finds it younger than the watcher's settle time (0.25 s: a file
+   written that recently is read only once a second poll finds it unchanged): 1 to 2 intervals at
+   0.05 s and 0.25 s; at 1 s, up to 0.75 s, or 1 to 1.25 s for an edit in the last 0.25 s before a poll;
 3. chain runs of a watched chain against the same chain unwatched, interleaved (A B A B ...):
    the median of the pairwise ratios, which should sit at 1.0 (a run reads one attribute).
 

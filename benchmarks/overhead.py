@@ -346,6 +346,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"{name:<10} {len(ms):>4} {percentile(ms, 0.5):8.2f} {percentile(ms, 0.95):8.2f}"
                 f" {percentile(ms, 0.99):8.2f} {min(ms):8.2f}"
             )
+        if args.pairs < 100:
+            print("(p99 from fewer than 100 samples)")
         ratios = [w / h for w, h in zip(seconds["workbench"], seconds["by hand"])]
         print(f"pairwise ratio quartiles: {percentile(ratios, 0.25):.3f} / {percentile(ratios, 0.75):.3f}")
         added = [(w - h) * 1e6 for w, h in zip(seconds["workbench"], seconds["by hand"])]

@@ -197,8 +197,8 @@ def main() -> None:
         rows += [(f"{name} by hand E2E ms", hand_e2e[name]) for name in hands] + [("wb E2E ms", wb_e2e)]
         rows += [(f"wb - {name} E2E ms", paired[name]) for name in hands] + [("wb added ms", added)]
         for label, values in rows:
-            print(f"{label:24}" + "".join(f"{v:9.3f}" for v in (pct(values, .5), pct(values, .95), pct(values, .99),
-                                                                 min(values), max(values))))
+            figures = (statistics.median(values), pct(values, .95), pct(values, .99), min(values), max(values))
+            print(f"{label:24}" + "".join(f"{v:9.3f}" for v in figures))
         if args.pairs < 100:
             print("(p99 from fewer than 100 samples)")
         print(f"{args.concurrent} concurrent streams: {errors} errors, {wall:.2f} s, "

@@ -101,6 +101,8 @@ def report(label: str, times: dict[str, list[float]]) -> float:
     print(f"\n{label}: {len(times['in-process'])} rounds, ms per call")
     for name, values in times.items():
         print(f"  {name:<13} {spread(values)}")
+    if len(times["in-process"]) < 100:
+        print("  (p99 from fewer than 100 samples)")
     added = 0.0
     for name in ("REST/JSON", "REST/msgpack"):
         diffs = [s - i for s, i in zip(times[name], times["in-process"])]

@@ -51,7 +51,7 @@ def main() -> None:
                   "dynamic batching 16 / 5 ms; client in its own process")
             results = wirebench.wires(requests=args.requests, concurrency=args.concurrency, rounds=args.rounds,
                                       warmup=args.warmup)
-            print(results.table().to_string(index=False))
+            print(results.table().to_string(index=False, na_rep="-"))  # "-": no claimed figure for that wire
             print(results.headline())
 
 
