@@ -1192,11 +1192,7 @@ class Workbench:
             self._refused_models.setdefault(name, {})[digest] = version
             log.warning("model %s version %d from %s, written while keep-warm had it evicted, refused as it loaded "
                         "back: %s", name, version.version, source, version.error)
-            raise ModelLoadError(
-                f"model {name!r} cannot load from {source}: it holds version {version.version}, which was refused "
-                f"({version.error})",
-                hint=f"put a version there that passes the checks, or bench.unload({name!r}, forget=True) and load "
-                "it anew") from None
+            raise _refused_load(name, source, version) from None
         version.state, version.loaded_at = "live", time.time()
         live.state = "retired"  # its weights went with the eviction
         log.info("model %s loaded back with version %d from %s, written while keep-warm had it evicted", name,
@@ -1212,11 +1208,7 @@ class Workbench:
             return  # the load says what is missing
         version = refused.get(content_digest(source, "config.json"))
         if version is not None and version.path == source:
-            raise ModelLoadError(
-                f"model {name!r} cannot load from {source}: it holds version {version.version}, which was refused "
-                f"({version.error})",
-                hint=f"put a version there that passes the checks, or bench.unload({name!r}, forget=True) and load "
-                "it anew")
+            raise _refused_load(name, source, version)
 
     def _spec_context(self) -> tuple[Any, ...]:
         """What a chain spec is validated against here: the models, the modules its code may come from, the adapters."""
@@ -1236,6 +1228,14 @@ class Workbench:
 
     def __repr__(self) -> str:
         return f"<Workbench models={self.registry.names()} runs={len(self._runs)}>"
+
+
+def _refused_load(name: str, source: str, version: AdapterVersion) -> ModelLoadError:
+    """The refusal to load model ``name`` from ``source``, which holds ``version``, refused as a version of it."""
+    return ModelLoadError(
+        f"model {name!r} cannot load from {source}: it holds version {version.version}, which was refused "
+        f"({version.error})",
+        hint=f"put a version there that passes the checks, or bench.unload({name!r}, forget=True) and load it anew")
 
 
 def _weight(run: Run) -> int:
