@@ -50,9 +50,15 @@ class Run:
         """The run's spans: chain, hops, model calls (read from the workbench's span index); none, with a note that
         says why, if the index dropped them to stay within its bounds."""
         spans = self._spans()
+        return Trace(spans, note=None if spans else self.dropped_note())
+
+    def dropped_note(self, runs: int | None = None) -> str | None:
+        """Why this run has no spans, where the span index dropped them to stay within its bounds (and how to keep
+        more); None where it kept them. ``runs``: said of that many runs (a batch's view)."""
         index = self._index
-        dropped = not spans and index is not None and index.dropped(self.trace_id)
-        return Trace(spans, note=index.dropped_note() if dropped else None)  # type: ignore[union-attr]
+        if index is None or self._spans() or not index.dropped(self.trace_id):
+            return None
+        return index.dropped_note(runs)
 
     def _spans(self) -> list[ReadableSpan]:
         # Its own only: a caller's traceparent may have put other callers' runs in the same trace.

@@ -57,10 +57,8 @@ def _runs(source: Run | Iterable[Run | None]) -> list[Run]:
 def dropped_note(empty: list[Run], alone: bool) -> str | None:
     """What to say of the runs of ``empty`` (runs with no span) whose spans the span index dropped, if any; ``alone``:
     the viewer shows one run."""
-    gone = [run for run in empty if run._index is not None and run._index.dropped(run.trace_id)]
-    if not gone:
-        return None
-    return gone[0]._index.dropped_note(None if alone else len(gone))  # type: ignore[union-attr]  # not None: above
+    gone = [run for run in empty if run.dropped_note() is not None]
+    return gone[0].dropped_note(None if alone else len(gone)) if gone else None
 
 
 def span_payload(trace: Trace, max_spans: int = MAX_SPANS) -> list[dict[str, Any]]:
