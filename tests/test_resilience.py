@@ -819,3 +819,14 @@ def test_one_whole_context_fallback_hop_serves_several_hops_in_any_order(bench: 
         run = chain.run(question="q")
         assert run.fallbacks == {"plan": "hop:canned", "answer": "hop:canned"}
         assert run.output == "canned: ['history', 'question', 'session']"  # what both hops read, whichever failed
+
+
+def test_injected_latency_is_the_models_slowness_in_ttft_not_a_wait_in_its_queue(models: wb.Workbench) -> None:
+    # The worker sleeps the injected latency before the batch starts, and queue_ms counted it: 300 ms injected on an
+    # idle model read as 300 ms of queueing.
+    models.inject("tiny", latency_ms=300)
+    result = models.generate("tiny", f"Question: {QUESTION}\nAnswer:", max_new_tokens=2)
+    request = models.traces().table().query("name == 'text_completion tiny'").iloc[-1]
+    assert request[f"attributes.{attr.FAULT_LATENCY_MS}"] == 300
+    assert result.queue_ms < 150 and request[f"attributes.{attr.QUEUE_MS}"] == result.queue_ms
+    assert result.ttft_ms >= 300 and result.e2e_ms >= 300  # the caller still waited it out

@@ -125,6 +125,7 @@ class FaultInjector:
             time.sleep(delay_ms / 1e3)
             for request in batch:
                 request.span.set_attribute(attr.FAULT_LATENCY_MS, delay_ms)
+                request.fault_ms += delay_ms
         kept = []
         for request in batch:
             if self.faults.error_rate and rng.random() < self.faults.error_rate:

@@ -166,6 +166,9 @@ class GenerationRequest:
 
     # The LoRA adapter version to run with, as the peft model names it (``sql@v2``); None: the base model.
     adapter: str | None = None
+    # Latency injected into the request's batch (bench.inject's latency_ms): the model's slowness, not a wait in its
+    # queue, so its queue_ms leaves it out.
+    fault_ms: float = field(default=0.0, repr=False)
     # What went to ``on_token`` so far, as (token, text), and how far the current run of the request has come in it:
     # after an out-of-memory split the request runs again from its first token, and must not stream those twice.
     streamed: list[tuple[int, str]] = field(default_factory=list, repr=False)

@@ -385,6 +385,8 @@ class ModelWorker:
             return False
         if not request.probe:
             self.breaker.record(None, request.span, request.trial)
+        if request.fault_ms:  # counted in TTFT and E2E as the model's own slowness, not as queueing
+            result.queue_ms = max(result.queue_ms - request.fault_ms, 0.0)
         request.span.set_attributes(
             {
                 attr.USAGE_OUTPUT_TOKENS: result.tokens_out,
