@@ -571,6 +571,35 @@ def test_a_run_that_joined_a_shared_trace_shows_its_own_spans_only(
         assert set(table["attributes.workbench.run.id"].dropna()) == {answer["run_id"]}
 
 
+
+def test_a_run_that_began_a_trace_others_joined_shows_its_own_spans_only(
+    client: httpx.Client, keys: dict[str, str]
+) -> None:
+    """Alice's run began its trace, and the server gave her its trace id and traceparent; bob, told them (they are no
+    secret), joined that trace with a chain run and a direct model call, and alice's GET /v1/runs/ID, over REST and
+    JSON-RPC, listed his spans as hers: his question, his prompt and the model's answers to them."""
+    mine = client.post("/v1/chains/qa/invoke", headers=key(keys, "alice"), json={"inputs": {"question": "alice asks"}})
+    trace_id, traceparent = mine.json()["trace_id"], mine.headers["traceparent"]
+    joined = [
+        client.post("/v1/chains/qa/invoke", headers=key(keys, "bob"),
+                    json={"inputs": {"question": "bob's secret"}, "trace_id": trace_id}),
+        client.post("/v1/chains/qa/invoke", headers={**key(keys, "bob"), "traceparent": traceparent},
+                    json={"inputs": {"question": "bob's other secret"}}),
+        client.post("/v1/completions", headers={**key(keys, "bob"), "traceparent": traceparent},
+                    json={"model": "tiny", "prompt": "bob's prompt", "max_tokens": 2}),
+    ]
+    assert [r.status_code for r in joined] == [200, 200, 200]
+    assert joined[0].json()["trace_id"] == joined[1].json()["trace_id"] == trace_id
+    run_id = mine.json()["run_id"]
+    by_rest = client.get(f"/v1/runs/{run_id}", headers=key(keys, "alice")).json()["spans"]
+    by_rpc = client.post("/rpc", headers=key(keys, "alice"),
+                         json=rpc("runs.get", {"run_id": run_id})).json()["result"]["spans"]
+    for spans in (by_rest, by_rpc):
+        assert "bob" not in json.dumps(spans)
+        assert {s["attributes"].get("workbench.run.id") for s in spans} - {None} == {run_id}
+        assert [s["name"] for s in spans if s["parent_id"] is None] == ["chain qa"]
+        assert {s["name"] for s in spans} >= {"chain qa", "hop plan", "hop answer"}
+
 # -- refusals and bad bodies -----------------------------------------------------------------------
 
 

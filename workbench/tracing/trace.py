@@ -76,25 +76,34 @@ def _covered_ns(intervals: list[tuple[int, int]]) -> int:
 
 
 def run_spans(spans: Iterable[ReadableSpan], run_id: str) -> list[ReadableSpan]:
-    """The spans of run ``run_id`` among those of its trace: all of them when the run began the trace, else its root
-    span's subtree, for a caller's ``traceparent`` (or envelope ``trace_id``) may have put other runs in that trace."""
+    """The spans of run ``run_id`` among those of its trace: its root span's subtree where a caller's ``traceparent``
+    (or envelope ``trace_id``) put the run in a trace of its own; where the run began the trace, all of them but the
+    subtrees of runs that joined it since (a trace id is no secret: a served caller's spans would show another's)."""
     spans = list(spans)
     root = next((s for s in spans if (s.parent is None or s.parent.is_remote)
                  and (s.attributes or {}).get(attr.RUN_ID) == run_id), None)
     if root is None:
         return []
-    if root.parent is None:
+    joined = [s for s in spans if s.parent is not None and s.parent.is_remote and s is not root]
+    if root.parent is None and not joined:
         return spans
     children: dict[int, list[ReadableSpan]] = defaultdict(list)
     for span in spans:
         if span.parent is not None and not span.parent.is_remote:
             children[span.parent.span_id].append(span)
-    own, stack = [], [root]
-    while stack:
-        span = stack.pop()
-        own.append(span)
-        stack.extend(children.get(span.context.span_id, ()))
-    return own
+
+    def subtree(top: ReadableSpan) -> list[ReadableSpan]:
+        found, stack = [], [top]
+        while stack:
+            span = stack.pop()
+            found.append(span)
+            stack.extend(children.get(span.context.span_id, ()))
+        return found
+
+    if root.parent is not None:
+        return subtree(root)
+    others = {id(span) for top in joined for span in subtree(top)}
+    return [span for span in spans if id(span) not in others]
 
 
 class Trace:

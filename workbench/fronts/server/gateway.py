@@ -13,7 +13,12 @@ runs a server runs at once however the callers bunch them; at most ``max_queued`
 that finds the queue full is refused at once (ServerBusy, 503 with ``Retry-After``) rather than held, its body
 and connection with it, for as long as the queue takes.
 Sessions are namespaced per principal, and a run can be read back only by the principal that made
-it, or an admin.
+it, or an admin, with its own spans only (a trace id is no secret, and others may join its trace: see
+:func:`~workbench.tracing.trace.run_spans`).
+The exact response cache (``cache: exact`` hops) is the workbench's, shared by every caller as its models are: a
+caller who sends the very prompt another sent (history included) gets the stored answer, and can tell from
+``workbench.cache.hit`` or the speed that somebody sent it. Serving callers who must not learn that of each other,
+leave ``cache: exact`` off the hops whose prompts hold what they send.
 """
 
 from __future__ import annotations
