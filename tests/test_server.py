@@ -980,3 +980,36 @@ def test_a_chain_built_on_another_workbench_is_refused_before_anything_serves(tm
         with bench.serve(chains=[bench.chain(spec)], port=0, auth=False) as served:
             answer = httpx.post(f"{served.url}/v1/chains/echo/invoke", json={"inputs": {"question": "?"}}, timeout=30)
             assert answer.json()["status"] == "ok"
+
+
+def test_the_exact_cache_keeps_each_callers_answers_apart_and_an_open_server_shares_the_notebooks(
+    bench: wb.Workbench, keys: dict[str, str]
+) -> None:
+    """One cache for every caller: bob, sending the prompt alice had sent, got her stored answer, and could tell from
+    workbench.cache.hit (or the speed) that somebody had sent it."""
+    spec = {"name": "cached", "hops": [{"name": "answer", "model": "tiny", "prompt": "Question: {{ question }}\nAnswer:",
+                                        "max_new_tokens": 4, "cache": "exact"}]}
+    chain = bench.chain(spec)
+    bench.clear_cache(chain="cached")
+
+    def hits(response: httpx.Response) -> list[object]:
+        assert response.status_code == 200, response.text
+        spans = [s for s in response.json()["spans"] if s["name"] == "hop answer"]
+        return [s["attributes"].get(attr.CACHE_HIT) for s in spans]
+
+    question = {"inputs": {"question": "alice's own question"}}
+    auth = Auth(keys["_dir"], rate_per_s=None)
+    with bench.serve(chains=[chain], port=0, auth=auth) as served, httpx.Client(base_url=served.url, timeout=60) as c:
+        def ask(who: str) -> list[object]:
+            run_id = c.post("/v1/chains/cached/invoke", headers=key(keys, who), json=question).json()["run_id"]
+            return hits(c.get(f"/v1/runs/{run_id}", headers=key(keys, who)))
+
+        assert ask("alice") == [False]
+        assert ask("bob") == [False]  # was [True]: alice's answer, and the news that she had asked
+        assert ask("alice") == [True] and ask("bob") == [True]  # each caller's own answers are still reused
+    # A server without credentials is this machine's own: it shares the notebook's answers, as before.
+    notebook = chain.run(question="asked in the notebook")
+    assert notebook.trace.table()[f"attributes.{attr.CACHE_HIT}"].dropna().tolist() == [False]
+    with bench.serve(chains=[chain], port=0, auth=False) as served, httpx.Client(base_url=served.url, timeout=60) as c:
+        run_id = c.post("/v1/chains/cached/invoke", json={"inputs": {"question": "asked in the notebook"}}).json()["run_id"]
+        assert hits(c.get(f"/v1/runs/{run_id}")) == [True]

@@ -60,10 +60,11 @@ STATS_COLUMNS = ["hop", "model", "hits", "misses", "hit_rate", "entries", "bytes
 
 def response_key(
     identity: Mapping[str, Any], prompt: str, messages: Messages | None, params: GenerationParams,
-    adapter: str | None = None,
+    adapter: str | None = None, scope: str | None = None,
 ) -> str:
     """The key of one model call: the model's identity, the hop's adapter, the prompt or messages, every sampling
-    parameter. A change to any of them is another key."""
+    parameter, and whose answers they are (``scope``: a served caller's; None, the workbench's own). A change to any
+    of them is another key."""
     material = {
         "v": KEY_VERSION,
         "model": dict(identity),
@@ -82,6 +83,8 @@ def response_key(
                                                                           "top_k", "seed", "truncate")},
         },
     }
+    if scope is not None:  # not in the material at all without one: the keys of a notebook's answers stay as they were
+        material["scope"] = scope
     text = json.dumps(material, sort_keys=True, ensure_ascii=True, default=repr)
     return hashlib.sha256(text.encode()).hexdigest()
 

@@ -58,6 +58,10 @@ INLINE_MAX_TRIPLES = 200
 # None starts a new trace. A context variable, so it travels with the awaiting task onto the workbench's loop
 # (asyncio copies the caller's context there) without a parameter on every method in between.
 TRACE_PARENT: ContextVar[Context | None] = ContextVar("workbench_trace_parent", default=None)
+# Whose answers the exact response cache shares in this context: a served caller's own (its principal), so that no
+# caller gets another's stored answer, or learns from a hit that somebody sent that very prompt; None (a notebook, a
+# server without credentials) shares the workbench's.
+CACHE_SCOPE: ContextVar[str | None] = ContextVar("workbench_cache_scope", default=None)
 
 T = TypeVar("T")
 
@@ -551,6 +555,7 @@ class Runner:
         hit; a miss that makes the call is marked in ``_calling``, which the caller settles when it ends.
         """
         loop = asyncio.get_running_loop()
+        scope = CACHE_SCOPE.get()  # here, in the run's context: the pool's thread has none
 
         def look() -> _Hit | str | None:
             # A fallback model runs bare; a hop's adapter counts by the files of its live version. With no live
@@ -564,7 +569,7 @@ class Runner:
             identity = self.engine.identity(model)
             if identity is None:
                 return None  # the model loads on this call: uncached, as for an adapter, until it is known
-            key = response_key(identity, prompt, messages, hop.params, adapter=adapter)
+            key = response_key(identity, prompt, messages, hop.params, adapter=adapter, scope=scope)
             found = cache.get(key, hop.name, model, count=False)
             return key if found is None else _Hit(key, found.text, found.cost_ms, found.tokens_out)
 

@@ -27,7 +27,7 @@ from workbench._version import __version__
 from workbench.chains import trust
 from workbench.chains.chain import Chain
 from workbench.chains.events import AttemptFailed, HopFinished, HopStarted, RunFinished, Token
-from workbench.chains.runner import TRACE_PARENT, check_inputs
+from workbench.chains.runner import CACHE_SCOPE, TRACE_PARENT, check_inputs
 from workbench.errors import ModelLoadError, UnknownModelError
 from workbench.fronts.server import envelope as env
 from workbench.fronts.server import openai_api, rpc
@@ -49,6 +49,7 @@ from workbench.fronts.server.gateway import (
     DEFAULT_MAX_QUEUED,
     Gateway,
     allowed,
+    cache_scope,
     refusal_headers,
     run_json,
     run_status,
@@ -239,6 +240,7 @@ async def _sse(gateway: Gateway, request: Request, chain: Chain, body: InvokeReq
         started = request.state.started
         status = 200
         TRACE_PARENT.set(parent)  # the task that iterates this stream
+        CACHE_SCOPE.set(cache_scope(who))
         first_token = True
         try:
             async for event in chain.astream(session, **body.inputs):

@@ -15,10 +15,9 @@ and connection with it, for as long as the queue takes.
 Sessions are namespaced per principal, and a run can be read back only by the principal that made
 it, or an admin, with its own spans only (a trace id is no secret, and others may join its trace: see
 :func:`~workbench.tracing.trace.run_spans`).
-The exact response cache (``cache: exact`` hops) is the workbench's, shared by every caller as its models are: a
-caller who sends the very prompt another sent (history included) gets the stored answer, and can tell from
-``workbench.cache.hit`` or the speed that somebody sent it. Serving callers who must not learn that of each other,
-leave ``cache: exact`` off the hops whose prompts hold what they send.
+The exact response cache (``cache: exact`` hops) keeps each principal's answers apart (:func:`cache_scope`): a caller
+who sent the very prompt another sent got the stored answer, and could tell from ``workbench.cache.hit`` or the
+speed that somebody had sent it. A server without credentials shares the notebook's cache.
 """
 
 from __future__ import annotations
@@ -46,7 +45,7 @@ from starlette.routing import Route
 
 from workbench.chains.chain import Chain
 from workbench.chains.run import Run
-from workbench.chains.runner import TRACE_PARENT, check_inputs
+from workbench.chains.runner import CACHE_SCOPE, TRACE_PARENT, check_inputs
 from workbench.errors import (
     AccessError,
     HopFailed,
@@ -312,6 +311,7 @@ class Gateway:
         check_inputs(chain.spec, inputs)  # before a slot is taken: a bad input waits for nothing
         async with self.slot():
             TRACE_PARENT.set(parent)  # this request's task only
+            CACHE_SCOPE.set(cache_scope(who))
             try:
                 run = await chain.arun(session, **inputs)
             except HopFailed as failed:
@@ -328,6 +328,7 @@ class Gateway:
         in_flight = max(1, min(request.concurrency, len(request.inputs), self.max_in_flight))
         async with self.slot(in_flight):  # one slot per run in flight, as if each came alone
             TRACE_PARENT.set(parent)
+            CACHE_SCOPE.set(cache_scope(who))
             runs = await chain.amap(request.inputs, concurrency=in_flight,
                                     session=self.session(who, request.session_id))
         finished = [run for run in runs if run is not None]
@@ -453,6 +454,12 @@ def run_json(run: Run, places: bool = True) -> dict[str, Any]:
         "duration_ms": run.duration_ms, "error": error_detail(run.error) if run.error is not None else None,
         "spans": spans,
     }
+
+
+def cache_scope(who: Principal | None) -> str | None:
+    """Whose answers a served run's exact cache hops share: the principal's (None, a server without credentials: the
+    workbench's, as the notebook's runs)."""
+    return None if who is None or who.via == "open" else f"principal:{who.owner}"
 
 
 def run_status(error: HopFailed) -> int:

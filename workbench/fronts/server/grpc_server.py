@@ -38,14 +38,14 @@ import grpc
 import msgspec
 
 from workbench.chains.events import AttemptFailed, HopFinished, HopStarted, RunFinished, Token
-from workbench.chains.runner import TRACE_PARENT, check_inputs
+from workbench.chains.runner import CACHE_SCOPE, TRACE_PARENT, check_inputs
 from workbench.errors import HopFailed, RunCancelled, SettingsError, WorkbenchError
 from workbench.fronts.server import chain_pb2 as pb
 from workbench.fronts.server import chain_pb2_grpc
 from workbench.fronts.server import envelope as env
 from workbench.fronts.server.app import _check_action
 from workbench.fronts.server.envelope import RequestError
-from workbench.fronts.server.gateway import bound_socket, retry_after_s
+from workbench.fronts.server.gateway import bound_socket, cache_scope, retry_after_s
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -231,6 +231,7 @@ class ChainServicer(chain_pb2_grpc.ChainServiceServicer):
             who = self.gateway.auth.authenticate(metadata, address)
             chain, inputs, session = self._admit(who, request, "stream")
             TRACE_PARENT.set(self._parent(metadata, request.envelope.trace_id))  # this request's task only
+            CACHE_SCOPE.set(cache_scope(who))
             async with self.gateway.slot():
                 async for event in chain.astream(session, **inputs):
                     if isinstance(event, HopStarted):
