@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import _thread
 import dataclasses
 import re
 import socket
+import sys
+import threading
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +19,7 @@ from IPython.utils.capture import CapturedIO, capture_output
 
 import workbench as wb
 import workbench.bench
+from helpers import eventually
 from workbench.engine.balancing import LeastLoaded, SessionHash, Weighted
 from workbench.fronts.arguments import ReplicaOptions
 from workbench.fronts.notebook.parsers import (
@@ -298,6 +302,29 @@ def test_a_chain_of_a_closed_workbench_says_to_build_it_again(with_qa: Interacti
             with_qa.run_cell_magic("autoglm", "chain qa", SPEC)  # what the hint says: then it runs
         assert magic(with_qa, "run qa question=hi").stderr == ""
         assert with_qa.user_ns["_autoglm_run"].ok
+
+
+def test_a_ctrl_c_mid_stream_ends_the_line_it_cut(with_tiny: InteractiveShell, ctrl_c_raises: None) -> None:
+    # Before, the interrupted hop's line stayed open, and the KeyboardInterrupt's traceback began on it: "[halt] ---".
+    released = threading.Event()
+
+    def halt(plan: str) -> str:
+        printed = sys.stdout  # the cell's captured output
+        eventually(lambda: printed.getvalue().endswith("[halt] "), "this hop's heading")
+        _thread.interrupt_main()  # the notebook's stop button, pressed while this hop's line is open
+        released.wait(30)
+        return plan
+
+    with_tiny.user_ns["cut"] = wb.current().chain({"name": "cut", "hops": [
+        {"name": "plan", "model": "tiny", "prompt": "Question: {{ question }}", "max_new_tokens": 4},
+        {"name": "halt", "call": halt, "uses": ["plan"]}]})
+    try:
+        with capture_output() as captured, pytest.raises(KeyboardInterrupt):
+            with_tiny.run_line_magic("autoglm", "run cut question=hi --stream")
+    finally:
+        released.set()
+    assert captured.stdout.endswith("[halt] \n")
+    assert [line[:7] for line in captured.stdout.splitlines()] == ["[plan] ", "[halt] "]
 
 
 @pytest.mark.parametrize("stream", ["", " --stream"], ids=["run", "stream"])

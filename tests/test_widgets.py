@@ -46,6 +46,20 @@ def explode(question: str) -> str:
     raise ValueError(f"cannot handle {question!r}")
 
 
+def widget_tree(widgets: Any) -> list[Any]:
+    """Widgets with everything they hold that is a widget too: children, layouts, styles."""
+    found = []
+    for widget in widgets:
+        found += [widget, *widget_tree(getattr(widget, "children", ()))]
+        found += [part for part in (getattr(widget, "layout", None), getattr(widget, "style", None)) if part is not None]
+    return found
+
+
+def is_open(widget: Any) -> bool:
+    """Whether ipywidgets still holds ``widget`` (and its comm): it does until the widget is closed."""
+    return widget.comm is not None
+
+
 def cells(manager: ModelManager) -> list[str]:
     """The model table's text, cell by cell (header first)."""
     return [getattr(child, "value", "") for child in manager.table.children]
@@ -103,6 +117,21 @@ def test_unload_button_frees_the_model(loaded: wb.Workbench) -> None:
     # Unloaded models stay registered: the row stays, with a button that loads it again.
     assert manager.actions["tiny"].description == "load"
     assert "loaded" not in cells(manager)
+
+
+def test_a_refresh_closes_the_cells_and_bars_it_no_longer_shows(loaded: wb.Workbench) -> None:
+    # Before, each refresh (and each load or unload, which refreshes) left every cell, button and bar it replaced
+    # open: 536 widgets more in the kernel per refresh of a 21-model table, and their models in the browser.
+    manager = ModelManager(loaded)
+    drawn = widget_tree([*manager.table.children, *manager.memory.children])
+    assert drawn and all(map(is_open, drawn))
+    manager.refresh_button.click()
+    assert not any(map(is_open, drawn))
+    shown = widget_tree([*manager.table.children, *manager.memory.children])
+    assert all(map(is_open, shown)) and "tiny" in cells(manager)
+    manager.actions["tiny"].click()  # the unload button: its job redraws the table too
+    manager.wait(60)
+    assert not any(map(is_open, shown))
 
 
 def test_model_table_reads_at_a_glance(bench: wb.Workbench, tiny_path: Path) -> None:
@@ -278,6 +307,22 @@ def test_add_move_and_remove_hops_keep_graph_and_inputs_in_step(loaded: wb.Workb
     assert [e.hop_name.value for e in builder.hop_editors] == ["hop1"]
     assert list(builder.inputs) == ["question"]
     assert re.findall(r"data-hop='(\w+)'", builder.graph.value) == ["hop1"]
+
+
+def test_a_removed_hop_closes_its_controls(loaded: wb.Workbench) -> None:
+    # Before, a removed hop's editor (about 60 widgets: sliders, boxes, the forms of the kinds it did not show) stayed
+    # open in the kernel for good.
+    builder = ChainBuilder(loaded)
+    kept, removed = builder.hop_editors[0], builder.add_hop()
+    parts = widget_tree([removed, removed._llm, removed._python, removed._knowledge])
+    assert all(map(is_open, parts))
+    removed.remove.click()
+    assert builder.hop_editors == [kept]
+    assert not any(map(is_open, parts))
+    assert all(map(is_open, widget_tree([kept])))
+    kept.kind.value = "python"  # the hop left still edits the spec
+    kept.call.value = "test_widgets:explode"
+    assert builder.spec()["hops"][0]["call"] == "test_widgets:explode"
 
 
 def test_an_input_that_leaves_the_prompts_for_a_while_keeps_what_was_typed(loaded: wb.Workbench) -> None:

@@ -275,32 +275,34 @@ class AutoglmMagics(Magics):
                 print(f"[{hop}] ", end="", flush=True)
                 line = hop
 
-        for event in chain.stream(session=command.session, **command.inputs):
-            if isinstance(event, HopStarted):
-                if line is None:  # else another hop's line is open: this one's heading waits for its first token
+        try:
+            for event in chain.stream(session=command.session, **command.inputs):
+                if isinstance(event, HopStarted):
+                    if line is None:  # else another hop's line is open: this one's heading waits for its first token
+                        heading(event.hop)
+                elif isinstance(event, Token):
                     heading(event.hop)
-            elif isinstance(event, Token):
-                heading(event.hop)
-                streamed.add(event.hop)
-                print(event.text, end="", flush=True)
-            elif isinstance(event, AttemptFailed) and event.hop in streamed:  # its tokens were no answer: say so
-                heading(event.hop)
-                print(f" (attempt {event.attempt} failed: {event.error})", flush=True)
-                line = None
-                streamed.discard(event.hop)
-            elif isinstance(event, HopFinished):
-                if event.hop not in streamed:
+                    streamed.add(event.hop)
+                    print(event.text, end="", flush=True)
+                elif isinstance(event, AttemptFailed) and event.hop in streamed:  # its tokens were no answer: say so
                     heading(event.hop)
-                    print(event.output, end="", flush=True)
-                if line == event.hop:
-                    print(flush=True)
+                    print(f" (attempt {event.attempt} failed: {event.error})", flush=True)
                     line = None
-            elif isinstance(event, RunFinished):
-                if line is not None:
-                    print(flush=True)
-                if event.run.error is not None:
-                    raise event.run.error
-                return event.run
+                    streamed.discard(event.hop)
+                elif isinstance(event, HopFinished):
+                    if event.hop not in streamed:
+                        heading(event.hop)
+                        print(event.output, end="", flush=True)
+                    if line == event.hop:
+                        print(flush=True)
+                        line = None
+                elif isinstance(event, RunFinished):
+                    if event.run.error is not None:
+                        raise event.run.error
+                    return event.run
+        finally:  # the run's end, a failure or a Ctrl-C mid-line: what is printed next starts on a line of its own
+            if line is not None:
+                print(flush=True)
         raise AssertionError("a stream ends with its run")
 
     def _trace(self, command: TraceCommand) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import html
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import ipywidgets as w
@@ -17,6 +17,20 @@ def text_fallback(widget: object, summary: str) -> str:
     """What a widget shows where no widget can be drawn: a saved notebook not yet run, a terminal."""
     # ipywidgets and anywidget put repr() in the text/plain output, which a notebook keeps when saved.
     return f"{type(widget).__name__} widget: {summary} (run the cell to see it)"
+
+
+def discard(widgets: Iterable[w.Widget]) -> None:
+    """Close widgets a view no longer shows, with their children, layouts and styles.
+
+    ipywidgets keeps every widget it made (and its comm, and its model in the browser) until it is closed: a table
+    redrawn on each refresh otherwise grows the kernel's memory by every cell it ever drew.
+    """
+    for widget in widgets:
+        discard(getattr(widget, "children", ()))
+        for part in (getattr(widget, "layout", None), getattr(widget, "style", None)):
+            if isinstance(part, w.Widget):
+                part.close()
+        widget.close()
 
 
 class Background:

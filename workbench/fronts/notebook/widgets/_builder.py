@@ -18,7 +18,7 @@ from workbench.chains.run import Run
 from workbench.chains.spec import MAX_KNOWLEDGE_HOPS, MAX_TRIPLES_PER_HOP, ChainSpec, HopSpec, parse_spec
 from workbench.engine.requests import GenerationParams
 from workbench.errors import WorkbenchError, describe
-from workbench.fronts.notebook.widgets._background import Background, StatusBox, text_fallback
+from workbench.fronts.notebook.widgets._background import Background, StatusBox, discard, text_fallback
 from workbench.knowledge import DEFAULT_MAX_TRIPLES
 from workbench.tables import Readable
 
@@ -103,6 +103,7 @@ class HopEditor(w.VBox):
                             w.HBox([self.max_new_tokens, self.temperature]), w.HBox([self.top_p, self.top_k])])
         self._python = w.VBox([self.call])
         self._knowledge = w.VBox([self.graph, self.query, w.HBox([self.hops_slider, self.max_triples])])
+        self._head = w.HBox([self.hop_name, self.kind, self.up, self.down, self.remove])
         super().__init__(layout=w.Layout(border="1px solid #ddd", padding="4px", margin="2px 0"))
         self.kind.observe(lambda _: self._show_kind(), "value")
         self._show_kind()
@@ -144,9 +145,14 @@ class HopEditor(w.VBox):
         self.model.options = list(dict.fromkeys([*models, *([current_model] if current_model else [])]))
         self.model.value = current_model if current_model else (models[0] if models else None)
 
+    def close(self) -> None:
+        """Close the editor and every control it made, the forms of the kinds it does not show too."""
+        discard([self._head, self._llm, self._python, self._knowledge])
+        super().close()
+
     def _show_kind(self) -> None:
-        head = w.HBox([self.hop_name, self.kind, self.up, self.down, self.remove])
-        self.children = [head, {"llm": self._llm, "knowledge": self._knowledge}.get(self.kind.value, self._python)]
+        self.children = [self._head,
+                         {"llm": self._llm, "knowledge": self._knowledge}.get(self.kind.value, self._python)]
 
 
 def graph_svg(spec: ChainSpec) -> str:
@@ -294,6 +300,7 @@ class ChainBuilder(StatusBox):
     def remove_hop(self, editor: HopEditor) -> None:
         self.hops.children = [e for e in self.hop_editors if e is not editor]
         self._changed()
+        discard([editor])
 
     def move_hop(self, editor: HopEditor, offset: int) -> None:
         """Move a hop up (-1) or down (+1) in spec order."""

@@ -10,7 +10,7 @@ import traitlets
 
 from workbench.bench import Workbench, current
 from workbench.models.devices import available_devices, device_capacity, supported_dtypes
-from workbench.fronts.notebook.widgets._background import Background, StatusBox, text_fallback
+from workbench.fronts.notebook.widgets._background import Background, StatusBox, discard, text_fallback
 from workbench.models.tiny import resolve_source
 from workbench.tables import Readable
 
@@ -117,7 +117,9 @@ class ModelManager(StatusBox):
         if models.empty:
             cells.append(w.HTML("<i>no models yet: fill in the form below and press load</i>",
                                 layout=w.Layout(grid_column="1 / -1")))
+        drawn = self.table.children
         self.table.children = cells
+        discard(drawn)
         self._draw_memory(models)
 
     def __repr__(self) -> str:
@@ -150,7 +152,9 @@ class ModelManager(StatusBox):
             count = int((loaded["device"] == device).sum())
             label = w.HTML(f"models: {used_mb:,.1f} MiB{of} ({count} loaded)")
             bars.append(w.HBox([bar, label]))
+        drawn = self.memory.children
         self.memory.children = bars
+        discard(drawn)
 
     def _device_changed(self, change: dict[str, Any]) -> None:
         options = supported_dtypes(change["new"])
