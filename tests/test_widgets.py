@@ -388,6 +388,28 @@ def test_run_shows_each_hops_tokens_while_they_arrive(loaded: wb.Workbench) -> N
     assert builder.output.value == run._repr_html_()  # and the run replaced it at the end
 
 
+def test_a_long_answer_is_redrawn_at_most_every_redraw_s_and_whole_as_its_hop_ends(loaded: wb.Workbench) -> None:
+    # The output, one HTML value sent whole, was redrawn at every token: 189,340 characters sent for an answer of
+    # 1,254. A redraw_s no run outlasts leaves the first token's redraw and the hop's end: the same text, in two.
+    spec = {"name": "long_say", "hops": [{"name": "say", "model": "tiny", "prompt": "Question: {{ question }}\nAnswer:",
+                                          "max_new_tokens": 400, "temperature": 5.0, "seed": 0}]}
+    builder = ChainBuilder(loaded, chain=loaded.chain(spec))
+    builder.redraw_s = 3600
+    builder.inputs["question"].value = "Tell me everything."
+    seen: list[str] = []
+    builder.output.observe(lambda change: seen.append(change["new"]), "value")
+    assert builder.run() is True
+    builder.wait(120)
+    run = builder.last_run
+    assert run is not None and run.ok
+    assert seen[-1] == run._repr_html_()  # the run replaced the streamed text at the end
+    streamed = [value for value in seen[:-1] if "<b>say</b>" in value]
+    assert len(streamed) == 2  # was one a token: 400
+    assert html.escape(run.output) in streamed[-1]  # the whole answer, as the hop ended
+    assert len(streamed[0]) < len(streamed[-1])
+    assert builder.output.value == run._repr_html_()
+
+
 def test_run_returns_at_once_while_the_chain_runs_in_the_background(loaded: wb.Workbench) -> None:
     builder = ChainBuilder(loaded)
     builder.hop_editors[0].kind.value = "python"
