@@ -16,7 +16,7 @@ from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
 import workbench as wb
-from helpers import QA_SPEC
+from helpers import QA_SPEC, eventually
 import workbench.bench
 from workbench.demo import DEMO_SPEC
 from workbench.models.devices import available_devices
@@ -406,6 +406,38 @@ def test_a_long_answer_is_redrawn_at_most_every_redraw_s_and_whole_as_its_hop_en
     assert len(streamed) == 2  # was one a token: 400
     assert html.escape(run.output) in streamed[-1]  # the whole answer, as the hop ended
     assert len(streamed[0]) < len(streamed[-1])
+
+
+def test_the_stop_button_cancels_a_long_run_at_its_next_token_and_keeps_what_it_streamed(
+    loaded: wb.Workbench,
+) -> None:
+    # There was no way to stop a run from the widget: a Ctrl-C does not reach its background thread.
+    spec = {"name": "long_stop", "hops": [{"name": "say", "model": "tiny", "prompt": "Question: {{ question }}\nAnswer:",
+                                           "max_new_tokens": 400, "temperature": 5.0, "seed": 0}]}
+    builder = ChainBuilder(loaded, chain=loaded.chain(spec))
+    assert builder.stop_button.disabled and builder.stop() is False  # nothing to stop
+    builder.inputs["question"].value = "Tell me everything."
+    shown: list[str] = []
+
+    def first_token(change: dict[str, Any]) -> None:
+        shown.append(change["new"])
+        if len(shown) == 1:
+            assert not builder.stop_button.disabled
+            builder.stop_button.click()  # as the first token shows
+
+    builder.output.observe(first_token, "value")
+    assert builder.run() is True
+    builder.wait(120)
+    assert builder.status.startswith("stopped 'long_stop'") and builder.error == ""
+    assert builder.last_run is None and "<b>say</b>" in builder.output.value  # what it streamed stays
+    assert len(shown) <= 2 and not builder.running and builder.stop_button.disabled
+
+    def cancelled() -> bool:  # the worker ends the request's span at its next step, after the stream has closed
+        spans = [s for s in loaded.traces().spans if s.name == "text_completion tiny"
+                 and (s.attributes or {}).get(attr.HOP_NAME) == "say"]
+        return bool(spans) and (spans[-1].attributes or {}).get(attr.CANCELLED) == "running"
+
+    eventually(cancelled, "the stopped run's model call to end cancelled")
 
 
 def test_run_returns_at_once_while_the_chain_runs_in_the_background(loaded: wb.Workbench) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import graphlib
 import html
 import math
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -217,7 +218,8 @@ class ChainBuilder(StatusBox):
     Start from an existing chain with ``ChainBuilder(chain=qa)``: the builder's runs then replace it on the
     workbench; another chain of the builder's name is replaced only by ``run(replace=True)``.
 
-    A hop's answer shows as it arrives, redrawn at most every ``redraw_s`` (and whole as each hop ends): the output
+    The stop button (:meth:`stop`) cancels the run going. A hop's answer shows as it arrives, redrawn at most every
+    ``redraw_s`` (and whole as each hop ends): the output
     is one HTML value sent whole, so a redraw per token sent 189,340 characters for a 1,254-character answer.
     """
 
@@ -238,6 +240,8 @@ class ChainBuilder(StatusBox):
         self.hops = w.VBox()
         self.add_button = w.Button(description="add hop", icon="plus")
         self.run_button = w.Button(description="run", icon="play", button_style="success")
+        self.stop_button = w.Button(description="stop", icon="stop", button_style="warning", disabled=True)
+        self._stopping = threading.Event()
         self.inputs: dict[str, w.Text] = {}
         self._input_boxes: dict[str, w.Text] = {}  # every box made, so one that comes back keeps what was typed
         self._inputs_box = w.HBox(layout=w.Layout(flex_flow="row wrap"))
@@ -249,6 +253,7 @@ class ChainBuilder(StatusBox):
         self.span_table = w.HTML()
         self.add_button.on_click(lambda _: self.add_hop())
         self.run_button.on_click(lambda _: self.run())
+        self.stop_button.on_click(lambda _: self.stop())
         self.chain_name.observe(lambda _: self._changed(), "value")
         self.output_hop.observe(lambda _: self._changed(), "value")
         super().__init__(
@@ -261,7 +266,7 @@ class ChainBuilder(StatusBox):
                 self._check,
                 w.HTML("<b>Inputs</b>"),
                 self._inputs_box,
-                w.HBox([self.run_button, self._status]),
+                w.HBox([self.run_button, self.stop_button, self._status]),
                 self._error,
                 self.output,
                 self.span_table,
@@ -369,10 +374,14 @@ class ChainBuilder(StatusBox):
         inputs = {name: self.inputs[name].value for name in chain.inputs if name in self.inputs}
         self.error = ""
         self.status = f"running {chain.name!r} ..."
+        self._stopping.clear()
         self.running = True
 
         def job() -> None:
             run = self._stream(chain, inputs)
+            if run is None:  # stop() cut it short: what it streamed stays shown
+                self.status = f"stopped {chain.name!r}: the run was cancelled"
+                return
             self._show_run(run)
             if run.error is not None:
                 raise run.error
@@ -384,8 +393,18 @@ class ChainBuilder(StatusBox):
         """Wait for a run started from the widget to finish."""
         self._job.wait(timeout)
 
-    def _stream(self, chain: Chain, inputs: dict[str, Any]) -> Run:
-        """Run ``chain``, showing each hop's answer in the output area token by token as it arrives."""
+    def stop(self) -> bool:
+        """Cancel the run going now (the stop button), at its next event: a token, a hop's start or end. False if none
+        is going. What it streamed stays shown; it leaves no Run (a cancelled run's hops stop where they are)."""
+        if not self._job.running:
+            return False
+        self._stopping.set()
+        self.status = "stopping ..."
+        return True
+
+    def _stream(self, chain: Chain, inputs: dict[str, Any]) -> Run | None:
+        """Run ``chain``, showing each hop's answer in the output area token by token as it arrives; None if
+        :meth:`stop` cancelled it (leaving the loop closes the stream, which cancels the run)."""
         texts: dict[str, str] = {}
         drawn = -math.inf  # when the output was last redrawn: the first token of a run shows at once
 
@@ -397,6 +416,10 @@ class ChainBuilder(StatusBox):
             )
 
         for event in chain.stream(**inputs):
+            if self._stopping.is_set():
+                if texts:
+                    draw()
+                return None
             if isinstance(event, HopStarted):
                 texts[event.hop] = ""
                 self.status = f"running {chain.name!r}: hop {event.hop!r} ..."
@@ -482,3 +505,4 @@ class ChainBuilder(StatusBox):
     @traitlets.observe("running")
     def _disable_while_running(self, change: dict[str, Any]) -> None:
         self.run_button.disabled = change["new"]
+        self.stop_button.disabled = not change["new"]
