@@ -732,3 +732,9 @@ def test_a_checkpoint_resumed_after_the_model_changed_runs_again_rather_than_reu
         assert [run.output for run in resumed] != [run.output for run in first]
         # What the new model answered is what the file now gives back, for this model.
         assert [run.id for run in chain.map(questions, checkpoint=path)] == [run.id for run in resumed]
+        # resume= with the first batch itself: the same (it reused the old model's runs as well).
+        with pytest.warns(RuntimeWarning, match=r"3 runs given to resume= were answered by another version of the "
+                                                r"models of chain 'qa'"):
+            again = chain.map(questions, resume=first)
+        assert [run.output for run in again] == [run.output for run in resumed]
+        assert [run.id for run in chain.map(questions, resume=resumed)] == [run.id for run in resumed]

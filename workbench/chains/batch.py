@@ -113,9 +113,11 @@ class MapInterrupted(KeyboardInterrupt):
         )
 
 
-def reuse(batch: RunBatch, previous: Iterable[Run | None], version: ConfigVersion | None = None) -> None:
+def reuse(batch: RunBatch, previous: Iterable[Run | None], version: ConfigVersion | None = None,
+          answered: Callable[[list[Run]], list[Run]] | None = None) -> None:
     """Fill ``batch`` with the successful runs of ``previous`` whose chain and inputs match, and, where both are
-    known, whose configuration is ``version`` (a run of an edited chain answered another prompt or model)."""
+    known, whose configuration is ``version`` (a run of an edited chain answered another prompt or model), and
+    which ``answered`` keeps of them (those the models of now answered: see Chain._same_models)."""
     hint = "resume=chain.last_batch, or any Runs, e.g. resume=bench.runs()"
     # Its runs in flight are read before its finished ones: one that lands in between is among the finished.
     flying = dict(previous._flying) if isinstance(previous, RunBatch) and previous.chain == batch.chain else {}
@@ -125,12 +127,15 @@ def reuse(batch: RunBatch, previous: Iterable[Run | None], version: ConfigVersio
         raise WorkloadError(f"resume= takes a RunBatch or a list of Runs, not {type(previous).__name__}",
                             hint=hint) from None
     done: dict[str, list[Run]] = defaultdict(list)
+    fitting = []
     for position, run in enumerate(runs):
         if run is not None and not isinstance(run, Run):  # before any run starts, not an AttributeError
             raise WorkloadError(f"resume= takes Runs (or None); item {position} is {type(run).__name__} {run!r:.80}",
                                 hint=hint)
-        if run is not None and run.ok and run.chain == batch.chain and _same_config(run.config_version, version) \
-                and (key := _key(run.inputs)) is not None:
+        if run is not None and run.ok and run.chain == batch.chain and _same_config(run.config_version, version):
+            fitting.append(run)
+    for run in answered(fitting) if answered is not None else fitting:
+        if (key := _key(run.inputs)) is not None:
             done[key].append(run)
     waiting: dict[str, list[asyncio.Future[Run]]] = defaultdict(list)
     for position, task in flying.items():

@@ -206,36 +206,38 @@ class Chain:
             check_inputs(self.spec, items[-1])
         batch = RunBatch(self.name, items)
         if resume is not None:
-            reuse(batch, resume, self.version)
+            reuse(batch, resume, self.version, partial(self._same_models, where="given to resume="))
         file = None
         if checkpoint is not None:
-            digest = getattr(self._host, "models_digest", None)
-            file = Checkpoint(checkpoint, self.name, None if digest is None else partial(digest, self.spec))
-            reuse(batch, self._same_models(file, file.runs(), digest), self.version)
+            file = Checkpoint(checkpoint, self.name)
+            reuse(batch, file.runs(), self.version,
+                  partial(self._same_models, where=f"of the checkpoint file {str(file.path)!r}"))
             file.prepare()
         self.last_batch = batch
         return batch, None if file is None else file.keep
 
-    def _same_models(self, file: Checkpoint, runs: list[Run], digest: Callable[..., str | None] | None) -> list[Run]:
-        """The runs of ``file`` answered by the models that would answer them now (their identity and adapters'
-        versions; loaded here to tell, as the map's first run would); the others run again, with a warning: a map
-        resumed after a model changed reused its other version's answers, without a word."""
-        if digest is None or not any(file.models_of.get(run.id) for run in runs):
+    def _same_models(self, runs: list[Run], where: str) -> list[Run]:
+        """Those of ``runs`` answered by the models that would answer them now (their identity and adapters'
+        versions; loaded here to tell, as the map's first run would), or not known to have been answered otherwise;
+        the others run again, with a warning: a map resumed after a model changed reused its other version's
+        answers, without a word."""
+        digest = getattr(self._host, "models_digest", None)
+        if digest is None or not any(run._models for run in runs):
             return runs
         try:
             now = digest(self.spec, load=True)
         except WorkbenchError as exc:  # a model that cannot load now: its runs say why; none is reused unchecked
             now = None
-            log.warning("cannot tell which models answered the runs of checkpoint %s: %s", file.path, exc)
-        kept = [run for run in runs if file.models_of.get(run.id) in (None, now)]
+            log.warning("cannot tell which models answered the runs %s: %s", where, exc)
+        kept = [run for run in runs if run._models in (None, now)]
         answered = {inputs_key(run.inputs) for run in kept}
-        stale = [run for run in runs if file.models_of.get(run.id) not in (None, now)
+        stale = [run for run in runs if run._models not in (None, now)
                  and inputs_key(run.inputs) not in answered]  # those the models of now have not answered since
         if stale:
             warnings.warn(
-                f"{len(stale):,} runs of the checkpoint file {str(file.path)!r} were answered by another "
-                f"version of the models of chain {self.name!r} (another source, weights, device, dtype or "
-                "adapter version): they run again", RuntimeWarning, stacklevel=4)
+                f"{len(stale):,} runs {where} were answered by another version of the models of chain "
+                f"{self.name!r} (another source, weights, device, dtype or adapter version): they run again",
+                RuntimeWarning, stacklevel=5)
         return kept
 
     async def _map(
@@ -246,10 +248,15 @@ class Chain:
         ahead = _Ahead(batch, concurrency, lambda item: prepare(self.spec, item)) \
             if prefetch and session is None and prepare is not None else None
 
+        digest = getattr(self._host, "models_digest", None)
+
         async def execute(item: dict[str, Any]) -> Run:
             if ahead is not None:
                 ahead.started()
-            return await self._host.arun_spec(self.spec, item, session)
+            run = await self._host.arun_spec(self.spec, item, session)
+            if digest is not None:
+                run._models = digest(self.spec)  # what answered it, as it finished (5.6 us): see _same_models
+            return run
 
         try:
             return await run_all(batch, execute, concurrency, errors, state, kept)

@@ -21,7 +21,7 @@ import json
 import math
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -44,7 +44,7 @@ _HINT = "give chain.map another checkpoint= file, or delete this one to run ever
 class Checkpoint:
     """The checkpoint file of one chain's maps: the runs it holds, and each new successful run appended."""
 
-    def __init__(self, path: str | os.PathLike[str], chain: str, models: Callable[[], str | None] | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], chain: str) -> None:
         if not isinstance(path, (str, os.PathLike)) or not str(path):
             raise WorkloadError(f"checkpoint= takes a file path, not {path!r:.80}",
                                 hint="e.g. chain.map(inputs, checkpoint='runs.jsonl')")
@@ -52,10 +52,6 @@ class Checkpoint:
         self.chain = chain
         self.left_out = 0  # successful runs not kept: their inputs or outputs are not JSON
         self._lock = threading.Lock()  # two maps of one file in one process write whole lines
-        # What answered the chain's model hops as a run is kept (Workbench.models_digest), written with it; and, of
-        # each run read, what answered it then (None: not known, a line of an earlier workbench).
-        self._models = models
-        self.models_of: dict[str, str | None] = {}
 
     def runs(self) -> list[Run]:
         """The successful runs of this chain the file holds, oldest first (none if there is no file yet)."""
@@ -97,7 +93,7 @@ class Checkpoint:
                 "outputs": run.outputs, "output": run.output, "started_at": run.started_at,
                 "duration_ms": run.duration_ms,
                 "config": None if version is None else {"number": version.number, "digest": version.digest},
-                "models": self._models() if self._models is not None else None,
+                "models": run._models,  # what answered it (None: not known)
             }, allow_nan=False)  # ASCII: any text, a lone surrogate included, goes out as escapes and comes back
             written = json.loads(line)
             # What JSON changes (a tuple comes back a list, a mapping's key 1 as "1") is not kept: the inputs read back
@@ -154,7 +150,7 @@ class Checkpoint:
                       started_at=_number(entry["started_at"]), duration_ms=_number(entry["duration_ms"]),
                       config_version=None if config is None else
                       ConfigVersion(int(_number(config["number"])), _text(config["digest"])))
-            self.models_of[run.id] = None if models is None else _text(models)
+            run._models = None if models is None else _text(models)
         except (KeyError, TypeError, ValueError) as exc:
             raise WorkloadError(f"{where} is not a whole run: {type(exc).__name__} {exc}", hint=_HINT) from None
         return run
