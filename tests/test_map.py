@@ -738,3 +738,7 @@ def test_a_checkpoint_resumed_after_the_model_changed_runs_again_rather_than_reu
             again = chain.map(questions, resume=first)
         assert [run.output for run in again] == [run.output for run in resumed]
         assert [run.id for run in chain.map(questions, resume=resumed)] == [run.id for run in resumed]
+        # Runs resume= gives go into a new checkpoint file too: a crash then keeps them.
+        fresh = tmp_path / "fresh.jsonl"
+        assert [run.id for run in chain.map(questions, resume=resumed, checkpoint=fresh)] == [r.id for r in resumed]
+        assert [json.loads(line)["run_id"] for line in fresh.read_text().splitlines()] == [r.id for r in resumed]

@@ -210,9 +210,14 @@ class Chain:
         file = None
         if checkpoint is not None:
             file = Checkpoint(checkpoint, self.name)
-            reuse(batch, file.runs(), self.version,
+            held = file.runs()
+            reuse(batch, held, self.version,
                   partial(self._same_models, where=f"of the checkpoint file {str(file.path)!r}"))
             file.prepare()
+            written = {run.id for run in held}
+            for run in batch.finished:  # runs resume= gave, which the file does not hold yet: a crash now keeps them
+                if run.id not in written:
+                    file.keep(run)
         self.last_batch = batch
         return batch, None if file is None else file.keep
 
