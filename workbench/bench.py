@@ -1106,7 +1106,8 @@ class Workbench:
             source = self.registry.settings(name).source
             return None if os.path.abspath(os.path.expanduser(source)) == directory else LATER
         versions = self._model_versions[name]
-        if next((v.digest for v in reversed(versions) if v.state == "live"), None) == digest:
+        serving = _live(versions)
+        if serving is not None and serving.digest == digest:
             return None  # checked as the model loaded back (see _check_loaded_version): serving already
         version = AdapterVersion(name, max(v.version for v in versions) + 1, directory, digest)
         versions.append(version)
@@ -1137,7 +1138,7 @@ class Workbench:
                 span.set_attribute(attr.ADAPTER_STATE, "refused")
                 log.warning("model %s version %d from %s refused: %s", name, version.version, directory, version.error)
                 return version
-            previous = next((v for v in reversed(versions[:-1]) if v.state == "live"), None)
+            previous = _live(versions[:-1])
             version.state, version.loaded_at = "live", time.time()
             version.swap_ms = (time.perf_counter() - noticed) * 1e3
             span.set_attributes({attr.ADAPTER_STATE: "live", attr.ADAPTER_SWAP_MS: version.swap_ms})
@@ -1155,7 +1156,7 @@ class Workbench:
         """Why keep-warm must not evict model ``name``: the directory it would load back from holds another version
         than the one serving (refused, or not checked yet); None where it would load back what it serves, or is not
         watched (nothing is known of its versions)."""
-        live = next((v for v in reversed(self._model_versions.get(name, ())) if v.state == "live"), None)
+        live = _live(self._model_versions.get(name, []))
         if live is None:
             return None
         source = os.path.abspath(os.path.expanduser(self.registry.settings(name).source))
@@ -1175,7 +1176,7 @@ class Workbench:
         or refused (then ModelLoadError, and the load is undone)."""
         versions = self._model_versions.get(name)
         checks = self._model_checks.get(name)
-        live = next((v for v in reversed(versions) if v.state == "live"), None) if versions else None
+        live = _live(versions) if versions else None
         if live is None or checks is None:
             return
         source = os.path.abspath(os.path.expanduser(loaded.source))
@@ -1228,6 +1229,11 @@ class Workbench:
 
     def __repr__(self) -> str:
         return f"<Workbench models={self.registry.names()} runs={len(self._runs)}>"
+
+
+def _live(versions: list[AdapterVersion]) -> AdapterVersion | None:
+    """The version of a watched model that serves now (the newest live one), if any."""
+    return next((v for v in reversed(versions) if v.state == "live"), None)
 
 
 def _refused_load(name: str, source: str, version: AdapterVersion) -> ModelLoadError:
