@@ -2,13 +2,20 @@
 
 The workbench runs the three-hop demo chain (plan and answer on the model, then the Python
 hop ``answer_stats``) with tracing on, as ``chain.run`` does it: templates, spans, the
-model's worker thread. By hand is the floor: the same two prompts formatted with f-strings,
-tokenized, ``model.generate`` with the same greedy settings, decoded, then the same Python
-function. Both must write the same tokens; the script stops if they do not.
+model's worker thread. By hand is what a user writes without it: the same two prompts formatted
+with f-strings, tokenized, ``model.generate`` with the same greedy settings, decoded, then the
+same Python function. All must write the same tokens; the script stops if they do not.
 
-The two run interleaved in one process, the order alternating within each pair (A B, B A,
-...), after one warm-up pair that is reported apart as cold start. Latency is end to end per
-chain; the headline is the median over pairs of workbench / by hand, with min and max.
+The workbench decodes a lone greedy row in its own loop over the model's forward, not through
+``generate`` (see ``_LeanGreedy`` in ``workbench/engine/backends/transformers.py``), which saves
+``generate``'s Python per call and per step. So a third variant, "by hand, loop", writes that
+greedy loop out by hand (:func:`greedy_loop`): against it, what is left is the orchestration
+alone, and the script prints that ratio beside the headline, and how the loop compares with
+``generate`` by hand.
+
+The variants run interleaved in one process, each round in the next of their orders (A B C,
+A C B, ...), after one warm-up round that is reported apart as cold start. Latency is end to
+end per chain; the headline is the median over rounds of workbench / by hand, with min and max.
 
 Before the headline it says where the workbench's time outside ``generate`` goes, segment by
 segment, read off the run's own spans (chain, hop, request and batch spans, and the batch's
@@ -18,7 +25,8 @@ of the design: the same thread hand-offs timed with no work in them.
 On a shared machine the median still wanders by a few percent from run to run; more pairs,
 or pinning the process to one core with one torch thread, give a steadier figure.
 
-``--null-model`` takes ``generate`` out of both paths: the model answers each prompt at once with the
+``--null-model`` takes ``generate`` out of both paths (the workbench then decodes through the replaced
+``generate``, and the loop by hand is left out): the model answers each prompt at once with the
 tokens it wrote for it the first time (the workbench's step clock still hears every step), so what
 is left is the orchestration alone, and the pairwise difference in microseconds is steady to a few
 percent: the figure to watch while making the workbench's own Python cheaper.
@@ -33,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import queue
 import statistics
@@ -79,12 +88,29 @@ def answer_prompt(plan: str, question: str) -> str:
     return f"{plan}\nQuestion: {question}\nAnswer:"
 
 
+def greedy_loop(model: Any, input_ids: torch.Tensor, max_new_tokens: int, eos_ids: set[int]) -> torch.Tensor:
+    """Greedy decoding of one row by hand, as a reader of transformers' docs would write it: a dynamic cache, the
+    model's forward, the argmax of the last logits, until an end token. Returns the prompt and the new tokens."""
+    cache = transformers.DynamicCache(config=model.config)
+    mask = torch.ones(1, input_ids.shape[1] + max_new_tokens, dtype=torch.long, device=input_ids.device)
+    tokens, step_input = [input_ids], input_ids
+    for step in range(max_new_tokens):
+        logits = model(input_ids=step_input, attention_mask=mask[:, : input_ids.shape[1] + step], cache=cache,
+                       use_cache=True, logits_to_keep=1).logits
+        step_input = logits[:, -1].float().argmax(dim=-1, keepdim=True)
+        tokens.append(step_input)
+        if int(step_input) in eos_ids:
+            break
+    return torch.cat(tokens, dim=1)
+
+
 def by_hand(
-    loaded: LoadedModel, max_new_tokens: dict[str, int], generate_s: list[float] | None = None
+    loaded: LoadedModel, max_new_tokens: dict[str, int], generate_s: list[float] | None = None, loop: bool = False
 ) -> Callable[[str], Outcome]:
     """The chain's work without the workbench: format, tokenize, generate, decode; twice; then the Python hop.
 
-    ``generate_s`` (if given) gets the seconds of each ``model.generate`` call, for the breakdown.
+    ``generate`` is ``model.generate``, or with ``loop`` the greedy loop written out by hand (:func:`greedy_loop`).
+    ``generate_s`` (if given) gets the seconds of each generate call, for the breakdown.
     """
     model, tokenizer, device = loaded.model, loaded.tokenizer, loaded.device
     eos = model.generation_config.eos_token_id
@@ -94,15 +120,18 @@ def by_hand(
         encoded = tokenizer(prompt, return_tensors="pt").to(device)
         started = time.perf_counter()
         with torch.inference_mode():
-            output = model.generate(
-                **encoded,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=tokenizer.pad_token_id,
-            )
+            if loop:
+                output = greedy_loop(model, encoded["input_ids"], max_new_tokens, eos_ids)
+            else:
+                output = model.generate(
+                    **encoded,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
         row = output[0, encoded["input_ids"].shape[1] :].tolist()  # copies to the host: synchronised on CUDA
         if generate_s is not None:
             generate_s.append(time.perf_counter() - started)
@@ -300,6 +329,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         hand_generate: list[float] = []
         hand = by_hand(loaded, max_new_tokens, hand_generate)
+        hand_loop = by_hand(loaded, max_new_tokens, loop=True)
         calls: list[tuple[int, int, wb.Run]] = []
 
         def run_chain() -> wb.Run:
@@ -313,10 +343,13 @@ def main(argv: list[str] | None = None) -> None:
             "workbench": (run_chain, outcome_of),
             "by hand": (lambda: hand(args.question), lambda outcome: outcome),
         }
+        if not args.null_model:  # the null model replaces generate; a loop by hand would run the real model
+            variants["by hand, loop"] = (lambda: hand_loop(args.question), lambda outcome: outcome)
         seconds: dict[str, list[float]] = {name: [] for name in variants}
         reference: Outcome | None = None
+        orders = list(itertools.permutations(variants))
         for pair in range(args.pairs + 1):
-            order = list(variants) if pair % 2 == 0 else list(reversed(variants))
+            order = orders[pair % len(orders)]
             for name in order:
                 call, read = variants[name]
                 took, result = timed(call, loaded.device)
@@ -339,11 +372,11 @@ def main(argv: list[str] | None = None) -> None:
             f" per chain {reference.tokens}"
         )
 
-        print(f"\n{'variant':<10} {'n':>4} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'min ms':>8}")
+        print(f"\n{'variant':<13} {'n':>4} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'min ms':>8}")
         for name, runs in seconds.items():
             ms = [s * 1e3 for s in runs]
             print(
-                f"{name:<10} {len(ms):>4} {percentile(ms, 0.5):8.2f} {percentile(ms, 0.95):8.2f}"
+                f"{name:<13} {len(ms):>4} {percentile(ms, 0.5):8.2f} {percentile(ms, 0.95):8.2f}"
                 f" {percentile(ms, 0.99):8.2f} {min(ms):8.2f}"
             )
         if args.pairs < 100:
@@ -377,6 +410,17 @@ def main(argv: list[str] | None = None) -> None:
             f"\noverhead ratio (workbench / by hand): median {statistics.median(ratios):.3f}"
             f" [min {min(ratios):.2f}, max {max(ratios):.2f}] over {len(ratios)} pairs"
         )
+        if "by hand, loop" in seconds:
+            # The workbench decodes a lone greedy row in its own loop (no generate): against the same loop by hand,
+            # what is left is the orchestration alone.
+            same = [w / h for w, h in zip(seconds["workbench"], seconds["by hand, loop"])]
+            added = [(w - h) * 1e6 for w, h in zip(seconds["workbench"], seconds["by hand, loop"])]
+            loops = [g / h for g, h in zip(seconds["by hand, loop"], seconds["by hand"])]
+            print(f"orchestration ratio (workbench / by hand with the same greedy loop): median"
+                  f" {statistics.median(same):.3f} [quartiles {percentile(same, 0.25):.3f} / {percentile(same, 0.75):.3f}],"
+                  f" adding {statistics.median(added):.0f} us a chain at p50")
+            print(f"the greedy loop by hand / generate by hand: median {statistics.median(loops):.3f}"
+                  f" [quartiles {percentile(loops, 0.25):.3f} / {percentile(loops, 0.75):.3f}]")
 
 
 if __name__ == "__main__":

@@ -96,3 +96,25 @@ def test_awaited_and_streamed_runs_on_the_gpu_match_the_blocking_run(bench: wb.W
     events = list(chain.stream(**QUESTIONS[0]))
     tokens = "".join(e.text for e in events if e.kind == "token" and e.hop == "answer")
     assert tokens.strip() == events[-1].run.output == blocking[0]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_workbench_greedy_loop_writes_what_generate_writes_on_the_gpu(bench: wb.Workbench, tiny_path: Path,
+                                                                          dtype: str) -> None:
+    """A lone greedy row decodes in the workbench's own loop (backends/transformers.py, _LeanGreedy) on CUDA too, to
+    the tokens transformers' generate writes, in full and half precision."""
+    loaded = bench.load("tiny", tiny_path, device="cuda", dtype=dtype)
+    tokenizer, model = loaded.tokenizer, loaded.model
+    for prompt in [q["question"] for q in QUESTIONS]:
+        result = bench.generate("tiny", prompt, max_new_tokens=48)
+        (batch,) = [s for s in bench.traces().spans
+                    if s.name == "batch tiny" and s.attributes.get("workbench.batch.id") == result.batch_id]
+        assert batch.attributes["workbench.decode_loop"] == "workbench"
+        ids = tokenizer(prompt, return_tensors="pt").to("cuda")
+        with torch.inference_mode():
+            output = model.generate(**ids, max_new_tokens=48, do_sample=False, temperature=None, top_p=None,
+                                    top_k=None, pad_token_id=tokenizer.pad_token_id)
+        row = output[0, ids["input_ids"].shape[1]:].tolist()
+        eos = model.generation_config.eos_token_id
+        stop = next((i for i, t in enumerate(row) if t == eos), None)
+        assert result.token_ids == (row[: stop + 1] if stop is not None else row), prompt

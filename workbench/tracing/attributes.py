@@ -78,6 +78,8 @@ PREFILL_MS = "workbench.prefill_ms"
 TTFT_MS = "workbench.ttft_ms"
 DECODE_MS = "workbench.decode_ms"
 DETOKENIZE_MS = "workbench.detokenize_ms"
+# A batch span's decoding loop: "generate" (transformers') or "workbench" (a lone greedy row, see backends/transformers.py).
+DECODE_LOOP = "workbench.decode_loop"
 TRUNCATED_TOKENS = "workbench.truncated_tokens"
 BATCH_ID = "workbench.batch.id"
 BATCH_SIZE = "workbench.batch.size"
