@@ -168,6 +168,7 @@ def test_an_isolated_model_answers_as_in_process_from_a_process_of_its_own(pair:
     table = pair.traces().table()
     batch = table.query("name == 'batch iso'").iloc[-1]
     assert batch["attributes.workbench.process.pid"] == child
+    assert batch["attributes.workbench.decode_loop"] == "workbench"  # the child's own attributes cross too
     # The child's prefill and decode join the trace under the batch span that sent them.
     inside = table[table["parent_id"] == batch["context.span_id"]].set_index("name")
     assert sorted(inside.index) == ["decode iso", "prefill iso"]

@@ -90,7 +90,7 @@ def _serve(conn: Connection, backend: TransformersBackend, batch: list[Generatio
         "op": "done",
         "results": [[r.text, r.token_ids, r.finish_reason, r.queue_ms, r.prefill_ms, r.ttft_ms, r.decode_ms,
                      r.padding_tokens] for r in results],
-        "timing": {k: v for k, v in dataclasses.asdict(timing).items() if k not in ("batch_id", "attributes", "spans")},
+        "timing": {k: v for k, v in dataclasses.asdict(timing).items() if k not in ("batch_id", "spans")},
         "busy_ms": (time.perf_counter() - started) * 1e3,
         "spans": _spans(backend, timing, started, wall),
     }))

@@ -375,7 +375,8 @@ class ModelProcess:
         timing = BatchTiming(**(frame["timing"] | {"batch_id": batch_id}),
                              spans=[RemoteSpan(*span) for span in frame["spans"]])
         child_ms = frame["busy_ms"]
-        timing.attributes = {attr.PROCESS_PID: self.pid or 0, attr.PROCESS_RESTARTS: self.restarts,
+        timing.attributes = {**timing.attributes,  # the child's own (its decode loop, a batch's adapters)
+                             attr.PROCESS_PID: self.pid or 0, attr.PROCESS_RESTARTS: self.restarts,
                              attr.IPC_MS: max((received - sent) * 1e3 - child_ms, 0.0)}
         return results, timing
 
