@@ -15,4 +15,4 @@ for tokens in 16 24; do
   done
 done
 echo "== one three-hop chain"
-"$PY" benchmarks/overhead.py --pairs "${PAIRS:-100}" | tail -n 1
+"$PY" benchmarks/overhead.py --pairs "${PAIRS:-100}" | tail -n 3  # the headline, then orchestration alone
