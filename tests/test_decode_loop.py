@@ -8,6 +8,9 @@ its end token), and through the workbench's paths that lean on a decode's steps:
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -198,3 +201,17 @@ def test_a_generate_replaced_on_the_model_is_the_one_that_decodes(tiny_path: Pat
         loaded.model.generate = wrapped
         result = bench.generate("tiny", "hello", max_new_tokens=5)
         assert calls == [5] and decode_loop(bench, result) == "generate"
+
+
+def test_the_environment_can_send_every_request_through_generate(tiny_path: Path) -> None:
+    """AUTOGLM_LEAN_DECODE=0 (read when the workbench is imported: here in a fresh interpreter) turns the loop off."""
+    code = ("import workbench as wb\n"
+            "with wb.Workbench() as bench:\n"
+            f"    bench.load('tiny', {str(tiny_path)!r}, device='cpu')\n"
+            "    result = bench.generate('tiny', 'hello', max_new_tokens=4)\n"
+            "    (batch,) = [s for s in bench.traces().spans if s.name == 'batch tiny']\n"
+            "    print(batch.attributes['workbench.decode_loop'], len(result.token_ids))\n")
+    for setting, loop in (("0", "generate"), ("1", "workbench")):
+        said = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "AUTOGLM_LEAN_DECODE": setting})
+        assert said.stdout.split()[0] == loop, said.stderr[-2000:]

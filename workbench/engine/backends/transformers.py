@@ -6,6 +6,7 @@ import contextlib
 import copy
 import inspect
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -215,6 +216,8 @@ class TransformersBackend:
     def _lean_greedy(self) -> _LeanGreedy | None:
         """The model's own greedy loop, or None where only ``generate`` decodes as ``generate`` does (looked at once)."""
         model = self.loaded.model
+        if not _LEAN_DECODE:
+            return None
         if "generate" in vars(model):
             return None  # generate replaced on the model itself (a wrapper, a patch, a stand-in): it decodes
         # Looked at again whenever the generation config changed since (a penalty set on the loaded model, say).
@@ -385,6 +388,10 @@ class TransformersBackend:
         )
         return results, timing
 
+
+# AUTOGLM_LEAN_DECODE=0 (read at import, in a model process too): every request decodes through generate, to compare
+# generate itself or to rule the workbench's loop out.
+_LEAN_DECODE = os.environ.get("AUTOGLM_LEAN_DECODE", "1") != "0"
 
 # The steps of greedy generate a model's class may make its own; one that does decodes through generate.
 _GENERATE_STEPS = ("generate", "_sample", "_prefill", "prepare_inputs_for_generation",
