@@ -180,6 +180,33 @@ def test_seeded_sampling_is_repeatable(tiny_bench: wb.Workbench) -> None:
     assert len({tuple(sample(seed)) for seed in range(1, 6)}) > 1  # it really samples
 
 
+def test_a_seeded_request_samples_under_the_models_own_sampling_settings_as_an_unseeded_one_does(
+        tiny_path: Path) -> None:
+    """A model's generation config may narrow sampling (min_p, typical_p, ...); generate applies those to an unseeded
+    request, and the seeded path (its own warpers) must too. With min_p 0.99 every token written, seeded or not, is
+    within 1 % of the likeliest at its step (at the request's temperature); without it, sampling at 1.5 strays."""
+    import torch
+
+    with wb.Workbench() as bench:
+        loaded = bench.load("tiny", tiny_path, device="cpu")
+        prompt_ids = loaded.tokenizer("A chain")["input_ids"]
+
+        def strays(token_ids: list[int]) -> int:
+            """How many of ``token_ids`` min_p 0.99 would not have let through."""
+            with torch.inference_mode():
+                logits = loaded.model(input_ids=torch.tensor([prompt_ids + token_ids])).logits[0]
+            probs = torch.softmax(logits[len(prompt_ids) - 1: -1] / 1.5, dim=-1)
+            chosen = probs[torch.arange(len(token_ids)), torch.tensor(token_ids)]
+            return int((chosen < 0.99 * probs.max(dim=-1).values).sum())
+
+        def sampled(seed: int | None) -> list[int]:
+            return bench.generate("tiny", "A chain", max_new_tokens=16, temperature=1.5, seed=seed).token_ids
+
+        assert sum(strays(sampled(seed)) for seed in (1, 2, 3)) > 0  # sampling at 1.5 strays, unnarrowed
+        loaded.model.generation_config.min_p = 0.99
+        for seed in (None, 1, 2, 3, 4):
+            assert strays(sampled(seed)) == 0, seed
+
 def test_timings_are_consistent(tiny_bench: wb.Workbench) -> None:
     for max_new_tokens in (1, 6, 32):
         result = tiny_bench.generate("tiny", PROMPTS[0], max_new_tokens=max_new_tokens)

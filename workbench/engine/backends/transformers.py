@@ -13,11 +13,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.generation.logits_process import (
+    EpsilonLogitsWarper,
+    EtaLogitsWarper,
     LogitsProcessor,
     LogitsProcessorList,
+    MinPLogitsWarper,
     TemperatureLogitsWarper,
+    TopHLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
+    TypicalLogitsWarper,
 )
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
@@ -121,14 +126,27 @@ class _SeededSampling(LogitsProcessor):
     scores it returns leave only the drawn token, which greedy selection then picks.
     """
 
-    def __init__(self, params: GenerationParams, rows: int) -> None:
-        warpers = []  # as generate orders them for sampling (min_tokens_to_keep 1: no beams)
+    def __init__(self, params: GenerationParams, rows: int, config: Any = None) -> None:
+        # As generate orders them for sampling (min_tokens_to_keep 1: no beams). Temperature, top_k and top_p are the
+        # request's (generate is given them, None for "off"); the others, as generate takes them, from the model's
+        # generation config (``config``), so a seeded request samples from what an unseeded one samples from.
+        warpers: list[LogitsProcessor] = []
         if params.temperature != 1.0:
             warpers.append(TemperatureLogitsWarper(params.temperature))
+        if getattr(config, "top_h", None) is not None:
+            warpers.append(TopHLogitsWarper(top_h=config.top_h))
         if params.top_k:
             warpers.append(TopKLogitsWarper(params.top_k))
         if params.top_p < 1.0:
             warpers.append(TopPLogitsWarper(params.top_p))
+        if getattr(config, "min_p", None) is not None:
+            warpers.append(MinPLogitsWarper(min_p=config.min_p))
+        if getattr(config, "typical_p", None) is not None and config.typical_p < 1.0:
+            warpers.append(TypicalLogitsWarper(mass=config.typical_p))
+        if getattr(config, "epsilon_cutoff", None) is not None and 0.0 < config.epsilon_cutoff < 1.0:
+            warpers.append(EpsilonLogitsWarper(epsilon=config.epsilon_cutoff))
+        self._eta = getattr(config, "eta_cutoff", None) if getattr(config, "eta_cutoff", None) is not None \
+            and 0.0 < config.eta_cutoff < 1.0 else None  # built on the logits' device, at the first step
         self.warpers = LogitsProcessorList(warpers)
         self.seed, self.rows = params.seed, rows
         self.generators: list[torch.Generator] = []  # on the device the logits come out on, at the first step
@@ -136,6 +154,8 @@ class _SeededSampling(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if not self.generators:
             self.generators = [torch.Generator(device=scores.device).manual_seed(self.seed) for _ in range(self.rows)]
+            if self._eta is not None:
+                self.warpers.append(EtaLogitsWarper(epsilon=self._eta, device=scores.device))
         probs = torch.softmax(self.warpers(input_ids, scores), dim=-1)
         drawn = torch.cat([torch.multinomial(probs[row : row + 1], 1, generator=generator)
                            for row, generator in enumerate(self.generators)])
@@ -323,7 +343,7 @@ class TransformersBackend:
         decoding = params.generate_kwargs()
         sampler: list[LogitsProcessor] = []
         if params.seed is not None and not params.greedy:
-            sampler.append(_SeededSampling(params, len(batch)))
+            sampler.append(_SeededSampling(params, len(batch), model.generation_config))
             decoding.update(do_sample=False, temperature=None, top_p=None, top_k=None)  # it draws; greedy picks
         # A lone greedy row with nothing cached nor adapted decodes in the workbench's own loop (see _LeanGreedy).
         lean = self._lean_greedy() if len(batch) == 1 and params.greedy and shared is None and not adapter_kwargs else None
