@@ -742,3 +742,26 @@ def test_a_checkpoint_resumed_after_the_model_changed_runs_again_rather_than_reu
         fresh = tmp_path / "fresh.jsonl"
         assert [run.id for run in chain.map(questions, resume=resumed, checkpoint=fresh)] == [r.id for r in resumed]
         assert [json.loads(line)["run_id"] for line in fresh.read_text().splitlines()] == [r.id for r in resumed]
+
+
+def test_runs_of_chain_run_given_to_resume_are_reused_only_if_the_models_of_now_answered_them(
+    tiny_path: Path, tmp_path: Path
+) -> None:
+    # Only a map noted what answered its runs: runs made one at a time (chain.run, arun, a served invoke) counted as
+    # "not known" and were reused after the model was reloaded from other weights.
+    from helpers import QA_SPEC
+
+    other = _other_weights(tiny_path, tmp_path / "other", seed=7)
+    questions = [{"question": f"What is {i} + {i}?"} for i in range(2)]
+    with wb.Workbench(store=wb.InMemoryContextStore()) as bench:
+        bench.load("tiny", tiny_path, device="cpu")
+        chain = bench.chain(QA_SPEC)
+        singles = [chain.run(**q) for q in questions]
+        assert [run.id for run in chain.map(questions, resume=singles)] == [run.id for run in singles]
+        bench.unload("tiny", forget=True)
+        bench.load("tiny", other, device="cpu")
+        chain = bench.chain(QA_SPEC)
+        with pytest.warns(RuntimeWarning, match=r"2 runs given to resume= were answered by another version"):
+            again = chain.map(questions, resume=singles)
+        assert not {run.id for run in again} & {run.id for run in singles}
+        assert [run.output for run in again] != [run.output for run in singles]

@@ -776,6 +776,7 @@ class Workbench:
                 except WorkbenchError:
                     pass  # the hop whose model failed to load tries again and fails as a HopFailed on its Run
             run = await self._runner.arun(spec, inputs, session, events)
+            run._models = self.models_digest(spec)  # what answered it, as it finished (5.6 us): see Chain._same_models
         finally:
             self._in_flight -= 1
         if self._closed and run.error is not None:

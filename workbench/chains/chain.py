@@ -253,15 +253,10 @@ class Chain:
         ahead = _Ahead(batch, concurrency, lambda item: prepare(self.spec, item)) \
             if prefetch and session is None and prepare is not None else None
 
-        digest = getattr(self._host, "models_digest", None)
-
         async def execute(item: dict[str, Any]) -> Run:
             if ahead is not None:
                 ahead.started()
-            run = await self._host.arun_spec(self.spec, item, session)
-            if digest is not None:
-                run._models = digest(self.spec)  # what answered it, as it finished (5.6 us): see _same_models
-            return run
+            return await self._host.arun_spec(self.spec, item, session)  # the host notes what answered it
 
         try:
             return await run_all(batch, execute, concurrency, errors, state, kept)

@@ -36,7 +36,7 @@ class Run:
     # The chain's configuration this run used (chains/live.py): its version number and content hash.
     config_version: ConfigVersion | None = None
     _index: SpanIndex | None = field(default=None, repr=False)
-    # What answered its model hops, where a map noted it as the run finished (Workbench.models_digest): a map that
+    # What answered its model hops, noted by the workbench as the run finished (Workbench.models_digest): a map that
     # resumes it, from a checkpoint file or resume=, reuses it only while the same models would answer.
     _models: str | None = field(default=None, repr=False)
 
