@@ -27,6 +27,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusC
 import workbench as wb
 from workbench.chains.runner import TRACE_PARENT
 from workbench.tables import Readable
+from workbench.tracing import attributes as attr
 from workbench.tracing import openinference
 from workbench.tracing.trace import COLUMNS
 
@@ -456,6 +457,17 @@ def test_a_small_flat_value_is_shown_as_the_bounded_walk_shows_it(
     fast = openinference.input_value(value)
     monkeypatch.setattr(openinference, "_small_flat", lambda _: False)
     assert fast == openinference.input_value(value)
+
+
+@pytest.mark.parametrize("value", [{"mean": float("nan")}, [1.0, float("inf")], {"deep": [{"x": -float("inf")}]}])
+def test_a_value_holding_nan_or_infinity_is_shown_as_text_not_as_json_no_parser_reads(value: object) -> None:
+    shown = openinference.output_value(value)
+    assert shown[attr.OUTPUT_MIME_TYPE] == attr.MIME_TEXT
+    assert any(word in shown[attr.OUTPUT_VALUE] for word in ("nan", "inf"))
+    finite = openinference.output_value({"mean": 0.5, "items": [1.0, 2.0]})
+    assert finite[attr.OUTPUT_MIME_TYPE] == attr.MIME_JSON
+    assert json.loads(finite[attr.OUTPUT_VALUE], parse_constant=lambda c: pytest.fail(f"{c} in JSON")) == {
+        "mean": 0.5, "items": [1.0, 2.0]}
 
 
 def test_a_hop_that_raises_with_a_huge_message_leaves_a_bounded_span(bench: wb.Workbench) -> None:

@@ -21,8 +21,10 @@ def preview(text: str) -> str:
 
 
 # Encodes a value only as far as its preview reaches: a hop's 3-million-item list cost 1.3 s on the loop encoded whole.
-_ENCODER = json.JSONEncoder(default=str, ensure_ascii=False)
-# What shows a value that JSON cannot hold at all (tuple keys, a cycle), as bounded as the preview.
+# NaN and the infinities are no JSON (Python's encoder writes them as bare NaN/Infinity, which JSON.parse, and with it
+# Phoenix's viewer, refuses): a value holding one is shown as text, as values JSON cannot hold are.
+_ENCODER = json.JSONEncoder(default=str, ensure_ascii=False, allow_nan=False)
+# What shows a value that JSON cannot hold at all (tuple keys, a cycle, NaN), as bounded as the preview.
 _REPR = reprlib.Repr()
 _REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 6, PREVIEW_CHARS, 200
 _REPR.maxdict = _REPR.maxlist = _REPR.maxtuple = _REPR.maxset = _REPR.maxfrozenset = _REPR.maxdeque = 100
