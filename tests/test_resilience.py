@@ -405,6 +405,36 @@ def test_an_open_breaker_sends_hops_to_their_fallback_and_shows_in_breakers(
     assert models.breakers().set_index("model").loc["tiny", "state"] == "closed"
 
 
+def test_a_retry_on_the_breaker_waits_until_the_breaker_lets_its_trial_through(
+    models: wb.Workbench, reference: str
+) -> None:
+    # CircuitOpen says when the breaker lets its trial through (retry_after_s); a hop retrying on "breaker" waited only
+    # its own backoff (1 ms here), so each retry met the open breaker again and the run failed.
+    models.set_breaker("tiny", failure_threshold=1, reset_timeout_s=0.4)
+    models.inject("tiny", error_rate=1.0)
+    with pytest.raises(wb.HopFailed):
+        qa(models).run(question=QUESTION)  # opens it
+    models.clear_faults()
+    chain = qa(models, retry={"attempts": 2, "backoff_ms": 1, "jitter": False, "on": ["breaker"]})
+    started = time.perf_counter()
+    run = chain.run(question=QUESTION)
+    assert run.output == reference and run.served_by == {"answer": "model:tiny"}
+    assert time.perf_counter() - started >= 0.3  # it waited the breaker out, not 1 ms
+    attempts = spans(run, "text_completion tiny")
+    assert len(attempts) == 2 and "circuit breaker is open" in attempts[0]["status_message"]
+    # A breaker that would let no trial through within the retries' max_total_s ends them at once.
+    models.inject("tiny", error_rate=1.0)
+    models.set_breaker("tiny", failure_threshold=1, reset_timeout_s=30)
+    with pytest.raises(wb.HopFailed):
+        qa(models).run(question=QUESTION)
+    models.clear_faults()
+    started = time.perf_counter()
+    bounded = qa(models, retry={"attempts": 5, "backoff_ms": 1, "max_total_s": 2, "on": ["breaker"]})
+    with pytest.raises(wb.HopFailed) as info:
+        bounded.run(question=QUESTION)
+    assert isinstance(info.value.cause, wb.CircuitOpen) and time.perf_counter() - started < 1.5
+
+
 # -- fallbacks --------------------------------------------------------------------------------------
 
 

@@ -12,7 +12,7 @@ import tenacity
 from opentelemetry.trace import Span
 
 from workbench.engine.failures import DEFAULT_RETRY_ON, error_kind
-from workbench.errors import RemoteError, RetriesExhausted, describe
+from workbench.errors import CircuitOpen, RemoteError, RetriesExhausted, describe
 from workbench.tracing import attributes as attr
 
 
@@ -28,12 +28,20 @@ class Interrupted(Exception):
     """
 
 
+def _asked_wait_s(failure: BaseException | None) -> float:
+    """How long ``failure`` said to wait before trying again: a model server's Retry-After, or how long an open
+    circuit breaker holds its trial back (0: nothing said)."""
+    if isinstance(failure, (RemoteError, CircuitOpen)):
+        return failure.retry_after_s or 0.0
+    return 0.0
+
+
 class _AskedTooLong(tenacity.stop.stop_base):
-    """Stop when the last failure is a model server's whose Retry-After is longer than MAX_RETRY_AFTER_S."""
+    """Stop when the last failure asked for a wait (a server's Retry-After, a breaker's trial) over MAX_RETRY_AFTER_S."""
 
     def __call__(self, state: tenacity.RetryCallState) -> bool:
         failure = state.outcome.exception() if state.outcome is not None else None
-        return isinstance(failure, RemoteError) and (failure.retry_after_s or 0.0) > MAX_RETRY_AFTER_S
+        return _asked_wait_s(failure) > MAX_RETRY_AFTER_S
 
 
 @dataclass(frozen=True)
@@ -45,8 +53,9 @@ class RetryPolicy:
     and that ("full jitter"), so many runs retrying at once spread out instead of arriving together.
     ``max_total_s`` caps the time from the first attempt: no retry starts whose wait would end past
     it, and an attempt's timeout is cut to what is left. A model server's 429 or 5xx with ``Retry-After``
-    makes that wait at least as long as the server asked (up to a minute, or up to ``max_total_s`` where it
-    is set: a longer wait ends the retries). ``on`` names the kinds of failure worth
+    makes that wait at least as long as the server asked, and so does an open circuit breaker's ``CircuitOpen``
+    until it lets its trial through (up to a minute, or up to ``max_total_s`` where it is set: a longer wait ends
+    the retries). ``on`` names the kinds of failure worth
     retrying (see ``error_kind``).
     """
 
@@ -72,10 +81,10 @@ class RetryPolicy:
         )
 
         def wait(state: tenacity.RetryCallState) -> float:
-            # A server that answered 429 or 5xx with Retry-After said when to come back: never sooner.
+            # A server that answered 429 or 5xx with Retry-After said when to come back, and an open breaker when it
+            # lets its trial through: never sooner (a retry before then meets the same refusal).
             failure = state.outcome.exception() if state.outcome is not None else None
-            asked = failure.retry_after_s if isinstance(failure, RemoteError) else None
-            return max(backoff_wait(state), asked or 0.0)
+            return max(backoff_wait(state), _asked_wait_s(failure))
 
         kinds = frozenset(self.on)
         return tenacity.AsyncRetrying(
