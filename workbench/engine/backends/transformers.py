@@ -248,7 +248,10 @@ class TransformersBackend:
             same = False
         if not same:
             self._lean = _LeanGreedy.of(model, self.pad_id, self.eos_ids)
-            self._lean_for = (settings, copy.deepcopy(vars(settings)))
+            try:
+                self._lean_for = (settings, copy.deepcopy(vars(settings)))
+            except Exception:  # a value that does not copy: decided again next time, never a failed request
+                self._lean_for = (None, {})
         return self._lean  # type: ignore[return-value]
 
     def generate(
