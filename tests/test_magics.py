@@ -327,6 +327,27 @@ def test_a_ctrl_c_mid_stream_ends_the_line_it_cut(with_tiny: InteractiveShell, c
     assert [line[:7] for line in captured.stdout.splitlines()] == ["[plan] ", "[halt] "]
 
 
+def test_a_ctrl_c_on_run_binds_what_the_run_had_done(with_tiny: InteractiveShell, ctrl_c_raises: None) -> None:
+    # Before, the stop button left _autoglm_run as it was (another run, or none) and the finished hops were lost.
+    released = threading.Event()
+
+    def halt(plan: str) -> str:
+        _thread.interrupt_main()  # the notebook's stop button, pressed while this hop runs
+        released.wait(30)
+        return plan
+
+    with_tiny.user_ns["cut"] = wb.current().chain({"name": "cut", "hops": [
+        {"name": "plan", "model": "tiny", "prompt": "Question: {{ question }}", "max_new_tokens": 4},
+        {"name": "halt", "call": halt, "uses": ["plan"]}]})
+    try:
+        with capture_output(), pytest.raises(wb.RunInterrupted) as info:
+            with_tiny.run_line_magic("autoglm", "run cut question=hi")
+    finally:
+        released.set()
+    bound = with_tiny.user_ns["_autoglm_run"]
+    assert bound is info.value.run and list(bound.outputs) == ["plan"] and bound.error.hop == "halt"
+
+
 @pytest.mark.parametrize("stream", ["", " --stream"], ids=["run", "stream"])
 def test_a_failed_hops_hint_says_where_the_partial_run_is(with_qa: InteractiveShell, stream: str) -> None:
     # Before: "kept on the error's .run", an error the magic had already caught, so nothing a user could read.

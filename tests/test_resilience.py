@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import math
 import re
@@ -803,6 +804,32 @@ def test_a_keyboard_interrupt_in_a_hop_is_not_retried_nor_served_by_its_fallback
     with pytest.raises(wb.MapInterrupted) as info:
         chain.map([{"n": str(i)} for i in range(4)], concurrency=1)
     assert calls == ["0", "0"] and info.value.batch.missing == [0, 1, 2, 3]  # the map stopped at its first input
+
+
+def test_a_ctrl_c_during_chain_run_keeps_what_the_run_had_done(bench: wb.Workbench, ctrl_c_raises: None) -> None:
+    # Before, chain.run raised a bare KeyboardInterrupt and the run was gone: the first hop's output, the trace.
+    release = threading.Event()
+
+    def halt(plan: str) -> str:
+        _thread.interrupt_main()  # the notebook's stop button, pressed while this hop runs
+        release.wait(30)
+        return plan
+
+    chain = bench.chain({"name": "cut", "hops": [
+        {"name": "plan", "call": lambda question: f"plan for {question}"},
+        {"name": "halt", "call": halt, "uses": ["plan"]}]})
+    try:
+        with pytest.raises(wb.RunInterrupted) as info:
+            chain.run(question="hi")
+    finally:
+        release.set()
+    run = info.value.run
+    assert isinstance(info.value, KeyboardInterrupt)
+    assert run.outputs == {"plan": "plan for hi"} and not run.ok
+    assert run.error.hop == "halt" and isinstance(run.error.cause, wb.RunCancelled)
+    assert "('plan')" in str(info.value) and run.id in str(info.value)
+    assert {s.name for s in run.trace.spans} >= {"chain cut", "hop plan", "hop halt"}
+    assert bench.runs()[-1] is run
 
 
 def test_an_async_hop_that_never_answers_times_out_and_falls_back(bench: wb.Workbench) -> None:

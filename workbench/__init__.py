@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from workbench.chains.events import AttemptFailed, HopFinished, HopStarted, RunFinished, Token
     from workbench.chains.resilience import RetryPolicy
     from workbench.chains.context import ContextStore, InMemoryContextStore, RunRecord
-    from workbench.chains.run import Run
+    from workbench.chains.run import Run, RunInterrupted
     from workbench.chains.live import ConfigRefusal, ConfigVersion, ConfigWarning
     from workbench.chains.configfile import LiveConfig
     from workbench.errors import ConfigError
@@ -89,7 +89,7 @@ _HOMES = {
     "workbench.chains.events": ("AttemptFailed", "HopFinished", "HopStarted", "RunFinished", "Token"),
     "workbench.chains.resilience": ("RetryPolicy",),
     "workbench.chains.context": ("ContextStore", "InMemoryContextStore", "RunRecord"),
-    "workbench.chains.run": ("Run",),
+    "workbench.chains.run": ("Run", "RunInterrupted"),
     "workbench.chains.live": ("ConfigRefusal", "ConfigVersion", "ConfigWarning"),
     "workbench.chains.configfile": ("LiveConfig",),
     "workbench.chains.sqlite_store": ("SQLiteContextStore",),

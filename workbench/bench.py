@@ -28,7 +28,7 @@ from workbench.chains.host import HOP_THREADS
 from workbench.chains.live import DEFAULT_INTERVAL_S, read_text
 from workbench.chains.run import Run
 from workbench.chains.events import Event
-from workbench.chains.runner import Runner, check_session, lending
+from workbench.chains.runner import INTERRUPTED_RUNS, Runner, RunKeeper, check_session, lending
 from workbench.chains.spec import ChainSpec, check_chain_name, parse_spec
 from workbench.chains.sqlite_store import SESSIONS_FILE, SQLiteContextStore, data_root
 from workbench.engine import BatchingPolicy, Engine, GenerationParams, GenerationResult
@@ -769,6 +769,9 @@ class Workbench:
     ) -> Run:
         self.check_open(f"run chain {spec.name!r}")
         self._in_flight += 1  # on the loop thread, the only one that changes it
+        keeper = INTERRUPTED_RUNS.get()
+        if keeper is None:  # this task's own (its context is a copy): an interrupted run is kept all the same
+            INTERRUPTED_RUNS.set(keeper := RunKeeper())
         try:
             if isinstance(self.preloading, Eager):
                 try:
@@ -777,11 +780,21 @@ class Workbench:
                     pass  # the hop whose model failed to load tries again and fails as a HopFailed on its Run
             run = await self._runner.arun(spec, inputs, session, events)
             run._models = self.models_digest(spec)  # what answered it, as it finished (5.6 us): see Chain._same_models
+        except BaseException:
+            if keeper.runs:  # a Ctrl-C or a cancel stopped it: what it had done is kept among the runs
+                self._keep_run(keeper.runs[-1])
+            raise
         finally:
             self._in_flight -= 1
+            keeper.ended.set()
         if self._closed and run.error is not None:
             # close() took the models from under this run: say that, not the engine's "no model named ...".
             run.error = HopFailed(run.error.hop, WorkbenchClosed(f"finish running chain {spec.name!r}"), run)
+        self._keep_run(run)
+        return run
+
+    def _keep_run(self, run: Run) -> None:
+        """Keep ``run`` among :meth:`runs`, dropping the oldest past MAX_RUNS_KEPT runs or MAX_RUN_BYTES_KEPT."""
         weight = _weight(run)
         with self._runs_lock:
             self._runs[run.id] = run
@@ -790,7 +803,6 @@ class Workbench:
             while len(self._runs) > MAX_RUNS_KEPT or self._kept_bytes > MAX_RUN_BYTES_KEPT and len(self._runs) > 1:
                 gone, _ = self._runs.popitem(last=False)
                 self._kept_bytes -= self._run_bytes.pop(gone)
-        return run
 
     # -- runs, traces, sessions ---------------------------------------------------------------
 

@@ -27,8 +27,8 @@ from workbench.chains.live import (
     read_text,
     refuse,
 )
-from workbench.chains.run import Run
-from workbench.chains.runner import Interrupted, check_inputs, check_session, lending
+from workbench.chains.run import Run, RunInterrupted
+from workbench.chains.runner import INTERRUPTED_RUNS, Interrupted, RunKeeper, check_inputs, check_session, lending
 from workbench.chains.spec import ChainSpec, HopSpec
 from workbench.errors import InvalidInput, WorkbenchError, WorkloadError, plain
 
@@ -90,10 +90,17 @@ class Chain:
     def run(self, session: str | None = None, **inputs: Any) -> Run:
         """Run the chain once; raises HopFailed (holding the partial run) if a hop fails."""
         self._host.check_open(f"run chain {self.name!r}")
+        keeper = RunKeeper()  # where the runner leaves the partial run if a Ctrl-C stops it
+        token = INTERRUPTED_RUNS.set(keeper)  # copied into the run's task on the workbench's loop
         try:
             run = self._host.run_sync(self._host.arun_spec(self.spec, inputs, session))
-        except Interrupted:
-            raise KeyboardInterrupt from None  # a hop raised it; the run's trace says so
+        except (Interrupted, KeyboardInterrupt):  # Interrupted: a hop raised it; the run's trace says so
+            keeper.ended.wait(_INTERRUPTED_WAIT_S)  # the cancel reaches the run's task on the loop: let it end there
+            if keeper.runs:
+                raise RunInterrupted(keeper.runs[0]) from None
+            raise KeyboardInterrupt from None
+        finally:
+            INTERRUPTED_RUNS.reset(token)
         if run.error is not None:
             raise run.error
         return run
@@ -487,6 +494,9 @@ def _shown(hop: HopSpec) -> str:
 
 # How often a waiting thread returns to Python: a Ctrl-C is only seen between bytecodes.
 _POLL_S = 0.1
+# How long a Ctrl-C'd chain.run waits for its run's task to end on the loop and leave the partial run (it takes
+# milliseconds: the cancel reaches the awaiting hop at once; a Python hop's thread is not waited for).
+_INTERRUPTED_WAIT_S = 2.0
 
 
 def _raise_failure(exc: BaseException | None) -> None:

@@ -105,3 +105,18 @@ class Run:
         if not self.ok:
             head += f" &mdash; <span style='color:#c00'>{html.escape(str(self.error))}</span>"
         return f"<div><p>{head}</p><table>{rows}</table></div>"
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """``chain.run`` was interrupted (Ctrl-C, the notebook's stop button); ``run`` holds the partial run.
+
+    It is a KeyboardInterrupt, so it stops a script or a cell as one would; what the run had done is not lost:
+    ``run`` keeps the outputs of the hops that finished and the trace (its ``error`` says where it stopped), and it
+    is kept in ``bench.runs()`` too.
+    """
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        done = ", ".join(repr(name) for name in run.outputs) or "none"
+        super().__init__(f"chain {run.chain!r} interrupted; the hops that finished ({done}) are kept on this error's "
+                         f".run (run {run.id}, in bench.runs() too)")

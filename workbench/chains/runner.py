@@ -38,8 +38,8 @@ from workbench.chains.spec import ChainSpec, HopSpec, fixed_prefix
 from workbench.chains.templates import PromptTemplate
 from workbench.engine import Call, Engine
 from workbench.engine.requests import NO_TOKEN_ID, GenerationResult, Messages, check_text
-from workbench.errors import (ContextWindowExceeded, HopFailed, HopTimeout, InvalidInput, MissingInputError, RunError,
-                              StoreError, describe, did_you_mean)
+from workbench.errors import (ContextWindowExceeded, HopFailed, HopTimeout, InvalidInput, MissingInputError,
+                              RunCancelled, RunError, StoreError, describe, did_you_mean)
 from workbench.knowledge import Facts, GraphStore, Lookup
 from workbench.tracing import Tracing
 from workbench.tracing import attributes as attr
@@ -62,6 +62,19 @@ TRACE_PARENT: ContextVar[Context | None] = ContextVar("workbench_trace_parent", 
 # caller gets another's stored answer, or learns from a hit that somebody sent that very prompt; None (a notebook, a
 # server without credentials) shares the workbench's.
 CACHE_SCOPE: ContextVar[str | None] = ContextVar("workbench_cache_scope", default=None)
+
+
+@dataclass
+class RunKeeper:
+    """Where a run interrupted in its context (Ctrl-C, a cancel) leaves its partial Run (the outputs of the hops that
+    finished, its trace), and a flag its task raises as it ends: chain.run sets one before it waits, so that a
+    Ctrl-C, which cancels the run's task from the caller's thread, does not lose what the run had done."""
+
+    runs: list[Run] = field(default_factory=list)
+    ended: threading.Event = field(default_factory=threading.Event)
+
+
+INTERRUPTED_RUNS: ContextVar[RunKeeper | None] = ContextVar("workbench_interrupted_runs", default=None)
 
 T = TypeVar("T")
 
@@ -319,6 +332,12 @@ class Runner:
             root.record_exception(exc)
             root.set_status(Status(StatusCode.ERROR, f"interrupted: {type(cause).__name__}"))
             root.end()
+            keeper = INTERRUPTED_RUNS.get()
+            if keeper is not None:  # the partial run, failed at the first hop that had not finished
+                stopped = next((h.name for h in spec.hops if not h.standby and h.name not in state.outputs),
+                               spec.hops[-1].name)
+                interrupted = HopFailed(stopped, RunCancelled(f"the run was interrupted ({type(cause).__name__})"))
+                keeper.runs.append(self._run_of(state, started_at, started, interrupted))
             raise
         output = state.outputs.get(spec.output)
         if failure is None:
@@ -327,22 +346,7 @@ class Runner:
         else:
             root.set_status(Status(StatusCode.ERROR, failure.message))
         root.end()
-        run = Run(
-            id=run_id,
-            chain=spec.name,
-            inputs=state.inputs,
-            outputs=state.outputs,
-            output=output,
-            trace_id=root.get_span_context().trace_id,
-            started_at=started_at,
-            duration_ms=(time.perf_counter() - started) * 1e3,
-            session=session,
-            error=failure,
-            config_version=spec.version,
-            _index=self.tracing.index,
-        )
-        if failure is not None:
-            failure.run = run
+        run = self._run_of(state, started_at, started, failure)
         if session is not None:
             try:
                 kept = await loop.run_in_executor(self.io_pool, self.sessions.append, session, RunRecord.of(run), mark)
@@ -355,6 +359,26 @@ class Runner:
                               f"it, so the session's next runs will not see it: {exc}", RuntimeWarning, stacklevel=2)
                 log.warning("run %s of session %r was not kept in the session store: %s", run_id, session, exc)
         state.emit(RunFinished(run))
+        return run
+
+    def _run_of(self, state: RunState, started_at: float, started: float, failure: HopFailed | None) -> Run:
+        """The Run of ``state``'s walk, which ended now, with ``failure`` (its ``.run`` set to it) if it failed."""
+        run = Run(
+            id=state.run_id,
+            chain=state.spec.name,
+            inputs=state.inputs,
+            outputs=state.outputs,
+            output=state.outputs.get(state.spec.output),
+            trace_id=state.root.get_span_context().trace_id,
+            started_at=started_at,
+            duration_ms=(time.perf_counter() - started) * 1e3,
+            session=state.session,
+            error=failure,
+            config_version=state.spec.version,
+            _index=self.tracing.index,
+        )
+        if failure is not None:
+            failure.run = run
         return run
 
     async def _walk(self, state: RunState) -> HopFailed | None:

@@ -15,7 +15,7 @@ from IPython.display import display
 from workbench.bench import Workbench, current
 from workbench.chains.chain import Chain
 from workbench.chains.events import AttemptFailed, HopFinished, HopStarted, RunFinished, Token
-from workbench.chains.run import Run
+from workbench.chains.run import Run, RunInterrupted
 from workbench.errors import (
     HopFailed,
     MissingInputError,
@@ -238,6 +238,9 @@ class AutoglmMagics(Magics):
             with flag_words(SESSION_FLAGS):
                 run = self._stream(chain, command) if command.stream else \
                     chain.run(session=command.session, **command.inputs)
+        except RunInterrupted as stopped:  # the stop button: what the run had done is bound, as a failed run's is
+            self._user_ns[RUN_VARIABLE] = stopped.run
+            raise
         except MissingInputError as missing:
             example = " ".join(f"{name}=..." for name in chain.inputs)
             raise MissingInputError(missing.message, hint=f"{PROG} run {command.chain} {example}") from None
