@@ -234,7 +234,8 @@ class TransformersBackend:
         pass  # the registry owns the weights and frees them on unload
 
     def _lean_greedy(self) -> _LeanGreedy | None:
-        """The model's own greedy loop, or None where only ``generate`` decodes as ``generate`` does (looked at once)."""
+        """The workbench's greedy loop for this model, or None where only ``generate`` decodes as ``generate`` does
+        (decided once, and again whenever the model's generation config changed)."""
         model = self.loaded.model
         if not _LEAN_DECODE:
             return None
@@ -349,7 +350,8 @@ class TransformersBackend:
             sampler.append(_SeededSampling(params, len(batch), model.generation_config))
             decoding.update(do_sample=False, temperature=None, top_p=None, top_k=None)  # it draws; greedy picks
         # A lone greedy row with nothing cached nor adapted decodes in the workbench's own loop (see _LeanGreedy).
-        lean = self._lean_greedy() if len(batch) == 1 and params.greedy and shared is None and not adapter_kwargs else None
+        lean = (self._lean_greedy() if len(batch) == 1 and params.greedy and shared is None and not adapter_kwargs
+                else None)
         try:
             with lock, torch.inference_mode():
                 if lean is not None:
