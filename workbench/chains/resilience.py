@@ -37,7 +37,7 @@ def _asked_wait_s(failure: BaseException | None) -> float:
 
 
 class _AskedTooLong(tenacity.stop.stop_base):
-    """Stop when the last failure asked for a wait over MAX_RETRY_AFTER_S (a server's Retry-After, a breaker's trial)."""
+    """Stop when the last failure asked to wait over MAX_RETRY_AFTER_S (a server's Retry-After, a breaker's trial)."""
 
     def __call__(self, state: tenacity.RetryCallState) -> bool:
         failure = state.outcome.exception() if state.outcome is not None else None
