@@ -9,7 +9,7 @@ import socket
 import sys
 import threading
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -304,20 +304,30 @@ def test_a_chain_of_a_closed_workbench_says_to_build_it_again(with_qa: Interacti
         assert with_qa.user_ns["_autoglm_run"].ok
 
 
+def _cut_chain(shell: InteractiveShell, released: threading.Event, when: Callable[[], None] = lambda: None) -> None:
+    """Bind ``cut``: a model hop, then a Python hop that presses the notebook's stop button (a Ctrl-C in the main
+    thread) once ``when()`` returns, and waits for ``released``."""
+
+    def halt(plan: str) -> str:
+        when()
+        _thread.interrupt_main()
+        released.wait(30)
+        return plan
+
+    shell.user_ns["cut"] = wb.current().chain({"name": "cut", "hops": [
+        {"name": "plan", "model": "tiny", "prompt": "Question: {{ question }}", "max_new_tokens": 4},
+        {"name": "halt", "call": halt, "uses": ["plan"]}]})
+
+
 def test_a_ctrl_c_mid_stream_ends_the_line_it_cut(with_tiny: InteractiveShell, ctrl_c_raises: None) -> None:
     # Before, the interrupted hop's line stayed open, and the KeyboardInterrupt's traceback began on it: "[halt] ---".
     released = threading.Event()
 
-    def halt(plan: str) -> str:
+    def heading_printed() -> None:  # pressed while this hop's line is open
         printed = sys.stdout  # the cell's captured output
         eventually(lambda: printed.getvalue().endswith("[halt] "), "this hop's heading")
-        _thread.interrupt_main()  # the notebook's stop button, pressed while this hop's line is open
-        released.wait(30)
-        return plan
 
-    with_tiny.user_ns["cut"] = wb.current().chain({"name": "cut", "hops": [
-        {"name": "plan", "model": "tiny", "prompt": "Question: {{ question }}", "max_new_tokens": 4},
-        {"name": "halt", "call": halt, "uses": ["plan"]}]})
+    _cut_chain(with_tiny, released, heading_printed)
     try:
         with capture_output() as captured, pytest.raises(KeyboardInterrupt):
             with_tiny.run_line_magic("autoglm", "run cut question=hi --stream")
@@ -330,15 +340,7 @@ def test_a_ctrl_c_mid_stream_ends_the_line_it_cut(with_tiny: InteractiveShell, c
 def test_a_ctrl_c_on_run_binds_what_the_run_had_done(with_tiny: InteractiveShell, ctrl_c_raises: None) -> None:
     # Before, the stop button left _autoglm_run as it was (another run, or none) and the finished hops were lost.
     released = threading.Event()
-
-    def halt(plan: str) -> str:
-        _thread.interrupt_main()  # the notebook's stop button, pressed while this hop runs
-        released.wait(30)
-        return plan
-
-    with_tiny.user_ns["cut"] = wb.current().chain({"name": "cut", "hops": [
-        {"name": "plan", "model": "tiny", "prompt": "Question: {{ question }}", "max_new_tokens": 4},
-        {"name": "halt", "call": halt, "uses": ["plan"]}]})
+    _cut_chain(with_tiny, released)
     try:
         with capture_output(), pytest.raises(wb.RunInterrupted) as info:
             with_tiny.run_line_magic("autoglm", "run cut question=hi")
