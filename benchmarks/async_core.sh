@@ -15,4 +15,5 @@ for tokens in 16 24; do
   done
 done
 echo "== one three-hop chain"
-"$PY" benchmarks/overhead.py --pairs "${PAIRS:-100}" | tail -n 3  # the headline, then orchestration alone
+"$PY" benchmarks/overhead.py --threads 1 --pairs "${PAIRS:-100}" | tail -n 3  # headline, then orchestration alone
+# (--threads 1: one torch thread on both sides; with two, generate by hand on the main thread ran the tiny model slower)

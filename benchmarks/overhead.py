@@ -89,18 +89,20 @@ def answer_prompt(plan: str, question: str) -> str:
 
 
 def greedy_loop(model: Any, input_ids: torch.Tensor, max_new_tokens: int, eos_ids: set[int]) -> torch.Tensor:
-    """Greedy decoding of one row by hand, as a reader of transformers' docs would write it: a dynamic cache, the
-    model's forward, the argmax of the last logits, until an end token. Returns the prompt and the new tokens."""
+    """Greedy decoding of one row by hand, as the workbench's loop does it (and generate does for one row): a dynamic
+    cache, no attention mask (the row has no padding), positions counted on, the argmax of the last logits, until an
+    end token. Returns the prompt and the new tokens."""
     cache = transformers.DynamicCache(config=model.config)
-    mask = torch.ones(1, input_ids.shape[1] + max_new_tokens, dtype=torch.long, device=input_ids.device)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
     tokens, step_input = [input_ids], input_ids
-    for step in range(max_new_tokens):
-        logits = model(input_ids=step_input, attention_mask=mask[:, : input_ids.shape[1] + step], cache=cache,
-                       use_cache=True, logits_to_keep=1).logits
+    for _ in range(max_new_tokens):
+        logits = model(input_ids=step_input, position_ids=positions, cache=cache, use_cache=True,
+                       logits_to_keep=1).logits
         step_input = logits[:, -1].float().argmax(dim=-1, keepdim=True)
         tokens.append(step_input)
         if int(step_input) in eos_ids:
             break
+        positions = positions[:, -1:] + 1
     return torch.cat(tokens, dim=1)
 
 

@@ -1,9 +1,10 @@
-"""The workbench's own greedy loop for a lone row (backends/transformers.py, _LeanGreedy): the tokens generate writes.
+"""The workbench's own greedy loop (backends/transformers.py, _LeanGreedy): the tokens generate writes.
 
-A lone greedy request decodes in a plain loop over the model's forward instead of ``generate``. These tests hold it to
-``generate``'s tokens on models of several architectures (random weights, built here: their argmax is as arbitrary as
-can be, so any difference in masks, positions or caches shows), on the trained tiny model (which ends its answers with
-its end token), and through the workbench's paths that lean on a decode's steps: streaming, timeouts, the step clock.
+Greedy requests, alone or in a padded batch, decode in a plain loop over the model's forward instead of ``generate``.
+These tests hold it to ``generate``'s tokens on models of several architectures (random weights, built here: their
+argmax is as arbitrary as can be, so any difference in masks, positions or caches shows), on the trained tiny model
+(which ends its answers with its end token), and through the workbench's paths that lean on a decode's steps:
+streaming, timeouts, the step clock.
 """
 
 from __future__ import annotations
@@ -215,3 +216,78 @@ def test_the_environment_can_send_every_request_through_generate(tiny_path: Path
         said = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                               env={**os.environ, "AUTOGLM_LEAN_DECODE": setting})
         assert said.stdout.split()[0] == loop, said.stderr[-2000:]
+
+
+def by_generate_batch(loaded: Any, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+    """What generate writes for ``prompts`` as one left-padded batch, built as the workbench builds it, each row cut
+    after its first end token."""
+    tokenizer, model = loaded.tokenizer, loaded.model
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    width = max(map(len, ids))
+    pad = tokenizer.pad_token_id
+    rows = torch.tensor([[pad] * (width - len(i)) + i for i in ids])
+    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+    eos = model.generation_config.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos or [tokenizer.eos_token_id])
+    with torch.inference_mode():
+        output = model.generate(input_ids=rows, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                temperature=None, top_p=None, top_k=None, pad_token_id=pad, eos_token_id=sorted(eos))
+    cut = []
+    for row in output[:, width:].tolist():
+        stop = next((i for i, t in enumerate(row) if t in eos), None)
+        cut.append(row[: stop + 1] if stop is not None else row)
+    return cut
+
+
+def one_batch(bench: wb.Workbench, model: str, prompts: list[str], max_new_tokens: int) -> list[wb.GenerationResult]:
+    """``prompts`` submitted at once and run as one padded batch."""
+    bench.set_batching(model, wb.DynamicBatching(max_batch=len(prompts), max_wait_ms=60_000))
+    try:
+        pending = [bench.engine.submit(model, p, GenerationParams(max_new_tokens=max_new_tokens)) for p in prompts]
+        results = [r.future.result(timeout=120) for r in pending]
+    finally:
+        bench.set_batching(model, wb.NoBatching())
+    assert {r.batch_id for r in results} == {results[0].batch_id} and results[0].batch_size == len(prompts)
+    return results
+
+
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_a_padded_greedy_batch_decodes_in_the_workbench_loop_to_the_tokens_generate_writes(
+        architecture: str, tiny_path: Path, tmp_path: Path) -> None:
+    """Rows of different lengths, left-padded: masks, positions counted from the mask, a pad token after a row ends."""
+    path = random_model(tmp_path / architecture, architecture, tiny_path)
+    with wb.Workbench() as bench:
+        loaded = bench.load("m", path, device="cpu")
+        prompts = list(PROMPTS)
+        for max_new_tokens in (1, 9, 30):
+            results = one_batch(bench, "m", prompts, max_new_tokens)
+            assert decode_loop(bench, results[0]) == ("generate" if architecture in OWN_STEPS else "workbench")
+            assert [r.token_ids for r in results] == by_generate_batch(loaded, prompts, max_new_tokens)
+
+
+def test_rows_of_the_tiny_model_that_end_early_end_where_generate_ends_them(tiny_path: Path) -> None:
+    with wb.Workbench() as bench:
+        loaded = bench.load("tiny", tiny_path, device="cpu")
+        prompts = list(PROMPTS) * 2
+        results = one_batch(bench, "tiny", prompts, 64)
+        assert decode_loop(bench, results[0]) == "workbench"
+        assert [r.token_ids for r in results] == by_generate_batch(loaded, prompts, 64)
+        assert any(r.finish_reason == "stop" for r in results)
+
+
+def test_a_timed_out_row_stops_at_its_next_step_and_its_batch_mate_runs_on(tiny_path: Path, tmp_path: Path) -> None:
+    path = random_model(tmp_path / "m", "llama", tiny_path)  # random weights: rows run on to max_new_tokens
+    params = GenerationParams(max_new_tokens=240)
+    with wb.Workbench() as bench:
+        bench.load("m", path, device="cpu")
+        alone = bench.engine.generate("m", "Hello", params)
+        bench.set_batching("m", wb.DynamicBatching(max_batch=2, max_wait_ms=60_000))  # the two run as one batch
+        mate = bench.engine.submit("m", "Hello there", params)
+        with pytest.raises(wb.HopTimeout):
+            bench.engine.call("m", "Hello", params, timeout_s=alone.e2e_ms / 1e3 / 4)
+        answer = mate.future.result(timeout=120)
+        assert answer.tokens_out == 240 and answer.batch_size == 2
+        (cut,) = [s for s in bench.traces().spans if s.attributes.get(attr.CANCELLED) == "running"]
+        (batch,) = [s for s in bench.traces().spans if s.name == "batch m"
+                    and any(link.context.span_id == cut.context.span_id for link in s.links)]
+        assert batch.attributes[attr.DECODE_LOOP] == "workbench" and batch.attributes[attr.BATCH_STEPS] == 240

@@ -349,13 +349,13 @@ class TransformersBackend:
         if params.seed is not None and not params.greedy:
             sampler.append(_SeededSampling(params, len(batch), model.generation_config))
             decoding.update(do_sample=False, temperature=None, top_p=None, top_k=None)  # it draws; greedy picks
-        # A lone greedy row with nothing cached nor adapted decodes in the workbench's own loop (see _LeanGreedy).
-        lean = (self._lean_greedy() if len(batch) == 1 and params.greedy and shared is None and not adapter_kwargs
-                else None)
+        # Greedy rows with nothing cached nor adapted decode in the workbench's own loop (see _LeanGreedy).
+        lean = self._lean_greedy() if params.greedy and shared is None and not adapter_kwargs else None
         try:
             with lock, torch.inference_mode():
                 if lean is not None:
-                    generated = [lean.decode(input_ids.to(device), params.max_new_tokens, self.eos_ids, clock)]
+                    generated = lean.decode(input_ids.to(device), attention.to(device), params.max_new_tokens,
+                                            self.eos_ids, self.pad_id, clock, batch)
                 else:
                     output = model.generate(
                         input_ids=input_ids.to(device),
@@ -424,15 +424,16 @@ _GENERATE_STEPS = ("generate", "_sample", "_prefill", "prepare_inputs_for_genera
 
 
 class _LeanGreedy:
-    """Greedy decoding of one unpadded row in a plain loop over the model's forward: what ``generate`` does for it,
-    without ``generate``'s Python around each call and each step.
+    """Greedy decoding of a batch in a plain loop over the model's forward: what ``generate`` does for it, without
+    ``generate``'s Python around each call and each step.
 
-    For a lone greedy row, ``generate`` builds and validates a generation config, its logits processors and stopping
-    criteria on every call, and at every step prepares inputs, updates keyword arguments and runs each criterion as a
-    tensor op. On the tiny model on this CPU that was ~1 ms a call and ~0.25 ms a step: a 10-token answer took
-    8.5 ms through ``generate`` and 6.3 ms here, the same tokens. The loop is what ``generate``'s greedy search does
-    for one row with a dynamic cache: prefill the prompt, take the argmax of the last position's logits (in float32),
-    feed it back with the attention mask grown by one, until an end token or ``max_new_tokens``.
+    ``generate`` builds and validates a generation config, its logits processors and stopping criteria on every call,
+    and at every step prepares inputs, updates keyword arguments and runs each criterion as a tensor op. On the tiny
+    model on this CPU that was ~1 ms a call and ~0.25 ms a step: a lone 10-token answer took 8.5 ms through
+    ``generate`` and 6.3 ms here, the same tokens. The loop is what ``generate``'s greedy search does with a dynamic
+    cache: prefill the left-padded prompts, take the argmax of each row's last logits (in float32), feed them back
+    (the mask grown by one, positions on by one, an ended row with the pad token), until every row has ended or
+    ``max_new_tokens``.
 
     Used only where ``generate`` would add nothing else (see :meth:`of`): a model of transformers' own code that
     takes a dynamic cache and whose class changes none of generate's steps, whose generation config asks for no
@@ -441,17 +442,18 @@ class _LeanGreedy:
     ``generate`` as before; the batch span's ``workbench.decode_loop`` says which loop ran.
     """
 
-    def __init__(self, model: Any, cache_kwarg: str, logits_to_keep: bool) -> None:
+    def __init__(self, model: Any, cache_kwarg: str, logits_to_keep: bool, positions: bool) -> None:
         self.model = model
         self._cache_kwarg = cache_kwarg
         self._logits_to_keep = logits_to_keep
+        self._positions = positions  # the forward takes position_ids: generate passes them, so the loop does
 
     @classmethod
     def of(cls, model: Any, pad_id: int | None, eos: set[int]) -> _LeanGreedy | None:
         """A loop for ``model``, or None where greedy ``generate`` would do anything the loop does not."""
         try:
             config = model.config
-            if config.is_encoder_decoder or hasattr(model, "peft_config") or model.is_remote_code():
+            if config.is_encoder_decoder or hasattr(model, "peft_config") or model.is_remote_code() or pad_id is None:
                 return None
             if not type(model)._supports_default_dynamic_cache():
                 return None
@@ -478,34 +480,61 @@ class _LeanGreedy:
         cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
         if cache_kwarg not in parameters:
             return None
-        return cls(model, cache_kwarg, "logits_to_keep" in parameters)
+        return cls(model, cache_kwarg, "logits_to_keep" in parameters, "position_ids" in parameters)
 
-    def decode(self, input_ids: torch.Tensor, max_new_tokens: int, eos: set[int], clock: _StepClock) -> list[int]:
-        """The tokens greedy decoding of the one row ``input_ids`` writes, its end token included; ``clock`` hears the
-        prompt, then each step's token, as ``generate``'s streamer does."""
+    def decode(self, input_ids: torch.Tensor, attention: torch.Tensor, max_new_tokens: int, eos: set[int],
+               pad_id: int, clock: _StepClock, batch: list[GenerationRequest]) -> list[list[int]]:
+        """The tokens greedy decoding of the left-padded rows ``input_ids`` (``attention`` their mask) writes, each
+        row's end token included and its pad tokens after; ``clock`` hears the prompt, then each step's tokens, as
+        ``generate``'s streamer does. As ``generate``: a mask of only ones is dropped; positions count the mask's ones
+        (0 on padding) and go on by one a step; a row that ended takes the pad token; a row of ``batch`` cancelled
+        meanwhile ends at this step; decoding stops once every row has ended."""
         from transformers import DynamicCache
 
         model = self.model
-        width = input_ids.shape[1]
+        rows, width = input_ids.shape
         kwargs: dict[str, Any] = {self._cache_kwarg: DynamicCache(config=model.config.get_text_config(decoder=True)),
                                   "use_cache": True}
         if self._logits_to_keep:
             kwargs["logits_to_keep"] = 1
-        mask = torch.ones(1, width + max_new_tokens, dtype=torch.long, device=input_ids.device)
+        padded = rows > 1 and not bool((attention == 1).all())
+        if padded:
+            kwargs["attention_mask"] = attention
+        positions = None
+        if self._positions:
+            positions = ((attention.cumsum(-1) - 1).masked_fill(attention == 0, 0) if padded
+                         else torch.arange(width, device=input_ids.device)[None])
+        ends = torch.tensor(sorted(eos), device=input_ids.device) if eos and rows > 1 else None
+        unfinished = torch.ones(rows, dtype=torch.bool, device=input_ids.device)
+        watch = batch if rows > 1 and any(r.cancellable for r in batch) else None
         clock.put(input_ids)
-        tokens: list[int] = []
+        steps: list[torch.Tensor] = []
         step_input = input_ids
-        for step in range(max_new_tokens):
-            logits = model(input_ids=step_input, attention_mask=mask[:, : width + step], return_dict=True,
-                           **kwargs).logits
+        for _ in range(max_new_tokens):
+            if positions is not None:
+                kwargs["position_ids"] = positions
+            logits = model(input_ids=step_input, return_dict=True, **kwargs).logits
             chosen = logits[:, -1].to(dtype=torch.float32).argmax(dim=-1)
-            token = int(chosen.item())  # to the host: synchronised on CUDA, as generate's streamer is
-            tokens.append(token)
-            clock.put(chosen)
-            if token in eos:
-                break
+            steps.append(chosen)
+            if rows == 1:  # one row: its token read here (to the host: synchronised on CUDA, as generate's check is)
+                clock.put(chosen)
+                if int(chosen.item()) in eos:
+                    break
+            else:
+                if ends is not None:
+                    chosen = steps[-1] = torch.where(unfinished, chosen, pad_id)  # an ended row goes on with pads
+                    unfinished &= ~torch.isin(chosen, ends)
+                if watch is not None and any(r.cancelled for r in watch):
+                    unfinished &= ~torch.tensor([r.cancelled for r in watch], device=unfinished.device)
+                clock.put(chosen)
+                if not bool(unfinished.any()):  # to the host: synchronised on CUDA, as generate's stop check is
+                    break
             step_input = chosen[:, None]
-        return tokens
+            if padded:
+                kwargs["attention_mask"] = torch.cat([kwargs["attention_mask"], attention.new_ones((rows, 1))], dim=-1)
+            if positions is not None:
+                positions = positions[:, -1:] + 1
+        return torch.stack(steps, dim=1).tolist()
 
 
 # How many tokens short of the shortest prefix in a batch the common part may fall and still be reused.
