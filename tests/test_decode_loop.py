@@ -38,17 +38,8 @@ def decode_loop(bench: wb.Workbench, result: wb.GenerationResult) -> Any:
 
 
 def by_generate(loaded: Any, prompt: str, max_new_tokens: int) -> list[int]:
-    """What transformers' greedy generate writes for ``prompt``, cut after its first end token."""
-    tokenizer, model = loaded.tokenizer, loaded.model
-    ids = tokenizer(prompt, return_tensors="pt")
-    eos = model.generation_config.eos_token_id
-    eos = {eos} if isinstance(eos, int) else set(eos or [tokenizer.eos_token_id])
-    with torch.inference_mode():
-        output = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                                top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos))
-    row = output[0, ids["input_ids"].shape[1]:].tolist()
-    stop = next((i for i, t in enumerate(row) if t in eos), None)
-    return row[: stop + 1] if stop is not None else row
+    """What transformers' greedy generate writes for ``prompt`` alone, cut after its first end token."""
+    return by_generate_batch(loaded, [prompt], max_new_tokens)[0]
 
 
 ARCHITECTURES = {
@@ -83,17 +74,24 @@ def random_model(directory: Path, architecture: str, tokenizer_of: Path, **gener
 
 
 @pytest.mark.parametrize("architecture", list(ARCHITECTURES))
-def test_a_lone_greedy_row_decodes_in_the_workbench_loop_to_the_tokens_generate_writes(
+def test_greedy_rows_alone_and_in_a_padded_batch_decode_in_the_workbench_loop_to_the_tokens_generate_writes(
         architecture: str, tiny_path: Path, tmp_path: Path) -> None:
+    """Alone: no mask, positions counted on. In a batch, rows of different lengths, left-padded: the mask, positions
+    counted from the mask, a pad token after a row ends."""
     path = random_model(tmp_path / architecture, architecture, tiny_path)
+    loop = "generate" if architecture in OWN_STEPS else "workbench"
     with wb.Workbench() as bench:
         loaded = bench.load("m", path, device="cpu")
         for prompt in PROMPTS:
             for max_new_tokens in (1, 7, 40):
                 result = bench.generate("m", prompt, max_new_tokens=max_new_tokens)
-                assert decode_loop(bench, result) == ("generate" if architecture in OWN_STEPS else "workbench")
+                assert decode_loop(bench, result) == loop
                 assert result.token_ids == by_generate(loaded, prompt, max_new_tokens), (prompt, max_new_tokens)
                 assert result.tokens_out == len(result.token_ids)
+        for max_new_tokens in (1, 9, 30):
+            results = one_batch(bench, "m", list(PROMPTS), max_new_tokens)
+            assert decode_loop(bench, results[0]) == loop
+            assert [r.token_ids for r in results] == by_generate_batch(loaded, list(PROMPTS), max_new_tokens)
 
 
 def test_the_trained_tiny_model_ends_where_generate_ends_and_says_why(tiny_path: Path) -> None:
@@ -154,8 +152,10 @@ def test_streamed_tokens_of_the_workbench_loop_are_the_answer(tiny_path: Path) -
         assert batch.attributes[attr.DECODE_LOOP] == "workbench"
 
 
-def test_a_timeout_stops_the_workbench_loop_at_its_next_step(tiny_path: Path, tmp_path: Path) -> None:
-    """The step clock stops the loop at the first step after its request was cancelled, as it stops generate."""
+def test_a_timeout_stops_its_row_at_the_next_step_alone_and_in_a_batch_whose_mate_runs_on(
+        tiny_path: Path, tmp_path: Path) -> None:
+    """The step clock stops a lone row's loop at the first step after its request was cancelled, as it stops generate;
+    in a padded batch the cancelled row ends there and its batch-mate runs on."""
     path = random_model(tmp_path / "m", "llama", tiny_path)  # random weights: it runs on to max_new_tokens
     params = GenerationParams(max_new_tokens=240)
     with wb.Workbench() as bench:
@@ -173,6 +173,18 @@ def test_a_timeout_stops_the_workbench_loop_at_its_next_step(tiny_path: Path, tm
         eventually(lambda: len(batch()) == 1, "the cancelled request's batch to end")
         assert batch()[0].attributes[attr.DECODE_LOOP] == "workbench"
         assert batch()[0].attributes[attr.BATCH_STEPS] < 240
+
+        bench.set_batching("m", wb.DynamicBatching(max_batch=2, max_wait_ms=60_000))  # the two run as one batch
+        mate = bench.engine.submit("m", "Hello there", params)
+        with pytest.raises(wb.HopTimeout):
+            bench.engine.call("m", "Hello", params, timeout_s=whole.e2e_ms / 1e3 / 4)
+        answer = mate.future.result(timeout=120)
+        assert answer.tokens_out == 240 and answer.batch_size == 2
+        (cut,) = [s for s in bench.traces().spans
+                  if s.attributes.get(attr.CANCELLED) == "running" and s.context.span_id != stopped.context.span_id]
+        (shared,) = [s for s in bench.traces().spans if s.name == "batch m"
+                     and any(link.context.span_id == cut.context.span_id for link in s.links)]
+        assert shared.attributes[attr.DECODE_LOOP] == "workbench" and shared.attributes[attr.BATCH_STEPS] == 240
 
 
 def test_a_generation_config_changed_after_the_load_is_heard(tiny_path: Path) -> None:
@@ -251,20 +263,6 @@ def one_batch(bench: wb.Workbench, model: str, prompts: list[str], max_new_token
     return results
 
 
-@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
-def test_a_padded_greedy_batch_decodes_in_the_workbench_loop_to_the_tokens_generate_writes(
-        architecture: str, tiny_path: Path, tmp_path: Path) -> None:
-    """Rows of different lengths, left-padded: masks, positions counted from the mask, a pad token after a row ends."""
-    path = random_model(tmp_path / architecture, architecture, tiny_path)
-    with wb.Workbench() as bench:
-        loaded = bench.load("m", path, device="cpu")
-        prompts = list(PROMPTS)
-        for max_new_tokens in (1, 9, 30):
-            results = one_batch(bench, "m", prompts, max_new_tokens)
-            assert decode_loop(bench, results[0]) == ("generate" if architecture in OWN_STEPS else "workbench")
-            assert [r.token_ids for r in results] == by_generate_batch(loaded, prompts, max_new_tokens)
-
-
 def test_rows_of_the_tiny_model_that_end_early_end_where_generate_ends_them(tiny_path: Path) -> None:
     with wb.Workbench() as bench:
         loaded = bench.load("tiny", tiny_path, device="cpu")
@@ -273,21 +271,3 @@ def test_rows_of_the_tiny_model_that_end_early_end_where_generate_ends_them(tiny
         assert decode_loop(bench, results[0]) == "workbench"
         assert [r.token_ids for r in results] == by_generate_batch(loaded, prompts, 64)
         assert any(r.finish_reason == "stop" for r in results)
-
-
-def test_a_timed_out_row_stops_at_its_next_step_and_its_batch_mate_runs_on(tiny_path: Path, tmp_path: Path) -> None:
-    path = random_model(tmp_path / "m", "llama", tiny_path)  # random weights: rows run on to max_new_tokens
-    params = GenerationParams(max_new_tokens=240)
-    with wb.Workbench() as bench:
-        bench.load("m", path, device="cpu")
-        alone = bench.engine.generate("m", "Hello", params)
-        bench.set_batching("m", wb.DynamicBatching(max_batch=2, max_wait_ms=60_000))  # the two run as one batch
-        mate = bench.engine.submit("m", "Hello there", params)
-        with pytest.raises(wb.HopTimeout):
-            bench.engine.call("m", "Hello", params, timeout_s=alone.e2e_ms / 1e3 / 4)
-        answer = mate.future.result(timeout=120)
-        assert answer.tokens_out == 240 and answer.batch_size == 2
-        (cut,) = [s for s in bench.traces().spans if s.attributes.get(attr.CANCELLED) == "running"]
-        (batch,) = [s for s in bench.traces().spans if s.name == "batch m"
-                    and any(link.context.span_id == cut.context.span_id for link in s.links)]
-        assert batch.attributes[attr.DECODE_LOOP] == "workbench" and batch.attributes[attr.BATCH_STEPS] == 240
