@@ -572,6 +572,35 @@ def test_a_ctrl_c_during_a_garbage_collection_still_interrupts(ctrl_c_raises: No
     assert heard == [1] * 5  # each Ctrl-C heard once: none lost, none doubled
 
 
+def test_a_collection_deep_in_a_recursion_prints_no_error_from_the_pause_log() -> None:
+    # A hop's deeply nested output walked to the recursion limit (its repr, its preview) allocates at every level, so
+    # collections start there, with no frame left for the log's callback: gc printed "Exception ignored in garbage
+    # collection callback", then failed to print even that (a CI run failed on it, through pytest's unraisable hook).
+    from workbench.tracing import gcpauses
+
+    gcpauses.install()
+    seen: list[BaseException | None] = []
+    saved_hook, saved_threshold = sys.unraisablehook, gc.get_threshold()
+
+    def walk(depth: int) -> int:
+        junk = [[] for _ in range(3)]  # allocations: a collection may start at any depth
+        return walk(depth + 1) + len(junk)
+
+    sys.unraisablehook = lambda unraisable: seen.append(unraisable.exc_value)
+    gc.set_threshold(1)  # a collection at nearly every allocation
+    try:
+        for _ in range(10):
+            with pytest.raises(RecursionError):
+                walk(0)
+    finally:
+        gc.set_threshold(*saved_threshold)
+        sys.unraisablehook = saved_hook
+    assert seen == []
+    last = gcpauses._pauses[-1] if gcpauses._pauses else None
+    gc.collect()
+    assert gcpauses._pauses[-1] != last and gcpauses._pauses[-1][2] == 2  # and the log goes on logging
+
+
 def test_runs_that_keep_joining_one_trace_keep_its_newest_spans_not_every_span(bench: wb.Workbench) -> None:
     """The index bounded traces, not spans: a client that sent one traceparent (or envelope trace_id) with every
     request put every run in one trace, which grew for as long as the server ran."""

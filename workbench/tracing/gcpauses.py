@@ -39,6 +39,11 @@ _install_lock = threading.Lock()
 def _callback(phase: str, info: dict[str, Any]) -> None:
     try:
         _record(phase, info)
+    except RecursionError:
+        # A collection that started deep in a recursion (a hop's deeply nested output being walked): no frames are
+        # left for the log, and gc would print the error, then fail to print it. The log misses this one instead.
+        # No start is left behind for a later stop to pair with (C calls only: no frame is needed).
+        _started.pop(threading.get_ident(), None)
     except KeyboardInterrupt:
         # Ctrl-C (or the notebook's stop button) landed during a collection in the main thread,
         # and Python ran its handler here, where an exception can only be printed and dropped:
