@@ -17,6 +17,7 @@ import pytest
 
 import workbench as wb
 from workbench.engine import GenerationParams
+from workbench.models.adapters import GOLDEN_PROMPTS
 from workbench.tracing import attributes as attr
 
 PROMPT = "Question: What is the capital of France?\nAnswer:"
@@ -632,6 +633,20 @@ def _watched_beside_other(bench: wb.Workbench, tiny_path: Path, tmp_path: Path, 
     bench.set_preloading(wb.KeepWarm(int((models_kept + 0.5) * bench.registry.get("m").memory_bytes)))
     bench.watch_model("m", interval_s=interval_s)
     return watched
+
+
+def test_a_version_the_watcher_read_before_the_folder_changed_again_is_not_swapped_in_under_its_old_digest(
+    bench: wb.Workbench, tiny_path: Path, tmp_path: Path
+) -> None:
+    # A write the watcher took for settled, finished while the model loaded back and checked the folder's final
+    # content as version 3: the watcher then staged its older digest, loaded the final content beside under it as
+    # version 4, and swapped that in (CI saw [3, "draining"], [4, "live"] for one version of the weights).
+    watched = _watched_beside_other(bench, tiny_path, tmp_path, interval_s=3600)  # no poll of its own in this test
+    versions = bench.model_versions("m")[["version", "state"]].values.tolist()
+    stale = "0123456789abcdef"  # what the folder held when the watcher read it, no longer there
+    assert bench._stage_model("m", str(watched), GOLDEN_PROMPTS, stale, time.perf_counter()) is None
+    assert bench.model_versions("m")[["version", "state"]].values.tolist() == versions == [[1, "live"]]
+    assert bench.registry.is_loaded("m")
 
 
 def _kept_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:

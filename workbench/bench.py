@@ -1122,6 +1122,11 @@ class Workbench:
         serving = _live(versions)
         if serving is not None and serving.digest == digest:
             return None  # checked as the model loaded back (see _check_loaded_version): serving already
+        if content_digest(directory, "config.json") != digest:
+            # The folder changed since the watcher read it (a write it took for settled, then finished while the model
+            # loaded back, say): a swap now would load what the folder holds under the digest of what it held. The next
+            # poll offers what it holds now.
+            return None
         version = AdapterVersion(name, max(v.version for v in versions) + 1, directory, digest)
         versions.append(version)
         attributes: dict[str, object] = {attr.SPAN_KIND: attr.KIND_CHAIN, attr.MODEL_NAME: name,
