@@ -145,8 +145,8 @@ class _SeededSampling(LogitsProcessor):
             warpers.append(TypicalLogitsWarper(mass=config.typical_p))
         if getattr(config, "epsilon_cutoff", None) is not None and 0.0 < config.epsilon_cutoff < 1.0:
             warpers.append(EpsilonLogitsWarper(epsilon=config.epsilon_cutoff))
-        self._eta = getattr(config, "eta_cutoff", None) if getattr(config, "eta_cutoff", None) is not None \
-            and 0.0 < config.eta_cutoff < 1.0 else None  # built on the logits' device, at the first step
+        eta = getattr(config, "eta_cutoff", None)
+        self._eta = eta if eta is not None and 0.0 < eta < 1.0 else None  # its warper is built at the first step
         self.warpers = LogitsProcessorList(warpers)
         self.seed, self.rows = params.seed, rows
         self.generators: list[torch.Generator] = []  # on the device the logits come out on, at the first step
