@@ -407,7 +407,7 @@ class ModelProcess:
         self, conn: Connection, cancels: Connection, batch: list[GenerationRequest], on_token: TokenSink | None
     ) -> tuple[float, dict[str, Any]]:
         """Send ``batch`` and read the child's frames up to its last, which is returned with when the batch went."""
-        params = dataclasses.asdict(batch[0].params)
+        params = vars(batch[0].params)  # a flat frozen dataclass: its fields as they are, with no deep copy
         # Both processes read one system-wide monotonic clock (perf_counter is CLOCK_MONOTONIC on Linux
         # and mach_absolute_time on macOS), so the child times queue and TTFT from the parent's stamps.
         rows = [[r.input_ids, r.submitted, r.stream and on_token is not None, r.cancellable] for r in batch]
