@@ -478,7 +478,14 @@ def test_serve_with_a_data_dir_that_cannot_hold_the_keys_exits_2_before_serving(
                                                       "hint: e.g. --max-queued 1024 (the default)"]),
     (["--max-in-flight", "0"], ["autoglm: --max-in-flight 0 is not a whole number of at least 1",
                                 "hint: e.g. --max-in-flight 64 (the default)"]),
-], ids=["max-queued", "max-in-flight"])
+    (["--session-limit", "runs_per_sesion=5"], [
+        "autoglm: --session-limit 'runs_per_sesion=5' is not KEY=VALUE with KEY one of runs_per_session, "
+        "max_sessions, max_bytes, max_age_s (did you mean 'runs_per_session'?)",
+        "hint: e.g. --session-limit runs_per_session=1000"]),
+    (["--session-limit", "max_bytes=0"], [
+        "autoglm: SessionLimits max_bytes must be a whole number >= 1 or None (no bound), not 0",
+        "hint: e.g. wb.SessionLimits(runs_per_session=1000)"]),
+], ids=["max-queued", "max-in-flight", "session-limit-key", "session-limit-value"])
 def test_serve_takes_the_gateways_limits_and_refuses_a_bad_one_before_serving(limits: list[str], said: list[str],
                                                                               spec_file: Path, tiny_path: Path,
                                                                               tmp_path: Path) -> None:
@@ -492,6 +499,30 @@ def test_serve_takes_the_gateways_limits_and_refuses_a_bad_one_before_serving(li
     assert done.returncode == 2
     assert done.stderr.splitlines() == said
     assert "serving" not in done.stdout
+
+
+@pytest.mark.parametrize(("items", "limits"), [
+    ([], None),
+    (["runs_per_session=100", "max_age_s=86400.5"], wb.SessionLimits(runs_per_session=100, max_age_s=86400.5)),
+    (["max_bytes=none", "max_sessions=7"], wb.SessionLimits(max_bytes=None, max_sessions=7)),
+])
+def test_serves_session_limits_are_read_as_typed(items: list[str], limits: wb.SessionLimits | None) -> None:
+    from workbench.fronts.cli import _session_limits
+
+    assert _session_limits(items) == limits
+
+
+@pytest.mark.parametrize(("items", "said"), [
+    (["max_age_s=a day"], "--session-limit max_age_s='a day': not a number"),
+    (["max_sessions=3", "max_sessions=4"], "--session-limit max_sessions is given twice"),
+    (["max_bytes"], "--session-limit 'max_bytes' is not KEY=VALUE"),
+])
+def test_a_session_limit_that_cannot_be_read_says_which_and_why(items: list[str], said: str) -> None:
+    from workbench.fronts.cli import _session_limits
+
+    with pytest.raises(wb.WorkbenchError) as info:
+        _session_limits(items)
+    assert info.value.message.startswith(said)
 
 
 def test_ctrl_c_during_a_run_exits_130_with_a_short_message(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 import workbench as wb
-from workbench.chains.sqlite_store import SCHEMA_VERSION, SESSIONS_FILE
+from workbench.chains.sqlite_store import SCHEMA_VERSION, SESSIONS_FILE, record_bytes
 
 CHAT = dedent(
     """\
@@ -368,6 +368,163 @@ def test_a_run_in_flight_when_its_session_is_forgotten_is_not_written_back_into_
         assert chain.run(session="s1", q="b").output == "0:b"  # the conversation starts over
         assert [r.output for r in other.session("s1").records()] == ["0:b"]
         assert {run.id for run in bench.runs()} >= {held[0].id}  # the workbench's own record of the run stays
+
+
+# -- limits: what a store keeps --------------------------------------------------------------------------
+
+
+def ids(store: wb.ContextStore, session: str) -> list[str]:
+    return [r.run_id for r in store.history(session)]
+
+
+def counted(store: wb.ContextStore) -> dict[str, int]:
+    """The store's sessions, runs and bytes counted from what it holds, to check its running totals against."""
+    sessions = store.sessions()
+    records = [r for name in sessions for r in store.history(name)]
+    return {"sessions": len(sessions), "runs": len(records), "bytes": sum(record_bytes(r) for r in records)}
+
+
+def test_a_session_keeps_its_newest_runs_per_session(store: wb.ContextStore) -> None:
+    store.set_limits(wb.SessionLimits(runs_per_session=3))
+    for index in range(5):
+        store.append("a", record(f"a{index}"))
+    store.append("b", record("b0"))
+    assert ids(store, "a") == ["a2", "a3", "a4"] and ids(store, "b") == ["b0"]
+    assert store.stats() == {**counted(store), "evicted_runs": 2}
+
+
+def test_past_max_sessions_the_least_recently_active_session_goes_whole(store: wb.ContextStore) -> None:
+    store.set_limits(wb.SessionLimits(max_sessions=2))
+    store.append("a", record("a0"))
+    store.append("b", record("b0"))
+    store.append("a", record("a1"))  # a is now the more recently active
+    store.append("c", record("c0"))  # a third session: b goes
+    assert store.sessions() == ["a", "c"] and ids(store, "a") == ["a0", "a1"]
+    store.append("c", record("c1"))  # nothing more goes: still two sessions
+    assert store.stats() == {**counted(store), "evicted_runs": 1}
+
+
+def test_past_max_bytes_other_sessions_go_then_the_written_sessions_oldest_runs(store: wb.ContextStore) -> None:
+    size = record_bytes(record("x0"))
+    assert size == record_bytes(record("y9")) > 40  # the records below are all this size
+    store.set_limits(wb.SessionLimits(max_bytes=3 * size))
+    for run_id in ("x0", "y0", "x1"):
+        store.append(run_id[0], record(run_id))
+    store.append("z", record("z0"))  # 4 runs' bytes: y, the least recently active, goes
+    assert store.sessions() == ["x", "z"] and store.stats()["bytes"] == 3 * size
+    store.set_limits(wb.SessionLimits(max_bytes=size // 2))  # less than one run: each write keeps its newest alone
+    store.append("z", record("z1"))
+    assert store.sessions() == ["z"] and ids(store, "z") == ["z1"]
+    assert store.stats() == {**counted(store), "evicted_runs": 4}
+
+
+def test_runs_older_than_max_age_go_at_the_next_write(store: wb.ContextStore) -> None:
+    now = time.time()
+    store.append("a", record("old", started_at=now - 3600))
+    store.append("a", record("new", started_at=now - 10))
+    store.append("b", record("older", started_at=now - 7200))
+    store.set_limits(wb.SessionLimits(max_age_s=600))
+    assert store.sessions() == ["a", "b"]  # from the next write on
+    store.append("c", record("now"))
+    assert store.sessions() == ["a", "c"] and ids(store, "a") == ["new"]
+    assert store.stats()["evicted_runs"] == 2
+
+
+@pytest.mark.parametrize("bad", [{"runs_per_session": 0}, {"max_sessions": True}, {"max_bytes": 1.5},
+                                 {"max_age_s": 0}, {"max_age_s": float("inf")}, {"max_age_s": "1d"}])
+def test_a_limit_that_is_no_bound_is_refused_naming_it(bad: dict[str, Any]) -> None:
+    (name,) = bad
+    with pytest.raises(wb.SettingsError, match=f"SessionLimits {name} must be"):
+        wb.SessionLimits(**bad)
+
+
+def test_a_run_in_flight_is_kept_when_limits_trim_its_session_but_not_when_it_is_forgotten(tmp_path: Path) -> None:
+    """The limits dropping a session's oldest runs leave it the same session: a run that read its history before is
+    written back (it was refused when the forget check counted the runs it had read)."""
+    store = wb.SQLiteContextStore(tmp_path / SESSIONS_FILE, limits=wb.SessionLimits(runs_per_session=1))
+    with closing(store):
+        store.append("s", record("r0"))
+        _, mark = store.marked_history("s")
+        store.append("s", record("r1"))  # another run of the session, meanwhile: r0 goes
+        assert ids(store, "s") == ["r1"]
+        assert store.append_marked("s", record("r2"), mark)
+        assert ids(store, "s") == ["r2"]
+        _, mark = store.marked_history("s")
+        store.forget("s")
+        store.append("s", record("r3"))  # the conversation started over meanwhile
+        assert not store.append_marked("s", record("r4"), mark)
+        assert ids(store, "s") == ["r3"]
+
+
+def test_totals_hold_across_two_connections_and_a_forget(tmp_path: Path) -> None:
+    path = tmp_path / SESSIONS_FILE
+    with closing(wb.SQLiteContextStore(path)) as one, closing(wb.SQLiteContextStore(path)) as two:
+        for index in range(6):
+            (one if index % 2 else two).append(f"s{index % 3}", record(f"r{index}"))
+        assert two.forget("s1") == 2
+        one.append("s1", record("again"))
+        assert one.stats() == {**counted(one), "evicted_runs": 0} and two.stats()["runs"] == 5
+        with closing(sqlite3.connect(path)) as raw:
+            assert raw.execute("SELECT COUNT(*), SUM(bytes) FROM runs").fetchone() == (5, counted(one)["bytes"])
+
+
+def test_a_store_of_the_first_schema_is_upgraded_with_its_sizes_and_totals(tmp_path: Path) -> None:
+    """A sessions file written before the limits (schema 1) opens, and its runs are counted as new ones are."""
+    path = tmp_path / SESSIONS_FILE
+    with closing(wb.SQLiteContextStore(path)) as store:
+        for index in range(4):
+            store.append(f"s{index % 2}", record(f"r{index}", inputs={"q": "é" * index}))
+        expected = counted(store)
+    with closing(sqlite3.connect(path)) as raw:  # back to schema 1, as an older workbench left it
+        for name in ("run_added", "run_removed"):
+            raw.execute(f"DROP TRIGGER {name}")
+        for name in ("sessions", "totals"):
+            raw.execute(f"DROP TABLE {name}")
+        raw.execute("DROP INDEX runs_by_start")
+        raw.execute("ALTER TABLE runs DROP COLUMN bytes")
+        raw.execute("PRAGMA user_version = 1")
+        raw.commit()
+    with closing(wb.SQLiteContextStore(path)) as store:
+        assert store.stats() == {**expected, "evicted_runs": 0}
+        assert ids(store, "s1") == ["r1", "r3"]
+        store.append("s1", record("r4"))
+        assert store.stats() == {**counted(store), "evicted_runs": 0}
+    with closing(sqlite3.connect(path)) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+
+
+def test_a_workbench_bounds_its_sessions_and_says_so_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with wb.Workbench(data_dir=tmp_path, session_limits=wb.SessionLimits(runs_per_session=2)) as bench:
+        assert bench.session_limits == wb.SessionLimits(runs_per_session=2)
+        echo = {"name": "echo", "call": lambda history, q: f"{len(history)}:{q}"}
+        chain = bench.chain({"name": "py", "hops": [echo]})
+        with caplog.at_level("WARNING", logger="workbench.sessions"):
+            outputs = [chain.run(session="s1", q=q).output for q in "abcd"]
+        assert outputs == ["0:a", "1:b", "2:c", "2:d"]  # a run reads what its session still keeps
+        assert list(bench.session("s1").history()["output"]) == ["2:c", "2:d"]
+        assert bench.session_stats()["evicted_runs"] == 2
+        (warning,) = [r.getMessage() for r in caplog.records if r.name == "workbench.sessions"]
+        assert "reached its limits" in warning and "runs_per_session=2" in warning
+        with pytest.raises(wb.SettingsError, match="takes a wb.SessionLimits"):
+            bench.set_session_limits({"runs_per_session": 5})  # type: ignore[arg-type]
+        assert bench.session_limits == wb.SessionLimits(runs_per_session=2)  # unchanged by the refusal
+        bench.set_session_limits(wb.SessionLimits(runs_per_session=None, max_bytes=None))  # no bound at all
+        for q in "efg":
+            chain.run(session="s1", q=q)
+        assert bench.session_stats()["runs"] == 5
+
+
+def test_a_store_of_your_own_is_told_to_bound_itself(tmp_path: Path) -> None:
+    class Plain(wb.ContextStore):
+        def append(self, session: str, record: wb.RunRecord) -> None: ...
+        def history(self, session: str, limit: int | None = None) -> list[wb.RunRecord]: return []
+        def sessions(self) -> list[str]: return []
+
+    with wb.Workbench(data_dir=tmp_path, store=Plain()) as bench:
+        with pytest.raises(wb.SettingsError, match="one of your own, which keeps no limits"):
+            bench.set_session_limits(wb.SessionLimits(runs_per_session=3))
+        with pytest.raises(wb.SettingsError, match="keeps no limits"):
+            bench.session_stats()
 
 
 # -- what JSON cannot hold --------------------------------------------------------------------------

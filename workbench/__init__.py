@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from workbench.chains.chain import Chain
     from workbench.chains.events import AttemptFailed, HopFinished, HopStarted, RunFinished, Token
     from workbench.chains.resilience import RetryPolicy
-    from workbench.chains.context import ContextStore, InMemoryContextStore, RunRecord
+    from workbench.chains.context import ContextStore, InMemoryContextStore, RunRecord, SessionLimits
     from workbench.chains.run import Run, RunInterrupted
     from workbench.chains.live import ConfigRefusal, ConfigVersion, ConfigWarning
     from workbench.chains.configfile import LiveConfig
@@ -88,7 +88,7 @@ _HOMES = {
     "workbench.chains.chain": ("Chain",),
     "workbench.chains.events": ("AttemptFailed", "HopFinished", "HopStarted", "RunFinished", "Token"),
     "workbench.chains.resilience": ("RetryPolicy",),
-    "workbench.chains.context": ("ContextStore", "InMemoryContextStore", "RunRecord"),
+    "workbench.chains.context": ("ContextStore", "InMemoryContextStore", "RunRecord", "SessionLimits"),
     "workbench.chains.run": ("Run", "RunInterrupted"),
     "workbench.chains.live": ("ConfigRefusal", "ConfigVersion", "ConfigWarning"),
     "workbench.chains.configfile": ("LiveConfig",),

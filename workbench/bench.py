@@ -23,7 +23,7 @@ from workbench import _gateway
 from workbench.chains.cache import CACHE_FILE, ResponseCache
 from workbench.chains.chain import Chain
 from workbench.chains.configfile import LiveConfig
-from workbench.chains.context import ContextStore, RunRecord, SessionWrites
+from workbench.chains.context import ContextStore, RunRecord, SessionLimits, SessionWrites
 from workbench.chains.host import HOP_THREADS
 from workbench.chains.live import DEFAULT_INTERVAL_S, read_text
 from workbench.chains.run import Run
@@ -124,7 +124,8 @@ class Workbench:
     endpoint to take the last spans, and says which it did not.
     Sessions persist in ``data_dir`` (default ``$AUTOGLM_DATA_DIR``, else
     ``~/.local/share/autoglm-workbench``), in the SQLite file ``sessions.sqlite3``, so a kernel
-    restart keeps them; ``store=InMemoryContextStore()`` keeps them in memory instead.
+    restart keeps them; ``store=InMemoryContextStore()`` keeps them in memory instead. ``session_limits`` bound what
+    the store keeps (:class:`SessionLimits`; by default 1 GiB of runs, then the least recently active sessions go).
     ``health_interval_s`` probes every loaded model that often (off by default; see
     :meth:`set_health_checks`). ``allow_modules`` lets chain specs call into these modules
     (and their submodules) besides your own code; see :meth:`allow_modules`.
@@ -141,12 +142,15 @@ class Workbench:
         hop_threads: int = 64,
         health_interval_s: float | None = None,
         allow_modules: Collection[str] = (),
+        session_limits: SessionLimits | None = None,
     ) -> None:
         self.tracing = Tracing(otlp_endpoint, project_name=project_name, close_timeout_s=otlp_close_timeout_s)
         self.registry = ModelRegistry(self.tracing)
         self.engine = Engine(self.registry, self.tracing)
         self.data_dir = data_root(data_dir)
         self.store = store if store is not None else SQLiteContextStore(self.data_dir / SESSIONS_FILE)
+        if session_limits is not None:
+            self.set_session_limits(session_limits)
         # Python hops run the user's code, which may block (an API, a lock) for as long as it likes; the workbench's
         # own short work (session history, run records, the response cache, preparing prompts) has threads of its
         # own, so hops that take every hop thread hold up only other Python hops.
@@ -837,6 +841,33 @@ class Workbench:
     def sessions(self) -> list[str]:
         """Every session with a run in this workbench's store, including those of earlier kernels."""
         return self.store.sessions()
+
+    @property
+    def session_limits(self) -> SessionLimits:
+        """The bounds on what the session store keeps (see :meth:`set_session_limits`)."""
+        return self._limited_store().limits
+
+    def set_session_limits(self, limits: SessionLimits) -> None:
+        """Bound what the session store keeps, from its next write on: each run appended drops, in the same write,
+        what ``limits`` no longer allow (a session's oldest runs, runs past an age, the least recently active
+        sessions). ``wb.SessionLimits()`` is the default: 1 GiB of runs; a field of None lifts its bound."""
+        if not isinstance(limits, SessionLimits):
+            raise SettingsError(f"set_session_limits takes a wb.SessionLimits, not {type(limits).__name__}",
+                                hint="e.g. bench.set_session_limits(wb.SessionLimits(runs_per_session=1000))")
+        self._limited_store().set_limits(limits)
+
+    def session_stats(self) -> dict[str, int]:
+        """What the session store holds, of every kernel on its file: ``sessions``, ``runs``, ``bytes``; and
+        ``evicted_runs``, how many runs its limits made this workbench drop."""
+        return self._limited_store().stats()
+
+    def _limited_store(self) -> ContextStore:
+        store = self.store
+        if type(store).set_limits is ContextStore.set_limits:
+            raise SettingsError(f"the session store {type(store).__name__} is one of your own, which keeps no limits "
+                                "nor statistics", hint="bound it in its own code, or use the workbench's SQLite store "
+                                "or wb.InMemoryContextStore()")
+        return store
 
     # -- caches (the hop's ``cache:``) -----------------------------------------------------------
 

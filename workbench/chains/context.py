@@ -2,15 +2,58 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import threading
 from abc import ABC, abstractmethod
-from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, overload
 
+from workbench.errors import SettingsError
+from workbench.tracing.clock import now_ns
+
 if TYPE_CHECKING:
     from workbench.chains.run import Run
+
+log = logging.getLogger("workbench.sessions")
+
+# What a store keeps by default: 1 GiB of runs (their stored JSON), then the least recently active sessions go.
+DEFAULT_SESSION_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    """Bounds on what a context store keeps; a run appended past one makes the oldest runs go, in the same write.
+
+    - ``runs_per_session``: a session keeps its newest this many runs.
+    - ``max_sessions``: past this many sessions, the least recently active ones (by their last run) go whole.
+    - ``max_bytes``: past this many bytes of stored runs (inputs, outputs, output and notes, as the store keeps them),
+      the least recently active sessions go whole; a session that alone holds more loses its oldest runs (its newest
+      stays).
+    - ``max_age_s``: runs that started longer ago than this go.
+
+    None: no bound. The session being written is never the one that goes whole. The default bounds bytes only, so a
+    server whose callers open session after session cannot fill the disk (or, in memory, the kernel).
+    """
+
+    runs_per_session: int | None = None
+    max_sessions: int | None = None
+    max_bytes: int | None = DEFAULT_SESSION_BYTES
+    max_age_s: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("runs_per_session", "max_sessions", "max_bytes"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise SettingsError(f"SessionLimits {name} must be a whole number >= 1 or None (no bound), "
+                                    f"not {value!r:.60}", hint="e.g. wb.SessionLimits(runs_per_session=1000)")
+        age = self.max_age_s
+        if age is not None and (isinstance(age, bool) or not isinstance(age, (int, float)) or not math.isfinite(age)
+                                or age <= 0):
+            raise SettingsError(f"SessionLimits max_age_s must be a number of seconds > 0 or None (no bound), "
+                                f"not {age!r:.60}", hint="e.g. wb.SessionLimits(max_age_s=30 * 86400) keeps 30 days")
 
 
 @dataclass(frozen=True)
@@ -105,21 +148,126 @@ class ContextStore(ABC):
     def close(self) -> None:
         """Release what the store holds open (the workbench calls it on close); a later use reopens."""
 
+    @property
+    def limits(self) -> SessionLimits:
+        """The bounds on what the store keeps (see :class:`SessionLimits`); a store of your own keeps none."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no session limits")
+
+    def set_limits(self, limits: SessionLimits) -> None:
+        """Bound what the store keeps from its next write on."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no session limits")
+
+    def stats(self) -> dict[str, int]:
+        """How much the store holds: ``sessions``, ``runs`` and ``bytes``, and ``evicted_runs``, how many runs its
+        limits made go since this object was made."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no statistics")
+
+
+class Evictions:
+    """A store's count of runs its limits made go, and the one warning that says the first time it happened."""
+
+    def __init__(self, where: Callable[[], str]) -> None:
+        self.count = 0
+        self._where = where
+        self._lock = threading.Lock()  # writes end on many threads
+
+    def add(self, runs: int, limits: SessionLimits) -> None:
+        if runs <= 0:
+            return
+        with self._lock:
+            first = self.count == 0
+            self.count += runs
+        if first:
+            log.warning("the session store %s reached its limits (%s): %d of its oldest runs went; later evictions "
+                        "are counted in bench.session_stats()['evicted_runs'], and bench.set_session_limits(...) "
+                        "changes the bounds", self._where(), limits, runs)
+
 
 class InMemoryContextStore(ContextStore):
-    """A thread-safe store that lives as long as the workbench."""
+    """A thread-safe store that lives as long as the workbench, bounded by ``limits`` as the SQLite store is (its
+    bytes are the runs' stored JSON, counted as the SQLite store counts them)."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: SessionLimits | None = None) -> None:
         self._lock = threading.Lock()
-        self._runs: dict[str, list[RunRecord]] = defaultdict(list)
+        # Least recently active session first: a session moves to the end with each run appended.
+        self._runs: OrderedDict[str, list[tuple[RunRecord, int]]] = OrderedDict()
+        self._bytes = 0
+        self._oldest = math.inf  # no run stored started before this (a bound: the age sweep skips until it passes)
+        self._limits = limits if limits is not None else SessionLimits()
+        self._evicted = Evictions(lambda: "in memory")
+
+    @property
+    def limits(self) -> SessionLimits:
+        return self._limits
+
+    def set_limits(self, limits: SessionLimits) -> None:
+        self._limits = limits
 
     def append(self, session: str, record: RunRecord) -> None:
+        from workbench.chains.sqlite_store import record_bytes  # the SQLite store's count, so both bound alike
+
+        size = record_bytes(record)
         with self._lock:
-            self._runs[session].append(record)
+            runs = self._runs.get(session)
+            if runs is None:
+                runs = self._runs[session] = []
+            else:
+                self._runs.move_to_end(session)
+            runs.append((record, size))
+            self._bytes += size
+            self._oldest = min(self._oldest, record.started_at)
+            evicted = self._trim(session)
+        self._evicted.add(evicted, self._limits)
+
+    def _trim(self, session: str) -> int:
+        """Drop what the limits no longer let the store keep after an append to ``session``; how many runs went."""
+        limits, dropped = self._limits, 0
+
+        def drop(name: str, count: int) -> None:
+            nonlocal dropped
+            runs = self._runs[name]
+            self._bytes -= sum(size for _, size in runs[:count])
+            dropped += min(count, len(runs))
+            del runs[:count]
+            if not runs:
+                del self._runs[name]
+
+        if limits.runs_per_session is not None and len(self._runs[session]) > limits.runs_per_session:
+            drop(session, len(self._runs[session]) - limits.runs_per_session)
+        if limits.max_age_s is not None and self._oldest < (cutoff := now_ns() / 1e9 - limits.max_age_s):
+            for name in list(self._runs):
+                runs = self._runs[name]
+                kept = [(record, size) for record, size in runs if record.started_at >= cutoff]
+                if len(kept) < len(runs):  # by start, not place: a run that started first may have ended last
+                    self._bytes -= sum(size for _, size in runs) - sum(size for _, size in kept)
+                    dropped += len(runs) - len(kept)
+                    if kept:
+                        self._runs[name] = kept
+                    else:
+                        del self._runs[name]
+            self._oldest = min((record.started_at for runs in self._runs.values() for record, _ in runs),
+                               default=math.inf)
+        over_sessions = len(self._runs) - limits.max_sessions if limits.max_sessions is not None else 0
+        for name in list(self._runs):
+            over_bytes = self._bytes - limits.max_bytes if limits.max_bytes is not None else 0
+            if over_sessions <= 0 and over_bytes <= 0:
+                break
+            if name != session:
+                drop(name, len(self._runs[name]))
+                over_sessions -= 1
+        if limits.max_bytes is not None and session in self._runs:
+            runs = self._runs[session]
+            over, count = self._bytes - limits.max_bytes, 0
+            while over > 0 and count < len(runs) - 1:  # its newest run stays
+                over -= runs[count][1]
+                count += 1
+            if count:
+                drop(session, count)
+        return dropped
 
     def history(self, session: str, limit: int | None = None) -> list[RunRecord]:
         with self._lock:
-            runs = list(self._runs.get(session, ()))
+            runs = [record for record, _ in self._runs.get(session, ())]
         if limit is None:
             return runs
         return runs[-limit:] if limit > 0 else []
@@ -130,7 +278,14 @@ class InMemoryContextStore(ContextStore):
 
     def forget(self, session: str) -> int:
         with self._lock:
-            return len(self._runs.pop(session, ()))
+            runs = self._runs.pop(session, [])
+            self._bytes -= sum(size for _, size in runs)
+            return len(runs)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"sessions": len(self._runs), "runs": sum(len(r) for r in self._runs.values()),
+                    "bytes": self._bytes, "evicted_runs": self._evicted.count}
 
 
 class SessionWrites:

@@ -12,8 +12,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from workbench.chains.context import ContextStore, RunRecord
+from workbench.chains.context import ContextStore, Evictions, RunRecord, SessionLimits
 from workbench.errors import StoreError
+from workbench.tracing.clock import now_ns
 from workbench.tracing.openinference import unshown
 
 _T = TypeVar("_T")
@@ -43,9 +44,53 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """,
         "CREATE INDEX runs_by_session ON runs (session, seq)",
     ),
+    (
+        # Each run's size, and per session and in all what the runs hold, kept by triggers in the same statement as
+        # the write (any process's, forgets included), so a write checks the limits without counting the file.
+        "ALTER TABLE runs ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0",
+        "UPDATE runs SET bytes = length(CAST(run_id AS BLOB)) + length(CAST(chain AS BLOB)) + length(CAST(inputs AS "
+        "BLOB)) + length(CAST(outputs AS BLOB)) + length(CAST(output AS BLOB)) + length(CAST(status AS BLOB)) + "
+        "COALESCE(length(CAST(error AS BLOB)), 0) + length(CAST(meta AS BLOB))",
+        "CREATE INDEX runs_by_start ON runs (started_at)",
+        # born: the seq of the session's first run since it last had none. A forget deletes the row, and the next run
+        # makes a new one, so a run that read the history under one born and finds another knows it was forgotten.
+        """
+        CREATE TABLE sessions (
+            session  TEXT PRIMARY KEY,
+            born     INTEGER NOT NULL,
+            runs     INTEGER NOT NULL,
+            bytes    INTEGER NOT NULL,
+            last_seq INTEGER NOT NULL
+        )
+        """,
+        "INSERT INTO sessions SELECT session, MIN(seq), COUNT(*), SUM(bytes), MAX(seq) FROM runs GROUP BY session",
+        "CREATE INDEX sessions_by_activity ON sessions (last_seq)",
+        "CREATE TABLE totals (id INTEGER PRIMARY KEY CHECK (id = 0), sessions INTEGER NOT NULL, runs INTEGER NOT NULL,"
+        " bytes INTEGER NOT NULL)",
+        "INSERT INTO totals SELECT 0, COUNT(*), COALESCE(SUM(runs), 0), COALESCE(SUM(bytes), 0) FROM sessions",
+        """
+        CREATE TRIGGER run_added AFTER INSERT ON runs BEGIN
+            INSERT OR IGNORE INTO sessions (session, born, runs, bytes, last_seq)
+                VALUES (NEW.session, NEW.seq, 0, 0, NEW.seq);
+            UPDATE sessions SET runs = runs + 1, bytes = bytes + NEW.bytes, last_seq = NEW.seq
+                WHERE session = NEW.session;
+            UPDATE totals SET runs = runs + 1, bytes = bytes + NEW.bytes,
+                sessions = sessions + (SELECT runs = 1 FROM sessions WHERE session = NEW.session);
+        END
+        """,
+        """
+        CREATE TRIGGER run_removed AFTER DELETE ON runs BEGIN
+            UPDATE sessions SET runs = runs - 1, bytes = bytes - OLD.bytes WHERE session = OLD.session;
+            UPDATE totals SET runs = runs - 1, bytes = bytes - OLD.bytes,
+                sessions = sessions - (SELECT runs = 0 FROM sessions WHERE session = OLD.session);
+            DELETE FROM sessions WHERE session = OLD.session AND runs = 0;
+        END
+        """,
+    ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 _COLUMNS = "run_id, chain, inputs, outputs, output, started_at, duration_ms, status, error, meta"
+_INSERT = f"INSERT INTO runs (session, {_COLUMNS}, bytes)"
 
 
 def data_root(data_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -65,21 +110,61 @@ class SQLiteContextStore(ContextStore):
     Every value is stored as JSON; one that JSON cannot hold is stored as its ``repr`` and the
     record's ``meta["stored_as_repr"]`` names the field (``"outputs.stats"``, ``"output"``).
     The file is opened on first use, so a workbench that never uses sessions never touches it.
+    ``limits`` bound what it keeps (:class:`SessionLimits`; by default 1 GiB of runs): each write drops what they no
+    longer allow, in the same transaction.
     """
 
-    def __init__(self, path: str | os.PathLike[str], timeout_s: float = 30.0) -> None:
+    def __init__(self, path: str | os.PathLike[str], timeout_s: float = 30.0,
+                 limits: SessionLimits | None = None) -> None:
         self.path = Path(path).expanduser()
         self._timeout_s = timeout_s
+        self._limits = limits if limits is not None else SessionLimits()
+        self._evicted = Evictions(lambda: repr(str(self.path)))
         # One connection, used under a lock: SQLite serialises writers anyway, and a lock is
         # simpler to close than a connection per thread. Other processes wait on SQLite's own lock.
         self._lock = threading.Lock()
         self._connection: sqlite3.Connection | None = None
         self._inode: int | None = None  # of the file the connection opened
 
+    @property
+    def limits(self) -> SessionLimits:
+        return self._limits
+
+    def set_limits(self, limits: SessionLimits) -> None:
+        self._limits = limits
+
     def append(self, session: str, record: RunRecord) -> None:
-        row = (session, *_encode(record))
-        # One INSERT is one transaction: a run is in the file whole, or not at all.
-        self._execute(f"INSERT INTO runs (session, {_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+        self._write(session, record, None)
+
+    def _write(self, session: str, record: RunRecord, born: int | None) -> bool:
+        """Insert ``record`` (unless ``born`` is given and the session is no longer the one it names: it was forgotten
+        since) and drop what the limits no longer allow, in one transaction: a run is in the file whole or not at
+        all, and no write leaves the file past its bounds. Whether the record was kept."""
+        encoded = _encode(record)
+        row = (session, *encoded, _size(encoded))
+        values = "?, " * (len(row) - 1) + "?"
+        limits = self._limits
+
+        def write(connection: sqlite3.Connection) -> tuple[bool, int]:
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                if born is None or born == 0:  # no mark, or the session had no runs when it was read
+                    connection.execute(f"{_INSERT} VALUES ({values})", row)
+                    kept = True
+                else:
+                    kept = bool(connection.execute(
+                        f"{_INSERT} SELECT {values} WHERE (SELECT born FROM sessions WHERE session = ?) = ? "
+                        "RETURNING seq", (*row, session, born)).fetchall())
+                evicted = _trim(connection, session, limits) if kept else 0
+                connection.execute("COMMIT")
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+            return kept, evicted
+
+        kept, evicted = self._run(write)
+        self._evicted.add(evicted, limits)
+        return kept
 
     def history(self, session: str, limit: int | None = None) -> list[RunRecord]:
         if limit is not None and limit <= 0:
@@ -87,40 +172,39 @@ class SQLiteContextStore(ContextStore):
         return self._decoded(self._execute(*_history_query(session, limit)), session)
 
     def marked_history(self, session: str, limit: int | None = None) -> tuple[list[RunRecord], object]:
-        """The history, and how many runs the session had then, up to which one: a forget since, by any process,
-        deletes them, which :meth:`append_marked` sees (read in one transaction, so the two agree)."""
+        """The history, and the session's ``born`` then (0: it had no runs): a forget since, by any process, deletes
+        the session, and its next run makes another, which :meth:`append_marked` sees (read in one transaction, so
+        the two agree). The limits dropping a session's oldest runs leave it the same session."""
 
         def read(connection: sqlite3.Connection) -> tuple[list[tuple[Any, ...]], tuple[int, int]]:
             connection.execute("BEGIN")
             try:
                 rows = connection.execute(*_history_query(session, limit)).fetchall() \
                     if limit is None or limit > 0 else []
-                count, last = connection.execute(
-                    "SELECT COUNT(*), COALESCE(MAX(seq), 0) FROM runs WHERE session = ?", (session,)).fetchone()
+                born = connection.execute("SELECT born FROM sessions WHERE session = ?", (session,)).fetchone()
             finally:
                 connection.execute("COMMIT")  # a read: nothing to keep or undo
-            return rows, (int(count), int(last))
+            return rows, int(born[0]) if born else 0
 
         rows, mark = self._run(read)
         return self._decoded(rows, session), mark
 
     def append_marked(self, session: str, record: RunRecord, mark: object) -> bool:
-        """Keep ``record`` unless the runs the session had at ``mark`` are gone (it was forgotten since): one
-        statement, so no forget can come between the check and the write."""
-        if not isinstance(mark, tuple):
+        """Keep ``record`` unless the session is no longer the one ``mark`` names (it was forgotten since): checked in
+        the write's own transaction, so no forget can come between the check and the write."""
+        if not isinstance(mark, int) or isinstance(mark, bool):
             return super().append_marked(session, record, mark)
-        count, last = mark
-        kept = self._execute(
-            f"INSERT INTO runs (session, {_COLUMNS}) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? "
-            "WHERE (SELECT COUNT(*) FROM runs WHERE session = ? AND seq <= ?) = ? RETURNING seq",
-            (session, *_encode(record), session, last, count))
-        return bool(kept)
+        return self._write(session, record, mark)
 
     def sessions(self) -> list[str]:
         return [row[0] for row in self._execute("SELECT DISTINCT session FROM runs ORDER BY session", ())]
 
     def forget(self, session: str) -> int:
         return len(self._execute("DELETE FROM runs WHERE session = ? RETURNING seq", (session,)))
+
+    def stats(self) -> dict[str, int]:
+        sessions, runs, size = self._execute("SELECT sessions, runs, bytes FROM totals", ())[0]
+        return {"sessions": sessions, "runs": runs, "bytes": size, "evicted_runs": self._evicted.count}
 
     def close(self) -> None:
         with self._lock:
@@ -388,6 +472,57 @@ def _encode(record: RunRecord) -> tuple[Any, ...]:
         None if record.error is None else record.error.encode("utf-8", "backslashreplace").decode("utf-8"),
         _dumps(meta),
     )
+
+
+def _size(encoded: tuple[Any, ...]) -> int:
+    """The bytes an encoded record's text columns take (UTF-8), as the schema's backfill counts them."""
+    return sum(len(value.encode("utf-8", "surrogatepass")) for value in encoded if isinstance(value, str))
+
+
+def record_bytes(record: RunRecord) -> int:
+    """What ``record`` takes in the store, as its limits count it."""
+    return _size(_encode(record))
+
+
+def _trim(connection: sqlite3.Connection, session: str, limits: SessionLimits) -> int:
+    """After a run was appended to ``session``, delete what ``limits`` no longer allow (see SessionLimits), in the
+    caller's transaction; how many runs went."""
+    dropped = 0
+    if limits.runs_per_session is not None:
+        edge = connection.execute("SELECT seq FROM runs WHERE session = ? ORDER BY seq DESC LIMIT 1 OFFSET ?",
+                                  (session, limits.runs_per_session)).fetchone()
+        if edge is not None:
+            dropped += connection.execute("DELETE FROM runs WHERE session = ? AND seq <= ?",
+                                          (session, edge[0])).rowcount
+    if limits.max_age_s is not None:
+        dropped += connection.execute("DELETE FROM runs WHERE started_at < ?",
+                                      (now_ns() / 1e9 - limits.max_age_s,)).rowcount
+    sessions, total = connection.execute("SELECT sessions, bytes FROM totals").fetchone()
+    over_sessions = sessions - limits.max_sessions if limits.max_sessions is not None else 0
+    over_bytes = total - limits.max_bytes if limits.max_bytes is not None else 0
+    if over_sessions > 0 or over_bytes > 0:
+        going: list[tuple[str]] = []
+        others = connection.execute("SELECT session, bytes FROM sessions WHERE session != ? ORDER BY last_seq",
+                                    (session,))
+        for name, size in others:  # least recently active first
+            if over_sessions <= 0 and over_bytes <= 0:
+                break
+            going.append((name,))
+            over_sessions -= 1
+            over_bytes -= size
+        others.close()
+        for name in going:
+            dropped += connection.execute("DELETE FROM runs WHERE session = ?", name).rowcount
+    if over_bytes > 0:  # the session written holds more than max_bytes alone: its oldest runs go, its newest stays
+        edge = None
+        for seq, size in connection.execute("SELECT seq, bytes FROM runs WHERE session = ? ORDER BY seq DESC "
+                                            "LIMIT -1 OFFSET 1", (session,)).fetchall()[::-1]:
+            if over_bytes <= 0:
+                break
+            edge, over_bytes = seq, over_bytes - size
+        if edge is not None:
+            dropped += connection.execute("DELETE FROM runs WHERE session = ? AND seq <= ?", (session, edge)).rowcount
+    return dropped
 
 
 def _dumps(value: Any) -> str:

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 # Only light modules here: `autoglm --help` must answer at once, so torch and transformers load
 # inside the commands that need them.
@@ -134,6 +134,33 @@ def _models(items: Sequence[str]) -> dict[str, str]:
             raise ParseError(f"--model {name!r} is given twice", hint="give each model one --model NAME=PATH")
         models[name] = source
     return models
+
+
+def _session_limits(items: Sequence[str]) -> Any:
+    """``--session-limit KEY=VALUE`` items as a SessionLimits (None: none given, the default limits)."""
+    import dataclasses
+
+    from workbench.chains.context import SessionLimits
+
+    if not items:
+        return None
+    names = [f.name for f in dataclasses.fields(SessionLimits)]
+    given: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or key not in names:
+            raise ParseError(f"--session-limit {item!r} is not KEY=VALUE with KEY one of {', '.join(names)}"
+                             + did_you_mean(key, names), hint="e.g. --session-limit runs_per_session=1000")
+        if key in given:
+            raise ParseError(f"--session-limit {key} is given twice", hint="give each bound once")
+        try:
+            given[key] = None if text.strip().lower() == "none" else (
+                float(text) if key == "max_age_s" else int(text))
+        except ValueError:
+            raise ParseError(f"--session-limit {key}={text!r}: not a number",
+                             hint=f"a whole number{' of seconds' if key == 'max_age_s' else ''}, or none for no "
+                             "bound") from None
+    return SessionLimits(**given)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -259,7 +286,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     models = _models(args.model)
     specs = [_read_spec(path) for path in args.spec]
-    with Workbench(data_dir=args.data_dir, allow_modules=args.allow_module) as bench:
+    session_limits = _session_limits(args.session_limit)
+    with Workbench(data_dir=args.data_dir, allow_modules=args.allow_module, session_limits=session_limits) as bench:
         # What serving would refuse is refused before the models load (minutes for a large one). Keys live in the
         # data directory; JWT settings and limits come from the environment (a container's secrets).
         auth = resolve_auth(Auth.open() if args.no_auth else Auth.from_env(bench.data_dir), args.host, bench.data_dir)
@@ -331,6 +359,9 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
                        help="the address to listen on (default 127.0.0.1; name another to be reachable from it)")
     serve.add_argument("--data-dir", metavar="D", help="where keys and sessions live (default: $AUTOGLM_DATA_DIR, "
                        "else ~/.local/share/autoglm-workbench)")
+    serve.add_argument("--session-limit", action="append", default=[], metavar="KEY=VALUE",
+                       help="bound what the sessions store keeps: runs_per_session, max_sessions, max_bytes, "
+                       "max_age_s (none: no bound); repeat for each (default: max_bytes=1073741824)")
     serve.add_argument("--no-auth", action="store_true",
                        help="take calls without credentials (every caller is an admin); loopback hosts only")
     serve.add_argument("--allow-module", action="append", default=[], metavar="MODULE",
