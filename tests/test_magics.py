@@ -337,13 +337,16 @@ def test_a_ctrl_c_mid_stream_ends_the_line_it_cut(with_tiny: InteractiveShell, c
     assert [line[:7] for line in captured.stdout.splitlines()] == ["[plan] ", "[halt] "]
 
 
-def test_a_ctrl_c_on_run_binds_what_the_run_had_done(with_tiny: InteractiveShell, ctrl_c_raises: None) -> None:
-    # Before, the stop button left _autoglm_run as it was (another run, or none) and the finished hops were lost.
+@pytest.mark.parametrize("stream", ["", " --stream"], ids=["run", "stream"])
+def test_a_ctrl_c_on_run_binds_what_the_run_had_done(with_tiny: InteractiveShell, ctrl_c_raises: None,
+                                                     stream: str) -> None:
+    # Before, the stop button left _autoglm_run as it was (another run, or none) and the finished hops were lost;
+    # with --stream it still did (a bare KeyboardInterrupt) after the plain run kept them.
     released = threading.Event()
     _cut_chain(with_tiny, released)
     try:
         with capture_output(), pytest.raises(wb.RunInterrupted) as info:
-            with_tiny.run_line_magic("autoglm", "run cut question=hi")
+            with_tiny.run_line_magic("autoglm", "run cut question=hi" + stream)
     finally:
         released.set()
     bound = with_tiny.user_ns["_autoglm_run"]

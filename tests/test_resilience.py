@@ -832,6 +832,30 @@ def test_a_ctrl_c_during_chain_run_keeps_what_the_run_had_done(bench: wb.Workben
     assert bench.runs()[-1] is run
 
 
+def test_a_ctrl_c_during_chain_stream_keeps_what_the_run_had_done(bench: wb.Workbench, ctrl_c_raises: None) -> None:
+    release = threading.Event()
+
+    def halt(plan: str) -> str:
+        _thread.interrupt_main()
+        release.wait(30)
+        return plan
+
+    chain = bench.chain({"name": "cut_stream", "hops": [
+        {"name": "plan", "call": lambda question: f"plan for {question}"},
+        {"name": "halt", "call": halt, "uses": ["plan"]}]})
+    seen: list[str] = []
+    try:
+        with pytest.raises(wb.RunInterrupted) as info:
+            for event in chain.stream(question="hi"):
+                seen.append(type(event).__name__)
+    finally:
+        release.set()
+    run = info.value.run
+    assert "RunFinished" not in seen  # the Ctrl-C may land before the events already queued were read
+    assert run.outputs == {"plan": "plan for hi"} and run.error.hop == "halt"
+    assert bench.runs()[-1] is run
+
+
 def test_an_async_hop_that_never_answers_times_out_and_falls_back(bench: wb.Workbench) -> None:
     calls: list[str] = []
 

@@ -440,6 +440,30 @@ def test_the_stop_button_cancels_a_long_run_at_its_next_token_and_keeps_what_it_
     eventually(cancelled, "the stopped run's model call to end cancelled")
 
 
+def test_the_stop_button_stops_a_hop_that_streams_nothing_while_it_runs(loaded: wb.Workbench) -> None:
+    # The stop was heard only at the run's next event: a Python hop of a minute (or a long prefill) ran on to its
+    # end, the builder showing "stopping ..." the while.
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(question: str) -> str:
+        entered.set()
+        release.wait(60)
+        return question
+
+    builder = ChainBuilder(loaded, chain=loaded.chain({"name": "slow_stop", "hops": [{"name": "work", "call": slow}]}))
+    builder.inputs["question"].value = "q"
+    try:
+        assert builder.run() is True
+        assert entered.wait(30)
+        assert builder.stop() is True
+        builder.wait(10)
+        assert not builder.running and not release.is_set()  # stopped while the hop still runs
+        assert builder.status == "stopped 'slow_stop': the run was cancelled" and builder.error == ""
+        assert builder.last_run is None
+    finally:
+        release.set()
+
+
 def test_run_returns_at_once_while_the_chain_runs_in_the_background(loaded: wb.Workbench) -> None:
     builder = ChainBuilder(loaded)
     builder.hop_editors[0].kind.value = "python"

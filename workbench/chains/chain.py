@@ -6,6 +6,7 @@ import asyncio
 import html
 import os
 import queue
+import threading
 import logging
 import warnings
 import weakref
@@ -277,15 +278,26 @@ class Chain:
         """Run once, yielding what happens as it happens: HopStarted, Token (LLM hops), HopFinished, RunFinished.
 
         The last event is RunFinished with the Run (a failed hop leaves ``run.error`` set; nothing is
-        raised). Leaving the loop early, or a Ctrl-C, cancels the run.
+        raised). Leaving the loop early, or a Ctrl-C, cancels the run; a Ctrl-C raises :class:`RunInterrupted`
+        holding what the run had done, as :meth:`run` does.
         """
+        return self._stream(session, inputs, None)
+
+    def _stream(self, session: str | None, inputs: dict[str, Any], stop: threading.Event | None) -> Iterator[Event]:
+        """:meth:`stream`; ``stop`` set (from another thread: a widget's stop button) cancels the run and ends the
+        stream within _POLL_S, between events as well as at one, where leaving the loop is heard only at the next."""
         self._host.check_open(f"run chain {self.name!r}")
         self._host.check_blocking()  # on the host's loop the events would never come
         events: queue.SimpleQueue[Event] = queue.SimpleQueue()
-        with lending() as lent:  # in a Python hop: its thread runs the run's hop work while it waits for events
-            put: Callable[[Event], None] = events.put if lent is None else \
-                lambda event: lent.offer(partial(events.put, event))  # wakes the thread as the work does, in order
-            future = self._host.start(self._host.arun_spec(self.spec, inputs, session, put))
+        keeper = RunKeeper()  # where the runner leaves the partial run if a Ctrl-C stops it
+        token = INTERRUPTED_RUNS.set(keeper)  # copied into the run's task as it starts, and reset at once: a
+        try:  # generator's frame shares its caller's context
+            with lending() as lent:  # in a Python hop: its thread runs the run's hop work while it waits for events
+                put: Callable[[Event], None] = events.put if lent is None else \
+                    lambda event: lent.offer(partial(events.put, event))  # wakes the thread as the work does, in order
+                future = self._host.start(self._host.arun_spec(self.spec, inputs, session, put))
+        finally:
+            INTERRUPTED_RUNS.reset(token)
 
         def next_event() -> Event:
             """The run's next event; queue.Empty when none came for _POLL_S (a Ctrl-C is heard between waits)."""
@@ -301,14 +313,24 @@ class Chain:
                 try:
                     event = next_event()
                 except queue.Empty:
+                    if stop is not None and stop.is_set():
+                        return
                     if future.done():
                         if future.cancelled():  # the host's loop stopped under the run: close() cut it short
                             self._host.check_open("finish what it was running")
                         _raise_failure(future.exception())
                     continue
+                if stop is not None and stop.is_set():
+                    return
                 yield event
                 if isinstance(event, RunFinished):
                     return
+        except KeyboardInterrupt:
+            future.cancel()
+            keeper.ended.wait(_INTERRUPTED_WAIT_S)  # the cancel reaches the run's task on the loop: let it end there
+            if keeper.runs:
+                raise RunInterrupted(keeper.runs[0]) from None
+            raise
         finally:
             future.cancel()
 
