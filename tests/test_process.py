@@ -175,6 +175,9 @@ def test_an_isolated_model_answers_as_in_process_from_a_process_of_its_own(pair:
     assert set(inside["attributes.workbench.process.pid"]) == {child}
     assert inside.loc["prefill iso", "end_time"] == inside.loc["decode iso", "start_time"]
     assert inside.loc["decode iso", "attributes.workbench.batch.steps"] == batch["attributes.workbench.batch.steps"]
+    # Recorded in the child: this process's collector pauses did not stop them, so they are charged none (they were
+    # charged every pause of this process that fell inside them); the batch span, open here, is.
+    assert inside["gc_ms"].isna().all() and batch["gc_ms"] >= 0
     with pytest.raises(wb.StrategyError, match="child process"):
         pair.set_batching("iso", wb.ContinuousBatching())
 

@@ -330,9 +330,8 @@ class ModelWorker:
             }
         )
         for remote in timing.spans:
-            self._tracing.start_span(remote.name, span, remote.attributes, start_time=remote.start_ns).end(
-                end_time=remote.end_ns
-            )
+            self._tracing.start_span(remote.name, span, {**remote.attributes, attr.RECORDED_ELSEWHERE: True},
+                                     start_time=remote.start_ns).end(end_time=remote.end_ns)
         span.set_status(Status(StatusCode.OK))
         span.end()
         # Spans first, answers after, in a tight loop: the awaiting runs then wake together and send

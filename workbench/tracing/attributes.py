@@ -67,6 +67,9 @@ MODEL_MEMORY_BYTES = "workbench.model.memory_bytes"
 MODEL_ADAPTER = "workbench.model.adapter"
 MODEL_ISOLATION = "workbench.model.isolation"  # thread (in this process) or process (a child of its own)
 PROCESS_PID = "workbench.process.pid"  # the process a model runs in, when that is a child process
+# True on a span recorded in another process (a model process's prefill and decode) and re-created here: this
+# process's garbage-collector pauses did not stop it, so the trace table gives it no gc_ms.
+RECORDED_ELSEWHERE = "workbench.span.recorded_elsewhere"
 PROCESS_RESTARTS = "workbench.process.restarts"  # how often that child process was started again after dying
 PROCESS_PREVIOUS_PID = "workbench.process.previous_pid"  # on a restart span: the child process that died
 IPC_MS = "workbench.ipc_ms"  # a batch's round trip to the model process, less the time the child spent on it

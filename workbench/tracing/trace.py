@@ -188,7 +188,9 @@ class Trace:
                 "offset_ms": _ms(start - trace_start[span.context.trace_id]),
                 "duration_ms": _ms(end - start),
                 "self_ms": _ms(end - start - _covered_ns([iv for iv in clipped if iv[1] > iv[0]])),
-                "gc_ms": _ms(in_gc(start, end)),  # every thread stops for a collection, so each open span pays it
+                # Every thread stops for a collection, so each open span pays it; one recorded in another process
+                # (a model process's decode) paid that process's, which this one does not know.
+                "gc_ms": None if a.get(attr.RECORDED_ELSEWHERE) else _ms(in_gc(start, end)),
                 "queue_ms": a.get(attr.QUEUE_MS),
                 "ttft_ms": a.get(attr.TTFT_MS),
                 "decode_ms": decode_ms,

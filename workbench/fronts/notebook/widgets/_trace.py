@@ -86,7 +86,7 @@ def span_payload(trace: Trace, max_spans: int = MAX_SPANS) -> list[dict[str, Any
                 "start_ms": (row["start_time"] - origin) / pd.Timedelta(milliseconds=1),
                 "duration_ms": float(row["duration_ms"]),
                 "queue_ms": _plain(row["queue_ms"]) or 0.0,
-                "gc_ms": float(row["gc_ms"]),
+                "gc_ms": _plain(row["gc_ms"]),  # None for a span recorded in another process
                 "status": row["status_code"],
                 "attributes": attributes,
             }
