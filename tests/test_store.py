@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 
 import workbench as wb
-from workbench.chains.sqlite_store import SCHEMA_VERSION, SESSIONS_FILE, record_bytes
+from workbench.chains.context import record_bytes
+from workbench.chains.sqlite_store import SCHEMA_VERSION, SESSIONS_FILE
 
 CHAT = dedent(
     """\
@@ -498,12 +499,12 @@ def test_a_workbench_bounds_its_sessions_and_says_so_once(tmp_path: Path, caplog
         assert bench.session_limits == wb.SessionLimits(runs_per_session=2)
         echo = {"name": "echo", "call": lambda history, q: f"{len(history)}:{q}"}
         chain = bench.chain({"name": "py", "hops": [echo]})
-        with caplog.at_level("WARNING", logger="workbench.sessions"):
+        with caplog.at_level("WARNING", logger="workbench.chains.context"):
             outputs = [chain.run(session="s1", q=q).output for q in "abcd"]
         assert outputs == ["0:a", "1:b", "2:c", "2:d"]  # a run reads what its session still keeps
         assert list(bench.session("s1").history()["output"]) == ["2:c", "2:d"]
         assert bench.session_stats()["evicted_runs"] == 2
-        (warning,) = [r.getMessage() for r in caplog.records if r.name == "workbench.sessions"]
+        (warning,) = [r.getMessage() for r in caplog.records if r.name == "workbench.chains.context"]
         assert "reached its limits" in warning and "runs_per_session=2" in warning
         with pytest.raises(wb.SettingsError, match="takes a wb.SessionLimits"):
             bench.set_session_limits({"runs_per_session": 5})  # type: ignore[arg-type]

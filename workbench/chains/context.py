@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, overload
 
 from workbench.errors import SettingsError
 from workbench.tracing.clock import now_ns
+from workbench.tracing.openinference import unshown
 
 if TYPE_CHECKING:
     from workbench.chains.run import Run
 
-log = logging.getLogger("workbench.sessions")
+log = logging.getLogger(__name__)
+
+# Where a value that JSON cannot hold was kept as its repr: meta[STORED_AS_REPR] lists the fields.
+STORED_AS_REPR = "stored_as_repr"
 
 # What a store keeps by default: 1 GiB of runs (their stored JSON), then the least recently active sessions go.
 DEFAULT_SESSION_BYTES = 1 << 30
@@ -204,9 +209,7 @@ class InMemoryContextStore(ContextStore):
         self._limits = limits
 
     def append(self, session: str, record: RunRecord) -> None:
-        from workbench.chains.sqlite_store import record_bytes  # the SQLite store's count, so both bound alike
-
-        size = record_bytes(record)
+        size = record_bytes(record)  # as the SQLite store counts it, so both bound alike
         with self._lock:
             runs = self._runs.get(session)
             if runs is None:
@@ -319,3 +322,70 @@ class SessionWrites:
             forgotten = self.store.forget(session)  # first: a store that cannot forget keeps every run as before
             self._forgets[session] = self._forgets.get(session, 0) + 1
             return forgotten
+
+
+# -- how a store writes a record: JSON text, a value JSON cannot hold as its repr --------------------------
+
+
+def encode_record(record: RunRecord) -> tuple[Any, ...]:
+    """``record`` as a store keeps it: run_id, chain, inputs, outputs, output (JSON text), started_at, duration_ms,
+    status, error, meta (JSON text; ``meta[STORED_AS_REPR]`` names the values kept as their repr)."""
+    as_repr: list[str] = []
+    inputs = _json_values(record.inputs, "inputs", as_repr)
+    outputs = _json_values(record.outputs, "outputs", as_repr)
+    output = _json_value(record.output, "output", as_repr)
+    meta = _json_values(record.meta, "meta", as_repr)
+    if as_repr:
+        meta[STORED_AS_REPR] = as_repr
+    return (
+        record.run_id,
+        record.chain,
+        _dumps(inputs),
+        _dumps(outputs),
+        _dumps(output),
+        record.started_at,
+        record.duration_ms,
+        record.status,
+        # A message for people, not a value: a character UTF-8 cannot hold is shown as its escape.
+        None if record.error is None else record.error.encode("utf-8", "backslashreplace").decode("utf-8"),
+        _dumps(meta),
+    )
+
+
+def _dumps(value: Any) -> str:
+    """JSON text that SQLite can store as UTF-8: readable as written, or \\u-escaped where UTF-8 cannot hold it."""
+    text = json.dumps(value, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate (what surrogateescape makes of bytes that are not UTF-8) has no UTF-8 form;
+        # JSON's \u escape keeps it, and the value reads back exactly.
+        return json.dumps(value)
+    return text
+
+
+def _json_values(values: Mapping[str, Any], where: str, as_repr: list[str]) -> dict[str, Any]:
+    return {str(key): _json_value(value, f"{where}.{key}", as_repr) for key, value in values.items()}
+
+
+def _json_value(value: Any, where: str, as_repr: list[str]) -> Any:
+    """``value`` if JSON holds it as it is, else its repr (never pickle: reading a store runs no code)."""
+    try:
+        json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):
+        as_repr.append(where)
+        try:
+            return repr(value)
+        except Exception as exc:  # a repr that raises, or recurses too deep: the run is kept all the same
+            return unshown(value, exc)
+    return value
+
+
+def encoded_bytes(encoded: tuple[Any, ...]) -> int:
+    """The bytes an encoded record's text columns take (UTF-8), as the schema's backfill counts them."""
+    return sum(len(value.encode("utf-8", "surrogatepass")) for value in encoded if isinstance(value, str))
+
+
+def record_bytes(record: RunRecord) -> int:
+    """What ``record`` takes in the store, as its limits count it."""
+    return encoded_bytes(encode_record(record))

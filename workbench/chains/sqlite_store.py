@@ -8,19 +8,18 @@ import sqlite3
 import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from workbench.chains.context import ContextStore, Evictions, RunRecord, SessionLimits
+from workbench.chains.context import encode_record as _encode
+from workbench.chains.context import encoded_bytes as _size
 from workbench.errors import StoreError
 from workbench.tracing.clock import now_ns
-from workbench.tracing.openinference import unshown
 
 _T = TypeVar("_T")
 SESSIONS_FILE = "sessions.sqlite3"
-# Where a value that JSON cannot hold was kept as its repr: meta[STORED_AS_REPR] lists the fields.
-STORED_AS_REPR = "stored_as_repr"
 
 # Each entry takes the schema from version N to N + 1 (PRAGMA user_version). A change to the
 # schema appends an entry; one that was released is never edited, so every older file upgrades.
@@ -451,39 +450,6 @@ def _history_query(session: str, limit: int | None) -> tuple[str, tuple[Any, ...
             (session, -1 if limit is None or limit >= 2**63 else limit))
 
 
-def _encode(record: RunRecord) -> tuple[Any, ...]:
-    as_repr: list[str] = []
-    inputs = _json_values(record.inputs, "inputs", as_repr)
-    outputs = _json_values(record.outputs, "outputs", as_repr)
-    output = _json_value(record.output, "output", as_repr)
-    meta = _json_values(record.meta, "meta", as_repr)
-    if as_repr:
-        meta[STORED_AS_REPR] = as_repr
-    return (
-        record.run_id,
-        record.chain,
-        _dumps(inputs),
-        _dumps(outputs),
-        _dumps(output),
-        record.started_at,
-        record.duration_ms,
-        record.status,
-        # A message for people, not a value: a character UTF-8 cannot hold is shown as its escape.
-        None if record.error is None else record.error.encode("utf-8", "backslashreplace").decode("utf-8"),
-        _dumps(meta),
-    )
-
-
-def _size(encoded: tuple[Any, ...]) -> int:
-    """The bytes an encoded record's text columns take (UTF-8), as the schema's backfill counts them."""
-    return sum(len(value.encode("utf-8", "surrogatepass")) for value in encoded if isinstance(value, str))
-
-
-def record_bytes(record: RunRecord) -> int:
-    """What ``record`` takes in the store, as its limits count it."""
-    return _size(_encode(record))
-
-
 def _trim(connection: sqlite3.Connection, session: str, limits: SessionLimits) -> int:
     """After a run was appended to ``session``, delete what ``limits`` no longer allow (see SessionLimits), in the
     caller's transaction; how many runs went."""
@@ -523,35 +489,6 @@ def _trim(connection: sqlite3.Connection, session: str, limits: SessionLimits) -
         if edge is not None:
             dropped += connection.execute("DELETE FROM runs WHERE session = ? AND seq <= ?", (session, edge)).rowcount
     return dropped
-
-
-def _dumps(value: Any) -> str:
-    """JSON text that SQLite can store as UTF-8: readable as written, or \\u-escaped where UTF-8 cannot hold it."""
-    text = json.dumps(value, ensure_ascii=False)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        # A lone surrogate (what surrogateescape makes of bytes that are not UTF-8) has no UTF-8 form;
-        # JSON's \u escape keeps it, and the value reads back exactly.
-        return json.dumps(value)
-    return text
-
-
-def _json_values(values: Mapping[str, Any], where: str, as_repr: list[str]) -> dict[str, Any]:
-    return {str(key): _json_value(value, f"{where}.{key}", as_repr) for key, value in values.items()}
-
-
-def _json_value(value: Any, where: str, as_repr: list[str]) -> Any:
-    """``value`` if JSON holds it as it is, else its repr (never pickle: reading a store runs no code)."""
-    try:
-        json.dumps(value, ensure_ascii=False)
-    except (TypeError, ValueError, RecursionError):
-        as_repr.append(where)
-        try:
-            return repr(value)
-        except Exception as exc:  # a repr that raises, or recurses too deep: the run is kept all the same
-            return unshown(value, exc)
-    return value
 
 
 def _decode(row: tuple[Any, ...], session: str, path: Path) -> RunRecord:
