@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 
 import workbench as wb
 from workbench.engine import GenerationParams
-from workbench.models.adapters import GOLDEN_PROMPTS
+from workbench.models.adapters import GOLDEN_PROMPTS, content_digest
 from workbench.tracing import attributes as attr
 
 PROMPT = "Question: What is the capital of France?\nAnswer:"
@@ -647,6 +648,48 @@ def test_a_version_the_watcher_read_before_the_folder_changed_again_is_not_swapp
     assert bench._stage_model("m", str(watched), GOLDEN_PROMPTS, stale, time.perf_counter()) is None
     assert bench.model_versions("m")[["version", "state"]].values.tolist() == versions == [[1, "live"]]
     assert bench.registry.is_loaded("m")
+
+
+def test_a_version_the_watcher_stages_while_the_model_loads_back_with_it_is_one_version(
+    bench: wb.Workbench, tiny_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The watcher saw the folder change just as keep-warm's load back of the model checked it, and both made a
+    # version of the same weights: the load back's went live, then the watcher's was switched in over it (CI saw
+    # [3, "draining"], [4, "live"]). Here the watcher stages at that moment, on purpose: its load beside waits
+    # until the load back has checked the folder.
+    watched = _watched_beside_other(bench, tiny_path, tmp_path, interval_s=3600)  # no poll of its own in this test
+    bench.generate("other", PROMPT, max_new_tokens=2)
+    assert not bench.registry.is_loaded("m")
+    publish_weights(_weights(tiny_path, tmp_path / "v2", seed=7), watched)
+    digest = content_digest(str(watched), "config.json")
+    staged, checked = threading.Event(), threading.Event()
+    load_beside, check = bench.registry.load_beside, bench.engine.preloader.check_loaded
+    watcher: list[object] = []
+
+    def stage() -> None:
+        watcher.append(bench._stage_model("m", str(watched), GOLDEN_PROMPTS, digest, time.perf_counter()))
+
+    def load_beside_after_the_check(*args: Any, **kwargs: Any) -> Any:
+        staged.set()
+        assert checked.wait(60)
+        return load_beside(*args, **kwargs)
+
+    def check_while_the_watcher_stages(name: str, loaded: Any) -> None:
+        staging = threading.Thread(target=stage)
+        staging.start()
+        assert staged.wait(60)
+        try:
+            check(name, loaded)
+        finally:
+            checked.set()
+            staging.join(60)
+
+    monkeypatch.setattr(bench.registry, "load_beside", load_beside_after_the_check)
+    monkeypatch.setattr(bench.engine.preloader, "check_loaded", check_while_the_watcher_stages)
+    assert bench.generate("m", PROMPT, max_new_tokens=NEW).token_ids == by_hand(watched, None, PROMPT)
+    assert bench.model_versions("m")[["version", "state"]].values.tolist() == [[1, "retired"], [2, "live"]]
+    assert [getattr(v, "state", v) for v in watcher] == ["live"]  # the watcher found it decided, and switched nothing
+    assert bench.generate("m", PROMPT, max_new_tokens=NEW).token_ids == by_hand(watched, None, PROMPT)
 
 
 def _kept_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:

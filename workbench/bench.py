@@ -180,6 +180,9 @@ class Workbench:
         self._adapter_watchers: dict[tuple[str, str], DirectoryWatcher] = {}
         self._model_watchers: dict[str, DirectoryWatcher] = {}
         self._model_versions: dict[str, list[AdapterVersion]] = {}  # versions of each watched model, oldest first
+        # Held while a watched model's versions change: by its watcher (staging one, switching to it) and by a load
+        # back after keep-warm (checking what the folder holds), which may find the same new version at once.
+        self._versions_lock = threading.RLock()
         # Versions a watch refused, by model and digest; kept past an unload, so no later load brings them in.
         self._refused_models: dict[str, dict[str, AdapterVersion]] = {}
         # What each watched model's versions are checked against: the serving kind (model type, vocabulary) and the
@@ -1150,16 +1153,17 @@ class Workbench:
             source = self.registry.settings(name).source
             return None if os.path.abspath(os.path.expanduser(source)) == directory else LATER
         versions = self._model_versions[name]
-        serving = _live(versions)
-        if serving is not None and serving.digest == digest:
-            return None  # checked as the model loaded back (see _check_loaded_version): serving already
-        if content_digest(directory, "config.json") != digest:
-            # The folder changed since the watcher read it (a write it took for settled, then finished while the model
-            # loaded back, say): a swap now would load what the folder holds under the digest of what it held. The next
-            # poll offers what it holds now.
-            return None
-        version = AdapterVersion(name, max(v.version for v in versions) + 1, directory, digest)
-        versions.append(version)
+        with self._versions_lock:
+            serving = _live(versions)
+            if serving is not None and serving.digest == digest:
+                return None  # checked as the model loaded back (see _check_loaded_version): serving already
+            if content_digest(directory, "config.json") != digest:
+                # The folder changed since the watcher read it (a write it took for settled, then finished while the
+                # model loaded back, say): a swap now would load what the folder holds under the digest of what it
+                # held. The next poll offers what it holds now.
+                return None
+            version = AdapterVersion(name, max(v.version for v in versions) + 1, directory, digest)
+            versions.append(version)
         attributes: dict[str, object] = {attr.SPAN_KIND: attr.KIND_CHAIN, attr.MODEL_NAME: name,
                                          attr.ADAPTER_PATH: directory, attr.ADAPTER_DIGEST: digest,
                                          attr.ADAPTER_VERSION: version.version}
@@ -1169,16 +1173,29 @@ class Workbench:
                 new = self.registry.load_beside(name, directory, span)
                 try:
                     check_successor(current, new, prompts)
-                    old = self.registry.replace(name, new)
-                    try:
-                        replaced = self.engine.swap(name, span)  # from here on new requests go to the new workers
-                    except BaseException:  # its replicas could not start (a server replica gone, a device full)
-                        self.registry.replace(name, old)  # the old workers serve on: the registry says so again
-                        raise
+                    with self._versions_lock:
+                        if version.state != "staging":
+                            # The model was evicted and loaded back from this folder meanwhile, and that load checked
+                            # this very version and made it live (_check_loaded_version): it serves already.
+                            self.registry.release(new)
+                            span.set_attribute(attr.ADAPTER_STATE, version.state)
+                            return version
+                        old = self.registry.replace(name, new)
+                        try:
+                            replaced = self.engine.swap(name, span)  # from here on new requests go to the new workers
+                        except BaseException:  # its replicas could not start (a server replica gone, a device full)
+                            self.registry.replace(name, old)  # the old workers serve on: the registry says so again
+                            raise
+                        previous = _live([v for v in versions if v is not version])
+                        version.state, version.loaded_at = "live", time.time()
+                        if previous is not None:
+                            previous.state, previous.switched_at = "draining", time.perf_counter()
                 except BaseException:
                     self.registry.release(new)
                     raise
             except Exception as exc:
+                if version.state != "staging":  # made live (or refused) by a load back meanwhile, which checked it
+                    return version
                 version.state = "refused"
                 version.error = exc.message if isinstance(exc, WorkbenchError) else f"{type(exc).__name__}: {exc}"
                 self._refused_models.setdefault(name, {})[digest] = version
@@ -1187,12 +1204,8 @@ class Workbench:
                 span.set_attribute(attr.ADAPTER_STATE, "refused")
                 log.warning("model %s version %d from %s refused: %s", name, version.version, directory, version.error)
                 return version
-            previous = _live(versions[:-1])
-            version.state, version.loaded_at = "live", time.time()
             version.swap_ms = (time.perf_counter() - noticed) * 1e3
             span.set_attributes({attr.ADAPTER_STATE: "live", attr.ADAPTER_SWAP_MS: version.swap_ms})
-            if previous is not None:
-                previous.state, previous.switched_at = "draining", time.perf_counter()
             if replaced is not None:
                 self.engine.drain(replaced)  # the old workers finish what they hold
             self.registry.release(old)
@@ -1223,6 +1236,10 @@ class Workbench:
         version than the one that served: as a live swap checks one (:func:`check_version`), since the watch, which
         saw it come while the model was out, had nothing to check it against. It joins :meth:`model_versions`, live
         or refused (then ModelLoadError, and the load is undone)."""
+        with self._versions_lock:
+            self._check_loaded_version_locked(name, loaded)
+
+    def _check_loaded_version_locked(self, name: str, loaded: LoadedModel) -> None:
         versions = self._model_versions.get(name)
         checks = self._model_checks.get(name)
         live = _live(versions) if versions else None
@@ -1232,8 +1249,12 @@ class Workbench:
         digest = content_digest(source, "config.json")
         if digest == live.digest:
             return
-        version = AdapterVersion(name, max(v.version for v in versions) + 1, source, digest)
-        versions.append(version)
+        # The watcher may be staging this same version (it saw the folder change as the model was loaded back): this
+        # load checks it, and the watcher, finding it decided, switches to nothing.
+        version = next((v for v in versions if v.state == "staging" and v.digest == digest and v.path == source), None)
+        if version is None:
+            version = AdapterVersion(name, max(v.version for v in versions) + 1, source, digest)
+            versions.append(version)
         try:
             check_version(checks[0], loaded, checks[1], "it")
         except Exception as exc:
