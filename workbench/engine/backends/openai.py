@@ -33,6 +33,7 @@ import asyncio
 import email.utils
 import json
 import math
+import re
 import threading
 import time
 import urllib.request
@@ -662,7 +663,9 @@ class RemoteBackend:
         status = response.status
         said = _quoted(text)
         where = f"model server {url} ({self.served_model!r})"
-        # transformers serve answers a chat for a model without a chat template with a bare HTTP 500.
+        # transformers serve answers a chat for a model without a chat template with a bare HTTP 500 (5.24), or with
+        # HTTP 400 and transformers' own words (5.25: "Cannot use chat template functions because ...").
+        no_template = url == self.chat_url and re.search(r"chat[ _]template", text, re.IGNORECASE) is not None
         chat = " (a model without a chat template cannot take messages: give the hop prompt: instead)" \
             if url == self.chat_url else ""
         if status == 429:
@@ -685,6 +688,8 @@ class RemoteBackend:
                 403: "check the api_key",
                 404: f"check served_model ({self.served_model!r}) and that the URL ends in /v1"}.get(
             status, "the server refused the request as sent: its message above says why")
+        if no_template and status not in (401, 403, 404):
+            hint = "the served model has no chat template, so it cannot take messages: give the hop prompt: instead"
         return RemoteError(f"{where} refused the request: HTTP {status}" + (f": {said}" if said else ""),
                            kind="rejected", url=url, status=status, hint=hint)
 
