@@ -502,11 +502,12 @@ def test_serve_takes_the_gateways_limits_and_refuses_a_bad_one_before_serving(li
 
 
 @pytest.mark.parametrize(("items", "limits"), [
-    ([], None),
-    (["runs_per_session=100", "max_age_s=86400.5"], wb.SessionLimits(runs_per_session=100, max_age_s=86400.5)),
+    ([], wb.SessionLimits(max_bytes=1 << 30)),  # a server keeps 1 GiB of runs unless told
+    (["runs_per_session=100", "max_age_s=86400.5"],
+     wb.SessionLimits(runs_per_session=100, max_age_s=86400.5, max_bytes=1 << 30)),
     (["max_bytes=none", "max_sessions=7"], wb.SessionLimits(max_bytes=None, max_sessions=7)),
 ])
-def test_serves_session_limits_are_read_as_typed(items: list[str], limits: wb.SessionLimits | None) -> None:
+def test_serves_session_limits_are_read_as_typed(items: list[str], limits: wb.SessionLimits) -> None:
     from workbench.fronts.cli import _session_limits
 
     assert _session_limits(items) == limits

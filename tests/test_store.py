@@ -494,6 +494,13 @@ def test_a_store_of_the_first_schema_is_upgraded_with_its_sizes_and_totals(tmp_p
         assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
 
 
+def test_a_notebooks_store_keeps_every_run_unless_told(tmp_path: Path) -> None:
+    # An upgrade must not begin to drop a researcher's oldest sessions unasked: only a server bounds by default.
+    with wb.Workbench(data_dir=tmp_path) as bench:
+        assert bench.session_limits == wb.SessionLimits() == wb.SessionLimits(None, None, None, None)
+        assert wb.InMemoryContextStore().limits == wb.SessionLimits()
+
+
 def test_a_workbench_bounds_its_sessions_and_says_so_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with wb.Workbench(data_dir=tmp_path, session_limits=wb.SessionLimits(runs_per_session=2)) as bench:
         assert bench.session_limits == wb.SessionLimits(runs_per_session=2)

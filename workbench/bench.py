@@ -125,7 +125,7 @@ class Workbench:
     Sessions persist in ``data_dir`` (default ``$AUTOGLM_DATA_DIR``, else
     ``~/.local/share/autoglm-workbench``), in the SQLite file ``sessions.sqlite3``, so a kernel
     restart keeps them; ``store=InMemoryContextStore()`` keeps them in memory instead. ``session_limits`` bound what
-    the store keeps (:class:`SessionLimits`; by default 1 GiB of runs, then the least recently active sessions go).
+    the store keeps (:class:`SessionLimits`; by default no bound).
     ``health_interval_s`` probes every loaded model that often (off by default; see
     :meth:`set_health_checks`). ``allow_modules`` lets chain specs call into these modules
     (and their submodules) besides your own code; see :meth:`allow_modules`.
@@ -853,7 +853,7 @@ class Workbench:
     def set_session_limits(self, limits: SessionLimits) -> None:
         """Bound what the session store keeps, from its next write on: each run appended drops, in the same write,
         what ``limits`` no longer allow (a session's oldest runs, runs past an age, the least recently active
-        sessions). ``wb.SessionLimits()`` is the default: 1 GiB of runs; a field of None lifts its bound."""
+        sessions). ``wb.SessionLimits()``, no bound at all, is the default; a field of None lifts its bound."""
         if not isinstance(limits, SessionLimits):
             raise SettingsError(f"set_session_limits takes a wb.SessionLimits, not {type(limits).__name__}",
                                 hint="e.g. bench.set_session_limits(wb.SessionLimits(runs_per_session=1000))")

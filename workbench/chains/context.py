@@ -24,8 +24,10 @@ log = logging.getLogger(__name__)
 # Where a value that JSON cannot hold was kept as its repr: meta[STORED_AS_REPR] lists the fields.
 STORED_AS_REPR = "stored_as_repr"
 
-# What a store keeps by default: 1 GiB of runs (their stored JSON), then the least recently active sessions go.
-DEFAULT_SESSION_BYTES = 1 << 30
+# What a server's store keeps by default (autoglm serve): 1 GiB of runs (their stored JSON), then the least recently
+# active sessions go. A notebook's keeps everything unless told: the sessions are its user's own, and an upgrade that
+# began to drop a researcher's oldest sessions unasked would lose what they had.
+SERVED_SESSION_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -39,13 +41,14 @@ class SessionLimits:
       stays).
     - ``max_age_s``: runs that started longer ago than this go.
 
-    None: no bound. The session being written is never the one that goes whole. The default bounds bytes only, so a
-    server whose callers open session after session cannot fill the disk (or, in memory, the kernel).
+    None: no bound. The session being written is never the one that goes whole. The default is no bound at all, as a
+    notebook's sessions are its user's own; ``autoglm serve`` bounds bytes (1 GiB) unless told, so callers who open
+    session after session cannot fill its disk.
     """
 
     runs_per_session: int | None = None
     max_sessions: int | None = None
-    max_bytes: int | None = DEFAULT_SESSION_BYTES
+    max_bytes: int | None = None
     max_age_s: float | None = None
 
     def __post_init__(self) -> None:

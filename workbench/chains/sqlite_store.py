@@ -109,7 +109,7 @@ class SQLiteContextStore(ContextStore):
     Every value is stored as JSON; one that JSON cannot hold is stored as its ``repr`` and the
     record's ``meta["stored_as_repr"]`` names the field (``"outputs.stats"``, ``"output"``).
     The file is opened on first use, so a workbench that never uses sessions never touches it.
-    ``limits`` bound what it keeps (:class:`SessionLimits`; by default 1 GiB of runs): each write drops what they no
+    ``limits`` bound what it keeps (:class:`SessionLimits`; by default no bound): each write drops what they no
     longer allow, in the same transaction.
     """
 

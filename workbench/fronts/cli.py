@@ -137,22 +137,23 @@ def _models(items: Sequence[str]) -> dict[str, str]:
 
 
 def _session_limits(items: Sequence[str]) -> Any:
-    """``--session-limit KEY=VALUE`` items as a SessionLimits (None: none given, the default limits)."""
+    """``--session-limit KEY=VALUE`` items as the SessionLimits of a server: max_bytes is SERVED_SESSION_BYTES unless
+    an item gives it (``max_bytes=none`` lifts it)."""
     import dataclasses
 
-    from workbench.chains.context import SessionLimits
+    from workbench.chains.context import SERVED_SESSION_BYTES, SessionLimits
 
-    if not items:
-        return None
     names = [f.name for f in dataclasses.fields(SessionLimits)]
-    given: dict[str, Any] = {}
+    given: dict[str, Any] = {"max_bytes": SERVED_SESSION_BYTES}
+    named: set[str] = set()
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or key not in names:
             raise ParseError(f"--session-limit {item!r} is not KEY=VALUE with KEY one of {', '.join(names)}"
                              + did_you_mean(key, names), hint="e.g. --session-limit runs_per_session=1000")
-        if key in given:
+        if key in named:
             raise ParseError(f"--session-limit {key} is given twice", hint="give each bound once")
+        named.add(key)
         try:
             given[key] = None if text.strip().lower() == "none" else (
                 float(text) if key == "max_age_s" else int(text))
@@ -361,7 +362,7 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
                        "else ~/.local/share/autoglm-workbench)")
     serve.add_argument("--session-limit", action="append", default=[], metavar="KEY=VALUE",
                        help="bound what the sessions store keeps: runs_per_session, max_sessions, max_bytes, "
-                       "max_age_s (none: no bound); repeat for each (default: max_bytes=1073741824)")
+                       "max_age_s (none: no bound); repeat for each (max_bytes is 1073741824 unless given)")
     serve.add_argument("--no-auth", action="store_true",
                        help="take calls without credentials (every caller is an admin); loopback hosts only")
     serve.add_argument("--allow-module", action="append", default=[], metavar="MODULE",
