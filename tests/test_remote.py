@@ -247,11 +247,11 @@ def test_unloading_a_served_model_lets_the_streams_its_loop_lane_has_in_flight_f
             assert run.error is None or "unloaded" in str(run.error) or "not loaded" in str(run.error), run.error
 
 
-def _connections_to(url: str) -> int:
-    """This process's open TCP connections to ``url``'s port."""
+def _connections_to(url: str) -> set[tuple[str, int]]:
+    """This process's open TCP connections to ``url``'s port, by their local address."""
     port = urlsplit(url).port
-    return sum(1 for c in psutil.Process().net_connections("tcp")
-               if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED)
+    return {tuple(c.laddr) for c in psutil.Process().net_connections("tcp")
+            if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED}
 
 
 def test_models_on_one_server_share_its_pooled_connections(server: Server) -> None:
@@ -264,12 +264,15 @@ def test_models_on_one_server_share_its_pooled_connections(server: Server) -> No
         assert on_base.run(prompt=PROMPTS[1]).error is None
         warm = _connections_to(server.url)
         assert on_other.run(prompt=PROMPTS[1]).error is None
-        assert _connections_to(server.url) == warm  # the other model's request went out on the kept connection
+        # The other model's request went out on a kept connection: none is new. (Other tests' workbenches in this
+        # process hold connections to the same server, which its keep-alive timeout may close meanwhile: a count of
+        # them all fell from 7 to 1 once.)
+        assert warm and not _connections_to(server.url) - warm
         bench.unload("base")  # its last user on the loop is "other" now: the pool stays open for it
         run = on_other.run(prompt=PROMPTS[2])
         assert run.error is None and run.output == bench.generate("other", PROMPTS[2], max_new_tokens=12).text
         bench.unload("other")
-        eventually(lambda: _connections_to(server.url) == 0, "every connection to the server closed")
+        eventually(lambda: not _connections_to(server.url), "every connection to the server closed")
 
 
 @pytest.mark.parametrize("timeout", [float("nan"), float("inf"), 0, -1.0, "60", True])
